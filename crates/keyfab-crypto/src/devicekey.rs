@@ -1,0 +1,186 @@
+//! Device key material: the keys a device receives. Every supported type is stored as a
+//! 32-byte secret (P-256 scalar, Ed25519 seed, AES-256 key), so pool files and the store
+//! use fixed-size records.
+//!
+//! Each key also has a [`KeyId`] that is safe to print and to audit: the SHA-256
+//! fingerprint of the public key for asymmetric keys, a key check value for AES.
+
+use crate::hash::Fingerprint;
+use crate::secret::{Secret32, SecretBytes};
+use crate::{CryptoError, Result};
+use aws_lc_rs::encoding::{AsBigEndian, Curve25519SeedBin, EcPrivateKeyBin};
+use aws_lc_rs::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+
+/// Size of every stored device key secret.
+pub const SECRET_LEN: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceKeyType {
+    EcP256,
+    Ed25519,
+    Aes256,
+}
+
+impl DeviceKeyType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EcP256 => "ec-p256",
+            Self::Ed25519 => "ed25519",
+            Self::Aes256 => "aes-256",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ec-p256" => Some(Self::EcP256),
+            "ed25519" => Some(Self::Ed25519),
+            "aes-256" => Some(Self::Aes256),
+            _ => None,
+        }
+    }
+}
+
+/// The public identity of a device key: what the audit log and HQ keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyId {
+    /// SHA-256 of the SubjectPublicKeyInfo.
+    Public(Fingerprint),
+    /// Key check value: the first 3 bytes of AES-256-ECB(key, 0¹²⁸).
+    Kcv([u8; 3]),
+}
+
+impl KeyId {
+    pub fn to_text(&self) -> String {
+        match self {
+            Self::Public(f) => format!("spki-sha256:{f}"),
+            Self::Kcv(k) => format!("kcv:{}", hex::encode(k)),
+        }
+    }
+}
+
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+/// Generates one device key: the secret and its public identity.
+pub fn generate(kind: DeviceKeyType, rng: &dyn crate::rng::SecureRng) -> Result<(Secret32, KeyId)> {
+    match kind {
+        DeviceKeyType::EcP256 => {
+            let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
+                .map_err(|_| CryptoError::Internal)?;
+            let bin: EcPrivateKeyBin = pair
+                .private_key()
+                .as_be_bytes()
+                .map_err(|_| CryptoError::Internal)?;
+            let secret = Secret32::from_slice(bin.as_ref()).ok_or(CryptoError::Internal)?;
+            let id = KeyId::Public(Fingerprint::of(&crate::x509::p256_spki(
+                pair.public_key().as_ref(),
+            )));
+            Ok((secret, id))
+        }
+        DeviceKeyType::Ed25519 => {
+            let pair = Ed25519KeyPair::generate().map_err(|_| CryptoError::Internal)?;
+            let seed: Curve25519SeedBin = pair
+                .seed()
+                .and_then(|s| s.as_be_bytes())
+                .map_err(|_| CryptoError::Internal)?;
+            let secret = Secret32::from_slice(seed.as_ref()).ok_or(CryptoError::Internal)?;
+            Ok((secret, ed25519_id(pair.public_key().as_ref())))
+        }
+        DeviceKeyType::Aes256 => {
+            let secret = Secret32::random(rng);
+            let id = key_id(kind, &secret)?;
+            Ok((secret, id))
+        }
+    }
+}
+
+fn ed25519_id(public: &[u8]) -> KeyId {
+    let mut spki = ED25519_SPKI_PREFIX.to_vec();
+    spki.extend_from_slice(public);
+    KeyId::Public(Fingerprint::of(&spki))
+}
+
+/// Recomputes the public identity of a stored secret.
+pub fn key_id(kind: DeviceKeyType, secret: &Secret32) -> Result<KeyId> {
+    match kind {
+        DeviceKeyType::EcP256 => {
+            let pair = p256_pair(secret)?;
+            Ok(KeyId::Public(Fingerprint::of(&crate::x509::p256_spki(
+                pair.public_key().as_ref(),
+            ))))
+        }
+        DeviceKeyType::Ed25519 => {
+            let pair = Ed25519KeyPair::from_seed_unchecked(secret.expose())
+                .map_err(|_| CryptoError::InvalidKey("ed25519 seed"))?;
+            Ok(ed25519_id(pair.public_key().as_ref()))
+        }
+        DeviceKeyType::Aes256 => {
+            use aws_lc_rs::cipher::{EncryptingKey, UnboundCipherKey, AES_256};
+            let key = UnboundCipherKey::new(&AES_256, secret.expose())
+                .map_err(|_| CryptoError::Internal)?;
+            let enc = EncryptingKey::ecb(key).map_err(|_| CryptoError::Internal)?;
+            let mut block = [0u8; 16];
+            enc.encrypt(&mut block).map_err(|_| CryptoError::Internal)?;
+            Ok(KeyId::Kcv([block[0], block[1], block[2]]))
+        }
+    }
+}
+
+fn p256_pair(secret: &Secret32) -> Result<EcdsaKeyPair> {
+    // RFC 5915 ECPrivateKey { version 1, privateKey, parameters prime256v1 }, no public key:
+    // aws-lc recomputes the point.
+    let mut der = Vec::with_capacity(51);
+    der.extend_from_slice(&[0x30, 0x31, 0x02, 0x01, 0x01, 0x04, 0x20]);
+    der.extend_from_slice(secret.expose());
+    der.extend_from_slice(&[
+        0xa0, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+    ]);
+    let pair = EcdsaKeyPair::from_private_key_der(&ECDSA_P256_SHA256_ASN1_SIGNING, &der)
+        .map_err(|_| CryptoError::InvalidKey("P-256 scalar"));
+    zeroize::Zeroize::zeroize(&mut der);
+    pair
+}
+
+/// The private key as PKCS#8 DER, as a device or programmer expects it. AES keys are
+/// returned raw.
+pub fn to_pkcs8(kind: DeviceKeyType, secret: &Secret32) -> Result<SecretBytes> {
+    match kind {
+        DeviceKeyType::EcP256 => {
+            let doc = p256_pair(secret)?
+                .to_pkcs8v1()
+                .map_err(|_| CryptoError::Internal)?;
+            Ok(SecretBytes::new(doc.as_ref().to_vec()))
+        }
+        DeviceKeyType::Ed25519 => {
+            let doc = Ed25519KeyPair::from_seed_unchecked(secret.expose())
+                .map_err(|_| CryptoError::InvalidKey("ed25519 seed"))?
+                .to_pkcs8v1()
+                .map_err(|_| CryptoError::Internal)?;
+            Ok(SecretBytes::new(doc.as_ref().to_vec()))
+        }
+        DeviceKeyType::Aes256 => Ok(SecretBytes::new(secret.expose().to_vec())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SeededRng;
+
+    #[test]
+    fn stored_secret_reproduces_its_identity() {
+        let rng = SeededRng::new(9);
+        for kind in [DeviceKeyType::EcP256, DeviceKeyType::Ed25519, DeviceKeyType::Aes256] {
+            let (secret, id) = generate(kind, &rng).unwrap();
+            assert_eq!(key_id(kind, &secret).unwrap(), id, "{kind:?}");
+            assert!(!to_pkcs8(kind, &secret).unwrap().is_empty());
+        }
+    }
+
+    #[test]
+    fn aes_kcv_known_answer() {
+        // AES-256 with the all-zero key encrypts the zero block to dc95c078a240....
+        let id = key_id(DeviceKeyType::Aes256, &Secret32::new([0u8; 32])).unwrap();
+        assert_eq!(id, KeyId::Kcv([0xdc, 0x95, 0xc0]));
+    }
+}

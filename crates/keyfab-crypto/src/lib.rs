@@ -1,0 +1,60 @@
+//! The one place keyfab calls cryptographic primitives.
+//!
+//! Which API for which job:
+//! - sign and verify service messages: [`sign::SigningKey`], [`sign::VerifyingKey`] (ECDSA P-256);
+//! - encrypt to a recipient: [`hpke::seal_context`] / [`hpke::open_context`] (RFC 9180,
+//!   DHKEM(P-256, HKDF-SHA256), HKDF-SHA256, AES-256-GCM), used as a chunked stream;
+//! - encrypt at rest: [`aead::seal`] / [`aead::open`] (AES-256-GCM);
+//! - derive a key from a passphrase: [`kdf::argon2id`];
+//! - certificates: [`x509`] builds and validates the keyfab PKI;
+//! - device key material: [`devicekey`] generates pool keys as 32-byte secrets;
+//! - randomness and time come in through [`rng::SecureRng`] and [`time::Clock`] so tests are
+//!   deterministic.
+//!
+//! Secret bytes live in [`secret::SecretBytes`] / [`secret::Secret32`]: wiped on drop and
+//! never printed.
+//!
+//! ```
+//! use keyfab_crypto::{rng::SystemRng, sign::SigningKey};
+//! let key = SigningKey::generate(&SystemRng).unwrap();
+//! let sig = key.sign(b"keyfab-example-v1 hello").unwrap();
+//! key.verifying_key().verify(b"keyfab-example-v1 hello", &sig).unwrap();
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod aead;
+pub mod devicekey;
+pub mod hash;
+pub mod hpke;
+pub mod kdf;
+pub mod rng;
+pub mod secret;
+pub mod sign;
+pub mod time;
+pub mod x509;
+
+/// Everything that can go wrong inside a primitive. Deliberately coarse: a caller learns
+/// *that* a check failed, never secret-dependent detail.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("decryption failed (wrong key, or the data was modified)")]
+    DecryptFailed,
+    #[error("invalid key: {0}")]
+    InvalidKey(&'static str),
+    #[error("certificate could not be built: {0}")]
+    CertificateBuild(String),
+    #[error("certificate is malformed: {0}")]
+    CertificateMalformed(String),
+    #[error("certificate chain is not trusted: {0}")]
+    Untrusted(String),
+    #[error("certificate has expired")]
+    Expired,
+    #[error("certificate is not yet valid")]
+    NotYetValid,
+    #[error("internal cryptographic failure")]
+    Internal,
+}
+
+pub type Result<T> = std::result::Result<T, CryptoError>;

@@ -1,0 +1,85 @@
+//! Secret byte containers: zeroized on drop, and their `Debug` never shows the bytes.
+//!
+//! Zeroizing is not redacting: both properties are needed, so neither type derives `Debug`.
+
+use std::fmt;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+/// A variable-length secret (a PKCS#8 document, a decrypted payload).
+#[derive(Clone, Default)]
+pub struct SecretBytes(Zeroizing<Vec<u8>>);
+
+impl SecretBytes {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+    pub fn expose_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<Vec<u8>> for SecretBytes {
+    fn from(v: Vec<u8>) -> Self {
+        Self::new(v)
+    }
+}
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretBytes([redacted; {}])", self.0.len())
+    }
+}
+
+/// A fixed 32-byte secret: symmetric keys, EC scalars, Ed25519 seeds, master secrets.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct Secret32([u8; 32]);
+
+impl Secret32 {
+    pub fn new(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let arr: [u8; 32] = bytes.try_into().ok()?;
+        Some(Self(arr))
+    }
+    pub fn random(rng: &dyn crate::rng::SecureRng) -> Self {
+        let mut b = [0u8; 32];
+        rng.fill(&mut b);
+        let s = Self(b);
+        b.zeroize();
+        s
+    }
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret32 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret32([redacted])")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_secret_bytes() {
+        let s = Secret32::new([0xAB; 32]);
+        let d = format!("{s:?}");
+        assert!(!d.to_lowercase().contains("ab"), "{d}");
+        let b = SecretBytes::new(vec![0xCD; 5]);
+        let d = format!("{b:?}");
+        assert!(!d.to_lowercase().contains("cd"), "{d}");
+    }
+}

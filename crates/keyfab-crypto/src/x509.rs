@@ -1,0 +1,591 @@
+//! The keyfab PKI in X.509 v3.
+//!
+//! ```text
+//! root CA (offline; pathlen 2)
+//!   └─ cluster CA, role hq|site (EKU carries the role; pathlen 1)
+//!        ├─ service signing certificate   (EKU role, keyUsage digitalSignature)
+//!        ├─ service HPKE certificate      (EKU role, keyUsage keyAgreement)
+//!        └─ batch CA of one entitlement    (HQ only; EKU device-ca; pathlen 0) ─ device certs
+//! ```
+//!
+//! The role is an extended key usage under keyfab's OID arc, present on the cluster CA
+//! and on every certificate it issues. Validation requires it on every non-root
+//! certificate of the path, so a site certificate can never act as HQ. Paths have an
+//! exact shape (leaf, cluster CA, root): a longer chain is refused.
+
+use crate::sign::{SigningKey, VerifyingKey};
+use crate::time::UnixTime;
+use crate::{CryptoError, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, CustomExtension,
+    DistinguishedName, DnType, IsCa, Issuer, KeyUsagePurpose, SerialNumber,
+};
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+
+/// keyfab's OID arc: 2.25.73303038137255920152163058607138772276 (a UUID OID, X.667),
+/// followed by `.1.<n>` for roles. The constants are the DER contents of each OID.
+const ARC: [u8; 19] = [
+    0x69, 0xee, 0xa5, 0xd3, 0xb4, 0x8a, 0xb9, 0xaa, 0xb3, 0xff, 0x88, 0xe8, 0xdd, 0xa5, 0xae,
+    0xeb, 0xce, 0xaa, 0x34,
+];
+const fn role_oid(n: u8) -> [u8; 21] {
+    let mut out = [0u8; 21];
+    let mut i = 0;
+    while i < ARC.len() {
+        out[i] = ARC[i];
+        i += 1;
+    }
+    out[19] = 0x01;
+    out[20] = n;
+    out
+}
+static OID_ROLE_HQ: [u8; 21] = role_oid(1);
+static OID_ROLE_SITE: [u8; 21] = role_oid(2);
+static OID_ROLE_STATION: [u8; 21] = role_oid(3);
+static OID_ROLE_DEVICE_CA: [u8; 21] = role_oid(4);
+
+/// What a certificate may act as. Carried as an extended key usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Hq,
+    Site,
+    Station,
+    DeviceCa,
+}
+
+impl Role {
+    fn oid(self) -> &'static [u8] {
+        match self {
+            Role::Hq => &OID_ROLE_HQ,
+            Role::Site => &OID_ROLE_SITE,
+            Role::Station => &OID_ROLE_STATION,
+            Role::DeviceCa => &OID_ROLE_DEVICE_CA,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Hq => "hq",
+            Role::Site => "site",
+            Role::Station => "station",
+            Role::DeviceCa => "device-ca",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "hq" => Some(Role::Hq),
+            "site" => Some(Role::Site),
+            _ => None,
+        }
+    }
+}
+
+/// What a leaf certificate's key is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Signing,
+    KeyAgreement,
+}
+
+const P256_SPKI_PREFIX: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
+    0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+
+/// DER SubjectPublicKeyInfo of an uncompressed P-256 point.
+pub fn p256_spki(point: &[u8]) -> Vec<u8> {
+    let mut v = P256_SPKI_PREFIX.to_vec();
+    v.extend_from_slice(point);
+    v
+}
+
+pub(crate) fn p256_point_from_spki(spki: &[u8]) -> Result<Vec<u8>> {
+    match spki.strip_prefix(&P256_SPKI_PREFIX[..]) {
+        Some(point) if point.len() == 65 => Ok(point.to_vec()),
+        _ => Err(CryptoError::InvalidKey("not a P-256 SubjectPublicKeyInfo")),
+    }
+}
+
+/// Our signing key as an rcgen signer (ASN.1 ECDSA signatures).
+struct Signer<'a>(&'a SigningKey, Vec<u8>);
+
+impl<'a> Signer<'a> {
+    fn new(key: &'a SigningKey) -> Self {
+        Self(key, key.verifying_key().sec1().to_vec())
+    }
+}
+
+impl rcgen::PublicKeyData for Signer<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        &self.1
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl rcgen::SigningKey for Signer<'_> {
+    fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
+        self.0.sign_asn1(msg).map_err(|_| rcgen::Error::RemoteKeyError)
+    }
+}
+
+/// A P-256 public key that is not one of our signing keys (an HPKE key, a CSR's key).
+struct P256Public(Vec<u8>);
+
+impl rcgen::PublicKeyData for P256Public {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// Parses `CN=...,O=...` (CN, O, OU, C, ST, L) into a distinguished name.
+pub fn parse_dn(text: &str) -> Result<DistinguishedName> {
+    let mut dn = DistinguishedName::new();
+    for part in text.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| CryptoError::CertificateBuild(format!("'{part}' is not KEY=value")))?;
+        let v = v.trim();
+        if v.is_empty() {
+            return Err(CryptoError::CertificateBuild(format!("'{part}' has no value")));
+        }
+        let ty = match k.trim() {
+            "CN" => DnType::CommonName,
+            "O" => DnType::OrganizationName,
+            "OU" => DnType::OrganizationalUnitName,
+            "C" => DnType::CountryName,
+            "ST" => DnType::StateOrProvinceName,
+            "L" => DnType::LocalityName,
+            other => {
+                return Err(CryptoError::CertificateBuild(format!(
+                    "unsupported attribute '{other}' (use CN, O, OU, C, ST, L)"
+                )))
+            }
+        };
+        dn.push(ty, v);
+    }
+    Ok(dn)
+}
+
+fn odt(t: UnixTime) -> Result<time::OffsetDateTime> {
+    time::OffsetDateTime::from_unix_timestamp(t.0)
+        .map_err(|_| CryptoError::CertificateBuild("time out of range".into()))
+}
+
+fn serial(rng: &dyn crate::rng::SecureRng) -> SerialNumber {
+    let mut b = [0u8; 16];
+    rng.fill(&mut b);
+    b[0] = (b[0] & 0x7f) | 0x01; // positive, and no leading zero byte
+    SerialNumber::from_slice(&b)
+}
+
+fn eku(roles: &[Role]) -> CustomExtension {
+    // ExtKeyUsageSyntax ::= SEQUENCE SIZE (1..MAX) OF KeyPurposeId
+    let mut seq = Vec::new();
+    for r in roles {
+        seq.push(0x06);
+        seq.push(r.oid().len() as u8);
+        seq.extend_from_slice(r.oid());
+    }
+    let mut content = vec![0x30, seq.len() as u8];
+    content.extend(seq);
+    CustomExtension::from_oid_content(&[2, 5, 29, 37], content)
+}
+
+/// Validity and serial of a certificate to issue.
+#[derive(Debug, Clone, Copy)]
+pub struct Validity {
+    pub not_before: UnixTime,
+    pub not_after: UnixTime,
+}
+
+fn base_params(
+    subject: DistinguishedName,
+    validity: Validity,
+    rng: &dyn crate::rng::SecureRng,
+) -> Result<CertificateParams> {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = subject;
+    p.not_before = odt(validity.not_before)?;
+    p.not_after = odt(validity.not_after)?;
+    p.serial_number = Some(serial(rng));
+    p.use_authority_key_identifier_extension = true;
+    Ok(p)
+}
+
+fn build_err(e: rcgen::Error) -> CryptoError {
+    CryptoError::CertificateBuild(e.to_string())
+}
+
+/// The self-signed root CA certificate.
+pub fn root_certificate(
+    key: &SigningKey,
+    subject: &str,
+    validity: Validity,
+    rng: &dyn crate::rng::SecureRng,
+) -> Result<Vec<u8>> {
+    let mut p = base_params(parse_dn(subject)?, validity, rng)?;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(2));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.use_authority_key_identifier_extension = false;
+    let cert = p.self_signed(&Signer::new(key)).map_err(build_err)?;
+    Ok(cert.der().to_vec())
+}
+
+/// A PKCS#10 request for a cluster certificate, subject `CN=<name>`.
+pub fn cluster_csr(key: &SigningKey, name: &str) -> Result<Vec<u8>> {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    p.distinguished_name = dn;
+    let csr = p.serialize_request(&Signer::new(key)).map_err(build_err)?;
+    Ok(csr.der().to_vec())
+}
+
+/// The subject name and key of a CSR, after checking its self-signature.
+pub struct CsrInfo {
+    pub common_name: String,
+    pub public_key: VerifyingKey,
+}
+
+pub fn read_csr(der: &[u8]) -> Result<CsrInfo> {
+    let params = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der))
+        .map_err(|e| CryptoError::CertificateMalformed(format!("CSR: {e}")))?;
+    let public_key = VerifyingKey::from_sec1(rcgen::PublicKeyData::der_bytes(&params.public_key))?;
+    let common_name = params
+        .params
+        .distinguished_name
+        .get(&DnType::CommonName)
+        .and_then(|v| match v {
+            rcgen::DnValue::Utf8String(s) => Some(s.clone()),
+            rcgen::DnValue::PrintableString(s) => Some(s.as_str().to_owned()),
+            _ => None,
+        })
+        .ok_or_else(|| CryptoError::CertificateMalformed("CSR has no CN".into()))?;
+    Ok(CsrInfo {
+        common_name,
+        public_key,
+    })
+}
+
+/// The root signs a cluster CA for `role`. Only the CSR's name and key are taken from it.
+pub fn issue_cluster_certificate(
+    root_key: &SigningKey,
+    root_cert: &[u8],
+    csr: &CsrInfo,
+    role: Role,
+    validity: Validity,
+    rng: &dyn crate::rng::SecureRng,
+) -> Result<Vec<u8>> {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, csr.common_name.as_str());
+    dn.push(DnType::OrganizationalUnitName, format!("keyfab {}", role.as_str()));
+    let mut p = base_params(dn, validity, rng)?;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.custom_extensions.push(eku(&[role]));
+    let signer = Signer::new(root_key);
+    let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(root_cert), &signer)
+        .map_err(build_err)?;
+    let cert = p
+        .signed_by(&P256Public(csr.public_key.sec1().to_vec()), &issuer)
+        .map_err(build_err)?;
+    Ok(cert.der().to_vec())
+}
+
+/// A cluster issues one of its own service certificates (signing or HPKE key).
+pub fn issue_service_certificate(
+    cluster_key: &SigningKey,
+    cluster_cert: &[u8],
+    subject_point: &[u8],
+    common_name: &str,
+    role: Role,
+    purpose: Purpose,
+    validity: Validity,
+    rng: &dyn crate::rng::SecureRng,
+) -> Result<Vec<u8>> {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    let mut p = base_params(dn, validity, rng)?;
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![match purpose {
+        Purpose::Signing => KeyUsagePurpose::DigitalSignature,
+        Purpose::KeyAgreement => KeyUsagePurpose::KeyAgreement,
+    }];
+    p.custom_extensions.push(eku(&[role]));
+    let signer = Signer::new(cluster_key);
+    let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(cluster_cert), &signer)
+        .map_err(build_err)?;
+    let cert = p
+        .signed_by(&P256Public(subject_point.to_vec()), &issuer)
+        .map_err(build_err)?;
+    Ok(cert.der().to_vec())
+}
+
+/// HQ's cluster CA issues an entitlement's batch CA: valid for the entitlement window
+/// only, path length 0, role device-ca (so it can never act as HQ or a site).
+pub fn issue_batch_ca(
+    hq_cluster_key: &SigningKey,
+    hq_cluster_cert: &[u8],
+    batch_key: &VerifyingKey,
+    common_name: &str,
+    validity: Validity,
+    rng: &dyn crate::rng::SecureRng,
+) -> Result<Vec<u8>> {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    let mut p = base_params(dn, validity, rng)?;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.custom_extensions.push(eku(&[Role::DeviceCa]));
+    let signer = Signer::new(hq_cluster_key);
+    let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(hq_cluster_cert), &signer)
+        .map_err(build_err)?;
+    let cert = p
+        .signed_by(&P256Public(batch_key.sec1().to_vec()), &issuer)
+        .map_err(build_err)?;
+    Ok(cert.der().to_vec())
+}
+
+/// What a caller may rely on after [`validate_chain`].
+#[derive(Debug, Clone)]
+pub struct ValidatedLeaf {
+    pub common_name: String,
+    /// Uncompressed P-256 point of the leaf's key.
+    pub public_point: Vec<u8>,
+    /// Common name of the cluster CA that issued the leaf (the cluster's name).
+    pub cluster_name: String,
+    pub not_after: UnixTime,
+}
+
+/// Facts read from one certificate (no trust implied).
+#[derive(Debug, Clone)]
+pub struct CertFacts {
+    pub common_name: String,
+    pub public_point: Option<Vec<u8>>,
+    pub not_before: UnixTime,
+    pub not_after: UnixTime,
+    pub serial_hex: String,
+    pub roles: Vec<Role>,
+    pub is_ca: bool,
+}
+
+pub fn cert_facts(der: &[u8]) -> Result<CertFacts> {
+    use x509_parser::prelude::*;
+    let (rest, cert) = X509Certificate::from_der(der)
+        .map_err(|e| CryptoError::CertificateMalformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CryptoError::CertificateMalformed("trailing bytes".into()));
+    }
+    let common_name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let public_point = p256_point_from_spki(cert.public_key().raw).ok();
+    let mut roles = Vec::new();
+    if let Ok(Some(eku)) = cert.extended_key_usage() {
+        for oid in &eku.value.other {
+            for r in [Role::Hq, Role::Site, Role::Station, Role::DeviceCa] {
+                if oid.as_bytes() == r.oid() {
+                    roles.push(r);
+                }
+            }
+        }
+    }
+    let is_ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+    Ok(CertFacts {
+        common_name,
+        public_point,
+        not_before: UnixTime(cert.validity().not_before.timestamp()),
+        not_after: UnixTime(cert.validity().not_after.timestamp()),
+        serial_hex: hex::encode(cert.raw_serial()),
+        roles,
+        is_ca,
+    })
+}
+
+fn key_usage_allows(der: &[u8], check: impl Fn(&x509_parser::extensions::KeyUsage) -> bool) -> bool {
+    use x509_parser::prelude::*;
+    match X509Certificate::from_der(der) {
+        Ok((_, cert)) => matches!(cert.key_usage(), Ok(Some(ku)) if check(ku.value)),
+        Err(_) => false,
+    }
+}
+
+/// Validates `chain` = [leaf, cluster CA] up to `root_cert` at time `now`, for `role` and
+/// `purpose`. Checks signatures, validity periods, basicConstraints and path length
+/// (webpki), the role on every non-root certificate, key usage (webpki ignores it) and
+/// the exact path shape.
+pub fn validate_chain(
+    root_cert: &[u8],
+    chain: &[Vec<u8>],
+    role: Role,
+    purpose: Purpose,
+    now: UnixTime,
+) -> Result<ValidatedLeaf> {
+    let [leaf, cluster] = chain else {
+        return Err(CryptoError::Untrusted(format!(
+            "expected a chain of 2 certificates (leaf, cluster CA), got {}",
+            chain.len()
+        )));
+    };
+    let root_der = CertificateDer::from(root_cert);
+    let anchor = webpki::anchor_from_trusted_cert(&root_der)
+        .map_err(|e| CryptoError::Untrusted(format!("root certificate: {e}")))?;
+    let leaf_der = CertificateDer::from(leaf.as_slice());
+    let ee = webpki::EndEntityCert::try_from(&leaf_der)
+        .map_err(|e| CryptoError::CertificateMalformed(e.to_string()))?;
+    let intermediates = [CertificateDer::from(cluster.as_slice())];
+    let when = rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+        u64::try_from(now.0).unwrap_or(0),
+    ));
+    let exact_shape = |path: &webpki::VerifiedPath<'_>| -> std::result::Result<(), webpki::Error> {
+        if path.intermediate_certificates().count() == 1 {
+            Ok(())
+        } else {
+            Err(webpki::Error::MaximumPathDepthExceeded)
+        }
+    };
+    ee.verify_for_usage(
+        &[webpki::aws_lc_rs::ECDSA_P256_SHA256],
+        &[anchor],
+        &intermediates,
+        when,
+        webpki::KeyUsage::required(role.oid()),
+        None,
+        Some(&exact_shape),
+    )
+    .map_err(|e| match e {
+        webpki::Error::CertExpired { .. } => CryptoError::Expired,
+        webpki::Error::CertNotValidYet { .. } => CryptoError::NotYetValid,
+        other => CryptoError::Untrusted(format!("{other:?}")),
+    })?;
+
+    // Defence in depth on what webpki does not look at.
+    let cluster_facts = cert_facts(cluster)?;
+    if !cluster_facts.is_ca || cluster_facts.roles != [role] {
+        return Err(CryptoError::Untrusted(format!(
+            "cluster certificate is not a {} CA",
+            role.as_str()
+        )));
+    }
+    if !key_usage_allows(cluster, |ku| ku.key_cert_sign()) {
+        return Err(CryptoError::Untrusted("cluster certificate may not sign certificates".into()));
+    }
+    let leaf_facts = cert_facts(leaf)?;
+    if leaf_facts.is_ca || leaf_facts.roles != [role] {
+        return Err(CryptoError::Untrusted(format!(
+            "leaf certificate is not a {} service certificate",
+            role.as_str()
+        )));
+    }
+    let usage_ok = match purpose {
+        Purpose::Signing => key_usage_allows(leaf, |ku| ku.digital_signature()),
+        Purpose::KeyAgreement => key_usage_allows(leaf, |ku| ku.key_agreement()),
+    };
+    if !usage_ok {
+        return Err(CryptoError::Untrusted(format!(
+            "leaf certificate key usage does not allow {purpose:?}"
+        )));
+    }
+    let public_point = leaf_facts
+        .public_point
+        .ok_or(CryptoError::InvalidKey("leaf key is not P-256"))?;
+    Ok(ValidatedLeaf {
+        common_name: leaf_facts.common_name,
+        public_point,
+        cluster_name: cluster_facts.common_name,
+        not_after: leaf_facts.not_after,
+    })
+}
+
+/// Checks that `cluster_cert` was issued by `root_cert` for `role` and is valid at `now`.
+/// Used when a cluster installs its own certificate.
+pub fn validate_cluster_certificate(
+    root_cert: &[u8],
+    cluster_cert: &[u8],
+    role: Role,
+    now: UnixTime,
+) -> Result<CertFacts> {
+    let facts = cert_facts(cluster_cert)?;
+    if !facts.is_ca || facts.roles != [role] {
+        return Err(CryptoError::Untrusted(format!(
+            "certificate is not a {} cluster CA",
+            role.as_str()
+        )));
+    }
+    if now < facts.not_before {
+        return Err(CryptoError::NotYetValid);
+    }
+    if now > facts.not_after {
+        return Err(CryptoError::Expired);
+    }
+    // The signature is checked with the same path builder as leaves by issuing nothing:
+    // webpki needs an end entity, so verify the issuer signature directly.
+    use x509_parser::prelude::*;
+    let (_, root) = X509Certificate::from_der(root_cert)
+        .map_err(|e| CryptoError::CertificateMalformed(e.to_string()))?;
+    let (_, cluster) = X509Certificate::from_der(cluster_cert)
+        .map_err(|e| CryptoError::CertificateMalformed(e.to_string()))?;
+    if cluster.issuer() != root.subject() {
+        return Err(CryptoError::Untrusted("not issued by this root".into()));
+    }
+    let root_point = p256_point_from_spki(root.public_key().raw)?;
+    let sig = crate::x509::asn1_to_fixed(cluster.signature_value.data.as_ref())?;
+    VerifyingKey::from_sec1(&root_point)?
+        .verify(cluster.tbs_certificate.as_ref(), &sig)
+        .map_err(|_| CryptoError::Untrusted("signature by the root does not verify".into()))?;
+    Ok(facts)
+}
+
+/// Converts an ASN.1 ECDSA-Sig-Value to fixed `r ‖ s` (32 bytes each).
+fn asn1_to_fixed(sig: &[u8]) -> Result<Vec<u8>> {
+    use x509_parser::der_parser::ber::BerObjectContent;
+    use x509_parser::der_parser::parse_der;
+    let bad = || CryptoError::BadSignature;
+    let (rest, obj) = parse_der(sig).map_err(|_| bad())?;
+    if !rest.is_empty() {
+        return Err(bad());
+    }
+    let BerObjectContent::Sequence(items) = obj.content else {
+        return Err(bad());
+    };
+    if items.len() != 2 {
+        return Err(bad());
+    }
+    let mut out = Vec::with_capacity(64);
+    for item in items {
+        let BerObjectContent::Integer(bytes) = item.content else {
+            return Err(bad());
+        };
+        let trimmed: Vec<u8> = bytes.iter().copied().skip_while(|b| *b == 0).collect();
+        if trimmed.len() > 32 {
+            return Err(bad());
+        }
+        out.extend(std::iter::repeat_n(0u8, 32 - trimmed.len()));
+        out.extend(trimmed);
+    }
+    Ok(out)
+}
+
+pub fn to_pem(der: &[u8], tag: &str) -> String {
+    pem::encode(&pem::Pem::new(tag, der.to_vec()))
+}
+
+/// Reads one PEM block with the given tag.
+pub fn from_pem(text: &str, tag: &str) -> Result<Vec<u8>> {
+    let p = pem::parse(text).map_err(|_| CryptoError::CertificateMalformed("not PEM".into()))?;
+    if p.tag() != tag {
+        return Err(CryptoError::CertificateMalformed(format!(
+            "PEM block is {}, expected {tag}",
+            p.tag()
+        )));
+    }
+    Ok(p.into_contents())
+}
