@@ -1,1 +1,52 @@
-//! placeholder
+//! The entitlement policy: its model, and the validation that refuses every impossible or
+//! unknown field with a message that names it.
+//!
+//! Which API for which job:
+//! - an author's `policy.toml` → [`PolicyDraft::parse`], then [`PolicyDraft::finish`] with
+//!   the approver public keys the caller read from the listed files;
+//! - the policy as it travels inside an entitlement → [`Policy`] (plain data, serialized
+//!   by `keyfab-formats`), re-checked with [`Policy::validate`] after import.
+//!
+//! This crate is pure: no I/O, no clock. HQ re-runs exactly this code.
+//!
+//! ```
+//! let draft = keyfab_policy::PolicyDraft::parse(r#"
+//! product = "thermostat-v2"
+//! devices = 1000
+//! valid_from = "2026-11-25T00:00:00Z"
+//! valid_until = "2027-02-01T00:00:00Z"
+//! [limits]
+//! daily = 200
+//! timezone = "Asia/Shanghai"
+//! [[keys]]
+//! name = "identity"
+//! type = "ec-p256"
+//! source = "hq-pool"
+//! "#).unwrap();
+//! let policy = draft.finish(vec![]).unwrap();
+//! assert_eq!(policy.daily_limit, Some(200));
+//! ```
+#![forbid(unsafe_code)]
+
+mod model;
+mod toml_form;
+
+pub use model::*;
+pub use toml_form::PolicyDraft;
+
+/// A refused policy: which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("policy field `{field}`: {message}")]
+pub struct PolicyError {
+    pub field: String,
+    pub message: String,
+}
+
+impl PolicyError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! The canonical policy, as signed into an entitlement.
+
+use crate::PolicyError;
+use serde::{Deserialize, Serialize};
+
+/// Largest quota one entitlement may carry.
+pub const MAX_DEVICES: u64 = 100_000_000;
+/// Longest device certificate lifetime accepted, in days.
+pub const MAX_CERT_DAYS: u32 = 36_500;
+/// Bound on the compiled size of `id_pattern`, so a pattern cannot exhaust the site.
+pub const MAX_PATTERN_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KeyType {
+    #[serde(rename = "ec-p256")]
+    EcP256,
+    #[serde(rename = "ed25519")]
+    Ed25519,
+    #[serde(rename = "aes-256")]
+    Aes256,
+}
+
+impl KeyType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EcP256 => "ec-p256",
+            Self::Ed25519 => "ed25519",
+            Self::Aes256 => "aes-256",
+        }
+    }
+    pub fn is_asymmetric(self) -> bool {
+        !matches!(self, Self::Aes256)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KeySource {
+    /// Generated at HQ and shipped, encrypted, in the entitlement.
+    #[serde(rename = "hq-pool")]
+    HqPool,
+    /// Generated at the site when a device is provisioned.
+    #[serde(rename = "site")]
+    Site,
+    /// The device sends its public key in a CSR and receives a certificate.
+    #[serde(rename = "device")]
+    Device,
+    /// AES-256 diversified from the entitlement's master secret by device id.
+    #[serde(rename = "derived")]
+    Derived,
+}
+
+impl KeySource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HqPool => "hq-pool",
+            Self::Site => "site",
+            Self::Device => "device",
+            Self::Derived => "derived",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Action {
+    #[serde(rename = "activate")]
+    Activate,
+    #[serde(rename = "reprovision")]
+    Reprovision,
+    #[serde(rename = "raise-limit")]
+    RaiseLimit,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Activate => "activate",
+            Self::Reprovision => "reprovision",
+            Self::RaiseLimit => "raise-limit",
+        }
+    }
+}
+
+/// The device certificate a key gets, signed by the entitlement's batch CA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateTemplate {
+    /// Distinguished name; `{device_id}` is replaced by the device id.
+    pub subject: String,
+    pub days: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySpec {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub key_type: KeyType,
+    pub source: KeySource,
+    pub certificate: Option<CertificateTemplate>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    pub threshold: u32,
+    /// Approver public keys, PEM `PUBLIC KEY` (embedded by HQ from the listed files).
+    pub approver_keys: Vec<String>,
+    pub required_for: Vec<Action>,
+}
+
+/// The policy as signed into an entitlement. Times are Unix seconds (UTC).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub product: String,
+    pub devices: u64,
+    pub valid_from: i64,
+    pub valid_until: i64,
+    pub audit_every_days: Option<u32>,
+    pub daily_limit: Option<u64>,
+    /// IANA time zone in which a "day" of the daily limit starts.
+    pub timezone: String,
+    pub device_id_pattern: Option<String>,
+    pub allowed_stations: Option<Vec<String>>,
+    pub keys: Vec<KeySpec>,
+    pub approval: Option<Approval>,
+}
+
+impl Policy {
+    /// Every rule a policy must satisfy. Returns the first broken one, naming its field
+    /// (as written in `policy.toml`).
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if self.product.trim().is_empty() {
+            return Err(PolicyError::new("product", "must not be empty"));
+        }
+        if self.devices == 0 || self.devices > MAX_DEVICES {
+            return Err(PolicyError::new(
+                "devices",
+                format!("must be between 1 and {MAX_DEVICES}"),
+            ));
+        }
+        if self.valid_until <= self.valid_from {
+            return Err(PolicyError::new(
+                "valid_until",
+                "must be later than valid_from",
+            ));
+        }
+        if self.audit_every_days == Some(0) {
+            return Err(PolicyError::new("audit_every_days", "must be at least 1"));
+        }
+        if let Some(daily) = self.daily_limit {
+            if daily == 0 {
+                return Err(PolicyError::new("limits.daily", "must be at least 1"));
+            }
+            if daily > self.devices {
+                return Err(PolicyError::new(
+                    "limits.daily",
+                    format!("must not exceed devices ({})", self.devices),
+                ));
+            }
+        }
+        if jiff::tz::TimeZone::get(&self.timezone).is_err() {
+            return Err(PolicyError::new(
+                "limits.timezone",
+                format!("'{}' is not an IANA time zone", self.timezone),
+            ));
+        }
+        if let Some(p) = &self.device_id_pattern {
+            compile_pattern(p)?;
+        }
+        if let Some(stations) = &self.allowed_stations {
+            if stations.is_empty() {
+                return Err(PolicyError::new(
+                    "stations.allowed",
+                    "must list at least one station (omit it to allow every station)",
+                ));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for s in stations {
+                check_name("stations.allowed", s)?;
+                if !seen.insert(s) {
+                    return Err(PolicyError::new(
+                        "stations.allowed",
+                        format!("'{s}' is listed twice"),
+                    ));
+                }
+            }
+        }
+        self.validate_keys()?;
+        if let Some(a) = &self.approval {
+            validate_approval(a)?;
+        }
+        Ok(())
+    }
+
+    fn validate_keys(&self) -> Result<(), PolicyError> {
+        if self.keys.is_empty() {
+            return Err(PolicyError::new("keys", "at least one [[keys]] entry is needed"));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, k) in self.keys.iter().enumerate() {
+            let field = |f: &str| format!("keys[{i}].{f}");
+            check_name(&field("name"), &k.name)?;
+            if !names.insert(&k.name) {
+                return Err(PolicyError::new(
+                    field("name"),
+                    format!("'{}' is used by two keys", k.name),
+                ));
+            }
+            match (k.source, k.key_type) {
+                (KeySource::Derived, KeyType::Aes256) => {}
+                (KeySource::Derived, t) => {
+                    return Err(PolicyError::new(
+                        field("type"),
+                        format!("source 'derived' makes aes-256 keys, not {}", t.as_str()),
+                    ))
+                }
+                (KeySource::Device, KeyType::Aes256) => {
+                    return Err(PolicyError::new(
+                        field("type"),
+                        "source 'device' needs an asymmetric key (ec-p256 or ed25519)",
+                    ))
+                }
+                _ => {}
+            }
+            match &k.certificate {
+                Some(c) => {
+                    if !k.key_type.is_asymmetric() {
+                        return Err(PolicyError::new(
+                            field("certificate"),
+                            "aes-256 keys cannot have a certificate",
+                        ));
+                    }
+                    validate_subject(&field("certificate.subject"), &c.subject)?;
+                    if c.days == 0 || c.days > MAX_CERT_DAYS {
+                        return Err(PolicyError::new(
+                            field("certificate.days"),
+                            format!("must be between 1 and {MAX_CERT_DAYS}"),
+                        ));
+                    }
+                }
+                None if k.source == KeySource::Device => {
+                    return Err(PolicyError::new(
+                        field("certificate"),
+                        "source 'device' needs a certificate (it is all the device receives)",
+                    ))
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `action` needs a quorum of approvals under this policy.
+    pub fn requires_approval(&self, action: Action) -> bool {
+        self.approval
+            .as_ref()
+            .is_some_and(|a| a.required_for.contains(&action))
+    }
+
+    /// How many keys of `source` each device receives.
+    pub fn keys_from(&self, source: KeySource) -> impl Iterator<Item = &KeySpec> {
+        self.keys.iter().filter(move |k| k.source == source)
+    }
+}
+
+fn validate_approval(a: &Approval) -> Result<(), PolicyError> {
+    if a.approver_keys.is_empty() {
+        return Err(PolicyError::new("approval.approvers", "must list at least one approver"));
+    }
+    if a.threshold == 0 {
+        return Err(PolicyError::new("approval.threshold", "must be at least 1"));
+    }
+    if a.threshold as usize > a.approver_keys.len() {
+        return Err(PolicyError::new(
+            "approval.threshold",
+            format!(
+                "{} is more than the {} listed approvers",
+                a.threshold,
+                a.approver_keys.len()
+            ),
+        ));
+    }
+    if a.required_for.is_empty() {
+        return Err(PolicyError::new(
+            "approval.required_for",
+            "must name at least one action (activate, reprovision, raise-limit)",
+        ));
+    }
+    let unique: std::collections::BTreeSet<_> = a.required_for.iter().collect();
+    if unique.len() != a.required_for.len() {
+        return Err(PolicyError::new("approval.required_for", "an action is listed twice"));
+    }
+    Ok(())
+}
+
+/// Compiles a device id pattern with a size bound. Anchors are the author's to write.
+pub fn compile_pattern(pattern: &str) -> Result<regex::Regex, PolicyError> {
+    regex::RegexBuilder::new(pattern)
+        .size_limit(MAX_PATTERN_BYTES)
+        .build()
+        .map_err(|e| PolicyError::new("device_ids.id_pattern", format!("not a valid regex: {e}")))
+}
+
+/// Names (keys, stations): 1–64 of `[A-Za-z0-9._-]`.
+fn check_name(field: &str, name: &str) -> Result<(), PolicyError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PolicyError::new(
+            field,
+            format!("'{name}' must be 1-64 characters of A-Z a-z 0-9 . _ -"),
+        ))
+    }
+}
+
+const SUBJECT_ATTRIBUTES: [&str; 6] = ["CN", "O", "OU", "C", "ST", "L"];
+
+fn validate_subject(field: &str, subject: &str) -> Result<(), PolicyError> {
+    for part in subject.split(',') {
+        let Some((k, v)) = part.split_once('=') else {
+            return Err(PolicyError::new(field, format!("'{part}' is not KEY=value")));
+        };
+        if !SUBJECT_ATTRIBUTES.contains(&k.trim()) {
+            return Err(PolicyError::new(
+                field,
+                format!("attribute '{}' is not one of CN, O, OU, C, ST, L", k.trim()),
+            ));
+        }
+        if v.trim().is_empty() {
+            return Err(PolicyError::new(field, format!("'{part}' has an empty value")));
+        }
+        let rest = v.replace("{device_id}", "");
+        if rest.contains('{') || rest.contains('}') {
+            return Err(PolicyError::new(
+                field,
+                "the only placeholder is {device_id}",
+            ));
+        }
+    }
+    Ok(())
+}
