@@ -1,1 +1,170 @@
-//! placeholder
+//! The store contract and its embedded backend.
+//!
+//! The contract is etcd's, so a clustered backend can implement it unchanged: a set of
+//! tables of byte keys and byte values; every write commit bumps one store-wide
+//! *revision*, and each key remembers the revision that last wrote it. A [`Txn`] carries
+//! guards ("this key is still at revision r", or "absent") and writes; it commits
+//! atomically and durably only if every guard holds, otherwise nothing is written and
+//! the caller re-reads (DESIGN.md: ambiguous outcomes are resolved by reading).
+//!
+//! Which API for which job:
+//! - open the node's store: [`EmbeddedStore::open`] (redb file, fsync on every commit);
+//! - read: [`Store::get`], [`Store::scan`];
+//! - write atomically with optimistic checks: [`Store::commit`].
+//!
+//! ```
+//! use keyfab_store::{EmbeddedStore, Store, Table, Txn};
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
+//! let mut txn = Txn::default();
+//! txn.require_absent(Table::Meta, b"site");
+//! txn.put(Table::Meta, b"site", b"shenzhen-1");
+//! assert!(store.commit(txn).unwrap().is_committed());
+//! assert_eq!(store.get(Table::Meta, b"site").unwrap().unwrap().value, b"shenzhen-1");
+//! ```
+#![forbid(unsafe_code)]
+
+mod embedded;
+
+pub use embedded::EmbeddedStore;
+
+/// The logical tables. Each backend maps them to its own namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Table {
+    /// Node identity, certificates, high-water marks.
+    Meta,
+    /// Imported entitlements, one record each.
+    Entitlements,
+    /// Encrypted pool key records, keyed by pool id ‖ key spec ‖ index.
+    Pool,
+    /// Imports in progress, so an interrupted one is cleaned up.
+    Staging,
+    /// The audit log.
+    Audit,
+    /// HQ: registered sites.
+    Sites,
+    /// HQ: entitlements issued.
+    Issued,
+}
+
+impl Table {
+    pub const ALL: [Table; 7] = [
+        Table::Meta,
+        Table::Entitlements,
+        Table::Pool,
+        Table::Staging,
+        Table::Audit,
+        Table::Sites,
+        Table::Issued,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Meta => "meta",
+            Table::Entitlements => "entitlements",
+            Table::Pool => "pool",
+            Table::Staging => "staging",
+            Table::Audit => "audit",
+            Table::Sites => "sites",
+            Table::Issued => "issued",
+        }
+    }
+}
+
+/// A value and the revision of the commit that last wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub value: Vec<u8>,
+    pub revision: u64,
+}
+
+#[derive(Debug, Clone)]
+enum Guard {
+    /// The key is absent.
+    Absent(Table, Vec<u8>),
+    /// The key was last written at exactly this revision.
+    AtRevision(Table, Vec<u8>, u64),
+}
+
+#[derive(Debug, Clone)]
+enum Write {
+    Put(Table, Vec<u8>, Vec<u8>),
+    Delete(Table, Vec<u8>),
+    DeletePrefix(Table, Vec<u8>),
+}
+
+/// An atomic, guarded set of writes.
+#[derive(Debug, Clone, Default)]
+pub struct Txn {
+    guards: Vec<Guard>,
+    writes: Vec<Write>,
+}
+
+impl Txn {
+    pub fn require_absent(&mut self, table: Table, key: &[u8]) -> &mut Self {
+        self.guards.push(Guard::Absent(table, key.to_vec()));
+        self
+    }
+    /// Requires `key` unchanged since it was read as `seen` (absent if `None`).
+    pub fn require_unchanged(&mut self, table: Table, key: &[u8], seen: Option<&Versioned>) -> &mut Self {
+        self.guards.push(match seen {
+            Some(v) => Guard::AtRevision(table, key.to_vec(), v.revision),
+            None => Guard::Absent(table, key.to_vec()),
+        });
+        self
+    }
+    pub fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> &mut Self {
+        self.writes.push(Write::Put(table, key.to_vec(), value.to_vec()));
+        self
+    }
+    pub fn delete(&mut self, table: Table, key: &[u8]) -> &mut Self {
+        self.writes.push(Write::Delete(table, key.to_vec()));
+        self
+    }
+    pub fn delete_prefix(&mut self, table: Table, prefix: &[u8]) -> &mut Self {
+        self.writes.push(Write::DeletePrefix(table, prefix.to_vec()));
+        self
+    }
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.writes.len()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Durable at this revision.
+    Committed(u64),
+    /// A guard failed; nothing was written.
+    Conflict,
+}
+
+impl Outcome {
+    pub fn is_committed(self) -> bool {
+        matches!(self, Outcome::Committed(_))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    #[error("store is corrupt: {0}")]
+    Corrupt(String),
+    #[error("store is in use by another keyfab process")]
+    Busy,
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The contract every backend keeps. Reads are linearizable; commits are atomic and
+/// durable before they return `Committed`.
+pub trait Store: Send + Sync {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Versioned>>;
+    /// All entries whose key starts with `prefix`, in key order, at most `limit`.
+    fn scan(&self, table: Table, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Versioned)>>;
+    fn commit(&self, txn: Txn) -> Result<Outcome>;
+    /// The revision of the last commit.
+    fn revision(&self) -> Result<u64>;
+}
