@@ -60,6 +60,22 @@ impl HpkeSecretKey {
     }
 }
 
+/// Whoever holds an HPKE private key: a software key, or (later) a token that does the
+/// ECDH step inside. Opening never hands the private key out.
+pub trait HpkeRecipient: Send + Sync {
+    fn public_key(&self) -> Result<HpkePublicKey>;
+    fn open_context(&self, enc: &[u8], info: &[u8]) -> Result<Opener>;
+}
+
+impl HpkeRecipient for HpkeSecretKey {
+    fn public_key(&self) -> Result<HpkePublicKey> {
+        HpkeSecretKey::public_key(self)
+    }
+    fn open_context(&self, enc: &[u8], info: &[u8]) -> Result<Opener> {
+        open_context(self, enc, info)
+    }
+}
+
 /// The recipient's public key: an uncompressed P-256 point.
 #[derive(Clone, PartialEq, Eq)]
 pub struct HpkePublicKey([u8; ENC_LEN]);

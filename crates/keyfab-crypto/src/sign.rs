@@ -6,7 +6,7 @@ use crate::hash::Fingerprint;
 use crate::secret::SecretBytes;
 use crate::{CryptoError, Result};
 use aws_lc_rs::signature::{
-    EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1_SIGNING,
+    EcdsaKeyPair, KeyPair, UnparsedPublicKey,
     ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING,
 };
 
@@ -18,7 +18,6 @@ pub const SIGNATURE_LEN: usize = 64;
 /// for custody to seal.
 pub struct SigningKey {
     fixed: EcdsaKeyPair,
-    asn1: EcdsaKeyPair,
     pkcs8: SecretBytes,
 }
 
@@ -36,11 +35,8 @@ impl SigningKey {
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self> {
         let fixed = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8)
             .map_err(|_| CryptoError::InvalidKey("not a P-256 PKCS#8 key"))?;
-        let asn1 = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8)
-            .map_err(|_| CryptoError::InvalidKey("not a P-256 PKCS#8 key"))?;
         Ok(Self {
             fixed,
-            asn1,
             pkcs8: SecretBytes::new(pkcs8.to_vec()),
         })
     }
@@ -65,15 +61,21 @@ impl SigningKey {
             .map_err(|_| CryptoError::Internal)?;
         Ok(sig.as_ref().to_vec())
     }
+}
 
-    /// ASN.1 DER signature, for X.509 structures.
-    pub(crate) fn sign_asn1(&self, message: &[u8]) -> Result<Vec<u8>> {
-        let rng = aws_lc_rs::rand::SystemRandom::new();
-        let sig = self
-            .asn1
-            .sign(&rng, message)
-            .map_err(|_| CryptoError::Internal)?;
-        Ok(sig.as_ref().to_vec())
+/// Anything that signs with a P-256 key it holds: a software key, or (later) a key
+/// in a token. Signatures are fixed `r ‖ s`.
+pub trait EcdsaSigner: Send + Sync {
+    fn verifying_key(&self) -> VerifyingKey;
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>>;
+}
+
+impl EcdsaSigner for SigningKey {
+    fn verifying_key(&self) -> VerifyingKey {
+        SigningKey::verifying_key(self)
+    }
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>> {
+        SigningKey::sign(self, message)
     }
 }
 

@@ -13,7 +13,7 @@
 //! certificate of the path, so a site certificate can never act as HQ. Paths have an
 //! exact shape (leaf, cluster CA, root): a longer chain is refused.
 
-use crate::sign::{SigningKey, VerifyingKey};
+use crate::sign::{EcdsaSigner, VerifyingKey};
 use crate::time::UnixTime;
 use crate::{CryptoError, Result};
 use rcgen::{
@@ -105,11 +105,11 @@ pub(crate) fn p256_point_from_spki(spki: &[u8]) -> Result<Vec<u8>> {
     }
 }
 
-/// Our signing key as an rcgen signer (ASN.1 ECDSA signatures).
-struct Signer<'a>(&'a SigningKey, Vec<u8>);
+/// Any of our signers as an rcgen signer (X.509 wants ASN.1 ECDSA signatures).
+struct Signer<'a>(&'a dyn EcdsaSigner, Vec<u8>);
 
 impl<'a> Signer<'a> {
-    fn new(key: &'a SigningKey) -> Self {
+    fn new(key: &'a dyn EcdsaSigner) -> Self {
         Self(key, key.verifying_key().sec1().to_vec())
     }
 }
@@ -125,7 +125,8 @@ impl rcgen::PublicKeyData for Signer<'_> {
 
 impl rcgen::SigningKey for Signer<'_> {
     fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
-        self.0.sign_asn1(msg).map_err(|_| rcgen::Error::RemoteKeyError)
+        let fixed = self.0.sign(msg).map_err(|_| rcgen::Error::RemoteKeyError)?;
+        fixed_to_asn1(&fixed).map_err(|_| rcgen::Error::RemoteKeyError)
     }
 }
 
@@ -222,7 +223,7 @@ fn build_err(e: rcgen::Error) -> CryptoError {
 
 /// The self-signed root CA certificate.
 pub fn root_certificate(
-    key: &SigningKey,
+    key: &dyn EcdsaSigner,
     subject: &str,
     validity: Validity,
     rng: &dyn crate::rng::SecureRng,
@@ -236,7 +237,7 @@ pub fn root_certificate(
 }
 
 /// A PKCS#10 request for a cluster certificate, subject `CN=<name>`.
-pub fn cluster_csr(key: &SigningKey, name: &str) -> Result<Vec<u8>> {
+pub fn cluster_csr(key: &dyn EcdsaSigner, name: &str) -> Result<Vec<u8>> {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
@@ -273,7 +274,7 @@ pub fn read_csr(der: &[u8]) -> Result<CsrInfo> {
 
 /// The root signs a cluster CA for `role`. Only the CSR's name and key are taken from it.
 pub fn issue_cluster_certificate(
-    root_key: &SigningKey,
+    root_key: &dyn EcdsaSigner,
     root_cert: &[u8],
     csr: &CsrInfo,
     role: Role,
@@ -298,7 +299,7 @@ pub fn issue_cluster_certificate(
 
 /// A cluster issues one of its own service certificates (signing or HPKE key).
 pub fn issue_service_certificate(
-    cluster_key: &SigningKey,
+    cluster_key: &dyn EcdsaSigner,
     cluster_cert: &[u8],
     subject_point: &[u8],
     common_name: &str,
@@ -328,7 +329,7 @@ pub fn issue_service_certificate(
 /// HQ's cluster CA issues an entitlement's batch CA: valid for the entitlement window
 /// only, path length 0, role device-ca (so it can never act as HQ or a site).
 pub fn issue_batch_ca(
-    hq_cluster_key: &SigningKey,
+    hq_cluster_key: &dyn EcdsaSigner,
     hq_cluster_cert: &[u8],
     batch_key: &VerifyingKey,
     common_name: &str,
@@ -571,6 +572,29 @@ fn asn1_to_fixed(sig: &[u8]) -> Result<Vec<u8>> {
         out.extend(std::iter::repeat_n(0u8, 32 - trimmed.len()));
         out.extend(trimmed);
     }
+    Ok(out)
+}
+
+/// Converts fixed `r ‖ s` to an ASN.1 ECDSA-Sig-Value (SEQUENCE of two INTEGERs).
+fn fixed_to_asn1(sig: &[u8]) -> Result<Vec<u8>> {
+    if sig.len() != 64 {
+        return Err(CryptoError::BadSignature);
+    }
+    let int = |half: &[u8]| {
+        let trimmed: Vec<u8> = half.iter().copied().skip_while(|b| *b == 0).collect();
+        let mut body = Vec::with_capacity(33);
+        if trimmed.first().is_none_or(|b| b & 0x80 != 0) {
+            body.push(0);
+        }
+        body.extend(trimmed);
+        let mut out = vec![0x02, body.len() as u8];
+        out.extend(body);
+        out
+    };
+    let mut seq = int(&sig[..32]);
+    seq.extend(int(&sig[32..]));
+    let mut out = vec![0x30, seq.len() as u8];
+    out.extend(seq);
     Ok(out)
 }
 

@@ -1,1 +1,64 @@
-//! placeholder
+//! Custody of identity keys: sign, open HPKE and wrap data keys *by handle*. There is no
+//! method that exports a private key.
+//!
+//! Which API for which job:
+//! - the default custody, a file sealed under a passphrase: [`SoftwareKeystore::create`] /
+//!   [`SoftwareKeystore::unlock`] (Argon2id → AES-256-GCM);
+//! - engines use the [`Custody`] trait only, so a PKCS#11 token can stand in later.
+//!
+//! ```
+//! use keyfab_custody::{Custody, SoftwareKeystore};
+//! use keyfab_crypto::{rng::SystemRng, secret::SecretBytes};
+//! let dir = tempfile::tempdir().unwrap();
+//! let path = dir.path().join("keystore.kfs");
+//! let pass = SecretBytes::new(b"correct horse".to_vec());
+//! let mut ks = SoftwareKeystore::create(&path, &pass, &SystemRng).unwrap();
+//! let public = ks.generate_signing_key("service-sign", &SystemRng).unwrap();
+//! let sig = ks.signer("service-sign").unwrap().sign(b"hello").unwrap();
+//! public.verify(b"hello", &sig).unwrap();
+//! drop(ks);
+//! let wrong = SecretBytes::new(b"wrong".to_vec());
+//! assert!(matches!(SoftwareKeystore::unlock(&path, &wrong), Err(keyfab_custody::CustodyError::Locked)));
+//! ```
+#![forbid(unsafe_code)]
+
+mod software;
+
+pub use software::SoftwareKeystore;
+
+use keyfab_crypto::hpke::{HpkePublicKey, HpkeRecipient};
+use keyfab_crypto::rng::SecureRng;
+use keyfab_crypto::secret::Secret32;
+use keyfab_crypto::sign::{EcdsaSigner, VerifyingKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CustodyError {
+    /// Wrong passphrase, or the keystore was modified: indistinguishable on purpose.
+    #[error("state is locked: wrong passphrase, or the keystore was modified")]
+    Locked,
+    #[error("no key with handle '{0}' in custody")]
+    NoSuchKey(String),
+    #[error("a key with handle '{0}' already exists")]
+    KeyExists(String),
+    #[error("keystore already exists at {0}")]
+    AlreadyExists(String),
+    #[error("keystore file is not a keyfab keystore: {0}")]
+    Malformed(String),
+    #[error("keystore I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Crypto(#[from] keyfab_crypto::CryptoError),
+}
+
+pub type Result<T> = std::result::Result<T, CustodyError>;
+
+/// What engines may do with identity keys.
+pub trait Custody: Send + Sync {
+    fn signer(&self, handle: &str) -> Result<&dyn EcdsaSigner>;
+    fn hpke(&self, handle: &str) -> Result<&dyn HpkeRecipient>;
+    fn generate_signing_key(&mut self, handle: &str, rng: &dyn SecureRng) -> Result<VerifyingKey>;
+    fn generate_hpke_key(&mut self, handle: &str, rng: &dyn SecureRng) -> Result<HpkePublicKey>;
+    /// Encrypts a data key under the custody wrapping key, bound to `aad`.
+    fn wrap_data_key(&self, dek: &Secret32, aad: &[u8], rng: &dyn SecureRng) -> Result<Vec<u8>>;
+    fn unwrap_data_key(&self, wrapped: &[u8], aad: &[u8]) -> Result<Secret32>;
+}
