@@ -1,0 +1,58 @@
+//! The 8 bytes at the front of every keyfab file: `"KEYFAB"`, a kind letter, a version.
+//! An unknown version is reported as such, never as corruption.
+
+use crate::{FormatError, Result};
+
+pub const MAGIC: &[u8; 6] = b"KEYFAB";
+pub const LEN: usize = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Identity,
+    Entitlement,
+}
+
+impl Kind {
+    fn letter(self) -> u8 {
+        match self {
+            Kind::Identity => b'I',
+            Kind::Entitlement => b'E',
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Identity => "site identity (.kfi)",
+            Kind::Entitlement => "entitlement (.kfe)",
+        }
+    }
+}
+
+pub fn encode(kind: Kind, version: u8) -> [u8; LEN] {
+    let mut p = [0u8; LEN];
+    p[..6].copy_from_slice(MAGIC);
+    p[6] = kind.letter();
+    p[7] = version;
+    p
+}
+
+/// Checks the prefix of `bytes` for `kind` at `version`.
+pub fn check(bytes: &[u8], kind: Kind, version: u8) -> Result<()> {
+    if bytes.len() < LEN || &bytes[..6] != MAGIC {
+        return Err(FormatError::Malformed(format!("not a keyfab {}", kind.name())));
+    }
+    if bytes[6] != kind.letter() {
+        return Err(FormatError::Malformed(format!(
+            "not a keyfab {} (kind byte '{}')",
+            kind.name(),
+            bytes[6].escape_ascii()
+        )));
+    }
+    if bytes[7] != version {
+        return Err(FormatError::Malformed(format!(
+            "unsupported version v{} of {} (this keyfab reads v{version})",
+            bytes[7],
+            kind.name()
+        )));
+    }
+    Ok(())
+}
