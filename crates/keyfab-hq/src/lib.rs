@@ -1,1 +1,10 @@
-//! placeholder
+//! The HQ engine: the root CA ceremony ([`pki`]), the site registry ([`sites`]) and
+//! entitlement issue ([`entitlement`]).
+//!
+//! Engines never parse bytes by hand nor call primitives directly: files go through
+//! `keyfab-formats`, keys through `keyfab-crypto` and `keyfab-custody`.
+#![forbid(unsafe_code)]
+
+pub mod entitlement;
+pub mod pki;
+pub mod sites;

@@ -1,0 +1,320 @@
+//! Entitlement issue: validate the policy, generate the keys, encrypt to the site, sign.
+//!
+//! Pool keys are generated chunk by chunk on every core and written straight into the
+//! file, so a 1,000,000-device entitlement never holds more than one chunk of keys in
+//! memory. HQ keeps only the public identity of each pool key (for reconciliation).
+
+use crate::sites::{get_site, SiteRecord};
+use keyfab_crypto::devicekey::{self, DeviceKeyType, KeyId};
+use keyfab_crypto::hash::Fingerprint;
+use keyfab_crypto::hpke::HpkePublicKey;
+use keyfab_crypto::secret::{Secret32, SecretBytes};
+use keyfab_crypto::sign::{SigningKey, VerifyingKey};
+use keyfab_crypto::time::UnixTime;
+use keyfab_crypto::x509::{self, Validity};
+use keyfab_formats::entitlement::{
+    write_entitlement, Addressing, ChunkRef, ContentSecrets, EntitlementContent, PoolSpec,
+    DEFAULT_KEYS_PER_CHUNK,
+};
+use keyfab_formats::FormatError;
+use keyfab_node::{encode, Error, Node, Result};
+use keyfab_policy::{KeySource, KeyType, Policy, PolicyDraft, PolicyError};
+use keyfab_store::{Store, Table, Txn};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Reads `policy.toml` and the approver keys it lists (paths relative to the policy
+/// file), and returns the validated policy. Nothing is written.
+pub fn load_policy(policy_path: &Path) -> Result<Policy> {
+    let text = std::fs::read_to_string(policy_path)
+        .map_err(|e| Error::NotFound(format!("{}: {e}", policy_path.display())))?;
+    let draft = PolicyDraft::parse(&text)?;
+    let base = policy_path.parent().unwrap_or(Path::new("."));
+    let mut keys = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for rel in draft.approver_paths() {
+        let path = base.join(rel);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            PolicyError::new("approval.approvers", format!("{}: {e}", path.display()))
+        })?;
+        let key = VerifyingKey::from_pem(&text).map_err(|e| {
+            PolicyError::new("approval.approvers", format!("{}: {e}", path.display()))
+        })?;
+        if !seen.insert(key.fingerprint()) {
+            return Err(PolicyError::new(
+                "approval.approvers",
+                format!("{rel} is the same key as another approver"),
+            )
+            .into());
+        }
+        keys.push(key.to_pem());
+    }
+    Ok(draft.finish(keys)?)
+}
+
+/// What HQ remembers about an entitlement it issued.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuedRecord {
+    pub id: String,
+    pub site: String,
+    pub sequence: u64,
+    pub created_at: i64,
+    pub policy: Policy,
+    #[serde(with = "serde_bytes")]
+    pub batch_ca_cert: Vec<u8>,
+    pub pool: Vec<PoolSpec>,
+    pub keys_per_chunk: u32,
+    pub file_bytes: u64,
+}
+
+pub struct CreateRequest<'a> {
+    pub site: &'a str,
+    pub policy: Policy,
+    pub out: &'a Path,
+    pub keys_per_chunk: u32,
+    /// Called after each pool chunk with (keys done, keys total).
+    pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
+}
+
+impl<'a> CreateRequest<'a> {
+    pub fn new(site: &'a str, policy: Policy, out: &'a Path) -> Self {
+        Self {
+            site,
+            policy,
+            out,
+            keys_per_chunk: DEFAULT_KEYS_PER_CHUNK,
+            progress: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub id: String,
+    pub sequence: u64,
+    pub site: String,
+    pub devices: u64,
+    pub pool_keys: u64,
+    pub bytes: u64,
+}
+
+fn device_key_type(t: KeyType) -> DeviceKeyType {
+    match t {
+        KeyType::EcP256 => DeviceKeyType::EcP256,
+        KeyType::Ed25519 => DeviceKeyType::Ed25519,
+        KeyType::Aes256 => DeviceKeyType::Aes256,
+    }
+}
+
+/// 32-byte record of a key's public identity (a KCV is padded with zeros).
+pub fn key_id_bytes(id: &KeyId) -> [u8; 32] {
+    match id {
+        KeyId::Public(f) => f.0,
+        KeyId::Kcv(k) => {
+            let mut b = [0u8; 32];
+            b[..3].copy_from_slice(k);
+            b
+        }
+    }
+}
+
+/// Generates `count` keys on all cores; appends their secrets to `secrets` and their
+/// identities to `ids`, in order.
+pub fn generate_keys(
+    kind: DeviceKeyType,
+    count: usize,
+    rng: &dyn keyfab_crypto::rng::SecureRng,
+    secrets: &mut SecretBytes,
+    ids: &mut Vec<u8>,
+) -> Result<()> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(count.max(1));
+    let per = count.div_ceil(threads);
+    let parts: Vec<Result<(SecretBytes, Vec<u8>)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let n = per.min(count.saturating_sub(t * per));
+                s.spawn(move || -> Result<(SecretBytes, Vec<u8>)> {
+                    let mut sec = SecretBytes::new(Vec::with_capacity(n * 32));
+                    let mut id = Vec::with_capacity(n * 32);
+                    for _ in 0..n {
+                        let (secret, key_id) = devicekey::generate(kind, rng)?;
+                        sec.expose_mut().extend_from_slice(secret.expose());
+                        id.extend_from_slice(&key_id_bytes(&key_id));
+                    }
+                    Ok((sec, id))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(Error::InvalidState("key generation thread failed".into()))))
+            .collect()
+    });
+    for part in parts {
+        let (sec, id) = part?;
+        secrets.expose_mut().extend_from_slice(sec.expose());
+        ids.extend_from_slice(&id);
+    }
+    Ok(())
+}
+
+/// Key of the row holding the public identities of one pool chunk.
+fn pool_ids_key(id: &str, chunk: u64) -> Vec<u8> {
+    let mut k = format!("pool/{id}/").into_bytes();
+    k.extend_from_slice(&chunk.to_be_bytes());
+    k
+}
+
+fn issued_key(id: &str) -> Vec<u8> {
+    format!("ent/{id}").into_bytes()
+}
+
+/// Entitlements issued so far, oldest first by id order.
+pub fn list_issued(node: &Node) -> Result<Vec<IssuedRecord>> {
+    node.store
+        .scan(Table::Issued, b"ent/", usize::MAX)?
+        .into_iter()
+        .map(|(_, v)| keyfab_node::decode(&v.value))
+        .collect()
+}
+
+/// Creates an entitlement for a registered site and writes it to `req.out`.
+pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
+    let policy = req.policy;
+    policy.validate()?;
+    let (site, site_version): (SiteRecord, _) = get_site(node, req.site)?;
+    let recipient = HpkePublicKey::from_sec1(&site.hpke_key)?;
+    let cluster_cert = node.cluster_cert()?;
+    let chain = node.service_chain()?;
+    let now = node.now();
+    let rng = node.rng.as_ref();
+
+    // Reserve the sequence number first: a crash afterwards burns a number, never
+    // reuses one (sites accept only increasing sequences).
+    let sequence = site.last_sequence + 1;
+    let mut reserved = site.clone();
+    reserved.last_sequence = sequence;
+    let mut txn = Txn::default();
+    txn.require_unchanged(Table::Sites, site.name.as_bytes(), Some(&site_version))
+        .put(Table::Sites, site.name.as_bytes(), &encode(&reserved)?);
+    if !node.store.commit(txn)?.is_committed() {
+        return Err(Error::InvalidState("another entitlement for this site is being created; retry".into()));
+    }
+
+    let mut id_bytes = [0u8; 16];
+    rng.fill(&mut id_bytes);
+    let id = hex::encode(id_bytes);
+    let batch_key = SigningKey::generate(rng)?;
+    let batch_ca_cert = x509::issue_batch_ca(
+        node.cluster_signer()?,
+        &cluster_cert,
+        &batch_key.verifying_key(),
+        &format!("keyfab batch {id}"),
+        Validity {
+            not_before: UnixTime(policy.valid_from),
+            not_after: UnixTime(policy.valid_until),
+        },
+        rng,
+    )?;
+    let master = Secret32::random(rng);
+    let pool: Vec<PoolSpec> = policy
+        .keys_from(KeySource::HqPool)
+        .map(|k| PoolSpec {
+            key: k.name.clone(),
+            key_type: k.key_type,
+            count: policy.devices,
+        })
+        .collect();
+    let pool_keys: u64 = pool.iter().map(|p| p.count).sum();
+    let content = EntitlementContent {
+        id: id.clone(),
+        sequence,
+        hq: node.name.clone(),
+        hq_cluster: Fingerprint::of(&cluster_cert).to_hex(),
+        site: site.name.clone(),
+        created_at: now.0,
+        policy: policy.clone(),
+        batch_ca_cert: batch_ca_cert.clone(),
+        secrets: ContentSecrets {
+            batch_ca_key: batch_key.to_pkcs8().expose().to_vec(),
+            master_secret: master.expose().to_vec(),
+        },
+        pool: pool.clone(),
+        keys_per_chunk: req.keys_per_chunk,
+    };
+    let addressing = Addressing {
+        id: id.clone(),
+        sequence,
+        hq: node.name.clone(),
+        hq_cluster: Fingerprint::of(&cluster_cert),
+        site: site.name.clone(),
+        recipient: &recipient,
+        created_at: now,
+    };
+
+    let mut done = 0u64;
+    let mut ids_txn = Txn::default();
+    let mut fill = |c: ChunkRef, out: &mut SecretBytes| -> keyfab_formats::Result<()> {
+        let kind = device_key_type(pool[c.spec].key_type);
+        let mut ids = Vec::with_capacity(c.count as usize * 32);
+        generate_keys(kind, c.count as usize, rng, out, &mut ids)
+            .map_err(|e| FormatError::Write(e.to_string()))?;
+        ids_txn.put(Table::Issued, &pool_ids_key(&id, c.index), &ids);
+        if ids_txn.len() >= 64 {
+            node.store
+                .commit(std::mem::take(&mut ids_txn))
+                .map_err(|e| FormatError::Write(e.to_string()))?;
+        }
+        done += c.count;
+        if let Some(p) = req.progress {
+            p(done, pool_keys);
+        }
+        Ok(())
+    };
+    let written = write_entitlement(
+        req.out,
+        &addressing,
+        &content,
+        &mut fill,
+        node.service_signer()?,
+        chain,
+        rng,
+    );
+    let cleanup = |node: &Node| {
+        let mut t = Txn::default();
+        t.delete_prefix(Table::Issued, format!("pool/{id}/").as_bytes());
+        let _ = node.store.commit(t);
+    };
+    let summary = match written {
+        Ok(s) => s,
+        Err(e) => {
+            cleanup(node);
+            return Err(e.into());
+        }
+    };
+    let record = IssuedRecord {
+        id: id.clone(),
+        site: site.name.clone(),
+        sequence,
+        created_at: now.0,
+        policy: policy.clone(),
+        batch_ca_cert,
+        pool,
+        keys_per_chunk: req.keys_per_chunk,
+        file_bytes: summary.bytes,
+    };
+    let record_key = issued_key(&id);
+    ids_txn
+        .require_absent(Table::Issued, &record_key)
+        .put(Table::Issued, &record_key, &encode(&record)?);
+    node.store.commit(ids_txn)?;
+    Ok(Created {
+        id,
+        sequence,
+        site: site.name,
+        devices: policy.devices,
+        pool_keys,
+        bytes: summary.bytes,
+    })
+}

@@ -1,0 +1,100 @@
+//! The offline root CA: a home holding only the sealed root key and `root.crt`.
+
+use keyfab_crypto::rng::SecureRng;
+use keyfab_crypto::secret::SecretBytes;
+use keyfab_crypto::sign::SigningKey;
+use keyfab_crypto::time::UnixTime;
+use keyfab_crypto::x509::{self, Role, Validity};
+use keyfab_custody::{Custody, SoftwareKeystore};
+use keyfab_node::{Error, Result};
+use std::path::{Path, PathBuf};
+
+pub const ROOT_CERT_FILE: &str = "root.crt";
+const ROOT_KEY: &str = "root";
+
+/// Creates the root CA in `home`: the key, sealed; and `root.crt` (PEM).
+pub fn init_root(
+    home: &Path,
+    subject: &str,
+    days: i64,
+    passphrase: &SecretBytes,
+    rng: &dyn SecureRng,
+    now: UnixTime,
+) -> Result<PathBuf> {
+    if home.join(ROOT_CERT_FILE).exists() || home.join(keyfab_node_keystore()).exists() {
+        return Err(Error::InvalidState(format!("{} already holds a root CA", home.display())));
+    }
+    if days < 1 {
+        return Err(Error::InvalidInput("--days must be at least 1".into()));
+    }
+    x509::parse_dn(subject).map_err(|e| Error::InvalidInput(format!("--subject: {e}")))?;
+    std::fs::create_dir_all(home)?;
+    let key = SigningKey::generate(rng)?;
+    let cert = x509::root_certificate(
+        &key,
+        subject,
+        Validity {
+            not_before: now,
+            not_after: now.plus_days(days),
+        },
+        rng,
+    )?;
+    let mut ks = SoftwareKeystore::create(&home.join(keyfab_node_keystore()), passphrase, rng)?;
+    ks.insert_signing_key(ROOT_KEY, key)?;
+    let path = home.join(ROOT_CERT_FILE);
+    std::fs::write(&path, x509::to_pem(&cert, "CERTIFICATE"))?;
+    Ok(path)
+}
+
+fn keyfab_node_keystore() -> &'static str {
+    "keystore.kfs"
+}
+
+/// What `pki issue` produced.
+pub struct Issued {
+    pub pem: String,
+    pub subject: String,
+    pub serial_hex: String,
+    pub not_after: UnixTime,
+}
+
+/// Signs a cluster CSR for `role`.
+pub fn issue(
+    home: &Path,
+    csr_pem: &str,
+    role: Role,
+    days: i64,
+    passphrase: &SecretBytes,
+    rng: &dyn SecureRng,
+    now: UnixTime,
+) -> Result<Issued> {
+    if days < 1 {
+        return Err(Error::InvalidInput("--days must be at least 1".into()));
+    }
+    let ks = SoftwareKeystore::unlock(&home.join(keyfab_node_keystore()), passphrase)?;
+    let root = read_pem_file(&home.join(ROOT_CERT_FILE), "CERTIFICATE")?;
+    let csr_der = x509::from_pem(csr_pem, "CERTIFICATE REQUEST")
+        .map_err(|e| Error::InvalidInput(format!("--csr: {e}")))?;
+    let csr = x509::read_csr(&csr_der).map_err(|e| Error::InvalidInput(format!("--csr: {e}")))?;
+    keyfab_node::check_name(&csr.common_name)?;
+    let root_facts = x509::cert_facts(&root)?;
+    let validity = Validity {
+        not_before: now,
+        not_after: now.plus_days(days).min(root_facts.not_after),
+    };
+    let cert = x509::issue_cluster_certificate(ks.signer(ROOT_KEY)?, &root, &csr, role, validity, rng)?;
+    let facts = x509::cert_facts(&cert)?;
+    Ok(Issued {
+        pem: x509::to_pem(&cert, "CERTIFICATE"),
+        subject: csr.common_name,
+        serial_hex: facts.serial_hex,
+        not_after: facts.not_after,
+    })
+}
+
+/// Reads a PEM file holding one block with `tag`.
+pub fn read_pem_file(path: &Path, tag: &str) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::NotFound(format!("{}: {e}", path.display())))?;
+    x509::from_pem(&text, tag).map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))
+}

@@ -1,0 +1,68 @@
+//! The site registry: sites HQ may issue entitlements to, learned from verified `.kfi`
+//! files, each with the sequence number its next entitlement gets.
+
+use keyfab_formats::identity::verify_identity;
+use keyfab_node::{decode, encode, Error, Node, Result};
+use keyfab_store::{Store, Table, Txn};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteRecord {
+    pub name: String,
+    #[serde(with = "serde_bytes")]
+    pub cluster_cert: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub signing_cert: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub hpke_cert: Vec<u8>,
+    /// Uncompressed P-256 point of the site's HPKE key.
+    #[serde(with = "serde_bytes")]
+    pub hpke_key: Vec<u8>,
+    /// Sequence number of the last entitlement issued to this site (0: none yet).
+    pub last_sequence: u64,
+}
+
+/// Registers (or refreshes, after a key rotation) a site from its identity file. Only an
+/// identity that chains to HQ's own root with role site is accepted.
+pub fn add_site(node: &Node, kfi: &[u8]) -> Result<SiteRecord> {
+    let root = node.root_cert()?;
+    let id = verify_identity(kfi, &root, node.now())?.into_inner();
+    let key = id.site.as_bytes();
+    let existing = node.store.get(Table::Sites, key)?;
+    let last_sequence = match &existing {
+        Some(v) => decode::<SiteRecord>(&v.value)?.last_sequence,
+        None => 0,
+    };
+    let record = SiteRecord {
+        name: id.site.clone(),
+        cluster_cert: id.cluster_cert,
+        signing_cert: id.signing_cert,
+        hpke_cert: id.hpke_cert,
+        hpke_key: id.hpke_key.sec1().to_vec(),
+        last_sequence,
+    };
+    let mut txn = Txn::default();
+    txn.require_unchanged(Table::Sites, key, existing.as_ref())
+        .put(Table::Sites, key, &encode(&record)?);
+    if !node.store.commit(txn)?.is_committed() {
+        return Err(Error::InvalidState("site registry changed meanwhile; retry".into()));
+    }
+    Ok(record)
+}
+
+pub fn get_site(node: &Node, name: &str) -> Result<(SiteRecord, keyfab_store::Versioned)> {
+    let v = node
+        .store
+        .get(Table::Sites, name.as_bytes())?
+        .ok_or_else(|| Error::NotFound(format!("no site '{name}' is registered (run `keyfab hq site add`)")))?;
+    Ok((decode(&v.value)?, v))
+}
+
+pub fn list_sites(node: &Node) -> Result<Vec<SiteRecord>> {
+    node.store
+        .scan(Table::Sites, b"", usize::MAX)?
+        .into_iter()
+        .map(|(_, v)| decode(&v.value))
+        .collect()
+}

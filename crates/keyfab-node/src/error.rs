@@ -1,0 +1,68 @@
+//! The engines' error: each variant carries its stable code (SPEC.md §4) and exit code.
+
+use keyfab_custody::CustodyError;
+use keyfab_formats::FormatError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file was refused by verification (exit 4).
+    #[error(transparent)]
+    Verification(#[from] FormatError),
+    /// A file that verified but was seen before, or an older one (exit 4).
+    #[error("replayed: {0}")]
+    Replayed(String),
+    #[error("state is locked: wrong passphrase, or the keystore was modified")]
+    Locked,
+    #[error("{0}")]
+    InvalidPolicy(#[from] keyfab_policy::PolicyError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidState(String),
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("{0}")]
+    Custody(CustodyError),
+    #[error(transparent)]
+    Store(#[from] keyfab_store::StoreError),
+    #[error(transparent)]
+    Crypto(#[from] keyfab_crypto::CryptoError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<CustodyError> for Error {
+    fn from(e: CustodyError) -> Self {
+        match e {
+            CustodyError::Locked => Error::Locked,
+            other => Error::Custody(other),
+        }
+    }
+}
+
+impl Error {
+    /// The stable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Verification(f) => f.code(),
+            Error::Replayed(_) => "replayed",
+            Error::Locked => "locked",
+            Error::InvalidPolicy(_) => "invalid_policy",
+            Error::NotFound(_) => "not_found",
+            Error::InvalidState(_) => "invalid_state",
+            Error::InvalidInput(_) => "invalid_input",
+            Error::Custody(_) | Error::Store(_) | Error::Crypto(_) | Error::Io(_) => "internal",
+        }
+    }
+
+    /// The process exit code (SPEC.md §4): 4 for refused files, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Verification(FormatError::Io(_) | FormatError::Write(_)) => 1,
+            Error::Verification(_) | Error::Replayed(_) => 4,
+            _ => 1,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

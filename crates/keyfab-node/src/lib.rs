@@ -1,0 +1,18 @@
+//! A keyfab node's home directory, shared by the HQ and site engines.
+//!
+//! ```text
+//! HOME/keystore.kfs   identity keys, sealed under the passphrase (keyfab-custody)
+//! HOME/state.redb     everything else (keyfab-store); key material in it is encrypted
+//! HOME/cluster.csr    written by init, for the root CA to sign
+//! ```
+//!
+//! Which API for which job: [`Node::init`] creates a home and its CSR, [`Node::open`]
+//! unlocks one, [`Node::install_cert`] installs the cluster certificate and issues the
+//! node's own service certificates, [`Node::service_chain`] is what the node signs with.
+#![forbid(unsafe_code)]
+
+mod error;
+mod node;
+
+pub use error::{Error, Result};
+pub use node::{check_name, decode, encode, Node, NodeKind, ServiceIdentity};

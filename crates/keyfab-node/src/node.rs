@@ -1,0 +1,294 @@
+//! Node home: init, unlock, certificate installation and the service identity.
+
+use crate::{Error, Result};
+use keyfab_crypto::hash::Fingerprint;
+use keyfab_crypto::rng::SecureRng;
+use keyfab_crypto::secret::SecretBytes;
+use keyfab_crypto::sign::EcdsaSigner;
+use keyfab_crypto::time::{Clock, UnixTime};
+use keyfab_crypto::x509::{self, Purpose, Role, Validity};
+use keyfab_custody::{Custody, SoftwareKeystore};
+use keyfab_store::{EmbeddedStore, Store, Table, Txn};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const KEYSTORE_FILE: &str = "keystore.kfs";
+pub const STATE_FILE: &str = "state.redb";
+pub const CSR_FILE: &str = "cluster.csr";
+const CLUSTER_KEY: &str = "cluster";
+/// Service certificates live this long (or until the cluster certificate ends).
+const SERVICE_DAYS: i64 = 365;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    Hq,
+    Site,
+}
+
+impl NodeKind {
+    pub fn role(self) -> Role {
+        match self {
+            NodeKind::Hq => Role::Hq,
+            NodeKind::Site => Role::Site,
+        }
+    }
+    fn as_str(self) -> &'static str {
+        self.role().as_str()
+    }
+}
+
+/// The node's current service keys and certificates. `generation` grows with rotation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceIdentity {
+    pub generation: u32,
+    pub signing_handle: String,
+    pub hpke_handle: String,
+    #[serde(with = "serde_bytes")]
+    pub signing_cert: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub hpke_cert: Vec<u8>,
+}
+
+pub struct Node {
+    pub kind: NodeKind,
+    pub dir: PathBuf,
+    pub name: String,
+    pub custody: SoftwareKeystore,
+    pub store: EmbeddedStore,
+    pub rng: Box<dyn SecureRng>,
+    pub clock: Box<dyn Clock>,
+}
+
+fn meta(store: &EmbeddedStore, key: &str) -> Result<Option<Vec<u8>>> {
+    Ok(store.get(Table::Meta, key.as_bytes())?.map(|v| v.value))
+}
+
+impl Node {
+    /// Creates a node home: keystore, store, cluster key and `cluster.csr`.
+    pub fn init(
+        dir: &Path,
+        kind: NodeKind,
+        name: &str,
+        passphrase: &SecretBytes,
+        rng: Box<dyn SecureRng>,
+        clock: Box<dyn Clock>,
+    ) -> Result<Node> {
+        check_name(name)?;
+        if dir.join(KEYSTORE_FILE).exists() || dir.join(STATE_FILE).exists() {
+            return Err(Error::InvalidState(format!(
+                "{} already holds a keyfab node",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(dir)?;
+        let mut custody = SoftwareKeystore::create(&dir.join(KEYSTORE_FILE), passphrase, rng.as_ref())?;
+        custody.generate_signing_key(CLUSTER_KEY, rng.as_ref())?;
+        let store = EmbeddedStore::open(&dir.join(STATE_FILE))?;
+        let mut txn = Txn::default();
+        txn.require_absent(Table::Meta, b"kind")
+            .put(Table::Meta, b"kind", kind.as_str().as_bytes())
+            .put(Table::Meta, b"name", name.as_bytes());
+        store.commit(txn)?;
+        let csr = x509::cluster_csr(custody.signer(CLUSTER_KEY)?, name)?;
+        std::fs::write(dir.join(CSR_FILE), x509::to_pem(&csr, "CERTIFICATE REQUEST"))?;
+        Ok(Node {
+            kind,
+            dir: dir.to_owned(),
+            name: name.to_owned(),
+            custody,
+            store,
+            rng,
+            clock,
+        })
+    }
+
+    /// Unlocks an existing home of the given kind.
+    pub fn open(
+        dir: &Path,
+        kind: NodeKind,
+        passphrase: &SecretBytes,
+        rng: Box<dyn SecureRng>,
+        clock: Box<dyn Clock>,
+    ) -> Result<Node> {
+        if !dir.join(KEYSTORE_FILE).exists() {
+            return Err(Error::NotFound(format!(
+                "no keyfab {} node in {} (run `keyfab {} init` first)",
+                kind.as_str(),
+                dir.display(),
+                kind.as_str()
+            )));
+        }
+        let custody = SoftwareKeystore::unlock(&dir.join(KEYSTORE_FILE), passphrase)?;
+        let store = EmbeddedStore::open(&dir.join(STATE_FILE))?;
+        let stored_kind = meta(&store, "kind")?.unwrap_or_default();
+        if stored_kind != kind.as_str().as_bytes() {
+            return Err(Error::InvalidState(format!(
+                "{} holds a {} node, not a {} node",
+                dir.display(),
+                String::from_utf8_lossy(&stored_kind),
+                kind.as_str()
+            )));
+        }
+        let name = String::from_utf8(meta(&store, "name")?.unwrap_or_default())
+            .map_err(|_| Error::InvalidState("node name".into()))?;
+        Ok(Node {
+            kind,
+            dir: dir.to_owned(),
+            name,
+            custody,
+            store,
+            rng,
+            clock,
+        })
+    }
+
+    pub fn now(&self) -> UnixTime {
+        self.clock.now()
+    }
+
+    /// Installs the cluster certificate the root issued, after checking it against the
+    /// root, the role and this node's own cluster key; then issues the service identity.
+    pub fn install_cert(&mut self, cluster_cert: &[u8], root_cert: &[u8]) -> Result<ServiceIdentity> {
+        if meta(&self.store, "cluster_cert")?.is_some() {
+            return Err(Error::InvalidState("a cluster certificate is already installed".into()));
+        }
+        let now = self.now();
+        let facts = x509::validate_cluster_certificate(root_cert, cluster_cert, self.kind.role(), now)
+            .map_err(|e| Error::InvalidInput(format!("certificate refused: {e}")))?;
+        let own = self.custody.signer(CLUSTER_KEY)?.verifying_key();
+        if facts.public_point.as_deref() != Some(own.sec1()) {
+            return Err(Error::InvalidInput(
+                "certificate is for another key than this node's cluster key".into(),
+            ));
+        }
+        if facts.common_name != self.name {
+            return Err(Error::InvalidInput(format!(
+                "certificate names '{}', this node is '{}'",
+                facts.common_name, self.name
+            )));
+        }
+        let identity = self.issue_service_identity(1, cluster_cert, facts.not_after)?;
+        let mut txn = Txn::default();
+        txn.require_absent(Table::Meta, b"cluster_cert")
+            .put(Table::Meta, b"root_cert", root_cert)
+            .put(Table::Meta, b"cluster_cert", cluster_cert)
+            .put(Table::Meta, b"service", &encode(&identity)?);
+        if !self.store.commit(txn)?.is_committed() {
+            return Err(Error::InvalidState("a cluster certificate is already installed".into()));
+        }
+        Ok(identity)
+    }
+
+    fn issue_service_identity(
+        &mut self,
+        generation: u32,
+        cluster_cert: &[u8],
+        cluster_not_after: UnixTime,
+    ) -> Result<ServiceIdentity> {
+        let now = self.now();
+        let signing_handle = format!("service-sign-{generation}");
+        let hpke_handle = format!("service-hpke-{generation}");
+        let sign_pub = self.custody.generate_signing_key(&signing_handle, self.rng.as_ref())?;
+        let hpke_pub = self.custody.generate_hpke_key(&hpke_handle, self.rng.as_ref())?;
+        let validity = Validity {
+            not_before: now,
+            not_after: now.plus_days(SERVICE_DAYS).min(cluster_not_after),
+        };
+        let cluster = self.custody.signer(CLUSTER_KEY)?;
+        let role = self.kind.role();
+        let signing_cert = x509::issue_service_certificate(
+            cluster,
+            cluster_cert,
+            sign_pub.sec1(),
+            &format!("{} signing {generation}", self.name),
+            role,
+            Purpose::Signing,
+            validity,
+            self.rng.as_ref(),
+        )?;
+        let hpke_cert = x509::issue_service_certificate(
+            cluster,
+            cluster_cert,
+            hpke_pub.sec1(),
+            &format!("{} encryption {generation}", self.name),
+            role,
+            Purpose::KeyAgreement,
+            validity,
+            self.rng.as_ref(),
+        )?;
+        Ok(ServiceIdentity {
+            generation,
+            signing_handle,
+            hpke_handle,
+            signing_cert,
+            hpke_cert,
+        })
+    }
+
+    fn require(&self, key: &str) -> Result<Vec<u8>> {
+        meta(&self.store, key)?.ok_or_else(|| {
+            Error::InvalidState(format!(
+                "no cluster certificate installed yet (run `keyfab {} install-cert`)",
+                self.kind.as_str()
+            ))
+        })
+    }
+
+    pub fn root_cert(&self) -> Result<Vec<u8>> {
+        self.require("root_cert")
+    }
+
+    pub fn cluster_cert(&self) -> Result<Vec<u8>> {
+        self.require("cluster_cert")
+    }
+
+    pub fn cluster_fingerprint(&self) -> Result<Fingerprint> {
+        Ok(Fingerprint::of(&self.cluster_cert()?))
+    }
+
+    pub fn service(&self) -> Result<ServiceIdentity> {
+        decode(&self.require("service")?)
+    }
+
+    /// The chain this node signs with: [service signing cert, cluster cert].
+    pub fn service_chain(&self) -> Result<Vec<Vec<u8>>> {
+        Ok(vec![self.service()?.signing_cert, self.cluster_cert()?])
+    }
+
+    /// The cluster CA key (issues service certificates and, at HQ, batch CAs).
+    pub fn cluster_signer(&self) -> Result<&dyn EcdsaSigner> {
+        Ok(self.custody.signer(CLUSTER_KEY)?)
+    }
+
+    pub fn service_signer(&self) -> Result<&dyn EcdsaSigner> {
+        Ok(self.custody.signer(&self.service()?.signing_handle)?)
+    }
+}
+
+/// Cluster, site and station names: 1–64 of `[a-z0-9._-]`, starting alphanumeric.
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput(format!(
+            "name '{name}' must be 1-64 characters of a-z 0-9 . _ - starting with a letter or digit"
+        )))
+    }
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).map_err(|e| Error::InvalidState(e.to_string()))?;
+    Ok(out)
+}
+
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    ciborium::from_reader(bytes).map_err(|e| Error::InvalidState(format!("stored record: {e}")))
+}
