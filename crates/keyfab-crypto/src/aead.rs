@@ -22,7 +22,11 @@ impl AeadKey {
         let mut buf = Vec::with_capacity(plaintext.len() + TAG_LEN);
         buf.extend_from_slice(plaintext);
         self.0
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut buf,
+            )
             .map_err(|_| CryptoError::Internal)?;
         Ok(buf)
     }
@@ -78,7 +82,12 @@ mod tests {
         let rng = SeededRng::new(1);
         let key = Secret32::random(&rng);
         let sealed = seal_random_nonce(&key, &rng, b"slot-1", b"secret").unwrap();
-        assert_eq!(open_random_nonce(&key, b"slot-1", &sealed).unwrap().expose(), b"secret");
+        assert_eq!(
+            open_random_nonce(&key, b"slot-1", &sealed)
+                .unwrap()
+                .expose(),
+            b"secret"
+        );
         assert!(open_random_nonce(&key, b"slot-2", &sealed).is_err());
         let mut bad = sealed.clone();
         bad[14] ^= 1;

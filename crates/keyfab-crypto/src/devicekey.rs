@@ -170,7 +170,11 @@ mod tests {
     #[test]
     fn stored_secret_reproduces_its_identity() {
         let rng = SeededRng::new(9);
-        for kind in [DeviceKeyType::EcP256, DeviceKeyType::Ed25519, DeviceKeyType::Aes256] {
+        for kind in [
+            DeviceKeyType::EcP256,
+            DeviceKeyType::Ed25519,
+            DeviceKeyType::Aes256,
+        ] {
             let (secret, id) = generate(kind, &rng).unwrap();
             assert_eq!(key_id(kind, &secret).unwrap(), id, "{kind:?}");
             assert!(!to_pkcs8(kind, &secret).unwrap().is_empty());
@@ -183,4 +187,15 @@ mod tests {
         let id = key_id(DeviceKeyType::Aes256, &Secret32::new([0u8; 32])).unwrap();
         assert_eq!(id, KeyId::Kcv([0xdc, 0x95, 0xc0]));
     }
+}
+
+/// Generates `n` P-256 key pairs and throws them away: the raw rate benchmarks compare
+/// keyfab with.
+pub fn raw_p256_keygen(n: usize) -> Result<()> {
+    for _ in 0..n {
+        let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
+            .map_err(|_| CryptoError::Internal)?;
+        std::hint::black_box(&pair);
+    }
+    Ok(())
 }

@@ -140,8 +140,8 @@ impl Sealer {
 pub struct Opener(AeadCtxR<AesGcm256, HkdfSha256, Kem>);
 
 pub fn open_context(recipient: &HpkeSecretKey, enc: &[u8], info: &[u8]) -> Result<Opener> {
-    let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(enc)
-        .map_err(|_| CryptoError::DecryptFailed)?;
+    let enc =
+        <Kem as hpke::Kem>::EncappedKey::from_bytes(enc).map_err(|_| CryptoError::DecryptFailed)?;
     let ctx = hpke::setup_receiver::<AesGcm256, HkdfSha256, Kem>(
         &OpModeR::Base,
         &recipient.inner()?,

@@ -6,8 +6,8 @@ use crate::hash::Fingerprint;
 use crate::secret::SecretBytes;
 use crate::{CryptoError, Result};
 use aws_lc_rs::signature::{
-    EcdsaKeyPair, KeyPair, UnparsedPublicKey,
-    ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING,
+    EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_FIXED,
+    ECDSA_P256_SHA256_FIXED_SIGNING,
 };
 
 /// Length of an uncompressed SEC1 P-256 point.

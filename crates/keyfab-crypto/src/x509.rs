@@ -25,8 +25,8 @@ use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 /// keyfab's OID arc: 2.25.73303038137255920152163058607138772276 (a UUID OID, X.667),
 /// followed by `.1.<n>` for roles. The constants are the DER contents of each OID.
 const ARC: [u8; 19] = [
-    0x69, 0xee, 0xa5, 0xd3, 0xb4, 0x8a, 0xb9, 0xaa, 0xb3, 0xff, 0x88, 0xe8, 0xdd, 0xa5, 0xae,
-    0xeb, 0xce, 0xaa, 0x34,
+    0x69, 0xee, 0xa5, 0xd3, 0xb4, 0x8a, 0xb9, 0xaa, 0xb3, 0xff, 0x88, 0xe8, 0xdd, 0xa5, 0xae, 0xeb,
+    0xce, 0xaa, 0x34,
 ];
 const fn role_oid(n: u8) -> [u8; 21] {
     let mut out = [0u8; 21];
@@ -87,8 +87,8 @@ pub enum Purpose {
 }
 
 const P256_SPKI_PREFIX: [u8; 26] = [
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-    0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 
 /// DER SubjectPublicKeyInfo of an uncompressed P-256 point.
@@ -151,7 +151,9 @@ pub fn parse_dn(text: &str) -> Result<DistinguishedName> {
             .ok_or_else(|| CryptoError::CertificateBuild(format!("'{part}' is not KEY=value")))?;
         let v = v.trim();
         if v.is_empty() {
-            return Err(CryptoError::CertificateBuild(format!("'{part}' has no value")));
+            return Err(CryptoError::CertificateBuild(format!(
+                "'{part}' has no value"
+            )));
         }
         let ty = match k.trim() {
             "CN" => DnType::CommonName,
@@ -253,8 +255,9 @@ pub struct CsrInfo {
 }
 
 pub fn read_csr(der: &[u8]) -> Result<CsrInfo> {
-    let params = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der))
-        .map_err(|e| CryptoError::CertificateMalformed(format!("CSR: {e}")))?;
+    let params =
+        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der))
+            .map_err(|e| CryptoError::CertificateMalformed(format!("CSR: {e}")))?;
     let public_key = VerifyingKey::from_sec1(rcgen::PublicKeyData::der_bytes(&params.public_key))?;
     let common_name = params
         .params
@@ -283,14 +286,17 @@ pub fn issue_cluster_certificate(
 ) -> Result<Vec<u8>> {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, csr.common_name.as_str());
-    dn.push(DnType::OrganizationalUnitName, format!("keyfab {}", role.as_str()));
+    dn.push(
+        DnType::OrganizationalUnitName,
+        format!("keyfab {}", role.as_str()),
+    );
     let mut p = base_params(dn, validity, rng)?;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     p.custom_extensions.push(eku(&[role]));
     let signer = Signer::new(root_key);
-    let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(root_cert), &signer)
-        .map_err(build_err)?;
+    let issuer =
+        Issuer::from_ca_cert_der(&CertificateDer::from(root_cert), &signer).map_err(build_err)?;
     let cert = p
         .signed_by(&P256Public(csr.public_key.sec1().to_vec()), &issuer)
         .map_err(build_err)?;
@@ -411,7 +417,10 @@ pub fn cert_facts(der: &[u8]) -> Result<CertFacts> {
     })
 }
 
-fn key_usage_allows(der: &[u8], check: impl Fn(&x509_parser::extensions::KeyUsage) -> bool) -> bool {
+fn key_usage_allows(
+    der: &[u8],
+    check: impl Fn(&x509_parser::extensions::KeyUsage) -> bool,
+) -> bool {
     use x509_parser::prelude::*;
     match X509Certificate::from_der(der) {
         Ok((_, cert)) => matches!(cert.key_usage(), Ok(Some(ku)) if check(ku.value)),
@@ -477,7 +486,9 @@ pub fn validate_chain(
         )));
     }
     if !key_usage_allows(cluster, |ku| ku.key_cert_sign()) {
-        return Err(CryptoError::Untrusted("cluster certificate may not sign certificates".into()));
+        return Err(CryptoError::Untrusted(
+            "cluster certificate may not sign certificates".into(),
+        ));
     }
     let leaf_facts = cert_facts(leaf)?;
     if leaf_facts.is_ca || leaf_facts.roles != [role] {

@@ -37,7 +37,11 @@ fn cluster(root: &(SigningKey, Vec<u8>), name: &str, role: Role, rng: &SeededRng
 
 fn service(c: &Cluster, role: Role, purpose: Purpose, days: i64, rng: &SeededRng) -> Vec<Vec<u8>> {
     let point = match purpose {
-        Purpose::Signing => SigningKey::generate(rng).unwrap().verifying_key().sec1().to_vec(),
+        Purpose::Signing => SigningKey::generate(rng)
+            .unwrap()
+            .verifying_key()
+            .sec1()
+            .to_vec(),
         Purpose::KeyAgreement => HpkeSecretKey::generate(rng)
             .public_key()
             .unwrap()
@@ -45,7 +49,14 @@ fn service(c: &Cluster, role: Role, purpose: Purpose, days: i64, rng: &SeededRng
             .to_vec(),
     };
     let leaf = issue_service_certificate(
-        &c.key, &c.cert, &point, "svc", role, purpose, validity(days), rng,
+        &c.key,
+        &c.cert,
+        &point,
+        "svc",
+        role,
+        purpose,
+        validity(days),
+        rng,
     )
     .unwrap();
     vec![leaf, c.cert.clone()]
@@ -93,7 +104,13 @@ fn expiry_comes_from_the_injected_time() {
         Err(CryptoError::Expired)
     ));
     assert!(matches!(
-        validate_chain(&r.1, &chain, Role::Hq, Purpose::Signing, UnixTime(NOW.0 - 86_400)),
+        validate_chain(
+            &r.1,
+            &chain,
+            Role::Hq,
+            Purpose::Signing,
+            UnixTime(NOW.0 - 86_400)
+        ),
         Err(CryptoError::NotYetValid)
     ));
 }
@@ -119,9 +136,19 @@ fn batch_ca_cannot_act_as_hq() {
     let r = root(&rng);
     let hq = cluster(&r, "acme-hq", Role::Hq, &rng);
     let batch_key = SigningKey::generate(&rng).unwrap();
-    let batch = issue_batch_ca(&hq.key, &hq.cert, &batch_key.verifying_key(), "batch", validity(30), &rng)
-        .unwrap();
-    let batch_cluster = Cluster { key: batch_key, cert: batch };
+    let batch = issue_batch_ca(
+        &hq.key,
+        &hq.cert,
+        &batch_key.verifying_key(),
+        "batch",
+        validity(30),
+        &rng,
+    )
+    .unwrap();
+    let batch_cluster = Cluster {
+        key: batch_key,
+        cert: batch,
+    };
     let forged = service(&batch_cluster, Role::Hq, Purpose::Signing, 30, &rng);
     assert!(validate_chain(&r.1, &forged, Role::Hq, Purpose::Signing, NOW).is_err());
 }

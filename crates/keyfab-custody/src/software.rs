@@ -70,7 +70,10 @@ fn parse_header(bytes: &[u8]) -> Result<(Argon2Params, [u8; 16])> {
         return Err(CustodyError::Malformed("bad magic".into()));
     }
     if bytes[4] != VERSION {
-        return Err(CustodyError::Malformed(format!("unsupported version v{}", bytes[4])));
+        return Err(CustodyError::Malformed(format!(
+            "unsupported version v{}",
+            bytes[4]
+        )));
     }
     let u = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
     let params = Argon2Params {
@@ -80,8 +83,16 @@ fn parse_header(bytes: &[u8]) -> Result<(Argon2Params, [u8; 16])> {
     };
     // Refuse parameters an attacker could lower to make guessing cheap, or raise to
     // exhaust memory.
-    if params.memory_kib < 8 * 1024 || params.memory_kib > 4 * 1024 * 1024 || params.iterations == 0 || params.iterations > 64 || params.lanes == 0 || params.lanes > 16 {
-        return Err(CustodyError::Malformed("argon2 parameters out of range".into()));
+    if params.memory_kib < 8 * 1024
+        || params.memory_kib > 4 * 1024 * 1024
+        || params.iterations == 0
+        || params.iterations > 64
+        || params.lanes == 0
+        || params.lanes > 16
+    {
+        return Err(CustodyError::Malformed(
+            "argon2 parameters out of range".into(),
+        ));
     }
     let mut salt = [0u8; 16];
     salt.copy_from_slice(&bytes[17..33]);
@@ -200,7 +211,12 @@ impl SoftwareKeystore {
         let mut plain = SecretBytes::default();
         ciborium::into_writer(&contents, plain.expose_mut())
             .map_err(|e| CustodyError::Malformed(e.to_string()))?;
-        let sealed = aead::seal_random_nonce(&self.kek, self.rng_nonce.as_ref(), &self.header, plain.expose())?;
+        let sealed = aead::seal_random_nonce(
+            &self.kek,
+            self.rng_nonce.as_ref(),
+            &self.header,
+            plain.expose(),
+        )?;
         let mut file = self.header.clone();
         file.extend(sealed);
         write_atomic(&self.path, &file)?;
@@ -266,7 +282,12 @@ impl Custody for SoftwareKeystore {
     }
 
     fn wrap_data_key(&self, dek: &Secret32, aad: &[u8], rng: &dyn SecureRng) -> Result<Vec<u8>> {
-        Ok(aead::seal_random_nonce(&self.wrap_key, rng, aad, dek.expose())?)
+        Ok(aead::seal_random_nonce(
+            &self.wrap_key,
+            rng,
+            aad,
+            dek.expose(),
+        )?)
     }
 
     fn unwrap_data_key(&self, wrapped: &[u8], aad: &[u8]) -> Result<Secret32> {
@@ -291,13 +312,18 @@ mod tests {
             let mut ks = SoftwareKeystore::create(&p, &pass, &rng).unwrap();
             let s = ks.generate_signing_key("s", &rng).unwrap();
             let h = ks.generate_hpke_key("h", &rng).unwrap();
-            let w = ks.wrap_data_key(&Secret32::new([7; 32]), b"aad", &rng).unwrap();
+            let w = ks
+                .wrap_data_key(&Secret32::new([7; 32]), b"aad", &rng)
+                .unwrap();
             (s, h, w)
         };
         let ks = SoftwareKeystore::unlock(&p, &pass).unwrap();
         assert_eq!(ks.signer("s").unwrap().verifying_key(), sign_pub);
         assert_eq!(ks.hpke("h").unwrap().public_key().unwrap(), hpke_pub);
-        assert_eq!(ks.unwrap_data_key(&wrapped, b"aad").unwrap().expose(), &[7; 32]);
+        assert_eq!(
+            ks.unwrap_data_key(&wrapped, b"aad").unwrap().expose(),
+            &[7; 32]
+        );
         assert!(ks.unwrap_data_key(&wrapped, b"other").is_err());
         assert!(matches!(ks.signer("nope"), Err(CustodyError::NoSuchKey(_))));
 
@@ -305,7 +331,10 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         std::fs::write(&p, &bytes).unwrap();
-        assert!(matches!(SoftwareKeystore::unlock(&p, &pass), Err(CustodyError::Locked)));
+        assert!(matches!(
+            SoftwareKeystore::unlock(&p, &pass),
+            Err(CustodyError::Locked)
+        ));
     }
 
     #[test]

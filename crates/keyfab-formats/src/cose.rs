@@ -16,7 +16,10 @@ pub fn sign(
     context: &[u8],
     payload: Vec<u8>,
 ) -> Result<Vec<u8>> {
-    let certs = chain.iter().map(|c| ciborium::Value::Bytes(c.clone())).collect();
+    let certs = chain
+        .iter()
+        .map(|c| ciborium::Value::Bytes(c.clone()))
+        .collect();
     let protected = HeaderBuilder::new()
         .algorithm(iana::Algorithm::ES256)
         .content_type(content_type.to_owned())
@@ -49,7 +52,11 @@ pub fn verify(bytes: &[u8], content_type: &str, context: &[u8]) -> Result<Signed
         return Err(malformed("not canonically encoded"));
     }
     let h = &sign1.protected.header;
-    if h.alg != Some(coset::RegisteredLabelWithPrivate::Assigned(iana::Algorithm::ES256)) {
+    if h.alg
+        != Some(coset::RegisteredLabelWithPrivate::Assigned(
+            iana::Algorithm::ES256,
+        ))
+    {
         return Err(malformed("algorithm is not ES256"));
     }
     if !h.crit.is_empty() || !sign1.unprotected.is_empty() {
@@ -63,10 +70,8 @@ pub fn verify(bytes: &[u8], content_type: &str, context: &[u8]) -> Result<Signed
     for (label, value) in &h.rest {
         match (label, value) {
             (Label::Int(X5CHAIN), ciborium::Value::Array(items)) if chain.is_none() => {
-                let certs: Option<Vec<Vec<u8>>> = items
-                    .iter()
-                    .map(|v| v.as_bytes().cloned())
-                    .collect();
+                let certs: Option<Vec<Vec<u8>>> =
+                    items.iter().map(|v| v.as_bytes().cloned()).collect();
                 chain = Some(certs.ok_or_else(|| malformed("x5chain holds a non-bytes item"))?);
             }
             _ => return Err(malformed("unexpected protected header parameter")),
@@ -76,13 +81,17 @@ pub fn verify(bytes: &[u8], content_type: &str, context: &[u8]) -> Result<Signed
     if chain.is_empty() || chain.len() > 4 {
         return Err(malformed("x5chain must hold 1 to 4 certificates"));
     }
-    let payload = sign1.payload.clone().ok_or_else(|| malformed("no payload"))?;
+    let payload = sign1
+        .payload
+        .clone()
+        .ok_or_else(|| malformed("no payload"))?;
     let leaf = keyfab_crypto::x509::cert_facts(&chain[0])
         .map_err(|e| FormatError::UntrustedSigner(e.to_string()))?;
     let point = leaf
         .public_point
         .ok_or_else(|| FormatError::UntrustedSigner("signer key is not P-256".into()))?;
-    let key = VerifyingKey::from_sec1(&point).map_err(|e| FormatError::UntrustedSigner(e.to_string()))?;
+    let key =
+        VerifyingKey::from_sec1(&point).map_err(|e| FormatError::UntrustedSigner(e.to_string()))?;
     sign1
         .verify_signature(context, |sig, data| key.verify(data, sig))
         .map_err(|_| FormatError::BadSignature("COSE_Sign1 signature".into()))?;

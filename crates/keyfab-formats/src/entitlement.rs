@@ -124,18 +124,20 @@ pub struct ChunkRef {
 pub fn chunk_plan(pool: &[PoolSpec], keys_per_chunk: u32) -> impl Iterator<Item = ChunkRef> + '_ {
     let kpc = u64::from(keys_per_chunk.max(1));
     let mut index = 0u64;
-    pool.iter().enumerate().flat_map(move |(spec, p)| {
-        (0..p.count.div_ceil(kpc)).map(move |i| (spec, i * kpc, kpc.min(p.count - i * kpc)))
-    })
-    .map(move |(spec, first, count)| {
-        index += 1;
-        ChunkRef {
-            index,
-            spec,
-            first,
-            count,
-        }
-    })
+    pool.iter()
+        .enumerate()
+        .flat_map(move |(spec, p)| {
+            (0..p.count.div_ceil(kpc)).map(move |i| (spec, i * kpc, kpc.min(p.count - i * kpc)))
+        })
+        .map(move |(spec, first, count)| {
+            index += 1;
+            ChunkRef {
+                index,
+                spec,
+                first,
+                count,
+            }
+        })
 }
 
 fn chunk_aad(index: u64, last: bool) -> Vec<u8> {
@@ -147,7 +149,14 @@ fn chunk_aad(index: u64, last: bool) -> Vec<u8> {
 
 /// HPKE `info`: format, version, HQ identity and site identity.
 pub fn hpke_info(hq_cluster: &str, site: &str, recipient: &str, id: &str) -> Result<Vec<u8>> {
-    cbor_encode(&("keyfab-entitlement", u32::from(VERSION), hq_cluster, site, recipient, id))
+    cbor_encode(&(
+        "keyfab-entitlement",
+        u32::from(VERSION),
+        hq_cluster,
+        site,
+        recipient,
+        id,
+    ))
 }
 
 /// Who sends the entitlement, and to whom.
@@ -194,7 +203,8 @@ pub fn write_entitlement(
     {
         let mut body = BufWriter::with_capacity(1 << 20, File::create(&body_path)?);
         let mut emit = |ct: &[u8]| -> Result<()> {
-            let len = u32::try_from(ct.len()).map_err(|_| FormatError::Write("chunk too large".into()))?;
+            let len = u32::try_from(ct.len())
+                .map_err(|_| FormatError::Write("chunk too large".into()))?;
             let len = len.to_be_bytes();
             hasher.update(&len);
             hasher.update(ct);
@@ -250,7 +260,9 @@ pub fn write_entitlement(
         f.write_all(&sign1_len.to_be_bytes())?;
         f.write_all(&sign1)?;
         std::io::copy(&mut File::open(&body_path)?, &mut f)?;
-        let file = f.into_inner().map_err(|e| FormatError::Io(e.into_error()))?;
+        let file = f
+            .into_inner()
+            .map_err(|e| FormatError::Io(e.into_error()))?;
         file.sync_all()?;
         std::fs::rename(&final_tmp, out)?;
         Ok((prefix::LEN + 4 + sign1.len()) as u64 + body_len)
@@ -294,14 +306,18 @@ pub fn verify_entitlement(
     let mut file = File::open(path)?;
     let file_len = file.metadata()?.len();
     if file_len > MAX_FILE_LEN {
-        return Err(FormatError::Malformed("file larger than the entitlement size cap".into()));
+        return Err(FormatError::Malformed(
+            "file larger than the entitlement size cap".into(),
+        ));
     }
     let mut head = [0u8; prefix::LEN + 4];
     read_exact_or_truncated(&mut file, &mut head)?;
     prefix::check(&head, Kind::Entitlement, VERSION)?;
     let sign1_len = u32::from_be_bytes([head[8], head[9], head[10], head[11]]);
     if sign1_len > MAX_SIGN1_LEN || u64::from(sign1_len) > file_len - head.len() as u64 {
-        return Err(FormatError::Malformed("truncated, or signed header length out of range".into()));
+        return Err(FormatError::Malformed(
+            "truncated, or signed header length out of range".into(),
+        ));
     }
     let mut sign1 = vec![0u8; sign1_len as usize];
     read_exact_or_truncated(&mut file, &mut sign1)?;
@@ -335,7 +351,9 @@ pub fn verify_entitlement(
         )));
     }
     if actual > header.body_len {
-        return Err(FormatError::Malformed("trailing bytes after the body".into()));
+        return Err(FormatError::Malformed(
+            "trailing bytes after the body".into(),
+        ));
     }
     let mut hasher = Sha256Stream::default();
     let mut reader = BufReader::with_capacity(1 << 20, &mut file);
@@ -348,7 +366,9 @@ pub fn verify_entitlement(
         hasher.update(&buf[..n]);
     }
     if hasher.finish().as_slice() != header.body_sha256.as_slice() {
-        return Err(FormatError::BadSignature("body does not match its signed digest".into()));
+        return Err(FormatError::BadSignature(
+            "body does not match its signed digest".into(),
+        ));
     }
     Ok(Verified::new(EntitlementEnvelope {
         header,
@@ -415,7 +435,9 @@ pub fn open_entitlement(
         })
         .collect();
     if content.pool != expected {
-        return Err(FormatError::Malformed("pool layout does not match the policy".into()));
+        return Err(FormatError::Malformed(
+            "pool layout does not match the policy".into(),
+        ));
     }
     if content.keys_per_chunk == 0 || content.keys_per_chunk > MAX_KEYS_PER_CHUNK {
         return Err(FormatError::Malformed("keys_per_chunk out of range".into()));
@@ -425,7 +447,9 @@ pub fn open_entitlement(
     }
     let plan: Vec<ChunkRef> = chunk_plan(&content.pool, content.keys_per_chunk).collect();
     if plan.len() as u64 + 1 != h.chunks {
-        return Err(FormatError::Malformed("chunk count does not match the pool layout".into()));
+        return Err(FormatError::Malformed(
+            "chunk count does not match the pool layout".into(),
+        ));
     }
     reader.plan = plan.into_iter();
     Ok((content, reader))
@@ -445,7 +469,9 @@ impl PoolReader {
         read_exact_or_truncated(&mut self.file, &mut len)?;
         let len = u32::from_be_bytes(len);
         if len < hpke::TAG_LEN as u32 || len - hpke::TAG_LEN as u32 > max_plain {
-            return Err(FormatError::Malformed(format!("chunk {index} length out of range")));
+            return Err(FormatError::Malformed(format!(
+                "chunk {index} length out of range"
+            )));
         }
         let mut ct = vec![0u8; len as usize];
         read_exact_or_truncated(&mut self.file, &mut ct)?;
@@ -462,7 +488,10 @@ impl PoolReader {
         let want = c.count * KEY_LEN as u64;
         let plain = self.next_sealed(c.index, want as u32)?;
         if plain.len() as u64 != want {
-            return Err(FormatError::Malformed(format!("chunk {} has the wrong size", c.index)));
+            return Err(FormatError::Malformed(format!(
+                "chunk {} has the wrong size",
+                c.index
+            )));
         }
         Ok(Some((c, plain)))
     }

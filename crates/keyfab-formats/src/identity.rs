@@ -63,7 +63,13 @@ pub fn write_identity(
         created_at: now.0,
     };
     let chain = vec![signing_cert.to_vec(), cluster_cert.to_vec()];
-    let sign1 = cose::sign(signer, &chain, CONTENT_TYPE, CONTEXT, cbor_encode(&payload)?)?;
+    let sign1 = cose::sign(
+        signer,
+        &chain,
+        CONTENT_TYPE,
+        CONTEXT,
+        cbor_encode(&payload)?,
+    )?;
     let mut out = prefix::encode(Kind::Identity, VERSION).to_vec();
     out.extend(sign1);
     Ok(out)
@@ -74,7 +80,9 @@ pub fn write_identity(
 /// then the payload.
 pub fn verify_identity(bytes: &[u8], root: &[u8], now: UnixTime) -> Result<Verified<SiteIdentity>> {
     if bytes.len() > MAX_LEN {
-        return Err(FormatError::Malformed(format!("identity file larger than {MAX_LEN} bytes")));
+        return Err(FormatError::Malformed(format!(
+            "identity file larger than {MAX_LEN} bytes"
+        )));
     }
     prefix::check(bytes, Kind::Identity, VERSION)?;
     let signed = cose::verify(&bytes[prefix::LEN..], CONTENT_TYPE, CONTEXT)?;
@@ -82,10 +90,14 @@ pub fn verify_identity(bytes: &[u8], root: &[u8], now: UnixTime) -> Result<Verif
         .map_err(FormatError::from_chain)?;
     let p: IdentityPayload = cbor_exact("identity payload", &signed.payload)?;
     if p.format != "keyfab-identity" || p.version != u32::from(VERSION) {
-        return Err(FormatError::Malformed("identity payload format/version".into()));
+        return Err(FormatError::Malformed(
+            "identity payload format/version".into(),
+        ));
     }
     if p.signing_cert != signed.chain[0] || p.cluster_cert != signed.chain[1] {
-        return Err(FormatError::BadSignature("payload certificates differ from the signer's chain".into()));
+        return Err(FormatError::BadSignature(
+            "payload certificates differ from the signer's chain".into(),
+        ));
     }
     let hpke_leaf = x509::validate_chain(
         root,

@@ -38,7 +38,10 @@ pub fn encode(kind: Kind, version: u8) -> [u8; LEN] {
 /// Checks the prefix of `bytes` for `kind` at `version`.
 pub fn check(bytes: &[u8], kind: Kind, version: u8) -> Result<()> {
     if bytes.len() < LEN || &bytes[..6] != MAGIC {
-        return Err(FormatError::Malformed(format!("not a keyfab {}", kind.name())));
+        return Err(FormatError::Malformed(format!(
+            "not a keyfab {}",
+            kind.name()
+        )));
     }
     if bytes[6] != kind.letter() {
         return Err(FormatError::Malformed(format!(

@@ -128,7 +128,9 @@ pub fn generate_keys(
     secrets: &mut SecretBytes,
     ids: &mut Vec<u8>,
 ) -> Result<()> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(count.max(1));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(count.max(1));
     let per = count.div_ceil(threads);
     let parts: Vec<Result<(SecretBytes, Vec<u8>)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -148,7 +150,11 @@ pub fn generate_keys(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(Error::InvalidState("key generation thread failed".into()))))
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::InvalidState("key generation thread failed".into()))
+                })
+            })
             .collect()
     });
     for part in parts {
@@ -199,7 +205,9 @@ pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
     txn.require_unchanged(Table::Sites, site.name.as_bytes(), Some(&site_version))
         .put(Table::Sites, site.name.as_bytes(), &encode(&reserved)?);
     if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState("another entitlement for this site is being created; retry".into()));
+        return Err(Error::InvalidState(
+            "another entitlement for this site is being created; retry".into(),
+        ));
     }
 
     let mut id_bytes = [0u8; 16];
@@ -305,9 +313,11 @@ pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
         file_bytes: summary.bytes,
     };
     let record_key = issued_key(&id);
-    ids_txn
-        .require_absent(Table::Issued, &record_key)
-        .put(Table::Issued, &record_key, &encode(&record)?);
+    ids_txn.require_absent(Table::Issued, &record_key).put(
+        Table::Issued,
+        &record_key,
+        &encode(&record)?,
+    );
     node.store.commit(ids_txn)?;
     Ok(Created {
         id,

@@ -22,7 +22,10 @@ pub fn init_root(
     now: UnixTime,
 ) -> Result<PathBuf> {
     if home.join(ROOT_CERT_FILE).exists() || home.join(keyfab_node_keystore()).exists() {
-        return Err(Error::InvalidState(format!("{} already holds a root CA", home.display())));
+        return Err(Error::InvalidState(format!(
+            "{} already holds a root CA",
+            home.display()
+        )));
     }
     if days < 1 {
         return Err(Error::InvalidInput("--days must be at least 1".into()));
@@ -82,7 +85,8 @@ pub fn issue(
         not_before: now,
         not_after: now.plus_days(days).min(root_facts.not_after),
     };
-    let cert = x509::issue_cluster_certificate(ks.signer(ROOT_KEY)?, &root, &csr, role, validity, rng)?;
+    let cert =
+        x509::issue_cluster_certificate(ks.signer(ROOT_KEY)?, &root, &csr, role, validity, rng)?;
     let facts = x509::cert_facts(&cert)?;
     Ok(Issued {
         pem: x509::to_pem(&cert, "CERTIFICATE"),

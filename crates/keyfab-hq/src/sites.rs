@@ -46,7 +46,9 @@ pub fn add_site(node: &Node, kfi: &[u8]) -> Result<SiteRecord> {
     txn.require_unchanged(Table::Sites, key, existing.as_ref())
         .put(Table::Sites, key, &encode(&record)?);
     if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState("site registry changed meanwhile; retry".into()));
+        return Err(Error::InvalidState(
+            "site registry changed meanwhile; retry".into(),
+        ));
     }
     Ok(record)
 }
@@ -55,7 +57,11 @@ pub fn get_site(node: &Node, name: &str) -> Result<(SiteRecord, keyfab_store::Ve
     let v = node
         .store
         .get(Table::Sites, name.as_bytes())?
-        .ok_or_else(|| Error::NotFound(format!("no site '{name}' is registered (run `keyfab hq site add`)")))?;
+        .ok_or_else(|| {
+            Error::NotFound(format!(
+                "no site '{name}' is registered (run `keyfab hq site add`)"
+            ))
+        })?;
     Ok((decode(&v.value)?, v))
 }
 

@@ -82,7 +82,8 @@ impl Node {
             )));
         }
         std::fs::create_dir_all(dir)?;
-        let mut custody = SoftwareKeystore::create(&dir.join(KEYSTORE_FILE), passphrase, rng.as_ref())?;
+        let mut custody =
+            SoftwareKeystore::create(&dir.join(KEYSTORE_FILE), passphrase, rng.as_ref())?;
         custody.generate_signing_key(CLUSTER_KEY, rng.as_ref())?;
         let store = EmbeddedStore::open(&dir.join(STATE_FILE))?;
         let mut txn = Txn::default();
@@ -91,7 +92,10 @@ impl Node {
             .put(Table::Meta, b"name", name.as_bytes());
         store.commit(txn)?;
         let csr = x509::cluster_csr(custody.signer(CLUSTER_KEY)?, name)?;
-        std::fs::write(dir.join(CSR_FILE), x509::to_pem(&csr, "CERTIFICATE REQUEST"))?;
+        std::fs::write(
+            dir.join(CSR_FILE),
+            x509::to_pem(&csr, "CERTIFICATE REQUEST"),
+        )?;
         Ok(Node {
             kind,
             dir: dir.to_owned(),
@@ -149,13 +153,20 @@ impl Node {
 
     /// Installs the cluster certificate the root issued, after checking it against the
     /// root, the role and this node's own cluster key; then issues the service identity.
-    pub fn install_cert(&mut self, cluster_cert: &[u8], root_cert: &[u8]) -> Result<ServiceIdentity> {
+    pub fn install_cert(
+        &mut self,
+        cluster_cert: &[u8],
+        root_cert: &[u8],
+    ) -> Result<ServiceIdentity> {
         if meta(&self.store, "cluster_cert")?.is_some() {
-            return Err(Error::InvalidState("a cluster certificate is already installed".into()));
+            return Err(Error::InvalidState(
+                "a cluster certificate is already installed".into(),
+            ));
         }
         let now = self.now();
-        let facts = x509::validate_cluster_certificate(root_cert, cluster_cert, self.kind.role(), now)
-            .map_err(|e| Error::InvalidInput(format!("certificate refused: {e}")))?;
+        let facts =
+            x509::validate_cluster_certificate(root_cert, cluster_cert, self.kind.role(), now)
+                .map_err(|e| Error::InvalidInput(format!("certificate refused: {e}")))?;
         let own = self.custody.signer(CLUSTER_KEY)?.verifying_key();
         if facts.public_point.as_deref() != Some(own.sec1()) {
             return Err(Error::InvalidInput(
@@ -175,7 +186,9 @@ impl Node {
             .put(Table::Meta, b"cluster_cert", cluster_cert)
             .put(Table::Meta, b"service", &encode(&identity)?);
         if !self.store.commit(txn)?.is_committed() {
-            return Err(Error::InvalidState("a cluster certificate is already installed".into()));
+            return Err(Error::InvalidState(
+                "a cluster certificate is already installed".into(),
+            ));
         }
         Ok(identity)
     }
@@ -189,8 +202,12 @@ impl Node {
         let now = self.now();
         let signing_handle = format!("service-sign-{generation}");
         let hpke_handle = format!("service-hpke-{generation}");
-        let sign_pub = self.custody.generate_signing_key(&signing_handle, self.rng.as_ref())?;
-        let hpke_pub = self.custody.generate_hpke_key(&hpke_handle, self.rng.as_ref())?;
+        let sign_pub = self
+            .custody
+            .generate_signing_key(&signing_handle, self.rng.as_ref())?;
+        let hpke_pub = self
+            .custody
+            .generate_hpke_key(&hpke_handle, self.rng.as_ref())?;
         let validity = Validity {
             not_before: now,
             not_after: now.plus_days(SERVICE_DAYS).min(cluster_not_after),
@@ -270,7 +287,10 @@ impl Node {
 pub fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));

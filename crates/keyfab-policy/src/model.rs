@@ -195,7 +195,10 @@ impl Policy {
 
     fn validate_keys(&self) -> Result<(), PolicyError> {
         if self.keys.is_empty() {
-            return Err(PolicyError::new("keys", "at least one [[keys]] entry is needed"));
+            return Err(PolicyError::new(
+                "keys",
+                "at least one [[keys]] entry is needed",
+            ));
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, k) in self.keys.iter().enumerate() {
@@ -266,7 +269,10 @@ impl Policy {
 
 fn validate_approval(a: &Approval) -> Result<(), PolicyError> {
     if a.approver_keys.is_empty() {
-        return Err(PolicyError::new("approval.approvers", "must list at least one approver"));
+        return Err(PolicyError::new(
+            "approval.approvers",
+            "must list at least one approver",
+        ));
     }
     if a.threshold == 0 {
         return Err(PolicyError::new("approval.threshold", "must be at least 1"));
@@ -289,7 +295,10 @@ fn validate_approval(a: &Approval) -> Result<(), PolicyError> {
     }
     let unique: std::collections::BTreeSet<_> = a.required_for.iter().collect();
     if unique.len() != a.required_for.len() {
-        return Err(PolicyError::new("approval.required_for", "an action is listed twice"));
+        return Err(PolicyError::new(
+            "approval.required_for",
+            "an action is listed twice",
+        ));
     }
     Ok(())
 }
@@ -324,7 +333,10 @@ const SUBJECT_ATTRIBUTES: [&str; 6] = ["CN", "O", "OU", "C", "ST", "L"];
 fn validate_subject(field: &str, subject: &str) -> Result<(), PolicyError> {
     for part in subject.split(',') {
         let Some((k, v)) = part.split_once('=') else {
-            return Err(PolicyError::new(field, format!("'{part}' is not KEY=value")));
+            return Err(PolicyError::new(
+                field,
+                format!("'{part}' is not KEY=value"),
+            ));
         };
         if !SUBJECT_ATTRIBUTES.contains(&k.trim()) {
             return Err(PolicyError::new(
@@ -333,7 +345,10 @@ fn validate_subject(field: &str, subject: &str) -> Result<(), PolicyError> {
             ));
         }
         if v.trim().is_empty() {
-            return Err(PolicyError::new(field, format!("'{part}' has an empty value")));
+            return Err(PolicyError::new(
+                field,
+                format!("'{part}' has an empty value"),
+            ));
         }
         let rest = v.replace("{device_id}", "");
         if rest.contains('{') || rest.contains('}') {

@@ -156,7 +156,10 @@ impl PolicyDraft {
         let (approval, approver_paths) = match raw.approval {
             Some(a) => {
                 let threshold = u32::try_from(a.threshold).map_err(|_| {
-                    PolicyError::new("approval.threshold", format!("{} is out of range", a.threshold))
+                    PolicyError::new(
+                        "approval.threshold",
+                        format!("{} is out of range", a.threshold),
+                    )
                 })?;
                 let required_for = a
                     .required_for
@@ -207,7 +210,10 @@ impl PolicyDraft {
                 .audit_every_days
                 .map(|d| small("audit_every_days", d))
                 .transpose()?,
-            daily_limit: limits.daily.map(|d| positive("limits.daily", d)).transpose()?,
+            daily_limit: limits
+                .daily
+                .map(|d| positive("limits.daily", d))
+                .transpose()?,
             timezone: limits.timezone.unwrap_or_else(|| "UTC".into()),
             device_id_pattern: raw.device_ids.and_then(|d| d.id_pattern),
             allowed_stations: raw.stations.and_then(|s| s.allowed),
@@ -238,7 +244,10 @@ impl PolicyDraft {
             }
             a.approver_keys = approver_keys_pem;
         } else if !approver_keys_pem.is_empty() {
-            return Err(PolicyError::new("approval", "keys given but no [approval] section"));
+            return Err(PolicyError::new(
+                "approval",
+                "keys given but no [approval] section",
+            ));
         }
         self.policy.validate()?;
         Ok(self.policy)

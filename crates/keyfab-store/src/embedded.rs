@@ -26,7 +26,9 @@ fn io<E: std::fmt::Display>(e: E) -> StoreError {
 
 fn decode(raw: &[u8]) -> Result<Versioned> {
     if raw.len() < 8 {
-        return Err(StoreError::Corrupt("value shorter than its revision".into()));
+        return Err(StoreError::Corrupt(
+            "value shorter than its revision".into(),
+        ));
     }
     let (rev, value) = raw.split_at(8);
     let mut r = [0u8; 8];
@@ -171,7 +173,9 @@ mod tests {
         let (_d, s) = store();
         let mut t = Txn::default();
         t.put(Table::Meta, b"a", b"1");
-        let Outcome::Committed(r1) = s.commit(t).unwrap() else { panic!() };
+        let Outcome::Committed(r1) = s.commit(t).unwrap() else {
+            panic!()
+        };
         let seen = s.get(Table::Meta, b"a").unwrap();
         assert_eq!(seen.as_ref().unwrap().revision, r1);
 

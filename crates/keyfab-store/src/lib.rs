@@ -105,7 +105,12 @@ impl Txn {
         self
     }
     /// Requires `key` unchanged since it was read as `seen` (absent if `None`).
-    pub fn require_unchanged(&mut self, table: Table, key: &[u8], seen: Option<&Versioned>) -> &mut Self {
+    pub fn require_unchanged(
+        &mut self,
+        table: Table,
+        key: &[u8],
+        seen: Option<&Versioned>,
+    ) -> &mut Self {
         self.guards.push(match seen {
             Some(v) => Guard::AtRevision(table, key.to_vec(), v.revision),
             None => Guard::Absent(table, key.to_vec()),
@@ -113,7 +118,8 @@ impl Txn {
         self
     }
     pub fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> &mut Self {
-        self.writes.push(Write::Put(table, key.to_vec(), value.to_vec()));
+        self.writes
+            .push(Write::Put(table, key.to_vec(), value.to_vec()));
         self
     }
     pub fn delete(&mut self, table: Table, key: &[u8]) -> &mut Self {
@@ -121,7 +127,8 @@ impl Txn {
         self
     }
     pub fn delete_prefix(&mut self, table: Table, prefix: &[u8]) -> &mut Self {
-        self.writes.push(Write::DeletePrefix(table, prefix.to_vec()));
+        self.writes
+            .push(Write::DeletePrefix(table, prefix.to_vec()));
         self
     }
     pub fn is_empty(&self) -> bool {

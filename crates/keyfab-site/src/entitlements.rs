@@ -1,0 +1,267 @@
+//! Entitlement import (DESIGN.md invariant 1, then replay checks, then the store) and the
+//! entitlement list.
+//!
+//! Pool keys are re-encrypted under a data key of their own entitlement (AES-256-GCM,
+//! nonce = key spec ‖ index, AAD = the row key) and written in batches under a staging
+//! marker; the entitlement record, the sequence high-water mark and the removal of the
+//! marker commit in one guarded transaction. Until that commit nothing is visible; an
+//! interrupted import is swept at the next one. A failed import changes nothing.
+
+use keyfab_crypto::aead::AeadKey;
+use keyfab_crypto::hash::Fingerprint;
+use keyfab_crypto::secret::Secret32;
+use keyfab_custody::Custody;
+use keyfab_formats::entitlement::{open_entitlement, verify_entitlement, PoolSpec, KEY_LEN};
+use keyfab_node::{decode, encode, Error, Node, Result};
+use keyfab_policy::Policy;
+use keyfab_store::{Store, Table, Txn};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+const HQ_SEQUENCE: &[u8] = b"hq_sequence";
+
+/// What the site stores per entitlement. Secrets are sealed under the entitlement's data
+/// key, which is itself wrapped by custody.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntitlementRecord {
+    pub id: String,
+    pub sequence: u64,
+    pub hq: String,
+    pub created_at: i64,
+    pub imported_at: i64,
+    pub policy: Policy,
+    #[serde(with = "serde_bytes")]
+    pub batch_ca_cert: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub wrapped_data_key: Vec<u8>,
+    /// Batch CA key PKCS#8, sealed under the data key.
+    #[serde(with = "serde_bytes")]
+    pub sealed_batch_ca_key: Vec<u8>,
+    /// Master secret for derived keys, sealed under the data key.
+    #[serde(with = "serde_bytes")]
+    pub sealed_master_secret: Vec<u8>,
+    pub pool: Vec<PoolSpec>,
+}
+
+impl EntitlementRecord {
+    /// Active once imported, unless the policy wants a quorum to activate it.
+    pub fn state(&self) -> &'static str {
+        if self
+            .policy
+            .requires_approval(keyfab_policy::Action::Activate)
+        {
+            "pending_approval"
+        } else {
+            "active"
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Imported {
+    pub id: String,
+    pub sequence: u64,
+    pub hq: String,
+    pub pool_keys: u64,
+    pub state: &'static str,
+}
+
+fn record_key(id: &str) -> Vec<u8> {
+    id.as_bytes().to_vec()
+}
+
+/// Row key of one pool key: `id ‖ '/' ‖ spec (u8) ‖ index (u64 BE)`.
+pub fn pool_row_key(id: &str, spec: u8, index: u64) -> Vec<u8> {
+    let mut k = id.as_bytes().to_vec();
+    k.push(b'/');
+    k.push(spec);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn pool_nonce(spec: u8, index: u64) -> [u8; 12] {
+    let mut n = [0u8; 12];
+    n[0] = spec;
+    n[4..].copy_from_slice(&index.to_be_bytes());
+    n
+}
+
+fn dek_aad(id: &str) -> Vec<u8> {
+    format!("keyfab-site-dek-v1/{id}").into_bytes()
+}
+
+/// Removes pool rows of imports that never committed (a crash mid-import).
+fn sweep_staging(node: &Node) -> Result<()> {
+    for (key, _) in node.store.scan(Table::Staging, b"", usize::MAX)? {
+        let id = String::from_utf8_lossy(&key).into_owned();
+        let mut prefix = id.as_bytes().to_vec();
+        prefix.push(b'/');
+        let mut txn = Txn::default();
+        txn.delete_prefix(Table::Pool, &prefix)
+            .delete(Table::Staging, &key);
+        node.store.commit(txn)?;
+    }
+    Ok(())
+}
+
+/// Imports an entitlement file. Every refusal leaves the store as it was.
+pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> Result<Imported> {
+    let service = node.service()?;
+    let recipient = node.custody.hpke(&service.hpke_handle)?;
+    let recipient_fp: Fingerprint = recipient.public_key()?.fingerprint();
+    let envelope = verify_entitlement(
+        path,
+        &node.root_cert()?,
+        node.now(),
+        &node.name,
+        recipient_fp,
+    )?;
+
+    // Replay: sequence numbers from HQ only go up (DESIGN.md invariant 10).
+    let seq_seen = node.store.get(Table::Meta, HQ_SEQUENCE)?;
+    let last = match &seq_seen {
+        Some(v) => u64::from_be_bytes(
+            v.value
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::InvalidState("hq sequence".into()))?,
+        ),
+        None => 0,
+    };
+    let h = &envelope.header;
+    if node
+        .store
+        .get(Table::Entitlements, &record_key(&h.id))?
+        .is_some()
+    {
+        return Err(Error::Replayed(format!(
+            "entitlement {} was already imported",
+            h.id
+        )));
+    }
+    if h.sequence <= last {
+        return Err(Error::Replayed(format!(
+            "sequence {} is not after the last accepted sequence {last}",
+            h.sequence
+        )));
+    }
+
+    let (content, mut pool_reader) = open_entitlement(&envelope, recipient)?;
+    sweep_staging(node)?;
+
+    let rng = node.rng.as_ref();
+    let dek = Secret32::random(rng);
+    let wrapped_data_key = node
+        .custody
+        .wrap_data_key(&dek, &dek_aad(&content.id), rng)?;
+    let aead = AeadKey::new(&dek)?;
+    let sealed_batch_ca_key = keyfab_crypto::aead::seal_random_nonce(
+        &dek,
+        rng,
+        b"batch-ca-key",
+        &content.secrets.batch_ca_key,
+    )?;
+    let sealed_master_secret = keyfab_crypto::aead::seal_random_nonce(
+        &dek,
+        rng,
+        b"master-secret",
+        &content.secrets.master_secret,
+    )?;
+
+    let mut staging = Txn::default();
+    staging.put(Table::Staging, content.id.as_bytes(), b"");
+    node.store.commit(staging)?;
+
+    let total: u64 = content.pool.iter().map(|p| p.count).sum();
+    let mut stage = || -> Result<()> {
+        let mut done = 0u64;
+        let mut batch = Txn::default();
+        while let Some((c, secrets)) = pool_reader.next_chunk()? {
+            let spec = u8::try_from(c.spec)
+                .map_err(|_| Error::InvalidInput("too many key specs".into()))?;
+            for (i, secret) in secrets.expose().chunks_exact(KEY_LEN).enumerate() {
+                let index = c.first + i as u64;
+                let key = pool_row_key(&content.id, spec, index);
+                let sealed = aead.seal(pool_nonce(spec, index), &key, secret)?;
+                batch.put(Table::Pool, &key, &sealed);
+            }
+            done += c.count;
+            if batch.len() >= 16_384 {
+                node.store.commit(std::mem::take(&mut batch))?;
+            }
+            if let Some(p) = progress {
+                p(done, total);
+            }
+        }
+        if !batch.is_empty() {
+            node.store.commit(batch)?;
+        }
+        Ok(())
+    };
+    let abort = |node: &Node| {
+        let mut prefix = content.id.as_bytes().to_vec();
+        prefix.push(b'/');
+        let mut t = Txn::default();
+        t.delete_prefix(Table::Pool, &prefix)
+            .delete(Table::Staging, content.id.as_bytes());
+        let _ = node.store.commit(t);
+    };
+    if let Err(e) = stage() {
+        abort(node);
+        return Err(e);
+    }
+
+    let record = EntitlementRecord {
+        id: content.id.clone(),
+        sequence: content.sequence,
+        hq: content.hq.clone(),
+        created_at: content.created_at,
+        imported_at: node.now().0,
+        policy: content.policy.clone(),
+        batch_ca_cert: content.batch_ca_cert.clone(),
+        wrapped_data_key,
+        sealed_batch_ca_key,
+        sealed_master_secret,
+        pool: content.pool.clone(),
+    };
+    let mut txn = Txn::default();
+    txn.require_absent(Table::Entitlements, &record_key(&record.id))
+        .require_unchanged(Table::Meta, HQ_SEQUENCE, seq_seen.as_ref())
+        .put(
+            Table::Entitlements,
+            &record_key(&record.id),
+            &encode(&record)?,
+        )
+        .put(Table::Meta, HQ_SEQUENCE, &record.sequence.to_be_bytes())
+        .delete(Table::Staging, record.id.as_bytes());
+    let committed = node.store.commit(txn);
+    match committed {
+        Ok(o) if o.is_committed() => {}
+        Ok(_) => {
+            abort(node);
+            return Err(Error::Replayed(
+                "a concurrent import changed the sequence".into(),
+            ));
+        }
+        Err(e) => {
+            abort(node);
+            return Err(e.into());
+        }
+    }
+    Ok(Imported {
+        id: record.id.clone(),
+        sequence: record.sequence,
+        hq: record.hq.clone(),
+        pool_keys: total,
+        state: record.state(),
+    })
+}
+
+pub fn list(node: &Node) -> Result<Vec<EntitlementRecord>> {
+    node.store
+        .scan(Table::Entitlements, b"", usize::MAX)?
+        .into_iter()
+        .map(|(_, v)| decode(&v.value))
+        .collect()
+}

@@ -1,0 +1,254 @@
+//! The command line, as definitions only; `run.rs` implements them.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keyfab",
+    version,
+    about = "Secure-manufacturing key injection: HQ decides which keys exist and under which \
+             policy; a factory site provisions them within that policy; HQ gets proof.",
+    after_help = "Secrets that unlock state come from KEYFAB_PASSPHRASE or --passphrase-file, never \
+                  from an argument.\nExit codes: 0 ok, 1 error, 2 usage, 3 refused by policy, \
+                  4 verification failed.\n\nStart with:  keyfab demo"
+)]
+pub struct Cli {
+    /// Print exactly one JSON document on stdout (errors too: {"error":{"code","message"}}).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Read the passphrase from this file instead of KEYFAB_PASSPHRASE.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Home {
+    /// The node's state directory.
+    #[arg(long, env = "KEYFAB_HOME", value_name = "DIR")]
+    pub home: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// The offline root CA.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Headquarters: sites, entitlements.
+    #[command(subcommand)]
+    Hq(HqCommand),
+    /// A factory site.
+    #[command(subcommand)]
+    Site(SiteCommand),
+    /// Approvers' personal keys.
+    #[command(subcommand)]
+    Approver(ApproverCommand),
+    /// Run the whole journey in a temporary directory and say what happens at each step.
+    #[command(after_help = "Example:\n  keyfab demo\n  keyfab demo --dir /tmp/kf --devices 5000")]
+    Demo {
+        /// Keep everything in DIR (default: a temporary directory, removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Devices in the demo entitlement.
+        #[arg(long, default_value_t = 1000)]
+        devices: u64,
+    },
+    /// Measure keyfab against the raw crypto rate of this machine.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PkiCommand {
+    /// Create the root CA: ROOT/root.crt and the sealed root key.
+    #[command(
+        after_help = "Example:\n  KEYFAB_PASSPHRASE=... keyfab pki init-root --home root --subject \"CN=Acme Root CA,O=Acme\""
+    )]
+    InitRoot {
+        #[command(flatten)]
+        home: Home,
+        /// Distinguished name of the root (CN, O, OU, C, ST, L).
+        #[arg(long)]
+        subject: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 7300)]
+        days: i64,
+    },
+    /// Sign a cluster CSR (from `hq init` or `site init`) as an HQ or site cluster CA.
+    #[command(
+        after_help = "Example:\n  keyfab pki issue --home root --csr hq/cluster.csr --role hq --out hq.crt"
+    )]
+    Issue {
+        #[command(flatten)]
+        home: Home,
+        #[arg(long, value_name = "FILE")]
+        csr: PathBuf,
+        /// hq or site: what the cluster may act as, for ever.
+        #[arg(long, value_parser = ["hq", "site"])]
+        role: String,
+        #[arg(long, value_name = "CERT")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1825)]
+        days: i64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HqCommand {
+    /// Create HQ's state and its cluster CSR (HOME/cluster.csr).
+    #[command(after_help = "Example:\n  keyfab hq init --home hq --name acme-hq")]
+    Init {
+        #[command(flatten)]
+        home: Home,
+        #[arg(long)]
+        name: String,
+    },
+    /// Install the cluster certificate the root issued; HQ then issues its service keys.
+    #[command(
+        after_help = "Example:\n  keyfab hq install-cert --home hq --cert hq.crt --root-cert root/root.crt"
+    )]
+    InstallCert {
+        #[command(flatten)]
+        home: Home,
+        #[arg(long, value_name = "CERT")]
+        cert: PathBuf,
+        #[arg(long, value_name = "ROOT_CERT")]
+        root_cert: PathBuf,
+    },
+    /// The site registry.
+    #[command(subcommand)]
+    Site(HqSiteCommand),
+    /// Entitlements.
+    #[command(subcommand)]
+    Entitlement(HqEntitlementCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HqSiteCommand {
+    /// Register a site from its identity file (it must chain to HQ's root, role site).
+    #[command(after_help = "Example:\n  keyfab hq site add --home hq shenzhen-1.kfi")]
+    Add {
+        #[command(flatten)]
+        home: Home,
+        file: PathBuf,
+    },
+    /// List registered sites.
+    List {
+        #[command(flatten)]
+        home: Home,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HqEntitlementCommand {
+    /// Generate keys under a policy, encrypt them to the site, sign: a .kfe file.
+    #[command(
+        after_help = "Example:\n  keyfab hq entitlement create --home hq --site shenzhen-1 --policy policy.toml --out thermostat.kfe\n\nThe policy format is in README.md; every invalid field is refused by name and nothing is written."
+    )]
+    Create {
+        #[command(flatten)]
+        home: Home,
+        #[arg(long)]
+        site: String,
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// List entitlements issued.
+    List {
+        #[command(flatten)]
+        home: Home,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SiteCommand {
+    /// Create the site's state and its cluster CSR (HOME/cluster.csr).
+    #[command(after_help = "Example:\n  keyfab site init --home site --name shenzhen-1")]
+    Init {
+        #[command(flatten)]
+        home: Home,
+        #[arg(long)]
+        name: String,
+    },
+    /// Install the cluster certificate the root issued; the site then issues its service keys.
+    #[command(
+        after_help = "Example:\n  keyfab site install-cert --home site --cert site.crt --root-cert root/root.crt"
+    )]
+    InstallCert {
+        #[command(flatten)]
+        home: Home,
+        #[arg(long, value_name = "CERT")]
+        cert: PathBuf,
+        #[arg(long, value_name = "ROOT_CERT")]
+        root_cert: PathBuf,
+    },
+    /// The site's identity file for HQ.
+    #[command(subcommand)]
+    Identity(SiteIdentityCommand),
+    /// Entitlements received from HQ.
+    #[command(subcommand)]
+    Entitlement(SiteEntitlementCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SiteIdentityCommand {
+    /// Write the signed site identity (.kfi) that HQ registers with `hq site add`.
+    #[command(
+        after_help = "Example:\n  keyfab site identity export --home site --out shenzhen-1.kfi"
+    )]
+    Export {
+        #[command(flatten)]
+        home: Home,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SiteEntitlementCommand {
+    /// Verify and import an entitlement (.kfe). Refusals exit 4 and change nothing.
+    #[command(
+        after_help = "Example:\n  keyfab site entitlement import --home site thermostat.kfe"
+    )]
+    Import {
+        #[command(flatten)]
+        home: Home,
+        file: PathBuf,
+    },
+    /// List imported entitlements, their policy and key counts.
+    #[command(after_help = "Example:\n  keyfab site entitlement list --home site --json")]
+    List {
+        #[command(flatten)]
+        home: Home,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ApproverCommand {
+    /// Create an approver key pair: NAME.key (private, PKCS#8 PEM, mode 0600) and NAME.pub.
+    #[command(
+        after_help = "Example:\n  keyfab approver keygen --out alice   # alice.key, alice.pub\n\nList alice.pub under [approval] approvers in policy.toml."
+    )]
+    Keygen {
+        #[arg(long, value_name = "NAME")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Create and import an N-device entitlement of hq-pool ec-p256 keys; compare with the
+    /// raw P-256 key generation rate of this machine.
+    #[command(after_help = "Example:\n  keyfab bench entitlement --devices 1000000 --json")]
+    Entitlement {
+        #[arg(long, default_value_t = 100_000)]
+        devices: u64,
+        /// Keep the files in DIR.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}

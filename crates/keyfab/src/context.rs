@@ -1,0 +1,83 @@
+//! Process-level inputs: passphrase, clock, randomness.
+
+use crate::output::Failure;
+use keyfab_crypto::rng::{SecureRng, SystemRng};
+use keyfab_crypto::secret::SecretBytes;
+use keyfab_crypto::time::{Clock, FixedClock, SystemClock, UnixTime};
+use keyfab_node::{Node, NodeKind};
+use std::path::{Path, PathBuf};
+
+pub struct Context {
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl Context {
+    /// The passphrase from `--passphrase-file` or `KEYFAB_PASSPHRASE`.
+    pub fn passphrase(&self) -> Result<SecretBytes, Failure> {
+        if let Some(path) = &self.passphrase_file {
+            let mut bytes = std::fs::read(path).map_err(|e| {
+                Failure::new(
+                    "locked",
+                    format!("--passphrase-file {}: {e}", path.display()),
+                )
+            })?;
+            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                bytes.pop();
+            }
+            return Ok(SecretBytes::new(bytes));
+        }
+        match std::env::var_os("KEYFAB_PASSPHRASE") {
+            Some(p) if !p.is_empty() => Ok(SecretBytes::new(p.into_encoded_bytes())),
+            _ => Err(Failure::new(
+                "locked",
+                "no passphrase: set KEYFAB_PASSPHRASE or pass --passphrase-file FILE",
+            )),
+        }
+    }
+
+    pub fn rng(&self) -> Box<dyn SecureRng> {
+        Box::new(SystemRng)
+    }
+
+    /// The system clock, or `KEYFAB_NOW` (RFC 3339) for drills and tests.
+    pub fn clock(&self) -> Result<Box<dyn Clock>, Failure> {
+        match std::env::var("KEYFAB_NOW") {
+            Ok(s) if !s.is_empty() => {
+                let t: jiff::Timestamp = s
+                    .parse()
+                    .map_err(|e| Failure::new("invalid_input", format!("KEYFAB_NOW '{s}': {e}")))?;
+                Ok(Box::new(FixedClock(UnixTime(t.as_second()))))
+            }
+            _ => Ok(Box::new(SystemClock)),
+        }
+    }
+
+    pub fn now(&self) -> Result<UnixTime, Failure> {
+        Ok(self.clock()?.now())
+    }
+
+    pub fn open(&self, home: &Path, kind: NodeKind) -> Result<Node, Failure> {
+        Ok(Node::open(
+            home,
+            kind,
+            &self.passphrase()?,
+            self.rng(),
+            self.clock()?,
+        )?)
+    }
+}
+
+/// RFC 3339 rendering of a Unix time.
+pub fn rfc3339(t: i64) -> String {
+    jiff::Timestamp::from_second(t)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// Peak resident set size of this process, from /proc (bench reports it per step).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

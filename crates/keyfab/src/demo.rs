@@ -1,0 +1,188 @@
+//! `keyfab demo`: root → HQ → site → registration → entitlement → import → list, in a
+//! temporary directory, saying what happens at each step.
+
+use crate::context::Context;
+use crate::output::{Failure, Report};
+use crate::run;
+use keyfab_node::NodeKind;
+use serde_json::json;
+use std::path::Path;
+
+const DEMO_POLICY: &str = r#"# The demo entitlement: HQ allows the site to provision {devices} thermostats.
+product = "thermostat-v2"
+devices = {devices}
+valid_from  = "2026-01-01T00:00:00Z"
+valid_until = "2030-01-01T00:00:00Z"
+audit_every_days = 14
+
+[limits]
+daily = {daily}
+timezone = "Asia/Shanghai"
+
+[device_ids]
+id_pattern = "^TSV2-[0-9]{8}$"
+
+[stations]
+allowed = ["line-1", "line-2"]
+
+[[keys]]
+name = "identity"
+type = "ec-p256"
+source = "hq-pool"
+certificate = { subject = "CN={device_id},O=Acme", days = 3650 }
+
+[[keys]]
+name = "firmware"
+type = "aes-256"
+source = "derived"
+"#;
+
+pub fn policy_text(devices: u64) -> String {
+    DEMO_POLICY
+        .replace("{devices}", &devices.to_string())
+        .replace("{daily}", &devices.div_ceil(5).max(1).to_string())
+}
+
+pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Failure> {
+    let temp;
+    let base = match dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| Failure::new("io", e.to_string()))?;
+            d.to_owned()
+        }
+        None => {
+            temp = tempfile::tempdir().map_err(|e| Failure::new("io", e.to_string()))?;
+            temp.path().to_owned()
+        }
+    };
+    let ctx = if ctx.passphrase().is_ok() {
+        Context {
+            passphrase_file: ctx.passphrase_file.clone(),
+        }
+    } else {
+        let p = base.join("demo-passphrase");
+        std::fs::write(&p, "keyfab demo passphrase - not for production\n")
+            .map_err(|e| Failure::new("io", e.to_string()))?;
+        Context {
+            passphrase_file: Some(p),
+        }
+    };
+    let (root, hq, site) = (base.join("root"), base.join("hq"), base.join("site"));
+    let mut steps = Vec::new();
+    let mut text = format!("keyfab demo in {}\n\n", base.display());
+    let mut step = |title: &str, why: &str, r: Report| {
+        text.push_str(&format!(
+            "== {title}\n   {why}\n   {}\n\n",
+            r.text.trim_end().replace('\n', "\n   ")
+        ));
+        steps.push(json!({"step": title, "result": r.json}));
+    };
+
+    step(
+        "1. root CA",
+        "The manufacturer's offline root: every key anyone relies on chains to it.",
+        run::init_root(&ctx, &root, "CN=Acme Root CA,O=Acme", 7300)?,
+    );
+    let root_cert = root.join("root.crt");
+    step(
+        "2. HQ cluster",
+        "HQ creates its state and a CSR for its cluster certificate.",
+        run::init_node(&ctx, &hq, NodeKind::Hq, "acme-hq")?,
+    );
+    step(
+        "3. root signs HQ",
+        "The root issues a cluster CA whose role is hq, for ever.",
+        run::issue(
+            &ctx,
+            &root,
+            &hq.join("cluster.csr"),
+            "hq",
+            &base.join("hq.crt"),
+            1825,
+        )?,
+    );
+    step(
+        "4. HQ installs it",
+        "HQ checks the certificate against the root and issues its own service keys.",
+        run::install_cert(&ctx, &hq, NodeKind::Hq, &base.join("hq.crt"), &root_cert)?,
+    );
+    step(
+        "5. site cluster",
+        "The factory site does the same with role site.",
+        run::init_node(&ctx, &site, NodeKind::Site, "shenzhen-1")?,
+    );
+    step(
+        "6. root signs the site",
+        "A site certificate can never act as HQ.",
+        run::issue(
+            &ctx,
+            &root,
+            &site.join("cluster.csr"),
+            "site",
+            &base.join("site.crt"),
+            1825,
+        )?,
+    );
+    step(
+        "7. site installs it",
+        "The site now has a signing key and an HPKE encryption key.",
+        run::install_cert(
+            &ctx,
+            &site,
+            NodeKind::Site,
+            &base.join("site.crt"),
+            &root_cert,
+        )?,
+    );
+    let kfi = base.join("shenzhen-1.kfi");
+    step(
+        "8. site identity",
+        "The site signs its identity file; it travels to HQ as a file.",
+        run::identity_export(&ctx, &site, &kfi)?,
+    );
+    step(
+        "9. HQ registers the site",
+        "HQ accepts it only because it chains to HQ's own root with role site.",
+        run::site_add(&ctx, &hq, &kfi)?,
+    );
+    let policy = base.join("policy.toml");
+    std::fs::write(&policy, policy_text(devices)).map_err(|e| Failure::new("io", e.to_string()))?;
+    let kfe = base.join("thermostat.kfe");
+    step(
+        "10. HQ issues an entitlement",
+        "Keys generated at HQ, encrypted to the site's key, signed by HQ.",
+        run::entitlement_create(&ctx, &hq, "shenzhen-1", &policy, &kfe)?,
+    );
+    step("11. site imports it", "Size, signature, chain and role, recipient, replay: checked before anything is decrypted or stored.",
+        run::entitlement_import(&ctx, &site, &kfe)?);
+    let replay = run::entitlement_import(&ctx, &site, &kfe);
+    let replay_text = match &replay {
+        Err(f) => format!("refused as expected: error[{}] {}", f.code, f.message),
+        Ok(_) => "UNEXPECTED: the replay was accepted".into(),
+    };
+    step(
+        "12. the same file again",
+        "A replayed entitlement is refused and changes nothing.",
+        Report::new(
+            replay_text,
+            json!({"refused": replay.is_err(), "code": replay.as_ref().err().map(|f| f.code)}),
+        ),
+    );
+    step(
+        "13. site lists its entitlements",
+        "The policy and key counts the site will enforce.",
+        run::entitlement_list(&ctx, &site)?,
+    );
+    if replay.is_ok() {
+        return Err(Failure::new(
+            "internal",
+            "the demo's replay check was not refused",
+        ));
+    }
+    text.push_str(if dir.is_some() {
+        "Files are kept in the directory above.\n"
+    } else {
+        "The temporary directory is removed now.\n"
+    });
+    Ok(Report::new(text, json!({"dir": base, "steps": steps})))
+}

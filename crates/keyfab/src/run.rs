@@ -1,0 +1,371 @@
+//! Command implementations. Each returns a [`Report`]; `demo` and `bench` call the same
+//! functions.
+
+use crate::cli::*;
+use crate::context::{peak_rss_bytes, rfc3339, Context};
+use crate::output::{Failure, Report};
+use keyfab_crypto::sign::SigningKey;
+use keyfab_crypto::x509::{self, Role};
+use keyfab_hq::entitlement::CreateRequest;
+use keyfab_node::{Node, NodeKind};
+use serde_json::json;
+use std::path::Path;
+
+pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
+    let ctx = Context {
+        passphrase_file: cli.passphrase_file,
+    };
+    let mut report = match cli.command {
+        Command::Pki(PkiCommand::InitRoot {
+            home,
+            subject,
+            days,
+        }) => init_root(&ctx, &home.home, &subject, days),
+        Command::Pki(PkiCommand::Issue {
+            home,
+            csr,
+            role,
+            out,
+            days,
+        }) => issue(&ctx, &home.home, &csr, &role, &out, days),
+        Command::Hq(HqCommand::Init { home, name }) => {
+            init_node(&ctx, &home.home, NodeKind::Hq, &name)
+        }
+        Command::Hq(HqCommand::InstallCert {
+            home,
+            cert,
+            root_cert,
+        }) => install_cert(&ctx, &home.home, NodeKind::Hq, &cert, &root_cert),
+        Command::Hq(HqCommand::Site(HqSiteCommand::Add { home, file })) => {
+            site_add(&ctx, &home.home, &file)
+        }
+        Command::Hq(HqCommand::Site(HqSiteCommand::List { home })) => site_list(&ctx, &home.home),
+        Command::Hq(HqCommand::Entitlement(HqEntitlementCommand::Create {
+            home,
+            site,
+            policy,
+            out,
+        })) => entitlement_create(&ctx, &home.home, &site, &policy, &out),
+        Command::Hq(HqCommand::Entitlement(HqEntitlementCommand::List { home })) => {
+            issued_list(&ctx, &home.home)
+        }
+        Command::Site(SiteCommand::Init { home, name }) => {
+            init_node(&ctx, &home.home, NodeKind::Site, &name)
+        }
+        Command::Site(SiteCommand::InstallCert {
+            home,
+            cert,
+            root_cert,
+        }) => install_cert(&ctx, &home.home, NodeKind::Site, &cert, &root_cert),
+        Command::Site(SiteCommand::Identity(SiteIdentityCommand::Export { home, out })) => {
+            identity_export(&ctx, &home.home, &out)
+        }
+        Command::Site(SiteCommand::Entitlement(SiteEntitlementCommand::Import { home, file })) => {
+            entitlement_import(&ctx, &home.home, &file)
+        }
+        Command::Site(SiteCommand::Entitlement(SiteEntitlementCommand::List { home })) => {
+            entitlement_list(&ctx, &home.home)
+        }
+        Command::Approver(ApproverCommand::Keygen { out }) => approver_keygen(&ctx, &out),
+        Command::Demo { dir, devices } => crate::demo::run(&ctx, dir.as_deref(), devices),
+        Command::Bench(BenchCommand::Entitlement { devices, dir }) => {
+            crate::bench::entitlement(&ctx, devices, dir.as_deref())
+        }
+    }?;
+    if std::env::var_os("KEYFAB_REPORT_PEAK_RSS").is_some() {
+        if let (Some(obj), Some(rss)) = (report.json.as_object_mut(), peak_rss_bytes()) {
+            obj.insert("peak_rss_bytes".into(), json!(rss));
+        }
+    }
+    Ok(report)
+}
+
+fn io_fail(path: &Path, e: std::io::Error) -> Failure {
+    Failure::new("io", format!("{}: {e}", path.display()))
+}
+
+pub fn init_root(ctx: &Context, home: &Path, subject: &str, days: i64) -> Result<Report, Failure> {
+    let rng = ctx.rng();
+    let path = keyfab_hq::pki::init_root(
+        home,
+        subject,
+        days,
+        &ctx.passphrase()?,
+        rng.as_ref(),
+        ctx.now()?,
+    )?;
+    Ok(Report::new(
+        format!(
+            "root CA created; its certificate is {} (the key stays sealed in {})",
+            path.display(),
+            home.display()
+        ),
+        json!({"root_cert": path, "subject": subject}),
+    ))
+}
+
+pub fn issue(
+    ctx: &Context,
+    home: &Path,
+    csr: &Path,
+    role: &str,
+    out: &Path,
+    days: i64,
+) -> Result<Report, Failure> {
+    let role = Role::parse(role)
+        .ok_or_else(|| Failure::new("invalid_input", "--role must be hq or site"))?;
+    let csr_pem = std::fs::read_to_string(csr).map_err(|e| io_fail(csr, e))?;
+    let rng = ctx.rng();
+    let issued = keyfab_hq::pki::issue(
+        home,
+        &csr_pem,
+        role,
+        days,
+        &ctx.passphrase()?,
+        rng.as_ref(),
+        ctx.now()?,
+    )?;
+    std::fs::write(out, &issued.pem).map_err(|e| io_fail(out, e))?;
+    Ok(Report::new(
+        format!(
+            "issued a {} cluster certificate for '{}' (serial {}, valid until {}) -> {}",
+            role.as_str(),
+            issued.subject,
+            issued.serial_hex,
+            rfc3339(issued.not_after.0),
+            out.display()
+        ),
+        json!({"cert": out, "subject": issued.subject, "role": role.as_str(), "serial": issued.serial_hex, "not_after": rfc3339(issued.not_after.0)}),
+    ))
+}
+
+pub fn init_node(
+    ctx: &Context,
+    home: &Path,
+    kind: NodeKind,
+    name: &str,
+) -> Result<Report, Failure> {
+    let node = Node::init(
+        home,
+        kind,
+        name,
+        &ctx.passphrase()?,
+        ctx.rng(),
+        ctx.clock()?,
+    )?;
+    let csr = node.dir.join(keyfab_node_csr());
+    let what = if kind == NodeKind::Hq { "hq" } else { "site" };
+    Ok(Report::new(
+        format!(
+            "{what} '{name}' created in {}; have the root CA sign {}:\n  keyfab pki issue --home ROOT --csr {} --role {what} --out {name}.crt",
+            home.display(), csr.display(), csr.display()
+        ),
+        json!({"name": name, "kind": what, "csr": csr}),
+    ))
+}
+
+fn keyfab_node_csr() -> &'static str {
+    "cluster.csr"
+}
+
+pub fn install_cert(
+    ctx: &Context,
+    home: &Path,
+    kind: NodeKind,
+    cert: &Path,
+    root: &Path,
+) -> Result<Report, Failure> {
+    let mut node = ctx.open(home, kind)?;
+    let cert_der = keyfab_hq::pki::read_pem_file(cert, "CERTIFICATE")?;
+    let root_der = keyfab_hq::pki::read_pem_file(root, "CERTIFICATE")?;
+    let service = node.install_cert(&cert_der, &root_der)?;
+    let fp = keyfab_crypto::hash::Fingerprint::of(&cert_der);
+    Ok(Report::new(
+        format!(
+            "cluster certificate installed for '{}' ({fp}); service keys generation {} issued",
+            node.name, service.generation
+        ),
+        json!({"name": node.name, "cluster_cert_sha256": fp.to_hex(), "service_generation": service.generation}),
+    ))
+}
+
+pub fn identity_export(ctx: &Context, home: &Path, out: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let bytes = keyfab_site::identity::export_identity(&node)?;
+    std::fs::write(out, &bytes).map_err(|e| io_fail(out, e))?;
+    Ok(Report::new(
+        format!("site identity of '{}' written to {} ({} bytes); register it at HQ with `keyfab hq site add`", node.name, out.display(), bytes.len()),
+        json!({"site": node.name, "out": out, "bytes": bytes.len()}),
+    ))
+}
+
+pub fn site_add(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let bytes = std::fs::read(file).map_err(|e| io_fail(file, e))?;
+    let rec = keyfab_hq::sites::add_site(&node, &bytes)?;
+    let fp = keyfab_crypto::hash::Fingerprint::of(&rec.cluster_cert);
+    Ok(Report::new(
+        format!("site '{}' registered (cluster certificate {fp})", rec.name),
+        json!({"site": rec.name, "cluster_cert_sha256": fp.to_hex(), "last_sequence": rec.last_sequence}),
+    ))
+}
+
+pub fn site_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let sites = keyfab_hq::sites::list_sites(&node)?;
+    let mut text = format!("{:<24} {:>14}\n", "SITE", "ENTITLEMENTS");
+    for s in &sites {
+        text.push_str(&format!("{:<24} {:>14}\n", s.name, s.last_sequence));
+    }
+    Ok(Report::new(
+        text,
+        json!({"sites": sites.iter().map(|s| json!({"site": s.name, "entitlements_issued": s.last_sequence})).collect::<Vec<_>>()}),
+    ))
+}
+
+pub fn entitlement_create(
+    ctx: &Context,
+    home: &Path,
+    site: &str,
+    policy: &Path,
+    out: &Path,
+) -> Result<Report, Failure> {
+    // The policy is checked before anything else is touched: an invalid one writes nothing.
+    let policy = keyfab_hq::entitlement::load_policy(policy)?;
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let created = keyfab_hq::entitlement::create(&node, CreateRequest::new(site, policy, out))?;
+    Ok(Report::new(
+        format!(
+            "entitlement {} for site '{}' (sequence {}): {} devices, {} pool keys, {} bytes -> {}",
+            created.id,
+            created.site,
+            created.sequence,
+            created.devices,
+            created.pool_keys,
+            created.bytes,
+            out.display()
+        ),
+        json!({"id": created.id, "site": created.site, "sequence": created.sequence, "devices": created.devices, "pool_keys": created.pool_keys, "bytes": created.bytes, "out": out}),
+    ))
+}
+
+pub fn issued_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let issued = keyfab_hq::entitlement::list_issued(&node)?;
+    let mut text = format!(
+        "{:<34} {:<16} {:>4} {:<18} {:>10}\n",
+        "ID", "SITE", "SEQ", "PRODUCT", "DEVICES"
+    );
+    for e in &issued {
+        text.push_str(&format!(
+            "{:<34} {:<16} {:>4} {:<18} {:>10}\n",
+            e.id, e.site, e.sequence, e.policy.product, e.policy.devices
+        ));
+    }
+    Ok(Report::new(
+        text,
+        json!({"entitlements": issued.iter().map(|e| json!({"id": e.id, "site": e.site, "sequence": e.sequence, "product": e.policy.product, "devices": e.policy.devices})).collect::<Vec<_>>()}),
+    ))
+}
+
+pub fn entitlement_import(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let imported = keyfab_site::entitlements::import(&node, file, None)?;
+    Ok(Report::new(
+        format!(
+            "imported entitlement {} from '{}' (sequence {}): {} pool keys stored encrypted; state {}",
+            imported.id, imported.hq, imported.sequence, imported.pool_keys, imported.state
+        ),
+        json!({"id": imported.id, "hq": imported.hq, "sequence": imported.sequence, "pool_keys": imported.pool_keys, "state": imported.state}),
+    ))
+}
+
+pub fn entitlement_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let list = keyfab_site::entitlements::list(&node)?;
+    let mut text = String::new();
+    let mut items = Vec::new();
+    for e in &list {
+        let p = &e.policy;
+        text.push_str(&format!(
+            "{}  {}  from {} (sequence {}), {}\n  devices {}  daily {}  ({})  window {} .. {}\n",
+            e.id,
+            p.product,
+            e.hq,
+            e.sequence,
+            e.state(),
+            p.devices,
+            p.daily_limit.map_or("none".into(), |d| d.to_string()),
+            p.timezone,
+            rfc3339(p.valid_from),
+            rfc3339(p.valid_until)
+        ));
+        let mut keys = Vec::new();
+        for k in &p.keys {
+            let pool = e
+                .pool
+                .iter()
+                .find(|s| s.key == k.name)
+                .map_or(0, |s| s.count);
+            text.push_str(&format!(
+                "  key {:<12} {:<8} {:<8} pool keys {}\n",
+                k.name,
+                k.key_type.as_str(),
+                k.source.as_str(),
+                pool
+            ));
+            keys.push(json!({"name": k.name, "type": k.key_type.as_str(), "source": k.source.as_str(), "pool_keys": pool}));
+        }
+        items.push(json!({
+            "id": e.id, "hq": e.hq, "sequence": e.sequence, "state": e.state(),
+            "policy": serde_json::to_value(p).unwrap_or_default(),
+            "keys": keys,
+            "pool_keys": e.pool.iter().map(|s| s.count).sum::<u64>(),
+            "imported_at": rfc3339(e.imported_at),
+        }));
+    }
+    if list.is_empty() {
+        text.push_str("no entitlements imported yet\n");
+    }
+    Ok(Report::new(text, json!({"entitlements": items})))
+}
+
+pub fn approver_keygen(ctx: &Context, out: &Path) -> Result<Report, Failure> {
+    let key = SigningKey::generate(ctx.rng().as_ref())
+        .map_err(|e| Failure::new("internal", e.to_string()))?;
+    let key_path = out.with_extension("key");
+    let pub_path = out.with_extension("pub");
+    for p in [&key_path, &pub_path] {
+        if p.exists() {
+            return Err(Failure::new(
+                "invalid_state",
+                format!("{} exists; refusing to overwrite", p.display()),
+            ));
+        }
+    }
+    let pem = x509::to_pem(key.to_pkcs8().expose(), "PRIVATE KEY");
+    write_private(&key_path, pem.as_bytes()).map_err(|e| io_fail(&key_path, e))?;
+    let public = key.verifying_key();
+    std::fs::write(&pub_path, public.to_pem()).map_err(|e| io_fail(&pub_path, e))?;
+    Ok(Report::new(
+        format!(
+            "approver key written: {} (keep it private) and {} (fingerprint {})",
+            key_path.display(),
+            pub_path.display(),
+            public.fingerprint()
+        ),
+        json!({"key": key_path, "pub": pub_path, "fingerprint": public.fingerprint().to_hex()}),
+    ))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole keyfab test suite: formatting, lints, every test, and a short run of each
+# fuzz target. Installs what it needs when missing, so a fresh machine passes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v cc >/dev/null || need_apt+=(build-essential)
+command -v openssl >/dev/null || need_apt+=(openssl)
+if ((${#need_apt[@]})); then
+  echo "== installing ${need_apt[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== cargo test"
+cargo test --workspace 2>&1 | tee /tmp/keyfab-test.log
+grep -q "test result: FAILED" /tmp/keyfab-test.log && exit 1
+
+echo "== fuzz targets (a few seconds each)"
+if ! cargo +nightly --version >/dev/null 2>&1; then
+  echo "no nightly toolchain: fuzz targets skipped"; 
+else
+  command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+  for t in $(cargo +nightly fuzz list); do
+    echo "-- $t"
+    cargo +nightly fuzz run "$t" -- -max_total_time="${FUZZ_SECONDS:-5}" -rss_limit_mb=2048 2>&1 | tail -n 2
+  done
+fi
+echo "== all checks passed"
