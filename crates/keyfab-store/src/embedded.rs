@@ -47,12 +47,21 @@ impl EmbeddedStore {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Busy,
             other => io(other),
         })?;
-        let w = db.begin_write().map_err(io)?;
-        for t in Table::ALL {
-            w.open_table(def(t)).map_err(io)?;
+        // Create missing tables only: opening an existing store must not write to it, so
+        // a refused operation leaves the file byte for byte as it was.
+        let complete = {
+            let r = db.begin_read().map_err(io)?;
+            Table::ALL.iter().all(|t| r.open_table(def(*t)).is_ok())
+                && r.open_table(REVISION).is_ok()
+        };
+        if !complete {
+            let w = db.begin_write().map_err(io)?;
+            for t in Table::ALL {
+                w.open_table(def(t)).map_err(io)?;
+            }
+            w.open_table(REVISION).map_err(io)?;
+            w.commit().map_err(io)?;
         }
-        w.open_table(REVISION).map_err(io)?;
-        w.commit().map_err(io)?;
         Ok(Self { db })
     }
 }

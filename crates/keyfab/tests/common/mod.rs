@@ -1,0 +1,226 @@
+//! A world of real homes driven through the real binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const PASS: &str = "integration test passphrase";
+
+pub struct Out {
+    pub code: i32,
+    pub json: serde_json::Value,
+}
+
+pub fn keyfab(args: &[&str], now: Option<&str>) -> Out {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyfab"));
+    cmd.arg("--json")
+        .args(args)
+        .env("KEYFAB_PASSPHRASE", PASS)
+        .env_remove("KEYFAB_HOME");
+    match now {
+        Some(t) => cmd.env("KEYFAB_NOW", t),
+        None => cmd.env_remove("KEYFAB_NOW"),
+    };
+    let out = cmd.output().expect("run keyfab");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout of {args:?} is not one JSON document ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        json,
+    }
+}
+
+pub fn ok(args: &[&str]) -> serde_json::Value {
+    let o = keyfab(args, None);
+    assert_eq!(o.code, 0, "{args:?} failed: {}", o.json);
+    o.json
+}
+
+pub fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub hq: PathBuf,
+    pub site: PathBuf,
+}
+
+impl World {
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+pub fn root(dir: &Path, name: &str) -> PathBuf {
+    let root = dir.join(name);
+    ok(&[
+        "pki",
+        "init-root",
+        "--home",
+        &s(&root),
+        "--subject",
+        &format!("CN={name}"),
+    ]);
+    root
+}
+
+pub fn node(dir: &Path, root: &Path, kind: &str, name: &str) -> PathBuf {
+    let home = dir.join(name);
+    ok(&[kind, "init", "--home", &s(&home), "--name", name]);
+    let crt = dir.join(format!("{name}.crt"));
+    ok(&[
+        "pki",
+        "issue",
+        "--home",
+        &s(root),
+        "--csr",
+        &s(&home.join("cluster.csr")),
+        "--role",
+        kind,
+        "--out",
+        &s(&crt),
+    ]);
+    ok(&[
+        kind,
+        "install-cert",
+        "--home",
+        &s(&home),
+        "--cert",
+        &s(&crt),
+        "--root-cert",
+        &s(&root.join("root.crt")),
+    ]);
+    home
+}
+
+pub fn register(dir: &Path, hq: &Path, site: &Path) {
+    let kfi = dir.join(format!(
+        "{}.kfi",
+        site.file_name().unwrap().to_string_lossy()
+    ));
+    ok(&[
+        "site",
+        "identity",
+        "export",
+        "--home",
+        &s(site),
+        "--out",
+        &s(&kfi),
+    ]);
+    ok(&["hq", "site", "add", "--home", &s(hq), &s(&kfi)]);
+}
+
+pub fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let root = root(dir.path(), "root");
+    let hq = node(dir.path(), &root, "hq", "acme-hq");
+    let site = node(dir.path(), &root, "site", "shenzhen-1");
+    register(dir.path(), &hq, &site);
+    World {
+        dir,
+        root,
+        hq,
+        site,
+    }
+}
+
+pub const POLICY: &str = r#"
+product = "thermostat-v2"
+devices = {devices}
+valid_from  = "2026-01-01T00:00:00Z"
+valid_until = "2030-01-01T00:00:00Z"
+
+[limits]
+daily = 1
+timezone = "Asia/Shanghai"
+
+[[keys]]
+name = "identity"
+type = "ec-p256"
+source = "hq-pool"
+certificate = { subject = "CN={device_id},O=Acme", days = 3650 }
+
+[[keys]]
+name = "signing"
+type = "ed25519"
+source = "hq-pool"
+
+[[keys]]
+name = "transport"
+type = "aes-256"
+source = "hq-pool"
+"#;
+
+pub fn policy(dir: &Path, devices: u64) -> PathBuf {
+    let p = dir.join(format!("policy-{devices}.toml"));
+    std::fs::write(&p, POLICY.replace("{devices}", &devices.to_string())).unwrap();
+    p
+}
+
+pub fn create(w: &World, site: &str, devices: u64, out: &str) -> (PathBuf, String) {
+    let out = w.path(out);
+    let j = ok(&[
+        "hq",
+        "entitlement",
+        "create",
+        "--home",
+        &s(&w.hq),
+        "--site",
+        site,
+        "--policy",
+        &s(&policy(w.dir.path(), devices)),
+        "--out",
+        &s(&out),
+    ]);
+    (out, j["id"].as_str().unwrap().to_owned())
+}
+
+/// SHA-256 of every file under `dir`, by relative path: "unchanged" means byte for byte,
+/// except for the store, which redb rewrites the header of on every open and close: it
+/// is compared entry by entry (every table, key, value and revision, and the store
+/// revision).
+pub fn snapshot(dir: &Path) -> Vec<(String, [u8; 32])> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                let digest = if rel.ends_with(".redb") {
+                    store_digest(&p)
+                } else {
+                    keyfab_crypto::hash::sha256(&std::fs::read(&p).unwrap())
+                };
+                out.push((rel, digest));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn store_digest(path: &Path) -> [u8; 32] {
+    use keyfab_store::{EmbeddedStore, Store, Table};
+    let store = EmbeddedStore::open(path).unwrap();
+    let mut h = keyfab_crypto::hash::Sha256Stream::default();
+    h.update(&store.revision().unwrap().to_be_bytes());
+    for t in Table::ALL {
+        for (k, v) in store.scan(t, b"", usize::MAX).unwrap() {
+            for part in [t.name().as_bytes(), &k, &v.value, &v.revision.to_be_bytes()] {
+                h.update(&(part.len() as u64).to_be_bytes());
+                h.update(part);
+            }
+        }
+    }
+    h.finish()
+}
