@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Regenerates the committed test vectors in tests/vectors/ (run from the repository root).
+# Every defect file is derived from one valid file; expected.txt lists each file's code.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build -q -p keyfab
+kf() { ./target/debug/keyfab "$@" >/dev/null; }
+out=tests/vectors
+rm -rf "$out" && mkdir -p "$out"
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+export KEYFAB_PASSPHRASE="keyfab test vectors"
+export KEYFAB_NOW="2026-11-25T00:00:00Z"
+
+kf pki init-root --home "$work/root" --subject "CN=Vector Root,O=keyfab"
+kf pki init-root --home "$work/foreign" --subject "CN=Foreign Root,O=elsewhere"
+node() { # root kind name
+  kf "$2" init --home "$work/$3" --name "$3"
+  kf pki issue --home "$work/$1" --csr "$work/$3/cluster.csr" --role "$2" --out "$work/$3.crt"
+  kf "$2" install-cert --home "$work/$3" --cert "$work/$3.crt" --root-cert "$work/$1/root.crt"
+}
+node root hq vector-hq
+node root site vector-site
+node root site other-site
+node foreign hq foreign-hq
+node foreign site foreign-site
+for s in vector-site other-site foreign-site; do kf site identity export --home "$work/$s" --out "$work/$s.kfi"; done
+kf hq site add --home "$work/vector-hq" "$work/vector-site.kfi"
+kf hq site add --home "$work/vector-hq" "$work/other-site.kfi"
+kf hq site add --home "$work/foreign-hq" "$work/foreign-site.kfi"
+cp "$work/vector-site.kfi" "$work/vector-site-for-foreign.kfi"
+
+cat > "$work/policy.toml" <<'TOML'
+product = "vector"
+devices = 3
+valid_from  = "2026-01-01T00:00:00Z"
+valid_until = "2027-01-01T00:00:00Z"
+[[keys]]
+name = "identity"
+type = "ec-p256"
+source = "hq-pool"
+TOML
+kf hq entitlement create --home "$work/vector-hq" --site vector-site --policy "$work/policy.toml" --out "$out/valid.kfe"
+kf hq entitlement create --home "$work/vector-hq" --site other-site --policy "$work/policy.toml" --out "$out/wrong_recipient.kfe"
+# The foreign HQ addresses our site under the same name, with a key it was handed.
+kf site init --home "$work/shadow" --name vector-site
+kf pki issue --home "$work/foreign" --csr "$work/shadow/cluster.csr" --role site --out "$work/shadow.crt"
+kf site install-cert --home "$work/shadow" --cert "$work/shadow.crt" --root-cert "$work/foreign/root.crt"
+kf site identity export --home "$work/shadow" --out "$work/shadow.kfi"
+kf hq site add --home "$work/foreign-hq" "$work/shadow.kfi"
+kf hq entitlement create --home "$work/foreign-hq" --site vector-site --policy "$work/policy.toml" --out "$out/foreign_root.kfe"
+
+python3 - "$out" <<'PY'
+import sys, pathlib
+out = pathlib.Path(sys.argv[1]); v = (out / "valid.kfe").read_bytes()
+(out / "trailing_bytes.kfe").write_bytes(v + b"\0")
+(out / "truncated.kfe").write_bytes(v[:-1])
+(out / "version_2.kfe").write_bytes(v[:7] + b"\x02" + v[8:])
+(out / "not_keyfab.kfe").write_bytes(b"PK\x03\x04" + v[4:])
+(out / "body_flipped.kfe").write_bytes(v[:-5] + bytes([v[-5] ^ 1]) + v[-4:])
+sig_end = 12 + int.from_bytes(v[8:12], "big")
+(out / "signature_flipped.kfe").write_bytes(v[:sig_end - 3] + bytes([v[sig_end - 3] ^ 1]) + v[sig_end - 2:])
+(out / "sign1_length_huge.kfe").write_bytes(v[:8] + (0xFFFFFFFF).to_bytes(4, "big") + v[12:])
+PY
+cp "$work/vector-site.kfi" "$out/valid.kfi"
+cp "$work/foreign-site.kfi" "$out/foreign_root.kfi"
+python3 - "$out" <<'PY'
+import sys, pathlib
+out = pathlib.Path(sys.argv[1]); v = (out / "valid.kfi").read_bytes()
+(out / "trailing_bytes.kfi").write_bytes(v + b"\0")
+(out / "truncated.kfi").write_bytes(v[:-1])
+(out / "version_2.kfi").write_bytes(v[:7] + b"\x02" + v[8:])
+(out / "signature_flipped.kfi").write_bytes(v[:-3] + bytes([v[-3] ^ 1]) + v[-2:])
+PY
+mkdir -p "$out/root" "$out/hq" "$out/site"
+cp "$work/root/root.crt" "$out/root/"
+cp "$work/vector-hq/keystore.kfs" "$work/vector-hq/state.redb" "$out/hq/"
+cp "$work/vector-site/keystore.kfs" "$work/vector-site/state.redb" "$out/site/"
+cat > "$out/expected.txt" <<'TXT'
+# file                    command      code (exit 4 unless "ok")
+valid.kfe                 import       ok
+trailing_bytes.kfe        import       malformed
+truncated.kfe             import       malformed
+version_2.kfe             import       malformed
+not_keyfab.kfe            import       malformed
+body_flipped.kfe          import       bad_signature
+signature_flipped.kfe     import       bad_signature
+sign1_length_huge.kfe     import       malformed
+wrong_recipient.kfe       import       wrong_recipient
+foreign_root.kfe          import       untrusted_signer
+valid.kfi                 site-add     ok
+trailing_bytes.kfi        site-add     malformed
+truncated.kfi             site-add     malformed
+version_2.kfi             site-add     malformed
+signature_flipped.kfi     site-add     bad_signature
+foreign_root.kfi          site-add     untrusted_signer
+TXT
+echo "vectors written to $out"; ls -la "$out" | head -40
