@@ -31,7 +31,9 @@ else
   command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
   for t in $(cargo +nightly fuzz list); do
     echo "-- $t"
-    cargo +nightly fuzz run "$t" -- -max_total_time="${FUZZ_SECONDS:-5}" -rss_limit_mb=2048 2>&1 | tail -n 2
+    mkdir -p "fuzz/corpus/$t"
+    cargo +nightly fuzz run "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
+      -max_total_time="${FUZZ_SECONDS:-5}" -rss_limit_mb=2048 2>&1 | tail -n 2
   done
 fi
 echo "== all checks passed"
