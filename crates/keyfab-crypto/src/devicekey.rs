@@ -162,6 +162,17 @@ pub fn to_pkcs8(kind: DeviceKeyType, secret: &Secret32) -> Result<SecretBytes> {
     }
 }
 
+/// Generates `n` P-256 key pairs and throws them away: the raw rate benchmarks compare
+/// keyfab with.
+pub fn raw_p256_keygen(n: usize) -> Result<()> {
+    for _ in 0..n {
+        let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
+            .map_err(|_| CryptoError::Internal)?;
+        std::hint::black_box(&pair);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,15 +198,4 @@ mod tests {
         let id = key_id(DeviceKeyType::Aes256, &Secret32::new([0u8; 32])).unwrap();
         assert_eq!(id, KeyId::Kcv([0xdc, 0x95, 0xc0]));
     }
-}
-
-/// Generates `n` P-256 key pairs and throws them away: the raw rate benchmarks compare
-/// keyfab with.
-pub fn raw_p256_keygen(n: usize) -> Result<()> {
-    for _ in 0..n {
-        let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
-            .map_err(|_| CryptoError::Internal)?;
-        std::hint::black_box(&pair);
-    }
-    Ok(())
 }

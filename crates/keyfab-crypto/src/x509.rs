@@ -303,31 +303,38 @@ pub fn issue_cluster_certificate(
     Ok(cert.der().to_vec())
 }
 
+/// What a service certificate says: whose key, for what, until when.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceCert<'a> {
+    /// Uncompressed P-256 point of the certified key.
+    pub subject_point: &'a [u8],
+    pub common_name: &'a str,
+    pub role: Role,
+    pub purpose: Purpose,
+    pub validity: Validity,
+}
+
 /// A cluster issues one of its own service certificates (signing or HPKE key).
 pub fn issue_service_certificate(
     cluster_key: &dyn EcdsaSigner,
     cluster_cert: &[u8],
-    subject_point: &[u8],
-    common_name: &str,
-    role: Role,
-    purpose: Purpose,
-    validity: Validity,
+    req: ServiceCert<'_>,
     rng: &dyn crate::rng::SecureRng,
 ) -> Result<Vec<u8>> {
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, common_name);
-    let mut p = base_params(dn, validity, rng)?;
+    dn.push(DnType::CommonName, req.common_name);
+    let mut p = base_params(dn, req.validity, rng)?;
     p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![match purpose {
+    p.key_usages = vec![match req.purpose {
         Purpose::Signing => KeyUsagePurpose::DigitalSignature,
         Purpose::KeyAgreement => KeyUsagePurpose::KeyAgreement,
     }];
-    p.custom_extensions.push(eku(&[role]));
+    p.custom_extensions.push(eku(&[req.role]));
     let signer = Signer::new(cluster_key);
     let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(cluster_cert), &signer)
         .map_err(build_err)?;
     let cert = p
-        .signed_by(&P256Public(subject_point.to_vec()), &issuer)
+        .signed_by(&P256Public(req.subject_point.to_vec()), &issuer)
         .map_err(build_err)?;
     Ok(cert.der().to_vec())
 }

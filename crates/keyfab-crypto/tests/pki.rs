@@ -48,17 +48,14 @@ fn service(c: &Cluster, role: Role, purpose: Purpose, days: i64, rng: &SeededRng
             .sec1()
             .to_vec(),
     };
-    let leaf = issue_service_certificate(
-        &c.key,
-        &c.cert,
-        &point,
-        "svc",
+    let req = ServiceCert {
+        subject_point: &point,
+        common_name: "svc",
         role,
         purpose,
-        validity(days),
-        rng,
-    )
-    .unwrap();
+        validity: validity(days),
+    };
+    let leaf = issue_service_certificate(&c.key, &c.cert, req, rng).unwrap();
     vec![leaf, c.cert.clone()]
 }
 

@@ -214,26 +214,18 @@ impl Node {
         };
         let cluster = self.custody.signer(CLUSTER_KEY)?;
         let role = self.kind.role();
-        let signing_cert = x509::issue_service_certificate(
-            cluster,
-            cluster_cert,
-            sign_pub.sec1(),
-            &format!("{} signing {generation}", self.name),
-            role,
-            Purpose::Signing,
-            validity,
-            self.rng.as_ref(),
-        )?;
-        let hpke_cert = x509::issue_service_certificate(
-            cluster,
-            cluster_cert,
-            hpke_pub.sec1(),
-            &format!("{} encryption {generation}", self.name),
-            role,
-            Purpose::KeyAgreement,
-            validity,
-            self.rng.as_ref(),
-        )?;
+        let issue = |point: &[u8], what: &str, purpose: Purpose| {
+            let req = x509::ServiceCert {
+                subject_point: point,
+                common_name: &format!("{} {what} {generation}", self.name),
+                role,
+                purpose,
+                validity,
+            };
+            x509::issue_service_certificate(cluster, cluster_cert, req, self.rng.as_ref())
+        };
+        let signing_cert = issue(sign_pub.sec1(), "signing", Purpose::Signing)?;
+        let hpke_cert = issue(hpke_pub.sec1(), "encryption", Purpose::KeyAgreement)?;
         Ok(ServiceIdentity {
             generation,
             signing_handle,
