@@ -7,6 +7,7 @@
 //! marker commit in one guarded transaction. Until that commit nothing is visible; an
 //! interrupted import is swept at the next one. A failed import changes nothing.
 
+use keyfab_audit::{Event, Head, Record};
 use keyfab_crypto::aead::AeadKey;
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::secret::Secret32;
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 const HQ_SEQUENCE: &[u8] = b"hq_sequence";
+const AUDIT_HEAD: &[u8] = b"audit_head";
 
 /// What the site stores per entitlement. Secrets are sealed under the entitlement's data
 /// key, which is itself wrapped by custody.
@@ -225,9 +227,34 @@ pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> 
         sealed_master_secret,
         pool: content.pool.clone(),
     };
+    // The import is audited in the same transaction that makes it visible.
+    let head_seen = node.store.get(Table::Meta, AUDIT_HEAD)?;
+    let head = match &head_seen {
+        Some(v) => {
+            Head::from_bytes(&v.value).ok_or_else(|| Error::InvalidState("audit head".into()))?
+        }
+        None => Head::genesis(),
+    };
+    let audit = head.next(
+        record.imported_at.max(head.time),
+        &node.name,
+        Event::EntitlementImported {
+            entitlement: record.id.clone(),
+            sequence: record.sequence,
+            pool_keys: total,
+        },
+    );
+    let new_head = Head::after(&audit).map_err(|e| Error::InvalidState(e.to_string()))?;
     let mut txn = Txn::default();
     txn.require_absent(Table::Entitlements, &record_key(&record.id))
         .require_unchanged(Table::Meta, HQ_SEQUENCE, seq_seen.as_ref())
+        .require_unchanged(Table::Meta, AUDIT_HEAD, head_seen.as_ref())
+        .put(
+            Table::Audit,
+            &audit.sequence.to_be_bytes(),
+            &audit.to_bytes(),
+        )
+        .put(Table::Meta, AUDIT_HEAD, &new_head.to_bytes())
         .put(
             Table::Entitlements,
             &record_key(&record.id),
@@ -256,6 +283,15 @@ pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> 
         pool_keys: total,
         state: record.state(),
     })
+}
+
+/// The site's audit records, oldest first.
+pub fn audit_records(node: &Node) -> Result<Vec<Record>> {
+    node.store
+        .scan(Table::Audit, b"", usize::MAX)?
+        .into_iter()
+        .map(|(_, v)| Record::from_bytes(&v.value).map_err(|e| Error::InvalidState(e.to_string())))
+        .collect()
 }
 
 pub fn list(node: &Node) -> Result<Vec<EntitlementRecord>> {

@@ -70,6 +70,7 @@ pub fn entitlement(_ctx: &Context, devices: u64, dir: Option<&Path>) -> Result<R
         .map_err(|e| Failure::new("io", e.to_string()))?;
     let ctx = Context {
         passphrase_file: Some(pass),
+        json: true,
     };
     let (root, hq, site) = (base.join("root"), base.join("hq"), base.join("site"));
     run::init_root(&ctx, &root, "CN=Bench Root", 3650)?;

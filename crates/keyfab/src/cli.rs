@@ -83,13 +83,16 @@ pub enum PkiCommand {
     Issue {
         #[command(flatten)]
         home: Home,
+        /// The CSR a cluster wrote at init (HOME/cluster.csr).
         #[arg(long, value_name = "FILE")]
         csr: PathBuf,
         /// hq or site: what the cluster may act as, for ever.
         #[arg(long, value_parser = ["hq", "site"])]
         role: String,
+        /// Where to write the certificate (PEM).
         #[arg(long, value_name = "CERT")]
         out: PathBuf,
+        /// Validity in days (never beyond the root's).
         #[arg(long, default_value_t = 1825)]
         days: i64,
     },
@@ -102,6 +105,7 @@ pub enum HqCommand {
     Init {
         #[command(flatten)]
         home: Home,
+        /// The cluster's name: 1-64 of a-z 0-9 . _ - (it becomes the certificate's CN).
         #[arg(long)]
         name: String,
     },
@@ -112,8 +116,10 @@ pub enum HqCommand {
     InstallCert {
         #[command(flatten)]
         home: Home,
+        /// The cluster certificate from `keyfab pki issue` (PEM).
         #[arg(long, value_name = "CERT")]
         cert: PathBuf,
+        /// The root certificate to trust from now on (ROOT/root.crt).
         #[arg(long, value_name = "ROOT_CERT")]
         root_cert: PathBuf,
     },
@@ -132,6 +138,7 @@ pub enum HqSiteCommand {
     Add {
         #[command(flatten)]
         home: Home,
+        /// The site's identity file (.kfi).
         file: PathBuf,
     },
     /// List registered sites.
@@ -150,10 +157,13 @@ pub enum HqEntitlementCommand {
     Create {
         #[command(flatten)]
         home: Home,
+        /// The registered site the entitlement is for.
         #[arg(long)]
         site: String,
+        /// The policy (policy.toml); approver key paths in it are relative to it.
         #[arg(long, value_name = "FILE")]
         policy: PathBuf,
+        /// Where to write the entitlement (.kfe).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
@@ -171,6 +181,7 @@ pub enum SiteCommand {
     Init {
         #[command(flatten)]
         home: Home,
+        /// The cluster's name: 1-64 of a-z 0-9 . _ - (it becomes the certificate's CN).
         #[arg(long)]
         name: String,
     },
@@ -181,8 +192,10 @@ pub enum SiteCommand {
     InstallCert {
         #[command(flatten)]
         home: Home,
+        /// The cluster certificate from `keyfab pki issue` (PEM).
         #[arg(long, value_name = "CERT")]
         cert: PathBuf,
+        /// The root certificate to trust from now on (ROOT/root.crt).
         #[arg(long, value_name = "ROOT_CERT")]
         root_cert: PathBuf,
     },
@@ -203,6 +216,7 @@ pub enum SiteIdentityCommand {
     Export {
         #[command(flatten)]
         home: Home,
+        /// Where to write the identity file (.kfi).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
@@ -217,6 +231,7 @@ pub enum SiteEntitlementCommand {
     Import {
         #[command(flatten)]
         home: Home,
+        /// The entitlement file (.kfe) from HQ.
         file: PathBuf,
     },
     /// List imported entitlements, their policy and key counts.

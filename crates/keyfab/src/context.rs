@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 pub struct Context {
     pub passphrase_file: Option<PathBuf>,
+    /// `--json`: machine output only, no progress.
+    pub json: bool,
 }
 
 impl Context {

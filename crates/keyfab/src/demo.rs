@@ -58,6 +58,7 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
     let ctx = if ctx.passphrase().is_ok() {
         Context {
             passphrase_file: ctx.passphrase_file.clone(),
+            json: ctx.json,
         }
     } else {
         let p = base.join("demo-passphrase");
@@ -65,6 +66,7 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
             .map_err(|e| Failure::new("io", e.to_string()))?;
         Context {
             passphrase_file: Some(p),
+            json: ctx.json,
         }
     };
     let (root, hq, site) = (base.join("root"), base.join("hq"), base.join("site"));

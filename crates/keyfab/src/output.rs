@@ -63,3 +63,50 @@ pub fn print_error(e: &Failure, json: bool) {
         eprintln!("error[{}]: {}", e.code, e.message);
     }
 }
+
+/// Progress of long work on stderr, only when stderr is a terminal: every 10 %, then
+/// the final count. Quiet under `--json` and in pipes.
+pub struct Progress {
+    enabled: bool,
+    verb: &'static str,
+    noun: &'static str,
+    last_tenth: std::sync::atomic::AtomicU64,
+}
+
+impl Progress {
+    pub fn new(verb: &'static str, noun: &'static str, wanted: bool) -> Self {
+        use std::io::IsTerminal;
+        Self {
+            enabled: wanted && std::io::stderr().is_terminal(),
+            verb,
+            noun,
+            last_tenth: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn update(&self, done: u64, total: u64) {
+        if !self.enabled || total == 0 {
+            return;
+        }
+        let tenth = done * 10 / total;
+        if self
+            .last_tenth
+            .swap(tenth, std::sync::atomic::Ordering::Relaxed)
+            != tenth
+        {
+            eprint!(
+                "\r{} {done}/{total} {} ({}%)",
+                self.verb,
+                self.noun,
+                tenth * 10
+            );
+            if done == total {
+                eprintln!();
+            }
+        }
+    }
+}

@@ -3,7 +3,7 @@
 
 use crate::cli::*;
 use crate::context::{peak_rss_bytes, rfc3339, Context};
-use crate::output::{Failure, Report};
+use crate::output::{Failure, Progress, Report};
 use keyfab_crypto::sign::SigningKey;
 use keyfab_crypto::x509::{self, Role};
 use keyfab_hq::entitlement::CreateRequest;
@@ -14,6 +14,7 @@ use std::path::Path;
 pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
     let ctx = Context {
         passphrase_file: cli.passphrase_file,
+        json: cli.json,
     };
     let mut report = match cli.command {
         Command::Pki(PkiCommand::InitRoot {
@@ -233,7 +234,13 @@ pub fn entitlement_create(
     // The policy is checked before anything else is touched: an invalid one writes nothing.
     let policy = keyfab_hq::entitlement::load_policy(policy)?;
     let node = ctx.open(home, NodeKind::Hq)?;
-    let created = keyfab_hq::entitlement::create(&node, CreateRequest::new(site, policy, out))?;
+    let progress = Progress::new("generated", "pool keys", !ctx.json);
+    let mut req = CreateRequest::new(site, policy, out);
+    let report_progress = |done, total| progress.update(done, total);
+    if progress.enabled() {
+        req.progress = Some(&report_progress);
+    }
+    let created = keyfab_hq::entitlement::create(&node, req)?;
     Ok(Report::new(
         format!(
             "entitlement {} for site '{}' (sequence {}): {} devices, {} pool keys, {} bytes -> {}",
@@ -270,7 +277,15 @@ pub fn issued_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
 
 pub fn entitlement_import(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
-    let imported = keyfab_site::entitlements::import(&node, file, None)?;
+    let progress = Progress::new("stored", "pool keys", !ctx.json);
+    let report_progress = |done, total| progress.update(done, total);
+    let imported = keyfab_site::entitlements::import(
+        &node,
+        file,
+        progress
+            .enabled()
+            .then_some(&report_progress as &dyn Fn(u64, u64)),
+    )?;
     Ok(Report::new(
         format!(
             "imported entitlement {} from '{}' (sequence {}): {} pool keys stored encrypted; state {}",

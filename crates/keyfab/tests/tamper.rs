@@ -77,6 +77,15 @@ fn no_pool_private_key_bytes_in_the_site_home() {
         }
     }
     assert_eq!(secrets.len(), 900);
+    // The import is audited, the chain verifies, and the record holds no secret.
+    let records = keyfab_site::entitlements::audit_records(&node).unwrap();
+    assert_eq!(records.len(), 1);
+    keyfab_audit::verify_chain(&keyfab_audit::Head::genesis(), &records).unwrap();
+    for r in &records {
+        for win in r.to_bytes().windows(16) {
+            assert!(!secrets.contains(win), "pool key bytes in an audit record");
+        }
+    }
     drop(node);
     // Any 16-byte window of any file equal to the first half of a key is a hit.
     let mut stack = vec![w.site.clone()];

@@ -1,0 +1,235 @@
+//! The audit log: every security-relevant act of a site, as records chained by hash.
+//!
+//! Which API for which job:
+//! - make the next record: [`Head::next`] (sequence and previous hash filled in);
+//! - its bytes and hash: [`Record::to_bytes`], [`Record::hash`] (RFC 9162 leaf hash,
+//!   SHA-256(0x00 ‖ bytes), so the same hashes can feed a Merkle tree);
+//! - check a run of records continues a head: [`verify_chain`] (pure: HQ runs it too).
+//!
+//! A record never holds a secret: key fingerprints and check values, certificate serials,
+//! ids and codes only.
+//!
+//! ```
+//! use keyfab_audit::{verify_chain, Event, Head};
+//! let head = Head::genesis();
+//! let r1 = head.next(1_700_000_000, "shenzhen-1", Event::EntitlementImported { entitlement: "e1".into(), sequence: 1, pool_keys: 10 });
+//! let head2 = Head::after(&r1).unwrap();
+//! let r2 = head2.next(1_700_000_001, "shenzhen-1", Event::EntitlementImported { entitlement: "e2".into(), sequence: 2, pool_keys: 10 });
+//! assert_eq!(verify_chain(&Head::genesis(), &[r1, r2]).unwrap().sequence, 2);
+//! ```
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Serialize};
+
+/// What happened. New events are added as variants; a verifier refuses unknown ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Event {
+    /// An entitlement was verified and imported.
+    EntitlementImported {
+        entitlement: String,
+        sequence: u64,
+        pool_keys: u64,
+    },
+}
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    /// 1 for the first record, then +1 each.
+    pub sequence: u64,
+    /// Unix seconds, from the site's trusted time.
+    pub time: i64,
+    pub site: String,
+    pub event: Event,
+    /// Leaf hash of the previous record (zeros before the first).
+    #[serde(with = "serde_bytes")]
+    pub prev_hash: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuditError {
+    #[error("record {0} is malformed")]
+    Malformed(u64),
+    #[error("record {got} follows {expected_after}: a sequence gap or repeat")]
+    Sequence { got: u64, expected_after: u64 },
+    #[error("record {0} does not chain to the record before it")]
+    Chain(u64),
+    #[error("record {0} goes back in time")]
+    TimeBackwards(u64),
+}
+
+impl Record {
+    /// Canonical bytes (CBOR), what the hash covers.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Serializing a plain struct into a Vec cannot fail.
+        let _ = ciborium::into_writer(self, &mut out);
+        out
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, AuditError> {
+        let mut reader = bytes;
+        let r: Record = ciborium::from_reader(&mut reader).map_err(|_| AuditError::Malformed(0))?;
+        if !reader.is_empty() || r.prev_hash.len() != 32 || r.to_bytes() != bytes {
+            return Err(AuditError::Malformed(r.sequence));
+        }
+        Ok(r)
+    }
+
+    /// RFC 9162 leaf hash: SHA-256(0x00 ‖ bytes).
+    pub fn hash(&self) -> [u8; 32] {
+        let mut s = keyfab_crypto::hash::Sha256Stream::default();
+        s.update(&[0x00]);
+        s.update(&self.to_bytes());
+        s.finish()
+    }
+}
+
+/// The end of the log: the last record's sequence, hash and time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub sequence: u64,
+    pub hash: [u8; 32],
+    pub time: i64,
+}
+
+impl Head {
+    pub fn genesis() -> Self {
+        Head {
+            sequence: 0,
+            hash: [0u8; 32],
+            time: i64::MIN,
+        }
+    }
+
+    pub fn after(record: &Record) -> Result<Self, AuditError> {
+        if record.prev_hash.len() != 32 {
+            return Err(AuditError::Malformed(record.sequence));
+        }
+        Ok(Head {
+            sequence: record.sequence,
+            hash: record.hash(),
+            time: record.time,
+        })
+    }
+
+    /// The record that comes next after this head.
+    pub fn next(&self, time: i64, site: &str, event: Event) -> Record {
+        Record {
+            sequence: self.sequence + 1,
+            time,
+            site: site.to_owned(),
+            event,
+            prev_hash: self.hash.to_vec(),
+        }
+    }
+
+    /// Compact form for storage: sequence (8) ‖ hash (32) ‖ time (8).
+    pub fn to_bytes(&self) -> [u8; 48] {
+        let mut b = [0u8; 48];
+        b[..8].copy_from_slice(&self.sequence.to_be_bytes());
+        b[8..40].copy_from_slice(&self.hash);
+        b[40..].copy_from_slice(&self.time.to_be_bytes());
+        b
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        let b: &[u8; 48] = b.try_into().ok()?;
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&b[8..40]);
+        Some(Head {
+            sequence: u64::from_be_bytes(b[..8].try_into().ok()?),
+            hash,
+            time: i64::from_be_bytes(b[40..].try_into().ok()?),
+        })
+    }
+}
+
+/// Checks that `records` continue `from` without gap, edit, or time going backwards, and
+/// returns the new head. Pure: no I/O, no clock.
+pub fn verify_chain(from: &Head, records: &[Record]) -> Result<Head, AuditError> {
+    let mut head = *from;
+    for r in records {
+        if r.sequence != head.sequence + 1 {
+            return Err(AuditError::Sequence {
+                got: r.sequence,
+                expected_after: head.sequence,
+            });
+        }
+        if r.prev_hash.as_slice() != head.hash.as_slice() {
+            return Err(AuditError::Chain(r.sequence));
+        }
+        if r.time < head.time {
+            return Err(AuditError::TimeBackwards(r.sequence));
+        }
+        head = Head::after(r)?;
+    }
+    Ok(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(n: u64) -> Vec<Record> {
+        let mut head = Head::genesis();
+        (0..n)
+            .map(|i| {
+                let r = head.next(
+                    100 + i as i64,
+                    "s",
+                    Event::EntitlementImported {
+                        entitlement: format!("e{i}"),
+                        sequence: i + 1,
+                        pool_keys: 1,
+                    },
+                );
+                head = Head::after(&r).unwrap();
+                r
+            })
+            .collect()
+    }
+
+    #[test]
+    fn edits_gaps_and_time_travel_are_caught() {
+        let good = chain(4);
+        assert_eq!(verify_chain(&Head::genesis(), &good).unwrap().sequence, 4);
+
+        let mut edited = good.clone();
+        edited[1].time += 1;
+        assert_eq!(
+            verify_chain(&Head::genesis(), &edited),
+            Err(AuditError::Chain(3))
+        );
+
+        let mut gap = good.clone();
+        gap.remove(2);
+        assert!(matches!(
+            verify_chain(&Head::genesis(), &gap),
+            Err(AuditError::Sequence { .. })
+        ));
+
+        let mut back = chain(2);
+        back[1].time = 0;
+        // Re-chain so only the time is wrong.
+        let h = Head::after(&back[0]).unwrap();
+        back[1].prev_hash = h.hash.to_vec();
+        assert_eq!(
+            verify_chain(&Head::genesis(), &back),
+            Err(AuditError::TimeBackwards(2))
+        );
+    }
+
+    #[test]
+    fn bytes_round_trip_strictly() {
+        let r = &chain(1)[0];
+        assert_eq!(&Record::from_bytes(&r.to_bytes()).unwrap(), r);
+        let mut trailing = r.to_bytes();
+        trailing.push(0);
+        assert!(Record::from_bytes(&trailing).is_err());
+        let h = Head::after(r).unwrap();
+        assert_eq!(Head::from_bytes(&h.to_bytes()), Some(h));
+    }
+}
