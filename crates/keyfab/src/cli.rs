@@ -31,6 +31,27 @@ pub struct Home {
     pub home: PathBuf,
 }
 
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub home: Home,
+    /// The cluster's name: 1-64 of a-z 0-9 . _ - (it becomes the certificate's CN).
+    #[arg(long)]
+    pub name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct InstallCertArgs {
+    #[command(flatten)]
+    pub home: Home,
+    /// The cluster certificate from `keyfab pki issue` (PEM).
+    #[arg(long, value_name = "CERT")]
+    pub cert: PathBuf,
+    /// The root certificate to trust from now on (ROOT/root.crt).
+    #[arg(long, value_name = "ROOT_CERT")]
+    pub root_cert: PathBuf,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// The offline root CA.
@@ -102,27 +123,12 @@ pub enum PkiCommand {
 pub enum HqCommand {
     /// Create HQ's state and its cluster CSR (HOME/cluster.csr).
     #[command(after_help = "Example:\n  keyfab hq init --home hq --name acme-hq")]
-    Init {
-        #[command(flatten)]
-        home: Home,
-        /// The cluster's name: 1-64 of a-z 0-9 . _ - (it becomes the certificate's CN).
-        #[arg(long)]
-        name: String,
-    },
+    Init(InitArgs),
     /// Install the cluster certificate the root issued; HQ then issues its service keys.
     #[command(
         after_help = "Example:\n  keyfab hq install-cert --home hq --cert hq.crt --root-cert root/root.crt"
     )]
-    InstallCert {
-        #[command(flatten)]
-        home: Home,
-        /// The cluster certificate from `keyfab pki issue` (PEM).
-        #[arg(long, value_name = "CERT")]
-        cert: PathBuf,
-        /// The root certificate to trust from now on (ROOT/root.crt).
-        #[arg(long, value_name = "ROOT_CERT")]
-        root_cert: PathBuf,
-    },
+    InstallCert(InstallCertArgs),
     /// The site registry.
     #[command(subcommand)]
     Site(HqSiteCommand),
@@ -178,27 +184,12 @@ pub enum HqEntitlementCommand {
 pub enum SiteCommand {
     /// Create the site's state and its cluster CSR (HOME/cluster.csr).
     #[command(after_help = "Example:\n  keyfab site init --home site --name shenzhen-1")]
-    Init {
-        #[command(flatten)]
-        home: Home,
-        /// The cluster's name: 1-64 of a-z 0-9 . _ - (it becomes the certificate's CN).
-        #[arg(long)]
-        name: String,
-    },
+    Init(InitArgs),
     /// Install the cluster certificate the root issued; the site then issues its service keys.
     #[command(
         after_help = "Example:\n  keyfab site install-cert --home site --cert site.crt --root-cert root/root.crt"
     )]
-    InstallCert {
-        #[command(flatten)]
-        home: Home,
-        /// The cluster certificate from `keyfab pki issue` (PEM).
-        #[arg(long, value_name = "CERT")]
-        cert: PathBuf,
-        /// The root certificate to trust from now on (ROOT/root.crt).
-        #[arg(long, value_name = "ROOT_CERT")]
-        root_cert: PathBuf,
-    },
+    InstallCert(InstallCertArgs),
     /// The site's identity file for HQ.
     #[command(subcommand)]
     Identity(SiteIdentityCommand),

@@ -29,14 +29,10 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             out,
             days,
         }) => issue(&ctx, &home.home, &csr, &role, &out, days),
-        Command::Hq(HqCommand::Init { home, name }) => {
-            init_node(&ctx, &home.home, NodeKind::Hq, &name)
+        Command::Hq(HqCommand::Init(a)) => init_node(&ctx, &a.home.home, NodeKind::Hq, &a.name),
+        Command::Hq(HqCommand::InstallCert(a)) => {
+            install_cert(&ctx, &a.home.home, NodeKind::Hq, &a.cert, &a.root_cert)
         }
-        Command::Hq(HqCommand::InstallCert {
-            home,
-            cert,
-            root_cert,
-        }) => install_cert(&ctx, &home.home, NodeKind::Hq, &cert, &root_cert),
         Command::Hq(HqCommand::Site(HqSiteCommand::Add { home, file })) => {
             site_add(&ctx, &home.home, &file)
         }
@@ -50,14 +46,12 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
         Command::Hq(HqCommand::Entitlement(HqEntitlementCommand::List { home })) => {
             issued_list(&ctx, &home.home)
         }
-        Command::Site(SiteCommand::Init { home, name }) => {
-            init_node(&ctx, &home.home, NodeKind::Site, &name)
+        Command::Site(SiteCommand::Init(a)) => {
+            init_node(&ctx, &a.home.home, NodeKind::Site, &a.name)
         }
-        Command::Site(SiteCommand::InstallCert {
-            home,
-            cert,
-            root_cert,
-        }) => install_cert(&ctx, &home.home, NodeKind::Site, &cert, &root_cert),
+        Command::Site(SiteCommand::InstallCert(a)) => {
+            install_cert(&ctx, &a.home.home, NodeKind::Site, &a.cert, &a.root_cert)
+        }
         Command::Site(SiteCommand::Identity(SiteIdentityCommand::Export { home, out })) => {
             identity_export(&ctx, &home.home, &out)
         }

@@ -8,14 +8,9 @@ use common::*;
 fn create_import_list_round_trip() {
     let w = world();
     let (kfe, id) = create(&w, "shenzhen-1", 10, "a.kfe");
-    let j = ok(&[
-        "site",
-        "entitlement",
-        "import",
-        "--home",
-        &s(&w.site),
-        &s(&kfe),
-    ]);
+    let o = import(&w.site, &kfe, None);
+    assert_eq!(o.code, 0, "{}", o.json);
+    let j = o.json;
     assert_eq!(j["id"], id.as_str());
     assert_eq!(j["pool_keys"], 30);
     let list = ok(&["site", "entitlement", "list", "--home", &s(&w.site)]);
@@ -35,17 +30,7 @@ fn create_import_list_round_trip() {
 
 fn refused(w: &World, file: &std::path::Path, code: &str, now: Option<&str>) {
     let before = snapshot(&w.site);
-    let o = keyfab(
-        &[
-            "site",
-            "entitlement",
-            "import",
-            "--home",
-            &s(&w.site),
-            &s(file),
-        ],
-        now,
-    );
+    let o = import(&w.site, file, now);
     assert_eq!(o.code, 4, "{}: {}", file.display(), o.json);
     assert_eq!(
         o.json["error"]["code"],
@@ -80,17 +65,7 @@ fn each_defect_gets_its_own_code_and_changes_nothing() {
     v2[7] = 2;
     let version_2 = w.path("version_2.kfe");
     std::fs::write(&version_2, &v2).unwrap();
-    let o = keyfab(
-        &[
-            "site",
-            "entitlement",
-            "import",
-            "--home",
-            &s(&w.site),
-            &s(&version_2),
-        ],
-        None,
-    );
+    let o = import(&w.site, &version_2, None);
     assert!(
         o.json["error"]["message"]
             .as_str()
@@ -125,28 +100,14 @@ fn each_defect_gets_its_own_code_and_changes_nothing() {
     refused(&w, &kfe, "expired", Some("2040-01-01T00:00:00Z"));
 
     // The good file imports; the same file again is a replay.
-    ok(&[
-        "site",
-        "entitlement",
-        "import",
-        "--home",
-        &s(&w.site),
-        &s(&kfe),
-    ]);
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
     refused(&w, &kfe, "replayed", None);
 
     // A lower sequence after a higher one.
     let (seq3, _) = create(&w, "shenzhen-1", 3, "seq3.kfe");
     let (seq4, _) = create(&w, "shenzhen-1", 3, "seq4.kfe");
     let _ = seq3;
-    ok(&[
-        "site",
-        "entitlement",
-        "import",
-        "--home",
-        &s(&w.site),
-        &s(&seq4),
-    ]);
+    assert_eq!(import(&w.site, &seq4, None).code, 0);
     refused(&w, &w.path("seq3.kfe"), "replayed", None);
 }
 

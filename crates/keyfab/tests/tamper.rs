@@ -3,10 +3,6 @@
 
 mod common;
 use common::*;
-use keyfab_crypto::rng::SystemRng;
-use keyfab_crypto::secret::SecretBytes;
-use keyfab_crypto::time::SystemClock;
-use keyfab_node::{Node, NodeKind};
 
 #[test]
 fn every_flipped_byte_is_refused_and_changes_nothing() {
@@ -14,14 +10,7 @@ fn every_flipped_byte_is_refused_and_changes_nothing() {
     let (kfe, _) = create(&w, "shenzhen-1", 1, "small.kfe");
     let bytes = std::fs::read(&kfe).unwrap();
     let before = snapshot(&w.site);
-    let node = Node::open(
-        &w.site,
-        NodeKind::Site,
-        &SecretBytes::new(PASS.as_bytes().to_vec()),
-        Box::new(SystemRng),
-        Box::new(SystemClock),
-    )
-    .unwrap();
+    let node = open_site(&w.site);
     let flipped = w.path("flipped.kfe");
     for i in 0..bytes.len() {
         let mut b = bytes.clone();
@@ -49,14 +38,7 @@ fn no_pool_private_key_bytes_in_the_site_home() {
         &s(&kfe),
     ]);
     // Recover the plaintext pool keys the way only the site can: through its custody.
-    let node = Node::open(
-        &w.site,
-        NodeKind::Site,
-        &SecretBytes::new(PASS.as_bytes().to_vec()),
-        Box::new(SystemRng),
-        Box::new(SystemClock),
-    )
-    .unwrap();
+    let node = open_site(&w.site);
     let service = node.service().unwrap();
     use keyfab_custody::Custody;
     let recipient = node.custody.hpke(&service.hpke_handle).unwrap();

@@ -224,3 +224,30 @@ fn store_digest(path: &Path) -> [u8; 32] {
     }
     h.finish()
 }
+
+/// `keyfab site entitlement import` of `file` into `site`, at `now` if given.
+pub fn import(site: &Path, file: &Path, now: Option<&str>) -> Out {
+    keyfab(
+        &[
+            "site",
+            "entitlement",
+            "import",
+            "--home",
+            &s(site),
+            &s(file),
+        ],
+        now,
+    )
+}
+
+/// Unlocks a site home in this process, as the engine does.
+pub fn open_site(home: &Path) -> keyfab_node::Node {
+    keyfab_node::Node::open(
+        home,
+        keyfab_node::NodeKind::Site,
+        &keyfab_crypto::secret::SecretBytes::new(PASS.as_bytes().to_vec()),
+        Box::new(keyfab_crypto::rng::SystemRng),
+        Box::new(keyfab_crypto::time::SystemClock),
+    )
+    .unwrap()
+}
