@@ -6,7 +6,7 @@ use keyfab_crypto::sign::SigningKey;
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{self, Role, Validity};
 use keyfab_custody::{Custody, SoftwareKeystore};
-use keyfab_node::{Error, Result};
+use keyfab_node::{Error, Result, KEYSTORE_FILE};
 use std::path::{Path, PathBuf};
 
 pub const ROOT_CERT_FILE: &str = "root.crt";
@@ -21,7 +21,7 @@ pub fn init_root(
     rng: &dyn SecureRng,
     now: UnixTime,
 ) -> Result<PathBuf> {
-    if home.join(ROOT_CERT_FILE).exists() || home.join(keyfab_node_keystore()).exists() {
+    if home.join(ROOT_CERT_FILE).exists() || home.join(KEYSTORE_FILE).exists() {
         return Err(Error::InvalidState(format!(
             "{} already holds a root CA",
             home.display()
@@ -42,15 +42,11 @@ pub fn init_root(
         },
         rng,
     )?;
-    let mut ks = SoftwareKeystore::create(&home.join(keyfab_node_keystore()), passphrase, rng)?;
+    let mut ks = SoftwareKeystore::create(&home.join(KEYSTORE_FILE), passphrase, rng)?;
     ks.insert_signing_key(ROOT_KEY, key)?;
     let path = home.join(ROOT_CERT_FILE);
     std::fs::write(&path, x509::to_pem(&cert, "CERTIFICATE"))?;
     Ok(path)
-}
-
-fn keyfab_node_keystore() -> &'static str {
-    "keystore.kfs"
 }
 
 /// What `pki issue` produced.
@@ -74,7 +70,7 @@ pub fn issue(
     if days < 1 {
         return Err(Error::InvalidInput("--days must be at least 1".into()));
     }
-    let ks = SoftwareKeystore::unlock(&home.join(keyfab_node_keystore()), passphrase)?;
+    let ks = SoftwareKeystore::unlock(&home.join(KEYSTORE_FILE), passphrase)?;
     let root = read_pem_file(&home.join(ROOT_CERT_FILE), "CERTIFICATE")?;
     let csr_der = x509::from_pem(csr_pem, "CERTIFICATE REQUEST")
         .map_err(|e| Error::InvalidInput(format!("--csr: {e}")))?;

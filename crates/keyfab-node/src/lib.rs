@@ -15,4 +15,7 @@ mod error;
 mod node;
 
 pub use error::{Error, Result};
-pub use node::{check_name, decode, encode, Node, NodeKind, ServiceIdentity};
+pub use node::{
+    check_name, decode, encode, Node, NodeKind, ServiceIdentity, CSR_FILE, KEYSTORE_FILE,
+    STATE_FILE,
+};

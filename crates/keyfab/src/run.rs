@@ -148,7 +148,7 @@ pub fn init_node(
         ctx.rng(),
         ctx.clock()?,
     )?;
-    let csr = node.dir.join(keyfab_node_csr());
+    let csr = node.dir.join(keyfab_node::CSR_FILE);
     let what = if kind == NodeKind::Hq { "hq" } else { "site" };
     Ok(Report::new(
         format!(
@@ -157,10 +157,6 @@ pub fn init_node(
         ),
         json!({"name": name, "kind": what, "csr": csr}),
     ))
-}
-
-fn keyfab_node_csr() -> &'static str {
-    "cluster.csr"
 }
 
 pub fn install_cert(
