@@ -7,6 +7,9 @@
 //! - the policy as it travels inside an entitlement → [`Policy`] (plain data, serialized
 //!   by `keyfab-formats`), re-checked with [`Policy::validate`] after import.
 //!
+//! - a decision → [`CompiledPolicy::decide`] (and [`CompiledPolicy::day_of`] for the daily
+//!   counter's key).
+//!
 //! This crate is pure: no I/O, no clock. HQ re-runs exactly this code.
 //!
 //! ```
@@ -28,9 +31,11 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod decide;
 mod model;
 mod toml_form;
 
+pub use decide::{CompiledPolicy, Decision, DenyCode, EntitlementState, Request};
 pub use model::*;
 pub use toml_form::PolicyDraft;
 

@@ -1,0 +1,165 @@
+//! The decision: may this device be provisioned now? Pure — no I/O, no clock of its own:
+//! the site runs it inside decide-and-record, and HQ re-runs it over the audit log.
+
+use crate::model::Policy;
+use crate::PolicyError;
+
+/// Why a request is refused. Each has a stable code (SPEC.md §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyCode {
+    Revoked,
+    ApprovalRequired,
+    AuditOverdue,
+    NotYetValid,
+    Expired,
+    StationNotAllowed,
+    DeviceIdRejected,
+    DeviceAlreadyProvisioned,
+    QuotaExceeded,
+    DailyLimitExceeded,
+}
+
+impl DenyCode {
+    pub fn code(self) -> &'static str {
+        match self {
+            DenyCode::Revoked => "revoked",
+            DenyCode::ApprovalRequired => "approval_required",
+            DenyCode::AuditOverdue => "audit_overdue",
+            DenyCode::NotYetValid => "not_yet_valid",
+            DenyCode::Expired => "expired",
+            DenyCode::StationNotAllowed => "station_not_allowed",
+            DenyCode::DeviceIdRejected => "device_id_rejected",
+            DenyCode::DeviceAlreadyProvisioned => "device_already_provisioned",
+            DenyCode::QuotaExceeded => "quota_exceeded",
+            DenyCode::DailyLimitExceeded => "daily_limit_exceeded",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny(DenyCode),
+}
+
+/// What the site knows about an entitlement at decision time (read in the same
+/// transaction that records the decision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EntitlementState {
+    pub revoked: bool,
+    /// The approval quorum for `activate` has been met (irrelevant if none is required).
+    pub activated: bool,
+    /// Unix seconds of the freshest HQ acknowledgment of this site's audit (an entitlement
+    /// issued by HQ counts as one).
+    pub last_acknowledged: i64,
+    /// Devices allowed so far under this entitlement.
+    pub total: u64,
+    /// Devices allowed so far on the calendar day of `now` in the policy's time zone.
+    pub today: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub device_id: &'a str,
+    pub station: Option<&'a str>,
+    /// The device already received keys under this entitlement.
+    pub already_provisioned: bool,
+}
+
+/// A policy prepared for deciding many requests: the device id pattern compiled once and
+/// the time zone resolved once.
+#[derive(Debug, Clone)]
+pub struct CompiledPolicy {
+    pub policy: Policy,
+    pattern: Option<regex::Regex>,
+    tz: jiff::tz::TimeZone,
+}
+
+impl CompiledPolicy {
+    pub fn new(policy: Policy) -> Result<Self, PolicyError> {
+        policy.validate()?;
+        let pattern = policy
+            .device_id_pattern
+            .as_deref()
+            .map(crate::model::compile_pattern)
+            .transpose()?;
+        let tz = jiff::tz::TimeZone::get(&policy.timezone)
+            .map_err(|e| PolicyError::new("limits.timezone", e.to_string()))?;
+        Ok(Self {
+            policy,
+            pattern,
+            tz,
+        })
+    }
+
+    /// The calendar day of `now` in the policy's time zone, as `YYYY-MM-DD`: the key of
+    /// the daily counter. Days follow the zone's civil calendar, so DST changes make a
+    /// day 23 or 25 hours long, never shift its boundary.
+    pub fn day_of(&self, now: i64) -> String {
+        match jiff::Timestamp::from_second(now) {
+            Ok(t) => t.to_zoned(self.tz.clone()).date().to_string(),
+            // Outside jiff's range (years beyond ±9999): one bucket per extreme.
+            Err(_) if now < 0 => "-9999-01-01".to_owned(),
+            Err(_) => "9999-12-31".to_owned(),
+        }
+    }
+
+    /// Whether `device_id` is acceptable by the policy's pattern and keyfab's own limits
+    /// (1–128 printable ASCII characters, so ids are safe in file names and subjects).
+    pub fn device_id_ok(&self, device_id: &str) -> bool {
+        let shape = !device_id.is_empty()
+            && device_id.len() <= 128
+            && device_id.bytes().all(|b| {
+                b.is_ascii_graphic()
+                    && !matches!(
+                        b,
+                        b',' | b'=' | b'+' | b'"' | b'\\' | b'<' | b'>' | b';' | b'/'
+                    )
+            });
+        shape && self.pattern.as_ref().is_none_or(|p| p.is_match(device_id))
+    }
+
+    /// The decision for one request at `now` (Unix seconds). The order of the checks is
+    /// part of the contract: the first rule that fails gives the code.
+    pub fn decide(&self, state: &EntitlementState, req: &Request<'_>, now: i64) -> Decision {
+        use Decision::Deny;
+        let p = &self.policy;
+        if state.revoked {
+            return Deny(DenyCode::Revoked);
+        }
+        if p.requires_approval(crate::Action::Activate) && !state.activated {
+            return Deny(DenyCode::ApprovalRequired);
+        }
+        if let Some(days) = p.audit_every_days {
+            if now.saturating_sub(state.last_acknowledged) > i64::from(days) * 86_400 {
+                return Deny(DenyCode::AuditOverdue);
+            }
+        }
+        if now < p.valid_from {
+            return Deny(DenyCode::NotYetValid);
+        }
+        if now >= p.valid_until {
+            return Deny(DenyCode::Expired);
+        }
+        if let Some(allowed) = &p.allowed_stations {
+            match req.station {
+                Some(s) if allowed.iter().any(|a| a == s) => {}
+                _ => return Deny(DenyCode::StationNotAllowed),
+            }
+        }
+        if !self.device_id_ok(req.device_id) {
+            return Deny(DenyCode::DeviceIdRejected);
+        }
+        if req.already_provisioned {
+            return Deny(DenyCode::DeviceAlreadyProvisioned);
+        }
+        if state.total >= p.devices {
+            return Deny(DenyCode::QuotaExceeded);
+        }
+        if p.daily_limit.is_some_and(|d| state.today >= d) {
+            return Deny(DenyCode::DailyLimitExceeded);
+        }
+        Decision::Allow
+    }
+}

@@ -1,0 +1,231 @@
+//! Policy arithmetic: windows, quotas, daily limits and calendar days across time zones
+//! and DST changes.
+
+use keyfab_policy::*;
+use proptest::prelude::*;
+
+fn policy(devices: u64, daily: Option<u64>, from: i64, until: i64, tz: &str) -> CompiledPolicy {
+    CompiledPolicy::new(Policy {
+        product: "p".into(),
+        devices,
+        valid_from: from,
+        valid_until: until,
+        audit_every_days: None,
+        daily_limit: daily,
+        timezone: tz.into(),
+        device_id_pattern: Some("^D-[0-9]+$".into()),
+        allowed_stations: Some(vec!["line-1".into()]),
+        keys: vec![KeySpec {
+            name: "k".into(),
+            key_type: KeyType::EcP256,
+            source: KeySource::Site,
+            certificate: None,
+        }],
+        approval: None,
+    })
+    .unwrap()
+}
+
+const REQ: Request<'static> = Request {
+    device_id: "D-1",
+    station: Some("line-1"),
+    already_provisioned: false,
+};
+
+const ZONES: [&str; 7] = [
+    "UTC",
+    "Asia/Shanghai",
+    "America/New_York",
+    "Europe/Berlin",
+    "Australia/Lord_Howe",
+    "Pacific/Chatham",
+    "America/St_Johns",
+];
+
+proptest! {
+    #[test]
+    fn window_is_half_open(from in 0i64..4_000_000_000, len in 1i64..1_000_000_000, now in 0i64..6_000_000_000) {
+        let p = policy(10, None, from, from + len, "UTC");
+        let d = p.decide(&EntitlementState::default(), &REQ, now);
+        let expected = if now < from {
+            Decision::Deny(DenyCode::NotYetValid)
+        } else if now >= from + len {
+            Decision::Deny(DenyCode::Expired)
+        } else {
+            Decision::Allow
+        };
+        prop_assert_eq!(d, expected);
+    }
+
+    #[test]
+    fn quota_and_daily_limit_are_never_exceeded(devices in 1u64..10_000, daily in 1u64..10_000, total in 0u64..20_000, today in 0u64..20_000) {
+        prop_assume!(daily <= devices);
+        let p = policy(devices, Some(daily), 0, i64::MAX / 2, "UTC");
+        let state = EntitlementState { total, today, ..Default::default() };
+        let d = p.decide(&state, &REQ, 1000);
+        if total >= devices {
+            prop_assert_eq!(d, Decision::Deny(DenyCode::QuotaExceeded));
+        } else if today >= daily {
+            prop_assert_eq!(d, Decision::Deny(DenyCode::DailyLimitExceeded));
+        } else {
+            prop_assert_eq!(d, Decision::Allow);
+        }
+    }
+
+    #[test]
+    fn a_day_is_the_zones_civil_day(t in 0i64..4_102_444_800, zone in 0usize..ZONES.len()) {
+        let p = policy(1, None, 0, i64::MAX / 2, ZONES[zone]);
+        let tz = jiff::tz::TimeZone::get(ZONES[zone]).unwrap();
+        let day: jiff::civil::Date = p.day_of(t).parse().unwrap();
+        let start = day.to_zoned(tz.clone()).unwrap().start_of_day().unwrap().timestamp().as_second();
+        let next = day.tomorrow().unwrap().to_zoned(tz).unwrap().start_of_day().unwrap().timestamp().as_second();
+        prop_assert!(start <= t && t < next, "{} not in [{start}, {next})", t);
+        // Monotone: a later instant never falls on an earlier day.
+        prop_assert!(p.day_of(t + 1) >= p.day_of(t));
+        // A day lasts 23 to 25 hours (Lord Howe moves by 30 minutes).
+        prop_assert!((23 * 3600..=25 * 3600).contains(&(next - start)));
+    }
+}
+
+#[test]
+fn dst_days_in_new_york_2026() {
+    let p = policy(1, None, 0, i64::MAX / 2, "America/New_York");
+    let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap().as_second();
+    // 8 March 2026: clocks spring forward, the day lasts 23 hours (05:00Z to 04:00Z).
+    assert_eq!(p.day_of(at("2026-03-08T04:59:59Z")), "2026-03-07");
+    assert_eq!(p.day_of(at("2026-03-08T05:00:00Z")), "2026-03-08");
+    assert_eq!(p.day_of(at("2026-03-09T03:59:59Z")), "2026-03-08");
+    assert_eq!(p.day_of(at("2026-03-09T04:00:00Z")), "2026-03-09");
+    // 1 November 2026: clocks fall back, the day lasts 25 hours (04:00Z to 05:00Z).
+    assert_eq!(p.day_of(at("2026-11-01T04:00:00Z")), "2026-11-01");
+    assert_eq!(p.day_of(at("2026-11-02T04:59:59Z")), "2026-11-01");
+    assert_eq!(p.day_of(at("2026-11-02T05:00:00Z")), "2026-11-02");
+}
+
+#[test]
+fn shanghai_day_starts_at_16_utc() {
+    let p = policy(1, None, 0, i64::MAX / 2, "Asia/Shanghai");
+    let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap().as_second();
+    assert_eq!(p.day_of(at("2026-11-24T15:59:59Z")), "2026-11-24");
+    assert_eq!(p.day_of(at("2026-11-24T16:00:00Z")), "2026-11-25");
+}
+
+#[test]
+fn rule_order_gives_the_first_failing_code() {
+    let mut raw = policy(5, Some(1), 100, 200, "UTC").policy;
+    raw.audit_every_days = Some(1);
+    raw.approval = Some(Approval {
+        threshold: 1,
+        approver_keys: vec!["k".into()],
+        required_for: vec![Action::Activate],
+    });
+    let p = CompiledPolicy::new(raw).unwrap();
+    let fresh = EntitlementState {
+        activated: true,
+        last_acknowledged: 150,
+        ..Default::default()
+    };
+    let deny = |s: EntitlementState, r: Request<'_>, now| match p.decide(&s, &r, now) {
+        Decision::Deny(c) => c.code(),
+        Decision::Allow => "allow",
+    };
+    assert_eq!(
+        deny(
+            EntitlementState {
+                revoked: true,
+                ..fresh
+            },
+            REQ,
+            150
+        ),
+        "revoked"
+    );
+    assert_eq!(
+        deny(
+            EntitlementState {
+                activated: false,
+                ..fresh
+            },
+            REQ,
+            150
+        ),
+        "approval_required"
+    );
+    assert_eq!(
+        deny(
+            EntitlementState {
+                last_acknowledged: 150 - 86_401,
+                ..fresh
+            },
+            REQ,
+            150
+        ),
+        "audit_overdue"
+    );
+    assert_eq!(deny(fresh, REQ, 99), "not_yet_valid");
+    assert_eq!(deny(fresh, REQ, 200), "expired");
+    assert_eq!(
+        deny(
+            fresh,
+            Request {
+                station: Some("line-9"),
+                ..REQ
+            },
+            150
+        ),
+        "station_not_allowed"
+    );
+    assert_eq!(
+        deny(
+            fresh,
+            Request {
+                station: None,
+                ..REQ
+            },
+            150
+        ),
+        "station_not_allowed"
+    );
+    assert_eq!(
+        deny(
+            fresh,
+            Request {
+                device_id: "X-1",
+                ..REQ
+            },
+            150
+        ),
+        "device_id_rejected"
+    );
+    assert_eq!(
+        deny(
+            fresh,
+            Request {
+                device_id: "D-1/../x",
+                ..REQ
+            },
+            150
+        ),
+        "device_id_rejected"
+    );
+    assert_eq!(
+        deny(
+            fresh,
+            Request {
+                already_provisioned: true,
+                ..REQ
+            },
+            150
+        ),
+        "device_already_provisioned"
+    );
+    assert_eq!(
+        deny(EntitlementState { total: 5, ..fresh }, REQ, 150),
+        "quota_exceeded"
+    );
+    assert_eq!(
+        deny(EntitlementState { today: 1, ..fresh }, REQ, 150),
+        "daily_limit_exceeded"
+    );
+    assert_eq!(deny(fresh, REQ, 150), "allow");
+}
