@@ -31,6 +31,37 @@ pub enum Event {
         sequence: u64,
         pool_keys: u64,
     },
+    /// A device received keys. Recorded before any key leaves.
+    ProvisionAllowed {
+        entitlement: String,
+        request_id: String,
+        device_id: String,
+        station: Option<String>,
+        /// The pool slot taken, if the policy has `hq-pool` keys.
+        pool_index: Option<u64>,
+        keys: Vec<AuditedKey>,
+    },
+    /// A request was refused, with its code.
+    ProvisionDenied {
+        entitlement: String,
+        request_id: String,
+        device_id: String,
+        station: Option<String>,
+        code: String,
+    },
+    /// The clock was behind the trusted-time high-water mark by more than the tolerance.
+    ClockRollback { observed: i64, high_water: i64 },
+}
+
+/// The public identity of a key given to a device: never the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditedKey {
+    pub name: String,
+    /// `spki-sha256:<hex>` or `kcv:<hex>`.
+    pub key_id: String,
+    /// Hex serial of the device certificate, if one was issued.
+    pub cert_serial: Option<String>,
 }
 
 /// One audit record.

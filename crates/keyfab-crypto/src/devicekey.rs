@@ -141,6 +141,40 @@ fn p256_pair(secret: &Secret32) -> Result<EcdsaKeyPair> {
     pair
 }
 
+/// The public key of a stored asymmetric secret, for its certificate.
+pub fn public_key(kind: DeviceKeyType, secret: &Secret32) -> Result<crate::x509::DevicePublicKey> {
+    match kind {
+        DeviceKeyType::EcP256 => Ok(crate::x509::DevicePublicKey::P256(
+            p256_pair(secret)?.public_key().as_ref().to_vec(),
+        )),
+        DeviceKeyType::Ed25519 => {
+            let pair = Ed25519KeyPair::from_seed_unchecked(secret.expose())
+                .map_err(|_| CryptoError::InvalidKey("ed25519 seed"))?;
+            Ok(crate::x509::DevicePublicKey::Ed25519(
+                pair.public_key().as_ref().to_vec(),
+            ))
+        }
+        DeviceKeyType::Aes256 => Err(CryptoError::InvalidKey("aes-256 has no public key")),
+    }
+}
+
+/// The identity of a device's own public key (from its CSR).
+pub fn public_key_id(key: &crate::x509::DevicePublicKey) -> KeyId {
+    KeyId::Public(Fingerprint::of(&key.spki_der()))
+}
+
+/// A `derived` key: HKDF-SHA256 of the entitlement's master secret, salted with the
+/// entitlement id and bound to the key name and device id.
+pub fn derive(
+    master: &Secret32,
+    entitlement: &str,
+    key_name: &str,
+    device_id: &str,
+) -> Result<Secret32> {
+    let info = format!("keyfab-derived-v1\0{key_name}\0{device_id}");
+    crate::kdf::hkdf_sha256(master.expose(), entitlement.as_bytes(), info.as_bytes())
+}
+
 /// The private key as PKCS#8 DER, as a device or programmer expects it. AES keys are
 /// returned raw.
 pub fn to_pkcs8(kind: DeviceKeyType, secret: &Secret32) -> Result<SecretBytes> {

@@ -179,10 +179,7 @@ fn odt(t: UnixTime) -> Result<time::OffsetDateTime> {
 }
 
 fn serial(rng: &dyn crate::rng::SecureRng) -> SerialNumber {
-    let mut b = [0u8; 16];
-    rng.fill(&mut b);
-    b[0] = (b[0] & 0x7f) | 0x01; // positive, and no leading zero byte
-    SerialNumber::from_slice(&b)
+    SerialNumber::from_slice(&random_serial(rng))
 }
 
 fn eku(roles: &[Role]) -> CustomExtension {
@@ -362,6 +359,103 @@ pub fn issue_batch_ca(
         .signed_by(&P256Public(batch_key.sec1().to_vec()), &issuer)
         .map_err(build_err)?;
     Ok(cert.der().to_vec())
+}
+
+/// A device's public key, as certified in its device certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DevicePublicKey {
+    /// Uncompressed SEC1 point.
+    P256(Vec<u8>),
+    /// 32-byte Ed25519 public key.
+    Ed25519(Vec<u8>),
+}
+
+impl DevicePublicKey {
+    /// DER SubjectPublicKeyInfo.
+    pub fn spki_der(&self) -> Vec<u8> {
+        match self {
+            DevicePublicKey::P256(p) => p256_spki(p),
+            DevicePublicKey::Ed25519(k) => {
+                let mut v = vec![
+                    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+                ];
+                v.extend_from_slice(k);
+                v
+            }
+        }
+    }
+}
+
+struct DeviceKeyData<'a>(&'a DevicePublicKey);
+
+impl rcgen::PublicKeyData for DeviceKeyData<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        match self.0 {
+            DevicePublicKey::P256(p) | DevicePublicKey::Ed25519(p) => p,
+        }
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        match self.0 {
+            DevicePublicKey::P256(_) => &rcgen::PKCS_ECDSA_P256_SHA256,
+            DevicePublicKey::Ed25519(_) => &rcgen::PKCS_ED25519,
+        }
+    }
+}
+
+/// Reads a device's CSR and checks its self-signature: proof that the device holds the
+/// private key. Only P-256 and Ed25519 keys are accepted.
+pub fn read_device_csr(der: &[u8]) -> Result<DevicePublicKey> {
+    let params =
+        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der))
+            .map_err(|e| CryptoError::CertificateMalformed(format!("CSR: {e}")))?;
+    let raw = rcgen::PublicKeyData::der_bytes(&params.public_key).to_vec();
+    let alg = params.public_key.algorithm();
+    if alg == &rcgen::PKCS_ECDSA_P256_SHA256 {
+        VerifyingKey::from_sec1(&raw)?;
+        Ok(DevicePublicKey::P256(raw))
+    } else if alg == &rcgen::PKCS_ED25519 && raw.len() == 32 {
+        Ok(DevicePublicKey::Ed25519(raw))
+    } else {
+        Err(CryptoError::CertificateMalformed(
+            "CSR key must be P-256 (ECDSA SHA-256) or Ed25519".into(),
+        ))
+    }
+}
+
+/// The batch CA signs a device certificate. `serial` is 16 bytes chosen by the caller
+/// (recorded in the audit before the certificate is released). The subject is the
+/// policy's template with the device id in it.
+pub fn issue_device_certificate(
+    batch_key: &dyn EcdsaSigner,
+    batch_cert: &[u8],
+    subject: &str,
+    key: &DevicePublicKey,
+    serial: [u8; 16],
+    validity: Validity,
+) -> Result<Vec<u8>> {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = parse_dn(subject)?;
+    p.not_before = odt(validity.not_before)?;
+    p.not_after = odt(validity.not_after)?;
+    p.serial_number = Some(SerialNumber::from_slice(&serial));
+    p.use_authority_key_identifier_extension = true;
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let signer = Signer::new(batch_key);
+    let issuer =
+        Issuer::from_ca_cert_der(&CertificateDer::from(batch_cert), &signer).map_err(build_err)?;
+    let cert = p
+        .signed_by(&DeviceKeyData(key), &issuer)
+        .map_err(build_err)?;
+    Ok(cert.der().to_vec())
+}
+
+/// A certificate serial: 16 random bytes, positive, no leading zero byte.
+pub fn random_serial(rng: &dyn crate::rng::SecureRng) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    rng.fill(&mut b);
+    b[0] = (b[0] & 0x7f) | 0x01;
+    b
 }
 
 /// What a caller may rely on after [`validate_chain`].

@@ -288,6 +288,8 @@ fn temp_path(out: &Path, what: &str) -> PathBuf {
 pub struct EntitlementEnvelope {
     pub header: EntitlementHeader,
     pub signer: ValidatedLeaf,
+    /// The signer's chain as carried in x5chain: [HQ signing cert, HQ cluster cert].
+    pub chain: Vec<Vec<u8>>,
     path: PathBuf,
     body_offset: u64,
 }
@@ -373,6 +375,7 @@ pub fn verify_entitlement(
     Ok(Verified::new(EntitlementEnvelope {
         header,
         signer,
+        chain: signed.chain,
         path: path.to_owned(),
         body_offset,
     }))

@@ -13,6 +13,14 @@ pub enum Error {
     Replayed(String),
     #[error("state is locked: wrong passphrase, or the keystore was modified")]
     Locked,
+    /// A provisioning request refused by the policy (exit 3).
+    #[error("{message}")]
+    Denied { code: &'static str, message: String },
+    /// The clock is behind the trusted-time high-water mark (exit 3; audited).
+    #[error("clock rollback: the clock says {observed}, earlier than the trusted time {high_water} by more than the tolerance")]
+    ClockRollback { observed: i64, high_water: i64 },
+    #[error("unknown entitlement '{0}'")]
+    UnknownEntitlement(String),
     #[error("{0}")]
     InvalidPolicy(#[from] keyfab_policy::PolicyError),
     #[error("{0}")]
@@ -47,6 +55,9 @@ impl Error {
             Error::Verification(f) => f.code(),
             Error::Replayed(_) => "replayed",
             Error::Locked => "locked",
+            Error::Denied { code, .. } => code,
+            Error::ClockRollback { .. } => "clock_rollback",
+            Error::UnknownEntitlement(_) => "unknown_entitlement",
             Error::InvalidPolicy(_) => "invalid_policy",
             Error::NotFound(_) => "not_found",
             Error::InvalidState(_) => "invalid_state",
@@ -60,6 +71,7 @@ impl Error {
         match self {
             Error::Verification(FormatError::Io(_) | FormatError::Write(_)) => 1,
             Error::Verification(_) | Error::Replayed(_) => 4,
+            Error::Denied { .. } | Error::ClockRollback { .. } | Error::UnknownEntitlement(_) => 3,
             _ => 1,
         }
     }

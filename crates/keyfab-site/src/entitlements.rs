@@ -7,6 +7,7 @@
 //! marker commit in one guarded transaction. Until that commit nothing is visible; an
 //! interrupted import is swept at the next one. A failed import changes nothing.
 
+use crate::provision::AUDIT_HEAD;
 use keyfab_audit::{Event, Head, Record};
 use keyfab_crypto::aead::AeadKey;
 use keyfab_crypto::hash::Fingerprint;
@@ -20,7 +21,6 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 const HQ_SEQUENCE: &[u8] = b"hq_sequence";
-const AUDIT_HEAD: &[u8] = b"audit_head";
 
 /// What the site stores per entitlement. Secrets are sealed under the entitlement's data
 /// key, which is itself wrapped by custody.
@@ -35,6 +35,9 @@ pub struct EntitlementRecord {
     pub policy: Policy,
     #[serde(with = "serde_bytes")]
     pub batch_ca_cert: Vec<u8>,
+    /// HQ's cluster certificate: issuer of the batch CA, the middle of device chains.
+    #[serde(with = "serde_bytes", default)]
+    pub hq_cluster_cert: Vec<u8>,
     #[serde(with = "serde_bytes")]
     pub wrapped_data_key: Vec<u8>,
     /// Batch CA key PKCS#8, sealed under the data key.
@@ -82,14 +85,14 @@ pub fn pool_row_key(id: &str, spec: u8, index: u64) -> Vec<u8> {
     k
 }
 
-fn pool_nonce(spec: u8, index: u64) -> [u8; 12] {
+pub(crate) fn pool_nonce(spec: u8, index: u64) -> [u8; 12] {
     let mut n = [0u8; 12];
     n[0] = spec;
     n[4..].copy_from_slice(&index.to_be_bytes());
     n
 }
 
-fn dek_aad(id: &str) -> Vec<u8> {
+pub(crate) fn dek_aad(id: &str) -> Vec<u8> {
     format!("keyfab-site-dek-v1/{id}").into_bytes()
 }
 
@@ -222,6 +225,7 @@ pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> 
         imported_at: node.now().0,
         policy: content.policy.clone(),
         batch_ca_cert: content.batch_ca_cert.clone(),
+        hq_cluster_cert: envelope.chain[1].clone(),
         wrapped_data_key,
         sealed_batch_ca_key,
         sealed_master_secret,

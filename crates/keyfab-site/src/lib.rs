@@ -1,6 +1,7 @@
-//! The site engine: its identity file ([`identity`]) and entitlement import and listing
-//! ([`entitlements`]).
+//! The site engine: its identity file ([`identity`]), entitlement import and listing
+//! ([`entitlements`]), and provisioning ([`provision`]).
 #![forbid(unsafe_code)]
 
 pub mod entitlements;
 pub mod identity;
+pub mod provision;

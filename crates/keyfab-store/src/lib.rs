@@ -45,10 +45,16 @@ pub enum Table {
     Sites,
     /// HQ: entitlements issued.
     Issued,
+    /// Site: per-entitlement counters (total, per day, next pool index).
+    Counters,
+    /// Site: one record per provisioned device, keyed by entitlement ‖ device id.
+    Devices,
+    /// Site: request ids seen, keyed by entitlement ‖ request id (idempotent retries).
+    Requests,
 }
 
 impl Table {
-    pub const ALL: [Table; 7] = [
+    pub const ALL: [Table; 10] = [
         Table::Meta,
         Table::Entitlements,
         Table::Pool,
@@ -56,6 +62,9 @@ impl Table {
         Table::Audit,
         Table::Sites,
         Table::Issued,
+        Table::Counters,
+        Table::Devices,
+        Table::Requests,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -66,6 +75,9 @@ impl Table {
             Table::Audit => "audit",
             Table::Sites => "sites",
             Table::Issued => "issued",
+            Table::Counters => "counters",
+            Table::Devices => "devices",
+            Table::Requests => "requests",
         }
     }
 }

@@ -196,6 +196,35 @@ pub enum SiteCommand {
     /// Entitlements received from HQ.
     #[command(subcommand)]
     Entitlement(SiteEntitlementCommand),
+    /// Provision one device locally: decide under the policy, record, then release keys.
+    #[command(
+        after_help = "Examples:\n  keyfab site provision --home site --entitlement ID --device-id TSV2-00000001 --station line-1 --out dev1.json\n  keyfab site provision --home site --entitlement ID --device-id TSV2-00000002 --csr dev2.csr --json\n\nRefusals exit 3 with the policy's code (quota_exceeded, daily_limit_exceeded, ...).\nA retry with the same --request-id returns the same keys and consumes nothing more."
+    )]
+    Provision(ProvisionArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ProvisionArgs {
+    #[command(flatten)]
+    pub home: Home,
+    /// The entitlement id (see `keyfab site entitlement list`).
+    #[arg(long)]
+    pub entitlement: String,
+    /// The device's id; the policy's id_pattern must match it.
+    #[arg(long)]
+    pub device_id: String,
+    /// The station asking, checked against the policy's [stations] allowed.
+    #[arg(long)]
+    pub station: Option<String>,
+    /// Makes retries idempotent (default: a fresh random id).
+    #[arg(long)]
+    pub request_id: Option<String>,
+    /// The device's CSR (PEM or DER), for keys with source `device`.
+    #[arg(long, value_name = "FILE")]
+    pub csr: Option<PathBuf>,
+    /// Write the key material and certificates (JSON, mode 0600) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

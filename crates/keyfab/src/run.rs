@@ -61,6 +61,7 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
         Command::Site(SiteCommand::Entitlement(SiteEntitlementCommand::List { home })) => {
             entitlement_list(&ctx, &home.home)
         }
+        Command::Site(SiteCommand::Provision(a)) => provision(&ctx, &a),
         Command::Approver(ApproverCommand::Keygen { out }) => approver_keygen(&ctx, &out),
         Command::Demo { dir, devices } => crate::demo::run(&ctx, dir.as_deref(), devices),
         Command::Bench(BenchCommand::Entitlement { devices, dir }) => {
@@ -373,4 +374,104 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .open(path)?;
     f.write_all(bytes)?;
     f.sync_all()
+}
+
+/// The device bundle: key material and certificates, as JSON. Holds secrets.
+fn device_bundle(p: &keyfab_site::provision::Provisioned) -> serde_json::Value {
+    use base64::Engine;
+    let keys: Vec<_> = p
+        .keys
+        .iter()
+        .map(|k| {
+            let mut o = json!({
+                "name": k.name,
+                "type": k.key_type.as_str(),
+                "source": k.source.as_str(),
+                "key_id": k.key_id,
+            });
+            if let Some(private) = &k.private {
+                if k.key_type.is_asymmetric() {
+                    o["private_key_pem"] = json!(x509::to_pem(private.expose(), "PRIVATE KEY"));
+                } else {
+                    o["secret_base64"] =
+                        json!(base64::engine::general_purpose::STANDARD.encode(private.expose()));
+                }
+            }
+            if let Some(cert) = &k.certificate {
+                o["certificate_pem"] = json!(x509::to_pem(cert, "CERTIFICATE"));
+            }
+            o
+        })
+        .collect();
+    json!({
+        "entitlement": p.entitlement,
+        "device_id": p.device_id,
+        "request_id": p.request_id,
+        "audit_sequence": p.audit_sequence,
+        "replayed": p.replayed,
+        "keys": keys,
+        "chain_pem": p.chain.iter().map(|c| x509::to_pem(c, "CERTIFICATE")).collect::<Vec<_>>(),
+    })
+}
+
+pub fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Failure> {
+    let node = std::sync::Arc::new(ctx.open(&a.home.home, NodeKind::Site)?);
+    let csr = match &a.csr {
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|e| io_fail(path, e))?;
+            Some(match std::str::from_utf8(&bytes) {
+                Ok(text) if text.contains("-----BEGIN") => {
+                    x509::from_pem(text, "CERTIFICATE REQUEST")
+                        .map_err(|e| Failure::new("invalid_input", format!("--csr: {e}")))?
+                }
+                _ => bytes,
+            })
+        }
+        None => None,
+    };
+    let request_id = match &a.request_id {
+        Some(r) => r.clone(),
+        None => {
+            let mut b = [0u8; 16];
+            ctx.rng().fill(&mut b);
+            hex::encode(b)
+        }
+    };
+    let provisioner = keyfab_site::provision::Provisioner::start(node);
+    let p = provisioner.provision(keyfab_site::provision::ProvisionRequest {
+        entitlement: a.entitlement.clone(),
+        device_id: a.device_id.clone(),
+        station: a.station.clone(),
+        request_id,
+        csr,
+    })?;
+    let bundle = device_bundle(&p);
+    if let Some(out) = &a.out {
+        write_private(out, format!("{bundle:#}\n").as_bytes()).map_err(|e| io_fail(out, e))?;
+    }
+    let mut text = format!(
+        "device {} provisioned under {} (audit record {}{})\n",
+        p.device_id,
+        p.entitlement,
+        p.audit_sequence,
+        if p.replayed {
+            ", a retry of an earlier request"
+        } else {
+            ""
+        }
+    );
+    for k in &p.keys {
+        text.push_str(&format!(
+            "  {:<12} {:<8} {:<8} {}\n",
+            k.name,
+            k.key_type.as_str(),
+            k.source.as_str(),
+            k.key_id
+        ));
+    }
+    text.push_str(&match &a.out {
+        Some(out) => format!("key material written to {} (mode 0600)\n", out.display()),
+        None => "key material not shown: use --out FILE or --json\n".into(),
+    });
+    Ok(Report::new(text, bundle))
 }

@@ -1,0 +1,888 @@
+//! Provisioning: the decide-and-record step (DESIGN.md), with group commit.
+//!
+//! Request threads do the expensive work that needs no shared state first — generate
+//! `site` keys, derive `derived` keys, check `device` CSRs, sign their certificates —
+//! then hand the request to the single committer thread. The committer takes every
+//! request waiting, and for each in order reads the state (counters, device index,
+//! request ids, audit head; the batch's own earlier decisions included), runs the pure
+//! `decide`, takes pool slots, and appends the audit record. The batch becomes one store
+//! transaction: one fsync for many decisions. Only after that commit returns does any
+//! request thread receive its answer, so no key leaves before its record is durable.
+//! A storage error fails the whole batch closed: nothing is released.
+
+use crate::entitlements::{dek_aad, pool_nonce, pool_row_key, EntitlementRecord};
+use keyfab_audit::{AuditedKey, Event, Head, Record};
+use keyfab_crypto::aead::AeadKey;
+use keyfab_crypto::devicekey::{self, DeviceKeyType, KeyId};
+use keyfab_crypto::secret::{Secret32, SecretBytes};
+use keyfab_crypto::sign::SigningKey;
+use keyfab_crypto::time::UnixTime;
+use keyfab_crypto::x509::{self, Validity};
+use keyfab_custody::Custody;
+use keyfab_node::{decode, encode, Error, Node, Result};
+use keyfab_policy::{
+    CompiledPolicy, Decision, DenyCode, EntitlementState, KeySource, KeySpec, KeyType,
+};
+use keyfab_store::{Store, Table, Txn, Versioned};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{mpsc, Arc, Mutex};
+
+pub(crate) const AUDIT_HEAD: &[u8] = b"audit_head";
+const TIME_HWM: &[u8] = b"time_high_water";
+const CLOCK_TOLERANCE: &[u8] = b"clock_tolerance";
+/// How far the clock may fall behind the trusted time before provisioning stops.
+pub const DEFAULT_CLOCK_TOLERANCE_SECS: i64 = 300;
+/// Most decisions one commit carries.
+const MAX_BATCH: usize = 512;
+
+/// One provisioning request, as a station or the CLI sends it.
+#[derive(Debug, Clone)]
+pub struct ProvisionRequest {
+    pub entitlement: String,
+    pub device_id: String,
+    pub station: Option<String>,
+    /// The same id on a retry returns the same answer and consumes nothing more.
+    pub request_id: String,
+    /// DER CSR of the device's own key, for keys with source `device`.
+    pub csr: Option<Vec<u8>>,
+}
+
+/// A key handed to a device.
+pub struct IssuedKey {
+    pub name: String,
+    pub key_type: KeyType,
+    pub source: KeySource,
+    /// `spki-sha256:…` or `kcv:…`: what the audit log holds.
+    pub key_id: String,
+    /// PKCS#8 DER for asymmetric keys, the raw 32 bytes for AES; none for `device` keys.
+    pub private: Option<SecretBytes>,
+    /// DER device certificate.
+    pub certificate: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for IssuedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedKey")
+            .field("name", &self.name)
+            .field("key_id", &self.key_id)
+            .field("private", &self.private.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+pub struct Provisioned {
+    pub entitlement: String,
+    pub device_id: String,
+    pub request_id: String,
+    pub audit_sequence: u64,
+    /// This answer repeats an earlier one for the same request id.
+    pub replayed: bool,
+    pub keys: Vec<IssuedKey>,
+    /// Issuers of the device certificates, nearest first: batch CA, HQ cluster CA.
+    /// With the root certificate, `openssl verify` accepts every device certificate.
+    pub chain: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredKey {
+    name: String,
+    key_id: String,
+    cert_serial: Option<String>,
+    #[serde(with = "serde_bytes")]
+    cert: Vec<u8>,
+    /// A `site` key's secret, sealed under the entitlement's data key, so a retry gets
+    /// the same key.
+    #[serde(with = "serde_bytes")]
+    sealed: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceRecord {
+    request_id: String,
+    audit_sequence: u64,
+    time: i64,
+    station: Option<String>,
+    pool_index: Option<u64>,
+    keys: Vec<StoredKey>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestRecord {
+    device_id: String,
+    audit_sequence: u64,
+    /// `None` when allowed, else the refusal code.
+    denied: Option<DenyCode>,
+}
+
+/// Per-entitlement counters, one record so a decision reads and guards one key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Counters {
+    pub total: u64,
+    pub next_pool: u64,
+    /// Devices allowed per calendar day (policy time zone), `YYYY-MM-DD` → count.
+    pub days: BTreeMap<String, u64>,
+}
+
+/// Everything needed to provision under one entitlement, unsealed once.
+struct EntitlementContext {
+    record: EntitlementRecord,
+    policy: CompiledPolicy,
+    dek: Secret32,
+    aead: AeadKey,
+    batch_key: SigningKey,
+    master: Secret32,
+    chain: Vec<Vec<u8>>,
+}
+
+/// Work done before the committer: one entry per key spec of the policy.
+enum Prepared {
+    /// Taken from the pool by the committer.
+    Pool,
+    Ready {
+        key_id: KeyId,
+        secret: Option<Secret32>,
+        cert: Option<(Vec<u8>, String)>,
+    },
+}
+
+enum Outcome {
+    Allowed {
+        record: DeviceRecord,
+        pool_secrets: Vec<Option<Secret32>>,
+    },
+    Replay(RequestRecord),
+}
+
+struct Job {
+    ctx: Arc<EntitlementContext>,
+    req: ProvisionRequest,
+    prepared: Vec<Prepared>,
+    reply: mpsc::SyncSender<Result<Outcome>>,
+}
+
+/// The provisioning engine of one site node. Cheap to share between threads.
+pub struct Provisioner {
+    node: Arc<Node>,
+    contexts: Mutex<HashMap<String, Arc<EntitlementContext>>>,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+fn ent_key(entitlement: &str, sub: &str) -> Vec<u8> {
+    let mut k = entitlement.as_bytes().to_vec();
+    k.push(b'/');
+    k.extend_from_slice(sub.as_bytes());
+    k
+}
+
+fn check_request_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::InvalidInput(
+            "request id must be 1-128 printable ASCII characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn device_type(t: KeyType) -> DeviceKeyType {
+    match t {
+        KeyType::EcP256 => DeviceKeyType::EcP256,
+        KeyType::Ed25519 => DeviceKeyType::Ed25519,
+        KeyType::Aes256 => DeviceKeyType::Aes256,
+    }
+}
+
+impl Provisioner {
+    pub fn start(node: Arc<Node>) -> Self {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let committer_node = node.clone();
+        let handle = std::thread::Builder::new()
+            .name("keyfab-committer".into())
+            .spawn(move || committer(&committer_node, &rx))
+            .ok();
+        Self {
+            node,
+            contexts: Mutex::new(HashMap::new()),
+            jobs: Mutex::new(Some(tx)),
+            committer: Mutex::new(handle),
+        }
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    fn context(&self, id: &str) -> Result<Arc<EntitlementContext>> {
+        let mut cache = self.contexts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(id) {
+            return Ok(c.clone());
+        }
+        let v = self
+            .node
+            .store
+            .get(Table::Entitlements, id.as_bytes())?
+            .ok_or_else(|| Error::UnknownEntitlement(id.to_owned()))?;
+        let record: EntitlementRecord = decode(&v.value)?;
+        let dek = self
+            .node
+            .custody
+            .unwrap_data_key(&record.wrapped_data_key, &dek_aad(id))?;
+        let batch_pkcs8 = keyfab_crypto::aead::open_random_nonce(
+            &dek,
+            b"batch-ca-key",
+            &record.sealed_batch_ca_key,
+        )?;
+        let master = keyfab_crypto::aead::open_random_nonce(
+            &dek,
+            b"master-secret",
+            &record.sealed_master_secret,
+        )?;
+        let ctx = Arc::new(EntitlementContext {
+            policy: CompiledPolicy::new(record.policy.clone())?,
+            aead: AeadKey::new(&dek)?,
+            batch_key: SigningKey::from_pkcs8(batch_pkcs8.expose())?,
+            master: Secret32::from_slice(master.expose())
+                .ok_or_else(|| Error::InvalidState("master secret".into()))?,
+            chain: vec![record.batch_ca_cert.clone(), record.hq_cluster_cert.clone()],
+            dek,
+            record,
+        });
+        cache.insert(id.to_owned(), ctx.clone());
+        Ok(ctx)
+    }
+
+    /// Provisions one device, or refuses with the policy's code (exit 3). Safe to call
+    /// from many threads at once.
+    pub fn provision(&self, req: ProvisionRequest) -> Result<Provisioned> {
+        check_request_id(&req.request_id)?;
+        let ctx = self.context(&req.entitlement)?;
+        // A retry is answered from the record without new work.
+        if let Some(rr) = self
+            .node
+            .store
+            .get(Table::Requests, &ent_key(&req.entitlement, &req.request_id))?
+        {
+            return self.answer_replay(&ctx, &req, decode(&rr.value)?);
+        }
+        let prepared = self.prepare(&ctx, &req)?;
+        let (reply, answer) = mpsc::sync_channel(1);
+        {
+            let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = jobs
+                .as_ref()
+                .ok_or_else(|| Error::InvalidState("provisioner stopped".into()))?;
+            tx.send(Job {
+                ctx: ctx.clone(),
+                req: req.clone(),
+                prepared,
+                reply,
+            })
+            .map_err(|_| Error::InvalidState("committer stopped".into()))?;
+        }
+        let outcome = answer
+            .recv()
+            .map_err(|_| Error::InvalidState("committer stopped".into()))??;
+        match outcome {
+            Outcome::Replay(rr) => self.answer_replay(&ctx, &req, rr),
+            Outcome::Allowed {
+                record,
+                pool_secrets,
+            } => self.answer(&ctx, &req, record, pool_secrets, false),
+        }
+    }
+
+    /// Per key spec, the work that needs no shared state.
+    fn prepare(&self, ctx: &EntitlementContext, req: &ProvisionRequest) -> Result<Vec<Prepared>> {
+        let rng = self.node.rng.as_ref();
+        let now = self.node.now();
+        let device_key = match &req.csr {
+            Some(der) => Some(
+                x509::read_device_csr(der)
+                    .map_err(|e| Error::InvalidInput(format!("--csr: {e}")))?,
+            ),
+            None => None,
+        };
+        if device_key.is_none()
+            && ctx
+                .policy
+                .policy
+                .keys_from(KeySource::Device)
+                .next()
+                .is_some()
+        {
+            return Err(Error::InvalidInput(
+                "this entitlement has keys with source 'device': the request needs the device's CSR".into(),
+            ));
+        }
+        let mut out = Vec::with_capacity(ctx.policy.policy.keys.len());
+        for spec in &ctx.policy.policy.keys {
+            let kind = device_type(spec.key_type);
+            out.push(match spec.source {
+                KeySource::HqPool => Prepared::Pool,
+                KeySource::Site => {
+                    let (secret, key_id) = devicekey::generate(kind, rng)?;
+                    let cert =
+                        self.certify(ctx, spec, &req.device_id, kind, Some(&secret), None, now)?;
+                    Prepared::Ready {
+                        key_id,
+                        secret: Some(secret),
+                        cert,
+                    }
+                }
+                KeySource::Derived => {
+                    let secret =
+                        devicekey::derive(&ctx.master, &ctx.record.id, &spec.name, &req.device_id)?;
+                    let key_id = devicekey::key_id(kind, &secret)?;
+                    Prepared::Ready {
+                        key_id,
+                        secret: Some(secret),
+                        cert: None,
+                    }
+                }
+                KeySource::Device => {
+                    let public = device_key
+                        .clone()
+                        .ok_or_else(|| Error::InvalidInput("missing CSR".into()))?;
+                    let matches = matches!(
+                        (&public, spec.key_type),
+                        (x509::DevicePublicKey::P256(_), KeyType::EcP256)
+                            | (x509::DevicePublicKey::Ed25519(_), KeyType::Ed25519)
+                    );
+                    if !matches {
+                        return Err(Error::InvalidInput(format!(
+                            "the CSR's key is not of type {} as key '{}' requires",
+                            spec.key_type.as_str(),
+                            spec.name
+                        )));
+                    }
+                    let key_id = devicekey::public_key_id(&public);
+                    let cert =
+                        self.certify(ctx, spec, &req.device_id, kind, None, Some(&public), now)?;
+                    Prepared::Ready {
+                        key_id,
+                        secret: None,
+                        cert,
+                    }
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn certify(
+        &self,
+        ctx: &EntitlementContext,
+        spec: &KeySpec,
+        device_id: &str,
+        kind: DeviceKeyType,
+        secret: Option<&Secret32>,
+        public: Option<&x509::DevicePublicKey>,
+        now: UnixTime,
+    ) -> Result<Option<(Vec<u8>, String)>> {
+        certify(
+            &ctx.batch_key,
+            &ctx.record.batch_ca_cert,
+            spec,
+            device_id,
+            kind,
+            secret,
+            public,
+            now,
+            self.node.rng.as_ref(),
+        )
+    }
+
+    fn answer_replay(
+        &self,
+        ctx: &EntitlementContext,
+        req: &ProvisionRequest,
+        rr: RequestRecord,
+    ) -> Result<Provisioned> {
+        if rr.device_id != req.device_id {
+            return Err(Error::InvalidInput(format!(
+                "request id '{}' was used for device '{}'",
+                req.request_id, rr.device_id
+            )));
+        }
+        if let Some(code) = rr.denied {
+            return Err(denied(code, &req.device_id));
+        }
+        let v = self
+            .node
+            .store
+            .get(Table::Devices, &ent_key(&req.entitlement, &req.device_id))?
+            .ok_or_else(|| Error::InvalidState("request recorded without its device".into()))?;
+        let record: DeviceRecord = decode(&v.value)?;
+        let mut pool_secrets = Vec::new();
+        for (i, spec) in ctx.policy.policy.keys.iter().enumerate() {
+            pool_secrets.push(match (spec.source, record.pool_index) {
+                (KeySource::HqPool, Some(index)) => Some(read_pool_key(&self.node, ctx, i, index)?),
+                _ => None,
+            });
+        }
+        self.answer(ctx, req, record, pool_secrets, true)
+    }
+
+    fn answer(
+        &self,
+        ctx: &EntitlementContext,
+        req: &ProvisionRequest,
+        record: DeviceRecord,
+        pool_secrets: Vec<Option<Secret32>>,
+        replayed: bool,
+    ) -> Result<Provisioned> {
+        let mut keys = Vec::new();
+        for ((spec, stored), pool) in ctx
+            .policy
+            .policy
+            .keys
+            .iter()
+            .zip(&record.keys)
+            .zip(pool_secrets)
+        {
+            let kind = device_type(spec.key_type);
+            let secret = match spec.source {
+                KeySource::HqPool => pool,
+                KeySource::Site => Some(unseal_site_key(
+                    ctx,
+                    &req.device_id,
+                    &stored.name,
+                    &stored.sealed,
+                )?),
+                KeySource::Derived => Some(devicekey::derive(
+                    &ctx.master,
+                    &ctx.record.id,
+                    &spec.name,
+                    &req.device_id,
+                )?),
+                KeySource::Device => None,
+            };
+            keys.push(IssuedKey {
+                name: spec.name.clone(),
+                key_type: spec.key_type,
+                source: spec.source,
+                key_id: stored.key_id.clone(),
+                private: secret.map(|s| devicekey::to_pkcs8(kind, &s)).transpose()?,
+                certificate: (!stored.cert.is_empty()).then(|| stored.cert.clone()),
+            });
+        }
+        Ok(Provisioned {
+            entitlement: req.entitlement.clone(),
+            device_id: req.device_id.clone(),
+            request_id: req.request_id.clone(),
+            audit_sequence: record.audit_sequence,
+            replayed,
+            keys,
+            chain: ctx.chain.clone(),
+        })
+    }
+}
+
+impl Drop for Provisioner {
+    fn drop(&mut self) {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = self
+            .committer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = h.join();
+        }
+    }
+}
+
+fn denied(code: DenyCode, device_id: &str) -> Error {
+    Error::Denied {
+        code: code.code(),
+        message: format!(
+            "device '{device_id}' refused by the policy: {}",
+            code.code()
+        ),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn certify(
+    batch_key: &SigningKey,
+    batch_cert: &[u8],
+    spec: &KeySpec,
+    device_id: &str,
+    kind: DeviceKeyType,
+    secret: Option<&Secret32>,
+    public: Option<&x509::DevicePublicKey>,
+    now: UnixTime,
+    rng: &dyn keyfab_crypto::rng::SecureRng,
+) -> Result<Option<(Vec<u8>, String)>> {
+    let Some(template) = &spec.certificate else {
+        return Ok(None);
+    };
+    let public = match (public, secret) {
+        (Some(p), _) => p.clone(),
+        (None, Some(s)) => devicekey::public_key(kind, s)?,
+        (None, None) => return Ok(None),
+    };
+    let serial = x509::random_serial(rng);
+    let cert = x509::issue_device_certificate(
+        batch_key,
+        batch_cert,
+        &template.subject.replace("{device_id}", device_id),
+        &public,
+        serial,
+        Validity {
+            not_before: now,
+            not_after: now.plus_days(i64::from(template.days)),
+        },
+    )?;
+    Ok(Some((cert, hex::encode(serial))))
+}
+
+fn site_key_aad(ctx: &EntitlementContext, device_id: &str, name: &str) -> Vec<u8> {
+    format!("keyfab-site-key-v1\0{}\0{device_id}\0{name}", ctx.record.id).into_bytes()
+}
+
+fn unseal_site_key(
+    ctx: &EntitlementContext,
+    device_id: &str,
+    name: &str,
+    sealed: &[u8],
+) -> Result<Secret32> {
+    let plain = keyfab_crypto::aead::open_random_nonce(
+        &ctx.dek,
+        &site_key_aad(ctx, device_id, name),
+        sealed,
+    )?;
+    Secret32::from_slice(plain.expose())
+        .ok_or_else(|| Error::InvalidState("site key length".into()))
+}
+
+fn read_pool_key(
+    node: &Node,
+    ctx: &EntitlementContext,
+    spec_index: usize,
+    index: u64,
+) -> Result<Secret32> {
+    let pool_spec = ctx
+        .record
+        .pool
+        .iter()
+        .position(|p| p.key == ctx.policy.policy.keys[spec_index].name)
+        .ok_or_else(|| Error::InvalidState("key spec not in the pool".into()))?;
+    let spec = u8::try_from(pool_spec).map_err(|_| Error::InvalidState("pool spec".into()))?;
+    let key = pool_row_key(&ctx.record.id, spec, index);
+    let v = node.store.get(Table::Pool, &key)?.ok_or_else(|| {
+        Error::InvalidState(format!("pool key {index} of '{}' is gone", ctx.record.id))
+    })?;
+    let plain = ctx.aead.open(pool_nonce(spec, index), &key, &v.value)?;
+    Secret32::from_slice(plain.expose())
+        .ok_or_else(|| Error::InvalidState("pool key length".into()))
+}
+
+fn read_head(node: &Node) -> Result<(Head, Option<Versioned>)> {
+    let v = node.store.get(Table::Meta, AUDIT_HEAD)?;
+    let head = match &v {
+        Some(v) => {
+            Head::from_bytes(&v.value).ok_or_else(|| Error::InvalidState("audit head".into()))?
+        }
+        None => Head::genesis(),
+    };
+    Ok((head, v))
+}
+
+fn read_i64(node: &Node, key: &[u8]) -> Result<(Option<i64>, Option<Versioned>)> {
+    let v = node.store.get(Table::Meta, key)?;
+    let n = match &v {
+        Some(v) => Some(i64::from_be_bytes(
+            v.value
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::InvalidState("stored time".into()))?,
+        )),
+        None => None,
+    };
+    Ok((n, v))
+}
+
+fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let replies: Vec<_> = batch.iter().map(|j| j.reply.clone()).collect();
+        match decide_and_record(node, batch) {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                let (code, msg) = (e.code(), e.to_string());
+                for reply in replies {
+                    let _ = reply.send(Err(match &e {
+                        Error::ClockRollback {
+                            observed,
+                            high_water,
+                        } => Error::ClockRollback {
+                            observed: *observed,
+                            high_water: *high_water,
+                        },
+                        _ => Error::InvalidState(format!("{code}: {msg}")),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// One batch: every decision in order, one transaction, one fsync.
+fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>>> {
+    let store = &node.store;
+    let mut txn = Txn::default();
+    let (mut head, head_seen) = read_head(node)?;
+    txn.require_unchanged(Table::Meta, AUDIT_HEAD, head_seen.as_ref());
+    let (hwm, hwm_seen) = read_i64(node, TIME_HWM)?;
+    let (tolerance, _) = read_i64(node, CLOCK_TOLERANCE)?;
+    let tolerance = tolerance.unwrap_or(DEFAULT_CLOCK_TOLERANCE_SECS);
+    txn.require_unchanged(Table::Meta, TIME_HWM, hwm_seen.as_ref());
+    let observed = node.now().0;
+    let hwm = hwm.unwrap_or(i64::MIN);
+    let append = |txn: &mut Txn, head: &mut Head, time: i64, event: Event| -> Result<u64> {
+        let r: Record = head.next(time, &node.name, event);
+        *head = Head::after(&r).map_err(|e| Error::InvalidState(e.to_string()))?;
+        txn.put(Table::Audit, &r.sequence.to_be_bytes(), &r.to_bytes());
+        Ok(r.sequence)
+    };
+    if observed < hwm.saturating_sub(tolerance) {
+        // Fail closed, and say so in the log.
+        append(
+            &mut txn,
+            &mut head,
+            hwm,
+            Event::ClockRollback {
+                observed,
+                high_water: hwm,
+            },
+        )?;
+        txn.put(Table::Meta, AUDIT_HEAD, &head.to_bytes());
+        store.commit(txn)?;
+        return Err(Error::ClockRollback {
+            observed,
+            high_water: hwm,
+        });
+    }
+    let now = observed.max(hwm);
+    txn.put(Table::Meta, TIME_HWM, &now.to_be_bytes());
+
+    let mut counters: HashMap<String, (Counters, Option<Versioned>)> = HashMap::new();
+    let mut requests: HashMap<Vec<u8>, RequestRecord> = HashMap::new();
+    let mut devices: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for job in batch {
+        let Job {
+            ctx, req, prepared, ..
+        } = job;
+        let req_key = ent_key(&req.entitlement, &req.request_id);
+        let earlier = match requests.get(&req_key) {
+            Some(r) => Some(r.clone()),
+            None => store
+                .get(Table::Requests, &req_key)?
+                .map(|v| decode(&v.value))
+                .transpose()?,
+        };
+        if let Some(rr) = earlier {
+            outcomes.push(Ok(Outcome::Replay(rr)));
+            continue;
+        }
+        let dev_key = ent_key(&req.entitlement, &req.device_id);
+        let already = devices.contains(&dev_key) || store.get(Table::Devices, &dev_key)?.is_some();
+        if !counters.contains_key(&req.entitlement) {
+            let v = store.get(Table::Counters, req.entitlement.as_bytes())?;
+            let c = match &v {
+                Some(v) => decode(&v.value)?,
+                None => Counters::default(),
+            };
+            counters.insert(req.entitlement.clone(), (c, v));
+        }
+        let (c, _) = counters
+            .get_mut(&req.entitlement)
+            .ok_or_else(|| Error::InvalidState("counters".into()))?;
+        let day = ctx.policy.day_of(now);
+        let record = &ctx.record;
+        let state = EntitlementState {
+            revoked: false,
+            activated: !ctx
+                .policy
+                .policy
+                .requires_approval(keyfab_policy::Action::Activate),
+            last_acknowledged: record.created_at,
+            total: c.total,
+            today: c.days.get(&day).copied().unwrap_or(0),
+        };
+        let decision = ctx.policy.decide(
+            &state,
+            &keyfab_policy::Request {
+                device_id: &req.device_id,
+                station: req.station.as_deref(),
+                already_provisioned: already,
+            },
+            now,
+        );
+        match decision {
+            Decision::Deny(code) => {
+                let seq = append(
+                    &mut txn,
+                    &mut head,
+                    now,
+                    Event::ProvisionDenied {
+                        entitlement: req.entitlement.clone(),
+                        request_id: req.request_id.clone(),
+                        device_id: req.device_id.clone(),
+                        station: req.station.clone(),
+                        code: code.code().to_owned(),
+                    },
+                )?;
+                let rr = RequestRecord {
+                    device_id: req.device_id.clone(),
+                    audit_sequence: seq,
+                    denied: Some(code),
+                };
+                txn.put(Table::Requests, &req_key, &encode(&rr)?);
+                requests.insert(req_key, rr);
+                outcomes.push(Err(denied(code, &req.device_id)));
+            }
+            Decision::Allow => {
+                let has_pool = prepared.iter().any(|p| matches!(p, Prepared::Pool));
+                let pool_index = has_pool.then_some(c.next_pool);
+                let mut keys = Vec::new();
+                let mut pool_secrets = Vec::new();
+                for (i, (spec, p)) in ctx.policy.policy.keys.iter().zip(prepared).enumerate() {
+                    let kind = device_type(spec.key_type);
+                    let (key_id, secret, cert, from_pool) = match p {
+                        Prepared::Pool => {
+                            let index = pool_index
+                                .ok_or_else(|| Error::InvalidState("pool index".into()))?;
+                            let secret = read_pool_key(node, &ctx, i, index)?;
+                            let key_id = devicekey::key_id(kind, &secret)?;
+                            let cert = certify(
+                                &ctx.batch_key,
+                                &record.batch_ca_cert,
+                                spec,
+                                &req.device_id,
+                                kind,
+                                Some(&secret),
+                                None,
+                                UnixTime(now),
+                                node.rng.as_ref(),
+                            )?;
+                            (key_id, Some(secret), cert, true)
+                        }
+                        Prepared::Ready {
+                            key_id,
+                            secret,
+                            cert,
+                        } => (key_id, secret, cert, false),
+                    };
+                    let sealed = match (&secret, spec.source) {
+                        (Some(s), KeySource::Site) => keyfab_crypto::aead::seal_random_nonce(
+                            &ctx.dek,
+                            node.rng.as_ref(),
+                            &site_key_aad(&ctx, &req.device_id, &spec.name),
+                            s.expose(),
+                        )?,
+                        _ => Vec::new(),
+                    };
+                    let (cert, cert_serial) = match cert {
+                        Some((c, s)) => (c, Some(s)),
+                        None => (Vec::new(), None),
+                    };
+                    keys.push(StoredKey {
+                        name: spec.name.clone(),
+                        key_id: key_id.to_text(),
+                        cert_serial,
+                        cert,
+                        sealed,
+                    });
+                    pool_secrets.push(if from_pool { secret } else { None });
+                }
+                let seq = append(
+                    &mut txn,
+                    &mut head,
+                    now,
+                    Event::ProvisionAllowed {
+                        entitlement: req.entitlement.clone(),
+                        request_id: req.request_id.clone(),
+                        device_id: req.device_id.clone(),
+                        station: req.station.clone(),
+                        pool_index,
+                        keys: keys
+                            .iter()
+                            .map(|k| AuditedKey {
+                                name: k.name.clone(),
+                                key_id: k.key_id.clone(),
+                                cert_serial: k.cert_serial.clone(),
+                            })
+                            .collect(),
+                    },
+                )?;
+                c.total += 1;
+                *c.days.entry(day).or_insert(0) += 1;
+                if has_pool {
+                    c.next_pool += 1;
+                }
+                let device = DeviceRecord {
+                    request_id: req.request_id.clone(),
+                    audit_sequence: seq,
+                    time: now,
+                    station: req.station.clone(),
+                    pool_index,
+                    keys,
+                };
+                let rr = RequestRecord {
+                    device_id: req.device_id.clone(),
+                    audit_sequence: seq,
+                    denied: None,
+                };
+                txn.put(Table::Devices, &dev_key, &encode(&device)?);
+                txn.put(Table::Requests, &req_key, &encode(&rr)?);
+                devices.insert(dev_key);
+                requests.insert(req_key, rr);
+                outcomes.push(Ok(Outcome::Allowed {
+                    record: device,
+                    pool_secrets,
+                }));
+            }
+        }
+    }
+    for (ent, (c, seen)) in &counters {
+        txn.require_unchanged(Table::Counters, ent.as_bytes(), seen.as_ref());
+        txn.put(Table::Counters, ent.as_bytes(), &encode(c)?);
+    }
+    txn.put(Table::Meta, AUDIT_HEAD, &head.to_bytes());
+    if !store.commit(txn)?.is_committed() {
+        return Err(Error::InvalidState(
+            "site state changed under the committer (another writer?); nothing was released".into(),
+        ));
+    }
+    Ok(outcomes)
+}
+
+/// The counters of an entitlement, as stored.
+pub fn counters(node: &Node, entitlement: &str) -> Result<Counters> {
+    Ok(
+        match node.store.get(Table::Counters, entitlement.as_bytes())? {
+            Some(v) => decode(&v.value)?,
+            None => Counters::default(),
+        },
+    )
+}
