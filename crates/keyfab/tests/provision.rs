@@ -1,0 +1,390 @@
+//! Provisioning through the real engine and binary: limits under concurrency, every
+//! refusal code this stage can produce, idempotent retries, key sources and their
+//! certificates, and no released private key left in clear in the site's home.
+
+mod common;
+use common::*;
+use keyfab_site::provision::{ProvisionRequest, Provisioner};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+fn policy_file(w: &World, name: &str, body: &str) -> std::path::PathBuf {
+    let p = w.path(name);
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+fn entitlement(w: &World, name: &str, body: &str) -> String {
+    let policy = policy_file(w, &format!("{name}.toml"), body);
+    let out = w.path(&format!("{name}.kfe"));
+    let j = ok(&[
+        "hq",
+        "entitlement",
+        "create",
+        "--home",
+        &s(&w.hq),
+        "--site",
+        "shenzhen-1",
+        "--policy",
+        &s(&policy),
+        "--out",
+        &s(&out),
+    ]);
+    assert_eq!(import(&w.site, &out, None).code, 0);
+    j["id"].as_str().unwrap().to_owned()
+}
+
+const HEADER: &str = r#"
+product = "p"
+valid_from  = "2026-01-01T00:00:00Z"
+valid_until = "2030-01-01T00:00:00Z"
+"#;
+
+#[test]
+fn sixty_four_threads_never_exceed_the_daily_limit() {
+    let w = world();
+    let id = entitlement(&w, "conc", &format!("{HEADER}devices = 1000\n[limits]\ndaily = 100\n[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"hq-pool\"\ncertificate = {{ subject = \"CN={{device_id}}\", days = 30 }}\n"));
+    let provisioner = Arc::new(Provisioner::start(Arc::new(open_site(&w.site))));
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..64)
+            .map(|t| {
+                let p = provisioner.clone();
+                let id = id.clone();
+                scope.spawn(move || {
+                    (0..1000)
+                        .filter(|i| i % 64 == t)
+                        .map(|i| {
+                            p.provision(ProvisionRequest {
+                                entitlement: id.clone(),
+                                device_id: format!("D-{i:05}"),
+                                station: None,
+                                request_id: format!("r-{i}"),
+                                csr: None,
+                            })
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let allowed: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let denied: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(allowed.len(), 100);
+    assert_eq!(denied.len(), 900);
+    assert!(
+        denied.iter().all(|e| e.code() == "daily_limit_exceeded"),
+        "{:?}",
+        denied.first()
+    );
+    // No pool key went to two devices.
+    let keys: HashSet<_> = allowed.iter().map(|p| p.keys[0].key_id.clone()).collect();
+    assert_eq!(keys.len(), 100);
+    // Counters agree with the audit log, and the log verifies.
+    let node = provisioner.node();
+    let counters = keyfab_site::provision::counters(node, &id).unwrap();
+    let records = keyfab_site::entitlements::audit_records(node).unwrap();
+    keyfab_audit::verify_chain(&keyfab_audit::Head::genesis(), &records).unwrap();
+    let allowed_records = records
+        .iter()
+        .filter(|r| matches!(r.event, keyfab_audit::Event::ProvisionAllowed { .. }))
+        .count();
+    let denied_records = records
+        .iter()
+        .filter(|r| matches!(r.event, keyfab_audit::Event::ProvisionDenied { .. }))
+        .count();
+    assert_eq!(counters.total, 100);
+    assert_eq!(counters.next_pool, 100);
+    assert_eq!(allowed_records, 100);
+    assert_eq!(denied_records, 900);
+    assert_eq!(counters.days.values().sum::<u64>(), 100);
+}
+
+fn provision(w: &World, id: &str, device: &str, extra: &[&str], now: Option<&str>) -> Out {
+    let mut args = vec![
+        "site",
+        "provision",
+        "--home",
+        w.site.to_str().unwrap(),
+        "--entitlement",
+        id,
+        "--device-id",
+        device,
+    ];
+    args.extend_from_slice(extra);
+    keyfab(&args, now)
+}
+
+fn refused(o: &Out, code: &str) {
+    assert_eq!(o.code, 3, "{}", o.json);
+    assert_eq!(o.json["error"]["code"], code, "{}", o.json);
+}
+
+#[test]
+fn every_refusal_code_of_this_stage() {
+    let w = world();
+    let id = entitlement(&w, "codes", &format!("{HEADER}devices = 3\naudit_every_days = 3650\n[limits]\ndaily = 2\n[device_ids]\nid_pattern = \"^D-[0-9]+$\"\n[stations]\nallowed = [\"line-1\"]\n[[keys]]\nname = \"k\"\ntype = \"ed25519\"\nsource = \"site\"\n"));
+    let line1: &[&str] = &["--station", "line-1"];
+    refused(
+        &provision(&w, &id, "X-1", line1, None),
+        "device_id_rejected",
+    );
+    refused(
+        &provision(&w, &id, "D-1", &["--station", "line-9"], None),
+        "station_not_allowed",
+    );
+    refused(&provision(&w, &id, "D-1", &[], None), "station_not_allowed");
+    let future = entitlement(
+        &w,
+        "future",
+        &format!(
+            "{}devices = 3\n[[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n",
+            HEADER.replace("2026-01-01", "2029-06-01")
+        ),
+    );
+    refused(&provision(&w, &future, "D-1", &[], None), "not_yet_valid");
+    assert_eq!(provision(&w, &id, "D-1", line1, None).code, 0);
+    refused(
+        &provision(&w, &id, "D-1", line1, None),
+        "device_already_provisioned",
+    );
+    assert_eq!(provision(&w, &id, "D-2", line1, None).code, 0);
+    refused(
+        &provision(&w, &id, "D-3", line1, None),
+        "daily_limit_exceeded",
+    );
+    // The next day in the zone (UTC): one more fits, then the quota is spent.
+    let tomorrow = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_hours(24))
+        .unwrap()
+        .to_string();
+    assert_eq!(provision(&w, &id, "D-3", line1, Some(&tomorrow)).code, 0);
+    refused(
+        &provision(&w, &id, "D-4", line1, Some(&tomorrow)),
+        "quota_exceeded",
+    );
+    // A clock far behind the trusted time stops provisioning, and is audited.
+    let o = provision(&w, &id, "D-4", line1, Some("2026-11-20T00:00:00Z"));
+    refused(&o, "clock_rollback");
+    let records = keyfab_site::entitlements::audit_records(&open_site(&w.site)).unwrap();
+    assert!(
+        matches!(
+            records.last().unwrap().event,
+            keyfab_audit::Event::ClockRollback { .. }
+        ),
+        "the rollback is audited"
+    );
+    keyfab_audit::verify_chain(&keyfab_audit::Head::genesis(), &records).unwrap();
+    refused(
+        &provision(&w, "0123456789abcdef0123456789abcdef", "D-1", line1, None),
+        "unknown_entitlement",
+    );
+
+    let expiring = entitlement(&w, "exp", &format!("{HEADER}devices = 3\n[[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n"));
+    refused(
+        &provision(&w, &expiring, "D-1", &[], Some("2031-01-01T00:00:00Z")),
+        "expired",
+    );
+
+    let overdue = entitlement(&w, "overdue", &format!("{HEADER}devices = 3\naudit_every_days = 1\n[[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n"));
+    refused(
+        &provision(&w, &overdue, "D-1", &[], Some("2032-01-01T00:00:00Z")),
+        "audit_overdue",
+    );
+
+    let approver = w.path("alice");
+    ok(&["approver", "keygen", "--out", &s(&approver)]);
+    let gated = entitlement(&w, "gated", &format!("{HEADER}devices = 3\n[[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n[approval]\nthreshold = 1\napprovers = [\"alice.pub\"]\nrequired_for = [\"activate\"]\n"));
+    refused(
+        &provision(&w, &gated, "D-1", &[], Some("2032-01-01T00:00:00Z")),
+        "approval_required",
+    );
+}
+
+#[test]
+fn retries_are_idempotent_and_every_source_certifies() {
+    let w = world();
+    let body = format!(
+        "{HEADER}devices = 5\n\
+         [[keys]]\nname = \"pool\"\ntype = \"ec-p256\"\nsource = \"hq-pool\"\ncertificate = {{ subject = \"CN={{device_id}},O=Acme\", days = 365 }}\n\
+         [[keys]]\nname = \"site\"\ntype = \"ed25519\"\nsource = \"site\"\ncertificate = {{ subject = \"CN={{device_id}},OU=site\", days = 365 }}\n\
+         [[keys]]\nname = \"own\"\ntype = \"ec-p256\"\nsource = \"device\"\ncertificate = {{ subject = \"CN={{device_id}},OU=device\", days = 365 }}\n\
+         [[keys]]\nname = \"fw\"\ntype = \"aes-256\"\nsource = \"derived\"\n"
+    );
+    let id = entitlement(&w, "sources", &body);
+    let csr = w.path("dev.csr");
+    let key = w.path("dev.key");
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=ignored",
+            "-keyout",
+            &s(&key),
+            "-out",
+            &s(&csr),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let args = ["--request-id", "req-1", "--csr", csr.to_str().unwrap()];
+    let first = provision(&w, &id, "DEV-1", &args, None);
+    assert_eq!(first.code, 0, "{}", first.json);
+    let again = provision(&w, &id, "DEV-1", &args, None);
+    assert_eq!(again.code, 0, "{}", again.json);
+    assert_eq!(again.json["replayed"], true);
+    assert_eq!(
+        first.json["keys"], again.json["keys"],
+        "a retry must return the same keys"
+    );
+    assert_eq!(first.json["audit_sequence"], again.json["audit_sequence"]);
+    // Reusing a request id for another device is an error, not a second device.
+    let other = provision(&w, &id, "DEV-2", &args, None);
+    assert_eq!(other.code, 1, "{}", other.json);
+
+    // Every certificate verifies against the root with the returned chain.
+    let chain = w.path("chain.pem");
+    std::fs::write(
+        &chain,
+        first.json["chain_pem"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect::<String>(),
+    )
+    .unwrap();
+    let mut serials = HashSet::new();
+    for k in first.json["keys"].as_array().unwrap() {
+        let name = k["name"].as_str().unwrap();
+        match name {
+            "fw" => {
+                assert!(k["secret_base64"].is_string());
+                assert!(k["key_id"].as_str().unwrap().starts_with("kcv:"));
+                continue;
+            }
+            "own" => assert!(
+                k.get("private_key_pem").is_none(),
+                "a device key never leaves the device"
+            ),
+            _ => assert!(k["private_key_pem"].is_string()),
+        }
+        let cert = w.path(&format!("{name}.crt"));
+        std::fs::write(&cert, k["certificate_pem"].as_str().unwrap()).unwrap();
+        let v = std::process::Command::new("openssl")
+            .args([
+                "verify",
+                "-CAfile",
+                &s(&w.root.join("root.crt")),
+                "-untrusted",
+                &s(&chain),
+                &s(&cert),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            v.status.success(),
+            "{name}: {}{}",
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
+        );
+        let text = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-subject", "-serial", "-in", &s(&cert)])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&text.stdout).into_owned();
+        assert!(text.contains("CN = DEV-1"), "{text}");
+        serials.insert(
+            text.lines()
+                .find(|l| l.starts_with("serial="))
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(serials.len(), 3, "serials must be unique");
+
+    // A CSR whose signature does not verify (no proof of possession) is refused.
+    let pem = std::fs::read_to_string(&csr).unwrap();
+    let der = keyfab_crypto::x509::from_pem(&pem, "CERTIFICATE REQUEST").unwrap();
+    let mut bad = der.clone();
+    let n = bad.len();
+    bad[n - 5] ^= 1;
+    let bad_csr = w.path("bad.csr");
+    std::fs::write(&bad_csr, &bad).unwrap();
+    let o = provision(
+        &w,
+        &id,
+        "DEV-3",
+        &["--csr", bad_csr.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(o.code, 1, "{}", o.json);
+    assert_eq!(o.json["error"]["code"], "invalid_input");
+}
+
+/// The 32 bytes after the first OCTET STRING of length 32 in a PKCS#8: the private
+/// scalar (P-256) or seed (Ed25519).
+fn private_scalar(pkcs8: &[u8]) -> Vec<u8> {
+    let at = pkcs8.windows(2).position(|w| w == [0x04, 0x20]).unwrap() + 2;
+    pkcs8[at..at + 32].to_vec()
+}
+
+#[test]
+fn released_private_keys_are_not_in_the_site_home() {
+    let w = world();
+    let id = entitlement(&w, "scan", &format!("{HEADER}devices = 40\n[[keys]]\nname = \"a\"\ntype = \"ec-p256\"\nsource = \"hq-pool\"\n[[keys]]\nname = \"b\"\ntype = \"ed25519\"\nsource = \"site\"\n[[keys]]\nname = \"c\"\ntype = \"aes-256\"\nsource = \"derived\"\n"));
+    let provisioner = Provisioner::start(Arc::new(open_site(&w.site)));
+    let mut secrets = HashSet::new();
+    for i in 0..40 {
+        let p = provisioner
+            .provision(ProvisionRequest {
+                entitlement: id.clone(),
+                device_id: format!("S-{i}"),
+                station: None,
+                request_id: format!("s-{i}"),
+                csr: None,
+            })
+            .unwrap();
+        for k in &p.keys {
+            let raw = k.private.as_ref().unwrap().expose().to_vec();
+            let secret = if k.key_type.is_asymmetric() {
+                private_scalar(&raw)
+            } else {
+                raw
+            };
+            secrets.insert(secret[..16].to_vec());
+        }
+    }
+    drop(provisioner);
+    assert_eq!(secrets.len(), 120);
+    let mut stack = vec![w.site.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            for win in std::fs::read(&p).unwrap().windows(16) {
+                assert!(
+                    !secrets.contains(win),
+                    "released key bytes found in {}",
+                    p.display()
+                );
+            }
+        }
+    }
+}
