@@ -64,6 +64,7 @@ const ED25519_SPKI_PREFIX: [u8; 12] = [
 /// Generates one device key: the secret and its public identity.
 pub fn generate(kind: DeviceKeyType, rng: &dyn crate::rng::SecureRng) -> Result<(Secret32, KeyId)> {
     match kind {
+        // The pool path: no PKCS#8 needed, so skip building it.
         DeviceKeyType::EcP256 => {
             let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
                 .map_err(|_| CryptoError::Internal)?;
@@ -77,6 +78,38 @@ pub fn generate(kind: DeviceKeyType, rng: &dyn crate::rng::SecureRng) -> Result<
             )));
             Ok((secret, id))
         }
+        _ => {
+            let (secret, e) = generate_expanded(kind, rng)?;
+            Ok((secret, e.key_id))
+        }
+    }
+}
+
+/// Everything a device key is needed for, computed from one key object: its identity,
+/// its public key (for a certificate), and its private form for the device (PKCS#8, or
+/// the raw 32 bytes for AES).
+pub struct Expanded {
+    pub key_id: KeyId,
+    pub public: Option<crate::x509::DevicePublicKey>,
+    pub private: SecretBytes,
+}
+
+/// Generates one device key and expands it.
+pub fn generate_expanded(
+    kind: DeviceKeyType,
+    rng: &dyn crate::rng::SecureRng,
+) -> Result<(Secret32, Expanded)> {
+    match kind {
+        DeviceKeyType::EcP256 => {
+            let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
+                .map_err(|_| CryptoError::Internal)?;
+            let bin: EcPrivateKeyBin = pair
+                .private_key()
+                .as_be_bytes()
+                .map_err(|_| CryptoError::Internal)?;
+            let secret = Secret32::from_slice(bin.as_ref()).ok_or(CryptoError::Internal)?;
+            Ok((secret, expand_p256(&pair)?))
+        }
         DeviceKeyType::Ed25519 => {
             let pair = Ed25519KeyPair::generate().map_err(|_| CryptoError::Internal)?;
             let seed: Curve25519SeedBin = pair
@@ -84,13 +117,49 @@ pub fn generate(kind: DeviceKeyType, rng: &dyn crate::rng::SecureRng) -> Result<
                 .and_then(|s| s.as_be_bytes())
                 .map_err(|_| CryptoError::Internal)?;
             let secret = Secret32::from_slice(seed.as_ref()).ok_or(CryptoError::Internal)?;
-            Ok((secret, ed25519_id(pair.public_key().as_ref())))
+            Ok((secret, expand_ed25519(&pair)?))
         }
         DeviceKeyType::Aes256 => {
             let secret = Secret32::random(rng);
-            let id = key_id(kind, &secret)?;
-            Ok((secret, id))
+            let e = expand(kind, &secret)?;
+            Ok((secret, e))
         }
+    }
+}
+
+fn expand_p256(pair: &EcdsaKeyPair) -> Result<Expanded> {
+    let point = pair.public_key().as_ref().to_vec();
+    let doc = pair.to_pkcs8v1().map_err(|_| CryptoError::Internal)?;
+    Ok(Expanded {
+        key_id: KeyId::Public(Fingerprint::of(&crate::x509::p256_spki(&point))),
+        public: Some(crate::x509::DevicePublicKey::P256(point)),
+        private: SecretBytes::new(doc.as_ref().to_vec()),
+    })
+}
+
+fn expand_ed25519(pair: &Ed25519KeyPair) -> Result<Expanded> {
+    let public = pair.public_key().as_ref().to_vec();
+    let doc = pair.to_pkcs8v1().map_err(|_| CryptoError::Internal)?;
+    Ok(Expanded {
+        key_id: ed25519_id(&public),
+        public: Some(crate::x509::DevicePublicKey::Ed25519(public)),
+        private: SecretBytes::new(doc.as_ref().to_vec()),
+    })
+}
+
+/// Expands a stored secret (one scalar multiplication for P-256, whatever is asked of it).
+pub fn expand(kind: DeviceKeyType, secret: &Secret32) -> Result<Expanded> {
+    match kind {
+        DeviceKeyType::EcP256 => expand_p256(&p256_pair(secret)?),
+        DeviceKeyType::Ed25519 => expand_ed25519(
+            &Ed25519KeyPair::from_seed_unchecked(secret.expose())
+                .map_err(|_| CryptoError::InvalidKey("ed25519 seed"))?,
+        ),
+        DeviceKeyType::Aes256 => Ok(Expanded {
+            key_id: key_id(kind, secret)?,
+            public: None,
+            private: SecretBytes::new(secret.expose().to_vec()),
+        }),
     }
 }
 
@@ -194,6 +263,29 @@ pub fn to_pkcs8(kind: DeviceKeyType, secret: &Secret32) -> Result<SecretBytes> {
         }
         DeviceKeyType::Aes256 => Ok(SecretBytes::new(secret.expose().to_vec())),
     }
+}
+
+/// The raw cryptographic work of provisioning one device, for benchmarks to compare
+/// with: a P-256 key generation, one ECDSA signature over a certificate-sized message,
+/// one HKDF and one AES-GCM seal.
+pub fn raw_device_crypto(
+    n: usize,
+    signer: &crate::sign::SigningKey,
+    aead: &crate::aead::AeadKey,
+) -> Result<()> {
+    let tbs = [0x5au8; 320];
+    for i in 0..n {
+        let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
+            .map_err(|_| CryptoError::Internal)?;
+        std::hint::black_box(&pair);
+        std::hint::black_box(signer.sign(&tbs)?);
+        let k = crate::kdf::hkdf_sha256(&tbs[..32], b"salt", b"info")?;
+        std::hint::black_box(k.expose());
+        let mut nonce = [0u8; 12];
+        nonce[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        std::hint::black_box(aead.seal(nonce, b"aad", &tbs[..32])?);
+    }
+    Ok(())
 }
 
 /// Generates `n` P-256 key pairs and throws them away: the raw rate benchmarks compare

@@ -146,7 +146,11 @@ enum Prepared {
     Pool,
     Ready {
         key_id: KeyId,
-        secret: Option<Secret32>,
+        /// A `site` key's secret sealed under the entitlement's data key, for the device
+        /// record (so a retry returns the same key); empty otherwise.
+        sealed: Vec<u8>,
+        /// What the device receives (PKCS#8, or raw AES); none for `device` keys.
+        private: Option<SecretBytes>,
         cert: Option<(Vec<u8>, String)>,
     },
 }
@@ -154,7 +158,7 @@ enum Prepared {
 enum Outcome {
     Allowed {
         record: DeviceRecord,
-        pool_secrets: Vec<Option<Secret32>>,
+        privates: Vec<Option<SecretBytes>>,
     },
     Replay(RequestRecord),
 }
@@ -166,9 +170,43 @@ struct Job {
     reply: mpsc::SyncSender<Result<Outcome>>,
 }
 
+/// A counting semaphore bounding how many threads do provisioning crypto at once.
+///
+/// With more runnable crypto threads than cores, the committer (the one thread every
+/// request waits for) gets only a sliver of a core and throughput collapses. Holding
+/// crypto to one thread per core keeps the committer scheduled.
+struct Slots {
+    free: Mutex<usize>,
+    released: std::sync::Condvar,
+}
+
+impl Slots {
+    fn new(n: usize) -> Self {
+        Self {
+            free: Mutex::new(n.max(1)),
+            released: std::sync::Condvar::new(),
+        }
+    }
+
+    fn run<T>(&self, f: impl FnOnce() -> T) -> T {
+        {
+            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            while *free == 0 {
+                free = self.released.wait(free).unwrap_or_else(|p| p.into_inner());
+            }
+            *free -= 1;
+        }
+        let out = f();
+        *self.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.released.notify_one();
+        out
+    }
+}
+
 /// The provisioning engine of one site node. Cheap to share between threads.
 pub struct Provisioner {
     node: Arc<Node>,
+    crypto: Slots,
     contexts: Mutex<HashMap<String, Arc<EntitlementContext>>>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -208,6 +246,7 @@ impl Provisioner {
             .ok();
         Self {
             node,
+            crypto: Slots::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
             contexts: Mutex::new(HashMap::new()),
             jobs: Mutex::new(Some(tx)),
             committer: Mutex::new(handle),
@@ -262,15 +301,8 @@ impl Provisioner {
     pub fn provision(&self, req: ProvisionRequest) -> Result<Provisioned> {
         check_request_id(&req.request_id)?;
         let ctx = self.context(&req.entitlement)?;
-        // A retry is answered from the record without new work.
-        if let Some(rr) = self
-            .node
-            .store
-            .get(Table::Requests, &ent_key(&req.entitlement, &req.request_id))?
-        {
-            return self.answer_replay(&ctx, &req, decode(&rr.value)?);
-        }
-        let prepared = self.prepare(&ctx, &req)?;
+        // A retry is recognised by the committer, which answers it from the record.
+        let prepared = self.crypto.run(|| self.prepare(&ctx, &req))?;
         let (reply, answer) = mpsc::sync_channel(1);
         {
             let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
@@ -290,10 +322,9 @@ impl Provisioner {
             .map_err(|_| Error::InvalidState("committer stopped".into()))??;
         match outcome {
             Outcome::Replay(rr) => self.answer_replay(&ctx, &req, rr),
-            Outcome::Allowed {
-                record,
-                pool_secrets,
-            } => self.answer(&ctx, &req, record, pool_secrets, false),
+            Outcome::Allowed { record, privates } => {
+                self.answer(&ctx, &req, record, privates, false)
+            }
         }
     }
 
@@ -326,22 +357,24 @@ impl Provisioner {
             out.push(match spec.source {
                 KeySource::HqPool => Prepared::Pool,
                 KeySource::Site => {
-                    let (secret, key_id) = devicekey::generate(kind, rng)?;
-                    let cert =
-                        self.certify(ctx, spec, &req.device_id, kind, Some(&secret), None, now)?;
+                    let (secret, e) = devicekey::generate_expanded(kind, rng)?;
+                    let cert = certify(ctx, spec, &req.device_id, e.public.as_ref(), now, rng)?;
+                    let sealed = ctx.seal_site_key(&req.device_id, &spec.name, &secret, rng)?;
                     Prepared::Ready {
-                        key_id,
-                        secret: Some(secret),
+                        key_id: e.key_id,
+                        sealed,
+                        private: Some(e.private),
                         cert,
                     }
                 }
                 KeySource::Derived => {
                     let secret =
                         devicekey::derive(&ctx.master, &ctx.record.id, &spec.name, &req.device_id)?;
-                    let key_id = devicekey::key_id(kind, &secret)?;
+                    let e = devicekey::expand(kind, &secret)?;
                     Prepared::Ready {
-                        key_id,
-                        secret: Some(secret),
+                        key_id: e.key_id,
+                        sealed: Vec::new(),
+                        private: Some(e.private),
                         cert: None,
                     }
                 }
@@ -361,42 +394,16 @@ impl Provisioner {
                             spec.name
                         )));
                     }
-                    let key_id = devicekey::public_key_id(&public);
-                    let cert =
-                        self.certify(ctx, spec, &req.device_id, kind, None, Some(&public), now)?;
                     Prepared::Ready {
-                        key_id,
-                        secret: None,
-                        cert,
+                        key_id: devicekey::public_key_id(&public),
+                        sealed: Vec::new(),
+                        private: None,
+                        cert: certify(ctx, spec, &req.device_id, Some(&public), now, rng)?,
                     }
                 }
             });
         }
         Ok(out)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn certify(
-        &self,
-        ctx: &EntitlementContext,
-        spec: &KeySpec,
-        device_id: &str,
-        kind: DeviceKeyType,
-        secret: Option<&Secret32>,
-        public: Option<&x509::DevicePublicKey>,
-        now: UnixTime,
-    ) -> Result<Option<(Vec<u8>, String)>> {
-        certify(
-            &ctx.batch_key,
-            &ctx.record.batch_ca_cert,
-            spec,
-            device_id,
-            kind,
-            secret,
-            public,
-            now,
-            self.node.rng.as_ref(),
-        )
     }
 
     fn answer_replay(
@@ -420,14 +427,32 @@ impl Provisioner {
             .get(Table::Devices, &ent_key(&req.entitlement, &req.device_id))?
             .ok_or_else(|| Error::InvalidState("request recorded without its device".into()))?;
         let record: DeviceRecord = decode(&v.value)?;
-        let mut pool_secrets = Vec::new();
-        for (i, spec) in ctx.policy.policy.keys.iter().enumerate() {
-            pool_secrets.push(match (spec.source, record.pool_index) {
+        let mut privates = Vec::new();
+        for ((i, spec), stored) in ctx.policy.policy.keys.iter().enumerate().zip(&record.keys) {
+            let secret = match (spec.source, record.pool_index) {
                 (KeySource::HqPool, Some(index)) => Some(read_pool_key(&self.node, ctx, i, index)?),
+                (KeySource::Site, _) => Some(unseal_site_key(
+                    ctx,
+                    &req.device_id,
+                    &stored.name,
+                    &stored.sealed,
+                )?),
+                (KeySource::Derived, _) => Some(devicekey::derive(
+                    &ctx.master,
+                    &ctx.record.id,
+                    &spec.name,
+                    &req.device_id,
+                )?),
                 _ => None,
-            });
+            };
+            let kind = device_type(spec.key_type);
+            privates.push(
+                secret
+                    .map(|s| devicekey::expand(kind, &s).map(|e| e.private))
+                    .transpose()?,
+            );
         }
-        self.answer(ctx, req, record, pool_secrets, true)
+        self.answer(ctx, req, record, privates, true)
     }
 
     fn answer(
@@ -435,44 +460,25 @@ impl Provisioner {
         ctx: &EntitlementContext,
         req: &ProvisionRequest,
         record: DeviceRecord,
-        pool_secrets: Vec<Option<Secret32>>,
+        privates: Vec<Option<SecretBytes>>,
         replayed: bool,
     ) -> Result<Provisioned> {
-        let mut keys = Vec::new();
-        for ((spec, stored), pool) in ctx
+        let keys = ctx
             .policy
             .policy
             .keys
             .iter()
             .zip(&record.keys)
-            .zip(pool_secrets)
-        {
-            let kind = device_type(spec.key_type);
-            let secret = match spec.source {
-                KeySource::HqPool => pool,
-                KeySource::Site => Some(unseal_site_key(
-                    ctx,
-                    &req.device_id,
-                    &stored.name,
-                    &stored.sealed,
-                )?),
-                KeySource::Derived => Some(devicekey::derive(
-                    &ctx.master,
-                    &ctx.record.id,
-                    &spec.name,
-                    &req.device_id,
-                )?),
-                KeySource::Device => None,
-            };
-            keys.push(IssuedKey {
+            .zip(privates)
+            .map(|((spec, stored), private)| IssuedKey {
                 name: spec.name.clone(),
                 key_type: spec.key_type,
                 source: spec.source,
                 key_id: stored.key_id.clone(),
-                private: secret.map(|s| devicekey::to_pkcs8(kind, &s)).transpose()?,
+                private,
                 certificate: (!stored.cert.is_empty()).then(|| stored.cert.clone()),
-            });
-        }
+            })
+            .collect();
         Ok(Provisioned {
             entitlement: req.entitlement.clone(),
             device_id: req.device_id.clone(),
@@ -509,32 +515,24 @@ fn denied(code: DenyCode, device_id: &str) -> Error {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The device certificate for `public` under the key spec's template, if it has one.
 fn certify(
-    batch_key: &SigningKey,
-    batch_cert: &[u8],
+    ctx: &EntitlementContext,
     spec: &KeySpec,
     device_id: &str,
-    kind: DeviceKeyType,
-    secret: Option<&Secret32>,
     public: Option<&x509::DevicePublicKey>,
     now: UnixTime,
     rng: &dyn keyfab_crypto::rng::SecureRng,
 ) -> Result<Option<(Vec<u8>, String)>> {
-    let Some(template) = &spec.certificate else {
+    let (Some(template), Some(public)) = (&spec.certificate, public) else {
         return Ok(None);
-    };
-    let public = match (public, secret) {
-        (Some(p), _) => p.clone(),
-        (None, Some(s)) => devicekey::public_key(kind, s)?,
-        (None, None) => return Ok(None),
     };
     let serial = x509::random_serial(rng);
     let cert = x509::issue_device_certificate(
-        batch_key,
-        batch_cert,
+        &ctx.batch_key,
+        &ctx.record.batch_ca_cert,
         &template.subject.replace("{device_id}", device_id),
-        &public,
+        public,
         serial,
         Validity {
             not_before: now,
@@ -542,6 +540,23 @@ fn certify(
         },
     )?;
     Ok(Some((cert, hex::encode(serial))))
+}
+
+impl EntitlementContext {
+    fn seal_site_key(
+        &self,
+        device_id: &str,
+        name: &str,
+        secret: &Secret32,
+        rng: &dyn keyfab_crypto::rng::SecureRng,
+    ) -> Result<Vec<u8>> {
+        Ok(keyfab_crypto::aead::seal_random_nonce(
+            &self.dek,
+            rng,
+            &site_key_aad(self, device_id, name),
+            secret.expose(),
+        )?)
+    }
 }
 
 fn site_key_aad(ctx: &EntitlementContext, device_id: &str, name: &str) -> Vec<u8> {
@@ -765,42 +780,30 @@ fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>
                 let has_pool = prepared.iter().any(|p| matches!(p, Prepared::Pool));
                 let pool_index = has_pool.then_some(c.next_pool);
                 let mut keys = Vec::new();
-                let mut pool_secrets = Vec::new();
+                let mut privates = Vec::new();
                 for (i, (spec, p)) in ctx.policy.policy.keys.iter().zip(prepared).enumerate() {
-                    let kind = device_type(spec.key_type);
-                    let (key_id, secret, cert, from_pool) = match p {
+                    let (key_id, sealed, private, cert) = match p {
                         Prepared::Pool => {
                             let index = pool_index
                                 .ok_or_else(|| Error::InvalidState("pool index".into()))?;
-                            let secret = read_pool_key(node, &ctx, i, index)?;
-                            let key_id = devicekey::key_id(kind, &secret)?;
+                            let kind = device_type(spec.key_type);
+                            let e = devicekey::expand(kind, &read_pool_key(node, &ctx, i, index)?)?;
                             let cert = certify(
-                                &ctx.batch_key,
-                                &record.batch_ca_cert,
+                                &ctx,
                                 spec,
                                 &req.device_id,
-                                kind,
-                                Some(&secret),
-                                None,
+                                e.public.as_ref(),
                                 UnixTime(now),
                                 node.rng.as_ref(),
                             )?;
-                            (key_id, Some(secret), cert, true)
+                            (e.key_id, Vec::new(), Some(e.private), cert)
                         }
                         Prepared::Ready {
                             key_id,
-                            secret,
+                            sealed,
+                            private,
                             cert,
-                        } => (key_id, secret, cert, false),
-                    };
-                    let sealed = match (&secret, spec.source) {
-                        (Some(s), KeySource::Site) => keyfab_crypto::aead::seal_random_nonce(
-                            &ctx.dek,
-                            node.rng.as_ref(),
-                            &site_key_aad(&ctx, &req.device_id, &spec.name),
-                            s.expose(),
-                        )?,
-                        _ => Vec::new(),
+                        } => (key_id, sealed, private, cert),
                     };
                     let (cert, cert_serial) = match cert {
                         Some((c, s)) => (c, Some(s)),
@@ -813,7 +816,7 @@ fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>
                         cert,
                         sealed,
                     });
-                    pool_secrets.push(if from_pool { secret } else { None });
+                    privates.push(private);
                 }
                 let seq = append(
                     &mut txn,
@@ -859,7 +862,7 @@ fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>
                 requests.insert(req_key, rr);
                 outcomes.push(Ok(Outcome::Allowed {
                     record: device,
-                    pool_secrets,
+                    privates,
                 }));
             }
         }

@@ -66,17 +66,17 @@ impl EmbeddedStore {
     }
 }
 
-fn guard_holds(w: &redb::WriteTransaction, g: &Guard) -> Result<bool> {
-    let (t, key, want) = match g {
+fn guard_key(g: &Guard) -> (Table, &[u8], Option<u64>) {
+    match g {
         Guard::Absent(t, k) => (*t, k, None),
         Guard::AtRevision(t, k, r) => (*t, k, Some(*r)),
-    };
-    let table = w.open_table(def(t)).map_err(io)?;
-    let current = match table.get(key.as_slice()).map_err(io)? {
-        Some(v) => Some(decode(v.value())?.revision),
-        None => None,
-    };
-    Ok(current == want)
+    }
+}
+
+fn write_table(w: &Write) -> Table {
+    match w {
+        Write::Put(t, ..) | Write::Delete(t, _) | Write::DeletePrefix(t, _) => *t,
+    }
 }
 
 impl Store for EmbeddedStore {
@@ -106,10 +106,29 @@ impl Store for EmbeddedStore {
     fn commit(&self, txn: Txn) -> Result<Outcome> {
         let mut w = self.db.begin_write().map_err(io)?;
         w.set_durability(redb::Durability::Immediate).map_err(io)?;
-        for g in &txn.guards {
-            if !guard_holds(&w, g)? {
-                w.abort().map_err(io)?;
-                return Ok(Outcome::Conflict);
+        // Each table is opened once per commit (opening is not free in redb); within a
+        // table, guards and writes keep their order.
+        for t in Table::ALL {
+            let guards: Vec<_> = txn
+                .guards
+                .iter()
+                .map(guard_key)
+                .filter(|g| g.0 == t)
+                .collect();
+            if guards.is_empty() {
+                continue;
+            }
+            let table = w.open_table(def(t)).map_err(io)?;
+            for (_, key, want) in guards {
+                let current = match table.get(key).map_err(io)? {
+                    Some(v) => Some(decode(v.value())?.revision),
+                    None => None,
+                };
+                if current != want {
+                    drop(table);
+                    w.abort().map_err(io)?;
+                    return Ok(Outcome::Conflict);
+                }
             }
         }
         let revision = {
@@ -131,30 +150,46 @@ impl Store for EmbeddedStore {
             next
         };
         let mut buf = Vec::new();
-        for write in &txn.writes {
-            match write {
-                Write::Put(t, k, v) => {
-                    let mut table = w.open_table(def(*t)).map_err(io)?;
-                    buf.clear();
-                    buf.extend_from_slice(&revision.to_be_bytes());
-                    buf.extend_from_slice(v);
-                    table.insert(k.as_slice(), buf.as_slice()).map_err(io)?;
-                }
-                Write::Delete(t, k) => {
-                    let mut table = w.open_table(def(*t)).map_err(io)?;
-                    table.remove(k.as_slice()).map_err(io)?;
-                }
-                Write::DeletePrefix(t, p) => {
-                    let mut table = w.open_table(def(*t)).map_err(io)?;
-                    let p = p.clone();
-                    table
-                        .retain_in(p.as_slice().., |k, _| !k.starts_with(&p))
-                        .map_err(io)?;
+        for t in Table::ALL {
+            let mut writes = txn.writes.iter().filter(|w| write_table(w) == t).peekable();
+            if writes.peek().is_none() {
+                continue;
+            }
+            let mut table = w.open_table(def(t)).map_err(io)?;
+            for write in writes {
+                match write {
+                    Write::Put(_, k, v) => {
+                        buf.clear();
+                        buf.extend_from_slice(&revision.to_be_bytes());
+                        buf.extend_from_slice(v);
+                        table.insert(k.as_slice(), buf.as_slice()).map_err(io)?;
+                    }
+                    Write::Delete(_, k) => {
+                        table.remove(k.as_slice()).map_err(io)?;
+                    }
+                    Write::DeletePrefix(_, p) => {
+                        table
+                            .retain_in(p.as_slice().., |k, _| !k.starts_with(p))
+                            .map_err(io)?;
+                    }
                 }
             }
         }
         w.commit().map_err(io)?;
         Ok(Outcome::Committed(revision))
+    }
+
+    fn get_many(&self, keys: &[(Table, &[u8])]) -> Result<Vec<Option<Versioned>>> {
+        let r = self.db.begin_read().map_err(io)?;
+        let mut out = Vec::with_capacity(keys.len());
+        for (t, k) in keys {
+            let table = r.open_table(def(*t)).map_err(io)?;
+            out.push(match table.get(*k).map_err(io)? {
+                Some(v) => Some(decode(v.value())?),
+                None => None,
+            });
+        }
+        Ok(out)
     }
 
     fn revision(&self) -> Result<u64> {

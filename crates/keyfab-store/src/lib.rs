@@ -184,6 +184,10 @@ pub trait Store: Send + Sync {
     /// All entries whose key starts with `prefix`, in key order, at most `limit`.
     fn scan(&self, table: Table, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Versioned)>>;
     fn commit(&self, txn: Txn) -> Result<Outcome>;
+    /// Several reads from one consistent snapshot, in order.
+    fn get_many(&self, keys: &[(Table, &[u8])]) -> Result<Vec<Option<Versioned>>> {
+        keys.iter().map(|(t, k)| self.get(*t, k)).collect()
+    }
     /// The revision of the last commit.
     fn revision(&self) -> Result<u64>;
 }

@@ -30,6 +30,162 @@ fn raw_keygen_rate(sample: usize) -> Result<f64, Failure> {
     Ok((per * threads) as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Root, HQ and site homes in `base`, the site registered at HQ.
+fn bench_world(base: &Path) -> Result<(Context, std::path::PathBuf, std::path::PathBuf), Failure> {
+    std::fs::create_dir_all(base).map_err(|e| Failure::new("io", e.to_string()))?;
+    let pass = base.join("bench-passphrase");
+    std::fs::write(&pass, "keyfab bench passphrase")
+        .map_err(|e| Failure::new("io", e.to_string()))?;
+    let ctx = Context {
+        passphrase_file: Some(pass),
+        json: true,
+    };
+    let (root, hq, site) = (base.join("root"), base.join("hq"), base.join("site"));
+    run::init_root(&ctx, &root, "CN=Bench Root", 3650)?;
+    for (home, kind, name, role) in [
+        (&hq, NodeKind::Hq, "bench-hq", "hq"),
+        (&site, NodeKind::Site, "bench-site", "site"),
+    ] {
+        run::init_node(&ctx, home, kind, name)?;
+        let crt = base.join(format!("{name}.crt"));
+        run::issue(&ctx, &root, &home.join("cluster.csr"), role, &crt, 365)?;
+        run::install_cert(&ctx, home, kind, &crt, &root.join("root.crt"))?;
+    }
+    let kfi = base.join("bench.kfi");
+    run::identity_export(&ctx, &site, &kfi)?;
+    run::site_add(&ctx, &hq, &kfi)?;
+    Ok((ctx, hq, site))
+}
+
+fn temp_or(dir: Option<&Path>) -> Result<(Option<tempfile::TempDir>, std::path::PathBuf), Failure> {
+    match dir {
+        Some(d) => Ok((None, d.to_owned())),
+        None => {
+            let t = tempfile::tempdir().map_err(|e| Failure::new("io", e.to_string()))?;
+            let p = t.path().to_owned();
+            Ok((Some(t), p))
+        }
+    }
+}
+
+fn all_cores<F: Fn(usize) -> Result<(), keyfab_crypto::CryptoError> + Sync>(
+    per_thread: usize,
+    work: F,
+) -> Result<f64, Failure> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let start = Instant::now();
+    let ok = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads).map(|_| s.spawn(|| work(per_thread))).collect();
+        hs.into_iter().all(|h| matches!(h.join(), Ok(Ok(()))))
+    });
+    if !ok {
+        return Err(Failure::new("internal", "benchmark crypto failed"));
+    }
+    Ok((per_thread * threads) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// `keyfab bench provision`: devices/s and latency through decide-and-record.
+pub fn provision(
+    _ctx: &Context,
+    concurrency: Option<usize>,
+    devices: u64,
+    dir: Option<&Path>,
+) -> Result<Report, Failure> {
+    use keyfab_site::provision::{ProvisionRequest, Provisioner};
+    use std::sync::Arc;
+    let (_temp, base) = temp_or(dir)?;
+    let (ctx, hq, site) = bench_world(&base)?;
+    let levels: Vec<usize> = match concurrency {
+        Some(c) => vec![c.max(1)],
+        None => vec![1, 8, 64],
+    };
+    let total = devices * levels.len() as u64;
+    let policy = base.join("provision.toml");
+    let text = format!(
+        "product = \"bench\"\ndevices = {total}\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\n[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = {{ subject = \"CN={{device_id}},O=Bench\", days = 3650 }}\n"
+    );
+    std::fs::write(&policy, text).map_err(|e| Failure::new("io", e.to_string()))?;
+    let kfe = base.join("provision.kfe");
+    let created = run::entitlement_create(&ctx, &hq, "bench-site", &policy, &kfe)?;
+    let id = created.json["id"].as_str().unwrap_or_default().to_owned();
+    run::entitlement_import(&ctx, &site, &kfe)?;
+
+    // The limit: raw per-device crypto on all cores.
+    let signer = keyfab_crypto::sign::SigningKey::generate(&keyfab_crypto::rng::SystemRng)
+        .map_err(|e| Failure::new("internal", e.to_string()))?;
+    let aead = keyfab_crypto::aead::AeadKey::new(&keyfab_crypto::secret::Secret32::new([7; 32]))
+        .map_err(|e| Failure::new("internal", e.to_string()))?;
+    let raw = all_cores(3000, |n| {
+        keyfab_crypto::devicekey::raw_device_crypto(n, &signer, &aead)
+    })?;
+
+    let node = Arc::new(ctx.open(&site, NodeKind::Site)?);
+    let provisioner = Arc::new(Provisioner::start(node));
+    let mut rows = Vec::new();
+    let mut text = format!("provisioning benchmark: site-generated ec-p256 key + device certificate, durable commits\nraw per-device crypto (keygen + cert signature + HKDF + AEAD, all cores): {raw:.0} devices/s (limit)\n");
+    let mut next = 0u64;
+    for c in levels {
+        let start_index = next;
+        next += devices;
+        let started = Instant::now();
+        let mut latencies: Vec<f64> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..c)
+                .map(|t| {
+                    let p = provisioner.clone();
+                    let id = id.clone();
+                    s.spawn(move || {
+                        let mut lat = Vec::new();
+                        let mut i = start_index + t as u64;
+                        while i < start_index + devices {
+                            let t0 = Instant::now();
+                            let r = p.provision(ProvisionRequest {
+                                entitlement: id.clone(),
+                                device_id: format!("B-{i:09}"),
+                                station: None,
+                                request_id: format!("b-{i}"),
+                                csr: None,
+                            });
+                            if r.is_ok() {
+                                lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+                            }
+                            i += c as u64;
+                        }
+                        lat
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        let secs = started.elapsed().as_secs_f64();
+        if latencies.len() as u64 != devices {
+            return Err(Failure::new(
+                "internal",
+                format!(
+                    "only {} of {devices} devices were provisioned",
+                    latencies.len()
+                ),
+            ));
+        }
+        latencies.sort_by(|a, b| a.total_cmp(b));
+        let pct =
+            |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+        let rate = devices as f64 / secs;
+        text.push_str(&format!(
+            "concurrency {c:>3}: {rate:>9.0} devices/s  ratio {:.2}  p50 {:.2} ms  p99 {:.2} ms\n",
+            rate / raw,
+            pct(0.50),
+            pct(0.99)
+        ));
+        rows.push(json!({"concurrency": c, "devices": devices, "devices_per_s": rate, "ratio": rate / raw, "p50_ms": pct(0.50), "p99_ms": pct(0.99)}));
+    }
+    Ok(Report::new(
+        text,
+        json!({"raw_device_crypto_per_s": raw, "levels": rows}),
+    ))
+}
+
 fn child(ctx: &Context, args: &[&str]) -> Result<(serde_json::Value, f64), Failure> {
     let exe = std::env::current_exe().map_err(|e| Failure::new("io", e.to_string()))?;
     let mut cmd = Command::new(exe);
@@ -56,36 +212,8 @@ fn child(ctx: &Context, args: &[&str]) -> Result<(serde_json::Value, f64), Failu
 }
 
 pub fn entitlement(_ctx: &Context, devices: u64, dir: Option<&Path>) -> Result<Report, Failure> {
-    let temp;
-    let base = match dir {
-        Some(d) => d.to_owned(),
-        None => {
-            temp = tempfile::tempdir().map_err(|e| Failure::new("io", e.to_string()))?;
-            temp.path().to_owned()
-        }
-    };
-    std::fs::create_dir_all(&base).map_err(|e| Failure::new("io", e.to_string()))?;
-    let pass = base.join("bench-passphrase");
-    std::fs::write(&pass, "keyfab bench passphrase")
-        .map_err(|e| Failure::new("io", e.to_string()))?;
-    let ctx = Context {
-        passphrase_file: Some(pass),
-        json: true,
-    };
-    let (root, hq, site) = (base.join("root"), base.join("hq"), base.join("site"));
-    run::init_root(&ctx, &root, "CN=Bench Root", 3650)?;
-    for (home, kind, name, role) in [
-        (&hq, NodeKind::Hq, "bench-hq", "hq"),
-        (&site, NodeKind::Site, "bench-site", "site"),
-    ] {
-        run::init_node(&ctx, home, kind, name)?;
-        let crt = base.join(format!("{name}.crt"));
-        run::issue(&ctx, &root, &home.join("cluster.csr"), role, &crt, 365)?;
-        run::install_cert(&ctx, home, kind, &crt, &root.join("root.crt"))?;
-    }
-    let kfi = base.join("bench.kfi");
-    run::identity_export(&ctx, &site, &kfi)?;
-    run::site_add(&ctx, &hq, &kfi)?;
+    let (_temp, base) = temp_or(dir)?;
+    let (ctx, hq, site) = bench_world(&base)?;
     let policy = base.join("policy.toml");
     let text = format!(
         "product = \"bench\"\ndevices = {devices}\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\n[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"hq-pool\"\n"

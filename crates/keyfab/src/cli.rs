@@ -276,6 +276,23 @@ pub enum ApproverCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// Provision devices through the real decide-and-record path (durable commits), with
+    /// site-generated ec-p256 keys and a device certificate each; compare with the raw
+    /// per-device crypto rate of this machine.
+    #[command(
+        after_help = "Example:\n  keyfab bench provision                  # concurrency 1, 8 and 64\n  keyfab bench provision --concurrency 64 --devices 20000 --json"
+    )]
+    Provision {
+        /// Concurrent requests (default: 1, 8 and 64 in turn).
+        #[arg(long)]
+        concurrency: Option<usize>,
+        /// Devices per concurrency level.
+        #[arg(long, default_value_t = 10_000)]
+        devices: u64,
+        /// Keep the files in DIR.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Create and import an N-device entitlement of hq-pool ec-p256 keys; compare with the
     /// raw P-256 key generation rate of this machine.
     #[command(after_help = "Example:\n  keyfab bench entitlement --devices 1000000 --json")]

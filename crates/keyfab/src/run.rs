@@ -64,6 +64,11 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
         Command::Site(SiteCommand::Provision(a)) => provision(&ctx, &a),
         Command::Approver(ApproverCommand::Keygen { out }) => approver_keygen(&ctx, &out),
         Command::Demo { dir, devices } => crate::demo::run(&ctx, dir.as_deref(), devices),
+        Command::Bench(BenchCommand::Provision {
+            concurrency,
+            devices,
+            dir,
+        }) => crate::bench::provision(&ctx, concurrency, devices, dir.as_deref()),
         Command::Bench(BenchCommand::Entitlement { devices, dir }) => {
             crate::bench::entitlement(&ctx, devices, dir.as_deref())
         }
