@@ -170,46 +170,24 @@ struct Job {
     reply: mpsc::SyncSender<Result<Outcome>>,
 }
 
-/// A counting semaphore bounding how many threads do provisioning crypto at once.
-///
-/// With more runnable crypto threads than cores, the committer (the one thread every
-/// request waits for) gets only a sliver of a core and throughput collapses. Holding
-/// crypto to one thread per core keeps the committer scheduled.
-struct Slots {
-    free: Mutex<usize>,
-    released: std::sync::Condvar,
-}
-
-impl Slots {
-    fn new(n: usize) -> Self {
-        Self {
-            free: Mutex::new(n.max(1)),
-            released: std::sync::Condvar::new(),
-        }
-    }
-
-    fn run<T>(&self, f: impl FnOnce() -> T) -> T {
-        {
-            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-            while *free == 0 {
-                free = self.released.wait(free).unwrap_or_else(|p| p.into_inner());
-            }
-            *free -= 1;
-        }
-        let out = f();
-        *self.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        self.released.notify_one();
-        out
-    }
-}
-
 /// The provisioning engine of one site node. Cheap to share between threads.
+///
+/// Threads: one crypto worker per core prepares requests (key generation, certificates),
+/// then hands them to the one committer. A caller blocks once, for its answer. Keeping
+/// crypto to one thread per core, instead of running it on every caller's thread, keeps
+/// the committer — the thread every request waits for — scheduled on a busy machine.
 pub struct Provisioner {
     node: Arc<Node>,
-    crypto: Slots,
     contexts: Mutex<HashMap<String, Arc<EntitlementContext>>>,
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
-    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    work: Mutex<Option<mpsc::Sender<Work>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+/// A request on its way to a crypto worker.
+struct Work {
+    ctx: Arc<EntitlementContext>,
+    req: ProvisionRequest,
+    reply: mpsc::SyncSender<Result<Outcome>>,
 }
 
 fn ent_key(entitlement: &str, sub: &str) -> Vec<u8> {
@@ -238,18 +216,31 @@ fn device_type(t: KeyType) -> DeviceKeyType {
 
 impl Provisioner {
     pub fn start(node: Arc<Node>) -> Self {
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let (work_tx, work_rx) = mpsc::channel::<Work>();
+        let work_rx = Arc::new(Mutex::new(work_rx));
+        let mut threads = Vec::new();
         let committer_node = node.clone();
-        let handle = std::thread::Builder::new()
+        if let Ok(h) = std::thread::Builder::new()
             .name("keyfab-committer".into())
-            .spawn(move || committer(&committer_node, &rx))
-            .ok();
+            .spawn(move || committer(&committer_node, &jobs_rx))
+        {
+            threads.push(h);
+        }
+        for i in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
+            let (node, rx, jobs) = (node.clone(), work_rx.clone(), jobs_tx.clone());
+            if let Ok(h) = std::thread::Builder::new()
+                .name(format!("keyfab-crypto-{i}"))
+                .spawn(move || crypto_worker(&node, &rx, &jobs))
+            {
+                threads.push(h);
+            }
+        }
         Self {
             node,
-            crypto: Slots::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
             contexts: Mutex::new(HashMap::new()),
-            jobs: Mutex::new(Some(tx)),
-            committer: Mutex::new(handle),
+            work: Mutex::new(Some(work_tx)),
+            threads: Mutex::new(threads),
         }
     }
 
@@ -302,24 +293,22 @@ impl Provisioner {
         check_request_id(&req.request_id)?;
         let ctx = self.context(&req.entitlement)?;
         // A retry is recognised by the committer, which answers it from the record.
-        let prepared = self.crypto.run(|| self.prepare(&ctx, &req))?;
         let (reply, answer) = mpsc::sync_channel(1);
         {
-            let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-            let tx = jobs
+            let work = self.work.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = work
                 .as_ref()
                 .ok_or_else(|| Error::InvalidState("provisioner stopped".into()))?;
-            tx.send(Job {
+            tx.send(Work {
                 ctx: ctx.clone(),
                 req: req.clone(),
-                prepared,
                 reply,
             })
-            .map_err(|_| Error::InvalidState("committer stopped".into()))?;
+            .map_err(|_| Error::InvalidState("provisioner stopped".into()))?;
         }
         let outcome = answer
             .recv()
-            .map_err(|_| Error::InvalidState("committer stopped".into()))??;
+            .map_err(|_| Error::InvalidState("provisioner stopped".into()))??;
         match outcome {
             Outcome::Replay(rr) => self.answer_replay(&ctx, &req, rr),
             Outcome::Allowed { record, privates } => {
@@ -329,9 +318,13 @@ impl Provisioner {
     }
 
     /// Per key spec, the work that needs no shared state.
-    fn prepare(&self, ctx: &EntitlementContext, req: &ProvisionRequest) -> Result<Vec<Prepared>> {
-        let rng = self.node.rng.as_ref();
-        let now = self.node.now();
+    fn prepare(
+        node: &Node,
+        ctx: &EntitlementContext,
+        req: &ProvisionRequest,
+    ) -> Result<Vec<Prepared>> {
+        let rng = node.rng.as_ref();
+        let now = node.now();
         let device_key = match &req.csr {
             Some(der) => Some(
                 x509::read_device_csr(der)
@@ -493,14 +486,43 @@ impl Provisioner {
 
 impl Drop for Provisioner {
     fn drop(&mut self) {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = self
-            .committer
+        // Closing the work queue stops the workers, whose exit closes the committer's.
+        self.work.lock().unwrap_or_else(|p| p.into_inner()).take();
+        for h in self
+            .threads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
+            .drain(..)
         {
             let _ = h.join();
+        }
+    }
+}
+
+fn crypto_worker(node: &Node, work: &Mutex<mpsc::Receiver<Work>>, jobs: &mpsc::Sender<Job>) {
+    loop {
+        let next = work.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let Ok(Work { ctx, req, reply }) = next else {
+            return;
+        };
+        match Provisioner::prepare(node, &ctx, &req) {
+            Ok(prepared) => {
+                let job = Job {
+                    ctx,
+                    req,
+                    prepared,
+                    reply,
+                };
+                if let Err(mpsc::SendError(job)) = jobs.send(job) {
+                    let _ = job
+                        .reply
+                        .send(Err(Error::InvalidState("committer stopped".into())));
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
         }
     }
 }
