@@ -51,6 +51,16 @@ pub enum Event {
     },
     /// The clock was behind the trusted-time high-water mark by more than the tolerance.
     ClockRollback { observed: i64, high_water: i64 },
+    /// An approver's signed approval was accepted (one record per distinct approver).
+    ApprovalAccepted {
+        entitlement: String,
+        action: String,
+        /// SHA-256 of the approver's public key.
+        approver: String,
+        nonce: String,
+    },
+    /// Enough distinct approvers approved `activate`: the entitlement may be used.
+    EntitlementActivated { entitlement: String },
 }
 
 /// The public identity of a key given to a device: never the key.

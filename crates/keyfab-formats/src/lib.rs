@@ -7,9 +7,13 @@
 //!   and returns a [`Verified`] envelope, which [`entitlement::open_entitlement`] decrypts
 //!   into its content and a stream of pool chunks.
 //!
+//! - quorum approvals: [`approval::ApprovalRequest`] (what the site asks),
+//!   [`approval::sign_approval`] (what an approver returns), [`approval::verify_approval`].
+//!
 //! `docs/FORMATS.md` describes each format byte by byte.
 #![forbid(unsafe_code)]
 
+pub mod approval;
 pub mod cose;
 pub mod entitlement;
 pub mod identity;

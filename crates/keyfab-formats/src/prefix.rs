@@ -10,6 +10,8 @@ pub const LEN: usize = 8;
 pub enum Kind {
     Identity,
     Entitlement,
+    ApprovalRequest,
+    Approval,
 }
 
 impl Kind {
@@ -17,12 +19,16 @@ impl Kind {
         match self {
             Kind::Identity => b'I',
             Kind::Entitlement => b'E',
+            Kind::ApprovalRequest => b'Q',
+            Kind::Approval => b'P',
         }
     }
     fn name(self) -> &'static str {
         match self {
             Kind::Identity => "site identity (.kfi)",
             Kind::Entitlement => "entitlement (.kfe)",
+            Kind::ApprovalRequest => "approval request",
+            Kind::Approval => "approval",
         }
     }
 }

@@ -21,6 +21,10 @@ pub enum Error {
     ClockRollback { observed: i64, high_water: i64 },
     #[error("unknown entitlement '{0}'")]
     UnknownEntitlement(String),
+    /// An approval that cannot count: unlisted key, bad signature, unknown or expired
+    /// request (exit 4).
+    #[error("approval refused: {0}")]
+    ApprovalInvalid(String),
     #[error("{0}")]
     InvalidPolicy(#[from] keyfab_policy::PolicyError),
     #[error("{0}")]
@@ -58,6 +62,7 @@ impl Error {
             Error::Denied { code, .. } => code,
             Error::ClockRollback { .. } => "clock_rollback",
             Error::UnknownEntitlement(_) => "unknown_entitlement",
+            Error::ApprovalInvalid(_) => "approval_invalid",
             Error::InvalidPolicy(_) => "invalid_policy",
             Error::NotFound(_) => "not_found",
             Error::InvalidState(_) => "invalid_state",
@@ -70,7 +75,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Verification(FormatError::Io(_) | FormatError::Write(_)) => 1,
-            Error::Verification(_) | Error::Replayed(_) => 4,
+            Error::Verification(_) | Error::Replayed(_) | Error::ApprovalInvalid(_) => 4,
             Error::Denied { .. } | Error::ClockRollback { .. } | Error::UnknownEntitlement(_) => 3,
             _ => 1,
         }

@@ -16,6 +16,6 @@ mod node;
 
 pub use error::{Error, Result};
 pub use node::{
-    check_name, decode, encode, Node, NodeKind, ServiceIdentity, CSR_FILE, KEYSTORE_FILE,
-    STATE_FILE,
+    check_name, decode, decode_err, encode, Node, NodeKind, ServiceIdentity, CSR_FILE,
+    KEYSTORE_FILE, STATE_FILE,
 };

@@ -304,3 +304,8 @@ pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     ciborium::from_reader(bytes).map_err(|e| Error::InvalidState(format!("stored record: {e}")))
 }
+
+/// A stored record that cannot be read back: the store is damaged.
+pub fn decode_err(what: &str) -> Error {
+    Error::InvalidState(format!("stored {what} is unreadable"))
+}

@@ -7,8 +7,8 @@
 //! marker commit in one guarded transaction. Until that commit nothing is visible; an
 //! interrupted import is swept at the next one. A failed import changes nothing.
 
-use crate::provision::AUDIT_HEAD;
-use keyfab_audit::{Event, Head, Record};
+use crate::audit_log::Appender;
+use keyfab_audit::{Event, Record};
 use keyfab_crypto::aead::AeadKey;
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::secret::Secret32;
@@ -232,33 +232,20 @@ pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> 
         pool: content.pool.clone(),
     };
     // The import is audited in the same transaction that makes it visible.
-    let head_seen = node.store.get(Table::Meta, AUDIT_HEAD)?;
-    let head = match &head_seen {
-        Some(v) => {
-            Head::from_bytes(&v.value).ok_or_else(|| Error::InvalidState("audit head".into()))?
-        }
-        None => Head::genesis(),
-    };
-    let audit = head.next(
-        record.imported_at.max(head.time),
-        &node.name,
+    let mut txn = Txn::default();
+    let mut log = Appender::begin(node, &mut txn)?;
+    log.append(
+        &mut txn,
+        record.imported_at,
         Event::EntitlementImported {
             entitlement: record.id.clone(),
             sequence: record.sequence,
             pool_keys: total,
         },
-    );
-    let new_head = Head::after(&audit).map_err(|e| Error::InvalidState(e.to_string()))?;
-    let mut txn = Txn::default();
+    )?;
+    log.finish(&mut txn);
     txn.require_absent(Table::Entitlements, &record_key(&record.id))
         .require_unchanged(Table::Meta, HQ_SEQUENCE, seq_seen.as_ref())
-        .require_unchanged(Table::Meta, AUDIT_HEAD, head_seen.as_ref())
-        .put(
-            Table::Audit,
-            &audit.sequence.to_be_bytes(),
-            &audit.to_bytes(),
-        )
-        .put(Table::Meta, AUDIT_HEAD, &new_head.to_bytes())
         .put(
             Table::Entitlements,
             &record_key(&record.id),

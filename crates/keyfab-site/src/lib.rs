@@ -2,6 +2,8 @@
 //! ([`entitlements`]), and provisioning ([`provision`]).
 #![forbid(unsafe_code)]
 
+pub mod approvals;
+mod audit_log;
 pub mod entitlements;
 pub mod identity;
 pub mod provision;

@@ -10,8 +10,9 @@
 //! request thread receive its answer, so no key leaves before its record is durable.
 //! A storage error fails the whole batch closed: nothing is released.
 
+use crate::audit_log::Appender;
 use crate::entitlements::{dek_aad, pool_nonce, pool_row_key, EntitlementRecord};
-use keyfab_audit::{AuditedKey, Event, Head, Record};
+use keyfab_audit::{AuditedKey, Event};
 use keyfab_crypto::aead::AeadKey;
 use keyfab_crypto::devicekey::{self, DeviceKeyType, KeyId};
 use keyfab_crypto::secret::{Secret32, SecretBytes};
@@ -28,7 +29,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{mpsc, Arc, Mutex};
 
-pub(crate) const AUDIT_HEAD: &[u8] = b"audit_head";
 const TIME_HWM: &[u8] = b"time_high_water";
 const CLOCK_TOLERANCE: &[u8] = b"clock_tolerance";
 /// How far the clock may fall behind the trusted time before provisioning stops.
@@ -119,10 +119,17 @@ struct RequestRecord {
     denied: Option<DenyCode>,
 }
 
-/// Per-entitlement counters, one record so a decision reads and guards one key.
+/// Per-entitlement runtime state (counters, activation, revocation), one record so a
+/// decision reads and guards one key.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Counters {
+    /// A quorum approved `activate`.
+    #[serde(default)]
+    pub activated: bool,
+    /// HQ revoked the entitlement.
+    #[serde(default)]
+    pub revoked: bool,
     pub total: u64,
     pub next_pool: u64,
     /// Devices allowed per calendar day (policy time zone), `YYYY-MM-DD` → count.
@@ -622,17 +629,6 @@ fn read_pool_key(
         .ok_or_else(|| Error::InvalidState("pool key length".into()))
 }
 
-fn read_head(node: &Node) -> Result<(Head, Option<Versioned>)> {
-    let v = node.store.get(Table::Meta, AUDIT_HEAD)?;
-    let head = match &v {
-        Some(v) => {
-            Head::from_bytes(&v.value).ok_or_else(|| Error::InvalidState("audit head".into()))?
-        }
-        None => Head::genesis(),
-    };
-    Ok((head, v))
-}
-
 fn read_i64(node: &Node, key: &[u8]) -> Result<(Option<i64>, Option<Versioned>)> {
     let v = node.store.get(Table::Meta, key)?;
     let n = match &v {
@@ -686,32 +682,24 @@ fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
 fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>>> {
     let store = &node.store;
     let mut txn = Txn::default();
-    let (mut head, head_seen) = read_head(node)?;
-    txn.require_unchanged(Table::Meta, AUDIT_HEAD, head_seen.as_ref());
+    let mut log = Appender::begin(node, &mut txn)?;
     let (hwm, hwm_seen) = read_i64(node, TIME_HWM)?;
     let (tolerance, _) = read_i64(node, CLOCK_TOLERANCE)?;
     let tolerance = tolerance.unwrap_or(DEFAULT_CLOCK_TOLERANCE_SECS);
     txn.require_unchanged(Table::Meta, TIME_HWM, hwm_seen.as_ref());
     let observed = node.now().0;
     let hwm = hwm.unwrap_or(i64::MIN);
-    let append = |txn: &mut Txn, head: &mut Head, time: i64, event: Event| -> Result<u64> {
-        let r: Record = head.next(time, &node.name, event);
-        *head = Head::after(&r).map_err(|e| Error::InvalidState(e.to_string()))?;
-        txn.put(Table::Audit, &r.sequence.to_be_bytes(), &r.to_bytes());
-        Ok(r.sequence)
-    };
     if observed < hwm.saturating_sub(tolerance) {
         // Fail closed, and say so in the log.
-        append(
+        log.append(
             &mut txn,
-            &mut head,
             hwm,
             Event::ClockRollback {
                 observed,
                 high_water: hwm,
             },
         )?;
-        txn.put(Table::Meta, AUDIT_HEAD, &head.to_bytes());
+        log.finish(&mut txn);
         store.commit(txn)?;
         return Err(Error::ClockRollback {
             observed,
@@ -757,11 +745,12 @@ fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>
         let day = ctx.policy.day_of(now);
         let record = &ctx.record;
         let state = EntitlementState {
-            revoked: false,
-            activated: !ctx
-                .policy
-                .policy
-                .requires_approval(keyfab_policy::Action::Activate),
+            revoked: c.revoked,
+            activated: c.activated
+                || !ctx
+                    .policy
+                    .policy
+                    .requires_approval(keyfab_policy::Action::Activate),
             last_acknowledged: record.created_at,
             total: c.total,
             today: c.days.get(&day).copied().unwrap_or(0),
@@ -777,9 +766,8 @@ fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>
         );
         match decision {
             Decision::Deny(code) => {
-                let seq = append(
+                let seq = log.append(
                     &mut txn,
-                    &mut head,
                     now,
                     Event::ProvisionDenied {
                         entitlement: req.entitlement.clone(),
@@ -840,9 +828,8 @@ fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>
                     });
                     privates.push(private);
                 }
-                let seq = append(
+                let seq = log.append(
                     &mut txn,
-                    &mut head,
                     now,
                     Event::ProvisionAllowed {
                         entitlement: req.entitlement.clone(),
@@ -893,7 +880,7 @@ fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>
         txn.require_unchanged(Table::Counters, ent.as_bytes(), seen.as_ref());
         txn.put(Table::Counters, ent.as_bytes(), &encode(c)?);
     }
-    txn.put(Table::Meta, AUDIT_HEAD, &head.to_bytes());
+    log.finish(&mut txn);
     if !store.commit(txn)?.is_committed() {
         return Err(Error::InvalidState(
             "site state changed under the committer (another writer?); nothing was released".into(),

@@ -196,11 +196,47 @@ pub enum SiteCommand {
     /// Entitlements received from HQ.
     #[command(subcommand)]
     Entitlement(SiteEntitlementCommand),
+    /// Quorum approvals: ask approvers, then submit what they signed.
+    #[command(subcommand)]
+    Approval(SiteApprovalCommand),
     /// Provision one device locally: decide under the policy, record, then release keys.
     #[command(
         after_help = "Examples:\n  keyfab site provision --home site --entitlement ID --device-id TSV2-00000001 --station line-1 --out dev1.json\n  keyfab site provision --home site --entitlement ID --device-id TSV2-00000002 --csr dev2.csr --json\n\nRefusals exit 3 with the policy's code (quota_exceeded, daily_limit_exceeded, ...).\nA retry with the same --request-id returns the same keys and consumes nothing more."
     )]
     Provision(ProvisionArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SiteApprovalCommand {
+    /// Write an approval request for approvers to sign (`keyfab approver sign`).
+    #[command(
+        after_help = "Example:\n  keyfab site approval request --home site --entitlement ID --action activate --out activate.req"
+    )]
+    Request {
+        #[command(flatten)]
+        home: Home,
+        #[arg(long)]
+        entitlement: String,
+        /// activate, reprovision or raise-limit (as the policy's required_for lists).
+        #[arg(long)]
+        action: String,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// How long approvers have to sign.
+        #[arg(long, default_value_t = 72)]
+        expires_in_hours: i64,
+    },
+    /// Submit signed approvals; when distinct listed approvers reach the threshold, the
+    /// action takes effect. One bad approval refuses the lot (exit 4, approval_invalid).
+    #[command(
+        after_help = "Example:\n  keyfab site approval submit --home site alice.approval bob.approval"
+    )]
+    Submit {
+        #[command(flatten)]
+        home: Home,
+        #[arg(required = true)]
+        approvals: Vec<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -264,6 +300,19 @@ pub enum SiteEntitlementCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum ApproverCommand {
+    /// Show an approval request and sign it with your key.
+    #[command(
+        after_help = "Example:\n  keyfab approver sign --key alice.key activate.req --out alice.approval"
+    )]
+    Sign {
+        /// Your private key (NAME.key from `keyfab approver keygen`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The request from `keyfab site approval request`.
+        request: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Create an approver key pair: NAME.key (private, PKCS#8 PEM, mode 0600) and NAME.pub.
     #[command(
         after_help = "Example:\n  keyfab approver keygen --out alice   # alice.key, alice.pub\n\nList alice.pub under [approval] approvers in policy.toml."

@@ -63,6 +63,26 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
         }
         Command::Site(SiteCommand::Provision(a)) => provision(&ctx, &a),
         Command::Approver(ApproverCommand::Keygen { out }) => approver_keygen(&ctx, &out),
+        Command::Approver(ApproverCommand::Sign { key, request, out }) => {
+            approver_sign(&key, &request, &out)
+        }
+        Command::Site(SiteCommand::Approval(SiteApprovalCommand::Request {
+            home,
+            entitlement,
+            action,
+            out,
+            expires_in_hours,
+        })) => approval_request(
+            &ctx,
+            &home.home,
+            &entitlement,
+            &action,
+            &out,
+            expires_in_hours,
+        ),
+        Command::Site(SiteCommand::Approval(SiteApprovalCommand::Submit { home, approvals })) => {
+            approval_submit(&ctx, &home.home, &approvals)
+        }
         Command::Demo { dir, devices } => crate::demo::run(&ctx, dir.as_deref(), devices),
         Command::Bench(BenchCommand::Provision {
             concurrency,
@@ -479,4 +499,70 @@ pub fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Failure> {
         None => "key material not shown: use --out FILE or --json\n".into(),
     });
     Ok(Report::new(text, bundle))
+}
+
+pub fn approval_request(
+    ctx: &Context,
+    home: &Path,
+    entitlement: &str,
+    action: &str,
+    out: &Path,
+    hours: i64,
+) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let file =
+        keyfab_site::approvals::request(&node, entitlement, action, hours.saturating_mul(3600))?;
+    std::fs::write(out, &file).map_err(|e| io_fail(out, e))?;
+    Ok(Report::new(
+        format!("approval request for '{action}' on {entitlement} written to {}; approvers sign it with `keyfab approver sign`", out.display()),
+        json!({"entitlement": entitlement, "action": action, "out": out}),
+    ))
+}
+
+pub fn approver_sign(key: &Path, request: &Path, out: &Path) -> Result<Report, Failure> {
+    let key_der = keyfab_hq::pki::read_pem_file(key, "PRIVATE KEY")?;
+    let signer = SigningKey::from_pkcs8(&key_der)
+        .map_err(|e| Failure::new("invalid_input", format!("{}: {e}", key.display())))?;
+    let file = std::fs::read(request).map_err(|e| io_fail(request, e))?;
+    let req = keyfab_formats::approval::ApprovalRequest::from_file(&file)
+        .map_err(keyfab_node::Error::from)?;
+    let approval = keyfab_formats::approval::sign_approval(&signer, &file)
+        .map_err(keyfab_node::Error::from)?;
+    std::fs::write(out, &approval).map_err(|e| io_fail(out, e))?;
+    Ok(Report::new(
+        format!(
+            "approved '{}' of entitlement {} ({} , {} devices) at site '{}', valid until {}; approval written to {}",
+            req.action, req.entitlement, req.product, req.devices, req.site, rfc3339(req.expires_at), out.display()
+        ),
+        json!({"site": req.site, "entitlement": req.entitlement, "action": req.action, "approver": signer.verifying_key().fingerprint().to_hex(), "out": out}),
+    ))
+}
+
+pub fn approval_submit(
+    ctx: &Context,
+    home: &Path,
+    files: &[std::path::PathBuf],
+) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let mut bytes = Vec::new();
+    for f in files {
+        bytes.push(std::fs::read(f).map_err(|e| io_fail(f, e))?);
+    }
+    let results = keyfab_site::approvals::submit(&node, &bytes)?;
+    let mut text = String::new();
+    for r in &results {
+        text.push_str(&format!(
+            "{} '{}': {} new approval(s), {} of {} distinct approvers{}\n",
+            r.entitlement,
+            r.action,
+            r.accepted,
+            r.count,
+            r.threshold,
+            if r.activated { " - activated" } else { "" }
+        ));
+    }
+    Ok(Report::new(
+        text,
+        json!({"results": results.iter().map(|r| json!({"entitlement": r.entitlement, "action": r.action, "accepted": r.accepted, "count": r.count, "threshold": r.threshold, "activated": r.activated})).collect::<Vec<_>>()}),
+    ))
 }

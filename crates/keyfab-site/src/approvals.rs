@@ -1,0 +1,246 @@
+//! Quorum approvals at the site: issue a request, accept approvals, activate.
+//!
+//! Thresholds count distinct approver keys (by fingerprint), only keys the signed policy
+//! lists (DESIGN.md invariant 6). A submission is all or nothing: one bad approval refuses
+//! the lot and nothing changes.
+
+use crate::audit_log::Appender;
+use crate::entitlements::EntitlementRecord;
+use crate::provision::Counters;
+use keyfab_audit::Event;
+use keyfab_crypto::sign::VerifyingKey;
+use keyfab_formats::approval::{verify_approval, ApprovalRequest};
+use keyfab_node::{decode, encode, Error, Node, Result};
+use keyfab_policy::Action;
+use keyfab_store::{Store, Table, Txn};
+use std::collections::BTreeSet;
+
+fn request_key(nonce: &str) -> Vec<u8> {
+    format!("approval-request/{nonce}").into_bytes()
+}
+
+fn approval_key(entitlement: &str, action: &str, approver: &str) -> Vec<u8> {
+    format!("approval/{entitlement}/{action}/{approver}").into_bytes()
+}
+
+fn parse_action(action: &str) -> Result<Action> {
+    match action {
+        "activate" => Ok(Action::Activate),
+        "reprovision" => Ok(Action::Reprovision),
+        "raise-limit" => Ok(Action::RaiseLimit),
+        other => Err(Error::InvalidInput(format!(
+            "action '{other}' is not one of activate, reprovision, raise-limit"
+        ))),
+    }
+}
+
+fn entitlement(node: &Node, id: &str) -> Result<EntitlementRecord> {
+    let v = node
+        .store
+        .get(Table::Entitlements, id.as_bytes())?
+        .ok_or_else(|| Error::UnknownEntitlement(id.to_owned()))?;
+    decode(&v.value)
+}
+
+fn approver_keys(record: &EntitlementRecord) -> Result<Vec<VerifyingKey>> {
+    record
+        .policy
+        .approval
+        .as_ref()
+        .map(|a| {
+            a.approver_keys
+                .iter()
+                .map(|p| Ok(VerifyingKey::from_pem(p)?))
+                .collect()
+        })
+        .unwrap_or_else(|| Ok(Vec::new()))
+}
+
+/// Issues an approval request for `action` on an entitlement, valid for `ttl_secs`.
+pub fn request(node: &Node, id: &str, action: &str, ttl_secs: i64) -> Result<Vec<u8>> {
+    let record = entitlement(node, id)?;
+    let act = parse_action(action)?;
+    if !record.policy.requires_approval(act) {
+        return Err(Error::InvalidInput(format!(
+            "the policy of {id} does not ask for approval of '{action}'"
+        )));
+    }
+    if ttl_secs < 60 {
+        return Err(Error::InvalidInput(
+            "an approval request must live at least a minute".into(),
+        ));
+    }
+    let counters = crate::provision::counters(node, id)?;
+    if act == Action::Activate && counters.activated {
+        return Err(Error::InvalidState(format!("{id} is already activated")));
+    }
+    let mut nonce = [0u8; 16];
+    node.rng.fill(&mut nonce);
+    let now = node.now().0;
+    let req = ApprovalRequest {
+        format: "keyfab-approval-request".into(),
+        version: 1,
+        site: node.name.clone(),
+        entitlement: id.to_owned(),
+        action: action.to_owned(),
+        nonce: hex::encode(nonce),
+        created_at: now,
+        expires_at: now.saturating_add(ttl_secs),
+        product: record.policy.product.clone(),
+        devices: record.policy.devices,
+    };
+    let file = req.to_file()?;
+    let mut txn = Txn::default();
+    txn.put(Table::Meta, &request_key(&req.nonce), &file);
+    node.store.commit(txn)?;
+    Ok(file)
+}
+
+/// The outcome of a submission.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub entitlement: String,
+    pub action: String,
+    /// New approvers counted by this submission.
+    pub accepted: usize,
+    /// Distinct approvers counted so far, and the threshold.
+    pub count: usize,
+    pub threshold: u32,
+    pub activated: bool,
+}
+
+/// Verifies every approval, then counts them in one transaction.
+pub fn submit(node: &Node, files: &[Vec<u8>]) -> Result<Vec<Submitted>> {
+    if files.is_empty() {
+        return Err(Error::InvalidInput("no approval files given".into()));
+    }
+    let now = node.now().0;
+    // Every key any imported policy lists: an approval is authenticated against these
+    // before anything in it is read.
+    let mut records = std::collections::BTreeMap::new();
+    let mut all_keys = Vec::new();
+    for (_, v) in node.store.scan(Table::Entitlements, b"", usize::MAX)? {
+        let rec: EntitlementRecord = decode(&v.value)?;
+        all_keys.extend(approver_keys(&rec)?);
+        records.insert(rec.id.clone(), rec);
+    }
+    let mut verified = Vec::new();
+    for (i, file) in files.iter().enumerate() {
+        let a = verify_approval(file, &all_keys)
+            .map_err(|e| Error::ApprovalInvalid(format!("file {}: {e}", i + 1)))?;
+        let req = &a.request;
+        let rec = records.get(&req.entitlement).ok_or_else(|| {
+            Error::ApprovalInvalid(format!("file {}: unknown entitlement", i + 1))
+        })?;
+        if !approver_keys(rec)?
+            .iter()
+            .any(|k| k.fingerprint() == a.approver)
+        {
+            return Err(Error::ApprovalInvalid(format!(
+                "file {}: approver {} is not listed in the policy of {}",
+                i + 1,
+                a.approver,
+                rec.id
+            )));
+        }
+        let issued = node.store.get(Table::Meta, &request_key(&req.nonce))?;
+        if req.site != node.name || issued.map(|v| v.value) != Some(a.request_file.clone()) {
+            return Err(Error::ApprovalInvalid(format!(
+                "file {}: approves a request this site did not issue (or one already satisfied)",
+                i + 1
+            )));
+        }
+        if now >= req.expires_at {
+            return Err(Error::ApprovalInvalid(format!(
+                "file {}: the request expired",
+                i + 1
+            )));
+        }
+        verified.push(a);
+    }
+
+    let mut txn = Txn::default();
+    let mut log = Appender::begin(node, &mut txn)?;
+    let mut results = Vec::new();
+    let groups: BTreeSet<(String, String)> = verified
+        .iter()
+        .map(|a| (a.request.entitlement.clone(), a.request.action.clone()))
+        .collect();
+    for (ent, action) in groups {
+        let rec = &records[&ent];
+        let threshold = rec.policy.approval.as_ref().map_or(0, |a| a.threshold);
+        let prefix = format!("approval/{ent}/{action}/").into_bytes();
+        let mut approvers: BTreeSet<String> = node
+            .store
+            .scan(Table::Meta, &prefix, usize::MAX)?
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            .collect();
+        let mut accepted = 0;
+        for a in verified
+            .iter()
+            .filter(|a| a.request.entitlement == ent && a.request.action == action)
+        {
+            let fp = a.approver.to_hex();
+            if approvers.insert(fp.clone()) {
+                accepted += 1;
+                let key = approval_key(&ent, &action, &fp);
+                txn.require_absent(Table::Meta, &key).put(
+                    Table::Meta,
+                    &key,
+                    a.request.nonce.as_bytes(),
+                );
+                log.append(
+                    &mut txn,
+                    now,
+                    Event::ApprovalAccepted {
+                        entitlement: ent.clone(),
+                        action: action.clone(),
+                        approver: fp,
+                        nonce: a.request.nonce.clone(),
+                    },
+                )?;
+            }
+        }
+        let mut activated = false;
+        if action == "activate" && approvers.len() >= threshold as usize {
+            let seen = node.store.get(Table::Counters, ent.as_bytes())?;
+            let mut c: Counters = match &seen {
+                Some(v) => decode(&v.value)?,
+                None => Counters::default(),
+            };
+            if !c.activated {
+                c.activated = true;
+                txn.require_unchanged(Table::Counters, ent.as_bytes(), seen.as_ref())
+                    .put(Table::Counters, ent.as_bytes(), &encode(&c)?);
+                log.append(
+                    &mut txn,
+                    now,
+                    Event::EntitlementActivated {
+                        entitlement: ent.clone(),
+                    },
+                )?;
+            }
+            activated = true;
+            // Satisfied: its requests cannot be used again.
+            for a in verified.iter().filter(|a| a.request.entitlement == ent) {
+                txn.delete(Table::Meta, &request_key(&a.request.nonce));
+            }
+        }
+        results.push(Submitted {
+            entitlement: ent,
+            action,
+            accepted,
+            count: approvers.len(),
+            threshold,
+            activated,
+        });
+    }
+    log.finish(&mut txn);
+    if !node.store.commit(txn)?.is_committed() {
+        return Err(Error::InvalidState(
+            "site state changed meanwhile; submit again".into(),
+        ));
+    }
+    Ok(results)
+}

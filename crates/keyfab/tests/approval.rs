@@ -1,0 +1,162 @@
+//! Quorum approvals: only listed keys count, each key once, before expiry; every refusal
+//! changes nothing; the threshold activates the entitlement, and all of it is audited.
+
+mod common;
+use common::*;
+
+#[test]
+fn a_quorum_of_distinct_listed_keys_activates() {
+    let w = world();
+    for name in ["alice", "bob", "carol", "mallory"] {
+        ok(&["approver", "keygen", "--out", &s(&w.path(name))]);
+    }
+    let policy = w.path("gated.toml");
+    std::fs::write(
+        &policy,
+        "product = \"p\"\ndevices = 5\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
+         [[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n\
+         [approval]\nthreshold = 2\napprovers = [\"alice.pub\", \"bob.pub\", \"carol.pub\"]\nrequired_for = [\"activate\"]\n",
+    )
+    .unwrap();
+    let kfe = w.path("gated.kfe");
+    let id = ok(&[
+        "hq",
+        "entitlement",
+        "create",
+        "--home",
+        &s(&w.hq),
+        "--site",
+        "shenzhen-1",
+        "--policy",
+        &s(&policy),
+        "--out",
+        &s(&kfe),
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let imported = import(&w.site, &kfe, None);
+    assert_eq!(imported.json["state"], "pending_approval");
+    let provision = |device: &str| {
+        keyfab(
+            &[
+                "site",
+                "provision",
+                "--home",
+                &s(&w.site),
+                "--entitlement",
+                &id,
+                "--device-id",
+                device,
+            ],
+            None,
+        )
+    };
+    let o = provision("D-1");
+    assert_eq!(
+        (o.code, o.json["error"]["code"].as_str()),
+        (3, Some("approval_required"))
+    );
+
+    let req = w.path("activate.req");
+    ok(&[
+        "site",
+        "approval",
+        "request",
+        "--home",
+        &s(&w.site),
+        "--entitlement",
+        &id,
+        "--action",
+        "activate",
+        "--out",
+        &s(&req),
+    ]);
+    let sign = |who: &str, req: &std::path::Path| {
+        let out = w.path(&format!(
+            "{who}-{}.approval",
+            req.file_name().unwrap().to_string_lossy()
+        ));
+        ok(&[
+            "approver",
+            "sign",
+            "--key",
+            &s(&w.path(&format!("{who}.key"))),
+            &s(req),
+            "--out",
+            &s(&out),
+        ]);
+        out
+    };
+    let submit = |files: &[&std::path::Path], now: Option<&str>| {
+        let mut args = vec![
+            "site".to_owned(),
+            "approval".into(),
+            "submit".into(),
+            "--home".into(),
+            s(&w.site),
+        ];
+        args.extend(files.iter().map(|f| s(f)));
+        keyfab(&args.iter().map(String::as_str).collect::<Vec<_>>(), now)
+    };
+    let refused = |files: &[&std::path::Path], now: Option<&str>| {
+        let before = snapshot(&w.site);
+        let o = submit(files, now);
+        assert_eq!(o.code, 4, "{}", o.json);
+        assert_eq!(o.json["error"]["code"], "approval_invalid", "{}", o.json);
+        assert_eq!(
+            before,
+            snapshot(&w.site),
+            "a refused submission changed the site"
+        );
+    };
+
+    let alice = sign("alice", &req);
+    let o = submit(&[&alice], None);
+    assert_eq!(o.code, 0, "{}", o.json);
+    assert_eq!(o.json["results"][0]["count"], 1);
+    // The same key twice counts once.
+    let o = submit(&[&alice], None);
+    assert_eq!(o.json["results"][0]["count"], 1, "{}", o.json);
+    assert_eq!(o.json["results"][0]["activated"], false);
+    assert_eq!(provision("D-1").json["error"]["code"], "approval_required");
+
+    // A key the policy does not list; a tampered approval; an expired request; all
+    // refused as a whole, even beside a good approval.
+    let mallory = sign("mallory", &req);
+    let bob = sign("bob", &req);
+    refused(&[&bob, &mallory], None);
+    let mut bytes = std::fs::read(&bob).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 1;
+    let tampered = w.path("tampered.approval");
+    std::fs::write(&tampered, &bytes).unwrap();
+    refused(&[&tampered], None);
+    let later = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_hours(80))
+        .unwrap()
+        .to_string();
+    refused(&[&bob], Some(&later));
+
+    // Bob makes two distinct keys: activated.
+    let o = submit(&[&bob], None);
+    assert_eq!(o.code, 0, "{}", o.json);
+    assert_eq!(o.json["results"][0]["activated"], true);
+    let o = provision("D-1");
+    assert_eq!(o.code, 0, "{}", o.json);
+    // The satisfied request cannot be used again.
+    let carol = sign("carol", &req);
+    refused(&[&carol], None);
+
+    let records = keyfab_site::entitlements::audit_records(&open_site(&w.site)).unwrap();
+    keyfab_audit::verify_chain(&keyfab_audit::Head::genesis(), &records).unwrap();
+    let accepted = records
+        .iter()
+        .filter(|r| matches!(r.event, keyfab_audit::Event::ApprovalAccepted { .. }))
+        .count();
+    let activated = records
+        .iter()
+        .filter(|r| matches!(r.event, keyfab_audit::Event::EntitlementActivated { .. }))
+        .count();
+    assert_eq!((accepted, activated), (2, 1));
+}
