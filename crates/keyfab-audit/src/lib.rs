@@ -61,6 +61,13 @@ pub enum Event {
     },
     /// Enough distinct approvers approved `activate`: the entitlement may be used.
     EntitlementActivated { entitlement: String },
+    /// HQ revoked an entitlement; its unused pool keys were destroyed.
+    EntitlementRevoked {
+        entitlement: String,
+        sequence: u64,
+        reason: String,
+        destroyed_pool_keys: u64,
+    },
 }
 
 /// The public identity of a key given to a device: never the key.

@@ -18,6 +18,7 @@ pub mod cose;
 pub mod entitlement;
 pub mod identity;
 pub mod prefix;
+pub mod revocation;
 
 use std::ops::Deref;
 

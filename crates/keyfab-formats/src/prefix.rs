@@ -12,6 +12,7 @@ pub enum Kind {
     Entitlement,
     ApprovalRequest,
     Approval,
+    Revocation,
 }
 
 impl Kind {
@@ -21,6 +22,7 @@ impl Kind {
             Kind::Entitlement => b'E',
             Kind::ApprovalRequest => b'Q',
             Kind::Approval => b'P',
+            Kind::Revocation => b'R',
         }
     }
     fn name(self) -> &'static str {
@@ -29,6 +31,7 @@ impl Kind {
             Kind::Entitlement => "entitlement (.kfe)",
             Kind::ApprovalRequest => "approval request",
             Kind::Approval => "approval",
+            Kind::Revocation => "revocation (.kfr)",
         }
     }
 }
@@ -42,6 +45,22 @@ pub fn encode(kind: Kind, version: u8) -> [u8; LEN] {
 }
 
 /// Checks the prefix of `bytes` for `kind` at `version`.
+/// The kind of a keyfab file from its prefix, if it is one.
+pub fn kind_of(bytes: &[u8]) -> Option<Kind> {
+    if bytes.len() < LEN || &bytes[..6] != MAGIC {
+        return None;
+    }
+    [
+        Kind::Identity,
+        Kind::Entitlement,
+        Kind::ApprovalRequest,
+        Kind::Approval,
+        Kind::Revocation,
+    ]
+    .into_iter()
+    .find(|k| k.letter() == bytes[6])
+}
+
 pub fn check(bytes: &[u8], kind: Kind, version: u8) -> Result<()> {
     if bytes.len() < LEN || &bytes[..6] != MAGIC {
         return Err(FormatError::Malformed(format!(

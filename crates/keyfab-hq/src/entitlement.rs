@@ -66,6 +66,9 @@ pub struct IssuedRecord {
     pub pool: Vec<PoolSpec>,
     pub keys_per_chunk: u32,
     pub file_bytes: u64,
+    /// When HQ revoked it, if it did.
+    #[serde(default)]
+    pub revoked_at: Option<i64>,
 }
 
 pub struct CreateRequest<'a> {
@@ -172,7 +175,7 @@ fn pool_ids_key(id: &str, chunk: u64) -> Vec<u8> {
     k
 }
 
-fn issued_key(id: &str) -> Vec<u8> {
+pub(crate) fn issued_key(id: &str) -> Vec<u8> {
     format!("ent/{id}").into_bytes()
 }
 
@@ -185,30 +188,34 @@ pub fn list_issued(node: &Node) -> Result<Vec<IssuedRecord>> {
         .collect()
 }
 
+/// Reserves the next sequence number for `site`: a crash afterwards burns a number,
+/// never reuses one (sites accept only increasing sequences).
+pub(crate) fn reserve_sequence(node: &Node, site: &str) -> Result<(SiteRecord, u64)> {
+    let (record, version) = get_site(node, site)?;
+    let sequence = record.last_sequence + 1;
+    let mut reserved = record.clone();
+    reserved.last_sequence = sequence;
+    let mut txn = Txn::default();
+    txn.require_unchanged(Table::Sites, record.name.as_bytes(), Some(&version))
+        .put(Table::Sites, record.name.as_bytes(), &encode(&reserved)?);
+    if !node.store.commit(txn)?.is_committed() {
+        return Err(Error::InvalidState(
+            "another file for this site is being created; retry".into(),
+        ));
+    }
+    Ok((record, sequence))
+}
+
 /// Creates an entitlement for a registered site and writes it to `req.out`.
 pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
     let policy = req.policy;
     policy.validate()?;
-    let (site, site_version): (SiteRecord, _) = get_site(node, req.site)?;
+    let (site, sequence) = reserve_sequence(node, req.site)?;
     let recipient = HpkePublicKey::from_sec1(&site.hpke_key)?;
     let cluster_cert = node.cluster_cert()?;
     let chain = node.service_chain()?;
     let now = node.now();
     let rng = node.rng.as_ref();
-
-    // Reserve the sequence number first: a crash afterwards burns a number, never
-    // reuses one (sites accept only increasing sequences).
-    let sequence = site.last_sequence + 1;
-    let mut reserved = site.clone();
-    reserved.last_sequence = sequence;
-    let mut txn = Txn::default();
-    txn.require_unchanged(Table::Sites, site.name.as_bytes(), Some(&site_version))
-        .put(Table::Sites, site.name.as_bytes(), &encode(&reserved)?);
-    if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState(
-            "another entitlement for this site is being created; retry".into(),
-        ));
-    }
 
     let mut id_bytes = [0u8; 16];
     rng.fill(&mut id_bytes);
@@ -311,6 +318,7 @@ pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
         pool,
         keys_per_chunk: req.keys_per_chunk,
         file_bytes: summary.bytes,
+        revoked_at: None,
     };
     let record_key = issued_key(&id);
     ids_txn.require_absent(Table::Issued, &record_key).put(

@@ -7,4 +7,5 @@
 
 pub mod entitlement;
 pub mod pki;
+pub mod revoke;
 pub mod sites;

@@ -20,7 +20,22 @@ use keyfab_store::{Store, Table, Txn};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-const HQ_SEQUENCE: &[u8] = b"hq_sequence";
+pub(crate) const HQ_SEQUENCE: &[u8] = b"hq_sequence";
+
+/// The last sequence number accepted from HQ (entitlements and revocations share it).
+pub(crate) fn read_hq_sequence(node: &Node) -> Result<(u64, Option<keyfab_store::Versioned>)> {
+    let seen = node.store.get(Table::Meta, HQ_SEQUENCE)?;
+    let last = match &seen {
+        Some(v) => u64::from_be_bytes(
+            v.value
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::InvalidState("hq sequence".into()))?,
+        ),
+        None => 0,
+    };
+    Ok((last, seen))
+}
 
 /// What the site stores per entitlement. Secrets are sealed under the entitlement's data
 /// key, which is itself wrapped by custody.
@@ -50,7 +65,7 @@ pub struct EntitlementRecord {
 }
 
 impl EntitlementRecord {
-    /// Active once imported, unless the policy wants a quorum to activate it.
+    /// The state right after import: active, unless the policy wants a quorum first.
     pub fn state(&self) -> &'static str {
         if self
             .policy
@@ -61,6 +76,18 @@ impl EntitlementRecord {
             "active"
         }
     }
+}
+
+/// The state of an imported entitlement now: `revoked`, `pending_approval` or `active`.
+pub fn status(node: &Node, record: &EntitlementRecord) -> Result<&'static str> {
+    let c = crate::provision::counters(node, &record.id)?;
+    Ok(if c.revoked {
+        "revoked"
+    } else if c.activated {
+        "active"
+    } else {
+        record.state()
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -124,16 +151,7 @@ pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> 
     )?;
 
     // Replay: sequence numbers from HQ only go up (DESIGN.md invariant 10).
-    let seq_seen = node.store.get(Table::Meta, HQ_SEQUENCE)?;
-    let last = match &seq_seen {
-        Some(v) => u64::from_be_bytes(
-            v.value
-                .as_slice()
-                .try_into()
-                .map_err(|_| Error::InvalidState("hq sequence".into()))?,
-        ),
-        None => 0,
-    };
+    let (last, seq_seen) = read_hq_sequence(node)?;
     let h = &envelope.header;
     if node
         .store

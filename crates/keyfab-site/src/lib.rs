@@ -7,3 +7,4 @@ mod audit_log;
 pub mod entitlements;
 pub mod identity;
 pub mod provision;
+pub mod revocation;

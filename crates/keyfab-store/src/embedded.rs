@@ -75,7 +75,10 @@ fn guard_key(g: &Guard) -> (Table, &[u8], Option<u64>) {
 
 fn write_table(w: &Write) -> Table {
     match w {
-        Write::Put(t, ..) | Write::Delete(t, _) | Write::DeletePrefix(t, _) => *t,
+        Write::Put(t, ..)
+        | Write::Delete(t, _)
+        | Write::DeletePrefix(t, _)
+        | Write::DeleteRange(t, ..) => *t,
     }
 }
 
@@ -170,6 +173,11 @@ impl Store for EmbeddedStore {
                     Write::DeletePrefix(_, p) => {
                         table
                             .retain_in(p.as_slice().., |k, _| !k.starts_with(p))
+                            .map_err(io)?;
+                    }
+                    Write::DeleteRange(_, start, end) => {
+                        table
+                            .retain_in(start.as_slice()..end.as_slice(), |_, _| false)
                             .map_err(io)?;
                     }
                 }

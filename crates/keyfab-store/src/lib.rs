@@ -102,6 +102,8 @@ enum Write {
     Put(Table, Vec<u8>, Vec<u8>),
     Delete(Table, Vec<u8>),
     DeletePrefix(Table, Vec<u8>),
+    /// Keys in `start..end`.
+    DeleteRange(Table, Vec<u8>, Vec<u8>),
 }
 
 /// An atomic, guarded set of writes.
@@ -141,6 +143,12 @@ impl Txn {
     pub fn delete_prefix(&mut self, table: Table, prefix: &[u8]) -> &mut Self {
         self.writes
             .push(Write::DeletePrefix(table, prefix.to_vec()));
+        self
+    }
+    /// Deletes every key in `start..end`.
+    pub fn delete_range(&mut self, table: Table, start: &[u8], end: &[u8]) -> &mut Self {
+        self.writes
+            .push(Write::DeleteRange(table, start.to_vec(), end.to_vec()));
         self
     }
     pub fn is_empty(&self) -> bool {

@@ -178,6 +178,21 @@ pub enum HqEntitlementCommand {
         #[command(flatten)]
         home: Home,
     },
+    /// Revoke an entitlement: a signed .kfr for its site (import it with
+    /// `keyfab site entitlement import`); the site then refuses with `revoked` and
+    /// destroys the pool keys no device took.
+    #[command(after_help = "Example:
+  keyfab hq entitlement revoke --home hq --id ID --reason \"line closed\" --out ID.kfr")]
+    Revoke {
+        #[command(flatten)]
+        home: Home,
+        #[arg(long)]
+        id: String,
+        #[arg(long, default_value = "revoked by HQ")]
+        reason: String,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -280,7 +295,8 @@ pub enum SiteIdentityCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum SiteEntitlementCommand {
-    /// Verify and import an entitlement (.kfe). Refusals exit 4 and change nothing.
+    /// Verify and import an entitlement (.kfe) or a revocation (.kfr). Refusals exit 4
+    /// and change nothing.
     #[command(
         after_help = "Example:\n  keyfab site entitlement import --home site thermostat.kfe"
     )]

@@ -43,6 +43,12 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             policy,
             out,
         })) => entitlement_create(&ctx, &home.home, &site, &policy, &out),
+        Command::Hq(HqCommand::Entitlement(HqEntitlementCommand::Revoke {
+            home,
+            id,
+            reason,
+            out,
+        })) => revoke(&ctx, &home.home, &id, &reason, &out),
         Command::Hq(HqCommand::Entitlement(HqEntitlementCommand::List { home })) => {
             issued_list(&ctx, &home.home)
         }
@@ -291,8 +297,54 @@ pub fn issued_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     ))
 }
 
+pub fn revoke(
+    ctx: &Context,
+    home: &Path,
+    id: &str,
+    reason: &str,
+    out: &Path,
+) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let r = keyfab_hq::revoke::revoke(&node, id, reason, out)?;
+    Ok(Report::new(
+        format!(
+            "revocation of {} for site '{}' (sequence {}) written to {}",
+            r.entitlement,
+            r.site,
+            r.sequence,
+            out.display()
+        ),
+        json!({"entitlement": r.entitlement, "site": r.site, "sequence": r.sequence, "out": out}),
+    ))
+}
+
 pub fn entitlement_import(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
+    let mut head = [0u8; 8];
+    let is_revocation = std::fs::File::open(file)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok()
+        && keyfab_formats::prefix::kind_of(&head) == Some(keyfab_formats::prefix::Kind::Revocation);
+    if is_revocation {
+        let len = std::fs::metadata(file).map_err(|e| io_fail(file, e))?.len();
+        if len > keyfab_formats::revocation::MAX_LEN as u64 {
+            return Err(
+                keyfab_node::Error::from(keyfab_formats::FormatError::Malformed(
+                    "revocation too large".into(),
+                ))
+                .into(),
+            );
+        }
+        let bytes = std::fs::read(file).map_err(|e| io_fail(file, e))?;
+        let r = keyfab_site::revocation::import_revocation(&node, &bytes)?;
+        return Ok(Report::new(
+            format!(
+                "entitlement {} revoked (sequence {}); {} unused pool keys destroyed",
+                r.entitlement, r.sequence, r.destroyed_pool_keys
+            ),
+            json!({"revoked": r.entitlement, "sequence": r.sequence, "destroyed_pool_keys": r.destroyed_pool_keys}),
+        ));
+    }
     let progress = Progress::new("stored", "pool keys", !ctx.json);
     let report_progress = |done, total| progress.update(done, total);
     let imported = keyfab_site::entitlements::import(
@@ -318,13 +370,14 @@ pub fn entitlement_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     let mut items = Vec::new();
     for e in &list {
         let p = &e.policy;
+        let state = keyfab_site::entitlements::status(&node, e)?;
         text.push_str(&format!(
             "{}  {}  from {} (sequence {}), {}\n  devices {}  daily {}  ({})  window {} .. {}\n",
             e.id,
             p.product,
             e.hq,
             e.sequence,
-            e.state(),
+            state,
             p.devices,
             p.daily_limit.map_or("none".into(), |d| d.to_string()),
             p.timezone,
@@ -348,7 +401,7 @@ pub fn entitlement_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
             keys.push(json!({"name": k.name, "type": k.key_type.as_str(), "source": k.source.as_str(), "pool_keys": pool}));
         }
         items.push(json!({
-            "id": e.id, "hq": e.hq, "sequence": e.sequence, "state": e.state(),
+            "id": e.id, "hq": e.hq, "sequence": e.sequence, "state": state,
             "policy": serde_json::to_value(p).unwrap_or_default(),
             "keys": keys,
             "pool_keys": e.pool.iter().map(|s| s.count).sum::<u64>(),

@@ -1,0 +1,90 @@
+//! The revocation file `.kfr`: HQ tells one site that an entitlement is revoked.
+//!
+//! ```text
+//! "KEYFAB" 'R' 0x01 | COSE_Sign1 — nothing after it; at most 64 KiB
+//!   ES256 by HQ's service signing key, x5chain = [HQ signing cert, HQ cluster cert],
+//!   external_aad "keyfab-revocation-v1", payload = CBOR map (below)
+//! ```
+//!
+//! It carries no secret, so it is not encrypted; it is verified exactly like an
+//! entitlement (signature, chain to the root with role hq, addressed to this site) and
+//! uses the same per-site sequence, so it cannot be replayed or reordered.
+
+use crate::prefix::{self, Kind};
+use crate::{cbor_encode, cbor_exact, cose, FormatError, Result, Verified};
+use keyfab_crypto::hash::Fingerprint;
+use keyfab_crypto::sign::EcdsaSigner;
+use keyfab_crypto::time::UnixTime;
+use keyfab_crypto::x509::{self, Purpose, Role};
+use serde::{Deserialize, Serialize};
+
+pub const VERSION: u8 = 1;
+pub const MAX_LEN: usize = 64 * 1024;
+pub const CONTEXT: &[u8] = b"keyfab-revocation-v1";
+pub const CONTENT_TYPE: &str = "application/keyfab-revocation+cbor";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revocation {
+    pub format: String,
+    pub version: u32,
+    /// The entitlement revoked.
+    pub entitlement: String,
+    /// Per-site sequence number, shared with entitlements.
+    pub sequence: u64,
+    pub hq: String,
+    /// Hex SHA-256 of HQ's cluster certificate.
+    pub hq_cluster: String,
+    pub site: String,
+    /// Hex SHA-256 of the SubjectPublicKeyInfo of the site's HPKE key.
+    pub recipient: String,
+    pub created_at: i64,
+    pub reason: String,
+}
+
+pub fn write_revocation(
+    signer: &dyn EcdsaSigner,
+    chain: Vec<Vec<u8>>,
+    r: &Revocation,
+) -> Result<Vec<u8>> {
+    let sign1 = cose::sign(signer, &chain, CONTENT_TYPE, CONTEXT, cbor_encode(r)?)?;
+    let mut out = prefix::encode(Kind::Revocation, VERSION).to_vec();
+    out.extend(sign1);
+    Ok(out)
+}
+
+/// Verifies a revocation for `site` (whose current HPKE key is `recipient`) against
+/// `root` at `now`, in the order of DESIGN.md invariant 1.
+pub fn verify_revocation(
+    bytes: &[u8],
+    root: &[u8],
+    now: UnixTime,
+    site: &str,
+    recipient: Fingerprint,
+) -> Result<Verified<Revocation>> {
+    if bytes.len() > MAX_LEN {
+        return Err(FormatError::Malformed(format!(
+            "revocation larger than {MAX_LEN} bytes"
+        )));
+    }
+    prefix::check(bytes, Kind::Revocation, VERSION)?;
+    let signed = cose::verify(&bytes[prefix::LEN..], CONTENT_TYPE, CONTEXT)?;
+    let signer = x509::validate_chain(root, &signed.chain, Role::Hq, Purpose::Signing, now)
+        .map_err(FormatError::from_chain)?;
+    let r: Revocation = cbor_exact("revocation", &signed.payload)?;
+    if r.format != "keyfab-revocation" || r.version != u32::from(VERSION) {
+        return Err(FormatError::Malformed("revocation format/version".into()));
+    }
+    if r.hq != signer.cluster_name || r.hq_cluster != Fingerprint::of(&signed.chain[1]).to_hex() {
+        return Err(FormatError::UntrustedSigner(
+            "revocation names another HQ than the one that signed it".into(),
+        ));
+    }
+    if r.site != site || r.recipient != recipient.to_hex() {
+        return Err(FormatError::WrongRecipient(format!(
+            "addressed to site '{}', this is '{site}'",
+            r.site
+        )));
+    }
+    Ok(Verified::new(r))
+}
