@@ -4,7 +4,9 @@
 //! - make the next record: [`Head::next`] (sequence and previous hash filled in);
 //! - its bytes and hash: [`Record::to_bytes`], [`Record::hash`] (RFC 9162 leaf hash,
 //!   SHA-256(0x00 ‖ bytes), so the same hashes can feed a Merkle tree);
-//! - check a run of records continues a head: [`verify_chain`] (pure: HQ runs it too).
+//! - check a run of records continues a head: [`verify_chain`] (pure: HQ runs it too);
+//! - the Merkle tree over the records' hashes, with inclusion and consistency proofs:
+//!   [`merkle`] (RFC 9162).
 //!
 //! A record never holds a secret: key fingerprints and check values, certificate serials,
 //! ids and codes only.
@@ -18,6 +20,8 @@
 //! assert_eq!(verify_chain(&Head::genesis(), &[r1, r2]).unwrap().sequence, 2);
 //! ```
 #![forbid(unsafe_code)]
+
+pub mod merkle;
 
 use serde::{Deserialize, Serialize};
 
