@@ -72,6 +72,13 @@ pub enum Event {
         reason: String,
         destroyed_pool_keys: u64,
     },
+    /// HQ acknowledged a checkpoint of this log.
+    ReceiptImported {
+        size: u64,
+        /// Hex Merkle root HQ acknowledged.
+        root: String,
+        acknowledged_at: i64,
+    },
 }
 
 /// The public identity of a key given to a device: never the key.

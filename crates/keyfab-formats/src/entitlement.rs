@@ -109,6 +109,9 @@ pub struct EntitlementContent {
     pub secrets: ContentSecrets,
     pub pool: Vec<PoolSpec>,
     pub keys_per_chunk: u32,
+    /// HQ's last accepted checkpoint of this site's audit log, if any: a site whose log
+    /// is behind or inconsistent with it was rolled back (DESIGN.md, tier B).
+    pub acknowledged: Option<crate::checkpoint::TreeHead>,
 }
 
 /// One pool chunk: keys `first .. first + count` of pool spec `spec`.

@@ -13,6 +13,8 @@ pub enum Kind {
     ApprovalRequest,
     Approval,
     Revocation,
+    Checkpoint,
+    Receipt,
 }
 
 impl Kind {
@@ -23,6 +25,8 @@ impl Kind {
             Kind::ApprovalRequest => b'Q',
             Kind::Approval => b'P',
             Kind::Revocation => b'R',
+            Kind::Checkpoint => b'C',
+            Kind::Receipt => b'K',
         }
     }
     fn name(self) -> &'static str {
@@ -32,6 +36,8 @@ impl Kind {
             Kind::ApprovalRequest => "approval request",
             Kind::Approval => "approval",
             Kind::Revocation => "revocation (.kfr)",
+            Kind::Checkpoint => "audit checkpoint",
+            Kind::Receipt => "receipt (.kfk)",
         }
     }
 }
@@ -44,7 +50,6 @@ pub fn encode(kind: Kind, version: u8) -> [u8; LEN] {
     p
 }
 
-/// Checks the prefix of `bytes` for `kind` at `version`.
 /// The kind of a keyfab file from its prefix, if it is one.
 pub fn kind_of(bytes: &[u8]) -> Option<Kind> {
     if bytes.len() < LEN || &bytes[..6] != MAGIC {
@@ -56,11 +61,14 @@ pub fn kind_of(bytes: &[u8]) -> Option<Kind> {
         Kind::ApprovalRequest,
         Kind::Approval,
         Kind::Revocation,
+        Kind::Checkpoint,
+        Kind::Receipt,
     ]
     .into_iter()
     .find(|k| k.letter() == bytes[6])
 }
 
+/// Checks the prefix of `bytes` for `kind` at `version`.
 pub fn check(bytes: &[u8], kind: Kind, version: u8) -> Result<()> {
     if bytes.len() < LEN || &bytes[..6] != MAGIC {
         return Err(FormatError::Malformed(format!(

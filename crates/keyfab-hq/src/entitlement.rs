@@ -257,6 +257,7 @@ pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
         },
         pool: pool.clone(),
         keys_per_chunk: req.keys_per_chunk,
+        acknowledged: site.acknowledged,
     };
     let addressing = Addressing {
         id: id.clone(),

@@ -7,5 +7,6 @@
 
 pub mod entitlement;
 pub mod pki;
+pub mod receipts;
 pub mod revoke;
 pub mod sites;

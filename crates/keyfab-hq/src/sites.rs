@@ -21,6 +21,9 @@ pub struct SiteRecord {
     pub hpke_key: Vec<u8>,
     /// Sequence number of the last entitlement issued to this site (0: none yet).
     pub last_sequence: u64,
+    /// The last checkpoint of this site's audit log HQ accepted.
+    #[serde(default)]
+    pub acknowledged: Option<keyfab_formats::checkpoint::TreeHead>,
 }
 
 /// Registers (or refreshes, after a key rotation) a site from its identity file. Only an
@@ -30,9 +33,12 @@ pub fn add_site(node: &Node, kfi: &[u8]) -> Result<SiteRecord> {
     let id = verify_identity(kfi, &root, node.now())?.into_inner();
     let key = id.site.as_bytes();
     let existing = node.store.get(Table::Sites, key)?;
-    let last_sequence = match &existing {
-        Some(v) => decode::<SiteRecord>(&v.value)?.last_sequence,
-        None => 0,
+    let (last_sequence, acknowledged) = match &existing {
+        Some(v) => {
+            let old = decode::<SiteRecord>(&v.value)?;
+            (old.last_sequence, old.acknowledged)
+        }
+        None => (0, None),
     };
     let record = SiteRecord {
         name: id.site.clone(),
@@ -41,6 +47,7 @@ pub fn add_site(node: &Node, kfi: &[u8]) -> Result<SiteRecord> {
         hpke_cert: id.hpke_cert,
         hpke_key: id.hpke_key.sec1().to_vec(),
         last_sequence,
+        acknowledged,
     };
     let mut txn = Txn::default();
     txn.require_unchanged(Table::Sites, key, existing.as_ref())

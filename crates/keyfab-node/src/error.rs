@@ -25,6 +25,9 @@ pub enum Error {
     /// request (exit 4).
     #[error("approval refused: {0}")]
     ApprovalInvalid(String),
+    /// The site's log is behind, or disagrees with, what HQ acknowledged (exit 4).
+    #[error("rollback detected: {0}")]
+    RollbackDetected(String),
     #[error("{0}")]
     InvalidPolicy(#[from] keyfab_policy::PolicyError),
     #[error("{0}")]
@@ -63,6 +66,7 @@ impl Error {
             Error::ClockRollback { .. } => "clock_rollback",
             Error::UnknownEntitlement(_) => "unknown_entitlement",
             Error::ApprovalInvalid(_) => "approval_invalid",
+            Error::RollbackDetected(_) => "rollback_detected",
             Error::InvalidPolicy(_) => "invalid_policy",
             Error::NotFound(_) => "not_found",
             Error::InvalidState(_) => "invalid_state",
@@ -75,7 +79,10 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Verification(FormatError::Io(_) | FormatError::Write(_)) => 1,
-            Error::Verification(_) | Error::Replayed(_) | Error::ApprovalInvalid(_) => 4,
+            Error::Verification(_)
+            | Error::Replayed(_)
+            | Error::ApprovalInvalid(_)
+            | Error::RollbackDetected(_) => 4,
             Error::Denied { .. } | Error::ClockRollback { .. } | Error::UnknownEntitlement(_) => 3,
             _ => 1,
         }

@@ -171,6 +171,10 @@ pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> 
     }
 
     let (content, mut pool_reader) = open_entitlement(&envelope, recipient)?;
+    // HQ's last accepted checkpoint of this site must still be in the log (tier B).
+    if let Some(acked) = &content.acknowledged {
+        crate::checkpoints::check_consistent(node, acked)?;
+    }
     sweep_staging(node)?;
 
     let rng = node.rng.as_ref();

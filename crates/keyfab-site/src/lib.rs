@@ -4,6 +4,7 @@
 
 pub mod approvals;
 mod audit_log;
+pub mod checkpoints;
 pub mod entitlements;
 pub mod identity;
 pub mod provision;

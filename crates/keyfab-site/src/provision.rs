@@ -709,6 +709,8 @@ fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>
     let now = observed.max(hwm);
     txn.put(Table::Meta, TIME_HWM, &now.to_be_bytes());
 
+    let acknowledged_at =
+        crate::checkpoints::acknowledged(node)?.map_or(i64::MIN, |a| a.acknowledged_at);
     let mut counters: HashMap<String, (Counters, Option<Versioned>)> = HashMap::new();
     let mut requests: HashMap<Vec<u8>, RequestRecord> = HashMap::new();
     let mut devices: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
@@ -751,7 +753,7 @@ fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>
                     .policy
                     .policy
                     .requires_approval(keyfab_policy::Action::Activate),
-            last_acknowledged: record.created_at,
+            last_acknowledged: record.created_at.max(acknowledged_at),
             total: c.total,
             today: c.days.get(&day).copied().unwrap_or(0),
         };

@@ -211,6 +211,12 @@ pub enum SiteCommand {
     /// Entitlements received from HQ.
     #[command(subcommand)]
     Entitlement(SiteEntitlementCommand),
+    /// The site's audit log: verify it, write a signed checkpoint of it.
+    #[command(subcommand)]
+    Audit(SiteAuditCommand),
+    /// HQ's receipts: acknowledgments of this site's audit.
+    #[command(subcommand)]
+    Receipt(SiteReceiptCommand),
     /// Quorum approvals: ask approvers, then submit what they signed.
     #[command(subcommand)]
     Approval(SiteApprovalCommand),
@@ -219,6 +225,40 @@ pub enum SiteCommand {
         after_help = "Examples:\n  keyfab site provision --home site --entitlement ID --device-id TSV2-00000001 --station line-1 --out dev1.json\n  keyfab site provision --home site --entitlement ID --device-id TSV2-00000002 --csr dev2.csr --json\n\nRefusals exit 3 with the policy's code (quota_exceeded, daily_limit_exceeded, ...).\nA retry with the same --request-id returns the same keys and consumes nothing more."
     )]
     Provision(ProvisionArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SiteAuditCommand {
+    /// Check the hash chain of the whole log and print its size and Merkle root.
+    #[command(after_help = "Example:
+  keyfab site audit verify --home site")]
+    Verify {
+        #[command(flatten)]
+        home: Home,
+    },
+    /// Write a checkpoint of the log (size, RFC 9162 root, time) signed by the site.
+    #[command(after_help = "Example:
+  keyfab site audit checkpoint --home site --out now.kfc")]
+    Checkpoint {
+        #[command(flatten)]
+        home: Home,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SiteReceiptCommand {
+    /// Import HQ's signed acknowledgment of this site's audit (.kfk). Its checkpoint must
+    /// still be in the log (otherwise: rollback_detected); it restarts the
+    /// audit_every_days clock.
+    #[command(after_help = "Example:
+  keyfab site receipt import --home site hq-receipt.kfk")]
+    Import {
+        #[command(flatten)]
+        home: Home,
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]

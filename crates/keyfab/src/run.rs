@@ -68,6 +68,15 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             entitlement_list(&ctx, &home.home)
         }
         Command::Site(SiteCommand::Provision(a)) => provision(&ctx, &a),
+        Command::Site(SiteCommand::Audit(SiteAuditCommand::Verify { home })) => {
+            audit_verify(&ctx, &home.home)
+        }
+        Command::Site(SiteCommand::Audit(SiteAuditCommand::Checkpoint { home, out })) => {
+            audit_checkpoint(&ctx, &home.home, &out)
+        }
+        Command::Site(SiteCommand::Receipt(SiteReceiptCommand::Import { home, file })) => {
+            receipt_import(&ctx, &home.home, &file)
+        }
         Command::Approver(ApproverCommand::Keygen { out }) => approver_keygen(&ctx, &out),
         Command::Approver(ApproverCommand::Sign { key, request, out }) => {
             approver_sign(&key, &request, &out)
@@ -617,5 +626,58 @@ pub fn approval_submit(
     Ok(Report::new(
         text,
         json!({"results": results.iter().map(|r| json!({"entitlement": r.entitlement, "action": r.action, "accepted": r.accepted, "count": r.count, "threshold": r.threshold, "activated": r.activated})).collect::<Vec<_>>()}),
+    ))
+}
+
+pub fn audit_verify(ctx: &Context, home: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let records = keyfab_site::entitlements::audit_records(&node)?;
+    let head =
+        keyfab_audit::verify_chain(&keyfab_audit::Head::genesis(), &records).map_err(|e| {
+            Failure {
+                code: "bad_signature",
+                message: format!("the audit chain is broken: {e}"),
+                exit_code: 4,
+            }
+        })?;
+    let tree = keyfab_site::checkpoints::tree_head(&node)?;
+    Ok(Report::new(
+        format!(
+            "audit log of '{}': {} records, hash chain intact, Merkle root {}",
+            node.name,
+            head.sequence,
+            hex::encode(tree.root)
+        ),
+        json!({"site": node.name, "records": head.sequence, "root": hex::encode(tree.root)}),
+    ))
+}
+
+pub fn audit_checkpoint(ctx: &Context, home: &Path, out: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let (c, bytes) = keyfab_site::checkpoints::checkpoint(&node)?;
+    std::fs::write(out, &bytes).map_err(|e| io_fail(out, e))?;
+    Ok(Report::new(
+        format!(
+            "checkpoint of '{}': {} records, root {}, signed -> {}",
+            c.site,
+            c.head.size,
+            hex::encode(c.head.root),
+            out.display()
+        ),
+        json!({"site": c.site, "size": c.head.size, "root": hex::encode(c.head.root), "time": rfc3339(c.time), "out": out}),
+    ))
+}
+
+pub fn receipt_import(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let bytes = std::fs::read(file).map_err(|e| io_fail(file, e))?;
+    let ack = keyfab_site::checkpoints::import_receipt(&node, &bytes)?;
+    Ok(Report::new(
+        format!(
+            "HQ acknowledged {} audit records (at {}); the audit freshness clock restarts",
+            ack.head.size,
+            rfc3339(ack.acknowledged_at)
+        ),
+        json!({"size": ack.head.size, "root": hex::encode(ack.head.root), "acknowledged_at": rfc3339(ack.acknowledged_at)}),
     ))
 }

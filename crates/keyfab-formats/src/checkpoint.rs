@@ -1,0 +1,181 @@
+//! Audit checkpoints (site → HQ) and receipts (HQ → site).
+//!
+//! ```text
+//! checkpoint  "KEYFAB" 'C' 0x01 | COSE_Sign1 by the site's service signing key,
+//!             x5chain = [site signing cert, site cluster cert],
+//!             external_aad "keyfab-checkpoint-v1", payload = CBOR Checkpoint
+//! receipt     "KEYFAB" 'K' 0x01 | COSE_Sign1 by HQ's service signing key,
+//!             x5chain = [HQ signing cert, HQ cluster cert],
+//!             external_aad "keyfab-receipt-v1", payload = CBOR Receipt
+//! ```
+//!
+//! A checkpoint states the size and RFC 9162 root of the site's audit log at a time. A
+//! receipt is HQ's acknowledgment that it accepted such a checkpoint; HQ's last accepted
+//! checkpoint also travels inside every entitlement. A site whose log is behind it, or
+//! disagrees with it, was rolled back.
+
+use crate::prefix::{self, Kind};
+use crate::{cbor_encode, cbor_exact, cose, FormatError, Result, Verified};
+use keyfab_crypto::hash::Fingerprint;
+use keyfab_crypto::sign::EcdsaSigner;
+use keyfab_crypto::time::UnixTime;
+use keyfab_crypto::x509::{self, Purpose, Role, ValidatedLeaf};
+use serde::{Deserialize, Serialize};
+
+pub const VERSION: u8 = 1;
+pub const MAX_LEN: usize = 64 * 1024;
+pub const CHECKPOINT_CONTEXT: &[u8] = b"keyfab-checkpoint-v1";
+pub const RECEIPT_CONTEXT: &[u8] = b"keyfab-receipt-v1";
+const CHECKPOINT_TYPE: &str = "application/keyfab-checkpoint+cbor";
+const RECEIPT_TYPE: &str = "application/keyfab-receipt+cbor";
+
+/// The state of a site's audit log: how many records, and their Merkle root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TreeHead {
+    pub size: u64,
+    #[serde(with = "serde_bytes")]
+    pub root: [u8; 32],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    pub format: String,
+    pub version: u32,
+    pub site: String,
+    pub head: TreeHead,
+    pub time: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Receipt {
+    pub format: String,
+    pub version: u32,
+    pub hq: String,
+    /// Hex SHA-256 of HQ's cluster certificate.
+    pub hq_cluster: String,
+    pub site: String,
+    /// Hex SHA-256 of the SubjectPublicKeyInfo of the site's HPKE key.
+    pub recipient: String,
+    /// The checkpoint HQ accepted.
+    pub head: TreeHead,
+    pub checkpoint_time: i64,
+    pub acknowledged_at: i64,
+}
+
+fn framed(kind: Kind, sign1: Vec<u8>) -> Vec<u8> {
+    let mut out = prefix::encode(kind, VERSION).to_vec();
+    out.extend(sign1);
+    out
+}
+
+pub fn write_checkpoint(
+    signer: &dyn EcdsaSigner,
+    chain: Vec<Vec<u8>>,
+    c: &Checkpoint,
+) -> Result<Vec<u8>> {
+    let sign1 = cose::sign(
+        signer,
+        &chain,
+        CHECKPOINT_TYPE,
+        CHECKPOINT_CONTEXT,
+        cbor_encode(c)?,
+    )?;
+    Ok(framed(Kind::Checkpoint, sign1))
+}
+
+pub fn write_receipt(
+    signer: &dyn EcdsaSigner,
+    chain: Vec<Vec<u8>>,
+    r: &Receipt,
+) -> Result<Vec<u8>> {
+    let sign1 = cose::sign(
+        signer,
+        &chain,
+        RECEIPT_TYPE,
+        RECEIPT_CONTEXT,
+        cbor_encode(r)?,
+    )?;
+    Ok(framed(Kind::Receipt, sign1))
+}
+
+fn verified_body(
+    bytes: &[u8],
+    kind: Kind,
+    content_type: &str,
+    context: &[u8],
+    root: &[u8],
+    role: Role,
+    now: UnixTime,
+) -> Result<(ValidatedLeaf, Vec<Vec<u8>>, Vec<u8>)> {
+    if bytes.len() > MAX_LEN {
+        return Err(FormatError::Malformed(format!(
+            "file larger than {MAX_LEN} bytes"
+        )));
+    }
+    prefix::check(bytes, kind, VERSION)?;
+    let signed = cose::verify(&bytes[prefix::LEN..], content_type, context)?;
+    let signer = x509::validate_chain(root, &signed.chain, role, Purpose::Signing, now)
+        .map_err(FormatError::from_chain)?;
+    Ok((signer, signed.chain, signed.payload))
+}
+
+/// Verifies a site's checkpoint against `root` (role site) at `now`.
+pub fn verify_checkpoint(bytes: &[u8], root: &[u8], now: UnixTime) -> Result<Verified<Checkpoint>> {
+    let (signer, _, payload) = verified_body(
+        bytes,
+        Kind::Checkpoint,
+        CHECKPOINT_TYPE,
+        CHECKPOINT_CONTEXT,
+        root,
+        Role::Site,
+        now,
+    )?;
+    let c: Checkpoint = cbor_exact("checkpoint", &payload)?;
+    if c.format != "keyfab-checkpoint" || c.version != u32::from(VERSION) {
+        return Err(FormatError::Malformed("checkpoint format/version".into()));
+    }
+    if c.site != signer.cluster_name {
+        return Err(FormatError::UntrustedSigner(
+            "checkpoint names another site than its signer".into(),
+        ));
+    }
+    Ok(Verified::new(c))
+}
+
+/// Verifies an HQ receipt addressed to `site` (current HPKE key `recipient`).
+pub fn verify_receipt(
+    bytes: &[u8],
+    root: &[u8],
+    now: UnixTime,
+    site: &str,
+    recipient: Fingerprint,
+) -> Result<Verified<Receipt>> {
+    let (signer, chain, payload) = verified_body(
+        bytes,
+        Kind::Receipt,
+        RECEIPT_TYPE,
+        RECEIPT_CONTEXT,
+        root,
+        Role::Hq,
+        now,
+    )?;
+    let r: Receipt = cbor_exact("receipt", &payload)?;
+    if r.format != "keyfab-receipt" || r.version != u32::from(VERSION) {
+        return Err(FormatError::Malformed("receipt format/version".into()));
+    }
+    if r.hq != signer.cluster_name || r.hq_cluster != Fingerprint::of(&chain[1]).to_hex() {
+        return Err(FormatError::UntrustedSigner(
+            "receipt names another HQ than its signer".into(),
+        ));
+    }
+    if r.site != site || r.recipient != recipient.to_hex() {
+        return Err(FormatError::WrongRecipient(format!(
+            "addressed to site '{}', this is '{site}'",
+            r.site
+        )));
+    }
+    Ok(Verified::new(r))
+}

@@ -1,0 +1,128 @@
+//! The site's side of audit freshness and rollback detection (DESIGN.md "Rollback of
+//! site state", tier B): signed checkpoints of the log, HQ receipts, and the check that
+//! the local log still contains, unchanged, every checkpoint HQ acknowledged.
+
+use crate::audit_log::Appender;
+use keyfab_audit::merkle::{self, Hash};
+use keyfab_audit::Event;
+use keyfab_custody::Custody;
+use keyfab_formats::checkpoint::{verify_receipt, write_checkpoint, Checkpoint, TreeHead};
+use keyfab_node::{decode, encode, Error, Node, Result};
+use keyfab_store::{Store, Table, Txn};
+use serde::{Deserialize, Serialize};
+
+const HQ_ACK: &[u8] = b"hq_acknowledged";
+
+/// What HQ last acknowledged of this site's log.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acknowledged {
+    pub head: TreeHead,
+    pub acknowledged_at: i64,
+}
+
+/// The leaf hashes of the whole audit log, in order.
+pub fn leaves(node: &Node) -> Result<Vec<Hash>> {
+    Ok(node
+        .store
+        .scan(Table::Audit, b"", usize::MAX)?
+        .into_iter()
+        .map(|(_, v)| merkle::leaf_hash(&v.value))
+        .collect())
+}
+
+pub fn tree_head(node: &Node) -> Result<TreeHead> {
+    let l = leaves(node)?;
+    Ok(TreeHead {
+        size: l.len() as u64,
+        root: merkle::root(&l),
+    })
+}
+
+/// Refuses a log that is shorter than, or differs from, an acknowledged head.
+pub fn check_consistent(node: &Node, acked: &TreeHead) -> Result<()> {
+    let l = leaves(node)?;
+    let size = usize::try_from(acked.size).unwrap_or(usize::MAX);
+    if l.len() < size {
+        return Err(Error::RollbackDetected(format!(
+            "HQ acknowledged {} audit records, this site has {}: its state was restored from an older copy",
+            acked.size,
+            l.len()
+        )));
+    }
+    if merkle::root(&l[..size]) != acked.root {
+        return Err(Error::RollbackDetected(format!(
+            "the first {} audit records differ from what HQ acknowledged: the log was rewritten",
+            acked.size
+        )));
+    }
+    Ok(())
+}
+
+pub fn acknowledged(node: &Node) -> Result<Option<Acknowledged>> {
+    node.store
+        .get(Table::Meta, HQ_ACK)?
+        .map(|v| decode(&v.value))
+        .transpose()
+}
+
+/// A checkpoint of the log as it is now, signed by the site.
+pub fn checkpoint(node: &Node) -> Result<(Checkpoint, Vec<u8>)> {
+    let c = Checkpoint {
+        format: "keyfab-checkpoint".into(),
+        version: 1,
+        site: node.name.clone(),
+        head: tree_head(node)?,
+        time: node.now().0,
+    };
+    let bytes = write_checkpoint(node.service_signer()?, node.service_chain()?, &c)?;
+    Ok((c, bytes))
+}
+
+/// Imports HQ's receipt: verified, then checked against the local log; it becomes the
+/// acknowledgment that `audit_every_days` counts from.
+pub fn import_receipt(node: &Node, bytes: &[u8]) -> Result<Acknowledged> {
+    let service = node.service()?;
+    let recipient = node
+        .custody
+        .hpke(&service.hpke_handle)?
+        .public_key()?
+        .fingerprint();
+    let r =
+        verify_receipt(bytes, &node.root_cert()?, node.now(), &node.name, recipient)?.into_inner();
+    let seen = node.store.get(Table::Meta, HQ_ACK)?;
+    if let Some(v) = &seen {
+        let last: Acknowledged = decode(&v.value)?;
+        if r.head.size < last.head.size || r.acknowledged_at <= last.acknowledged_at {
+            return Err(Error::Replayed(format!(
+                "this receipt ({} records, {}) is not newer than the last one ({} records, {})",
+                r.head.size, r.acknowledged_at, last.head.size, last.acknowledged_at
+            )));
+        }
+    }
+    check_consistent(node, &r.head)?;
+    let ack = Acknowledged {
+        head: r.head,
+        acknowledged_at: r.acknowledged_at,
+    };
+    let mut txn = Txn::default();
+    let mut log = Appender::begin(node, &mut txn)?;
+    log.append(
+        &mut txn,
+        node.now().0,
+        Event::ReceiptImported {
+            size: r.head.size,
+            root: hex::encode(r.head.root),
+            acknowledged_at: r.acknowledged_at,
+        },
+    )?;
+    log.finish(&mut txn);
+    txn.require_unchanged(Table::Meta, HQ_ACK, seen.as_ref())
+        .put(Table::Meta, HQ_ACK, &encode(&ack)?);
+    if !node.store.commit(txn)?.is_committed() {
+        return Err(Error::InvalidState(
+            "site state changed meanwhile; import again".into(),
+        ));
+    }
+    Ok(ack)
+}

@@ -1,0 +1,238 @@
+//! Rollback of site state (DESIGN.md tier B): a site restored from an older copy is
+//! caught by the next receipt or entitlement that carries what HQ acknowledged; receipts
+//! also restart the audit-freshness clock.
+
+mod common;
+use common::*;
+use keyfab_crypto::time::{FixedClock, UnixTime};
+
+fn hq_at(w: &World, t: i64) -> keyfab_node::Node {
+    keyfab_node::Node::open(
+        &w.hq,
+        keyfab_node::NodeKind::Hq,
+        &keyfab_crypto::secret::SecretBytes::new(PASS.as_bytes().to_vec()),
+        Box::new(keyfab_crypto::rng::SystemRng),
+        Box::new(FixedClock(UnixTime(t))),
+    )
+    .unwrap()
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+#[test]
+fn a_restored_copy_is_detected_by_receipts_and_entitlements() {
+    let w = world();
+    let policy = w.path("many.toml");
+    std::fs::write(
+        &policy,
+        POLICY
+            .replace("{devices}", "50")
+            .replace("daily = 1", "daily = 50"),
+    )
+    .unwrap();
+    let kfe = w.path("a.kfe");
+    let id = ok(&[
+        "hq",
+        "entitlement",
+        "create",
+        "--home",
+        &s(&w.hq),
+        "--site",
+        "shenzhen-1",
+        "--policy",
+        &s(&policy),
+        "--out",
+        &s(&kfe),
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    let provision = |device: &str| {
+        keyfab(
+            &[
+                "site",
+                "provision",
+                "--home",
+                &s(&w.site),
+                "--entitlement",
+                &id,
+                "--device-id",
+                device,
+            ],
+            None,
+        )
+    };
+    assert_eq!(provision("D-1").code, 0);
+
+    let backup = w.path("site-backup");
+    copy_dir(&w.site, &backup);
+
+    assert_eq!(provision("D-2").code, 0);
+    let cp = w.path("now.kfc");
+    ok(&[
+        "site",
+        "audit",
+        "checkpoint",
+        "--home",
+        &s(&w.site),
+        "--out",
+        &s(&cp),
+    ]);
+    let now = jiff::Timestamp::now().as_second();
+    let receipt =
+        keyfab_hq::receipts::acknowledge_checkpoint(&hq_at(&w, now), &std::fs::read(&cp).unwrap())
+            .unwrap();
+    let kfk = w.path("r.kfk");
+    std::fs::write(&kfk, &receipt).unwrap();
+    let (later_kfe, _) = create(&w, "shenzhen-1", 5, "later.kfe");
+
+    // Restore the old copy: both the receipt and the next entitlement expose it.
+    copy_dir(&backup, &w.site);
+    let before = snapshot(&w.site);
+    let o = keyfab(
+        &["site", "receipt", "import", "--home", &s(&w.site), &s(&kfk)],
+        None,
+    );
+    assert_eq!(
+        (o.code, o.json["error"]["code"].as_str()),
+        (4, Some("rollback_detected")),
+        "{}",
+        o.json
+    );
+    let o = import(&w.site, &later_kfe, None);
+    assert_eq!(
+        (o.code, o.json["error"]["code"].as_str()),
+        (4, Some("rollback_detected")),
+        "{}",
+        o.json
+    );
+    assert_eq!(before, snapshot(&w.site), "refusals change nothing");
+}
+
+#[test]
+fn receipts_are_verified_and_restart_the_audit_freshness_clock() {
+    let w = world();
+    let policy = w.path("fresh.toml");
+    std::fs::write(
+        &policy,
+        "product = \"p\"\ndevices = 5\naudit_every_days = 1\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n[[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n",
+    )
+    .unwrap();
+    let kfe = w.path("fresh.kfe");
+    let id = ok(&[
+        "hq",
+        "entitlement",
+        "create",
+        "--home",
+        &s(&w.hq),
+        "--site",
+        "shenzhen-1",
+        "--policy",
+        &s(&policy),
+        "--out",
+        &s(&kfe),
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    let in_two_days = jiff::Timestamp::now().as_second() + 2 * 86_400;
+    let at = jiff::Timestamp::from_second(in_two_days)
+        .unwrap()
+        .to_string();
+    let provision = |device: &str| {
+        keyfab(
+            &[
+                "site",
+                "provision",
+                "--home",
+                &s(&w.site),
+                "--entitlement",
+                &id,
+                "--device-id",
+                device,
+            ],
+            Some(&at),
+        )
+    };
+    let o = provision("D-1");
+    assert_eq!(o.json["error"]["code"], "audit_overdue", "{}", o.json);
+
+    let cp = w.path("cp.kfc");
+    assert_eq!(
+        keyfab(
+            &[
+                "site",
+                "audit",
+                "checkpoint",
+                "--home",
+                &s(&w.site),
+                "--out",
+                &s(&cp)
+            ],
+            Some(&at)
+        )
+        .code,
+        0
+    );
+    let receipt = keyfab_hq::receipts::acknowledge_checkpoint(
+        &hq_at(&w, in_two_days),
+        &std::fs::read(&cp).unwrap(),
+    )
+    .unwrap();
+    let kfk = w.path("fresh.kfk");
+    std::fs::write(&kfk, &receipt).unwrap();
+
+    // A tampered receipt is refused; the real one restarts the clock; a replay is refused.
+    let mut bad = receipt.clone();
+    let n = bad.len();
+    bad[n - 4] ^= 1;
+    let tampered = w.path("tampered.kfk");
+    std::fs::write(&tampered, &bad).unwrap();
+    let o = keyfab(
+        &[
+            "site",
+            "receipt",
+            "import",
+            "--home",
+            &s(&w.site),
+            &s(&tampered),
+        ],
+        Some(&at),
+    );
+    assert_eq!(
+        (o.code, o.json["error"]["code"].as_str()),
+        (4, Some("bad_signature")),
+        "{}",
+        o.json
+    );
+    let o = keyfab(
+        &["site", "receipt", "import", "--home", &s(&w.site), &s(&kfk)],
+        Some(&at),
+    );
+    assert_eq!(o.code, 0, "{}", o.json);
+    let o = keyfab(
+        &["site", "receipt", "import", "--home", &s(&w.site), &s(&kfk)],
+        Some(&at),
+    );
+    assert_eq!(
+        (o.code, o.json["error"]["code"].as_str()),
+        (4, Some("replayed")),
+        "{}",
+        o.json
+    );
+    assert_eq!(provision("D-1").code, 0);
+    let o = keyfab(
+        &["site", "audit", "verify", "--home", &s(&w.site)],
+        Some(&at),
+    );
+    assert_eq!(o.code, 0, "{}", o.json);
+}
