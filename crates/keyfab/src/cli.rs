@@ -221,9 +221,9 @@ pub enum SiteCommand {
     #[command(subcommand)]
     Approval(SiteApprovalCommand),
     /// Provision one device locally: decide under the policy, record, then release keys.
-    #[command(
-        after_help = "Examples:\n  keyfab site provision --home site --entitlement ID --device-id TSV2-00000001 --station line-1 --out dev1.json\n  keyfab site provision --home site --entitlement ID --device-id TSV2-00000002 --csr dev2.csr --json\n\nRefusals exit 3 with the policy's code (quota_exceeded, daily_limit_exceeded, ...).\nA retry with the same --request-id returns the same keys and consumes nothing more."
-    )]
+    #[command(after_help = "Examples:
+  keyfab site provision --home site --entitlement ID --device-id TSV2-00000001 --station line-1 --out dev1.json
+  keyfab site provision --home site --entitlement ID --device-ids lot-42.txt --station line-1 --out lot-42.jsonl\n  keyfab site provision --home site --entitlement ID --device-id TSV2-00000002 --csr dev2.csr --json\n\nRefusals exit 3 with the policy's code (quota_exceeded, daily_limit_exceeded, ...).\nA retry with the same --request-id returns the same keys and consumes nothing more.")]
     Provision(ProvisionArgs),
 }
 
@@ -302,8 +302,18 @@ pub struct ProvisionArgs {
     #[arg(long)]
     pub entitlement: String,
     /// The device's id; the policy's id_pattern must match it.
-    #[arg(long)]
-    pub device_id: String,
+    #[arg(
+        long,
+        required_unless_present = "device_ids",
+        conflicts_with = "device_ids"
+    )]
+    pub device_id: Option<String>,
+    /// Provision every device id in FILE (one per line), writing one JSON line per
+    /// device to --out as soon as its keys are released. Each request id is the device
+    /// id, so running the same file again after an interruption resumes: devices already
+    /// done get their same keys back.
+    #[arg(long, value_name = "FILE", requires = "out")]
+    pub device_ids: Option<PathBuf>,
     /// The station asking, checked against the policy's [stations] allowed.
     #[arg(long)]
     pub station: Option<String>,

@@ -516,6 +516,22 @@ pub fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Failure> {
         }
         None => None,
     };
+    let provisioner = keyfab_site::provision::Provisioner::start(node);
+    let request =
+        |device_id: String, request_id: String| keyfab_site::provision::ProvisionRequest {
+            entitlement: a.entitlement.clone(),
+            device_id,
+            station: a.station.clone(),
+            request_id,
+            csr: csr.clone(),
+        };
+    if let (Some(list), Some(out)) = (&a.device_ids, &a.out) {
+        return provision_many(&provisioner, list, out, request);
+    }
+    let device_id = a
+        .device_id
+        .clone()
+        .ok_or_else(|| Failure::new("invalid_input", "--device-id or --device-ids is needed"))?;
     let request_id = match &a.request_id {
         Some(r) => r.clone(),
         None => {
@@ -524,14 +540,7 @@ pub fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Failure> {
             hex::encode(b)
         }
     };
-    let provisioner = keyfab_site::provision::Provisioner::start(node);
-    let p = provisioner.provision(keyfab_site::provision::ProvisionRequest {
-        entitlement: a.entitlement.clone(),
-        device_id: a.device_id.clone(),
-        station: a.station.clone(),
-        request_id,
-        csr,
-    })?;
+    let p = provisioner.provision(request(device_id, request_id))?;
     let bundle = device_bundle(&p);
     if let Some(out) = &a.out {
         write_private(out, format!("{bundle:#}\n").as_bytes()).map_err(|e| io_fail(out, e))?;
@@ -561,6 +570,57 @@ pub fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Failure> {
         None => "key material not shown: use --out FILE or --json\n".into(),
     });
     Ok(Report::new(text, bundle))
+}
+
+/// Batch mode: every id of `list`, in order; one JSON line per device appended to `out`
+/// (mode 0600) and flushed as soon as its keys are released.
+fn provision_many(
+    provisioner: &keyfab_site::provision::Provisioner,
+    list: &Path,
+    out: &Path,
+    request: impl Fn(String, String) -> keyfab_site::provision::ProvisionRequest,
+) -> Result<Report, Failure> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let ids = std::fs::read_to_string(list).map_err(|e| io_fail(list, e))?;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| io_fail(out, e))?;
+    let (mut released, mut resumed) = (0u64, 0u64);
+    let mut refused: std::collections::BTreeMap<&'static str, u64> = Default::default();
+    for id in ids
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        match provisioner.provision(request(id.to_owned(), id.to_owned())) {
+            Ok(p) => {
+                let line = format!("{}\n", device_bundle(&p));
+                file.write_all(line.as_bytes())
+                    .map_err(|e| io_fail(out, e))?;
+                file.flush().map_err(|e| io_fail(out, e))?;
+                if p.replayed {
+                    resumed += 1;
+                } else {
+                    released += 1;
+                }
+            }
+            Err(e) if e.exit_code() == 3 => *refused.entry(e.code()).or_insert(0) += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    file.sync_all().map_err(|e| io_fail(out, e))?;
+    let mut text = format!("{released} devices provisioned, {resumed} already done earlier (same keys written again) -> {}\n", out.display());
+    for (code, n) in &refused {
+        text.push_str(&format!("  refused {code}: {n}\n"));
+    }
+    Ok(Report::new(
+        text,
+        json!({"provisioned": released, "resumed": resumed, "refused": refused, "out": out}),
+    ))
 }
 
 pub fn approval_request(
