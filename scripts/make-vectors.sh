@@ -94,4 +94,30 @@ version_2.kfi             site-add     malformed
 signature_flipped.kfi     site-add     bad_signature
 foreign_root.kfi          site-add     untrusted_signer
 TXT
+# Seeds for the fuzz targets of the smaller formats.
+seeds=fuzz/seeds
+mkdir -p "$seeds/approval" "$seeds/revocation" "$seeds/receipt" "$seeds/kfe" "$seeds/kfi"
+kf approver keygen --out "$work/approver"
+cp "$work/approver.pub" "$seeds/approver.pub"
+cat > "$work/gated.toml" <<'TOML'
+product = "gated"
+devices = 2
+valid_from  = "2026-01-01T00:00:00Z"
+valid_until = "2027-01-01T00:00:00Z"
+[[keys]]
+name = "k"
+type = "aes-256"
+source = "derived"
+[approval]
+threshold = 1
+approvers = ["approver.pub"]
+TOML
+gated=$(./target/debug/keyfab --json hq entitlement create --home "$work/vector-hq" --site vector-site --policy "$work/gated.toml" --out "$work/gated.kfe" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+kf site entitlement import --home "$work/vector-site" "$work/gated.kfe"
+kf site approval request --home "$work/vector-site" --entitlement "$gated" --action activate --out "$seeds/approval/request.kfq"
+kf approver sign --key "$work/approver.key" "$seeds/approval/request.kfq" --out "$seeds/approval/approval.kfp"
+kf hq entitlement revoke --home "$work/vector-hq" --id "$gated" --out "$seeds/revocation/valid.kfr"
+kf site audit checkpoint --home "$work/vector-site" --out "$seeds/receipt/checkpoint.kfc"
+cp "$out/valid.kfe" "$seeds/kfe/valid.kfe"
+cp "$out/valid.kfi" "$seeds/kfi/valid.kfi"
 echo "vectors written to $out"; ls -la "$out" | head -40
