@@ -72,6 +72,8 @@ pub enum Event {
         reason: String,
         destroyed_pool_keys: u64,
     },
+    /// An operator changed a site setting that bears on security.
+    SettingChanged { name: String, value: String },
     /// HQ acknowledged a checkpoint of this log.
     ReceiptImported {
         size: u64,

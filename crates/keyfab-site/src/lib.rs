@@ -9,3 +9,4 @@ pub mod entitlements;
 pub mod identity;
 pub mod provision;
 pub mod revocation;
+pub mod settings;

@@ -30,9 +30,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{mpsc, Arc, Mutex};
 
 const TIME_HWM: &[u8] = b"time_high_water";
-const CLOCK_TOLERANCE: &[u8] = b"clock_tolerance";
-/// How far the clock may fall behind the trusted time before provisioning stops.
+pub(crate) const CLOCK_TOLERANCE: &[u8] = b"clock_tolerance";
+/// How far the clock may fall behind the trusted time before provisioning stops, unless
+/// the operator set another tolerance (`keyfab site config --clock-tolerance`).
 pub const DEFAULT_CLOCK_TOLERANCE_SECS: i64 = 300;
+/// The largest tolerance an operator may set: a day.
+pub const MAX_CLOCK_TOLERANCE_SECS: i64 = 86_400;
 /// Most decisions one commit carries.
 const MAX_BATCH: usize = 512;
 

@@ -211,6 +211,18 @@ pub enum SiteCommand {
     /// Entitlements received from HQ.
     #[command(subcommand)]
     Entitlement(SiteEntitlementCommand),
+    /// Show or change site settings (each change is audited).
+    #[command(after_help = "Examples:
+  keyfab site config --home site
+  keyfab site config --home site --clock-tolerance 600")]
+    Config {
+        #[command(flatten)]
+        home: Home,
+        /// Seconds the clock may fall behind the trusted time before provisioning stops
+        /// with clock_rollback (0 to 86400; default 300).
+        #[arg(long)]
+        clock_tolerance: Option<i64>,
+    },
     /// The site's audit log: verify it, write a signed checkpoint of it.
     #[command(subcommand)]
     Audit(SiteAuditCommand),

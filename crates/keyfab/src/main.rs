@@ -11,7 +11,26 @@ mod run;
 use clap::Parser;
 
 fn main() {
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout as clap prints them; a usage error with
+            // --json is still one JSON document (SPEC.md §4), exit 2.
+            let wants_json = std::env::args().any(|a| a == "--json");
+            if wants_json && e.use_stderr() {
+                output::print_error(
+                    &output::Failure {
+                        code: "usage",
+                        message: e.render().to_string().trim().to_owned(),
+                        exit_code: 2,
+                    },
+                    true,
+                );
+                std::process::exit(2);
+            }
+            e.exit();
+        }
+    };
     let json = cli.json;
     let code = match run::dispatch(cli) {
         Ok(report) => {

@@ -68,6 +68,7 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             entitlement_list(&ctx, &home.home)
         }
         Command::Site(SiteCommand::Provision(a)) => provision(&ctx, &a),
+        Command::Site(SiteCommand::Config { home, clock_tolerance }) => site_config(&ctx, &home.home, clock_tolerance),
         Command::Site(SiteCommand::Audit(SiteAuditCommand::Verify { home })) => {
             audit_verify(&ctx, &home.home)
         }
@@ -739,5 +740,17 @@ pub fn receipt_import(ctx: &Context, home: &Path, file: &Path) -> Result<Report,
             rfc3339(ack.acknowledged_at)
         ),
         json!({"size": ack.head.size, "root": hex::encode(ack.head.root), "acknowledged_at": rfc3339(ack.acknowledged_at)}),
+    ))
+}
+
+pub fn site_config(ctx: &Context, home: &Path, clock_tolerance: Option<i64>) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    if let Some(secs) = clock_tolerance {
+        keyfab_site::settings::set_clock_tolerance(&node, secs)?;
+    }
+    let tolerance = keyfab_site::settings::clock_tolerance(&node)?;
+    Ok(Report::new(
+        format!("site '{}': clock tolerance {tolerance} s", node.name),
+        json!({"site": node.name, "clock_tolerance": tolerance}),
     ))
 }
