@@ -42,7 +42,9 @@ pub fn set_clock_tolerance(node: &Node, secs: i64) -> Result<()> {
     txn.require_unchanged(Table::Meta, CLOCK_TOLERANCE, seen.as_ref())
         .put(Table::Meta, CLOCK_TOLERANCE, &secs.to_be_bytes());
     if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState("site state changed meanwhile; try again".into()));
+        return Err(Error::InvalidState(
+            "site state changed meanwhile; try again".into(),
+        ));
     }
     Ok(())
 }

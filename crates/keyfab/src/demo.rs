@@ -37,10 +37,31 @@ type = "aes-256"
 source = "derived"
 "#;
 
+/// The demo's daily limit: small, so the demo can show a refusal over it.
+const DEMO_DAILY: u64 = 3;
+
+const GATED_POLICY: &str = r#"# A second entitlement that needs two of three approvers before any device.
+product = "thermostat-v2-pilot"
+devices = 10
+valid_from  = "2026-01-01T00:00:00Z"
+valid_until = "2030-01-01T00:00:00Z"
+
+[[keys]]
+name = "identity"
+type = "ec-p256"
+source = "site"
+certificate = { subject = "CN={device_id},O=Acme,OU=pilot", days = 365 }
+
+[approval]
+threshold = 2
+approvers = ["alice.pub", "bob.pub", "carol.pub"]
+required_for = ["activate"]
+"#;
+
 pub fn policy_text(devices: u64) -> String {
     DEMO_POLICY
         .replace("{devices}", &devices.to_string())
-        .replace("{daily}", &devices.div_ceil(5).max(1).to_string())
+        .replace("{daily}", &DEMO_DAILY.min(devices).to_string())
 }
 
 pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Failure> {
@@ -155,8 +176,10 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
         "Keys generated at HQ, encrypted to the site's key, signed by HQ.",
         run::entitlement_create(&ctx, &hq, "shenzhen-1", &policy, &kfe)?,
     );
+    let imported = run::entitlement_import(&ctx, &site, &kfe)?;
+    let id = imported.json["id"].as_str().unwrap_or_default().to_owned();
     step("11. site imports it", "Size, signature, chain and role, recipient, replay: checked before anything is decrypted or stored.",
-        run::entitlement_import(&ctx, &site, &kfe)?);
+        imported);
     let replay = run::entitlement_import(&ctx, &site, &kfe);
     let replay_text = match &replay {
         Err(f) => format!("refused as expected: error[{}] {}", f.code, f.message),
@@ -181,6 +204,115 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
             "the demo's replay check was not refused",
         ));
     }
+    let provision = |device: &str, out: Option<std::path::PathBuf>| {
+        run::provision(
+            &ctx,
+            &crate::cli::ProvisionArgs {
+                home: crate::cli::Home { home: site.clone() },
+                entitlement: id.clone(),
+                device_id: Some(device.to_owned()),
+                device_ids: None,
+                station: Some("line-1".into()),
+                request_id: None,
+                csr: None,
+                out,
+            },
+        )
+    };
+    let daily = DEMO_DAILY.min(devices);
+    for n in 1..=daily {
+        let device = format!("TSV2-{n:08}");
+        let out = base.join(format!("{device}.json"));
+        step(
+            &format!("14.{n} provision {device}"),
+            "Decided under the policy and recorded durably before its keys are released (to a 0600 file).",
+            provision(&device, Some(out))?,
+        );
+    }
+    let over = format!("TSV2-{:08}", daily + 1);
+    let refused = provision(&over, None);
+    let refused_text = match &refused {
+        Err(f) => format!("refused as expected: error[{}] {}", f.code, f.message),
+        Ok(_) => "UNEXPECTED: allowed over the daily limit".into(),
+    };
+    step(
+        &format!("15. provision {over}"),
+        "The daily limit is reached: refused with its code, and the refusal is audited too.",
+        Report::new(
+            refused_text,
+            json!({"refused": refused.is_err(), "code": refused.as_ref().err().map(|f| f.code)}),
+        ),
+    );
+    if refused.is_ok() {
+        return Err(Failure::new(
+            "internal",
+            "the demo's daily limit was not enforced",
+        ));
+    }
+
+    // An approval round on a second entitlement.
+    for who in ["alice", "bob", "carol"] {
+        run::approver_keygen(&ctx, &base.join(who))?;
+    }
+    let gated_policy = base.join("pilot.toml");
+    std::fs::write(&gated_policy, GATED_POLICY).map_err(|e| Failure::new("io", e.to_string()))?;
+    let gated_kfe = base.join("pilot.kfe");
+    let created = run::entitlement_create(&ctx, &hq, "shenzhen-1", &gated_policy, &gated_kfe)?;
+    let gated = created.json["id"].as_str().unwrap_or_default().to_owned();
+    step(
+        "16. HQ issues a pilot entitlement",
+        "Its policy needs 2 of 3 listed approvers (alice, bob, carol) before any device.",
+        created,
+    );
+    step(
+        "17. site imports it",
+        "It stays pending until the quorum approves.",
+        run::entitlement_import(&ctx, &site, &gated_kfe)?,
+    );
+    let req = base.join("activate.req");
+    step(
+        "18. site asks for approval",
+        "A request bound to this site, the entitlement, the action, a nonce and an expiry.",
+        run::approval_request(&ctx, &site, &gated, "activate", &req, 72)?,
+    );
+    let mut approvals = Vec::new();
+    for who in ["alice", "bob"] {
+        let out = base.join(format!("{who}.approval"));
+        step(
+            &format!("19. {who} signs"),
+            "Offline, with a personal key the signed policy lists.",
+            run::approver_sign(&base.join(format!("{who}.key")), &req, &out)?,
+        );
+        approvals.push(out);
+    }
+    step(
+        "20. site submits the approvals",
+        "Two distinct listed keys meet the threshold: the entitlement is activated (audited).",
+        run::approval_submit(&ctx, &site, &approvals)?,
+    );
+    let pilot = run::provision(
+        &ctx,
+        &crate::cli::ProvisionArgs {
+            home: crate::cli::Home { home: site.clone() },
+            entitlement: gated.clone(),
+            device_id: Some("PILOT-0001".into()),
+            device_ids: None,
+            station: None,
+            request_id: None,
+            csr: None,
+            out: Some(base.join("PILOT-0001.json")),
+        },
+    )?;
+    step(
+        "21. provision a pilot device",
+        "Activated, the pilot entitlement now provisions: a key generated at the site, with its certificate.",
+        pilot,
+    );
+    step(
+        "22. site verifies its audit log",
+        "Every import, decision and approval, hash-chained; the Merkle root is what HQ will check.",
+        run::audit_verify(&ctx, &site)?,
+    );
     text.push_str(if dir.is_some() {
         "Files are kept in the directory above.\n"
     } else {

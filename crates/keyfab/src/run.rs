@@ -68,7 +68,10 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             entitlement_list(&ctx, &home.home)
         }
         Command::Site(SiteCommand::Provision(a)) => provision(&ctx, &a),
-        Command::Site(SiteCommand::Config { home, clock_tolerance }) => site_config(&ctx, &home.home, clock_tolerance),
+        Command::Site(SiteCommand::Config {
+            home,
+            clock_tolerance,
+        }) => site_config(&ctx, &home.home, clock_tolerance),
         Command::Site(SiteCommand::Audit(SiteAuditCommand::Verify { home })) => {
             audit_verify(&ctx, &home.home)
         }
@@ -654,7 +657,7 @@ pub fn approver_sign(key: &Path, request: &Path, out: &Path) -> Result<Report, F
     std::fs::write(out, &approval).map_err(|e| io_fail(out, e))?;
     Ok(Report::new(
         format!(
-            "approved '{}' of entitlement {} ({} , {} devices) at site '{}', valid until {}; approval written to {}",
+            "approved '{}' of entitlement {} ({}, {} devices) at site '{}', valid until {}; approval written to {}",
             req.action, req.entitlement, req.product, req.devices, req.site, rfc3339(req.expires_at), out.display()
         ),
         json!({"site": req.site, "entitlement": req.entitlement, "action": req.action, "approver": signer.verifying_key().fingerprint().to_hex(), "out": out}),
@@ -743,7 +746,11 @@ pub fn receipt_import(ctx: &Context, home: &Path, file: &Path) -> Result<Report,
     ))
 }
 
-pub fn site_config(ctx: &Context, home: &Path, clock_tolerance: Option<i64>) -> Result<Report, Failure> {
+pub fn site_config(
+    ctx: &Context,
+    home: &Path,
+    clock_tolerance: Option<i64>,
+) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
     if let Some(secs) = clock_tolerance {
         keyfab_site::settings::set_clock_tolerance(&node, secs)?;

@@ -168,15 +168,69 @@ fn every_refusal_code_of_this_stage() {
     );
     // Within the configured tolerance a clock a little behind is accepted; beyond it,
     // provisioning stops, and that is audited.
-    let hour_behind = jiff::Timestamp::now().checked_add(jiff::SignedDuration::from_hours(23)).unwrap().to_string();
-    refused(&provision(&w, &id, "D-4", line1, Some(&hour_behind)), "clock_rollback");
-    let o = keyfab(&["site", "config", "--home", &s(&w.site), "--clock-tolerance", "7200"], None);
+    let hour_behind = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_hours(23))
+        .unwrap()
+        .to_string();
+    refused(
+        &provision(&w, &id, "D-4", line1, Some(&hour_behind)),
+        "clock_rollback",
+    );
+    let o = keyfab(
+        &[
+            "site",
+            "config",
+            "--home",
+            &s(&w.site),
+            "--clock-tolerance",
+            "7200",
+        ],
+        None,
+    );
     assert_eq!(o.json["clock_tolerance"], 7200, "{}", o.json);
-    assert_eq!(keyfab(&["site", "config", "--home", &s(&w.site), "--clock-tolerance=-1"], None).code, 1);
-    let usage = keyfab(&["site", "config", "--home", &s(&w.site), "--clock-tolerance", "-1"], None);
-    assert_eq!((usage.code, usage.json["error"]["code"].as_str()), (2, Some("usage")), "{}", usage.json);
-    refused(&provision(&w, &id, "D-4", line1, Some(&hour_behind)), "quota_exceeded");
-    ok(&["site", "config", "--home", &s(&w.site), "--clock-tolerance", "300"]);
+    assert_eq!(
+        keyfab(
+            &[
+                "site",
+                "config",
+                "--home",
+                &s(&w.site),
+                "--clock-tolerance=-1"
+            ],
+            None
+        )
+        .code,
+        1
+    );
+    let usage = keyfab(
+        &[
+            "site",
+            "config",
+            "--home",
+            &s(&w.site),
+            "--clock-tolerance",
+            "-1",
+        ],
+        None,
+    );
+    assert_eq!(
+        (usage.code, usage.json["error"]["code"].as_str()),
+        (2, Some("usage")),
+        "{}",
+        usage.json
+    );
+    refused(
+        &provision(&w, &id, "D-4", line1, Some(&hour_behind)),
+        "quota_exceeded",
+    );
+    ok(&[
+        "site",
+        "config",
+        "--home",
+        &s(&w.site),
+        "--clock-tolerance",
+        "300",
+    ]);
     let o = provision(&w, &id, "D-4", line1, Some("2026-11-20T00:00:00Z"));
     refused(&o, "clock_rollback");
     let records = keyfab_site::entitlements::audit_records(&open_site(&w.site)).unwrap();

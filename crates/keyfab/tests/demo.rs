@@ -1,0 +1,28 @@
+//! `keyfab demo` runs the whole journey and shows each refusal it promises.
+
+#[test]
+fn demo_runs_the_journey_with_its_refusals() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyfab"))
+        .args(["--json", "demo", "--devices", "50"])
+        .env_remove("KEYFAB_PASSPHRASE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let steps = j["steps"].as_array().unwrap();
+    let find = |prefix: &str| {
+        steps
+            .iter()
+            .find(|s| s["step"].as_str().unwrap().starts_with(prefix))
+            .unwrap()
+    };
+    assert_eq!(find("12.")["result"]["code"], "replayed");
+    assert_eq!(find("15.")["result"]["code"], "daily_limit_exceeded");
+    assert_eq!(find("20.")["result"]["results"][0]["activated"], true);
+    assert!(find("21.")["result"]["keys"][0]["certificate_pem"].is_string());
+    assert!(find("22.")["result"]["records"].as_u64().unwrap() >= 10);
+}
