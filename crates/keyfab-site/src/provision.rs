@@ -646,7 +646,22 @@ fn read_i64(node: &Node, key: &[u8]) -> Result<(Option<i64>, Option<Versioned>)>
     Ok((n, v))
 }
 
+/// Replies of one committed batch, for the dispatcher to hand out.
+type Replies = Vec<(mpsc::SyncSender<Result<Outcome>>, Result<Outcome>)>;
+
 fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
+    // Waking each caller costs a system call; a dispatcher does it, so the committer —
+    // the one serial step — moves on to the next batch at once.
+    let (to_dispatch, dispatch) = mpsc::channel::<Replies>();
+    let dispatcher = std::thread::Builder::new()
+        .name("keyfab-replies".into())
+        .spawn(move || {
+            while let Ok(replies) = dispatch.recv() {
+                for (reply, outcome) in replies {
+                    let _ = reply.send(outcome);
+                }
+            }
+        });
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -655,29 +670,45 @@ fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let replies: Vec<_> = batch.iter().map(|j| j.reply.clone()).collect();
-        match decide_and_record(node, batch) {
-            Ok(outcomes) => {
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+        let senders: Vec<_> = batch.iter().map(|j| j.reply.clone()).collect();
+        let replies: Replies = match decide_and_record(node, batch) {
+            // Only now, after the commit, may any answer leave.
+            Ok(outcomes) => senders.into_iter().zip(outcomes).collect(),
+            Err(e) => {
+                let (code, msg) = (e.code(), e.to_string());
+                senders
+                    .into_iter()
+                    .map(|reply| {
+                        let err = match &e {
+                            Error::ClockRollback { observed, high_water } => Error::ClockRollback {
+                                observed: *observed,
+                                high_water: *high_water,
+                            },
+                            _ => Error::InvalidState(format!("{code}: {msg}")),
+                        };
+                        (reply, Err(err))
+                    })
+                    .collect()
+            }
+        };
+        match &dispatcher {
+            Ok(_) => {
+                if let Err(mpsc::SendError(replies)) = to_dispatch.send(replies) {
+                    for (reply, outcome) in replies {
+                        let _ = reply.send(outcome);
+                    }
+                }
+            }
+            Err(_) => {
+                for (reply, outcome) in replies {
                     let _ = reply.send(outcome);
                 }
             }
-            Err(e) => {
-                let (code, msg) = (e.code(), e.to_string());
-                for reply in replies {
-                    let _ = reply.send(Err(match &e {
-                        Error::ClockRollback {
-                            observed,
-                            high_water,
-                        } => Error::ClockRollback {
-                            observed: *observed,
-                            high_water: *high_water,
-                        },
-                        _ => Error::InvalidState(format!("{code}: {msg}")),
-                    }));
-                }
-            }
         }
+    }
+    drop(to_dispatch);
+    if let Ok(h) = dispatcher {
+        let _ = h.join();
     }
 }
 
