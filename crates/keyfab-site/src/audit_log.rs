@@ -1,7 +1,13 @@
-//! Appending to the site's audit log inside a store transaction: the head is read once,
-//! guarded, advanced per record, and written back when the transaction is finished, so
-//! records commit atomically with what they describe.
+//! The site's audit log in the store.
+//!
+//! Appending happens inside a store transaction: the head is read once, guarded,
+//! advanced per record, and written back when the transaction is finished, so records
+//! commit atomically with what they describe. The records appended in one transaction are
+//! stored as one row (key = sequence of the first, u64 BE; value = the records'
+//! canonical bytes, each behind a u32 BE length): a batch of decisions costs one B-tree
+//! insert, not one per record. Each record is still hashed and chained on its own.
 
+use keyfab_audit::merkle::leaf_hash;
 use keyfab_audit::{Event, Head, Record};
 use keyfab_node::{decode_err, Error, Node, Result};
 use keyfab_store::{Store, Table, Txn};
@@ -11,6 +17,8 @@ pub(crate) const AUDIT_HEAD: &[u8] = b"audit_head";
 pub(crate) struct Appender {
     head: Head,
     site: String,
+    first: Option<u64>,
+    row: Vec<u8>,
 }
 
 impl Appender {
@@ -25,19 +33,76 @@ impl Appender {
         Ok(Self {
             head,
             site: node.name.clone(),
+            first: None,
+            row: Vec::new(),
         })
     }
 
-    /// Adds a record at `time` (raised to the last record's time if earlier).
-    pub(crate) fn append(&mut self, txn: &mut Txn, time: i64, event: Event) -> Result<u64> {
+    /// Continues from a head the caller holds (the committer's pipeline, whose head may
+    /// not be committed yet); the caller guards the head itself.
+    pub(crate) fn resume(site: &str, head: Head) -> Self {
+        Self {
+            head,
+            site: site.to_owned(),
+            first: None,
+            row: Vec::new(),
+        }
+    }
+
+    /// Adds a record at `time` (raised to the last record's time if earlier); returns its
+    /// sequence number.
+    pub(crate) fn append(&mut self, _txn: &mut Txn, time: i64, event: Event) -> Result<u64> {
         let r: Record = self.head.next(time.max(self.head.time), &self.site, event);
-        self.head = Head::after(&r).map_err(|e| Error::InvalidState(e.to_string()))?;
-        txn.put(Table::Audit, &r.sequence.to_be_bytes(), &r.to_bytes());
+        let bytes = r.to_bytes();
+        let len = u32::try_from(bytes.len())
+            .map_err(|_| Error::InvalidState("audit record too large".into()))?;
+        self.head = Head {
+            sequence: r.sequence,
+            hash: leaf_hash(&bytes),
+            time: r.time,
+        };
+        self.first.get_or_insert(r.sequence);
+        self.row.extend_from_slice(&len.to_be_bytes());
+        self.row.extend_from_slice(&bytes);
         Ok(r.sequence)
     }
 
-    /// Writes the new head into `txn`.
+    /// Writes the records and the new head into `txn`.
     pub(crate) fn finish(self, txn: &mut Txn) {
+        if let Some(first) = self.first {
+            txn.put(Table::Audit, &first.to_be_bytes(), &self.row);
+        }
         txn.put(Table::Meta, AUDIT_HEAD, &self.head.to_bytes());
     }
+}
+
+/// The stored head and the revision that wrote it.
+pub(crate) fn stored_head(node: &Node) -> Result<(Head, Option<u64>)> {
+    Ok(match node.store.get(Table::Meta, AUDIT_HEAD)? {
+        Some(v) => (
+            Head::from_bytes(&v.value).ok_or_else(|| decode_err("audit head"))?,
+            Some(v.revision),
+        ),
+        None => (Head::genesis(), None),
+    })
+}
+
+/// The canonical bytes of every audit record, in order.
+pub(crate) fn record_bytes(node: &Node) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for (_, v) in node.store.scan(Table::Audit, b"", usize::MAX)? {
+        let mut rest = v.value.as_slice();
+        while !rest.is_empty() {
+            let (len, tail) = rest
+                .split_at_checked(4)
+                .ok_or_else(|| decode_err("audit row"))?;
+            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let (record, tail) = tail
+                .split_at_checked(len)
+                .ok_or_else(|| decode_err("audit row"))?;
+            out.push(record.to_vec());
+            rest = tail;
+        }
+    }
+    Ok(out)
 }

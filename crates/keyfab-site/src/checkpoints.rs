@@ -23,11 +23,9 @@ pub struct Acknowledged {
 
 /// The leaf hashes of the whole audit log, in order.
 pub fn leaves(node: &Node) -> Result<Vec<Hash>> {
-    Ok(node
-        .store
-        .scan(Table::Audit, b"", usize::MAX)?
-        .into_iter()
-        .map(|(_, v)| merkle::leaf_hash(&v.value))
+    Ok(crate::audit_log::record_bytes(node)?
+        .iter()
+        .map(|b| merkle::leaf_hash(b))
         .collect())
 }
 

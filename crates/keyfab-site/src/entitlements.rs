@@ -300,10 +300,9 @@ pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> 
 
 /// The site's audit records, oldest first.
 pub fn audit_records(node: &Node) -> Result<Vec<Record>> {
-    node.store
-        .scan(Table::Audit, b"", usize::MAX)?
-        .into_iter()
-        .map(|(_, v)| Record::from_bytes(&v.value).map_err(|e| Error::InvalidState(e.to_string())))
+    crate::audit_log::record_bytes(node)?
+        .iter()
+        .map(|b| Record::from_bytes(b).map_err(|e| Error::InvalidState(e.to_string())))
         .collect()
 }
 

@@ -10,8 +10,9 @@
 //! request thread receive its answer, so no key leaves before its record is durable.
 //! A storage error fails the whole batch closed: nothing is released.
 
-use crate::audit_log::Appender;
+use crate::audit_log::{Appender, AUDIT_HEAD};
 use crate::entitlements::{dek_aad, pool_nonce, pool_row_key, EntitlementRecord};
+use keyfab_audit::Head;
 use keyfab_audit::{AuditedKey, Event};
 use keyfab_crypto::aead::AeadKey;
 use keyfab_crypto::devicekey::{self, DeviceKeyType, KeyId};
@@ -204,6 +205,22 @@ fn ent_key(entitlement: &str, sub: &str) -> Vec<u8> {
     let mut k = entitlement.as_bytes().to_vec();
     k.push(b'/');
     k.extend_from_slice(sub.as_bytes());
+    k
+}
+
+/// Key of a refused request: entitlement ‖ '/' ‖ device id length (u16 BE) ‖ device id ‖
+/// request id. Request ids are scoped to their device: a retry names the same device.
+/// Allowed requests need no row of their own: the device record holds the request id.
+fn request_key(entitlement: &str, device_id: &str, request_id: &str) -> Vec<u8> {
+    let mut k = entitlement.as_bytes().to_vec();
+    k.push(b'/');
+    k.extend_from_slice(
+        &u16::try_from(device_id.len())
+            .unwrap_or(u16::MAX)
+            .to_be_bytes(),
+    );
+    k.extend_from_slice(device_id.as_bytes());
+    k.extend_from_slice(request_id.as_bytes());
     k
 }
 
@@ -646,8 +663,37 @@ fn read_i64(node: &Node, key: &[u8]) -> Result<(Option<i64>, Option<Versioned>)>
     Ok((n, v))
 }
 
-/// Replies of one committed batch, for the dispatcher to hand out.
+/// Replies of one batch, handed out only after its commit.
 type Replies = Vec<(mpsc::SyncSender<Result<Outcome>>, Result<Outcome>)>;
+
+/// What one batch's decisions start from: the audit head, the trusted time and the
+/// counters, with the revisions that guard them; and, as the batch goes, the requests and
+/// devices it has decided (so a second request in the same batch sees the first).
+struct Carried {
+    head: Head,
+    head_revision: Option<u64>,
+    hwm: Option<i64>,
+    hwm_revision: Option<u64>,
+    counters: HashMap<String, (Counters, Option<u64>)>,
+    requests: HashMap<Vec<u8>, RequestRecord>,
+    devices: std::collections::HashSet<Vec<u8>>,
+}
+
+impl Carried {
+    fn load(node: &Node) -> Result<Self> {
+        let (head, head_revision) = crate::audit_log::stored_head(node)?;
+        let (hwm, hwm_seen) = read_i64(node, TIME_HWM)?;
+        Ok(Self {
+            head,
+            head_revision,
+            hwm,
+            hwm_revision: hwm_seen.map(|v| v.revision),
+            counters: HashMap::new(),
+            requests: HashMap::new(),
+            devices: Default::default(),
+        })
+    }
+}
 
 fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
     // Waking each caller costs a system call; a dispatcher does it, so the committer —
@@ -671,38 +717,24 @@ fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
             }
         }
         let senders: Vec<_> = batch.iter().map(|j| j.reply.clone()).collect();
-        let replies: Replies = match decide_and_record(node, batch) {
-            // Only now, after the commit, may any answer leave.
-            Ok(outcomes) => senders.into_iter().zip(outcomes).collect(),
-            Err(e) => {
-                let (code, msg) = (e.code(), e.to_string());
-                senders
-                    .into_iter()
-                    .map(|reply| {
-                        let err = match &e {
-                            Error::ClockRollback { observed, high_water } => Error::ClockRollback {
-                                observed: *observed,
-                                high_water: *high_water,
-                            },
-                            _ => Error::InvalidState(format!("{code}: {msg}")),
-                        };
-                        (reply, Err(err))
-                    })
-                    .collect()
-            }
+        let decided = Carried::load(node).and_then(|mut s| decide_batch(node, &mut s, batch));
+        let replies: Replies = match decided {
+            Ok((txn, outcomes)) => match node.store.commit(txn) {
+                // Only now, after the commit, may any answer leave.
+                Ok(o) if o.is_committed() => senders.into_iter().zip(outcomes).collect(),
+                Ok(_) => fail_all(
+                    senders,
+                    &Error::InvalidState(
+                        "site state changed meanwhile; nothing was released, retry".into(),
+                    ),
+                ),
+                Err(e) => fail_all(senders, &e.into()),
+            },
+            Err(e) => fail_all(senders, &e),
         };
-        match &dispatcher {
-            Ok(_) => {
-                if let Err(mpsc::SendError(replies)) = to_dispatch.send(replies) {
-                    for (reply, outcome) in replies {
-                        let _ = reply.send(outcome);
-                    }
-                }
-            }
-            Err(_) => {
-                for (reply, outcome) in replies {
-                    let _ = reply.send(outcome);
-                }
+        if let Err(mpsc::SendError(replies)) = to_dispatch.send(replies) {
+            for (reply, outcome) in replies {
+                let _ = reply.send(outcome);
             }
         }
     }
@@ -712,17 +744,46 @@ fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
     }
 }
 
-/// One batch: every decision in order, one transaction, one fsync.
-fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>>> {
+fn fail_all(senders: Vec<mpsc::SyncSender<Result<Outcome>>>, e: &Error) -> Replies {
+    let (code, msg) = (e.code(), e.to_string());
+    senders
+        .into_iter()
+        .map(|reply| {
+            let err = match e {
+                Error::ClockRollback {
+                    observed,
+                    high_water,
+                } => Error::ClockRollback {
+                    observed: *observed,
+                    high_water: *high_water,
+                },
+                _ => Error::InvalidState(format!("{code}: {msg}")),
+            };
+            (reply, Err(err))
+        })
+        .collect()
+}
+
+/// Decides one batch: every decision in order, in one transaction (one fsync).
+fn decide_batch(
+    node: &Node,
+    st: &mut Carried,
+    batch: Vec<Job>,
+) -> Result<(Txn, Vec<Result<Outcome>>)> {
     let store = &node.store;
     let mut txn = Txn::default();
-    let mut log = Appender::begin(node, &mut txn)?;
-    let (hwm, hwm_seen) = read_i64(node, TIME_HWM)?;
+    txn.require_revision(Table::Meta, AUDIT_HEAD, st.head_revision)
+        .require_revision(Table::Meta, TIME_HWM, st.hwm_revision);
+    let mut log = Appender::resume(&node.name, st.head);
+
+    // Settings others may change are read for every batch.
     let (tolerance, _) = read_i64(node, CLOCK_TOLERANCE)?;
     let tolerance = tolerance.unwrap_or(DEFAULT_CLOCK_TOLERANCE_SECS);
-    txn.require_unchanged(Table::Meta, TIME_HWM, hwm_seen.as_ref());
+    let acknowledged_at =
+        crate::checkpoints::acknowledged(node)?.map_or(i64::MIN, |a| a.acknowledged_at);
+
     let observed = node.now().0;
-    let hwm = hwm.unwrap_or(i64::MIN);
+    let hwm = st.hwm.unwrap_or(i64::MIN);
     if observed < hwm.saturating_sub(tolerance) {
         // Fail closed, and say so in the log.
         log.append(
@@ -734,52 +795,92 @@ fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>
             },
         )?;
         log.finish(&mut txn);
-        store.commit(txn)?;
-        return Err(Error::ClockRollback {
-            observed,
-            high_water: hwm,
-        });
+        let outcomes = batch
+            .iter()
+            .map(|_| {
+                Err(Error::ClockRollback {
+                    observed,
+                    high_water: hwm,
+                })
+            })
+            .collect();
+        return Ok((txn, outcomes));
     }
     let now = observed.max(hwm);
     txn.put(Table::Meta, TIME_HWM, &now.to_be_bytes());
 
-    let acknowledged_at =
-        crate::checkpoints::acknowledged(node)?.map_or(i64::MIN, |a| a.acknowledged_at);
-    let mut counters: HashMap<String, (Counters, Option<Versioned>)> = HashMap::new();
-    let mut requests: HashMap<Vec<u8>, RequestRecord> = HashMap::new();
-    let mut devices: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+    // Every request and device of the batch not decided by a batch in flight, read from
+    // one snapshot.
+    let keys: Vec<(Vec<u8>, Vec<u8>)> = batch
+        .iter()
+        .map(|j| {
+            (
+                request_key(&j.req.entitlement, &j.req.device_id, &j.req.request_id),
+                ent_key(&j.req.entitlement, &j.req.device_id),
+            )
+        })
+        .collect();
+    let lookups: Vec<(Table, &[u8])> = keys
+        .iter()
+        .flat_map(|(r, d)| {
+            [
+                (Table::Requests, r.as_slice()),
+                (Table::Devices, d.as_slice()),
+            ]
+        })
+        .collect();
+    let mut stored = store.get_many(&lookups)?.into_iter();
+
+    let mut touched: Vec<String> = Vec::new();
     let mut outcomes = Vec::with_capacity(batch.len());
-    for job in batch {
+    for (job, (req_key, dev_key)) in batch.into_iter().zip(keys) {
         let Job {
             ctx, req, prepared, ..
         } = job;
-        let req_key = ent_key(&req.entitlement, &req.request_id);
-        let earlier = match requests.get(&req_key) {
+        let (stored_request, stored_device) = (stored.next().flatten(), stored.next().flatten());
+        let earlier = match st.requests.get(&req_key) {
             Some(r) => Some(r.clone()),
-            None => store
-                .get(Table::Requests, &req_key)?
-                .map(|v| decode(&v.value))
-                .transpose()?,
+            None => stored_request.map(|v| decode(&v.value)).transpose()?,
         };
         if let Some(rr) = earlier {
             outcomes.push(Ok(Outcome::Replay(rr)));
             continue;
         }
-        let dev_key = ent_key(&req.entitlement, &req.device_id);
-        let already = devices.contains(&dev_key) || store.get(Table::Devices, &dev_key)?.is_some();
-        if !counters.contains_key(&req.entitlement) {
+        // A device record answers a retry of the request that created it; any other
+        // request for that device is refused as already provisioned.
+        let already = match (st.devices.contains(&dev_key), stored_device) {
+            (true, _) => true,
+            (false, Some(v)) => {
+                let d: DeviceRecord = decode(&v.value)?;
+                if d.request_id == req.request_id {
+                    outcomes.push(Ok(Outcome::Replay(RequestRecord {
+                        device_id: req.device_id.clone(),
+                        audit_sequence: d.audit_sequence,
+                        denied: None,
+                    })));
+                    continue;
+                }
+                true
+            }
+            (false, None) => false,
+        };
+        if !st.counters.contains_key(&req.entitlement) {
             let v = store.get(Table::Counters, req.entitlement.as_bytes())?;
             let c = match &v {
                 Some(v) => decode(&v.value)?,
                 None => Counters::default(),
             };
-            counters.insert(req.entitlement.clone(), (c, v));
+            st.counters
+                .insert(req.entitlement.clone(), (c, v.map(|v| v.revision)));
         }
-        let (c, _) = counters
+        if !touched.contains(&req.entitlement) {
+            touched.push(req.entitlement.clone());
+        }
+        let (c, _) = st
+            .counters
             .get_mut(&req.entitlement)
             .ok_or_else(|| Error::InvalidState("counters".into()))?;
         let day = ctx.policy.day_of(now);
-        let record = &ctx.record;
         let state = EntitlementState {
             revoked: c.revoked,
             activated: c.activated
@@ -787,7 +888,7 @@ fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>
                     .policy
                     .policy
                     .requires_approval(keyfab_policy::Action::Activate),
-            last_acknowledged: record.created_at.max(acknowledged_at),
+            last_acknowledged: ctx.record.created_at.max(acknowledged_at),
             total: c.total,
             today: c.days.get(&day).copied().unwrap_or(0),
         };
@@ -819,7 +920,7 @@ fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>
                     denied: Some(code),
                 };
                 txn.put(Table::Requests, &req_key, &encode(&rr)?);
-                requests.insert(req_key, rr);
+                st.requests.insert(req_key, rr);
                 outcomes.push(Err(denied(code, &req.device_id)));
             }
             Decision::Allow => {
@@ -902,9 +1003,8 @@ fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>
                     denied: None,
                 };
                 txn.put(Table::Devices, &dev_key, &encode(&device)?);
-                txn.put(Table::Requests, &req_key, &encode(&rr)?);
-                devices.insert(dev_key);
-                requests.insert(req_key, rr);
+                st.devices.insert(dev_key);
+                st.requests.insert(req_key, rr);
                 outcomes.push(Ok(Outcome::Allowed {
                     record: device,
                     privates,
@@ -912,17 +1012,14 @@ fn decide_and_record(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>
             }
         }
     }
-    for (ent, (c, seen)) in &counters {
-        txn.require_unchanged(Table::Counters, ent.as_bytes(), seen.as_ref());
-        txn.put(Table::Counters, ent.as_bytes(), &encode(c)?);
+    for ent in touched {
+        if let Some((c, rev)) = st.counters.get(&ent) {
+            txn.require_revision(Table::Counters, ent.as_bytes(), *rev);
+            txn.put(Table::Counters, ent.as_bytes(), &encode(c)?);
+        }
     }
     log.finish(&mut txn);
-    if !store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState(
-            "site state changed under the committer (another writer?); nothing was released".into(),
-        ));
-    }
-    Ok(outcomes)
+    Ok((txn, outcomes))
 }
 
 /// The counters of an entitlement, as stored.

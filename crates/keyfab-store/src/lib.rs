@@ -131,6 +131,21 @@ impl Txn {
         });
         self
     }
+    /// Requires `key` to have been last written at `revision` (absent if `None`): for a
+    /// writer that knows which revision its own earlier, still uncommitted, transaction
+    /// will give the key.
+    pub fn require_revision(
+        &mut self,
+        table: Table,
+        key: &[u8],
+        revision: Option<u64>,
+    ) -> &mut Self {
+        self.guards.push(match revision {
+            Some(r) => Guard::AtRevision(table, key.to_vec(), r),
+            None => Guard::Absent(table, key.to_vec()),
+        });
+        self
+    }
     pub fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> &mut Self {
         self.writes
             .push(Write::Put(table, key.to_vec(), value.to_vec()));
