@@ -1,19 +1,43 @@
 //! The embedded backend: one redb file, one write transaction per commit, fsync before
 //! returning (redb's `Durability::Immediate`).
 //!
-//! Values are stored as `revision (u64 BE) ‖ value`; the store-wide revision lives under
-//! a reserved key of its own table.
+//! All logical tables share one redb table, `keyfab-v1`, their keys prefixed with a
+//! table byte; the store-wide revision is one more key. A redb commit rewrites the pages
+//! it touches in every B-tree it touches, so one tree instead of eight cuts the bytes
+//! each commit writes (and fsyncs) several times over. Values are stored as
+//! `revision (u64 BE) ‖ value`.
 
 use crate::{Guard, Outcome, Result, Store, StoreError, Table, Txn, Versioned, Write};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
 
-type Def = TableDefinition<'static, &'static [u8], &'static [u8]>;
+const KV: TableDefinition<'static, &'static [u8], &'static [u8]> =
+    TableDefinition::new("keyfab-v1");
 
-const REVISION: Def = TableDefinition::new("__revision");
+/// Key of the store-wide revision: a table byte no logical table uses.
+const REVISION_KEY: &[u8] = &[0xff, b'r', b'e', b'v'];
 
-fn def(t: Table) -> Def {
-    TableDefinition::new(t.name())
+fn table_byte(t: Table) -> u8 {
+    Table::ALL.iter().position(|x| *x == t).unwrap_or(0xfe) as u8
+}
+
+fn full_key(t: Table, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(table_byte(t));
+    k.extend_from_slice(key);
+    k
+}
+
+/// The first key after every key that starts with `prefix`, if there is one.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }
 
 pub struct EmbeddedStore {
@@ -47,46 +71,23 @@ impl EmbeddedStore {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Busy,
             other => io(other),
         })?;
-        // Create missing tables only: opening an existing store must not write to it, so
-        // a refused operation leaves the file byte for byte as it was.
-        let complete = {
-            let r = db.begin_read().map_err(io)?;
-            Table::ALL.iter().all(|t| r.open_table(def(*t)).is_ok())
-                && r.open_table(REVISION).is_ok()
-        };
-        if !complete {
+        // Create the table only if missing: opening an existing store must not write to
+        // it, so a refused operation leaves the file byte for byte as it was.
+        let exists = db.begin_read().map_err(io)?.open_table(KV).is_ok();
+        if !exists {
             let w = db.begin_write().map_err(io)?;
-            for t in Table::ALL {
-                w.open_table(def(t)).map_err(io)?;
-            }
-            w.open_table(REVISION).map_err(io)?;
+            w.open_table(KV).map_err(io)?;
             w.commit().map_err(io)?;
         }
         Ok(Self { db })
     }
 }
 
-fn guard_key(g: &Guard) -> (Table, &[u8], Option<u64>) {
-    match g {
-        Guard::Absent(t, k) => (*t, k, None),
-        Guard::AtRevision(t, k, r) => (*t, k, Some(*r)),
-    }
-}
-
-fn write_table(w: &Write) -> Table {
-    match w {
-        Write::Put(t, ..)
-        | Write::Delete(t, _)
-        | Write::DeletePrefix(t, _)
-        | Write::DeleteRange(t, ..) => *t,
-    }
-}
-
 impl Store for EmbeddedStore {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Versioned>> {
         let r = self.db.begin_read().map_err(io)?;
-        let t = r.open_table(def(table)).map_err(io)?;
-        match t.get(key).map_err(io)? {
+        let t = r.open_table(KV).map_err(io)?;
+        match t.get(full_key(table, key).as_slice()).map_err(io)? {
             Some(v) => Ok(Some(decode(v.value())?)),
             None => Ok(None),
         }
@@ -94,14 +95,15 @@ impl Store for EmbeddedStore {
 
     fn scan(&self, table: Table, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Versioned)>> {
         let r = self.db.begin_read().map_err(io)?;
-        let t = r.open_table(def(table)).map_err(io)?;
+        let t = r.open_table(KV).map_err(io)?;
+        let start = full_key(table, prefix);
         let mut out = Vec::new();
-        for item in t.range(prefix..).map_err(io)? {
+        for item in t.range(start.as_slice()..).map_err(io)? {
             let (k, v) = item.map_err(io)?;
-            if !k.value().starts_with(prefix) || out.len() >= limit {
+            if !k.value().starts_with(&start) || out.len() >= limit {
                 break;
             }
-            out.push((k.value().to_vec(), decode(v.value())?));
+            out.push((k.value()[1..].to_vec(), decode(v.value())?));
         }
         Ok(out)
     }
@@ -109,21 +111,14 @@ impl Store for EmbeddedStore {
     fn commit(&self, txn: Txn) -> Result<Outcome> {
         let mut w = self.db.begin_write().map_err(io)?;
         w.set_durability(redb::Durability::Immediate).map_err(io)?;
-        // Each table is opened once per commit (opening is not free in redb); within a
-        // table, guards and writes keep their order.
-        for t in Table::ALL {
-            let guards: Vec<_> = txn
-                .guards
-                .iter()
-                .map(guard_key)
-                .filter(|g| g.0 == t)
-                .collect();
-            if guards.is_empty() {
-                continue;
-            }
-            let table = w.open_table(def(t)).map_err(io)?;
-            for (_, key, want) in guards {
-                let current = match table.get(key).map_err(io)? {
+        let revision = {
+            let mut table = w.open_table(KV).map_err(io)?;
+            for g in &txn.guards {
+                let (t, key, want) = match g {
+                    Guard::Absent(t, k) => (*t, k, None),
+                    Guard::AtRevision(t, k, r) => (*t, k, Some(*r)),
+                };
+                let current = match table.get(full_key(t, key).as_slice()).map_err(io)? {
                     Some(v) => Some(decode(v.value())?.revision),
                     None => None,
                 };
@@ -133,77 +128,74 @@ impl Store for EmbeddedStore {
                     return Ok(Outcome::Conflict);
                 }
             }
-        }
-        let revision = {
-            let mut rev_table = w.open_table(REVISION).map_err(io)?;
-            let current = match rev_table.get(&b"rev"[..]).map_err(io)? {
-                Some(v) => {
-                    let b: [u8; 8] = v
-                        .value()
+            let current = match table.get(REVISION_KEY).map_err(io)? {
+                Some(v) => u64::from_be_bytes(
+                    v.value()
                         .try_into()
-                        .map_err(|_| StoreError::Corrupt("revision".into()))?;
-                    u64::from_be_bytes(b)
-                }
+                        .map_err(|_| StoreError::Corrupt("revision".into()))?,
+                ),
                 None => 0,
             };
-            let next = current + 1;
-            rev_table
-                .insert(&b"rev"[..], &next.to_be_bytes()[..])
+            let revision = current + 1;
+            table
+                .insert(REVISION_KEY, &revision.to_be_bytes()[..])
                 .map_err(io)?;
-            next
-        };
-        let mut buf = Vec::new();
-        for t in Table::ALL {
-            let mut writes = txn.writes.iter().filter(|w| write_table(w) == t).peekable();
-            if writes.peek().is_none() {
-                continue;
-            }
-            let mut table = w.open_table(def(t)).map_err(io)?;
-            for write in writes {
+            let mut buf = Vec::new();
+            for write in &txn.writes {
                 match write {
-                    Write::Put(_, k, v) => {
+                    Write::Put(t, k, v) => {
                         buf.clear();
                         buf.extend_from_slice(&revision.to_be_bytes());
                         buf.extend_from_slice(v);
-                        table.insert(k.as_slice(), buf.as_slice()).map_err(io)?;
-                    }
-                    Write::Delete(_, k) => {
-                        table.remove(k.as_slice()).map_err(io)?;
-                    }
-                    Write::DeletePrefix(_, p) => {
                         table
-                            .retain_in(p.as_slice().., |k, _| !k.starts_with(p))
+                            .insert(full_key(*t, k).as_slice(), buf.as_slice())
                             .map_err(io)?;
                     }
-                    Write::DeleteRange(_, start, end) => {
+                    Write::Delete(t, k) => {
+                        table.remove(full_key(*t, k).as_slice()).map_err(io)?;
+                    }
+                    Write::DeletePrefix(t, p) => {
+                        let start = full_key(*t, p);
+                        match prefix_end(&start) {
+                            Some(end) => table
+                                .retain_in(start.as_slice()..end.as_slice(), |_, _| false)
+                                .map_err(io)?,
+                            None => table
+                                .retain_in(start.as_slice().., |_, _| false)
+                                .map_err(io)?,
+                        }
+                    }
+                    Write::DeleteRange(t, start, end) => {
+                        let (start, end) = (full_key(*t, start), full_key(*t, end));
                         table
                             .retain_in(start.as_slice()..end.as_slice(), |_, _| false)
                             .map_err(io)?;
                     }
                 }
             }
-        }
+            revision
+        };
         w.commit().map_err(io)?;
         Ok(Outcome::Committed(revision))
     }
 
     fn get_many(&self, keys: &[(Table, &[u8])]) -> Result<Vec<Option<Versioned>>> {
         let r = self.db.begin_read().map_err(io)?;
-        let mut out = Vec::with_capacity(keys.len());
-        for (t, k) in keys {
-            let table = r.open_table(def(*t)).map_err(io)?;
-            out.push(match table.get(*k).map_err(io)? {
-                Some(v) => Some(decode(v.value())?),
-                None => None,
-            });
-        }
-        Ok(out)
+        let t = r.open_table(KV).map_err(io)?;
+        keys.iter()
+            .map(
+                |(table, k)| match t.get(full_key(*table, k).as_slice()).map_err(io)? {
+                    Some(v) => Ok(Some(decode(v.value())?)),
+                    None => Ok(None),
+                },
+            )
+            .collect()
     }
 
     fn revision(&self) -> Result<u64> {
         let r = self.db.begin_read().map_err(io)?;
-        let t = r.open_table(REVISION).map_err(io)?;
-        Ok(match t.get(&b"rev"[..]).map_err(io)? {
+        let t = r.open_table(KV).map_err(io)?;
+        Ok(match t.get(REVISION_KEY).map_err(io)? {
             Some(v) => u64::from_be_bytes(v.value().try_into().unwrap_or([0; 8])),
             None => 0,
         })
@@ -248,12 +240,33 @@ mod tests {
     }
 
     #[test]
-    fn scan_and_delete_prefix() {
+    fn tables_do_not_see_each_other() {
         let (_d, s) = store();
         let mut t = Txn::default();
-        for k in [&b"p/1"[..], b"p/2", b"q/1"] {
+        t.put(Table::Meta, b"k", b"meta")
+            .put(Table::Pool, b"k", b"pool");
+        s.commit(t).unwrap();
+        assert_eq!(s.get(Table::Meta, b"k").unwrap().unwrap().value, b"meta");
+        assert_eq!(s.get(Table::Pool, b"k").unwrap().unwrap().value, b"pool");
+        assert_eq!(s.scan(Table::Meta, b"", 10).unwrap().len(), 1);
+        let mut t = Txn::default();
+        t.delete_prefix(Table::Meta, b"");
+        s.commit(t).unwrap();
+        assert!(s.get(Table::Meta, b"k").unwrap().is_none());
+        assert!(s.get(Table::Pool, b"k").unwrap().is_some());
+    }
+
+    #[test]
+    fn scan_and_delete_prefix_and_range() {
+        let (_d, s) = store();
+        let mut t = Txn::default();
+        for k in [&b"p/1"[..], b"p/2", b"p/3", b"q/1"] {
             t.put(Table::Pool, k, b"v");
         }
+        s.commit(t).unwrap();
+        assert_eq!(s.scan(Table::Pool, b"p/", 10).unwrap().len(), 3);
+        let mut t = Txn::default();
+        t.delete_range(Table::Pool, b"p/2", b"p/3");
         s.commit(t).unwrap();
         assert_eq!(s.scan(Table::Pool, b"p/", 10).unwrap().len(), 2);
         let mut t = Txn::default();
