@@ -92,6 +92,8 @@ pub struct AuditedKey {
     pub key_id: String,
     /// Hex serial of the device certificate, if one was issued.
     pub cert_serial: Option<String>,
+    /// The device certificate (DER), public: HQ's manifests come from the audit alone.
+    pub certificate: Option<serde_bytes::ByteBuf>,
 }
 
 /// One audit record.

@@ -67,6 +67,11 @@ impl Appender {
         Ok(r.sequence)
     }
 
+    /// Key of the row this transaction's records go to (the first one's sequence).
+    pub(crate) fn row_key(&self) -> Option<u64> {
+        self.first
+    }
+
     /// Writes the records and the new head into `txn`.
     pub(crate) fn finish(self, txn: &mut Txn) {
         if let Some(first) = self.first {
@@ -87,22 +92,43 @@ pub(crate) fn stored_head(node: &Node) -> Result<(Head, Option<u64>)> {
     })
 }
 
+fn split_row(value: &[u8]) -> Result<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    let mut rest = value;
+    while !rest.is_empty() {
+        let (len, tail) = rest
+            .split_at_checked(4)
+            .ok_or_else(|| decode_err("audit row"))?;
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let (record, tail) = tail
+            .split_at_checked(len)
+            .ok_or_else(|| decode_err("audit row"))?;
+        out.push(record);
+        rest = tail;
+    }
+    Ok(out)
+}
+
+/// The audit record `sequence`, stored in the row keyed `row`.
+pub(crate) fn record_in_row(node: &Node, row: u64, sequence: u64) -> Result<Record> {
+    let v = node
+        .store
+        .get(Table::Audit, &row.to_be_bytes())?
+        .ok_or_else(|| decode_err("audit row"))?;
+    for bytes in split_row(&v.value)? {
+        let r = Record::from_bytes(bytes).map_err(|e| Error::InvalidState(e.to_string()))?;
+        if r.sequence == sequence {
+            return Ok(r);
+        }
+    }
+    Err(decode_err("audit record"))
+}
+
 /// The canonical bytes of every audit record, in order.
 pub(crate) fn record_bytes(node: &Node) -> Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     for (_, v) in node.store.scan(Table::Audit, b"", usize::MAX)? {
-        let mut rest = v.value.as_slice();
-        while !rest.is_empty() {
-            let (len, tail) = rest
-                .split_at_checked(4)
-                .ok_or_else(|| decode_err("audit row"))?;
-            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-            let (record, tail) = tail
-                .split_at_checked(len)
-                .ok_or_else(|| decode_err("audit row"))?;
-            out.push(record.to_vec());
-            rest = tail;
-        }
+        out.extend(split_row(&v.value)?.into_iter().map(<[u8]>::to_vec));
     }
     Ok(out)
 }

@@ -89,29 +89,22 @@ pub struct Provisioned {
     pub chain: Vec<Vec<u8>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StoredKey {
-    name: String,
-    key_id: String,
-    cert_serial: Option<String>,
-    #[serde(with = "serde_bytes")]
-    cert: Vec<u8>,
-    /// A `site` key's secret, sealed under the entitlement's data key, so a retry gets
-    /// the same key.
-    #[serde(with = "serde_bytes")]
-    sealed: Vec<u8>,
-}
-
+/// What the site keeps per provisioned device beside its audit record, which holds the
+/// key ids and certificates: where that record is, and what a retry needs that the
+/// audit must never hold.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeviceRecord {
     request_id: String,
     audit_sequence: u64,
+    /// Key of the audit row holding that record.
+    audit_row: u64,
     time: i64,
     station: Option<String>,
     pool_index: Option<u64>,
-    keys: Vec<StoredKey>,
+    /// Per key spec: a `site` key's secret sealed under the entitlement's data key (so a
+    /// retry gets the same key); empty for other sources.
+    sealed: Vec<serde_bytes::ByteBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -168,7 +161,8 @@ enum Prepared {
 
 enum Outcome {
     Allowed {
-        record: DeviceRecord,
+        audit_sequence: u64,
+        keys: Vec<AuditedKey>,
         privates: Vec<Option<SecretBytes>>,
     },
     Replay(RequestRecord),
@@ -338,9 +332,11 @@ impl Provisioner {
             .map_err(|_| Error::InvalidState("provisioner stopped".into()))??;
         match outcome {
             Outcome::Replay(rr) => self.answer_replay(&ctx, &req, rr),
-            Outcome::Allowed { record, privates } => {
-                self.answer(&ctx, &req, record, privates, false)
-            }
+            Outcome::Allowed {
+                audit_sequence,
+                keys,
+                privates,
+            } => self.answer(&ctx, &req, audit_sequence, keys, privates, false),
         }
     }
 
@@ -447,16 +443,27 @@ impl Provisioner {
             .get(Table::Devices, &ent_key(&req.entitlement, &req.device_id))?
             .ok_or_else(|| Error::InvalidState("request recorded without its device".into()))?;
         let record: DeviceRecord = decode(&v.value)?;
+        let audit =
+            crate::audit_log::record_in_row(&self.node, record.audit_row, record.audit_sequence)?;
+        let keys = match audit.event {
+            keyfab_audit::Event::ProvisionAllowed { keys, .. } => keys,
+            _ => {
+                return Err(Error::InvalidState(
+                    "a device's audit record is not its provisioning".into(),
+                ))
+            }
+        };
         let mut privates = Vec::new();
-        for ((i, spec), stored) in ctx.policy.policy.keys.iter().enumerate().zip(&record.keys) {
+        for (i, spec) in ctx.policy.policy.keys.iter().enumerate() {
             let secret = match (spec.source, record.pool_index) {
                 (KeySource::HqPool, Some(index)) => Some(read_pool_key(&self.node, ctx, i, index)?),
-                (KeySource::Site, _) => Some(unseal_site_key(
-                    ctx,
-                    &req.device_id,
-                    &stored.name,
-                    &stored.sealed,
-                )?),
+                (KeySource::Site, _) => {
+                    let sealed = record
+                        .sealed
+                        .get(i)
+                        .ok_or_else(|| Error::InvalidState("sealed site key".into()))?;
+                    Some(unseal_site_key(ctx, &req.device_id, &spec.name, sealed)?)
+                }
                 (KeySource::Derived, _) => Some(devicekey::derive(
                     &ctx.master,
                     &ctx.record.id,
@@ -472,14 +479,15 @@ impl Provisioner {
                     .transpose()?,
             );
         }
-        self.answer(ctx, req, record, privates, true)
+        self.answer(ctx, req, record.audit_sequence, keys, privates, true)
     }
 
     fn answer(
         &self,
         ctx: &EntitlementContext,
         req: &ProvisionRequest,
-        record: DeviceRecord,
+        audit_sequence: u64,
+        audited: Vec<AuditedKey>,
         privates: Vec<Option<SecretBytes>>,
         replayed: bool,
     ) -> Result<Provisioned> {
@@ -488,22 +496,22 @@ impl Provisioner {
             .policy
             .keys
             .iter()
-            .zip(&record.keys)
+            .zip(audited)
             .zip(privates)
-            .map(|((spec, stored), private)| IssuedKey {
+            .map(|((spec, audited), private)| IssuedKey {
                 name: spec.name.clone(),
                 key_type: spec.key_type,
                 source: spec.source,
-                key_id: stored.key_id.clone(),
+                key_id: audited.key_id,
                 private,
-                certificate: (!stored.cert.is_empty()).then(|| stored.cert.clone()),
+                certificate: audited.certificate.map(|c| c.into_vec()),
             })
             .collect();
         Ok(Provisioned {
             entitlement: req.entitlement.clone(),
             device_id: req.device_id.clone(),
             request_id: req.request_id.clone(),
-            audit_sequence: record.audit_sequence,
+            audit_sequence,
             replayed,
             keys,
             chain: ctx.chain.clone(),
@@ -927,6 +935,7 @@ fn decide_batch(
                 let has_pool = prepared.iter().any(|p| matches!(p, Prepared::Pool));
                 let pool_index = has_pool.then_some(c.next_pool);
                 let mut keys = Vec::new();
+                let mut sealed_keys = Vec::new();
                 let mut privates = Vec::new();
                 for (i, (spec, p)) in ctx.policy.policy.keys.iter().zip(prepared).enumerate() {
                     let (key_id, sealed, private, cert) = match p {
@@ -952,17 +961,17 @@ fn decide_batch(
                             cert,
                         } => (key_id, sealed, private, cert),
                     };
-                    let (cert, cert_serial) = match cert {
-                        Some((c, s)) => (c, Some(s)),
-                        None => (Vec::new(), None),
+                    let (certificate, cert_serial) = match cert {
+                        Some((c, s)) => (Some(serde_bytes::ByteBuf::from(c)), Some(s)),
+                        None => (None, None),
                     };
-                    keys.push(StoredKey {
+                    keys.push(AuditedKey {
                         name: spec.name.clone(),
                         key_id: key_id.to_text(),
                         cert_serial,
-                        cert,
-                        sealed,
+                        certificate,
                     });
+                    sealed_keys.push(serde_bytes::ByteBuf::from(sealed));
                     privates.push(private);
                 }
                 let seq = log.append(
@@ -974,14 +983,7 @@ fn decide_batch(
                         device_id: req.device_id.clone(),
                         station: req.station.clone(),
                         pool_index,
-                        keys: keys
-                            .iter()
-                            .map(|k| AuditedKey {
-                                name: k.name.clone(),
-                                key_id: k.key_id.clone(),
-                                cert_serial: k.cert_serial.clone(),
-                            })
-                            .collect(),
+                        keys: keys.clone(),
                     },
                 )?;
                 c.total += 1;
@@ -992,10 +994,11 @@ fn decide_batch(
                 let device = DeviceRecord {
                     request_id: req.request_id.clone(),
                     audit_sequence: seq,
+                    audit_row: log.row_key().unwrap_or(seq),
                     time: now,
                     station: req.station.clone(),
                     pool_index,
-                    keys,
+                    sealed: sealed_keys,
                 };
                 let rr = RequestRecord {
                     device_id: req.device_id.clone(),
@@ -1006,7 +1009,8 @@ fn decide_batch(
                 st.devices.insert(dev_key);
                 st.requests.insert(req_key, rr);
                 outcomes.push(Ok(Outcome::Allowed {
-                    record: device,
+                    audit_sequence: seq,
+                    keys,
                     privates,
                 }));
             }
