@@ -112,6 +112,10 @@ pub struct EntitlementContent {
     /// HQ's last accepted checkpoint of this site's audit log, if any: a site whose log
     /// is behind or inconsistent with it was rolled back (DESIGN.md, tier B).
     pub acknowledged: Option<crate::checkpoint::TreeHead>,
+    /// HQ's HPKE service certificate: what the site encrypts its audit exports to. The
+    /// site checks it against its root (role hq, key agreement) before keeping it.
+    #[serde(with = "serde_bytes")]
+    pub hq_hpke_cert: Vec<u8>,
 }
 
 /// One pool chunk: keys `first .. first + count` of pool spec `spec`.
@@ -280,7 +284,7 @@ pub fn write_entitlement(
     })
 }
 
-fn temp_path(out: &Path, what: &str) -> PathBuf {
+pub(crate) fn temp_path(out: &Path, what: &str) -> PathBuf {
     let mut name = out.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".{what}.tmp"));
     out.with_file_name(name)
@@ -388,7 +392,7 @@ fn short(hex: &str) -> &str {
     hex.get(..16).unwrap_or(hex)
 }
 
-fn read_exact_or_truncated(r: &mut impl Read, buf: &mut [u8]) -> Result<()> {
+pub(crate) fn read_exact_or_truncated(r: &mut impl Read, buf: &mut [u8]) -> Result<()> {
     r.read_exact(buf).map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => FormatError::Malformed("truncated".into()),
         _ => FormatError::Io(e),

@@ -15,6 +15,7 @@ pub enum Kind {
     Revocation,
     Checkpoint,
     Receipt,
+    AuditBundle,
 }
 
 impl Kind {
@@ -27,6 +28,7 @@ impl Kind {
             Kind::Revocation => b'R',
             Kind::Checkpoint => b'C',
             Kind::Receipt => b'K',
+            Kind::AuditBundle => b'A',
         }
     }
     fn name(self) -> &'static str {
@@ -38,6 +40,7 @@ impl Kind {
             Kind::Revocation => "revocation (.kfr)",
             Kind::Checkpoint => "audit checkpoint",
             Kind::Receipt => "receipt (.kfk)",
+            Kind::AuditBundle => "audit bundle (.kfa)",
         }
     }
 }
@@ -63,6 +66,7 @@ pub fn kind_of(bytes: &[u8]) -> Option<Kind> {
         Kind::Revocation,
         Kind::Checkpoint,
         Kind::Receipt,
+        Kind::AuditBundle,
     ]
     .into_iter()
     .find(|k| k.letter() == bytes[6])

@@ -258,6 +258,7 @@ pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
         pool: pool.clone(),
         keys_per_chunk: req.keys_per_chunk,
         acknowledged: site.acknowledged,
+        hq_hpke_cert: node.service()?.hpke_cert,
     };
     let addressing = Addressing {
         id: id.clone(),

@@ -21,6 +21,24 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 pub(crate) const HQ_SEQUENCE: &[u8] = b"hq_sequence";
+const HQ_RECIPIENT: &[u8] = b"hq_recipient";
+
+/// Where audit exports go: HQ's name, cluster certificate and HPKE certificate, as the
+/// latest imported entitlement carried them (already checked against the root).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HqRecipient {
+    pub hq: String,
+    pub cluster_cert: serde_bytes::ByteBuf,
+    pub hpke_cert: serde_bytes::ByteBuf,
+}
+
+pub fn hq_recipient(node: &Node) -> Result<Option<HqRecipient>> {
+    node.store
+        .get(Table::Meta, HQ_RECIPIENT)?
+        .map(|v| decode(&v.value))
+        .transpose()
+}
 
 /// The last sequence number accepted from HQ (entitlements and revocations share it).
 pub(crate) fn read_hq_sequence(node: &Node) -> Result<(u64, Option<keyfab_store::Versioned>)> {
@@ -175,6 +193,19 @@ pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> 
     if let Some(acked) = &content.acknowledged {
         crate::checkpoints::check_consistent(node, acked)?;
     }
+    // Where audit exports go: HQ's encryption key, certified under the same HQ cluster.
+    keyfab_crypto::x509::validate_chain(
+        &node.root_cert()?,
+        &[content.hq_hpke_cert.clone(), envelope.chain[1].clone()],
+        keyfab_crypto::x509::Role::Hq,
+        keyfab_crypto::x509::Purpose::KeyAgreement,
+        node.now(),
+    )
+    .map_err(|e| {
+        Error::Verification(keyfab_formats::FormatError::UntrustedSigner(format!(
+            "HQ encryption certificate: {e}"
+        )))
+    })?;
     sweep_staging(node)?;
 
     let rng = node.rng.as_ref();
@@ -274,6 +305,15 @@ pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> 
             &encode(&record)?,
         )
         .put(Table::Meta, HQ_SEQUENCE, &record.sequence.to_be_bytes())
+        .put(
+            Table::Meta,
+            HQ_RECIPIENT,
+            &encode(&HqRecipient {
+                hq: content.hq.clone(),
+                cluster_cert: serde_bytes::ByteBuf::from(envelope.chain[1].clone()),
+                hpke_cert: serde_bytes::ByteBuf::from(content.hq_hpke_cert.clone()),
+            })?,
+        )
         .delete(Table::Staging, record.id.as_bytes());
     let committed = node.store.commit(txn);
     match committed {

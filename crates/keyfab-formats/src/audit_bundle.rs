@@ -1,0 +1,381 @@
+//! The audit bundle `.kfa`: a site's audit records since its last export, for HQ.
+//!
+//! ```text
+//! "KEYFAB" 'A' 0x01
+//! u32 BE  n            length of the COSE_Sign1, at most 64 KiB
+//! [n]     COSE_Sign1   ES256 by the site's service signing key, x5chain = [site signing
+//!                      cert, site cluster cert], external_aad "keyfab-audit-v1",
+//!                      payload = the signed header (CBOR, below)
+//! body    chunks × (u32 BE length ‖ HPKE ciphertext); each chunk's plaintext is records,
+//!         each behind a u32 BE length, at most 1 MiB per chunk
+//! ```
+//!
+//! The signed header is the site's checkpoint (`to`), the head of its previous export
+//! (`from`), the RFC 9162 consistency proof between them, and the body's length and
+//! digest; so HQ authenticates every byte before it decrypts anything. HPKE is to HQ's
+//! service key with `info` = ["keyfab-audit-bundle", 1, site, hq_cluster, recipient, id];
+//! chunk `aad` = "keyfab-audit-chunk" ‖ index (u64 BE) ‖ last (u8).
+
+use crate::checkpoint::TreeHead;
+use crate::entitlement::{read_exact_or_truncated, temp_path};
+use crate::prefix::{self, Kind};
+use crate::{cbor_encode, cbor_exact, cose, FormatError, Result, Verified};
+use keyfab_crypto::hash::{Fingerprint, Sha256Stream};
+use keyfab_crypto::hpke::{self, HpkePublicKey, HpkeRecipient};
+use keyfab_crypto::rng::SecureRng;
+use keyfab_crypto::sign::EcdsaSigner;
+use keyfab_crypto::time::UnixTime;
+use keyfab_crypto::x509::{self, Purpose, Role, ValidatedLeaf};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+pub const VERSION: u8 = 1;
+pub const CONTEXT: &[u8] = b"keyfab-audit-v1";
+pub const CONTENT_TYPE: &str = "application/keyfab-audit-bundle+cbor";
+const MAX_SIGN1_LEN: u32 = 64 * 1024;
+const MAX_CHUNK: usize = 1024 * 1024;
+/// A record larger than this is refused (records are a few hundred bytes).
+pub const MAX_RECORD: usize = 64 * 1024;
+pub const MAX_FILE_LEN: u64 = 64 * 1024 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleHeader {
+    pub format: String,
+    pub version: u32,
+    /// 16 random bytes, hex.
+    pub id: String,
+    pub site: String,
+    pub hq: String,
+    /// Hex SHA-256 of HQ's cluster certificate.
+    pub hq_cluster: String,
+    /// Hex SHA-256 of the SubjectPublicKeyInfo of HQ's HPKE key.
+    pub recipient: String,
+    /// The head of the site's previous export (size 0: none).
+    pub from: TreeHead,
+    /// The site's checkpoint: its log after these records.
+    pub to: TreeHead,
+    pub checkpoint_time: i64,
+    /// RFC 9162 consistency proof from `from` to `to`.
+    pub consistency: Vec<serde_bytes::ByteBuf>,
+    pub created_at: i64,
+    #[serde(with = "serde_bytes")]
+    pub enc: Vec<u8>,
+    pub chunks: u64,
+    pub body_len: u64,
+    #[serde(with = "serde_bytes")]
+    pub body_sha256: Vec<u8>,
+}
+
+fn chunk_aad(index: u64, last: bool) -> Vec<u8> {
+    let mut aad = b"keyfab-audit-chunk".to_vec();
+    aad.extend_from_slice(&index.to_be_bytes());
+    aad.push(u8::from(last));
+    aad
+}
+
+fn hpke_info(site: &str, hq_cluster: &str, recipient: &str, id: &str) -> Result<Vec<u8>> {
+    cbor_encode(&(
+        "keyfab-audit-bundle",
+        u32::from(VERSION),
+        site,
+        hq_cluster,
+        recipient,
+        id,
+    ))
+}
+
+/// Everything of the header but the body's framing, which the writer fills in.
+pub struct BundleFields {
+    pub id: String,
+    pub site: String,
+    pub hq: String,
+    pub hq_cluster: Fingerprint,
+    pub recipient: HpkePublicKey,
+    pub from: TreeHead,
+    pub to: TreeHead,
+    pub checkpoint_time: i64,
+    pub consistency: Vec<[u8; 32]>,
+    pub created_at: UnixTime,
+}
+
+/// Streams a bundle to `out`: the records are read from `records` one at a time.
+pub fn write_bundle(
+    out: &Path,
+    fields: &BundleFields,
+    records: &mut dyn Iterator<Item = Vec<u8>>,
+    signer: &dyn EcdsaSigner,
+    chain: Vec<Vec<u8>>,
+    rng: &dyn SecureRng,
+) -> Result<u64> {
+    let recipient = fields.recipient.fingerprint().to_hex();
+    let hq_cluster = fields.hq_cluster.to_hex();
+    let info = hpke_info(&fields.site, &hq_cluster, &recipient, &fields.id)?;
+    let (enc, mut sealer) = hpke::seal_context(&fields.recipient, &info, rng)
+        .map_err(|e| FormatError::Write(e.to_string()))?;
+    let body_path = temp_path(out, "body");
+    let mut hasher = Sha256Stream::default();
+    let (mut body_len, mut chunks) = (0u64, 0u64);
+    {
+        let mut body = BufWriter::with_capacity(1 << 20, File::create(&body_path)?);
+        // A chunk is sealed only when the next one starts (or at the end), so the last
+        // one can be marked as such.
+        let mut pending: Option<Vec<u8>> = None;
+        let mut current = Vec::with_capacity(MAX_CHUNK);
+        let mut emit = |plain: &[u8], last: bool, index: u64| -> Result<()> {
+            let ct = sealer
+                .seal(plain, &chunk_aad(index, last))
+                .map_err(|e| FormatError::Write(e.to_string()))?;
+            let len = u32::try_from(ct.len())
+                .map_err(|_| FormatError::Write("chunk too large".into()))?
+                .to_be_bytes();
+            hasher.update(&len);
+            hasher.update(&ct);
+            body.write_all(&len)?;
+            body.write_all(&ct)?;
+            body_len += 4 + ct.len() as u64;
+            Ok(())
+        };
+        for r in records {
+            if r.len() > MAX_RECORD {
+                return Err(FormatError::Write("audit record too large".into()));
+            }
+            if current.len() + 4 + r.len() > MAX_CHUNK {
+                if let Some(p) = pending.take() {
+                    emit(&p, false, chunks)?;
+                    chunks += 1;
+                }
+                pending = Some(std::mem::take(&mut current));
+            }
+            current.extend_from_slice(&(r.len() as u32).to_be_bytes());
+            current.extend_from_slice(&r);
+        }
+        if let Some(p) = pending.take() {
+            emit(&p, false, chunks)?;
+            chunks += 1;
+        }
+        emit(&current, true, chunks)?;
+        chunks += 1;
+        body.flush()?;
+    }
+    let header = BundleHeader {
+        format: "keyfab-audit-bundle".into(),
+        version: u32::from(VERSION),
+        id: fields.id.clone(),
+        site: fields.site.clone(),
+        hq: fields.hq.clone(),
+        hq_cluster,
+        recipient,
+        from: fields.from,
+        to: fields.to,
+        checkpoint_time: fields.checkpoint_time,
+        consistency: fields
+            .consistency
+            .iter()
+            .map(|h| serde_bytes::ByteBuf::from(h.to_vec()))
+            .collect(),
+        created_at: fields.created_at.0,
+        enc: enc.to_vec(),
+        chunks,
+        body_len,
+        body_sha256: hasher.finish().to_vec(),
+    };
+    let sign1 = cose::sign(signer, &chain, CONTENT_TYPE, CONTEXT, cbor_encode(&header)?)?;
+    let sign1_len = u32::try_from(sign1.len())
+        .ok()
+        .filter(|l| *l <= MAX_SIGN1_LEN)
+        .ok_or_else(|| FormatError::Write("signed header too large".into()))?;
+    let part = temp_path(out, "part");
+    let result = (|| -> Result<u64> {
+        let mut f = BufWriter::with_capacity(1 << 20, File::create(&part)?);
+        f.write_all(&prefix::encode(Kind::AuditBundle, VERSION))?;
+        f.write_all(&sign1_len.to_be_bytes())?;
+        f.write_all(&sign1)?;
+        std::io::copy(&mut File::open(&body_path)?, &mut f)?;
+        let file = f
+            .into_inner()
+            .map_err(|e| FormatError::Io(e.into_error()))?;
+        file.sync_all()?;
+        std::fs::rename(&part, out)?;
+        Ok((prefix::LEN + 4 + sign1.len()) as u64 + body_len)
+    })();
+    let _ = std::fs::remove_file(&body_path);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    result
+}
+
+/// A bundle whose signature, signer chain (role site), addressing and body digest hold.
+#[derive(Debug)]
+pub struct BundleEnvelope {
+    pub header: BundleHeader,
+    pub signer: ValidatedLeaf,
+    /// The signer's chain: [site signing cert, site cluster cert].
+    pub chain: Vec<Vec<u8>>,
+    path: PathBuf,
+    body_offset: u64,
+}
+
+/// Verifies a bundle in the order of DESIGN.md invariant 1: size cap → prefix →
+/// signature → chain to `root` with role site → addressed to this HQ → body digest.
+pub fn verify_bundle(
+    path: &Path,
+    root: &[u8],
+    now: UnixTime,
+    hq: &str,
+    recipient: Fingerprint,
+) -> Result<Verified<BundleEnvelope>> {
+    let mut file = File::open(path)?;
+    let file_len = file.metadata()?.len();
+    if file_len > MAX_FILE_LEN {
+        return Err(FormatError::Malformed(
+            "file larger than the bundle size cap".into(),
+        ));
+    }
+    let mut head = [0u8; prefix::LEN + 4];
+    read_exact_or_truncated(&mut file, &mut head)?;
+    prefix::check(&head, Kind::AuditBundle, VERSION)?;
+    let sign1_len = u32::from_be_bytes([head[8], head[9], head[10], head[11]]);
+    if sign1_len > MAX_SIGN1_LEN || u64::from(sign1_len) > file_len - head.len() as u64 {
+        return Err(FormatError::Malformed(
+            "truncated, or signed header length out of range".into(),
+        ));
+    }
+    let mut sign1 = vec![0u8; sign1_len as usize];
+    read_exact_or_truncated(&mut file, &mut sign1)?;
+    let signed = cose::verify(&sign1, CONTENT_TYPE, CONTEXT)?;
+    let signer = x509::validate_chain(root, &signed.chain, Role::Site, Purpose::Signing, now)
+        .map_err(FormatError::from_chain)?;
+    let header: BundleHeader = cbor_exact("audit bundle header", &signed.payload)?;
+    if header.format != "keyfab-audit-bundle" || header.version != u32::from(VERSION) {
+        return Err(FormatError::Malformed("header format/version".into()));
+    }
+    if header.site != signer.cluster_name {
+        return Err(FormatError::UntrustedSigner(
+            "bundle names another site than its signer".into(),
+        ));
+    }
+    if header.hq != hq || header.recipient != recipient.to_hex() {
+        return Err(FormatError::WrongRecipient(format!(
+            "addressed to HQ '{}', this is '{hq}'",
+            header.hq
+        )));
+    }
+    if header.consistency.iter().any(|h| h.len() != 32) || header.to.size < header.from.size {
+        return Err(FormatError::Malformed(
+            "checkpoint or consistency proof malformed".into(),
+        ));
+    }
+    let body_offset = head.len() as u64 + u64::from(sign1_len);
+    let actual = file_len - body_offset;
+    if actual < header.body_len {
+        return Err(FormatError::Malformed(format!(
+            "truncated: body has {actual} of {} bytes",
+            header.body_len
+        )));
+    }
+    if actual > header.body_len {
+        return Err(FormatError::Malformed(
+            "trailing bytes after the body".into(),
+        ));
+    }
+    let mut hasher = Sha256Stream::default();
+    let mut reader = BufReader::with_capacity(1 << 20, &mut file);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    if hasher.finish().as_slice() != header.body_sha256.as_slice() {
+        return Err(FormatError::BadSignature(
+            "body does not match its signed digest".into(),
+        ));
+    }
+    Ok(Verified::new(BundleEnvelope {
+        header,
+        signer,
+        chain: signed.chain,
+        path: path.to_owned(),
+        body_offset,
+    }))
+}
+
+/// Reads the records of a verified bundle, decrypting one chunk at a time.
+pub struct RecordReader {
+    file: BufReader<File>,
+    opener: hpke::Opener,
+    chunks: u64,
+    next_chunk: u64,
+    plain: Vec<u8>,
+    at: usize,
+}
+
+pub fn open_bundle(
+    envelope: &Verified<BundleEnvelope>,
+    recipient: &dyn HpkeRecipient,
+) -> Result<RecordReader> {
+    let h = &envelope.header;
+    let info = hpke_info(&h.site, &h.hq_cluster, &h.recipient, &h.id)?;
+    let opener = recipient
+        .open_context(&h.enc, &info)
+        .map_err(|_| FormatError::Malformed("cannot set up decryption".into()))?;
+    let mut file = File::open(&envelope.path)?;
+    file.seek(SeekFrom::Start(envelope.body_offset))?;
+    Ok(RecordReader {
+        file: BufReader::with_capacity(1 << 20, file),
+        opener,
+        chunks: h.chunks,
+        next_chunk: 0,
+        plain: Vec::new(),
+        at: 0,
+    })
+}
+
+impl RecordReader {
+    /// The next record's bytes, or `None` after the last (and the body is exhausted).
+    pub fn next_record(&mut self) -> Result<Option<Vec<u8>>> {
+        while self.at >= self.plain.len() {
+            if self.next_chunk >= self.chunks {
+                return Ok(None);
+            }
+            let index = self.next_chunk;
+            let mut len = [0u8; 4];
+            read_exact_or_truncated(&mut self.file, &mut len)?;
+            let len = u32::from_be_bytes(len) as usize;
+            if len < hpke::TAG_LEN || len - hpke::TAG_LEN > MAX_CHUNK {
+                return Err(FormatError::Malformed(format!(
+                    "chunk {index} length out of range"
+                )));
+            }
+            let mut ct = vec![0u8; len];
+            read_exact_or_truncated(&mut self.file, &mut ct)?;
+            let plain = self
+                .opener
+                .open(&ct, &chunk_aad(index, index + 1 == self.chunks))
+                .map_err(|_| FormatError::Malformed(format!("chunk {index} does not decrypt")))?;
+            self.plain = plain.expose().to_vec();
+            self.at = 0;
+            self.next_chunk += 1;
+        }
+        let rest = &self.plain[self.at..];
+        let (len, tail) = rest
+            .split_at_checked(4)
+            .ok_or_else(|| FormatError::Malformed("record length cut".into()))?;
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if len > MAX_RECORD {
+            return Err(FormatError::Malformed("record too large".into()));
+        }
+        let record = tail
+            .get(..len)
+            .ok_or_else(|| FormatError::Malformed("record cut".into()))?
+            .to_vec();
+        self.at += 4 + len;
+        Ok(Some(record))
+    }
+}
