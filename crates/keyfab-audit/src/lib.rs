@@ -74,6 +74,14 @@ pub enum Event {
     },
     /// An operator changed a site setting that bears on security.
     SettingChanged { name: String, value: String },
+    /// The site exported its log up to `to_size` for HQ (bundle `bundle`).
+    AuditExported {
+        bundle: String,
+        from_size: u64,
+        to_size: u64,
+        /// Hex Merkle root at `to_size`.
+        root: String,
+    },
     /// HQ acknowledged a checkpoint of this log.
     ReceiptImported {
         size: u64,

@@ -163,6 +163,58 @@ pub fn verify_consistency(m: u64, n: u64, first: &Hash, second: &Hash, proof: &[
     s_n == 0 && &fr == first && &sr == second
 }
 
+/// The right edge of a growing tree: the roots of its perfect subtrees, largest first.
+/// Enough to compute the root after appending leaves, without the earlier leaves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Frontier {
+    size: u64,
+    /// (height, root) of each perfect subtree, left to right.
+    nodes: Vec<(u32, Hash)>,
+}
+
+impl Frontier {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn push(&mut self, leaf: Hash) {
+        let mut node = (0u32, leaf);
+        while let Some(&(h, left)) = self.nodes.last() {
+            if h != node.0 {
+                break;
+            }
+            self.nodes.pop();
+            node = (h + 1, node_hash(&left, &node.1));
+        }
+        self.nodes.push(node);
+        self.size += 1;
+    }
+
+    /// MTH of every leaf pushed so far.
+    pub fn root(&self) -> Hash {
+        let mut it = self.nodes.iter().rev();
+        let Some(&(_, last)) = it.next() else {
+            return root(&[]);
+        };
+        it.fold(last, |acc, (_, left)| node_hash(left, &acc))
+    }
+
+    /// For storage: the subtree roots with their heights.
+    pub fn to_parts(&self) -> (u64, Vec<(u32, Hash)>) {
+        (self.size, self.nodes.clone())
+    }
+
+    /// Rebuilds a frontier; `None` if the heights do not describe `size` leaves.
+    pub fn from_parts(size: u64, nodes: Vec<(u32, Hash)>) -> Option<Self> {
+        let total: u64 = nodes
+            .iter()
+            .map(|(h, _)| 1u64.checked_shl(*h).unwrap_or(0))
+            .sum();
+        let decreasing = nodes.windows(2).all(|w| w[0].0 > w[1].0);
+        (total == size && decreasing).then_some(Self { size, nodes })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +250,20 @@ mod tests {
         DATA.iter()
             .map(|d| leaf_hash(&hex::decode(d).unwrap()))
             .collect()
+    }
+
+    #[test]
+    fn frontier_roots_equal_tree_roots() {
+        let l: Vec<Hash> = (0u8..70).map(|i| leaf_hash(&[i])).collect();
+        let mut f = Frontier::default();
+        assert_eq!(f.root(), root(&[]));
+        for n in 1..=l.len() {
+            f.push(l[n - 1]);
+            assert_eq!(f.root(), root(&l[..n]), "size {n}");
+            let (size, parts) = f.to_parts();
+            assert_eq!(Frontier::from_parts(size, parts).unwrap(), f);
+        }
+        assert!(Frontier::from_parts(3, vec![(0, l[0])]).is_none());
     }
 
     #[test]

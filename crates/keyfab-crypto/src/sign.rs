@@ -130,7 +130,7 @@ impl VerifyingKey {
     }
 
     pub fn to_pem(&self) -> String {
-        pem::encode(&pem::Pem::new("PUBLIC KEY", self.spki_der()))
+        crate::x509::to_pem(&self.spki_der(), "PUBLIC KEY")
     }
 
     pub fn from_pem(text: &str) -> Result<Self> {

@@ -481,6 +481,14 @@ pub struct CertFacts {
     pub is_ca: bool,
 }
 
+/// The DER SubjectPublicKeyInfo of a certificate (any key type).
+pub fn cert_spki(der: &[u8]) -> Result<Vec<u8>> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| CryptoError::CertificateMalformed(e.to_string()))?;
+    Ok(cert.public_key().raw.to_vec())
+}
+
 pub fn cert_facts(der: &[u8]) -> Result<CertFacts> {
     use x509_parser::prelude::*;
     let (rest, cert) = X509Certificate::from_der(der)
@@ -710,8 +718,12 @@ fn fixed_to_asn1(sig: &[u8]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// PEM with LF line endings.
 pub fn to_pem(der: &[u8], tag: &str) -> String {
-    pem::encode(&pem::Pem::new(tag, der.to_vec()))
+    pem::encode_config(
+        &pem::Pem::new(tag, der.to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 /// Reads one PEM block with the given tag.

@@ -169,7 +169,7 @@ pub fn generate_keys(
 }
 
 /// Key of the row holding the public identities of one pool chunk.
-fn pool_ids_key(id: &str, chunk: u64) -> Vec<u8> {
+pub(crate) fn pool_ids_key(id: &str, chunk: u64) -> Vec<u8> {
     let mut k = format!("pool/{id}/").into_bytes();
     k.extend_from_slice(&chunk.to_be_bytes());
     k

@@ -5,8 +5,10 @@
 //! `keyfab-formats`, keys through `keyfab-crypto` and `keyfab-custody`.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod entitlement;
 pub mod pki;
 pub mod receipts;
+pub mod report;
 pub mod revoke;
 pub mod sites;

@@ -28,6 +28,12 @@ pub enum Error {
     /// The site's log is behind, or disagrees with, what HQ acknowledged (exit 4).
     #[error("rollback detected: {0}")]
     RollbackDetected(String),
+    /// An audit bundle does not continue the site's last accepted export (exit 4).
+    #[error("log gap: {0}")]
+    LogGap(String),
+    /// An audit bundle conflicts with a checkpoint HQ has accepted (exit 4).
+    #[error("log fork: {0}")]
+    LogFork(String),
     #[error("{0}")]
     InvalidPolicy(#[from] keyfab_policy::PolicyError),
     #[error("{0}")]
@@ -67,6 +73,8 @@ impl Error {
             Error::UnknownEntitlement(_) => "unknown_entitlement",
             Error::ApprovalInvalid(_) => "approval_invalid",
             Error::RollbackDetected(_) => "rollback_detected",
+            Error::LogGap(_) => "log_gap",
+            Error::LogFork(_) => "log_fork",
             Error::InvalidPolicy(_) => "invalid_policy",
             Error::NotFound(_) => "not_found",
             Error::InvalidState(_) => "invalid_state",
@@ -82,7 +90,9 @@ impl Error {
             Error::Verification(_)
             | Error::Replayed(_)
             | Error::ApprovalInvalid(_)
-            | Error::RollbackDetected(_) => 4,
+            | Error::RollbackDetected(_)
+            | Error::LogGap(_)
+            | Error::LogFork(_) => 4,
             Error::Denied { .. } | Error::ClockRollback { .. } | Error::UnknownEntitlement(_) => 3,
             _ => 1,
         }

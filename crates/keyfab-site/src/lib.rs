@@ -6,6 +6,7 @@ pub mod approvals;
 mod audit_log;
 pub mod checkpoints;
 pub mod entitlements;
+pub mod export;
 pub mod identity;
 pub mod provision;
 pub mod revocation;

@@ -132,6 +132,37 @@ pub enum HqCommand {
     /// The site registry.
     #[command(subcommand)]
     Site(HqSiteCommand),
+    /// Audit bundles from sites.
+    #[command(subcommand)]
+    Audit(HqAuditCommand),
+    /// Per site and entitlement: today against the daily limit, total against the quota,
+    /// refusals by code, violations.
+    #[command(
+        after_help = "Examples:\n  keyfab hq report --home hq\n  keyfab hq report --home hq --format json --out report.json"
+    )]
+    Report {
+        #[command(flatten)]
+        home: Home,
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Device manifest of an entitlement from verified audit data: device id, key,
+    /// public key, certificate, SHA-256 fingerprint.
+    #[command(
+        after_help = "Examples:\n  keyfab hq manifest --home hq --entitlement ID --format csv --out devices.csv\n  keyfab hq manifest --home hq --entitlement ID --format aws-iot --out bulk.jsonl\n\naws-iot: one JSON object per line with ThingName, SerialNumber and CertificatePem,\nfor a bulk-registration template that declares those parameters."
+    )]
+    Manifest {
+        #[command(flatten)]
+        home: Home,
+        #[arg(long)]
+        entitlement: String,
+        #[arg(long, value_parser = ["csv", "json", "aws-iot"])]
+        format: String,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Entitlements.
     #[command(subcommand)]
     Entitlement(HqEntitlementCommand),
@@ -151,6 +182,25 @@ pub enum HqSiteCommand {
     List {
         #[command(flatten)]
         home: Home,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HqAuditCommand {
+    /// Verify and import a site's audit bundle (.kfa), then re-check every decision
+    /// against the policy. Refusals exit 4 (log_gap, log_fork, replayed, ...) and change
+    /// nothing.
+    #[command(
+        after_help = "Example:\n  keyfab hq audit import --home hq shenzhen-1.kfa --receipt-out shenzhen-1.kfk"
+    )]
+    Import {
+        #[command(flatten)]
+        home: Home,
+        file: PathBuf,
+        /// Write HQ's signed acknowledgment for the site (import it there with
+        /// `keyfab site receipt import`).
+        #[arg(long, value_name = "FILE.kfk")]
+        receipt_out: Option<PathBuf>,
     },
 }
 
@@ -247,6 +297,20 @@ pub enum SiteAuditCommand {
     Verify {
         #[command(flatten)]
         home: Home,
+    },
+    /// Export the records since the last export for HQ (.kfa): signed by the site,
+    /// encrypted to HQ, with the checkpoint and a consistency proof.
+    #[command(
+        after_help = "Examples:\n  keyfab site audit export --home site --out shenzhen-1-2026-11-25.kfa\n  keyfab site audit export --home site --again --out retry.kfa   # the last range once more"
+    )]
+    Export {
+        #[command(flatten)]
+        home: Home,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Write the last exported range again (if the file was lost).
+        #[arg(long)]
+        again: bool,
     },
     /// Write a checkpoint of the log (size, RFC 9162 root, time) signed by the site.
     #[command(after_help = "Example:

@@ -75,6 +75,23 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
         Command::Site(SiteCommand::Audit(SiteAuditCommand::Verify { home })) => {
             audit_verify(&ctx, &home.home)
         }
+        Command::Site(SiteCommand::Audit(SiteAuditCommand::Export { home, out, again })) => {
+            audit_export(&ctx, &home.home, &out, again)
+        }
+        Command::Hq(HqCommand::Audit(HqAuditCommand::Import {
+            home,
+            file,
+            receipt_out,
+        })) => audit_import(&ctx, &home.home, &file, receipt_out.as_deref()),
+        Command::Hq(HqCommand::Report { home, format, out }) => {
+            hq_report(&ctx, &home.home, &format, out.as_deref())
+        }
+        Command::Hq(HqCommand::Manifest {
+            home,
+            entitlement,
+            format,
+            out,
+        }) => hq_manifest(&ctx, &home.home, &entitlement, &format, &out),
         Command::Site(SiteCommand::Audit(SiteAuditCommand::Checkpoint { home, out })) => {
             audit_checkpoint(&ctx, &home.home, &out)
         }
@@ -759,5 +776,163 @@ pub fn site_config(
     Ok(Report::new(
         format!("site '{}': clock tolerance {tolerance} s", node.name),
         json!({"site": node.name, "clock_tolerance": tolerance}),
+    ))
+}
+
+pub fn audit_export(
+    ctx: &Context,
+    home: &Path,
+    out: &Path,
+    again: bool,
+) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let e = keyfab_site::export::export(&node, out, again)?;
+    Ok(Report::new(
+        format!(
+            "audit records {}..{} of '{}' exported for HQ ({} records, {} bytes, bundle {}) -> {}",
+            e.from.size + 1,
+            e.to.size,
+            node.name,
+            e.records,
+            e.bytes,
+            e.bundle,
+            out.display()
+        ),
+        json!({"bundle": e.bundle, "from": e.from.size, "to": e.to.size, "root": hex::encode(e.to.root), "records": e.records, "bytes": e.bytes, "out": out}),
+    ))
+}
+
+pub fn audit_import(
+    ctx: &Context,
+    home: &Path,
+    file: &Path,
+    receipt_out: Option<&Path>,
+) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let i = keyfab_hq::audit::import(&node, file)?;
+    let head = i
+        .head
+        .ok_or_else(|| Failure::new("internal", "no checkpoint"))?;
+    if let Some(out) = receipt_out {
+        let receipt = keyfab_hq::receipts::acknowledge(&node, &i.site, head, i.checkpoint_time)?;
+        std::fs::write(out, &receipt).map_err(|e| io_fail(out, e))?;
+    }
+    let mut text = format!(
+        "site '{}': {} audit records verified and reconciled (log now {} records); {} violation(s)\n",
+        i.site, i.records, head.size, i.violations.len()
+    );
+    for v in &i.violations {
+        text.push_str(&format!(
+            "  VIOLATION #{} {}: {} ({})\n",
+            v.sequence,
+            v.kind,
+            v.device_id.clone().unwrap_or_default(),
+            v.detail
+        ));
+    }
+    if let Some(out) = receipt_out {
+        text.push_str(&format!("receipt for the site -> {}\n", out.display()));
+    }
+    Ok(Report::new(
+        text,
+        json!({
+            "site": i.site, "bundle": i.bundle, "records": i.records, "size": head.size,
+            "violations": i.violations,
+            "entitlements": i.per_entitlement.iter().map(|(id, r)| json!({"id": id, "released": r.total, "refusals": r.refusals, "violations": r.violations})).collect::<Vec<_>>(),
+            "receipt": receipt_out,
+        }),
+    ))
+}
+
+pub fn hq_report(
+    ctx: &Context,
+    home: &Path,
+    format: &str,
+    out: Option<&Path>,
+) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let r = keyfab_hq::report::report(&node, node.now())?;
+    let value = serde_json::to_value(&r).map_err(|e| Failure::new("internal", e.to_string()))?;
+    let mut text = format!(
+        "{:<16} {:<34} {:<20} {:>13} {:>17} {:>10}  {}\n",
+        "SITE", "ENTITLEMENT", "PRODUCT", "TODAY/LIMIT", "TOTAL/QUOTA", "VIOLATIONS", "REFUSALS"
+    );
+    for e in &r.entitlements {
+        let limit = e.daily_limit.map_or("-".into(), |d| d.to_string());
+        let refusals: Vec<String> = e.refusals.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        text.push_str(&format!(
+            "{:<16} {:<34} {:<20} {:>13} {:>17} {:>10}  {}{}\n",
+            e.site,
+            e.entitlement,
+            e.product,
+            format!("{}/{}", e.today, limit),
+            format!("{}/{}", e.released, e.quota),
+            e.violations,
+            if refusals.is_empty() {
+                "-".into()
+            } else {
+                refusals.join(", ")
+            },
+            if e.revoked { "  (revoked)" } else { "" }
+        ));
+    }
+    if !r.violations.is_empty() {
+        text.push_str("\nVIOLATIONS\n");
+        for v in &r.violations {
+            text.push_str(&format!(
+                "  {} #{} {} {} {}\n",
+                v.site,
+                v.sequence,
+                v.kind,
+                v.device_id.clone().unwrap_or_default(),
+                v.detail
+            ));
+        }
+    }
+    if let Some(out) = out {
+        let body = if format == "json" {
+            format!("{value:#}\n")
+        } else {
+            text.clone()
+        };
+        std::fs::write(out, body).map_err(|e| io_fail(out, e))?;
+    }
+    Ok(Report::new(text, value))
+}
+
+pub fn hq_manifest(
+    ctx: &Context,
+    home: &Path,
+    entitlement: &str,
+    format: &str,
+    out: &Path,
+) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let (issued, rows) = keyfab_hq::report::manifest(&node, entitlement)?;
+    let body = match format {
+        "csv" => {
+            let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+            let mut b = String::from("device_id,entitlement,key,key_id,cert_serial,public_key_pem,certificate_pem,certificate_sha256\n");
+            for r in &rows {
+                b.push_str(&[q(&r.device_id), q(&r.entitlement), q(&r.key), q(&r.key_id), q(&r.cert_serial), q(&r.public_key_pem), q(&r.certificate_pem), q(&r.certificate_sha256)].join(","));
+                b.push('\n');
+            }
+            b
+        }
+        "json" => format!("{:#}\n", json!({"entitlement": entitlement, "site": issued.site, "devices": rows})),
+        _ => rows
+            .iter()
+            .map(|r| format!("{}\n", json!({"ThingName": r.device_id, "SerialNumber": r.cert_serial, "CertificatePem": r.certificate_pem})))
+            .collect(),
+    };
+    std::fs::write(out, body).map_err(|e| io_fail(out, e))?;
+    Ok(Report::new(
+        format!(
+            "{} device keys of {entitlement} (site '{}') -> {} ({format})",
+            rows.len(),
+            issued.site,
+            out.display()
+        ),
+        json!({"entitlement": entitlement, "site": issued.site, "rows": rows.len(), "format": format, "out": out}),
     ))
 }
