@@ -1,0 +1,412 @@
+//! The return path: export → import → reconcile → receipt → report → manifest, and the
+//! refusals that keep HQ's view of a site honest.
+
+mod common;
+use common::*;
+
+const POLICY2: &str = "product = \"p\"\ndevices = 10\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
+[limits]\ndaily = 2\n\
+[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"hq-pool\"\ncertificate = { subject = \"CN={device_id},O=Acme\", days = 365 }\n\
+[[keys]]\nname = \"fw\"\ntype = \"aes-256\"\nsource = \"derived\"\n";
+
+fn entitlement(w: &World, body: &str) -> String {
+    let policy = w.path("p2.toml");
+    std::fs::write(&policy, body).unwrap();
+    let kfe = w.path("p2.kfe");
+    let id = ok(&[
+        "hq",
+        "entitlement",
+        "create",
+        "--home",
+        &s(&w.hq),
+        "--site",
+        "shenzhen-1",
+        "--policy",
+        &s(&policy),
+        "--out",
+        &s(&kfe),
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    id
+}
+
+fn provision(w: &World, id: &str, device: &str) -> Out {
+    keyfab(
+        &[
+            "site",
+            "provision",
+            "--home",
+            &s(&w.site),
+            "--entitlement",
+            id,
+            "--device-id",
+            device,
+        ],
+        None,
+    )
+}
+
+fn export(w: &World, name: &str) -> std::path::PathBuf {
+    let out = w.path(name);
+    ok(&[
+        "site",
+        "audit",
+        "export",
+        "--home",
+        &s(&w.site),
+        "--out",
+        &s(&out),
+    ]);
+    out
+}
+
+fn hq_import(w: &World, file: &std::path::Path) -> Out {
+    keyfab(
+        &["hq", "audit", "import", "--home", &s(&w.hq), &s(file)],
+        None,
+    )
+}
+
+#[test]
+fn report_and_manifest_match_the_provisioning() {
+    let w = world();
+    let id = entitlement(&w, POLICY2);
+    let d1 = provision(&w, &id, "D-1");
+    let d2 = provision(&w, &id, "D-2");
+    assert_eq!((d1.code, d2.code), (0, 0));
+    assert_eq!(
+        provision(&w, &id, "D-3").json["error"]["code"],
+        "daily_limit_exceeded"
+    );
+    let kfa = export(&w, "a.kfa");
+    let kfk = w.path("a.kfk");
+    let o = keyfab(
+        &[
+            "hq",
+            "audit",
+            "import",
+            "--home",
+            &s(&w.hq),
+            &s(&kfa),
+            "--receipt-out",
+            &s(&kfk),
+        ],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.json);
+    assert_eq!(
+        o.json["violations"].as_array().unwrap().len(),
+        0,
+        "an honest site has no violations: {}",
+        o.json
+    );
+    assert_eq!(
+        keyfab(
+            &["site", "receipt", "import", "--home", &s(&w.site), &s(&kfk)],
+            None
+        )
+        .code,
+        0
+    );
+
+    let report = ok(&["hq", "report", "--home", &s(&w.hq)]);
+    let e = report["entitlements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["entitlement"] == id.as_str())
+        .unwrap();
+    assert_eq!(e["released"], 2);
+    assert_eq!(e["today"], 2);
+    assert_eq!(e["daily_limit"], 2);
+    assert_eq!(e["quota"], 10);
+    assert_eq!(e["refusals"]["daily_limit_exceeded"], 1);
+    assert_eq!(e["violations"], 0);
+    let text = std::process::Command::new(env!("CARGO_BIN_EXE_keyfab"))
+        .args(["hq", "report", "--home", &s(&w.hq)])
+        .env("KEYFAB_PASSPHRASE", PASS)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("2/2") && text.contains("2/10") && text.contains("daily_limit_exceeded 1"),
+        "{text}"
+    );
+
+    // The manifest carries exactly the certificates the devices received.
+    let out = w.path("m.json");
+    ok(&[
+        "hq",
+        "manifest",
+        "--home",
+        &s(&w.hq),
+        "--entitlement",
+        &id,
+        "--format",
+        "json",
+        "--out",
+        &s(&out),
+    ]);
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let rows = m["devices"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, dev) in rows.iter().zip([&d1, &d2]) {
+        assert_eq!(row["device_id"], dev.json["device_id"]);
+        assert_eq!(
+            row["certificate_pem"],
+            dev.json["keys"][0]["certificate_pem"]
+        );
+        assert_eq!(row["key_id"], dev.json["keys"][0]["key_id"]);
+        let der =
+            keyfab_crypto::x509::from_pem(row["certificate_pem"].as_str().unwrap(), "CERTIFICATE")
+                .unwrap();
+        assert_eq!(
+            row["certificate_sha256"],
+            keyfab_crypto::hash::Fingerprint::of(&der).to_hex()
+        );
+        assert!(row["public_key_pem"]
+            .as_str()
+            .unwrap()
+            .contains("BEGIN PUBLIC KEY"));
+    }
+    let csv = w.path("m.csv");
+    ok(&[
+        "hq",
+        "manifest",
+        "--home",
+        &s(&w.hq),
+        "--entitlement",
+        &id,
+        "--format",
+        "csv",
+        "--out",
+        &s(&csv),
+    ]);
+    assert!(std::fs::read_to_string(&csv)
+        .unwrap()
+        .starts_with("device_id,entitlement,key,"));
+    let iot = w.path("m.jsonl");
+    ok(&[
+        "hq",
+        "manifest",
+        "--home",
+        &s(&w.hq),
+        "--entitlement",
+        &id,
+        "--format",
+        "aws-iot",
+        "--out",
+        &s(&iot),
+    ]);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&iot)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["ThingName"], "D-1");
+    assert!(lines[0]["CertificatePem"]
+        .as_str()
+        .unwrap()
+        .starts_with("-----BEGIN CERTIFICATE-----\n"));
+}
+
+fn refused(w: &World, file: &std::path::Path, code: &str) {
+    let before = snapshot(&w.hq);
+    let o = hq_import(w, file);
+    assert_eq!(
+        (o.code, o.json["error"]["code"].as_str()),
+        (4, Some(code)),
+        "{}: {}",
+        file.display(),
+        o.json
+    );
+    assert_eq!(
+        before,
+        snapshot(&w.hq),
+        "HQ state changed after refusing {}",
+        file.display()
+    );
+}
+
+#[test]
+fn gaps_replays_and_forks_are_refused_and_change_nothing() {
+    let w = world();
+    let id = entitlement(&w, &POLICY2.replace("daily = 2", "daily = 10"));
+    provision(&w, &id, "D-1");
+    let a1 = export(&w, "a1.kfa");
+    provision(&w, &id, "D-2");
+    let a2 = export(&w, "a2.kfa");
+    refused(&w, &a2, "log_gap");
+    assert_eq!(hq_import(&w, &a1).code, 0);
+    refused(&w, &a1, "replayed");
+    assert_eq!(hq_import(&w, &a2).code, 0);
+
+    // Two continuations of the same checkpoint: a copy of the site goes its own way.
+    let twin = w.path("twin");
+    std::fs::create_dir_all(&twin).unwrap();
+    for e in std::fs::read_dir(&w.site).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, twin.join(p.file_name().unwrap())).unwrap();
+    }
+    provision(&w, &id, "D-3");
+    let a3 = export(&w, "a3.kfa");
+    assert_eq!(
+        keyfab(
+            &[
+                "site",
+                "provision",
+                "--home",
+                &s(&twin),
+                "--entitlement",
+                &id,
+                "--device-id",
+                "T-1"
+            ],
+            None
+        )
+        .code,
+        0
+    );
+    let fork = w.path("fork.kfa");
+    ok(&[
+        "site",
+        "audit",
+        "export",
+        "--home",
+        &s(&twin),
+        "--out",
+        &s(&fork),
+    ]);
+    assert_eq!(hq_import(&w, &a3).code, 0);
+    refused(&w, &fork, "log_fork");
+
+    // Not for this HQ: a bundle for a foreign HQ is not ours.
+    let mut bytes = std::fs::read(&a3).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 1;
+    let tampered = w.path("tampered.kfa");
+    std::fs::write(&tampered, &bytes).unwrap();
+    refused(&w, &tampered, "bad_signature");
+}
+
+#[test]
+fn a_site_that_signs_forbidden_decisions_is_caught() {
+    use keyfab_audit::{AuditedKey, Event, Head, Record};
+    let w = world();
+    let id = entitlement(
+        &w,
+        "product = \"p\"\ndevices = 3\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n[limits]\ndaily = 2\n[[keys]]\nname = \"k\"\ntype = \"ed25519\"\nsource = \"site\"\n",
+    );
+    let site = open_site(&w.site);
+    let now = jiff::Timestamp::now().as_second();
+    let allowed = |device: &str| Event::ProvisionAllowed {
+        entitlement: id.clone(),
+        request_id: format!("r-{device}"),
+        device_id: device.into(),
+        station: None,
+        pool_index: None,
+        keys: vec![AuditedKey {
+            name: "k".into(),
+            key_id: format!("spki-sha256:{}", "ab".repeat(32)),
+            cert_serial: None,
+            certificate: None,
+        }],
+    };
+    let events = [
+        (
+            now,
+            Event::EntitlementImported {
+                entitlement: id.clone(),
+                sequence: 1,
+                pool_keys: 0,
+            },
+        ),
+        (now, allowed("D-1")),
+        (now, allowed("D-2")),
+        (now, allowed("D-3")),       // over the daily limit of 2
+        (now - 100, allowed("D-1")), // the same device again, and back in time
+        (
+            now,
+            Event::EntitlementRevoked {
+                entitlement: id.clone(),
+                sequence: 9,
+                reason: "invented".into(),
+                destroyed_pool_keys: 0,
+            },
+        ),
+    ];
+    let mut head = Head::genesis();
+    let mut records = Vec::new();
+    for (t, e) in events {
+        let r: Record = head.next(t, "shenzhen-1", e);
+        head = Head::after(&r).unwrap();
+        records.push(r.to_bytes());
+    }
+    let leaves: Vec<_> = records
+        .iter()
+        .map(|b| keyfab_audit::merkle::leaf_hash(b))
+        .collect();
+    let hq = keyfab_site::entitlements::hq_recipient(&site)
+        .unwrap()
+        .unwrap();
+    let recipient_point = keyfab_crypto::x509::cert_facts(&hq.hpke_cert)
+        .unwrap()
+        .public_point
+        .unwrap();
+    let fields = keyfab_formats::audit_bundle::BundleFields {
+        id: "f".repeat(32),
+        site: "shenzhen-1".into(),
+        hq: hq.hq.clone(),
+        hq_cluster: keyfab_crypto::hash::Fingerprint::of(&hq.cluster_cert),
+        recipient: keyfab_crypto::hpke::HpkePublicKey::from_sec1(&recipient_point).unwrap(),
+        from: keyfab_formats::checkpoint::TreeHead {
+            size: 0,
+            root: keyfab_audit::merkle::root(&[]),
+        },
+        to: keyfab_formats::checkpoint::TreeHead {
+            size: leaves.len() as u64,
+            root: keyfab_audit::merkle::root(&leaves),
+        },
+        checkpoint_time: now,
+        consistency: vec![],
+        created_at: keyfab_crypto::time::UnixTime(now),
+    };
+    let out = w.path("lies.kfa");
+    keyfab_formats::audit_bundle::write_bundle(
+        &out,
+        &fields,
+        &mut records.into_iter(),
+        site.service_signer().unwrap(),
+        site.service_chain().unwrap(),
+        &keyfab_crypto::rng::SystemRng,
+    )
+    .unwrap();
+    drop(site);
+    let o = hq_import(&w, &out);
+    assert_eq!(
+        o.code, 0,
+        "a signed, well-formed log is imported and judged: {}",
+        o.json
+    );
+    let kinds: Vec<&str> = o.json["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["kind"].as_str().unwrap())
+        .collect();
+    for kind in [
+        "daily_limit_exceeded",
+        "device_already_provisioned",
+        "timestamp_backwards",
+        "revoked_without_revocation",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} not reported: {kinds:?}");
+    }
+    let report = ok(&["hq", "report", "--home", &s(&w.hq)]);
+    assert!(report["violations"].as_array().unwrap().len() >= 4);
+}
