@@ -313,6 +313,28 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
         "Every import, decision and approval, hash-chained; the Merkle root is what HQ will check.",
         run::audit_verify(&ctx, &site)?,
     );
+    let kfa = base.join("shenzhen-1.kfa");
+    step(
+        "23. site exports its audit for HQ",
+        "Records since the last export, the signed checkpoint and a consistency proof; encrypted to HQ, signed by the site.",
+        run::audit_export(&ctx, &site, &kfa, false)?,
+    );
+    let kfk = base.join("shenzhen-1.kfk");
+    step(
+        "24. HQ imports and reconciles it",
+        "Verified, checked for gaps and forks, every decision re-run through the same policy code; HQ signs a receipt.",
+        run::audit_import(&ctx, &hq, &kfa, Some(&kfk))?,
+    );
+    step(
+        "25. site imports HQ's receipt",
+        "The acknowledged checkpoint: a later restore of an older copy of the site is detected.",
+        run::receipt_import(&ctx, &site, &kfk)?,
+    );
+    step(
+        "26. HQ's report",
+        "Per site and entitlement: today against the daily limit, total against the quota, refusals, violations.",
+        run::hq_report(&ctx, &hq, "text", Some(&base.join("report.txt")))?,
+    );
     text.push_str(if dir.is_some() {
         "Files are kept in the directory above.\n"
     } else {

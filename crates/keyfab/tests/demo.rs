@@ -25,4 +25,12 @@ fn demo_runs_the_journey_with_its_refusals() {
     assert_eq!(find("20.")["result"]["results"][0]["activated"], true);
     assert!(find("21.")["result"]["keys"][0]["certificate_pem"].is_string());
     assert!(find("22.")["result"]["records"].as_u64().unwrap() >= 10);
+    assert_eq!(
+        find("24.")["result"]["violations"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(find("26.")["result"]["entitlements"][0]["today"], 3);
 }
