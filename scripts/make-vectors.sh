@@ -118,6 +118,8 @@ kf site approval request --home "$work/vector-site" --entitlement "$gated" --act
 kf approver sign --key "$work/approver.key" "$seeds/approval/request.kfq" --out "$seeds/approval/approval.kfp"
 kf hq entitlement revoke --home "$work/vector-hq" --id "$gated" --out "$seeds/revocation/valid.kfr"
 kf site audit checkpoint --home "$work/vector-site" --out "$seeds/receipt/checkpoint.kfc"
+mkdir -p "$seeds/kfa"
+kf site audit export --home "$work/vector-site" --out "$seeds/kfa/valid.kfa"
 cp "$out/valid.kfe" "$seeds/kfe/valid.kfe"
 cp "$out/valid.kfi" "$seeds/kfi/valid.kfi"
 echo "vectors written to $out"; ls -la "$out" | head -40
