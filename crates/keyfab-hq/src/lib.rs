@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod entitlement;
+pub mod html;
 pub mod pki;
 pub mod receipts;
 pub mod report;

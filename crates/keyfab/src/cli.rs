@@ -138,12 +138,13 @@ pub enum HqCommand {
     /// Per site and entitlement: today against the daily limit, total against the quota,
     /// refusals by code, violations.
     #[command(
-        after_help = "Examples:\n  keyfab hq report --home hq\n  keyfab hq report --home hq --format json --out report.json"
+        after_help = "Examples:\n  keyfab hq report --home hq\n  keyfab hq report --home hq --format json --out report.json\n  keyfab hq report --home hq --format html --out report.html"
     )]
     Report {
         #[command(flatten)]
         home: Home,
-        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        /// text (a table), json, or html (one self-contained file with charts; needs --out).
+        #[arg(long, default_value = "text", value_parser = ["text", "json", "html"])]
         format: String,
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,

@@ -335,6 +335,11 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
         "Per site and entitlement: today against the daily limit, total against the quota, refusals, violations.",
         run::hq_report(&ctx, &hq, "text", Some(&base.join("report.txt")))?,
     );
+    step(
+        "27. the same report as HTML",
+        "One self-contained file with charts (devices per day against the limit, quota, refusals), for a browser, offline.",
+        run::hq_report(&ctx, &hq, "html", Some(&base.join("report.html")))?,
+    );
     text.push_str(if dir.is_some() {
         "Files are kept in the directory above.\n"
     } else {

@@ -889,13 +889,28 @@ pub fn hq_report(
             ));
         }
     }
-    if let Some(out) = out {
-        let body = if format == "json" {
-            format!("{value:#}\n")
-        } else {
-            text.clone()
-        };
-        std::fs::write(out, body).map_err(|e| io_fail(out, e))?;
+    match (format, out) {
+        ("html", None) => {
+            return Err(Failure::new(
+                "invalid_input",
+                "--format html needs --out FILE",
+            ))
+        }
+        (_, Some(out)) => {
+            let body = match format {
+                "json" => format!("{value:#}\n"),
+                "html" => keyfab_hq::html::render(&r, &node.name, &rfc3339(r.generated_at)),
+                _ => text.clone(),
+            };
+            std::fs::write(out, body).map_err(|e| io_fail(out, e))?;
+            if format == "html" {
+                text.push_str(&format!(
+                    "\nHTML report (self-contained, works offline): {}\n",
+                    out.display()
+                ));
+            }
+        }
+        _ => {}
     }
     Ok(Report::new(text, value))
 }

@@ -136,6 +136,29 @@ fn report_and_manifest_match_the_provisioning() {
         "{text}"
     );
 
+    let html = w.path("r.html");
+    ok(&[
+        "hq",
+        "report",
+        "--home",
+        &s(&w.hq),
+        "--format",
+        "html",
+        "--out",
+        &s(&html),
+    ]);
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        page.contains("<svg")
+            && page.contains("daily limit 2")
+            && page.contains("daily_limit_exceeded"),
+        "{page}"
+    );
+    assert!(
+        !page.contains("http://") && !page.contains("https://") && !page.contains("<script"),
+        "the page must need nothing else"
+    );
+
     // The manifest carries exactly the certificates the devices received.
     let out = w.path("m.json");
     ok(&[
