@@ -113,7 +113,7 @@ fn violation_key(site: &str, sequence: u64, n: usize) -> Vec<u8> {
 }
 
 /// Imports and reconciles a bundle. Nothing changes unless everything verifies.
-pub fn import(node: &Node, path: &Path) -> Result<Imported> {
+pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> Result<Imported> {
     let service = node.service()?;
     let recipient = node.custody.hpke(&service.hpke_handle)?;
     let envelope = verify_bundle(
@@ -232,6 +232,12 @@ pub fn import(node: &Node, path: &Path) -> Result<Imported> {
             time: head.time.max(r.time),
         };
         records.push((r, bytes));
+        if let Some(p) = progress {
+            let n = records.len() as u64;
+            if n.is_multiple_of(1024) || n == h.to.size - h.from.size {
+                p(n, h.to.size - h.from.size);
+            }
+        }
     }
     if frontier.size() != h.to.size || frontier.root() != h.to.root {
         return Err(Error::Verification(

@@ -45,7 +45,12 @@ pub struct Exported {
     pub bytes: u64,
 }
 
-pub fn export(node: &Node, out: &Path, again: bool) -> Result<Exported> {
+pub fn export(
+    node: &Node,
+    out: &Path,
+    again: bool,
+    progress: Option<&dyn Fn(u64, u64)>,
+) -> Result<Exported> {
     let hq = hq_recipient(node)?.ok_or_else(|| {
         Error::InvalidState(
             "no entitlement imported yet: this site does not know HQ's encryption key".into(),
@@ -123,7 +128,20 @@ pub fn export(node: &Node, out: &Path, again: bool) -> Result<Exported> {
         consistency: merkle::consistency_proof(from_n, &leaves[..to_n]),
         created_at: node.now(),
     };
-    let mut iter = records.into_iter().skip(from_n).take(to_n - from_n);
+    let total = (to_n - from_n) as u64;
+    let mut iter = records
+        .into_iter()
+        .skip(from_n)
+        .take(to_n - from_n)
+        .enumerate()
+        .map(|(i, r)| {
+            if let Some(p) = progress {
+                if i.is_multiple_of(1024) || i as u64 + 1 == total {
+                    p(i as u64 + 1, total);
+                }
+            }
+            r
+        });
     let bytes = write_bundle(
         out,
         &fields,

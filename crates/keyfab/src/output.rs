@@ -64,48 +64,42 @@ pub fn print_error(e: &Failure, json: bool) {
     }
 }
 
-/// Progress of long work on stderr, only when stderr is a terminal: every 10 %, then
-/// the final count. Quiet under `--json` and in pipes.
+/// A progress bar on stderr for long work, only when stderr is a terminal and the output
+/// is not `--json`.
 pub struct Progress {
-    enabled: bool,
+    bar: Option<indicatif::ProgressBar>,
     verb: &'static str,
     noun: &'static str,
-    last_tenth: std::sync::atomic::AtomicU64,
 }
 
 impl Progress {
     pub fn new(verb: &'static str, noun: &'static str, wanted: bool) -> Self {
         use std::io::IsTerminal;
-        Self {
-            enabled: wanted && std::io::stderr().is_terminal(),
-            verb,
-            noun,
-            last_tenth: std::sync::atomic::AtomicU64::new(0),
-        }
+        let bar = (wanted && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} ({percent}%, {per_sec}, {eta} left)",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        });
+        Self { bar, verb, noun }
     }
 
     pub fn enabled(&self) -> bool {
-        self.enabled
+        self.bar.is_some()
     }
 
     pub fn update(&self, done: u64, total: u64) {
-        if !self.enabled || total == 0 {
-            return;
-        }
-        let tenth = done * 10 / total;
-        if self
-            .last_tenth
-            .swap(tenth, std::sync::atomic::Ordering::Relaxed)
-            != tenth
-        {
-            eprint!(
-                "\r{} {done}/{total} {} ({}%)",
-                self.verb,
-                self.noun,
-                tenth * 10
-            );
-            if done == total {
-                eprintln!();
+        if let Some(bar) = &self.bar {
+            if bar.length() != Some(total) {
+                bar.set_length(total);
+                bar.set_message(format!("{} {}", self.verb, self.noun));
+            }
+            bar.set_position(done);
+            if done >= total {
+                bar.finish();
             }
         }
     }

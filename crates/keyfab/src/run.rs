@@ -786,7 +786,16 @@ pub fn audit_export(
     again: bool,
 ) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
-    let e = keyfab_site::export::export(&node, out, again)?;
+    let progress = Progress::new("exported", "audit records", !ctx.json);
+    let report_progress = |done, total| progress.update(done, total);
+    let e = keyfab_site::export::export(
+        &node,
+        out,
+        again,
+        progress
+            .enabled()
+            .then_some(&report_progress as &dyn Fn(u64, u64)),
+    )?;
     Ok(Report::new(
         format!(
             "audit records {}..{} of '{}' exported for HQ ({} records, {} bytes, bundle {}) -> {}",
@@ -809,7 +818,15 @@ pub fn audit_import(
     receipt_out: Option<&Path>,
 ) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Hq)?;
-    let i = keyfab_hq::audit::import(&node, file)?;
+    let progress = Progress::new("verified", "audit records", !ctx.json);
+    let report_progress = |done, total| progress.update(done, total);
+    let i = keyfab_hq::audit::import(
+        &node,
+        file,
+        progress
+            .enabled()
+            .then_some(&report_progress as &dyn Fn(u64, u64)),
+    )?;
     let head = i
         .head
         .ok_or_else(|| Failure::new("internal", "no checkpoint"))?;

@@ -32,5 +32,13 @@ fn demo_runs_the_journey_with_its_refusals() {
             .len(),
         0
     );
-    assert_eq!(find("26.")["result"]["entitlements"][0]["today"], 3);
+    let main = find("26.")["result"]["entitlements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["product"] == "thermostat-v2")
+        .unwrap()
+        .clone();
+    assert_eq!(main["today"], 3);
+    assert_eq!(main["refusals"]["daily_limit_exceeded"], 1);
 }

@@ -178,7 +178,7 @@ fn a_thousand_mutants_are_refused_and_clean_bundles_accepted() {
     let (h2, r2) = read_bundle(&hq, &a2);
     let (_, rp) = read_bundle(&hq, &p1);
     let import_in_process =
-        |hq: &keyfab_node::Node, p: &std::path::Path| keyfab_hq::audit::import(hq, p);
+        |hq: &keyfab_node::Node, p: &std::path::Path| keyfab_hq::audit::import(hq, p, None);
 
     // Clean: a1 then a2 import; keep the state after a1 as the base for a2's mutants.
     let mut mutants: Vec<(String, std::path::PathBuf)> = Vec::new();
