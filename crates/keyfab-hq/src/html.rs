@@ -34,7 +34,8 @@ fn days_chart(e: &EntitlementReport) -> String {
         .unwrap_or(1)
         .max(e.daily_limit.unwrap_or(0))
         .max(1) as f64;
-    let bw = (w - 2.0 * pad) / days.len() as f64;
+    // One slot per day, at most 40 px wide, so a few days do not fill the chart.
+    let bw = ((w - 2.0 * pad) / days.len() as f64).min(40.0);
     let mut svg = format!(
         "<svg viewBox=\"0 0 {w} {}\" role=\"img\" aria-label=\"devices per day\">",
         h + 20.0
@@ -51,12 +52,20 @@ fn days_chart(e: &EntitlementReport) -> String {
             if over { "bar over" } else { "bar" },
             esc(day)
         );
+        if bw >= 18.0 {
+            let _ = write!(
+                svg,
+                "<text x=\"{:.1}\" y=\"{:.1}\" class=\"label\" text-anchor=\"middle\">{n}</text>",
+                x + bw / 2.0 - 1.0,
+                h - bh - 3.0
+            );
+        }
     }
     if let Some(limit) = e.daily_limit {
         let y = h - (limit as f64 / max) * (h - pad);
         let _ = write!(svg, "<line x1=\"{pad}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" class=\"limit\"/><text x=\"{}\" y=\"{:.1}\" class=\"label\">daily limit {limit}</text>", w - pad, w - pad - 90.0, y - 4.0);
     }
-    let _ = write!(svg, "<text x=\"{pad}\" y=\"{}\" class=\"label\">{}</text><text x=\"{}\" y=\"{}\" class=\"label\">{}</text></svg>", h + 16.0, esc(days[0].0), w - pad - 70.0, h + 16.0, esc(days[days.len() - 1].0));
+    let _ = write!(svg, "<text x=\"{pad}\" y=\"{}\" class=\"label\">{}</text><text x=\"{}\" y=\"{}\" class=\"label\">{}</text></svg>", h + 16.0, esc(days[0].0), pad + (days.len() - 1) as f64 * bw, h + 16.0, if days.len() > 1 { esc(days[days.len() - 1].0) } else { String::new() });
     svg
 }
 
