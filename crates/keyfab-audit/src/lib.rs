@@ -158,6 +158,27 @@ impl Record {
     }
 }
 
+/// Appends one record's bytes to a storage row: a u32 BE length, then the bytes. Rows
+/// group the records of one commit (site) or one batch (HQ) under one key.
+pub fn frame_into(row: &mut Vec<u8>, record: &[u8]) {
+    row.extend_from_slice(&(record.len() as u32).to_be_bytes());
+    row.extend_from_slice(record);
+}
+
+/// The records of a row written with [`frame_into`].
+pub fn split_row(value: &[u8]) -> Result<Vec<&[u8]>, AuditError> {
+    let mut out = Vec::new();
+    let mut rest = value;
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_at_checked(4).ok_or(AuditError::Malformed(0))?;
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let (record, tail) = tail.split_at_checked(len).ok_or(AuditError::Malformed(0))?;
+        out.push(record);
+        rest = tail;
+    }
+    Ok(out)
+}
+
 /// The end of the log: the last record's sequence, hash and time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head {

@@ -198,9 +198,10 @@ pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> 
     )
     .ok_or_else(|| Error::InvalidState("stored frontier".into()))?;
 
-    // Decrypt and read every record; check its place in the chain.
-    let mut reader = open_bundle(&envelope, recipient)?;
-    let mut head = Head {
+    // Pass 1: decrypt and check every record's place in the chain and the Merkle root,
+    // writing nothing. Only a bundle that passes is reconciled and stored.
+    let total = h.to.size - h.from.size;
+    let start = Head {
         sequence: log.sequence,
         hash: log.hash.as_slice().try_into().unwrap_or([0u8; 32]),
         time: if log.sequence == 0 {
@@ -209,7 +210,9 @@ pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> 
             log.time
         },
     };
-    let mut records = Vec::new();
+    let mut reader = open_bundle(&envelope, recipient)?;
+    let mut head = start;
+    let mut count = 0u64;
     while let Some(bytes) = reader.next_record()? {
         let r = Record::from_bytes(&bytes).map_err(|e| malformed(&format!("record: {e}")))?;
         if r.sequence != head.sequence + 1 {
@@ -231,11 +234,10 @@ pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> 
             hash: leaf,
             time: head.time.max(r.time),
         };
-        records.push((r, bytes));
+        count += 1;
         if let Some(p) = progress {
-            let n = records.len() as u64;
-            if n.is_multiple_of(1024) || n == h.to.size - h.from.size {
-                p(n, h.to.size - h.from.size);
+            if count.is_multiple_of(4096) || count == total {
+                p(count, total);
             }
         }
     }
@@ -247,24 +249,46 @@ pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> 
         ));
     }
 
-    // Reconcile, then commit everything at once.
-    let mut txn = Txn::default();
-    let mut rec = Reconciler::new(node, &h.site, &mut log);
-    for (r, bytes) in &records {
-        rec.record(r)?;
-        txn.put(Table::Audit, &record_key(&h.site, r.sequence), bytes);
+    // Pass 2: reconcile and store, in batches. Rows written here lie beyond the accepted
+    // head until the final commit moves it, so no reader sees a half import.
+    let mut reader = open_bundle(&envelope, recipient)?;
+    let accepted_sequence = log.sequence;
+    let mut rec = Reconciler::new(node, &h.site, &mut log, accepted_sequence);
+    let mut row = Vec::new();
+    let mut row_first = None;
+    let mut batch = Txn::default();
+    while let Some(bytes) = reader.next_record()? {
+        let r = Record::from_bytes(&bytes).map_err(|e| malformed(&format!("record: {e}")))?;
+        rec.record(&r)?;
+        row_first.get_or_insert(r.sequence);
+        keyfab_audit::frame_into(&mut row, &bytes);
+        if row.len() >= RECORD_ROW_BYTES {
+            batch.put(
+                Table::Audit,
+                &record_key(&h.site, row_first.take().unwrap_or(r.sequence)),
+                &row,
+            );
+            row.clear();
+            for d in rec.take_new_devices() {
+                batch.put(Table::Audit, &d.0, &d.1.to_be_bytes());
+            }
+            node.store.commit(std::mem::take(&mut batch))?;
+        }
+    }
+    let mut txn = batch;
+    if let Some(first) = row_first {
+        txn.put(Table::Audit, &record_key(&h.site, first), &row);
+    }
+    for d in rec.take_new_devices() {
+        txn.put(Table::Audit, &d.0, &d.1.to_be_bytes());
     }
     let Reconciler {
         replicas,
         violations,
-        devices,
         ..
     } = rec;
     for (ent, (replica, _)) in &replicas {
         txn.put(Table::Audit, &replica_key(&h.site, ent), &encode(replica)?);
-    }
-    for d in devices {
-        txn.put(Table::Audit, &d, b"");
     }
     for (n, v) in violations.iter().enumerate() {
         txn.put(
@@ -294,12 +318,39 @@ pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> 
     Ok(Imported {
         site: h.site.clone(),
         bundle: h.id,
-        records: records.len() as u64,
+        records: count,
         head: Some(h.to),
         checkpoint_time: h.checkpoint_time,
         violations,
         per_entitlement: replicas.into_iter().map(|(k, (r, _))| (k, r)).collect(),
     })
+}
+
+/// Records are stored in rows of about this many bytes (one B-tree entry per row).
+const RECORD_ROW_BYTES: usize = 256 * 1024;
+
+/// Every record of `site` HQ has accepted, in order.
+pub fn site_records(node: &Node, site: &str) -> Result<Vec<Record>> {
+    let accepted = node
+        .store
+        .get(Table::Audit, &log_key(site))?
+        .map(|v| decode::<SiteLog>(&v.value))
+        .transpose()?
+        .map_or(0, |l| l.sequence);
+    let mut prefix = record_key(site, 0);
+    prefix.truncate(prefix.len() - 8);
+    let mut out = Vec::new();
+    for (_, v) in node.store.scan(Table::Audit, &prefix, usize::MAX)? {
+        for bytes in
+            keyfab_audit::split_row(&v.value).map_err(|e| Error::InvalidState(e.to_string()))?
+        {
+            let r = Record::from_bytes(bytes).map_err(|e| Error::InvalidState(e.to_string()))?;
+            if r.sequence <= accepted {
+                out.push(r);
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn malformed(m: &str) -> Error {
@@ -313,12 +364,17 @@ struct Reconciler<'a> {
     last_time: i64,
     issued: HashMap<String, Option<(IssuedRecord, CompiledPolicy)>>,
     replicas: BTreeMap<String, (Replica, ())>,
-    devices: BTreeSet<Vec<u8>>,
+    /// Devices released in this import (hash of their key), and those not yet stored.
+    devices: std::collections::HashSet<[u8; 32]>,
+    new_devices: Vec<(Vec<u8>, u64)>,
+    /// Stored device rows count only up to the accepted head: later ones are leftovers of
+    /// an import that did not finish.
+    accepted_sequence: u64,
     violations: Vec<Violation>,
 }
 
 impl<'a> Reconciler<'a> {
-    fn new(node: &'a Node, site: &str, log: &'a mut SiteLog) -> Self {
+    fn new(node: &'a Node, site: &str, log: &'a mut SiteLog, accepted_sequence: u64) -> Self {
         let last_time = if log.sequence == 0 {
             i64::MIN
         } else {
@@ -331,7 +387,9 @@ impl<'a> Reconciler<'a> {
             last_time,
             issued: HashMap::new(),
             replicas: BTreeMap::new(),
-            devices: BTreeSet::new(),
+            devices: Default::default(),
+            new_devices: Vec::new(),
+            accepted_sequence,
             violations: Vec::new(),
         }
     }
@@ -398,7 +456,22 @@ impl<'a> Reconciler<'a> {
     }
 
     fn device_seen(&self, key: &[u8]) -> Result<bool> {
-        Ok(self.devices.contains(key) || self.node.store.get(Table::Audit, key)?.is_some())
+        if self.devices.contains(&keyfab_crypto::hash::sha256(key)) {
+            return Ok(true);
+        }
+        Ok(match self.node.store.get(Table::Audit, key)? {
+            Some(v) => v
+                .value
+                .as_slice()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .is_ok_and(|seq| seq <= self.accepted_sequence),
+            None => false,
+        })
+    }
+
+    fn take_new_devices(&mut self) -> Vec<(Vec<u8>, u64)> {
+        std::mem::take(&mut self.new_devices)
     }
 
     fn record(&mut self, r: &Record) -> Result<()> {
@@ -662,7 +735,8 @@ impl<'a> Reconciler<'a> {
                 }
             }
         }
-        self.devices.insert(dev_key);
+        self.devices.insert(keyfab_crypto::hash::sha256(&dev_key));
+        self.new_devices.push((dev_key, r.sequence));
         let rep = self.replica(entitlement)?;
         rep.total += 1;
         *rep.days.entry(day).or_insert(0) += 1;

@@ -2,9 +2,9 @@
 //! against the daily limit, total against the quota, refusals by code, violations; and
 //! device manifests built from verified audit records only.
 
-use crate::audit::{record_key, replica_key, Replica, Violation};
+use crate::audit::{replica_key, Replica, Violation};
 use crate::entitlement::{list_issued, IssuedRecord};
-use keyfab_audit::{Event, Record};
+use keyfab_audit::Event;
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::time::UnixTime;
 use keyfab_node::{decode, Node, Result};
@@ -106,15 +106,8 @@ pub fn manifest(node: &Node, entitlement: &str) -> Result<(IssuedRecord, Vec<Man
         .ok_or_else(|| {
             keyfab_node::Error::NotFound(format!("HQ issued no entitlement '{entitlement}'"))
         })?;
-    let prefix = {
-        let mut k = record_key(&issued.site, 0);
-        k.truncate(k.len() - 8);
-        k
-    };
     let mut rows = Vec::new();
-    for (_, v) in node.store.scan(Table::Audit, &prefix, usize::MAX)? {
-        let r = Record::from_bytes(&v.value)
-            .map_err(|e| keyfab_node::Error::InvalidState(e.to_string()))?;
+    for r in crate::audit::site_records(node, &issued.site)? {
         let Event::ProvisionAllowed {
             entitlement: e,
             device_id,

@@ -54,7 +54,7 @@ impl Appender {
     pub(crate) fn append(&mut self, _txn: &mut Txn, time: i64, event: Event) -> Result<u64> {
         let r: Record = self.head.next(time.max(self.head.time), &self.site, event);
         let bytes = r.to_bytes();
-        let len = u32::try_from(bytes.len())
+        u32::try_from(bytes.len())
             .map_err(|_| Error::InvalidState("audit record too large".into()))?;
         self.head = Head {
             sequence: r.sequence,
@@ -62,8 +62,7 @@ impl Appender {
             time: r.time,
         };
         self.first.get_or_insert(r.sequence);
-        self.row.extend_from_slice(&len.to_be_bytes());
-        self.row.extend_from_slice(&bytes);
+        keyfab_audit::frame_into(&mut self.row, &bytes);
         Ok(r.sequence)
     }
 
@@ -93,20 +92,7 @@ pub(crate) fn stored_head(node: &Node) -> Result<(Head, Option<u64>)> {
 }
 
 fn split_row(value: &[u8]) -> Result<Vec<&[u8]>> {
-    let mut out = Vec::new();
-    let mut rest = value;
-    while !rest.is_empty() {
-        let (len, tail) = rest
-            .split_at_checked(4)
-            .ok_or_else(|| decode_err("audit row"))?;
-        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-        let (record, tail) = tail
-            .split_at_checked(len)
-            .ok_or_else(|| decode_err("audit row"))?;
-        out.push(record);
-        rest = tail;
-    }
-    Ok(out)
+    keyfab_audit::split_row(value).map_err(|_| decode_err("audit row"))
 }
 
 /// The audit record `sequence`, stored in the row keyed `row`.
