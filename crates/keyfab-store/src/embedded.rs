@@ -11,6 +11,9 @@ use crate::{Guard, Outcome, Result, Store, StoreError, Table, Txn, Versioned, Wr
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
 
+/// The page cache of the store file.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 const KV: TableDefinition<'static, &'static [u8], &'static [u8]> =
     TableDefinition::new("keyfab-v1");
 
@@ -67,10 +70,15 @@ impl EmbeddedStore {
     /// Opens (or creates) the store file. A second process opening the same file gets
     /// [`StoreError::Busy`].
     pub fn open(path: &Path) -> Result<Self> {
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Busy,
-            other => io(other),
-        })?;
+        // A bounded page cache: redb's default (1 GiB) would let a large import or
+        // provisioning run grow the process that far.
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Busy,
+                other => io(other),
+            })?;
         // Create the table only if missing: opening an existing store must not write to
         // it, so a refused operation leaves the file byte for byte as it was.
         let exists = db.begin_read().map_err(io)?.open_table(KV).is_ok();

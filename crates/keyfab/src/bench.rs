@@ -279,3 +279,143 @@ pub fn entitlement(_ctx: &Context, devices: u64, dir: Option<&Path>) -> Result<R
         }),
     ))
 }
+
+/// `keyfab bench audit`: HQ imports (verifies and reconciles) an N-record bundle.
+pub fn audit(records: u64, dir: Option<&Path>) -> Result<Report, Failure> {
+    use keyfab_audit::{AuditedKey, Event, Head, Record};
+    let (_temp, base) = temp_or(dir)?;
+    let (ctx, hq, site) = bench_world(&base)?;
+    let n = records.max(2);
+    let policy = base.join("audit.toml");
+    let text = format!(
+        "product = \"bench\"\ndevices = {n}\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\n[[keys]]\nname = \"k\"\ntype = \"ed25519\"\nsource = \"site\"\n"
+    );
+    std::fs::write(&policy, text).map_err(|e| Failure::new("io", e.to_string()))?;
+    let kfe = base.join("audit.kfe");
+    let created = run::entitlement_create(&ctx, &hq, "bench-site", &policy, &kfe)?;
+    let id = created.json["id"].as_str().unwrap_or_default().to_owned();
+    run::entitlement_import(&ctx, &site, &kfe)?;
+
+    // The site's log: the import, then n-1 releases, all the policy allows.
+    let node = ctx.open(&site, NodeKind::Site)?;
+    let now = node.now().0;
+    let record = |head: &Head, i: u64| -> Record {
+        let event = if i == 0 {
+            Event::EntitlementImported {
+                entitlement: id.clone(),
+                sequence: 1,
+                pool_keys: 0,
+            }
+        } else {
+            Event::ProvisionAllowed {
+                entitlement: id.clone(),
+                request_id: format!("r{i}"),
+                device_id: format!("B-{i:09}"),
+                station: None,
+                pool_index: None,
+                keys: vec![AuditedKey {
+                    name: "k".into(),
+                    key_id: format!("spki-sha256:{:064x}", i),
+                    cert_serial: None,
+                    certificate: None,
+                }],
+            }
+        };
+        head.next(now, "bench-site", event)
+    };
+    // Pass 1: the checkpoint (and the raw rate of the SHA-256 chain it needs).
+    let mut frontier = keyfab_audit::merkle::Frontier::default();
+    let mut head = Head::genesis();
+    let mut bytes_total = 0u64;
+    let mut hash_secs = 0.0;
+    for i in 0..n {
+        let r = record(&head, i);
+        let bytes = r.to_bytes();
+        let t = Instant::now();
+        let leaf = keyfab_audit::merkle::leaf_hash(&bytes);
+        hash_secs += t.elapsed().as_secs_f64();
+        bytes_total += bytes.len() as u64;
+        frontier.push(leaf);
+        head = Head {
+            sequence: r.sequence,
+            hash: leaf,
+            time: now,
+        };
+    }
+    let sha_rate = n as f64 / hash_secs.max(1e-9);
+    let to = keyfab_formats::checkpoint::TreeHead {
+        size: n,
+        root: frontier.root(),
+    };
+    let hqr = keyfab_site::entitlements::hq_recipient(&node)?
+        .ok_or_else(|| Failure::new("internal", "no HQ recipient"))?;
+    let point = keyfab_crypto::x509::cert_facts(&hqr.hpke_cert)
+        .ok()
+        .and_then(|f| f.public_point)
+        .ok_or_else(|| Failure::new("internal", "HQ key"))?;
+    let fields = keyfab_formats::audit_bundle::BundleFields {
+        id: "b".repeat(32),
+        site: "bench-site".into(),
+        hq: hqr.hq.clone(),
+        hq_cluster: keyfab_crypto::hash::Fingerprint::of(&hqr.cluster_cert),
+        recipient: keyfab_crypto::hpke::HpkePublicKey::from_sec1(&point)
+            .map_err(|e| Failure::new("internal", e.to_string()))?,
+        from: keyfab_formats::checkpoint::TreeHead {
+            size: 0,
+            root: keyfab_audit::merkle::root(&[]),
+        },
+        to,
+        checkpoint_time: now,
+        consistency: Vec::new(),
+        created_at: keyfab_crypto::time::UnixTime(now),
+    };
+    // Pass 2: the same records, streamed into the bundle.
+    let mut head = Head::genesis();
+    let mut i = 0u64;
+    let mut iter = std::iter::from_fn(|| {
+        if i >= n {
+            return None;
+        }
+        let r = record(&head, i);
+        let bytes = r.to_bytes();
+        head = Head {
+            sequence: r.sequence,
+            hash: keyfab_audit::merkle::leaf_hash(&bytes),
+            time: now,
+        };
+        i += 1;
+        Some(bytes)
+    });
+    let kfa = base.join("bench.kfa");
+    let rng = keyfab_crypto::rng::SystemRng;
+    keyfab_formats::audit_bundle::write_bundle(
+        &kfa,
+        &fields,
+        &mut iter,
+        node.service_signer()?,
+        node.service_chain()?,
+        &rng,
+    )
+    .map_err(keyfab_node::Error::from)?;
+    drop(node);
+
+    let s = |p: &Path| p.display().to_string();
+    let (imported, secs) = child(
+        &ctx,
+        &["hq", "audit", "import", "--home", &s(&hq), &s(&kfa)],
+    )?;
+    let rate = n as f64 / secs;
+    let rss = imported["peak_rss_bytes"].as_u64().unwrap_or(0) as f64 / (1024.0 * 1024.0);
+    let violations = imported["violations"].as_array().map_or(0, Vec::len);
+    let text = format!(
+        "audit import benchmark: {n} records ({:.0} bytes each), one bundle\n\
+         SHA-256 chain alone (one core):     {sha_rate:>12.0} records/s   (limit)\n\
+         hq audit import (verify+reconcile): {rate:>12.0} records/s   ratio {:.2}   {secs:.2} s   peak RSS {rss:.0} MiB   violations {violations}",
+        bytes_total as f64 / n as f64,
+        rate / sha_rate
+    );
+    Ok(Report::new(
+        text,
+        json!({"records": n, "seconds": secs, "records_per_s": rate, "sha256_chain_per_s": sha_rate, "ratio": rate / sha_rate, "peak_rss_bytes": imported["peak_rss_bytes"], "violations": violations}),
+    ))
+}

@@ -468,6 +468,16 @@ pub enum ApproverCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// HQ's audit import (verify + reconcile) of an N-record bundle signed by a real
+    /// site, in a child process, against the SHA-256 chain rate of this machine.
+    #[command(after_help = "Example:\n  keyfab bench audit --records 1000000 --json")]
+    Audit {
+        #[arg(long, default_value_t = 100_000)]
+        records: u64,
+        /// Keep the files in DIR.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Provision devices through the real decide-and-record path (durable commits), with
     /// site-generated ec-p256 keys and a device certificate each; compare with the raw
     /// per-device crypto rate of this machine.
