@@ -250,29 +250,49 @@ pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> 
     }
 
     // Pass 2: reconcile and store, in batches. Rows written here lie beyond the accepted
-    // head until the final commit moves it, so no reader sees a half import.
+    // head until the final commit moves it, so no reader sees a half import; the staging
+    // commits need no fsync of their own.
     let mut reader = open_bundle(&envelope, recipient)?;
     let accepted_sequence = log.sequence;
     let mut rec = Reconciler::new(node, &h.site, &mut log, accepted_sequence);
     let mut row = Vec::new();
     let mut row_first = None;
     let mut batch = Txn::default();
-    while let Some(bytes) = reader.next_record()? {
-        let r = Record::from_bytes(&bytes).map_err(|e| malformed(&format!("record: {e}")))?;
-        rec.record(&r)?;
-        row_first.get_or_insert(r.sequence);
-        keyfab_audit::frame_into(&mut row, &bytes);
-        if row.len() >= RECORD_ROW_BYTES {
-            batch.put(
-                Table::Audit,
-                &record_key(&h.site, row_first.take().unwrap_or(r.sequence)),
-                &row,
-            );
-            row.clear();
-            for d in rec.take_new_devices() {
-                batch.put(Table::Audit, &d.0, &d.1.to_be_bytes());
+    let mut pending: Vec<(Record, Vec<u8>)> = Vec::with_capacity(PREFETCH);
+    loop {
+        let next = reader.next_record()?;
+        let done = next.is_none();
+        if let Some(bytes) = next {
+            let r = Record::from_checked_bytes(&bytes)
+                .map_err(|e| malformed(&format!("record: {e}")))?;
+            pending.push((r, bytes));
+        }
+        if pending.len() < PREFETCH && !done {
+            continue;
+        }
+        let records: Vec<Record> = pending.iter().map(|(r, _)| r.clone()).collect();
+        rec.prefetch(&records)?;
+        for (r, bytes) in pending.drain(..) {
+            rec.record(&r)?;
+            row_first.get_or_insert(r.sequence);
+            keyfab_audit::frame_into(&mut row, &bytes);
+            if row.len() >= RECORD_ROW_BYTES {
+                batch.put(
+                    Table::Audit,
+                    &record_key(&h.site, row_first.take().unwrap_or(r.sequence)),
+                    &row,
+                );
+                row.clear();
+                for d in rec.take_new_devices() {
+                    batch.put(Table::Audit, &d.0, &d.1.to_be_bytes());
+                }
+                let mut staged = std::mem::take(&mut batch);
+                staged.non_durable();
+                node.store.commit(staged)?;
             }
-            node.store.commit(std::mem::take(&mut batch))?;
+        }
+        if done {
+            break;
         }
     }
     let mut txn = batch;
@@ -326,6 +346,9 @@ pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> 
     })
 }
 
+/// Records are reconciled in groups of this many, their devices looked up at once.
+const PREFETCH: usize = 1024;
+
 /// Records are stored in rows of about this many bytes (one B-tree entry per row).
 const RECORD_ROW_BYTES: usize = 256 * 1024;
 
@@ -362,7 +385,9 @@ struct Reconciler<'a> {
     site: String,
     log: &'a mut SiteLog,
     last_time: i64,
-    issued: HashMap<String, Option<(IssuedRecord, CompiledPolicy)>>,
+    issued: HashMap<String, Option<std::sync::Arc<(IssuedRecord, CompiledPolicy)>>>,
+    /// Whether earlier imports released a device, looked up for a batch of records at once.
+    prefetched: HashMap<Vec<u8>, bool>,
     replicas: BTreeMap<String, (Replica, ())>,
     /// Devices released in this import (hash of their key), and those not yet stored.
     devices: std::collections::HashSet<[u8; 32]>,
@@ -386,6 +411,7 @@ impl<'a> Reconciler<'a> {
             log,
             last_time,
             issued: HashMap::new(),
+            prefetched: HashMap::new(),
             replicas: BTreeMap::new(),
             devices: Default::default(),
             new_devices: Vec::new(),
@@ -418,14 +444,17 @@ impl<'a> Reconciler<'a> {
     }
 
     /// The entitlement as HQ issued it to this site, if it did.
-    fn issued(&mut self, id: &str) -> Result<Option<(IssuedRecord, CompiledPolicy)>> {
+    fn issued(
+        &mut self,
+        id: &str,
+    ) -> Result<Option<std::sync::Arc<(IssuedRecord, CompiledPolicy)>>> {
         if !self.issued.contains_key(id) {
             let found = match self.node.store.get(Table::Issued, &issued_key(id))? {
                 Some(v) => {
                     let rec: IssuedRecord = decode(&v.value)?;
                     if rec.site == self.site {
                         let policy = CompiledPolicy::new(rec.policy.clone())?;
-                        Some((rec, policy))
+                        Some(std::sync::Arc::new((rec, policy)))
                     } else {
                         None
                     }
@@ -459,6 +488,9 @@ impl<'a> Reconciler<'a> {
         if self.devices.contains(&keyfab_crypto::hash::sha256(key)) {
             return Ok(true);
         }
+        if let Some(seen) = self.prefetched.get(key) {
+            return Ok(*seen);
+        }
         Ok(match self.node.store.get(Table::Audit, key)? {
             Some(v) => v
                 .value
@@ -468,6 +500,42 @@ impl<'a> Reconciler<'a> {
                 .is_ok_and(|seq| seq <= self.accepted_sequence),
             None => false,
         })
+    }
+
+    /// Looks up, in one snapshot, whether earlier imports released the devices of
+    /// `records`.
+    fn prefetch(&mut self, records: &[Record]) -> Result<()> {
+        let keys: Vec<Vec<u8>> = records
+            .iter()
+            .filter_map(|r| match &r.event {
+                Event::ProvisionAllowed {
+                    entitlement,
+                    device_id,
+                    ..
+                }
+                | Event::ProvisionDenied {
+                    entitlement,
+                    device_id,
+                    ..
+                } => Some(device_key(entitlement, device_id)),
+                _ => None,
+            })
+            .collect();
+        let lookups: Vec<(Table, &[u8])> =
+            keys.iter().map(|k| (Table::Audit, k.as_slice())).collect();
+        let found = self.node.store.get_many(&lookups)?;
+        self.prefetched.clear();
+        for (k, v) in keys.into_iter().zip(found) {
+            let seen = v.is_some_and(|v| {
+                v.value
+                    .as_slice()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .is_ok_and(|seq| seq <= self.accepted_sequence)
+            });
+            self.prefetched.insert(k, seen);
+        }
+        Ok(())
     }
 
     fn take_new_devices(&mut self) -> Vec<(Vec<u8>, u64)> {
@@ -509,7 +577,7 @@ impl<'a> Reconciler<'a> {
                 ..
             } => {
                 let listed = match self.issued(entitlement)? {
-                    Some((rec, _)) => rec.policy.approval.as_ref().is_some_and(|a| {
+                    Some(entry) => entry.0.policy.approval.as_ref().is_some_and(|a| {
                         a.approver_keys.iter().any(|pem| {
                             keyfab_crypto::sign::VerifyingKey::from_pem(pem)
                                 .is_ok_and(|k| k.fingerprint().to_hex() == *approver)
@@ -534,7 +602,7 @@ impl<'a> Reconciler<'a> {
             Event::EntitlementActivated { entitlement } => {
                 let threshold = self
                     .issued(entitlement)?
-                    .and_then(|(rec, _)| rec.policy.approval.map(|a| a.threshold))
+                    .and_then(|entry| entry.0.policy.approval.as_ref().map(|a| a.threshold))
                     .unwrap_or(u32::MAX);
                 let count = self.replica(entitlement)?.approvers.len();
                 if count < threshold as usize {
@@ -555,7 +623,7 @@ impl<'a> Reconciler<'a> {
             } => {
                 let revoked_by_hq = self
                     .issued(entitlement)?
-                    .is_some_and(|(rec, _)| rec.revoked_at.is_some());
+                    .is_some_and(|entry| entry.0.revoked_at.is_some());
                 if !revoked_by_hq {
                     self.violation(
                         r,
@@ -625,7 +693,7 @@ impl<'a> Reconciler<'a> {
         pool_index: Option<u64>,
         keys: &[keyfab_audit::AuditedKey],
     ) -> Result<()> {
-        let Some((issued, policy)) = self.issued(entitlement)? else {
+        let Some(entry) = self.issued(entitlement)? else {
             if allowed {
                 self.violation(
                     r,
@@ -637,17 +705,21 @@ impl<'a> Reconciler<'a> {
             }
             return Ok(());
         };
+        let (issued, policy) = (&entry.0, &entry.1);
         let dev_key = device_key(entitlement, device_id);
         let already = self.device_seen(&dev_key)?;
         let acknowledged = issued.created_at.max(self.log.acknowledged_at);
         let day = policy.day_of(r.time);
-        let rep = self.replica(entitlement)?.clone();
-        let state = EntitlementState {
-            revoked: rep.revoked,
-            activated: rep.activated,
-            last_acknowledged: acknowledged,
-            total: rep.total,
-            today: rep.days.get(&day).copied().unwrap_or(0),
+        let (state, next_pool) = {
+            let rep = self.replica(entitlement)?;
+            let state = EntitlementState {
+                revoked: rep.revoked,
+                activated: rep.activated,
+                last_acknowledged: acknowledged,
+                total: rep.total,
+                today: rep.days.get(&day).copied().unwrap_or(0),
+            };
+            (state, rep.next_pool)
         };
         let decision = policy.decide(
             &state,
@@ -698,13 +770,13 @@ impl<'a> Reconciler<'a> {
             .collect();
         if !pool_specs.is_empty() {
             match pool_index {
-                Some(index) if index == rep.next_pool => {
+                Some(index) if index == next_pool => {
                     for (spec_no, key_index) in pool_specs.iter().enumerate() {
                         let audited = keys
                             .get(*key_index)
                             .map(|k| k.key_id.clone())
                             .unwrap_or_default();
-                        if !self.pool_key_matches(&issued, spec_no, index, &audited)? {
+                        if !self.pool_key_matches(issued, spec_no, index, &audited)? {
                             self.violation(
                                 r,
                                 Some(entitlement),
@@ -715,7 +787,7 @@ impl<'a> Reconciler<'a> {
                         }
                     }
                 }
-                Some(index) if index < rep.next_pool => {
+                Some(index) if index < next_pool => {
                     self.violation(
                         r,
                         Some(entitlement),
@@ -730,7 +802,7 @@ impl<'a> Reconciler<'a> {
                         Some(entitlement),
                         Some(device_id),
                         "pool_key_not_issued",
-                        format!("slot {other:?} where {} was next", rep.next_pool),
+                        format!("slot {other:?} where {} was next", next_pool),
                     );
                 }
             }

@@ -118,7 +118,12 @@ impl Store for EmbeddedStore {
 
     fn commit(&self, txn: Txn) -> Result<Outcome> {
         let mut w = self.db.begin_write().map_err(io)?;
-        w.set_durability(redb::Durability::Immediate).map_err(io)?;
+        w.set_durability(if txn.lazy {
+            redb::Durability::None
+        } else {
+            redb::Durability::Immediate
+        })
+        .map_err(io)?;
         let revision = {
             let mut table = w.open_table(KV).map_err(io)?;
             for g in &txn.guards {

@@ -111,6 +111,8 @@ enum Write {
 pub struct Txn {
     guards: Vec<Guard>,
     writes: Vec<Write>,
+    /// Not fsync'd on its own: made durable by the next durable commit.
+    lazy: bool,
 }
 
 impl Txn {
@@ -164,6 +166,13 @@ impl Txn {
     pub fn delete_range(&mut self, table: Table, start: &[u8], end: &[u8]) -> &mut Self {
         self.writes
             .push(Write::DeleteRange(table, start.to_vec(), end.to_vec()));
+        self
+    }
+    /// Marks the transaction as needing no fsync of its own: for staging writes that no
+    /// reader acts on until a later, durable commit makes them count (and makes them
+    /// durable with it).
+    pub fn non_durable(&mut self) -> &mut Self {
+        self.lazy = true;
         self
     }
     pub fn is_empty(&self) -> bool {
