@@ -101,11 +101,33 @@ pub struct BundleFields {
     pub created_at: UnixTime,
 }
 
-/// Streams a bundle to `out`: the records are read from `records` one at a time.
+/// Streams a bundle to `out`: the records are read from `records` one at a time, and a
+/// record that cannot be read stops the export. `out` appears only once it is whole;
+/// on any failure the temporary files are removed.
 pub fn write_bundle(
     out: &Path,
     fields: &BundleFields,
-    records: &mut dyn Iterator<Item = Vec<u8>>,
+    records: &mut dyn Iterator<Item = std::io::Result<Vec<u8>>>,
+    signer: &dyn EcdsaSigner,
+    chain: Vec<Vec<u8>>,
+    rng: &dyn SecureRng,
+) -> Result<u64> {
+    let (body_path, part) = (temp_path(out, "body"), temp_path(out, "part"));
+    let result = write_bundle_via(out, &body_path, &part, fields, records, signer, chain, rng);
+    let _ = std::fs::remove_file(&body_path);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_bundle_via(
+    out: &Path,
+    body_path: &Path,
+    part: &Path,
+    fields: &BundleFields,
+    records: &mut dyn Iterator<Item = std::io::Result<Vec<u8>>>,
     signer: &dyn EcdsaSigner,
     chain: Vec<Vec<u8>>,
     rng: &dyn SecureRng,
@@ -115,11 +137,10 @@ pub fn write_bundle(
     let info = hpke_info(&fields.site, &hq_cluster, &recipient, &fields.id)?;
     let (enc, mut sealer) = hpke::seal_context(&fields.recipient, &info, rng)
         .map_err(|e| FormatError::Write(e.to_string()))?;
-    let body_path = temp_path(out, "body");
     let mut hasher = Sha256Stream::default();
     let (mut body_len, mut chunks) = (0u64, 0u64);
     {
-        let mut body = BufWriter::with_capacity(1 << 20, File::create(&body_path)?);
+        let mut body = BufWriter::with_capacity(1 << 20, File::create(body_path)?);
         // A chunk is sealed only when the next one starts (or at the end), so the last
         // one can be marked as such.
         let mut pending: Option<Vec<u8>> = None;
@@ -139,6 +160,7 @@ pub fn write_bundle(
             Ok(())
         };
         for r in records {
+            let r = r?;
             if r.len() > MAX_RECORD {
                 return Err(FormatError::Write("audit record too large".into()));
             }
@@ -187,25 +209,17 @@ pub fn write_bundle(
         .ok()
         .filter(|l| *l <= MAX_SIGN1_LEN)
         .ok_or_else(|| FormatError::Write("signed header too large".into()))?;
-    let part = temp_path(out, "part");
-    let result = (|| -> Result<u64> {
-        let mut f = BufWriter::with_capacity(1 << 20, File::create(&part)?);
-        f.write_all(&prefix::encode(Kind::AuditBundle, VERSION))?;
-        f.write_all(&sign1_len.to_be_bytes())?;
-        f.write_all(&sign1)?;
-        std::io::copy(&mut File::open(&body_path)?, &mut f)?;
-        let file = f
-            .into_inner()
-            .map_err(|e| FormatError::Io(e.into_error()))?;
-        file.sync_all()?;
-        std::fs::rename(&part, out)?;
-        Ok((prefix::LEN + 4 + sign1.len()) as u64 + body_len)
-    })();
-    let _ = std::fs::remove_file(&body_path);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&part);
-    }
-    result
+    let mut f = BufWriter::with_capacity(1 << 20, File::create(part)?);
+    f.write_all(&prefix::encode(Kind::AuditBundle, VERSION))?;
+    f.write_all(&sign1_len.to_be_bytes())?;
+    f.write_all(&sign1)?;
+    std::io::copy(&mut File::open(body_path)?, &mut f)?;
+    let file = f
+        .into_inner()
+        .map_err(|e| FormatError::Io(e.into_error()))?;
+    file.sync_all()?;
+    std::fs::rename(part, out)?;
+    Ok((prefix::LEN + 4 + sign1.len()) as u64 + body_len)
 }
 
 /// A bundle whose signature, signer chain (role site), addressing and body digest hold.

@@ -112,9 +112,62 @@ pub(crate) fn record_in_row(node: &Node, row: u64, sequence: u64) -> Result<Reco
 
 /// The canonical bytes of every audit record, in order.
 pub(crate) fn record_bytes(node: &Node) -> Result<Vec<Vec<u8>>> {
-    let mut out = Vec::new();
-    for (_, v) in node.store.scan(Table::Audit, b"", usize::MAX)? {
-        out.extend(split_row(&v.value)?.into_iter().map(<[u8]>::to_vec));
+    RecordStream::new(node).collect()
+}
+
+/// The canonical bytes of the audit records, oldest first, read a page of rows at a
+/// time: a log of millions of records is walked without holding it in memory.
+pub(crate) struct RecordStream<'a> {
+    node: &'a Node,
+    /// The key to read the next page from; `None` once the log is exhausted.
+    next_key: Option<Vec<u8>>,
+    page: std::vec::IntoIter<Vec<u8>>,
+}
+
+/// Rows read per page: a row holds one transaction's records (up to a provisioning
+/// batch), so a page stays within a few MiB.
+const ROWS_PER_PAGE: usize = 64;
+
+impl<'a> RecordStream<'a> {
+    pub(crate) fn new(node: &'a Node) -> Self {
+        Self {
+            node,
+            next_key: Some(Vec::new()),
+            page: Vec::new().into_iter(),
+        }
     }
-    Ok(out)
+
+    fn read_page(&mut self, from: &[u8]) -> Result<()> {
+        let rows = self
+            .node
+            .store
+            .scan_from(Table::Audit, b"", from, ROWS_PER_PAGE)?;
+        // The smallest key after the last row read: the same key with a zero byte added.
+        self.next_key = match rows.last() {
+            Some((k, _)) if rows.len() == ROWS_PER_PAGE => Some([k.as_slice(), &[0]].concat()),
+            _ => None,
+        };
+        let mut records = Vec::new();
+        for (_, v) in &rows {
+            records.extend(split_row(&v.value)?.into_iter().map(<[u8]>::to_vec));
+        }
+        self.page = records.into_iter();
+        Ok(())
+    }
+}
+
+impl Iterator for RecordStream<'_> {
+    type Item = Result<Vec<u8>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(r) = self.page.next() {
+                return Some(Ok(r));
+            }
+            let from = self.next_key.take()?;
+            if let Err(e) = self.read_page(&from) {
+                return Some(Err(e));
+            }
+        }
+    }
 }

@@ -4,7 +4,7 @@
 //! so the site never forgets a range it handed out; if writing the file fails, `--again`
 //! writes the same range once more. HQ sees each range at most once either way.
 
-use crate::audit_log::Appender;
+use crate::audit_log::{Appender, RecordStream};
 use crate::entitlements::hq_recipient;
 use keyfab_audit::{merkle, Event};
 use keyfab_crypto::hash::Fingerprint;
@@ -64,8 +64,11 @@ pub fn export(
     )?;
     let seen = node.store.get(Table::Meta, EXPORTS)?;
     let exports: Option<Exports> = seen.as_ref().map(|v| decode(&v.value)).transpose()?;
-    let records = crate::audit_log::record_bytes(node)?;
-    let leaves: Vec<merkle::Hash> = records.iter().map(|r| merkle::leaf_hash(r)).collect();
+    // Pass 1: only the leaf hashes (32 bytes a record) stay in memory, for the tree
+    // head and the consistency proof; the records are read again in pass 2.
+    let leaves = RecordStream::new(node)
+        .map(|r| r.map(|bytes| merkle::leaf_hash(&bytes)))
+        .collect::<Result<Vec<merkle::Hash>>>()?;
 
     let (from, to, id, time) = if again {
         let e = exports.ok_or_else(|| Error::InvalidState("nothing was exported yet".into()))?;
@@ -129,8 +132,8 @@ pub fn export(
         created_at: node.now(),
     };
     let total = (to_n - from_n) as u64;
-    let mut iter = records
-        .into_iter()
+    // Pass 2: the range's records, streamed into the bundle.
+    let mut iter = RecordStream::new(node)
         .skip(from_n)
         .take(to_n - from_n)
         .enumerate()
@@ -140,7 +143,7 @@ pub fn export(
                     p(i as u64 + 1, total);
                 }
             }
-            r
+            r.map_err(|e| std::io::Error::other(e.to_string()))
         });
     let bytes = write_bundle(
         out,

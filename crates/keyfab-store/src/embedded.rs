@@ -101,14 +101,21 @@ impl Store for EmbeddedStore {
         }
     }
 
-    fn scan(&self, table: Table, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Versioned)>> {
+    fn scan_from(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Versioned)>> {
         let r = self.db.begin_read().map_err(io)?;
         let t = r.open_table(KV).map_err(io)?;
-        let start = full_key(table, prefix);
+        let wanted = full_key(table, prefix);
+        let start = full_key(table, from.max(prefix));
         let mut out = Vec::new();
         for item in t.range(start.as_slice()..).map_err(io)? {
             let (k, v) = item.map_err(io)?;
-            if !k.value().starts_with(&start) || out.len() >= limit {
+            if !k.value().starts_with(&wanted) || out.len() >= limit {
                 break;
             }
             out.push((k.value()[1..].to_vec(), decode(v.value())?));
@@ -278,6 +285,17 @@ mod tests {
         }
         s.commit(t).unwrap();
         assert_eq!(s.scan(Table::Pool, b"p/", 10).unwrap().len(), 3);
+        let page = |from: &[u8], limit| {
+            s.scan_from(Table::Pool, b"p/", from, limit)
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(page(b"p/2", 10), [b"p/2".to_vec(), b"p/3".to_vec()]);
+        assert_eq!(page(b"p/2\0", 1), [b"p/3".to_vec()]);
+        assert_eq!(page(b"a", 1), [b"p/1".to_vec()]);
+        assert!(page(b"q", 10).is_empty());
         let mut t = Txn::default();
         t.delete_range(Table::Pool, b"p/2", b"p/3");
         s.commit(t).unwrap();

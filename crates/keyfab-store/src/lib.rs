@@ -214,7 +214,19 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub trait Store: Send + Sync {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Versioned>>;
     /// All entries whose key starts with `prefix`, in key order, at most `limit`.
-    fn scan(&self, table: Table, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Versioned)>>;
+    fn scan(&self, table: Table, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Versioned)>> {
+        self.scan_from(table, prefix, prefix, limit)
+    }
+    /// The entries whose key starts with `prefix` and is not before `from`, in key
+    /// order, at most `limit`: reading a large table page by page keeps only one page
+    /// in memory.
+    fn scan_from(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Versioned)>>;
     fn commit(&self, txn: Txn) -> Result<Outcome>;
     /// Several reads from one consistent snapshot, in order.
     fn get_many(&self, keys: &[(Table, &[u8])]) -> Result<Vec<Option<Versioned>>> {

@@ -384,7 +384,7 @@ pub fn audit(records: u64, dir: Option<&Path>) -> Result<Report, Failure> {
             time: now,
         };
         i += 1;
-        Some(bytes)
+        Some(Ok(bytes))
     });
     let kfa = base.join("bench.kfa");
     let rng = keyfab_crypto::rng::SystemRng;

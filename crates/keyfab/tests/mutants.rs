@@ -80,7 +80,7 @@ fn rebundle(
     write_bundle(
         out,
         &fields,
-        &mut records.into_iter(),
+        &mut records.into_iter().map(Ok),
         site.service_signer().unwrap(),
         site.service_chain().unwrap(),
         &keyfab_crypto::rng::SystemRng,

@@ -403,7 +403,7 @@ fn a_site_that_signs_forbidden_decisions_is_caught() {
     keyfab_formats::audit_bundle::write_bundle(
         &out,
         &fields,
-        &mut records.into_iter(),
+        &mut records.into_iter().map(Ok),
         site.service_signer().unwrap(),
         site.service_chain().unwrap(),
         &keyfab_crypto::rng::SystemRng,
