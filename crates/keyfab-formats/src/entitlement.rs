@@ -20,6 +20,7 @@
 //! only the signer can have made chunks that decrypt.
 
 use crate::prefix::{self, Kind};
+use crate::signed_file;
 use crate::{cbor_encode, cbor_exact, cose, FormatError, Result, Verified};
 use keyfab_crypto::hash::{Fingerprint, Sha256Stream};
 use keyfab_crypto::hpke::{self, HpkePublicKey, HpkeRecipient};
@@ -148,11 +149,17 @@ pub fn chunk_plan(pool: &[PoolSpec], keys_per_chunk: u32) -> impl Iterator<Item 
 }
 
 fn chunk_aad(index: u64, last: bool) -> Vec<u8> {
-    let mut aad = b"keyfab-entitlement-chunk".to_vec();
-    aad.extend_from_slice(&index.to_be_bytes());
-    aad.push(u8::from(last));
-    aad
+    signed_file::chunk_aad(b"keyfab-entitlement-chunk", index, last)
 }
+const LAYOUT: signed_file::Layout = signed_file::Layout {
+    kind: Kind::Entitlement,
+    version: VERSION,
+    what: "entitlement",
+    max_file_len: MAX_FILE_LEN,
+    max_sign1_len: MAX_SIGN1_LEN,
+    content_type: CONTENT_TYPE,
+    context: CONTEXT,
+};
 
 /// HPKE `info`: format, version, HQ identity and site identity.
 pub fn hpke_info(hq_cluster: &str, site: &str, recipient: &str, id: &str) -> Result<Vec<u8>> {
@@ -312,25 +319,7 @@ pub fn verify_entitlement(
     site: &str,
     recipient: Fingerprint,
 ) -> Result<Verified<EntitlementEnvelope>> {
-    let mut file = File::open(path)?;
-    let file_len = file.metadata()?.len();
-    if file_len > MAX_FILE_LEN {
-        return Err(FormatError::Malformed(
-            "file larger than the entitlement size cap".into(),
-        ));
-    }
-    let mut head = [0u8; prefix::LEN + 4];
-    read_exact_or_truncated(&mut file, &mut head)?;
-    prefix::check(&head, Kind::Entitlement, VERSION)?;
-    let sign1_len = u32::from_be_bytes([head[8], head[9], head[10], head[11]]);
-    if sign1_len > MAX_SIGN1_LEN || u64::from(sign1_len) > file_len - head.len() as u64 {
-        return Err(FormatError::Malformed(
-            "truncated, or signed header length out of range".into(),
-        ));
-    }
-    let mut sign1 = vec![0u8; sign1_len as usize];
-    read_exact_or_truncated(&mut file, &mut sign1)?;
-    let signed = cose::verify(&sign1, CONTENT_TYPE, CONTEXT)?;
+    let (signed, body) = signed_file::read_signed_head(path, &LAYOUT)?;
     let signer = x509::validate_chain(root, &signed.chain, Role::Hq, Purpose::Signing, now)
         .map_err(FormatError::from_chain)?;
     let header: EntitlementHeader = cbor_exact("entitlement header", &signed.payload)?;
@@ -351,34 +340,8 @@ pub fn verify_entitlement(
             short(&header.recipient)
         )));
     }
-    let body_offset = head.len() as u64 + u64::from(sign1_len);
-    let actual = file_len - body_offset;
-    if actual < header.body_len {
-        return Err(FormatError::Malformed(format!(
-            "truncated: body has {actual} of {} bytes",
-            header.body_len
-        )));
-    }
-    if actual > header.body_len {
-        return Err(FormatError::Malformed(
-            "trailing bytes after the body".into(),
-        ));
-    }
-    let mut hasher = Sha256Stream::default();
-    let mut reader = BufReader::with_capacity(1 << 20, &mut file);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    if hasher.finish().as_slice() != header.body_sha256.as_slice() {
-        return Err(FormatError::BadSignature(
-            "body does not match its signed digest".into(),
-        ));
-    }
+    let body_offset = body.offset;
+    body.check(header.body_len, &header.body_sha256)?;
     Ok(Verified::new(EntitlementEnvelope {
         header,
         signer,

@@ -21,6 +21,7 @@ pub mod entitlement;
 pub mod identity;
 pub mod prefix;
 pub mod revocation;
+mod signed_file;
 
 use std::ops::Deref;
 
