@@ -18,23 +18,7 @@ fn a_quorum_of_distinct_listed_keys_activates() {
          [approval]\nthreshold = 2\napprovers = [\"alice.pub\", \"bob.pub\", \"carol.pub\"]\nrequired_for = [\"activate\"]\n",
     )
     .unwrap();
-    let kfe = w.path("gated.kfe");
-    let id = ok(&[
-        "hq",
-        "entitlement",
-        "create",
-        "--home",
-        &s(&w.hq),
-        "--site",
-        "shenzhen-1",
-        "--policy",
-        &s(&policy),
-        "--out",
-        &s(&kfe),
-    ])["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "gated.kfe");
     let imported = import(&w.site, &kfe, None);
     assert_eq!(imported.json["state"], "pending_approval");
     let provision = |device: &str| {

@@ -41,23 +41,7 @@ fn sigkill_at_random_moments_loses_nothing_and_reuses_nothing() {
          [[keys]]\nname = \"fw\"\ntype = \"aes-256\"\nsource = \"derived\"\n",
     )
     .unwrap();
-    let kfe = w.path("crash.kfe");
-    let id = ok(&[
-        "hq",
-        "entitlement",
-        "create",
-        "--home",
-        &s(&w.hq),
-        "--site",
-        "shenzhen-1",
-        "--policy",
-        &s(&policy),
-        "--out",
-        &s(&kfe),
-    ])["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "crash.kfe");
     assert_eq!(import(&w.site, &kfe, None).code, 0);
 
     let mut rng = Lcg(0x6b65_7966_6162);

@@ -16,22 +16,9 @@ fn policy_file(w: &World, name: &str, body: &str) -> std::path::PathBuf {
 
 fn entitlement(w: &World, name: &str, body: &str) -> String {
     let policy = policy_file(w, &format!("{name}.toml"), body);
-    let out = w.path(&format!("{name}.kfe"));
-    let j = ok(&[
-        "hq",
-        "entitlement",
-        "create",
-        "--home",
-        &s(&w.hq),
-        "--site",
-        "shenzhen-1",
-        "--policy",
-        &s(&policy),
-        "--out",
-        &s(&out),
-    ]);
+    let (out, id) = create_from(w, "shenzhen-1", &policy, &format!("{name}.kfe"));
     assert_eq!(import(&w.site, &out, None).code, 0);
-    j["id"].as_str().unwrap().to_owned()
+    id
 }
 
 const HEADER: &str = r#"

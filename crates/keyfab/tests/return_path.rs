@@ -12,23 +12,7 @@ const POLICY2: &str = "product = \"p\"\ndevices = 10\nvalid_from = \"2026-01-01T
 fn entitlement(w: &World, body: &str) -> String {
     let policy = w.path("p2.toml");
     std::fs::write(&policy, body).unwrap();
-    let kfe = w.path("p2.kfe");
-    let id = ok(&[
-        "hq",
-        "entitlement",
-        "create",
-        "--home",
-        &s(&w.hq),
-        "--site",
-        "shenzhen-1",
-        "--policy",
-        &s(&policy),
-        "--out",
-        &s(&kfe),
-    ])["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (kfe, id) = create_from(w, "shenzhen-1", &policy, "p2.kfe");
     assert_eq!(import(&w.site, &kfe, None).code, 0);
     id
 }

@@ -37,23 +37,7 @@ fn a_restored_copy_is_detected_by_receipts_and_entitlements() {
             .replace("daily = 1", "daily = 50"),
     )
     .unwrap();
-    let kfe = w.path("a.kfe");
-    let id = ok(&[
-        "hq",
-        "entitlement",
-        "create",
-        "--home",
-        &s(&w.hq),
-        "--site",
-        "shenzhen-1",
-        "--policy",
-        &s(&policy),
-        "--out",
-        &s(&kfe),
-    ])["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "a.kfe");
     assert_eq!(import(&w.site, &kfe, None).code, 0);
     let provision = |device: &str| {
         keyfab(
@@ -126,23 +110,7 @@ fn receipts_are_verified_and_restart_the_audit_freshness_clock() {
         "product = \"p\"\ndevices = 5\naudit_every_days = 1\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n[[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n",
     )
     .unwrap();
-    let kfe = w.path("fresh.kfe");
-    let id = ok(&[
-        "hq",
-        "entitlement",
-        "create",
-        "--home",
-        &s(&w.hq),
-        "--site",
-        "shenzhen-1",
-        "--policy",
-        &s(&policy),
-        "--out",
-        &s(&kfe),
-    ])["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "fresh.kfe");
     assert_eq!(import(&w.site, &kfe, None).code, 0);
     let in_two_days = jiff::Timestamp::now().as_second() + 2 * 86_400;
     let at = jiff::Timestamp::from_second(in_two_days)

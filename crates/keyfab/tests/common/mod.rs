@@ -164,7 +164,13 @@ pub fn policy(dir: &Path, devices: u64) -> PathBuf {
     p
 }
 
+/// An entitlement of the standard policy for `devices` devices: (file, id).
 pub fn create(w: &World, site: &str, devices: u64, out: &str) -> (PathBuf, String) {
+    create_from(w, site, &policy(w.dir.path(), devices), out)
+}
+
+/// An entitlement of the policy file `policy`: (file, id).
+pub fn create_from(w: &World, site: &str, policy: &Path, out: &str) -> (PathBuf, String) {
     let out = w.path(out);
     let j = ok(&[
         "hq",
@@ -175,7 +181,7 @@ pub fn create(w: &World, site: &str, devices: u64, out: &str) -> (PathBuf, Strin
         "--site",
         site,
         "--policy",
-        &s(&policy(w.dir.path(), devices)),
+        &s(policy),
         "--out",
         &s(&out),
     ]);
