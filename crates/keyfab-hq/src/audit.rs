@@ -113,7 +113,11 @@ fn violation_key(site: &str, sequence: u64, n: usize) -> Vec<u8> {
 }
 
 /// Imports and reconciles a bundle. Nothing changes unless everything verifies.
-pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> Result<Imported> {
+pub fn import(
+    node: &Node,
+    path: &Path,
+    progress: Option<&(dyn Fn(u64, u64) + Sync)>,
+) -> Result<Imported> {
     let service = node.service()?;
     let recipient = node.custody.hpke(&service.hpke_handle)?;
     let envelope = verify_bundle(

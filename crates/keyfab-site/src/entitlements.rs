@@ -156,7 +156,11 @@ fn sweep_staging(node: &Node) -> Result<()> {
 }
 
 /// Imports an entitlement file. Every refusal leaves the store as it was.
-pub fn import(node: &Node, path: &Path, progress: Option<&dyn Fn(u64, u64)>) -> Result<Imported> {
+pub fn import(
+    node: &Node,
+    path: &Path,
+    progress: Option<&(dyn Fn(u64, u64) + Sync)>,
+) -> Result<Imported> {
     let service = node.service()?;
     let recipient = node.custody.hpke(&service.hpke_handle)?;
     let recipient_fp: Fingerprint = recipient.public_key()?.fingerprint();

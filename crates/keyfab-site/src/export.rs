@@ -49,7 +49,7 @@ pub fn export(
     node: &Node,
     out: &Path,
     again: bool,
-    progress: Option<&dyn Fn(u64, u64)>,
+    progress: Option<&(dyn Fn(u64, u64) + Sync)>,
 ) -> Result<Exported> {
     let hq = hq_recipient(node)?.ok_or_else(|| {
         Error::InvalidState(

@@ -67,40 +67,39 @@ pub fn print_error(e: &Failure, json: bool) {
 /// A progress bar on stderr for long work, only when stderr is a terminal and the output
 /// is not `--json`.
 pub struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    verb: &'static str,
-    noun: &'static str,
+    /// Updates the bar, if there is one; what long operations are handed to report to.
+    report: Option<Box<dyn Fn(u64, u64) + Sync>>,
 }
 
 impl Progress {
+    /// A bar on standard error that reads "{verb} {noun}", only when `wanted` and
+    /// standard error is a terminal (never in `--json` output or a pipe).
     pub fn new(verb: &'static str, noun: &'static str, wanted: bool) -> Self {
         use std::io::IsTerminal;
-        let bar = (wanted && std::io::stderr().is_terminal()).then(|| {
+        let report = (wanted && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(0);
             if let Ok(style) = indicatif::ProgressStyle::with_template(
                 "{msg} [{bar:40}] {pos}/{len} ({percent}%, {per_sec}, {eta} left)",
             ) {
                 bar.set_style(style.progress_chars("=> "));
             }
-            bar
+            Box::new(move |done: u64, total: u64| {
+                if bar.length() != Some(total) {
+                    bar.set_length(total);
+                    bar.set_message(format!("{verb} {noun}"));
+                }
+                bar.set_position(done);
+                if done >= total {
+                    bar.finish();
+                }
+            }) as Box<dyn Fn(u64, u64) + Sync>
         });
-        Self { bar, verb, noun }
+        Self { report }
     }
 
-    pub fn enabled(&self) -> bool {
-        self.bar.is_some()
-    }
-
-    pub fn update(&self, done: u64, total: u64) {
-        if let Some(bar) = &self.bar {
-            if bar.length() != Some(total) {
-                bar.set_length(total);
-                bar.set_message(format!("{} {}", self.verb, self.noun));
-            }
-            bar.set_position(done);
-            if done >= total {
-                bar.finish();
-            }
-        }
+    /// The callback to hand to a long operation; `None` when there is no bar, so the
+    /// operation skips the bookkeeping.
+    pub fn reporter(&self) -> Option<&(dyn Fn(u64, u64) + Sync)> {
+        self.report.as_deref()
     }
 }

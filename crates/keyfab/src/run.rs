@@ -291,10 +291,7 @@ pub fn entitlement_create(
     let node = ctx.open(home, NodeKind::Hq)?;
     let progress = Progress::new("generated", "pool keys", !ctx.json);
     let mut req = CreateRequest::new(site, policy, out);
-    let report_progress = |done, total| progress.update(done, total);
-    if progress.enabled() {
-        req.progress = Some(&report_progress);
-    }
+    req.progress = progress.reporter();
     let created = keyfab_hq::entitlement::create(&node, req)?;
     Ok(Report::new(
         format!(
@@ -379,14 +376,7 @@ pub fn entitlement_import(ctx: &Context, home: &Path, file: &Path) -> Result<Rep
         ));
     }
     let progress = Progress::new("stored", "pool keys", !ctx.json);
-    let report_progress = |done, total| progress.update(done, total);
-    let imported = keyfab_site::entitlements::import(
-        &node,
-        file,
-        progress
-            .enabled()
-            .then_some(&report_progress as &dyn Fn(u64, u64)),
-    )?;
+    let imported = keyfab_site::entitlements::import(&node, file, progress.reporter())?;
     Ok(Report::new(
         format!(
             "imported entitlement {} from '{}' (sequence {}): {} pool keys stored encrypted; state {}",
@@ -790,15 +780,7 @@ pub fn audit_export(
 ) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
     let progress = Progress::new("exported", "audit records", !ctx.json);
-    let report_progress = |done, total| progress.update(done, total);
-    let e = keyfab_site::export::export(
-        &node,
-        out,
-        again,
-        progress
-            .enabled()
-            .then_some(&report_progress as &dyn Fn(u64, u64)),
-    )?;
+    let e = keyfab_site::export::export(&node, out, again, progress.reporter())?;
     Ok(Report::new(
         format!(
             "audit records {}..{} of '{}' exported for HQ ({} records, {} bytes, bundle {}) -> {}",
@@ -822,14 +804,7 @@ pub fn audit_import(
 ) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Hq)?;
     let progress = Progress::new("verified", "audit records", !ctx.json);
-    let report_progress = |done, total| progress.update(done, total);
-    let i = keyfab_hq::audit::import(
-        &node,
-        file,
-        progress
-            .enabled()
-            .then_some(&report_progress as &dyn Fn(u64, u64)),
-    )?;
+    let i = keyfab_hq::audit::import(&node, file, progress.reporter())?;
     let head = i
         .head
         .ok_or_else(|| Failure::new("internal", "no checkpoint"))?;
