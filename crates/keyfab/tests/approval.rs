@@ -21,21 +21,7 @@ fn a_quorum_of_distinct_listed_keys_activates() {
     let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "gated.kfe");
     let imported = import(&w.site, &kfe, None);
     assert_eq!(imported.json["state"], "pending_approval");
-    let provision = |device: &str| {
-        keyfab(
-            &[
-                "site",
-                "provision",
-                "--home",
-                &s(&w.site),
-                "--entitlement",
-                &id,
-                "--device-id",
-                device,
-            ],
-            None,
-        )
-    };
+    let provision = |device: &str| common::provision(&w, &id, device, &[], None);
     let o = provision("D-1");
     assert_eq!(
         (o.code, o.json["error"]["code"].as_str()),

@@ -103,21 +103,6 @@ fn sixty_four_threads_never_exceed_the_daily_limit() {
     assert_eq!(counters.days.values().sum::<u64>(), 100);
 }
 
-fn provision(w: &World, id: &str, device: &str, extra: &[&str], now: Option<&str>) -> Out {
-    let mut args = vec![
-        "site",
-        "provision",
-        "--home",
-        w.site.to_str().unwrap(),
-        "--entitlement",
-        id,
-        "--device-id",
-        device,
-    ];
-    args.extend_from_slice(extra);
-    keyfab(&args, now)
-}
-
 fn refused(o: &Out, code: &str) {
     assert_eq!(o.code, 3, "{}", o.json);
     assert_eq!(o.json["error"]["code"], code, "{}", o.json);

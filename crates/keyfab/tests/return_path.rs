@@ -17,22 +17,6 @@ fn entitlement(w: &World, body: &str) -> String {
     id
 }
 
-fn provision(w: &World, id: &str, device: &str) -> Out {
-    keyfab(
-        &[
-            "site",
-            "provision",
-            "--home",
-            &s(&w.site),
-            "--entitlement",
-            id,
-            "--device-id",
-            device,
-        ],
-        None,
-    )
-}
-
 fn export(w: &World, name: &str) -> std::path::PathBuf {
     let out = w.path(name);
     ok(&[
@@ -58,11 +42,11 @@ fn hq_import(w: &World, file: &std::path::Path) -> Out {
 fn report_and_manifest_match_the_provisioning() {
     let w = world();
     let id = entitlement(&w, POLICY2);
-    let d1 = provision(&w, &id, "D-1");
-    let d2 = provision(&w, &id, "D-2");
+    let d1 = provision(&w, &id, "D-1", &[], None);
+    let d2 = provision(&w, &id, "D-2", &[], None);
     assert_eq!((d1.code, d2.code), (0, 0));
     assert_eq!(
-        provision(&w, &id, "D-3").json["error"]["code"],
+        provision(&w, &id, "D-3", &[], None).json["error"]["code"],
         "daily_limit_exceeded"
     );
     let kfa = export(&w, "a.kfa");
@@ -244,9 +228,9 @@ fn refused(w: &World, file: &std::path::Path, code: &str) {
 fn gaps_replays_and_forks_are_refused_and_change_nothing() {
     let w = world();
     let id = entitlement(&w, &POLICY2.replace("daily = 2", "daily = 10"));
-    provision(&w, &id, "D-1");
+    provision(&w, &id, "D-1", &[], None);
     let a1 = export(&w, "a1.kfa");
-    provision(&w, &id, "D-2");
+    provision(&w, &id, "D-2", &[], None);
     let a2 = export(&w, "a2.kfa");
     refused(&w, &a2, "log_gap");
     assert_eq!(hq_import(&w, &a1).code, 0);
@@ -260,7 +244,7 @@ fn gaps_replays_and_forks_are_refused_and_change_nothing() {
         let p = e.unwrap().path();
         std::fs::copy(&p, twin.join(p.file_name().unwrap())).unwrap();
     }
-    provision(&w, &id, "D-3");
+    provision(&w, &id, "D-3", &[], None);
     let a3 = export(&w, "a3.kfa");
     assert_eq!(
         keyfab(

@@ -10,23 +10,8 @@ fn revocation_stops_provisioning_and_destroys_unused_pool_keys() {
     let w = world();
     let (kfe, id) = create(&w, "shenzhen-1", 5, "r.kfe");
     assert_eq!(import(&w.site, &kfe, None).code, 0);
-    let provision = |device: &str, rid: &str| {
-        keyfab(
-            &[
-                "site",
-                "provision",
-                "--home",
-                &s(&w.site),
-                "--entitlement",
-                &id,
-                "--device-id",
-                device,
-                "--request-id",
-                rid,
-            ],
-            None,
-        )
-    };
+    let provision =
+        |device: &str, rid: &str| common::provision(&w, &id, device, &["--request-id", rid], None);
     let first = provision("D-1", "r-1");
     assert_eq!(first.code, 0, "{}", first.json);
 

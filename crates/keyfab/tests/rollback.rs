@@ -39,21 +39,7 @@ fn a_restored_copy_is_detected_by_receipts_and_entitlements() {
     .unwrap();
     let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "a.kfe");
     assert_eq!(import(&w.site, &kfe, None).code, 0);
-    let provision = |device: &str| {
-        keyfab(
-            &[
-                "site",
-                "provision",
-                "--home",
-                &s(&w.site),
-                "--entitlement",
-                &id,
-                "--device-id",
-                device,
-            ],
-            None,
-        )
-    };
+    let provision = |device: &str| common::provision(&w, &id, device, &[], None);
     assert_eq!(provision("D-1").code, 0);
 
     let backup = w.path("site-backup");
@@ -116,21 +102,7 @@ fn receipts_are_verified_and_restart_the_audit_freshness_clock() {
     let at = jiff::Timestamp::from_second(in_two_days)
         .unwrap()
         .to_string();
-    let provision = |device: &str| {
-        keyfab(
-            &[
-                "site",
-                "provision",
-                "--home",
-                &s(&w.site),
-                "--entitlement",
-                &id,
-                "--device-id",
-                device,
-            ],
-            Some(&at),
-        )
-    };
+    let provision = |device: &str| common::provision(&w, &id, device, &[], Some(&at));
     let o = provision("D-1");
     assert_eq!(o.json["error"]["code"], "audit_overdue", "{}", o.json);
 

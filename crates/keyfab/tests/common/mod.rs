@@ -188,6 +188,22 @@ pub fn create_from(w: &World, site: &str, policy: &Path, out: &str) -> (PathBuf,
     (out, j["id"].as_str().unwrap().to_owned())
 }
 
+/// `site provision` of one device, with `extra` arguments, at `now` (default: the clock).
+pub fn provision(w: &World, id: &str, device: &str, extra: &[&str], now: Option<&str>) -> Out {
+    let mut args = vec![
+        "site",
+        "provision",
+        "--home",
+        w.site.to_str().unwrap(),
+        "--entitlement",
+        id,
+        "--device-id",
+        device,
+    ];
+    args.extend_from_slice(extra);
+    keyfab(&args, now)
+}
+
 /// SHA-256 of every file under `dir`, by relative path: "unchanged" means byte for byte,
 /// except for the store, which redb rewrites the header of on every open and close: it
 /// is compared entry by entry (every table, key, value and revision, and the store
