@@ -128,19 +128,7 @@ fn report_and_manifest_match_the_provisioning() {
     );
 
     // The manifest carries exactly the certificates the devices received.
-    let out = w.path("m.json");
-    ok(&[
-        "hq",
-        "manifest",
-        "--home",
-        &s(&w.hq),
-        "--entitlement",
-        &id,
-        "--format",
-        "json",
-        "--out",
-        &s(&out),
-    ]);
+    let out = manifest(&w, &id, "json", "m.json");
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let rows = m["devices"].as_array().unwrap();
@@ -164,35 +152,11 @@ fn report_and_manifest_match_the_provisioning() {
             .unwrap()
             .contains("BEGIN PUBLIC KEY"));
     }
-    let csv = w.path("m.csv");
-    ok(&[
-        "hq",
-        "manifest",
-        "--home",
-        &s(&w.hq),
-        "--entitlement",
-        &id,
-        "--format",
-        "csv",
-        "--out",
-        &s(&csv),
-    ]);
+    let csv = manifest(&w, &id, "csv", "m.csv");
     assert!(std::fs::read_to_string(&csv)
         .unwrap()
         .starts_with("device_id,entitlement,key,"));
-    let iot = w.path("m.jsonl");
-    ok(&[
-        "hq",
-        "manifest",
-        "--home",
-        &s(&w.hq),
-        "--entitlement",
-        &id,
-        "--format",
-        "aws-iot",
-        "--out",
-        &s(&iot),
-    ]);
+    let iot = manifest(&w, &id, "aws-iot", "m.jsonl");
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&iot)
         .unwrap()
         .lines()
@@ -204,6 +168,24 @@ fn report_and_manifest_match_the_provisioning() {
         .as_str()
         .unwrap()
         .starts_with("-----BEGIN CERTIFICATE-----\n"));
+}
+
+/// `hq manifest` of entitlement `id` in `format`, written to `name` in the world.
+fn manifest(w: &World, id: &str, format: &str, name: &str) -> std::path::PathBuf {
+    let out = w.path(name);
+    ok(&[
+        "hq",
+        "manifest",
+        "--home",
+        &s(&w.hq),
+        "--entitlement",
+        id,
+        "--format",
+        format,
+        "--out",
+        &s(&out),
+    ]);
+    out
 }
 
 fn refused(w: &World, file: &std::path::Path, code: &str) {
