@@ -57,6 +57,19 @@ fn bench_world(base: &Path) -> Result<(Context, std::path::PathBuf, std::path::P
     Ok((ctx, hq, site))
 }
 
+/// Copies the files (not subdirectories) of `from` into a new directory `to`.
+fn copy_files(from: &Path, to: &Path) -> Result<(), Failure> {
+    let io = |e: std::io::Error| Failure::new("io", e.to_string());
+    std::fs::create_dir_all(to).map_err(io)?;
+    for entry in std::fs::read_dir(from).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        if entry.file_type().map_err(io)?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
 fn temp_or(dir: Option<&Path>) -> Result<(Option<tempfile::TempDir>, std::path::PathBuf), Failure> {
     match dir {
         Some(d) => Ok((None, d.to_owned())),
@@ -398,6 +411,11 @@ pub fn audit(records: u64, dir: Option<&Path>) -> Result<Report, Failure> {
     )
     .map_err(keyfab_node::Error::from)?;
     drop(node);
+    if dir.is_some() {
+        // A kept directory also keeps HQ as it was before the import, so the import can be
+        // run again (under a profiler, say) on a copy.
+        copy_files(&hq, &base.join("hq-before-import"))?;
+    }
 
     let s = |p: &Path| p.display().to_string();
     let (imported, secs) = child(

@@ -474,7 +474,7 @@ pub enum BenchCommand {
     Audit {
         #[arg(long, default_value_t = 100_000)]
         records: u64,
-        /// Keep the files in DIR.
+        /// Keep the files in DIR, with HQ's home before the import in DIR/hq-before-import.
         #[arg(long)]
         dir: Option<PathBuf>,
     },
