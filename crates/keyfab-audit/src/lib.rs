@@ -21,6 +21,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod decode;
 pub mod merkle;
 
 use serde::{Deserialize, Serialize};
@@ -142,19 +143,9 @@ impl Record {
         out
     }
 
+    /// Decodes canonical bytes strictly: exactly the shape [`Record::to_bytes`] writes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, AuditError> {
-        let mut reader = bytes;
-        let r: Record = ciborium::from_reader(&mut reader).map_err(|_| AuditError::Malformed(0))?;
-        if !reader.is_empty() || r.prev_hash.len() != 32 || r.to_bytes() != bytes {
-            return Err(AuditError::Malformed(r.sequence));
-        }
-        Ok(r)
-    }
-
-    /// Decodes bytes that already passed [`Record::from_bytes`] (a second pass over the
-    /// same authenticated data): skips the canonical re-encoding check.
-    pub fn from_checked_bytes(bytes: &[u8]) -> Result<Self, AuditError> {
-        ciborium::from_reader(bytes).map_err(|_| AuditError::Malformed(0))
+        decode::record(bytes)
     }
 
     /// RFC 9162 leaf hash: SHA-256(0x00 ‖ bytes).

@@ -267,8 +267,7 @@ pub fn import(
         let next = reader.next_record()?;
         let done = next.is_none();
         if let Some(bytes) = next {
-            let r = Record::from_checked_bytes(&bytes)
-                .map_err(|e| malformed(&format!("record: {e}")))?;
+            let r = Record::from_bytes(&bytes).map_err(|e| malformed(&format!("record: {e}")))?;
             pending.push((r, bytes));
         }
         if pending.len() < PREFETCH && !done {
