@@ -22,10 +22,11 @@ use keyfab_formats::audit_bundle::{open_bundle, verify_bundle};
 use keyfab_formats::checkpoint::TreeHead;
 use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_policy::{CompiledPolicy, Decision, EntitlementState};
-use keyfab_store::{Store, Table, Txn};
+use keyfab_store::{Outcome, Store, Table, Txn};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 /// What HQ knows of one site's log.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -193,7 +194,7 @@ pub fn import(
             "the consistency proof does not hold: the log was rewritten".into(),
         ));
     }
-    let mut frontier = Frontier::from_parts(
+    let frontier = Frontier::from_parts(
         accepted.size,
         log.frontier
             .iter()
@@ -202,9 +203,12 @@ pub fn import(
     )
     .ok_or_else(|| Error::InvalidState("stored frontier".into()))?;
 
-    // Pass 1: decrypt and check every record's place in the chain and the Merkle root,
-    // writing nothing. Only a bundle that passes is reconciled and stored.
-    let total = h.to.size - h.from.size;
+    // One pass, on two threads: one decrypts the records and checks each one's place in
+    // the chain and the Merkle tree; the other reconciles them and stages them in the
+    // store. Staged rows lie beyond the accepted head, invisible to every reader, until
+    // the final commit moves the head; a bundle that fails anywhere has them removed, so
+    // HQ's state is as it was.
+    let accepted_sequence = log.sequence;
     let start = Head {
         sequence: log.sequence,
         hash: log.hash.as_slice().try_into().unwrap_or([0u8; 32]),
@@ -214,103 +218,29 @@ pub fn import(
             log.time
         },
     };
-    let mut reader = open_bundle(&envelope, recipient)?;
-    let mut head = start;
-    let mut count = 0u64;
-    while let Some(bytes) = reader.next_record()? {
-        let r = Record::from_bytes(&bytes).map_err(|e| malformed(&format!("record: {e}")))?;
-        if r.sequence != head.sequence + 1 {
-            return Err(Error::LogGap(format!(
-                "record {} follows record {}",
-                r.sequence, head.sequence
-            )));
+    discard_staged(node, &h.site, accepted_sequence)?;
+    let reader = open_bundle(&envelope, recipient)?;
+    let outcome = stage_records(node, &h, reader, start, frontier, &mut log, progress);
+    let (checked, rec, batch) = match outcome {
+        Ok(done) => done,
+        Err(e) => {
+            // If this fails too, the next import removes what is left.
+            let _ = discard_staged(node, &h.site, accepted_sequence);
+            return Err(e);
         }
-        if r.prev_hash.as_slice() != head.hash.as_slice() || r.site != h.site {
-            return Err(Error::LogFork(format!(
-                "record {} does not chain to the one before it",
-                r.sequence
-            )));
-        }
-        let leaf = merkle::leaf_hash(&bytes);
-        frontier.push(leaf);
-        head = Head {
-            sequence: r.sequence,
-            hash: leaf,
-            time: head.time.max(r.time),
-        };
-        count += 1;
-        if let Some(p) = progress {
-            if count.is_multiple_of(4096) || count == total {
-                p(count, total);
-            }
-        }
-    }
-    if frontier.size() != h.to.size || frontier.root() != h.to.root {
-        return Err(Error::Verification(
-            keyfab_formats::FormatError::BadSignature(
-                "the records do not match the signed checkpoint".into(),
-            ),
-        ));
-    }
-
-    // Pass 2: reconcile and store, in batches. Rows written here lie beyond the accepted
-    // head until the final commit moves it, so no reader sees a half import; the staging
-    // commits need no fsync of their own.
-    let mut reader = open_bundle(&envelope, recipient)?;
-    let accepted_sequence = log.sequence;
-    let mut rec = Reconciler::new(node, &h.site, &mut log, accepted_sequence);
-    let mut row = Vec::new();
-    let mut row_first = None;
-    let mut batch = Txn::default();
-    let mut pending: Vec<(Record, Vec<u8>)> = Vec::with_capacity(PREFETCH);
-    loop {
-        let next = reader.next_record()?;
-        let done = next.is_none();
-        if let Some(bytes) = next {
-            let r = Record::from_bytes(&bytes).map_err(|e| malformed(&format!("record: {e}")))?;
-            pending.push((r, bytes));
-        }
-        if pending.len() < PREFETCH && !done {
-            continue;
-        }
-        let records: Vec<Record> = pending.iter().map(|(r, _)| r.clone()).collect();
-        rec.prefetch(&records)?;
-        for (r, bytes) in pending.drain(..) {
-            rec.record(&r)?;
-            row_first.get_or_insert(r.sequence);
-            keyfab_audit::frame_into(&mut row, &bytes);
-            if row.len() >= RECORD_ROW_BYTES {
-                batch.put(
-                    Table::Audit,
-                    &record_key(&h.site, row_first.take().unwrap_or(r.sequence)),
-                    &row,
-                );
-                row.clear();
-                for d in rec.take_new_devices() {
-                    batch.put(Table::Audit, &d.0, &d.1.to_be_bytes());
-                }
-                let mut staged = std::mem::take(&mut batch);
-                staged.non_durable();
-                node.store.commit(staged)?;
-            }
-        }
-        if done {
-            break;
-        }
-    }
+    };
+    let Checked {
+        head,
+        frontier,
+        count,
+    } = checked;
     let mut txn = batch;
-    if let Some(first) = row_first {
-        txn.put(Table::Audit, &record_key(&h.site, first), &row);
-    }
-    for d in rec.take_new_devices() {
-        txn.put(Table::Audit, &d.0, &d.1.to_be_bytes());
-    }
     let Reconciler {
         replicas,
         violations,
         ..
     } = rec;
-    for (ent, (replica, _)) in &replicas {
+    for (ent, replica) in &replicas {
         txn.put(Table::Audit, &replica_key(&h.site, ent), &encode(replica)?);
     }
     for (n, v) in violations.iter().enumerate() {
@@ -333,7 +263,10 @@ pub fn import(
     log.bundles.push(h.id.clone());
     txn.require_unchanged(Table::Audit, &log_key(&h.site), log_v.as_ref())
         .put(Table::Audit, &log_key(&h.site), &encode(&log)?);
-    if !node.store.commit(txn)?.is_committed() {
+    let committed = node.store.commit(txn).map(Outcome::is_committed);
+    if !matches!(committed, Ok(true)) {
+        let _ = discard_staged(node, &h.site, accepted_sequence);
+        committed?;
         return Err(Error::InvalidState(
             "HQ state changed meanwhile; import again".into(),
         ));
@@ -345,15 +278,214 @@ pub fn import(
         head: Some(h.to),
         checkpoint_time: h.checkpoint_time,
         violations,
-        per_entitlement: replicas.into_iter().map(|(k, (r, _))| (k, r)).collect(),
+        per_entitlement: replicas,
     })
 }
 
-/// Records are reconciled in groups of this many, their devices looked up at once.
-const PREFETCH: usize = 1024;
+/// Records travel from the checking thread to the reconciling one in batches of this
+/// many; the reconciler looks up their devices at once.
+const BATCH: usize = 1024;
+
+/// Batches in flight between the two threads: enough to keep both busy, few enough that
+/// memory stays flat.
+const BATCHES_IN_FLIGHT: usize = 4;
 
 /// Records are stored in rows of about this many bytes (one B-tree entry per row).
 const RECORD_ROW_BYTES: usize = 256 * 1024;
+
+/// What the checking thread proved: the records continue HQ's head without a gap or a
+/// broken link, and these are the new head and Merkle frontier.
+struct Checked {
+    head: Head,
+    frontier: Frontier,
+    count: u64,
+}
+
+/// Decrypts and checks the records on one thread while this one reconciles and stages
+/// them. Returns the proof of the chain, the reconciler's findings, and the final
+/// transaction's writes so far (the last row and devices); the caller commits.
+fn stage_records<'a>(
+    node: &'a Node,
+    h: &keyfab_formats::audit_bundle::BundleHeader,
+    reader: keyfab_formats::audit_bundle::RecordReader,
+    start: Head,
+    frontier: Frontier,
+    log: &'a mut SiteLog,
+    progress: Option<&(dyn Fn(u64, u64) + Sync)>,
+) -> Result<(Checked, Reconciler<'a>, Txn)> {
+    let mut rec = Reconciler::new(node, &h.site, log);
+    let (send, receive) = std::sync::mpsc::sync_channel(BATCHES_IN_FLIGHT);
+    let (checked, staged) = std::thread::scope(|scope| {
+        let checker =
+            scope.spawn(move || check_records(h, reader, start, frontier, &send, progress));
+        let staged = reconcile_batches(node, &h.site, &mut rec, &receive);
+        // A reconciler that stopped early closes the channel, which stops the checker.
+        drop(receive);
+        let checked = checker
+            .join()
+            .unwrap_or_else(|_| Err(Error::InvalidState("record checker failed".into())));
+        (checked, staged)
+    });
+    // The checker's verdict first: a bad bundle is the news, not what it caused later.
+    // (`None`: the checker stopped because the reconciler did, whose error follows.)
+    let checked = checked?;
+    let batch = staged?;
+    let checked = checked.ok_or_else(|| Error::InvalidState("record checker stopped".into()))?;
+    if checked.frontier.size() != h.to.size || checked.frontier.root() != h.to.root {
+        return Err(Error::Verification(
+            keyfab_formats::FormatError::BadSignature(
+                "the records do not match the signed checkpoint".into(),
+            ),
+        ));
+    }
+    Ok((checked, rec, batch))
+}
+
+/// The checking thread: every record decrypts, parses strictly, follows the one before
+/// it and names this site; its leaf joins the Merkle frontier. `Ok(None)`: stopped
+/// because the reconciling thread is gone.
+fn check_records(
+    h: &keyfab_formats::audit_bundle::BundleHeader,
+    mut reader: keyfab_formats::audit_bundle::RecordReader,
+    start: Head,
+    mut frontier: Frontier,
+    send: &std::sync::mpsc::SyncSender<Vec<(Record, Vec<u8>)>>,
+    progress: Option<&(dyn Fn(u64, u64) + Sync)>,
+) -> Result<Option<Checked>> {
+    let total = h.to.size - h.from.size;
+    let mut head = start;
+    let mut count = 0u64;
+    let mut batch = Vec::with_capacity(BATCH);
+    while let Some(bytes) = reader.next_record()? {
+        let r = Record::from_bytes(&bytes).map_err(|e| malformed(&format!("record: {e}")))?;
+        if r.sequence != head.sequence + 1 {
+            return Err(Error::LogGap(format!(
+                "record {} follows record {}",
+                r.sequence, head.sequence
+            )));
+        }
+        if r.prev_hash.as_slice() != head.hash.as_slice() || r.site != h.site {
+            return Err(Error::LogFork(format!(
+                "record {} does not chain to the one before it",
+                r.sequence
+            )));
+        }
+        let leaf = merkle::leaf_hash(&bytes);
+        frontier.push(leaf);
+        head = Head {
+            sequence: r.sequence,
+            hash: leaf,
+            time: head.time.max(r.time),
+        };
+        batch.push((r, bytes));
+        if batch.len() == BATCH {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+            if send.send(full).is_err() {
+                return Ok(None);
+            }
+        }
+        count += 1;
+        if let Some(p) = progress {
+            if count.is_multiple_of(4096) || count == total {
+                p(count, total);
+            }
+        }
+    }
+    if !batch.is_empty() && send.send(batch).is_err() {
+        return Ok(None);
+    }
+    Ok(Some(Checked {
+        head,
+        frontier,
+        count,
+    }))
+}
+
+/// The reconciling thread: reconciles each batch and stages full rows of records, with
+/// the device index rows of the devices they released, in commits without an fsync of
+/// their own (only the final commit counts). Returns the writes not yet staged.
+fn reconcile_batches(
+    node: &Node,
+    site: &str,
+    rec: &mut Reconciler<'_>,
+    receive: &std::sync::mpsc::Receiver<Vec<(Record, Vec<u8>)>>,
+) -> Result<Txn> {
+    let mut row = Vec::new();
+    let mut row_first = None;
+    for batch in receive {
+        rec.prefetch(&batch)?;
+        for (r, bytes) in &batch {
+            rec.record(r)?;
+            row_first.get_or_insert(r.sequence);
+            keyfab_audit::frame_into(&mut row, bytes);
+            if row.len() >= RECORD_ROW_BYTES {
+                let mut staged = Txn::default();
+                staged.put(
+                    Table::Audit,
+                    &record_key(site, row_first.take().unwrap_or(r.sequence)),
+                    &row,
+                );
+                row.clear();
+                rec.stage_new_devices(&mut staged);
+                staged.non_durable();
+                node.store.commit(staged)?;
+            }
+        }
+    }
+    let mut rest = Txn::default();
+    if let Some(first) = row_first {
+        rest.put(Table::Audit, &record_key(site, first), &row);
+    }
+    rec.stage_new_devices(&mut rest);
+    Ok(rest)
+}
+
+/// Removes what an import staged beyond the accepted head (`accepted`) of `site`'s log:
+/// its record rows and the device index rows of the devices those records released. An
+/// import that failed does this itself; one that died midway leaves it to the next.
+/// Each page of rows goes in one commit, so this too can stop and be run again.
+fn discard_staged(node: &Node, site: &str, accepted: u64) -> Result<()> {
+    let mut prefix = record_key(site, 0);
+    prefix.truncate(prefix.len() - 8);
+    let from = record_key(site, accepted + 1);
+    loop {
+        let rows = node.store.scan_from(Table::Audit, &prefix, &from, 16)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut txn = Txn::default();
+        for (key, row) in &rows {
+            let records = keyfab_audit::split_row(&row.value)
+                .map_err(|e| Error::InvalidState(e.to_string()))?;
+            for bytes in records {
+                let r =
+                    Record::from_bytes(bytes).map_err(|e| Error::InvalidState(e.to_string()))?;
+                if let Event::ProvisionAllowed {
+                    entitlement,
+                    device_id,
+                    ..
+                } = &r.event
+                {
+                    let device = device_key(entitlement, device_id);
+                    // Only rows this import wrote: an earlier import's stay.
+                    let staged = node.store.get(Table::Audit, &device)?.is_some_and(|v| {
+                        staged_sequence(&v.value).is_none_or(|seq| seq > accepted)
+                    });
+                    if staged {
+                        txn.delete(Table::Audit, &device);
+                    }
+                }
+            }
+            txn.delete(Table::Audit, key);
+        }
+        node.store.commit(txn)?;
+    }
+}
+
+/// The audit sequence stored in a device index row.
+fn staged_sequence(value: &[u8]) -> Option<u64> {
+    value.try_into().ok().map(u64::from_be_bytes)
+}
 
 /// Every record of `site` HQ has accepted, in order.
 pub fn site_records(node: &Node, site: &str) -> Result<Vec<Record>> {
@@ -383,26 +515,36 @@ fn malformed(m: &str) -> Error {
     Error::Verification(keyfab_formats::FormatError::Malformed(m.to_owned()))
 }
 
+/// What reconciliation needs of one entitlement, looked up once per import.
+struct Issued {
+    record: IssuedRecord,
+    policy: CompiledPolicy,
+    /// Indexes of the policy's `hq-pool` key specs.
+    pool_specs: Vec<usize>,
+}
+
 struct Reconciler<'a> {
     node: &'a Node,
     site: String,
     log: &'a mut SiteLog,
     last_time: i64,
-    issued: HashMap<String, Option<std::sync::Arc<(IssuedRecord, CompiledPolicy)>>>,
-    /// Whether earlier imports released a device, looked up for a batch of records at once.
+    /// Entitlements HQ issued to this site (`None`: not issued, or to another site).
+    issued: HashMap<String, Option<Arc<Issued>>>,
+    /// Whether a device was released before, looked up for a batch of records at once:
+    /// by an earlier import, or by this one in a row already staged.
     prefetched: HashMap<Vec<u8>, bool>,
-    replicas: BTreeMap<String, (Replica, ())>,
-    /// Devices released in this import (hash of their key), and those not yet stored.
-    devices: std::collections::HashSet<[u8; 32]>,
-    new_devices: Vec<(Vec<u8>, u64)>,
-    /// Stored device rows count only up to the accepted head: later ones are leftovers of
-    /// an import that did not finish.
-    accepted_sequence: u64,
+    /// Devices this import released whose index rows are not staged yet.
+    unstaged: HashMap<Vec<u8>, u64>,
+    /// The last pool-key id row read, by chunk: releases walk a chunk in order.
+    pool_row: Option<((String, u64), Vec<u8>)>,
+    /// The last calendar day computed, and for which entitlement.
+    last_day: Option<(Arc<Issued>, keyfab_policy::DaySpan)>,
+    replicas: BTreeMap<String, Replica>,
     violations: Vec<Violation>,
 }
 
 impl<'a> Reconciler<'a> {
-    fn new(node: &'a Node, site: &str, log: &'a mut SiteLog, accepted_sequence: u64) -> Self {
+    fn new(node: &'a Node, site: &str, log: &'a mut SiteLog) -> Self {
         let last_time = if log.sequence == 0 {
             i64::MIN
         } else {
@@ -415,10 +557,10 @@ impl<'a> Reconciler<'a> {
             last_time,
             issued: HashMap::new(),
             prefetched: HashMap::new(),
+            unstaged: HashMap::new(),
+            pool_row: None,
+            last_day: None,
             replicas: BTreeMap::new(),
-            devices: Default::default(),
-            new_devices: Vec::new(),
-            accepted_sequence,
             violations: Vec::new(),
         }
     }
@@ -432,7 +574,7 @@ impl<'a> Reconciler<'a> {
         detail: String,
     ) {
         if let Some(e) = entitlement {
-            if let Some((rep, _)) = self.replicas.get_mut(e) {
+            if let Some(rep) = self.replicas.get_mut(e) {
                 rep.violations += 1;
             }
         }
@@ -447,26 +589,49 @@ impl<'a> Reconciler<'a> {
     }
 
     /// The entitlement as HQ issued it to this site, if it did.
-    fn issued(
-        &mut self,
-        id: &str,
-    ) -> Result<Option<std::sync::Arc<(IssuedRecord, CompiledPolicy)>>> {
-        if !self.issued.contains_key(id) {
-            let found = match self.node.store.get(Table::Issued, &issued_key(id))? {
-                Some(v) => {
-                    let rec: IssuedRecord = decode(&v.value)?;
-                    if rec.site == self.site {
-                        let policy = CompiledPolicy::new(rec.policy.clone())?;
-                        Some(std::sync::Arc::new((rec, policy)))
-                    } else {
-                        None
-                    }
-                }
-                None => None,
-            };
-            self.issued.insert(id.to_owned(), found);
+    fn issued(&mut self, id: &str) -> Result<Option<Arc<Issued>>> {
+        if let Some(found) = self.issued.get(id) {
+            return Ok(found.clone());
         }
-        Ok(self.issued.get(id).cloned().flatten())
+        let found = match self.node.store.get(Table::Issued, &issued_key(id))? {
+            Some(v) => {
+                let record: IssuedRecord = decode(&v.value)?;
+                if record.site == self.site {
+                    let policy = CompiledPolicy::new(record.policy.clone())?;
+                    let pool_specs = record
+                        .policy
+                        .keys
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, k)| k.source == keyfab_policy::KeySource::HqPool)
+                        .map(|(i, _)| i)
+                        .collect();
+                    Some(Arc::new(Issued {
+                        record,
+                        policy,
+                        pool_specs,
+                    }))
+                } else {
+                    None
+                }
+            }
+            None => None,
+        };
+        self.issued.insert(id.to_owned(), found.clone());
+        Ok(found)
+    }
+
+    /// The calendar day of `time` under `issued`'s policy.
+    fn day_of(&mut self, issued: &Arc<Issued>, time: i64) -> String {
+        if let Some((policy, span)) = &self.last_day {
+            if Arc::ptr_eq(policy, issued) && span.contains(time) {
+                return span.day.clone();
+            }
+        }
+        let span = issued.policy.day_span(time);
+        let day = span.day.clone();
+        self.last_day = Some((issued.clone(), span));
+        day
     }
 
     fn replica(&mut self, id: &str) -> Result<&mut Replica> {
@@ -479,38 +644,31 @@ impl<'a> Reconciler<'a> {
                 .map(|v| decode(&v.value))
                 .transpose()?
                 .unwrap_or_default();
-            self.replicas.insert(id.to_owned(), (r, ()));
+            self.replicas.insert(id.to_owned(), r);
         }
         self.replicas
             .get_mut(id)
-            .map(|(r, _)| r)
             .ok_or_else(|| Error::InvalidState("replica".into()))
     }
 
+    /// Whether `key`'s device was released before: by an earlier import, or earlier in
+    /// this one. (Rows beyond the accepted head are this import's own: what an earlier
+    /// attempt staged was discarded before this one began.)
     fn device_seen(&self, key: &[u8]) -> Result<bool> {
-        if self.devices.contains(&keyfab_crypto::hash::sha256(key)) {
+        if self.unstaged.contains_key(key) {
             return Ok(true);
         }
         if let Some(seen) = self.prefetched.get(key) {
             return Ok(*seen);
         }
-        Ok(match self.node.store.get(Table::Audit, key)? {
-            Some(v) => v
-                .value
-                .as_slice()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .is_ok_and(|seq| seq <= self.accepted_sequence),
-            None => false,
-        })
+        Ok(self.node.store.get(Table::Audit, key)?.is_some())
     }
 
-    /// Looks up, in one snapshot, whether earlier imports released the devices of
-    /// `records`.
-    fn prefetch(&mut self, records: &[Record]) -> Result<()> {
-        let keys: Vec<Vec<u8>> = records
+    /// Looks up, in one snapshot, whether the devices of `batch` were released before.
+    fn prefetch(&mut self, batch: &[(Record, Vec<u8>)]) -> Result<()> {
+        let keys: Vec<Vec<u8>> = batch
             .iter()
-            .filter_map(|r| match &r.event {
+            .filter_map(|(r, _)| match &r.event {
                 Event::ProvisionAllowed {
                     entitlement,
                     device_id,
@@ -529,20 +687,18 @@ impl<'a> Reconciler<'a> {
         let found = self.node.store.get_many(&lookups)?;
         self.prefetched.clear();
         for (k, v) in keys.into_iter().zip(found) {
-            let seen = v.is_some_and(|v| {
-                v.value
-                    .as_slice()
-                    .try_into()
-                    .map(u64::from_be_bytes)
-                    .is_ok_and(|seq| seq <= self.accepted_sequence)
-            });
-            self.prefetched.insert(k, seen);
+            self.prefetched.insert(k, v.is_some());
         }
         Ok(())
     }
 
-    fn take_new_devices(&mut self) -> Vec<(Vec<u8>, u64)> {
-        std::mem::take(&mut self.new_devices)
+    /// Adds the index rows of the devices released since the last call to `txn`.
+    fn stage_new_devices(&mut self, txn: &mut Txn) {
+        let mut devices: Vec<(Vec<u8>, u64)> = self.unstaged.drain().collect();
+        devices.sort_unstable();
+        for (key, sequence) in devices {
+            txn.put(Table::Audit, &key, &sequence.to_be_bytes());
+        }
     }
 
     fn record(&mut self, r: &Record) -> Result<()> {
@@ -580,7 +736,7 @@ impl<'a> Reconciler<'a> {
                 ..
             } => {
                 let listed = match self.issued(entitlement)? {
-                    Some(entry) => entry.0.policy.approval.as_ref().is_some_and(|a| {
+                    Some(entry) => entry.record.policy.approval.as_ref().is_some_and(|a| {
                         a.approver_keys.iter().any(|pem| {
                             keyfab_crypto::sign::VerifyingKey::from_pem(pem)
                                 .is_ok_and(|k| k.fingerprint().to_hex() == *approver)
@@ -605,7 +761,7 @@ impl<'a> Reconciler<'a> {
             Event::EntitlementActivated { entitlement } => {
                 let threshold = self
                     .issued(entitlement)?
-                    .and_then(|entry| entry.0.policy.approval.as_ref().map(|a| a.threshold))
+                    .and_then(|entry| entry.record.policy.approval.as_ref().map(|a| a.threshold))
                     .unwrap_or(u32::MAX);
                 let count = self.replica(entitlement)?.approvers.len();
                 if count < threshold as usize {
@@ -626,7 +782,7 @@ impl<'a> Reconciler<'a> {
             } => {
                 let revoked_by_hq = self
                     .issued(entitlement)?
-                    .is_some_and(|entry| entry.0.revoked_at.is_some());
+                    .is_some_and(|entry| entry.record.revoked_at.is_some());
                 if !revoked_by_hq {
                     self.violation(
                         r,
@@ -708,11 +864,10 @@ impl<'a> Reconciler<'a> {
             }
             return Ok(());
         };
-        let (issued, policy) = (&entry.0, &entry.1);
         let dev_key = device_key(entitlement, device_id);
         let already = self.device_seen(&dev_key)?;
-        let acknowledged = issued.created_at.max(self.log.acknowledged_at);
-        let day = policy.day_of(r.time);
+        let acknowledged = entry.record.created_at.max(self.log.acknowledged_at);
+        let day = self.day_of(&entry, r.time);
         let (state, next_pool) = {
             let rep = self.replica(entitlement)?;
             let state = EntitlementState {
@@ -724,7 +879,7 @@ impl<'a> Reconciler<'a> {
             };
             (state, rep.next_pool)
         };
-        let decision = policy.decide(
+        let decision = entry.policy.decide(
             &state,
             &keyfab_policy::Request {
                 device_id,
@@ -763,23 +918,12 @@ impl<'a> Reconciler<'a> {
             );
         }
         // Pool keys: the next slot, and exactly the keys HQ put there.
-        let pool_specs: Vec<usize> = issued
-            .policy
-            .keys
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| k.source == keyfab_policy::KeySource::HqPool)
-            .map(|(i, _)| i)
-            .collect();
-        if !pool_specs.is_empty() {
+        if !entry.pool_specs.is_empty() {
             match pool_index {
                 Some(index) if index == next_pool => {
-                    for (spec_no, key_index) in pool_specs.iter().enumerate() {
-                        let audited = keys
-                            .get(*key_index)
-                            .map(|k| k.key_id.clone())
-                            .unwrap_or_default();
-                        if !self.pool_key_matches(issued, spec_no, index, &audited)? {
+                    for (spec_no, key_index) in entry.pool_specs.iter().enumerate() {
+                        let audited = keys.get(*key_index).map_or("", |k| k.key_id.as_str());
+                        if !self.pool_key_matches(&entry.record, spec_no, index, audited)? {
                             self.violation(
                                 r,
                                 Some(entitlement),
@@ -810,11 +954,18 @@ impl<'a> Reconciler<'a> {
                 }
             }
         }
-        self.devices.insert(keyfab_crypto::hash::sha256(&dev_key));
-        self.new_devices.push((dev_key, r.sequence));
+        // A device released twice keeps the index row of its first release.
+        if !already {
+            self.unstaged.insert(dev_key, r.sequence);
+        }
         let rep = self.replica(entitlement)?;
         rep.total += 1;
-        *rep.days.entry(day).or_insert(0) += 1;
+        match rep.days.get_mut(&day) {
+            Some(n) => *n += 1,
+            None => {
+                rep.days.insert(day, 1);
+            }
+        }
         if let Some(index) = pool_index {
             rep.next_pool = rep.next_pool.max(index + 1);
         }
@@ -822,7 +973,7 @@ impl<'a> Reconciler<'a> {
     }
 
     fn pool_key_matches(
-        &self,
+        &mut self,
         issued: &IssuedRecord,
         spec: usize,
         index: u64,
@@ -835,15 +986,25 @@ impl<'a> Reconciler<'a> {
             chunk += p.count.div_ceil(kpc);
         }
         chunk += index / kpc;
-        let Some(row) = self.node.store.get(
-            Table::Issued,
-            &crate::entitlement::pool_ids_key(&issued.id, chunk),
-        )?
-        else {
+        let cached = self
+            .pool_row
+            .as_ref()
+            .is_some_and(|((id, c), _)| *id == issued.id && *c == chunk);
+        if !cached {
+            let Some(row) = self.node.store.get(
+                Table::Issued,
+                &crate::entitlement::pool_ids_key(&issued.id, chunk),
+            )?
+            else {
+                return Ok(false);
+            };
+            self.pool_row = Some(((issued.id.clone(), chunk), row.value));
+        }
+        let Some((_, row)) = &self.pool_row else {
             return Ok(false);
         };
         let at = ((index % kpc) * 32) as usize;
-        let Some(id) = row.value.get(at..at + 32) else {
+        let Some(id) = row.get(at..at + 32) else {
             return Ok(false);
         };
         let expected = if let Some(hex) = audited.strip_prefix("spki-sha256:") {

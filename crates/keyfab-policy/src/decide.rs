@@ -59,6 +59,23 @@ pub struct EntitlementState {
     pub today: u64,
 }
 
+/// One calendar day of a policy's time zone: its name and the Unix seconds it covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaySpan {
+    /// `YYYY-MM-DD`, the key of the daily counter.
+    pub day: String,
+    /// The first second of the day.
+    pub start: i64,
+    /// The first second of the next day.
+    pub end: i64,
+}
+
+impl DaySpan {
+    pub fn contains(&self, time: i64) -> bool {
+        (self.start..self.end).contains(&time)
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
     pub device_id: &'a str,
@@ -103,6 +120,34 @@ impl CompiledPolicy {
             Err(_) if now < 0 => "-9999-01-01".to_owned(),
             Err(_) => "9999-12-31".to_owned(),
         }
+    }
+
+    /// The calendar day of `now` (as [`CompiledPolicy::day_of`] names it) and the Unix
+    /// seconds `[start, end)` it covers, so that a caller deciding many requests can reuse
+    /// the day's name for every time inside it instead of converting each one.
+    pub fn day_span(&self, now: i64) -> DaySpan {
+        let span = jiff::Timestamp::from_second(now).ok().and_then(|t| {
+            let zoned = t.to_zoned(self.tz.clone());
+            let start = zoned.start_of_day().ok()?.timestamp().as_second();
+            let end = zoned
+                .tomorrow()
+                .ok()?
+                .start_of_day()
+                .ok()?
+                .timestamp()
+                .as_second();
+            Some(DaySpan {
+                day: zoned.date().to_string(),
+                start,
+                end,
+            })
+        });
+        // At the ends of jiff's range: a span of one second, named as day_of names it.
+        span.unwrap_or_else(|| DaySpan {
+            day: self.day_of(now),
+            start: now,
+            end: now.saturating_add(1),
+        })
     }
 
     /// Whether `device_id` is acceptable by the policy's pattern and keyfab's own limits

@@ -35,7 +35,7 @@ mod decide;
 mod model;
 mod toml_form;
 
-pub use decide::{CompiledPolicy, Decision, DenyCode, EntitlementState, Request};
+pub use decide::{CompiledPolicy, DaySpan, Decision, DenyCode, EntitlementState, Request};
 pub use model::*;
 pub use toml_form::PolicyDraft;
 

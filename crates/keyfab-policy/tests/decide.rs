@@ -84,6 +84,11 @@ proptest! {
         prop_assert!(p.day_of(t + 1) >= p.day_of(t));
         // A day lasts 23 to 25 hours (Lord Howe moves by 30 minutes).
         prop_assert!((23 * 3600..=25 * 3600).contains(&(next - start)));
+        // The span names the same day and covers exactly it.
+        let span = p.day_span(t);
+        prop_assert_eq!((span.day.clone(), span.start, span.end), (p.day_of(t), start, next));
+        prop_assert_eq!(p.day_of(span.end - 1), span.day.clone());
+        prop_assert!(p.day_of(span.end) != span.day && p.day_of(span.start - 1) != span.day);
     }
 }
 

@@ -278,3 +278,145 @@ fn a_thousand_mutants_are_refused_and_clean_bundles_accepted() {
     drop(hq);
     let _ = h1;
 }
+
+/// `records` (bytes) followed by `extra` more releases under `entitlement`, chained to
+/// them as the site would chain them, and the tree head over all of them.
+fn extend_log(
+    records: &[Vec<u8>],
+    entitlement: &str,
+    extra: u64,
+) -> (Vec<Vec<u8>>, keyfab_formats::checkpoint::TreeHead) {
+    use keyfab_audit::{AuditedKey, Event, Head, Record};
+    let mut out = records.to_vec();
+    let last = Record::from_bytes(records.last().unwrap()).unwrap();
+    let mut head = Head::after(&last).unwrap();
+    for i in 0..extra {
+        let r = head.next(
+            last.time,
+            &last.site,
+            Event::ProvisionAllowed {
+                entitlement: entitlement.to_owned(),
+                request_id: format!("bulk-{i}"),
+                device_id: format!("BULK-{i:06}"),
+                station: None,
+                pool_index: None,
+                keys: vec![AuditedKey {
+                    name: "k".into(),
+                    key_id: format!("kcv:{i:06x}"),
+                    cert_serial: None,
+                    certificate: None,
+                }],
+            },
+        );
+        head = Head::after(&r).unwrap();
+        out.push(r.to_bytes());
+    }
+    let mut frontier = keyfab_audit::merkle::Frontier::default();
+    for r in &out {
+        frontier.push(keyfab_audit::merkle::leaf_hash(r));
+    }
+    let to = keyfab_formats::checkpoint::TreeHead {
+        size: out.len() as u64,
+        root: frontier.root(),
+    };
+    (out, to)
+}
+
+/// A bundle too large to reconcile in memory is staged in the store as it is read; when
+/// its records turn out not to match the signed checkpoint (only known at the end), or
+/// an earlier import died midway, what was staged is taken away again.
+#[test]
+fn a_large_refused_bundle_leaves_nothing_behind() {
+    let w = world();
+    let policy = w.path("m.toml");
+    std::fs::write(&policy, POLICY_M).unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "m.kfe");
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    let out = w.path("a.kfa");
+    ok(&[
+        "site",
+        "audit",
+        "export",
+        "--home",
+        &s(&w.site),
+        "--out",
+        &s(&out),
+    ]);
+    let hq = open_hq(&w);
+    let (header, real) = read_bundle(&hq, &out);
+    // Enough records for several staged rows (256 KiB each).
+    let (records, to) = extend_log(&real, &id, 4000);
+
+    // Claims another checkpoint than its records make: refused at the very end.
+    let mut lying = header.clone();
+    lying.to = keyfab_formats::checkpoint::TreeHead {
+        size: to.size,
+        root: [7u8; 32],
+    };
+    let bad = w.path("bad.kfa");
+    rebundle(&w, &w.site, &lying, records.clone(), &bad);
+    drop(hq);
+    let before = content_snapshot(&w.hq);
+    let hq = open_hq(&w);
+    let e = keyfab_hq::audit::import(&hq, &bad, None).unwrap_err();
+    assert_eq!(e.code(), "bad_signature", "{e}");
+    drop(hq);
+    assert_eq!(
+        before,
+        content_snapshot(&w.hq),
+        "the refused bundle left rows behind"
+    );
+
+    // What an import that died midway would leave: a staged row beyond the accepted head
+    // and the index row of the device it released.
+    let ghost = {
+        use keyfab_audit::{Event, Head, Record};
+        let last = Record::from_bytes(real.last().unwrap()).unwrap();
+        Head::after(&last).unwrap().next(
+            last.time,
+            &last.site,
+            Event::ProvisionAllowed {
+                entitlement: id.clone(),
+                request_id: "ghost".into(),
+                device_id: "BULK-000001".into(),
+                station: None,
+                pool_index: None,
+                keys: vec![],
+            },
+        )
+    };
+    let hq = open_hq(&w);
+    {
+        use keyfab_store::{Store, Table, Txn};
+        let mut row = Vec::new();
+        keyfab_audit::frame_into(&mut row, &ghost.to_bytes());
+        let mut key = b"rec/shenzhen-1/".to_vec();
+        key.extend_from_slice(&ghost.sequence.to_be_bytes());
+        let mut txn = Txn::default();
+        txn.put(Table::Audit, &key, &row).put(
+            Table::Audit,
+            format!("device/{id}/BULK-000001").as_bytes(),
+            &ghost.sequence.to_be_bytes(),
+        );
+        hq.store.commit(txn).unwrap();
+    }
+
+    // The honest bundle: accepted, stored once, and BULK-000001 is not a second release.
+    let good = w.path("good.kfa");
+    let mut honest = header.clone();
+    honest.to = to;
+    rebundle(&w, &w.site, &honest, records.clone(), &good);
+    let imported = keyfab_hq::audit::import(&hq, &good, None).unwrap();
+    assert_eq!(imported.records, records.len() as u64);
+    assert!(
+        imported
+            .violations
+            .iter()
+            .all(|v| v.kind == "quota_exceeded"),
+        "{:?}",
+        imported.violations.first()
+    );
+    let stored = keyfab_hq::audit::site_records(&hq, "shenzhen-1").unwrap();
+    let stored: Vec<Vec<u8>> = stored.iter().map(|r| r.to_bytes()).collect();
+    assert_eq!(stored, records, "HQ's copy of the log is not the bundle's");
+}

@@ -209,6 +209,17 @@ pub fn provision(w: &World, id: &str, device: &str, extra: &[&str], now: Option<
 /// is compared entry by entry (every table, key, value and revision, and the store
 /// revision).
 pub fn snapshot(dir: &Path) -> Vec<(String, [u8; 32])> {
+    snapshot_with(dir, true)
+}
+
+/// Like [`snapshot`], but blind to the store-wide revision counter: what a refused
+/// import may advance (it staged rows and took them away again) without changing any
+/// key, value or per-key revision.
+pub fn content_snapshot(dir: &Path) -> Vec<(String, [u8; 32])> {
+    snapshot_with(dir, false)
+}
+
+fn snapshot_with(dir: &Path, with_store_revision: bool) -> Vec<(String, [u8; 32])> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
@@ -219,7 +230,7 @@ pub fn snapshot(dir: &Path) -> Vec<(String, [u8; 32])> {
             } else {
                 let rel = p.strip_prefix(dir).unwrap().display().to_string();
                 let digest = if rel.ends_with(".redb") {
-                    store_digest(&p)
+                    store_digest(&p, with_store_revision)
                 } else {
                     keyfab_crypto::hash::sha256(&std::fs::read(&p).unwrap())
                 };
@@ -231,11 +242,13 @@ pub fn snapshot(dir: &Path) -> Vec<(String, [u8; 32])> {
     out
 }
 
-fn store_digest(path: &Path) -> [u8; 32] {
+fn store_digest(path: &Path, with_store_revision: bool) -> [u8; 32] {
     use keyfab_store::{EmbeddedStore, Store, Table};
     let store = EmbeddedStore::open(path).unwrap();
     let mut h = keyfab_crypto::hash::Sha256Stream::default();
-    h.update(&store.revision().unwrap().to_be_bytes());
+    if with_store_revision {
+        h.update(&store.revision().unwrap().to_be_bytes());
+    }
     for t in Table::ALL {
         for (k, v) in store.scan(t, b"", usize::MAX).unwrap() {
             for part in [t.name().as_bytes(), &k, &v.value, &v.revision.to_be_bytes()] {
