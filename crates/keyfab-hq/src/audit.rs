@@ -12,6 +12,7 @@
 //! each decision, with HQ's own replica of the counters, and records every divergence as
 //! a violation. A site can sign anything; it cannot make HQ agree.
 
+use crate::device_index::DeviceIndex;
 use crate::entitlement::{issued_key, IssuedRecord};
 use crate::sites::get_site;
 use keyfab_audit::merkle::{self, Frontier, Hash};
@@ -102,8 +103,21 @@ pub(crate) fn replica_key(site: &str, entitlement: &str) -> Vec<u8> {
     format!("replica/{site}/{entitlement}").into_bytes()
 }
 
-fn device_key(entitlement: &str, device: &str) -> Vec<u8> {
-    format!("device/{entitlement}/{device}").into_bytes()
+/// The entitlement and device id of a decision record.
+fn device_of(r: &Record) -> Option<(&str, &str)> {
+    match &r.event {
+        Event::ProvisionAllowed {
+            entitlement,
+            device_id,
+            ..
+        }
+        | Event::ProvisionDenied {
+            entitlement,
+            device_id,
+            ..
+        } => Some((entitlement, device_id)),
+        _ => None,
+    }
 }
 
 fn violation_key(site: &str, sequence: u64, n: usize) -> Vec<u8> {
@@ -454,37 +468,26 @@ fn discard_staged(node: &Node, site: &str, accepted: u64) -> Result<()> {
             return Ok(());
         }
         let mut txn = Txn::default();
+        let mut index = DeviceIndex::default();
         for (key, row) in &rows {
             let records = keyfab_audit::split_row(&row.value)
                 .map_err(|e| Error::InvalidState(e.to_string()))?;
             for bytes in records {
                 let r =
                     Record::from_bytes(bytes).map_err(|e| Error::InvalidState(e.to_string()))?;
-                if let Event::ProvisionAllowed {
-                    entitlement,
-                    device_id,
-                    ..
-                } = &r.event
+                if let (Event::ProvisionAllowed { .. }, Some((entitlement, device))) =
+                    (&r.event, device_of(&r))
                 {
-                    let device = device_key(entitlement, device_id);
-                    // Only rows this import wrote: an earlier import's stay.
-                    let staged = node.store.get(Table::Audit, &device)?.is_some_and(|v| {
-                        staged_sequence(&v.value).is_none_or(|seq| seq > accepted)
-                    });
-                    if staged {
-                        txn.delete(Table::Audit, &device);
-                    }
+                    // Only what this import added: an earlier release stays.
+                    index.released(&node.store, entitlement, device)?;
+                    index.forget_after(entitlement, device, accepted);
                 }
             }
             txn.delete(Table::Audit, key);
         }
+        index.stage(&mut txn);
         node.store.commit(txn)?;
     }
-}
-
-/// The audit sequence stored in a device index row.
-fn staged_sequence(value: &[u8]) -> Option<u64> {
-    value.try_into().ok().map(u64::from_be_bytes)
 }
 
 /// Every record of `site` HQ has accepted, in order.
@@ -530,11 +533,8 @@ struct Reconciler<'a> {
     last_time: i64,
     /// Entitlements HQ issued to this site (`None`: not issued, or to another site).
     issued: HashMap<String, Option<Arc<Issued>>>,
-    /// Whether a device was released before, looked up for a batch of records at once:
-    /// by an earlier import, or by this one in a row already staged.
-    prefetched: HashMap<Vec<u8>, bool>,
-    /// Devices this import released whose index rows are not staged yet.
-    unstaged: HashMap<Vec<u8>, u64>,
+    /// The devices released before, by earlier imports or earlier in this one.
+    devices: DeviceIndex,
     /// The last pool-key id row read, by chunk: releases walk a chunk in order.
     pool_row: Option<((String, u64), Vec<u8>)>,
     /// The last calendar day computed, and for which entitlement.
@@ -556,8 +556,7 @@ impl<'a> Reconciler<'a> {
             log,
             last_time,
             issued: HashMap::new(),
-            prefetched: HashMap::new(),
-            unstaged: HashMap::new(),
+            devices: DeviceIndex::default(),
             pool_row: None,
             last_day: None,
             replicas: BTreeMap::new(),
@@ -651,54 +650,15 @@ impl<'a> Reconciler<'a> {
             .ok_or_else(|| Error::InvalidState("replica".into()))
     }
 
-    /// Whether `key`'s device was released before: by an earlier import, or earlier in
-    /// this one. (Rows beyond the accepted head are this import's own: what an earlier
-    /// attempt staged was discarded before this one began.)
-    fn device_seen(&self, key: &[u8]) -> Result<bool> {
-        if self.unstaged.contains_key(key) {
-            return Ok(true);
-        }
-        if let Some(seen) = self.prefetched.get(key) {
-            return Ok(*seen);
-        }
-        Ok(self.node.store.get(Table::Audit, key)?.is_some())
-    }
-
-    /// Looks up, in one snapshot, whether the devices of `batch` were released before.
+    /// Loads, in one snapshot, what the index knows of the devices of `batch`.
     fn prefetch(&mut self, batch: &[(Record, Vec<u8>)]) -> Result<()> {
-        let keys: Vec<Vec<u8>> = batch
-            .iter()
-            .filter_map(|(r, _)| match &r.event {
-                Event::ProvisionAllowed {
-                    entitlement,
-                    device_id,
-                    ..
-                }
-                | Event::ProvisionDenied {
-                    entitlement,
-                    device_id,
-                    ..
-                } => Some(device_key(entitlement, device_id)),
-                _ => None,
-            })
-            .collect();
-        let lookups: Vec<(Table, &[u8])> =
-            keys.iter().map(|k| (Table::Audit, k.as_slice())).collect();
-        let found = self.node.store.get_many(&lookups)?;
-        self.prefetched.clear();
-        for (k, v) in keys.into_iter().zip(found) {
-            self.prefetched.insert(k, v.is_some());
-        }
-        Ok(())
+        let devices = batch.iter().filter_map(|(r, _)| device_of(r));
+        self.devices.load(&self.node.store, devices)
     }
 
-    /// Adds the index rows of the devices released since the last call to `txn`.
+    /// Adds the index rows changed since the last call to `txn`.
     fn stage_new_devices(&mut self, txn: &mut Txn) {
-        let mut devices: Vec<(Vec<u8>, u64)> = self.unstaged.drain().collect();
-        devices.sort_unstable();
-        for (key, sequence) in devices {
-            txn.put(Table::Audit, &key, &sequence.to_be_bytes());
-        }
+        self.devices.stage(txn);
     }
 
     fn record(&mut self, r: &Record) -> Result<()> {
@@ -864,8 +824,10 @@ impl<'a> Reconciler<'a> {
             }
             return Ok(());
         };
-        let dev_key = device_key(entitlement, device_id);
-        let already = self.device_seen(&dev_key)?;
+        let already = self
+            .devices
+            .released(&self.node.store, entitlement, device_id)?
+            .is_some();
         let acknowledged = entry.record.created_at.max(self.log.acknowledged_at);
         let day = self.day_of(&entry, r.time);
         let (state, next_pool) = {
@@ -954,10 +916,8 @@ impl<'a> Reconciler<'a> {
                 }
             }
         }
-        // A device released twice keeps the index row of its first release.
-        if !already {
-            self.unstaged.insert(dev_key, r.sequence);
-        }
+        // A device released twice keeps the index entry of its first release.
+        self.devices.insert(entitlement, device_id, r.sequence);
         let rep = self.replica(entitlement)?;
         rep.total += 1;
         match rep.days.get_mut(&day) {

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+mod device_index;
 pub mod entitlement;
 pub mod html;
 pub mod pki;
