@@ -315,44 +315,107 @@ pub fn open_bundle(
 }
 
 impl RecordReader {
+    /// The next chunk's plaintext, decrypted and authenticated; `None` after the last.
+    fn read_chunk(&mut self) -> Result<Option<Vec<u8>>> {
+        if self.next_chunk >= self.chunks {
+            return Ok(None);
+        }
+        let index = self.next_chunk;
+        let mut len = [0u8; 4];
+        read_exact_or_truncated(&mut self.file, &mut len)?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len < hpke::TAG_LEN || len - hpke::TAG_LEN > MAX_CHUNK {
+            return Err(FormatError::Malformed(format!(
+                "chunk {index} length out of range"
+            )));
+        }
+        let mut ct = vec![0u8; len];
+        read_exact_or_truncated(&mut self.file, &mut ct)?;
+        let plain = self
+            .opener
+            .open(&ct, &chunk_aad(index, index + 1 == self.chunks))
+            .map_err(|_| FormatError::Malformed(format!("chunk {index} does not decrypt")))?;
+        self.next_chunk += 1;
+        Ok(Some(plain.expose().to_vec()))
+    }
+
+    /// The next chunk of records, whole; `None` after the last.
+    pub fn next_chunk(&mut self) -> Result<Option<RecordChunk>> {
+        Ok(self.read_chunk()?.map(|plain| RecordChunk { plain }))
+    }
+
     /// The next record's bytes, or `None` after the last (and the body is exhausted).
     pub fn next_record(&mut self) -> Result<Option<Vec<u8>>> {
         while self.at >= self.plain.len() {
-            if self.next_chunk >= self.chunks {
-                return Ok(None);
+            match self.read_chunk()? {
+                Some(plain) => {
+                    self.plain = plain;
+                    self.at = 0;
+                }
+                None => return Ok(None),
             }
-            let index = self.next_chunk;
-            let mut len = [0u8; 4];
-            read_exact_or_truncated(&mut self.file, &mut len)?;
-            let len = u32::from_be_bytes(len) as usize;
-            if len < hpke::TAG_LEN || len - hpke::TAG_LEN > MAX_CHUNK {
-                return Err(FormatError::Malformed(format!(
-                    "chunk {index} length out of range"
-                )));
-            }
-            let mut ct = vec![0u8; len];
-            read_exact_or_truncated(&mut self.file, &mut ct)?;
-            let plain = self
-                .opener
-                .open(&ct, &chunk_aad(index, index + 1 == self.chunks))
-                .map_err(|_| FormatError::Malformed(format!("chunk {index} does not decrypt")))?;
-            self.plain = plain.expose().to_vec();
-            self.at = 0;
-            self.next_chunk += 1;
         }
-        let rest = &self.plain[self.at..];
-        let (len, tail) = rest
+        let mut records = ChunkRecords {
+            rest: &self.plain[self.at..],
+        };
+        let record = records.split_next()?;
+        self.at += 4 + record.len();
+        Ok(Some(record.to_vec()))
+    }
+}
+
+/// One decrypted chunk: its records, each behind a u32 BE length. That is also the
+/// layout of HQ's stored audit rows, so a chunk can be kept as it is.
+pub struct RecordChunk {
+    plain: Vec<u8>,
+}
+
+impl RecordChunk {
+    /// The records, in order; an error for a length that is cut or too large.
+    pub fn records(&self) -> ChunkRecords<'_> {
+        ChunkRecords { rest: &self.plain }
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.plain
+    }
+}
+
+/// The records of a [`RecordChunk`].
+pub struct ChunkRecords<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> ChunkRecords<'a> {
+    fn split_next(&mut self) -> Result<&'a [u8]> {
+        let (len, tail) = self
+            .rest
             .split_at_checked(4)
             .ok_or_else(|| FormatError::Malformed("record length cut".into()))?;
         let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
         if len > MAX_RECORD {
             return Err(FormatError::Malformed("record too large".into()));
         }
-        let record = tail
-            .get(..len)
-            .ok_or_else(|| FormatError::Malformed("record cut".into()))?
-            .to_vec();
-        self.at += 4 + len;
-        Ok(Some(record))
+        let (record, tail) = tail
+            .split_at_checked(len)
+            .ok_or_else(|| FormatError::Malformed("record cut".into()))?;
+        self.rest = tail;
+        Ok(record)
+    }
+}
+
+impl<'a> Iterator for ChunkRecords<'a> {
+    type Item = Result<&'a [u8]>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let next = self.split_next();
+        if next.is_err() {
+            // One error ends the iteration.
+            self.rest = &[];
+        }
+        Some(next)
     }
 }

@@ -296,16 +296,16 @@ pub fn import(
     })
 }
 
-/// Records travel from the checking thread to the reconciling one in batches of this
-/// many; the reconciler looks up their devices at once.
-const BATCH: usize = 1024;
+/// Chunks of records in flight between the two threads (a chunk is at most 1 MiB):
+/// enough to keep both busy, few enough that memory stays flat.
+const CHUNKS_IN_FLIGHT: usize = 4;
 
-/// Batches in flight between the two threads: enough to keep both busy, few enough that
-/// memory stays flat.
-const BATCHES_IN_FLIGHT: usize = 4;
-
-/// Records are stored in rows of about this many bytes (one B-tree entry per row).
-const RECORD_ROW_BYTES: usize = 256 * 1024;
+/// A chunk of the bundle, checked: its records decoded, and its bytes, which are stored
+/// as they are (a chunk has the layout of an audit row).
+struct CheckedChunk {
+    records: Vec<Record>,
+    bytes: Vec<u8>,
+}
 
 /// What the checking thread proved: the records continue HQ's head without a gap or a
 /// broken link, and these are the new head and Merkle frontier.
@@ -328,7 +328,7 @@ fn stage_records<'a>(
     progress: Option<&(dyn Fn(u64, u64) + Sync)>,
 ) -> Result<(Checked, Reconciler<'a>, Txn)> {
     let mut rec = Reconciler::new(node, &h.site, log);
-    let (send, receive) = std::sync::mpsc::sync_channel(BATCHES_IN_FLIGHT);
+    let (send, receive) = std::sync::mpsc::sync_channel(CHUNKS_IN_FLIGHT);
     let (give_back, take_back) = std::sync::mpsc::channel();
     let (checked, staged) = std::thread::scope(|scope| {
         let checker = scope
@@ -364,61 +364,56 @@ fn check_records(
     mut reader: keyfab_formats::audit_bundle::RecordReader,
     start: Head,
     mut frontier: Frontier,
-    send: &std::sync::mpsc::SyncSender<Vec<(Record, Vec<u8>)>>,
-    spent: &std::sync::mpsc::Receiver<Vec<(Record, Vec<u8>)>>,
+    send: &std::sync::mpsc::SyncSender<CheckedChunk>,
+    spent: &std::sync::mpsc::Receiver<CheckedChunk>,
     progress: Option<&(dyn Fn(u64, u64) + Sync)>,
 ) -> Result<Option<Checked>> {
     let total = h.to.size - h.from.size;
     let mut head = start;
     let mut count = 0u64;
-    let mut batch = Vec::with_capacity(BATCH);
-    while let Some(bytes) = reader.next_record()? {
-        let r = Record::from_bytes(&bytes).map_err(|e| malformed(&format!("record: {e}")))?;
-        if r.sequence != head.sequence + 1 {
-            return Err(Error::LogGap(format!(
-                "record {} follows record {}",
-                r.sequence, head.sequence
-            )));
+    while let Some(chunk) = reader.next_chunk()? {
+        // Chunks come back once reconciled, to be freed by the thread that allocated
+        // them: freeing in the other thread cost glibc's allocator a second per million
+        // records.
+        while let Ok(done) = spent.try_recv() {
+            drop(done);
         }
-        if r.prev_hash.as_slice() != head.hash.as_slice() || r.site != h.site {
-            return Err(Error::LogFork(format!(
-                "record {} does not chain to the one before it",
-                r.sequence
-            )));
+        let mut records = Vec::new();
+        for bytes in chunk.records() {
+            let bytes = bytes?;
+            let r = Record::from_bytes(bytes).map_err(|e| malformed(&format!("record: {e}")))?;
+            if r.sequence != head.sequence + 1 {
+                return Err(Error::LogGap(format!(
+                    "record {} follows record {}",
+                    r.sequence, head.sequence
+                )));
+            }
+            if r.prev_hash.as_slice() != head.hash.as_slice() || r.site != h.site {
+                return Err(Error::LogFork(format!(
+                    "record {} does not chain to the one before it",
+                    r.sequence
+                )));
+            }
+            let leaf = merkle::leaf_hash(bytes);
+            frontier.push(leaf);
+            head = Head {
+                sequence: r.sequence,
+                hash: leaf,
+                time: head.time.max(r.time),
+            };
+            records.push(r);
         }
-        let leaf = merkle::leaf_hash(&bytes);
-        frontier.push(leaf);
-        head = Head {
-            sequence: r.sequence,
-            hash: leaf,
-            time: head.time.max(r.time),
+        count += records.len() as u64;
+        let checked = CheckedChunk {
+            records,
+            bytes: chunk.into_bytes(),
         };
-        batch.push((r, bytes));
-        if batch.len() == BATCH {
-            // Batches come back once reconciled, to be freed by the thread that allocated
-            // them: freeing in the other thread cost glibc's allocator a second per
-            // million records.
-            let next = spent
-                .try_recv()
-                .map(|mut b| {
-                    b.clear();
-                    b
-                })
-                .unwrap_or_else(|_| Vec::with_capacity(BATCH));
-            let full = std::mem::replace(&mut batch, next);
-            if send.send(full).is_err() {
-                return Ok(None);
-            }
+        if send.send(checked).is_err() {
+            return Ok(None);
         }
-        count += 1;
         if let Some(p) = progress {
-            if count.is_multiple_of(4096) || count == total {
-                p(count, total);
-            }
+            p(count, total);
         }
-    }
-    if !batch.is_empty() && send.send(batch).is_err() {
-        return Ok(None);
     }
     Ok(Some(Checked {
         head,
@@ -427,46 +422,42 @@ fn check_records(
     }))
 }
 
-/// The reconciling thread: reconciles each batch and stages full rows of records, with
-/// the device index rows of the devices they released, in commits without an fsync of
-/// their own (only the final commit counts). Returns the writes not yet staged.
+/// The reconciling thread: reconciles each chunk and stages it as a row of records, with
+/// the device index rows it changed, in a commit without an fsync of its own (only the
+/// final commit counts). The last chunk is not staged but returned, to go into the final
+/// commit: a bundle of one chunk (a few thousand records) is then never staged at all.
 fn reconcile_batches(
     node: &Node,
     site: &str,
     rec: &mut Reconciler<'_>,
-    receive: &std::sync::mpsc::Receiver<Vec<(Record, Vec<u8>)>>,
-    give_back: &std::sync::mpsc::Sender<Vec<(Record, Vec<u8>)>>,
+    receive: &std::sync::mpsc::Receiver<CheckedChunk>,
+    give_back: &std::sync::mpsc::Sender<CheckedChunk>,
 ) -> Result<Txn> {
-    let mut row = Vec::new();
-    let mut row_first = None;
-    for batch in receive {
-        rec.prefetch(&batch)?;
-        for (r, bytes) in &batch {
+    let mut pending: Option<Txn> = None;
+    for mut chunk in receive {
+        let Some(first) = chunk.records.first().map(|r| r.sequence) else {
+            continue;
+        };
+        rec.prefetch(&chunk.records)?;
+        for r in &chunk.records {
             rec.record(r)?;
-            row_first.get_or_insert(r.sequence);
-            keyfab_audit::frame_into(&mut row, bytes);
-            if row.len() >= RECORD_ROW_BYTES {
-                let mut staged = Txn::default();
-                staged.put(
-                    Table::Audit,
-                    &record_key(site, row_first.take().unwrap_or(r.sequence)),
-                    &row,
-                );
-                row.clear();
-                rec.stage_new_devices(&mut staged);
-                staged.non_durable();
-                node.store.commit(staged)?;
-            }
         }
+        if let Some(mut staged) = pending.take() {
+            staged.non_durable();
+            node.store.commit(staged)?;
+        }
+        let mut txn = Txn::default();
+        txn.put_owned(
+            Table::Audit,
+            record_key(site, first),
+            std::mem::take(&mut chunk.bytes),
+        );
+        rec.stage_new_devices(&mut txn);
+        pending = Some(txn);
         // The checker frees it (or, gone already, this thread does).
-        let _ = give_back.send(batch);
+        let _ = give_back.send(chunk);
     }
-    let mut rest = Txn::default();
-    if let Some(first) = row_first {
-        rest.put(Table::Audit, &record_key(site, first), &row);
-    }
-    rec.stage_new_devices(&mut rest);
-    Ok(rest)
+    Ok(pending.unwrap_or_default())
 }
 
 /// Removes what an import staged beyond the accepted head (`accepted`) of `site`'s log:
@@ -665,9 +656,9 @@ impl<'a> Reconciler<'a> {
             .ok_or_else(|| Error::InvalidState("replica".into()))
     }
 
-    /// Loads, in one snapshot, what the index knows of the devices of `batch`.
-    fn prefetch(&mut self, batch: &[(Record, Vec<u8>)]) -> Result<()> {
-        let devices = batch.iter().filter_map(|(r, _)| device_of(r));
+    /// Loads, in one snapshot, what the index knows of the devices of `records`.
+    fn prefetch(&mut self, records: &[Record]) -> Result<()> {
+        let devices = records.iter().filter_map(device_of);
         self.devices.load(&self.node.store, devices)
     }
 

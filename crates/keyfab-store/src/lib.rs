@@ -153,6 +153,12 @@ impl Txn {
             .push(Write::Put(table, key.to_vec(), value.to_vec()));
         self
     }
+    /// [`Txn::put`] of buffers the caller no longer needs: large values are not copied.
+    pub fn put_owned(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) -> &mut Self {
+        self.writes.push(Write::Put(table, key, value));
+        self
+    }
+
     pub fn delete(&mut self, table: Table, key: &[u8]) -> &mut Self {
         self.writes.push(Write::Delete(table, key.to_vec()));
         self

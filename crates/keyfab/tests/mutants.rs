@@ -344,8 +344,9 @@ fn a_large_refused_bundle_leaves_nothing_behind() {
     ]);
     let hq = open_hq(&w);
     let (header, real) = read_bundle(&hq, &out);
-    // Enough records for several staged rows (256 KiB each).
-    let (records, to) = extend_log(&real, &id, 4000);
+    // Enough records for several chunks (1 MiB each), so that some are staged.
+    let (records, to) = extend_log(&real, &id, 12_000);
+    assert!(records.iter().map(|r| r.len() + 4).sum::<usize>() > 2 << 20);
 
     // Claims another checkpoint than its records make: refused at the very end.
     let mut lying = header.clone();
