@@ -452,12 +452,14 @@ fn reconcile_batches(
             record_key(site, first),
             std::mem::take(&mut chunk.bytes),
         );
-        rec.stage_new_devices(&mut txn);
+        rec.stage_new_devices(&mut txn, false);
         pending = Some(txn);
         // The checker frees it (or, gone already, this thread does).
         let _ = give_back.send(chunk);
     }
-    Ok(pending.unwrap_or_default())
+    let mut last = pending.unwrap_or_default();
+    rec.stage_new_devices(&mut last, true);
+    Ok(last)
 }
 
 /// Removes what an import staged beyond the accepted head (`accepted`) of `site`'s log:
@@ -491,7 +493,7 @@ fn discard_staged(node: &Node, site: &str, accepted: u64) -> Result<()> {
             }
             txn.delete(Table::Audit, key);
         }
-        index.stage(&mut txn);
+        index.stage(&mut txn, true);
         node.store.commit(txn)?;
     }
 }
@@ -662,9 +664,10 @@ impl<'a> Reconciler<'a> {
         self.devices.load(&self.node.store, devices)
     }
 
-    /// Adds the index rows changed since the last call to `txn`.
-    fn stage_new_devices(&mut self, txn: &mut Txn) {
-        self.devices.stage(txn);
+    /// Adds the device index rows changed since they were last written to `txn`, when
+    /// enough have changed, or with `all`.
+    fn stage_new_devices(&mut self, txn: &mut Txn, all: bool) {
+        self.devices.stage(txn, all);
     }
 
     fn record(&mut self, r: &Record) -> Result<()> {

@@ -2,9 +2,9 @@
 //! twice — within one audit import or across imports.
 //!
 //! Rows are groups of devices: key `devices/<entitlement>/<device id without its last two
-//! characters>`, value = the group's entries sorted, each 17 bytes: the last characters'
-//! length (u8), those bytes zero-padded to 8, and the audit sequence of the release
-//! (u64 BE). Factories number devices with serials that share all but their last digits,
+//! characters>`, value = the group's entries sorted, each 11 bytes: the length of the last
+//! characters (u8: 2, or 0 when the id is all in the key), those characters (2 bytes,
+//! zero when absent), and the audit sequence of the release (u64 BE). Factories number devices with serials that share all but their last digits,
 //! so about a hundred devices share one row, and an import of a million releases reads
 //! and writes ten thousand rows rather than a million (random ids get a row each, as they
 //! would without grouping). FORMATS.md §9 describes the row.
@@ -16,11 +16,18 @@ use std::collections::HashMap;
 /// Groups kept in memory between batches; beyond this, clean groups are dropped.
 const MAX_CACHED_GROUPS: usize = 4096;
 
-const ENTRY: usize = 17;
+/// Changed groups are written once this many have piled up (or at the end). Scattered
+/// device ids touch a different B-tree page each, and a copy-on-write tree rewrites every
+/// page a commit touches: writing a few groups per commit rewrote the whole index over
+/// and over. Sorted and in bulk, each page is rewritten once per flush. ~20 MB at most.
+const FLUSH_DIRTY_GROUPS: usize = 128 * 1024;
+
+/// Bytes of one entry in a row: length (1), last characters (2), sequence (8).
+const ENTRY: usize = 11;
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Entry {
-    suffix: [u8; 8],
+    suffix: [u8; 2],
     len: u8,
     sequence: u64,
 }
@@ -39,14 +46,10 @@ impl Group {
         }
         let entries = row
             .chunks_exact(ENTRY)
-            .map(|e| {
-                let mut suffix = [0u8; 8];
-                suffix.copy_from_slice(&e[1..9]);
-                Entry {
-                    suffix,
-                    len: e[0],
-                    sequence: u64::from_be_bytes(e[9..].try_into().unwrap_or_default()),
-                }
+            .map(|e| Entry {
+                suffix: [e[1], e[2]],
+                len: e[0],
+                sequence: u64::from_be_bytes(e[3..].try_into().unwrap_or_default()),
             })
             .collect();
         Some(Group {
@@ -65,24 +68,29 @@ impl Group {
         row
     }
 
-    fn find(&self, suffix: &[u8; 8], len: u8) -> std::result::Result<usize, usize> {
+    fn find(&self, suffix: &[u8; 2], len: u8) -> std::result::Result<usize, usize> {
         self.entries
             .binary_search_by(|e| (e.suffix, e.len).cmp(&(*suffix, len)))
     }
 }
 
-/// The row key of `device`'s group, and the device's last characters (at most 8 bytes).
-fn split(entitlement: &str, device: &str) -> (Vec<u8>, [u8; 8], u8) {
-    let cut = device.char_indices().rev().nth(1).map_or(0, |(at, _)| at);
-    let (prefix, rest) = device.split_at(cut);
+/// The row key of `device`'s group, and the device's last two characters (the whole id
+/// goes into the key when those are not printable ASCII, so that no group holds more than
+/// 94² devices however a site names them).
+fn split(entitlement: &str, device: &str) -> (Vec<u8>, [u8; 2], u8) {
+    let bytes = device.as_bytes();
+    let cut = match bytes.len().checked_sub(2) {
+        Some(cut) if bytes[cut..].iter().all(u8::is_ascii_graphic) => cut,
+        _ => bytes.len(),
+    };
+    let (prefix, rest) = bytes.split_at(cut);
     let mut key = Vec::with_capacity(9 + entitlement.len() + prefix.len());
     key.extend_from_slice(b"devices/");
     key.extend_from_slice(entitlement.as_bytes());
     key.push(b'/');
-    key.extend_from_slice(prefix.as_bytes());
-    let mut suffix = [0u8; 8];
-    // Two characters of UTF-8 take at most 8 bytes.
-    suffix[..rest.len()].copy_from_slice(rest.as_bytes());
+    key.extend_from_slice(prefix);
+    let mut suffix = [0u8; 2];
+    suffix[..rest.len()].copy_from_slice(rest);
     (key, suffix, rest.len() as u8)
 }
 
@@ -91,6 +99,8 @@ fn split(entitlement: &str, device: &str) -> (Vec<u8>, [u8; 8], u8) {
 #[derive(Default)]
 pub(crate) struct DeviceIndex {
     groups: HashMap<Vec<u8>, Group>,
+    /// How many groups are dirty.
+    dirty: usize,
 }
 
 impl DeviceIndex {
@@ -156,6 +166,7 @@ impl DeviceIndex {
                     sequence,
                 },
             );
+            self.dirty += usize::from(!group.dirty);
             group.dirty = true;
         }
     }
@@ -168,14 +179,21 @@ impl DeviceIndex {
             if let Ok(at) = group.find(&suffix, len) {
                 if group.entries[at].sequence > accepted {
                     group.entries.remove(at);
+                    self.dirty += usize::from(!group.dirty);
                     group.dirty = true;
                 }
             }
         }
     }
 
-    /// Writes the groups changed since the last call into `txn`.
-    pub(crate) fn stage(&mut self, txn: &mut Txn) {
+    /// Writes the groups changed since the last write into `txn`, once enough have
+    /// changed to be worth it, or always with `all`. Until then the changes live here, and
+    /// [`DeviceIndex::released`] sees them.
+    pub(crate) fn stage(&mut self, txn: &mut Txn, all: bool) {
+        if !all && self.dirty < FLUSH_DIRTY_GROUPS {
+            return;
+        }
+        self.dirty = 0;
         for (key, group) in self.groups.iter_mut().filter(|(_, g)| g.dirty) {
             if group.entries.is_empty() {
                 txn.delete(Table::Audit, key);
@@ -210,10 +228,11 @@ mod tests {
             index.insert("e1", d, 9999); // a second release keeps the first
         }
         let mut txn = Txn::default();
-        index.stage(&mut txn);
-        // 10 serial groups (SN-0000.. to SN-0009..) and one per odd id, minus "" and "a"
-        // and "ab" and "é" sharing the empty prefix.
-        assert_eq!(txn.len(), 10 + 2);
+        index.stage(&mut txn, true);
+        // 10 serial groups (SN-0000.. to SN-0009..), "" and "a" and "é" each whole in
+        // their key (too short, or not ASCII), "ab" in the group of prefix "", and 日本語
+        // whole in its key.
+        assert_eq!(txn.len(), 10 + 4);
         store.commit(txn).unwrap();
 
         let mut fresh = DeviceIndex::default();
@@ -229,7 +248,7 @@ mod tests {
         fresh.forget_after("e1", "SN-000999", 999);
         fresh.forget_after("e1", "SN-000998", 999);
         let mut txn = Txn::default();
-        fresh.stage(&mut txn);
+        fresh.stage(&mut txn, true);
         store.commit(txn).unwrap();
         let mut again = DeviceIndex::default();
         assert_eq!(again.released(&store, "e1", "SN-000999").unwrap(), None);

@@ -470,10 +470,16 @@ pub enum ApproverCommand {
 pub enum BenchCommand {
     /// HQ's audit import (verify + reconcile) of an N-record bundle signed by a real
     /// site, in a child process, against the SHA-256 chain rate of this machine.
-    #[command(after_help = "Example:\n  keyfab bench audit --records 1000000 --json")]
+    #[command(
+        after_help = "Example:\n  keyfab bench audit --records 1000000 --json\n  keyfab bench audit --records 1000000 --random-ids   # device ids that share no prefix"
+    )]
     Audit {
         #[arg(long, default_value_t = 100_000)]
         records: u64,
+        /// Device ids that share no prefix (random hex) instead of serial numbers: HQ's
+        /// device index groups serials by prefix, so this is its slowest case.
+        #[arg(long)]
+        random_ids: bool,
         /// Keep the files in DIR, with HQ's home before the import in DIR/hq-before-import.
         #[arg(long)]
         dir: Option<PathBuf>,

@@ -125,9 +125,11 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             devices,
             dir,
         }) => crate::bench::provision(&ctx, concurrency, devices, dir.as_deref()),
-        Command::Bench(BenchCommand::Audit { records, dir }) => {
-            crate::bench::audit(records, dir.as_deref())
-        }
+        Command::Bench(BenchCommand::Audit {
+            records,
+            random_ids,
+            dir,
+        }) => crate::bench::audit(records, random_ids, dir.as_deref()),
         Command::Bench(BenchCommand::Entitlement { devices, dir }) => {
             crate::bench::entitlement(&ctx, devices, dir.as_deref())
         }
