@@ -75,6 +75,34 @@ mkdir -p "$out/root" "$out/hq" "$out/site"
 cp "$work/root/root.crt" "$out/root/"
 cp "$work/vector-hq/keystore.kfs" "$work/vector-hq/state.redb" "$out/hq/"
 cp "$work/vector-site/keystore.kfs" "$work/vector-site/state.redb" "$out/site/"
+# The return path: the site uses valid.kfe and exports its log (valid.kfa); HQ's receipt
+# for it (valid.kfk), and a revocation of the entitlement (valid.kfr). site-exported/ is
+# the site as it was right after the export, where the receipt and revocation apply.
+kf site entitlement import --home "$work/vector-site" "$out/valid.kfe"
+ent=$(./target/debug/keyfab --json site entitlement list --home "$work/vector-site" | python3 -c 'import json,sys; print(json.load(sys.stdin)["entitlements"][0]["id"])')
+kf site provision --home "$work/vector-site" --entitlement "$ent" --device-id V-0001 --request-id vector-1
+kf site audit export --home "$work/vector-site" --out "$out/valid.kfa"
+mkdir -p "$out/site-exported"
+cp "$work/vector-site/keystore.kfs" "$work/vector-site/state.redb" "$out/site-exported/"
+kf hq audit import --home "$work/vector-hq" "$out/valid.kfa" --receipt-out "$out/valid.kfk"
+kf hq entitlement revoke --home "$work/vector-hq" --id "$ent" --reason "vector" --out "$out/valid.kfr"
+python3 - "$out" <<'PY'
+import sys, pathlib
+out = pathlib.Path(sys.argv[1])
+def common(ext):
+    v = (out / f"valid.{ext}").read_bytes()
+    (out / f"trailing_bytes.{ext}").write_bytes(v + b"\0")
+    (out / f"truncated.{ext}").write_bytes(v[:-1])
+    (out / f"version_2.{ext}").write_bytes(v[:7] + b"\x02" + v[8:])
+    return v
+v = common("kfa")
+(out / "body_flipped.kfa").write_bytes(v[:-5] + bytes([v[-5] ^ 1]) + v[-4:])
+sig_end = 12 + int.from_bytes(v[8:12], "big")
+(out / "signature_flipped.kfa").write_bytes(v[:sig_end - 3] + bytes([v[sig_end - 3] ^ 1]) + v[sig_end - 2:])
+for ext in ("kfk", "kfr"):
+    v = common(ext)
+    (out / f"signature_flipped.{ext}").write_bytes(v[:-3] + bytes([v[-3] ^ 1]) + v[-2:])
+PY
 cat > "$out/expected.txt" <<'TXT'
 # file                    command      code (exit 4 unless "ok")
 valid.kfe                 import       ok
@@ -93,6 +121,24 @@ truncated.kfi             site-add     malformed
 version_2.kfi             site-add     malformed
 signature_flipped.kfi     site-add     bad_signature
 foreign_root.kfi          site-add     untrusted_signer
+trailing_bytes.kfa        hq-audit     malformed
+truncated.kfa             hq-audit     malformed
+version_2.kfa             hq-audit     malformed
+body_flipped.kfa          hq-audit     bad_signature
+signature_flipped.kfa     hq-audit     bad_signature
+valid.kfa                 hq-audit     ok
+valid.kfa                 hq-audit     replayed
+trailing_bytes.kfk        receipt      malformed
+truncated.kfk             receipt      malformed
+version_2.kfk             receipt      malformed
+signature_flipped.kfk     receipt      bad_signature
+valid.kfk                 receipt      ok
+trailing_bytes.kfr        revoke       malformed
+truncated.kfr             revoke       malformed
+version_2.kfr             revoke       malformed
+signature_flipped.kfr     revoke       bad_signature
+valid.kfr                 revoke       ok
+valid.kfr                 revoke       replayed
 TXT
 # Seeds for the fuzz targets of the smaller formats.
 seeds=fuzz/seeds
@@ -121,5 +167,6 @@ kf site audit checkpoint --home "$work/vector-site" --out "$seeds/receipt/checkp
 mkdir -p "$seeds/kfa"
 kf site audit export --home "$work/vector-site" --out "$seeds/kfa/valid.kfa"
 cp "$out/valid.kfe" "$seeds/kfe/valid.kfe"
+cp "$out/valid.kfk" "$seeds/receipt/valid.kfk"
 cp "$out/valid.kfi" "$seeds/kfi/valid.kfi"
 echo "vectors written to $out"; ls -la "$out" | head -40

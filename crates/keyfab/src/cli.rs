@@ -146,6 +146,7 @@ pub enum HqCommand {
         /// text (a table), json, or html (one self-contained file with charts; needs --out).
         #[arg(long, default_value = "text", value_parser = ["text", "json", "html"])]
         format: String,
+        /// Write to FILE instead of standard output.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
@@ -157,10 +158,13 @@ pub enum HqCommand {
     Manifest {
         #[command(flatten)]
         home: Home,
+        /// The entitlement whose devices to list (see `keyfab hq entitlement list`).
         #[arg(long)]
         entitlement: String,
+        /// csv, json, or aws-iot (JSON lines for AWS IoT bulk registration).
         #[arg(long, value_parser = ["csv", "json", "aws-iot"])]
         format: String,
+        /// Where to write the manifest.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
@@ -237,10 +241,13 @@ pub enum HqEntitlementCommand {
     Revoke {
         #[command(flatten)]
         home: Home,
+        /// The entitlement to revoke (see `keyfab hq entitlement list`).
         #[arg(long)]
         id: String,
+        /// Why, in words: it travels in the signed file and the site's audit.
         #[arg(long, default_value = "revoked by HQ")]
         reason: String,
+        /// Where to write the revocation (.kfr).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
@@ -347,11 +354,13 @@ pub enum SiteApprovalCommand {
     Request {
         #[command(flatten)]
         home: Home,
+        /// The entitlement the action is for (see `keyfab site entitlement list`).
         #[arg(long)]
         entitlement: String,
         /// activate, reprovision or raise-limit (as the policy's required_for lists).
         #[arg(long)]
         action: String,
+        /// Where to write the request, for the approvers to sign.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
         /// How long approvers have to sign.
@@ -453,6 +462,7 @@ pub enum ApproverCommand {
         key: PathBuf,
         /// The request from `keyfab site approval request`.
         request: PathBuf,
+        /// Where to write your approval, for the site to submit.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
@@ -461,6 +471,7 @@ pub enum ApproverCommand {
         after_help = "Example:\n  keyfab approver keygen --out alice   # alice.key, alice.pub\n\nList alice.pub under [approval] approvers in policy.toml."
     )]
     Keygen {
+        /// Path and name of the key pair, without extension: NAME.key and NAME.pub.
         #[arg(long, value_name = "NAME")]
         out: PathBuf,
     },

@@ -27,6 +27,9 @@ fn every_vector_gives_its_expected_outcome() {
     let (hq, site) = (dir.path().join("hq"), dir.path().join("site"));
     copy_home(&vectors().join("hq"), &hq);
     copy_home(&vectors().join("site"), &site);
+    // The site right after its export, where HQ's receipt and revocation apply.
+    let exported = dir.path().join("site-exported");
+    copy_home(&vectors().join("site-exported"), &exported);
     let expected = std::fs::read_to_string(vectors().join("expected.txt")).unwrap();
     let mut ran = 0;
     for line in expected
@@ -48,6 +51,30 @@ fn every_vector_gives_its_expected_outcome() {
                 &path,
             ],
             "site-add" => vec!["hq", "site", "add", "--home", hq.to_str().unwrap(), &path],
+            "hq-audit" => vec![
+                "hq",
+                "audit",
+                "import",
+                "--home",
+                hq.to_str().unwrap(),
+                &path,
+            ],
+            "receipt" => vec![
+                "site",
+                "receipt",
+                "import",
+                "--home",
+                exported.to_str().unwrap(),
+                &path,
+            ],
+            "revoke" => vec![
+                "site",
+                "entitlement",
+                "import",
+                "--home",
+                exported.to_str().unwrap(),
+                &path,
+            ],
             other => panic!("unknown command {other}"),
         };
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyfab"))
@@ -66,5 +93,5 @@ fn every_vector_gives_its_expected_outcome() {
         }
         ran += 1;
     }
-    assert!(ran >= 16, "only {ran} vectors ran");
+    assert!(ran >= 34, "only {ran} vectors ran");
 }
