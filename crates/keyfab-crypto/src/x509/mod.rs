@@ -22,6 +22,9 @@ use rcgen::{
 };
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 
+mod line;
+pub use line::{issue_server_certificate, issue_station_certificate, line_ca_certificate};
+
 /// keyfab's OID arc: 2.25.73303038137255920152163058607138772276 (a UUID OID, X.667),
 /// followed by `.1.<n>` for roles. The constants are the DER contents of each OID.
 const ARC: [u8; 19] = [
@@ -183,12 +186,18 @@ fn serial(rng: &dyn crate::rng::SecureRng) -> SerialNumber {
 }
 
 fn eku(roles: &[Role]) -> CustomExtension {
+    let oids: Vec<&[u8]> = roles.iter().map(|r| r.oid()).collect();
+    eku_oids(&oids)
+}
+
+/// An extended key usage extension of these OIDs (DER contents of each).
+fn eku_oids(oids: &[&[u8]]) -> CustomExtension {
     // ExtKeyUsageSyntax ::= SEQUENCE SIZE (1..MAX) OF KeyPurposeId
     let mut seq = Vec::new();
-    for r in roles {
+    for oid in oids {
         seq.push(0x06);
-        seq.push(r.oid().len() as u8);
-        seq.extend_from_slice(r.oid());
+        seq.push(oid.len() as u8);
+        seq.extend_from_slice(oid);
     }
     let mut content = vec![0x30, seq.len() as u8];
     content.extend(seq);
