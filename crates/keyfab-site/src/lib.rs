@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod approvals;
+pub mod bundle;
 mod audit_log;
 pub mod checkpoints;
 pub mod entitlements;
@@ -10,4 +11,6 @@ pub mod export;
 pub mod identity;
 pub mod provision;
 pub mod revocation;
+pub mod server;
 pub mod settings;
+pub mod stations;

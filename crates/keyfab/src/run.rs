@@ -479,44 +479,6 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// The device bundle: key material and certificates, as JSON. Holds secrets.
-fn device_bundle(p: &keyfab_site::provision::Provisioned) -> serde_json::Value {
-    use base64::Engine;
-    let keys: Vec<_> = p
-        .keys
-        .iter()
-        .map(|k| {
-            let mut o = json!({
-                "name": k.name,
-                "type": k.key_type.as_str(),
-                "source": k.source.as_str(),
-                "key_id": k.key_id,
-            });
-            if let Some(private) = &k.private {
-                if k.key_type.is_asymmetric() {
-                    o["private_key_pem"] = json!(x509::to_pem(private.expose(), "PRIVATE KEY"));
-                } else {
-                    o["secret_base64"] =
-                        json!(base64::engine::general_purpose::STANDARD.encode(private.expose()));
-                }
-            }
-            if let Some(cert) = &k.certificate {
-                o["certificate_pem"] = json!(x509::to_pem(cert, "CERTIFICATE"));
-            }
-            o
-        })
-        .collect();
-    json!({
-        "entitlement": p.entitlement,
-        "device_id": p.device_id,
-        "request_id": p.request_id,
-        "audit_sequence": p.audit_sequence,
-        "replayed": p.replayed,
-        "keys": keys,
-        "chain_pem": p.chain.iter().map(|c| x509::to_pem(c, "CERTIFICATE")).collect::<Vec<_>>(),
-    })
-}
-
 pub fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Failure> {
     let node = std::sync::Arc::new(ctx.open(&a.home.home, NodeKind::Site)?);
     let csr = match &a.csr {
@@ -557,7 +519,7 @@ pub fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Failure> {
         }
     };
     let p = provisioner.provision(request(device_id, request_id))?;
-    let bundle = device_bundle(&p);
+    let bundle = keyfab_site::bundle::device_bundle(&p);
     if let Some(out) = &a.out {
         write_private(out, format!("{bundle:#}\n").as_bytes()).map_err(|e| io_fail(out, e))?;
     }
@@ -614,7 +576,7 @@ fn provision_many(
     {
         match provisioner.provision(request(id.to_owned(), id.to_owned())) {
             Ok(p) => {
-                let line = format!("{}\n", device_bundle(&p));
+                let line = format!("{}\n", keyfab_site::bundle::device_bundle(&p));
                 file.write_all(line.as_bytes())
                     .map_err(|e| io_fail(out, e))?;
                 file.flush().map_err(|e| io_fail(out, e))?;

@@ -1,0 +1,46 @@
+//! The device bundle: a provisioned device's key material and certificates as JSON, the
+//! shape `keyfab site provision --json` prints and `POST /v1/provision` answers. It
+//! holds secrets: it goes to the device (or its station) and nowhere else.
+
+use crate::provision::Provisioned;
+use keyfab_crypto::x509;
+use serde_json::json;
+
+/// The bundle of `p`. Private keys are PEM (PKCS#8), secrets base64.
+pub fn device_bundle(p: &Provisioned) -> serde_json::Value {
+    use base64::Engine;
+    let keys: Vec<_> = p
+        .keys
+        .iter()
+        .map(|k| {
+            let mut o = json!({
+                "name": k.name,
+                "type": k.key_type.as_str(),
+                "source": k.source.as_str(),
+                "key_id": k.key_id,
+            });
+            if let Some(private) = &k.private {
+                if k.key_type.is_asymmetric() {
+                    o["private_key_pem"] = json!(x509::to_pem(private.expose(), "PRIVATE KEY"));
+                } else {
+                    o["secret_base64"] =
+                        json!(base64::engine::general_purpose::STANDARD.encode(private.expose()));
+                }
+            }
+            if let Some(cert) = &k.certificate {
+                o["certificate_pem"] = json!(x509::to_pem(cert, "CERTIFICATE"));
+            }
+            o
+        })
+        .collect();
+    json!({
+        "entitlement": p.entitlement,
+        "device_id": p.device_id,
+        "request_id": p.request_id,
+        "audit_sequence": p.audit_sequence,
+        "replayed": p.replayed,
+        "keys": keys,
+        "chain_pem": p.chain.iter().map(|c| x509::to_pem(c, "CERTIFICATE")).collect::<Vec<_>>(),
+    })
+}
+

@@ -1,0 +1,233 @@
+//! The station API's routes (SPEC.md §5): what a station may ask, and the answers.
+//!
+//! `fn app(state) -> Router`: tested in-process with `oneshot`; `serve` puts it behind
+//! mutual TLS. Every route but `/healthz` runs after the station check: the request
+//! carries the certificate its connection presented ([`PeerCertificate`]), which must
+//! belong to an enrolled, unrevoked station of this site — checked again on every
+//! request, so a revocation also stops connections already open.
+
+use super::metrics::Metrics;
+use crate::provision::{ProvisionRequest, Provisioner};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use keyfab_node::{Error, Node};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Largest request body accepted (a provisioning request with a CSR is ~1 KiB).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The DER certificate the TLS peer presented, put on each request by the server.
+#[derive(Clone)]
+pub struct PeerCertificate(pub Arc<Vec<u8>>);
+
+/// The station a request speaks for, after the station check.
+#[derive(Clone)]
+pub struct Station(pub String);
+
+#[derive(Clone)]
+pub struct AppState {
+    pub node: Arc<Node>,
+    pub provisioner: Arc<Provisioner>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn app(state: AppState) -> Router {
+    let station_api = Router::new()
+        .route("/v1/provision", post(provision))
+        .route("/v1/entitlements", get(entitlements))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_station,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(station_api)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// An error as the API answers it: a stable code and a short message.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let status = match &e {
+            Error::Denied { .. } | Error::ClockRollback { .. } => StatusCode::FORBIDDEN,
+            Error::UnknownEntitlement(_) | Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::InvalidInput(_) => StatusCode::BAD_REQUEST,
+            Error::Locked => StatusCode::SERVICE_UNAVAILABLE,
+            _ if e.exit_code() == 4 => StatusCode::BAD_REQUEST,
+            Error::InvalidState(_) => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        // Internal details stay in the server's log; the client gets the code.
+        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            eprintln!("keyfab serve: internal error: {e}");
+            "internal error".to_owned()
+        } else {
+            e.to_string()
+        };
+        ApiError {
+            status,
+            code: e.code(),
+            message,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+async fn require_station(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let Some(PeerCertificate(cert)) = req.extensions().get::<PeerCertificate>().cloned() else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "untrusted_signer",
+            "a station certificate is required",
+        ));
+    };
+    let node = state.node.clone();
+    let name = tokio::task::spawn_blocking(move || crate::stations::check(&node, &cert))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "check"))?
+        .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, e.code(), e.to_string()))?;
+    req.extensions_mut().insert(Station(name));
+    Ok(next.run(req).await)
+}
+
+/// `POST /v1/provision`. Unknown fields are refused, so a request that asks for
+/// something this site does not do (say, a transport key) is not silently served
+/// without it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProvisionBody {
+    request_id: String,
+    entitlement: String,
+    device_id: String,
+    /// The device's CSR, PEM.
+    csr: Option<String>,
+}
+
+async fn provision(
+    State(state): State<AppState>,
+    Extension(Station(station)): Extension<Station>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let body: ProvisionBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            format!("request body: {e}"),
+        )
+    })?;
+    let csr = body
+        .csr
+        .as_deref()
+        .map(|pem| keyfab_crypto::x509::from_pem(pem, "CERTIFICATE REQUEST"))
+        .transpose()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", format!("csr: {e}")))?;
+    let req = ProvisionRequest {
+        entitlement: body.entitlement,
+        device_id: body.device_id,
+        station: Some(station),
+        request_id: body.request_id,
+        csr,
+    };
+    let started = Instant::now();
+    let provisioner = state.provisioner.clone();
+    let outcome = tokio::task::spawn_blocking(move || provisioner.provision(req))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "provision"))?;
+    state.metrics.observe(&outcome, started.elapsed());
+    let provisioned = outcome?;
+    Ok(Json(crate::bundle::device_bundle(&provisioned)).into_response())
+}
+
+/// `GET /v1/entitlements`: what this station may use, and what is left of it.
+async fn entitlements(
+    State(state): State<AppState>,
+    Extension(Station(station)): Extension<Station>,
+) -> Result<Response, ApiError> {
+    let node = state.node.clone();
+    let list = tokio::task::spawn_blocking(move || usable(&node, &station))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "list"))??;
+    Ok(Json(json!({ "entitlements": list })).into_response())
+}
+
+fn usable(node: &Node, station: &str) -> keyfab_node::Result<Vec<serde_json::Value>> {
+    let now = node.now().0;
+    let mut out = Vec::new();
+    for e in crate::entitlements::list(node)? {
+        let p = &e.policy;
+        if p
+            .allowed_stations
+            .as_ref()
+            .is_some_and(|allowed| !allowed.iter().any(|a| a == station))
+        {
+            continue;
+        }
+        let c = crate::provision::counters(node, &e.id)?;
+        let day = keyfab_policy::CompiledPolicy::new(p.clone())?.day_of(now);
+        let today = c.days.get(&day).copied().unwrap_or(0);
+        out.push(json!({
+            "id": e.id,
+            "product": p.product,
+            "state": e.state(),
+            "devices": p.devices,
+            "provisioned": c.total,
+            "left": p.devices.saturating_sub(c.total),
+            "daily_limit": p.daily_limit,
+            "today": today,
+            "left_today": p.daily_limit.map(|d| d.saturating_sub(today)),
+            "keys": p.keys.iter().map(|k| json!({"name": k.name, "type": k.key_type.as_str(), "source": k.source.as_str()})).collect::<Vec<_>>(),
+        }));
+    }
+    Ok(out)
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let node = state.node.clone();
+    let metrics = state.metrics.clone();
+    let text = tokio::task::spawn_blocking(move || metrics.render(&node))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "metrics"))??;
+    Ok((
+        [("content-type", "text/plain; version=0.0.4")],
+        text,
+    )
+        .into_response())
+}

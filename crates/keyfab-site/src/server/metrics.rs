@@ -1,0 +1,103 @@
+//! `GET /metrics`: Prometheus text exposition of what the line did — devices provisioned,
+//! refusals by code, request latency, and quota left per entitlement.
+
+use crate::provision::Provisioned;
+use keyfab_node::{Node, Result};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the latency histogram's buckets.
+const BUCKETS: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
+
+#[derive(Default)]
+pub struct Metrics {
+    provisioned: AtomicU64,
+    refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// Requests at or under each bucket's bound (cumulative), then all of them.
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Metrics {
+    pub fn observe(&self, outcome: &keyfab_node::Result<Provisioned>, took: Duration) {
+        match outcome {
+            Ok(_) => {
+                self.provisioned.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                *self
+                    .refused
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(e.code())
+                    .or_insert(0) += 1;
+            }
+        }
+        let secs = took.as_secs_f64();
+        for (bound, n) in BUCKETS.iter().zip(&self.buckets) {
+            if secs <= *bound {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn render(&self, node: &Node) -> Result<String> {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP keyfab_provisioned_total Devices given keys by this server.\n# TYPE keyfab_provisioned_total counter\nkeyfab_provisioned_total {}",
+            self.provisioned.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP keyfab_refused_total Provisioning requests refused, by code.\n# TYPE keyfab_refused_total counter"
+        );
+        for (code, n) in self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(out, "keyfab_refused_total{{code=\"{code}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP keyfab_provision_seconds Time to answer a provisioning request.\n# TYPE keyfab_provision_seconds histogram"
+        );
+        for (bound, n) in BUCKETS.iter().zip(&self.buckets) {
+            let _ = writeln!(
+                out,
+                "keyfab_provision_seconds_bucket{{le=\"{bound}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "keyfab_provision_seconds_bucket{{le=\"+Inf\"}} {count}\nkeyfab_provision_seconds_sum {}\nkeyfab_provision_seconds_count {count}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "# HELP keyfab_quota_left Devices an entitlement may still provision.\n# TYPE keyfab_quota_left gauge"
+        );
+        for e in crate::entitlements::list(node)? {
+            let c = crate::provision::counters(node, &e.id)?;
+            let _ = writeln!(
+                out,
+                "keyfab_quota_left{{entitlement=\"{}\",product=\"{}\"}} {}",
+                e.id,
+                e.policy.product.replace(['"', '\\', '\n'], "_"),
+                e.policy.devices.saturating_sub(c.total)
+            );
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,227 @@
+//! `keyfab site serve`: the station API over mutual TLS 1.3 (SPEC.md §5).
+//!
+//! Which API for which job:
+//! - the routes, testable in-process: [`api::app`];
+//! - run the server until SIGTERM or SIGINT: [`serve`].
+//!
+//! A connection gets nothing before its TLS handshake proves a certificate of this
+//! site's line CA (`crate::stations`); the handshake has a deadline, and so does each
+//! request's header (a client that trickles bytes is cut off); the number of open
+//! connections is bounded; request bodies are capped. On SIGTERM the server stops
+//! accepting, lets every request in flight finish — a key is released only after its
+//! audit record is durable, so a request either completes or leaves nothing — and exits.
+
+pub mod api;
+pub mod metrics;
+
+use crate::provision::Provisioner;
+use crate::stations::ServerIdentity;
+use api::{AppState, PeerCertificate};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use keyfab_node::{Error, Node, Result};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// How `serve` runs; the defaults suit one production line.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    /// Host names and IP addresses stations use to reach this server (the server
+    /// certificate's names).
+    pub names: Vec<String>,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub header_timeout: Duration,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+impl ServeConfig {
+    pub fn new(listen: SocketAddr, names: Vec<String>) -> Self {
+        Self {
+            listen,
+            names,
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What happened while serving, reported when the server stops.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ServeSummary {
+    pub connections: u64,
+    pub refused_connections: u64,
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::InvalidState(format!("{what}: {e}"))
+}
+
+/// The TLS configuration: TLS 1.3 only, this site's identity, and a client certificate
+/// of this site's line CA required.
+pub fn tls_config(identity: &ServerIdentity) -> Result<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let line_ca = identity
+        .chain
+        .last()
+        .ok_or_else(|| internal("server identity", "empty chain"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(line_ca.clone()))
+        .map_err(|e| internal("line CA", e))?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| internal("client verifier", e))?;
+    let chain = identity
+        .chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.key.expose().to_vec()));
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| internal("TLS versions", e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| internal("server certificate", e))
+}
+
+/// Serves until SIGTERM or SIGINT. `ready` learns the bound address first (useful with
+/// port 0).
+pub fn serve(
+    mut node: Node,
+    config: ServeConfig,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<ServeSummary> {
+    let identity = crate::stations::server_identity(&mut node, &config.names)?;
+    let tls = Arc::new(tls_config(&identity)?);
+    drop(identity);
+    let node = Arc::new(node);
+    let state = AppState {
+        provisioner: Arc::new(Provisioner::start(node.clone())),
+        node,
+        metrics: Arc::new(metrics::Metrics::default()),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("keyfab-serve")
+        .build()
+        .map_err(|e| internal("runtime", e))?;
+    let summary = runtime.block_on(run(state, tls, config, ready))?;
+    Ok(summary)
+}
+
+async fn run(
+    state: AppState,
+    tls: Arc<rustls::ServerConfig>,
+    config: ServeConfig,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<ServeSummary> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    ready(listener.local_addr()?);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let router = api::app(state);
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut summary = ServeSummary::default();
+    let (refusals_tx, mut refusals) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                // Out of file descriptors, say: wait a moment rather than spin.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        // Beyond the bound, a connection is closed at once rather than queued.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            summary.refused_connections += 1;
+            drop(tcp);
+            continue;
+        };
+        summary.connections += 1;
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        let refused = refusals_tx.clone();
+        let http = {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(config.header_timeout)
+                .keep_alive(true);
+            b
+        };
+        let handshake_timeout = config.handshake_timeout;
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                // No certificate, a certificate of another line CA, an expired one, a
+                // handshake that never finishes: closed before any handler runs.
+                _ => {
+                    let _ = refused.send(());
+                    return;
+                }
+            };
+            let Some(cert) = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| PeerCertificate(Arc::new(c.to_vec())))
+            else {
+                let _ = refused.send(());
+                return;
+            };
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(cert.clone());
+                let mut router = router.clone();
+                async move {
+                    use tower::Service;
+                    router.call(req.map(axum::body::Body::new)).await
+                }
+            });
+            let conn = http.serve_connection(TokioIo::new(tls), service);
+            let _ = watcher.watch(conn).await;
+        });
+        while refusals.try_recv().is_ok() {
+            summary.refused_connections += 1;
+        }
+    }
+    drop(listener);
+    // In-flight requests finish; idle keep-alive connections close.
+    let _ = tokio::time::timeout(config.shutdown_grace, graceful.shutdown()).await;
+    while refusals.try_recv().is_ok() {
+        summary.refused_connections += 1;
+    }
+    Ok(summary)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
