@@ -63,6 +63,9 @@ pub enum Command {
     /// A factory site.
     #[command(subcommand)]
     Site(SiteCommand),
+    /// A production-line station: talks to `keyfab site serve` over mutual TLS.
+    #[command(subcommand)]
+    Station(StationCommand),
     /// Approvers' personal keys.
     #[command(subcommand)]
     Approver(ApproverCommand),
@@ -295,6 +298,102 @@ pub enum SiteCommand {
   keyfab site provision --home site --entitlement ID --device-id TSV2-00000001 --station line-1 --out dev1.json
   keyfab site provision --home site --entitlement ID --device-ids lot-42.txt --station line-1 --out lot-42.jsonl\n  keyfab site provision --home site --entitlement ID --device-id TSV2-00000002 --csr dev2.csr --json\n\nRefusals exit 3 with the policy's code (quota_exceeded, daily_limit_exceeded, ...).\nA retry with the same --request-id returns the same keys and consumes nothing more.")]
     Provision(ProvisionArgs),
+    /// The stations of the production line: enroll, revoke, list.
+    #[command(subcommand)]
+    Station(SiteStationCommand),
+    /// Serve the station API (SPEC §5) over mutual TLS until SIGTERM or Ctrl-C.
+    #[command(after_help = "Examples:
+  keyfab site serve --home site --listen 127.0.0.1:8443
+  keyfab site serve --home site --listen 0.0.0.0:8443 --hostname keyfab.line1.factory --hostname 10.0.4.2
+
+Only stations enrolled with `keyfab site station enroll` get past the TLS handshake.
+On SIGTERM the server stops accepting, lets requests in flight finish, and exits.")]
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub home: Home,
+    /// Address and port to listen on (port 0: any free port, printed at start).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: std::net::SocketAddr,
+    /// Host name or IP address stations use in their URL; repeat for several. Default:
+    /// localhost and the listen address.
+    #[arg(long = "hostname", value_name = "NAME")]
+    pub hostnames: Vec<String>,
+    /// Connections open at once; more are closed at accept.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SiteStationCommand {
+    /// Enroll a station: writes its key (station.key, mode 0600), its certificate
+    /// (station.crt) and the site's line CA (line-ca.crt) into DIR. Copy DIR to the station.
+    #[command(after_help = "Example:\n  keyfab site station enroll --home site --name line-1 --out line-1/")]
+    Enroll {
+        #[command(flatten)]
+        home: Home,
+        /// The station's name: 1-64 of a-z 0-9 . _ - (the certificate's CN, and the
+        /// `station` of every decision it asks for).
+        #[arg(long)]
+        name: String,
+        /// A new directory for the station's files.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// How long the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+    /// Revoke a station: its certificate opens no new connection, and requests on open
+    /// ones are refused.
+    #[command(after_help = "Example:\n  keyfab site station revoke --home site --name line-1")]
+    Revoke {
+        #[command(flatten)]
+        home: Home,
+        #[arg(long)]
+        name: String,
+    },
+    /// List the stations, enrolled and revoked.
+    List {
+        #[command(flatten)]
+        home: Home,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StationCommand {
+    /// Provision one device through a site's station API.
+    #[command(after_help = "Examples:
+  keyfab station provision --url https://127.0.0.1:8443 --station-dir line-1 --entitlement ID --device-id TSV2-00000001
+  keyfab station provision --url https://a:8443,https://b:8443 --station-dir line-1 --entitlement ID --device-id TSV2-00000002 --out dev2.json
+
+A dropped connection is retried with the same request id (on the next URL, if several),
+so a retry never takes a second key. Refusals exit 3 with the policy's code.")]
+    Provision {
+        /// The site's URL; several, comma-separated, are tried in turn.
+        #[arg(long, value_delimiter = ',', required = true)]
+        url: Vec<String>,
+        /// The directory `keyfab site station enroll` wrote.
+        #[arg(long, value_name = "DIR")]
+        station_dir: PathBuf,
+        /// The entitlement id (see GET /v1/entitlements).
+        #[arg(long)]
+        entitlement: String,
+        #[arg(long)]
+        device_id: String,
+        /// Makes retries idempotent (default: a fresh random id).
+        #[arg(long)]
+        request_id: Option<String>,
+        /// The device's CSR (PEM), for keys with source `device`.
+        #[arg(long, value_name = "FILE")]
+        csr: Option<PathBuf>,
+        /// Write the key material and certificates (JSON, mode 0600) to FILE instead of
+        /// standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -5,6 +5,7 @@ mod bench;
 mod cli;
 mod context;
 mod demo;
+mod line;
 mod output;
 mod run;
 

@@ -68,6 +68,37 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             entitlement_list(&ctx, &home.home)
         }
         Command::Site(SiteCommand::Provision(a)) => provision(&ctx, &a),
+        Command::Site(SiteCommand::Station(SiteStationCommand::Enroll {
+            home,
+            name,
+            out,
+            days,
+        })) => crate::line::station_enroll(&ctx, &home.home, &name, &out, days),
+        Command::Site(SiteCommand::Station(SiteStationCommand::Revoke { home, name })) => {
+            crate::line::station_revoke(&ctx, &home.home, &name)
+        }
+        Command::Site(SiteCommand::Station(SiteStationCommand::List { home })) => {
+            crate::line::station_list(&ctx, &home.home)
+        }
+        Command::Site(SiteCommand::Serve(a)) => crate::line::serve(&ctx, &a, ctx.json),
+        Command::Station(StationCommand::Provision {
+            url,
+            station_dir,
+            entitlement,
+            device_id,
+            request_id,
+            csr,
+            out,
+        }) => crate::line::station_provision(
+            &ctx,
+            &url,
+            &station_dir,
+            &entitlement,
+            &device_id,
+            request_id.as_deref(),
+            csr.as_deref(),
+            out.as_deref(),
+        ),
         Command::Site(SiteCommand::Config {
             home,
             clock_tolerance,

@@ -1,0 +1,239 @@
+//! The production-line commands: `site station …`, `site serve`, `station …`.
+
+use crate::context::Context;
+use crate::output::{Failure, Report};
+use keyfab_crypto::x509;
+use keyfab_node::NodeKind;
+use serde_json::json;
+use std::path::Path;
+
+fn io_fail(path: &Path, e: std::io::Error) -> Failure {
+    Failure::new("io", format!("{}: {e}", path.display()))
+}
+
+fn rfc3339(t: i64) -> String {
+    jiff::Timestamp::from_second(t).map_or_else(|_| t.to_string(), |t| t.to_string())
+}
+
+/// Writes a new file with `mode`, refusing to overwrite.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+pub fn station_enroll(
+    ctx: &Context,
+    home: &Path,
+    name: &str,
+    out: &Path,
+    days: i64,
+) -> Result<Report, Failure> {
+    if out.exists() && std::fs::read_dir(out).map_or(true, |mut d| d.next().is_some()) {
+        return Err(Failure::new(
+            "invalid_state",
+            format!("{} exists and is not empty", out.display()),
+        ));
+    }
+    let mut node = ctx.open(home, NodeKind::Site)?;
+    let e = keyfab_site::stations::enroll(&mut node, name, days)?;
+    std::fs::create_dir_all(out).map_err(|err| io_fail(out, err))?;
+    let key_pem = zeroize::Zeroizing::new(x509::to_pem(e.key.expose(), "PRIVATE KEY"));
+    let files = [
+        (keyfab_station::KEY_FILE, key_pem.as_bytes().to_vec(), 0o600),
+        (
+            keyfab_station::CERT_FILE,
+            x509::to_pem(&e.certificate, "CERTIFICATE").into_bytes(),
+            0o644,
+        ),
+        (
+            keyfab_station::LINE_CA_FILE,
+            x509::to_pem(&e.line_ca, "CERTIFICATE").into_bytes(),
+            0o644,
+        ),
+    ];
+    for (file, bytes, mode) in &files {
+        let path = out.join(file);
+        write_new(&path, bytes, *mode).map_err(|err| io_fail(&path, err))?;
+    }
+    let r = &e.record;
+    Ok(Report::new(
+        format!(
+            "station {} enrolled (certificate serial {}, valid until {})\n  {}: key (keep it on the station only), certificate, line CA",
+            r.name,
+            r.serial,
+            rfc3339(r.not_after),
+            out.display()
+        ),
+        json!({"station": r.name, "serial": r.serial, "not_after": rfc3339(r.not_after), "dir": out}),
+    ))
+}
+
+pub fn station_revoke(ctx: &Context, home: &Path, name: &str) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let r = keyfab_site::stations::revoke(&node, name)?;
+    Ok(Report::new(
+        format!("station {} revoked (certificate serial {})", r.name, r.serial),
+        json!({"station": r.name, "serial": r.serial, "revoked_at": r.revoked_at.map(rfc3339)}),
+    ))
+}
+
+pub fn station_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let list = keyfab_site::stations::list(&node)?;
+    let mut text = String::new();
+    for r in &list {
+        text.push_str(&format!(
+            "{:<20} {:<10} serial {}  until {}\n",
+            r.name,
+            if r.revoked_at.is_some() {
+                "revoked"
+            } else {
+                "enrolled"
+            },
+            r.serial,
+            rfc3339(r.not_after)
+        ));
+    }
+    if list.is_empty() {
+        text.push_str("no stations enrolled yet (keyfab site station enroll)\n");
+    }
+    Ok(Report::new(
+        text,
+        json!({"stations": list.iter().map(|r| json!({
+            "name": r.name, "serial": r.serial, "enrolled_at": rfc3339(r.enrolled_at),
+            "not_after": rfc3339(r.not_after), "revoked_at": r.revoked_at.map(rfc3339),
+        })).collect::<Vec<_>>()}),
+    ))
+}
+
+pub fn serve(ctx: &Context, a: &crate::cli::ServeArgs, json_out: bool) -> Result<Report, Failure> {
+    let node = ctx.open(&a.home.home, NodeKind::Site)?;
+    let mut names = a.hostnames.clone();
+    if names.is_empty() {
+        names.push("localhost".into());
+        names.push(a.listen.ip().to_string());
+    }
+    let mut config = keyfab_site::server::ServeConfig::new(a.listen, names.clone());
+    config.max_connections = a.max_connections.max(1);
+    let site = node.name.clone();
+    let summary = keyfab_site::server::serve(node, config, |addr| {
+        // One line as soon as connections are accepted, for people and for scripts.
+        if json_out {
+            println!("{}", json!({"listening": addr.to_string(), "site": site, "names": names}));
+        } else {
+            println!("site {site} serving the station API on https://{addr} (names: {})", names.join(", "));
+        }
+    })?;
+    Ok(Report::new(
+        format!(
+            "stopped: {} connections, {} refused before any request",
+            summary.connections, summary.refused_connections
+        ),
+        json!({"stopped": true, "connections": summary.connections, "refused_connections": summary.refused_connections}),
+    ))
+}
+
+/// Exit code of a refusal the site sent back, by its code (SPEC.md §4).
+fn refusal(code: &str, message: &str) -> Failure {
+    const POLICY: [&str; 11] = [
+        "revoked",
+        "expired",
+        "not_yet_valid",
+        "quota_exceeded",
+        "daily_limit_exceeded",
+        "approval_required",
+        "device_id_rejected",
+        "device_already_provisioned",
+        "station_not_allowed",
+        "audit_overdue",
+        "clock_rollback",
+    ];
+    let known: &'static str = match code {
+        "unknown_entitlement" => "unknown_entitlement",
+        "untrusted_signer" => "untrusted_signer",
+        "malformed" => "malformed",
+        "locked" => "locked",
+        c => POLICY.iter().find(|p| **p == c).copied().unwrap_or("refused"),
+    };
+    let exit_code = if POLICY.contains(&known) || known == "unknown_entitlement" {
+        3
+    } else if matches!(known, "untrusted_signer" | "malformed") {
+        4
+    } else {
+        1
+    };
+    Failure {
+        code: known,
+        message: message.to_owned(),
+        exit_code,
+    }
+}
+
+fn station_failure(e: keyfab_station::StationError) -> Failure {
+    match e {
+        keyfab_station::StationError::Refused { code, message, .. } => refusal(&code, &message),
+        keyfab_station::StationError::Unreachable(m) => Failure::new("unreachable", m),
+        other => Failure::new("invalid_input", other.to_string()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn station_provision(
+    ctx: &Context,
+    urls: &[String],
+    dir: &Path,
+    entitlement: &str,
+    device_id: &str,
+    request_id: Option<&str>,
+    csr: Option<&Path>,
+    out: Option<&Path>,
+) -> Result<Report, Failure> {
+    let station = keyfab_station::StationDir::load(dir).map_err(station_failure)?;
+    let client = keyfab_station::Client::new(&station, urls).map_err(station_failure)?;
+    let csr = csr
+        .map(|p| std::fs::read_to_string(p).map_err(|e| io_fail(p, e)))
+        .transpose()?;
+    let request_id = request_id.map_or_else(
+        || {
+            let mut b = [0u8; 16];
+            ctx.rng().fill(&mut b);
+            hex::encode(b)
+        },
+        str::to_owned,
+    );
+    let req = keyfab_station::ProvisionRequest {
+        request_id,
+        entitlement: entitlement.to_owned(),
+        device_id: device_id.to_owned(),
+        csr,
+    };
+    let bundle = keyfab_station::block_on(client.provision(&req))
+        .map_err(|e| Failure::new("internal", e.to_string()))?
+        .map_err(station_failure)?;
+    if let Some(out) = out {
+        write_new(out, format!("{bundle:#}\n").as_bytes(), 0o600).map_err(|e| io_fail(out, e))?;
+    }
+    let text = format!(
+        "device {} provisioned under {} (audit record {}{})\n{}",
+        device_id,
+        entitlement,
+        bundle["audit_sequence"],
+        if bundle["replayed"] == true {
+            ", a retry of an earlier request"
+        } else {
+            ""
+        },
+        match out {
+            Some(out) => format!("key material written to {} (mode 0600)", out.display()),
+            None => "key material not shown: use --out FILE or --json".into(),
+        }
+    );
+    Ok(Report::new(text, bundle))
+}
