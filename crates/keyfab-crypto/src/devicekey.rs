@@ -129,12 +129,36 @@ pub fn generate_expanded(
 
 fn expand_p256(pair: &EcdsaKeyPair) -> Result<Expanded> {
     let point = pair.public_key().as_ref().to_vec();
-    let doc = pair.to_pkcs8v1().map_err(|_| CryptoError::Internal)?;
+    let scalar: EcPrivateKeyBin = pair
+        .private_key()
+        .as_be_bytes()
+        .map_err(|_| CryptoError::Internal)?;
     Ok(Expanded {
         key_id: KeyId::Public(Fingerprint::of(&crate::x509::p256_spki(&point))),
+        private: p256_pkcs8(scalar.as_ref(), &point)?,
         public: Some(crate::x509::DevicePublicKey::P256(point)),
-        private: SecretBytes::new(doc.as_ref().to_vec()),
     })
+}
+
+/// PKCS#8 v1 of a P-256 key, always with its public key (RFC 5915 `publicKey`), so a key
+/// reads the same whether it was just generated or rebuilt from its stored scalar (aws-lc
+/// leaves the public key out of a key it parsed without one).
+fn p256_pkcs8(scalar: &[u8], point: &[u8]) -> Result<SecretBytes> {
+    if scalar.len() != 32 || point.len() != 65 {
+        return Err(CryptoError::Internal);
+    }
+    let mut der = Vec::with_capacity(138);
+    // SEQUENCE { INTEGER 0, SEQUENCE { id-ecPublicKey, prime256v1 }, OCTET STRING {
+    //   ECPrivateKey SEQUENCE { INTEGER 1, OCTET STRING scalar, [1] BIT STRING point } } }
+    der.extend_from_slice(&[
+        0x30, 0x81, 0x87, 0x02, 0x01, 0x00, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d,
+        0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x04, 0x6d, 0x30,
+        0x6b, 0x02, 0x01, 0x01, 0x04, 0x20,
+    ]);
+    der.extend_from_slice(scalar);
+    der.extend_from_slice(&[0xa1, 0x44, 0x03, 0x42, 0x00]);
+    der.extend_from_slice(point);
+    Ok(SecretBytes::new(der))
 }
 
 fn expand_ed25519(pair: &Ed25519KeyPair) -> Result<Expanded> {
@@ -249,10 +273,8 @@ pub fn derive(
 pub fn to_pkcs8(kind: DeviceKeyType, secret: &Secret32) -> Result<SecretBytes> {
     match kind {
         DeviceKeyType::EcP256 => {
-            let doc = p256_pair(secret)?
-                .to_pkcs8v1()
-                .map_err(|_| CryptoError::Internal)?;
-            Ok(SecretBytes::new(doc.as_ref().to_vec()))
+            let pair = p256_pair(secret)?;
+            p256_pkcs8(secret.expose(), pair.public_key().as_ref())
         }
         DeviceKeyType::Ed25519 => {
             let doc = Ed25519KeyPair::from_seed_unchecked(secret.expose())
@@ -316,6 +338,31 @@ mod tests {
             assert_eq!(key_id(kind, &secret).unwrap(), id, "{kind:?}");
             assert!(!to_pkcs8(kind, &secret).unwrap().is_empty());
         }
+    }
+
+    /// A retried request gets the key rebuilt from its stored secret: it must be the very
+    /// bytes the first answer carried.
+    #[test]
+    fn a_rebuilt_key_encodes_as_the_generated_one() {
+        let rng = SeededRng::new(3);
+        for kind in [DeviceKeyType::EcP256, DeviceKeyType::Ed25519] {
+            let (secret, first) = generate_expanded(kind, &rng).unwrap();
+            let again = to_pkcs8(kind, &secret).unwrap();
+            assert_eq!(again.expose(), first.private.expose(), "{kind:?}");
+            assert_eq!(
+                expand(kind, &secret).unwrap().private.expose(),
+                first.private.expose()
+            );
+        }
+        // And the hand-built P-256 document is one aws-lc reads back as the same key.
+        let (secret, first) = generate_expanded(DeviceKeyType::EcP256, &rng).unwrap();
+        let parsed =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, first.private.expose())
+                .unwrap();
+        assert_eq!(
+            parsed.private_key().as_be_bytes().unwrap().as_ref(),
+            secret.expose()
+        );
     }
 
     #[test]

@@ -43,4 +43,3 @@ pub fn device_bundle(p: &Provisioned) -> serde_json::Value {
         "chain_pem": p.chain.iter().map(|c| x509::to_pem(c, "CERTIFICATE")).collect::<Vec<_>>(),
     })
 }
-

@@ -3,8 +3,8 @@
 #![forbid(unsafe_code)]
 
 pub mod approvals;
-pub mod bundle;
 mod audit_log;
+pub mod bundle;
 pub mod checkpoints;
 pub mod entitlements;
 pub mod export;

@@ -3,7 +3,7 @@
 //!
 //! Which API for which job:
 //! - enroll a station (its key, certificate and the line CA, for its directory):
-//!   [`enroll`];
+//!   [`line_ca`] once, then [`enroll`];
 //! - stop a station: [`revoke`]; list them: [`list`];
 //! - may this presented certificate act as a station now: [`check`];
 //! - the certificate and key `keyfab site serve` presents: [`server_identity`].
@@ -95,16 +95,25 @@ pub fn line_ca(node: &mut Node) -> Result<Vec<u8>> {
     Ok(cert)
 }
 
-/// Enrolls station `name` for `days`: a key made here, a certificate from the line CA,
-/// recorded and audited. A name already in use must be revoked first.
-pub fn enroll(node: &mut Node, name: &str, days: i64) -> Result<Enrolled> {
+/// The line CA certificate, if the site has made one.
+fn existing_line_ca(node: &Node) -> Result<Vec<u8>> {
+    node.store
+        .get(Table::Meta, LINE_CA_CERT)?
+        .map(|v| v.value)
+        .ok_or_else(|| Error::InvalidState("the site has no line CA yet".into()))
+}
+
+/// Enrolls station `name` for `days`: a key made here, a certificate from the line CA
+/// (see [`line_ca`], which makes it), recorded and audited. A name already in use must
+/// be revoked first.
+pub fn enroll(node: &Node, name: &str, days: i64) -> Result<Enrolled> {
     check_name(name)?;
     if !(1..=3650).contains(&days) {
         return Err(Error::InvalidInput(
             "--days must be between 1 and 3650".into(),
         ));
     }
-    let ca = line_ca(node)?;
+    let ca = existing_line_ca(node)?;
     let seen = node.store.get(Table::Meta, &station_key(name))?;
     if let Some(v) = &seen {
         let r: StationRecord = decode(&v.value)?;
@@ -216,7 +225,10 @@ pub fn check(node: &Node, certificate: &[u8]) -> Result<String> {
             facts.common_name
         )))
     };
-    let Some(v) = node.store.get(Table::Meta, &station_key(&facts.common_name))? else {
+    let Some(v) = node
+        .store
+        .get(Table::Meta, &station_key(&facts.common_name))?
+    else {
         return Err(refused("not enrolled here"));
     };
     let record: StationRecord = decode(&v.value)?;

@@ -307,6 +307,8 @@ pub enum SiteCommand {
   keyfab site serve --home site --listen 0.0.0.0:8443 --hostname keyfab.line1.factory --hostname 10.0.4.2
 
 Only stations enrolled with `keyfab site station enroll` get past the TLS handshake.
+The address it listens on goes to stderr once it accepts connections. While it runs,
+`keyfab site station enroll|revoke|list` talk to it through HOME/serve.sock.
 On SIGTERM the server stops accepting, lets requests in flight finish, and exits.")]
     Serve(ServeArgs),
 }
@@ -325,13 +327,22 @@ pub struct ServeArgs {
     /// Connections open at once; more are closed at accept.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
+    /// Seconds a client has to finish the TLS handshake.
+    #[arg(long, default_value_t = 5, value_name = "SECS")]
+    pub handshake_timeout: u64,
+    /// Seconds a client has to send a request's headers (a client that trickles bytes
+    /// is cut off).
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub header_timeout: u64,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum SiteStationCommand {
     /// Enroll a station: writes its key (station.key, mode 0600), its certificate
     /// (station.crt) and the site's line CA (line-ca.crt) into DIR. Copy DIR to the station.
-    #[command(after_help = "Example:\n  keyfab site station enroll --home site --name line-1 --out line-1/")]
+    #[command(
+        after_help = "Example:\n  keyfab site station enroll --home site --name line-1 --out line-1/"
+    )]
     Enroll {
         #[command(flatten)]
         home: Home,

@@ -4,6 +4,7 @@ use crate::context::Context;
 use crate::output::{Failure, Report};
 use keyfab_crypto::x509;
 use keyfab_node::NodeKind;
+use keyfab_site::server::admin::{self, AdminAnswer, AdminRequest, EnrolledFiles};
 use serde_json::json;
 use std::path::Path;
 
@@ -41,28 +42,54 @@ pub fn station_enroll(
             format!("{} exists and is not empty", out.display()),
         ));
     }
-    let mut node = ctx.open(home, NodeKind::Site)?;
-    let e = keyfab_site::stations::enroll(&mut node, name, days)?;
+    let files = match admin::request(
+        home,
+        &AdminRequest::Enroll {
+            name: name.to_owned(),
+            days,
+        },
+    ) {
+        // A `site serve` holds the store: it enrolls.
+        Some(answer) => match answer? {
+            AdminAnswer::Enrolled(files) => files,
+            _ => {
+                return Err(Failure::new(
+                    "internal",
+                    "site serve answered something else",
+                ))
+            }
+        },
+        None => {
+            let mut node = ctx.open(home, NodeKind::Site)?;
+            keyfab_site::stations::line_ca(&mut node)?;
+            let e = keyfab_site::stations::enroll(&node, name, days)?;
+            EnrolledFiles {
+                key_pem: x509::to_pem(e.key.expose(), "PRIVATE KEY"),
+                certificate_pem: x509::to_pem(&e.certificate, "CERTIFICATE"),
+                line_ca_pem: x509::to_pem(&e.line_ca, "CERTIFICATE"),
+                record: e.record.clone(),
+            }
+        }
+    };
     std::fs::create_dir_all(out).map_err(|err| io_fail(out, err))?;
-    let key_pem = zeroize::Zeroizing::new(x509::to_pem(e.key.expose(), "PRIVATE KEY"));
-    let files = [
-        (keyfab_station::KEY_FILE, key_pem.as_bytes().to_vec(), 0o600),
+    let written = [
+        (keyfab_station::KEY_FILE, files.key_pem.as_str(), 0o600),
         (
             keyfab_station::CERT_FILE,
-            x509::to_pem(&e.certificate, "CERTIFICATE").into_bytes(),
+            files.certificate_pem.as_str(),
             0o644,
         ),
         (
             keyfab_station::LINE_CA_FILE,
-            x509::to_pem(&e.line_ca, "CERTIFICATE").into_bytes(),
+            files.line_ca_pem.as_str(),
             0o644,
         ),
     ];
-    for (file, bytes, mode) in &files {
+    for (file, text, mode) in written {
         let path = out.join(file);
-        write_new(&path, bytes, *mode).map_err(|err| io_fail(&path, err))?;
+        write_new(&path, text.as_bytes(), mode).map_err(|err| io_fail(&path, err))?;
     }
-    let r = &e.record;
+    let r = &files.record;
     Ok(Report::new(
         format!(
             "station {} enrolled (certificate serial {}, valid until {})\n  {}: key (keep it on the station only), certificate, line CA",
@@ -76,17 +103,45 @@ pub fn station_enroll(
 }
 
 pub fn station_revoke(ctx: &Context, home: &Path, name: &str) -> Result<Report, Failure> {
-    let node = ctx.open(home, NodeKind::Site)?;
-    let r = keyfab_site::stations::revoke(&node, name)?;
+    let r = match admin::request(
+        home,
+        &AdminRequest::Revoke {
+            name: name.to_owned(),
+        },
+    ) {
+        Some(answer) => match answer? {
+            AdminAnswer::Station(r) => r,
+            _ => {
+                return Err(Failure::new(
+                    "internal",
+                    "site serve answered something else",
+                ))
+            }
+        },
+        None => keyfab_site::stations::revoke(&ctx.open(home, NodeKind::Site)?, name)?,
+    };
     Ok(Report::new(
-        format!("station {} revoked (certificate serial {})", r.name, r.serial),
+        format!(
+            "station {} revoked (certificate serial {})",
+            r.name, r.serial
+        ),
         json!({"station": r.name, "serial": r.serial, "revoked_at": r.revoked_at.map(rfc3339)}),
     ))
 }
 
 pub fn station_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
-    let node = ctx.open(home, NodeKind::Site)?;
-    let list = keyfab_site::stations::list(&node)?;
+    let list = match admin::request(home, &AdminRequest::List) {
+        Some(answer) => match answer? {
+            AdminAnswer::Stations(list) => list,
+            _ => {
+                return Err(Failure::new(
+                    "internal",
+                    "site serve answered something else",
+                ))
+            }
+        },
+        None => keyfab_site::stations::list(&ctx.open(home, NodeKind::Site)?)?,
+    };
     let mut text = String::new();
     for r in &list {
         text.push_str(&format!(
@@ -122,13 +177,22 @@ pub fn serve(ctx: &Context, a: &crate::cli::ServeArgs, json_out: bool) -> Result
     }
     let mut config = keyfab_site::server::ServeConfig::new(a.listen, names.clone());
     config.max_connections = a.max_connections.max(1);
+    config.handshake_timeout = std::time::Duration::from_secs(a.handshake_timeout.max(1));
+    config.header_timeout = std::time::Duration::from_secs(a.header_timeout.max(1));
     let site = node.name.clone();
-    let summary = keyfab_site::server::serve(node, config, |addr| {
-        // One line as soon as connections are accepted, for people and for scripts.
+    let summary = keyfab_site::server::serve(node, config, move |addr| {
+        // A log line on stderr as soon as connections are accepted (stdout keeps the one
+        // report printed at the end).
         if json_out {
-            println!("{}", json!({"listening": addr.to_string(), "site": site, "names": names}));
+            eprintln!(
+                "{}",
+                json!({"listening": addr.to_string(), "site": site, "names": names})
+            );
         } else {
-            println!("site {site} serving the station API on https://{addr} (names: {})", names.join(", "));
+            eprintln!(
+                "site {site} serving the station API on https://{addr} (names: {})",
+                names.join(", ")
+            );
         }
     })?;
     Ok(Report::new(
@@ -160,7 +224,11 @@ fn refusal(code: &str, message: &str) -> Failure {
         "untrusted_signer" => "untrusted_signer",
         "malformed" => "malformed",
         "locked" => "locked",
-        c => POLICY.iter().find(|p| **p == c).copied().unwrap_or("refused"),
+        c => POLICY
+            .iter()
+            .find(|p| **p == c)
+            .copied()
+            .unwrap_or("refused"),
     };
     let exit_code = if POLICY.contains(&known) || known == "unknown_entitlement" {
         3

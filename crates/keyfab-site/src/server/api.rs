@@ -193,8 +193,7 @@ fn usable(node: &Node, station: &str) -> keyfab_node::Result<Vec<serde_json::Val
     let mut out = Vec::new();
     for e in crate::entitlements::list(node)? {
         let p = &e.policy;
-        if p
-            .allowed_stations
+        if p.allowed_stations
             .as_ref()
             .is_some_and(|allowed| !allowed.iter().any(|a| a == station))
         {
@@ -225,9 +224,5 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let text = tokio::task::spawn_blocking(move || metrics.render(&node))
         .await
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "metrics"))??;
-    Ok((
-        [("content-type", "text/plain; version=0.0.4")],
-        text,
-    )
-        .into_response())
+    Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
 }

@@ -15,6 +15,7 @@ const BUCKETS: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.
 #[derive(Default)]
 pub struct Metrics {
     provisioned: AtomicU64,
+    replayed: AtomicU64,
     refused: Mutex<BTreeMap<&'static str, u64>>,
     /// Requests at or under each bucket's bound (cumulative), then all of them.
     buckets: [AtomicU64; BUCKETS.len()],
@@ -25,6 +26,9 @@ pub struct Metrics {
 impl Metrics {
     pub fn observe(&self, outcome: &keyfab_node::Result<Provisioned>, took: Duration) {
         match outcome {
+            Ok(p) if p.replayed => {
+                self.replayed.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(_) => {
                 self.provisioned.fetch_add(1, Ordering::Relaxed);
             }
@@ -54,6 +58,11 @@ impl Metrics {
             out,
             "# HELP keyfab_provisioned_total Devices given keys by this server.\n# TYPE keyfab_provisioned_total counter\nkeyfab_provisioned_total {}",
             self.provisioned.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP keyfab_replayed_total Retried requests answered again from their record (no new keys).\n# TYPE keyfab_replayed_total counter\nkeyfab_replayed_total {}",
+            self.replayed.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

@@ -2,7 +2,8 @@
 //!
 //! Which API for which job:
 //! - the routes, testable in-process: [`api::app`];
-//! - run the server until SIGTERM or SIGINT: [`serve`].
+//! - run the server until SIGTERM or SIGINT: [`serve`];
+//! - enroll, revoke or list stations while it runs: [`admin::request`].
 //!
 //! A connection gets nothing before its TLS handshake proves a certificate of this
 //! site's line CA (`crate::stations`); the handshake has a deadline, and so does each
@@ -11,6 +12,7 @@
 //! accepting, lets every request in flight finish — a key is released only after its
 //! audit record is durable, so a request either completes or leaves nothing — and exits.
 
+pub mod admin;
 pub mod api;
 pub mod metrics;
 
@@ -75,10 +77,12 @@ pub fn tls_config(identity: &ServerIdentity) -> Result<rustls::ServerConfig> {
     roots
         .add(CertificateDer::from(line_ca.clone()))
         .map_err(|e| internal("line CA", e))?;
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| internal("client verifier", e))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| internal("client verifier", e))?;
     let chain = identity
         .chain
         .iter()
@@ -125,6 +129,8 @@ async fn run(
     ready: impl FnOnce(SocketAddr),
 ) -> Result<ServeSummary> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let (admin_listener, admin_path) = admin::bind(&state.node.dir)?;
+    let admin_task = tokio::spawn(admin::serve(admin_listener, state.node.clone()));
     ready(listener.local_addr()?);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let router = api::app(state);
@@ -187,14 +193,16 @@ async fn run(
                 let _ = refused.send(());
                 return;
             };
-            let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(cert.clone());
-                let mut router = router.clone();
-                async move {
-                    use tower::Service;
-                    router.call(req.map(axum::body::Body::new)).await
-                }
-            });
+            let service = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(cert.clone());
+                    let mut router = router.clone();
+                    async move {
+                        use tower::Service;
+                        router.call(req.map(axum::body::Body::new)).await
+                    }
+                },
+            );
             let conn = http.serve_connection(TokioIo::new(tls), service);
             let _ = watcher.watch(conn).await;
         });
@@ -203,6 +211,8 @@ async fn run(
         }
     }
     drop(listener);
+    admin_task.abort();
+    let _ = std::fs::remove_file(&admin_path);
     // In-flight requests finish; idle keep-alive connections close.
     let _ = tokio::time::timeout(config.shutdown_grace, graceful.shutdown()).await;
     while refusals.try_recv().is_ok() {

@@ -1,0 +1,386 @@
+//! The station API end to end: the real `keyfab site serve` over real TLS, real stations
+//! (`keyfab station provision`), and raw TLS clients that misbehave.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const STATION_POLICY: &str = r#"product = "line"
+devices = 20
+valid_from = "2026-01-01T00:00:00Z"
+valid_until = "2030-01-01T00:00:00Z"
+[stations]
+allowed = ["line-1", "line-2"]
+[[keys]]
+name = "identity"
+type = "ec-p256"
+source = "site"
+certificate = { subject = "CN={device_id},O=Acme", days = 365 }
+"#;
+
+/// A running `keyfab site serve`, stopped with SIGTERM when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(home: &Path) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keyfab"))
+            .args(["--json", "site", "serve", "--home", &s(home)])
+            .args(["--listen", "127.0.0.1:0", "--handshake-timeout", "1"])
+            .args(["--header-timeout", "1"])
+            .env("KEYFAB_PASSPHRASE", PASS)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The first stderr line says where it listens.
+        let mut stderr = child.stderr.take().unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while stderr.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        let v: serde_json::Value = serde_json::from_slice(&line)
+            .unwrap_or_else(|e| panic!("serve said {:?}: {e}", String::from_utf8_lossy(&line)));
+        let addr = v["listening"].as_str().unwrap().to_owned();
+        Server { child, addr }
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// SIGTERM; the exit status and the one JSON report on stdout.
+    fn stop(mut self) -> (i32, serde_json::Value) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let code = self.child.wait().unwrap().code().unwrap_or(-1);
+        (code, serde_json::from_str(out.trim()).unwrap_or_default())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn enroll(home: &Path, name: &str, dir: &Path) -> serde_json::Value {
+    ok(&[
+        "site",
+        "station",
+        "enroll",
+        "--home",
+        &s(home),
+        "--name",
+        name,
+        "--out",
+        &s(dir),
+    ])
+}
+
+fn station_provision(url: &str, dir: &Path, id: &str, device: &str, request: &str) -> Out {
+    keyfab(
+        &[
+            "station",
+            "provision",
+            "--url",
+            url,
+            "--station-dir",
+            &s(dir),
+            "--entitlement",
+            id,
+            "--device-id",
+            device,
+            "--request-id",
+            request,
+        ],
+        None,
+    )
+}
+
+fn pem(path: &Path, tag: &str) -> Vec<u8> {
+    keyfab_crypto::x509::from_pem(&std::fs::read_to_string(path).unwrap(), tag).unwrap()
+}
+
+/// A blocking TLS 1.3 connection that trusts `dir`'s line CA and presents `identity`
+/// (a station directory) or no certificate.
+fn tls(
+    addr: &str,
+    trust: &Path,
+    identity: Option<&Path>,
+) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(pem(
+            &trust.join("line-ca.crt"),
+            "CERTIFICATE",
+        )))
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some(dir) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from(pem(
+                    &dir.join("station.crt"),
+                    "CERTIFICATE",
+                ))],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pem(
+                    &dir.join("station.key"),
+                    "PRIVATE KEY",
+                ))),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap())
+            .map_err(std::io::Error::other)?;
+    let tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
+
+/// Sends `request` raw and returns what came back (empty if the server closed).
+fn exchange(addr: &str, trust: &Path, identity: Option<&Path>, request: &[u8]) -> String {
+    let Ok(mut stream) = tls(addr, trust, identity) else {
+        return String::new();
+    };
+    if stream.write_all(request).is_err() {
+        return String::new();
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+fn setup() -> (World, String, PathBuf) {
+    let w = world();
+    let policy = w.path("line.toml");
+    std::fs::write(&policy, STATION_POLICY).unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "line.kfe");
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    let line1 = w.path("line-1");
+    enroll(&w.site, "line-1", &line1);
+    (w, id, line1)
+}
+
+#[test]
+fn stations_provision_over_mutual_tls_and_strangers_get_nothing() {
+    let (w, id, line1) = setup();
+    let server = Server::start(&w.site);
+    let url = server.url();
+
+    // A station provisions; a retry with the same request id gets the same answer.
+    let first = station_provision(&url, &line1, &id, "D-0001", "r-1");
+    assert_eq!(first.code, 0, "{}", first.json);
+    let key = &first.json["keys"][0];
+    assert!(key["private_key_pem"]
+        .as_str()
+        .unwrap()
+        .contains("PRIVATE KEY"));
+    let again = station_provision(&url, &line1, &id, "D-0001", "r-1");
+    assert_eq!(again.code, 0, "{}", again.json);
+    assert_eq!(again.json["replayed"], true);
+    assert_eq!(again.json["audit_sequence"], first.json["audit_sequence"]);
+    assert_eq!(again.json["keys"], first.json["keys"]);
+    // Another request for the same device is a policy refusal, exit 3.
+    let other = station_provision(&url, &line1, &id, "D-0001", "r-2");
+    assert_eq!(other.code, 3, "{}", other.json);
+    assert_eq!(other.json["error"]["code"], "device_already_provisioned");
+
+    // The station sees what it may use.
+    let list = exchange(&server.addr, &line1, Some(&line1), &get("/v1/entitlements"));
+    assert!(list.starts_with("HTTP/1.1 200"), "{list}");
+    assert!(
+        list.contains(&id) && list.contains("\"provisioned\":1"),
+        "{list}"
+    );
+    let metrics = exchange(&server.addr, &line1, Some(&line1), &get("/metrics"));
+    assert!(
+        metrics.contains("keyfab_provisioned_total 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("keyfab_replayed_total 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("keyfab_refused_total{code=\"device_already_provisioned\"} 1"),
+        "{metrics}"
+    );
+
+    // No certificate: the handshake fails, no handler runs.
+    let anonymous = exchange(&server.addr, &line1, None, &get("/v1/entitlements"));
+    assert!(!anonymous.contains("HTTP/1.1"), "{anonymous}");
+
+    // A station of another site (its own line CA) trusting our CA: refused likewise.
+    let elsewhere = node(w.dir.path(), &w.root, "site", "penang-2");
+    let foreign = w.path("foreign-line");
+    enroll(&elsewhere, "line-1", &foreign);
+    let mixed = w.path("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    for f in ["station.crt", "station.key"] {
+        std::fs::copy(foreign.join(f), mixed.join(f)).unwrap();
+    }
+    std::fs::copy(line1.join("line-ca.crt"), mixed.join("line-ca.crt")).unwrap();
+    let stranger = station_provision(&url, &mixed, &id, "D-0002", "r-3");
+    assert_ne!(stranger.code, 0, "{}", stranger.json);
+    let raw = exchange(&server.addr, &line1, Some(&mixed), &get("/v1/entitlements"));
+    assert!(!raw.contains("HTTP/1.1"), "{raw}");
+
+    // An oversized body: 413, nothing decided.
+    let big = format!(
+        "POST /v1/provision HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        200_000,
+        "x".repeat(200_000)
+    );
+    let answer = exchange(&server.addr, &line1, Some(&line1), big.as_bytes());
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+
+    // A request for something this site does not serve (unknown field): refused.
+    let body = format!(
+        r#"{{"request_id":"r-9","entitlement":"{id}","device_id":"D-0009","transport_key":"AA"}}"#
+    );
+    let post = format!(
+        "POST /v1/provision HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = exchange(&server.addr, &line1, Some(&line1), post.as_bytes());
+    assert!(
+        answer.starts_with("HTTP/1.1 400") && answer.contains("malformed"),
+        "{answer}"
+    );
+
+    let (code, report) = server.stop();
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["stopped"], true);
+    assert!(
+        report["refused_connections"].as_u64().unwrap() >= 2,
+        "{report}"
+    );
+    // Every decision is in the log, which still verifies: the import, the enrollment,
+    // the release, the refusal (the replay and the refused connections add nothing).
+    let log = ok(&["site", "audit", "verify", "--home", &s(&w.site)]);
+    assert_eq!(log["records"], 5, "{log}");
+}
+
+#[test]
+fn stations_are_enrolled_and_revoked_while_the_line_runs() {
+    let (w, id, line1) = setup();
+    let server = Server::start(&w.site);
+    let url = server.url();
+    // Enrolled through the running server (it holds the store).
+    let line2 = w.path("line-2");
+    let enrolled = enroll(&w.site, "line-2", &line2);
+    assert_eq!(enrolled["station"], "line-2");
+    assert_eq!(station_provision(&url, &line2, &id, "D-0101", "a").code, 0);
+
+    // line-1 keeps a connection open; revoked, its next request on it is refused.
+    let mut open = tls(&server.addr, &line1, Some(&line1)).unwrap();
+    let keep = b"GET /v1/entitlements HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    open.write_all(keep).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = open.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let revoked = ok(&[
+        "site",
+        "station",
+        "revoke",
+        "--home",
+        &s(&w.site),
+        "--name",
+        "line-1",
+    ]);
+    assert_eq!(revoked["station"], "line-1");
+    open.write_all(keep).unwrap();
+    let n = open.read(&mut buf).unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        answer.starts_with("HTTP/1.1 403") && answer.contains("revoked"),
+        "{answer}"
+    );
+    // New requests of line-1: refused; line-2 keeps working.
+    let refused = station_provision(&url, &line1, &id, "D-0102", "b");
+    assert_eq!(refused.code, 4, "{}", refused.json);
+    assert_eq!(refused.json["error"]["code"], "untrusted_signer");
+    assert_eq!(station_provision(&url, &line2, &id, "D-0103", "c").code, 0);
+    let list = ok(&["site", "station", "list", "--home", &s(&w.site)]);
+    let states: Vec<_> = list["stations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_owned(),
+                s["revoked_at"].is_null(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        vec![("line-1".to_owned(), false), ("line-2".to_owned(), true)]
+    );
+    let (code, _) = server.stop();
+    assert_eq!(code, 0);
+    // Stopped: the CLI works on the store directly again.
+    let list = ok(&["site", "station", "list", "--home", &s(&w.site)]);
+    assert_eq!(list["stations"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn a_slow_client_is_cut_off_while_stations_keep_working() {
+    let (w, id, line1) = setup();
+    let server = Server::start(&w.site);
+    // Connects and never starts the handshake.
+    let mut silent = TcpStream::connect(&server.addr).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // Completes the handshake, then trickles a header and stops.
+    let mut slow = tls(&server.addr, &line1, Some(&line1)).unwrap();
+    slow.write_all(b"GET /v1/entitlements HTTP/1.1\r\nHost: loc")
+        .unwrap();
+    // Meanwhile the line provisions.
+    let started = Instant::now();
+    assert_eq!(
+        station_provision(&server.url(), &line1, &id, "D-0201", "s").code,
+        0
+    );
+    // Both are closed after their deadline (1 s each here), without an answer.
+    let mut buf = [0u8; 64];
+    let closed = matches!(silent.read(&mut buf), Ok(0) | Err(_));
+    assert!(closed, "silent connection still open");
+    let mut rest = Vec::new();
+    let _ = slow.read_to_end(&mut rest);
+    let answer = String::from_utf8_lossy(&rest);
+    assert!(!answer.contains("200 OK"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(9));
+    let (code, _) = server.stop();
+    assert_eq!(code, 0);
+}
