@@ -384,3 +384,91 @@ fn a_slow_client_is_cut_off_while_stations_keep_working() {
     let (code, _) = server.stop();
     assert_eq!(code, 0);
 }
+
+/// SIGTERM while four stations provision as fast as they can: the server drains and
+/// exits 0; every request either got its keys — and then its record is in the log — or
+/// failed cleanly with nothing decided. HQ counts exactly the keys the stations got.
+#[test]
+fn sigterm_under_load_loses_nothing() {
+    let w = world();
+    let policy = w.path("load.toml");
+    std::fs::write(
+        &policy,
+        STATION_POLICY
+            .replace("devices = 20", "devices = 5000")
+            .replace("[stations]\nallowed = [\"line-1\", \"line-2\"]\n", ""),
+    )
+    .unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "load.kfe");
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    let line1 = w.path("line-1");
+    enroll(&w.site, "line-1", &line1);
+    let server = Server::start(&w.site);
+    let url = server.url();
+    let stop_at = Instant::now() + Duration::from_millis(1500);
+    let results: Vec<Vec<(String, String, Out)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|t| {
+                let (url, line1, id) = (url.clone(), line1.clone(), id.clone());
+                scope.spawn(move || {
+                    let mut done = Vec::new();
+                    for i in 0.. {
+                        let (device, request) = (format!("L{t}-{i:05}"), format!("q-{t}-{i}"));
+                        let out = station_provision(&url, &line1, &id, &device, &request);
+                        let failed = out.code != 0;
+                        done.push((device, request, out));
+                        if failed || Instant::now() > stop_at + Duration::from_secs(5) {
+                            break;
+                        }
+                    }
+                    done
+                })
+            })
+            .collect();
+        std::thread::sleep(stop_at.saturating_duration_since(Instant::now()));
+        let (code, report) = server.stop();
+        assert_eq!(code, 0, "{report}");
+        assert_eq!(report["stopped"], true, "{report}");
+        workers.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut got = Vec::new();
+    for (device, request, out) in results.into_iter().flatten() {
+        if out.code == 0 {
+            got.push((device, request, out.json["audit_sequence"].clone()));
+        } else {
+            // Cleanly: a stable code, and no keys.
+            assert_eq!(out.json["error"]["code"], "unreachable", "{}", out.json);
+            assert!(out.json.get("keys").is_none());
+        }
+    }
+    assert!(got.len() >= 8, "only {} devices before the stop", got.len());
+    // Every device that got keys has its record: the same request id gets the same
+    // answer from the stopped site's own store.
+    for (device, request, seq) in &got {
+        let again = provision(&w, &id, device, &["--request-id", request], None);
+        assert_eq!(again.code, 0, "{}", again.json);
+        assert_eq!(&again.json["audit_sequence"], seq, "{device}");
+        assert_eq!(again.json["replayed"], true);
+    }
+    // HQ, from the log alone, counts exactly those releases.
+    let kfa = w.path("load.kfa");
+    ok(&[
+        "site",
+        "audit",
+        "export",
+        "--home",
+        &s(&w.site),
+        "--out",
+        &s(&kfa),
+    ]);
+    ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&kfa)]);
+    let report = ok(&["hq", "report", "--home", &s(&w.hq)]);
+    let line = report["entitlements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["entitlement"] == id.as_str())
+        .unwrap();
+    assert_eq!(line["released"], got.len(), "{line}");
+    assert_eq!(report["violations"], serde_json::json!([]));
+}
