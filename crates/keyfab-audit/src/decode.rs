@@ -162,6 +162,15 @@ fn decode_event(c: &mut Cbor<'_>) -> Option<Event> {
                 keys: c.field("keys", decode_keys)?,
             }
         }
+        "device_confirmed" => {
+            c.map(4)?;
+            Event::DeviceConfirmed {
+                entitlement: c.field("entitlement", Cbor::string)?,
+                device_id: c.field("device_id", Cbor::string)?,
+                station: c.field("station", |c| c.optional(Cbor::string))?,
+                result: c.field("result", Cbor::string)?,
+            }
+        }
         "provision_denied" => {
             c.map(5)?;
             Event::ProvisionDenied {
@@ -293,6 +302,12 @@ mod tests {
                 station: None,
                 pool_index: None,
                 keys: vec![],
+            },
+            Event::DeviceConfirmed {
+                entitlement: "e".into(),
+                device_id: "d".into(),
+                station: Some("line-1".into()),
+                result: "failed".into(),
             },
             Event::ProvisionDenied {
                 entitlement: "e".into(),

@@ -48,6 +48,14 @@ pub enum Event {
         pool_index: Option<u64>,
         keys: Vec<AuditedKey>,
     },
+    /// The station reported programming the device: `programmed`, or `failed` (its keys
+    /// are burned). Either way they are never handed out again.
+    DeviceConfirmed {
+        entitlement: String,
+        device_id: String,
+        station: Option<String>,
+        result: String,
+    },
     /// A request was refused, with its code.
     ProvisionDenied {
         entitlement: String,

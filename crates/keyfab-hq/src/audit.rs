@@ -61,6 +61,12 @@ pub struct Replica {
     pub refusals: BTreeMap<String, u64>,
     pub destroyed: u64,
     pub violations: u64,
+    /// Devices their station reported programmed.
+    #[serde(default)]
+    pub confirmed: u64,
+    /// Devices whose programming failed: their keys are burned.
+    #[serde(default)]
+    pub burned: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,7 +79,8 @@ pub struct Violation {
     /// What went wrong: a policy code the decision broke (`daily_limit_exceeded`, …), or
     /// `unknown_entitlement`, `pool_key_reused`, `pool_key_not_issued`,
     /// `timestamp_backwards`, `approver_not_listed`, `activated_without_quorum`,
-    /// `revoked_without_revocation`, `denied_but_allowed`.
+    /// `revoked_without_revocation`, `denied_but_allowed`, `confirmed_without_release`,
+    /// `malformed_confirmation`.
     pub kind: String,
     pub detail: String,
 }
@@ -801,6 +808,42 @@ impl<'a> Reconciler<'a> {
                     None,
                     &[],
                 )?;
+            }
+            Event::DeviceConfirmed {
+                entitlement,
+                device_id,
+                result,
+                ..
+            } => {
+                let released = self.issued(entitlement)?.is_some()
+                    && self
+                        .devices
+                        .released(&self.node.store, entitlement, device_id)?
+                        .is_some();
+                if !released {
+                    self.violation(
+                        r,
+                        Some(entitlement),
+                        Some(device_id),
+                        "confirmed_without_release",
+                        "a confirmation of a device that received no keys".into(),
+                    );
+                }
+                let rep = self.replica(entitlement)?;
+                match result.as_str() {
+                    "programmed" => rep.confirmed += 1,
+                    "failed" => rep.burned += 1,
+                    _ => {}
+                }
+                if !matches!(result.as_str(), "programmed" | "failed") {
+                    self.violation(
+                        r,
+                        Some(entitlement),
+                        Some(device_id),
+                        "malformed_confirmation",
+                        format!("unknown result '{result}'"),
+                    );
+                }
             }
             Event::ClockRollback { .. }
             | Event::SettingChanged { .. }

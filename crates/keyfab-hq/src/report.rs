@@ -20,6 +20,9 @@ pub struct EntitlementReport {
     pub quota: u64,
     pub daily_limit: Option<u64>,
     pub released: u64,
+    /// Released devices their station reported programmed, and failed (keys burned).
+    pub confirmed: u64,
+    pub burned: u64,
     pub today: u64,
     pub unused: u64,
     pub destroyed: u64,
@@ -59,6 +62,8 @@ pub fn report(node: &Node, now: UnixTime) -> Result<Report> {
             quota: issued.policy.devices,
             daily_limit: issued.policy.daily_limit,
             released: replica.total,
+            confirmed: replica.confirmed,
+            burned: replica.burned,
             today,
             unused: issued
                 .policy

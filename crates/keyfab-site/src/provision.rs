@@ -105,6 +105,55 @@ struct DeviceRecord {
     /// Per key spec: a `site` key's secret sealed under the entitlement's data key (so a
     /// retry gets the same key); empty for other sources.
     sealed: Vec<serde_bytes::ByteBuf>,
+    /// What the station reported after programming, and the audit record of it. Once
+    /// set, the keys are never handed out again.
+    #[serde(default)]
+    confirmed: Option<Confirmation>,
+}
+
+/// The outcome of programming a device, as its station reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Programming {
+    /// The device holds its keys.
+    Programmed,
+    /// Programming failed: the keys are burned, never handed out again.
+    Failed,
+}
+
+impl Programming {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Programming::Programmed => "programmed",
+            Programming::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "programmed" => Some(Programming::Programmed),
+            "failed" => Some(Programming::Failed),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Confirmation {
+    result: Programming,
+    audit_sequence: u64,
+}
+
+/// A confirmation, recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirmed {
+    pub entitlement: String,
+    pub device_id: String,
+    pub result: Programming,
+    pub audit_sequence: u64,
+    /// This repeats an earlier identical confirmation (nothing new was recorded).
+    pub repeated: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -166,12 +215,18 @@ enum Outcome {
         privates: Vec<Option<SecretBytes>>,
     },
     Replay(RequestRecord),
+    Confirmed {
+        audit_sequence: u64,
+        repeated: bool,
+    },
 }
 
 struct Job {
     ctx: Arc<EntitlementContext>,
     req: ProvisionRequest,
     prepared: Vec<Prepared>,
+    /// A confirmation of `req.device_id` rather than a provisioning request.
+    confirm: Option<Programming>,
     reply: mpsc::SyncSender<Result<Outcome>>,
 }
 
@@ -192,6 +247,7 @@ pub struct Provisioner {
 struct Work {
     ctx: Arc<EntitlementContext>,
     req: ProvisionRequest,
+    confirm: Option<Programming>,
     reply: mpsc::SyncSender<Result<Outcome>>,
 }
 
@@ -314,6 +370,58 @@ impl Provisioner {
         check_request_id(&req.request_id)?;
         let ctx = self.context(&req.entitlement)?;
         // A retry is recognised by the committer, which answers it from the record.
+        match self.submit(&ctx, req.clone(), None)? {
+            Outcome::Replay(rr) => self.answer_replay(&ctx, &req, rr),
+            Outcome::Allowed {
+                audit_sequence,
+                keys,
+                privates,
+            } => self.answer(&ctx, &req, audit_sequence, keys, privates, false),
+            Outcome::Confirmed { .. } => Err(Error::InvalidState("unexpected answer".into())),
+        }
+    }
+
+    /// Records what the station reports after programming `device_id`: `programmed`, or
+    /// `failed` (its keys are burned). Either way its keys are never handed out again. A
+    /// repeated identical confirmation is answered from the record; a contradicting one
+    /// is refused. Goes through the committer, in order with provisioning.
+    pub fn confirm(
+        &self,
+        entitlement: &str,
+        device_id: &str,
+        result: Programming,
+        station: Option<String>,
+    ) -> Result<Confirmed> {
+        let ctx = self.context(entitlement)?;
+        let req = ProvisionRequest {
+            entitlement: entitlement.to_owned(),
+            device_id: device_id.to_owned(),
+            station,
+            request_id: String::new(),
+            csr: None,
+        };
+        match self.submit(&ctx, req, Some(result))? {
+            Outcome::Confirmed {
+                audit_sequence,
+                repeated,
+            } => Ok(Confirmed {
+                entitlement: entitlement.to_owned(),
+                device_id: device_id.to_owned(),
+                result,
+                audit_sequence,
+                repeated,
+            }),
+            _ => Err(Error::InvalidState("unexpected answer".into())),
+        }
+    }
+
+    /// Hands a request to the workers and waits for the committer's outcome.
+    fn submit(
+        &self,
+        ctx: &Arc<EntitlementContext>,
+        req: ProvisionRequest,
+        confirm: Option<Programming>,
+    ) -> Result<Outcome> {
         let (reply, answer) = mpsc::sync_channel(1);
         {
             let work = self.work.lock().unwrap_or_else(|p| p.into_inner());
@@ -322,22 +430,15 @@ impl Provisioner {
                 .ok_or_else(|| Error::InvalidState("provisioner stopped".into()))?;
             tx.send(Work {
                 ctx: ctx.clone(),
-                req: req.clone(),
+                req,
+                confirm,
                 reply,
             })
             .map_err(|_| Error::InvalidState("provisioner stopped".into()))?;
         }
-        let outcome = answer
+        answer
             .recv()
-            .map_err(|_| Error::InvalidState("provisioner stopped".into()))??;
-        match outcome {
-            Outcome::Replay(rr) => self.answer_replay(&ctx, &req, rr),
-            Outcome::Allowed {
-                audit_sequence,
-                keys,
-                privates,
-            } => self.answer(&ctx, &req, audit_sequence, keys, privates, false),
-        }
+            .map_err(|_| Error::InvalidState("provisioner stopped".into()))?
     }
 
     /// Per key spec, the work that needs no shared state.
@@ -443,6 +544,14 @@ impl Provisioner {
             .get(Table::Devices, &ent_key(&req.entitlement, &req.device_id))?
             .ok_or_else(|| Error::InvalidState("request recorded without its device".into()))?;
         let record: DeviceRecord = decode(&v.value)?;
+        if let Some(c) = record.confirmed {
+            return Err(Error::InvalidState(format!(
+                "device '{}' was confirmed {} (audit record {}): its keys are not handed out again",
+                req.device_id,
+                c.result.as_str(),
+                c.audit_sequence
+            )));
+        }
         let audit =
             crate::audit_log::record_in_row(&self.node, record.audit_row, record.audit_sequence)?;
         let keys = match audit.event {
@@ -537,15 +646,26 @@ impl Drop for Provisioner {
 fn crypto_worker(node: &Node, work: &Mutex<mpsc::Receiver<Work>>, jobs: &mpsc::Sender<Job>) {
     loop {
         let next = work.lock().unwrap_or_else(|p| p.into_inner()).recv();
-        let Ok(Work { ctx, req, reply }) = next else {
+        let Ok(Work {
+            ctx,
+            req,
+            confirm,
+            reply,
+        }) = next
+        else {
             return;
         };
-        match Provisioner::prepare(node, &ctx, &req) {
+        let prepared = match confirm {
+            Some(_) => Ok(Vec::new()),
+            None => Provisioner::prepare(node, &ctx, &req),
+        };
+        match prepared {
             Ok(prepared) => {
                 let job = Job {
                     ctx,
                     req,
                     prepared,
+                    confirm,
                     reply,
                 };
                 if let Err(mpsc::SendError(job)) = jobs.send(job) {
@@ -685,6 +805,8 @@ struct Carried {
     counters: HashMap<String, (Counters, Option<u64>)>,
     requests: HashMap<Vec<u8>, RequestRecord>,
     devices: std::collections::HashSet<Vec<u8>>,
+    /// Device records confirmed in this batch, as they will be stored.
+    confirmed: HashMap<Vec<u8>, DeviceRecord>,
 }
 
 impl Carried {
@@ -699,6 +821,7 @@ impl Carried {
             counters: HashMap::new(),
             requests: HashMap::new(),
             devices: Default::default(),
+            confirmed: HashMap::new(),
         })
     }
 }
@@ -843,9 +966,26 @@ fn decide_batch(
     let mut outcomes = Vec::with_capacity(batch.len());
     for (job, (req_key, dev_key)) in batch.into_iter().zip(keys) {
         let Job {
-            ctx, req, prepared, ..
+            ctx,
+            req,
+            prepared,
+            confirm,
+            ..
         } = job;
         let (stored_request, stored_device) = (stored.next().flatten(), stored.next().flatten());
+        if let Some(result) = confirm {
+            outcomes.push(confirm_device(
+                &mut txn,
+                &mut log,
+                now,
+                &req,
+                result,
+                stored_device,
+                &mut st.confirmed,
+                &dev_key,
+            ));
+            continue;
+        }
         let earlier = match st.requests.get(&req_key) {
             Some(r) => Some(r.clone()),
             None => stored_request.map(|v| decode(&v.value)).transpose()?,
@@ -999,6 +1139,7 @@ fn decide_batch(
                     station: req.station.clone(),
                     pool_index,
                     sealed: sealed_keys,
+                    confirmed: None,
                 };
                 let rr = RequestRecord {
                     device_id: req.device_id.clone(),
@@ -1024,6 +1165,67 @@ fn decide_batch(
     }
     log.finish(&mut txn);
     Ok((txn, outcomes))
+}
+
+/// Records one confirmation in the batch's transaction.
+#[allow(clippy::too_many_arguments)]
+fn confirm_device(
+    txn: &mut Txn,
+    log: &mut Appender,
+    now: i64,
+    req: &ProvisionRequest,
+    result: Programming,
+    stored: Option<Versioned>,
+    confirmed: &mut HashMap<Vec<u8>, DeviceRecord>,
+    dev_key: &[u8],
+) -> Result<Outcome> {
+    let mut record = match confirmed.get(dev_key) {
+        Some(r) => r.clone(),
+        None => match stored {
+            Some(v) => decode::<DeviceRecord>(&v.value)?,
+            None => {
+                return Err(Error::NotFound(format!(
+                    "device '{}' has no keys under {} to confirm",
+                    req.device_id, req.entitlement
+                )))
+            }
+        },
+    };
+    if let Some(c) = record.confirmed {
+        return if c.result == result {
+            Ok(Outcome::Confirmed {
+                audit_sequence: c.audit_sequence,
+                repeated: true,
+            })
+        } else {
+            Err(Error::InvalidState(format!(
+                "device '{}' was already confirmed {} (audit record {})",
+                req.device_id,
+                c.result.as_str(),
+                c.audit_sequence
+            )))
+        };
+    }
+    let seq = log.append(
+        txn,
+        now,
+        Event::DeviceConfirmed {
+            entitlement: req.entitlement.clone(),
+            device_id: req.device_id.clone(),
+            station: req.station.clone(),
+            result: result.as_str().to_owned(),
+        },
+    )?;
+    record.confirmed = Some(Confirmation {
+        result,
+        audit_sequence: seq,
+    });
+    txn.put(Table::Devices, dev_key, &encode(&record)?);
+    confirmed.insert(dev_key.to_vec(), record);
+    Ok(Outcome::Confirmed {
+        audit_sequence: seq,
+        repeated: false,
+    })
 }
 
 /// The counters of an entitlement, as stored.

@@ -131,6 +131,19 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/confirm`: tells the site the device was `programmed`, or `failed` (its
+    /// keys are then burned). Repeating the same confirmation is harmless.
+    pub async fn confirm(
+        &self,
+        entitlement: &str,
+        device_id: &str,
+        result: &str,
+    ) -> Result<serde_json::Value> {
+        let body = serde_json::json!({"entitlement": entitlement, "device_id": device_id, "result": result});
+        self.call(|http, url| http.post(format!("{url}/v1/confirm")).json(&body))
+            .await
+    }
+
     /// `GET /v1/entitlements`: what this station may use, and what is left.
     pub async fn entitlements(&self) -> Result<serde_json::Value> {
         self.call(|http, url| http.get(format!("{url}/v1/entitlements")))

@@ -375,6 +375,26 @@ pub enum SiteStationCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum StationCommand {
+    /// Tell the site a device was programmed, or that programming failed (its keys are
+    /// then burned). Either way the keys are never handed out again.
+    #[command(after_help = "Examples:
+  keyfab station confirm --url https://127.0.0.1:8443 --station-dir line-1 --entitlement ID --device-id TSV2-00000001 --result programmed
+  keyfab station confirm --url https://127.0.0.1:8443 --station-dir line-1 --entitlement ID --device-id TSV2-00000002 --result failed")]
+    Confirm {
+        /// The site's URL; several, comma-separated, are tried in turn.
+        #[arg(long, value_delimiter = ',', required = true)]
+        url: Vec<String>,
+        /// The directory `keyfab site station enroll` wrote.
+        #[arg(long, value_name = "DIR")]
+        station_dir: PathBuf,
+        #[arg(long)]
+        entitlement: String,
+        #[arg(long)]
+        device_id: String,
+        /// programmed, or failed.
+        #[arg(long, value_parser = ["programmed", "failed"])]
+        result: String,
+    },
     /// Provision one device through a site's station API.
     #[command(after_help = "Examples:
   keyfab station provision --url https://127.0.0.1:8443 --station-dir line-1 --entitlement ID --device-id TSV2-00000001

@@ -224,6 +224,9 @@ fn refusal(code: &str, message: &str) -> Failure {
         "untrusted_signer" => "untrusted_signer",
         "malformed" => "malformed",
         "locked" => "locked",
+        "not_found" => "not_found",
+        "invalid_state" => "invalid_state",
+        "invalid_input" => "invalid_input",
         c => POLICY
             .iter()
             .find(|p| **p == c)
@@ -304,4 +307,30 @@ pub fn station_provision(
         }
     );
     Ok(Report::new(text, bundle))
+}
+
+pub fn station_confirm(
+    urls: &[String],
+    dir: &Path,
+    entitlement: &str,
+    device_id: &str,
+    result: &str,
+) -> Result<Report, Failure> {
+    let station = keyfab_station::StationDir::load(dir).map_err(station_failure)?;
+    let client = keyfab_station::Client::new(&station, urls).map_err(station_failure)?;
+    let answer = keyfab_station::block_on(client.confirm(entitlement, device_id, result))
+        .map_err(|e| Failure::new("internal", e.to_string()))?
+        .map_err(station_failure)?;
+    Ok(Report::new(
+        format!(
+            "device {device_id} confirmed {result} (audit record {}{})",
+            answer["audit_sequence"],
+            if answer["repeated"] == true {
+                ", as before"
+            } else {
+                ""
+            }
+        ),
+        answer,
+    ))
 }

@@ -81,6 +81,13 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             crate::line::station_list(&ctx, &home.home)
         }
         Command::Site(SiteCommand::Serve(a)) => crate::line::serve(&ctx, &a, ctx.json),
+        Command::Station(StationCommand::Confirm {
+            url,
+            station_dir,
+            entitlement,
+            device_id,
+            result,
+        }) => crate::line::station_confirm(&url, &station_dir, &entitlement, &device_id, &result),
         Command::Station(StationCommand::Provision {
             url,
             station_dir,
@@ -844,19 +851,27 @@ pub fn hq_report(
     let r = keyfab_hq::report::report(&node, node.now())?;
     let value = serde_json::to_value(&r).map_err(|e| Failure::new("internal", e.to_string()))?;
     let mut text = format!(
-        "{:<16} {:<34} {:<20} {:>13} {:>17} {:>10}  {}\n",
-        "SITE", "ENTITLEMENT", "PRODUCT", "TODAY/LIMIT", "TOTAL/QUOTA", "VIOLATIONS", "REFUSALS"
+        "{:<16} {:<34} {:<20} {:>13} {:>17} {:>16} {:>10}  {}\n",
+        "SITE",
+        "ENTITLEMENT",
+        "PRODUCT",
+        "TODAY/LIMIT",
+        "TOTAL/QUOTA",
+        "PROGRAMMED/FAIL",
+        "VIOLATIONS",
+        "REFUSALS"
     );
     for e in &r.entitlements {
         let limit = e.daily_limit.map_or("-".into(), |d| d.to_string());
         let refusals: Vec<String> = e.refusals.iter().map(|(c, n)| format!("{c} {n}")).collect();
         text.push_str(&format!(
-            "{:<16} {:<34} {:<20} {:>13} {:>17} {:>10}  {}{}\n",
+            "{:<16} {:<34} {:<20} {:>13} {:>17} {:>16} {:>10}  {}{}\n",
             e.site,
             e.entitlement,
             e.product,
             format!("{}/{}", e.today, limit),
             format!("{}/{}", e.released, e.quota),
+            format!("{}/{}", e.confirmed, e.burned),
             e.violations,
             if refusals.is_empty() {
                 "-".into()

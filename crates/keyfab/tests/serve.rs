@@ -472,3 +472,85 @@ fn sigterm_under_load_loses_nothing() {
     assert_eq!(line["released"], got.len(), "{line}");
     assert_eq!(report["violations"], serde_json::json!([]));
 }
+
+fn station_confirm(url: &str, dir: &Path, id: &str, device: &str, result: &str) -> Out {
+    keyfab(
+        &[
+            "station",
+            "confirm",
+            "--url",
+            url,
+            "--station-dir",
+            &s(dir),
+            "--entitlement",
+            id,
+            "--device-id",
+            device,
+            "--result",
+            result,
+        ],
+        None,
+    )
+}
+
+/// After programming, the station confirms; a failed device's keys are burned. Either
+/// way the keys never leave again, and HQ accounts both from the log.
+#[test]
+fn confirmations_close_a_device_and_hq_counts_them() {
+    let (w, id, line1) = setup();
+    let server = Server::start(&w.site);
+    let url = server.url();
+    assert_eq!(station_provision(&url, &line1, &id, "D-0301", "c1").code, 0);
+    assert_eq!(station_provision(&url, &line1, &id, "D-0302", "c2").code, 0);
+
+    let done = station_confirm(&url, &line1, &id, "D-0301", "programmed");
+    assert_eq!(done.code, 0, "{}", done.json);
+    assert_eq!(done.json["repeated"], false);
+    let again = station_confirm(&url, &line1, &id, "D-0301", "programmed");
+    assert_eq!(again.json["repeated"], true);
+    assert_eq!(again.json["audit_sequence"], done.json["audit_sequence"]);
+    let contradicting = station_confirm(&url, &line1, &id, "D-0301", "failed");
+    assert_eq!(contradicting.code, 1, "{}", contradicting.json);
+    assert_eq!(contradicting.json["error"]["code"], "invalid_state");
+    let burned = station_confirm(&url, &line1, &id, "D-0302", "failed");
+    assert_eq!(burned.code, 0, "{}", burned.json);
+    let unknown = station_confirm(&url, &line1, &id, "D-0399", "programmed");
+    assert_eq!(
+        unknown.json["error"]["code"], "not_found",
+        "{}",
+        unknown.json
+    );
+
+    // The same request ids no longer bring the keys back.
+    for (device, request) in [("D-0301", "c1"), ("D-0302", "c2")] {
+        let replay = station_provision(&url, &line1, &id, device, request);
+        assert_ne!(replay.code, 0, "{}", replay.json);
+        assert!(replay.json.get("keys").is_none());
+    }
+    let (code, _) = server.stop();
+    assert_eq!(code, 0);
+
+    let kfa = w.path("confirm.kfa");
+    ok(&[
+        "site",
+        "audit",
+        "export",
+        "--home",
+        &s(&w.site),
+        "--out",
+        &s(&kfa),
+    ]);
+    ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&kfa)]);
+    let report = ok(&["hq", "report", "--home", &s(&w.hq)]);
+    let line = &report["entitlements"][0];
+    assert_eq!(
+        (
+            line["released"].clone(),
+            line["confirmed"].clone(),
+            line["burned"].clone()
+        ),
+        (2.into(), 1.into(), 1.into()),
+        "{line}"
+    );
+    assert_eq!(report["violations"], serde_json::json!([]));
+}

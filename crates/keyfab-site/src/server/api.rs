@@ -41,6 +41,7 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     let station_api = Router::new()
         .route("/v1/provision", post(provision))
+        .route("/v1/confirm", post(confirm))
         .route("/v1/entitlements", get(entitlements))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(
@@ -174,6 +175,51 @@ async fn provision(
     state.metrics.observe(&outcome, started.elapsed());
     let provisioned = outcome?;
     Ok(Json(crate::bundle::device_bundle(&provisioned)).into_response())
+}
+
+/// `POST /v1/confirm`: the station programmed the device, or failed to.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfirmBody {
+    entitlement: String,
+    device_id: String,
+    /// `programmed` or `failed`.
+    result: String,
+}
+
+async fn confirm(
+    State(state): State<AppState>,
+    Extension(Station(station)): Extension<Station>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let body: ConfirmBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            format!("request body: {e}"),
+        )
+    })?;
+    let result = crate::provision::Programming::parse(&body.result).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "result must be programmed or failed",
+        )
+    })?;
+    let provisioner = state.provisioner.clone();
+    let c = tokio::task::spawn_blocking(move || {
+        provisioner.confirm(&body.entitlement, &body.device_id, result, Some(station))
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "confirm"))??;
+    Ok(Json(json!({
+        "entitlement": c.entitlement,
+        "device_id": c.device_id,
+        "result": c.result.as_str(),
+        "audit_sequence": c.audit_sequence,
+        "repeated": c.repeated,
+    }))
+    .into_response())
 }
 
 /// `GET /v1/entitlements`: what this station may use, and what is left of it.
