@@ -16,6 +16,7 @@
 pub mod approval;
 pub mod audit_bundle;
 pub mod checkpoint;
+pub mod chip;
 pub mod cose;
 pub mod entitlement;
 pub mod identity;

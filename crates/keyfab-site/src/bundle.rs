@@ -27,13 +27,18 @@ pub fn device_bundle(p: &Provisioned) -> serde_json::Value {
                         json!(base64::engine::general_purpose::STANDARD.encode(private.expose()));
                 }
             }
+            if let Some(sealed) = &k.sealed {
+                o["sealed_private_base64"] =
+                    json!(base64::engine::general_purpose::STANDARD.encode(sealed));
+            }
             if let Some(cert) = &k.certificate {
                 o["certificate_pem"] = json!(x509::to_pem(cert, "CERTIFICATE"));
             }
             o
         })
         .collect();
-    json!({
+    let mut bundle = json!({
+        "site": p.site,
         "entitlement": p.entitlement,
         "device_id": p.device_id,
         "request_id": p.request_id,
@@ -41,5 +46,10 @@ pub fn device_bundle(p: &Provisioned) -> serde_json::Value {
         "replayed": p.replayed,
         "keys": keys,
         "chain_pem": p.chain.iter().map(|c| x509::to_pem(c, "CERTIFICATE")).collect::<Vec<_>>(),
-    })
+    });
+    if let Some(enc) = &p.chip_enc {
+        // FORMATS.md §10: the chip opens the keys' `sealed_private_base64`, in order.
+        bundle["chip_enc_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(enc));
+    }
+    bundle
 }

@@ -16,6 +16,7 @@ use keyfab_audit::Head;
 use keyfab_audit::{AuditedKey, Event};
 use keyfab_crypto::aead::AeadKey;
 use keyfab_crypto::devicekey::{self, DeviceKeyType, KeyId};
+use keyfab_crypto::hpke::HpkePublicKey;
 use keyfab_crypto::secret::{Secret32, SecretBytes};
 use keyfab_crypto::sign::SigningKey;
 use keyfab_crypto::time::UnixTime;
@@ -50,6 +51,9 @@ pub struct ProvisionRequest {
     pub request_id: String,
     /// DER CSR of the device's own key, for keys with source `device`.
     pub csr: Option<Vec<u8>>,
+    /// The chip's transport key: the key material is sealed to it (HPKE, FORMATS.md
+    /// §10), so whoever carries the answer never sees it in clear.
+    pub transport_key: Option<HpkePublicKey>,
 }
 
 /// A key handed to a device.
@@ -59,8 +63,11 @@ pub struct IssuedKey {
     pub source: KeySource,
     /// `spki-sha256:…` or `kcv:…`: what the audit log holds.
     pub key_id: String,
-    /// PKCS#8 DER for asymmetric keys, the raw 32 bytes for AES; none for `device` keys.
+    /// PKCS#8 DER for asymmetric keys, the raw 32 bytes for AES; none for `device` keys,
+    /// and none when the request carried a transport key (see `sealed`).
     pub private: Option<SecretBytes>,
+    /// The same, sealed to the chip's transport key (with [`Provisioned::chip_enc`]).
+    pub sealed: Option<Vec<u8>>,
     /// DER device certificate.
     pub certificate: Option<Vec<u8>>,
 }
@@ -87,6 +94,10 @@ pub struct Provisioned {
     /// Issuers of the device certificates, nearest first: batch CA, HQ cluster CA.
     /// With the root certificate, `openssl verify` accepts every device certificate.
     pub chain: Vec<Vec<u8>>,
+    /// With a transport key: the HPKE encapsulated key the chip opens the keys with.
+    pub chip_enc: Option<Vec<u8>>,
+    /// The site's name, part of what a chip package is bound to.
+    pub site: String,
 }
 
 /// What the site keeps per provisioned device beside its audit record, which holds the
@@ -109,6 +120,11 @@ struct DeviceRecord {
     /// set, the keys are never handed out again.
     #[serde(default)]
     confirmed: Option<Confirmation>,
+    /// Hex SHA-256 of the transport key the keys were sealed to, if any: a retry must
+    /// carry the same key, or anyone retrying a request id could have the keys re-sealed
+    /// to a key of their own.
+    #[serde(default)]
+    transport_key: Option<String>,
 }
 
 /// The outcome of programming a device, as its station reports it.
@@ -399,6 +415,7 @@ impl Provisioner {
             station,
             request_id: String::new(),
             csr: None,
+            transport_key: None,
         };
         match self.submit(&ctx, req, Some(result))? {
             Outcome::Confirmed {
@@ -544,6 +561,18 @@ impl Provisioner {
             .get(Table::Devices, &ent_key(&req.entitlement, &req.device_id))?
             .ok_or_else(|| Error::InvalidState("request recorded without its device".into()))?;
         let record: DeviceRecord = decode(&v.value)?;
+        let sealed_to = req.transport_key.as_ref().map(|k| k.fingerprint().to_hex());
+        if record.transport_key != sealed_to {
+            return Err(Error::InvalidInput(format!(
+                "request id '{}' was answered {}; a retry must carry the same transport key",
+                req.request_id,
+                if record.transport_key.is_some() {
+                    "sealed to a chip's transport key"
+                } else {
+                    "without a transport key"
+                }
+            )));
+        }
         if let Some(c) = record.confirmed {
             return Err(Error::InvalidState(format!(
                 "device '{}' was confirmed {} (audit record {}): its keys are not handed out again",
@@ -600,7 +629,7 @@ impl Provisioner {
         privates: Vec<Option<SecretBytes>>,
         replayed: bool,
     ) -> Result<Provisioned> {
-        let keys = ctx
+        let mut keys: Vec<IssuedKey> = ctx
             .policy
             .policy
             .keys
@@ -613,9 +642,14 @@ impl Provisioner {
                 source: spec.source,
                 key_id: audited.key_id,
                 private,
+                sealed: None,
                 certificate: audited.certificate.map(|c| c.into_vec()),
             })
             .collect();
+        let chip_enc = match &req.transport_key {
+            Some(chip) => Some(self.seal_to_chip(chip, req, &mut keys)?),
+            None => None,
+        };
         Ok(Provisioned {
             entitlement: req.entitlement.clone(),
             device_id: req.device_id.clone(),
@@ -624,7 +658,37 @@ impl Provisioner {
             replayed,
             keys,
             chain: ctx.chain.clone(),
+            chip_enc,
+            site: self.node.name.clone(),
         })
+    }
+
+    /// Replaces every key's clear private part with its sealing to `chip`; returns the
+    /// encapsulated key. The clear parts are dropped (zeroized) here.
+    fn seal_to_chip(
+        &self,
+        chip: &HpkePublicKey,
+        req: &ProvisionRequest,
+        keys: &mut [IssuedKey],
+    ) -> Result<Vec<u8>> {
+        let with_private: Vec<(&str, &[u8])> = keys
+            .iter()
+            .filter_map(|k| k.private.as_ref().map(|p| (k.name.as_str(), p.expose())))
+            .collect();
+        let binding = keyfab_formats::chip::Binding {
+            site: &self.node.name,
+            entitlement: &req.entitlement,
+            device_id: &req.device_id,
+        };
+        let (enc, sealed) =
+            keyfab_formats::chip::seal_keys(chip, &binding, &with_private, self.node.rng.as_ref())?;
+        let mut sealed = sealed.into_iter();
+        for k in keys.iter_mut() {
+            if k.private.take().is_some() {
+                k.sealed = sealed.next();
+            }
+        }
+        Ok(enc)
     }
 }
 
@@ -1140,6 +1204,7 @@ fn decide_batch(
                     pool_index,
                     sealed: sealed_keys,
                     confirmed: None,
+                    transport_key: req.transport_key.as_ref().map(|k| k.fingerprint().to_hex()),
                 };
                 let rr = RequestRecord {
                     device_id: req.device_id.clone(),

@@ -4,11 +4,15 @@
 //! Which API for which job:
 //! - the files `keyfab site station enroll` wrote: [`StationDir::load`];
 //! - ask for a device's keys: [`Client::provision`] (retries a dropped connection with
-//!   the same request id, on the next URL if there are several).
+//!   the same request id, on the next URL if there are several);
+//! - the chip end, which opens keys sealed to it and checks its certificates:
+//!   [`device::SimulatedChip`].
 //!
 //! The client trusts only its site's line CA, presents its station certificate, and
 //! speaks TLS 1.3 only.
 #![forbid(unsafe_code)]
+
+pub mod device;
 
 use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::x509;
@@ -91,11 +95,15 @@ pub struct ProvisionRequest {
     /// The device's CSR, PEM.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub csr: Option<String>,
+    /// The chip's transport key (SEC1, base64): the keys come back sealed to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport_key: Option<String>,
 }
 
 /// Tries a dropped request this many times in all (over all URLs).
 const ATTEMPTS: usize = 6;
 
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     urls: Vec<String>,
@@ -205,4 +213,128 @@ pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> std::io::Result<T
         .enable_all()
         .build()?
         .block_on(f))
+}
+
+/// What a simulated line did.
+#[derive(Debug, Default)]
+pub struct LineReport {
+    /// Devices that got keys, opened them and confirmed them programmed.
+    pub programmed: u64,
+    /// Devices whose package did not check out on the chip: confirmed failed (burned).
+    pub failed: u64,
+    /// Why, by reason.
+    pub failures: std::collections::BTreeMap<String, u64>,
+    /// Refusals by the site, by code.
+    pub refused: std::collections::BTreeMap<String, u64>,
+    /// Requests no site answered.
+    pub unreachable: u64,
+    /// Time from request to confirmed, per device that got keys.
+    pub latencies: Vec<Duration>,
+    pub elapsed: Duration,
+}
+
+/// A simulated production line: for every id of `devices`, a chip with its own transport
+/// key asks for its keys (request id = device id, so a rerun resumes), opens and checks
+/// them against `root_cert`, and confirms — `concurrency` devices at a time. `done` is
+/// called after each device.
+pub async fn run_line(
+    client: &Client,
+    entitlement: &str,
+    devices: Vec<String>,
+    concurrency: usize,
+    root_cert: &[u8],
+    done: &(dyn Fn(u64) + Sync),
+) -> LineReport {
+    let started = std::time::Instant::now();
+    let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let client = Arc::new(client.clone());
+    let root = Arc::new(root_cert.to_vec());
+    let mut report = LineReport::default();
+    let mut finished = 0u64;
+    let mut tally = |report: &mut LineReport, outcome: DeviceOutcome| {
+        match outcome {
+            DeviceOutcome::Programmed(t) => {
+                report.programmed += 1;
+                report.latencies.push(t);
+            }
+            DeviceOutcome::Failed(why) => {
+                report.failed += 1;
+                *report.failures.entry(why).or_insert(0) += 1;
+            }
+            DeviceOutcome::Refused(code) => *report.refused.entry(code).or_insert(0) += 1,
+            DeviceOutcome::Unreachable => report.unreachable += 1,
+        }
+        finished += 1;
+        done(finished);
+    };
+    for device in devices {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let (client, root, entitlement) = (client.clone(), root.clone(), entitlement.to_owned());
+        tasks.spawn(async move {
+            let _permit = permit;
+            one_device(&client, &entitlement, &device, &root).await
+        });
+        while let Some(Ok(outcome)) = tasks.try_join_next() {
+            tally(&mut report, outcome);
+        }
+    }
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok(outcome) = joined {
+            tally(&mut report, outcome);
+        }
+    }
+    report.elapsed = started.elapsed();
+    report
+}
+
+enum DeviceOutcome {
+    Programmed(Duration),
+    Failed(String),
+    Refused(String),
+    Unreachable,
+}
+
+async fn one_device(
+    client: &Client,
+    entitlement: &str,
+    device: &str,
+    root: &[u8],
+) -> DeviceOutcome {
+    use keyfab_crypto::time::Clock;
+    let started = std::time::Instant::now();
+    let chip = device::SimulatedChip::new(device, &keyfab_crypto::rng::SystemRng);
+    let transport_key = match chip.transport_key() {
+        Ok(k) => k,
+        Err(e) => return DeviceOutcome::Failed(e.to_string()),
+    };
+    let req = ProvisionRequest {
+        request_id: device.to_owned(),
+        entitlement: entitlement.to_owned(),
+        device_id: device.to_owned(),
+        csr: None,
+        transport_key: Some(transport_key),
+    };
+    let bundle = match client.provision(&req).await {
+        Ok(b) => b,
+        Err(StationError::Refused { code, .. }) => return DeviceOutcome::Refused(code),
+        Err(_) => return DeviceOutcome::Unreachable,
+    };
+    // The device's clock, read when it checks (a certificate issued this very second is
+    // not valid a second earlier).
+    let now = keyfab_crypto::time::SystemClock.now();
+    let (result, why) = match chip.program(&bundle, root, now) {
+        Ok(_keys) => ("programmed", None),
+        Err(e) => ("failed", Some(e.to_string())),
+    };
+    match client.confirm(entitlement, device, result).await {
+        Ok(_) => match why {
+            None => DeviceOutcome::Programmed(started.elapsed()),
+            Some(why) => DeviceOutcome::Failed(why),
+        },
+        Err(StationError::Refused { code, .. }) => DeviceOutcome::Refused(code),
+        Err(_) => DeviceOutcome::Unreachable,
+    }
 }

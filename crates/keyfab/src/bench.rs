@@ -157,6 +157,7 @@ pub fn provision(
                                 station: None,
                                 request_id: format!("b-{i}"),
                                 csr: None,
+                                transport_key: None,
                             });
                             if r.is_ok() {
                                 lat.push(t0.elapsed().as_secs_f64() * 1000.0);

@@ -375,6 +375,40 @@ pub enum SiteStationCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum StationCommand {
+    /// Run a simulated production line: N devices, each a chip with its own transport
+    /// key; each gets its keys sealed to its chip, opens them, checks its certificates
+    /// against the root, and confirms.
+    #[command(after_help = "Example:
+  keyfab station run --url https://127.0.0.1:8443 --station-dir line-1 --root-cert root/root.crt \\
+      --entitlement ID --devices 1000 --concurrency 16 --device-prefix TSV2-
+
+Device ids are PREFIX followed by 8 digits from --first. The request id of each device is
+its id, so running the same line again resumes where it stopped.")]
+    Run {
+        /// The site's URL; several, comma-separated, are tried in turn.
+        #[arg(long, value_delimiter = ',', required = true)]
+        url: Vec<String>,
+        /// The directory `keyfab site station enroll` wrote.
+        #[arg(long, value_name = "DIR")]
+        station_dir: PathBuf,
+        /// The root certificate devices check their certificates against.
+        #[arg(long, value_name = "FILE")]
+        root_cert: PathBuf,
+        #[arg(long)]
+        entitlement: String,
+        /// How many devices.
+        #[arg(long)]
+        devices: u64,
+        /// Devices in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Device ids: this prefix, then 8 digits.
+        #[arg(long, default_value = "SIM-")]
+        device_prefix: String,
+        /// The number of the first device.
+        #[arg(long, default_value_t = 1)]
+        first: u64,
+    },
     /// Tell the site a device was programmed, or that programming failed (its keys are
     /// then burned). Either way the keys are never handed out again.
     #[command(after_help = "Examples:

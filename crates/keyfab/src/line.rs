@@ -284,6 +284,7 @@ pub fn station_provision(
         entitlement: entitlement.to_owned(),
         device_id: device_id.to_owned(),
         csr,
+        transport_key: None,
     };
     let bundle = keyfab_station::block_on(client.provision(&req))
         .map_err(|e| Failure::new("internal", e.to_string()))?
@@ -333,4 +334,86 @@ pub fn station_confirm(
         ),
         answer,
     ))
+}
+
+pub struct LineArgs<'a> {
+    pub urls: &'a [String],
+    pub station_dir: &'a Path,
+    pub root_cert: &'a Path,
+    pub entitlement: &'a str,
+    pub devices: u64,
+    pub concurrency: usize,
+    pub prefix: &'a str,
+    pub first: u64,
+}
+
+pub fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
+    let station = keyfab_station::StationDir::load(a.station_dir).map_err(station_failure)?;
+    let client = keyfab_station::Client::new(&station, a.urls).map_err(station_failure)?;
+    let root_text = std::fs::read_to_string(a.root_cert).map_err(|e| io_fail(a.root_cert, e))?;
+    let root = x509::from_pem(&root_text, "CERTIFICATE")
+        .map_err(|e| Failure::new("invalid_input", format!("--root-cert: {e}")))?;
+    let devices: Vec<String> = (a.first..a.first.saturating_add(a.devices))
+        .map(|i| format!("{}{i:08}", a.prefix))
+        .collect();
+    let progress = crate::output::Progress::new("programming", "devices", !ctx.json);
+    let total = a.devices;
+    let report = keyfab_station::block_on(keyfab_station::run_line(
+        &client,
+        a.entitlement,
+        devices,
+        a.concurrency,
+        &root,
+        &|n| {
+            if let Some(p) = progress.reporter() {
+                p(n, total);
+            }
+        },
+    ))
+    .map_err(|e| Failure::new("internal", e.to_string()))?;
+    let mut lat = report.latencies.clone();
+    lat.sort();
+    let pct = |q: f64| {
+        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    let secs = report.elapsed.as_secs_f64().max(1e-9);
+    let rate = report.programmed as f64 / secs;
+    let refused: Vec<String> = report
+        .refused
+        .iter()
+        .map(|(c, n)| format!("{c} {n}"))
+        .collect();
+    let text = format!(
+        "{} devices programmed, {} failed (keys burned), {} refused{}, {} unreachable\n{rate:.0} devices/s over {secs:.2} s, p50 {:.1} ms, p99 {:.1} ms",
+        report.programmed,
+        report.failed,
+        report.refused.values().sum::<u64>(),
+        if refused.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", refused.join(", "))
+        },
+        report.unreachable,
+        pct(0.50),
+        pct(0.99)
+    );
+    let mut text = text;
+    for (why, n) in &report.failures {
+        text.push_str(&format!("\n  failed {n}: {why}"));
+    }
+    let json = json!({
+        "programmed": report.programmed, "failed": report.failed, "failures": report.failures, "refused": report.refused,
+        "unreachable": report.unreachable, "seconds": secs, "devices_per_s": rate,
+        "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+    });
+    if report.programmed + report.failed == 0 && a.devices > 0 {
+        let mut f = Failure::new("unreachable", text);
+        if report.unreachable == 0 {
+            f.code = "refused";
+            f.exit_code = 3;
+        }
+        return Err(f);
+    }
+    Ok(Report::new(text, json))
 }

@@ -81,6 +81,28 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             crate::line::station_list(&ctx, &home.home)
         }
         Command::Site(SiteCommand::Serve(a)) => crate::line::serve(&ctx, &a, ctx.json),
+        Command::Station(StationCommand::Run {
+            url,
+            station_dir,
+            root_cert,
+            entitlement,
+            devices,
+            concurrency,
+            device_prefix,
+            first,
+        }) => crate::line::station_run(
+            &ctx,
+            &crate::line::LineArgs {
+                urls: &url,
+                station_dir: &station_dir,
+                root_cert: &root_cert,
+                entitlement: &entitlement,
+                devices,
+                concurrency,
+                prefix: &device_prefix,
+                first,
+            },
+        ),
         Command::Station(StationCommand::Confirm {
             url,
             station_dir,
@@ -540,6 +562,7 @@ pub fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Failure> {
             station: a.station.clone(),
             request_id,
             csr: csr.clone(),
+            transport_key: None,
         };
     if let (Some(list), Some(out)) = (&a.device_ids, &a.out) {
         return provision_many(&provisioner, list, out, request);

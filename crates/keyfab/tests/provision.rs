@@ -47,6 +47,7 @@ fn sixty_four_threads_never_exceed_the_daily_limit() {
                                 station: None,
                                 request_id: format!("r-{i}"),
                                 csr: None,
+                                transport_key: None,
                             })
                         })
                         .collect::<Vec<_>>()
@@ -80,6 +81,7 @@ fn sixty_four_threads_never_exceed_the_daily_limit() {
             station: None,
             request_id: format!("e-{i}"),
             csr: None,
+            transport_key: None,
         });
         assert!(denied.is_err());
     }
@@ -410,6 +412,7 @@ fn released_private_keys_are_not_in_the_site_home() {
                 station: None,
                 request_id: format!("s-{i}"),
                 csr: None,
+                transport_key: None,
             })
             .unwrap();
         for k in &p.keys {

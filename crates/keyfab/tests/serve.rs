@@ -554,3 +554,102 @@ fn confirmations_close_a_device_and_hq_counts_them() {
     );
     assert_eq!(report["violations"], serde_json::json!([]));
 }
+
+/// A simulated line: every chip gets its keys sealed to its own transport key, opens
+/// them, checks its certificate up to the root, and confirms. What travels holds no
+/// clear key byte, and a retry cannot have the keys re-sealed to another key.
+#[test]
+fn chips_get_keys_no_station_can_read() {
+    let (w, id, line1) = setup();
+    let server = Server::start(&w.site);
+    let url = server.url();
+    let root_crt = w.root.join("root.crt");
+    let line = ok(&[
+        "station",
+        "run",
+        "--url",
+        &url,
+        "--station-dir",
+        &s(&line1),
+        "--root-cert",
+        &s(&root_crt),
+        "--entitlement",
+        &id,
+        "--devices",
+        "12",
+        "--concurrency",
+        "4",
+        "--device-prefix",
+        "SIM-",
+    ]);
+    assert_eq!(line["programmed"], 12, "{line}");
+    assert_eq!(line["failed"], 0, "{line}");
+
+    // One device by hand, to look at what the station sees.
+    let chip = keyfab_station::device::SimulatedChip::new("D-0401", &keyfab_crypto::rng::SystemRng);
+    let body = serde_json::json!({
+        "request_id": "t-1", "entitlement": id, "device_id": "D-0401",
+        "transport_key": chip.transport_key().unwrap(),
+    })
+    .to_string();
+    let post = |body: &str| {
+        format!(
+            "POST /v1/provision HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let answer = exchange(&server.addr, &line1, Some(&line1), post(&body).as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let json_text = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let bundle: serde_json::Value = serde_json::from_str(json_text).unwrap();
+    let root = pem(&root_crt, "CERTIFICATE");
+    let now = keyfab_crypto::time::Clock::now(&keyfab_crypto::time::SystemClock);
+    let keys = chip.program(&bundle, &root, now).unwrap();
+    assert_eq!(keys.len(), 1);
+    // No form of the key reaches the station: not the PKCS#8, not the scalar, in bytes,
+    // base64 or hex.
+    use base64::Engine;
+    let der = keys[0].secret.expose();
+    let scalar = &der[36..68];
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for needle in [
+        b64.encode(der),
+        b64.encode(scalar),
+        hex::encode(scalar),
+        b64.encode(&scalar[..24]),
+    ] {
+        assert!(!answer.contains(&needle), "key material in the answer");
+    }
+    assert!(!answer.as_bytes().windows(scalar.len()).any(|w| w == scalar));
+    assert!(!json_text.contains("PRIVATE KEY"));
+    // Another chip cannot open it.
+    let other =
+        keyfab_station::device::SimulatedChip::new("D-0401", &keyfab_crypto::rng::SystemRng);
+    assert!(other.program(&bundle, &root, now).is_err());
+    // A retry must carry the same transport key: not another, not none.
+    let thief =
+        keyfab_station::device::SimulatedChip::new("D-0401", &keyfab_crypto::rng::SystemRng);
+    let stolen = serde_json::json!({
+        "request_id": "t-1", "entitlement": id, "device_id": "D-0401",
+        "transport_key": thief.transport_key().unwrap(),
+    })
+    .to_string();
+    let answer = exchange(&server.addr, &line1, Some(&line1), post(&stolen).as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let bare = serde_json::json!({"request_id": "t-1", "entitlement": id, "device_id": "D-0401"})
+        .to_string();
+    let answer = exchange(&server.addr, &line1, Some(&line1), post(&bare).as_bytes());
+    assert!(
+        answer.starts_with("HTTP/1.1 400") && !answer.contains("PRIVATE KEY"),
+        "{answer}"
+    );
+    // The same chip retrying gets its keys again, sealed anew.
+    let answer = exchange(&server.addr, &line1, Some(&line1), post(&body).as_bytes());
+    let again: serde_json::Value =
+        serde_json::from_str(&answer[answer.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(again["replayed"], true);
+    let keys_again = chip.program(&again, &root, now).unwrap();
+    assert_eq!(keys_again[0].secret.expose(), der);
+    let (code, _) = server.stop();
+    assert_eq!(code, 0);
+}

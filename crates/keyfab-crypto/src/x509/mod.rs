@@ -656,22 +656,76 @@ pub fn validate_cluster_certificate(
     if now > facts.not_after {
         return Err(CryptoError::Expired);
     }
-    // The signature is checked with the same path builder as leaves by issuing nothing:
-    // webpki needs an end entity, so verify the issuer signature directly.
-    use x509_parser::prelude::*;
-    let (_, root) = X509Certificate::from_der(root_cert)
-        .map_err(|e| CryptoError::CertificateMalformed(e.to_string()))?;
-    let (_, cluster) = X509Certificate::from_der(cluster_cert)
-        .map_err(|e| CryptoError::CertificateMalformed(e.to_string()))?;
-    if cluster.issuer() != root.subject() {
-        return Err(CryptoError::Untrusted("not issued by this root".into()));
-    }
-    let root_point = p256_point_from_spki(root.public_key().raw)?;
-    let sig = crate::x509::asn1_to_fixed(cluster.signature_value.data.as_ref())?;
-    VerifyingKey::from_sec1(&root_point)?
-        .verify(cluster.tbs_certificate.as_ref(), &sig)
-        .map_err(|_| CryptoError::Untrusted("signature by the root does not verify".into()))?;
+    // webpki needs an end entity to build a path: verify the issuer signature directly.
+    signed_by(cluster_cert, root_cert)
+        .map_err(|e| CryptoError::Untrusted(format!("not issued by this root: {e}")))?;
     Ok(facts)
+}
+
+/// Checks that `issuer` (a P-256 CA) issued and signed `cert`: issuer name and signature.
+fn signed_by(cert: &[u8], issuer: &[u8]) -> Result<()> {
+    use x509_parser::prelude::*;
+    let (_, issuer) = X509Certificate::from_der(issuer)
+        .map_err(|e| CryptoError::CertificateMalformed(e.to_string()))?;
+    let (_, cert) = X509Certificate::from_der(cert)
+        .map_err(|e| CryptoError::CertificateMalformed(e.to_string()))?;
+    if cert.issuer() != issuer.subject() {
+        return Err(CryptoError::Untrusted("issuer name does not match".into()));
+    }
+    let point = p256_point_from_spki(issuer.public_key().raw)?;
+    let sig = asn1_to_fixed(cert.signature_value.data.as_ref())?;
+    VerifyingKey::from_sec1(&point)?
+        .verify(cert.tbs_certificate.as_ref(), &sig)
+        .map_err(|_| CryptoError::Untrusted("signature does not verify".into()))
+}
+
+/// Verifies a device certificate as a device (or its programmer) would: `leaf` issued by
+/// `chain[0]` (the entitlement's batch CA, role device-ca), issued by `chain[1]` (HQ's
+/// cluster CA, role hq), issued by `root_cert`; every certificate valid at `now`.
+/// Returns the leaf's facts.
+pub fn verify_device_certificate(
+    root_cert: &[u8],
+    chain: &[Vec<u8>],
+    leaf: &[u8],
+    now: UnixTime,
+) -> Result<CertFacts> {
+    let [batch, hq] = chain else {
+        return Err(CryptoError::Untrusted(format!(
+            "expected a chain of 2 certificates (batch CA, HQ cluster CA), got {}",
+            chain.len()
+        )));
+    };
+    let path = [
+        (leaf, batch.as_slice(), None),
+        (batch.as_slice(), hq.as_slice(), Some(Role::DeviceCa)),
+        (hq.as_slice(), root_cert, Some(Role::Hq)),
+    ];
+    for (cert, issuer, role) in path {
+        let facts = cert_facts(cert)?;
+        if now < facts.not_before {
+            return Err(CryptoError::NotYetValid);
+        }
+        if now > facts.not_after {
+            return Err(CryptoError::Expired);
+        }
+        if let Some(role) = role {
+            if !facts.is_ca || facts.roles != [role] {
+                return Err(CryptoError::Untrusted(format!(
+                    "'{}' is not a {} CA",
+                    facts.common_name,
+                    role.as_str()
+                )));
+            }
+        }
+        signed_by(cert, issuer)?;
+    }
+    let root = cert_facts(root_cert)?;
+    if now < root.not_before || now > root.not_after || !root.is_ca {
+        return Err(CryptoError::Untrusted(
+            "root certificate not valid now".into(),
+        ));
+    }
+    cert_facts(leaf)
 }
 
 /// Converts an ASN.1 ECDSA-Sig-Value to fixed `r ‖ s` (32 bytes each).

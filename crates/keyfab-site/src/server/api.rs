@@ -140,6 +140,9 @@ struct ProvisionBody {
     device_id: String,
     /// The device's CSR, PEM.
     csr: Option<String>,
+    /// The chip's transport key (P-256, SEC1 uncompressed, base64): the key material
+    /// comes back sealed to it.
+    transport_key: Option<String>,
 }
 
 async fn provision(
@@ -160,12 +163,31 @@ async fn provision(
         .map(|pem| keyfab_crypto::x509::from_pem(pem, "CERTIFICATE REQUEST"))
         .transpose()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", format!("csr: {e}")))?;
+    let transport_key = body
+        .transport_key
+        .as_deref()
+        .map(|b64| {
+            use base64::Engine;
+            let point = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| e.to_string())?;
+            keyfab_crypto::hpke::HpkePublicKey::from_sec1(&point).map_err(|e| e.to_string())
+        })
+        .transpose()
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                format!("transport_key: {e}"),
+            )
+        })?;
     let req = ProvisionRequest {
         entitlement: body.entitlement,
         device_id: body.device_id,
         station: Some(station),
         request_id: body.request_id,
         csr,
+        transport_key,
     };
     let started = Instant::now();
     let provisioner = state.provisioner.clone();
