@@ -59,6 +59,7 @@ fn state(node: Node) -> AppState {
         provisioner: Arc::new(keyfab_site::provision::Provisioner::start(node.clone())),
         node,
         metrics: Arc::new(Metrics::default()),
+        revocations: Arc::default(),
     }
 }
 
@@ -71,7 +72,7 @@ fn request(method: &str, path: &str, cert: Option<&[u8]>, body: &str) -> Request
         .unwrap();
     if let Some(c) = cert {
         req.extensions_mut()
-            .insert(PeerCertificate(Arc::new(c.to_vec())));
+            .insert(PeerCertificate::new(c.to_vec()));
     }
     req
 }
@@ -152,6 +153,9 @@ async fn routes_answer_stations_only() {
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     keyfab_site::stations::revoke(&state.node, "line-1").unwrap();
+    state
+        .revocations
+        .fetch_add(1, std::sync::atomic::Ordering::Release);
     let (status, json) = call(&state, request("GET", "/v1/entitlements", Some(&cert), "")).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(json["error"]["message"]

@@ -207,9 +207,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Runs `f` on a small runtime of its own, for callers that are not async.
+/// Runs `f` on a runtime of its own (a thread per core: a simulated line's chips do real
+/// cryptography), for callers that are not async.
 pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> std::io::Result<T> {
-    Ok(tokio::runtime::Builder::new_current_thread()
+    Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
         .block_on(f))

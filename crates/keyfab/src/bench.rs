@@ -31,7 +31,9 @@ fn raw_keygen_rate(sample: usize) -> Result<f64, Failure> {
 }
 
 /// Root, HQ and site homes in `base`, the site registered at HQ.
-fn bench_world(base: &Path) -> Result<(Context, std::path::PathBuf, std::path::PathBuf), Failure> {
+pub(crate) fn bench_world(
+    base: &Path,
+) -> Result<(Context, std::path::PathBuf, std::path::PathBuf), Failure> {
     std::fs::create_dir_all(base).map_err(|e| Failure::new("io", e.to_string()))?;
     let pass = base.join("bench-passphrase");
     std::fs::write(&pass, "keyfab bench passphrase")
@@ -70,7 +72,9 @@ fn copy_files(from: &Path, to: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-fn temp_or(dir: Option<&Path>) -> Result<(Option<tempfile::TempDir>, std::path::PathBuf), Failure> {
+pub(crate) fn temp_or(
+    dir: Option<&Path>,
+) -> Result<(Option<tempfile::TempDir>, std::path::PathBuf), Failure> {
     match dir {
         Some(d) => Ok((None, d.to_owned())),
         None => {
@@ -81,7 +85,7 @@ fn temp_or(dir: Option<&Path>) -> Result<(Option<tempfile::TempDir>, std::path::
     }
 }
 
-fn all_cores<F: Fn(usize) -> Result<(), keyfab_crypto::CryptoError> + Sync>(
+pub(crate) fn all_cores<F: Fn(usize) -> Result<(), keyfab_crypto::CryptoError> + Sync>(
     per_thread: usize,
     work: F,
 ) -> Result<f64, Failure> {

@@ -676,6 +676,26 @@ pub enum BenchCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// The whole production-line path: `site serve` in its own process, stations over
+    /// mutual TLS, keys sealed to each chip, opened, checked and confirmed; compare with
+    /// the raw per-device crypto rate of this machine.
+    #[command(
+        after_help = "Examples:\n  keyfab bench serve --stations 32 --devices 20000 --json\n  keyfab bench serve --stations 32 --devices 5000 --chip"
+    )]
+    Serve {
+        /// Stations (devices in flight) at once.
+        #[arg(long, default_value_t = 32)]
+        stations: usize,
+        #[arg(long, default_value_t = 10_000)]
+        devices: u64,
+        /// The whole line per device: keys sealed to a simulated chip, opened and checked
+        /// on it, then confirmed (two requests, and the chip's work in this process).
+        #[arg(long)]
+        chip: bool,
+        /// Keep the files in DIR.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Create and import an N-device entitlement of hq-pool ec-p256 keys; compare with the
     /// raw P-256 key generation rate of this machine.
     #[command(after_help = "Example:\n  keyfab bench entitlement --devices 1000000 --json")]

@@ -180,6 +180,12 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             approval_submit(&ctx, &home.home, &approvals)
         }
         Command::Demo { dir, devices } => crate::demo::run(&ctx, dir.as_deref(), devices),
+        Command::Bench(BenchCommand::Serve {
+            stations,
+            devices,
+            chip,
+            dir,
+        }) => crate::bench_serve::serve(stations, devices, chip, dir.as_deref()),
         Command::Bench(BenchCommand::Provision {
             concurrency,
             devices,

@@ -85,9 +85,13 @@ pub(super) fn bind(home: &Path) -> Result<(tokio::net::UnixListener, PathBuf)> {
 }
 
 /// Answers requests on `listener` until the task is dropped.
-pub(super) async fn serve(listener: tokio::net::UnixListener, node: Arc<Node>) {
+pub(super) async fn serve(
+    listener: tokio::net::UnixListener,
+    node: Arc<Node>,
+    revocations: Arc<std::sync::atomic::AtomicU64>,
+) {
     while let Ok((stream, _)) = listener.accept().await {
-        let node = node.clone();
+        let (node, revocations) = (node.clone(), revocations.clone());
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut body = Vec::new();
@@ -95,9 +99,14 @@ pub(super) async fn serve(listener: tokio::net::UnixListener, node: Arc<Node>) {
                 return;
             }
             let answer = match serde_json::from_slice::<AdminRequest>(&body) {
-                Ok(req) => tokio::task::spawn_blocking(move || handle(&node, req))
-                    .await
-                    .unwrap_or_else(|_| Err(Error::InvalidState("admin request".into()))),
+                Ok(req) => tokio::task::spawn_blocking(move || {
+                    let answer = handle(&node, req);
+                    // Connections re-check their station on their next request.
+                    revocations.fetch_add(1, std::sync::atomic::Ordering::Release);
+                    answer
+                })
+                .await
+                .unwrap_or_else(|_| Err(Error::InvalidState("admin request".into()))),
                 Err(e) => Err(Error::InvalidInput(format!("admin request: {e}"))),
             };
             let json = match answer {

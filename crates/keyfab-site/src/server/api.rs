@@ -23,9 +23,34 @@ use std::time::Instant;
 /// Largest request body accepted (a provisioning request with a CSR is ~1 KiB).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// The DER certificate the TLS peer presented, put on each request by the server.
+/// The DER certificate the TLS peer presented, put on each request by the server, with
+/// the connection's last station check.
 #[derive(Clone)]
-pub struct PeerCertificate(pub Arc<Vec<u8>>);
+pub struct PeerCertificate {
+    der: Arc<Vec<u8>>,
+    checked: Arc<std::sync::Mutex<Option<Checked>>>,
+}
+
+impl PeerCertificate {
+    pub fn new(der: Vec<u8>) -> Self {
+        Self {
+            der: Arc::new(der),
+            checked: Arc::default(),
+        }
+    }
+}
+
+/// A passed station check: reused by the connection's next requests while no station was
+/// revoked through this server since, and for at most [`CHECK_FOR`] (revocations made
+/// elsewhere — another node of a cluster — are seen within that time).
+#[derive(Clone)]
+struct Checked {
+    station: String,
+    generation: u64,
+    at: Instant,
+}
+
+const CHECK_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The station a request speaks for, after the station check.
 #[derive(Clone)]
@@ -36,6 +61,9 @@ pub struct AppState {
     pub node: Arc<Node>,
     pub provisioner: Arc<Provisioner>,
     pub metrics: Arc<Metrics>,
+    /// Bumped by every revocation made through this server: invalidates the checks
+    /// connections keep.
+    pub revocations: Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -113,18 +141,36 @@ async fn require_station(
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let Some(PeerCertificate(cert)) = req.extensions().get::<PeerCertificate>().cloned() else {
+    let Some(peer) = req.extensions().get::<PeerCertificate>().cloned() else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "untrusted_signer",
             "a station certificate is required",
         ));
     };
-    let node = state.node.clone();
-    let name = tokio::task::spawn_blocking(move || crate::stations::check(&node, &cert))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "check"))?
-        .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, e.code(), e.to_string()))?;
+    let generation = state.revocations.load(std::sync::atomic::Ordering::Acquire);
+    let cached = peer
+        .checked
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .filter(|c| c.generation == generation && c.at.elapsed() < CHECK_FOR);
+    let name = match cached {
+        Some(c) => c.station,
+        None => {
+            let (node, der) = (state.node.clone(), peer.der.clone());
+            let name = tokio::task::spawn_blocking(move || crate::stations::check(&node, &der))
+                .await
+                .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "check"))?
+                .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, e.code(), e.to_string()))?;
+            *peer.checked.lock().unwrap_or_else(|p| p.into_inner()) = Some(Checked {
+                station: name.clone(),
+                generation,
+                at: Instant::now(),
+            });
+            name
+        }
+    };
     req.extensions_mut().insert(Station(name));
     Ok(next.run(req).await)
 }

@@ -112,6 +112,7 @@ pub fn serve(
         provisioner: Arc::new(Provisioner::start(node.clone())),
         node,
         metrics: Arc::new(metrics::Metrics::default()),
+        revocations: Arc::default(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -130,7 +131,11 @@ async fn run(
 ) -> Result<ServeSummary> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let (admin_listener, admin_path) = admin::bind(&state.node.dir)?;
-    let admin_task = tokio::spawn(admin::serve(admin_listener, state.node.clone()));
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        state.node.clone(),
+        state.revocations.clone(),
+    ));
     ready(listener.local_addr()?);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let router = api::app(state);
@@ -188,7 +193,7 @@ async fn run(
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .map(|c| PeerCertificate(Arc::new(c.to_vec())))
+                .map(|c| PeerCertificate::new(c.to_vec()))
             else {
                 let _ = refused.send(());
                 return;

@@ -1,0 +1,231 @@
+//! `keyfab bench serve`: devices/s and latency through the whole production-line path —
+//! `keyfab site serve` in its own process, stations over mutual TLS with keep-alive, each
+//! device's keys sealed to its chip, opened and checked by the chip, and confirmed —
+//! against the raw per-device crypto of this machine, measured in the same run.
+
+use crate::bench::{all_cores, bench_world, temp_or};
+use crate::output::{Failure, Report};
+use crate::run;
+use keyfab_crypto::x509;
+use serde_json::json;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn fail(e: impl std::fmt::Display) -> Failure {
+    Failure::new("internal", e.to_string())
+}
+
+/// The `site serve` child: stopped with SIGTERM (or killed) when dropped.
+struct ServeChild(std::process::Child);
+
+impl Drop for ServeChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn serve(
+    stations: usize,
+    devices: u64,
+    chip: bool,
+    dir: Option<&Path>,
+) -> Result<Report, Failure> {
+    let (_temp, base) = temp_or(dir)?;
+    let (ctx, hq, site) = bench_world(&base)?;
+    let policy = base.join("serve.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "product = \"bench\"\ndevices = {devices}\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\n[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = {{ subject = \"CN={{device_id}},O=Bench\", days = 3650 }}\n"
+        ),
+    )
+    .map_err(fail)?;
+    let kfe = base.join("serve.kfe");
+    let created = run::entitlement_create(&ctx, &hq, "bench-site", &policy, &kfe)?;
+    let id = created.json["id"].as_str().unwrap_or_default().to_owned();
+    run::entitlement_import(&ctx, &site, &kfe)?;
+    let station_dir = base.join("station");
+    crate::line::station_enroll(&ctx, &site, "bench-line", &station_dir, 30)?;
+    let root = std::fs::read_to_string(base.join("root").join("root.crt")).map_err(fail)?;
+    let root = x509::from_pem(&root, "CERTIFICATE").map_err(fail)?;
+
+    // The limit: raw per-device crypto on all cores.
+    let signer =
+        keyfab_crypto::sign::SigningKey::generate(&keyfab_crypto::rng::SystemRng).map_err(fail)?;
+    let aead = keyfab_crypto::aead::AeadKey::new(&keyfab_crypto::secret::Secret32::new([7; 32]))
+        .map_err(fail)?;
+    let raw = all_cores(3000, |n| {
+        keyfab_crypto::devicekey::raw_device_crypto(n, &signer, &aead)
+    })?;
+
+    // The site in a process of its own.
+    let exe = std::env::current_exe().map_err(fail)?;
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "--json",
+        "site",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--home",
+    ])
+    .arg(&site)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    if let Some(p) = &ctx.passphrase_file {
+        cmd.arg("--passphrase-file").arg(p);
+    }
+    let mut child = ServeChild(cmd.spawn().map_err(fail)?);
+    let mut line = Vec::new();
+    let mut stderr = child.0.stderr.take().ok_or_else(|| fail("serve stderr"))?;
+    let mut byte = [0u8; 1];
+    while stderr.read(&mut byte).map_err(fail)? == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    let listening: serde_json::Value = serde_json::from_slice(&line).map_err(|_| {
+        fail(format!(
+            "site serve said: {}",
+            String::from_utf8_lossy(&line)
+        ))
+    })?;
+    let url = format!(
+        "https://{}",
+        listening["listening"].as_str().unwrap_or_default()
+    );
+
+    // CPU this process spent so far (setup, the raw crypto rate) is not the stations'.
+    let setup_cpu = cpu_seconds("/proc/self/stat");
+    let station = keyfab_station::StationDir::load(&station_dir).map_err(fail)?;
+    let client = keyfab_station::Client::new(&station, std::slice::from_ref(&url)).map_err(fail)?;
+    let (latencies, elapsed, errors) = if chip {
+        let ids: Vec<String> = (1..=devices).map(|i| format!("B-{i:09}")).collect();
+        let r = keyfab_station::block_on(keyfab_station::run_line(
+            &client,
+            &id,
+            ids,
+            stations,
+            &root,
+            &|_| {},
+        ))
+        .map_err(fail)?;
+        let errors = devices - r.programmed;
+        (r.latencies, r.elapsed, errors)
+    } else {
+        provision_only(&client, &id, stations, devices)?
+    };
+    let pid = child.0.id().to_string();
+    let server_cpu = cpu_seconds(&format!("/proc/{pid}/stat"));
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let _ = child.0.wait();
+
+    let mut lat = latencies;
+    lat.sort();
+    let pct = |q: f64| {
+        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    let rate = lat.len() as f64 / elapsed.as_secs_f64().max(1e-9);
+    if errors > 0 {
+        return Err(fail(format!(
+            "{errors} of {devices} devices did not go through"
+        )));
+    }
+    let what = if chip {
+        "each: provision (site ec-p256 key + certificate, sealed to the chip), open and check on the simulated chip, confirm"
+    } else {
+        "each: one provisioning request (site ec-p256 key + certificate) and its answer"
+    };
+    let client_cpu = cpu_seconds("/proc/self/stat") - setup_cpu;
+    let per_device = |cpu: f64| cpu * 1e6 / devices.max(1) as f64;
+    let text = format!(
+        "serve benchmark: {stations} stations over mutual TLS (keep-alive) in this process, site serve in another, {devices} devices, {what}\n\
+         raw per-device crypto (keygen + cert signature + HKDF + AEAD, all cores): {raw:.0} devices/s (limit)\n\
+         full path: {rate:.0} devices/s  ratio {:.2}  p50 {:.2} ms  p99 {:.2} ms\n\
+         CPU per device: site serve {:.0} µs, stations {:.0} µs",
+        rate / raw,
+        pct(0.50),
+        pct(0.99),
+        per_device(server_cpu),
+        per_device(client_cpu)
+    );
+    Ok(Report::new(
+        text,
+        json!({"stations": stations, "devices": devices, "chip": chip, "raw_device_crypto_per_s": raw, "devices_per_s": rate, "ratio": rate / raw, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "server_cpu_us_per_device": per_device(server_cpu), "station_cpu_us_per_device": per_device(client_cpu)}),
+    ))
+}
+
+/// `stations` stations each asking for its share of `devices`, on a runtime with one
+/// thread per core: per-request latencies, the elapsed time, and how many failed.
+fn provision_only(
+    client: &keyfab_station::Client,
+    entitlement: &str,
+    stations: usize,
+    devices: u64,
+) -> Result<(Vec<std::time::Duration>, std::time::Duration, u64), Failure> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(fail)?;
+    let stations = stations.max(1) as u64;
+    runtime.block_on(async {
+        let started = std::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for s in 0..stations {
+            let (client, entitlement) = (client.clone(), entitlement.to_owned());
+            tasks.spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0u64;
+                let mut i = s;
+                while i < devices {
+                    let device = format!("B-{:09}", i + 1);
+                    let req = keyfab_station::ProvisionRequest {
+                        request_id: device.clone(),
+                        entitlement: entitlement.clone(),
+                        device_id: device,
+                        csr: None,
+                        transport_key: None,
+                    };
+                    let t = std::time::Instant::now();
+                    match client.provision(&req).await {
+                        Ok(_) => lat.push(t.elapsed()),
+                        Err(_) => errors += 1,
+                    }
+                    i += stations;
+                }
+                (lat, errors)
+            });
+        }
+        let (mut lat, mut errors) = (Vec::new(), 0u64);
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((l, e)) => {
+                    lat.extend(l);
+                    errors += e;
+                }
+                Err(_) => errors += 1,
+            }
+        }
+        Ok((lat, started.elapsed(), errors))
+    })
+}
+
+/// User + system CPU seconds of a process, from its `/proc/PID/stat` (Linux counts in
+/// USER_HZ = 100 ticks per second); 0 if unreadable.
+fn cpu_seconds(stat: &str) -> f64 {
+    let Ok(text) = std::fs::read_to_string(stat) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (tick(11) + tick(12)) / 100.0
+}
