@@ -237,13 +237,33 @@ enum Outcome {
     },
 }
 
+/// Where a request's outcome goes: a thread blocked on it, or a task awaiting it.
+enum Reply {
+    Blocking(mpsc::SyncSender<Result<Outcome>>),
+    Async(tokio::sync::oneshot::Sender<Result<Outcome>>),
+}
+
+impl Reply {
+    fn send(self, outcome: Result<Outcome>) {
+        match self {
+            Reply::Blocking(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Reply::Async(tx) => {
+                let _ = tx.send(outcome);
+            }
+        }
+    }
+}
+
 struct Job {
     ctx: Arc<EntitlementContext>,
     req: ProvisionRequest,
     prepared: Vec<Prepared>,
     /// A confirmation of `req.device_id` rather than a provisioning request.
     confirm: Option<Programming>,
-    reply: mpsc::SyncSender<Result<Outcome>>,
+    /// Taken by the committer, which answers after the commit.
+    reply: Option<Reply>,
 }
 
 /// The provisioning engine of one site node. Cheap to share between threads.
@@ -264,7 +284,7 @@ struct Work {
     ctx: Arc<EntitlementContext>,
     req: ProvisionRequest,
     confirm: Option<Programming>,
-    reply: mpsc::SyncSender<Result<Outcome>>,
+    reply: Reply,
 }
 
 fn ent_key(entitlement: &str, sub: &str) -> Vec<u8> {
@@ -440,22 +460,61 @@ impl Provisioner {
         confirm: Option<Programming>,
     ) -> Result<Outcome> {
         let (reply, answer) = mpsc::sync_channel(1);
-        {
-            let work = self.work.lock().unwrap_or_else(|p| p.into_inner());
-            let tx = work
-                .as_ref()
-                .ok_or_else(|| Error::InvalidState("provisioner stopped".into()))?;
-            tx.send(Work {
-                ctx: ctx.clone(),
-                req,
-                confirm,
-                reply,
-            })
-            .map_err(|_| Error::InvalidState("provisioner stopped".into()))?;
-        }
+        self.enqueue(ctx, req, confirm, Reply::Blocking(reply))?;
         answer
             .recv()
             .map_err(|_| Error::InvalidState("provisioner stopped".into()))?
+    }
+
+    /// [`Provisioner::submit`] for async callers: awaits the outcome without holding a
+    /// thread.
+    async fn submit_async(
+        &self,
+        ctx: &Arc<EntitlementContext>,
+        req: ProvisionRequest,
+        confirm: Option<Programming>,
+    ) -> Result<Outcome> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.enqueue(ctx, req, confirm, Reply::Async(reply))?;
+        answer
+            .await
+            .map_err(|_| Error::InvalidState("provisioner stopped".into()))?
+    }
+
+    fn enqueue(
+        &self,
+        ctx: &Arc<EntitlementContext>,
+        req: ProvisionRequest,
+        confirm: Option<Programming>,
+        reply: Reply,
+    ) -> Result<()> {
+        let work = self.work.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = work
+            .as_ref()
+            .ok_or_else(|| Error::InvalidState("provisioner stopped".into()))?;
+        tx.send(Work {
+            ctx: ctx.clone(),
+            req,
+            confirm,
+            reply,
+        })
+        .map_err(|_| Error::InvalidState("provisioner stopped".into()))
+    }
+
+    /// [`Provisioner::provision`] for async callers (the station API): the request waits
+    /// for its commit without holding a thread.
+    pub async fn provision_async(&self, req: ProvisionRequest) -> Result<Provisioned> {
+        check_request_id(&req.request_id)?;
+        let ctx = self.context(&req.entitlement)?;
+        match self.submit_async(&ctx, req.clone(), None).await? {
+            Outcome::Replay(rr) => self.answer_replay(&ctx, &req, rr),
+            Outcome::Allowed {
+                audit_sequence,
+                keys,
+                privates,
+            } => self.answer(&ctx, &req, audit_sequence, keys, privates, false),
+            Outcome::Confirmed { .. } => Err(Error::InvalidState("unexpected answer".into())),
+        }
     }
 
     /// Per key spec, the work that needs no shared state.
@@ -730,18 +789,16 @@ fn crypto_worker(node: &Node, work: &Mutex<mpsc::Receiver<Work>>, jobs: &mpsc::S
                     req,
                     prepared,
                     confirm,
-                    reply,
+                    reply: Some(reply),
                 };
-                if let Err(mpsc::SendError(job)) = jobs.send(job) {
-                    let _ = job
-                        .reply
-                        .send(Err(Error::InvalidState("committer stopped".into())));
+                if let Err(mpsc::SendError(mut job)) = jobs.send(job) {
+                    if let Some(reply) = job.reply.take() {
+                        reply.send(Err(Error::InvalidState("committer stopped".into())));
+                    }
                     return;
                 }
             }
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
+            Err(e) => reply.send(Err(e)),
         }
     }
 }
@@ -856,7 +913,7 @@ fn read_i64(node: &Node, key: &[u8]) -> Result<(Option<i64>, Option<Versioned>)>
 }
 
 /// Replies of one batch, handed out only after its commit.
-type Replies = Vec<(mpsc::SyncSender<Result<Outcome>>, Result<Outcome>)>;
+type Replies = Vec<(Reply, Result<Outcome>)>;
 
 /// What one batch's decisions start from: the audit head, the trusted time and the
 /// counters, with the revisions that guard them; and, as the batch goes, the requests and
@@ -899,7 +956,7 @@ fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
         .spawn(move || {
             while let Ok(replies) = dispatch.recv() {
                 for (reply, outcome) in replies {
-                    let _ = reply.send(outcome);
+                    reply.send(outcome);
                 }
             }
         });
@@ -911,7 +968,10 @@ fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let senders: Vec<_> = batch.iter().map(|j| j.reply.clone()).collect();
+        let (senders, batch): (Vec<Reply>, Vec<Job>) = batch
+            .into_iter()
+            .filter_map(|mut j| j.reply.take().map(|r| (r, j)))
+            .unzip();
         let decided = Carried::load(node).and_then(|mut s| decide_batch(node, &mut s, batch));
         let replies: Replies = match decided {
             Ok((txn, outcomes)) => match node.store.commit(txn) {
@@ -927,9 +987,24 @@ fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
             },
             Err(e) => fail_all(senders, &e),
         };
-        if let Err(mpsc::SendError(replies)) = to_dispatch.send(replies) {
+        // Awaiting tasks are woken right here (a runtime wakes many with one system
+        // call); blocked threads by the dispatcher.
+        let blocking: Replies = replies
+            .into_iter()
+            .filter_map(|(reply, outcome)| match reply {
+                Reply::Async(_) => {
+                    reply.send(outcome);
+                    None
+                }
+                Reply::Blocking(_) => Some((reply, outcome)),
+            })
+            .collect();
+        if blocking.is_empty() {
+            continue;
+        }
+        if let Err(mpsc::SendError(replies)) = to_dispatch.send(blocking) {
             for (reply, outcome) in replies {
-                let _ = reply.send(outcome);
+                reply.send(outcome);
             }
         }
     }
@@ -939,7 +1014,7 @@ fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
     }
 }
 
-fn fail_all(senders: Vec<mpsc::SyncSender<Result<Outcome>>>, e: &Error) -> Replies {
+fn fail_all(senders: Vec<Reply>, e: &Error) -> Replies {
     let (code, msg) = (e.code(), e.to_string());
     senders
         .into_iter()

@@ -236,10 +236,7 @@ async fn provision(
         transport_key,
     };
     let started = Instant::now();
-    let provisioner = state.provisioner.clone();
-    let outcome = tokio::task::spawn_blocking(move || provisioner.provision(req))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "provision"))?;
+    let outcome = state.provisioner.provision_async(req).await;
     state.metrics.observe(&outcome, started.elapsed());
     let provisioned = outcome?;
     Ok(Json(crate::bundle::device_bundle(&provisioned)).into_response())
