@@ -163,3 +163,34 @@ async fn routes_answer_stations_only() {
         .unwrap()
         .contains("revoked"));
 }
+
+/// Every route the OpenAPI document lists is served, with its method, and the document
+/// itself is served as it is committed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openapi_document_describes_the_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, cert) = site(dir.path());
+    let state = state(node);
+    let doc: serde_json::Value = serde_json::from_str(keyfab_site::server::api::OPENAPI).unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    assert_eq!(paths.len(), 6);
+    for (path, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            let m = method.to_uppercase();
+            let body = if m == "POST" { "{}" } else { "" };
+            let resp = app(state.clone())
+                .oneshot(request(&m, path, Some(&cert), body))
+                .await
+                .unwrap();
+            assert!(
+                resp.status() != StatusCode::NOT_FOUND
+                    && resp.status() != StatusCode::METHOD_NOT_ALLOWED,
+                "{m} {path}: {}",
+                resp.status()
+            );
+        }
+    }
+    let (status, served) = call(&state, request("GET", "/v1/openapi.json", None, "")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(served, doc);
+}

@@ -20,6 +20,9 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// This API, described (docs/openapi.json).
+pub const OPENAPI: &str = include_str!("../../../../docs/openapi.json");
+
 /// Largest request body accepted (a provisioning request with a CSR is ~1 KiB).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -78,6 +81,10 @@ pub fn app(state: AppState) -> Router {
         ));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/v1/openapi.json",
+            get(|| async { ([("content-type", "application/json")], OPENAPI) }),
+        )
         .merge(station_api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
