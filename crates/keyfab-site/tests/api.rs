@@ -60,6 +60,8 @@ fn state(node: Node) -> AppState {
         node,
         metrics: Arc::new(Metrics::default()),
         revocations: Arc::default(),
+        limits: Arc::default(),
+        request_timeout: std::time::Duration::from_secs(30),
     }
 }
 

@@ -166,6 +166,11 @@ impl Client {
         for attempt in 0..ATTEMPTS {
             let url = &self.urls[attempt % self.urls.len()];
             match request(&self.http, url).send().await {
+                // The site has this station's bound of requests in flight: wait, retry.
+                Ok(resp) if resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
+                    last = format!("{url}: busy");
+                    tokio::time::sleep(Duration::from_millis(20 << attempt.min(4))).await;
+                }
                 Ok(resp) => return answer(resp).await,
                 Err(e) => {
                     last = format!("{url}: {}", error_chain(&e));

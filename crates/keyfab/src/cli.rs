@@ -334,6 +334,15 @@ pub struct ServeArgs {
     /// is cut off).
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub header_timeout: u64,
+    /// Seconds a request may take in all, its body included.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub request_timeout: u64,
+    /// Connections one station may hold open; more are closed after the handshake.
+    #[arg(long, default_value_t = 64)]
+    pub per_station_connections: usize,
+    /// Requests one station may have in flight; more are answered 429 busy.
+    #[arg(long, default_value_t = 64)]
+    pub per_station_requests: usize,
 }
 
 #[derive(Subcommand, Debug)]

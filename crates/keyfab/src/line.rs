@@ -179,6 +179,11 @@ pub fn serve(ctx: &Context, a: &crate::cli::ServeArgs, json_out: bool) -> Result
     config.max_connections = a.max_connections.max(1);
     config.handshake_timeout = std::time::Duration::from_secs(a.handshake_timeout.max(1));
     config.header_timeout = std::time::Duration::from_secs(a.header_timeout.max(1));
+    config.request_timeout = std::time::Duration::from_secs(a.request_timeout.max(1));
+    config.per_station = keyfab_site::server::fairness::Bounds {
+        connections: a.per_station_connections.max(1),
+        requests: a.per_station_requests.max(1),
+    };
     let site = node.name.clone();
     let summary = keyfab_site::server::serve(node, config, move |addr| {
         // A log line on stderr as soon as connections are accepted (stdout keeps the one

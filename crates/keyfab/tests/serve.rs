@@ -31,10 +31,15 @@ struct Server {
 
 impl Server {
     fn start(home: &Path) -> Server {
+        Self::start_with(home, &[])
+    }
+
+    fn start_with(home: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_keyfab"))
             .args(["--json", "site", "serve", "--home", &s(home)])
             .args(["--listen", "127.0.0.1:0", "--handshake-timeout", "1"])
             .args(["--header-timeout", "1"])
+            .args(extra)
             .env("KEYFAB_PASSPHRASE", PASS)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -650,6 +655,74 @@ fn chips_get_keys_no_station_can_read() {
     assert_eq!(again["replayed"], true);
     let keys_again = chip.program(&again, &root, now).unwrap();
     assert_eq!(keys_again[0].secret.expose(), der);
+    let (code, _) = server.stop();
+    assert_eq!(code, 0);
+}
+
+/// A runaway station is held to its bounds — requests in flight, open connections —
+/// while another station keeps working; a request whose body never finishes frees its
+/// slot when it times out.
+#[test]
+fn one_runaway_station_cannot_starve_the_others() {
+    let (w, id, line1) = setup();
+    let line2 = w.path("line-2");
+    enroll(&w.site, "line-2", &line2);
+    let server = Server::start_with(
+        &w.site,
+        &[
+            "--per-station-requests",
+            "2",
+            "--per-station-connections",
+            "4",
+            "--request-timeout",
+            "2",
+        ],
+    );
+    // line-1 starts two requests and never finishes their bodies.
+    let stall = format!(
+        "POST /v1/provision HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"request_id\""
+    );
+    let mut held: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = tls(&server.addr, &line1, Some(&line1)).unwrap();
+            c.write_all(stall.as_bytes()).unwrap();
+            c.flush().unwrap();
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Its third is turned away at once ...
+    let third = exchange(&server.addr, &line1, Some(&line1), &get("/v1/entitlements"));
+    assert!(
+        third.starts_with("HTTP/1.1 429") && third.contains("busy"),
+        "{third}"
+    );
+    // ... while line-2 provisions.
+    let other = station_provision(&server.url(), &line2, &id, "D-0501", "f1");
+    assert_eq!(other.code, 0, "{}", other.json);
+    // Two more open connections reach line-1's bound of four; a fifth is closed.
+    let _idle: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = tls(&server.addr, &line1, Some(&line1)).unwrap();
+            c.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                .unwrap();
+            let mut buf = [0u8; 256];
+            let n = c.read(&mut buf).unwrap();
+            assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+            c
+        })
+        .collect();
+    let fifth = exchange(&server.addr, &line1, Some(&line1), &get("/healthz"));
+    assert!(!fifth.contains("HTTP/1.1"), "{fifth}");
+    assert_eq!(
+        station_provision(&server.url(), &line2, &id, "D-0502", "f2").code,
+        0
+    );
+    // The stalled requests time out (2 s here) and give their slots back.
+    let mut answer = String::new();
+    let _ = held[0].read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    drop(held);
     let (code, _) = server.stop();
     assert_eq!(code, 0);
 }

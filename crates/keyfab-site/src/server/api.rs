@@ -67,6 +67,11 @@ pub struct AppState {
     /// Bumped by every revocation made through this server: invalidates the checks
     /// connections keep.
     pub revocations: Arc<std::sync::atomic::AtomicU64>,
+    /// Per-station bounds on connections and requests in flight.
+    pub limits: Arc<super::fairness::StationLimits>,
+    /// Longest a request may take, body upload included: a station that starts a
+    /// request and stalls frees its slot.
+    pub request_timeout: std::time::Duration,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -178,8 +183,23 @@ async fn require_station(
             name
         }
     };
+    let Some(_slot) = state.limits.request(&name) else {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "busy",
+            format!("station '{name}' has its bound of requests in flight; retry"),
+        ));
+    };
     req.extensions_mut().insert(Station(name));
-    Ok(next.run(req).await)
+    tokio::time::timeout(state.request_timeout, next.run(req))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "the request took too long (a body that never finished?); retry with the same request id",
+            )
+        })
 }
 
 /// `POST /v1/provision`. Unknown fields are refused, so a request that asks for

@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod fairness;
 pub mod metrics;
 
 use crate::provision::Provisioner;
@@ -39,6 +40,10 @@ pub struct ServeConfig {
     pub header_timeout: Duration,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Per-station bounds on connections and requests in flight.
+    pub per_station: fairness::Bounds,
+    /// Longest a request may take, its body upload included.
+    pub request_timeout: Duration,
 }
 
 impl ServeConfig {
@@ -50,6 +55,8 @@ impl ServeConfig {
             handshake_timeout: Duration::from_secs(5),
             header_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
+            per_station: fairness::Bounds::default(),
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -113,6 +120,8 @@ pub fn serve(
         node,
         metrics: Arc::new(metrics::Metrics::default()),
         revocations: Arc::default(),
+        limits: Arc::new(fairness::StationLimits::new(config.per_station)),
+        request_timeout: config.request_timeout,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -138,6 +147,7 @@ async fn run(
     ));
     ready(listener.local_addr()?);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let limits = state.limits.clone();
     let router = api::app(state);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -168,6 +178,7 @@ async fn run(
         let acceptor = acceptor.clone();
         let router = router.clone();
         let refused = refusals_tx.clone();
+        let limits = limits.clone();
         let http = {
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new())
@@ -188,16 +199,26 @@ async fn run(
                     return;
                 }
             };
-            let Some(cert) = tls
+            let Some(der) = tls
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .map(|c| PeerCertificate::new(c.to_vec()))
+                .map(|c| c.to_vec())
             else {
                 let _ = refused.send(());
                 return;
             };
+            // A station past its bound of open connections is closed here: the handshake
+            // proved the certificate, whose CN is the station's name.
+            let station = keyfab_crypto::x509::cert_facts(&der)
+                .map(|f| f.common_name)
+                .unwrap_or_default();
+            let Some(_connection) = limits.connection(&station) else {
+                let _ = refused.send(());
+                return;
+            };
+            let cert = PeerCertificate::new(der);
             let service = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(cert.clone());
