@@ -343,6 +343,9 @@ pub struct ServeArgs {
     /// Requests one station may have in flight; more are answered 429 busy.
     #[arg(long, default_value_t = 64)]
     pub per_station_requests: usize,
+    /// Logs on stderr: text, or json (one object per line, for a log collector).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 #[derive(Subcommand, Debug)]

@@ -185,6 +185,17 @@ pub fn serve(ctx: &Context, a: &crate::cli::ServeArgs, json_out: bool) -> Result
         requests: a.per_station_requests.max(1),
     };
     let site = node.name.clone();
+    // Structured logs on stderr: one line per request, handshake refusals, errors with
+    // their detail (the stations get only a code and a short message).
+    let logs = tracing_subscriber::fmt()
+        .with_writer(|| LogSink)
+        .with_target(true);
+    let installed = if a.log_format == "json" {
+        tracing::subscriber::set_global_default(logs.json().flatten_event(true).finish())
+    } else {
+        tracing::subscriber::set_global_default(logs.with_ansi(false).finish())
+    };
+    drop(installed);
     let summary = keyfab_site::server::serve(node, config, move |addr| {
         // A log line on stderr as soon as connections are accepted (stdout keeps the one
         // report printed at the end).
@@ -421,4 +432,20 @@ pub fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
         return Err(f);
     }
     Ok(Report::new(text, json))
+}
+
+/// Standard error for logs, where a failed write (stderr closed by a supervisor, say) is
+/// dropped: logging must never stop the server.
+struct LogSink;
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }

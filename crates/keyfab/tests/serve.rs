@@ -27,6 +27,9 @@ certificate = { subject = "CN={device_id},O=Acme", days = 365 }
 struct Server {
     child: Child,
     addr: String,
+    /// Its stderr after the first line (the logs), read as it comes so the pipe never
+    /// fills.
+    logs: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Server {
@@ -55,7 +58,24 @@ impl Server {
         let v: serde_json::Value = serde_json::from_slice(&line)
             .unwrap_or_else(|e| panic!("serve said {:?}: {e}", String::from_utf8_lossy(&line)));
         let addr = v["listening"].as_str().unwrap().to_owned();
-        Server { child, addr }
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Server { child, addr, logs }
+    }
+
+    fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
     }
 
     fn url(&self) -> String {
@@ -197,7 +217,7 @@ fn setup() -> (World, String, PathBuf) {
 #[test]
 fn stations_provision_over_mutual_tls_and_strangers_get_nothing() {
     let (w, id, line1) = setup();
-    let server = Server::start(&w.site);
+    let server = Server::start_with(&w.site, &["--log-format", "json"]);
     let url = server.url();
 
     // A station provisions; a retry with the same request id gets the same answer.
@@ -282,6 +302,21 @@ fn stations_provision_over_mutual_tls_and_strangers_get_nothing() {
         "{answer}"
     );
 
+    // Structured logs: a JSON object per line; the release and the refused handshake
+    // are there, no key material is.
+    let logs = server.logs();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert!(lines.iter().any(|l| l["target"] == "keyfab::provision"
+        && l["message"] == "released"
+        && l["device_id"] == "D-0001"));
+    assert!(lines.iter().any(|l| l["target"] == "keyfab::access"
+        && l["station"] == "line-1"
+        && l["status"] == 200));
+    assert!(lines.iter().any(|l| l["message"] == "handshake refused"));
+    assert!(!logs.contains("PRIVATE KEY"));
     let (code, report) = server.stop();
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["stopped"], true);

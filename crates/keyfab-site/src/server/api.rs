@@ -92,7 +92,31 @@ pub fn app(state: AppState) -> Router {
         )
         .merge(station_api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(access_log))
         .with_state(state)
+}
+
+/// One structured log line per request: who asked what, the answer, how long it took.
+/// The station is known once its check passed; failures say so with their status.
+async fn access_log(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let station = resp
+        .extensions()
+        .get::<Station>()
+        .map(|s| s.0.clone())
+        .unwrap_or_default();
+    tracing::info!(
+        target: "keyfab::access",
+        %method,
+        path,
+        station,
+        status = resp.status().as_u16(),
+        micros = started.elapsed().as_micros() as u64,
+        "request"
+    );
+    resp
 }
 
 /// An error as the API answers it: a stable code and a short message.
@@ -125,7 +149,7 @@ impl From<Error> for ApiError {
         };
         // Internal details stay in the server's log; the client gets the code.
         let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
-            eprintln!("keyfab serve: internal error: {e}");
+            tracing::error!(code = e.code(), error = %e, "internal error");
             "internal error".to_owned()
         } else {
             e.to_string()
@@ -190,9 +214,13 @@ async fn require_station(
             format!("station '{name}' has its bound of requests in flight; retry"),
         ));
     };
-    req.extensions_mut().insert(Station(name));
+    req.extensions_mut().insert(Station(name.clone()));
     tokio::time::timeout(state.request_timeout, next.run(req))
         .await
+        .map(|mut resp| {
+            resp.extensions_mut().insert(Station(name));
+            resp
+        })
         .map_err(|_| {
             ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
@@ -263,8 +291,27 @@ async fn provision(
         transport_key,
     };
     let started = Instant::now();
+    let (device_id, request_id) = (req.device_id.clone(), req.request_id.clone());
     let outcome = state.provisioner.provision_async(req).await;
     state.metrics.observe(&outcome, started.elapsed());
+    match &outcome {
+        Ok(p) => tracing::info!(
+            target: "keyfab::provision",
+            device_id,
+            request_id,
+            audit_sequence = p.audit_sequence,
+            replayed = p.replayed,
+            sealed_to_chip = p.chip_enc.is_some(),
+            "released"
+        ),
+        Err(e) => tracing::info!(
+            target: "keyfab::provision",
+            device_id,
+            request_id,
+            code = e.code(),
+            "refused"
+        ),
+    }
     let provisioned = outcome?;
     Ok(Json(crate::bundle::device_bundle(&provisioned)).into_response())
 }

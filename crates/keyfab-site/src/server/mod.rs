@@ -156,7 +156,7 @@ async fn run(
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
-        let (tcp, _peer) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
                 // Out of file descriptors, say: wait a moment rather than spin.
@@ -169,6 +169,7 @@ async fn run(
         };
         // Beyond the bound, a connection is closed at once rather than queued.
         let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(target: "keyfab::tls", %peer, "connection bound reached");
             summary.refused_connections += 1;
             drop(tcp);
             continue;
@@ -194,7 +195,13 @@ async fn run(
                 Ok(Ok(tls)) => tls,
                 // No certificate, a certificate of another line CA, an expired one, a
                 // handshake that never finishes: closed before any handler runs.
-                _ => {
+                Ok(Err(e)) => {
+                    tracing::info!(target: "keyfab::tls", %peer, error = %e, "handshake refused");
+                    let _ = refused.send(());
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(target: "keyfab::tls", %peer, "handshake timed out");
                     let _ = refused.send(());
                     return;
                 }
@@ -215,6 +222,7 @@ async fn run(
                 .map(|f| f.common_name)
                 .unwrap_or_default();
             let Some(_connection) = limits.connection(&station) else {
+                tracing::warn!(target: "keyfab::tls", %peer, station, "station over its bound of connections");
                 let _ = refused.send(());
                 return;
             };
@@ -236,6 +244,7 @@ async fn run(
             summary.refused_connections += 1;
         }
     }
+    tracing::info!("stopping: no new connections; requests in flight finish");
     drop(listener);
     admin_task.abort();
     let _ = std::fs::remove_file(&admin_path);
