@@ -199,17 +199,16 @@ pub fn serve(ctx: &Context, a: &crate::cli::ServeArgs, json_out: bool) -> Result
     let summary = keyfab_site::server::serve(node, config, move |addr| {
         // A log line on stderr as soon as connections are accepted (stdout keeps the one
         // report printed at the end).
-        if json_out {
-            eprintln!(
-                "{}",
-                json!({"listening": addr.to_string(), "site": site, "names": names})
-            );
+        use std::io::Write;
+        let line = if json_out {
+            json!({"listening": addr.to_string(), "site": site, "names": names}).to_string()
         } else {
-            eprintln!(
+            format!(
                 "site {site} serving the station API on https://{addr} (names: {})",
                 names.join(", ")
-            );
-        }
+            )
+        };
+        let _ = writeln!(LogSink, "{line}");
     })?;
     Ok(Report::new(
         format!(
