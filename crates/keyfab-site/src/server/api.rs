@@ -246,24 +246,21 @@ struct ProvisionBody {
     transport_key: Option<String>,
 }
 
-async fn provision(
-    State(state): State<AppState>,
-    Extension(Station(station)): Extension<Station>,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    let body: ProvisionBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed",
-            format!("request body: {e}"),
-        )
-    })?;
+fn malformed(what: &str, e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "malformed", format!("{what}: {e}"))
+}
+
+/// Parses a `POST /v1/provision` body strictly (unknown fields, a bad CSR or transport
+/// key: `malformed`) into the engine's request for `station`.
+pub fn parse_provision(body: &[u8], station: &str) -> Result<ProvisionRequest, ApiError> {
+    let body: ProvisionBody =
+        serde_json::from_slice(body).map_err(|e| malformed("request body", e))?;
     let csr = body
         .csr
         .as_deref()
         .map(|pem| keyfab_crypto::x509::from_pem(pem, "CERTIFICATE REQUEST"))
         .transpose()
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", format!("csr: {e}")))?;
+        .map_err(|e| malformed("csr", e))?;
     let transport_key = body
         .transport_key
         .as_deref()
@@ -275,21 +272,34 @@ async fn provision(
             keyfab_crypto::hpke::HpkePublicKey::from_sec1(&point).map_err(|e| e.to_string())
         })
         .transpose()
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "malformed",
-                format!("transport_key: {e}"),
-            )
-        })?;
-    let req = ProvisionRequest {
+        .map_err(|e| malformed("transport_key", e))?;
+    Ok(ProvisionRequest {
         entitlement: body.entitlement,
         device_id: body.device_id,
-        station: Some(station),
+        station: Some(station.to_owned()),
         request_id: body.request_id,
         csr,
         transport_key,
-    };
+    })
+}
+
+/// Parses a `POST /v1/confirm` body strictly: (entitlement, device id, result).
+pub fn parse_confirm(
+    body: &[u8],
+) -> Result<(String, String, crate::provision::Programming), ApiError> {
+    let body: ConfirmBody =
+        serde_json::from_slice(body).map_err(|e| malformed("request body", e))?;
+    let result = crate::provision::Programming::parse(&body.result)
+        .ok_or_else(|| malformed("result", "must be programmed or failed"))?;
+    Ok((body.entitlement, body.device_id, result))
+}
+
+async fn provision(
+    State(state): State<AppState>,
+    Extension(Station(station)): Extension<Station>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let req = parse_provision(&body, &station)?;
     let started = Instant::now();
     let (device_id, request_id) = (req.device_id.clone(), req.request_id.clone());
     let outcome = state.provisioner.provision_async(req).await;
@@ -331,23 +341,10 @@ async fn confirm(
     Extension(Station(station)): Extension<Station>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let body: ConfirmBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed",
-            format!("request body: {e}"),
-        )
-    })?;
-    let result = crate::provision::Programming::parse(&body.result).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed",
-            "result must be programmed or failed",
-        )
-    })?;
+    let (entitlement, device_id, result) = parse_confirm(&body)?;
     let provisioner = state.provisioner.clone();
     let c = tokio::task::spawn_blocking(move || {
-        provisioner.confirm(&body.entitlement, &body.device_id, result, Some(station))
+        provisioner.confirm(&entitlement, &device_id, result, Some(station))
     })
     .await
     .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "confirm"))??;

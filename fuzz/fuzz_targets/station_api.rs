@@ -1,0 +1,12 @@
+//! What a station (or a local operator, on the admin socket) sends the site: request
+//! bodies are parsed strictly, whatever the bytes.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(req) = keyfab_site::server::api::parse_provision(data, "line-1") {
+        assert_eq!(req.station.as_deref(), Some("line-1"));
+    }
+    let _ = keyfab_site::server::api::parse_confirm(data);
+    let _ = serde_json::from_slice::<keyfab_site::server::admin::AdminRequest>(data);
+});
