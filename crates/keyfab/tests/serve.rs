@@ -217,6 +217,28 @@ fn setup() -> (World, String, PathBuf) {
 #[test]
 fn stations_provision_over_mutual_tls_and_strangers_get_nothing() {
     let (w, id, line1) = setup();
+    // An expired station certificate (enrolled for a day, ten days ago): refused at the
+    // handshake, like a stranger's. (Enrolled before the server runs: through it, the
+    // server's own clock would date the certificate.)
+    let expired = w.path("expired");
+    let ten_days_ago = (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(240)).to_string();
+    let out = keyfab(
+        &[
+            "site",
+            "station",
+            "enroll",
+            "--home",
+            &s(&w.site),
+            "--name",
+            "line-9",
+            "--out",
+            &s(&expired),
+            "--days",
+            "1",
+        ],
+        Some(&ten_days_ago),
+    );
+    assert_eq!(out.code, 0, "{}", out.json);
     let server = Server::start_with(&w.site, &["--log-format", "json"]);
     let url = server.url();
 
@@ -275,6 +297,14 @@ fn stations_provision_over_mutual_tls_and_strangers_get_nothing() {
     let raw = exchange(&server.addr, &line1, Some(&mixed), &get("/v1/entitlements"));
     assert!(!raw.contains("HTTP/1.1"), "{raw}");
 
+    let stale = exchange(
+        &server.addr,
+        &line1,
+        Some(&expired),
+        &get("/v1/entitlements"),
+    );
+    assert!(!stale.contains("HTTP/1.1"), "{stale}");
+
     // An oversized body: 413, nothing decided.
     let big = format!(
         "POST /v1/provision HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
@@ -324,10 +354,10 @@ fn stations_provision_over_mutual_tls_and_strangers_get_nothing() {
         report["refused_connections"].as_u64().unwrap() >= 2,
         "{report}"
     );
-    // Every decision is in the log, which still verifies: the import, the enrollment,
+    // Every decision is in the log, which still verifies: the import, two enrollments,
     // the release, the refusal (the replay and the refused connections add nothing).
     let log = ok(&["site", "audit", "verify", "--home", &s(&w.site)]);
-    assert_eq!(log["records"], 5, "{log}");
+    assert_eq!(log["records"], 6, "{log}");
 }
 
 #[test]
