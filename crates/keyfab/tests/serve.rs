@@ -354,8 +354,9 @@ fn stations_provision_over_mutual_tls_and_strangers_get_nothing() {
         report["refused_connections"].as_u64().unwrap() >= 2,
         "{report}"
     );
-    // Every decision is in the log, which still verifies: the import, two enrollments,
-    // the release, the refusal (the replay and the refused connections add nothing).
+    // Every decision is in the log, which still verifies: the import, the line CA, two
+    // enrollments, the release, the refusal (the replay and the refused connections add
+    // nothing).
     let log = ok(&["site", "audit", "verify", "--home", &s(&w.site)]);
     assert_eq!(log["records"], 6, "{log}");
 }
