@@ -84,6 +84,8 @@ pub fn serve(
     while stderr.read(&mut byte).map_err(fail)? == 1 && byte[0] != b'\n' {
         line.push(byte[0]);
     }
+    // The rest of its stderr is its logs: read and dropped, so the pipe never fills.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
     let listening: serde_json::Value = serde_json::from_slice(&line).map_err(|_| {
         fail(format!(
             "site serve said: {}",

@@ -346,6 +346,10 @@ pub struct ServeArgs {
     /// Logs on stderr: text, or json (one object per line, for a log collector).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// warn: problems only; info: also one line per request; debug: also one line per
+    /// decision (released, or refused with its code; the audit log has them all anyway).
+    #[arg(long, default_value = "info", value_parser = ["warn", "info", "debug"])]
+    pub log_level: String,
 }
 
 #[derive(Subcommand, Debug)]

@@ -187,8 +187,14 @@ pub fn serve(ctx: &Context, a: &crate::cli::ServeArgs, json_out: bool) -> Result
     let site = node.name.clone();
     // Structured logs on stderr: one line per request, handshake refusals, errors with
     // their detail (the stations get only a code and a short message).
+    let level = match a.log_level.as_str() {
+        "warn" => tracing::Level::WARN,
+        "debug" => tracing::Level::DEBUG,
+        _ => tracing::Level::INFO,
+    };
     let logs = tracing_subscriber::fmt()
         .with_writer(|| LogSink)
+        .with_max_level(level)
         .with_target(true);
     let installed = if a.log_format == "json" {
         tracing::subscriber::set_global_default(logs.json().flatten_event(true).finish())

@@ -239,7 +239,7 @@ fn stations_provision_over_mutual_tls_and_strangers_get_nothing() {
         Some(&ten_days_ago),
     );
     assert_eq!(out.code, 0, "{}", out.json);
-    let server = Server::start_with(&w.site, &["--log-format", "json"]);
+    let server = Server::start_with(&w.site, &["--log-format", "json", "--log-level", "debug"]);
     let url = server.url();
 
     // A station provisions; a retry with the same request id gets the same answer.

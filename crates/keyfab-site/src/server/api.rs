@@ -305,7 +305,7 @@ async fn provision(
     let outcome = state.provisioner.provision_async(req).await;
     state.metrics.observe(&outcome, started.elapsed());
     match &outcome {
-        Ok(p) => tracing::info!(
+        Ok(p) => tracing::debug!(
             target: "keyfab::provision",
             device_id,
             request_id,
@@ -314,7 +314,7 @@ async fn provision(
             sealed_to_chip = p.chip_enc.is_some(),
             "released"
         ),
-        Err(e) => tracing::info!(
+        Err(e) => tracing::debug!(
             target: "keyfab::provision",
             device_id,
             request_id,
