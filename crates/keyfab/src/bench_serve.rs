@@ -8,22 +8,10 @@ use crate::output::{Failure, Report};
 use crate::run;
 use keyfab_crypto::x509;
 use serde_json::json;
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 fn fail(e: impl std::fmt::Display) -> Failure {
     Failure::new("internal", e.to_string())
-}
-
-/// The `site serve` child: stopped with SIGTERM (or killed) when dropped.
-struct ServeChild(std::process::Child);
-
-impl Drop for ServeChild {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 pub fn serve(
@@ -61,42 +49,8 @@ pub fn serve(
     })?;
 
     // The site in a process of its own.
-    let exe = std::env::current_exe().map_err(fail)?;
-    let mut cmd = Command::new(exe);
-    cmd.args([
-        "--json",
-        "site",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--home",
-    ])
-    .arg(&site)
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
-    if let Some(p) = &ctx.passphrase_file {
-        cmd.arg("--passphrase-file").arg(p);
-    }
-    let mut child = ServeChild(cmd.spawn().map_err(fail)?);
-    let mut line = Vec::new();
-    let mut stderr = child.0.stderr.take().ok_or_else(|| fail("serve stderr"))?;
-    let mut byte = [0u8; 1];
-    while stderr.read(&mut byte).map_err(fail)? == 1 && byte[0] != b'\n' {
-        line.push(byte[0]);
-    }
-    // The rest of its stderr is its logs: read and dropped, so the pipe never fills.
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    let listening: serde_json::Value = serde_json::from_slice(&line).map_err(|_| {
-        fail(format!(
-            "site serve said: {}",
-            String::from_utf8_lossy(&line)
-        ))
-    })?;
-    let url = format!(
-        "https://{}",
-        listening["listening"].as_str().unwrap_or_default()
-    );
-
+    let server = crate::line::ServeChild::start(&ctx, &site, &[])?;
+    let url = server.url.clone();
     // CPU this process spent so far (setup, the raw crypto rate) is not the stations'.
     let setup_cpu = cpu_seconds("/proc/self/stat");
     let station = keyfab_station::StationDir::load(&station_dir).map_err(fail)?;
@@ -117,10 +71,8 @@ pub fn serve(
     } else {
         provision_only(&client, &id, stations, devices)?
     };
-    let pid = child.0.id().to_string();
-    let server_cpu = cpu_seconds(&format!("/proc/{pid}/stat"));
-    let _ = Command::new("kill").args(["-TERM", &pid]).status();
-    let _ = child.0.wait();
+    let server_cpu = cpu_seconds(&format!("/proc/{}/stat", server.pid()));
+    server.stop()?;
 
     let mut lat = latencies;
     lat.sort();

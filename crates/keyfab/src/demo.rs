@@ -1,9 +1,13 @@
-//! `keyfab demo`: root → HQ → site → registration → entitlement → import → list, in a
-//! temporary directory, saying what happens at each step.
+//! `keyfab demo`: the whole journey of SPEC §2 with real processes, in a temporary
+//! directory, saying what happens at each step: root, HQ, site, an entitlement with a
+//! 2-of-3 quorum and its approvals, `site serve`, two stations provisioning concurrently
+//! with keys sealed to each chip, a device burned after failed programming, one refused
+//! over the daily limit, then export, HQ import and reconciliation, and the report.
 
 use crate::context::Context;
 use crate::output::{Failure, Report};
 use crate::run;
+use keyfab_crypto::x509;
 use keyfab_node::NodeKind;
 use serde_json::json;
 use std::path::Path;
@@ -35,22 +39,6 @@ certificate = { subject = "CN={device_id},O=Acme", days = 3650 }
 name = "firmware"
 type = "aes-256"
 source = "derived"
-"#;
-
-/// The demo's daily limit: small, so the demo can show a refusal over it.
-const DEMO_DAILY: u64 = 3;
-
-const GATED_POLICY: &str = r#"# A second entitlement that needs two of three approvers before any device.
-product = "thermostat-v2-pilot"
-devices = 10
-valid_from  = "2026-01-01T00:00:00Z"
-valid_until = "2030-01-01T00:00:00Z"
-
-[[keys]]
-name = "identity"
-type = "ec-p256"
-source = "site"
-certificate = { subject = "CN={device_id},O=Acme,OU=pilot", days = 365 }
 
 [approval]
 threshold = 2
@@ -58,10 +46,13 @@ approvers = ["alice.pub", "bob.pub", "carol.pub"]
 required_for = ["activate"]
 "#;
 
+/// The demo's daily limit: small, so the demo can show a refusal over it.
+const DEMO_DAILY: u64 = 5;
+
 pub fn policy_text(devices: u64) -> String {
     DEMO_POLICY
-        .replace("{devices}", &devices.to_string())
-        .replace("{daily}", &DEMO_DAILY.min(devices).to_string())
+        .replace("{devices}", &devices.max(DEMO_DAILY + 1).to_string())
+        .replace("{daily}", &DEMO_DAILY.to_string())
 }
 
 pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Failure> {
@@ -168,17 +159,28 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
         "HQ accepts it only because it chains to HQ's own root with role site.",
         run::site_add(&ctx, &hq, &kfi)?,
     );
+    for who in ["alice", "bob", "carol"] {
+        run::approver_keygen(&ctx, &base.join(who))?;
+    }
+    step(
+        "10. three approvers make their keys",
+        "alice, bob and carol each keep a private key; HQ lists their public keys in the policy.",
+        Report::new(
+            "alice.key/.pub, bob.key/.pub, carol.key/.pub",
+            json!({"approvers": ["alice", "bob", "carol"]}),
+        ),
+    );
     let policy = base.join("policy.toml");
     std::fs::write(&policy, policy_text(devices)).map_err(|e| Failure::new("io", e.to_string()))?;
     let kfe = base.join("thermostat.kfe");
     step(
-        "10. HQ issues an entitlement",
-        "Keys generated at HQ, encrypted to the site's key, signed by HQ.",
+        "11. HQ issues an entitlement",
+        "Keys generated at HQ, encrypted to the site's key, signed by HQ; the policy needs 2 of 3 approvers before any device.",
         run::entitlement_create(&ctx, &hq, "shenzhen-1", &policy, &kfe)?,
     );
     let imported = run::entitlement_import(&ctx, &site, &kfe)?;
     let id = imported.json["id"].as_str().unwrap_or_default().to_owned();
-    step("11. site imports it", "Size, signature, chain and role, recipient, replay: checked before anything is decrypted or stored.",
+    step("12. site imports it", "Size, signature, chain and role, recipient, replay: checked before anything is decrypted or stored. It waits for its quorum.",
         imported);
     let replay = run::entitlement_import(&ctx, &site, &kfe);
     let replay_text = match &replay {
@@ -186,17 +188,12 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
         Ok(_) => "UNEXPECTED: the replay was accepted".into(),
     };
     step(
-        "12. the same file again",
+        "13. the same file again",
         "A replayed entitlement is refused and changes nothing.",
         Report::new(
             replay_text,
             json!({"refused": replay.is_err(), "code": replay.as_ref().err().map(|f| f.code)}),
         ),
-    );
-    step(
-        "13. site lists its entitlements",
-        "The policy and key counts the site will enforce.",
-        run::entitlement_list(&ctx, &site)?,
     );
     if replay.is_ok() {
         return Err(Failure::new(
@@ -204,139 +201,197 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
             "the demo's replay check was not refused",
         ));
     }
-    let provision = |device: &str, out: Option<std::path::PathBuf>| {
-        run::provision(
-            &ctx,
-            &crate::cli::ProvisionArgs {
-                home: crate::cli::Home { home: site.clone() },
-                entitlement: id.clone(),
-                device_id: Some(device.to_owned()),
-                device_ids: None,
-                station: Some("line-1".into()),
-                request_id: None,
-                csr: None,
-                out,
-            },
-        )
-    };
-    let daily = DEMO_DAILY.min(devices);
-    for n in 1..=daily {
-        let device = format!("TSV2-{n:08}");
-        let out = base.join(format!("{device}.json"));
-        step(
-            &format!("14.{n} provision {device}"),
-            "Decided under the policy and recorded durably before its keys are released (to a 0600 file).",
-            provision(&device, Some(out))?,
-        );
-    }
-    let over = format!("TSV2-{:08}", daily + 1);
-    let refused = provision(&over, None);
-    let refused_text = match &refused {
-        Err(f) => format!("refused as expected: error[{}] {}", f.code, f.message),
-        Ok(_) => "UNEXPECTED: allowed over the daily limit".into(),
-    };
-    step(
-        &format!("15. provision {over}"),
-        "The daily limit is reached: refused with its code, and the refusal is audited too.",
-        Report::new(
-            refused_text,
-            json!({"refused": refused.is_err(), "code": refused.as_ref().err().map(|f| f.code)}),
-        ),
-    );
-    if refused.is_ok() {
-        return Err(Failure::new(
-            "internal",
-            "the demo's daily limit was not enforced",
-        ));
-    }
-
-    // An approval round on a second entitlement.
-    for who in ["alice", "bob", "carol"] {
-        run::approver_keygen(&ctx, &base.join(who))?;
-    }
-    let gated_policy = base.join("pilot.toml");
-    std::fs::write(&gated_policy, GATED_POLICY).map_err(|e| Failure::new("io", e.to_string()))?;
-    let gated_kfe = base.join("pilot.kfe");
-    let created = run::entitlement_create(&ctx, &hq, "shenzhen-1", &gated_policy, &gated_kfe)?;
-    let gated = created.json["id"].as_str().unwrap_or_default().to_owned();
-    step(
-        "16. HQ issues a pilot entitlement",
-        "Its policy needs 2 of 3 listed approvers (alice, bob, carol) before any device.",
-        created,
-    );
-    step(
-        "17. site imports it",
-        "It stays pending until the quorum approves.",
-        run::entitlement_import(&ctx, &site, &gated_kfe)?,
-    );
     let req = base.join("activate.req");
     step(
-        "18. site asks for approval",
+        "14. site asks for approval",
         "A request bound to this site, the entitlement, the action, a nonce and an expiry.",
-        run::approval_request(&ctx, &site, &gated, "activate", &req, 72)?,
+        run::approval_request(&ctx, &site, &id, "activate", &req, 72)?,
     );
     let mut approvals = Vec::new();
-    for who in ["alice", "bob"] {
+    for (n, who) in ["alice", "bob"].iter().enumerate() {
         let out = base.join(format!("{who}.approval"));
         step(
-            &format!("19. {who} signs"),
+            &format!("15.{} {who} signs", n + 1),
             "Offline, with a personal key the signed policy lists.",
             run::approver_sign(&base.join(format!("{who}.key")), &req, &out)?,
         );
         approvals.push(out);
     }
     step(
-        "20. site submits the approvals",
+        "16. site submits the approvals",
         "Two distinct listed keys meet the threshold: the entitlement is activated (audited).",
         run::approval_submit(&ctx, &site, &approvals)?,
     );
-    let pilot = run::provision(
-        &ctx,
-        &crate::cli::ProvisionArgs {
-            home: crate::cli::Home { home: site.clone() },
-            entitlement: gated.clone(),
-            device_id: Some("PILOT-0001".into()),
-            device_ids: None,
-            station: None,
-            request_id: None,
-            csr: None,
-            out: Some(base.join("PILOT-0001.json")),
-        },
-    )?;
+    let lines = [base.join("line-1"), base.join("line-2")];
+    for (n, dir) in lines.iter().enumerate() {
+        step(
+            &format!("17.{} site enrolls station line-{}", n + 1, n + 1),
+            "A key and a certificate from the site's own line CA, for the station's directory.",
+            crate::line::station_enroll(&ctx, &site, &format!("line-{}", n + 1), dir, 30)?,
+        );
+    }
+    let server = crate::line::ServeChild::start(&ctx, &site, &[])?;
     step(
-        "21. provision a pilot device",
-        "Activated, the pilot entitlement now provisions: a key generated at the site, with its certificate.",
-        pilot,
+        "18. site serve starts",
+        "The station API in a process of its own, over mutual TLS 1.3: only this site's stations get past the handshake.",
+        Report::new(
+            format!("listening on {}", server.url),
+            json!({"url": server.url}),
+        ),
+    );
+    let root_der = x509::from_pem(
+        &std::fs::read_to_string(&root_cert).map_err(|e| Failure::new("io", e.to_string()))?,
+        "CERTIFICATE",
+    )
+    .map_err(|e| Failure::new("internal", e.to_string()))?;
+    let clients = lines
+        .iter()
+        .map(|dir| {
+            keyfab_station::StationDir::load(dir)
+                .and_then(|d| keyfab_station::Client::new(&d, std::slice::from_ref(&server.url)))
+                .map_err(|e| Failure::new("internal", e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Two lines at once, two devices each, every chip with its own transport key.
+    let reports: Vec<keyfab_station::LineReport> = std::thread::scope(|scope| {
+        let handles: Vec<_> = clients
+            .iter()
+            .enumerate()
+            .map(|(n, client)| {
+                let (id, root) = (id.clone(), root_der.clone());
+                let devices = vec![
+                    format!("TSV2-{:08}", 2 * n + 1),
+                    format!("TSV2-{:08}", 2 * n + 2),
+                ];
+                scope.spawn(move || {
+                    keyfab_station::block_on(keyfab_station::run_line(
+                        client,
+                        &id,
+                        devices,
+                        2,
+                        &root,
+                        &|_| {},
+                    ))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().ok().and_then(Result::ok))
+            .collect()
+    });
+    let programmed: u64 = reports.iter().map(|r| r.programmed).sum();
+    step(
+        "19. two stations provision at once",
+        "line-1 and line-2, two devices each. The site seals each device's keys to its chip's transport key (HPKE, bound to the device id): the stations carry only ciphertext. Each chip opens its keys, checks its certificate up to the root, and the station confirms it programmed.",
+        Report::new(
+            format!(
+                "{programmed} devices programmed (line-1: {}, line-2: {})",
+                reports.first().map_or(0, |r| r.programmed),
+                reports.get(1).map_or(0, |r| r.programmed)
+            ),
+            json!({"programmed": programmed}),
+        ),
+    );
+    if programmed != 4 {
+        return Err(Failure::new(
+            "internal",
+            "the demo's stations did not program 4 devices",
+        ));
+    }
+    // A fifth device whose programming fails: its keys are burned.
+    let chip =
+        keyfab_station::device::SimulatedChip::new("TSV2-00000005", &keyfab_crypto::rng::SystemRng);
+    let failed = keyfab_station::block_on(async {
+        let req = keyfab_station::ProvisionRequest {
+            request_id: "demo-5".into(),
+            entitlement: id.clone(),
+            device_id: "TSV2-00000005".into(),
+            csr: None,
+            transport_key: chip.transport_key().ok(),
+        };
+        clients[0].provision(&req).await?;
+        let confirmed = clients[0].confirm(&id, "TSV2-00000005", "failed").await?;
+        let again = clients[0].provision(&req).await;
+        Ok::<_, keyfab_station::StationError>((confirmed, again.is_err()))
+    })
+    .map_err(|e| Failure::new("internal", e.to_string()))?
+    .map_err(|e| Failure::new("internal", e.to_string()))?;
+    step(
+        "20. a device fails programming",
+        "line-1 reports TSV2-00000005 failed: the failure is audited and its keys are burned. A retry of the same request gets nothing.",
+        Report::new(
+            format!(
+                "confirmed failed (audit record {}); retry refused: {}",
+                failed.0["audit_sequence"], failed.1
+            ),
+            json!({"confirmed": failed.0, "retry_refused": failed.1}),
+        ),
+    );
+    let over = keyfab_station::block_on(clients[1].provision(&keyfab_station::ProvisionRequest {
+        request_id: "demo-6".into(),
+        entitlement: id.clone(),
+        device_id: "TSV2-00000006".into(),
+        csr: None,
+        transport_key: None,
+    }))
+    .map_err(|e| Failure::new("internal", e.to_string()))?;
+    let code = match &over {
+        Err(keyfab_station::StationError::Refused { code, .. }) => code.clone(),
+        _ => String::new(),
+    };
+    step(
+        "21. one device too many today",
+        "Five devices today is the policy's daily limit: the sixth is refused with its code, and the refusal is audited too.",
+        Report::new(
+            format!("refused as expected: {code}"),
+            json!({"refused": over.is_err(), "code": code}),
+        ),
+    );
+    if code != "daily_limit_exceeded" {
+        return Err(Failure::new(
+            "internal",
+            "the demo's daily limit was not enforced",
+        ));
+    }
+    let stopped = server.stop()?;
+    step(
+        "22. site serve stops",
+        "SIGTERM: no new connections; requests in flight finish; nothing is lost.",
+        Report::new(
+            format!("stopped after {} connections", stopped["connections"]),
+            stopped,
+        ),
     );
     step(
-        "22. site verifies its audit log",
-        "Every import, decision and approval, hash-chained; the Merkle root is what HQ will check.",
+        "23. site verifies its audit log",
+        "Every import, approval, enrollment, decision and confirmation, hash-chained; the Merkle root is what HQ will check.",
         run::audit_verify(&ctx, &site)?,
     );
     let kfa = base.join("shenzhen-1.kfa");
     step(
-        "23. site exports its audit for HQ",
+        "24. site exports its audit for HQ",
         "Records since the last export, the signed checkpoint and a consistency proof; encrypted to HQ, signed by the site.",
         run::audit_export(&ctx, &site, &kfa, false)?,
     );
     let kfk = base.join("shenzhen-1.kfk");
     step(
-        "24. HQ imports and reconciles it",
+        "25. HQ imports and reconciles it",
         "Verified, checked for gaps and forks, every decision re-run through the same policy code; HQ signs a receipt.",
         run::audit_import(&ctx, &hq, &kfa, Some(&kfk))?,
     );
     step(
-        "25. site imports HQ's receipt",
+        "26. site imports HQ's receipt",
         "The acknowledged checkpoint: a later restore of an older copy of the site is detected.",
         run::receipt_import(&ctx, &site, &kfk)?,
     );
     step(
-        "26. HQ's report",
-        "Per site and entitlement: today against the daily limit, total against the quota, refusals, violations.",
+        "27. HQ's report",
+        "Per site and entitlement: today against the daily limit, total against the quota, programmed and burned, refusals, violations.",
         run::hq_report(&ctx, &hq, "text", Some(&base.join("report.txt")))?,
     );
     step(
-        "27. the same report as HTML",
+        "28. the same report as HTML",
         "One self-contained file with charts (devices per day against the limit, quota, refusals), for a browser, offline.",
         run::hq_report(&ctx, &hq, "html", Some(&base.join("report.html")))?,
     );

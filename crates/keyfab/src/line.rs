@@ -454,3 +454,94 @@ impl std::io::Write for LogSink {
         Ok(())
     }
 }
+
+/// `keyfab site serve` in a child process, for `demo` and `bench serve`: started on a
+/// free loopback port, its logs drained; stopped with SIGTERM (killed if dropped).
+pub struct ServeChild {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl ServeChild {
+    pub fn start(ctx: &Context, home: &Path, extra: &[&str]) -> Result<Self, Failure> {
+        use std::io::Read;
+        let fail = |e: &dyn std::fmt::Display| Failure::new("internal", format!("site serve: {e}"));
+        let exe = std::env::current_exe().map_err(|e| fail(&e))?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args([
+            "--json",
+            "site",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--home",
+        ])
+        .arg(home)
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        if let Some(p) = &ctx.passphrase_file {
+            cmd.arg("--passphrase-file").arg(p);
+        }
+        let mut child = ServeChild {
+            child: cmd.spawn().map_err(|e| fail(&e))?,
+            url: String::new(),
+        };
+        let mut stderr = child
+            .child
+            .stderr
+            .take()
+            .ok_or_else(|| fail(&"no stderr"))?;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while stderr.read(&mut byte).map_err(|e| fail(&e))? == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        // The rest of its stderr is its logs: read and dropped, so the pipe never fills.
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        let listening: serde_json::Value =
+            serde_json::from_slice(&line).map_err(|_| fail(&String::from_utf8_lossy(&line)))?;
+        let addr = listening["listening"]
+            .as_str()
+            .ok_or_else(|| fail(&String::from_utf8_lossy(&line)))?;
+        child.url = format!("https://{addr}");
+        Ok(child)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then its one report (stdout).
+    pub fn stop(mut self) -> Result<serde_json::Value, Failure> {
+        use std::io::Read;
+        let pid = self.child.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let mut out = String::new();
+        if let Some(mut stdout) = self.child.stdout.take() {
+            let _ = stdout.read_to_string(&mut out);
+        }
+        let status = self
+            .child
+            .wait()
+            .map_err(|e| Failure::new("internal", e.to_string()))?;
+        if !status.success() {
+            return Err(Failure::new(
+                "internal",
+                format!("site serve ended with {status}: {out}"),
+            ));
+        }
+        serde_json::from_str(out.trim()).map_err(|e| Failure::new("internal", e.to_string()))
+    }
+}
+
+impl Drop for ServeChild {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -20,25 +20,30 @@ fn demo_runs_the_journey_with_its_refusals() {
             .find(|s| s["step"].as_str().unwrap().starts_with(prefix))
             .unwrap()
     };
-    assert_eq!(find("12.")["result"]["code"], "replayed");
-    assert_eq!(find("15.")["result"]["code"], "daily_limit_exceeded");
-    assert_eq!(find("20.")["result"]["results"][0]["activated"], true);
-    assert!(find("21.")["result"]["keys"][0]["certificate_pem"].is_string());
-    assert!(find("22.")["result"]["records"].as_u64().unwrap() >= 10);
+    assert_eq!(find("13.")["result"]["code"], "replayed");
+    assert_eq!(find("16.")["result"]["results"][0]["activated"], true);
+    assert_eq!(find("19.")["result"]["programmed"], 4);
+    assert_eq!(find("20.")["result"]["confirmed"]["result"], "failed");
+    assert_eq!(find("20.")["result"]["retry_refused"], true);
+    assert_eq!(find("21.")["result"]["code"], "daily_limit_exceeded");
+    assert_eq!(find("22.")["result"]["stopped"], true);
+    assert!(find("23.")["result"]["records"].as_u64().unwrap() >= 15);
     assert_eq!(
-        find("24.")["result"]["violations"]
+        find("25.")["result"]["violations"]
             .as_array()
             .unwrap()
             .len(),
         0
     );
-    let main = find("26.")["result"]["entitlements"]
+    let main = find("27.")["result"]["entitlements"]
         .as_array()
         .unwrap()
         .iter()
         .find(|e| e["product"] == "thermostat-v2")
         .unwrap()
         .clone();
-    assert_eq!(main["today"], 3);
+    assert_eq!(main["today"], 5);
+    assert_eq!(main["confirmed"], 4);
+    assert_eq!(main["burned"], 1);
     assert_eq!(main["refusals"]["daily_limit_exceeded"], 1);
 }
