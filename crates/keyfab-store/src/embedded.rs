@@ -233,78 +233,9 @@ mod tests {
     }
 
     #[test]
-    fn guards_make_commits_all_or_nothing() {
+    fn the_store_contract_holds() {
         let (_d, s) = store();
-        let mut t = Txn::default();
-        t.put(Table::Meta, b"a", b"1");
-        let Outcome::Committed(r1) = s.commit(t).unwrap() else {
-            panic!()
-        };
-        let seen = s.get(Table::Meta, b"a").unwrap();
-        assert_eq!(seen.as_ref().unwrap().revision, r1);
-
-        // A writer that read `a` at r1 wins; a second one holding the same stale read loses
-        // and writes nothing at all.
-        let mut ok = Txn::default();
-        ok.require_unchanged(Table::Meta, b"a", seen.as_ref())
-            .put(Table::Meta, b"a", b"2");
-        assert!(s.commit(ok).unwrap().is_committed());
-        let mut stale = Txn::default();
-        stale
-            .require_unchanged(Table::Meta, b"a", seen.as_ref())
-            .put(Table::Meta, b"a", b"3")
-            .put(Table::Meta, b"b", b"x");
-        assert_eq!(s.commit(stale).unwrap(), Outcome::Conflict);
-        assert_eq!(s.get(Table::Meta, b"a").unwrap().unwrap().value, b"2");
-        assert!(s.get(Table::Meta, b"b").unwrap().is_none());
-    }
-
-    #[test]
-    fn tables_do_not_see_each_other() {
-        let (_d, s) = store();
-        let mut t = Txn::default();
-        t.put(Table::Meta, b"k", b"meta")
-            .put(Table::Pool, b"k", b"pool");
-        s.commit(t).unwrap();
-        assert_eq!(s.get(Table::Meta, b"k").unwrap().unwrap().value, b"meta");
-        assert_eq!(s.get(Table::Pool, b"k").unwrap().unwrap().value, b"pool");
-        assert_eq!(s.scan(Table::Meta, b"", 10).unwrap().len(), 1);
-        let mut t = Txn::default();
-        t.delete_prefix(Table::Meta, b"");
-        s.commit(t).unwrap();
-        assert!(s.get(Table::Meta, b"k").unwrap().is_none());
-        assert!(s.get(Table::Pool, b"k").unwrap().is_some());
-    }
-
-    #[test]
-    fn scan_and_delete_prefix_and_range() {
-        let (_d, s) = store();
-        let mut t = Txn::default();
-        for k in [&b"p/1"[..], b"p/2", b"p/3", b"q/1"] {
-            t.put(Table::Pool, k, b"v");
-        }
-        s.commit(t).unwrap();
-        assert_eq!(s.scan(Table::Pool, b"p/", 10).unwrap().len(), 3);
-        let page = |from: &[u8], limit| {
-            s.scan_from(Table::Pool, b"p/", from, limit)
-                .unwrap()
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(page(b"p/2", 10), [b"p/2".to_vec(), b"p/3".to_vec()]);
-        assert_eq!(page(b"p/2\0", 1), [b"p/3".to_vec()]);
-        assert_eq!(page(b"a", 1), [b"p/1".to_vec()]);
-        assert!(page(b"q", 10).is_empty());
-        let mut t = Txn::default();
-        t.delete_range(Table::Pool, b"p/2", b"p/3");
-        s.commit(t).unwrap();
-        assert_eq!(s.scan(Table::Pool, b"p/", 10).unwrap().len(), 2);
-        let mut t = Txn::default();
-        t.delete_prefix(Table::Pool, b"p/");
-        s.commit(t).unwrap();
-        assert!(s.scan(Table::Pool, b"p/", 10).unwrap().is_empty());
-        assert_eq!(s.scan(Table::Pool, b"q/", 10).unwrap().len(), 1);
+        crate::conformance::run_all(&s);
     }
 
     #[test]

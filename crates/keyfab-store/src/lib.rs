@@ -24,6 +24,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod conformance;
 mod embedded;
 
 pub use embedded::EmbeddedStore;
