@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v openssl >/dev/null || need_apt+=(openssl)
+# The etcd backend is tested against a real etcd; its client crate builds with protoc.
+command -v etcd >/dev/null || need_apt+=(etcd-server etcd-client)
+command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 if ((${#need_apt[@]})); then
   echo "== installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

@@ -7,7 +7,7 @@
 //! each commit writes (and fsyncs) several times over. Values are stored as
 //! `revision (u64 BE) ‖ value`.
 
-use crate::{Guard, Outcome, Result, Store, StoreError, Table, Txn, Versioned, Write};
+use crate::{prefix_end, Guard, Outcome, Result, Store, StoreError, Table, Txn, Versioned, Write};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
 
@@ -20,27 +20,8 @@ const KV: TableDefinition<'static, &'static [u8], &'static [u8]> =
 /// Key of the store-wide revision: a table byte no logical table uses.
 const REVISION_KEY: &[u8] = &[0xff, b'r', b'e', b'v'];
 
-fn table_byte(t: Table) -> u8 {
-    Table::ALL.iter().position(|x| *x == t).unwrap_or(0xfe) as u8
-}
-
 fn full_key(t: Table, key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(key.len() + 1);
-    k.push(table_byte(t));
-    k.extend_from_slice(key);
-    k
-}
-
-/// The first key after every key that starts with `prefix`, if there is one.
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
+    t.full_key(key)
 }
 
 pub struct EmbeddedStore {

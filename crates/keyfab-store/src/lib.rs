@@ -54,7 +54,34 @@ pub enum Table {
     Requests,
 }
 
+/// The first key after every key that starts with `prefix`, if there is one (none when
+/// the prefix is all 0xff bytes): the end of a prefix range.
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
 impl Table {
+    /// The byte that keeps this table's keys apart from every other's in a backend's
+    /// single key space.
+    pub fn byte(self) -> u8 {
+        Table::ALL.iter().position(|x| *x == self).unwrap_or(0xfe) as u8
+    }
+
+    /// `key` of this table in a backend's single key space: the table byte, then the key.
+    pub fn full_key(self, key: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(key.len() + 1);
+        k.push(self.byte());
+        k.extend_from_slice(key);
+        k
+    }
+
     pub const ALL: [Table; 10] = [
         Table::Meta,
         Table::Entitlements,
@@ -90,16 +117,18 @@ pub struct Versioned {
     pub revision: u64,
 }
 
+/// A condition a transaction commits under (what a backend compares).
 #[derive(Debug, Clone)]
-enum Guard {
+pub enum Guard {
     /// The key is absent.
     Absent(Table, Vec<u8>),
     /// The key was last written at exactly this revision.
     AtRevision(Table, Vec<u8>, u64),
 }
 
+/// One write of a transaction (what a backend applies).
 #[derive(Debug, Clone)]
-enum Write {
+pub enum Write {
     Put(Table, Vec<u8>, Vec<u8>),
     Delete(Table, Vec<u8>),
     DeletePrefix(Table, Vec<u8>),
@@ -184,6 +213,18 @@ impl Txn {
     }
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
+    }
+    /// The guards, for backends.
+    pub fn guards(&self) -> &[Guard] {
+        &self.guards
+    }
+    /// The writes in order, for backends.
+    pub fn writes(&self) -> &[Write] {
+        &self.writes
+    }
+    /// Whether the transaction may skip its own fsync ([`Txn::non_durable`]).
+    pub fn is_lazy(&self) -> bool {
+        self.lazy
     }
     pub fn len(&self) -> usize {
         self.writes.len()
