@@ -332,16 +332,7 @@ fn a_large_refused_bundle_leaves_nothing_behind() {
     std::fs::write(&policy, POLICY_M).unwrap();
     let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "m.kfe");
     assert_eq!(import(&w.site, &kfe, None).code, 0);
-    let out = w.path("a.kfa");
-    ok(&[
-        "site",
-        "audit",
-        "export",
-        "--home",
-        &s(&w.site),
-        "--out",
-        &s(&out),
-    ]);
+    let out = export(&w, "a.kfa");
     let hq = open_hq(&w);
     let (header, real) = read_bundle(&hq, &out);
     // Enough records for several chunks (1 MiB each), so that some are staged.

@@ -17,20 +17,6 @@ fn entitlement(w: &World, body: &str) -> String {
     id
 }
 
-fn export(w: &World, name: &str) -> std::path::PathBuf {
-    let out = w.path(name);
-    ok(&[
-        "site",
-        "audit",
-        "export",
-        "--home",
-        &s(&w.site),
-        "--out",
-        &s(&out),
-    ]);
-    out
-}
-
 fn hq_import(w: &World, file: &std::path::Path) -> Out {
     keyfab(
         &["hq", "audit", "import", "--home", &s(&w.hq), &s(file)],

@@ -522,18 +522,7 @@ fn sigterm_under_load_loses_nothing() {
         assert_eq!(again.json["replayed"], true);
     }
     // HQ, from the log alone, counts exactly those releases.
-    let kfa = w.path("load.kfa");
-    ok(&[
-        "site",
-        "audit",
-        "export",
-        "--home",
-        &s(&w.site),
-        "--out",
-        &s(&kfa),
-    ]);
-    ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&kfa)]);
-    let report = ok(&["hq", "report", "--home", &s(&w.hq)]);
+    let report = export_import_report(&w, "load.kfa");
     let line = report["entitlements"]
         .as_array()
         .unwrap()
@@ -601,18 +590,7 @@ fn confirmations_close_a_device_and_hq_counts_them() {
     let (code, _) = server.stop();
     assert_eq!(code, 0);
 
-    let kfa = w.path("confirm.kfa");
-    ok(&[
-        "site",
-        "audit",
-        "export",
-        "--home",
-        &s(&w.site),
-        "--out",
-        &s(&kfa),
-    ]);
-    ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&kfa)]);
-    let report = ok(&["hq", "report", "--home", &s(&w.hq)]);
+    let report = export_import_report(&w, "confirm.kfa");
     let line = &report["entitlements"][0];
     assert_eq!(
         (

@@ -286,3 +286,25 @@ pub fn open_site(home: &Path) -> keyfab_node::Node {
     )
     .unwrap()
 }
+
+/// `site audit export` of `w`'s site into `name` (in the world's directory).
+pub fn export(w: &World, name: &str) -> PathBuf {
+    let out = w.path(name);
+    ok(&[
+        "site",
+        "audit",
+        "export",
+        "--home",
+        &s(&w.site),
+        "--out",
+        &s(&out),
+    ]);
+    out
+}
+
+/// The site's log exported into `name`, imported at HQ, and HQ's report (JSON).
+pub fn export_import_report(w: &World, name: &str) -> serde_json::Value {
+    let kfa = export(w, name);
+    ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&kfa)]);
+    ok(&["hq", "report", "--home", &s(&w.hq)])
+}
