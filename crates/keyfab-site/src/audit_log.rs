@@ -81,6 +81,36 @@ impl Appender {
 }
 
 /// The stored head and the revision that wrote it.
+/// Commits `change` (its guards and writes on the transaction) together with one
+/// `setting_changed` record `name` = `value`: a change that bears on security and its
+/// audit record land together or not at all. A concurrent writer makes it fail with
+/// `invalid_state` (try again).
+pub(crate) fn commit_setting(
+    node: &Node,
+    name: &str,
+    value: String,
+    change: impl FnOnce(&mut Txn) -> Result<()>,
+) -> Result<()> {
+    let mut txn = Txn::default();
+    let mut log = Appender::begin(node, &mut txn)?;
+    log.append(
+        &mut txn,
+        node.now().0,
+        Event::SettingChanged {
+            name: name.to_owned(),
+            value,
+        },
+    )?;
+    log.finish(&mut txn);
+    change(&mut txn)?;
+    if !node.store.commit(txn)?.is_committed() {
+        return Err(Error::InvalidState(
+            "site state changed meanwhile; try again".into(),
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn stored_head(node: &Node) -> Result<(Head, Option<u64>)> {
     Ok(match node.store.get(Table::Meta, AUDIT_HEAD)? {
         Some(v) => (

@@ -406,13 +406,24 @@ impl Provisioner {
         check_request_id(&req.request_id)?;
         let ctx = self.context(&req.entitlement)?;
         // A retry is recognised by the committer, which answers it from the record.
-        match self.submit(&ctx, req.clone(), None)? {
-            Outcome::Replay(rr) => self.answer_replay(&ctx, &req, rr),
+        let outcome = self.submit(&ctx, req.clone(), None)?;
+        self.provisioned(&ctx, &req, outcome)
+    }
+
+    /// The answer to `req` once the committer decided it.
+    fn provisioned(
+        &self,
+        ctx: &EntitlementContext,
+        req: &ProvisionRequest,
+        outcome: Outcome,
+    ) -> Result<Provisioned> {
+        match outcome {
+            Outcome::Replay(rr) => self.answer_replay(ctx, req, rr),
             Outcome::Allowed {
                 audit_sequence,
                 keys,
                 privates,
-            } => self.answer(&ctx, &req, audit_sequence, keys, privates, false),
+            } => self.answer(ctx, req, audit_sequence, keys, privates, false),
             Outcome::Confirmed { .. } => Err(Error::InvalidState("unexpected answer".into())),
         }
     }
@@ -506,15 +517,8 @@ impl Provisioner {
     pub async fn provision_async(&self, req: ProvisionRequest) -> Result<Provisioned> {
         check_request_id(&req.request_id)?;
         let ctx = self.context(&req.entitlement)?;
-        match self.submit_async(&ctx, req.clone(), None).await? {
-            Outcome::Replay(rr) => self.answer_replay(&ctx, &req, rr),
-            Outcome::Allowed {
-                audit_sequence,
-                keys,
-                privates,
-            } => self.answer(&ctx, &req, audit_sequence, keys, privates, false),
-            Outcome::Confirmed { .. } => Err(Error::InvalidState("unexpected answer".into())),
-        }
+        let outcome = self.submit_async(&ctx, req.clone(), None).await?;
+        self.provisioned(&ctx, &req, outcome)
     }
 
     /// Per key spec, the work that needs no shared state.

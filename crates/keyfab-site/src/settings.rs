@@ -1,11 +1,9 @@
 //! Site settings an operator may change. Each change is audited, because each bears on
 //! what the site will accept.
 
-use crate::audit_log::Appender;
 use crate::provision::{CLOCK_TOLERANCE, DEFAULT_CLOCK_TOLERANCE_SECS, MAX_CLOCK_TOLERANCE_SECS};
-use keyfab_audit::Event;
 use keyfab_node::{Error, Node, Result};
-use keyfab_store::{Store, Table, Txn};
+use keyfab_store::{Store, Table};
 
 /// How far (seconds) the clock may fall behind the trusted time before provisioning
 /// stops with `clock_rollback`.
@@ -28,23 +26,9 @@ pub fn set_clock_tolerance(node: &Node, secs: i64) -> Result<()> {
         )));
     }
     let seen = node.store.get(Table::Meta, CLOCK_TOLERANCE)?;
-    let mut txn = Txn::default();
-    let mut log = Appender::begin(node, &mut txn)?;
-    log.append(
-        &mut txn,
-        node.now().0,
-        Event::SettingChanged {
-            name: "clock_tolerance".into(),
-            value: secs.to_string(),
-        },
-    )?;
-    log.finish(&mut txn);
-    txn.require_unchanged(Table::Meta, CLOCK_TOLERANCE, seen.as_ref())
-        .put(Table::Meta, CLOCK_TOLERANCE, &secs.to_be_bytes());
-    if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState(
-            "site state changed meanwhile; try again".into(),
-        ));
-    }
-    Ok(())
+    crate::audit_log::commit_setting(node, "clock_tolerance", secs.to_string(), |txn| {
+        txn.require_unchanged(Table::Meta, CLOCK_TOLERANCE, seen.as_ref())
+            .put(Table::Meta, CLOCK_TOLERANCE, &secs.to_be_bytes());
+        Ok(())
+    })
 }

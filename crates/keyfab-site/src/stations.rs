@@ -12,15 +12,14 @@
 //! Enrollments and revocations are audited as `setting_changed` records
 //! (`station.enrolled`, `station.revoked`), so HQ sees which stations existed.
 
-use crate::audit_log::Appender;
-use keyfab_audit::Event;
+use crate::audit_log::commit_setting;
 use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::sign::SigningKey;
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{self, Validity};
 use keyfab_custody::Custody;
 use keyfab_node::{check_name, decode, encode, Error, Node, Result};
-use keyfab_store::{Store, Table, Txn};
+use keyfab_store::{Store, Table};
 use serde::{Deserialize, Serialize};
 
 const LINE_CA_HANDLE: &str = "line-ca";
@@ -74,24 +73,12 @@ pub fn line_ca(node: &mut Node) -> Result<Vec<u8>> {
         },
         node.rng.as_ref(),
     )?;
-    let mut txn = Txn::default();
-    let mut log = Appender::begin(node, &mut txn)?;
-    log.append(
-        &mut txn,
-        now.0,
-        Event::SettingChanged {
-            name: "line_ca".into(),
-            value: format!("sha256:{}", keyfab_crypto::hash::Fingerprint::of(&cert)),
-        },
-    )?;
-    log.finish(&mut txn);
-    txn.require_absent(Table::Meta, LINE_CA_CERT)
-        .put(Table::Meta, LINE_CA_CERT, &cert);
-    if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState(
-            "site state changed meanwhile; try again".into(),
-        ));
-    }
+    let fingerprint = format!("sha256:{}", keyfab_crypto::hash::Fingerprint::of(&cert));
+    commit_setting(node, "line_ca", fingerprint, |txn| {
+        txn.require_absent(Table::Meta, LINE_CA_CERT)
+            .put(Table::Meta, LINE_CA_CERT, &cert);
+        Ok(())
+    })?;
     Ok(cert)
 }
 
@@ -145,24 +132,16 @@ pub fn enroll(node: &Node, name: &str, days: i64) -> Result<Enrolled> {
         not_after: not_after.0,
         revoked_at: None,
     };
-    let mut txn = Txn::default();
-    let mut log = Appender::begin(node, &mut txn)?;
-    log.append(
-        &mut txn,
-        now.0,
-        Event::SettingChanged {
-            name: "station.enrolled".into(),
-            value: format!("{name} serial {serial}"),
+    commit_setting(
+        node,
+        "station.enrolled",
+        format!("{name} serial {serial}"),
+        |txn| {
+            txn.require_unchanged(Table::Meta, &station_key(name), seen.as_ref())
+                .put(Table::Meta, &station_key(name), &encode(&record)?);
+            Ok(())
         },
     )?;
-    log.finish(&mut txn);
-    txn.require_unchanged(Table::Meta, &station_key(name), seen.as_ref())
-        .put(Table::Meta, &station_key(name), &encode(&record)?);
-    if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState(
-            "site state changed meanwhile; try again".into(),
-        ));
-    }
     Ok(Enrolled {
         record,
         key: key.to_pkcs8(),
@@ -182,26 +161,13 @@ pub fn revoke(node: &Node, name: &str) -> Result<StationRecord> {
     if record.revoked_at.is_some() {
         return Ok(record);
     }
-    let now = node.now().0;
-    record.revoked_at = Some(now);
-    let mut txn = Txn::default();
-    let mut log = Appender::begin(node, &mut txn)?;
-    log.append(
-        &mut txn,
-        now,
-        Event::SettingChanged {
-            name: "station.revoked".into(),
-            value: format!("{name} serial {}", record.serial),
-        },
-    )?;
-    log.finish(&mut txn);
-    txn.require_unchanged(Table::Meta, &station_key(name), Some(&seen))
-        .put(Table::Meta, &station_key(name), &encode(&record)?);
-    if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState(
-            "site state changed meanwhile; try again".into(),
-        ));
-    }
+    record.revoked_at = Some(node.now().0);
+    let value = format!("{name} serial {}", record.serial);
+    commit_setting(node, "station.revoked", value, |txn| {
+        txn.require_unchanged(Table::Meta, &station_key(name), Some(&seen))
+            .put(Table::Meta, &station_key(name), &encode(&record)?);
+        Ok(())
+    })?;
     Ok(record)
 }
 
