@@ -389,6 +389,17 @@ pub enum SiteStationCommand {
     },
 }
 
+/// Where a station finds its site, and who it is.
+#[derive(Args, Debug)]
+pub struct StationArgs {
+    /// The site's URL; several, comma-separated, are tried in turn.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub url: Vec<String>,
+    /// The directory `keyfab site station enroll` wrote.
+    #[arg(long, value_name = "DIR")]
+    pub station_dir: PathBuf,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum StationCommand {
     /// Run a simulated production line: N devices, each a chip with its own transport
@@ -401,15 +412,12 @@ pub enum StationCommand {
 Device ids are PREFIX followed by 8 digits from --first. The request id of each device is
 its id, so running the same line again resumes where it stopped.")]
     Run {
-        /// The site's URL; several, comma-separated, are tried in turn.
-        #[arg(long, value_delimiter = ',', required = true)]
-        url: Vec<String>,
-        /// The directory `keyfab site station enroll` wrote.
-        #[arg(long, value_name = "DIR")]
-        station_dir: PathBuf,
+        #[command(flatten)]
+        station: StationArgs,
         /// The root certificate devices check their certificates against.
         #[arg(long, value_name = "FILE")]
         root_cert: PathBuf,
+        /// The entitlement the line provisions under.
         #[arg(long)]
         entitlement: String,
         /// How many devices.
@@ -431,14 +439,12 @@ its id, so running the same line again resumes where it stopped.")]
   keyfab station confirm --url https://127.0.0.1:8443 --station-dir line-1 --entitlement ID --device-id TSV2-00000001 --result programmed
   keyfab station confirm --url https://127.0.0.1:8443 --station-dir line-1 --entitlement ID --device-id TSV2-00000002 --result failed")]
     Confirm {
-        /// The site's URL; several, comma-separated, are tried in turn.
-        #[arg(long, value_delimiter = ',', required = true)]
-        url: Vec<String>,
-        /// The directory `keyfab site station enroll` wrote.
-        #[arg(long, value_name = "DIR")]
-        station_dir: PathBuf,
+        #[command(flatten)]
+        station: StationArgs,
+        /// The entitlement the device's keys came from.
         #[arg(long)]
         entitlement: String,
+        /// The device programmed (or not).
         #[arg(long)]
         device_id: String,
         /// programmed, or failed.
@@ -453,15 +459,12 @@ its id, so running the same line again resumes where it stopped.")]
 A dropped connection is retried with the same request id (on the next URL, if several),
 so a retry never takes a second key. Refusals exit 3 with the policy's code.")]
     Provision {
-        /// The site's URL; several, comma-separated, are tried in turn.
-        #[arg(long, value_delimiter = ',', required = true)]
-        url: Vec<String>,
-        /// The directory `keyfab site station enroll` wrote.
-        #[arg(long, value_name = "DIR")]
-        station_dir: PathBuf,
+        #[command(flatten)]
+        station: StationArgs,
         /// The entitlement id (see GET /v1/entitlements).
         #[arg(long)]
         entitlement: String,
+        /// The device's id; the policy's id_pattern must match it.
         #[arg(long)]
         device_id: String,
         /// Makes retries idempotent (default: a fresh random id).

@@ -82,8 +82,7 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
         }
         Command::Site(SiteCommand::Serve(a)) => crate::line::serve(&ctx, &a, ctx.json),
         Command::Station(StationCommand::Run {
-            url,
-            station_dir,
+            station: StationArgs { url, station_dir },
             root_cert,
             entitlement,
             devices,
@@ -104,15 +103,13 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             },
         ),
         Command::Station(StationCommand::Confirm {
-            url,
-            station_dir,
+            station: StationArgs { url, station_dir },
             entitlement,
             device_id,
             result,
         }) => crate::line::station_confirm(&url, &station_dir, &entitlement, &device_id, &result),
         Command::Station(StationCommand::Provision {
-            url,
-            station_dir,
+            station: StationArgs { url, station_dir },
             entitlement,
             device_id,
             request_id,
