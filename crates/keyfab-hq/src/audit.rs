@@ -23,7 +23,7 @@ use keyfab_formats::audit_bundle::{open_bundle, verify_bundle};
 use keyfab_formats::checkpoint::TreeHead;
 use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_policy::{CompiledPolicy, Decision, EntitlementState};
-use keyfab_store::{Outcome, Store, Table, Txn};
+use keyfab_store::{Outcome, Table, Txn};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -494,7 +494,7 @@ fn discard_staged(node: &Node, site: &str, accepted: u64) -> Result<()> {
                     (&r.event, device_of(&r))
                 {
                     // Only what this import added: an earlier release stays.
-                    index.released(&node.store, entitlement, device)?;
+                    index.released(node.store.as_ref(), entitlement, device)?;
                     index.forget_after(entitlement, device, accepted);
                 }
             }
@@ -668,7 +668,7 @@ impl<'a> Reconciler<'a> {
     /// Loads, in one snapshot, what the index knows of the devices of `records`.
     fn prefetch(&mut self, records: &[Record]) -> Result<()> {
         let devices = records.iter().filter_map(device_of);
-        self.devices.load(&self.node.store, devices)
+        self.devices.load(self.node.store.as_ref(), devices)
     }
 
     /// Adds the device index rows changed since they were last written to `txn`, when
@@ -818,7 +818,7 @@ impl<'a> Reconciler<'a> {
                 let released = self.issued(entitlement)?.is_some()
                     && self
                         .devices
-                        .released(&self.node.store, entitlement, device_id)?
+                        .released(self.node.store.as_ref(), entitlement, device_id)?
                         .is_some();
                 if !released {
                     self.violation(
@@ -878,7 +878,7 @@ impl<'a> Reconciler<'a> {
         };
         let already = self
             .devices
-            .released(&self.node.store, entitlement, device_id)?
+            .released(self.node.store.as_ref(), entitlement, device_id)?
             .is_some();
         let acknowledged = entry.record.created_at.max(self.log.acknowledged_at);
         let day = self.day_of(&entry, r.time);

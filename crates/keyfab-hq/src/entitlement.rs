@@ -19,7 +19,7 @@ use keyfab_formats::entitlement::{
 use keyfab_formats::FormatError;
 use keyfab_node::{encode, Error, Node, Result};
 use keyfab_policy::{KeySource, KeyType, Policy, PolicyDraft, PolicyError};
-use keyfab_store::{Store, Table, Txn};
+use keyfab_store::{Table, Txn};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 

@@ -9,7 +9,7 @@ use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::hpke::HpkePublicKey;
 use keyfab_formats::checkpoint::{verify_checkpoint, write_receipt, Receipt, TreeHead};
 use keyfab_node::{encode, Error, Node, Result};
-use keyfab_store::{Store, Table, Txn};
+use keyfab_store::{Table, Txn};
 
 /// Verifies a site's signed checkpoint, records it as the site's acknowledged head, and
 /// returns the receipt file for the site. (Tests and drills; the audit import

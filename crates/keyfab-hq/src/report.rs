@@ -9,7 +9,7 @@ use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::time::UnixTime;
 use keyfab_node::{decode, Node, Result};
 use keyfab_policy::CompiledPolicy;
-use keyfab_store::{Store, Table};
+use keyfab_store::Table;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]

@@ -5,7 +5,7 @@ use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::hpke::HpkePublicKey;
 use keyfab_formats::revocation::{write_revocation, Revocation};
 use keyfab_node::{decode, encode, Error, Node, Result};
-use keyfab_store::{Store, Table, Txn};
+use keyfab_store::{Table, Txn};
 use std::path::Path;
 
 #[derive(Debug, Clone)]

@@ -3,7 +3,7 @@
 
 use keyfab_formats::identity::verify_identity;
 use keyfab_node::{decode, encode, Error, Node, Result};
-use keyfab_store::{Store, Table, Txn};
+use keyfab_store::{Table, Txn};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -55,12 +55,14 @@ pub struct Node {
     pub dir: PathBuf,
     pub name: String,
     pub custody: SoftwareKeystore,
-    pub store: EmbeddedStore,
+    /// The node's state: the embedded store in its home by default; any backend that
+    /// keeps the `keyfab_store::Store` contract (etcd, for a cluster) can stand in.
+    pub store: Box<dyn Store>,
     pub rng: Box<dyn SecureRng>,
     pub clock: Box<dyn Clock>,
 }
 
-fn meta(store: &EmbeddedStore, key: &str) -> Result<Option<Vec<u8>>> {
+fn meta(store: &dyn Store, key: &str) -> Result<Option<Vec<u8>>> {
     Ok(store.get(Table::Meta, key.as_bytes())?.map(|v| v.value))
 }
 
@@ -85,7 +87,7 @@ impl Node {
         let mut custody =
             SoftwareKeystore::create(&dir.join(KEYSTORE_FILE), passphrase, rng.as_ref())?;
         custody.generate_signing_key(CLUSTER_KEY, rng.as_ref())?;
-        let store = EmbeddedStore::open(&dir.join(STATE_FILE))?;
+        let store: Box<dyn Store> = Box::new(EmbeddedStore::open(&dir.join(STATE_FILE))?);
         let mut txn = Txn::default();
         txn.require_absent(Table::Meta, b"kind")
             .put(Table::Meta, b"kind", kind.as_str().as_bytes())
@@ -124,8 +126,8 @@ impl Node {
             )));
         }
         let custody = SoftwareKeystore::unlock(&dir.join(KEYSTORE_FILE), passphrase)?;
-        let store = EmbeddedStore::open(&dir.join(STATE_FILE))?;
-        let stored_kind = meta(&store, "kind")?.unwrap_or_default();
+        let store: Box<dyn Store> = Box::new(EmbeddedStore::open(&dir.join(STATE_FILE))?);
+        let stored_kind = meta(store.as_ref(), "kind")?.unwrap_or_default();
         if stored_kind != kind.as_str().as_bytes() {
             return Err(Error::InvalidState(format!(
                 "{} holds a {} node, not a {} node",
@@ -134,7 +136,7 @@ impl Node {
                 kind.as_str()
             )));
         }
-        let name = String::from_utf8(meta(&store, "name")?.unwrap_or_default())
+        let name = String::from_utf8(meta(store.as_ref(), "name")?.unwrap_or_default())
             .map_err(|_| Error::InvalidState("node name".into()))?;
         Ok(Node {
             kind,
@@ -158,7 +160,7 @@ impl Node {
         cluster_cert: &[u8],
         root_cert: &[u8],
     ) -> Result<ServiceIdentity> {
-        if meta(&self.store, "cluster_cert")?.is_some() {
+        if meta(self.store.as_ref(), "cluster_cert")?.is_some() {
             return Err(Error::InvalidState(
                 "a cluster certificate is already installed".into(),
             ));
@@ -236,7 +238,7 @@ impl Node {
     }
 
     fn require(&self, key: &str) -> Result<Vec<u8>> {
-        meta(&self.store, key)?.ok_or_else(|| {
+        meta(self.store.as_ref(), key)?.ok_or_else(|| {
             Error::InvalidState(format!(
                 "no cluster certificate installed yet (run `keyfab {} install-cert`)",
                 self.kind.as_str()

@@ -12,7 +12,7 @@ use keyfab_crypto::sign::VerifyingKey;
 use keyfab_formats::approval::{verify_approval, ApprovalRequest};
 use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_policy::Action;
-use keyfab_store::{Store, Table, Txn};
+use keyfab_store::{Table, Txn};
 use std::collections::BTreeSet;
 
 fn request_key(nonce: &str) -> Vec<u8> {

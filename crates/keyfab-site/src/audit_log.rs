@@ -10,7 +10,7 @@
 use keyfab_audit::merkle::leaf_hash;
 use keyfab_audit::{Event, Head, Record};
 use keyfab_node::{decode_err, Error, Node, Result};
-use keyfab_store::{Store, Table, Txn};
+use keyfab_store::{Table, Txn};
 
 pub(crate) const AUDIT_HEAD: &[u8] = b"audit_head";
 

@@ -8,7 +8,7 @@ use keyfab_audit::Event;
 use keyfab_custody::Custody;
 use keyfab_formats::checkpoint::{verify_receipt, write_checkpoint, Checkpoint, TreeHead};
 use keyfab_node::{decode, encode, Error, Node, Result};
-use keyfab_store::{Store, Table, Txn};
+use keyfab_store::{Table, Txn};
 use serde::{Deserialize, Serialize};
 
 const HQ_ACK: &[u8] = b"hq_acknowledged";

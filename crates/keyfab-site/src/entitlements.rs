@@ -16,7 +16,7 @@ use keyfab_custody::Custody;
 use keyfab_formats::entitlement::{open_entitlement, verify_entitlement, PoolSpec, KEY_LEN};
 use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_policy::Policy;
-use keyfab_store::{Store, Table, Txn};
+use keyfab_store::{Table, Txn};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 

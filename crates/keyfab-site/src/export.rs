@@ -13,7 +13,7 @@ use keyfab_crypto::x509;
 use keyfab_formats::audit_bundle::{write_bundle, BundleFields};
 use keyfab_formats::checkpoint::TreeHead;
 use keyfab_node::{decode, encode, Error, Node, Result};
-use keyfab_store::{Store, Table, Txn};
+use keyfab_store::{Table, Txn};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 

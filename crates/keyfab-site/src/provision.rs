@@ -26,7 +26,7 @@ use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_policy::{
     CompiledPolicy, Decision, DenyCode, EntitlementState, KeySource, KeySpec, KeyType,
 };
-use keyfab_store::{Store, Table, Txn, Versioned};
+use keyfab_store::{Table, Txn, Versioned};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{mpsc, Arc, Mutex};
@@ -1044,7 +1044,7 @@ fn decide_batch(
     st: &mut Carried,
     batch: Vec<Job>,
 ) -> Result<(Txn, Vec<Result<Outcome>>)> {
-    let store = &node.store;
+    let store = node.store.as_ref();
     let mut txn = Txn::default();
     txn.require_revision(Table::Meta, AUDIT_HEAD, st.head_revision)
         .require_revision(Table::Meta, TIME_HWM, st.hwm_revision);

@@ -10,7 +10,7 @@ use keyfab_audit::Event;
 use keyfab_custody::Custody;
 use keyfab_formats::revocation::verify_revocation;
 use keyfab_node::{decode, encode, Error, Node, Result};
-use keyfab_store::{Store, Table, Txn};
+use keyfab_store::{Table, Txn};
 
 #[derive(Debug, Clone)]
 pub struct Revoked {

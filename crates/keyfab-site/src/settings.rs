@@ -3,7 +3,7 @@
 
 use crate::provision::{CLOCK_TOLERANCE, DEFAULT_CLOCK_TOLERANCE_SECS, MAX_CLOCK_TOLERANCE_SECS};
 use keyfab_node::{Error, Node, Result};
-use keyfab_store::{Store, Table};
+use keyfab_store::Table;
 
 /// How far (seconds) the clock may fall behind the trusted time before provisioning
 /// stops with `clock_rollback`.

@@ -19,7 +19,7 @@ use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{self, Validity};
 use keyfab_custody::Custody;
 use keyfab_node::{check_name, decode, encode, Error, Node, Result};
-use keyfab_store::{Store, Table};
+use keyfab_store::Table;
 use serde::{Deserialize, Serialize};
 
 const LINE_CA_HANDLE: &str = "line-ca";

@@ -379,7 +379,7 @@ fn a_large_refused_bundle_leaves_nothing_behind() {
     };
     let hq = open_hq(&w);
     {
-        use keyfab_store::{Store, Table, Txn};
+        use keyfab_store::{Table, Txn};
         let mut row = Vec::new();
         keyfab_audit::frame_into(&mut row, &ghost.to_bytes());
         let mut key = b"rec/shenzhen-1/".to_vec();

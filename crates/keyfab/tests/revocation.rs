@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use keyfab_store::{Store, Table};
+use keyfab_store::Table;
 
 #[test]
 fn revocation_stops_provisioning_and_destroys_unused_pool_keys() {
