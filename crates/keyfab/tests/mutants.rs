@@ -7,7 +7,7 @@
 mod common;
 use common::*;
 use keyfab_custody::Custody;
-use keyfab_formats::audit_bundle::{open_bundle, verify_bundle, write_bundle, BundleFields};
+use keyfab_formats::audit_bundle::{open_bundle, verify_bundle, BundleFields};
 
 const POLICY_M: &str = "product = \"p\"\ndevices = 100\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n[[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n";
 
@@ -54,19 +54,13 @@ fn rebundle(
     out: &std::path::Path,
 ) {
     let site = open_site(signer_home);
-    let hq = keyfab_site::entitlements::hq_recipient(&site)
-        .unwrap()
-        .unwrap();
-    let point = keyfab_crypto::x509::cert_facts(&hq.hpke_cert)
-        .unwrap()
-        .public_point
-        .unwrap();
+    let (_, hq_cluster, recipient) = hq_addressing(&site);
     let fields = BundleFields {
         id: header.id.clone(),
         site: header.site.clone(),
         hq: header.hq.clone(),
-        hq_cluster: keyfab_crypto::hash::Fingerprint::of(&hq.cluster_cert),
-        recipient: keyfab_crypto::hpke::HpkePublicKey::from_sec1(&point).unwrap(),
+        hq_cluster,
+        recipient,
         from: header.from,
         to: header.to,
         checkpoint_time: header.checkpoint_time,
@@ -77,15 +71,7 @@ fn rebundle(
             .collect(),
         created_at: keyfab_crypto::time::UnixTime(header.created_at),
     };
-    write_bundle(
-        out,
-        &fields,
-        &mut records.into_iter().map(Ok),
-        site.service_signer().unwrap(),
-        site.service_chain().unwrap(),
-        &keyfab_crypto::rng::SystemRng,
-    )
-    .unwrap();
+    write_signed_bundle(&site, &fields, records, out);
     let _ = w;
 }
 

@@ -310,19 +310,13 @@ fn a_site_that_signs_forbidden_decisions_is_caught() {
         .iter()
         .map(|b| keyfab_audit::merkle::leaf_hash(b))
         .collect();
-    let hq = keyfab_site::entitlements::hq_recipient(&site)
-        .unwrap()
-        .unwrap();
-    let recipient_point = keyfab_crypto::x509::cert_facts(&hq.hpke_cert)
-        .unwrap()
-        .public_point
-        .unwrap();
+    let (hq, hq_cluster, recipient) = hq_addressing(&site);
     let fields = keyfab_formats::audit_bundle::BundleFields {
         id: "f".repeat(32),
         site: "shenzhen-1".into(),
-        hq: hq.hq.clone(),
-        hq_cluster: keyfab_crypto::hash::Fingerprint::of(&hq.cluster_cert),
-        recipient: keyfab_crypto::hpke::HpkePublicKey::from_sec1(&recipient_point).unwrap(),
+        hq,
+        hq_cluster,
+        recipient,
         from: keyfab_formats::checkpoint::TreeHead {
             size: 0,
             root: keyfab_audit::merkle::root(&[]),
@@ -336,15 +330,7 @@ fn a_site_that_signs_forbidden_decisions_is_caught() {
         created_at: keyfab_crypto::time::UnixTime(now),
     };
     let out = w.path("lies.kfa");
-    keyfab_formats::audit_bundle::write_bundle(
-        &out,
-        &fields,
-        &mut records.into_iter().map(Ok),
-        site.service_signer().unwrap(),
-        site.service_chain().unwrap(),
-        &keyfab_crypto::rng::SystemRng,
-    )
-    .unwrap();
+    write_signed_bundle(&site, &fields, records, &out);
     drop(site);
     let o = hq_import(&w, &out);
     assert_eq!(

@@ -119,23 +119,34 @@ fn enroll(home: &Path, name: &str, dir: &Path) -> serde_json::Value {
     ])
 }
 
+/// `keyfab station COMMAND` as station `dir` of the site at `url`, for `device` of
+/// entitlement `id`, with `extra` arguments.
+fn station(command: &str, url: &str, dir: &Path, id: &str, device: &str, extra: &[&str]) -> Out {
+    let dir = s(dir);
+    let mut args = vec![
+        "station",
+        command,
+        "--url",
+        url,
+        "--station-dir",
+        &dir,
+        "--entitlement",
+        id,
+        "--device-id",
+        device,
+    ];
+    args.extend_from_slice(extra);
+    keyfab(&args, None)
+}
+
 fn station_provision(url: &str, dir: &Path, id: &str, device: &str, request: &str) -> Out {
-    keyfab(
-        &[
-            "station",
-            "provision",
-            "--url",
-            url,
-            "--station-dir",
-            &s(dir),
-            "--entitlement",
-            id,
-            "--device-id",
-            device,
-            "--request-id",
-            request,
-        ],
-        None,
+    station(
+        "provision",
+        url,
+        dir,
+        id,
+        device,
+        &["--request-id", request],
     )
 }
 
@@ -534,23 +545,7 @@ fn sigterm_under_load_loses_nothing() {
 }
 
 fn station_confirm(url: &str, dir: &Path, id: &str, device: &str, result: &str) -> Out {
-    keyfab(
-        &[
-            "station",
-            "confirm",
-            "--url",
-            url,
-            "--station-dir",
-            &s(dir),
-            "--entitlement",
-            id,
-            "--device-id",
-            device,
-            "--result",
-            result,
-        ],
-        None,
-    )
+    station("confirm", url, dir, id, device, &["--result", result])
 }
 
 /// After programming, the station confirms; a failed device's keys are burned. Either

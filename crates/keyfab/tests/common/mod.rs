@@ -308,3 +308,44 @@ pub fn export_import_report(w: &World, name: &str) -> serde_json::Value {
     ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&kfa)]);
     ok(&["hq", "report", "--home", &s(&w.hq)])
 }
+
+/// Where `site` addresses its audit bundles: HQ's name, cluster fingerprint and HPKE key.
+pub fn hq_addressing(
+    site: &keyfab_node::Node,
+) -> (
+    String,
+    keyfab_crypto::hash::Fingerprint,
+    keyfab_crypto::hpke::HpkePublicKey,
+) {
+    let hq = keyfab_site::entitlements::hq_recipient(site)
+        .unwrap()
+        .unwrap();
+    let point = keyfab_crypto::x509::cert_facts(&hq.hpke_cert)
+        .unwrap()
+        .public_point
+        .unwrap();
+    (
+        hq.hq.clone(),
+        keyfab_crypto::hash::Fingerprint::of(&hq.cluster_cert),
+        keyfab_crypto::hpke::HpkePublicKey::from_sec1(&point).unwrap(),
+    )
+}
+
+/// Writes `records` as a bundle of `fields` to `out`, signed with `site`'s own key: what
+/// a site that lies would do.
+pub fn write_signed_bundle(
+    site: &keyfab_node::Node,
+    fields: &keyfab_formats::audit_bundle::BundleFields,
+    records: Vec<Vec<u8>>,
+    out: &Path,
+) {
+    keyfab_formats::audit_bundle::write_bundle(
+        out,
+        fields,
+        &mut records.into_iter().map(Ok),
+        site.service_signer().unwrap(),
+        site.service_chain().unwrap(),
+        &keyfab_crypto::rng::SystemRng,
+    )
+    .unwrap();
+}
