@@ -204,7 +204,8 @@ struct EntitlementContext {
     policy: CompiledPolicy,
     dek: Secret32,
     aead: AeadKey,
-    batch_key: SigningKey,
+    /// The entitlement's batch CA, its certificate parsed once.
+    device_issuer: x509::DeviceIssuer,
     master: Secret32,
     chain: Vec<Vec<u8>>,
 }
@@ -389,7 +390,10 @@ impl Provisioner {
         let ctx = Arc::new(EntitlementContext {
             policy: CompiledPolicy::new(record.policy.clone())?,
             aead: AeadKey::new(&dek)?,
-            batch_key: SigningKey::from_pkcs8(batch_pkcs8.expose())?,
+            device_issuer: x509::DeviceIssuer::new(
+                SigningKey::from_pkcs8(batch_pkcs8.expose())?,
+                &record.batch_ca_cert,
+            )?,
             master: Secret32::from_slice(master.expose())
                 .ok_or_else(|| Error::InvalidState("master secret".into()))?,
             chain: vec![record.batch_ca_cert.clone(), record.hq_cluster_cert.clone()],
@@ -830,9 +834,7 @@ fn certify(
         return Ok(None);
     };
     let serial = x509::random_serial(rng);
-    let cert = x509::issue_device_certificate(
-        &ctx.batch_key,
-        &ctx.record.batch_ca_cert,
+    let cert = ctx.device_issuer.issue(
         &template.subject.replace("{device_id}", device_id),
         public,
         serial,

@@ -145,24 +145,31 @@ pub fn provision(
         let start_index = next;
         next += devices;
         let started = Instant::now();
-        let mut latencies: Vec<f64> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..c)
+        // The callers are `c` tasks on one runtime thread, as a served node's connections
+        // are: `c` requests in flight without `c` threads to switch between.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| Failure::new("internal", e.to_string()))?;
+        let mut latencies: Vec<f64> = runtime.block_on(async {
+            let tasks: Vec<_> = (0..c)
                 .map(|t| {
                     let p = provisioner.clone();
                     let id = id.clone();
-                    s.spawn(move || {
+                    tokio::spawn(async move {
                         let mut lat = Vec::new();
                         let mut i = start_index + t as u64;
                         while i < start_index + devices {
                             let t0 = Instant::now();
-                            let r = p.provision(ProvisionRequest {
-                                entitlement: id.clone(),
-                                device_id: format!("B-{i:09}"),
-                                station: None,
-                                request_id: format!("b-{i}"),
-                                csr: None,
-                                transport_key: None,
-                            });
+                            let r = p
+                                .provision_async(ProvisionRequest {
+                                    entitlement: id.clone(),
+                                    device_id: format!("B-{i:09}"),
+                                    station: None,
+                                    request_id: format!("b-{i}"),
+                                    csr: None,
+                                    transport_key: None,
+                                })
+                                .await;
                             if r.is_ok() {
                                 lat.push(t0.elapsed().as_secs_f64() * 1000.0);
                             }
@@ -172,9 +179,11 @@ pub fn provision(
                     })
                 })
                 .collect();
-            hs.into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect()
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.unwrap_or_default());
+            }
+            all
         });
         let secs = started.elapsed().as_secs_f64();
         if latencies.len() as u64 != devices {

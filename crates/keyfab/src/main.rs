@@ -12,6 +12,9 @@ mod run;
 
 use clap::Parser;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,

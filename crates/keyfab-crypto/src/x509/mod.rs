@@ -433,10 +433,71 @@ pub fn read_device_csr(der: &[u8]) -> Result<DevicePublicKey> {
 
 /// The batch CA signs a device certificate. `serial` is 16 bytes chosen by the caller
 /// (recorded in the audit before the certificate is released). The subject is the
-/// policy's template with the device id in it.
+/// policy's template with the device id in it. For many certificates under one CA,
+/// [`DeviceIssuer`] reads the CA certificate once.
 pub fn issue_device_certificate(
     batch_key: &dyn EcdsaSigner,
     batch_cert: &[u8],
+    subject: &str,
+    key: &DevicePublicKey,
+    serial: [u8; 16],
+    validity: Validity,
+) -> Result<Vec<u8>> {
+    let issuer =
+        Issuer::from_ca_cert_der(&CertificateDer::from(batch_cert), Signer::new(batch_key))
+            .map_err(build_err)?;
+    sign_device_certificate(&issuer, subject, key, serial, validity)
+}
+
+/// A batch CA ready to issue device certificates: its certificate parsed and its public
+/// key encoded once, not for every device.
+pub struct DeviceIssuer {
+    issuer: Issuer<'static, OwnedSigner>,
+}
+
+/// [`Signer`] that owns its key, so a [`DeviceIssuer`] can be kept.
+struct OwnedSigner(crate::sign::SigningKey, Vec<u8>);
+
+impl rcgen::PublicKeyData for OwnedSigner {
+    fn der_bytes(&self) -> &[u8] {
+        &self.1
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl rcgen::SigningKey for OwnedSigner {
+    fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
+        Signer(&self.0, Vec::new()).sign(msg)
+    }
+}
+
+impl DeviceIssuer {
+    pub fn new(batch_key: crate::sign::SigningKey, batch_cert: &[u8]) -> Result<Self> {
+        let public = batch_key.verifying_key().sec1().to_vec();
+        let issuer = Issuer::from_ca_cert_der(
+            &CertificateDer::from(batch_cert),
+            OwnedSigner(batch_key, public),
+        )
+        .map_err(build_err)?;
+        Ok(Self { issuer })
+    }
+
+    /// [`issue_device_certificate`] under this CA.
+    pub fn issue(
+        &self,
+        subject: &str,
+        key: &DevicePublicKey,
+        serial: [u8; 16],
+        validity: Validity,
+    ) -> Result<Vec<u8>> {
+        sign_device_certificate(&self.issuer, subject, key, serial, validity)
+    }
+}
+
+fn sign_device_certificate<S: rcgen::SigningKey>(
+    issuer: &Issuer<'_, S>,
     subject: &str,
     key: &DevicePublicKey,
     serial: [u8; 16],
@@ -450,11 +511,8 @@ pub fn issue_device_certificate(
     p.use_authority_key_identifier_extension = true;
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    let signer = Signer::new(batch_key);
-    let issuer =
-        Issuer::from_ca_cert_der(&CertificateDer::from(batch_cert), &signer).map_err(build_err)?;
     let cert = p
-        .signed_by(&DeviceKeyData(key), &issuer)
+        .signed_by(&DeviceKeyData(key), issuer)
         .map_err(build_err)?;
     Ok(cert.der().to_vec())
 }
