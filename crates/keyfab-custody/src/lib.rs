@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 mod software;
+pub mod unseal;
 
 pub use software::SoftwareKeystore;
 
@@ -44,6 +45,10 @@ pub enum CustodyError {
     AlreadyExists(String),
     #[error("keystore file is not a keyfab keystore: {0}")]
     Malformed(String),
+    /// An unseal share that is malformed, not one of this keystore's, or given twice;
+    /// or too few shares.
+    #[error("unseal share refused: {0}")]
+    ShareRefused(String),
     #[error("keystore I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]

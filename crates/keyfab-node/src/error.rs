@@ -13,6 +13,10 @@ pub enum Error {
     Replayed(String),
     #[error("state is locked: wrong passphrase, or the keystore was modified")]
     Locked,
+    /// The keystore is sealed by shares and is not unsealed: too few shares, or one was
+    /// refused.
+    #[error("state is sealed: {0}")]
+    Sealed(String),
     /// A provisioning request refused by the policy (exit 3).
     #[error("{message}")]
     Denied { code: &'static str, message: String },
@@ -56,6 +60,7 @@ impl From<CustodyError> for Error {
     fn from(e: CustodyError) -> Self {
         match e {
             CustodyError::Locked => Error::Locked,
+            CustodyError::ShareRefused(why) => Error::Sealed(why),
             other => Error::Custody(other),
         }
     }
@@ -67,7 +72,7 @@ impl Error {
         match self {
             Error::Verification(f) => f.code(),
             Error::Replayed(_) => "replayed",
-            Error::Locked => "locked",
+            Error::Locked | Error::Sealed(_) => "locked",
             Error::Denied { code, .. } => code,
             Error::ClockRollback { .. } => "clock_rollback",
             Error::UnknownEntitlement(_) => "unknown_entitlement",

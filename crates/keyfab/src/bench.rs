@@ -40,6 +40,7 @@ pub(crate) fn bench_world(
         .map_err(|e| Failure::new("io", e.to_string()))?;
     let ctx = Context {
         passphrase_file: Some(pass),
+        unseal_share_files: Vec::new(),
         json: true,
     };
     let (root, hq, site) = (base.join("root"), base.join("hq"), base.join("site"));
@@ -48,7 +49,11 @@ pub(crate) fn bench_world(
         (&hq, NodeKind::Hq, "bench-hq", "hq"),
         (&site, NodeKind::Site, "bench-site", "site"),
     ] {
-        run::init_node(&ctx, home, kind, name)?;
+        run::init_node(
+            &ctx,
+            &crate::cli::InitArgs::with_passphrase(home, name),
+            kind,
+        )?;
         let crt = base.join(format!("{name}.crt"));
         run::issue(&ctx, &root, &home.join("cluster.csr"), role, &crt, 365)?;
         run::install_cert(&ctx, home, kind, &crt, &root.join("root.crt"))?;

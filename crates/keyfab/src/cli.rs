@@ -20,6 +20,10 @@ pub struct Cli {
     /// Read the passphrase from this file instead of KEYFAB_PASSPHRASE.
     #[arg(long, global = true, value_name = "FILE")]
     pub passphrase_file: Option<PathBuf>,
+    /// For a home sealed by shares: a file holding one unseal share (repeat the flag for
+    /// each share; KEYFAB_UNSEAL_SHARES may also list shares, one per line).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub unseal_share_file: Vec<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -38,6 +42,27 @@ pub struct InitArgs {
     /// The cluster's name: 1-64 of a-z 0-9 . _ - (it becomes the certificate's CN).
     #[arg(long)]
     pub name: String,
+    /// Seal the keystore with an unseal key split into N shares instead of a passphrase
+    /// (printed once; hand one to each holder). Needs --unseal-threshold.
+    #[arg(long, value_name = "N", requires = "unseal_threshold")]
+    pub unseal_shares: Option<u8>,
+    /// How many of the shares unseal the keystore (2..=N).
+    #[arg(long, value_name = "M", requires = "unseal_shares")]
+    pub unseal_threshold: Option<u8>,
+}
+
+impl InitArgs {
+    /// A home sealed by the passphrase (the demo's and the benchmarks').
+    pub fn with_passphrase(home: &std::path::Path, name: &str) -> Self {
+        Self {
+            home: Home {
+                home: home.to_owned(),
+            },
+            name: name.to_owned(),
+            unseal_shares: None,
+            unseal_threshold: None,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -309,8 +334,28 @@ pub enum SiteCommand {
 Only stations enrolled with `keyfab site station enroll` get past the TLS handshake.
 The address it listens on goes to stderr once it accepts connections. While it runs,
 `keyfab site station enroll|revoke|list` talk to it through HOME/serve.sock.
-On SIGTERM the server stops accepting, lets requests in flight finish, and exits.")]
+On SIGTERM the server stops accepting, lets requests in flight finish, and exits.
+A home sealed by shares (site init --unseal-shares) starts sealed: it opens only
+HOME/serve.sock, for `keyfab site unseal`, and serves stations once enough shares are in.")]
     Serve(ServeArgs),
+    /// Give one unseal share to the sealed `site serve` running in HOME.
+    #[command(after_help = "Examples:
+  keyfab site unseal --home site                  # type or paste the share
+  keyfab site unseal --home site --share-file /media/officer-2/share.txt
+  keyfab site unseal --home site --status
+
+Each holder gives their own share; the node serves once the threshold is met.
+A share that is not one of this site's is refused and changes nothing.")]
+    Unseal {
+        #[command(flatten)]
+        home: Home,
+        /// Read the share from this file (default: standard input).
+        #[arg(long, value_name = "FILE", conflicts_with = "status")]
+        share_file: Option<PathBuf>,
+        /// Only show how many shares are in.
+        #[arg(long)]
+        status: bool,
+    },
 }
 
 #[derive(Args, Debug)]

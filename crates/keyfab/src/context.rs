@@ -4,11 +4,15 @@ use crate::output::Failure;
 use keyfab_crypto::rng::{SecureRng, SystemRng};
 use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::time::{Clock, FixedClock, SystemClock, UnixTime};
+use keyfab_custody::unseal::{UnsealConfig, Unsealer};
 use keyfab_node::{Node, NodeKind};
 use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
 
 pub struct Context {
     pub passphrase_file: Option<PathBuf>,
+    /// `--unseal-share-file`, for a home sealed by shares.
+    pub unseal_share_files: Vec<PathBuf>,
     /// `--json`: machine output only, no progress.
     pub json: bool,
 }
@@ -37,6 +41,45 @@ impl Context {
         }
     }
 
+    /// What unlocks the keystore in `home`: the passphrase or, for a home sealed by
+    /// shares, the unseal key recovered from the shares given (`--unseal-share-file`,
+    /// `KEYFAB_UNSEAL_SHARES`).
+    pub fn unlock_secret(&self, home: &Path) -> Result<SecretBytes, Failure> {
+        match self.unsealer(home)? {
+            None => self.passphrase(),
+            Some(u) => Ok(u.passphrase().map_err(keyfab_node::Error::from)?),
+        }
+    }
+
+    /// For a home sealed by shares: the shares given so far, checked. `None` for a home
+    /// sealed by a passphrase.
+    pub fn unsealer(&self, home: &Path) -> Result<Option<Unsealer>, Failure> {
+        let Some(config) = UnsealConfig::load(home).map_err(keyfab_node::Error::from)? else {
+            return Ok(None);
+        };
+        let mut unsealer = Unsealer::new(config);
+        let mut shares: Vec<Zeroizing<String>> = Vec::new();
+        for path in &self.unseal_share_files {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Failure::new(
+                    "locked",
+                    format!("--unseal-share-file {}: {e}", path.display()),
+                )
+            })?;
+            shares.push(Zeroizing::new(text));
+        }
+        if let Some(list) = std::env::var_os("KEYFAB_UNSEAL_SHARES") {
+            let list = Zeroizing::new(list.into_encoded_bytes());
+            for line in String::from_utf8_lossy(&list).lines() {
+                shares.push(Zeroizing::new(line.to_owned()));
+            }
+        }
+        for share in shares.iter().filter(|s| !s.trim().is_empty()) {
+            unsealer.submit(share).map_err(keyfab_node::Error::from)?;
+        }
+        Ok(Some(unsealer))
+    }
+
     pub fn rng(&self) -> Box<dyn SecureRng> {
         Box::new(SystemRng)
     }
@@ -62,7 +105,7 @@ impl Context {
         Ok(Node::open(
             home,
             kind,
-            &self.passphrase()?,
+            &self.unlock_secret(home)?,
             self.rng(),
             self.clock()?,
         )?)

@@ -70,6 +70,7 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
     let ctx = if ctx.passphrase().is_ok() {
         Context {
             passphrase_file: ctx.passphrase_file.clone(),
+            unseal_share_files: ctx.unseal_share_files.clone(),
             json: ctx.json,
         }
     } else {
@@ -78,6 +79,7 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
             .map_err(|e| Failure::new("io", e.to_string()))?;
         Context {
             passphrase_file: Some(p),
+            unseal_share_files: Vec::new(),
             json: ctx.json,
         }
     };
@@ -101,7 +103,11 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
     step(
         "2. HQ cluster",
         "HQ creates its state and a CSR for its cluster certificate.",
-        run::init_node(&ctx, &hq, NodeKind::Hq, "acme-hq")?,
+        run::init_node(
+            &ctx,
+            &crate::cli::InitArgs::with_passphrase(&hq, "acme-hq"),
+            NodeKind::Hq,
+        )?,
     );
     step(
         "3. root signs HQ",
@@ -123,7 +129,11 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
     step(
         "5. site cluster",
         "The factory site does the same with role site.",
-        run::init_node(&ctx, &site, NodeKind::Site, "shenzhen-1")?,
+        run::init_node(
+            &ctx,
+            &crate::cli::InitArgs::with_passphrase(&site, "shenzhen-1"),
+            NodeKind::Site,
+        )?,
     );
     step(
         "6. root signs the site",

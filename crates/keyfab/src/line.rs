@@ -169,7 +169,30 @@ pub fn station_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
 }
 
 pub fn serve(ctx: &Context, a: &crate::cli::ServeArgs, json_out: bool) -> Result<Report, Failure> {
-    let node = ctx.open(&a.home.home, NodeKind::Site)?;
+    install_logs(a);
+    let home = &a.home.home;
+    let node = match ctx.unsealer(home)? {
+        // Sealed by shares and not enough given: wait for them on HOME/serve.sock.
+        Some(unsealer) if !unsealer.progress().unsealed => {
+            let secret = keyfab_site::server::admin::wait_for_shares(home, unsealer, |p| {
+                use std::io::Write;
+                let line = if json_out {
+                    json!({"sealed": true, "shares": p.accepted, "threshold": p.threshold})
+                        .to_string()
+                } else {
+                    format!(
+                        "sealed: {} of {} unseal shares given; waiting for `keyfab site unseal --home {}`",
+                        p.accepted,
+                        p.threshold,
+                        home.display()
+                    )
+                };
+                let _ = writeln!(LogSink, "{line}");
+            })?;
+            keyfab_node::Node::open(home, NodeKind::Site, &secret, ctx.rng(), ctx.clock()?)?
+        }
+        _ => ctx.open(home, NodeKind::Site)?,
+    };
     let mut names = a.hostnames.clone();
     if names.is_empty() {
         names.push("localhost".into());
@@ -185,23 +208,6 @@ pub fn serve(ctx: &Context, a: &crate::cli::ServeArgs, json_out: bool) -> Result
         requests: a.per_station_requests.max(1),
     };
     let site = node.name.clone();
-    // Structured logs on stderr: one line per request, handshake refusals, errors with
-    // their detail (the stations get only a code and a short message).
-    let level = match a.log_level.as_str() {
-        "warn" => tracing::Level::WARN,
-        "debug" => tracing::Level::DEBUG,
-        _ => tracing::Level::INFO,
-    };
-    let logs = tracing_subscriber::fmt()
-        .with_writer(|| LogSink)
-        .with_max_level(level)
-        .with_target(true);
-    let installed = if a.log_format == "json" {
-        tracing::subscriber::set_global_default(logs.json().flatten_event(true).finish())
-    } else {
-        tracing::subscriber::set_global_default(logs.with_ansi(false).finish())
-    };
-    drop(installed);
     let summary = keyfab_site::server::serve(node, config, move |addr| {
         // A log line on stderr as soon as connections are accepted (stdout keeps the one
         // report printed at the end).
@@ -222,6 +228,85 @@ pub fn serve(ctx: &Context, a: &crate::cli::ServeArgs, json_out: bool) -> Result
             summary.connections, summary.refused_connections
         ),
         json!({"stopped": true, "connections": summary.connections, "refused_connections": summary.refused_connections}),
+    ))
+}
+
+/// Structured logs on stderr: one line per request, handshake refusals, errors with their
+/// detail (the stations get only a code and a short message).
+fn install_logs(a: &crate::cli::ServeArgs) {
+    let level = match a.log_level.as_str() {
+        "warn" => tracing::Level::WARN,
+        "debug" => tracing::Level::DEBUG,
+        _ => tracing::Level::INFO,
+    };
+    let logs = tracing_subscriber::fmt()
+        .with_writer(|| LogSink)
+        .with_max_level(level)
+        .with_target(true);
+    let installed = if a.log_format == "json" {
+        tracing::subscriber::set_global_default(logs.json().flatten_event(true).finish())
+    } else {
+        tracing::subscriber::set_global_default(logs.with_ansi(false).finish())
+    };
+    drop(installed);
+}
+
+/// `keyfab site unseal`: one share to the sealed `site serve` in `home`.
+pub fn unseal(home: &Path, share_file: Option<&Path>, status: bool) -> Result<Report, Failure> {
+    use keyfab_site::server::admin::{self, AdminAnswer, AdminRequest, ShareText};
+    let req = if status {
+        AdminRequest::UnsealStatus
+    } else {
+        let text = match share_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| Failure::new("io", format!("{}: {e}", p.display())))?,
+            None => {
+                use std::io::{BufRead, IsTerminal, Write};
+                if std::io::stdin().is_terminal() {
+                    eprint!("unseal share: ");
+                    let _ = std::io::stderr().flush();
+                }
+                let mut line = String::new();
+                std::io::stdin()
+                    .lock()
+                    .read_line(&mut line)
+                    .map_err(|e| Failure::new("io", format!("standard input: {e}")))?;
+                line
+            }
+        };
+        AdminRequest::Unseal {
+            share: ShareText(text.trim().to_owned()),
+        }
+    };
+    let answer = admin::request(home, &req).ok_or_else(|| {
+        Failure::new(
+            "invalid_state",
+            format!(
+                "no sealed `site serve` is running in {}; one-shot commands take --unseal-share-file",
+                home.display()
+            ),
+        )
+    })??;
+    let AdminAnswer::Unseal(p) = answer else {
+        return Err(Failure::new(
+            "internal",
+            "site serve answered something else",
+        ));
+    };
+    let text = if p.unsealed {
+        format!(
+            "unsealed: {} of {} shares; the site now serves stations",
+            p.accepted, p.threshold
+        )
+    } else {
+        format!(
+            "still sealed: {} of {} shares given",
+            p.accepted, p.threshold
+        )
+    };
+    Ok(Report::new(
+        text,
+        json!({"unsealed": p.unsealed, "shares": p.accepted, "threshold": p.threshold}),
     ))
 }
 

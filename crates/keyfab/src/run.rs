@@ -14,6 +14,7 @@ use std::path::Path;
 pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
     let ctx = Context {
         passphrase_file: cli.passphrase_file,
+        unseal_share_files: cli.unseal_share_file,
         json: cli.json,
     };
     let mut report = match cli.command {
@@ -29,7 +30,7 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             out,
             days,
         }) => issue(&ctx, &home.home, &csr, &role, &out, days),
-        Command::Hq(HqCommand::Init(a)) => init_node(&ctx, &a.home.home, NodeKind::Hq, &a.name),
+        Command::Hq(HqCommand::Init(a)) => init_node(&ctx, &a, NodeKind::Hq),
         Command::Hq(HqCommand::InstallCert(a)) => {
             install_cert(&ctx, &a.home.home, NodeKind::Hq, &a.cert, &a.root_cert)
         }
@@ -52,9 +53,7 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
         Command::Hq(HqCommand::Entitlement(HqEntitlementCommand::List { home })) => {
             issued_list(&ctx, &home.home)
         }
-        Command::Site(SiteCommand::Init(a)) => {
-            init_node(&ctx, &a.home.home, NodeKind::Site, &a.name)
-        }
+        Command::Site(SiteCommand::Init(a)) => init_node(&ctx, &a, NodeKind::Site),
         Command::Site(SiteCommand::InstallCert(a)) => {
             install_cert(&ctx, &a.home.home, NodeKind::Site, &a.cert, &a.root_cert)
         }
@@ -80,6 +79,11 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
         Command::Site(SiteCommand::Station(SiteStationCommand::List { home })) => {
             crate::line::station_list(&ctx, &home.home)
         }
+        Command::Site(SiteCommand::Unseal {
+            home,
+            share_file,
+            status,
+        }) => crate::line::unseal(&home.home, share_file.as_deref(), status),
         Command::Site(SiteCommand::Serve(a)) => crate::line::serve(&ctx, &a, ctx.json),
         Command::Station(StationCommand::Run {
             station: StationArgs { url, station_dir },
@@ -246,7 +250,7 @@ pub fn issue(
         &csr_pem,
         role,
         days,
-        &ctx.passphrase()?,
+        &ctx.unlock_secret(home)?,
         rng.as_ref(),
         ctx.now()?,
     )?;
@@ -266,27 +270,54 @@ pub fn issue(
 
 pub fn init_node(
     ctx: &Context,
-    home: &Path,
+    a: &crate::cli::InitArgs,
     kind: NodeKind,
-    name: &str,
 ) -> Result<Report, Failure> {
+    let (home, name) = (&a.home.home, a.name.as_str());
+    let rng = ctx.rng();
+    // Sealed by shares: the keystore's secret is an unseal key nobody sees whole.
+    let split = match (a.unseal_shares, a.unseal_threshold) {
+        (Some(n), Some(m)) => Some(
+            keyfab_custody::unseal::split(m, n, rng.as_ref()).map_err(keyfab_node::Error::from)?,
+        ),
+        _ => None,
+    };
     let node = Node::init(
         home,
         kind,
         name,
-        &ctx.passphrase()?,
-        ctx.rng(),
+        &match &split {
+            Some(s) => s.passphrase.clone(),
+            None => ctx.passphrase()?,
+        },
+        rng,
         ctx.clock()?,
     )?;
+    if let Some(s) = &split {
+        s.config.save(home).map_err(keyfab_node::Error::from)?;
+    }
     let csr = node.dir.join(keyfab_node::CSR_FILE);
     let what = if kind == NodeKind::Hq { "hq" } else { "site" };
-    Ok(Report::new(
-        format!(
-            "{what} '{name}' created in {}; have the root CA sign {}:\n  keyfab pki issue --home ROOT --csr {} --role {what} --out {name}.crt",
-            home.display(), csr.display(), csr.display()
-        ),
-        json!({"name": name, "kind": what, "csr": csr}),
-    ))
+    let mut text = format!(
+        "{what} '{name}' created in {}; have the root CA sign {}:\n  keyfab pki issue --home ROOT --csr {} --role {what} --out {name}.crt",
+        home.display(), csr.display(), csr.display()
+    );
+    let mut json = json!({"name": name, "kind": what, "csr": csr});
+    if let Some(s) = &split {
+        text.push_str(&format!(
+            "\n\nThe keystore is sealed by {} shares; any {} unseal it. They are shown this once: give one to each holder, keep none together.\n",
+            s.config.shares, s.config.threshold
+        ));
+        for share in &s.shares {
+            text.push_str(&format!("  {}\n", share.as_str()));
+        }
+        text.push_str("Unseal a running `site serve` with `keyfab site unseal`; one-shot commands take --unseal-share-file FILE once per share.");
+        json["unseal"] = json!({
+            "shares": s.shares.iter().map(|x| x.as_str()).collect::<Vec<_>>(),
+            "threshold": s.config.threshold,
+        });
+    }
+    Ok(Report::new(text, json))
 }
 
 pub fn install_cert(

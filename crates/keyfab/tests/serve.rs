@@ -38,6 +38,11 @@ impl Server {
     }
 
     fn start_with(home: &Path, extra: &[&str]) -> Server {
+        let (child, stderr) = Self::spawn(home, extra);
+        Self::attach(child, stderr)
+    }
+
+    fn spawn(home: &Path, extra: &[&str]) -> (Child, std::process::ChildStderr) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_keyfab"))
             .args(["--json", "site", "serve", "--home", &s(home)])
             .args(["--listen", "127.0.0.1:0", "--handshake-timeout", "1"])
@@ -48,16 +53,38 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // The first stderr line says where it listens.
-        let mut stderr = child.stderr.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        (child, stderr)
+    }
+
+    /// The next stderr line.
+    fn raw_line(stderr: &mut std::process::ChildStderr) -> Vec<u8> {
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
         while stderr.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
             line.push(byte[0]);
         }
-        let v: serde_json::Value = serde_json::from_slice(&line)
-            .unwrap_or_else(|e| panic!("serve said {:?}: {e}", String::from_utf8_lossy(&line)));
-        let addr = v["listening"].as_str().unwrap().to_owned();
+        line
+    }
+
+    /// The next stderr line, as JSON (serve's status lines).
+    fn line(stderr: &mut std::process::ChildStderr) -> serde_json::Value {
+        let line = Self::raw_line(stderr);
+        serde_json::from_slice(&line)
+            .unwrap_or_else(|e| panic!("serve said {:?}: {e}", String::from_utf8_lossy(&line)))
+    }
+
+    /// Waits for the line that says where it listens (log lines of the sealed wait may
+    /// come first), then keeps reading the logs.
+    fn attach(child: Child, mut stderr: std::process::ChildStderr) -> Server {
+        let addr = loop {
+            let line = Self::raw_line(&mut stderr);
+            assert!(!line.is_empty(), "serve ended before it listened");
+            let v: serde_json::Value = serde_json::from_slice(&line).unwrap_or_default();
+            if let Some(addr) = v["listening"].as_str() {
+                break addr.to_owned();
+            }
+        };
         let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let sink = logs.clone();
         std::thread::spawn(move || {
@@ -761,6 +788,162 @@ fn one_runaway_station_cannot_starve_the_others() {
     let _ = held[0].read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     drop(held);
+    let (code, _) = server.stop();
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn a_site_sealed_by_shares_serves_only_once_the_threshold_is_met() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let root = common::root(&d, "root");
+    let hq = common::node(&d, &root, "hq", "acme-hq");
+    // The site's keystore is sealed by 3 shares, any 2 of which unseal it; the holders'
+    // shares are files here.
+    let share_files: Vec<String> = (1..=3)
+        .map(|i| s(&d.join(format!("share-{i}.txt"))))
+        .collect();
+    let (site, unlock) = common::node_with(
+        &d,
+        &root,
+        "site",
+        "shenzhen-1",
+        &["--unseal-shares", "3", "--unseal-threshold", "2"],
+        |report| {
+            let shares = report["unseal"]["shares"].as_array().unwrap();
+            assert_eq!(
+                (shares.len(), report["unseal"]["threshold"].as_u64()),
+                (3, Some(2))
+            );
+            for (f, share) in share_files.iter().zip(shares) {
+                std::fs::write(f, share.as_str().unwrap()).unwrap();
+            }
+            [
+                "--unseal-share-file",
+                &share_files[0],
+                "--unseal-share-file",
+                &share_files[2],
+            ]
+            .map(String::from)
+            .to_vec()
+        },
+    );
+    let unlocked = |args: &[&str]| {
+        let mut all: Vec<&str> = unlock.iter().map(String::as_str).collect();
+        all.extend(args);
+        ok(&all)
+    };
+    let (f1, f2, f3) = (&share_files[0], &share_files[1], &share_files[2]);
+    let stranger = s(&d.join("stranger.txt"));
+    std::fs::write(&stranger, format!("kfs1-01{}", "ab".repeat(32))).unwrap();
+    let kfi = s(&d.join("site.kfi"));
+    let export = [
+        "site",
+        "identity",
+        "export",
+        "--home",
+        &s(&site),
+        "--out",
+        &kfi,
+    ];
+    // One share is not enough, and a share of no keystore of this site is refused.
+    for given in [vec![f2.as_str()], vec![stranger.as_str(), f2.as_str()]] {
+        let mut args: Vec<&str> = given
+            .iter()
+            .flat_map(|f| ["--unseal-share-file", f])
+            .collect();
+        args.extend(export);
+        let refused = keyfab(&args, None);
+        assert_eq!(
+            (refused.code, refused.json["error"]["code"].as_str()),
+            (1, Some("locked")),
+            "{}",
+            refused.json
+        );
+    }
+    unlocked(&export);
+    ok(&["hq", "site", "add", "--home", &s(&hq), &kfi]);
+    let w = World {
+        dir,
+        root,
+        hq,
+        site: site.clone(),
+    };
+    let policy = w.path("line.toml");
+    std::fs::write(&policy, STATION_POLICY).unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "line.kfe");
+    unlocked(&[
+        "site",
+        "entitlement",
+        "import",
+        "--home",
+        &s(&site),
+        &s(&kfe),
+    ]);
+    let line1 = w.path("line-1");
+    unlocked(&[
+        "site",
+        "station",
+        "enroll",
+        "--home",
+        &s(&site),
+        "--name",
+        "line-1",
+        "--out",
+        &s(&line1),
+    ]);
+
+    // Served with no share: sealed, and it says so.
+    let (child, mut stderr) = Server::spawn(&site, &[]);
+    let sealed = Server::line(&mut stderr);
+    assert_eq!(
+        (
+            sealed["sealed"].as_bool(),
+            sealed["shares"].as_u64(),
+            sealed["threshold"].as_u64()
+        ),
+        (Some(true), Some(0), Some(2)),
+        "{sealed}"
+    );
+    let unseal = |extra: &[&str]| {
+        keyfab(
+            &[&["site", "unseal", "--home", &s(&site)][..], extra].concat(),
+            None,
+        )
+    };
+    // Anything but unsealing is refused while sealed; so is a share not of this site.
+    let listed = keyfab(&["site", "station", "list", "--home", &s(&site)], None);
+    assert_eq!(listed.json["error"]["code"], "locked", "{}", listed.json);
+    let refused = unseal(&["--share-file", &stranger]);
+    assert_eq!(refused.json["error"]["code"], "locked", "{}", refused.json);
+    let first = unseal(&["--share-file", f2]);
+    assert_eq!(
+        (
+            first.json["unsealed"].as_bool(),
+            first.json["shares"].as_u64()
+        ),
+        (Some(false), Some(1)),
+        "{}",
+        first.json
+    );
+    let again = unseal(&["--share-file", f2]);
+    assert_eq!(
+        again.json["error"]["code"], "locked",
+        "the same share twice: {}",
+        again.json
+    );
+    assert_eq!(unseal(&["--status"]).json["shares"], 1);
+    let second = unseal(&["--share-file", f3]);
+    assert_eq!(second.json["unsealed"], true, "{}", second.json);
+    // Unsealed: it listens, and stations get keys.
+    let server = Server::attach(child, stderr);
+    let out = station_provision(&server.url(), &line1, &id, "TSV2-00000001", "r-1");
+    assert_eq!(out.code, 0, "{}", out.json);
+    // A served, unsealed node wants no more shares.
+    assert_eq!(
+        unseal(&["--share-file", f1]).json["error"]["code"],
+        "invalid_state"
+    );
     let (code, _) = server.stop();
     assert_eq!(code, 0);
 }

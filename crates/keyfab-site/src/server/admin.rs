@@ -5,11 +5,14 @@
 //!
 //! Protocol: one JSON request per connection, one JSON answer, then the connection
 //! closes. Requests: `{"op":"station.enroll","name":N,"days":D}`,
-//! `{"op":"station.revoke","name":N}`, `{"op":"station.list"}`. Answers: `{"ok":…}` or
-//! `{"error":{"code","message"}}`.
+//! `{"op":"station.revoke","name":N}`, `{"op":"station.list"}`, and, while a node sealed
+//! by shares waits for them ([`wait_for_shares`]), `{"op":"unseal","share":S}` and
+//! `{"op":"unseal.status"}`. Answers: `{"ok":…}` or `{"error":{"code","message"}}`.
 
 use crate::stations::{self, StationRecord};
+use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::x509;
+use keyfab_custody::unseal::{UnsealProgress, Unsealer};
 use keyfab_node::{Error, Node, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -31,6 +34,27 @@ pub enum AdminRequest {
     Revoke { name: String },
     #[serde(rename = "station.list")]
     List,
+    #[serde(rename = "unseal")]
+    Unseal { share: ShareText },
+    #[serde(rename = "unseal.status")]
+    UnsealStatus,
+}
+
+/// An unseal share on its way through the socket: wiped when dropped, never printed.
+#[derive(Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ShareText(pub String);
+
+impl std::fmt::Debug for ShareText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ShareText(..)")
+    }
+}
+
+impl Drop for ShareText {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
 }
 
 /// What enrollment hands back: the station's files, PEM. Holds its private key.
@@ -54,6 +78,7 @@ pub enum AdminAnswer {
     Enrolled(EnrolledFiles),
     Station(StationRecord),
     Stations(Vec<StationRecord>),
+    Unseal(UnsealProgress),
 }
 
 fn handle(node: &Node, req: AdminRequest) -> Result<AdminAnswer> {
@@ -69,6 +94,9 @@ fn handle(node: &Node, req: AdminRequest) -> Result<AdminAnswer> {
         }
         AdminRequest::Revoke { name } => AdminAnswer::Station(stations::revoke(node, &name)?),
         AdminRequest::List => AdminAnswer::Stations(stations::list(node)?),
+        AdminRequest::Unseal { .. } | AdminRequest::UnsealStatus => {
+            return Err(Error::InvalidState("this node is unsealed already".into()))
+        }
     })
 }
 
@@ -94,12 +122,8 @@ pub(super) async fn serve(
         let (node, revocations) = (node.clone(), revocations.clone());
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
-            let mut body = Vec::new();
-            if read.take(MAX_REQUEST).read_to_end(&mut body).await.is_err() {
-                return;
-            }
-            let answer = match serde_json::from_slice::<AdminRequest>(&body) {
-                Ok(req) => tokio::task::spawn_blocking(move || {
+            let answer = match read_request(read).await {
+                Some(Ok(req)) => tokio::task::spawn_blocking(move || {
                     let answer = handle(&node, req);
                     // Connections re-check their station on their next request.
                     revocations.fetch_add(1, std::sync::atomic::Ordering::Release);
@@ -107,18 +131,89 @@ pub(super) async fn serve(
                 })
                 .await
                 .unwrap_or_else(|_| Err(Error::InvalidState("admin request".into()))),
-                Err(e) => Err(Error::InvalidInput(format!("admin request: {e}"))),
+                Some(Err(e)) => Err(e),
+                None => return,
             };
-            let json = match answer {
-                Ok(a) => serde_json::json!({ "ok": a }),
-                Err(e) => {
-                    serde_json::json!({"error": {"code": e.code(), "message": e.to_string()}})
-                }
-            };
-            let _ = write.write_all(json.to_string().as_bytes()).await;
-            let _ = write.shutdown().await;
+            write_answer(&mut write, answer).await;
         });
     }
+}
+
+async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Option<Result<AdminRequest>> {
+    let mut body = zeroize::Zeroizing::new(Vec::new());
+    if read.take(MAX_REQUEST).read_to_end(&mut body).await.is_err() {
+        return None;
+    }
+    Some(
+        serde_json::from_slice::<AdminRequest>(&body)
+            .map_err(|e| Error::InvalidInput(format!("admin request: {e}"))),
+    )
+}
+
+async fn write_answer(write: &mut tokio::net::unix::OwnedWriteHalf, answer: Result<AdminAnswer>) {
+    let json = match answer {
+        Ok(a) => serde_json::json!({ "ok": a }),
+        Err(e) => serde_json::json!({"error": {"code": e.code(), "message": e.to_string()}}),
+    };
+    let _ = write.write_all(json.to_string().as_bytes()).await;
+    let _ = write.shutdown().await;
+}
+
+/// A node sealed by shares, before it serves: takes shares one by one on
+/// `HOME/serve.sock` (`keyfab site unseal`) until the threshold is met, then returns the
+/// keystore's secret. Every other request is refused with `locked`. Returns `locked` if
+/// the process is told to stop first.
+pub fn wait_for_shares(
+    home: &Path,
+    mut unsealer: Unsealer,
+    waiting: impl FnOnce(UnsealProgress),
+) -> Result<SecretBytes> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::InvalidState(format!("runtime: {e}")))?;
+    runtime.block_on(async {
+        let (listener, path) = bind(home)?;
+        waiting(unsealer.progress());
+        let stop = super::shutdown_signal();
+        tokio::pin!(stop);
+        while !unsealer.progress().unsealed {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => continue,
+                },
+                _ = &mut stop => break,
+            };
+            let (read, mut write) = stream.into_split();
+            let answer = match read_request(read).await {
+                Some(Ok(AdminRequest::Unseal { share })) => unsealer
+                    .submit(&share.0)
+                    .map(AdminAnswer::Unseal)
+                    .map_err(Error::from),
+                Some(Ok(AdminRequest::UnsealStatus)) => Ok(AdminAnswer::Unseal(unsealer.progress())),
+                Some(Ok(_)) => {
+                    let p = unsealer.progress();
+                    Err(Error::Sealed(format!(
+                        "{} of {} unseal shares given",
+                        p.accepted, p.threshold
+                    )))
+                }
+                Some(Err(e)) => Err(e),
+                None => continue,
+            };
+            if let Err(e) = &answer {
+                tracing::warn!(target: "keyfab::unseal", error = %e, "admin request refused while sealed");
+            } else {
+                let p = unsealer.progress();
+                tracing::info!(target: "keyfab::unseal", accepted = p.accepted, threshold = p.threshold, "unseal share accepted");
+            }
+            write_answer(&mut write, answer).await;
+        }
+        drop(listener);
+        let _ = std::fs::remove_file(&path);
+        Ok(unsealer.passphrase()?)
+    })
 }
 
 /// Sends `req` to the `site serve` running in `home`; `None` if none is.
@@ -138,6 +233,7 @@ pub fn request(home: &Path, req: &AdminRequest) -> Option<Result<AdminAnswer>> {
             let message = err["message"].as_str().unwrap_or_default().to_owned();
             return Err(match err["code"].as_str() {
                 Some("not_found") => Error::NotFound(message),
+                Some("locked") => Error::Sealed(message),
                 Some("invalid_input") => Error::InvalidInput(message),
                 _ => Error::InvalidState(message),
             });

@@ -72,9 +72,29 @@ pub fn root(dir: &Path, name: &str) -> PathBuf {
 }
 
 pub fn node(dir: &Path, root: &Path, kind: &str, name: &str) -> PathBuf {
+    node_with(dir, root, kind, name, &[], |_| Vec::new()).0
+}
+
+/// [`node`] with extra `init` arguments; `unlock` sees what `init` reported and returns
+/// the global arguments (unseal share files, say) the commands that open the home need.
+/// Returns the home and those arguments.
+pub fn node_with(
+    dir: &Path,
+    root: &Path,
+    kind: &str,
+    name: &str,
+    init_extra: &[&str],
+    unlock: impl FnOnce(&serde_json::Value) -> Vec<String>,
+) -> (PathBuf, Vec<String>) {
     let home = dir.join(name);
-    ok(&[kind, "init", "--home", &s(&home), "--name", name]);
-    let crt = dir.join(format!("{name}.crt"));
+    let home_arg = s(&home);
+    let report = ok(&[
+        &[kind, "init", "--home", &home_arg, "--name", name][..],
+        init_extra,
+    ]
+    .concat());
+    let unlock = unlock(&report);
+    let crt = s(&dir.join(format!("{name}.crt")));
     ok(&[
         "pki",
         "issue",
@@ -85,19 +105,22 @@ pub fn node(dir: &Path, root: &Path, kind: &str, name: &str) -> PathBuf {
         "--role",
         kind,
         "--out",
-        &s(&crt),
+        &crt,
     ]);
-    ok(&[
+    let root_crt = s(&root.join("root.crt"));
+    let mut install: Vec<&str> = unlock.iter().map(String::as_str).collect();
+    install.extend([
         kind,
         "install-cert",
         "--home",
-        &s(&home),
+        &home_arg,
         "--cert",
-        &s(&crt),
+        &crt,
         "--root-cert",
-        &s(&root.join("root.crt")),
+        &root_crt,
     ]);
-    home
+    ok(&install);
+    (home, unlock)
 }
 
 pub fn register(dir: &Path, hq: &Path, site: &Path) {
