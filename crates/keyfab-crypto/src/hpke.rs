@@ -137,7 +137,14 @@ impl Sealer {
 }
 
 /// The receiving half of an HPKE context.
-pub struct Opener(AeadCtxR<AesGcm256, HkdfSha256, Kem>);
+/// An opening context: the `hpke` crate's for a key held here, or one built by
+/// [`open_context_with_dh`] when the recipient's ECDH ran in a token.
+pub struct Opener(OpenerKind);
+
+enum OpenerKind {
+    Local(Box<AeadCtxR<AesGcm256, HkdfSha256, Kem>>),
+    External(crate::hpke_schedule::HostOpener),
+}
 
 pub fn open_context(recipient: &HpkeSecretKey, enc: &[u8], info: &[u8]) -> Result<Opener> {
     let enc =
@@ -149,16 +156,40 @@ pub fn open_context(recipient: &HpkeSecretKey, enc: &[u8], info: &[u8]) -> Resul
         info,
     )
     .map_err(|_| CryptoError::DecryptFailed)?;
-    Ok(Opener(ctx))
+    Ok(Opener(OpenerKind::Local(Box::new(ctx))))
+}
+
+/// The opening context for `enc` when the recipient's private key lives elsewhere (a
+/// PKCS#11 token): `dh` is the ECDH of that key with `enc`, computed there; DHKEM's
+/// key derivation and the key schedule run here (RFC 9180 §4.1, §5.1).
+pub fn open_context_with_dh(
+    dh: &[u8],
+    enc: &[u8],
+    recipient: &HpkePublicKey,
+    info: &[u8],
+) -> Result<Opener> {
+    if enc.len() != ENC_LEN || dh.len() != 32 {
+        return Err(CryptoError::DecryptFailed);
+    }
+    let shared = crate::hpke_schedule::kem_shared_secret(dh, enc, recipient.sec1())?;
+    let opener = crate::hpke_schedule::HostOpener::new(
+        &shared,
+        info,
+        crate::hpke_schedule::Aead::Aes256Gcm,
+    )?;
+    Ok(Opener(OpenerKind::External(opener)))
 }
 
 impl Opener {
     /// Opens the next chunk. The plaintext is handed back in a zeroizing buffer.
     pub fn open(&mut self, ciphertext: &[u8], aad: &[u8]) -> Result<SecretBytes> {
-        self.0
-            .open(ciphertext, aad)
-            .map(SecretBytes::new)
-            .map_err(|_| CryptoError::DecryptFailed)
+        match &mut self.0 {
+            OpenerKind::Local(ctx) => ctx
+                .open(ciphertext, aad)
+                .map(SecretBytes::new)
+                .map_err(|_| CryptoError::DecryptFailed),
+            OpenerKind::External(ctx) => ctx.open(ciphertext, aad),
+        }
     }
 }
 

@@ -26,6 +26,7 @@ pub mod aead;
 pub mod devicekey;
 pub mod hash;
 pub mod hpke;
+mod hpke_schedule;
 pub mod kdf;
 pub mod rng;
 pub mod secret;
