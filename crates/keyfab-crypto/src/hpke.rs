@@ -159,6 +159,14 @@ pub fn open_context(recipient: &HpkeSecretKey, enc: &[u8], info: &[u8]) -> Resul
     Ok(Opener(OpenerKind::Local(Box::new(ctx))))
 }
 
+/// DHKEM(P-256, HKDF-SHA256) `ExtractAndExpand`: the KEM shared secret from the raw
+/// ECDH value `dh` of the recipient's key with `enc` (RFC 9180 §4.1). For checking a
+/// token's ECDH against the RFC's vectors.
+pub fn dhkem_shared_secret(dh: &[u8], enc: &[u8], recipient: &[u8]) -> Result<SecretBytes> {
+    let shared = crate::hpke_schedule::kem_shared_secret(dh, enc, recipient)?;
+    Ok(SecretBytes::new(shared.to_vec()))
+}
+
 /// The opening context for `enc` when the recipient's private key lives elsewhere (a
 /// PKCS#11 token): `dh` is the ECDH of that key with `enc`, computed there; DHKEM's
 /// key derivation and the key schedule run here (RFC 9180 §4.1, §5.1).

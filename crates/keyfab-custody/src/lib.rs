@@ -49,6 +49,9 @@ pub enum CustodyError {
     /// or too few shares.
     #[error("unseal share refused: {0}")]
     ShareRefused(String),
+    /// The PKCS#11 module or token failed, or is not configured as keyfab needs.
+    #[error("token: {0}")]
+    Token(String),
     #[error("keystore I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]

@@ -1,0 +1,582 @@
+//! Custody of identity keys in a PKCS#11 token (an HSM; SoftHSM2 in tests).
+//!
+//! Keys are generated inside the token, `CKA_SENSITIVE` and not `CKA_EXTRACTABLE`: no
+//! call of this crate, or of the token, hands a private key out. Signing hashes on the
+//! host and signs the digest in the token (`CKM_ECDSA`); HPKE opening does the P-256 ECDH
+//! in the token (`CKM_ECDH1_DERIVE`) and DHKEM's key derivation and the key schedule on
+//! the host ([`keyfab_crypto::hpke::open_context_with_dh`]); data keys are wrapped with
+//! AES-256-GCM by an AES key that never leaves the token.
+//!
+//! Which API for which job:
+//! - a token keyfab has not used yet: [`Pkcs11Custody::create`] (makes the wrapping key);
+//! - later runs: [`Pkcs11Custody::open`] (finds keyfab's keys by label);
+//! - what engines call: the [`Custody`] trait.
+//!
+//! Tokens allow few sessions: requests share a pool of at most
+//! [`TokenConfig::max_sessions`], and wait for a free one beyond it.
+
+#![forbid(unsafe_code)]
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as P11Error, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use keyfab_crypto::hpke::{HpkePublicKey, HpkeRecipient, Opener};
+use keyfab_crypto::rng::SecureRng;
+use keyfab_crypto::secret::{Secret32, SecretBytes};
+use keyfab_crypto::sign::{EcdsaSigner, VerifyingKey};
+use keyfab_custody::{Custody, CustodyError, Result};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Every keyfab object's label starts with this; the rest is the custody handle.
+const LABEL_PREFIX: &str = "keyfab:";
+/// The handle of the AES key that wraps data keys.
+const WRAP_HANDLE: &str = "data-key-wrap";
+/// DER of the named curve P-256 (OID 1.2.840.10045.3.1.7), for `CKA_EC_PARAMS`.
+const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+const GCM_IV_LEN: usize = 12;
+
+/// Where the token is and how to log in to it.
+pub struct TokenConfig {
+    /// The PKCS#11 module, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// The token's label (slot numbers change when tokens are added; labels do not).
+    pub token_label: String,
+    /// The user PIN.
+    pub pin: SecretBytes,
+    /// At most this many sessions open at once.
+    pub max_sessions: usize,
+}
+
+fn token_err(what: &str, e: impl std::fmt::Display) -> CustodyError {
+    CustodyError::Token(format!("{what}: {e}"))
+}
+
+/// Open sessions, logged in, shared by every key of the custody.
+struct SessionPool {
+    pkcs11: Pkcs11,
+    slot: Slot,
+    idle: Mutex<Pool>,
+    freed: Condvar,
+    max: usize,
+}
+
+struct Pool {
+    sessions: Vec<Session>,
+    open: usize,
+}
+
+impl SessionPool {
+    /// Runs `f` with a session of the pool: an idle one, a new one while fewer than the
+    /// maximum are open, otherwise the next one freed.
+    fn with<T>(&self, f: impl FnOnce(&Session) -> Result<T>) -> Result<T> {
+        let session = {
+            let mut pool = self
+                .idle
+                .lock()
+                .map_err(|_| token_err("session pool", "poisoned"))?;
+            loop {
+                if let Some(s) = pool.sessions.pop() {
+                    break s;
+                }
+                if pool.open < self.max {
+                    pool.open += 1;
+                    drop(pool);
+                    match self.pkcs11.open_rw_session(self.slot) {
+                        Ok(s) => break s,
+                        Err(e) => {
+                            if let Ok(mut p) = self.idle.lock() {
+                                p.open -= 1;
+                            }
+                            return Err(token_err("open session", e));
+                        }
+                    }
+                }
+                pool = self
+                    .freed
+                    .wait(pool)
+                    .map_err(|_| token_err("session pool", "poisoned"))?;
+            }
+        };
+        let result = f(&session);
+        if let Ok(mut pool) = self.idle.lock() {
+            pool.sessions.push(session);
+        }
+        self.freed.notify_one();
+        result
+    }
+}
+
+/// A signing key in the token.
+struct TokenSigner {
+    pool: Arc<SessionPool>,
+    key: ObjectHandle,
+    public: VerifyingKey,
+}
+
+impl EcdsaSigner for TokenSigner {
+    fn verifying_key(&self) -> VerifyingKey {
+        self.public.clone()
+    }
+
+    /// ECDSA P-256 with SHA-256: the digest is computed here, signed in the token;
+    /// the signature is r ‖ s, 64 bytes.
+    fn sign(&self, message: &[u8]) -> keyfab_crypto::Result<Vec<u8>> {
+        let digest = keyfab_crypto::hash::sha256(message);
+        self.pool
+            .with(|s| {
+                s.sign(&Mechanism::Ecdsa, self.key, &digest)
+                    .map_err(|e| token_err("sign", e))
+            })
+            .map_err(|_| keyfab_crypto::CryptoError::Internal)
+    }
+}
+
+/// An HPKE recipient key in the token.
+struct TokenHpke {
+    pool: Arc<SessionPool>,
+    key: ObjectHandle,
+    public: HpkePublicKey,
+}
+
+impl HpkeRecipient for TokenHpke {
+    fn public_key(&self) -> keyfab_crypto::Result<HpkePublicKey> {
+        Ok(self.public.clone())
+    }
+
+    fn open_context(&self, enc: &[u8], info: &[u8]) -> keyfab_crypto::Result<Opener> {
+        let dh = self
+            .pool
+            .with(|s| ecdh(s, self.key, enc))
+            .map_err(|_| keyfab_crypto::CryptoError::DecryptFailed)?;
+        keyfab_crypto::hpke::open_context_with_dh(&dh, enc, &self.public, info)
+    }
+}
+
+/// The raw P-256 ECDH of `key` with `peer`, done in the token. The derived value comes
+/// out as a short-lived session object that is read and destroyed at once.
+fn ecdh(session: &Session, key: ObjectHandle, peer: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    let params = Ecdh1DeriveParams::new(EcKdf::null(), peer);
+    let template = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(false),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+    ];
+    let derived = session
+        .derive_key(&Mechanism::Ecdh1Derive(params), key, &template)
+        .map_err(|e| token_err("ECDH", e))?;
+    let value = session.get_attributes(derived, &[AttributeType::Value]);
+    let _ = session.destroy_object(derived);
+    match value.map_err(|e| token_err("ECDH value", e))?.pop() {
+        Some(Attribute::Value(v)) if v.len() == 32 => Ok(zeroize::Zeroizing::new(v)),
+        _ => Err(CustodyError::Token("ECDH gave no 32-byte value".into())),
+    }
+}
+
+/// Identity keys in a PKCS#11 token.
+pub struct Pkcs11Custody {
+    pool: Arc<SessionPool>,
+    signers: BTreeMap<String, TokenSigner>,
+    hpke: BTreeMap<String, TokenHpke>,
+    /// Set by `open` and `create`: every custody in use has one.
+    wrap_key: Option<ObjectHandle>,
+}
+
+impl Pkcs11Custody {
+    /// Opens a token keyfab already uses.
+    pub fn open(config: &TokenConfig) -> Result<Self> {
+        let pool = Arc::new(connect(config)?);
+        let mut custody = Self::load(pool)?;
+        custody.wrap_key =
+            Some(custody.find_wrap_key()?.ok_or_else(|| {
+                CustodyError::Token("the token has no keyfab wrapping key".into())
+            })?);
+        Ok(custody)
+    }
+
+    /// Starts using a token: makes the data-key wrapping key inside it. Refuses a token
+    /// that has keyfab keys already.
+    pub fn create(config: &TokenConfig) -> Result<Self> {
+        let pool = Arc::new(connect(config)?);
+        let mut custody = Self::load(pool)?;
+        if custody.find_wrap_key()?.is_some()
+            || !custody.signers.is_empty()
+            || !custody.hpke.is_empty()
+        {
+            return Err(CustodyError::AlreadyExists(format!(
+                "token '{}' already holds keyfab keys",
+                config.token_label
+            )));
+        }
+        let wrap_key = custody.pool.with(|s| {
+            s.generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                    Attribute::Label(label(WRAP_HANDLE)),
+                ],
+            )
+            .map_err(|e| token_err("generate the wrapping key", e))
+        })?;
+        custody.wrap_key = Some(wrap_key);
+        Ok(custody)
+    }
+
+    /// The token's keyfab keys, by label.
+    fn load(pool: Arc<SessionPool>) -> Result<Self> {
+        let found = pool.with(|s| {
+            let keys = s
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::KeyType(KeyType::EC),
+                ])
+                .map_err(|e| token_err("find keys", e))?;
+            let mut out = Vec::new();
+            for key in keys {
+                let attrs = s
+                    .get_attributes(key, &[AttributeType::Label, AttributeType::Sign])
+                    .map_err(|e| token_err("key attributes", e))?;
+                let (mut name, mut sign) = (None, false);
+                for a in attrs {
+                    match a {
+                        Attribute::Label(l) => {
+                            name = String::from_utf8(l)
+                                .ok()
+                                .and_then(|l| l.strip_prefix(LABEL_PREFIX).map(str::to_owned));
+                        }
+                        Attribute::Sign(b) => sign = b,
+                        _ => {}
+                    }
+                }
+                if let Some(name) = name {
+                    let point = public_point(s, &name)?;
+                    out.push((name, key, sign, point));
+                }
+            }
+            Ok(out)
+        })?;
+        let mut custody = Self {
+            pool,
+            signers: BTreeMap::new(),
+            hpke: BTreeMap::new(),
+            wrap_key: None,
+        };
+        for (name, key, sign, point) in found {
+            custody.insert(name, key, sign, &point)?;
+        }
+        Ok(custody)
+    }
+
+    fn insert(
+        &mut self,
+        handle: String,
+        key: ObjectHandle,
+        sign: bool,
+        point: &[u8],
+    ) -> Result<()> {
+        let pool = self.pool.clone();
+        if sign {
+            let public = VerifyingKey::from_sec1(point)?;
+            self.signers
+                .insert(handle, TokenSigner { pool, key, public });
+        } else {
+            let public = HpkePublicKey::from_sec1(point)?;
+            self.hpke.insert(handle, TokenHpke { pool, key, public });
+        }
+        Ok(())
+    }
+
+    fn find_wrap_key(&self) -> Result<Option<ObjectHandle>> {
+        self.pool.with(|s| {
+            let found = s
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Label(label(WRAP_HANDLE)),
+                ])
+                .map_err(|e| token_err("find the wrapping key", e))?;
+            Ok(found.first().copied())
+        })
+    }
+
+    fn wrapping_key(&self) -> Result<ObjectHandle> {
+        self.wrap_key
+            .ok_or_else(|| CustodyError::Token("the token has no keyfab wrapping key".into()))
+    }
+
+    fn check_new(&self, handle: &str) -> Result<()> {
+        if self.signers.contains_key(handle)
+            || self.hpke.contains_key(handle)
+            || handle == WRAP_HANDLE
+        {
+            return Err(CustodyError::KeyExists(handle.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// A P-256 key pair made inside the token: the private half sensitive, not
+    /// extractable, usable only to sign (`sign`) or only to derive (ECDH).
+    fn generate_p256(&mut self, handle: &str, sign: bool) -> Result<Vec<u8>> {
+        self.check_new(handle)?;
+        let name = label(handle);
+        let (key, point) = self.pool.with(|s| {
+            let public = [
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::EcParams(P256_PARAMS.to_vec()),
+                Attribute::Verify(sign),
+                Attribute::Label(name.clone()),
+            ];
+            let private = [
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Sign(sign),
+                Attribute::Derive(!sign),
+                Attribute::Label(name.clone()),
+            ];
+            let (_, key) = s
+                .generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private)
+                .map_err(|e| token_err("generate a key pair", e))?;
+            Ok((key, public_point(s, handle)?))
+        })?;
+        self.insert(handle.to_owned(), key, sign, &point)?;
+        Ok(point)
+    }
+
+    /// Attributes of the private key behind `handle`, as the token reports them (for
+    /// operators' checks and the tests: sensitive, extractable, ever extractable).
+    pub fn private_key_flags(&self, handle: &str) -> Result<KeyFlags> {
+        let key = self
+            .signers
+            .get(handle)
+            .map(|k| k.key)
+            .or_else(|| self.hpke.get(handle).map(|k| k.key))
+            .or(if handle == WRAP_HANDLE {
+                self.wrap_key
+            } else {
+                None
+            })
+            .ok_or_else(|| CustodyError::NoSuchKey(handle.to_owned()))?;
+        let attrs = self.pool.with(|s| {
+            s.get_attributes(
+                key,
+                &[
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::NeverExtractable,
+                    AttributeType::AlwaysSensitive,
+                ],
+            )
+            .map_err(|e| token_err("key attributes", e))
+        })?;
+        let mut flags = KeyFlags::default();
+        for a in attrs {
+            match a {
+                Attribute::Sensitive(b) => flags.sensitive = b,
+                Attribute::Extractable(b) => flags.extractable = b,
+                Attribute::NeverExtractable(b) => flags.never_extractable = b,
+                Attribute::AlwaysSensitive(b) => flags.always_sensitive = b,
+                _ => {}
+            }
+        }
+        Ok(flags)
+    }
+
+    /// Asks the token for the private value of `handle` (`CKA_VALUE`), as an attacker
+    /// with the PIN would: the token must refuse. `Ok(())` means it refused.
+    pub fn export_is_refused(&self, handle: &str) -> Result<()> {
+        let key = self
+            .signers
+            .get(handle)
+            .map(|k| k.key)
+            .or_else(|| self.hpke.get(handle).map(|k| k.key))
+            .ok_or_else(|| CustodyError::NoSuchKey(handle.to_owned()))?;
+        let read = self
+            .pool
+            .with(|s| Ok(s.get_attributes(key, &[AttributeType::Value])));
+        match read? {
+            Err(_) => Ok(()),
+            Ok(attrs) if !attrs.iter().any(|a| matches!(a, Attribute::Value(_))) => Ok(()),
+            Ok(_) => Err(CustodyError::Token(format!(
+                "the token handed out the private value of '{handle}'"
+            ))),
+        }
+    }
+}
+
+/// What the token says about a private key.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KeyFlags {
+    pub sensitive: bool,
+    pub extractable: bool,
+    pub never_extractable: bool,
+    pub always_sensitive: bool,
+}
+
+fn label(handle: &str) -> Vec<u8> {
+    format!("{LABEL_PREFIX}{handle}").into_bytes()
+}
+
+/// The uncompressed point of the public key labelled for `handle` (`CKA_EC_POINT` is a
+/// DER OCTET STRING around it).
+fn public_point(s: &Session, handle: &str) -> Result<Vec<u8>> {
+    let found = s
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::Label(label(handle)),
+        ])
+        .map_err(|e| token_err("find a public key", e))?;
+    let key = found
+        .first()
+        .ok_or_else(|| CustodyError::Token(format!("no public key for '{handle}'")))?;
+    let attrs = s
+        .get_attributes(*key, &[AttributeType::EcPoint])
+        .map_err(|e| token_err("public key", e))?;
+    let Some(Attribute::EcPoint(der)) = attrs.into_iter().next() else {
+        return Err(CustodyError::Token(format!("no EC point for '{handle}'")));
+    };
+    match der.as_slice() {
+        [0x04, 65, point @ ..] if point.len() == 65 => Ok(point.to_vec()),
+        point if point.len() == 65 && point[0] == 0x04 => Ok(point.to_vec()),
+        _ => Err(CustodyError::Token(format!(
+            "'{handle}' is not a P-256 point"
+        ))),
+    }
+}
+
+/// Loads the module, finds the token by label, logs in.
+fn connect(config: &TokenConfig) -> Result<SessionPool> {
+    let pkcs11 = Pkcs11::new(&config.module).map_err(|e| {
+        token_err(
+            &format!("load PKCS#11 module {}", config.module.display()),
+            e,
+        )
+    })?;
+    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(token_err("initialize", e)),
+    }
+    let slot = find_token(&pkcs11, &config.token_label)?;
+    let session = pkcs11
+        .open_rw_session(slot)
+        .map_err(|e| token_err("open session", e))?;
+    let pin = std::str::from_utf8(config.pin.expose())
+        .map_err(|_| CustodyError::Token("the PIN is not UTF-8".into()))?;
+    match session.login(UserType::User, Some(&AuthPin::from(pin))) {
+        Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(P11Error::Pkcs11(RvError::PinIncorrect, _)) => return Err(CustodyError::Locked),
+        Err(e) => return Err(token_err("log in", e)),
+    }
+    Ok(SessionPool {
+        pkcs11,
+        slot,
+        idle: Mutex::new(Pool {
+            sessions: vec![session],
+            open: 1,
+        }),
+        freed: Condvar::new(),
+        max: config.max_sessions.max(1),
+    })
+}
+
+fn find_token(pkcs11: &Pkcs11, token_label: &str) -> Result<Slot> {
+    let slots = pkcs11
+        .get_slots_with_initialized_token()
+        .map_err(|e| token_err("list slots", e))?;
+    for slot in slots {
+        let info = pkcs11
+            .get_token_info(slot)
+            .map_err(|e| token_err("token info", e))?;
+        if info.label().trim_end() == token_label {
+            return Ok(slot);
+        }
+    }
+    Err(CustodyError::Token(format!(
+        "no initialized token labelled '{token_label}'"
+    )))
+}
+
+impl Custody for Pkcs11Custody {
+    fn signer(&self, handle: &str) -> Result<&dyn EcdsaSigner> {
+        self.signers
+            .get(handle)
+            .map(|k| k as &dyn EcdsaSigner)
+            .ok_or_else(|| CustodyError::NoSuchKey(handle.to_owned()))
+    }
+
+    fn hpke(&self, handle: &str) -> Result<&dyn HpkeRecipient> {
+        self.hpke
+            .get(handle)
+            .map(|k| k as &dyn HpkeRecipient)
+            .ok_or_else(|| CustodyError::NoSuchKey(handle.to_owned()))
+    }
+
+    fn generate_signing_key(&mut self, handle: &str, _rng: &dyn SecureRng) -> Result<VerifyingKey> {
+        let point = self.generate_p256(handle, true)?;
+        Ok(VerifyingKey::from_sec1(&point)?)
+    }
+
+    fn generate_hpke_key(&mut self, handle: &str, _rng: &dyn SecureRng) -> Result<HpkePublicKey> {
+        let point = self.generate_p256(handle, false)?;
+        Ok(HpkePublicKey::from_sec1(&point)?)
+    }
+
+    /// AES-256-GCM in the token: IV (12) ‖ ciphertext ‖ tag (16).
+    fn wrap_data_key(&self, dek: &Secret32, aad: &[u8], rng: &dyn SecureRng) -> Result<Vec<u8>> {
+        let wrap_key = self.wrapping_key()?;
+        let mut iv = [0u8; GCM_IV_LEN];
+        rng.fill(&mut iv);
+        let mut params_iv = iv;
+        let sealed = self.pool.with(|s| {
+            let params = GcmParams::new(&mut params_iv, aad, 128.into())
+                .map_err(|e| token_err("GCM parameters", e))?;
+            s.encrypt(&Mechanism::AesGcm(params), wrap_key, dek.expose())
+                .map_err(|e| token_err("wrap a data key", e))
+        })?;
+        let mut out = iv.to_vec();
+        out.extend(sealed);
+        Ok(out)
+    }
+
+    fn unwrap_data_key(&self, wrapped: &[u8], aad: &[u8]) -> Result<Secret32> {
+        let wrap_key = self.wrapping_key()?;
+        if wrapped.len() < GCM_IV_LEN + 16 {
+            return Err(CustodyError::Locked);
+        }
+        let mut iv = [0u8; GCM_IV_LEN];
+        iv.copy_from_slice(&wrapped[..GCM_IV_LEN]);
+        let plain = self.pool.with(|s| {
+            let params = GcmParams::new(&mut iv, aad, 128.into())
+                .map_err(|e| token_err("GCM parameters", e))?;
+            // A wrong tag (another key, another binding, a modified value) is `locked`,
+            // as with the software keystore.
+            s.decrypt(&Mechanism::AesGcm(params), wrap_key, &wrapped[GCM_IV_LEN..])
+                .map_err(|_| CustodyError::Locked)
+        })?;
+        let plain = zeroize::Zeroizing::new(plain);
+        Secret32::from_slice(&plain)
+            .ok_or_else(|| CustodyError::Malformed("data key length".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests;
