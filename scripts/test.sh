@@ -28,6 +28,13 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace
 
+echo "== the end-to-end suite again, HQ and site identity keys in SoftHSM2 tokens"
+hsm_dir=$(mktemp -d)
+trap 'rm -rf "$hsm_dir"' EXIT
+mkdir -p "$hsm_dir/tokens"
+printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$hsm_dir" >"$hsm_dir/softhsm2.conf"
+SOFTHSM2_CONF="$hsm_dir/softhsm2.conf" KEYFAB_TEST_CUSTODY=softhsm cargo test -p keyfab
+
 echo "== fuzz targets (a few seconds each)"
 # cargo-fuzz needs nightly features: use the nightly toolchain when the machine has one,
 # otherwise the stable compiler with RUSTC_BOOTSTRAP=1.

@@ -18,7 +18,6 @@ use crate::sites::get_site;
 use keyfab_audit::merkle::{self, Frontier, Hash};
 use keyfab_audit::{Event, Head, Record};
 use keyfab_crypto::hash::Fingerprint;
-use keyfab_custody::Custody;
 use keyfab_formats::audit_bundle::{open_bundle, verify_bundle};
 use keyfab_formats::checkpoint::TreeHead;
 use keyfab_node::{decode, encode, Error, Node, Result};

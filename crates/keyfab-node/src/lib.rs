@@ -11,9 +11,11 @@
 //! node's own service certificates, [`Node::service_chain`] is what the node signs with.
 #![forbid(unsafe_code)]
 
+mod custody_choice;
 mod error;
 mod node;
 
+pub use custody_choice::{CustodyChoice, CUSTODY_FILE};
 pub use error::{Error, Result};
 pub use node::{
     check_name, decode, decode_err, encode, Node, NodeKind, ServiceIdentity, CSR_FILE,

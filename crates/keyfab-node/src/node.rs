@@ -1,5 +1,6 @@
 //! Node home: init, unlock, certificate installation and the service identity.
 
+use crate::custody_choice::{CustodyChoice, CUSTODY_FILE};
 use crate::{Error, Result};
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::rng::SecureRng;
@@ -7,7 +8,7 @@ use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::sign::EcdsaSigner;
 use keyfab_crypto::time::{Clock, UnixTime};
 use keyfab_crypto::x509::{self, Purpose, Role, Validity};
-use keyfab_custody::{Custody, SoftwareKeystore};
+use keyfab_custody::Custody;
 use keyfab_store::{EmbeddedStore, Store, Table, Txn};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -54,7 +55,8 @@ pub struct Node {
     pub kind: NodeKind,
     pub dir: PathBuf,
     pub name: String,
-    pub custody: SoftwareKeystore,
+    /// Identity keys: the software keystore or a PKCS#11 token ([`CustodyChoice`]).
+    pub custody: Box<dyn Custody>,
     /// The node's state: the embedded store in its home by default; any backend that
     /// keeps the `keyfab_store::Store` contract (etcd, for a cluster) can stand in.
     pub store: Box<dyn Store>,
@@ -76,16 +78,40 @@ impl Node {
         rng: Box<dyn SecureRng>,
         clock: Box<dyn Clock>,
     ) -> Result<Node> {
+        Self::init_with(
+            dir,
+            kind,
+            name,
+            &CustodyChoice::Software,
+            passphrase,
+            rng,
+            clock,
+        )
+    }
+
+    /// [`Node::init`] with the identity keys where `custody` says; `secret` is the
+    /// keystore passphrase or the token's user PIN.
+    pub fn init_with(
+        dir: &Path,
+        kind: NodeKind,
+        name: &str,
+        custody: &CustodyChoice,
+        secret: &SecretBytes,
+        rng: Box<dyn SecureRng>,
+        clock: Box<dyn Clock>,
+    ) -> Result<Node> {
         check_name(name)?;
-        if dir.join(KEYSTORE_FILE).exists() || dir.join(STATE_FILE).exists() {
+        if dir.join(KEYSTORE_FILE).exists()
+            || dir.join(CUSTODY_FILE).exists()
+            || dir.join(STATE_FILE).exists()
+        {
             return Err(Error::InvalidState(format!(
                 "{} already holds a keyfab node",
                 dir.display()
             )));
         }
         std::fs::create_dir_all(dir)?;
-        let mut custody =
-            SoftwareKeystore::create(&dir.join(KEYSTORE_FILE), passphrase, rng.as_ref())?;
+        let mut custody = custody.create(dir, &dir.join(KEYSTORE_FILE), secret, rng.as_ref())?;
         custody.generate_signing_key(CLUSTER_KEY, rng.as_ref())?;
         let store: Box<dyn Store> = Box::new(EmbeddedStore::open(&dir.join(STATE_FILE))?);
         let mut txn = Txn::default();
@@ -117,7 +143,7 @@ impl Node {
         rng: Box<dyn SecureRng>,
         clock: Box<dyn Clock>,
     ) -> Result<Node> {
-        if !dir.join(KEYSTORE_FILE).exists() {
+        if !dir.join(KEYSTORE_FILE).exists() && !dir.join(CUSTODY_FILE).exists() {
             return Err(Error::NotFound(format!(
                 "no keyfab {} node in {} (run `keyfab {} init` first)",
                 kind.as_str(),
@@ -125,7 +151,7 @@ impl Node {
                 kind.as_str()
             )));
         }
-        let custody = SoftwareKeystore::unlock(&dir.join(KEYSTORE_FILE), passphrase)?;
+        let custody = CustodyChoice::load(dir)?.open(&dir.join(KEYSTORE_FILE), passphrase)?;
         let store: Box<dyn Store> = Box::new(EmbeddedStore::open(&dir.join(STATE_FILE))?);
         let stored_kind = meta(store.as_ref(), "kind")?.unwrap_or_default();
         if stored_kind != kind.as_str().as_bytes() {

@@ -5,7 +5,6 @@
 use crate::audit_log::Appender;
 use keyfab_audit::merkle::{self, Hash};
 use keyfab_audit::Event;
-use keyfab_custody::Custody;
 use keyfab_formats::checkpoint::{verify_receipt, write_checkpoint, Checkpoint, TreeHead};
 use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_store::{Table, Txn};

@@ -12,7 +12,6 @@ use keyfab_audit::{Event, Record};
 use keyfab_crypto::aead::AeadKey;
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::secret::Secret32;
-use keyfab_custody::Custody;
 use keyfab_formats::entitlement::{open_entitlement, verify_entitlement, PoolSpec, KEY_LEN};
 use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_policy::Policy;

@@ -21,7 +21,6 @@ use keyfab_crypto::secret::{Secret32, SecretBytes};
 use keyfab_crypto::sign::SigningKey;
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{self, Validity};
-use keyfab_custody::Custody;
 use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_policy::{
     CompiledPolicy, Decision, DenyCode, EntitlementState, KeySource, KeySpec, KeyType,

@@ -7,7 +7,6 @@ use crate::audit_log::Appender;
 use crate::entitlements::{pool_row_key, read_hq_sequence, EntitlementRecord, HQ_SEQUENCE};
 use crate::provision::Counters;
 use keyfab_audit::Event;
-use keyfab_custody::Custody;
 use keyfab_formats::revocation::verify_revocation;
 use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_store::{Table, Txn};

@@ -17,7 +17,6 @@ use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::sign::SigningKey;
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{self, Validity};
-use keyfab_custody::Custody;
 use keyfab_node::{check_name, decode, encode, Error, Node, Result};
 use keyfab_store::Table;
 use serde::{Deserialize, Serialize};

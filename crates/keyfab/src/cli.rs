@@ -49,6 +49,16 @@ pub struct InitArgs {
     /// How many of the shares unseal the keystore (2..=N).
     #[arg(long, value_name = "M", requires = "unseal_shares")]
     pub unseal_threshold: Option<u8>,
+    /// Where the identity keys live: `software` (a keystore file sealed in HOME), or a
+    /// PKCS#11 token, `pkcs11:module=PATH,token=LABEL[,sessions=N]`, whose user PIN is
+    /// then the secret KEYFAB_PASSPHRASE or --passphrase-file gives.
+    #[arg(
+        long,
+        value_name = "SPEC",
+        default_value = "software",
+        conflicts_with = "unseal_shares"
+    )]
+    pub custody: String,
 }
 
 impl InitArgs {
@@ -61,6 +71,7 @@ impl InitArgs {
             name: name.to_owned(),
             unseal_shares: None,
             unseal_threshold: None,
+            custody: "software".into(),
         }
     }
 }

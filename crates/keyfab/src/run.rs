@@ -282,10 +282,12 @@ pub fn init_node(
         ),
         _ => None,
     };
-    let node = Node::init(
+    let custody = keyfab_node::CustodyChoice::parse(&a.custody)?;
+    let node = Node::init_with(
         home,
         kind,
         name,
+        &custody,
         &match &split {
             Some(s) => s.passphrase.clone(),
             None => ctx.passphrase()?,

@@ -40,7 +40,6 @@ fn no_pool_private_key_bytes_in_the_site_home() {
     // Recover the plaintext pool keys the way only the site can: through its custody.
     let node = open_site(&w.site);
     let service = node.service().unwrap();
-    use keyfab_custody::Custody;
     let recipient = node.custody.hpke(&service.hpke_handle).unwrap();
     let env = keyfab_formats::entitlement::verify_entitlement(
         &kfe,

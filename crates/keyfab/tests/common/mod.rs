@@ -88,11 +88,11 @@ pub fn node_with(
 ) -> (PathBuf, Vec<String>) {
     let home = dir.join(name);
     let home_arg = s(&home);
-    let report = ok(&[
-        &[kind, "init", "--home", &home_arg, "--name", name][..],
-        init_extra,
-    ]
-    .concat());
+    let custody = token_custody(init_extra);
+    let mut init = vec![kind, "init", "--home", &home_arg, "--name", name];
+    init.extend(init_extra);
+    init.extend(custody.iter().map(String::as_str));
+    let report = ok(&init);
     let unlock = unlock(&report);
     let crt = s(&dir.join(format!("{name}.crt")));
     ok(&[
@@ -121,6 +121,37 @@ pub fn node_with(
     ]);
     ok(&install);
     (home, unlock)
+}
+
+/// With `KEYFAB_TEST_CUSTODY=softhsm` (the test script's second pass, with
+/// `SOFTHSM2_CONF` set), every home `node` makes keeps its identity keys in a fresh
+/// SoftHSM2 token whose user PIN is the test passphrase: the `--custody` arguments for
+/// `init`. None otherwise, and none for a home sealed by unseal shares.
+fn token_custody(init_extra: &[&str]) -> Vec<String> {
+    const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+    if std::env::var("KEYFAB_TEST_CUSTODY").as_deref() != Ok("softhsm")
+        || init_extra.contains(&"--unseal-shares")
+    {
+        return Vec::new();
+    }
+    let mut id = [0u8; 6];
+    keyfab_crypto::rng::SecureRng::fill(&keyfab_crypto::rng::SystemRng, &mut id);
+    let label = format!("kf-test-{}", hex_of(&id));
+    let status = Command::new("softhsm2-util")
+        .args(["--init-token", "--free", "--label", &label])
+        .args(["--so-pin", "test-so-pin", "--pin", PASS])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run softhsm2-util");
+    assert!(status.success(), "softhsm2-util --init-token failed");
+    vec![
+        "--custody".into(),
+        format!("pkcs11:module={MODULE},token={label},sessions=4"),
+    ]
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn register(dir: &Path, hq: &Path, site: &Path) {
