@@ -40,7 +40,8 @@ const LABEL_PREFIX: &str = "keyfab:";
 /// The handle of the AES key that wraps data keys.
 const WRAP_HANDLE: &str = "data-key-wrap";
 /// DER of the named curve P-256 (OID 1.2.840.10045.3.1.7), for `CKA_EC_PARAMS`.
-const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+pub(crate) const P256_PARAMS: [u8; 10] =
+    [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const GCM_IV_LEN: usize = 12;
 
 /// Where the token is and how to log in to it.
@@ -55,7 +56,7 @@ pub struct TokenConfig {
     pub max_sessions: usize,
 }
 
-fn token_err(what: &str, e: impl std::fmt::Display) -> CustodyError {
+pub(crate) fn token_err(what: &str, e: impl std::fmt::Display) -> CustodyError {
     CustodyError::Token(format!("{what}: {e}"))
 }
 
@@ -463,18 +464,30 @@ fn public_point(s: &Session, handle: &str) -> Result<Vec<u8>> {
     }
 }
 
-/// Loads the module, finds the token by label, logs in.
-fn connect(config: &TokenConfig) -> Result<SessionPool> {
-    let pkcs11 = Pkcs11::new(&config.module).map_err(|e| {
-        token_err(
-            &format!("load PKCS#11 module {}", config.module.display()),
-            e,
-        )
-    })?;
+/// The module loaded and initialized once for the whole process, and kept: PKCS#11 is
+/// initialized once per process, and unloading a module that registered exit handlers
+/// (SoftHSM does) would leave them pointing into nothing.
+fn module_context(module: &std::path::Path) -> Result<Pkcs11> {
+    static LOADED: Mutex<Vec<(PathBuf, Pkcs11)>> = Mutex::new(Vec::new());
+    let mut loaded = LOADED
+        .lock()
+        .map_err(|_| token_err("PKCS#11 modules", "poisoned"))?;
+    if let Some((_, p)) = loaded.iter().find(|(m, _)| m == module) {
+        return Ok(p.clone());
+    }
+    let pkcs11 = Pkcs11::new(module)
+        .map_err(|e| token_err(&format!("load PKCS#11 module {}", module.display()), e))?;
     match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => return Err(token_err("initialize", e)),
     }
+    loaded.push((module.to_owned(), pkcs11.clone()));
+    Ok(pkcs11)
+}
+
+/// Loads the module, finds the token by label, logs in.
+fn connect(config: &TokenConfig) -> Result<SessionPool> {
+    let pkcs11 = module_context(&config.module)?;
     let slot = find_token(&pkcs11, &config.token_label)?;
     let session = pkcs11
         .open_rw_session(slot)
@@ -576,6 +589,59 @@ impl Custody for Pkcs11Custody {
         Secret32::from_slice(&plain)
             .ok_or_else(|| CustodyError::Malformed("data key length".into()))
     }
+}
+
+pub mod peer;
+
+/// Initializes the token in the first free slot of `module` with `label`, a security
+/// officer PIN and a user PIN: what an HSM administrator does once (benchmarks and tests
+/// do it with SoftHSM2).
+pub fn init_token(
+    module: &std::path::Path,
+    label: &str,
+    so_pin: &str,
+    user_pin: &str,
+) -> Result<()> {
+    let pkcs11 = module_context(module)?;
+    let slots = pkcs11
+        .get_all_slots()
+        .map_err(|e| token_err("list slots", e))?;
+    let free = slots
+        .into_iter()
+        .find(|s| {
+            pkcs11
+                .get_token_info(*s)
+                .map(|t| !t.token_initialized())
+                .unwrap_or(false)
+        })
+        .ok_or_else(|| CustodyError::Token("no free slot for a new token".into()))?;
+    pkcs11
+        .init_token(free, &AuthPin::from(so_pin), label)
+        .map_err(|e| token_err("initialize the token", e))?;
+    let session = pkcs11
+        .open_rw_session(free)
+        .map_err(|e| token_err("open session", e))?;
+    session
+        .login(UserType::So, Some(&AuthPin::from(so_pin)))
+        .map_err(|e| token_err("log in as security officer", e))?;
+    session
+        .init_pin(&AuthPin::from(user_pin))
+        .map_err(|e| token_err("set the user PIN", e))?;
+    session.logout().map_err(|e| token_err("log out", e))?;
+    Ok(())
+}
+
+/// A logged-in session on the token `label` of `module`, for the baseline ([`peer`]).
+pub fn user_session(module: &std::path::Path, label: &str, pin: &str) -> Result<Session> {
+    let pool = connect(&TokenConfig {
+        module: module.to_owned(),
+        token_label: label.to_owned(),
+        pin: SecretBytes::new(pin.as_bytes().to_vec()),
+        max_sessions: 1,
+    })?;
+    pool.pkcs11
+        .open_rw_session(pool.slot)
+        .map_err(|e| token_err("open session", e))
 }
 
 #[cfg(test)]

@@ -31,27 +31,7 @@ fn token(name: &str) -> TokenConfig {
     });
     let _serial = INIT.lock().unwrap();
     let _ = dir;
-    let pkcs11 = Pkcs11::new(SOFTHSM_MODULE).unwrap();
-    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => panic!("{e}"),
-    }
-    // SoftHSM always offers one slot without a token.
-    let free = pkcs11
-        .get_all_slots()
-        .unwrap()
-        .into_iter()
-        .find(|s| !pkcs11.get_token_info(*s).unwrap().token_initialized())
-        .unwrap();
-    pkcs11
-        .init_token(free, &AuthPin::from(SO_PIN), name)
-        .unwrap();
-    let session = pkcs11.open_rw_session(free).unwrap();
-    session
-        .login(UserType::So, Some(&AuthPin::from(SO_PIN)))
-        .unwrap();
-    session.init_pin(&AuthPin::from(USER_PIN)).unwrap();
-    session.logout().unwrap();
+    init_token(SOFTHSM_MODULE.as_ref(), name, SO_PIN, USER_PIN).unwrap();
     TokenConfig {
         module: SOFTHSM_MODULE.into(),
         token_label: name.to_owned(),
@@ -223,4 +203,14 @@ fn a_small_session_pool_serves_many_threads() {
         }
     });
     assert!(custody.pool.idle.lock().unwrap().open <= 2);
+}
+
+#[test]
+fn the_hsm_centred_baseline_does_its_three_steps_in_the_token() {
+    let config = token("peer");
+    let session = user_session(&config.module, &config.token_label, USER_PIN).unwrap();
+    let keys = peer::peer_keys(&session).unwrap();
+    let (wrapped, signature) = peer::peer_device(&session, &keys, &[7u8; 32]).unwrap();
+    assert!(wrapped.len() > 32, "a wrapped PKCS#8 key");
+    assert_eq!(signature.len(), 64);
 }

@@ -34,10 +34,20 @@ fn raw_keygen_rate(sample: usize) -> Result<f64, Failure> {
 pub(crate) fn bench_world(
     base: &Path,
 ) -> Result<(Context, std::path::PathBuf, std::path::PathBuf), Failure> {
+    bench_world_with(base, None)
+}
+
+const BENCH_PASSPHRASE: &str = "keyfab bench passphrase";
+
+/// [`bench_world`], HQ's and the site's identity keys in fresh tokens of `token_module`
+/// when given (their user PIN is the bench passphrase).
+fn bench_world_with(
+    base: &Path,
+    token_module: Option<&Path>,
+) -> Result<(Context, std::path::PathBuf, std::path::PathBuf), Failure> {
     std::fs::create_dir_all(base).map_err(|e| Failure::new("io", e.to_string()))?;
     let pass = base.join("bench-passphrase");
-    std::fs::write(&pass, "keyfab bench passphrase")
-        .map_err(|e| Failure::new("io", e.to_string()))?;
+    std::fs::write(&pass, BENCH_PASSPHRASE).map_err(|e| Failure::new("io", e.to_string()))?;
     let ctx = Context {
         passphrase_file: Some(pass),
         unseal_share_files: Vec::new(),
@@ -49,11 +59,12 @@ pub(crate) fn bench_world(
         (&hq, NodeKind::Hq, "bench-hq", "hq"),
         (&site, NodeKind::Site, "bench-site", "site"),
     ] {
-        run::init_node(
-            &ctx,
-            &crate::cli::InitArgs::with_passphrase(home, name),
-            kind,
-        )?;
+        let mut args = crate::cli::InitArgs::with_passphrase(home, name);
+        if let Some(module) = token_module {
+            let label = bench_token(module, name)?;
+            args.custody = format!("pkcs11:module={},token={label}", module.display());
+        }
+        run::init_node(&ctx, &args, kind)?;
         let crt = base.join(format!("{name}.crt"));
         run::issue(&ctx, &root, &home.join("cluster.csr"), role, &crt, 365)?;
         run::install_cert(&ctx, home, kind, &crt, &root.join("root.crt"))?;
@@ -62,6 +73,67 @@ pub(crate) fn bench_world(
     run::identity_export(&ctx, &site, &kfi)?;
     run::site_add(&ctx, &hq, &kfi)?;
     Ok((ctx, hq, site))
+}
+
+/// A fresh token for `name`; its label.
+fn bench_token(module: &Path, name: &str) -> Result<String, Failure> {
+    let mut id = [0u8; 4];
+    keyfab_crypto::rng::SecureRng::fill(&keyfab_crypto::rng::SystemRng, &mut id);
+    let label = format!("{name}-{}", hex::encode(id));
+    keyfab_custody_pkcs11::init_token(module, &label, "bench-so-pin", BENCH_PASSPHRASE)
+        .map_err(keyfab_node::Error::from)?;
+    Ok(label)
+}
+
+/// With no `SOFTHSM2_CONF` in the environment, a SoftHSM2 configuration whose tokens
+/// live in `base` (set before any PKCS#11 call of this process).
+fn softhsm_environment(base: &Path) -> Result<(), Failure> {
+    if std::env::var_os("SOFTHSM2_CONF").is_some() {
+        return Ok(());
+    }
+    let io = |e: std::io::Error| Failure::new("io", e.to_string());
+    let dir = base.join("softhsm");
+    std::fs::create_dir_all(dir.join("tokens")).map_err(io)?;
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            dir.join("tokens").display()
+        ),
+    )
+    .map_err(io)?;
+    std::env::set_var("SOFTHSM2_CONF", conf);
+    Ok(())
+}
+
+/// The HSM-centred way on all cores for `devices` devices: each device's key pair made
+/// in the token, its private key wrapped out, its certificate signed in the token.
+fn peer_baseline(module: &Path, label: &str, devices: usize) -> Result<f64, Failure> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = devices.div_ceil(threads);
+    let digest = keyfab_crypto::hash::sha256(&[0x30; 400]);
+    let start = Instant::now();
+    let ok = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> keyfab_custody::Result<()> {
+                    let session =
+                        keyfab_custody_pkcs11::user_session(module, label, BENCH_PASSPHRASE)?;
+                    let keys = keyfab_custody_pkcs11::peer::peer_keys(&session)?;
+                    for _ in 0..per {
+                        keyfab_custody_pkcs11::peer::peer_device(&session, &keys, &digest)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        hs.into_iter().all(|h| matches!(h.join(), Ok(Ok(()))))
+    });
+    if !ok {
+        return Err(Failure::new("internal", "the PKCS#11 baseline failed"));
+    }
+    Ok((per * threads) as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Copies the files (not subdirectories) of `from` into a new directory `to`.
@@ -112,11 +184,15 @@ pub fn provision(
     concurrency: Option<usize>,
     devices: u64,
     dir: Option<&Path>,
+    token_module: Option<&Path>,
 ) -> Result<Report, Failure> {
     use keyfab_site::provision::{ProvisionRequest, Provisioner};
     use std::sync::Arc;
     let (_temp, base) = temp_or(dir)?;
-    let (ctx, hq, site) = bench_world(&base)?;
+    if token_module.is_some() {
+        softhsm_environment(&base)?;
+    }
+    let (ctx, hq, site) = bench_world_with(&base, token_module)?;
     let levels: Vec<usize> = match concurrency {
         Some(c) => vec![c.max(1)],
         None => vec![1, 8, 64],
@@ -212,10 +288,61 @@ pub fn provision(
         ));
         rows.push(json!({"concurrency": c, "devices": devices, "devices_per_s": rate, "ratio": rate / raw, "p50_ms": pct(0.50), "p99_ms": pct(0.99)}));
     }
-    Ok(Report::new(
-        text,
-        json!({"raw_device_crypto_per_s": raw, "levels": rows}),
-    ))
+    let mut json = json!({"raw_device_crypto_per_s": raw, "levels": rows});
+    if let Some(module) = token_module {
+        drop(provisioner);
+        let keyfab_rate = rows
+            .last()
+            .and_then(|r| r["devices_per_s"].as_f64())
+            .unwrap_or(0.0);
+        let label = bench_token(module, "bench-peer")?;
+        let sign_rate = token_sign_rate(module, &label, 4000)?;
+        let peer = peer_baseline(module, &label, 3000)?;
+        text.push_str(&format!(
+            "identity keys of HQ and site in PKCS#11 tokens ({}): per device keyfab does no token operation (the token unwraps each entitlement's data key once, signs checkpoints and exports)\n\
+             raw PKCS#11 ECDSA signatures in the token, all cores: {sign_rate:.0}/s\n\
+             HSM-centred baseline (device key pair made in the token, wrapped out, certificate signed in the token), all cores: {peer:.0} devices/s (limit)\n\
+             keyfab / baseline: {:.1}x\n",
+            module.display(),
+            keyfab_rate / peer
+        ));
+        json["pkcs11"] = json!({
+            "module": module,
+            "token_operations_per_device": 0,
+            "raw_token_ecdsa_per_s": sign_rate,
+            "peer_baseline_devices_per_s": peer,
+            "keyfab_over_baseline": keyfab_rate / peer,
+        });
+    }
+    Ok(Report::new(text, json))
+}
+
+/// ECDSA signatures in the token on all cores.
+fn token_sign_rate(module: &Path, label: &str, signatures: usize) -> Result<f64, Failure> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = signatures.div_ceil(threads);
+    let start = Instant::now();
+    let ok = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> keyfab_custody::Result<()> {
+                    let session =
+                        keyfab_custody_pkcs11::user_session(module, label, BENCH_PASSPHRASE)?;
+                    let keys = keyfab_custody_pkcs11::peer::peer_keys(&session)?;
+                    for i in 0..per {
+                        let digest = keyfab_crypto::hash::sha256(&i.to_be_bytes());
+                        keyfab_custody_pkcs11::peer::sign_in_token(&session, &keys, &digest)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        hs.into_iter().all(|h| matches!(h.join(), Ok(Ok(()))))
+    });
+    if !ok {
+        return Err(Failure::new("internal", "PKCS#11 signing failed"));
+    }
+    Ok((per * threads) as f64 / start.elapsed().as_secs_f64())
 }
 
 fn child(ctx: &Context, args: &[&str]) -> Result<(serde_json::Value, f64), Failure> {

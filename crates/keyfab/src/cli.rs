@@ -738,7 +738,7 @@ pub enum BenchCommand {
     /// site-generated ec-p256 keys and a device certificate each; compare with the raw
     /// per-device crypto rate of this machine.
     #[command(
-        after_help = "Example:\n  keyfab bench provision                  # concurrency 1, 8 and 64\n  keyfab bench provision --concurrency 64 --devices 20000 --json"
+        after_help = "Examples:\n  keyfab bench provision                  # concurrency 1, 8 and 64\n  keyfab bench provision --concurrency 64 --devices 20000 --json\n  keyfab bench provision --custody pkcs11  # HQ and site keys in SoftHSM2, against an HSM-centred baseline"
     )]
     Provision {
         /// Concurrent requests (default: 1, 8 and 64 in turn).
@@ -750,6 +750,17 @@ pub enum BenchCommand {
         /// Keep the files in DIR.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Where HQ's and the site's identity keys live: software, or pkcs11 (fresh
+        /// tokens of --pkcs11-module; SOFTHSM2_CONF is set up in DIR unless given).
+        #[arg(long, default_value = "software", value_parser = ["software", "pkcs11"])]
+        custody: String,
+        /// The PKCS#11 module for --custody pkcs11.
+        #[arg(
+            long,
+            value_name = "PATH",
+            default_value = "/usr/lib/softhsm/libsofthsm2.so"
+        )]
+        pkcs11_module: PathBuf,
     },
     /// The whole production-line path: `site serve` in its own process, stations over
     /// mutual TLS, keys sealed to each chip, opened, checked and confirmed; compare with

@@ -191,7 +191,12 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             concurrency,
             devices,
             dir,
-        }) => crate::bench::provision(&ctx, concurrency, devices, dir.as_deref()),
+            custody,
+            pkcs11_module,
+        }) => {
+            let token = (custody == "pkcs11").then_some(pkcs11_module.as_path());
+            crate::bench::provision(&ctx, concurrency, devices, dir.as_deref(), token)
+        }
         Command::Bench(BenchCommand::Audit {
             records,
             random_ids,
