@@ -83,3 +83,18 @@ mod tests {
         assert!(!d.to_lowercase().contains("cd"), "{d}");
     }
 }
+
+/// Bytes of stack [`scrub_stack`] overwrites below its caller.
+const STACK_SCRUB_BYTES: usize = 48 * 1024;
+
+/// Overwrites the stack just below the caller's frame with zeroes. A key moved by value
+/// (a `[u8; 32]`, a [`Secret32`]) leaves copies in the frames it passed through, and
+/// those frames stay as they were until something else runs there; a thread that has
+/// just handled key material calls this at the top of its loop so that no copy
+/// outlives the request.
+#[inline(never)]
+pub fn scrub_stack() {
+    let mut area = [0u8; STACK_SCRUB_BYTES];
+    zeroize::Zeroize::zeroize(&mut area[..]);
+    std::hint::black_box(&area);
+}

@@ -789,6 +789,8 @@ fn crypto_worker(node: &Node, work: &Mutex<mpsc::Receiver<Work>>, jobs: &mpsc::S
             Some(_) => Ok(Vec::new()),
             None => Provisioner::prepare(node, &ctx, &req),
         };
+        // Key generation left copies of the new key in the frames below this one.
+        keyfab_crypto::secret::scrub_stack();
         match prepared {
             Ok(prepared) => {
                 let job = Job {
@@ -992,6 +994,7 @@ fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
             },
             Err(e) => fail_all(senders, &e),
         };
+        keyfab_crypto::secret::scrub_stack();
         // Awaiting tasks are woken right here (a runtime wakes many with one system
         // call); blocked threads by the dispatcher.
         let blocking: Replies = replies

@@ -242,9 +242,14 @@ fn get(path: &str) -> Vec<u8> {
 }
 
 fn setup() -> (World, String, PathBuf) {
+    setup_with(STATION_POLICY)
+}
+
+/// A world whose site holds an entitlement of `policy_text`, with station line-1.
+fn setup_with(policy_text: &str) -> (World, String, PathBuf) {
     let w = world();
     let policy = w.path("line.toml");
-    std::fs::write(&policy, STATION_POLICY).unwrap();
+    std::fs::write(&policy, policy_text).unwrap();
     let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "line.kfe");
     assert_eq!(import(&w.site, &kfe, None).code, 0);
     let line1 = w.path("line-1");
@@ -946,4 +951,124 @@ fn a_site_sealed_by_shares_serves_only_once_the_threshold_is_met() {
     );
     let (code, _) = server.stop();
     assert_eq!(code, 0);
+}
+
+/// Canary keys: after 1,000 devices went through a line with chip encryption, a few
+/// devices' keys (known to the test through their chips) are searched for — in every
+/// form — in the running site's memory (a core dump taken with gcore), its logs, its
+/// home, the audit bundle and HQ's home after import. They are nowhere in the clear.
+#[test]
+fn canary_keys_are_nowhere_in_the_clear_after_use() {
+    let policy = STATION_POLICY.replace("devices = 20", "devices = 1010");
+    let (w, id, line1) = setup_with(&policy);
+    let server = Server::start(&w.site);
+    let root_crt = w.root.join("root.crt");
+    let line = ok(&[
+        "station",
+        "run",
+        "--url",
+        &server.url(),
+        "--station-dir",
+        &s(&line1),
+        "--root-cert",
+        &s(&root_crt),
+        "--entitlement",
+        &id,
+        "--devices",
+        "1000",
+        "--concurrency",
+        "8",
+        "--device-prefix",
+        "LINE-",
+    ]);
+    assert_eq!(line["programmed"], 1000, "{line}");
+    // The canaries: keys sealed to chips the test holds.
+    let root = pem(&root_crt, "CERTIFICATE");
+    let now = keyfab_crypto::time::Clock::now(&keyfab_crypto::time::SystemClock);
+    let mut canaries: Vec<Vec<u8>> = Vec::new();
+    for i in 0..5 {
+        let device = format!("CANARY-{i}");
+        let chip =
+            keyfab_station::device::SimulatedChip::new(&device, &keyfab_crypto::rng::SystemRng);
+        let body = serde_json::json!({
+            "request_id": format!("c-{i}"), "entitlement": id, "device_id": device,
+            "transport_key": chip.transport_key().unwrap(),
+        })
+        .to_string();
+        let request = format!(
+            "POST /v1/provision HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let answer = exchange(&server.addr, &line1, Some(&line1), request.as_bytes());
+        let bundle: serde_json::Value =
+            serde_json::from_str(&answer[answer.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+        let keys = chip.program(&bundle, &root, now).unwrap();
+        let der = keys[0].secret.expose().to_vec();
+        canaries.push(der[36..68].to_vec()); // the P-256 scalar inside the PKCS#8
+        canaries.push(der);
+    }
+    // Every form a key could take: raw bytes, base64, hex.
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let needles: Vec<Vec<u8>> = canaries
+        .iter()
+        .flat_map(|k| {
+            [
+                k.clone(),
+                b64.encode(k).into_bytes(),
+                hex::encode(k).into_bytes(),
+            ]
+        })
+        .collect();
+    // One pass over each haystack for every needle (a core dump is gigabytes).
+    let finder = aho_corasick::AhoCorasick::new(&needles).unwrap();
+    let hits = |what: &str, haystack: &[u8]| {
+        if let Some(m) = finder.find(haystack) {
+            let i = m.pattern().as_usize();
+            panic!(
+                "a canary key (form {} of key {}) is in {what} at offset {}",
+                i % 3,
+                i / 3,
+                m.start()
+            );
+        }
+    };
+    // The running site's memory.
+    let core = w.path("site.core");
+    let pid = server.child.id().to_string();
+    let dumped = Command::new("gcore")
+        .args(["-o", &s(&core), &pid])
+        .output()
+        .unwrap();
+    assert!(
+        dumped.status.success(),
+        "gcore: {}",
+        String::from_utf8_lossy(&dumped.stderr)
+    );
+    let core_file = w.path(&format!("site.core.{pid}"));
+    if let Some(keep) = std::env::var_os("CANARY_KEEP_CORE") {
+        std::fs::copy(&core_file, keep).unwrap();
+    }
+    hits("the site's memory", &std::fs::read(&core_file).unwrap());
+    std::fs::remove_file(&core_file).unwrap();
+    hits("the site's logs", server.logs().as_bytes());
+    // What a refusal says (a device that has its keys already).
+    let refused = station_provision(&server.url(), &line1, &id, "CANARY-0", "c-again");
+    assert_ne!(refused.code, 0);
+    hits("an error message", refused.json.to_string().as_bytes());
+    let (code, _) = server.stop();
+    assert_eq!(code, 0);
+    // Its home, the audit bundle and HQ after import.
+    let report = export_import_report(&w, "canary.kfa");
+    hits("HQ's report", report.to_string().as_bytes());
+    for home in [&w.site, &w.hq, &w.path("canary.kfa")] {
+        let mut stack = vec![home.to_path_buf()];
+        while let Some(p) = stack.pop() {
+            if p.is_dir() {
+                stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            } else {
+                hits(&p.display().to_string(), &std::fs::read(&p).unwrap());
+            }
+        }
+    }
 }

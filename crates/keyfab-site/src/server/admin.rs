@@ -57,13 +57,23 @@ impl Drop for ShareText {
     }
 }
 
-/// What enrollment hands back: the station's files, PEM. Holds its private key.
-#[derive(Debug, Serialize, Deserialize)]
+/// What enrollment hands back: the station's files, PEM. Holds its private key: wiped
+/// when dropped, left out of `Debug`.
+#[derive(Serialize, Deserialize)]
 pub struct EnrolledFiles {
     pub record: StationRecord,
     pub key_pem: String,
     pub certificate_pem: String,
     pub line_ca_pem: String,
+}
+
+impl std::fmt::Debug for EnrolledFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrolledFiles")
+            .field("record", &self.record)
+            .field("key_pem", &"[redacted]")
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for EnrolledFiles {
@@ -242,4 +252,34 @@ pub fn request(home: &Path, req: &AdminRequest) -> Option<Result<AdminAnswer>> {
             .map_err(|e| Error::InvalidState(format!("site serve answered: {e}")))
     };
     Some(run())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_no_station_key_and_no_share() {
+        let files = EnrolledFiles {
+            record: StationRecord {
+                name: "line-1".into(),
+                serial: "01".into(),
+                enrolled_at: 0,
+                not_after: 0,
+                revoked_at: None,
+            },
+            key_pem: "-----BEGIN PRIVATE KEY-----\nSECRETSECRET\n".into(),
+            certificate_pem: String::new(),
+            line_ca_pem: String::new(),
+        };
+        let shown = format!("{:?}", AdminAnswer::Enrolled(files));
+        assert!(
+            !shown.contains("SECRETSECRET") && !shown.contains("PRIVATE KEY"),
+            "{shown}"
+        );
+        let share = AdminRequest::Unseal {
+            share: ShareText("kfs1-0123abcd".into()),
+        };
+        assert!(!format!("{share:?}").contains("0123abcd"));
+    }
 }

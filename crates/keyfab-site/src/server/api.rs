@@ -323,7 +323,11 @@ async fn provision(
         ),
     }
     let provisioned = outcome?;
-    Ok(Json(crate::bundle::device_bundle(&provisioned)).into_response())
+    let response = Json(crate::bundle::device_bundle(&provisioned)).into_response();
+    drop(provisioned);
+    // Sealing to the chip handled the keys in frames below this one, on this thread.
+    keyfab_crypto::secret::scrub_stack();
+    Ok(response)
 }
 
 /// `POST /v1/confirm`: the station programmed the device, or failed to.
