@@ -69,21 +69,6 @@ impl fmt::Debug for Secret32 {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn debug_never_shows_secret_bytes() {
-        let s = Secret32::new([0xAB; 32]);
-        let d = format!("{s:?}");
-        assert!(!d.to_lowercase().contains("ab"), "{d}");
-        let b = SecretBytes::new(vec![0xCD; 5]);
-        let d = format!("{b:?}");
-        assert!(!d.to_lowercase().contains("cd"), "{d}");
-    }
-}
-
 /// Bytes of stack [`scrub_stack`] overwrites below its caller.
 const STACK_SCRUB_BYTES: usize = 48 * 1024;
 
@@ -97,4 +82,19 @@ pub fn scrub_stack() {
     let mut area = [0u8; STACK_SCRUB_BYTES];
     zeroize::Zeroize::zeroize(&mut area[..]);
     std::hint::black_box(&area);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_secret_bytes() {
+        let s = Secret32::new([0xAB; 32]);
+        let d = format!("{s:?}");
+        assert!(!d.to_lowercase().contains("ab"), "{d}");
+        let b = SecretBytes::new(vec![0xCD; 5]);
+        let d = format!("{b:?}");
+        assert!(!d.to_lowercase().contains("cd"), "{d}");
+    }
 }
