@@ -137,13 +137,13 @@ fn token_custody(init_extra: &[&str]) -> Vec<String> {
     let mut id = [0u8; 6];
     keyfab_crypto::rng::SecureRng::fill(&keyfab_crypto::rng::SystemRng, &mut id);
     let label = format!("kf-test-{}", hex_of(&id));
-    let status = Command::new("softhsm2-util")
-        .args(["--init-token", "--free", "--label", &label])
-        .args(["--so-pin", "test-so-pin", "--pin", PASS])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run softhsm2-util");
-    assert!(status.success(), "softhsm2-util --init-token failed");
+    // Made in this process, so that this process's own (already initialized) SoftHSM
+    // knows the token too when a test opens the home here; one at a time, since each
+    // takes the first free slot.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    keyfab_custody_pkcs11::init_token(Path::new(MODULE), &label, "test-so-pin", PASS)
+        .expect("initialize a SoftHSM2 token");
     vec![
         "--custody".into(),
         format!("pkcs11:module={MODULE},token={label},sessions=4"),
