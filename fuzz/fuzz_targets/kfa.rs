@@ -10,5 +10,5 @@ fuzz_target!(|data: &[u8]| {
     }
     let root = common::root();
     let fp = keyfab_crypto::hash::Fingerprint([0u8; 32]);
-    let _ = keyfab_formats::audit_bundle::verify_bundle(&path, &root, common::NOW, "vector-hq", fp);
+    let _ = keyfab_formats::audit_bundle::verify_bundle(&path, &root, common::NOW, "vector-hq", &[fp]);
 });

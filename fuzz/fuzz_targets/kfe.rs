@@ -10,5 +10,5 @@ fuzz_target!(|data: &[u8]| {
     }
     let root = common::root();
     let fp = keyfab_crypto::hash::Fingerprint([0u8; 32]);
-    let _ = keyfab_formats::entitlement::verify_entitlement(&path, &root, common::NOW, "vector-site", fp);
+    let _ = keyfab_formats::entitlement::verify_entitlement(&path, &root, common::NOW, "vector-site", &[fp]);
 });

@@ -6,5 +6,5 @@ mod common;
 fuzz_target!(|data: &[u8]| {
     let root = common::root();
     let fp = keyfab_crypto::hash::Fingerprint([0u8; 32]);
-    let _ = keyfab_formats::revocation::verify_revocation(data, &root, common::NOW, "vector-site", fp);
+    let _ = keyfab_formats::revocation::verify_revocation(data, &root, common::NOW, "vector-site", &[fp]);
 });

@@ -247,7 +247,7 @@ pub fn verify_bundle(
     root: &[u8],
     now: UnixTime,
     hq: &str,
-    recipient: Fingerprint,
+    recipients: &[Fingerprint],
 ) -> Result<Verified<BundleEnvelope>> {
     let (signed, body) = signed_file::read_signed_head(path, &LAYOUT)?;
     let signer = x509::validate_chain(root, &signed.chain, Role::Site, Purpose::Signing, now)
@@ -261,7 +261,7 @@ pub fn verify_bundle(
             "bundle names another site than its signer".into(),
         ));
     }
-    if header.hq != hq || header.recipient != recipient.to_hex() {
+    if header.hq != hq || !recipients.iter().any(|r| header.recipient == r.to_hex()) {
         return Err(FormatError::WrongRecipient(format!(
             "addressed to HQ '{}', this is '{hq}'",
             header.hq

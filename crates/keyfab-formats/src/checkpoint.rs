@@ -151,7 +151,7 @@ pub fn verify_receipt(
     root: &[u8],
     now: UnixTime,
     site: &str,
-    recipient: Fingerprint,
+    recipients: &[Fingerprint],
 ) -> Result<Verified<Receipt>> {
     let (signer, chain, payload) = verified_body(
         bytes,
@@ -171,7 +171,7 @@ pub fn verify_receipt(
             "receipt names another HQ than its signer".into(),
         ));
     }
-    if r.site != site || r.recipient != recipient.to_hex() {
+    if r.site != site || !recipients.iter().any(|x| r.recipient == x.to_hex()) {
         return Err(FormatError::WrongRecipient(format!(
             "addressed to site '{}', this is '{site}'",
             r.site

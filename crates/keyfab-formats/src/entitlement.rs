@@ -317,7 +317,7 @@ pub fn verify_entitlement(
     root: &[u8],
     now: UnixTime,
     site: &str,
-    recipient: Fingerprint,
+    recipients: &[Fingerprint],
 ) -> Result<Verified<EntitlementEnvelope>> {
     let (signed, body) = signed_file::read_signed_head(path, &LAYOUT)?;
     let signer = x509::validate_chain(root, &signed.chain, Role::Hq, Purpose::Signing, now)
@@ -333,11 +333,16 @@ pub fn verify_entitlement(
             "header names another HQ than the one that signed it".into(),
         ));
     }
-    if header.site != site || header.recipient != recipient.to_hex() {
+    if header.site != site || !recipients.iter().any(|r| header.recipient == r.to_hex()) {
         return Err(FormatError::WrongRecipient(format!(
-            "addressed to site '{}' (key {}), this is '{site}' (key {recipient})",
+            "addressed to site '{}' (key {}), this is '{site}' (keys {})",
             header.site,
-            short(&header.recipient)
+            short(&header.recipient),
+            recipients
+                .iter()
+                .map(|r| short(&r.to_hex()).to_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     let body_offset = body.offset;

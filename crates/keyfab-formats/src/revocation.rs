@@ -60,7 +60,7 @@ pub fn verify_revocation(
     root: &[u8],
     now: UnixTime,
     site: &str,
-    recipient: Fingerprint,
+    recipients: &[Fingerprint],
 ) -> Result<Verified<Revocation>> {
     if bytes.len() > MAX_LEN {
         return Err(FormatError::Malformed(format!(
@@ -80,7 +80,7 @@ pub fn verify_revocation(
             "revocation names another HQ than the one that signed it".into(),
         ));
     }
-    if r.site != site || r.recipient != recipient.to_hex() {
+    if r.site != site || !recipients.iter().any(|x| r.recipient == x.to_hex()) {
         return Err(FormatError::WrongRecipient(format!(
             "addressed to site '{}', this is '{site}'",
             r.site

@@ -139,15 +139,15 @@ pub fn import(
     path: &Path,
     progress: Option<&(dyn Fn(u64, u64) + Sync)>,
 ) -> Result<Imported> {
-    let service = node.service()?;
-    let recipient = node.custody.hpke(&service.hpke_handle)?;
+    // Sealed to HQ's current HPKE key, or to an earlier one (keys rotated since).
     let envelope = verify_bundle(
         path,
         &node.root_cert()?,
         node.now(),
         &node.name,
-        recipient.public_key()?.fingerprint(),
+        &node.recipient_fingerprints()?,
     )?;
+    let recipient = node.recipient_for(&envelope.header.recipient)?;
     let h = envelope.header.clone();
     // A registered site, and this site's own cluster certificate.
     let (site, _) = get_site(node, &h.site).map_err(|_| {

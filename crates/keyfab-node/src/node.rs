@@ -228,8 +228,18 @@ impl Node {
         cluster_not_after: UnixTime,
     ) -> Result<ServiceIdentity> {
         let now = self.now();
-        let signing_handle = format!("service-sign-{generation}");
-        let hpke_handle = format!("service-hpke-{generation}");
+        // The first generation keeps the plain names; later ones add a random tag, so
+        // that an attempt whose commit failed cannot block the next with its keys.
+        let tag = match generation {
+            1 => String::new(),
+            _ => {
+                let mut t = [0u8; 4];
+                self.rng.fill(&mut t);
+                format!("-{}", u32::from_be_bytes(t))
+            }
+        };
+        let signing_handle = format!("service-sign-{generation}{tag}");
+        let hpke_handle = format!("service-hpke-{generation}{tag}");
         let sign_pub = self
             .custody
             .generate_signing_key(&signing_handle, self.rng.as_ref())?;
@@ -286,6 +296,104 @@ impl Node {
 
     pub fn service(&self) -> Result<ServiceIdentity> {
         decode(&self.require("service")?)
+    }
+
+    /// Earlier service identities, oldest first: their HPKE keys still open what was
+    /// sealed to them, their certificates still verify what they signed.
+    pub fn service_history(&self) -> Result<Vec<ServiceIdentity>> {
+        match meta(self.store.as_ref(), "service_history")? {
+            Some(bytes) => decode(&bytes),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Every HPKE key files may be sealed to for this node, the current one first:
+    /// its fingerprint and custody handle.
+    pub fn recipients(&self) -> Result<Vec<(Fingerprint, String)>> {
+        let mut handles = vec![self.service()?.hpke_handle];
+        handles.extend(
+            self.service_history()?
+                .into_iter()
+                .rev()
+                .map(|s| s.hpke_handle),
+        );
+        handles
+            .into_iter()
+            .map(|h| Ok((self.custody.hpke(&h)?.public_key()?.fingerprint(), h)))
+            .collect()
+    }
+
+    /// The fingerprints of [`Node::recipients`], for checking what a file is addressed to.
+    pub fn recipient_fingerprints(&self) -> Result<Vec<Fingerprint>> {
+        Ok(self.recipients()?.into_iter().map(|(f, _)| f).collect())
+    }
+
+    /// The HPKE key of this node that a file addressed to `recipient` (hex fingerprint)
+    /// was sealed to.
+    pub fn recipient_for(
+        &self,
+        recipient: &str,
+    ) -> Result<&dyn keyfab_crypto::hpke::HpkeRecipient> {
+        let handle = self
+            .recipients()?
+            .into_iter()
+            .find(|(f, _)| f.to_hex() == recipient)
+            .map(|(_, h)| h)
+            .ok_or_else(|| {
+                Error::InvalidState(format!(
+                    "no service key of this node has fingerprint {recipient}"
+                ))
+            })?;
+        Ok(self.custody.hpke(&handle)?)
+    }
+
+    /// New service keys and certificates (the next generation), issued under the
+    /// cluster certificate, not yet in use: [`Node::activate_service_identity`] makes
+    /// them current in a transaction of the caller's (the site adds its audit record).
+    pub fn next_service_identity(&mut self) -> Result<ServiceIdentity> {
+        let current = self.service()?;
+        let generation = self
+            .service_history()?
+            .iter()
+            .map(|s| s.generation)
+            .chain([current.generation])
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let cluster_cert = self.cluster_cert()?;
+        let not_after = x509::cert_facts(&cluster_cert)?.not_after;
+        self.issue_service_identity(generation, &cluster_cert, not_after)
+    }
+
+    /// Into `txn`: `next` becomes the service identity; the current one joins the
+    /// history (its keys still open, its certificates still verify what they sealed and
+    /// signed). Guarded: a concurrent rotation makes the commit fail.
+    pub fn activate_service_identity(&self, txn: &mut Txn, next: &ServiceIdentity) -> Result<()> {
+        let seen = self.store.get(Table::Meta, b"service")?.ok_or_else(|| {
+            Error::InvalidState(
+                "no service identity yet (install the cluster certificate first)".into(),
+            )
+        })?;
+        let mut history = self.service_history()?;
+        history.push(decode(&seen.value)?);
+        txn.require_unchanged(Table::Meta, b"service", Some(&seen))
+            .put(Table::Meta, b"service", &encode(next)?)
+            .put(Table::Meta, b"service_history", &encode(&history)?);
+        Ok(())
+    }
+
+    /// [`Node::next_service_identity`] and [`Node::activate_service_identity`] in one
+    /// commit of their own (HQ, which keeps no audit log of its own actions).
+    pub fn rotate_service_keys(&mut self) -> Result<ServiceIdentity> {
+        let next = self.next_service_identity()?;
+        let mut txn = Txn::default();
+        self.activate_service_identity(&mut txn, &next)?;
+        if !self.store.commit(txn)?.is_committed() {
+            return Err(Error::InvalidState(
+                "the service identity changed meanwhile; rotate again".into(),
+            ));
+        }
+        Ok(next)
     }
 
     /// The chain this node signs with: [service signing cert, cluster cert].

@@ -79,14 +79,15 @@ pub fn checkpoint(node: &Node) -> Result<(Checkpoint, Vec<u8>)> {
 /// Imports HQ's receipt: verified, then checked against the local log; it becomes the
 /// acknowledgment that `audit_every_days` counts from.
 pub fn import_receipt(node: &Node, bytes: &[u8]) -> Result<Acknowledged> {
-    let service = node.service()?;
-    let recipient = node
-        .custody
-        .hpke(&service.hpke_handle)?
-        .public_key()?
-        .fingerprint();
-    let r =
-        verify_receipt(bytes, &node.root_cert()?, node.now(), &node.name, recipient)?.into_inner();
+    let recipients = node.recipient_fingerprints()?;
+    let r = verify_receipt(
+        bytes,
+        &node.root_cert()?,
+        node.now(),
+        &node.name,
+        &recipients,
+    )?
+    .into_inner();
     let seen = node.store.get(Table::Meta, HQ_ACK)?;
     if let Some(v) = &seen {
         let last: Acknowledged = decode(&v.value)?;

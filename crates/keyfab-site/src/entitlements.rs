@@ -10,7 +10,6 @@
 use crate::audit_log::Appender;
 use keyfab_audit::{Event, Record};
 use keyfab_crypto::aead::AeadKey;
-use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::secret::Secret32;
 use keyfab_formats::entitlement::{open_entitlement, verify_entitlement, PoolSpec, KEY_LEN};
 use keyfab_node::{decode, encode, Error, Node, Result};
@@ -160,16 +159,15 @@ pub fn import(
     path: &Path,
     progress: Option<&(dyn Fn(u64, u64) + Sync)>,
 ) -> Result<Imported> {
-    let service = node.service()?;
-    let recipient = node.custody.hpke(&service.hpke_handle)?;
-    let recipient_fp: Fingerprint = recipient.public_key()?.fingerprint();
+    // Sealed to this site's current HPKE key, or to an earlier one (keys rotated since).
     let envelope = verify_entitlement(
         path,
         &node.root_cert()?,
         node.now(),
         &node.name,
-        recipient_fp,
+        &node.recipient_fingerprints()?,
     )?;
+    let recipient = node.recipient_for(&envelope.header.recipient)?;
 
     // Replay: sequence numbers from HQ only go up (DESIGN.md invariant 10).
     let (last, seq_seen) = read_hq_sequence(node)?;

@@ -19,14 +19,15 @@ pub struct Revoked {
 }
 
 pub fn import_revocation(node: &Node, bytes: &[u8]) -> Result<Revoked> {
-    let service = node.service()?;
-    let recipient = node
-        .custody
-        .hpke(&service.hpke_handle)?
-        .public_key()?
-        .fingerprint();
-    let r = verify_revocation(bytes, &node.root_cert()?, node.now(), &node.name, recipient)?
-        .into_inner();
+    let recipients = node.recipient_fingerprints()?;
+    let r = verify_revocation(
+        bytes,
+        &node.root_cert()?,
+        node.now(),
+        &node.name,
+        &recipients,
+    )?
+    .into_inner();
     let (last, seq_seen) = read_hq_sequence(node)?;
     if r.sequence <= last {
         return Err(Error::Replayed(format!(

@@ -163,6 +163,15 @@ pub enum HqCommand {
     /// Create HQ's state and its cluster CSR (HOME/cluster.csr).
     #[command(after_help = "Example:\n  keyfab hq init --home hq --name acme-hq")]
     Init(InitArgs),
+    /// New service keys (signing, encryption) and certificates for HQ; the previous ones
+    /// still open and verify what was sealed and signed with them.
+    #[command(
+        after_help = "Example:\n  keyfab hq rotate-keys --home hq\n\nSites learn HQ's new encryption key from the next entitlement HQ sends them."
+    )]
+    RotateKeys {
+        #[command(flatten)]
+        home: Home,
+    },
     /// Install the cluster certificate the root issued; HQ then issues its service keys.
     #[command(
         after_help = "Example:\n  keyfab hq install-cert --home hq --cert hq.crt --root-cert root/root.crt"
@@ -349,6 +358,16 @@ On SIGTERM the server stops accepting, lets requests in flight finish, and exits
 A home sealed by shares (site init --unseal-shares) starts sealed: it opens only
 HOME/serve.sock, for `keyfab site unseal`, and serves stations once enough shares are in.")]
     Serve(ServeArgs),
+    /// New service keys (signing, encryption) and certificates for the site, recorded in
+    /// its audit log; the previous ones still open and verify what was sealed and signed
+    /// with them.
+    #[command(
+        after_help = "Example:\n  keyfab site rotate-keys --home site\n  keyfab site identity export --home site --out shenzhen-1.kfi   # then, at HQ: keyfab hq site add"
+    )]
+    RotateKeys {
+        #[command(flatten)]
+        home: Home,
+    },
     /// Give one unseal share to the sealed `site serve` running in HOME.
     #[command(after_help = "Examples:
   keyfab site unseal --home site                  # type or paste the share

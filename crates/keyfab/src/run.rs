@@ -79,6 +79,10 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
         Command::Site(SiteCommand::Station(SiteStationCommand::List { home })) => {
             crate::line::station_list(&ctx, &home.home)
         }
+        Command::Site(SiteCommand::RotateKeys { home }) => {
+            rotate_keys(&ctx, &home.home, NodeKind::Site)
+        }
+        Command::Hq(HqCommand::RotateKeys { home }) => rotate_keys(&ctx, &home.home, NodeKind::Hq),
         Command::Site(SiteCommand::Unseal {
             home,
             share_file,
@@ -345,6 +349,34 @@ pub fn install_cert(
             node.name, service.generation
         ),
         json!({"name": node.name, "cluster_cert_sha256": fp.to_hex(), "service_generation": service.generation}),
+    ))
+}
+
+/// `site|hq rotate-keys`: the next generation of service keys.
+pub fn rotate_keys(ctx: &Context, home: &Path, kind: NodeKind) -> Result<Report, Failure> {
+    let mut node = ctx.open(home, kind)?;
+    let next = match kind {
+        NodeKind::Site => keyfab_site::identity::rotate_keys(&mut node)?,
+        NodeKind::Hq => node.rotate_service_keys()?,
+    };
+    let fp = |c: &[u8]| keyfab_crypto::hash::Fingerprint::of(c).to_hex();
+    let next_step = match kind {
+        NodeKind::Site => format!(
+            "send HQ the new identity: keyfab site identity export --home {} --out {}.kfi, then keyfab hq site add",
+            home.display(),
+            node.name
+        ),
+        NodeKind::Hq => "sites learn HQ's new encryption key from the next entitlement".into(),
+    };
+    Ok(Report::new(
+        format!(
+            "'{}' now uses service keys of generation {} (signing certificate {}, encryption certificate {}); the previous keys still open and verify what they sealed and signed.\nNext: {next_step}",
+            node.name,
+            next.generation,
+            fp(&next.signing_cert),
+            fp(&next.hpke_cert)
+        ),
+        json!({"name": node.name, "generation": next.generation, "signing_cert_sha256": fp(&next.signing_cert), "hpke_cert_sha256": fp(&next.hpke_cert)}),
     ))
 }
 

@@ -33,7 +33,7 @@ fn read_bundle(
         &hq.root_cert().unwrap(),
         hq.now(),
         &hq.name,
-        recipient.public_key().unwrap().fingerprint(),
+        &[recipient.public_key().unwrap().fingerprint()],
     )
     .unwrap();
     let mut reader = open_bundle(&env, recipient).unwrap();

@@ -46,7 +46,7 @@ fn no_pool_private_key_bytes_in_the_site_home() {
         &node.root_cert().unwrap(),
         node.now(),
         "shenzhen-1",
-        recipient.public_key().unwrap().fingerprint(),
+        &[recipient.public_key().unwrap().fingerprint()],
     )
     .unwrap();
     let (_content, mut reader) =
