@@ -530,17 +530,11 @@ fn find_token(pkcs11: &Pkcs11, token_label: &str) -> Result<Slot> {
 
 impl Custody for Pkcs11Custody {
     fn signer(&self, handle: &str) -> Result<&dyn EcdsaSigner> {
-        self.signers
-            .get(handle)
-            .map(|k| k as &dyn EcdsaSigner)
-            .ok_or_else(|| CustodyError::NoSuchKey(handle.to_owned()))
+        keyfab_custody::key_by_handle(&self.signers, handle).map(|k| k as &dyn EcdsaSigner)
     }
 
     fn hpke(&self, handle: &str) -> Result<&dyn HpkeRecipient> {
-        self.hpke
-            .get(handle)
-            .map(|k| k as &dyn HpkeRecipient)
-            .ok_or_else(|| CustodyError::NoSuchKey(handle.to_owned()))
+        keyfab_custody::key_by_handle(&self.hpke, handle).map(|k| k as &dyn HpkeRecipient)
     }
 
     fn generate_signing_key(&mut self, handle: &str, _rng: &dyn SecureRng) -> Result<VerifyingKey> {

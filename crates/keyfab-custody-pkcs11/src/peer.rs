@@ -7,7 +7,8 @@ use crate::{token_err, P256_PARAMS};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
-use keyfab_custody::Result;
+use keyfab_custody::{CustodyError, Result};
+use std::time::Instant;
 
 /// The keys the baseline works with, made once (session objects).
 pub struct PeerKeys {
@@ -82,4 +83,34 @@ pub fn sign_in_token(session: &Session, keys: &PeerKeys, digest: &[u8]) -> Resul
     session
         .sign(&Mechanism::Ecdsa, keys.ca, digest)
         .map_err(|e| token_err("sign the device certificate", e))
+}
+
+/// Runs `per_item` for `items` items spread over one thread per core, each thread with
+/// its own logged-in session and baseline keys on token `label`; items per second.
+pub fn on_all_cores(
+    module: &std::path::Path,
+    label: &str,
+    pin: &str,
+    items: usize,
+    per_item: impl Fn(&Session, &PeerKeys, usize) -> Result<()> + Sync,
+) -> Result<f64> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = items.div_ceil(threads);
+    let start = Instant::now();
+    let ok = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    let session = crate::user_session(module, label, pin)?;
+                    let keys = peer_keys(&session)?;
+                    (0..per).try_for_each(|i| per_item(&session, &keys, i))
+                })
+            })
+            .collect();
+        hs.into_iter().all(|h| matches!(h.join(), Ok(Ok(()))))
+    });
+    if !ok {
+        return Err(CustodyError::Token("a measuring thread failed".into()));
+    }
+    Ok((per * threads) as f64 / start.elapsed().as_secs_f64())
 }

@@ -60,6 +60,15 @@ pub enum CustodyError {
 
 pub type Result<T> = std::result::Result<T, CustodyError>;
 
+/// The key behind `handle` in a custody's keys, or [`CustodyError::NoSuchKey`].
+pub fn key_by_handle<'a, T>(
+    keys: &'a std::collections::BTreeMap<String, T>,
+    handle: &str,
+) -> Result<&'a T> {
+    keys.get(handle)
+        .ok_or_else(|| CustodyError::NoSuchKey(handle.to_owned()))
+}
+
 /// What engines may do with identity keys.
 pub trait Custody: Send + Sync {
     fn signer(&self, handle: &str) -> Result<&dyn EcdsaSigner>;

@@ -250,17 +250,11 @@ impl SoftwareKeystore {
 
 impl Custody for SoftwareKeystore {
     fn signer(&self, handle: &str) -> Result<&dyn EcdsaSigner> {
-        self.signing
-            .get(handle)
-            .map(|k| k as &dyn EcdsaSigner)
-            .ok_or_else(|| CustodyError::NoSuchKey(handle.to_owned()))
+        crate::key_by_handle(&self.signing, handle).map(|k| k as &dyn EcdsaSigner)
     }
 
     fn hpke(&self, handle: &str) -> Result<&dyn HpkeRecipient> {
-        self.hpke
-            .get(handle)
-            .map(|k| k as &dyn HpkeRecipient)
-            .ok_or_else(|| CustodyError::NoSuchKey(handle.to_owned()))
+        crate::key_by_handle(&self.hpke, handle).map(|k| k as &dyn HpkeRecipient)
     }
 
     fn generate_signing_key(&mut self, handle: &str, rng: &dyn SecureRng) -> Result<VerifyingKey> {

@@ -110,30 +110,21 @@ fn softhsm_environment(base: &Path) -> Result<(), Failure> {
 /// The HSM-centred way on all cores for `devices` devices: each device's key pair made
 /// in the token, its private key wrapped out, its certificate signed in the token.
 fn peer_baseline(module: &Path, label: &str, devices: usize) -> Result<f64, Failure> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per = devices.div_ceil(threads);
+    use keyfab_custody_pkcs11::peer;
     let digest = keyfab_crypto::hash::sha256(&[0x30; 400]);
-    let start = Instant::now();
-    let ok = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| -> keyfab_custody::Result<()> {
-                    let session =
-                        keyfab_custody_pkcs11::user_session(module, label, BENCH_PASSPHRASE)?;
-                    let keys = keyfab_custody_pkcs11::peer::peer_keys(&session)?;
-                    for _ in 0..per {
-                        keyfab_custody_pkcs11::peer::peer_device(&session, &keys, &digest)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        hs.into_iter().all(|h| matches!(h.join(), Ok(Ok(()))))
-    });
-    if !ok {
-        return Err(Failure::new("internal", "the PKCS#11 baseline failed"));
-    }
-    Ok((per * threads) as f64 / start.elapsed().as_secs_f64())
+    peer::on_all_cores(module, label, BENCH_PASSPHRASE, devices, |s, keys, _| {
+        peer::peer_device(s, keys, &digest).map(drop)
+    })
+    .map_err(|e| Failure::new("internal", format!("the PKCS#11 baseline failed: {e}")))
+}
+
+/// ECDSA signatures in the token on all cores.
+fn token_sign_rate(module: &Path, label: &str, signatures: usize) -> Result<f64, Failure> {
+    use keyfab_custody_pkcs11::peer;
+    peer::on_all_cores(module, label, BENCH_PASSPHRASE, signatures, |s, keys, i| {
+        peer::sign_in_token(s, keys, &keyfab_crypto::hash::sha256(&i.to_be_bytes())).map(drop)
+    })
+    .map_err(|e| Failure::new("internal", format!("PKCS#11 signing failed: {e}")))
 }
 
 /// Copies the files (not subdirectories) of `from` into a new directory `to`.
@@ -315,34 +306,6 @@ pub fn provision(
         });
     }
     Ok(Report::new(text, json))
-}
-
-/// ECDSA signatures in the token on all cores.
-fn token_sign_rate(module: &Path, label: &str, signatures: usize) -> Result<f64, Failure> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per = signatures.div_ceil(threads);
-    let start = Instant::now();
-    let ok = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| -> keyfab_custody::Result<()> {
-                    let session =
-                        keyfab_custody_pkcs11::user_session(module, label, BENCH_PASSPHRASE)?;
-                    let keys = keyfab_custody_pkcs11::peer::peer_keys(&session)?;
-                    for i in 0..per {
-                        let digest = keyfab_crypto::hash::sha256(&i.to_be_bytes());
-                        keyfab_custody_pkcs11::peer::sign_in_token(&session, &keys, &digest)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        hs.into_iter().all(|h| matches!(h.join(), Ok(Ok(()))))
-    });
-    if !ok {
-        return Err(Failure::new("internal", "PKCS#11 signing failed"));
-    }
-    Ok((per * threads) as f64 / start.elapsed().as_secs_f64())
 }
 
 fn child(ctx: &Context, args: &[&str]) -> Result<(serde_json::Value, f64), Failure> {

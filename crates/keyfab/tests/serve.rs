@@ -166,6 +166,37 @@ fn station(command: &str, url: &str, dir: &Path, id: &str, device: &str, extra: 
     keyfab(&args, None)
 }
 
+/// `keyfab station run`: a simulated line of `devices` chips, `concurrency` at once.
+fn line_run(
+    url: &str,
+    dir: &Path,
+    root_crt: &Path,
+    id: &str,
+    devices: u32,
+    concurrency: u32,
+    prefix: &str,
+) -> serde_json::Value {
+    let (devices, concurrency) = (devices.to_string(), concurrency.to_string());
+    ok(&[
+        "station",
+        "run",
+        "--url",
+        url,
+        "--station-dir",
+        &s(dir),
+        "--root-cert",
+        &s(root_crt),
+        "--entitlement",
+        id,
+        "--devices",
+        &devices,
+        "--concurrency",
+        &concurrency,
+        "--device-prefix",
+        prefix,
+    ])
+}
+
 fn station_provision(url: &str, dir: &Path, id: &str, device: &str, request: &str) -> Out {
     station(
         "provision",
@@ -640,24 +671,7 @@ fn chips_get_keys_no_station_can_read() {
     let server = Server::start(&w.site);
     let url = server.url();
     let root_crt = w.root.join("root.crt");
-    let line = ok(&[
-        "station",
-        "run",
-        "--url",
-        &url,
-        "--station-dir",
-        &s(&line1),
-        "--root-cert",
-        &s(&root_crt),
-        "--entitlement",
-        &id,
-        "--devices",
-        "12",
-        "--concurrency",
-        "4",
-        "--device-prefix",
-        "SIM-",
-    ]);
+    let line = line_run(&url, &line1, &root_crt, &id, 12, 4, "SIM-");
     assert_eq!(line["programmed"], 12, "{line}");
     assert_eq!(line["failed"], 0, "{line}");
 
@@ -963,24 +977,7 @@ fn canary_keys_are_nowhere_in_the_clear_after_use() {
     let (w, id, line1) = setup_with(&policy);
     let server = Server::start(&w.site);
     let root_crt = w.root.join("root.crt");
-    let line = ok(&[
-        "station",
-        "run",
-        "--url",
-        &server.url(),
-        "--station-dir",
-        &s(&line1),
-        "--root-cert",
-        &s(&root_crt),
-        "--entitlement",
-        &id,
-        "--devices",
-        "1000",
-        "--concurrency",
-        "8",
-        "--device-prefix",
-        "LINE-",
-    ]);
+    let line = line_run(&server.url(), &line1, &root_crt, &id, 1000, 8, "LINE-");
     assert_eq!(line["programmed"], 1000, "{line}");
     // The canaries: keys sealed to chips the test holds.
     let root = pem(&root_crt, "CERTIFICATE");
