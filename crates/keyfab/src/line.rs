@@ -171,24 +171,38 @@ pub fn station_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
 pub fn serve(ctx: &Context, a: &crate::cli::ServeArgs, json_out: bool) -> Result<Report, Failure> {
     install_logs(a);
     let home = &a.home.home;
+    let mut listen = a.listen;
     let node = match ctx.unsealer(home)? {
         // Sealed by shares and not enough given: wait for them on HOME/serve.sock.
         Some(unsealer) if !unsealer.progress().unsealed => {
-            let secret = keyfab_site::server::admin::wait_for_shares(home, unsealer, |p| {
-                use std::io::Write;
-                let line = if json_out {
-                    json!({"sealed": true, "shares": p.accepted, "threshold": p.threshold})
-                        .to_string()
-                } else {
-                    format!(
-                        "sealed: {} of {} unseal shares given; waiting for `keyfab site unseal --home {}`",
-                        p.accepted,
-                        p.threshold,
-                        home.display()
-                    )
-                };
-                let _ = writeln!(LogSink, "{line}");
-            })?;
+            // Stations get `locked` meanwhile if an earlier run left its serving identity.
+            let locked_on = keyfab_site::server::sealed::load_serving_identity(home)?
+                .map(|identity| (listen, identity));
+            let (secret, bound) = keyfab_site::server::admin::wait_for_shares(
+                home,
+                unsealer,
+                locked_on,
+                |p, addr| {
+                    use std::io::Write;
+                    let line = if json_out {
+                        json!({"sealed": true, "shares": p.accepted, "threshold": p.threshold, "answering_locked_on": addr.map(|a| a.to_string())}).to_string()
+                    } else {
+                        format!(
+                            "sealed: {} of {} unseal shares given; waiting for `keyfab site unseal --home {}`{}",
+                            p.accepted,
+                            p.threshold,
+                            home.display(),
+                            addr.map(|a| format!("; stations on {a} are answered locked"))
+                                .unwrap_or_default()
+                        )
+                    };
+                    let _ = writeln!(LogSink, "{line}");
+                },
+            )?;
+            // Serve where stations were answered `locked` (the same port, even for port 0).
+            if let Some(addr) = bound {
+                listen = addr;
+            }
             keyfab_node::Node::open(home, NodeKind::Site, &secret, ctx.rng(), ctx.clock()?)?
         }
         _ => ctx.open(home, NodeKind::Site)?,
@@ -196,9 +210,9 @@ pub fn serve(ctx: &Context, a: &crate::cli::ServeArgs, json_out: bool) -> Result
     let mut names = a.hostnames.clone();
     if names.is_empty() {
         names.push("localhost".into());
-        names.push(a.listen.ip().to_string());
+        names.push(listen.ip().to_string());
     }
-    let mut config = keyfab_site::server::ServeConfig::new(a.listen, names.clone());
+    let mut config = keyfab_site::server::ServeConfig::new(listen, names.clone());
     config.max_connections = a.max_connections.max(1);
     config.handshake_timeout = std::time::Duration::from_secs(a.handshake_timeout.max(1));
     config.header_timeout = std::time::Duration::from_secs(a.header_timeout.max(1));

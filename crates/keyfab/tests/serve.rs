@@ -965,6 +965,27 @@ fn a_site_sealed_by_shares_serves_only_once_the_threshold_is_met() {
     );
     let (code, _) = server.stop();
     assert_eq!(code, 0);
+
+    // Started again: sealed, but now (with the serving identity of the last run) every
+    // station request is answered `locked`, on the port it will serve on.
+    let (child, mut stderr) = Server::spawn(&site, &[]);
+    let sealed = Server::line(&mut stderr);
+    let addr = sealed["answering_locked_on"].as_str().unwrap().to_owned();
+    let url = format!("https://{addr}");
+    let locked = station_provision(&url, &line1, &id, "TSV2-00000002", "r-2");
+    assert_eq!(locked.json["error"]["code"], "locked", "{}", locked.json);
+    assert!(locked.json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("0 of 2"));
+    unseal(&["--share-file", f1]);
+    assert_eq!(unseal(&["--share-file", f3]).json["unsealed"], true);
+    let server = Server::attach(child, stderr);
+    assert_eq!(server.addr, addr, "serves where it answered locked");
+    let out = station_provision(&server.url(), &line1, &id, "TSV2-00000002", "r-2");
+    assert_eq!(out.code, 0, "{}", out.json);
+    let (code, _) = server.stop();
+    assert_eq!(code, 0);
 }
 
 /// Canary keys: after 1,000 devices went through a line with chip encryption, a few

@@ -848,6 +848,16 @@ pub fn to_pem(der: &[u8], tag: &str) -> String {
 }
 
 /// Reads one PEM block with the given tag.
+/// Every PEM block of `text`, in order: its tag and its DER.
+pub fn pem_blocks(text: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    let blocks =
+        pem::parse_many(text).map_err(|_| CryptoError::CertificateMalformed("not PEM".into()))?;
+    Ok(blocks
+        .into_iter()
+        .map(|p| (p.tag().to_owned(), p.into_contents()))
+        .collect())
+}
+
 pub fn from_pem(text: &str, tag: &str) -> Result<Vec<u8>> {
     let p = pem::parse(text).map_err(|_| CryptoError::CertificateMalformed("not PEM".into()))?;
     if p.tag() != tag {

@@ -176,15 +176,34 @@ async fn write_answer(write: &mut tokio::net::unix::OwnedWriteHalf, answer: Resu
 pub fn wait_for_shares(
     home: &Path,
     mut unsealer: Unsealer,
-    waiting: impl FnOnce(UnsealProgress),
-) -> Result<SecretBytes> {
+    locked_on: Option<(std::net::SocketAddr, crate::stations::ServerIdentity)>,
+    waiting: impl FnOnce(UnsealProgress, Option<std::net::SocketAddr>),
+) -> Result<(SecretBytes, Option<std::net::SocketAddr>)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::InvalidState(format!("runtime: {e}")))?;
     runtime.block_on(async {
         let (listener, path) = bind(home)?;
-        waiting(unsealer.progress());
+        let why = |p: UnsealProgress| {
+            format!(
+                "the site is sealed: {} of {} unseal shares given",
+                p.accepted, p.threshold
+            )
+        };
+        let reason = Arc::new(std::sync::Mutex::new(why(unsealer.progress())));
+        // With a serving identity kept from an unsealed run, stations get `locked`.
+        let (station_task, station_addr) = match locked_on {
+            Some((addr, identity)) => {
+                let tls = Arc::new(super::tls_config(&identity)?);
+                let tcp = tokio::net::TcpListener::bind(addr).await?;
+                let bound = tcp.local_addr()?;
+                let task = tokio::spawn(super::sealed::answer_locked(tcp, tls, reason.clone()));
+                (Some(task), Some(bound))
+            }
+            None => (None, None),
+        };
+        waiting(unsealer.progress(), station_addr);
         let stop = super::shutdown_signal();
         tokio::pin!(stop);
         while !unsealer.progress().unsealed {
@@ -217,12 +236,19 @@ pub fn wait_for_shares(
             } else {
                 let p = unsealer.progress();
                 tracing::info!(target: "keyfab::unseal", accepted = p.accepted, threshold = p.threshold, "unseal share accepted");
+                if let Ok(mut r) = reason.lock() {
+                    *r = why(p);
+                }
             }
             write_answer(&mut write, answer).await;
         }
+        if let Some(task) = station_task {
+            task.abort();
+            let _ = task.await;
+        }
         drop(listener);
         let _ = std::fs::remove_file(&path);
-        Ok(unsealer.passphrase()?)
+        Ok((unsealer.passphrase()?, station_addr))
     })
 }
 

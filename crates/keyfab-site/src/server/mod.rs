@@ -16,6 +16,7 @@ pub mod admin;
 pub mod api;
 pub mod fairness;
 pub mod metrics;
+pub mod sealed;
 
 use crate::provision::Provisioner;
 use crate::stations::ServerIdentity;
@@ -113,6 +114,10 @@ pub fn serve(
 ) -> Result<ServeSummary> {
     let identity = crate::stations::server_identity(&mut node, &config.names)?;
     let tls = Arc::new(tls_config(&identity)?);
+    // A home sealed by shares keeps this identity, to answer `locked` while sealed next.
+    if keyfab_custody::unseal::UnsealConfig::load(&node.dir)?.is_some() {
+        sealed::save_serving_identity(&node.dir, &identity)?;
+    }
     drop(identity);
     let node = Arc::new(node);
     let state = AppState {
