@@ -511,21 +511,42 @@ fn connect(config: &TokenConfig) -> Result<SessionPool> {
     })
 }
 
+/// The slot holding the token `token_label`. A slot that cannot describe itself is
+/// skipped (another process may be initializing a token in it right now), and the scan
+/// is tried again a few times before the token is reported missing.
 fn find_token(pkcs11: &Pkcs11, token_label: &str) -> Result<Slot> {
-    let slots = pkcs11
-        .get_slots_with_initialized_token()
-        .map_err(|e| token_err("list slots", e))?;
-    for slot in slots {
-        let info = pkcs11
-            .get_token_info(slot)
-            .map_err(|e| token_err("token info", e))?;
-        if info.label().trim_end() == token_label {
-            return Ok(slot);
+    let mut last_error = None;
+    for attempt in 0..5u64 {
+        if attempt > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(20 * attempt));
+        }
+        let slots = match pkcs11.get_slots_with_token() {
+            Ok(s) => s,
+            Err(e) => {
+                last_error = Some(token_err("list slots", e));
+                continue;
+            }
+        };
+        let mut unreadable = false;
+        for slot in slots {
+            match pkcs11.get_token_info(slot) {
+                Ok(info) if info.token_initialized() && info.label().trim_end() == token_label => {
+                    return Ok(slot)
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    unreadable = true;
+                    last_error = Some(token_err("token info", e));
+                }
+            }
+        }
+        if !unreadable {
+            break;
         }
     }
-    Err(CustodyError::Token(format!(
-        "no initialized token labelled '{token_label}'"
-    )))
+    Err(last_error.unwrap_or_else(|| {
+        CustodyError::Token(format!("no initialized token labelled '{token_label}'"))
+    }))
 }
 
 impl Custody for Pkcs11Custody {
