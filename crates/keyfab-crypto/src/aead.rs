@@ -32,19 +32,29 @@ impl AeadKey {
     }
 
     pub fn open(&self, nonce: [u8; NONCE_LEN], aad: &[u8], sealed: &[u8]) -> Result<SecretBytes> {
-        let mut buf = SecretBytes::new(sealed.to_vec());
-        let len = self
-            .0
-            .open_in_place(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad),
-                buf.expose_mut(),
-            )
-            .map_err(|_| CryptoError::DecryptFailed)?
-            .len();
-        buf.expose_mut().truncate(len);
-        Ok(buf)
+        open_with(&self.0, nonce, aad, sealed)
     }
+}
+
+/// Opens `sealed` (ciphertext ‖ tag) under `key` into a zeroizing buffer: one place for
+/// every AES-GCM opening of the crate.
+pub(crate) fn open_with(
+    key: &LessSafeKey,
+    nonce: [u8; NONCE_LEN],
+    aad: &[u8],
+    sealed: &[u8],
+) -> Result<SecretBytes> {
+    let mut buf = SecretBytes::new(sealed.to_vec());
+    let len = key
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            buf.expose_mut(),
+        )
+        .map_err(|_| CryptoError::DecryptFailed)?
+        .len();
+    buf.expose_mut().truncate(len);
+    Ok(buf)
 }
 
 /// Seals with a fresh random nonce and returns `nonce ‖ ciphertext ‖ tag`: for rare writes

@@ -7,7 +7,7 @@
 
 use crate::secret::SecretBytes;
 use crate::{CryptoError, Result};
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
+use aws_lc_rs::aead::{LessSafeKey, UnboundKey, AES_128_GCM, AES_256_GCM};
 use aws_lc_rs::hkdf::{KeyType, Prk, HKDF_SHA256};
 use aws_lc_rs::hmac;
 use zeroize::Zeroizing;
@@ -151,17 +151,7 @@ impl HostOpener {
         for (n, s) in nonce[N_NONCE - 8..].iter_mut().zip(self.seq.to_be_bytes()) {
             *n ^= s;
         }
-        let mut buf = SecretBytes::new(ciphertext.to_vec());
-        let len = self
-            .key
-            .open_in_place(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad),
-                buf.expose_mut(),
-            )
-            .map_err(|_| CryptoError::DecryptFailed)?
-            .len();
-        buf.expose_mut().truncate(len);
+        let buf = crate::aead::open_with(&self.key, nonce, aad, ciphertext)?;
         self.seq = self.seq.checked_add(1).ok_or(CryptoError::DecryptFailed)?;
         Ok(buf)
     }
