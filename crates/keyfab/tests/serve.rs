@@ -1002,7 +1002,6 @@ fn canary_keys_are_nowhere_in_the_clear_after_use() {
     assert_eq!(line["programmed"], 1000, "{line}");
     // The canaries: keys sealed to chips the test holds.
     let root = pem(&root_crt, "CERTIFICATE");
-    let now = keyfab_crypto::time::Clock::now(&keyfab_crypto::time::SystemClock);
     let mut canaries: Vec<Vec<u8>> = Vec::new();
     for i in 0..5 {
         let device = format!("CANARY-{i}");
@@ -1020,6 +1019,8 @@ fn canary_keys_are_nowhere_in_the_clear_after_use() {
         let answer = exchange(&server.addr, &line1, Some(&line1), request.as_bytes());
         let bundle: serde_json::Value =
             serde_json::from_str(&answer[answer.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+        // The chip's clock, read after the site issued the certificate (which starts then).
+        let now = keyfab_crypto::time::Clock::now(&keyfab_crypto::time::SystemClock);
         let keys = chip.program(&bundle, &root, now).unwrap();
         let der = keys[0].secret.expose().to_vec();
         canaries.push(der[36..68].to_vec()); // the P-256 scalar inside the PKCS#8
