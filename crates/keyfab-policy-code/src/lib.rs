@@ -1,0 +1,338 @@
+//! Policy as code: a device maker's own rules, as a WebAssembly module that travels signed
+//! inside the entitlement, runs in a sandbox at the site, and that HQ re-runs over the
+//! audit log.
+//!
+//! Which API for which job:
+//! - check and prepare a module (HQ before signing it, the site when importing it):
+//!   [`PolicyModule::load`] — names what is wrong with a module that is refused;
+//! - one decision: [`PolicyModule::evaluate`] with the request's [`Facts`] and the
+//!   entitlement's [`ModuleState`]; the state is updated in place when the module
+//!   decided, and left exactly as it was when the module failed.
+//!
+//! The module sees nothing but what the host API gives it (docs/POLICY-CODE.md): no
+//! clock, no randomness, no floats, no WASI. Every evaluation starts from a fresh
+//! instance with a fixed amount of fuel and a memory bound, so the same inputs give the
+//! same verdict at the site and at HQ, and a module that loops, allocates without bound or
+//! traps fails closed with [`Verdict::Error`].
+#![forbid(unsafe_code)]
+
+mod host;
+mod state;
+
+pub use state::{ModuleState, MAX_STATE_ENTRIES, MAX_STATE_KEY_BYTES, MAX_STATE_VALUE_BYTES};
+
+use host::Host;
+use wasmi::{CompilationMode, Config, EnforcedLimits, Engine, ExternType, Linker, Module, Store};
+
+/// The import module name of every host function.
+pub const HOST_MODULE: &str = "keyfab";
+/// The function a module exports to decide: `() -> i32`, 0 allows, 1 denies.
+pub const DECIDE_EXPORT: &str = "decide";
+/// The memory a module exports so the host can read and write its buffers.
+pub const MEMORY_EXPORT: &str = "memory";
+/// Largest module accepted, in bytes.
+pub const MAX_MODULE_BYTES: usize = 1 << 20;
+/// Fuel for one evaluation: instantiation and `decide` together. Roughly one unit per
+/// instruction; a few thousand are plenty for counting rules.
+pub const FUEL_PER_DECISION: u64 = 1_000_000;
+/// Most linear memory a module may have, in bytes (16 pages of 64 KiB).
+pub const MAX_MEMORY_BYTES: usize = 16 * 65_536;
+/// Longest deny reason, in bytes.
+pub const MAX_REASON_BYTES: usize = 256;
+
+/// The integer inputs of one decision, read by the module with `keyfab.input(id)`; the
+/// ids are the constants of [`input`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// Decision time, Unix seconds (the site's trusted time, not a clock the module reads).
+    pub now: i64,
+    /// Days since 1970-01-01 of the civil date of `now` in the policy's time zone.
+    pub local_day: i64,
+    /// Wall-clock seconds since local midnight in the policy's time zone (0..86_399).
+    pub local_second: i64,
+    /// Devices allowed under the entitlement so far.
+    pub total: i64,
+    /// Devices allowed on the local day of `now`.
+    pub today: i64,
+    /// Devices allowed through the requesting station so far (0 without a station).
+    pub station_total: i64,
+    /// Devices allowed through the requesting station today.
+    pub station_today: i64,
+    /// Devices reported `failed` by their station today.
+    pub failed_today: i64,
+    /// The key sources this device receives, as bits of [`source_bits`].
+    pub key_sources: i64,
+    /// The entitlement's total quota.
+    pub quota: i64,
+    /// The daily limit, 0 when the policy has none.
+    pub daily_limit: i64,
+}
+
+/// Ids for `keyfab.input(id) -> i64`. An id not listed here traps.
+pub mod input {
+    pub const NOW: i32 = 0;
+    pub const LOCAL_DAY: i32 = 1;
+    pub const LOCAL_SECOND: i32 = 2;
+    pub const TOTAL: i32 = 3;
+    pub const TODAY: i32 = 4;
+    pub const STATION_TOTAL: i32 = 5;
+    pub const STATION_TODAY: i32 = 6;
+    pub const FAILED_TODAY: i32 = 7;
+    pub const KEY_SOURCES: i32 = 8;
+    pub const QUOTA: i32 = 9;
+    pub const DAILY_LIMIT: i32 = 10;
+}
+
+/// Bits of [`Facts::key_sources`].
+pub mod source_bits {
+    pub const HQ_POOL: i64 = 1;
+    pub const SITE: i64 = 2;
+    pub const DEVICE: i64 = 4;
+    pub const DERIVED: i64 = 8;
+}
+
+impl Facts {
+    fn get(&self, id: i32) -> Option<i64> {
+        Some(match id {
+            input::NOW => self.now,
+            input::LOCAL_DAY => self.local_day,
+            input::LOCAL_SECOND => self.local_second,
+            input::TOTAL => self.total,
+            input::TODAY => self.today,
+            input::STATION_TOTAL => self.station_total,
+            input::STATION_TODAY => self.station_today,
+            input::FAILED_TODAY => self.failed_today,
+            input::KEY_SOURCES => self.key_sources,
+            input::QUOTA => self.quota,
+            input::DAILY_LIMIT => self.daily_limit,
+            _ => return None,
+        })
+    }
+}
+
+/// One request as the module sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub device_id: &'a str,
+    pub station: Option<&'a str>,
+    pub facts: Facts,
+}
+
+/// What the module decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// The module refused (code `policy_denied`), with the reason it gave.
+    Deny {
+        reason: String,
+    },
+    /// The module failed — trapped, ran out of fuel or memory, broke the host API —
+    /// and the request is refused (code `policy_error`). Its state changes are dropped.
+    Error {
+        reason: String,
+    },
+}
+
+/// A verdict and what it cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evaluation {
+    pub verdict: Verdict,
+    pub fuel_used: u64,
+}
+
+/// Why a module is refused before it is signed or used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModuleError {
+    #[error("the module is {0} bytes; at most {MAX_MODULE_BYTES} are accepted")]
+    TooLarge(usize),
+    #[error("not a valid WebAssembly module for keyfab: {0}")]
+    Invalid(String),
+    #[error("imports `{module}.{name}`, which is not part of the keyfab host API ({list})", list = host::FUNCTIONS.join(", "))]
+    Import { module: String, name: String },
+    #[error("{0}")]
+    Export(String),
+}
+
+/// A validated, compiled policy module, ready for many evaluations.
+pub struct PolicyModule {
+    engine: Engine,
+    module: Module,
+    linker: Linker<Host>,
+}
+
+impl std::fmt::Debug for PolicyModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyModule").finish_non_exhaustive()
+    }
+}
+
+fn engine() -> Engine {
+    let mut config = Config::default();
+    config
+        .consume_fuel(true)
+        // Determinism: no floats at all (their NaN bits differ between machines).
+        .floats(false)
+        // Nothing runs at instantiation: all work happens in `decide`, under fuel.
+        .allow_start_fn(false)
+        // Every function is validated and compiled when the module is loaded, so HQ
+        // refuses a bad module before signing it rather than the site at run time.
+        .compilation_mode(CompilationMode::Eager)
+        .enforced_limits(EnforcedLimits::strict())
+        .wasm_multi_memory(false);
+    Engine::new(&config)
+}
+
+impl PolicyModule {
+    /// Validates and compiles `wasm`: core WebAssembly without floats, imports only from
+    /// the host API, exports `decide: () -> i32` and `memory`.
+    pub fn load(wasm: &[u8]) -> Result<Self, ModuleError> {
+        if wasm.len() > MAX_MODULE_BYTES {
+            return Err(ModuleError::TooLarge(wasm.len()));
+        }
+        let engine = engine();
+        let module = Module::new(&engine, wasm).map_err(|e| ModuleError::Invalid(e.to_string()))?;
+        for import in module.imports() {
+            let known = import.module() == HOST_MODULE && host::FUNCTIONS.contains(&import.name());
+            if !known || import.ty().func().is_none() {
+                return Err(ModuleError::Import {
+                    module: import.module().to_owned(),
+                    name: import.name().to_owned(),
+                });
+            }
+        }
+        check_exports(&module)?;
+        let linker = host::linker(&engine);
+        let loaded = Self {
+            engine,
+            module,
+            linker,
+        };
+        // A trial instantiation checks the imports' signatures against the host API and
+        // that the module's memory fits the bound.
+        let mut store = loaded.store(Host::new(
+            "",
+            None,
+            Facts::default(),
+            ModuleState::default(),
+        ));
+        loaded
+            .linker
+            .instantiate_and_start(&mut store, &loaded.module)
+            .map_err(|e| ModuleError::Invalid(e.to_string()))?;
+        Ok(loaded)
+    }
+
+    fn store(&self, host: Host) -> Store<Host> {
+        let mut store = Store::new(&self.engine, host);
+        store.limiter(|h| &mut h.limits);
+        // Fuel is enabled by `engine()`, so this cannot fail.
+        let _ = store.set_fuel(FUEL_PER_DECISION);
+        store
+    }
+
+    /// Runs the module once for `request`. On [`Verdict::Allow`] and [`Verdict::Deny`] the
+    /// module's writes are in `state`; on [`Verdict::Error`] `state` is unchanged.
+    pub fn evaluate(&self, request: &Request<'_>, state: &mut ModuleState) -> Evaluation {
+        let host = Host::new(
+            request.device_id,
+            request.station,
+            request.facts,
+            // Only this evaluation's writes may be undone.
+            std::mem::take(state).into_committed(),
+        );
+        let mut store = self.store(host);
+        let result = self
+            .linker
+            .instantiate_and_start(&mut store, &self.module)
+            .and_then(|instance| {
+                instance
+                    .get_typed_func::<(), i32>(&store, DECIDE_EXPORT)?
+                    .call(&mut store, ())
+            });
+        let fuel_used = FUEL_PER_DECISION.saturating_sub(store.get_fuel().unwrap_or(0));
+        let mut host = store.into_data();
+        let verdict = match result {
+            Ok(0) => Verdict::Allow,
+            Ok(1) => Verdict::Deny {
+                reason: host.reason.take().unwrap_or_default(),
+            },
+            Ok(other) => Verdict::Error {
+                reason: format!("decide returned {other}; 0 allows, 1 denies"),
+            },
+            Err(e) => Verdict::Error {
+                reason: describe_failure(&e),
+            },
+        };
+        if matches!(verdict, Verdict::Error { .. }) {
+            host.state.roll_back();
+        }
+        *state = host.state.into_committed();
+        Evaluation { verdict, fuel_used }
+    }
+}
+
+fn check_exports(module: &Module) -> Result<(), ModuleError> {
+    let mut decide_ok = false;
+    let mut memory_ok = false;
+    for export in module.exports() {
+        match (export.name(), export.ty()) {
+            (DECIDE_EXPORT, ExternType::Func(f)) => {
+                if !f.params().is_empty() || f.results() != [wasmi::ValType::I32] {
+                    return Err(ModuleError::Export(format!(
+                        "`{DECIDE_EXPORT}` must be `() -> i32`, not {:?} -> {:?}",
+                        f.params(),
+                        f.results()
+                    )));
+                }
+                decide_ok = true;
+            }
+            (MEMORY_EXPORT, ExternType::Memory(_)) => memory_ok = true,
+            (DECIDE_EXPORT | MEMORY_EXPORT, other) => {
+                return Err(ModuleError::Export(format!(
+                    "`{}` must be a {}, not {other:?}",
+                    export.name(),
+                    if export.name() == DECIDE_EXPORT {
+                        "function"
+                    } else {
+                        "memory"
+                    }
+                )))
+            }
+            _ => {}
+        }
+    }
+    match (decide_ok, memory_ok) {
+        (true, true) => Ok(()),
+        (false, _) => Err(ModuleError::Export(format!(
+            "the module does not export the function `{DECIDE_EXPORT}: () -> i32`"
+        ))),
+        (_, false) => Err(ModuleError::Export(format!(
+            "the module does not export its memory as `{MEMORY_EXPORT}`"
+        ))),
+    }
+}
+
+/// A failure in words an author can act on. Deterministic: the same failure gives the
+/// same text at the site and at HQ.
+fn describe_failure(e: &wasmi::Error) -> String {
+    match e.as_trap_code() {
+        Some(wasmi::TrapCode::OutOfFuel) => {
+            format!("ran out of fuel ({FUEL_PER_DECISION} units per decision)")
+        }
+        Some(wasmi::TrapCode::GrowthOperationLimited) => {
+            format!("tried to grow memory beyond {MAX_MEMORY_BYTES} bytes")
+        }
+        Some(code) => format!("trapped: {code}"),
+        None => {
+            let text = e.to_string();
+            let mut cut = text.len().min(MAX_REASON_BYTES);
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text[..cut].to_owned()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
