@@ -181,6 +181,17 @@ fn decode_event(c: &mut Cbor<'_>) -> Option<Event> {
                 code: c.field("code", Cbor::string)?,
             }
         }
+        "provision_denied_by_code" => {
+            c.map(6)?;
+            Event::ProvisionDeniedByCode {
+                entitlement: c.field("entitlement", Cbor::string)?,
+                request_id: c.field("request_id", Cbor::string)?,
+                device_id: c.field("device_id", Cbor::string)?,
+                station: c.field("station", |c| c.optional(Cbor::string))?,
+                code: c.field("code", Cbor::string)?,
+                reason: c.field("reason", Cbor::string)?,
+            }
+        }
         "clock_rollback" => {
             c.map(2)?;
             Event::ClockRollback {
@@ -315,6 +326,14 @@ mod tests {
                 device_id: "é".into(),
                 station: None,
                 code: "quota_exceeded".into(),
+            },
+            Event::ProvisionDeniedByCode {
+                entitlement: "e".into(),
+                request_id: "r".into(),
+                device_id: "d".into(),
+                station: Some("line-1".into()),
+                code: "policy_denied".into(),
+                reason: "more than 500 this shift".into(),
             },
             Event::ClockRollback {
                 observed: -1,

@@ -64,6 +64,17 @@ pub enum Event {
         station: Option<String>,
         code: String,
     },
+    /// A request the built-in rules allowed was refused by the entitlement's policy
+    /// module: `policy_denied` with the module's reason, or `policy_error` with what made
+    /// the module fail.
+    ProvisionDeniedByCode {
+        entitlement: String,
+        request_id: String,
+        device_id: String,
+        station: Option<String>,
+        code: String,
+        reason: String,
+    },
     /// The clock was behind the trusted-time high-water mark by more than the tolerance.
     ClockRollback { observed: i64, high_water: i64 },
     /// An approver's signed approval was accepted (one record per distinct approver).

@@ -21,7 +21,7 @@ use keyfab_crypto::hash::Fingerprint;
 use keyfab_formats::audit_bundle::{open_bundle, verify_bundle};
 use keyfab_formats::checkpoint::TreeHead;
 use keyfab_node::{decode, encode, Error, Node, Result};
-use keyfab_policy::{CompiledPolicy, Decision, EntitlementState};
+use keyfab_policy::{CompiledPolicy, Decision, DenyCode, EntitlementState};
 use keyfab_store::{Outcome, Table, Txn};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -66,6 +66,9 @@ pub struct Replica {
     /// Devices whose programming failed: their keys are burned.
     #[serde(default)]
     pub burned: u64,
+    /// The policy module's inputs and state, replayed (policies with `[code]` only).
+    #[serde(default)]
+    pub code: keyfab_policy_code::CodeCounters,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,7 +82,8 @@ pub struct Violation {
     /// `unknown_entitlement`, `pool_key_reused`, `pool_key_not_issued`,
     /// `timestamp_backwards`, `approver_not_listed`, `activated_without_quorum`,
     /// `revoked_without_revocation`, `denied_but_allowed`, `confirmed_without_release`,
-    /// `malformed_confirmation`.
+    /// `malformed_confirmation`, `code_replay_differs` (the policy module, replayed,
+    /// refuses differently from what the site recorded).
     pub kind: String,
     pub detail: String,
 }
@@ -118,6 +122,11 @@ fn device_of(r: &Record) -> Option<(&str, &str)> {
             ..
         }
         | Event::ProvisionDenied {
+            entitlement,
+            device_id,
+            ..
+        }
+        | Event::ProvisionDeniedByCode {
             entitlement,
             device_id,
             ..
@@ -538,6 +547,19 @@ struct Issued {
     policy: CompiledPolicy,
     /// Indexes of the policy's `hq-pool` key specs.
     pool_specs: Vec<usize>,
+    /// The policy module, compiled once for the replay.
+    code: Option<keyfab_policy_code::PolicyModule>,
+}
+
+/// A decision as the site's log records it.
+#[derive(Clone, Copy)]
+enum Recorded<'a> {
+    Allowed,
+    /// Refused with `code`; `reason` is the policy module's, when it refused.
+    Denied {
+        code: &'a String,
+        reason: Option<&'a String>,
+    },
 }
 
 struct Reconciler<'a> {
@@ -619,10 +641,20 @@ impl<'a> Reconciler<'a> {
                         .filter(|(_, k)| k.source == keyfab_policy::KeySource::HqPool)
                         .map(|(i, _)| i)
                         .collect();
+                    let code = record
+                        .policy
+                        .code
+                        .as_ref()
+                        .map(keyfab_policy_code::load_embedded)
+                        .transpose()
+                        .map_err(|e| {
+                            keyfab_policy::PolicyError::new("code.module", e.to_string())
+                        })?;
                     Some(Arc::new(Issued {
                         record,
                         policy,
                         pool_specs,
+                        code,
                     }))
                 } else {
                     None
@@ -784,8 +816,7 @@ impl<'a> Reconciler<'a> {
                     entitlement,
                     device_id,
                     station.as_deref(),
-                    true,
-                    None,
+                    Recorded::Allowed,
                     *pool_index,
                     keys,
                 )?;
@@ -802,8 +833,28 @@ impl<'a> Reconciler<'a> {
                     entitlement,
                     device_id,
                     station.as_deref(),
-                    false,
-                    Some(code),
+                    Recorded::Denied { code, reason: None },
+                    None,
+                    &[],
+                )?;
+            }
+            Event::ProvisionDeniedByCode {
+                entitlement,
+                device_id,
+                station,
+                code,
+                reason,
+                ..
+            } => {
+                self.decision(
+                    r,
+                    entitlement,
+                    device_id,
+                    station.as_deref(),
+                    Recorded::Denied {
+                        code,
+                        reason: Some(reason),
+                    },
                     None,
                     &[],
                 )?;
@@ -828,10 +879,20 @@ impl<'a> Reconciler<'a> {
                         "a confirmation of a device that received no keys".into(),
                     );
                 }
+                let code_day = match self.issued(entitlement)? {
+                    Some(entry) if entry.code.is_some() => Some(self.day_of(&entry, r.time)),
+                    _ => None,
+                };
                 let rep = self.replica(entitlement)?;
                 match result.as_str() {
                     "programmed" => rep.confirmed += 1,
-                    "failed" => rep.burned += 1,
+                    "failed" => {
+                        rep.burned += 1;
+                        // Only the first confirmation of a device reaches the log.
+                        if let (Some(day), true) = (code_day, released) {
+                            rep.code.record_failed(&day);
+                        }
+                    }
                     _ => {}
                 }
                 if !matches!(result.as_str(), "programmed" | "failed") {
@@ -858,11 +919,11 @@ impl<'a> Reconciler<'a> {
         entitlement: &str,
         device_id: &str,
         station: Option<&str>,
-        allowed: bool,
-        code: Option<&String>,
+        recorded: Recorded<'_>,
         pool_index: Option<u64>,
         keys: &[keyfab_audit::AuditedKey],
     ) -> Result<()> {
+        let allowed = matches!(recorded, Recorded::Allowed);
         let Some(entry) = self.issued(entitlement)? else {
             if allowed {
                 self.violation(
@@ -892,7 +953,7 @@ impl<'a> Reconciler<'a> {
             };
             (state, rep.next_pool)
         };
-        let decision = entry.policy.decide(
+        let built_in = entry.policy.decide(
             &state,
             &keyfab_policy::Request {
                 device_id,
@@ -901,33 +962,84 @@ impl<'a> Reconciler<'a> {
             },
             r.time,
         );
-        if !allowed {
+        // The module runs where the site ran it: after the built-in rules allowed.
+        let (decision, reason) = match (built_in, &entry.code) {
+            (Decision::Allow, Some(module)) => {
+                let counted = keyfab_policy_code::Counted {
+                    total: state.total,
+                    today: state.today,
+                };
+                let policy = &entry.policy;
+                let evaluation = self
+                    .replica(entitlement)?
+                    .code
+                    .evaluate(module, policy, r.time, &day, counted, device_id, station);
+                match evaluation.verdict {
+                    keyfab_policy_code::Verdict::Allow => (Decision::Allow, None),
+                    keyfab_policy_code::Verdict::Deny { reason } => {
+                        (Decision::Deny(DenyCode::PolicyDenied), Some(reason))
+                    }
+                    keyfab_policy_code::Verdict::Error { reason } => {
+                        (Decision::Deny(DenyCode::PolicyError), Some(reason))
+                    }
+                }
+            }
+            (other, _) => (other, None),
+        };
+        if let Recorded::Denied {
+            code,
+            reason: recorded_reason,
+        } = recorded
+        {
             *self
                 .replica(entitlement)?
                 .refusals
-                .entry(code.cloned().unwrap_or_default())
+                .entry(code.clone())
                 .or_insert(0) += 1;
-            if decision == Decision::Allow {
-                self.violation(
+            match decision {
+                Decision::Allow => self.violation(
                     r,
                     Some(entitlement),
                     Some(device_id),
                     "denied_but_allowed",
-                    format!(
-                        "the site refused with {}, the policy allows it",
-                        code.cloned().unwrap_or_default()
-                    ),
-                );
+                    format!("the site refused with {code}, the policy allows it"),
+                ),
+                Decision::Deny(c) if recorded_reason.is_some() => {
+                    // A module's refusal must replay exactly: the same code, and for
+                    // `policy_denied` the same reason.
+                    let same = c.code() == code
+                        && (c != DenyCode::PolicyDenied
+                            || reason.as_deref() == recorded_reason.map(String::as_str));
+                    if !same {
+                        self.violation(
+                            r,
+                            Some(entitlement),
+                            Some(device_id),
+                            "code_replay_differs",
+                            format!(
+                                "the site's module refused with {code} ({}), the replay gives {} ({})",
+                                recorded_reason.map_or("", String::as_str),
+                                c.code(),
+                                reason.as_deref().unwrap_or("")
+                            ),
+                        );
+                    }
+                }
+                Decision::Deny(_) => {}
             }
             return Ok(());
         }
         if let Decision::Deny(c) = decision {
+            let because = reason.map(|r| format!(" ({r})")).unwrap_or_default();
             self.violation(
                 r,
                 Some(entitlement),
                 Some(device_id),
                 c.code(),
-                format!("keys released although the policy refuses: {}", c.code()),
+                format!(
+                    "keys released although the policy refuses: {}{because}",
+                    c.code()
+                ),
             );
         }
         // Pool keys: the next slot, and exactly the keys HQ put there.
@@ -969,8 +1081,12 @@ impl<'a> Reconciler<'a> {
         }
         // A device released twice keeps the index entry of its first release.
         self.devices.insert(entitlement, device_id, r.sequence);
+        let has_code = entry.code.is_some();
         let rep = self.replica(entitlement)?;
         rep.total += 1;
+        if has_code {
+            rep.code.record_allowed(&day, station);
+        }
         match rep.days.get_mut(&day) {
             Some(n) => *n += 1,
             None => {

@@ -49,6 +49,17 @@ pub fn load_policy(policy_path: &Path) -> Result<Policy> {
         }
         keys.push(key.to_pem());
     }
+    let draft = match draft.code_path() {
+        Some(rel) => {
+            let path = base.join(rel);
+            let wasm = std::fs::read(&path)
+                .map_err(|e| PolicyError::new("code.module", format!("{}: {e}", path.display())))?;
+            let code = keyfab_policy_code::embed(rel, wasm)
+                .map_err(|e| PolicyError::new("code.module", format!("{rel}: {e}")))?;
+            draft.with_code(code)
+        }
+        None => draft,
+    };
     Ok(draft.finish(keys)?)
 }
 

@@ -16,9 +16,11 @@
 //! traps fails closed with [`Verdict::Error`].
 #![forbid(unsafe_code)]
 
+mod counters;
 mod host;
 mod state;
 
+pub use counters::{CodeCounters, Counted};
 pub use state::{ModuleState, MAX_STATE_ENTRIES, MAX_STATE_KEY_BYTES, MAX_STATE_VALUE_BYTES};
 
 use host::Host;
@@ -332,6 +334,34 @@ fn describe_failure(e: &wasmi::Error) -> String {
             text[..cut].to_owned()
         }
     }
+}
+
+/// Checks `wasm` and wraps it for the policy: what HQ signs into the entitlement.
+pub fn embed(name: &str, wasm: Vec<u8>) -> Result<keyfab_policy::PolicyCode, ModuleError> {
+    PolicyModule::load(&wasm)?;
+    Ok(keyfab_policy::PolicyCode {
+        name: name.to_owned(),
+        sha256: sha256_hex(&wasm),
+        module: wasm,
+    })
+}
+
+/// Loads the module a policy carries, after checking it is the one its SHA-256 names.
+pub fn load_embedded(code: &keyfab_policy::PolicyCode) -> Result<PolicyModule, ModuleError> {
+    if sha256_hex(&code.module) != code.sha256 {
+        return Err(ModuleError::Invalid(format!(
+            "{}: the module does not match its SHA-256",
+            code.name
+        )));
+    }
+    PolicyModule::load(&code.module)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    keyfab_crypto::hash::sha256(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]

@@ -18,6 +18,10 @@ pub enum DenyCode {
     DeviceAlreadyProvisioned,
     QuotaExceeded,
     DailyLimitExceeded,
+    /// The entitlement's policy module refused.
+    PolicyDenied,
+    /// The policy module failed (trapped, ran out of fuel or memory): fail closed.
+    PolicyError,
 }
 
 impl DenyCode {
@@ -33,6 +37,8 @@ impl DenyCode {
             DenyCode::DeviceAlreadyProvisioned => "device_already_provisioned",
             DenyCode::QuotaExceeded => "quota_exceeded",
             DenyCode::DailyLimitExceeded => "daily_limit_exceeded",
+            DenyCode::PolicyDenied => "policy_denied",
+            DenyCode::PolicyError => "policy_error",
         }
     }
 }
@@ -148,6 +154,27 @@ impl CompiledPolicy {
             start: now,
             end: now.saturating_add(1),
         })
+    }
+
+    /// The civil clock of `now` in the policy's time zone, as a policy module reads it:
+    /// days since 1970-01-01 of the local date, and wall-clock seconds since local
+    /// midnight.
+    pub fn local_clock(&self, now: i64) -> (i64, i64) {
+        let Ok(t) = jiff::Timestamp::from_second(now) else {
+            return (now.div_euclid(86_400), now.rem_euclid(86_400));
+        };
+        let zoned = t.to_zoned(self.tz.clone());
+        let date = zoned.date();
+        let day = date
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .map_or(now.div_euclid(86_400), |z| {
+                z.timestamp().as_second().div_euclid(86_400)
+            });
+        let time = zoned.time();
+        let second = i64::from(time.hour()) * 3600
+            + i64::from(time.minute()) * 60
+            + i64::from(time.second());
+        (day, second)
     }
 
     /// Whether `device_id` is acceptable by the policy's pattern and keyfab's own limits

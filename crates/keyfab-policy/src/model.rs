@@ -124,6 +124,33 @@ pub struct Policy {
     pub allowed_stations: Option<Vec<String>>,
     pub keys: Vec<KeySpec>,
     pub approval: Option<Approval>,
+    /// The policy module (`[code]`), run after the built-in rules. Absent from the
+    /// encoding when there is none, so entitlements without code keep their bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<PolicyCode>,
+}
+
+/// A WebAssembly policy module as it travels, signed, in the entitlement
+/// (docs/POLICY-CODE.md). `keyfab-policy-code` checks and runs it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyCode {
+    /// The file name the author gave in `[code] module`, for reports.
+    pub name: String,
+    /// SHA-256 of `module`, lowercase hex: how reports and the audit name the module.
+    pub sha256: String,
+    #[serde(with = "serde_bytes")]
+    pub module: Vec<u8>,
+}
+
+impl std::fmt::Debug for PolicyCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyCode")
+            .field("name", &self.name)
+            .field("sha256", &self.sha256)
+            .field("bytes", &self.module.len())
+            .finish()
+    }
 }
 
 impl Policy {
@@ -189,6 +216,18 @@ impl Policy {
         self.validate_keys()?;
         if let Some(a) = &self.approval {
             validate_approval(a)?;
+        }
+        if let Some(c) = &self.code {
+            let hex_ok = c.sha256.len() == 64
+                && c.sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !hex_ok || c.module.is_empty() {
+                return Err(PolicyError::new(
+                    "code.module",
+                    "the embedded module or its SHA-256 is malformed",
+                ));
+            }
         }
         Ok(())
     }

@@ -21,6 +21,14 @@ struct PolicyToml {
     #[serde(default)]
     keys: Vec<KeyToml>,
     approval: Option<ApprovalToml>,
+    code: Option<CodeToml>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CodeToml {
+    /// Path of the `.wasm` module, relative to the policy file.
+    module: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +80,7 @@ struct ApprovalToml {
 pub struct PolicyDraft {
     policy: Policy,
     approver_paths: Vec<String>,
+    code_path: Option<String>,
 }
 
 fn timestamp(field: &str, text: &str) -> Result<i64, PolicyError> {
@@ -219,12 +228,32 @@ impl PolicyDraft {
             allowed_stations: raw.stations.and_then(|s| s.allowed),
             keys,
             approval,
+            code: None,
         };
         policy.validate()?;
+        let code_path = match raw.code {
+            Some(c) if c.module.trim().is_empty() => {
+                return Err(PolicyError::new("code.module", "must name a .wasm file"))
+            }
+            Some(c) => Some(c.module),
+            None => None,
+        };
         Ok(Self {
             policy,
             approver_paths,
+            code_path,
         })
+    }
+
+    /// The policy module file `[code] module` names, relative to the policy file.
+    pub fn code_path(&self) -> Option<&str> {
+        self.code_path.as_deref()
+    }
+
+    /// Puts in the policy module the caller read from [`Self::code_path`] and checked.
+    pub fn with_code(mut self, code: PolicyCode) -> Self {
+        self.policy.code = Some(code);
+        self
     }
 
     /// The approver key files the policy lists, relative to the policy file.
@@ -247,6 +276,12 @@ impl PolicyDraft {
             return Err(PolicyError::new(
                 "approval",
                 "keys given but no [approval] section",
+            ));
+        }
+        if self.code_path.is_some() && self.policy.code.is_none() {
+            return Err(PolicyError::new(
+                "code.module",
+                "the module file has not been read",
             ));
         }
         self.policy.validate()?;

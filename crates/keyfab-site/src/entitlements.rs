@@ -190,6 +190,14 @@ pub fn import(
     }
 
     let (content, mut pool_reader) = open_entitlement(&envelope, recipient)?;
+    // The policy module: the one HQ hashed and signed, and runnable here.
+    if let Some(code) = &content.policy.code {
+        keyfab_policy_code::load_embedded(code).map_err(|e| {
+            Error::Verification(keyfab_formats::FormatError::Malformed(format!(
+                "policy module: {e}"
+            )))
+        })?;
+    }
     // HQ's last accepted checkpoint of this site must still be in the log (tier B).
     if let Some(acked) = &content.acknowledged {
         crate::checkpoints::check_consistent(node, acked)?;

@@ -22,9 +22,11 @@ use keyfab_crypto::sign::SigningKey;
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{self, Validity};
 use keyfab_node::{decode, encode, Error, Node, Result};
+use keyfab_policy::PolicyError;
 use keyfab_policy::{
     CompiledPolicy, Decision, DenyCode, EntitlementState, KeySource, KeySpec, KeyType,
 };
+use keyfab_policy_code::{CodeCounters, Counted, PolicyModule, Verdict};
 use keyfab_store::{Table, Txn, Versioned};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -178,6 +180,9 @@ struct RequestRecord {
     audit_sequence: u64,
     /// `None` when allowed, else the refusal code.
     denied: Option<DenyCode>,
+    /// The policy module's reason, when it refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
 }
 
 /// Per-entitlement runtime state (counters, activation, revocation), one record so a
@@ -195,6 +200,13 @@ pub struct Counters {
     pub next_pool: u64,
     /// Devices allowed per calendar day (policy time zone), `YYYY-MM-DD` → count.
     pub days: BTreeMap<String, u64>,
+    /// Kept only when the policy has a module: its inputs and state.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub code: CodeCounters,
+}
+
+fn is_default(c: &CodeCounters) -> bool {
+    *c == CodeCounters::default()
 }
 
 /// Everything needed to provision under one entitlement, unsealed once.
@@ -207,6 +219,8 @@ struct EntitlementContext {
     device_issuer: x509::DeviceIssuer,
     master: Secret32,
     chain: Vec<Vec<u8>>,
+    /// The policy module, compiled once.
+    code: Option<PolicyModule>,
 }
 
 /// Work done before the committer: one entry per key spec of the policy.
@@ -396,6 +410,13 @@ impl Provisioner {
             master: Secret32::from_slice(master.expose())
                 .ok_or_else(|| Error::InvalidState("master secret".into()))?,
             chain: vec![record.batch_ca_cert.clone(), record.hq_cluster_cert.clone()],
+            code: record
+                .policy
+                .code
+                .as_ref()
+                .map(keyfab_policy_code::load_embedded)
+                .transpose()
+                .map_err(|e| PolicyError::new("code.module", e.to_string()))?,
             dek,
             record,
         });
@@ -619,7 +640,7 @@ impl Provisioner {
             )));
         }
         if let Some(code) = rr.denied {
-            return Err(denied(code, &req.device_id));
+            return Err(denied(code, &req.device_id, rr.reason.as_deref()));
         }
         let v = self
             .node
@@ -812,11 +833,12 @@ fn crypto_worker(node: &Node, work: &Mutex<mpsc::Receiver<Work>>, jobs: &mpsc::S
     }
 }
 
-fn denied(code: DenyCode, device_id: &str) -> Error {
+fn denied(code: DenyCode, device_id: &str, reason: Option<&str>) -> Error {
+    let because = reason.map(|r| format!(" ({r})")).unwrap_or_default();
     Error::Denied {
         code: code.code(),
         message: format!(
-            "device '{device_id}' refused by the policy: {}",
+            "device '{device_id}' refused by the policy: {}{because}",
             code.code()
         ),
     }
@@ -951,6 +973,43 @@ impl Carried {
             devices: Default::default(),
             confirmed: HashMap::new(),
         })
+    }
+}
+
+impl Carried {
+    /// The counters of `entitlement` as this batch has them, read once per batch; the
+    /// entitlement joins `touched` so they are written back with the batch.
+    fn counters_of(
+        &mut self,
+        store: &dyn keyfab_store::Store,
+        entitlement: &str,
+        touched: &mut Vec<String>,
+    ) -> Result<&mut Counters> {
+        if !self.counters.contains_key(entitlement) {
+            let v = store.get(Table::Counters, entitlement.as_bytes())?;
+            let c = match &v {
+                Some(v) => decode(&v.value)?,
+                None => Counters::default(),
+            };
+            self.counters
+                .insert(entitlement.to_owned(), (c, v.map(|v| v.revision)));
+        }
+        if !touched.iter().any(|t| t == entitlement) {
+            touched.push(entitlement.to_owned());
+        }
+        self.counters
+            .get_mut(entitlement)
+            .map(|(c, _)| c)
+            .ok_or_else(|| Error::InvalidState("counters".into()))
+    }
+}
+
+/// The decision a policy module's verdict makes, and its reason when it refused.
+fn code_decision(verdict: Verdict) -> (Decision, Option<String>) {
+    match verdict {
+        Verdict::Allow => (Decision::Allow, None),
+        Verdict::Deny { reason } => (Decision::Deny(DenyCode::PolicyDenied), Some(reason)),
+        Verdict::Error { reason } => (Decision::Deny(DenyCode::PolicyError), Some(reason)),
     }
 }
 
@@ -1121,7 +1180,7 @@ fn decide_batch(
         } = job;
         let (stored_request, stored_device) = (stored.next().flatten(), stored.next().flatten());
         if let Some(result) = confirm {
-            outcomes.push(confirm_device(
+            let outcome = confirm_device(
                 &mut txn,
                 &mut log,
                 now,
@@ -1130,7 +1189,22 @@ fn decide_batch(
                 stored_device,
                 &mut st.confirmed,
                 &dev_key,
-            ));
+            );
+            // A policy module may count today's programming failures.
+            let first_failure = matches!(
+                outcome,
+                Ok(Outcome::Confirmed {
+                    repeated: false,
+                    ..
+                })
+            ) && result == Programming::Failed;
+            if first_failure && ctx.code.is_some() {
+                let day = ctx.policy.day_of(now);
+                st.counters_of(store, &req.entitlement, &mut touched)?
+                    .code
+                    .record_failed(&day);
+            }
+            outcomes.push(outcome);
             continue;
         }
         let earlier = match st.requests.get(&req_key) {
@@ -1152,6 +1226,7 @@ fn decide_batch(
                         device_id: req.device_id.clone(),
                         audit_sequence: d.audit_sequence,
                         denied: None,
+                        reason: None,
                     })));
                     continue;
                 }
@@ -1159,22 +1234,7 @@ fn decide_batch(
             }
             (false, None) => false,
         };
-        if !st.counters.contains_key(&req.entitlement) {
-            let v = store.get(Table::Counters, req.entitlement.as_bytes())?;
-            let c = match &v {
-                Some(v) => decode(&v.value)?,
-                None => Counters::default(),
-            };
-            st.counters
-                .insert(req.entitlement.clone(), (c, v.map(|v| v.revision)));
-        }
-        if !touched.contains(&req.entitlement) {
-            touched.push(req.entitlement.clone());
-        }
-        let (c, _) = st
-            .counters
-            .get_mut(&req.entitlement)
-            .ok_or_else(|| Error::InvalidState("counters".into()))?;
+        let c = st.counters_of(store, &req.entitlement, &mut touched)?;
         let day = ctx.policy.day_of(now);
         let state = EntitlementState {
             revoked: c.revoked,
@@ -1187,7 +1247,7 @@ fn decide_batch(
             total: c.total,
             today: c.days.get(&day).copied().unwrap_or(0),
         };
-        let decision = ctx.policy.decide(
+        let built_in = ctx.policy.decide(
             &state,
             &keyfab_policy::Request {
                 device_id: &req.device_id,
@@ -1196,27 +1256,61 @@ fn decide_batch(
             },
             now,
         );
+        // The policy module has the last word, in this same transaction.
+        let (decision, reason) = match (built_in, &ctx.code) {
+            (Decision::Allow, Some(module)) => {
+                let counted = Counted {
+                    total: c.total,
+                    today: state.today,
+                };
+                let evaluation = c.code.evaluate(
+                    module,
+                    &ctx.policy,
+                    now,
+                    &day,
+                    counted,
+                    &req.device_id,
+                    req.station.as_deref(),
+                );
+                code_decision(evaluation.verdict)
+            }
+            (other, _) => (other, None),
+        };
         match decision {
             Decision::Deny(code) => {
-                let seq = log.append(
-                    &mut txn,
-                    now,
-                    Event::ProvisionDenied {
-                        entitlement: req.entitlement.clone(),
-                        request_id: req.request_id.clone(),
-                        device_id: req.device_id.clone(),
-                        station: req.station.clone(),
+                let (entitlement, request_id, device_id, station) = (
+                    req.entitlement.clone(),
+                    req.request_id.clone(),
+                    req.device_id.clone(),
+                    req.station.clone(),
+                );
+                let event = match reason.clone() {
+                    Some(reason) => Event::ProvisionDeniedByCode {
+                        entitlement,
+                        request_id,
+                        device_id,
+                        station,
+                        code: code.code().to_owned(),
+                        reason,
+                    },
+                    None => Event::ProvisionDenied {
+                        entitlement,
+                        request_id,
+                        device_id,
+                        station,
                         code: code.code().to_owned(),
                     },
-                )?;
+                };
+                let seq = log.append(&mut txn, now, event)?;
+                outcomes.push(Err(denied(code, &req.device_id, reason.as_deref())));
                 let rr = RequestRecord {
                     device_id: req.device_id.clone(),
                     audit_sequence: seq,
                     denied: Some(code),
+                    reason,
                 };
                 txn.put(Table::Requests, &req_key, &encode(&rr)?);
                 st.requests.insert(req_key, rr);
-                outcomes.push(Err(denied(code, &req.device_id)));
             }
             Decision::Allow => {
                 let has_pool = prepared.iter().any(|p| matches!(p, Prepared::Pool));
@@ -1274,6 +1368,9 @@ fn decide_batch(
                     },
                 )?;
                 c.total += 1;
+                if ctx.code.is_some() {
+                    c.code.record_allowed(&day, req.station.as_deref());
+                }
                 *c.days.entry(day).or_insert(0) += 1;
                 if has_pool {
                     c.next_pool += 1;
@@ -1293,6 +1390,7 @@ fn decide_batch(
                     device_id: req.device_id.clone(),
                     audit_sequence: seq,
                     denied: None,
+                    reason: None,
                 };
                 txn.put(Table::Devices, &dev_key, &encode(&device)?);
                 st.devices.insert(dev_key);
