@@ -52,10 +52,12 @@ pub fn load_policy(policy_path: &Path) -> Result<Policy> {
     let draft = match draft.code_path() {
         Some(rel) => {
             let path = base.join(rel);
-            let wasm = std::fs::read(&path)
-                .map_err(|e| PolicyError::new("code.module", format!("{}: {e}", path.display())))?;
-            let code = keyfab_policy_code::embed(rel, wasm)
-                .map_err(|e| PolicyError::new("code.module", format!("{rel}: {e}")))?;
+            let refused = |e: &dyn std::fmt::Display| {
+                PolicyError::new("code.module", format!("{}: {e}", path.display()))
+            };
+            let bytes = std::fs::read(&path).map_err(|e| refused(&e))?;
+            let wasm = keyfab_policy_code::module_bytes(&path, bytes).map_err(|e| refused(&e))?;
+            let code = keyfab_policy_code::embed(rel, wasm).map_err(|e| refused(&e))?;
             draft.with_code(code)
         }
         None => draft,

@@ -16,6 +16,7 @@
 //! traps fails closed with [`Verdict::Error`].
 #![forbid(unsafe_code)]
 
+pub mod cases;
 mod counters;
 mod host;
 mod state;
@@ -355,6 +356,18 @@ pub fn load_embedded(code: &keyfab_policy::PolicyCode) -> Result<PolicyModule, M
         )));
     }
     PolicyModule::load(&code.module)
+}
+
+/// The module an author wrote: a `.wasm` file as it is, a `.wat` file (the WebAssembly
+/// text format) assembled to binary.
+pub fn module_bytes(path: &std::path::Path, bytes: Vec<u8>) -> Result<Vec<u8>, ModuleError> {
+    if path.extension().is_some_and(|e| e == "wat") {
+        wat::parse_bytes(&bytes)
+            .map(|b| b.into_owned())
+            .map_err(|e| ModuleError::Invalid(format!("WAT: {e}")))
+    } else {
+        Ok(bytes)
+    }
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

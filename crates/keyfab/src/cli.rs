@@ -105,6 +105,9 @@ pub enum Command {
     /// Approvers' personal keys.
     #[command(subcommand)]
     Approver(ApproverCommand),
+    /// Policy modules (WebAssembly rules that travel in the entitlement).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Run the whole journey in a temporary directory and say what happens at each step.
     #[command(after_help = "Example:\n  keyfab demo\n  keyfab demo --dir /tmp/kf --devices 5000")]
     Demo {
@@ -732,6 +735,27 @@ pub enum ApproverCommand {
         /// Path and name of the key pair, without extension: NAME.key and NAME.pub.
         #[arg(long, value_name = "NAME")]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Run a policy module against recorded cases, in order, before HQ signs it.
+    ///
+    /// The cases simulate one entitlement: allowed devices count toward the totals, the
+    /// per-station and per-day counters and the module's own state, as at a site; the
+    /// built-in quota and daily limit apply first. The module is checked as HQ checks it
+    /// (no floats, only the keyfab host API, `decide` and `memory` exported).
+    #[command(
+        after_help = "Example:\n  keyfab policy test --module examples/policies/shift-limit/shift-limit.wasm \\\n      --cases examples/policies/shift-limit/cases.json\n  keyfab policy test --module rules.wat --cases cases.json --json\n\nA cases file (JSON):\n  {\"timezone\": \"Asia/Shanghai\", \"devices\": 10000, \"daily\": 2000,\n   \"cases\": [\n     {\"at\": \"2026-11-25T08:00:00+08:00\", \"station\": \"line-1\", \"repeat\": 500, \"expect\": \"allow\"},\n     {\"at\": \"2026-11-25T13:59:59+08:00\", \"expect\": \"policy_denied\", \"reason\": \"shift\"},\n     {\"at\": \"2026-11-25T14:00:00+08:00\", \"confirm\": \"failed\", \"repeat\": 2}]}\n\nSee docs/POLICY-CODE.md. Exit 0 when every case holds, 1 otherwise."
+    )]
+    Test {
+        /// The module: a .wasm file, or .wat (WebAssembly text).
+        #[arg(long, value_name = "FILE")]
+        module: PathBuf,
+        /// The cases (JSON).
+        #[arg(long, value_name = "FILE")]
+        cases: PathBuf,
     },
 }
 
