@@ -158,7 +158,10 @@ pub fn run_cases(module: &PolicyModule, file: &CaseFile) -> Result<CasesReport, 
     let mut n = 0u64;
     let mut report = CasesReport::default();
     for (i, case) in file.cases.iter().enumerate() {
-        let label = case.name.clone().unwrap_or_else(|| format!("case {}", i + 1));
+        let label = case
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("case {}", i + 1));
         let at: jiff::Timestamp = case
             .at
             .parse()
