@@ -176,8 +176,9 @@ pub fn provision(
     devices: u64,
     dir: Option<&Path>,
     token_module: Option<&Path>,
+    policy_module: Option<&Path>,
 ) -> Result<Report, Failure> {
-    use keyfab_site::provision::{ProvisionRequest, Provisioner};
+    use keyfab_site::provision::Provisioner;
     use std::sync::Arc;
     let (_temp, base) = temp_or(dir)?;
     if token_module.is_some() {
@@ -193,11 +194,29 @@ pub fn provision(
     let text = format!(
         "product = \"bench\"\ndevices = {total}\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\n[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = {{ subject = \"CN={{device_id}},O=Bench\", days = 3650 }}\n"
     );
-    std::fs::write(&policy, text).map_err(|e| Failure::new("io", e.to_string()))?;
+    std::fs::write(&policy, &text).map_err(|e| Failure::new("io", e.to_string()))?;
     let kfe = base.join("provision.kfe");
     let created = run::entitlement_create(&ctx, &hq, "bench-site", &policy, &kfe)?;
     let id = created.json["id"].as_str().unwrap_or_default().to_owned();
     run::entitlement_import(&ctx, &site, &kfe)?;
+    // The same policy with the module: every level runs without it, then with it.
+    let code_id = match policy_module {
+        Some(module) => {
+            let name = module
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| Failure::new("usage", "--policy-module needs a file name"))?;
+            std::fs::copy(module, base.join(name)).map_err(|e| io_failure(module, e))?;
+            let with_code = base.join("provision-code.toml");
+            std::fs::write(&with_code, format!("{text}\n[code]\nmodule = \"{name}\"\n"))
+                .map_err(|e| Failure::new("io", e.to_string()))?;
+            let kfe = base.join("provision-code.kfe");
+            let created = run::entitlement_create(&ctx, &hq, "bench-site", &with_code, &kfe)?;
+            run::entitlement_import(&ctx, &site, &kfe)?;
+            Some(created.json["id"].as_str().unwrap_or_default().to_owned())
+        }
+        None => None,
+    };
 
     // The limit: raw per-device crypto on all cores.
     let signer = keyfab_crypto::sign::SigningKey::generate(&keyfab_crypto::rng::SystemRng)
@@ -216,70 +235,37 @@ pub fn provision(
     for c in levels {
         let start_index = next;
         next += devices;
-        let started = Instant::now();
-        // The callers are `c` tasks on one runtime thread, as a served node's connections
-        // are: `c` requests in flight without `c` threads to switch between.
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .map_err(|e| Failure::new("internal", e.to_string()))?;
-        let mut latencies: Vec<f64> = runtime.block_on(async {
-            let tasks: Vec<_> = (0..c)
-                .map(|t| {
-                    let p = provisioner.clone();
-                    let id = id.clone();
-                    tokio::spawn(async move {
-                        let mut lat = Vec::new();
-                        let mut i = start_index + t as u64;
-                        while i < start_index + devices {
-                            let t0 = Instant::now();
-                            let r = p
-                                .provision_async(ProvisionRequest {
-                                    entitlement: id.clone(),
-                                    device_id: format!("B-{i:09}"),
-                                    station: None,
-                                    request_id: format!("b-{i}"),
-                                    csr: None,
-                                    transport_key: None,
-                                })
-                                .await;
-                            if r.is_ok() {
-                                lat.push(t0.elapsed().as_secs_f64() * 1000.0);
-                            }
-                            i += c as u64;
-                        }
-                        lat
-                    })
-                })
-                .collect();
-            let mut all = Vec::new();
-            for t in tasks {
-                all.extend(t.await.unwrap_or_default());
-            }
-            all
-        });
-        let secs = started.elapsed().as_secs_f64();
-        if latencies.len() as u64 != devices {
-            return Err(Failure::new(
-                "internal",
-                format!(
-                    "only {} of {devices} devices were provisioned",
-                    latencies.len()
-                ),
-            ));
-        }
-        latencies.sort_by(|a, b| a.total_cmp(b));
-        let pct =
-            |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-        let rate = devices as f64 / secs;
+        let plain = run_level(&provisioner, &id, c, start_index, devices, "B")?;
         text.push_str(&format!(
-            "concurrency {c:>3}: {rate:>9.0} devices/s  ratio {:.2}  p50 {:.2} ms  p99 {:.2} ms\n",
-            rate / raw,
-            pct(0.50),
-            pct(0.99)
+            "concurrency {c:>3}: {:>9.0} devices/s  ratio {:.2}  p50 {:.2} ms  p99 {:.2} ms\n",
+            plain.rate,
+            plain.rate / raw,
+            plain.p50,
+            plain.p99
         ));
-        rows.push(json!({"concurrency": c, "devices": devices, "devices_per_s": rate, "ratio": rate / raw, "p50_ms": pct(0.50), "p99_ms": pct(0.99)}));
+        let mut row = json!({"concurrency": c, "devices": devices, "devices_per_s": plain.rate, "ratio": plain.rate / raw, "p50_ms": plain.p50, "p99_ms": plain.p99});
+        if let Some(code_id) = &code_id {
+            let coded = run_level(&provisioner, code_id, c, start_index, devices, "C")?;
+            text.push_str(&format!(
+                "  with the policy module: {:>9.0} devices/s  {:.2} of without  p99 {:.2} ms  ({} refused by the module)\n",
+                coded.rate,
+                coded.rate / plain.rate,
+                coded.p99,
+                coded.refused
+            ));
+            row["policy_module"] = json!({"devices_per_s": coded.rate, "of_without": coded.rate / plain.rate, "p50_ms": coded.p50, "p99_ms": coded.p99, "refused_by_module": coded.refused});
+        }
+        rows.push(row);
     }
     let mut json = json!({"raw_device_crypto_per_s": raw, "levels": rows});
+    if let Some(module) = policy_module {
+        let (micros, fuel) = module_cost(module, 20_000)?;
+        text.push_str(&format!(
+            "policy module {}: {micros:.2} µs per evaluation (fresh instance, state read and written; goal ≤ 10), {fuel} fuel\n",
+            module.display()
+        ));
+        json["policy_module"] = json!({"module": module, "us_per_evaluation": micros, "fuel": fuel});
+    }
     if let Some(module) = token_module {
         drop(provisioner);
         let keyfab_rate = rows
@@ -306,6 +292,126 @@ pub fn provision(
         });
     }
     Ok(Report::new(text, json))
+}
+
+fn io_failure(path: &Path, e: std::io::Error) -> Failure {
+    Failure::new("io", format!("{}: {e}", path.display()))
+}
+
+/// One concurrency level's figures.
+struct Level {
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    /// Requests the policy module refused (they still went through decide-and-record).
+    refused: u64,
+}
+
+/// Provisions `devices` devices of `entitlement` with `c` requests in flight.
+fn run_level(
+    provisioner: &std::sync::Arc<keyfab_site::provision::Provisioner>,
+    entitlement: &str,
+    c: usize,
+    start_index: u64,
+    devices: u64,
+    prefix: &str,
+) -> Result<Level, Failure> {
+    use keyfab_site::provision::ProvisionRequest;
+    let started = Instant::now();
+    // The callers are `c` tasks on one runtime thread, as a served node's connections
+    // are: `c` requests in flight without `c` threads to switch between.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| Failure::new("internal", e.to_string()))?;
+    let results: Vec<(f64, bool)> = runtime.block_on(async {
+        let tasks: Vec<_> = (0..c)
+            .map(|t| {
+                let p = provisioner.clone();
+                let id = entitlement.to_owned();
+                let prefix = prefix.to_owned();
+                tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    let mut i = start_index + t as u64;
+                    while i < start_index + devices {
+                        let t0 = Instant::now();
+                        let r = p
+                            .provision_async(ProvisionRequest {
+                                entitlement: id.clone(),
+                                device_id: format!("{prefix}-{i:09}"),
+                                station: None,
+                                request_id: format!("{prefix}-{i}"),
+                                csr: None,
+                                transport_key: None,
+                            })
+                            .await;
+                        let decided = match &r {
+                            Ok(_) => Some(false),
+                            Err(e) if e.code() == "policy_denied" => Some(true),
+                            Err(_) => None,
+                        };
+                        if let Some(refused) = decided {
+                            lat.push((t0.elapsed().as_secs_f64() * 1000.0, refused));
+                        }
+                        i += c as u64;
+                    }
+                    lat
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap_or_default());
+        }
+        all
+    });
+    let secs = started.elapsed().as_secs_f64();
+    if results.len() as u64 != devices {
+        return Err(Failure::new(
+            "internal",
+            format!(
+                "only {} of {devices} requests were decided",
+                results.len()
+            ),
+        ));
+    }
+    let refused = results.iter().filter(|(_, r)| *r).count() as u64;
+    let mut latencies: Vec<f64> = results.into_iter().map(|(l, _)| l).collect();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let pct = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    Ok(Level {
+        rate: devices as f64 / secs,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        refused,
+    })
+}
+
+/// µs per evaluation of `module` on one thread, as decide-and-record runs it (a fresh
+/// instance, the entitlement's state in and out), and the fuel one evaluation used.
+fn module_cost(module: &Path, evaluations: u32) -> Result<(f64, u64), Failure> {
+    let bytes = std::fs::read(module).map_err(|e| io_failure(module, e))?;
+    let wasm = keyfab_policy_code::module_bytes(module, bytes)
+        .map_err(|e| Failure::new("malformed", e.to_string()))?;
+    let loaded = keyfab_policy_code::PolicyModule::load(&wasm)
+        .map_err(|e| Failure::new("malformed", e.to_string()))?;
+    let mut state = keyfab_policy_code::ModuleState::default();
+    let request = keyfab_policy_code::Request {
+        device_id: "B-000000001",
+        station: Some("line-1"),
+        facts: keyfab_policy_code::Facts {
+            now: 1_800_000_000,
+            local_day: 20_833,
+            local_second: 36_000,
+            ..Default::default()
+        },
+    };
+    let mut fuel = 0;
+    let started = Instant::now();
+    for _ in 0..evaluations {
+        fuel = loaded.evaluate(&request, &mut state).fuel_used;
+    }
+    let micros = started.elapsed().as_secs_f64() * 1e6 / f64::from(evaluations);
+    Ok((micros, fuel))
 }
 
 fn child(ctx: &Context, args: &[&str]) -> Result<(serde_json::Value, f64), Failure> {

@@ -781,7 +781,7 @@ pub enum BenchCommand {
     /// site-generated ec-p256 keys and a device certificate each; compare with the raw
     /// per-device crypto rate of this machine.
     #[command(
-        after_help = "Examples:\n  keyfab bench provision                  # concurrency 1, 8 and 64\n  keyfab bench provision --concurrency 64 --devices 20000 --json\n  keyfab bench provision --custody pkcs11  # HQ and site keys in SoftHSM2, against an HSM-centred baseline"
+        after_help = "Examples:\n  keyfab bench provision                  # concurrency 1, 8 and 64\n  keyfab bench provision --concurrency 64 --devices 20000 --json\n  keyfab bench provision --custody pkcs11  # HQ and site keys in SoftHSM2, against an HSM-centred baseline\n  keyfab bench provision --concurrency 64 --policy-module examples/policies/failure-pause/rules.wat"
     )]
     Provision {
         /// Concurrent requests (default: 1, 8 and 64 in turn).
@@ -804,6 +804,10 @@ pub enum BenchCommand {
             default_value = "/usr/lib/softhsm/libsofthsm2.so"
         )]
         pkcs11_module: PathBuf,
+        /// A policy module (.wasm or .wat): every level also runs an entitlement with it,
+        /// and the module's cost per evaluation is measured.
+        #[arg(long, value_name = "FILE")]
+        policy_module: Option<PathBuf>,
     },
     /// The whole production-line path: `site serve` in its own process, stations over
     /// mutual TLS, keys sealed to each chip, opened, checked and confirmed; compare with

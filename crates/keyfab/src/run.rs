@@ -198,9 +198,17 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             dir,
             custody,
             pkcs11_module,
+            policy_module,
         }) => {
             let token = (custody == "pkcs11").then_some(pkcs11_module.as_path());
-            crate::bench::provision(&ctx, concurrency, devices, dir.as_deref(), token)
+            crate::bench::provision(
+                &ctx,
+                concurrency,
+                devices,
+                dir.as_deref(),
+                token,
+                policy_module.as_deref(),
+            )
         }
         Command::Bench(BenchCommand::Audit {
             records,
