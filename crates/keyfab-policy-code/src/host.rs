@@ -21,9 +21,9 @@ pub(crate) const FUNCTIONS: [&str; 7] = [
 /// What one evaluation's instance may reach.
 pub(crate) struct Host {
     pub(crate) limits: StoreLimits,
-    device_id: String,
-    station: Option<String>,
-    facts: Facts,
+    pub(crate) device_id: String,
+    pub(crate) station: Option<String>,
+    pub(crate) facts: Facts,
     pub(crate) state: ModuleState,
     pub(crate) reason: Option<String>,
 }

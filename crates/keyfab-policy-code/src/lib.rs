@@ -34,7 +34,7 @@ pub const DECIDE_EXPORT: &str = "decide";
 /// The memory a module exports so the host can read and write its buffers.
 pub const MEMORY_EXPORT: &str = "memory";
 /// Largest module accepted, in bytes.
-pub const MAX_MODULE_BYTES: usize = 1 << 20;
+pub const MAX_MODULE_BYTES: usize = 256 * 1024;
 /// Fuel for one evaluation: instantiation and `decide` together. Roughly one unit per
 /// instruction; a few thousand are plenty for counting rules.
 pub const FUEL_PER_DECISION: u64 = 1_000_000;
@@ -237,25 +237,62 @@ impl PolicyModule {
         store
     }
 
-    /// Runs the module once for `request`. On [`Verdict::Allow`] and [`Verdict::Deny`] the
-    /// module's writes are in `state`; on [`Verdict::Error`] `state` is unchanged.
-    pub fn evaluate(&self, request: &Request<'_>, state: &mut ModuleState) -> Evaluation {
-        let host = Host::new(
-            request.device_id,
-            request.station,
-            request.facts,
-            // Only this evaluation's writes may be undone.
-            std::mem::take(state).into_committed(),
-        );
-        let mut store = self.store(host);
-        let result = self
+    /// A fresh instance of the module, ready for one decision.
+    fn instantiate(&self) -> ReadyInstance {
+        let mut store = self.store(Host::new(
+            "",
+            None,
+            Facts::default(),
+            ModuleState::default(),
+        ));
+        let decide = self
             .linker
             .instantiate_and_start(&mut store, &self.module)
-            .and_then(|instance| {
-                instance
-                    .get_typed_func::<(), i32>(&store, DECIDE_EXPORT)?
-                    .call(&mut store, ())
-            });
+            .and_then(|instance| instance.get_typed_func::<(), i32>(&store, DECIDE_EXPORT))
+            .map_err(|e| describe_failure(&e));
+        ReadyInstance { store, decide }
+    }
+
+    /// Runs the module once for `request` on a fresh instance. On [`Verdict::Allow`] and
+    /// [`Verdict::Deny`] the module's writes are in `state`; on [`Verdict::Error`] `state`
+    /// is unchanged.
+    pub fn evaluate(&self, request: &Request<'_>, state: &mut ModuleState) -> Evaluation {
+        self.instantiate().run(request, state)
+    }
+}
+
+/// A fresh instance of a policy module, for exactly one decision.
+struct ReadyInstance {
+    store: Store<Host>,
+    decide: Result<wasmi::TypedFunc<(), i32>, String>,
+}
+
+impl std::fmt::Debug for ReadyInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadyInstance").finish_non_exhaustive()
+    }
+}
+
+impl ReadyInstance {
+    /// Decides `request`; see [`PolicyModule::evaluate`].
+    fn run(self, request: &Request<'_>, state: &mut ModuleState) -> Evaluation {
+        let Self { mut store, decide } = self;
+        {
+            let host = store.data_mut();
+            host.device_id = request.device_id.to_owned();
+            host.station = request.station.map(str::to_owned);
+            host.facts = request.facts;
+            // Only this evaluation's writes may be undone.
+            host.state = std::mem::take(state).into_committed();
+        }
+        // Fuel is enabled by `engine()`, so this cannot fail.
+        let _ = store.set_fuel(FUEL_PER_DECISION);
+        let result = match decide {
+            Ok(decide) => decide
+                .call(&mut store, ())
+                .map_err(|e| describe_failure(&e)),
+            Err(failed) => Err(failed),
+        };
         let fuel_used = FUEL_PER_DECISION.saturating_sub(store.get_fuel().unwrap_or(0));
         let mut host = store.into_data();
         let verdict = match result {
@@ -266,9 +303,7 @@ impl PolicyModule {
             Ok(other) => Verdict::Error {
                 reason: format!("decide returned {other}; 0 allows, 1 denies"),
             },
-            Err(e) => Verdict::Error {
-                reason: describe_failure(&e),
-            },
+            Err(reason) => Verdict::Error { reason },
         };
         if matches!(verdict, Verdict::Error { .. }) {
             host.state.roll_back();

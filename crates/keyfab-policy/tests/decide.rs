@@ -22,6 +22,7 @@ fn policy(devices: u64, daily: Option<u64>, from: i64, until: i64, tz: &str) -> 
             certificate: None,
         }],
         approval: None,
+        code: None,
     })
     .unwrap()
 }
@@ -233,4 +234,48 @@ fn rule_order_gives_the_first_failing_code() {
         "daily_limit_exceeded"
     );
     assert_eq!(deny(fresh, REQ, 150), "allow");
+}
+
+#[test]
+fn the_local_clock_a_policy_module_reads_follows_the_zone() {
+    // 01:30 UTC on the day Berlin moves to summer time is 03:30 there.
+    let berlin = policy(10, None, 0, i64::MAX, "Europe/Berlin");
+    assert_eq!(
+        berlin.local_clock(1_774_747_800),
+        (20_541, 3 * 3600 + 30 * 60)
+    );
+    // 23:30 UTC on 2026-11-24 is already 07:30 on the 25th in Shanghai.
+    let shanghai = policy(10, None, 0, i64::MAX, "Asia/Shanghai");
+    assert_eq!(
+        shanghai.local_clock(1_795_563_000),
+        (20_782, 7 * 3600 + 30 * 60)
+    );
+    // Before 1970 the day number is negative, the second still in 0..86_400.
+    let utc = policy(10, None, i64::MIN, i64::MAX, "UTC");
+    assert_eq!(utc.local_clock(-1), (-1, 86_399));
+}
+
+#[test]
+fn a_code_section_names_its_module_and_needs_it_read() {
+    let draft = keyfab_policy::PolicyDraft::parse(
+        "product = \"p\"\ndevices = 5\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2027-01-01T00:00:00Z\"\n[[keys]]\nname = \"k\"\ntype = \"ed25519\"\nsource = \"site\"\n[code]\nmodule = \"rules.wasm\"\n",
+    )
+    .unwrap();
+    assert_eq!(draft.code_path(), Some("rules.wasm"));
+    let e = draft.clone().finish(vec![]).unwrap_err();
+    assert_eq!(e.field, "code.module");
+    let code = keyfab_policy::PolicyCode {
+        name: "rules.wasm".into(),
+        sha256: "ab".repeat(32),
+        module: vec![0, 97, 115, 109],
+    };
+    assert_eq!(
+        draft.with_code(code.clone()).finish(vec![]).unwrap().code,
+        Some(code)
+    );
+    let unknown = keyfab_policy::PolicyDraft::parse(
+        "product = \"p\"\ndevices = 5\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2027-01-01T00:00:00Z\"\n[[keys]]\nname = \"k\"\ntype = \"ed25519\"\nsource = \"site\"\n[code]\nmodule = \"rules.wasm\"\nfuel = 5\n",
+    )
+    .unwrap_err();
+    assert!(unknown.to_string().contains("fuel"), "{unknown}");
 }

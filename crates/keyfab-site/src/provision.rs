@@ -1263,6 +1263,10 @@ fn decide_batch(
                     total: c.total,
                     today: state.today,
                 };
+                // Run here, on the committer: the instance's memory is allocated and freed
+                // on one thread, so the allocator reuses it warm. Instantiated on the
+                // crypto workers and freed here, it cost 12-17% of throughput (pages
+                // purged and faulted in again); here, none measurable (BENCHMARKS.md).
                 let evaluation = c.code.evaluate(
                     module,
                     &ctx.policy,
