@@ -41,6 +41,18 @@ source = "hq-pool"
 TOML
 kf hq entitlement create --home "$work/vector-hq" --site vector-site --policy "$work/policy.toml" --out "$out/valid.kfe"
 kf hq entitlement create --home "$work/vector-hq" --site other-site --policy "$work/policy.toml" --out "$out/wrong_recipient.kfe"
+# An entitlement whose policy carries a module (WAT, assembled by HQ): policy code.
+cat > "$work/rules.wat" <<'WAT'
+(module
+  (import "keyfab" "input" (func $input (param i32) (result i64)))
+  (memory (export "memory") 1)
+  (func (export "decide") (result i32)
+    (if (i64.ge_u (call $input (i32.const 4)) (i64.const 2)) (then (return (i32.const 1))))
+    (i32.const 0)))
+WAT
+cp "$work/policy.toml" "$work/code.toml"
+printf '[code]\nmodule = "rules.wat"\n' >> "$work/code.toml"
+kf hq entitlement create --home "$work/vector-hq" --site vector-site --policy "$work/code.toml" --out "$out/code.kfe"
 # The foreign HQ addresses our site under the same name, with a key it was handed.
 kf site init --home "$work/shadow" --name vector-site
 kf pki issue --home "$work/foreign" --csr "$work/shadow/cluster.csr" --role site --out "$work/shadow.crt"
@@ -60,6 +72,8 @@ out = pathlib.Path(sys.argv[1]); v = (out / "valid.kfe").read_bytes()
 sig_end = 12 + int.from_bytes(v[8:12], "big")
 (out / "signature_flipped.kfe").write_bytes(v[:sig_end - 3] + bytes([v[sig_end - 3] ^ 1]) + v[sig_end - 2:])
 (out / "sign1_length_huge.kfe").write_bytes(v[:8] + (0xFFFFFFFF).to_bytes(4, "big") + v[12:])
+c = (out / "code.kfe").read_bytes()  # the module lives in the encrypted content
+(out / "code_flipped.kfe").write_bytes(c[:len(c) // 2] + bytes([c[len(c) // 2] ^ 1]) + c[len(c) // 2 + 1:])
 PY
 cp "$work/vector-site.kfi" "$out/valid.kfi"
 cp "$work/foreign-site.kfi" "$out/foreign_root.kfi"
@@ -115,6 +129,8 @@ signature_flipped.kfe     import       bad_signature
 sign1_length_huge.kfe     import       malformed
 wrong_recipient.kfe       import       wrong_recipient
 foreign_root.kfe          import       untrusted_signer
+code_flipped.kfe          import       bad_signature
+code.kfe                  import       ok
 valid.kfi                 site-add     ok
 trailing_bytes.kfi        site-add     malformed
 truncated.kfi             site-add     malformed
