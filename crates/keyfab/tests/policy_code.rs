@@ -503,3 +503,70 @@ fn hq_flags_a_log_whose_decisions_its_replay_contradicts() {
     .collect();
     assert_eq!(found, expected, "{}", o.json);
 }
+
+#[test]
+fn policy_test_runs_the_examples_cases_and_names_a_case_that_fails() {
+    for (module, cases) in [
+        ("shift-limit/shift-limit.wasm", "shift-limit/cases.json"),
+        ("failure-pause/rules.wat", "failure-pause/cases.json"),
+    ] {
+        let o = keyfab(
+            &[
+                "policy",
+                "test",
+                "--module",
+                &s(&examples().join(module)),
+                "--cases",
+                &s(&examples().join(cases)),
+            ],
+            None,
+        );
+        assert_eq!(o.code, 0, "{module}: {}", o.json);
+        assert_eq!(o.json["failed"], 0);
+        assert!(o.json["cases"].as_array().unwrap().len() >= 6);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(examples().join("shift-limit/cases.json")).unwrap(),
+    )
+    .unwrap();
+    cases["cases"][0]["repeat"] = 501.into();
+    let wrong = dir.path().join("wrong.json");
+    std::fs::write(&wrong, cases.to_string()).unwrap();
+    let o = keyfab(
+        &[
+            "policy",
+            "test",
+            "--module",
+            &s(&examples().join("shift-limit/shift-limit.wasm")),
+            "--cases",
+            &s(&wrong),
+        ],
+        None,
+    );
+    assert_eq!(o.code, 1);
+    assert_eq!(o.json["error"]["code"], "policy_test_failed");
+    let message = o.json["error"]["message"].as_str().unwrap();
+    assert!(
+        message
+            .contains("FAIL  a full early shift ×501: expected allow, run 501 gave policy_denied"),
+        "{message}"
+    );
+    std::fs::write(
+        &wrong,
+        "{\"cases\": [{\"at\": \"yesterday\", \"expect\": \"allow\"}]}",
+    )
+    .unwrap();
+    let o = keyfab(
+        &[
+            "policy",
+            "test",
+            "--module",
+            &s(&examples().join("shift-limit/shift-limit.wasm")),
+            "--cases",
+            &s(&wrong),
+        ],
+        None,
+    );
+    assert_eq!(o.json["error"]["code"], "malformed", "{}", o.json);
+}
