@@ -567,9 +567,21 @@ pub fn entitlement_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
             ));
             keys.push(json!({"name": k.name, "type": k.key_type.as_str(), "source": k.source.as_str(), "pool_keys": pool}));
         }
+        let mut policy = serde_json::to_value(p).unwrap_or_default();
+        if let Some(code) = &p.code {
+            text.push_str(&format!(
+                "  policy module {} ({} bytes, sha256 {})\n",
+                code.name,
+                code.module.len(),
+                code.sha256
+            ));
+            // The module by name, size and hash; its bytes are in the entitlement.
+            policy["code"] =
+                json!({"name": code.name, "sha256": code.sha256, "bytes": code.module.len()});
+        }
         items.push(json!({
             "id": e.id, "hq": e.hq, "sequence": e.sequence, "state": state,
-            "policy": serde_json::to_value(p).unwrap_or_default(),
+            "policy": policy,
             "keys": keys,
             "pool_keys": e.pool.iter().map(|s| s.count).sum::<u64>(),
             "imported_at": rfc3339(e.imported_at),

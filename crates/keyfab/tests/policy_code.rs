@@ -384,6 +384,11 @@ fn a_tampered_module_inside_an_entitlement_is_refused() {
         assert_eq!(snapshot(&w.site), before, "byte {at}: nothing changed");
     }
     assert_eq!(import(&w.site, &file, None).code, 0, "the original imports");
+    let listed = ok(&["site", "entitlement", "list", "--home", &s(&w.site)]);
+    let code = &listed["entitlements"][0]["policy"]["code"];
+    assert_eq!(code["name"], "rules.wat");
+    assert_eq!(code["sha256"].as_str().map(str::len), Some(64));
+    assert!(code["bytes"].as_u64().unwrap() > 8, "{listed}");
 }
 
 #[test]
