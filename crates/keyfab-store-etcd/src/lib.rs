@@ -18,11 +18,25 @@
 //! them is refused with an error, never split (which would break atomicity).
 #![forbid(unsafe_code)]
 
+pub mod cluster;
+
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn as EtcdTxn, TxnOp};
 use keyfab_store::{
-    prefix_end, Guard, Outcome, Result, Store, StoreError, Table, Txn, Versioned, Write,
+    prefix_end, CommitLimits, Guard, Outcome, Result, Store, StoreError, Table, Txn, Versioned,
+    Write,
 };
 use std::sync::Mutex;
+
+/// How long one request may take before it fails (closed): a cluster that lost its
+/// quorum answers nothing, and a station must hear so within seconds.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+/// etcd 3.4's default bounds on one transaction: 128 operations (`--max-txn-ops`) and
+/// 1.5 MiB per request (`--max-request-bytes`); the byte bound is kept with room for the
+/// namespace prefixes and framing.
+const LIMITS: CommitLimits = CommitLimits {
+    max_writes: 128,
+    max_bytes: 1_200_000,
+};
 
 pub struct EtcdStore {
     runtime: tokio::runtime::Runtime,
@@ -44,8 +58,8 @@ impl EtcdStore {
             .build()
             .map_err(io)?;
         let options = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(std::time::Duration::from_secs(5))
-            .with_timeout(std::time::Duration::from_secs(10));
+            .with_connect_timeout(std::time::Duration::from_secs(2))
+            .with_timeout(REQUEST_TIMEOUT);
         let client = runtime
             .block_on(etcd_client::Client::connect(endpoints, Some(options)))
             .map_err(io)?;
@@ -74,9 +88,45 @@ impl EtcdStore {
             .clone()
     }
 
+    /// Runs one call, again on failure while [`REQUEST_TIMEOUT`] allows — but only where
+    /// trying again cannot apply anything twice: a read (`may_repeat`), or a call that
+    /// never left (the member it went to refused the connection; the client spreads
+    /// calls over the members, so the next try goes to another). A commit that may have
+    /// reached a member is never sent again: its outcome is unknown and the caller
+    /// resolves it by reading.
+    fn call<T, F, Fut>(&self, may_repeat: bool, f: F) -> Result<T>
+    where
+        F: Fn(etcd_client::Client) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            match self.runtime.block_on(f(self.client())) {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    let again = may_repeat || never_sent(&e);
+                    if !again || std::time::Instant::now() >= deadline {
+                        return Err(io(e));
+                    }
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// A stored key without the namespace and the table byte.
     fn strip<'a>(&self, key: &'a [u8]) -> &'a [u8] {
         key.get(self.namespace.len() + 1..).unwrap_or_default()
+    }
+}
+
+/// Whether a failed call certainly never reached a member: its connection was refused.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable && s.message().contains("connect")
+        }
+        _ => false,
     }
 }
 
@@ -89,11 +139,11 @@ fn versioned(kv: &etcd_client::KeyValue) -> Versioned {
 
 impl Store for EtcdStore {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Versioned>> {
-        let mut c = self.client();
-        let resp = self
-            .runtime
-            .block_on(c.get(self.key(table, key), None))
-            .map_err(io)?;
+        let key = self.key(table, key);
+        let resp = self.call(true, |mut c| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        })?;
         Ok(resp.kvs().first().map(versioned))
     }
 
@@ -110,11 +160,10 @@ impl Store for EtcdStore {
         if limit < i64::MAX as usize {
             options = options.with_limit(limit as i64);
         }
-        let mut c = self.client();
-        let resp = self
-            .runtime
-            .block_on(c.get(start, Some(options)))
-            .map_err(io)?;
+        let resp = self.call(true, |mut c| {
+            let (start, options) = (start.clone(), options.clone());
+            async move { c.get(start, Some(options)).await }
+        })?;
         Ok(resp
             .kvs()
             .iter()
@@ -157,8 +206,10 @@ impl Store for EtcdStore {
             })
             .collect();
         let request = EtcdTxn::new().when(compares).and_then(ops);
-        let mut c = self.client();
-        let resp = self.runtime.block_on(c.txn(request)).map_err(io)?;
+        let resp = self.call(false, |mut c| {
+            let request = request.clone();
+            async move { c.txn(request).await }
+        })?;
         if !resp.succeeded() {
             return Ok(Outcome::Conflict);
         }
@@ -167,33 +218,46 @@ impl Store for EtcdStore {
     }
 
     fn get_many(&self, keys: &[(Table, &[u8])]) -> Result<Vec<Option<Versioned>>> {
-        // Every read at the revision of the first: one snapshot, as the contract says.
-        let mut c = self.client();
-        let mut at = None;
+        // One transaction of reads per 128 keys (one round trip each), every read at the
+        // revision of the first: one snapshot, as the contract says.
+        let mut at: Option<i64> = None;
         let mut out = Vec::with_capacity(keys.len());
-        for (table, key) in keys {
-            let options = at.map(|r| GetOptions::new().with_revision(r));
-            let resp = self
-                .runtime
-                .block_on(c.get(self.key(*table, key), options))
-                .map_err(io)?;
+        for chunk in keys.chunks(LIMITS.max_writes) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(table, key)| {
+                    TxnOp::get(
+                        self.key(*table, key),
+                        at.map(|r| GetOptions::new().with_revision(r)),
+                    )
+                })
+                .collect();
+            let resp = self.call(true, |mut c| {
+                let request = EtcdTxn::new().and_then(ops.clone());
+                async move { c.txn(request).await }
+            })?;
             if at.is_none() {
                 at = resp.header().map(|h| h.revision());
             }
-            out.push(resp.kvs().first().map(versioned));
+            for r in resp.op_responses() {
+                match r {
+                    etcd_client::TxnOpResponse::Get(g) => out.push(g.kvs().first().map(versioned)),
+                    _ => return Err(StoreError::Io("etcd: unexpected transaction answer".into())),
+                }
+            }
         }
         Ok(out)
     }
 
+    fn commit_limits(&self) -> CommitLimits {
+        LIMITS
+    }
+
     fn revision(&self) -> Result<u64> {
-        let mut c = self.client();
-        let resp = self
-            .runtime
-            .block_on(c.get(
-                self.namespace.clone(),
-                Some(GetOptions::new().with_count_only()),
-            ))
-            .map_err(io)?;
+        let resp = self.call(true, |mut c| {
+            let key = self.namespace.clone();
+            async move { c.get(key, Some(GetOptions::new().with_count_only())).await }
+        })?;
         Ok(resp.header().map_or(0, |h| h.revision()).max(0) as u64)
     }
 }

@@ -143,6 +143,8 @@ pub struct Txn {
     writes: Vec<Write>,
     /// Not fsync'd on its own: made durable by the next durable commit.
     lazy: bool,
+    /// Bytes of keys and values written so far.
+    bytes: usize,
 }
 
 impl Txn {
@@ -179,27 +181,29 @@ impl Txn {
         self
     }
     pub fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> &mut Self {
-        self.writes
-            .push(Write::Put(table, key.to_vec(), value.to_vec()));
-        self
+        self.put_owned(table, key.to_vec(), value.to_vec())
     }
     /// [`Txn::put`] of buffers the caller no longer needs: large values are not copied.
     pub fn put_owned(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) -> &mut Self {
+        self.bytes += key.len() + value.len();
         self.writes.push(Write::Put(table, key, value));
         self
     }
 
     pub fn delete(&mut self, table: Table, key: &[u8]) -> &mut Self {
+        self.bytes += key.len();
         self.writes.push(Write::Delete(table, key.to_vec()));
         self
     }
     pub fn delete_prefix(&mut self, table: Table, prefix: &[u8]) -> &mut Self {
+        self.bytes += prefix.len();
         self.writes
             .push(Write::DeletePrefix(table, prefix.to_vec()));
         self
     }
     /// Deletes every key in `start..end`.
     pub fn delete_range(&mut self, table: Table, start: &[u8], end: &[u8]) -> &mut Self {
+        self.bytes += start.len() + end.len();
         self.writes
             .push(Write::DeleteRange(table, start.to_vec(), end.to_vec()));
         self
@@ -229,6 +233,16 @@ impl Txn {
     pub fn len(&self) -> usize {
         self.writes.len()
     }
+    /// Bytes of the keys and values written: what a backend's request size bound counts.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    /// Whether `self` plus `writes` more writes of `bytes` more bytes stays within
+    /// `limits`, with `reserve` writes kept for what the caller adds at the end.
+    pub fn fits(&self, limits: CommitLimits, writes: usize, bytes: usize, reserve: usize) -> bool {
+        self.len().saturating_add(writes).saturating_add(reserve) <= limits.max_writes
+            && self.bytes().saturating_add(bytes) <= limits.max_bytes
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,6 +271,25 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// How much one commit may carry. The embedded store takes any size; etcd refuses a
+/// transaction over its bounds (128 operations and 1.5 MiB by default), and a caller
+/// must not split an atomic step to fit — so callers that write in bulk (imports, group
+/// commit) size their batches by these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitLimits {
+    /// Most writes (puts and deletes) in one commit.
+    pub max_writes: usize,
+    /// Most bytes of keys and values in one commit.
+    pub max_bytes: usize,
+}
+
+impl CommitLimits {
+    pub const UNBOUNDED: CommitLimits = CommitLimits {
+        max_writes: usize::MAX,
+        max_bytes: usize::MAX,
+    };
+}
+
 /// The contract every backend keeps. Reads are linearizable; commits are atomic and
 /// durable before they return `Committed`.
 pub trait Store: Send + Sync {
@@ -282,4 +315,8 @@ pub trait Store: Send + Sync {
     }
     /// The revision of the last commit.
     fn revision(&self) -> Result<u64>;
+    /// The most one commit may carry.
+    fn commit_limits(&self) -> CommitLimits {
+        CommitLimits::UNBOUNDED
+    }
 }
