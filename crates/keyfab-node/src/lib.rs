@@ -14,6 +14,7 @@
 mod custody_choice;
 mod error;
 mod node;
+mod store_choice;
 
 pub use custody_choice::{CustodyChoice, CUSTODY_FILE};
 pub use error::{Error, Result};
@@ -21,3 +22,4 @@ pub use node::{
     check_name, decode, decode_err, encode, Node, NodeKind, ServiceIdentity, CSR_FILE,
     KEYSTORE_FILE, STATE_FILE,
 };
+pub use store_choice::{StoreChoice, STORE_FILE};

@@ -1,6 +1,7 @@
 //! Node home: init, unlock, certificate installation and the service identity.
 
 use crate::custody_choice::{CustodyChoice, CUSTODY_FILE};
+use crate::store_choice::{StoreChoice, STORE_FILE};
 use crate::{Error, Result};
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::rng::SecureRng;
@@ -9,7 +10,7 @@ use keyfab_crypto::sign::EcdsaSigner;
 use keyfab_crypto::time::{Clock, UnixTime};
 use keyfab_crypto::x509::{self, Purpose, Role, Validity};
 use keyfab_custody::Custody;
-use keyfab_store::{EmbeddedStore, Store, Table, Txn};
+use keyfab_store::{Store, Table, Txn};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -83,6 +84,7 @@ impl Node {
             kind,
             name,
             &CustodyChoice::Software,
+            &StoreChoice::Embedded,
             passphrase,
             rng,
             clock,
@@ -91,11 +93,13 @@ impl Node {
 
     /// [`Node::init`] with the identity keys where `custody` says; `secret` is the
     /// keystore passphrase or the token's user PIN.
+    #[allow(clippy::too_many_arguments)]
     pub fn init_with(
         dir: &Path,
         kind: NodeKind,
         name: &str,
         custody: &CustodyChoice,
+        store: &StoreChoice,
         secret: &SecretBytes,
         rng: Box<dyn SecureRng>,
         clock: Box<dyn Clock>,
@@ -104,6 +108,7 @@ impl Node {
         if dir.join(KEYSTORE_FILE).exists()
             || dir.join(CUSTODY_FILE).exists()
             || dir.join(STATE_FILE).exists()
+            || dir.join(STORE_FILE).exists()
         {
             return Err(Error::InvalidState(format!(
                 "{} already holds a keyfab node",
@@ -113,12 +118,19 @@ impl Node {
         std::fs::create_dir_all(dir)?;
         let mut custody = custody.create(dir, &dir.join(KEYSTORE_FILE), secret, rng.as_ref())?;
         custody.generate_signing_key(CLUSTER_KEY, rng.as_ref())?;
-        let store: Box<dyn Store> = Box::new(EmbeddedStore::open(&dir.join(STATE_FILE))?);
+        let store_choice = store;
+        let store = store_choice.open(dir)?;
         let mut txn = Txn::default();
         txn.require_absent(Table::Meta, b"kind")
             .put(Table::Meta, b"kind", kind.as_str().as_bytes())
             .put(Table::Meta, b"name", name.as_bytes());
-        store.commit(txn)?;
+        if !store.commit(txn)?.is_committed() {
+            return Err(Error::InvalidState(format!(
+                "the store {} already holds a keyfab node: copy that node's home to add a node to it",
+                store_choice.describe()
+            )));
+        }
+        store_choice.save(dir)?;
         let csr = x509::cluster_csr(custody.signer(CLUSTER_KEY)?, name)?;
         std::fs::write(
             dir.join(CSR_FILE),
@@ -152,7 +164,7 @@ impl Node {
             )));
         }
         let custody = CustodyChoice::load(dir)?.open(&dir.join(KEYSTORE_FILE), passphrase)?;
-        let store: Box<dyn Store> = Box::new(EmbeddedStore::open(&dir.join(STATE_FILE))?);
+        let store = StoreChoice::load(dir)?.open(dir)?;
         let stored_kind = meta(store.as_ref(), "kind")?.unwrap_or_default();
         if stored_kind != kind.as_str().as_bytes() {
             return Err(Error::InvalidState(format!(

@@ -241,6 +241,10 @@ pub fn import(
     node.store.commit(staging)?;
 
     let total: u64 = content.pool.iter().map(|p| p.count).sum();
+    // Pool rows go in commits of at most 16,384, or what the store takes in one (etcd:
+    // 128 writes); they stay invisible until the final commit below, so splitting them
+    // splits nothing a reader sees.
+    let limits = node.store.commit_limits();
     let mut stage = || -> Result<()> {
         let mut done = 0u64;
         let mut batch = Txn::default();
@@ -251,12 +255,12 @@ pub fn import(
                 let index = c.first + i as u64;
                 let key = pool_row_key(&content.id, spec, index);
                 let sealed = aead.seal(pool_nonce(spec, index), &key, secret)?;
-                batch.put(Table::Pool, &key, &sealed);
+                if batch.len() >= 16_384 || !batch.fits(limits, 1, key.len() + sealed.len(), 0) {
+                    node.store.commit(std::mem::take(&mut batch))?;
+                }
+                batch.put_owned(Table::Pool, key, sealed);
             }
             done += c.count;
-            if batch.len() >= 16_384 {
-                node.store.commit(std::mem::take(&mut batch))?;
-            }
             if let Some(p) = progress {
                 p(done, total);
             }

@@ -1026,13 +1026,34 @@ fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
                 }
             }
         });
-    while let Ok(first) = rx.recv() {
+    let max_writes = node.store.commit_limits().max_writes;
+    let mut pending: Option<Job> = None;
+    loop {
+        let first = match pending.take() {
+            Some(j) => j,
+            None => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => break,
+            },
+        };
+        // A batch is one commit: one write per decision, plus the audit row, the log
+        // head, the trusted time and each entitlement's counters — within what the store
+        // takes in one commit (etcd: 128 writes), never split.
+        let mut entitlements = vec![first.req.entitlement.clone()];
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
+            let Ok(j) = rx.try_recv() else { break };
+            let new_entitlement = !entitlements.contains(&j.req.entitlement);
+            let writes = batch.len() + 1 + 3 + entitlements.len() + usize::from(new_entitlement);
+            if writes > max_writes {
+                // Too much for this commit: it leads the next batch.
+                pending = Some(j);
+                break;
             }
+            if new_entitlement {
+                entitlements.push(j.req.entitlement.clone());
+            }
+            batch.push(j);
         }
         let (senders, batch): (Vec<Reply>, Vec<Job>) = batch
             .into_iter()

@@ -45,6 +45,7 @@ impl EtcdCluster {
     /// Starts `size` members under `dir` and waits (up to 30 s) until the cluster
     /// answers linearizable reads.
     pub fn start(size: usize, dir: &Path) -> std::io::Result<EtcdCluster> {
+        std::fs::create_dir_all(dir)?;
         let mut members = Vec::with_capacity(size);
         for i in 0..size {
             let name = format!("m{}", i + 1);

@@ -27,9 +27,13 @@ use keyfab_store::{
 };
 use std::sync::Mutex;
 
-/// How long one request may take before it fails (closed): a cluster that lost its
-/// quorum answers nothing, and a station must hear so within seconds.
+/// How long a call may take, tries on other members included, before it fails (closed):
+/// a cluster that lost its quorum answers nothing, and a station must hear so within
+/// seconds.
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+/// How long one try at one member may take: a paused or partitioned member holds a call
+/// this long before the next try goes to another member.
+const ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500);
 /// etcd 3.4's default bounds on one transaction: 128 operations (`--max-txn-ops`) and
 /// 1.5 MiB per request (`--max-request-bytes`); the byte bound is kept with room for the
 /// namespace prefixes and framing.
@@ -40,9 +44,18 @@ const LIMITS: CommitLimits = CommitLimits {
 
 pub struct EtcdStore {
     runtime: tokio::runtime::Runtime,
-    client: Mutex<etcd_client::Client>,
+    members: Mutex<Members>,
     /// Every key of this store starts with it: several sites may share one cluster.
     namespace: Vec<u8>,
+}
+
+/// The members' client URLs and the one calls go to: calls stay with a member that
+/// answers, and move to the next when it fails (a client that spread calls over all
+/// members kept sending a share of them to a dead one).
+struct Members {
+    urls: Vec<String>,
+    current: usize,
+    client: Option<etcd_client::Client>,
 }
 
 fn io<E: std::fmt::Display>(e: E) -> StoreError {
@@ -57,17 +70,33 @@ impl EtcdStore {
             .enable_all()
             .build()
             .map_err(io)?;
-        let options = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(std::time::Duration::from_secs(2))
-            .with_timeout(REQUEST_TIMEOUT);
-        let client = runtime
-            .block_on(etcd_client::Client::connect(endpoints, Some(options)))
-            .map_err(io)?;
-        Ok(Self {
+        if endpoints.is_empty() {
+            return Err(StoreError::Io("etcd: no endpoints".into()));
+        }
+        let store = Self {
             runtime,
-            client: Mutex::new(client),
+            members: Mutex::new(Members {
+                urls: endpoints.to_vec(),
+                current: 0,
+                client: None,
+            }),
             namespace: format!("{namespace}/").into_bytes(),
-        })
+        };
+        // Reach one member now, so a wrong address is reported here.
+        let mut reached = Err(StoreError::Io("etcd: no member answered".into()));
+        for _ in 0..endpoints.len() {
+            match store.client() {
+                Ok(_) => {
+                    reached = Ok(());
+                    break;
+                }
+                Err((which, e)) => {
+                    store.failed(which);
+                    reached = Err(e);
+                }
+            }
+        }
+        reached.map(|()| store)
     }
 
     fn key(&self, table: Table, key: &[u8]) -> Vec<u8> {
@@ -81,11 +110,32 @@ impl EtcdStore {
         prefix_end(start).unwrap_or_else(|| prefix_end(&self.namespace).unwrap_or(vec![0]))
     }
 
-    fn client(&self) -> etcd_client::Client {
-        self.client
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// The client of the member calls go to now (connected on first use), and which it is.
+    fn client(&self) -> std::result::Result<(usize, etcd_client::Client), (usize, StoreError)> {
+        let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let which = m.current;
+        if let Some(c) = &m.client {
+            return Ok((which, c.clone()));
+        }
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(ATTEMPT_TIMEOUT)
+            .with_timeout(ATTEMPT_TIMEOUT);
+        let url = m.urls[which].clone();
+        let client = self
+            .runtime
+            .block_on(etcd_client::Client::connect([url], Some(options)))
+            .map_err(|e| (which, io(e)))?;
+        m.client = Some(client.clone());
+        Ok((which, client))
+    }
+
+    /// Member `which` failed a call: the next calls go to the next member.
+    fn failed(&self, which: usize) {
+        let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        if m.current == which {
+            m.current = (which + 1) % m.urls.len();
+            m.client = None;
+        }
     }
 
     /// Runs one call, again on failure while [`REQUEST_TIMEOUT`] allows — but only where
@@ -100,17 +150,37 @@ impl EtcdStore {
         Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
         let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
+        let mut tries = 0usize;
         loop {
-            match self.runtime.block_on(f(self.client())) {
-                Ok(v) => return Ok(v),
-                Err(e) => {
-                    let again = may_repeat || never_sent(&e);
-                    if !again || std::time::Instant::now() >= deadline {
-                        return Err(io(e));
+            tries += 1;
+            let error = match self.client() {
+                Ok((which, client)) => match self.runtime.block_on(f(client)) {
+                    Ok(v) => return Ok(v),
+                    Err(e) => {
+                        // Whatever went wrong, the next call tries another member.
+                        self.failed(which);
+                        if !(may_repeat || never_sent(&e)) {
+                            return Err(io(e));
+                        }
+                        io(e)
                     }
+                },
+                // Not even connected: nothing was sent.
+                Err((which, e)) => {
+                    self.failed(which);
+                    e
                 }
+            };
+            // No try that could end after the deadline: a call fails within it.
+            if std::time::Instant::now() + ATTEMPT_TIMEOUT > deadline {
+                return Err(error);
             }
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            // Every member tried once: wait a little before the next round (an election
+            // takes about a second).
+            let members = self.members.lock().map_or(1, |m| m.urls.len());
+            if tries.is_multiple_of(members) {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
         }
     }
 

@@ -59,6 +59,11 @@ pub struct InitArgs {
         conflicts_with = "unseal_shares"
     )]
     pub custody: String,
+    /// Where the node's state lives: `embedded` (HOME/state.redb), or an etcd cluster
+    /// several nodes of one site share, `etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE]`
+    /// (namespace `keyfab/NAME` by default). More nodes: copy this home (docs/OPERATIONS.md).
+    #[arg(long, value_name = "SPEC", default_value = "embedded")]
+    pub store: String,
 }
 
 impl InitArgs {
@@ -72,6 +77,7 @@ impl InitArgs {
             unseal_shares: None,
             unseal_threshold: None,
             custody: "software".into(),
+            store: "embedded".into(),
         }
     }
 }

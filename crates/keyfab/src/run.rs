@@ -301,11 +301,13 @@ pub fn init_node(
         _ => None,
     };
     let custody = keyfab_node::CustodyChoice::parse(&a.custody)?;
+    let store = keyfab_node::StoreChoice::parse(&a.store, name)?;
     let node = Node::init_with(
         home,
         kind,
         name,
         &custody,
+        &store,
         &match &split {
             Some(s) => s.passphrase.clone(),
             None => ctx.passphrase()?,
