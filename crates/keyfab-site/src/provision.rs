@@ -224,6 +224,7 @@ struct EntitlementContext {
 }
 
 /// Work done before the committer: one entry per key spec of the policy.
+#[derive(Clone)]
 enum Prepared {
     /// Taken from the pool by the committer.
     Pool,
@@ -278,6 +279,19 @@ struct Job {
     confirm: Option<Programming>,
     /// Taken by the committer, which answers after the commit.
     reply: Option<Reply>,
+}
+
+impl Job {
+    /// The job without its reply channel, to decide it again after a conflict.
+    fn retry_copy(&self) -> Job {
+        Job {
+            ctx: self.ctx.clone(),
+            req: self.req.clone(),
+            prepared: self.prepared.clone(),
+            confirm: self.confirm,
+            reply: None,
+        }
+    }
 }
 
 /// The provisioning engine of one site node. Cheap to share between threads.
@@ -1059,19 +1073,9 @@ fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
             .into_iter()
             .filter_map(|mut j| j.reply.take().map(|r| (r, j)))
             .unzip();
-        let decided = Carried::load(node).and_then(|mut s| decide_batch(node, &mut s, batch));
-        let replies: Replies = match decided {
-            Ok((txn, outcomes)) => match node.store.commit(txn) {
-                // Only now, after the commit, may any answer leave.
-                Ok(o) if o.is_committed() => senders.into_iter().zip(outcomes).collect(),
-                Ok(_) => fail_all(
-                    senders,
-                    &Error::InvalidState(
-                        "site state changed meanwhile; nothing was released, retry".into(),
-                    ),
-                ),
-                Err(e) => fail_all(senders, &e.into()),
-            },
+        let replies: Replies = match decide_and_commit(node, batch) {
+            // Only now, after the commit, may any answer leave.
+            Ok(outcomes) => senders.into_iter().zip(outcomes).collect(),
             Err(e) => fail_all(senders, &e),
         };
         keyfab_crypto::secret::scrub_stack();
@@ -1100,6 +1104,34 @@ fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
     if let Ok(h) = dispatcher {
         let _ = h.join();
     }
+}
+
+/// How often a batch is decided again when another node committed first.
+const CONFLICT_RETRIES: usize = 8;
+
+/// Decides `batch` and commits it. A guard that fails means the state changed since it
+/// was read — on a shared store, another node's commit — and nothing was written: the
+/// batch is decided again from a fresh read, a few times, before it fails. A commit that
+/// failed outright is not retried here (its outcome is unknown; the caller's retry with
+/// the same request id reads what happened).
+fn decide_and_commit(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>>> {
+    let shared = node.store.is_shared();
+    let mut batch = batch;
+    for _ in 0..CONFLICT_RETRIES {
+        let again: Option<Vec<Job>> = shared.then(|| batch.iter().map(Job::retry_copy).collect());
+        let mut carried = Carried::load(node)?;
+        let (txn, outcomes) = decide_batch(node, &mut carried, batch)?;
+        if node.store.commit(txn)?.is_committed() {
+            return Ok(outcomes);
+        }
+        match again {
+            Some(jobs) => batch = jobs,
+            None => break,
+        }
+    }
+    Err(Error::InvalidState(
+        "site state changed meanwhile; nothing was released, retry".into(),
+    ))
 }
 
 fn fail_all(senders: Vec<Reply>, e: &Error) -> Replies {

@@ -323,6 +323,10 @@ impl Store for EtcdStore {
         LIMITS
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     fn revision(&self) -> Result<u64> {
         let resp = self.call(true, |mut c| {
             let key = self.namespace.clone();

@@ -319,4 +319,9 @@ pub trait Store: Send + Sync {
     fn commit_limits(&self) -> CommitLimits {
         CommitLimits::UNBOUNDED
     }
+    /// Whether other processes commit to this store too (several nodes of a cluster), so
+    /// a guard may fail because of them, not only because of a bug or a crash.
+    fn is_shared(&self) -> bool {
+        false
+    }
 }

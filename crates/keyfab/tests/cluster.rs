@@ -138,3 +138,119 @@ fn a_site_on_etcd_provisions_through_the_loss_of_the_leader() {
     );
     drop(etcd);
 }
+
+/// A second node of the same site: a copy of the home (its keys and `store.json`).
+fn copy_home(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn two_nodes_share_one_site_and_never_exceed_or_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
+    let root = root(dir.path(), "root");
+    let hq = node(dir.path(), &root, "hq", "acme-hq");
+    let spec = etcd.store_spec();
+    let (site, _) = node_with(
+        dir.path(),
+        &root,
+        "site",
+        "shenzhen-1",
+        &["--store", &spec],
+        |_| Vec::new(),
+    );
+    register(dir.path(), &hq, &site);
+    let second = dir.path().join("shenzhen-1-node2");
+    copy_home(&site, &second);
+    let w = World {
+        dir,
+        root,
+        hq,
+        site,
+    };
+    let policy = w.path("policy.toml");
+    std::fs::write(&policy, POLICY.replace("devices = 400", "devices = 250")).unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "shared.kfe");
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+
+    // Both nodes are asked for the same 300 devices, each with its own request ids, from
+    // three threads each: every device is released at most once, and 250 in all.
+    let nodes = [
+        Arc::new(Provisioner::start(Arc::new(open_site(&w.site)))),
+        Arc::new(Provisioner::start(Arc::new(open_site(&second)))),
+    ];
+    let mut threads = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for t in 0..3 {
+            let (node, id) = (node.clone(), id.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut results = Vec::new();
+                for d in (t..300).step_by(3) {
+                    let device = format!("C-{d:04}");
+                    let started = Instant::now();
+                    let outcome = loop {
+                        match node.provision(ProvisionRequest {
+                            entitlement: id.clone(),
+                            device_id: device.clone(),
+                            station: None,
+                            request_id: format!("n{n}-{device}"),
+                            csr: None,
+                            transport_key: None,
+                        }) {
+                            Ok(p) => break Ok(p.keys[0].key_id.clone()),
+                            Err(e) if e.exit_code() == 3 => break Err(e.code()),
+                            Err(e) => {
+                                // Busy with the other node: the same request again.
+                                assert!(started.elapsed() < Duration::from_secs(60), "{e}");
+                            }
+                        }
+                    };
+                    results.push((device, outcome));
+                }
+                results
+            }));
+        }
+    }
+    let mut released: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut refused: std::collections::BTreeMap<&str, usize> = Default::default();
+    for t in threads {
+        for (device, outcome) in t.join().unwrap() {
+            match outcome {
+                Ok(key) => released.entry(device).or_default().push(key),
+                Err(code) => *refused.entry(code).or_insert(0) += 1,
+            }
+        }
+    }
+    assert_eq!(released.len(), 250, "the quota, exactly: {refused:?}");
+    assert!(
+        released.values().all(|keys| keys.len() == 1),
+        "no device twice"
+    );
+    let keys: std::collections::BTreeSet<_> = released.values().flatten().collect();
+    assert_eq!(keys.len(), 250, "no pool key twice");
+    assert_eq!(
+        refused.values().sum::<usize>(),
+        600 - 250,
+        "every other request refused: {refused:?}"
+    );
+    assert_eq!(
+        keyfab_site::provision::counters(nodes[0].node(), &id)
+            .unwrap()
+            .total,
+        250
+    );
+    drop(nodes);
+    let report = export_import_report(&w, "shared.kfa");
+    assert_eq!(
+        report["violations"].as_array().unwrap().len(),
+        0,
+        "one log for both nodes, and HQ agrees with it: {report}"
+    );
+    drop(etcd);
+}
