@@ -49,11 +49,25 @@ pub enum Error {
     #[error("{0}")]
     Custody(CustodyError),
     #[error(transparent)]
-    Store(#[from] keyfab_store::StoreError),
+    Store(keyfab_store::StoreError),
+    /// The state store cannot be reached or kept changing under this node (an etcd
+    /// cluster without a quorum, a member failing over, other nodes' commits). Nothing
+    /// was released; the same request again is safe.
+    #[error("the site's state store is unavailable, nothing was released; retry: {0}")]
+    Unavailable(String),
     #[error(transparent)]
     Crypto(#[from] keyfab_crypto::CryptoError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<keyfab_store::StoreError> for Error {
+    fn from(e: keyfab_store::StoreError) -> Self {
+        match e {
+            keyfab_store::StoreError::Io(why) => Error::Unavailable(why),
+            other => Error::Store(other),
+        }
+    }
 }
 
 impl From<CustodyError> for Error {
@@ -84,6 +98,7 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::InvalidState(_) => "invalid_state",
             Error::InvalidInput(_) => "invalid_input",
+            Error::Unavailable(_) => "unavailable",
             Error::Custody(_) | Error::Store(_) | Error::Crypto(_) | Error::Io(_) => "internal",
         }
     }

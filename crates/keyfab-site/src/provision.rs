@@ -1129,8 +1129,8 @@ fn decide_and_commit(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>
             None => break,
         }
     }
-    Err(Error::InvalidState(
-        "site state changed meanwhile; nothing was released, retry".into(),
+    Err(Error::Unavailable(
+        "the site's state kept changing under this node (other nodes' commits)".into(),
     ))
 }
 
@@ -1147,6 +1147,7 @@ fn fail_all(senders: Vec<Reply>, e: &Error) -> Replies {
                     observed: *observed,
                     high_water: *high_water,
                 },
+                Error::Unavailable(why) => Error::Unavailable(why.clone()),
                 _ => Error::InvalidState(format!("{code}: {msg}")),
             };
             (reply, Err(err))

@@ -171,6 +171,18 @@ impl Client {
                     last = format!("{url}: busy");
                     tokio::time::sleep(Duration::from_millis(20 << attempt.min(4))).await;
                 }
+                // The site's state store is failing over: nothing was released, and the
+                // same request (same request id) is safe to send again, to any node.
+                Ok(resp) if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                    match answer(resp).await {
+                        Err(StationError::Refused { code, message, .. }) if code == "unavailable" => {
+                            last = format!("{url}: unavailable: {message}");
+                            tokio::time::sleep(Duration::from_millis(200 << attempt.min(4)))
+                                .await;
+                        }
+                        other => return other,
+                    }
+                }
                 Ok(resp) => return answer(resp).await,
                 Err(e) => {
                     last = format!("{url}: {}", error_chain(&e));

@@ -142,7 +142,7 @@ impl From<Error> for ApiError {
             Error::Denied { .. } | Error::ClockRollback { .. } => StatusCode::FORBIDDEN,
             Error::UnknownEntitlement(_) | Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::InvalidInput(_) => StatusCode::BAD_REQUEST,
-            Error::Locked => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Locked | Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ if e.exit_code() == 4 => StatusCode::BAD_REQUEST,
             Error::InvalidState(_) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
