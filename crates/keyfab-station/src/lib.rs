@@ -175,10 +175,11 @@ impl Client {
                 // same request (same request id) is safe to send again, to any node.
                 Ok(resp) if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
                     match answer(resp).await {
-                        Err(StationError::Refused { code, message, .. }) if code == "unavailable" => {
+                        Err(StationError::Refused { code, message, .. })
+                            if code == "unavailable" =>
+                        {
                             last = format!("{url}: unavailable: {message}");
-                            tokio::time::sleep(Duration::from_millis(200 << attempt.min(4)))
-                                .await;
+                            tokio::time::sleep(Duration::from_millis(200 << attempt.min(4))).await;
                         }
                         other => return other,
                     }

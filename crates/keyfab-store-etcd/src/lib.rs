@@ -43,7 +43,10 @@ const LIMITS: CommitLimits = CommitLimits {
 };
 
 pub struct EtcdStore {
-    runtime: tokio::runtime::Runtime,
+    /// The etcd client's own runtime, one thread: calls run there, and the caller waits
+    /// on a channel — so the store is usable from any thread, a server's async workers
+    /// included (a `block_on` there would panic).
+    runtime: Option<tokio::runtime::Runtime>,
     members: Mutex<Members>,
     /// Every key of this store starts with it: several sites may share one cluster.
     namespace: Vec<u8>,
@@ -58,6 +61,16 @@ struct Members {
     client: Option<etcd_client::Client>,
 }
 
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        // Allowed on any thread, an async worker's included (dropping a runtime there
+        // would panic).
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 fn io<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Io(format!("etcd: {e}"))
 }
@@ -66,7 +79,9 @@ impl EtcdStore {
     /// Connects to the cluster at `endpoints` (`http://host:port`), keeping this store's
     /// keys under `namespace`.
     pub fn connect(endpoints: &[String], namespace: &str) -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("keyfab-etcd")
             .enable_all()
             .build()
             .map_err(io)?;
@@ -74,7 +89,7 @@ impl EtcdStore {
             return Err(StoreError::Io("etcd: no endpoints".into()));
         }
         let store = Self {
-            runtime,
+            runtime: Some(runtime),
             members: Mutex::new(Members {
                 urls: endpoints.to_vec(),
                 current: 0,
@@ -122,11 +137,28 @@ impl EtcdStore {
             .with_timeout(ATTEMPT_TIMEOUT);
         let url = m.urls[which].clone();
         let client = self
-            .runtime
-            .block_on(etcd_client::Client::connect([url], Some(options)))
+            .run(async move { etcd_client::Client::connect([url], Some(options)).await })
+            .map_err(|e| (which, e))?
             .map_err(|e| (which, io(e)))?;
         m.client = Some(client.clone());
         Ok((which, client))
+    }
+
+    /// Runs `future` on the client's runtime and waits for it on this thread.
+    fn run<T: Send + 'static>(
+        &self,
+        future: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T> {
+        let runtime = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| StoreError::Io("etcd: the store is closed".into()))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        runtime.spawn(async move {
+            let _ = tx.send(future.await);
+        });
+        rx.recv()
+            .map_err(|_| StoreError::Io("etcd: the call was dropped".into()))
     }
 
     /// Member `which` failed a call: the next calls go to the next member.
@@ -146,15 +178,18 @@ impl EtcdStore {
     /// resolves it by reading.
     fn call<T, F, Fut>(&self, may_repeat: bool, f: F) -> Result<T>
     where
+        T: Send + 'static,
         F: Fn(etcd_client::Client) -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>
+            + Send
+            + 'static,
     {
         let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
         let mut tries = 0usize;
         loop {
             tries += 1;
             let error = match self.client() {
-                Ok((which, client)) => match self.runtime.block_on(f(client)) {
+                Ok((which, client)) => match self.run(f(client))? {
                     Ok(v) => return Ok(v),
                     Err(e) => {
                         // Whatever went wrong, the next call tries another member.

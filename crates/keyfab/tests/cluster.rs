@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use keyfab_site::provision::{ProvisionRequest, Provisioner};
 use keyfab_store_etcd::cluster::EtcdCluster;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -252,5 +253,190 @@ fn two_nodes_share_one_site_and_never_exceed_or_duplicate() {
         0,
         "one log for both nodes, and HQ agrees with it: {report}"
     );
+    drop(etcd);
+}
+
+/// `keyfab station run` for station `dir` against every node, as a child process.
+fn start_line(
+    urls: &str,
+    dir: &Path,
+    root_crt: &Path,
+    id: &str,
+    devices: u32,
+    prefix: &str,
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_keyfab"))
+        .args(["--json", "station", "run", "--url", urls, "--station-dir"])
+        .arg(dir)
+        .arg("--root-cert")
+        .arg(root_crt)
+        .args(["--entitlement", id, "--devices", &devices.to_string()])
+        .args(["--concurrency", "1", "--device-prefix", prefix])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn stations_keep_provisioning_while_the_etcd_leader_and_a_node_die() {
+    stations_through_failures(true);
+}
+
+#[test]
+fn stations_keep_provisioning_while_an_etcd_follower_and_a_node_die() {
+    stations_through_failures(false);
+}
+
+/// 32 stations × 500 devices against two keyfab nodes over three etcd members; one
+/// member (the leader, or a follower) is killed at a fifth of the quota, one node at half.
+fn stations_through_failures(kill_leader: bool) {
+    const STATIONS: u32 = 32;
+    const PER_STATION: u32 = 500;
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
+    let root = root(dir.path(), "root");
+    let hq = node(dir.path(), &root, "hq", "acme-hq");
+    let spec = etcd.store_spec();
+    let (site, _) = node_with(
+        dir.path(),
+        &root,
+        "site",
+        "shenzhen-1",
+        &["--store", &spec],
+        |_| Vec::new(),
+    );
+    register(dir.path(), &hq, &site);
+    let stations: Vec<PathBuf> = (0..STATIONS)
+        .map(|i| {
+            let d = dir.path().join(format!("line-{i}"));
+            enroll(&site, &format!("line-{i}"), &d);
+            d
+        })
+        .collect();
+    // The second node and an observer: copies of the home, made after the keys exist.
+    let (second, observer) = (dir.path().join("node-2"), dir.path().join("observer"));
+    copy_home(&site, &second);
+    copy_home(&site, &observer);
+    let w = World {
+        dir,
+        root,
+        hq,
+        site,
+    };
+    // A quota below what the stations ask for: no overrun, whatever dies.
+    let quota = STATIONS * PER_STATION - 100;
+    let policy = w.path("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "product = \"line\"\ndevices = {quota}\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = {{ subject = \"CN={{device_id}},O=Acme\", days = 365 }}\n"
+        ),
+    )
+    .unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "line.kfe");
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+
+    let first = Server::start(&w.site);
+    let second_node = Server::start(&second);
+    let urls = format!("{},{}", first.url(), second_node.url());
+    let root_crt = w.root.join("root.crt");
+    let lines: Vec<_> = stations
+        .iter()
+        .enumerate()
+        .map(|(i, d)| start_line(&urls, d, &root_crt, &id, PER_STATION, &format!("S{i:02}-")))
+        .collect();
+
+    // While they run: the etcd leader dies at a fifth of the quota, the first keyfab node
+    // (SIGKILL) at half of it.
+    let watch = open_site(&observer);
+    let progress = || keyfab_site::provision::counters(&watch, &id).map_or(0, |c| c.total);
+    let started = Instant::now();
+    let leader = etcd.leader().expect("a leader");
+    let victim = if kill_leader {
+        leader
+    } else {
+        (0..3).find(|m| *m != leader).unwrap()
+    };
+    while progress() < u64::from(quota / 5) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no progress: {}\n{}",
+            first.logs(),
+            second_node.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    etcd.kill(victim).unwrap();
+    while progress() < u64::from(quota / 2) {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no progress after member {victim} died"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut first = first;
+    first.child.kill().unwrap();
+    let reports: Vec<serde_json::Value> = lines
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            serde_json::from_slice(&out.stdout).unwrap_or_default()
+        })
+        .collect();
+    let took = started.elapsed();
+    let sum = |k: &str| {
+        reports
+            .iter()
+            .map(|r| r[k].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let refused: u64 = reports
+        .iter()
+        .flat_map(|r| r["refused"].as_object().cloned().unwrap_or_default())
+        .map(|(code, n)| {
+            assert_eq!(code, "quota_exceeded", "{n} refused with {code}");
+            n.as_u64().unwrap_or(0)
+        })
+        .sum();
+    let (programmed, failed, unreachable) = (sum("programmed"), sum("failed"), sum("unreachable"));
+    let asked = u64::from(STATIONS * PER_STATION);
+    eprintln!(
+        "{asked} asked in {took:?} (killed: etcd {}, node 1): {programmed} programmed, {failed} failed, {refused} over the quota, {unreachable} unreachable",
+        if kill_leader { "leader" } else { "follower" }
+    );
+    // Every request answered: released, or refused for the quota — at least 99.5 %.
+    assert!(
+        (programmed + refused) * 1000 >= asked * 995,
+        "{programmed} + {refused} of {asked}: {reports:?}"
+    );
+    assert_eq!(failed, 0, "{reports:?}");
+    let counters = keyfab_site::provision::counters(&watch, &id).unwrap();
+    assert!(
+        counters.total <= u64::from(quota),
+        "no overrun: {}",
+        counters.total
+    );
+    assert!(
+        programmed <= counters.total,
+        "no key released without its record"
+    );
+    drop(second_node);
+    drop(watch);
+
+    // One log for the site, whichever node wrote it; every release in it, once.
+    let report = export_import_report(&w, "line.kfa");
+    assert_eq!(
+        report["violations"].as_array().unwrap().len(),
+        0,
+        "{report}"
+    );
+    let audited = report["entitlements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["entitlement"] == id.as_str())
+        .map_or(0, |e| e["released"].as_u64().unwrap_or(0));
+    assert_eq!(audited, counters.total, "{report}");
     drop(etcd);
 }

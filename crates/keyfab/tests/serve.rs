@@ -6,7 +6,7 @@ use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,129 +22,6 @@ type = "ec-p256"
 source = "site"
 certificate = { subject = "CN={device_id},O=Acme", days = 365 }
 "#;
-
-/// A running `keyfab site serve`, stopped with SIGTERM when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-    /// Its stderr after the first line (the logs), read as it comes so the pipe never
-    /// fills.
-    logs: std::sync::Arc<std::sync::Mutex<String>>,
-}
-
-impl Server {
-    fn start(home: &Path) -> Server {
-        Self::start_with(home, &[])
-    }
-
-    fn start_with(home: &Path, extra: &[&str]) -> Server {
-        let (child, stderr) = Self::spawn(home, extra);
-        Self::attach(child, stderr)
-    }
-
-    fn spawn(home: &Path, extra: &[&str]) -> (Child, std::process::ChildStderr) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keyfab"))
-            .args(["--json", "site", "serve", "--home", &s(home)])
-            .args(["--listen", "127.0.0.1:0", "--handshake-timeout", "1"])
-            .args(["--header-timeout", "1"])
-            .args(extra)
-            .env("KEYFAB_PASSPHRASE", PASS)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        (child, stderr)
-    }
-
-    /// The next stderr line.
-    fn raw_line(stderr: &mut std::process::ChildStderr) -> Vec<u8> {
-        let mut line = Vec::new();
-        let mut byte = [0u8; 1];
-        while stderr.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
-            line.push(byte[0]);
-        }
-        line
-    }
-
-    /// The next stderr line, as JSON (serve's status lines).
-    fn line(stderr: &mut std::process::ChildStderr) -> serde_json::Value {
-        let line = Self::raw_line(stderr);
-        serde_json::from_slice(&line)
-            .unwrap_or_else(|e| panic!("serve said {:?}: {e}", String::from_utf8_lossy(&line)))
-    }
-
-    /// Waits for the line that says where it listens (log lines of the sealed wait may
-    /// come first), then keeps reading the logs.
-    fn attach(child: Child, mut stderr: std::process::ChildStderr) -> Server {
-        let addr = loop {
-            let line = Self::raw_line(&mut stderr);
-            assert!(!line.is_empty(), "serve ended before it listened");
-            let v: serde_json::Value = serde_json::from_slice(&line).unwrap_or_default();
-            if let Some(addr) = v["listening"].as_str() {
-                break addr.to_owned();
-            }
-        };
-        let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Server { child, addr, logs }
-    }
-
-    fn logs(&self) -> String {
-        self.logs.lock().unwrap().clone()
-    }
-
-    fn url(&self) -> String {
-        format!("https://{}", self.addr)
-    }
-
-    /// SIGTERM; the exit status and the one JSON report on stdout.
-    fn stop(mut self) -> (i32, serde_json::Value) {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let mut out = String::new();
-        self.child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        let code = self.child.wait().unwrap().code().unwrap_or(-1);
-        (code, serde_json::from_str(out.trim()).unwrap_or_default())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn enroll(home: &Path, name: &str, dir: &Path) -> serde_json::Value {
-    ok(&[
-        "site",
-        "station",
-        "enroll",
-        "--home",
-        &s(home),
-        "--name",
-        name,
-        "--out",
-        &s(dir),
-    ])
-}
 
 /// `keyfab station COMMAND` as station `dir` of the site at `url`, for `device` of
 /// entitlement `id`, with `extra` arguments.
