@@ -66,6 +66,11 @@ impl Appender {
         Ok(r.sequence)
     }
 
+    /// The head after the records appended so far.
+    pub(crate) fn head(&self) -> Head {
+        self.head
+    }
+
     /// Key of the row this transaction's records go to (the first one's sequence).
     pub(crate) fn row_key(&self) -> Option<u64> {
         self.first

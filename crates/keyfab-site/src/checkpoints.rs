@@ -10,7 +10,7 @@ use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_store::{Table, Txn};
 use serde::{Deserialize, Serialize};
 
-const HQ_ACK: &[u8] = b"hq_acknowledged";
+pub(crate) const HQ_ACK: &[u8] = b"hq_acknowledged";
 
 /// What HQ last acknowledged of this site's log.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]

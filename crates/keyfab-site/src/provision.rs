@@ -943,16 +943,16 @@ fn read_pool_key(
 
 fn read_i64(node: &Node, key: &[u8]) -> Result<(Option<i64>, Option<Versioned>)> {
     let v = node.store.get(Table::Meta, key)?;
-    let n = match &v {
-        Some(v) => Some(i64::from_be_bytes(
-            v.value
-                .as_slice()
-                .try_into()
-                .map_err(|_| Error::InvalidState("stored time".into()))?,
-        )),
-        None => None,
-    };
+    let n = v.as_ref().map(|v| i64_of(&v.value)).transpose()?;
     Ok((n, v))
+}
+
+fn i64_of(bytes: &[u8]) -> Result<i64> {
+    Ok(i64::from_be_bytes(
+        bytes
+            .try_into()
+            .map_err(|_| Error::InvalidState("stored time".into()))?,
+    ))
 }
 
 /// Replies of one batch, handed out only after its commit.
@@ -971,6 +971,10 @@ struct Carried {
     devices: std::collections::HashSet<Vec<u8>>,
     /// Device records confirmed in this batch, as they will be stored.
     confirmed: HashMap<Vec<u8>, DeviceRecord>,
+    /// The trusted time this batch wrote, if it did.
+    hwm_written: Option<i64>,
+    /// Entitlements whose counters this batch wrote.
+    touched: Vec<String>,
 }
 
 impl Carried {
@@ -986,7 +990,29 @@ impl Carried {
             requests: HashMap::new(),
             devices: Default::default(),
             confirmed: HashMap::new(),
+            hwm_written: None,
+            touched: Vec::new(),
         })
+    }
+
+    /// The state after this batch committed at `revision`: what the next batch starts
+    /// from without reading it again. Its guards still hold it to account — if another
+    /// node committed meanwhile, the next commit fails and the state is read afresh.
+    fn committed(mut self, revision: u64) -> Self {
+        self.head_revision = Some(revision);
+        if let Some(now) = self.hwm_written.take() {
+            self.hwm = Some(now);
+            self.hwm_revision = Some(revision);
+        }
+        for ent in std::mem::take(&mut self.touched) {
+            if let Some((_, rev)) = self.counters.get_mut(&ent) {
+                *rev = Some(revision);
+            }
+        }
+        self.requests.clear();
+        self.devices.clear();
+        self.confirmed.clear();
+        self
     }
 }
 
@@ -1042,6 +1068,7 @@ fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
         });
     let max_writes = node.store.commit_limits().max_writes;
     let mut pending: Option<Job> = None;
+    let mut carried: Option<Carried> = None;
     loop {
         let first = match pending.take() {
             Some(j) => j,
@@ -1073,7 +1100,7 @@ fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
             .into_iter()
             .filter_map(|mut j| j.reply.take().map(|r| (r, j)))
             .unzip();
-        let replies: Replies = match decide_and_commit(node, batch) {
+        let replies: Replies = match decide_and_commit(node, batch, &mut carried) {
             // Only now, after the commit, may any answer leave.
             Ok(outcomes) => senders.into_iter().zip(outcomes).collect(),
             Err(e) => fail_all(senders, &e),
@@ -1114,14 +1141,28 @@ const CONFLICT_RETRIES: usize = 8;
 /// batch is decided again from a fresh read, a few times, before it fails. A commit that
 /// failed outright is not retried here (its outcome is unknown; the caller's retry with
 /// the same request id reads what happened).
-fn decide_and_commit(node: &Node, batch: Vec<Job>) -> Result<Vec<Result<Outcome>>> {
+///
+/// On a shared store the state a batch leaves is `carried` to the next one, so a batch
+/// costs one snapshot read and one commit (round trips to etcd are the cost there); the
+/// embedded store reads it afresh each time, which costs nothing.
+fn decide_and_commit(
+    node: &Node,
+    batch: Vec<Job>,
+    carried: &mut Option<Carried>,
+) -> Result<Vec<Result<Outcome>>> {
     let shared = node.store.is_shared();
     let mut batch = batch;
     for _ in 0..CONFLICT_RETRIES {
         let again: Option<Vec<Job>> = shared.then(|| batch.iter().map(Job::retry_copy).collect());
-        let mut carried = Carried::load(node)?;
-        let (txn, outcomes) = decide_batch(node, &mut carried, batch)?;
-        if node.store.commit(txn)?.is_committed() {
+        let mut st = match carried.take() {
+            Some(st) => st,
+            None => Carried::load(node)?,
+        };
+        let (txn, outcomes) = decide_batch(node, &mut st, batch)?;
+        if let keyfab_store::Outcome::Committed(revision) = node.store.commit(txn)? {
+            if shared {
+                *carried = Some(st.committed(revision));
+            }
             return Ok(outcomes);
         }
         match again {
@@ -1167,11 +1208,41 @@ fn decide_batch(
         .require_revision(Table::Meta, TIME_HWM, st.hwm_revision);
     let mut log = Appender::resume(&node.name, st.head);
 
-    // Settings others may change are read for every batch.
-    let (tolerance, _) = read_i64(node, CLOCK_TOLERANCE)?;
-    let tolerance = tolerance.unwrap_or(DEFAULT_CLOCK_TOLERANCE_SECS);
-    let acknowledged_at =
-        crate::checkpoints::acknowledged(node)?.map_or(i64::MIN, |a| a.acknowledged_at);
+    // One snapshot read for the batch: the settings others may change (read for every
+    // batch), then every request and device of the batch not decided by a batch in
+    // flight. On a replicated store this is one round trip.
+    let keys: Vec<(Vec<u8>, Vec<u8>)> = batch
+        .iter()
+        .map(|j| {
+            (
+                request_key(&j.req.entitlement, &j.req.device_id, &j.req.request_id),
+                ent_key(&j.req.entitlement, &j.req.device_id),
+            )
+        })
+        .collect();
+    let mut lookups: Vec<(Table, &[u8])> = vec![
+        (Table::Meta, CLOCK_TOLERANCE),
+        (Table::Meta, crate::checkpoints::HQ_ACK),
+    ];
+    lookups.extend(keys.iter().flat_map(|(r, d)| {
+        [
+            (Table::Requests, r.as_slice()),
+            (Table::Devices, d.as_slice()),
+        ]
+    }));
+    let mut stored = store.get_many(&lookups)?.into_iter();
+    let tolerance = stored
+        .next()
+        .flatten()
+        .map(|v| i64_of(&v.value))
+        .transpose()?
+        .unwrap_or(DEFAULT_CLOCK_TOLERANCE_SECS);
+    let acknowledged_at = stored
+        .next()
+        .flatten()
+        .map(|v| decode::<crate::checkpoints::Acknowledged>(&v.value))
+        .transpose()?
+        .map_or(i64::MIN, |a| a.acknowledged_at);
 
     let observed = node.now().0;
     let hwm = st.hwm.unwrap_or(i64::MIN);
@@ -1185,6 +1256,9 @@ fn decide_batch(
                 high_water: hwm,
             },
         )?;
+        st.head = log.head();
+        st.hwm_written = None;
+        st.touched.clear();
         log.finish(&mut txn);
         let outcomes = batch
             .iter()
@@ -1199,28 +1273,7 @@ fn decide_batch(
     }
     let now = observed.max(hwm);
     txn.put(Table::Meta, TIME_HWM, &now.to_be_bytes());
-
-    // Every request and device of the batch not decided by a batch in flight, read from
-    // one snapshot.
-    let keys: Vec<(Vec<u8>, Vec<u8>)> = batch
-        .iter()
-        .map(|j| {
-            (
-                request_key(&j.req.entitlement, &j.req.device_id, &j.req.request_id),
-                ent_key(&j.req.entitlement, &j.req.device_id),
-            )
-        })
-        .collect();
-    let lookups: Vec<(Table, &[u8])> = keys
-        .iter()
-        .flat_map(|(r, d)| {
-            [
-                (Table::Requests, r.as_slice()),
-                (Table::Devices, d.as_slice()),
-            ]
-        })
-        .collect();
-    let mut stored = store.get_many(&lookups)?.into_iter();
+    st.hwm_written = Some(now);
 
     let mut touched: Vec<String> = Vec::new();
     let mut outcomes = Vec::with_capacity(batch.len());
@@ -1461,12 +1514,14 @@ fn decide_batch(
             }
         }
     }
-    for ent in touched {
-        if let Some((c, rev)) = st.counters.get(&ent) {
+    for ent in &touched {
+        if let Some((c, rev)) = st.counters.get(ent) {
             txn.require_revision(Table::Counters, ent.as_bytes(), *rev);
             txn.put(Table::Counters, ent.as_bytes(), &encode(c)?);
         }
     }
+    st.touched = touched;
+    st.head = log.head();
     log.finish(&mut txn);
     Ok((txn, outcomes))
 }

@@ -50,6 +50,8 @@ pub struct EtcdStore {
     members: Mutex<Members>,
     /// Every key of this store starts with it: several sites may share one cluster.
     namespace: Vec<u8>,
+    /// Transactions sent with writes: consensus rounds.
+    commits: std::sync::atomic::AtomicU64,
 }
 
 /// The members' client URLs and the one calls go to: calls stay with a member that
@@ -96,6 +98,7 @@ impl EtcdStore {
                 client: None,
             }),
             namespace: format!("{namespace}/").into_bytes(),
+            commits: std::sync::atomic::AtomicU64::new(0),
         };
         // Reach one member now, so a wrong address is reported here.
         let mut reached = Err(StoreError::Io("etcd: no member answered".into()));
@@ -311,6 +314,8 @@ impl Store for EtcdStore {
             })
             .collect();
         let request = EtcdTxn::new().when(compares).and_then(ops);
+        self.commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let resp = self.call(false, |mut c| {
             let request = request.clone();
             async move { c.txn(request).await }
@@ -360,6 +365,10 @@ impl Store for EtcdStore {
 
     fn is_shared(&self) -> bool {
         true
+    }
+
+    fn commits_sent(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn revision(&self) -> Result<u64> {

@@ -319,6 +319,12 @@ pub trait Store: Send + Sync {
     fn commit_limits(&self) -> CommitLimits {
         CommitLimits::UNBOUNDED
     }
+    /// Commits sent so far by this handle, conflicts included: for a replicated store,
+    /// its consensus rounds (what `keyfab bench provision --store etcd` reports per
+    /// device). Not counted by stores where it means nothing.
+    fn commits_sent(&self) -> u64 {
+        0
+    }
     /// Whether other processes commit to this store too (several nodes of a cluster), so
     /// a guard may fail because of them, not only because of a bug or a crash.
     fn is_shared(&self) -> bool {

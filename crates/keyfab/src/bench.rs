@@ -34,7 +34,7 @@ fn raw_keygen_rate(sample: usize) -> Result<f64, Failure> {
 pub(crate) fn bench_world(
     base: &Path,
 ) -> Result<(Context, std::path::PathBuf, std::path::PathBuf), Failure> {
-    bench_world_with(base, None)
+    bench_world_with(base, None, "embedded")
 }
 
 const BENCH_PASSPHRASE: &str = "keyfab bench passphrase";
@@ -44,6 +44,7 @@ const BENCH_PASSPHRASE: &str = "keyfab bench passphrase";
 fn bench_world_with(
     base: &Path,
     token_module: Option<&Path>,
+    site_store: &str,
 ) -> Result<(Context, std::path::PathBuf, std::path::PathBuf), Failure> {
     std::fs::create_dir_all(base).map_err(|e| Failure::new("io", e.to_string()))?;
     let pass = base.join("bench-passphrase");
@@ -60,6 +61,9 @@ fn bench_world_with(
         (&site, NodeKind::Site, "bench-site", "site"),
     ] {
         let mut args = crate::cli::InitArgs::with_passphrase(home, name);
+        if kind == NodeKind::Site {
+            args.store = site_store.to_owned();
+        }
         if let Some(module) = token_module {
             let label = bench_token(module, name)?;
             args.custody = format!("pkcs11:module={},token={label}", module.display());
@@ -177,6 +181,7 @@ pub fn provision(
     dir: Option<&Path>,
     token_module: Option<&Path>,
     policy_module: Option<&Path>,
+    store: &StoreOption,
 ) -> Result<Report, Failure> {
     use keyfab_site::provision::Provisioner;
     use std::sync::Arc;
@@ -184,7 +189,16 @@ pub fn provision(
     if token_module.is_some() {
         softhsm_environment(&base)?;
     }
-    let (ctx, hq, site) = bench_world_with(&base, token_module)?;
+    // `--store etcd`: three real members on loopback, started for the run.
+    let etcd = match store.spec.as_str() {
+        "etcd" => Some(
+            keyfab_store_etcd::cluster::EtcdCluster::start(3, &base.join("etcd"))
+                .map_err(|e| Failure::new("io", e.to_string()))?,
+        ),
+        _ => None,
+    };
+    let site_store = etcd.as_ref().map_or(store.spec.clone(), |c| c.store_spec());
+    let (ctx, hq, site) = bench_world_with(&base, token_module, &site_store)?;
     let levels: Vec<usize> = match concurrency {
         Some(c) => vec![c.max(1)],
         None => vec![1, 8, 64],
@@ -227,28 +241,48 @@ pub fn provision(
         keyfab_crypto::devicekey::raw_device_crypto(n, &signer, &aead)
     })?;
 
-    let node = Arc::new(ctx.open(&site, NodeKind::Site)?);
-    let provisioner = Arc::new(Provisioner::start(node));
+    // More nodes of the same site: copies of its home (keys and store.json).
+    let mut homes = vec![site.clone()];
+    for n in 1..store.nodes.max(1) {
+        let copy = base.join(format!("site-node-{}", n + 1));
+        copy_files(&site, &copy)?;
+        homes.push(copy);
+    }
+    let provisioners: Vec<Arc<Provisioner>> = homes
+        .iter()
+        .map(|h| {
+            Ok(Arc::new(Provisioner::start(Arc::new(
+                ctx.open(h, NodeKind::Site)?,
+            ))))
+        })
+        .collect::<Result<_, Failure>>()?;
+    let rounds = || -> u64 {
+        provisioners
+            .iter()
+            .map(|p| p.node().store.commits_sent())
+            .sum()
+    };
     let mut rows = Vec::new();
-    let mut text = format!("provisioning benchmark: site-generated ec-p256 key + device certificate, durable commits\nraw per-device crypto (keygen + cert signature + HKDF + AEAD, all cores): {raw:.0} devices/s (limit)\n");
+    let mut text = format!("provisioning benchmark: site-generated ec-p256 key + device certificate, durable commits\nstore: {} ({} node{})\nraw per-device crypto (keygen + cert signature + HKDF + AEAD, all cores): {raw:.0} devices/s (limit)\n", if store.spec == "embedded" { "embedded".to_owned() } else { site_store.clone() }, provisioners.len(), if provisioners.len() == 1 { "" } else { "s" });
     let mut next = 0u64;
     for c in levels {
         let start_index = next;
         next += devices;
+        let rounds_before = rounds();
         // With a module, the two entitlements take turns, A B B A, so the store growing
         // during the run weighs on both alike.
         let half = devices / 2;
         let (plain, coded) = match &code_id {
             Some(code_id) => {
-                let a1 = run_level(&provisioner, &id, c, start_index, half, "B")?;
-                let b1 = run_level(&provisioner, code_id, c, start_index, half, "C")?;
+                let a1 = run_level(&provisioners, &id, c, start_index, half, "B")?;
+                let b1 = run_level(&provisioners, code_id, c, start_index, half, "C")?;
                 let rest = devices - half;
-                let b2 = run_level(&provisioner, code_id, c, start_index + half, rest, "C")?;
-                let a2 = run_level(&provisioner, &id, c, start_index + half, rest, "B")?;
+                let b2 = run_level(&provisioners, code_id, c, start_index + half, rest, "C")?;
+                let a2 = run_level(&provisioners, &id, c, start_index + half, rest, "B")?;
                 (a1.merge(a2), Some(b1.merge(b2)))
             }
             None => (
-                run_level(&provisioner, &id, c, start_index, devices, "B")?,
+                run_level(&provisioners, &id, c, start_index, devices, "B")?,
                 None,
             ),
         };
@@ -260,6 +294,15 @@ pub fn provision(
             plain.p99
         ));
         let mut row = json!({"concurrency": c, "devices": devices, "devices_per_s": plain.rate, "ratio": plain.rate / raw, "p50_ms": plain.p50, "p99_ms": plain.p99});
+        if etcd.is_some() || store.spec.starts_with("etcd://") {
+            let per_device = (rounds() - rounds_before) as f64 / devices as f64;
+            text.push_str(&format!(
+                "  consensus rounds: {:.4} per device (one per {:.0} devices; goal: one per 50 or fewer)\n",
+                per_device,
+                1.0 / per_device.max(1e-9)
+            ));
+            row["consensus_rounds_per_device"] = json!(per_device);
+        }
         if let Some(coded) = coded {
             text.push_str(&format!(
                 "  with the policy module: {:>9.0} devices/s  {:.2} of without  p99 {:.2} ms  ({} refused by the module)\n",
@@ -283,7 +326,7 @@ pub fn provision(
             json!({"module": module, "us_per_evaluation": micros, "fuel": fuel});
     }
     if let Some(module) = token_module {
-        drop(provisioner);
+        drop(provisioners);
         let keyfab_rate = rows
             .last()
             .and_then(|r| r["devices_per_s"].as_f64())
@@ -308,6 +351,13 @@ pub fn provision(
         });
     }
     Ok(Report::new(text, json))
+}
+
+/// Where the benchmarked site keeps its state, and how many nodes share it.
+pub struct StoreOption {
+    /// `embedded`, `etcd` (three members started for the run), or `etcd://…`.
+    pub spec: String,
+    pub nodes: usize,
 }
 
 fn io_failure(path: &Path, e: std::io::Error) -> Failure {
@@ -355,7 +405,7 @@ impl Level {
 
 /// Provisions `devices` devices of `entitlement` with `c` requests in flight.
 fn run_level(
-    provisioner: &std::sync::Arc<keyfab_site::provision::Provisioner>,
+    provisioners: &[std::sync::Arc<keyfab_site::provision::Provisioner>],
     entitlement: &str,
     c: usize,
     start_index: u64,
@@ -372,7 +422,8 @@ fn run_level(
     let results: Vec<(f64, bool)> = runtime.block_on(async {
         let tasks: Vec<_> = (0..c)
             .map(|t| {
-                let p = provisioner.clone();
+                // Callers spread over the nodes, as stations over their URLs.
+                let p = provisioners[t % provisioners.len()].clone();
                 let id = entitlement.to_owned();
                 let prefix = prefix.to_owned();
                 tokio::spawn(async move {

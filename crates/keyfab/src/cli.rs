@@ -787,7 +787,7 @@ pub enum BenchCommand {
     /// site-generated ec-p256 keys and a device certificate each; compare with the raw
     /// per-device crypto rate of this machine.
     #[command(
-        after_help = "Examples:\n  keyfab bench provision                  # concurrency 1, 8 and 64\n  keyfab bench provision --concurrency 64 --devices 20000 --json\n  keyfab bench provision --custody pkcs11  # HQ and site keys in SoftHSM2, against an HSM-centred baseline\n  keyfab bench provision --concurrency 64 --policy-module examples/policies/failure-pause/rules.wat"
+        after_help = "Examples:\n  keyfab bench provision                  # concurrency 1, 8 and 64\n  keyfab bench provision --concurrency 64 --devices 20000 --json\n  keyfab bench provision --custody pkcs11  # HQ and site keys in SoftHSM2, against an HSM-centred baseline\n  keyfab bench provision --concurrency 64 --policy-module examples/policies/failure-pause/rules.wat\n  keyfab bench provision --store etcd --nodes 2 --concurrency 64  # a 3-member etcd cluster on loopback"
     )]
     Provision {
         /// Concurrent requests (default: 1, 8 and 64 in turn).
@@ -814,6 +814,15 @@ pub enum BenchCommand {
         /// and the module's cost per evaluation is measured.
         #[arg(long, value_name = "FILE")]
         policy_module: Option<PathBuf>,
+        /// Where the site keeps its state: `embedded`, `etcd` (three etcd members on
+        /// loopback, started for the run), or `etcd://HOST:PORT,...` (a cluster you run).
+        /// With etcd the run also reports consensus rounds per device.
+        #[arg(long, value_name = "SPEC", default_value = "embedded")]
+        store: String,
+        /// Site nodes sharing the store (copies of the site's home), the callers spread
+        /// over them.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
     },
     /// The whole production-line path: `site serve` in its own process, stations over
     /// mutual TLS, keys sealed to each chip, opened, checked and confirmed; compare with

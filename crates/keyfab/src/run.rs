@@ -199,6 +199,8 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             custody,
             pkcs11_module,
             policy_module,
+            store,
+            nodes,
         }) => {
             let token = (custody == "pkcs11").then_some(pkcs11_module.as_path());
             crate::bench::provision(
@@ -208,6 +210,7 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
                 dir.as_deref(),
                 token,
                 policy_module.as_deref(),
+                &crate::bench::StoreOption { spec: store, nodes },
             )
         }
         Command::Bench(BenchCommand::Audit {
