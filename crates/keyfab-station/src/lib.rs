@@ -107,6 +107,9 @@ const ATTEMPTS: usize = 6;
 pub struct Client {
     http: reqwest::Client,
     urls: Vec<String>,
+    /// The URL calls start with: the last one that answered. A node that stops
+    /// answering costs one timeout, not one per request.
+    preferred: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Client {
@@ -118,7 +121,9 @@ impl Client {
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(dir.tls_config()?)
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
+            // Answers take milliseconds, `unavailable` a few seconds: a node that takes
+            // longer is hung (paused, partitioned), and the next URL is tried.
+            .timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| StationError::StationDir(format!("HTTP client: {e}")))?;
@@ -128,6 +133,7 @@ impl Client {
                 .iter()
                 .map(|u| u.trim_end_matches('/').to_owned())
                 .collect(),
+            preferred: Default::default(),
         })
     }
 
@@ -163,8 +169,11 @@ impl Client {
         request: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
     ) -> Result<serde_json::Value> {
         let mut last = String::new();
+        use std::sync::atomic::Ordering;
+        let first = self.preferred.load(Ordering::Relaxed);
         for attempt in 0..ATTEMPTS {
-            let url = &self.urls[attempt % self.urls.len()];
+            let which = (first + attempt) % self.urls.len();
+            let url = &self.urls[which];
             match request(&self.http, url).send().await {
                 // The site has this station's bound of requests in flight: wait, retry.
                 Ok(resp) if resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
@@ -184,9 +193,19 @@ impl Client {
                         other => return other,
                     }
                 }
-                Ok(resp) => return answer(resp).await,
+                Ok(resp) => {
+                    self.preferred.store(which, Ordering::Relaxed);
+                    return answer(resp).await;
+                }
                 Err(e) => {
                     last = format!("{url}: {}", error_chain(&e));
+                    // Later calls start at the next URL, unless another call moved on.
+                    let _ = self.preferred.compare_exchange(
+                        which,
+                        (which + 1) % self.urls.len(),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
                     if attempt + 1 >= self.urls.len() {
                         tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
                     }

@@ -440,3 +440,175 @@ fn stations_through_failures(kill_leader: bool) {
     assert_eq!(audited, counters.total, "{report}");
     drop(etcd);
 }
+
+#[test]
+fn without_a_quorum_requests_fail_closed_fast_and_provisioning_resumes_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
+    let root = root(dir.path(), "root");
+    let hq = node(dir.path(), &root, "hq", "acme-hq");
+    let spec = etcd.store_spec();
+    let (site, _) = node_with(
+        dir.path(),
+        &root,
+        "site",
+        "shenzhen-1",
+        &["--store", &spec],
+        |_| Vec::new(),
+    );
+    register(dir.path(), &hq, &site);
+    let w = World {
+        dir,
+        root,
+        hq,
+        site,
+    };
+    let policy = w.path("policy.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "quorum.kfe");
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    let site = Provisioner::start(Arc::new(open_site(&w.site)));
+    let request = |n: u32| ProvisionRequest {
+        entitlement: id.clone(),
+        device_id: format!("Q-{n}"),
+        station: None,
+        request_id: format!("q-{n}"),
+        csr: None,
+        transport_key: None,
+    };
+    assert!(site.provision(request(0)).is_ok());
+
+    etcd.kill(0).unwrap();
+    etcd.kill(1).unwrap();
+    for n in 1..=3 {
+        let started = Instant::now();
+        let e = site
+            .provision(request(n))
+            .err()
+            .expect("no quorum, no keys");
+        assert_eq!(e.code(), "unavailable", "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "failed closed in {:?}",
+            started.elapsed()
+        );
+    }
+    etcd.restart(0).unwrap();
+    etcd.restart(1).unwrap();
+    // The same node, untouched, provisions again once the members are back; the requests
+    // that failed are answered when retried (whatever etcd did with them meanwhile).
+    let started = Instant::now();
+    for n in 1..=4 {
+        loop {
+            match site.provision(request(n)) {
+                Ok(_) => break,
+                Err(e) => {
+                    assert_eq!(e.code(), "unavailable", "{e}");
+                    assert!(started.elapsed() < Duration::from_secs(60), "{e}");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+    assert_eq!(
+        keyfab_site::provision::counters(site.node(), &id)
+            .unwrap()
+            .total,
+        5
+    );
+    drop(site);
+    let report = export_import_report(&w, "quorum.kfa");
+    assert_eq!(
+        report["violations"].as_array().unwrap().len(),
+        0,
+        "{report}"
+    );
+    drop(etcd);
+}
+
+#[test]
+fn a_node_paused_mid_run_spends_nothing_it_no_longer_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
+    let root = root(dir.path(), "root");
+    let hq = node(dir.path(), &root, "hq", "acme-hq");
+    let spec = etcd.store_spec();
+    let (site, _) = node_with(
+        dir.path(),
+        &root,
+        "site",
+        "shenzhen-1",
+        &["--store", &spec],
+        |_| Vec::new(),
+    );
+    register(dir.path(), &hq, &site);
+    let stations: Vec<PathBuf> = (0..4)
+        .map(|i| {
+            let d = dir.path().join(format!("line-{i}"));
+            enroll(&site, &format!("line-{i}"), &d);
+            d
+        })
+        .collect();
+    let (second, observer) = (dir.path().join("node-2"), dir.path().join("observer"));
+    copy_home(&site, &second);
+    copy_home(&site, &observer);
+    let w = World {
+        dir,
+        root,
+        hq,
+        site,
+    };
+    let policy = w.path("policy.toml");
+    std::fs::write(&policy, POLICY.replace("devices = 400", "devices = 300")).unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "paused.kfe");
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+
+    let first = Server::start(&w.site);
+    let second_node = Server::start(&second);
+    let urls = format!("{},{}", first.url(), second_node.url());
+    let root_crt = w.root.join("root.crt");
+    let lines: Vec<_> = stations
+        .iter()
+        .enumerate()
+        .map(|(i, d)| start_line(&urls, d, &root_crt, &id, 100, &format!("P{i}-")))
+        .collect();
+    let watch = open_site(&observer);
+    let progress = || keyfab_site::provision::counters(&watch, &id).map_or(0, |c| c.total);
+    let started = Instant::now();
+    while progress() < 60 {
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The first node stops mid-batch, state read and decisions half made; the other goes
+    // on to the end of the quota; then the first wakes up with what it had read.
+    let pid = first.child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    while progress() < 300 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the other node stalled"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
+    for line in lines {
+        line.wait_with_output().unwrap();
+    }
+    let counters = keyfab_site::provision::counters(&watch, &id).unwrap();
+    assert_eq!(counters.total, 300, "the quota, and not one more");
+    drop((first, second_node, watch));
+    let report = export_import_report(&w, "paused.kfa");
+    assert_eq!(
+        report["violations"].as_array().unwrap().len(),
+        0,
+        "{report}"
+    );
+    drop(etcd);
+}
