@@ -22,4 +22,4 @@ pub use node::{
     check_name, decode, decode_err, encode, Node, NodeKind, ServiceIdentity, CSR_FILE,
     KEYSTORE_FILE, STATE_FILE,
 };
-pub use store_choice::{StoreChoice, STORE_FILE};
+pub use store_choice::{EtcdTlsFiles, StoreChoice, STORE_FILE};

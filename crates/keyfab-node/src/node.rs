@@ -65,6 +65,13 @@ pub struct Node {
     pub clock: Box<dyn Clock>,
 }
 
+fn taken(store: &StoreChoice) -> Error {
+    Error::InvalidState(format!(
+        "the store {} already holds a keyfab node: copy that node's home to add a node to it",
+        store.describe()
+    ))
+}
+
 fn meta(store: &dyn Store, key: &str) -> Result<Option<Vec<u8>>> {
     Ok(store.get(Table::Meta, key.as_bytes())?.map(|v| v.value))
 }
@@ -115,20 +122,32 @@ impl Node {
                 dir.display()
             )));
         }
+        let store_choice = store;
+        // A shared store is reached, and found free, before anything is written here: an
+        // unreachable cluster or a taken namespace leaves no half-made home behind.
+        let shared = match store_choice {
+            StoreChoice::Embedded => None,
+            StoreChoice::Etcd { .. } => {
+                let store = store_choice.open(dir)?;
+                if meta(store.as_ref(), "kind")?.is_some() {
+                    return Err(taken(store_choice));
+                }
+                Some(store)
+            }
+        };
         std::fs::create_dir_all(dir)?;
         let mut custody = custody.create(dir, &dir.join(KEYSTORE_FILE), secret, rng.as_ref())?;
         custody.generate_signing_key(CLUSTER_KEY, rng.as_ref())?;
-        let store_choice = store;
-        let store = store_choice.open(dir)?;
+        let store = match shared {
+            Some(store) => store,
+            None => store_choice.open(dir)?,
+        };
         let mut txn = Txn::default();
         txn.require_absent(Table::Meta, b"kind")
             .put(Table::Meta, b"kind", kind.as_str().as_bytes())
             .put(Table::Meta, b"name", name.as_bytes());
         if !store.commit(txn)?.is_committed() {
-            return Err(Error::InvalidState(format!(
-                "the store {} already holds a keyfab node: copy that node's home to add a node to it",
-                store_choice.describe()
-            )));
+            return Err(taken(store_choice));
         }
         store_choice.save(dir)?;
         let csr = x509::cluster_csr(custody.signer(CLUSTER_KEY)?, name)?;

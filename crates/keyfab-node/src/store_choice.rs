@@ -6,7 +6,7 @@
 use crate::{Error, Result, STATE_FILE};
 use keyfab_store::{EmbeddedStore, Store};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The file that says the home's state is in etcd.
 pub const STORE_FILE: &str = "store.json";
@@ -20,12 +20,66 @@ pub enum StoreChoice {
     Etcd {
         endpoints: Vec<String>,
         namespace: String,
+        /// TLS to the members (`etcds://`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls: Option<EtcdTlsFiles>,
     },
+}
+
+/// The files of TLS to etcd: the members' CA, and this node's client certificate and key
+/// when the members require one. Absolute paths.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTlsFiles {
+    pub ca: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
 }
 
 impl StoreChoice {
     /// `embedded`, or `etcd://HOST:PORT[,HOST:PORT…][/NAMESPACE]` (namespace
-    /// `keyfab/<name>` when not given).
+    /// `keyfab/<name>` when not given); `etcds://…` for TLS, whose files `tls` names.
+    pub fn parse_with(spec: &str, name: &str, tls: Option<EtcdTlsFiles>) -> Result<Self> {
+        let secure = spec.starts_with("etcds://");
+        let plain = spec.replacen("etcds://", "etcd://", 1);
+        match (Self::parse(&plain, name)?, tls) {
+            (StoreChoice::Etcd { endpoints, namespace, .. }, Some(files)) if secure => {
+                let absolute = |p: &Path| {
+                    std::fs::canonicalize(p).map_err(|e| {
+                        Error::InvalidInput(format!("--etcd-*: {}: {e}", p.display()))
+                    })
+                };
+                if files.cert.is_some() != files.key.is_some() {
+                    return Err(Error::InvalidInput(
+                        "--etcd-cert and --etcd-key go together".into(),
+                    ));
+                }
+                Ok(StoreChoice::Etcd {
+                    endpoints: endpoints
+                        .into_iter()
+                        .map(|e| e.replacen("http://", "https://", 1))
+                        .collect(),
+                    namespace,
+                    tls: Some(EtcdTlsFiles {
+                        ca: absolute(&files.ca)?,
+                        cert: files.cert.as_deref().map(absolute).transpose()?,
+                        key: files.key.as_deref().map(absolute).transpose()?,
+                    }),
+                })
+            }
+            (_, None) if secure => Err(Error::InvalidInput(
+                "--store etcds://... needs --etcd-ca (and --etcd-cert, --etcd-key if the members ask for a client certificate)".into(),
+            )),
+            (_, Some(_)) => Err(Error::InvalidInput(
+                "--etcd-ca, --etcd-cert and --etcd-key go with --store etcds://...".into(),
+            )),
+            (choice, None) => Ok(choice),
+        }
+    }
+
+    /// [`StoreChoice::parse_with`] without TLS.
     pub fn parse(spec: &str, name: &str) -> Result<Self> {
         if spec == "embedded" {
             return Ok(StoreChoice::Embedded);
@@ -61,6 +115,7 @@ impl StoreChoice {
         Ok(StoreChoice::Etcd {
             endpoints,
             namespace,
+            tls: None,
         })
     }
 
@@ -92,7 +147,15 @@ impl StoreChoice {
             StoreChoice::Etcd {
                 endpoints,
                 namespace,
-            } => Box::new(keyfab_store_etcd::EtcdStore::connect(endpoints, namespace)?),
+                tls,
+            } => {
+                let tls = tls.as_ref().map(EtcdTlsFiles::read).transpose()?;
+                Box::new(keyfab_store_etcd::EtcdStore::connect_with(
+                    endpoints,
+                    namespace,
+                    tls.as_ref(),
+                )?)
+            }
         })
     }
 
@@ -103,8 +166,25 @@ impl StoreChoice {
             StoreChoice::Etcd {
                 endpoints,
                 namespace,
+                ..
             } => format!("etcd {} (namespace {namespace})", endpoints.join(",")),
         }
+    }
+}
+
+impl EtcdTlsFiles {
+    fn read(&self) -> Result<keyfab_store_etcd::EtcdTls> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|e| Error::NotFound(format!("{}: {e}", p.display())))
+        };
+        let client = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, zeroize::Zeroizing::new(read(key)?))),
+            _ => None,
+        };
+        Ok(keyfab_store_etcd::EtcdTls {
+            ca_pem: read(&self.ca)?,
+            client,
+        })
     }
 }
 
@@ -122,14 +202,16 @@ mod tests {
             StoreChoice::parse("etcd://127.0.0.1:2379,h2:2379", "shenzhen-1").unwrap(),
             StoreChoice::Etcd {
                 endpoints: vec!["http://127.0.0.1:2379".into(), "http://h2:2379".into()],
-                namespace: "keyfab/shenzhen-1".into()
+                namespace: "keyfab/shenzhen-1".into(),
+                tls: None,
             }
         );
         assert_eq!(
             StoreChoice::parse("etcd://h:1/acme/sz", "s").unwrap(),
             StoreChoice::Etcd {
                 endpoints: vec!["http://h:1".into()],
-                namespace: "acme/sz".into()
+                namespace: "acme/sz".into(),
+                tls: None,
             }
         );
         for bad in [
@@ -143,5 +225,28 @@ mod tests {
         ] {
             assert!(StoreChoice::parse(bad, "s").is_err(), "{bad}");
         }
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, "x").unwrap();
+        let files = EtcdTlsFiles {
+            ca: ca.clone(),
+            cert: None,
+            key: None,
+        };
+        match StoreChoice::parse_with("etcds://h:1", "s", Some(files.clone())).unwrap() {
+            StoreChoice::Etcd { endpoints, tls, .. } => {
+                assert_eq!(endpoints, vec!["https://h:1".to_owned()]);
+                assert!(tls.is_some_and(|t| t.ca.is_absolute()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(StoreChoice::parse_with("etcds://h:1", "s", None).is_err());
+        assert!(StoreChoice::parse_with("etcd://h:1", "s", Some(files)).is_err());
+        let half = EtcdTlsFiles {
+            ca,
+            cert: Some(dir.path().join("c")),
+            key: None,
+        };
+        assert!(StoreChoice::parse_with("etcds://h:1", "s", Some(half)).is_err());
     }
 }

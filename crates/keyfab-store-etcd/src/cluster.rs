@@ -21,6 +21,66 @@ struct Member {
 pub struct EtcdCluster {
     members: Vec<Member>,
     initial_cluster: String,
+    tls: Option<ClusterTls>,
+}
+
+/// Files for members that serve clients over TLS and require client certificates, and
+/// the client side that reaches them.
+#[derive(Debug, Clone)]
+pub struct ClusterTls {
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// The CA of both the members' and the clients' certificates.
+    pub ca: PathBuf,
+    /// A client certificate and key the members accept, as files (for `--etcd-cert`,
+    /// `--etcd-key`) and loaded.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub client: crate::EtcdTls,
+}
+
+impl ClusterTls {
+    /// A fresh CA in `dir`, a server certificate for 127.0.0.1 and a client certificate
+    /// it issued, written as PEM files.
+    pub fn generate(dir: &Path) -> std::io::Result<ClusterTls> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+        let bad = |e: rcgen::Error| std::io::Error::other(e.to_string());
+        std::fs::create_dir_all(dir)?;
+        let ca_key = KeyPair::generate().map_err(bad)?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(bad)?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_pem = ca_params.self_signed(&ca_key).map_err(bad)?.pem();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let issue = |ip: bool| -> std::io::Result<(String, String)> {
+            let key = KeyPair::generate().map_err(bad)?;
+            let mut params = CertificateParams::new(vec!["localhost".to_owned()]).map_err(bad)?;
+            if ip {
+                params
+                    .subject_alt_names
+                    .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+            }
+            let cert = params.signed_by(&key, &issuer).map_err(bad)?.pem();
+            Ok((cert, key.serialize_pem()))
+        };
+        let (server_cert, server_key) = issue(true)?;
+        let (client_cert, client_key) = issue(false)?;
+        let write = |name: &str, text: &str| -> std::io::Result<PathBuf> {
+            let p = dir.join(name);
+            std::fs::write(&p, text)?;
+            Ok(p)
+        };
+        Ok(ClusterTls {
+            server_cert: write("server.crt", &server_cert)?,
+            server_key: write("server.key", &server_key)?,
+            ca: write("ca.crt", &ca_pem)?,
+            client_cert: write("client.crt", &client_cert)?,
+            client_key: write("client.key", &client_key)?,
+            client: crate::EtcdTls {
+                ca_pem: ca_pem.into_bytes(),
+                client: Some((client_cert.into_bytes(), client_key.into_bytes().into())),
+            },
+        })
+    }
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -45,12 +105,23 @@ impl EtcdCluster {
     /// Starts `size` members under `dir` and waits (up to 30 s) until the cluster
     /// answers linearizable reads.
     pub fn start(size: usize, dir: &Path) -> std::io::Result<EtcdCluster> {
+        Self::start_with(size, dir, None)
+    }
+
+    /// [`EtcdCluster::start`] with members that speak TLS to clients and require a
+    /// client certificate.
+    pub fn start_with(
+        size: usize,
+        dir: &Path,
+        tls: Option<ClusterTls>,
+    ) -> std::io::Result<EtcdCluster> {
         std::fs::create_dir_all(dir)?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut members = Vec::with_capacity(size);
         for i in 0..size {
             let name = format!("m{}", i + 1);
             members.push(Member {
-                client_url: format!("http://127.0.0.1:{}", free_port()?),
+                client_url: format!("{scheme}://127.0.0.1:{}", free_port()?),
                 peer_url: format!("http://127.0.0.1:{}", free_port()?),
                 data_dir: dir.join(format!("{name}.etcd")),
                 log: dir.join(format!("{name}.log")),
@@ -66,6 +137,7 @@ impl EtcdCluster {
         let mut cluster = EtcdCluster {
             members,
             initial_cluster,
+            tls,
         };
         for i in 0..size {
             cluster.spawn(i, "new")?;
@@ -76,9 +148,21 @@ impl EtcdCluster {
 
     fn spawn(&mut self, i: usize, state: &str) -> std::io::Result<()> {
         let initial_cluster = self.initial_cluster.clone();
+        let tls = self.tls.clone();
         let m = &mut self.members[i];
         let log = std::fs::File::create(&m.log)?;
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some(t) = &tls {
+            command
+                .arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", &m.name, "--data-dir"])
             .arg(&m.data_dir)
             .args(["--listen-client-urls", &m.client_url])
@@ -108,7 +192,10 @@ impl EtcdCluster {
         let deadline = Instant::now() + within;
         loop {
             let endpoints = self.endpoints();
-            if let Ok(store) = crate::EtcdStore::connect(&endpoints, "keyfab-probe") {
+            let client_tls = self.tls.as_ref().map(|t| &t.client);
+            if let Ok(store) =
+                crate::EtcdStore::connect_with(&endpoints, "keyfab-probe", client_tls)
+            {
                 if keyfab_store::Store::revision(&store).is_ok() {
                     return Ok(());
                 }
@@ -125,14 +212,16 @@ impl EtcdCluster {
         self.members.iter().map(|m| m.client_url.clone()).collect()
     }
 
-    /// The `--store` value naming this cluster: `etcd://127.0.0.1:P1,127.0.0.1:P2,…`.
+    /// The `--store` value naming this cluster: `etcd://127.0.0.1:P1,127.0.0.1:P2,…`
+    /// (`etcds://…` over TLS; the certificate files are the caller's to add).
     pub fn store_spec(&self) -> String {
         let hosts: Vec<&str> = self
             .members
             .iter()
-            .map(|m| m.client_url.trim_start_matches("http://"))
+            .map(|m| m.client_url.split("://").nth(1).unwrap_or_default())
             .collect();
-        format!("etcd://{}", hosts.join(","))
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://{}", hosts.join(","))
     }
 
     pub fn size(&self) -> usize {
@@ -179,39 +268,41 @@ impl EtcdCluster {
             .enable_all()
             .build()
             .ok()?;
-        for m in self.members.iter().filter(|m| m.child.is_some()) {
-            let options = etcd_client::ConnectOptions::new()
-                .with_connect_timeout(Duration::from_millis(500))
-                .with_timeout(Duration::from_millis(500));
-            let status = runtime.block_on(async {
-                let mut c =
-                    etcd_client::Client::connect([m.client_url.as_str()], Some(options)).await?;
-                c.status().await
-            });
-            if let Ok(s) = status {
-                let leader = s.leader();
-                // Ask that member which of our members it is.
-                for (j, other) in self.members.iter().enumerate() {
-                    let options = etcd_client::ConnectOptions::new()
-                        .with_connect_timeout(Duration::from_millis(500))
-                        .with_timeout(Duration::from_millis(500));
-                    let id = runtime.block_on(async {
-                        let mut c = etcd_client::Client::connect(
-                            [other.client_url.as_str()],
-                            Some(options),
-                        )
-                        .await?;
-                        c.status().await
-                    });
-                    if let Ok(o) = id {
-                        if o.header().map(|h| h.member_id()) == Some(leader) && leader != 0 {
-                            return Some(j);
-                        }
-                    }
-                }
-            }
+        let status = |url: &str| {
+            let (url, options) = (url.to_owned(), self.options());
+            runtime
+                .block_on(async move {
+                    let mut c = etcd_client::Client::connect([url], Some(options)).await?;
+                    c.status().await
+                })
+                .ok()
+        };
+        // Each running member's own id, and whom one of them follows.
+        let ids: Vec<Option<u64>> = self
+            .members
+            .iter()
+            .map(|m| {
+                m.child.as_ref()?;
+                status(&m.client_url)?.header().map(|h| h.member_id())
+            })
+            .collect();
+        let leader = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .find_map(|m| status(&m.client_url).map(|s| s.leader()))
+            .filter(|l| *l != 0)?;
+        ids.iter().position(|id| *id == Some(leader))
+    }
+
+    fn options(&self) -> etcd_client::ConnectOptions {
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_timeout(Duration::from_millis(500));
+        match &self.tls {
+            Some(t) => options.with_tls(t.client.options()),
+            None => options,
         }
-        None
     }
 
     /// The log file of member `i` (etcd's stderr), for a failing test to show.

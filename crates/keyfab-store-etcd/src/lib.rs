@@ -61,6 +61,38 @@ struct Members {
     urls: Vec<String>,
     current: usize,
     client: Option<etcd_client::Client>,
+    tls: Option<etcd_client::TlsOptions>,
+}
+
+/// TLS to the etcd members: the CA that signed their certificates, and this node's own
+/// certificate and key when they ask for one. The key is the operator's file, read at
+/// start; it is not a keyfab secret (it opens nothing but the connection).
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca_pem: Vec<u8>,
+    /// Certificate and private key (PEM).
+    pub client: Option<(Vec<u8>, zeroize::Zeroizing<Vec<u8>>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.client.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdTls {
+    pub(crate) fn options(&self) -> etcd_client::TlsOptions {
+        let options = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(&self.ca_pem));
+        match &self.client {
+            Some((cert, key)) => {
+                options.identity(etcd_client::Identity::from_pem(cert, key.as_slice()))
+            }
+            None => options,
+        }
+    }
 }
 
 impl Drop for EtcdStore {
@@ -81,6 +113,17 @@ impl EtcdStore {
     /// Connects to the cluster at `endpoints` (`http://host:port`), keeping this store's
     /// keys under `namespace`.
     pub fn connect(endpoints: &[String], namespace: &str) -> Result<Self> {
+        Self::connect_with(endpoints, namespace, None)
+    }
+
+    /// [`EtcdStore::connect`] over TLS (`https://` endpoints): the members' certificates
+    /// checked against `tls.ca_pem`, and this node's client certificate presented when
+    /// the members require one (`--client-cert-auth`).
+    pub fn connect_with(
+        endpoints: &[String],
+        namespace: &str,
+        tls: Option<&EtcdTls>,
+    ) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("keyfab-etcd")
@@ -96,6 +139,7 @@ impl EtcdStore {
                 urls: endpoints.to_vec(),
                 current: 0,
                 client: None,
+                tls: tls.map(EtcdTls::options),
             }),
             namespace: format!("{namespace}/").into_bytes(),
             commits: std::sync::atomic::AtomicU64::new(0),
@@ -135,9 +179,12 @@ impl EtcdStore {
         if let Some(c) = &m.client {
             return Ok((which, c.clone()));
         }
-        let options = etcd_client::ConnectOptions::new()
+        let mut options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(ATTEMPT_TIMEOUT)
             .with_timeout(ATTEMPT_TIMEOUT);
+        if let Some(tls) = &m.tls {
+            options = options.with_tls(tls.clone());
+        }
         let url = m.urls[which].clone();
         let client = self
             .run(async move { etcd_client::Client::connect([url], Some(options)).await })

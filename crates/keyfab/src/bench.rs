@@ -219,7 +219,7 @@ pub fn provision(
             let name = module
                 .file_name()
                 .and_then(|n| n.to_str())
-                .ok_or_else(|| Failure::new("usage", "--policy-module needs a file name"))?;
+                .ok_or_else(|| Failure::usage("--policy-module needs a file name"))?;
             std::fs::copy(module, base.join(name)).map_err(|e| io_failure(module, e))?;
             let with_code = base.join("provision-code.toml");
             std::fs::write(&with_code, format!("{text}\n[code]\nmodule = \"{name}\"\n"))

@@ -61,9 +61,19 @@ pub struct InitArgs {
     pub custody: String,
     /// Where the node's state lives: `embedded` (HOME/state.redb), or an etcd cluster
     /// several nodes of one site share, `etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE]`
-    /// (namespace `keyfab/NAME` by default). More nodes: copy this home (docs/OPERATIONS.md).
+    /// (namespace `keyfab/NAME` by default), or `etcds://...` over TLS (with --etcd-ca).
+    /// More nodes: copy this home (docs/OPERATIONS.md).
     #[arg(long, value_name = "SPEC", default_value = "embedded")]
     pub store: String,
+    /// With `--store etcds://...` (TLS to etcd): the CA of the members' certificates.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// This node's client certificate for etcd (PEM), when the members require one.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (PEM; kept where it is, read at each start).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
 }
 
 impl InitArgs {
@@ -78,6 +88,9 @@ impl InitArgs {
             unseal_threshold: None,
             custody: "software".into(),
             store: "embedded".into(),
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
         }
     }
 }

@@ -43,6 +43,15 @@ impl Failure {
             exit_code: 1,
         }
     }
+
+    /// Arguments that do not go together (exit 2, code `usage`).
+    pub fn usage(message: impl Into<String>) -> Self {
+        Failure {
+            code: "usage",
+            message: message.into(),
+            exit_code: 2,
+        }
+    }
 }
 
 pub fn print_report(r: &Report, json: bool) {

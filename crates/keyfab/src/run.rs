@@ -304,7 +304,15 @@ pub fn init_node(
         _ => None,
     };
     let custody = keyfab_node::CustodyChoice::parse(&a.custody)?;
-    let store = keyfab_node::StoreChoice::parse(&a.store, name)?;
+    let tls = a.etcd_ca.clone().map(|ca| keyfab_node::EtcdTlsFiles {
+        ca,
+        cert: a.etcd_cert.clone(),
+        key: a.etcd_key.clone(),
+    });
+    if tls.is_none() && (a.etcd_cert.is_some() || a.etcd_key.is_some()) {
+        return Err(Failure::usage("--etcd-cert and --etcd-key need --etcd-ca"));
+    }
+    let store = keyfab_node::StoreChoice::parse_with(&a.store, name, tls)?;
     let node = Node::init_with(
         home,
         kind,

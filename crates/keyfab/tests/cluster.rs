@@ -60,6 +60,10 @@ fn a_site_on_etcd_provisions_through_the_loss_of_the_leader() {
         None,
     );
     assert_ne!(again.code, 0, "{}", again.json);
+    assert!(
+        !dir.path().join("again").exists(),
+        "a refused init leaves nothing"
+    );
 
     register(dir.path(), &hq, &site);
     let w = World {
@@ -605,6 +609,98 @@ fn a_node_paused_mid_run_spends_nothing_it_no_longer_holds() {
     assert_eq!(counters.total, 300, "the quota, and not one more");
     drop((first, second_node, watch));
     let report = export_import_report(&w, "paused.kfa");
+    assert_eq!(
+        report["violations"].as_array().unwrap().len(),
+        0,
+        "{report}"
+    );
+    drop(etcd);
+}
+
+#[test]
+fn a_site_reaches_etcd_over_tls_with_its_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = keyfab_store_etcd::cluster::ClusterTls::generate(&dir.path().join("tls")).unwrap();
+    let (ca, cert, key) = (s(&tls.ca), s(&tls.client_cert), s(&tls.client_key));
+    let etcd = EtcdCluster::start_with(3, &dir.path().join("etcd"), Some(tls)).unwrap();
+    let root = root(dir.path(), "root");
+    let hq = node(dir.path(), &root, "hq", "acme-hq");
+    let spec = etcd.store_spec();
+    assert!(spec.starts_with("etcds://"));
+    // TLS without the CA is a usage error; a member that requires a client certificate
+    // turns away a site that has none.
+    let home = s(&dir.path().join("nope"));
+    let o = keyfab(
+        &[
+            "site", "init", "--home", &home, "--name", "nope", "--store", &spec,
+        ],
+        None,
+    );
+    assert_eq!(o.json["error"]["code"], "invalid_input", "{}", o.json);
+    let o = keyfab(
+        &[
+            "site",
+            "init",
+            "--home",
+            &home,
+            "--name",
+            "nope",
+            "--store",
+            &spec,
+            "--etcd-ca",
+            &ca,
+        ],
+        None,
+    );
+    assert_ne!(o.code, 0, "{}", o.json);
+    assert!(
+        !dir.path().join("nope").exists(),
+        "a refused init leaves nothing"
+    );
+    let (site, _) = node_with(
+        dir.path(),
+        &root,
+        "site",
+        "shenzhen-1",
+        &[
+            "--store",
+            &spec,
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &cert,
+            "--etcd-key",
+            &key,
+        ],
+        |_| Vec::new(),
+    );
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(site.join("store.json")).unwrap()).unwrap();
+    assert!(stored["endpoints"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("https://"));
+    assert!(
+        stored["tls"]["key"]
+            .as_str()
+            .unwrap()
+            .ends_with("client.key"),
+        "{stored}"
+    );
+    register(dir.path(), &hq, &site);
+    let w = World {
+        dir,
+        root,
+        hq,
+        site,
+    };
+    let policy = w.path("policy.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "tls.kfe");
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    let o = provision(&w, &id, "T-0001", &[], None);
+    assert_eq!(o.code, 0, "{}", o.json);
+    let report = export_import_report(&w, "tls.kfa");
     assert_eq!(
         report["violations"].as_array().unwrap().len(),
         0,
