@@ -34,12 +34,14 @@ pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// How long one try at one member may take: a paused or partitioned member holds a call
 /// this long before the next try goes to another member.
 const ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500);
-/// etcd 3.4's default bounds on one transaction: 128 operations (`--max-txn-ops`) and
+/// etcd 3.4's default bounds on one transaction: 128 operations (`--max-txn-ops`, for
+/// the compares and the writes each) and
 /// 1.5 MiB per request (`--max-request-bytes`); the byte bound is kept with room for the
 /// namespace prefixes and framing.
 const LIMITS: CommitLimits = CommitLimits {
     max_writes: 128,
     max_bytes: 1_200_000,
+    max_guards: 128,
 };
 
 pub struct EtcdStore {

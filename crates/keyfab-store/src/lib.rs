@@ -281,12 +281,15 @@ pub struct CommitLimits {
     pub max_writes: usize,
     /// Most bytes of keys and values in one commit.
     pub max_bytes: usize,
+    /// Most guards (compares) in one commit.
+    pub max_guards: usize,
 }
 
 impl CommitLimits {
     pub const UNBOUNDED: CommitLimits = CommitLimits {
         max_writes: usize::MAX,
         max_bytes: usize::MAX,
+        max_guards: usize::MAX,
     };
 }
 

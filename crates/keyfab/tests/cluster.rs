@@ -133,6 +133,33 @@ fn a_site_on_etcd_provisions_through_the_loss_of_the_leader() {
         counters.total, devices,
         "each device counted once ({retries} retries)"
     );
+    // Answers on etcd are as final as anywhere: a retry gets the same keys, another
+    // request for the device is refused, and that refusal is what its retry gets too.
+    let again = |request_id: &str| {
+        site.provision(ProvisionRequest {
+            entitlement: id.clone(),
+            device_id: "C-0007".into(),
+            station: None,
+            request_id: request_id.into(),
+            csr: None,
+            transport_key: None,
+        })
+    };
+    let replayed = again("r-C-0007").unwrap();
+    assert!(replayed.replayed);
+    assert!(key_ids.contains(&replayed.keys[0].key_id));
+    for _ in 0..2 {
+        let Err(e) = again("another") else {
+            panic!("a device provisioned twice")
+        };
+        assert_eq!(e.code(), "device_already_provisioned");
+    }
+    assert_eq!(
+        keyfab_site::provision::counters(site.node(), &id)
+            .unwrap()
+            .total,
+        devices
+    );
     drop(site);
 
     let report = export_import_report(&w, "cluster.kfa");
