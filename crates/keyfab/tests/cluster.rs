@@ -26,6 +26,34 @@ type = "aes-256"
 source = "derived"
 "#;
 
+/// Root, HQ, and site `shenzhen-1` with its state in `etcd` (`extra` init arguments),
+/// registered at HQ.
+fn etcd_world(dir: tempfile::TempDir, spec: &str, extra: &[&str]) -> World {
+    let root = root(dir.path(), "root");
+    let hq = node(dir.path(), &root, "hq", "acme-hq");
+    let mut init = vec!["--store", spec];
+    init.extend_from_slice(extra);
+    let (site, _) = node_with(dir.path(), &root, "site", "shenzhen-1", &init, |_| {
+        Vec::new()
+    });
+    register(dir.path(), &hq, &site);
+    World {
+        dir,
+        root,
+        hq,
+        site,
+    }
+}
+
+/// An entitlement of `policy` for the site, imported: (file, id).
+fn imported(w: &World, policy: &str, name: &str) -> (PathBuf, String) {
+    let path = w.path(&format!("{name}.toml"));
+    std::fs::write(&path, policy).unwrap();
+    let (kfe, id) = create_from(w, "shenzhen-1", &path, &format!("{name}.kfe"));
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    (kfe, id)
+}
+
 #[test]
 fn a_site_on_etcd_provisions_through_the_loss_of_the_leader() {
     let dir = tempfile::tempdir().unwrap();
@@ -186,30 +214,14 @@ fn copy_home(from: &std::path::Path, to: &std::path::Path) {
 fn two_nodes_share_one_site_and_never_exceed_or_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
-    let root = root(dir.path(), "root");
-    let hq = node(dir.path(), &root, "hq", "acme-hq");
-    let spec = etcd.store_spec();
-    let (site, _) = node_with(
-        dir.path(),
-        &root,
-        "site",
-        "shenzhen-1",
-        &["--store", &spec],
-        |_| Vec::new(),
+    let w = etcd_world(dir, &etcd.store_spec(), &[]);
+    let second = w.path("shenzhen-1-node2");
+    copy_home(&w.site, &second);
+    let (_, id) = imported(
+        &w,
+        &POLICY.replace("devices = 400", "devices = 250"),
+        "shared",
     );
-    register(dir.path(), &hq, &site);
-    let second = dir.path().join("shenzhen-1-node2");
-    copy_home(&site, &second);
-    let w = World {
-        dir,
-        root,
-        hq,
-        site,
-    };
-    let policy = w.path("policy.toml");
-    std::fs::write(&policy, POLICY.replace("devices = 400", "devices = 250")).unwrap();
-    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "shared.kfe");
-    assert_eq!(import(&w.site, &kfe, None).code, 0);
 
     // Both nodes are asked for the same 300 devices, each with its own request ids, from
     // three threads each: every device is released at most once, and 250 in all.
@@ -287,6 +299,17 @@ fn two_nodes_share_one_site_and_never_exceed_or_duplicate() {
     drop(etcd);
 }
 
+/// `count` stations of the site, enrolled: their directories.
+fn enroll_stations(w: &World, count: u32) -> Vec<PathBuf> {
+    (0..count)
+        .map(|i| {
+            let d = w.path(&format!("line-{i}"));
+            enroll(&w.site, &format!("line-{i}"), &d);
+            d
+        })
+        .collect()
+}
+
 /// `keyfab station run` for station `dir` against every node, as a child process.
 fn start_line(
     urls: &str,
@@ -326,35 +349,12 @@ fn stations_through_failures(kill_leader: bool) {
     const PER_STATION: u32 = 500;
     let dir = tempfile::tempdir().unwrap();
     let mut etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
-    let root = root(dir.path(), "root");
-    let hq = node(dir.path(), &root, "hq", "acme-hq");
-    let spec = etcd.store_spec();
-    let (site, _) = node_with(
-        dir.path(),
-        &root,
-        "site",
-        "shenzhen-1",
-        &["--store", &spec],
-        |_| Vec::new(),
-    );
-    register(dir.path(), &hq, &site);
-    let stations: Vec<PathBuf> = (0..STATIONS)
-        .map(|i| {
-            let d = dir.path().join(format!("line-{i}"));
-            enroll(&site, &format!("line-{i}"), &d);
-            d
-        })
-        .collect();
+    let w = etcd_world(dir, &etcd.store_spec(), &[]);
+    let stations = enroll_stations(&w, STATIONS);
     // The second node and an observer: copies of the home, made after the keys exist.
-    let (second, observer) = (dir.path().join("node-2"), dir.path().join("observer"));
-    copy_home(&site, &second);
-    copy_home(&site, &observer);
-    let w = World {
-        dir,
-        root,
-        hq,
-        site,
-    };
+    let (second, observer) = (w.path("node-2"), w.path("observer"));
+    copy_home(&w.site, &second);
+    copy_home(&w.site, &observer);
     // A quota below what the stations ask for: no overrun, whatever dies.
     let quota = STATIONS * PER_STATION - 100;
     let policy = w.path("policy.toml");
@@ -476,28 +476,8 @@ fn stations_through_failures(kill_leader: bool) {
 fn without_a_quorum_requests_fail_closed_fast_and_provisioning_resumes_by_itself() {
     let dir = tempfile::tempdir().unwrap();
     let mut etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
-    let root = root(dir.path(), "root");
-    let hq = node(dir.path(), &root, "hq", "acme-hq");
-    let spec = etcd.store_spec();
-    let (site, _) = node_with(
-        dir.path(),
-        &root,
-        "site",
-        "shenzhen-1",
-        &["--store", &spec],
-        |_| Vec::new(),
-    );
-    register(dir.path(), &hq, &site);
-    let w = World {
-        dir,
-        root,
-        hq,
-        site,
-    };
-    let policy = w.path("policy.toml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "quorum.kfe");
-    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    let w = etcd_world(dir, &etcd.store_spec(), &[]);
+    let (_, id) = imported(&w, POLICY, "quorum");
     let site = Provisioner::start(Arc::new(open_site(&w.site)));
     let request = |n: u32| ProvisionRequest {
         entitlement: id.clone(),
@@ -560,38 +540,16 @@ fn without_a_quorum_requests_fail_closed_fast_and_provisioning_resumes_by_itself
 fn a_node_paused_mid_run_spends_nothing_it_no_longer_holds() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
-    let root = root(dir.path(), "root");
-    let hq = node(dir.path(), &root, "hq", "acme-hq");
-    let spec = etcd.store_spec();
-    let (site, _) = node_with(
-        dir.path(),
-        &root,
-        "site",
-        "shenzhen-1",
-        &["--store", &spec],
-        |_| Vec::new(),
+    let w = etcd_world(dir, &etcd.store_spec(), &[]);
+    let stations = enroll_stations(&w, 4);
+    let (second, observer) = (w.path("node-2"), w.path("observer"));
+    copy_home(&w.site, &second);
+    copy_home(&w.site, &observer);
+    let (_, id) = imported(
+        &w,
+        &POLICY.replace("devices = 400", "devices = 300"),
+        "paused",
     );
-    register(dir.path(), &hq, &site);
-    let stations: Vec<PathBuf> = (0..4)
-        .map(|i| {
-            let d = dir.path().join(format!("line-{i}"));
-            enroll(&site, &format!("line-{i}"), &d);
-            d
-        })
-        .collect();
-    let (second, observer) = (dir.path().join("node-2"), dir.path().join("observer"));
-    copy_home(&site, &second);
-    copy_home(&site, &observer);
-    let w = World {
-        dir,
-        root,
-        hq,
-        site,
-    };
-    let policy = w.path("policy.toml");
-    std::fs::write(&policy, POLICY.replace("devices = 400", "devices = 300")).unwrap();
-    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "paused.kfe");
-    assert_eq!(import(&w.site, &kfe, None).code, 0);
 
     let first = Server::start(&w.site);
     let second_node = Server::start(&second);

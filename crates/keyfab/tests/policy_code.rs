@@ -393,7 +393,7 @@ fn a_tampered_module_inside_an_entitlement_is_refused() {
 
 #[test]
 fn hq_flags_a_log_whose_decisions_its_replay_contradicts() {
-    use keyfab_audit::{AuditedKey, Head, Record};
+    use keyfab_audit::AuditedKey;
     let w = world();
     // Devices whose id ends in 0 are refused with "even"; every other is allowed.
     let wat = r#"(module
@@ -449,38 +449,9 @@ fn hq_flags_a_log_whose_decisions_its_replay_contradicts() {
         by_code("D-3", "policy_denied", "ends in 0"),  // the module allows it
         by_code("D-40", "policy_denied", "invented"),  // refused, for another reason
     ];
-    let mut head = Head::genesis();
-    let mut records = Vec::new();
-    for e in events {
-        let r: Record = head.next(now, "shenzhen-1", e);
-        head = Head::after(&r).unwrap();
-        records.push(r.to_bytes());
-    }
-    let leaves: Vec<_> = records
-        .iter()
-        .map(|b| keyfab_audit::merkle::leaf_hash(b))
-        .collect();
-    let (hq, hq_cluster, recipient) = hq_addressing(&site);
-    let fields = keyfab_formats::audit_bundle::BundleFields {
-        id: "e".repeat(32),
-        site: "shenzhen-1".into(),
-        hq,
-        hq_cluster,
-        recipient,
-        from: keyfab_formats::checkpoint::TreeHead {
-            size: 0,
-            root: keyfab_audit::merkle::root(&[]),
-        },
-        to: keyfab_formats::checkpoint::TreeHead {
-            size: leaves.len() as u64,
-            root: keyfab_audit::merkle::root(&leaves),
-        },
-        checkpoint_time: now,
-        consistency: vec![],
-        created_at: keyfab_crypto::time::UnixTime(now),
-    };
     let out = w.path("lies.kfa");
-    write_signed_bundle(&site, &fields, records, &out);
+    let timed = events.into_iter().map(|e| (now, e)).collect();
+    write_forged_log(&site, timed, &"e".repeat(32), &out);
     drop(site);
     let o = keyfab(
         &["hq", "audit", "import", "--home", &s(&w.hq), &s(&out)],

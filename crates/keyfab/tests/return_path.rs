@@ -255,7 +255,7 @@ fn gaps_replays_and_forks_are_refused_and_change_nothing() {
 
 #[test]
 fn a_site_that_signs_forbidden_decisions_is_caught() {
-    use keyfab_audit::{AuditedKey, Event, Head, Record};
+    use keyfab_audit::{AuditedKey, Event};
     let w = world();
     let id = entitlement(
         &w,
@@ -299,38 +299,8 @@ fn a_site_that_signs_forbidden_decisions_is_caught() {
             },
         ),
     ];
-    let mut head = Head::genesis();
-    let mut records = Vec::new();
-    for (t, e) in events {
-        let r: Record = head.next(t, "shenzhen-1", e);
-        head = Head::after(&r).unwrap();
-        records.push(r.to_bytes());
-    }
-    let leaves: Vec<_> = records
-        .iter()
-        .map(|b| keyfab_audit::merkle::leaf_hash(b))
-        .collect();
-    let (hq, hq_cluster, recipient) = hq_addressing(&site);
-    let fields = keyfab_formats::audit_bundle::BundleFields {
-        id: "f".repeat(32),
-        site: "shenzhen-1".into(),
-        hq,
-        hq_cluster,
-        recipient,
-        from: keyfab_formats::checkpoint::TreeHead {
-            size: 0,
-            root: keyfab_audit::merkle::root(&[]),
-        },
-        to: keyfab_formats::checkpoint::TreeHead {
-            size: leaves.len() as u64,
-            root: keyfab_audit::merkle::root(&leaves),
-        },
-        checkpoint_time: now,
-        consistency: vec![],
-        created_at: keyfab_crypto::time::UnixTime(now),
-    };
     let out = w.path("lies.kfa");
-    write_signed_bundle(&site, &fields, records, &out);
+    write_forged_log(&site, events.into(), &"f".repeat(32), &out);
     drop(site);
     let o = hq_import(&w, &out);
     assert_eq!(

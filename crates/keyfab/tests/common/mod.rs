@@ -527,3 +527,46 @@ pub fn enroll(home: &Path, name: &str, dir: &Path) -> serde_json::Value {
         &s(dir),
     ])
 }
+
+/// What a site that lies would export: `events` chained from the first record, signed
+/// with `site`'s own key as its first bundle, written to `out`.
+pub fn write_forged_log(
+    site: &keyfab_node::Node,
+    events: Vec<(i64, keyfab_audit::Event)>,
+    bundle_id: &str,
+    out: &Path,
+) {
+    use keyfab_audit::{Head, Record};
+    let now = events.last().map_or(0, |(t, _)| *t);
+    let mut head = Head::genesis();
+    let mut records = Vec::new();
+    for (t, e) in events {
+        let r: Record = head.next(t, &site.name, e);
+        head = Head::after(&r).unwrap();
+        records.push(r.to_bytes());
+    }
+    let leaves: Vec<_> = records
+        .iter()
+        .map(|b| keyfab_audit::merkle::leaf_hash(b))
+        .collect();
+    let (hq, hq_cluster, recipient) = hq_addressing(site);
+    let fields = keyfab_formats::audit_bundle::BundleFields {
+        id: bundle_id.to_owned(),
+        site: site.name.clone(),
+        hq,
+        hq_cluster,
+        recipient,
+        from: keyfab_formats::checkpoint::TreeHead {
+            size: 0,
+            root: keyfab_audit::merkle::root(&[]),
+        },
+        to: keyfab_formats::checkpoint::TreeHead {
+            size: leaves.len() as u64,
+            root: keyfab_audit::merkle::root(&leaves),
+        },
+        checkpoint_time: now,
+        consistency: vec![],
+        created_at: keyfab_crypto::time::UnixTime(now),
+    };
+    write_signed_bundle(site, &fields, records, out);
+}
