@@ -204,7 +204,11 @@ pub fn provision(
         None => vec![1, 8, 64],
     };
     // With tokens, keyfab and the baseline then take turns, PEER_ROUNDS times each.
-    let peer_rounds = if token_module.is_some() { PEER_ROUNDS } else { 0 };
+    let peer_rounds = if token_module.is_some() {
+        PEER_ROUNDS
+    } else {
+        0
+    };
     let total = devices * (levels.len() + peer_rounds) as u64;
     let last_level = levels.last().copied().unwrap_or(64);
     let policy = base.join("provision.toml");
