@@ -83,10 +83,20 @@ impl ClusterTls {
     }
 }
 
+/// A loopback port nobody listens on, and that this process has not handed out before
+/// (clusters started side by side by parallel tests must not pick the same one).
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
 }
 
 fn signal(child: &Child, signal: &str) -> std::io::Result<()> {
@@ -142,7 +152,8 @@ impl EtcdCluster {
         for i in 0..size {
             cluster.spawn(i, "new")?;
         }
-        cluster.wait_ready(Duration::from_secs(30))?;
+        // A loaded machine (parallel tests, other clusters) can take a while to elect.
+        cluster.wait_ready(Duration::from_secs(60))?;
         Ok(cluster)
     }
 
@@ -201,7 +212,19 @@ impl EtcdCluster {
                 }
             }
             if Instant::now() > deadline {
-                return Err(std::io::Error::other("the etcd cluster did not come up"));
+                let logs: Vec<String> = self
+                    .members
+                    .iter()
+                    .map(|m| {
+                        let text = std::fs::read_to_string(&m.log).unwrap_or_default();
+                        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+                        format!("{}: {}", m.name, tail.join(" | "))
+                    })
+                    .collect();
+                return Err(std::io::Error::other(format!(
+                    "the etcd cluster did not come up; last log lines: {}",
+                    logs.join("; ")
+                )));
             }
             std::thread::sleep(Duration::from_millis(100));
         }

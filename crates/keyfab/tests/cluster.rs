@@ -45,32 +45,23 @@ fn etcd_world(dir: tempfile::TempDir, spec: &str, extra: &[&str]) -> World {
     }
 }
 
-/// An entitlement of `policy` for the site, imported: (file, id).
-fn imported(w: &World, policy: &str, name: &str) -> (PathBuf, String) {
+/// An entitlement of `policy` for the site, imported: its id.
+fn imported(w: &World, policy: &str, name: &str) -> String {
     let path = w.path(&format!("{name}.toml"));
     std::fs::write(&path, policy).unwrap();
     let (kfe, id) = create_from(w, "shenzhen-1", &path, &format!("{name}.kfe"));
     assert_eq!(import(&w.site, &kfe, None).code, 0);
-    (kfe, id)
+    id
 }
 
 #[test]
 fn a_site_on_etcd_provisions_through_the_loss_of_the_leader() {
     let dir = tempfile::tempdir().unwrap();
     let mut etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
-    let root = root(dir.path(), "root");
-    let hq = node(dir.path(), &root, "hq", "acme-hq");
     let spec = etcd.store_spec();
-    let (site, _) = node_with(
-        dir.path(),
-        &root,
-        "site",
-        "shenzhen-1",
-        &["--store", &spec],
-        |_| Vec::new(),
-    );
+    let w = etcd_world(dir, &spec, &[]);
     assert!(
-        site.join("store.json").exists() && !site.join("state.redb").exists(),
+        w.site.join("store.json").exists() && !w.site.join("state.redb").exists(),
         "the site's state is in etcd, not in its home"
     );
     // The same namespace cannot hold a second node made from scratch.
@@ -79,7 +70,7 @@ fn a_site_on_etcd_provisions_through_the_loss_of_the_leader() {
             "site",
             "init",
             "--home",
-            &s(&dir.path().join("again")),
+            &s(&w.path("again")),
             "--name",
             "shenzhen-1",
             "--store",
@@ -88,23 +79,10 @@ fn a_site_on_etcd_provisions_through_the_loss_of_the_leader() {
         None,
     );
     assert_ne!(again.code, 0, "{}", again.json);
-    assert!(
-        !dir.path().join("again").exists(),
-        "a refused init leaves nothing"
-    );
+    assert!(!w.path("again").exists(), "a refused init leaves nothing");
 
-    register(dir.path(), &hq, &site);
-    let w = World {
-        dir,
-        root,
-        hq,
-        site,
-    };
-    let policy = w.path("policy.toml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "cluster.kfe");
     // 400 pool keys: more than one etcd transaction holds.
-    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    let id = imported(&w, POLICY, "cluster");
 
     let site = Arc::new(Provisioner::start(Arc::new(open_site(&w.site))));
     let devices = 300;
@@ -217,7 +195,7 @@ fn two_nodes_share_one_site_and_never_exceed_or_duplicate() {
     let w = etcd_world(dir, &etcd.store_spec(), &[]);
     let second = w.path("shenzhen-1-node2");
     copy_home(&w.site, &second);
-    let (_, id) = imported(
+    let id = imported(
         &w,
         &POLICY.replace("devices = 400", "devices = 250"),
         "shared",
@@ -477,7 +455,7 @@ fn without_a_quorum_requests_fail_closed_fast_and_provisioning_resumes_by_itself
     let dir = tempfile::tempdir().unwrap();
     let mut etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
     let w = etcd_world(dir, &etcd.store_spec(), &[]);
-    let (_, id) = imported(&w, POLICY, "quorum");
+    let id = imported(&w, POLICY, "quorum");
     let site = Provisioner::start(Arc::new(open_site(&w.site)));
     let request = |n: u32| ProvisionRequest {
         entitlement: id.clone(),
@@ -545,7 +523,7 @@ fn a_node_paused_mid_run_spends_nothing_it_no_longer_holds() {
     let (second, observer) = (w.path("node-2"), w.path("observer"));
     copy_home(&w.site, &second);
     copy_home(&w.site, &observer);
-    let (_, id) = imported(
+    let id = imported(
         &w,
         &POLICY.replace("devices = 400", "devices = 300"),
         "paused",
@@ -607,8 +585,6 @@ fn a_site_reaches_etcd_over_tls_with_its_client_certificate() {
     let tls = keyfab_store_etcd::cluster::ClusterTls::generate(&dir.path().join("tls")).unwrap();
     let (ca, cert, key) = (s(&tls.ca), s(&tls.client_cert), s(&tls.client_key));
     let etcd = EtcdCluster::start_with(3, &dir.path().join("etcd"), Some(tls)).unwrap();
-    let root = root(dir.path(), "root");
-    let hq = node(dir.path(), &root, "hq", "acme-hq");
     let spec = etcd.store_spec();
     assert!(spec.starts_with("etcds://"));
     // TLS without the CA is a usage error; a member that requires a client certificate
@@ -641,25 +617,17 @@ fn a_site_reaches_etcd_over_tls_with_its_client_certificate() {
         !dir.path().join("nope").exists(),
         "a refused init leaves nothing"
     );
-    let (site, _) = node_with(
-        dir.path(),
-        &root,
-        "site",
-        "shenzhen-1",
-        &[
-            "--store",
-            &spec,
-            "--etcd-ca",
-            &ca,
-            "--etcd-cert",
-            &cert,
-            "--etcd-key",
-            &key,
-        ],
-        |_| Vec::new(),
-    );
+    let tls_init = [
+        "--etcd-ca",
+        ca.as_str(),
+        "--etcd-cert",
+        &cert,
+        "--etcd-key",
+        &key,
+    ];
+    let w = etcd_world(dir, &spec, &tls_init);
     let stored: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(site.join("store.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(w.site.join("store.json")).unwrap()).unwrap();
     assert!(stored["endpoints"][0]
         .as_str()
         .unwrap()
@@ -671,17 +639,7 @@ fn a_site_reaches_etcd_over_tls_with_its_client_certificate() {
             .ends_with("client.key"),
         "{stored}"
     );
-    register(dir.path(), &hq, &site);
-    let w = World {
-        dir,
-        root,
-        hq,
-        site,
-    };
-    let policy = w.path("policy.toml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "tls.kfe");
-    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    let id = imported(&w, POLICY, "tls");
     let o = provision(&w, &id, "T-0001", &[], None);
     assert_eq!(o.code, 0, "{}", o.json);
     let report = export_import_report(&w, "tls.kfa");

@@ -393,7 +393,6 @@ fn a_tampered_module_inside_an_entitlement_is_refused() {
 
 #[test]
 fn hq_flags_a_log_whose_decisions_its_replay_contradicts() {
-    use keyfab_audit::AuditedKey;
     let w = world();
     // Devices whose id ends in 0 are refused with "even"; every other is allowed.
     let wat = r#"(module
@@ -416,19 +415,7 @@ fn hq_flags_a_log_whose_decisions_its_replay_contradicts() {
     assert_eq!(import(&w.site, &file, None).code, 0);
     let site = open_site(&w.site);
     let now = jiff::Timestamp::now().as_second();
-    let allowed = |device: &str| Event::ProvisionAllowed {
-        entitlement: id.clone(),
-        request_id: format!("r-{device}"),
-        device_id: device.into(),
-        station: None,
-        pool_index: None,
-        keys: vec![AuditedKey {
-            name: "k".into(),
-            key_id: format!("spki-sha256:{}", "ab".repeat(32)),
-            cert_serial: None,
-            certificate: None,
-        }],
-    };
+    let allowed = |device: &str| forged_release(&id, device);
     let by_code = |device: &str, code: &str, reason: &str| Event::ProvisionDeniedByCode {
         entitlement: id.clone(),
         request_id: format!("r-{device}"),
@@ -480,23 +467,28 @@ fn hq_flags_a_log_whose_decisions_its_replay_contradicts() {
     assert_eq!(found, expected, "{}", o.json);
 }
 
+/// `keyfab policy test --module MODULE --cases CASES`.
+fn policy_test(module: &Path, cases: &Path) -> Out {
+    keyfab(
+        &[
+            "policy",
+            "test",
+            "--module",
+            &s(module),
+            "--cases",
+            &s(cases),
+        ],
+        None,
+    )
+}
+
 #[test]
 fn policy_test_runs_the_examples_cases_and_names_a_case_that_fails() {
     for (module, cases) in [
         ("shift-limit/shift-limit.wasm", "shift-limit/cases.json"),
         ("failure-pause/rules.wat", "failure-pause/cases.json"),
     ] {
-        let o = keyfab(
-            &[
-                "policy",
-                "test",
-                "--module",
-                &s(&examples().join(module)),
-                "--cases",
-                &s(&examples().join(cases)),
-            ],
-            None,
-        );
+        let o = policy_test(&examples().join(module), &examples().join(cases));
         assert_eq!(o.code, 0, "{module}: {}", o.json);
         assert_eq!(o.json["failed"], 0);
         assert!(o.json["cases"].as_array().unwrap().len() >= 6);
@@ -509,17 +501,7 @@ fn policy_test_runs_the_examples_cases_and_names_a_case_that_fails() {
     cases["cases"][0]["repeat"] = 501.into();
     let wrong = dir.path().join("wrong.json");
     std::fs::write(&wrong, cases.to_string()).unwrap();
-    let o = keyfab(
-        &[
-            "policy",
-            "test",
-            "--module",
-            &s(&examples().join("shift-limit/shift-limit.wasm")),
-            "--cases",
-            &s(&wrong),
-        ],
-        None,
-    );
+    let o = policy_test(&examples().join("shift-limit/shift-limit.wasm"), &wrong);
     assert_eq!(o.code, 1);
     assert_eq!(o.json["error"]["code"], "policy_test_failed");
     let message = o.json["error"]["message"].as_str().unwrap();
@@ -533,16 +515,6 @@ fn policy_test_runs_the_examples_cases_and_names_a_case_that_fails() {
         "{\"cases\": [{\"at\": \"yesterday\", \"expect\": \"allow\"}]}",
     )
     .unwrap();
-    let o = keyfab(
-        &[
-            "policy",
-            "test",
-            "--module",
-            &s(&examples().join("shift-limit/shift-limit.wasm")),
-            "--cases",
-            &s(&wrong),
-        ],
-        None,
-    );
+    let o = policy_test(&examples().join("shift-limit/shift-limit.wasm"), &wrong);
     assert_eq!(o.json["error"]["code"], "malformed", "{}", o.json);
 }

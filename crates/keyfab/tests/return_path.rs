@@ -255,7 +255,7 @@ fn gaps_replays_and_forks_are_refused_and_change_nothing() {
 
 #[test]
 fn a_site_that_signs_forbidden_decisions_is_caught() {
-    use keyfab_audit::{AuditedKey, Event};
+    use keyfab_audit::Event;
     let w = world();
     let id = entitlement(
         &w,
@@ -263,19 +263,7 @@ fn a_site_that_signs_forbidden_decisions_is_caught() {
     );
     let site = open_site(&w.site);
     let now = jiff::Timestamp::now().as_second();
-    let allowed = |device: &str| Event::ProvisionAllowed {
-        entitlement: id.clone(),
-        request_id: format!("r-{device}"),
-        device_id: device.into(),
-        station: None,
-        pool_index: None,
-        keys: vec![AuditedKey {
-            name: "k".into(),
-            key_id: format!("spki-sha256:{}", "ab".repeat(32)),
-            cert_serial: None,
-            certificate: None,
-        }],
-    };
+    let allowed = |device: &str| forged_release(&id, device);
     let events = [
         (
             now,

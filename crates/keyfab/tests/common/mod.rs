@@ -570,3 +570,21 @@ pub fn write_forged_log(
     };
     write_signed_bundle(site, &fields, records, out);
 }
+
+/// A release of `device` under `entitlement` as a lying site would record it: one key,
+/// with an invented public-key id.
+pub fn forged_release(entitlement: &str, device: &str) -> keyfab_audit::Event {
+    keyfab_audit::Event::ProvisionAllowed {
+        entitlement: entitlement.to_owned(),
+        request_id: format!("r-{device}"),
+        device_id: device.into(),
+        station: None,
+        pool_index: None,
+        keys: vec![keyfab_audit::AuditedKey {
+            name: "k".into(),
+            key_id: format!("spki-sha256:{}", "ab".repeat(32)),
+            cert_serial: None,
+            certificate: None,
+        }],
+    }
+}
