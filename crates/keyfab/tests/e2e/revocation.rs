@@ -1,8 +1,7 @@
 //! Revocation: verified like an entitlement; afterwards `revoked`; unused pool keys
 //! destroyed and audited; keys already given out still answer their retries.
 
-mod common;
-use common::*;
+use crate::common::*;
 use keyfab_store::Table;
 
 #[test]
@@ -10,8 +9,9 @@ fn revocation_stops_provisioning_and_destroys_unused_pool_keys() {
     let w = world();
     let (kfe, id) = create(&w, "shenzhen-1", 5, "r.kfe");
     assert_eq!(import(&w.site, &kfe, None).code, 0);
-    let provision =
-        |device: &str, rid: &str| common::provision(&w, &id, device, &["--request-id", rid], None);
+    let provision = |device: &str, rid: &str| {
+        crate::common::provision(&w, &id, device, &["--request-id", rid], None)
+    };
     let first = provision("D-1", "r-1");
     assert_eq!(first.code, 0, "{}", first.json);
 

@@ -2,8 +2,7 @@
 //! cases say and HQ's replay agrees; failing modules deny with `policy_error` and release
 //! nothing; bad or tampered modules are refused; HQ flags a log its replay contradicts.
 
-mod common;
-use common::*;
+use crate::common::*;
 use keyfab_audit::Event;
 use keyfab_site::provision::{Programming, ProvisionRequest, Provisioner};
 use std::path::{Path, PathBuf};

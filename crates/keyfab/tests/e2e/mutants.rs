@@ -4,8 +4,7 @@
 //! checkpoint it claimed); re-signed by another registered site; a fork. Every mutant is
 //! refused with a code and leaves HQ unchanged; every clean bundle is accepted.
 
-mod common;
-use common::*;
+use crate::common::*;
 use keyfab_formats::audit_bundle::{open_bundle, verify_bundle, BundleFields};
 
 const POLICY_M: &str = "product = \"p\"\ndevices = 100\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n[[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n";

@@ -2,8 +2,7 @@
 //! `scripts/make-vectors.sh`) against copies of the committed HQ and site homes, at the
 //! time the vectors were made, and checks each file's expected outcome.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::{Path, PathBuf};
 
 const VECTOR_TIME: &str = "2026-11-25T00:00:00Z";

@@ -1,8 +1,7 @@
 //! The return path: export → import → reconcile → receipt → report → manifest, and the
 //! refusals that keep HQ's view of a site honest.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 const POLICY2: &str = "product = \"p\"\ndevices = 10\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
 [limits]\ndaily = 2\n\

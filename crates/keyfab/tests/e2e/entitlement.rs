@@ -1,8 +1,7 @@
 //! Entitlement round trip and every refusal, through the real binary. Each refusal exits
 //! 4 with its own code and leaves the site's home byte for byte unchanged.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 #[test]
 fn create_import_list_round_trip() {

@@ -2,8 +2,7 @@
 //! refusal code this stage can produce, idempotent retries, key sources and their
 //! certificates, and no released private key left in clear in the site's home.
 
-mod common;
-use common::*;
+use crate::common::*;
 use keyfab_site::provision::{ProvisionRequest, Provisioner};
 use std::collections::HashSet;
 use std::sync::Arc;

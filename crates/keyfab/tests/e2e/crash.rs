@@ -3,8 +3,7 @@
 //! reached the client has its audit record, no key went to two devices, and the counters
 //! agree with the log.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
 

@@ -1,8 +1,7 @@
 //! The station API end to end: the real `keyfab site serve` over real TLS, real stations
 //! (`keyfab station provision`), and raw TLS clients that misbehave.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -692,14 +691,14 @@ fn one_runaway_station_cannot_starve_the_others() {
 fn a_site_sealed_by_shares_serves_only_once_the_threshold_is_met() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_owned();
-    let root = common::root(&d, "root");
-    let hq = common::node(&d, &root, "hq", "acme-hq");
+    let root = crate::common::root(&d, "root");
+    let hq = crate::common::node(&d, &root, "hq", "acme-hq");
     // The site's keystore is sealed by 3 shares, any 2 of which unseal it; the holders'
     // shares are files here.
     let share_files: Vec<String> = (1..=3)
         .map(|i| s(&d.join(format!("share-{i}.txt"))))
         .collect();
-    let (site, unlock) = common::node_with(
+    let (site, unlock) = crate::common::node_with(
         &d,
         &root,
         "site",

@@ -1,8 +1,7 @@
 //! Quorum approvals: only listed keys count, each key once, before expiry; every refusal
 //! changes nothing; the threshold activates the entitlement, and all of it is audited.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 #[test]
 fn a_quorum_of_distinct_listed_keys_activates() {
@@ -21,7 +20,7 @@ fn a_quorum_of_distinct_listed_keys_activates() {
     let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "gated.kfe");
     let imported = import(&w.site, &kfe, None);
     assert_eq!(imported.json["state"], "pending_approval");
-    let provision = |device: &str| common::provision(&w, &id, device, &[], None);
+    let provision = |device: &str| crate::common::provision(&w, &id, device, &[], None);
     let o = provision("D-1");
     assert_eq!(
         (o.code, o.json["error"]["code"].as_str()),

@@ -1,8 +1,7 @@
 //! Every byte of a small valid entitlement flipped in turn is refused with exit 4, and
 //! the site's home is unchanged afterwards. Runs in-process (one unlock, ~4,000 imports).
 
-mod common;
-use common::*;
+use crate::common::*;
 
 #[test]
 fn every_flipped_byte_is_refused_and_changes_nothing() {

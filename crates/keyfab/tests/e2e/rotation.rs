@@ -1,7 +1,6 @@
 //! Service key rotation at the site and at HQ: what was sealed to, or signed with, the
 //! previous keys still opens and verifies; new files use the new keys.
-mod common;
-use common::*;
+use crate::common::*;
 
 fn imports(w: &World, kfe: &std::path::Path) {
     let out = import(&w.site, kfe, None);

@@ -2,8 +2,7 @@
 //! caught by the next receipt or entitlement that carries what HQ acknowledged; receipts
 //! also restart the audit-freshness clock.
 
-mod common;
-use common::*;
+use crate::common::*;
 use keyfab_crypto::time::{FixedClock, UnixTime};
 
 fn hq_at(w: &World, t: i64) -> keyfab_node::Node {
@@ -39,7 +38,7 @@ fn a_restored_copy_is_detected_by_receipts_and_entitlements() {
     .unwrap();
     let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "a.kfe");
     assert_eq!(import(&w.site, &kfe, None).code, 0);
-    let provision = |device: &str| common::provision(&w, &id, device, &[], None);
+    let provision = |device: &str| crate::common::provision(&w, &id, device, &[], None);
     assert_eq!(provision("D-1").code, 0);
 
     let backup = w.path("site-backup");
@@ -102,7 +101,7 @@ fn receipts_are_verified_and_restart_the_audit_freshness_clock() {
     let at = jiff::Timestamp::from_second(in_two_days)
         .unwrap()
         .to_string();
-    let provision = |device: &str| common::provision(&w, &id, device, &[], Some(&at));
+    let provision = |device: &str| crate::common::provision(&w, &id, device, &[], Some(&at));
     let o = provision("D-1");
     assert_eq!(o.json["error"]["code"], "audit_overdue", "{}", o.json);
 

@@ -3,8 +3,7 @@
 //! while the etcd leader is killed (requests retried with the same request id, as a
 //! station does), and HQ verifies the exported log.
 
-mod common;
-use common::*;
+use crate::common::*;
 use keyfab_site::provision::{ProvisionRequest, Provisioner};
 use keyfab_store_etcd::cluster::EtcdCluster;
 use std::path::{Path, PathBuf};

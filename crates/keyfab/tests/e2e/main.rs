@@ -1,0 +1,21 @@
+//! keyfab's end-to-end suite as one test binary: the real engines and the real `keyfab`
+//! binary, each area in its own module. One binary links once instead of once per area,
+//! which keeps the build's disk use and link time small.
+
+mod common;
+
+mod approval;
+mod cluster;
+mod crash;
+mod demo;
+mod entitlement;
+mod mutants;
+mod policy_code;
+mod provision;
+mod return_path;
+mod revocation;
+mod rollback;
+mod rotation;
+mod serve;
+mod tamper;
+mod vectors;
