@@ -322,10 +322,31 @@ fn ent_key(entitlement: &str, sub: &str) -> Vec<u8> {
     k
 }
 
-/// Key of a refused request: entitlement ‖ '/' ‖ device id length (u16 BE) ‖ device id ‖
-/// request id. Request ids are scoped to their device: a retry names the same device.
-/// Allowed requests need no row of their own: the device record holds the request id.
-fn request_key(entitlement: &str, device_id: &str, request_id: &str) -> Vec<u8> {
+/// Key of a refused request in the `devices` table: the device's key ‖ 0x00 ‖ request id.
+/// Request ids are scoped to their device (a retry names the same device), and a
+/// device's record and its refusals share one key range, so one guard covers them all
+/// ([`device_history_end`]). Allowed requests need no row of their own: the device
+/// record holds the request id. Device ids that may be provisioned have no control
+/// characters and request ids are printable, so no two keys collide.
+fn refusal_key(dev_key: &[u8], request_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(dev_key.len() + 1 + request_id.len());
+    k.extend_from_slice(dev_key);
+    k.push(0);
+    k.extend_from_slice(request_id.as_bytes());
+    k
+}
+
+/// The end of a device's key range: its record and every refusal, `[dev_key, end)`.
+fn device_history_end(dev_key: &[u8]) -> Vec<u8> {
+    let mut end = dev_key.to_vec();
+    end.push(1);
+    end
+}
+
+/// Key of a refused request in the `requests` table, where stores written before
+/// refusals moved next to their device keep them: entitlement ‖ '/' ‖ device id length
+/// (u16 BE) ‖ device id ‖ request id. Read, never written.
+fn legacy_request_key(entitlement: &str, device_id: &str, request_id: &str) -> Vec<u8> {
     let mut k = entitlement.as_bytes().to_vec();
     k.push(b'/');
     k.extend_from_slice(
@@ -1100,8 +1121,8 @@ fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
             let ents = entitlements.len() + usize::from(new_entitlement);
             let writes = batch.len() + 1 + 3 + ents;
             // Guards: head, time, two settings, the counters, and — decided without a
-            // read — each request and device key.
-            let guards = 4 + ents + 2 * (batch.len() + 1);
+            // read — each device's key range (its record and refusals) empty.
+            let guards = 4 + ents + batch.len() + 1;
             if writes > limits.max_writes || guards > limits.max_guards {
                 // Too much for this commit: it leads the next batch.
                 pending = Some(j);
@@ -1237,12 +1258,14 @@ fn decide_batch(
     // One snapshot read for the batch: the settings others may change (read for every
     // batch), then every request and device of the batch not decided by a batch in
     // flight. On a replicated store this is one round trip.
-    let keys: Vec<(Vec<u8>, Vec<u8>)> = batch
+    let keys: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = batch
         .iter()
         .map(|j| {
+            let dev_key = ent_key(&j.req.entitlement, &j.req.device_id);
             (
-                request_key(&j.req.entitlement, &j.req.device_id, &j.req.request_id),
-                ent_key(&j.req.entitlement, &j.req.device_id),
+                legacy_request_key(&j.req.entitlement, &j.req.device_id, &j.req.request_id),
+                refusal_key(&dev_key, &j.req.request_id),
+                dev_key,
             )
         })
         .collect();
@@ -1250,10 +1273,11 @@ fn decide_batch(
         (Table::Meta, CLOCK_TOLERANCE),
         (Table::Meta, crate::checkpoints::HQ_ACK),
     ];
-    lookups.extend(keys.iter().flat_map(|(r, d)| {
+    lookups.extend(keys.iter().flat_map(|(legacy, refusal, dev)| {
         [
-            (Table::Requests, r.as_slice()),
-            (Table::Devices, d.as_slice()),
+            (Table::Requests, legacy.as_slice()),
+            (Table::Devices, refusal.as_slice()),
+            (Table::Devices, dev.as_slice()),
         ]
     }));
     let mut stored = match (&st.settings, optimistic) {
@@ -1264,8 +1288,11 @@ fn decide_batch(
                     crate::checkpoints::HQ_ACK,
                     settings.acknowledged_revision,
                 );
-            for (table, key) in &lookups[2..] {
-                txn.require_absent(*table, key);
+            // One guard per decision: nothing at all kept for its device — no record,
+            // no refusal. (Refusals in the legacy table are only in embedded stores,
+            // which always read.)
+            for (_, _, dev) in &keys {
+                txn.require_absent_range(Table::Devices, dev, &device_history_end(dev));
             }
             vec![None; lookups.len() - 2].into_iter()
         }
@@ -1328,7 +1355,7 @@ fn decide_batch(
 
     let mut touched: Vec<String> = Vec::new();
     let mut outcomes = Vec::with_capacity(batch.len());
-    for (job, (req_key, dev_key)) in batch.into_iter().zip(keys) {
+    for (job, (_, req_key, dev_key)) in batch.into_iter().zip(keys) {
         let Job {
             ctx,
             req,
@@ -1336,7 +1363,12 @@ fn decide_batch(
             confirm,
             ..
         } = job;
-        let (stored_request, stored_device) = (stored.next().flatten(), stored.next().flatten());
+        let (legacy_request, stored_request, stored_device) = (
+            stored.next().flatten(),
+            stored.next().flatten(),
+            stored.next().flatten(),
+        );
+        let stored_request = stored_request.or(legacy_request);
         if let Some(result) = confirm {
             let outcome = confirm_device(
                 &mut txn,
@@ -1471,7 +1503,7 @@ fn decide_batch(
                     denied: Some(code),
                     reason,
                 };
-                txn.put(Table::Requests, &req_key, &encode(&rr)?);
+                txn.put(Table::Devices, &req_key, &encode(&rr)?);
                 st.requests.insert(req_key, rr);
             }
             Decision::Allow => {

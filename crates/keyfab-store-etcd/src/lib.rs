@@ -343,6 +343,12 @@ impl Store for EtcdStore {
                     CompareOp::Equal,
                     i64::try_from(*r).unwrap_or(i64::MAX),
                 ),
+                // etcd compares every key in the range; with none there, the zero
+                // revision of an absent key.
+                Guard::AbsentRange(t, start, end) => {
+                    Compare::create_revision(self.key(*t, start), CompareOp::Equal, 0)
+                        .with_range(self.key(*t, end))
+                }
             })
             .collect();
         let ops: Vec<TxnOp> = txn

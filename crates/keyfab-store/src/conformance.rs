@@ -7,6 +7,7 @@ use crate::{Outcome, Store, Table, Txn};
 /// Runs every check against `store`, which must be empty.
 pub fn run_all(store: &dyn Store) {
     guards_make_commits_all_or_nothing(store);
+    range_guards_see_every_key_in_the_range(store);
     tables_do_not_see_each_other(store);
     scan_and_delete_prefix_and_range(store);
     revisions_are_store_wide_and_predictable(store);
@@ -50,6 +51,45 @@ fn guards_make_commits_all_or_nothing(s: &dyn Store) {
     let mut t = Txn::default();
     t.delete_prefix(Table::Meta, b"");
     s.commit(t).unwrap();
+}
+
+/// A range guard holds only while no key at all lies in `[start, end)`: the end is
+/// excluded, keys just outside either bound and keys of other tables do not count.
+fn range_guards_see_every_key_in_the_range(s: &dyn Store) {
+    let mut t = Txn::default();
+    t.put(Table::Devices, b"e/dev", b"record")
+        .put(Table::Devices, b"e/dew", b"next device")
+        .put(Table::Requests, b"e/dev\x00r-1", b"other table");
+    assert!(s.commit(t).unwrap().is_committed());
+    let guarded = |start: &[u8], end: &[u8]| {
+        let mut t = Txn::default();
+        t.require_absent_range(Table::Devices, start, end)
+            .put(Table::Meta, b"range-probe", b"x");
+        s.commit(t).unwrap()
+    };
+    assert_eq!(guarded(b"e/dev", b"e/dev\x01"), Outcome::Conflict);
+    assert_eq!(guarded(b"e/de", b"e/dev\x00"), Outcome::Conflict);
+    assert!(guarded(b"e/dev\x00", b"e/dev\x01").is_committed());
+    assert!(guarded(b"e/dex", b"e/dey").is_committed());
+    assert!(
+        guarded(b"e/dev\x01", b"e/dew").is_committed(),
+        "the end is excluded"
+    );
+    let mut t = Txn::default();
+    t.put(Table::Devices, b"e/dev\x00r-2", b"refusal");
+    assert!(s.commit(t).unwrap().is_committed());
+    assert_eq!(guarded(b"e/dev\x00", b"e/dev\x01"), Outcome::Conflict);
+    // A failed range guard wrote nothing.
+    let mut t = Txn::default();
+    t.require_absent_range(Table::Devices, b"e/", b"e0")
+        .put(Table::Meta, b"never", b"x");
+    assert_eq!(s.commit(t).unwrap(), Outcome::Conflict);
+    assert!(s.get(Table::Meta, b"never").unwrap().is_none());
+    for table in [Table::Devices, Table::Requests, Table::Meta] {
+        let mut t = Txn::default();
+        t.delete_prefix(table, b"");
+        s.commit(t).unwrap();
+    }
 }
 
 fn tables_do_not_see_each_other(s: &dyn Store) {

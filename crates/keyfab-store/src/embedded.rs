@@ -115,15 +115,27 @@ impl Store for EmbeddedStore {
         let revision = {
             let mut table = w.open_table(KV).map_err(io)?;
             for g in &txn.guards {
-                let (t, key, want) = match g {
-                    Guard::Absent(t, k) => (*t, k, None),
-                    Guard::AtRevision(t, k, r) => (*t, k, Some(*r)),
+                let holds = match g {
+                    Guard::Absent(t, k) => {
+                        table.get(full_key(*t, k).as_slice()).map_err(io)?.is_none()
+                    }
+                    Guard::AtRevision(t, k, r) => {
+                        match table.get(full_key(*t, k).as_slice()).map_err(io)? {
+                            Some(v) => decode(v.value())?.revision == *r,
+                            None => false,
+                        }
+                    }
+                    Guard::AbsentRange(t, start, end) => {
+                        let (start, end) = (full_key(*t, start), full_key(*t, end));
+                        start >= end
+                            || table
+                                .range(start.as_slice()..end.as_slice())
+                                .map_err(io)?
+                                .next()
+                                .is_none()
+                    }
                 };
-                let current = match table.get(full_key(t, key).as_slice()).map_err(io)? {
-                    Some(v) => Some(decode(v.value())?.revision),
-                    None => None,
-                };
-                if current != want {
+                if !holds {
                     drop(table);
                     w.abort().map_err(io)?;
                     return Ok(Outcome::Conflict);
