@@ -649,3 +649,46 @@ fn a_site_reaches_etcd_over_tls_with_its_client_certificate() {
     );
     drop(etcd);
 }
+
+/// A cluster node decides a batch of new requests without reading them, its commit
+/// guarded on each device's key range being empty. A refused request lives in that range,
+/// so its retry — a day later, when deciding it afresh would allow it — is caught by the
+/// guard, read, and answered with the same refusal.
+#[test]
+fn a_refusal_retried_on_etcd_is_answered_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
+    let w = etcd_world(dir, &etcd.store_spec(), &[]);
+    let policy = POLICY
+        .replace("devices = 400", "devices = 10")
+        .replace("source = \"hq-pool\"", "source = \"site\"")
+        + "\n[limits]\ndaily = 1\n";
+    let id = imported(&w, &policy, "daily");
+    let today = jiff::Timestamp::now().as_second();
+    let clock = TestClock::at(today);
+    let site = Provisioner::start(Arc::new(site_with_clock(&w.site, &clock)));
+    let ask = |device: &str, request: &str| {
+        site.provision(ProvisionRequest {
+            entitlement: id.clone(),
+            device_id: device.into(),
+            station: None,
+            request_id: request.into(),
+            csr: None,
+            transport_key: None,
+        })
+    };
+    let first = ask("D-1", "r-1").expect("the day's one device");
+    let refused = ask("D-2", "r-2").expect_err("over the daily limit");
+    assert_eq!(refused.code(), "daily_limit_exceeded");
+
+    clock.set(today + 86_400);
+    let again = ask("D-2", "r-2").expect_err("a retry gets the answer it got");
+    assert_eq!(again.code(), "daily_limit_exceeded");
+    let retried = ask("D-1", "r-1").expect("a retry of an allowed request");
+    assert!(retried.replayed && retried.audit_sequence == first.audit_sequence);
+    ask("D-2", "r-3").expect("a new request on a new day");
+    let counters = keyfab_site::provision::counters(site.node(), &id).unwrap();
+    assert_eq!(counters.total, 2);
+    drop(site);
+    drop(etcd);
+}

@@ -9,16 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-/// A clock the test moves, for a site opened in this process.
-#[derive(Clone)]
-struct TestClock(Arc<AtomicI64>);
-
-impl keyfab_crypto::time::Clock for TestClock {
-    fn now(&self) -> keyfab_crypto::time::UnixTime {
-        keyfab_crypto::time::UnixTime(self.0.load(Ordering::SeqCst))
-    }
-}
-
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/policies")
 }
@@ -57,17 +47,6 @@ fn example_policy(w: &World, example: &str) -> PathBuf {
     let path = dir.join("policy.toml");
     std::fs::write(&path, policy).unwrap();
     path
-}
-
-fn site_with_clock(home: &Path, clock: &TestClock) -> keyfab_node::Node {
-    keyfab_node::Node::open(
-        home,
-        keyfab_node::NodeKind::Site,
-        &keyfab_crypto::secret::SecretBytes::new(PASS.as_bytes().to_vec()),
-        Box::new(keyfab_crypto::rng::SystemRng),
-        Box::new(clock.clone()),
-    )
-    .unwrap()
 }
 
 /// Exports the site's log and imports it at HQ, both at `at`: HQ's import report.

@@ -331,6 +331,37 @@ pub fn import(site: &Path, file: &Path, now: Option<&str>) -> Out {
 }
 
 /// Unlocks a site home in this process, as the engine does.
+/// A clock the test moves, for a site opened in this process.
+#[derive(Clone)]
+pub struct TestClock(pub std::sync::Arc<std::sync::atomic::AtomicI64>);
+
+impl TestClock {
+    pub fn at(t: i64) -> Self {
+        Self(std::sync::Arc::new(std::sync::atomic::AtomicI64::new(t)))
+    }
+    pub fn set(&self, t: i64) {
+        self.0.store(t, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl keyfab_crypto::time::Clock for TestClock {
+    fn now(&self) -> keyfab_crypto::time::UnixTime {
+        keyfab_crypto::time::UnixTime(self.0.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+/// The site at `home`, opened in this process on `clock`.
+pub fn site_with_clock(home: &Path, clock: &TestClock) -> keyfab_node::Node {
+    keyfab_node::Node::open(
+        home,
+        keyfab_node::NodeKind::Site,
+        &keyfab_crypto::secret::SecretBytes::new(PASS.as_bytes().to_vec()),
+        Box::new(keyfab_crypto::rng::SystemRng),
+        Box::new(clock.clone()),
+    )
+    .unwrap()
+}
+
 pub fn open_site(home: &Path) -> keyfab_node::Node {
     keyfab_node::Node::open(
         home,
