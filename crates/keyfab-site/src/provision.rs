@@ -984,39 +984,20 @@ type Replies = Vec<(Reply, Result<Outcome>)>;
 /// devices it has decided (so a second request in the same batch sees the first).
 struct Carried {
     head: Head,
-    head_seen: Seen,
+    head_revision: Option<u64>,
     hwm: Option<i64>,
-    hwm_seen: Seen,
-    counters: HashMap<String, (Counters, Seen)>,
+    hwm_revision: Option<u64>,
+    counters: HashMap<String, (Counters, Option<u64>)>,
     requests: HashMap<Vec<u8>, RequestRecord>,
     devices: std::collections::HashSet<Vec<u8>>,
     /// Device records confirmed in this batch, as they will be stored.
     confirmed: HashMap<Vec<u8>, DeviceRecord>,
     /// The trusted time this batch wrote, if it did.
     hwm_written: Option<i64>,
-    /// Counters this batch wrote: entitlement and the bytes.
-    counters_written: Vec<(String, Vec<u8>)>,
+    /// Entitlements whose counters this batch wrote.
+    touched: Vec<String>,
     /// The settings as last read, with their revisions.
     settings: Option<Settings>,
-}
-
-/// How a commit holds a key its batch decided from to account.
-#[derive(Clone)]
-enum Seen {
-    /// Last written at this revision (absent if `None`), as read from the store.
-    Revision(Option<u64>),
-    /// Holding exactly these bytes, as this node's own last commit wrote them — a commit
-    /// that may still be on its way, so its revision is not known yet.
-    Value(Vec<u8>),
-}
-
-impl Seen {
-    fn guard(&self, txn: &mut Txn, table: Table, key: &[u8]) {
-        match self {
-            Seen::Revision(r) => txn.require_revision(table, key, *r),
-            Seen::Value(v) => txn.require_value(table, key, v),
-        };
-    }
 }
 
 /// Settings others may change, as a batch read them.
@@ -1034,32 +1015,31 @@ impl Carried {
         let (hwm, hwm_seen) = read_i64(node, TIME_HWM)?;
         Ok(Self {
             head,
-            head_seen: Seen::Revision(head_revision),
+            head_revision,
             hwm,
-            hwm_seen: Seen::Revision(hwm_seen.map(|v| v.revision)),
+            hwm_revision: hwm_seen.map(|v| v.revision),
             counters: HashMap::new(),
             requests: HashMap::new(),
             devices: Default::default(),
             confirmed: HashMap::new(),
             hwm_written: None,
-            counters_written: Vec::new(),
+            touched: Vec::new(),
             settings: None,
         })
     }
 
-    /// The state once this batch's commit lands — committed, or still on its way: what
-    /// the next batch starts from without reading it again. The next commit is guarded
-    /// on the bytes this one wrote, so it fails if this one did (the log head names this
-    /// batch's records) or if another node committed in between.
-    fn assume_committed(mut self) -> Self {
-        self.head_seen = Seen::Value(self.head.to_bytes().to_vec());
+    /// The state after this batch committed at `revision`: what the next batch starts
+    /// from without reading it again. Its guards still hold it to account — if another
+    /// node committed meanwhile, the next commit fails and the state is read afresh.
+    fn committed(mut self, revision: u64) -> Self {
+        self.head_revision = Some(revision);
         if let Some(now) = self.hwm_written.take() {
             self.hwm = Some(now);
-            self.hwm_seen = Seen::Value(now.to_be_bytes().to_vec());
+            self.hwm_revision = Some(revision);
         }
-        for (ent, bytes) in std::mem::take(&mut self.counters_written) {
-            if let Some((_, seen)) = self.counters.get_mut(&ent) {
-                *seen = Seen::Value(bytes);
+        for ent in std::mem::take(&mut self.touched) {
+            if let Some((_, rev)) = self.counters.get_mut(&ent) {
+                *rev = Some(revision);
             }
         }
         self.requests.clear();
@@ -1084,10 +1064,8 @@ impl Carried {
                 Some(v) => decode(&v.value)?,
                 None => Counters::default(),
             };
-            self.counters.insert(
-                entitlement.to_owned(),
-                (c, Seen::Revision(v.map(|v| v.revision))),
-            );
+            self.counters
+                .insert(entitlement.to_owned(), (c, v.map(|v| v.revision)));
         }
         if !touched.iter().any(|t| t == entitlement) {
             touched.push(entitlement.to_owned());
@@ -1219,9 +1197,9 @@ fn decide_and_commit(
             None => (Carried::load(node)?, false),
         };
         let (txn, outcomes) = decide_batch(node, &mut st, batch, optimistic)?;
-        if node.store.commit(txn)?.is_committed() {
+        if let keyfab_store::Outcome::Committed(revision) = node.store.commit(txn)? {
             if shared {
-                *carried = Some(st.assume_committed());
+                *carried = Some(st.committed(revision));
             }
             return Ok(outcomes);
         }
@@ -1271,8 +1249,8 @@ fn decide_batch(
 ) -> Result<(Txn, Vec<Result<Outcome>>)> {
     let store = node.store.as_ref();
     let mut txn = Txn::default();
-    st.head_seen.guard(&mut txn, Table::Meta, AUDIT_HEAD);
-    st.hwm_seen.guard(&mut txn, Table::Meta, TIME_HWM);
+    txn.require_revision(Table::Meta, AUDIT_HEAD, st.head_revision)
+        .require_revision(Table::Meta, TIME_HWM, st.hwm_revision);
     let mut log = Appender::resume(&node.name, st.head);
     let optimistic =
         optimistic && st.settings.is_some() && batch.iter().all(|j| j.confirm.is_none());
@@ -1358,7 +1336,7 @@ fn decide_batch(
         )?;
         st.head = log.head();
         st.hwm_written = None;
-        st.counters_written.clear();
+        st.touched.clear();
         log.finish(&mut txn);
         let outcomes = batch
             .iter()
@@ -1619,16 +1597,13 @@ fn decide_batch(
             }
         }
     }
-    let mut written = Vec::with_capacity(touched.len());
-    for ent in touched {
-        if let Some((c, seen)) = st.counters.get(&ent) {
-            seen.guard(&mut txn, Table::Counters, ent.as_bytes());
-            let bytes = encode(c)?;
-            txn.put(Table::Counters, ent.as_bytes(), &bytes);
-            written.push((ent, bytes));
+    for ent in &touched {
+        if let Some((c, rev)) = st.counters.get(ent) {
+            txn.require_revision(Table::Counters, ent.as_bytes(), *rev);
+            txn.put(Table::Counters, ent.as_bytes(), &encode(c)?);
         }
     }
-    st.counters_written = written;
+    st.touched = touched;
     st.head = log.head();
     log.finish(&mut txn);
     Ok((txn, outcomes))

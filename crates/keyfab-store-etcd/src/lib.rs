@@ -343,9 +343,6 @@ impl Store for EtcdStore {
                     CompareOp::Equal,
                     i64::try_from(*r).unwrap_or(i64::MAX),
                 ),
-                Guard::Value(t, k, v) => {
-                    Compare::value(self.key(*t, k), CompareOp::Equal, v.clone())
-                }
                 // etcd compares every key in the range; with none there, the zero
                 // revision of an absent key.
                 Guard::AbsentRange(t, start, end) => {

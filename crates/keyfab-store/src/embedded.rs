@@ -125,12 +125,6 @@ impl Store for EmbeddedStore {
                             None => false,
                         }
                     }
-                    Guard::Value(t, k, want) => {
-                        match table.get(full_key(*t, k).as_slice()).map_err(io)? {
-                            Some(v) => v.value().get(8..) == Some(want.as_slice()),
-                            None => false,
-                        }
-                    }
                     Guard::AbsentRange(t, start, end) => {
                         let (start, end) = (full_key(*t, start), full_key(*t, end));
                         start >= end

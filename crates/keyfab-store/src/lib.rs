@@ -126,9 +126,6 @@ pub enum Guard {
     AtRevision(Table, Vec<u8>, u64),
     /// No key in `[start, end)`: one guard over everything kept under a prefix.
     AbsentRange(Table, Vec<u8>, Vec<u8>),
-    /// The key holds exactly these bytes: for a writer whose earlier commit is still on
-    /// its way, and so whose revision it cannot know yet.
-    Value(Table, Vec<u8>, Vec<u8>),
 }
 
 /// One write of a transaction (what a backend applies).
@@ -155,12 +152,6 @@ pub struct Txn {
 impl Txn {
     pub fn require_absent(&mut self, table: Table, key: &[u8]) -> &mut Self {
         self.guards.push(Guard::Absent(table, key.to_vec()));
-        self
-    }
-    /// Requires `key` to hold exactly `value`.
-    pub fn require_value(&mut self, table: Table, key: &[u8], value: &[u8]) -> &mut Self {
-        self.guards
-            .push(Guard::Value(table, key.to_vec(), value.to_vec()));
         self
     }
     /// Requires no key in `[start, end)` — one guard where a store counts them (etcd
