@@ -10,8 +10,11 @@
 //! request thread receive its answer, so no key leaves before its record is durable.
 //! A storage error fails the whole batch closed: nothing is released.
 
+mod committer;
+
 use crate::audit_log::{Appender, AUDIT_HEAD};
 use crate::entitlements::{dek_aad, pool_nonce, pool_row_key, EntitlementRecord};
+use committer::committer;
 use keyfab_audit::Head;
 use keyfab_audit::{AuditedKey, Event};
 use keyfab_crypto::aead::AeadKey;
@@ -39,8 +42,6 @@ pub(crate) const CLOCK_TOLERANCE: &[u8] = b"clock_tolerance";
 pub const DEFAULT_CLOCK_TOLERANCE_SECS: i64 = 300;
 /// The largest tolerance an operator may set: a day.
 pub const MAX_CLOCK_TOLERANCE_SECS: i64 = 86_400;
-/// Most decisions one commit carries.
-const MAX_BATCH: usize = 512;
 
 /// One provisioning request, as a station or the CLI sends it.
 #[derive(Debug, Clone)]
@@ -976,9 +977,6 @@ fn i64_of(bytes: &[u8]) -> Result<i64> {
     ))
 }
 
-/// Replies of one batch, handed out only after its commit.
-type Replies = Vec<(Reply, Result<Outcome>)>;
-
 /// What one batch's decisions start from: the audit head, the trusted time and the
 /// counters, with the revisions that guard them; and, as the batch goes, the requests and
 /// devices it has decided (so a second request in the same batch sees the first).
@@ -1084,154 +1082,6 @@ fn code_decision(verdict: Verdict) -> (Decision, Option<String>) {
         Verdict::Deny { reason } => (Decision::Deny(DenyCode::PolicyDenied), Some(reason)),
         Verdict::Error { reason } => (Decision::Deny(DenyCode::PolicyError), Some(reason)),
     }
-}
-
-fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
-    // Waking each caller costs a system call; a dispatcher does it, so the committer —
-    // the one serial step — moves on to the next batch at once.
-    let (to_dispatch, dispatch) = mpsc::channel::<Replies>();
-    let dispatcher = std::thread::Builder::new()
-        .name("keyfab-replies".into())
-        .spawn(move || {
-            while let Ok(replies) = dispatch.recv() {
-                for (reply, outcome) in replies {
-                    reply.send(outcome);
-                }
-            }
-        });
-    let limits = node.store.commit_limits();
-    let mut pending: Option<Job> = None;
-    let mut carried: Option<Carried> = None;
-    loop {
-        let first = match pending.take() {
-            Some(j) => j,
-            None => match rx.recv() {
-                Ok(j) => j,
-                Err(_) => break,
-            },
-        };
-        // A batch is one commit: one write per decision, plus the audit row, the log
-        // head, the trusted time and each entitlement's counters — within what the store
-        // takes in one commit (etcd: 128 writes and 128 compares), never split.
-        let mut entitlements = vec![first.req.entitlement.clone()];
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            let Ok(j) = rx.try_recv() else { break };
-            let new_entitlement = !entitlements.contains(&j.req.entitlement);
-            let ents = entitlements.len() + usize::from(new_entitlement);
-            let writes = batch.len() + 1 + 3 + ents;
-            // Guards: head, time, two settings, the counters, and — decided without a
-            // read — each device's key range (its record and refusals) empty.
-            let guards = 4 + ents + batch.len() + 1;
-            if writes > limits.max_writes || guards > limits.max_guards {
-                // Too much for this commit: it leads the next batch.
-                pending = Some(j);
-                break;
-            }
-            if new_entitlement {
-                entitlements.push(j.req.entitlement.clone());
-            }
-            batch.push(j);
-        }
-        let (senders, batch): (Vec<Reply>, Vec<Job>) = batch
-            .into_iter()
-            .filter_map(|mut j| j.reply.take().map(|r| (r, j)))
-            .unzip();
-        let replies: Replies = match decide_and_commit(node, batch, &mut carried) {
-            // Only now, after the commit, may any answer leave.
-            Ok(outcomes) => senders.into_iter().zip(outcomes).collect(),
-            Err(e) => fail_all(senders, &e),
-        };
-        keyfab_crypto::secret::scrub_stack();
-        // Awaiting tasks are woken right here (a runtime wakes many with one system
-        // call); blocked threads by the dispatcher.
-        let blocking: Replies = replies
-            .into_iter()
-            .filter_map(|(reply, outcome)| match reply {
-                Reply::Async(_) => {
-                    reply.send(outcome);
-                    None
-                }
-                Reply::Blocking(_) => Some((reply, outcome)),
-            })
-            .collect();
-        if blocking.is_empty() {
-            continue;
-        }
-        if let Err(mpsc::SendError(replies)) = to_dispatch.send(blocking) {
-            for (reply, outcome) in replies {
-                reply.send(outcome);
-            }
-        }
-    }
-    drop(to_dispatch);
-    if let Ok(h) = dispatcher {
-        let _ = h.join();
-    }
-}
-
-/// How often a batch is decided again when another node committed first.
-const CONFLICT_RETRIES: usize = 8;
-
-/// Decides `batch` and commits it. A guard that fails means the state changed since it
-/// was read — on a shared store, another node's commit — and nothing was written: the
-/// batch is decided again from a fresh read, a few times, before it fails. A commit that
-/// failed outright is not retried here (its outcome is unknown; the caller's retry with
-/// the same request id reads what happened).
-///
-/// On a shared store the state a batch leaves is `carried` to the next one, so a batch
-/// costs one snapshot read and one commit (round trips to etcd are the cost there); the
-/// embedded store reads it afresh each time, which costs nothing.
-fn decide_and_commit(
-    node: &Node,
-    batch: Vec<Job>,
-    carried: &mut Option<Carried>,
-) -> Result<Vec<Result<Outcome>>> {
-    let shared = node.store.is_shared();
-    let mut batch = batch;
-    for _ in 0..CONFLICT_RETRIES {
-        let again: Option<Vec<Job>> = shared.then(|| batch.iter().map(Job::retry_copy).collect());
-        // Optimistic only on state carried from a commit; after a conflict, read.
-        let (mut st, optimistic) = match carried.take() {
-            Some(st) => (st, true),
-            None => (Carried::load(node)?, false),
-        };
-        let (txn, outcomes) = decide_batch(node, &mut st, batch, optimistic)?;
-        if let keyfab_store::Outcome::Committed(revision) = node.store.commit(txn)? {
-            if shared {
-                *carried = Some(st.committed(revision));
-            }
-            return Ok(outcomes);
-        }
-        match again {
-            Some(jobs) => batch = jobs,
-            None => break,
-        }
-    }
-    Err(Error::Unavailable(
-        "the site's state kept changing under this node (other nodes' commits)".into(),
-    ))
-}
-
-fn fail_all(senders: Vec<Reply>, e: &Error) -> Replies {
-    let (code, msg) = (e.code(), e.to_string());
-    senders
-        .into_iter()
-        .map(|reply| {
-            let err = match e {
-                Error::ClockRollback {
-                    observed,
-                    high_water,
-                } => Error::ClockRollback {
-                    observed: *observed,
-                    high_water: *high_water,
-                },
-                Error::Unavailable(why) => Error::Unavailable(why.clone()),
-                _ => Error::InvalidState(format!("{code}: {msg}")),
-            };
-            (reply, Err(err))
-        })
-        .collect()
 }
 
 /// Decides one batch: every decision in order, in one transaction (one fsync).

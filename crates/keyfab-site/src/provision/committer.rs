@@ -1,0 +1,176 @@
+//! The committer: the one thread that decides and records, batch by batch.
+//!
+//! Requests prepared by the crypto workers queue here. A batch is as many as one commit
+//! takes; it is decided in order and committed as one transaction, and only then are its
+//! answers sent.
+
+use super::{decide_batch, Carried, Job, Outcome, Reply};
+use keyfab_node::{Error, Node, Result};
+use keyfab_store::CommitLimits;
+use std::sync::mpsc;
+
+/// Most decisions one commit carries.
+const MAX_BATCH: usize = 512;
+
+/// How often a batch is decided again when another node committed first.
+const CONFLICT_RETRIES: usize = 8;
+
+/// Replies of one batch, handed out only after its commit.
+type Replies = Vec<(Reply, Result<Outcome>)>;
+
+pub(super) fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
+    // Waking each caller costs a system call; a dispatcher does it, so the committer —
+    // the one serial step — moves on to the next batch at once.
+    let (to_dispatch, dispatch) = mpsc::channel::<Replies>();
+    let dispatcher = std::thread::Builder::new()
+        .name("keyfab-replies".into())
+        .spawn(move || {
+            while let Ok(replies) = dispatch.recv() {
+                for (reply, outcome) in replies {
+                    reply.send(outcome);
+                }
+            }
+        });
+    let deliver = |replies: Replies| {
+        // Awaiting tasks are woken right here (a runtime wakes many with one system
+        // call); blocked threads by the dispatcher.
+        let blocking: Replies = replies
+            .into_iter()
+            .filter_map(|(reply, outcome)| match reply {
+                Reply::Async(_) => {
+                    reply.send(outcome);
+                    None
+                }
+                Reply::Blocking(_) => Some((reply, outcome)),
+            })
+            .collect();
+        if blocking.is_empty() {
+            return;
+        }
+        if let Err(mpsc::SendError(replies)) = to_dispatch.send(blocking) {
+            for (reply, outcome) in replies {
+                reply.send(outcome);
+            }
+        }
+    };
+    let limits = node.store.commit_limits();
+    let mut pending: Option<Job> = None;
+    let mut carried: Option<Carried> = None;
+    loop {
+        let first = match pending.take() {
+            Some(j) => j,
+            None => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => break,
+            },
+        };
+        let batch = gather(first, rx, &mut pending, limits);
+        let (senders, batch): (Vec<Reply>, Vec<Job>) = batch
+            .into_iter()
+            .filter_map(|mut j| j.reply.take().map(|r| (r, j)))
+            .unzip();
+        deliver(match decide_and_commit(node, batch, &mut carried) {
+            // Only now, after the commit, may any answer leave.
+            Ok(outcomes) => senders.into_iter().zip(outcomes).collect(),
+            Err(e) => fail_all(senders, &e),
+        });
+        keyfab_crypto::secret::scrub_stack();
+    }
+    drop(to_dispatch);
+    if let Ok(h) = dispatcher {
+        let _ = h.join();
+    }
+}
+
+/// A batch: `first` and what waits behind it, as much as one commit takes — one write
+/// per decision, plus the audit row, the log head, the trusted time and each
+/// entitlement's counters (etcd: 128 writes and 128 compares), never split. The first
+/// request that does not fit is left in `pending` to lead the next batch.
+fn gather(
+    first: Job,
+    rx: &mpsc::Receiver<Job>,
+    pending: &mut Option<Job>,
+    limits: CommitLimits,
+) -> Vec<Job> {
+    let mut entitlements = vec![first.req.entitlement.clone()];
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        let Ok(j) = rx.try_recv() else { break };
+        let new_entitlement = !entitlements.contains(&j.req.entitlement);
+        let ents = entitlements.len() + usize::from(new_entitlement);
+        let writes = batch.len() + 1 + 3 + ents;
+        // Guards: head, time, two settings, the counters, and — decided without a
+        // read — each device's key range (its record and refusals) empty.
+        let guards = 4 + ents + batch.len() + 1;
+        if writes > limits.max_writes || guards > limits.max_guards {
+            *pending = Some(j);
+            break;
+        }
+        if new_entitlement {
+            entitlements.push(j.req.entitlement.clone());
+        }
+        batch.push(j);
+    }
+    batch
+}
+
+/// Decides `batch` and commits it. A guard that fails means the state changed since it
+/// was read — on a shared store, another node's commit — and nothing was written: the
+/// batch is decided again from a fresh read, a few times, before it fails. A commit that
+/// failed outright is not retried here (its outcome is unknown; the caller's retry with
+/// the same request id reads what happened).
+///
+/// On a shared store the state a batch leaves is `carried` to the next one, so a batch
+/// costs one commit (round trips to etcd are the cost there); the embedded store reads
+/// it afresh each time, which costs nothing.
+fn decide_and_commit(
+    node: &Node,
+    batch: Vec<Job>,
+    carried: &mut Option<Carried>,
+) -> Result<Vec<Result<Outcome>>> {
+    let shared = node.store.is_shared();
+    let mut batch = batch;
+    for _ in 0..CONFLICT_RETRIES {
+        let again: Option<Vec<Job>> = shared.then(|| batch.iter().map(Job::retry_copy).collect());
+        // Optimistic only on state carried from a commit; after a conflict, read.
+        let (mut st, optimistic) = match carried.take() {
+            Some(st) => (st, true),
+            None => (Carried::load(node)?, false),
+        };
+        let (txn, outcomes) = decide_batch(node, &mut st, batch, optimistic)?;
+        if let keyfab_store::Outcome::Committed(revision) = node.store.commit(txn)? {
+            if shared {
+                *carried = Some(st.committed(revision));
+            }
+            return Ok(outcomes);
+        }
+        match again {
+            Some(jobs) => batch = jobs,
+            None => break,
+        }
+    }
+    Err(Error::Unavailable(
+        "the site's state kept changing under this node (other nodes' commits)".into(),
+    ))
+}
+
+fn fail_all(senders: Vec<Reply>, e: &Error) -> Replies {
+    let (code, msg) = (e.code(), e.to_string());
+    senders
+        .into_iter()
+        .map(|reply| {
+            let err = match e {
+                Error::ClockRollback {
+                    observed,
+                    high_water,
+                } => Error::ClockRollback {
+                    observed: *observed,
+                    high_water: *high_water,
+                },
+                Error::Unavailable(why) => Error::Unavailable(why.clone()),
+                _ => Error::InvalidState(format!("{code}: {msg}")),
+            };
+            (reply, Err(err))
+        })
+        .collect()
+}
