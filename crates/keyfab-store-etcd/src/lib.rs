@@ -160,7 +160,50 @@ impl EtcdStore {
                 }
             }
         }
-        reached.map(|()| store)
+        reached?;
+        store.prefer_leader();
+        Ok(store)
+    }
+
+    /// The client URL of the member calls go to now.
+    pub fn member(&self) -> String {
+        let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        m.urls[m.current].clone()
+    }
+
+    /// Sends calls to the leader, when the member reached knows it and it is one of
+    /// `endpoints`: a write sent to a follower is forwarded to the leader, a hop that
+    /// costs the members CPU on every commit. Best effort — without an answer, calls
+    /// stay where they are; after a failover they go wherever answers.
+    fn prefer_leader(&self) {
+        let Ok((_, client)) = self.client() else {
+            return;
+        };
+        let asked = self.run(async move {
+            let (mut status, mut members) = (client.clone(), client);
+            let leader = status.status().await?.leader();
+            let list = members.member_list().await?;
+            Ok::<_, etcd_client::Error>(
+                list.members()
+                    .iter()
+                    .find(|m| m.id() == leader)
+                    .map(|m| m.client_urls().to_vec())
+                    .unwrap_or_default(),
+            )
+        });
+        let Ok(Ok(leader_urls)) = asked else { return };
+        let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let at = m.urls.iter().position(|u| {
+            leader_urls
+                .iter()
+                .any(|l| l.trim_end_matches('/') == u.trim_end_matches('/'))
+        });
+        if let Some(at) = at {
+            if at != m.current {
+                m.current = at;
+                m.client = None;
+            }
+        }
     }
 
     fn key(&self, table: Table, key: &[u8]) -> Vec<u8> {

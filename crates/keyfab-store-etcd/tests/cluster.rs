@@ -104,3 +104,24 @@ fn a_paused_member_is_a_member_that_answers_nothing() {
     cluster.resume(follower).unwrap();
     assert_eq!(store.scan(Table::Meta, b"k", 100).unwrap().len(), 20);
 }
+
+/// Whatever member is named first, calls go to the leader: a write sent to a follower
+/// would be forwarded, a hop every commit pays for.
+#[test]
+fn calls_go_to_the_leader_whichever_member_is_named_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = EtcdCluster::start(3, dir.path()).unwrap();
+    let leader = cluster.leader().expect("a leader");
+    let endpoints = cluster.endpoints();
+    for first in 0..endpoints.len() {
+        let mut order = endpoints.clone();
+        order.rotate_left(first);
+        let store = EtcdStore::connect(&order, "keyfab-leader-test").unwrap();
+        assert_eq!(
+            store.member(),
+            endpoints[leader],
+            "named first: {}",
+            order[0]
+        );
+    }
+}
