@@ -3,7 +3,7 @@
 //! device's keys sealed to its chip, opened and checked by the chip, and confirmed —
 //! against the raw per-device crypto of this machine, measured in the same run.
 
-use crate::bench::{all_cores, bench_world, temp_or};
+use crate::bench::{all_cores, bench_world, temp_or, RAW_SAMPLE_PER_CORE};
 use crate::output::{Failure, Report};
 use crate::run;
 use keyfab_crypto::x509;
@@ -44,7 +44,7 @@ pub fn serve(
         keyfab_crypto::sign::SigningKey::generate(&keyfab_crypto::rng::SystemRng).map_err(fail)?;
     let aead = keyfab_crypto::aead::AeadKey::new(&keyfab_crypto::secret::Secret32::new([7; 32]))
         .map_err(fail)?;
-    let raw = all_cores(3000, |n| {
+    let raw = all_cores(RAW_SAMPLE_PER_CORE, |n| {
         keyfab_crypto::devicekey::raw_device_crypto(n, &signer, &aead)
     })?;
 
