@@ -58,6 +58,25 @@ pub struct ProvisionRequest {
     pub transport_key: Option<HpkePublicKey>,
 }
 
+impl ProvisionRequest {
+    /// A request for `device_id` under `entitlement` with no station, CSR or transport
+    /// key; set those fields when the request has them.
+    pub fn new(
+        entitlement: impl Into<String>,
+        device_id: impl Into<String>,
+        request_id: impl Into<String>,
+    ) -> Self {
+        Self {
+            entitlement: entitlement.into(),
+            device_id: device_id.into(),
+            station: None,
+            request_id: request_id.into(),
+            csr: None,
+            transport_key: None,
+        }
+    }
+}
+
 /// A key handed to a device.
 pub struct IssuedKey {
     pub name: String,

@@ -466,14 +466,11 @@ fn run_level(
                     while i < start_index + devices {
                         let t0 = Instant::now();
                         let r = p
-                            .provision_async(ProvisionRequest {
-                                entitlement: id.clone(),
-                                device_id: format!("{prefix}-{i:09}"),
-                                station: None,
-                                request_id: format!("{prefix}-{i}"),
-                                csr: None,
-                                transport_key: None,
-                            })
+                            .provision_async(ProvisionRequest::new(
+                                &id,
+                                format!("{prefix}-{i:09}"),
+                                format!("{prefix}-{i}"),
+                            ))
                             .await;
                         let decided = match &r {
                             Ok(_) => Some(false),

@@ -100,14 +100,7 @@ fn a_site_on_etcd_provisions_through_the_loss_of_the_leader() {
         let device = format!("C-{n:04}");
         let answer = loop {
             // A station's retry: the same request id, until an answer.
-            match site.provision(ProvisionRequest {
-                entitlement: id.clone(),
-                device_id: device.clone(),
-                station: None,
-                request_id: format!("r-{device}"),
-                csr: None,
-                transport_key: None,
-            }) {
+            match site.provision(ProvisionRequest::new(&id, &device, format!("r-{device}"))) {
                 Ok(p) => break p,
                 Err(e) => {
                     assert_ne!(e.exit_code(), 3, "{device} refused: {e}");
@@ -140,16 +133,7 @@ fn a_site_on_etcd_provisions_through_the_loss_of_the_leader() {
     );
     // Answers on etcd are as final as anywhere: a retry gets the same keys, another
     // request for the device is refused, and that refusal is what its retry gets too.
-    let again = |request_id: &str| {
-        site.provision(ProvisionRequest {
-            entitlement: id.clone(),
-            device_id: "C-0007".into(),
-            station: None,
-            request_id: request_id.into(),
-            csr: None,
-            transport_key: None,
-        })
-    };
+    let again = |request_id: &str| site.provision(ProvisionRequest::new(&id, "C-0007", request_id));
     let replayed = again("r-C-0007").unwrap();
     assert!(replayed.replayed);
     assert!(key_ids.contains(&replayed.keys[0].key_id));
@@ -216,14 +200,11 @@ fn two_nodes_share_one_site_and_never_exceed_or_duplicate() {
                     let device = format!("C-{d:04}");
                     let started = Instant::now();
                     let outcome = loop {
-                        match node.provision(ProvisionRequest {
-                            entitlement: id.clone(),
-                            device_id: device.clone(),
-                            station: None,
-                            request_id: format!("n{n}-{device}"),
-                            csr: None,
-                            transport_key: None,
-                        }) {
+                        match node.provision(ProvisionRequest::new(
+                            &id,
+                            &device,
+                            format!("n{n}-{device}"),
+                        )) {
                             Ok(p) => break Ok(p.keys[0].key_id.clone()),
                             Err(e) if e.exit_code() == 3 => break Err(e.code()),
                             Err(e) => {
@@ -456,14 +437,7 @@ fn without_a_quorum_requests_fail_closed_fast_and_provisioning_resumes_by_itself
     let w = etcd_world(dir, &etcd.store_spec(), &[]);
     let id = imported(&w, POLICY, "quorum");
     let site = Provisioner::start(Arc::new(open_site(&w.site)));
-    let request = |n: u32| ProvisionRequest {
-        entitlement: id.clone(),
-        device_id: format!("Q-{n}"),
-        station: None,
-        request_id: format!("q-{n}"),
-        csr: None,
-        transport_key: None,
-    };
+    let request = |n: u32| ProvisionRequest::new(&id, format!("Q-{n}"), format!("q-{n}"));
     assert!(site.provision(request(0)).is_ok());
 
     etcd.kill(0).unwrap();
@@ -667,16 +641,8 @@ fn a_refusal_retried_on_etcd_is_answered_as_before() {
     let today = jiff::Timestamp::now().as_second();
     let clock = TestClock::at(today);
     let site = Provisioner::start(Arc::new(site_with_clock(&w.site, &clock)));
-    let ask = |device: &str, request: &str| {
-        site.provision(ProvisionRequest {
-            entitlement: id.clone(),
-            device_id: device.into(),
-            station: None,
-            request_id: request.into(),
-            csr: None,
-            transport_key: None,
-        })
-    };
+    let ask =
+        |device: &str, request: &str| site.provision(ProvisionRequest::new(&id, device, request));
     let first = ask("D-1", "r-1").expect("the day's one device");
     let refused = ask("D-2", "r-2").expect_err("over the daily limit");
     assert_eq!(refused.code(), "daily_limit_exceeded");

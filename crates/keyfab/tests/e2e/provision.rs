@@ -40,14 +40,11 @@ fn sixty_four_threads_never_exceed_the_daily_limit() {
                     (0..1000)
                         .filter(|i| i % 64 == t)
                         .map(|i| {
-                            p.provision(ProvisionRequest {
-                                entitlement: id.clone(),
-                                device_id: format!("D-{i:05}"),
-                                station: None,
-                                request_id: format!("r-{i}"),
-                                csr: None,
-                                transport_key: None,
-                            })
+                            p.provision(ProvisionRequest::new(
+                                &id,
+                                format!("D-{i:05}"),
+                                format!("r-{i}"),
+                            ))
                         })
                         .collect::<Vec<_>>()
                 })
@@ -74,14 +71,11 @@ fn sixty_four_threads_never_exceed_the_daily_limit() {
     // the log now spans more rows than one page of the store scan, so reading it back
     // below also checks that the paged reader neither drops nor repeats a row.
     for i in 0..100 {
-        let denied = provisioner.provision(ProvisionRequest {
-            entitlement: id.clone(),
-            device_id: format!("E-{i:05}"),
-            station: None,
-            request_id: format!("e-{i}"),
-            csr: None,
-            transport_key: None,
-        });
+        let denied = provisioner.provision(ProvisionRequest::new(
+            &id,
+            format!("E-{i:05}"),
+            format!("e-{i}"),
+        ));
         assert!(denied.is_err());
     }
     // Counters agree with the audit log, and the log verifies.
@@ -405,14 +399,11 @@ fn released_private_keys_are_not_in_the_site_home() {
     let mut secrets = HashSet::new();
     for i in 0..40 {
         let p = provisioner
-            .provision(ProvisionRequest {
-                entitlement: id.clone(),
-                device_id: format!("S-{i}"),
-                station: None,
-                request_id: format!("s-{i}"),
-                csr: None,
-                transport_key: None,
-            })
+            .provision(ProvisionRequest::new(
+                &id,
+                format!("S-{i}"),
+                format!("s-{i}"),
+            ))
             .unwrap();
         for k in &p.keys {
             let raw = k.private.as_ref().unwrap().expose().to_vec();
