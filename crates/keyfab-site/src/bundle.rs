@@ -4,7 +4,8 @@
 
 use crate::provision::Provisioned;
 use keyfab_crypto::x509;
-use serde_json::json;
+use serde_json::{json, Value};
+use zeroize::{Zeroize, Zeroizing};
 
 /// The bundle of `p`. Private keys are PEM (PKCS#8), secrets base64.
 pub fn device_bundle(p: &Provisioned) -> serde_json::Value {
@@ -52,4 +53,51 @@ pub fn device_bundle(p: &Provisioned) -> serde_json::Value {
         bundle["chip_enc_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(enc));
     }
     bundle
+}
+
+/// The bundle of `p` serialized, in a buffer that is zeroized when dropped; the private
+/// keys' text in the JSON tree it was made from is zeroized here. For a long-running
+/// server: the answer's key material does not stay behind in freed memory.
+pub fn device_bundle_bytes(p: &Provisioned) -> Zeroizing<Vec<u8>> {
+    let mut bundle = device_bundle(p);
+    let mut bytes = Zeroizing::new(Vec::with_capacity(8192));
+    // Writing a `Value` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *bytes, &bundle);
+    scrub_secrets(&mut bundle);
+    bytes
+}
+
+/// Zeroizes the private keys and secrets of a bundle in place.
+fn scrub_secrets(bundle: &mut Value) {
+    let Some(keys) = bundle.get_mut("keys").and_then(Value::as_array_mut) else {
+        return;
+    };
+    for key in keys {
+        for field in ["private_key_pem", "secret_base64"] {
+            if let Some(Value::String(s)) = key.get_mut(field) {
+                s.zeroize();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrub_clears_private_keys_and_secrets_only() {
+        let mut v = json!({"device_id": "D-1", "keys": [
+            {"name": "identity", "private_key_pem": "-----BEGIN PRIVATE KEY-----", "certificate_pem": "cert"},
+            {"name": "session", "secret_base64": "c2VjcmV0"},
+        ]});
+        scrub_secrets(&mut v);
+        assert_eq!(
+            v,
+            json!({"device_id": "D-1", "keys": [
+                {"name": "identity", "private_key_pem": "", "certificate_pem": "cert"},
+                {"name": "session", "secret_base64": ""},
+            ]})
+        );
+    }
 }

@@ -323,7 +323,13 @@ async fn provision(
         ),
     }
     let provisioned = outcome?;
-    let response = Json(crate::bundle::device_bundle(&provisioned)).into_response();
+    // The answer holds the keys: its buffer is zeroized when the server drops it.
+    let body = axum::body::Bytes::from_owner(crate::bundle::device_bundle_bytes(&provisioned));
+    let response = (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response();
     drop(provisioned);
     // Sealing to the chip handled the keys in frames below this one, on this thread.
     keyfab_crypto::secret::scrub_stack();
