@@ -414,12 +414,7 @@ fn stations_through_failures(kill_leader: bool) {
     drop(watch);
 
     // One log for the site, whichever node wrote it; every release in it, once.
-    let report = export_import_report(&w, "line.kfa");
-    assert_eq!(
-        report["violations"].as_array().unwrap().len(),
-        0,
-        "{report}"
-    );
+    let report = hq_finds_no_violations(&w, "line.kfa");
     let audited = report["entitlements"]
         .as_array()
         .unwrap()
@@ -478,12 +473,7 @@ fn without_a_quorum_requests_fail_closed_fast_and_provisioning_resumes_by_itself
         5
     );
     drop(site);
-    let report = export_import_report(&w, "quorum.kfa");
-    assert_eq!(
-        report["violations"].as_array().unwrap().len(),
-        0,
-        "{report}"
-    );
+    hq_finds_no_violations(&w, "quorum.kfa");
     drop(etcd);
 }
 
@@ -543,12 +533,7 @@ fn a_node_paused_mid_run_spends_nothing_it_no_longer_holds() {
     let counters = keyfab_site::provision::counters(&watch, &id).unwrap();
     assert_eq!(counters.total, 300, "the quota, and not one more");
     drop((first, second_node, watch));
-    let report = export_import_report(&w, "paused.kfa");
-    assert_eq!(
-        report["violations"].as_array().unwrap().len(),
-        0,
-        "{report}"
-    );
+    hq_finds_no_violations(&w, "paused.kfa");
     drop(etcd);
 }
 
@@ -615,12 +600,7 @@ fn a_site_reaches_etcd_over_tls_with_its_client_certificate() {
     let id = imported(&w, POLICY, "tls");
     let o = provision(&w, &id, "T-0001", &[], None);
     assert_eq!(o.code, 0, "{}", o.json);
-    let report = export_import_report(&w, "tls.kfa");
-    assert_eq!(
-        report["violations"].as_array().unwrap().len(),
-        0,
-        "{report}"
-    );
+    hq_finds_no_violations(&w, "tls.kfa");
     drop(etcd);
 }
 

@@ -395,6 +395,18 @@ pub fn export_import_report(w: &World, name: &str) -> serde_json::Value {
     ok(&["hq", "report", "--home", &s(&w.hq)])
 }
 
+/// Exports the site's log into `name`, imports it at HQ, and requires HQ's report to
+/// find no violation: the report.
+pub fn hq_finds_no_violations(w: &World, name: &str) -> serde_json::Value {
+    let report = export_import_report(w, name);
+    assert_eq!(
+        report["violations"].as_array().unwrap().len(),
+        0,
+        "{report}"
+    );
+    report
+}
+
 /// Where `site` addresses its audit bundles: HQ's name, cluster fingerprint and HPKE key.
 pub fn hq_addressing(
     site: &keyfab_node::Node,
