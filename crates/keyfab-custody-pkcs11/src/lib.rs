@@ -485,6 +485,19 @@ fn module_context(module: &std::path::Path) -> Result<Pkcs11> {
     Ok(pkcs11)
 }
 
+/// Held while this process lists slots or initializes a token. SoftHSM 2.6 adds a slot
+/// for a fresh uninitialized token inside `C_GetSlotList` without a lock of its own, so
+/// two threads listing at once after a token was initialized both add one under the
+/// same slot id and the module aborts the process (`SlotManager::insertToken`
+/// assertion) — seen when the PKCS#11 baseline opened a session on each core.
+static SLOT_LISTING: Mutex<()> = Mutex::new(());
+
+fn slot_listing() -> Result<std::sync::MutexGuard<'static, ()>> {
+    SLOT_LISTING
+        .lock()
+        .map_err(|_| token_err("PKCS#11 slots", "poisoned"))
+}
+
 /// Loads the module, finds the token by label, logs in.
 fn connect(config: &TokenConfig) -> Result<SessionPool> {
     let pkcs11 = module_context(&config.module)?;
@@ -520,7 +533,16 @@ fn find_token(pkcs11: &Pkcs11, token_label: &str) -> Result<Slot> {
         if attempt > 0 {
             std::thread::sleep(std::time::Duration::from_millis(20 * attempt));
         }
-        let slots = match pkcs11.get_slots_with_token() {
+        let listed = {
+            let _listing = slot_listing()?;
+            pkcs11.get_slots_with_token().and_then(|slots| {
+                slots
+                    .into_iter()
+                    .map(|slot| Ok((slot, pkcs11.get_token_info(slot))))
+                    .collect::<std::result::Result<Vec<_>, P11Error>>()
+            })
+        };
+        let slots = match listed {
             Ok(s) => s,
             Err(e) => {
                 last_error = Some(token_err("list slots", e));
@@ -528,8 +550,8 @@ fn find_token(pkcs11: &Pkcs11, token_label: &str) -> Result<Slot> {
             }
         };
         let mut unreadable = false;
-        for slot in slots {
-            match pkcs11.get_token_info(slot) {
+        for (slot, info) in slots {
+            match info {
                 Ok(info) if info.token_initialized() && info.label().trim_end() == token_label => {
                     return Ok(slot)
                 }
@@ -618,6 +640,7 @@ pub fn init_token(
     user_pin: &str,
 ) -> Result<()> {
     let pkcs11 = module_context(module)?;
+    let _listing = slot_listing()?;
     let slots = pkcs11
         .get_all_slots()
         .map_err(|e| token_err("list slots", e))?;

@@ -12,7 +12,6 @@ const USER_PIN: &str = "user-pin-5678";
 /// and a fresh token per test.
 fn token(name: &str) -> TokenConfig {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    static INIT: Mutex<()> = Mutex::new(());
     let dir = DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let tokens = dir.path().join("tokens");
@@ -29,7 +28,6 @@ fn token(name: &str) -> TokenConfig {
         std::env::set_var("SOFTHSM2_CONF", &conf);
         dir
     });
-    let _serial = INIT.lock().unwrap();
     let _ = dir;
     init_token(SOFTHSM_MODULE.as_ref(), name, SO_PIN, USER_PIN).unwrap();
     TokenConfig {
@@ -213,4 +211,22 @@ fn the_hsm_centred_baseline_does_its_three_steps_in_the_token() {
     let (wrapped, signature) = peer::peer_device(&session, &keys, &[7u8; 32]).unwrap();
     assert!(wrapped.len() > 32, "a wrapped PKCS#8 key");
     assert_eq!(signature.len(), 64);
+}
+
+/// SoftHSM adds a slot inside `C_GetSlotList` without a lock; threads that found a token
+/// at once right after another was initialized used to abort the whole process.
+#[test]
+fn threads_connecting_at_once_after_a_token_was_initialized_do_not_crash_the_module() {
+    for round in 0..50 {
+        let config = token(&format!("connect-race-{round}"));
+        let start = std::sync::Barrier::new(8);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    start.wait();
+                    user_session(&config.module, &config.token_label, USER_PIN).unwrap();
+                });
+            }
+        });
+    }
 }
