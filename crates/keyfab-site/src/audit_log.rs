@@ -10,7 +10,7 @@
 use keyfab_audit::merkle::leaf_hash;
 use keyfab_audit::{Event, Head, Record};
 use keyfab_node::{decode_err, Error, Node, Result};
-use keyfab_store::{Table, Txn};
+use keyfab_store::{Table, Txn, Versioned};
 
 pub(crate) const AUDIT_HEAD: &[u8] = b"audit_head";
 
@@ -25,10 +25,7 @@ impl Appender {
     /// Reads the head and guards it in `txn`: a concurrent writer makes the commit fail.
     pub(crate) fn begin(node: &Node, txn: &mut Txn) -> Result<Self> {
         let seen = node.store.get(Table::Meta, AUDIT_HEAD)?;
-        let head = match &seen {
-            Some(v) => Head::from_bytes(&v.value).ok_or_else(|| decode_err("audit head"))?,
-            None => Head::genesis(),
-        };
+        let head = head_from(seen.as_ref())?;
         txn.require_unchanged(Table::Meta, AUDIT_HEAD, seen.as_ref());
         Ok(Self {
             head,
@@ -87,7 +84,6 @@ impl Appender {
     }
 }
 
-/// The stored head and the revision that wrote it.
 /// Commits `change` (its guards and writes on the transaction) together with one
 /// `setting_changed` record `name` = `value`: a change that bears on security and its
 /// audit record land together or not at all. A concurrent writer makes it fail with
@@ -118,14 +114,12 @@ pub(crate) fn commit_setting(
     Ok(())
 }
 
-pub(crate) fn stored_head(node: &Node) -> Result<(Head, Option<u64>)> {
-    Ok(match node.store.get(Table::Meta, AUDIT_HEAD)? {
-        Some(v) => (
-            Head::from_bytes(&v.value).ok_or_else(|| decode_err("audit head"))?,
-            Some(v.revision),
-        ),
-        None => (Head::genesis(), None),
-    })
+/// The log head as stored at [`AUDIT_HEAD`] (the genesis head before the first record).
+pub(crate) fn head_from(stored: Option<&Versioned>) -> Result<Head> {
+    match stored {
+        Some(v) => Head::from_bytes(&v.value).ok_or_else(|| decode_err("audit head")),
+        None => Ok(Head::genesis()),
+    }
 }
 
 fn split_row(value: &[u8]) -> Result<Vec<&[u8]>> {

@@ -982,12 +982,6 @@ fn read_pool_key(
         .ok_or_else(|| Error::InvalidState("pool key length".into()))
 }
 
-fn read_i64(node: &Node, key: &[u8]) -> Result<(Option<i64>, Option<Versioned>)> {
-    let v = node.store.get(Table::Meta, key)?;
-    let n = v.as_ref().map(|v| i64_of(&v.value)).transpose()?;
-    Ok((n, v))
-}
-
 fn i64_of(bytes: &[u8]) -> Result<i64> {
     Ok(i64::from_be_bytes(
         bytes
@@ -1027,14 +1021,15 @@ struct Settings {
 }
 
 impl Carried {
-    fn load(node: &Node) -> Result<Self> {
-        let (head, head_revision) = crate::audit_log::stored_head(node)?;
-        let (hwm, hwm_seen) = read_i64(node, TIME_HWM)?;
-        Ok(Self {
-            head,
-            head_revision,
-            hwm,
-            hwm_revision: hwm_seen.map(|v| v.revision),
+    /// A batch's state not read yet: [`decide_batch`] reads it, with everything else the
+    /// batch needs, in one snapshot — on etcd one round trip, which keeps the window in
+    /// which another node's commit can invalidate it short.
+    fn unread() -> Self {
+        Self {
+            head: Head::genesis(),
+            head_revision: None,
+            hwm: None,
+            hwm_revision: None,
             counters: HashMap::new(),
             requests: HashMap::new(),
             devices: Default::default(),
@@ -1042,7 +1037,7 @@ impl Carried {
             hwm_written: None,
             touched: Vec::new(),
             settings: None,
-        })
+        }
     }
 
     /// The state after this batch committed at `revision`: what the next batch starts
@@ -1118,15 +1113,12 @@ fn decide_batch(
 ) -> Result<(Txn, Vec<Result<Outcome>>)> {
     let store = node.store.as_ref();
     let mut txn = Txn::default();
-    txn.require_revision(Table::Meta, AUDIT_HEAD, st.head_revision)
-        .require_revision(Table::Meta, TIME_HWM, st.hwm_revision);
-    let mut log = Appender::resume(&node.name, st.head);
     let optimistic =
         optimistic && st.settings.is_some() && batch.iter().all(|j| j.confirm.is_none());
 
-    // One snapshot read for the batch: the settings others may change (read for every
-    // batch), then every request and device of the batch not decided by a batch in
-    // flight. On a replicated store this is one round trip.
+    // One snapshot read for the batch: the settings others may change, the log head, the
+    // trusted time and the counters of the batch's entitlements, then every request and
+    // device of the batch. On a replicated store this is one round trip.
     let keys: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = batch
         .iter()
         .map(|j| {
@@ -1138,10 +1130,20 @@ fn decide_batch(
             )
         })
         .collect();
+    let mut entitlements: Vec<&str> = Vec::new();
+    for j in &batch {
+        if !entitlements.contains(&j.req.entitlement.as_str()) {
+            entitlements.push(&j.req.entitlement);
+        }
+    }
     let mut lookups: Vec<(Table, &[u8])> = vec![
         (Table::Meta, CLOCK_TOLERANCE),
         (Table::Meta, crate::checkpoints::HQ_ACK),
+        (Table::Meta, AUDIT_HEAD),
+        (Table::Meta, TIME_HWM),
     ];
+    lookups.extend(entitlements.iter().map(|e| (Table::Counters, e.as_bytes())));
+    let shared_state = lookups.len();
     lookups.extend(keys.iter().flat_map(|(legacy, refusal, dev)| {
         [
             (Table::Requests, legacy.as_slice()),
@@ -1163,11 +1165,25 @@ fn decide_batch(
             for (_, _, dev) in &keys {
                 txn.require_absent_range(Table::Devices, dev, &device_history_end(dev));
             }
-            vec![None; lookups.len() - 2].into_iter()
+            vec![None; lookups.len() - shared_state].into_iter()
         }
         _ => {
             let mut read = store.get_many(&lookups)?.into_iter();
             let (tolerance, acknowledged) = (read.next().flatten(), read.next().flatten());
+            let (head, hwm) = (read.next().flatten(), read.next().flatten());
+            st.head = crate::audit_log::head_from(head.as_ref())?;
+            st.head_revision = head.map(|v| v.revision);
+            st.hwm = hwm.as_ref().map(|v| i64_of(&v.value)).transpose()?;
+            st.hwm_revision = hwm.map(|v| v.revision);
+            for ent in &entitlements {
+                let v = read.next().flatten();
+                let c = match &v {
+                    Some(v) => decode(&v.value)?,
+                    None => Counters::default(),
+                };
+                st.counters
+                    .insert((*ent).to_owned(), (c, v.map(|v| v.revision)));
+            }
             st.settings = Some(Settings {
                 tolerance: tolerance
                     .as_ref()
@@ -1190,6 +1206,9 @@ fn decide_batch(
         .as_ref()
         .map(|s| (s.tolerance, s.acknowledged_at))
         .ok_or_else(|| Error::InvalidState("settings".into()))?;
+    txn.require_revision(Table::Meta, AUDIT_HEAD, st.head_revision)
+        .require_revision(Table::Meta, TIME_HWM, st.hwm_revision);
+    let mut log = Appender::resume(&node.name, st.head);
 
     let observed = node.now().0;
     let hwm = st.hwm.unwrap_or(i64::MIN);

@@ -12,8 +12,16 @@ use std::sync::mpsc;
 /// Most decisions one commit carries.
 const MAX_BATCH: usize = 512;
 
-/// How often a batch is decided again when another node committed first.
-const CONFLICT_RETRIES: usize = 8;
+/// How long a batch keeps being decided again while other nodes commit first. Nodes
+/// busy at once conflict on most commits (each moves the log head the other's next
+/// commit is guarded on); a batch retried this long has met a store that cannot make
+/// progress, and its callers get `unavailable`.
+const CONFLICT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The longest pause before a batch is decided again after a conflict. Two nodes that
+/// both just lost would otherwise read and commit in step and collide again; a random
+/// pause up to this lets one of them through first.
+const CONFLICT_PAUSE_MAX_MICROS: u64 = 2_000;
 
 /// Replies of one batch, handed out only after its commit.
 type Replies = Vec<(Reply, Result<Outcome>)>;
@@ -130,12 +138,13 @@ fn decide_and_commit(
 ) -> Result<Vec<Result<Outcome>>> {
     let shared = node.store.is_shared();
     let mut batch = batch;
-    for _ in 0..CONFLICT_RETRIES {
+    let started = std::time::Instant::now();
+    for attempt in 0.. {
         let again: Option<Vec<Job>> = shared.then(|| batch.iter().map(Job::retry_copy).collect());
         // Optimistic only on state carried from a commit; after a conflict, read.
         let (mut st, optimistic) = match carried.take() {
             Some(st) => (st, true),
-            None => (Carried::load(node)?, false),
+            None => (Carried::unread(), false),
         };
         let (txn, outcomes) = decide_batch(node, &mut st, batch, optimistic)?;
         if let keyfab_store::Outcome::Committed(revision) = node.store.commit(txn)? {
@@ -145,8 +154,16 @@ fn decide_and_commit(
             return Ok(outcomes);
         }
         match again {
-            Some(jobs) => batch = jobs,
-            None => break,
+            Some(jobs) if started.elapsed() < CONFLICT_PATIENCE => batch = jobs,
+            _ => break,
+        }
+        // The first retry goes at once (the state carried was merely stale); later ones
+        // after a random pause, so that two nodes that keep colliding fall out of step.
+        if attempt > 0 {
+            let mut r = [0u8; 8];
+            node.rng.fill(&mut r);
+            let pause = u64::from_le_bytes(r) % CONFLICT_PAUSE_MAX_MICROS;
+            std::thread::sleep(std::time::Duration::from_micros(pause));
         }
     }
     Err(Error::Unavailable(

@@ -638,3 +638,75 @@ fn a_refusal_retried_on_etcd_is_answered_as_before() {
     drop(site);
     drop(etcd);
 }
+
+/// Two nodes kept busy at once: each commit of one changes the log head the other's
+/// next commit is guarded on, so most commits meet a conflict. Every request must still
+/// be decided on its first call — a conflict is the nodes' business, not the caller's.
+#[test]
+fn two_busy_nodes_decide_every_request_on_its_first_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
+    let w = etcd_world(dir, &etcd.store_spec(), &[]);
+    let second = w.path("shenzhen-1-node2");
+    copy_home(&w.site, &second);
+    let policy = r#"product = "busy"
+devices = 5000
+valid_from = "2026-01-01T00:00:00Z"
+valid_until = "2030-01-01T00:00:00Z"
+[[keys]]
+name = "identity"
+type = "ec-p256"
+source = "site"
+certificate = { subject = "CN={device_id},O=Acme", days = 365 }
+"#;
+    let id = imported(&w, policy, "busy");
+    let nodes = [
+        Arc::new(Provisioner::start(Arc::new(open_site(&w.site)))),
+        Arc::new(Provisioner::start(Arc::new(open_site(&second)))),
+    ];
+    const CALLERS: usize = 128;
+    const PER_CALLER: usize = 12;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let failures: Vec<String> = runtime.block_on(async {
+        let tasks: Vec<_> = (0..CALLERS)
+            .map(|c| {
+                let (node, id) = (nodes[c % 2].clone(), id.clone());
+                tokio::spawn(async move {
+                    let mut failed = Vec::new();
+                    for i in 0..PER_CALLER {
+                        let device = format!("B-{c:03}-{i:02}");
+                        let request = ProvisionRequest::new(&id, &device, format!("r-{device}"));
+                        if let Err(e) = node.provision_async(request).await {
+                            failed.push(format!("{device}: {e}"));
+                        }
+                    }
+                    failed
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed, e.g. {:?}",
+        failures.len(),
+        CALLERS * PER_CALLER,
+        failures.first()
+    );
+    assert_eq!(
+        keyfab_site::provision::counters(nodes[0].node(), &id)
+            .unwrap()
+            .total,
+        (CALLERS * PER_CALLER) as u64
+    );
+    drop(nodes);
+    hq_finds_no_violations(&w, "busy.kfa");
+    drop(etcd);
+}
