@@ -960,21 +960,183 @@ fn unseal_site_key(
         .ok_or_else(|| Error::InvalidState("site key length".into()))
 }
 
-fn read_pool_key(
-    node: &Node,
-    ctx: &EntitlementContext,
-    spec_index: usize,
-    index: u64,
-) -> Result<Secret32> {
+/// The pool spec number (its position in the entitlement's pool) of key spec
+/// `spec_index` of the policy.
+fn pool_spec_of(ctx: &EntitlementContext, spec_index: usize) -> Result<u8> {
     let pool_spec = ctx
         .record
         .pool
         .iter()
         .position(|p| p.key == ctx.policy.policy.keys[spec_index].name)
         .ok_or_else(|| Error::InvalidState("key spec not in the pool".into()))?;
-    let spec = u8::try_from(pool_spec).map_err(|_| Error::InvalidState("pool spec".into()))?;
+    u8::try_from(pool_spec).map_err(|_| Error::InvalidState("pool spec".into()))
+}
+
+/// Pool rows a batch will likely take, read ahead in one snapshot (on etcd one round
+/// trip for the batch instead of one per device), keyed by row key.
+type PoolRows = HashMap<Vec<u8>, Versioned>;
+
+/// Reads, for each entitlement of `batch` whose policy has pool keys and whose counters
+/// `st` holds, the next pool slots — as many as the batch has requests for it, for every
+/// pool key spec. Slots a batch does not take after all (refusals) are read for nothing;
+/// a slot not read ahead is read when taken ([`read_pool_key`]).
+fn read_pool_rows_ahead(
+    store: &dyn keyfab_store::Store,
+    st: &Carried,
+    batch: &[Job],
+) -> Result<PoolRows> {
+    let mut wanted: Vec<Vec<u8>> = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
+    for job in batch {
+        let ent = job.req.entitlement.as_str();
+        if job.confirm.is_some() || seen.contains(&ent) {
+            continue;
+        }
+        seen.push(ent);
+        let Some((counters, _)) = st.counters.get(ent) else {
+            continue;
+        };
+        let requests = batch
+            .iter()
+            .filter(|j| j.req.entitlement == ent && j.confirm.is_none())
+            .count() as u64;
+        for (spec_index, spec) in job.ctx.policy.policy.keys.iter().enumerate() {
+            if spec.source != KeySource::HqPool {
+                continue;
+            }
+            let pool_spec = pool_spec_of(&job.ctx, spec_index)?;
+            for index in counters.next_pool..counters.next_pool.saturating_add(requests) {
+                wanted.push(pool_row_key(ent, pool_spec, index));
+            }
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(PoolRows::new());
+    }
+    let lookups: Vec<(Table, &[u8])> = wanted.iter().map(|k| (Table::Pool, k.as_slice())).collect();
+    let found = store.get_many(&lookups)?;
+    Ok(wanted
+        .into_iter()
+        .zip(found)
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect())
+}
+
+/// A pool key a batch is expected to take, expanded and certified ahead.
+struct PoolKeyReady {
+    /// The pool slot it was made for: used only if the decision takes that slot.
+    index: u64,
+    key_id: KeyId,
+    private: SecretBytes,
+    cert: Option<(Vec<u8>, String)>,
+}
+
+/// The pool keys of `batch` made ready on every core, keyed by (request's position in
+/// the batch, key spec). A pool key's slot is known only as the batch is decided, and
+/// expanding and certifying it (a scalar multiplication and a signature) on the one
+/// committer thread would make the serial step as slow as the crypto; so each request
+/// is assumed to take the next slot of its entitlement, in batch order, and its keys are
+/// made in parallel before deciding. A request that does not take the slot assumed (a
+/// refusal or a retry before it) has its keys made when it is decided instead.
+fn make_pool_keys_ahead(
+    node: &Node,
+    st: &Carried,
+    batch: &[Job],
+    ahead: &PoolRows,
+    now: i64,
+) -> HashMap<(usize, usize), PoolKeyReady> {
+    let mut next_slot: HashMap<&str, u64> = HashMap::new();
+    let mut plan: Vec<(usize, usize, u64)> = Vec::new();
+    for (pos, job) in batch.iter().enumerate() {
+        let pool_specs = || {
+            job.prepared
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| matches!(p, Prepared::Pool))
+        };
+        if job.confirm.is_some() || pool_specs().next().is_none() {
+            continue;
+        }
+        let ent = job.req.entitlement.as_str();
+        let Some((counters, _)) = st.counters.get(ent) else {
+            continue;
+        };
+        let slot = next_slot.entry(ent).or_insert(counters.next_pool);
+        plan.extend(pool_specs().map(|(i, _)| (pos, i, *slot)));
+        *slot += 1;
+    }
+    let make = |part: &[(usize, usize, u64)]| -> Vec<((usize, usize), PoolKeyReady)> {
+        let made = part
+            .iter()
+            .filter_map(|&(pos, i, index)| {
+                let job = &batch[pos];
+                let spec = &job.ctx.policy.policy.keys[i];
+                let secret = read_pool_key_from(node, ahead, &job.ctx, i, index).ok()?;
+                let e = devicekey::expand(device_type(spec.key_type), &secret).ok()?;
+                let cert = certify(
+                    &job.ctx,
+                    spec,
+                    &job.req.device_id,
+                    e.public.as_ref(),
+                    UnixTime(now),
+                    node.rng.as_ref(),
+                )
+                .ok()?;
+                Some((
+                    (pos, i),
+                    PoolKeyReady {
+                        index,
+                        key_id: e.key_id,
+                        private: e.private,
+                        cert,
+                    },
+                ))
+            })
+            .collect();
+        keyfab_crypto::secret::scrub_stack();
+        made
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if plan.len() < 2 || cores < 2 {
+        return make(&plan).into_iter().collect();
+    }
+    let chunk = plan.len().div_ceil(cores);
+    std::thread::scope(|s| {
+        let mut parts = plan.chunks(chunk);
+        let here = parts.next().unwrap_or(&[]);
+        let others: Vec<_> = parts.map(|part| s.spawn(move || make(part))).collect();
+        let mut made: HashMap<_, _> = make(here).into_iter().collect();
+        for h in others {
+            made.extend(h.join().unwrap_or_default());
+        }
+        made
+    })
+}
+
+fn read_pool_key(
+    node: &Node,
+    ctx: &EntitlementContext,
+    spec_index: usize,
+    index: u64,
+) -> Result<Secret32> {
+    read_pool_key_from(node, &PoolRows::new(), ctx, spec_index, index)
+}
+
+/// [`read_pool_key`], from the rows read ahead when they hold it.
+fn read_pool_key_from(
+    node: &Node,
+    ahead: &PoolRows,
+    ctx: &EntitlementContext,
+    spec_index: usize,
+    index: u64,
+) -> Result<Secret32> {
+    let spec = pool_spec_of(ctx, spec_index)?;
     let key = pool_row_key(&ctx.record.id, spec, index);
-    let v = node.store.get(Table::Pool, &key)?.ok_or_else(|| {
+    let stored = match ahead.get(&key) {
+        Some(v) => Some(v.clone()),
+        None => node.store.get(Table::Pool, &key)?,
+    };
+    let v = stored.ok_or_else(|| {
         Error::InvalidState(format!("pool key {index} of '{}' is gone", ctx.record.id))
     })?;
     let plain = ctx.aead.open(pool_nonce(spec, index), &key, &v.value)?;
@@ -1241,9 +1403,11 @@ fn decide_batch(
     txn.put(Table::Meta, TIME_HWM, &now.to_be_bytes());
     st.hwm_written = Some(now);
 
+    let pool_ahead = read_pool_rows_ahead(store, st, &batch)?;
+    let mut pool_ready = make_pool_keys_ahead(node, st, &batch, &pool_ahead, now);
     let mut touched: Vec<String> = Vec::new();
     let mut outcomes = Vec::with_capacity(batch.len());
-    for (job, (_, req_key, dev_key)) in batch.into_iter().zip(keys) {
+    for (pos, (job, (_, req_key, dev_key))) in batch.into_iter().zip(keys).enumerate() {
         let Job {
             ctx,
             req,
@@ -1405,17 +1569,27 @@ fn decide_batch(
                         Prepared::Pool => {
                             let index = pool_index
                                 .ok_or_else(|| Error::InvalidState("pool index".into()))?;
-                            let kind = device_type(spec.key_type);
-                            let e = devicekey::expand(kind, &read_pool_key(node, &ctx, i, index)?)?;
-                            let cert = certify(
-                                &ctx,
-                                spec,
-                                &req.device_id,
-                                e.public.as_ref(),
-                                UnixTime(now),
-                                node.rng.as_ref(),
-                            )?;
-                            (e.key_id, Vec::new(), Some(e.private), cert)
+                            if let Some(ready) = pool_ready
+                                .remove(&(pos, i))
+                                .filter(|ready| ready.index == index)
+                            {
+                                (ready.key_id, Vec::new(), Some(ready.private), ready.cert)
+                            } else {
+                                let kind = device_type(spec.key_type);
+                                let e = devicekey::expand(
+                                    kind,
+                                    &read_pool_key_from(node, &pool_ahead, &ctx, i, index)?,
+                                )?;
+                                let cert = certify(
+                                    &ctx,
+                                    spec,
+                                    &req.device_id,
+                                    e.public.as_ref(),
+                                    UnixTime(now),
+                                    node.rng.as_ref(),
+                                )?;
+                                (e.key_id, Vec::new(), Some(e.private), cert)
+                            }
                         }
                         Prepared::Ready {
                             key_id,

@@ -186,7 +186,7 @@ pub fn provision(
     dir: Option<&Path>,
     token_module: Option<&Path>,
     policy_module: Option<&Path>,
-    store: &StoreOption,
+    store: &SiteOption,
 ) -> Result<Report, Failure> {
     use keyfab_site::provision::Provisioner;
     use std::sync::Arc;
@@ -218,7 +218,8 @@ pub fn provision(
     let last_level = levels.last().copied().unwrap_or(64);
     let policy = base.join("provision.toml");
     let text = format!(
-        "product = \"bench\"\ndevices = {total}\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\n[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = {{ subject = \"CN={{device_id}},O=Bench\", days = 3650 }}\n"
+        "product = \"bench\"\ndevices = {total}\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\n[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"{}\"\ncertificate = {{ subject = \"CN={{device_id}},O=Bench\", days = 3650 }}\n",
+        store.key_source
     );
     std::fs::write(&policy, &text).map_err(|e| Failure::new("io", e.to_string()))?;
     let kfe = base.join("provision.kfe");
@@ -275,7 +276,7 @@ pub fn provision(
             .sum()
     };
     let mut rows = Vec::new();
-    let mut text = format!("provisioning benchmark: site-generated ec-p256 key + device certificate, durable commits\nstore: {} ({} node{})\nraw per-device crypto (keygen + cert signature + HKDF + AEAD, all cores): {raw:.0} devices/s (limit)\n", if store.spec == "embedded" { "embedded".to_owned() } else { site_store.clone() }, provisioners.len(), if provisioners.len() == 1 { "" } else { "s" });
+    let mut text = format!("provisioning benchmark: {} ec-p256 key + device certificate, durable commits\nstore: {} ({} node{})\nraw per-device crypto (keygen + cert signature + HKDF + AEAD, all cores): {raw:.0} devices/s (limit)\n", if store.key_source == "hq-pool" { "HQ pool" } else { "site-generated" }, if store.spec == "embedded" { "embedded".to_owned() } else { site_store.clone() }, provisioners.len(), if provisioners.len() == 1 { "" } else { "s" });
     let mut next = 0u64;
     for c in levels {
         let start_index = next;
@@ -327,7 +328,8 @@ pub fn provision(
         }
         rows.push(row);
     }
-    let mut json = json!({"raw_device_crypto_per_s": raw, "levels": rows});
+    let mut json =
+        json!({"raw_device_crypto_per_s": raw, "key_source": store.key_source, "levels": rows});
     if let Some(module) = policy_module {
         let (micros, fuel) = module_cost(module, 20_000)?;
         text.push_str(&format!(
@@ -388,10 +390,15 @@ pub fn provision(
 const PEER_ROUNDS: usize = 3;
 
 /// Where the benchmarked site keeps its state, and how many nodes share it.
-pub struct StoreOption {
-    /// `embedded`, `etcd` (three members started for the run), or `etcd://…`.
+/// How the benchmark's site is set up.
+pub struct SiteOption {
+    /// Its store: `embedded`, `etcd` (three members started for the run), or `etcd://…`.
     pub spec: String,
+    /// Nodes sharing that store.
     pub nodes: usize,
+    /// Where device keys come from: `site` (generated per device) or `hq-pool` (made by
+    /// HQ, imported, taken slot by slot).
+    pub key_source: String,
 }
 
 fn io_failure(path: &Path, e: std::io::Error) -> Failure {

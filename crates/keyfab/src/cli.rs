@@ -800,7 +800,7 @@ pub enum BenchCommand {
     /// site-generated ec-p256 keys and a device certificate each; compare with the raw
     /// per-device crypto rate of this machine.
     #[command(
-        after_help = "Examples:\n  keyfab bench provision                  # concurrency 1, 8 and 64\n  keyfab bench provision --concurrency 64 --devices 20000 --json\n  keyfab bench provision --custody pkcs11  # HQ and site keys in SoftHSM2, against an HSM-centred baseline\n  keyfab bench provision --concurrency 64 --policy-module examples/policies/failure-pause/rules.wat\n  keyfab bench provision --store etcd --nodes 2 --concurrency 64  # a 3-member etcd cluster on loopback"
+        after_help = "Examples:\n  keyfab bench provision                  # concurrency 1, 8 and 64\n  keyfab bench provision --concurrency 64 --devices 20000 --json\n  keyfab bench provision --custody pkcs11  # HQ and site keys in SoftHSM2, against an HSM-centred baseline\n  keyfab bench provision --concurrency 64 --policy-module examples/policies/failure-pause/rules.wat\n  keyfab bench provision --store etcd --nodes 2 --concurrency 64  # a 3-member etcd cluster on loopback\n  keyfab bench provision --key-source hq-pool --concurrency 64    # keys from HQ's pool"
     )]
     Provision {
         /// Concurrent requests (default: 1, 8 and 64 in turn).
@@ -836,6 +836,10 @@ pub enum BenchCommand {
         /// over them.
         #[arg(long, default_value_t = 1)]
         nodes: usize,
+        /// Where the device keys come from: `site` (generated per device, on the crypto
+        /// workers) or `hq-pool` (made by HQ, imported, taken slot by slot as decided).
+        #[arg(long, value_name = "SOURCE", default_value = "site", value_parser = ["site", "hq-pool"])]
+        key_source: String,
     },
     /// The whole production-line path: `site serve` in its own process, stations over
     /// mutual TLS, keys sealed to each chip, opened, checked and confirmed; compare with

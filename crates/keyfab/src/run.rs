@@ -201,6 +201,7 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             policy_module,
             store,
             nodes,
+            key_source,
         }) => {
             let token = (custody == "pkcs11").then_some(pkcs11_module.as_path());
             crate::bench::provision(
@@ -210,7 +211,11 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
                 dir.as_deref(),
                 token,
                 policy_module.as_deref(),
-                &crate::bench::StoreOption { spec: store, nodes },
+                &crate::bench::SiteOption {
+                    spec: store,
+                    nodes,
+                    key_source,
+                },
             )
         }
         Command::Bench(BenchCommand::Audit {

@@ -435,3 +435,54 @@ fn released_private_keys_are_not_in_the_site_home() {
         }
     }
 }
+
+/// Pool keys are made ahead of the decisions, each for the slot its request is expected
+/// to take; refusals between them shift the slots. Whatever the mix, every device gets
+/// exactly the keys HQ put in the slot its decision took (HQ checks each against its
+/// pool), and no slot twice.
+#[test]
+fn pool_keys_made_ahead_go_to_the_slot_each_decision_takes() {
+    let w = world();
+    let id = entitlement(&w, "ahead", &format!("{HEADER}devices = 1000\n[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"hq-pool\"\ncertificate = {{ subject = \"CN={{device_id}}\", days = 30 }}\n[[keys]]\nname = \"signing\"\ntype = \"ed25519\"\nsource = \"hq-pool\"\n"));
+    let provisioner = Arc::new(Provisioner::start(Arc::new(open_site(&w.site))));
+    // 32 callers; every third request names a device another caller asks for too, under
+    // its own request id, so refusals (already provisioned) fall between allowed
+    // requests inside the batches.
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..32)
+            .map(|t| {
+                let (p, id) = (provisioner.clone(), id.clone());
+                scope.spawn(move || {
+                    (0..30)
+                        .map(|i| {
+                            let device = if i % 3 == 0 {
+                                format!("S-{:03}", (t + 1) % 32 * 30 + i + 1)
+                            } else {
+                                format!("S-{:03}", t * 30 + i)
+                            };
+                            p.provision(ProvisionRequest::new(&id, &device, format!("t{t}-{i}")))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let allowed: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let refused = results.iter().filter_map(|r| r.as_ref().err());
+    assert!(refused
+        .clone()
+        .all(|e| e.code() == "device_already_provisioned"));
+    assert_eq!(allowed.len() + refused.count(), 32 * 30);
+    assert_eq!(allowed.len(), 32 * 20, "each device once");
+    let keys: HashSet<_> = allowed
+        .iter()
+        .flat_map(|p| p.keys.iter().map(|k| k.key_id.clone()))
+        .collect();
+    assert_eq!(keys.len(), 2 * allowed.len(), "no key twice");
+    drop(provisioner);
+    hq_finds_no_violations(&w, "ahead.kfa");
+}
