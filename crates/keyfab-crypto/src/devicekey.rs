@@ -50,9 +50,10 @@ pub enum KeyId {
 
 impl KeyId {
     pub fn to_text(&self) -> String {
+        // Written in one allocation: the committer does this for every key it releases.
         match self {
-            Self::Public(f) => format!("spki-sha256:{f}"),
-            Self::Kcv(k) => format!("kcv:{}", hex::encode(k)),
+            Self::Public(f) => crate::hash::prefixed_hex("spki-sha256:", &f.0),
+            Self::Kcv(k) => crate::hash::prefixed_hex("kcv:", k),
         }
     }
 }

@@ -39,12 +39,24 @@ impl Fingerprint {
         Self(sha256(public_bytes))
     }
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        prefixed_hex("", &self.0)
     }
     pub fn from_hex(s: &str) -> Option<Self> {
         let v = hex::decode(s).ok()?;
         Some(Self(v.try_into().ok()?))
     }
+}
+
+/// `prefix` followed by `bytes` in lower-case hex, in one allocation.
+pub fn prefixed_hex(prefix: &str, bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(prefix.len() + 2 * bytes.len());
+    s.push_str(prefix);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    s
 }
 
 impl fmt::Display for Fingerprint {
@@ -61,6 +73,16 @@ impl fmt::Debug for Fingerprint {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn prefixed_hex_is_lower_case_hex_after_the_prefix() {
+        let bytes: Vec<u8> = (0..=255u8).collect();
+        assert_eq!(
+            super::prefixed_hex("kcv:", &bytes),
+            format!("kcv:{}", hex::encode(&bytes))
+        );
+        assert_eq!(super::prefixed_hex("", &[]), "");
+    }
+
     #[test]
     fn sha256_known_answer() {
         // FIPS 180-2 "abc".

@@ -1096,7 +1096,9 @@ fn make_pool_keys_ahead(
         keyfab_crypto::secret::scrub_stack();
         made
     };
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Asked once: the standard library reads the process's cgroup files for it.
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if plan.len() < 2 || cores < 2 {
         return make(&plan).into_iter().collect();
     }
@@ -1405,6 +1407,7 @@ fn decide_batch(
 
     let pool_ahead = read_pool_rows_ahead(store, st, &batch)?;
     let mut pool_ready = make_pool_keys_ahead(node, st, &batch, &pool_ahead, now);
+    let mut days: Vec<(String, String)> = Vec::new();
     let mut touched: Vec<String> = Vec::new();
     let mut outcomes = Vec::with_capacity(batch.len());
     for (pos, (job, (_, req_key, dev_key))) in batch.into_iter().zip(keys).enumerate() {
@@ -1441,7 +1444,7 @@ fn decide_batch(
                 })
             ) && result == Programming::Failed;
             if first_failure && ctx.code.is_some() {
-                let day = ctx.policy.day_of(now);
+                let day = day_in(&mut days, &ctx, now);
                 st.counters_of(store, &req.entitlement, &mut touched)?
                     .code
                     .record_failed(&day);
@@ -1477,7 +1480,7 @@ fn decide_batch(
             (false, None) => false,
         };
         let c = st.counters_of(store, &req.entitlement, &mut touched)?;
-        let day = ctx.policy.day_of(now);
+        let day = day_in(&mut days, &ctx, now);
         let state = EntitlementState {
             revoked: c.revoked,
             activated: c.activated
@@ -1669,6 +1672,18 @@ fn decide_batch(
     st.head = log.head();
     log.finish(&mut txn);
     Ok((txn, outcomes))
+}
+
+/// The policy day of `now` for `ctx`'s entitlement, worked out once per batch: every
+/// decision of a batch has the same time, and the time-zone conversion is the dearest
+/// part of deciding.
+fn day_in(days: &mut Vec<(String, String)>, ctx: &EntitlementContext, now: i64) -> String {
+    if let Some((_, day)) = days.iter().find(|(id, _)| *id == ctx.record.id) {
+        return day.clone();
+    }
+    let day = ctx.policy.day_of(now);
+    days.push((ctx.record.id.clone(), day.clone()));
+    day
 }
 
 /// Records one confirmation in the batch's transaction.
