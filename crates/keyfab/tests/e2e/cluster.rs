@@ -44,6 +44,14 @@ fn etcd_world(dir: tempfile::TempDir, spec: &str, extra: &[&str]) -> World {
     }
 }
 
+/// Three etcd members on loopback and a world whose site keeps its state in them.
+fn etcd_site() -> (EtcdCluster, World) {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
+    let w = etcd_world(dir, &etcd.store_spec(), &[]);
+    (etcd, w)
+}
+
 /// An entitlement of `policy` for the site, imported: its id.
 fn imported(w: &World, policy: &str, name: &str) -> String {
     let path = w.path(&format!("{name}.toml"));
@@ -173,9 +181,7 @@ fn copy_home(from: &std::path::Path, to: &std::path::Path) {
 
 #[test]
 fn two_nodes_share_one_site_and_never_exceed_or_duplicate() {
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
-    let w = etcd_world(dir, &etcd.store_spec(), &[]);
+    let (etcd, w) = etcd_site();
     let second = w.path("shenzhen-1-node2");
     copy_home(&w.site, &second);
     let id = imported(
@@ -305,9 +311,7 @@ fn stations_keep_provisioning_while_an_etcd_follower_and_a_node_die() {
 fn stations_through_failures(kill_leader: bool) {
     const STATIONS: u32 = 32;
     const PER_STATION: u32 = 500;
-    let dir = tempfile::tempdir().unwrap();
-    let mut etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
-    let w = etcd_world(dir, &etcd.store_spec(), &[]);
+    let (mut etcd, w) = etcd_site();
     let stations = enroll_stations(&w, STATIONS);
     // The second node and an observer: copies of the home, made after the keys exist.
     let (second, observer) = (w.path("node-2"), w.path("observer"));
@@ -427,9 +431,7 @@ fn stations_through_failures(kill_leader: bool) {
 
 #[test]
 fn without_a_quorum_requests_fail_closed_fast_and_provisioning_resumes_by_itself() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
-    let w = etcd_world(dir, &etcd.store_spec(), &[]);
+    let (mut etcd, w) = etcd_site();
     let id = imported(&w, POLICY, "quorum");
     let site = Provisioner::start(Arc::new(open_site(&w.site)));
     let request = |n: u32| ProvisionRequest::new(&id, format!("Q-{n}"), format!("q-{n}"));
@@ -479,9 +481,7 @@ fn without_a_quorum_requests_fail_closed_fast_and_provisioning_resumes_by_itself
 
 #[test]
 fn a_node_paused_mid_run_spends_nothing_it_no_longer_holds() {
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
-    let w = etcd_world(dir, &etcd.store_spec(), &[]);
+    let (etcd, w) = etcd_site();
     let stations = enroll_stations(&w, 4);
     let (second, observer) = (w.path("node-2"), w.path("observer"));
     copy_home(&w.site, &second);
@@ -610,9 +610,7 @@ fn a_site_reaches_etcd_over_tls_with_its_client_certificate() {
 /// guard, read, and answered with the same refusal.
 #[test]
 fn a_refusal_retried_on_etcd_is_answered_as_before() {
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
-    let w = etcd_world(dir, &etcd.store_spec(), &[]);
+    let (etcd, w) = etcd_site();
     let policy = POLICY
         .replace("devices = 400", "devices = 10")
         .replace("source = \"hq-pool\"", "source = \"site\"")
@@ -644,9 +642,7 @@ fn a_refusal_retried_on_etcd_is_answered_as_before() {
 /// be decided on its first call — a conflict is the nodes' business, not the caller's.
 #[test]
 fn two_busy_nodes_decide_every_request_on_its_first_call() {
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = EtcdCluster::start(3, &dir.path().join("etcd")).unwrap();
-    let w = etcd_world(dir, &etcd.store_spec(), &[]);
+    let (etcd, w) = etcd_site();
     let second = w.path("shenzhen-1-node2");
     copy_home(&w.site, &second);
     let policy = r#"product = "busy"

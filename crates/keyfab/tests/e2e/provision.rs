@@ -20,6 +20,32 @@ fn entitlement(w: &World, name: &str, body: &str) -> String {
     id
 }
 
+/// `callers` threads provisioning at once, caller `t` sending `requests(t)` one after
+/// another: every outcome, caller by caller.
+fn from_threads(
+    provisioner: &Arc<Provisioner>,
+    callers: usize,
+    requests: impl Fn(usize) -> Vec<ProvisionRequest> + Sync,
+) -> Vec<keyfab_node::Result<keyfab_site::provision::Provisioned>> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..callers)
+            .map(|t| {
+                let (p, requests) = (provisioner.clone(), &requests);
+                scope.spawn(move || {
+                    requests(t)
+                        .into_iter()
+                        .map(|r| p.provision(r))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    })
+}
+
 const HEADER: &str = r#"
 product = "p"
 valid_from  = "2026-01-01T00:00:00Z"
@@ -31,28 +57,10 @@ fn sixty_four_threads_never_exceed_the_daily_limit() {
     let w = world();
     let id = entitlement(&w, "conc", &format!("{HEADER}devices = 1000\n[limits]\ndaily = 100\n[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"hq-pool\"\ncertificate = {{ subject = \"CN={{device_id}}\", days = 30 }}\n"));
     let provisioner = Arc::new(Provisioner::start(Arc::new(open_site(&w.site))));
-    let results: Vec<_> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..64)
-            .map(|t| {
-                let p = provisioner.clone();
-                let id = id.clone();
-                scope.spawn(move || {
-                    (0..1000)
-                        .filter(|i| i % 64 == t)
-                        .map(|i| {
-                            p.provision(ProvisionRequest::new(
-                                &id,
-                                format!("D-{i:05}"),
-                                format!("r-{i}"),
-                            ))
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
+    let results = from_threads(&provisioner, 64, |t| {
+        (0..1000)
+            .filter(|i| i % 64 == t)
+            .map(|i| ProvisionRequest::new(&id, format!("D-{i:05}"), format!("r-{i}")))
             .collect()
     });
     let allowed: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
@@ -448,27 +456,16 @@ fn pool_keys_made_ahead_go_to_the_slot_each_decision_takes() {
     // 32 callers; every third request names a device another caller asks for too, under
     // its own request id, so refusals (already provisioned) fall between allowed
     // requests inside the batches.
-    let results: Vec<_> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..32)
-            .map(|t| {
-                let (p, id) = (provisioner.clone(), id.clone());
-                scope.spawn(move || {
-                    (0..30)
-                        .map(|i| {
-                            let device = if i % 3 == 0 {
-                                format!("S-{:03}", (t + 1) % 32 * 30 + i + 1)
-                            } else {
-                                format!("S-{:03}", t * 30 + i)
-                            };
-                            p.provision(ProvisionRequest::new(&id, &device, format!("t{t}-{i}")))
-                        })
-                        .collect::<Vec<_>>()
-                })
+    let results = from_threads(&provisioner, 32, |t| {
+        (0..30)
+            .map(|i| {
+                let device = if i % 3 == 0 {
+                    format!("S-{:03}", (t + 1) % 32 * 30 + i + 1)
+                } else {
+                    format!("S-{:03}", t * 30 + i)
+                };
+                ProvisionRequest::new(&id, &device, format!("t{t}-{i}"))
             })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
             .collect()
     });
     let allowed: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
