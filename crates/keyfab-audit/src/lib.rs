@@ -197,6 +197,53 @@ pub fn split_row(value: &[u8]) -> Result<Vec<&[u8]>, AuditError> {
     Ok(out)
 }
 
+/// First byte of a row packed by [`pack_row`]. A row of framed records starts with its
+/// first record's length (u32 BE), whose first byte is zero for any record under 16 MiB,
+/// so a packed row and a plain one never look alike.
+const PACKED_ROW: u8 = 0x4c;
+
+/// The most bytes a packed row may unpack to (a row holds one commit's records: at most
+/// a few MiB), so a damaged length cannot make a reader allocate without bound.
+pub const MAX_ROW_BYTES: usize = 64 << 20;
+
+/// A row of framed records ([`frame_into`]) compressed for storage: [`PACKED_ROW`] ‖
+/// unpacked length (u32 LE) ‖ one LZ4 block. The records of a batch share most of their
+/// bytes (field names, the entitlement, the certificates' issuer, extensions and
+/// validity), so a row packs to less than half; on etcd every byte is replicated and
+/// written by each member. The records' canonical bytes — what is hashed and exported —
+/// do not change.
+pub fn pack_row(framed: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; 5 + lz4_flex::block::get_maximum_output_size(framed.len())];
+    out[0] = PACKED_ROW;
+    out[1..5].copy_from_slice(&(framed.len() as u32).to_le_bytes());
+    match lz4_flex::block::compress_into(framed, &mut out[5..]) {
+        Ok(n) => {
+            out.truncate(5 + n);
+            out
+        }
+        // Cannot happen (the output is sized for the worst case); the plain row is as
+        // good, only larger.
+        Err(_) => framed.to_vec(),
+    }
+}
+
+/// The framed records of a stored row: a packed row unpacked, a plain one as it is.
+pub fn unpack_row(value: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, AuditError> {
+    let Some((&PACKED_ROW, rest)) = value.split_first() else {
+        return Ok(std::borrow::Cow::Borrowed(value));
+    };
+    let (len, block) = rest.split_at_checked(4).ok_or(AuditError::Malformed(0))?;
+    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if len > MAX_ROW_BYTES {
+        return Err(AuditError::Malformed(0));
+    }
+    let mut out = vec![0u8; len];
+    match lz4_flex::block::decompress_into(block, &mut out) {
+        Ok(n) if n == len => Ok(std::borrow::Cow::Owned(out)),
+        _ => Err(AuditError::Malformed(0)),
+    }
+}
+
 /// The end of the log: the last record's sequence, hash and time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head {
@@ -281,6 +328,63 @@ pub fn verify_chain(from: &Head, records: &[Record]) -> Result<Head, AuditError>
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn packed_rows_unpack_to_their_records_and_plain_rows_read_as_before() {
+        let mut framed = Vec::new();
+        for i in 0..40u8 {
+            frame_into(
+                &mut framed,
+                &[b"record with shared bytes ".as_slice(), &[i; 9]].concat(),
+            );
+        }
+        let packed = pack_row(&framed);
+        assert!(
+            packed.len() < framed.len() / 2,
+            "{} of {}",
+            packed.len(),
+            framed.len()
+        );
+        assert_eq!(unpack_row(&packed).unwrap().as_ref(), framed.as_slice());
+        assert_eq!(split_row(&unpack_row(&packed).unwrap()).unwrap().len(), 40);
+        // Rows stored before packing: read as they are.
+        assert!(matches!(
+            unpack_row(&framed).unwrap(),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(pack_row(&[]).len(), 6);
+        assert!(unpack_row(&pack_row(&[])).unwrap().is_empty());
+    }
+
+    /// The byte layout of FORMATS.md, pinned: marker, length (LE), one LZ4 block — here a
+    /// block of 13 literals (token 0xd0) holding a frame of two records.
+    #[test]
+    fn a_packed_row_vector_unpacks_as_formats_md_says() {
+        let packed =
+            hex::decode("4c0d000000d0000000036162630000000264 65".replace(' ', "")).unwrap();
+        let framed = unpack_row(&packed).unwrap();
+        assert_eq!(split_row(&framed).unwrap(), vec![&b"abc"[..], &b"de"[..]]);
+    }
+
+    #[test]
+    fn damaged_packed_rows_are_refused_without_panic_or_huge_allocation() {
+        let mut framed = Vec::new();
+        frame_into(&mut framed, b"one record");
+        let packed = pack_row(&framed);
+        for cut in 0..packed.len() {
+            assert!(
+                unpack_row(&packed[..cut]).is_err() || cut == 0,
+                "cut at {cut}"
+            );
+        }
+        let mut longer = packed.clone();
+        longer[1] ^= 0x01;
+        assert!(unpack_row(&longer).is_err());
+        let mut huge = packed.clone();
+        huge[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(unpack_row(&huge).is_err());
+    }
+
     use super::*;
 
     fn chain(n: u64) -> Vec<Record> {

@@ -4,8 +4,9 @@
 //! advanced per record, and written back when the transaction is finished, so records
 //! commit atomically with what they describe. The records appended in one transaction are
 //! stored as one row (key = sequence of the first, u64 BE; value = the records'
-//! canonical bytes, each behind a u32 BE length): a batch of decisions costs one B-tree
-//! insert, not one per record. Each record is still hashed and chained on its own.
+//! canonical bytes, each behind a u32 BE length, packed by [`keyfab_audit::pack_row`]):
+//! a batch of decisions costs one B-tree insert, not one per record. Each record is
+//! still hashed and chained on its own.
 
 use keyfab_audit::merkle::leaf_hash;
 use keyfab_audit::{Event, Head, Record};
@@ -76,9 +77,13 @@ impl Appender {
     /// Writes the records and the new head into `txn`.
     pub(crate) fn finish(self, txn: &mut Txn) {
         if let Some(first) = self.first {
-            // Moved, not copied: a batch's row is tens of kilobytes, and a fresh copy
-            // costs page faults on the committer.
-            txn.put_owned(Table::Audit, first.to_be_bytes().to_vec(), self.row);
+            // Packed (LZ4): on etcd every byte of it is replicated and written by each
+            // member, and a batch's records share most of theirs.
+            txn.put_owned(
+                Table::Audit,
+                first.to_be_bytes().to_vec(),
+                keyfab_audit::pack_row(&self.row),
+            );
         }
         txn.put(Table::Meta, AUDIT_HEAD, &self.head.to_bytes());
     }
@@ -122,8 +127,11 @@ pub(crate) fn head_from(stored: Option<&Versioned>) -> Result<Head> {
     }
 }
 
-fn split_row(value: &[u8]) -> Result<Vec<&[u8]>> {
-    keyfab_audit::split_row(value).map_err(|_| decode_err("audit row"))
+/// The canonical bytes of each record of a stored row, packed or not.
+fn row_records(value: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let framed = keyfab_audit::unpack_row(value).map_err(|_| decode_err("audit row"))?;
+    let records = keyfab_audit::split_row(&framed).map_err(|_| decode_err("audit row"))?;
+    Ok(records.into_iter().map(<[u8]>::to_vec).collect())
 }
 
 /// The audit record `sequence`, stored in the row keyed `row`.
@@ -132,8 +140,8 @@ pub(crate) fn record_in_row(node: &Node, row: u64, sequence: u64) -> Result<Reco
         .store
         .get(Table::Audit, &row.to_be_bytes())?
         .ok_or_else(|| decode_err("audit row"))?;
-    for bytes in split_row(&v.value)? {
-        let r = Record::from_bytes(bytes).map_err(|e| Error::InvalidState(e.to_string()))?;
+    for bytes in row_records(&v.value)? {
+        let r = Record::from_bytes(&bytes).map_err(|e| Error::InvalidState(e.to_string()))?;
         if r.sequence == sequence {
             return Ok(r);
         }
@@ -180,7 +188,7 @@ impl<'a> RecordStream<'a> {
         };
         let mut records = Vec::new();
         for (_, v) in &rows {
-            records.extend(split_row(&v.value)?.into_iter().map(<[u8]>::to_vec));
+            records.extend(row_records(&v.value)?);
         }
         self.page = records.into_iter();
         Ok(())
