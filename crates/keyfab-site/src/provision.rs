@@ -977,13 +977,14 @@ fn pool_spec_of(ctx: &EntitlementContext, spec_index: usize) -> Result<u8> {
 type PoolRows = HashMap<Vec<u8>, Versioned>;
 
 /// Reads, for each entitlement of `batch` whose policy has pool keys and whose counters
-/// `st` holds, the next pool slots — as many as the batch has requests for it, for every
-/// pool key spec. Slots a batch does not take after all (refusals) are read for nothing;
+/// `st` holds, the next pool slots — as many as the batch has requests for it and its
+/// counters still allow ([`room_left`]), for every pool key spec. Slots a batch does not take after all (refusals) are read for nothing;
 /// a slot not read ahead is read when taken ([`read_pool_key`]).
 fn read_pool_rows_ahead(
     store: &dyn keyfab_store::Store,
     st: &Carried,
     batch: &[Job],
+    now: i64,
 ) -> Result<PoolRows> {
     let mut wanted: Vec<Vec<u8>> = Vec::new();
     let mut seen: Vec<&str> = Vec::new();
@@ -996,10 +997,11 @@ fn read_pool_rows_ahead(
         let Some((counters, _)) = st.counters.get(ent) else {
             continue;
         };
-        let requests = batch
+        let requests = (batch
             .iter()
             .filter(|j| j.req.entitlement == ent && j.confirm.is_none())
-            .count() as u64;
+            .count() as u64)
+            .min(room_left(&job.ctx, counters, now));
         for (spec_index, spec) in job.ctx.policy.policy.keys.iter().enumerate() {
             if spec.source != KeySource::HqPool {
                 continue;
@@ -1045,7 +1047,10 @@ fn make_pool_keys_ahead(
     ahead: &PoolRows,
     now: i64,
 ) -> HashMap<(usize, usize), PoolKeyReady> {
-    let mut next_slot: HashMap<&str, u64> = HashMap::new();
+    // Per entitlement: the next slot, and how many more devices its counters still allow.
+    // Requests beyond that would be refused, so nothing is made for them: a flood of
+    // requests past the quota or the day's limit costs no crypto.
+    let mut next_slot: HashMap<&str, (u64, u64)> = HashMap::new();
     let mut plan: Vec<(usize, usize, u64)> = Vec::new();
     for (pos, job) in batch.iter().enumerate() {
         let pool_specs = || {
@@ -1061,9 +1066,15 @@ fn make_pool_keys_ahead(
         let Some((counters, _)) = st.counters.get(ent) else {
             continue;
         };
-        let slot = next_slot.entry(ent).or_insert(counters.next_pool);
+        let (slot, room) = next_slot
+            .entry(ent)
+            .or_insert_with(|| (counters.next_pool, room_left(&job.ctx, counters, now)));
+        if *room == 0 {
+            continue;
+        }
         plan.extend(pool_specs().map(|(i, _)| (pos, i, *slot)));
         *slot += 1;
+        *room -= 1;
     }
     let make = |part: &[(usize, usize, u64)]| -> Vec<((usize, usize), PoolKeyReady)> {
         let made = part
@@ -1113,6 +1124,27 @@ fn make_pool_keys_ahead(
         }
         made
     })
+}
+
+/// How many more devices `counters` allow under the quota and today's limit (none once
+/// revoked). An upper bound only: the policy decides each request.
+fn room_left(ctx: &EntitlementContext, counters: &Counters, now: i64) -> u64 {
+    if counters.revoked {
+        return 0;
+    }
+    let policy = &ctx.policy.policy;
+    let room = policy.devices.saturating_sub(counters.total);
+    match policy.daily_limit {
+        Some(daily) => {
+            let today = counters
+                .days
+                .get(&ctx.policy.day_of(now))
+                .copied()
+                .unwrap_or(0);
+            room.min(daily.saturating_sub(today))
+        }
+        None => room,
+    }
 }
 
 fn read_pool_key(
@@ -1405,7 +1437,7 @@ fn decide_batch(
     txn.put(Table::Meta, TIME_HWM, &now.to_be_bytes());
     st.hwm_written = Some(now);
 
-    let pool_ahead = read_pool_rows_ahead(store, st, &batch)?;
+    let pool_ahead = read_pool_rows_ahead(store, st, &batch, now)?;
     let mut pool_ready = make_pool_keys_ahead(node, st, &batch, &pool_ahead, now);
     let mut days: Vec<(String, String)> = Vec::new();
     let mut touched: Vec<String> = Vec::new();
