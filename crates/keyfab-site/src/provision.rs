@@ -976,45 +976,59 @@ fn pool_spec_of(ctx: &EntitlementContext, spec_index: usize) -> Result<u8> {
 /// trip for the batch instead of one per device), keyed by row key.
 type PoolRows = HashMap<Vec<u8>, Versioned>;
 
-/// Reads, for each entitlement of `batch` whose policy has pool keys and whose counters
-/// `st` holds, the next pool slots — as many as the batch has requests for it and its
-/// counters still allow ([`room_left`]), for every pool key spec. Slots a batch does not take after all (refusals) are read for nothing;
-/// a slot not read ahead is read when taken ([`read_pool_key`]).
-fn read_pool_rows_ahead(
-    store: &dyn keyfab_store::Store,
-    st: &Carried,
-    batch: &[Job],
-    now: i64,
-) -> Result<PoolRows> {
-    let mut wanted: Vec<Vec<u8>> = Vec::new();
-    let mut seen: Vec<&str> = Vec::new();
-    for job in batch {
-        let ent = job.req.entitlement.as_str();
-        if job.confirm.is_some() || seen.contains(&ent) {
+/// The pool slots a batch is expected to take, as (request's position in the batch, key
+/// spec, slot): each request of an entitlement the next slot after the one before it, in
+/// batch order, as long as the entitlement's counters still allow devices
+/// ([`room_left`]). Requests beyond that would be refused, so nothing is planned for
+/// them: a flood of requests past the quota or the day's limit costs no crypto.
+fn plan_pool_slots(st: &Carried, batch: &[Job], now: i64) -> Vec<(usize, usize, u64)> {
+    let mut next_slot: HashMap<&str, (u64, u64)> = HashMap::new();
+    let mut plan = Vec::new();
+    for (pos, job) in batch.iter().enumerate() {
+        let pool_specs = || {
+            job.prepared
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| matches!(p, Prepared::Pool))
+        };
+        if job.confirm.is_some() || pool_specs().next().is_none() {
             continue;
         }
-        seen.push(ent);
+        let ent = job.req.entitlement.as_str();
         let Some((counters, _)) = st.counters.get(ent) else {
             continue;
         };
-        let requests = (batch
-            .iter()
-            .filter(|j| j.req.entitlement == ent && j.confirm.is_none())
-            .count() as u64)
-            .min(room_left(&job.ctx, counters, now));
-        for (spec_index, spec) in job.ctx.policy.policy.keys.iter().enumerate() {
-            if spec.source != KeySource::HqPool {
-                continue;
-            }
-            let pool_spec = pool_spec_of(&job.ctx, spec_index)?;
-            for index in counters.next_pool..counters.next_pool.saturating_add(requests) {
-                wanted.push(pool_row_key(ent, pool_spec, index));
-            }
+        let (slot, room) = next_slot
+            .entry(ent)
+            .or_insert_with(|| (counters.next_pool, room_left(&job.ctx, counters, now)));
+        if *room == 0 {
+            continue;
         }
+        plan.extend(pool_specs().map(|(i, _)| (pos, i, *slot)));
+        *slot += 1;
+        *room -= 1;
     }
-    if wanted.is_empty() {
+    plan
+}
+
+/// The rows of the planned slots, read in one snapshot (on etcd one round trip for the
+/// batch instead of one per device), keyed by row key. A slot not read ahead is read
+/// when taken ([`read_pool_key`]).
+fn read_pool_rows_ahead(
+    store: &dyn keyfab_store::Store,
+    batch: &[Job],
+    plan: &[(usize, usize, u64)],
+) -> Result<PoolRows> {
+    if plan.is_empty() {
         return Ok(PoolRows::new());
     }
+    let wanted = plan
+        .iter()
+        .map(|&(pos, i, index)| {
+            let ctx = &batch[pos].ctx;
+            Ok(pool_row_key(&ctx.record.id, pool_spec_of(ctx, i)?, index))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let lookups: Vec<(Table, &[u8])> = wanted.iter().map(|k| (Table::Pool, k.as_slice())).collect();
     let found = store.get_many(&lookups)?;
     Ok(wanted
@@ -1042,40 +1056,11 @@ struct PoolKeyReady {
 /// refusal or a retry before it) has its keys made when it is decided instead.
 fn make_pool_keys_ahead(
     node: &Node,
-    st: &Carried,
     batch: &[Job],
+    plan: &[(usize, usize, u64)],
     ahead: &PoolRows,
     now: i64,
 ) -> HashMap<(usize, usize), PoolKeyReady> {
-    // Per entitlement: the next slot, and how many more devices its counters still allow.
-    // Requests beyond that would be refused, so nothing is made for them: a flood of
-    // requests past the quota or the day's limit costs no crypto.
-    let mut next_slot: HashMap<&str, (u64, u64)> = HashMap::new();
-    let mut plan: Vec<(usize, usize, u64)> = Vec::new();
-    for (pos, job) in batch.iter().enumerate() {
-        let pool_specs = || {
-            job.prepared
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| matches!(p, Prepared::Pool))
-        };
-        if job.confirm.is_some() || pool_specs().next().is_none() {
-            continue;
-        }
-        let ent = job.req.entitlement.as_str();
-        let Some((counters, _)) = st.counters.get(ent) else {
-            continue;
-        };
-        let (slot, room) = next_slot
-            .entry(ent)
-            .or_insert_with(|| (counters.next_pool, room_left(&job.ctx, counters, now)));
-        if *room == 0 {
-            continue;
-        }
-        plan.extend(pool_specs().map(|(i, _)| (pos, i, *slot)));
-        *slot += 1;
-        *room -= 1;
-    }
     let make = |part: &[(usize, usize, u64)]| -> Vec<((usize, usize), PoolKeyReady)> {
         let made = part
             .iter()
@@ -1111,7 +1096,7 @@ fn make_pool_keys_ahead(
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if plan.len() < 2 || cores < 2 {
-        return make(&plan).into_iter().collect();
+        return make(plan).into_iter().collect();
     }
     let chunk = plan.len().div_ceil(cores);
     std::thread::scope(|s| {
@@ -1437,8 +1422,9 @@ fn decide_batch(
     txn.put(Table::Meta, TIME_HWM, &now.to_be_bytes());
     st.hwm_written = Some(now);
 
-    let pool_ahead = read_pool_rows_ahead(store, st, &batch, now)?;
-    let mut pool_ready = make_pool_keys_ahead(node, st, &batch, &pool_ahead, now);
+    let pool_plan = plan_pool_slots(st, &batch, now);
+    let pool_ahead = read_pool_rows_ahead(store, &batch, &pool_plan)?;
+    let mut pool_ready = make_pool_keys_ahead(node, &batch, &pool_plan, &pool_ahead, now);
     let mut days: Vec<(String, String)> = Vec::new();
     let mut touched: Vec<String> = Vec::new();
     let mut outcomes = Vec::with_capacity(batch.len());
