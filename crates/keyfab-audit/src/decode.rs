@@ -124,18 +124,27 @@ pub(crate) fn record(bytes: &[u8]) -> Result<Record, AuditError> {
 }
 
 fn decode_record(c: &mut Cbor<'_>) -> Option<Record> {
-    c.map(5)?;
+    // Five fields, or six with the node chain last (absent, not null, for the site's).
+    let fields = c.expect(MAP)?;
+    if !(5..=6).contains(&fields) {
+        return None;
+    }
     let sequence = c.field("sequence", Cbor::uint)?;
     let time = c.field("time", Cbor::int)?;
     let site = c.field("site", Cbor::string)?;
     let event = c.field("event", decode_event)?;
     let prev_hash = c.field("prev_hash", Cbor::bytes)?;
+    let chain = match fields {
+        6 => Some(c.field("chain", Cbor::string)?),
+        _ => None,
+    };
     (prev_hash.len() == 32).then(|| Record {
         sequence,
         time,
         site,
         event,
         prev_hash: prev_hash.to_vec(),
+        chain,
     })
 }
 
@@ -379,6 +388,7 @@ mod tests {
                 site: "shenzhen-1".into(),
                 event,
                 prev_hash: vec![i as u8; 32],
+                chain: (i % 2 == 1).then(|| format!("n{i:016x}")),
             })
             .collect()
     }
@@ -395,7 +405,7 @@ mod tests {
 
     #[test]
     fn anything_but_the_canonical_shape_is_refused() {
-        let r = &samples()[1];
+        let r = &samples()[2];
         let bytes = r.to_bytes();
         // Every strict prefix and every extension.
         for cut in 0..bytes.len() {

@@ -136,9 +136,15 @@ pub struct Record {
     pub time: i64,
     pub site: String,
     pub event: Event,
-    /// Leaf hash of the previous record (zeros before the first).
+    /// Leaf hash of the previous record of the same chain (zeros before the first).
     #[serde(with = "serde_bytes")]
     pub prev_hash: Vec<u8>,
+    /// The node chain this record belongs to; absent for the site chain. In a cluster each
+    /// running node appends its decisions to a chain of its own, so nodes never wait on
+    /// one another's log head; a site's log is all its chains merged in commit order
+    /// (FORMATS.md §9, "Chains"). `sequence` and `prev_hash` count within the chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -272,7 +278,7 @@ impl Head {
         })
     }
 
-    /// The record that comes next after this head.
+    /// The record that comes next after this head (of the site chain).
     pub fn next(&self, time: i64, site: &str, event: Event) -> Record {
         Record {
             sequence: self.sequence + 1,
@@ -280,6 +286,7 @@ impl Head {
             site: site.to_owned(),
             event,
             prev_hash: self.hash.to_vec(),
+            chain: None,
         }
     }
 

@@ -32,10 +32,13 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SiteLog {
-    /// The last record's sequence, hash and time.
+    /// The site chain's last record: sequence, hash and time.
     pub sequence: u64,
     pub hash: serde_bytes::ByteBuf,
     pub time: i64,
+    /// Each node chain's last record, by chain id (cluster sites).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub chains: BTreeMap<String, ChainEnd>,
     /// The last accepted checkpoint, and the frontier that extends it.
     pub tree: Option<TreeHead>,
     pub frontier: Vec<(u32, serde_bytes::ByteBuf)>,
@@ -44,6 +47,68 @@ pub struct SiteLog {
     pub bundles: Vec<String>,
     /// The latest receipt time the site's own log shows it imported.
     pub acknowledged_at: i64,
+}
+
+/// The last record HQ accepted of one node chain.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainEnd {
+    pub sequence: u64,
+    pub hash: serde_bytes::ByteBuf,
+    pub time: i64,
+}
+
+/// Where each chain of a site's log ends: the site chain, and every node chain seen.
+#[derive(Debug, Clone)]
+struct Heads {
+    site: Head,
+    chains: HashMap<String, Head>,
+}
+
+impl Heads {
+    fn of(log: &SiteLog) -> Self {
+        let head = |sequence: u64, hash: &[u8], time: i64| Head {
+            sequence,
+            hash: hash.try_into().unwrap_or([0u8; 32]),
+            time: if sequence == 0 { i64::MIN } else { time },
+        };
+        Heads {
+            site: head(log.sequence, &log.hash, log.time),
+            chains: log
+                .chains
+                .iter()
+                .map(|(id, c)| (id.clone(), head(c.sequence, &c.hash, c.time)))
+                .collect(),
+        }
+    }
+
+    /// The head `r` must continue: its chain's (a chain not seen yet starts empty).
+    fn of_record(&mut self, r: &Record) -> &mut Head {
+        match &r.chain {
+            None => &mut self.site,
+            Some(id) => self.chains.entry(id.clone()).or_insert_with(Head::genesis),
+        }
+    }
+
+    /// Writes these heads into `log`.
+    fn store(&self, log: &mut SiteLog) {
+        let time = |h: &Head| if h.sequence == 0 { 0 } else { h.time };
+        log.sequence = self.site.sequence;
+        log.hash = serde_bytes::ByteBuf::from(self.site.hash.to_vec());
+        log.time = time(&self.site);
+        log.chains = self
+            .chains
+            .iter()
+            .map(|(id, h)| {
+                let end = ChainEnd {
+                    sequence: h.sequence,
+                    hash: serde_bytes::ByteBuf::from(h.hash.to_vec()),
+                    time: time(h),
+                };
+                (id.clone(), end)
+            })
+            .collect();
+    }
 }
 
 /// HQ's replica of one entitlement, rebuilt from the site's log.
@@ -75,6 +140,8 @@ pub struct Replica {
 #[serde(deny_unknown_fields)]
 pub struct Violation {
     pub site: String,
+    /// The record's place in the site's log (1 for the first; its sequence on a site of
+    /// one chain).
     pub sequence: u64,
     pub entitlement: Option<String>,
     pub device_id: Option<String>,
@@ -237,16 +304,8 @@ pub fn import(
     // store. Staged rows lie beyond the accepted head, invisible to every reader, until
     // the final commit moves the head; a bundle that fails anywhere has them removed, so
     // HQ's state is as it was.
-    let accepted_sequence = log.sequence;
-    let start = Head {
-        sequence: log.sequence,
-        hash: log.hash.as_slice().try_into().unwrap_or([0u8; 32]),
-        time: if log.sequence == 0 {
-            i64::MIN
-        } else {
-            log.time
-        },
-    };
+    let accepted_sequence = accepted.size;
+    let start = Heads::of(&log);
     discard_staged(node, &h.site, accepted_sequence)?;
     let reader = open_bundle(&envelope, recipient)?;
     let outcome = stage_records(node, &h, reader, start, frontier, &mut log, progress);
@@ -259,7 +318,7 @@ pub fn import(
         }
     };
     let Checked {
-        head,
+        heads,
         frontier,
         count,
     } = checked;
@@ -279,9 +338,7 @@ pub fn import(
             &encode(v)?,
         );
     }
-    log.sequence = head.sequence;
-    log.hash = serde_bytes::ByteBuf::from(head.hash.to_vec());
-    log.time = if head.sequence == 0 { 0 } else { head.time };
+    heads.store(&mut log);
     log.tree = Some(h.to);
     let (_, parts) = frontier.to_parts();
     log.frontier = parts
@@ -322,10 +379,10 @@ struct CheckedChunk {
     bytes: Vec<u8>,
 }
 
-/// What the checking thread proved: the records continue HQ's head without a gap or a
-/// broken link, and these are the new head and Merkle frontier.
+/// What the checking thread proved: the records continue HQ's heads without a gap or a
+/// broken link, and these are the new heads and Merkle frontier.
 struct Checked {
-    head: Head,
+    heads: Heads,
     frontier: Frontier,
     count: u64,
 }
@@ -337,7 +394,7 @@ fn stage_records<'a>(
     node: &'a Node,
     h: &keyfab_formats::audit_bundle::BundleHeader,
     reader: keyfab_formats::audit_bundle::RecordReader,
-    start: Head,
+    start: Heads,
     frontier: Frontier,
     log: &'a mut SiteLog,
     progress: Option<&(dyn Fn(u64, u64) + Sync)>,
@@ -348,7 +405,7 @@ fn stage_records<'a>(
     let (checked, staged) = std::thread::scope(|scope| {
         let checker = scope
             .spawn(move || check_records(h, reader, start, frontier, &send, &take_back, progress));
-        let staged = reconcile_batches(node, &h.site, &mut rec, &receive, &give_back);
+        let staged = reconcile_batches(node, &h.site, h.from.size, &mut rec, &receive, &give_back);
         // A reconciler that stopped early closes the channel, which stops the checker.
         drop(receive);
         let checked = checker
@@ -372,19 +429,20 @@ fn stage_records<'a>(
 }
 
 /// The checking thread: every record decrypts, parses strictly, follows the one before
-/// it and names this site; its leaf joins the Merkle frontier. `Ok(None)`: stopped
-/// because the reconciling thread is gone.
+/// it in its chain and names this site; its leaf joins the Merkle frontier (over the
+/// whole log, chains merged as the site merged them). `Ok(None)`: stopped because the
+/// reconciling thread is gone.
 fn check_records(
     h: &keyfab_formats::audit_bundle::BundleHeader,
     mut reader: keyfab_formats::audit_bundle::RecordReader,
-    start: Head,
+    start: Heads,
     mut frontier: Frontier,
     send: &std::sync::mpsc::SyncSender<CheckedChunk>,
     spent: &std::sync::mpsc::Receiver<CheckedChunk>,
     progress: Option<&(dyn Fn(u64, u64) + Sync)>,
 ) -> Result<Option<Checked>> {
     let total = h.to.size - h.from.size;
-    let mut head = start;
+    let mut heads = start;
     let mut count = 0u64;
     while let Some(chunk) = reader.next_chunk()? {
         // Chunks come back once reconciled, to be freed by the thread that allocated
@@ -397,6 +455,7 @@ fn check_records(
         for bytes in chunk.records() {
             let bytes = bytes?;
             let r = Record::from_bytes(bytes).map_err(|e| malformed(&format!("record: {e}")))?;
+            let head = heads.of_record(&r);
             if r.sequence != head.sequence + 1 {
                 return Err(Error::LogGap(format!(
                     "record {} follows record {}",
@@ -411,7 +470,7 @@ fn check_records(
             }
             let leaf = merkle::leaf_hash(bytes);
             frontier.push(leaf);
-            head = Head {
+            *head = Head {
                 sequence: r.sequence,
                 hash: leaf,
                 time: head.time.max(r.time),
@@ -431,7 +490,7 @@ fn check_records(
         }
     }
     Ok(Some(Checked {
-        head,
+        heads,
         frontier,
         count,
     }))
@@ -444,17 +503,23 @@ fn check_records(
 fn reconcile_batches(
     node: &Node,
     site: &str,
+    accepted: u64,
     rec: &mut Reconciler<'_>,
     receive: &std::sync::mpsc::Receiver<CheckedChunk>,
     give_back: &std::sync::mpsc::Sender<CheckedChunk>,
 ) -> Result<Txn> {
     let mut pending: Option<Txn> = None;
+    // Rows are keyed by the place of their first record in the site's log.
+    let mut position = accepted;
     for mut chunk in receive {
-        let Some(first) = chunk.records.first().map(|r| r.sequence) else {
+        if chunk.records.is_empty() {
             continue;
-        };
+        }
+        let first = position + 1;
         rec.prefetch(&chunk.records)?;
         for r in &chunk.records {
+            position += 1;
+            rec.position = position;
             rec.record(r)?;
         }
         if let Some(mut staged) = pending.take() {
@@ -520,18 +585,24 @@ pub fn site_records(node: &Node, site: &str) -> Result<Vec<Record>> {
         .get(Table::Audit, &log_key(site))?
         .map(|v| decode::<SiteLog>(&v.value))
         .transpose()?
-        .map_or(0, |l| l.sequence);
+        .and_then(|l| l.tree)
+        .map_or(0, |t| t.size);
     let mut prefix = record_key(site, 0);
     prefix.truncate(prefix.len() - 8);
     let mut out = Vec::new();
-    for (_, v) in node.store.scan(Table::Audit, &prefix, usize::MAX)? {
+    for (key, v) in node.store.scan(Table::Audit, &prefix, usize::MAX)? {
+        // A row keyed past the accepted end was staged by an import still running.
+        let first = key
+            .get(prefix.len()..)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(u64::MAX, u64::from_be_bytes);
+        if first > accepted {
+            continue;
+        }
         for bytes in
             keyfab_audit::split_row(&v.value).map_err(|e| Error::InvalidState(e.to_string()))?
         {
-            let r = Record::from_bytes(bytes).map_err(|e| Error::InvalidState(e.to_string()))?;
-            if r.sequence <= accepted {
-                out.push(r);
-            }
+            out.push(Record::from_bytes(bytes).map_err(|e| Error::InvalidState(e.to_string()))?);
         }
     }
     Ok(out)
@@ -566,7 +637,11 @@ struct Reconciler<'a> {
     node: &'a Node,
     site: String,
     log: &'a mut SiteLog,
-    last_time: i64,
+    /// The place in the site's log of the record being reconciled.
+    position: u64,
+    /// Each chain's latest record time (`None`: the site chain). Time runs forward
+    /// within a chain; nodes' clocks differ a little, so not across chains.
+    last_times: HashMap<Option<String>, i64>,
     /// Entitlements HQ issued to this site (`None`: not issued, or to another site).
     issued: HashMap<String, Option<Arc<Issued>>>,
     /// The devices released before, by earlier imports or earlier in this one.
@@ -581,16 +656,19 @@ struct Reconciler<'a> {
 
 impl<'a> Reconciler<'a> {
     fn new(node: &'a Node, site: &str, log: &'a mut SiteLog) -> Self {
-        let last_time = if log.sequence == 0 {
-            i64::MIN
-        } else {
-            log.time
-        };
+        let heads = Heads::of(log);
+        let mut last_times: HashMap<Option<String>, i64> = heads
+            .chains
+            .into_iter()
+            .map(|(id, h)| (Some(id), h.time))
+            .collect();
+        last_times.insert(None, heads.site.time);
         Self {
             node,
             site: site.to_owned(),
             log,
-            last_time,
+            position: 0,
+            last_times,
             issued: HashMap::new(),
             devices: DeviceIndex::default(),
             pool_row: None,
@@ -602,7 +680,6 @@ impl<'a> Reconciler<'a> {
 
     fn violation(
         &mut self,
-        r: &Record,
         entitlement: Option<&str>,
         device: Option<&str>,
         kind: &str,
@@ -615,7 +692,7 @@ impl<'a> Reconciler<'a> {
         }
         self.violations.push(Violation {
             site: self.site.clone(),
-            sequence: r.sequence,
+            sequence: self.position,
             entitlement: entitlement.map(str::to_owned),
             device_id: device.map(str::to_owned),
             kind: kind.to_owned(),
@@ -709,21 +786,24 @@ impl<'a> Reconciler<'a> {
     }
 
     fn record(&mut self, r: &Record) -> Result<()> {
-        if r.time < self.last_time {
+        let last_time = self.last_times.entry(r.chain.clone()).or_insert(i64::MIN);
+        let backwards = r.time < *last_time;
+        *last_time = (*last_time).max(r.time);
+        if backwards {
             self.violation(
-                r,
                 None,
                 None,
                 "timestamp_backwards",
-                format!("record {} is earlier than the one before it", r.sequence),
+                format!(
+                    "record {} is earlier than the one before it in its chain",
+                    self.position
+                ),
             );
         }
-        self.last_time = self.last_time.max(r.time);
         match &r.event {
             Event::EntitlementImported { entitlement, .. } => {
                 if self.issued(entitlement)?.is_none() {
                     self.violation(
-                        r,
                         Some(entitlement),
                         None,
                         "unknown_entitlement",
@@ -757,7 +837,6 @@ impl<'a> Reconciler<'a> {
                         .insert(approver.clone());
                 } else {
                     self.violation(
-                        r,
                         Some(entitlement),
                         None,
                         "approver_not_listed",
@@ -773,7 +852,6 @@ impl<'a> Reconciler<'a> {
                 let count = self.replica(entitlement)?.approvers.len();
                 if count < threshold as usize {
                     self.violation(
-                        r,
                         Some(entitlement),
                         None,
                         "activated_without_quorum",
@@ -792,7 +870,6 @@ impl<'a> Reconciler<'a> {
                     .is_some_and(|entry| entry.record.revoked_at.is_some());
                 if !revoked_by_hq {
                     self.violation(
-                        r,
                         Some(entitlement),
                         None,
                         "revoked_without_revocation",
@@ -872,7 +949,6 @@ impl<'a> Reconciler<'a> {
                         .is_some();
                 if !released {
                     self.violation(
-                        r,
                         Some(entitlement),
                         Some(device_id),
                         "confirmed_without_release",
@@ -897,7 +973,6 @@ impl<'a> Reconciler<'a> {
                 }
                 if !matches!(result.as_str(), "programmed" | "failed") {
                     self.violation(
-                        r,
                         Some(entitlement),
                         Some(device_id),
                         "malformed_confirmation",
@@ -927,7 +1002,6 @@ impl<'a> Reconciler<'a> {
         let Some(entry) = self.issued(entitlement)? else {
             if allowed {
                 self.violation(
-                    r,
                     Some(entitlement),
                     Some(device_id),
                     "unknown_entitlement",
@@ -998,7 +1072,6 @@ impl<'a> Reconciler<'a> {
                 .or_insert(0) += 1;
             match decision {
                 Decision::Allow => self.violation(
-                    r,
                     Some(entitlement),
                     Some(device_id),
                     "denied_but_allowed",
@@ -1011,9 +1084,7 @@ impl<'a> Reconciler<'a> {
                         && (c != DenyCode::PolicyDenied
                             || reason.as_deref() == recorded_reason.map(String::as_str));
                     if !same {
-                        self.violation(
-                            r,
-                            Some(entitlement),
+                        self.violation(Some(entitlement),
                             Some(device_id),
                             "code_replay_differs",
                             format!(
@@ -1032,7 +1103,6 @@ impl<'a> Reconciler<'a> {
         if let Decision::Deny(c) = decision {
             let because = reason.map(|r| format!(" ({r})")).unwrap_or_default();
             self.violation(
-                r,
                 Some(entitlement),
                 Some(device_id),
                 c.code(),
@@ -1050,7 +1120,6 @@ impl<'a> Reconciler<'a> {
                         let audited = keys.get(*key_index).map_or("", |k| k.key_id.as_str());
                         if !self.pool_key_matches(&entry.record, spec_no, index, audited)? {
                             self.violation(
-                                r,
                                 Some(entitlement),
                                 Some(device_id),
                                 "pool_key_not_issued",
@@ -1061,7 +1130,6 @@ impl<'a> Reconciler<'a> {
                 }
                 Some(index) if index < next_pool => {
                     self.violation(
-                        r,
                         Some(entitlement),
                         Some(device_id),
                         "pool_key_reused",
@@ -1070,7 +1138,6 @@ impl<'a> Reconciler<'a> {
                 }
                 other => {
                     self.violation(
-                        r,
                         Some(entitlement),
                         Some(device_id),
                         "pool_key_not_issued",
@@ -1080,7 +1147,7 @@ impl<'a> Reconciler<'a> {
             }
         }
         // A device released twice keeps the index entry of its first release.
-        self.devices.insert(entitlement, device_id, r.sequence);
+        self.devices.insert(entitlement, device_id, self.position);
         let has_code = entry.code.is_some();
         let rep = self.replica(entitlement)?;
         rep.total += 1;

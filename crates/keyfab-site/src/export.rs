@@ -66,7 +66,7 @@ pub fn export(
     let exports: Option<Exports> = seen.as_ref().map(|v| decode(&v.value)).transpose()?;
     // Pass 1: only the leaf hashes (32 bytes a record) stay in memory, for the tree
     // head and the consistency proof; the records are read again in pass 2.
-    let leaves = RecordStream::new(node)
+    let leaves = RecordStream::new(node)?
         .map(|r| r.map(|bytes| merkle::leaf_hash(&bytes)))
         .collect::<Result<Vec<merkle::Hash>>>()?;
 
@@ -133,7 +133,7 @@ pub fn export(
     };
     let total = (to_n - from_n) as u64;
     // Pass 2: the range's records, streamed into the bundle.
-    let mut iter = RecordStream::new(node)
+    let mut iter = RecordStream::new(node)?
         .skip(from_n)
         .take(to_n - from_n)
         .enumerate()

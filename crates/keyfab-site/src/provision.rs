@@ -12,7 +12,7 @@
 
 mod committer;
 
-use crate::audit_log::{Appender, AUDIT_HEAD};
+use crate::audit_log::Appender;
 use crate::entitlements::{dek_aad, pool_nonce, pool_row_key, EntitlementRecord};
 use committer::committer;
 use keyfab_audit::Head;
@@ -36,6 +36,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{mpsc, Arc, Mutex};
 
 const TIME_HWM: &[u8] = b"time_high_water";
+
+/// How far a node chain's time runs ahead before it raises the site's trusted time.
+const SITE_TIME_RAISE_SECS: i64 = 1;
 pub(crate) const CLOCK_TOLERANCE: &[u8] = b"clock_tolerance";
 /// How far the clock may fall behind the trusted time before provisioning stops, unless
 /// the operator set another tolerance (`keyfab site config --clock-tolerance`).
@@ -131,6 +134,9 @@ struct DeviceRecord {
     audit_sequence: u64,
     /// Key of the audit row holding that record.
     audit_row: u64,
+    /// The node chain of that record; `None` for the site chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    audit_chain: Option<String>,
     time: i64,
     station: Option<String>,
     pool_index: Option<u64>,
@@ -723,8 +729,12 @@ impl Provisioner {
                 c.audit_sequence
             )));
         }
-        let audit =
-            crate::audit_log::record_in_row(&self.node, record.audit_row, record.audit_sequence)?;
+        let audit = crate::audit_log::record_in_row(
+            &self.node,
+            record.audit_chain.as_deref(),
+            record.audit_row,
+            record.audit_sequence,
+        )?;
         let keys = match audit.event {
             keyfab_audit::Event::ProvisionAllowed { keys, .. } => keys,
             _ => {
@@ -1175,6 +1185,8 @@ fn i64_of(bytes: &[u8]) -> Result<i64> {
 /// counters, with the revisions that guard them; and, as the batch goes, the requests and
 /// devices it has decided (so a second request in the same batch sees the first).
 struct Carried {
+    /// The node chain this engine appends to (a shared store), or `None`: the site chain.
+    chain: Option<String>,
     head: Head,
     head_revision: Option<u64>,
     hwm: Option<i64>,
@@ -1205,8 +1217,9 @@ impl Carried {
     /// A batch's state not read yet: [`decide_batch`] reads it, with everything else the
     /// batch needs, in one snapshot — on etcd one round trip, which keeps the window in
     /// which another node's commit can invalidate it short.
-    fn unread() -> Self {
+    fn unread(chain: Option<String>) -> Self {
         Self {
+            chain,
             head: Head::genesis(),
             head_revision: None,
             hwm: None,
@@ -1317,10 +1330,11 @@ fn decide_batch(
             entitlements.push(&j.req.entitlement);
         }
     }
+    let head_key = crate::audit_log::head_key(st.chain.as_deref());
     let mut lookups: Vec<(Table, &[u8])> = vec![
         (Table::Meta, CLOCK_TOLERANCE),
         (Table::Meta, crate::checkpoints::HQ_ACK),
-        (Table::Meta, AUDIT_HEAD),
+        (Table::Meta, &head_key),
         (Table::Meta, TIME_HWM),
     ];
     lookups.extend(entitlements.iter().map(|e| (Table::Counters, e.as_bytes())));
@@ -1387,12 +1401,17 @@ fn decide_batch(
         .as_ref()
         .map(|s| (s.tolerance, s.acknowledged_at))
         .ok_or_else(|| Error::InvalidState("settings".into()))?;
-    txn.require_revision(Table::Meta, AUDIT_HEAD, st.head_revision)
-        .require_revision(Table::Meta, TIME_HWM, st.hwm_revision);
-    let mut log = Appender::resume(&node.name, st.head);
+    // A node chain's head is this engine's alone; the site chain's and the site-wide
+    // trusted time are every writer's, so they are guarded on every commit.
+    txn.require_revision(Table::Meta, &head_key, st.head_revision);
+    if st.chain.is_none() {
+        txn.require_revision(Table::Meta, TIME_HWM, st.hwm_revision);
+    }
+    let mut log = Appender::resume(&node.name, st.chain.as_deref(), st.head);
 
     let observed = node.now().0;
-    let hwm = st.hwm.unwrap_or(i64::MIN);
+    // The trusted time: the site's mark, or this chain's last record if later.
+    let hwm = st.hwm.unwrap_or(i64::MIN).max(st.head.time);
     if observed < hwm.saturating_sub(tolerance) {
         // Fail closed, and say so in the log.
         log.append(
@@ -1419,8 +1438,22 @@ fn decide_batch(
         return Ok((txn, outcomes));
     }
     let now = observed.max(hwm);
-    txn.put(Table::Meta, TIME_HWM, &now.to_be_bytes());
-    st.hwm_written = Some(now);
+    // A node chain keeps its own time in its head; the site's mark, which a node that
+    // starts reads as its floor, is raised at most once a second, so nodes seldom
+    // collide on it.
+    let raise = st.chain.is_none()
+        || now
+            >= st
+                .hwm
+                .unwrap_or(i64::MIN)
+                .saturating_add(SITE_TIME_RAISE_SECS);
+    if raise {
+        if st.chain.is_some() {
+            txn.require_revision(Table::Meta, TIME_HWM, st.hwm_revision);
+        }
+        txn.put(Table::Meta, TIME_HWM, &now.to_be_bytes());
+        st.hwm_written = Some(now);
+    }
 
     let pool_plan = plan_pool_slots(st, &batch, now);
     let pool_ahead = read_pool_rows_ahead(store, &batch, &pool_plan)?;
@@ -1656,6 +1689,7 @@ fn decide_batch(
                     request_id: req.request_id.clone(),
                     audit_sequence: seq,
                     audit_row: log.row_key().unwrap_or(seq),
+                    audit_chain: st.chain.clone(),
                     time: now,
                     station: req.station.clone(),
                     pool_index,

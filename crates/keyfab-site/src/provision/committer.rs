@@ -62,6 +62,12 @@ pub(super) fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
         }
     };
     let limits = node.store.commit_limits();
+    // On a shared store this engine appends to a chain of its own (see
+    // `keyfab_audit::Record::chain`): other nodes' commits never move its head.
+    let chain = node
+        .store
+        .is_shared()
+        .then(|| crate::audit_log::new_chain_id(node.rng.as_ref()));
     let mut pending: Option<Job> = None;
     let mut carried: Option<Carried> = None;
     loop {
@@ -77,7 +83,7 @@ pub(super) fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
             .into_iter()
             .filter_map(|mut j| j.reply.take().map(|r| (r, j)))
             .unzip();
-        deliver(match decide_and_commit(node, batch, &mut carried) {
+        deliver(match decide_and_commit(node, batch, &mut carried, &chain) {
             // Only now, after the commit, may any answer leave.
             Ok(outcomes) => senders.into_iter().zip(outcomes).collect(),
             Err(e) => fail_all(senders, &e),
@@ -135,6 +141,7 @@ fn decide_and_commit(
     node: &Node,
     batch: Vec<Job>,
     carried: &mut Option<Carried>,
+    chain: &Option<String>,
 ) -> Result<Vec<Result<Outcome>>> {
     let shared = node.store.is_shared();
     let mut batch = batch;
@@ -144,7 +151,7 @@ fn decide_and_commit(
         // Optimistic only on state carried from a commit; after a conflict, read.
         let (mut st, optimistic) = match carried.take() {
             Some(st) => (st, true),
-            None => (Carried::unread(), false),
+            None => (Carried::unread(chain.clone()), false),
         };
         let (txn, outcomes) = decide_batch(node, &mut st, batch, optimistic)?;
         if let keyfab_store::Outcome::Committed(revision) = node.store.commit(txn)? {

@@ -250,8 +250,31 @@ fn two_nodes_share_one_site_and_never_exceed_or_duplicate() {
         250
     );
     drop(nodes);
-    // One log for both nodes, and HQ agrees with it.
+    // One log for both nodes, and HQ agrees with it: each node's decisions in a chain of
+    // its own, so neither waited on the other's log head.
     hq_finds_no_violations(&w, "shared.kfa");
+    let hq = keyfab_node::Node::open(
+        &w.hq,
+        keyfab_node::NodeKind::Hq,
+        &keyfab_crypto::secret::SecretBytes::new(PASS.as_bytes().to_vec()),
+        Box::new(keyfab_crypto::rng::SystemRng),
+        Box::new(keyfab_crypto::time::SystemClock),
+    )
+    .unwrap();
+    let chains: std::collections::BTreeSet<_> = keyfab_hq::audit::site_records(&hq, "shenzhen-1")
+        .unwrap()
+        .into_iter()
+        .filter(|r| {
+            matches!(
+                r.event,
+                keyfab_audit::Event::ProvisionAllowed { .. }
+                    | keyfab_audit::Event::ProvisionDenied { .. }
+            )
+        })
+        .map(|r| r.chain)
+        .collect();
+    assert_eq!(chains.len(), 2, "{chains:?}");
+    assert!(!chains.contains(&None));
     drop(etcd);
 }
 

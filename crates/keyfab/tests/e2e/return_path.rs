@@ -312,3 +312,85 @@ fn a_site_that_signs_forbidden_decisions_is_caught() {
     let report = ok(&["hq", "report", "--home", &s(&w.hq)]);
     assert!(report["violations"].as_array().unwrap().len() >= 4);
 }
+
+#[test]
+fn each_node_chain_is_checked_on_its_own() {
+    use keyfab_audit::Event;
+    let w = world();
+    entitlement(&w, POLICY2);
+    let site = open_site(&w.site);
+    let now = jiff::Timestamp::now().as_second();
+    let setting = |n: u32| Event::SettingChanged {
+        name: format!("s{n}"),
+        value: String::new(),
+    };
+    // Two nodes whose clocks differ by a few seconds, merged in commit order, and the
+    // site chain between them: time runs forward within each chain, not across.
+    let events = vec![
+        (Some("n01"), now, setting(1)),
+        (Some("n02"), now - 3, setting(2)),
+        (None, now, setting(3)),
+        (Some("n01"), now + 1, setting(4)),
+        (Some("n02"), now - 2, setting(5)),
+    ];
+    let merged = w.path("merged.kfa");
+    write_forged_chains(&site, events.clone(), &"a".repeat(32), &merged);
+    let o = hq_import(&w, &merged);
+    assert_eq!(o.code, 0, "{}", o.json);
+    assert_eq!(
+        o.json["violations"].as_array().unwrap().len(),
+        0,
+        "{}",
+        o.json
+    );
+
+    // A chain that goes back in time is flagged.
+    let w = world();
+    entitlement(&w, POLICY2);
+    let site = open_site(&w.site);
+    let mut back = events.clone();
+    back[4].1 = now - 10;
+    let out = w.path("back.kfa");
+    write_forged_chains(&site, back, &"b".repeat(32), &out);
+    let o = hq_import(&w, &out);
+    assert_eq!(o.code, 0, "{}", o.json);
+    let v = &o.json["violations"][0];
+    assert_eq!(
+        (v["kind"].as_str(), v["sequence"].as_u64()),
+        (Some("timestamp_backwards"), Some(5)),
+        "{}",
+        o.json
+    );
+
+    // A record missing from one chain, or one chain's record linked into another, is
+    // refused outright.
+    let w = world();
+    entitlement(&w, POLICY2);
+    let site = open_site(&w.site);
+    let chained = |events: Vec<(Option<&str>, i64, Event)>| -> Vec<keyfab_audit::Record> {
+        let mut heads: std::collections::HashMap<Option<&str>, keyfab_audit::Head> =
+            Default::default();
+        events
+            .into_iter()
+            .map(|(chain, t, e)| {
+                let head = heads
+                    .entry(chain)
+                    .or_insert_with(keyfab_audit::Head::genesis);
+                let mut r = head.next(t, &site.name, e);
+                r.chain = chain.map(str::to_owned);
+                *head = keyfab_audit::Head::after(&r).unwrap();
+                r
+            })
+            .collect()
+    };
+    let mut gap = chained(events.clone());
+    gap.remove(1);
+    let out = w.path("gap.kfa");
+    write_forged_records(&site, gap, &"c".repeat(32), &out);
+    refused(&w, &out, "log_gap");
+    let mut moved = chained(events);
+    moved[3].chain = Some("n02".into());
+    let out = w.path("moved.kfa");
+    write_forged_records(&site, moved, &"d".repeat(32), &out);
+    refused(&w, &out, "log_fork");
+}

@@ -579,15 +579,42 @@ pub fn write_forged_log(
     bundle_id: &str,
     out: &Path,
 ) {
+    let chained = events.into_iter().map(|(t, e)| (None, t, e)).collect();
+    write_forged_chains(site, chained, bundle_id, out);
+}
+
+/// [`write_forged_log`] with each record in the node chain named beside it (`None`: the
+/// site chain), each chain numbered and linked on its own, merged in the order given.
+pub fn write_forged_chains(
+    site: &keyfab_node::Node,
+    events: Vec<(Option<&str>, i64, keyfab_audit::Event)>,
+    bundle_id: &str,
+    out: &Path,
+) {
     use keyfab_audit::{Head, Record};
-    let now = events.last().map_or(0, |(t, _)| *t);
-    let mut head = Head::genesis();
-    let mut records = Vec::new();
-    for (t, e) in events {
-        let r: Record = head.next(t, &site.name, e);
-        head = Head::after(&r).unwrap();
-        records.push(r.to_bytes());
-    }
+    let mut heads: std::collections::HashMap<Option<&str>, Head> = Default::default();
+    let records = events
+        .into_iter()
+        .map(|(chain, t, e)| {
+            let head = heads.entry(chain).or_insert_with(Head::genesis);
+            let mut r: Record = head.next(t, &site.name, e);
+            r.chain = chain.map(str::to_owned);
+            *head = Head::after(&r).unwrap();
+            r
+        })
+        .collect();
+    write_forged_records(site, records, bundle_id, out);
+}
+
+/// `records` as they are, signed with `site`'s own key as its first bundle.
+pub fn write_forged_records(
+    site: &keyfab_node::Node,
+    records: Vec<keyfab_audit::Record>,
+    bundle_id: &str,
+    out: &Path,
+) {
+    let now = records.iter().map(|r| r.time).max().unwrap_or(0);
+    let records: Vec<Vec<u8>> = records.iter().map(|r| r.to_bytes()).collect();
     let leaves: Vec<_> = records
         .iter()
         .map(|b| keyfab_audit::merkle::leaf_hash(b))
