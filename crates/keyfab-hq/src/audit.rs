@@ -120,7 +120,12 @@ pub struct Replica {
     pub revoked: bool,
     pub approvers: BTreeSet<String>,
     pub total: u64,
+    /// Every pool slot below this one was taken.
     pub next_pool: u64,
+    /// Slots taken above `next_pool`, `[start, end)`, sorted and apart: cluster nodes
+    /// take slots from ranges of their own, so slots arrive out of order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pool_taken_beyond: Vec<(u64, u64)>,
     pub days: BTreeMap<String, u64>,
     pub refusals: BTreeMap<String, u64>,
     pub destroyed: u64,
@@ -134,6 +139,45 @@ pub struct Replica {
     /// The policy module's inputs and state, replayed (policies with `[code]` only).
     #[serde(default)]
     pub code: keyfab_policy_code::CodeCounters,
+}
+
+impl Replica {
+    /// Whether pool slot `index` was taken before.
+    fn pool_taken(&self, index: u64) -> bool {
+        index < self.next_pool
+            || self
+                .pool_taken_beyond
+                .iter()
+                .any(|&(start, end)| start <= index && index < end)
+    }
+
+    /// Marks pool slot `index` taken (not taken before).
+    fn take_pool_slot(&mut self, index: u64) {
+        let ranges = &mut self.pool_taken_beyond;
+        let at = ranges.partition_point(|&(_, end)| end < index);
+        match ranges.get_mut(at) {
+            Some(r) if r.1 == index => r.1 += 1,
+            Some(r) if r.0 == index + 1 => r.0 = index,
+            _ => ranges.insert(at, (index, index + 1)),
+        }
+        // Join a range that now touches the next one.
+        if let (Some(&(_, end)), Some(&(next_start, next_end))) =
+            (ranges.get(at), ranges.get(at + 1))
+        {
+            if end == next_start {
+                ranges[at].1 = next_end;
+                ranges.remove(at + 1);
+            }
+        }
+        // Ranges that reach down to `next_pool` fold into it.
+        while let Some(&(start, end)) = ranges.first() {
+            if start > self.next_pool {
+                break;
+            }
+            self.next_pool = self.next_pool.max(end);
+            ranges.remove(0);
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1016,16 +1060,15 @@ impl<'a> Reconciler<'a> {
             .is_some();
         let acknowledged = entry.record.created_at.max(self.log.acknowledged_at);
         let day = self.day_of(&entry, r.time);
-        let (state, next_pool) = {
+        let state = {
             let rep = self.replica(entitlement)?;
-            let state = EntitlementState {
+            EntitlementState {
                 revoked: rep.revoked,
                 activated: rep.activated,
                 last_acknowledged: acknowledged,
                 total: rep.total,
                 today: rep.days.get(&day).copied().unwrap_or(0),
-            };
-            (state, rep.next_pool)
+            }
         };
         let built_in = entry.policy.decide(
             &state,
@@ -1112,10 +1155,14 @@ impl<'a> Reconciler<'a> {
                 ),
             );
         }
-        // Pool keys: the next slot, and exactly the keys HQ put there.
+        // Pool keys: a slot never taken before, and exactly the keys HQ put there.
         if !entry.pool_specs.is_empty() {
+            let taken = match pool_index {
+                Some(index) => self.replica(entitlement)?.pool_taken(index),
+                None => false,
+            };
             match pool_index {
-                Some(index) if index == next_pool => {
+                Some(index) if !taken => {
                     for (spec_no, key_index) in entry.pool_specs.iter().enumerate() {
                         let audited = keys.get(*key_index).map_or("", |k| k.key_id.as_str());
                         if !self.pool_key_matches(&entry.record, spec_no, index, audited)? {
@@ -1128,7 +1175,7 @@ impl<'a> Reconciler<'a> {
                         }
                     }
                 }
-                Some(index) if index < next_pool => {
+                Some(index) => {
                     self.violation(
                         Some(entitlement),
                         Some(device_id),
@@ -1136,12 +1183,12 @@ impl<'a> Reconciler<'a> {
                         format!("slot {index} was given out before"),
                     );
                 }
-                other => {
+                None => {
                     self.violation(
                         Some(entitlement),
                         Some(device_id),
                         "pool_key_not_issued",
-                        format!("slot {other:?} where {} was next", next_pool),
+                        "no pool slot recorded".into(),
                     );
                 }
             }
@@ -1161,7 +1208,7 @@ impl<'a> Reconciler<'a> {
             }
         }
         if let Some(index) = pool_index {
-            rep.next_pool = rep.next_pool.max(index + 1);
+            rep.take_pool_slot(index);
         }
         Ok(())
     }
@@ -1212,5 +1259,29 @@ impl<'a> Reconciler<'a> {
             None
         };
         Ok(expected.as_deref() == Some(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Replica;
+
+    #[test]
+    fn pool_slots_taken_in_any_order_are_each_taken_once() {
+        let mut rep = Replica::default();
+        // Two nodes' ranges, interleaved: 0..4 and 10..13, then the gap 4..10.
+        let order = [0, 10, 1, 11, 2, 12, 3, 5, 4, 7, 6, 9, 8];
+        for (n, &slot) in order.iter().enumerate() {
+            assert!(!rep.pool_taken(slot), "slot {slot} taken too early");
+            rep.take_pool_slot(slot);
+            for &earlier in &order[..=n] {
+                assert!(rep.pool_taken(earlier), "slot {earlier} forgotten");
+            }
+            assert!(!rep.pool_taken(13));
+        }
+        assert_eq!((rep.next_pool, rep.pool_taken_beyond.len()), (13, 0));
+        // A slot left unused (given back, never taken) stays a hole, never "taken".
+        rep.take_pool_slot(15);
+        assert!(!rep.pool_taken(14) && rep.pool_taken(15));
     }
 }

@@ -11,6 +11,9 @@
 //! A storage error fails the whole batch closed: nothing is released.
 
 mod committer;
+pub(crate) mod reservations;
+
+pub use reservations::{Reservation, RESERVATION_LIFE_SECS};
 
 use crate::audit_log::Appender;
 use crate::entitlements::{dek_aad, pool_nonce, pool_row_key, EntitlementRecord};
@@ -229,6 +232,10 @@ pub struct Counters {
     /// Kept only when the policy has a module: its inputs and state.
     #[serde(default, skip_serializing_if = "is_default")]
     pub code: CodeCounters,
+    /// Pool slots granted to a cluster node and given back unused, `[start, end)`: the
+    /// next grants take these before slots from `next_pool` on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub returned_pool: Vec<(u64, u64)>,
 }
 
 fn is_default(c: &CodeCounters) -> bool {
@@ -992,6 +999,7 @@ type PoolRows = HashMap<Vec<u8>, Versioned>;
 /// ([`room_left`]). Requests beyond that would be refused, so nothing is planned for
 /// them: a flood of requests past the quota or the day's limit costs no crypto.
 fn plan_pool_slots(st: &Carried, batch: &[Job], now: i64) -> Vec<(usize, usize, u64)> {
+    // Per entitlement: how many planned so far, and how many there is room for.
     let mut next_slot: HashMap<&str, (u64, u64)> = HashMap::new();
     let mut plan = Vec::new();
     for (pos, job) in batch.iter().enumerate() {
@@ -1008,14 +1016,29 @@ fn plan_pool_slots(st: &Carried, batch: &[Job], now: i64) -> Vec<(usize, usize, 
         let Some((counters, _)) = st.counters.get(ent) else {
             continue;
         };
-        let (slot, room) = next_slot
-            .entry(ent)
-            .or_insert_with(|| (counters.next_pool, room_left(&job.ctx, counters, now)));
+        // A node chain takes the slots of its reservation, in order; otherwise the
+        // entitlement's next slots.
+        let reservation = match st.reservations.get(ent) {
+            Some((r, _)) if st.chain.is_some() && job.ctx.code.is_none() => Some(r),
+            _ => None,
+        };
+        let (planned, room) = next_slot.entry(ent).or_insert_with(|| {
+            let room = match reservation {
+                Some(r) => r.room_on(&job.ctx.policy.day_of(now)),
+                None => room_left(&job.ctx, counters, now),
+            };
+            (0, room)
+        });
         if *room == 0 {
             continue;
         }
-        plan.extend(pool_specs().map(|(i, _)| (pos, i, *slot)));
-        *slot += 1;
+        let slot = match reservation {
+            Some(r) => r.nth_slot(*planned),
+            None => Some(counters.next_pool + *planned),
+        };
+        let Some(slot) = slot else { continue };
+        plan.extend(pool_specs().map(|(i, _)| (pos, i, slot)));
+        *planned += 1;
         *room -= 1;
     }
     plan
@@ -1202,6 +1225,11 @@ struct Carried {
     touched: Vec<String>,
     /// The settings as last read, with their revisions.
     settings: Option<Settings>,
+    /// This node's reservation of each entitlement, with its revision (node chains
+    /// only; see `reservations`).
+    reservations: HashMap<String, (reservations::Reservation, Option<u64>)>,
+    /// Entitlements whose reservation this batch wrote.
+    reserved: Vec<String>,
 }
 
 /// Settings others may change, as a batch read them.
@@ -1231,6 +1259,8 @@ impl Carried {
             hwm_written: None,
             touched: Vec::new(),
             settings: None,
+            reservations: HashMap::new(),
+            reserved: Vec::new(),
         }
     }
 
@@ -1245,6 +1275,11 @@ impl Carried {
         }
         for ent in std::mem::take(&mut self.touched) {
             if let Some((_, rev)) = self.counters.get_mut(&ent) {
+                *rev = Some(revision);
+            }
+        }
+        for ent in std::mem::take(&mut self.reserved) {
+            if let Some((_, rev)) = self.reservations.get_mut(&ent) {
                 *rev = Some(revision);
             }
         }
@@ -1264,19 +1299,31 @@ impl Carried {
         entitlement: &str,
         touched: &mut Vec<String>,
     ) -> Result<&mut Counters> {
-        if !self.counters.contains_key(entitlement) {
+        counters_in(&mut self.counters, store, entitlement, touched)
+    }
+}
+
+/// [`Carried::counters_of`], on the map alone (so the rest of the state stays free to
+/// borrow).
+fn counters_in<'m>(
+    counters: &'m mut HashMap<String, (Counters, Option<u64>)>,
+    store: &dyn keyfab_store::Store,
+    entitlement: &str,
+    touched: &mut Vec<String>,
+) -> Result<&'m mut Counters> {
+    {
+        if !counters.contains_key(entitlement) {
             let v = store.get(Table::Counters, entitlement.as_bytes())?;
             let c = match &v {
                 Some(v) => decode(&v.value)?,
                 None => Counters::default(),
             };
-            self.counters
-                .insert(entitlement.to_owned(), (c, v.map(|v| v.revision)));
+            counters.insert(entitlement.to_owned(), (c, v.map(|v| v.revision)));
         }
         if !touched.iter().any(|t| t == entitlement) {
             touched.push(entitlement.to_owned());
         }
-        self.counters
+        counters
             .get_mut(entitlement)
             .map(|(c, _)| c)
             .ok_or_else(|| Error::InvalidState("counters".into()))
@@ -1299,12 +1346,14 @@ fn code_decision(verdict: Verdict) -> (Decision, Option<String>) {
 /// new, and the commit is guarded on exactly that (their keys absent, the settings at the
 /// revisions last read). If one was not new, the commit fails and the batch is decided
 /// again the reading way. On etcd this saves one round trip in the common case.
+/// `None`: another live node holds the quota the batch needs (see `reservations`);
+/// nothing was decided, and the batch is decided again shortly.
 fn decide_batch(
     node: &Node,
     st: &mut Carried,
     batch: Vec<Job>,
     optimistic: bool,
-) -> Result<(Txn, Vec<Result<Outcome>>)> {
+) -> Result<Option<(Txn, Vec<Result<Outcome>>)>> {
     let store = node.store.as_ref();
     let mut txn = Txn::default();
     let optimistic =
@@ -1338,6 +1387,18 @@ fn decide_batch(
         (Table::Meta, TIME_HWM),
     ];
     lookups.extend(entitlements.iter().map(|e| (Table::Counters, e.as_bytes())));
+    let reservation_keys: Vec<Vec<u8>> = match &st.chain {
+        Some(chain) => entitlements
+            .iter()
+            .map(|e| reservations::reservation_key(e, chain))
+            .collect(),
+        None => Vec::new(),
+    };
+    lookups.extend(
+        reservation_keys
+            .iter()
+            .map(|k| (Table::Counters, k.as_slice())),
+    );
     let shared_state = lookups.len();
     lookups.extend(keys.iter().flat_map(|(legacy, refusal, dev)| {
         [
@@ -1378,6 +1439,10 @@ fn decide_batch(
                 };
                 st.counters
                     .insert((*ent).to_owned(), (c, v.map(|v| v.revision)));
+            }
+            for ent in entitlements.iter().take(reservation_keys.len()) {
+                let mine = reservations::reservation_of(read.next().flatten())?;
+                st.reservations.insert((*ent).to_owned(), mine);
             }
             st.settings = Some(Settings {
                 tolerance: tolerance
@@ -1435,7 +1500,7 @@ fn decide_batch(
                 })
             })
             .collect();
-        return Ok((txn, outcomes));
+        return Ok(Some((txn, outcomes)));
     }
     let now = observed.max(hwm);
     // A node chain keeps its own time in its head; the site's mark, which a node that
@@ -1455,6 +1520,55 @@ fn decide_batch(
         st.hwm_written = Some(now);
     }
 
+    if let Some(chain) = st.chain.clone() {
+        // Node chains decide against their own reservations: make them hold the batch.
+        let mut wanted: Vec<(Arc<EntitlementContext>, u64)> = Vec::new();
+        for job in batch
+            .iter()
+            .filter(|j| j.confirm.is_none() && j.ctx.code.is_none())
+        {
+            match wanted
+                .iter_mut()
+                .find(|(c, _)| c.record.id == job.ctx.record.id)
+            {
+                Some((_, n)) => *n += 1,
+                None => wanted.push((job.ctx.clone(), 1)),
+            }
+        }
+        for (ctx, need) in wanted {
+            let id = &ctx.record.id;
+            let day = day_in(&mut Vec::new(), &ctx, now);
+            let mut held = reservations::Held {
+                ledger: match st.counters.remove(id) {
+                    Some(l) => l,
+                    None => reservations::ledger_of(store.get(Table::Counters, id.as_bytes())?)?,
+                },
+                mine: match st.reservations.remove(id) {
+                    Some(m) => m,
+                    None => reservations::reservation_of(
+                        store.get(Table::Counters, &reservations::reservation_key(id, &chain))?,
+                    )?,
+                },
+            };
+            let room = reservations::ensure_room(node, &chain, &ctx, &mut held, need, &day, now);
+            st.counters.insert(id.clone(), held.ledger);
+            st.reservations.insert(id.clone(), held.mine);
+            if let reservations::Room::Wait = room? {
+                return Ok(None);
+            }
+        }
+    }
+    let mut reserving_ents: Vec<String> = Vec::new();
+    if st.chain.is_some() {
+        for job in batch
+            .iter()
+            .filter(|j| j.confirm.is_none() && j.ctx.code.is_none())
+        {
+            if !reserving_ents.contains(&job.ctx.record.id) {
+                reserving_ents.push(job.ctx.record.id.clone());
+            }
+        }
+    }
     let pool_plan = plan_pool_slots(st, &batch, now);
     let pool_ahead = read_pool_rows_ahead(store, &batch, &pool_plan)?;
     let mut pool_ready = make_pool_keys_ahead(node, &batch, &pool_plan, &pool_ahead, now);
@@ -1530,8 +1644,23 @@ fn decide_batch(
             }
             (false, None) => false,
         };
-        let c = st.counters_of(store, &req.entitlement, &mut touched)?;
         let day = day_in(&mut days, &ctx, now);
+        // A node chain decides against its reservation: the ledger counts every grant,
+        // so the ledger less this node's unused grant is at least what all nodes allowed,
+        // and below each limit while the grant lasts (see `reservations`).
+        let reserving = st.chain.is_some() && ctx.code.is_none();
+        let (held, next_slot) = match st.reservations.get(&req.entitlement) {
+            Some((r, _)) if reserving => (r.room_on(&day), r.nth_slot(0)),
+            _ => (0, None),
+        };
+        let c = if reserving {
+            st.counters
+                .get_mut(&req.entitlement)
+                .map(|(c, _)| c)
+                .ok_or_else(|| Error::InvalidState("counters".into()))?
+        } else {
+            counters_in(&mut st.counters, store, &req.entitlement, &mut touched)?
+        };
         let state = EntitlementState {
             revoked: c.revoked,
             activated: c.activated
@@ -1540,8 +1669,8 @@ fn decide_batch(
                     .policy
                     .requires_approval(keyfab_policy::Action::Activate),
             last_acknowledged: ctx.record.created_at.max(acknowledged_at),
-            total: c.total,
-            today: c.days.get(&day).copied().unwrap_or(0),
+            total: c.total.saturating_sub(held),
+            today: c.days.get(&day).copied().unwrap_or(0).saturating_sub(held),
         };
         let built_in = ctx.policy.decide(
             &state,
@@ -1614,7 +1743,13 @@ fn decide_batch(
             }
             Decision::Allow => {
                 let has_pool = prepared.iter().any(|p| matches!(p, Prepared::Pool));
-                let pool_index = has_pool.then_some(c.next_pool);
+                let pool_index = match (has_pool, reserving) {
+                    (false, _) => None,
+                    (true, false) => Some(c.next_pool),
+                    (true, true) => Some(next_slot.ok_or_else(|| {
+                        Error::InvalidState("a reservation without pool slots".into())
+                    })?),
+                };
                 let mut keys = Vec::new();
                 let mut sealed_keys = Vec::new();
                 let mut privates = Vec::new();
@@ -1677,13 +1812,22 @@ fn decide_batch(
                         keys: keys.clone(),
                     },
                 )?;
-                c.total += 1;
-                if ctx.code.is_some() {
-                    c.code.record_allowed(&day, req.station.as_deref());
-                }
-                *c.days.entry(day).or_insert(0) += 1;
-                if has_pool {
-                    c.next_pool += 1;
+                if reserving {
+                    if let Some((r, _)) = st.reservations.get_mut(&req.entitlement) {
+                        r.used += 1;
+                        if has_pool {
+                            r.take_slot();
+                        }
+                    }
+                } else {
+                    c.total += 1;
+                    if ctx.code.is_some() {
+                        c.code.record_allowed(&day, req.station.as_deref());
+                    }
+                    *c.days.entry(day).or_insert(0) += 1;
+                    if has_pool {
+                        c.next_pool += 1;
+                    }
                 }
                 let device = DeviceRecord {
                     request_id: req.request_id.clone(),
@@ -1721,9 +1865,24 @@ fn decide_batch(
         }
     }
     st.touched = touched;
+    // Each reservation decided against: guarded where it was read (one taken back
+    // cannot be spent), renewed, and the ledger guarded too (refusals for the limits
+    // hold only while no node has gained a grant since).
+    for ent in reserving_ents {
+        if let (Some((r, rev)), Some((_, ledger_rev))) =
+            (st.reservations.get_mut(&ent), st.counters.get(&ent))
+        {
+            let key = reservations::reservation_key(&ent, st.chain.as_deref().unwrap_or(""));
+            r.seen_at = now;
+            txn.require_revision(Table::Counters, ent.as_bytes(), *ledger_rev)
+                .require_revision(Table::Counters, &key, *rev)
+                .put(Table::Counters, &key, &encode(r)?);
+            st.reserved.push(ent);
+        }
+    }
     st.head = log.head();
     log.finish(&mut txn);
-    Ok((txn, outcomes))
+    Ok(Some((txn, outcomes)))
 }
 
 /// The policy day of `now` for `ctx`'s entitlement, worked out once per batch: every
@@ -1799,12 +1958,43 @@ fn confirm_device(
     })
 }
 
-/// The counters of an entitlement, as stored.
+/// Every cluster node's reservation of `entitlement` (none on a single node).
+pub fn reservations(node: &Node, entitlement: &str) -> Result<Vec<Reservation>> {
+    Ok(reservations::all_reservations(node, entitlement)?
+        .into_iter()
+        .map(|(_, r, _)| r)
+        .collect())
+}
+
+/// The counters of an entitlement: devices allowed in all and per day. On a cluster
+/// the stored counters also count what nodes hold reserved and have not used yet; that
+/// is left out here.
 pub fn counters(node: &Node, entitlement: &str) -> Result<Counters> {
-    Ok(
-        match node.store.get(Table::Counters, entitlement.as_bytes())? {
-            Some(v) => decode(&v.value)?,
-            None => Counters::default(),
-        },
-    )
+    if !node.store.is_shared() {
+        return Ok(
+            match node.store.get(Table::Counters, entitlement.as_bytes())? {
+                Some(v) => decode(&v.value)?,
+                None => Counters::default(),
+            },
+        );
+    }
+    // The ledger and every reservation in one read (one snapshot): a block given back
+    // between two reads would be counted as allowed.
+    let mut ledger = Counters::default();
+    let mut held = Vec::new();
+    let own = reservations::reservations_prefix(entitlement);
+    for (key, v) in node
+        .store
+        .scan(Table::Counters, entitlement.as_bytes(), usize::MAX)?
+    {
+        if key == entitlement.as_bytes() {
+            ledger = decode(&v.value)?;
+        } else if key.starts_with(&own) {
+            held.push(decode::<Reservation>(&v.value)?);
+        }
+    }
+    for r in &held {
+        reservations::give_back(&mut ledger, r);
+    }
+    Ok(ledger)
 }

@@ -40,12 +40,46 @@ pub fn import_revocation(node: &Node, bytes: &[u8]) -> Result<Revoked> {
         .get(Table::Entitlements, r.entitlement.as_bytes())?
         .ok_or_else(|| Error::UnknownEntitlement(r.entitlement.clone()))?;
     let record: EntitlementRecord = decode(&rec_v.value)?;
+    // On a cluster, busy nodes write their reservations all the time; the revocation is
+    // guarded on them (below), so it reads and tries again until it lands between two
+    // of their commits.
+    for _ in 0..REVOCATION_ATTEMPTS {
+        if let Some(revoked) = try_revoke(node, &r, &record, seq_seen.as_ref())? {
+            return Ok(revoked);
+        }
+    }
+    Err(Error::InvalidState(
+        "site state changed meanwhile; import again".into(),
+    ))
+}
+
+/// How many times a revocation is tried against a state that keeps changing.
+const REVOCATION_ATTEMPTS: usize = 64;
+
+/// One attempt: `None` if the state changed under it (nothing written).
+fn try_revoke(
+    node: &Node,
+    r: &keyfab_formats::revocation::Revocation,
+    record: &EntitlementRecord,
+    seq_seen: Option<&keyfab_store::Versioned>,
+) -> Result<Option<Revoked>> {
     let counters_seen = node.store.get(Table::Counters, r.entitlement.as_bytes())?;
     let mut counters: Counters = match &counters_seen {
         Some(v) => decode(&v.value)?,
         None => Counters::default(),
     };
     let mut txn = Txn::default();
+    // Cluster nodes' reservations end here: each is removed, guarded where it was read,
+    // so a node still deciding against one fails its commit and reads the revocation.
+    // Their unused pool slots, and slots given back earlier, are destroyed with the rest.
+    let mut unused_slots = counters.returned_pool.clone();
+    for (key, reservation, revision) in
+        crate::provision::reservations::all_reservations(node, &r.entitlement)?
+    {
+        txn.require_revision(Table::Counters, &key, Some(revision))
+            .delete(Table::Counters, &key);
+        unused_slots.extend(reservation.pool);
+    }
     let mut destroyed = 0;
     for (spec, pool) in record.pool.iter().enumerate() {
         let spec = u8::try_from(spec).map_err(|_| Error::InvalidState("pool spec".into()))?;
@@ -57,7 +91,19 @@ pub fn import_revocation(node: &Node, bytes: &[u8]) -> Result<Revoked> {
             &pool_row_key(&record.id, spec, u64::MAX),
         );
         // u64::MAX itself is never an index: the quota is far below it.
+        for &(start, end) in &unused_slots {
+            let end = end.min(pool.count);
+            if start < end {
+                destroyed += end - start;
+                txn.delete_range(
+                    Table::Pool,
+                    &pool_row_key(&record.id, spec, start),
+                    &pool_row_key(&record.id, spec, end),
+                );
+            }
+        }
     }
+    counters.returned_pool.clear();
     counters.revoked = true;
     let mut log = Appender::begin(node, &mut txn)?;
     log.append(
@@ -71,7 +117,7 @@ pub fn import_revocation(node: &Node, bytes: &[u8]) -> Result<Revoked> {
         },
     )?;
     log.finish(&mut txn);
-    txn.require_unchanged(Table::Meta, HQ_SEQUENCE, seq_seen.as_ref())
+    txn.require_unchanged(Table::Meta, HQ_SEQUENCE, seq_seen)
         .require_unchanged(
             Table::Counters,
             r.entitlement.as_bytes(),
@@ -84,13 +130,11 @@ pub fn import_revocation(node: &Node, bytes: &[u8]) -> Result<Revoked> {
         )
         .put(Table::Meta, HQ_SEQUENCE, &r.sequence.to_be_bytes());
     if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState(
-            "site state changed meanwhile; import again".into(),
-        ));
+        return Ok(None);
     }
-    Ok(Revoked {
-        entitlement: r.entitlement,
+    Ok(Some(Revoked {
+        entitlement: r.entitlement.clone(),
         sequence: r.sequence,
         destroyed_pool_keys: destroyed,
-    })
+    }))
 }

@@ -23,6 +23,14 @@ const CONFLICT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10
 /// pause up to this lets one of them through first.
 const CONFLICT_PAUSE_MAX_MICROS: u64 = 2_000;
 
+/// How long a node with nothing to decide keeps its unused grants of quota before it
+/// gives them back.
+const IDLE_GIVE_BACK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How long a batch waits before it is decided again when another live node holds the
+/// quota it needs.
+const QUOTA_HELD_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Replies of one batch, handed out only after its commit.
 type Replies = Vec<(Reply, Result<Outcome>)>;
 
@@ -70,14 +78,31 @@ pub(super) fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
         .then(|| crate::audit_log::new_chain_id(node.rng.as_ref()));
     let mut pending: Option<Job> = None;
     let mut carried: Option<Carried> = None;
+    // Whether this node may hold grants of quota (see `reservations`).
+    let mut holding = false;
     loop {
         let first = match pending.take() {
             Some(j) => j,
-            None => match rx.recv() {
-                Ok(j) => j,
-                Err(_) => break,
+            None => match (&chain, holding) {
+                // A node that goes quiet gives its unused grants back at once: another
+                // node may be waiting for them.
+                (Some(chain), true) => match rx.recv_timeout(IDLE_GIVE_BACK) {
+                    Ok(j) => j,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let _ = super::reservations::give_back_all(node, chain);
+                        holding = false;
+                        carried = None;
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                },
+                _ => match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                },
             },
         };
+        holding = chain.is_some();
         let batch = gather(first, rx, &mut pending, limits);
         let (senders, batch): (Vec<Reply>, Vec<Job>) = batch
             .into_iter()
@@ -93,6 +118,11 @@ pub(super) fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
     drop(to_dispatch);
     if let Ok(h) = dispatcher {
         let _ = h.join();
+    }
+    if let Some(chain) = &chain {
+        // What this node was granted and did not use is the other nodes' again at once
+        // (otherwise after `RESERVATION_LIFE_SECS`).
+        let _ = super::reservations::give_back_all(node, chain);
     }
 }
 
@@ -112,10 +142,13 @@ fn gather(
         let Ok(j) = rx.try_recv() else { break };
         let new_entitlement = !entitlements.contains(&j.req.entitlement);
         let ents = entitlements.len() + usize::from(new_entitlement);
+        // Writes: one per decision, the audit row, head and time, and per entitlement
+        // its counters or this node's reservation of them.
         let writes = batch.len() + 1 + 3 + ents;
-        // Guards: head, time, two settings, the counters, and — decided without a
-        // read — each device's key range (its record and refusals) empty.
-        let guards = 4 + ents + batch.len() + 1;
+        // Guards: head, time, two settings, per entitlement the counters and the
+        // reservation, and — decided without a read — each device's key range (its
+        // record and refusals) empty.
+        let guards = 4 + 2 * ents + batch.len() + 1;
         if writes > limits.max_writes || guards > limits.max_guards {
             *pending = Some(j);
             break;
@@ -153,7 +186,16 @@ fn decide_and_commit(
             Some(st) => (st, true),
             None => (Carried::unread(chain.clone()), false),
         };
-        let (txn, outcomes) = decide_batch(node, &mut st, batch, optimistic)?;
+        let Some((txn, outcomes)) = decide_batch(node, &mut st, batch, optimistic)? else {
+            // Another live node holds the quota this batch needs: it spends it, gives
+            // it back, or stops being live; ask again in a moment.
+            match again {
+                Some(jobs) if started.elapsed() < CONFLICT_PATIENCE => batch = jobs,
+                _ => break,
+            }
+            std::thread::sleep(QUOTA_HELD_PAUSE);
+            continue;
+        };
         if let keyfab_store::Outcome::Committed(revision) = node.store.commit(txn)? {
             if shared {
                 *carried = Some(st.committed(revision));

@@ -523,8 +523,11 @@ fn a_node_paused_mid_run_spends_nothing_it_no_longer_holds() {
         assert!(started.elapsed() < Duration::from_secs(120), "no progress");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The first node stops mid-batch, state read and decisions half made; the other goes
-    // on to the end of the quota; then the first wakes up with what it had read.
+    // The first node stops mid-batch, state read, decisions half made and a block of
+    // the quota reserved; the other goes on to the end of the quota, which it reaches
+    // only by taking that block back once it has gone unused for the reservation's life
+    // (`RESERVATION_LIFE_SECS`); then the first wakes up with what it had read and
+    // reserved, and can spend none of it.
     let pid = first.child.id().to_string();
     std::process::Command::new("kill")
         .args(["-STOP", &pid])
@@ -718,6 +721,195 @@ certificate = { subject = "CN={device_id},O=Acme", days = 365 }
         (CALLERS * PER_CALLER) as u64
     );
     drop(nodes);
+    hq_finds_no_violations(&w, "busy.kfa");
+    drop(etcd);
+}
+
+/// The entitlement's counters as stored: on a cluster they count every device granted
+/// to a node, used or not.
+fn stored_ledger(node: &keyfab_node::Node, id: &str) -> keyfab_site::provision::Counters {
+    let v = node
+        .store
+        .get(keyfab_store::Table::Counters, id.as_bytes())
+        .unwrap()
+        .unwrap();
+    keyfab_node::decode(&v.value).unwrap()
+}
+
+#[test]
+fn two_nodes_share_a_daily_limit_exactly_and_hq_replays_every_refusal() {
+    let (etcd, w) = etcd_site();
+    let second = w.path("node-2");
+    copy_home(&w.site, &second);
+    let id = imported(
+        &w,
+        &POLICY.replace(
+            "[[keys]]\nname = \"identity\"",
+            "[limits]\ndaily = 100\n[[keys]]\nname = \"identity\"",
+        ),
+        "daily",
+    );
+    let nodes = [
+        Arc::new(Provisioner::start(Arc::new(open_site(&w.site)))),
+        Arc::new(Provisioner::start(Arc::new(open_site(&second)))),
+    ];
+    // 300 distinct devices, half through each node, from three threads each.
+    let mut threads = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for t in 0..3 {
+            let (node, id) = (node.clone(), id.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut outcomes = Vec::new();
+                for d in (n * 3 + t..300).step_by(6) {
+                    let device = format!("L-{d:04}");
+                    let started = Instant::now();
+                    outcomes.push(loop {
+                        match node.provision(ProvisionRequest::new(&id, &device, device.clone())) {
+                            Ok(_) => break "allowed".to_owned(),
+                            Err(e) if e.exit_code() == 3 => break e.code().to_owned(),
+                            Err(e) => assert!(started.elapsed() < Duration::from_secs(60), "{e}"),
+                        }
+                    });
+                }
+                outcomes
+            }));
+        }
+    }
+    let mut tally: std::collections::BTreeMap<String, usize> = Default::default();
+    for t in threads {
+        for outcome in t.join().unwrap() {
+            *tally.entry(outcome).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(
+        tally.get("allowed"),
+        Some(&100),
+        "the day's limit, exactly: {tally:?}"
+    );
+    assert_eq!(tally.get("daily_limit_exceeded"), Some(&200), "{tally:?}");
+    let counters = keyfab_site::provision::counters(nodes[0].node(), &id).unwrap();
+    assert_eq!(counters.total, 100);
+    drop(nodes);
+    // Every grant went back when the nodes stopped; the ledger is what was allowed.
+    let watch = open_site(&w.site);
+    assert_eq!(stored_ledger(&watch, &id).total, 100);
+    drop(watch);
+    // Each refusal was made when no node held any of the day's quota unused: HQ, which
+    // replays the merged log with one set of counters, refuses each one too.
+    hq_finds_no_violations(&w, "daily.kfa");
+    drop(etcd);
+}
+
+#[test]
+fn a_node_gives_back_the_quota_it_does_not_use() {
+    let (etcd, w) = etcd_site();
+    let id = imported(&w, POLICY, "giveback");
+    let site = Arc::new(open_site(&w.site));
+    let node = Provisioner::start(site.clone());
+    let provision = |from: usize, to: usize| {
+        for d in from..to {
+            let device = format!("G-{d}");
+            node.provision(ProvisionRequest::new(&id, &device, device.clone()))
+                .unwrap();
+        }
+    };
+    provision(0, 10);
+    // What the node holds unused is in the stored ledger, not in what it reports.
+    assert_eq!(
+        keyfab_site::provision::counters(&site, &id).unwrap().total,
+        10
+    );
+    // Idle, it gives its grant back.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(stored_ledger(&site, &id).total, 10);
+    assert!(keyfab_site::provision::reservations(&site, &id)
+        .unwrap()
+        .iter()
+        .all(|r| r.granted == r.used));
+    // Stopping, too; and the slots given back are handed out again, none twice.
+    provision(10, 20);
+    drop(node);
+    let ledger = stored_ledger(&site, &id);
+    assert_eq!(ledger.total, 20);
+    assert!(ledger.next_pool > 20, "blocks were granted: {ledger:?}");
+    let node = Provisioner::start(site.clone());
+    for d in 20..30 {
+        let device = format!("G-{d}");
+        node.provision(ProvisionRequest::new(&id, &device, device.clone()))
+            .unwrap();
+    }
+    drop(node);
+    assert_eq!(
+        keyfab_site::provision::counters(&site, &id).unwrap().total,
+        30
+    );
+    drop(site);
+    hq_finds_no_violations(&w, "giveback.kfa");
+    drop(etcd);
+}
+
+#[test]
+fn a_revocation_ends_the_reservations_of_busy_nodes() {
+    let (etcd, w) = etcd_site();
+    let id = imported(&w, POLICY, "busy");
+    let node = Arc::new(Provisioner::start(Arc::new(open_site(&w.site))));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let (node, id, stop) = (node.clone(), id.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut allowed = 0u64;
+            for d in 0.. {
+                let device = format!("B-{d:04}");
+                match node.provision(ProvisionRequest::new(&id, &device, device.clone())) {
+                    Ok(_) => allowed += 1,
+                    Err(e) if e.code() == "revoked" => return allowed,
+                    Err(e) => panic!("{e}"),
+                }
+                assert!(
+                    !stop.load(std::sync::atomic::Ordering::Relaxed),
+                    "never revoked"
+                );
+            }
+            allowed
+        })
+    };
+    let watch = open_site(&w.site);
+    let started = Instant::now();
+    while keyfab_site::provision::counters(&watch, &id).unwrap().total < 20 {
+        assert!(started.elapsed() < Duration::from_secs(60), "no progress");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let kfr = w.path("busy.kfr");
+    ok(&[
+        "hq",
+        "entitlement",
+        "revoke",
+        "--home",
+        &s(&w.hq),
+        "--id",
+        &id,
+        "--reason",
+        "recall",
+        "--out",
+        &s(&kfr),
+    ]);
+    let o = import(&w.site, &kfr, None);
+    assert_eq!(o.code, 0, "{}", o.json);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let allowed = worker.join().unwrap();
+    drop(node);
+    // Every pool slot is either in a device or destroyed: none held back, none twice.
+    let destroyed = o.json["destroyed_pool_keys"].as_u64().unwrap();
+    assert_eq!(
+        allowed + destroyed,
+        400,
+        "{allowed} allowed, {destroyed} destroyed"
+    );
+    assert!(keyfab_site::provision::reservations(&watch, &id)
+        .unwrap()
+        .is_empty());
+    drop(watch);
+    // Nothing was allowed after the revocation in the merged log.
     hq_finds_no_violations(&w, "busy.kfa");
     drop(etcd);
 }

@@ -1,0 +1,381 @@
+//! Reservations: how cluster nodes share an entitlement's quota without meeting on
+//! every commit.
+//!
+//! On a shared store an entitlement's counters (`counters/<entitlement>`) are the
+//! *ledger*: `total` and `days` count every device *granted* to a node, used or not, and
+//! pool slots are handed out in ranges. Each node holds a [`Reservation`]
+//! (`counters/<entitlement>/<chain>`): a block of the quota for one policy day, and the
+//! pool slots that go with it. A node decides against its own block and writes only its
+//! own reservation; it writes the ledger only to take a new block (a few times a second
+//! at most), so two busy nodes seldom collide. What keeps this exact:
+//!
+//! - the ledger never grants beyond the quota or the day's limit, and a node allows a
+//!   device only from its own block, so every limit holds whatever the nodes do;
+//! - every decision is guarded on its node's reservation at the revision it read, so a
+//!   reservation taken back (below) can never be spent: the commit fails and the node
+//!   reads again;
+//! - a node refuses a device for the quota or the day's limit only when the ledger is
+//!   spent and no other node holds an unused grant, guarded on the ledger it read: at
+//!   that commit the devices allowed are exactly the limit, so HQ's replay of the merged
+//!   log refuses it too;
+//! - a reservation its node has not used for [`RESERVATION_LIFE_SECS`] (the node died,
+//!   stalled, or serves other entitlements) is taken back by a node that needs the
+//!   quota, in one transaction guarded on it; a node that holds unused grants and is
+//!   alive is waited for, for at most that long. No lease and no clock decides safety:
+//!   only revisions do.
+
+use super::{Counters, EntitlementContext};
+use keyfab_node::{decode, encode, Error, Node, Result};
+use keyfab_store::{Outcome, Table, Txn, Versioned};
+use serde::{Deserialize, Serialize};
+
+/// How long a reservation its node does not use stays its node's alone. After that a
+/// node that needs the quota takes it back.
+pub const RESERVATION_LIFE_SECS: i64 = 5;
+
+/// The first block a node asks for; each further block doubles, up to [`MAX_BLOCK`]: a
+/// busy node soon takes a few thousand devices at a time, a quiet one little.
+const FIRST_BLOCK: u64 = 64;
+const MAX_BLOCK: u64 = 4096;
+
+/// One node's share of an entitlement's quota.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reservation {
+    /// The policy day the grant counts against (`YYYY-MM-DD`).
+    pub day: String,
+    /// Devices granted (counted in the ledger's `total` and `days[day]`).
+    pub granted: u64,
+    /// Devices this node allowed against the grant.
+    pub used: u64,
+    /// Pool slots granted and not used yet, `[start, end)`, taken from the front.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pool: Vec<(u64, u64)>,
+    /// Trusted time of its node's last commit that used or renewed it.
+    pub seen_at: i64,
+    /// The size of the next block to ask for.
+    pub block: u64,
+}
+
+impl Reservation {
+    pub fn unused(&self) -> u64 {
+        self.granted.saturating_sub(self.used)
+    }
+
+    /// Devices it still allows on `day`.
+    pub fn room_on(&self, day: &str) -> u64 {
+        if self.day == day {
+            self.unused()
+        } else {
+            0
+        }
+    }
+
+    /// The `k`-th pool slot from now (0: the next one), if granted.
+    pub fn nth_slot(&self, mut k: u64) -> Option<u64> {
+        for &(start, end) in &self.pool {
+            let len = end.saturating_sub(start);
+            if k < len {
+                return Some(start + k);
+            }
+            k -= len;
+        }
+        None
+    }
+
+    /// Takes the next pool slot.
+    pub fn take_slot(&mut self) -> Option<u64> {
+        let (start, end) = self.pool.first_mut()?;
+        let slot = *start;
+        *start += 1;
+        if start >= end {
+            self.pool.remove(0);
+        }
+        Some(slot)
+    }
+}
+
+/// The key of `chain`'s reservation of `entitlement` (table `counters`).
+pub(crate) fn reservation_key(entitlement: &str, chain: &str) -> Vec<u8> {
+    format!("{entitlement}/{chain}").into_bytes()
+}
+
+/// The prefix of every reservation of `entitlement`.
+pub(crate) fn reservations_prefix(entitlement: &str) -> Vec<u8> {
+    format!("{entitlement}/").into_bytes()
+}
+
+/// Every node's reservation of `entitlement`, with its key and revision.
+pub(crate) fn all_reservations(
+    node: &Node,
+    entitlement: &str,
+) -> Result<Vec<(Vec<u8>, Reservation, u64)>> {
+    node.store
+        .scan(
+            Table::Counters,
+            &reservations_prefix(entitlement),
+            usize::MAX,
+        )?
+        .into_iter()
+        .map(|(k, v)| Ok((k, decode(&v.value)?, v.revision)))
+        .collect()
+}
+
+/// Puts a reservation's unused grant back into the ledger: its devices leave `total`
+/// and its day's count, its pool slots join the returned ranges.
+pub(crate) fn give_back(ledger: &mut Counters, r: &Reservation) {
+    let unused = r.unused();
+    ledger.total = ledger.total.saturating_sub(unused);
+    if let Some(n) = ledger.days.get_mut(&r.day) {
+        *n = n.saturating_sub(unused);
+    }
+    ledger
+        .returned_pool
+        .extend(r.pool.iter().filter(|(s, e)| s < e).copied());
+}
+
+/// Devices the ledger can still grant on `day`.
+fn ledger_room(ctx: &EntitlementContext, ledger: &Counters, day: &str) -> u64 {
+    let policy = &ctx.policy.policy;
+    let room = policy.devices.saturating_sub(ledger.total);
+    match policy.daily_limit {
+        Some(daily) => room.min(daily.saturating_sub(ledger.days.get(day).copied().unwrap_or(0))),
+        None => room,
+    }
+}
+
+/// Grants `r` up to `want` more devices on its day from `ledger`, with as many pool
+/// slots when the entitlement has a pool (returned ranges first). Returns how many.
+fn grant(ctx: &EntitlementContext, ledger: &mut Counters, r: &mut Reservation, want: u64) -> u64 {
+    let n = want.min(ledger_room(ctx, ledger, &r.day));
+    if n == 0 {
+        return 0;
+    }
+    ledger.total += n;
+    *ledger.days.entry(r.day.clone()).or_insert(0) += n;
+    r.granted += n;
+    if ctx.record.pool.iter().any(|p| p.count > 0) {
+        let mut left = n;
+        while left > 0 {
+            let (start, end) = match ledger.returned_pool.first_mut() {
+                Some(range) => {
+                    let start = range.0;
+                    let end = range.1.min(start + left);
+                    range.0 = end;
+                    if range.0 >= range.1 {
+                        ledger.returned_pool.remove(0);
+                    }
+                    (start, end)
+                }
+                None => {
+                    let start = ledger.next_pool;
+                    ledger.next_pool += left;
+                    (start, start + left)
+                }
+            };
+            left -= end - start;
+            match r.pool.last_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ => r.pool.push((start, end)),
+            }
+        }
+    }
+    n
+}
+
+/// What [`ensure_room`] found.
+pub(super) enum Room {
+    /// Decide: the reservation holds what the batch asks for, or the limits are truly
+    /// reached (every other node's grant is used), so refusals for them are exact.
+    Ready,
+    /// Another live node holds unused grants the batch needs: decide again shortly.
+    Wait,
+}
+
+/// The ledger and this node's reservation of one entitlement, as last read or written,
+/// with their revisions.
+pub(super) struct Held {
+    pub ledger: (Counters, Option<u64>),
+    pub mine: (Reservation, Option<u64>),
+}
+
+/// Makes this node's reservation of `ctx`'s entitlement hold `need` devices on `day`,
+/// taking a block from the ledger, and when the ledger is spent, taking back
+/// reservations other nodes left unused for [`RESERVATION_LIFE_SECS`]. Each step is
+/// one transaction guarded on what it read; `held` follows what was committed.
+pub(super) fn ensure_room(
+    node: &Node,
+    chain: &str,
+    ctx: &EntitlementContext,
+    held: &mut Held,
+    need: u64,
+    day: &str,
+    now: i64,
+) -> Result<Room> {
+    let id = &ctx.record.id;
+    let mine_key = reservation_key(id, chain);
+    for _ in 0..16 {
+        let (ledger, ledger_rev) = &held.ledger;
+        let (mine, mine_rev) = &held.mine;
+        let active = !ledger.revoked
+            && (ledger.activated
+                || !ctx
+                    .policy
+                    .policy
+                    .requires_approval(keyfab_policy::Action::Activate));
+        // Nothing to reserve for: the policy refuses on its own.
+        if !active || mine.room_on(day) >= need {
+            return Ok(Room::Ready);
+        }
+        let mut ledger2 = ledger.clone();
+        let mut mine2 = mine.clone();
+        if mine2.day != day {
+            // A new day: what is left of the old day's grant goes back.
+            give_back(&mut ledger2, &mine2);
+            mine2 = Reservation {
+                day: day.to_owned(),
+                block: mine.block,
+                ..Reservation::default()
+            };
+        }
+        let block = mine2.block.clamp(FIRST_BLOCK, MAX_BLOCK);
+        let short = need - mine2.room_on(day);
+        let got = grant(ctx, &mut ledger2, &mut mine2, short.max(block));
+        if got > 0 || mine2.day != mine.day {
+            mine2.block = (block * 2).min(MAX_BLOCK);
+            mine2.seen_at = now;
+            let mut txn = Txn::default();
+            txn.require_revision(Table::Counters, id.as_bytes(), *ledger_rev)
+                .require_revision(Table::Counters, &mine_key, *mine_rev)
+                .put(Table::Counters, id.as_bytes(), &encode(&ledger2)?)
+                .put(Table::Counters, &mine_key, &encode(&mine2)?);
+            match node.store.commit(txn)? {
+                Outcome::Committed(rev) => {
+                    held.ledger = (ledger2, Some(rev));
+                    held.mine = (mine2, Some(rev));
+                }
+                Outcome::Conflict => reread(node, id, &mine_key, held)?,
+            }
+            continue;
+        }
+        // The ledger is spent. Read it again, then every reservation: a grant changes
+        // the ledger, so if the ledger is unchanged at commit, no node gained a grant
+        // after this read.
+        reread(node, id, &mine_key, held)?;
+        if ledger_room(ctx, &held.ledger.0, day) > 0 {
+            continue;
+        }
+        let others: Vec<_> = all_reservations(node, id)?
+            .into_iter()
+            .filter(|(k, r, _)| *k != mine_key && r.unused() > 0)
+            .collect();
+        if others.is_empty() {
+            return Ok(Room::Ready);
+        }
+        let (stale, live): (Vec<_>, Vec<_>) = others
+            .into_iter()
+            .partition(|(_, r, _)| r.seen_at.saturating_add(RESERVATION_LIFE_SECS) < now);
+        if stale.is_empty() {
+            debug_assert!(!live.is_empty());
+            // While waiting, hold nothing: a node that waits on this one while this one
+            // waits on it would otherwise stall both until one of them went stale.
+            if held.mine.0.unused() > 0 {
+                let mut ledger2 = held.ledger.0.clone();
+                let mut mine2 = held.mine.0.clone();
+                give_back(&mut ledger2, &mine2);
+                mine2.granted = mine2.used;
+                mine2.pool.clear();
+                let mut txn = Txn::default();
+                txn.require_revision(Table::Counters, id.as_bytes(), held.ledger.1)
+                    .require_revision(Table::Counters, &mine_key, held.mine.1)
+                    .put(Table::Counters, id.as_bytes(), &encode(&ledger2)?)
+                    .put(Table::Counters, &mine_key, &encode(&mine2)?);
+                if let Outcome::Committed(rev) = node.store.commit(txn)? {
+                    held.ledger = (ledger2, Some(rev));
+                    held.mine = (mine2, Some(rev));
+                }
+            }
+            return Ok(Room::Wait);
+        }
+        let mut ledger2 = held.ledger.0.clone();
+        let mut txn = Txn::default();
+        txn.require_revision(Table::Counters, id.as_bytes(), held.ledger.1);
+        for (key, r, rev) in &stale {
+            give_back(&mut ledger2, r);
+            txn.require_revision(Table::Counters, key, Some(*rev))
+                .delete(Table::Counters, key);
+        }
+        txn.put(Table::Counters, id.as_bytes(), &encode(&ledger2)?);
+        match node.store.commit(txn)? {
+            Outcome::Committed(rev) => held.ledger = (ledger2, Some(rev)),
+            Outcome::Conflict => reread(node, id, &mine_key, held)?,
+        }
+    }
+    // The state kept changing: decide again in a moment.
+    Ok(Room::Wait)
+}
+
+/// Reads the ledger and this node's reservation afresh, in one snapshot.
+fn reread(node: &Node, id: &str, mine_key: &[u8], held: &mut Held) -> Result<()> {
+    let read = node.store.get_many(&[
+        (Table::Counters, id.as_bytes()),
+        (Table::Counters, mine_key),
+    ])?;
+    let mut read = read.into_iter();
+    held.ledger = ledger_of(read.next().flatten())?;
+    held.mine = reservation_of(read.next().flatten())?;
+    Ok(())
+}
+
+/// A stored ledger and its revision (empty if absent).
+pub(super) fn ledger_of(v: Option<Versioned>) -> Result<(Counters, Option<u64>)> {
+    Ok(match v {
+        Some(v) => (decode(&v.value)?, Some(v.revision)),
+        None => (Counters::default(), None),
+    })
+}
+
+/// A stored reservation and its revision (empty if absent).
+pub(super) fn reservation_of(v: Option<Versioned>) -> Result<(Reservation, Option<u64>)> {
+    Ok(match v {
+        Some(v) => (decode(&v.value)?, Some(v.revision)),
+        None => (Reservation::default(), None),
+    })
+}
+
+/// Gives back every grant `chain` holds (its node is stopping): the quota it did not
+/// use is at once the other nodes' again. Best effort — a reservation left behind is
+/// taken back by the others after [`RESERVATION_LIFE_SECS`].
+pub(super) fn give_back_all(node: &Node, chain: &str) -> Result<()> {
+    let ids: Vec<Vec<u8>> = node
+        .store
+        .scan(Table::Entitlements, b"", usize::MAX)?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    for id in ids {
+        let id = String::from_utf8(id).map_err(|_| Error::InvalidState("entitlement id".into()))?;
+        let key = reservation_key(&id, chain);
+        for _ in 0..4 {
+            let mut held = Held {
+                ledger: (Counters::default(), None),
+                mine: (Reservation::default(), None),
+            };
+            reread(node, &id, &key, &mut held)?;
+            if held.mine.1.is_none() {
+                break;
+            }
+            let mut ledger = held.ledger.0;
+            give_back(&mut ledger, &held.mine.0);
+            let mut txn = Txn::default();
+            txn.require_revision(Table::Counters, id.as_bytes(), held.ledger.1)
+                .require_revision(Table::Counters, &key, held.mine.1)
+                .put(Table::Counters, id.as_bytes(), &encode(&ledger)?)
+                .delete(Table::Counters, &key);
+            if node.store.commit(txn)?.is_committed() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
