@@ -393,6 +393,32 @@ mod tests {
             .collect()
     }
 
+    /// A node chain's record: the five fields of a site-chain record, then `chain`
+    /// (FORMATS.md §9, "Chains"). Pinned, and a seed of the `audit_record` fuzz target.
+    #[test]
+    fn a_node_chain_record_carries_its_chain_last() {
+        let r = Record {
+            sequence: 1,
+            time: 0,
+            site: "s".into(),
+            event: Event::SettingChanged {
+                name: "n".into(),
+                value: "v".into(),
+            },
+            prev_hash: vec![0; 32],
+            chain: Some("n0011223344556677".into()),
+        };
+        let pinned = "a66873657175656e6365016474696d650064736974656173656576656e74a16f73657474696e675f6368616e676564a2646e616d65616e6576616c7565617669707265765f686173685820000000000000000000000000000000000000000000000000000000000000000065636861696e716e30303131323233333434353536363737";
+        assert_eq!(hex::encode(r.to_bytes()), pinned);
+        assert_eq!(record(&hex::decode(pinned).unwrap()).unwrap(), r);
+        // An empty chain is written as absent, never as null.
+        let mut null = hex::decode(pinned).unwrap();
+        let at = null.len() - 18;
+        null.truncate(at);
+        null.push(0xf6);
+        assert!(record(&null).is_err());
+    }
+
     #[test]
     fn every_event_round_trips_and_agrees_with_serde() {
         for r in samples() {
