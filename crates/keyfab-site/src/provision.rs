@@ -1407,6 +1407,10 @@ fn decide_batch(
             (Table::Devices, dev.as_slice()),
         ]
     }));
+    // Read-free batches guard each device's key range below; batches that read guard
+    // each device's record as read (on a shared store; the embedded one has no other
+    // writer).
+    let guard_reads = store.is_shared() && !(st.settings.is_some() && optimistic);
     let mut stored = match (&st.settings, optimistic) {
         (Some(settings), true) => {
             txn.require_revision(Table::Meta, CLOCK_TOLERANCE, settings.tolerance_revision)
@@ -1466,6 +1470,16 @@ fn decide_batch(
         .as_ref()
         .map(|s| (s.tolerance, s.acknowledged_at))
         .ok_or_else(|| Error::InvalidState("settings".into()))?;
+    if let (true, Some(settings)) = (guard_reads, &st.settings) {
+        // As read: a receipt or a tolerance changed meanwhile makes the batch decide
+        // again (nodes do not meet on the site chain's head, which records such changes).
+        txn.require_revision(Table::Meta, CLOCK_TOLERANCE, settings.tolerance_revision)
+            .require_revision(
+                Table::Meta,
+                crate::checkpoints::HQ_ACK,
+                settings.acknowledged_revision,
+            );
+    }
     // A node chain's head is this engine's alone; the site chain's and the site-wide
     // trusted time are every writer's, so they are guarded on every commit.
     txn.require_revision(Table::Meta, &head_key, st.head_revision);
@@ -1589,6 +1603,12 @@ fn decide_batch(
             stored.next().flatten(),
         );
         let stored_request = stored_request.or(legacy_request);
+        if guard_reads {
+            // Read, not assumed: on a shared store another node may decide for the same
+            // device meanwhile, and nodes no longer meet on a common log head or
+            // counters — the device's record itself is what the commit is guarded on.
+            txn.require_unchanged(Table::Devices, &dev_key, stored_device.as_ref());
+        }
         if let Some(result) = confirm {
             let outcome = confirm_device(
                 &mut txn,
