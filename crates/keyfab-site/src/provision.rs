@@ -1573,6 +1573,8 @@ fn decide_batch(
         }
     }
     let mut reserving_ents: Vec<String> = Vec::new();
+    // Entitlements whose reservation this batch allowed devices from.
+    let mut used_from: Vec<String> = Vec::new();
     if st.chain.is_some() {
         for job in batch
             .iter()
@@ -1839,6 +1841,9 @@ fn decide_batch(
                             r.take_slot();
                         }
                     }
+                    if !used_from.contains(&req.entitlement) {
+                        used_from.push(req.entitlement.clone());
+                    }
                 } else {
                     c.total += 1;
                     if ctx.code.is_some() {
@@ -1893,11 +1898,16 @@ fn decide_batch(
             (st.reservations.get_mut(&ent), st.counters.get(&ent))
         {
             let key = reservations::reservation_key(&ent, st.chain.as_deref().unwrap_or(""));
-            r.seen_at = now;
             txn.require_revision(Table::Counters, ent.as_bytes(), *ledger_rev)
-                .require_revision(Table::Counters, &key, *rev)
-                .put(Table::Counters, &key, &encode(r)?);
-            st.reserved.push(ent);
+                .require_revision(Table::Counters, &key, *rev);
+            // Written (and marked as in use) only when this batch allowed devices from
+            // it: a node that only refuses holds its grant as a node that died would,
+            // and after `RESERVATION_LIFE_SECS` a node that needs the quota takes it.
+            if used_from.contains(&ent) {
+                r.seen_at = now;
+                txn.put(Table::Counters, &key, &encode(r)?);
+                st.reserved.push(ent);
+            }
         }
     }
     st.head = log.head();

@@ -18,10 +18,10 @@
 //!   spent and no other node holds an unused grant, guarded on the ledger it read: at
 //!   that commit the devices allowed are exactly the limit, so HQ's replay of the merged
 //!   log refuses it too;
-//! - a reservation its node has not used for [`RESERVATION_LIFE_SECS`] (the node died,
-//!   stalled, or serves other entitlements) is taken back by a node that needs the
-//!   quota, in one transaction guarded on it; a node that holds unused grants and is
-//!   alive is waited for, for at most that long. No lease and no clock decides safety:
+//! - a reservation its node has not allowed a device from for [`RESERVATION_LIFE_SECS`]
+//!   (the node died, stalled, serves other entitlements, or only refuses) is taken back
+//!   by a node that needs the quota, in one transaction guarded on it; a node that holds
+//!   unused grants and uses them is waited for. No lease and no clock decides safety:
 //!   only revisions do.
 
 use super::{Counters, EntitlementContext};
@@ -51,7 +51,7 @@ pub struct Reservation {
     /// Pool slots granted and not used yet, `[start, end)`, taken from the front.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pool: Vec<(u64, u64)>,
-    /// Trusted time of its node's last commit that used or renewed it.
+    /// Trusted time of its node's last commit that allowed a device from it, or took it.
     pub seen_at: i64,
     /// The size of the next block to ask for.
     pub block: u64,
@@ -132,6 +132,30 @@ pub(crate) fn give_back(ledger: &mut Counters, r: &Reservation) {
     ledger
         .returned_pool
         .extend(r.pool.iter().filter(|(s, e)| s < e).copied());
+}
+
+/// Puts back what `r` holds beyond `keep` devices (and their pool slots, the first
+/// ones kept).
+fn give_back_beyond(ledger: &mut Counters, r: &mut Reservation, keep: u64) {
+    let excess = r.unused().saturating_sub(keep);
+    ledger.total = ledger.total.saturating_sub(excess);
+    if let Some(n) = ledger.days.get_mut(&r.day) {
+        *n = n.saturating_sub(excess);
+    }
+    r.granted -= excess;
+    let mut left = keep;
+    let mut kept = Vec::new();
+    for (start, end) in std::mem::take(&mut r.pool) {
+        let take = left.min(end.saturating_sub(start));
+        if take > 0 {
+            kept.push((start, start + take));
+        }
+        if start + take < end {
+            ledger.returned_pool.push((start + take, end));
+        }
+        left -= take;
+    }
+    r.pool = kept;
 }
 
 /// Devices the ledger can still grant on `day`.
@@ -215,8 +239,7 @@ pub(super) fn ensure_room(
     let id = &ctx.record.id;
     let mine_key = reservation_key(id, chain);
     for _ in 0..16 {
-        let (ledger, ledger_rev) = &held.ledger;
-        let (mine, mine_rev) = &held.mine;
+        let (ledger, mine) = (&held.ledger.0, &held.mine.0);
         let active = !ledger.revoked
             && (ledger.activated
                 || !ctx
@@ -244,18 +267,7 @@ pub(super) fn ensure_room(
         if got > 0 || mine2.day != mine.day {
             mine2.block = (block * 2).min(MAX_BLOCK);
             mine2.seen_at = now;
-            let mut txn = Txn::default();
-            txn.require_revision(Table::Counters, id.as_bytes(), *ledger_rev)
-                .require_revision(Table::Counters, &mine_key, *mine_rev)
-                .put(Table::Counters, id.as_bytes(), &encode(&ledger2)?)
-                .put(Table::Counters, &mine_key, &encode(&mine2)?);
-            match node.store.commit(txn)? {
-                Outcome::Committed(rev) => {
-                    held.ledger = (ledger2, Some(rev));
-                    held.mine = (mine2, Some(rev));
-                }
-                Outcome::Conflict => reread(node, id, &mine_key, held)?,
-            }
+            commit_both(node, id, &mine_key, held, ledger2, mine2)?;
             continue;
         }
         // The ledger is spent. Read it again, then every reservation: a grant changes
@@ -282,18 +294,8 @@ pub(super) fn ensure_room(
             if held.mine.0.unused() > 0 {
                 let mut ledger2 = held.ledger.0.clone();
                 let mut mine2 = held.mine.0.clone();
-                give_back(&mut ledger2, &mine2);
-                mine2.granted = mine2.used;
-                mine2.pool.clear();
-                let mut txn = Txn::default();
-                txn.require_revision(Table::Counters, id.as_bytes(), held.ledger.1)
-                    .require_revision(Table::Counters, &mine_key, held.mine.1)
-                    .put(Table::Counters, id.as_bytes(), &encode(&ledger2)?)
-                    .put(Table::Counters, &mine_key, &encode(&mine2)?);
-                if let Outcome::Committed(rev) = node.store.commit(txn)? {
-                    held.ledger = (ledger2, Some(rev));
-                    held.mine = (mine2, Some(rev));
-                }
+                give_back_beyond(&mut ledger2, &mut mine2, 0);
+                commit_both(node, id, &mine_key, held, ledger2, mine2)?;
             }
             return Ok(Room::Wait);
         }
@@ -313,6 +315,31 @@ pub(super) fn ensure_room(
     }
     // The state kept changing: decide again in a moment.
     Ok(Room::Wait)
+}
+
+/// Writes `ledger` and this node's reservation `mine`, guarded on both as held; `held`
+/// follows the commit, or what a conflict shows.
+fn commit_both(
+    node: &Node,
+    id: &str,
+    mine_key: &[u8],
+    held: &mut Held,
+    ledger: Counters,
+    mine: Reservation,
+) -> Result<()> {
+    let mut txn = Txn::default();
+    txn.require_revision(Table::Counters, id.as_bytes(), held.ledger.1)
+        .require_revision(Table::Counters, mine_key, held.mine.1)
+        .put(Table::Counters, id.as_bytes(), &encode(&ledger)?)
+        .put(Table::Counters, mine_key, &encode(&mine)?);
+    match node.store.commit(txn)? {
+        Outcome::Committed(rev) => {
+            held.ledger = (ledger, Some(rev));
+            held.mine = (mine, Some(rev));
+            Ok(())
+        }
+        Outcome::Conflict => reread(node, id, mine_key, held),
+    }
 }
 
 /// Reads the ledger and this node's reservation afresh, in one snapshot.

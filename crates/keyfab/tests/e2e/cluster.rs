@@ -913,3 +913,62 @@ fn a_revocation_ends_the_reservations_of_busy_nodes() {
     hq_finds_no_violations(&w, "busy.kfa");
     drop(etcd);
 }
+
+#[test]
+fn quota_held_by_a_node_that_only_refuses_goes_to_one_that_needs_it() {
+    let (etcd, w) = etcd_site();
+    let second = w.path("node-2");
+    copy_home(&w.site, &second);
+    let policy = r#"product = "wanted"
+devices = 100
+valid_from = "2026-01-01T00:00:00Z"
+valid_until = "2030-01-01T00:00:00Z"
+[[keys]]
+name = "k"
+type = "ed25519"
+source = "site"
+"#;
+    let id = imported(&w, policy, "wanted");
+    let (a, b) = (
+        Arc::new(Provisioner::start(Arc::new(open_site(&w.site)))),
+        Provisioner::start(Arc::new(open_site(&second))),
+    );
+    // Node A takes a block for one device, then stays busy refusing repeats of it: it
+    // commits all the time, but allows nothing from its block.
+    a.provision(ProvisionRequest::new(&id, "A-0", "a-0"))
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let repeats = {
+        let (a, id, stop) = (a.clone(), id.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let e = a
+                    .provision(ProvisionRequest::new(&id, "A-0", format!("again-{n}")))
+                    .unwrap_err();
+                assert_eq!(e.code(), "device_already_provisioned");
+            }
+        })
+    };
+    // Node B needs the rest of the quota, most of which node A holds: once A's block has
+    // gone unused for the reservation's life, B takes it back (each request waits at
+    // most that long, well within the committer's patience).
+    for d in 0..99 {
+        let device = format!("B-{d}");
+        b.provision(ProvisionRequest::new(&id, &device, device.clone()))
+            .unwrap_or_else(|e| panic!("{device}: {e}"));
+    }
+    let refused = b
+        .provision(ProvisionRequest::new(&id, "B-x", "b-x"))
+        .unwrap_err();
+    assert_eq!(refused.code(), "quota_exceeded");
+    // Node A's reservation was taken back, not spent by A.
+    let held = keyfab_site::provision::reservations(b.node(), &id).unwrap();
+    assert!(held.iter().all(|r| r.used != 1), "{held:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    repeats.join().unwrap();
+    drop((a, b));
+    hq_finds_no_violations(&w, "wanted.kfa");
+    drop(etcd);
+}
