@@ -1534,6 +1534,10 @@ fn decide_batch(
         st.hwm_written = Some(now);
     }
 
+    // Entitlements whose quota another live node holds: a request refused for the quota
+    // or the day's limit there is not refused but waited for (the batch is decided again
+    // shortly); requests refused for other reasons need no quota and are decided now.
+    let mut held_elsewhere: Vec<String> = Vec::new();
     if let Some(chain) = st.chain.clone() {
         // Node chains decide against their own reservations: make them hold the batch.
         let mut wanted: Vec<(Arc<EntitlementContext>, u64)> = Vec::new();
@@ -1568,7 +1572,7 @@ fn decide_batch(
             st.counters.insert(id.clone(), held.ledger);
             st.reservations.insert(id.clone(), held.mine);
             if let reservations::Room::Wait = room? {
-                return Ok(None);
+                held_elsewhere.push(id.clone());
             }
         }
     }
@@ -1727,6 +1731,11 @@ fn decide_batch(
             }
             (other, _) => (other, None),
         };
+        if let Decision::Deny(DenyCode::QuotaExceeded | DenyCode::DailyLimitExceeded) = decision {
+            if held == 0 && held_elsewhere.contains(&req.entitlement) {
+                return Ok(None);
+            }
+        }
         match decision {
             Decision::Deny(code) => {
                 let (entitlement, request_id, device_id, station) = (

@@ -33,6 +33,9 @@ use serde::{Deserialize, Serialize};
 /// node that needs the quota takes it back.
 pub const RESERVATION_LIFE_SECS: i64 = 5;
 
+/// How long a block just taken counts as in use before any device is allowed from it.
+const GRANT_GRACE_SECS: i64 = 1;
+
 /// The first block a node asks for; each further block doubles, up to [`MAX_BLOCK`]: a
 /// busy node soon takes a few thousand devices at a time, a quiet one little.
 const FIRST_BLOCK: u64 = 64;
@@ -51,7 +54,8 @@ pub struct Reservation {
     /// Pool slots granted and not used yet, `[start, end)`, taken from the front.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pool: Vec<(u64, u64)>,
-    /// Trusted time of its node's last commit that allowed a device from it, or took it.
+    /// Trusted time of its node's last commit that allowed a device from it (a block
+    /// just taken counts as used [`GRANT_GRACE_SECS`] short of the reservation's life).
     pub seen_at: i64,
     /// The size of the next block to ask for.
     pub block: u64,
@@ -212,7 +216,8 @@ pub(super) enum Room {
     /// Decide: the reservation holds what the batch asks for, or the limits are truly
     /// reached (every other node's grant is used), so refusals for them are exact.
     Ready,
-    /// Another live node holds unused grants the batch needs: decide again shortly.
+    /// Another live node holds unused grants the batch may need: requests it would
+    /// refuse for the limits are decided again shortly, not refused.
     Wait,
 }
 
@@ -266,7 +271,9 @@ pub(super) fn ensure_room(
         let got = grant(ctx, &mut ledger2, &mut mine2, short.max(block));
         if got > 0 || mine2.day != mine.day {
             mine2.block = (block * 2).min(MAX_BLOCK);
-            mine2.seen_at = now;
+            // A block counts as in use for a moment after it is taken; a node that takes
+            // one and allows nothing from it (it only refuses) loses it a second later.
+            mine2.seen_at = now.saturating_sub(RESERVATION_LIFE_SECS - GRANT_GRACE_SECS);
             commit_both(node, id, &mine_key, held, ledger2, mine2)?;
             continue;
         }

@@ -25,6 +25,18 @@ type = "aes-256"
 source = "derived"
 "#;
 
+/// Keys made by the site (no pool): the quota is the only shared thing.
+const SITE_KEYS: &str = r#"product = "busy"
+devices = 5000
+valid_from = "2026-01-01T00:00:00Z"
+valid_until = "2030-01-01T00:00:00Z"
+[[keys]]
+name = "identity"
+type = "ec-p256"
+source = "site"
+certificate = { subject = "CN={device_id},O=Acme", days = 365 }
+"#;
+
 /// Root, HQ, and site `shenzhen-1` with its state in `etcd` (`extra` init arguments),
 /// registered at HQ.
 fn etcd_world(dir: tempfile::TempDir, spec: &str, extra: &[&str]) -> World {
@@ -59,6 +71,51 @@ fn imported(w: &World, policy: &str, name: &str) -> String {
     let (kfe, id) = create_from(w, "shenzhen-1", &path, &format!("{name}.kfe"));
     assert_eq!(import(&w.site, &kfe, None).code, 0);
     id
+}
+
+/// Two provisioning engines of the site: one on its home, one on the copy at `second`.
+fn two_nodes(w: &World, second: &Path) -> [Arc<Provisioner>; 2] {
+    [
+        Arc::new(Provisioner::start(Arc::new(open_site(&w.site)))),
+        Arc::new(Provisioner::start(Arc::new(open_site(second)))),
+    ]
+}
+
+/// Provisions on both nodes at once, from three threads each: thread `t` of node `n`
+/// asks for the (device, request id) pairs `jobs(n, t)`, each retried with its request
+/// id (as a station does) until the policy answers. Per device: the first key id
+/// released, or the refusal code.
+fn on_two_nodes(
+    nodes: &[Arc<Provisioner>; 2],
+    id: &str,
+    jobs: impl Fn(usize, usize) -> Vec<(String, String)>,
+) -> Vec<(String, Result<String, String>)> {
+    let mut threads = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for t in 0..3 {
+            let (node, id, jobs) = (node.clone(), id.to_owned(), jobs(n, t));
+            threads.push(std::thread::spawn(move || {
+                let mut results = Vec::new();
+                for (device, request) in jobs {
+                    let started = Instant::now();
+                    let outcome = loop {
+                        match node.provision(ProvisionRequest::new(&id, &device, request.clone())) {
+                            Ok(p) => break Ok(p.keys[0].key_id.clone()),
+                            Err(e) if e.exit_code() == 3 => break Err(e.code().to_owned()),
+                            // Busy with the other node: the same request again.
+                            Err(e) => assert!(started.elapsed() < Duration::from_secs(60), "{e}"),
+                        }
+                    };
+                    results.push((device, outcome));
+                }
+                results
+            }));
+        }
+    }
+    threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect()
 }
 
 #[test]
@@ -188,47 +245,26 @@ fn two_nodes_share_one_site_and_never_exceed_or_duplicate() {
 
     // Both nodes are asked for the same 300 devices, each with its own request ids, from
     // three threads each: every device is released at most once, and 250 in all.
-    let nodes = [
-        Arc::new(Provisioner::start(Arc::new(open_site(&w.site)))),
-        Arc::new(Provisioner::start(Arc::new(open_site(&second)))),
-    ];
-    let mut threads = Vec::new();
-    for (n, node) in nodes.iter().enumerate() {
-        for t in 0..3 {
-            let (node, id) = (node.clone(), id.clone());
-            threads.push(std::thread::spawn(move || {
-                let mut results = Vec::new();
-                for d in (t..300).step_by(3) {
-                    let device = format!("C-{d:04}");
-                    let started = Instant::now();
-                    let outcome = loop {
-                        match node.provision(ProvisionRequest::new(
-                            &id,
-                            &device,
-                            format!("n{n}-{device}"),
-                        )) {
-                            Ok(p) => break Ok(p.keys[0].key_id.clone()),
-                            Err(e) if e.exit_code() == 3 => break Err(e.code()),
-                            Err(e) => {
-                                // Busy with the other node: the same request again.
-                                assert!(started.elapsed() < Duration::from_secs(60), "{e}");
-                            }
-                        }
-                    };
-                    results.push((device, outcome));
-                }
-                results
-            }));
-        }
-    }
+    let nodes = two_nodes(&w, &second);
+    let results = on_two_nodes(&nodes, &id, |n, t| {
+        (t..300)
+            .step_by(3)
+            .map(|d| {
+                let device = format!("C-{d:04}");
+                let request = format!("n{n}-{device}");
+                (device, request)
+            })
+            .collect()
+    });
     let mut released: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     let mut refused: std::collections::BTreeMap<&str, usize> = Default::default();
-    for t in threads {
-        for (device, outcome) in t.join().unwrap() {
-            match outcome {
-                Ok(key) => released.entry(device).or_default().push(key),
-                Err(code) => *refused.entry(code).or_insert(0) += 1,
-            }
+    for (device, outcome) in &results {
+        match outcome {
+            Ok(key) => released
+                .entry(device.clone())
+                .or_default()
+                .push(key.clone()),
+            Err(code) => *refused.entry(code.as_str()).or_insert(0) += 1,
         }
     }
     assert_eq!(released.len(), 250, "the quota, exactly: {refused:?}");
@@ -663,17 +699,7 @@ fn two_busy_nodes_decide_every_request_on_its_first_call() {
     let (etcd, w) = etcd_site();
     let second = w.path("shenzhen-1-node2");
     copy_home(&w.site, &second);
-    let policy = r#"product = "busy"
-devices = 5000
-valid_from = "2026-01-01T00:00:00Z"
-valid_until = "2030-01-01T00:00:00Z"
-[[keys]]
-name = "identity"
-type = "ec-p256"
-source = "site"
-certificate = { subject = "CN={device_id},O=Acme", days = 365 }
-"#;
-    let id = imported(&w, policy, "busy");
+    let id = imported(&w, SITE_KEYS, "busy");
     let nodes = [
         Arc::new(Provisioner::start(Arc::new(open_site(&w.site)))),
         Arc::new(Provisioner::start(Arc::new(open_site(&second)))),
@@ -749,37 +775,21 @@ fn two_nodes_share_a_daily_limit_exactly_and_hq_replays_every_refusal() {
         ),
         "daily",
     );
-    let nodes = [
-        Arc::new(Provisioner::start(Arc::new(open_site(&w.site)))),
-        Arc::new(Provisioner::start(Arc::new(open_site(&second)))),
-    ];
     // 300 distinct devices, half through each node, from three threads each.
-    let mut threads = Vec::new();
-    for (n, node) in nodes.iter().enumerate() {
-        for t in 0..3 {
-            let (node, id) = (node.clone(), id.clone());
-            threads.push(std::thread::spawn(move || {
-                let mut outcomes = Vec::new();
-                for d in (n * 3 + t..300).step_by(6) {
-                    let device = format!("L-{d:04}");
-                    let started = Instant::now();
-                    outcomes.push(loop {
-                        match node.provision(ProvisionRequest::new(&id, &device, device.clone())) {
-                            Ok(_) => break "allowed".to_owned(),
-                            Err(e) if e.exit_code() == 3 => break e.code().to_owned(),
-                            Err(e) => assert!(started.elapsed() < Duration::from_secs(60), "{e}"),
-                        }
-                    });
-                }
-                outcomes
-            }));
-        }
-    }
-    let mut tally: std::collections::BTreeMap<String, usize> = Default::default();
-    for t in threads {
-        for outcome in t.join().unwrap() {
-            *tally.entry(outcome).or_insert(0) += 1;
-        }
+    let nodes = two_nodes(&w, &second);
+    let results = on_two_nodes(&nodes, &id, |n, t| {
+        (n * 3 + t..300)
+            .step_by(6)
+            .map(|d| (format!("L-{d:04}"), format!("L-{d:04}")))
+            .collect()
+    });
+    let mut tally: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (_, outcome) in &results {
+        let what = match outcome {
+            Ok(_) => "allowed",
+            Err(code) => code.as_str(),
+        };
+        *tally.entry(what).or_insert(0) += 1;
     }
     assert_eq!(
         tally.get("allowed"),
@@ -880,19 +890,7 @@ fn a_revocation_ends_the_reservations_of_busy_nodes() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let kfr = w.path("busy.kfr");
-    ok(&[
-        "hq",
-        "entitlement",
-        "revoke",
-        "--home",
-        &s(&w.hq),
-        "--id",
-        &id,
-        "--reason",
-        "recall",
-        "--out",
-        &s(&kfr),
-    ]);
+    revoke(&w, &id, Some("recall"), &kfr);
     let o = import(&w.site, &kfr, None);
     assert_eq!(o.code, 0, "{}", o.json);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -919,16 +917,11 @@ fn quota_held_by_a_node_that_only_refuses_goes_to_one_that_needs_it() {
     let (etcd, w) = etcd_site();
     let second = w.path("node-2");
     copy_home(&w.site, &second);
-    let policy = r#"product = "wanted"
-devices = 100
-valid_from = "2026-01-01T00:00:00Z"
-valid_until = "2030-01-01T00:00:00Z"
-[[keys]]
-name = "k"
-type = "ed25519"
-source = "site"
-"#;
-    let id = imported(&w, policy, "wanted");
+    let id = imported(
+        &w,
+        &SITE_KEYS.replace("devices = 5000", "devices = 100"),
+        "wanted",
+    );
     let (a, b) = (
         Arc::new(Provisioner::start(Arc::new(open_site(&w.site)))),
         Provisioner::start(Arc::new(open_site(&second))),

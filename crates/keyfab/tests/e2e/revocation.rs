@@ -16,19 +16,7 @@ fn revocation_stops_provisioning_and_destroys_unused_pool_keys() {
     assert_eq!(first.code, 0, "{}", first.json);
 
     let kfr = w.path("r.kfr");
-    ok(&[
-        "hq",
-        "entitlement",
-        "revoke",
-        "--home",
-        &s(&w.hq),
-        "--id",
-        &id,
-        "--reason",
-        "line closed",
-        "--out",
-        &s(&kfr),
-    ]);
+    revoke(&w, &id, Some("line closed"), &kfr);
     // Tampered, and replayed or misaddressed revocations are refused and change nothing.
     let mut bytes = std::fs::read(&kfr).unwrap();
     let n = bytes.len();
@@ -98,17 +86,7 @@ fn revocation_stops_provisioning_and_destroys_unused_pool_keys() {
     node_home(&w);
     let (_, other_id) = create(&w, "penang-2", 2, "o.kfe");
     let okfr = w.path("o.kfr");
-    ok(&[
-        "hq",
-        "entitlement",
-        "revoke",
-        "--home",
-        &s(&w.hq),
-        "--id",
-        &other_id,
-        "--out",
-        &s(&okfr),
-    ]);
+    revoke(&w, &other_id, None, &okfr);
     drop(node);
     let o = import(&w.site, &okfr, None);
     assert_eq!(

@@ -557,6 +557,26 @@ impl Drop for Server {
     }
 }
 
+/// `hq entitlement revoke` of entitlement `id`, written to `out`.
+pub fn revoke(w: &World, id: &str, reason: Option<&str>, out: &Path) -> serde_json::Value {
+    let mut args = vec![
+        "hq".to_owned(),
+        "entitlement".into(),
+        "revoke".into(),
+        "--home".into(),
+        s(&w.hq),
+        "--id".into(),
+        id.into(),
+        "--out".into(),
+        s(out),
+    ];
+    if let Some(reason) = reason {
+        args.extend(["--reason".into(), reason.into()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&args)
+}
+
 pub fn enroll(home: &Path, name: &str, dir: &Path) -> serde_json::Value {
     ok(&[
         "site",
