@@ -1311,23 +1311,21 @@ fn counters_in<'m>(
     entitlement: &str,
     touched: &mut Vec<String>,
 ) -> Result<&'m mut Counters> {
-    {
-        if !counters.contains_key(entitlement) {
-            let v = store.get(Table::Counters, entitlement.as_bytes())?;
-            let c = match &v {
-                Some(v) => decode(&v.value)?,
-                None => Counters::default(),
-            };
-            counters.insert(entitlement.to_owned(), (c, v.map(|v| v.revision)));
-        }
-        if !touched.iter().any(|t| t == entitlement) {
-            touched.push(entitlement.to_owned());
-        }
-        counters
-            .get_mut(entitlement)
-            .map(|(c, _)| c)
-            .ok_or_else(|| Error::InvalidState("counters".into()))
+    if !counters.contains_key(entitlement) {
+        let v = store.get(Table::Counters, entitlement.as_bytes())?;
+        let c = match &v {
+            Some(v) => decode(&v.value)?,
+            None => Counters::default(),
+        };
+        counters.insert(entitlement.to_owned(), (c, v.map(|v| v.revision)));
     }
+    if !touched.iter().any(|t| t == entitlement) {
+        touched.push(entitlement.to_owned());
+    }
+    counters
+        .get_mut(entitlement)
+        .map(|(c, _)| c)
+        .ok_or_else(|| Error::InvalidState("counters".into()))
 }
 
 /// The decision a policy module's verdict makes, and its reason when it refused.
@@ -1534,13 +1532,10 @@ fn decide_batch(
         st.hwm_written = Some(now);
     }
 
-    // Entitlements whose quota another live node holds: a request refused for the quota
-    // or the day's limit there is not refused but waited for (the batch is decided again
-    // shortly); requests refused for other reasons need no quota and are decided now.
-    let mut held_elsewhere: Vec<String> = Vec::new();
-    if let Some(chain) = st.chain.clone() {
-        // Node chains decide against their own reservations: make them hold the batch.
-        let mut wanted: Vec<(Arc<EntitlementContext>, u64)> = Vec::new();
+    // Node chains decide against their own reservations: per entitlement, how many
+    // requests of the batch may take a device from one.
+    let mut wanted: Vec<(Arc<EntitlementContext>, u64)> = Vec::new();
+    if st.chain.is_some() {
         for job in batch
             .iter()
             .filter(|j| j.confirm.is_none() && j.ctx.code.is_none())
@@ -1553,6 +1548,16 @@ fn decide_batch(
                 None => wanted.push((job.ctx.clone(), 1)),
             }
         }
+    }
+    let reserving_ents: Vec<String> = wanted.iter().map(|(c, _)| c.record.id.clone()).collect();
+    // Entitlements whose reservation this batch allowed devices from.
+    let mut used_from: Vec<String> = Vec::new();
+    // Entitlements whose quota another live node holds: a request refused for the quota
+    // or the day's limit there is not refused but waited for (the batch is decided again
+    // shortly); requests refused for other reasons need no quota and are decided now.
+    let mut held_elsewhere: Vec<String> = Vec::new();
+    if let Some(chain) = st.chain.clone() {
+        // Make each reservation hold what the batch may take.
         for (ctx, need) in wanted {
             let id = &ctx.record.id;
             let day = day_in(&mut Vec::new(), &ctx, now);
@@ -1573,19 +1578,6 @@ fn decide_batch(
             st.reservations.insert(id.clone(), held.mine);
             if let reservations::Room::Wait = room? {
                 held_elsewhere.push(id.clone());
-            }
-        }
-    }
-    let mut reserving_ents: Vec<String> = Vec::new();
-    // Entitlements whose reservation this batch allowed devices from.
-    let mut used_from: Vec<String> = Vec::new();
-    if st.chain.is_some() {
-        for job in batch
-            .iter()
-            .filter(|j| j.confirm.is_none() && j.ctx.code.is_none())
-        {
-            if !reserving_ents.contains(&job.ctx.record.id) {
-                reserving_ents.push(job.ctx.record.id.clone());
             }
         }
     }
