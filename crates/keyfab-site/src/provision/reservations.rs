@@ -413,3 +413,63 @@ pub(super) fn give_back_all(node: &Node, chain: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reservation(granted: u64, used: u64, pool: &[(u64, u64)]) -> Reservation {
+        Reservation {
+            day: "2026-11-26".into(),
+            granted,
+            used,
+            pool: pool.to_vec(),
+            seen_at: 0,
+            block: FIRST_BLOCK,
+        }
+    }
+
+    #[test]
+    fn slots_are_taken_in_order_across_ranges() {
+        let mut r = reservation(5, 0, &[(10, 12), (40, 43)]);
+        let ahead: Vec<_> = (0..6).map(|k| r.nth_slot(k)).collect();
+        assert_eq!(
+            ahead,
+            [Some(10), Some(11), Some(40), Some(41), Some(42), None]
+        );
+        let taken: Vec<_> = (0..6).map(|_| r.take_slot()).collect();
+        assert_eq!(taken, ahead);
+        assert!(r.pool.is_empty());
+    }
+
+    #[test]
+    fn what_is_given_back_leaves_the_ledger_and_keeps_the_first_slots() {
+        let mut ledger = Counters {
+            total: 100,
+            ..Counters::default()
+        };
+        ledger.days.insert("2026-11-26".into(), 60);
+        // 10 granted, 4 used: 6 unused, in slots 20..22 and 50..54.
+        let mut r = reservation(10, 4, &[(20, 22), (50, 54)]);
+        give_back_beyond(&mut ledger, &mut r, 3);
+        assert_eq!((ledger.total, ledger.days["2026-11-26"]), (97, 57));
+        assert_eq!((r.granted, r.unused()), (7, 3));
+        assert_eq!(r.pool, [(20, 22), (50, 51)]);
+        assert_eq!(ledger.returned_pool, [(51, 54)]);
+        // All of it: nothing held, every slot returned.
+        give_back_beyond(&mut ledger, &mut r, 0);
+        assert_eq!((ledger.total, r.unused()), (94, 0));
+        assert!(r.pool.is_empty());
+        assert_eq!(ledger.returned_pool, [(51, 54), (20, 22), (50, 51)]);
+        // `give_back` returns the unused grant the same way.
+        let mut ledger2 = Counters {
+            total: 10,
+            ..Counters::default()
+        };
+        give_back(&mut ledger2, &reservation(10, 4, &[(4, 10)]));
+        assert_eq!(
+            (ledger2.total, ledger2.returned_pool.as_slice()),
+            (4, &[(4, 10)][..])
+        );
+    }
+}
