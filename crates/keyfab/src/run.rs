@@ -569,6 +569,17 @@ pub fn entitlement_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
             rfc3339(p.valid_from),
             rfc3339(p.valid_until)
         ));
+        // Devices allowed so far; on a cluster, also the quota nodes hold in reserve.
+        let provisioned = keyfab_site::provision::counters(&node, &e.id)?.total;
+        let held: u64 = keyfab_site::provision::reservations(&node, &e.id)?
+            .iter()
+            .map(|r| r.granted.saturating_sub(r.used))
+            .sum();
+        text.push_str(&format!("  provisioned {provisioned} of {}", p.devices));
+        if held > 0 {
+            text.push_str(&format!(", {held} more reserved by cluster nodes"));
+        }
+        text.push('\n');
         let mut keys = Vec::new();
         for k in &p.keys {
             let pool = e
@@ -602,6 +613,8 @@ pub fn entitlement_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
             "policy": policy,
             "keys": keys,
             "pool_keys": e.pool.iter().map(|s| s.count).sum::<u64>(),
+            "provisioned": provisioned,
+            "reserved_by_nodes": held,
             "imported_at": rfc3339(e.imported_at),
         }));
     }

@@ -854,6 +854,12 @@ fn a_node_gives_back_the_quota_it_does_not_use() {
         30
     );
     drop(site);
+    let listed = ok(&["site", "entitlement", "list", "--home", &s(&w.site)]);
+    let e = &listed["entitlements"][0];
+    assert_eq!(
+        (e["provisioned"].as_u64(), e["reserved_by_nodes"].as_u64()),
+        (Some(30), Some(0))
+    );
     hq_finds_no_violations(&w, "giveback.kfa");
     drop(etcd);
 }
