@@ -722,7 +722,7 @@ pub enum SiteEntitlementCommand {
         /// The entitlement file (.kfe) from HQ.
         file: PathBuf,
     },
-    /// List imported entitlements, their policy and key counts.
+    /// List imported entitlements: their policy, key counts and devices provisioned (on a cluster, also the quota nodes hold in reserve).
     #[command(after_help = "Example:\n  keyfab site entitlement list --home site --json")]
     List {
         #[command(flatten)]
