@@ -1100,7 +1100,7 @@ fn make_pool_keys_ahead(
             .filter_map(|&(pos, i, index)| {
                 let job = &batch[pos];
                 let spec = &job.ctx.policy.policy.keys[i];
-                let secret = read_pool_key_from(node, ahead, &job.ctx, i, index).ok()?;
+                let secret = read_pool_key_from(node, ahead, &job.ctx, i, index).ok()??;
                 let e = devicekey::expand(device_type(spec.key_type), &secret).ok()?;
                 let cert = certify(
                     &job.ctx,
@@ -1171,28 +1171,32 @@ fn read_pool_key(
     spec_index: usize,
     index: u64,
 ) -> Result<Secret32> {
-    read_pool_key_from(node, &PoolRows::new(), ctx, spec_index, index)
+    read_pool_key_from(node, &PoolRows::new(), ctx, spec_index, index)?.ok_or_else(|| {
+        Error::InvalidState(format!("pool key {index} of '{}' is gone", ctx.record.id))
+    })
 }
 
-/// [`read_pool_key`], from the rows read ahead when they hold it.
+/// [`read_pool_key`], from the rows read ahead when they hold it; `None` if the slot's
+/// row is gone (destroyed by a revocation).
 fn read_pool_key_from(
     node: &Node,
     ahead: &PoolRows,
     ctx: &EntitlementContext,
     spec_index: usize,
     index: u64,
-) -> Result<Secret32> {
+) -> Result<Option<Secret32>> {
     let spec = pool_spec_of(ctx, spec_index)?;
     let key = pool_row_key(&ctx.record.id, spec, index);
     let stored = match ahead.get(&key) {
         Some(v) => Some(v.clone()),
         None => node.store.get(Table::Pool, &key)?,
     };
-    let v = stored.ok_or_else(|| {
-        Error::InvalidState(format!("pool key {index} of '{}' is gone", ctx.record.id))
-    })?;
+    let Some(v) = stored else {
+        return Ok(None);
+    };
     let plain = ctx.aead.open(pool_nonce(spec, index), &key, &v.value)?;
     Secret32::from_slice(plain.expose())
+        .map(Some)
         .ok_or_else(|| Error::InvalidState("pool key length".into()))
 }
 
@@ -1344,8 +1348,10 @@ fn code_decision(verdict: Verdict) -> (Decision, Option<String>) {
 /// new, and the commit is guarded on exactly that (their keys absent, the settings at the
 /// revisions last read). If one was not new, the commit fails and the batch is decided
 /// again the reading way. On etcd this saves one round trip in the common case.
-/// `None`: another live node holds the quota the batch needs (see `reservations`);
-/// nothing was decided, and the batch is decided again shortly.
+/// `None`: another live node holds the quota the batch needs (see `reservations`), or
+/// the state changed under the batch (a pool slot it took was destroyed by a
+/// revocation); nothing was decided, and the batch is decided again shortly from a
+/// fresh read.
 fn decide_batch(
     node: &Node,
     st: &mut Carried,
@@ -1788,10 +1794,20 @@ fn decide_batch(
                                 (ready.key_id, Vec::new(), Some(ready.private), ready.cert)
                             } else {
                                 let kind = device_type(spec.key_type);
-                                let e = devicekey::expand(
-                                    kind,
-                                    &read_pool_key_from(node, &pool_ahead, &ctx, i, index)?,
-                                )?;
+                                let Some(secret) =
+                                    read_pool_key_from(node, &pool_ahead, &ctx, i, index)?
+                                else {
+                                    // Destroyed since the state was read (a revocation on
+                                    // another node's watch): decide again from a fresh read.
+                                    if store.is_shared() {
+                                        return Ok(None);
+                                    }
+                                    return Err(Error::InvalidState(format!(
+                                        "pool key {index} of '{}' is gone",
+                                        ctx.record.id
+                                    )));
+                                };
+                                let e = devicekey::expand(kind, &secret)?;
                                 let cert = certify(
                                     &ctx,
                                     spec,
