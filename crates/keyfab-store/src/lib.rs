@@ -8,8 +8,7 @@
 //! the caller re-reads (DESIGN.md: ambiguous outcomes are resolved by reading).
 //!
 //! Which API for which job:
-//! - open the node's store: [`EmbeddedStore::open`] (a redb file behind a journal; every
-//!   commit durable before it returns);
+//! - open the node's store: [`EmbeddedStore::open`] (redb file, fsync on every commit);
 //! - read: [`Store::get`], [`Store::scan`];
 //! - write atomically with optimistic checks: [`Store::commit`].
 //!
@@ -27,7 +26,6 @@
 
 pub mod conformance;
 mod embedded;
-pub mod journal;
 
 pub use embedded::EmbeddedStore;
 
@@ -236,10 +234,6 @@ impl Txn {
     /// The writes in order, for backends.
     pub fn writes(&self) -> &[Write] {
         &self.writes
-    }
-    /// The writes in order, taken: a backend that keeps them need not copy them.
-    pub fn into_writes(self) -> Vec<Write> {
-        self.writes
     }
     /// Whether the transaction may skip its own fsync ([`Txn::non_durable`]).
     pub fn is_lazy(&self) -> bool {
