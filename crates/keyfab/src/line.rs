@@ -1,6 +1,7 @@
 //! The production-line commands: `site station …`, `site serve`, `station …`.
 
 use crate::context::Context;
+use crate::logsink::LogSink;
 use crate::output::{Failure, Report};
 use keyfab_crypto::x509;
 use keyfab_node::NodeKind;
@@ -196,7 +197,7 @@ pub fn serve(ctx: &Context, a: &crate::cli::ServeArgs, json_out: bool) -> Result
                                 .unwrap_or_default()
                         )
                     };
-                    let _ = writeln!(LogSink, "{line}");
+                    let _ = writeln!(LogSink::default(), "{line}");
                 },
             )?;
             // Serve where stations were answered `locked` (the same port, even for port 0).
@@ -234,8 +235,11 @@ pub fn serve(ctx: &Context, a: &crate::cli::ServeArgs, json_out: bool) -> Result
                 names.join(", ")
             )
         };
-        let _ = writeln!(LogSink, "{line}");
-    })?;
+        let _ = writeln!(LogSink::default(), "{line}");
+    });
+    // The last requests' lines, then the report.
+    crate::logsink::drain();
+    let summary = summary?;
     Ok(Report::new(
         format!(
             "stopped: {} connections, {} refused before any request",
@@ -254,7 +258,7 @@ fn install_logs(a: &crate::cli::ServeArgs) {
         _ => tracing::Level::INFO,
     };
     let logs = tracing_subscriber::fmt()
-        .with_writer(|| LogSink)
+        .with_writer(LogSink::default)
         .with_max_level(level)
         .with_target(true);
     let installed = if a.log_format == "json" {
@@ -536,22 +540,6 @@ pub fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
         return Err(f);
     }
     Ok(Report::new(text, json))
-}
-
-/// Standard error for logs, where a failed write (stderr closed by a supervisor, say) is
-/// dropped: logging must never stop the server.
-struct LogSink;
-
-impl std::io::Write for LogSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let _ = std::io::stderr().write_all(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        let _ = std::io::stderr().flush();
-        Ok(())
-    }
 }
 
 /// `keyfab site serve` in a child process, for `demo` and `bench serve`: started on a

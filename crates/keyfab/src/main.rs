@@ -7,6 +7,7 @@ mod cli;
 mod context;
 mod demo;
 mod line;
+mod logsink;
 mod output;
 mod run;
 
