@@ -282,6 +282,7 @@ pub fn provision(
         let start_index = next;
         next += devices;
         let rounds_before = rounds();
+        let cpu_before = crate::bench_cpu::Snapshot::take();
         // With a module, the two entitlements take turns, A B B A, so the store growing
         // during the run weighs on both alike.
         let half = devices / 2;
@@ -307,6 +308,29 @@ pub fn provision(
             plain.p99
         ));
         let mut row = json!({"concurrency": c, "devices": devices, "devices_per_s": plain.rate, "ratio": plain.rate / raw, "p50_ms": plain.p50, "p99_ms": plain.p99});
+        // Where the CPU went: what to shrink, and how much of the cores sat idle.
+        let spent = crate::bench_cpu::Snapshot::take().since(&cpu_before, |name| {
+            if name.starts_with("keyfab-committe") {
+                "committer"
+            } else if name.starts_with("keyfab-crypto") {
+                "crypto"
+            } else {
+                "other"
+            }
+        });
+        let per_device = |g: &str| spent.of(g) * 1e6 / devices as f64;
+        text.push_str(&format!(
+            "  CPU per device: committer {:.1} µs, crypto workers {:.1} µs, callers and the rest {:.1} µs{}\n",
+            per_device("committer"),
+            per_device("crypto"),
+            per_device("other"),
+            spent
+                .busy
+                .map(|b| format!("; the machine's cores {:.0} % busy", b * 100.0))
+                .unwrap_or_default()
+        ));
+        row["cpu_us_per_device"] = json!({"committer": per_device("committer"), "crypto_workers": per_device("crypto"), "other": per_device("other")});
+        row["cores_busy"] = json!(spent.busy);
         if etcd.is_some() || store.spec.starts_with("etcd://") {
             let per_device = (rounds() - rounds_before) as f64 / devices as f64;
             text.push_str(&format!(

@@ -4,6 +4,7 @@
 //! against the raw per-device crypto of this machine, measured in the same run.
 
 use crate::bench::{all_cores, bench_world, temp_or, RAW_SAMPLE_PER_CORE};
+use crate::bench_cpu::cpu_seconds;
 use crate::output::{Failure, Report};
 use crate::run;
 use keyfab_crypto::x509;
@@ -163,23 +164,4 @@ fn provision_only(
         }
         Ok((lat, started.elapsed(), errors))
     })
-}
-
-/// User + system CPU seconds of a process, from its `/proc/PID/stat` (Linux counts in
-/// USER_HZ = 100 ticks per second); 0 if unreadable.
-fn cpu_seconds(stat: &str) -> f64 {
-    let Ok(text) = std::fs::read_to_string(stat) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    (tick(11) + tick(12)) / 100.0
 }

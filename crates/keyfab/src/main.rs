@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_cpu;
 mod bench_serve;
 mod cli;
 mod context;
