@@ -4,7 +4,8 @@
 
 use std::collections::HashMap;
 
-/// CPU seconds (user + system) of a `/proc/…/stat` line's process or thread.
+/// User + system CPU seconds of a process or thread, from its `/proc/…/stat` (Linux
+/// counts in USER_HZ = 100 ticks per second); 0 if unreadable.
 pub fn cpu_seconds(stat: &str) -> f64 {
     let Ok(text) = std::fs::read_to_string(stat) else {
         return 0.0;

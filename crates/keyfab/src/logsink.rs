@@ -28,10 +28,12 @@ enum Message {
     Drain(mpsc::Sender<()>),
 }
 
-/// The writer thread's queue; `None` if the thread could not start (lines are then
-/// written directly).
+/// The writer thread's queue, once a line was written; `None` inside if the thread could
+/// not start (lines are then written directly).
+static QUEUE: OnceLock<Option<mpsc::SyncSender<Message>>> = OnceLock::new();
+
+/// The writer thread's queue, started on first use.
 fn queue() -> Option<&'static mpsc::SyncSender<Message>> {
-    static QUEUE: OnceLock<Option<mpsc::SyncSender<Message>>> = OnceLock::new();
     QUEUE
         .get_or_init(|| {
             let (tx, rx) = mpsc::sync_channel(MAX_QUEUED);
@@ -72,9 +74,10 @@ fn write_queued(rx: &mpsc::Receiver<Message>) {
     }
 }
 
-/// Writes out every line queued so far (waiting a second at most).
+/// Writes out every line queued so far (waiting a second at most). Nothing to do, and no
+/// thread started, if no line was ever written.
 pub fn drain() {
-    let Some(q) = queue() else { return };
+    let Some(Some(q)) = QUEUE.get() else { return };
     let (done, wait) = mpsc::channel();
     if q.send(Message::Drain(done)).is_ok() {
         let _ = wait.recv_timeout(Duration::from_secs(1));
