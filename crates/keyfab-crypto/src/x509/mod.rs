@@ -22,7 +22,9 @@ use rcgen::{
 };
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 
+mod device_cert;
 mod line;
+pub use device_cert::DeviceIssuer;
 pub use line::{issue_server_certificate, issue_station_certificate, line_ca_certificate};
 
 /// keyfab's OID arc: 2.25.73303038137255920152163058607138772276 (a UUID OID, X.667),
@@ -145,9 +147,58 @@ impl rcgen::PublicKeyData for P256Public {
     }
 }
 
-/// Parses `CN=...,O=...` (CN, O, OU, C, ST, L) into a distinguished name.
-pub fn parse_dn(text: &str) -> Result<DistinguishedName> {
-    let mut dn = DistinguishedName::new();
+/// A name attribute a keyfab certificate may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NameAttribute {
+    CommonName,
+    Organization,
+    OrganizationalUnit,
+    Country,
+    StateOrProvince,
+    Locality,
+}
+
+impl NameAttribute {
+    fn parse(key: &str) -> Option<Self> {
+        Some(match key {
+            "CN" => Self::CommonName,
+            "O" => Self::Organization,
+            "OU" => Self::OrganizationalUnit,
+            "C" => Self::Country,
+            "ST" => Self::StateOrProvince,
+            "L" => Self::Locality,
+            _ => return None,
+        })
+    }
+
+    fn dn_type(self) -> DnType {
+        match self {
+            Self::CommonName => DnType::CommonName,
+            Self::Organization => DnType::OrganizationName,
+            Self::OrganizationalUnit => DnType::OrganizationalUnitName,
+            Self::Country => DnType::CountryName,
+            Self::StateOrProvince => DnType::StateOrProvinceName,
+            Self::Locality => DnType::LocalityName,
+        }
+    }
+
+    /// The attribute type's OID, DER-encoded (2.5.4.x).
+    fn oid_der(self) -> &'static [u8] {
+        match self {
+            Self::CommonName => &[0x06, 0x03, 0x55, 0x04, 0x03],
+            Self::Organization => &[0x06, 0x03, 0x55, 0x04, 0x0a],
+            Self::OrganizationalUnit => &[0x06, 0x03, 0x55, 0x04, 0x0b],
+            Self::Country => &[0x06, 0x03, 0x55, 0x04, 0x06],
+            Self::StateOrProvince => &[0x06, 0x03, 0x55, 0x04, 0x08],
+            Self::Locality => &[0x06, 0x03, 0x55, 0x04, 0x07],
+        }
+    }
+}
+
+/// Reads `CN=...,O=...` (CN, O, OU, C, ST, L): each attribute once, where it is first
+/// named, with the value it is last given; values trimmed and never empty.
+fn dn_attributes(text: &str) -> Result<Vec<(NameAttribute, &str)>> {
+    let mut out: Vec<(NameAttribute, &str)> = Vec::with_capacity(4);
     for part in text.split(',') {
         let (k, v) = part
             .split_once('=')
@@ -158,20 +209,25 @@ pub fn parse_dn(text: &str) -> Result<DistinguishedName> {
                 "'{part}' has no value"
             )));
         }
-        let ty = match k.trim() {
-            "CN" => DnType::CommonName,
-            "O" => DnType::OrganizationName,
-            "OU" => DnType::OrganizationalUnitName,
-            "C" => DnType::CountryName,
-            "ST" => DnType::StateOrProvinceName,
-            "L" => DnType::LocalityName,
-            other => {
-                return Err(CryptoError::CertificateBuild(format!(
-                    "unsupported attribute '{other}' (use CN, O, OU, C, ST, L)"
-                )))
-            }
-        };
-        dn.push(ty, v);
+        let attribute = NameAttribute::parse(k.trim()).ok_or_else(|| {
+            CryptoError::CertificateBuild(format!(
+                "unsupported attribute '{}' (use CN, O, OU, C, ST, L)",
+                k.trim()
+            ))
+        })?;
+        match out.iter_mut().find(|(a, _)| *a == attribute) {
+            Some(named) => named.1 = v,
+            None => out.push((attribute, v)),
+        }
+    }
+    Ok(out)
+}
+
+/// Parses `CN=...,O=...` (CN, O, OU, C, ST, L) into a distinguished name.
+pub fn parse_dn(text: &str) -> Result<DistinguishedName> {
+    let mut dn = DistinguishedName::new();
+    for (attribute, value) in dn_attributes(text)? {
+        dn.push(attribute.dn_type(), value);
     }
     Ok(dn)
 }
@@ -395,22 +451,6 @@ impl DevicePublicKey {
     }
 }
 
-struct DeviceKeyData<'a>(&'a DevicePublicKey);
-
-impl rcgen::PublicKeyData for DeviceKeyData<'_> {
-    fn der_bytes(&self) -> &[u8] {
-        match self.0 {
-            DevicePublicKey::P256(p) | DevicePublicKey::Ed25519(p) => p,
-        }
-    }
-    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        match self.0 {
-            DevicePublicKey::P256(_) => &rcgen::PKCS_ECDSA_P256_SHA256,
-            DevicePublicKey::Ed25519(_) => &rcgen::PKCS_ED25519,
-        }
-    }
-}
-
 /// Reads a device's CSR and checks its self-signature: proof that the device holds the
 /// private key. Only P-256 and Ed25519 keys are accepted.
 pub fn read_device_csr(der: &[u8]) -> Result<DevicePublicKey> {
@@ -443,78 +483,16 @@ pub fn issue_device_certificate(
     serial: [u8; 16],
     validity: Validity,
 ) -> Result<Vec<u8>> {
-    let issuer =
-        Issuer::from_ca_cert_der(&CertificateDer::from(batch_cert), Signer::new(batch_key))
-            .map_err(build_err)?;
-    sign_device_certificate(&issuer, subject, key, serial, validity)
-}
-
-/// A batch CA ready to issue device certificates: its certificate parsed and its public
-/// key encoded once, not for every device.
-pub struct DeviceIssuer {
-    issuer: Issuer<'static, OwnedSigner>,
-}
-
-/// [`Signer`] that owns its key, so a [`DeviceIssuer`] can be kept.
-struct OwnedSigner(crate::sign::SigningKey, Vec<u8>);
-
-impl rcgen::PublicKeyData for OwnedSigner {
-    fn der_bytes(&self) -> &[u8] {
-        &self.1
-    }
-    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        &rcgen::PKCS_ECDSA_P256_SHA256
-    }
-}
-
-impl rcgen::SigningKey for OwnedSigner {
-    fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
-        Signer(&self.0, Vec::new()).sign(msg)
-    }
-}
-
-impl DeviceIssuer {
-    pub fn new(batch_key: crate::sign::SigningKey, batch_cert: &[u8]) -> Result<Self> {
-        let public = batch_key.verifying_key().sec1().to_vec();
-        let issuer = Issuer::from_ca_cert_der(
-            &CertificateDer::from(batch_cert),
-            OwnedSigner(batch_key, public),
-        )
-        .map_err(build_err)?;
-        Ok(Self { issuer })
-    }
-
-    /// [`issue_device_certificate`] under this CA.
-    pub fn issue(
-        &self,
-        subject: &str,
-        key: &DevicePublicKey,
-        serial: [u8; 16],
-        validity: Validity,
-    ) -> Result<Vec<u8>> {
-        sign_device_certificate(&self.issuer, subject, key, serial, validity)
-    }
-}
-
-fn sign_device_certificate<S: rcgen::SigningKey>(
-    issuer: &Issuer<'_, S>,
-    subject: &str,
-    key: &DevicePublicKey,
-    serial: [u8; 16],
-    validity: Validity,
-) -> Result<Vec<u8>> {
-    let mut p = CertificateParams::default();
-    p.distinguished_name = parse_dn(subject)?;
-    p.not_before = odt(validity.not_before)?;
-    p.not_after = odt(validity.not_after)?;
-    p.serial_number = Some(SerialNumber::from_slice(&serial));
-    p.use_authority_key_identifier_extension = true;
-    p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    let cert = p
-        .signed_by(&DeviceKeyData(key), issuer)
-        .map_err(build_err)?;
-    Ok(cert.der().to_vec())
+    let (issuer_name, authority_key_id) = device_cert::issuer_parts(batch_key, batch_cert)?;
+    device_cert::sign(
+        batch_key,
+        &issuer_name,
+        &authority_key_id,
+        subject,
+        key,
+        serial,
+        validity,
+    )
 }
 
 /// A certificate serial: 16 random bytes, positive, no leading zero byte.
