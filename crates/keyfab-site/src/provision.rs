@@ -119,6 +119,22 @@ impl std::fmt::Debug for IssuedKey {
     }
 }
 
+/// The certificates above an entitlement's device certificates, nearest first (batch
+/// CA, HQ cluster CA), in DER and in PEM: every answer carries them, so they are encoded
+/// once per entitlement, not per device.
+#[derive(Debug)]
+pub struct IssuerChain {
+    pub der: Vec<Vec<u8>>,
+    pub pem: Vec<String>,
+}
+
+impl IssuerChain {
+    fn new(der: Vec<Vec<u8>>) -> Self {
+        let pem = der.iter().map(|c| x509::to_pem(c, "CERTIFICATE")).collect();
+        Self { der, pem }
+    }
+}
+
 #[derive(Debug)]
 pub struct Provisioned {
     pub entitlement: String,
@@ -130,7 +146,7 @@ pub struct Provisioned {
     pub keys: Vec<IssuedKey>,
     /// Issuers of the device certificates, nearest first: batch CA, HQ cluster CA.
     /// With the root certificate, `openssl verify` accepts every device certificate.
-    pub chain: Vec<Vec<u8>>,
+    pub chain: Arc<IssuerChain>,
     /// With a transport key: the HPKE encapsulated key the chip opens the keys with.
     pub chip_enc: Option<Vec<u8>>,
     /// The site's name, part of what a chip package is bound to.
@@ -261,7 +277,7 @@ struct EntitlementContext {
     /// The entitlement's batch CA, its certificate parsed once.
     device_issuer: x509::DeviceIssuer,
     master: Secret32,
-    chain: Vec<Vec<u8>>,
+    chain: Arc<IssuerChain>,
     /// The policy module, compiled once.
     code: Option<PolicyModule>,
 }
@@ -487,7 +503,10 @@ impl Provisioner {
             )?,
             master: Secret32::from_slice(master.expose())
                 .ok_or_else(|| Error::InvalidState("master secret".into()))?,
-            chain: vec![record.batch_ca_cert.clone(), record.hq_cluster_cert.clone()],
+            chain: Arc::new(IssuerChain::new(vec![
+                record.batch_ca_cert.clone(),
+                record.hq_cluster_cert.clone(),
+            ])),
             code: record
                 .policy
                 .code
