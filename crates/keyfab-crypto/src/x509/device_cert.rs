@@ -406,6 +406,38 @@ mod tests {
         signed_by(&ours, &ca_cert).unwrap();
     }
 
+    /// The committed vector (`tests/vectors/device-certificate/`, README there): the
+    /// certificate's to-be-signed bytes are what this encoder makes from its inputs, and
+    /// the batch CA's signature over them verifies.
+    #[test]
+    fn the_committed_vector_is_reproduced() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/vectors/device-certificate"
+        );
+        let read = |name: &str| std::fs::read(format!("{dir}/{name}")).unwrap();
+        let (batch_ca, device) = (read("batch-ca.der"), read("device.der"));
+        // The to-be-signed bytes do not depend on the key that signs them.
+        let any_key = SigningKey::generate(&SeededRng::new(14)).unwrap();
+        let (issuer_name, authority_key_id) = issuer_parts(&any_key, &batch_ca).unwrap();
+        let again = sign(
+            &any_key,
+            &issuer_name,
+            &authority_key_id,
+            "CN=D-000123,O=Acme Devices,C=DE",
+            &DevicePublicKey::P256(read("device-point.bin")),
+            *b"\x3akeyfab-vectors!",
+            Validity {
+                not_before: UnixTime(1_767_225_600),
+                not_after: UnixTime(1_767_225_600).plus_days(9131),
+            },
+        )
+        .unwrap();
+        assert_eq!(tbs(&again), tbs(&device));
+        signed_by(&device, &batch_ca).unwrap();
+        signed_by(&batch_ca, &read("root.der")).unwrap();
+    }
+
     #[test]
     fn bad_subjects_and_times_are_refused() {
         let rng = SeededRng::new(13);
