@@ -60,13 +60,14 @@ fn push_tlv(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
     push_wrapped(out, tag, |c| c.extend_from_slice(content));
 }
 
-/// Appends `tag` around what `body` writes: a one-byte length is reserved and widened in
-/// place if the content turns out longer, so nesting costs no allocation.
-fn push_wrapped(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>)) {
+/// Appends `tag` around what `body` writes, and returns what `body` returns: a one-byte
+/// length is reserved and widened in place if the content turns out longer, so nesting
+/// costs no allocation.
+fn push_wrapped<R>(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>) -> R) -> R {
     out.push(tag);
     let len_at = out.len();
     out.push(0);
-    body(out);
+    let returned = body(out);
     let len = out.len() - len_at - 1;
     if len < 0x80 {
         out[len_at] = len as u8;
@@ -76,6 +77,7 @@ fn push_wrapped(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>)) {
         out[len_at] = 0x80 | (bytes.len() - skip) as u8;
         out.splice(len_at + 1..len_at + 1, bytes[skip..].iter().copied());
     }
+    returned
 }
 
 /// A batch CA ready to issue device certificates: the parts every certificate shares are
@@ -154,22 +156,16 @@ pub(super) fn sign(
 ) -> Result<Vec<u8>> {
     let spki = key.spki_der();
     let mut tbs = Vec::with_capacity(320 + subject.len() + issuer_name.len());
-    let mut failure = None;
-    push_wrapped(&mut tbs, SEQUENCE, |t| {
+    push_wrapped(&mut tbs, SEQUENCE, |t| -> Result<()> {
         t.extend_from_slice(&VERSION_3);
         push_serial(t, &serial);
         t.extend_from_slice(&ECDSA_SHA256);
         t.extend_from_slice(issuer_name);
         push_wrapped(t, SEQUENCE, |v| {
-            for time in [validity.not_before, validity.not_after] {
-                if let Err(e) = push_time(v, time) {
-                    failure = Some(e);
-                }
-            }
-        });
-        if let Err(e) = push_name(t, subject) {
-            failure = Some(e);
-        }
+            push_time(v, validity.not_before)?;
+            push_time(v, validity.not_after)
+        })?;
+        push_name(t, subject)?;
         t.extend_from_slice(&spki);
         push_wrapped(t, EXTENSIONS, |x| {
             push_wrapped(x, SEQUENCE, |exts| {
@@ -184,10 +180,8 @@ pub(super) fn sign(
                 exts.extend_from_slice(&BASIC_CONSTRAINTS_END_ENTITY);
             });
         });
-    });
-    if let Some(e) = failure {
-        return Err(e);
-    }
+        Ok(())
+    })?;
     let signature = fixed_to_asn1(&ca_key.sign(&tbs)?)?;
     let mut cert = Vec::with_capacity(tbs.len() + signature.len() + 24);
     push_wrapped(&mut cert, SEQUENCE, |c| {
