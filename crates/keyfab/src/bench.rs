@@ -331,6 +331,20 @@ pub fn provision(
         ));
         row["cpu_us_per_device"] = json!({"committer": per_device("committer"), "crypto_workers": per_device("crypto"), "other": per_device("other")});
         row["cores_busy"] = json!(spent.busy);
+        // On the embedded store the whole path is this process: its CPU per device says
+        // what the cores could carry if the commit cycle never left them idle — whether a
+        // level is bound by the CPU or by waiting. (On etcd the members' CPU counts too.)
+        let cpu_per_device: f64 =
+            spent.by_group.iter().map(|(_, s)| s).sum::<f64>() / devices as f64;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        if store.spec == "embedded" && cpu_per_device > 0.0 {
+            let bound = cores / cpu_per_device;
+            text.push_str(&format!(
+                "  with every core busy at these costs: ~{bound:.0} devices/s (ratio {:.2})\n",
+                bound / raw
+            ));
+            row["cpu_bound_devices_per_s"] = json!(bound);
+        }
         if etcd.is_some() || store.spec.starts_with("etcd://") {
             let per_device = (rounds() - rounds_before) as f64 / devices as f64;
             text.push_str(&format!(

@@ -799,8 +799,9 @@ pub enum BenchCommand {
     /// Provision devices through the real decide-and-record path (durable commits), with
     /// site-generated ec-p256 keys and a device certificate each; compare with the raw
     /// per-device crypto rate of this machine. Each level also reports where the CPU went
-    /// (the committer, the crypto workers, the rest, per device) and how busy the cores
-    /// were.
+    /// (the committer, the crypto workers, the rest, per device), how busy the cores
+    /// were, and — on the embedded store — the rate those costs would allow with every
+    /// core busy (below it, the level waited on commits; at it, the CPU is the limit).
     #[command(
         after_help = "Examples:\n  keyfab bench provision                  # concurrency 1, 8 and 64\n  keyfab bench provision --concurrency 64 --devices 20000 --json\n  keyfab bench provision --custody pkcs11  # HQ and site keys in SoftHSM2, against an HSM-centred baseline\n  keyfab bench provision --concurrency 64 --policy-module examples/policies/failure-pause/rules.wat\n  keyfab bench provision --store etcd --nodes 2 --concurrency 64  # a 3-member etcd cluster on loopback\n  keyfab bench provision --key-source hq-pool --concurrency 64    # keys from HQ's pool"
     )]
