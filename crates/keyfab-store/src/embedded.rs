@@ -53,9 +53,19 @@ impl EmbeddedStore {
     pub fn open(path: &Path) -> Result<Self> {
         // A bounded page cache: redb's default (1 GiB) would let a large import or
         // provisioning run grow the process that far.
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io)?;
+        let db = crate::prefill::PrefilledFile::new(file)
+            .and_then(|backend| {
+                redb::Builder::new()
+                    .set_cache_size(CACHE_BYTES)
+                    .create_with_backend(backend)
+            })
             .map_err(|e| match e {
                 redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Busy,
                 other => io(other),

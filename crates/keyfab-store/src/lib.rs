@@ -26,6 +26,7 @@
 
 pub mod conformance;
 mod embedded;
+mod prefill;
 
 pub use embedded::EmbeddedStore;
 
