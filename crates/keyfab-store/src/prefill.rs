@@ -16,8 +16,11 @@
 //! since this process opened the file or grew it. Every redb write that reaches past the
 //! filled mark, and every zero write, happens under one lock, and the ranges redb wrote
 //! past the mark are remembered so the filler skips them. Writes wholly below the mark
-//! (nearly all of them) take no lock. What was in the file when it was opened counts as
-//! filled: the filler only ever works in space redb added since.
+//! (nearly all of them) take no lock. A file opened with holes (a site restarted after
+//! redb had grown its file) starts with the mark at zero: every redb write is remembered
+//! while the filler looks for where the file's all-zero tail begins; only that tail, less
+//! what redb wrote meanwhile, is filled. Zeros written over bytes that read as zeros and
+//! that redb has not written change nothing but the allocation.
 //!
 //! Durability is untouched: the zeros are in space redb holds free, and the filler's
 //! `fdatasync` only makes some of redb's writes durable earlier than its own commit does.
@@ -29,6 +32,7 @@ use redb::{BackendError, StorageBackend};
 type BackendIoError = std::io::Error;
 use std::fs::File;
 use std::ops::{Bound, Range};
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -72,12 +76,18 @@ struct Fill {
     furthest: u64,
     /// What redb wrote at or past `filled`: sorted, disjoint, never zeroed.
     written: Vec<Range<u64>>,
+    /// Opened with holes: the start of the all-zero tail is not known yet, nothing is
+    /// filled until it is.
+    scanning: bool,
     closing: bool,
 }
 
 impl Fill {
     /// The next range to zero, if the filler is behind.
     fn next_step(&self) -> Option<Range<u64>> {
+        if self.scanning {
+            return None;
+        }
         let goal = self.len.min(self.furthest.saturating_add(AHEAD));
         (self.filled < goal).then(|| self.filled..goal.min(self.filled + CHUNK))
     }
@@ -123,6 +133,16 @@ impl Fill {
         out
     }
 
+    /// The search found the all-zero tail starting at `tail`: the mark moves there, and
+    /// what redb wrote at or past it during the search stays remembered. Returns the mark.
+    fn tail_found(&mut self, tail: u64) -> u64 {
+        let start = tail.min(self.len);
+        self.scanning = false;
+        self.filled_through(start);
+        self.furthest = self.furthest.max(start);
+        start
+    }
+
     /// `step` is filled: move the mark past it and forget what redb wrote below it.
     fn filled_through(&mut self, end: u64) {
         self.filled = end;
@@ -136,14 +156,19 @@ impl Fill {
 impl PrefilledFile {
     /// Wraps `file` (redb's own file backend takes its locks) and starts the filler.
     pub(crate) fn new(file: File) -> Result<Self, redb::DatabaseError> {
-        let len = file.metadata()?.len();
+        let meta = file.metadata()?;
+        let len = meta.len();
+        // Fewer bytes allocated than the length: there are holes somewhere.
+        let scanning = meta.blocks().saturating_mul(512) < len;
+        let filled = if scanning { 0 } else { len };
         let shared = Arc::new(Shared {
             file: FileBackend::new(file)?,
-            filled: AtomicU64::new(len),
+            filled: AtomicU64::new(filled),
             fill: Mutex::new(Fill {
                 len,
-                filled: len,
-                furthest: len,
+                filled,
+                furthest: filled,
+                scanning,
                 ..Fill::default()
             }),
             wake: Condvar::new(),
@@ -175,7 +200,10 @@ impl Shared {
     }
 
     fn run(&self) {
-        let zeros = vec![0u8; CHUNK as usize];
+        let mut zeros = vec![0u8; CHUNK as usize];
+        if self.lock().scanning && !self.find_zero_tail(&mut zeros) {
+            return;
+        }
         let mut unsynced = 0u64;
         loop {
             let mut fill = self.lock();
@@ -218,6 +246,39 @@ impl Shared {
                 }
             }
         }
+    }
+}
+
+impl Shared {
+    /// Opened with holes: reads back from the end, a chunk at a time, to where the file
+    /// stops being all zeros, and starts the mark there. Meanwhile every redb write is
+    /// remembered (the mark is at zero), so one that lands in the tail is skipped by the
+    /// filler even if the tail read as zeros before it. `buf` is left zeroed. False when
+    /// closing or on a read error (the filler then stops: only speed is lost).
+    fn find_zero_tail(&self, buf: &mut [u8]) -> bool {
+        let mut tail = self.lock().len;
+        while tail > 0 {
+            if self.lock().closing {
+                return false;
+            }
+            // The chunk holding the byte before `tail`.
+            let from = (tail - 1) / CHUNK * CHUNK;
+            let n = (tail - from) as usize;
+            if self.file.read(from, &mut buf[..n]).is_err() {
+                return false;
+            }
+            let all_zero = buf[..n].iter().all(|b| *b == 0);
+            buf[..n].fill(0);
+            if !all_zero {
+                break;
+            }
+            tail = from;
+        }
+        let mut fill = self.lock();
+        let start = fill.tail_found(tail);
+        self.filled.store(start, Ordering::Release);
+        drop(fill);
+        true
     }
 }
 
@@ -354,6 +415,25 @@ mod tests {
         assert_eq!(fill.next_step(), Some(35..100));
     }
 
+    /// While the tail is searched for, the mark is at zero, so every write is remembered;
+    /// those in the tail stay out of the zeros once it is found.
+    #[test]
+    fn writes_during_the_search_are_kept_out_of_the_zeros() {
+        let mut fill = Fill {
+            len: 100,
+            scanning: true,
+            ..Fill::default()
+        };
+        assert_eq!(fill.next_step(), None);
+        fill.note_written(10..20);
+        fill.note_written(60..70);
+        assert_eq!(fill.tail_found(50), 50);
+        assert_eq!(fill.written, vec![60..70]);
+        let step = fill.next_step().unwrap();
+        assert_eq!(step, 50..100);
+        assert_eq!(fill.gaps(&step), vec![50..60, 70..100]);
+    }
+
     #[test]
     fn the_filler_stays_a_bounded_distance_ahead() {
         let fill = Fill {
@@ -409,6 +489,72 @@ mod tests {
         assert!(
             allocated >= len,
             "only {allocated} of {len} bytes allocated"
+        );
+    }
+
+    /// A file with data at 0 and at 3 MiB + 4 KiB, and a hole up to 12 MiB: what a
+    /// site restarted after redb grew its file finds.
+    fn file_with_hole_tail(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
+        use std::os::unix::fs::FileExt;
+        let path = dir.join("f");
+        let len = 12usize << 20;
+        let f = std::fs::File::create(&path).unwrap();
+        f.write_all_at(&[5; 8192], 0).unwrap();
+        f.write_all_at(&[6; 4096], (3 << 20) + 4096).unwrap();
+        f.set_len(len as u64).unwrap();
+        f.sync_all().unwrap();
+        let mut expected = vec![0u8; len];
+        expected[..8192].fill(5);
+        expected[(3 << 20) + 4096..][..4096].fill(6);
+        (path, expected)
+    }
+
+    fn open_rw(path: &std::path::Path) -> PrefilledFile {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        PrefilledFile::new(file).unwrap()
+    }
+
+    /// The all-zero tail is found at open and filled; what lies before it is untouched.
+    #[test]
+    fn a_hole_tail_found_at_open_is_filled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, expected) = file_with_hole_tail(dir.path());
+        let len = expected.len() as u64;
+        let backend = open_rw(&path);
+        wait_filled(&backend, len);
+        backend.close().unwrap();
+        drop(backend);
+        assert!(std::fs::read(&path).unwrap() == expected, "data changed");
+        // From the chunk after the last data (4 MiB) to the end: allocated now.
+        let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(
+            allocated >= len - (4 << 20),
+            "only {allocated} bytes allocated"
+        );
+    }
+
+    /// Writes into the tail while it is being looked for are never zeroed.
+    #[test]
+    fn writes_during_the_search_for_the_tail_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut expected) = file_with_hole_tail(dir.path());
+        let len = expected.len() as u64;
+        let backend = open_rw(&path);
+        for (i, page) in [2816u64, 1280, 2000, 1100, 3070].into_iter().enumerate() {
+            let data = [10 + i as u8; 4096];
+            backend.write(page * 4096, &data).unwrap();
+            expected[(page * 4096) as usize..][..4096].copy_from_slice(&data);
+        }
+        wait_filled(&backend, len);
+        backend.close().unwrap();
+        drop(backend);
+        assert!(
+            std::fs::read(&path).unwrap() == expected,
+            "a write was lost"
         );
     }
 
