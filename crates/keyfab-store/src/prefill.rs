@@ -79,6 +79,8 @@ struct Fill {
     /// Opened with holes: the start of the all-zero tail is not known yet, nothing is
     /// filled until it is.
     scanning: bool,
+    /// The filler stopped on an I/O error: nothing more is filled or remembered.
+    given_up: bool,
     closing: bool,
 }
 
@@ -136,6 +138,9 @@ impl Fill {
     /// The search found the all-zero tail starting at `tail`: the mark moves there, and
     /// what redb wrote at or past it during the search stays remembered. Returns the mark.
     fn tail_found(&mut self, tail: u64) -> u64 {
+        if self.given_up {
+            return self.filled;
+        }
         let start = tail.min(self.len);
         self.scanning = false;
         self.filled_through(start);
@@ -199,17 +204,40 @@ impl Shared {
         self.fill.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The filler thread. On an I/O error it gives up: only speed is lost, redb writes
+    /// where it would have anyway.
     fn run(&self) {
+        if self.fill().is_err() {
+            self.give_up();
+        }
+    }
+
+    /// Stops filling for good: the mark moves past any length, so redb's writes take the
+    /// path without the lock and nothing more is remembered.
+    fn give_up(&self) {
+        let mut fill = self.lock();
+        fill.given_up = true;
+        fill.scanning = false;
+        fill.written.clear();
+        fill.filled = u64::MAX;
+        self.filled.store(u64::MAX, Ordering::Release);
+    }
+
+    fn fill(&self) -> std::io::Result<()> {
         let mut zeros = vec![0u8; CHUNK as usize];
-        if self.lock().scanning && !self.find_zero_tail(&mut zeros) {
-            return;
+        if self.lock().scanning {
+            let Some(tail) = self.find_zero_tail(&mut zeros)? else {
+                return Ok(());
+            };
+            let start = self.lock().tail_found(tail);
+            self.filled.store(start, Ordering::Release);
         }
         let mut unsynced = 0u64;
         loop {
             let mut fill = self.lock();
             let step = loop {
                 if fill.closing {
-                    return;
+                    return Ok(());
                 }
                 if let Some(step) = fill.next_step() {
                     break step;
@@ -223,17 +251,12 @@ impl Shared {
                 // Caught up: make what was filled allocated now, not in the next commit.
                 drop(fill);
                 unsynced = 0;
-                if self.file.sync_data().is_err() {
-                    return;
-                }
+                self.file.sync_data()?;
                 continue;
             }
             for gap in fill.gaps(&step) {
                 let n = (gap.end - gap.start) as usize;
-                if self.file.write(gap.start, &zeros[..n]).is_err() {
-                    // Only speed is lost: redb writes where it would have anyway.
-                    return;
-                }
+                self.file.write(gap.start, &zeros[..n])?;
             }
             fill.filled_through(step.end);
             self.filled.store(step.end, Ordering::Release);
@@ -241,9 +264,7 @@ impl Shared {
             unsynced += step.end - step.start;
             if unsynced >= SYNC_EVERY {
                 unsynced = 0;
-                if self.file.sync_data().is_err() {
-                    return;
-                }
+                self.file.sync_data()?;
             }
         }
     }
@@ -251,22 +272,19 @@ impl Shared {
 
 impl Shared {
     /// Opened with holes: reads back from the end, a chunk at a time, to where the file
-    /// stops being all zeros, and starts the mark there. Meanwhile every redb write is
-    /// remembered (the mark is at zero), so one that lands in the tail is skipped by the
-    /// filler even if the tail read as zeros before it. `buf` is left zeroed. False when
-    /// closing or on a read error (the filler then stops: only speed is lost).
-    fn find_zero_tail(&self, buf: &mut [u8]) -> bool {
+    /// stops being all zeros. Meanwhile every redb write is remembered (the mark is at
+    /// zero), so one that lands in the tail is skipped by the filler even if the tail
+    /// read as zeros before it. `buf` is left zeroed. `None` when closing.
+    fn find_zero_tail(&self, buf: &mut [u8]) -> std::io::Result<Option<u64>> {
         let mut tail = self.lock().len;
         while tail > 0 {
             if self.lock().closing {
-                return false;
+                return Ok(None);
             }
             // The chunk holding the byte before `tail`.
             let from = (tail - 1) / CHUNK * CHUNK;
             let n = (tail - from) as usize;
-            if self.file.read(from, &mut buf[..n]).is_err() {
-                return false;
-            }
+            self.file.read(from, &mut buf[..n])?;
             let all_zero = buf[..n].iter().all(|b| *b == 0);
             buf[..n].fill(0);
             if !all_zero {
@@ -274,11 +292,7 @@ impl Shared {
             }
             tail = from;
         }
-        let mut fill = self.lock();
-        let start = fill.tail_found(tail);
-        self.filled.store(start, Ordering::Release);
-        drop(fill);
-        true
+        Ok(Some(tail))
     }
 }
 
@@ -310,6 +324,9 @@ impl StorageBackend for PrefilledFile {
     fn set_len(&self, len: u64) -> Result<(), BackendIoError> {
         let mut fill = self.shared.lock();
         self.shared.file.set_len(len)?;
+        if fill.given_up {
+            return Ok(());
+        }
         if len < fill.filled {
             fill.filled_through(len);
             fill.written.clear();
@@ -556,6 +573,30 @@ mod tests {
             std::fs::read(&path).unwrap() == expected,
             "a write was lost"
         );
+    }
+
+    /// After an I/O error the filler gives up: redb's writes keep working, and nothing is
+    /// remembered any more (the list would otherwise grow for the life of the process).
+    #[test]
+    fn a_filler_that_gave_up_remembers_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut expected) = file_with_hole_tail(dir.path());
+        let backend = open_rw(&path);
+        backend.shared.give_up();
+        backend.write(8 << 20, &[3; 4096]).unwrap();
+        expected[8 << 20..][..4096].fill(3);
+        backend.set_len(16 << 20).unwrap();
+        backend.write(14 << 20, &[4; 4096]).unwrap();
+        expected.resize(16 << 20, 0);
+        expected[14 << 20..][..4096].fill(4);
+        {
+            let fill = backend.shared.lock();
+            assert!(fill.written.is_empty());
+            assert_eq!(fill.next_step(), None);
+        }
+        backend.close().unwrap();
+        drop(backend);
+        assert!(std::fs::read(&path).unwrap() == expected);
     }
 
     #[test]
