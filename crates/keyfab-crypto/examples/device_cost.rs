@@ -35,6 +35,11 @@ fn main() {
     time("ECDSA P-256 sign (320 bytes)", n, || {
         ca.sign(&[7u8; 320]).unwrap()
     });
+    time(
+        "scrub the stack (32 KiB)",
+        n * 10,
+        keyfab_crypto::secret::scrub_stack,
+    );
     let issuer = x509::DeviceIssuer::new(
         SigningKey::from_pkcs8(ca.to_pkcs8().expose()).unwrap(),
         &ca_cert,
