@@ -62,10 +62,10 @@ impl<'a> BundleKey<'a> {
         let (mut private_key_pem, mut secret_base64) = (None, None);
         if let Some(private) = &k.private {
             if k.key_type.is_asymmetric() {
-                private_key_pem = Some(SecretText(Zeroizing::new(x509::to_pem(
+                private_key_pem = Some(SecretText(x509::to_pem_secret(
                     private.expose(),
                     "PRIVATE KEY",
-                ))));
+                )));
             } else {
                 secret_base64 = Some(SecretText(Zeroizing::new(base64(private.expose()))));
             }

@@ -819,10 +819,46 @@ fn fixed_to_asn1(sig: &[u8]) -> Result<Vec<u8>> {
 
 /// PEM with LF line endings.
 pub fn to_pem(der: &[u8], tag: &str) -> String {
-    pem::encode_config(
-        &pem::Pem::new(tag, der.to_vec()),
-        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-    )
+    let mut out = String::with_capacity(pem_len(der.len(), tag));
+    write_pem(&mut out, der, tag);
+    out
+}
+
+/// [`to_pem`] for a private key: the text is zeroized when dropped, and it is written in
+/// place, so no other copy of the key (DER or base64) is left in freed memory.
+pub fn to_pem_secret(der: &[u8], tag: &str) -> zeroize::Zeroizing<String> {
+    let mut out = zeroize::Zeroizing::new(String::with_capacity(pem_len(der.len(), tag)));
+    write_pem(&mut out, der, tag);
+    out
+}
+
+/// The length of the PEM text of `der_len` bytes: the exact capacity, so it is never
+/// reallocated (a reallocation would leave the old buffer behind unzeroized).
+fn pem_len(der_len: usize, tag: &str) -> usize {
+    let b64 = der_len.div_ceil(3) * 4;
+    let lines = b64.div_ceil(64);
+    2 * tag.len() + 32 + b64 + lines
+}
+
+/// PEM with LF line endings, 64 base64 characters per line (RFC 7468), appended to `out`
+/// one line at a time from a buffer on the stack.
+fn write_pem(out: &mut String, der: &[u8], tag: &str) {
+    use base64::Engine;
+    out.push_str("-----BEGIN ");
+    out.push_str(tag);
+    out.push_str("-----\n");
+    let mut line = [0u8; 64];
+    for chunk in der.chunks(48) {
+        let n = base64::engine::general_purpose::STANDARD
+            .encode_slice(chunk, &mut line)
+            .unwrap_or(0);
+        out.push_str(std::str::from_utf8(&line[..n]).unwrap_or_default());
+        out.push('\n');
+    }
+    zeroize::Zeroize::zeroize(&mut line);
+    out.push_str("-----END ");
+    out.push_str(tag);
+    out.push_str("-----\n");
 }
 
 /// Reads one PEM block with the given tag.
@@ -845,4 +881,29 @@ pub fn from_pem(text: &str, tag: &str) -> Result<Vec<u8>> {
         )));
     }
     Ok(p.into_contents())
+}
+
+#[cfg(test)]
+mod pem_tests {
+    use super::*;
+
+    /// The same text as the `pem` crate writes (LF endings), at every length around the
+    /// line and padding boundaries, with exactly the capacity reserved.
+    #[test]
+    fn pem_text_matches_the_pem_crate() {
+        for len in (0..200).chain([1000, 4095]) {
+            let der: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            for tag in ["CERTIFICATE", "PRIVATE KEY"] {
+                let theirs = pem::encode_config(
+                    &pem::Pem::new(tag, der.clone()),
+                    pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+                );
+                let ours = to_pem(&der, tag);
+                assert_eq!(ours, theirs, "{len} {tag}");
+                assert_eq!(ours.capacity(), ours.len(), "{len}");
+                assert_eq!(*to_pem_secret(&der, tag), theirs);
+                assert_eq!(from_pem(&ours, tag).unwrap(), der);
+            }
+        }
+    }
 }

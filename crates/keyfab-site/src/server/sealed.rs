@@ -21,9 +21,19 @@ pub const SERVING_IDENTITY_FILE: &str = "serve-identity.pem";
 pub fn save_serving_identity(home: &Path, identity: &ServerIdentity) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut text = zeroize::Zeroizing::new(x509::to_pem(identity.key.expose(), "PRIVATE KEY"));
-    for cert in &identity.chain {
-        text.push_str(&x509::to_pem(cert, "CERTIFICATE"));
+    let key = x509::to_pem_secret(identity.key.expose(), "PRIVATE KEY");
+    let certs: Vec<String> = identity
+        .chain
+        .iter()
+        .map(|c| x509::to_pem(c, "CERTIFICATE"))
+        .collect();
+    // Sized once: growing it would leave a copy of the key behind in freed memory.
+    let mut text = zeroize::Zeroizing::new(String::with_capacity(
+        key.len() + certs.iter().map(String::len).sum::<usize>(),
+    ));
+    text.push_str(&key);
+    for cert in &certs {
+        text.push_str(cert);
     }
     let tmp = home.join(format!("{SERVING_IDENTITY_FILE}.tmp"));
     let mut f = std::fs::OpenOptions::new()
