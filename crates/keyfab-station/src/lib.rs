@@ -110,6 +110,25 @@ pub struct Client {
     /// The URL calls start with: the last one that answered. A node that stops
     /// answering costs one timeout, not one per request.
     preferred: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests sent again so far, and why (shared by clones).
+    retried: std::sync::Arc<RetryCounters>,
+}
+
+#[derive(Default)]
+struct RetryCounters {
+    busy: std::sync::atomic::AtomicU64,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+/// Requests a client sent again (same request id), by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retries {
+    /// Answered `429 busy`: the station had more requests in flight than the site
+    /// allows one station.
+    pub busy: u64,
+    /// No answer: the connection was refused, closed (a station past the site's bound
+    /// of connections is closed after the handshake) or timed out.
+    pub dropped: u64,
 }
 
 impl Client {
@@ -134,7 +153,17 @@ impl Client {
                 .map(|u| u.trim_end_matches('/').to_owned())
                 .collect(),
             preferred: Default::default(),
+            retried: Default::default(),
         })
+    }
+
+    /// The requests this client (and its clones) sent again so far, by reason.
+    pub fn retries(&self) -> Retries {
+        use std::sync::atomic::Ordering;
+        Retries {
+            busy: self.retried.busy.load(Ordering::Relaxed),
+            dropped: self.retried.dropped.load(Ordering::Relaxed),
+        }
     }
 
     /// The device bundle for `req`: key material, certificates. A connection that drops
@@ -177,6 +206,7 @@ impl Client {
             match request(&self.http, url).send().await {
                 // The site has this station's bound of requests in flight: wait, retry.
                 Ok(resp) if resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
+                    self.retried.busy.fetch_add(1, Ordering::Relaxed);
                     last = format!("{url}: busy");
                     tokio::time::sleep(Duration::from_millis(20 << attempt.min(4))).await;
                 }
@@ -198,6 +228,7 @@ impl Client {
                     return answer(resp).await;
                 }
                 Err(e) => {
+                    self.retried.dropped.fetch_add(1, Ordering::Relaxed);
                     last = format!("{url}: {}", error_chain(&e));
                     // Later calls start at the next URL, unless another call moved on.
                     let _ = self.preferred.compare_exchange(

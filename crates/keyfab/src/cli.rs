@@ -507,7 +507,9 @@ pub enum StationCommand {
       --entitlement ID --devices 1000 --concurrency 16 --device-prefix TSV2-
 
 Device ids are PREFIX followed by 8 digits from --first. The request id of each device is
-its id, so running the same line again resumes where it stopped.")]
+its id, so running the same line again resumes where it stopped. A request answered
+`busy` (more in flight than the site allows one station) or whose connection failed is
+sent again with the same request id; the summary counts them (JSON `retried`).")]
     Run {
         #[command(flatten)]
         station: StationArgs,

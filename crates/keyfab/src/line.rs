@@ -526,9 +526,22 @@ pub fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
     for (why, n) in &report.failures {
         text.push_str(&format!("\n  failed {n}: {why}"));
     }
+    let retries = client.retries();
+    if retries.busy > 0 {
+        text.push_str(&format!(
+            "\n  {} requests answered busy and sent again: more in flight than the site allows one station (lower --concurrency, or raise the site's --per-station-requests)",
+            retries.busy
+        ));
+    }
+    if retries.dropped > 0 {
+        text.push_str(&format!(
+            "\n  {} requests sent again after their connection failed or closed (the site's --per-station-connections, a node down, or the network)",
+            retries.dropped
+        ));
+    }
     let json = json!({
         "programmed": report.programmed, "failed": report.failed, "failures": report.failures, "refused": report.refused,
-        "unreachable": report.unreachable, "seconds": secs, "devices_per_s": rate,
+        "unreachable": report.unreachable, "retried": {"busy": retries.busy, "dropped": retries.dropped}, "seconds": secs, "devices_per_s": rate,
         "p50_ms": pct(0.50), "p99_ms": pct(0.99),
     });
     if report.programmed + report.failed == 0 && a.devices > 0 {

@@ -5,6 +5,7 @@
 mod common;
 
 mod approval;
+mod bench;
 mod cluster;
 mod crash;
 mod demo;

@@ -683,6 +683,19 @@ fn one_runaway_station_cannot_starve_the_others() {
     let _ = held[0].read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     drop(held);
+    // A line that keeps more requests in flight than its bound still gets every device
+    // through: the station sends the refused ones again, and its summary says so.
+    let run = line_run(
+        &server.url(),
+        &line2,
+        &w.root.join("root.crt"),
+        &id,
+        12,
+        8,
+        "BOUND-",
+    );
+    assert_eq!(run["programmed"], 12, "{run}");
+    assert!(run["retried"]["busy"].as_u64().unwrap_or(0) > 0, "{run}");
     let (code, _) = server.stop();
     assert_eq!(code, 0);
 }

@@ -1,0 +1,70 @@
+//! The benchmarks run end to end at tiny sizes: every device goes through (a bench whose
+//! devices fail reports an error instead of a rate) and each report carries the figures
+//! docs/BENCHMARKS.md compares — the rate beside the raw crypto rate measured in the same
+//! run. How fast they are is never asserted here.
+
+use crate::common::{ok, s};
+
+fn positive(report: &serde_json::Value, field: &str) -> f64 {
+    let v = report[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} missing from {report}"));
+    assert!(v > 0.0, "{field} is {v} in {report}");
+    v
+}
+
+#[test]
+fn bench_provision_reports_each_level_beside_the_raw_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = ok(&[
+        "bench",
+        "provision",
+        "--concurrency",
+        "8",
+        "--devices",
+        "200",
+        "--dir",
+        &s(dir.path()),
+    ]);
+    let raw = positive(&report, "raw_device_crypto_per_s");
+    let levels = report["levels"].as_array().expect("levels");
+    assert_eq!(levels.len(), 1, "{report}");
+    let level = &levels[0];
+    assert_eq!(level["concurrency"], 8);
+    assert_eq!(level["devices"], 200);
+    let rate = positive(level, "devices_per_s");
+    let ratio = positive(level, "ratio");
+    assert!((ratio - rate / raw).abs() < 1e-9, "{report}");
+    assert!(positive(level, "p99_ms") >= positive(level, "p50_ms"));
+}
+
+/// More simulated stations than the site lets one station hold connections or requests:
+/// the stations share one enrolled identity, and the run raises those bounds instead of
+/// measuring the reconnections and `429 busy` answers past them.
+#[test]
+fn bench_serve_runs_more_stations_than_one_station_may_have_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = ok(&[
+        "bench",
+        "serve",
+        "--stations",
+        "160",
+        "--devices",
+        "800",
+        "--dir",
+        &s(dir.path()),
+    ]);
+    assert_eq!(report["stations"], 160);
+    // Nothing sent twice: no `429 busy`, no connection closed past the site's bound.
+    assert_eq!(report["retried"]["busy"], 0, "{report}");
+    assert_eq!(report["retried"]["dropped"], 0, "{report}");
+    assert_eq!(report["devices"], 800);
+    let raw = positive(&report, "raw_device_crypto_per_s");
+    let rate = positive(&report, "devices_per_s");
+    assert!(
+        (positive(&report, "ratio") - rate / raw).abs() < 1e-9,
+        "{report}"
+    );
+    positive(&report, "server_cpu_us_per_device");
+    positive(&report, "station_cpu_us_per_device");
+}
