@@ -120,8 +120,8 @@ struct RetryCounters {
     dropped: std::sync::atomic::AtomicU64,
 }
 
-/// Requests a client sent again (same request id), by reason.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Requests a client sent again (same request id), by reason; reports show it as is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Retries {
     /// Answered `429 busy`: the station had more requests in flight than the site
     /// allows one station.

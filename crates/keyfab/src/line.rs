@@ -541,7 +541,7 @@ pub fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
     }
     let json = json!({
         "programmed": report.programmed, "failed": report.failed, "failures": report.failures, "refused": report.refused,
-        "unreachable": report.unreachable, "retried": {"busy": retries.busy, "dropped": retries.dropped}, "seconds": secs, "devices_per_s": rate,
+        "unreachable": report.unreachable, "retried": retries, "seconds": secs, "devices_per_s": rate,
         "p50_ms": pct(0.50), "p99_ms": pct(0.99),
     });
     if report.programmed + report.failed == 0 && a.devices > 0 {

@@ -13,19 +13,19 @@ fn positive(report: &serde_json::Value, field: &str) -> f64 {
     v
 }
 
+/// `keyfab bench ARGS… --dir TEMP`: its JSON report.
+fn bench(args: &[&str]) -> serde_json::Value {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = s(temp.path());
+    let mut all = vec!["bench"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--dir", &dir]);
+    ok(&all)
+}
+
 #[test]
 fn bench_provision_reports_each_level_beside_the_raw_rate() {
-    let dir = tempfile::tempdir().unwrap();
-    let report = ok(&[
-        "bench",
-        "provision",
-        "--concurrency",
-        "8",
-        "--devices",
-        "200",
-        "--dir",
-        &s(dir.path()),
-    ]);
+    let report = bench(&["provision", "--concurrency", "8", "--devices", "200"]);
     let raw = positive(&report, "raw_device_crypto_per_s");
     let levels = report["levels"].as_array().expect("levels");
     assert_eq!(levels.len(), 1, "{report}");
@@ -43,17 +43,7 @@ fn bench_provision_reports_each_level_beside_the_raw_rate() {
 /// measuring the reconnections and `429 busy` answers past them.
 #[test]
 fn bench_serve_runs_more_stations_than_one_station_may_have_in_flight() {
-    let dir = tempfile::tempdir().unwrap();
-    let report = ok(&[
-        "bench",
-        "serve",
-        "--stations",
-        "160",
-        "--devices",
-        "800",
-        "--dir",
-        &s(dir.path()),
-    ]);
+    let report = bench(&["serve", "--stations", "160", "--devices", "800"]);
     assert_eq!(report["stations"], 160);
     // Nothing sent twice: no `429 busy`, no connection closed past the site's bound.
     assert_eq!(report["retried"]["busy"], 0, "{report}");
