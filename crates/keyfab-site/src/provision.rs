@@ -17,6 +17,7 @@
 
 mod committer;
 mod decide;
+mod key_reserve;
 mod pool_keys;
 pub(crate) mod reservations;
 
@@ -363,6 +364,7 @@ pub struct Provisioner {
     node: Arc<Node>,
     contexts: Mutex<HashMap<String, Arc<EntitlementContext>>>,
     work: Mutex<Option<mpsc::Sender<Work>>>,
+    reserve: Arc<key_reserve::KeyReserve>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -441,6 +443,8 @@ impl Provisioner {
         let (work_tx, work_rx) = mpsc::channel::<Work>();
         let work_rx = Arc::new(Mutex::new(work_rx));
         let mut threads = Vec::new();
+        let (reserve, filler) = key_reserve::KeyReserve::start();
+        threads.extend(filler);
         let committer_node = node.clone();
         if let Ok(h) = std::thread::Builder::new()
             .name("keyfab-committer".into())
@@ -450,9 +454,10 @@ impl Provisioner {
         }
         for i in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
             let (node, rx, jobs) = (node.clone(), work_rx.clone(), jobs_tx.clone());
+            let reserve = reserve.clone();
             if let Ok(h) = std::thread::Builder::new()
                 .name(format!("keyfab-crypto-{i}"))
-                .spawn(move || crypto_worker(&node, &rx, &jobs))
+                .spawn(move || crypto_worker(&node, &rx, &jobs, &reserve))
             {
                 threads.push(h);
             }
@@ -461,6 +466,7 @@ impl Provisioner {
             node,
             contexts: Mutex::new(HashMap::new()),
             work: Mutex::new(Some(work_tx)),
+            reserve,
             threads: Mutex::new(threads),
         }
     }
@@ -647,6 +653,7 @@ impl Provisioner {
         node: &Node,
         ctx: &EntitlementContext,
         req: &ProvisionRequest,
+        reserve: Option<&key_reserve::KeyReserve>,
     ) -> Result<Vec<Prepared>> {
         let rng = node.rng.as_ref();
         let now = node.now();
@@ -675,7 +682,17 @@ impl Provisioner {
             out.push(match spec.source {
                 KeySource::HqPool => Prepared::Pool,
                 KeySource::Site => {
-                    let (secret, e) = devicekey::generate_expanded(kind, rng)?;
+                    let ready = match (kind, reserve) {
+                        (DeviceKeyType::EcP256, Some(r)) => r.take(),
+                        _ => None,
+                    };
+                    let (secret, e) = match ready {
+                        Some(key) => key,
+                        None => {
+                            let (secret, e) = devicekey::generate_expanded(kind, rng)?;
+                            (Box::new(secret), e)
+                        }
+                    };
                     let cert = certify(ctx, spec, &req.device_id, e.public.as_ref(), now, rng)?;
                     let sealed = ctx.seal_site_key(&req.device_id, &spec.name, &secret, rng)?;
                     Prepared::Ready {
@@ -884,6 +901,7 @@ impl Drop for Provisioner {
     fn drop(&mut self) {
         // Closing the work queue stops the workers, whose exit closes the committer's.
         self.work.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.reserve.stop();
         for h in self
             .threads
             .lock()
@@ -895,7 +913,12 @@ impl Drop for Provisioner {
     }
 }
 
-fn crypto_worker(node: &Node, work: &Mutex<mpsc::Receiver<Work>>, jobs: &mpsc::Sender<Job>) {
+fn crypto_worker(
+    node: &Node,
+    work: &Mutex<mpsc::Receiver<Work>>,
+    jobs: &mpsc::Sender<Job>,
+    reserve: &key_reserve::KeyReserve,
+) {
     loop {
         let next = work.lock().unwrap_or_else(|p| p.into_inner()).recv();
         let Ok(Work {
@@ -909,7 +932,7 @@ fn crypto_worker(node: &Node, work: &Mutex<mpsc::Receiver<Work>>, jobs: &mpsc::S
         };
         let prepared = match confirm {
             Some(_) => Ok(Vec::new()),
-            None => Provisioner::prepare(node, &ctx, &req),
+            None => Provisioner::prepare(node, &ctx, &req, Some(reserve)),
         };
         // Key generation left copies of the new key in the frames below this one.
         keyfab_crypto::secret::scrub_stack();

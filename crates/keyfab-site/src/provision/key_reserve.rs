@@ -1,0 +1,135 @@
+//! P-256 key pairs generated ahead, on cores that would otherwise sit idle.
+//!
+//! A `site` key needs nothing from its request, so it can exist before the request does.
+//! Under load the engine's cores idle in short gaps (while the committer waits for its
+//! `fdatasync`, between one batch's answers and the requests they free); a thread of the
+//! lowest scheduling class (`SCHED_IDLE`) fills those gaps with key generation, and a
+//! crypto worker takes a ready key instead of generating one. The thread never competes
+//! with the request path for a core: the kernel runs it only when nothing else would run.
+//! When the reserve is empty a worker generates its own key, as without a reserve.
+//!
+//! Keys wait here briefly and only in memory. The scalar is boxed, so taking a key moves
+//! a pointer and the scalar is zeroized where it lies when dropped; the rest of a key
+//! (its PKCS#8 form already on the heap, zeroized on drop; its public parts) moves freely.
+
+use keyfab_crypto::devicekey::{self, DeviceKeyType, Expanded};
+use keyfab_crypto::secret::Secret32;
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Keys held ready: a few commits' worth of requests at the engine's usual concurrency.
+const CAPACITY: usize = 256;
+
+/// The reserve thread, asleep on a full reserve, is woken once this many keys were taken
+/// (a wake-up is a system call; one per key taken would cost the worker that takes it).
+const WAKE_AFTER: usize = 32;
+
+/// A generated P-256 key: its 32-byte scalar and everything computed from it.
+pub(super) type ReadyKey = (Box<Secret32>, Expanded);
+
+#[derive(Default)]
+struct State {
+    keys: Vec<ReadyKey>,
+    stopped: bool,
+}
+
+#[derive(Default)]
+pub(super) struct KeyReserve {
+    state: Mutex<State>,
+    refill: Condvar,
+}
+
+impl KeyReserve {
+    /// The reserve and its thread, which runs until [`KeyReserve::stop`]. Without the
+    /// thread (it could not be started) the reserve stays empty and workers generate.
+    pub(super) fn start() -> (Arc<Self>, Option<std::thread::JoinHandle<()>>) {
+        let reserve = Arc::new(Self::default());
+        let filler = reserve.clone();
+        let handle = std::thread::Builder::new()
+            .name("keyfab-keygen".into())
+            .spawn(move || filler.fill())
+            .ok();
+        (reserve, handle)
+    }
+
+    /// Stops the thread and drops (zeroizes) the keys it left.
+    pub(super) fn stop(&self) {
+        let mut state = self.lock();
+        state.stopped = true;
+        state.keys.clear();
+        drop(state);
+        self.refill.notify_all();
+    }
+
+    /// A P-256 key pair generated ahead, if one is ready. Never waits: the lock may be
+    /// held by the reserve thread, which the kernel may leave off the cores for a long
+    /// while on a busy machine (that is its class); a worker that finds the lock taken
+    /// generates its own key.
+    pub(super) fn take(&self) -> Option<ReadyKey> {
+        let mut state = match self.state.try_lock() {
+            Ok(state) => state,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let key = state.keys.pop();
+        if key.is_some() && state.keys.len() == CAPACITY - WAKE_AFTER {
+            self.refill.notify_one();
+        }
+        key
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fill(&self) {
+        // Without the idle class the thread would take turns with the request path:
+        // generating ahead then only moves work around, so the reserve stays empty.
+        if !run_only_when_idle() {
+            return;
+        }
+        loop {
+            {
+                let mut state = self.lock();
+                while state.keys.len() >= CAPACITY && !state.stopped {
+                    state = self
+                        .refill
+                        .wait(state)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+                if state.stopped {
+                    return;
+                }
+            }
+            let Some(key) = generate() else { return };
+            // Key generation left copies of the key in the frames below this one.
+            keyfab_crypto::secret::scrub_stack();
+            let mut state = self.lock();
+            if state.stopped {
+                return;
+            }
+            state.keys.push(key);
+        }
+    }
+}
+
+/// One key, boxed where it was made (its frame is scrubbed by the caller).
+#[inline(never)]
+fn generate() -> Option<ReadyKey> {
+    devicekey::generate_expanded(DeviceKeyType::EcP256, &keyfab_crypto::rng::SystemRng)
+        .ok()
+        .map(|(secret, expanded)| (Box::new(secret), expanded))
+}
+
+/// Puts the calling thread in the idle scheduling class; false where that fails.
+fn run_only_when_idle() -> bool {
+    use thread_priority::unix::{
+        set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
+        ThreadSchedulePolicy,
+    };
+    set_thread_priority_and_policy(
+        thread_native_id(),
+        thread_priority::ThreadPriority::Min,
+        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+    )
+    .is_ok()
+}
