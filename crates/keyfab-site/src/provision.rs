@@ -443,8 +443,9 @@ impl Provisioner {
         let (work_tx, work_rx) = mpsc::channel::<Work>();
         let work_rx = Arc::new(Mutex::new(work_rx));
         let mut threads = Vec::new();
-        let (reserve, filler) = key_reserve::KeyReserve::start();
-        threads.extend(filler);
+        // Not joined on drop: stopped, it ends by itself, and a thread of the idle class
+        // may wait long for a core on a busy machine.
+        let reserve = key_reserve::KeyReserve::start();
         let committer_node = node.clone();
         if let Ok(h) = std::thread::Builder::new()
             .name("keyfab-committer".into())

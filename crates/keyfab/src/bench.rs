@@ -314,22 +314,25 @@ pub fn provision(
                 "committer"
             } else if name.starts_with("keyfab-crypto") {
                 "crypto"
+            } else if name.starts_with("keyfab-keygen") {
+                "keygen"
             } else {
                 "other"
             }
         });
         let per_device = |g: &str| spent.of(g) * 1e6 / devices as f64;
         text.push_str(&format!(
-            "  CPU per device: committer {:.1} µs, crypto workers {:.1} µs, callers and the rest {:.1} µs{}\n",
+            "  CPU per device: committer {:.1} µs, crypto workers {:.1} µs, keys made ahead on idle cores {:.1} µs, callers and the rest {:.1} µs{}\n",
             per_device("committer"),
             per_device("crypto"),
+            per_device("keygen"),
             per_device("other"),
             spent
                 .busy
                 .map(|b| format!("; the machine's cores {:.0} % busy", b * 100.0))
                 .unwrap_or_default()
         ));
-        row["cpu_us_per_device"] = json!({"committer": per_device("committer"), "crypto_workers": per_device("crypto"), "other": per_device("other")});
+        row["cpu_us_per_device"] = json!({"committer": per_device("committer"), "crypto_workers": per_device("crypto"), "keys_made_ahead": per_device("keygen"), "other": per_device("other")});
         row["cores_busy"] = json!(spent.busy);
         // On the embedded store the whole path is this process: its CPU per device says
         // what the cores could carry if the commit cycle never left them idle — whether a

@@ -40,15 +40,15 @@ pub(super) struct KeyReserve {
 
 impl KeyReserve {
     /// The reserve and its thread, which runs until [`KeyReserve::stop`]. Without the
-    /// thread (it could not be started) the reserve stays empty and workers generate.
-    pub(super) fn start() -> (Arc<Self>, Option<std::thread::JoinHandle<()>>) {
+    /// thread (it could not be started, or not put in the idle class) the reserve stays
+    /// empty and workers generate every key.
+    pub(super) fn start() -> Arc<Self> {
         let reserve = Arc::new(Self::default());
         let filler = reserve.clone();
-        let handle = std::thread::Builder::new()
+        let _ = std::thread::Builder::new()
             .name("keyfab-keygen".into())
-            .spawn(move || filler.fill())
-            .ok();
-        (reserve, handle)
+            .spawn(move || filler.fill());
+        reserve
     }
 
     /// Stops the thread and drops (zeroizes) the keys it left.
@@ -132,4 +132,82 @@ fn run_only_when_idle() -> bool {
         ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
     )
     .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyfab_crypto::x509::DevicePublicKey;
+
+    /// Waits (bounded) until the reserve thread has made `n` keys.
+    fn wait_for(reserve: &KeyReserve, n: usize) -> bool {
+        for _ in 0..2_000 {
+            if reserve.lock().keys.len() >= n {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        false
+    }
+
+    /// A key, once the reserve thread lets go of the lock (`take` never waits for it).
+    fn take_ready(reserve: &KeyReserve) -> Option<ReadyKey> {
+        (0..1_000).find_map(|_| {
+            let key = reserve.take();
+            if key.is_none() {
+                std::thread::yield_now();
+            }
+            key
+        })
+    }
+
+    #[test]
+    fn an_empty_reserve_hands_out_nothing() {
+        let reserve = KeyReserve::default();
+        assert!(reserve.take().is_none());
+    }
+
+    #[test]
+    fn the_thread_fills_the_reserve_with_distinct_working_keys_up_to_its_capacity() {
+        let reserve = KeyReserve::start();
+        assert!(wait_for(&reserve, CAPACITY), "the reserve did not fill");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(reserve.lock().keys.len(), CAPACITY, "filled past its capacity");
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..CAPACITY {
+            let (secret, expanded) = take_ready(&reserve).expect("a ready key");
+            // The scalar and the rest of the key belong together: expanding the scalar
+            // again gives the same public key.
+            let again = devicekey::expand(DeviceKeyType::EcP256, &secret).expect("expands");
+            let (Some(DevicePublicKey::P256(a)), Some(DevicePublicKey::P256(b))) =
+                (&expanded.public, &again.public)
+            else {
+                panic!("not a P-256 key");
+            };
+            assert_eq!(a, b);
+            assert!(seen.insert(a.clone()), "a key was handed out twice");
+        }
+        reserve.stop();
+    }
+
+    #[test]
+    fn taking_keys_wakes_the_thread_to_make_more() {
+        let reserve = KeyReserve::start();
+        assert!(wait_for(&reserve, CAPACITY));
+        for _ in 0..WAKE_AFTER {
+            assert!(take_ready(&reserve).is_some());
+        }
+        assert!(wait_for(&reserve, CAPACITY), "the reserve was not refilled");
+        reserve.stop();
+    }
+
+    #[test]
+    fn a_stopped_reserve_drops_its_keys_and_hands_out_none() {
+        let reserve = KeyReserve::start();
+        assert!(wait_for(&reserve, 1));
+        reserve.stop();
+        assert!(reserve.take().is_none());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(reserve.lock().keys.is_empty());
+    }
 }
