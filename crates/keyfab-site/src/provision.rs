@@ -12,8 +12,9 @@
 //!
 //! Here: requests, answers and the crypto workers. `committer`: the serial loop and its
 //! batches. `decide`: a batch's state and its decisions, in one transaction.
-//! `pool_keys`: HQ pool slots a batch takes, read and made ready ahead. `reservations`:
-//! on a cluster, each node's share of the quota.
+//! `pool_keys`: HQ pool slots a batch takes, read and made ready ahead. `key_reserve`:
+//! P-256 keys for `site` key specs generated ahead on otherwise idle cores.
+//! `reservations`: on a cluster, each node's share of the quota.
 
 mod committer;
 mod decide;

@@ -91,10 +91,7 @@ impl KeyReserve {
             {
                 let mut state = self.lock();
                 while state.keys.len() >= CAPACITY && !state.stopped {
-                    state = self
-                        .refill
-                        .wait(state)
-                        .unwrap_or_else(|p| p.into_inner());
+                    state = self.refill.wait(state).unwrap_or_else(|p| p.into_inner());
                 }
                 if state.stopped {
                     return;
@@ -172,7 +169,11 @@ mod tests {
         let reserve = KeyReserve::start();
         assert!(wait_for(&reserve, CAPACITY), "the reserve did not fill");
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert_eq!(reserve.lock().keys.len(), CAPACITY, "filled past its capacity");
+        assert_eq!(
+            reserve.lock().keys.len(),
+            CAPACITY,
+            "filled past its capacity"
+        );
         let mut seen = std::collections::HashSet::new();
         for _ in 0..CAPACITY {
             let (secret, expanded) = take_ready(&reserve).expect("a ready key");
