@@ -655,7 +655,7 @@ impl Provisioner {
         node: &Node,
         ctx: &EntitlementContext,
         req: &ProvisionRequest,
-        reserve: Option<&key_reserve::KeyReserve>,
+        reserve: &key_reserve::KeyReserve,
     ) -> Result<Vec<Prepared>> {
         let rng = node.rng.as_ref();
         let now = node.now();
@@ -684,8 +684,8 @@ impl Provisioner {
             out.push(match spec.source {
                 KeySource::HqPool => Prepared::Pool,
                 KeySource::Site => {
-                    let ready = match (kind, reserve) {
-                        (DeviceKeyType::EcP256, Some(r)) => r.take(),
+                    let ready = match kind {
+                        DeviceKeyType::EcP256 => reserve.take(),
                         _ => None,
                     };
                     let (secret, e) = match ready {
@@ -934,7 +934,7 @@ fn crypto_worker(
         };
         let prepared = match confirm {
             Some(_) => Ok(Vec::new()),
-            None => Provisioner::prepare(node, &ctx, &req, Some(reserve)),
+            None => Provisioner::prepare(node, &ctx, &req, reserve),
         };
         // Key generation left copies of the new key in the frames below this one.
         keyfab_crypto::secret::scrub_stack();
