@@ -16,6 +16,7 @@
 //! P-256 keys for `site` key specs generated ahead on otherwise idle cores.
 //! `reservations`: on a cluster, each node's share of the quota.
 
+mod cohorts;
 mod committer;
 mod decide;
 mod key_reserve;
@@ -366,11 +367,14 @@ pub struct Provisioner {
     contexts: Mutex<HashMap<String, Arc<EntitlementContext>>>,
     work: Mutex<Option<mpsc::Sender<Work>>>,
     reserve: Arc<key_reserve::KeyReserve>,
+    cohorts: Arc<cohorts::Cohorts>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 /// A request on its way to a crypto worker.
 struct Work {
+    /// See [`cohorts`].
+    cohort: u64,
     ctx: Arc<EntitlementContext>,
     req: ProvisionRequest,
     confirm: Option<Programming>,
@@ -447,19 +451,21 @@ impl Provisioner {
         // Not joined on drop: stopped, it ends by itself, and a thread of the idle class
         // may wait long for a core on a busy machine.
         let reserve = key_reserve::KeyReserve::start();
+        let cohorts = Arc::new(cohorts::Cohorts::default());
         let committer_node = node.clone();
+        let committer_cohorts = cohorts.clone();
         if let Ok(h) = std::thread::Builder::new()
             .name("keyfab-committer".into())
-            .spawn(move || committer(&committer_node, &jobs_rx))
+            .spawn(move || committer(&committer_node, &jobs_rx, &committer_cohorts))
         {
             threads.push(h);
         }
         for i in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
             let (node, rx, jobs) = (node.clone(), work_rx.clone(), jobs_tx.clone());
-            let reserve = reserve.clone();
+            let (reserve, cohorts) = (reserve.clone(), cohorts.clone());
             if let Ok(h) = std::thread::Builder::new()
                 .name(format!("keyfab-crypto-{i}"))
-                .spawn(move || crypto_worker(&node, &rx, &jobs, &reserve))
+                .spawn(move || crypto_worker(&node, &rx, &jobs, &reserve, &cohorts))
             {
                 threads.push(h);
             }
@@ -469,6 +475,7 @@ impl Provisioner {
             contexts: Mutex::new(HashMap::new()),
             work: Mutex::new(Some(work_tx)),
             reserve,
+            cohorts,
             threads: Mutex::new(threads),
         }
     }
@@ -632,13 +639,18 @@ impl Provisioner {
         let tx = work
             .as_ref()
             .ok_or_else(|| Error::InvalidState("provisioner stopped".into()))?;
+        let cohort = self.cohorts.entered();
         tx.send(Work {
+            cohort,
             ctx: ctx.clone(),
             req,
             confirm,
             reply,
         })
-        .map_err(|_| Error::InvalidState("provisioner stopped".into()))
+        .map_err(|_| {
+            self.cohorts.left(cohort);
+            Error::InvalidState("provisioner stopped".into())
+        })
     }
 
     /// [`Provisioner::provision`] for async callers (the station API): the request waits
@@ -920,10 +932,12 @@ fn crypto_worker(
     work: &Mutex<mpsc::Receiver<Work>>,
     jobs: &mpsc::Sender<Job>,
     reserve: &key_reserve::KeyReserve,
+    cohorts: &cohorts::Cohorts,
 ) {
     loop {
         let next = work.lock().unwrap_or_else(|p| p.into_inner()).recv();
         let Ok(Work {
+            cohort,
             ctx,
             req,
             confirm,
@@ -947,14 +961,19 @@ fn crypto_worker(
                     confirm,
                     reply: Some(reply),
                 };
-                if let Err(mpsc::SendError(mut job)) = jobs.send(job) {
+                let sent = jobs.send(job);
+                cohorts.left(cohort);
+                if let Err(mpsc::SendError(mut job)) = sent {
                     if let Some(reply) = job.reply.take() {
                         reply.send(Err(Error::InvalidState("committer stopped".into())));
                     }
                     return;
                 }
             }
-            Err(e) => reply.send(Err(e)),
+            Err(e) => {
+                cohorts.left(cohort);
+                reply.send(Err(e));
+            }
         }
     }
 }

@@ -4,6 +4,7 @@
 //! takes; it is decided in order and committed as one transaction, and only then are its
 //! answers sent.
 
+use super::cohorts::Cohorts;
 use super::{decide_batch, Carried, Job, Outcome, Reply};
 use keyfab_node::{Error, Node, Result};
 use keyfab_store::CommitLimits;
@@ -34,7 +35,8 @@ const QUOTA_HELD_PAUSE: std::time::Duration = std::time::Duration::from_millis(2
 /// Replies of one batch, handed out only after its commit.
 type Replies = Vec<(Reply, Result<Outcome>)>;
 
-pub(super) fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
+pub(super) fn committer(node: &Node, rx: &mpsc::Receiver<Job>, cohorts: &Cohorts) {
+    cohorts.register_committer();
     // Waking each caller costs a system call; a dispatcher does it, so the committer —
     // the one serial step — moves on to the next batch at once.
     let (to_dispatch, dispatch) = mpsc::channel::<Replies>();
@@ -103,16 +105,19 @@ pub(super) fn committer(node: &Node, rx: &mpsc::Receiver<Job>) {
             },
         };
         holding = chain.is_some();
+        cohorts.await_last_cohort(super::cohorts::MAX_WAIT);
         let batch = gather(first, rx, &mut pending, limits);
         let (senders, batch): (Vec<Reply>, Vec<Job>) = batch
             .into_iter()
             .filter_map(|mut j| j.reply.take().map(|r| (r, j)))
             .unzip();
-        deliver(match decide_and_commit(node, batch, &mut carried, &chain) {
+        let replies = match decide_and_commit(node, batch, &mut carried, &chain) {
             // Only now, after the commit, may any answer leave.
             Ok(outcomes) => senders.into_iter().zip(outcomes).collect(),
             Err(e) => fail_all(senders, &e),
-        });
+        };
+        cohorts.committed();
+        deliver(replies);
         keyfab_crypto::secret::scrub_stack();
     }
     drop(to_dispatch);
