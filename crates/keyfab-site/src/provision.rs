@@ -12,6 +12,7 @@
 //!
 //! Here: requests, answers and the crypto workers. `committer`: the serial loop and its
 //! batches. `decide`: a batch's state and its decisions, in one transaction.
+//! `cohorts`: which requests a batch waits for, so that commits carry more decisions.
 //! `pool_keys`: HQ pool slots a batch takes, read and made ready ahead. `key_reserve`:
 //! P-256 keys for `site` key specs generated ahead on otherwise idle cores.
 //! `reservations`: on a cluster, each node's share of the quota.
