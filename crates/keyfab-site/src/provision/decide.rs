@@ -452,7 +452,7 @@ pub(super) fn decide_batch(
         let already = match (st.devices.contains(&dev_key), stored_device) {
             (true, _) => true,
             (false, Some(v)) => {
-                let d: DeviceRecord = decode(&v.value)?;
+                let d = DeviceRecord::from_stored(&v.value)?;
                 if d.request_id == req.request_id {
                     outcomes.push(Ok(Outcome::Replay(RequestRecord {
                         device_id: req.device_id.clone(),
@@ -687,7 +687,7 @@ pub(super) fn decide_batch(
                     denied: None,
                     reason: None,
                 };
-                txn.put(Table::Devices, &dev_key, &encode(&device)?);
+                txn.put(Table::Devices, &dev_key, &device.to_stored()?);
                 st.devices.insert(dev_key);
                 st.requests.insert(req_key, rr);
                 outcomes.push(Ok(Outcome::Allowed {
@@ -761,7 +761,7 @@ pub(super) fn confirm_device(
     let mut record = match confirmed.get(dev_key) {
         Some(r) => r.clone(),
         None => match stored {
-            Some(v) => decode::<DeviceRecord>(&v.value)?,
+            Some(v) => DeviceRecord::from_stored(&v.value)?,
             None => {
                 return Err(Error::NotFound(format!(
                     "device '{}' has no keys under {} to confirm",
@@ -799,7 +799,7 @@ pub(super) fn confirm_device(
         result,
         audit_sequence: seq,
     });
-    txn.put(Table::Devices, dev_key, &encode(&record)?);
+    txn.put(Table::Devices, dev_key, &record.to_stored()?);
     confirmed.insert(dev_key.to_vec(), record);
     Ok(Outcome::Confirmed {
         audit_sequence: seq,
