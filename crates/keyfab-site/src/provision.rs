@@ -227,29 +227,18 @@ impl DeviceRecord {
         if bytes.first().map(|b| b >> 5) != Some(4) {
             return decode(bytes);
         }
-        let (
-            request_id,
-            audit_sequence,
-            audit_row,
-            audit_chain,
-            time,
-            station,
-            pool_index,
-            sealed,
-            confirmed,
-            transport_key,
-        ): DeviceRow = decode(bytes)?;
+        let row: DeviceRow = decode(bytes)?;
         Ok(Self {
-            request_id,
-            audit_sequence,
-            audit_row,
-            audit_chain,
-            time,
-            station,
-            pool_index,
-            sealed,
-            confirmed,
-            transport_key,
+            request_id: row.0,
+            audit_sequence: row.1,
+            audit_row: row.2,
+            audit_chain: row.3,
+            time: row.4,
+            station: row.5,
+            pool_index: row.6,
+            sealed: row.7,
+            confirmed: row.8,
+            transport_key: row.9,
         })
     }
 }
