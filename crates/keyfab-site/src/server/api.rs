@@ -198,7 +198,7 @@ async fn require_station(
             let name = tokio::task::spawn_blocking(move || crate::stations::check(&node, &der))
                 .await
                 .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "check"))?
-                .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, e.code(), e.to_string()))?;
+                .map_err(station_refused)?;
             *peer.checked.lock().unwrap_or_else(|p| p.into_inner()) = Some(Checked {
                 station: name.clone(),
                 generation,
@@ -244,6 +244,17 @@ struct ProvisionBody {
     /// The chip's transport key (P-256, SEC1 uncompressed, base64): the key material
     /// comes back sealed to it.
     transport_key: Option<String>,
+}
+
+/// A station whose certificate does not check out is refused (403, with the check's
+/// code). A check that could not read the site's state — the store failing over — is
+/// not a refusal: it is answered like any request the store could not serve (503
+/// `unavailable`), and the station sends the same request again.
+fn station_refused(e: Error) -> ApiError {
+    match e {
+        Error::Unavailable(_) | Error::Locked => ApiError::from(e),
+        e => ApiError::new(StatusCode::FORBIDDEN, e.code(), e.to_string()),
+    }
 }
 
 fn malformed(what: &str, e: impl std::fmt::Display) -> ApiError {
@@ -417,4 +428,21 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
         .await
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "metrics"))??;
     Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_station_check_the_store_could_not_serve_is_sent_again_not_refused() {
+        let failover = station_refused(Error::Unavailable("no etcd leader".into()));
+        assert_eq!(failover.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(failover.code, "unavailable");
+        let refused = station_refused(Error::Verification(
+            keyfab_formats::FormatError::UntrustedSigner("revoked".into()),
+        ));
+        assert_eq!(refused.status, StatusCode::FORBIDDEN);
+        assert_eq!(refused.code, "untrusted_signer");
+    }
 }
