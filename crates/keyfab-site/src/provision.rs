@@ -159,8 +159,10 @@ pub struct Provisioned {
 
 /// What the site keeps per provisioned device beside its audit record, which holds the
 /// key ids and certificates: where that record is, and what a retry needs that the
-/// audit must never hold.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// audit must never hold. Stored as an array ([`DeviceRecord::to_stored`]); the derived
+/// (map) form is how stores written before kept it, read still (and written by tests).
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 #[serde(deny_unknown_fields)]
 struct DeviceRecord {
     request_id: String,
