@@ -105,6 +105,14 @@ impl KeyReserve {
                 return;
             }
             state.keys.push(key);
+            drop(state);
+            // Yield after every key. A thread that wakes on this core should take it
+            // from an idle-class thread at once, but does not always: the committer,
+            // woken while this thread ran, was seen waiting up to 4 ms, with an idle
+            // core beside it — a stall of every request in flight. Yielding bounds that
+            // wait to one key's generation (`bench provision`, concurrency 64: waits
+            // over 1 ms from 19–28 to 1–3 per 3 s; BENCHMARKS.md).
+            std::thread::yield_now();
         }
     }
 }
