@@ -182,7 +182,7 @@ pub(crate) fn all_cores<F: Fn(usize) -> Result<(), keyfab_crypto::CryptoError> +
 pub fn provision(
     _ctx: &Context,
     concurrency: Option<usize>,
-    devices: u64,
+    length: LevelLength,
     dir: Option<&Path>,
     token_module: Option<&Path>,
     policy_module: Option<&Path>,
@@ -214,6 +214,25 @@ pub fn provision(
     } else {
         0
     };
+    // The limit: raw per-device crypto on all cores.
+    let signer = keyfab_crypto::sign::SigningKey::generate(&keyfab_crypto::rng::SystemRng)
+        .map_err(|e| Failure::new("internal", e.to_string()))?;
+    let aead = keyfab_crypto::aead::AeadKey::new(&keyfab_crypto::secret::Secret32::new([7; 32]))
+        .map_err(|e| Failure::new("internal", e.to_string()))?;
+    let raw = all_cores(RAW_SAMPLE_PER_CORE, |n| {
+        keyfab_crypto::devicekey::raw_device_crypto(n, &signer, &aead)
+    })?;
+
+    // A level runs for its time, or until its devices are done. Timed, each has room
+    // for twice what the raw crypto could do meanwhile (no level outruns it), and the
+    // entitlement's quota for every level.
+    let (devices, deadline) = match length {
+        LevelLength::Devices(n) => (n, None),
+        LevelLength::Seconds(secs) => (
+            ((raw * secs * 2.0) as u64).max(1_000),
+            Some(std::time::Duration::from_secs_f64(secs)),
+        ),
+    };
     let total = devices * (levels.len() + peer_rounds) as u64;
     let last_level = levels.last().copied().unwrap_or(64);
     let policy = base.join("provision.toml");
@@ -244,15 +263,6 @@ pub fn provision(
         }
         None => None,
     };
-
-    // The limit: raw per-device crypto on all cores.
-    let signer = keyfab_crypto::sign::SigningKey::generate(&keyfab_crypto::rng::SystemRng)
-        .map_err(|e| Failure::new("internal", e.to_string()))?;
-    let aead = keyfab_crypto::aead::AeadKey::new(&keyfab_crypto::secret::Secret32::new([7; 32]))
-        .map_err(|e| Failure::new("internal", e.to_string()))?;
-    let raw = all_cores(RAW_SAMPLE_PER_CORE, |n| {
-        keyfab_crypto::devicekey::raw_device_crypto(n, &signer, &aead)
-    })?;
 
     // More nodes of the same site: copies of its home (keys and store.json).
     let mut homes = vec![site.clone()];
@@ -286,28 +296,41 @@ pub fn provision(
         // With a module, the two entitlements take turns, A B B A, so the store growing
         // during the run weighs on both alike.
         let half = devices / 2;
+        let half_time = deadline.map(|d| d / 2);
         let (plain, coded) = match &code_id {
             Some(code_id) => {
-                let a1 = run_level(&provisioners, &id, c, start_index, half, "B")?;
-                let b1 = run_level(&provisioners, code_id, c, start_index, half, "C")?;
-                let rest = devices - half;
-                let b2 = run_level(&provisioners, code_id, c, start_index + half, rest, "C")?;
-                let a2 = run_level(&provisioners, &id, c, start_index + half, rest, "B")?;
+                let first = Span::new(start_index, half, half_time);
+                let second = Span::new(start_index + half, devices - half, half_time);
+                let a1 = run_level(&provisioners, &id, c, first, "B")?;
+                let b1 = run_level(&provisioners, code_id, c, first, "C")?;
+                let b2 = run_level(&provisioners, code_id, c, second, "C")?;
+                let a2 = run_level(&provisioners, &id, c, second, "B")?;
                 (a1.merge(a2), Some(b1.merge(b2)))
             }
             None => (
-                run_level(&provisioners, &id, c, start_index, devices, "B")?,
+                run_level(
+                    &provisioners,
+                    &id,
+                    c,
+                    Span::new(start_index, devices, deadline),
+                    "B",
+                )?,
                 None,
             ),
         };
+        // What the level's CPU is divided by: the devices it provisioned.
+        let done =
+            plain.latencies.len() as u64 + coded.as_ref().map_or(0, |c| c.latencies.len() as u64);
         text.push_str(&format!(
-            "concurrency {c:>3}: {:>9.0} devices/s  ratio {:.2}  p50 {:.2} ms  p99 {:.2} ms\n",
+            "concurrency {c:>3}: {:>9.0} devices/s  ratio {:.2}  p50 {:.2} ms  p99 {:.2} ms  ({} devices in {:.1} s)\n",
             plain.rate,
             plain.rate / raw,
             plain.p50,
-            plain.p99
+            plain.p99,
+            plain.latencies.len(),
+            plain.secs
         ));
-        let mut row = json!({"concurrency": c, "devices": devices, "devices_per_s": plain.rate, "ratio": plain.rate / raw, "p50_ms": plain.p50, "p99_ms": plain.p99});
+        let mut row = json!({"concurrency": c, "devices": plain.latencies.len(), "seconds": plain.secs, "devices_per_s": plain.rate, "ratio": plain.rate / raw, "p50_ms": plain.p50, "p99_ms": plain.p99});
         // Where the CPU went: what to shrink, and how much of the cores sat idle.
         let spent = crate::bench_cpu::Snapshot::take().since(&cpu_before, |name| {
             if name.starts_with("keyfab-committe") {
@@ -320,7 +343,7 @@ pub fn provision(
                 "other"
             }
         });
-        let per_device = |g: &str| spent.of(g) * 1e6 / devices as f64;
+        let per_device = |g: &str| spent.of(g) * 1e6 / done as f64;
         text.push_str(&format!(
             "  CPU per device: committer {:.1} µs, crypto workers {:.1} µs, keys made ahead on idle cores {:.1} µs, callers and the rest {:.1} µs{}\n",
             per_device("committer"),
@@ -337,8 +360,7 @@ pub fn provision(
         // On the embedded store the whole path is this process: its CPU per device says
         // what the cores could carry if the commit cycle never left them idle — whether a
         // level is bound by the CPU or by waiting. (On etcd the members' CPU counts too.)
-        let cpu_per_device: f64 =
-            spent.by_group.iter().map(|(_, s)| s).sum::<f64>() / devices as f64;
+        let cpu_per_device: f64 = spent.by_group.iter().map(|(_, s)| s).sum::<f64>() / done as f64;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         if store.spec == "embedded" && cpu_per_device > 0.0 {
             let bound = cores / cpu_per_device;
@@ -349,7 +371,7 @@ pub fn provision(
             row["cpu_bound_devices_per_s"] = json!(bound);
         }
         if etcd.is_some() || store.spec.starts_with("etcd://") {
-            let per_device = (rounds() - rounds_before) as f64 / devices as f64;
+            let per_device = (rounds() - rounds_before) as f64 / done as f64;
             text.push_str(&format!(
                 "  consensus rounds: {:.4} per device (one per {:.0} devices; goal: one per 50 or fewer)\n",
                 per_device,
@@ -394,7 +416,13 @@ pub fn provision(
         let mut turns = Vec::new();
         for round in 0..PEER_ROUNDS {
             let peer = peer_baseline(module, &label, 3000)?;
-            let k = run_level(&provisioners, &id, last_level, next, devices, "K")?;
+            let k = run_level(
+                &provisioners,
+                &id,
+                last_level,
+                Span::new(next, devices, deadline),
+                "K",
+            )?;
             next += devices;
             text.push_str(&format!(
                 "  turn {}: keyfab {:.0} devices/s, baseline {peer:.0} devices/s: {:.1}x\n",
@@ -485,13 +513,41 @@ impl Level {
     }
 }
 
-/// Provisions `devices` devices of `entitlement` with `c` requests in flight.
+/// How long each concurrency level of `bench provision` runs.
+#[derive(Clone, Copy, Debug)]
+pub enum LevelLength {
+    /// This many devices.
+    Devices(u64),
+    /// This many seconds: callers send no new request after it.
+    Seconds(f64),
+}
+
+/// The devices one run of a level may use — indices `start..start + devices` — and the
+/// time after which no new request is sent.
+#[derive(Clone, Copy)]
+struct Span {
+    start: u64,
+    devices: u64,
+    deadline: Option<std::time::Duration>,
+}
+
+impl Span {
+    fn new(start: u64, devices: u64, deadline: Option<std::time::Duration>) -> Self {
+        Self {
+            start,
+            devices,
+            deadline,
+        }
+    }
+}
+
+/// Provisions the devices of `span` (all of them, or as many as its time allows) of
+/// `entitlement` with `c` requests in flight.
 fn run_level(
     provisioners: &[std::sync::Arc<keyfab_site::provision::Provisioner>],
     entitlement: &str,
     c: usize,
-    start_index: u64,
-    devices: u64,
+    span: Span,
     prefix: &str,
 ) -> Result<Level, Failure> {
     use keyfab_site::provision::ProvisionRequest;
@@ -501,7 +557,9 @@ fn run_level(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .map_err(|e| Failure::new("internal", e.to_string()))?;
-    let results: Vec<(f64, bool)> = runtime.block_on(async {
+    let (start_index, devices) = (span.start, span.devices);
+    let in_time = move || span.deadline.is_none_or(|d| started.elapsed() < d);
+    let (results, sent): (Vec<(f64, bool)>, u64) = runtime.block_on(async {
         let tasks: Vec<_> = (0..c)
             .map(|t| {
                 // Callers spread over the nodes, as stations over their URLs.
@@ -510,8 +568,10 @@ fn run_level(
                 let prefix = prefix.to_owned();
                 tokio::spawn(async move {
                     let mut lat = Vec::new();
+                    let mut sent = 0u64;
                     let mut i = start_index + t as u64;
-                    while i < start_index + devices {
+                    while i < start_index + devices && in_time() {
+                        sent += 1;
                         let t0 = Instant::now();
                         let r = p
                             .provision_async(ProvisionRequest::new(
@@ -530,21 +590,24 @@ fn run_level(
                         }
                         i += c as u64;
                     }
-                    lat
+                    (lat, sent)
                 })
             })
             .collect();
         let mut all = Vec::new();
+        let mut sent = 0;
         for t in tasks {
-            all.extend(t.await.unwrap_or_default());
+            let (lat, n) = t.await.unwrap_or_default();
+            all.extend(lat);
+            sent += n;
         }
-        all
+        (all, sent)
     });
     let secs = started.elapsed().as_secs_f64();
-    if results.len() as u64 != devices {
+    if results.len() as u64 != sent || sent == 0 {
         return Err(Failure::new(
             "internal",
-            format!("only {} of {devices} requests were decided", results.len()),
+            format!("only {} of {sent} requests were decided", results.len()),
         ));
     }
     let refused = results.iter().filter(|(_, r)| *r).count() as u64;

@@ -195,6 +195,7 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
         Command::Bench(BenchCommand::Provision {
             concurrency,
             devices,
+            seconds,
             dir,
             custody,
             pkcs11_module,
@@ -207,7 +208,10 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             crate::bench::provision(
                 &ctx,
                 concurrency,
-                devices,
+                devices.map_or(
+                    crate::bench::LevelLength::Seconds(seconds),
+                    crate::bench::LevelLength::Devices,
+                ),
                 dir.as_deref(),
                 token,
                 policy_module.as_deref(),

@@ -3,7 +3,7 @@
 //! docs/BENCHMARKS.md compares — the rate beside the raw crypto rate measured in the same
 //! run. How fast they are is never asserted here.
 
-use crate::common::{ok, s};
+use crate::common::{keyfab, ok, s};
 
 fn positive(report: &serde_json::Value, field: &str) -> f64 {
     let v = report[field]
@@ -36,6 +36,37 @@ fn bench_provision_reports_each_level_beside_the_raw_rate() {
     let ratio = positive(level, "ratio");
     assert!((ratio - rate / raw).abs() < 1e-9, "{report}");
     assert!(positive(level, "p99_ms") >= positive(level, "p50_ms"));
+}
+
+/// By default a level lasts its time, not a number of devices: the report says how many
+/// devices that was, and the rate is those devices over the level's time.
+#[test]
+fn bench_provision_runs_each_level_for_its_time() {
+    let report = bench(&["provision", "--concurrency", "8", "--seconds", "0.5"]);
+    let level = &report["levels"][0];
+    let devices = level["devices"].as_f64().expect("devices");
+    assert!(devices > 0.0, "{report}");
+    let seconds = positive(level, "seconds");
+    assert!(seconds >= 0.5, "the level ended before its time: {report}");
+    let rate = positive(level, "devices_per_s");
+    assert!((rate - devices / seconds).abs() <= rate * 1e-9, "{report}");
+}
+
+#[test]
+fn bench_provision_takes_a_time_or_a_device_count_not_both() {
+    for args in [
+        vec!["bench", "provision", "--devices", "10", "--seconds", "1"],
+        vec!["bench", "provision", "--seconds", "0"],
+        vec!["bench", "provision", "--seconds", "NaN"],
+    ] {
+        let out = keyfab(&args, None);
+        assert_eq!(
+            (out.code, out.json["error"]["code"].as_str()),
+            (2, Some("usage")),
+            "{args:?}: {}",
+            out.json
+        );
+    }
 }
 
 /// More simulated stations than the site lets one station hold connections or requests:
