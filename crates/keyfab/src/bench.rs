@@ -604,7 +604,12 @@ fn run_level(
         (all, sent)
     });
     let secs = started.elapsed().as_secs_f64();
-    if results.len() as u64 != sent || sent == 0 {
+    if sent == 0 {
+        return Err(Failure::usage(
+            "the level sent no request: give it more time (--seconds) or devices (--devices)",
+        ));
+    }
+    if results.len() as u64 != sent {
         return Err(Failure::new(
             "internal",
             format!("only {} of {sent} requests were decided", results.len()),

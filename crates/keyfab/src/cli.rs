@@ -812,7 +812,7 @@ pub enum BenchCommand {
         #[arg(long)]
         concurrency: Option<usize>,
         /// Devices per concurrency level (instead of a time per level).
-        #[arg(long, conflicts_with = "seconds")]
+        #[arg(long, conflicts_with = "seconds", value_parser = clap::value_parser!(u64).range(1..))]
         devices: Option<u64>,
         /// Seconds per concurrency level (used unless --devices is given). A level must
         /// last long enough that its p99 is not one moment's events: at 10,000 devices

@@ -58,6 +58,7 @@ fn bench_provision_takes_a_time_or_a_device_count_not_both() {
         vec!["bench", "provision", "--devices", "10", "--seconds", "1"],
         vec!["bench", "provision", "--seconds", "0"],
         vec!["bench", "provision", "--seconds", "NaN"],
+        vec!["bench", "provision", "--devices", "0"],
     ] {
         let out = keyfab(&args, None);
         assert_eq!(
