@@ -4,18 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_apt=()
-command -v cc >/dev/null || need_apt+=(build-essential)
-command -v openssl >/dev/null || need_apt+=(openssl)
-# The etcd backend is tested against a real etcd; its client crate builds with protoc.
-command -v etcd >/dev/null || need_apt+=(etcd-server etcd-client)
-command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
-# HSM custody is tested against a real PKCS#11 token: SoftHSM2.
-[ -e /usr/lib/softhsm/libsofthsm2.so ] || need_apt+=(softhsm2)
-if ((${#need_apt[@]})); then
-  echo "== installing ${need_apt[*]}"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
-fi
+source scripts/needs.sh
+keyfab_needs build tests
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 

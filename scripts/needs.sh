@@ -1,0 +1,32 @@
+# Installs what keyfab's scripts need when it is missing, so a fresh Debian machine
+# runs them. Sourced, not run: `keyfab_needs build` for what compiling keyfab takes,
+# `keyfab_needs build tests` for the test suite's real peers as well.
+
+keyfab_needs() {
+  local need_apt=()
+  local what
+  for what in "$@"; do
+    case "$what" in
+    build)
+      command -v cc >/dev/null || need_apt+=(build-essential)
+      # The etcd backend's client crate generates its gRPC code with protoc.
+      command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+      ;;
+    tests)
+      command -v openssl >/dev/null || need_apt+=(openssl)
+      # The etcd backend is tested against a real etcd.
+      command -v etcd >/dev/null || need_apt+=(etcd-server etcd-client)
+      # HSM custody is tested against a real PKCS#11 token: SoftHSM2.
+      [ -e /usr/lib/softhsm/libsofthsm2.so ] || need_apt+=(softhsm2)
+      ;;
+    *)
+      echo "keyfab_needs: unknown need '$what'" >&2
+      return 2
+      ;;
+    esac
+  done
+  if ((${#need_apt[@]})); then
+    echo "== installing ${need_apt[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  fi
+}
