@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod device;
+pub mod http;
 
 use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::x509;
@@ -39,6 +40,9 @@ pub enum StationError {
     /// No URL answered (connection refused, TLS handshake failed, timed out).
     #[error("no site answered: {0}")]
     Unreachable(String),
+    /// A URL that is not `https://HOST[:PORT]`.
+    #[error("URL: {0}")]
+    BadUrl(String),
     #[error("station directory: {0}")]
     StationDir(String),
     #[error("the site's answer is not what the API describes: {0}")]
@@ -103,15 +107,37 @@ pub struct ProvisionRequest {
 /// Tries a dropped request this many times in all (over all URLs).
 const ATTEMPTS: usize = 6;
 
+/// A connection unused this long is closed rather than reused: the site may have closed
+/// it meanwhile (it closes connections idle past its header timeout).
+const IDLE_REUSE: Duration = Duration::from_secs(5);
+
+/// Idle connections kept for reuse, at most.
+const IDLE_KEPT: usize = 256;
+
+const TIMEOUTS: http::Timeouts = http::Timeouts {
+    connect: Duration::from_secs(5),
+    // Answers take milliseconds, `unavailable` a few seconds: a node that takes longer
+    // is hung (paused, partitioned), and the next URL is tried.
+    answer: Duration::from_secs(10),
+};
+
+/// A client of the site; clones share its connections and counters. Calls block: each
+/// of a line's programmers asks from a thread of its own.
 #[derive(Clone)]
 pub struct Client {
-    http: reqwest::Client,
-    urls: Vec<String>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tls: Arc<rustls::ClientConfig>,
+    endpoints: Vec<http::Endpoint>,
+    /// Connections between requests: which endpoint, the connection, since when idle.
+    idle: std::sync::Mutex<Vec<(usize, http::Connection, std::time::Instant)>>,
     /// The URL calls start with: the last one that answered. A node that stops
     /// answering costs one timeout, not one per request.
-    preferred: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    /// Requests sent again so far, and why (shared by clones).
-    retried: std::sync::Arc<RetryCounters>,
+    preferred: std::sync::atomic::AtomicUsize,
+    /// Requests sent again so far, and why.
+    retried: RetryCounters,
 }
 
 #[derive(Default)]
@@ -132,28 +158,24 @@ pub struct Retries {
 }
 
 impl Client {
-    /// A client of the site at `urls` (tried in turn), as the station of `dir`.
+    /// A client of the site at `urls` (`https://HOST:PORT`, tried in turn), as the
+    /// station of `dir`.
     pub fn new(dir: &StationDir, urls: &[String]) -> Result<Self> {
         if urls.is_empty() {
             return Err(StationError::Unreachable("no URL given".into()));
         }
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(dir.tls_config()?)
-            .connect_timeout(Duration::from_secs(5))
-            // Answers take milliseconds, `unavailable` a few seconds: a node that takes
-            // longer is hung (paused, partitioned), and the next URL is tried.
-            .timeout(Duration::from_secs(10))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| StationError::StationDir(format!("HTTP client: {e}")))?;
+        let endpoints = urls
+            .iter()
+            .map(|u| http::Endpoint::parse(u).map_err(StationError::BadUrl))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            http,
-            urls: urls
-                .iter()
-                .map(|u| u.trim_end_matches('/').to_owned())
-                .collect(),
-            preferred: Default::default(),
-            retried: Default::default(),
+            inner: Arc::new(Inner {
+                tls: Arc::new(dir.tls_config()?),
+                endpoints,
+                idle: Default::default(),
+                preferred: Default::default(),
+                retried: Default::default(),
+            }),
         })
     }
 
@@ -161,127 +183,149 @@ impl Client {
     pub fn retries(&self) -> Retries {
         use std::sync::atomic::Ordering;
         Retries {
-            busy: self.retried.busy.load(Ordering::Relaxed),
-            dropped: self.retried.dropped.load(Ordering::Relaxed),
+            busy: self.inner.retried.busy.load(Ordering::Relaxed),
+            dropped: self.inner.retried.dropped.load(Ordering::Relaxed),
         }
     }
 
     /// The device bundle for `req`: key material, certificates. A connection that drops
     /// before the answer is retried with the same request id, so the site answers the
     /// retry from its record instead of deciding again.
-    pub async fn provision(&self, req: &ProvisionRequest) -> Result<serde_json::Value> {
-        self.call(|http, url| http.post(format!("{url}/v1/provision")).json(req))
-            .await
+    pub fn provision(&self, req: &ProvisionRequest) -> Result<serde_json::Value> {
+        let body = serde_json::to_vec(req).map_err(|e| StationError::BadAnswer(e.to_string()))?;
+        self.call("POST", "/v1/provision", Some(&body))
     }
 
     /// `POST /v1/confirm`: tells the site the device was `programmed`, or `failed` (its
     /// keys are then burned). Repeating the same confirmation is harmless.
-    pub async fn confirm(
+    pub fn confirm(
         &self,
         entitlement: &str,
         device_id: &str,
         result: &str,
     ) -> Result<serde_json::Value> {
         let body = serde_json::json!({"entitlement": entitlement, "device_id": device_id, "result": result});
-        self.call(|http, url| http.post(format!("{url}/v1/confirm")).json(&body))
-            .await
+        self.call("POST", "/v1/confirm", Some(body.to_string().as_bytes()))
     }
 
     /// `GET /v1/entitlements`: what this station may use, and what is left.
-    pub async fn entitlements(&self) -> Result<serde_json::Value> {
-        self.call(|http, url| http.get(format!("{url}/v1/entitlements")))
-            .await
+    pub fn entitlements(&self) -> Result<serde_json::Value> {
+        self.call("GET", "/v1/entitlements", None)
     }
 
-    async fn call(
-        &self,
-        request: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
-    ) -> Result<serde_json::Value> {
-        let mut last = String::new();
+    fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<serde_json::Value> {
         use std::sync::atomic::Ordering;
-        let first = self.preferred.load(Ordering::Relaxed);
+        let inner = &self.inner;
+        let count = inner.endpoints.len();
+        let mut last = String::new();
+        let first = inner.preferred.load(Ordering::Relaxed);
         for attempt in 0..ATTEMPTS {
-            let which = (first + attempt) % self.urls.len();
-            let url = &self.urls[which];
-            match request(&self.http, url).send().await {
+            let which = (first + attempt) % count;
+            let url = &inner.endpoints[which].url;
+            match self.exchange(which, method, path, body) {
                 // The site has this station's bound of requests in flight: wait, retry.
-                Ok(resp) if resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
-                    self.retried.busy.fetch_add(1, Ordering::Relaxed);
+                Ok(resp) if resp.status == 429 => {
+                    inner.retried.busy.fetch_add(1, Ordering::Relaxed);
                     last = format!("{url}: busy");
-                    tokio::time::sleep(Duration::from_millis(20 << attempt.min(4))).await;
+                    std::thread::sleep(Duration::from_millis(20 << attempt.min(4)));
                 }
                 // The site's state store is failing over: nothing was released, and the
                 // same request (same request id) is safe to send again, to any node.
-                Ok(resp) if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
-                    match answer(resp).await {
-                        Err(StationError::Refused { code, message, .. })
-                            if code == "unavailable" =>
-                        {
-                            last = format!("{url}: unavailable: {message}");
-                            tokio::time::sleep(Duration::from_millis(200 << attempt.min(4))).await;
-                        }
-                        other => return other,
+                Ok(resp) if resp.status == 503 => match answer(&resp) {
+                    Err(StationError::Refused { code, message, .. }) if code == "unavailable" => {
+                        last = format!("{url}: unavailable: {message}");
+                        std::thread::sleep(Duration::from_millis(200 << attempt.min(4)));
                     }
-                }
+                    other => return other,
+                },
                 Ok(resp) => {
-                    self.preferred.store(which, Ordering::Relaxed);
-                    return answer(resp).await;
+                    inner.preferred.store(which, Ordering::Relaxed);
+                    return answer(&resp);
                 }
                 Err(e) => {
-                    self.retried.dropped.fetch_add(1, Ordering::Relaxed);
-                    last = format!("{url}: {}", error_chain(&e));
+                    inner.retried.dropped.fetch_add(1, Ordering::Relaxed);
+                    last = format!("{url}: {e}");
                     // Later calls start at the next URL, unless another call moved on.
-                    let _ = self.preferred.compare_exchange(
+                    let _ = inner.preferred.compare_exchange(
                         which,
-                        (which + 1) % self.urls.len(),
+                        (which + 1) % count,
                         Ordering::Relaxed,
                         Ordering::Relaxed,
                     );
-                    if attempt + 1 >= self.urls.len() {
-                        tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
+                    if attempt + 1 >= count {
+                        std::thread::sleep(Duration::from_millis(100 << attempt.min(4)));
                     }
                 }
             }
         }
         Err(StationError::Unreachable(last))
     }
+
+    /// One request to endpoint `which`, on an idle connection to it if there is one. A
+    /// kept connection the site closed meanwhile answers nothing at all: the request
+    /// goes again at once on a new connection (the same request, which had no effect:
+    /// the site reads no request from a connection it closed).
+    fn exchange(
+        &self,
+        which: usize,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> std::result::Result<http::Response, http::ExchangeError> {
+        let inner = &self.inner;
+        if let Some(mut conn) = self.idle_connection(which) {
+            match conn.exchange(method, path, body) {
+                Ok(resp) => {
+                    self.keep(which, conn, &resp);
+                    return Ok(resp);
+                }
+                Err(http::ExchangeError::Io {
+                    answered_nothing: true,
+                    ..
+                }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut conn = http::Connection::open(&inner.endpoints[which], &inner.tls, TIMEOUTS)
+            .map_err(|error| http::ExchangeError::Io {
+                error,
+                answered_nothing: true,
+            })?;
+        let resp = conn.exchange(method, path, body)?;
+        self.keep(which, conn, &resp);
+        Ok(resp)
+    }
+
+    fn idle_connection(&self, which: usize) -> Option<http::Connection> {
+        let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|(_, _, since)| since.elapsed() < IDLE_REUSE);
+        let at = idle.iter().rposition(|(w, _, _)| *w == which)?;
+        Some(idle.swap_remove(at).1)
+    }
+
+    fn keep(&self, which: usize, conn: http::Connection, resp: &http::Response) {
+        if !resp.keep_alive {
+            return;
+        }
+        let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE_KEPT {
+            idle.push((which, conn, std::time::Instant::now()));
+        }
+    }
 }
 
-async fn answer(resp: reqwest::Response) -> Result<serde_json::Value> {
-    let status = resp.status();
-    let body: serde_json::Value = resp
-        .json()
-        .await
-        .map_err(|e| StationError::BadAnswer(e.to_string()))?;
-    if status.is_success() {
+fn answer(resp: &http::Response) -> Result<serde_json::Value> {
+    let body: serde_json::Value = serde_json::from_slice(&resp.body)
+        .map_err(|e| StationError::BadAnswer(format!("status {}: {e}", resp.status)))?;
+    if (200..300).contains(&resp.status) {
         return Ok(body);
     }
     let text = |k: &str| body["error"][k].as_str().unwrap_or_default().to_owned();
     Err(StationError::Refused {
-        status: status.as_u16(),
+        status: resp.status,
         code: text("code"),
         message: text("message"),
     })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
-}
-
-/// Runs `f` on a runtime of its own (a thread per core: a simulated line's chips do real
-/// cryptography), for callers that are not async.
-pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> std::io::Result<T> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(f))
 }
 
 /// What a simulated line did.
@@ -304,9 +348,9 @@ pub struct LineReport {
 
 /// A simulated production line: for every id of `devices`, a chip with its own transport
 /// key asks for its keys (request id = device id, so a rerun resumes), opens and checks
-/// them against `root_cert`, and confirms — `concurrency` devices at a time. `done` is
-/// called after each device.
-pub async fn run_line(
+/// them against `root_cert`, and confirms — `concurrency` programmers at a time, each on
+/// a thread of its own. `done` is called after each device with how many are done.
+pub fn run_line(
     client: &Client,
     entitlement: &str,
     devices: Vec<String>,
@@ -314,49 +358,66 @@ pub async fn run_line(
     root_cert: &[u8],
     done: &(dyn Fn(u64) + Sync),
 ) -> LineReport {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     let started = std::time::Instant::now();
-    let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
-    let mut tasks = tokio::task::JoinSet::new();
-    let client = Arc::new(client.clone());
-    let root = Arc::new(root_cert.to_vec());
-    let mut report = LineReport::default();
-    let mut finished = 0u64;
-    let mut tally = |report: &mut LineReport, outcome: DeviceOutcome| {
-        match outcome {
-            DeviceOutcome::Programmed(t) => {
-                report.programmed += 1;
-                report.latencies.push(t);
+    let next = AtomicUsize::new(0);
+    let finished = AtomicU64::new(0);
+    let programmers = concurrency.clamp(1, devices.len().max(1));
+    let mut report = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..programmers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut report = LineReport::default();
+                    while let Some(device) = devices.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        report.tally(one_device(client, entitlement, device, root_cert));
+                        done(finished.fetch_add(1, Ordering::Relaxed) + 1);
+                    }
+                    report
+                })
+            })
+            .collect();
+        let mut all = LineReport::default();
+        for worker in workers {
+            match worker.join() {
+                Ok(part) => all.merge(part),
+                // A programmer that panicked: its device went unanswered.
+                Err(_) => all.unreachable += 1,
             }
-            DeviceOutcome::Failed(why) => {
-                report.failed += 1;
-                *report.failures.entry(why).or_insert(0) += 1;
-            }
-            DeviceOutcome::Refused(code) => *report.refused.entry(code).or_insert(0) += 1,
-            DeviceOutcome::Unreachable => report.unreachable += 1,
         }
-        finished += 1;
-        done(finished);
-    };
-    for device in devices {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            break;
-        };
-        let (client, root, entitlement) = (client.clone(), root.clone(), entitlement.to_owned());
-        tasks.spawn(async move {
-            let _permit = permit;
-            one_device(&client, &entitlement, &device, &root).await
-        });
-        while let Some(Ok(outcome)) = tasks.try_join_next() {
-            tally(&mut report, outcome);
-        }
-    }
-    while let Some(joined) = tasks.join_next().await {
-        if let Ok(outcome) = joined {
-            tally(&mut report, outcome);
-        }
-    }
+        all
+    });
     report.elapsed = started.elapsed();
     report
+}
+
+impl LineReport {
+    fn tally(&mut self, outcome: DeviceOutcome) {
+        match outcome {
+            DeviceOutcome::Programmed(t) => {
+                self.programmed += 1;
+                self.latencies.push(t);
+            }
+            DeviceOutcome::Failed(why) => {
+                self.failed += 1;
+                *self.failures.entry(why).or_insert(0) += 1;
+            }
+            DeviceOutcome::Refused(code) => *self.refused.entry(code).or_insert(0) += 1,
+            DeviceOutcome::Unreachable => self.unreachable += 1,
+        }
+    }
+
+    fn merge(&mut self, other: LineReport) {
+        self.programmed += other.programmed;
+        self.failed += other.failed;
+        self.unreachable += other.unreachable;
+        for (why, n) in other.failures {
+            *self.failures.entry(why).or_insert(0) += n;
+        }
+        for (code, n) in other.refused {
+            *self.refused.entry(code).or_insert(0) += n;
+        }
+        self.latencies.extend(other.latencies);
+    }
 }
 
 enum DeviceOutcome {
@@ -366,12 +427,7 @@ enum DeviceOutcome {
     Unreachable,
 }
 
-async fn one_device(
-    client: &Client,
-    entitlement: &str,
-    device: &str,
-    root: &[u8],
-) -> DeviceOutcome {
+fn one_device(client: &Client, entitlement: &str, device: &str, root: &[u8]) -> DeviceOutcome {
     use keyfab_crypto::time::Clock;
     let started = std::time::Instant::now();
     let chip = device::SimulatedChip::new(device, &keyfab_crypto::rng::SystemRng);
@@ -386,7 +442,7 @@ async fn one_device(
         csr: None,
         transport_key: Some(transport_key),
     };
-    let bundle = match client.provision(&req).await {
+    let bundle = match client.provision(&req) {
         Ok(b) => b,
         Err(StationError::Refused { code, .. }) => return DeviceOutcome::Refused(code),
         Err(_) => return DeviceOutcome::Unreachable,
@@ -398,7 +454,7 @@ async fn one_device(
         Ok(_keys) => ("programmed", None),
         Err(e) => ("failed", Some(e.to_string())),
     };
-    match client.confirm(entitlement, device, result).await {
+    match client.confirm(entitlement, device, result) {
         Ok(_) => match why {
             None => DeviceOutcome::Programmed(started.elapsed()),
             Some(why) => DeviceOutcome::Failed(why),

@@ -76,15 +76,7 @@ pub fn serve(
     let client = keyfab_station::Client::new(&station, std::slice::from_ref(&url)).map_err(fail)?;
     let (latencies, elapsed, errors) = if chip {
         let ids: Vec<String> = (1..=devices).map(|i| format!("B-{i:09}")).collect();
-        let r = keyfab_station::block_on(keyfab_station::run_line(
-            &client,
-            &id,
-            ids,
-            stations,
-            &root,
-            &|_| {},
-        ))
-        .map_err(fail)?;
+        let r = keyfab_station::run_line(&client, &id, ids, stations, &root, &|_| {});
         let errors = devices - r.programmed;
         (r.latencies, r.elapsed, errors)
     } else {
@@ -132,50 +124,46 @@ pub fn serve(
     ))
 }
 
-/// `stations` stations each asking for its share of `devices`, on a runtime with one
-/// thread per core: per-request latencies, the elapsed time, and how many failed.
+/// `stations` stations, each a thread asking for its share of `devices` one after
+/// another: per-request latencies, the elapsed time, and how many failed.
 fn provision_only(
     client: &keyfab_station::Client,
     entitlement: &str,
     stations: usize,
     devices: u64,
 ) -> Result<(Vec<std::time::Duration>, std::time::Duration, u64), Failure> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(fail)?;
     let stations = stations.max(1) as u64;
-    runtime.block_on(async {
-        let started = std::time::Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        for s in 0..stations {
-            let (client, entitlement) = (client.clone(), entitlement.to_owned());
-            tasks.spawn(async move {
-                let mut lat = Vec::new();
-                let mut errors = 0u64;
-                let mut i = s;
-                while i < devices {
-                    let device = format!("B-{:09}", i + 1);
-                    let req = keyfab_station::ProvisionRequest {
-                        request_id: device.clone(),
-                        entitlement: entitlement.clone(),
-                        device_id: device,
-                        csr: None,
-                        transport_key: None,
-                    };
-                    let t = std::time::Instant::now();
-                    match client.provision(&req).await {
-                        Ok(_) => lat.push(t.elapsed()),
-                        Err(_) => errors += 1,
+    let started = std::time::Instant::now();
+    let (lat, errors) = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..stations)
+            .map(|s| {
+                scope.spawn(move || {
+                    let mut lat = Vec::new();
+                    let mut errors = 0u64;
+                    let mut i = s;
+                    while i < devices {
+                        let device = format!("B-{:09}", i + 1);
+                        let req = keyfab_station::ProvisionRequest {
+                            request_id: device.clone(),
+                            entitlement: entitlement.to_owned(),
+                            device_id: device,
+                            csr: None,
+                            transport_key: None,
+                        };
+                        let t = std::time::Instant::now();
+                        match client.provision(&req) {
+                            Ok(_) => lat.push(t.elapsed()),
+                            Err(_) => errors += 1,
+                        }
+                        i += stations;
                     }
-                    i += stations;
-                }
-                (lat, errors)
-            });
-        }
+                    (lat, errors)
+                })
+            })
+            .collect();
         let (mut lat, mut errors) = (Vec::new(), 0u64);
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
+        for worker in workers {
+            match worker.join() {
                 Ok((l, e)) => {
                     lat.extend(l);
                     errors += e;
@@ -183,6 +171,7 @@ fn provision_only(
                 Err(_) => errors += 1,
             }
         }
-        Ok((lat, started.elapsed(), errors))
-    })
+        (lat, errors)
+    });
+    Ok((lat, started.elapsed(), errors))
 }

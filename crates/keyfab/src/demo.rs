@@ -274,21 +274,11 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
                     format!("TSV2-{:08}", 2 * n + 2),
                 ];
                 scope.spawn(move || {
-                    keyfab_station::block_on(keyfab_station::run_line(
-                        client,
-                        &id,
-                        devices,
-                        2,
-                        &root,
-                        &|_| {},
-                    ))
+                    keyfab_station::run_line(client, &id, devices, 2, &root, &|_| {})
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .filter_map(|h| h.join().ok().and_then(Result::ok))
-            .collect()
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
     });
     let programmed: u64 = reports.iter().map(|r| r.programmed).sum();
     step(
@@ -312,7 +302,7 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
     // A fifth device whose programming fails: its keys are burned.
     let chip =
         keyfab_station::device::SimulatedChip::new("TSV2-00000005", &keyfab_crypto::rng::SystemRng);
-    let failed = keyfab_station::block_on(async {
+    let failed = (|| {
         let req = keyfab_station::ProvisionRequest {
             request_id: "demo-5".into(),
             entitlement: id.clone(),
@@ -320,12 +310,11 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
             csr: None,
             transport_key: chip.transport_key().ok(),
         };
-        clients[0].provision(&req).await?;
-        let confirmed = clients[0].confirm(&id, "TSV2-00000005", "failed").await?;
-        let again = clients[0].provision(&req).await;
+        clients[0].provision(&req)?;
+        let confirmed = clients[0].confirm(&id, "TSV2-00000005", "failed")?;
+        let again = clients[0].provision(&req);
         Ok::<_, keyfab_station::StationError>((confirmed, again.is_err()))
-    })
-    .map_err(|e| Failure::new("internal", e.to_string()))?
+    })()
     .map_err(|e| Failure::new("internal", e.to_string()))?;
     step(
         "20. a device fails programming",
@@ -338,14 +327,13 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
             json!({"confirmed": failed.0, "retry_refused": failed.1}),
         ),
     );
-    let over = keyfab_station::block_on(clients[1].provision(&keyfab_station::ProvisionRequest {
+    let over = clients[1].provision(&keyfab_station::ProvisionRequest {
         request_id: "demo-6".into(),
         entitlement: id.clone(),
         device_id: "TSV2-00000006".into(),
         csr: None,
         transport_key: None,
-    }))
-    .map_err(|e| Failure::new("internal", e.to_string()))?;
+    });
     let code = match &over {
         Err(keyfab_station::StationError::Refused { code, .. }) => code.clone(),
         _ => String::new(),

@@ -410,9 +410,7 @@ pub fn station_provision(
         csr,
         transport_key: None,
     };
-    let bundle = keyfab_station::block_on(client.provision(&req))
-        .map_err(|e| Failure::new("internal", e.to_string()))?
-        .map_err(station_failure)?;
+    let bundle = client.provision(&req).map_err(station_failure)?;
     if let Some(out) = out {
         write_new(out, format!("{bundle:#}\n").as_bytes(), 0o600).map_err(|e| io_fail(out, e))?;
     }
@@ -443,8 +441,8 @@ pub fn station_confirm(
 ) -> Result<Report, Failure> {
     let station = keyfab_station::StationDir::load(dir).map_err(station_failure)?;
     let client = keyfab_station::Client::new(&station, urls).map_err(station_failure)?;
-    let answer = keyfab_station::block_on(client.confirm(entitlement, device_id, result))
-        .map_err(|e| Failure::new("internal", e.to_string()))?
+    let answer = client
+        .confirm(entitlement, device_id, result)
         .map_err(station_failure)?;
     Ok(Report::new(
         format!(
@@ -482,7 +480,7 @@ pub fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
         .collect();
     let progress = crate::output::Progress::new("programming", "devices", !ctx.json);
     let total = a.devices;
-    let report = keyfab_station::block_on(keyfab_station::run_line(
+    let report = keyfab_station::run_line(
         &client,
         a.entitlement,
         devices,
@@ -493,8 +491,7 @@ pub fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
                 p(n, total);
             }
         },
-    ))
-    .map_err(|e| Failure::new("internal", e.to_string()))?;
+    );
     let mut lat = report.latencies.clone();
     lat.sort();
     let pct = |q: f64| {
