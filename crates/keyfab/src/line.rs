@@ -375,6 +375,7 @@ fn station_failure(e: keyfab_station::StationError) -> Failure {
     match e {
         keyfab_station::StationError::Refused { code, message, .. } => refusal(&code, &message),
         keyfab_station::StationError::Unreachable(m) => Failure::new("unreachable", m),
+        keyfab_station::StationError::BadUrl(m) => Failure::usage(format!("--url: {m}")),
         other => Failure::new("invalid_input", other.to_string()),
     }
 }

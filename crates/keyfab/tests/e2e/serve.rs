@@ -209,6 +209,12 @@ fn stations_provision_over_mutual_tls_and_strangers_get_nothing() {
     let other = station_provision(&url, &line1, &id, "D-0001", "r-2");
     assert_eq!(other.code, 3, "{}", other.json);
     assert_eq!(other.json["error"]["code"], "device_already_provisioned");
+    // A URL that is not https://HOST:PORT is a usage error, before any connection.
+    for bad in [url.replace("https://", "http://"), format!("{url}/v1")] {
+        let out = station_provision(&bad, &line1, &id, "D-0002", "r-3");
+        assert_eq!(out.code, 2, "{}", out.json);
+        assert_eq!(out.json["error"]["code"], "usage");
+    }
 
     // The station sees what it may use.
     let list = exchange(&server.addr, &line1, Some(&line1), &get("/v1/entitlements"));
