@@ -217,7 +217,9 @@ impl Connection {
                     if used != self.buf.len() {
                         return Err(ExchangeError::Malformed("bytes after the answer".into()));
                     }
-                    self.buf.zeroize();
+                    // The bytes read, not the whole capacity (16 KiB per answer).
+                    self.buf.as_mut_slice().zeroize();
+                    self.buf.clear();
                     return Ok(response);
                 }
                 Ok(None) => {}
