@@ -208,6 +208,20 @@ impl Client {
         self.call("POST", "/v1/confirm", Some(body.to_string().as_bytes()))
     }
 
+    /// `GET /healthz`: whether a site answers, at the first URL that does. Needs no
+    /// station check: the TLS handshake still needs the station's certificate.
+    pub fn healthz(&self) -> Result<()> {
+        let mut last = String::new();
+        for (which, endpoint) in self.inner.endpoints.iter().enumerate() {
+            match self.exchange(which, "GET", "/healthz", None) {
+                Ok(resp) if resp.status == 200 => return Ok(()),
+                Ok(resp) => last = format!("{}: status {}", endpoint.url, resp.status),
+                Err(e) => last = format!("{}: {e}", endpoint.url),
+            }
+        }
+        Err(StationError::Unreachable(last))
+    }
+
     /// `GET /v1/entitlements`: what this station may use, and what is left.
     pub fn entitlements(&self) -> Result<serde_json::Value> {
         self.call("GET", "/v1/entitlements", None)

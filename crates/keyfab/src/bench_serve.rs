@@ -70,7 +70,10 @@ pub fn serve(
         ],
     )?;
     let url = server.url.clone();
-    // CPU this process spent so far (setup, the raw crypto rate) is not the stations'.
+    // CPU spent so far — this process's setup and raw crypto rate, the server's start
+    // (unlocking its home) — is neither side's per-device cost.
+    let server_stat = format!("/proc/{}/stat", server.pid());
+    let server_start_cpu = cpu_seconds(&server_stat);
     let setup_cpu = cpu_seconds("/proc/self/stat");
     let station = keyfab_station::StationDir::load(&station_dir).map_err(fail)?;
     let client = keyfab_station::Client::new(&station, std::slice::from_ref(&url)).map_err(fail)?;
@@ -82,7 +85,9 @@ pub fn serve(
     } else {
         provision_only(&client, &id, stations, devices)?
     };
-    let server_cpu = cpu_seconds(&format!("/proc/{}/stat", server.pid()));
+    let server_cpu = cpu_seconds(&server_stat) - server_start_cpu;
+    let client_cpu = cpu_seconds("/proc/self/stat") - setup_cpu;
+    let alone = http_alone(&client, stations, &server_stat)?;
     server.stop()?;
 
     let mut lat = latencies;
@@ -102,26 +107,85 @@ pub fn serve(
     } else {
         "each: one provisioning request (site ec-p256 key + certificate) and its answer"
     };
-    let client_cpu = cpu_seconds("/proc/self/stat") - setup_cpu;
     let retries = client.retries();
     let per_device = |cpu: f64| cpu * 1e6 / devices.max(1) as f64;
     let text = format!(
         "serve benchmark: {stations} stations over mutual TLS (keep-alive) in this process, site serve in another, {devices} devices, {what}\n\
          raw per-device crypto (keygen + cert signature + HKDF + AEAD, all cores): {raw:.0} devices/s (limit)\n\
          full path: {rate:.0} devices/s  ratio {:.2}  p50 {:.2} ms  p99 {:.2} ms\n\
-         CPU per device: site serve {:.0} µs, stations {:.0} µs; requests sent again: {} busy, {} dropped",
+         CPU per device: site serve {:.0} µs, stations {:.0} µs; requests sent again: {} busy, {} dropped\n\
+         for reference, HTTP alone (GET /healthz, the same stations and connections, nothing provisioned): {:.0} requests/s, CPU per request: site serve {:.0} µs, stations {:.0} µs",
         rate / raw,
         pct(0.50),
         pct(0.99),
         per_device(server_cpu),
         per_device(client_cpu),
         retries.busy,
-        retries.dropped
+        retries.dropped,
+        alone.per_s,
+        alone.server_cpu_us,
+        alone.station_cpu_us,
     );
     Ok(Report::new(
         text,
-        json!({"stations": stations, "devices": devices, "chip": chip, "raw_device_crypto_per_s": raw, "devices_per_s": rate, "ratio": rate / raw, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "server_cpu_us_per_device": per_device(server_cpu), "station_cpu_us_per_device": per_device(client_cpu), "retried": retries}),
+        json!({"stations": stations, "devices": devices, "chip": chip, "raw_device_crypto_per_s": raw, "devices_per_s": rate, "ratio": rate / raw, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "server_cpu_us_per_device": per_device(server_cpu), "station_cpu_us_per_device": per_device(client_cpu), "retried": retries, "http_alone": {"requests_per_s": alone.per_s, "server_cpu_us_per_request": alone.server_cpu_us, "station_cpu_us_per_request": alone.station_cpu_us}}),
     ))
+}
+
+/// How long the HTTP-alone reference runs.
+const HTTP_ALONE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The HTTP-alone reference: rate and CPU per request on each side.
+struct HttpAlone {
+    per_s: f64,
+    server_cpu_us: f64,
+    station_cpu_us: f64,
+}
+
+/// `stations` stations asking `GET /healthz` one after another for [`HTTP_ALONE`], on
+/// the connections the run left open: what mutual TLS, HTTP and the two processes' wake-ups
+/// cost per request on this machine, with no provisioning behind them — the share of the
+/// full path no work on the site's engine can remove.
+fn http_alone(
+    client: &keyfab_station::Client,
+    stations: usize,
+    server_stat: &str,
+) -> Result<HttpAlone, Failure> {
+    let (server_before, self_before) = (cpu_seconds(server_stat), cpu_seconds("/proc/self/stat"));
+    let started = std::time::Instant::now();
+    let counts: Vec<Result<u64, keyfab_station::StationError>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..stations.max(1))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut n = 0u64;
+                    while started.elapsed() < HTTP_ALONE {
+                        client.healthz()?;
+                        n += 1;
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join().unwrap_or_else(|_| {
+                    Err(keyfab_station::StationError::BadAnswer("panicked".into()))
+                })
+            })
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+    let mut requests = 0u64;
+    for c in counts {
+        requests += c.map_err(fail)?;
+    }
+    let per_request = |cpu: f64| cpu * 1e6 / requests.max(1) as f64;
+    Ok(HttpAlone {
+        per_s: requests as f64 / elapsed,
+        server_cpu_us: per_request(cpu_seconds(server_stat) - server_before),
+        station_cpu_us: per_request(cpu_seconds("/proc/self/stat") - self_before),
+    })
 }
 
 /// `stations` stations, each a thread asking for its share of `devices` one after

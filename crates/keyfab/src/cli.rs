@@ -522,8 +522,8 @@ sent again with the same request id; the summary counts them (JSON `retried`).")
         /// How many devices.
         #[arg(long)]
         devices: u64,
-        /// Devices in flight at once.
-        #[arg(long, default_value_t = 8)]
+        /// Devices in flight at once: programmers, each on a thread of its own (1–1024).
+        #[arg(long, default_value_t = 8, value_parser = programmers)]
         concurrency: usize,
         /// Device ids: this prefix, then 8 digits.
         #[arg(long, default_value = "SIM-")]
@@ -854,13 +854,14 @@ pub enum BenchCommand {
     },
     /// The whole production-line path: `site serve` in its own process, stations over
     /// mutual TLS, keys sealed to each chip, opened, checked and confirmed; compare with
-    /// the raw per-device crypto rate of this machine.
+    /// the raw per-device crypto rate of this machine. For reference it then times bare
+    /// `GET /healthz` requests over the same connections: the cost of TLS and HTTP alone.
     #[command(
         after_help = "Examples:\n  keyfab bench serve --stations 32 --devices 20000 --json\n  keyfab bench serve --stations 32 --devices 5000 --chip"
     )]
     Serve {
-        /// Stations (devices in flight) at once.
-        #[arg(long, default_value_t = 32)]
+        /// Stations (devices in flight) at once, each on a thread of its own (1–1024).
+        #[arg(long, default_value_t = 32, value_parser = programmers)]
         stations: usize,
         #[arg(long, default_value_t = 10_000)]
         devices: u64,
@@ -882,6 +883,20 @@ pub enum BenchCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+/// Most programmers a simulated line runs at once: each is a thread of its own.
+const MAX_PROGRAMMERS: usize = 1024;
+
+/// A number of programmers (stations, devices in flight) for a simulated line: 1 to
+/// [`MAX_PROGRAMMERS`].
+fn programmers(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=MAX_PROGRAMMERS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{text:?} is not a number from 1 to {MAX_PROGRAMMERS}"
+        )),
+    }
 }
 
 /// A duration in seconds for `--seconds`: finite and above zero.

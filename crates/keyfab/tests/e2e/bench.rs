@@ -89,4 +89,9 @@ fn bench_serve_runs_more_stations_than_one_station_may_have_in_flight() {
     );
     positive(&report, "server_cpu_us_per_device");
     positive(&report, "station_cpu_us_per_device");
+    // The reference: bare requests over the same connections, nothing provisioned.
+    let alone = &report["http_alone"];
+    positive(alone, "requests_per_s");
+    positive(alone, "server_cpu_us_per_request");
+    positive(alone, "station_cpu_us_per_request");
 }
