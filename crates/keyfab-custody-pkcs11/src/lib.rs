@@ -524,14 +524,22 @@ fn connect(config: &TokenConfig) -> Result<SessionPool> {
     })
 }
 
+/// How many times [`find_token`] scans the slots, and the longest pause between scans:
+/// ~1.4 s in all. Many processes opening and initializing tokens of one file-backed
+/// SoftHSM2 store at once (a test suite does) left a slot unreadable for longer than the
+/// 0.2 s the scan used to wait.
+const TOKEN_SCANS: u32 = 8;
+const TOKEN_SCAN_PAUSE_MAX_MS: u64 = 400;
+
 /// The slot holding the token `token_label`. A slot that cannot describe itself is
 /// skipped (another process may be initializing a token in it right now), and the scan
-/// is tried again a few times before the token is reported missing.
+/// is tried again, with growing pauses, before the token is reported missing.
 fn find_token(pkcs11: &Pkcs11, token_label: &str) -> Result<Slot> {
     let mut last_error = None;
-    for attempt in 0..5u64 {
+    for attempt in 0..TOKEN_SCANS {
         if attempt > 0 {
-            std::thread::sleep(std::time::Duration::from_millis(20 * attempt));
+            let pause = (10u64 << attempt).min(TOKEN_SCAN_PAUSE_MAX_MS);
+            std::thread::sleep(std::time::Duration::from_millis(pause));
         }
         let listed = {
             let _listing = slot_listing()?;

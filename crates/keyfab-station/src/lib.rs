@@ -111,8 +111,16 @@ const ATTEMPTS: usize = 6;
 /// it meanwhile (it closes connections idle past its header timeout).
 const IDLE_REUSE: Duration = Duration::from_secs(5);
 
-/// Idle connections kept for reuse, at most.
-const IDLE_KEPT: usize = 256;
+/// Idle connections kept for reuse, at most: one per programmer of the largest simulated
+/// line (`keyfab station run --concurrency` takes up to 1024).
+const IDLE_KEPT: usize = 1024;
+
+/// A connection between two requests: to which endpoint, and idle since when.
+struct IdleConnection {
+    endpoint: usize,
+    connection: Box<http::Connection>,
+    since: std::time::Instant,
+}
 
 const TIMEOUTS: http::Timeouts = http::Timeouts {
     connect: Duration::from_secs(5),
@@ -131,8 +139,8 @@ pub struct Client {
 struct Inner {
     tls: Arc<rustls::ClientConfig>,
     endpoints: Vec<http::Endpoint>,
-    /// Connections between requests: which endpoint, the connection, since when idle.
-    idle: std::sync::Mutex<Vec<(usize, http::Connection, std::time::Instant)>>,
+    /// Connections between requests, oldest first.
+    idle: std::sync::Mutex<std::collections::VecDeque<IdleConnection>>,
     /// The URL calls start with: the last one that answered. A node that stops
     /// answering costs one timeout, not one per request.
     preferred: std::sync::atomic::AtomicUsize,
@@ -301,6 +309,7 @@ impl Client {
             }
         }
         let mut conn = http::Connection::open(&inner.endpoints[which], &inner.tls, TIMEOUTS)
+            .map(Box::new)
             .map_err(|error| http::ExchangeError::Io {
                 error,
                 answered_nothing: true,
@@ -310,21 +319,39 @@ impl Client {
         Ok(resp)
     }
 
-    fn idle_connection(&self, which: usize) -> Option<http::Connection> {
+    /// The connection to endpoint `which` that was used last, if one is idle. Those idle
+    /// past [`IDLE_REUSE`] are closed first (outside the lock), oldest first: the queue
+    /// is in the order connections went idle, so a look at its front finds them all.
+    fn idle_connection(&self, which: usize) -> Option<Box<http::Connection>> {
+        let now = std::time::Instant::now();
+        let mut stale = Vec::new();
         let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|(_, _, since)| since.elapsed() < IDLE_REUSE);
-        let at = idle.iter().rposition(|(w, _, _)| *w == which)?;
-        Some(idle.swap_remove(at).1)
+        while idle
+            .front()
+            .is_some_and(|c| now.duration_since(c.since) >= IDLE_REUSE)
+        {
+            stale.extend(idle.pop_front());
+        }
+        let at = idle.iter().rposition(|c| c.endpoint == which);
+        let found = at.and_then(|at| idle.remove(at)).map(|c| c.connection);
+        drop(idle);
+        drop(stale);
+        found
     }
 
-    fn keep(&self, which: usize, conn: http::Connection, resp: &http::Response) {
+    fn keep(&self, which: usize, connection: Box<http::Connection>, resp: &http::Response) {
         if !resp.keep_alive {
             return;
         }
         let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < IDLE_KEPT {
-            idle.push((which, conn, std::time::Instant::now()));
-        }
+        idle.push_back(IdleConnection {
+            endpoint: which,
+            connection,
+            since: std::time::Instant::now(),
+        });
+        let over = (idle.len() > IDLE_KEPT).then(|| idle.pop_front());
+        drop(idle);
+        drop(over);
     }
 }
 
