@@ -153,32 +153,20 @@ fn http_alone(
 ) -> Result<HttpAlone, Failure> {
     let (server_before, self_before) = (cpu_seconds(server_stat), cpu_seconds("/proc/self/stat"));
     let started = std::time::Instant::now();
-    let counts: Vec<Result<u64, keyfab_station::StationError>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..stations.max(1))
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut n = 0u64;
-                    while started.elapsed() < HTTP_ALONE {
-                        client.healthz()?;
-                        n += 1;
-                    }
-                    Ok(n)
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join().unwrap_or_else(|_| {
-                    Err(keyfab_station::StationError::BadAnswer("panicked".into()))
-                })
-            })
-            .collect()
+    let counts = on_stations(stations, |_| {
+        let mut n = 0u64;
+        while started.elapsed() < HTTP_ALONE {
+            client.healthz()?;
+            n += 1;
+        }
+        Ok::<_, keyfab_station::StationError>(n)
     });
     let elapsed = started.elapsed().as_secs_f64().max(1e-9);
     let mut requests = 0u64;
     for c in counts {
-        requests += c.map_err(fail)?;
+        requests += c
+            .ok_or_else(|| fail("a station thread panicked"))?
+            .map_err(fail)?;
     }
     let per_request = |cpu: f64| cpu * 1e6 / requests.max(1) as f64;
     Ok(HttpAlone {
@@ -198,44 +186,48 @@ fn provision_only(
 ) -> Result<(Vec<std::time::Duration>, std::time::Duration, u64), Failure> {
     let stations = stations.max(1) as u64;
     let started = std::time::Instant::now();
-    let (lat, errors) = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..stations)
-            .map(|s| {
-                scope.spawn(move || {
-                    let mut lat = Vec::new();
-                    let mut errors = 0u64;
-                    let mut i = s;
-                    while i < devices {
-                        let device = format!("B-{:09}", i + 1);
-                        let req = keyfab_station::ProvisionRequest {
-                            request_id: device.clone(),
-                            entitlement: entitlement.to_owned(),
-                            device_id: device,
-                            csr: None,
-                            transport_key: None,
-                        };
-                        let t = std::time::Instant::now();
-                        match client.provision(&req) {
-                            Ok(_) => lat.push(t.elapsed()),
-                            Err(_) => errors += 1,
-                        }
-                        i += stations;
-                    }
-                    (lat, errors)
-                })
-            })
-            .collect();
-        let (mut lat, mut errors) = (Vec::new(), 0u64);
-        for worker in workers {
-            match worker.join() {
-                Ok((l, e)) => {
-                    lat.extend(l);
-                    errors += e;
-                }
+    let (mut lat, mut errors) = (Vec::new(), 0u64);
+    for station in on_stations(stations as usize, |s| {
+        let mut lat = Vec::new();
+        let mut errors = 0u64;
+        let mut i = s;
+        while i < devices {
+            let device = format!("B-{:09}", i + 1);
+            let req = keyfab_station::ProvisionRequest {
+                request_id: device.clone(),
+                entitlement: entitlement.to_owned(),
+                device_id: device,
+                csr: None,
+                transport_key: None,
+            };
+            let t = std::time::Instant::now();
+            match client.provision(&req) {
+                Ok(_) => lat.push(t.elapsed()),
                 Err(_) => errors += 1,
             }
+            i += stations;
         }
         (lat, errors)
-    });
+    }) {
+        match station {
+            Some((l, e)) => {
+                lat.extend(l);
+                errors += e;
+            }
+            None => errors += 1,
+        }
+    }
     Ok((lat, started.elapsed(), errors))
+}
+
+/// Runs `station(s)` for each of `stations` stations, each on a thread of its own, and
+/// returns what each returned (`None`: its thread panicked).
+fn on_stations<T: Send>(stations: usize, station: impl Fn(u64) -> T + Sync) -> Vec<Option<T>> {
+    std::thread::scope(|scope| {
+        let station = &station;
+        let workers: Vec<_> = (0..stations.max(1) as u64)
+            .map(|s| scope.spawn(move || station(s)))
+            .collect();
+        workers.into_iter().map(|w| w.join().ok()).collect()
+    })
 }
