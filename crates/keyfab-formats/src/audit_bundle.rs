@@ -17,19 +17,16 @@
 //! chunk `aad` = "keyfab-audit-chunk" ‖ index (u64 BE) ‖ last (u8).
 
 use crate::checkpoint::TreeHead;
-use crate::entitlement::{read_exact_or_truncated, temp_path};
-use crate::prefix::{self, Kind};
+use crate::prefix::Kind;
 use crate::signed_file;
-use crate::{cbor_encode, cbor_exact, cose, FormatError, Result, Verified};
-use keyfab_crypto::hash::{Fingerprint, Sha256Stream};
+use crate::{cbor_encode, cbor_exact, FormatError, Result, Verified};
+use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::hpke::{self, HpkePublicKey, HpkeRecipient};
 use keyfab_crypto::rng::SecureRng;
 use keyfab_crypto::sign::EcdsaSigner;
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{self, Purpose, Role, ValidatedLeaf};
 use serde::{Deserialize, Serialize};
-use std::fs::File;
-use std::io::{BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 pub const VERSION: u8 = 1;
@@ -70,9 +67,6 @@ pub struct BundleHeader {
     pub body_sha256: Vec<u8>,
 }
 
-fn chunk_aad(index: u64, last: bool) -> Vec<u8> {
-    signed_file::chunk_aad(b"keyfab-audit-chunk", index, last)
-}
 const LAYOUT: signed_file::Layout = signed_file::Layout {
     kind: Kind::AuditBundle,
     version: VERSION,
@@ -81,6 +75,7 @@ const LAYOUT: signed_file::Layout = signed_file::Layout {
     max_sign1_len: MAX_SIGN1_LEN,
     content_type: CONTENT_TYPE,
     context: CONTEXT,
+    chunk_label: b"keyfab-audit-chunk",
 };
 
 fn hpke_info(site: &str, hq_cluster: &str, recipient: &str, id: &str) -> Result<Vec<u8>> {
@@ -119,53 +114,16 @@ pub fn write_bundle(
     chain: Vec<Vec<u8>>,
     rng: &dyn SecureRng,
 ) -> Result<u64> {
-    let (body_path, part) = (temp_path(out, "body"), temp_path(out, "part"));
-    let result = write_bundle_via(out, &body_path, &part, fields, records, signer, chain, rng);
-    let _ = std::fs::remove_file(&body_path);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&part);
-    }
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-fn write_bundle_via(
-    out: &Path,
-    body_path: &Path,
-    part: &Path,
-    fields: &BundleFields,
-    records: &mut dyn Iterator<Item = std::io::Result<Vec<u8>>>,
-    signer: &dyn EcdsaSigner,
-    chain: Vec<Vec<u8>>,
-    rng: &dyn SecureRng,
-) -> Result<u64> {
     let recipient = fields.recipient.fingerprint().to_hex();
     let hq_cluster = fields.hq_cluster.to_hex();
     let info = hpke_info(&fields.site, &hq_cluster, &recipient, &fields.id)?;
-    let (enc, mut sealer) = hpke::seal_context(&fields.recipient, &info, rng)
+    let (enc, sealer) = hpke::seal_context(&fields.recipient, &info, rng)
         .map_err(|e| FormatError::Write(e.to_string()))?;
-    let mut hasher = Sha256Stream::default();
-    let (mut body_len, mut chunks) = (0u64, 0u64);
-    {
-        let mut body = BufWriter::with_capacity(1 << 20, File::create(body_path)?);
+    let write_body = |body: &mut signed_file::BodyWriter| -> Result<()> {
         // A chunk is sealed only when the next one starts (or at the end), so the last
         // one can be marked as such.
         let mut pending: Option<Vec<u8>> = None;
         let mut current = Vec::with_capacity(MAX_CHUNK);
-        let mut emit = |plain: &[u8], last: bool, index: u64| -> Result<()> {
-            let ct = sealer
-                .seal(plain, &chunk_aad(index, last))
-                .map_err(|e| FormatError::Write(e.to_string()))?;
-            let len = u32::try_from(ct.len())
-                .map_err(|_| FormatError::Write("chunk too large".into()))?
-                .to_be_bytes();
-            hasher.update(&len);
-            hasher.update(&ct);
-            body.write_all(&len)?;
-            body.write_all(&ct)?;
-            body_len += 4 + ct.len() as u64;
-            Ok(())
-        };
         for r in records {
             let r = r?;
             if r.len() > MAX_RECORD {
@@ -173,8 +131,7 @@ fn write_bundle_via(
             }
             if current.len() + 4 + r.len() > MAX_CHUNK {
                 if let Some(p) = pending.take() {
-                    emit(&p, false, chunks)?;
-                    chunks += 1;
+                    body.seal(&p, false)?;
                 }
                 pending = Some(std::mem::take(&mut current));
             }
@@ -182,51 +139,37 @@ fn write_bundle_via(
             current.extend_from_slice(&r);
         }
         if let Some(p) = pending.take() {
-            emit(&p, false, chunks)?;
-            chunks += 1;
+            body.seal(&p, false)?;
         }
-        emit(&current, true, chunks)?;
-        chunks += 1;
-        body.flush()?;
-    }
-    let header = BundleHeader {
-        format: "keyfab-audit-bundle".into(),
-        version: u32::from(VERSION),
-        id: fields.id.clone(),
-        site: fields.site.clone(),
-        hq: fields.hq.clone(),
-        hq_cluster,
-        recipient,
-        from: fields.from,
-        to: fields.to,
-        checkpoint_time: fields.checkpoint_time,
-        consistency: fields
-            .consistency
-            .iter()
-            .map(|h| serde_bytes::ByteBuf::from(h.to_vec()))
-            .collect(),
-        created_at: fields.created_at.0,
-        enc: enc.to_vec(),
-        chunks,
-        body_len,
-        body_sha256: hasher.finish().to_vec(),
+        body.seal(&current, true)
     };
-    let sign1 = cose::sign(signer, &chain, CONTENT_TYPE, CONTEXT, cbor_encode(&header)?)?;
-    let sign1_len = u32::try_from(sign1.len())
-        .ok()
-        .filter(|l| *l <= MAX_SIGN1_LEN)
-        .ok_or_else(|| FormatError::Write("signed header too large".into()))?;
-    let mut f = BufWriter::with_capacity(1 << 20, File::create(part)?);
-    f.write_all(&prefix::encode(Kind::AuditBundle, VERSION))?;
-    f.write_all(&sign1_len.to_be_bytes())?;
-    f.write_all(&sign1)?;
-    std::io::copy(&mut File::open(body_path)?, &mut f)?;
-    let file = f
-        .into_inner()
-        .map_err(|e| FormatError::Io(e.into_error()))?;
-    file.sync_all()?;
-    std::fs::rename(part, out)?;
-    Ok((prefix::LEN + 4 + sign1.len()) as u64 + body_len)
+    let header = |framing: &signed_file::BodyFraming| {
+        cbor_encode(&BundleHeader {
+            format: "keyfab-audit-bundle".into(),
+            version: u32::from(VERSION),
+            id: fields.id.clone(),
+            site: fields.site.clone(),
+            hq: fields.hq.clone(),
+            hq_cluster: hq_cluster.clone(),
+            recipient: recipient.clone(),
+            from: fields.from,
+            to: fields.to,
+            checkpoint_time: fields.checkpoint_time,
+            consistency: fields
+                .consistency
+                .iter()
+                .map(|h| serde_bytes::ByteBuf::from(h.to_vec()))
+                .collect(),
+            created_at: fields.created_at.0,
+            enc: enc.clone(),
+            chunks: framing.chunks,
+            body_len: framing.len,
+            body_sha256: framing.sha256.clone(),
+        })
+    };
+    let (len, _) =
+        signed_file::write_file(out, &LAYOUT, sealer, signer, &chain, write_body, header)?;
+    Ok(len)
 }
 
 /// A bundle whose signature, signer chain (role site), addressing and body digest hold.
@@ -285,10 +228,7 @@ pub fn verify_bundle(
 
 /// Reads the records of a verified bundle, decrypting one chunk at a time.
 pub struct RecordReader {
-    file: BufReader<File>,
-    opener: hpke::Opener,
-    chunks: u64,
-    next_chunk: u64,
+    chunks: signed_file::ChunkReader,
     plain: Vec<u8>,
     at: usize,
 }
@@ -302,13 +242,15 @@ pub fn open_bundle(
     let opener = recipient
         .open_context(&h.enc, &info)
         .map_err(|_| FormatError::Malformed("cannot set up decryption".into()))?;
-    let mut file = File::open(&envelope.path)?;
-    file.seek(SeekFrom::Start(envelope.body_offset))?;
-    Ok(RecordReader {
-        file: BufReader::with_capacity(1 << 20, file),
+    let chunks = signed_file::ChunkReader::open(
+        &envelope.path,
+        envelope.body_offset,
+        &LAYOUT,
         opener,
-        chunks: h.chunks,
-        next_chunk: 0,
+        h.chunks,
+    )?;
+    Ok(RecordReader {
+        chunks,
         plain: Vec::new(),
         at: 0,
     })
@@ -317,26 +259,10 @@ pub fn open_bundle(
 impl RecordReader {
     /// The next chunk's plaintext, decrypted and authenticated; `None` after the last.
     fn read_chunk(&mut self) -> Result<Option<Vec<u8>>> {
-        if self.next_chunk >= self.chunks {
-            return Ok(None);
-        }
-        let index = self.next_chunk;
-        let mut len = [0u8; 4];
-        read_exact_or_truncated(&mut self.file, &mut len)?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len < hpke::TAG_LEN || len - hpke::TAG_LEN > MAX_CHUNK {
-            return Err(FormatError::Malformed(format!(
-                "chunk {index} length out of range"
-            )));
-        }
-        let mut ct = vec![0u8; len];
-        read_exact_or_truncated(&mut self.file, &mut ct)?;
-        let plain = self
-            .opener
-            .open(&ct, &chunk_aad(index, index + 1 == self.chunks))
-            .map_err(|_| FormatError::Malformed(format!("chunk {index} does not decrypt")))?;
-        self.next_chunk += 1;
-        Ok(Some(plain.expose().to_vec()))
+        Ok(self
+            .chunks
+            .next_chunk(MAX_CHUNK)?
+            .map(|plain| plain.expose().to_vec()))
     }
 
     /// The next chunk of records, whole; `None` after the last.

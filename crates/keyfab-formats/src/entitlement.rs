@@ -19,10 +19,10 @@
 //! authenticate every byte before decrypting anything; the signature covers `enc`, so
 //! only the signer can have made chunks that decrypt.
 
-use crate::prefix::{self, Kind};
+use crate::prefix::Kind;
 use crate::signed_file;
-use crate::{cbor_encode, cbor_exact, cose, FormatError, Result, Verified};
-use keyfab_crypto::hash::{Fingerprint, Sha256Stream};
+use crate::{cbor_encode, cbor_exact, FormatError, Result, Verified};
+use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::hpke::{self, HpkePublicKey, HpkeRecipient};
 use keyfab_crypto::rng::SecureRng;
 use keyfab_crypto::secret::SecretBytes;
@@ -31,8 +31,6 @@ use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{self, Purpose, Role, ValidatedLeaf};
 use keyfab_policy::{KeySource, KeyType, Policy};
 use serde::{Deserialize, Serialize};
-use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
@@ -148,9 +146,6 @@ pub fn chunk_plan(pool: &[PoolSpec], keys_per_chunk: u32) -> impl Iterator<Item 
         })
 }
 
-fn chunk_aad(index: u64, last: bool) -> Vec<u8> {
-    signed_file::chunk_aad(b"keyfab-entitlement-chunk", index, last)
-}
 const LAYOUT: signed_file::Layout = signed_file::Layout {
     kind: Kind::Entitlement,
     version: VERSION,
@@ -159,6 +154,7 @@ const LAYOUT: signed_file::Layout = signed_file::Layout {
     max_sign1_len: MAX_SIGN1_LEN,
     content_type: CONTENT_TYPE,
     context: CONTEXT,
+    chunk_label: b"keyfab-entitlement-chunk",
 };
 
 /// HPKE `info`: format, version, HQ identity and site identity.
@@ -206,33 +202,14 @@ pub fn write_entitlement(
     let recipient_fp = addressing.recipient.fingerprint().to_hex();
     let hq_cluster = addressing.hq_cluster.to_hex();
     let info = hpke_info(&hq_cluster, &addressing.site, &recipient_fp, &addressing.id)?;
-    let (enc, mut sealer) = hpke::seal_context(addressing.recipient, &info, rng)
+    let (enc, sealer) = hpke::seal_context(addressing.recipient, &info, rng)
         .map_err(|e| FormatError::Write(e.to_string()))?;
 
     let plan: Vec<ChunkRef> = chunk_plan(&content.pool, content.keys_per_chunk).collect();
     let chunks = plan.len() as u64 + 1;
-    let body_path = temp_path(out, "body");
-    let mut hasher = Sha256Stream::default();
-    let mut body_len = 0u64;
-    {
-        let mut body = BufWriter::with_capacity(1 << 20, File::create(&body_path)?);
-        let mut emit = |ct: &[u8]| -> Result<()> {
-            let len = u32::try_from(ct.len())
-                .map_err(|_| FormatError::Write("chunk too large".into()))?;
-            let len = len.to_be_bytes();
-            hasher.update(&len);
-            hasher.update(ct);
-            body.write_all(&len)?;
-            body.write_all(ct)?;
-            body_len += 4 + ct.len() as u64;
-            Ok(())
-        };
-        let mut first = SecretBytes::new(cbor_encode(content)?);
-        let ct = sealer
-            .seal(first.expose(), &chunk_aad(0, chunks == 1))
-            .map_err(|e| FormatError::Write(e.to_string()))?;
-        first.expose_mut().zeroize();
-        emit(&ct)?;
+    let write_body = |body: &mut signed_file::BodyWriter| -> Result<()> {
+        let first = SecretBytes::new(cbor_encode(content)?);
+        body.seal(first.expose(), chunks == 1)?;
         let mut buf = SecretBytes::default();
         for c in &plan {
             buf.expose_mut().clear();
@@ -240,61 +217,33 @@ pub fn write_entitlement(
             if buf.len() as u64 != c.count * KEY_LEN as u64 {
                 return Err(FormatError::Write("pool chunk has the wrong size".into()));
             }
-            let ct = sealer
-                .seal(buf.expose(), &chunk_aad(c.index, c.index + 1 == chunks))
-                .map_err(|e| FormatError::Write(e.to_string()))?;
-            emit(&ct)?;
+            body.seal(buf.expose(), c.index + 1 == chunks)?;
         }
-        body.flush()?;
-    }
-    let header = EntitlementHeader {
-        format: "keyfab-entitlement".into(),
-        version: u32::from(VERSION),
-        id: addressing.id.clone(),
-        sequence: addressing.sequence,
-        hq: addressing.hq.clone(),
-        hq_cluster,
-        site: addressing.site.clone(),
-        recipient: recipient_fp,
-        created_at: addressing.created_at.0,
-        enc,
-        chunks,
-        body_len,
-        body_sha256: hasher.finish().to_vec(),
+        Ok(())
     };
-    let sign1 = cose::sign(signer, &chain, CONTENT_TYPE, CONTEXT, cbor_encode(&header)?)?;
-    let sign1_len = u32::try_from(sign1.len())
-        .ok()
-        .filter(|l| *l <= MAX_SIGN1_LEN)
-        .ok_or_else(|| FormatError::Write("signed header too large".into()))?;
-    let final_tmp = temp_path(out, "part");
-    let result = (|| -> Result<u64> {
-        let mut f = BufWriter::with_capacity(1 << 20, File::create(&final_tmp)?);
-        f.write_all(&prefix::encode(Kind::Entitlement, VERSION))?;
-        f.write_all(&sign1_len.to_be_bytes())?;
-        f.write_all(&sign1)?;
-        std::io::copy(&mut File::open(&body_path)?, &mut f)?;
-        let file = f
-            .into_inner()
-            .map_err(|e| FormatError::Io(e.into_error()))?;
-        file.sync_all()?;
-        std::fs::rename(&final_tmp, out)?;
-        Ok((prefix::LEN + 4 + sign1.len()) as u64 + body_len)
-    })();
-    let _ = std::fs::remove_file(&body_path);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&final_tmp);
-    }
+    let header = |framing: &signed_file::BodyFraming| {
+        cbor_encode(&EntitlementHeader {
+            format: "keyfab-entitlement".into(),
+            version: u32::from(VERSION),
+            id: addressing.id.clone(),
+            sequence: addressing.sequence,
+            hq: addressing.hq.clone(),
+            hq_cluster: hq_cluster.clone(),
+            site: addressing.site.clone(),
+            recipient: recipient_fp.clone(),
+            created_at: addressing.created_at.0,
+            enc: enc.clone(),
+            chunks: framing.chunks,
+            body_len: framing.len,
+            body_sha256: framing.sha256.clone(),
+        })
+    };
+    let (bytes, framing) =
+        signed_file::write_file(out, &LAYOUT, sealer, signer, &chain, write_body, header)?;
     Ok(WriteSummary {
-        bytes: result?,
-        chunks,
+        bytes,
+        chunks: framing.chunks,
     })
-}
-
-pub(crate) fn temp_path(out: &Path, what: &str) -> PathBuf {
-    let mut name = out.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{what}.tmp"));
-    out.with_file_name(name)
 }
 
 /// A verified (signed, trusted, addressed to us, body intact) but still encrypted file.
@@ -360,13 +309,6 @@ fn short(hex: &str) -> &str {
     hex.get(..16).unwrap_or(hex)
 }
 
-pub(crate) fn read_exact_or_truncated(r: &mut impl Read, buf: &mut [u8]) -> Result<()> {
-    r.read_exact(buf).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => FormatError::Malformed("truncated".into()),
-        _ => FormatError::Io(e),
-    })
-}
-
 /// Decrypts the content of a verified entitlement and checks it against the signed
 /// header and itself; returns it with a reader for the pool chunks.
 pub fn open_entitlement(
@@ -378,15 +320,17 @@ pub fn open_entitlement(
     let opener = recipient
         .open_context(&h.enc, &info)
         .map_err(|_| FormatError::Malformed("cannot set up decryption".into()))?;
-    let mut file = File::open(&envelope.path)?;
-    file.seek(SeekFrom::Start(envelope.body_offset))?;
     let mut reader = PoolReader {
-        file: BufReader::with_capacity(1 << 20, file),
-        opener,
+        chunks: signed_file::ChunkReader::open(
+            &envelope.path,
+            envelope.body_offset,
+            &LAYOUT,
+            opener,
+            h.chunks,
+        )?,
         plan: Vec::new().into_iter(),
-        chunks: h.chunks,
     };
-    let first = reader.next_sealed(0, MAX_CONTENT_CHUNK)?;
+    let first = reader.next_sealed(MAX_CONTENT_CHUNK as usize)?;
     let content: EntitlementContent = cbor_exact("entitlement content", first.expose())?;
     if content.id != h.id
         || content.sequence != h.sequence
@@ -435,27 +379,17 @@ pub fn open_entitlement(
 
 /// Yields the pool chunks of an opened entitlement, one at a time.
 pub struct PoolReader {
-    file: BufReader<File>,
-    opener: hpke::Opener,
+    chunks: signed_file::ChunkReader,
     plan: std::vec::IntoIter<ChunkRef>,
-    chunks: u64,
 }
 
 impl PoolReader {
-    fn next_sealed(&mut self, index: u64, max_plain: u32) -> Result<SecretBytes> {
-        let mut len = [0u8; 4];
-        read_exact_or_truncated(&mut self.file, &mut len)?;
-        let len = u32::from_be_bytes(len);
-        if len < hpke::TAG_LEN as u32 || len - hpke::TAG_LEN as u32 > max_plain {
-            return Err(FormatError::Malformed(format!(
-                "chunk {index} length out of range"
-            )));
-        }
-        let mut ct = vec![0u8; len as usize];
-        read_exact_or_truncated(&mut self.file, &mut ct)?;
-        self.opener
-            .open(&ct, &chunk_aad(index, index + 1 == self.chunks))
-            .map_err(|_| FormatError::Malformed(format!("chunk {index} does not decrypt")))
+    /// The next sealed chunk, which must be there.
+    fn next_sealed(&mut self, max_plain: usize) -> Result<SecretBytes> {
+        let index = self.chunks.next_index();
+        self.chunks
+            .next_chunk(max_plain)?
+            .ok_or_else(|| FormatError::Malformed(format!("chunk {index} missing")))
     }
 
     /// The next chunk and its secrets (`count × 32` bytes), or `None` after the last.
@@ -464,7 +398,13 @@ impl PoolReader {
             return Ok(None);
         };
         let want = c.count * KEY_LEN as u64;
-        let plain = self.next_sealed(c.index, want as u32)?;
+        if self.chunks.next_index() != c.index {
+            return Err(FormatError::Malformed(format!(
+                "chunk {} out of order",
+                c.index
+            )));
+        }
+        let plain = self.next_sealed(usize::try_from(want).unwrap_or(usize::MAX))?;
         if plain.len() as u64 != want {
             return Err(FormatError::Malformed(format!(
                 "chunk {} has the wrong size",

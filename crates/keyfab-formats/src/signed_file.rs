@@ -3,16 +3,21 @@
 //!
 //! Reading follows DESIGN.md invariant 1: the size cap, then the prefix, then the
 //! signature over the exact header bytes; the body is hashed against the signed digest
-//! before anything in it is decrypted.
+//! before anything in it is decrypted. Writing streams the sealed body to a temporary
+//! file first (its length and digest go into the header the signature covers), then
+//! writes the whole file beside `out` and renames it into place, so `out` appears
+//! complete or not at all.
 
 use crate::cose::{self, SignedByChain};
-use crate::entitlement::read_exact_or_truncated;
 use crate::prefix::{self, Kind};
 use crate::{FormatError, Result};
 use keyfab_crypto::hash::Sha256Stream;
+use keyfab_crypto::hpke;
+use keyfab_crypto::secret::SecretBytes;
+use keyfab_crypto::sign::EcdsaSigner;
 use std::fs::File;
-use std::io::{BufReader, Read};
-use std::path::Path;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 
 /// The caps and labels of one file kind.
 pub(crate) struct Layout {
@@ -24,6 +29,8 @@ pub(crate) struct Layout {
     pub max_sign1_len: u32,
     pub content_type: &'static str,
     pub context: &'static [u8],
+    /// The first bytes of every body chunk's AEAD associated data ([`chunk_aad`]).
+    pub chunk_label: &'static [u8],
 }
 
 /// The body of a file whose signed header holds; not yet checked.
@@ -102,9 +109,181 @@ impl UncheckedBody {
 
 /// The AEAD associated data of body chunk `index`: the kind's label, the index and
 /// whether it is the last, so chunks cannot be reordered, dropped or cut short.
-pub(crate) fn chunk_aad(label: &[u8], index: u64, last: bool) -> Vec<u8> {
+fn chunk_aad(label: &[u8], index: u64, last: bool) -> Vec<u8> {
     let mut aad = label.to_vec();
     aad.extend_from_slice(&index.to_be_bytes());
     aad.push(u8::from(last));
     aad
+}
+
+pub(crate) fn read_exact_or_truncated(r: &mut impl Read, buf: &mut [u8]) -> Result<()> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => FormatError::Malformed("truncated".into()),
+        _ => FormatError::Io(e),
+    })
+}
+
+/// `out` with `.{what}.tmp` appended to its name: a temporary file beside it, on the same
+/// file system, so the finished file can be renamed into place.
+fn temp_path(out: &Path, what: &str) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{what}.tmp"));
+    out.with_file_name(name)
+}
+
+/// The framing of a written body, for the signed header.
+pub(crate) struct BodyFraming {
+    pub chunks: u64,
+    pub len: u64,
+    pub sha256: Vec<u8>,
+}
+
+/// Writes a file of `layout`'s kind to `out`: `write_body` streams the body through the
+/// [`BodyWriter`] it is given, `header` turns the body's framing into the signed
+/// header's CBOR; then the file is assembled, synced and renamed into place. The
+/// temporary files are removed whether or not it succeeds. Returns the file's length and
+/// the body's framing.
+pub(crate) fn write_file(
+    out: &Path,
+    layout: &Layout,
+    sealer: hpke::Sealer,
+    signer: &dyn EcdsaSigner,
+    chain: &[Vec<u8>],
+    write_body: impl FnOnce(&mut BodyWriter) -> Result<()>,
+    header: impl FnOnce(&BodyFraming) -> Result<Vec<u8>>,
+) -> Result<(u64, BodyFraming)> {
+    let (body_path, part) = (temp_path(out, "body"), temp_path(out, "part"));
+    let result = (|| {
+        let mut body = BodyWriter {
+            file: BufWriter::with_capacity(1 << 20, File::create(&body_path)?),
+            sealer,
+            label: layout.chunk_label,
+            hasher: Sha256Stream::default(),
+            len: 0,
+            chunks: 0,
+        };
+        write_body(&mut body)?;
+        body.file.flush()?;
+        let framing = BodyFraming {
+            chunks: body.chunks,
+            len: body.len,
+            sha256: body.hasher.finish().to_vec(),
+        };
+        let header = header(&framing)?;
+        let sign1 = cose::sign(signer, chain, layout.content_type, layout.context, header)?;
+        let sign1_len = u32::try_from(sign1.len())
+            .ok()
+            .filter(|l| *l <= layout.max_sign1_len)
+            .ok_or_else(|| FormatError::Write("signed header too large".into()))?;
+        let mut f = BufWriter::with_capacity(1 << 20, File::create(&part)?);
+        f.write_all(&prefix::encode(layout.kind, layout.version))?;
+        f.write_all(&sign1_len.to_be_bytes())?;
+        f.write_all(&sign1)?;
+        std::io::copy(&mut File::open(&body_path)?, &mut f)?;
+        let file = f
+            .into_inner()
+            .map_err(|e| FormatError::Io(e.into_error()))?;
+        file.sync_all()?;
+        std::fs::rename(&part, out)?;
+        Ok((
+            (prefix::LEN + 4 + sign1.len()) as u64 + framing.len,
+            framing,
+        ))
+    })();
+    let _ = std::fs::remove_file(&body_path);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    result
+}
+
+/// The body of a file being written: chunks sealed in order, each written as u32 BE
+/// length ‖ ciphertext and hashed as written.
+pub(crate) struct BodyWriter {
+    file: BufWriter<File>,
+    sealer: hpke::Sealer,
+    label: &'static [u8],
+    hasher: Sha256Stream,
+    len: u64,
+    chunks: u64,
+}
+
+impl BodyWriter {
+    /// Seals `plain` as the next chunk; `last` marks the final one.
+    pub(crate) fn seal(&mut self, plain: &[u8], last: bool) -> Result<()> {
+        let ct = self
+            .sealer
+            .seal(plain, &chunk_aad(self.label, self.chunks, last))
+            .map_err(|e| FormatError::Write(e.to_string()))?;
+        let len = u32::try_from(ct.len())
+            .map_err(|_| FormatError::Write("chunk too large".into()))?
+            .to_be_bytes();
+        self.hasher.update(&len);
+        self.hasher.update(&ct);
+        self.file.write_all(&len)?;
+        self.file.write_all(&ct)?;
+        self.len += 4 + ct.len() as u64;
+        self.chunks += 1;
+        Ok(())
+    }
+}
+
+/// The sealed chunks of a verified file's body, opened one at a time in order.
+pub(crate) struct ChunkReader {
+    file: BufReader<File>,
+    opener: hpke::Opener,
+    label: &'static [u8],
+    chunks: u64,
+    next: u64,
+}
+
+impl ChunkReader {
+    /// Reads `chunks` chunks from `path` at `offset` (where the verified body starts).
+    pub(crate) fn open(
+        path: &Path,
+        offset: u64,
+        layout: &Layout,
+        opener: hpke::Opener,
+        chunks: u64,
+    ) -> Result<Self> {
+        let mut file = File::open(path)?;
+        file.seek(SeekFrom::Start(offset))?;
+        Ok(Self {
+            file: BufReader::with_capacity(1 << 20, file),
+            opener,
+            label: layout.chunk_label,
+            chunks,
+            next: 0,
+        })
+    }
+
+    /// The index the next chunk will have.
+    pub(crate) fn next_index(&self) -> u64 {
+        self.next
+    }
+
+    /// The next chunk's plaintext, decrypted and authenticated, at most `max_plain`
+    /// bytes; `None` after the last.
+    pub(crate) fn next_chunk(&mut self, max_plain: usize) -> Result<Option<SecretBytes>> {
+        if self.next >= self.chunks {
+            return Ok(None);
+        }
+        let index = self.next;
+        let mut len = [0u8; 4];
+        read_exact_or_truncated(&mut self.file, &mut len)?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len < hpke::TAG_LEN || len - hpke::TAG_LEN > max_plain {
+            return Err(FormatError::Malformed(format!(
+                "chunk {index} length out of range"
+            )));
+        }
+        let mut ct = vec![0u8; len];
+        read_exact_or_truncated(&mut self.file, &mut ct)?;
+        let plain = self
+            .opener
+            .open(&ct, &chunk_aad(self.label, index, index + 1 == self.chunks))
+            .map_err(|_| FormatError::Malformed(format!("chunk {index} does not decrypt")))?;
+        self.next += 1;
+        Ok(Some(plain))
+    }
 }
