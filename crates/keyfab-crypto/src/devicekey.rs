@@ -62,18 +62,24 @@ const ED25519_SPKI_PREFIX: [u8; 12] = [
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
 ];
 
+/// A new P-256 key pair and its 32-byte private scalar (what a pool keeps).
+fn generate_p256() -> Result<(EcdsaKeyPair, Secret32)> {
+    let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
+        .map_err(|_| CryptoError::Internal)?;
+    let bin: EcPrivateKeyBin = pair
+        .private_key()
+        .as_be_bytes()
+        .map_err(|_| CryptoError::Internal)?;
+    let secret = Secret32::from_slice(bin.as_ref()).ok_or(CryptoError::Internal)?;
+    Ok((pair, secret))
+}
+
 /// Generates one device key: the secret and its public identity.
 pub fn generate(kind: DeviceKeyType, rng: &dyn crate::rng::SecureRng) -> Result<(Secret32, KeyId)> {
     match kind {
         // The pool path: no PKCS#8 needed, so skip building it.
         DeviceKeyType::EcP256 => {
-            let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
-                .map_err(|_| CryptoError::Internal)?;
-            let bin: EcPrivateKeyBin = pair
-                .private_key()
-                .as_be_bytes()
-                .map_err(|_| CryptoError::Internal)?;
-            let secret = Secret32::from_slice(bin.as_ref()).ok_or(CryptoError::Internal)?;
+            let (pair, secret) = generate_p256()?;
             let id = KeyId::Public(Fingerprint::of(&crate::x509::p256_spki(
                 pair.public_key().as_ref(),
             )));
@@ -102,13 +108,7 @@ pub fn generate_expanded(
 ) -> Result<(Secret32, Expanded)> {
     match kind {
         DeviceKeyType::EcP256 => {
-            let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
-                .map_err(|_| CryptoError::Internal)?;
-            let bin: EcPrivateKeyBin = pair
-                .private_key()
-                .as_be_bytes()
-                .map_err(|_| CryptoError::Internal)?;
-            let secret = Secret32::from_slice(bin.as_ref()).ok_or(CryptoError::Internal)?;
+            let (pair, secret) = generate_p256()?;
             Ok((secret, expand_p256(&pair)?))
         }
         DeviceKeyType::Ed25519 => {
