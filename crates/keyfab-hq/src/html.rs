@@ -115,17 +115,19 @@ pub fn render(r: &Report, hq: &str, generated: &str) -> String {
     let mut sites: Vec<&str> = r.entitlements.iter().map(|e| e.site.as_str()).collect();
     sites.dedup();
     for site in sites {
-        let _ = write!(html, "<h2>Site {}</h2><table><tr><th>entitlement</th><th>product</th><th>today / limit</th><th>total / quota</th><th>refusals</th><th>violations</th></tr>", esc(site));
+        let _ = write!(html, "<h2>Site {}</h2><table><tr><th>entitlement</th><th>product</th><th>today / limit</th><th>total / quota</th><th>programmed / failed</th><th>refusals</th><th>violations</th></tr>", esc(site));
         for e in r.entitlements.iter().filter(|e| e.site == site) {
             let _ = write!(
                 html,
-                "<tr><td>{}</td><td>{}</td><td>{} / {}</td><td>{} / {}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{} / {}</td><td>{} / {}</td><td>{} / {}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
                 esc(&e.entitlement),
                 esc(&e.product),
                 e.today,
                 e.daily_limit.map_or("-".into(), |d| d.to_string()),
                 e.released,
                 e.quota,
+                e.confirmed,
+                e.burned,
                 e.refusals.values().sum::<u64>(),
                 if e.violations > 0 { "bad" } else { "" },
                 e.violations
@@ -135,10 +137,11 @@ pub fn render(r: &Report, hq: &str, generated: &str) -> String {
         for e in r.entitlements.iter().filter(|e| e.site == site) {
             let _ = write!(
                 html,
-                "<h3>{} — {}{}</h3><h4>Devices per day</h4>{}<h4>Quota</h4>{}<h4>Refusals by code</h4>{}",
+                "<h3>{} — {}{}</h3><h4>Devices per day <span class=\"muted\">(days in {})</span></h4>{}<h4>Quota</h4>{}<h4>Refusals by code</h4>{}",
                 esc(&e.product),
                 esc(&e.entitlement),
                 if e.revoked { " (revoked)" } else { "" },
+                esc(&e.timezone),
                 days_chart(e),
                 quota_bar(e),
                 refusals_chart(e)

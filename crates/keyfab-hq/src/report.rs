@@ -31,6 +31,8 @@ pub struct EntitlementReport {
     pub violations: u64,
     /// Devices released per calendar day (policy time zone).
     pub days: std::collections::BTreeMap<String, u64>,
+    /// The IANA time zone those days and `today` are counted in.
+    pub timezone: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -74,6 +76,7 @@ pub fn report(node: &Node, now: UnixTime) -> Result<Report> {
             refusals: replica.refusals.clone(),
             violations: replica.violations,
             days: replica.days.clone(),
+            timezone: issued.policy.timezone.clone(),
         });
     }
     let violations = node

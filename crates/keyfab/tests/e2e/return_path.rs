@@ -78,6 +78,7 @@ fn report_and_manifest_match_the_provisioning() {
     assert_eq!(e["quota"], 10);
     assert_eq!(e["refusals"]["daily_limit_exceeded"], 1);
     assert_eq!(e["violations"], 0);
+    assert_eq!(e["timezone"], "UTC");
     let text = std::process::Command::new(env!("CARGO_BIN_EXE_keyfab"))
         .args(["hq", "report", "--home", &s(&w.hq)])
         .env("KEYFAB_PASSPHRASE", PASS)
@@ -104,7 +105,10 @@ fn report_and_manifest_match_the_provisioning() {
     assert!(
         page.contains("<svg")
             && page.contains("daily limit 2")
-            && page.contains("daily_limit_exceeded"),
+            && page.contains("daily_limit_exceeded")
+            && page.contains("<th>programmed / failed</th>")
+            && page.contains(&format!("<td>{} / {}</td>", e["confirmed"], e["burned"]))
+            && page.contains("(days in UTC)"),
         "{page}"
     );
     assert!(
