@@ -508,9 +508,7 @@ impl Provisioner {
         let (work_tx, work_rx) = mpsc::channel::<Work>();
         let work_rx = Arc::new(Mutex::new(work_rx));
         let mut threads = Vec::new();
-        // Not joined on drop: stopped, it ends by itself, and a thread of the idle class
-        // may wait long for a core on a busy machine.
-        let reserve = key_reserve::KeyReserve::start();
+        let reserve = key_reserve::KeyReserve::new();
         let cohorts = Arc::new(cohorts::Cohorts::default());
         let committer_node = node.clone();
         let committer_cohorts = cohorts.clone();

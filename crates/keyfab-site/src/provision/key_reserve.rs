@@ -14,7 +14,9 @@
 
 use keyfab_crypto::devicekey::{self, DeviceKeyType, Expanded};
 use keyfab_crypto::secret::Secret32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 
 /// Keys held ready: a few commits' worth of requests at the engine's usual concurrency.
 const CAPACITY: usize = 256;
@@ -32,32 +34,62 @@ struct State {
     stopped: bool,
 }
 
+/// What the reserve thread and the workers share.
 #[derive(Default)]
-pub(super) struct KeyReserve {
+struct Shared {
     state: Mutex<State>,
     refill: Condvar,
 }
 
+/// The reserve. Its thread starts with the first key asked for — a process that never
+/// needs a `site` P-256 key (an entitlement of pool keys, a one-off `site provision`
+/// of one) never makes one ahead — and [`KeyReserve::stop`] joins it.
+///
+/// Joined, not left to end by itself: the process must not exit while the thread is in
+/// the crypto library. aws-lc tears its entropy sources down at exit, and a key begun
+/// then aborts the whole process (seen: `SIGABRT` from `tree_jitter_drbg_derive_seed`
+/// in this thread, after `site provision` had printed its result). The wait is at most
+/// the key in progress, which the idle class still gets a small share of a core for.
+#[derive(Default)]
+pub(super) struct KeyReserve {
+    shared: Arc<Shared>,
+    started: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
 impl KeyReserve {
-    /// The reserve and its thread, which runs until [`KeyReserve::stop`]. Without the
-    /// thread (it could not be started, or not put in the idle class) the reserve stays
-    /// empty and workers generate every key.
-    pub(super) fn start() -> Arc<Self> {
-        let reserve = Arc::new(Self::default());
-        let filler = reserve.clone();
-        let _ = std::thread::Builder::new()
-            .name("keyfab-keygen".into())
-            .spawn(move || filler.fill());
-        reserve
+    /// An empty reserve; its thread starts on the first [`KeyReserve::take`]. Without
+    /// the thread (it could not be started, or not put in the idle class) the reserve
+    /// stays empty and workers generate every key.
+    pub(super) fn new() -> Arc<Self> {
+        Arc::new(Self::default())
     }
 
-    /// Stops the thread and drops (zeroizes) the keys it left.
+    fn start_thread(&self) {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shared = self.shared.clone();
+        if let Ok(h) = std::thread::Builder::new()
+            .name("keyfab-keygen".into())
+            .spawn(move || shared.fill())
+        {
+            *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+        }
+    }
+
+    /// Stops the thread, drops (zeroizes) the keys it left, and waits for the thread to
+    /// end.
     pub(super) fn stop(&self) {
-        let mut state = self.lock();
+        let mut state = self.shared.lock();
         state.stopped = true;
         state.keys.clear();
         drop(state);
-        self.refill.notify_all();
+        self.shared.refill.notify_all();
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
     }
 
     /// A P-256 key pair generated ahead, if one is ready. Never waits: the lock may be
@@ -65,18 +97,21 @@ impl KeyReserve {
     /// while on a busy machine (that is its class); a worker that finds the lock taken
     /// generates its own key.
     pub(super) fn take(&self) -> Option<ReadyKey> {
-        let mut state = match self.state.try_lock() {
+        self.start_thread();
+        let mut state = match self.shared.state.try_lock() {
             Ok(state) => state,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
         let key = state.keys.pop();
         if key.is_some() && state.keys.len() == CAPACITY - WAKE_AFTER {
-            self.refill.notify_one();
+            self.shared.refill.notify_one();
         }
         key
     }
+}
 
+impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -147,7 +182,7 @@ mod tests {
     /// Waits (bounded) until the reserve thread has made `n` keys.
     fn wait_for(reserve: &KeyReserve, n: usize) -> bool {
         for _ in 0..2_000 {
-            if reserve.lock().keys.len() >= n {
+            if reserve.shared.lock().keys.len() >= n {
                 return true;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
@@ -166,19 +201,48 @@ mod tests {
         })
     }
 
-    #[test]
-    fn an_empty_reserve_hands_out_nothing() {
-        let reserve = KeyReserve::default();
+    /// A reserve whose thread has been started (by a first, empty-handed take).
+    fn started() -> Arc<KeyReserve> {
+        let reserve = KeyReserve::new();
+        assert!(!reserve.started.load(Ordering::Acquire));
         assert!(reserve.take().is_none());
+        reserve
+    }
+
+    #[test]
+    fn an_empty_reserve_hands_out_nothing_and_makes_nothing_until_asked() {
+        let reserve = KeyReserve::new();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(reserve.thread.lock().unwrap().is_none(), "started unasked");
+        assert!(reserve.take().is_none());
+        assert!(
+            reserve.thread.lock().unwrap().is_some(),
+            "not started by a take"
+        );
+        reserve.stop();
+    }
+
+    #[test]
+    fn stop_returns_once_the_thread_has_ended() {
+        let reserve = started();
+        assert!(wait_for(&reserve, 1));
+        assert_eq!(
+            Arc::strong_count(&reserve.shared),
+            2,
+            "the thread holds one"
+        );
+        reserve.stop();
+        // The thread's hold on the shared state went with it.
+        assert_eq!(Arc::strong_count(&reserve.shared), 1);
     }
 
     #[test]
     fn the_thread_fills_the_reserve_with_distinct_working_keys_up_to_its_capacity() {
-        let reserve = KeyReserve::start();
+        let reserve = started();
         assert!(wait_for(&reserve, CAPACITY), "the reserve did not fill");
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(
-            reserve.lock().keys.len(),
+            reserve.shared.lock().keys.len(),
             CAPACITY,
             "filled past its capacity"
         );
@@ -201,7 +265,7 @@ mod tests {
 
     #[test]
     fn taking_keys_wakes_the_thread_to_make_more() {
-        let reserve = KeyReserve::start();
+        let reserve = started();
         assert!(wait_for(&reserve, CAPACITY));
         for _ in 0..WAKE_AFTER {
             assert!(take_ready(&reserve).is_some());
@@ -212,11 +276,10 @@ mod tests {
 
     #[test]
     fn a_stopped_reserve_drops_its_keys_and_hands_out_none() {
-        let reserve = KeyReserve::start();
+        let reserve = started();
         assert!(wait_for(&reserve, 1));
         reserve.stop();
         assert!(reserve.take().is_none());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(reserve.lock().keys.is_empty());
+        assert!(reserve.shared.lock().keys.is_empty());
     }
 }

@@ -23,6 +23,14 @@ pub fn keyfab(args: &[&str], now: Option<&str>) -> Out {
         None => cmd.env_remove("KEYFAB_NOW"),
     };
     let out = cmd.output().expect("run keyfab");
+    // No command may end by a signal (a crash), whatever it printed before.
+    if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&out.status) {
+        panic!(
+            "keyfab {args:?} was killed by signal {signal}\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "stdout of {args:?} is not one JSON document ({e}): {}\nstderr: {}",
