@@ -55,6 +55,10 @@ pub enum Error {
     /// was released; the same request again is safe.
     #[error("the site's state store is unavailable, nothing was released; retry: {0}")]
     Unavailable(String),
+    /// The home's embedded store is open in another process: at a site, most often a
+    /// running `keyfab site serve`.
+    #[error("this home is in use by another keyfab process (a running `keyfab site serve`?); while it serves, `keyfab site station enroll|revoke|list` and `keyfab site unseal` reach it through HOME/serve.sock, other commands need it stopped")]
+    InUse,
     #[error(transparent)]
     Crypto(#[from] keyfab_crypto::CryptoError),
     #[error("I/O: {0}")]
@@ -65,6 +69,7 @@ impl From<keyfab_store::StoreError> for Error {
     fn from(e: keyfab_store::StoreError) -> Self {
         match e {
             keyfab_store::StoreError::Io(why) => Error::Unavailable(why),
+            keyfab_store::StoreError::Busy => Error::InUse,
             other => Error::Store(other),
         }
     }
@@ -99,6 +104,7 @@ impl Error {
             Error::InvalidState(_) => "invalid_state",
             Error::InvalidInput(_) => "invalid_input",
             Error::Unavailable(_) => "unavailable",
+            Error::InUse => "in_use",
             Error::Custody(_) | Error::Store(_) | Error::Crypto(_) | Error::Io(_) => "internal",
         }
     }

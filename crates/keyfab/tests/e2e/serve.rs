@@ -373,6 +373,24 @@ fn stations_are_enrolled_and_revoked_while_the_line_runs() {
         states,
         vec![("line-1".to_owned(), false), ("line-2".to_owned(), true)]
     );
+    // A command that needs the store itself is told the home is in use, and by what.
+    let busy = keyfab(
+        &["site", "entitlement", "list", "--home", &s(&w.site)],
+        None,
+    );
+    assert_eq!(
+        (busy.code, busy.json["error"]["code"].as_str()),
+        (1, Some("in_use")),
+        "{}",
+        busy.json
+    );
+    assert!(
+        busy.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("site serve")),
+        "{}",
+        busy.json
+    );
     let (code, _) = server.stop();
     assert_eq!(code, 0);
     // Stopped: the CLI works on the store directly again.
