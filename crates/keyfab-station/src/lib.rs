@@ -37,9 +37,14 @@ pub enum StationError {
         code: String,
         message: String,
     },
-    /// No URL answered (connection refused, TLS handshake failed, timed out).
+    /// No URL answered (connection refused, closed, timed out).
     #[error("no site answered: {0}")]
     Unreachable(String),
+    /// Every URL's TLS handshake failed on a certificate: the site's was not accepted
+    /// here, or the site did not accept this station's. Not sent again: it would fail
+    /// the same way.
+    #[error("{0}")]
+    Untrusted(String),
     /// A URL that is not `https://HOST[:PORT]`.
     #[error("URL: {0}")]
     BadUrl(String),
@@ -240,6 +245,7 @@ impl Client {
         let inner = &self.inner;
         let count = inner.endpoints.len();
         let mut last = String::new();
+        let mut certificate_refusals = 0;
         let first = inner.preferred.load(Ordering::Relaxed);
         for attempt in 0..ATTEMPTS {
             let which = (first + attempt) % count;
@@ -265,6 +271,14 @@ impl Client {
                     return answer(&resp);
                 }
                 Err(e) => {
+                    if let Some(why) = certificate_refusal(&e) {
+                        certificate_refusals += 1;
+                        last = format!("{url}: {why}");
+                        if certificate_refusals >= count {
+                            return Err(StationError::Untrusted(last));
+                        }
+                        continue;
+                    }
                     inner.retried.dropped.fetch_add(1, Ordering::Relaxed);
                     last = format!("{url}: {e}");
                     // Later calls start at the next URL, unless another call moved on.
@@ -355,6 +369,48 @@ impl Client {
     }
 }
 
+/// Why a TLS handshake failed on a certificate, if it did: the site's certificate did
+/// not verify here, or the site sent an alert refusing this station's.
+fn certificate_refusal(e: &http::ExchangeError) -> Option<String> {
+    use rustls::{AlertDescription as Alert, CertificateError};
+    let http::ExchangeError::Io { error, .. } = e else {
+        return None;
+    };
+    match error.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(why) => {
+            let clock = matches!(
+                why,
+                CertificateError::Expired
+                    | CertificateError::ExpiredContext { .. }
+                    | CertificateError::NotValidYet
+                    | CertificateError::NotValidYetContext { .. }
+            );
+            Some(format!(
+                "the site's certificate is not accepted here: {}{}",
+                rustls::Error::InvalidCertificate(why.clone()),
+                if clock {
+                    " (compare this machine's clock with the site's)"
+                } else {
+                    ""
+                }
+            ))
+        }
+        rustls::Error::AlertReceived(
+            alert @ (Alert::BadCertificate
+            | Alert::CertificateExpired
+            | Alert::CertificateRevoked
+            | Alert::CertificateUnknown
+            | Alert::UnknownCA
+            | Alert::UnsupportedCertificate
+            | Alert::CertificateRequired
+            | Alert::AccessDenied),
+        ) => Some(format!(
+            "the site refused this station's certificate ({alert:?}): enrolled with another site, expired, or not a station certificate"
+        )),
+        _ => None,
+    }
+}
+
 fn answer(resp: &http::Response) -> Result<serde_json::Value> {
     let body: serde_json::Value = serde_json::from_slice(&resp.body)
         .map_err(|e| StationError::BadAnswer(format!("status {}: {e}", resp.status)))?;
@@ -380,8 +436,10 @@ pub struct LineReport {
     pub failures: std::collections::BTreeMap<String, u64>,
     /// Refusals by the site, by code.
     pub refused: std::collections::BTreeMap<String, u64>,
-    /// Requests no site answered.
+    /// Devices no site answered.
     pub unreachable: u64,
+    /// Why, by reason (the last error of the device's request).
+    pub unreachable_reasons: std::collections::BTreeMap<String, u64>,
     /// Time from request to confirmed, per device that got keys.
     pub latencies: Vec<Duration>,
     pub elapsed: Duration,
@@ -422,7 +480,9 @@ pub fn run_line(
             match worker.join() {
                 Ok(part) => all.merge(part),
                 // A programmer that panicked: its device went unanswered.
-                Err(_) => all.unreachable += 1,
+                Err(_) => all.tally(DeviceOutcome::Unreachable(
+                    "a programmer thread panicked".into(),
+                )),
             }
         }
         all
@@ -430,6 +490,10 @@ pub fn run_line(
     report.elapsed = started.elapsed();
     report
 }
+
+/// How many distinct reasons a line report keeps for devices no site answered.
+const MAX_REASONS: usize = 8;
+const OTHER_REASONS: &str = "other reasons";
 
 impl LineReport {
     fn tally(&mut self, outcome: DeviceOutcome) {
@@ -443,14 +507,33 @@ impl LineReport {
                 *self.failures.entry(why).or_insert(0) += 1;
             }
             DeviceOutcome::Refused(code) => *self.refused.entry(code).or_insert(0) += 1,
-            DeviceOutcome::Unreachable => self.unreachable += 1,
+            DeviceOutcome::Unreachable(why) => {
+                self.unreachable += 1;
+                self.note_unreachable(why, 1);
+            }
         }
+    }
+
+    /// Counts `n` devices unanswered for `why`. Reasons can name a time or an address,
+    /// so past [`MAX_REASONS`] distinct ones the rest are counted together.
+    fn note_unreachable(&mut self, why: String, n: u64) {
+        let why = if self.unreachable_reasons.len() >= MAX_REASONS
+            && !self.unreachable_reasons.contains_key(&why)
+        {
+            OTHER_REASONS.to_owned()
+        } else {
+            why
+        };
+        *self.unreachable_reasons.entry(why).or_insert(0) += n;
     }
 
     fn merge(&mut self, other: LineReport) {
         self.programmed += other.programmed;
         self.failed += other.failed;
         self.unreachable += other.unreachable;
+        for (why, n) in other.unreachable_reasons {
+            self.note_unreachable(why, n);
+        }
         for (why, n) in other.failures {
             *self.failures.entry(why).or_insert(0) += n;
         }
@@ -465,7 +548,7 @@ enum DeviceOutcome {
     Programmed(Duration),
     Failed(String),
     Refused(String),
-    Unreachable,
+    Unreachable(String),
 }
 
 fn one_device(client: &Client, entitlement: &str, device: &str, root: &[u8]) -> DeviceOutcome {
@@ -486,7 +569,7 @@ fn one_device(client: &Client, entitlement: &str, device: &str, root: &[u8]) -> 
     let bundle = match client.provision(&req) {
         Ok(b) => b,
         Err(StationError::Refused { code, .. }) => return DeviceOutcome::Refused(code),
-        Err(_) => return DeviceOutcome::Unreachable,
+        Err(e) => return DeviceOutcome::Unreachable(e.to_string()),
     };
     // The device's clock, read when it checks (a certificate issued this very second is
     // not valid a second earlier).
@@ -501,6 +584,27 @@ fn one_device(client: &Client, entitlement: &str, device: &str, root: &[u8]) -> 
             Some(why) => DeviceOutcome::Failed(why),
         },
         Err(StationError::Refused { code, .. }) => DeviceOutcome::Refused(code),
-        Err(_) => DeviceOutcome::Unreachable,
+        Err(e) => DeviceOutcome::Unreachable(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_report_keeps_a_bounded_number_of_reasons_and_counts_every_device() {
+        let mut a = LineReport::default();
+        let mut b = LineReport::default();
+        for i in 0..20 {
+            a.tally(DeviceOutcome::Unreachable(format!("at second {i}")));
+            b.tally(DeviceOutcome::Unreachable("connection refused".into()));
+        }
+        a.merge(b);
+        assert_eq!(a.unreachable, 40);
+        assert_eq!(a.unreachable_reasons.values().sum::<u64>(), 40);
+        assert_eq!(a.unreachable_reasons.len(), MAX_REASONS + 1);
+        assert_eq!(a.unreachable_reasons["at second 0"], 1);
+        assert_eq!(a.unreachable_reasons[OTHER_REASONS], 32);
     }
 }

@@ -1,6 +1,7 @@
 //! The station client against a TLS server on loopback that closes connections when a
 //! real site would: a kept connection closed while idle is not a failed request, and a
-//! connection that dies mid-answer is retried with the same request.
+//! connection that dies mid-answer is retried with the same request; a site whose
+//! certificate does not verify is refused at once, with why, and not asked again.
 
 use keyfab_crypto::rng::SystemRng;
 use keyfab_crypto::sign::SigningKey;
@@ -29,9 +30,24 @@ struct Line {
     server: Arc<rustls::ServerConfig>,
 }
 
+/// The certificate the server shows.
+#[derive(PartialEq)]
+enum Shown {
+    /// Issued by the station's line CA, valid now.
+    Good,
+    /// Issued by the line CA of another site.
+    OfAnotherSite,
+    /// Issued by the line CA, valid only from tomorrow (the site's clock is ahead).
+    FromTomorrow,
+}
+
 /// A line CA, a station enrolled under it (written as `site station enroll` does) and the
 /// server's certificate for 127.0.0.1.
 fn line() -> Line {
+    line_showing(Shown::Good)
+}
+
+fn line_showing(shown: Shown) -> Line {
     let rng = SystemRng;
     let now = SystemClock.now();
     let validity = Validity {
@@ -50,14 +66,29 @@ fn line() -> Line {
         &rng,
     )
     .unwrap();
+    let (issuer_key, issuer) = if shown == Shown::OfAnotherSite {
+        let key = SigningKey::generate(&rng).unwrap();
+        let other = x509::line_ca_certificate(&key, "other-site", validity, &rng).unwrap();
+        (key, other)
+    } else {
+        (ca_key, ca.clone())
+    };
+    let server_validity = if shown == Shown::FromTomorrow {
+        Validity {
+            not_before: now.plus_days(1),
+            not_after: now.plus_days(2),
+        }
+    } else {
+        validity
+    };
     let server_key = SigningKey::generate(&rng).unwrap();
     let server = x509::issue_server_certificate(
-        &ca_key,
-        &ca,
+        &issuer_key,
+        &issuer,
         server_key.verifying_key().sec1(),
         "test-site",
         &["127.0.0.1".into()],
-        validity,
+        server_validity,
         &rng,
     )
     .unwrap();
@@ -78,7 +109,7 @@ fn line() -> Line {
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(
-            vec![CertificateDer::from(server), CertificateDer::from(ca)],
+            vec![CertificateDer::from(server), CertificateDer::from(issuer)],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
                 server_key.to_pkcs8().expose().to_vec(),
             )),
@@ -179,4 +210,29 @@ fn an_answer_cut_short_is_asked_again_with_the_same_request() {
     assert_eq!(client.retries().dropped, 1);
     drop(client);
     assert_eq!(server.join().unwrap(), vec![1, 1]);
+}
+
+#[test]
+fn a_site_certificate_that_does_not_verify_is_refused_at_once_with_why() {
+    for (shown, why) in [
+        (Shown::OfAnotherSite, "UnknownIssuer"),
+        (Shown::FromTomorrow, "compare this machine's clock"),
+    ] {
+        let line = line_showing(shown);
+        let (url, server) = serve(&line, vec![Then::AnswerAll]);
+        let client = Client::new(&line.station, &[url]).unwrap();
+        match client.provision(&request("D-1")) {
+            Err(keyfab_station::StationError::Untrusted(m)) => {
+                assert!(
+                    m.contains("the site's certificate is not accepted") && m.contains(why),
+                    "{m}"
+                );
+            }
+            other => panic!("expected a certificate refusal, got {other:?}"),
+        }
+        // One handshake, not sent again.
+        assert_eq!(client.retries().dropped, 0);
+        drop(client);
+        assert_eq!(server.join().unwrap(), vec![0]);
+    }
 }

@@ -375,6 +375,11 @@ fn station_failure(e: keyfab_station::StationError) -> Failure {
     match e {
         keyfab_station::StationError::Refused { code, message, .. } => refusal(&code, &message),
         keyfab_station::StationError::Unreachable(m) => Failure::new("unreachable", m),
+        keyfab_station::StationError::Untrusted(m) => Failure {
+            code: "untrusted_signer",
+            message: m,
+            exit_code: 4,
+        },
         keyfab_station::StationError::BadUrl(m) => Failure::usage(format!("--url: {m}")),
         other => Failure::new("invalid_input", other.to_string()),
     }
@@ -524,6 +529,9 @@ pub fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
     for (why, n) in &report.failures {
         text.push_str(&format!("\n  failed {n}: {why}"));
     }
+    for (why, n) in &report.unreachable_reasons {
+        text.push_str(&format!("\n  unreachable {n}: {why}"));
+    }
     let retries = client.retries();
     if retries.busy > 0 {
         text.push_str(&format!(
@@ -539,7 +547,7 @@ pub fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
     }
     let json = json!({
         "programmed": report.programmed, "failed": report.failed, "failures": report.failures, "refused": report.refused,
-        "unreachable": report.unreachable, "retried": retries, "seconds": secs, "devices_per_s": rate,
+        "unreachable": report.unreachable, "unreachable_reasons": report.unreachable_reasons, "retried": retries, "seconds": secs, "devices_per_s": rate,
         "p50_ms": pct(0.50), "p99_ms": pct(0.99),
     });
     if report.programmed + report.failed == 0 && a.devices > 0 {

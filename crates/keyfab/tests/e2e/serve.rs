@@ -249,7 +249,20 @@ fn stations_provision_over_mutual_tls_and_strangers_get_nothing() {
     }
     std::fs::copy(line1.join("line-ca.crt"), mixed.join("line-ca.crt")).unwrap();
     let stranger = station_provision(&url, &mixed, &id, "D-0002", "r-3");
-    assert_ne!(stranger.code, 0, "{}", stranger.json);
+    // Told why, and not sent again: the same handshake would fail the same way.
+    assert_eq!(
+        (stranger.code, stranger.json["error"]["code"].as_str()),
+        (4, Some("untrusted_signer")),
+        "{}",
+        stranger.json
+    );
+    assert!(
+        stranger.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("refused this station's certificate")),
+        "{}",
+        stranger.json
+    );
     let raw = exchange(&server.addr, &line1, Some(&mixed), &get("/v1/entitlements"));
     assert!(!raw.contains("HTTP/1.1"), "{raw}");
 
