@@ -250,19 +250,7 @@ fn stations_provision_over_mutual_tls_and_strangers_get_nothing() {
     std::fs::copy(line1.join("line-ca.crt"), mixed.join("line-ca.crt")).unwrap();
     let stranger = station_provision(&url, &mixed, &id, "D-0002", "r-3");
     // Told why, and not sent again: the same handshake would fail the same way.
-    assert_eq!(
-        (stranger.code, stranger.json["error"]["code"].as_str()),
-        (4, Some("untrusted_signer")),
-        "{}",
-        stranger.json
-    );
-    assert!(
-        stranger.json["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("refused this station's certificate")),
-        "{}",
-        stranger.json
-    );
+    stranger.assert_error(4, "untrusted_signer", "refused this station's certificate");
     let raw = exchange(&server.addr, &line1, Some(&mixed), &get("/v1/entitlements"));
     assert!(!raw.contains("HTTP/1.1"), "{raw}");
 
@@ -391,19 +379,7 @@ fn stations_are_enrolled_and_revoked_while_the_line_runs() {
         &["site", "entitlement", "list", "--home", &s(&w.site)],
         None,
     );
-    assert_eq!(
-        (busy.code, busy.json["error"]["code"].as_str()),
-        (1, Some("in_use")),
-        "{}",
-        busy.json
-    );
-    assert!(
-        busy.json["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("site serve")),
-        "{}",
-        busy.json
-    );
+    busy.assert_error(1, "in_use", "site serve");
     let (code, _) = server.stop();
     assert_eq!(code, 0);
     // Stopped: the CLI works on the store directly again.

@@ -50,6 +50,26 @@ pub fn ok(args: &[&str]) -> serde_json::Value {
     o.json
 }
 
+impl Out {
+    /// Asserts the command failed with `exit` and the error `code`, and that its message
+    /// says `says`.
+    pub fn assert_error(&self, exit: i32, code: &str, says: &str) {
+        assert_eq!(
+            (self.code, self.json["error"]["code"].as_str()),
+            (exit, Some(code)),
+            "{}",
+            self.json
+        );
+        assert!(
+            self.json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(says)),
+            "{}",
+            self.json
+        );
+    }
+}
+
 pub fn s(p: &Path) -> String {
     p.display().to_string()
 }
