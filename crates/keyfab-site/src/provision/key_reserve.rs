@@ -65,17 +65,22 @@ impl KeyReserve {
         Arc::new(Self::default())
     }
 
+    /// Starts the thread once, unless the reserve is stopped. The handle's lock is held
+    /// across the spawn, so a `stop` running meanwhile finds the handle and joins it.
     fn start_thread(&self) {
-        if self.started.swap(true, Ordering::AcqRel) {
+        // A load first: after the start, every take would otherwise write this line.
+        if self.started.load(Ordering::Acquire) {
+            return;
+        }
+        let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if self.started.swap(true, Ordering::AcqRel) || self.shared.lock().stopped {
             return;
         }
         let shared = self.shared.clone();
-        if let Ok(h) = std::thread::Builder::new()
+        *thread = std::thread::Builder::new()
             .name("keyfab-keygen".into())
             .spawn(move || shared.fill())
-        {
-            *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
-        }
+            .ok();
     }
 
     /// Stops the thread, drops (zeroizes) the keys it left, and waits for the thread to
