@@ -225,6 +225,14 @@ mod tests {
             "not started by a take"
         );
         reserve.stop();
+        // Stopped before any take: a late take starts nothing.
+        let reserve = KeyReserve::new();
+        reserve.stop();
+        assert!(reserve.take().is_none());
+        assert!(
+            reserve.thread.lock().unwrap().is_none(),
+            "started after its stop"
+        );
     }
 
     #[test]
