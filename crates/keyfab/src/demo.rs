@@ -60,6 +60,21 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
     let base = match dir {
         Some(d) => {
             std::fs::create_dir_all(d).map_err(|e| Failure::new("io", e.to_string()))?;
+            // The demo makes a root, an HQ and a site of its own: in a directory that
+            // already has some (an earlier demo), its first step would fail.
+            let used = std::fs::read_dir(d)
+                .map_err(|e| Failure::new("io", e.to_string()))?
+                .next()
+                .is_some();
+            if used {
+                return Err(Failure::new(
+                    "invalid_input",
+                    format!(
+                        "--dir {}: not empty; the demo needs a new or empty directory (or none: a temporary one)",
+                        d.display()
+                    ),
+                ));
+            }
             d.to_owned()
         }
         None => {

@@ -143,7 +143,14 @@ async fn run(
     config: ServeConfig,
     ready: impl FnOnce(SocketAddr),
 ) -> Result<ServeSummary> {
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| {
+            Error::InvalidInput(format!(
+                "cannot listen on {}: {e} (another process, another site serve perhaps, may hold it: choose another --listen)",
+                config.listen
+            ))
+        })?;
     let (admin_listener, admin_path) = admin::bind(&state.node.dir)?;
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,

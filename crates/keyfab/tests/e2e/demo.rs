@@ -47,3 +47,16 @@ fn demo_runs_the_journey_with_its_refusals() {
     assert_eq!(main["burned"], 1);
     assert_eq!(main["refusals"]["daily_limit_exceeded"], 1);
 }
+
+#[test]
+fn demo_refuses_a_directory_that_is_not_empty_and_touches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
+    let out = crate::common::keyfab(&["demo", "--dir", dir.path().to_str().unwrap()], None);
+    out.assert_error(1, "invalid_input", "not empty");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("notes.txt")]);
+}

@@ -321,8 +321,29 @@ fn stations_provision_over_mutual_tls_and_strangers_get_nothing() {
 #[test]
 fn stations_are_enrolled_and_revoked_while_the_line_runs() {
     let (w, id, line1) = setup();
+    // A second site home, to try a second server on the same address.
+    let other = w.path("site-copy");
+    std::fs::create_dir_all(&other).unwrap();
+    for e in std::fs::read_dir(&w.site).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, other.join(p.file_name().unwrap())).unwrap();
+        }
+    }
     let server = Server::start(&w.site);
     let url = server.url();
+    let taken = keyfab(
+        &[
+            "site",
+            "serve",
+            "--home",
+            &s(&other),
+            "--listen",
+            &server.addr,
+        ],
+        None,
+    );
+    taken.assert_error(1, "invalid_input", "cannot listen on");
     // Enrolled through the running server (it holds the store).
     let line2 = w.path("line-2");
     let enrolled = enroll(&w.site, "line-2", &line2);
