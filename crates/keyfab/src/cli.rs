@@ -130,7 +130,7 @@ pub enum Command {
     /// Run the whole journey in a temporary directory and say what happens at each step.
     #[command(after_help = "Example:\n  keyfab demo\n  keyfab demo --dir /tmp/kf --devices 5000")]
     Demo {
-        /// Keep everything in DIR (default: a temporary directory, removed afterwards).
+        /// Keep everything in DIR, a new or empty directory (default: a temporary directory, removed afterwards).
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Devices in the demo entitlement.
