@@ -377,7 +377,7 @@ fn certificate_refusal(e: &http::ExchangeError) -> Option<String> {
         return None;
     };
     match error.get_ref()?.downcast_ref::<rustls::Error>()? {
-        rustls::Error::InvalidCertificate(why) => {
+        refused @ rustls::Error::InvalidCertificate(why) => {
             let clock = matches!(
                 why,
                 CertificateError::Expired
@@ -387,7 +387,7 @@ fn certificate_refusal(e: &http::ExchangeError) -> Option<String> {
             );
             Some(format!(
                 "the site's certificate is not accepted here: {}{}",
-                rustls::Error::InvalidCertificate(why.clone()),
+                refused,
                 if clock {
                     " (compare this machine's clock with the site's)"
                 } else {
