@@ -201,9 +201,26 @@ fn decode_event(c: &mut Cbor<'_>) -> Option<Event> {
                 reason: c.field("reason", Cbor::string)?,
             }
         }
+        "station_mismatch" => {
+            c.map(5)?;
+            Event::StationMismatch {
+                entitlement: c.field("entitlement", Cbor::string)?,
+                action: c.field("action", Cbor::string)?,
+                request_id: c.field("request_id", |c| c.optional(Cbor::string))?,
+                device_id: c.field("device_id", Cbor::string)?,
+                station: c.field("station", |c| c.optional(Cbor::string))?,
+            }
+        }
         "clock_rollback" => {
             c.map(2)?;
             Event::ClockRollback {
+                observed: c.field("observed", Cbor::int)?,
+                high_water: c.field("high_water", Cbor::int)?,
+            }
+        }
+        "clock_ahead" => {
+            c.map(2)?;
+            Event::ClockAhead {
                 observed: c.field("observed", Cbor::int)?,
                 high_water: c.field("high_water", Cbor::int)?,
             }
@@ -344,9 +361,27 @@ mod tests {
                 code: "policy_denied".into(),
                 reason: "more than 500 this shift".into(),
             },
+            Event::StationMismatch {
+                entitlement: "e".into(),
+                action: "provision".into(),
+                request_id: Some("r".into()),
+                device_id: "d".into(),
+                station: Some("line-2".into()),
+            },
+            Event::StationMismatch {
+                entitlement: "e".into(),
+                action: "confirm".into(),
+                request_id: None,
+                device_id: "d".into(),
+                station: None,
+            },
             Event::ClockRollback {
                 observed: -1,
                 high_water: i64::MIN,
+            },
+            Event::ClockAhead {
+                observed: 4_102_444_800,
+                high_water: 1_767_225_600,
             },
             Event::ApprovalAccepted {
                 entitlement: "e".into(),

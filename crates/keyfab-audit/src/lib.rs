@@ -75,8 +75,22 @@ pub enum Event {
         code: String,
         reason: String,
     },
+    /// A station asked for what belongs to another station, and was refused
+    /// (`station_not_allowed`), nothing released: a retry of a request id another
+    /// station made (`action` "provision", with that `request_id`), or a confirmation of
+    /// a device another station received (`action` "confirm", no request id).
+    StationMismatch {
+        entitlement: String,
+        action: String,
+        request_id: Option<String>,
+        device_id: String,
+        station: Option<String>,
+    },
     /// The clock was behind the trusted-time high-water mark by more than the tolerance.
     ClockRollback { observed: i64, high_water: i64 },
+    /// The clock was ahead of the trusted time by more than the site allows: not adopted,
+    /// and what asked for it refused. Recorded at the trusted time.
+    ClockAhead { observed: i64, high_water: i64 },
     /// An approver's signed approval was accepted (one record per distinct approver).
     ApprovalAccepted {
         entitlement: String,
@@ -333,6 +347,21 @@ pub fn verify_chain(from: &Head, records: &[Record]) -> Result<Head, AuditError>
     Ok(head)
 }
 
+/// Checks a site's merged log — its site chain and every node chain, interleaved in
+/// commit order (FORMATS.md §9, "Chains") — each chain on its own from its first record,
+/// as [`verify_chain`] checks one, the way HQ verifies what it imports. Returns each
+/// chain's head (`None`: the site chain). Pure: no I/O, no clock.
+pub fn verify_merged(
+    records: &[Record],
+) -> Result<std::collections::BTreeMap<Option<String>, Head>, AuditError> {
+    let mut heads: std::collections::BTreeMap<Option<String>, Head> = Default::default();
+    for r in records {
+        let head = heads.entry(r.chain.clone()).or_insert_with(Head::genesis);
+        *head = verify_chain(head, std::slice::from_ref(r))?;
+    }
+    Ok(heads)
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -452,5 +481,41 @@ mod tests {
         assert!(Record::from_bytes(&trailing).is_err());
         let h = Head::after(r).unwrap();
         assert_eq!(Head::from_bytes(&h.to_bytes()), Some(h));
+    }
+
+    #[test]
+    fn a_merged_log_verifies_chain_by_chain_and_an_edit_in_any_chain_is_found() {
+        let event = |n: u64| Event::SettingChanged {
+            name: format!("n{n}"),
+            value: String::new(),
+        };
+        // The site chain and two node chains, interleaved as commits land.
+        let mut heads: std::collections::BTreeMap<Option<String>, Head> = Default::default();
+        let mut merged = Vec::new();
+        for (i, chain) in [None, Some("n1"), Some("n2"), Some("n1"), None, Some("n2")]
+            .into_iter()
+            .enumerate()
+        {
+            let chain = chain.map(str::to_owned);
+            let head = heads.entry(chain.clone()).or_insert_with(Head::genesis);
+            let mut r = head.next(100 + i as i64, "s", event(i as u64));
+            r.chain.clone_from(&chain);
+            *head = Head::after(&r).unwrap();
+            merged.push(r);
+        }
+        let verified = verify_merged(&merged).unwrap();
+        assert_eq!(verified.len(), 3);
+        assert_eq!(verified[&Some("n1".to_owned())].sequence, 2);
+        // As one chain it is not one: the check HQ does not make either.
+        assert!(verify_chain(&Head::genesis(), &merged).is_err());
+        // An edit breaks the chain it is in at the next record of that chain.
+        for at in 0..merged.len() {
+            if !merged[at + 1..].iter().any(|r| r.chain == merged[at].chain) {
+                continue;
+            }
+            let mut edited = merged.clone();
+            edited[at].time += 1;
+            assert!(verify_merged(&edited).is_err(), "edit at {at}");
+        }
     }
 }

@@ -65,9 +65,12 @@ fn header(params: Argon2Params, salt: &[u8; 16]) -> Vec<u8> {
     h
 }
 
+/// The header's parameters and salt. A file cut short, with another magic, or with
+/// Argon2 parameters outside what keyfab writes is a modified keystore: `locked`, as a
+/// wrong passphrase is (FORMATS.md §9). Only another version says so, as age does.
 fn parse_header(bytes: &[u8]) -> Result<(Argon2Params, [u8; 16])> {
     if bytes.len() < HEADER_LEN || &bytes[..4] != MAGIC {
-        return Err(CustodyError::Malformed("bad magic".into()));
+        return Err(CustodyError::Locked);
     }
     if bytes[4] != VERSION {
         return Err(CustodyError::Malformed(format!(
@@ -90,9 +93,7 @@ fn parse_header(bytes: &[u8]) -> Result<(Argon2Params, [u8; 16])> {
         || params.lanes == 0
         || params.lanes > 16
     {
-        return Err(CustodyError::Malformed(
-            "argon2 parameters out of range".into(),
-        ));
+        return Err(CustodyError::Locked);
     }
     let mut salt = [0u8; 16];
     salt.copy_from_slice(&bytes[17..33]);
@@ -104,11 +105,15 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        // The user's alone, whatever the umask: `mode` applies only under it.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -329,6 +334,31 @@ mod tests {
             SoftwareKeystore::unlock(&p, &pass),
             Err(CustodyError::Locked)
         ));
+    }
+
+    #[test]
+    fn a_keystore_whose_argon2_parameters_were_changed_is_locked() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ks.kfs");
+        let pass = SecretBytes::new(b"pw".to_vec());
+        SoftwareKeystore::create(&p, &pass, &SeededRng::new(1)).unwrap();
+        let original = std::fs::read(&p).unwrap();
+        // Memory lowered to 1 KiB (out of range), iterations raised within range (the
+        // header is authenticated), magic changed, and the file cut inside its header.
+        for edit in 0..4 {
+            let mut bytes = original.clone();
+            match edit {
+                0 => bytes[5..9].copy_from_slice(&1u32.to_be_bytes()),
+                1 => bytes[12] ^= 1,
+                2 => bytes[0] ^= 1,
+                _ => bytes.truncate(20),
+            }
+            std::fs::write(&p, &bytes).unwrap();
+            assert!(matches!(
+                SoftwareKeystore::unlock(&p, &pass),
+                Err(CustodyError::Locked)
+            ));
+        }
     }
 
     #[test]

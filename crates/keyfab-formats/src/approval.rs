@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 pub const VERSION: u8 = 1;
 pub const CONTEXT: &[u8] = b"keyfab-approval-v1";
 pub const MAX_LEN: usize = 16 * 1024;
+/// Largest approval file: the request it signs and the signature around it.
+pub const MAX_APPROVAL_LEN: usize = MAX_LEN + 1024;
 
 /// What an approver is asked to approve.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,7 +106,7 @@ pub struct Approval {
 /// Verifies an approval against the approver keys a policy lists (PEM). A key that is
 /// not listed, a bad signature, or a malformed file is refused.
 pub fn verify_approval(bytes: &[u8], approvers: &[VerifyingKey]) -> Result<Approval> {
-    if bytes.len() > MAX_LEN + 1024 {
+    if bytes.len() > MAX_APPROVAL_LEN {
         return Err(FormatError::Malformed("approval too large".into()));
     }
     prefix::check(bytes, Kind::Approval, VERSION)?;

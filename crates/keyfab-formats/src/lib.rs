@@ -26,6 +26,10 @@ mod signed_file;
 
 use std::ops::Deref;
 
+/// The size cap of inputs without a format of their own that a command reads whole: a
+/// CSR, a PEM key or certificate, a passphrase or share file.
+pub const MAX_SMALL_INPUT: usize = 64 * 1024;
+
 /// A value that only a verifier of this crate can construct: the engine cannot be handed
 /// an unverified file by mistake.
 #[derive(Debug)]
@@ -66,6 +70,37 @@ pub enum FormatError {
     Io(#[from] std::io::Error),
     #[error("could not write: {0}")]
     Write(String),
+}
+
+/// The contents of `path` if it holds at most `cap` bytes; larger is `malformed`. Reads at
+/// most `cap + 1` bytes whatever the file claims to be, so a huge file, a device such as
+/// `/dev/zero` or an endless pipe costs bounded memory and time (DESIGN.md invariant 1:
+/// the size cap comes first).
+pub fn read_capped(path: &std::path::Path, cap: usize) -> Result<Vec<u8>> {
+    read_capped_from(std::fs::File::open(path)?, cap)
+}
+
+/// [`read_capped`] of a text file: bytes that are not UTF-8 are `malformed` too.
+pub fn read_capped_text(path: &std::path::Path, cap: usize) -> Result<String> {
+    String::from_utf8(read_capped(path, cap)?).map_err(|e| {
+        FormatError::Malformed(format!(
+            "not UTF-8 text (byte {} is not)",
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
+/// [`read_capped`] from any reader (standard input, a socket).
+pub fn read_capped_from(reader: impl std::io::Read, cap: usize) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    reader.take(cap as u64 + 1).read_to_end(&mut out)?;
+    if out.len() > cap {
+        return Err(FormatError::Malformed(format!(
+            "larger than the size cap of {cap} bytes"
+        )));
+    }
+    Ok(out)
 }
 
 impl FormatError {

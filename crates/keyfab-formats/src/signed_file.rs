@@ -185,6 +185,12 @@ pub(crate) fn write_file(
             .map_err(|e| FormatError::Io(e.into_error()))?;
         file.sync_all()?;
         std::fs::rename(&part, out)?;
+        // The rename is durable once the directory is: only then is `out` on disk.
+        let dir = match out.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)?.sync_all()?;
         Ok((
             (prefix::LEN + 4 + sign1.len()) as u64 + framing.len,
             framing,

@@ -1024,7 +1024,18 @@ impl<'a> Reconciler<'a> {
                     );
                 }
             }
+            Event::StationMismatch { entitlement, .. } => {
+                // Nothing was released: an attempt, counted with the refusals.
+                if self.issued(entitlement)?.is_some() {
+                    *self
+                        .replica(entitlement)?
+                        .refusals
+                        .entry("station_not_allowed".into())
+                        .or_insert(0) += 1;
+                }
+            }
             Event::ClockRollback { .. }
+            | Event::ClockAhead { .. }
             | Event::SettingChanged { .. }
             | Event::AuditExported { .. } => {}
         }

@@ -26,17 +26,16 @@ use std::path::Path;
 /// Reads `policy.toml` and the approver keys it lists (paths relative to the policy
 /// file), and returns the validated policy. Nothing is written.
 pub fn load_policy(policy_path: &Path) -> Result<Policy> {
-    let text = std::fs::read_to_string(policy_path)
-        .map_err(|e| Error::NotFound(format!("{}: {e}", policy_path.display())))?;
-    let draft = PolicyDraft::parse(&text)?;
+    let draft = PolicyDraft::parse(&read_policy_text(policy_path)?)?;
     let base = policy_path.parent().unwrap_or(Path::new("."));
     let mut keys = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for rel in draft.approver_paths() {
         let path = base.join(rel);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            PolicyError::new("approval.approvers", format!("{}: {e}", path.display()))
-        })?;
+        let text = keyfab_formats::read_capped_text(&path, keyfab_formats::MAX_SMALL_INPUT)
+            .map_err(|e| {
+                PolicyError::new("approval.approvers", format!("{}: {e}", path.display()))
+            })?;
         let key = VerifyingKey::from_pem(&text).map_err(|e| {
             PolicyError::new("approval.approvers", format!("{}: {e}", path.display()))
         })?;
@@ -55,7 +54,9 @@ pub fn load_policy(policy_path: &Path) -> Result<Policy> {
             let refused = |e: &dyn std::fmt::Display| {
                 PolicyError::new("code.module", format!("{}: {e}", path.display()))
             };
-            let bytes = std::fs::read(&path).map_err(|e| refused(&e))?;
+            let bytes =
+                keyfab_formats::read_capped(&path, 4 * keyfab_policy_code::MAX_MODULE_BYTES)
+                    .map_err(|e| refused(&e))?;
             let wasm = keyfab_policy_code::module_bytes(&path, bytes).map_err(|e| refused(&e))?;
             let code = keyfab_policy_code::embed(rel, wasm).map_err(|e| refused(&e))?;
             draft.with_code(code)
@@ -63,6 +64,29 @@ pub fn load_policy(policy_path: &Path) -> Result<Policy> {
         None => draft,
     };
     Ok(draft.finish(keys)?)
+}
+
+/// Largest policy file: room for the largest `id_pattern` and much more.
+const MAX_POLICY_BYTES: usize = 4 << 20;
+
+/// The policy file's text: a file that is missing or unreadable is `not_found`; one too
+/// large or not UTF-8 is an `invalid_policy`, read in bounded memory.
+fn read_policy_text(path: &Path) -> Result<String> {
+    let bytes = keyfab_formats::read_capped(path, MAX_POLICY_BYTES).map_err(|e| match e {
+        keyfab_formats::FormatError::Io(e) => Error::NotFound(format!("{}: {e}", path.display())),
+        other => PolicyError::new("policy", format!("{}: {other}", path.display())).into(),
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        PolicyError::new(
+            "policy",
+            format!(
+                "{}: not UTF-8 text (byte {} is not); a policy is TOML, which is UTF-8",
+                path.display(),
+                e.utf8_error().valid_up_to()
+            ),
+        )
+        .into()
+    })
 }
 
 /// What HQ remembers about an entitlement it issued.

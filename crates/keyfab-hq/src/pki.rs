@@ -31,7 +31,7 @@ pub fn init_root(
         return Err(Error::InvalidInput("--days must be at least 1".into()));
     }
     x509::parse_dn(subject).map_err(|e| Error::InvalidInput(format!("--subject: {e}")))?;
-    std::fs::create_dir_all(home)?;
+    keyfab_node::home::create_private_dir(home)?;
     let key = SigningKey::generate(rng)?;
     let cert = x509::root_certificate(
         &key,
@@ -45,7 +45,7 @@ pub fn init_root(
     let mut ks = SoftwareKeystore::create(&home.join(KEYSTORE_FILE), passphrase, rng)?;
     ks.insert_signing_key(ROOT_KEY, key)?;
     let path = home.join(ROOT_CERT_FILE);
-    std::fs::write(&path, x509::to_pem(&cert, "CERTIFICATE"))?;
+    keyfab_node::home::write_private_file(&path, x509::to_pem(&cert, "CERTIFICATE").as_bytes())?;
     Ok(path)
 }
 
@@ -70,6 +70,7 @@ pub fn issue(
     if days < 1 {
         return Err(Error::InvalidInput("--days must be at least 1".into()));
     }
+    keyfab_node::home::check_private(home)?;
     let ks = SoftwareKeystore::unlock(&home.join(KEYSTORE_FILE), passphrase)?;
     let root = read_pem_file(&home.join(ROOT_CERT_FILE), "CERTIFICATE")?;
     let csr_der = x509::from_pem(csr_pem, "CERTIFICATE REQUEST")
@@ -94,7 +95,15 @@ pub fn issue(
 
 /// Reads a PEM file holding one block with `tag`.
 pub fn read_pem_file(path: &Path, tag: &str) -> Result<Vec<u8>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::NotFound(format!("{}: {e}", path.display())))?;
+    let bytes = keyfab_formats::read_capped(path, keyfab_formats::MAX_SMALL_INPUT).map_err(
+        |e| match e {
+            keyfab_formats::FormatError::Io(e) => {
+                Error::NotFound(format!("{}: {e}", path.display()))
+            }
+            other => Error::InvalidInput(format!("{}: {other}", path.display())),
+        },
+    )?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Error::InvalidInput(format!("{}: not a PEM file", path.display())))?;
     x509::from_pem(&text, tag).map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))
 }

@@ -113,7 +113,7 @@ impl CustodyChoice {
                 let custody = Pkcs11Custody::create(&config)?;
                 let json = serde_json::to_vec_pretty(self)
                     .map_err(|e| Error::InvalidState(e.to_string()))?;
-                std::fs::write(home.join(CUSTODY_FILE), json)?;
+                crate::home::write_private_file(&home.join(CUSTODY_FILE), &json)?;
                 Box::new(custody)
             }
         })

@@ -21,8 +21,16 @@ pub enum Error {
     #[error("{message}")]
     Denied { code: &'static str, message: String },
     /// The clock is behind the trusted-time high-water mark (exit 3; audited).
-    #[error("clock rollback: the clock says {observed}, earlier than the trusted time {high_water} by more than the tolerance")]
+    #[error("clock rollback: the clock says {}, earlier than the site's trusted time {} by more than the tolerance (`keyfab site config --clock-tolerance`); set the clock right", crate::rfc3339(*observed), crate::rfc3339(*high_water))]
     ClockRollback { observed: i64, high_water: i64 },
+    /// The clock is ahead of the trusted time by more than the site allows: not adopted
+    /// (exit 3; audited).
+    #[error("clock ahead: the clock says {}, more than {max_jump} s past the site's trusted time {}; it is not adopted, or one clock set ahead by mistake would stop this site until that time. Set the clock right; if it is right, allow the jump with `keyfab site config --clock-max-jump SECONDS`", crate::rfc3339(*observed), crate::rfc3339(*trusted))]
+    ClockAhead {
+        observed: i64,
+        trusted: i64,
+        max_jump: i64,
+    },
     #[error("unknown entitlement '{0}'")]
     UnknownEntitlement(String),
     /// An approval that cannot count: unlisted key, bad signature, unknown or expired
@@ -46,6 +54,9 @@ pub enum Error {
     InvalidState(String),
     #[error("{0}")]
     InvalidInput(String),
+    /// A home other users can enter: its secrets are not private (see `home`).
+    #[error("{0}")]
+    InsecureHome(String),
     #[error("{0}")]
     Custody(CustodyError),
     #[error(transparent)]
@@ -94,6 +105,7 @@ impl Error {
             Error::Locked | Error::Sealed(_) => "locked",
             Error::Denied { code, .. } => code,
             Error::ClockRollback { .. } => "clock_rollback",
+            Error::ClockAhead { .. } => "clock_ahead",
             Error::UnknownEntitlement(_) => "unknown_entitlement",
             Error::ApprovalInvalid(_) => "approval_invalid",
             Error::RollbackDetected(_) => "rollback_detected",
@@ -103,6 +115,7 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::InvalidState(_) => "invalid_state",
             Error::InvalidInput(_) => "invalid_input",
+            Error::InsecureHome(_) => "insecure_home",
             Error::Unavailable(_) => "unavailable",
             Error::InUse => "in_use",
             Error::Custody(_) | Error::Store(_) | Error::Crypto(_) | Error::Io(_) => "internal",
@@ -119,7 +132,10 @@ impl Error {
             | Error::RollbackDetected(_)
             | Error::LogGap(_)
             | Error::LogFork(_) => 4,
-            Error::Denied { .. } | Error::ClockRollback { .. } | Error::UnknownEntitlement(_) => 3,
+            Error::Denied { .. }
+            | Error::ClockRollback { .. }
+            | Error::ClockAhead { .. }
+            | Error::UnknownEntitlement(_) => 3,
             _ => 1,
         }
     }

@@ -13,6 +13,7 @@
 
 mod custody_choice;
 mod error;
+pub mod home;
 mod node;
 mod store_choice;
 
@@ -23,3 +24,9 @@ pub use node::{
     KEYSTORE_FILE, STATE_FILE,
 };
 pub use store_choice::{EtcdTlsFiles, StoreChoice, STORE_FILE};
+
+/// A Unix time as RFC 3339 (UTC), as every message and report gives times; the bare
+/// number if it is outside what RFC 3339 can write.
+pub fn rfc3339(t: i64) -> String {
+    jiff::Timestamp::from_second(t).map_or_else(|_| t.to_string(), |t| t.to_string())
+}

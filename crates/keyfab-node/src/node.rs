@@ -135,7 +135,7 @@ impl Node {
                 Some(store)
             }
         };
-        std::fs::create_dir_all(dir)?;
+        crate::home::create_private_dir(dir)?;
         let mut custody = custody.create(dir, &dir.join(KEYSTORE_FILE), secret, rng.as_ref())?;
         custody.generate_signing_key(CLUSTER_KEY, rng.as_ref())?;
         let store = match shared {
@@ -151,9 +151,9 @@ impl Node {
         }
         store_choice.save(dir)?;
         let csr = x509::cluster_csr(custody.signer(CLUSTER_KEY)?, name)?;
-        std::fs::write(
-            dir.join(CSR_FILE),
-            x509::to_pem(&csr, "CERTIFICATE REQUEST"),
+        crate::home::write_private_file(
+            &dir.join(CSR_FILE),
+            x509::to_pem(&csr, "CERTIFICATE REQUEST").as_bytes(),
         )?;
         Ok(Node {
             kind,
@@ -182,6 +182,7 @@ impl Node {
                 kind.as_str()
             )));
         }
+        crate::home::check_private(dir)?;
         let custody = CustodyChoice::load(dir)?.open(&dir.join(KEYSTORE_FILE), passphrase)?;
         let store = StoreChoice::load(dir)?.open(dir)?;
         let stored_kind = meta(store.as_ref(), "kind")?.unwrap_or_default();

@@ -136,7 +136,7 @@ impl StoreChoice {
         }
         let text = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::InvalidState(format!("{STORE_FILE}: {e}")))?;
-        std::fs::write(home.join(STORE_FILE), text)?;
+        crate::home::write_private_file(&home.join(STORE_FILE), &text)?;
         Ok(())
     }
 

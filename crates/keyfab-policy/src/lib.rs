@@ -35,7 +35,10 @@ mod decide;
 mod model;
 mod toml_form;
 
-pub use decide::{CompiledPolicy, DaySpan, Decision, DenyCode, EntitlementState, Request};
+pub use decide::{
+    id_shape_ok, CompiledPolicy, DaySpan, Decision, DenyCode, EntitlementState, Request,
+    MAX_ID_BYTES,
+};
 pub use model::*;
 pub use toml_form::PolicyDraft;
 

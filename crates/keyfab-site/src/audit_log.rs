@@ -58,12 +58,91 @@ pub(crate) struct Appender {
     chain: Option<String>,
     first: Option<u64>,
     row: Vec<u8>,
+    /// The latest time a record may have: the trusted time plus the jump the site
+    /// adopts (`site config --clock-max-jump`); `None` when unbounded (the committer,
+    /// which checks the clock itself; a clock setting; a log with no time yet).
+    latest: Option<(i64, i64)>,
+    /// The revision of the head as [`Appender::begin`] read it.
+    head_revision: Option<u64>,
+}
+
+/// The site's trusted time: the later of its persisted mark (`stored`) and the site
+/// chain's last record, or `None` before the first record.
+fn trusted_time(stored: Option<&Versioned>, head: &Head) -> Result<Option<i64>> {
+    let mark = match stored {
+        Some(v) => i64::from_be_bytes(
+            v.value
+                .as_slice()
+                .try_into()
+                .map_err(|_| decode_err("trusted time"))?,
+        ),
+        None => i64::MIN,
+    };
+    Ok(Some(mark.max(head.time)).filter(|t| *t != i64::MIN))
 }
 
 impl Appender {
     /// Reads the head and guards it in `txn`: a concurrent writer makes the commit fail.
+    /// Refuses with `clock_ahead` — and says so in the log, at the trusted time, in a
+    /// transaction of its own — when the clock is further past the trusted time than the
+    /// site adopts: the command would otherwise move the trusted time there.
     pub(crate) fn begin(node: &Node, txn: &mut Txn) -> Result<Self> {
+        // One read for the three (one round trip on etcd, where a longer window between
+        // this read and the commit means more commits lost to busy nodes).
+        let jump = crate::settings::CLOCK_MAX_JUMP.key;
+        let mut read = node
+            .store
+            .get_many(&[
+                (Table::Meta, AUDIT_HEAD),
+                (Table::Meta, crate::provision::TIME_HWM),
+                (Table::Meta, jump),
+            ])?
+            .into_iter();
+        let (seen, mark, jump) = (
+            read.next().flatten(),
+            read.next().flatten(),
+            read.next().flatten(),
+        );
+        let mut log = Self::from_head(node, txn, seen)?;
+        let Some(trusted) = trusted_time(mark.as_ref(), &log.head)? else {
+            return Ok(log);
+        };
+        let max_jump = crate::settings::CLOCK_MAX_JUMP.from_stored(jump.as_ref())?;
+        let observed = node.now().0;
+        if observed > trusted.saturating_add(max_jump) {
+            let mut refusal = Txn::default();
+            let mut record = Self::resume(&node.name, None, log.head);
+            record.append(
+                &mut refusal,
+                trusted,
+                Event::ClockAhead {
+                    observed,
+                    high_water: trusted,
+                },
+            )?;
+            record.finish(&mut refusal);
+            refusal.require_revision(Table::Meta, AUDIT_HEAD, log.head_revision);
+            // A writer in between changed the head: the refusal stands all the same.
+            node.store.commit(refusal)?;
+            return Err(Error::ClockAhead {
+                observed,
+                trusted,
+                max_jump,
+            });
+        }
+        log.latest = Some((trusted.saturating_add(max_jump), max_jump));
+        Ok(log)
+    }
+
+    /// [`Appender::begin`] without the clock check, for changing a clock setting (at
+    /// [`Appender::trusted`]): the way out of a clock check must not need to pass one.
+    pub(crate) fn begin_unbounded(node: &Node, txn: &mut Txn) -> Result<Self> {
         let seen = node.store.get(Table::Meta, AUDIT_HEAD)?;
+        Self::from_head(node, txn, seen)
+    }
+
+    /// The appender after the head `seen`, guarded in `txn`.
+    fn from_head(node: &Node, txn: &mut Txn, seen: Option<Versioned>) -> Result<Self> {
         let head = head_from(seen.as_ref())?;
         txn.require_unchanged(Table::Meta, AUDIT_HEAD, seen.as_ref());
         Ok(Self {
@@ -72,6 +151,8 @@ impl Appender {
             chain: None,
             first: None,
             row: Vec::new(),
+            latest: None,
+            head_revision: seen.map(|v| v.revision),
         })
     }
 
@@ -85,12 +166,23 @@ impl Appender {
             chain: chain.map(str::to_owned),
             first: None,
             row: Vec::new(),
+            latest: None,
+            head_revision: None,
         }
     }
 
     /// Adds a record at `time` (raised to the last record's time if earlier); returns its
-    /// sequence number.
+    /// sequence number. A time past what [`Appender::begin`] allows is `clock_ahead`.
     pub(crate) fn append(&mut self, _txn: &mut Txn, time: i64, event: Event) -> Result<u64> {
+        if let Some((latest, max_jump)) = self.latest {
+            if time > latest {
+                return Err(Error::ClockAhead {
+                    observed: time,
+                    trusted: latest - max_jump,
+                    max_jump,
+                });
+            }
+        }
         let mut r: Record = self.head.next(time.max(self.head.time), &self.site, event);
         r.chain.clone_from(&self.chain);
         let bytes = r.to_bytes();
@@ -109,6 +201,12 @@ impl Appender {
     /// The head after the records appended so far.
     pub(crate) fn head(&self) -> Head {
         self.head
+    }
+
+    /// The time of the last record: what a record made now without moving the trusted
+    /// time on is stamped with.
+    pub(crate) fn trusted(&self) -> i64 {
+        self.head.time
     }
 
     /// Key of the row this transaction's records go to (the first one's sequence).
@@ -147,15 +245,54 @@ pub(crate) fn commit_setting(
 ) -> Result<()> {
     let mut txn = Txn::default();
     let mut log = Appender::begin(node, &mut txn)?;
+    let now = node.now().0;
+    append_setting(&mut log, &mut txn, now, name, value)?;
+    log.finish(&mut txn);
+    commit_change(node, txn, change)
+}
+
+/// [`commit_setting`] for a setting of the clock checks: recorded at the trusted time,
+/// without the check (see [`Appender::begin_unbounded`]).
+pub(crate) fn commit_setting_at_trusted_time(
+    node: &Node,
+    name: &str,
+    value: String,
+    change: impl FnOnce(&mut Txn) -> Result<()>,
+) -> Result<()> {
+    let mut txn = Txn::default();
+    let mut log = Appender::begin_unbounded(node, &mut txn)?;
+    let at = match log.trusted() {
+        i64::MIN => node.now().0,
+        trusted => trusted,
+    };
+    append_setting(&mut log, &mut txn, at, name, value)?;
+    log.finish(&mut txn);
+    commit_change(node, txn, change)
+}
+
+fn append_setting(
+    log: &mut Appender,
+    txn: &mut Txn,
+    at: i64,
+    name: &str,
+    value: String,
+) -> Result<()> {
     log.append(
-        &mut txn,
-        node.now().0,
+        txn,
+        at,
         Event::SettingChanged {
             name: name.to_owned(),
             value,
         },
     )?;
-    log.finish(&mut txn);
+    Ok(())
+}
+
+fn commit_change(
+    node: &Node,
+    mut txn: Txn,
+    change: impl FnOnce(&mut Txn) -> Result<()>,
+) -> Result<()> {
     change(&mut txn)?;
     if !node.store.commit(txn)?.is_committed() {
         return Err(Error::InvalidState(

@@ -1,8 +1,11 @@
 //! `site audit export`: the records since the last export, for HQ, in a `.kfa`.
 //!
-//! The export is recorded (audited, and the new head kept) before the file is written,
-//! so the site never forgets a range it handed out; if writing the file fails, `--again`
-//! writes the same range once more. HQ sees each range at most once either way.
+//! The export is recorded (audited, its range and bundle id kept) before the file is
+//! written, so the site never forgets a range it handed out — but kept as *unfinished*
+//! until the file is durably on disk. While an export is unfinished (the write failed,
+//! the process was killed), the next export writes that same range under the same bundle
+//! id again instead of moving on, so rerunning the same command after any failure gives
+//! a bundle HQ accepts: never a gap. `--again` rewrites the last range on request.
 
 use crate::audit_log::{Appender, RecordStream};
 use crate::entitlements::hq_recipient;
@@ -27,6 +30,10 @@ struct Exports {
     last: TreeHead,
     last_id: String,
     last_time: i64,
+    /// The last export's file was not known to be on disk yet (absent in stores written
+    /// before: their exports were finished).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    unfinished: bool,
 }
 
 fn empty() -> TreeHead {
@@ -43,6 +50,9 @@ pub struct Exported {
     pub to: TreeHead,
     pub records: u64,
     pub bytes: u64,
+    /// The last export did not finish (its file was never known to be written): this
+    /// wrote its range again, under its bundle id, instead of a new one.
+    pub finished_earlier: bool,
 }
 
 pub fn export(
@@ -62,6 +72,7 @@ pub fn export(
             .public_point
             .ok_or_else(|| Error::InvalidState("HQ encryption key".into()))?,
     )?;
+    check_out(out)?;
     let seen = node.store.get(Table::Meta, EXPORTS)?;
     let exports: Option<Exports> = seen.as_ref().map(|v| decode(&v.value)).transpose()?;
     // Pass 1: only the leaf hashes (32 bytes a record) stay in memory, for the tree
@@ -70,7 +81,8 @@ pub fn export(
         .map(|r| r.map(|bytes| merkle::leaf_hash(&bytes)))
         .collect::<Result<Vec<merkle::Hash>>>()?;
 
-    let (from, to, id, time) = if again {
+    let unfinished = exports.as_ref().is_some_and(|e| e.unfinished);
+    let (from, to, id, time) = if again || unfinished {
         let e = exports.ok_or_else(|| Error::InvalidState("nothing was exported yet".into()))?;
         (e.previous, e.last, e.last_id, e.last_time)
     } else {
@@ -102,6 +114,7 @@ pub fn export(
             last: to,
             last_id: id.clone(),
             last_time: time,
+            unfinished: true,
         };
         txn.require_unchanged(Table::Meta, EXPORTS, seen.as_ref())
             .put(Table::Meta, EXPORTS, &encode(&e)?);
@@ -152,12 +165,78 @@ pub fn export(
         node.service_signer()?,
         node.service_chain()?,
         node.rng.as_ref(),
-    )?;
+    )
+    .map_err(|e| {
+        Error::Verification(keyfab_formats::FormatError::Write(format!(
+            "bundle {id} (audit records {}..{}) was not written to {}: {e}. Nothing is lost and the \
+             export has not moved on: run the same command again (with an --out that can be \
+             written); it writes the same records under the same bundle id, which HQ accepts",
+            from.size + 1,
+            to.size,
+            out.display()
+        )))
+    })?;
+    finish(node, &id)?;
     Ok(Exported {
         bundle: id,
         from,
         to,
         records: to.size - from.size,
         bytes,
+        finished_earlier: unfinished && !again,
     })
+}
+
+/// Refuses, before anything is recorded, an `--out` that cannot be a new bundle file:
+/// a directory, a file that exists (it may be the bundle of an export that was cut short
+/// after it was written: overwriting it would lose those records for HQ), or a path whose
+/// directory does not exist.
+fn check_out(out: &Path) -> Result<()> {
+    if out.is_dir() {
+        return Err(Error::InvalidInput(format!(
+            "--out {} is a directory: name the bundle file to write",
+            out.display()
+        )));
+    }
+    if out.symlink_metadata().is_ok() {
+        return Err(Error::InvalidInput(format!(
+            "--out {} exists; nothing was exported. If it is the bundle of an earlier export \
+             (one that was interrupted, say), take it to HQ; then export to a new file",
+            out.display()
+        )));
+    }
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(Error::InvalidInput(format!(
+            "--out {}: the directory {} does not exist; nothing was exported",
+            out.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Marks export `id` finished: its file is on disk, the next export moves on.
+fn finish(node: &Node, id: &str) -> Result<()> {
+    let seen = node.store.get(Table::Meta, EXPORTS)?;
+    let Some(mut e) = seen
+        .as_ref()
+        .map(|v| decode::<Exports>(&v.value))
+        .transpose()?
+    else {
+        return Ok(());
+    };
+    if e.last_id != id || !e.unfinished {
+        return Ok(());
+    }
+    e.unfinished = false;
+    let mut txn = Txn::default();
+    txn.require_unchanged(Table::Meta, EXPORTS, seen.as_ref())
+        .put(Table::Meta, EXPORTS, &encode(&e)?);
+    // Lost to a concurrent export: that one is the last now, and finishes itself.
+    node.store.commit(txn)?;
+    Ok(())
 }

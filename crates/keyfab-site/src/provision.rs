@@ -52,16 +52,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{mpsc, Arc, Mutex};
 
-const TIME_HWM: &[u8] = b"time_high_water";
+pub(crate) const TIME_HWM: &[u8] = b"time_high_water";
 
 /// How far a node chain's time runs ahead before it raises the site's trusted time.
 const SITE_TIME_RAISE_SECS: i64 = 1;
-pub(crate) const CLOCK_TOLERANCE: &[u8] = b"clock_tolerance";
-/// How far the clock may fall behind the trusted time before provisioning stops, unless
-/// the operator set another tolerance (`keyfab site config --clock-tolerance`).
-pub const DEFAULT_CLOCK_TOLERANCE_SECS: i64 = 300;
-/// The largest tolerance an operator may set: a day.
-pub const MAX_CLOCK_TOLERANCE_SECS: i64 = 86_400;
+use crate::settings::{CLOCK_MAX_JUMP, CLOCK_TOLERANCE};
 
 /// One provisioning request, as a station or the CLI sends it.
 #[derive(Debug, Clone)]
@@ -300,6 +295,11 @@ struct RequestRecord {
     /// The policy module's reason, when it refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    /// The station that made the request: only it is answered a retry. (Absent in
+    /// records of stores written before, and for requests from the CLI with no
+    /// `--station`.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    station: Option<String>,
 }
 
 /// Per-entitlement runtime state (counters, activation, revocation), one record so a
@@ -485,11 +485,33 @@ fn legacy_request_key(entitlement: &str, device_id: &str, request_id: &str) -> V
     k
 }
 
-fn check_request_id(id: &str) -> Result<()> {
-    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Error::InvalidInput(
-            "request id must be 1-128 printable ASCII characters".into(),
-        ));
+/// Refuses an id from outside that is not 1-128 printable ASCII characters
+/// ([`keyfab_policy::id_shape_ok`]) as `invalid_input`, before anything is decided or
+/// recorded: whatever a station sends reaches the audit log, and no record may grow
+/// beyond what an export carries. The message gives the size, never the id itself.
+fn check_id(what: &str, id: &str) -> Result<()> {
+    if keyfab_policy::id_shape_ok(id) {
+        return Ok(());
+    }
+    Err(Error::InvalidInput(format!(
+        "{what} must be 1-{} printable ASCII characters without spaces (this one has {} bytes{})",
+        keyfab_policy::MAX_ID_BYTES,
+        id.len(),
+        if id.bytes().all(|b| b.is_ascii_graphic()) {
+            ""
+        } else {
+            ", some not printable"
+        }
+    )))
+}
+
+/// The checks every request passes before it reaches a worker: its ids
+/// ([`check_id`]) and its station's name.
+fn check_request(req: &ProvisionRequest) -> Result<()> {
+    check_id("the entitlement id", &req.entitlement)?;
+    check_id("the device id", &req.device_id)?;
+    if let Some(station) = &req.station {
+        keyfab_node::check_name(station)?;
     }
     Ok(())
 }
@@ -597,7 +619,8 @@ impl Provisioner {
     /// Provisions one device, or refuses with the policy's code (exit 3). Safe to call
     /// from many threads at once.
     pub fn provision(&self, req: ProvisionRequest) -> Result<Provisioned> {
-        check_request_id(&req.request_id)?;
+        check_request(&req)?;
+        check_id("the request id", &req.request_id)?;
         let ctx = self.context(&req.entitlement)?;
         // A retry is recognised by the committer, which answers it from the record.
         let outcome = self.submit(&ctx, req.clone(), None)?;
@@ -633,7 +656,6 @@ impl Provisioner {
         result: Programming,
         station: Option<String>,
     ) -> Result<Confirmed> {
-        let ctx = self.context(entitlement)?;
         let req = ProvisionRequest {
             entitlement: entitlement.to_owned(),
             device_id: device_id.to_owned(),
@@ -642,6 +664,8 @@ impl Provisioner {
             csr: None,
             transport_key: None,
         };
+        check_request(&req)?;
+        let ctx = self.context(entitlement)?;
         match self.submit(&ctx, req, Some(result))? {
             Outcome::Confirmed {
                 audit_sequence,
@@ -714,7 +738,8 @@ impl Provisioner {
     /// [`Provisioner::provision`] for async callers (the station API): the request waits
     /// for its commit without holding a thread.
     pub async fn provision_async(&self, req: ProvisionRequest) -> Result<Provisioned> {
-        check_request_id(&req.request_id)?;
+        check_request(&req)?;
+        check_id("the request id", &req.request_id)?;
         let ctx = self.context(&req.entitlement)?;
         let outcome = self.submit_async(&ctx, req.clone(), None).await?;
         self.provisioned(&ctx, &req, outcome)
@@ -727,6 +752,13 @@ impl Provisioner {
         req: &ProvisionRequest,
         reserve: &key_reserve::KeyReserve,
     ) -> Result<Vec<Prepared>> {
+        // A device id the policy refuses is always refused (`decide` checks it whatever
+        // else holds): nothing to prepare, and no certificate subject to build from it
+        // (a comma in the id would make the DN fail, an internal error instead of
+        // `device_id_rejected`).
+        if !ctx.policy.device_id_ok(&req.device_id) {
+            return Ok(Vec::new());
+        }
         let rng = node.rng.as_ref();
         let now = node.now();
         let device_key = match &req.csr {
@@ -1220,6 +1252,115 @@ mod tests {
         );
         let back = DeviceRecord::from_stored(&array).expect("decodes");
         assert_eq!(format!("{back:?}"), format!("{old:?}"));
+    }
+
+    /// Every record a station's request can put in the log, with the longest reason a
+    /// policy module may give: what the station sent, once admitted, must leave every
+    /// one of them far below what an export carries.
+    fn records_of(req: &ProvisionRequest) -> Vec<keyfab_audit::Record> {
+        let reason = "\u{10FFFF}".repeat(keyfab_policy_code::MAX_REASON_BYTES / 4);
+        let (entitlement, device_id, station) = (
+            req.entitlement.clone(),
+            req.device_id.clone(),
+            req.station.clone(),
+        );
+        let request_id = req.request_id.clone();
+        let events = [
+            Event::ProvisionDeniedByCode {
+                entitlement: entitlement.clone(),
+                request_id: request_id.clone(),
+                device_id: device_id.clone(),
+                station: station.clone(),
+                code: "policy_denied".into(),
+                reason,
+            },
+            Event::StationMismatch {
+                entitlement: entitlement.clone(),
+                action: "provision".into(),
+                request_id: Some(request_id),
+                device_id: device_id.clone(),
+                station: station.clone(),
+            },
+            Event::DeviceConfirmed {
+                entitlement,
+                device_id,
+                station,
+                result: "programmed".into(),
+            },
+        ];
+        events
+            .into_iter()
+            .map(|event| {
+                Head::genesis().next(
+                    i64::MAX,
+                    "a-site-name-of-sixty-four-characters-aaaaaaaaaaaaaaaaaaaaaaaaaa",
+                    event,
+                )
+            })
+            .collect()
+    }
+
+    /// One field of a request: short or up to the body cap, of printable ASCII or of any
+    /// characters — so that every mix of admitted and oversized fields comes up.
+    fn field() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let size = prop_oneof![0usize..=160, 0usize..crate::server::api::MAX_BODY_BYTES];
+        let chars = prop_oneof![
+            proptest::collection::vec(proptest::char::range('!', '~'), 1..8),
+            proptest::collection::vec(proptest::char::any(), 1..8),
+        ];
+        (size, chars).prop_map(|(n, fill)| fill.iter().cycle().take(n).collect())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Arbitrary station input, up to the API's body cap: either refused before any
+        /// decision, or every record it can make fits in an export with room to spare.
+        #[test]
+        fn no_station_input_makes_a_record_an_export_cannot_carry(
+            fields in proptest::collection::vec(field(), 3),
+            station in proptest::option::of("[a-z0-9][a-z0-9._-]{0,80}"),
+        ) {
+            let body = serde_json::json!({
+                "request_id": fields[0],
+                "entitlement": fields[1],
+                "device_id": fields[2],
+            })
+            .to_string();
+            let Ok(mut req) = crate::server::api::parse_provision(body.as_bytes(), "line-1") else {
+                return Ok(());
+            };
+            req.station = station;
+            let admitted = check_request(&req).and_then(|()| check_id("the request id", &req.request_id));
+            if admitted.is_err() {
+                return Ok(());
+            }
+            for r in records_of(&req) {
+                let len = r.to_bytes().len();
+                proptest::prop_assert!(len <= keyfab_formats::audit_bundle::MAX_RECORD / 16, "{len} bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn ids_beyond_the_bound_are_refused_before_any_decision_and_not_echoed() {
+        let long = "D".repeat(65_000);
+        let req = ProvisionRequest::new("e1", long.as_str(), "r-1");
+        let err = check_request(&req).expect_err("a 65 kB device id");
+        assert_eq!(err.code(), "invalid_input");
+        assert!(err.to_string().contains("65000 bytes"), "{err}");
+        assert!(err.to_string().len() < 200, "{err}");
+        for bad in ["", "has space", "tab\t", "é"] {
+            let req = ProvisionRequest::new("e1", bad, "r-1");
+            assert_eq!(
+                check_request(&req).map_err(|e| e.code()),
+                Err("invalid_input"),
+                "{bad:?}"
+            );
+        }
+        let req = ProvisionRequest::new("e1", "D".repeat(128), "r-1");
+        assert!(check_request(&req).is_ok());
     }
 
     #[test]

@@ -67,7 +67,7 @@ impl StationDir {
     pub fn load(dir: &Path) -> Result<Self> {
         let read = |name: &str, tag: &str| -> Result<Vec<u8>> {
             let path = dir.join(name);
-            let text = std::fs::read_to_string(&path)
+            let text = keyfab_formats::read_capped_text(&path, keyfab_formats::MAX_SMALL_INPUT)
                 .map_err(|e| StationError::StationDir(format!("{}: {e}", path.display())))?;
             x509::from_pem(&text, tag)
                 .map_err(|e| StationError::StationDir(format!("{}: {e}", path.display())))
@@ -559,8 +559,12 @@ fn one_device(client: &Client, entitlement: &str, device: &str, root: &[u8]) -> 
         Ok(k) => k,
         Err(e) => return DeviceOutcome::Failed(e.to_string()),
     };
+    // Random, so no other station can guess it from the device id (the site answers a
+    // retry only to the station that made the request, all the same).
+    let mut request_id = [0u8; 16];
+    keyfab_crypto::rng::SecureRng::fill(&keyfab_crypto::rng::SystemRng, &mut request_id);
     let req = ProvisionRequest {
-        request_id: device.to_owned(),
+        request_id: hex::encode(request_id),
         entitlement: entitlement.to_owned(),
         device_id: device.to_owned(),
         csr: None,

@@ -53,12 +53,17 @@ impl EmbeddedStore {
     pub fn open(path: &Path) -> Result<Self> {
         // A bounded page cache: redb's default (1 GiB) would let a large import or
         // provisioning run grow the process that far.
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(path)
+            .map_err(io)?;
+        // The state is its user's alone, whatever the umask was when it was made.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(io)?;
         let db = crate::prefill::PrefilledFile::new(file)
             .and_then(|backend| {

@@ -342,7 +342,14 @@ pub enum SiteCommand {
     /// Show or change site settings (each change is audited).
     #[command(after_help = "Examples:
   keyfab site config --home site
-  keyfab site config --home site --clock-tolerance 600")]
+  keyfab site config --home site --clock-tolerance 600
+  keyfab site config --home site --clock-max-jump 2592000     # once, after a month-long shutdown
+
+The site keeps a trusted time: the latest time it has recorded anything at. A clock
+behind it (beyond --clock-tolerance) stops provisioning with clock_rollback; a clock
+ahead of it by more than --clock-max-jump is not adopted: what would be recorded at
+that time is refused with clock_ahead (and audited), so one clock set ahead by mistake
+cannot move the trusted time years on and stop the site until then.")]
     Config {
         #[command(flatten)]
         home: Home,
@@ -350,6 +357,11 @@ pub enum SiteCommand {
         /// with clock_rollback (0 to 86400; default 300).
         #[arg(long)]
         clock_tolerance: Option<i64>,
+        /// Seconds the clock may run ahead of the trusted time and be adopted; beyond,
+        /// requests and commands are refused with clock_ahead (60 to 315360000; default
+        /// 604800, a week).
+        #[arg(long)]
+        clock_max_jump: Option<i64>,
     },
     /// The site's audit log: verify it, write a signed checkpoint of it.
     #[command(subcommand)]

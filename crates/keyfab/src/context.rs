@@ -21,12 +21,13 @@ impl Context {
     /// The passphrase from `--passphrase-file` or `KEYFAB_PASSPHRASE`.
     pub fn passphrase(&self) -> Result<SecretBytes, Failure> {
         if let Some(path) = &self.passphrase_file {
-            let mut bytes = std::fs::read(path).map_err(|e| {
-                Failure::new(
-                    "locked",
-                    format!("--passphrase-file {}: {e}", path.display()),
-                )
-            })?;
+            let mut bytes = keyfab_formats::read_capped(path, keyfab_formats::MAX_SMALL_INPUT)
+                .map_err(|e| {
+                    Failure::new(
+                        "locked",
+                        format!("--passphrase-file {}: {e}", path.display()),
+                    )
+                })?;
             while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
                 bytes.pop();
             }
@@ -60,12 +61,13 @@ impl Context {
         let mut unsealer = Unsealer::new(config);
         let mut shares: Vec<Zeroizing<String>> = Vec::new();
         for path in &self.unseal_share_files {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                Failure::new(
-                    "locked",
-                    format!("--unseal-share-file {}: {e}", path.display()),
-                )
-            })?;
+            let text = keyfab_formats::read_capped_text(path, keyfab_formats::MAX_SMALL_INPUT)
+                .map_err(|e| {
+                    Failure::new(
+                        "locked",
+                        format!("--unseal-share-file {}: {e}", path.display()),
+                    )
+                })?;
             shares.push(Zeroizing::new(text));
         }
         if let Some(list) = std::env::var_os("KEYFAB_UNSEAL_SHARES") {
@@ -112,12 +114,7 @@ impl Context {
     }
 }
 
-/// RFC 3339 rendering of a Unix time.
-pub fn rfc3339(t: i64) -> String {
-    jiff::Timestamp::from_second(t)
-        .map(|t| t.to_string())
-        .unwrap_or_else(|_| t.to_string())
-}
+pub use keyfab_node::rfc3339;
 
 /// Peak resident set size of this process, from /proc (bench reports it per step).
 pub fn peak_rss_bytes() -> Option<u64> {

@@ -2,20 +2,14 @@
 
 use crate::context::Context;
 use crate::logsink::LogSink;
-use crate::output::{Failure, Report};
+use crate::output::{io_fail, read_input_text, Failure, Report};
 use keyfab_crypto::x509;
 use keyfab_node::NodeKind;
 use keyfab_site::server::admin::{self, AdminAnswer, AdminRequest, EnrolledFiles};
 use serde_json::json;
 use std::path::Path;
 
-fn io_fail(path: &Path, e: std::io::Error) -> Failure {
-    Failure::new("io", format!("{}: {e}", path.display()))
-}
-
-fn rfc3339(t: i64) -> String {
-    jiff::Timestamp::from_second(t).map_or_else(|_| t.to_string(), |t| t.to_string())
-}
+use keyfab_node::rfc3339;
 
 /// Writes a new file with `mode`, refusing to overwrite.
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
@@ -276,19 +270,28 @@ pub fn unseal(home: &Path, share_file: Option<&Path>, status: bool) -> Result<Re
         AdminRequest::UnsealStatus
     } else {
         let text = match share_file {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|e| Failure::new("io", format!("{}: {e}", p.display())))?,
+            Some(p) => read_input_text(p, keyfab_formats::MAX_SMALL_INPUT)?,
             None => {
                 use std::io::{BufRead, IsTerminal, Write};
                 if std::io::stdin().is_terminal() {
                     eprint!("unseal share: ");
                     let _ = std::io::stderr().flush();
                 }
+                use std::io::Read;
                 let mut line = String::new();
+                let cap = keyfab_formats::MAX_SMALL_INPUT;
                 std::io::stdin()
                     .lock()
+                    .take(cap as u64 + 1)
                     .read_line(&mut line)
                     .map_err(|e| Failure::new("io", format!("standard input: {e}")))?;
+                if line.len() > cap {
+                    return Err(Failure::from(keyfab_node::Error::from(
+                        keyfab_formats::FormatError::Malformed(format!(
+                            "standard input: a share line longer than {cap} bytes"
+                        )),
+                    )));
+                }
                 line
             }
         };
@@ -330,7 +333,7 @@ pub fn unseal(home: &Path, share_file: Option<&Path>, status: bool) -> Result<Re
 
 /// Exit code of a refusal the site sent back, by its code (SPEC.md §4).
 fn refusal(code: &str, message: &str) -> Failure {
-    const POLICY: [&str; 11] = [
+    const POLICY: [&str; 14] = [
         "revoked",
         "expired",
         "not_yet_valid",
@@ -342,6 +345,9 @@ fn refusal(code: &str, message: &str) -> Failure {
         "station_not_allowed",
         "audit_overdue",
         "clock_rollback",
+        "clock_ahead",
+        "policy_denied",
+        "policy_error",
     ];
     let known: &'static str = match code {
         "unknown_entitlement" => "unknown_entitlement",
@@ -399,7 +405,7 @@ pub fn station_provision(
     let station = keyfab_station::StationDir::load(dir).map_err(station_failure)?;
     let client = keyfab_station::Client::new(&station, urls).map_err(station_failure)?;
     let csr = csr
-        .map(|p| std::fs::read_to_string(p).map_err(|e| io_fail(p, e)))
+        .map(|p| read_input_text(p, keyfab_formats::MAX_SMALL_INPUT))
         .transpose()?;
     let request_id = request_id.map_or_else(
         || {
@@ -478,7 +484,7 @@ pub struct LineArgs<'a> {
 pub fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
     let station = keyfab_station::StationDir::load(a.station_dir).map_err(station_failure)?;
     let client = keyfab_station::Client::new(&station, a.urls).map_err(station_failure)?;
-    let root_text = std::fs::read_to_string(a.root_cert).map_err(|e| io_fail(a.root_cert, e))?;
+    let root_text = read_input_text(a.root_cert, keyfab_formats::MAX_SMALL_INPUT)?;
     let root = x509::from_pem(&root_text, "CERTIFICATE")
         .map_err(|e| Failure::new("invalid_input", format!("--root-cert: {e}")))?;
     let devices: Vec<String> = (a.first..a.first.saturating_add(a.devices))

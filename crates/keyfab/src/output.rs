@@ -35,6 +35,41 @@ impl From<Error> for Failure {
     }
 }
 
+/// A file that could not be read or written, with its path (code `io`, exit 1).
+pub fn io_fail(path: &std::path::Path, e: std::io::Error) -> Failure {
+    Failure::new("io", format!("{}: {e}", path.display()))
+}
+
+/// The bytes of an input file, read in bounded memory: beyond `cap` bytes it is refused
+/// as `malformed` (exit 4) without reading more (see [`keyfab_formats::read_capped`]).
+pub fn read_input(path: &std::path::Path, cap: usize) -> Result<Vec<u8>, Failure> {
+    keyfab_formats::read_capped(path, cap).map_err(|e| read_failure(path, e))
+}
+
+fn read_failure(path: &std::path::Path, e: keyfab_formats::FormatError) -> Failure {
+    match e {
+        keyfab_formats::FormatError::Io(e) => io_fail(path, e),
+        other => {
+            let mut f = Failure::from(Error::from(other));
+            f.message = format!("{}: {}", path.display(), f.message);
+            f
+        }
+    }
+}
+
+/// [`read_input`] of a text file: bytes that are not UTF-8 are `malformed` as well.
+pub fn read_input_text(path: &std::path::Path, cap: usize) -> Result<String, Failure> {
+    String::from_utf8(read_input(path, cap)?).map_err(|e| {
+        read_failure(
+            path,
+            keyfab_formats::FormatError::Malformed(format!(
+                "not UTF-8 text (byte {} is not)",
+                e.utf8_error().valid_up_to()
+            )),
+        )
+    })
+}
+
 impl Failure {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
         Failure {
@@ -54,23 +89,34 @@ impl Failure {
     }
 }
 
+/// Prints a report on standard output. A reader that went away (`… | head -c 10`) is
+/// not an error of the command: whatever it did is done, and nothing is left to say to
+/// anyone, so the process ends quietly — no panic, no backtrace.
 pub fn print_report(r: &Report, json: bool) {
     if json {
-        println!("{}", r.json);
+        print_out(&r.json.to_string());
     } else if !r.text.is_empty() {
-        println!("{}", r.text.trim_end());
+        print_out(r.text.trim_end());
     }
 }
 
 pub fn print_error(e: &Failure, json: bool) {
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"error": {"code": e.code, "message": e.message}})
+        print_out(
+            &serde_json::json!({"error": {"code": e.code, "message": e.message}}).to_string(),
         );
     } else {
-        eprintln!("error[{}]: {}", e.code, e.message);
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr().lock(), "error[{}]: {}", e.code, e.message);
     }
+}
+
+/// One line on standard output; a closed or failing standard output is ignored (see
+/// [`print_report`]).
+fn print_out(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
 /// A progress bar on stderr for long work, only when stderr is a terminal and the output

@@ -3,13 +3,17 @@
 
 use crate::cli::*;
 use crate::context::{peak_rss_bytes, rfc3339, Context};
-use crate::output::{Failure, Progress, Report};
+use crate::output::{io_fail, read_input, read_input_text, Failure, Progress, Report};
 use keyfab_crypto::sign::SigningKey;
 use keyfab_crypto::x509::{self, Role};
 use keyfab_hq::entitlement::CreateRequest;
 use keyfab_node::{Node, NodeKind};
 use serde_json::json;
 use std::path::Path;
+
+/// The size cap of a device list or a policy module's cases: a million ids of the
+/// longest kind, with their line ends.
+const MAX_LIST_BYTES: usize = 1_000_000 * (keyfab_policy::MAX_ID_BYTES + 1);
 
 pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
     let ctx = Context {
@@ -136,7 +140,8 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
         Command::Site(SiteCommand::Config {
             home,
             clock_tolerance,
-        }) => site_config(&ctx, &home.home, clock_tolerance),
+            clock_max_jump,
+        }) => site_config(&ctx, &home.home, clock_tolerance, clock_max_jump),
         Command::Site(SiteCommand::Audit(SiteAuditCommand::Verify { home })) => {
             audit_verify(&ctx, &home.home)
         }
@@ -239,10 +244,6 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
     Ok(report)
 }
 
-fn io_fail(path: &Path, e: std::io::Error) -> Failure {
-    Failure::new("io", format!("{}: {e}", path.display()))
-}
-
 pub fn init_root(ctx: &Context, home: &Path, subject: &str, days: i64) -> Result<Report, Failure> {
     let rng = ctx.rng();
     let path = keyfab_hq::pki::init_root(
@@ -273,7 +274,7 @@ pub fn issue(
 ) -> Result<Report, Failure> {
     let role = Role::parse(role)
         .ok_or_else(|| Failure::new("invalid_input", "--role must be hq or site"))?;
-    let csr_pem = std::fs::read_to_string(csr).map_err(|e| io_fail(csr, e))?;
+    let csr_pem = read_input_text(csr, keyfab_formats::MAX_SMALL_INPUT)?;
     let rng = ctx.rng();
     let issued = keyfab_hq::pki::issue(
         home,
@@ -423,7 +424,7 @@ pub fn identity_export(ctx: &Context, home: &Path, out: &Path) -> Result<Report,
 
 pub fn site_add(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Hq)?;
-    let bytes = std::fs::read(file).map_err(|e| io_fail(file, e))?;
+    let bytes = read_input(file, keyfab_formats::identity::MAX_LEN)?;
     let rec = keyfab_hq::sites::add_site(&node, &bytes)?;
     let fp = keyfab_crypto::hash::Fingerprint::of(&rec.cluster_cert);
     Ok(Report::new(
@@ -522,16 +523,7 @@ pub fn entitlement_import(ctx: &Context, home: &Path, file: &Path) -> Result<Rep
         .is_ok()
         && keyfab_formats::prefix::kind_of(&head) == Some(keyfab_formats::prefix::Kind::Revocation);
     if is_revocation {
-        let len = std::fs::metadata(file).map_err(|e| io_fail(file, e))?.len();
-        if len > keyfab_formats::revocation::MAX_LEN as u64 {
-            return Err(
-                keyfab_node::Error::from(keyfab_formats::FormatError::Malformed(
-                    "revocation too large".into(),
-                ))
-                .into(),
-            );
-        }
-        let bytes = std::fs::read(file).map_err(|e| io_fail(file, e))?;
+        let bytes = read_input(file, keyfab_formats::revocation::MAX_LEN)?;
         let r = keyfab_site::revocation::import_revocation(&node, &bytes)?;
         return Ok(Report::new(
             format!(
@@ -658,12 +650,12 @@ pub fn approver_keygen(ctx: &Context, out: &Path) -> Result<Report, Failure> {
 
 /// `keyfab policy test`: the module checked as HQ checks it, then every case in order.
 fn policy_test(module_path: &Path, cases_path: &Path) -> Result<Report, Failure> {
-    let bytes = std::fs::read(module_path).map_err(|e| io_fail(module_path, e))?;
+    let bytes = read_input(module_path, 4 * keyfab_policy_code::MAX_MODULE_BYTES)?;
     let wasm = keyfab_policy_code::module_bytes(module_path, bytes)
         .map_err(|e| Failure::new("malformed", e.to_string()))?;
     let module = keyfab_policy_code::PolicyModule::load(&wasm)
         .map_err(|e| Failure::new("malformed", format!("{}: {e}", module_path.display())))?;
-    let text = std::fs::read_to_string(cases_path).map_err(|e| io_fail(cases_path, e))?;
+    let text = read_input_text(cases_path, MAX_LIST_BYTES)?;
     let file: keyfab_policy_code::cases::CaseFile = serde_json::from_str(&text)
         .map_err(|e| Failure::new("malformed", format!("{}: {e}", cases_path.display())))?;
     let report = keyfab_policy_code::cases::run_cases(&module, &file)
@@ -744,7 +736,7 @@ pub fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Failure> {
     let node = std::sync::Arc::new(ctx.open(&a.home.home, NodeKind::Site)?);
     let csr = match &a.csr {
         Some(path) => {
-            let bytes = std::fs::read(path).map_err(|e| io_fail(path, e))?;
+            let bytes = read_input(path, keyfab_formats::MAX_SMALL_INPUT)?;
             Some(match std::str::from_utf8(&bytes) {
                 Ok(text) if text.contains("-----BEGIN") => {
                     x509::from_pem(text, "CERTIFICATE REQUEST")
@@ -822,7 +814,7 @@ fn provision_many(
 ) -> Result<Report, Failure> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let ids = std::fs::read_to_string(list).map_err(|e| io_fail(list, e))?;
+    let ids = read_input_text(list, MAX_LIST_BYTES)?;
     let mut file = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
@@ -885,7 +877,7 @@ pub fn approver_sign(key: &Path, request: &Path, out: &Path) -> Result<Report, F
     let key_der = keyfab_hq::pki::read_pem_file(key, "PRIVATE KEY")?;
     let signer = SigningKey::from_pkcs8(&key_der)
         .map_err(|e| Failure::new("invalid_input", format!("{}: {e}", key.display())))?;
-    let file = std::fs::read(request).map_err(|e| io_fail(request, e))?;
+    let file = read_input(request, keyfab_formats::approval::MAX_LEN)?;
     let req = keyfab_formats::approval::ApprovalRequest::from_file(&file)
         .map_err(keyfab_node::Error::from)?;
     let approval = keyfab_formats::approval::sign_approval(&signer, &file)
@@ -908,7 +900,7 @@ pub fn approval_submit(
     let node = ctx.open(home, NodeKind::Site)?;
     let mut bytes = Vec::new();
     for f in files {
-        bytes.push(std::fs::read(f).map_err(|e| io_fail(f, e))?);
+        bytes.push(read_input(f, keyfab_formats::approval::MAX_APPROVAL_LEN)?);
     }
     let results = keyfab_site::approvals::submit(&node, &bytes)?;
     let mut text = String::new();
@@ -932,23 +924,25 @@ pub fn approval_submit(
 pub fn audit_verify(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
     let records = keyfab_site::entitlements::audit_records(&node)?;
-    let head =
-        keyfab_audit::verify_chain(&keyfab_audit::Head::genesis(), &records).map_err(|e| {
-            Failure {
-                code: "bad_signature",
-                message: format!("the audit chain is broken: {e}"),
-                exit_code: 4,
-            }
-        })?;
+    // Chain by chain, as HQ verifies it: on a cluster each node appends to its own.
+    let heads = keyfab_audit::verify_merged(&records).map_err(|e| Failure {
+        code: "bad_signature",
+        message: format!("the audit chain is broken: {e}"),
+        exit_code: 4,
+    })?;
     let tree = keyfab_site::checkpoints::tree_head(&node)?;
+    let chains = match heads.len() {
+        0 | 1 => "hash chain intact".to_owned(),
+        n => format!("{n} hash chains (the site's and its nodes') intact"),
+    };
     Ok(Report::new(
         format!(
-            "audit log of '{}': {} records, hash chain intact, Merkle root {}",
+            "audit log of '{}': {} records, {chains}, Merkle root {}",
             node.name,
-            head.sequence,
+            records.len(),
             hex::encode(tree.root)
         ),
-        json!({"site": node.name, "records": head.sequence, "root": hex::encode(tree.root)}),
+        json!({"site": node.name, "records": records.len(), "chains": heads.len(), "root": hex::encode(tree.root)}),
     ))
 }
 
@@ -970,7 +964,7 @@ pub fn audit_checkpoint(ctx: &Context, home: &Path, out: &Path) -> Result<Report
 
 pub fn receipt_import(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
-    let bytes = std::fs::read(file).map_err(|e| io_fail(file, e))?;
+    let bytes = read_input(file, keyfab_formats::checkpoint::MAX_LEN)?;
     let ack = keyfab_site::checkpoints::import_receipt(&node, &bytes)?;
     Ok(Report::new(
         format!(
@@ -986,15 +980,24 @@ pub fn site_config(
     ctx: &Context,
     home: &Path,
     clock_tolerance: Option<i64>,
+    clock_max_jump: Option<i64>,
 ) -> Result<Report, Failure> {
+    use keyfab_site::settings::{CLOCK_MAX_JUMP, CLOCK_TOLERANCE};
     let node = ctx.open(home, NodeKind::Site)?;
     if let Some(secs) = clock_tolerance {
-        keyfab_site::settings::set_clock_tolerance(&node, secs)?;
+        CLOCK_TOLERANCE.set(&node, secs)?;
     }
-    let tolerance = keyfab_site::settings::clock_tolerance(&node)?;
+    if let Some(secs) = clock_max_jump {
+        CLOCK_MAX_JUMP.set(&node, secs)?;
+    }
+    let tolerance = CLOCK_TOLERANCE.get(&node)?;
+    let max_jump = CLOCK_MAX_JUMP.get(&node)?;
     Ok(Report::new(
-        format!("site '{}': clock tolerance {tolerance} s", node.name),
-        json!({"site": node.name, "clock_tolerance": tolerance}),
+        format!(
+            "site '{}': clock tolerance {tolerance} s, largest clock jump adopted {max_jump} s",
+            node.name
+        ),
+        json!({"site": node.name, "clock_tolerance": tolerance, "clock_max_jump": max_jump}),
     ))
 }
 
@@ -1007,18 +1010,28 @@ pub fn audit_export(
     let node = ctx.open(home, NodeKind::Site)?;
     let progress = Progress::new("exported", "audit records", !ctx.json);
     let e = keyfab_site::export::export(&node, out, again, progress.reporter())?;
+    let range = match e.records {
+        0 => "no new audit records".to_owned(),
+        _ => format!("audit records {}..{}", e.from.size + 1, e.to.size),
+    };
+    let mut text = String::new();
+    if e.finished_earlier {
+        text.push_str(&format!(
+            "the last export (bundle {}) was not known to be written: its records are written again, under the same bundle id (if HQ already imported it, it answers `replayed`; export once more for the records since)\n",
+            e.bundle
+        ));
+    }
+    text.push_str(&format!(
+        "{range} of '{}' exported for HQ ({} records, {} bytes, bundle {}) -> {}",
+        node.name,
+        e.records,
+        e.bytes,
+        e.bundle,
+        out.display()
+    ));
     Ok(Report::new(
-        format!(
-            "audit records {}..{} of '{}' exported for HQ ({} records, {} bytes, bundle {}) -> {}",
-            e.from.size + 1,
-            e.to.size,
-            node.name,
-            e.records,
-            e.bytes,
-            e.bundle,
-            out.display()
-        ),
-        json!({"bundle": e.bundle, "from": e.from.size, "to": e.to.size, "root": hex::encode(e.to.root), "records": e.records, "bytes": e.bytes, "out": out}),
+        text,
+        json!({"bundle": e.bundle, "from": e.from.size, "to": e.to.size, "root": hex::encode(e.to.root), "records": e.records, "bytes": e.bytes, "out": out, "written_again": e.finished_earlier}),
     ))
 }
 

@@ -238,6 +238,15 @@ fn fail_all(senders: Vec<Reply>, e: &Error) -> Replies {
                     observed: *observed,
                     high_water: *high_water,
                 },
+                Error::ClockAhead {
+                    observed,
+                    trusted,
+                    max_jump,
+                } => Error::ClockAhead {
+                    observed: *observed,
+                    trusted: *trusted,
+                    max_jump: *max_jump,
+                },
                 Error::Unavailable(why) => Error::Unavailable(why.clone()),
                 _ => Error::InvalidState(format!("{code}: {msg}")),
             };

@@ -39,8 +39,24 @@ pub(super) struct Carried {
 pub(super) struct Settings {
     tolerance: i64,
     tolerance_revision: Option<u64>,
+    max_jump: i64,
+    max_jump_revision: Option<u64>,
     acknowledged_at: i64,
     acknowledged_revision: Option<u64>,
+}
+
+impl Settings {
+    /// Guards the settings at the revisions read: a receipt or a clock setting changed
+    /// meanwhile makes the commit fail, and the batch is decided again.
+    fn guard(&self, txn: &mut Txn) {
+        txn.require_revision(Table::Meta, CLOCK_TOLERANCE.key, self.tolerance_revision)
+            .require_revision(Table::Meta, CLOCK_MAX_JUMP.key, self.max_jump_revision)
+            .require_revision(
+                Table::Meta,
+                crate::checkpoints::HQ_ACK,
+                self.acknowledged_revision,
+            );
+    }
 }
 
 impl Carried {
@@ -183,7 +199,8 @@ pub(super) fn decide_batch(
     }
     let head_key = crate::audit_log::head_key(st.chain.as_deref());
     let mut lookups: Vec<(Table, &[u8])> = vec![
-        (Table::Meta, CLOCK_TOLERANCE),
+        (Table::Meta, CLOCK_TOLERANCE.key),
+        (Table::Meta, CLOCK_MAX_JUMP.key),
         (Table::Meta, crate::checkpoints::HQ_ACK),
         (Table::Meta, &head_key),
         (Table::Meta, TIME_HWM),
@@ -215,12 +232,7 @@ pub(super) fn decide_batch(
     let guard_reads = store.is_shared() && !(st.settings.is_some() && optimistic);
     let mut stored = match (&st.settings, optimistic) {
         (Some(settings), true) => {
-            txn.require_revision(Table::Meta, CLOCK_TOLERANCE, settings.tolerance_revision)
-                .require_revision(
-                    Table::Meta,
-                    crate::checkpoints::HQ_ACK,
-                    settings.acknowledged_revision,
-                );
+            settings.guard(&mut txn);
             // One guard per decision: nothing at all kept for its device — no record,
             // no refusal. (Refusals in the legacy table are only in embedded stores,
             // which always read.)
@@ -231,7 +243,8 @@ pub(super) fn decide_batch(
         }
         _ => {
             let mut read = store.get_many(&lookups)?.into_iter();
-            let (tolerance, acknowledged) = (read.next().flatten(), read.next().flatten());
+            let (tolerance, max_jump) = (read.next().flatten(), read.next().flatten());
+            let acknowledged = read.next().flatten();
             let (head, hwm) = (read.next().flatten(), read.next().flatten());
             st.head = crate::audit_log::head_from(head.as_ref())?;
             st.head_revision = head.map(|v| v.revision);
@@ -251,12 +264,10 @@ pub(super) fn decide_batch(
                 st.reservations.insert((*ent).to_owned(), mine);
             }
             st.settings = Some(Settings {
-                tolerance: tolerance
-                    .as_ref()
-                    .map(|v| i64_of(&v.value))
-                    .transpose()?
-                    .unwrap_or(DEFAULT_CLOCK_TOLERANCE_SECS),
+                tolerance: CLOCK_TOLERANCE.from_stored(tolerance.as_ref())?,
                 tolerance_revision: tolerance.map(|v| v.revision),
+                max_jump: CLOCK_MAX_JUMP.from_stored(max_jump.as_ref())?,
+                max_jump_revision: max_jump.map(|v| v.revision),
                 acknowledged_at: acknowledged
                     .as_ref()
                     .map(|v| decode::<crate::checkpoints::Acknowledged>(&v.value))
@@ -267,20 +278,15 @@ pub(super) fn decide_batch(
             read
         }
     };
-    let (tolerance, acknowledged_at) = st
+    let (tolerance, max_jump, acknowledged_at) = st
         .settings
         .as_ref()
-        .map(|s| (s.tolerance, s.acknowledged_at))
+        .map(|s| (s.tolerance, s.max_jump, s.acknowledged_at))
         .ok_or_else(|| Error::InvalidState("settings".into()))?;
     if let (true, Some(settings)) = (guard_reads, &st.settings) {
-        // As read: a receipt or a tolerance changed meanwhile makes the batch decide
+        // As read: a receipt or a clock setting changed meanwhile makes the batch decide
         // again (nodes do not meet on the site chain's head, which records such changes).
-        txn.require_revision(Table::Meta, CLOCK_TOLERANCE, settings.tolerance_revision)
-            .require_revision(
-                Table::Meta,
-                crate::checkpoints::HQ_ACK,
-                settings.acknowledged_revision,
-            );
+        settings.guard(&mut txn);
     }
     // A node chain's head is this engine's alone; the site chain's and the site-wide
     // trusted time are every writer's, so they are guarded on every commit.
@@ -293,29 +299,40 @@ pub(super) fn decide_batch(
     let observed = node.now().0;
     // The trusted time: the site's mark, or this chain's last record if later.
     let hwm = st.hwm.unwrap_or(i64::MIN).max(st.head.time);
-    if observed < hwm.saturating_sub(tolerance) {
-        // Fail closed, and say so in the log.
-        log.append(
-            &mut txn,
-            hwm,
-            Event::ClockRollback {
+    // The clock against the trusted time: behind it by more than the tolerance, or ahead
+    // of it by more than the site adopts, the whole batch is refused — fail closed, and
+    // say so in the log at the trusted time, which stays where it is.
+    let off = if observed < hwm.saturating_sub(tolerance) {
+        Some(Event::ClockRollback {
+            observed,
+            high_water: hwm,
+        })
+    } else if hwm != i64::MIN && observed > hwm.saturating_add(max_jump) {
+        Some(Event::ClockAhead {
+            observed,
+            high_water: hwm,
+        })
+    } else {
+        None
+    };
+    if let Some(event) = off {
+        let refusal = || match &event {
+            Event::ClockAhead { .. } => Error::ClockAhead {
+                observed,
+                trusted: hwm,
+                max_jump,
+            },
+            _ => Error::ClockRollback {
                 observed,
                 high_water: hwm,
             },
-        )?;
+        };
+        let outcomes = batch.iter().map(|_| Err(refusal())).collect();
+        log.append(&mut txn, hwm, event)?;
         st.head = log.head();
         st.hwm_written = None;
         st.touched.clear();
         log.finish(&mut txn);
-        let outcomes = batch
-            .iter()
-            .map(|_| {
-                Err(Error::ClockRollback {
-                    observed,
-                    high_water: hwm,
-                })
-            })
-            .collect();
         return Ok(Some((txn, outcomes)));
     }
     let now = observed.max(hwm);
@@ -444,22 +461,30 @@ pub(super) fn decide_batch(
             None => stored_request.map(|v| decode(&v.value)).transpose()?,
         };
         if let Some(rr) = earlier {
-            outcomes.push(Ok(Outcome::Replay(rr)));
+            outcomes.push(match rr.station == req.station {
+                true => Ok(Outcome::Replay(rr)),
+                false => station_mismatch(&mut txn, &mut log, now, &req, Action::Retry)?,
+            });
             continue;
         }
-        // A device record answers a retry of the request that created it; any other
-        // request for that device is refused as already provisioned.
+        // A device record answers a retry of the request that created it, from the
+        // station that made it; any other request for that device is refused as already
+        // provisioned.
         let already = match (st.devices.contains(&dev_key), stored_device) {
             (true, _) => true,
             (false, Some(v)) => {
                 let d = DeviceRecord::from_stored(&v.value)?;
                 if d.request_id == req.request_id {
-                    outcomes.push(Ok(Outcome::Replay(RequestRecord {
-                        device_id: req.device_id.clone(),
-                        audit_sequence: d.audit_sequence,
-                        denied: None,
-                        reason: None,
-                    })));
+                    outcomes.push(match d.station == req.station {
+                        true => Ok(Outcome::Replay(RequestRecord {
+                            device_id: req.device_id.clone(),
+                            audit_sequence: d.audit_sequence,
+                            denied: None,
+                            reason: None,
+                            station: d.station,
+                        })),
+                        false => station_mismatch(&mut txn, &mut log, now, &req, Action::Retry)?,
+                    });
                     continue;
                 }
                 true
@@ -564,11 +589,18 @@ pub(super) fn decide_batch(
                     audit_sequence: seq,
                     denied: Some(code),
                     reason,
+                    station: req.station.clone(),
                 };
                 txn.put(Table::Devices, &req_key, &encode(&rr)?);
                 st.requests.insert(req_key, rr);
             }
             Decision::Allow => {
+                if prepared.len() != ctx.policy.policy.keys.len() {
+                    // Only a device id the policy refuses is left unprepared.
+                    return Err(Error::InvalidState(
+                        "an allowed request without its prepared keys".into(),
+                    ));
+                }
                 let has_pool = prepared.iter().any(|p| matches!(p, Prepared::Pool));
                 let pool_index = match (has_pool, reserving) {
                     (false, _) => None,
@@ -686,6 +718,7 @@ pub(super) fn decide_batch(
                     audit_sequence: seq,
                     denied: None,
                     reason: None,
+                    station: req.station.clone(),
                 };
                 txn.put(Table::Devices, &dev_key, &device.to_stored()?);
                 st.devices.insert(dev_key);
@@ -770,6 +803,9 @@ pub(super) fn confirm_device(
             }
         },
     };
+    if record.station != req.station {
+        return station_mismatch(txn, log, now, req, Action::Confirm)?;
+    }
     if let Some(c) = record.confirmed {
         return if c.result == result {
             Ok(Outcome::Confirmed {
@@ -805,4 +841,59 @@ pub(super) fn confirm_device(
         audit_sequence: seq,
         repeated: false,
     })
+}
+
+/// What a station asked for that belongs to another station.
+#[derive(Clone, Copy)]
+pub(super) enum Action {
+    /// A retry of a request id another station made.
+    Retry,
+    /// A confirmation of a device another station received.
+    Confirm,
+}
+
+/// Refuses `req`, which asks for what another station's request was answered, as
+/// `station_not_allowed` (docs/FORMATS.md §9, `station_mismatch`): audited, nothing
+/// released, and nothing stored for the request — the station that made it still finds
+/// its answer when it retries.
+pub(super) fn station_mismatch(
+    txn: &mut Txn,
+    log: &mut Appender,
+    now: i64,
+    req: &ProvisionRequest,
+    action: Action,
+) -> Result<Result<Outcome>> {
+    let (name, request_id, message) = match action {
+        Action::Retry => (
+            "provision",
+            Some(req.request_id.clone()),
+            format!(
+                "request id '{}' for device '{}' was made by another station: only that station is answered a retry; nothing was released",
+                req.request_id, req.device_id
+            ),
+        ),
+        Action::Confirm => (
+            "confirm",
+            None,
+            format!(
+                "device '{}' received its keys at another station: only that station may confirm it",
+                req.device_id
+            ),
+        ),
+    };
+    log.append(
+        txn,
+        now,
+        Event::StationMismatch {
+            entitlement: req.entitlement.clone(),
+            action: name.to_owned(),
+            request_id,
+            device_id: req.device_id.clone(),
+            station: req.station.clone(),
+        },
+    )?;
+    Ok(Err(Error::Denied {
+        code: DenyCode::StationNotAllowed.code(),
+        message,
+    }))
 }

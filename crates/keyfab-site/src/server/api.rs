@@ -145,7 +145,9 @@ impl ApiError {
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let status = match &e {
-            Error::Denied { .. } | Error::ClockRollback { .. } => StatusCode::FORBIDDEN,
+            Error::Denied { .. } | Error::ClockRollback { .. } | Error::ClockAhead { .. } => {
+                StatusCode::FORBIDDEN
+            }
             Error::UnknownEntitlement(_) | Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::InvalidInput(_) => StatusCode::BAD_REQUEST,
             Error::Locked | Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -222,16 +222,6 @@ fn a_site_on_etcd_provisions_through_the_loss_of_the_leader() {
 }
 
 /// A second node of the same site: a copy of the home (its keys and `store.json`).
-fn copy_home(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let p = entry.unwrap().path();
-        if p.is_file() {
-            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
-        }
-    }
-}
-
 #[test]
 fn two_nodes_share_one_site_and_never_exceed_or_duplicate() {
     let (etcd, w) = etcd_site();

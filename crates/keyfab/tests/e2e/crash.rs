@@ -155,3 +155,85 @@ fn sigkill_at_random_moments_loses_nothing_and_reuses_nothing() {
         released.len()
     );
 }
+
+/// `site audit export` killed with SIGKILL at random moments, 20 times: after each, the
+/// same command again writes a bundle HQ imports — never a gap, never a fork — and at
+/// the end HQ holds every release exactly once.
+#[test]
+fn sigkill_during_export_never_leaves_hq_a_gap() {
+    let w = world();
+    let policy = w.path("export-crash.toml");
+    std::fs::write(
+        &policy,
+        "product = \"p\"\ndevices = 100000\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
+         [[keys]]\nname = \"fw\"\ntype = \"aes-256\"\nsource = \"derived\"\n",
+    )
+    .unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "export-crash.kfe");
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    let mut rng = Lcg(0x6578_706f_7274);
+    let (mut provisioned, mut killed) = (0u64, 0u32);
+    for round in 0..20 {
+        let list = w.path("lot.txt");
+        let ids: Vec<String> = (0..150).map(|k| format!("X-{round:02}-{k:03}")).collect();
+        std::fs::write(&list, ids.join("\n")).unwrap();
+        let lot = w.path(&format!("lot-{round}.jsonl"));
+        ok(&[
+            "site",
+            "provision",
+            "--home",
+            &s(&w.site),
+            "--entitlement",
+            &id,
+            "--device-ids",
+            &s(&list),
+            "--out",
+            &s(&lot),
+        ]);
+        provisioned += 150;
+        let out = w.path(&format!("round-{round}.kfa"));
+        let args = [
+            "site",
+            "audit",
+            "export",
+            "--home",
+            &s(&w.site),
+            "--out",
+            &s(&out),
+        ];
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keyfab"))
+            .args(args)
+            .env("KEYFAB_PASSPHRASE", PASS)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(rng.next(400)));
+        let _ = child.kill(); // SIGKILL, unless it finished first
+        let status = child.wait().unwrap();
+        if !status.success() {
+            killed += 1;
+            // The same command again, as an operator would.
+            let again = keyfab(&args, None);
+            assert_eq!(again.code, 0, "round {round}: {}", again.json);
+        }
+        let imported = keyfab(
+            &["hq", "audit", "import", "--home", &s(&w.hq), &s(&out)],
+            None,
+        );
+        assert_eq!(imported.code, 0, "round {round}: {}", imported.json);
+    }
+    assert!(
+        killed >= 5,
+        "only {killed} of 20 exports were killed mid-way"
+    );
+    // What is left since the last round's export, and the totals.
+    let last = export(&w, "last.kfa");
+    ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&last)]);
+    let report = ok(&["hq", "report", "--home", &s(&w.hq)]);
+    assert_eq!(report["violations"], serde_json::json!([]));
+    assert_eq!(
+        report["entitlements"][0]["released"], provisioned,
+        "{report}"
+    );
+}

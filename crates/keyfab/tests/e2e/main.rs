@@ -9,6 +9,7 @@ mod bench;
 mod cluster;
 mod crash;
 mod demo;
+mod edges;
 mod entitlement;
 mod mutants;
 mod policy_code;

@@ -101,10 +101,15 @@ fn run_cases_at_site(
 
     let clock = TestClock(Arc::new(AtomicI64::new(now)));
     let node = site_with_clock(&w.site, &clock);
+    // The cases move the clock days on at a time: a drill, which the site adopts only
+    // once told to.
+    let jump = &keyfab_site::settings::CLOCK_MAX_JUMP;
+    jump.set(&node, jump.max).unwrap();
     keyfab_site::entitlements::import(&node, &w.path(&format!("{example}.kfe")), None).unwrap();
     let site = Provisioner::start(Arc::new(node));
     let mut n = 0u64;
-    let mut allowed: Vec<String> = Vec::new();
+    // Devices given keys, with the station that received them: only it may confirm.
+    let mut allowed: Vec<(String, Option<String>)> = Vec::new();
     let mut last = now;
     for (i, case) in cases.iter().enumerate() {
         last = at(case) + shift;
@@ -113,8 +118,8 @@ fn run_cases_at_site(
         let station = case["station"].as_str().map(str::to_owned);
         if case["confirm"] == "failed" {
             for _ in 0..repeat {
-                let device = allowed.pop().expect("a device to report failed");
-                site.confirm(id, &device, Programming::Failed, station.clone())
+                let (device, received_by) = allowed.pop().expect("a device to report failed");
+                site.confirm(id, &device, Programming::Failed, received_by)
                     .unwrap();
             }
             continue;
@@ -145,7 +150,7 @@ fn run_cases_at_site(
                 assert!(message.contains(reason), "{message} lacks '{reason}'");
             }
             if got.is_ok() {
-                allowed.push(device);
+                allowed.push((device, station.clone()));
             }
         }
     }

@@ -235,6 +235,20 @@ fn every_refusal_code_of_this_stage() {
         "unknown_entitlement",
     );
 
+    // A drill to the end of the window: the clock moves years ahead, which the site
+    // adopts only once it is told to (a week by default).
+    refused(
+        &provision(&w, &id, "D-5", line1, Some("2031-01-01T00:00:00Z")),
+        "clock_ahead",
+    );
+    ok(&[
+        "site",
+        "config",
+        "--home",
+        &s(&w.site),
+        "--clock-max-jump",
+        "315360000",
+    ]);
     let expiring = entitlement(&w, "exp", &format!("{HEADER}devices = 3\n[[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n"));
     refused(
         &provision(&w, &expiring, "D-1", &[], Some("2031-01-01T00:00:00Z")),

@@ -210,11 +210,7 @@ fn gaps_replays_and_forks_are_refused_and_change_nothing() {
 
     // Two continuations of the same checkpoint: a copy of the site goes its own way.
     let twin = w.path("twin");
-    std::fs::create_dir_all(&twin).unwrap();
-    for e in std::fs::read_dir(&w.site).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, twin.join(p.file_name().unwrap())).unwrap();
-    }
+    copy_home(&w.site, &twin);
     provision(&w, &id, "D-3", &[], None);
     let a3 = export(&w, "a3.kfa");
     assert_eq!(

@@ -16,15 +16,6 @@ fn hq_at(w: &World, t: i64) -> keyfab_node::Node {
     .unwrap()
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    let _ = std::fs::remove_dir_all(to);
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
-    }
-}
-
 #[test]
 fn a_restored_copy_is_detected_by_receipts_and_entitlements() {
     let w = world();
@@ -42,7 +33,7 @@ fn a_restored_copy_is_detected_by_receipts_and_entitlements() {
     assert_eq!(provision("D-1").code, 0);
 
     let backup = w.path("site-backup");
-    copy_dir(&w.site, &backup);
+    copy_home(&w.site, &backup);
 
     assert_eq!(provision("D-2").code, 0);
     let cp = w.path("now.kfc");
@@ -64,7 +55,7 @@ fn a_restored_copy_is_detected_by_receipts_and_entitlements() {
     let (later_kfe, _) = create(&w, "shenzhen-1", 5, "later.kfe");
 
     // Restore the old copy: both the receipt and the next entitlement expose it.
-    copy_dir(&backup, &w.site);
+    copy_home(&backup, &w.site);
     let before = snapshot(&w.site);
     let o = keyfab(
         &["site", "receipt", "import", "--home", &s(&w.site), &s(&kfk)],

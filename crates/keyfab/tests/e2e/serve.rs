@@ -323,13 +323,7 @@ fn stations_are_enrolled_and_revoked_while_the_line_runs() {
     let (w, id, line1) = setup();
     // A second site home, to try a second server on the same address.
     let other = w.path("site-copy");
-    std::fs::create_dir_all(&other).unwrap();
-    for e in std::fs::read_dir(&w.site).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_file() {
-            std::fs::copy(&p, other.join(p.file_name().unwrap())).unwrap();
-        }
-    }
+    copy_home(&w.site, &other);
     let server = Server::start(&w.site);
     let url = server.url();
     let taken = keyfab(
@@ -498,9 +492,15 @@ fn sigterm_under_load_loses_nothing() {
     }
     assert!(got.len() >= 8, "only {} devices before the stop", got.len());
     // Every device that got keys has its record: the same request id gets the same
-    // answer from the stopped site's own store.
+    // answer from the stopped site's own store, asked as the station that made it.
     for (device, request, seq) in &got {
-        let again = provision(&w, &id, device, &["--request-id", request], None);
+        let again = provision(
+            &w,
+            &id,
+            device,
+            &["--request-id", request, "--station", "line-1"],
+            None,
+        );
         assert_eq!(again.code, 0, "{}", again.json);
         assert_eq!(&again.json["audit_sequence"], seq, "{device}");
         assert_eq!(again.json["replayed"], true);
@@ -1013,4 +1013,75 @@ fn canary_keys_are_nowhere_in_the_clear_after_use() {
             }
         }
     }
+}
+
+/// A request id and a confirmation belong to the station that was answered: another
+/// station — allowed by the policy or not — sending line-1's request id gets no keys,
+/// and cannot burn line-1's device by confirming it `failed`. Each attempt is refused
+/// `station_not_allowed` (exit 3) and audited; line-1 still gets its answer on a retry,
+/// and HQ counts the attempts as refusals, with no violation.
+#[test]
+fn another_stations_request_id_or_confirmation_is_refused_and_audited() {
+    let (w, id, line1) = setup();
+    let (line2, line3) = (w.path("line-2"), w.path("line-3"));
+    enroll(&w.site, "line-2", &line2);
+    enroll(&w.site, "line-3", &line3);
+    let server = Server::start(&w.site);
+    let url = server.url();
+
+    let first = station_provision(&url, &line1, &id, "D-0701", "line1-r1");
+    assert_eq!(first.code, 0, "{}", first.json);
+    // line-2 is allowed by the policy, line-3 is not: neither gets line-1's answer.
+    for other in [&line2, &line3] {
+        let stolen = station_provision(&url, other, &id, "D-0701", "line1-r1");
+        stolen.assert_error(3, "station_not_allowed", "made by another station");
+        assert!(stolen.json.get("keys").is_none(), "{}", stolen.json);
+    }
+    // Nor can they close or burn line-1's device.
+    for (other, result) in [(&line2, "failed"), (&line3, "programmed")] {
+        let burn = station_confirm(&url, other, &id, "D-0701", result);
+        burn.assert_error(3, "station_not_allowed", "only that station may confirm");
+    }
+    // line-1's retry is answered as before, and its confirmation lands.
+    let again = station_provision(&url, &line1, &id, "D-0701", "line1-r1");
+    assert_eq!(again.code, 0, "{}", again.json);
+    assert_eq!(again.json["replayed"], true);
+    assert_eq!(again.json["keys"], first.json["keys"]);
+    let done = station_confirm(&url, &line1, &id, "D-0701", "programmed");
+    assert_eq!(done.code, 0, "{}", done.json);
+    assert_eq!(done.json["repeated"], false);
+    // A refused request's id is line-2's own too: line-1 cannot replay it.
+    let refused = station_provision(&url, &line2, &id, "BAD,ID", "line2-r1");
+    assert_eq!(refused.code, 3, "{}", refused.json);
+    let replay = station_provision(&url, &line1, &id, "BAD,ID", "line2-r1");
+    replay.assert_error(3, "station_not_allowed", "made by another station");
+    // A device id of 60 kB, within the body cap: refused before any decision, so no
+    // record grows beyond what an export carries (checked by the import below).
+    let body = format!(
+        r#"{{"request_id":"big-1","entitlement":"{id}","device_id":"{}"}}"#,
+        "D".repeat(60_000)
+    );
+    let post = format!(
+        "POST /v1/provision HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = exchange(&server.addr, &line1, Some(&line1), post.as_bytes());
+    assert!(
+        answer.starts_with("HTTP/1.1 400") && answer.contains("invalid_input"),
+        "{}",
+        &answer[..answer.len().min(300)]
+    );
+    let (code, _) = server.stop();
+    assert_eq!(code, 0);
+
+    // Every attempt is in the log, and HQ counts them without a violation.
+    let report = export_import_report(&w, "mismatch.kfa");
+    let line = &report["entitlements"][0];
+    assert_eq!(line["refusals"]["station_not_allowed"], 5, "{line}");
+    assert_eq!(report["violations"], serde_json::json!([]));
+    let log = ok(&["site", "audit", "verify", "--home", &s(&w.site)]);
+    // The import, the line CA, three enrollments, the release, four refused attempts, the
+    // confirmation, the refusal of BAD,ID and line-1's attempt at it, the export: nothing
+    // for the oversized request.
+    assert_eq!(log["records"], 14, "{log}");
 }

@@ -70,6 +70,21 @@ impl Out {
     }
 }
 
+/// A copy of a home's files into `to` (emptied first), private as the home is — what an
+/// operator's `cp -a` or a restored backup gives.
+pub fn copy_home(from: &Path, to: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
 pub fn s(p: &Path) -> String {
     p.display().to_string()
 }
