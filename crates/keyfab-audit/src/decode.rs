@@ -265,6 +265,13 @@ fn decode_event(c: &mut Cbor<'_>) -> Option<Event> {
                 root: c.field("root", Cbor::string)?,
             }
         }
+        "site_latched" => {
+            c.map(2)?;
+            Event::SiteLatched {
+                code: c.field("code", Cbor::string)?,
+                reason: c.field("reason", Cbor::string)?,
+            }
+        }
         "receipt_imported" => {
             c.map(3)?;
             Event::ReceiptImported {
@@ -407,6 +414,10 @@ mod tests {
                 from_size: 0,
                 to_size: 65_536,
                 root: "00".into(),
+            },
+            Event::SiteLatched {
+                code: "rollback_detected".into(),
+                reason: "r".into(),
             },
             Event::ReceiptImported {
                 size: 1,

@@ -118,6 +118,9 @@ pub enum Event {
         /// Hex Merkle root at `to_size`.
         root: String,
     },
+    /// The site found its state behind what HQ acknowledged (`rollback_detected`) or its
+    /// audit chain broken (`log_broken`), and stopped releasing keys.
+    SiteLatched { code: String, reason: String },
     /// HQ acknowledged a checkpoint of this log.
     ReceiptImported {
         size: u64,

@@ -1036,6 +1036,7 @@ impl<'a> Reconciler<'a> {
             }
             Event::ClockRollback { .. }
             | Event::ClockAhead { .. }
+            | Event::SiteLatched { .. }
             | Event::SettingChanged { .. }
             | Event::AuditExported { .. } => {}
         }

@@ -40,6 +40,9 @@ pub enum Error {
     /// The site's log is behind, or disagrees with, what HQ acknowledged (exit 4).
     #[error("rollback detected: {0}")]
     RollbackDetected(String),
+    /// The site's audit chain does not verify: it stopped itself (exit 4).
+    #[error("log broken: {0}")]
+    LogBroken(String),
     /// An audit bundle does not continue the site's last accepted export (exit 4).
     #[error("log gap: {0}")]
     LogGap(String),
@@ -66,6 +69,10 @@ pub enum Error {
     /// was released; the same request again is safe.
     #[error("the site's state store is unavailable, nothing was released; retry: {0}")]
     Unavailable(String),
+    /// A commit was sent to the store and not confirmed: it may have been recorded. Code
+    /// `unavailable` as well (retry), but never "nothing was released".
+    #[error("the site's state store did not confirm whether it recorded this request ({0}); the outcome is unknown: retry with the same request id — if it was recorded, the retry gets the same answer, never a second one")]
+    OutcomeUnknown(String),
     /// The home's embedded store is open in another process: at a site, most often a
     /// running `keyfab site serve`.
     #[error("this home is in use by another keyfab process (a running `keyfab site serve`?); while it serves, `keyfab site station enroll|revoke|list` and `keyfab site unseal` reach it through HOME/serve.sock, other commands need it stopped")]
@@ -80,6 +87,7 @@ impl From<keyfab_store::StoreError> for Error {
     fn from(e: keyfab_store::StoreError) -> Self {
         match e {
             keyfab_store::StoreError::Io(why) => Error::Unavailable(why),
+            keyfab_store::StoreError::Indeterminate(why) => Error::OutcomeUnknown(why),
             keyfab_store::StoreError::Busy => Error::InUse,
             other => Error::Store(other),
         }
@@ -110,13 +118,14 @@ impl Error {
             Error::ApprovalInvalid(_) => "approval_invalid",
             Error::RollbackDetected(_) => "rollback_detected",
             Error::LogGap(_) => "log_gap",
+            Error::LogBroken(_) => "log_broken",
             Error::LogFork(_) => "log_fork",
             Error::InvalidPolicy(_) => "invalid_policy",
             Error::NotFound(_) => "not_found",
             Error::InvalidState(_) => "invalid_state",
             Error::InvalidInput(_) => "invalid_input",
             Error::InsecureHome(_) => "insecure_home",
-            Error::Unavailable(_) => "unavailable",
+            Error::Unavailable(_) | Error::OutcomeUnknown(_) => "unavailable",
             Error::InUse => "in_use",
             Error::Custody(_) | Error::Store(_) | Error::Crypto(_) | Error::Io(_) => "internal",
         }
@@ -130,6 +139,7 @@ impl Error {
             | Error::Replayed(_)
             | Error::ApprovalInvalid(_)
             | Error::RollbackDetected(_)
+            | Error::LogBroken(_)
             | Error::LogGap(_)
             | Error::LogFork(_) => 4,
             Error::Denied { .. }
@@ -142,3 +152,19 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_the_store_did_not_confirm_is_retried_but_never_called_unreleased() {
+        let unknown = Error::from(keyfab_store::StoreError::Indeterminate("timeout".into()));
+        assert_eq!(unknown.code(), "unavailable");
+        let says = unknown.to_string();
+        assert!(says.contains("outcome is unknown"), "{says}");
+        assert!(!says.contains("nothing was released"), "{says}");
+        let down = Error::from(keyfab_store::StoreError::Io("no leader".into()));
+        assert!(down.to_string().contains("nothing was released"));
+    }
+}

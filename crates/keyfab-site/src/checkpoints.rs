@@ -36,24 +36,27 @@ pub fn tree_head(node: &Node) -> Result<TreeHead> {
     })
 }
 
-/// Refuses a log that is shorter than, or differs from, an acknowledged head.
+/// Refuses a log that is shorter than, or differs from, an acknowledged head — and
+/// stops the site (see `latch`): it must not release again what it released before.
 pub fn check_consistent(node: &Node, acked: &TreeHead) -> Result<()> {
     let l = leaves(node)?;
     let size = usize::try_from(acked.size).unwrap_or(usize::MAX);
-    if l.len() < size {
-        return Err(Error::RollbackDetected(format!(
+    let why = if l.len() < size {
+        format!(
             "HQ acknowledged {} audit records, this site has {}: its state was restored from an older copy",
             acked.size,
             l.len()
-        )));
-    }
-    if merkle::root(&l[..size]) != acked.root {
-        return Err(Error::RollbackDetected(format!(
+        )
+    } else if merkle::root(&l[..size]) != acked.root {
+        format!(
             "the first {} audit records differ from what HQ acknowledged: the log was rewritten",
             acked.size
-        )));
-    }
-    Ok(())
+        )
+    } else {
+        return Ok(());
+    };
+    crate::latch::latch(node, crate::latch::Cause::RollbackDetected, &why)?;
+    Err(Error::RollbackDetected(why))
 }
 
 pub fn acknowledged(node: &Node) -> Result<Option<Acknowledged>> {

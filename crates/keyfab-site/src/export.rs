@@ -128,9 +128,9 @@ pub fn export(
     let from_n = usize::try_from(from.size).map_err(|_| Error::InvalidState("size".into()))?;
     let to_n = usize::try_from(to.size).map_err(|_| Error::InvalidState("size".into()))?;
     if to_n > leaves.len() || merkle::root(&leaves[..to_n]) != to.root {
-        return Err(Error::RollbackDetected(
-            "the log no longer holds what was exported".into(),
-        ));
+        let why = "the log no longer holds what was exported";
+        crate::latch::latch(node, crate::latch::Cause::RollbackDetected, why)?;
+        return Err(Error::RollbackDetected(why.into()));
     }
     let fields = BundleFields {
         id: id.clone(),

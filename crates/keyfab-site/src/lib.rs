@@ -9,6 +9,7 @@ pub mod checkpoints;
 pub mod entitlements;
 pub mod export;
 pub mod identity;
+pub mod latch;
 pub mod provision;
 pub mod revocation;
 pub mod server;

@@ -290,7 +290,9 @@ impl EtcdStore {
                         // Whatever went wrong, the next call tries another member.
                         self.failed(which);
                         if !(may_repeat || never_sent(&e)) {
-                            return Err(io(e));
+                            // A commit that may have reached a member: its outcome is
+                            // unknown, and saying "nothing happened" would be a guess.
+                            return Err(StoreError::Indeterminate(e.to_string()));
                         }
                         io(e)
                     }

@@ -193,6 +193,11 @@ impl Txn {
     pub fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> &mut Self {
         self.put_owned(table, key.to_vec(), value.to_vec())
     }
+    /// Whether committing would write nothing (guards only): such a commit can be left
+    /// out, and the store stays byte for byte as it was.
+    pub fn writes_nothing(&self) -> bool {
+        self.writes.is_empty()
+    }
     /// [`Txn::put`] of buffers the caller no longer needs: large values are not copied.
     pub fn put_owned(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) -> &mut Self {
         self.bytes += key.len() + value.len();
@@ -277,6 +282,11 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store is in use by another keyfab process")]
     Busy,
+    /// A commit was sent and no answer came back (a timeout, a member lost mid-call, a
+    /// process paused past its deadline): it may have been applied or not. Only reading
+    /// tells which.
+    #[error("the store did not confirm the commit: {0}")]
+    Indeterminate(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;

@@ -202,6 +202,9 @@ pub fn serve(ctx: &Context, a: &crate::cli::ServeArgs, json_out: bool) -> Result
         }
         _ => ctx.open(home, NodeKind::Site)?,
     };
+    // A site that stopped itself, or whose audit chain no longer verifies, does not
+    // start serving (the latter latches it).
+    keyfab_site::latch::check_on_start(&node)?;
     let mut names = a.hostnames.clone();
     if names.is_empty() {
         names.push("localhost".into());

@@ -925,11 +925,19 @@ pub fn audit_verify(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
     let records = keyfab_site::entitlements::audit_records(&node)?;
     // Chain by chain, as HQ verifies it: on a cluster each node appends to its own.
-    let heads = keyfab_audit::verify_merged(&records).map_err(|e| Failure {
-        code: "bad_signature",
-        message: format!("the audit chain is broken: {e}"),
-        exit_code: 4,
-    })?;
+    let heads = match keyfab_audit::verify_merged(&records) {
+        Ok(heads) => heads,
+        Err(e) => {
+            // A broken chain stops the site: it releases no key until HQ decides.
+            let why = format!("the audit chain is broken: {e}");
+            keyfab_site::latch::latch(&node, keyfab_site::latch::Cause::LogBroken, &why)?;
+            return Err(Failure {
+                code: "bad_signature",
+                message: format!("{why}; the site has stopped releasing keys (log_broken)"),
+                exit_code: 4,
+            });
+        }
+    };
     let tree = keyfab_site::checkpoints::tree_head(&node)?;
     let chains = match heads.len() {
         0 | 1 => "hash chain intact".to_owned(),

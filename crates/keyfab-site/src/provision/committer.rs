@@ -201,6 +201,12 @@ fn decide_and_commit(
             std::thread::sleep(QUOTA_HELD_PAUSE);
             continue;
         };
+        if txn.writes_nothing() && outcomes.iter().all(Result::is_err) {
+            // Refused whole without a record (a site that stopped itself): nothing to
+            // commit, nothing answered that a guard must hold; the next batch reads the
+            // state afresh. (A batch that answers anything still commits its guards.)
+            return Ok(outcomes);
+        }
         if let keyfab_store::Outcome::Committed(revision) = node.store.commit(txn)? {
             if shared {
                 *carried = Some(st.committed(revision));
@@ -248,6 +254,7 @@ fn fail_all(senders: Vec<Reply>, e: &Error) -> Replies {
                     max_jump: *max_jump,
                 },
                 Error::Unavailable(why) => Error::Unavailable(why.clone()),
+                Error::OutcomeUnknown(why) => Error::OutcomeUnknown(why.clone()),
                 _ => Error::InvalidState(format!("{code}: {msg}")),
             };
             (reply, Err(err))

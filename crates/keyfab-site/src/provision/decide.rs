@@ -35,12 +35,15 @@ pub(super) struct Carried {
 }
 
 /// Settings others may change, as a batch read them.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub(super) struct Settings {
     tolerance: i64,
     tolerance_revision: Option<u64>,
     max_jump: i64,
     max_jump_revision: Option<u64>,
+    /// Set when the site stopped itself (see `latch`): every request is refused.
+    latch: Option<crate::latch::Latch>,
+    latch_revision: Option<u64>,
     acknowledged_at: i64,
     acknowledged_revision: Option<u64>,
 }
@@ -51,6 +54,7 @@ impl Settings {
     fn guard(&self, txn: &mut Txn) {
         txn.require_revision(Table::Meta, CLOCK_TOLERANCE.key, self.tolerance_revision)
             .require_revision(Table::Meta, CLOCK_MAX_JUMP.key, self.max_jump_revision)
+            .require_revision(Table::Meta, crate::latch::LATCHED, self.latch_revision)
             .require_revision(
                 Table::Meta,
                 crate::checkpoints::HQ_ACK,
@@ -201,6 +205,7 @@ pub(super) fn decide_batch(
     let mut lookups: Vec<(Table, &[u8])> = vec![
         (Table::Meta, CLOCK_TOLERANCE.key),
         (Table::Meta, CLOCK_MAX_JUMP.key),
+        (Table::Meta, crate::latch::LATCHED),
         (Table::Meta, crate::checkpoints::HQ_ACK),
         (Table::Meta, &head_key),
         (Table::Meta, TIME_HWM),
@@ -244,7 +249,7 @@ pub(super) fn decide_batch(
         _ => {
             let mut read = store.get_many(&lookups)?.into_iter();
             let (tolerance, max_jump) = (read.next().flatten(), read.next().flatten());
-            let acknowledged = read.next().flatten();
+            let (latch, acknowledged) = (read.next().flatten(), read.next().flatten());
             let (head, hwm) = (read.next().flatten(), read.next().flatten());
             st.head = crate::audit_log::head_from(head.as_ref())?;
             st.head_revision = head.map(|v| v.revision);
@@ -268,6 +273,8 @@ pub(super) fn decide_batch(
                 tolerance_revision: tolerance.map(|v| v.revision),
                 max_jump: CLOCK_MAX_JUMP.from_stored(max_jump.as_ref())?,
                 max_jump_revision: max_jump.map(|v| v.revision),
+                latch: crate::latch::Latch::from_stored(latch.as_ref())?,
+                latch_revision: latch.map(|v| v.revision),
                 acknowledged_at: acknowledged
                     .as_ref()
                     .map(|v| decode::<crate::checkpoints::Acknowledged>(&v.value))
@@ -284,9 +291,17 @@ pub(super) fn decide_batch(
         .map(|s| (s.tolerance, s.max_jump, s.acknowledged_at))
         .ok_or_else(|| Error::InvalidState("settings".into()))?;
     if let (true, Some(settings)) = (guard_reads, &st.settings) {
-        // As read: a receipt or a clock setting changed meanwhile makes the batch decide
-        // again (nodes do not meet on the site chain's head, which records such changes).
+        // As read: a receipt, a clock setting or the latch changed meanwhile makes the
+        // batch decide again (nodes do not meet on the site chain's head, which records
+        // such changes).
         settings.guard(&mut txn);
+    }
+    // A site that stopped itself releases nothing, not even a retry's answer. (On a
+    // shared store the latch is guarded as read, above or in the read-free batch's
+    // guards; the embedded store has no other writer.)
+    if let Some(latch) = st.settings.as_ref().and_then(|s| s.latch.clone()) {
+        let outcomes = batch.iter().map(|_| Err(latch.refusal())).collect();
+        return Ok(Some((txn, outcomes)));
     }
     // A node chain's head is this engine's alone; the site chain's and the site-wide
     // trusted time are every writer's, so they are guarded on every commit.
@@ -556,6 +571,13 @@ pub(super) fn decide_batch(
             if held == 0 && held_elsewhere.contains(&req.entitlement) {
                 return Ok(None);
             }
+        }
+        if reserving && held == 0 && decision == Decision::Allow {
+            // The ledger has room, but this node holds no grant to allow the device from
+            // (taking one kept colliding with other nodes' commits): allowed here, it
+            // would be counted nowhere and have no pool slot. Decide the batch again in
+            // a moment, from a fresh read — never an error for the station.
+            return Ok(None);
         }
         match decision {
             Decision::Deny(code) => {

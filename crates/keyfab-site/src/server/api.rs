@@ -150,7 +150,9 @@ impl From<Error> for ApiError {
             }
             Error::UnknownEntitlement(_) | Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::InvalidInput(_) => StatusCode::BAD_REQUEST,
-            Error::Locked | Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Locked | Error::Unavailable(_) | Error::OutcomeUnknown(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ if e.exit_code() == 4 => StatusCode::BAD_REQUEST,
             Error::InvalidState(_) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -260,7 +262,7 @@ struct ProvisionBody {
 /// `unavailable`), and the station sends the same request again.
 fn station_refused(e: Error) -> ApiError {
     match e {
-        Error::Unavailable(_) | Error::Locked => ApiError::from(e),
+        Error::Unavailable(_) | Error::OutcomeUnknown(_) | Error::Locked => ApiError::from(e),
         e => ApiError::new(StatusCode::FORBIDDEN, e.code(), e.to_string()),
     }
 }

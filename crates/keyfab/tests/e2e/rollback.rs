@@ -30,7 +30,8 @@ fn a_restored_copy_is_detected_by_receipts_and_entitlements() {
     let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "a.kfe");
     assert_eq!(import(&w.site, &kfe, None).code, 0);
     let provision = |device: &str| crate::common::provision(&w, &id, device, &[], None);
-    assert_eq!(provision("D-1").code, 0);
+    let d1 = ["--request-id", "r-d1"];
+    assert_eq!(crate::common::provision(&w, &id, "D-1", &d1, None).code, 0);
 
     let backup = w.path("site-backup");
     copy_home(&w.site, &backup);
@@ -56,7 +57,6 @@ fn a_restored_copy_is_detected_by_receipts_and_entitlements() {
 
     // Restore the old copy: both the receipt and the next entitlement expose it.
     copy_home(&backup, &w.site);
-    let before = snapshot(&w.site);
     let o = keyfab(
         &["site", "receipt", "import", "--home", &s(&w.site), &s(&kfk)],
         None,
@@ -67,6 +67,14 @@ fn a_restored_copy_is_detected_by_receipts_and_entitlements() {
         "{}",
         o.json
     );
+    // The first detection stopped the site, audited; what follows changes nothing more.
+    let log = ok(&["site", "audit", "verify", "--home", &s(&w.site)]);
+    let records = keyfab_site::entitlements::audit_records(&open_site(&w.site)).unwrap();
+    assert!(
+        matches!(&records.last().unwrap().event, keyfab_audit::Event::SiteLatched { code, .. } if code == "rollback_detected"),
+        "{log}"
+    );
+    let before = snapshot(&w.site);
     let o = import(&w.site, &later_kfe, None);
     assert_eq!(
         (o.code, o.json["error"]["code"].as_str()),
@@ -74,7 +82,78 @@ fn a_restored_copy_is_detected_by_receipts_and_entitlements() {
         "{}",
         o.json
     );
+    // No key leaves the stopped site, in any later process: not for a device it never
+    // provisioned (the restored copy would hand D-2's quota and keys out again), not
+    // for a retry of a request it answered, not through `site serve`.
+    let mut released = 0;
+    for (device, extra) in [("D-2", &[][..]), ("D-3", &[][..]), ("D-1", &d1[..])] {
+        let o = crate::common::provision(&w, &id, device, extra, None);
+        o.assert_error(4, "rollback_detected", "stopped itself");
+        released += usize::from(o.json.get("keys").is_some());
+    }
+    assert_eq!(released, 0);
+    let serve = keyfab(
+        &[
+            "site",
+            "serve",
+            "--home",
+            &s(&w.site),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        None,
+    );
+    serve.assert_error(4, "rollback_detected", "stopped itself");
     assert_eq!(before, snapshot(&w.site), "refusals change nothing");
+    // It still exports its log, so HQ sees what happened.
+    export(&w, "after-rollback.kfa");
+}
+
+/// An edited audit record: `site audit verify` finds it and stops the site — no key
+/// leaves it afterwards, across restarts — and `site serve` finds it on start.
+#[test]
+fn an_edited_log_stops_the_site() {
+    let w = world();
+    let (kfe, id) = create(&w, "shenzhen-1", 10, "e.kfe");
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    assert_eq!(provision(&w, &id, "E-1", &[], None).code, 0);
+    let twin = w.path("twin");
+    copy_home(&w.site, &twin);
+    // An edit of a record's time, in both copies' stores.
+    for home in [&w.site, &twin] {
+        edit_audit_record(home, &[0]);
+    }
+    let o = keyfab(&["site", "audit", "verify", "--home", &s(&w.site)], None);
+    o.assert_error(4, "bad_signature", "log_broken");
+    let o = provision(&w, &id, "E-2", &[], None);
+    o.assert_error(4, "log_broken", "stopped itself");
+    // The copy nobody verified: `site serve` verifies before it serves, and stops it.
+    let serve = keyfab(
+        &[
+            "site",
+            "serve",
+            "--home",
+            &s(&twin),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        None,
+    );
+    serve.assert_error(4, "log_broken", "the audit chain is broken");
+    let o = keyfab(
+        &[
+            "site",
+            "provision",
+            "--home",
+            &s(&twin),
+            "--entitlement",
+            &id,
+            "--device-id",
+            "E-3",
+        ],
+        None,
+    );
+    o.assert_error(4, "log_broken", "stopped itself");
 }
 
 #[test]

@@ -721,3 +721,47 @@ pub fn forged_release(entitlement: &str, device: &str) -> keyfab_audit::Event {
         }],
     }
 }
+
+/// Moves the time of a record on by a second, in the site's store, as someone with
+/// access to it could: the first record of the first row, among those whose key starts
+/// with `rows` (`[0]` the site chain's rows, `c/` node chains'), that another record of
+/// its chain follows (a later one in the row, or a later row of the chain).
+pub fn edit_audit_record(site: &Path, rows: &[u8]) {
+    use keyfab_store::{Table, Txn};
+    let node = open_site(site);
+    let all: Vec<(Vec<u8>, Vec<u8>)> = node
+        .store
+        .scan(Table::Audit, rows, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(key, row)| {
+            let framed = keyfab_audit::unpack_row(&row.value).unwrap().into_owned();
+            (key, framed)
+        })
+        .collect();
+    // A row's key is its chain's prefix, then the first record's sequence (u64 BE).
+    let chain_of = |key: &[u8]| key[..key.len() - 8].to_vec();
+    let (key, framed) = all
+        .iter()
+        .enumerate()
+        .find(|(i, (key, framed))| {
+            keyfab_audit::split_row(framed).unwrap().len() > 1
+                || all[i + 1..]
+                    .iter()
+                    .any(|(k, _)| chain_of(k) == chain_of(key))
+        })
+        .map(|(_, row)| row.clone())
+        .expect("a record that another of its chain follows");
+    let records = keyfab_audit::split_row(&framed).unwrap();
+    let mut edited = Vec::new();
+    for (i, bytes) in records.iter().enumerate() {
+        let mut r = keyfab_audit::Record::from_bytes(bytes).unwrap();
+        if i == 0 {
+            r.time += 1;
+        }
+        keyfab_audit::frame_into(&mut edited, &r.to_bytes());
+    }
+    let mut txn = Txn::default();
+    txn.put(Table::Audit, &key, &keyfab_audit::pack_row(&edited));
+    assert!(node.store.commit(txn).unwrap().is_committed());
+}

@@ -1,0 +1,133 @@
+//! The site's latch: once it knows its state is behind what HQ acknowledged (a restored
+//! copy of its home) or its audit chain does not verify, it releases no key again.
+//!
+//! Detection happens where the evidence is — a file from HQ whose checkpoint the log no
+//! longer holds, an export that finds its own range changed, `site audit verify` — and
+//! each one latches: a `site_latched` record and a `meta/latched` row, in one commit.
+//! Every key-releasing path reads the latch in the same transaction as its decision (the
+//! committer's batch) and refuses while it is set, across restarts. A latched site still
+//! exports its log, so HQ sees what happened; provisioning resumes only on a home HQ
+//! provisions again (docs/OPERATIONS.md, "When the site stops itself").
+
+use crate::audit_log::Appender;
+use keyfab_audit::Event;
+use keyfab_node::{decode, encode, Error, Node, Result};
+use keyfab_store::{Table, Txn, Versioned};
+use serde::{Deserialize, Serialize};
+
+/// Where the latch is kept (`meta`).
+pub(crate) const LATCHED: &[u8] = b"latched";
+
+/// Why the site stopped itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// The state is behind, or differs from, a checkpoint HQ acknowledged.
+    RollbackDetected,
+    /// The audit chain does not verify.
+    LogBroken,
+}
+
+impl Cause {
+    pub fn code(self) -> &'static str {
+        match self {
+            Cause::RollbackDetected => "rollback_detected",
+            Cause::LogBroken => "log_broken",
+        }
+    }
+}
+
+/// The latch as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Latch {
+    pub cause: Cause,
+    pub reason: String,
+    /// The site's trusted time when it latched.
+    pub since: i64,
+}
+
+impl Latch {
+    /// The refusal every key-releasing path answers while the latch is set.
+    pub fn refusal(&self) -> Error {
+        let why = format!(
+            "this site stopped itself at {} and releases no key: {} (docs/OPERATIONS.md, \"When the site stops itself\")",
+            keyfab_node::rfc3339(self.since),
+            self.reason
+        );
+        match self.cause {
+            Cause::RollbackDetected => Error::RollbackDetected(why),
+            Cause::LogBroken => Error::LogBroken(why),
+        }
+    }
+
+    pub(crate) fn from_stored(stored: Option<&Versioned>) -> Result<Option<Latch>> {
+        stored.map(|v| decode(&v.value)).transpose()
+    }
+}
+
+/// The latch, if the site is stopped.
+pub fn latched(node: &Node) -> Result<Option<Latch>> {
+    Latch::from_stored(node.store.get(Table::Meta, LATCHED)?.as_ref())
+}
+
+/// Refuses with the latch's error if the site is stopped.
+pub fn check(node: &Node) -> Result<()> {
+    match latched(node)? {
+        Some(l) => Err(l.refusal()),
+        None => Ok(()),
+    }
+}
+
+/// Stops the site for `cause`, audited (`site_latched`), unless it is stopped already.
+/// Recorded at the trusted time: a site that found its state rolled back must not need
+/// its clock to pass a check to say so.
+pub fn latch(node: &Node, cause: Cause, reason: &str) -> Result<()> {
+    for _ in 0..8 {
+        let seen = node.store.get(Table::Meta, LATCHED)?;
+        if seen.is_some() {
+            return Ok(());
+        }
+        let mut txn = Txn::default();
+        let mut log = Appender::begin_unbounded(node, &mut txn)?;
+        let since = match log.trusted() {
+            i64::MIN => node.now().0,
+            t => t,
+        };
+        log.append(
+            &mut txn,
+            since,
+            Event::SiteLatched {
+                code: cause.code().to_owned(),
+                reason: reason.to_owned(),
+            },
+        )?;
+        log.finish(&mut txn);
+        let latch = Latch {
+            cause,
+            reason: reason.to_owned(),
+            since,
+        };
+        txn.require_absent(Table::Meta, LATCHED)
+            .put(Table::Meta, LATCHED, &encode(&latch)?);
+        if node.store.commit(txn)?.is_committed() {
+            return Ok(());
+        }
+    }
+    Err(Error::InvalidState(
+        "site state kept changing while it tried to stop itself; try again".into(),
+    ))
+}
+
+/// What `site serve` checks before it serves: the latch, and the whole audit chain,
+/// chain by chain (an edited or truncated log latches the site).
+pub fn check_on_start(node: &Node) -> Result<()> {
+    check(node)?;
+    let records = crate::entitlements::audit_records(node)?;
+    if let Err(e) = keyfab_audit::verify_merged(&records) {
+        let reason = format!("the audit chain is broken: {e}");
+        latch(node, Cause::LogBroken, &reason)?;
+        return check(node);
+    }
+    Ok(())
+}
