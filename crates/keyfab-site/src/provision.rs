@@ -13,6 +13,7 @@
 //! Here: requests, answers and the crypto workers. `committer`: the serial loop and its
 //! batches. `decide`: a batch's state and its decisions, in one transaction.
 //! `cohorts`: which requests a batch waits for, so that commits carry more decisions.
+//! `fair_queue`: the crypto workers' queue, served station by station in turn.
 //! `pool_keys`: HQ pool slots a batch takes, read and made ready ahead. `key_reserve`:
 //! P-256 keys for `site` key specs generated ahead on otherwise idle cores.
 //! `reservations`: on a cluster, each node's share of the quota.
@@ -20,6 +21,7 @@
 mod cohorts;
 mod committer;
 mod decide;
+mod fair_queue;
 mod key_reserve;
 mod pool_keys;
 pub(crate) mod reservations;
@@ -425,7 +427,8 @@ impl Job {
 pub struct Provisioner {
     node: Arc<Node>,
     contexts: Mutex<HashMap<String, Arc<EntitlementContext>>>,
-    work: Mutex<Option<mpsc::Sender<Work>>>,
+    /// Requests on their way to the crypto workers, station by station in turn.
+    work: Arc<fair_queue::FairQueue<Work>>,
     reserve: Arc<key_reserve::KeyReserve>,
     cohorts: Arc<cohorts::Cohorts>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -527,8 +530,7 @@ fn device_type(t: KeyType) -> DeviceKeyType {
 impl Provisioner {
     pub fn start(node: Arc<Node>) -> Self {
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
-        let (work_tx, work_rx) = mpsc::channel::<Work>();
-        let work_rx = Arc::new(Mutex::new(work_rx));
+        let work = Arc::new(fair_queue::FairQueue::default());
         let mut threads = Vec::new();
         let reserve = key_reserve::KeyReserve::new();
         let cohorts = Arc::new(cohorts::Cohorts::default());
@@ -541,7 +543,7 @@ impl Provisioner {
             threads.push(h);
         }
         for i in 0..crypto_workers() {
-            let (node, rx, jobs) = (node.clone(), work_rx.clone(), jobs_tx.clone());
+            let (node, rx, jobs) = (node.clone(), work.clone(), jobs_tx.clone());
             let (reserve, cohorts) = (reserve.clone(), cohorts.clone());
             if let Ok(h) = std::thread::Builder::new()
                 .name(format!("keyfab-crypto-{i}"))
@@ -553,7 +555,7 @@ impl Provisioner {
         Self {
             node,
             contexts: Mutex::new(HashMap::new()),
-            work: Mutex::new(Some(work_tx)),
+            work,
             reserve,
             cohorts,
             threads: Mutex::new(threads),
@@ -717,19 +719,16 @@ impl Provisioner {
         confirm: Option<Programming>,
         reply: Reply,
     ) -> Result<()> {
-        let work = self.work.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = work
-            .as_ref()
-            .ok_or_else(|| Error::InvalidState("provisioner stopped".into()))?;
         let cohort = self.cohorts.entered();
-        tx.send(Work {
+        let station = req.station.clone().unwrap_or_default();
+        let work = Work {
             cohort,
             ctx: ctx.clone(),
             req,
             confirm,
             reply,
-        })
-        .map_err(|_| {
+        };
+        self.work.push(&station, work).map_err(|_| {
             self.cohorts.left(cohort);
             Error::InvalidState("provisioner stopped".into())
         })
@@ -1004,7 +1003,7 @@ impl Provisioner {
 impl Drop for Provisioner {
     fn drop(&mut self) {
         // Closing the work queue stops the workers, whose exit closes the committer's.
-        self.work.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.work.close();
         self.reserve.stop();
         for h in self
             .threads
@@ -1029,14 +1028,14 @@ fn crypto_workers() -> usize {
 
 fn crypto_worker(
     node: &Node,
-    work: &Mutex<mpsc::Receiver<Work>>,
+    work: &fair_queue::FairQueue<Work>,
     jobs: &mpsc::Sender<Job>,
     reserve: &key_reserve::KeyReserve,
     cohorts: &cohorts::Cohorts,
 ) {
     loop {
-        let next = work.lock().unwrap_or_else(|p| p.into_inner()).recv();
-        let Ok(Work {
+        let next = work.pop();
+        let Some(Work {
             cohort,
             ctx,
             req,
