@@ -449,8 +449,12 @@ pub struct ServeArgs {
     /// Connections one station may hold open; more are closed after the handshake.
     #[arg(long, default_value_t = 64)]
     pub per_station_connections: usize,
-    /// Requests one station may have in flight; more are answered 429 busy.
-    #[arg(long, default_value_t = 64)]
+    /// Requests one station may have in flight; more are answered 429 busy (and sent
+    /// again by the station). Twice a default `station run`'s programmers; raise it for
+    /// a station driving more at once (a gang programmer). Lower keeps a flooding
+    /// station's queue short: with 16, eight paced stations kept their rate and p99
+    /// under a 150-connection flood (`keyfab bench serve --flood-station 150`).
+    #[arg(long, default_value_t = 16)]
     pub per_station_requests: usize,
     /// Logs on stderr: text, or json (one object per line, for a log collector).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
@@ -869,7 +873,7 @@ pub enum BenchCommand {
     /// the raw per-device crypto rate of this machine. For reference it then times bare
     /// `GET /healthz` requests over the same connections: the cost of TLS and HTTP alone.
     #[command(
-        after_help = "Examples:\n  keyfab bench serve --stations 32 --devices 20000 --json\n  keyfab bench serve --stations 32 --devices 5000 --chip"
+        after_help = "Examples:\n  keyfab bench serve --stations 32 --devices 20000 --json\n  keyfab bench serve --stations 32 --devices 5000 --chip\n  keyfab bench serve --flood-station 150\n\nWith --flood-station N, paced stations (--paced-stations, each asking --paced-rate\ndevices/s, as a line does) run for --seconds alone, then again while one more station\nfloods the site from N connections: their rate and p99 with and without the flood,\nand the ratio (goal: ≥ 0.9 of the rate, p99 ≤ 3×)."
     )]
     Serve {
         /// Stations (devices in flight) at once, each on a thread of its own (1–1024).
@@ -881,6 +885,19 @@ pub enum BenchCommand {
         /// on it, then confirmed (two requests, and the chip's work in this process).
         #[arg(long)]
         chip: bool,
+        /// Measure fairness instead: one station floods from N connections (1–1024)
+        /// while paced stations work; --stations, --devices and --chip do not apply.
+        #[arg(long, value_name = "N", value_parser = programmers, conflicts_with_all = ["chip"])]
+        flood_station: Option<usize>,
+        /// With --flood-station: how many paced stations (1–1024).
+        #[arg(long, default_value_t = 8, value_parser = programmers)]
+        paced_stations: usize,
+        /// With --flood-station: devices per second each paced station asks for.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        paced_rate: u32,
+        /// With --flood-station: seconds each paced run lasts.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
         /// Keep the files in DIR.
         #[arg(long)]
         dir: Option<PathBuf>,

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_cpu;
+mod bench_flood;
 mod bench_serve;
 mod cli;
 mod context;

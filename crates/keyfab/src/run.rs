@@ -192,10 +192,30 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
         Command::Policy(PolicyCommand::Test { module, cases }) => policy_test(&module, &cases),
         Command::Demo { dir, devices } => crate::demo::run(&ctx, dir.as_deref(), devices),
         Command::Bench(BenchCommand::Serve {
+            flood_station: Some(flooders),
+            paced_stations,
+            paced_rate,
+            seconds,
+            dir,
+            ..
+        }) => {
+            if !(seconds.is_finite() && (0.5..=600.0).contains(&seconds)) {
+                return Err(Failure::usage("--seconds must be between 0.5 and 600"));
+            }
+            let flood = crate::bench_flood::Flood {
+                flooders,
+                paced_stations,
+                paced_rate,
+                seconds,
+            };
+            crate::bench_flood::flood(&flood, dir.as_deref())
+        }
+        Command::Bench(BenchCommand::Serve {
             stations,
             devices,
             chip,
             dir,
+            ..
         }) => crate::bench_serve::serve(stations, devices, chip, dir.as_deref()),
         Command::Bench(BenchCommand::Provision {
             concurrency,

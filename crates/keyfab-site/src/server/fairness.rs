@@ -19,7 +19,7 @@ impl Default for Bounds {
     fn default() -> Self {
         Self {
             connections: 64,
-            requests: 64,
+            requests: 16,
         }
     }
 }

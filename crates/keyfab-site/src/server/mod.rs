@@ -236,6 +236,10 @@ async fn run(
             let Some(_connection) = limits.connection(&station) else {
                 tracing::warn!(target: "keyfab::tls", %peer, station, "station over its bound of connections");
                 let _ = refused.send(());
+                // Held a moment before it is closed: a station that reconnects at once
+                // would otherwise make the site pay a handshake per attempt, in a loop,
+                // out of the other stations' share of the cores.
+                tokio::time::sleep(OVER_BOUND_HOLD).await;
                 return;
             };
             let cert = PeerCertificate::new(der);
@@ -267,6 +271,9 @@ async fn run(
     }
     Ok(summary)
 }
+
+/// How long a connection past its station's bound is held, unread, before it is closed.
+const OVER_BOUND_HOLD: Duration = Duration::from_secs(1);
 
 pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

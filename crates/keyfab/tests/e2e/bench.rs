@@ -95,3 +95,35 @@ fn bench_serve_runs_more_stations_than_one_station_may_have_in_flight() {
     positive(alone, "server_cpu_us_per_request");
     positive(alone, "station_cpu_us_per_request");
 }
+
+/// The flood benchmark reports both paced runs, their ratio, and what the flooder got;
+/// its figures agree with each other (the rates themselves are the machine's).
+#[test]
+fn bench_serve_with_a_flooding_station_reports_both_runs_and_their_ratio() {
+    let report = bench(&[
+        "serve",
+        "--flood-station",
+        "8",
+        "--paced-stations",
+        "2",
+        "--paced-rate",
+        "20",
+        "--seconds",
+        "1",
+    ]);
+    assert_eq!(report["flooders"], 8, "{report}");
+    assert_eq!(report["asked_per_s"], 40.0, "{report}");
+    let alone = positive(&report["alone"], "devices_per_s");
+    let flooded = positive(&report["flooded"], "devices_per_s");
+    positive(&report["alone"], "p99_ms");
+    assert!(
+        (positive(&report, "ratio") - flooded / alone).abs() < 1e-9,
+        "{report}"
+    );
+    positive(&report["flooder"], "devices_per_s");
+    let out = keyfab(
+        &["bench", "serve", "--flood-station", "8", "--seconds", "0"],
+        None,
+    );
+    out.assert_error(2, "usage", "--seconds");
+}
