@@ -581,13 +581,31 @@ fn a_node_paused_mid_run_spends_nothing_it_no_longer_holds() {
         .args(["-CONT", &pid])
         .status()
         .unwrap();
+    // Every station got a decision for every device — keys or a refusal for the quota —
+    // or a retryable 503 it sent again: never `invalid_state`, nothing left unanswered.
+    let mut programmed = 0;
     for line in lines {
-        line.wait_with_output().unwrap();
+        let out = line.wait_with_output().unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        assert!(
+            !report["error"].is_object(),
+            "a line got no device: {report}"
+        );
+        for (code, _) in report["refused"].as_object().unwrap() {
+            assert_eq!(code, "quota_exceeded", "{report}");
+        }
+        assert_eq!(report["unreachable"], 0, "{report}");
+        assert_eq!(report["failed"], 0, "{report}");
+        programmed += report["programmed"].as_u64().unwrap();
     }
+    assert_eq!(programmed, 300, "every device of the quota programmed");
     let counters = keyfab_site::provision::counters(&watch, &id).unwrap();
     assert_eq!(counters.total, 300, "the quota, and not one more");
     drop((first, second_node, watch));
-    hq_finds_no_violations(&w, "paused.kfa");
+    // Every confirmation landed: HQ counts each programmed device confirmed.
+    let report = hq_finds_no_violations(&w, "paused.kfa");
+    assert_eq!(report["entitlements"][0]["confirmed"], 300, "{report}");
     drop(etcd);
 }
 
