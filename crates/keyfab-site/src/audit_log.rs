@@ -243,12 +243,7 @@ pub(crate) fn commit_setting(
     value: String,
     change: impl FnOnce(&mut Txn) -> Result<()>,
 ) -> Result<()> {
-    let mut txn = Txn::default();
-    let mut log = Appender::begin(node, &mut txn)?;
-    let now = node.now().0;
-    append_setting(&mut log, &mut txn, now, name, value)?;
-    log.finish(&mut txn);
-    commit_change(node, txn, change)
+    commit_setting_in(node, false, name, value, change)
 }
 
 /// [`commit_setting`] for a setting of the clock checks: recorded at the trusted time,
@@ -259,40 +254,36 @@ pub(crate) fn commit_setting_at_trusted_time(
     value: String,
     change: impl FnOnce(&mut Txn) -> Result<()>,
 ) -> Result<()> {
-    let mut txn = Txn::default();
-    let mut log = Appender::begin_unbounded(node, &mut txn)?;
-    let at = match log.trusted() {
-        i64::MIN => node.now().0,
-        trusted => trusted,
-    };
-    append_setting(&mut log, &mut txn, at, name, value)?;
-    log.finish(&mut txn);
-    commit_change(node, txn, change)
+    commit_setting_in(node, true, name, value, change)
 }
 
-fn append_setting(
-    log: &mut Appender,
-    txn: &mut Txn,
-    at: i64,
+fn commit_setting_in(
+    node: &Node,
+    at_trusted_time: bool,
     name: &str,
     value: String,
+    change: impl FnOnce(&mut Txn) -> Result<()>,
 ) -> Result<()> {
+    let mut txn = Txn::default();
+    let (mut log, at) = if at_trusted_time {
+        let log = Appender::begin_unbounded(node, &mut txn)?;
+        let at = match log.trusted() {
+            i64::MIN => node.now().0,
+            trusted => trusted,
+        };
+        (log, at)
+    } else {
+        (Appender::begin(node, &mut txn)?, node.now().0)
+    };
     log.append(
-        txn,
+        &mut txn,
         at,
         Event::SettingChanged {
             name: name.to_owned(),
             value,
         },
     )?;
-    Ok(())
-}
-
-fn commit_change(
-    node: &Node,
-    mut txn: Txn,
-    change: impl FnOnce(&mut Txn) -> Result<()>,
-) -> Result<()> {
+    log.finish(&mut txn);
     change(&mut txn)?;
     if !node.store.commit(txn)?.is_committed() {
         return Err(Error::InvalidState(

@@ -64,15 +64,6 @@ fn etcd_site() -> (EtcdCluster, World) {
     (etcd, w)
 }
 
-/// An entitlement of `policy` for the site, imported: its id.
-fn imported(w: &World, policy: &str, name: &str) -> String {
-    let path = w.path(&format!("{name}.toml"));
-    std::fs::write(&path, policy).unwrap();
-    let (kfe, id) = create_from(w, "shenzhen-1", &path, &format!("{name}.kfe"));
-    assert_eq!(import(&w.site, &kfe, None).code, 0);
-    id
-}
-
 /// Two provisioning engines of the site: one on its home, one on the copy at `second`.
 fn two_nodes(w: &World, second: &Path) -> [Arc<Provisioner>; 2] {
     [

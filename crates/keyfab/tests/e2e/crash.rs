@@ -162,15 +162,12 @@ fn sigkill_at_random_moments_loses_nothing_and_reuses_nothing() {
 #[test]
 fn sigkill_during_export_never_leaves_hq_a_gap() {
     let w = world();
-    let policy = w.path("export-crash.toml");
-    std::fs::write(
-        &policy,
+    let id = imported(
+        &w,
         "product = \"p\"\ndevices = 100000\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
          [[keys]]\nname = \"fw\"\ntype = \"aes-256\"\nsource = \"derived\"\n",
-    )
-    .unwrap();
-    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "export-crash.kfe");
-    assert_eq!(import(&w.site, &kfe, None).code, 0);
+        "export-crash",
+    );
     let mut rng = Lcg(0x6578_706f_7274);
     let (mut provisioned, mut killed) = (0u64, 0u32);
     for round in 0..20 {

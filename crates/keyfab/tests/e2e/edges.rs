@@ -8,16 +8,12 @@ use std::path::Path;
 
 /// An entitlement of 100 devices without a daily limit, imported at `w`'s site: its id.
 fn open_entitlement(w: &World) -> String {
-    let policy = w.path("open.toml");
-    std::fs::write(
-        &policy,
+    imported(
+        w,
         "product = \"p\"\ndevices = 100\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
          [[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = { subject = \"CN={device_id}\", days = 30 }\n",
+        "open",
     )
-    .unwrap();
-    let (kfe, id) = create_from(w, "shenzhen-1", &policy, "open.kfe");
-    assert_eq!(import(&w.site, &kfe, None).code, 0);
-    id
 }
 
 /// Records in the site's log, as `site audit verify` counts them.
@@ -100,20 +96,7 @@ fn an_export_that_fails_moves_nothing_and_the_same_command_again_reaches_hq() {
     let w = world();
     let id = open_entitlement(&w);
     assert_eq!(provision(&w, &id, "E-1", &[], None).code, 0);
-    let export_to = |out: &Path| {
-        keyfab(
-            &[
-                "site",
-                "audit",
-                "export",
-                "--home",
-                &s(&w.site),
-                "--out",
-                &s(out),
-            ],
-            None,
-        )
-    };
+    let export_to = |out: &Path| try_export(&w.site, out);
     let before = records(&w.site);
     let missing = w.path("no-such-dir").join("a.kfa");
     export_to(&missing).assert_error(1, "invalid_input", "does not exist");
@@ -226,22 +209,7 @@ fn a_modified_keystore_is_locked_and_a_binary_policy_is_invalid() {
 
     let policy = w.path("binary.toml");
     std::fs::write(&policy, b"product = \"\xff\xfe\"\n").unwrap();
-    let out = keyfab(
-        &[
-            "hq",
-            "entitlement",
-            "create",
-            "--home",
-            &s(&w.hq),
-            "--site",
-            "shenzhen-1",
-            "--policy",
-            &s(&policy),
-            "--out",
-            &s(&w.path("x.kfe")),
-        ],
-        None,
-    );
+    let out = try_create(&w, "shenzhen-1", &policy, &w.path("x.kfe"));
     out.assert_error(1, "invalid_policy", "not UTF-8");
 }
 

@@ -144,22 +144,7 @@ fn invalid_policy_is_named_and_writes_nothing() {
     .unwrap();
     let before = snapshot(&w.hq);
     let out = w.path("never.kfe");
-    let o = keyfab(
-        &[
-            "hq",
-            "entitlement",
-            "create",
-            "--home",
-            &s(&w.hq),
-            "--site",
-            "shenzhen-1",
-            "--policy",
-            &s(&bad),
-            "--out",
-            &s(&out),
-        ],
-        None,
-    );
+    let o = try_create(&w, "shenzhen-1", &bad, &out);
     assert_eq!(o.code, 1, "{}", o.json);
     assert_eq!(o.json["error"]["code"], "invalid_policy");
     assert!(

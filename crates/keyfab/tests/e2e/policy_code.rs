@@ -305,22 +305,7 @@ fn modules_outside_the_contract_are_refused_at_create_naming_the_problem() {
     ] {
         let policy = policy_with_module(&w, name, wat);
         let out = w.path(&format!("{name}.kfe"));
-        let o = keyfab(
-            &[
-                "hq",
-                "entitlement",
-                "create",
-                "--home",
-                &s(&w.hq),
-                "--site",
-                "shenzhen-1",
-                "--policy",
-                &s(&policy),
-                "--out",
-                &s(&out),
-            ],
-            None,
-        );
+        let o = try_create(&w, "shenzhen-1", &policy, &out);
         assert_ne!(o.code, 0, "{name}");
         let message = o.json["error"]["message"].as_str().unwrap();
         assert!(

@@ -270,20 +270,39 @@ pub fn create(w: &World, site: &str, devices: u64, out: &str) -> (PathBuf, Strin
 /// An entitlement of the policy file `policy`: (file, id).
 pub fn create_from(w: &World, site: &str, policy: &Path, out: &str) -> (PathBuf, String) {
     let out = w.path(out);
-    let j = ok(&[
-        "hq",
-        "entitlement",
-        "create",
-        "--home",
-        &s(&w.hq),
-        "--site",
-        site,
-        "--policy",
-        &s(policy),
-        "--out",
-        &s(&out),
-    ]);
-    (out, j["id"].as_str().unwrap().to_owned())
+    let o = try_create(w, site, policy, &out);
+    assert_eq!(o.code, 0, "entitlement create failed: {}", o.json);
+    (out, o.json["id"].as_str().unwrap().to_owned())
+}
+
+/// `hq entitlement create` of `policy` for `site` into `out`, however it ends.
+pub fn try_create(w: &World, site: &str, policy: &Path, out: &Path) -> Out {
+    keyfab(
+        &[
+            "hq",
+            "entitlement",
+            "create",
+            "--home",
+            &s(&w.hq),
+            "--site",
+            site,
+            "--policy",
+            &s(policy),
+            "--out",
+            &s(out),
+        ],
+        None,
+    )
+}
+
+/// An entitlement of the policy `text` (written to `name`.toml), created at HQ and
+/// imported at `w`'s site: its id.
+pub fn imported(w: &World, text: &str, name: &str) -> String {
+    let policy = w.path(&format!("{name}.toml"));
+    std::fs::write(&policy, text).unwrap();
+    let (kfe, id) = create_from(w, "shenzhen-1", &policy, &format!("{name}.kfe"));
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    id
 }
 
 /// `site provision` of one device, with `extra` arguments, at `now` (default: the clock).
@@ -419,16 +438,25 @@ pub fn open_site(home: &Path) -> keyfab_node::Node {
 /// `site audit export` of `w`'s site into `name` (in the world's directory).
 pub fn export(w: &World, name: &str) -> PathBuf {
     let out = w.path(name);
-    ok(&[
-        "site",
-        "audit",
-        "export",
-        "--home",
-        &s(&w.site),
-        "--out",
-        &s(&out),
-    ]);
+    let o = try_export(&w.site, &out);
+    assert_eq!(o.code, 0, "export failed: {}", o.json);
     out
+}
+
+/// `site audit export` of the site at `home` into `out`, however it ends.
+pub fn try_export(home: &Path, out: &Path) -> Out {
+    keyfab(
+        &[
+            "site",
+            "audit",
+            "export",
+            "--home",
+            &s(home),
+            "--out",
+            &s(out),
+        ],
+        None,
+    )
 }
 
 /// The site's log exported into `name`, imported at HQ, and HQ's report (JSON).
