@@ -183,7 +183,7 @@ pub struct BundleEnvelope {
     body_offset: u64,
 }
 
-/// Verifies a bundle in the order of DESIGN.md invariant 1: size cap → prefix →
+/// Verifies a bundle in the verification order of docs/FORMATS.md: size cap → prefix →
 /// signature → chain to `root` with role site → addressed to this HQ → body digest.
 pub fn verify_bundle(
     path: &Path,

@@ -109,7 +109,7 @@ pub struct EntitlementContent {
     pub pool: Vec<PoolSpec>,
     pub keys_per_chunk: u32,
     /// HQ's last accepted checkpoint of this site's audit log, if any: a site whose log
-    /// is behind or inconsistent with it was rolled back (DESIGN.md, tier B).
+    /// is behind or inconsistent with it was rolled back (tier B of docs/THREAT-MODEL.md's rollback row).
     pub acknowledged: Option<crate::checkpoint::TreeHead>,
     /// HQ's HPKE service certificate: what the site encrypts its audit exports to. The
     /// site checks it against its root (role hq, key agreement) before keeping it.
@@ -257,7 +257,7 @@ pub struct EntitlementEnvelope {
     body_offset: u64,
 }
 
-/// Verifies `path` in the order of DESIGN.md invariant 1: size cap → prefix → signature
+/// Verifies `path` in the verification order of docs/FORMATS.md: size cap → prefix → signature
 /// over the exact bytes → chain to `root` with role hq → recipient → body digest. Nothing
 /// beyond the COSE framing is parsed before the signature holds, and nothing is
 /// decrypted before every byte is authenticated.

@@ -3,7 +3,7 @@
 //! Which API for which job:
 //! - a site's identity file: [`identity::write_identity`] / [`identity::verify_identity`];
 //! - an entitlement: [`entitlement::EntitlementWriter`] streams one out;
-//!   [`entitlement::verify_entitlement`] checks it in the order of DESIGN.md invariant 1
+//!   [`entitlement::verify_entitlement`] checks it in the verification order of docs/FORMATS.md
 //!   and returns a [`Verified`] envelope, which [`entitlement::open_entitlement`] decrypts
 //!   into its content and a stream of pool chunks.
 //!
@@ -51,7 +51,7 @@ impl<T> Deref for Verified<T> {
     }
 }
 
-/// Why a file was refused. Each variant maps to one stable error code (SPEC.md §4).
+/// Why a file was refused. Each variant maps to one stable error code (README.md, "Exit codes and error codes").
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
     #[error("{0}")]
@@ -74,8 +74,8 @@ pub enum FormatError {
 
 /// The contents of `path` if it holds at most `cap` bytes; larger is `malformed`. Reads at
 /// most `cap + 1` bytes whatever the file claims to be, so a huge file, a device such as
-/// `/dev/zero` or an endless pipe costs bounded memory and time (DESIGN.md invariant 1:
-/// the size cap comes first).
+/// `/dev/zero` or an endless pipe costs bounded memory and time (the size cap comes first in
+/// the verification order of docs/FORMATS.md).
 pub fn read_capped(path: &std::path::Path, cap: usize) -> Result<Vec<u8>> {
     read_capped_from(std::fs::File::open(path)?, cap)
 }
@@ -104,7 +104,7 @@ pub fn read_capped_from(reader: impl std::io::Read, cap: usize) -> Result<Vec<u8
 }
 
 impl FormatError {
-    /// The stable error code (SPEC.md §4).
+    /// The stable error code (README.md, "Exit codes and error codes").
     pub fn code(&self) -> &'static str {
         match self {
             FormatError::Malformed(_) => "malformed",

@@ -54,7 +54,7 @@ pub fn write_revocation(
 }
 
 /// Verifies a revocation for `site` (whose current HPKE key is `recipient`) against
-/// `root` at `now`, in the order of DESIGN.md invariant 1.
+/// `root` at `now`, in the verification order of docs/FORMATS.md.
 pub fn verify_revocation(
     bytes: &[u8],
     root: &[u8],

@@ -1,7 +1,7 @@
 //! The layout `.kfe` and `.kfa` share (FORMATS.md): prefix, u32 BE length, a COSE_Sign1
 //! header, then a body of sealed chunks bound by the header's SHA-256 digest.
 //!
-//! Reading follows DESIGN.md invariant 1: the size cap, then the prefix, then the
+//! Reading follows the verification order of docs/FORMATS.md: the size cap, then the prefix, then the
 //! signature over the exact header bytes; the body is hashed against the signed digest
 //! before anything in it is decrypted. Writing streams the sealed body to a temporary
 //! file first (its length and digest go into the header the signature covers), then

@@ -1,7 +1,7 @@
 //! HQ's side of the return path: import a site's audit bundle, check that it continues
 //! what HQ accepted before, and reconcile every record against the policy.
 //!
-//! Import follows DESIGN.md invariant 1 (size cap → signature → chain to HQ's root with
+//! Import follows the verification order of docs/FORMATS.md (size cap → signature → chain to HQ's root with
 //! role site and a registered site → decrypt → strict parse), then continuity (`replayed`
 //! for a known bundle, `log_gap` when an export is missing, `log_fork` when the bundle
 //! conflicts with what HQ accepted), the consistency proof, every record's sequence and

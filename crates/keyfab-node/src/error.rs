@@ -1,4 +1,4 @@
-//! The engines' error: each variant carries its stable code (SPEC.md §4) and exit code.
+//! The engines' error: each variant carries its stable code (README.md, "Exit codes and error codes") and exit code.
 
 use keyfab_custody::CustodyError;
 use keyfab_formats::FormatError;
@@ -131,7 +131,7 @@ impl Error {
         }
     }
 
-    /// The process exit code (SPEC.md §4): 4 for refused files, 1 otherwise.
+    /// The process exit code (README.md, "Exit codes and error codes"): 4 for refused files, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Verification(FormatError::Io(_) | FormatError::Write(_)) => 1,

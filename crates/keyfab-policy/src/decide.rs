@@ -4,7 +4,7 @@
 use crate::model::Policy;
 use crate::PolicyError;
 
-/// Why a request is refused. Each has a stable code (SPEC.md §4).
+/// Why a request is refused. Each has a stable code (README.md, "Exit codes and error codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DenyCode {

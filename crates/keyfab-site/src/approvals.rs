@@ -1,7 +1,7 @@
 //! Quorum approvals at the site: issue a request, accept approvals, activate.
 //!
 //! Thresholds count distinct approver keys (by fingerprint), only keys the signed policy
-//! lists (DESIGN.md invariant 6). A submission is all or nothing: one bad approval refuses
+//! lists (thresholds count distinct listed keys). A submission is all or nothing: one bad approval refuses
 //! the lot and nothing changes.
 
 use crate::audit_log::Appender;

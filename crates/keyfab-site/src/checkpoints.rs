@@ -1,5 +1,4 @@
-//! The site's side of audit freshness and rollback detection (DESIGN.md "Rollback of
-//! site state", tier B): signed checkpoints of the log, HQ receipts, and the check that
+//! The site's side of audit freshness and rollback detection (tier B: see docs/THREAT-MODEL.md, "restore an old backup"): signed checkpoints of the log, HQ receipts, and the check that
 //! the local log still contains, unchanged, every checkpoint HQ acknowledged.
 
 use crate::audit_log::Appender;

@@ -1,4 +1,4 @@
-//! Entitlement import (DESIGN.md invariant 1, then replay checks, then the store) and the
+//! Entitlement import (in the verification order of docs/FORMATS.md, then replay checks, then the store) and the
 //! entitlement list.
 //!
 //! Pool keys are re-encrypted under a data key of their own entitlement (AES-256-GCM,
@@ -169,7 +169,7 @@ pub fn import(
     )?;
     let recipient = node.recipient_for(&envelope.header.recipient)?;
 
-    // Replay: sequence numbers from HQ only go up (DESIGN.md invariant 10).
+    // Replay: sequence numbers from HQ only go up (a decrease is an attack).
     let (last, seq_seen) = read_hq_sequence(node)?;
     let h = &envelope.header;
     if node

@@ -1,4 +1,4 @@
-//! Provisioning: the decide-and-record step (DESIGN.md), with group commit.
+//! Provisioning: the decide-and-record step, with group commit.
 //!
 //! Request threads do the expensive work that needs no shared state first — generate
 //! `site` keys, derive `derived` keys, check `device` CSRs, sign their certificates —

@@ -95,7 +95,7 @@ impl StationDir {
     }
 }
 
-/// What a station asks for one device (SPEC.md §5).
+/// What a station asks for one device (docs/openapi.json).
 #[derive(Debug, Clone, Serialize)]
 pub struct ProvisionRequest {
     pub request_id: String,

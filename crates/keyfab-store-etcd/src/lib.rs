@@ -4,7 +4,7 @@
 //! Which API for which job: [`EtcdStore::connect`] to a cluster (several endpoints, for
 //! fail-over) under a key namespace; then the `Store` methods as for any backend.
 //!
-//! How the contract maps onto etcd (DESIGN.md invariants 4 and 5):
+//! How the contract maps onto etcd (idempotency by request id, ambiguous outcomes resolved by reading, linearizable state only):
 //! - a commit is one etcd `Txn`: every guard a `Compare` on the key's `mod_revision`
 //!   (`create_revision = 0` for "absent"), every write an operation; it either applies
 //!   whole or not at all, and is durable (raft, fsync) when it returns;

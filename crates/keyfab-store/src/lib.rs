@@ -5,7 +5,7 @@
 //! *revision*, and each key remembers the revision that last wrote it. A [`Txn`] carries
 //! guards ("this key is still at revision r", or "absent") and writes; it commits
 //! atomically and durably only if every guard holds, otherwise nothing is written and
-//! the caller re-reads (DESIGN.md: ambiguous outcomes are resolved by reading).
+//! the caller re-reads (ambiguous outcomes are resolved by reading).
 //!
 //! Which API for which job:
 //! - open the node's store: [`EmbeddedStore::open`] (redb file, fsync on every commit);

@@ -334,7 +334,7 @@ pub fn unseal(home: &Path, share_file: Option<&Path>, status: bool) -> Result<Re
     ))
 }
 
-/// Exit code of a refusal the site sent back, by its code (SPEC.md §4).
+/// Exit code of a refusal the site sent back, by its code (README.md, "Exit codes and error codes").
 fn refusal(code: &str, message: &str) -> Failure {
     const POLICY: [&str; 14] = [
         "revoked",

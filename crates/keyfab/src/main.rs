@@ -23,7 +23,7 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => {
             // Help and version go to stdout as clap prints them; a usage error with
-            // --json is still one JSON document (SPEC.md §4), exit 2.
+            // --json is still one JSON document (README.md, "Exit codes and error codes"), exit 2.
             let wants_json = std::env::args().any(|a| a == "--json");
             if wants_json && e.use_stderr() {
                 output::print_error(

@@ -1,4 +1,4 @@
-//! The station API's routes (SPEC.md §5): what a station may ask, and the answers.
+//! The station API's routes (docs/openapi.json): what a station may ask, and the answers.
 //!
 //! `fn app(state) -> Router`: tested in-process with `oneshot`; `serve` puts it behind
 //! mutual TLS. Every route but `/healthz` runs after the station check: the request

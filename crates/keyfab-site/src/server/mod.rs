@@ -1,4 +1,4 @@
-//! `keyfab site serve`: the station API over mutual TLS 1.3 (SPEC.md §5).
+//! `keyfab site serve`: the station API over mutual TLS 1.3 (docs/openapi.json).
 //!
 //! Which API for which job:
 //! - the routes, testable in-process: [`api::app`];

@@ -1,4 +1,4 @@
-//! Rollback of site state (DESIGN.md tier B): a site restored from an older copy is
+//! Rollback of site state (caught at the site when HQ's next file arrives): a site restored from an older copy is
 //! caught by the next receipt or entitlement that carries what HQ acknowledged; receipts
 //! also restart the audit-freshness clock.
 
