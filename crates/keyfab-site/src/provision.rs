@@ -488,6 +488,20 @@ fn legacy_request_key(entitlement: &str, device_id: &str, request_id: &str) -> V
     k
 }
 
+/// The request ids a site's own lot (`site provision --device-ids`) gives its devices:
+/// this prefix and the SHA-256 of the device id — the same on a rerun, so a lot resumes,
+/// and never accepted from a station ([`lot_request_id`], the station API refuses the
+/// prefix), so no station can have a lot's answer by naming its device.
+pub const LOT_REQUEST_PREFIX: &str = "lot:";
+
+/// The request id of `device_id` in a site's own lot.
+pub fn lot_request_id(device_id: &str) -> String {
+    format!(
+        "{LOT_REQUEST_PREFIX}{}",
+        hex::encode(keyfab_crypto::hash::sha256(device_id.as_bytes()))
+    )
+}
+
 /// Refuses an id from outside that is not 1-128 printable ASCII characters
 /// ([`keyfab_policy::id_shape_ok`]) as `invalid_input`, before anything is decided or
 /// recorded: whatever a station sends reaches the audit log, and no record may grow

@@ -848,7 +848,10 @@ fn provision_many(
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
     {
-        match provisioner.provision(request(id.to_owned(), id.to_owned())) {
+        match provisioner.provision(request(
+            id.to_owned(),
+            keyfab_site::provision::lot_request_id(id),
+        )) {
             Ok(p) => {
                 let line = format!("{}\n", keyfab_site::bundle::device_bundle(&p));
                 file.write_all(line.as_bytes())

@@ -276,6 +276,19 @@ fn malformed(what: &str, e: impl std::fmt::Display) -> ApiError {
 pub fn parse_provision(body: &[u8], station: &str) -> Result<ProvisionRequest, ApiError> {
     let body: ProvisionBody =
         serde_json::from_slice(body).map_err(|e| malformed("request body", e))?;
+    if body
+        .request_id
+        .starts_with(crate::provision::LOT_REQUEST_PREFIX)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            format!(
+                "request ids starting with '{}' are the site's own (its lots); choose another",
+                crate::provision::LOT_REQUEST_PREFIX
+            ),
+        ));
+    }
     let csr = body
         .csr
         .as_deref()

@@ -1026,8 +1026,31 @@ fn another_stations_request_id_or_confirmation_is_refused_and_audited() {
     let (line2, line3) = (w.path("line-2"), w.path("line-3"));
     enroll(&w.site, "line-2", &line2);
     enroll(&w.site, "line-3", &line3);
+    // A lot the site provisions itself for line-1: its request ids are the site's own.
+    let lot = w.path("lot.txt");
+    std::fs::write(&lot, "LOT-1\n").unwrap();
+    ok(&[
+        "site",
+        "provision",
+        "--home",
+        &s(&w.site),
+        "--entitlement",
+        &id,
+        "--device-ids",
+        &s(&lot),
+        "--station",
+        "line-1",
+        "--out",
+        &s(&w.path("lot.jsonl")),
+    ]);
     let server = Server::start(&w.site);
     let url = server.url();
+    // Not even line-1 has the lot's answer by naming its device, nor by its request id.
+    let named = station_provision(&url, &line1, &id, "LOT-1", "LOT-1");
+    named.assert_error(3, "device_already_provisioned", "LOT-1");
+    let lot_id = keyfab_site::provision::lot_request_id("LOT-1");
+    let own = station_provision(&url, &line1, &id, "LOT-1", &lot_id);
+    own.assert_error(1, "invalid_input", "the site's own");
 
     let first = station_provision(&url, &line1, &id, "D-0701", "line1-r1");
     assert_eq!(first.code, 0, "{}", first.json);
@@ -1080,8 +1103,9 @@ fn another_stations_request_id_or_confirmation_is_refused_and_audited() {
     assert_eq!(line["refusals"]["station_not_allowed"], 5, "{line}");
     assert_eq!(report["violations"], serde_json::json!([]));
     let log = ok(&["site", "audit", "verify", "--home", &s(&w.site)]);
-    // The import, the line CA, three enrollments, the release, four refused attempts, the
-    // confirmation, the refusal of BAD,ID and line-1's attempt at it, the export: nothing
-    // for the oversized request.
-    assert_eq!(log["records"], 14, "{log}");
+    // The import, the line CA, three enrollments, the lot's release and line-1's refused
+    // request for its device, the release, four refused attempts, the confirmation, the
+    // refusal of BAD,ID and line-1's attempt at it, the export: nothing for the oversized
+    // request, nor for the request with the site's own id.
+    assert_eq!(log["records"], 16, "{log}");
 }
