@@ -54,18 +54,7 @@ fn sigkill_at_random_moments_loses_nothing_and_reuses_nothing() {
         std::fs::write(&list, ids.join("\n")).unwrap();
         let out = w.path(&format!("lot-{round}.jsonl"));
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keyfab"))
-            .args([
-                "site",
-                "provision",
-                "--home",
-                &s(&w.site),
-                "--entitlement",
-                &id,
-                "--device-ids",
-                &s(&list),
-                "--out",
-                &s(&out),
-            ])
+            .args(lot_args(&w.site, &id, &list, &out))
             .env("KEYFAB_PASSPHRASE", PASS)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -172,22 +161,8 @@ fn sigkill_during_export_never_leaves_hq_a_gap() {
     let (mut provisioned, mut killed) = (0u64, 0u32);
     let mut typical_ms = 400;
     for round in 0..20 {
-        let list = w.path("lot.txt");
         let ids: Vec<String> = (0..150).map(|k| format!("X-{round:02}-{k:03}")).collect();
-        std::fs::write(&list, ids.join("\n")).unwrap();
-        let lot = w.path(&format!("lot-{round}.jsonl"));
-        ok(&[
-            "site",
-            "provision",
-            "--home",
-            &s(&w.site),
-            "--entitlement",
-            &id,
-            "--device-ids",
-            &s(&list),
-            "--out",
-            &s(&lot),
-        ]);
+        provision_lot(&w, &id, &ids, &w.path(&format!("lot-{round}.jsonl")), &[]);
         provisioned += 150;
         let out = w.path(&format!("round-{round}.kfa"));
         let args = [

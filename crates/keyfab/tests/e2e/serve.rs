@@ -1027,22 +1027,13 @@ fn another_stations_request_id_or_confirmation_is_refused_and_audited() {
     enroll(&w.site, "line-2", &line2);
     enroll(&w.site, "line-3", &line3);
     // A lot the site provisions itself for line-1: its request ids are the site's own.
-    let lot = w.path("lot.txt");
-    std::fs::write(&lot, "LOT-1\n").unwrap();
-    ok(&[
-        "site",
-        "provision",
-        "--home",
-        &s(&w.site),
-        "--entitlement",
+    provision_lot(
+        &w,
         &id,
-        "--device-ids",
-        &s(&lot),
-        "--station",
-        "line-1",
-        "--out",
-        &s(&w.path("lot.jsonl")),
-    ]);
+        &["LOT-1".to_owned()],
+        &w.path("lot.jsonl"),
+        &["--station", "line-1"],
+    );
     let server = Server::start(&w.site);
     let url = server.url();
     // Not even line-1 has the lot's answer by naming its device, nor by its request id.

@@ -305,6 +305,31 @@ pub fn imported(w: &World, text: &str, name: &str) -> String {
     id
 }
 
+/// The arguments of `site provision` for the lot of device ids in `list`, into `out`.
+pub fn lot_args(site: &Path, id: &str, list: &Path, out: &Path) -> Vec<String> {
+    ["site", "provision", "--home", &s(site), "--entitlement", id]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(["--device-ids".into(), s(list), "--out".into(), s(out)])
+        .collect()
+}
+
+/// Writes `ids` into the world's `lot.txt` and provisions them as a lot into `out`, with
+/// `extra` arguments: the command's report.
+pub fn provision_lot(
+    w: &World,
+    id: &str,
+    ids: &[String],
+    out: &Path,
+    extra: &[&str],
+) -> serde_json::Value {
+    let list = w.path("lot.txt");
+    std::fs::write(&list, ids.join("\n")).unwrap();
+    let mut args = lot_args(&w.site, id, &list, out);
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 /// `site provision` of one device, with `extra` arguments, at `now` (default: the clock).
 pub fn provision(w: &World, id: &str, device: &str, extra: &[&str], now: Option<&str>) -> Out {
     let mut args = vec![
