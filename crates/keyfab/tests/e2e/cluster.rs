@@ -169,13 +169,16 @@ fn a_site_on_etcd_provisions_through_the_loss_of_the_leader() {
                 }
             }
         };
-        for k in &answer.keys {
-            assert!(
-                key_ids.insert(k.key_id.clone()),
-                "{device}: key {} given twice",
-                k.key_id
-            );
-        }
+        // The pool key is what a lost commit could hand out twice. (The derived AES
+        // key is named by a 3-byte check value, which 300 distinct keys share now and
+        // then: about 1 run in 370.)
+        let pool_key = &answer.keys[0];
+        assert_eq!(pool_key.name, "identity");
+        assert!(
+            key_ids.insert(pool_key.key_id.clone()),
+            "{device}: pool key {} given twice",
+            pool_key.key_id
+        );
     }
     let took = started.elapsed();
     let etcd = killer.join().unwrap();
