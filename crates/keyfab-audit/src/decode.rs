@@ -272,6 +272,16 @@ fn decode_event(c: &mut Cbor<'_>) -> Option<Event> {
                 reason: c.field("reason", Cbor::string)?,
             }
         }
+        "clock_reset" => {
+            c.map(5)?;
+            Event::ClockReset {
+                from: c.field("from", Cbor::int)?,
+                to: c.field("to", Cbor::int)?,
+                size: c.field("size", Cbor::uint)?,
+                root: c.field("root", Cbor::string)?,
+                acknowledged_at: c.field("acknowledged_at", Cbor::int)?,
+            }
+        }
         "receipt_imported" => {
             c.map(3)?;
             Event::ReceiptImported {
@@ -423,6 +433,13 @@ mod tests {
                 size: 1,
                 root: "00".into(),
                 acknowledged_at: i64::MAX,
+            },
+            Event::ClockReset {
+                from: i64::MAX,
+                to: -1,
+                size: u64::MAX,
+                root: "ab".into(),
+                acknowledged_at: 1_767_225_600,
             },
         ];
         events

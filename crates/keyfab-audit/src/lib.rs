@@ -121,6 +121,21 @@ pub enum Event {
     /// The site found its state behind what HQ acknowledged (`rollback_detected`) or its
     /// audit chain broken (`log_broken`), and stopped releasing keys.
     SiteLatched { code: String, reason: String },
+    /// HQ reset the site's trusted time (a receipt HQ issued for that purpose, after it
+    /// had seen this log up to `size` records, whose root is `root`): the one record whose
+    /// time may be earlier than the record before it — it is recorded at `to`, and the
+    /// chain goes on from there. Records since `size` released no key.
+    ClockReset {
+        /// The trusted time before the reset.
+        from: i64,
+        /// HQ's time, the site's trusted time from this record on.
+        to: i64,
+        size: u64,
+        /// Hex Merkle root of the first `size` records.
+        root: String,
+        /// When HQ issued the reset (the receipt's `acknowledged_at`).
+        acknowledged_at: i64,
+    },
     /// HQ acknowledged a checkpoint of this log.
     ReceiptImported {
         size: u64,
@@ -188,6 +203,13 @@ impl Record {
     /// Decodes canonical bytes strictly: exactly the shape [`Record::to_bytes`] writes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, AuditError> {
         decode::record(bytes)
+    }
+
+    /// Whether this record is a clock reset recorded at the time it resets to: the only
+    /// record a chain's time may go back at. (Who issued the reset is HQ's to check: it
+    /// imports only the resets it signed.)
+    pub fn resets_time(&self) -> bool {
+        matches!(self.event, Event::ClockReset { to, .. } if to == self.time)
     }
 
     /// RFC 9162 leaf hash: SHA-256(0x00 ‖ bytes).
@@ -342,7 +364,7 @@ pub fn verify_chain(from: &Head, records: &[Record]) -> Result<Head, AuditError>
         if r.prev_hash.as_slice() != head.hash.as_slice() {
             return Err(AuditError::Chain(r.sequence));
         }
-        if r.time < head.time {
+        if r.time < head.time && !r.resets_time() {
             return Err(AuditError::TimeBackwards(r.sequence));
         }
         head = Head::after(r)?;
@@ -471,6 +493,29 @@ mod tests {
         back[1].prev_hash = h.hash.to_vec();
         assert_eq!(
             verify_chain(&Head::genesis(), &back),
+            Err(AuditError::TimeBackwards(2))
+        );
+
+        // A clock reset goes back to its own time, and only there.
+        let reset = |time: i64, to: i64| {
+            let mut r = chain(2);
+            r[1].time = time;
+            r[1].event = Event::ClockReset {
+                from: 100,
+                to,
+                size: 1,
+                root: "00".into(),
+                acknowledged_at: 5,
+            };
+            r[1].prev_hash = Head::after(&r[0]).unwrap().hash.to_vec();
+            r
+        };
+        assert_eq!(
+            verify_chain(&Head::genesis(), &reset(50, 50)).unwrap().time,
+            50
+        );
+        assert_eq!(
+            verify_chain(&Head::genesis(), &reset(50, 60)),
             Err(AuditError::TimeBackwards(2))
         );
     }

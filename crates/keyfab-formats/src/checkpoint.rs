@@ -63,6 +63,10 @@ pub struct Receipt {
     pub head: TreeHead,
     pub checkpoint_time: i64,
     pub acknowledged_at: i64,
+    /// Set only in a receipt HQ issues to reset the site's trusted time (`hq site
+    /// reset-clock`): HQ's time when it issued it, the site's trusted time from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trusted_time: Option<i64>,
 }
 
 fn framed(kind: Kind, sign1: Vec<u8>) -> Vec<u8> {

@@ -517,7 +517,11 @@ fn check_records(
             *head = Head {
                 sequence: r.sequence,
                 hash: leaf,
-                time: head.time.max(r.time),
+                // A clock reset HQ issued moves the time back (checked when reconciled).
+                time: match r.resets_time() {
+                    true => r.time,
+                    false => head.time.max(r.time),
+                },
             };
             records.push(r);
         }
@@ -696,9 +700,19 @@ struct Reconciler<'a> {
     last_day: Option<(Arc<Issued>, keyfab_policy::DaySpan)>,
     replicas: BTreeMap<String, Replica>,
     violations: Vec<Violation>,
+    /// The clock resets HQ issued to this site, read when the log first carries one.
+    clock_resets: Option<Vec<crate::sites::ClockResetIssued>>,
 }
 
 impl<'a> Reconciler<'a> {
+    fn clock_resets(&mut self) -> Result<&[crate::sites::ClockResetIssued]> {
+        if self.clock_resets.is_none() {
+            let (site, _) = crate::sites::get_site(self.node, &self.site)?;
+            self.clock_resets = Some(site.clock_resets);
+        }
+        Ok(self.clock_resets.as_deref().unwrap_or_default())
+    }
+
     fn new(node: &'a Node, site: &str, log: &'a mut SiteLog) -> Self {
         let heads = Heads::of(log);
         let mut last_times: HashMap<Option<String>, i64> = heads
@@ -719,6 +733,7 @@ impl<'a> Reconciler<'a> {
             last_day: None,
             replicas: BTreeMap::new(),
             violations: Vec::new(),
+            clock_resets: None,
         }
     }
 
@@ -831,8 +846,12 @@ impl<'a> Reconciler<'a> {
 
     fn record(&mut self, r: &Record) -> Result<()> {
         let last_time = self.last_times.entry(r.chain.clone()).or_insert(i64::MIN);
-        let backwards = r.time < *last_time;
-        *last_time = (*last_time).max(r.time);
+        // A clock reset goes back to its own time; whether HQ issued it is checked below.
+        let backwards = r.time < *last_time && !r.resets_time();
+        *last_time = match r.resets_time() {
+            true => r.time,
+            false => (*last_time).max(r.time),
+        };
         if backwards {
             self.violation(
                 None,
@@ -1032,6 +1051,32 @@ impl<'a> Reconciler<'a> {
                         .refusals
                         .entry("station_not_allowed".into())
                         .or_insert(0) += 1;
+                }
+            }
+            Event::ClockReset {
+                to,
+                size,
+                acknowledged_at,
+                ..
+            } => {
+                let issued = self.clock_resets()?.iter().any(|c| {
+                    c.acknowledged_at == *acknowledged_at
+                        && c.trusted_time == *to
+                        && c.size == *size
+                });
+                if issued && r.time == *to {
+                    self.log.acknowledged_at = self.log.acknowledged_at.max(*acknowledged_at);
+                } else {
+                    self.violation(
+                        None,
+                        None,
+                        "clock_reset_not_issued",
+                        format!(
+                            "the site's trusted time was reset to {} on a receipt of {} HQ did not issue",
+                            keyfab_node::rfc3339(*to),
+                            keyfab_node::rfc3339(*acknowledged_at)
+                        ),
+                    );
                 }
             }
             Event::ClockRollback { .. }

@@ -24,6 +24,24 @@ pub struct SiteRecord {
     /// The last checkpoint of this site's audit log HQ accepted.
     #[serde(default)]
     pub acknowledged: Option<keyfab_formats::checkpoint::TreeHead>,
+    /// When that checkpoint was made (the site's time).
+    #[serde(default)]
+    pub acknowledged_checkpoint_time: Option<i64>,
+    /// The clock resets HQ issued to this site: its log may carry these, and only these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clock_resets: Vec<ClockResetIssued>,
+}
+
+/// A reset of a site's trusted time, as HQ issued it (`hq site reset-clock`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClockResetIssued {
+    /// When HQ issued it: the receipt's `acknowledged_at`.
+    pub acknowledged_at: i64,
+    /// The trusted time it sets.
+    pub trusted_time: i64,
+    /// The records of the site's log HQ had accepted then.
+    pub size: u64,
 }
 
 /// Registers (or refreshes, after a key rotation) a site from its identity file. Only an
@@ -33,12 +51,20 @@ pub fn add_site(node: &Node, kfi: &[u8]) -> Result<SiteRecord> {
     let id = verify_identity(kfi, &root, node.now())?.into_inner();
     let key = id.site.as_bytes();
     let existing = node.store.get(Table::Sites, key)?;
-    let (last_sequence, acknowledged) = match &existing {
-        Some(v) => {
-            let old = decode::<SiteRecord>(&v.value)?;
-            (old.last_sequence, old.acknowledged)
-        }
-        None => (0, None),
+    // A refresh keeps what HQ knows of the site's history; only its keys change.
+    let history = match &existing {
+        Some(v) => decode::<SiteRecord>(&v.value)?,
+        None => SiteRecord {
+            name: String::new(),
+            cluster_cert: Vec::new(),
+            signing_cert: Vec::new(),
+            hpke_cert: Vec::new(),
+            hpke_key: Vec::new(),
+            last_sequence: 0,
+            acknowledged: None,
+            acknowledged_checkpoint_time: None,
+            clock_resets: Vec::new(),
+        },
     };
     let record = SiteRecord {
         name: id.site.clone(),
@@ -46,8 +72,7 @@ pub fn add_site(node: &Node, kfi: &[u8]) -> Result<SiteRecord> {
         signing_cert: id.signing_cert,
         hpke_cert: id.hpke_cert,
         hpke_key: id.hpke_key.sec1().to_vec(),
-        last_sequence,
-        acknowledged,
+        ..history
     };
     let mut txn = Txn::default();
     txn.require_unchanged(Table::Sites, key, existing.as_ref())

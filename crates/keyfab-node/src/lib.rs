@@ -15,6 +15,7 @@ mod custody_choice;
 mod error;
 pub mod home;
 mod node;
+pub mod out_file;
 mod store_choice;
 
 pub use custody_choice::{CustodyChoice, CUSTODY_FILE};

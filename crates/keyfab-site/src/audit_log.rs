@@ -68,7 +68,7 @@ pub(crate) struct Appender {
 
 /// The site's trusted time: the later of its persisted mark (`stored`) and the site
 /// chain's last record, or `None` before the first record.
-fn trusted_time(stored: Option<&Versioned>, head: &Head) -> Result<Option<i64>> {
+pub(crate) fn trusted_time(stored: Option<&Versioned>, head: &Head) -> Result<Option<i64>> {
     let mark = match stored {
         Some(v) => i64::from_be_bytes(
             v.value
@@ -183,7 +183,21 @@ impl Appender {
                 });
             }
         }
-        let mut r: Record = self.head.next(time.max(self.head.time), &self.site, event);
+        self.push(time.max(self.head.time), event)
+    }
+
+    /// Adds a `clock_reset` record at the time it resets to, even when that is earlier
+    /// than the last record's: the one record a chain's time may go back at (HQ accepts
+    /// it only if it issued the reset).
+    pub(crate) fn append_clock_reset(&mut self, event: Event) -> Result<u64> {
+        let Event::ClockReset { to, .. } = event else {
+            return Err(Error::InvalidState("not a clock reset".into()));
+        };
+        self.push(to, event)
+    }
+
+    fn push(&mut self, time: i64, event: Event) -> Result<u64> {
+        let mut r: Record = self.head.next(time, &self.site, event);
         r.chain.clone_from(&self.chain);
         let bytes = r.to_bytes();
         u32::try_from(bytes.len())

@@ -4,7 +4,7 @@
 use crate::audit_log::Appender;
 use keyfab_audit::merkle::{self, Hash};
 use keyfab_audit::Event;
-use keyfab_formats::checkpoint::{verify_receipt, write_checkpoint, Checkpoint, TreeHead};
+use keyfab_formats::checkpoint::{verify_receipt, write_checkpoint, Checkpoint, Receipt, TreeHead};
 use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_store::{Table, Txn};
 use serde::{Deserialize, Serialize};
@@ -78,9 +78,21 @@ pub fn checkpoint(node: &Node) -> Result<(Checkpoint, Vec<u8>)> {
     Ok((c, bytes))
 }
 
+/// What importing a receipt did.
+#[derive(Debug, Clone, Copy)]
+pub struct ReceiptImport {
+    pub acknowledged: Acknowledged,
+    /// For a receipt that reset the trusted time: the trusted time before, and after.
+    pub clock_reset: Option<(i64, i64)>,
+}
+
 /// Imports HQ's receipt: verified, then checked against the local log; it becomes the
-/// acknowledgment that `audit_every_days` counts from.
-pub fn import_receipt(node: &Node, bytes: &[u8]) -> Result<Acknowledged> {
+/// acknowledgment that `audit_every_days` counts from. A receipt HQ issued to reset the
+/// trusted time (`hq site reset-clock`) also sets it to HQ's time — recorded as
+/// `clock_reset`, the one record whose time may go back — provided no device received
+/// keys since the checkpoint it acknowledges: a reset kept aside and imported later,
+/// after provisioning went on, could otherwise set a sound trusted time back.
+pub fn import_receipt(node: &Node, bytes: &[u8]) -> Result<ReceiptImport> {
     let recipients = node.recipient_fingerprints()?;
     let r = verify_receipt(
         bytes,
@@ -106,17 +118,24 @@ pub fn import_receipt(node: &Node, bytes: &[u8]) -> Result<Acknowledged> {
         acknowledged_at: r.acknowledged_at,
     };
     let mut txn = Txn::default();
-    let mut log = Appender::begin(node, &mut txn)?;
-    log.append(
-        &mut txn,
-        node.now().0,
-        Event::ReceiptImported {
-            size: r.head.size,
-            root: hex::encode(r.head.root),
-            acknowledged_at: r.acknowledged_at,
-        },
-    )?;
-    log.finish(&mut txn);
+    let clock_reset = match r.trusted_time {
+        None => {
+            let mut log = Appender::begin(node, &mut txn)?;
+            log.append(
+                &mut txn,
+                node.now().0,
+                Event::ReceiptImported {
+                    size: r.head.size,
+                    root: hex::encode(r.head.root),
+                    acknowledged_at: r.acknowledged_at,
+                },
+            )?;
+            log.finish(&mut txn);
+            None
+        }
+        // The way out of a clock check must not need to pass one.
+        Some(to) => Some(reset_clock(node, &mut txn, &r, to)?),
+    };
     txn.require_unchanged(Table::Meta, HQ_ACK, seen.as_ref())
         .put(Table::Meta, HQ_ACK, &encode(&ack)?);
     if !node.store.commit(txn)?.is_committed() {
@@ -124,5 +143,39 @@ pub fn import_receipt(node: &Node, bytes: &[u8]) -> Result<Acknowledged> {
             "site state changed meanwhile; import again".into(),
         ));
     }
-    Ok(ack)
+    Ok(ReceiptImport {
+        acknowledged: ack,
+        clock_reset,
+    })
+}
+
+/// Records, in `txn`, the reset of the trusted time to `to` that receipt `r` carries, and
+/// returns the trusted time before and after; refuses (`replayed`) when a device received
+/// keys after the checkpoint `r` acknowledges.
+fn reset_clock(node: &Node, txn: &mut Txn, r: &Receipt, to: i64) -> Result<(i64, i64)> {
+    let size = usize::try_from(r.head.size).unwrap_or(usize::MAX);
+    for bytes in crate::audit_log::record_bytes(node)?.iter().skip(size) {
+        let record = keyfab_audit::Record::from_bytes(bytes)
+            .map_err(|e| Error::InvalidState(format!("audit record: {e}")))?;
+        if let Event::ProvisionAllowed { device_id, .. } = record.event {
+            return Err(Error::Replayed(format!(
+                "this clock reset acknowledges {} audit records, and device '{device_id}' received keys after them (record {}): it no longer applies. Export the audit, import it at HQ, and ask HQ for a new reset",
+                r.head.size, record.sequence
+            )));
+        }
+    }
+    let mark = node.store.get(Table::Meta, crate::provision::TIME_HWM)?;
+    let mut log = Appender::begin_unbounded(node, txn)?;
+    let from = crate::audit_log::trusted_time(mark.as_ref(), &log.head())?.unwrap_or(to);
+    log.append_clock_reset(Event::ClockReset {
+        from,
+        to,
+        size: r.head.size,
+        root: hex::encode(r.head.root),
+        acknowledged_at: r.acknowledged_at,
+    })?;
+    log.finish(txn);
+    txn.require_unchanged(Table::Meta, crate::provision::TIME_HWM, mark.as_ref())
+        .put(Table::Meta, crate::provision::TIME_HWM, &to.to_be_bytes());
+    Ok((from, to))
 }

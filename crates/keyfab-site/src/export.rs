@@ -192,31 +192,14 @@ pub fn export(
 /// after it was written: overwriting it would lose those records for HQ), or a path whose
 /// directory does not exist.
 fn check_out(out: &Path) -> Result<()> {
-    if out.is_dir() {
-        return Err(Error::InvalidInput(format!(
-            "--out {} is a directory: name the bundle file to write",
-            out.display()
-        )));
-    }
-    if out.symlink_metadata().is_ok() {
+    if !out.is_dir() && out.symlink_metadata().is_ok() {
         return Err(Error::InvalidInput(format!(
             "--out {} exists; nothing was exported. If it is the bundle of an earlier export \
              (one that was interrupted, say), take it to HQ; then export to a new file",
             out.display()
         )));
     }
-    let dir = match out.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        return Err(Error::InvalidInput(format!(
-            "--out {}: the directory {} does not exist; nothing was exported",
-            out.display(),
-            dir.display()
-        )));
-    }
-    Ok(())
+    keyfab_node::out_file::check_new(out, "nothing was exported")
 }
 
 /// Marks export `id` finished: its file is on disk, the next export moves on.

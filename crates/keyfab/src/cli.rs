@@ -258,6 +258,28 @@ pub enum HqSiteCommand {
         #[command(flatten)]
         home: Home,
     },
+    /// Reset a site's trusted time to HQ's time: a receipt the site imports with `site
+    /// receipt import`. For a site whose clock ran ahead and whose trusted time followed
+    /// it, so that it now answers clock_rollback. It acknowledges the site's export HQ
+    /// imported last, and the site takes it only if no device received keys since.
+    #[command(after_help = "Steps:
+  keyfab site audit export --home site --out now.kfa          # at the site (stations stopped)
+  keyfab hq audit import --home hq now.kfa                    # at HQ: see the times it recorded
+  keyfab hq site reset-clock --home hq --site shenzhen-1 --out reset.kfk
+  keyfab site receipt import --home site reset.kfk            # at the site, clock set right
+
+HQ's time becomes the site's trusted time; the reset is recorded in the site's log
+(clock_reset), and HQ accepts in the site's log only the resets it issued.")]
+    ResetClock {
+        #[command(flatten)]
+        home: Home,
+        /// The registered site.
+        #[arg(long)]
+        site: String,
+        /// The receipt to write (a new file).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -380,7 +402,7 @@ cannot move the trusted time years on and stop the site until then.")]
     /// The stations of the production line: enroll, revoke, list.
     #[command(subcommand)]
     Station(SiteStationCommand),
-    /// Serve the station API (SPEC §5) over mutual TLS until SIGTERM or Ctrl-C.
+    /// Serve the station API (docs/openapi.json) over mutual TLS until SIGTERM or Ctrl-C.
     #[command(after_help = "Examples:
   keyfab site serve --home site --listen 127.0.0.1:8443
   keyfab site serve --home site --listen 0.0.0.0:8443 --hostname keyfab.line1.factory --hostname 10.0.4.2

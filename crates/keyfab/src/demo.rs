@@ -1,4 +1,4 @@
-//! `keyfab demo`: the whole journey of SPEC §2 with real processes, in a temporary
+//! `keyfab demo`: the whole journey (README, "The journey") with real processes, in a temporary
 //! directory, saying what happens at each step: root, HQ, site, an entitlement with a
 //! 2-of-3 quorum and its approvals, `site serve`, two stations provisioning concurrently
 //! with keys sealed to each chip, a device burned after failed programming, one refused

@@ -42,6 +42,9 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
             site_add(&ctx, &home.home, &file)
         }
         Command::Hq(HqCommand::Site(HqSiteCommand::List { home })) => site_list(&ctx, &home.home),
+        Command::Hq(HqCommand::Site(HqSiteCommand::ResetClock { home, site, out })) => {
+            site_reset_clock(&ctx, &home.home, &site, &out)
+        }
         Command::Hq(HqCommand::Entitlement(HqEntitlementCommand::Create {
             home,
             site,
@@ -456,13 +459,55 @@ pub fn site_add(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failu
 pub fn site_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Hq)?;
     let sites = keyfab_hq::sites::list_sites(&node)?;
-    let mut text = format!("{:<24} {:>14}\n", "SITE", "ENTITLEMENTS");
+    let mut text = format!(
+        "{:<24} {:>14} {:>16}  LAST CLOCK RESET\n",
+        "SITE", "ENTITLEMENTS", "AUDIT RECORDS"
+    );
     for s in &sites {
-        text.push_str(&format!("{:<24} {:>14}\n", s.name, s.last_sequence));
+        let records = s.acknowledged.map_or("-".into(), |h| h.size.to_string());
+        let reset = s
+            .clock_resets
+            .last()
+            .map_or("-".into(), |r| rfc3339(r.acknowledged_at));
+        text.push_str(&format!(
+            "{:<24} {:>14} {:>16}  {reset}\n",
+            s.name, s.last_sequence, records
+        ));
     }
+    let json_of = |s: &keyfab_hq::sites::SiteRecord| {
+        json!({
+            "site": s.name,
+            "entitlements_issued": s.last_sequence,
+            "audit_records_acknowledged": s.acknowledged.map(|h| h.size),
+            "clock_resets": s.clock_resets.iter().map(|r| json!({"issued_at": rfc3339(r.acknowledged_at), "trusted_time": rfc3339(r.trusted_time), "size": r.size})).collect::<Vec<_>>(),
+        })
+    };
     Ok(Report::new(
         text,
-        json!({"sites": sites.iter().map(|s| json!({"site": s.name, "entitlements_issued": s.last_sequence})).collect::<Vec<_>>()}),
+        json!({"sites": sites.iter().map(json_of).collect::<Vec<_>>()}),
+    ))
+}
+
+pub fn site_reset_clock(
+    ctx: &Context,
+    home: &Path,
+    site: &str,
+    out: &Path,
+) -> Result<Report, Failure> {
+    keyfab_node::out_file::check_new(out, "no reset was issued")?;
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let reset = keyfab_hq::receipts::reset_clock(&node, site)?;
+    keyfab_node::out_file::write_new(out, &reset.bytes).map_err(|e| io_fail(out, e))?;
+    let (r, to) = (&reset.receipt, reset.receipt.acknowledged_at);
+    Ok(Report::new(
+        format!(
+            "clock reset for site '{}': trusted time {} once it imports {} (it acknowledges the {} audit records HQ accepted; refused there if a device received keys since)",
+            r.site,
+            rfc3339(to),
+            out.display(),
+            r.head.size
+        ),
+        json!({"site": r.site, "trusted_time": rfc3339(to), "size": r.head.size, "root": hex::encode(r.head.root), "out": out}),
     ))
 }
 
@@ -996,14 +1041,26 @@ pub fn audit_checkpoint(ctx: &Context, home: &Path, out: &Path) -> Result<Report
 pub fn receipt_import(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
     let bytes = read_input(file, keyfab_formats::checkpoint::MAX_LEN)?;
-    let ack = keyfab_site::checkpoints::import_receipt(&node, &bytes)?;
+    let imported = keyfab_site::checkpoints::import_receipt(&node, &bytes)?;
+    let ack = imported.acknowledged;
+    let mut text = format!(
+        "HQ acknowledged {} audit records (at {}); the audit freshness clock restarts",
+        ack.head.size,
+        rfc3339(ack.acknowledged_at)
+    );
+    if let Some((from, to)) = imported.clock_reset {
+        text.push_str(&format!(
+            "\ntrusted time reset by HQ from {} to {}",
+            rfc3339(from),
+            rfc3339(to)
+        ));
+    }
+    let reset = imported
+        .clock_reset
+        .map(|(from, to)| json!({"from": rfc3339(from), "to": rfc3339(to)}));
     Ok(Report::new(
-        format!(
-            "HQ acknowledged {} audit records (at {}); the audit freshness clock restarts",
-            ack.head.size,
-            rfc3339(ack.acknowledged_at)
-        ),
-        json!({"size": ack.head.size, "root": hex::encode(ack.head.root), "acknowledged_at": rfc3339(ack.acknowledged_at)}),
+        text,
+        json!({"size": ack.head.size, "root": hex::encode(ack.head.root), "acknowledged_at": rfc3339(ack.acknowledged_at), "clock_reset": reset}),
     ))
 }
 
@@ -1072,15 +1129,20 @@ pub fn audit_import(
     file: &Path,
     receipt_out: Option<&Path>,
 ) -> Result<Report, Failure> {
+    if let Some(out) = receipt_out {
+        keyfab_node::out_file::check_new(out, "nothing was imported")?;
+    }
     let node = ctx.open(home, NodeKind::Hq)?;
     let progress = Progress::new("verified", "audit records", !ctx.json);
     let i = keyfab_hq::audit::import(&node, file, progress.reporter())?;
     let head = i
         .head
         .ok_or_else(|| Failure::new("internal", "no checkpoint"))?;
+    // Accepted, whether or not the site gets a receipt now: later entitlements carry
+    // this checkpoint, and a clock reset acknowledges it.
+    let receipt = keyfab_hq::receipts::acknowledge(&node, &i.site, head, i.checkpoint_time)?;
     if let Some(out) = receipt_out {
-        let receipt = keyfab_hq::receipts::acknowledge(&node, &i.site, head, i.checkpoint_time)?;
-        std::fs::write(out, &receipt).map_err(|e| io_fail(out, e))?;
+        keyfab_node::out_file::write_new(out, &receipt).map_err(|e| io_fail(out, e))?;
     }
     let mut text = format!(
         "site '{}': {} audit records verified and reconciled (log now {} records); {} violation(s)\n",

@@ -306,3 +306,94 @@ fn a_clock_years_ahead_is_refused_and_does_not_stop_the_site() {
     let report = hq_finds_no_violations(&w, "clock.kfa");
     assert_eq!(report["entitlements"][0]["released"], 2, "{report}");
 }
+
+/// A trusted time that followed a clock gone ahead (the jump was allowed) makes every
+/// later decision `clock_rollback`; HQ's signed reset brings it back to HQ's time —
+/// once, only while no device received keys since the export HQ saw, and HQ accepts in
+/// the site's log only the resets it issued.
+#[test]
+fn a_trusted_time_gone_ahead_comes_back_by_a_reset_hq_signs_and_only_that_way() {
+    let w = world();
+    let id = open_entitlement(&w);
+    let home = s(&w.site);
+    ok(&[
+        "site",
+        "config",
+        "--home",
+        &home,
+        "--clock-max-jump",
+        "100000000",
+    ]);
+    let ahead = Some("2029-06-01T00:00:00Z");
+    assert_eq!(provision(&w, &id, "T-1", &[], ahead).code, 0);
+    provision(&w, &id, "T-2", &[], None).assert_error(3, "clock_rollback", "2029-06-01");
+    let seen = export(&w, "ahead.kfa");
+    ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&seen)]);
+    // An HQ that never issues the reset, to see how it takes a log that carries one.
+    let other_hq = w.path("other-hq");
+    copy_home(&w.hq, &other_hq);
+
+    let reset = w.path("reset.kfk");
+    let reset_clock = |out: &Path, now: Option<&str>| {
+        keyfab(
+            &[
+                "hq",
+                "site",
+                "reset-clock",
+                "--home",
+                &s(&w.hq),
+                "--site",
+                "shenzhen-1",
+                "--out",
+                &s(out),
+            ],
+            now,
+        )
+    };
+    let issued = reset_clock(&reset, None);
+    assert_eq!(issued.code, 0, "{}", issued.json);
+    reset_clock(&reset, None).assert_error(1, "invalid_input", "exists");
+    // Refused meanwhile: recorded, no key released — the reset still applies.
+    provision(&w, &id, "T-2", &[], None).assert_error(3, "clock_rollback", "2029-06-01");
+    let import_reset = |file: &Path| {
+        keyfab(
+            &["site", "receipt", "import", "--home", &home, &s(file)],
+            None,
+        )
+    };
+    let imported = import_reset(&reset);
+    assert_eq!(imported.code, 0, "{}", imported.json);
+    assert_eq!(
+        imported.json["clock_reset"]["from"], "2029-06-01T00:00:00Z",
+        "{}",
+        imported.json
+    );
+    assert_eq!(provision(&w, &id, "T-2", &[], None).code, 0);
+    import_reset(&reset).assert_error(4, "replayed", "not newer");
+    // A reset issued now acknowledges the same export, and T-2 received keys since.
+    // (Issued a minute on: within the same second it would be refused as not newer.)
+    let late = w.path("late.kfk");
+    let a_minute_on = (jiff::Timestamp::now() + jiff::SignedDuration::from_mins(1)).to_string();
+    assert_eq!(reset_clock(&late, Some(&a_minute_on)).code, 0);
+    import_reset(&late).assert_error(4, "replayed", "received keys after");
+    // HQ keeps what it issued.
+    let sites = ok(&["hq", "site", "list", "--home", &s(&w.hq)]);
+    assert_eq!(
+        sites["sites"][0]["clock_resets"].as_array().unwrap().len(),
+        2,
+        "{sites}"
+    );
+    ok(&["site", "audit", "verify", "--home", &home]);
+
+    let report = hq_finds_no_violations(&w, "after.kfa");
+    assert_eq!(report["entitlements"][0]["released"], 2, "{report}");
+    let after = w.path("after.kfa");
+    let elsewhere = ok(&["hq", "audit", "import", "--home", &s(&other_hq), &s(&after)]);
+    let kinds: Vec<_> = elsewhere["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["clock_reset_not_issued"], "{elsewhere}");
+}

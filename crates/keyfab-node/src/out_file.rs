@@ -1,0 +1,106 @@
+//! Files a command writes for the operator to carry elsewhere (a receipt, a bundle, a
+//! reset): checked before anything is changed, and on disk whole or not at all.
+//!
+//! A command first calls [`check_new`] — so a path it cannot write fails before it
+//! records, consumes or signs anything — then does its work, then [`write_new`]: a
+//! temporary file beside the target, synced, renamed into place, and the directory
+//! synced, so a crash leaves either the whole file or none.
+
+use crate::{Error, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The directory `out` will be written in.
+fn dir_of(out: &Path) -> &Path {
+    match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// Refuses an `--out` that cannot take a new file: a directory, a path that exists (a
+/// file, or a symlink to anything), a directory that does not exist. `nothing_done` ends
+/// each message ("nothing was exported").
+pub fn check_new(out: &Path, nothing_done: &str) -> Result<()> {
+    let shown = out.display();
+    if out.is_dir() {
+        return Err(Error::InvalidInput(format!(
+            "--out {shown} is a directory: name the file to write; {nothing_done}"
+        )));
+    }
+    if out.symlink_metadata().is_ok() {
+        return Err(Error::InvalidInput(format!(
+            "--out {shown} exists and is not overwritten; {nothing_done}"
+        )));
+    }
+    let dir = dir_of(out);
+    if !dir.is_dir() {
+        return Err(Error::InvalidInput(format!(
+            "--out {shown}: the directory {} does not exist; {nothing_done}",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The temporary file `out` is written to first: hidden, beside it, never an existing
+/// name.
+fn temp_of(out: &Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+    dir_of(out).join(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Writes `bytes` to the new file `out` durably: whole or not at all, never over a file
+/// that appeared meanwhile.
+pub fn write_new(out: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = temp_of(out);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        if out.symlink_metadata().is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the file appeared while it was being written",
+            ));
+        }
+        std::fs::rename(&tmp, out)?;
+        std::fs::File::open(dir_of(out))?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_file_is_written_whole_and_nothing_is_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("r.kfk");
+        check_new(&out, "nothing was done").unwrap();
+        write_new(&out, b"bytes").unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"bytes");
+        // Only the file: no temporary left beside it.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let again = check_new(&out, "nothing was done").unwrap_err();
+        assert!(again.to_string().contains("exists"), "{again}");
+        assert!(write_new(&out, b"other").is_err());
+        assert_eq!(std::fs::read(&out).unwrap(), b"bytes");
+        assert!(check_new(dir.path(), "x").is_err(), "a directory");
+        assert!(check_new(&dir.path().join("no/such.kfk"), "x").is_err());
+        std::os::unix::fs::symlink("/nonexistent", dir.path().join("link")).unwrap();
+        assert!(
+            check_new(&dir.path().join("link"), "x").is_err(),
+            "a dangling link"
+        );
+    }
+}
