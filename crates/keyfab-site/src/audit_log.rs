@@ -315,6 +315,61 @@ pub(crate) fn head_from(stored: Option<&Versioned>) -> Result<Head> {
     }
 }
 
+/// More records than a site-chain row holds: one commit's (a provisioning batch of at
+/// most 512 decisions, one record each). The last row starts less than this far before
+/// the head.
+const MAX_ROW_RECORDS: u64 = 1024;
+
+/// Why the site chain's stored head is not its last stored record, if it is not: a cheap
+/// look (one short scan) at whether the log was cut, extended or edited at its end.
+pub(crate) fn head_mismatch(node: &Node) -> Result<Option<String>> {
+    let head = head_from(node.store.get(Table::Meta, AUDIT_HEAD)?.as_ref())?;
+    let from = row_key_of(None, head.sequence.saturating_sub(MAX_ROW_RECORDS).max(1));
+    let rows = node
+        .store
+        .scan_from(Table::Audit, SITE_ROWS, &from, usize::MAX)?;
+    let last = match rows.last() {
+        Some((_, v)) => row_records(&v.value)?.pop(),
+        None => None,
+    };
+    let found = match &last {
+        Some(bytes) => Some((
+            Record::from_bytes(bytes)
+                .map_err(|e| Error::InvalidState(e.to_string()))?
+                .sequence,
+            leaf_hash(bytes),
+        )),
+        None => None,
+    };
+    Ok(match found {
+        None if head.sequence == 0 => None,
+        Some((sequence, hash)) if sequence == head.sequence && hash == head.hash => None,
+        None => Some(format!(
+            "the log's head is record {}, and no record of it is stored",
+            head.sequence
+        )),
+        Some((sequence, _)) => Some(format!(
+            "the log's head is record {}, its last stored record is {sequence}{}",
+            head.sequence,
+            if sequence == head.sequence {
+                ", with other content"
+            } else {
+                ""
+            }
+        )),
+    })
+}
+
+/// How many records the whole log holds: every chain's head, summed.
+pub(crate) fn log_size(node: &Node) -> Result<u64> {
+    let site = head_from(node.store.get(Table::Meta, AUDIT_HEAD)?.as_ref())?;
+    let mut size = site.sequence;
+    for (_, v) in node.store.scan(Table::Meta, CHAIN_HEADS, usize::MAX)? {
+        size += head_from(Some(&v))?.sequence;
+    }
+    Ok(size)
+}
+
 /// The canonical bytes of each record of a stored row, packed or not.
 fn row_records(value: &[u8]) -> Result<Vec<Vec<u8>>> {
     let framed = keyfab_audit::unpack_row(value).map_err(|_| decode_err("audit row"))?;

@@ -119,15 +119,87 @@ pub fn latch(node: &Node, cause: Cause, reason: &str) -> Result<()> {
     ))
 }
 
-/// What `site serve` checks before it serves: the latch, and the whole audit chain,
-/// chain by chain (an edited or truncated log latches the site).
-pub fn check_on_start(node: &Node) -> Result<()> {
+/// Latches the site for `cause` and returns the refusal it now answers.
+fn stop(node: &Node, cause: Cause, reason: &str) -> Result<()> {
+    latch(node, cause, reason)?;
+    check(node)
+}
+
+/// What `site provision` checks before it decides, cheaply (a few reads, whatever the
+/// log's length): the latch; that the log's stored head is its last stored record; that
+/// the log holds at least the records HQ acknowledged. A mismatch latches the site.
+pub fn check_cheaply(node: &Node) -> Result<()> {
     check(node)?;
+    if let Some(why) = crate::audit_log::head_mismatch(node)? {
+        return stop(
+            node,
+            Cause::LogBroken,
+            &format!("the audit chain is broken: {why}"),
+        );
+    }
+    if let Some(ack) = crate::checkpoints::acknowledged(node)? {
+        let size = crate::audit_log::log_size(node)?;
+        if size < ack.head.size {
+            let why = format!(
+                "HQ acknowledged {} audit records, this site has {size}: its state was restored from an older copy",
+                ack.head.size
+            );
+            return stop(node, Cause::RollbackDetected, &why);
+        }
+    }
+    Ok(())
+}
+
+/// What `site serve` checks before it serves: [`check_cheaply`], then the whole audit
+/// chain, chain by chain, and — on a single node's own store — each entitlement's
+/// counters against the records they summarise (an edited, truncated or partly
+/// restored state latches the site).
+pub fn check_on_start(node: &Node) -> Result<()> {
+    check_cheaply(node)?;
     let records = crate::entitlements::audit_records(node)?;
     if let Err(e) = keyfab_audit::verify_merged(&records) {
         let reason = format!("the audit chain is broken: {e}");
-        latch(node, Cause::LogBroken, &reason)?;
-        return check(node);
+        return stop(node, Cause::LogBroken, &reason);
+    }
+    // On a shared store the counters are the ledger of grants to nodes, not of devices.
+    if !node.store.is_shared() {
+        if let Some(why) = counters_mismatch(node, &records)? {
+            let reason = format!("the site's state does not match its audit log: {why}");
+            return stop(node, Cause::LogBroken, &reason);
+        }
     }
     Ok(())
+}
+
+/// Where an entitlement's counters disagree with its `provision_allowed` records: the
+/// devices allowed, the pool slots taken, the devices per day summed.
+fn counters_mismatch(node: &Node, records: &[keyfab_audit::Record]) -> Result<Option<String>> {
+    let mut allowed: std::collections::HashMap<&str, (u64, u64)> = Default::default();
+    for r in records {
+        if let Event::ProvisionAllowed {
+            entitlement,
+            pool_index,
+            ..
+        } = &r.event
+        {
+            let (devices, pool) = allowed.entry(entitlement.as_str()).or_default();
+            *devices += 1;
+            *pool += u64::from(pool_index.is_some());
+        }
+    }
+    for (id, v) in node.store.scan(Table::Counters, b"", usize::MAX)? {
+        let id = String::from_utf8_lossy(&id).into_owned();
+        let c: crate::provision::Counters = decode(&v.value)?;
+        let (devices, pool) = allowed.remove(id.as_str()).unwrap_or_default();
+        let by_day: u64 = c.days.values().sum();
+        if (c.total, c.next_pool, by_day) != (devices, pool, devices) {
+            return Ok(Some(format!(
+                "entitlement '{id}' counts {} devices ({by_day} by day) and {} pool slots taken; its audit records allow {devices}, {pool} from the pool",
+                c.total, c.next_pool
+            )));
+        }
+    }
+    Ok(allowed.into_iter().next().map(|(id, (devices, _))| {
+        format!("entitlement '{id}' has no counters; its audit records allow {devices} devices")
+    }))
 }

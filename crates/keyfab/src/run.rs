@@ -812,6 +812,9 @@ pub fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Failure> {
         }
         None => None,
     };
+    // A site that stopped itself, or whose log's end or size no longer fits, decides
+    // nothing (the latter latches it).
+    keyfab_site::latch::check_cheaply(&node)?;
     let provisioner = keyfab_site::provision::Provisioner::start(node);
     let request =
         |device_id: String, request_id: String| keyfab_site::provision::ProvisionRequest {

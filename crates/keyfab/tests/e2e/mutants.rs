@@ -102,20 +102,7 @@ fn a_thousand_mutants_are_refused_and_clean_bundles_accepted() {
         assert_eq!(import(home, &kfe, None).code, 0);
         for i in 0..4 {
             assert_eq!(
-                keyfab(
-                    &[
-                        "site",
-                        "provision",
-                        "--home",
-                        &s(home),
-                        "--entitlement",
-                        &id,
-                        "--device-id",
-                        &format!("{name}-{i}")
-                    ],
-                    None
-                )
-                .code,
+                provision_in(home, &id, &format!("{name}-{i}"), &[], None).code,
                 0
             );
         }

@@ -156,6 +156,75 @@ fn an_edited_log_stops_the_site() {
     o.assert_error(4, "log_broken", "stopped itself");
 }
 
+/// A state edited or restored in part, found before anything is decided: `site
+/// provision` looks at the log's end (its stored head against its last stored record),
+/// `site serve` also at each entitlement's counters against the records they summarise.
+/// Either stops the site.
+#[test]
+fn a_state_that_does_not_fit_its_log_stops_the_site_at_start() {
+    use keyfab_store::{Table, Txn};
+    let w = world();
+    let id = imported(
+        &w,
+        "product = \"p\"\ndevices = 10\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
+         [[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"hq-pool\"\n",
+        "counted",
+    );
+    for device in ["F-1", "F-2"] {
+        assert_eq!(provision(&w, &id, device, &[], None).code, 0);
+    }
+    let (cut, counted) = (w.path("cut"), w.path("counted"));
+    copy_home(&w.site, &cut);
+    copy_home(&w.site, &counted);
+    let provision_at =
+        |home: &std::path::Path, device: &str| provision_in(home, &id, device, &[], None);
+    // The last row of the log gone (the last device's record), its head left as it was.
+    {
+        let node = open_site(&cut);
+        let rows = node.store.scan(Table::Audit, &[0], usize::MAX).unwrap();
+        let (last, _) = rows.last().unwrap();
+        let mut txn = Txn::default();
+        txn.delete(Table::Audit, last);
+        assert!(node.store.commit(txn).unwrap().is_committed());
+    }
+    provision_at(&cut, "F-3").assert_error(4, "log_broken", "its last stored record is");
+    provision_at(&cut, "F-3").assert_error(4, "log_broken", "stopped itself");
+
+    // One device fewer in the counters: the log is whole, so only serve's look finds it.
+    {
+        let node = open_site(&counted);
+        let v = node
+            .store
+            .get(Table::Counters, id.as_bytes())
+            .unwrap()
+            .unwrap();
+        let mut c: keyfab_site::provision::Counters = keyfab_node::decode(&v.value).unwrap();
+        c.total -= 1;
+        let mut txn = Txn::default();
+        txn.put(
+            Table::Counters,
+            id.as_bytes(),
+            &keyfab_node::encode(&c).unwrap(),
+        );
+        assert!(node.store.commit(txn).unwrap().is_committed());
+    }
+    let serve = keyfab(
+        &[
+            "site",
+            "serve",
+            "--home",
+            &s(&counted),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        None,
+    );
+    serve.assert_error(4, "log_broken", "counts 1 devices (2 by day)");
+    provision_at(&counted, "F-3").assert_error(4, "log_broken", "stopped itself");
+    // The home as it was passes both looks.
+    assert_eq!(provision_at(&w.site, "F-3").code, 0);
+}
+
 #[test]
 fn receipts_are_verified_and_restart_the_audit_freshness_clock() {
     let w = world();

@@ -332,11 +332,16 @@ pub fn provision_lot(
 
 /// `site provision` of one device, with `extra` arguments, at `now` (default: the clock).
 pub fn provision(w: &World, id: &str, device: &str, extra: &[&str], now: Option<&str>) -> Out {
+    provision_in(&w.site, id, device, extra, now)
+}
+
+/// [`provision`] at the site whose home is `home`.
+pub fn provision_in(home: &Path, id: &str, device: &str, extra: &[&str], now: Option<&str>) -> Out {
     let mut args = vec![
         "site",
         "provision",
         "--home",
-        w.site.to_str().unwrap(),
+        home.to_str().unwrap(),
         "--entitlement",
         id,
         "--device-id",
