@@ -184,5 +184,6 @@ mkdir -p "$seeds/kfa"
 kf site audit export --home "$work/vector-site" --out "$seeds/kfa/valid.kfa"
 cp "$out/valid.kfe" "$seeds/kfe/valid.kfe"
 cp "$out/valid.kfk" "$seeds/receipt/valid.kfk"
+kf hq site reset-clock --home "$work/vector-hq" --site vector-site --out "$seeds/receipt/reset.kfk"
 cp "$out/valid.kfi" "$seeds/kfi/valid.kfi"
 echo "vectors written to $out"; ls -la "$out" | head -40
