@@ -1,0 +1,628 @@
+//! The decide-and-record step at library level: an HQ and a site in this process, the
+//! site's state in an embedded store in a temporary directory, a clock the test moves.
+//! One case per refusal code the step gives, then replays, confirmations and the latch —
+//! each checked for what it answers *and* for what it leaves: the audit record it adds,
+//! the counters it moves (or not).
+//!
+//! These pin the step's behaviour so that its code can be reorganised under them.
+
+use keyfab_audit::Event;
+use keyfab_crypto::rng::SystemRng;
+use keyfab_crypto::secret::SecretBytes;
+use keyfab_crypto::sign::SigningKey;
+use keyfab_crypto::time::{Clock, UnixTime};
+use keyfab_crypto::x509::{self, Role, Validity};
+use keyfab_node::{Error, Node, NodeKind, StoreChoice};
+use keyfab_site::provision::{Counters, Programming, ProvisionRequest, Provisioned, Provisioner};
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+/// 2026-06-01T00:00:00Z: where every case's clock starts.
+const T0: i64 = 1_780_272_000;
+const DAY: i64 = 86_400;
+
+/// A clock the test moves; the nodes read it through their `Clock`.
+#[derive(Clone)]
+struct TestClock(Arc<AtomicI64>);
+
+impl Clock for TestClock {
+    fn now(&self) -> UnixTime {
+        UnixTime(self.0.load(Ordering::SeqCst))
+    }
+}
+
+/// HQ and site `shenzhen-1`, certified by one root, the site registered at HQ, and the
+/// site's provisioning engine.
+struct World {
+    dir: tempfile::TempDir,
+    clock: TestClock,
+    hq: Node,
+    engine: Provisioner,
+}
+
+fn pass() -> SecretBytes {
+    SecretBytes::new(b"decide test".to_vec())
+}
+
+/// A node of `kind` named `name` keeping its state in `store`, its cluster certificate
+/// issued by `root`.
+fn node(
+    dir: &Path,
+    kind: NodeKind,
+    name: &str,
+    store: &StoreChoice,
+    clock: &TestClock,
+    root: &Root,
+) -> Node {
+    let home = dir.join(name);
+    let mut node = Node::init_with(
+        &home,
+        kind,
+        name,
+        &keyfab_node::CustodyChoice::Software,
+        store,
+        &pass(),
+        Box::new(SystemRng),
+        Box::new(clock.clone()),
+    )
+    .unwrap();
+    let csr = x509::from_pem(
+        &std::fs::read_to_string(home.join(keyfab_node::CSR_FILE)).unwrap(),
+        "CERTIFICATE REQUEST",
+    )
+    .unwrap();
+    let role = match kind {
+        NodeKind::Hq => Role::Hq,
+        NodeKind::Site => Role::Site,
+    };
+    let cluster = x509::issue_cluster_certificate(
+        &root.key,
+        &root.cert,
+        &x509::read_csr(&csr).unwrap(),
+        role,
+        root.validity,
+        &SystemRng,
+    )
+    .unwrap();
+    node.install_cert(&cluster, &root.cert).unwrap();
+    node
+}
+
+struct Root {
+    key: SigningKey,
+    cert: Vec<u8>,
+    validity: Validity,
+}
+
+fn world() -> World {
+    world_on(tempfile::tempdir().unwrap(), &StoreChoice::Embedded)
+}
+
+/// [`world`], the site's state in `store`.
+fn world_on(dir: tempfile::TempDir, store: &StoreChoice) -> World {
+    let clock = TestClock(Arc::new(AtomicI64::new(T0)));
+    let validity = Validity {
+        not_before: UnixTime(T0 - DAY),
+        not_after: UnixTime(T0 + 3650 * DAY),
+    };
+    let key = SigningKey::generate(&SystemRng).unwrap();
+    let cert = x509::root_certificate(&key, "CN=Decide Root", validity, &SystemRng).unwrap();
+    let root = Root {
+        key,
+        cert,
+        validity,
+    };
+    let hq = node(
+        dir.path(),
+        NodeKind::Hq,
+        "acme-hq",
+        &StoreChoice::Embedded,
+        &clock,
+        &root,
+    );
+    let site = node(
+        dir.path(),
+        NodeKind::Site,
+        "shenzhen-1",
+        store,
+        &clock,
+        &root,
+    );
+    let identity = keyfab_site::identity::export_identity(&site).unwrap();
+    keyfab_hq::sites::add_site(&hq, &identity).unwrap();
+    World {
+        engine: Provisioner::start(Arc::new(site)),
+        dir,
+        clock,
+        hq,
+    }
+}
+
+/// A policy of `devices` devices valid for 2026, with `extra` TOML after its header and
+/// one site-made P-256 key.
+fn policy(devices: u64, extra: &str) -> String {
+    format!(
+        "product = \"p\"\ndevices = {devices}\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2027-01-01T00:00:00Z\"\n{extra}\n\
+         [[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"site\"\n"
+    )
+}
+
+impl World {
+    fn site(&self) -> &Node {
+        self.engine.node()
+    }
+
+    fn set_clock(&self, t: i64) {
+        self.clock.0.store(t, Ordering::SeqCst);
+    }
+
+    /// An entitlement of `policy_text` (files beside it: `files`), created at HQ and
+    /// imported at the site: its id.
+    fn entitlement(&self, name: &str, policy_text: &str, files: &[(&str, &[u8])]) -> String {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, bytes) in files {
+            std::fs::write(dir.join(file), bytes).unwrap();
+        }
+        let path = dir.join("policy.toml");
+        std::fs::write(&path, policy_text).unwrap();
+        let policy = keyfab_hq::entitlement::load_policy(&path).unwrap();
+        let out = dir.join("e.kfe");
+        let req = keyfab_hq::entitlement::CreateRequest::new("shenzhen-1", policy, &out);
+        keyfab_hq::entitlement::create(&self.hq, req).unwrap();
+        keyfab_site::entitlements::import(self.site(), &out, None)
+            .unwrap()
+            .id
+    }
+
+    fn provision(&self, id: &str, device: &str, request: &str) -> keyfab_node::Result<Provisioned> {
+        self.engine
+            .provision(ProvisionRequest::new(id, device, request))
+    }
+
+    fn from_station(
+        &self,
+        id: &str,
+        device: &str,
+        request: &str,
+        station: &str,
+    ) -> keyfab_node::Result<Provisioned> {
+        let mut req = ProvisionRequest::new(id, device, request);
+        req.station = Some(station.to_owned());
+        self.engine.provision(req)
+    }
+
+    fn counters(&self, id: &str) -> Counters {
+        keyfab_site::provision::counters(self.site(), id).unwrap()
+    }
+
+    fn events(&self) -> Vec<Event> {
+        keyfab_site::entitlements::audit_records(self.site())
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event)
+            .collect()
+    }
+}
+
+/// The stable code of an answer that must be a refusal.
+fn code_of(answer: keyfab_node::Result<Provisioned>) -> String {
+    match answer {
+        Ok(p) => panic!("{} was given keys", p.device_id),
+        Err(e) => e.code().to_owned(),
+    }
+}
+
+/// `device` refused with `code` under `id`: the answer, one `provision_denied` record
+/// with that code and nothing else, no counter moved, and the same answer to a retry
+/// with the same request id (from the record, nothing added).
+fn refused(w: &World, id: &str, device: &str, code: &str) {
+    let (before, counted) = (w.events().len(), w.counters(id));
+    let request = format!("refused-{device}");
+    assert_eq!(code_of(w.provision(id, device, &request)), code, "{device}");
+    let events = w.events();
+    assert_eq!(events.len(), before + 1, "{device}: one record");
+    match events.last() {
+        Some(Event::ProvisionDenied {
+            code: recorded,
+            device_id,
+            ..
+        }) => assert_eq!((recorded.as_str(), device_id.as_str()), (code, device)),
+        other => panic!("{device}: recorded {other:?}"),
+    }
+    let after = w.counters(id);
+    assert_eq!(
+        (after.total, after.next_pool),
+        (counted.total, counted.next_pool)
+    );
+    assert_eq!(code_of(w.provision(id, device, &request)), code, "retried");
+    assert_eq!(
+        w.events().len(),
+        before + 1,
+        "{device}: a retry adds nothing"
+    );
+}
+
+/// Allowed: keys given, one `provision_allowed` record, one device counted.
+fn allowed(w: &World, id: &str, device: &str) -> Provisioned {
+    let (before, counted) = (w.events().len(), w.counters(id).total);
+    let p = w
+        .provision(id, device, &format!("allowed-{device}"))
+        .unwrap();
+    assert!(!p.replayed && !p.keys.is_empty());
+    assert!(matches!(
+        w.events()[before..],
+        [Event::ProvisionAllowed { .. }]
+    ));
+    assert_eq!(w.counters(id).total, counted + 1);
+    p
+}
+
+#[test]
+fn every_refusal_code_of_the_policy_is_recorded_and_moves_no_counter() {
+    let w = world();
+    let cases: Vec<(&str, &str, Box<dyn Fn(&World, &str)>)> = vec![
+        (
+            "quota_exceeded",
+            "",
+            Box::new(|w: &World, id: &str| {
+                for n in 0..3 {
+                    allowed(w, id, &format!("Q-{n}"));
+                }
+            }),
+        ),
+        (
+            "daily_limit_exceeded",
+            "[limits]\ndaily = 1\n",
+            Box::new(|w: &World, id: &str| {
+                allowed(w, id, "L-0");
+            }),
+        ),
+        (
+            "device_already_provisioned",
+            "",
+            Box::new(|w: &World, id: &str| {
+                allowed(w, id, "SAME");
+            }),
+        ),
+        (
+            "device_id_rejected",
+            "[device_ids]\nid_pattern = \"^OK-[0-9]+$\"\n",
+            Box::new(|_: &World, _: &str| {}),
+        ),
+        (
+            "station_not_allowed",
+            "[stations]\nallowed = [\"line-1\"]\n",
+            Box::new(|_: &World, _: &str| {}),
+        ),
+    ];
+    for (code, extra, before) in cases {
+        let id = w.entitlement(code, &policy(3, extra), &[]);
+        before(&w, &id);
+        let device = match code {
+            "device_already_provisioned" => "SAME",
+            "device_id_rejected" => "NOT-OK",
+            _ => "X-1",
+        };
+        refused(&w, &id, device, code);
+    }
+    // The day's limit is the day's: tomorrow the same entitlement allows again.
+    let daily = w.entitlement("daily-2", &policy(3, "[limits]\ndaily = 1\n"), &[]);
+    allowed(&w, &daily, "D-0");
+    refused(&w, &daily, "D-1", "daily_limit_exceeded");
+    w.set_clock(T0 + DAY);
+    allowed(&w, &daily, "D-2");
+}
+
+#[test]
+fn the_window_the_audit_freshness_and_revocation_refuse_with_their_codes() {
+    let w = world();
+    // Valid from a day on: refused now, allowed once the day has come.
+    let later = w.entitlement(
+        "later",
+        &policy(3, "").replace("2026-01-01T00:00:00Z", "2026-06-02T00:00:00Z"),
+        &[],
+    );
+    refused(&w, &later, "W-1", "not_yet_valid");
+    // Valid until two days on: expired after.
+    let short = w.entitlement(
+        "short",
+        &policy(3, "").replace("2027-01-01T00:00:00Z", "2026-06-03T00:00:00Z"),
+        &[],
+    );
+    let fresh = w.entitlement("fresh", &policy(3, "audit_every_days = 1"), &[]);
+    allowed(&w, &fresh, "A-0");
+    w.set_clock(T0 + 2 * DAY);
+    allowed(&w, &later, "W-1b");
+    refused(&w, &fresh, "A-1", "audit_overdue");
+    w.set_clock(T0 + 3 * DAY);
+    refused(&w, &short, "S-1", "expired");
+
+    let revoked = w.entitlement("revoked", &policy(3, ""), &[]);
+    allowed(&w, &revoked, "R-0");
+    let kfr = w.dir.path().join("revoked.kfr");
+    keyfab_hq::revoke::revoke(&w.hq, &revoked, "line closed", &kfr).unwrap();
+    keyfab_site::revocation::import_revocation(w.site(), &std::fs::read(&kfr).unwrap()).unwrap();
+    refused(&w, &revoked, "R-1", "revoked");
+}
+
+#[test]
+fn activation_by_quorum_and_policy_modules_decide_in_the_same_step() {
+    let w = world();
+    let approver = SigningKey::generate(&SystemRng).unwrap();
+    let gated = w.entitlement(
+        "gated",
+        &policy(
+            3,
+            "[approval]\nthreshold = 1\napprovers = [\"a.pub\"]\nrequired_for = [\"activate\"]\n",
+        ),
+        &[("a.pub", approver.verifying_key().to_pem().as_bytes())],
+    );
+    refused(&w, &gated, "G-1", "approval_required");
+    let request = keyfab_site::approvals::request(w.site(), &gated, "activate", 3600).unwrap();
+    let approval = keyfab_formats::approval::sign_approval(&approver, &request).unwrap();
+    keyfab_site::approvals::submit(w.site(), &[approval]).unwrap();
+    allowed(&w, &gated, "G-2");
+
+    // A module that allows the first device of the day and refuses the rest, with its
+    // reason; one that traps (fail closed).
+    let one_a_day = br#"(module
+  (import "keyfab" "input" (func $input (param i32) (result i64)))
+  (import "keyfab" "deny_reason" (func $deny_reason (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "one a day")
+  (func (export "decide") (result i32)
+    (if (i64.ge_u (call $input (i32.const 4)) (i64.const 1))
+      (then (drop (call $deny_reason (i32.const 0) (i32.const 9))) (return (i32.const 1))))
+    (i32.const 0)))"#;
+    let traps = br#"(module (memory (export "memory") 1) (func (export "decide") (result i32) unreachable))"#;
+    for (name, module, first, code, reason) in [
+        (
+            "one-a-day",
+            &one_a_day[..],
+            true,
+            "policy_denied",
+            "one a day",
+        ),
+        ("traps", &traps[..], false, "policy_error", ""),
+    ] {
+        let id = w.entitlement(
+            name,
+            &policy(3, "[code]\nmodule = \"rules.wat\"\n"),
+            &[("rules.wat", module)],
+        );
+        if first {
+            allowed(&w, &id, &format!("{name}-0"));
+        }
+        let before = w.events().len();
+        let answer = w.provision(&id, &format!("{name}-1"), "m-1");
+        assert_eq!(code_of(answer), code);
+        match &w.events()[before..] {
+            [Event::ProvisionDeniedByCode {
+                code: recorded,
+                reason: why,
+                ..
+            }] => {
+                assert_eq!(recorded, code);
+                assert!(why.contains(reason), "{why}");
+            }
+            other => panic!("{name}: recorded {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn an_unknown_entitlement_and_a_clock_out_of_bounds_are_refused_before_any_decision() {
+    let w = world();
+    let id = w.entitlement("open", &policy(10, ""), &[]);
+    allowed(&w, &id, "C-0");
+    let before = w.events().len();
+    assert_eq!(
+        code_of(w.provision("no-such", "C-1", "c-1")),
+        "unknown_entitlement"
+    );
+    assert_eq!(w.events().len(), before, "nothing to record against");
+
+    // Behind the trusted time by more than the tolerance: the whole batch refused, the
+    // refusal recorded at the trusted time, which does not move.
+    w.set_clock(T0 - 3600);
+    assert_eq!(code_of(w.provision(&id, "C-1", "c-1")), "clock_rollback");
+    // Ahead by more than the allowed jump (a week): not adopted.
+    w.set_clock(T0 + 30 * DAY);
+    assert_eq!(code_of(w.provision(&id, "C-1", "c-1")), "clock_ahead");
+    let records = keyfab_site::entitlements::audit_records(w.site()).unwrap();
+    let new: Vec<_> = records[before..]
+        .iter()
+        .map(|r| (&r.event, r.time))
+        .collect();
+    assert!(
+        matches!(
+            new[..],
+            [(Event::ClockRollback { .. }, t1), (Event::ClockAhead { .. }, t2)] if t1 == T0 && t2 == T0
+        ),
+        "{new:?}"
+    );
+    assert_eq!(w.counters(&id).total, 1);
+    // Back within bounds: decided as usual.
+    w.set_clock(T0 + 60);
+    allowed(&w, &id, "C-1");
+}
+
+#[test]
+fn a_retry_is_answered_from_the_record_and_only_to_the_station_that_made_it() {
+    let w = world();
+    let id = w.entitlement("retry", &policy(10, ""), &[]);
+    let first = w.from_station(&id, "P-1", "r-1", "line-1").unwrap();
+    let (records, counted) = (w.events().len(), w.counters(&id).total);
+    let again = w.from_station(&id, "P-1", "r-1", "line-1").unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.audit_sequence, first.audit_sequence);
+    let ids = |p: &Provisioned| p.keys.iter().map(|k| k.key_id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&again), ids(&first));
+    assert_eq!(
+        (w.events().len(), w.counters(&id).total),
+        (records, counted)
+    );
+
+    // Another station, or none, with the same request id: refused, audited, nothing
+    // stored for the request (its owner's retry still works).
+    for station in [Some("line-2"), None] {
+        let mut req = ProvisionRequest::new(&id, "P-1", "r-1");
+        req.station = station.map(str::to_owned);
+        assert_eq!(code_of(w.engine.provision(req)), "station_not_allowed");
+    }
+    let events = w.events();
+    assert!(matches!(
+        events[records..],
+        [Event::StationMismatch { .. }, Event::StationMismatch { .. }]
+    ));
+    assert!(
+        w.from_station(&id, "P-1", "r-1", "line-1")
+            .unwrap()
+            .replayed
+    );
+    // A new request id for the device: already provisioned.
+    assert_eq!(
+        code_of(w.from_station(&id, "P-1", "r-2", "line-1")),
+        "device_already_provisioned"
+    );
+    assert_eq!(w.counters(&id).total, counted);
+    // A refusal belongs to its station too: answered again to it, to no other.
+    assert_eq!(
+        code_of(w.from_station(&id, "P-1", "r-2", "line-1")),
+        "device_already_provisioned"
+    );
+    assert_eq!(
+        code_of(w.from_station(&id, "P-1", "r-2", "line-2")),
+        "station_not_allowed"
+    );
+    assert_eq!(w.counters(&id).total, counted);
+}
+
+#[test]
+fn confirmations_close_a_device_once_and_only_from_its_station() {
+    let w = world();
+    let id = w.entitlement("confirm", &policy(10, ""), &[]);
+    w.from_station(&id, "K-1", "k-1", "line-1").unwrap();
+    let confirm = |device: &str, result, station: &str| {
+        w.engine
+            .confirm(&id, device, result, Some(station.to_owned()))
+    };
+    let before = w.events().len();
+    let done = confirm("K-1", Programming::Programmed, "line-1").unwrap();
+    assert!(!done.repeated);
+    let again = confirm("K-1", Programming::Programmed, "line-1").unwrap();
+    assert!(again.repeated && again.audit_sequence == done.audit_sequence);
+    let code = |r: keyfab_node::Result<keyfab_site::provision::Confirmed>| match r {
+        Ok(c) => panic!("confirmed: {c:?}"),
+        Err(e) => e.code().to_owned(),
+    };
+    assert_eq!(
+        code(confirm("K-1", Programming::Failed, "line-1")),
+        "invalid_state"
+    );
+    assert_eq!(
+        code(confirm("K-1", Programming::Failed, "line-2")),
+        "station_not_allowed"
+    );
+    assert_eq!(
+        code(confirm("K-9", Programming::Programmed, "line-1")),
+        "not_found"
+    );
+    let events = w.events();
+    assert!(
+        matches!(
+            events[before..],
+            [Event::DeviceConfirmed { .. }, Event::StationMismatch { .. }]
+        ),
+        "{:?}",
+        &events[before..]
+    );
+}
+
+#[test]
+fn a_site_that_stopped_itself_releases_nothing_not_even_a_retry() {
+    let w = world();
+    let id = w.entitlement("latched", &policy(10, ""), &[]);
+    allowed(&w, &id, "Z-0");
+    keyfab_site::latch::latch(
+        w.site(),
+        keyfab_site::latch::Cause::RollbackDetected,
+        "a test",
+    )
+    .unwrap();
+    let before = (w.events().len(), w.counters(&id).total);
+    for (device, request) in [("Z-0", "allowed-Z-0"), ("Z-1", "z-1")] {
+        let e = w.provision(&id, device, request).unwrap_err();
+        assert!(matches!(e, Error::RollbackDetected(_)), "{e}");
+    }
+    assert_eq!((w.events().len(), w.counters(&id).total), before);
+}
+
+/// On a shared store a node decides against its reservation: a block of the quota and
+/// the pool slots with it. One node takes what it needs; a second node, started on the
+/// same state, gets the rest once the first idles and gives its unused grant back; the
+/// quota holds exactly, no pool slot is taken twice, and the refusal past the quota is
+/// `quota_exceeded` on either node.
+#[test]
+fn nodes_decide_against_reservations_and_the_quota_holds_exactly_across_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = keyfab_store_etcd::cluster::EtcdCluster::start(1, &dir.path().join("etcd")).unwrap();
+    let store = StoreChoice::parse(&etcd.store_spec(), "shenzhen-1").unwrap();
+    let w = world_on(dir, &store);
+    let id = w.entitlement(
+        "pooled",
+        "product = \"p\"\ndevices = 4\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2027-01-01T00:00:00Z\"\n\
+         [[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"hq-pool\"\n",
+        &[],
+    );
+    let first = w.provision(&id, "N-0", "n-0").unwrap();
+    // The first node holds a block: the ledger counts all of it as granted.
+    let held = keyfab_site::provision::reservations(w.site(), &id).unwrap();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!((held[0].granted, held[0].used), (4, 1), "{held:?}");
+
+    // A second node: the same state, its own engine and chain.
+    let second_home = w.dir.path().join("second");
+    keyfab_node::home::create_private_dir(&second_home).unwrap();
+    for f in std::fs::read_dir(w.dir.path().join("shenzhen-1")).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, second_home.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let second = Provisioner::start(Arc::new(
+        Node::open(
+            &second_home,
+            NodeKind::Site,
+            &pass(),
+            Box::new(SystemRng),
+            Box::new(w.clock.clone()),
+        )
+        .unwrap(),
+    ));
+    // Waits while the first node holds the rest, and gets it once that one idles.
+    let mut keys = vec![first.keys[0].key_id.clone()];
+    for n in 1..4 {
+        let p = second
+            .provision(ProvisionRequest::new(
+                &id,
+                format!("N-{n}"),
+                format!("n-{n}"),
+            ))
+            .unwrap();
+        keys.push(p.keys[0].key_id.clone());
+    }
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 4, "no pool key twice");
+    assert_eq!(code_of(w.provision(&id, "N-4", "n-4")), "quota_exceeded");
+    assert_eq!(
+        code_of(second.provision(ProvisionRequest::new(&id, "N-5", "n-5"))),
+        "quota_exceeded"
+    );
+    let counted = w.counters(&id);
+    assert_eq!((counted.total, counted.next_pool), (4, 4));
+    drop(second);
+}
