@@ -181,7 +181,7 @@ impl World {
             .provision(ProvisionRequest::new(id, device, request))
     }
 
-    fn from_station(
+    fn provision_at_station(
         &self,
         id: &str,
         device: &str,
@@ -259,10 +259,13 @@ fn allowed(w: &World, id: &str, device: &str) -> Provisioned {
     p
 }
 
+/// What a case does before its refused request, on its entitlement.
+type Setup = dyn Fn(&World, &str);
+
 #[test]
 fn every_refusal_code_of_the_policy_is_recorded_and_moves_no_counter() {
     let w = world();
-    let cases: Vec<(&str, &str, Box<dyn Fn(&World, &str)>)> = vec![
+    let cases: Vec<(&str, &str, Box<Setup>)> = vec![
         (
             "quota_exceeded",
             "",
@@ -453,9 +456,9 @@ fn an_unknown_entitlement_and_a_clock_out_of_bounds_are_refused_before_any_decis
 fn a_retry_is_answered_from_the_record_and_only_to_the_station_that_made_it() {
     let w = world();
     let id = w.entitlement("retry", &policy(10, ""), &[]);
-    let first = w.from_station(&id, "P-1", "r-1", "line-1").unwrap();
+    let first = w.provision_at_station(&id, "P-1", "r-1", "line-1").unwrap();
     let (records, counted) = (w.events().len(), w.counters(&id).total);
-    let again = w.from_station(&id, "P-1", "r-1", "line-1").unwrap();
+    let again = w.provision_at_station(&id, "P-1", "r-1", "line-1").unwrap();
     assert!(again.replayed);
     assert_eq!(again.audit_sequence, first.audit_sequence);
     let ids = |p: &Provisioned| p.keys.iter().map(|k| k.key_id.clone()).collect::<Vec<_>>();
@@ -478,23 +481,23 @@ fn a_retry_is_answered_from_the_record_and_only_to_the_station_that_made_it() {
         [Event::StationMismatch { .. }, Event::StationMismatch { .. }]
     ));
     assert!(
-        w.from_station(&id, "P-1", "r-1", "line-1")
+        w.provision_at_station(&id, "P-1", "r-1", "line-1")
             .unwrap()
             .replayed
     );
     // A new request id for the device: already provisioned.
     assert_eq!(
-        code_of(w.from_station(&id, "P-1", "r-2", "line-1")),
+        code_of(w.provision_at_station(&id, "P-1", "r-2", "line-1")),
         "device_already_provisioned"
     );
     assert_eq!(w.counters(&id).total, counted);
     // A refusal belongs to its station too: answered again to it, to no other.
     assert_eq!(
-        code_of(w.from_station(&id, "P-1", "r-2", "line-1")),
+        code_of(w.provision_at_station(&id, "P-1", "r-2", "line-1")),
         "device_already_provisioned"
     );
     assert_eq!(
-        code_of(w.from_station(&id, "P-1", "r-2", "line-2")),
+        code_of(w.provision_at_station(&id, "P-1", "r-2", "line-2")),
         "station_not_allowed"
     );
     assert_eq!(w.counters(&id).total, counted);
@@ -504,7 +507,7 @@ fn a_retry_is_answered_from_the_record_and_only_to_the_station_that_made_it() {
 fn confirmations_close_a_device_once_and_only_from_its_station() {
     let w = world();
     let id = w.entitlement("confirm", &policy(10, ""), &[]);
-    w.from_station(&id, "K-1", "k-1", "line-1").unwrap();
+    w.provision_at_station(&id, "K-1", "k-1", "line-1").unwrap();
     let confirm = |device: &str, result, station: &str| {
         w.engine
             .confirm(&id, device, result, Some(station.to_owned()))
