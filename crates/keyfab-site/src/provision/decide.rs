@@ -2,7 +2,8 @@
 //! every decision in order against it, and the one transaction that records them.
 
 use super::pool_keys::{
-    make_pool_keys_ahead, plan_pool_slots, read_pool_key_from, read_pool_rows_ahead,
+    make_pool_keys_ahead, plan_pool_slots, read_pool_key_from, read_pool_rows_ahead, PoolKeyReady,
+    PoolRows,
 };
 use super::*;
 
@@ -112,21 +113,9 @@ impl Carried {
     }
 }
 
-impl Carried {
-    /// The counters of `entitlement` as this batch has them, read once per batch; the
-    /// entitlement joins `touched` so they are written back with the batch.
-    pub(super) fn counters_of(
-        &mut self,
-        store: &dyn keyfab_store::Store,
-        entitlement: &str,
-        touched: &mut Vec<String>,
-    ) -> Result<&mut Counters> {
-        counters_in(&mut self.counters, store, entitlement, touched)
-    }
-}
-
-/// [`Carried::counters_of`], on the map alone (so the rest of the state stays free to
-/// borrow).
+/// The counters of `entitlement` as this batch has them, read once per batch; the
+/// entitlement joins `touched` so they are written back with the batch. On the map
+/// alone, so the rest of the state stays free to borrow.
 pub(super) fn counters_in<'m>(
     counters: &'m mut HashMap<String, (Counters, Option<u64>)>,
     store: &dyn keyfab_store::Store,
@@ -159,7 +148,25 @@ pub(super) fn code_decision(verdict: Verdict) -> (Decision, Option<String>) {
     }
 }
 
-/// Decides one batch: every decision in order, in one transaction (one fsync).
+/// The stored values a batch reads for one request: its refusal under the legacy key
+/// and under the device's key range, and its device's record.
+struct StoredFor {
+    legacy_request: Option<Versioned>,
+    request: Option<Versioned>,
+    device: Option<Versioned>,
+}
+
+/// The keys a batch reads for one request: (legacy request key, refusal key, device
+/// key).
+type RequestKeys = (Vec<u8>, Vec<u8>, Vec<u8>);
+
+/// What a batch decided: the transaction that records it, and each request's answer in
+/// batch order.
+pub(super) type Decided = (Txn, Vec<Result<Outcome>>);
+
+/// Decides one batch: every decision in order, in one transaction (one fsync), in named
+/// steps — read the snapshot, place the guards, stop if the site stopped itself, check
+/// the clock, reserve, make pool keys ahead, decide and record each request, write back.
 ///
 /// `optimistic` (a shared store, the state carried from the last commit, no
 /// confirmation in the batch): nothing is read — every request and device is taken as
@@ -175,16 +182,92 @@ pub(super) fn decide_batch(
     st: &mut Carried,
     batch: Vec<Job>,
     optimistic: bool,
-) -> Result<Option<(Txn, Vec<Result<Outcome>>)>> {
-    let store = node.store.as_ref();
+) -> Result<Option<Decided>> {
     let mut txn = Txn::default();
     let optimistic =
         optimistic && st.settings.is_some() && batch.iter().all(|j| j.confirm.is_none());
+    let keys = request_keys(&batch);
+    let mut stored = read_snapshot(node, st, &mut txn, &batch, &keys, optimistic)?;
+    // Read-free batches guard each device's key range (in `read_snapshot`); batches that
+    // read guard each device's record as read (on a shared store; the embedded one has
+    // no other writer).
+    let guard_reads = node.store.is_shared() && !optimistic;
+    let settings = st
+        .settings
+        .clone()
+        .ok_or_else(|| Error::InvalidState("settings".into()))?;
+    if guard_reads {
+        // As read: a receipt, a clock setting or the latch changed meanwhile makes the
+        // batch decide again (nodes do not meet on the site chain's head, which records
+        // such changes).
+        settings.guard(&mut txn);
+    }
+    // A site that stopped itself releases nothing, not even a retry's answer. (On a
+    // shared store the latch is guarded as read, above or in the read-free batch's
+    // guards; the embedded store has no other writer.)
+    if let Some(latch) = &settings.latch {
+        let outcomes = batch.iter().map(|_| Err(latch.refusal())).collect();
+        return Ok(Some((txn, outcomes)));
+    }
+    // A node chain's head is this engine's alone; the site chain's and the site-wide
+    // trusted time are every writer's, so they are guarded on every commit.
+    let head_key = crate::audit_log::head_key(st.chain.as_deref());
+    txn.require_revision(Table::Meta, &head_key, st.head_revision);
+    if st.chain.is_none() {
+        txn.require_revision(Table::Meta, TIME_HWM, st.hwm_revision);
+    }
+    let mut log = Appender::resume(&node.name, st.chain.as_deref(), st.head);
+    let now = match check_clock(node.now().0, st, &settings) {
+        Ok(now) => now,
+        Err(off) => {
+            // Fail closed, and say so in the log at the trusted time, which stays where
+            // it is.
+            let outcomes = batch.iter().map(|_| Err(off.refusal())).collect();
+            log.append(&mut txn, off.trusted(), off.event())?;
+            st.head = log.head();
+            st.hwm_written = None;
+            st.touched.clear();
+            log.finish(&mut txn);
+            return Ok(Some((txn, outcomes)));
+        }
+    };
+    raise_trusted_time(st, &mut txn, now);
+    let (reserving, held_elsewhere) = reserve(node, st, &batch, now)?;
+    let pool_plan = plan_pool_slots(st, &batch, now);
+    let pool_ahead = read_pool_rows_ahead(node.store.as_ref(), &batch, &pool_plan)?;
+    let pool_ready = make_pool_keys_ahead(node, &batch, &pool_plan, &pool_ahead, now);
+    let mut deciding = Deciding {
+        node,
+        txn,
+        log,
+        now,
+        acknowledged_at: settings.acknowledged_at,
+        guard_reads,
+        days: Vec::new(),
+        touched: Vec::new(),
+        used_from: Vec::new(),
+        held_elsewhere,
+        pool_ahead,
+        pool_ready,
+    };
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for (pos, (job, keys)) in batch.into_iter().zip(keys).enumerate() {
+        let found = StoredFor {
+            legacy_request: stored.next().flatten(),
+            request: stored.next().flatten(),
+            device: stored.next().flatten(),
+        };
+        match deciding.decide_job(st, pos, job, keys, found)? {
+            Some(outcome) => outcomes.push(outcome),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some((deciding.write_back(st, reserving)?, outcomes)))
+}
 
-    // One snapshot read for the batch: the settings others may change, the log head, the
-    // trusted time and the counters of the batch's entitlements, then every request and
-    // device of the batch. On a replicated store this is one round trip.
-    let keys: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = batch
+/// Each request's keys, in batch order.
+fn request_keys(batch: &[Job]) -> Vec<RequestKeys> {
+    batch
         .iter()
         .map(|j| {
             let dev_key = ent_key(&j.req.entitlement, &j.req.device_id);
@@ -194,13 +277,36 @@ pub(super) fn decide_batch(
                 dev_key,
             )
         })
-        .collect();
+        .collect()
+}
+
+/// The batch's entitlements, each once, in order of first appearance.
+fn entitlements_of(batch: &[Job]) -> Vec<&str> {
     let mut entitlements: Vec<&str> = Vec::new();
-    for j in &batch {
+    for j in batch {
         if !entitlements.contains(&j.req.entitlement.as_str()) {
             entitlements.push(&j.req.entitlement);
         }
     }
+    entitlements
+}
+
+/// Step 1, the snapshot: one read for the batch — the settings others may change, the
+/// log head, the trusted time, the counters (and this node's reservations) of the
+/// batch's entitlements, then every request and device of the batch; on a replicated
+/// store one round trip. Fills `st` and returns the per-request values, three per
+/// request ([`StoredFor`]'s order). A read-free (optimistic) batch reads nothing: it
+/// guards in `txn` that each device has nothing stored, and that the settings are as
+/// last read, and takes every request as new.
+fn read_snapshot(
+    node: &Node,
+    st: &mut Carried,
+    txn: &mut Txn,
+    batch: &[Job],
+    keys: &[RequestKeys],
+    optimistic: bool,
+) -> Result<std::vec::IntoIter<Option<Versioned>>> {
+    let entitlements = entitlements_of(batch);
     let head_key = crate::audit_log::head_key(st.chain.as_deref());
     let mut lookups: Vec<(Table, &[u8])> = vec![
         (Table::Meta, CLOCK_TOLERANCE.key),
@@ -223,7 +329,17 @@ pub(super) fn decide_batch(
             .iter()
             .map(|k| (Table::Counters, k.as_slice())),
     );
-    let shared_state = lookups.len();
+    let per_request = keys.len() * 3;
+    if let (Some(settings), true) = (&st.settings, optimistic) {
+        settings.guard(txn);
+        // One guard per decision: nothing at all kept for its device — no record, no
+        // refusal. (Refusals in the legacy table are only in embedded stores, which
+        // always read.)
+        for (_, _, dev) in keys {
+            txn.require_absent_range(Table::Devices, dev, &device_history_end(dev));
+        }
+        return Ok(vec![None; per_request].into_iter());
+    }
     lookups.extend(keys.iter().flat_map(|(legacy, refusal, dev)| {
         [
             (Table::Requests, legacy.as_slice()),
@@ -231,129 +347,127 @@ pub(super) fn decide_batch(
             (Table::Devices, dev.as_slice()),
         ]
     }));
-    // Read-free batches guard each device's key range below; batches that read guard
-    // each device's record as read (on a shared store; the embedded one has no other
-    // writer).
-    let guard_reads = store.is_shared() && !(st.settings.is_some() && optimistic);
-    let mut stored = match (&st.settings, optimistic) {
-        (Some(settings), true) => {
-            settings.guard(&mut txn);
-            // One guard per decision: nothing at all kept for its device — no record,
-            // no refusal. (Refusals in the legacy table are only in embedded stores,
-            // which always read.)
-            for (_, _, dev) in &keys {
-                txn.require_absent_range(Table::Devices, dev, &device_history_end(dev));
-            }
-            vec![None; lookups.len() - shared_state].into_iter()
-        }
-        _ => {
-            let mut read = store.get_many(&lookups)?.into_iter();
-            let (tolerance, max_jump) = (read.next().flatten(), read.next().flatten());
-            let (latch, acknowledged) = (read.next().flatten(), read.next().flatten());
-            let (head, hwm) = (read.next().flatten(), read.next().flatten());
-            st.head = crate::audit_log::head_from(head.as_ref())?;
-            st.head_revision = head.map(|v| v.revision);
-            st.hwm = hwm.as_ref().map(|v| i64_of(&v.value)).transpose()?;
-            st.hwm_revision = hwm.map(|v| v.revision);
-            for ent in &entitlements {
-                let v = read.next().flatten();
-                let c = match &v {
-                    Some(v) => decode(&v.value)?,
-                    None => Counters::default(),
-                };
-                st.counters
-                    .insert((*ent).to_owned(), (c, v.map(|v| v.revision)));
-            }
-            for ent in entitlements.iter().take(reservation_keys.len()) {
-                let mine = reservations::reservation_of(read.next().flatten())?;
-                st.reservations.insert((*ent).to_owned(), mine);
-            }
-            st.settings = Some(Settings {
-                tolerance: CLOCK_TOLERANCE.from_stored(tolerance.as_ref())?,
-                tolerance_revision: tolerance.map(|v| v.revision),
-                max_jump: CLOCK_MAX_JUMP.from_stored(max_jump.as_ref())?,
-                max_jump_revision: max_jump.map(|v| v.revision),
-                latch: crate::latch::Latch::from_stored(latch.as_ref())?,
-                latch_revision: latch.map(|v| v.revision),
-                acknowledged_at: acknowledged
-                    .as_ref()
-                    .map(|v| decode::<crate::checkpoints::Acknowledged>(&v.value))
-                    .transpose()?
-                    .map_or(i64::MIN, |a| a.acknowledged_at),
-                acknowledged_revision: acknowledged.map(|v| v.revision),
-            });
-            read
-        }
-    };
-    let (tolerance, max_jump, acknowledged_at) = st
-        .settings
-        .as_ref()
-        .map(|s| (s.tolerance, s.max_jump, s.acknowledged_at))
-        .ok_or_else(|| Error::InvalidState("settings".into()))?;
-    if let (true, Some(settings)) = (guard_reads, &st.settings) {
-        // As read: a receipt, a clock setting or the latch changed meanwhile makes the
-        // batch decide again (nodes do not meet on the site chain's head, which records
-        // such changes).
-        settings.guard(&mut txn);
+    let mut read = node.store.get_many(&lookups)?.into_iter();
+    let mut next = || read.next().flatten();
+    let (tolerance, max_jump, latch, acknowledged) = (next(), next(), next(), next());
+    let (head, hwm) = (next(), next());
+    st.head = crate::audit_log::head_from(head.as_ref())?;
+    st.head_revision = head.map(|v| v.revision);
+    st.hwm = hwm.as_ref().map(|v| i64_of(&v.value)).transpose()?;
+    st.hwm_revision = hwm.map(|v| v.revision);
+    for ent in &entitlements {
+        let v = next();
+        let c = match &v {
+            Some(v) => decode(&v.value)?,
+            None => Counters::default(),
+        };
+        st.counters
+            .insert((*ent).to_owned(), (c, v.map(|v| v.revision)));
     }
-    // A site that stopped itself releases nothing, not even a retry's answer. (On a
-    // shared store the latch is guarded as read, above or in the read-free batch's
-    // guards; the embedded store has no other writer.)
-    if let Some(latch) = st.settings.as_ref().and_then(|s| s.latch.clone()) {
-        let outcomes = batch.iter().map(|_| Err(latch.refusal())).collect();
-        return Ok(Some((txn, outcomes)));
+    for ent in entitlements.iter().take(reservation_keys.len()) {
+        let mine = reservations::reservation_of(next())?;
+        st.reservations.insert((*ent).to_owned(), mine);
     }
-    // A node chain's head is this engine's alone; the site chain's and the site-wide
-    // trusted time are every writer's, so they are guarded on every commit.
-    txn.require_revision(Table::Meta, &head_key, st.head_revision);
-    if st.chain.is_none() {
-        txn.require_revision(Table::Meta, TIME_HWM, st.hwm_revision);
-    }
-    let mut log = Appender::resume(&node.name, st.chain.as_deref(), st.head);
+    st.settings = Some(Settings {
+        tolerance: CLOCK_TOLERANCE.from_stored(tolerance.as_ref())?,
+        tolerance_revision: tolerance.map(|v| v.revision),
+        max_jump: CLOCK_MAX_JUMP.from_stored(max_jump.as_ref())?,
+        max_jump_revision: max_jump.map(|v| v.revision),
+        latch: crate::latch::Latch::from_stored(latch.as_ref())?,
+        latch_revision: latch.map(|v| v.revision),
+        acknowledged_at: acknowledged
+            .as_ref()
+            .map(|v| decode::<crate::checkpoints::Acknowledged>(&v.value))
+            .transpose()?
+            .map_or(i64::MIN, |a| a.acknowledged_at),
+        acknowledged_revision: acknowledged.map(|v| v.revision),
+    });
+    Ok(read.collect::<Vec<_>>().into_iter())
+}
 
-    let observed = node.now().0;
-    // The trusted time: the site's mark, or this chain's last record if later.
-    let hwm = st.hwm.unwrap_or(i64::MIN).max(st.head.time);
-    // The clock against the trusted time: behind it by more than the tolerance, or ahead
-    // of it by more than the site adopts, the whole batch is refused — fail closed, and
-    // say so in the log at the trusted time, which stays where it is.
-    let off = if observed < hwm.saturating_sub(tolerance) {
-        Some(Event::ClockRollback {
-            observed,
-            high_water: hwm,
-        })
-    } else if hwm != i64::MIN && observed > hwm.saturating_add(max_jump) {
-        Some(Event::ClockAhead {
-            observed,
-            high_water: hwm,
-        })
-    } else {
-        None
-    };
-    if let Some(event) = off {
-        let refusal = || match &event {
-            Event::ClockAhead { .. } => Error::ClockAhead {
+/// What the clock check found when the batch may not be decided (the trusted time
+/// stays where it is).
+#[derive(Clone, Copy)]
+enum ClockOff {
+    /// Behind the trusted time by more than the tolerance.
+    Behind { observed: i64, trusted: i64 },
+    /// Ahead of the trusted time by more than the site adopts.
+    Ahead {
+        observed: i64,
+        trusted: i64,
+        max_jump: i64,
+    },
+}
+
+impl ClockOff {
+    /// The trusted time, which the refusal is recorded at.
+    fn trusted(self) -> i64 {
+        match self {
+            ClockOff::Behind { trusted, .. } | ClockOff::Ahead { trusted, .. } => trusted,
+        }
+    }
+
+    fn event(self) -> Event {
+        match self {
+            ClockOff::Behind { observed, trusted } => Event::ClockRollback {
                 observed,
-                trusted: hwm,
+                high_water: trusted,
+            },
+            ClockOff::Ahead {
+                observed, trusted, ..
+            } => Event::ClockAhead {
+                observed,
+                high_water: trusted,
+            },
+        }
+    }
+
+    /// What each request of the batch is answered.
+    fn refusal(self) -> Error {
+        match self {
+            ClockOff::Behind { observed, trusted } => Error::ClockRollback {
+                observed,
+                high_water: trusted,
+            },
+            ClockOff::Ahead {
+                observed,
+                trusted,
+                max_jump,
+            } => Error::ClockAhead {
+                observed,
+                trusted,
                 max_jump,
             },
-            _ => Error::ClockRollback {
-                observed,
-                high_water: hwm,
-            },
-        };
-        let outcomes = batch.iter().map(|_| Err(refusal())).collect();
-        log.append(&mut txn, hwm, event)?;
-        st.head = log.head();
-        st.hwm_written = None;
-        st.touched.clear();
-        log.finish(&mut txn);
-        return Ok(Some((txn, outcomes)));
+        }
     }
-    let now = observed.max(hwm);
-    // A node chain keeps its own time in its head; the site's mark, which a node that
-    // starts reads as its floor, is raised at most once a second, so nodes seldom
-    // collide on it.
+}
+
+/// Step 3, the clock (pure): the time the batch is decided at — the clock, or the
+/// trusted time if later — or why the batch is refused whole.
+fn check_clock(
+    observed: i64,
+    st: &Carried,
+    settings: &Settings,
+) -> std::result::Result<i64, ClockOff> {
+    // The trusted time: the site's mark, or this chain's last record if later.
+    let trusted = st.hwm.unwrap_or(i64::MIN).max(st.head.time);
+    if observed < trusted.saturating_sub(settings.tolerance) {
+        return Err(ClockOff::Behind { observed, trusted });
+    }
+    if trusted != i64::MIN && observed > trusted.saturating_add(settings.max_jump) {
+        return Err(ClockOff::Ahead {
+            observed,
+            trusted,
+            max_jump: settings.max_jump,
+        });
+    }
+    Ok(observed.max(trusted))
+}
+
+/// Raises the site's trusted-time mark to `now` in `txn`. A node chain keeps its own
+/// time in its head; the site's mark, which a node that starts reads as its floor, is
+/// raised at most once a second, so nodes seldom collide on it.
+fn raise_trusted_time(st: &mut Carried, txn: &mut Txn, now: i64) {
     let raise = st.chain.is_none()
         || now
             >= st
@@ -367,63 +481,163 @@ pub(super) fn decide_batch(
         txn.put(Table::Meta, TIME_HWM, &now.to_be_bytes());
         st.hwm_written = Some(now);
     }
+}
 
-    // Node chains decide against their own reservations: per entitlement, how many
-    // requests of the batch may take a device from one.
+/// Step 4, reserving (node chains only): makes this node's reservation of each
+/// entitlement hold what the batch may take. Returns the entitlements reserved for, and
+/// those whose quota another live node holds: a request refused there for the quota or
+/// the day's limit is not refused but waited for (the batch is decided again shortly);
+/// requests refused for other reasons need no quota and are decided now.
+fn reserve(
+    node: &Node,
+    st: &mut Carried,
+    batch: &[Job],
+    now: i64,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let Some(chain) = st.chain.clone() else {
+        return Ok((Vec::new(), Vec::new()));
+    };
     let mut wanted: Vec<(Arc<EntitlementContext>, u64)> = Vec::new();
-    if st.chain.is_some() {
-        for job in batch
-            .iter()
-            .filter(|j| j.confirm.is_none() && j.ctx.code.is_none())
+    for job in batch
+        .iter()
+        .filter(|j| j.confirm.is_none() && j.ctx.code.is_none())
+    {
+        match wanted
+            .iter_mut()
+            .find(|(c, _)| c.record.id == job.ctx.record.id)
         {
-            match wanted
-                .iter_mut()
-                .find(|(c, _)| c.record.id == job.ctx.record.id)
-            {
-                Some((_, n)) => *n += 1,
-                None => wanted.push((job.ctx.clone(), 1)),
-            }
+            Some((_, n)) => *n += 1,
+            None => wanted.push((job.ctx.clone(), 1)),
         }
     }
-    let reserving_ents: Vec<String> = wanted.iter().map(|(c, _)| c.record.id.clone()).collect();
-    // Entitlements whose reservation this batch allowed devices from.
-    let mut used_from: Vec<String> = Vec::new();
-    // Entitlements whose quota another live node holds: a request refused for the quota
-    // or the day's limit there is not refused but waited for (the batch is decided again
-    // shortly); requests refused for other reasons need no quota and are decided now.
-    let mut held_elsewhere: Vec<String> = Vec::new();
-    if let Some(chain) = st.chain.clone() {
-        // Make each reservation hold what the batch may take.
-        for (ctx, need) in wanted {
-            let id = &ctx.record.id;
-            let day = day_in(&mut Vec::new(), &ctx, now);
-            let mut held = reservations::Held {
-                ledger: match st.counters.remove(id) {
-                    Some(l) => l,
-                    None => reservations::ledger_of(store.get(Table::Counters, id.as_bytes())?)?,
-                },
-                mine: match st.reservations.remove(id) {
-                    Some(m) => m,
-                    None => reservations::reservation_of(
-                        store.get(Table::Counters, &reservations::reservation_key(id, &chain))?,
-                    )?,
-                },
+    let reserving = wanted.iter().map(|(c, _)| c.record.id.clone()).collect();
+    let mut held_elsewhere = Vec::new();
+    let store = node.store.as_ref();
+    for (ctx, need) in wanted {
+        let id = &ctx.record.id;
+        let day = day_in(&mut Vec::new(), &ctx, now);
+        let mut held = reservations::Held {
+            ledger: match st.counters.remove(id) {
+                Some(l) => l,
+                None => reservations::ledger_of(store.get(Table::Counters, id.as_bytes())?)?,
+            },
+            mine: match st.reservations.remove(id) {
+                Some(m) => m,
+                None => reservations::reservation_of(
+                    store.get(Table::Counters, &reservations::reservation_key(id, &chain))?,
+                )?,
+            },
+        };
+        let room = reservations::ensure_room(node, &chain, &ctx, &mut held, need, &day, now);
+        st.counters.insert(id.clone(), held.ledger);
+        st.reservations.insert(id.clone(), held.mine);
+        if let reservations::Room::Wait = room? {
+            held_elsewhere.push(id.clone());
+        }
+    }
+    Ok((reserving, held_elsewhere))
+}
+
+/// Step 6, the decision proper (pure): the built-in rules on the entitlement's state as
+/// `c` has it (less what this node `held` in reservation and has not used), then the
+/// policy module's word, which it says in this same step. Returns the decision and, when
+/// a module refused, its reason.
+#[allow(clippy::too_many_arguments)]
+fn decide_policy(
+    ctx: &EntitlementContext,
+    req: &ProvisionRequest,
+    c: &mut Counters,
+    held: u64,
+    already: bool,
+    day: &str,
+    now: i64,
+    acknowledged_at: i64,
+) -> (Decision, Option<String>) {
+    let state = EntitlementState {
+        revoked: c.revoked,
+        activated: c.activated
+            || !ctx
+                .policy
+                .policy
+                .requires_approval(keyfab_policy::Action::Activate),
+        last_acknowledged: ctx.record.created_at.max(acknowledged_at),
+        total: c.total.saturating_sub(held),
+        today: c.days.get(day).copied().unwrap_or(0).saturating_sub(held),
+    };
+    let built_in = ctx.policy.decide(
+        &state,
+        &keyfab_policy::Request {
+            device_id: &req.device_id,
+            station: req.station.as_deref(),
+            already_provisioned: already,
+        },
+        now,
+    );
+    match (built_in, &ctx.code) {
+        (Decision::Allow, Some(module)) => {
+            let counted = Counted {
+                total: c.total,
+                today: state.today,
             };
-            let room = reservations::ensure_room(node, &chain, &ctx, &mut held, need, &day, now);
-            st.counters.insert(id.clone(), held.ledger);
-            st.reservations.insert(id.clone(), held.mine);
-            if let reservations::Room::Wait = room? {
-                held_elsewhere.push(id.clone());
-            }
+            // Run here, on the committer: the instance's memory is allocated and freed
+            // on one thread, so the allocator reuses it warm. Instantiated on the crypto
+            // workers and freed here, it cost 12-17% of throughput (pages purged and
+            // faulted in again); here, none measurable (BENCHMARKS.md).
+            let evaluation = c.code.evaluate(
+                module,
+                &ctx.policy,
+                now,
+                day,
+                counted,
+                &req.device_id,
+                req.station.as_deref(),
+            );
+            code_decision(evaluation.verdict)
         }
+        (other, _) => (other, None),
     }
-    let pool_plan = plan_pool_slots(st, &batch, now);
-    let pool_ahead = read_pool_rows_ahead(store, &batch, &pool_plan)?;
-    let mut pool_ready = make_pool_keys_ahead(node, &batch, &pool_plan, &pool_ahead, now);
-    let mut days: Vec<(String, String)> = Vec::new();
-    let mut touched: Vec<String> = Vec::new();
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for (pos, (job, (_, req_key, dev_key))) in batch.into_iter().zip(keys).enumerate() {
+}
+
+/// The keys a release hands out: as audited, sealed for the device record, and what the
+/// device receives.
+struct Released {
+    audited: Vec<AuditedKey>,
+    sealed: Vec<serde_bytes::ByteBuf>,
+    privates: Vec<Option<SecretBytes>>,
+}
+
+/// One batch while its requests are decided (step 6) and written back (step 7): what
+/// every decision reads and adds to.
+struct Deciding<'a> {
+    node: &'a Node,
+    txn: Txn,
+    log: Appender,
+    now: i64,
+    acknowledged_at: i64,
+    /// Guard each device's record as read (a shared store that read it).
+    guard_reads: bool,
+    /// Policy days worked out so far ([`day_in`]).
+    days: Vec<(String, String)>,
+    /// Entitlements whose counters decisions changed.
+    touched: Vec<String>,
+    /// Entitlements whose reservation this batch allowed devices from.
+    used_from: Vec<String>,
+    held_elsewhere: Vec<String>,
+    pool_ahead: PoolRows,
+    pool_ready: HashMap<(usize, usize), PoolKeyReady>,
+}
+
+impl Deciding<'_> {
+    /// Decides and records the request at `pos`: its answer, or `None` if the batch must
+    /// be decided again from a fresh read.
+    fn decide_job(
+        &mut self,
+        st: &mut Carried,
+        pos: usize,
+        job: Job,
+        (_, req_key, dev_key): RequestKeys,
+        stored: StoredFor,
+    ) -> Result<Option<Result<Outcome>>> {
         let Job {
             ctx,
             req,
@@ -431,82 +645,26 @@ pub(super) fn decide_batch(
             confirm,
             ..
         } = job;
-        let (legacy_request, stored_request, stored_device) = (
-            stored.next().flatten(),
-            stored.next().flatten(),
-            stored.next().flatten(),
-        );
-        let stored_request = stored_request.or(legacy_request);
-        if guard_reads {
+        if self.guard_reads {
             // Read, not assumed: on a shared store another node may decide for the same
             // device meanwhile, and nodes no longer meet on a common log head or
             // counters — the device's record itself is what the commit is guarded on.
-            txn.require_unchanged(Table::Devices, &dev_key, stored_device.as_ref());
+            self.txn
+                .require_unchanged(Table::Devices, &dev_key, stored.device.as_ref());
         }
         if let Some(result) = confirm {
-            let outcome = confirm_device(
-                &mut txn,
-                &mut log,
-                now,
-                &req,
-                result,
-                stored_device,
-                &mut st.confirmed,
-                &dev_key,
-            );
-            // A policy module may count today's programming failures.
-            let first_failure = matches!(
-                outcome,
-                Ok(Outcome::Confirmed {
-                    repeated: false,
-                    ..
-                })
-            ) && result == Programming::Failed;
-            if first_failure && ctx.code.is_some() {
-                let day = day_in(&mut days, &ctx, now);
-                st.counters_of(store, &req.entitlement, &mut touched)?
-                    .code
-                    .record_failed(&day);
-            }
-            outcomes.push(outcome);
-            continue;
+            return self
+                .confirmation(st, &ctx, &req, result, stored.device, &dev_key)
+                .map(Some);
         }
-        let earlier = match st.requests.get(&req_key) {
-            Some(r) => Some(r.clone()),
-            None => stored_request.map(|v| decode(&v.value)).transpose()?,
-        };
-        if let Some(rr) = earlier {
-            outcomes.push(match rr.station == req.station {
-                true => Ok(Outcome::Replay(rr)),
-                false => station_mismatch(&mut txn, &mut log, now, &req, Action::Retry)?,
-            });
-            continue;
+        let stored_request = stored.request.or(stored.legacy_request);
+        if let Some(answer) =
+            self.retry(st, &req, &req_key, &dev_key, stored_request, &stored.device)?
+        {
+            return Ok(Some(answer));
         }
-        // A device record answers a retry of the request that created it, from the
-        // station that made it; any other request for that device is refused as already
-        // provisioned.
-        let already = match (st.devices.contains(&dev_key), stored_device) {
-            (true, _) => true,
-            (false, Some(v)) => {
-                let d = DeviceRecord::from_stored(&v.value)?;
-                if d.request_id == req.request_id {
-                    outcomes.push(match d.station == req.station {
-                        true => Ok(Outcome::Replay(RequestRecord {
-                            device_id: req.device_id.clone(),
-                            audit_sequence: d.audit_sequence,
-                            denied: None,
-                            reason: None,
-                            station: d.station,
-                        })),
-                        false => station_mismatch(&mut txn, &mut log, now, &req, Action::Retry)?,
-                    });
-                    continue;
-                }
-                true
-            }
-            (false, None) => false,
-        };
-        let day = day_in(&mut days, &ctx, now);
+        let already = st.devices.contains(&dev_key) || stored.device.is_some();
+        let day = day_in(&mut self.days, &ctx, self.now);
         // A node chain decides against its reservation: the ledger counts every grant,
         // so the ledger less this node's unused grant is at least what all nodes allowed,
         // and below each limit while the grant lasts (see `reservations`).
@@ -521,54 +679,31 @@ pub(super) fn decide_batch(
                 .map(|(c, _)| c)
                 .ok_or_else(|| Error::InvalidState("counters".into()))?
         } else {
-            counters_in(&mut st.counters, store, &req.entitlement, &mut touched)?
+            counters_in(
+                &mut st.counters,
+                self.node.store.as_ref(),
+                &req.entitlement,
+                &mut self.touched,
+            )?
         };
-        let state = EntitlementState {
-            revoked: c.revoked,
-            activated: c.activated
-                || !ctx
-                    .policy
-                    .policy
-                    .requires_approval(keyfab_policy::Action::Activate),
-            last_acknowledged: ctx.record.created_at.max(acknowledged_at),
-            total: c.total.saturating_sub(held),
-            today: c.days.get(&day).copied().unwrap_or(0).saturating_sub(held),
-        };
-        let built_in = ctx.policy.decide(
-            &state,
-            &keyfab_policy::Request {
-                device_id: &req.device_id,
-                station: req.station.as_deref(),
-                already_provisioned: already,
-            },
-            now,
+        let (decision, reason) = decide_policy(
+            &ctx,
+            &req,
+            c,
+            held,
+            already,
+            &day,
+            self.now,
+            self.acknowledged_at,
         );
-        // The policy module has the last word, in this same transaction.
-        let (decision, reason) = match (built_in, &ctx.code) {
-            (Decision::Allow, Some(module)) => {
-                let counted = Counted {
-                    total: c.total,
-                    today: state.today,
-                };
-                // Run here, on the committer: the instance's memory is allocated and freed
-                // on one thread, so the allocator reuses it warm. Instantiated on the
-                // crypto workers and freed here, it cost 12-17% of throughput (pages
-                // purged and faulted in again); here, none measurable (BENCHMARKS.md).
-                let evaluation = c.code.evaluate(
-                    module,
-                    &ctx.policy,
-                    now,
-                    &day,
-                    counted,
-                    &req.device_id,
-                    req.station.as_deref(),
-                );
-                code_decision(evaluation.verdict)
-            }
-            (other, _) => (other, None),
+        let has_pool = prepared.iter().any(|p| matches!(p, Prepared::Pool));
+        let pool_index = match (has_pool, reserving) {
+            (false, _) => None,
+            (true, false) => Some(c.next_pool),
+            (true, true) => next_slot,
         };
         if let Decision::Deny(DenyCode::QuotaExceeded | DenyCode::DailyLimitExceeded) = decision {
-            if held == 0 && held_elsewhere.contains(&req.entitlement) {
+            if held == 0 && self.held_elsewhere.contains(&req.entitlement) {
                 return Ok(None);
             }
         }
@@ -580,209 +715,396 @@ pub(super) fn decide_batch(
             return Ok(None);
         }
         match decision {
-            Decision::Deny(code) => {
-                let (entitlement, request_id, device_id, station) = (
-                    req.entitlement.clone(),
-                    req.request_id.clone(),
-                    req.device_id.clone(),
-                    req.station.clone(),
-                );
-                let event = match reason.clone() {
-                    Some(reason) => Event::ProvisionDeniedByCode {
-                        entitlement,
-                        request_id,
-                        device_id,
-                        station,
-                        code: code.code().to_owned(),
-                        reason,
-                    },
-                    None => Event::ProvisionDenied {
-                        entitlement,
-                        request_id,
-                        device_id,
-                        station,
-                        code: code.code().to_owned(),
-                    },
-                };
-                let seq = log.append(&mut txn, now, event)?;
-                outcomes.push(Err(denied(code, &req.device_id, reason.as_deref())));
-                let rr = RequestRecord {
-                    device_id: req.device_id.clone(),
-                    audit_sequence: seq,
-                    denied: Some(code),
-                    reason,
-                    station: req.station.clone(),
-                };
-                txn.put(Table::Devices, &req_key, &encode(&rr)?);
-                st.requests.insert(req_key, rr);
-            }
+            Decision::Deny(code) => self
+                .record_denial(st, &req, req_key, code, reason)
+                .map(Some),
             Decision::Allow => {
-                if prepared.len() != ctx.policy.policy.keys.len() {
-                    // Only a device id the policy refuses is left unprepared.
+                if has_pool && pool_index.is_none() {
                     return Err(Error::InvalidState(
-                        "an allowed request without its prepared keys".into(),
+                        "a reservation without pool slots".into(),
                     ));
                 }
-                let has_pool = prepared.iter().any(|p| matches!(p, Prepared::Pool));
-                let pool_index = match (has_pool, reserving) {
-                    (false, _) => None,
-                    (true, false) => Some(c.next_pool),
-                    (true, true) => Some(next_slot.ok_or_else(|| {
-                        Error::InvalidState("a reservation without pool slots".into())
-                    })?),
+                let Some(keys) = self.release_keys(&ctx, &req, pos, prepared, pool_index)? else {
+                    return Ok(None);
                 };
-                let mut keys = Vec::new();
-                let mut sealed_keys = Vec::new();
-                let mut privates = Vec::new();
-                for (i, (spec, p)) in ctx.policy.policy.keys.iter().zip(prepared).enumerate() {
-                    let (key_id, sealed, private, cert) = match p {
-                        Prepared::Pool => {
-                            let index = pool_index
-                                .ok_or_else(|| Error::InvalidState("pool index".into()))?;
-                            if let Some(ready) = pool_ready
-                                .remove(&(pos, i))
-                                .filter(|ready| ready.index == index)
-                            {
-                                (ready.key_id, Vec::new(), Some(ready.private), ready.cert)
-                            } else {
-                                let kind = device_type(spec.key_type);
-                                let Some(secret) =
-                                    read_pool_key_from(node, &pool_ahead, &ctx, i, index)?
-                                else {
-                                    // Destroyed since the state was read (a revocation on
-                                    // another node's watch): decide again from a fresh read.
-                                    if store.is_shared() {
-                                        return Ok(None);
-                                    }
-                                    return Err(Error::InvalidState(format!(
-                                        "pool key {index} of '{}' is gone",
-                                        ctx.record.id
-                                    )));
-                                };
-                                let e = devicekey::expand(kind, &secret)?;
-                                let cert = certify(
-                                    &ctx,
-                                    spec,
-                                    &req.device_id,
-                                    e.public.as_ref(),
-                                    UnixTime(now),
-                                    node.rng.as_ref(),
-                                )?;
-                                (e.key_id, Vec::new(), Some(e.private), cert)
-                            }
-                        }
-                        Prepared::Ready {
-                            key_id,
-                            sealed,
-                            private,
-                            cert,
-                        } => (key_id, sealed, private, cert),
-                    };
-                    let (certificate, cert_serial) = match cert {
-                        Some((c, s)) => (Some(serde_bytes::ByteBuf::from(c)), Some(s)),
-                        None => (None, None),
-                    };
-                    keys.push(AuditedKey {
-                        name: spec.name.clone(),
-                        key_id: key_id.to_text(),
-                        cert_serial,
-                        certificate,
-                    });
-                    sealed_keys.push(serde_bytes::ByteBuf::from(sealed));
-                    privates.push(private);
-                }
-                let seq = log.append(
-                    &mut txn,
-                    now,
-                    Event::ProvisionAllowed {
-                        entitlement: req.entitlement.clone(),
-                        request_id: req.request_id.clone(),
-                        device_id: req.device_id.clone(),
-                        station: req.station.clone(),
-                        pool_index,
-                        keys: keys.clone(),
-                    },
-                )?;
-                if reserving {
-                    if let Some((r, _)) = st.reservations.get_mut(&req.entitlement) {
-                        r.used += 1;
-                        if has_pool {
-                            r.take_slot();
-                        }
-                    }
-                    if !used_from.contains(&req.entitlement) {
-                        used_from.push(req.entitlement.clone());
-                    }
-                } else {
-                    c.total += 1;
-                    if ctx.code.is_some() {
-                        c.code.record_allowed(&day, req.station.as_deref());
-                    }
-                    *c.days.entry(day).or_insert(0) += 1;
-                    if has_pool {
-                        c.next_pool += 1;
-                    }
-                }
-                let device = DeviceRecord {
-                    request_id: req.request_id.clone(),
-                    audit_sequence: seq,
-                    audit_row: log.row_key().unwrap_or(seq),
-                    audit_chain: st.chain.clone(),
-                    time: now,
-                    station: req.station.clone(),
+                let release = Release {
+                    ctx: &ctx,
+                    req: &req,
+                    reserving,
                     pool_index,
-                    sealed: sealed_keys,
-                    confirmed: None,
-                    transport_key: req.transport_key.as_ref().map(|k| k.fingerprint().to_hex()),
+                    day,
                 };
-                let rr = RequestRecord {
-                    device_id: req.device_id.clone(),
-                    audit_sequence: seq,
-                    denied: None,
-                    reason: None,
-                    station: req.station.clone(),
-                };
-                txn.put(Table::Devices, &dev_key, &device.to_stored()?);
-                st.devices.insert(dev_key);
-                st.requests.insert(req_key, rr);
-                outcomes.push(Ok(Outcome::Allowed {
-                    audit_sequence: seq,
-                    keys,
-                    privates,
-                }));
+                self.record_release(st, release, keys, req_key, dev_key)
+                    .map(|o| Some(Ok(o)))
             }
         }
     }
-    for ent in &touched {
-        if let Some((c, rev)) = st.counters.get(ent) {
-            txn.require_revision(Table::Counters, ent.as_bytes(), *rev);
-            txn.put(Table::Counters, ent.as_bytes(), &encode(c)?);
+
+    /// A confirmation, recorded (a first failure also counts for a policy module).
+    fn confirmation(
+        &mut self,
+        st: &mut Carried,
+        ctx: &EntitlementContext,
+        req: &ProvisionRequest,
+        result: Programming,
+        stored: Option<Versioned>,
+        dev_key: &[u8],
+    ) -> Result<Result<Outcome>> {
+        let outcome = confirm_device(
+            &mut self.txn,
+            &mut self.log,
+            self.now,
+            req,
+            result,
+            stored,
+            &mut st.confirmed,
+            dev_key,
+        );
+        // A policy module may count today's programming failures.
+        let first_failure = matches!(
+            outcome,
+            Ok(Outcome::Confirmed {
+                repeated: false,
+                ..
+            })
+        ) && result == Programming::Failed;
+        if first_failure && ctx.code.is_some() {
+            let day = day_in(&mut self.days, ctx, self.now);
+            counters_in(
+                &mut st.counters,
+                self.node.store.as_ref(),
+                &req.entitlement,
+                &mut self.touched,
+            )?
+            .code
+            .record_failed(&day);
         }
+        Ok(outcome)
     }
-    st.touched = touched;
-    // Each reservation decided against: guarded where it was read (one taken back
-    // cannot be spent), renewed, and the ledger guarded too (refusals for the limits
-    // hold only while no node has gained a grant since).
-    for ent in reserving_ents {
-        if let (Some((r, rev)), Some((_, ledger_rev))) =
-            (st.reservations.get_mut(&ent), st.counters.get(&ent))
+
+    /// The answer to a retry, from the record its request left (a refusal, or the device
+    /// it provisioned) — to the station that made it, and refused to any other — or
+    /// `None` for a request seen the first time.
+    fn retry(
+        &mut self,
+        st: &Carried,
+        req: &ProvisionRequest,
+        req_key: &[u8],
+        dev_key: &[u8],
+        stored_request: Option<Versioned>,
+        stored_device: &Option<Versioned>,
+    ) -> Result<Option<Result<Outcome>>> {
+        let earlier = match st.requests.get(req_key) {
+            Some(r) => Some(r.clone()),
+            None => stored_request.map(|v| decode(&v.value)).transpose()?,
+        };
+        let answer = match earlier {
+            Some(rr) => Some((rr.station.clone(), rr)),
+            // A device record answers a retry of the request that created it; any
+            // other request for that device is refused as already provisioned.
+            None => match stored_device {
+                Some(v) if !st.devices.contains(dev_key) => {
+                    let d = DeviceRecord::from_stored(&v.value)?;
+                    (d.request_id == req.request_id).then(|| {
+                        let rr = RequestRecord {
+                            device_id: req.device_id.clone(),
+                            audit_sequence: d.audit_sequence,
+                            denied: None,
+                            reason: None,
+                            station: d.station.clone(),
+                        };
+                        (d.station, rr)
+                    })
+                }
+                _ => None,
+            },
+        };
+        let Some((station, rr)) = answer else {
+            return Ok(None);
+        };
+        Ok(Some(match station == req.station {
+            true => Ok(Outcome::Replay(rr)),
+            false => station_mismatch(&mut self.txn, &mut self.log, self.now, req, Action::Retry)?,
+        }))
+    }
+
+    /// A refusal, recorded: its audit record, and the request's record a retry is
+    /// answered from.
+    fn record_denial(
+        &mut self,
+        st: &mut Carried,
+        req: &ProvisionRequest,
+        req_key: Vec<u8>,
+        code: DenyCode,
+        reason: Option<String>,
+    ) -> Result<Result<Outcome>> {
+        let (entitlement, request_id, device_id, station) = (
+            req.entitlement.clone(),
+            req.request_id.clone(),
+            req.device_id.clone(),
+            req.station.clone(),
+        );
+        let event = match reason.clone() {
+            Some(reason) => Event::ProvisionDeniedByCode {
+                entitlement,
+                request_id,
+                device_id,
+                station,
+                code: code.code().to_owned(),
+                reason,
+            },
+            None => Event::ProvisionDenied {
+                entitlement,
+                request_id,
+                device_id,
+                station,
+                code: code.code().to_owned(),
+            },
+        };
+        let seq = self.log.append(&mut self.txn, self.now, event)?;
+        let answer = Err(denied(code, &req.device_id, reason.as_deref()));
+        let rr = RequestRecord {
+            device_id: req.device_id.clone(),
+            audit_sequence: seq,
+            denied: Some(code),
+            reason,
+            station: req.station.clone(),
+        };
+        self.txn.put(Table::Devices, &req_key, &encode(&rr)?);
+        st.requests.insert(req_key, rr);
+        Ok(answer)
+    }
+
+    /// The keys an allowed request gets: pool keys from the slot its decision took
+    /// (made ahead if the slot was the one expected), the others as prepared. `None`
+    /// if a pool slot's row is gone on a shared store (a revocation on another node's
+    /// watch): the batch is decided again from a fresh read.
+    fn release_keys(
+        &mut self,
+        ctx: &EntitlementContext,
+        req: &ProvisionRequest,
+        pos: usize,
+        prepared: Vec<Prepared>,
+        pool_index: Option<u64>,
+    ) -> Result<Option<Released>> {
+        if prepared.len() != ctx.policy.policy.keys.len() {
+            // Only a device id the policy refuses is left unprepared.
+            return Err(Error::InvalidState(
+                "an allowed request without its prepared keys".into(),
+            ));
+        }
+        let mut released = Released {
+            audited: Vec::new(),
+            sealed: Vec::new(),
+            privates: Vec::new(),
+        };
+        for (i, (spec, p)) in ctx.policy.policy.keys.iter().zip(prepared).enumerate() {
+            let (key_id, sealed, private, cert) = match p {
+                Prepared::Pool => {
+                    let index =
+                        pool_index.ok_or_else(|| Error::InvalidState("pool index".into()))?;
+                    let Some((key_id, private, cert)) = self.pool_key(ctx, req, pos, i, index)?
+                    else {
+                        return Ok(None);
+                    };
+                    (key_id, Vec::new(), Some(private), cert)
+                }
+                Prepared::Ready {
+                    key_id,
+                    sealed,
+                    private,
+                    cert,
+                } => (key_id, sealed, private, cert),
+            };
+            let (certificate, cert_serial) = match cert {
+                Some((c, s)) => (Some(serde_bytes::ByteBuf::from(c)), Some(s)),
+                None => (None, None),
+            };
+            released.audited.push(AuditedKey {
+                name: spec.name.clone(),
+                key_id: key_id.to_text(),
+                cert_serial,
+                certificate,
+            });
+            released.sealed.push(serde_bytes::ByteBuf::from(sealed));
+            released.privates.push(private);
+        }
+        Ok(Some(released))
+    }
+
+    /// Pool key `i` of the request at `pos`, from slot `index`: made ahead if that was
+    /// the slot expected, made now otherwise; `None` if the slot's row is gone on a
+    /// shared store.
+    #[allow(clippy::type_complexity)]
+    fn pool_key(
+        &mut self,
+        ctx: &EntitlementContext,
+        req: &ProvisionRequest,
+        pos: usize,
+        i: usize,
+        index: u64,
+    ) -> Result<Option<(KeyId, SecretBytes, Option<(Vec<u8>, String)>)>> {
+        if let Some(ready) = self
+            .pool_ready
+            .remove(&(pos, i))
+            .filter(|ready| ready.index == index)
         {
-            let key = reservations::reservation_key(&ent, st.chain.as_deref().unwrap_or(""));
-            txn.require_revision(Table::Counters, ent.as_bytes(), *ledger_rev)
-                .require_revision(Table::Counters, &key, *rev);
-            // Written (and marked as in use) only when this batch allowed devices from
-            // it: a node that only refuses holds its grant as a node that died would,
-            // and after `RESERVATION_LIFE_SECS` a node that needs the quota takes it.
-            if used_from.contains(&ent) {
-                r.seen_at = now;
-                txn.put(Table::Counters, &key, &encode(r)?);
-                st.reserved.push(ent);
+            return Ok(Some((ready.key_id, ready.private, ready.cert)));
+        }
+        let spec = &ctx.policy.policy.keys[i];
+        let Some(secret) = read_pool_key_from(self.node, &self.pool_ahead, ctx, i, index)? else {
+            // Destroyed since the state was read (a revocation on another node's
+            // watch): decide again from a fresh read.
+            if self.node.store.is_shared() {
+                return Ok(None);
+            }
+            return Err(Error::InvalidState(format!(
+                "pool key {index} of '{}' is gone",
+                ctx.record.id
+            )));
+        };
+        let e = devicekey::expand(device_type(spec.key_type), &secret)?;
+        let cert = certify(
+            ctx,
+            spec,
+            &req.device_id,
+            e.public.as_ref(),
+            UnixTime(self.now),
+            self.node.rng.as_ref(),
+        )?;
+        Ok(Some((e.key_id, e.private, cert)))
+    }
+
+    /// A release, recorded before any key leaves: its audit record, the counters or the
+    /// reservation it is counted in, and the device's record.
+    fn record_release(
+        &mut self,
+        st: &mut Carried,
+        release: Release<'_>,
+        keys: Released,
+        req_key: Vec<u8>,
+        dev_key: Vec<u8>,
+    ) -> Result<Outcome> {
+        let Release {
+            ctx,
+            req,
+            reserving,
+            pool_index,
+            day,
+        } = release;
+        let seq = self.log.append(
+            &mut self.txn,
+            self.now,
+            Event::ProvisionAllowed {
+                entitlement: req.entitlement.clone(),
+                request_id: req.request_id.clone(),
+                device_id: req.device_id.clone(),
+                station: req.station.clone(),
+                pool_index,
+                keys: keys.audited.clone(),
+            },
+        )?;
+        if reserving {
+            if let Some((r, _)) = st.reservations.get_mut(&req.entitlement) {
+                r.used += 1;
+                if pool_index.is_some() {
+                    r.take_slot();
+                }
+            }
+            if !self.used_from.contains(&req.entitlement) {
+                self.used_from.push(req.entitlement.clone());
+            }
+        } else {
+            let c = st
+                .counters
+                .get_mut(&req.entitlement)
+                .map(|(c, _)| c)
+                .ok_or_else(|| Error::InvalidState("counters".into()))?;
+            c.total += 1;
+            if ctx.code.is_some() {
+                c.code.record_allowed(&day, req.station.as_deref());
+            }
+            *c.days.entry(day).or_insert(0) += 1;
+            if pool_index.is_some() {
+                c.next_pool += 1;
             }
         }
+        let device = DeviceRecord {
+            request_id: req.request_id.clone(),
+            audit_sequence: seq,
+            audit_row: self.log.row_key().unwrap_or(seq),
+            audit_chain: st.chain.clone(),
+            time: self.now,
+            station: req.station.clone(),
+            pool_index,
+            sealed: keys.sealed,
+            confirmed: None,
+            transport_key: req.transport_key.as_ref().map(|k| k.fingerprint().to_hex()),
+        };
+        let rr = RequestRecord {
+            device_id: req.device_id.clone(),
+            audit_sequence: seq,
+            denied: None,
+            reason: None,
+            station: req.station.clone(),
+        };
+        self.txn.put(Table::Devices, &dev_key, &device.to_stored()?);
+        st.devices.insert(dev_key);
+        st.requests.insert(req_key, rr);
+        Ok(Outcome::Allowed {
+            audit_sequence: seq,
+            keys: keys.audited,
+            privates: keys.privates,
+        })
     }
-    st.head = log.head();
-    log.finish(&mut txn);
-    Ok(Some((txn, outcomes)))
+
+    /// Step 7, write back: the counters decisions changed, guarded as read; each
+    /// reservation decided against, guarded where it was read (one taken back cannot be
+    /// spent) and renewed, with the ledger guarded too (refusals for the limits hold
+    /// only while no node has gained a grant since); the log's records and head. The
+    /// batch's transaction.
+    fn write_back(mut self, st: &mut Carried, reserving: Vec<String>) -> Result<Txn> {
+        for ent in &self.touched {
+            if let Some((c, rev)) = st.counters.get(ent) {
+                self.txn
+                    .require_revision(Table::Counters, ent.as_bytes(), *rev);
+                self.txn.put(Table::Counters, ent.as_bytes(), &encode(c)?);
+            }
+        }
+        st.touched = self.touched;
+        for ent in reserving {
+            if let (Some((r, rev)), Some((_, ledger_rev))) =
+                (st.reservations.get_mut(&ent), st.counters.get(&ent))
+            {
+                let key = reservations::reservation_key(&ent, st.chain.as_deref().unwrap_or(""));
+                self.txn
+                    .require_revision(Table::Counters, ent.as_bytes(), *ledger_rev)
+                    .require_revision(Table::Counters, &key, *rev);
+                // Written (and marked as in use) only when this batch allowed devices
+                // from it: a node that only refuses holds its grant as a node that died
+                // would, and after `RESERVATION_LIFE_SECS` a node that needs the quota
+                // takes it.
+                if self.used_from.contains(&ent) {
+                    r.seen_at = self.now;
+                    self.txn.put(Table::Counters, &key, &encode(r)?);
+                    st.reserved.push(ent);
+                }
+            }
+        }
+        st.head = self.log.head();
+        self.log.finish(&mut self.txn);
+        Ok(self.txn)
+    }
+}
+
+/// What a release is recorded under.
+struct Release<'a> {
+    ctx: &'a EntitlementContext,
+    req: &'a ProvisionRequest,
+    /// Counted in this node's reservation (a node chain), not in the counters.
+    reserving: bool,
+    pool_index: Option<u64>,
+    day: String,
 }
 
 /// The policy day of `now` for `ctx`'s entitlement, worked out once per batch: every
