@@ -1,0 +1,222 @@
+//! The keys a device gets: prepared per key spec before the decision (site keys made or
+//! taken ready, derived keys, a device's own key from its CSR, each certified), and made
+//! again for a retry from what the site stored — the pool slot, the sealed site key, the
+//! derivation.
+
+use super::key_reserve::KeyReserve;
+use super::pool_keys::read_pool_key;
+use super::records::DeviceRecord;
+use super::{EntitlementContext, Prepared, ProvisionRequest};
+use keyfab_crypto::devicekey::{self, DeviceKeyType};
+use keyfab_crypto::secret::{Secret32, SecretBytes};
+use keyfab_crypto::time::UnixTime;
+use keyfab_crypto::x509::{self, Validity};
+use keyfab_node::{Error, Node, Result};
+use keyfab_policy::{KeySource, KeySpec, KeyType};
+
+pub(super) fn device_type(t: KeyType) -> DeviceKeyType {
+    match t {
+        KeyType::EcP256 => DeviceKeyType::EcP256,
+        KeyType::Ed25519 => DeviceKeyType::Ed25519,
+        KeyType::Aes256 => DeviceKeyType::Aes256,
+    }
+}
+
+/// Per key spec, the work that needs no shared state.
+pub(super) fn prepare(
+    node: &Node,
+    ctx: &EntitlementContext,
+    req: &ProvisionRequest,
+    reserve: &KeyReserve,
+) -> Result<Vec<Prepared>> {
+    // A device id the policy refuses is always refused (`decide` checks it whatever
+    // else holds): nothing to prepare, and no certificate subject to build from it
+    // (a comma in the id would make the DN fail, an internal error instead of
+    // `device_id_rejected`).
+    if !ctx.policy.device_id_ok(&req.device_id) {
+        return Ok(Vec::new());
+    }
+    let rng = node.rng.as_ref();
+    let now = node.now();
+    let device_key = match &req.csr {
+        Some(der) => Some(
+            x509::read_device_csr(der).map_err(|e| Error::InvalidInput(format!("--csr: {e}")))?,
+        ),
+        None => None,
+    };
+    if device_key.is_none()
+        && ctx
+            .policy
+            .policy
+            .keys_from(KeySource::Device)
+            .next()
+            .is_some()
+    {
+        return Err(Error::InvalidInput(
+            "this entitlement has keys with source 'device': the request needs the device's CSR"
+                .into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(ctx.policy.policy.keys.len());
+    for spec in &ctx.policy.policy.keys {
+        let kind = device_type(spec.key_type);
+        out.push(match spec.source {
+            KeySource::HqPool => Prepared::Pool,
+            KeySource::Site => {
+                let ready = match kind {
+                    DeviceKeyType::EcP256 => reserve.take(),
+                    _ => None,
+                };
+                let (secret, e) = match ready {
+                    Some(key) => key,
+                    None => {
+                        let (secret, e) = devicekey::generate_expanded(kind, rng)?;
+                        (Box::new(secret), e)
+                    }
+                };
+                let cert = certify(ctx, spec, &req.device_id, e.public.as_ref(), now, rng)?;
+                let sealed = ctx.seal_site_key(&req.device_id, &spec.name, &secret, rng)?;
+                Prepared::Ready {
+                    key_id: e.key_id,
+                    sealed,
+                    private: Some(e.private),
+                    cert,
+                }
+            }
+            KeySource::Derived => {
+                let secret =
+                    devicekey::derive(&ctx.master, &ctx.record.id, &spec.name, &req.device_id)?;
+                let e = devicekey::expand(kind, &secret)?;
+                Prepared::Ready {
+                    key_id: e.key_id,
+                    sealed: Vec::new(),
+                    private: Some(e.private),
+                    cert: None,
+                }
+            }
+            KeySource::Device => {
+                let public = device_key
+                    .clone()
+                    .ok_or_else(|| Error::InvalidInput("missing CSR".into()))?;
+                let matches = matches!(
+                    (&public, spec.key_type),
+                    (x509::DevicePublicKey::P256(_), KeyType::EcP256)
+                        | (x509::DevicePublicKey::Ed25519(_), KeyType::Ed25519)
+                );
+                if !matches {
+                    return Err(Error::InvalidInput(format!(
+                        "the CSR's key is not of type {} as key '{}' requires",
+                        spec.key_type.as_str(),
+                        spec.name
+                    )));
+                }
+                Prepared::Ready {
+                    key_id: devicekey::public_key_id(&public),
+                    sealed: Vec::new(),
+                    private: None,
+                    cert: certify(ctx, spec, &req.device_id, Some(&public), now, rng)?,
+                }
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// The private parts a retry of `record`'s request gets again, per key spec: from the
+/// pool slot it took, its sealed site key, or the derivation; none for a device's own
+/// key.
+pub(super) fn replayed_privates(
+    node: &Node,
+    ctx: &EntitlementContext,
+    device_id: &str,
+    record: &DeviceRecord,
+) -> Result<Vec<Option<SecretBytes>>> {
+    let mut privates = Vec::new();
+    for (i, spec) in ctx.policy.policy.keys.iter().enumerate() {
+        let secret = match (spec.source, record.pool_index) {
+            (KeySource::HqPool, Some(index)) => Some(read_pool_key(node, ctx, i, index)?),
+            (KeySource::Site, _) => {
+                let sealed = record
+                    .sealed
+                    .get(i)
+                    .ok_or_else(|| Error::InvalidState("sealed site key".into()))?;
+                Some(unseal_site_key(ctx, device_id, &spec.name, sealed)?)
+            }
+            (KeySource::Derived, _) => Some(devicekey::derive(
+                &ctx.master,
+                &ctx.record.id,
+                &spec.name,
+                device_id,
+            )?),
+            _ => None,
+        };
+        let kind = device_type(spec.key_type);
+        privates.push(
+            secret
+                .map(|s| devicekey::expand(kind, &s).map(|e| e.private))
+                .transpose()?,
+        );
+    }
+    Ok(privates)
+}
+
+/// The device certificate for `public` under the key spec's template, if it has one.
+pub(super) fn certify(
+    ctx: &EntitlementContext,
+    spec: &KeySpec,
+    device_id: &str,
+    public: Option<&x509::DevicePublicKey>,
+    now: UnixTime,
+    rng: &dyn keyfab_crypto::rng::SecureRng,
+) -> Result<Option<(Vec<u8>, String)>> {
+    let (Some(template), Some(public)) = (&spec.certificate, public) else {
+        return Ok(None);
+    };
+    let serial = x509::random_serial(rng);
+    let cert = ctx.device_issuer.issue(
+        &template.subject.replace("{device_id}", device_id),
+        public,
+        serial,
+        Validity {
+            not_before: now,
+            not_after: now.plus_days(i64::from(template.days)),
+        },
+    )?;
+    Ok(Some((cert, hex::encode(serial))))
+}
+
+impl EntitlementContext {
+    pub(super) fn seal_site_key(
+        &self,
+        device_id: &str,
+        name: &str,
+        secret: &Secret32,
+        rng: &dyn keyfab_crypto::rng::SecureRng,
+    ) -> Result<Vec<u8>> {
+        Ok(keyfab_crypto::aead::seal_random_nonce(
+            &self.dek,
+            rng,
+            &site_key_aad(self, device_id, name),
+            secret.expose(),
+        )?)
+    }
+}
+
+pub(super) fn site_key_aad(ctx: &EntitlementContext, device_id: &str, name: &str) -> Vec<u8> {
+    format!("keyfab-site-key-v1\0{}\0{device_id}\0{name}", ctx.record.id).into_bytes()
+}
+
+pub(super) fn unseal_site_key(
+    ctx: &EntitlementContext,
+    device_id: &str,
+    name: &str,
+    sealed: &[u8],
+) -> Result<Secret32> {
+    let plain = keyfab_crypto::aead::open_random_nonce(
+        &ctx.dek,
+        &site_key_aad(ctx, device_id, name),
+        sealed,
+    )?;
+    Secret32::from_slice(plain.expose())
+        .ok_or_else(|| Error::InvalidState("site key length".into()))
+}
