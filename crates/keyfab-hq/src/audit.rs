@@ -193,7 +193,7 @@ pub struct Violation {
     /// `unknown_entitlement`, `pool_key_reused`, `pool_key_not_issued`,
     /// `timestamp_backwards`, `approver_not_listed`, `activated_without_quorum`,
     /// `revoked_without_revocation`, `denied_but_allowed`, `confirmed_without_release`,
-    /// `malformed_confirmation`, `code_replay_differs` (the policy module, replayed,
+    /// `malformed_confirmation`, `clock_reset_not_issued`, `code_replay_differs` (the policy module, replayed,
     /// refuses differently from what the site recorded).
     pub kind: String,
     pub detail: String,

@@ -8,172 +8,46 @@
 
 use keyfab_audit::Event;
 use keyfab_crypto::rng::SystemRng;
-use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::sign::SigningKey;
-use keyfab_crypto::time::{Clock, UnixTime};
-use keyfab_crypto::x509::{self, Role, Validity};
 use keyfab_node::{Error, Node, NodeKind, StoreChoice};
 use keyfab_site::provision::{Counters, Programming, ProvisionRequest, Provisioned, Provisioner};
-use std::path::Path;
-use std::sync::atomic::{AtomicI64, Ordering};
+use keyfab_testkit::{pass, DAY, T0};
 use std::sync::Arc;
 
-/// 2026-06-01T00:00:00Z: where every case's clock starts.
-const T0: i64 = 1_780_272_000;
-const DAY: i64 = 86_400;
-
-/// A clock the test moves; the nodes read it through their `Clock`.
-#[derive(Clone)]
-struct TestClock(Arc<AtomicI64>);
-
-impl Clock for TestClock {
-    fn now(&self) -> UnixTime {
-        UnixTime(self.0.load(Ordering::SeqCst))
-    }
-}
-
-/// HQ and site `shenzhen-1`, certified by one root, the site registered at HQ, and the
-/// site's provisioning engine.
+/// A testkit world and the site's provisioning engine.
 struct World {
-    dir: tempfile::TempDir,
-    clock: TestClock,
-    hq: Node,
+    kit: keyfab_testkit::World,
     engine: Provisioner,
 }
 
-fn pass() -> SecretBytes {
-    SecretBytes::new(b"decide test".to_vec())
-}
-
-/// A node of `kind` named `name` keeping its state in `store`, its cluster certificate
-/// issued by `root`.
-fn node(
-    dir: &Path,
-    kind: NodeKind,
-    name: &str,
-    store: &StoreChoice,
-    clock: &TestClock,
-    root: &Root,
-) -> Node {
-    let home = dir.join(name);
-    let mut node = Node::init_with(
-        &home,
-        kind,
-        name,
-        &keyfab_node::CustodyChoice::Software,
-        store,
-        &pass(),
-        Box::new(SystemRng),
-        Box::new(clock.clone()),
-    )
-    .unwrap();
-    let csr = x509::from_pem(
-        &std::fs::read_to_string(home.join(keyfab_node::CSR_FILE)).unwrap(),
-        "CERTIFICATE REQUEST",
-    )
-    .unwrap();
-    let role = match kind {
-        NodeKind::Hq => Role::Hq,
-        NodeKind::Site => Role::Site,
-    };
-    let cluster = x509::issue_cluster_certificate(
-        &root.key,
-        &root.cert,
-        &x509::read_csr(&csr).unwrap(),
-        role,
-        root.validity,
-        &SystemRng,
-    )
-    .unwrap();
-    node.install_cert(&cluster, &root.cert).unwrap();
-    node
-}
-
-struct Root {
-    key: SigningKey,
-    cert: Vec<u8>,
-    validity: Validity,
-}
-
 fn world() -> World {
-    world_on(tempfile::tempdir().unwrap(), &StoreChoice::Embedded)
-}
-
-/// [`world`], the site's state in `store`.
-fn world_on(dir: tempfile::TempDir, store: &StoreChoice) -> World {
-    let clock = TestClock(Arc::new(AtomicI64::new(T0)));
-    let validity = Validity {
-        not_before: UnixTime(T0 - DAY),
-        not_after: UnixTime(T0 + 3650 * DAY),
-    };
-    let key = SigningKey::generate(&SystemRng).unwrap();
-    let cert = x509::root_certificate(&key, "CN=Decide Root", validity, &SystemRng).unwrap();
-    let root = Root {
-        key,
-        cert,
-        validity,
-    };
-    let hq = node(
-        dir.path(),
-        NodeKind::Hq,
-        "acme-hq",
-        &StoreChoice::Embedded,
-        &clock,
-        &root,
-    );
-    let site = node(
-        dir.path(),
-        NodeKind::Site,
-        "shenzhen-1",
-        store,
-        &clock,
-        &root,
-    );
-    let identity = keyfab_site::identity::export_identity(&site).unwrap();
-    keyfab_hq::sites::add_site(&hq, &identity).unwrap();
-    World {
-        engine: Provisioner::start(Arc::new(site)),
-        dir,
-        clock,
-        hq,
-    }
+    World::of(keyfab_testkit::World::new())
 }
 
 /// A policy of `devices` devices valid for 2026, with `extra` TOML after its header and
 /// one site-made P-256 key.
 fn policy(devices: u64, extra: &str) -> String {
-    format!(
-        "product = \"p\"\ndevices = {devices}\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2027-01-01T00:00:00Z\"\n{extra}\n\
-         [[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"site\"\n"
-    )
+    keyfab_testkit::policy(devices, extra, "site")
 }
 
 impl World {
+    fn of(kit: keyfab_testkit::World) -> Self {
+        World {
+            engine: Provisioner::start(kit.site.clone()),
+            kit,
+        }
+    }
+
     fn site(&self) -> &Node {
         self.engine.node()
     }
 
     fn set_clock(&self, t: i64) {
-        self.clock.0.store(t, Ordering::SeqCst);
+        self.kit.clock.set(t);
     }
 
-    /// An entitlement of `policy_text` (files beside it: `files`), created at HQ and
-    /// imported at the site: its id.
     fn entitlement(&self, name: &str, policy_text: &str, files: &[(&str, &[u8])]) -> String {
-        let dir = self.dir.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        for (file, bytes) in files {
-            std::fs::write(dir.join(file), bytes).unwrap();
-        }
-        let path = dir.join("policy.toml");
-        std::fs::write(&path, policy_text).unwrap();
-        let policy = keyfab_hq::entitlement::load_policy(&path).unwrap();
-        let out = dir.join("e.kfe");
-        let req = keyfab_hq::entitlement::CreateRequest::new("shenzhen-1", policy, &out);
-        keyfab_hq::entitlement::create(&self.hq, req).unwrap();
-        keyfab_site::entitlements::import(self.site(), &out, None)
-            .unwrap()
-            .id
+        self.kit.entitlement(name, policy_text, files)
     }
 
     fn provision(&self, id: &str, device: &str, request: &str) -> keyfab_node::Result<Provisioned> {
@@ -344,8 +218,8 @@ fn the_window_the_audit_freshness_and_revocation_refuse_with_their_codes() {
 
     let revoked = w.entitlement("revoked", &policy(3, ""), &[]);
     allowed(&w, &revoked, "R-0");
-    let kfr = w.dir.path().join("revoked.kfr");
-    keyfab_hq::revoke::revoke(&w.hq, &revoked, "line closed", &kfr).unwrap();
+    let kfr = w.kit.dir.path().join("revoked.kfr");
+    keyfab_hq::revoke::revoke(&w.kit.hq, &revoked, "line closed", &kfr).unwrap();
     keyfab_site::revocation::import_revocation(w.site(), &std::fs::read(&kfr).unwrap()).unwrap();
     refused(&w, &revoked, "R-1", "revoked");
 }
@@ -573,7 +447,7 @@ fn nodes_decide_against_reservations_and_the_quota_holds_exactly_across_them() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = keyfab_store_etcd::cluster::EtcdCluster::start(1, &dir.path().join("etcd")).unwrap();
     let store = StoreChoice::parse(&etcd.store_spec(), "shenzhen-1").unwrap();
-    let w = world_on(dir, &store);
+    let w = World::of(keyfab_testkit::World::on(dir, &store));
     let id = w.entitlement(
         "pooled",
         "product = \"p\"\ndevices = 4\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2027-01-01T00:00:00Z\"\n\
@@ -587,9 +461,9 @@ fn nodes_decide_against_reservations_and_the_quota_holds_exactly_across_them() {
     assert_eq!((held[0].granted, held[0].used), (4, 1), "{held:?}");
 
     // A second node: the same state, its own engine and chain.
-    let second_home = w.dir.path().join("second");
+    let second_home = w.kit.dir.path().join("second");
     keyfab_node::home::create_private_dir(&second_home).unwrap();
-    for f in std::fs::read_dir(w.dir.path().join("shenzhen-1")).unwrap() {
+    for f in std::fs::read_dir(w.kit.site_home()).unwrap() {
         let f = f.unwrap().path();
         if f.is_file() {
             std::fs::copy(&f, second_home.join(f.file_name().unwrap())).unwrap();
@@ -601,7 +475,7 @@ fn nodes_decide_against_reservations_and_the_quota_holds_exactly_across_them() {
             NodeKind::Site,
             &pass(),
             Box::new(SystemRng),
-            Box::new(w.clock.clone()),
+            Box::new(w.kit.clock.clone()),
         )
         .unwrap(),
     ));
