@@ -1,5 +1,16 @@
-//! The HQ engine: the root CA ceremony ([`pki`]), the site registry ([`sites`]) and
-//! entitlement issue ([`entitlement`]).
+//! The HQ engine. Its modules, each with one job:
+//!
+//! - [`pki`]: the root CA ceremony — the root, and the cluster certificates it issues;
+//! - [`sites`]: the site registry — sites from their identity files, and what HQ keeps
+//!   of each (entitlements issued, the checkpoint accepted, clock resets issued);
+//! - [`entitlement`]: policies loaded and checked, entitlements issued (`.kfe`, with
+//!   their pool keys);
+//! - [`revoke`]: revocations of an entitlement (`.kfr`);
+//! - [`audit`]: a site's audit bundle imported — verified, staged and reconciled
+//!   against the policy (violations);
+//! - [`receipts`]: acknowledgments for the site (`.kfk`), and resets of its clock;
+//! - [`report`], [`html`]: per site and entitlement, from verified audit data only;
+//! - `device_index`: which devices each entitlement released, for reconciliation.
 //!
 //! Engines never parse bytes by hand nor call primitives directly: files go through
 //! `keyfab-formats`, keys through `keyfab-crypto` and `keyfab-custody`.
