@@ -90,13 +90,25 @@ pub fn scrub_stack() {
 mod tests {
     use super::*;
 
+    /// No digit of the secret in any base a formatter writes: a derived `Debug` (which
+    /// prints each byte in decimal: `171`) or one printing hex (`ab`) fails it, and so
+    /// does `{:#?}`. The exact redacted forms are pinned too.
     #[test]
     fn debug_never_shows_secret_bytes() {
-        let s = Secret32::new([0xAB; 32]);
-        let d = format!("{s:?}");
-        assert!(!d.to_lowercase().contains("ab"), "{d}");
-        let b = SecretBytes::new(vec![0xCD; 5]);
-        let d = format!("{b:?}");
-        assert!(!d.to_lowercase().contains("cd"), "{d}");
+        let (s, b) = (Secret32::new([0xAB; 32]), SecretBytes::new(vec![0xCD; 5]));
+        let shown = [
+            format!("{s:?}"),
+            format!("{s:#?}"),
+            format!("{b:?}"),
+            format!("{b:#?}"),
+        ];
+        for d in &shown {
+            let d = d.to_lowercase();
+            for leak in ["171", "ab", "0b10101011", "205", "cd", "0b11001101"] {
+                assert!(!d.contains(leak), "{d} shows {leak}");
+            }
+        }
+        assert_eq!(shown[0], "Secret32([redacted])");
+        assert_eq!(shown[2], "SecretBytes([redacted; 5])");
     }
 }
