@@ -28,6 +28,8 @@
 //! "#).unwrap();
 //! let policy = draft.finish(vec![]).unwrap();
 //! assert_eq!(policy.daily_limit, Some(200));
+//! // No [approval] section: nobody can approve anything (fail closed).
+//! assert_eq!(policy.approval_threshold(), u32::MAX);
 //! ```
 #![forbid(unsafe_code)]
 

@@ -294,6 +294,13 @@ impl Policy {
     }
 
     /// Whether `action` needs a quorum of approvals under this policy.
+    /// How many distinct listed approvers an approval needs: the policy's threshold, or
+    /// with no `[approval]` section `u32::MAX` — nobody can approve anything then (fail
+    /// closed), at the site and in HQ's replay alike.
+    pub fn approval_threshold(&self) -> u32 {
+        self.approval.as_ref().map_or(u32::MAX, |a| a.threshold)
+    }
+
     pub fn requires_approval(&self, action: Action) -> bool {
         self.approval
             .as_ref()

@@ -168,7 +168,7 @@ pub fn submit(node: &Node, files: &[Vec<u8>]) -> Result<Vec<Submitted>> {
         .collect();
     for (ent, action) in groups {
         let rec = &records[&ent];
-        let threshold = rec.policy.approval.as_ref().map_or(0, |a| a.threshold);
+        let threshold = rec.policy.approval_threshold();
         let prefix = format!("approval/{ent}/{action}/").into_bytes();
         let mut approvers: BTreeSet<String> = node
             .store

@@ -368,8 +368,7 @@ impl<'a> Reconciler<'a> {
     fn on_activated(&mut self, entitlement: &str) -> Result<()> {
         let threshold = self
             .issued(entitlement)?
-            .and_then(|entry| entry.record.policy.approval.as_ref().map(|a| a.threshold))
-            .unwrap_or(u32::MAX);
+            .map_or(u32::MAX, |entry| entry.record.policy.approval_threshold());
         let count = self.replica(entitlement)?.approvers.len();
         if count < threshold as usize {
             self.violation(
