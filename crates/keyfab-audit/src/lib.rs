@@ -251,7 +251,7 @@ const PACKED_ROW: u8 = 0x4c;
 /// a few MiB), so a damaged length cannot make a reader allocate without bound.
 pub const MAX_ROW_BYTES: usize = 64 << 20;
 
-/// A row of framed records ([`frame_into`]) compressed for storage: [`PACKED_ROW`] ‖
+/// A row of framed records ([`frame_into`]) compressed for storage: `PACKED_ROW` ‖
 /// unpacked length (u32 LE) ‖ one LZ4 block. The records of a batch share most of their
 /// bytes (field names, the entitlement, the certificates' issuer, extensions and
 /// validity), so a row packs to less than half; on etcd every byte is replicated and

@@ -27,7 +27,7 @@ fn split(n: usize) -> usize {
     k
 }
 
-/// MTH(D[n]): the root of the tree over `leaves`. The empty tree's root is SHA-256("").
+/// `MTH(D[n])`: the root of the tree over `leaves`. The empty tree's root is SHA-256("").
 pub fn root(leaves: &[Hash]) -> Hash {
     match leaves.len() {
         0 => keyfab_crypto::hash::sha256(b""),
@@ -39,7 +39,7 @@ pub fn root(leaves: &[Hash]) -> Hash {
     }
 }
 
-/// PATH(m, D[n]): the audit path of leaf `index`.
+/// `PATH(m, D[n])`: the audit path of leaf `index`.
 pub fn inclusion_proof(index: usize, leaves: &[Hash]) -> Vec<Hash> {
     let n = leaves.len();
     if n <= 1 || index >= n {
@@ -91,7 +91,7 @@ pub fn verify_inclusion(
     s_n == 0 && &r == root_hash
 }
 
-/// PROOF(m, D[n]): proof that the first `m` leaves are a prefix of `leaves`.
+/// `PROOF(m, D[n])`: proof that the first `m` leaves are a prefix of `leaves`.
 pub fn consistency_proof(m: usize, leaves: &[Hash]) -> Vec<Hash> {
     if m == 0 || m >= leaves.len() {
         return Vec::new();

@@ -4,7 +4,8 @@
 //! - sign and verify service messages: [`sign::SigningKey`], [`sign::VerifyingKey`] (ECDSA P-256);
 //! - encrypt to a recipient: [`hpke::seal_context`] / [`hpke::open_context`] (RFC 9180,
 //!   DHKEM(P-256, HKDF-SHA256), HKDF-SHA256, AES-256-GCM), used as a chunked stream;
-//! - encrypt at rest: [`aead::seal`] / [`aead::open`] (AES-256-GCM);
+//! - encrypt at rest: [`aead::seal_random_nonce`] / [`aead::open_random_nonce`], or
+//!   [`aead::AeadKey`] with a nonce of the caller's (AES-256-GCM);
 //! - derive a key from a passphrase: [`kdf::argon2id`];
 //! - certificates: [`x509`] builds and validates the keyfab PKI;
 //! - device key material: [`devicekey`] generates pool keys as 32-byte secrets;

@@ -2,7 +2,7 @@
 //!
 //! Which API for which job:
 //! - a site's identity file: [`identity::write_identity`] / [`identity::verify_identity`];
-//! - an entitlement: [`entitlement::EntitlementWriter`] streams one out;
+//! - an entitlement: [`entitlement::write_entitlement`] streams one out;
 //!   [`entitlement::verify_entitlement`] checks it in the verification order of docs/FORMATS.md
 //!   and returns a [`Verified`] envelope, which [`entitlement::open_entitlement`] decrypts
 //!   into its content and a stream of pool chunks.

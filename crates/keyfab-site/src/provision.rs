@@ -291,7 +291,7 @@ impl Job {
 
 /// The provisioning engine of one site node. Cheap to share between threads.
 ///
-/// Threads: crypto workers, one per core but one ([`crypto_workers`]), prepare requests
+/// Threads: crypto workers, one per core but one (`crypto_workers`), prepare requests
 /// (key generation, certificates), then hand them to the one committer; the key reserve
 /// makes keys on idle cores. A caller blocks once, for its answer. Keeping crypto to
 /// these threads, instead of running it on every caller's thread, keeps the committer —

@@ -64,7 +64,7 @@ impl ClockSetting {
     }
 
     /// Sets it to `secs`, audited. The record is made at the trusted time (see
-    /// [`crate::audit_log::commit_setting_at_trusted_time`]): changing a clock setting
+    /// `audit_log::commit_setting_at_trusted_time`): changing a clock setting
     /// is how an operator gets out of a clock check, so it must not need to pass one.
     pub fn set(&self, node: &Node, secs: i64) -> Result<()> {
         if !(self.min..=self.max).contains(&secs) {

@@ -720,7 +720,7 @@ pub struct ProvisionArgs {
     /// done get their same keys back.
     #[arg(long, value_name = "FILE", requires = "out")]
     pub device_ids: Option<PathBuf>,
-    /// The station asking, checked against the policy's [stations] allowed.
+    /// The station asking, checked against the policy's `[stations] allowed`.
     #[arg(long)]
     pub station: Option<String>,
     /// Makes retries idempotent (default: a fresh random id).

@@ -55,7 +55,7 @@ pub struct Reservation {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pool: Vec<(u64, u64)>,
     /// Trusted time of its node's last commit that allowed a device from it (a block
-    /// just taken counts as used [`GRANT_GRACE_SECS`] short of the reservation's life).
+    /// just taken counts as used `GRANT_GRACE_SECS` short of the reservation's life).
     pub seen_at: i64,
     /// The size of the next block to ask for.
     pub block: u64,
