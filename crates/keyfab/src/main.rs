@@ -18,7 +18,7 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() {
+fn main() -> std::process::ExitCode {
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -34,21 +34,27 @@ fn main() {
                     },
                     true,
                 );
-                std::process::exit(2);
+                return exit_code(2);
             }
-            e.exit();
+            // A reader gone (`--help | head -1`) is not an error of ours.
+            let _ = e.print();
+            return exit_code(e.exit_code());
         }
     };
     let json = cli.json;
-    let code = match run::dispatch(cli) {
+    match run::dispatch(cli) {
         Ok(report) => {
             output::print_report(&report, json);
-            0
+            exit_code(0)
         }
         Err(e) => {
             output::print_error(&e, json);
-            e.exit_code
+            exit_code(e.exit_code)
         }
-    };
-    std::process::exit(code);
+    }
+}
+
+/// The process's exit status for `code` (0–255; anything else is 1, never success).
+fn exit_code(code: i32) -> std::process::ExitCode {
+    std::process::ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
