@@ -154,8 +154,9 @@ pub fn import_receipt(node: &Node, bytes: &[u8]) -> Result<ReceiptImport> {
 /// keys after the checkpoint `r` acknowledges.
 fn reset_clock(node: &Node, txn: &mut Txn, r: &Receipt, to: i64) -> Result<(i64, i64)> {
     let size = usize::try_from(r.head.size).unwrap_or(usize::MAX);
-    for bytes in crate::audit_log::record_bytes(node)?.iter().skip(size) {
-        let record = keyfab_audit::Record::from_bytes(bytes)
+    // Streamed a page at a time: the log may be long, and only its end is looked at.
+    for bytes in crate::audit_log::RecordStream::new(node)?.skip(size) {
+        let record = keyfab_audit::Record::from_bytes(&bytes?)
             .map_err(|e| Error::InvalidState(format!("audit record: {e}")))?;
         if let Event::ProvisionAllowed { device_id, .. } = record.event {
             return Err(Error::Replayed(format!(
