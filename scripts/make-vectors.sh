@@ -118,43 +118,43 @@ for ext in ("kfk", "kfr"):
     (out / f"signature_flipped.{ext}").write_bytes(v[:-3] + bytes([v[-3] ^ 1]) + v[-2:])
 PY
 cat > "$out/expected.txt" <<'TXT'
-# file                    command      code (exit 4 unless "ok")
-valid.kfe                 import       ok
-trailing_bytes.kfe        import       malformed
-truncated.kfe             import       malformed
-version_2.kfe             import       malformed
-not_keyfab.kfe            import       malformed
-body_flipped.kfe          import       bad_signature
-signature_flipped.kfe     import       bad_signature
-sign1_length_huge.kfe     import       malformed
-wrong_recipient.kfe       import       wrong_recipient
-foreign_root.kfe          import       untrusted_signer
-code_flipped.kfe          import       bad_signature
-code.kfe                  import       ok
-valid.kfi                 site-add     ok
-trailing_bytes.kfi        site-add     malformed
-truncated.kfi             site-add     malformed
-version_2.kfi             site-add     malformed
-signature_flipped.kfi     site-add     bad_signature
-foreign_root.kfi          site-add     untrusted_signer
-trailing_bytes.kfa        hq-audit     malformed
-truncated.kfa             hq-audit     malformed
-version_2.kfa             hq-audit     malformed
-body_flipped.kfa          hq-audit     bad_signature
-signature_flipped.kfa     hq-audit     bad_signature
-valid.kfa                 hq-audit     ok
-valid.kfa                 hq-audit     replayed
-trailing_bytes.kfk        receipt      malformed
-truncated.kfk             receipt      malformed
-version_2.kfk             receipt      malformed
-signature_flipped.kfk     receipt      bad_signature
-valid.kfk                 receipt      ok
-trailing_bytes.kfr        revoke       malformed
-truncated.kfr             revoke       malformed
-version_2.kfr             revoke       malformed
-signature_flipped.kfr     revoke       bad_signature
-valid.kfr                 revoke       ok
-valid.kfr                 revoke       replayed
+# file                    command      code (exit 4 unless "ok")   kind (of malformed)
+valid.kfe                 import       ok                          -
+trailing_bytes.kfe        import       malformed                   trailing_bytes
+truncated.kfe             import       malformed                   truncated
+version_2.kfe             import       malformed                   unsupported_version
+not_keyfab.kfe            import       malformed                   not_keyfab
+body_flipped.kfe          import       bad_signature               -
+signature_flipped.kfe     import       bad_signature               -
+sign1_length_huge.kfe     import       malformed                   field
+wrong_recipient.kfe       import       wrong_recipient             -
+foreign_root.kfe          import       untrusted_signer            -
+code_flipped.kfe          import       bad_signature               -
+code.kfe                  import       ok                          -
+valid.kfi                 site-add     ok                          -
+trailing_bytes.kfi        site-add     malformed                   trailing_bytes
+truncated.kfi             site-add     malformed                   truncated
+version_2.kfi             site-add     malformed                   unsupported_version
+signature_flipped.kfi     site-add     bad_signature               -
+foreign_root.kfi          site-add     untrusted_signer            -
+trailing_bytes.kfa        hq-audit     malformed                   trailing_bytes
+truncated.kfa             hq-audit     malformed                   truncated
+version_2.kfa             hq-audit     malformed                   unsupported_version
+body_flipped.kfa          hq-audit     bad_signature               -
+signature_flipped.kfa     hq-audit     bad_signature               -
+valid.kfa                 hq-audit     ok                          -
+valid.kfa                 hq-audit     replayed                    -
+trailing_bytes.kfk        receipt      malformed                   trailing_bytes
+truncated.kfk             receipt      malformed                   truncated
+version_2.kfk             receipt      malformed                   unsupported_version
+signature_flipped.kfk     receipt      bad_signature               -
+valid.kfk                 receipt      ok                          -
+trailing_bytes.kfr        revoke       malformed                   trailing_bytes
+truncated.kfr             revoke       malformed                   truncated
+version_2.kfr             revoke       malformed                   unsupported_version
+signature_flipped.kfr     revoke       bad_signature               -
+valid.kfr                 revoke       ok                          -
+valid.kfr                 revoke       replayed                    -
 TXT
 # Seeds for the fuzz targets of the smaller formats.
 seeds=fuzz/seeds

@@ -12,8 +12,9 @@
 //! for a request it issued, before it expires, from a key its signed policy lists.
 
 use crate::prefix::{self, Kind};
+use crate::Malformed;
 use crate::{cbor_encode, cbor_exact, FormatError, Result};
-use coset::{iana, CoseSign1, CoseSign1Builder, HeaderBuilder, TaggedCborSerializable};
+use coset::{iana, CoseSign1Builder, HeaderBuilder, TaggedCborSerializable};
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::sign::{EcdsaSigner, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -54,18 +55,23 @@ impl ApprovalRequest {
     /// Parses a request file strictly (canonical: re-encoding gives the input back).
     pub fn from_file(bytes: &[u8]) -> Result<Self> {
         if bytes.len() > MAX_LEN {
-            return Err(FormatError::Malformed("approval request too large".into()));
+            return Err(FormatError::malformed(
+                Malformed::TooLarge,
+                "approval request too large",
+            ));
         }
         prefix::check(bytes, Kind::ApprovalRequest, VERSION)?;
         let r: ApprovalRequest = cbor_exact("approval request", &bytes[prefix::LEN..])?;
         if r.format != "keyfab-approval-request" || r.version != u32::from(VERSION) {
-            return Err(FormatError::Malformed(
-                "approval request format/version".into(),
+            return Err(FormatError::malformed(
+                Malformed::Field,
+                "approval request format/version",
             ));
         }
         if r.to_file()? != bytes {
-            return Err(FormatError::Malformed(
-                "approval request is not canonically encoded".into(),
+            return Err(FormatError::malformed(
+                Malformed::Encoding,
+                "approval request is not canonically encoded",
             ));
         }
         Ok(r)
@@ -107,15 +113,15 @@ pub struct Approval {
 /// not listed, a bad signature, or a malformed file is refused.
 pub fn verify_approval(bytes: &[u8], approvers: &[VerifyingKey]) -> Result<Approval> {
     if bytes.len() > MAX_APPROVAL_LEN {
-        return Err(FormatError::Malformed("approval too large".into()));
+        return Err(FormatError::malformed(
+            Malformed::TooLarge,
+            "approval too large",
+        ));
     }
     prefix::check(bytes, Kind::Approval, VERSION)?;
     let body = &bytes[prefix::LEN..];
-    let malformed = |m: &str| FormatError::Malformed(format!("approval: {m}"));
-    let sign1 = CoseSign1::from_tagged_slice(body).map_err(|e| malformed(&e.to_string()))?;
-    if sign1.clone().to_tagged_vec().ok().as_deref() != Some(body) {
-        return Err(malformed("not canonically encoded"));
-    }
+    let malformed = |m: &str| FormatError::malformed(Malformed::Field, format!("approval: {m}"));
+    let sign1 = crate::cose::decode_sign1("approval", body)?;
     let h = &sign1.protected.header;
     if h.alg
         != Some(coset::RegisteredLabelWithPrivate::Assigned(

@@ -19,6 +19,7 @@
 use crate::checkpoint::TreeHead;
 use crate::prefix::Kind;
 use crate::signed_file;
+use crate::Malformed;
 use crate::{cbor_encode, cbor_exact, FormatError, Result, Verified};
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::hpke::{self, HpkePublicKey, HpkeRecipient};
@@ -197,7 +198,10 @@ pub fn verify_bundle(
         .map_err(FormatError::from_chain)?;
     let header: BundleHeader = cbor_exact("audit bundle header", &signed.payload)?;
     if header.format != "keyfab-audit-bundle" || header.version != u32::from(VERSION) {
-        return Err(FormatError::Malformed("header format/version".into()));
+        return Err(FormatError::malformed(
+            Malformed::Field,
+            "header format/version",
+        ));
     }
     if header.site != signer.cluster_name {
         return Err(FormatError::UntrustedSigner(
@@ -211,8 +215,9 @@ pub fn verify_bundle(
         )));
     }
     if header.consistency.iter().any(|h| h.len() != 32) || header.to.size < header.from.size {
-        return Err(FormatError::Malformed(
-            "checkpoint or consistency proof malformed".into(),
+        return Err(FormatError::malformed(
+            Malformed::Field,
+            "checkpoint or consistency proof malformed",
         ));
     }
     let body_offset = body.offset;
@@ -239,9 +244,9 @@ pub fn open_bundle(
 ) -> Result<RecordReader> {
     let h = &envelope.header;
     let info = hpke_info(&h.site, &h.hq_cluster, &h.recipient, &h.id)?;
-    let opener = recipient
-        .open_context(&h.enc, &info)
-        .map_err(|_| FormatError::Malformed("cannot set up decryption".into()))?;
+    let opener = recipient.open_context(&h.enc, &info).map_err(|_| {
+        FormatError::malformed(Malformed::Undecryptable, "cannot set up decryption")
+    })?;
     let chunks = signed_file::ChunkReader::open(
         &envelope.path,
         envelope.body_offset,
@@ -317,14 +322,17 @@ impl<'a> ChunkRecords<'a> {
         let (len, tail) = self
             .rest
             .split_at_checked(4)
-            .ok_or_else(|| FormatError::Malformed("record length cut".into()))?;
+            .ok_or_else(|| FormatError::malformed(Malformed::Truncated, "record length cut"))?;
         let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
         if len > MAX_RECORD {
-            return Err(FormatError::Malformed("record too large".into()));
+            return Err(FormatError::malformed(
+                Malformed::TooLarge,
+                "record too large",
+            ));
         }
         let (record, tail) = tail
             .split_at_checked(len)
-            .ok_or_else(|| FormatError::Malformed("record cut".into()))?;
+            .ok_or_else(|| FormatError::malformed(Malformed::Truncated, "record cut"))?;
         self.rest = tail;
         Ok(record)
     }

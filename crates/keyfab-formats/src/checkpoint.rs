@@ -15,6 +15,7 @@
 //! disagrees with it, was rolled back.
 
 use crate::prefix::{self, Kind};
+use crate::Malformed;
 use crate::{cbor_encode, cbor_exact, cose, FormatError, Result, Verified};
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::sign::EcdsaSigner;
@@ -115,9 +116,10 @@ fn verified_body(
     now: UnixTime,
 ) -> Result<(ValidatedLeaf, Vec<Vec<u8>>, Vec<u8>)> {
     if bytes.len() > MAX_LEN {
-        return Err(FormatError::Malformed(format!(
-            "file larger than {MAX_LEN} bytes"
-        )));
+        return Err(FormatError::malformed(
+            Malformed::TooLarge,
+            format!("file larger than {MAX_LEN} bytes"),
+        ));
     }
     prefix::check(bytes, kind, VERSION)?;
     let signed = cose::verify(&bytes[prefix::LEN..], content_type, context)?;
@@ -139,7 +141,10 @@ pub fn verify_checkpoint(bytes: &[u8], root: &[u8], now: UnixTime) -> Result<Ver
     )?;
     let c: Checkpoint = cbor_exact("checkpoint", &payload)?;
     if c.format != "keyfab-checkpoint" || c.version != u32::from(VERSION) {
-        return Err(FormatError::Malformed("checkpoint format/version".into()));
+        return Err(FormatError::malformed(
+            Malformed::Field,
+            "checkpoint format/version",
+        ));
     }
     if c.site != signer.cluster_name {
         return Err(FormatError::UntrustedSigner(
@@ -168,7 +173,10 @@ pub fn verify_receipt(
     )?;
     let r: Receipt = cbor_exact("receipt", &payload)?;
     if r.format != "keyfab-receipt" || r.version != u32::from(VERSION) {
-        return Err(FormatError::Malformed("receipt format/version".into()));
+        return Err(FormatError::malformed(
+            Malformed::Field,
+            "receipt format/version",
+        ));
     }
     if r.hq != signer.cluster_name || r.hq_cluster != Fingerprint::of(&chain[1]).to_hex() {
         return Err(FormatError::UntrustedSigner(

@@ -17,6 +17,7 @@
 //! assert_eq!(opened[0].expose(), b"secret");
 //! ```
 
+use crate::Malformed;
 use crate::{FormatError, Result};
 use keyfab_crypto::hpke::{self, HpkePublicKey, HpkeSecretKey};
 use keyfab_crypto::rng::SecureRng;
@@ -86,7 +87,12 @@ pub fn open_keys(
     enc: &[u8],
     sealed: &[(&str, &[u8])],
 ) -> Result<Vec<SecretBytes>> {
-    let refused = || FormatError::Malformed("the package does not open on this chip".into());
+    let refused = || {
+        FormatError::malformed(
+            Malformed::Undecryptable,
+            "the package does not open on this chip",
+        )
+    };
     let mut opener = hpke::open_context(chip, enc, &info(binding)?).map_err(|_| refused())?;
     sealed
         .iter()

@@ -2,6 +2,7 @@
 //! RFC 9360), in the protected header. The context string goes in `external_aad`, so a
 //! signature made for one purpose never verifies for another.
 
+use crate::Malformed;
 use crate::{FormatError, Result};
 use coset::{iana, CoseSign1, CoseSign1Builder, HeaderBuilder, Label, TaggedCborSerializable};
 use keyfab_crypto::sign::{EcdsaSigner, VerifyingKey};
@@ -42,15 +43,31 @@ pub struct SignedByChain {
     pub payload: Vec<u8>,
 }
 
+/// A tagged COSE_Sign1 from exactly `bytes`, in its canonical encoding: re-encoding
+/// gives the input back (no trailing bytes, no alternative forms).
+pub(crate) fn decode_sign1(what: &str, bytes: &[u8]) -> Result<CoseSign1> {
+    let sign1 = CoseSign1::from_tagged_slice(bytes).map_err(|e| {
+        let kind = match e {
+            coset::CoseError::ExtraneousData => Malformed::TrailingBytes,
+            coset::CoseError::DecodeFailed(ciborium::de::Error::Io(_)) => Malformed::Truncated,
+            _ => Malformed::Encoding,
+        };
+        FormatError::malformed(kind, format!("{what}: {e}"))
+    })?;
+    if sign1.clone().to_tagged_vec().ok().as_deref() != Some(bytes) {
+        return Err(FormatError::malformed(
+            Malformed::Encoding,
+            format!("{what}: not canonically encoded"),
+        ));
+    }
+    Ok(sign1)
+}
+
 /// Parses the COSE framing, checks the algorithm, content type and canonical encoding,
 /// and verifies the signature over the exact bytes received.
 pub fn verify(bytes: &[u8], content_type: &str, context: &[u8]) -> Result<SignedByChain> {
-    let malformed = |m: &str| FormatError::Malformed(format!("COSE_Sign1: {m}"));
-    let sign1 = CoseSign1::from_tagged_slice(bytes).map_err(|e| malformed(&e.to_string()))?;
-    // Canonical: re-encoding gives the input back (no trailing bytes, no alternative forms).
-    if sign1.clone().to_tagged_vec().ok().as_deref() != Some(bytes) {
-        return Err(malformed("not canonically encoded"));
-    }
+    let malformed = |m: &str| FormatError::malformed(Malformed::Field, format!("COSE_Sign1: {m}"));
+    let sign1 = decode_sign1("COSE_Sign1", bytes)?;
     let h = &sign1.protected.header;
     if h.alg
         != Some(coset::RegisteredLabelWithPrivate::Assigned(

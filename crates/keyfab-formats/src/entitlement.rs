@@ -21,6 +21,7 @@
 
 use crate::prefix::Kind;
 use crate::signed_file;
+use crate::Malformed;
 use crate::{cbor_encode, cbor_exact, FormatError, Result, Verified};
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::hpke::{self, HpkePublicKey, HpkeRecipient};
@@ -273,7 +274,10 @@ pub fn verify_entitlement(
         .map_err(FormatError::from_chain)?;
     let header: EntitlementHeader = cbor_exact("entitlement header", &signed.payload)?;
     if header.format != "keyfab-entitlement" || header.version != u32::from(VERSION) {
-        return Err(FormatError::Malformed("header format/version".into()));
+        return Err(FormatError::malformed(
+            Malformed::Field,
+            "header format/version",
+        ));
     }
     if header.hq != signer.cluster_name
         || header.hq_cluster != Fingerprint::of(&signed.chain[1]).to_hex()
@@ -317,9 +321,9 @@ pub fn open_entitlement(
 ) -> Result<(EntitlementContent, PoolReader)> {
     let h = &envelope.header;
     let info = hpke_info(&h.hq_cluster, &h.site, &h.recipient, &h.id)?;
-    let opener = recipient
-        .open_context(&h.enc, &info)
-        .map_err(|_| FormatError::Malformed("cannot set up decryption".into()))?;
+    let opener = recipient.open_context(&h.enc, &info).map_err(|_| {
+        FormatError::malformed(Malformed::Undecryptable, "cannot set up decryption")
+    })?;
     let mut reader = PoolReader {
         chunks: signed_file::ChunkReader::open(
             &envelope.path,
@@ -346,7 +350,7 @@ pub fn open_entitlement(
     content
         .policy
         .validate()
-        .map_err(|e| FormatError::Malformed(e.to_string()))?;
+        .map_err(|e| FormatError::malformed(Malformed::Field, e.to_string()))?;
     let expected: Vec<PoolSpec> = content
         .policy
         .keys_from(KeySource::HqPool)
@@ -357,20 +361,28 @@ pub fn open_entitlement(
         })
         .collect();
     if content.pool != expected {
-        return Err(FormatError::Malformed(
-            "pool layout does not match the policy".into(),
+        return Err(FormatError::malformed(
+            Malformed::Field,
+            "pool layout does not match the policy",
         ));
     }
     if content.keys_per_chunk == 0 || content.keys_per_chunk > MAX_KEYS_PER_CHUNK {
-        return Err(FormatError::Malformed("keys_per_chunk out of range".into()));
+        return Err(FormatError::malformed(
+            Malformed::Field,
+            "keys_per_chunk out of range",
+        ));
     }
     if content.secrets.master_secret.len() != 32 {
-        return Err(FormatError::Malformed("master secret length".into()));
+        return Err(FormatError::malformed(
+            Malformed::Field,
+            "master secret length",
+        ));
     }
     let plan: Vec<ChunkRef> = chunk_plan(&content.pool, content.keys_per_chunk).collect();
     if plan.len() as u64 + 1 != h.chunks {
-        return Err(FormatError::Malformed(
-            "chunk count does not match the pool layout".into(),
+        return Err(FormatError::malformed(
+            Malformed::Field,
+            "chunk count does not match the pool layout",
         ));
     }
     reader.plan = plan.into_iter();
@@ -387,9 +399,9 @@ impl PoolReader {
     /// The next sealed chunk, which must be there.
     fn next_sealed(&mut self, max_plain: usize) -> Result<SecretBytes> {
         let index = self.chunks.next_index();
-        self.chunks
-            .next_chunk(max_plain)?
-            .ok_or_else(|| FormatError::Malformed(format!("chunk {index} missing")))
+        self.chunks.next_chunk(max_plain)?.ok_or_else(|| {
+            FormatError::malformed(Malformed::Truncated, format!("chunk {index} missing"))
+        })
     }
 
     /// The next chunk and its secrets (`count × 32` bytes), or `None` after the last.
@@ -399,17 +411,17 @@ impl PoolReader {
         };
         let want = c.count * KEY_LEN as u64;
         if self.chunks.next_index() != c.index {
-            return Err(FormatError::Malformed(format!(
-                "chunk {} out of order",
-                c.index
-            )));
+            return Err(FormatError::malformed(
+                Malformed::Field,
+                format!("chunk {} out of order", c.index),
+            ));
         }
         let plain = self.next_sealed(usize::try_from(want).unwrap_or(usize::MAX))?;
         if plain.len() as u64 != want {
-            return Err(FormatError::Malformed(format!(
-                "chunk {} has the wrong size",
-                c.index
-            )));
+            return Err(FormatError::malformed(
+                Malformed::Field,
+                format!("chunk {} has the wrong size", c.index),
+            ));
         }
         Ok(Some((c, plain)))
     }

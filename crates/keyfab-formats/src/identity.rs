@@ -7,6 +7,7 @@
 //! ```
 
 use crate::prefix::{self, Kind};
+use crate::Malformed;
 use crate::{cbor_encode, cbor_exact, cose, FormatError, Result, Verified};
 use keyfab_crypto::hpke::HpkePublicKey;
 use keyfab_crypto::sign::{EcdsaSigner, VerifyingKey};
@@ -80,9 +81,10 @@ pub fn write_identity(
 /// then the payload.
 pub fn verify_identity(bytes: &[u8], root: &[u8], now: UnixTime) -> Result<Verified<SiteIdentity>> {
     if bytes.len() > MAX_LEN {
-        return Err(FormatError::Malformed(format!(
-            "identity file larger than {MAX_LEN} bytes"
-        )));
+        return Err(FormatError::malformed(
+            Malformed::TooLarge,
+            format!("identity file larger than {MAX_LEN} bytes"),
+        ));
     }
     prefix::check(bytes, Kind::Identity, VERSION)?;
     let signed = cose::verify(&bytes[prefix::LEN..], CONTENT_TYPE, CONTEXT)?;
@@ -90,8 +92,9 @@ pub fn verify_identity(bytes: &[u8], root: &[u8], now: UnixTime) -> Result<Verif
         .map_err(FormatError::from_chain)?;
     let p: IdentityPayload = cbor_exact("identity payload", &signed.payload)?;
     if p.format != "keyfab-identity" || p.version != u32::from(VERSION) {
-        return Err(FormatError::Malformed(
-            "identity payload format/version".into(),
+        return Err(FormatError::malformed(
+            Malformed::Field,
+            "identity payload format/version",
         ));
     }
     if p.signing_cert != signed.chain[0] || p.cluster_cert != signed.chain[1] {
@@ -114,9 +117,9 @@ pub fn verify_identity(bytes: &[u8], root: &[u8], now: UnixTime) -> Result<Verif
         )));
     }
     let signing_key = VerifyingKey::from_sec1(&signer.public_point)
-        .map_err(|e| FormatError::Malformed(e.to_string()))?;
+        .map_err(|e| FormatError::malformed(Malformed::Field, e.to_string()))?;
     let hpke_key = HpkePublicKey::from_sec1(&hpke_leaf.public_point)
-        .map_err(|e| FormatError::Malformed(e.to_string()))?;
+        .map_err(|e| FormatError::malformed(Malformed::Field, e.to_string()))?;
     Ok(Verified::new(SiteIdentity {
         site: p.site,
         cluster_cert: p.cluster_cert,

@@ -24,6 +24,7 @@ pub mod prefix;
 pub mod revocation;
 mod signed_file;
 
+pub use keyfab_code::Code;
 use std::ops::Deref;
 
 /// The size cap of inputs without a format of their own that a command reads whole: a
@@ -54,8 +55,9 @@ impl<T> Deref for Verified<T> {
 /// Why a file was refused. Each variant maps to one stable error code (README.md, "Exit codes and error codes").
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
-    #[error("{0}")]
-    Malformed(String),
+    /// Not a well-formed file of its kind; `kind` says which defect.
+    #[error("{detail}")]
+    Malformed { kind: Malformed, detail: String },
     #[error("signature does not verify: {0}")]
     BadSignature(String),
     #[error("signer is not trusted: {0}")]
@@ -72,6 +74,44 @@ pub enum FormatError {
     Write(String),
 }
 
+/// Which defect made a file malformed: one kind per defect, so a caller (or a test
+/// vector) can tell a truncated file from one written by a newer keyfab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Malformed {
+    /// Larger than its kind's size cap.
+    TooLarge,
+    /// Ends before its stated length, or mid-item.
+    Truncated,
+    /// Bytes after the end of what the file states.
+    TrailingBytes,
+    /// Not a keyfab file of the expected kind (magic or kind byte).
+    NotKeyfab,
+    /// A version of the format this keyfab does not read.
+    UnsupportedVersion,
+    /// Not the strict encoding: bad CBOR or COSE, a non-canonical form, text not UTF-8.
+    Encoding,
+    /// Well-encoded, but a field is out of range or contradicts another.
+    Field,
+    /// An authenticated part that does not decrypt for this recipient.
+    Undecryptable,
+}
+
+impl Malformed {
+    /// The kind's name, as the test vector list writes it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Malformed::TooLarge => "too_large",
+            Malformed::Truncated => "truncated",
+            Malformed::TrailingBytes => "trailing_bytes",
+            Malformed::NotKeyfab => "not_keyfab",
+            Malformed::UnsupportedVersion => "unsupported_version",
+            Malformed::Encoding => "encoding",
+            Malformed::Field => "field",
+            Malformed::Undecryptable => "undecryptable",
+        }
+    }
+}
+
 /// The contents of `path` if it holds at most `cap` bytes; larger is `malformed`. Reads at
 /// most `cap + 1` bytes whatever the file claims to be, so a huge file, a device such as
 /// `/dev/zero` or an endless pipe costs bounded memory and time (the size cap comes first in
@@ -83,10 +123,13 @@ pub fn read_capped(path: &std::path::Path, cap: usize) -> Result<Vec<u8>> {
 /// [`read_capped`] of a text file: bytes that are not UTF-8 are `malformed` too.
 pub fn read_capped_text(path: &std::path::Path, cap: usize) -> Result<String> {
     String::from_utf8(read_capped(path, cap)?).map_err(|e| {
-        FormatError::Malformed(format!(
-            "not UTF-8 text (byte {} is not)",
-            e.utf8_error().valid_up_to()
-        ))
+        FormatError::malformed(
+            Malformed::Encoding,
+            format!(
+                "not UTF-8 text (byte {} is not)",
+                e.utf8_error().valid_up_to()
+            ),
+        )
     })
 }
 
@@ -96,24 +139,41 @@ pub fn read_capped_from(reader: impl std::io::Read, cap: usize) -> Result<Vec<u8
     let mut out = Vec::new();
     reader.take(cap as u64 + 1).read_to_end(&mut out)?;
     if out.len() > cap {
-        return Err(FormatError::Malformed(format!(
-            "larger than the size cap of {cap} bytes"
-        )));
+        return Err(FormatError::malformed(
+            Malformed::TooLarge,
+            format!("larger than the size cap of {cap} bytes"),
+        ));
     }
     Ok(out)
 }
 
 impl FormatError {
+    /// A malformed file: the defect's kind and what, in words.
+    pub fn malformed(kind: Malformed, detail: impl Into<String>) -> Self {
+        FormatError::Malformed {
+            kind,
+            detail: detail.into(),
+        }
+    }
+
     /// The stable error code (README.md, "Exit codes and error codes").
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            FormatError::Malformed(_) => "malformed",
-            FormatError::BadSignature(_) => "bad_signature",
-            FormatError::UntrustedSigner(_) => "untrusted_signer",
-            FormatError::WrongRecipient(_) => "wrong_recipient",
-            FormatError::Expired => "expired",
-            FormatError::NotYetValid => "not_yet_valid",
-            FormatError::Io(_) | FormatError::Write(_) => "io",
+            FormatError::Malformed { .. } => Code::Malformed,
+            FormatError::BadSignature(_) => Code::BadSignature,
+            FormatError::UntrustedSigner(_) => Code::UntrustedSigner,
+            FormatError::WrongRecipient(_) => Code::WrongRecipient,
+            FormatError::Expired => Code::SignerExpired,
+            FormatError::NotYetValid => Code::SignerNotYetValid,
+            FormatError::Io(_) | FormatError::Write(_) => Code::Io,
+        }
+    }
+
+    /// The defect's kind, if the file is malformed.
+    pub fn malformed_kind(&self) -> Option<Malformed> {
+        match self {
+            FormatError::Malformed { kind, .. } => Some(*kind),
+            _ => None,
         }
     }
 
@@ -133,10 +193,18 @@ pub type Result<T> = std::result::Result<T, FormatError>;
 /// trailing bytes are refused.
 pub(crate) fn cbor_exact<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
     let mut reader = bytes;
-    let v: T = ciborium::from_reader(&mut reader)
-        .map_err(|e| FormatError::Malformed(format!("{what}: {e}")))?;
+    let v: T = ciborium::from_reader(&mut reader).map_err(|e| {
+        let kind = match e {
+            ciborium::de::Error::Io(_) => Malformed::Truncated,
+            _ => Malformed::Encoding,
+        };
+        FormatError::malformed(kind, format!("{what}: {e}"))
+    })?;
     if !reader.is_empty() {
-        return Err(FormatError::Malformed(format!("{what}: trailing bytes")));
+        return Err(FormatError::malformed(
+            Malformed::TrailingBytes,
+            format!("{what}: trailing bytes"),
+        ));
     }
     Ok(v)
 }

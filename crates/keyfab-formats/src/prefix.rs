@@ -1,6 +1,7 @@
 //! The 8 bytes at the front of every keyfab file: `"KEYFAB"`, a kind letter, a version.
 //! An unknown version is reported as such, never as corruption.
 
+use crate::Malformed;
 use crate::{FormatError, Result};
 
 pub const MAGIC: &[u8; 6] = b"KEYFAB";
@@ -75,24 +76,30 @@ pub fn kind_of(bytes: &[u8]) -> Option<Kind> {
 /// Checks the prefix of `bytes` for `kind` at `version`.
 pub fn check(bytes: &[u8], kind: Kind, version: u8) -> Result<()> {
     if bytes.len() < LEN || &bytes[..6] != MAGIC {
-        return Err(FormatError::Malformed(format!(
-            "not a keyfab {}",
-            kind.name()
-        )));
+        return Err(FormatError::malformed(
+            Malformed::NotKeyfab,
+            format!("not a keyfab {}", kind.name()),
+        ));
     }
     if bytes[6] != kind.letter() {
-        return Err(FormatError::Malformed(format!(
-            "not a keyfab {} (kind byte '{}')",
-            kind.name(),
-            bytes[6].escape_ascii()
-        )));
+        return Err(FormatError::malformed(
+            Malformed::NotKeyfab,
+            format!(
+                "not a keyfab {} (kind byte '{}')",
+                kind.name(),
+                bytes[6].escape_ascii()
+            ),
+        ));
     }
     if bytes[7] != version {
-        return Err(FormatError::Malformed(format!(
-            "unsupported version v{} of {} (this keyfab reads v{version})",
-            bytes[7],
-            kind.name()
-        )));
+        return Err(FormatError::malformed(
+            Malformed::UnsupportedVersion,
+            format!(
+                "unsupported version v{} of {} (this keyfab reads v{version})",
+                bytes[7],
+                kind.name()
+            ),
+        ));
     }
     Ok(())
 }

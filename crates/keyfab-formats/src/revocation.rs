@@ -11,6 +11,7 @@
 //! uses the same per-site sequence, so it cannot be replayed or reordered.
 
 use crate::prefix::{self, Kind};
+use crate::Malformed;
 use crate::{cbor_encode, cbor_exact, cose, FormatError, Result, Verified};
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::sign::EcdsaSigner;
@@ -63,9 +64,10 @@ pub fn verify_revocation(
     recipients: &[Fingerprint],
 ) -> Result<Verified<Revocation>> {
     if bytes.len() > MAX_LEN {
-        return Err(FormatError::Malformed(format!(
-            "revocation larger than {MAX_LEN} bytes"
-        )));
+        return Err(FormatError::malformed(
+            Malformed::TooLarge,
+            format!("revocation larger than {MAX_LEN} bytes"),
+        ));
     }
     prefix::check(bytes, Kind::Revocation, VERSION)?;
     let signed = cose::verify(&bytes[prefix::LEN..], CONTENT_TYPE, CONTEXT)?;
@@ -73,7 +75,10 @@ pub fn verify_revocation(
         .map_err(FormatError::from_chain)?;
     let r: Revocation = cbor_exact("revocation", &signed.payload)?;
     if r.format != "keyfab-revocation" || r.version != u32::from(VERSION) {
-        return Err(FormatError::Malformed("revocation format/version".into()));
+        return Err(FormatError::malformed(
+            Malformed::Field,
+            "revocation format/version",
+        ));
     }
     if r.hq != signer.cluster_name || r.hq_cluster != Fingerprint::of(&signed.chain[1]).to_hex() {
         return Err(FormatError::UntrustedSigner(

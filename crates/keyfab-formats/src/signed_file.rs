@@ -10,6 +10,7 @@
 
 use crate::cose::{self, SignedByChain};
 use crate::prefix::{self, Kind};
+use crate::Malformed;
 use crate::{FormatError, Result};
 use keyfab_crypto::hash::Sha256Stream;
 use keyfab_crypto::hpke;
@@ -49,18 +50,25 @@ pub(crate) fn read_signed_head(
     let mut file = File::open(path)?;
     let file_len = file.metadata()?.len();
     if file_len > layout.max_file_len {
-        return Err(FormatError::Malformed(format!(
-            "file larger than the {} size cap",
-            layout.what
-        )));
+        return Err(FormatError::malformed(
+            Malformed::TooLarge,
+            format!("file larger than the {} size cap", layout.what),
+        ));
     }
     let mut head = [0u8; prefix::LEN + 4];
     read_exact_or_truncated(&mut file, &mut head)?;
     prefix::check(&head, layout.kind, layout.version)?;
     let sign1_len = u32::from_be_bytes([head[8], head[9], head[10], head[11]]);
-    if sign1_len > layout.max_sign1_len || u64::from(sign1_len) > file_len - head.len() as u64 {
-        return Err(FormatError::Malformed(
-            "truncated, or signed header length out of range".into(),
+    if sign1_len > layout.max_sign1_len {
+        return Err(FormatError::malformed(
+            Malformed::Field,
+            format!("signed header length {sign1_len} out of range"),
+        ));
+    }
+    if u64::from(sign1_len) > file_len - head.len() as u64 {
+        return Err(FormatError::malformed(
+            Malformed::Truncated,
+            "truncated inside the signed header",
         ));
     }
     let mut sign1 = vec![0u8; sign1_len as usize];
@@ -79,13 +87,15 @@ impl UncheckedBody {
     pub(crate) fn check(mut self, body_len: u64, digest: &[u8]) -> Result<()> {
         let actual = self.file_len - self.offset;
         if actual < body_len {
-            return Err(FormatError::Malformed(format!(
-                "truncated: body has {actual} of {body_len} bytes"
-            )));
+            return Err(FormatError::malformed(
+                Malformed::Truncated,
+                format!("truncated: body has {actual} of {body_len} bytes"),
+            ));
         }
         if actual > body_len {
-            return Err(FormatError::Malformed(
-                "trailing bytes after the body".into(),
+            return Err(FormatError::malformed(
+                Malformed::TrailingBytes,
+                "trailing bytes after the body",
             ));
         }
         let mut hasher = Sha256Stream::default();
@@ -118,7 +128,9 @@ fn chunk_aad(label: &[u8], index: u64, last: bool) -> Vec<u8> {
 
 pub(crate) fn read_exact_or_truncated(r: &mut impl Read, buf: &mut [u8]) -> Result<()> {
     r.read_exact(buf).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => FormatError::Malformed("truncated".into()),
+        std::io::ErrorKind::UnexpectedEof => {
+            FormatError::malformed(Malformed::Truncated, "truncated")
+        }
         _ => FormatError::Io(e),
     })
 }
@@ -279,16 +291,22 @@ impl ChunkReader {
         read_exact_or_truncated(&mut self.file, &mut len)?;
         let len = u32::from_be_bytes(len) as usize;
         if len < hpke::TAG_LEN || len - hpke::TAG_LEN > max_plain {
-            return Err(FormatError::Malformed(format!(
-                "chunk {index} length out of range"
-            )));
+            return Err(FormatError::malformed(
+                Malformed::Field,
+                format!("chunk {index} length out of range"),
+            ));
         }
         let mut ct = vec![0u8; len];
         read_exact_or_truncated(&mut self.file, &mut ct)?;
         let plain = self
             .opener
             .open(&ct, &chunk_aad(self.label, index, index + 1 == self.chunks))
-            .map_err(|_| FormatError::Malformed(format!("chunk {index} does not decrypt")))?;
+            .map_err(|_| {
+                FormatError::malformed(
+                    Malformed::Undecryptable,
+                    format!("chunk {index} does not decrypt"),
+                )
+            })?;
         self.next += 1;
         Ok(Some(plain))
     }

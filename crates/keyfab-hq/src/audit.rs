@@ -18,6 +18,9 @@
 
 mod reconcile;
 mod stage;
+mod violation;
+
+pub use violation::ViolationKind;
 
 use crate::sites::get_site;
 use keyfab_audit::merkle::{self, Frontier, Hash};
@@ -195,13 +198,8 @@ pub struct Violation {
     pub sequence: u64,
     pub entitlement: Option<String>,
     pub device_id: Option<String>,
-    /// What went wrong: a policy code the decision broke (`daily_limit_exceeded`, …), or
-    /// `unknown_entitlement`, `pool_key_reused`, `pool_key_not_issued`,
-    /// `timestamp_backwards`, `approver_not_listed`, `activated_without_quorum`,
-    /// `revoked_without_revocation`, `denied_but_allowed`, `confirmed_without_release`,
-    /// `malformed_confirmation`, `clock_reset_not_issued`, `code_replay_differs` (the policy module, replayed,
-    /// refuses differently from what the site recorded).
-    pub kind: String,
+    /// What went wrong, written as its name.
+    pub kind: ViolationKind,
     pub detail: String,
 }
 
@@ -283,7 +281,7 @@ pub fn import(
             .map(|(l, b)| (*l, b.as_slice().try_into().unwrap_or([0u8; 32])))
             .collect(),
     )
-    .ok_or_else(|| Error::InvalidState("stored frontier".into()))?;
+    .ok_or_else(|| Error::Corrupt("stored frontier".into()))?;
 
     // Stage and reconcile, in one pass on two threads: one decrypts the records and
     // checks each one's place in the chain and the Merkle tree; the other reconciles
@@ -438,7 +436,7 @@ fn commit_import(
     txn.require_unchanged(Table::Audit, &log_key(&h.site), log_v.as_ref())
         .put(Table::Audit, &log_key(&h.site), &encode(&log)?);
     if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState(
+        return Err(Error::Conflict(
             "HQ state changed meanwhile; import again".into(),
         ));
     }
@@ -474,17 +472,20 @@ pub fn site_records(node: &Node, site: &str) -> Result<Vec<Record>> {
         if first > accepted {
             continue;
         }
-        for bytes in
-            keyfab_audit::split_row(&v.value).map_err(|e| Error::InvalidState(e.to_string()))?
-        {
-            out.push(Record::from_bytes(bytes).map_err(|e| Error::InvalidState(e.to_string()))?);
+        for bytes in keyfab_audit::split_row(&v.value).map_err(|e| Error::Corrupt(e.to_string()))? {
+            out.push(Record::from_bytes(bytes).map_err(|e| Error::Corrupt(e.to_string()))?);
         }
     }
     Ok(out)
 }
 
+/// A record of a verified bundle that does not decode: the site signed bytes that are
+/// not an audit record.
 fn malformed(m: &str) -> Error {
-    Error::Verification(keyfab_formats::FormatError::Malformed(m.to_owned()))
+    Error::Verification(keyfab_formats::FormatError::malformed(
+        keyfab_formats::Malformed::Field,
+        m,
+    ))
 }
 
 #[cfg(test)]

@@ -127,7 +127,7 @@ impl DeviceIndex {
         for (key, row) in wanted.iter().zip(rows) {
             let group = match row {
                 Some(v) => Group::parse(&v.value)
-                    .ok_or_else(|| Error::InvalidState("device index row".into()))?,
+                    .ok_or_else(|| Error::Corrupt("device index row".into()))?,
                 None => Group::default(),
             };
             self.groups.insert(key.clone(), group);

@@ -191,9 +191,8 @@ pub fn generate_keys(
         handles
             .into_iter()
             .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::InvalidState("key generation thread failed".into()))
-                })
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Bug("key generation thread failed".into())))
             })
             .collect()
     });
@@ -236,7 +235,7 @@ pub(crate) fn reserve_sequence(node: &Node, site: &str) -> Result<(SiteRecord, u
     txn.require_unchanged(Table::Sites, record.name.as_bytes(), Some(&version))
         .put(Table::Sites, record.name.as_bytes(), &encode(&reserved)?);
     if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState(
+        return Err(Error::Conflict(
             "another file for this site is being created; retry".into(),
         ));
     }

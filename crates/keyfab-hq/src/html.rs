@@ -159,7 +159,7 @@ pub fn render(r: &Report, hq: &str, generated: &str) -> String {
                 "<tr><td>{}</td><td>{}</td><td class=\"bad\">{}</td><td>{}</td><td>{}</td></tr>",
                 esc(&v.site),
                 v.sequence,
-                esc(&v.kind),
+                esc(v.kind.as_str()),
                 esc(v.device_id.as_deref().unwrap_or("")),
                 esc(&v.detail)
             );

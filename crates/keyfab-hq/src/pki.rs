@@ -22,7 +22,7 @@ pub fn init_root(
     now: UnixTime,
 ) -> Result<PathBuf> {
     if home.join(ROOT_CERT_FILE).exists() || home.join(KEYSTORE_FILE).exists() {
-        return Err(Error::InvalidState(format!(
+        return Err(Error::Precondition(format!(
             "{} already holds a root CA",
             home.display()
         )));

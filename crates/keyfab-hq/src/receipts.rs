@@ -62,7 +62,7 @@ pub fn reset_clock(node: &Node, site_name: &str) -> Result<ClockReset> {
     let (Some(head), Some(checkpoint_time)) =
         (site.acknowledged, site.acknowledged_checkpoint_time)
     else {
-        return Err(Error::InvalidState(format!(
+        return Err(Error::Precondition(format!(
             "HQ has accepted no audit export of site '{site_name}' yet: import its latest export (`keyfab hq audit import`), then reset its clock"
         )));
     };
@@ -111,7 +111,7 @@ fn commit_site(node: &Node, read: &keyfab_store::Versioned, site: &SiteRecord) -
     txn.require_unchanged(Table::Sites, site.name.as_bytes(), Some(read))
         .put(Table::Sites, site.name.as_bytes(), &encode(site)?);
     if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState(
+        return Err(Error::Conflict(
             "site registry changed meanwhile; retry".into(),
         ));
     }

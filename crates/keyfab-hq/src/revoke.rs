@@ -23,7 +23,7 @@ pub fn revoke(node: &Node, id: &str, reason: &str, out: &Path) -> Result<RevokeS
         .ok_or_else(|| Error::NotFound(format!("HQ issued no entitlement '{id}'")))?;
     let mut issued: IssuedRecord = decode(&v.value)?;
     if issued.revoked_at.is_some() {
-        return Err(Error::InvalidState(format!("{id} is already revoked")));
+        return Err(Error::Precondition(format!("{id} is already revoked")));
     }
     let (site, sequence) = reserve_sequence(node, &issued.site)?;
     let cluster = node.cluster_cert()?;

@@ -78,7 +78,7 @@ pub fn add_site(node: &Node, kfi: &[u8]) -> Result<SiteRecord> {
     txn.require_unchanged(Table::Sites, key, existing.as_ref())
         .put(Table::Sites, key, &encode(&record)?);
     if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState(
+        return Err(Error::Conflict(
             "site registry changed meanwhile; retry".into(),
         ));
     }

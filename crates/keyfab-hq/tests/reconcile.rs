@@ -21,7 +21,11 @@ fn kinds(w: &World, id: &str, events: Vec<(i64, Event)>) -> Vec<String> {
     let out = w.dir.path().join(format!("{id}.kfa"));
     write_forged_log(&w.site, log, &format!("bundle-{id}"), &out);
     let imported = keyfab_hq::audit::import(&w.hq, &out, None).expect("imported");
-    imported.violations.into_iter().map(|v| v.kind).collect()
+    imported
+        .violations
+        .into_iter()
+        .map(|v| v.kind.to_string())
+        .collect()
 }
 
 fn release(id: &str, device: &str) -> Event {

@@ -77,7 +77,7 @@ impl CustodyChoice {
     pub fn load(home: &Path) -> Result<Self> {
         match std::fs::read(home.join(CUSTODY_FILE)) {
             Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| Error::InvalidState(format!("{CUSTODY_FILE}: {e}"))),
+                .map_err(|e| Error::Corrupt(format!("{CUSTODY_FILE}: {e}"))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CustodyChoice::Software),
             Err(e) => Err(e.into()),
         }
@@ -111,8 +111,8 @@ impl CustodyChoice {
             None => Box::new(SoftwareKeystore::create(keystore, secret, rng)?),
             Some(config) => {
                 let custody = Pkcs11Custody::create(&config)?;
-                let json = serde_json::to_vec_pretty(self)
-                    .map_err(|e| Error::InvalidState(e.to_string()))?;
+                let json =
+                    serde_json::to_vec_pretty(self).map_err(|e| Error::Bug(e.to_string()))?;
                 crate::home::write_private_file(&home.join(CUSTODY_FILE), &json)?;
                 Box::new(custody)
             }

@@ -1,5 +1,11 @@
-//! The engines' error: each variant carries its stable code (README.md, "Exit codes and error codes") and exit code.
+//! The engines' error. Each variant is one kind of failure and has its stable [`Code`]
+//! (README.md, "Exit codes and error codes"), from which the CLI takes its exit code and
+//! the station API its HTTP status. The kinds that are nobody's input — a stored state
+//! that does not read back ([`Error::Corrupt`]) and a broken invariant ([`Error::Bug`])
+//! — are told apart from what a user can fix, so a station gets a fixed message for them
+//! and the site's log gets the detail.
 
+pub use keyfab_code::Code;
 use keyfab_custody::CustodyError;
 use keyfab_formats::FormatError;
 
@@ -19,7 +25,7 @@ pub enum Error {
     Sealed(String),
     /// A provisioning request refused by the policy (exit 3).
     #[error("{message}")]
-    Denied { code: &'static str, message: String },
+    Denied { code: Code, message: String },
     /// The clock is behind the trusted-time high-water mark (exit 3; audited).
     #[error("clock rollback: the clock says {}, earlier than the site's trusted time {} by more than the tolerance (`keyfab site config --clock-tolerance`); set the clock right", crate::rfc3339(*observed), crate::rfc3339(*high_water))]
     ClockRollback { observed: i64, high_water: i64 },
@@ -53,8 +59,25 @@ pub enum Error {
     InvalidPolicy(#[from] keyfab_policy::PolicyError),
     #[error("{0}")]
     NotFound(String),
+    /// The state does not allow this now: a step missing before it (no certificate
+    /// installed, nothing imported yet) or done already (enrolled, activated, confirmed
+    /// otherwise). Code `invalid_state`.
     #[error("{0}")]
-    InvalidState(String),
+    Precondition(String),
+    /// The state changed under this command while it ran (another command, another
+    /// node): nothing was changed; the same command again is safe.
+    #[error("{0}")]
+    Conflict(String),
+    /// The stored state does not read back as keyfab wrote it: damaged or altered.
+    #[error("the stored state is damaged: {0}")]
+    Corrupt(String),
+    /// An invariant of keyfab's own code does not hold: a bug, never a user's doing.
+    #[error("internal error: {0}")]
+    Bug(String),
+    /// An error made elsewhere — another thread of a batch, the `site serve` answering
+    /// over its admin socket — carried here with its code and message.
+    #[error("{message}")]
+    Relayed { code: Code, message: String },
     #[error("{0}")]
     InvalidInput(String),
     /// A home other users can enter: its secrets are not private (see `home`).
@@ -106,47 +129,67 @@ impl From<CustodyError> for Error {
 
 impl Error {
     /// The stable error code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
             Error::Verification(f) => f.code(),
-            Error::Replayed(_) => "replayed",
-            Error::Locked | Error::Sealed(_) => "locked",
-            Error::Denied { code, .. } => code,
-            Error::ClockRollback { .. } => "clock_rollback",
-            Error::ClockAhead { .. } => "clock_ahead",
-            Error::UnknownEntitlement(_) => "unknown_entitlement",
-            Error::ApprovalInvalid(_) => "approval_invalid",
-            Error::RollbackDetected(_) => "rollback_detected",
-            Error::LogGap(_) => "log_gap",
-            Error::LogBroken(_) => "log_broken",
-            Error::LogFork(_) => "log_fork",
-            Error::InvalidPolicy(_) => "invalid_policy",
-            Error::NotFound(_) => "not_found",
-            Error::InvalidState(_) => "invalid_state",
-            Error::InvalidInput(_) => "invalid_input",
-            Error::InsecureHome(_) => "insecure_home",
-            Error::Unavailable(_) | Error::OutcomeUnknown(_) => "unavailable",
-            Error::InUse => "in_use",
-            Error::Custody(_) | Error::Store(_) | Error::Crypto(_) | Error::Io(_) => "internal",
+            Error::Replayed(_) => Code::Replayed,
+            Error::Locked | Error::Sealed(_) => Code::Locked,
+            Error::Denied { code, .. } | Error::Relayed { code, .. } => *code,
+            Error::ClockRollback { .. } => Code::ClockRollback,
+            Error::ClockAhead { .. } => Code::ClockAhead,
+            Error::UnknownEntitlement(_) => Code::UnknownEntitlement,
+            Error::ApprovalInvalid(_) => Code::ApprovalInvalid,
+            Error::RollbackDetected(_) => Code::RollbackDetected,
+            Error::LogGap(_) => Code::LogGap,
+            Error::LogBroken(_) => Code::LogBroken,
+            Error::LogFork(_) => Code::LogFork,
+            Error::InvalidPolicy(_) => Code::InvalidPolicy,
+            Error::NotFound(_) => Code::NotFound,
+            Error::Precondition(_) => Code::InvalidState,
+            Error::Conflict(_) => Code::Conflict,
+            Error::Corrupt(_) => Code::Corrupt,
+            Error::InvalidInput(_) => Code::InvalidInput,
+            Error::InsecureHome(_) => Code::InsecureHome,
+            Error::Unavailable(_) | Error::OutcomeUnknown(_) => Code::Unavailable,
+            Error::InUse => Code::InUse,
+            Error::Io(_) => Code::Io,
+            Error::Bug(_) | Error::Custody(_) | Error::Store(_) | Error::Crypto(_) => {
+                Code::Internal
+            }
         }
     }
 
-    /// The process exit code (README.md, "Exit codes and error codes"): 4 for refused files, 1 otherwise.
+    /// The process exit code (README.md, "Exit codes and error codes"): the code's.
     pub fn exit_code(&self) -> i32 {
+        i32::from(self.code().exit_code())
+    }
+
+    /// The same error again, for a second receiver: its code and message (a batch
+    /// that failed as a whole answers each request in it).
+    pub fn relay(&self) -> Error {
         match self {
-            Error::Verification(FormatError::Io(_) | FormatError::Write(_)) => 1,
-            Error::Verification(_)
-            | Error::Replayed(_)
-            | Error::ApprovalInvalid(_)
-            | Error::RollbackDetected(_)
-            | Error::LogBroken(_)
-            | Error::LogGap(_)
-            | Error::LogFork(_) => 4,
-            Error::Denied { .. }
-            | Error::ClockRollback { .. }
-            | Error::ClockAhead { .. }
-            | Error::UnknownEntitlement(_) => 3,
-            _ => 1,
+            Error::ClockRollback {
+                observed,
+                high_water,
+            } => Error::ClockRollback {
+                observed: *observed,
+                high_water: *high_water,
+            },
+            Error::ClockAhead {
+                observed,
+                trusted,
+                max_jump,
+            } => Error::ClockAhead {
+                observed: *observed,
+                trusted: *trusted,
+                max_jump: *max_jump,
+            },
+            Error::Unavailable(why) => Error::Unavailable(why.clone()),
+            Error::OutcomeUnknown(why) => Error::OutcomeUnknown(why.clone()),
+            e => Error::Relayed {
+                code: e.code(),
+                message: e.to_string(),
+            },
         }
     }
 }
@@ -160,7 +203,9 @@ mod tests {
     #[test]
     fn a_commit_the_store_did_not_confirm_is_retried_but_never_called_unreleased() {
         let unknown = Error::from(keyfab_store::StoreError::Indeterminate("timeout".into()));
-        assert_eq!(unknown.code(), "unavailable");
+        assert_eq!(unknown.code(), Code::Unavailable);
+        assert_eq!(unknown.relay().code(), Code::Unavailable);
+        assert!(unknown.relay().to_string().contains("outcome is unknown"));
         let says = unknown.to_string();
         assert!(says.contains("outcome is unknown"), "{says}");
         assert!(!says.contains("nothing was released"), "{says}");

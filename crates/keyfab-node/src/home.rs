@@ -78,7 +78,7 @@ mod tests {
         assert!(check_private(&home).is_ok());
         std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
         let refused = check_private(&home).unwrap_err();
-        assert_eq!(refused.code(), "insecure_home");
+        assert_eq!(refused.code(), crate::Code::InsecureHome);
         assert!(refused.to_string().contains("chmod -R go="), "{refused}");
     }
 }

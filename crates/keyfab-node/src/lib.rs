@@ -19,7 +19,7 @@ pub mod out_file;
 mod store_choice;
 
 pub use custody_choice::{CustodyChoice, CUSTODY_FILE};
-pub use error::{Error, Result};
+pub use error::{Code, Error, Result};
 pub use node::{
     check_name, decode, decode_err, encode, Node, NodeKind, ServiceIdentity, CSR_FILE,
     KEYSTORE_FILE, STATE_FILE,

@@ -66,7 +66,7 @@ pub struct Node {
 }
 
 fn taken(store: &StoreChoice) -> Error {
-    Error::InvalidState(format!(
+    Error::Precondition(format!(
         "the store {} already holds a keyfab node: copy that node's home to add a node to it",
         store.describe()
     ))
@@ -117,7 +117,7 @@ impl Node {
             || dir.join(STATE_FILE).exists()
             || dir.join(STORE_FILE).exists()
         {
-            return Err(Error::InvalidState(format!(
+            return Err(Error::Precondition(format!(
                 "{} already holds a keyfab node",
                 dir.display()
             )));
@@ -187,7 +187,7 @@ impl Node {
         let store = StoreChoice::load(dir)?.open(dir)?;
         let stored_kind = meta(store.as_ref(), "kind")?.unwrap_or_default();
         if stored_kind != kind.as_str().as_bytes() {
-            return Err(Error::InvalidState(format!(
+            return Err(Error::Precondition(format!(
                 "{} holds a {} node, not a {} node",
                 dir.display(),
                 String::from_utf8_lossy(&stored_kind),
@@ -195,7 +195,7 @@ impl Node {
             )));
         }
         let name = String::from_utf8(meta(store.as_ref(), "name")?.unwrap_or_default())
-            .map_err(|_| Error::InvalidState("node name".into()))?;
+            .map_err(|_| Error::Corrupt("node name".into()))?;
         Ok(Node {
             kind,
             dir: dir.to_owned(),
@@ -219,7 +219,7 @@ impl Node {
         root_cert: &[u8],
     ) -> Result<ServiceIdentity> {
         if meta(self.store.as_ref(), "cluster_cert")?.is_some() {
-            return Err(Error::InvalidState(
+            return Err(Error::Precondition(
                 "a cluster certificate is already installed".into(),
             ));
         }
@@ -246,7 +246,7 @@ impl Node {
             .put(Table::Meta, b"cluster_cert", cluster_cert)
             .put(Table::Meta, b"service", &encode(&identity)?);
         if !self.store.commit(txn)?.is_committed() {
-            return Err(Error::InvalidState(
+            return Err(Error::Precondition(
                 "a cluster certificate is already installed".into(),
             ));
         }
@@ -307,7 +307,7 @@ impl Node {
 
     fn require(&self, key: &str) -> Result<Vec<u8>> {
         meta(self.store.as_ref(), key)?.ok_or_else(|| {
-            Error::InvalidState(format!(
+            Error::Precondition(format!(
                 "no cluster certificate installed yet (run `keyfab {} install-cert`)",
                 self.kind.as_str()
             ))
@@ -372,7 +372,7 @@ impl Node {
             .find(|(f, _)| f.to_hex() == recipient)
             .map(|(_, h)| h)
             .ok_or_else(|| {
-                Error::InvalidState(format!(
+                Error::Precondition(format!(
                     "no service key of this node has fingerprint {recipient}"
                 ))
             })?;
@@ -402,7 +402,7 @@ impl Node {
     /// signed). Guarded: a concurrent rotation makes the commit fail.
     pub fn activate_service_identity(&self, txn: &mut Txn, next: &ServiceIdentity) -> Result<()> {
         let seen = self.store.get(Table::Meta, b"service")?.ok_or_else(|| {
-            Error::InvalidState(
+            Error::Precondition(
                 "no service identity yet (install the cluster certificate first)".into(),
             )
         })?;
@@ -421,7 +421,7 @@ impl Node {
         let mut txn = Txn::default();
         self.activate_service_identity(&mut txn, &next)?;
         if !self.store.commit(txn)?.is_committed() {
-            return Err(Error::InvalidState(
+            return Err(Error::Conflict(
                 "the service identity changed meanwhile; rotate again".into(),
             ));
         }
@@ -465,15 +465,15 @@ pub fn check_name(name: &str) -> Result<()> {
 
 pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    ciborium::into_writer(v, &mut out).map_err(|e| Error::InvalidState(e.to_string()))?;
+    ciborium::into_writer(v, &mut out).map_err(|e| Error::Bug(e.to_string()))?;
     Ok(out)
 }
 
 pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    ciborium::from_reader(bytes).map_err(|e| Error::InvalidState(format!("stored record: {e}")))
+    ciborium::from_reader(bytes).map_err(|e| Error::Corrupt(format!("stored record: {e}")))
 }
 
 /// A stored record that cannot be read back: the store is damaged.
 pub fn decode_err(what: &str) -> Error {
-    Error::InvalidState(format!("stored {what} is unreadable"))
+    Error::Corrupt(format!("stored {what} is unreadable"))
 }

@@ -123,7 +123,7 @@ impl StoreChoice {
     pub fn load(home: &Path) -> Result<Self> {
         match std::fs::read(home.join(STORE_FILE)) {
             Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| Error::InvalidState(format!("{STORE_FILE}: {e}"))),
+                .map_err(|e| Error::Corrupt(format!("{STORE_FILE}: {e}"))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoreChoice::Embedded),
             Err(e) => Err(e.into()),
         }
@@ -135,7 +135,7 @@ impl StoreChoice {
             return Ok(());
         }
         let text = serde_json::to_vec_pretty(self)
-            .map_err(|e| Error::InvalidState(format!("{STORE_FILE}: {e}")))?;
+            .map_err(|e| Error::Bug(format!("{STORE_FILE}: {e}")))?;
         crate::home::write_private_file(&home.join(STORE_FILE), &text)?;
         Ok(())
     }

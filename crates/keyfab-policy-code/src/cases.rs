@@ -142,9 +142,9 @@ fn describe(decision: Decision, verdict: Option<&Verdict>) -> (String, String) {
     match (decision, verdict) {
         (Decision::Allow, _) => ("allow".into(), String::new()),
         (Decision::Deny(code), Some(Verdict::Deny { reason } | Verdict::Error { reason })) => {
-            (code.code().into(), reason.clone())
+            (code.code().as_str().into(), reason.clone())
         }
-        (Decision::Deny(code), _) => (code.code().into(), String::new()),
+        (Decision::Deny(code), _) => (code.code().as_str().into(), String::new()),
     }
 }
 

@@ -3,6 +3,7 @@
 
 use crate::model::Policy;
 use crate::PolicyError;
+use keyfab_code::Code;
 
 /// Why a request is refused. Each has a stable code (README.md, "Exit codes and error codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -25,21 +26,28 @@ pub enum DenyCode {
 }
 
 impl DenyCode {
-    pub fn code(self) -> &'static str {
+    /// The stable code of this refusal.
+    pub const fn code(self) -> Code {
         match self {
-            DenyCode::Revoked => "revoked",
-            DenyCode::ApprovalRequired => "approval_required",
-            DenyCode::AuditOverdue => "audit_overdue",
-            DenyCode::NotYetValid => "not_yet_valid",
-            DenyCode::Expired => "expired",
-            DenyCode::StationNotAllowed => "station_not_allowed",
-            DenyCode::DeviceIdRejected => "device_id_rejected",
-            DenyCode::DeviceAlreadyProvisioned => "device_already_provisioned",
-            DenyCode::QuotaExceeded => "quota_exceeded",
-            DenyCode::DailyLimitExceeded => "daily_limit_exceeded",
-            DenyCode::PolicyDenied => "policy_denied",
-            DenyCode::PolicyError => "policy_error",
+            DenyCode::Revoked => Code::Revoked,
+            DenyCode::ApprovalRequired => Code::ApprovalRequired,
+            DenyCode::AuditOverdue => Code::AuditOverdue,
+            DenyCode::NotYetValid => Code::NotYetValid,
+            DenyCode::Expired => Code::Expired,
+            DenyCode::StationNotAllowed => Code::StationNotAllowed,
+            DenyCode::DeviceIdRejected => Code::DeviceIdRejected,
+            DenyCode::DeviceAlreadyProvisioned => Code::DeviceAlreadyProvisioned,
+            DenyCode::QuotaExceeded => Code::QuotaExceeded,
+            DenyCode::DailyLimitExceeded => Code::DailyLimitExceeded,
+            DenyCode::PolicyDenied => Code::PolicyDenied,
+            DenyCode::PolicyError => Code::PolicyError,
         }
+    }
+}
+
+impl From<DenyCode> for Code {
+    fn from(d: DenyCode) -> Code {
+        d.code()
     }
 }
 

@@ -41,6 +41,7 @@ pub use decide::{
     id_shape_ok, CompiledPolicy, DaySpan, Decision, DenyCode, EntitlementState, Request,
     MAX_ID_BYTES,
 };
+pub use keyfab_code::Code;
 pub use model::*;
 pub use toml_form::PolicyDraft;
 

@@ -132,7 +132,7 @@ fn rule_order_gives_the_first_failing_code() {
         ..Default::default()
     };
     let deny = |s: EntitlementState, r: Request<'_>, now| match p.decide(&s, &r, now) {
-        Decision::Deny(c) => c.code(),
+        Decision::Deny(c) => c.code().as_str(),
         Decision::Allow => "allow",
     };
     assert_eq!(

@@ -72,7 +72,7 @@ pub fn request(node: &Node, id: &str, action: &str, ttl_secs: i64) -> Result<Vec
     }
     let counters = crate::provision::counters(node, id)?;
     if act == Action::Activate && counters.activated {
-        return Err(Error::InvalidState(format!("{id} is already activated")));
+        return Err(Error::Precondition(format!("{id} is already activated")));
     }
     let mut nonce = [0u8; 16];
     node.rng.fill(&mut nonce);
@@ -238,7 +238,7 @@ pub fn submit(node: &Node, files: &[Vec<u8>]) -> Result<Vec<Submitted>> {
     }
     log.finish(&mut txn);
     if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState(
+        return Err(Error::Conflict(
             "site state changed meanwhile; submit again".into(),
         ));
     }

@@ -191,7 +191,7 @@ impl Appender {
     /// it only if it issued the reset).
     pub(crate) fn append_clock_reset(&mut self, event: Event) -> Result<u64> {
         let Event::ClockReset { to, .. } = event else {
-            return Err(Error::InvalidState("not a clock reset".into()));
+            return Err(Error::Bug("not a clock reset".into()));
         };
         self.push(to, event)
     }
@@ -200,8 +200,7 @@ impl Appender {
         let mut r: Record = self.head.next(time, &self.site, event);
         r.chain.clone_from(&self.chain);
         let bytes = r.to_bytes();
-        u32::try_from(bytes.len())
-            .map_err(|_| Error::InvalidState("audit record too large".into()))?;
+        u32::try_from(bytes.len()).map_err(|_| Error::Bug("audit record too large".into()))?;
         self.head = Head {
             sequence: r.sequence,
             hash: leaf_hash(&bytes),
@@ -300,7 +299,7 @@ fn commit_setting_in(
     log.finish(&mut txn);
     change(&mut txn)?;
     if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState(
+        return Err(Error::Conflict(
             "site state changed meanwhile; try again".into(),
         ));
     }
@@ -335,7 +334,7 @@ pub(crate) fn head_mismatch(node: &Node) -> Result<Option<String>> {
     let found = match &last {
         Some(bytes) => Some((
             Record::from_bytes(bytes)
-                .map_err(|e| Error::InvalidState(e.to_string()))?
+                .map_err(|e| Error::Corrupt(e.to_string()))?
                 .sequence,
             leaf_hash(bytes),
         )),
@@ -389,7 +388,7 @@ pub(crate) fn record_in_row(
         .get(Table::Audit, &row_key_of(chain, row))?
         .ok_or_else(|| decode_err("audit row"))?;
     for bytes in row_records(&v.value)? {
-        let r = Record::from_bytes(&bytes).map_err(|e| Error::InvalidState(e.to_string()))?;
+        let r = Record::from_bytes(&bytes).map_err(|e| Error::Corrupt(e.to_string()))?;
         if r.sequence == sequence {
             return Ok(r);
         }

@@ -139,7 +139,7 @@ pub fn import_receipt(node: &Node, bytes: &[u8]) -> Result<ReceiptImport> {
     txn.require_unchanged(Table::Meta, HQ_ACK, seen.as_ref())
         .put(Table::Meta, HQ_ACK, &encode(&ack)?);
     if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::InvalidState(
+        return Err(Error::Conflict(
             "site state changed meanwhile; import again".into(),
         ));
     }
@@ -157,7 +157,7 @@ fn reset_clock(node: &Node, txn: &mut Txn, r: &Receipt, to: i64) -> Result<(i64,
     // Streamed a page at a time: the log may be long, and only its end is looked at.
     for bytes in crate::audit_log::RecordStream::new(node)?.skip(size) {
         let record = keyfab_audit::Record::from_bytes(&bytes?)
-            .map_err(|e| Error::InvalidState(format!("audit record: {e}")))?;
+            .map_err(|e| Error::Corrupt(format!("audit record: {e}")))?;
         if let Event::ProvisionAllowed { device_id, .. } = record.event {
             return Err(Error::Replayed(format!(
                 "this clock reset acknowledges {} audit records, and device '{device_id}' received keys after them (record {}): it no longer applies. Export the audit, import it at HQ, and ask HQ for a new reset",

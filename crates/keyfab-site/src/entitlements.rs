@@ -46,7 +46,7 @@ pub(crate) fn read_hq_sequence(node: &Node) -> Result<(u64, Option<keyfab_store:
             v.value
                 .as_slice()
                 .try_into()
-                .map_err(|_| Error::InvalidState("hq sequence".into()))?,
+                .map_err(|_| Error::Corrupt("hq sequence".into()))?,
         ),
         None => 0,
     };
@@ -193,9 +193,10 @@ pub fn import(
     // The policy module: the one HQ hashed and signed, and runnable here.
     if let Some(code) = &content.policy.code {
         keyfab_policy_code::load_embedded(code).map_err(|e| {
-            Error::Verification(keyfab_formats::FormatError::Malformed(format!(
-                "policy module: {e}"
-            )))
+            Error::Verification(keyfab_formats::FormatError::malformed(
+                keyfab_formats::Malformed::Field,
+                format!("policy module: {e}"),
+            ))
         })?;
     }
     // HQ's last accepted checkpoint of this site must still be in the log (tier B).
@@ -355,7 +356,7 @@ pub fn import(
 pub fn audit_records(node: &Node) -> Result<Vec<Record>> {
     crate::audit_log::record_bytes(node)?
         .iter()
-        .map(|b| Record::from_bytes(b).map_err(|e| Error::InvalidState(e.to_string())))
+        .map(|b| Record::from_bytes(b).map_err(|e| Error::Corrupt(e.to_string())))
         .collect()
 }
 

@@ -62,7 +62,7 @@ pub fn export(
     progress: Option<&(dyn Fn(u64, u64) + Sync)>,
 ) -> Result<Exported> {
     let hq = hq_recipient(node)?.ok_or_else(|| {
-        Error::InvalidState(
+        Error::Precondition(
             "no entitlement imported yet: this site does not know HQ's encryption key".into(),
         )
     })?;
@@ -70,7 +70,7 @@ pub fn export(
     let recipient = HpkePublicKey::from_sec1(
         &recipient_leaf
             .public_point
-            .ok_or_else(|| Error::InvalidState("HQ encryption key".into()))?,
+            .ok_or_else(|| Error::Corrupt("HQ encryption key".into()))?,
     )?;
     check_out(out)?;
     let seen = node.store.get(Table::Meta, EXPORTS)?;
@@ -83,7 +83,7 @@ pub fn export(
 
     let unfinished = exports.as_ref().is_some_and(|e| e.unfinished);
     let (from, to, id, time) = if again || unfinished {
-        let e = exports.ok_or_else(|| Error::InvalidState("nothing was exported yet".into()))?;
+        let e = exports.ok_or_else(|| Error::Precondition("nothing was exported yet".into()))?;
         (e.previous, e.last, e.last_id, e.last_time)
     } else {
         let from = exports.map_or_else(empty, |e| e.last);
@@ -119,14 +119,14 @@ pub fn export(
         txn.require_unchanged(Table::Meta, EXPORTS, seen.as_ref())
             .put(Table::Meta, EXPORTS, &encode(&e)?);
         if !node.store.commit(txn)?.is_committed() {
-            return Err(Error::InvalidState(
+            return Err(Error::Conflict(
                 "site state changed meanwhile; export again".into(),
             ));
         }
         (from, to, id, time)
     };
-    let from_n = usize::try_from(from.size).map_err(|_| Error::InvalidState("size".into()))?;
-    let to_n = usize::try_from(to.size).map_err(|_| Error::InvalidState("size".into()))?;
+    let from_n = usize::try_from(from.size).map_err(|_| Error::Bug("size".into()))?;
+    let to_n = usize::try_from(to.size).map_err(|_| Error::Bug("size".into()))?;
     if to_n > leaves.len() || merkle::root(&leaves[..to_n]) != to.root {
         let why = "the log no longer holds what was exported";
         crate::latch::latch(node, crate::latch::Cause::RollbackDetected, why)?;

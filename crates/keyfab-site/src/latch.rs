@@ -114,7 +114,7 @@ pub fn latch(node: &Node, cause: Cause, reason: &str) -> Result<()> {
             return Ok(());
         }
     }
-    Err(Error::InvalidState(
+    Err(Error::Conflict(
         "site state kept changing while it tried to stop itself; try again".into(),
     ))
 }

@@ -433,7 +433,7 @@ impl Provisioner {
                 &record.batch_ca_cert,
             )?,
             master: Secret32::from_slice(master.expose())
-                .ok_or_else(|| Error::InvalidState("master secret".into()))?,
+                .ok_or_else(|| Error::Corrupt("master secret".into()))?,
             chain: Arc::new(IssuerChain::new(vec![
                 record.batch_ca_cert.clone(),
                 record.hq_cluster_cert.clone(),
@@ -477,7 +477,7 @@ impl Provisioner {
                 keys,
                 privates,
             } => self.answer(ctx, req, audit_sequence, keys, privates, false),
-            Outcome::Confirmed { .. } => Err(Error::InvalidState("unexpected answer".into())),
+            Outcome::Confirmed { .. } => Err(Error::Bug("unexpected answer".into())),
         }
     }
 
@@ -513,7 +513,7 @@ impl Provisioner {
                 audit_sequence,
                 repeated,
             }),
-            _ => Err(Error::InvalidState("unexpected answer".into())),
+            _ => Err(Error::Bug("unexpected answer".into())),
         }
     }
 
@@ -528,7 +528,7 @@ impl Provisioner {
         self.enqueue(ctx, req, confirm, Reply::Blocking(reply))?;
         answer
             .recv()
-            .map_err(|_| Error::InvalidState("provisioner stopped".into()))?
+            .map_err(|_| Error::Bug("provisioner stopped".into()))?
     }
 
     /// [`Provisioner::submit`] for async callers: awaits the outcome without holding a
@@ -543,7 +543,7 @@ impl Provisioner {
         self.enqueue(ctx, req, confirm, Reply::Async(reply))?;
         answer
             .await
-            .map_err(|_| Error::InvalidState("provisioner stopped".into()))?
+            .map_err(|_| Error::Bug("provisioner stopped".into()))?
     }
 
     fn enqueue(
@@ -564,7 +564,7 @@ impl Provisioner {
         };
         self.work.push(&station, work).map_err(|_| {
             self.cohorts.left(cohort);
-            Error::InvalidState("provisioner stopped".into())
+            Error::Bug("provisioner stopped".into())
         })
     }
 
@@ -597,7 +597,7 @@ impl Provisioner {
             .node
             .store
             .get(Table::Devices, &ent_key(&req.entitlement, &req.device_id))?
-            .ok_or_else(|| Error::InvalidState("request recorded without its device".into()))?;
+            .ok_or_else(|| Error::Corrupt("request recorded without its device".into()))?;
         let record = DeviceRecord::from_stored(&v.value)?;
         let sealed_to = req.transport_key.as_ref().map(|k| k.fingerprint().to_hex());
         if record.transport_key != sealed_to {
@@ -612,7 +612,7 @@ impl Provisioner {
             )));
         }
         if let Some(c) = record.confirmed {
-            return Err(Error::InvalidState(format!(
+            return Err(Error::Precondition(format!(
                 "device '{}' was confirmed {} (audit record {}): its keys are not handed out again",
                 req.device_id,
                 c.result.as_str(),
@@ -628,7 +628,7 @@ impl Provisioner {
         let keys = match audit.event {
             keyfab_audit::Event::ProvisionAllowed { keys, .. } => keys,
             _ => {
-                return Err(Error::InvalidState(
+                return Err(Error::Corrupt(
                     "a device's audit record is not its provisioning".into(),
                 ))
             }
@@ -773,7 +773,7 @@ fn crypto_worker(
                 cohorts.left(cohort);
                 if let Err(mpsc::SendError(mut job)) = sent {
                     if let Some(reply) = job.reply.take() {
-                        reply.send(Err(Error::InvalidState("committer stopped".into())));
+                        reply.send(Err(Error::Bug("committer stopped".into())));
                     }
                     return;
                 }
@@ -936,14 +936,14 @@ mod tests {
         let long = "D".repeat(65_000);
         let req = ProvisionRequest::new("e1", long.as_str(), "r-1");
         let err = check_request(&req).expect_err("a 65 kB device id");
-        assert_eq!(err.code(), "invalid_input");
+        assert_eq!(err.code(), keyfab_node::Code::InvalidInput);
         assert!(err.to_string().contains("65000 bytes"), "{err}");
         assert!(err.to_string().len() < 200, "{err}");
         for bad in ["", "has space", "tab\t", "é"] {
             let req = ProvisionRequest::new("e1", bad, "r-1");
             assert_eq!(
                 check_request(&req).map_err(|e| e.code()),
-                Err("invalid_input"),
+                Err(keyfab_node::Code::InvalidInput),
                 "{bad:?}"
             );
         }

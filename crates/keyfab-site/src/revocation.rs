@@ -48,7 +48,7 @@ pub fn import_revocation(node: &Node, bytes: &[u8]) -> Result<Revoked> {
             return Ok(revoked);
         }
     }
-    Err(Error::InvalidState(
+    Err(Error::Conflict(
         "site state changed meanwhile; import again".into(),
     ))
 }
@@ -82,7 +82,7 @@ fn try_revoke(
     }
     let mut destroyed = 0;
     for (spec, pool) in record.pool.iter().enumerate() {
-        let spec = u8::try_from(spec).map_err(|_| Error::InvalidState("pool spec".into()))?;
+        let spec = u8::try_from(spec).map_err(|_| Error::Corrupt("pool spec".into()))?;
         let unused = pool.count.saturating_sub(counters.next_pool);
         destroyed += unused;
         txn.delete_range(

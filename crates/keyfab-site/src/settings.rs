@@ -53,7 +53,7 @@ impl ClockSetting {
                 v.value
                     .as_slice()
                     .try_into()
-                    .map_err(|_| Error::InvalidState(format!("stored {}", self.name)))?,
+                    .map_err(|_| Error::Corrupt(format!("stored {}", self.name)))?,
             ),
             None => self.default,
         })

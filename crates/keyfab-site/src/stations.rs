@@ -86,7 +86,7 @@ fn existing_line_ca(node: &Node) -> Result<Vec<u8>> {
     node.store
         .get(Table::Meta, LINE_CA_CERT)?
         .map(|v| v.value)
-        .ok_or_else(|| Error::InvalidState("the site has no line CA yet".into()))
+        .ok_or_else(|| Error::Precondition("the site has no line CA yet".into()))
 }
 
 /// Enrolls station `name` for `days`: a key made here, a certificate from the line CA
@@ -104,7 +104,7 @@ pub fn enroll(node: &Node, name: &str, days: i64) -> Result<Enrolled> {
     if let Some(v) = &seen {
         let r: StationRecord = decode(&v.value)?;
         if r.revoked_at.is_none() {
-            return Err(Error::InvalidState(format!(
+            return Err(Error::Precondition(format!(
                 "station '{name}' is enrolled; revoke it first to enroll it again"
             )));
         }

@@ -84,7 +84,7 @@ impl World {
 fn code_of(answer: keyfab_node::Result<Provisioned>) -> String {
     match answer {
         Ok(p) => panic!("{} was given keys", p.device_id),
-        Err(e) => e.code().to_owned(),
+        Err(e) => e.code().as_str().to_owned(),
     }
 }
 
@@ -393,7 +393,7 @@ fn confirmations_close_a_device_once_and_only_from_its_station() {
     assert!(again.repeated && again.audit_sequence == done.audit_sequence);
     let code = |r: keyfab_node::Result<keyfab_site::provision::Confirmed>| match r {
         Ok(c) => panic!("confirmed: {c:?}"),
-        Err(e) => e.code().to_owned(),
+        Err(e) => e.code().as_str().to_owned(),
     };
     assert_eq!(
         code(confirm("K-1", Programming::Failed, "line-1")),

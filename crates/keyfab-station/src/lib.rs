@@ -260,7 +260,9 @@ impl Client {
                 // The site's state store is failing over: nothing was released, and the
                 // same request (same request id) is safe to send again, to any node.
                 Ok(resp) if resp.status == 503 => match answer(&resp) {
-                    Err(StationError::Refused { code, message, .. }) if code == "unavailable" => {
+                    Err(StationError::Refused { code, message, .. })
+                        if code == keyfab_formats::Code::Unavailable.as_str() =>
+                    {
                         last = format!("{url}: unavailable: {message}");
                         std::thread::sleep(Duration::from_millis(200 << attempt.min(4)));
                     }

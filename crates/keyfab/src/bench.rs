@@ -5,6 +5,7 @@
 use crate::context::Context;
 use crate::output::{Failure, Report};
 use crate::run;
+use keyfab_node::Code;
 use keyfab_node::NodeKind;
 use serde_json::json;
 use std::path::Path;
@@ -24,7 +25,7 @@ fn raw_keygen_rate(sample: usize) -> Result<f64, Failure> {
     for r in results {
         match r {
             Ok(Ok(())) => {}
-            _ => return Err(Failure::new("internal", "raw key generation failed")),
+            _ => return Err(Failure::new(Code::Internal, "raw key generation failed")),
         }
     }
     Ok((per * threads) as f64 / start.elapsed().as_secs_f64())
@@ -46,9 +47,9 @@ fn bench_world_with(
     token_module: Option<&Path>,
     site_store: &str,
 ) -> Result<(Context, std::path::PathBuf, std::path::PathBuf), Failure> {
-    std::fs::create_dir_all(base).map_err(|e| Failure::new("io", e.to_string()))?;
+    std::fs::create_dir_all(base).map_err(|e| Failure::new(Code::Io, e.to_string()))?;
     let pass = base.join("bench-passphrase");
-    std::fs::write(&pass, BENCH_PASSPHRASE).map_err(|e| Failure::new("io", e.to_string()))?;
+    std::fs::write(&pass, BENCH_PASSPHRASE).map_err(|e| Failure::new(Code::Io, e.to_string()))?;
     let ctx = Context {
         passphrase_file: Some(pass),
         unseal_share_files: Vec::new(),
@@ -95,7 +96,7 @@ fn softhsm_environment(base: &Path) -> Result<(), Failure> {
     if std::env::var_os("SOFTHSM2_CONF").is_some() {
         return Ok(());
     }
-    let io = |e: std::io::Error| Failure::new("io", e.to_string());
+    let io = |e: std::io::Error| Failure::new(Code::Io, e.to_string());
     let dir = base.join("softhsm");
     std::fs::create_dir_all(dir.join("tokens")).map_err(io)?;
     let conf = dir.join("softhsm2.conf");
@@ -119,7 +120,7 @@ fn peer_baseline(module: &Path, label: &str, devices: usize) -> Result<f64, Fail
     peer::on_all_cores(module, label, BENCH_PASSPHRASE, devices, |s, keys, _| {
         peer::peer_device(s, keys, &digest).map(drop)
     })
-    .map_err(|e| Failure::new("internal", format!("the PKCS#11 baseline failed: {e}")))
+    .map_err(|e| Failure::new(Code::Internal, format!("the PKCS#11 baseline failed: {e}")))
 }
 
 /// ECDSA signatures in the token on all cores.
@@ -128,12 +129,12 @@ fn token_sign_rate(module: &Path, label: &str, signatures: usize) -> Result<f64,
     peer::on_all_cores(module, label, BENCH_PASSPHRASE, signatures, |s, keys, i| {
         peer::sign_in_token(s, keys, &keyfab_crypto::hash::sha256(&i.to_be_bytes())).map(drop)
     })
-    .map_err(|e| Failure::new("internal", format!("PKCS#11 signing failed: {e}")))
+    .map_err(|e| Failure::new(Code::Internal, format!("PKCS#11 signing failed: {e}")))
 }
 
 /// Copies the files (not subdirectories) of `from` into a new directory `to`.
 fn copy_files(from: &Path, to: &Path) -> Result<(), Failure> {
-    let io = |e: std::io::Error| Failure::new("io", e.to_string());
+    let io = |e: std::io::Error| Failure::new(Code::Io, e.to_string());
     std::fs::create_dir_all(to).map_err(io)?;
     for entry in std::fs::read_dir(from).map_err(io)? {
         let entry = entry.map_err(io)?;
@@ -150,7 +151,7 @@ pub(crate) fn temp_or(
     match dir {
         Some(d) => Ok((None, d.to_owned())),
         None => {
-            let t = tempfile::tempdir().map_err(|e| Failure::new("io", e.to_string()))?;
+            let t = tempfile::tempdir().map_err(|e| Failure::new(Code::Io, e.to_string()))?;
             let p = t.path().to_owned();
             Ok((Some(t), p))
         }
@@ -173,7 +174,7 @@ pub(crate) fn all_cores<F: Fn(usize) -> Result<(), keyfab_crypto::CryptoError> +
         hs.into_iter().all(|h| matches!(h.join(), Ok(Ok(()))))
     });
     if !ok {
-        return Err(Failure::new("internal", "benchmark crypto failed"));
+        return Err(Failure::new(Code::Internal, "benchmark crypto failed"));
     }
     Ok((per_thread * threads) as f64 / start.elapsed().as_secs_f64())
 }
@@ -198,7 +199,7 @@ pub fn provision(
     let etcd = match store.spec.as_str() {
         "etcd" => Some(
             keyfab_store_etcd::cluster::EtcdCluster::start(3, &base.join("etcd"))
-                .map_err(|e| Failure::new("io", e.to_string()))?,
+                .map_err(|e| Failure::new(Code::Io, e.to_string()))?,
         ),
         _ => None,
     };
@@ -216,9 +217,9 @@ pub fn provision(
     };
     // The limit: raw per-device crypto on all cores.
     let signer = keyfab_crypto::sign::SigningKey::generate(&keyfab_crypto::rng::SystemRng)
-        .map_err(|e| Failure::new("internal", e.to_string()))?;
+        .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
     let aead = keyfab_crypto::aead::AeadKey::new(&keyfab_crypto::secret::Secret32::new([7; 32]))
-        .map_err(|e| Failure::new("internal", e.to_string()))?;
+        .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
     let raw = all_cores(RAW_SAMPLE_PER_CORE, |n| {
         keyfab_crypto::devicekey::raw_device_crypto(n, &signer, &aead)
     })?;
@@ -240,7 +241,7 @@ pub fn provision(
         "product = \"bench\"\ndevices = {total}\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\n[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"{}\"\ncertificate = {{ subject = \"CN={{device_id}},O=Bench\", days = 3650 }}\n",
         store.key_source
     );
-    std::fs::write(&policy, &text).map_err(|e| Failure::new("io", e.to_string()))?;
+    std::fs::write(&policy, &text).map_err(|e| Failure::new(Code::Io, e.to_string()))?;
     let kfe = base.join("provision.kfe");
     let created = run::entitlement_create(&ctx, &hq, "bench-site", &policy, &kfe)?;
     let id = created.json["id"].as_str().unwrap_or_default().to_owned();
@@ -255,7 +256,7 @@ pub fn provision(
             std::fs::copy(module, base.join(name)).map_err(|e| io_failure(module, e))?;
             let with_code = base.join("provision-code.toml");
             std::fs::write(&with_code, format!("{text}\n[code]\nmodule = \"{name}\"\n"))
-                .map_err(|e| Failure::new("io", e.to_string()))?;
+                .map_err(|e| Failure::new(Code::Io, e.to_string()))?;
             let kfe = base.join("provision-code.kfe");
             let created = run::entitlement_create(&ctx, &hq, "bench-site", &with_code, &kfe)?;
             run::entitlement_import(&ctx, &site, &kfe)?;
@@ -471,7 +472,7 @@ pub struct SiteOption {
 }
 
 fn io_failure(path: &Path, e: std::io::Error) -> Failure {
-    Failure::new("io", format!("{}: {e}", path.display()))
+    Failure::new(Code::Io, format!("{}: {e}", path.display()))
 }
 
 /// One concurrency level's figures.
@@ -556,7 +557,7 @@ fn run_level(
     // are: `c` requests in flight without `c` threads to switch between.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
-        .map_err(|e| Failure::new("internal", e.to_string()))?;
+        .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
     let (start_index, devices) = (span.start, span.devices);
     let in_time = move || span.deadline.is_none_or(|d| started.elapsed() < d);
     let (results, sent): (Vec<(f64, bool)>, u64) = runtime.block_on(async {
@@ -582,7 +583,7 @@ fn run_level(
                             .await;
                         let decided = match &r {
                             Ok(_) => Some(false),
-                            Err(e) if e.code() == "policy_denied" => Some(true),
+                            Err(e) if e.code() == keyfab_node::Code::PolicyDenied => Some(true),
                             Err(_) => None,
                         };
                         if let Some(refused) = decided {
@@ -611,7 +612,7 @@ fn run_level(
     }
     if results.len() as u64 != sent {
         return Err(Failure::new(
-            "internal",
+            Code::Internal,
             format!("only {} of {sent} requests were decided", results.len()),
         ));
     }
@@ -625,9 +626,9 @@ fn run_level(
 fn module_cost(module: &Path, evaluations: u32) -> Result<(f64, u64), Failure> {
     let bytes = std::fs::read(module).map_err(|e| io_failure(module, e))?;
     let wasm = keyfab_policy_code::module_bytes(module, bytes)
-        .map_err(|e| Failure::new("malformed", e.to_string()))?;
+        .map_err(|e| Failure::new(Code::Malformed, e.to_string()))?;
     let loaded = keyfab_policy_code::PolicyModule::load(&wasm)
-        .map_err(|e| Failure::new("malformed", e.to_string()))?;
+        .map_err(|e| Failure::new(Code::Malformed, e.to_string()))?;
     let mut state = keyfab_policy_code::ModuleState::default();
     let request = keyfab_policy_code::Request {
         device_id: "B-000000001",
@@ -649,7 +650,7 @@ fn module_cost(module: &Path, evaluations: u32) -> Result<(f64, u64), Failure> {
 }
 
 fn child(ctx: &Context, args: &[&str]) -> Result<(serde_json::Value, f64), Failure> {
-    let exe = std::env::current_exe().map_err(|e| Failure::new("io", e.to_string()))?;
+    let exe = std::env::current_exe().map_err(|e| Failure::new(Code::Io, e.to_string()))?;
     let mut cmd = Command::new(exe);
     cmd.arg("--json")
         .args(args)
@@ -660,13 +661,13 @@ fn child(ctx: &Context, args: &[&str]) -> Result<(serde_json::Value, f64), Failu
     let start = Instant::now();
     let out = cmd
         .output()
-        .map_err(|e| Failure::new("io", e.to_string()))?;
+        .map_err(|e| Failure::new(Code::Io, e.to_string()))?;
     let secs = start.elapsed().as_secs_f64();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| Failure::new("internal", format!("bench child output: {e}")))?;
+        .map_err(|e| Failure::new(Code::Internal, format!("bench child output: {e}")))?;
     if !out.status.success() {
         return Err(Failure::new(
-            "internal",
+            Code::Internal,
             format!("bench step {args:?} failed: {v}"),
         ));
     }
@@ -680,7 +681,7 @@ pub fn entitlement(_ctx: &Context, devices: u64, dir: Option<&Path>) -> Result<R
     let text = format!(
         "product = \"bench\"\ndevices = {devices}\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\n[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"hq-pool\"\n"
     );
-    std::fs::write(&policy, text).map_err(|e| Failure::new("io", e.to_string()))?;
+    std::fs::write(&policy, text).map_err(|e| Failure::new(Code::Io, e.to_string()))?;
 
     let sample = (devices as usize).clamp(20_000, 200_000);
     let raw_rate = raw_keygen_rate(sample)?;
@@ -752,7 +753,7 @@ pub fn audit(records: u64, random_ids: bool, dir: Option<&Path>) -> Result<Repor
     let text = format!(
         "product = \"bench\"\ndevices = {n}\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\n[[keys]]\nname = \"k\"\ntype = \"ed25519\"\nsource = \"site\"\n"
     );
-    std::fs::write(&policy, text).map_err(|e| Failure::new("io", e.to_string()))?;
+    std::fs::write(&policy, text).map_err(|e| Failure::new(Code::Io, e.to_string()))?;
     let kfe = base.join("audit.kfe");
     let created = run::entitlement_create(&ctx, &hq, "bench-site", &policy, &kfe)?;
     let id = created.json["id"].as_str().unwrap_or_default().to_owned();
@@ -817,18 +818,18 @@ pub fn audit(records: u64, random_ids: bool, dir: Option<&Path>) -> Result<Repor
         root: frontier.root(),
     };
     let hqr = keyfab_site::entitlements::hq_recipient(&node)?
-        .ok_or_else(|| Failure::new("internal", "no HQ recipient"))?;
+        .ok_or_else(|| Failure::new(Code::Internal, "no HQ recipient"))?;
     let point = keyfab_crypto::x509::cert_facts(&hqr.hpke_cert)
         .ok()
         .and_then(|f| f.public_point)
-        .ok_or_else(|| Failure::new("internal", "HQ key"))?;
+        .ok_or_else(|| Failure::new(Code::Internal, "HQ key"))?;
     let fields = keyfab_formats::audit_bundle::BundleFields {
         id: "b".repeat(32),
         site: "bench-site".into(),
         hq: hqr.hq.clone(),
         hq_cluster: keyfab_crypto::hash::Fingerprint::of(&hqr.cluster_cert),
         recipient: keyfab_crypto::hpke::HpkePublicKey::from_sec1(&point)
-            .map_err(|e| Failure::new("internal", e.to_string()))?,
+            .map_err(|e| Failure::new(Code::Internal, e.to_string()))?,
         from: keyfab_formats::checkpoint::TreeHead {
             size: 0,
             root: keyfab_audit::merkle::root(&[]),

@@ -8,13 +8,14 @@
 use crate::bench::bench_world;
 use crate::output::{Failure, Report};
 use crate::run;
+use keyfab_node::Code;
 use serde_json::json;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 fn fail(e: impl std::fmt::Display) -> Failure {
-    Failure::new("internal", e.to_string())
+    Failure::new(Code::Internal, e.to_string())
 }
 
 /// The paced side of a run: how many devices went through, in what time, how slowly.

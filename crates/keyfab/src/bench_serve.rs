@@ -8,11 +8,12 @@ use crate::bench_cpu::cpu_seconds;
 use crate::output::{Failure, Report};
 use crate::run;
 use keyfab_crypto::x509;
+use keyfab_node::Code;
 use serde_json::json;
 use std::path::Path;
 
 fn fail(e: impl std::fmt::Display) -> Failure {
-    Failure::new("internal", e.to_string())
+    Failure::new(Code::Internal, e.to_string())
 }
 
 pub fn serve(

@@ -5,6 +5,7 @@ use keyfab_crypto::rng::{SecureRng, SystemRng};
 use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::time::{Clock, FixedClock, SystemClock, UnixTime};
 use keyfab_custody::unseal::{UnsealConfig, Unsealer};
+use keyfab_node::Code;
 use keyfab_node::{Node, NodeKind};
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
@@ -24,7 +25,7 @@ impl Context {
             let mut bytes = keyfab_formats::read_capped(path, keyfab_formats::MAX_SMALL_INPUT)
                 .map_err(|e| {
                     Failure::new(
-                        "locked",
+                        Code::Locked,
                         format!("--passphrase-file {}: {e}", path.display()),
                     )
                 })?;
@@ -36,7 +37,7 @@ impl Context {
         match std::env::var_os("KEYFAB_PASSPHRASE") {
             Some(p) if !p.is_empty() => Ok(SecretBytes::new(p.into_encoded_bytes())),
             _ => Err(Failure::new(
-                "locked",
+                Code::Locked,
                 "no passphrase: set KEYFAB_PASSPHRASE or pass --passphrase-file FILE",
             )),
         }
@@ -64,7 +65,7 @@ impl Context {
             let text = keyfab_formats::read_capped_text(path, keyfab_formats::MAX_SMALL_INPUT)
                 .map_err(|e| {
                     Failure::new(
-                        "locked",
+                        Code::Locked,
                         format!("--unseal-share-file {}: {e}", path.display()),
                     )
                 })?;
@@ -90,9 +91,9 @@ impl Context {
     pub fn clock(&self) -> Result<Box<dyn Clock>, Failure> {
         match std::env::var("KEYFAB_NOW") {
             Ok(s) if !s.is_empty() => {
-                let t: jiff::Timestamp = s
-                    .parse()
-                    .map_err(|e| Failure::new("invalid_input", format!("KEYFAB_NOW '{s}': {e}")))?;
+                let t: jiff::Timestamp = s.parse().map_err(|e| {
+                    Failure::new(Code::InvalidInput, format!("KEYFAB_NOW '{s}': {e}"))
+                })?;
                 Ok(Box::new(FixedClock(UnixTime(t.as_second()))))
             }
             _ => Ok(Box::new(SystemClock)),

@@ -8,6 +8,7 @@ use crate::context::Context;
 use crate::output::{Failure, Report};
 use crate::run;
 use keyfab_crypto::x509;
+use keyfab_node::Code;
 use keyfab_node::NodeKind;
 use serde_json::json;
 use std::path::Path;
@@ -59,16 +60,16 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
     let temp;
     let base = match dir {
         Some(d) => {
-            std::fs::create_dir_all(d).map_err(|e| Failure::new("io", e.to_string()))?;
+            std::fs::create_dir_all(d).map_err(|e| Failure::new(Code::Io, e.to_string()))?;
             // The demo makes a root, an HQ and a site of its own: in a directory that
             // already has some (an earlier demo), its first step would fail.
             let used = std::fs::read_dir(d)
-                .map_err(|e| Failure::new("io", e.to_string()))?
+                .map_err(|e| Failure::new(Code::Io, e.to_string()))?
                 .next()
                 .is_some();
             if used {
                 return Err(Failure::new(
-                    "invalid_input",
+                    Code::InvalidInput,
                     format!(
                         "--dir {}: not empty; the demo needs a new or empty directory (or none: a temporary one)",
                         d.display()
@@ -78,7 +79,7 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
             d.to_owned()
         }
         None => {
-            temp = tempfile::tempdir().map_err(|e| Failure::new("io", e.to_string()))?;
+            temp = tempfile::tempdir().map_err(|e| Failure::new(Code::Io, e.to_string()))?;
             temp.path().to_owned()
         }
     };
@@ -91,7 +92,7 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
     } else {
         let p = base.join("demo-passphrase");
         std::fs::write(&p, "keyfab demo passphrase - not for production\n")
-            .map_err(|e| Failure::new("io", e.to_string()))?;
+            .map_err(|e| Failure::new(Code::Io, e.to_string()))?;
         Context {
             passphrase_file: Some(p),
             unseal_share_files: Vec::new(),
@@ -196,7 +197,8 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
         ),
     );
     let policy = base.join("policy.toml");
-    std::fs::write(&policy, policy_text(devices)).map_err(|e| Failure::new("io", e.to_string()))?;
+    std::fs::write(&policy, policy_text(devices))
+        .map_err(|e| Failure::new(Code::Io, e.to_string()))?;
     let kfe = base.join("thermostat.kfe");
     step(
         "11. HQ issues an entitlement",
@@ -217,12 +219,12 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
         "A replayed entitlement is refused and changes nothing.",
         Report::new(
             replay_text,
-            json!({"refused": replay.is_err(), "code": replay.as_ref().err().map(|f| f.code)}),
+            json!({"refused": replay.is_err(), "code": replay.as_ref().err().map(|f| f.code.as_str())}),
         ),
     );
     if replay.is_ok() {
         return Err(Failure::new(
-            "internal",
+            Code::Internal,
             "the demo's replay check was not refused",
         ));
     }
@@ -265,16 +267,16 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
         ),
     );
     let root_der = x509::from_pem(
-        &std::fs::read_to_string(&root_cert).map_err(|e| Failure::new("io", e.to_string()))?,
+        &std::fs::read_to_string(&root_cert).map_err(|e| Failure::new(Code::Io, e.to_string()))?,
         "CERTIFICATE",
     )
-    .map_err(|e| Failure::new("internal", e.to_string()))?;
+    .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
     let clients = lines
         .iter()
         .map(|dir| {
             keyfab_station::StationDir::load(dir)
                 .and_then(|d| keyfab_station::Client::new(&d, std::slice::from_ref(&server.url)))
-                .map_err(|e| Failure::new("internal", e.to_string()))
+                .map_err(|e| Failure::new(Code::Internal, e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     // Two lines at once, two devices each, every chip with its own transport key.
@@ -310,7 +312,7 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
     );
     if programmed != 4 {
         return Err(Failure::new(
-            "internal",
+            Code::Internal,
             "the demo's stations did not program 4 devices",
         ));
     }
@@ -330,7 +332,7 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
         let again = clients[0].provision(&req);
         Ok::<_, keyfab_station::StationError>((confirmed, again.is_err()))
     })()
-    .map_err(|e| Failure::new("internal", e.to_string()))?;
+    .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
     step(
         "20. a device fails programming",
         "line-1 reports TSV2-00000005 failed: the failure is audited and its keys are burned. A retry of the same request gets nothing.",
@@ -363,7 +365,7 @@ pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Fa
     );
     if code != "daily_limit_exceeded" {
         return Err(Failure::new(
-            "internal",
+            Code::Internal,
             "the demo's daily limit was not enforced",
         ));
     }

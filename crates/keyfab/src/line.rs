@@ -4,6 +4,7 @@ use crate::context::Context;
 use crate::logsink::LogSink;
 use crate::output::{io_fail, read_input_text, Failure, Report};
 use keyfab_crypto::x509;
+use keyfab_node::Code;
 use keyfab_node::NodeKind;
 use keyfab_site::server::admin::{self, AdminAnswer, AdminRequest, EnrolledFiles};
 use serde_json::json;
@@ -33,7 +34,7 @@ pub fn station_enroll(
 ) -> Result<Report, Failure> {
     if out.exists() && std::fs::read_dir(out).map_or(true, |mut d| d.next().is_some()) {
         return Err(Failure::new(
-            "invalid_state",
+            Code::InvalidState,
             format!("{} exists and is not empty", out.display()),
         ));
     }
@@ -49,7 +50,7 @@ pub fn station_enroll(
             AdminAnswer::Enrolled(files) => files,
             _ => {
                 return Err(Failure::new(
-                    "internal",
+                    Code::Internal,
                     "site serve answered something else",
                 ))
             }
@@ -108,7 +109,7 @@ pub fn station_revoke(ctx: &Context, home: &Path, name: &str) -> Result<Report, 
             AdminAnswer::Station(r) => r,
             _ => {
                 return Err(Failure::new(
-                    "internal",
+                    Code::Internal,
                     "site serve answered something else",
                 ))
             }
@@ -130,7 +131,7 @@ pub fn station_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
             AdminAnswer::Stations(list) => list,
             _ => {
                 return Err(Failure::new(
-                    "internal",
+                    Code::Internal,
                     "site serve answered something else",
                 ))
             }
@@ -287,12 +288,13 @@ pub fn unseal(home: &Path, share_file: Option<&Path>, status: bool) -> Result<Re
                     .lock()
                     .take(cap as u64 + 1)
                     .read_line(&mut line)
-                    .map_err(|e| Failure::new("io", format!("standard input: {e}")))?;
+                    .map_err(|e| Failure::new(Code::Io, format!("standard input: {e}")))?;
                 if line.len() > cap {
                     return Err(Failure::from(keyfab_node::Error::from(
-                        keyfab_formats::FormatError::Malformed(format!(
-                            "standard input: a share line longer than {cap} bytes"
-                        )),
+                        keyfab_formats::FormatError::malformed(
+                            keyfab_formats::Malformed::TooLarge,
+                            format!("standard input: a share line longer than {cap} bytes"),
+                        ),
                     )));
                 }
                 line
@@ -304,7 +306,7 @@ pub fn unseal(home: &Path, share_file: Option<&Path>, status: bool) -> Result<Re
     };
     let answer = admin::request(home, &req).ok_or_else(|| {
         Failure::new(
-            "invalid_state",
+            Code::InvalidState,
             format!(
                 "no sealed `site serve` is running in {}; one-shot commands take --unseal-share-file",
                 home.display()
@@ -313,7 +315,7 @@ pub fn unseal(home: &Path, share_file: Option<&Path>, status: bool) -> Result<Re
     })??;
     let AdminAnswer::Unseal(p) = answer else {
         return Err(Failure::new(
-            "internal",
+            Code::Internal,
             "site serve answered something else",
         ));
     };
@@ -334,63 +336,25 @@ pub fn unseal(home: &Path, share_file: Option<&Path>, status: bool) -> Result<Re
     ))
 }
 
-/// Exit code of a refusal the site sent back, by its code (README.md, "Exit codes and error codes").
+/// A refusal the site sent back, with its code (and so its exit code). A code this
+/// keyfab does not know (a newer site's) is kept in the message.
 fn refusal(code: &str, message: &str) -> Failure {
-    const POLICY: [&str; 14] = [
-        "revoked",
-        "expired",
-        "not_yet_valid",
-        "quota_exceeded",
-        "daily_limit_exceeded",
-        "approval_required",
-        "device_id_rejected",
-        "device_already_provisioned",
-        "station_not_allowed",
-        "audit_overdue",
-        "clock_rollback",
-        "clock_ahead",
-        "policy_denied",
-        "policy_error",
-    ];
-    let known: &'static str = match code {
-        "unknown_entitlement" => "unknown_entitlement",
-        "untrusted_signer" => "untrusted_signer",
-        "malformed" => "malformed",
-        "locked" => "locked",
-        "not_found" => "not_found",
-        "invalid_state" => "invalid_state",
-        "invalid_input" => "invalid_input",
-        c => POLICY
-            .iter()
-            .find(|p| **p == c)
-            .copied()
-            .unwrap_or("refused"),
-    };
-    let exit_code = if POLICY.contains(&known) || known == "unknown_entitlement" {
-        3
-    } else if matches!(known, "untrusted_signer" | "malformed") {
-        4
-    } else {
-        1
-    };
-    Failure {
-        code: known,
-        message: message.to_owned(),
-        exit_code,
+    match Code::parse(code) {
+        Some(known) => Failure::new(known, message),
+        None => Failure::new(
+            Code::Internal,
+            format!("the site refused with a code this keyfab does not know ({code}): {message}"),
+        ),
     }
 }
 
 fn station_failure(e: keyfab_station::StationError) -> Failure {
     match e {
         keyfab_station::StationError::Refused { code, message, .. } => refusal(&code, &message),
-        keyfab_station::StationError::Unreachable(m) => Failure::new("unreachable", m),
-        keyfab_station::StationError::Untrusted(m) => Failure {
-            code: "untrusted_signer",
-            message: m,
-            exit_code: 4,
-        },
+        keyfab_station::StationError::Unreachable(m) => Failure::new(Code::Unreachable, m),
+        keyfab_station::StationError::Untrusted(m) => Failure::new(Code::UntrustedSigner, m),
         keyfab_station::StationError::BadUrl(m) => Failure::usage(format!("--url: {m}")),
-        other => Failure::new("invalid_input", other.to_string()),
+        other => Failure::new(Code::InvalidInput, other.to_string()),
     }
 }
 
@@ -489,7 +453,7 @@ pub fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
     let client = keyfab_station::Client::new(&station, a.urls).map_err(station_failure)?;
     let root_text = read_input_text(a.root_cert, keyfab_formats::MAX_SMALL_INPUT)?;
     let root = x509::from_pem(&root_text, "CERTIFICATE")
-        .map_err(|e| Failure::new("invalid_input", format!("--root-cert: {e}")))?;
+        .map_err(|e| Failure::new(Code::InvalidInput, format!("--root-cert: {e}")))?;
     let devices: Vec<String> = (a.first..a.first.saturating_add(a.devices))
         .map(|i| format!("{}{i:08}", a.prefix))
         .collect();
@@ -560,12 +524,18 @@ pub fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
         "p50_ms": pct(0.50), "p99_ms": pct(0.99),
     });
     if report.programmed + report.failed == 0 && a.devices > 0 {
-        let mut f = Failure::new("unreachable", text);
-        if report.unreachable == 0 {
-            f.code = "refused";
-            f.exit_code = 3;
-        }
-        return Err(f);
+        // Nothing programmed: unreachable if any device could not reach the site,
+        // else the refusal most devices got (its code gives the exit code, 3).
+        let most_refused = report
+            .refused
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .and_then(|(code, _)| Code::parse(code));
+        let code = match most_refused {
+            Some(code) if report.unreachable == 0 => code,
+            _ => Code::Unreachable,
+        };
+        return Err(Failure::new(code, text));
     }
     Ok(Report::new(text, json))
 }
@@ -580,7 +550,8 @@ pub struct ServeChild {
 impl ServeChild {
     pub fn start(ctx: &Context, home: &Path, extra: &[&str]) -> Result<Self, Failure> {
         use std::io::Read;
-        let fail = |e: &dyn std::fmt::Display| Failure::new("internal", format!("site serve: {e}"));
+        let fail =
+            |e: &dyn std::fmt::Display| Failure::new(Code::Internal, format!("site serve: {e}"));
         let exe = std::env::current_exe().map_err(|e| fail(&e))?;
         let mut cmd = std::process::Command::new(exe);
         cmd.args([
@@ -641,14 +612,14 @@ impl ServeChild {
         let status = self
             .child
             .wait()
-            .map_err(|e| Failure::new("internal", e.to_string()))?;
+            .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
         if !status.success() {
             return Err(Failure::new(
-                "internal",
+                Code::Internal,
                 format!("site serve ended with {status}: {out}"),
             ));
         }
-        serde_json::from_str(out.trim()).map_err(|e| Failure::new("internal", e.to_string()))
+        serde_json::from_str(out.trim()).map_err(|e| Failure::new(Code::Internal, e.to_string()))
     }
 }
 

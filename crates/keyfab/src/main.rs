@@ -26,15 +26,9 @@ fn main() -> std::process::ExitCode {
             // --json is still one JSON document (README.md, "Exit codes and error codes"), exit 2.
             let wants_json = std::env::args().any(|a| a == "--json");
             if wants_json && e.use_stderr() {
-                output::print_error(
-                    &output::Failure {
-                        code: "usage",
-                        message: e.render().to_string().trim().to_owned(),
-                        exit_code: 2,
-                    },
-                    true,
-                );
-                return exit_code(2);
+                let usage = output::Failure::usage(e.render().to_string().trim());
+                output::print_error(&usage, true);
+                return std::process::ExitCode::from(usage.exit_code());
             }
             // A reader gone (`--help | head -1`) is not an error of ours.
             let _ = e.print();
@@ -45,11 +39,11 @@ fn main() -> std::process::ExitCode {
     match run::dispatch(cli) {
         Ok(report) => {
             output::print_report(&report, json);
-            exit_code(0)
+            std::process::ExitCode::SUCCESS
         }
         Err(e) => {
             output::print_error(&e, json);
-            exit_code(e.exit_code)
+            std::process::ExitCode::from(e.exit_code())
         }
     }
 }

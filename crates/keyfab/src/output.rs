@@ -1,6 +1,6 @@
 //! What a command prints: text for people, or exactly one JSON document.
 
-use keyfab_node::Error;
+use keyfab_node::{Code, Error};
 
 /// A command's result: the same facts as text and as JSON.
 pub struct Report {
@@ -17,27 +17,22 @@ impl Report {
     }
 }
 
-/// A failed command: stable code, message, exit code.
+/// A failed command: its stable code (which gives the exit code) and message.
 #[derive(Debug)]
 pub struct Failure {
-    pub code: &'static str,
+    pub code: Code,
     pub message: String,
-    pub exit_code: i32,
 }
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
-        Failure {
-            code: e.code(),
-            message: e.to_string(),
-            exit_code: e.exit_code(),
-        }
+        Failure::new(e.code(), e.to_string())
     }
 }
 
 /// A file that could not be read or written, with its path (code `io`, exit 1).
 pub fn io_fail(path: &std::path::Path, e: std::io::Error) -> Failure {
-    Failure::new("io", format!("{}: {e}", path.display()))
+    Failure::new(Code::Io, format!("{}: {e}", path.display()))
 }
 
 /// The bytes of an input file, read in bounded memory: beyond `cap` bytes it is refused
@@ -62,30 +57,33 @@ pub fn read_input_text(path: &std::path::Path, cap: usize) -> Result<String, Fai
     String::from_utf8(read_input(path, cap)?).map_err(|e| {
         read_failure(
             path,
-            keyfab_formats::FormatError::Malformed(format!(
-                "not UTF-8 text (byte {} is not)",
-                e.utf8_error().valid_up_to()
-            )),
+            keyfab_formats::FormatError::malformed(
+                keyfab_formats::Malformed::Encoding,
+                format!(
+                    "not UTF-8 text (byte {} is not)",
+                    e.utf8_error().valid_up_to()
+                ),
+            ),
         )
     })
 }
 
 impl Failure {
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
         Failure {
             code,
             message: message.into(),
-            exit_code: 1,
         }
     }
 
     /// Arguments that do not go together (exit 2, code `usage`).
     pub fn usage(message: impl Into<String>) -> Self {
-        Failure {
-            code: "usage",
-            message: message.into(),
-            exit_code: 2,
-        }
+        Failure::new(Code::Usage, message)
+    }
+
+    /// The process exit code: the code's (README.md, "Exit codes and error codes").
+    pub fn exit_code(&self) -> u8 {
+        self.code.exit_code()
     }
 }
 
@@ -103,7 +101,8 @@ pub fn print_report(r: &Report, json: bool) {
 pub fn print_error(e: &Failure, json: bool) {
     if json {
         print_out(
-            &serde_json::json!({"error": {"code": e.code, "message": e.message}}).to_string(),
+            &serde_json::json!({"error": {"code": e.code.as_str(), "message": e.message}})
+                .to_string(),
         );
     } else {
         use std::io::Write;

@@ -7,6 +7,7 @@ use crate::output::{io_fail, read_input, read_input_text, Failure, Progress, Rep
 use keyfab_crypto::sign::SigningKey;
 use keyfab_crypto::x509::{self, Role};
 use keyfab_hq::entitlement::CreateRequest;
+use keyfab_node::Code;
 use keyfab_node::{Node, NodeKind};
 use serde_json::json;
 use std::path::Path;
@@ -296,7 +297,7 @@ pub fn issue(
     days: i64,
 ) -> Result<Report, Failure> {
     let role = Role::parse(role)
-        .ok_or_else(|| Failure::new("invalid_input", "--role must be hq or site"))?;
+        .ok_or_else(|| Failure::new(Code::InvalidInput, "--role must be hq or site"))?;
     let csr_pem = read_input_text(csr, keyfab_formats::MAX_SMALL_INPUT)?;
     let rng = ctx.rng();
     let issued = keyfab_hq::pki::issue(
@@ -687,13 +688,13 @@ pub fn entitlement_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
 
 pub fn approver_keygen(ctx: &Context, out: &Path) -> Result<Report, Failure> {
     let key = SigningKey::generate(ctx.rng().as_ref())
-        .map_err(|e| Failure::new("internal", e.to_string()))?;
+        .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
     let key_path = out.with_extension("key");
     let pub_path = out.with_extension("pub");
     for p in [&key_path, &pub_path] {
         if p.exists() {
             return Err(Failure::new(
-                "invalid_state",
+                Code::InvalidState,
                 format!("{} exists; refusing to overwrite", p.display()),
             ));
         }
@@ -717,14 +718,14 @@ pub fn approver_keygen(ctx: &Context, out: &Path) -> Result<Report, Failure> {
 fn policy_test(module_path: &Path, cases_path: &Path) -> Result<Report, Failure> {
     let bytes = read_input(module_path, 4 * keyfab_policy_code::MAX_MODULE_BYTES)?;
     let wasm = keyfab_policy_code::module_bytes(module_path, bytes)
-        .map_err(|e| Failure::new("malformed", e.to_string()))?;
+        .map_err(|e| Failure::new(Code::Malformed, e.to_string()))?;
     let module = keyfab_policy_code::PolicyModule::load(&wasm)
-        .map_err(|e| Failure::new("malformed", format!("{}: {e}", module_path.display())))?;
+        .map_err(|e| Failure::new(Code::Malformed, format!("{}: {e}", module_path.display())))?;
     let text = read_input_text(cases_path, MAX_LIST_BYTES)?;
     let file: keyfab_policy_code::cases::CaseFile = serde_json::from_str(&text)
-        .map_err(|e| Failure::new("malformed", format!("{}: {e}", cases_path.display())))?;
+        .map_err(|e| Failure::new(Code::Malformed, format!("{}: {e}", cases_path.display())))?;
     let report = keyfab_policy_code::cases::run_cases(&module, &file)
-        .map_err(|e| Failure::new("malformed", format!("{}: {e}", cases_path.display())))?;
+        .map_err(|e| Failure::new(Code::Malformed, format!("{}: {e}", cases_path.display())))?;
     let mut lines = Vec::new();
     let mut results = Vec::new();
     for o in &report.outcomes {
@@ -768,7 +769,7 @@ fn policy_test(module_path: &Path, cases_path: &Path) -> Result<Report, Failure>
     );
     if failed > 0 {
         return Err(Failure::new(
-            "policy_test_failed",
+            Code::PolicyTestFailed,
             format!("{summary}\n{}", lines.join("\n")),
         ));
     }
@@ -805,7 +806,7 @@ pub fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Failure> {
             Some(match std::str::from_utf8(&bytes) {
                 Ok(text) if text.contains("-----BEGIN") => {
                     x509::from_pem(text, "CERTIFICATE REQUEST")
-                        .map_err(|e| Failure::new("invalid_input", format!("--csr: {e}")))?
+                        .map_err(|e| Failure::new(Code::InvalidInput, format!("--csr: {e}")))?
                 }
                 _ => bytes,
             })
@@ -831,7 +832,7 @@ pub fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Failure> {
     let device_id = a
         .device_id
         .clone()
-        .ok_or_else(|| Failure::new("invalid_input", "--device-id or --device-ids is needed"))?;
+        .ok_or_else(|| Failure::new(Code::InvalidInput, "--device-id or --device-ids is needed"))?;
     let request_id = match &a.request_id {
         Some(r) => r.clone(),
         None => {
@@ -911,7 +912,7 @@ fn provision_many(
                     released += 1;
                 }
             }
-            Err(e) if e.exit_code() == 3 => *refused.entry(e.code()).or_insert(0) += 1,
+            Err(e) if e.exit_code() == 3 => *refused.entry(e.code().as_str()).or_insert(0) += 1,
             Err(e) => return Err(e.into()),
         }
     }
@@ -947,7 +948,7 @@ pub fn approval_request(
 pub fn approver_sign(key: &Path, request: &Path, out: &Path) -> Result<Report, Failure> {
     let key_der = keyfab_hq::pki::read_pem_file(key, "PRIVATE KEY")?;
     let signer = SigningKey::from_pkcs8(&key_der)
-        .map_err(|e| Failure::new("invalid_input", format!("{}: {e}", key.display())))?;
+        .map_err(|e| Failure::new(Code::InvalidInput, format!("{}: {e}", key.display())))?;
     let file = read_input(request, keyfab_formats::approval::MAX_LEN)?;
     let req = keyfab_formats::approval::ApprovalRequest::from_file(&file)
         .map_err(keyfab_node::Error::from)?;
@@ -1002,11 +1003,10 @@ pub fn audit_verify(ctx: &Context, home: &Path) -> Result<Report, Failure> {
             // A broken chain stops the site: it releases no key until HQ decides.
             let why = format!("the audit chain is broken: {e}");
             keyfab_site::latch::latch(&node, keyfab_site::latch::Cause::LogBroken, &why)?;
-            return Err(Failure {
-                code: "bad_signature",
-                message: format!("{why}; the site has stopped releasing keys (log_broken)"),
-                exit_code: 4,
-            });
+            return Err(Failure::new(
+                Code::LogBroken,
+                format!("{why}; the site has stopped releasing keys"),
+            ));
         }
     };
     let tree = keyfab_site::checkpoints::tree_head(&node)?;
@@ -1140,7 +1140,7 @@ pub fn audit_import(
     let i = keyfab_hq::audit::import(&node, file, progress.reporter())?;
     let head = i
         .head
-        .ok_or_else(|| Failure::new("internal", "no checkpoint"))?;
+        .ok_or_else(|| Failure::new(Code::Internal, "no checkpoint"))?;
     // Accepted, whether or not the site gets a receipt now: later entitlements carry
     // this checkpoint, and a clock reset acknowledges it.
     let receipt = keyfab_hq::receipts::acknowledge(&node, &i.site, head, i.checkpoint_time)?;
@@ -1182,7 +1182,8 @@ pub fn hq_report(
 ) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Hq)?;
     let r = keyfab_hq::report::report(&node, node.now())?;
-    let value = serde_json::to_value(&r).map_err(|e| Failure::new("internal", e.to_string()))?;
+    let value =
+        serde_json::to_value(&r).map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
     let mut text = format!(
         "{:<16} {:<34} {:<20} {:>13} {:>17} {:>16} {:>10}  {}\n",
         "SITE",
@@ -1230,7 +1231,7 @@ pub fn hq_report(
     match (format, out) {
         ("html", None) => {
             return Err(Failure::new(
-                "invalid_input",
+                Code::InvalidInput,
                 "--format html needs --out FILE",
             ))
         }

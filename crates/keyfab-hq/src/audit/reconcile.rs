@@ -112,7 +112,7 @@ impl<'a> Reconciler<'a> {
         &mut self,
         entitlement: Option<&str>,
         device: Option<&str>,
-        kind: &str,
+        kind: ViolationKind,
         detail: String,
     ) {
         if let Some(e) = entitlement {
@@ -125,7 +125,7 @@ impl<'a> Reconciler<'a> {
             sequence: self.position,
             entitlement: entitlement.map(str::to_owned),
             device_id: device.map(str::to_owned),
-            kind: kind.to_owned(),
+            kind,
             detail,
         });
     }
@@ -200,7 +200,7 @@ impl<'a> Reconciler<'a> {
         }
         self.replicas
             .get_mut(id)
-            .ok_or_else(|| Error::InvalidState("replica".into()))
+            .ok_or_else(|| Error::Bug("replica".into()))
     }
 
     /// Loads, in one snapshot, what the index knows of the devices of `records`.
@@ -316,7 +316,7 @@ impl<'a> Reconciler<'a> {
             self.violation(
                 None,
                 None,
-                "timestamp_backwards",
+                ViolationKind::TimestampBackwards,
                 format!(
                     "record {} is earlier than the one before it in its chain",
                     self.position
@@ -330,7 +330,7 @@ impl<'a> Reconciler<'a> {
             self.violation(
                 Some(entitlement),
                 None,
-                "unknown_entitlement",
+                ViolationKind::UnknownEntitlement,
                 "HQ issued no such entitlement to this site".into(),
             );
         }
@@ -357,7 +357,7 @@ impl<'a> Reconciler<'a> {
             self.violation(
                 Some(entitlement),
                 None,
-                "approver_not_listed",
+                ViolationKind::ApproverNotListed,
                 format!("approver {approver}"),
             );
         }
@@ -374,7 +374,7 @@ impl<'a> Reconciler<'a> {
             self.violation(
                 Some(entitlement),
                 None,
-                "activated_without_quorum",
+                ViolationKind::ActivatedWithoutQuorum,
                 format!("{count} of {threshold} approvers"),
             );
         }
@@ -391,7 +391,7 @@ impl<'a> Reconciler<'a> {
             self.violation(
                 Some(entitlement),
                 None,
-                "revoked_without_revocation",
+                ViolationKind::RevokedWithoutRevocation,
                 "HQ issued no revocation".into(),
             );
         }
@@ -419,7 +419,7 @@ impl<'a> Reconciler<'a> {
             self.violation(
                 Some(entitlement),
                 Some(device_id),
-                "confirmed_without_release",
+                ViolationKind::ConfirmedWithoutRelease,
                 "a confirmation of a device that received no keys".into(),
             );
         }
@@ -440,7 +440,7 @@ impl<'a> Reconciler<'a> {
             _ => self.violation(
                 Some(entitlement),
                 Some(device_id),
-                "malformed_confirmation",
+                ViolationKind::MalformedConfirmation,
                 format!("unknown result '{result}'"),
             ),
         }
@@ -464,7 +464,7 @@ impl<'a> Reconciler<'a> {
             self.violation(
                 None,
                 None,
-                "clock_reset_not_issued",
+                ViolationKind::ClockResetNotIssued,
                 format!(
                     "the site's trusted time was reset to {} on a receipt of {} HQ did not issue",
                     keyfab_node::rfc3339(to),
@@ -492,7 +492,7 @@ impl<'a> Reconciler<'a> {
                 self.violation(
                     Some(entitlement),
                     Some(device_id),
-                    "unknown_entitlement",
+                    ViolationKind::UnknownEntitlement,
                     "keys released under an entitlement HQ never issued to this site".into(),
                 );
             }
@@ -512,7 +512,7 @@ impl<'a> Reconciler<'a> {
             self.violation(
                 Some(entitlement),
                 Some(device_id),
-                c.code(),
+                ViolationKind::Broke(c.code()),
                 format!(
                     "keys released although the policy refuses: {}{because}",
                     c.code()
@@ -608,18 +608,18 @@ impl<'a> Reconciler<'a> {
             Decision::Allow => self.violation(
                 Some(d.entitlement),
                 Some(d.device_id),
-                "denied_but_allowed",
+                ViolationKind::DeniedButAllowed,
                 format!("the site refused with {code}, the policy allows it"),
             ),
             Decision::Deny(c) if recorded_reason.is_some() => {
-                let same = c.code() == code
+                let same = c.code().as_str() == code
                     && (c != DenyCode::PolicyDenied
                         || reason.as_deref() == recorded_reason.map(String::as_str));
                 if !same {
                     self.violation(
                         Some(d.entitlement),
                         Some(d.device_id),
-                        "code_replay_differs",
+                        ViolationKind::CodeReplayDiffers,
                         format!(
                             "the site's module refused with {code} ({}), the replay gives {} ({})",
                             recorded_reason.map_or("", String::as_str),
@@ -655,7 +655,7 @@ impl<'a> Reconciler<'a> {
                         self.violation(
                             Some(d.entitlement),
                             Some(d.device_id),
-                            "pool_key_not_issued",
+                            ViolationKind::PoolKeyNotIssued,
                             format!("slot {index}: {audited} is not the key HQ put there"),
                         );
                     }
@@ -665,7 +665,7 @@ impl<'a> Reconciler<'a> {
                 self.violation(
                     Some(d.entitlement),
                     Some(d.device_id),
-                    "pool_key_reused",
+                    ViolationKind::PoolKeyReused,
                     format!("slot {index} was given out before"),
                 );
             }
@@ -673,7 +673,7 @@ impl<'a> Reconciler<'a> {
                 self.violation(
                     Some(d.entitlement),
                     Some(d.device_id),
-                    "pool_key_not_issued",
+                    ViolationKind::PoolKeyNotIssued,
                     "no pool slot recorded".into(),
                 );
             }

@@ -49,14 +49,14 @@ pub(super) fn stage_records<'a>(
         drop(receive);
         let checked = checker
             .join()
-            .unwrap_or_else(|_| Err(Error::InvalidState("record checker failed".into())));
+            .unwrap_or_else(|_| Err(Error::Bug("record checker failed".into())));
         (checked, staged)
     });
     // The checker's verdict first: a bad bundle is the news, not what it caused later.
     // (`None`: the checker stopped because the reconciler did, whose error follows.)
     let checked = checked?;
     let batch = staged?;
-    let checked = checked.ok_or_else(|| Error::InvalidState("record checker stopped".into()))?;
+    let checked = checked.ok_or_else(|| Error::Bug("record checker stopped".into()))?;
     if checked.frontier.size() != h.to.size || checked.frontier.root() != h.to.root {
         return Err(Error::Verification(
             keyfab_formats::FormatError::BadSignature(
@@ -201,11 +201,10 @@ pub(super) fn discard_staged(node: &Node, site: &str, accepted: u64) -> Result<(
         let mut txn = Txn::default();
         let mut index = DeviceIndex::default();
         for (key, row) in &rows {
-            let records = keyfab_audit::split_row(&row.value)
-                .map_err(|e| Error::InvalidState(e.to_string()))?;
+            let records =
+                keyfab_audit::split_row(&row.value).map_err(|e| Error::Corrupt(e.to_string()))?;
             for bytes in records {
-                let r =
-                    Record::from_bytes(bytes).map_err(|e| Error::InvalidState(e.to_string()))?;
+                let r = Record::from_bytes(bytes).map_err(|e| Error::Corrupt(e.to_string()))?;
                 if let (Event::ProvisionAllowed { .. }, Some((entitlement, device))) =
                     (&r.event, device_of(&r))
                 {

@@ -232,32 +232,8 @@ fn decide_and_commit(
 }
 
 fn fail_all(senders: Vec<Reply>, e: &Error) -> Replies {
-    let (code, msg) = (e.code(), e.to_string());
     senders
         .into_iter()
-        .map(|reply| {
-            let err = match e {
-                Error::ClockRollback {
-                    observed,
-                    high_water,
-                } => Error::ClockRollback {
-                    observed: *observed,
-                    high_water: *high_water,
-                },
-                Error::ClockAhead {
-                    observed,
-                    trusted,
-                    max_jump,
-                } => Error::ClockAhead {
-                    observed: *observed,
-                    trusted: *trusted,
-                    max_jump: *max_jump,
-                },
-                Error::Unavailable(why) => Error::Unavailable(why.clone()),
-                Error::OutcomeUnknown(why) => Error::OutcomeUnknown(why.clone()),
-                _ => Error::InvalidState(format!("{code}: {msg}")),
-            };
-            (reply, Err(err))
-        })
+        .map(|reply| (reply, Err(e.relay())))
         .collect()
 }

@@ -135,7 +135,7 @@ pub(super) fn counters_in<'m>(
     counters
         .get_mut(entitlement)
         .map(|(c, _)| c)
-        .ok_or_else(|| Error::InvalidState("counters".into()))
+        .ok_or_else(|| Error::Corrupt("counters".into()))
 }
 
 /// The stored values a batch reads for one request: its refusal under the legacy key
@@ -185,7 +185,7 @@ pub(super) fn decide_batch(
     let settings = st
         .settings
         .clone()
-        .ok_or_else(|| Error::InvalidState("settings".into()))?;
+        .ok_or_else(|| Error::Corrupt("settings".into()))?;
     if guard_reads {
         // As read: a receipt, a clock setting or the latch changed meanwhile makes the
         // batch decide again (nodes do not meet on the site chain's head, which records

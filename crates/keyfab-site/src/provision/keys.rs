@@ -139,7 +139,7 @@ pub(super) fn replayed_privates(
                 let sealed = record
                     .sealed
                     .get(i)
-                    .ok_or_else(|| Error::InvalidState("sealed site key".into()))?;
+                    .ok_or_else(|| Error::Corrupt("sealed site key".into()))?;
                 Some(unseal_site_key(ctx, device_id, &spec.name, sealed)?)
             }
             (KeySource::Derived, _) => Some(devicekey::derive(
@@ -217,6 +217,5 @@ pub(super) fn unseal_site_key(
         &site_key_aad(ctx, device_id, name),
         sealed,
     )?;
-    Secret32::from_slice(plain.expose())
-        .ok_or_else(|| Error::InvalidState("site key length".into()))
+    Secret32::from_slice(plain.expose()).ok_or_else(|| Error::Corrupt("site key length".into()))
 }

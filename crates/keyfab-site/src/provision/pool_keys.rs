@@ -12,8 +12,8 @@ pub(super) fn pool_spec_of(ctx: &EntitlementContext, spec_index: usize) -> Resul
         .pool
         .iter()
         .position(|p| p.key == ctx.policy.policy.keys[spec_index].name)
-        .ok_or_else(|| Error::InvalidState("key spec not in the pool".into()))?;
-    u8::try_from(pool_spec).map_err(|_| Error::InvalidState("pool spec".into()))
+        .ok_or_else(|| Error::Corrupt("key spec not in the pool".into()))?;
+    u8::try_from(pool_spec).map_err(|_| Error::Corrupt("pool spec".into()))
 }
 
 /// Pool rows a batch will likely take, read ahead in one snapshot (on etcd one round
@@ -198,9 +198,8 @@ pub(super) fn read_pool_key(
     spec_index: usize,
     index: u64,
 ) -> Result<Secret32> {
-    read_pool_key_from(node, &PoolRows::new(), ctx, spec_index, index)?.ok_or_else(|| {
-        Error::InvalidState(format!("pool key {index} of '{}' is gone", ctx.record.id))
-    })
+    read_pool_key_from(node, &PoolRows::new(), ctx, spec_index, index)?
+        .ok_or_else(|| Error::Corrupt(format!("pool key {index} of '{}' is gone", ctx.record.id)))
 }
 
 /// [`read_pool_key`], from the rows read ahead when they hold it; `None` if the slot's
@@ -224,5 +223,5 @@ pub(super) fn read_pool_key_from(
     let plain = ctx.aead.open(pool_nonce(spec, index), &key, &v.value)?;
     Secret32::from_slice(plain.expose())
         .map(Some)
-        .ok_or_else(|| Error::InvalidState("pool key length".into()))
+        .ok_or_else(|| Error::Corrupt("pool key length".into()))
 }

@@ -86,7 +86,7 @@ impl Deciding<'_> {
             st.counters
                 .get_mut(&req.entitlement)
                 .map(|(c, _)| c)
-                .ok_or_else(|| Error::InvalidState("counters".into()))?
+                .ok_or_else(|| Error::Corrupt("counters".into()))?
         } else {
             counters_in(
                 &mut st.counters,
@@ -129,9 +129,7 @@ impl Deciding<'_> {
                 .map(Some),
             Decision::Allow => {
                 if has_pool && pool_index.is_none() {
-                    return Err(Error::InvalidState(
-                        "a reservation without pool slots".into(),
-                    ));
+                    return Err(Error::Bug("a reservation without pool slots".into()));
                 }
                 let Some(keys) = self.release_keys(&ctx, &req, pos, prepared, pool_index)? else {
                     return Ok(None);
@@ -259,7 +257,7 @@ impl Deciding<'_> {
                 request_id,
                 device_id,
                 station,
-                code: code.code().to_owned(),
+                code: code.code().as_str().to_owned(),
                 reason,
             },
             None => Event::ProvisionDenied {
@@ -267,7 +265,7 @@ impl Deciding<'_> {
                 request_id,
                 device_id,
                 station,
-                code: code.code().to_owned(),
+                code: code.code().as_str().to_owned(),
             },
         };
         let seq = self.log.append(&mut self.txn, self.now, event)?;
@@ -298,7 +296,7 @@ impl Deciding<'_> {
     ) -> Result<Option<Released>> {
         if prepared.len() != ctx.policy.policy.keys.len() {
             // Only a device id the policy refuses is left unprepared.
-            return Err(Error::InvalidState(
+            return Err(Error::Bug(
                 "an allowed request without its prepared keys".into(),
             ));
         }
@@ -310,8 +308,7 @@ impl Deciding<'_> {
         for (i, (spec, p)) in ctx.policy.policy.keys.iter().zip(prepared).enumerate() {
             let (key_id, sealed, private, cert) = match p {
                 Prepared::Pool => {
-                    let index =
-                        pool_index.ok_or_else(|| Error::InvalidState("pool index".into()))?;
+                    let index = pool_index.ok_or_else(|| Error::Bug("pool index".into()))?;
                     let Some((key_id, private, cert)) = self.pool_key(ctx, req, pos, i, index)?
                     else {
                         return Ok(None);
@@ -367,7 +364,7 @@ impl Deciding<'_> {
             if self.node.store.is_shared() {
                 return Ok(None);
             }
-            return Err(Error::InvalidState(format!(
+            return Err(Error::Corrupt(format!(
                 "pool key {index} of '{}' is gone",
                 ctx.record.id
             )));
@@ -428,7 +425,7 @@ impl Deciding<'_> {
                 .counters
                 .get_mut(&req.entitlement)
                 .map(|(c, _)| c)
-                .ok_or_else(|| Error::InvalidState("counters".into()))?;
+                .ok_or_else(|| Error::Corrupt("counters".into()))?;
             c.total += 1;
             if ctx.code.is_some() {
                 c.code.record_allowed(&day, req.station.as_deref());
@@ -550,7 +547,7 @@ pub(super) fn confirm_device(
                 repeated: true,
             })
         } else {
-            Err(Error::InvalidState(format!(
+            Err(Error::Precondition(format!(
                 "device '{}' was already confirmed {} (audit record {})",
                 req.device_id,
                 c.result.as_str(),

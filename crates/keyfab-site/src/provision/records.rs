@@ -198,7 +198,7 @@ pub(super) fn i64_of(bytes: &[u8]) -> Result<i64> {
     Ok(i64::from_be_bytes(
         bytes
             .try_into()
-            .map_err(|_| Error::InvalidState("stored time".into()))?,
+            .map_err(|_| Error::Corrupt("stored time".into()))?,
     ))
 }
 

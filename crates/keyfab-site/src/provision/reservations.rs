@@ -388,7 +388,7 @@ pub(super) fn give_back_all(node: &Node, chain: &str) -> Result<()> {
         .map(|(k, _)| k)
         .collect();
     for id in ids {
-        let id = String::from_utf8(id).map_err(|_| Error::InvalidState("entitlement id".into()))?;
+        let id = String::from_utf8(id).map_err(|_| Error::Corrupt("entitlement id".into()))?;
         let key = reservation_key(&id, chain);
         for _ in 0..4 {
             let mut held = Held {

@@ -13,7 +13,7 @@ use crate::stations::{self, StationRecord};
 use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::x509;
 use keyfab_custody::unseal::{UnsealProgress, Unsealer};
-use keyfab_node::{Error, Node, Result};
+use keyfab_node::{Code, Error, Node, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -105,7 +105,7 @@ fn handle(node: &Node, req: AdminRequest) -> Result<AdminAnswer> {
         AdminRequest::Revoke { name } => AdminAnswer::Station(stations::revoke(node, &name)?),
         AdminRequest::List => AdminAnswer::Stations(stations::list(node)?),
         AdminRequest::Unseal { .. } | AdminRequest::UnsealStatus => {
-            return Err(Error::InvalidState("this node is unsealed already".into()))
+            return Err(Error::Precondition("this node is unsealed already".into()))
         }
     })
 }
@@ -140,7 +140,7 @@ pub(super) async fn serve(
                     answer
                 })
                 .await
-                .unwrap_or_else(|_| Err(Error::InvalidState("admin request".into()))),
+                .unwrap_or_else(|_| Err(Error::Bug("admin request".into()))),
                 Some(Err(e)) => Err(e),
                 None => return,
             };
@@ -163,7 +163,9 @@ async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Option<Result<Ad
 async fn write_answer(write: &mut tokio::net::unix::OwnedWriteHalf, answer: Result<AdminAnswer>) {
     let json = match answer {
         Ok(a) => serde_json::json!({ "ok": a }),
-        Err(e) => serde_json::json!({"error": {"code": e.code(), "message": e.to_string()}}),
+        Err(e) => {
+            serde_json::json!({"error": {"code": e.code().as_str(), "message": e.to_string()}})
+        }
     };
     let _ = write.write_all(json.to_string().as_bytes()).await;
     let _ = write.shutdown().await;
@@ -182,7 +184,7 @@ pub fn wait_for_shares(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| Error::InvalidState(format!("runtime: {e}")))?;
+        .map_err(|e| Error::Bug(format!("runtime: {e}")))?;
     runtime.block_on(async {
         let (listener, path) = bind(home)?;
         let why = |p: UnsealProgress| {
@@ -264,18 +266,17 @@ pub fn request(home: &Path, req: &AdminRequest) -> Option<Result<AdminAnswer>> {
         let mut answer = Vec::new();
         stream.read_to_end(&mut answer)?;
         let v: serde_json::Value = serde_json::from_slice(&answer)
-            .map_err(|e| Error::InvalidState(format!("site serve answered: {e}")))?;
+            .map_err(|e| Error::Bug(format!("site serve answered: {e}")))?;
         if let Some(err) = v.get("error") {
             let message = err["message"].as_str().unwrap_or_default().to_owned();
-            return Err(match err["code"].as_str() {
-                Some("not_found") => Error::NotFound(message),
-                Some("locked") => Error::Sealed(message),
-                Some("invalid_input") => Error::InvalidInput(message),
-                _ => Error::InvalidState(message),
+            let code = err["code"].as_str().and_then(Code::parse);
+            return Err(Error::Relayed {
+                code: code.unwrap_or(Code::Internal),
+                message,
             });
         }
         serde_json::from_value(v["ok"].clone())
-            .map_err(|e| Error::InvalidState(format!("site serve answered: {e}")))
+            .map_err(|e| Error::Bug(format!("site serve answered: {e}")))
     };
     Some(run())
 }

@@ -14,7 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use keyfab_node::{Error, Node};
+use keyfab_node::{Code, Error, Node};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -126,49 +126,46 @@ async fn access_log(req: Request, next: Next) -> Response {
 }
 
 /// An error as the API answers it: a stable code and a short message.
+/// The HTTP status is the code's (`Code::http_status`), unless a handler names another
+/// with [`ApiError::with_status`].
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: Code,
     message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(code: Code, message: impl Into<String>) -> Self {
         Self {
-            status,
+            status: StatusCode::from_u16(code.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             code,
             message: message.into(),
         }
+    }
+
+    fn with_status(self, status: StatusCode) -> Self {
+        Self { status, ..self }
     }
 }
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
-        let status = match &e {
-            Error::Denied { .. } | Error::ClockRollback { .. } | Error::ClockAhead { .. } => {
-                StatusCode::FORBIDDEN
+        let code = e.code();
+        // A damaged store's or a bug's details stay in the server's log; the station
+        // gets the code and a fixed message.
+        let message = if code.is_private() {
+            tracing::error!(code = code.as_str(), error = %e, "site error");
+            match code {
+                Code::Corrupt => "the site's stored state is damaged: see the site's log",
+                Code::Io => "the site could not read or write its files: see the site's log",
+                _ => "internal error: see the site's log",
             }
-            Error::UnknownEntitlement(_) | Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::InvalidInput(_) => StatusCode::BAD_REQUEST,
-            Error::Locked | Error::Unavailable(_) | Error::OutcomeUnknown(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            _ if e.exit_code() == 4 => StatusCode::BAD_REQUEST,
-            Error::InvalidState(_) => StatusCode::CONFLICT,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        // Internal details stay in the server's log; the client gets the code.
-        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
-            tracing::error!(code = e.code(), error = %e, "internal error");
-            "internal error".to_owned()
+            .to_owned()
         } else {
             e.to_string()
         };
-        ApiError {
-            status,
-            code: e.code(),
-            message,
-        }
+        ApiError::new(code, message)
     }
 }
 
@@ -176,7 +173,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
             self.status,
-            Json(json!({"error": {"code": self.code, "message": self.message}})),
+            Json(json!({"error": {"code": self.code.as_str(), "message": self.message}})),
         )
             .into_response()
     }
@@ -188,11 +185,10 @@ async fn require_station(
     next: Next,
 ) -> Result<Response, ApiError> {
     let Some(peer) = req.extensions().get::<PeerCertificate>().cloned() else {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "untrusted_signer",
-            "a station certificate is required",
-        ));
+        return Err(
+            ApiError::new(Code::UntrustedSigner, "a station certificate is required")
+                .with_status(StatusCode::UNAUTHORIZED),
+        );
     };
     let generation = state.revocations.load(std::sync::atomic::Ordering::Acquire);
     let cached = peer
@@ -207,7 +203,7 @@ async fn require_station(
             let (node, der) = (state.node.clone(), peer.der.clone());
             let name = tokio::task::spawn_blocking(move || crate::stations::check(&node, &der))
                 .await
-                .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "check"))?
+                .map_err(|_| ApiError::new(Code::Internal, "check"))?
                 .map_err(station_refused)?;
             *peer.checked.lock().unwrap_or_else(|p| p.into_inner()) = Some(Checked {
                 station: name.clone(),
@@ -219,8 +215,7 @@ async fn require_station(
     };
     let Some(_slot) = state.limits.request(&name) else {
         return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "busy",
+            Code::Busy,
             format!("station '{name}' has its bound of requests in flight; retry"),
         ));
     };
@@ -233,8 +228,7 @@ async fn require_station(
         })
         .map_err(|_| {
             ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "timeout",
+                Code::Timeout,
                 "the request took too long (a body that never finished?); retry with the same request id",
             )
         })
@@ -263,12 +257,12 @@ struct ProvisionBody {
 fn station_refused(e: Error) -> ApiError {
     match e {
         Error::Unavailable(_) | Error::OutcomeUnknown(_) | Error::Locked => ApiError::from(e),
-        e => ApiError::new(StatusCode::FORBIDDEN, e.code(), e.to_string()),
+        e => ApiError::new(e.code(), e.to_string()).with_status(StatusCode::FORBIDDEN),
     }
 }
 
 fn malformed(what: &str, e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "malformed", format!("{what}: {e}"))
+    ApiError::new(Code::Malformed, format!("{what}: {e}"))
 }
 
 /// Parses a `POST /v1/provision` body strictly (unknown fields, a bad CSR or transport
@@ -281,8 +275,7 @@ pub fn parse_provision(body: &[u8], station: &str) -> Result<ProvisionRequest, A
         .starts_with(crate::provision::LOT_REQUEST_PREFIX)
     {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_input",
+            Code::InvalidInput,
             format!(
                 "request ids starting with '{}' are the site's own (its lots); choose another",
                 crate::provision::LOT_REQUEST_PREFIX
@@ -352,7 +345,7 @@ async fn provision(
             target: "keyfab::provision",
             device_id,
             request_id,
-            code = e.code(),
+            code = e.code().as_str(),
             "refused"
         ),
     }
@@ -391,7 +384,7 @@ async fn confirm(
         provisioner.confirm(&entitlement, &device_id, result, Some(station))
     })
     .await
-    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "confirm"))??;
+    .map_err(|_| ApiError::new(Code::Internal, "confirm"))??;
     Ok(Json(json!({
         "entitlement": c.entitlement,
         "device_id": c.device_id,
@@ -410,7 +403,7 @@ async fn entitlements(
     let node = state.node.clone();
     let list = tokio::task::spawn_blocking(move || usable(&node, &station))
         .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "list"))??;
+        .map_err(|_| ApiError::new(Code::Internal, "list"))??;
     Ok(Json(json!({ "entitlements": list })).into_response())
 }
 
@@ -449,7 +442,7 @@ async fn metrics(State(state): State<Shared>) -> Result<Response, ApiError> {
     let metrics = state.metrics.clone();
     let text = tokio::task::spawn_blocking(move || metrics.render(&node))
         .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "metrics"))??;
+        .map_err(|_| ApiError::new(Code::Internal, "metrics"))??;
     Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
 }
 
@@ -461,11 +454,11 @@ mod tests {
     fn a_station_check_the_store_could_not_serve_is_sent_again_not_refused() {
         let failover = station_refused(Error::Unavailable("no etcd leader".into()));
         assert_eq!(failover.status, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(failover.code, "unavailable");
+        assert_eq!(failover.code, Code::Unavailable);
         let refused = station_refused(Error::Verification(
             keyfab_formats::FormatError::UntrustedSigner("revoked".into()),
         ));
         assert_eq!(refused.status, StatusCode::FORBIDDEN);
-        assert_eq!(refused.code, "untrusted_signer");
+        assert_eq!(refused.code, Code::UntrustedSigner);
     }
 }

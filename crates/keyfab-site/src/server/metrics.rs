@@ -37,7 +37,7 @@ impl Metrics {
                     .refused
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .entry(e.code())
+                    .entry(e.code().as_str())
                     .or_insert(0) += 1;
             }
         }

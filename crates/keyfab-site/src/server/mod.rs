@@ -70,7 +70,7 @@ pub struct ServeSummary {
 }
 
 fn internal(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::InvalidState(format!("{what}: {e}"))
+    Error::Bug(format!("{what}: {e}"))
 }
 
 /// The TLS configuration: TLS 1.3 only, this site's identity, and a client certificate

@@ -236,7 +236,7 @@ fn a_thousand_mutants_are_refused_and_clean_bundles_accepted() {
             Ok(_) => panic!("mutant accepted: {label}"),
             Err(e) => {
                 assert_eq!(e.exit_code(), 4, "{label}: {e}");
-                *codes.entry(e.code().to_owned()).or_default() += 1;
+                *codes.entry(e.code().as_str().to_owned()).or_default() += 1;
             }
         }
     }
@@ -322,7 +322,7 @@ fn a_large_refused_bundle_leaves_nothing_behind() {
     let before = content_snapshot(&w.hq);
     let hq = open_hq(&w);
     let e = keyfab_hq::audit::import(&hq, &bad, None).unwrap_err();
-    assert_eq!(e.code(), "bad_signature", "{e}");
+    assert_eq!(e.code().as_str(), "bad_signature", "{e}");
     drop(hq);
     assert_eq!(
         before,
@@ -375,7 +375,7 @@ fn a_large_refused_bundle_leaves_nothing_behind() {
         imported
             .violations
             .iter()
-            .all(|v| v.kind == "quota_exceeded"),
+            .all(|v| v.kind.as_str() == "quota_exceeded"),
         "{:?}",
         imported.violations.first()
     );

@@ -138,7 +138,7 @@ fn run_cases_at_site(
             });
             let (code, message) = match &got {
                 Ok(_) => ("allow", String::new()),
-                Err(e) => (e.code(), e.to_string()),
+                Err(e) => (e.code().as_str(), e.to_string()),
             };
             assert_eq!(
                 code,

@@ -68,7 +68,9 @@ fn sixty_four_threads_never_exceed_the_daily_limit() {
     assert_eq!(allowed.len(), 100);
     assert_eq!(denied.len(), 900);
     assert!(
-        denied.iter().all(|e| e.code() == "daily_limit_exceeded"),
+        denied
+            .iter()
+            .all(|e| e.code().as_str() == "daily_limit_exceeded"),
         "{:?}",
         denied.first()
     );
@@ -486,7 +488,7 @@ fn pool_keys_made_ahead_go_to_the_slot_each_decision_takes() {
     let refused = results.iter().filter_map(|r| r.as_ref().err());
     assert!(refused
         .clone()
-        .all(|e| e.code() == "device_already_provisioned"));
+        .all(|e| e.code().as_str() == "device_already_provisioned"));
     assert_eq!(allowed.len() + refused.count(), 32 * 30);
     assert_eq!(allowed.len(), 32 * 20, "each device once");
     let keys: HashSet<_> = allowed

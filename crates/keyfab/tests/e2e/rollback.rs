@@ -124,7 +124,7 @@ fn an_edited_log_stops_the_site() {
         edit_audit_record(home, &[0]);
     }
     let o = keyfab(&["site", "audit", "verify", "--home", &s(&w.site)], None);
-    o.assert_error(4, "bad_signature", "log_broken");
+    o.assert_error(4, "log_broken", "stopped releasing keys");
     let o = provision(&w, &id, "E-2", &[], None);
     o.assert_error(4, "log_broken", "stopped itself");
     // The copy nobody verified: `site serve` verifies before it serves, and stops it.
