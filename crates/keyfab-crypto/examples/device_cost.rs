@@ -1,5 +1,11 @@
 //! Prints the single-thread cost of each step of provisioning one device, so changes to
 //! the hot path can be measured: `cargo run --release -p keyfab-crypto --example device_cost`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a measurement run by hand: a failure stops it"
+)]
 use keyfab_crypto::devicekey::{generate_expanded, DeviceKeyType};
 use keyfab_crypto::rng::SystemRng;
 use keyfab_crypto::sign::SigningKey;

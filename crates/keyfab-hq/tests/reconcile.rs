@@ -1,6 +1,12 @@
 //! HQ's reconciliation at library level: a site's log, made of the records a case
 //! chooses (what a lying site would sign), imported by HQ in this process. One case per
 //! kind of violation HQ reports, each expecting exactly its kinds — and a clean log none.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step stops the test, with what broke"
+)]
 
 use keyfab_audit::{AuditedKey, Event};
 use keyfab_testkit::forge::{forged_release, write_forged_log};

@@ -1,4 +1,10 @@
 //! Every invalid policy field is refused, and the message names the field.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step stops the test, with what broke"
+)]
 
 use keyfab_policy::PolicyDraft;
 

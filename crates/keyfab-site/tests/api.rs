@@ -1,5 +1,11 @@
 //! The station API's routes in-process (`oneshot`), without TLS: the server puts the
 //! peer's certificate on each request, these tests put it there themselves.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step stops the test, with what broke"
+)]
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};

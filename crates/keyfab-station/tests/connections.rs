@@ -2,6 +2,12 @@
 //! real site would: a kept connection closed while idle is not a failed request, and a
 //! connection that dies mid-answer is retried with the same request; a site whose
 //! certificate does not verify is refused at once, with why, and not asked again.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step stops the test, with what broke"
+)]
 
 use keyfab_crypto::rng::SystemRng;
 use keyfab_crypto::sign::SigningKey;

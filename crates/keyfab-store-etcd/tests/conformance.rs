@@ -1,4 +1,10 @@
 //! The store contract, run against a real etcd started on loopback for the test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step stops the test, with what broke"
+)]
 
 use keyfab_store_etcd::cluster::EtcdCluster;
 use keyfab_store_etcd::EtcdStore;

@@ -1,6 +1,12 @@
 //! The store over TLS to etcd members that require client certificates: with the right
 //! CA and client certificate the contract holds; without a client certificate, or
 //! trusting another CA, nothing is reached.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step stops the test, with what broke"
+)]
 
 use keyfab_store_etcd::cluster::{ClusterTls, EtcdCluster};
 use keyfab_store_etcd::{EtcdStore, EtcdTls};

@@ -1,6 +1,12 @@
 //! The store contract as executable checks: every backend's tests run this one suite
 //! against a fresh, empty store of that backend ("one suite, all backends"). Each check
 //! panics with what broke.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test suite: a failed check stops the test, with what broke"
+)]
 
 use crate::{Outcome, Store, Table, Txn};
 

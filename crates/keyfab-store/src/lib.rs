@@ -24,6 +24,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod embedded;
 mod prefill;

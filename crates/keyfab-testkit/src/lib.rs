@@ -6,6 +6,12 @@
 //!
 //! Test code only: it panics on anything unexpected, and never ships in a binary.
 #![forbid(unsafe_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test harness only (never in a binary): anything unexpected stops the test"
+)]
 
 pub mod forge;
 

@@ -3,6 +3,12 @@
 //! the variant of `FormatError` and, for a malformed file, the kind of defect. The
 //! binary-level test (keyfab's e2e `vectors`) checks exit codes and error codes; this
 //! one checks that one defect gives one error, whatever the CLI makes of it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step stops the test, with what broke"
+)]
 
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::rng::SystemRng;

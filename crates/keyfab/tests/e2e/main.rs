@@ -1,6 +1,12 @@
 //! keyfab's end-to-end suite as one test binary: the real engines and the real `keyfab`
 //! binary, each area in its own module. One binary links once instead of once per area,
 //! which keeps the build's disk use and link time small.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step stops the test, with what broke"
+)]
 
 mod common;
 
