@@ -19,6 +19,10 @@
 //! let r2 = head2.next(1_700_000_001, "shenzhen-1", Event::EntitlementImported { entitlement: "e2".into(), sequence: 2, pool_keys: 10 });
 //! assert_eq!(verify_chain(&Head::genesis(), &[r1, r2]).unwrap().sequence, 2);
 //! ```
+#![allow(
+    missing_docs,
+    reason = "71 public items (mostly fields of records and formats, described in docs/FORMATS.md) have no doc comment of their own yet; remove this line to list them"
+)]
 #![forbid(unsafe_code)]
 
 mod decode;

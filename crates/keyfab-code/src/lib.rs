@@ -27,8 +27,11 @@ pub enum Code {
     /// Not a well-formed keyfab file: truncated, trailing bytes, unknown version, a
     /// field out of range, larger than its size cap.
     Malformed,
+    /// A signature that does not verify over the bytes received.
     BadSignature,
+    /// A signer whose chain does not lead to the root, or of the wrong role.
     UntrustedSigner,
+    /// A file addressed to another node or key.
     WrongRecipient,
     /// A file that verified but was seen before, or an older one.
     Replayed,
@@ -36,31 +39,47 @@ pub enum Code {
     SignerExpired,
     /// A file's signer certificate is not valid yet.
     SignerNotYetValid,
+    /// An approval that cannot count: unlisted key, bad signature, unknown or expired request.
     ApprovalInvalid,
+    /// The site's log is behind, or disagrees with, what HQ acknowledged.
     RollbackDetected,
+    /// The site's audit chain does not verify: it stopped releasing keys.
     LogBroken,
+    /// An audit export skips records after the last one HQ accepted.
     LogGap,
+    /// An audit export continues another history than the one HQ accepted.
     LogFork,
 
     // Exit 3: a provisioning request refused by the policy.
+    /// The entitlement was revoked.
     Revoked,
+    /// The entitlement needs its approvers' quorum first.
     ApprovalRequired,
+    /// HQ has not acknowledged an audit export recently enough.
     AuditOverdue,
     /// The entitlement's window has not begun.
     NotYetValid,
     /// The entitlement's window has ended.
     Expired,
+    /// A station the policy does not list, or not the one that made the request.
     StationNotAllowed,
+    /// A device id that does not match the policy's pattern.
     DeviceIdRejected,
+    /// The device has received its keys already.
     DeviceAlreadyProvisioned,
+    /// The entitlement's devices are used up.
     QuotaExceeded,
+    /// Today's devices are used up.
     DailyLimitExceeded,
     /// The entitlement's policy module refused.
     PolicyDenied,
     /// The policy module failed (trapped, out of fuel or memory): fail closed.
     PolicyError,
+    /// An entitlement this site does not hold.
     UnknownEntitlement,
+    /// The clock is behind the site's trusted time.
     ClockRollback,
+    /// The clock is further ahead of the site's trusted time than allowed.
     ClockAhead,
 
     // Exit 2.
@@ -70,6 +89,7 @@ pub enum Code {
     // Exit 1.
     /// The state is not unsealed, or the passphrase is wrong.
     Locked,
+    /// A policy file that does not validate.
     InvalidPolicy,
     /// An argument or a request field this command does not accept.
     InvalidInput,
@@ -82,14 +102,18 @@ pub enum Code {
     Conflict,
     /// The stored state does not read as keyfab wrote it: damaged or altered.
     Corrupt,
+    /// A home other users can enter.
     InsecureHome,
+    /// A case of `keyfab policy test` did not hold.
     PolicyTestFailed,
     /// The state store cannot be reached or did not confirm a commit: retry with the same
     /// request id.
     Unavailable,
     /// The home is open in another keyfab process.
     InUse,
+    /// Nothing of that name.
     NotFound,
+    /// A file that could not be read or written.
     Io,
     /// A bug in keyfab: it should never be seen.
     Internal,

@@ -21,6 +21,10 @@
 //! let sig = key.sign(b"keyfab-example-v1 hello").unwrap();
 //! key.verifying_key().verify(b"keyfab-example-v1 hello", &sig).unwrap();
 //! ```
+#![allow(
+    missing_docs,
+    reason = "101 public items (mostly fields of records and formats, described in docs/FORMATS.md) have no doc comment of their own yet; remove this line to list them"
+)]
 #![forbid(unsafe_code)]
 
 pub mod aead;

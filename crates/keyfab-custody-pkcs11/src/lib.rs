@@ -427,9 +427,13 @@ impl Pkcs11Custody {
 /// What the token says about a private key.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct KeyFlags {
+    /// `CKA_SENSITIVE`: the token never reveals the value.
     pub sensitive: bool,
+    /// `CKA_EXTRACTABLE`: the key may be wrapped out (must be false).
     pub extractable: bool,
+    /// `CKA_NEVER_EXTRACTABLE`: the key was never extractable.
     pub never_extractable: bool,
+    /// `CKA_ALWAYS_SENSITIVE`: the key was sensitive since it was made.
     pub always_sensitive: bool,
 }
 

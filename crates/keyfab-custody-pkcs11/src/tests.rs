@@ -4,7 +4,7 @@ use super::*;
 use keyfab_crypto::rng::SystemRng;
 use std::sync::OnceLock;
 
-pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub(crate) const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const SO_PIN: &str = "so-pin-1234";
 const USER_PIN: &str = "user-pin-5678";
 

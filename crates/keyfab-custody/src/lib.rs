@@ -32,17 +32,22 @@ use keyfab_crypto::rng::SecureRng;
 use keyfab_crypto::secret::Secret32;
 use keyfab_crypto::sign::{EcdsaSigner, VerifyingKey};
 
+/// Why custody refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CustodyError {
     /// Wrong passphrase, or the keystore was modified: indistinguishable on purpose.
     #[error("state is locked: wrong passphrase, or the keystore was modified")]
     Locked,
+    /// No key under that handle.
     #[error("no key with handle '{0}' in custody")]
     NoSuchKey(String),
+    /// A key under that handle exists already.
     #[error("a key with handle '{0}' already exists")]
     KeyExists(String),
+    /// A keystore exists at that path already.
     #[error("keystore already exists at {0}")]
     AlreadyExists(String),
+    /// A keystore or configuration that does not read back.
     #[error("keystore file is not a keyfab keystore: {0}")]
     Malformed(String),
     /// An unseal share that is malformed, not one of this keystore's, or given twice;
@@ -52,12 +57,15 @@ pub enum CustodyError {
     /// The PKCS#11 module or token failed, or is not configured as keyfab needs.
     #[error("token: {0}")]
     Token(String),
+    /// A file that could not be read or written.
     #[error("keystore I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// A key operation failed.
     #[error(transparent)]
     Crypto(#[from] keyfab_crypto::CryptoError),
 }
 
+/// A custody operation's result.
 pub type Result<T> = std::result::Result<T, CustodyError>;
 
 /// The key behind `handle` in a custody's keys, or [`CustodyError::NoSuchKey`].
@@ -71,11 +79,16 @@ pub fn key_by_handle<'a, T>(
 
 /// What engines may do with identity keys.
 pub trait Custody: Send + Sync {
+    /// The signer held under `handle`.
     fn signer(&self, handle: &str) -> Result<&dyn EcdsaSigner>;
+    /// The HPKE recipient key held under `handle`.
     fn hpke(&self, handle: &str) -> Result<&dyn HpkeRecipient>;
+    /// Makes a P-256 signing key under `handle`, kept here; returns its public key.
     fn generate_signing_key(&mut self, handle: &str, rng: &dyn SecureRng) -> Result<VerifyingKey>;
+    /// Makes an HPKE key under `handle`, kept here; returns its public key.
     fn generate_hpke_key(&mut self, handle: &str, rng: &dyn SecureRng) -> Result<HpkePublicKey>;
     /// Encrypts a data key under the custody wrapping key, bound to `aad`.
     fn wrap_data_key(&self, dek: &Secret32, aad: &[u8], rng: &dyn SecureRng) -> Result<Vec<u8>>;
+    /// Unwraps a data key wrapped by this custody's wrapping key (AES-GCM, `aad` bound).
     fn unwrap_data_key(&self, wrapped: &[u8], aad: &[u8]) -> Result<Secret32>;
 }

@@ -44,6 +44,8 @@ struct Contents {
 const KIND_SIGN: &str = "p256-sign";
 const KIND_HPKE: &str = "hpke-p256";
 
+/// Keys in a file of the node's home, sealed under a key derived from the passphrase
+/// (Argon2id) with AES-256-GCM; held in memory only while the node runs.
 pub struct SoftwareKeystore {
     path: PathBuf,
     header: Vec<u8>,
@@ -127,6 +129,7 @@ impl SoftwareKeystore {
         Self::create_with(path, passphrase, rng, Argon2Params::DEFAULT)
     }
 
+    /// [`SoftwareKeystore::create`] with the Argon2id cost given (tests use a small one).
     pub fn create_with(
         path: &Path,
         passphrase: &SecretBytes,

@@ -34,8 +34,11 @@ pub const MAX_SHARES: u8 = 32;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UnsealConfig {
+    /// The file's version (1).
     pub version: u8,
+    /// Shares needed to unseal.
     pub threshold: u8,
+    /// Shares made.
     pub shares: u8,
     /// Share number (its x coordinate, 1..=shares) → hex SHA-256 check value.
     pub checks: BTreeMap<u8, String>,
@@ -65,6 +68,7 @@ impl UnsealConfig {
         Ok(Some(config))
     }
 
+    /// Writes `unseal.json` into `home`.
     pub fn save(&self, home: &Path) -> Result<()> {
         let json =
             serde_json::to_vec_pretty(self).map_err(|e| CustodyError::Malformed(e.to_string()))?;
@@ -76,8 +80,11 @@ impl UnsealConfig {
 /// A new unseal key split into `shares` shares, any `threshold` of which recover it: the
 /// configuration to keep, the keystore passphrase, and the shares to hand out (once).
 pub struct Split {
+    /// What `unseal.json` keeps.
     pub config: UnsealConfig,
+    /// The keystore's passphrase the shares recover.
     pub passphrase: SecretBytes,
+    /// The shares, to hand out once.
     pub shares: Vec<Zeroizing<String>>,
 }
 
@@ -132,8 +139,11 @@ fn passphrase_of(key: &[u8]) -> SecretBytes {
 /// Where an unsealing stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnsealProgress {
+    /// Distinct shares accepted so far.
     pub accepted: u8,
+    /// Shares needed.
     pub threshold: u8,
+    /// Whether the keystore is unsealed.
     pub unsealed: bool,
 }
 
@@ -144,6 +154,7 @@ pub struct Unsealer {
 }
 
 impl Unsealer {
+    /// An unsealer for `config`, with no share yet.
     pub fn new(config: UnsealConfig) -> Self {
         Self {
             config,
@@ -151,6 +162,7 @@ impl Unsealer {
         }
     }
 
+    /// How far unsealing has come.
     pub fn progress(&self) -> UnsealProgress {
         let accepted = u8::try_from(self.accepted.len()).unwrap_or(u8::MAX);
         UnsealProgress {

@@ -11,6 +11,10 @@
 //!   [`approval::sign_approval`] (what an approver returns), [`approval::verify_approval`].
 //!
 //! `docs/FORMATS.md` describes each format byte by byte.
+#![allow(
+    missing_docs,
+    reason = "158 public items (mostly fields of records and formats, described in docs/FORMATS.md) have no doc comment of their own yet; remove this line to list them"
+)]
 #![forbid(unsafe_code)]
 
 pub mod approval;

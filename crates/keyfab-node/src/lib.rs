@@ -9,6 +9,10 @@
 //! Which API for which job: [`Node::init`] creates a home and its CSR, [`Node::open`]
 //! unlocks one, [`Node::install_cert`] installs the cluster certificate and issues the
 //! node's own service certificates, [`Node::service_chain`] is what the node signs with.
+#![allow(
+    missing_docs,
+    reason = "56 public items (mostly fields of records and formats, described in docs/FORMATS.md) have no doc comment of their own yet; remove this line to list them"
+)]
 #![forbid(unsafe_code)]
 
 mod custody_choice;

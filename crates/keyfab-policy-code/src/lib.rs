@@ -14,6 +14,10 @@
 //! instance with a fixed amount of fuel and a memory bound, so the same inputs give the
 //! same verdict at the site and at HQ, and a module that loops, allocates without bound or
 //! traps fails closed with [`Verdict::Error`].
+#![allow(
+    missing_docs,
+    reason = "47 public items (mostly fields of records and formats, described in docs/FORMATS.md) have no doc comment of their own yet; remove this line to list them"
+)]
 #![forbid(unsafe_code)]
 
 pub mod cases;

@@ -31,6 +31,10 @@
 //! // No [approval] section: nobody can approve anything (fail closed).
 //! assert_eq!(policy.approval_threshold(), u32::MAX);
 //! ```
+#![allow(
+    missing_docs,
+    reason = "57 public items (mostly fields of records and formats, described in docs/FORMATS.md) have no doc comment of their own yet; remove this line to list them"
+)]
 #![forbid(unsafe_code)]
 
 mod decide;

@@ -15,11 +15,14 @@ use serde_json::Value;
 
 /// One key as the chip holds it after programming.
 pub struct ChipKey {
+    /// The key's name in the policy.
     pub name: String,
     /// PKCS#8 DER, or the raw bytes of a symmetric key.
     pub secret: SecretBytes,
 }
 
+/// A chip as the station programs it: its device id, its transport key, and the keys
+/// and certificates it received (the simulator of a line's secure element).
 pub struct SimulatedChip {
     device_id: String,
     transport: HpkeSecretKey,
@@ -47,6 +50,7 @@ impl SimulatedChip {
         }
     }
 
+    /// The chip's device id.
     pub fn device_id(&self) -> &str {
         &self.device_id
     }

@@ -105,12 +105,15 @@ impl Endpoint {
 /// How long a connection may take to open, and an answer to arrive.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
+    /// How long a connection may take to open.
     pub connect: Duration,
+    /// How long an answer may take to arrive once the request is sent.
     pub answer: Duration,
 }
 
 /// A status and body the site answered.
 pub struct Response {
+    /// The HTTP status.
     pub status: u16,
     /// Zeroized on drop: without a chip's transport key it holds key material.
     pub body: zeroize::Zeroizing<Vec<u8>>,
@@ -125,7 +128,9 @@ pub enum ExchangeError {
     /// The connection failed, closed or timed out; `answered_nothing` when not one byte
     /// of an answer came back (a kept-alive connection the site had closed).
     Io {
+        /// What failed.
         error: std::io::Error,
+        /// Not one byte of an answer arrived.
         answered_nothing: bool,
     },
     /// Bytes came back that are not an HTTP/1.1 answer within bounds.

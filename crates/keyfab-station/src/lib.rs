@@ -25,16 +25,22 @@ use std::time::Duration;
 
 /// File names inside a station directory.
 pub const KEY_FILE: &str = "station.key";
+/// The station's certificate in its directory (PEM).
 pub const CERT_FILE: &str = "station.crt";
+/// The site's line CA in a station's directory (PEM): the root of the site's TLS identity.
 pub const LINE_CA_FILE: &str = "line-ca.crt";
 
+/// Why a station's request got no keys.
 #[derive(Debug, thiserror::Error)]
 pub enum StationError {
     /// The site answered with a refusal: its stable code and message.
     #[error("{code}: {message}")]
     Refused {
+        /// The HTTP status.
         status: u16,
+        /// The stable code (README.md, "Exit codes and error codes").
         code: String,
+        /// The site's message.
         message: String,
     },
     /// No URL answered (connection refused, closed, timed out).
@@ -48,12 +54,15 @@ pub enum StationError {
     /// A URL that is not `https://HOST[:PORT]`.
     #[error("URL: {0}")]
     BadUrl(String),
+    /// The station directory is missing a file or holds a bad one.
     #[error("station directory: {0}")]
     StationDir(String),
+    /// An answer that does not parse as the API describes.
     #[error("the site's answer is not what the API describes: {0}")]
     BadAnswer(String),
 }
 
+/// A station operation's result.
 pub type Result<T> = std::result::Result<T, StationError>;
 
 /// A station's identity, as enrolled: its key, its certificate, its site's line CA.
@@ -64,6 +73,7 @@ pub struct StationDir {
 }
 
 impl StationDir {
+    /// Reads a directory `keyfab site station enroll` wrote.
     pub fn load(dir: &Path) -> Result<Self> {
         let read = |name: &str, tag: &str| -> Result<Vec<u8>> {
             let path = dir.join(name);
@@ -98,8 +108,11 @@ impl StationDir {
 /// What a station asks for one device (docs/openapi.json).
 #[derive(Debug, Clone, Serialize)]
 pub struct ProvisionRequest {
+    /// The request id: the same id sent again gets the same answer, never a second one.
     pub request_id: String,
+    /// The entitlement's id.
     pub entitlement: String,
+    /// The device's id.
     pub device_id: String,
     /// The device's CSR, PEM.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -444,6 +457,7 @@ pub struct LineReport {
     pub unreachable_reasons: std::collections::BTreeMap<String, u64>,
     /// Time from request to confirmed, per device that got keys.
     pub latencies: Vec<Duration>,
+    /// How long the whole run took.
     pub elapsed: Duration,
 }
 

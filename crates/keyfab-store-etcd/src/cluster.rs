@@ -28,14 +28,18 @@ pub struct EtcdCluster {
 /// the client side that reaches them.
 #[derive(Debug, Clone)]
 pub struct ClusterTls {
+    /// The members' server certificate (PEM file).
     pub server_cert: PathBuf,
+    /// The members' server key (PEM file).
     pub server_key: PathBuf,
     /// The CA of both the members' and the clients' certificates.
     pub ca: PathBuf,
     /// A client certificate and key the members accept, as files (for `--etcd-cert`,
     /// `--etcd-key`) and loaded.
     pub client_cert: PathBuf,
+    /// The client key (PEM file).
     pub client_key: PathBuf,
+    /// The same client identity, loaded, for a store to connect with.
     pub client: crate::EtcdTls,
 }
 
@@ -247,6 +251,7 @@ impl EtcdCluster {
         format!("{scheme}://{}", hosts.join(","))
     }
 
+    /// How many members the cluster has.
     pub fn size(&self) -> usize {
         self.members.len()
     }

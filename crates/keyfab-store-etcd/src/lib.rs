@@ -44,6 +44,8 @@ const LIMITS: CommitLimits = CommitLimits {
     max_guards: 128,
 };
 
+/// The store contract on an etcd v3 cluster: each commit is one etcd transaction whose
+/// compares are the guards.
 pub struct EtcdStore {
     /// The etcd client's own runtime, one thread: calls run there, and the caller waits
     /// on a channel — so the store is usable from any thread, a server's async workers
@@ -71,6 +73,7 @@ struct Members {
 /// start; it is not a keyfab secret (it opens nothing but the connection).
 #[derive(Clone)]
 pub struct EtcdTls {
+    /// The CA that issued the members' certificates (PEM).
     pub ca_pem: Vec<u8>,
     /// Certificate and private key (PEM).
     pub client: Option<(Vec<u8>, zeroize::Zeroizing<Vec<u8>>)>,

@@ -24,6 +24,8 @@ fn full_key(t: Table, key: &[u8]) -> Vec<u8> {
     t.full_key(key)
 }
 
+/// The store contract on one redb file in the node's home: one process at a time,
+/// every commit durable (`fdatasync`) before it returns.
 pub struct EmbeddedStore {
     db: Database,
 }

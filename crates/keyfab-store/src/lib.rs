@@ -84,6 +84,7 @@ impl Table {
         k
     }
 
+    /// Every table.
     pub const ALL: [Table; 10] = [
         Table::Meta,
         Table::Entitlements,
@@ -96,6 +97,7 @@ impl Table {
         Table::Devices,
         Table::Requests,
     ];
+    /// The table's name, as the store keys it.
     pub fn name(self) -> &'static str {
         match self {
             Table::Meta => "meta",
@@ -115,7 +117,9 @@ impl Table {
 /// A value and the revision of the commit that last wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Versioned {
+    /// The value.
     pub value: Vec<u8>,
+    /// The store-wide revision of the commit that wrote it.
     pub revision: u64,
 }
 
@@ -133,8 +137,11 @@ pub enum Guard {
 /// One write of a transaction (what a backend applies).
 #[derive(Debug, Clone)]
 pub enum Write {
+    /// Writes a value under a key.
     Put(Table, Vec<u8>, Vec<u8>),
+    /// Removes a key.
     Delete(Table, Vec<u8>),
+    /// Removes every key that starts with a prefix.
     DeletePrefix(Table, Vec<u8>),
     /// Keys in `start..end`.
     DeleteRange(Table, Vec<u8>, Vec<u8>),
@@ -152,6 +159,7 @@ pub struct Txn {
 }
 
 impl Txn {
+    /// Guards the commit on `key` being absent now.
     pub fn require_absent(&mut self, table: Table, key: &[u8]) -> &mut Self {
         self.guards.push(Guard::Absent(table, key.to_vec()));
         self
@@ -191,6 +199,7 @@ impl Txn {
         });
         self
     }
+    /// Writes `value` under `key` if the commit's guards hold.
     pub fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> &mut Self {
         self.put_owned(table, key.to_vec(), value.to_vec())
     }
@@ -206,11 +215,13 @@ impl Txn {
         self
     }
 
+    /// Removes `key` if the commit's guards hold.
     pub fn delete(&mut self, table: Table, key: &[u8]) -> &mut Self {
         self.bytes += key.len();
         self.writes.push(Write::Delete(table, key.to_vec()));
         self
     }
+    /// Removes every key starting with `prefix` if the commit's guards hold.
     pub fn delete_prefix(&mut self, table: Table, prefix: &[u8]) -> &mut Self {
         self.bytes += prefix.len();
         self.writes
@@ -231,6 +242,7 @@ impl Txn {
         self.lazy = true;
         self
     }
+    /// Whether the transaction writes nothing.
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
     }
@@ -246,6 +258,7 @@ impl Txn {
     pub fn is_lazy(&self) -> bool {
         self.lazy
     }
+    /// How many writes the transaction holds.
     pub fn len(&self) -> usize {
         self.writes.len()
     }
@@ -261,6 +274,7 @@ impl Txn {
     }
 }
 
+/// What a commit did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// Durable at this revision.
@@ -270,17 +284,22 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Whether the commit landed.
     pub fn is_committed(self) -> bool {
         matches!(self, Outcome::Committed(_))
     }
 }
 
+/// Why a store could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The store cannot be reached, or failed to read or write.
     #[error("store I/O failed: {0}")]
     Io(String),
+    /// What the store holds does not read back.
     #[error("store is corrupt: {0}")]
     Corrupt(String),
+    /// The store is open in another process.
     #[error("store is in use by another keyfab process")]
     Busy,
     /// A commit was sent and no answer came back (a timeout, a member lost mid-call, a
@@ -290,6 +309,7 @@ pub enum StoreError {
     Indeterminate(String),
 }
 
+/// A store operation's result.
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// How much one commit may carry. The embedded store takes any size; etcd refuses a
@@ -307,6 +327,7 @@ pub struct CommitLimits {
 }
 
 impl CommitLimits {
+    /// No limit: what an embedded store takes.
     pub const UNBOUNDED: CommitLimits = CommitLimits {
         max_writes: usize::MAX,
         max_bytes: usize::MAX,
@@ -317,6 +338,7 @@ impl CommitLimits {
 /// The contract every backend keeps. Reads are linearizable; commits are atomic and
 /// durable before they return `Committed`.
 pub trait Store: Send + Sync {
+    /// The value of `key` and the revision that wrote it, if present.
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Versioned>>;
     /// All entries whose key starts with `prefix`, in key order, at most `limit`.
     fn scan(&self, table: Table, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Versioned)>> {
@@ -332,6 +354,7 @@ pub trait Store: Send + Sync {
         from: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Versioned)>>;
+    /// Applies `txn` atomically if all its guards hold, durably before it returns.
     fn commit(&self, txn: Txn) -> Result<Outcome>;
     /// Several reads from one consistent snapshot, in order.
     fn get_many(&self, keys: &[(Table, &[u8])]) -> Result<Vec<Option<Versioned>>> {

@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 /// 2026-06-01T00:00:00Z: where a world's clock starts.
 pub const T0: i64 = 1_780_272_000;
+/// One day in seconds.
 pub const DAY: i64 = 86_400;
 /// The site's name in every world.
 pub const SITE: &str = "shenzhen-1";
@@ -36,10 +37,12 @@ pub const SITE: &str = "shenzhen-1";
 pub struct TestClock(Arc<AtomicI64>);
 
 impl TestClock {
+    /// A clock at Unix time `t`.
     pub fn at(t: i64) -> Self {
         Self(Arc::new(AtomicI64::new(t)))
     }
 
+    /// Moves the clock to Unix time `t`.
     pub fn set(&self, t: i64) {
         self.0.store(t, Ordering::SeqCst);
     }
@@ -58,8 +61,11 @@ pub fn pass() -> SecretBytes {
 
 /// The root CA: its key, its certificate (DER), and the validity it gives.
 pub struct Root {
+    /// The root's signing key.
     pub key: SigningKey,
+    /// The root's certificate (DER).
     pub cert: Vec<u8>,
+    /// The validity it gives the certificates it issues.
     pub validity: Validity,
 }
 
@@ -131,10 +137,15 @@ impl Default for Root {
 
 /// HQ `acme-hq` and site [`SITE`], certified by one root, the site registered at HQ.
 pub struct World {
+    /// The temporary directory holding every home of the world.
     pub dir: tempfile::TempDir,
+    /// The clock every node reads.
     pub clock: TestClock,
+    /// The root CA that certified HQ and the site.
     pub root: Root,
+    /// HQ, the site registered at it.
     pub hq: Node,
+    /// The site, shared with the provisioner.
     pub site: Arc<Node>,
 }
 

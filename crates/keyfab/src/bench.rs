@@ -180,7 +180,7 @@ pub(crate) fn all_cores<F: Fn(usize) -> Result<(), keyfab_crypto::CryptoError> +
 }
 
 /// `keyfab bench provision`: devices/s and latency through decide-and-record.
-pub fn provision(
+pub(crate) fn provision(
     _ctx: &Context,
     concurrency: Option<usize>,
     length: LevelLength,
@@ -461,7 +461,7 @@ const PEER_ROUNDS: usize = 3;
 
 /// Where the benchmarked site keeps its state, and how many nodes share it.
 /// How the benchmark's site is set up.
-pub struct SiteOption {
+pub(crate) struct SiteOption {
     /// Its store: `embedded`, `etcd` (three members started for the run), or `etcd://…`.
     pub spec: String,
     /// Nodes sharing that store.
@@ -516,7 +516,7 @@ impl Level {
 
 /// How long each concurrency level of `bench provision` runs.
 #[derive(Clone, Copy, Debug)]
-pub enum LevelLength {
+pub(crate) enum LevelLength {
     /// This many devices.
     Devices(u64),
     /// This many seconds: callers send no new request after it.
@@ -674,7 +674,11 @@ fn child(ctx: &Context, args: &[&str]) -> Result<(serde_json::Value, f64), Failu
     Ok((v, secs))
 }
 
-pub fn entitlement(_ctx: &Context, devices: u64, dir: Option<&Path>) -> Result<Report, Failure> {
+pub(crate) fn entitlement(
+    _ctx: &Context,
+    devices: u64,
+    dir: Option<&Path>,
+) -> Result<Report, Failure> {
     let (_temp, base) = temp_or(dir)?;
     let (ctx, hq, site) = bench_world(&base)?;
     let policy = base.join("policy.toml");
@@ -744,7 +748,7 @@ pub fn entitlement(_ctx: &Context, devices: u64, dir: Option<&Path>) -> Result<R
 }
 
 /// `keyfab bench audit`: HQ imports (verifies and reconciles) an N-record bundle.
-pub fn audit(records: u64, random_ids: bool, dir: Option<&Path>) -> Result<Report, Failure> {
+pub(crate) fn audit(records: u64, random_ids: bool, dir: Option<&Path>) -> Result<Report, Failure> {
     use keyfab_audit::{AuditedKey, Event, Head, Record};
     let (_temp, base) = temp_or(dir)?;
     let (ctx, hq, site) = bench_world(&base)?;

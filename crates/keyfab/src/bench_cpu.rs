@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 /// User + system CPU seconds of a process or thread, from its `/proc/…/stat` (Linux
 /// counts in USER_HZ = 100 ticks per second); 0 if unreadable.
-pub fn cpu_seconds(stat: &str) -> f64 {
+pub(crate) fn cpu_seconds(stat: &str) -> f64 {
     let Ok(text) = std::fs::read_to_string(stat) else {
         return 0.0;
     };
@@ -24,7 +24,7 @@ pub fn cpu_seconds(stat: &str) -> f64 {
 }
 
 /// A moment's CPU counters.
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// Per thread id: its name and CPU seconds.
     threads: HashMap<String, (String, f64)>,
     /// The machine's (busy, total) jiffies over all cores.
@@ -32,7 +32,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn take() -> Self {
+    pub(crate) fn take() -> Self {
         let mut threads = HashMap::new();
         if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
             for task in dir.flatten() {
@@ -52,7 +52,7 @@ impl Snapshot {
     }
 
     /// CPU seconds spent since `before`, per group that `group` puts each thread name in.
-    pub fn since(&self, before: &Snapshot, group: impl Fn(&str) -> &'static str) -> Spent {
+    pub(crate) fn since(&self, before: &Snapshot, group: impl Fn(&str) -> &'static str) -> Spent {
         let mut by_group: Vec<(&'static str, f64)> = Vec::new();
         for (tid, (name, cpu)) in &self.threads {
             let earlier = before.threads.get(tid).map_or(0.0, |(_, c)| *c);
@@ -71,7 +71,7 @@ impl Snapshot {
 }
 
 /// What [`Snapshot::since`] found.
-pub struct Spent {
+pub(crate) struct Spent {
     pub by_group: Vec<(&'static str, f64)>,
     /// The share of all cores' time that was busy (any process), 0–1.
     pub busy: Option<f64>,
@@ -79,7 +79,7 @@ pub struct Spent {
 
 impl Spent {
     /// Seconds of the group named `g`.
-    pub fn of(&self, g: &str) -> f64 {
+    pub(crate) fn of(&self, g: &str) -> f64 {
         self.by_group
             .iter()
             .find(|(n, _)| *n == g)

@@ -26,7 +26,7 @@ struct Paced {
 }
 
 /// What the flood run is asked to do.
-pub struct Flood {
+pub(crate) struct Flood {
     pub flooders: usize,
     pub paced_stations: usize,
     /// Devices per second each paced station asks for.
@@ -34,7 +34,7 @@ pub struct Flood {
     pub seconds: f64,
 }
 
-pub fn flood(f: &Flood, dir: Option<&Path>) -> Result<Report, Failure> {
+pub(crate) fn flood(f: &Flood, dir: Option<&Path>) -> Result<Report, Failure> {
     let (_temp, base) = crate::bench::temp_or(dir)?;
     let (ctx, hq, site) = bench_world(&base)?;
     let policy = base.join("flood.toml");

@@ -16,7 +16,7 @@ fn fail(e: impl std::fmt::Display) -> Failure {
     Failure::new(Code::Internal, e.to_string())
 }
 
-pub fn serve(
+pub(crate) fn serve(
     stations: usize,
     devices: u64,
     chip: bool,

@@ -13,7 +13,7 @@ use std::path::PathBuf;
                   from an argument.\nExit codes: 0 ok, 1 error, 2 usage, 3 refused by policy, \
                   4 verification failed.\n\nStart with:  keyfab demo"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Print exactly one JSON document on stdout (errors too: {"error":{"code","message"}}).
     #[arg(long, global = true)]
     pub json: bool,
@@ -29,14 +29,14 @@ pub struct Cli {
 }
 
 #[derive(Args, Debug, Clone)]
-pub struct Home {
+pub(crate) struct Home {
     /// The node's state directory.
     #[arg(long, env = "KEYFAB_HOME", value_name = "DIR")]
     pub home: PathBuf,
 }
 
 #[derive(Args, Debug)]
-pub struct InitArgs {
+pub(crate) struct InitArgs {
     #[command(flatten)]
     pub home: Home,
     /// The cluster's name: 1-64 of a-z 0-9 . _ - (it becomes the certificate's CN).
@@ -78,7 +78,7 @@ pub struct InitArgs {
 
 impl InitArgs {
     /// A home sealed by the passphrase (the demo's and the benchmarks').
-    pub fn with_passphrase(home: &std::path::Path, name: &str) -> Self {
+    pub(crate) fn with_passphrase(home: &std::path::Path, name: &str) -> Self {
         Self {
             home: Home {
                 home: home.to_owned(),
@@ -96,7 +96,7 @@ impl InitArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct InstallCertArgs {
+pub(crate) struct InstallCertArgs {
     #[command(flatten)]
     pub home: Home,
     /// The cluster certificate from `keyfab pki issue` (PEM).
@@ -108,7 +108,7 @@ pub struct InstallCertArgs {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// The offline root CA.
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -143,7 +143,7 @@ pub enum Command {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum PkiCommand {
+pub(crate) enum PkiCommand {
     /// Create the root CA: ROOT/root.crt and the sealed root key.
     #[command(
         after_help = "Example:\n  KEYFAB_PASSPHRASE=... keyfab pki init-root --home root --subject \"CN=Acme Root CA,O=Acme\""
@@ -181,7 +181,7 @@ pub enum PkiCommand {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum HqCommand {
+pub(crate) enum HqCommand {
     /// Create HQ's state and its cluster CSR (HOME/cluster.csr).
     #[command(after_help = "Example:\n  keyfab hq init --home hq --name acme-hq")]
     Init(InitArgs),
@@ -244,7 +244,7 @@ pub enum HqCommand {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum HqSiteCommand {
+pub(crate) enum HqSiteCommand {
     /// Register a site from its identity file (it must chain to HQ's root, role site).
     #[command(after_help = "Example:\n  keyfab hq site add --home hq shenzhen-1.kfi")]
     Add {
@@ -283,7 +283,7 @@ HQ's time becomes the site's trusted time; the reset is recorded in the site's l
 }
 
 #[derive(Subcommand, Debug)]
-pub enum HqAuditCommand {
+pub(crate) enum HqAuditCommand {
     /// Verify and import a site's audit bundle (.kfa), then re-check every decision
     /// against the policy. Refusals exit 4 (log_gap, log_fork, replayed, ...) and change
     /// nothing.
@@ -302,7 +302,7 @@ pub enum HqAuditCommand {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum HqEntitlementCommand {
+pub(crate) enum HqEntitlementCommand {
     /// Generate keys under a policy, encrypt them to the site, sign: a .kfe file.
     #[command(
         after_help = "Example:\n  keyfab hq entitlement create --home hq --site shenzhen-1 --policy policy.toml --out thermostat.kfe\n\nThe policy format is in README.md; every invalid field is refused by name and nothing is written."
@@ -346,7 +346,7 @@ pub enum HqEntitlementCommand {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum SiteCommand {
+pub(crate) enum SiteCommand {
     /// Create the site's state and its cluster CSR (HOME/cluster.csr).
     #[command(after_help = "Example:\n  keyfab site init --home site --name shenzhen-1")]
     Init(InitArgs),
@@ -445,7 +445,7 @@ A share that is not one of this site's is refused and changes nothing.")]
 }
 
 #[derive(Args, Debug)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     #[command(flatten)]
     pub home: Home,
     /// Address and port to listen on (port 0: any free port, printed at start).
@@ -488,7 +488,7 @@ pub struct ServeArgs {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum SiteStationCommand {
+pub(crate) enum SiteStationCommand {
     /// Enroll a station: writes its key (station.key, mode 0600), its certificate
     /// (station.crt) and the site's line CA (line-ca.crt) into DIR. Copy DIR to the station.
     #[command(
@@ -526,7 +526,7 @@ pub enum SiteStationCommand {
 
 /// Where a station finds its site, and who it is.
 #[derive(Args, Debug)]
-pub struct StationArgs {
+pub(crate) struct StationArgs {
     /// The site's URL; several, comma-separated, are tried in turn.
     #[arg(long, value_delimiter = ',', required = true)]
     pub url: Vec<String>,
@@ -536,7 +536,7 @@ pub struct StationArgs {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum StationCommand {
+pub(crate) enum StationCommand {
     /// Run a simulated production line: N devices, each a chip with its own transport
     /// key; each gets its keys sealed to its chip, opens them, checks its certificates
     /// against the root, and confirms.
@@ -618,7 +618,7 @@ so a retry never takes a second key. Refusals exit 3 with the policy's code.")]
 }
 
 #[derive(Subcommand, Debug)]
-pub enum SiteAuditCommand {
+pub(crate) enum SiteAuditCommand {
     /// Check the hash chain of the whole log and print its size and Merkle root.
     #[command(after_help = "Example:
   keyfab site audit verify --home site")]
@@ -652,7 +652,7 @@ pub enum SiteAuditCommand {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum SiteReceiptCommand {
+pub(crate) enum SiteReceiptCommand {
     /// Import HQ's signed acknowledgment of this site's audit (.kfk). Its checkpoint must
     /// still be in the log (otherwise: rollback_detected); it restarts the
     /// audit_every_days clock.
@@ -666,7 +666,7 @@ pub enum SiteReceiptCommand {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum SiteApprovalCommand {
+pub(crate) enum SiteApprovalCommand {
     /// Write an approval request for approvers to sign (`keyfab approver sign`).
     #[command(
         after_help = "Example:\n  keyfab site approval request --home site --entitlement ID --action activate --out activate.req"
@@ -701,7 +701,7 @@ pub enum SiteApprovalCommand {
 }
 
 #[derive(Args, Debug)]
-pub struct ProvisionArgs {
+pub(crate) struct ProvisionArgs {
     #[command(flatten)]
     pub home: Home,
     /// The entitlement id (see `keyfab site entitlement list`).
@@ -735,7 +735,7 @@ pub struct ProvisionArgs {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum SiteIdentityCommand {
+pub(crate) enum SiteIdentityCommand {
     /// Write the signed site identity (.kfi) that HQ registers with `hq site add`.
     #[command(
         after_help = "Example:\n  keyfab site identity export --home site --out shenzhen-1.kfi"
@@ -750,7 +750,7 @@ pub enum SiteIdentityCommand {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum SiteEntitlementCommand {
+pub(crate) enum SiteEntitlementCommand {
     /// Verify and import an entitlement (.kfe) or a revocation (.kfr). Refusals exit 4
     /// and change nothing.
     #[command(
@@ -771,7 +771,7 @@ pub enum SiteEntitlementCommand {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum ApproverCommand {
+pub(crate) enum ApproverCommand {
     /// Show an approval request and sign it with your key.
     #[command(
         after_help = "Example:\n  keyfab approver sign --key alice.key activate.req --out alice.approval"
@@ -798,7 +798,7 @@ pub enum ApproverCommand {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum PolicyCommand {
+pub(crate) enum PolicyCommand {
     /// Run a policy module against recorded cases, in order, before HQ signs it.
     ///
     /// The cases simulate one entitlement: allowed devices count toward the totals, the
@@ -819,7 +819,7 @@ pub enum PolicyCommand {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum BenchCommand {
+pub(crate) enum BenchCommand {
     /// HQ's audit import (verify + reconcile) of an N-record bundle signed by a real
     /// site, in a child process, against the SHA-256 chain rate of this machine.
     #[command(

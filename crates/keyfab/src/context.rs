@@ -10,7 +10,7 @@ use keyfab_node::{Node, NodeKind};
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
-pub struct Context {
+pub(crate) struct Context {
     pub passphrase_file: Option<PathBuf>,
     /// `--unseal-share-file`, for a home sealed by shares.
     pub unseal_share_files: Vec<PathBuf>,
@@ -20,7 +20,7 @@ pub struct Context {
 
 impl Context {
     /// The passphrase from `--passphrase-file` or `KEYFAB_PASSPHRASE`.
-    pub fn passphrase(&self) -> Result<SecretBytes, Failure> {
+    pub(crate) fn passphrase(&self) -> Result<SecretBytes, Failure> {
         if let Some(path) = &self.passphrase_file {
             let mut bytes = keyfab_formats::read_capped(path, keyfab_formats::MAX_SMALL_INPUT)
                 .map_err(|e| {
@@ -46,7 +46,7 @@ impl Context {
     /// What unlocks the keystore in `home`: the passphrase or, for a home sealed by
     /// shares, the unseal key recovered from the shares given (`--unseal-share-file`,
     /// `KEYFAB_UNSEAL_SHARES`).
-    pub fn unlock_secret(&self, home: &Path) -> Result<SecretBytes, Failure> {
+    pub(crate) fn unlock_secret(&self, home: &Path) -> Result<SecretBytes, Failure> {
         match self.unsealer(home)? {
             None => self.passphrase(),
             Some(u) => Ok(u.passphrase().map_err(keyfab_node::Error::from)?),
@@ -55,7 +55,7 @@ impl Context {
 
     /// For a home sealed by shares: the shares given so far, checked. `None` for a home
     /// sealed by a passphrase.
-    pub fn unsealer(&self, home: &Path) -> Result<Option<Unsealer>, Failure> {
+    pub(crate) fn unsealer(&self, home: &Path) -> Result<Option<Unsealer>, Failure> {
         let Some(config) = UnsealConfig::load(home).map_err(keyfab_node::Error::from)? else {
             return Ok(None);
         };
@@ -83,12 +83,12 @@ impl Context {
         Ok(Some(unsealer))
     }
 
-    pub fn rng(&self) -> Box<dyn SecureRng> {
+    pub(crate) fn rng(&self) -> Box<dyn SecureRng> {
         Box::new(SystemRng)
     }
 
     /// The system clock, or `KEYFAB_NOW` (RFC 3339) for drills and tests.
-    pub fn clock(&self) -> Result<Box<dyn Clock>, Failure> {
+    pub(crate) fn clock(&self) -> Result<Box<dyn Clock>, Failure> {
         match std::env::var("KEYFAB_NOW") {
             Ok(s) if !s.is_empty() => {
                 let t: jiff::Timestamp = s.parse().map_err(|e| {
@@ -100,11 +100,11 @@ impl Context {
         }
     }
 
-    pub fn now(&self) -> Result<UnixTime, Failure> {
+    pub(crate) fn now(&self) -> Result<UnixTime, Failure> {
         Ok(self.clock()?.now())
     }
 
-    pub fn open(&self, home: &Path, kind: NodeKind) -> Result<Node, Failure> {
+    pub(crate) fn open(&self, home: &Path, kind: NodeKind) -> Result<Node, Failure> {
         Ok(Node::open(
             home,
             kind,
@@ -115,10 +115,10 @@ impl Context {
     }
 }
 
-pub use keyfab_node::rfc3339;
+pub(crate) use keyfab_node::rfc3339;
 
 /// Peak resident set size of this process, from /proc (bench reports it per step).
-pub fn peak_rss_bytes() -> Option<u64> {
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -50,13 +50,13 @@ required_for = ["activate"]
 /// The demo's daily limit: small, so the demo can show a refusal over it.
 const DEMO_DAILY: u64 = 5;
 
-pub fn policy_text(devices: u64) -> String {
+pub(crate) fn policy_text(devices: u64) -> String {
     DEMO_POLICY
         .replace("{devices}", &devices.max(DEMO_DAILY + 1).to_string())
         .replace("{daily}", &DEMO_DAILY.to_string())
 }
 
-pub fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Failure> {
+pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Report, Failure> {
     let temp;
     let base = match dir {
         Some(d) => {

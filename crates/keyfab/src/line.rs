@@ -25,7 +25,7 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     f.sync_all()
 }
 
-pub fn station_enroll(
+pub(crate) fn station_enroll(
     ctx: &Context,
     home: &Path,
     name: &str,
@@ -98,7 +98,7 @@ pub fn station_enroll(
     ))
 }
 
-pub fn station_revoke(ctx: &Context, home: &Path, name: &str) -> Result<Report, Failure> {
+pub(crate) fn station_revoke(ctx: &Context, home: &Path, name: &str) -> Result<Report, Failure> {
     let r = match admin::request(
         home,
         &AdminRequest::Revoke {
@@ -125,7 +125,7 @@ pub fn station_revoke(ctx: &Context, home: &Path, name: &str) -> Result<Report, 
     ))
 }
 
-pub fn station_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
+pub(crate) fn station_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     let list = match admin::request(home, &AdminRequest::List) {
         Some(answer) => match answer? {
             AdminAnswer::Stations(list) => list,
@@ -164,7 +164,11 @@ pub fn station_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     ))
 }
 
-pub fn serve(ctx: &Context, a: &crate::cli::ServeArgs, json_out: bool) -> Result<Report, Failure> {
+pub(crate) fn serve(
+    ctx: &Context,
+    a: &crate::cli::ServeArgs,
+    json_out: bool,
+) -> Result<Report, Failure> {
     install_logs(a);
     let home = &a.home.home;
     let mut listen = a.listen;
@@ -268,7 +272,11 @@ fn install_logs(a: &crate::cli::ServeArgs) {
 }
 
 /// `keyfab site unseal`: one share to the sealed `site serve` in `home`.
-pub fn unseal(home: &Path, share_file: Option<&Path>, status: bool) -> Result<Report, Failure> {
+pub(crate) fn unseal(
+    home: &Path,
+    share_file: Option<&Path>,
+    status: bool,
+) -> Result<Report, Failure> {
     use keyfab_site::server::admin::{self, AdminAnswer, AdminRequest, ShareText};
     let req = if status {
         AdminRequest::UnsealStatus
@@ -359,7 +367,7 @@ fn station_failure(e: keyfab_station::StationError) -> Failure {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn station_provision(
+pub(crate) fn station_provision(
     ctx: &Context,
     urls: &[String],
     dir: &Path,
@@ -411,7 +419,7 @@ pub fn station_provision(
     Ok(Report::new(text, bundle))
 }
 
-pub fn station_confirm(
+pub(crate) fn station_confirm(
     urls: &[String],
     dir: &Path,
     entitlement: &str,
@@ -437,7 +445,7 @@ pub fn station_confirm(
     ))
 }
 
-pub struct LineArgs<'a> {
+pub(crate) struct LineArgs<'a> {
     pub urls: &'a [String],
     pub station_dir: &'a Path,
     pub root_cert: &'a Path,
@@ -448,7 +456,7 @@ pub struct LineArgs<'a> {
     pub first: u64,
 }
 
-pub fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
+pub(crate) fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
     let station = keyfab_station::StationDir::load(a.station_dir).map_err(station_failure)?;
     let client = keyfab_station::Client::new(&station, a.urls).map_err(station_failure)?;
     let root_text = read_input_text(a.root_cert, keyfab_formats::MAX_SMALL_INPUT)?;
@@ -542,13 +550,13 @@ pub fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
 
 /// `keyfab site serve` in a child process, for `demo` and `bench serve`: started on a
 /// free loopback port, its logs drained; stopped with SIGTERM (killed if dropped).
-pub struct ServeChild {
+pub(crate) struct ServeChild {
     child: std::process::Child,
     pub url: String,
 }
 
 impl ServeChild {
-    pub fn start(ctx: &Context, home: &Path, extra: &[&str]) -> Result<Self, Failure> {
+    pub(crate) fn start(ctx: &Context, home: &Path, extra: &[&str]) -> Result<Self, Failure> {
         use std::io::Read;
         let fail =
             |e: &dyn std::fmt::Display| Failure::new(Code::Internal, format!("site serve: {e}"));
@@ -594,12 +602,12 @@ impl ServeChild {
         Ok(child)
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// SIGTERM, then its one report (stdout).
-    pub fn stop(mut self) -> Result<serde_json::Value, Failure> {
+    pub(crate) fn stop(mut self) -> Result<serde_json::Value, Failure> {
         use std::io::Read;
         let pid = self.child.id().to_string();
         let _ = std::process::Command::new("kill")

@@ -76,7 +76,7 @@ fn write_queued(rx: &mpsc::Receiver<Message>) {
 
 /// Writes out every line queued so far (waiting a second at most). Nothing to do, and no
 /// thread started, if no line was ever written.
-pub fn drain() {
+pub(crate) fn drain() {
     let Some(Some(q)) = QUEUE.get() else { return };
     let (done, wait) = mpsc::channel();
     if q.send(Message::Drain(done)).is_ok() {
@@ -88,7 +88,7 @@ pub fn drain() {
 /// writer is flushed or dropped, so that the pieces of one line (`writeln!` writes
 /// several) never interleave with another thread's.
 #[derive(Default)]
-pub struct LogSink {
+pub(crate) struct LogSink {
     pending: Vec<u8>,
 }
 

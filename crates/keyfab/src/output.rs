@@ -3,13 +3,13 @@
 use keyfab_node::{Code, Error};
 
 /// A command's result: the same facts as text and as JSON.
-pub struct Report {
+pub(crate) struct Report {
     pub text: String,
     pub json: serde_json::Value,
 }
 
 impl Report {
-    pub fn new(text: impl Into<String>, json: serde_json::Value) -> Self {
+    pub(crate) fn new(text: impl Into<String>, json: serde_json::Value) -> Self {
         Self {
             text: text.into(),
             json,
@@ -19,7 +19,7 @@ impl Report {
 
 /// A failed command: its stable code (which gives the exit code) and message.
 #[derive(Debug)]
-pub struct Failure {
+pub(crate) struct Failure {
     pub code: Code,
     pub message: String,
 }
@@ -31,13 +31,13 @@ impl From<Error> for Failure {
 }
 
 /// A file that could not be read or written, with its path (code `io`, exit 1).
-pub fn io_fail(path: &std::path::Path, e: std::io::Error) -> Failure {
+pub(crate) fn io_fail(path: &std::path::Path, e: std::io::Error) -> Failure {
     Failure::new(Code::Io, format!("{}: {e}", path.display()))
 }
 
 /// The bytes of an input file, read in bounded memory: beyond `cap` bytes it is refused
 /// as `malformed` (exit 4) without reading more (see [`keyfab_formats::read_capped`]).
-pub fn read_input(path: &std::path::Path, cap: usize) -> Result<Vec<u8>, Failure> {
+pub(crate) fn read_input(path: &std::path::Path, cap: usize) -> Result<Vec<u8>, Failure> {
     keyfab_formats::read_capped(path, cap).map_err(|e| read_failure(path, e))
 }
 
@@ -53,7 +53,7 @@ fn read_failure(path: &std::path::Path, e: keyfab_formats::FormatError) -> Failu
 }
 
 /// [`read_input`] of a text file: bytes that are not UTF-8 are `malformed` as well.
-pub fn read_input_text(path: &std::path::Path, cap: usize) -> Result<String, Failure> {
+pub(crate) fn read_input_text(path: &std::path::Path, cap: usize) -> Result<String, Failure> {
     String::from_utf8(read_input(path, cap)?).map_err(|e| {
         read_failure(
             path,
@@ -69,7 +69,7 @@ pub fn read_input_text(path: &std::path::Path, cap: usize) -> Result<String, Fai
 }
 
 impl Failure {
-    pub fn new(code: Code, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: Code, message: impl Into<String>) -> Self {
         Failure {
             code,
             message: message.into(),
@@ -77,12 +77,12 @@ impl Failure {
     }
 
     /// Arguments that do not go together (exit 2, code `usage`).
-    pub fn usage(message: impl Into<String>) -> Self {
+    pub(crate) fn usage(message: impl Into<String>) -> Self {
         Failure::new(Code::Usage, message)
     }
 
     /// The process exit code: the code's (README.md, "Exit codes and error codes").
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         self.code.exit_code()
     }
 }
@@ -90,7 +90,7 @@ impl Failure {
 /// Prints a report on standard output. A reader that went away (`… | head -c 10`) is
 /// not an error of the command: whatever it did is done, and nothing is left to say to
 /// anyone, so the process ends quietly — no panic, no backtrace.
-pub fn print_report(r: &Report, json: bool) {
+pub(crate) fn print_report(r: &Report, json: bool) {
     if json {
         print_out(&r.json.to_string());
     } else if !r.text.is_empty() {
@@ -98,7 +98,7 @@ pub fn print_report(r: &Report, json: bool) {
     }
 }
 
-pub fn print_error(e: &Failure, json: bool) {
+pub(crate) fn print_error(e: &Failure, json: bool) {
     if json {
         print_out(
             &serde_json::json!({"error": {"code": e.code.as_str(), "message": e.message}})
@@ -120,7 +120,7 @@ fn print_out(line: &str) {
 
 /// A progress bar on stderr for long work, only when stderr is a terminal and the output
 /// is not `--json`.
-pub struct Progress {
+pub(crate) struct Progress {
     /// Updates the bar, if there is one; what long operations are handed to report to.
     report: Option<Box<dyn Fn(u64, u64) + Sync>>,
 }
@@ -128,7 +128,7 @@ pub struct Progress {
 impl Progress {
     /// A bar on standard error that reads "{verb} {noun}", only when `wanted` and
     /// standard error is a terminal (never in `--json` output or a pipe).
-    pub fn new(verb: &'static str, noun: &'static str, wanted: bool) -> Self {
+    pub(crate) fn new(verb: &'static str, noun: &'static str, wanted: bool) -> Self {
         use std::io::IsTerminal;
         let report = (wanted && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(0);
@@ -153,7 +153,7 @@ impl Progress {
 
     /// The callback to hand to a long operation; `None` when there is no bar, so the
     /// operation skips the bookkeeping.
-    pub fn reporter(&self) -> Option<&(dyn Fn(u64, u64) + Sync)> {
+    pub(crate) fn reporter(&self) -> Option<&(dyn Fn(u64, u64) + Sync)> {
         self.report.as_deref()
     }
 }

@@ -16,7 +16,7 @@ use std::path::Path;
 /// longest kind, with their line ends.
 const MAX_LIST_BYTES: usize = 1_000_000 * (keyfab_policy::MAX_ID_BYTES + 1);
 
-pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
+pub(crate) fn dispatch(cli: Cli) -> Result<Report, Failure> {
     let ctx = Context {
         passphrase_file: cli.passphrase_file,
         unseal_share_files: cli.unseal_share_file,
@@ -268,7 +268,12 @@ pub fn dispatch(cli: Cli) -> Result<Report, Failure> {
     Ok(report)
 }
 
-pub fn init_root(ctx: &Context, home: &Path, subject: &str, days: i64) -> Result<Report, Failure> {
+pub(crate) fn init_root(
+    ctx: &Context,
+    home: &Path,
+    subject: &str,
+    days: i64,
+) -> Result<Report, Failure> {
     let rng = ctx.rng();
     let path = keyfab_hq::pki::init_root(
         home,
@@ -288,7 +293,7 @@ pub fn init_root(ctx: &Context, home: &Path, subject: &str, days: i64) -> Result
     ))
 }
 
-pub fn issue(
+pub(crate) fn issue(
     ctx: &Context,
     home: &Path,
     csr: &Path,
@@ -323,7 +328,7 @@ pub fn issue(
     ))
 }
 
-pub fn init_node(
+pub(crate) fn init_node(
     ctx: &Context,
     a: &crate::cli::InitArgs,
     kind: NodeKind,
@@ -387,7 +392,7 @@ pub fn init_node(
     Ok(Report::new(text, json))
 }
 
-pub fn install_cert(
+pub(crate) fn install_cert(
     ctx: &Context,
     home: &Path,
     kind: NodeKind,
@@ -409,7 +414,7 @@ pub fn install_cert(
 }
 
 /// `site|hq rotate-keys`: the next generation of service keys.
-pub fn rotate_keys(ctx: &Context, home: &Path, kind: NodeKind) -> Result<Report, Failure> {
+pub(crate) fn rotate_keys(ctx: &Context, home: &Path, kind: NodeKind) -> Result<Report, Failure> {
     let mut node = ctx.open(home, kind)?;
     let next = match kind {
         NodeKind::Site => keyfab_site::identity::rotate_keys(&mut node)?,
@@ -436,7 +441,7 @@ pub fn rotate_keys(ctx: &Context, home: &Path, kind: NodeKind) -> Result<Report,
     ))
 }
 
-pub fn identity_export(ctx: &Context, home: &Path, out: &Path) -> Result<Report, Failure> {
+pub(crate) fn identity_export(ctx: &Context, home: &Path, out: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
     let bytes = keyfab_site::identity::export_identity(&node)?;
     std::fs::write(out, &bytes).map_err(|e| io_fail(out, e))?;
@@ -446,7 +451,7 @@ pub fn identity_export(ctx: &Context, home: &Path, out: &Path) -> Result<Report,
     ))
 }
 
-pub fn site_add(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failure> {
+pub(crate) fn site_add(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Hq)?;
     let bytes = read_input(file, keyfab_formats::identity::MAX_LEN)?;
     let rec = keyfab_hq::sites::add_site(&node, &bytes)?;
@@ -457,7 +462,7 @@ pub fn site_add(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failu
     ))
 }
 
-pub fn site_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
+pub(crate) fn site_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Hq)?;
     let sites = keyfab_hq::sites::list_sites(&node)?;
     let mut text = format!(
@@ -489,7 +494,7 @@ pub fn site_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     ))
 }
 
-pub fn site_reset_clock(
+pub(crate) fn site_reset_clock(
     ctx: &Context,
     home: &Path,
     site: &str,
@@ -512,7 +517,7 @@ pub fn site_reset_clock(
     ))
 }
 
-pub fn entitlement_create(
+pub(crate) fn entitlement_create(
     ctx: &Context,
     home: &Path,
     site: &str,
@@ -541,7 +546,7 @@ pub fn entitlement_create(
     ))
 }
 
-pub fn issued_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
+pub(crate) fn issued_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Hq)?;
     let issued = keyfab_hq::entitlement::list_issued(&node)?;
     let mut text = format!(
@@ -560,7 +565,7 @@ pub fn issued_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     ))
 }
 
-pub fn revoke(
+pub(crate) fn revoke(
     ctx: &Context,
     home: &Path,
     id: &str,
@@ -581,7 +586,11 @@ pub fn revoke(
     ))
 }
 
-pub fn entitlement_import(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failure> {
+pub(crate) fn entitlement_import(
+    ctx: &Context,
+    home: &Path,
+    file: &Path,
+) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
     let mut head = [0u8; 8];
     let is_revocation = std::fs::File::open(file)
@@ -610,7 +619,7 @@ pub fn entitlement_import(ctx: &Context, home: &Path, file: &Path) -> Result<Rep
     ))
 }
 
-pub fn entitlement_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
+pub(crate) fn entitlement_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
     let list = keyfab_site::entitlements::list(&node)?;
     let mut text = String::new();
@@ -686,7 +695,7 @@ pub fn entitlement_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     Ok(Report::new(text, json!({"entitlements": items})))
 }
 
-pub fn approver_keygen(ctx: &Context, out: &Path) -> Result<Report, Failure> {
+pub(crate) fn approver_keygen(ctx: &Context, out: &Path) -> Result<Report, Failure> {
     let key = SigningKey::generate(ctx.rng().as_ref())
         .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
     let key_path = out.with_extension("key");
@@ -798,7 +807,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
-pub fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Failure> {
+pub(crate) fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Failure> {
     let node = std::sync::Arc::new(ctx.open(&a.home.home, NodeKind::Site)?);
     let csr = match &a.csr {
         Some(path) => {
@@ -927,7 +936,7 @@ fn provision_many(
     ))
 }
 
-pub fn approval_request(
+pub(crate) fn approval_request(
     ctx: &Context,
     home: &Path,
     entitlement: &str,
@@ -945,7 +954,7 @@ pub fn approval_request(
     ))
 }
 
-pub fn approver_sign(key: &Path, request: &Path, out: &Path) -> Result<Report, Failure> {
+pub(crate) fn approver_sign(key: &Path, request: &Path, out: &Path) -> Result<Report, Failure> {
     let key_der = keyfab_hq::pki::read_pem_file(key, "PRIVATE KEY")?;
     let signer = SigningKey::from_pkcs8(&key_der)
         .map_err(|e| Failure::new(Code::InvalidInput, format!("{}: {e}", key.display())))?;
@@ -964,7 +973,7 @@ pub fn approver_sign(key: &Path, request: &Path, out: &Path) -> Result<Report, F
     ))
 }
 
-pub fn approval_submit(
+pub(crate) fn approval_submit(
     ctx: &Context,
     home: &Path,
     files: &[std::path::PathBuf],
@@ -993,7 +1002,7 @@ pub fn approval_submit(
     ))
 }
 
-pub fn audit_verify(ctx: &Context, home: &Path) -> Result<Report, Failure> {
+pub(crate) fn audit_verify(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
     let records = keyfab_site::entitlements::audit_records(&node)?;
     // Chain by chain, as HQ verifies it: on a cluster each node appends to its own.
@@ -1025,7 +1034,7 @@ pub fn audit_verify(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     ))
 }
 
-pub fn audit_checkpoint(ctx: &Context, home: &Path, out: &Path) -> Result<Report, Failure> {
+pub(crate) fn audit_checkpoint(ctx: &Context, home: &Path, out: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
     let (c, bytes) = keyfab_site::checkpoints::checkpoint(&node)?;
     std::fs::write(out, &bytes).map_err(|e| io_fail(out, e))?;
@@ -1041,7 +1050,7 @@ pub fn audit_checkpoint(ctx: &Context, home: &Path, out: &Path) -> Result<Report
     ))
 }
 
-pub fn receipt_import(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failure> {
+pub(crate) fn receipt_import(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
     let bytes = read_input(file, keyfab_formats::checkpoint::MAX_LEN)?;
     let imported = keyfab_site::checkpoints::import_receipt(&node, &bytes)?;
@@ -1067,7 +1076,7 @@ pub fn receipt_import(ctx: &Context, home: &Path, file: &Path) -> Result<Report,
     ))
 }
 
-pub fn site_config(
+pub(crate) fn site_config(
     ctx: &Context,
     home: &Path,
     clock_tolerance: Option<i64>,
@@ -1092,7 +1101,7 @@ pub fn site_config(
     ))
 }
 
-pub fn audit_export(
+pub(crate) fn audit_export(
     ctx: &Context,
     home: &Path,
     out: &Path,
@@ -1126,7 +1135,7 @@ pub fn audit_export(
     ))
 }
 
-pub fn audit_import(
+pub(crate) fn audit_import(
     ctx: &Context,
     home: &Path,
     file: &Path,
@@ -1174,7 +1183,7 @@ pub fn audit_import(
     ))
 }
 
-pub fn hq_report(
+pub(crate) fn hq_report(
     ctx: &Context,
     home: &Path,
     format: &str,
@@ -1254,7 +1263,7 @@ pub fn hq_report(
     Ok(Report::new(text, value))
 }
 
-pub fn hq_manifest(
+pub(crate) fn hq_manifest(
     ctx: &Context,
     home: &Path,
     entitlement: &str,

@@ -1,19 +1,19 @@
 //! A world of real homes driven through the real binary.
 #![allow(dead_code)]
 
-pub use keyfab_testkit::forge::*;
+pub(crate) use keyfab_testkit::forge::*;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-pub const PASS: &str = "integration test passphrase";
+pub(crate) const PASS: &str = "integration test passphrase";
 
-pub struct Out {
+pub(crate) struct Out {
     pub code: i32,
     pub json: serde_json::Value,
 }
 
-pub fn keyfab(args: &[&str], now: Option<&str>) -> Out {
+pub(crate) fn keyfab(args: &[&str], now: Option<&str>) -> Out {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyfab"));
     cmd.arg("--json")
         .args(args)
@@ -45,7 +45,7 @@ pub fn keyfab(args: &[&str], now: Option<&str>) -> Out {
     }
 }
 
-pub fn ok(args: &[&str]) -> serde_json::Value {
+pub(crate) fn ok(args: &[&str]) -> serde_json::Value {
     let o = keyfab(args, None);
     assert_eq!(o.code, 0, "{args:?} failed: {}", o.json);
     o.json
@@ -54,7 +54,7 @@ pub fn ok(args: &[&str]) -> serde_json::Value {
 impl Out {
     /// Asserts the command failed with `exit` and the error `code`, and that its message
     /// says `says`.
-    pub fn assert_error(&self, exit: i32, code: &str, says: &str) {
+    pub(crate) fn assert_error(&self, exit: i32, code: &str, says: &str) {
         assert_eq!(
             (self.code, self.json["error"]["code"].as_str()),
             (exit, Some(code)),
@@ -73,7 +73,7 @@ impl Out {
 
 /// A copy of a home's files into `to` (emptied first), private as the home is — what an
 /// operator's `cp -a` or a restored backup gives.
-pub fn copy_home(from: &Path, to: &Path) {
+pub(crate) fn copy_home(from: &Path, to: &Path) {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_dir_all(to);
     std::fs::create_dir_all(to).unwrap();
@@ -86,11 +86,11 @@ pub fn copy_home(from: &Path, to: &Path) {
     }
 }
 
-pub fn s(p: &Path) -> String {
+pub(crate) fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-pub struct World {
+pub(crate) struct World {
     pub dir: tempfile::TempDir,
     pub root: PathBuf,
     pub hq: PathBuf,
@@ -98,12 +98,12 @@ pub struct World {
 }
 
 impl World {
-    pub fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 }
 
-pub fn root(dir: &Path, name: &str) -> PathBuf {
+pub(crate) fn root(dir: &Path, name: &str) -> PathBuf {
     let root = dir.join(name);
     ok(&[
         "pki",
@@ -116,14 +116,14 @@ pub fn root(dir: &Path, name: &str) -> PathBuf {
     root
 }
 
-pub fn node(dir: &Path, root: &Path, kind: &str, name: &str) -> PathBuf {
+pub(crate) fn node(dir: &Path, root: &Path, kind: &str, name: &str) -> PathBuf {
     node_with(dir, root, kind, name, &[], |_| Vec::new()).0
 }
 
 /// [`node`] with extra `init` arguments; `unlock` sees what `init` reported and returns
 /// the global arguments (unseal share files, say) the commands that open the home need.
 /// Returns the home and those arguments.
-pub fn node_with(
+pub(crate) fn node_with(
     dir: &Path,
     root: &Path,
     kind: &str,
@@ -199,7 +199,7 @@ fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub fn register(dir: &Path, hq: &Path, site: &Path) {
+pub(crate) fn register(dir: &Path, hq: &Path, site: &Path) {
     let kfi = dir.join(format!(
         "{}.kfi",
         site.file_name().unwrap().to_string_lossy()
@@ -216,7 +216,7 @@ pub fn register(dir: &Path, hq: &Path, site: &Path) {
     ok(&["hq", "site", "add", "--home", &s(hq), &s(&kfi)]);
 }
 
-pub fn world() -> World {
+pub(crate) fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
     let root = root(dir.path(), "root");
     let hq = node(dir.path(), &root, "hq", "acme-hq");
@@ -230,7 +230,7 @@ pub fn world() -> World {
     }
 }
 
-pub const POLICY: &str = r#"
+pub(crate) const POLICY: &str = r#"
 product = "thermostat-v2"
 devices = {devices}
 valid_from  = "2026-01-01T00:00:00Z"
@@ -257,19 +257,19 @@ type = "aes-256"
 source = "hq-pool"
 "#;
 
-pub fn policy(dir: &Path, devices: u64) -> PathBuf {
+pub(crate) fn policy(dir: &Path, devices: u64) -> PathBuf {
     let p = dir.join(format!("policy-{devices}.toml"));
     std::fs::write(&p, POLICY.replace("{devices}", &devices.to_string())).unwrap();
     p
 }
 
 /// An entitlement of the standard policy for `devices` devices: (file, id).
-pub fn create(w: &World, site: &str, devices: u64, out: &str) -> (PathBuf, String) {
+pub(crate) fn create(w: &World, site: &str, devices: u64, out: &str) -> (PathBuf, String) {
     create_from(w, site, &policy(w.dir.path(), devices), out)
 }
 
 /// An entitlement of the policy file `policy`: (file, id).
-pub fn create_from(w: &World, site: &str, policy: &Path, out: &str) -> (PathBuf, String) {
+pub(crate) fn create_from(w: &World, site: &str, policy: &Path, out: &str) -> (PathBuf, String) {
     let out = w.path(out);
     let o = try_create(w, site, policy, &out);
     assert_eq!(o.code, 0, "entitlement create failed: {}", o.json);
@@ -277,7 +277,7 @@ pub fn create_from(w: &World, site: &str, policy: &Path, out: &str) -> (PathBuf,
 }
 
 /// `hq entitlement create` of `policy` for `site` into `out`, however it ends.
-pub fn try_create(w: &World, site: &str, policy: &Path, out: &Path) -> Out {
+pub(crate) fn try_create(w: &World, site: &str, policy: &Path, out: &Path) -> Out {
     keyfab(
         &[
             "hq",
@@ -298,7 +298,7 @@ pub fn try_create(w: &World, site: &str, policy: &Path, out: &Path) -> Out {
 
 /// An entitlement of the policy `text` (written to `name`.toml), created at HQ and
 /// imported at `w`'s site: its id.
-pub fn imported(w: &World, text: &str, name: &str) -> String {
+pub(crate) fn imported(w: &World, text: &str, name: &str) -> String {
     let policy = w.path(&format!("{name}.toml"));
     std::fs::write(&policy, text).unwrap();
     let (kfe, id) = create_from(w, "shenzhen-1", &policy, &format!("{name}.kfe"));
@@ -307,7 +307,7 @@ pub fn imported(w: &World, text: &str, name: &str) -> String {
 }
 
 /// The arguments of `site provision` for the lot of device ids in `list`, into `out`.
-pub fn lot_args(site: &Path, id: &str, list: &Path, out: &Path) -> Vec<String> {
+pub(crate) fn lot_args(site: &Path, id: &str, list: &Path, out: &Path) -> Vec<String> {
     ["site", "provision", "--home", &s(site), "--entitlement", id]
         .into_iter()
         .map(str::to_owned)
@@ -317,7 +317,7 @@ pub fn lot_args(site: &Path, id: &str, list: &Path, out: &Path) -> Vec<String> {
 
 /// Writes `ids` into the world's `lot.txt` and provisions them as a lot into `out`, with
 /// `extra` arguments: the command's report.
-pub fn provision_lot(
+pub(crate) fn provision_lot(
     w: &World,
     id: &str,
     ids: &[String],
@@ -332,12 +332,24 @@ pub fn provision_lot(
 }
 
 /// `site provision` of one device, with `extra` arguments, at `now` (default: the clock).
-pub fn provision(w: &World, id: &str, device: &str, extra: &[&str], now: Option<&str>) -> Out {
+pub(crate) fn provision(
+    w: &World,
+    id: &str,
+    device: &str,
+    extra: &[&str],
+    now: Option<&str>,
+) -> Out {
     provision_in(&w.site, id, device, extra, now)
 }
 
 /// [`provision`] at the site whose home is `home`.
-pub fn provision_in(home: &Path, id: &str, device: &str, extra: &[&str], now: Option<&str>) -> Out {
+pub(crate) fn provision_in(
+    home: &Path,
+    id: &str,
+    device: &str,
+    extra: &[&str],
+    now: Option<&str>,
+) -> Out {
     let mut args = vec![
         "site",
         "provision",
@@ -356,14 +368,14 @@ pub fn provision_in(home: &Path, id: &str, device: &str, extra: &[&str], now: Op
 /// except for the store, which redb rewrites the header of on every open and close: it
 /// is compared entry by entry (every table, key, value and revision, and the store
 /// revision).
-pub fn snapshot(dir: &Path) -> Vec<(String, [u8; 32])> {
+pub(crate) fn snapshot(dir: &Path) -> Vec<(String, [u8; 32])> {
     snapshot_with(dir, true)
 }
 
 /// Like [`snapshot`], but blind to the store-wide revision counter: what a refused
 /// import may advance (it staged rows and took them away again) without changing any
 /// key, value or per-key revision.
-pub fn content_snapshot(dir: &Path) -> Vec<(String, [u8; 32])> {
+pub(crate) fn content_snapshot(dir: &Path) -> Vec<(String, [u8; 32])> {
     snapshot_with(dir, false)
 }
 
@@ -409,7 +421,7 @@ fn store_digest(path: &Path, with_store_revision: bool) -> [u8; 32] {
 }
 
 /// `keyfab site entitlement import` of `file` into `site`, at `now` if given.
-pub fn import(site: &Path, file: &Path, now: Option<&str>) -> Out {
+pub(crate) fn import(site: &Path, file: &Path, now: Option<&str>) -> Out {
     keyfab(
         &[
             "site",
@@ -426,13 +438,13 @@ pub fn import(site: &Path, file: &Path, now: Option<&str>) -> Out {
 /// Unlocks a site home in this process, as the engine does.
 /// A clock the test moves, for a site opened in this process.
 #[derive(Clone)]
-pub struct TestClock(pub std::sync::Arc<std::sync::atomic::AtomicI64>);
+pub(crate) struct TestClock(pub std::sync::Arc<std::sync::atomic::AtomicI64>);
 
 impl TestClock {
-    pub fn at(t: i64) -> Self {
+    pub(crate) fn at(t: i64) -> Self {
         Self(std::sync::Arc::new(std::sync::atomic::AtomicI64::new(t)))
     }
-    pub fn set(&self, t: i64) {
+    pub(crate) fn set(&self, t: i64) {
         self.0.store(t, std::sync::atomic::Ordering::SeqCst);
     }
 }
@@ -444,7 +456,7 @@ impl keyfab_crypto::time::Clock for TestClock {
 }
 
 /// The site at `home`, opened in this process on `clock`.
-pub fn site_with_clock(home: &Path, clock: &TestClock) -> keyfab_node::Node {
+pub(crate) fn site_with_clock(home: &Path, clock: &TestClock) -> keyfab_node::Node {
     keyfab_node::Node::open(
         home,
         keyfab_node::NodeKind::Site,
@@ -455,7 +467,7 @@ pub fn site_with_clock(home: &Path, clock: &TestClock) -> keyfab_node::Node {
     .unwrap()
 }
 
-pub fn open_site(home: &Path) -> keyfab_node::Node {
+pub(crate) fn open_site(home: &Path) -> keyfab_node::Node {
     keyfab_node::Node::open(
         home,
         keyfab_node::NodeKind::Site,
@@ -467,7 +479,7 @@ pub fn open_site(home: &Path) -> keyfab_node::Node {
 }
 
 /// `site audit export` of `w`'s site into `name` (in the world's directory).
-pub fn export(w: &World, name: &str) -> PathBuf {
+pub(crate) fn export(w: &World, name: &str) -> PathBuf {
     let out = w.path(name);
     let o = try_export(&w.site, &out);
     assert_eq!(o.code, 0, "export failed: {}", o.json);
@@ -475,7 +487,7 @@ pub fn export(w: &World, name: &str) -> PathBuf {
 }
 
 /// `site audit export` of the site at `home` into `out`, however it ends.
-pub fn try_export(home: &Path, out: &Path) -> Out {
+pub(crate) fn try_export(home: &Path, out: &Path) -> Out {
     keyfab(
         &[
             "site",
@@ -491,7 +503,7 @@ pub fn try_export(home: &Path, out: &Path) -> Out {
 }
 
 /// The site's log exported into `name`, imported at HQ, and HQ's report (JSON).
-pub fn export_import_report(w: &World, name: &str) -> serde_json::Value {
+pub(crate) fn export_import_report(w: &World, name: &str) -> serde_json::Value {
     let kfa = export(w, name);
     ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&kfa)]);
     ok(&["hq", "report", "--home", &s(&w.hq)])
@@ -499,7 +511,7 @@ pub fn export_import_report(w: &World, name: &str) -> serde_json::Value {
 
 /// Exports the site's log into `name`, imports it at HQ, and requires HQ's report to
 /// find no violation: the report.
-pub fn hq_finds_no_violations(w: &World, name: &str) -> serde_json::Value {
+pub(crate) fn hq_finds_no_violations(w: &World, name: &str) -> serde_json::Value {
     let report = export_import_report(w, name);
     assert_eq!(
         report["violations"].as_array().unwrap().len(),
@@ -510,7 +522,7 @@ pub fn hq_finds_no_violations(w: &World, name: &str) -> serde_json::Value {
 }
 
 /// A running `keyfab site serve`, stopped with SIGTERM when dropped.
-pub struct Server {
+pub(crate) struct Server {
     pub child: Child,
     pub addr: String,
     /// Its stderr after the first line (the logs), read as it comes so the pipe never
@@ -519,16 +531,16 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(home: &Path) -> Server {
+    pub(crate) fn start(home: &Path) -> Server {
         Self::start_with(home, &[])
     }
 
-    pub fn start_with(home: &Path, extra: &[&str]) -> Server {
+    pub(crate) fn start_with(home: &Path, extra: &[&str]) -> Server {
         let (child, stderr) = Self::spawn(home, extra);
         Self::attach(child, stderr)
     }
 
-    pub fn spawn(home: &Path, extra: &[&str]) -> (Child, std::process::ChildStderr) {
+    pub(crate) fn spawn(home: &Path, extra: &[&str]) -> (Child, std::process::ChildStderr) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_keyfab"))
             .args(["--json", "site", "serve", "--home", &s(home)])
             .args(["--listen", "127.0.0.1:0", "--handshake-timeout", "1"])
@@ -544,7 +556,7 @@ impl Server {
     }
 
     /// The next stderr line.
-    pub fn raw_line(stderr: &mut std::process::ChildStderr) -> Vec<u8> {
+    pub(crate) fn raw_line(stderr: &mut std::process::ChildStderr) -> Vec<u8> {
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
         while stderr.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
@@ -554,7 +566,7 @@ impl Server {
     }
 
     /// The next stderr line, as JSON (serve's status lines).
-    pub fn line(stderr: &mut std::process::ChildStderr) -> serde_json::Value {
+    pub(crate) fn line(stderr: &mut std::process::ChildStderr) -> serde_json::Value {
         let line = Self::raw_line(stderr);
         serde_json::from_slice(&line)
             .unwrap_or_else(|e| panic!("serve said {:?}: {e}", String::from_utf8_lossy(&line)))
@@ -562,7 +574,7 @@ impl Server {
 
     /// Waits for the line that says where it listens (log lines of the sealed wait may
     /// come first), then keeps reading the logs.
-    pub fn attach(child: Child, mut stderr: std::process::ChildStderr) -> Server {
+    pub(crate) fn attach(child: Child, mut stderr: std::process::ChildStderr) -> Server {
         let addr = loop {
             let line = Self::raw_line(&mut stderr);
             assert!(!line.is_empty(), "serve ended before it listened");
@@ -587,16 +599,16 @@ impl Server {
         Server { child, addr, logs }
     }
 
-    pub fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("https://{}", self.addr)
     }
 
     /// SIGTERM; the exit status and the one JSON report on stdout.
-    pub fn stop(mut self) -> (i32, serde_json::Value) {
+    pub(crate) fn stop(mut self) -> (i32, serde_json::Value) {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         let mut out = String::new();
@@ -619,7 +631,7 @@ impl Drop for Server {
 }
 
 /// `hq entitlement revoke` of entitlement `id`, written to `out`.
-pub fn revoke(w: &World, id: &str, reason: Option<&str>, out: &Path) -> serde_json::Value {
+pub(crate) fn revoke(w: &World, id: &str, reason: Option<&str>, out: &Path) -> serde_json::Value {
     let mut args = vec![
         "hq".to_owned(),
         "entitlement".into(),
@@ -638,7 +650,7 @@ pub fn revoke(w: &World, id: &str, reason: Option<&str>, out: &Path) -> serde_js
     ok(&args)
 }
 
-pub fn enroll(home: &Path, name: &str, dir: &Path) -> serde_json::Value {
+pub(crate) fn enroll(home: &Path, name: &str, dir: &Path) -> serde_json::Value {
     ok(&[
         "site",
         "station",
@@ -656,7 +668,7 @@ pub fn enroll(home: &Path, name: &str, dir: &Path) -> serde_json::Value {
 /// access to it could: the first record of the first row, among those whose key starts
 /// with `rows` (`[0]` the site chain's rows, `c/` node chains'), that another record of
 /// its chain follows (a later one in the row, or a later row of the chain).
-pub fn edit_audit_record(site: &Path, rows: &[u8]) {
+pub(crate) fn edit_audit_record(site: &Path, rows: &[u8]) {
     use keyfab_store::{Table, Txn};
     let node = open_site(site);
     let all: Vec<(Vec<u8>, Vec<u8>)> = node
