@@ -4,11 +4,7 @@ use libfuzzer_sys::fuzz_target;
 mod common;
 
 fuzz_target!(|data: &[u8]| {
-    let path = std::env::temp_dir().join(format!("keyfab-fuzz-{}.kfa", std::process::id()));
-    if std::fs::write(&path, data).is_err() {
-        return;
-    }
     let root = common::root();
     let fp = keyfab_crypto::hash::Fingerprint([0u8; 32]);
-    let _ = keyfab_formats::audit_bundle::verify_bundle(&path, &root, common::NOW, "vector-hq", &[fp]);
+    let _ = keyfab_formats::audit_bundle::verify_bundle(data, &root, common::NOW, "vector-hq", &[fp]);
 });

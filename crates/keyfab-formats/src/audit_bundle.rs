@@ -26,9 +26,9 @@ use keyfab_crypto::hpke::{self, HpkePublicKey, HpkeRecipient};
 use keyfab_crypto::rng::SecureRng;
 use keyfab_crypto::sign::EcdsaSigner;
 use keyfab_crypto::time::UnixTime;
-use keyfab_crypto::x509::{self, Purpose, Role, ValidatedLeaf};
+use keyfab_crypto::x509::{Role, ValidatedLeaf};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub const VERSION: u8 = 1;
 pub const CONTEXT: &[u8] = b"keyfab-audit-v1";
@@ -180,22 +180,22 @@ pub struct BundleEnvelope {
     pub signer: ValidatedLeaf,
     /// The signer's chain: [site signing cert, site cluster cert].
     pub chain: Vec<Vec<u8>>,
-    path: PathBuf,
+    source: signed_file::Source,
     body_offset: u64,
 }
 
 /// Verifies a bundle in the verification order of docs/FORMATS.md: size cap → prefix →
 /// signature → chain to `root` with role site → addressed to this HQ → body digest.
 pub fn verify_bundle(
-    path: &Path,
+    source: impl Into<signed_file::Source>,
     root: &[u8],
     now: UnixTime,
     hq: &str,
     recipients: &[Fingerprint],
 ) -> Result<Verified<BundleEnvelope>> {
-    let (signed, body) = signed_file::read_signed_head(path, &LAYOUT)?;
-    let signer = x509::validate_chain(root, &signed.chain, Role::Site, Purpose::Signing, now)
-        .map_err(FormatError::from_chain)?;
+    let source = source.into();
+    let (signed, body) = signed_file::read_signed_head(&source, &LAYOUT)?;
+    let (signer, proof) = crate::verified::signer(&signed, root, Role::Site, now)?;
     let header: BundleHeader = cbor_exact("audit bundle header", &signed.payload)?;
     if header.format != "keyfab-audit-bundle" || header.version != u32::from(VERSION) {
         return Err(FormatError::malformed(
@@ -222,13 +222,16 @@ pub fn verify_bundle(
     }
     let body_offset = body.offset;
     body.check(header.body_len, &header.body_sha256)?;
-    Ok(Verified::new(BundleEnvelope {
-        header,
-        signer,
-        chain: signed.chain,
-        path: path.to_owned(),
-        body_offset,
-    }))
+    Ok(Verified::new(
+        proof,
+        BundleEnvelope {
+            header,
+            signer,
+            chain: signed.chain,
+            source,
+            body_offset,
+        },
+    ))
 }
 
 /// Reads the records of a verified bundle, decrypting one chunk at a time.
@@ -248,7 +251,7 @@ pub fn open_bundle(
         FormatError::malformed(Malformed::Undecryptable, "cannot set up decryption")
     })?;
     let chunks = signed_file::ChunkReader::open(
-        &envelope.path,
+        &envelope.source,
         envelope.body_offset,
         &LAYOUT,
         opener,

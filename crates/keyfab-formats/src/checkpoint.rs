@@ -15,12 +15,13 @@
 //! disagrees with it, was rolled back.
 
 use crate::prefix::{self, Kind};
+use crate::verified::Trusted;
 use crate::Malformed;
 use crate::{cbor_encode, cbor_exact, cose, FormatError, Result, Verified};
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::sign::EcdsaSigner;
 use keyfab_crypto::time::UnixTime;
-use keyfab_crypto::x509::{self, Purpose, Role, ValidatedLeaf};
+use keyfab_crypto::x509::{Role, ValidatedLeaf};
 use serde::{Deserialize, Serialize};
 
 pub const VERSION: u8 = 1;
@@ -114,7 +115,7 @@ fn verified_body(
     root: &[u8],
     role: Role,
     now: UnixTime,
-) -> Result<(ValidatedLeaf, Vec<Vec<u8>>, Vec<u8>)> {
+) -> Result<(ValidatedLeaf, Vec<Vec<u8>>, Vec<u8>, Trusted)> {
     if bytes.len() > MAX_LEN {
         return Err(FormatError::malformed(
             Malformed::TooLarge,
@@ -123,14 +124,13 @@ fn verified_body(
     }
     prefix::check(bytes, kind, VERSION)?;
     let signed = cose::verify(&bytes[prefix::LEN..], content_type, context)?;
-    let signer = x509::validate_chain(root, &signed.chain, role, Purpose::Signing, now)
-        .map_err(FormatError::from_chain)?;
-    Ok((signer, signed.chain, signed.payload))
+    let (signer, proof) = crate::verified::signer(&signed, root, role, now)?;
+    Ok((signer, signed.chain, signed.payload, proof))
 }
 
 /// Verifies a site's checkpoint against `root` (role site) at `now`.
 pub fn verify_checkpoint(bytes: &[u8], root: &[u8], now: UnixTime) -> Result<Verified<Checkpoint>> {
-    let (signer, _, payload) = verified_body(
+    let (signer, _, payload, proof) = verified_body(
         bytes,
         Kind::Checkpoint,
         CHECKPOINT_TYPE,
@@ -151,7 +151,7 @@ pub fn verify_checkpoint(bytes: &[u8], root: &[u8], now: UnixTime) -> Result<Ver
             "checkpoint names another site than its signer".into(),
         ));
     }
-    Ok(Verified::new(c))
+    Ok(Verified::new(proof, c))
 }
 
 /// Verifies an HQ receipt addressed to `site` (current HPKE key `recipient`).
@@ -162,7 +162,7 @@ pub fn verify_receipt(
     site: &str,
     recipients: &[Fingerprint],
 ) -> Result<Verified<Receipt>> {
-    let (signer, chain, payload) = verified_body(
+    let (signer, chain, payload, proof) = verified_body(
         bytes,
         Kind::Receipt,
         RECEIPT_TYPE,
@@ -189,5 +189,5 @@ pub fn verify_receipt(
             r.site
         )));
     }
-    Ok(Verified::new(r))
+    Ok(Verified::new(proof, r))
 }

@@ -41,6 +41,8 @@ pub fn sign(
 pub struct SignedByChain {
     pub chain: Vec<Vec<u8>>,
     pub payload: Vec<u8>,
+    /// Only [`verify`] makes one.
+    _signature_verified: (),
 }
 
 /// A tagged COSE_Sign1 from exactly `bytes`, in its canonical encoding: re-encoding
@@ -112,5 +114,9 @@ pub fn verify(bytes: &[u8], content_type: &str, context: &[u8]) -> Result<Signed
     sign1
         .verify_signature(context, |sig, data| key.verify(data, sig))
         .map_err(|_| FormatError::BadSignature("COSE_Sign1 signature".into()))?;
-    Ok(SignedByChain { chain, payload })
+    Ok(SignedByChain {
+        chain,
+        payload,
+        _signature_verified: (),
+    })
 }

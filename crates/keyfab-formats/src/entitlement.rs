@@ -29,10 +29,10 @@ use keyfab_crypto::rng::SecureRng;
 use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::sign::EcdsaSigner;
 use keyfab_crypto::time::UnixTime;
-use keyfab_crypto::x509::{self, Purpose, Role, ValidatedLeaf};
+use keyfab_crypto::x509::{Role, ValidatedLeaf};
 use keyfab_policy::{KeySource, KeyType, Policy};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 pub const VERSION: u8 = 1;
@@ -254,7 +254,7 @@ pub struct EntitlementEnvelope {
     pub signer: ValidatedLeaf,
     /// The signer's chain as carried in x5chain: [HQ signing cert, HQ cluster cert].
     pub chain: Vec<Vec<u8>>,
-    path: PathBuf,
+    source: signed_file::Source,
     body_offset: u64,
 }
 
@@ -263,15 +263,15 @@ pub struct EntitlementEnvelope {
 /// beyond the COSE framing is parsed before the signature holds, and nothing is
 /// decrypted before every byte is authenticated.
 pub fn verify_entitlement(
-    path: &Path,
+    source: impl Into<signed_file::Source>,
     root: &[u8],
     now: UnixTime,
     site: &str,
     recipients: &[Fingerprint],
 ) -> Result<Verified<EntitlementEnvelope>> {
-    let (signed, body) = signed_file::read_signed_head(path, &LAYOUT)?;
-    let signer = x509::validate_chain(root, &signed.chain, Role::Hq, Purpose::Signing, now)
-        .map_err(FormatError::from_chain)?;
+    let source = source.into();
+    let (signed, body) = signed_file::read_signed_head(&source, &LAYOUT)?;
+    let (signer, proof) = crate::verified::signer(&signed, root, Role::Hq, now)?;
     let header: EntitlementHeader = cbor_exact("entitlement header", &signed.payload)?;
     if header.format != "keyfab-entitlement" || header.version != u32::from(VERSION) {
         return Err(FormatError::malformed(
@@ -300,13 +300,16 @@ pub fn verify_entitlement(
     }
     let body_offset = body.offset;
     body.check(header.body_len, &header.body_sha256)?;
-    Ok(Verified::new(EntitlementEnvelope {
-        header,
-        signer,
-        chain: signed.chain,
-        path: path.to_owned(),
-        body_offset,
-    }))
+    Ok(Verified::new(
+        proof,
+        EntitlementEnvelope {
+            header,
+            signer,
+            chain: signed.chain,
+            source,
+            body_offset,
+        },
+    ))
 }
 
 fn short(hex: &str) -> &str {
@@ -326,7 +329,7 @@ pub fn open_entitlement(
     })?;
     let mut reader = PoolReader {
         chunks: signed_file::ChunkReader::open(
-            &envelope.path,
+            &envelope.source,
             envelope.body_offset,
             &LAYOUT,
             opener,

@@ -88,8 +88,7 @@ pub fn verify_identity(bytes: &[u8], root: &[u8], now: UnixTime) -> Result<Verif
     }
     prefix::check(bytes, Kind::Identity, VERSION)?;
     let signed = cose::verify(&bytes[prefix::LEN..], CONTENT_TYPE, CONTEXT)?;
-    let signer = x509::validate_chain(root, &signed.chain, Role::Site, Purpose::Signing, now)
-        .map_err(FormatError::from_chain)?;
+    let (signer, proof) = crate::verified::signer(&signed, root, Role::Site, now)?;
     let p: IdentityPayload = cbor_exact("identity payload", &signed.payload)?;
     if p.format != "keyfab-identity" || p.version != u32::from(VERSION) {
         return Err(FormatError::malformed(
@@ -120,12 +119,15 @@ pub fn verify_identity(bytes: &[u8], root: &[u8], now: UnixTime) -> Result<Verif
         .map_err(|e| FormatError::malformed(Malformed::Field, e.to_string()))?;
     let hpke_key = HpkePublicKey::from_sec1(&hpke_leaf.public_point)
         .map_err(|e| FormatError::malformed(Malformed::Field, e.to_string()))?;
-    Ok(Verified::new(SiteIdentity {
-        site: p.site,
-        cluster_cert: p.cluster_cert,
-        signing_cert: p.signing_cert,
-        hpke_cert: p.hpke_cert,
-        signing_key,
-        hpke_key,
-    }))
+    Ok(Verified::new(
+        proof,
+        SiteIdentity {
+            site: p.site,
+            cluster_cert: p.cluster_cert,
+            signing_cert: p.signing_cert,
+            hpke_cert: p.hpke_cert,
+            signing_key,
+            hpke_key,
+        },
+    ))
 }

@@ -27,34 +27,16 @@ pub mod identity;
 pub mod prefix;
 pub mod revocation;
 mod signed_file;
+mod verified;
+
+pub use signed_file::Source;
+pub use verified::Verified;
 
 pub use keyfab_code::Code;
-use std::ops::Deref;
 
 /// The size cap of inputs without a format of their own that a command reads whole: a
 /// CSR, a PEM key or certificate, a passphrase or share file.
 pub const MAX_SMALL_INPUT: usize = 64 * 1024;
-
-/// A value that only a verifier of this crate can construct: the engine cannot be handed
-/// an unverified file by mistake.
-#[derive(Debug)]
-pub struct Verified<T>(T);
-
-impl<T> Verified<T> {
-    pub(crate) fn new(inner: T) -> Self {
-        Self(inner)
-    }
-    pub fn into_inner(self) -> T {
-        self.0
-    }
-}
-
-impl<T> Deref for Verified<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
 
 /// Why a file was refused. Each variant maps to one stable error code (README.md, "Exit codes and error codes").
 #[derive(Debug, thiserror::Error)]

@@ -16,7 +16,7 @@ use crate::{cbor_encode, cbor_exact, cose, FormatError, Result, Verified};
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::sign::EcdsaSigner;
 use keyfab_crypto::time::UnixTime;
-use keyfab_crypto::x509::{self, Purpose, Role};
+use keyfab_crypto::x509::Role;
 use serde::{Deserialize, Serialize};
 
 pub const VERSION: u8 = 1;
@@ -71,8 +71,7 @@ pub fn verify_revocation(
     }
     prefix::check(bytes, Kind::Revocation, VERSION)?;
     let signed = cose::verify(&bytes[prefix::LEN..], CONTENT_TYPE, CONTEXT)?;
-    let signer = x509::validate_chain(root, &signed.chain, Role::Hq, Purpose::Signing, now)
-        .map_err(FormatError::from_chain)?;
+    let (signer, proof) = crate::verified::signer(&signed, root, Role::Hq, now)?;
     let r: Revocation = cbor_exact("revocation", &signed.payload)?;
     if r.format != "keyfab-revocation" || r.version != u32::from(VERSION) {
         return Err(FormatError::malformed(
@@ -91,5 +90,5 @@ pub fn verify_revocation(
             r.site
         )));
     }
-    Ok(Verified::new(r))
+    Ok(Verified::new(proof, r))
 }

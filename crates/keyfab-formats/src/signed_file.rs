@@ -34,9 +34,59 @@ pub(crate) struct Layout {
     pub chunk_label: &'static [u8],
 }
 
+/// Where a large file (`.kfe`, `.kfa`) is read from: a file, read twice in bounded
+/// memory (verified, then decrypted chunk by chunk), or bytes already in memory (a
+/// fuzzer's input, a file received over a socket).
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A file on disk.
+    File(PathBuf),
+    /// The whole file's bytes.
+    Bytes(std::sync::Arc<[u8]>),
+}
+
+/// What a [`Source`] is read through.
+pub(crate) trait ReadSeek: Read + Seek + Send {}
+impl<T: Read + Seek + Send> ReadSeek for T {}
+
+impl Source {
+    /// A reader from the start, and the source's length.
+    pub(crate) fn open(&self) -> std::io::Result<(Box<dyn ReadSeek>, u64)> {
+        match self {
+            Source::File(path) => {
+                let file = File::open(path)?;
+                let len = file.metadata()?.len();
+                Ok((Box::new(file), len))
+            }
+            Source::Bytes(bytes) => Ok((
+                Box::new(std::io::Cursor::new(bytes.clone())),
+                bytes.len() as u64,
+            )),
+        }
+    }
+}
+
+impl From<&Path> for Source {
+    fn from(path: &Path) -> Self {
+        Source::File(path.to_owned())
+    }
+}
+
+impl From<&PathBuf> for Source {
+    fn from(path: &PathBuf) -> Self {
+        Source::File(path.clone())
+    }
+}
+
+impl From<&[u8]> for Source {
+    fn from(bytes: &[u8]) -> Self {
+        Source::Bytes(bytes.into())
+    }
+}
+
 /// The body of a file whose signed header holds; not yet checked.
 pub(crate) struct UncheckedBody {
-    file: File,
+    file: Box<dyn ReadSeek>,
     file_len: u64,
     pub offset: u64,
 }
@@ -44,11 +94,10 @@ pub(crate) struct UncheckedBody {
 /// Size cap → prefix → COSE_Sign1 signature. The signer's chain is the caller's to
 /// validate, since the role it must hold differs per kind.
 pub(crate) fn read_signed_head(
-    path: &Path,
+    source: &Source,
     layout: &Layout,
 ) -> Result<(SignedByChain, UncheckedBody)> {
-    let mut file = File::open(path)?;
-    let file_len = file.metadata()?.len();
+    let (mut file, file_len) = source.open()?;
     if file_len > layout.max_file_len {
         return Err(FormatError::malformed(
             Malformed::TooLarge,
@@ -248,7 +297,7 @@ impl BodyWriter {
 
 /// The sealed chunks of a verified file's body, opened one at a time in order.
 pub(crate) struct ChunkReader {
-    file: BufReader<File>,
+    file: BufReader<Box<dyn ReadSeek>>,
     opener: hpke::Opener,
     label: &'static [u8],
     chunks: u64,
@@ -256,15 +305,15 @@ pub(crate) struct ChunkReader {
 }
 
 impl ChunkReader {
-    /// Reads `chunks` chunks from `path` at `offset` (where the verified body starts).
+    /// Reads `chunks` chunks from `source` at `offset` (where the verified body starts).
     pub(crate) fn open(
-        path: &Path,
+        source: &Source,
         offset: u64,
         layout: &Layout,
         opener: hpke::Opener,
         chunks: u64,
     ) -> Result<Self> {
-        let mut file = File::open(path)?;
+        let (mut file, _) = source.open()?;
         file.seek(SeekFrom::Start(offset))?;
         Ok(Self {
             file: BufReader::with_capacity(1 << 20, file),
