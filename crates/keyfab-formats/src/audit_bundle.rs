@@ -28,7 +28,6 @@ use keyfab_crypto::sign::EcdsaSigner;
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{Role, ValidatedLeaf};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 pub const VERSION: u8 = 1;
 pub const CONTEXT: &[u8] = b"keyfab-audit-v1";
@@ -105,10 +104,10 @@ pub struct BundleFields {
 }
 
 /// Streams a bundle to `out`: the records are read from `records` one at a time, and a
-/// record that cannot be read stops the export. `out` appears only once it is whole;
-/// on any failure the temporary files are removed.
+/// record that cannot be read stops the export. The body is sealed into `spool` (empty),
+/// then header and body are written to `out`.
 pub fn write_bundle(
-    out: &Path,
+    out: signed_file::Output<'_>,
     fields: &BundleFields,
     records: &mut dyn Iterator<Item = std::io::Result<Vec<u8>>>,
     signer: &dyn EcdsaSigner,
@@ -120,7 +119,7 @@ pub fn write_bundle(
     let info = hpke_info(&fields.site, &hq_cluster, &recipient, &fields.id)?;
     let (enc, sealer) = hpke::seal_context(&fields.recipient, &info, rng)
         .map_err(|e| FormatError::Write(e.to_string()))?;
-    let write_body = |body: &mut signed_file::BodyWriter| -> Result<()> {
+    let write_body = |body: &mut signed_file::BodyWriter<'_>| -> Result<()> {
         // A chunk is sealed only when the next one starts (or at the end), so the last
         // one can be marked as such.
         let mut pending: Option<Vec<u8>> = None;

@@ -107,6 +107,14 @@ pub fn write_receipt(
     Ok(framed(Kind::Receipt, sign1))
 }
 
+/// A small signed file whose signature and signer hold.
+struct SignedBody {
+    signer: ValidatedLeaf,
+    chain: Vec<Vec<u8>>,
+    payload: Vec<u8>,
+    proof: Trusted,
+}
+
 fn verified_body(
     bytes: &[u8],
     kind: Kind,
@@ -115,7 +123,7 @@ fn verified_body(
     root: &[u8],
     role: Role,
     now: UnixTime,
-) -> Result<(ValidatedLeaf, Vec<Vec<u8>>, Vec<u8>, Trusted)> {
+) -> Result<SignedBody> {
     if bytes.len() > MAX_LEN {
         return Err(FormatError::malformed(
             Malformed::TooLarge,
@@ -125,12 +133,22 @@ fn verified_body(
     prefix::check(bytes, kind, VERSION)?;
     let signed = cose::verify(&bytes[prefix::LEN..], content_type, context)?;
     let (signer, proof) = crate::verified::signer(&signed, root, role, now)?;
-    Ok((signer, signed.chain, signed.payload, proof))
+    Ok(SignedBody {
+        signer,
+        chain: signed.chain,
+        payload: signed.payload,
+        proof,
+    })
 }
 
 /// Verifies a site's checkpoint against `root` (role site) at `now`.
 pub fn verify_checkpoint(bytes: &[u8], root: &[u8], now: UnixTime) -> Result<Verified<Checkpoint>> {
-    let (signer, _, payload, proof) = verified_body(
+    let SignedBody {
+        signer,
+        payload,
+        proof,
+        ..
+    } = verified_body(
         bytes,
         Kind::Checkpoint,
         CHECKPOINT_TYPE,
@@ -162,7 +180,12 @@ pub fn verify_receipt(
     site: &str,
     recipients: &[Fingerprint],
 ) -> Result<Verified<Receipt>> {
-    let (signer, chain, payload, proof) = verified_body(
+    let SignedBody {
+        signer,
+        chain,
+        payload,
+        proof,
+    } = verified_body(
         bytes,
         Kind::Receipt,
         RECEIPT_TYPE,

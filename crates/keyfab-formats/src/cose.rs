@@ -38,6 +38,10 @@ pub fn sign(
 
 /// A COSE_Sign1 whose signature verified under the leaf of its own `x5chain`. The chain
 /// is not trusted yet: the caller validates it against its root next.
+#[allow(
+    clippy::manual_non_exhaustive,
+    reason = "the private field keeps construction to `verify` inside this crate too, which #[non_exhaustive] does not"
+)]
 pub struct SignedByChain {
     pub chain: Vec<Vec<u8>>,
     pub payload: Vec<u8>,

@@ -32,7 +32,6 @@ use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{Role, ValidatedLeaf};
 use keyfab_policy::{KeySource, KeyType, Policy};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 pub const VERSION: u8 = 1;
@@ -190,9 +189,10 @@ pub struct WriteSummary {
 
 /// Streams an entitlement to `out`. `fill` is called once per pool chunk, in order, and
 /// must append `count × 32` secret bytes for that chunk; only one chunk is in memory at
-/// a time. The file appears at `out` complete or not at all.
+/// a time. The body is sealed into `spool` (empty; a temporary file for a large
+/// entitlement), then header and body are written to `out`.
 pub fn write_entitlement(
-    out: &Path,
+    out: signed_file::Output<'_>,
     addressing: &Addressing<'_>,
     content: &EntitlementContent,
     fill: &mut dyn FnMut(ChunkRef, &mut SecretBytes) -> Result<()>,
@@ -208,7 +208,7 @@ pub fn write_entitlement(
 
     let plan: Vec<ChunkRef> = chunk_plan(&content.pool, content.keys_per_chunk).collect();
     let chunks = plan.len() as u64 + 1;
-    let write_body = |body: &mut signed_file::BodyWriter| -> Result<()> {
+    let write_body = |body: &mut signed_file::BodyWriter<'_>| -> Result<()> {
         let first = SecretBytes::new(cbor_encode(content)?);
         body.seal(first.expose(), chunks == 1)?;
         let mut buf = SecretBytes::default();

@@ -29,7 +29,7 @@ pub mod revocation;
 mod signed_file;
 mod verified;
 
-pub use signed_file::Source;
+pub use signed_file::{Output, Source, Spool};
 pub use verified::Verified;
 
 pub use keyfab_code::Code;

@@ -3,10 +3,9 @@
 //!
 //! Reading follows the verification order of docs/FORMATS.md: the size cap, then the prefix, then the
 //! signature over the exact header bytes; the body is hashed against the signed digest
-//! before anything in it is decrypted. Writing streams the sealed body to a temporary
-//! file first (its length and digest go into the header the signature covers), then
-//! writes the whole file beside `out` and renames it into place, so `out` appears
-//! complete or not at all.
+//! before anything in it is decrypted. Writing seals the body into a spool first (its
+//! length and digest go into the header the signature covers), then writes the header
+//! and the body to any `Write`; making the file durable is the caller's.
 
 use crate::cose::{self, SignedByChain};
 use crate::prefix::{self, Kind};
@@ -184,14 +183,6 @@ pub(crate) fn read_exact_or_truncated(r: &mut impl Read, buf: &mut [u8]) -> Resu
     })
 }
 
-/// `out` with `.{what}.tmp` appended to its name: a temporary file beside it, on the same
-/// file system, so the finished file can be renamed into place.
-fn temp_path(out: &Path, what: &str) -> PathBuf {
-    let mut name = out.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{what}.tmp"));
-    out.with_file_name(name)
-}
-
 /// The framing of a written body, for the signed header.
 pub(crate) struct BodyFraming {
     pub chunks: u64,
@@ -199,24 +190,39 @@ pub(crate) struct BodyFraming {
     pub sha256: Vec<u8>,
 }
 
+/// Where a body is kept while it is written: its length and digest go into the signed
+/// header, which the file starts with, so the body is sealed into the spool first and
+/// copied after the header. A temporary file for large files, memory for small ones.
+pub trait Spool: Read + Write + Seek {}
+impl<T: Read + Write + Seek> Spool for T {}
+
+/// Where a large file is written: the file itself, and the spool its body is sealed
+/// into first.
+pub struct Output<'a> {
+    /// What receives the finished file, in order.
+    pub file: &'a mut dyn Write,
+    /// Empty; holds the body until the signed header is made.
+    pub spool: &'a mut dyn Spool,
+}
+
 /// Writes a file of `layout`'s kind to `out`: `write_body` streams the body through the
-/// [`BodyWriter`] it is given, `header` turns the body's framing into the signed
-/// header's CBOR; then the file is assembled, synced and renamed into place. The
-/// temporary files are removed whether or not it succeeds. Returns the file's length and
-/// the body's framing.
+/// [`BodyWriter`] it is given (into the spool, which must be empty), `header` turns the
+/// body's framing into the signed header's CBOR; then the prefix, the signed header and
+/// the body are written to `out`. Where `out` lives and how it becomes durable is the
+/// caller's (keyfab-node's `out_file`). Returns the file's length and the body's framing.
 pub(crate) fn write_file(
-    out: &Path,
+    out: Output<'_>,
     layout: &Layout,
     sealer: hpke::Sealer,
     signer: &dyn EcdsaSigner,
     chain: &[Vec<u8>],
-    write_body: impl FnOnce(&mut BodyWriter) -> Result<()>,
+    write_body: impl FnOnce(&mut BodyWriter<'_>) -> Result<()>,
     header: impl FnOnce(&BodyFraming) -> Result<Vec<u8>>,
 ) -> Result<(u64, BodyFraming)> {
-    let (body_path, part) = (temp_path(out, "body"), temp_path(out, "part"));
-    let result = (|| {
+    // The writer borrows the spool; it is gone at the end of this block.
+    let framing = {
         let mut body = BodyWriter {
-            file: BufWriter::with_capacity(1 << 20, File::create(&body_path)?),
+            file: BufWriter::with_capacity(1 << 20, &mut *out.spool),
             sealer,
             label: layout.chunk_label,
             hasher: Sha256Stream::default(),
@@ -225,49 +231,40 @@ pub(crate) fn write_file(
         };
         write_body(&mut body)?;
         body.file.flush()?;
-        let framing = BodyFraming {
+        BodyFraming {
             chunks: body.chunks,
             len: body.len,
             sha256: body.hasher.finish().to_vec(),
-        };
-        let header = header(&framing)?;
-        let sign1 = cose::sign(signer, chain, layout.content_type, layout.context, header)?;
-        let sign1_len = u32::try_from(sign1.len())
-            .ok()
-            .filter(|l| *l <= layout.max_sign1_len)
-            .ok_or_else(|| FormatError::Write("signed header too large".into()))?;
-        let mut f = BufWriter::with_capacity(1 << 20, File::create(&part)?);
-        f.write_all(&prefix::encode(layout.kind, layout.version))?;
-        f.write_all(&sign1_len.to_be_bytes())?;
-        f.write_all(&sign1)?;
-        std::io::copy(&mut File::open(&body_path)?, &mut f)?;
-        let file = f
-            .into_inner()
-            .map_err(|e| FormatError::Io(e.into_error()))?;
-        file.sync_all()?;
-        std::fs::rename(&part, out)?;
-        // The rename is durable once the directory is: only then is `out` on disk.
-        let dir = match out.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        File::open(dir)?.sync_all()?;
-        Ok((
-            (prefix::LEN + 4 + sign1.len()) as u64 + framing.len,
-            framing,
-        ))
-    })();
-    let _ = std::fs::remove_file(&body_path);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&part);
+        }
+    };
+    let header = header(&framing)?;
+    let sign1 = cose::sign(signer, chain, layout.content_type, layout.context, header)?;
+    let sign1_len = u32::try_from(sign1.len())
+        .ok()
+        .filter(|l| *l <= layout.max_sign1_len)
+        .ok_or_else(|| FormatError::Write("signed header too large".into()))?;
+    let (spool, mut out) = (out.spool, BufWriter::with_capacity(1 << 20, out.file));
+    out.write_all(&prefix::encode(layout.kind, layout.version))?;
+    out.write_all(&sign1_len.to_be_bytes())?;
+    out.write_all(&sign1)?;
+    spool.seek(SeekFrom::Start(0))?;
+    let copied = std::io::copy(&mut spool.take(framing.len), &mut out)?;
+    if copied != framing.len {
+        return Err(FormatError::Write(
+            "the spooled body came back short".into(),
+        ));
     }
-    result
+    out.flush()?;
+    Ok((
+        (prefix::LEN + 4 + sign1.len()) as u64 + framing.len,
+        framing,
+    ))
 }
 
 /// The body of a file being written: chunks sealed in order, each written as u32 BE
 /// length ‖ ciphertext and hashed as written.
-pub(crate) struct BodyWriter {
-    file: BufWriter<File>,
+pub(crate) struct BodyWriter<'a> {
+    file: BufWriter<&'a mut dyn Spool>,
     sealer: hpke::Sealer,
     label: &'static [u8],
     hasher: Sha256Stream,
@@ -275,7 +272,7 @@ pub(crate) struct BodyWriter {
     chunks: u64,
 }
 
-impl BodyWriter {
+impl BodyWriter<'_> {
     /// Seals `plain` as the next chunk; `last` marks the final one.
     pub(crate) fn seal(&mut self, plain: &[u8], last: bool) -> Result<()> {
         let ct = self

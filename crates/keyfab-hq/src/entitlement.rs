@@ -246,6 +246,7 @@ pub(crate) fn reserve_sequence(node: &Node, site: &str) -> Result<(SiteRecord, u
 pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
     let policy = req.policy;
     policy.validate()?;
+    keyfab_node::out_file::check_new(req.out, "no entitlement was created")?;
     let (site, sequence) = reserve_sequence(node, req.site)?;
     let recipient = HpkePublicKey::from_sec1(&site.hpke_key)?;
     let cluster_cert = node.cluster_cert()?;
@@ -325,15 +326,22 @@ pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
         }
         Ok(())
     };
-    let written = write_entitlement(
-        req.out,
-        &addressing,
-        &content,
-        &mut fill,
-        node.service_signer()?,
-        chain,
-        rng,
-    );
+    let signer = node.service_signer()?;
+    let written = keyfab_node::out_file::write_new_with(req.out, |file| {
+        let mut spool = keyfab_node::out_file::spool_beside(req.out)?;
+        write_entitlement(
+            keyfab_formats::Output {
+                file,
+                spool: &mut spool,
+            },
+            &addressing,
+            &content,
+            &mut fill,
+            signer,
+            chain,
+            rng,
+        )
+    });
     let cleanup = |node: &Node| {
         let mut t = Txn::default();
         t.delete_prefix(Table::Issued, format!("pool/{id}/").as_bytes());

@@ -55,27 +55,45 @@ fn temp_of(out: &Path) -> PathBuf {
 /// Writes `bytes` to the new file `out` durably: whole or not at all, never over a file
 /// that appeared meanwhile.
 pub fn write_new(out: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_new_with(out, |f| f.write_all(bytes))
+}
+
+/// Writes the new file `out` through `write`, which gets a temporary file beside it;
+/// then syncs it, renames it into place unless a file appeared at `out` meanwhile, and
+/// syncs the directory. A crash or any error leaves either the whole file or none (the
+/// temporary file is removed on error).
+pub fn write_new_with<T, E: From<std::io::Error>>(
+    out: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
     let tmp = temp_of(out);
     let written = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&tmp)?;
-        f.write_all(bytes)?;
+        let value = write(&mut f)?;
         f.sync_all()?;
         if out.symlink_metadata().is_ok() {
-            return Err(std::io::Error::new(
+            return Err(E::from(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
                 "the file appeared while it was being written",
-            ));
+            )));
         }
         std::fs::rename(&tmp, out)?;
-        std::fs::File::open(dir_of(out))?.sync_all()
+        std::fs::File::open(dir_of(out))?.sync_all()?;
+        Ok(value)
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     written
+}
+
+/// An anonymous temporary file in `out`'s directory, gone when dropped: where a large
+/// file's body is kept while its signed header is made (`keyfab_formats::Spool`).
+pub fn spool_beside(out: &Path) -> std::io::Result<std::fs::File> {
+    tempfile::tempfile_in(dir_of(out))
 }
 
 #[cfg(test)]
@@ -102,5 +120,20 @@ mod tests {
             check_new(&dir.path().join("link"), "x").is_err(),
             "a dangling link"
         );
+    }
+
+    #[test]
+    fn a_writer_that_fails_leaves_no_file_and_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("e.kfe");
+        let failed: std::io::Result<()> = write_new_with(&out, |f| {
+            f.write_all(b"half")?;
+            Err(std::io::Error::other("the writer gave up"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // A spool is anonymous: nothing appears in the directory.
+        let _spool = spool_beside(&out).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -158,14 +158,21 @@ pub fn export(
             }
             r.map_err(|e| std::io::Error::other(e.to_string()))
         });
-    let bytes = write_bundle(
-        out,
-        &fields,
-        &mut iter,
-        node.service_signer()?,
-        node.service_chain()?,
-        node.rng.as_ref(),
-    )
+    let (signer, chain) = (node.service_signer()?, node.service_chain()?);
+    let bytes = keyfab_node::out_file::write_new_with(out, |file| {
+        let mut spool = keyfab_node::out_file::spool_beside(out)?;
+        write_bundle(
+            keyfab_formats::Output {
+                file,
+                spool: &mut spool,
+            },
+            &fields,
+            &mut iter,
+            signer,
+            chain,
+            node.rng.as_ref(),
+        )
+    })
     .map_err(|e| {
         Error::Verification(keyfab_formats::FormatError::Write(format!(
             "bundle {id} (audit records {}..{}) was not written to {}: {e}. Nothing is lost and the \

@@ -33,8 +33,12 @@ pub fn write_signed_bundle(
     records: Vec<Vec<u8>>,
     out: &Path,
 ) {
+    let mut file = std::fs::File::create(out).unwrap();
     keyfab_formats::audit_bundle::write_bundle(
-        out,
+        keyfab_formats::Output {
+            file: &mut file,
+            spool: &mut std::io::Cursor::new(Vec::new()),
+        },
         fields,
         &mut records.into_iter().map(Ok),
         site.service_signer().unwrap(),
