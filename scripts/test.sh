@@ -9,26 +9,54 @@ keyfab_needs build tests
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 
-echo "== cargo fmt --check"
+# Each step's heading, with how long the one before it took (the suite has 30 minutes
+# on a cold 2-core machine; this shows where they go).
+step_started=$SECONDS
+step() {
+  if [ -n "${step_name:-}" ]; then
+    echo "   (${step_name}: $((SECONDS - step_started)) s)"
+  fi
+  step_name=$1
+  step_started=$SECONDS
+  echo "== $1"
+}
+
+step "cargo fmt --check"
 cargo fmt --all -- --check
 
-echo "== cargo clippy --all-targets -- -D warnings"
+step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
-echo "== cargo doc (every crate's documentation builds, its links resolve)"
+step "cargo doc (every crate's documentation builds, its links resolve)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
-echo "== cargo test"
+step "cargo test"
 cargo test --workspace
 
-echo "== the end-to-end suite again, HQ and site identity keys in SoftHSM2 tokens"
+# cargo-deny is built while the next step's tests wait on tokens and disks.
+deny_log=$(mktemp)
+if command -v cargo-deny >/dev/null; then
+  deny_install=""
+else
+  cargo install cargo-deny --locked >"$deny_log" 2>&1 &
+  deny_install=$!
+fi
+
+step "the end-to-end suite again, HQ and site identity keys in SoftHSM2 tokens"
 hsm_dir=$(mktemp -d)
-trap 'rm -rf "$hsm_dir"' EXIT
+trap 'rm -rf "$hsm_dir" "$deny_log"' EXIT
 mkdir -p "$hsm_dir/tokens"
 printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$hsm_dir" >"$hsm_dir/softhsm2.conf"
 SOFTHSM2_CONF="$hsm_dir/softhsm2.conf" KEYFAB_TEST_CUSTODY=softhsm cargo test -p keyfab
 
-echo "== fuzz targets (a few seconds each)"
+step "cargo deny check licenses bans sources (deny.toml)"
+if [ -n "$deny_install" ] && ! wait "$deny_install"; then
+  cat "$deny_log"
+  exit 1
+fi
+cargo deny check licenses bans sources 2>&1 | grep -v '^warning\[duplicate\]\|^ *[│├└─]' | tail -n 5
+
+step "fuzz targets (a few seconds each)"
 # cargo-fuzz needs nightly features: use the nightly toolchain when the machine has one,
 # otherwise the stable compiler with RUSTC_BOOTSTRAP=1.
 if cargo +nightly --version >/dev/null 2>&1; then
@@ -44,4 +72,5 @@ for t in $("${fuzz[@]}" list); do
   "${fuzz[@]}" run "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
     -max_total_time="${FUZZ_SECONDS:-5}" -rss_limit_mb=2048 2>&1 | tail -n 2
 done
-echo "== all checks passed"
+step "done"
+echo "== all checks passed in $SECONDS s"

@@ -5,37 +5,54 @@
 //! reordered or dropped without detection when the last chunk is marked in its `aad`).
 //! The P-256 suite is chosen so that site keys can later live in a PKCS#11 token.
 
-use crate::rng::{RandCoreAdapter, SecureRng};
+use crate::hpke_schedule::{kem_shared_secret, Aead, HostOpener, HostSealer};
+use crate::rng::SecureRng;
 use crate::secret::{Secret32, SecretBytes};
 use crate::{CryptoError, Result};
-use hpke::aead::{AeadCtxR, AeadCtxS, AesGcm256};
-use hpke::kdf::HkdfSha256;
-use hpke::kem::DhP256HkdfSha256;
-use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
-
-type Kem = DhP256HkdfSha256;
+use aws_lc_rs::agreement::{agree, ParsedPublicKey, PrivateKey, UnparsedPublicKey, ECDH_P256};
+use zeroize::Zeroizing;
 
 /// Length of the encapsulated key (`enc`): an uncompressed P-256 point.
 pub const ENC_LEN: usize = 65;
+/// Length of the AEAD tag each sealed chunk carries.
 pub const TAG_LEN: usize = 16;
+
+/// A P-256 private key from 32 bytes of `rng`, drawn again in the (2^-32) case where
+/// they are not a scalar below the group order.
+fn random_scalar(rng: &dyn SecureRng) -> (Secret32, PrivateKey) {
+    loop {
+        let bytes = Secret32::random(rng);
+        if let Ok(key) = PrivateKey::from_private_key(&ECDH_P256, bytes.expose()) {
+            return (bytes, key);
+        }
+    }
+}
+
+/// The raw ECDH value of `sk` with the uncompressed point `peer` (checked on the curve).
+fn ecdh(sk: &PrivateKey, peer: &[u8], refused: CryptoError) -> Result<Zeroizing<Vec<u8>>> {
+    if peer.len() != ENC_LEN || peer[0] != 0x04 {
+        return Err(refused);
+    }
+    agree(
+        sk,
+        UnparsedPublicKey::new(&ECDH_P256, peer),
+        refused,
+        |dh| Ok(Zeroizing::new(dh.to_vec())),
+    )
+}
 
 /// The recipient's private key: a P-256 scalar.
 pub struct HpkeSecretKey(Secret32);
 
 impl HpkeSecretKey {
-    /// A new key pair from 32 bytes of the injected generator (RFC 9180 `DeriveKeyPair`).
+    /// A new key pair from the injected generator.
     pub fn generate(rng: &dyn SecureRng) -> Self {
-        let ikm = Secret32::random(rng);
-        let (sk, _) = Kem::derive_keypair(ikm.expose());
-        let mut bytes = [0u8; 32];
-        sk.write_exact(&mut bytes);
-        let s = Self(Secret32::new(bytes));
-        zeroize::Zeroize::zeroize(&mut bytes);
-        s
+        Self(random_scalar(rng).0)
     }
 
+    /// The key of a stored scalar (32 bytes, big-endian, below the group order).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        <Kem as hpke::Kem>::PrivateKey::from_bytes(bytes)
+        PrivateKey::from_private_key(&ECDH_P256, bytes)
             .map_err(|_| CryptoError::InvalidKey("not a P-256 HPKE private key"))?;
         Secret32::from_slice(bytes)
             .map(Self)
@@ -47,23 +64,27 @@ impl HpkeSecretKey {
         self.0.clone()
     }
 
-    fn inner(&self) -> Result<<Kem as hpke::Kem>::PrivateKey> {
-        <Kem as hpke::Kem>::PrivateKey::from_bytes(self.0.expose())
+    fn inner(&self) -> Result<PrivateKey> {
+        PrivateKey::from_private_key(&ECDH_P256, self.0.expose())
             .map_err(|_| CryptoError::InvalidKey("not a P-256 HPKE private key"))
     }
 
+    /// The public key (the recipient's `pkR`).
     pub fn public_key(&self) -> Result<HpkePublicKey> {
-        let pk = Kem::sk_to_pk(&self.inner()?);
-        let mut point = [0u8; ENC_LEN];
-        pk.write_exact(&mut point);
-        Ok(HpkePublicKey(point))
+        let pk = self
+            .inner()?
+            .compute_public_key()
+            .map_err(|_| CryptoError::Internal)?;
+        HpkePublicKey::from_sec1(pk.as_ref())
     }
 }
 
-/// Whoever holds an HPKE private key: a software key, or (later) a token that does the
-/// ECDH step inside. Opening never hands the private key out.
+/// Whoever holds an HPKE private key: a software key, or a token that does the ECDH step
+/// inside. Opening never hands the private key out.
 pub trait HpkeRecipient: Send + Sync {
+    /// The recipient's public key.
     fn public_key(&self) -> Result<HpkePublicKey>;
+    /// The opening context for `enc`, bound to `info`.
     fn open_context(&self, enc: &[u8], info: &[u8]) -> Result<Opener>;
 }
 
@@ -87,89 +108,96 @@ impl std::fmt::Debug for HpkePublicKey {
 }
 
 impl HpkePublicKey {
+    /// The key of an uncompressed P-256 point, checked to be on the curve.
     pub fn from_sec1(point: &[u8]) -> Result<Self> {
-        <Kem as hpke::Kem>::PublicKey::from_bytes(point)
-            .map_err(|_| CryptoError::InvalidKey("not a P-256 point"))?;
-        let arr: [u8; ENC_LEN] = point
-            .try_into()
-            .map_err(|_| CryptoError::InvalidKey("P-256 point length"))?;
+        let refused = || CryptoError::InvalidKey("not a P-256 point");
+        let arr: [u8; ENC_LEN] = point.try_into().map_err(|_| refused())?;
+        if arr[0] != 0x04 {
+            return Err(refused());
+        }
+        ParsedPublicKey::try_from(UnparsedPublicKey::new(&ECDH_P256, &arr[..]))
+            .map_err(|_| refused())?;
         Ok(Self(arr))
     }
+    /// The point, uncompressed.
     pub fn sec1(&self) -> &[u8] {
         &self.0
     }
+    /// The key as a SubjectPublicKeyInfo (DER).
     pub fn spki_der(&self) -> Vec<u8> {
         crate::x509::p256_spki(&self.0)
     }
+    /// The SHA-256 of the SubjectPublicKeyInfo: how files name their recipient.
     pub fn fingerprint(&self) -> crate::hash::Fingerprint {
         crate::hash::Fingerprint::of(&self.spki_der())
     }
 }
 
-/// The sending half of an HPKE context.
-pub struct Sealer(AeadCtxS<AesGcm256, HkdfSha256, Kem>);
+/// The sending half of an HPKE context (RFC 9180 `ContextS`).
+pub struct Sealer(HostSealer);
 
-/// Sets up a context to `recipient` bound to `info`; returns `enc` and the sealer.
+/// Sets up a context to `recipient` bound to `info` (RFC 9180 `SetupBaseS`): returns
+/// `enc` and the sealer.
 pub fn seal_context(
     recipient: &HpkePublicKey,
     info: &[u8],
     rng: &dyn SecureRng,
 ) -> Result<(Vec<u8>, Sealer)> {
-    let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(&recipient.0)
-        .map_err(|_| CryptoError::InvalidKey("recipient key"))?;
-    let (enc, ctx) = hpke::setup_sender_with_rng::<AesGcm256, HkdfSha256, Kem>(
-        &OpModeS::Base,
-        &pk,
-        info,
-        &mut RandCoreAdapter(rng),
-    )
-    .map_err(|_| CryptoError::Internal)?;
-    Ok((enc.to_bytes().to_vec(), Sealer(ctx)))
+    let (_, ephemeral) = random_scalar(rng);
+    let (enc, sealer) = seal_context_from(&ephemeral, recipient, info, Aead::Aes256Gcm)?;
+    Ok((enc, Sealer(sealer)))
+}
+
+/// `SetupBaseS` with the ephemeral key given: DHKEM `Encap` (RFC 9180 §4.1), then the key
+/// schedule.
+fn seal_context_from(
+    ephemeral: &PrivateKey,
+    recipient: &HpkePublicKey,
+    info: &[u8],
+    aead: Aead,
+) -> Result<(Vec<u8>, HostSealer)> {
+    let enc = ephemeral
+        .compute_public_key()
+        .map_err(|_| CryptoError::Internal)?
+        .as_ref()
+        .to_vec();
+    let dh = ecdh(
+        ephemeral,
+        recipient.sec1(),
+        CryptoError::InvalidKey("recipient key"),
+    )?;
+    let shared = kem_shared_secret(&dh, &enc, recipient.sec1())?;
+    Ok((enc, HostSealer::new(&shared, info, aead)?))
 }
 
 impl Sealer {
     /// Seals the next chunk; returns `ciphertext ‖ tag`.
     pub fn seal(&mut self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
-        self.0
-            .seal(plaintext, aad)
-            .map_err(|_| CryptoError::Internal)
+        self.0.seal(plaintext, aad)
     }
 }
 
-/// The receiving half of an HPKE context.
-/// An opening context: the `hpke` crate's for a key held here, or one built by
-/// [`open_context_with_dh`] when the recipient's ECDH ran in a token.
-pub struct Opener(OpenerKind);
+/// The receiving half of an HPKE context (RFC 9180 `ContextR`), whether the recipient's
+/// ECDH ran here or in a token.
+pub struct Opener(HostOpener);
 
-enum OpenerKind {
-    Local(Box<AeadCtxR<AesGcm256, HkdfSha256, Kem>>),
-    External(crate::hpke_schedule::HostOpener),
-}
-
+/// The opening context for `enc` with a key held here (RFC 9180 `SetupBaseR`).
 pub fn open_context(recipient: &HpkeSecretKey, enc: &[u8], info: &[u8]) -> Result<Opener> {
-    let enc =
-        <Kem as hpke::Kem>::EncappedKey::from_bytes(enc).map_err(|_| CryptoError::DecryptFailed)?;
-    let ctx = hpke::setup_receiver::<AesGcm256, HkdfSha256, Kem>(
-        &OpModeR::Base,
-        &recipient.inner()?,
-        &enc,
-        info,
-    )
-    .map_err(|_| CryptoError::DecryptFailed)?;
-    Ok(Opener(OpenerKind::Local(Box::new(ctx))))
+    let dh = ecdh(&recipient.inner()?, enc, CryptoError::DecryptFailed)?;
+    open_context_with_dh(&dh, enc, &recipient.public_key()?, info)
 }
 
 /// DHKEM(P-256, HKDF-SHA256) `ExtractAndExpand`: the KEM shared secret from the raw
 /// ECDH value `dh` of the recipient's key with `enc` (RFC 9180 §4.1). For checking a
 /// token's ECDH against the RFC's vectors.
 pub fn dhkem_shared_secret(dh: &[u8], enc: &[u8], recipient: &[u8]) -> Result<SecretBytes> {
-    let shared = crate::hpke_schedule::kem_shared_secret(dh, enc, recipient)?;
+    let shared = kem_shared_secret(dh, enc, recipient)?;
     Ok(SecretBytes::new(shared.to_vec()))
 }
 
-/// The opening context for `enc` when the recipient's private key lives elsewhere (a
-/// PKCS#11 token): `dh` is the ECDH of that key with `enc`, computed there; DHKEM's
-/// key derivation and the key schedule run here (RFC 9180 §4.1, §5.1).
+/// The opening context for `enc` when `dh`, the ECDH of the recipient's key with `enc`,
+/// was computed elsewhere (a PKCS#11 token) or above; DHKEM's key derivation and the key
+/// schedule run here (RFC 9180 §4.1, §5.1).
 pub fn open_context_with_dh(
     dh: &[u8],
     enc: &[u8],
@@ -179,25 +207,14 @@ pub fn open_context_with_dh(
     if enc.len() != ENC_LEN || dh.len() != 32 {
         return Err(CryptoError::DecryptFailed);
     }
-    let shared = crate::hpke_schedule::kem_shared_secret(dh, enc, recipient.sec1())?;
-    let opener = crate::hpke_schedule::HostOpener::new(
-        &shared,
-        info,
-        crate::hpke_schedule::Aead::Aes256Gcm,
-    )?;
-    Ok(Opener(OpenerKind::External(opener)))
+    let shared = kem_shared_secret(dh, enc, recipient.sec1())?;
+    Ok(Opener(HostOpener::new(&shared, info, Aead::Aes256Gcm)?))
 }
 
 impl Opener {
     /// Opens the next chunk. The plaintext is handed back in a zeroizing buffer.
     pub fn open(&mut self, ciphertext: &[u8], aad: &[u8]) -> Result<SecretBytes> {
-        match &mut self.0 {
-            OpenerKind::Local(ctx) => ctx
-                .open(ciphertext, aad)
-                .map(SecretBytes::new)
-                .map_err(|_| CryptoError::DecryptFailed),
-            OpenerKind::External(ctx) => ctx.open(ciphertext, aad),
-        }
+        self.0.open(ciphertext, aad)
     }
 }
 
@@ -229,5 +246,41 @@ mod tests {
         let other = HpkeSecretKey::generate(&rng);
         let mut o = open_context(&other, &enc, b"info").unwrap();
         assert!(o.open(&c0, b"0").is_err());
+    }
+
+    /// RFC 9180 A.3.1 from the sender's side: with the RFC's ephemeral key, `Encap` gives
+    /// the RFC's `enc` and the first message seals to the RFC's ciphertext.
+    #[test]
+    fn rfc9180_a3_sender() {
+        let h = |s: &str| hex::decode(s).unwrap();
+        let sk_em = h("4995788ef4b9d6132b249ce59a77281493eb39af373d236a1fe415cb0c2d7beb");
+        let pk_rm = h("04fe8c19ce0905191ebc298a9245792531f26f0cece2460639e8bc39cb7f706a826a779b4cf969b8a0e539c7f62fb3d30ad6aa8f80e30f1d128aafd68a2ce72ea0");
+        let info = h("4f6465206f6e2061204772656369616e2055726e");
+        let ephemeral = PrivateKey::from_private_key(&ECDH_P256, &sk_em).unwrap();
+        let recipient = HpkePublicKey::from_sec1(&pk_rm).unwrap();
+        let (enc, mut sealer) =
+            seal_context_from(&ephemeral, &recipient, &info, Aead::Aes128Gcm).unwrap();
+        assert_eq!(hex::encode(&enc), "04a92719c6195d5085104f469a8b9814d5838ff72b60501e2c4466e5e67b325ac98536d7b61a1af4b78e5b7f951c0900be863c403ce65c9bfcb9382657222d18c4");
+        let ct = sealer
+            .seal(
+                &h("4265617574792069732074727574682c20747275746820626561757479"),
+                &h("436f756e742d30"),
+            )
+            .unwrap();
+        assert_eq!(hex::encode(ct), "5ad590bb8baa577f8619db35a36311226a896e7342a6d836d8b7bcd2f20b6c7f9076ac232e3ab2523f39513434");
+    }
+
+    #[test]
+    fn points_off_the_curve_or_not_uncompressed_are_refused() {
+        let sk = HpkeSecretKey::generate(&SeededRng::new(1));
+        let pk = sk.public_key().unwrap();
+        let mut off = pk.sec1().to_vec();
+        off[64] ^= 1;
+        assert!(HpkePublicKey::from_sec1(&off).is_err());
+        let mut hybrid = pk.sec1().to_vec();
+        hybrid[0] = 0x06;
+        assert!(HpkePublicKey::from_sec1(&hybrid).is_err());
+        assert!(HpkePublicKey::from_sec1(&pk.sec1()[..33]).is_err());
+        assert!(open_context(&sk, &off, b"info").is_err());
     }
 }

@@ -1,9 +1,11 @@
-//! RFC 9180 on the recipient's side when its Diffie-Hellman step happens elsewhere: a
-//! PKCS#11 token computes ECDH with a key it never releases; DHKEM's `ExtractAndExpand`,
-//! the key schedule (base mode) and the AEAD run here, on aws-lc primitives.
+//! RFC 9180's key derivation on aws-lc primitives: DHKEM's `ExtractAndExpand`, the
+//! key schedule (base mode) and the sealing and opening contexts. The Diffie-Hellman step
+//! runs in aws-lc for keys held here, and in a PKCS#11 token for keys it never releases;
+//! either way the rest is this one implementation.
 //!
 //! Checked against RFC 9180 Appendix A.3 (DHKEM(P-256, HKDF-SHA256), HKDF-SHA256,
-//! AES-128-GCM) and, for keyfab's suite (AES-256-GCM), against the `hpke` crate.
+//! AES-128-GCM) from both sides, and by the committed test vectors: files sealed by
+//! another implementation (the `hpke` crate, which keyfab used before) open here.
 
 use crate::secret::SecretBytes;
 use crate::{CryptoError, Result};
@@ -123,15 +125,15 @@ pub(crate) fn key_schedule(
     Ok((key, base_nonce))
 }
 
-/// An opening context built here: RFC 9180 `ContextR` for one AEAD.
-pub(crate) struct HostOpener {
+/// The AEAD key, base nonce and sequence number a context runs on (RFC 9180 §5.2).
+struct Context {
     key: LessSafeKey,
     base_nonce: [u8; N_NONCE],
     seq: u64,
 }
 
-impl HostOpener {
-    pub(crate) fn new(shared_secret: &[u8], info: &[u8], aead: Aead) -> Result<Self> {
+impl Context {
+    fn new(shared_secret: &[u8], info: &[u8], aead: Aead) -> Result<Self> {
         let (key, base_nonce) = key_schedule(shared_secret, info, aead)?;
         let alg = match aead {
             Aead::Aes128Gcm => &AES_128_GCM,
@@ -145,14 +147,59 @@ impl HostOpener {
         })
     }
 
-    /// Opens the next message; the sequence number advances only when it opens.
-    pub(crate) fn open(&mut self, ciphertext: &[u8], aad: &[u8]) -> Result<SecretBytes> {
+    /// `ComputeNonce(seq)`: the base nonce XOR the sequence number.
+    fn nonce(&self) -> [u8; N_NONCE] {
         let mut nonce = self.base_nonce;
         for (n, s) in nonce[N_NONCE - 8..].iter_mut().zip(self.seq.to_be_bytes()) {
             *n ^= s;
         }
-        let buf = crate::aead::open_with(&self.key, nonce, aad, ciphertext)?;
-        self.seq = self.seq.checked_add(1).ok_or(CryptoError::DecryptFailed)?;
+        nonce
+    }
+
+    /// `IncrementSeq`: a context never reuses a nonce.
+    fn advance(&mut self) -> Result<()> {
+        self.seq = self.seq.checked_add(1).ok_or(CryptoError::Internal)?;
+        Ok(())
+    }
+}
+
+/// A sealing context: RFC 9180 `ContextS` for one AEAD.
+pub(crate) struct HostSealer(Context);
+
+impl HostSealer {
+    pub(crate) fn new(shared_secret: &[u8], info: &[u8], aead: Aead) -> Result<Self> {
+        Context::new(shared_secret, info, aead).map(Self)
+    }
+
+    /// Seals the next message: `ciphertext ‖ tag`.
+    pub(crate) fn seal(&mut self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
+        let nonce = self.0.nonce();
+        self.0.advance()?;
+        let mut buf = plaintext.to_vec();
+        self.0
+            .key
+            .seal_in_place_append_tag(
+                aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+                aws_lc_rs::aead::Aad::from(aad),
+                &mut buf,
+            )
+            .map_err(|_| CryptoError::Internal)?;
+        Ok(buf)
+    }
+}
+
+/// An opening context: RFC 9180 `ContextR` for one AEAD.
+pub(crate) struct HostOpener(Context);
+
+impl HostOpener {
+    pub(crate) fn new(shared_secret: &[u8], info: &[u8], aead: Aead) -> Result<Self> {
+        Context::new(shared_secret, info, aead).map(Self)
+    }
+
+    /// Opens the next message; the sequence number advances only when it opens.
+    pub(crate) fn open(&mut self, ciphertext: &[u8], aad: &[u8]) -> Result<SecretBytes> {
+        let buf = crate::aead::open_with(&self.0.key, self.0.nonce(), aad, ciphertext)?;
+        self.0.advance().map_err(|_| CryptoError::DecryptFailed)?;
         Ok(buf)
     }
 }

@@ -1,7 +1,6 @@
 //! Injected randomness. Production uses the system generator; tests use [`SeededRng`] so a
 //! run is reproducible.
 
-use std::convert::Infallible;
 use std::sync::Mutex;
 
 /// A source of cryptographically secure random bytes.
@@ -66,29 +65,6 @@ impl SecureRng for SeededRng {
         }
     }
 }
-
-/// Adapts a [`SecureRng`] to the `rand_core` traits the HPKE crate asks for.
-pub(crate) struct RandCoreAdapter<'a>(pub &'a dyn SecureRng);
-
-impl rand_core::TryRng for RandCoreAdapter<'_> {
-    type Error = Infallible;
-    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
-        let mut b = [0u8; 4];
-        self.0.fill(&mut b);
-        Ok(u32::from_le_bytes(b))
-    }
-    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
-        let mut b = [0u8; 8];
-        self.0.fill(&mut b);
-        Ok(u64::from_le_bytes(b))
-    }
-    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
-        self.0.fill(dst);
-        Ok(())
-    }
-}
-
-impl rand_core::TryCryptoRng for RandCoreAdapter<'_> {}
 
 #[cfg(test)]
 mod tests {

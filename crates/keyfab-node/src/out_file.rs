@@ -43,13 +43,14 @@ pub fn check_new(out: &Path, nothing_done: &str) -> Result<()> {
     Ok(())
 }
 
-/// The temporary file `out` is written to first: hidden, beside it, never an existing
-/// name.
+/// The temporary file `out` is written to first: hidden, beside it, one name per target,
+/// so two writers of one file cannot both proceed and a write that stopped leaves one
+/// file to remove, named in the next attempt's error.
 fn temp_of(out: &Path) -> PathBuf {
     let name = out
         .file_name()
         .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
-    dir_of(out).join(format!(".{name}.{}.tmp", std::process::id()))
+    dir_of(out).join(format!(".{name}.tmp"))
 }
 
 /// Writes `bytes` to the new file `out` durably: whole or not at all, never over a file
@@ -67,11 +68,26 @@ pub fn write_new_with<T, E: From<std::io::Error>>(
     write: impl FnOnce(&mut std::fs::File) -> std::result::Result<T, E>,
 ) -> std::result::Result<T, E> {
     let tmp = temp_of(out);
+    // Only a temporary file this call created is removed on error, never another
+    // writer's.
+    let created = std::cell::Cell::new(false);
     let written = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&tmp)?;
+            .open(&tmp)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{} exists: another keyfab is writing {}, or one stopped while it did; if none is running, remove it",
+                        tmp.display(),
+                        out.display()
+                    ),
+                ),
+                _ => e,
+            })?;
+        created.set(true);
         let value = write(&mut f)?;
         f.sync_all()?;
         if out.symlink_metadata().is_ok() {
@@ -84,7 +100,7 @@ pub fn write_new_with<T, E: From<std::io::Error>>(
         std::fs::File::open(dir_of(out))?.sync_all()?;
         Ok(value)
     })();
-    if written.is_err() {
+    if written.is_err() && created.get() {
         let _ = std::fs::remove_file(&tmp);
     }
     written
@@ -132,6 +148,19 @@ mod tests {
         });
         assert!(failed.is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // A temporary file left by a writer that stopped blocks the next write, which
+        // names it and leaves it alone.
+        std::fs::write(dir.path().join(".e.kfe.tmp"), b"left").unwrap();
+        let blocked = write_new(&out, b"x").unwrap_err();
+        assert!(
+            blocked.to_string().contains(".e.kfe.tmp exists"),
+            "{blocked}"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join(".e.kfe.tmp")).unwrap(),
+            b"left"
+        );
+        std::fs::remove_file(dir.path().join(".e.kfe.tmp")).unwrap();
         // A spool is anonymous: nothing appears in the directory.
         let _spool = spool_beside(&out).unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);

@@ -104,7 +104,7 @@ fn an_export_that_fails_moves_nothing_and_the_same_command_again_reaches_hq() {
 
     // The write itself fails (its temporary file's name is taken by a directory).
     let out = w.path("a.kfa");
-    let blocker = w.path("a.kfa.body.tmp");
+    let blocker = w.path(".a.kfa.tmp");
     std::fs::create_dir(&blocker).unwrap();
     let failed = export_to(&out);
     failed.assert_error(1, "io", "run the same command again");
