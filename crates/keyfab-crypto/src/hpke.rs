@@ -270,6 +270,21 @@ mod tests {
         assert_eq!(hex::encode(ct), "5ad590bb8baa577f8619db35a36311226a896e7342a6d836d8b7bcd2f20b6c7f9076ac232e3ab2523f39513434");
     }
 
+    /// The ciphertext is sealed in the buffer the plaintext was copied into, never one
+    /// that grew: growing leaves a copy of the plaintext in freed memory (the canary test
+    /// of the e2e suite found one there). A buffer that grew has room to spare.
+    #[test]
+    fn sealing_never_leaves_a_copy_of_the_plaintext_behind() {
+        let rng = SeededRng::new(5);
+        let pk = HpkeSecretKey::generate(&rng).public_key().unwrap();
+        let (_, mut sealer) = seal_context(&pk, b"info", &rng).unwrap();
+        for len in [0, 1, 100, 4096] {
+            let ct = sealer.seal(&vec![7u8; len], b"").unwrap();
+            assert_eq!(ct.len(), len + TAG_LEN);
+            assert_eq!(ct.capacity(), ct.len(), "the buffer grew while sealing");
+        }
+    }
+
     #[test]
     fn points_off_the_curve_or_not_uncompressed_are_refused() {
         let sk = HpkeSecretKey::generate(&SeededRng::new(1));

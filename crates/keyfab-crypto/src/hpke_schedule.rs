@@ -175,16 +175,20 @@ impl HostSealer {
     pub(crate) fn seal(&mut self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
         let nonce = self.0.nonce();
         self.0.advance()?;
-        let mut buf = plaintext.to_vec();
+        // Room for the tag from the start: aws-lc appends it before it encrypts, and a
+        // buffer that grew then would leave a copy of the plaintext in the memory it
+        // freed. Zeroized if sealing fails.
+        let mut buf = Zeroizing::new(Vec::with_capacity(plaintext.len() + crate::hpke::TAG_LEN));
+        buf.extend_from_slice(plaintext);
         self.0
             .key
             .seal_in_place_append_tag(
                 aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
                 aws_lc_rs::aead::Aad::from(aad),
-                &mut buf,
+                &mut *buf,
             )
             .map_err(|_| CryptoError::Internal)?;
-        Ok(buf)
+        Ok(std::mem::take(&mut *buf))
     }
 }
 

@@ -23,17 +23,6 @@ fn approval_key(entitlement: &str, action: &str, approver: &str) -> Vec<u8> {
     format!("approval/{entitlement}/{action}/{approver}").into_bytes()
 }
 
-fn parse_action(action: &str) -> Result<Action> {
-    match action {
-        "activate" => Ok(Action::Activate),
-        "reprovision" => Ok(Action::Reprovision),
-        "raise-limit" => Ok(Action::RaiseLimit),
-        other => Err(Error::InvalidInput(format!(
-            "action '{other}' is not one of activate, reprovision, raise-limit"
-        ))),
-    }
-}
-
 fn entitlement(node: &Node, id: &str) -> Result<EntitlementRecord> {
     let v = node
         .store
@@ -57,12 +46,12 @@ fn approver_keys(record: &EntitlementRecord) -> Result<Vec<VerifyingKey>> {
 }
 
 /// Issues an approval request for `action` on an entitlement, valid for `ttl_secs`.
-pub fn request(node: &Node, id: &str, action: &str, ttl_secs: i64) -> Result<Vec<u8>> {
+pub fn request(node: &Node, id: &str, act: Action, ttl_secs: i64) -> Result<Vec<u8>> {
     let record = entitlement(node, id)?;
-    let act = parse_action(action)?;
     if !record.policy.requires_approval(act) {
         return Err(Error::InvalidInput(format!(
-            "the policy of {id} does not ask for approval of '{action}'"
+            "the policy of {id} does not ask for approval of '{}'",
+            act.as_str()
         )));
     }
     if ttl_secs < 60 {
@@ -82,7 +71,7 @@ pub fn request(node: &Node, id: &str, action: &str, ttl_secs: i64) -> Result<Vec
         version: 1,
         site: node.name.clone(),
         entitlement: id.to_owned(),
-        action: action.to_owned(),
+        action: act.as_str().to_owned(),
         nonce: hex::encode(nonce),
         created_at: now,
         expires_at: now.saturating_add(ttl_secs),

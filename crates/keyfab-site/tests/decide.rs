@@ -243,7 +243,9 @@ fn activation_by_quorum_and_policy_modules_decide_in_the_same_step() {
         &[("a.pub", approver.verifying_key().to_pem().as_bytes())],
     );
     refused(&w, &gated, "G-1", "approval_required");
-    let request = keyfab_site::approvals::request(w.site(), &gated, "activate", 3600).unwrap();
+    let request =
+        keyfab_site::approvals::request(w.site(), &gated, keyfab_policy::Action::Activate, 3600)
+            .unwrap();
     let approval = keyfab_formats::approval::sign_approval(&approver, &request).unwrap();
     keyfab_site::approvals::submit(w.site(), &[approval]).unwrap();
     allowed(&w, &gated, "G-2");

@@ -58,8 +58,13 @@ fn bench_world_with(
     let (root, hq, site) = (base.join("root"), base.join("hq"), base.join("site"));
     run::init_root(&ctx, &root, "CN=Bench Root", 3650)?;
     for (home, kind, name, role) in [
-        (&hq, NodeKind::Hq, "bench-hq", "hq"),
-        (&site, NodeKind::Site, "bench-site", "site"),
+        (&hq, NodeKind::Hq, "bench-hq", crate::cli::CertRole::Hq),
+        (
+            &site,
+            NodeKind::Site,
+            "bench-site",
+            crate::cli::CertRole::Site,
+        ),
     ] {
         let mut args = crate::cli::InitArgs::with_passphrase(home, name);
         if kind == NodeKind::Site {

@@ -1,6 +1,6 @@
 //! The command line, as definitions only; `run.rs` implements them.
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -169,8 +169,8 @@ pub(crate) enum PkiCommand {
         #[arg(long, value_name = "FILE")]
         csr: PathBuf,
         /// hq or site: what the cluster may act as, for ever.
-        #[arg(long, value_parser = ["hq", "site"])]
-        role: String,
+        #[arg(long)]
+        role: CertRole,
         /// Where to write the certificate (PEM).
         #[arg(long, value_name = "CERT")]
         out: PathBuf,
@@ -214,8 +214,8 @@ pub(crate) enum HqCommand {
         #[command(flatten)]
         home: Home,
         /// text (a table), json, or html (one self-contained file with charts; needs --out).
-        #[arg(long, default_value = "text", value_parser = ["text", "json", "html"])]
-        format: String,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+        format: ReportFormat,
         /// Write to FILE instead of standard output.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
@@ -232,8 +232,8 @@ pub(crate) enum HqCommand {
         #[arg(long)]
         entitlement: String,
         /// csv, json, or aws-iot (JSON lines for AWS IoT bulk registration).
-        #[arg(long, value_parser = ["csv", "json", "aws-iot"])]
-        format: String,
+        #[arg(long, value_enum)]
+        format: ManifestFormat,
         /// Where to write the manifest.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
@@ -479,12 +479,12 @@ pub(crate) struct ServeArgs {
     #[arg(long, default_value_t = 16)]
     pub per_station_requests: usize,
     /// Logs on stderr: text, or json (one object per line, for a log collector).
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// warn: problems only; info: also one line per request; debug: also one line per
     /// decision (released, or refused with its code; the audit log has them all anyway).
-    #[arg(long, default_value = "info", value_parser = ["warn", "info", "debug"])]
-    pub log_level: String,
+    #[arg(long, value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
 }
 
 #[derive(Subcommand, Debug)]
@@ -585,8 +585,8 @@ sent again with the same request id; the summary counts them (JSON `retried`).")
         #[arg(long)]
         device_id: String,
         /// programmed, or failed.
-        #[arg(long, value_parser = ["programmed", "failed"])]
-        result: String,
+        #[arg(long, value_enum)]
+        result: Programming,
     },
     /// Provision one device through a site's station API.
     #[command(after_help = "Examples:
@@ -678,8 +678,8 @@ pub(crate) enum SiteApprovalCommand {
         #[arg(long)]
         entitlement: String,
         /// activate, reprovision or raise-limit (as the policy's required_for lists).
-        #[arg(long)]
-        action: String,
+        #[arg(long, value_enum)]
+        action: ApprovalAction,
         /// Where to write the request, for the approvers to sign.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
@@ -957,5 +957,96 @@ fn positive_seconds(text: &str) -> Result<f64, String> {
         _ => Err(format!(
             "{text:?} is not a number of seconds between 0 and 86400"
         )),
+    }
+}
+
+/// What a cluster certificate lets its cluster act as (`pki issue --role`).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CertRole {
+    Hq,
+    Site,
+}
+
+impl CertRole {
+    pub(crate) fn role(self) -> keyfab_crypto::x509::Role {
+        match self {
+            CertRole::Hq => keyfab_crypto::x509::Role::Hq,
+            CertRole::Site => keyfab_crypto::x509::Role::Site,
+        }
+    }
+}
+
+/// How `hq report` writes the report.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReportFormat {
+    Text,
+    Json,
+    Html,
+}
+
+/// How `hq manifest` writes the devices.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ManifestFormat {
+    Csv,
+    Json,
+    AwsIot,
+}
+
+impl ManifestFormat {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ManifestFormat::Csv => "csv",
+            ManifestFormat::Json => "json",
+            ManifestFormat::AwsIot => "aws-iot",
+        }
+    }
+}
+
+/// How `site serve` writes its log lines.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How much `site serve` logs.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LogLevel {
+    Warn,
+    Info,
+    Debug,
+}
+
+/// What programming a device did (`station confirm --result`).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Programming {
+    Programmed,
+    Failed,
+}
+
+impl Programming {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Programming::Programmed => "programmed",
+            Programming::Failed => "failed",
+        }
+    }
+}
+
+/// What an approval request asks approvers to allow.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ApprovalAction {
+    Activate,
+    Reprovision,
+    RaiseLimit,
+}
+
+impl ApprovalAction {
+    pub(crate) fn action(self) -> keyfab_policy::Action {
+        match self {
+            ApprovalAction::Activate => keyfab_policy::Action::Activate,
+            ApprovalAction::Reprovision => keyfab_policy::Action::Reprovision,
+            ApprovalAction::RaiseLimit => keyfab_policy::Action::RaiseLimit,
+        }
     }
 }

@@ -132,7 +132,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
             &ctx,
             &root,
             &hq.join("cluster.csr"),
-            "hq",
+            crate::cli::CertRole::Hq,
             &base.join("hq.crt"),
             1825,
         )?,
@@ -158,7 +158,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
             &ctx,
             &root,
             &site.join("cluster.csr"),
-            "site",
+            crate::cli::CertRole::Site,
             &base.join("site.crt"),
             1825,
         )?,
@@ -232,7 +232,14 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
     step(
         "14. site asks for approval",
         "A request bound to this site, the entitlement, the action, a nonce and an expiry.",
-        run::approval_request(&ctx, &site, &id, "activate", &req, 72)?,
+        run::approval_request(
+            &ctx,
+            &site,
+            &id,
+            crate::cli::ApprovalAction::Activate,
+            &req,
+            72,
+        )?,
     );
     let mut approvals = Vec::new();
     for (n, who) in ["alice", "bob"].iter().enumerate() {
@@ -403,12 +410,22 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
     step(
         "27. HQ's report",
         "Per site and entitlement: today against the daily limit, total against the quota, programmed and burned, refusals, violations.",
-        run::hq_report(&ctx, &hq, "text", Some(&base.join("report.txt")))?,
+        run::hq_report(
+            &ctx,
+            &hq,
+            crate::cli::ReportFormat::Text,
+            Some(&base.join("report.txt")),
+        )?,
     );
     step(
         "28. the same report as HTML",
         "One self-contained file with charts (devices per day against the limit, quota, refusals), for a browser, offline.",
-        run::hq_report(&ctx, &hq, "html", Some(&base.join("report.html")))?,
+        run::hq_report(
+            &ctx,
+            &hq,
+            crate::cli::ReportFormat::Html,
+            Some(&base.join("report.html")),
+        )?,
     );
     text.push_str(if dir.is_some() {
         "Files are kept in the directory above.\n"

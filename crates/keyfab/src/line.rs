@@ -254,16 +254,17 @@ pub(crate) fn serve(
 /// Structured logs on stderr: one line per request, handshake refusals, errors with their
 /// detail (the stations get only a code and a short message).
 fn install_logs(a: &crate::cli::ServeArgs) {
-    let level = match a.log_level.as_str() {
-        "warn" => tracing::Level::WARN,
-        "debug" => tracing::Level::DEBUG,
-        _ => tracing::Level::INFO,
+    use crate::cli::{LogFormat, LogLevel};
+    let level = match a.log_level {
+        LogLevel::Warn => tracing::Level::WARN,
+        LogLevel::Info => tracing::Level::INFO,
+        LogLevel::Debug => tracing::Level::DEBUG,
     };
     let logs = tracing_subscriber::fmt()
         .with_writer(LogSink::default)
         .with_max_level(level)
         .with_target(true);
-    let installed = if a.log_format == "json" {
+    let installed = if a.log_format == LogFormat::Json {
         tracing::subscriber::set_global_default(logs.json().flatten_event(true).finish())
     } else {
         tracing::subscriber::set_global_default(logs.with_ansi(false).finish())
@@ -424,8 +425,9 @@ pub(crate) fn station_confirm(
     dir: &Path,
     entitlement: &str,
     device_id: &str,
-    result: &str,
+    result: crate::cli::Programming,
 ) -> Result<Report, Failure> {
+    let result = result.as_str();
     let station = keyfab_station::StationDir::load(dir).map_err(station_failure)?;
     let client = keyfab_station::Client::new(&station, urls).map_err(station_failure)?;
     let answer = client

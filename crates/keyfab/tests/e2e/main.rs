@@ -17,6 +17,7 @@ mod crash;
 mod demo;
 mod edges;
 mod entitlement;
+mod help;
 mod mutants;
 mod policy_code;
 mod provision;

@@ -1,0 +1,313 @@
+//! `keyfab hq`: sites, entitlements and revocations, audit imports, the report and the manifest.
+
+use crate::cli::{ManifestFormat, ReportFormat};
+use crate::context::{rfc3339, Context};
+use crate::output::{io_fail, read_input, Failure, Progress, Report};
+use keyfab_hq::entitlement::CreateRequest;
+use keyfab_node::Code;
+use keyfab_node::NodeKind;
+use serde_json::json;
+use std::path::Path;
+
+pub(crate) fn site_add(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let bytes = read_input(file, keyfab_formats::identity::MAX_LEN)?;
+    let rec = keyfab_hq::sites::add_site(&node, &bytes)?;
+    let fp = keyfab_crypto::hash::Fingerprint::of(&rec.cluster_cert);
+    Ok(Report::new(
+        format!("site '{}' registered (cluster certificate {fp})", rec.name),
+        json!({"site": rec.name, "cluster_cert_sha256": fp.to_hex(), "last_sequence": rec.last_sequence}),
+    ))
+}
+
+pub(crate) fn site_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let sites = keyfab_hq::sites::list_sites(&node)?;
+    let mut text = format!(
+        "{:<24} {:>14} {:>16}  LAST CLOCK RESET\n",
+        "SITE", "ENTITLEMENTS", "AUDIT RECORDS"
+    );
+    for s in &sites {
+        let records = s.acknowledged.map_or("-".into(), |h| h.size.to_string());
+        let reset = s
+            .clock_resets
+            .last()
+            .map_or("-".into(), |r| rfc3339(r.acknowledged_at));
+        text.push_str(&format!(
+            "{:<24} {:>14} {:>16}  {reset}\n",
+            s.name, s.last_sequence, records
+        ));
+    }
+    let json_of = |s: &keyfab_hq::sites::SiteRecord| {
+        json!({
+            "site": s.name,
+            "entitlements_issued": s.last_sequence,
+            "audit_records_acknowledged": s.acknowledged.map(|h| h.size),
+            "clock_resets": s.clock_resets.iter().map(|r| json!({"issued_at": rfc3339(r.acknowledged_at), "trusted_time": rfc3339(r.trusted_time), "size": r.size})).collect::<Vec<_>>(),
+        })
+    };
+    Ok(Report::new(
+        text,
+        json!({"sites": sites.iter().map(json_of).collect::<Vec<_>>()}),
+    ))
+}
+
+pub(crate) fn site_reset_clock(
+    ctx: &Context,
+    home: &Path,
+    site: &str,
+    out: &Path,
+) -> Result<Report, Failure> {
+    keyfab_node::out_file::check_new(out, "no reset was issued")?;
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let reset = keyfab_hq::receipts::reset_clock(&node, site)?;
+    keyfab_node::out_file::write_new(out, &reset.bytes).map_err(|e| io_fail(out, e))?;
+    let (r, to) = (&reset.receipt, reset.receipt.acknowledged_at);
+    Ok(Report::new(
+        format!(
+            "clock reset for site '{}': trusted time {} once it imports {} (it acknowledges the {} audit records HQ accepted; refused there if a device received keys since)",
+            r.site,
+            rfc3339(to),
+            out.display(),
+            r.head.size
+        ),
+        json!({"site": r.site, "trusted_time": rfc3339(to), "size": r.head.size, "root": hex::encode(r.head.root), "out": out}),
+    ))
+}
+
+pub(crate) fn entitlement_create(
+    ctx: &Context,
+    home: &Path,
+    site: &str,
+    policy: &Path,
+    out: &Path,
+) -> Result<Report, Failure> {
+    // The policy is checked before anything else is touched: an invalid one writes nothing.
+    let policy = keyfab_hq::entitlement::load_policy(policy)?;
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let progress = Progress::new("generated", "pool keys", !ctx.json);
+    let mut req = CreateRequest::new(site, policy, out);
+    req.progress = progress.reporter();
+    let created = keyfab_hq::entitlement::create(&node, req)?;
+    Ok(Report::new(
+        format!(
+            "entitlement {} for site '{}' (sequence {}): {} devices, {} pool keys, {} bytes -> {}",
+            created.id,
+            created.site,
+            created.sequence,
+            created.devices,
+            created.pool_keys,
+            created.bytes,
+            out.display()
+        ),
+        json!({"id": created.id, "site": created.site, "sequence": created.sequence, "devices": created.devices, "pool_keys": created.pool_keys, "bytes": created.bytes, "out": out}),
+    ))
+}
+
+pub(crate) fn issued_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let issued = keyfab_hq::entitlement::list_issued(&node)?;
+    let mut text = format!(
+        "{:<34} {:<16} {:>4} {:<18} {:>10}\n",
+        "ID", "SITE", "SEQ", "PRODUCT", "DEVICES"
+    );
+    for e in &issued {
+        text.push_str(&format!(
+            "{:<34} {:<16} {:>4} {:<18} {:>10}\n",
+            e.id, e.site, e.sequence, e.policy.product, e.policy.devices
+        ));
+    }
+    Ok(Report::new(
+        text,
+        json!({"entitlements": issued.iter().map(|e| json!({"id": e.id, "site": e.site, "sequence": e.sequence, "product": e.policy.product, "devices": e.policy.devices})).collect::<Vec<_>>()}),
+    ))
+}
+
+pub(crate) fn revoke(
+    ctx: &Context,
+    home: &Path,
+    id: &str,
+    reason: &str,
+    out: &Path,
+) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let r = keyfab_hq::revoke::revoke(&node, id, reason, out)?;
+    Ok(Report::new(
+        format!(
+            "revocation of {} for site '{}' (sequence {}) written to {}",
+            r.entitlement,
+            r.site,
+            r.sequence,
+            out.display()
+        ),
+        json!({"entitlement": r.entitlement, "site": r.site, "sequence": r.sequence, "out": out}),
+    ))
+}
+
+pub(crate) fn audit_import(
+    ctx: &Context,
+    home: &Path,
+    file: &Path,
+    receipt_out: Option<&Path>,
+) -> Result<Report, Failure> {
+    if let Some(out) = receipt_out {
+        keyfab_node::out_file::check_new(out, "nothing was imported")?;
+    }
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let progress = Progress::new("verified", "audit records", !ctx.json);
+    let i = keyfab_hq::audit::import(&node, file, progress.reporter())?;
+    let head = i
+        .head
+        .ok_or_else(|| Failure::new(Code::Internal, "no checkpoint"))?;
+    // Accepted, whether or not the site gets a receipt now: later entitlements carry
+    // this checkpoint, and a clock reset acknowledges it.
+    let receipt = keyfab_hq::receipts::acknowledge(&node, &i.site, head, i.checkpoint_time)?;
+    if let Some(out) = receipt_out {
+        keyfab_node::out_file::write_new(out, &receipt).map_err(|e| io_fail(out, e))?;
+    }
+    let mut text = format!(
+        "site '{}': {} audit records verified and reconciled (log now {} records); {} violation(s)\n",
+        i.site, i.records, head.size, i.violations.len()
+    );
+    for v in &i.violations {
+        text.push_str(&format!(
+            "  VIOLATION #{} {}: {} ({})\n",
+            v.sequence,
+            v.kind,
+            v.device_id.clone().unwrap_or_default(),
+            v.detail
+        ));
+    }
+    if let Some(out) = receipt_out {
+        text.push_str(&format!("receipt for the site -> {}\n", out.display()));
+    }
+    Ok(Report::new(
+        text,
+        json!({
+            "site": i.site, "bundle": i.bundle, "records": i.records, "size": head.size,
+            "violations": i.violations,
+            "entitlements": i.per_entitlement.iter().map(|(id, r)| json!({"id": id, "released": r.total, "refusals": r.refusals, "violations": r.violations})).collect::<Vec<_>>(),
+            "receipt": receipt_out,
+        }),
+    ))
+}
+
+pub(crate) fn hq_report(
+    ctx: &Context,
+    home: &Path,
+    format: ReportFormat,
+    out: Option<&Path>,
+) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let r = keyfab_hq::report::report(&node, node.now())?;
+    let value =
+        serde_json::to_value(&r).map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
+    let mut text = format!(
+        "{:<16} {:<34} {:<20} {:>13} {:>17} {:>16} {:>10}  {}\n",
+        "SITE",
+        "ENTITLEMENT",
+        "PRODUCT",
+        "TODAY/LIMIT",
+        "TOTAL/QUOTA",
+        "PROGRAMMED/FAIL",
+        "VIOLATIONS",
+        "REFUSALS"
+    );
+    for e in &r.entitlements {
+        let limit = e.daily_limit.map_or("-".into(), |d| d.to_string());
+        let refusals: Vec<String> = e.refusals.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        text.push_str(&format!(
+            "{:<16} {:<34} {:<20} {:>13} {:>17} {:>16} {:>10}  {}{}\n",
+            e.site,
+            e.entitlement,
+            e.product,
+            format!("{}/{}", e.today, limit),
+            format!("{}/{}", e.released, e.quota),
+            format!("{}/{}", e.confirmed, e.burned),
+            e.violations,
+            if refusals.is_empty() {
+                "-".into()
+            } else {
+                refusals.join(", ")
+            },
+            if e.revoked { "  (revoked)" } else { "" }
+        ));
+    }
+    if !r.violations.is_empty() {
+        text.push_str("\nVIOLATIONS\n");
+        for v in &r.violations {
+            text.push_str(&format!(
+                "  {} #{} {} {} {}\n",
+                v.site,
+                v.sequence,
+                v.kind,
+                v.device_id.clone().unwrap_or_default(),
+                v.detail
+            ));
+        }
+    }
+    match (format, out) {
+        (ReportFormat::Html, None) => {
+            return Err(Failure::new(
+                Code::InvalidInput,
+                "--format html needs --out FILE",
+            ))
+        }
+        (_, Some(out)) => {
+            let body = match format {
+                ReportFormat::Json => format!("{value:#}\n"),
+                ReportFormat::Html => {
+                    keyfab_hq::html::render(&r, &node.name, &rfc3339(r.generated_at))
+                }
+                ReportFormat::Text => text.clone(),
+            };
+            std::fs::write(out, body).map_err(|e| io_fail(out, e))?;
+            if format == ReportFormat::Html {
+                text.push_str(&format!(
+                    "\nHTML report (self-contained, works offline): {}\n",
+                    out.display()
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok(Report::new(text, value))
+}
+
+pub(crate) fn hq_manifest(
+    ctx: &Context,
+    home: &Path,
+    entitlement: &str,
+    format: ManifestFormat,
+    out: &Path,
+) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let (issued, rows) = keyfab_hq::report::manifest(&node, entitlement)?;
+    let body = match format {
+        ManifestFormat::Csv => {
+            let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+            let mut b = String::from("device_id,entitlement,key,key_id,cert_serial,public_key_pem,certificate_pem,certificate_sha256\n");
+            for r in &rows {
+                b.push_str(&[q(&r.device_id), q(&r.entitlement), q(&r.key), q(&r.key_id), q(&r.cert_serial), q(&r.public_key_pem), q(&r.certificate_pem), q(&r.certificate_sha256)].join(","));
+                b.push('\n');
+            }
+            b
+        }
+        ManifestFormat::Json => format!("{:#}\n", json!({"entitlement": entitlement, "site": issued.site, "devices": rows})),
+        ManifestFormat::AwsIot => rows
+            .iter()
+            .map(|r| format!("{}\n", json!({"ThingName": r.device_id, "SerialNumber": r.cert_serial, "CertificatePem": r.certificate_pem})))
+            .collect(),
+    };
+    std::fs::write(out, body).map_err(|e| io_fail(out, e))?;
+    Ok(Report::new(
+        format!(
+            "{} device keys of {entitlement} (site '{}') -> {} ({})",
+            rows.len(),
+            issued.site,
+            out.display(),
+            format.as_str()
+        ),
+        json!({"entitlement": entitlement, "site": issued.site, "rows": rows.len(), "format": format.as_str(), "out": out}),
+    ))
+}

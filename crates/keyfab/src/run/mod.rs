@@ -1,0 +1,279 @@
+//! Command implementations. Each returns a [`Report`]; `demo` and `bench` call the same
+//! functions.
+
+//!
+//! One module per command group; [`dispatch`] maps the parsed command line to them.
+
+mod approver;
+mod hq;
+mod node;
+mod pki;
+mod policy;
+mod provision;
+mod site;
+
+pub(crate) use approver::*;
+pub(crate) use hq::*;
+pub(crate) use node::*;
+pub(crate) use pki::*;
+use policy::policy_test;
+pub(crate) use provision::*;
+pub(crate) use site::*;
+
+use crate::cli::*;
+use crate::context::{peak_rss_bytes, Context};
+use crate::output::{Failure, Report};
+use keyfab_node::NodeKind;
+use serde_json::json;
+
+pub(crate) fn dispatch(cli: Cli) -> Result<Report, Failure> {
+    let ctx = Context {
+        passphrase_file: cli.passphrase_file,
+        unseal_share_files: cli.unseal_share_file,
+        json: cli.json,
+    };
+    let mut report = match cli.command {
+        Command::Pki(PkiCommand::InitRoot {
+            home,
+            subject,
+            days,
+        }) => init_root(&ctx, &home.home, &subject, days),
+        Command::Pki(PkiCommand::Issue {
+            home,
+            csr,
+            role,
+            out,
+            days,
+        }) => issue(&ctx, &home.home, &csr, role, &out, days),
+        Command::Hq(HqCommand::Init(a)) => init_node(&ctx, &a, NodeKind::Hq),
+        Command::Hq(HqCommand::InstallCert(a)) => {
+            install_cert(&ctx, &a.home.home, NodeKind::Hq, &a.cert, &a.root_cert)
+        }
+        Command::Hq(HqCommand::Site(HqSiteCommand::Add { home, file })) => {
+            site_add(&ctx, &home.home, &file)
+        }
+        Command::Hq(HqCommand::Site(HqSiteCommand::List { home })) => site_list(&ctx, &home.home),
+        Command::Hq(HqCommand::Site(HqSiteCommand::ResetClock { home, site, out })) => {
+            site_reset_clock(&ctx, &home.home, &site, &out)
+        }
+        Command::Hq(HqCommand::Entitlement(HqEntitlementCommand::Create {
+            home,
+            site,
+            policy,
+            out,
+        })) => entitlement_create(&ctx, &home.home, &site, &policy, &out),
+        Command::Hq(HqCommand::Entitlement(HqEntitlementCommand::Revoke {
+            home,
+            id,
+            reason,
+            out,
+        })) => revoke(&ctx, &home.home, &id, &reason, &out),
+        Command::Hq(HqCommand::Entitlement(HqEntitlementCommand::List { home })) => {
+            issued_list(&ctx, &home.home)
+        }
+        Command::Site(SiteCommand::Init(a)) => init_node(&ctx, &a, NodeKind::Site),
+        Command::Site(SiteCommand::InstallCert(a)) => {
+            install_cert(&ctx, &a.home.home, NodeKind::Site, &a.cert, &a.root_cert)
+        }
+        Command::Site(SiteCommand::Identity(SiteIdentityCommand::Export { home, out })) => {
+            identity_export(&ctx, &home.home, &out)
+        }
+        Command::Site(SiteCommand::Entitlement(SiteEntitlementCommand::Import { home, file })) => {
+            entitlement_import(&ctx, &home.home, &file)
+        }
+        Command::Site(SiteCommand::Entitlement(SiteEntitlementCommand::List { home })) => {
+            entitlement_list(&ctx, &home.home)
+        }
+        Command::Site(SiteCommand::Provision(a)) => provision(&ctx, &a),
+        Command::Site(SiteCommand::Station(SiteStationCommand::Enroll {
+            home,
+            name,
+            out,
+            days,
+        })) => crate::line::station_enroll(&ctx, &home.home, &name, &out, days),
+        Command::Site(SiteCommand::Station(SiteStationCommand::Revoke { home, name })) => {
+            crate::line::station_revoke(&ctx, &home.home, &name)
+        }
+        Command::Site(SiteCommand::Station(SiteStationCommand::List { home })) => {
+            crate::line::station_list(&ctx, &home.home)
+        }
+        Command::Site(SiteCommand::RotateKeys { home }) => {
+            rotate_keys(&ctx, &home.home, NodeKind::Site)
+        }
+        Command::Hq(HqCommand::RotateKeys { home }) => rotate_keys(&ctx, &home.home, NodeKind::Hq),
+        Command::Site(SiteCommand::Unseal {
+            home,
+            share_file,
+            status,
+        }) => crate::line::unseal(&home.home, share_file.as_deref(), status),
+        Command::Site(SiteCommand::Serve(a)) => crate::line::serve(&ctx, &a, ctx.json),
+        Command::Station(StationCommand::Run {
+            station: StationArgs { url, station_dir },
+            root_cert,
+            entitlement,
+            devices,
+            concurrency,
+            device_prefix,
+            first,
+        }) => crate::line::station_run(
+            &ctx,
+            &crate::line::LineArgs {
+                urls: &url,
+                station_dir: &station_dir,
+                root_cert: &root_cert,
+                entitlement: &entitlement,
+                devices,
+                concurrency,
+                prefix: &device_prefix,
+                first,
+            },
+        ),
+        Command::Station(StationCommand::Confirm {
+            station: StationArgs { url, station_dir },
+            entitlement,
+            device_id,
+            result,
+        }) => crate::line::station_confirm(&url, &station_dir, &entitlement, &device_id, result),
+        Command::Station(StationCommand::Provision {
+            station: StationArgs { url, station_dir },
+            entitlement,
+            device_id,
+            request_id,
+            csr,
+            out,
+        }) => crate::line::station_provision(
+            &ctx,
+            &url,
+            &station_dir,
+            &entitlement,
+            &device_id,
+            request_id.as_deref(),
+            csr.as_deref(),
+            out.as_deref(),
+        ),
+        Command::Site(SiteCommand::Config {
+            home,
+            clock_tolerance,
+            clock_max_jump,
+        }) => site_config(&ctx, &home.home, clock_tolerance, clock_max_jump),
+        Command::Site(SiteCommand::Audit(SiteAuditCommand::Verify { home })) => {
+            audit_verify(&ctx, &home.home)
+        }
+        Command::Site(SiteCommand::Audit(SiteAuditCommand::Export { home, out, again })) => {
+            audit_export(&ctx, &home.home, &out, again)
+        }
+        Command::Hq(HqCommand::Audit(HqAuditCommand::Import {
+            home,
+            file,
+            receipt_out,
+        })) => audit_import(&ctx, &home.home, &file, receipt_out.as_deref()),
+        Command::Hq(HqCommand::Report { home, format, out }) => {
+            hq_report(&ctx, &home.home, format, out.as_deref())
+        }
+        Command::Hq(HqCommand::Manifest {
+            home,
+            entitlement,
+            format,
+            out,
+        }) => hq_manifest(&ctx, &home.home, &entitlement, format, &out),
+        Command::Site(SiteCommand::Audit(SiteAuditCommand::Checkpoint { home, out })) => {
+            audit_checkpoint(&ctx, &home.home, &out)
+        }
+        Command::Site(SiteCommand::Receipt(SiteReceiptCommand::Import { home, file })) => {
+            receipt_import(&ctx, &home.home, &file)
+        }
+        Command::Approver(ApproverCommand::Keygen { out }) => approver_keygen(&ctx, &out),
+        Command::Approver(ApproverCommand::Sign { key, request, out }) => {
+            approver_sign(&key, &request, &out)
+        }
+        Command::Site(SiteCommand::Approval(SiteApprovalCommand::Request {
+            home,
+            entitlement,
+            action,
+            out,
+            expires_in_hours,
+        })) => approval_request(
+            &ctx,
+            &home.home,
+            &entitlement,
+            action,
+            &out,
+            expires_in_hours,
+        ),
+        Command::Site(SiteCommand::Approval(SiteApprovalCommand::Submit { home, approvals })) => {
+            approval_submit(&ctx, &home.home, &approvals)
+        }
+        Command::Policy(PolicyCommand::Test { module, cases }) => policy_test(&module, &cases),
+        Command::Demo { dir, devices } => crate::demo::run(&ctx, dir.as_deref(), devices),
+        Command::Bench(BenchCommand::Serve {
+            flood_station: Some(flooders),
+            paced_stations,
+            paced_rate,
+            seconds,
+            dir,
+            ..
+        }) => {
+            if !(seconds.is_finite() && (0.5..=600.0).contains(&seconds)) {
+                return Err(Failure::usage("--seconds must be between 0.5 and 600"));
+            }
+            let flood = crate::bench_flood::Flood {
+                flooders,
+                paced_stations,
+                paced_rate,
+                seconds,
+            };
+            crate::bench_flood::flood(&flood, dir.as_deref())
+        }
+        Command::Bench(BenchCommand::Serve {
+            stations,
+            devices,
+            chip,
+            dir,
+            ..
+        }) => crate::bench_serve::serve(stations, devices, chip, dir.as_deref()),
+        Command::Bench(BenchCommand::Provision {
+            concurrency,
+            devices,
+            seconds,
+            dir,
+            custody,
+            pkcs11_module,
+            policy_module,
+            store,
+            nodes,
+            key_source,
+        }) => {
+            let token = (custody == "pkcs11").then_some(pkcs11_module.as_path());
+            crate::bench::provision(
+                &ctx,
+                concurrency,
+                devices.map_or(
+                    crate::bench::LevelLength::Seconds(seconds),
+                    crate::bench::LevelLength::Devices,
+                ),
+                dir.as_deref(),
+                token,
+                policy_module.as_deref(),
+                &crate::bench::SiteOption {
+                    spec: store,
+                    nodes,
+                    key_source,
+                },
+            )
+        }
+        Command::Bench(BenchCommand::Audit {
+            records,
+            random_ids,
+            dir,
+        }) => crate::bench::audit(records, random_ids, dir.as_deref()),
+        Command::Bench(BenchCommand::Entitlement { devices, dir }) => {
+            crate::bench::entitlement(&ctx, devices, dir.as_deref())
+        }
+    }?;
+    if std::env::var_os("KEYFAB_REPORT_PEAK_RSS").is_some() {
+        if let (Some(obj), Some(rss)) = (report.json.as_object_mut(), peak_rss_bytes()) {
+            obj.insert("peak_rss_bytes".into(), json!(rss));
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,144 @@
+//! `keyfab site provision`: one device, or a lot from a list of device ids.
+
+use super::approver::write_private;
+use crate::cli::*;
+use crate::context::Context;
+use crate::output::{io_fail, read_input, read_input_text, Failure, Report};
+use keyfab_crypto::x509::{self};
+use keyfab_node::Code;
+use keyfab_node::NodeKind;
+use serde_json::json;
+use std::path::Path;
+
+/// The size cap of a device list or a policy module's cases: a million ids of the
+/// longest kind, with their line ends.
+pub(crate) const MAX_LIST_BYTES: usize = 1_000_000 * (keyfab_policy::MAX_ID_BYTES + 1);
+
+pub(crate) fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Failure> {
+    let node = std::sync::Arc::new(ctx.open(&a.home.home, NodeKind::Site)?);
+    let csr = match &a.csr {
+        Some(path) => {
+            let bytes = read_input(path, keyfab_formats::MAX_SMALL_INPUT)?;
+            Some(match std::str::from_utf8(&bytes) {
+                Ok(text) if text.contains("-----BEGIN") => {
+                    x509::from_pem(text, "CERTIFICATE REQUEST")
+                        .map_err(|e| Failure::new(Code::InvalidInput, format!("--csr: {e}")))?
+                }
+                _ => bytes,
+            })
+        }
+        None => None,
+    };
+    // A site that stopped itself, or whose log's end or size no longer fits, decides
+    // nothing (the latter latches it).
+    keyfab_site::latch::check_cheaply(&node)?;
+    let provisioner = keyfab_site::provision::Provisioner::start(node);
+    let request =
+        |device_id: String, request_id: String| keyfab_site::provision::ProvisionRequest {
+            entitlement: a.entitlement.clone(),
+            device_id,
+            station: a.station.clone(),
+            request_id,
+            csr: csr.clone(),
+            transport_key: None,
+        };
+    if let (Some(list), Some(out)) = (&a.device_ids, &a.out) {
+        return provision_many(&provisioner, list, out, request);
+    }
+    let device_id = a
+        .device_id
+        .clone()
+        .ok_or_else(|| Failure::new(Code::InvalidInput, "--device-id or --device-ids is needed"))?;
+    let request_id = match &a.request_id {
+        Some(r) => r.clone(),
+        None => {
+            let mut b = [0u8; 16];
+            ctx.rng().fill(&mut b);
+            hex::encode(b)
+        }
+    };
+    let p = provisioner.provision(request(device_id, request_id))?;
+    let bundle = keyfab_site::bundle::device_bundle(&p);
+    if let Some(out) = &a.out {
+        write_private(out, format!("{bundle:#}\n").as_bytes()).map_err(|e| io_fail(out, e))?;
+    }
+    let mut text = format!(
+        "device {} provisioned under {} (audit record {}{})\n",
+        p.device_id,
+        p.entitlement,
+        p.audit_sequence,
+        if p.replayed {
+            ", a retry of an earlier request"
+        } else {
+            ""
+        }
+    );
+    for k in &p.keys {
+        text.push_str(&format!(
+            "  {:<12} {:<8} {:<8} {}\n",
+            k.name,
+            k.key_type.as_str(),
+            k.source.as_str(),
+            k.key_id
+        ));
+    }
+    text.push_str(&match &a.out {
+        Some(out) => format!("key material written to {} (mode 0600)\n", out.display()),
+        None => "key material not shown: use --out FILE or --json\n".into(),
+    });
+    Ok(Report::new(text, bundle))
+}
+
+/// Batch mode: every id of `list`, in order; one JSON line per device appended to `out`
+/// (mode 0600) and flushed as soon as its keys are released.
+pub(super) fn provision_many(
+    provisioner: &keyfab_site::provision::Provisioner,
+    list: &Path,
+    out: &Path,
+    request: impl Fn(String, String) -> keyfab_site::provision::ProvisionRequest,
+) -> Result<Report, Failure> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let ids = read_input_text(list, MAX_LIST_BYTES)?;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| io_fail(out, e))?;
+    let (mut released, mut resumed) = (0u64, 0u64);
+    let mut refused: std::collections::BTreeMap<&'static str, u64> = Default::default();
+    for id in ids
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        match provisioner.provision(request(
+            id.to_owned(),
+            keyfab_site::provision::lot_request_id(id),
+        )) {
+            Ok(p) => {
+                let line = format!("{}\n", keyfab_site::bundle::device_bundle(&p));
+                file.write_all(line.as_bytes())
+                    .map_err(|e| io_fail(out, e))?;
+                file.flush().map_err(|e| io_fail(out, e))?;
+                if p.replayed {
+                    resumed += 1;
+                } else {
+                    released += 1;
+                }
+            }
+            Err(e) if e.exit_code() == 3 => *refused.entry(e.code().as_str()).or_insert(0) += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    file.sync_all().map_err(|e| io_fail(out, e))?;
+    let mut text = format!("{released} devices provisioned, {resumed} already done earlier (same keys written again) -> {}\n", out.display());
+    for (code, n) in &refused {
+        text.push_str(&format!("  refused {code}: {n}\n"));
+    }
+    Ok(Report::new(
+        text,
+        json!({"provisioned": released, "resumed": resumed, "refused": refused, "out": out}),
+    ))
+}

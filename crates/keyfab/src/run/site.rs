@@ -1,0 +1,299 @@
+//! `keyfab site`: entitlements and revocations imported, approvals, the audit log and its exports, receipts, settings.
+
+use crate::context::{rfc3339, Context};
+use crate::output::{io_fail, read_input, Failure, Progress, Report};
+use keyfab_node::Code;
+use keyfab_node::NodeKind;
+use serde_json::json;
+use std::path::Path;
+
+pub(crate) fn entitlement_import(
+    ctx: &Context,
+    home: &Path,
+    file: &Path,
+) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let mut head = [0u8; 8];
+    let is_revocation = std::fs::File::open(file)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok()
+        && keyfab_formats::prefix::kind_of(&head) == Some(keyfab_formats::prefix::Kind::Revocation);
+    if is_revocation {
+        let bytes = read_input(file, keyfab_formats::revocation::MAX_LEN)?;
+        let r = keyfab_site::revocation::import_revocation(&node, &bytes)?;
+        return Ok(Report::new(
+            format!(
+                "entitlement {} revoked (sequence {}); {} unused pool keys destroyed",
+                r.entitlement, r.sequence, r.destroyed_pool_keys
+            ),
+            json!({"revoked": r.entitlement, "sequence": r.sequence, "destroyed_pool_keys": r.destroyed_pool_keys}),
+        ));
+    }
+    let progress = Progress::new("stored", "pool keys", !ctx.json);
+    let imported = keyfab_site::entitlements::import(&node, file, progress.reporter())?;
+    Ok(Report::new(
+        format!(
+            "imported entitlement {} from '{}' (sequence {}): {} pool keys stored encrypted; state {}",
+            imported.id, imported.hq, imported.sequence, imported.pool_keys, imported.state
+        ),
+        json!({"id": imported.id, "hq": imported.hq, "sequence": imported.sequence, "pool_keys": imported.pool_keys, "state": imported.state}),
+    ))
+}
+
+pub(crate) fn entitlement_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let list = keyfab_site::entitlements::list(&node)?;
+    let mut text = String::new();
+    let mut items = Vec::new();
+    for e in &list {
+        let p = &e.policy;
+        let state = keyfab_site::entitlements::status(&node, e)?;
+        text.push_str(&format!(
+            "{}  {}  from {} (sequence {}), {}\n  devices {}  daily {}  ({})  window {} .. {}\n",
+            e.id,
+            p.product,
+            e.hq,
+            e.sequence,
+            state,
+            p.devices,
+            p.daily_limit.map_or("none".into(), |d| d.to_string()),
+            p.timezone,
+            rfc3339(p.valid_from),
+            rfc3339(p.valid_until)
+        ));
+        // Devices allowed so far; on a cluster, also the quota nodes hold in reserve.
+        let provisioned = keyfab_site::provision::counters(&node, &e.id)?.total;
+        let held: u64 = keyfab_site::provision::reservations(&node, &e.id)?
+            .iter()
+            .map(|r| r.granted.saturating_sub(r.used))
+            .sum();
+        text.push_str(&format!("  provisioned {provisioned} of {}", p.devices));
+        if held > 0 {
+            text.push_str(&format!(", {held} more reserved by cluster nodes"));
+        }
+        text.push('\n');
+        let mut keys = Vec::new();
+        for k in &p.keys {
+            let pool = e
+                .pool
+                .iter()
+                .find(|s| s.key == k.name)
+                .map_or(0, |s| s.count);
+            text.push_str(&format!(
+                "  key {:<12} {:<8} {:<8} pool keys {}\n",
+                k.name,
+                k.key_type.as_str(),
+                k.source.as_str(),
+                pool
+            ));
+            keys.push(json!({"name": k.name, "type": k.key_type.as_str(), "source": k.source.as_str(), "pool_keys": pool}));
+        }
+        let mut policy = serde_json::to_value(p).unwrap_or_default();
+        if let Some(code) = &p.code {
+            text.push_str(&format!(
+                "  policy module {} ({} bytes, sha256 {})\n",
+                code.name,
+                code.module.len(),
+                code.sha256
+            ));
+            // The module by name, size and hash; its bytes are in the entitlement.
+            policy["code"] =
+                json!({"name": code.name, "sha256": code.sha256, "bytes": code.module.len()});
+        }
+        items.push(json!({
+            "id": e.id, "hq": e.hq, "sequence": e.sequence, "state": state,
+            "policy": policy,
+            "keys": keys,
+            "pool_keys": e.pool.iter().map(|s| s.count).sum::<u64>(),
+            "provisioned": provisioned,
+            "reserved_by_nodes": held,
+            "imported_at": rfc3339(e.imported_at),
+        }));
+    }
+    if list.is_empty() {
+        text.push_str("no entitlements imported yet\n");
+    }
+    Ok(Report::new(text, json!({"entitlements": items})))
+}
+
+pub(crate) fn approval_request(
+    ctx: &Context,
+    home: &Path,
+    entitlement: &str,
+    action: crate::cli::ApprovalAction,
+    out: &Path,
+    hours: i64,
+) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let action = action.action();
+    let file =
+        keyfab_site::approvals::request(&node, entitlement, action, hours.saturating_mul(3600))?;
+    let action = action.as_str();
+    std::fs::write(out, &file).map_err(|e| io_fail(out, e))?;
+    Ok(Report::new(
+        format!("approval request for '{action}' on {entitlement} written to {}; approvers sign it with `keyfab approver sign`", out.display()),
+        json!({"entitlement": entitlement, "action": action, "out": out}),
+    ))
+}
+
+pub(crate) fn approval_submit(
+    ctx: &Context,
+    home: &Path,
+    files: &[std::path::PathBuf],
+) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let mut bytes = Vec::new();
+    for f in files {
+        bytes.push(read_input(f, keyfab_formats::approval::MAX_APPROVAL_LEN)?);
+    }
+    let results = keyfab_site::approvals::submit(&node, &bytes)?;
+    let mut text = String::new();
+    for r in &results {
+        text.push_str(&format!(
+            "{} '{}': {} new approval(s), {} of {} distinct approvers{}\n",
+            r.entitlement,
+            r.action,
+            r.accepted,
+            r.count,
+            r.threshold,
+            if r.activated { " - activated" } else { "" }
+        ));
+    }
+    Ok(Report::new(
+        text,
+        json!({"results": results.iter().map(|r| json!({"entitlement": r.entitlement, "action": r.action, "accepted": r.accepted, "count": r.count, "threshold": r.threshold, "activated": r.activated})).collect::<Vec<_>>()}),
+    ))
+}
+
+pub(crate) fn audit_verify(ctx: &Context, home: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let records = keyfab_site::entitlements::audit_records(&node)?;
+    // Chain by chain, as HQ verifies it: on a cluster each node appends to its own.
+    let heads = match keyfab_audit::verify_merged(&records) {
+        Ok(heads) => heads,
+        Err(e) => {
+            // A broken chain stops the site: it releases no key until HQ decides.
+            let why = format!("the audit chain is broken: {e}");
+            keyfab_site::latch::latch(&node, keyfab_site::latch::Cause::LogBroken, &why)?;
+            return Err(Failure::new(
+                Code::LogBroken,
+                format!("{why}; the site has stopped releasing keys"),
+            ));
+        }
+    };
+    let tree = keyfab_site::checkpoints::tree_head(&node)?;
+    let chains = match heads.len() {
+        0 | 1 => "hash chain intact".to_owned(),
+        n => format!("{n} hash chains (the site's and its nodes') intact"),
+    };
+    Ok(Report::new(
+        format!(
+            "audit log of '{}': {} records, {chains}, Merkle root {}",
+            node.name,
+            records.len(),
+            hex::encode(tree.root)
+        ),
+        json!({"site": node.name, "records": records.len(), "chains": heads.len(), "root": hex::encode(tree.root)}),
+    ))
+}
+
+pub(crate) fn audit_checkpoint(ctx: &Context, home: &Path, out: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let (c, bytes) = keyfab_site::checkpoints::checkpoint(&node)?;
+    std::fs::write(out, &bytes).map_err(|e| io_fail(out, e))?;
+    Ok(Report::new(
+        format!(
+            "checkpoint of '{}': {} records, root {}, signed -> {}",
+            c.site,
+            c.head.size,
+            hex::encode(c.head.root),
+            out.display()
+        ),
+        json!({"site": c.site, "size": c.head.size, "root": hex::encode(c.head.root), "time": rfc3339(c.time), "out": out}),
+    ))
+}
+
+pub(crate) fn receipt_import(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let bytes = read_input(file, keyfab_formats::checkpoint::MAX_LEN)?;
+    let imported = keyfab_site::checkpoints::import_receipt(&node, &bytes)?;
+    let ack = imported.acknowledged;
+    let mut text = format!(
+        "HQ acknowledged {} audit records (at {}); the audit freshness clock restarts",
+        ack.head.size,
+        rfc3339(ack.acknowledged_at)
+    );
+    if let Some((from, to)) = imported.clock_reset {
+        text.push_str(&format!(
+            "\ntrusted time reset by HQ from {} to {}",
+            rfc3339(from),
+            rfc3339(to)
+        ));
+    }
+    let reset = imported
+        .clock_reset
+        .map(|(from, to)| json!({"from": rfc3339(from), "to": rfc3339(to)}));
+    Ok(Report::new(
+        text,
+        json!({"size": ack.head.size, "root": hex::encode(ack.head.root), "acknowledged_at": rfc3339(ack.acknowledged_at), "clock_reset": reset}),
+    ))
+}
+
+pub(crate) fn site_config(
+    ctx: &Context,
+    home: &Path,
+    clock_tolerance: Option<i64>,
+    clock_max_jump: Option<i64>,
+) -> Result<Report, Failure> {
+    use keyfab_site::settings::{CLOCK_MAX_JUMP, CLOCK_TOLERANCE};
+    let node = ctx.open(home, NodeKind::Site)?;
+    if let Some(secs) = clock_tolerance {
+        CLOCK_TOLERANCE.set(&node, secs)?;
+    }
+    if let Some(secs) = clock_max_jump {
+        CLOCK_MAX_JUMP.set(&node, secs)?;
+    }
+    let tolerance = CLOCK_TOLERANCE.get(&node)?;
+    let max_jump = CLOCK_MAX_JUMP.get(&node)?;
+    Ok(Report::new(
+        format!(
+            "site '{}': clock tolerance {tolerance} s, largest clock jump adopted {max_jump} s",
+            node.name
+        ),
+        json!({"site": node.name, "clock_tolerance": tolerance, "clock_max_jump": max_jump}),
+    ))
+}
+
+pub(crate) fn audit_export(
+    ctx: &Context,
+    home: &Path,
+    out: &Path,
+    again: bool,
+) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Site)?;
+    let progress = Progress::new("exported", "audit records", !ctx.json);
+    let e = keyfab_site::export::export(&node, out, again, progress.reporter())?;
+    let range = match e.records {
+        0 => "no new audit records".to_owned(),
+        _ => format!("audit records {}..{}", e.from.size + 1, e.to.size),
+    };
+    let mut text = String::new();
+    if e.finished_earlier {
+        text.push_str(&format!(
+            "the last export (bundle {}) was not known to be written: its records are written again, under the same bundle id (if HQ already imported it, it answers `replayed`; export once more for the records since)\n",
+            e.bundle
+        ));
+    }
+    text.push_str(&format!(
+        "{range} of '{}' exported for HQ ({} records, {} bytes, bundle {}) -> {}",
+        node.name,
+        e.records,
+        e.bytes,
+        e.bundle,
+        out.display()
+    ));
+    Ok(Report::new(
+        text,
+        json!({"bundle": e.bundle, "from": e.from.size, "to": e.to.size, "root": hex::encode(e.to.root), "records": e.records, "bytes": e.bytes, "out": out, "written_again": e.finished_earlier}),
+    ))
+}
