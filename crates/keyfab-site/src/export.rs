@@ -158,22 +158,7 @@ pub fn export(
             }
             r.map_err(|e| std::io::Error::other(e.to_string()))
         });
-    let (signer, chain) = (node.service_signer()?, node.service_chain()?);
-    let bytes = keyfab_node::out_file::write_new_with(out, |file| {
-        let mut spool = keyfab_node::out_file::spool_beside(out)?;
-        write_bundle(
-            keyfab_formats::Output {
-                file,
-                spool: &mut spool,
-            },
-            &fields,
-            &mut iter,
-            signer,
-            chain,
-            node.rng.as_ref(),
-        )
-    })
-    .map_err(|e| {
+    let bytes = write_bundle_file(node, out, &fields, &mut iter).map_err(|e| {
         Error::Verification(keyfab_formats::FormatError::Write(format!(
             "bundle {id} (audit records {}..{}) was not written to {}: {e}. Nothing is lost and the \
              export has not moved on: run the same command again (with an --out that can be \
@@ -229,4 +214,35 @@ fn finish(node: &Node, id: &str) -> Result<()> {
     // Lost to a concurrent export: that one is the last now, and finishes itself.
     node.store.commit(txn)?;
     Ok(())
+}
+
+/// Writes `records` as a bundle of `fields` to the new file `out` (whole or not at all),
+/// signed with `node`'s service key: how every bundle of a site reaches disk — its
+/// exports, and the bundles `keyfab bench audit` makes.
+pub fn write_bundle_file(
+    node: &Node,
+    out: &Path,
+    fields: &keyfab_formats::audit_bundle::BundleFields,
+    records: &mut dyn Iterator<Item = std::io::Result<Vec<u8>>>,
+) -> keyfab_formats::Result<u64> {
+    let signer = node
+        .service_signer()
+        .map_err(|e| keyfab_formats::FormatError::Write(e.to_string()))?;
+    let chain = node
+        .service_chain()
+        .map_err(|e| keyfab_formats::FormatError::Write(e.to_string()))?;
+    keyfab_node::out_file::write_new_with(out, |file| {
+        let mut spool = keyfab_node::out_file::spool_beside(out)?;
+        write_bundle(
+            keyfab_formats::Output {
+                file,
+                spool: &mut spool,
+            },
+            fields,
+            records,
+            signer,
+            chain,
+            node.rng.as_ref(),
+        )
+    })
 }

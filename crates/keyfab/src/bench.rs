@@ -866,23 +866,8 @@ pub(crate) fn audit(records: u64, random_ids: bool, dir: Option<&Path>) -> Resul
         Some(Ok(bytes))
     });
     let kfa = base.join("bench.kfa");
-    let rng = keyfab_crypto::rng::SystemRng;
-    let (signer, chain) = (node.service_signer()?, node.service_chain()?);
-    keyfab_node::out_file::write_new_with(&kfa, |file| {
-        let mut spool = keyfab_node::out_file::spool_beside(&kfa)?;
-        keyfab_formats::audit_bundle::write_bundle(
-            keyfab_formats::Output {
-                file,
-                spool: &mut spool,
-            },
-            &fields,
-            &mut iter,
-            signer,
-            chain,
-            &rng,
-        )
-        .map_err(keyfab_node::Error::from)
-    })?;
+    keyfab_site::export::write_bundle_file(&node, &kfa, &fields, &mut iter)
+        .map_err(keyfab_node::Error::from)?;
     drop(node);
     if dir.is_some() {
         // A kept directory also keeps HQ as it was before the import, so the import can be
