@@ -3,7 +3,9 @@
 //! Which API for which job:
 //! - sign and verify service messages: [`sign::SigningKey`], [`sign::VerifyingKey`] (ECDSA P-256);
 //! - encrypt to a recipient: [`hpke::seal_context`] / [`hpke::open_context`] (RFC 9180,
-//!   DHKEM(P-256, HKDF-SHA256), HKDF-SHA256, AES-256-GCM), used as a chunked stream;
+//!   DHKEM(P-256, HKDF-SHA256), HKDF-SHA256, AES-256-GCM), used as a chunked stream; one
+//!   implementation on aws-lc for keys held here and for keys in a PKCS#11 token
+//!   ([`hpke::open_context_with_dh`]);
 //! - encrypt at rest: [`aead::seal_random_nonce`] / [`aead::open_random_nonce`], or
 //!   [`aead::AeadKey`] with a nonce of the caller's (AES-256-GCM);
 //! - derive a key from a passphrase: [`kdf::argon2id`];

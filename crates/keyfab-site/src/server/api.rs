@@ -127,7 +127,7 @@ async fn access_log(req: Request, next: Next) -> Response {
 
 /// An error as the API answers it: a stable code and a short message.
 /// The HTTP status is the code's (`Code::http_status`), unless a handler names another
-/// with [`ApiError::with_status`].
+/// with `with_status`.
 pub struct ApiError {
     status: StatusCode,
     code: Code,
