@@ -12,6 +12,18 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 # Each step's heading, with how long the one before it took (the suite has 30 minutes
 # on a cold 2-core machine; this shows where they go).
 step_started=$SECONDS
+
+# cargo-deny (for the licenses, bans and sources check) is built beside clippy's build,
+# which leaves a core idle at times; it is waited for before any test runs, so no test
+# shares the machine with it.
+deny_log=$(mktemp)
+trap 'rm -f "$deny_log"' EXIT
+deny_install=""
+if ! command -v cargo-deny >/dev/null; then
+  cargo install cargo-deny --locked >"$deny_log" 2>&1 &
+  deny_install=$!
+fi
+
 step() {
   if [ -n "${step_name:-}" ]; then
     echo "   (${step_name}: $((SECONDS - step_started)) s)"
@@ -30,30 +42,24 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo doc (every crate's documentation builds, its links resolve)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
+step "cargo-deny built"
+if [ -n "$deny_install" ] && ! wait "$deny_install"; then
+  cat "$deny_log"
+  exit 1
+fi
+
 step "cargo test"
 cargo test --workspace
-
-# cargo-deny is built while the next step's tests wait on tokens and disks.
-deny_log=$(mktemp)
-if command -v cargo-deny >/dev/null; then
-  deny_install=""
-else
-  cargo install cargo-deny --locked >"$deny_log" 2>&1 &
-  deny_install=$!
-fi
 
 step "the end-to-end suite again, HQ and site identity keys in SoftHSM2 tokens"
 hsm_dir=$(mktemp -d)
 trap 'rm -rf "$hsm_dir" "$deny_log"' EXIT
 mkdir -p "$hsm_dir/tokens"
 printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$hsm_dir" >"$hsm_dir/softhsm2.conf"
-SOFTHSM2_CONF="$hsm_dir/softhsm2.conf" KEYFAB_TEST_CUSTODY=softhsm cargo test -p keyfab
+# --workspace keeps the features of the first run, so nothing is built again.
+SOFTHSM2_CONF="$hsm_dir/softhsm2.conf" KEYFAB_TEST_CUSTODY=softhsm cargo test --workspace --test e2e
 
 step "cargo deny check licenses bans sources (deny.toml)"
-if [ -n "$deny_install" ] && ! wait "$deny_install"; then
-  cat "$deny_log"
-  exit 1
-fi
 cargo deny check licenses bans sources 2>&1 | grep -v '^warning\[duplicate\]\|^ *[│├└─]' | tail -n 5
 
 step "fuzz targets (a few seconds each)"

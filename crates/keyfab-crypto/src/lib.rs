@@ -29,16 +29,23 @@
 )]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "full")]
 pub mod aead;
+#[cfg(feature = "full")]
 pub mod devicekey;
 pub mod hash;
+#[cfg(feature = "full")]
 pub mod hpke;
+#[cfg(feature = "full")]
 mod hpke_schedule;
+#[cfg(feature = "full")]
 pub mod kdf;
 pub mod rng;
 pub mod secret;
+#[cfg(feature = "full")]
 pub mod sign;
 pub mod time;
+#[cfg(feature = "full")]
 pub mod x509;
 
 /// Everything that can go wrong inside a primitive. Deliberately coarse: a caller learns
