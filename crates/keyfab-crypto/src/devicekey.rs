@@ -288,40 +288,6 @@ pub fn to_pkcs8(kind: DeviceKeyType, secret: &Secret32) -> Result<SecretBytes> {
     }
 }
 
-/// The raw cryptographic work of provisioning one device, for benchmarks to compare
-/// with: a P-256 key generation, one ECDSA signature over a certificate-sized message,
-/// one HKDF and one AES-GCM seal.
-pub fn raw_device_crypto(
-    n: usize,
-    signer: &crate::sign::SigningKey,
-    aead: &crate::aead::AeadKey,
-) -> Result<()> {
-    let tbs = [0x5au8; 320];
-    for i in 0..n {
-        let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
-            .map_err(|_| CryptoError::Internal)?;
-        std::hint::black_box(&pair);
-        std::hint::black_box(signer.sign(&tbs)?);
-        let k = crate::kdf::hkdf_sha256(&tbs[..32], b"salt", b"info")?;
-        std::hint::black_box(k.expose());
-        let mut nonce = [0u8; 12];
-        nonce[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        std::hint::black_box(aead.seal(nonce, b"aad", &tbs[..32])?);
-    }
-    Ok(())
-}
-
-/// Generates `n` P-256 key pairs and throws them away: the raw rate benchmarks compare
-/// keyfab with.
-pub fn raw_p256_keygen(n: usize) -> Result<()> {
-    for _ in 0..n {
-        let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
-            .map_err(|_| CryptoError::Internal)?;
-        std::hint::black_box(&pair);
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

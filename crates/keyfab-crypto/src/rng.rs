@@ -1,7 +1,6 @@
-//! Injected randomness. Production uses the system generator; tests use [`SeededRng`] so a
-//! run is reproducible.
-
-use std::sync::Mutex;
+//! Injected randomness. Production uses the system generator; tests use `SeededRng` (with
+//! the `harness` feature, or in this crate's own tests) so a run is reproducible. A
+//! production build has no seeded generator to pick by mistake.
 
 /// A source of cryptographically secure random bytes.
 pub trait SecureRng: Send + Sync {
@@ -35,20 +34,23 @@ impl SecureRng for SystemRng {
 
 /// Deterministic generator for tests: SHA-256(seed ‖ counter) blocks. Never use it for
 /// real keys.
+#[cfg(any(test, feature = "harness"))]
 pub struct SeededRng {
-    state: Mutex<([u8; 32], u64)>,
+    state: std::sync::Mutex<([u8; 32], u64)>,
 }
 
+#[cfg(any(test, feature = "harness"))]
 impl SeededRng {
     pub fn new(seed: u64) -> Self {
         let mut s = [0u8; 32];
         s[..8].copy_from_slice(&seed.to_be_bytes());
         Self {
-            state: Mutex::new((s, 0)),
+            state: std::sync::Mutex::new((s, 0)),
         }
     }
 }
 
+#[cfg(any(test, feature = "harness"))]
 impl SecureRng for SeededRng {
     fn fill(&self, out: &mut [u8]) {
         let mut guard = match self.state.lock() {

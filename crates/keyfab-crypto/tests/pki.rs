@@ -7,7 +7,7 @@
 )]
 
 use keyfab_crypto::hpke::HpkeSecretKey;
-use keyfab_crypto::rng::SeededRng;
+use keyfab_crypto::rng::SystemRng;
 use keyfab_crypto::sign::SigningKey;
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::*;
@@ -27,13 +27,13 @@ struct Cluster {
     cert: Vec<u8>,
 }
 
-fn root(rng: &SeededRng) -> (SigningKey, Vec<u8>) {
+fn root(rng: &SystemRng) -> (SigningKey, Vec<u8>) {
     let k = SigningKey::generate(rng).unwrap();
     let c = root_certificate(&k, "CN=Test Root,O=Acme", validity(3650), rng).unwrap();
     (k, c)
 }
 
-fn cluster(root: &(SigningKey, Vec<u8>), name: &str, role: Role, rng: &SeededRng) -> Cluster {
+fn cluster(root: &(SigningKey, Vec<u8>), name: &str, role: Role, rng: &SystemRng) -> Cluster {
     let key = SigningKey::generate(rng).unwrap();
     let csr = read_csr(&cluster_csr(&key, name).unwrap()).unwrap();
     assert_eq!(csr.common_name, name);
@@ -41,7 +41,7 @@ fn cluster(root: &(SigningKey, Vec<u8>), name: &str, role: Role, rng: &SeededRng
     Cluster { key, cert }
 }
 
-fn service(c: &Cluster, role: Role, purpose: Purpose, days: i64, rng: &SeededRng) -> Vec<Vec<u8>> {
+fn service(c: &Cluster, role: Role, purpose: Purpose, days: i64, rng: &SystemRng) -> Vec<Vec<u8>> {
     let point = match purpose {
         Purpose::Signing => SigningKey::generate(rng)
             .unwrap()
@@ -67,7 +67,7 @@ fn service(c: &Cluster, role: Role, purpose: Purpose, days: i64, rng: &SeededRng
 
 #[test]
 fn valid_chains_validate_for_their_role_and_purpose() {
-    let rng = SeededRng::new(1);
+    let rng = SystemRng;
     let r = root(&rng);
     let hq = cluster(&r, "acme-hq", Role::Hq, &rng);
     let chain = service(&hq, Role::Hq, Purpose::Signing, 30, &rng);
@@ -82,7 +82,7 @@ fn valid_chains_validate_for_their_role_and_purpose() {
 
 #[test]
 fn site_certificate_never_acts_as_hq() {
-    let rng = SeededRng::new(2);
+    let rng = SystemRng;
     let r = root(&rng);
     let site = cluster(&r, "shenzhen-1", Role::Site, &rng);
     // A site cluster that stamps its own leaf with the HQ role.
@@ -98,7 +98,7 @@ fn site_certificate_never_acts_as_hq() {
 
 #[test]
 fn expiry_comes_from_the_injected_time() {
-    let rng = SeededRng::new(3);
+    let rng = SystemRng;
     let r = root(&rng);
     let hq = cluster(&r, "acme-hq", Role::Hq, &rng);
     let chain = service(&hq, Role::Hq, Purpose::Signing, 10, &rng);
@@ -120,7 +120,7 @@ fn expiry_comes_from_the_injected_time() {
 
 #[test]
 fn foreign_root_and_wrong_shape_are_untrusted() {
-    let rng = SeededRng::new(4);
+    let rng = SystemRng;
     let r = root(&rng);
     let other = root(&rng);
     let hq = cluster(&other, "acme-hq", Role::Hq, &rng);
@@ -135,7 +135,7 @@ fn foreign_root_and_wrong_shape_are_untrusted() {
 
 #[test]
 fn batch_ca_cannot_act_as_hq() {
-    let rng = SeededRng::new(5);
+    let rng = SystemRng;
     let r = root(&rng);
     let hq = cluster(&r, "acme-hq", Role::Hq, &rng);
     let batch_key = SigningKey::generate(&rng).unwrap();

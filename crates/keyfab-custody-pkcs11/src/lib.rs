@@ -640,8 +640,11 @@ impl Custody for Pkcs11Custody {
     }
 }
 
+/// The HSM-centred baseline the benchmarks compare with (feature `harness`).
+#[cfg(any(test, feature = "harness"))]
 pub mod peer;
 
+#[cfg(any(test, feature = "harness"))]
 /// Initializes the token in the first free slot of `module` with `label`, a security
 /// officer PIN and a user PIN: what an HSM administrator does once (benchmarks and tests
 /// do it with SoftHSM2).
@@ -681,6 +684,7 @@ pub fn init_token(
     Ok(())
 }
 
+#[cfg(any(test, feature = "harness"))]
 /// A logged-in session on the token `label` of `module`, for the baseline ([`peer`]).
 pub fn user_session(module: &std::path::Path, label: &str, pin: &str) -> Result<Session> {
     let pool = connect(&TokenConfig {

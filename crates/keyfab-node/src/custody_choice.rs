@@ -3,10 +3,10 @@
 //! the secret that unlocks the home — the keystore passphrase or the token's user PIN —
 //! comes from the same place either way.
 
+use crate::backends::{Backends, TokenTarget, TokenUse};
 use crate::{Error, Result};
 use keyfab_crypto::secret::SecretBytes;
 use keyfab_custody::{Custody, SoftwareKeystore};
-use keyfab_custody_pkcs11::{Pkcs11Custody, TokenConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 pub const CUSTODY_FILE: &str = "custody.json";
 const DEFAULT_SESSIONS: usize = 4;
 
+/// Where a home's identity keys live, as `init --custody` chose.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CustodyChoice {
@@ -21,8 +22,11 @@ pub enum CustodyChoice {
     Software,
     /// A PKCS#11 token found by its label.
     Pkcs11 {
+        /// The PKCS#11 module (a shared library).
         module: PathBuf,
+        /// The token's label.
         token: String,
+        /// At most this many sessions open at once.
         max_sessions: usize,
     },
 }
@@ -83,17 +87,16 @@ impl CustodyChoice {
         }
     }
 
-    fn token(&self, secret: &SecretBytes) -> Option<TokenConfig> {
+    fn token(&self) -> Option<TokenTarget<'_>> {
         match self {
             CustodyChoice::Software => None,
             CustodyChoice::Pkcs11 {
                 module,
                 token,
                 max_sessions,
-            } => Some(TokenConfig {
-                module: module.clone(),
-                token_label: token.clone(),
-                pin: secret.clone(),
+            } => Some(TokenTarget {
+                module,
+                token,
                 max_sessions: *max_sessions,
             }),
         }
@@ -106,24 +109,30 @@ impl CustodyChoice {
         keystore: &Path,
         secret: &SecretBytes,
         rng: &dyn keyfab_crypto::rng::SecureRng,
+        backends: &dyn Backends,
     ) -> Result<Box<dyn Custody>> {
-        Ok(match self.token(secret) {
+        Ok(match self.token() {
             None => Box::new(SoftwareKeystore::create(keystore, secret, rng)?),
-            Some(config) => {
-                let custody = Pkcs11Custody::create(&config)?;
+            Some(token) => {
+                let custody = backends.token_custody(token, secret, TokenUse::Create)?;
                 let json =
                     serde_json::to_vec_pretty(self).map_err(|e| Error::Bug(e.to_string()))?;
                 crate::home::write_private_file(&home.join(CUSTODY_FILE), &json)?;
-                Box::new(custody)
+                custody
             }
         })
     }
 
     /// Opens the custody of an existing home.
-    pub(crate) fn open(&self, keystore: &Path, secret: &SecretBytes) -> Result<Box<dyn Custody>> {
-        Ok(match self.token(secret) {
+    pub(crate) fn open(
+        &self,
+        keystore: &Path,
+        secret: &SecretBytes,
+        backends: &dyn Backends,
+    ) -> Result<Box<dyn Custody>> {
+        Ok(match self.token() {
             None => Box::new(SoftwareKeystore::unlock(keystore, secret)?),
-            Some(config) => Box::new(Pkcs11Custody::open(&config)?),
+            Some(token) => backends.token_custody(token, secret, TokenUse::Open)?,
         })
     }
 }

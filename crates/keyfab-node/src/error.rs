@@ -9,6 +9,8 @@ pub use keyfab_code::Code;
 use keyfab_custody::CustodyError;
 use keyfab_formats::FormatError;
 
+/// Everything an engine can answer instead of a result. Each variant has one stable
+/// [`Code`] ([`Error::code`]); its message is for the operator and never holds a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file was refused by verification (exit 4).
@@ -17,6 +19,7 @@ pub enum Error {
     /// A file that verified but was seen before, or an older one (exit 4).
     #[error("replayed: {0}")]
     Replayed(String),
+    /// The keystore does not open: a wrong passphrase or PIN, or a modified keystore.
     #[error("state is locked: wrong passphrase, or the keystore was modified")]
     Locked,
     /// The keystore is sealed by shares and is not unsealed: too few shares, or one was
@@ -25,18 +28,32 @@ pub enum Error {
     Sealed(String),
     /// A provisioning request refused by the policy (exit 3).
     #[error("{message}")]
-    Denied { code: Code, message: String },
+    Denied {
+        /// Which refusal (`quota_exceeded`, `expired`, …).
+        code: Code,
+        /// What the policy said, for the operator.
+        message: String,
+    },
     /// The clock is behind the trusted-time high-water mark (exit 3; audited).
     #[error("clock rollback: the clock says {}, earlier than the site's trusted time {} by more than the tolerance (`keyfab site config --clock-tolerance`); set the clock right", crate::rfc3339(*observed), crate::rfc3339(*high_water))]
-    ClockRollback { observed: i64, high_water: i64 },
+    ClockRollback {
+        /// What the clock said (Unix seconds).
+        observed: i64,
+        /// The site's trusted time (Unix seconds).
+        high_water: i64,
+    },
     /// The clock is ahead of the trusted time by more than the site allows: not adopted
     /// (exit 3; audited).
     #[error("clock ahead: the clock says {}, more than {max_jump} s past the site's trusted time {}; it is not adopted, or one clock set ahead by mistake would stop this site until that time. Set the clock right; if it is right, allow the jump with `keyfab site config --clock-max-jump SECONDS`", crate::rfc3339(*observed), crate::rfc3339(*trusted))]
     ClockAhead {
+        /// What the clock said (Unix seconds).
         observed: i64,
+        /// The site's trusted time (Unix seconds).
         trusted: i64,
+        /// How far ahead of it the clock may be, in seconds.
         max_jump: i64,
     },
+    /// No entitlement of that id at this site (or HQ).
     #[error("unknown entitlement '{0}'")]
     UnknownEntitlement(String),
     /// An approval that cannot count: unlisted key, bad signature, unknown or expired
@@ -55,8 +72,10 @@ pub enum Error {
     /// An audit bundle conflicts with a checkpoint HQ has accepted (exit 4).
     #[error("log fork: {0}")]
     LogFork(String),
+    /// A policy that does not validate.
     #[error("{0}")]
     InvalidPolicy(#[from] keyfab_policy::PolicyError),
+    /// A file, home, site, station or record that is not there.
     #[error("{0}")]
     NotFound(String),
     /// The state does not allow this now: a step missing before it (no certificate
@@ -77,14 +96,22 @@ pub enum Error {
     /// An error made elsewhere — another thread of a batch, the `site serve` answering
     /// over its admin socket — carried here with its code and message.
     #[error("{message}")]
-    Relayed { code: Code, message: String },
+    Relayed {
+        /// The original error's code.
+        code: Code,
+        /// The original error's message.
+        message: String,
+    },
+    /// Input from outside that is not what it must be (an id, a name, an argument).
     #[error("{0}")]
     InvalidInput(String),
     /// A home other users can enter: its secrets are not private (see `home`).
     #[error("{0}")]
     InsecureHome(String),
+    /// Custody failed in a way that is not the operator's (code `internal`).
     #[error("{0}")]
     Custody(CustodyError),
+    /// The store failed in a way that is not the operator's (code `internal`).
     #[error(transparent)]
     Store(keyfab_store::StoreError),
     /// The state store cannot be reached or kept changing under this node (an etcd
@@ -100,8 +127,10 @@ pub enum Error {
     /// running `keyfab site serve`.
     #[error("this home is in use by another keyfab process (a running `keyfab site serve`?); while it serves, `keyfab site station enroll|revoke|list` and `keyfab site unseal` reach it through HOME/serve.sock, other commands need it stopped")]
     InUse,
+    /// A primitive failed (code `internal`).
     #[error(transparent)]
     Crypto(#[from] keyfab_crypto::CryptoError),
+    /// A file or directory could not be read or written (code `io`).
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -194,6 +223,7 @@ impl Error {
     }
 }
 
+/// A result whose error is an engine's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
 #[cfg(test)]

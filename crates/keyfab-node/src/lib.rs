@@ -9,12 +9,11 @@
 //! Which API for which job: [`Node::init`] creates a home and its CSR, [`Node::open`]
 //! unlocks one, [`Node::install_cert`] installs the cluster certificate and issues the
 //! node's own service certificates, [`Node::service_chain`] is what the node signs with.
-#![allow(
-    missing_docs,
-    reason = "56 public items (mostly fields of records and formats, described in docs/FORMATS.md) have no doc comment of their own yet; remove this line to list them"
-)]
+//! The embedded store and the software keystore are built in; an etcd cluster or a
+//! PKCS#11 token is reached through the [`Backends`] the program passes in.
 #![forbid(unsafe_code)]
 
+pub mod backends;
 mod custody_choice;
 mod error;
 pub mod home;
@@ -22,6 +21,7 @@ mod node;
 pub mod out_file;
 mod store_choice;
 
+pub use backends::{Backends, BuiltInOnly};
 pub use custody_choice::{CustodyChoice, CUSTODY_FILE};
 pub use error::{Code, Error, Result};
 pub use node::{

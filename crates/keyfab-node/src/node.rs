@@ -1,5 +1,6 @@
 //! Node home: init, unlock, certificate installation and the service identity.
 
+use crate::backends::{Backends, BuiltInOnly};
 use crate::custody_choice::{CustodyChoice, CUSTODY_FILE};
 use crate::store_choice::{StoreChoice, STORE_FILE};
 use crate::{Error, Result};
@@ -14,20 +15,27 @@ use keyfab_store::{Store, Table, Txn};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// The sealed software keystore in a home.
 pub const KEYSTORE_FILE: &str = "keystore.kfs";
+/// The embedded store in a home.
 pub const STATE_FILE: &str = "state.redb";
+/// The cluster key's certificate request, written by `init` for the root CA.
 pub const CSR_FILE: &str = "cluster.csr";
 const CLUSTER_KEY: &str = "cluster";
 /// Service certificates live this long (or until the cluster certificate ends).
 const SERVICE_DAYS: i64 = 365;
 
+/// What a home holds: HQ or a site. Opening a home as the other kind is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeKind {
+    /// Headquarters: policies, entitlements, audit imports.
     Hq,
+    /// A factory site: provisioning within the entitlements HQ issued.
     Site,
 }
 
 impl NodeKind {
+    /// The role its cluster certificate must carry.
     pub fn role(self) -> Role {
         match self {
             NodeKind::Hq => Role::Hq,
@@ -43,25 +51,37 @@ impl NodeKind {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceIdentity {
+    /// 1 for the first identity, one more at each rotation.
     pub generation: u32,
+    /// The custody handle of the signing key.
     pub signing_handle: String,
+    /// The custody handle of the HPKE key (files for this node are sealed to it).
     pub hpke_handle: String,
+    /// The signing key's certificate (DER), issued by the cluster key.
     #[serde(with = "serde_bytes")]
     pub signing_cert: Vec<u8>,
+    /// The HPKE key's certificate (DER), issued by the cluster key.
     #[serde(with = "serde_bytes")]
     pub hpke_cert: Vec<u8>,
 }
 
+/// An unlocked home: its identity keys, its state, and the randomness and clock every
+/// engine step takes from it (injected, so tests are deterministic).
 pub struct Node {
+    /// HQ or site.
     pub kind: NodeKind,
+    /// The home directory.
     pub dir: PathBuf,
+    /// The cluster name given at `init` (the site's name, for a site).
     pub name: String,
     /// Identity keys: the software keystore or a PKCS#11 token ([`CustodyChoice`]).
     pub custody: Box<dyn Custody>,
     /// The node's state: the embedded store in its home by default; any backend that
     /// keeps the `keyfab_store::Store` contract (etcd, for a cluster) can stand in.
     pub store: Box<dyn Store>,
+    /// Where every key, nonce and id of this node comes from.
     pub rng: Box<dyn SecureRng>,
+    /// What "now" is for every decision of this node.
     pub clock: Box<dyn Clock>,
 }
 
@@ -92,13 +112,15 @@ impl Node {
             name,
             &CustodyChoice::Software,
             &StoreChoice::Embedded,
+            &BuiltInOnly,
             passphrase,
             rng,
             clock,
         )
     }
 
-    /// [`Node::init`] with the identity keys where `custody` says; `secret` is the
+    /// [`Node::init`] with the identity keys where `custody` says and the state where
+    /// `store` says, reached through `backends` when not built in; `secret` is the
     /// keystore passphrase or the token's user PIN.
     #[allow(clippy::too_many_arguments)]
     pub fn init_with(
@@ -107,6 +129,7 @@ impl Node {
         name: &str,
         custody: &CustodyChoice,
         store: &StoreChoice,
+        backends: &dyn Backends,
         secret: &SecretBytes,
         rng: Box<dyn SecureRng>,
         clock: Box<dyn Clock>,
@@ -128,7 +151,7 @@ impl Node {
         let shared = match store_choice {
             StoreChoice::Embedded => None,
             StoreChoice::Etcd { .. } => {
-                let store = store_choice.open(dir)?;
+                let store = store_choice.open(dir, backends)?;
                 if meta(store.as_ref(), "kind")?.is_some() {
                     return Err(taken(store_choice));
                 }
@@ -136,11 +159,17 @@ impl Node {
             }
         };
         crate::home::create_private_dir(dir)?;
-        let mut custody = custody.create(dir, &dir.join(KEYSTORE_FILE), secret, rng.as_ref())?;
+        let mut custody = custody.create(
+            dir,
+            &dir.join(KEYSTORE_FILE),
+            secret,
+            rng.as_ref(),
+            backends,
+        )?;
         custody.generate_signing_key(CLUSTER_KEY, rng.as_ref())?;
         let store = match shared {
             Some(store) => store,
-            None => store_choice.open(dir)?,
+            None => store_choice.open(dir, backends)?,
         };
         let mut txn = Txn::default();
         txn.require_absent(Table::Meta, b"kind")
@@ -166,13 +195,15 @@ impl Node {
         })
     }
 
-    /// Unlocks an existing home of the given kind.
+    /// Unlocks an existing home of the given kind; a store or custody that is not built
+    /// in is reached through `backends`.
     pub fn open(
         dir: &Path,
         kind: NodeKind,
         passphrase: &SecretBytes,
         rng: Box<dyn SecureRng>,
         clock: Box<dyn Clock>,
+        backends: &dyn Backends,
     ) -> Result<Node> {
         if !dir.join(KEYSTORE_FILE).exists() && !dir.join(CUSTODY_FILE).exists() {
             return Err(Error::NotFound(format!(
@@ -183,8 +214,9 @@ impl Node {
             )));
         }
         crate::home::check_private(dir)?;
-        let custody = CustodyChoice::load(dir)?.open(&dir.join(KEYSTORE_FILE), passphrase)?;
-        let store = StoreChoice::load(dir)?.open(dir)?;
+        let custody =
+            CustodyChoice::load(dir)?.open(&dir.join(KEYSTORE_FILE), passphrase, backends)?;
+        let store = StoreChoice::load(dir)?.open(dir, backends)?;
         let stored_kind = meta(store.as_ref(), "kind")?.unwrap_or_default();
         if stored_kind != kind.as_str().as_bytes() {
             return Err(Error::Precondition(format!(
@@ -207,6 +239,7 @@ impl Node {
         })
     }
 
+    /// The node's clock, read once.
     pub fn now(&self) -> UnixTime {
         self.clock.now()
     }
@@ -314,18 +347,22 @@ impl Node {
         })
     }
 
+    /// The root CA certificate (DER) installed with the cluster certificate.
     pub fn root_cert(&self) -> Result<Vec<u8>> {
         self.require("root_cert")
     }
 
+    /// This node's cluster certificate (DER), issued by the root.
     pub fn cluster_cert(&self) -> Result<Vec<u8>> {
         self.require("cluster_cert")
     }
 
+    /// SHA-256 of the cluster certificate: how HQ and the site name each other.
     pub fn cluster_fingerprint(&self) -> Result<Fingerprint> {
         Ok(Fingerprint::of(&self.cluster_cert()?))
     }
 
+    /// The current service identity (signing and HPKE keys with their certificates).
     pub fn service(&self) -> Result<ServiceIdentity> {
         decode(&self.require("service")?)
     }
@@ -438,6 +475,7 @@ impl Node {
         Ok(self.custody.signer(CLUSTER_KEY)?)
     }
 
+    /// The current service signing key: what signs this node's files.
     pub fn service_signer(&self) -> Result<&dyn EcdsaSigner> {
         Ok(self.custody.signer(&self.service()?.signing_handle)?)
     }
@@ -463,12 +501,14 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
+/// A stored record's bytes (CBOR).
 pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     ciborium::into_writer(v, &mut out).map_err(|e| Error::Bug(e.to_string()))?;
     Ok(out)
 }
 
+/// A stored record read back; bytes that do not decode are `corrupt`.
 pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     ciborium::from_reader(bytes).map_err(|e| Error::Corrupt(format!("stored record: {e}")))
 }

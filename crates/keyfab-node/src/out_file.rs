@@ -44,13 +44,58 @@ pub fn check_new(out: &Path, nothing_done: &str) -> Result<()> {
 }
 
 /// The temporary file `out` is written to first: hidden, beside it, one name per target,
-/// so two writers of one file cannot both proceed and a write that stopped leaves one
-/// file to remove, named in the next attempt's error.
+/// so two writers of one file cannot both proceed. Its writer holds a lock on it while
+/// it writes; a temporary file nobody holds was left by a writer that stopped (killed,
+/// or its machine went down) and is taken over by the next one.
 fn temp_of(out: &Path) -> PathBuf {
     let name = out
         .file_name()
         .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
     dir_of(out).join(format!(".{name}.tmp"))
+}
+
+/// Creates the temporary file `tmp` for `out`, locked by this process. One left by a
+/// writer that stopped is removed first; one a running writer holds is refused.
+fn create_temp(tmp: &Path, out: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(tmp)
+    };
+    let f = match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let left = std::fs::OpenOptions::new().write(true).open(tmp)?;
+            if let Err(std::fs::TryLockError::WouldBlock) = left.try_lock() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!(
+                        "another keyfab is writing {} (through {}): wait for it to finish",
+                        out.display(),
+                        tmp.display()
+                    ),
+                ));
+            }
+            // Nobody holds it: its writer stopped. Removed only if the name still
+            // leads to the file locked here, never to another writer's new one.
+            let (held, now) = (left.metadata()?, std::fs::symlink_metadata(tmp)?);
+            if (held.dev(), held.ino()) == (now.dev(), now.ino()) {
+                std::fs::remove_file(tmp)?;
+            }
+            drop(left);
+            create()?
+        }
+        other => other?,
+    };
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("another keyfab is writing {}", out.display()),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
 }
 
 /// Writes `bytes` to the new file `out` durably: whole or not at all, never over a file
@@ -72,21 +117,7 @@ pub fn write_new_with<T, E: From<std::io::Error>>(
     // writer's.
     let created = std::cell::Cell::new(false);
     let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => std::io::Error::new(
-                    e.kind(),
-                    format!(
-                        "{} exists: another keyfab is writing {}, or one stopped while it did; if none is running, remove it",
-                        tmp.display(),
-                        out.display()
-                    ),
-                ),
-                _ => e,
-            })?;
+        let mut f = create_temp(&tmp, out)?;
         created.set(true);
         let value = write(&mut f)?;
         f.sync_all()?;
@@ -148,19 +179,26 @@ mod tests {
         });
         assert!(failed.is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        // A temporary file left by a writer that stopped blocks the next write, which
-        // names it and leaves it alone.
-        std::fs::write(dir.path().join(".e.kfe.tmp"), b"left").unwrap();
+        // A temporary file a running writer holds blocks the next write, which says so
+        // and leaves it alone.
+        let tmp = dir.path().join(".e.kfe.tmp");
+        std::fs::write(&tmp, b"being written").unwrap();
+        let writer = std::fs::File::open(&tmp).unwrap();
+        writer.lock().unwrap();
         let blocked = write_new(&out, b"x").unwrap_err();
         assert!(
-            blocked.to_string().contains(".e.kfe.tmp exists"),
+            blocked.to_string().contains("another keyfab is writing"),
             "{blocked}"
         );
-        assert_eq!(
-            std::fs::read(dir.path().join(".e.kfe.tmp")).unwrap(),
-            b"left"
-        );
-        std::fs::remove_file(dir.path().join(".e.kfe.tmp")).unwrap();
+        assert_eq!(std::fs::read(&tmp).unwrap(), b"being written");
+        assert!(!out.exists());
+        // One nobody holds was left by a writer that stopped (kill -9): the next write
+        // takes its place, and leaves no temporary behind.
+        drop(writer);
+        write_new(&out, b"whole").unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"whole");
+        assert!(!tmp.exists());
+        std::fs::remove_file(&out).unwrap();
         // A spool is anonymous: nothing appears in the directory.
         let _spool = spool_beside(&out).unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);

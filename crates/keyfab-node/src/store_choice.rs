@@ -3,6 +3,7 @@
 //! and kept in `HOME/store.json` (endpoints and namespace; no secret); a second node of
 //! the same site is a copy of the home (keystore and `store.json`), docs/OPERATIONS.md.
 
+use crate::backends::Backends;
 use crate::{Error, Result, STATE_FILE};
 use keyfab_store::{EmbeddedStore, Store};
 use serde::{Deserialize, Serialize};
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 /// The file that says the home's state is in etcd.
 pub const STORE_FILE: &str = "store.json";
 
+/// Where a home's state lives, as `init --store` chose.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum StoreChoice {
@@ -18,7 +20,9 @@ pub enum StoreChoice {
     Embedded,
     /// An etcd v3 cluster, this node's keys under `namespace`.
     Etcd {
+        /// The members' client URLs (`http://` or `https://`).
         endpoints: Vec<String>,
+        /// The prefix of every key of this site.
         namespace: String,
         /// TLS to the members (`etcds://`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -31,9 +35,12 @@ pub enum StoreChoice {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EtcdTlsFiles {
+    /// The CA that issued the members' certificates (PEM).
     pub ca: PathBuf,
+    /// This node's client certificate (PEM), when the members require one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<PathBuf>,
 }
@@ -140,22 +147,16 @@ impl StoreChoice {
         Ok(())
     }
 
-    /// Opens the store this choice names.
-    pub fn open(&self, home: &Path) -> Result<Box<dyn Store>> {
+    /// Opens the store this choice names, through `backends` when it is not the
+    /// embedded one.
+    pub fn open(&self, home: &Path, backends: &dyn Backends) -> Result<Box<dyn Store>> {
         Ok(match self {
             StoreChoice::Embedded => Box::new(EmbeddedStore::open(&home.join(STATE_FILE))?),
             StoreChoice::Etcd {
                 endpoints,
                 namespace,
                 tls,
-            } => {
-                let tls = tls.as_ref().map(EtcdTlsFiles::read).transpose()?;
-                Box::new(keyfab_store_etcd::EtcdStore::connect_with(
-                    endpoints,
-                    namespace,
-                    tls.as_ref(),
-                )?)
-            }
+            } => backends.connect_etcd(endpoints, namespace, tls.as_ref())?,
         })
     }
 
@@ -169,22 +170,6 @@ impl StoreChoice {
                 ..
             } => format!("etcd {} (namespace {namespace})", endpoints.join(",")),
         }
-    }
-}
-
-impl EtcdTlsFiles {
-    fn read(&self) -> Result<keyfab_store_etcd::EtcdTls> {
-        let read = |p: &Path| {
-            std::fs::read(p).map_err(|e| Error::NotFound(format!("{}: {e}", p.display())))
-        };
-        let client = match (&self.cert, &self.key) {
-            (Some(cert), Some(key)) => Some((read(cert)?, zeroize::Zeroizing::new(read(key)?))),
-            _ => None,
-        };
-        Ok(keyfab_store_etcd::EtcdTls {
-            ca_pem: read(&self.ca)?,
-            client,
-        })
     }
 }
 

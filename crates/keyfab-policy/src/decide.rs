@@ -9,15 +9,25 @@ use keyfab_code::Code;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DenyCode {
+    /// HQ revoked the entitlement.
     Revoked,
+    /// The entitlement needs its approval quorum first.
     ApprovalRequired,
+    /// HQ has not acknowledged this site's audit for longer than the policy allows.
     AuditOverdue,
+    /// Before `valid_from`.
     NotYetValid,
+    /// From `valid_until` on.
     Expired,
+    /// The station is not among `allowed_stations`.
     StationNotAllowed,
+    /// The device id does not match `device_id_pattern`.
     DeviceIdRejected,
+    /// The device already has its keys under this entitlement.
     DeviceAlreadyProvisioned,
+    /// The quota (`devices`) is used up.
     QuotaExceeded,
+    /// Today's share (`daily_limit`) is used up.
     DailyLimitExceeded,
     /// The entitlement's policy module refused.
     PolicyDenied,
@@ -51,9 +61,12 @@ impl From<DenyCode> for Code {
     }
 }
 
+/// The built-in rules' answer to one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
+    /// The device may have its keys.
     Allow,
+    /// Refused, for this reason.
     Deny(DenyCode),
 }
 
@@ -61,6 +74,7 @@ pub enum Decision {
 /// transaction that records the decision).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EntitlementState {
+    /// HQ revoked the entitlement.
     pub revoked: bool,
     /// The approval quorum for `activate` has been met (irrelevant if none is required).
     pub activated: bool,
@@ -85,14 +99,18 @@ pub struct DaySpan {
 }
 
 impl DaySpan {
+    /// Whether `time` falls on this day.
     pub fn contains(&self, time: i64) -> bool {
         (self.start..self.end).contains(&time)
     }
 }
 
+/// What the built-in rules look at in a request.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
+    /// The device id the station sent.
     pub device_id: &'a str,
+    /// The station that asks, when known.
     pub station: Option<&'a str>,
     /// The device already received keys under this entitlement.
     pub already_provisioned: bool,
@@ -102,6 +120,7 @@ pub struct Request<'a> {
 /// the time zone resolved once.
 #[derive(Debug, Clone)]
 pub struct CompiledPolicy {
+    /// The policy as signed.
     pub policy: Policy,
     pattern: Option<regex::Regex>,
     tz: jiff::tz::TimeZone,
@@ -120,6 +139,7 @@ pub fn id_shape_ok(id: &str) -> bool {
 }
 
 impl CompiledPolicy {
+    /// Validates `policy` and compiles its pattern and time zone.
     pub fn new(policy: Policy) -> Result<Self, PolicyError> {
         policy.validate()?;
         let pattern = policy

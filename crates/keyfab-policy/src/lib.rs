@@ -31,10 +31,6 @@
 //! // No [approval] section: nobody can approve anything (fail closed).
 //! assert_eq!(policy.approval_threshold(), u32::MAX);
 //! ```
-#![allow(
-    missing_docs,
-    reason = "57 public items (mostly fields of records and formats, described in docs/FORMATS.md) have no doc comment of their own yet; remove this line to list them"
-)]
 #![forbid(unsafe_code)]
 
 mod decide;
@@ -53,11 +49,14 @@ pub use toml_form::PolicyDraft;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("policy field `{field}`: {message}")]
 pub struct PolicyError {
+    /// The field, as the policy file names it (`keys[0].type`).
     pub field: String,
+    /// What is wrong with it.
     pub message: String,
 }
 
 impl PolicyError {
+    /// A refusal of `field`.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             field: field.into(),

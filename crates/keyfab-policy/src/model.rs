@@ -10,17 +10,22 @@ pub const MAX_CERT_DAYS: u32 = 36_500;
 /// Bound on the compiled size of `id_pattern`, so a pattern cannot exhaust the site.
 pub const MAX_PATTERN_BYTES: usize = 1 << 20;
 
+/// The type of a device key (`type` in a `[[keys]]` entry).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum KeyType {
+    /// ECDSA on P-256 (`ec-p256`); may carry a device certificate.
     #[serde(rename = "ec-p256")]
     EcP256,
+    /// Ed25519 (`ed25519`).
     #[serde(rename = "ed25519")]
     Ed25519,
+    /// A 256-bit AES key (`aes-256`).
     #[serde(rename = "aes-256")]
     Aes256,
 }
 
 impl KeyType {
+    /// The name a policy file uses.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::EcP256 => "ec-p256",
@@ -28,11 +33,13 @@ impl KeyType {
             Self::Aes256 => "aes-256",
         }
     }
+    /// A key pair (with a public key to certify), not a secret key.
     pub fn is_asymmetric(self) -> bool {
         !matches!(self, Self::Aes256)
     }
 }
 
+/// Where a device key comes from (`source` in a `[[keys]]` entry).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum KeySource {
     /// Generated at HQ and shipped, encrypted, in the entitlement.
@@ -50,6 +57,7 @@ pub enum KeySource {
 }
 
 impl KeySource {
+    /// The name a policy file uses.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::HqPool => "hq-pool",
@@ -60,17 +68,22 @@ impl KeySource {
     }
 }
 
+/// What a quorum of approvers may have to approve (`required_for`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Action {
+    /// Starting production under an imported entitlement.
     #[serde(rename = "activate")]
     Activate,
+    /// Giving a device that already has keys new ones.
     #[serde(rename = "reprovision")]
     Reprovision,
+    /// Raising the daily limit for one day.
     #[serde(rename = "raise-limit")]
     RaiseLimit,
 }
 
 impl Action {
+    /// The name a policy file and the CLI use.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Activate => "activate",
@@ -86,25 +99,34 @@ impl Action {
 pub struct CertificateTemplate {
     /// Distinguished name; `{device_id}` is replaced by the device id.
     pub subject: String,
+    /// How long the certificate is valid, in days from issue.
     pub days: u32,
 }
 
+/// One key every device receives (a `[[keys]]` entry).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeySpec {
+    /// The key's name, unique in the policy (it names the key in answers and records).
     pub name: String,
+    /// Its type.
     #[serde(rename = "type")]
     pub key_type: KeyType,
+    /// Where it comes from.
     pub source: KeySource,
+    /// The device certificate it gets, if any.
     pub certificate: Option<CertificateTemplate>,
 }
 
+/// The approval quorum (`[approval]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Approval {
+    /// How many distinct approvers must sign.
     pub threshold: u32,
     /// Approver public keys, PEM `PUBLIC KEY` (embedded by HQ from the listed files).
     pub approver_keys: Vec<String>,
+    /// The actions that need the quorum.
     pub required_for: Vec<Action>,
 }
 
@@ -112,17 +134,27 @@ pub struct Approval {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
+    /// The product the devices are.
     pub product: String,
+    /// The quota: at most this many devices, ever.
     pub devices: u64,
+    /// The first second the site may provision.
     pub valid_from: i64,
+    /// The second from which the site may no longer provision.
     pub valid_until: i64,
+    /// The site stops provisioning when HQ has not acknowledged its audit for this long.
     pub audit_every_days: Option<u32>,
+    /// At most this many devices per calendar day of `timezone`.
     pub daily_limit: Option<u64>,
     /// IANA time zone in which a "day" of the daily limit starts.
     pub timezone: String,
+    /// A regular expression every device id must match, whole.
     pub device_id_pattern: Option<String>,
+    /// The only stations that may provision, when given.
     pub allowed_stations: Option<Vec<String>>,
+    /// The keys every device receives.
     pub keys: Vec<KeySpec>,
+    /// The approval quorum, when the policy has one.
     pub approval: Option<Approval>,
     /// The policy module (`[code]`), run after the built-in rules. Absent from the
     /// encoding when there is none, so entitlements without code keep their bytes.
@@ -139,6 +171,7 @@ pub struct PolicyCode {
     pub name: String,
     /// SHA-256 of `module`, lowercase hex: how reports and the audit name the module.
     pub sha256: String,
+    /// The WebAssembly module's bytes.
     #[serde(with = "serde_bytes")]
     pub module: Vec<u8>,
 }
@@ -301,6 +334,7 @@ impl Policy {
         self.approval.as_ref().map_or(u32::MAX, |a| a.threshold)
     }
 
+    /// Whether `action` needs the approval quorum.
     pub fn requires_approval(&self, action: Action) -> bool {
         self.approval
             .as_ref()

@@ -453,9 +453,13 @@ fn a_site_that_stopped_itself_releases_nothing_not_even_a_retry() {
 #[test]
 fn nodes_decide_against_reservations_and_the_quota_holds_exactly_across_them() {
     let dir = tempfile::tempdir().unwrap();
-    let etcd = keyfab_store_etcd::cluster::EtcdCluster::start(1, &dir.path().join("etcd")).unwrap();
+    let etcd = keyfab_harness::etcd::EtcdCluster::start(1, &dir.path().join("etcd")).unwrap();
     let store = StoreChoice::parse(&etcd.store_spec(), "shenzhen-1").unwrap();
-    let w = World::of(keyfab_testkit::World::on(dir, &store));
+    let w = World::of(keyfab_testkit::World::on(
+        dir,
+        &store,
+        &keyfab_backends::Linked,
+    ));
     let id = w.entitlement(
         "pooled",
         "product = \"p\"\ndevices = 4\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2027-01-01T00:00:00Z\"\n\
@@ -484,6 +488,7 @@ fn nodes_decide_against_reservations_and_the_quota_holds_exactly_across_them() {
             &pass(),
             Box::new(SystemRng),
             Box::new(w.kit.clock.clone()),
+            &keyfab_backends::Linked,
         )
         .unwrap(),
     ));

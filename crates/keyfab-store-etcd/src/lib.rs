@@ -18,8 +18,6 @@
 //! them is refused with an error, never split (which would break atomicity).
 #![forbid(unsafe_code)]
 
-pub mod cluster;
-
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn as EtcdTxn, TxnOp};
 use keyfab_store::{
     prefix_end, CommitLimits, Guard, Outcome, Result, Store, StoreError, Table, Txn, Versioned,
@@ -88,7 +86,9 @@ impl std::fmt::Debug for EtcdTls {
 }
 
 impl EtcdTls {
-    pub(crate) fn options(&self) -> etcd_client::TlsOptions {
+    /// etcd-client's TLS options for these files: for a caller that talks to the
+    /// members directly (a test harness asking for a member's status).
+    pub fn options(&self) -> etcd_client::TlsOptions {
         let options = etcd_client::TlsOptions::new()
             .ca_certificate(etcd_client::Certificate::from_pem(&self.ca_pem));
         match &self.client {

@@ -9,8 +9,8 @@
     reason = "test code: a failed step stops the test, with what broke"
 )]
 
+use keyfab_harness::etcd::EtcdCluster;
 use keyfab_store::{Store, Table, Txn};
-use keyfab_store_etcd::cluster::EtcdCluster;
 use keyfab_store_etcd::EtcdStore;
 use std::time::{Duration, Instant};
 

@@ -6,7 +6,7 @@
     reason = "test code: a failed step stops the test, with what broke"
 )]
 
-use keyfab_store_etcd::cluster::EtcdCluster;
+use keyfab_harness::etcd::EtcdCluster;
 use keyfab_store_etcd::EtcdStore;
 
 #[test]

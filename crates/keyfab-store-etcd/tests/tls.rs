@@ -8,7 +8,7 @@
     reason = "test code: a failed step stops the test, with what broke"
 )]
 
-use keyfab_store_etcd::cluster::{ClusterTls, EtcdCluster};
+use keyfab_harness::etcd::{ClusterTls, EtcdCluster};
 use keyfab_store_etcd::{EtcdStore, EtcdTls};
 
 #[test]

@@ -20,7 +20,7 @@ use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::sign::SigningKey;
 use keyfab_crypto::time::{Clock, UnixTime};
 use keyfab_crypto::x509::{self, Role, Validity};
-use keyfab_node::{CustodyChoice, Node, NodeKind, StoreChoice};
+use keyfab_node::{Backends, BuiltInOnly, CustodyChoice, Node, NodeKind, StoreChoice};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -94,6 +94,7 @@ impl Root {
         kind: NodeKind,
         name: &str,
         store: &StoreChoice,
+        backends: &dyn Backends,
         clock: &TestClock,
     ) -> Node {
         let home = dir.join(name);
@@ -103,6 +104,7 @@ impl Root {
             name,
             &CustodyChoice::Software,
             store,
+            backends,
             &pass(),
             Box::new(SystemRng),
             Box::new(clock.clone()),
@@ -155,11 +157,13 @@ impl World {
         Self::on(
             tempfile::tempdir().expect("temp dir"),
             &StoreChoice::Embedded,
+            &BuiltInOnly,
         )
     }
 
-    /// A world in `dir` whose site keeps its state in `store`.
-    pub fn on(dir: tempfile::TempDir, store: &StoreChoice) -> Self {
+    /// A world in `dir` whose site keeps its state in `store`, reached through
+    /// `backends` when it is not the embedded store.
+    pub fn on(dir: tempfile::TempDir, store: &StoreChoice, backends: &dyn Backends) -> Self {
         let clock = TestClock::at(T0);
         let root = Root::new();
         let hq = root.node(
@@ -167,9 +171,10 @@ impl World {
             NodeKind::Hq,
             "acme-hq",
             &StoreChoice::Embedded,
+            &BuiltInOnly,
             &clock,
         );
-        let site = root.node(dir.path(), NodeKind::Site, SITE, store, &clock);
+        let site = root.node(dir.path(), NodeKind::Site, SITE, store, backends, &clock);
         let identity = keyfab_site::identity::export_identity(&site).expect("identity");
         keyfab_hq::sites::add_site(&hq, &identity).expect("site add");
         World {

@@ -47,6 +47,7 @@ fn open_home(name: &str, kind: NodeKind, dir: &Path) -> Node {
         &SecretBytes::new(PASSPHRASE.to_vec()),
         Box::new(SystemRng),
         Box::new(TestClock::at(VECTOR_TIME)),
+        &keyfab_node::BuiltInOnly,
     )
     .expect("open vector home")
 }

@@ -1,7 +1,14 @@
+//! `keyfab bench` (feature `bench`, on by default): each benchmark measures keyfab and,
+//! in the same run, the limit it is compared with. `provision`, `audit` and `entitlement`
+//! are here; `serve` in `bench_serve` and `bench_flood`. A build without the feature has
+//! none of it, nor the harness it needs (an etcd cluster spawner, token initialization,
+//! the HSM-centred baseline).
+//!
 //! `keyfab bench entitlement`: create and import an N-device entitlement, each step in a
 //! child process so its peak RSS is its own, against the raw P-256 key generation rate of
 //! this machine on all cores, measured in the same run.
 
+use crate::cli::BenchCommand;
 use crate::context::Context;
 use crate::output::{Failure, Report};
 use crate::run;
@@ -12,13 +19,83 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+/// Runs the benchmark `command` asks for.
+pub(crate) fn dispatch(ctx: &Context, command: BenchCommand) -> Result<Report, Failure> {
+    match command {
+        BenchCommand::Serve {
+            flood_station: Some(flooders),
+            paced_stations,
+            paced_rate,
+            seconds,
+            dir,
+            ..
+        } => {
+            if !(seconds.is_finite() && (0.5..=600.0).contains(&seconds)) {
+                return Err(Failure::usage("--seconds must be between 0.5 and 600"));
+            }
+            let flood = crate::bench_flood::Flood {
+                flooders,
+                paced_stations,
+                paced_rate,
+                seconds,
+            };
+            crate::bench_flood::flood(&flood, dir.as_deref())
+        }
+        BenchCommand::Serve {
+            stations,
+            devices,
+            chip,
+            dir,
+            ..
+        } => crate::bench_serve::serve(stations, devices, chip, dir.as_deref()),
+        BenchCommand::Provision {
+            concurrency,
+            devices,
+            seconds,
+            dir,
+            custody,
+            pkcs11_module,
+            policy_module,
+            store,
+            nodes,
+            key_source,
+        } => {
+            let token = (custody == "pkcs11").then_some(pkcs11_module.as_path());
+            crate::bench::provision(
+                ctx,
+                concurrency,
+                devices.map_or(
+                    crate::bench::LevelLength::Seconds(seconds),
+                    crate::bench::LevelLength::Devices,
+                ),
+                dir.as_deref(),
+                token,
+                policy_module.as_deref(),
+                &crate::bench::SiteOption {
+                    spec: store,
+                    nodes,
+                    key_source,
+                },
+            )
+        }
+        BenchCommand::Audit {
+            records,
+            random_ids,
+            dir,
+        } => crate::bench::audit(records, random_ids, dir.as_deref()),
+        BenchCommand::Entitlement { devices, dir } => {
+            crate::bench::entitlement(ctx, devices, dir.as_deref())
+        }
+    }
+}
+
 fn raw_keygen_rate(sample: usize) -> Result<f64, Failure> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per = sample.div_ceil(threads);
     let start = Instant::now();
     let results: Vec<_> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
-            .map(|_| s.spawn(move || keyfab_crypto::devicekey::raw_p256_keygen(per)))
+            .map(|_| s.spawn(move || keyfab_harness::raw::raw_p256_keygen(per)))
             .collect();
         hs.into_iter().map(|h| h.join().map_err(|_| ())).collect()
     });
@@ -203,7 +280,7 @@ pub(crate) fn provision(
     // `--store etcd`: three real members on loopback, started for the run.
     let etcd = match store.spec.as_str() {
         "etcd" => Some(
-            keyfab_store_etcd::cluster::EtcdCluster::start(3, &base.join("etcd"))
+            keyfab_harness::etcd::EtcdCluster::start(3, &base.join("etcd"))
                 .map_err(|e| Failure::new(Code::Io, e.to_string()))?,
         ),
         _ => None,
@@ -226,7 +303,7 @@ pub(crate) fn provision(
     let aead = keyfab_crypto::aead::AeadKey::new(&keyfab_crypto::secret::Secret32::new([7; 32]))
         .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
     let raw = all_cores(RAW_SAMPLE_PER_CORE, |n| {
-        keyfab_crypto::devicekey::raw_device_crypto(n, &signer, &aead)
+        keyfab_harness::raw::raw_device_crypto(n, &signer, &aead)
     })?;
 
     // A level runs for its time, or until its devices are done. Timed, each has room

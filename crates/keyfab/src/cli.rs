@@ -138,6 +138,7 @@ pub(crate) enum Command {
         devices: u64,
     },
     /// Measure keyfab against the raw crypto rate of this machine.
+    #[cfg(feature = "bench")]
     #[command(subcommand)]
     Bench(BenchCommand),
 }
@@ -818,6 +819,7 @@ pub(crate) enum PolicyCommand {
     },
 }
 
+#[cfg(feature = "bench")]
 #[derive(Subcommand, Debug)]
 pub(crate) enum BenchCommand {
     /// HQ's audit import (verify + reconcile) of an N-record bundle signed by a real
@@ -951,6 +953,7 @@ fn programmers(text: &str) -> Result<usize, String> {
 }
 
 /// A duration in seconds for `--seconds`: finite and above zero.
+#[cfg(feature = "bench")]
 fn positive_seconds(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(s),

@@ -111,6 +111,7 @@ impl Context {
             &self.unlock_secret(home)?,
             self.rng(),
             self.clock()?,
+            &keyfab_backends::Linked,
         )?)
     }
 }

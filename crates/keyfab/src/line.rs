@@ -203,7 +203,14 @@ pub(crate) fn serve(
             if let Some(addr) = bound {
                 listen = addr;
             }
-            keyfab_node::Node::open(home, NodeKind::Site, &secret, ctx.rng(), ctx.clock()?)?
+            keyfab_node::Node::open(
+                home,
+                NodeKind::Site,
+                &secret,
+                ctx.rng(),
+                ctx.clock()?,
+                &keyfab_backends::Linked,
+            )?
         }
         _ => ctx.open(home, NodeKind::Site)?,
     };
@@ -604,6 +611,8 @@ impl ServeChild {
         Ok(child)
     }
 
+    /// The child's process id (the serve benchmark reads its CPU time).
+    #[cfg(feature = "bench")]
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }

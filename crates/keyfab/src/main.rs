@@ -1,9 +1,13 @@
 //! `keyfab`: parse, dispatch, print the result or the error, exit with its code.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "bench")]
 mod bench;
+#[cfg(feature = "bench")]
 mod bench_cpu;
+#[cfg(feature = "bench")]
 mod bench_flood;
+#[cfg(feature = "bench")]
 mod bench_serve;
 mod cli;
 mod context;

@@ -205,70 +205,8 @@ pub(crate) fn dispatch(cli: Cli) -> Result<Report, Failure> {
         }
         Command::Policy(PolicyCommand::Test { module, cases }) => policy_test(&module, &cases),
         Command::Demo { dir, devices } => crate::demo::run(&ctx, dir.as_deref(), devices),
-        Command::Bench(BenchCommand::Serve {
-            flood_station: Some(flooders),
-            paced_stations,
-            paced_rate,
-            seconds,
-            dir,
-            ..
-        }) => {
-            if !(seconds.is_finite() && (0.5..=600.0).contains(&seconds)) {
-                return Err(Failure::usage("--seconds must be between 0.5 and 600"));
-            }
-            let flood = crate::bench_flood::Flood {
-                flooders,
-                paced_stations,
-                paced_rate,
-                seconds,
-            };
-            crate::bench_flood::flood(&flood, dir.as_deref())
-        }
-        Command::Bench(BenchCommand::Serve {
-            stations,
-            devices,
-            chip,
-            dir,
-            ..
-        }) => crate::bench_serve::serve(stations, devices, chip, dir.as_deref()),
-        Command::Bench(BenchCommand::Provision {
-            concurrency,
-            devices,
-            seconds,
-            dir,
-            custody,
-            pkcs11_module,
-            policy_module,
-            store,
-            nodes,
-            key_source,
-        }) => {
-            let token = (custody == "pkcs11").then_some(pkcs11_module.as_path());
-            crate::bench::provision(
-                &ctx,
-                concurrency,
-                devices.map_or(
-                    crate::bench::LevelLength::Seconds(seconds),
-                    crate::bench::LevelLength::Devices,
-                ),
-                dir.as_deref(),
-                token,
-                policy_module.as_deref(),
-                &crate::bench::SiteOption {
-                    spec: store,
-                    nodes,
-                    key_source,
-                },
-            )
-        }
-        Command::Bench(BenchCommand::Audit {
-            records,
-            random_ids,
-            dir,
-        }) => crate::bench::audit(records, random_ids, dir.as_deref()),
-        Command::Bench(BenchCommand::Entitlement { devices, dir }) => {
-            crate::bench::entitlement(&ctx, devices, dir.as_deref())
-        }
+        #[cfg(feature = "bench")]
+        Command::Bench(command) => crate::bench::dispatch(&ctx, command),
     }?;
     if std::env::var_os("KEYFAB_REPORT_PEAK_RSS").is_some() {
         if let (Some(obj), Some(rss)) = (report.json.as_object_mut(), peak_rss_bytes()) {

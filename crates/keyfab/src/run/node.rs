@@ -36,6 +36,7 @@ pub(crate) fn init_node(
         name,
         &custody,
         &store,
+        &keyfab_backends::Linked,
         &match &split {
             Some(s) => s.passphrase.clone(),
             None => ctx.passphrase()?,

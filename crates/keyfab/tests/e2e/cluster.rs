@@ -4,8 +4,8 @@
 //! station does), and HQ verifies the exported log.
 
 use crate::common::*;
+use keyfab_harness::etcd::EtcdCluster;
 use keyfab_site::provision::{ProvisionRequest, Provisioner};
-use keyfab_store_etcd::cluster::EtcdCluster;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -281,6 +281,7 @@ fn two_nodes_share_one_site_and_never_exceed_or_duplicate() {
         &keyfab_crypto::secret::SecretBytes::new(PASS.as_bytes().to_vec()),
         Box::new(keyfab_crypto::rng::SystemRng),
         Box::new(keyfab_crypto::time::SystemClock),
+        &keyfab_backends::Linked,
     )
     .unwrap();
     let chains: std::collections::BTreeSet<_> = keyfab_hq::audit::site_records(&hq, "shenzhen-1")
@@ -608,7 +609,7 @@ fn a_node_paused_mid_run_spends_nothing_it_no_longer_holds() {
 #[test]
 fn a_site_reaches_etcd_over_tls_with_its_client_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let tls = keyfab_store_etcd::cluster::ClusterTls::generate(&dir.path().join("tls")).unwrap();
+    let tls = keyfab_harness::etcd::ClusterTls::generate(&dir.path().join("tls")).unwrap();
     let (ca, cert, key) = (s(&tls.ca), s(&tls.client_cert), s(&tls.client_key));
     let etcd = EtcdCluster::start_with(3, &dir.path().join("etcd"), Some(tls)).unwrap();
     let spec = etcd.store_spec();

@@ -11,6 +11,7 @@
 mod common;
 
 mod approval;
+#[cfg(feature = "bench")]
 mod bench;
 mod cluster;
 mod crash;

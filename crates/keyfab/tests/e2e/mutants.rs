@@ -16,6 +16,7 @@ fn open_hq(w: &World) -> keyfab_node::Node {
         &keyfab_crypto::secret::SecretBytes::new(PASS.as_bytes().to_vec()),
         Box::new(keyfab_crypto::rng::SystemRng),
         Box::new(keyfab_crypto::time::SystemClock),
+        &keyfab_backends::Linked,
     )
     .unwrap()
 }

@@ -12,6 +12,7 @@ fn hq_at(w: &World, t: i64) -> keyfab_node::Node {
         &keyfab_crypto::secret::SecretBytes::new(PASS.as_bytes().to_vec()),
         Box::new(keyfab_crypto::rng::SystemRng),
         Box::new(FixedClock(UnixTime(t))),
+        &keyfab_backends::Linked,
     )
     .unwrap()
 }

@@ -463,6 +463,7 @@ pub(crate) fn site_with_clock(home: &Path, clock: &TestClock) -> keyfab_node::No
         &keyfab_crypto::secret::SecretBytes::new(PASS.as_bytes().to_vec()),
         Box::new(keyfab_crypto::rng::SystemRng),
         Box::new(clock.clone()),
+        &keyfab_backends::Linked,
     )
     .unwrap()
 }
@@ -474,6 +475,7 @@ pub(crate) fn open_site(home: &Path) -> keyfab_node::Node {
         &keyfab_crypto::secret::SecretBytes::new(PASS.as_bytes().to_vec()),
         Box::new(keyfab_crypto::rng::SystemRng),
         Box::new(keyfab_crypto::time::SystemClock),
+        &keyfab_backends::Linked,
     )
     .unwrap()
 }

@@ -40,7 +40,7 @@ pub struct ClusterTls {
     /// The client key (PEM file).
     pub client_key: PathBuf,
     /// The same client identity, loaded, for a store to connect with.
-    pub client: crate::EtcdTls,
+    pub client: keyfab_store_etcd::EtcdTls,
 }
 
 impl ClusterTls {
@@ -79,7 +79,7 @@ impl ClusterTls {
             ca: write("ca.crt", &ca_pem)?,
             client_cert: write("client.crt", &client_cert)?,
             client_key: write("client.key", &client_key)?,
-            client: crate::EtcdTls {
+            client: keyfab_store_etcd::EtcdTls {
                 ca_pem: ca_pem.into_bytes(),
                 client: Some((client_cert.into_bytes(), client_key.into_bytes().into())),
             },
@@ -209,7 +209,7 @@ impl EtcdCluster {
             let endpoints = self.endpoints();
             let client_tls = self.tls.as_ref().map(|t| &t.client);
             if let Ok(store) =
-                crate::EtcdStore::connect_with(&endpoints, "keyfab-probe", client_tls)
+                keyfab_store_etcd::EtcdStore::connect_with(&endpoints, "keyfab-probe", client_tls)
             {
                 if keyfab_store::Store::revision(&store).is_ok() {
                     return Ok(());
