@@ -19,10 +19,6 @@
 //! let r2 = head2.next(1_700_000_001, "shenzhen-1", Event::EntitlementImported { entitlement: "e2".into(), sequence: 2, pool_keys: 10 });
 //! assert_eq!(verify_chain(&Head::genesis(), &[r1, r2]).unwrap().sequence, 2);
 //! ```
-#![allow(
-    missing_docs,
-    reason = "71 public items (mostly fields of records and formats, described in docs/FORMATS.md) have no doc comment of their own yet; remove this line to list them"
-)]
 #![forbid(unsafe_code)]
 
 mod decode;
@@ -38,45 +34,68 @@ use serde::{Deserialize, Serialize};
 pub enum Event {
     /// An entitlement was verified and imported.
     EntitlementImported {
+        /// The entitlement id.
         entitlement: String,
+        /// HQ's sequence number of the entitlement.
         sequence: u64,
+        /// How many HQ-pool keys it carried.
         pool_keys: u64,
     },
     /// A device received keys. Recorded before any key leaves.
     ProvisionAllowed {
+        /// The entitlement id.
         entitlement: String,
+        /// The request id the station sent (a retry sends the same one).
         request_id: String,
+        /// The device id the station sent.
         device_id: String,
+        /// The station that asked, when it is known.
         station: Option<String>,
         /// The pool slot taken, if the policy has `hq-pool` keys.
         pool_index: Option<u64>,
+        /// The keys the device received, by their public identity.
         keys: Vec<AuditedKey>,
     },
     /// The station reported programming the device: `programmed`, or `failed` (its keys
     /// are burned). Either way they are never handed out again.
     DeviceConfirmed {
+        /// The entitlement id.
         entitlement: String,
+        /// The device id the station sent.
         device_id: String,
+        /// The station that asked, when it is known.
         station: Option<String>,
+        /// `programmed` or `failed`.
         result: String,
     },
     /// A request was refused, with its code.
     ProvisionDenied {
+        /// The entitlement id.
         entitlement: String,
+        /// The request id the station sent (a retry sends the same one).
         request_id: String,
+        /// The device id the station sent.
         device_id: String,
+        /// The station that asked, when it is known.
         station: Option<String>,
+        /// The refusal's stable code.
         code: String,
     },
     /// A request the built-in rules allowed was refused by the entitlement's policy
     /// module: `policy_denied` with the module's reason, or `policy_error` with what made
     /// the module fail.
     ProvisionDeniedByCode {
+        /// The entitlement id.
         entitlement: String,
+        /// The request id the station sent (a retry sends the same one).
         request_id: String,
+        /// The device id the station sent.
         device_id: String,
+        /// The station that asked, when it is known.
         station: Option<String>,
+        /// The refusal's stable code.
         code: String,
+        /// Why, in words.
         reason: String,
     },
     /// A station asked for what belongs to another station, and was refused
@@ -84,47 +103,85 @@ pub enum Event {
     /// station made (`action` "provision", with that `request_id`), or a confirmation of
     /// a device another station received (`action` "confirm", no request id).
     StationMismatch {
+        /// The entitlement id.
         entitlement: String,
+        /// `provision` or `confirm`.
         action: String,
+        /// The request id the station sent (a retry sends the same one).
         request_id: Option<String>,
+        /// The device id the station sent.
         device_id: String,
+        /// The station that asked, when it is known.
         station: Option<String>,
     },
     /// The clock was behind the trusted-time high-water mark by more than the tolerance.
-    ClockRollback { observed: i64, high_water: i64 },
+    ClockRollback {
+        /// What the clock said (Unix seconds).
+        observed: i64,
+        /// The site's trusted time (Unix seconds).
+        high_water: i64,
+    },
     /// The clock was ahead of the trusted time by more than the site allows: not adopted,
     /// and what asked for it refused. Recorded at the trusted time.
-    ClockAhead { observed: i64, high_water: i64 },
+    ClockAhead {
+        /// What the clock said (Unix seconds).
+        observed: i64,
+        /// The site's trusted time (Unix seconds).
+        high_water: i64,
+    },
     /// An approver's signed approval was accepted (one record per distinct approver).
     ApprovalAccepted {
+        /// The entitlement id.
         entitlement: String,
+        /// The approved action (`activate`, `reprovision`, `raise-limit`).
         action: String,
         /// SHA-256 of the approver's public key.
         approver: String,
+        /// The approval's nonce (hex): each approval counts once.
         nonce: String,
     },
     /// Enough distinct approvers approved `activate`: the entitlement may be used.
-    EntitlementActivated { entitlement: String },
+    EntitlementActivated {
+        /// The entitlement id.
+        entitlement: String,
+    },
     /// HQ revoked an entitlement; its unused pool keys were destroyed.
     EntitlementRevoked {
+        /// The entitlement id.
         entitlement: String,
+        /// HQ's sequence number of the revocation.
         sequence: u64,
+        /// The reason HQ gave.
         reason: String,
+        /// How many unused pool keys were destroyed.
         destroyed_pool_keys: u64,
     },
     /// An operator changed a site setting that bears on security.
-    SettingChanged { name: String, value: String },
+    SettingChanged {
+        /// The setting (`clock_tolerance`, …).
+        name: String,
+        /// Its new value.
+        value: String,
+    },
     /// The site exported its log up to `to_size` for HQ (bundle `bundle`).
     AuditExported {
+        /// The bundle id.
         bundle: String,
+        /// The first record of the bundle is record `from_size + 1`.
         from_size: u64,
+        /// The log's size at the end of the bundle.
         to_size: u64,
         /// Hex Merkle root at `to_size`.
         root: String,
     },
     /// The site found its state behind what HQ acknowledged (`rollback_detected`) or its
     /// audit chain broken (`log_broken`), and stopped releasing keys.
-    SiteLatched { code: String, reason: String },
+    SiteLatched {
+        /// `rollback_detected` or `log_broken`.
+        code: String,
+        /// What was found.
+        reason: String,
+    },
     /// HQ reset the site's trusted time (a receipt HQ issued for that purpose, after it
     /// had seen this log up to `size` records, whose root is `root`): the one record whose
     /// time may be earlier than the record before it — it is recorded at `to`, and the
@@ -134,6 +191,7 @@ pub enum Event {
         from: i64,
         /// HQ's time, the site's trusted time from this record on.
         to: i64,
+        /// How many records HQ had seen when it issued the reset.
         size: u64,
         /// Hex Merkle root of the first `size` records.
         root: String,
@@ -142,9 +200,11 @@ pub enum Event {
     },
     /// HQ acknowledged a checkpoint of this log.
     ReceiptImported {
+        /// The size of the log HQ acknowledged.
         size: u64,
         /// Hex Merkle root HQ acknowledged.
         root: String,
+        /// When HQ acknowledged it (HQ's clock, Unix seconds).
         acknowledged_at: i64,
     },
 }
@@ -153,6 +213,7 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditedKey {
+    /// The key's name in the policy.
     pub name: String,
     /// `spki-sha256:<hex>` or `kcv:<hex>`.
     pub key_id: String,
@@ -170,7 +231,9 @@ pub struct Record {
     pub sequence: u64,
     /// Unix seconds, from the site's trusted time.
     pub time: i64,
+    /// The site's name.
     pub site: String,
+    /// What happened.
     pub event: Event,
     /// Leaf hash of the previous record of the same chain (zeros before the first).
     #[serde(with = "serde_bytes")]
@@ -183,14 +246,24 @@ pub struct Record {
     pub chain: Option<String>,
 }
 
+/// Why a record or a run of records is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuditError {
+    /// The record at this sequence does not decode as keyfab wrote it.
     #[error("record {0} is malformed")]
     Malformed(u64),
+    /// Records out of order.
     #[error("record {got} follows {expected_after}: a sequence gap or repeat")]
-    Sequence { got: u64, expected_after: u64 },
+    Sequence {
+        /// The sequence the record has.
+        got: u64,
+        /// The sequence of the record before it.
+        expected_after: u64,
+    },
+    /// The record at this sequence does not carry its predecessor's hash.
     #[error("record {0} does not chain to the record before it")]
     Chain(u64),
+    /// The record at this sequence is dated before its predecessor.
     #[error("record {0} goes back in time")]
     TimeBackwards(u64),
 }
@@ -296,12 +369,16 @@ pub fn unpack_row(value: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, AuditError
 /// The end of the log: the last record's sequence, hash and time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head {
+    /// The last record's sequence (0 for an empty log).
     pub sequence: u64,
+    /// The last record's leaf hash (zeros for an empty log).
     pub hash: [u8; 32],
+    /// The last record's time.
     pub time: i64,
 }
 
 impl Head {
+    /// The head of an empty log.
     pub fn genesis() -> Self {
         Head {
             sequence: 0,
@@ -310,6 +387,7 @@ impl Head {
         }
     }
 
+    /// The head once `record` is the last record.
     pub fn after(record: &Record) -> Result<Self, AuditError> {
         if record.prev_hash.len() != 32 {
             return Err(AuditError::Malformed(record.sequence));
@@ -342,6 +420,7 @@ impl Head {
         b
     }
 
+    /// The compact form read back ([`Head::to_bytes`]).
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
         let b: &[u8; 48] = b.try_into().ok()?;
         let mut hash = [0u8; 32];

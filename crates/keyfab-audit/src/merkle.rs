@@ -1,8 +1,10 @@
 //! RFC 9162 §2.1 Merkle tree: tree head, inclusion and consistency proofs. Pure functions
 //! over leaf hashes (SHA-256(0x00 ‖ leaf)); interior nodes are SHA-256(0x01 ‖ left ‖ right).
 
+/// A SHA-256 value: a leaf hash, an interior node, a root.
 pub type Hash = [u8; 32];
 
+/// The leaf hash of one record's bytes: SHA-256(0x00 ‖ data).
 pub fn leaf_hash(data: &[u8]) -> Hash {
     let mut s = keyfab_crypto::hash::Sha256Stream::default();
     s.update(&[0x00]);
@@ -10,6 +12,7 @@ pub fn leaf_hash(data: &[u8]) -> Hash {
     s.finish()
 }
 
+/// An interior node: SHA-256(0x01 ‖ left ‖ right).
 pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
     let mut s = keyfab_crypto::hash::Sha256Stream::default();
     s.update(&[0x01]);
@@ -173,10 +176,12 @@ pub struct Frontier {
 }
 
 impl Frontier {
+    /// How many leaves the tree has.
     pub fn size(&self) -> u64 {
         self.size
     }
 
+    /// Appends one leaf hash.
     pub fn push(&mut self, leaf: Hash) {
         let mut node = (0u32, leaf);
         while let Some(&(h, left)) = self.nodes.last() {

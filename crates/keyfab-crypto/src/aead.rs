@@ -5,13 +5,16 @@ use crate::secret::{Secret32, SecretBytes};
 use crate::{CryptoError, Result};
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
+/// AES-GCM nonce length.
 pub const NONCE_LEN: usize = 12;
+/// AES-GCM tag length.
 pub const TAG_LEN: usize = 16;
 
 /// An AES-256-GCM key expanded once, for sealing many records with the same key.
 pub struct AeadKey(LessSafeKey);
 
 impl AeadKey {
+    /// Expands `key` for sealing and opening.
     pub fn new(key: &Secret32) -> Result<Self> {
         let k = UnboundKey::new(&AES_256_GCM, key.expose()).map_err(|_| CryptoError::Internal)?;
         Ok(Self(LessSafeKey::new(k)))
@@ -31,6 +34,7 @@ impl AeadKey {
         Ok(buf)
     }
 
+    /// Opens what [`AeadKey::seal`] sealed with this nonce and `aad`.
     pub fn open(&self, nonce: [u8; NONCE_LEN], aad: &[u8], sealed: &[u8]) -> Result<SecretBytes> {
         open_with(&self.0, nonce, aad, sealed)
     }
@@ -72,6 +76,7 @@ pub fn seal_random_nonce(
     Ok(out)
 }
 
+/// Opens what [`seal_random_nonce`] sealed (nonce ‖ ciphertext ‖ tag).
 pub fn open_random_nonce(key: &Secret32, aad: &[u8], sealed: &[u8]) -> Result<SecretBytes> {
     if sealed.len() < NONCE_LEN + TAG_LEN {
         return Err(CryptoError::DecryptFailed);

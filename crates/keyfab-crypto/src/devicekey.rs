@@ -14,14 +14,19 @@ use aws_lc_rs::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA
 /// Size of every stored device key secret.
 pub const SECRET_LEN: usize = 32;
 
+/// The type of a device key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeviceKeyType {
+    /// ECDSA on P-256.
     EcP256,
+    /// Ed25519.
     Ed25519,
+    /// A 256-bit AES key.
     Aes256,
 }
 
 impl DeviceKeyType {
+    /// The name policies and records use.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::EcP256 => "ec-p256",
@@ -29,6 +34,7 @@ impl DeviceKeyType {
             Self::Aes256 => "aes-256",
         }
     }
+    /// The type named `s`, if any.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "ec-p256" => Some(Self::EcP256),
@@ -49,6 +55,7 @@ pub enum KeyId {
 }
 
 impl KeyId {
+    /// `spki-sha256:<hex>` or `kcv:<hex>`, as records carry it.
     pub fn to_text(&self) -> String {
         // Written in one allocation: the committer does this for every key it releases.
         match self {
@@ -96,8 +103,11 @@ pub fn generate(kind: DeviceKeyType, rng: &dyn crate::rng::SecureRng) -> Result<
 /// its public key (for a certificate), and its private form for the device (PKCS#8, or
 /// the raw 32 bytes for AES).
 pub struct Expanded {
+    /// What the audit log and HQ keep of the key.
     pub key_id: KeyId,
+    /// The public key, for a device certificate (asymmetric keys only).
     pub public: Option<crate::x509::DevicePublicKey>,
+    /// The private form the device receives.
     pub private: SecretBytes,
 }
 

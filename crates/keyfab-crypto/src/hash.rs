@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+/// SHA-256 of `data`.
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
     let mut out = [0u8; 32];
@@ -19,9 +20,11 @@ impl Default for Sha256Stream {
 }
 
 impl Sha256Stream {
+    /// Hashes `data` next.
     pub fn update(&mut self, data: &[u8]) {
         self.0.update(data);
     }
+    /// The digest of everything hashed.
     pub fn finish(self) -> [u8; 32] {
         let d = self.0.finish();
         let mut out = [0u8; 32];
@@ -35,12 +38,15 @@ impl Sha256Stream {
 pub struct Fingerprint(pub [u8; 32]);
 
 impl Fingerprint {
+    /// The fingerprint of `public_bytes`.
     pub fn of(public_bytes: &[u8]) -> Self {
         Self(sha256(public_bytes))
     }
+    /// Lowercase hex.
     pub fn to_hex(&self) -> String {
         prefixed_hex("", &self.0)
     }
+    /// A fingerprint from 64 hex digits.
     pub fn from_hex(s: &str) -> Option<Self> {
         let v = hex::decode(s).ok()?;
         Some(Self(v.try_into().ok()?))

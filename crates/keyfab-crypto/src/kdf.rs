@@ -6,8 +6,11 @@ use crate::{CryptoError, Result};
 /// Argon2id cost parameters, stored beside the salt so they can be raised later.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Argon2Params {
+    /// Memory, in KiB.
     pub memory_kib: u32,
+    /// Passes over the memory.
     pub iterations: u32,
+    /// Parallel lanes.
     pub lanes: u32,
 }
 
@@ -21,6 +24,7 @@ impl Argon2Params {
     };
 }
 
+/// The 32-byte key Argon2id derives from `passphrase` and `salt`.
 pub fn argon2id(passphrase: &SecretBytes, salt: &[u8], params: Argon2Params) -> Result<Secret32> {
     use argon2::{Algorithm, Argon2, Params, Version};
     let p = Params::new(params.memory_kib, params.iterations, params.lanes, Some(32))

@@ -23,10 +23,6 @@
 //! let sig = key.sign(b"keyfab-example-v1 hello").unwrap();
 //! key.verifying_key().verify(b"keyfab-example-v1 hello", &sig).unwrap();
 //! ```
-#![allow(
-    missing_docs,
-    reason = "101 public items (mostly fields of records and formats, described in docs/FORMATS.md) have no doc comment of their own yet; remove this line to list them"
-)]
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "full")]
@@ -52,24 +48,34 @@ pub mod x509;
 /// *that* a check failed, never secret-dependent detail.
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
+    /// A signature that does not verify.
     #[error("signature does not verify")]
     BadSignature,
+    /// Decryption failed: a wrong key, or modified data.
     #[error("decryption failed (wrong key, or the data was modified)")]
     DecryptFailed,
+    /// Key bytes that are not a key of the expected kind.
     #[error("invalid key: {0}")]
     InvalidKey(&'static str),
+    /// A certificate could not be made from these inputs.
     #[error("certificate could not be built: {0}")]
     CertificateBuild(String),
+    /// Certificate bytes that do not parse.
     #[error("certificate is malformed: {0}")]
     CertificateMalformed(String),
+    /// A chain that does not lead to the trusted root, or not for this role.
     #[error("certificate chain is not trusted: {0}")]
     Untrusted(String),
+    /// A certificate past its notAfter.
     #[error("certificate has expired")]
     Expired,
+    /// A certificate before its notBefore.
     #[error("certificate is not yet valid")]
     NotYetValid,
+    /// The library failed in a way the caller cannot act on.
     #[error("internal cryptographic failure")]
     Internal,
 }
 
+/// A result whose error is a [`CryptoError`].
 pub type Result<T> = std::result::Result<T, CryptoError>;

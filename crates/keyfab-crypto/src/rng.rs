@@ -8,6 +8,7 @@ pub trait SecureRng: Send + Sync {
     /// rather than hand back predictable bytes.
     fn fill(&self, out: &mut [u8]);
 
+    /// `N` random bytes.
     fn array<const N: usize>(&self) -> [u8; N]
     where
         Self: Sized,

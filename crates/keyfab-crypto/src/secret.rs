@@ -10,18 +10,23 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 pub struct SecretBytes(Zeroizing<Vec<u8>>);
 
 impl SecretBytes {
+    /// Takes ownership of `bytes` (zeroized when dropped).
     pub fn new(bytes: Vec<u8>) -> Self {
         Self(Zeroizing::new(bytes))
     }
+    /// The secret bytes: for the one call that needs them, never for printing.
     pub fn expose(&self) -> &[u8] {
         &self.0
     }
+    /// The secret bytes, to fill in place.
     pub fn expose_mut(&mut self) -> &mut Vec<u8> {
         &mut self.0
     }
+    /// Length in bytes (not secret).
     pub fn len(&self) -> usize {
         self.0.len()
     }
+    /// Whether it holds no byte.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -44,13 +49,16 @@ impl fmt::Debug for SecretBytes {
 pub struct Secret32([u8; 32]);
 
 impl Secret32 {
+    /// Takes `bytes` (zeroized when dropped).
     pub fn new(bytes: [u8; 32]) -> Self {
         Self(bytes)
     }
+    /// Copies `bytes` if they are exactly 32.
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
         let arr: [u8; 32] = bytes.try_into().ok()?;
         Some(Self(arr))
     }
+    /// 32 bytes from `rng`.
     pub fn random(rng: &dyn crate::rng::SecureRng) -> Self {
         let mut b = [0u8; 32];
         rng.fill(&mut b);
@@ -58,6 +66,7 @@ impl Secret32 {
         b.zeroize();
         s
     }
+    /// The secret bytes: for the one call that needs them, never for printing.
     pub fn expose(&self) -> &[u8; 32] {
         &self.0
     }

@@ -12,6 +12,7 @@ use aws_lc_rs::signature::{
 
 /// Length of an uncompressed SEC1 P-256 point.
 pub const P256_POINT_LEN: usize = 65;
+/// Length of a fixed `r ‖ s` P-256 signature.
 pub const SIGNATURE_LEN: usize = 64;
 
 /// A P-256 signing key. Its private half leaves only as PKCS#8 in a zeroizing buffer,
@@ -32,6 +33,7 @@ impl SigningKey {
         Self::from_pkcs8(doc.as_ref())
     }
 
+    /// A key from its PKCS#8 document.
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self> {
         let fixed = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8)
             .map_err(|_| CryptoError::InvalidKey("not a P-256 PKCS#8 key"))?;
@@ -46,6 +48,7 @@ impl SigningKey {
         self.pkcs8.clone()
     }
 
+    /// Its public key.
     pub fn verifying_key(&self) -> VerifyingKey {
         VerifyingKey {
             point: self.fixed.public_key().as_ref().to_vec(),
@@ -66,7 +69,9 @@ impl SigningKey {
 /// Anything that signs with a P-256 key it holds: a software key, or (later) a key
 /// in a token. Signatures are fixed `r ‖ s`.
 pub trait EcdsaSigner: Send + Sync {
+    /// The public key of the key it signs with.
     fn verifying_key(&self) -> VerifyingKey;
+    /// Signs `message` (ECDSA P-256, SHA-256), fixed `r ‖ s`.
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>>;
 }
 
@@ -92,6 +97,7 @@ impl std::fmt::Debug for VerifyingKey {
 }
 
 impl VerifyingKey {
+    /// A public key from its uncompressed SEC1 point.
     pub fn from_sec1(point: &[u8]) -> Result<Self> {
         if point.len() != P256_POINT_LEN || point[0] != 0x04 {
             return Err(CryptoError::InvalidKey("not an uncompressed P-256 point"));
@@ -107,10 +113,12 @@ impl VerifyingKey {
         Self::from_sec1(&point)
     }
 
+    /// The uncompressed SEC1 point.
     pub fn sec1(&self) -> &[u8] {
         &self.point
     }
 
+    /// The DER SubjectPublicKeyInfo.
     pub fn spki_der(&self) -> Vec<u8> {
         crate::x509::p256_spki(&self.point)
     }
@@ -120,6 +128,7 @@ impl VerifyingKey {
         Fingerprint::of(&self.spki_der())
     }
 
+    /// Checks a fixed `r ‖ s` signature over `message`.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<()> {
         if signature.len() != SIGNATURE_LEN {
             return Err(CryptoError::BadSignature);
@@ -129,10 +138,12 @@ impl VerifyingKey {
             .map_err(|_| CryptoError::BadSignature)
     }
 
+    /// PEM `PUBLIC KEY`.
     pub fn to_pem(&self) -> String {
         crate::x509::to_pem(&self.spki_der(), "PUBLIC KEY")
     }
 
+    /// A key from PEM `PUBLIC KEY`.
     pub fn from_pem(text: &str) -> Result<Self> {
         let p = pem::parse(text).map_err(|_| CryptoError::InvalidKey("not PEM"))?;
         if p.tag() != "PUBLIC KEY" {

@@ -5,18 +5,23 @@
 pub struct UnixTime(pub i64);
 
 impl UnixTime {
+    /// Seconds since the epoch.
     pub fn seconds(self) -> i64 {
         self.0
     }
+    /// This time `days` days later (saturating).
     pub fn plus_days(self, days: i64) -> Self {
         Self(self.0.saturating_add(days.saturating_mul(86_400)))
     }
 }
 
+/// Where "now" comes from: the system clock, or a test's.
 pub trait Clock: Send + Sync {
+    /// The current time.
     fn now(&self) -> UnixTime;
 }
 
+/// The system's wall clock.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;
 

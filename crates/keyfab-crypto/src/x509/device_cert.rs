@@ -91,6 +91,7 @@ pub struct DeviceIssuer {
 }
 
 impl DeviceIssuer {
+    /// An issuer for the batch CA key and its certificate.
     pub fn new(batch_key: SigningKey, batch_cert: &[u8]) -> Result<Self> {
         let (issuer_name, authority_key_id) = issuer_parts(&batch_key, batch_cert)?;
         Ok(Self {

@@ -52,9 +52,13 @@ static OID_ROLE_DEVICE_CA: [u8; 21] = role_oid(4);
 /// What a certificate may act as. Carried as an extended key usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
+    /// Headquarters' cluster.
     Hq,
+    /// A site's cluster.
     Site,
+    /// A production-line station (client of the station API).
     Station,
+    /// An entitlement's batch CA, which issues device certificates.
     DeviceCa,
 }
 
@@ -67,6 +71,7 @@ impl Role {
             Role::DeviceCa => &OID_ROLE_DEVICE_CA,
         }
     }
+    /// The name the CLI and messages use.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Hq => "hq",
@@ -75,6 +80,7 @@ impl Role {
             Role::DeviceCa => "device-ca",
         }
     }
+    /// The cluster role named `s` (`hq` or `site`).
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "hq" => Some(Role::Hq),
@@ -87,7 +93,9 @@ impl Role {
 /// What a leaf certificate's key is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
+    /// Signing.
     Signing,
+    /// HPKE: files are sealed to it.
     KeyAgreement,
 }
 
@@ -263,7 +271,9 @@ fn eku_oids(oids: &[&[u8]]) -> CustomExtension {
 /// Validity and serial of a certificate to issue.
 #[derive(Debug, Clone, Copy)]
 pub struct Validity {
+    /// The first second it is valid.
     pub not_before: UnixTime,
+    /// The last second it is valid.
     pub not_after: UnixTime,
 }
 
@@ -312,10 +322,13 @@ pub fn cluster_csr(key: &dyn EcdsaSigner, name: &str) -> Result<Vec<u8>> {
 
 /// The subject name and key of a CSR, after checking its self-signature.
 pub struct CsrInfo {
+    /// The subject's common name.
     pub common_name: String,
+    /// The key the CSR asks to certify.
     pub public_key: VerifyingKey,
 }
 
+/// Reads a DER CSR and checks its self-signature.
 pub fn read_csr(der: &[u8]) -> Result<CsrInfo> {
     let params =
         CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der))
@@ -370,9 +383,13 @@ pub fn issue_cluster_certificate(
 pub struct ServiceCert<'a> {
     /// Uncompressed P-256 point of the certified key.
     pub subject_point: &'a [u8],
+    /// The subject's common name.
     pub common_name: &'a str,
+    /// The role it carries.
     pub role: Role,
+    /// What its key is for.
     pub purpose: Purpose,
+    /// When it is valid.
     pub validity: Validity,
 }
 
@@ -506,23 +523,32 @@ pub fn random_serial(rng: &dyn crate::rng::SecureRng) -> [u8; 16] {
 /// What a caller may rely on after [`validate_chain`].
 #[derive(Debug, Clone)]
 pub struct ValidatedLeaf {
+    /// The subject's common name.
     pub common_name: String,
     /// Uncompressed P-256 point of the leaf's key.
     pub public_point: Vec<u8>,
     /// Common name of the cluster CA that issued the leaf (the cluster's name).
     pub cluster_name: String,
+    /// The last second it is valid.
     pub not_after: UnixTime,
 }
 
 /// Facts read from one certificate (no trust implied).
 #[derive(Debug, Clone)]
 pub struct CertFacts {
+    /// The subject's common name.
     pub common_name: String,
+    /// Uncompressed P-256 point of its key, when it is a P-256 key.
     pub public_point: Option<Vec<u8>>,
+    /// The first second it is valid.
     pub not_before: UnixTime,
+    /// The last second it is valid.
     pub not_after: UnixTime,
+    /// The serial number, hex.
     pub serial_hex: String,
+    /// The role it carries.
     pub roles: Vec<Role>,
+    /// Whether it is a CA (basicConstraints).
     pub is_ca: bool,
 }
 
@@ -534,6 +560,7 @@ pub fn cert_spki(der: &[u8]) -> Result<Vec<u8>> {
     Ok(cert.public_key().raw.to_vec())
 }
 
+/// What a certificate says, read without trusting it.
 pub fn cert_facts(der: &[u8]) -> Result<CertFacts> {
     use x509_parser::prelude::*;
     let (rest, cert) = X509Certificate::from_der(der)
@@ -872,6 +899,7 @@ pub fn pem_blocks(text: &str) -> Result<Vec<(String, Vec<u8>)>> {
         .collect())
 }
 
+/// The DER inside PEM text whose label is `tag`.
 pub fn from_pem(text: &str, tag: &str) -> Result<Vec<u8>> {
     let p = pem::parse(text).map_err(|_| CryptoError::CertificateMalformed("not PEM".into()))?;
     if p.tag() != tag {
