@@ -42,6 +42,7 @@ pub struct SeededRng {
 
 #[cfg(any(test, feature = "harness"))]
 impl SeededRng {
+    /// The generator for `seed`: the same seed, the same bytes.
     pub fn new(seed: u64) -> Self {
         let mut s = [0u8; 32];
         s[..8].copy_from_slice(&seed.to_be_bytes());
