@@ -19,8 +19,11 @@ use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::sign::{EcdsaSigner, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
+/// The format version this code writes and reads.
 pub const VERSION: u8 = 1;
+/// The COSE external AAD: a signature made for another format never verifies as this one.
 pub const CONTEXT: &[u8] = b"keyfab-approval-v1";
+/// Largest file accepted; anything longer is `malformed` (too large).
 pub const MAX_LEN: usize = 16 * 1024;
 /// Largest approval file: the request it signs and the signature around it.
 pub const MAX_APPROVAL_LEN: usize = MAX_LEN + 1024;
@@ -29,18 +32,25 @@ pub const MAX_APPROVAL_LEN: usize = MAX_LEN + 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApprovalRequest {
+    /// The format's name, checked on reading.
     pub format: String,
+    /// The format's version (1).
     pub version: u32,
+    /// The site's name.
     pub site: String,
+    /// The entitlement id.
     pub entitlement: String,
     /// `activate`, `reprovision` or `raise-limit`.
     pub action: String,
     /// 16 random bytes, hex: makes every request unique.
     pub nonce: String,
+    /// When it was made (Unix seconds, its maker's clock).
     pub created_at: i64,
+    /// After this time the request can no longer be approved.
     pub expires_at: i64,
     /// For the approver's eyes: what the entitlement is.
     pub product: String,
+    /// For the approver's eyes: the entitlement's quota.
     pub devices: u64,
 }
 
@@ -103,7 +113,9 @@ pub fn sign_approval(approver: &dyn EcdsaSigner, request_file: &[u8]) -> Result<
 /// A verified approval: who approved which request.
 #[derive(Debug, Clone)]
 pub struct Approval {
+    /// SHA-256 of the approver's public key.
     pub approver: Fingerprint,
+    /// The request approved.
     pub request: ApprovalRequest,
     /// The request file as signed.
     pub request_file: Vec<u8>,

@@ -29,23 +29,32 @@ use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{Role, ValidatedLeaf};
 use serde::{Deserialize, Serialize};
 
+/// The format version this code writes and reads.
 pub const VERSION: u8 = 1;
+/// The COSE external AAD: a signature made for another format never verifies as this one.
 pub const CONTEXT: &[u8] = b"keyfab-audit-v1";
+/// The COSE content type of the signed payload.
 pub const CONTENT_TYPE: &str = "application/keyfab-audit-bundle+cbor";
 const MAX_SIGN1_LEN: u32 = 64 * 1024;
 const MAX_CHUNK: usize = 1024 * 1024;
 /// A record larger than this is refused (records are a few hundred bytes).
 pub const MAX_RECORD: usize = 64 * 1024;
+/// Largest file accepted; anything longer is `malformed` (too large).
 pub const MAX_FILE_LEN: u64 = 64 * 1024 * 1024 * 1024;
 
+/// The signed header of a `.kfa`: everything security-relevant, in the clear.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BundleHeader {
+    /// The format's name, checked on reading.
     pub format: String,
+    /// The format's version (1).
     pub version: u32,
     /// 16 random bytes, hex.
     pub id: String,
+    /// The site's name.
     pub site: String,
+    /// HQ's cluster name.
     pub hq: String,
     /// Hex SHA-256 of HQ's cluster certificate.
     pub hq_cluster: String,
@@ -55,14 +64,20 @@ pub struct BundleHeader {
     pub from: TreeHead,
     /// The site's checkpoint: its log after these records.
     pub to: TreeHead,
+    /// When the site made the checkpoint (its trusted time).
     pub checkpoint_time: i64,
     /// RFC 9162 consistency proof from `from` to `to`.
     pub consistency: Vec<serde_bytes::ByteBuf>,
+    /// When it was made (Unix seconds, its maker's clock).
     pub created_at: i64,
+    /// The HPKE encapsulated key the body is sealed under.
     #[serde(with = "serde_bytes")]
     pub enc: Vec<u8>,
+    /// How many sealed chunks the body has.
     pub chunks: u64,
+    /// The body's length in bytes.
     pub body_len: u64,
+    /// SHA-256 of the body as written: checked before any chunk is opened.
     #[serde(with = "serde_bytes")]
     pub body_sha256: Vec<u8>,
 }
@@ -91,15 +106,25 @@ fn hpke_info(site: &str, hq_cluster: &str, recipient: &str, id: &str) -> Result<
 
 /// Everything of the header but the body's framing, which the writer fills in.
 pub struct BundleFields {
+    /// The file's id: 16 random bytes, hex.
     pub id: String,
+    /// The site's name.
     pub site: String,
+    /// HQ's cluster name.
     pub hq: String,
+    /// SHA-256 of HQ's cluster certificate.
     pub hq_cluster: Fingerprint,
+    /// Hex SHA-256 of the SubjectPublicKeyInfo of the recipient's HPKE key.
     pub recipient: HpkePublicKey,
+    /// The head of the site's previous export (size 0: none).
     pub from: TreeHead,
+    /// The site's checkpoint: its log after these records.
     pub to: TreeHead,
+    /// When the site made the checkpoint (its trusted time).
     pub checkpoint_time: i64,
+    /// RFC 9162 consistency proof from `from` to `to`.
     pub consistency: Vec<[u8; 32]>,
+    /// When it is made (its maker's clock).
     pub created_at: UnixTime,
 }
 
@@ -175,7 +200,9 @@ pub fn write_bundle(
 /// A bundle whose signature, signer chain (role site), addressing and body digest hold.
 #[derive(Debug)]
 pub struct BundleEnvelope {
+    /// The signed header.
     pub header: BundleHeader,
+    /// The signer's certificate, validated to the root for its role.
     pub signer: ValidatedLeaf,
     /// The signer's chain: [site signing cert, site cluster cert].
     pub chain: Vec<Vec<u8>>,
@@ -240,6 +267,7 @@ pub struct RecordReader {
     at: usize,
 }
 
+/// Opens the verified bundle's body with HQ's HPKE key: its records, chunk by chunk.
 pub fn open_bundle(
     envelope: &Verified<BundleEnvelope>,
     recipient: &dyn HpkeRecipient,
@@ -309,6 +337,7 @@ impl RecordChunk {
         ChunkRecords { rest: &self.plain }
     }
 
+    /// The opened body's bytes.
     pub fn into_bytes(self) -> Vec<u8> {
         self.plain
     }

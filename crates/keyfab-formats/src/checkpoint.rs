@@ -24,9 +24,13 @@ use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{Role, ValidatedLeaf};
 use serde::{Deserialize, Serialize};
 
+/// The format version this code writes and reads.
 pub const VERSION: u8 = 1;
+/// Largest file accepted; anything longer is `malformed` (too large).
 pub const MAX_LEN: usize = 64 * 1024;
+/// The COSE external AAD of a checkpoint.
 pub const CHECKPOINT_CONTEXT: &[u8] = b"keyfab-checkpoint-v1";
+/// The COSE external AAD of a receipt.
 pub const RECEIPT_CONTEXT: &[u8] = b"keyfab-receipt-v1";
 const CHECKPOINT_TYPE: &str = "application/keyfab-checkpoint+cbor";
 const RECEIPT_TYPE: &str = "application/keyfab-receipt+cbor";
@@ -35,35 +39,50 @@ const RECEIPT_TYPE: &str = "application/keyfab-receipt+cbor";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TreeHead {
+    /// How many records.
     pub size: u64,
+    /// The RFC 9162 Merkle root of those records.
     #[serde(with = "serde_bytes")]
     pub root: [u8; 32],
 }
 
+/// A site's signed statement of its log's head at a time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Checkpoint {
+    /// The format's name, checked on reading.
     pub format: String,
+    /// The format's version (1).
     pub version: u32,
+    /// The site's name.
     pub site: String,
+    /// The log's head.
     pub head: TreeHead,
+    /// The site's trusted time when it signed.
     pub time: i64,
 }
 
+/// HQ's signed acknowledgment of a site's checkpoint (`.kfk`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Receipt {
+    /// The format's name, checked on reading.
     pub format: String,
+    /// The format's version (1).
     pub version: u32,
+    /// HQ's cluster name.
     pub hq: String,
     /// Hex SHA-256 of HQ's cluster certificate.
     pub hq_cluster: String,
+    /// The site's name.
     pub site: String,
     /// Hex SHA-256 of the SubjectPublicKeyInfo of the site's HPKE key.
     pub recipient: String,
     /// The checkpoint HQ accepted.
     pub head: TreeHead,
+    /// When the site made the checkpoint (its trusted time).
     pub checkpoint_time: i64,
+    /// When HQ acknowledged it (HQ's clock).
     pub acknowledged_at: i64,
     /// Set only in a receipt HQ issues to reset the site's trusted time (`hq site
     /// reset-clock`): HQ's time when it issued it, the site's trusted time from then on.
@@ -77,6 +96,7 @@ fn framed(kind: Kind, sign1: Vec<u8>) -> Vec<u8> {
     out
 }
 
+/// Signs a checkpoint.
 pub fn write_checkpoint(
     signer: &dyn EcdsaSigner,
     chain: Vec<Vec<u8>>,
@@ -92,6 +112,7 @@ pub fn write_checkpoint(
     Ok(framed(Kind::Checkpoint, sign1))
 }
 
+/// Signs and seals a receipt for the site.
 pub fn write_receipt(
     signer: &dyn EcdsaSigner,
     chain: Vec<Vec<u8>>,

@@ -29,8 +29,11 @@ const AAD_LABEL: &[u8] = b"keyfab-chip-key-v1";
 /// What a package is for.
 #[derive(Debug, Clone, Copy)]
 pub struct Binding<'a> {
+    /// The site's name.
     pub site: &'a str,
+    /// The entitlement id.
     pub entitlement: &'a str,
+    /// The device id.
     pub device_id: &'a str,
 }
 

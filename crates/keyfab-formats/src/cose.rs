@@ -43,7 +43,9 @@ pub fn sign(
     reason = "the private field keeps construction to `verify` inside this crate too, which #[non_exhaustive] does not"
 )]
 pub struct SignedByChain {
+    /// The signer's certificate chain as carried (x5chain), leaf first.
     pub chain: Vec<Vec<u8>>,
+    /// The payload the signature covers.
     pub payload: Vec<u8>,
     /// Only [`verify`] makes one.
     _signature_verified: (),

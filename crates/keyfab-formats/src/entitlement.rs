@@ -34,14 +34,21 @@ use keyfab_policy::{KeySource, KeyType, Policy};
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
+/// The format version this code writes and reads.
 pub const VERSION: u8 = 1;
+/// The COSE external AAD: a signature made for another format never verifies as this one.
 pub const CONTEXT: &[u8] = b"keyfab-entitlement-v1";
+/// The COSE content type of the signed payload.
 pub const CONTENT_TYPE: &str = "application/keyfab-entitlement+cbor";
+/// Largest signed header accepted.
 pub const MAX_SIGN1_LEN: u32 = 64 * 1024;
+/// Largest content chunk accepted.
 pub const MAX_CONTENT_CHUNK: u32 = 1024 * 1024;
 /// Upper bound on a whole file (100 M devices × a few pool keys fits well below).
 pub const MAX_FILE_LEN: u64 = 64 * 1024 * 1024 * 1024;
+/// Length of each pool key's secret.
 pub const KEY_LEN: usize = keyfab_crypto::devicekey::SECRET_LEN;
+/// Pool keys per chunk unless the writer says otherwise.
 pub const DEFAULT_KEYS_PER_CHUNK: u32 = 2048;
 const MAX_KEYS_PER_CHUNK: u32 = 65_536;
 
@@ -49,7 +56,9 @@ const MAX_KEYS_PER_CHUNK: u32 = 65_536;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EntitlementHeader {
+    /// The format's name, checked on reading.
     pub format: String,
+    /// The format's version (1).
     pub version: u32,
     /// 16 random bytes, hex.
     pub id: String,
@@ -57,15 +66,22 @@ pub struct EntitlementHeader {
     pub sequence: u64,
     /// HQ cluster name and SHA-256 of its cluster certificate.
     pub hq: String,
+    /// Hex SHA-256 of HQ's cluster certificate.
     pub hq_cluster: String,
+    /// The site's name.
     pub site: String,
     /// SHA-256 of the SubjectPublicKeyInfo of the site's HPKE key.
     pub recipient: String,
+    /// When it was made (Unix seconds, its maker's clock).
     pub created_at: i64,
+    /// The HPKE encapsulated key the body is sealed under.
     #[serde(with = "serde_bytes")]
     pub enc: Vec<u8>,
+    /// How many sealed chunks the body has.
     pub chunks: u64,
+    /// The body's length in bytes.
     pub body_len: u64,
+    /// SHA-256 of the body as written: checked before any chunk is opened.
     #[serde(with = "serde_bytes")]
     pub body_sha256: Vec<u8>,
 }
@@ -74,8 +90,11 @@ pub struct EntitlementHeader {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolSpec {
+    /// The key spec's name.
     pub key: String,
+    /// Its type.
     pub key_type: KeyType,
+    /// How many keys.
     pub count: u64,
 }
 
@@ -96,17 +115,28 @@ pub struct ContentSecrets {
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EntitlementContent {
+    /// The file's id: 16 random bytes, hex.
     pub id: String,
+    /// Per-site sequence number; a site accepts only increasing ones.
     pub sequence: u64,
+    /// HQ's cluster name.
     pub hq: String,
+    /// Hex SHA-256 of HQ's cluster certificate.
     pub hq_cluster: String,
+    /// The site's name.
     pub site: String,
+    /// When it was made (Unix seconds, its maker's clock).
     pub created_at: i64,
+    /// The policy the site enforces.
     pub policy: Policy,
+    /// The batch CA's certificate (DER): it issues the device certificates.
     #[serde(with = "serde_bytes")]
     pub batch_ca_cert: Vec<u8>,
+    /// The batch CA key and the master secret.
     pub secrets: ContentSecrets,
+    /// The pool keys the file carries, per key spec.
     pub pool: Vec<PoolSpec>,
+    /// Pool keys per chunk.
     pub keys_per_chunk: u32,
     /// HQ's last accepted checkpoint of this site's audit log, if any: a site whose log
     /// is behind or inconsistent with it was rolled back (tier B of docs/THREAT-MODEL.md's rollback row).
@@ -120,9 +150,13 @@ pub struct EntitlementContent {
 /// One pool chunk: keys `first .. first + count` of pool spec `spec`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkRef {
+    /// The chunk's index in the file (1 is the first pool chunk).
     pub index: u64,
+    /// Which pool spec.
     pub spec: usize,
+    /// The first key's index within the spec.
     pub first: u64,
+    /// How many keys.
     pub count: u64,
 }
 
@@ -171,19 +205,28 @@ pub fn hpke_info(hq_cluster: &str, site: &str, recipient: &str, id: &str) -> Res
 
 /// Who sends the entitlement, and to whom.
 pub struct Addressing<'a> {
+    /// The file's id: 16 random bytes, hex.
     pub id: String,
+    /// Per-site sequence number; a site accepts only increasing ones.
     pub sequence: u64,
+    /// HQ's cluster name.
     pub hq: String,
+    /// SHA-256 of HQ's cluster certificate.
     pub hq_cluster: Fingerprint,
+    /// The site's name.
     pub site: String,
+    /// Hex SHA-256 of the SubjectPublicKeyInfo of the recipient's HPKE key.
     pub recipient: &'a HpkePublicKey,
+    /// When it is made (its maker's clock).
     pub created_at: UnixTime,
 }
 
 /// Result of writing a file.
 #[derive(Debug, Clone, Copy)]
 pub struct WriteSummary {
+    /// Bytes written.
     pub bytes: u64,
+    /// How many sealed chunks the body has.
     pub chunks: u64,
 }
 
@@ -250,7 +293,9 @@ pub fn write_entitlement(
 /// A verified (signed, trusted, addressed to us, body intact) but still encrypted file.
 #[derive(Debug)]
 pub struct EntitlementEnvelope {
+    /// The signed header.
     pub header: EntitlementHeader,
+    /// The signer's certificate, validated to the root for its role.
     pub signer: ValidatedLeaf,
     /// The signer's chain as carried in x5chain: [HQ signing cert, HQ cluster cert].
     pub chain: Vec<Vec<u8>>,

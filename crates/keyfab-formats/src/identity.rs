@@ -15,9 +15,13 @@ use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{self, Purpose, Role};
 use serde::{Deserialize, Serialize};
 
+/// The format version this code writes and reads.
 pub const VERSION: u8 = 1;
+/// Largest file accepted; anything longer is `malformed` (too large).
 pub const MAX_LEN: usize = 64 * 1024;
+/// The COSE external AAD: a signature made for another format never verifies as this one.
 pub const CONTEXT: &[u8] = b"keyfab-identity-v1";
+/// The COSE content type of the signed payload.
 pub const CONTENT_TYPE: &str = "application/keyfab-identity+cbor";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,14 +42,21 @@ struct IdentityPayload {
 /// What HQ learns from a verified identity file.
 #[derive(Debug, Clone)]
 pub struct SiteIdentity {
+    /// The site's name.
     pub site: String,
+    /// The site's cluster certificate (DER).
     pub cluster_cert: Vec<u8>,
+    /// The site's service signing certificate (DER).
     pub signing_cert: Vec<u8>,
+    /// The site's HPKE certificate (DER): what HQ seals entitlements to.
     pub hpke_cert: Vec<u8>,
+    /// The key of `signing_cert`.
     pub signing_key: VerifyingKey,
+    /// The key of `hpke_cert`.
     pub hpke_key: HpkePublicKey,
 }
 
+/// Signs the site's identity file (`.kfi`).
 pub fn write_identity(
     signer: &dyn EcdsaSigner,
     site: &str,

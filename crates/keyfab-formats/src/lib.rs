@@ -11,10 +11,6 @@
 //!   [`approval::sign_approval`] (what an approver returns), [`approval::verify_approval`].
 //!
 //! `docs/FORMATS.md` describes each format byte by byte.
-#![allow(
-    missing_docs,
-    reason = "158 public items (mostly fields of records and formats, described in docs/FORMATS.md) have no doc comment of their own yet; remove this line to list them"
-)]
 #![forbid(unsafe_code)]
 
 pub mod approval;
@@ -43,19 +39,31 @@ pub const MAX_SMALL_INPUT: usize = 64 * 1024;
 pub enum FormatError {
     /// Not a well-formed file of its kind; `kind` says which defect.
     #[error("{detail}")]
-    Malformed { kind: Malformed, detail: String },
+    Malformed {
+        /// Which defect.
+        kind: Malformed,
+        /// Where and what, for the operator.
+        detail: String,
+    },
+    /// The signature does not verify over the exact bytes.
     #[error("signature does not verify: {0}")]
     BadSignature(String),
+    /// The signer's chain does not lead to the root, or not for this role.
     #[error("signer is not trusted: {0}")]
     UntrustedSigner(String),
+    /// Addressed to another site or key.
     #[error("not addressed to this site: {0}")]
     WrongRecipient(String),
+    /// The signer's certificate has expired.
     #[error("signer certificate has expired")]
     Expired,
+    /// The signer's certificate is not yet valid.
     #[error("signer certificate is not yet valid")]
     NotYetValid,
+    /// The file could not be read or written.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The output could not be written.
     #[error("could not write: {0}")]
     Write(String),
 }
@@ -173,6 +181,7 @@ impl FormatError {
     }
 }
 
+/// A result whose error is a [`FormatError`].
 pub type Result<T> = std::result::Result<T, FormatError>;
 
 /// Strict CBOR decoding of a complete buffer: unknown fields, duplicate fields and

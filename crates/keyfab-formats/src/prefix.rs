@@ -4,18 +4,29 @@
 use crate::Malformed;
 use crate::{FormatError, Result};
 
+/// The first six bytes of every keyfab file.
 pub const MAGIC: &[u8; 6] = b"KEYFAB";
+/// The prefix's length: magic, kind, version.
 pub const LEN: usize = 8;
 
+/// Which file a prefix announces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// A site identity (`.kfi`).
     Identity,
+    /// An entitlement (`.kfe`).
     Entitlement,
+    /// An approval request.
     ApprovalRequest,
+    /// An approval.
     Approval,
+    /// A revocation (`.kfr`).
     Revocation,
+    /// A checkpoint.
     Checkpoint,
+    /// A receipt (`.kfk`).
     Receipt,
+    /// An audit bundle (`.kfa`).
     AuditBundle,
 }
 
@@ -46,6 +57,7 @@ impl Kind {
     }
 }
 
+/// The prefix of a file of `kind`, `version`.
 pub fn encode(kind: Kind, version: u8) -> [u8; LEN] {
     let mut p = [0u8; LEN];
     p[..6].copy_from_slice(MAGIC);

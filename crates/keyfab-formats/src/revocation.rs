@@ -19,30 +19,42 @@ use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::Role;
 use serde::{Deserialize, Serialize};
 
+/// The format version this code writes and reads.
 pub const VERSION: u8 = 1;
+/// Largest file accepted; anything longer is `malformed` (too large).
 pub const MAX_LEN: usize = 64 * 1024;
+/// The COSE external AAD: a signature made for another format never verifies as this one.
 pub const CONTEXT: &[u8] = b"keyfab-revocation-v1";
+/// The COSE content type of the signed payload.
 pub const CONTENT_TYPE: &str = "application/keyfab-revocation+cbor";
 
+/// HQ's signed revocation of an entitlement (`.kfr`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Revocation {
+    /// The format's name, checked on reading.
     pub format: String,
+    /// The format's version (1).
     pub version: u32,
     /// The entitlement revoked.
     pub entitlement: String,
     /// Per-site sequence number, shared with entitlements.
     pub sequence: u64,
+    /// HQ's cluster name.
     pub hq: String,
     /// Hex SHA-256 of HQ's cluster certificate.
     pub hq_cluster: String,
+    /// The site's name.
     pub site: String,
     /// Hex SHA-256 of the SubjectPublicKeyInfo of the site's HPKE key.
     pub recipient: String,
+    /// When it was made (Unix seconds, its maker's clock).
     pub created_at: i64,
+    /// Why, in HQ's words.
     pub reason: String,
 }
 
+/// Signs and seals a revocation for the site.
 pub fn write_revocation(
     signer: &dyn EcdsaSigner,
     chain: Vec<Vec<u8>>,
