@@ -43,16 +43,20 @@ use std::sync::Arc;
 pub struct SiteLog {
     /// The site chain's last record: sequence, hash and time.
     pub sequence: u64,
+    /// Its leaf hash.
     pub hash: serde_bytes::ByteBuf,
+    /// Its time.
     pub time: i64,
     /// Each node chain's last record, by chain id (cluster sites).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub chains: BTreeMap<String, ChainEnd>,
     /// The last accepted checkpoint, and the frontier that extends it.
     pub tree: Option<TreeHead>,
+    /// The right edge of the Merkle tree past the checkpoint (height, root).
     pub frontier: Vec<(u32, serde_bytes::ByteBuf)>,
     /// Every checkpoint accepted, and every bundle id seen.
     pub checkpoints: Vec<TreeHead>,
+    /// Every bundle id imported.
     pub bundles: Vec<String>,
     /// The latest receipt time the site's own log shows it imported.
     pub acknowledged_at: i64,
@@ -62,8 +66,11 @@ pub struct SiteLog {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChainEnd {
+    /// Its sequence within the chain.
     pub sequence: u64,
+    /// Its leaf hash.
     pub hash: serde_bytes::ByteBuf,
+    /// Its time.
     pub time: i64,
 }
 
@@ -124,10 +131,15 @@ impl Heads {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Replica {
+    /// The site imported it.
     pub imported: bool,
+    /// Its `activate` approval quorum was met.
     pub activated: bool,
+    /// The site applied HQ's revocation.
     pub revoked: bool,
+    /// Who approved, by key fingerprint.
     pub approvers: BTreeSet<String>,
+    /// Devices released.
     pub total: u64,
     /// Every pool slot below this one was taken.
     pub next_pool: u64,
@@ -135,9 +147,13 @@ pub struct Replica {
     /// take slots from ranges of their own, so slots arrive out of order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pool_taken_beyond: Vec<(u64, u64)>,
+    /// Devices released per calendar day of the policy's time zone.
     pub days: BTreeMap<String, u64>,
+    /// Refusals by code.
     pub refusals: BTreeMap<String, u64>,
+    /// Pool keys the site destroyed.
     pub destroyed: u64,
+    /// Violations found in its records.
     pub violations: u64,
     /// Devices their station reported programmed.
     #[serde(default)]
@@ -189,28 +205,41 @@ impl Replica {
     }
 }
 
+/// A record of a site's log that breaks what HQ issued or the policy allows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Violation {
+    /// The site's name.
     pub site: String,
     /// The record's place in the site's log (1 for the first; its sequence on a site of
     /// one chain).
     pub sequence: u64,
+    /// The entitlement it concerns, if one.
     pub entitlement: Option<String>,
+    /// The device it concerns, if one.
     pub device_id: Option<String>,
     /// What went wrong, written as its name.
     pub kind: ViolationKind,
+    /// What was found, for the report.
     pub detail: String,
 }
 
+/// What one import of a bundle found.
 #[derive(Debug, Clone, Default)]
 pub struct Imported {
+    /// The site's name.
     pub site: String,
+    /// The bundle id.
     pub bundle: String,
+    /// Records it carried.
     pub records: u64,
+    /// The site's checkpoint HQ accepted with it.
     pub head: Option<TreeHead>,
+    /// When the site made that checkpoint.
     pub checkpoint_time: i64,
+    /// The violations it showed.
     pub violations: Vec<Violation>,
+    /// HQ's replica of each entitlement after it.
     pub per_entitlement: BTreeMap<String, Replica>,
 }
 

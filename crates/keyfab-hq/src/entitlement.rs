@@ -93,31 +93,46 @@ fn read_policy_text(path: &Path) -> Result<String> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IssuedRecord {
+    /// The entitlement id.
     pub id: String,
+    /// The site it is for.
     pub site: String,
+    /// Its per-site sequence number.
     pub sequence: u64,
+    /// When HQ made it.
     pub created_at: i64,
+    /// The policy it carries.
     pub policy: Policy,
+    /// Its batch CA's certificate (DER).
     #[serde(with = "serde_bytes")]
     pub batch_ca_cert: Vec<u8>,
+    /// The pool keys it carries, per key spec.
     pub pool: Vec<PoolSpec>,
+    /// Pool keys per chunk of the file.
     pub keys_per_chunk: u32,
+    /// The file's size.
     pub file_bytes: u64,
     /// When HQ revoked it, if it did.
     #[serde(default)]
     pub revoked_at: Option<i64>,
 }
 
+/// What `hq entitlement create` asks for.
 pub struct CreateRequest<'a> {
+    /// The site it is for.
     pub site: &'a str,
+    /// The policy it carries.
     pub policy: Policy,
+    /// Where the `.kfe` is written (a new file).
     pub out: &'a Path,
+    /// Pool keys per chunk of the file.
     pub keys_per_chunk: u32,
     /// Called after each pool chunk with (keys done, keys total).
     pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
 }
 
 impl<'a> CreateRequest<'a> {
+    /// A request with the default chunking and no progress report.
     pub fn new(site: &'a str, policy: Policy, out: &'a Path) -> Self {
         Self {
             site,
@@ -129,13 +144,20 @@ impl<'a> CreateRequest<'a> {
     }
 }
 
+/// What was created.
 #[derive(Debug, Clone)]
 pub struct Created {
+    /// The entitlement id.
     pub id: String,
+    /// Its per-site sequence number.
     pub sequence: u64,
+    /// The site it is for.
     pub site: String,
+    /// Its quota.
     pub devices: u64,
+    /// The pool keys it carries, per key spec.
     pub pool_keys: u64,
+    /// The file's size.
     pub bytes: u64,
 }
 

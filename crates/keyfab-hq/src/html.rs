@@ -97,6 +97,7 @@ fn refusals_chart(e: &EntitlementReport) -> String {
     out
 }
 
+/// The report as one self-contained HTML page.
 pub fn render(r: &Report, hq: &str, generated: &str) -> String {
     let mut html = String::new();
     let _ = write!(

@@ -9,6 +9,7 @@ use keyfab_custody::{Custody, SoftwareKeystore};
 use keyfab_node::{Error, Result, KEYSTORE_FILE};
 use std::path::{Path, PathBuf};
 
+/// The root certificate in the root's home.
 pub const ROOT_CERT_FILE: &str = "root.crt";
 const ROOT_KEY: &str = "root";
 
@@ -51,9 +52,13 @@ pub fn init_root(
 
 /// What `pki issue` produced.
 pub struct Issued {
+    /// The certificate, PEM.
     pub pem: String,
+    /// Its subject.
     pub subject: String,
+    /// Its serial, hex.
     pub serial_hex: String,
+    /// When it ends.
     pub not_after: UnixTime,
 }
 

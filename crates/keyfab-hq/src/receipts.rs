@@ -47,7 +47,9 @@ pub fn acknowledge(
 /// what it says.
 #[derive(Debug, Clone)]
 pub struct ClockReset {
+    /// What the receipt says.
     pub receipt: Receipt,
+    /// The receipt file.
     pub bytes: Vec<u8>,
 }
 

@@ -12,22 +12,36 @@ use keyfab_policy::CompiledPolicy;
 use keyfab_store::Table;
 use serde::Serialize;
 
+/// One entitlement at one site, from verified audit data.
 #[derive(Debug, Clone, Serialize)]
 pub struct EntitlementReport {
+    /// The site.
     pub site: String,
+    /// The entitlement id.
     pub entitlement: String,
+    /// The product.
     pub product: String,
+    /// The quota.
     pub quota: u64,
+    /// The daily limit, if any.
     pub daily_limit: Option<u64>,
+    /// Devices released.
     pub released: u64,
     /// Released devices their station reported programmed, and failed (keys burned).
     pub confirmed: u64,
+    /// Released devices whose programming failed (keys burned).
     pub burned: u64,
+    /// Devices released today (policy time zone).
     pub today: u64,
+    /// What is left of the quota.
     pub unused: u64,
+    /// Pool keys destroyed.
     pub destroyed: u64,
+    /// Revoked.
     pub revoked: bool,
+    /// Refusals by code.
     pub refusals: std::collections::BTreeMap<String, u64>,
+    /// Violations found.
     pub violations: u64,
     /// Devices released per calendar day (policy time zone).
     pub days: std::collections::BTreeMap<String, u64>,
@@ -35,13 +49,18 @@ pub struct EntitlementReport {
     pub timezone: String,
 }
 
+/// HQ's report over every site and entitlement.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// When it was made.
     pub generated_at: i64,
+    /// The entitlement id.
     pub entitlements: Vec<EntitlementReport>,
+    /// Every violation found.
     pub violations: Vec<Violation>,
 }
 
+/// The report as of `now`.
 pub fn report(node: &Node, now: UnixTime) -> Result<Report> {
     let mut entitlements = Vec::new();
     for issued in list_issued(node)? {
@@ -95,12 +114,19 @@ pub fn report(node: &Node, now: UnixTime) -> Result<Report> {
 /// One device key with a certificate, as the site's verified audit shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ManifestRow {
+    /// The device id.
     pub device_id: String,
+    /// The entitlement id.
     pub entitlement: String,
+    /// The key's name in the policy.
     pub key: String,
+    /// The key's public identity (`spki-sha256:` or `kcv:`).
     pub key_id: String,
+    /// The device certificate's serial, hex.
     pub cert_serial: String,
+    /// The device's public key, PEM.
     pub public_key_pem: String,
+    /// The device certificate, PEM.
     pub certificate_pem: String,
     /// SHA-256 of the certificate (DER), hex.
     pub certificate_sha256: String,

@@ -8,13 +8,18 @@ use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_store::{Table, Txn};
 use std::path::Path;
 
+/// What `hq entitlement revoke` did.
 #[derive(Debug, Clone)]
 pub struct RevokeSummary {
+    /// The entitlement revoked.
     pub entitlement: String,
+    /// Its site.
     pub site: String,
+    /// The revocation's sequence number.
     pub sequence: u64,
 }
 
+/// Revokes entitlement `id` and writes the `.kfr` for its site to `out`.
 pub fn revoke(node: &Node, id: &str, reason: &str, out: &Path) -> Result<RevokeSummary> {
     let key = issued_key(id);
     let v = node

@@ -6,14 +6,19 @@ use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_store::{Table, Txn};
 use serde::{Deserialize, Serialize};
 
+/// What HQ keeps of a registered site.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SiteRecord {
+    /// The site's name.
     pub name: String,
+    /// Its cluster certificate (DER).
     #[serde(with = "serde_bytes")]
     pub cluster_cert: Vec<u8>,
+    /// Its service signing certificate (DER).
     #[serde(with = "serde_bytes")]
     pub signing_cert: Vec<u8>,
+    /// Its HPKE certificate (DER).
     #[serde(with = "serde_bytes")]
     pub hpke_cert: Vec<u8>,
     /// Uncompressed P-256 point of the site's HPKE key.
@@ -85,6 +90,7 @@ pub fn add_site(node: &Node, kfi: &[u8]) -> Result<SiteRecord> {
     Ok(record)
 }
 
+/// The site `name`, with its stored version (for guarded updates).
 pub fn get_site(node: &Node, name: &str) -> Result<(SiteRecord, keyfab_store::Versioned)> {
     let v = node
         .store
@@ -97,6 +103,7 @@ pub fn get_site(node: &Node, name: &str) -> Result<(SiteRecord, keyfab_store::Ve
     Ok((decode(&v.value)?, v))
 }
 
+/// Every registered site, by name.
 pub fn list_sites(node: &Node) -> Result<Vec<SiteRecord>> {
     node.store
         .scan(Table::Sites, b"", usize::MAX)?

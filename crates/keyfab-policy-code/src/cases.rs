@@ -28,6 +28,7 @@ pub struct CaseFile {
     /// Key sources each device receives (default `["site"]`).
     #[serde(default = "site_only")]
     pub key_sources: Vec<KeySource>,
+    /// The steps, in order.
     pub cases: Vec<Case>,
 }
 
@@ -35,6 +36,7 @@ pub struct CaseFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Case {
+    /// A name for reports (default: its position).
     #[serde(default)]
     pub name: Option<String>,
     /// When, RFC 3339 (`2026-11-25T08:00:00+08:00`).
@@ -42,8 +44,10 @@ pub struct Case {
     /// The device id; `{n}` becomes a running number so repeats are distinct devices.
     #[serde(default = "numbered")]
     pub device_id: String,
+    /// The station that asks, if any.
     #[serde(default)]
     pub station: Option<String>,
+    /// How many times (distinct devices with `{n}`).
     #[serde(default = "one")]
     pub repeat: u32,
     /// `allow`, `policy_denied`, `policy_error`, or a built-in code (`quota_exceeded`,
@@ -79,22 +83,29 @@ fn one() -> u32 {
 pub struct CaseOutcome {
     /// 1-based position in the file.
     pub case: usize,
+    /// Its name, or its position.
     pub name: String,
+    /// How many requests it made.
     pub runs: u32,
     /// The first run that did not give what the case expects, with what it gave.
     pub mismatch: Option<(u32, String)>,
+    /// The most fuel one evaluation used.
     pub fuel_max: u64,
 }
 
 /// All cases' outcomes.
 #[derive(Debug, Clone, Default)]
 pub struct CasesReport {
+    /// Each case's outcome, in file order.
     pub outcomes: Vec<CaseOutcome>,
+    /// Module evaluations in all.
     pub evaluations: u64,
+    /// The most fuel one evaluation used.
     pub fuel_max: u64,
 }
 
 impl CasesReport {
+    /// The cases that did not give what they expect.
     pub fn failed(&self) -> impl Iterator<Item = &CaseOutcome> {
         self.outcomes.iter().filter(|o| o.mismatch.is_some())
     }

@@ -16,6 +16,7 @@ pub struct CodeCounters {
     /// The local day `station_today` counts (`YYYY-MM-DD`).
     #[serde(default)]
     pub station_day: String,
+    /// Devices per station on `station_day`.
     #[serde(default)]
     pub station_today: BTreeMap<String, u64>,
     /// The local day `failed_today` counts.
@@ -32,7 +33,9 @@ pub struct CodeCounters {
 /// The built-in counters of the decision, as the caller read them.
 #[derive(Debug, Clone, Copy)]
 pub struct Counted {
+    /// Devices released under the entitlement.
     pub total: u64,
+    /// Devices released today (policy time zone).
     pub today: u64,
 }
 

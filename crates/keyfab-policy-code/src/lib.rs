@@ -14,10 +14,6 @@
 //! instance with a fixed amount of fuel and a memory bound, so the same inputs give the
 //! same verdict at the site and at HQ, and a module that loops, allocates without bound or
 //! traps fails closed with [`Verdict::Error`].
-#![allow(
-    missing_docs,
-    reason = "47 public items (mostly fields of records and formats, described in docs/FORMATS.md) have no doc comment of their own yet; remove this line to list them"
-)]
 #![forbid(unsafe_code)]
 
 pub mod cases;
@@ -77,24 +73,39 @@ pub struct Facts {
 
 /// Ids for `keyfab.input(id) -> i64`. An id not listed here traps.
 pub mod input {
+    /// The trusted time (Unix seconds).
     pub const NOW: i32 = 0;
+    /// The local day number in the policy's time zone.
     pub const LOCAL_DAY: i32 = 1;
+    /// Seconds since local midnight.
     pub const LOCAL_SECOND: i32 = 2;
+    /// Devices released under the entitlement.
     pub const TOTAL: i32 = 3;
+    /// Devices released today.
     pub const TODAY: i32 = 4;
+    /// Devices released to this station.
     pub const STATION_TOTAL: i32 = 5;
+    /// Devices released to this station today.
     pub const STATION_TODAY: i32 = 6;
+    /// Devices reported failed today.
     pub const FAILED_TODAY: i32 = 7;
+    /// The policy's key sources ([`crate::source_bits`]).
     pub const KEY_SOURCES: i32 = 8;
+    /// The quota.
     pub const QUOTA: i32 = 9;
+    /// The daily limit (0: none).
     pub const DAILY_LIMIT: i32 = 10;
 }
 
 /// Bits of [`Facts::key_sources`].
 pub mod source_bits {
+    /// `hq-pool` keys.
     pub const HQ_POOL: i64 = 1;
+    /// `site` keys.
     pub const SITE: i64 = 2;
+    /// `device` keys.
     pub const DEVICE: i64 = 4;
+    /// `derived` keys.
     pub const DERIVED: i64 = 8;
 }
 
@@ -120,22 +131,28 @@ impl Facts {
 /// One request as the module sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
+    /// The device id.
     pub device_id: &'a str,
+    /// The station, when known.
     pub station: Option<&'a str>,
+    /// The numbers `keyfab.input` gives.
     pub facts: Facts,
 }
 
 /// What the module decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
+    /// The module allows the request.
     Allow,
     /// The module refused (code `policy_denied`), with the reason it gave.
     Deny {
+        /// What the module said, or what made it fail.
         reason: String,
     },
     /// The module failed — trapped, ran out of fuel or memory, broke the host API —
     /// and the request is refused (code `policy_error`). Its state changes are dropped.
     Error {
+        /// What the module said, or what made it fail.
         reason: String,
     },
 }
@@ -143,19 +160,30 @@ pub enum Verdict {
 /// A verdict and what it cost.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Evaluation {
+    /// The verdict.
     pub verdict: Verdict,
+    /// Fuel the evaluation used.
     pub fuel_used: u64,
 }
 
 /// Why a module is refused before it is signed or used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ModuleError {
+    /// Larger than the module size bound.
     #[error("the module is {0} bytes; at most {MAX_MODULE_BYTES} are accepted")]
     TooLarge(usize),
+    /// Not valid WebAssembly, or using what keyfab does not allow (floats, …).
     #[error("not a valid WebAssembly module for keyfab: {0}")]
     Invalid(String),
+    /// The module imports a function keyfab does not offer.
     #[error("imports `{module}.{name}`, which is not part of the keyfab host API ({list})", list = host::FUNCTIONS.join(", "))]
-    Import { module: String, name: String },
+    Import {
+        /// The import's module name.
+        module: String,
+        /// The function's name.
+        name: String,
+    },
+    /// The module does not export what keyfab calls, as it must.
     #[error("{0}")]
     Export(String),
 }

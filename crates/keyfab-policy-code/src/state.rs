@@ -24,18 +24,22 @@ pub struct ModuleState {
 }
 
 impl ModuleState {
+    /// The value of `key`, if set.
     pub fn get(&self, key: &str) -> Option<&[u8]> {
         self.entries.get(key).map(|v| v.as_slice())
     }
 
+    /// How many keys are set.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// Whether no key is set.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
+    /// Every key and value, in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
         self.entries.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
     }

@@ -88,13 +88,17 @@ pub fn request(node: &Node, id: &str, act: Action, ttl_secs: i64) -> Result<Vec<
 /// The outcome of a submission.
 #[derive(Debug, Clone)]
 pub struct Submitted {
+    /// The entitlement.
     pub entitlement: String,
+    /// The action approved.
     pub action: String,
     /// New approvers counted by this submission.
     pub accepted: usize,
     /// Distinct approvers counted so far, and the threshold.
     pub count: usize,
+    /// How many it needs.
     pub threshold: u32,
+    /// The entitlement is activated (the quorum for `activate` is met).
     pub activated: bool,
 }
 

@@ -15,7 +15,9 @@ pub(crate) const HQ_ACK: &[u8] = b"hq_acknowledged";
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Acknowledged {
+    /// The head HQ acknowledged.
     pub head: TreeHead,
+    /// When HQ acknowledged it (HQ's clock).
     pub acknowledged_at: i64,
 }
 
@@ -27,6 +29,7 @@ pub fn leaves(node: &Node) -> Result<Vec<Hash>> {
         .collect())
 }
 
+/// The head of this site's log now (size and Merkle root).
 pub fn tree_head(node: &Node) -> Result<TreeHead> {
     let l = leaves(node)?;
     Ok(TreeHead {
@@ -58,6 +61,7 @@ pub fn check_consistent(node: &Node, acked: &TreeHead) -> Result<()> {
     Err(Error::RollbackDetected(why))
 }
 
+/// What HQ last acknowledged, if it has acknowledged anything.
 pub fn acknowledged(node: &Node) -> Result<Option<Acknowledged>> {
     node.store
         .get(Table::Meta, HQ_ACK)?
@@ -81,6 +85,7 @@ pub fn checkpoint(node: &Node) -> Result<(Checkpoint, Vec<u8>)> {
 /// What importing a receipt did.
 #[derive(Debug, Clone, Copy)]
 pub struct ReceiptImport {
+    /// What HQ acknowledged.
     pub acknowledged: Acknowledged,
     /// For a receipt that reset the trusted time: the trusted time before, and after.
     pub clock_reset: Option<(i64, i64)>,

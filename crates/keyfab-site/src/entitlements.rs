@@ -26,11 +26,15 @@ const HQ_RECIPIENT: &[u8] = b"hq_recipient";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HqRecipient {
+    /// HQ's cluster name.
     pub hq: String,
+    /// HQ's cluster certificate (DER).
     pub cluster_cert: serde_bytes::ByteBuf,
+    /// HQ's HPKE certificate (DER): what audit exports are sealed to.
     pub hpke_cert: serde_bytes::ByteBuf,
 }
 
+/// Where this site's audit exports go: HQ's certificates from its latest entitlement.
 pub fn hq_recipient(node: &Node) -> Result<Option<HqRecipient>> {
     node.store
         .get(Table::Meta, HQ_RECIPIENT)?
@@ -58,17 +62,25 @@ pub(crate) fn read_hq_sequence(node: &Node) -> Result<(u64, Option<keyfab_store:
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EntitlementRecord {
+    /// The entitlement id.
     pub id: String,
+    /// HQ's per-site sequence number.
     pub sequence: u64,
+    /// HQ's cluster name.
     pub hq: String,
+    /// When HQ made it.
     pub created_at: i64,
+    /// When this site imported it.
     pub imported_at: i64,
+    /// The policy the site enforces.
     pub policy: Policy,
+    /// The batch CA's certificate (DER).
     #[serde(with = "serde_bytes")]
     pub batch_ca_cert: Vec<u8>,
     /// HQ's cluster certificate: issuer of the batch CA, the middle of device chains.
     #[serde(with = "serde_bytes", default)]
     pub hq_cluster_cert: Vec<u8>,
+    /// The entitlement's data key, wrapped by custody.
     #[serde(with = "serde_bytes")]
     pub wrapped_data_key: Vec<u8>,
     /// Batch CA key PKCS#8, sealed under the data key.
@@ -77,6 +89,7 @@ pub struct EntitlementRecord {
     /// Master secret for derived keys, sealed under the data key.
     #[serde(with = "serde_bytes")]
     pub sealed_master_secret: Vec<u8>,
+    /// The pool keys it carried, per key spec.
     pub pool: Vec<PoolSpec>,
 }
 
@@ -106,12 +119,18 @@ pub fn status(node: &Node, record: &EntitlementRecord) -> Result<&'static str> {
     })
 }
 
+/// What importing an entitlement did.
 #[derive(Debug, Clone)]
 pub struct Imported {
+    /// The entitlement id.
     pub id: String,
+    /// HQ's per-site sequence number.
     pub sequence: u64,
+    /// HQ's cluster name.
     pub hq: String,
+    /// Pool keys imported.
     pub pool_keys: u64,
+    /// `active`, or `pending_approval` when it needs its quorum first.
     pub state: &'static str,
 }
 
@@ -360,6 +379,7 @@ pub fn audit_records(node: &Node) -> Result<Vec<Record>> {
         .collect()
 }
 
+/// Every imported entitlement.
 pub fn list(node: &Node) -> Result<Vec<EntitlementRecord>> {
     node.store
         .scan(Table::Entitlements, b"", usize::MAX)?

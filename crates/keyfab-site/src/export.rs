@@ -43,18 +43,25 @@ fn empty() -> TreeHead {
     }
 }
 
+/// What an export wrote.
 #[derive(Debug, Clone)]
 pub struct Exported {
+    /// The bundle id.
     pub bundle: String,
+    /// The log's head at the previous export.
     pub from: TreeHead,
+    /// The log's head now: the checkpoint the bundle carries.
     pub to: TreeHead,
+    /// Records in the bundle.
     pub records: u64,
+    /// The file's size.
     pub bytes: u64,
     /// The last export did not finish (its file was never known to be written): this
     /// wrote its range again, under its bundle id, instead of a new one.
     pub finished_earlier: bool,
 }
 
+/// Exports the log since the last export to `out`, sealed to HQ.
 pub fn export(
     node: &Node,
     out: &Path,

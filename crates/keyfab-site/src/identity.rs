@@ -5,6 +5,7 @@ use keyfab_crypto::hash::Fingerprint;
 use keyfab_formats::identity::write_identity;
 use keyfab_node::{Node, Result, ServiceIdentity};
 
+/// The site's signed identity file (`.kfi`), for `hq site add`.
 pub fn export_identity(node: &Node) -> Result<Vec<u8>> {
     let service = node.service()?;
     Ok(write_identity(

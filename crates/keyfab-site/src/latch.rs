@@ -29,6 +29,7 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// The stable code a latched site answers with.
     pub fn code(self) -> &'static str {
         match self {
             Cause::RollbackDetected => "rollback_detected",
@@ -41,7 +42,9 @@ impl Cause {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Latch {
+    /// Why it latched.
     pub cause: Cause,
+    /// What was found.
     pub reason: String,
     /// The site's trusted time when it latched.
     pub since: i64,

@@ -15,10 +15,6 @@
 //!   broken;
 //! - [`settings`]: settings that bear on security (the clock's bounds), audited;
 //! - `audit_log`: the audit log in the store — appending, reading in commit order.
-#![allow(
-    missing_docs,
-    reason = "124 public items (mostly fields of records and formats, described in docs/FORMATS.md) have no doc comment of their own yet; remove this line to list them"
-)]
 #![forbid(unsafe_code)]
 
 pub mod approvals;

@@ -75,8 +75,11 @@ use crate::settings::{CLOCK_MAX_JUMP, CLOCK_TOLERANCE};
 /// One provisioning request, as a station or the CLI sends it.
 #[derive(Debug, Clone)]
 pub struct ProvisionRequest {
+    /// The entitlement id.
     pub entitlement: String,
+    /// The device id.
     pub device_id: String,
+    /// The station that asks, when known (the station API always knows).
     pub station: Option<String>,
     /// The same id on a retry returns the same answer and consumes nothing more.
     pub request_id: String,
@@ -108,8 +111,11 @@ impl ProvisionRequest {
 
 /// A key handed to a device.
 pub struct IssuedKey {
+    /// The key's name in the policy.
     pub name: String,
+    /// Its type.
     pub key_type: KeyType,
+    /// Where it came from.
     pub source: KeySource,
     /// `spki-sha256:…` or `kcv:…`: what the audit log holds.
     pub key_id: String,
@@ -137,7 +143,9 @@ impl std::fmt::Debug for IssuedKey {
 /// once per entitlement, not per device.
 #[derive(Debug)]
 pub struct IssuerChain {
+    /// DER.
     pub der: Vec<Vec<u8>>,
+    /// PEM.
     pub pem: Vec<String>,
 }
 
@@ -148,14 +156,20 @@ impl IssuerChain {
     }
 }
 
+/// A released answer: the device's keys, recorded before they were handed out.
 #[derive(Debug)]
 pub struct Provisioned {
+    /// The entitlement id.
     pub entitlement: String,
+    /// The device id.
     pub device_id: String,
+    /// The request id.
     pub request_id: String,
+    /// The audit record of the decision.
     pub audit_sequence: u64,
     /// This answer repeats an earlier one for the same request id.
     pub replayed: bool,
+    /// The device's keys.
     pub keys: Vec<IssuedKey>,
     /// Issuers of the device certificates, nearest first: batch CA, HQ cluster CA.
     /// With the root certificate, `openssl verify` accepts every device certificate.
@@ -177,6 +191,7 @@ pub enum Programming {
 }
 
 impl Programming {
+    /// The name stations and records use.
     pub fn as_str(self) -> &'static str {
         match self {
             Programming::Programmed => "programmed",
@@ -184,6 +199,7 @@ impl Programming {
         }
     }
 
+    /// The result named `s`, if any.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "programmed" => Some(Programming::Programmed),
@@ -196,9 +212,13 @@ impl Programming {
 /// A confirmation, recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Confirmed {
+    /// The entitlement id.
     pub entitlement: String,
+    /// The device id.
     pub device_id: String,
+    /// `programmed` or `failed`.
     pub result: Programming,
+    /// The audit record of the decision.
     pub audit_sequence: u64,
     /// This repeats an earlier identical confirmation (nothing new was recorded).
     pub repeated: bool,
@@ -362,6 +382,7 @@ fn check_request(req: &ProvisionRequest) -> Result<()> {
 }
 
 impl Provisioner {
+    /// Starts the engine's committer and crypto workers on `node`.
     pub fn start(node: Arc<Node>) -> Self {
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
         let work = Arc::new(fair_queue::FairQueue::default());
@@ -396,6 +417,7 @@ impl Provisioner {
         }
     }
 
+    /// The node it decides for.
     pub fn node(&self) -> &Node {
         &self.node
     }

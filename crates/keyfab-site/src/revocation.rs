@@ -11,13 +11,18 @@ use keyfab_formats::revocation::verify_revocation;
 use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_store::{Table, Txn};
 
+/// What applying a revocation did.
 #[derive(Debug, Clone)]
 pub struct Revoked {
+    /// The entitlement revoked.
     pub entitlement: String,
+    /// The revocation's sequence number.
     pub sequence: u64,
+    /// Pool keys destroyed.
     pub destroyed_pool_keys: u64,
 }
 
+/// Verifies HQ's `.kfr` and applies it: no more releases, unused pool keys destroyed.
 pub fn import_revocation(node: &Node, bytes: &[u8]) -> Result<Revoked> {
     let recipients = node.recipient_fingerprints()?;
     let r = verify_revocation(

@@ -8,11 +8,15 @@ use keyfab_store::{Table, Versioned};
 pub struct ClockSetting {
     /// Its `meta` key, and the name its audit record gives.
     pub key: &'static [u8],
+    /// Its name in the audit record and messages.
     pub name: &'static str,
     /// The command-line flag that sets it, for messages.
     pub flag: &'static str,
+    /// The value when never set.
     pub default: i64,
+    /// The least it may be set to.
     pub min: i64,
+    /// The most it may be set to.
     pub max: i64,
 }
 
@@ -59,6 +63,7 @@ impl ClockSetting {
         })
     }
 
+    /// Its value now.
     pub fn get(&self, node: &Node) -> Result<i64> {
         self.from_stored(node.store.get(Table::Meta, self.key)?.as_ref())
     }

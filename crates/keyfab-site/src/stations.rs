@@ -35,20 +35,27 @@ fn station_key(name: &str) -> Vec<u8> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StationRecord {
+    /// The station's name.
     pub name: String,
     /// Hex serial of its current certificate.
     pub serial: String,
+    /// When it was enrolled.
     pub enrolled_at: i64,
+    /// When its certificate ends.
     pub not_after: i64,
+    /// When it was revoked, if it was.
     pub revoked_at: Option<i64>,
 }
 
 /// What a newly enrolled station receives. Holds its private key.
 pub struct Enrolled {
+    /// The station as recorded.
     pub record: StationRecord,
     /// PKCS#8 DER of the station's key.
     pub key: SecretBytes,
+    /// Its certificate (DER).
     pub certificate: Vec<u8>,
+    /// The line CA's certificate (DER).
     pub line_ca: Vec<u8>,
 }
 
@@ -170,6 +177,7 @@ pub fn revoke(node: &Node, name: &str) -> Result<StationRecord> {
     Ok(record)
 }
 
+/// Every enrolled station.
 pub fn list(node: &Node) -> Result<Vec<StationRecord>> {
     node.store
         .scan(Table::Meta, b"station/", usize::MAX)?
@@ -232,6 +240,8 @@ pub fn server_identity(node: &mut Node, names: &[String]) -> Result<ServerIdenti
 
 /// What `keyfab site serve` presents: its key (PKCS#8 DER) and chain [server, line CA].
 pub struct ServerIdentity {
+    /// The private key, PKCS#8 DER.
     pub key: SecretBytes,
+    /// The chain: [server certificate, line CA].
     pub chain: Vec<Vec<u8>>,
 }

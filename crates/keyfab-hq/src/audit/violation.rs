@@ -53,6 +53,7 @@ impl ViolationKind {
         ViolationKind::PoolKeyReused,
     ];
 
+    /// The kind's name, as reports and the JSON give it.
     pub fn as_str(self) -> &'static str {
         match self {
             ViolationKind::Broke(code) => code.as_str(),

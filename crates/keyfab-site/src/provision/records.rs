@@ -133,7 +133,9 @@ pub struct Counters {
     /// HQ revoked the entitlement.
     #[serde(default)]
     pub revoked: bool,
+    /// Devices released.
     pub total: u64,
+    /// The next pool slot to take.
     pub next_pool: u64,
     /// Devices allowed per calendar day (policy time zone), `YYYY-MM-DD` → count.
     pub days: BTreeMap<String, u64>,

@@ -62,6 +62,7 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// Slots granted and not used yet.
     pub fn unused(&self) -> u64 {
         self.granted.saturating_sub(self.used)
     }

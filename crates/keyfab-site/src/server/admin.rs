@@ -25,17 +25,34 @@ pub const SOCKET: &str = "serve.sock";
 /// Largest request accepted on the socket.
 const MAX_REQUEST: u64 = 4096;
 
+/// What a command asks a running `site serve` over its admin socket.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", deny_unknown_fields)]
 pub enum AdminRequest {
+    /// Enroll a station for `days`.
     #[serde(rename = "station.enroll")]
-    Enroll { name: String, days: i64 },
+    Enroll {
+        /// The station's name.
+        name: String,
+        /// Days its certificate is valid.
+        days: i64,
+    },
+    /// Revoke a station.
     #[serde(rename = "station.revoke")]
-    Revoke { name: String },
+    Revoke {
+        /// The station's name.
+        name: String,
+    },
+    /// List the stations.
     #[serde(rename = "station.list")]
     List,
+    /// Submit one unseal share.
     #[serde(rename = "unseal")]
-    Unseal { share: ShareText },
+    Unseal {
+        /// The share, as its holder typed it.
+        share: ShareText,
+    },
+    /// How many shares are in.
     #[serde(rename = "unseal.status")]
     UnsealStatus,
 }
@@ -61,9 +78,13 @@ impl Drop for ShareText {
 /// when dropped, left out of `Debug`.
 #[derive(Serialize, Deserialize)]
 pub struct EnrolledFiles {
+    /// The station as recorded.
     pub record: StationRecord,
+    /// The station's private key, PEM.
     pub key_pem: String,
+    /// Its certificate, PEM.
     pub certificate_pem: String,
+    /// The line CA that issued it: what the station trusts the site by.
     pub line_ca_pem: String,
 }
 
@@ -82,12 +103,17 @@ impl Drop for EnrolledFiles {
     }
 }
 
+/// What the running `site serve` answers.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AdminAnswer {
+    /// Enroll a station for `days`.
     Enrolled(EnrolledFiles),
+    /// A station, as it is now.
     Station(StationRecord),
+    /// Every station.
     Stations(Vec<StationRecord>),
+    /// How far unsealing is.
     Unseal(UnsealProgress),
 }
 

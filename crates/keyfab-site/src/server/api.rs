@@ -35,6 +35,7 @@ pub struct PeerCertificate {
 }
 
 impl PeerCertificate {
+    /// The certificate a connection presented (DER).
     pub fn new(der: Vec<u8>) -> Self {
         Self {
             der: Arc::new(der),
@@ -59,10 +60,14 @@ const CHECK_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 #[derive(Clone)]
 pub struct Station(pub String);
 
+/// What every request handler shares.
 #[derive(Clone)]
 pub struct AppState {
+    /// The site.
     pub node: Arc<Node>,
+    /// The decide-and-record engine.
     pub provisioner: Arc<Provisioner>,
+    /// What `/metrics` reports.
     pub metrics: Arc<Metrics>,
     /// Bumped by every revocation made through this server: invalidates the checks
     /// connections keep.
@@ -79,6 +84,7 @@ pub struct AppState {
 /// serving threads' time at 32 stations).
 type Shared = Arc<AppState>;
 
+/// The station API's routes.
 pub fn app(state: AppState) -> Router {
     let state: Shared = Arc::new(state);
     let station_api = Router::new()

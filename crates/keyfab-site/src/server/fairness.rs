@@ -11,7 +11,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Bounds per station.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
+    /// Connections at once.
     pub connections: usize,
+    /// Requests in flight at once.
     pub requests: usize,
 }
 
@@ -24,6 +26,7 @@ impl Default for Bounds {
     }
 }
 
+/// Per-station bounds, so one station cannot starve the others.
 #[derive(Default)]
 pub struct StationLimits {
     bounds: Bounds,
@@ -40,6 +43,7 @@ struct Slots {
 pub struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
 
 impl StationLimits {
+    /// Limits of `bounds` per station.
     pub fn new(bounds: Bounds) -> Self {
         Self {
             bounds,

@@ -12,6 +12,7 @@ use std::time::Duration;
 /// Upper bounds (seconds) of the latency histogram's buckets.
 const BUCKETS: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
 
+/// Counters and latencies for `/metrics` (Prometheus text).
 #[derive(Default)]
 pub struct Metrics {
     provisioned: AtomicU64,
@@ -24,6 +25,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counts one answer and how long it took.
     pub fn observe(&self, outcome: &keyfab_node::Result<Provisioned>, took: Duration) {
         match outcome {
             Ok(p) if p.replayed => {
@@ -52,6 +54,7 @@ impl Metrics {
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// The Prometheus text.
     pub fn render(&self, node: &Node) -> Result<String> {
         let mut out = String::new();
         let _ = writeln!(

@@ -32,12 +32,16 @@ use tokio::sync::Semaphore;
 /// How `serve` runs; the defaults suit one production line.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
+    /// Where to listen.
     pub listen: SocketAddr,
     /// Host names and IP addresses stations use to reach this server (the server
     /// certificate's names).
     pub names: Vec<String>,
+    /// Connections at once, all stations together.
     pub max_connections: usize,
+    /// Longest a TLS handshake may take.
     pub handshake_timeout: Duration,
+    /// Longest a request's headers may take to arrive.
     pub header_timeout: Duration,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
@@ -48,6 +52,7 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// The defaults for `listen` and `names`.
     pub fn new(listen: SocketAddr, names: Vec<String>) -> Self {
         Self {
             listen,
@@ -65,7 +70,9 @@ impl ServeConfig {
 /// What happened while serving, reported when the server stops.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ServeSummary {
+    /// Connections accepted.
     pub connections: u64,
+    /// Connections refused (over a bound, or failed handshakes).
     pub refused_connections: u64,
 }
 
