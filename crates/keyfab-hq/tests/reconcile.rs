@@ -243,9 +243,7 @@ fn pool_slots_are_checked_against_what_hq_put_in_them() {
     // The key HQ put in slot 0, as the site releases it.
     let engine = keyfab_site::provision::Provisioner::start(w.site.clone());
     let real = engine
-        .provision(keyfab_site::provision::ProvisionRequest::new(
-            &id, "P-0", "p-0",
-        ))
+        .provision(keyfab_site::provision::ProvisionRequest::parse(&id, "P-0", "p-0").unwrap())
         .expect("provisioned")
         .keys[0]
         .key_id

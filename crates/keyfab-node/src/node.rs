@@ -481,24 +481,16 @@ impl Node {
     }
 }
 
-/// Cluster, site and station names: 1–64 of `[a-z0-9._-]`, starting alphanumeric.
+/// Cluster, site and station names: 1–64 of `[a-z0-9._-]`, starting alphanumeric
+/// ([`keyfab_policy::ids::name_shape_ok`]).
 pub fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidInput(format!(
-            "name '{name}' must be 1-64 characters of a-z 0-9 . _ - starting with a letter or digit"
-        )))
-    }
+    keyfab_policy::SiteName::try_from(name)
+        .map(drop)
+        .map_err(|_| {
+            Error::InvalidInput(format!(
+                "name '{name}' must be 1-64 characters of a-z 0-9 . _ - starting with a letter or digit"
+            ))
+        })
 }
 
 /// A stored record's bytes (CBOR).

@@ -126,18 +126,6 @@ pub struct CompiledPolicy {
     tz: jiff::tz::TimeZone,
 }
 
-/// Longest id a request may carry (device id, request id, entitlement id), in bytes:
-/// every id a station sends ends up in an audit record, and a record must stay far below
-/// what an export carries (docs/FORMATS.md §9).
-pub const MAX_ID_BYTES: usize = 128;
-
-/// Whether `id` has the shape every id from outside must have: 1 to [`MAX_ID_BYTES`]
-/// printable ASCII characters, no space. Checked before any decision, so nothing larger
-/// or stranger reaches the audit log; a policy's `id_pattern` narrows it further.
-pub fn id_shape_ok(id: &str) -> bool {
-    !id.is_empty() && id.len() <= MAX_ID_BYTES && id.bytes().all(|b| b.is_ascii_graphic())
-}
-
 impl CompiledPolicy {
     /// Validates `policy` and compiles its pattern and time zone.
     pub fn new(policy: Policy) -> Result<Self, PolicyError> {
@@ -220,7 +208,7 @@ impl CompiledPolicy {
     /// Whether `device_id` is acceptable by the policy's pattern and keyfab's own limits
     /// (1–128 printable ASCII characters, so ids are safe in file names and subjects).
     pub fn device_id_ok(&self, device_id: &str) -> bool {
-        let shape = id_shape_ok(device_id)
+        let shape = crate::ids::id_shape_ok(device_id)
             && device_id.bytes().all(|b| {
                 !matches!(
                     b,

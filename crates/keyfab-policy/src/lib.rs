@@ -34,12 +34,13 @@
 #![forbid(unsafe_code)]
 
 mod decide;
+pub mod ids;
 mod model;
 mod toml_form;
 
-pub use decide::{
-    id_shape_ok, CompiledPolicy, DaySpan, Decision, DenyCode, EntitlementState, Request,
-    MAX_ID_BYTES,
+pub use decide::{CompiledPolicy, DaySpan, Decision, DenyCode, EntitlementState, Request};
+pub use ids::{
+    id_shape_ok, DeviceId, EntitlementId, IdError, RequestId, SiteName, StationName, MAX_ID_BYTES,
 };
 pub use keyfab_code::Code;
 pub use model::*;

@@ -53,6 +53,7 @@ use keyfab_crypto::x509;
 use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_policy::PolicyError;
 use keyfab_policy::{CompiledPolicy, Decision, DenyCode, EntitlementState, KeySource, KeyType};
+use keyfab_policy::{DeviceId, EntitlementId, RequestId, StationName};
 use keyfab_policy_code::{Counted, PolicyModule, Verdict};
 use keyfab_store::{Table, Txn, Versioned};
 use keys::{certify, device_type};
@@ -72,17 +73,18 @@ pub(crate) const TIME_HWM: &[u8] = b"time_high_water";
 const SITE_TIME_RAISE_SECS: i64 = 1;
 use crate::settings::{CLOCK_MAX_JUMP, CLOCK_TOLERANCE};
 
-/// One provisioning request, as a station or the CLI sends it.
+/// One provisioning request, as a station or the CLI sends it. Its ids were checked
+/// where they came in ([`keyfab_policy::ids`]): the engine never sees one that was not.
 #[derive(Debug, Clone)]
 pub struct ProvisionRequest {
     /// The entitlement id.
-    pub entitlement: String,
+    pub entitlement: EntitlementId,
     /// The device id.
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// The station that asks, when known (the station API always knows).
-    pub station: Option<String>,
+    pub station: Option<StationName>,
     /// The same id on a retry returns the same answer and consumes nothing more.
-    pub request_id: String,
+    pub request_id: RequestId,
     /// DER CSR of the device's own key, for keys with source `device`.
     pub csr: Option<Vec<u8>>,
     /// The chip's transport key: the key material is sealed to it (HPKE, FORMATS.md
@@ -93,20 +95,52 @@ pub struct ProvisionRequest {
 impl ProvisionRequest {
     /// A request for `device_id` under `entitlement` with no station, CSR or transport
     /// key; set those fields when the request has them.
-    pub fn new(
-        entitlement: impl Into<String>,
-        device_id: impl Into<String>,
-        request_id: impl Into<String>,
-    ) -> Self {
+    pub fn new(entitlement: EntitlementId, device_id: DeviceId, request_id: RequestId) -> Self {
         Self {
-            entitlement: entitlement.into(),
-            device_id: device_id.into(),
+            entitlement,
+            device_id,
             station: None,
-            request_id: request_id.into(),
+            request_id,
             csr: None,
             transport_key: None,
         }
     }
+
+    /// [`ProvisionRequest::new`] from text: an id without its shape is `invalid_input`,
+    /// its message naming which id (never repeating it).
+    pub fn parse(
+        entitlement: impl AsRef<str>,
+        device_id: impl AsRef<str>,
+        request_id: impl AsRef<str>,
+    ) -> Result<Self> {
+        Ok(Self::new(
+            checked(entitlement.as_ref())?,
+            checked(device_id.as_ref())?,
+            checked(request_id.as_ref())?,
+        ))
+    }
+}
+
+impl ProvisionRequest {
+    /// The station's name as records keep it.
+    pub fn station_text(&self) -> Option<String> {
+        self.station.as_ref().map(|s| s.to_string())
+    }
+}
+
+/// A request must have an id of its own: the empty one is how a confirmation travels.
+fn refuse_confirmation_id(req: &ProvisionRequest) -> Result<()> {
+    if req.request_id.is_confirmation() {
+        return Err(Error::InvalidInput(
+            "a provisioning request needs a request id".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `text` as the id or name type `T`, or `invalid_input` saying why.
+pub fn checked<T: TryFrom<String, Error = keyfab_policy::IdError>>(text: &str) -> Result<T> {
+    T::try_from(text.to_owned()).map_err(|e| Error::InvalidInput(e.to_string()))
 }
 
 /// A key handed to a device.
@@ -350,37 +384,6 @@ pub fn lot_request_id(device_id: &str) -> String {
     )
 }
 
-/// Refuses an id from outside that is not 1-128 printable ASCII characters
-/// ([`keyfab_policy::id_shape_ok`]) as `invalid_input`, before anything is decided or
-/// recorded: whatever a station sends reaches the audit log, and no record may grow
-/// beyond what an export carries. The message gives the size, never the id itself.
-fn check_id(what: &str, id: &str) -> Result<()> {
-    if keyfab_policy::id_shape_ok(id) {
-        return Ok(());
-    }
-    Err(Error::InvalidInput(format!(
-        "{what} must be 1-{} printable ASCII characters without spaces (this one has {} bytes{})",
-        keyfab_policy::MAX_ID_BYTES,
-        id.len(),
-        if id.bytes().all(|b| b.is_ascii_graphic()) {
-            ""
-        } else {
-            ", some not printable"
-        }
-    )))
-}
-
-/// The checks every request passes before it reaches a worker: its ids
-/// ([`check_id`]) and its station's name.
-fn check_request(req: &ProvisionRequest) -> Result<()> {
-    check_id("the entitlement id", &req.entitlement)?;
-    check_id("the device id", &req.device_id)?;
-    if let Some(station) = &req.station {
-        keyfab_node::check_name(station)?;
-    }
-    Ok(())
-}
-
 impl Provisioner {
     /// Starts the engine's committer and crypto workers on `node`.
     pub fn start(node: Arc<Node>) -> Self {
@@ -477,8 +480,7 @@ impl Provisioner {
     /// Provisions one device, or refuses with the policy's code (exit 3). Safe to call
     /// from many threads at once.
     pub fn provision(&self, req: ProvisionRequest) -> Result<Provisioned> {
-        check_request(&req)?;
-        check_id("the request id", &req.request_id)?;
+        refuse_confirmation_id(&req)?;
         let ctx = self.context(&req.entitlement)?;
         // A retry is recognised by the committer, which answers it from the record.
         let outcome = self.submit(&ctx, req.clone(), None)?;
@@ -509,28 +511,27 @@ impl Provisioner {
     /// is refused. Goes through the committer, in order with provisioning.
     pub fn confirm(
         &self,
-        entitlement: &str,
-        device_id: &str,
+        entitlement: &EntitlementId,
+        device_id: &DeviceId,
         result: Programming,
-        station: Option<String>,
+        station: Option<StationName>,
     ) -> Result<Confirmed> {
         let req = ProvisionRequest {
-            entitlement: entitlement.to_owned(),
-            device_id: device_id.to_owned(),
+            entitlement: entitlement.clone(),
+            device_id: device_id.clone(),
             station,
-            request_id: String::new(),
+            request_id: RequestId::confirmation(),
             csr: None,
             transport_key: None,
         };
-        check_request(&req)?;
         let ctx = self.context(entitlement)?;
         match self.submit(&ctx, req, Some(result))? {
             Outcome::Confirmed {
                 audit_sequence,
                 repeated,
             } => Ok(Confirmed {
-                entitlement: entitlement.to_owned(),
-                device_id: device_id.to_owned(),
+                entitlement: entitlement.to_string(),
+                device_id: device_id.to_string(),
                 result,
                 audit_sequence,
                 repeated,
@@ -576,7 +577,7 @@ impl Provisioner {
         reply: Reply,
     ) -> Result<()> {
         let cohort = self.cohorts.entered();
-        let station = req.station.clone().unwrap_or_default();
+        let station = req.station_text().unwrap_or_default();
         let work = Work {
             cohort,
             ctx: ctx.clone(),
@@ -593,8 +594,7 @@ impl Provisioner {
     /// [`Provisioner::provision`] for async callers (the station API): the request waits
     /// for its commit without holding a thread.
     pub async fn provision_async(&self, req: ProvisionRequest) -> Result<Provisioned> {
-        check_request(&req)?;
-        check_id("the request id", &req.request_id)?;
+        refuse_confirmation_id(&req)?;
         let ctx = self.context(&req.entitlement)?;
         let outcome = self.submit_async(&ctx, req.clone(), None).await?;
         self.provisioned(&ctx, &req, outcome)
@@ -690,9 +690,9 @@ impl Provisioner {
             None => None,
         };
         Ok(Provisioned {
-            entitlement: req.entitlement.clone(),
-            device_id: req.device_id.clone(),
-            request_id: req.request_id.clone(),
+            entitlement: req.entitlement.to_string(),
+            device_id: req.device_id.to_string(),
+            request_id: req.request_id.to_string(),
             audit_sequence,
             replayed,
             keys,
@@ -870,11 +870,11 @@ mod tests {
     fn records_of(req: &ProvisionRequest) -> Vec<keyfab_audit::Record> {
         let reason = "\u{10FFFF}".repeat(keyfab_policy_code::MAX_REASON_BYTES / 4);
         let (entitlement, device_id, station) = (
-            req.entitlement.clone(),
-            req.device_id.clone(),
-            req.station.clone(),
+            req.entitlement.to_string(),
+            req.device_id.to_string(),
+            req.station_text(),
         );
-        let request_id = req.request_id.clone();
+        let request_id = req.request_id.to_string();
         let events = [
             Event::ProvisionDeniedByCode {
                 entitlement: entitlement.clone(),
@@ -941,10 +941,9 @@ mod tests {
             let Ok(mut req) = crate::server::api::parse_provision(body.as_bytes(), "line-1") else {
                 return Ok(());
             };
-            req.station = station;
-            let admitted = check_request(&req).and_then(|()| check_id("the request id", &req.request_id));
-            if admitted.is_err() {
-                return Ok(());
+            match station.map(|s| checked::<StationName>(&s)).transpose() {
+                Ok(station) => req.station = station,
+                Err(_) => return Ok(()),
             }
             for r in records_of(&req) {
                 let len = r.to_bytes().len();
@@ -956,20 +955,29 @@ mod tests {
     #[test]
     fn ids_beyond_the_bound_are_refused_before_any_decision_and_not_echoed() {
         let long = "D".repeat(65_000);
-        let req = ProvisionRequest::new("e1", long.as_str(), "r-1");
-        let err = check_request(&req).expect_err("a 65 kB device id");
+        let err = ProvisionRequest::parse("e1", &long, "r-1").expect_err("a 65 kB device id");
         assert_eq!(err.code(), keyfab_node::Code::InvalidInput);
         assert!(err.to_string().contains("65000 bytes"), "{err}");
         assert!(err.to_string().len() < 200, "{err}");
         for bad in ["", "has space", "tab\t", "é"] {
-            let req = ProvisionRequest::new("e1", bad, "r-1");
             assert_eq!(
-                check_request(&req).map_err(|e| e.code()),
-                Err(keyfab_node::Code::InvalidInput),
+                ProvisionRequest::parse("e1", bad, "r-1")
+                    .map_err(|e| e.code())
+                    .err(),
+                Some(keyfab_node::Code::InvalidInput),
                 "{bad:?}"
             );
         }
-        let req = ProvisionRequest::new("e1", "D".repeat(128), "r-1");
-        assert!(check_request(&req).is_ok());
+        assert!(ProvisionRequest::parse("e1", "D".repeat(128), "r-1").is_ok());
+        // The empty request id is how a confirmation travels: no request may carry it.
+        let confirmation = ProvisionRequest::new(
+            checked("e1").unwrap(),
+            checked("D-1").unwrap(),
+            RequestId::confirmation(),
+        );
+        assert_eq!(
+            refuse_confirmation_id(&confirmation).map_err(|e| e.code()),
+            Err(keyfab_node::Code::InvalidInput)
+        );
     }
 }

@@ -58,7 +58,7 @@ impl World {
 
     fn provision(&self, id: &str, device: &str, request: &str) -> keyfab_node::Result<Provisioned> {
         self.engine
-            .provision(ProvisionRequest::new(id, device, request))
+            .provision(ProvisionRequest::parse(id, device, request).unwrap())
     }
 
     fn provision_at_station(
@@ -68,8 +68,8 @@ impl World {
         request: &str,
         station: &str,
     ) -> keyfab_node::Result<Provisioned> {
-        let mut req = ProvisionRequest::new(id, device, request);
-        req.station = Some(station.to_owned());
+        let mut req = ProvisionRequest::parse(id, device, request).unwrap();
+        req.station = Some(station.parse().unwrap());
         self.engine.provision(req)
     }
 
@@ -353,8 +353,8 @@ fn a_retry_is_answered_from_the_record_and_only_to_the_station_that_made_it() {
     // Another station, or none, with the same request id: refused, audited, nothing
     // stored for the request (its owner's retry still works).
     for station in [Some("line-2"), None] {
-        let mut req = ProvisionRequest::new(&id, "P-1", "r-1");
-        req.station = station.map(str::to_owned);
+        let mut req = ProvisionRequest::parse(&id, "P-1", "r-1").unwrap();
+        req.station = station.map(|s| s.parse().unwrap());
         assert_eq!(code_of(w.engine.provision(req)), "station_not_allowed");
     }
     let events = w.events();
@@ -391,8 +391,12 @@ fn confirmations_close_a_device_once_and_only_from_its_station() {
     let id = w.entitlement("confirm", &policy(10, ""), &[]);
     w.provision_at_station(&id, "K-1", "k-1", "line-1").unwrap();
     let confirm = |device: &str, result, station: &str| {
-        w.engine
-            .confirm(&id, device, result, Some(station.to_owned()))
+        w.engine.confirm(
+            &id.parse().unwrap(),
+            &device.parse().unwrap(),
+            result,
+            Some(station.parse().unwrap()),
+        )
     };
     let before = w.events().len();
     let done = confirm("K-1", Programming::Programmed, "line-1").unwrap();
@@ -496,11 +500,7 @@ fn nodes_decide_against_reservations_and_the_quota_holds_exactly_across_them() {
     let mut keys = vec![first.keys[0].key_id.clone()];
     for n in 1..4 {
         let p = second
-            .provision(ProvisionRequest::new(
-                &id,
-                format!("N-{n}"),
-                format!("n-{n}"),
-            ))
+            .provision(ProvisionRequest::parse(&id, format!("N-{n}"), format!("n-{n}")).unwrap())
             .unwrap();
         keys.push(p.keys[0].key_id.clone());
     }
@@ -509,7 +509,7 @@ fn nodes_decide_against_reservations_and_the_quota_holds_exactly_across_them() {
     assert_eq!(keys.len(), 4, "no pool key twice");
     assert_eq!(code_of(w.provision(&id, "N-4", "n-4")), "quota_exceeded");
     assert_eq!(
-        code_of(second.provision(ProvisionRequest::new(&id, "N-5", "n-5"))),
+        code_of(second.provision(ProvisionRequest::parse(&id, "N-5", "n-5").unwrap())),
         "quota_exceeded"
     );
     let counted = w.counters(&id);

@@ -656,13 +656,14 @@ fn run_level(
                     while i < start_index + devices && in_time() {
                         sent += 1;
                         let t0 = Instant::now();
-                        let r = p
-                            .provision_async(ProvisionRequest::new(
-                                &id,
-                                format!("{prefix}-{i:09}"),
-                                format!("{prefix}-{i}"),
-                            ))
-                            .await;
+                        let r = match ProvisionRequest::parse(
+                            &id,
+                            format!("{prefix}-{i:09}"),
+                            format!("{prefix}-{i}"),
+                        ) {
+                            Ok(req) => p.provision_async(req).await,
+                            Err(e) => Err(e),
+                        };
                         let decided = match &r {
                             Ok(_) => Some(false),
                             Err(e) if e.code() == keyfab_node::Code::PolicyDenied => Some(true),

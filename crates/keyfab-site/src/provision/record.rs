@@ -78,13 +78,13 @@ impl Deciding<'_> {
         // so the ledger less this node's unused grant is at least what all nodes allowed,
         // and below each limit while the grant lasts (see `reservations`).
         let reserving = st.chain.is_some() && ctx.code.is_none();
-        let (held, next_slot) = match st.reservations.get(&req.entitlement) {
+        let (held, next_slot) = match st.reservations.get(req.entitlement.as_str()) {
             Some((r, _)) if reserving => (r.room_on(&day), r.nth_slot(0)),
             _ => (0, None),
         };
         let c = if reserving {
             st.counters
-                .get_mut(&req.entitlement)
+                .get_mut(req.entitlement.as_str())
                 .map(|(c, _)| c)
                 .ok_or_else(|| Error::Corrupt("counters".into()))?
         } else {
@@ -112,7 +112,7 @@ impl Deciding<'_> {
             (true, true) => next_slot,
         };
         if let Decision::Deny(DenyCode::QuotaExceeded | DenyCode::DailyLimitExceeded) = decision {
-            if held == 0 && self.held_elsewhere.contains(&req.entitlement) {
+            if held == 0 && self.held_elsewhere.iter().any(|e| *e == req.entitlement) {
                 return Ok(None);
             }
         }
@@ -212,9 +212,9 @@ impl Deciding<'_> {
             None => match stored_device {
                 Some(v) if !st.devices.contains(dev_key) => {
                     let d = DeviceRecord::from_stored(&v.value)?;
-                    (d.request_id == req.request_id).then(|| {
+                    (d.request_id == *req.request_id).then(|| {
                         let rr = RequestRecord {
-                            device_id: req.device_id.clone(),
+                            device_id: req.device_id.to_string(),
                             audit_sequence: d.audit_sequence,
                             denied: None,
                             reason: None,
@@ -229,7 +229,7 @@ impl Deciding<'_> {
         let Some((station, rr)) = answer else {
             return Ok(None);
         };
-        Ok(Some(match station == req.station {
+        Ok(Some(match station.as_deref() == req.station.as_deref() {
             true => Ok(Outcome::Replay(rr)),
             false => station_mismatch(&mut self.txn, &mut self.log, self.now, req, Action::Retry)?,
         }))
@@ -246,10 +246,10 @@ impl Deciding<'_> {
         reason: Option<String>,
     ) -> Result<Result<Outcome>> {
         let (entitlement, request_id, device_id, station) = (
-            req.entitlement.clone(),
-            req.request_id.clone(),
-            req.device_id.clone(),
-            req.station.clone(),
+            req.entitlement.to_string(),
+            req.request_id.to_string(),
+            req.device_id.to_string(),
+            req.station_text(),
         );
         let event = match reason.clone() {
             Some(reason) => Event::ProvisionDeniedByCode {
@@ -271,11 +271,11 @@ impl Deciding<'_> {
         let seq = self.log.append(&mut self.txn, self.now, event)?;
         let answer = Err(denied(code, &req.device_id, reason.as_deref()));
         let rr = RequestRecord {
-            device_id: req.device_id.clone(),
+            device_id: req.device_id.to_string(),
             audit_sequence: seq,
             denied: Some(code),
             reason,
-            station: req.station.clone(),
+            station: req.station_text(),
         };
         self.txn.put(Table::Devices, &req_key, &encode(&rr)?);
         st.requests.insert(req_key, rr);
@@ -402,28 +402,28 @@ impl Deciding<'_> {
             &mut self.txn,
             self.now,
             Event::ProvisionAllowed {
-                entitlement: req.entitlement.clone(),
-                request_id: req.request_id.clone(),
-                device_id: req.device_id.clone(),
-                station: req.station.clone(),
+                entitlement: req.entitlement.to_string(),
+                request_id: req.request_id.to_string(),
+                device_id: req.device_id.to_string(),
+                station: req.station_text(),
                 pool_index,
                 keys: keys.audited.clone(),
             },
         )?;
         if reserving {
-            if let Some((r, _)) = st.reservations.get_mut(&req.entitlement) {
+            if let Some((r, _)) = st.reservations.get_mut(req.entitlement.as_str()) {
                 r.used += 1;
                 if pool_index.is_some() {
                     r.take_slot();
                 }
             }
-            if !self.used_from.contains(&req.entitlement) {
-                self.used_from.push(req.entitlement.clone());
+            if !self.used_from.iter().any(|e| *e == req.entitlement) {
+                self.used_from.push(req.entitlement.to_string());
             }
         } else {
             let c = st
                 .counters
-                .get_mut(&req.entitlement)
+                .get_mut(req.entitlement.as_str())
                 .map(|(c, _)| c)
                 .ok_or_else(|| Error::Corrupt("counters".into()))?;
             c.total += 1;
@@ -436,23 +436,23 @@ impl Deciding<'_> {
             }
         }
         let device = DeviceRecord {
-            request_id: req.request_id.clone(),
+            request_id: req.request_id.to_string(),
             audit_sequence: seq,
             audit_row: self.log.row_key().unwrap_or(seq),
             audit_chain: st.chain.clone(),
             time: self.now,
-            station: req.station.clone(),
+            station: req.station_text(),
             pool_index,
             sealed: keys.sealed,
             confirmed: None,
             transport_key: req.transport_key.as_ref().map(|k| k.fingerprint().to_hex()),
         };
         let rr = RequestRecord {
-            device_id: req.device_id.clone(),
+            device_id: req.device_id.to_string(),
             audit_sequence: seq,
             denied: None,
             reason: None,
-            station: req.station.clone(),
+            station: req.station_text(),
         };
         self.txn.put(Table::Devices, &dev_key, &device.to_stored()?);
         st.devices.insert(dev_key);
@@ -537,7 +537,7 @@ pub(super) fn confirm_device(
             }
         },
     };
-    if record.station != req.station {
+    if record.station.as_deref() != req.station.as_deref() {
         return station_mismatch(txn, log, now, req, Action::Confirm)?;
     }
     if let Some(c) = record.confirmed {
@@ -559,9 +559,9 @@ pub(super) fn confirm_device(
         txn,
         now,
         Event::DeviceConfirmed {
-            entitlement: req.entitlement.clone(),
-            device_id: req.device_id.clone(),
-            station: req.station.clone(),
+            entitlement: req.entitlement.to_string(),
+            device_id: req.device_id.to_string(),
+            station: req.station_text(),
             result: result.as_str().to_owned(),
         },
     )?;
@@ -600,7 +600,7 @@ pub(super) fn station_mismatch(
     let (name, request_id, message) = match action {
         Action::Retry => (
             "provision",
-            Some(req.request_id.clone()),
+            Some(req.request_id.to_string()),
             format!(
                 "request id '{}' for device '{}' was made by another station: only that station is answered a retry; nothing was released",
                 req.request_id, req.device_id
@@ -619,11 +619,11 @@ pub(super) fn station_mismatch(
         txn,
         now,
         Event::StationMismatch {
-            entitlement: req.entitlement.clone(),
+            entitlement: req.entitlement.to_string(),
             action: name.to_owned(),
             request_id,
-            device_id: req.device_id.clone(),
-            station: req.station.clone(),
+            device_id: req.device_id.to_string(),
+            station: req.station_text(),
         },
     )?;
     Ok(Err(Error::Denied {

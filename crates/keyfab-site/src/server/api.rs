@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use keyfab_node::{Code, Error, Node};
+use keyfab_policy::{DeviceId, EntitlementId};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -267,6 +268,11 @@ fn station_refused(e: Error) -> ApiError {
     }
 }
 
+/// An id or name from a station as its type, or `invalid_input` (400) saying why.
+fn checked<T: TryFrom<String, Error = keyfab_policy::IdError>>(text: &str) -> Result<T, ApiError> {
+    Ok(crate::provision::checked(text)?)
+}
+
 fn malformed(what: &str, e: impl std::fmt::Display) -> ApiError {
     ApiError::new(Code::Malformed, format!("{what}: {e}"))
 }
@@ -307,10 +313,10 @@ pub fn parse_provision(body: &[u8], station: &str) -> Result<ProvisionRequest, A
         .transpose()
         .map_err(|e| malformed("transport_key", e))?;
     Ok(ProvisionRequest {
-        entitlement: body.entitlement,
-        device_id: body.device_id,
-        station: Some(station.to_owned()),
-        request_id: body.request_id,
+        entitlement: checked(&body.entitlement)?,
+        device_id: checked(&body.device_id)?,
+        station: Some(checked(station)?),
+        request_id: checked(&body.request_id)?,
         csr,
         transport_key,
     })
@@ -319,12 +325,16 @@ pub fn parse_provision(body: &[u8], station: &str) -> Result<ProvisionRequest, A
 /// Parses a `POST /v1/confirm` body strictly: (entitlement, device id, result).
 pub fn parse_confirm(
     body: &[u8],
-) -> Result<(String, String, crate::provision::Programming), ApiError> {
+) -> Result<(EntitlementId, DeviceId, crate::provision::Programming), ApiError> {
     let body: ConfirmBody =
         serde_json::from_slice(body).map_err(|e| malformed("request body", e))?;
     let result = crate::provision::Programming::parse(&body.result)
         .ok_or_else(|| malformed("result", "must be programmed or failed"))?;
-    Ok((body.entitlement, body.device_id, result))
+    Ok((
+        checked(&body.entitlement)?,
+        checked(&body.device_id)?,
+        result,
+    ))
 }
 
 async fn provision(
@@ -340,8 +350,8 @@ async fn provision(
     match &outcome {
         Ok(p) => tracing::debug!(
             target: "keyfab::provision",
-            device_id,
-            request_id,
+            device_id = device_id.as_str(),
+            request_id = request_id.as_str(),
             audit_sequence = p.audit_sequence,
             replayed = p.replayed,
             sealed_to_chip = p.chip_enc.is_some(),
@@ -349,8 +359,8 @@ async fn provision(
         ),
         Err(e) => tracing::debug!(
             target: "keyfab::provision",
-            device_id,
-            request_id,
+            device_id = device_id.as_str(),
+            request_id = request_id.as_str(),
             code = e.code().as_str(),
             "refused"
         ),
@@ -385,6 +395,7 @@ async fn confirm(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let (entitlement, device_id, result) = parse_confirm(&body)?;
+    let station = checked(&station)?;
     let provisioner = state.provisioner.clone();
     let c = tokio::task::spawn_blocking(move || {
         provisioner.confirm(&entitlement, &device_id, result, Some(station))

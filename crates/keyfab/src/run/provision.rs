@@ -7,6 +7,7 @@ use crate::output::{io_fail, read_input, read_input_text, Failure, Report};
 use keyfab_crypto::x509::{self};
 use keyfab_node::Code;
 use keyfab_node::NodeKind;
+use keyfab_site::provision::checked;
 use serde_json::json;
 use std::path::Path;
 
@@ -33,15 +34,21 @@ pub(crate) fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Fail
     // nothing (the latter latches it).
     keyfab_site::latch::check_cheaply(&node)?;
     let provisioner = keyfab_site::provision::Provisioner::start(node);
-    let request =
-        |device_id: String, request_id: String| keyfab_site::provision::ProvisionRequest {
-            entitlement: a.entitlement.clone(),
-            device_id,
-            station: a.station.clone(),
-            request_id,
+    let entitlement: keyfab_policy::EntitlementId = checked(&a.entitlement)?;
+    let station: Option<keyfab_policy::StationName> =
+        a.station.as_deref().map(checked).transpose()?;
+    let request = |device_id: String,
+                   request_id: String|
+     -> Result<keyfab_site::provision::ProvisionRequest, keyfab_node::Error> {
+        Ok(keyfab_site::provision::ProvisionRequest {
+            entitlement: entitlement.clone(),
+            device_id: checked(&device_id)?,
+            station: station.clone(),
+            request_id: checked(&request_id)?,
             csr: csr.clone(),
             transport_key: None,
-        };
+        })
+    };
     if let (Some(list), Some(out)) = (&a.device_ids, &a.out) {
         return provision_many(&provisioner, list, out, request);
     }
@@ -57,7 +64,7 @@ pub(crate) fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Fail
             hex::encode(b)
         }
     };
-    let p = provisioner.provision(request(device_id, request_id))?;
+    let p = provisioner.provision(request(device_id, request_id)?)?;
     let bundle = keyfab_site::bundle::device_bundle(&p);
     if let Some(out) = &a.out {
         write_private(out, format!("{bundle:#}\n").as_bytes()).map_err(|e| io_fail(out, e))?;
@@ -95,7 +102,10 @@ pub(super) fn provision_many(
     provisioner: &keyfab_site::provision::Provisioner,
     list: &Path,
     out: &Path,
-    request: impl Fn(String, String) -> keyfab_site::provision::ProvisionRequest,
+    request: impl Fn(
+        String,
+        String,
+    ) -> Result<keyfab_site::provision::ProvisionRequest, keyfab_node::Error>,
 ) -> Result<Report, Failure> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -113,10 +123,9 @@ pub(super) fn provision_many(
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
     {
-        match provisioner.provision(request(
-            id.to_owned(),
-            keyfab_site::provision::lot_request_id(id),
-        )) {
+        match request(id.to_owned(), keyfab_site::provision::lot_request_id(id))
+            .and_then(|r| provisioner.provision(r))
+        {
             Ok(p) => {
                 let line = format!("{}\n", keyfab_site::bundle::device_bundle(&p));
                 file.write_all(line.as_bytes())

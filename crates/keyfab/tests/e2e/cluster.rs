@@ -90,7 +90,9 @@ fn on_two_nodes(
                 for (device, request) in jobs {
                     let started = Instant::now();
                     let outcome = loop {
-                        match node.provision(ProvisionRequest::new(&id, &device, request.clone())) {
+                        match node.provision(
+                            ProvisionRequest::parse(&id, &device, request.clone()).unwrap(),
+                        ) {
                             Ok(p) => break Ok(p.keys[0].key_id.clone()),
                             Err(e) if e.exit_code() == 3 => {
                                 break Err(e.code().as_str().to_owned())
@@ -158,7 +160,9 @@ fn a_site_on_etcd_provisions_through_the_loss_of_the_leader() {
         let device = format!("C-{n:04}");
         let answer = loop {
             // A station's retry: the same request id, until an answer.
-            match site.provision(ProvisionRequest::new(&id, &device, format!("r-{device}"))) {
+            match site
+                .provision(ProvisionRequest::parse(&id, &device, format!("r-{device}")).unwrap())
+            {
                 Ok(p) => break p,
                 Err(e) => {
                     assert_ne!(e.exit_code(), 3, "{device} refused: {e}");
@@ -194,7 +198,9 @@ fn a_site_on_etcd_provisions_through_the_loss_of_the_leader() {
     );
     // Answers on etcd are as final as anywhere: a retry gets the same keys, another
     // request for the device is refused, and that refusal is what its retry gets too.
-    let again = |request_id: &str| site.provision(ProvisionRequest::new(&id, "C-0007", request_id));
+    let again = |request_id: &str| {
+        site.provision(ProvisionRequest::parse(&id, "C-0007", request_id).unwrap())
+    };
     let replayed = again("r-C-0007").unwrap();
     assert!(replayed.replayed);
     assert!(key_ids.contains(&replayed.keys[0].key_id));
@@ -482,7 +488,8 @@ fn without_a_quorum_requests_fail_closed_fast_and_provisioning_resumes_by_itself
     let (mut etcd, w) = etcd_site();
     let id = imported(&w, POLICY, "quorum");
     let site = Provisioner::start(Arc::new(open_site(&w.site)));
-    let request = |n: u32| ProvisionRequest::new(&id, format!("Q-{n}"), format!("q-{n}"));
+    let request =
+        |n: u32| ProvisionRequest::parse(&id, format!("Q-{n}"), format!("q-{n}")).unwrap();
     assert!(site.provision(request(0)).is_ok());
 
     etcd.kill(0).unwrap();
@@ -688,8 +695,9 @@ fn a_refusal_retried_on_etcd_is_answered_as_before() {
     let today = jiff::Timestamp::now().as_second();
     let clock = TestClock::at(today);
     let site = Provisioner::start(Arc::new(site_with_clock(&w.site, &clock)));
-    let ask =
-        |device: &str, request: &str| site.provision(ProvisionRequest::new(&id, device, request));
+    let ask = |device: &str, request: &str| {
+        site.provision(ProvisionRequest::parse(&id, device, request).unwrap())
+    };
     let first = ask("D-1", "r-1").expect("the day's one device");
     let refused = ask("D-2", "r-2").expect_err("over the daily limit");
     assert_eq!(refused.code().as_str(), "daily_limit_exceeded");
@@ -733,7 +741,8 @@ fn two_busy_nodes_decide_every_request_on_its_first_call() {
                     let mut failed = Vec::new();
                     for i in 0..PER_CALLER {
                         let device = format!("B-{c:03}-{i:02}");
-                        let request = ProvisionRequest::new(&id, &device, format!("r-{device}"));
+                        let request =
+                            ProvisionRequest::parse(&id, &device, format!("r-{device}")).unwrap();
                         if let Err(e) = node.provision_async(request).await {
                             failed.push(format!("{device}: {e}"));
                         }
@@ -834,7 +843,7 @@ fn a_node_gives_back_the_quota_it_does_not_use() {
     let provision = |from: usize, to: usize| {
         for d in from..to {
             let device = format!("G-{d}");
-            node.provision(ProvisionRequest::new(&id, &device, device.clone()))
+            node.provision(ProvisionRequest::parse(&id, &device, device.clone()).unwrap())
                 .unwrap();
         }
     };
@@ -860,7 +869,7 @@ fn a_node_gives_back_the_quota_it_does_not_use() {
     let node = Provisioner::start(site.clone());
     for d in 20..30 {
         let device = format!("G-{d}");
-        node.provision(ProvisionRequest::new(&id, &device, device.clone()))
+        node.provision(ProvisionRequest::parse(&id, &device, device.clone()).unwrap())
             .unwrap();
     }
     drop(node);
@@ -891,7 +900,8 @@ fn a_revocation_ends_the_reservations_of_busy_nodes() {
             let mut allowed = 0u64;
             for d in 0.. {
                 let device = format!("B-{d:04}");
-                match node.provision(ProvisionRequest::new(&id, &device, device.clone())) {
+                match node.provision(ProvisionRequest::parse(&id, &device, device.clone()).unwrap())
+                {
                     Ok(_) => allowed += 1,
                     Err(e) if e.code().as_str() == "revoked" => return allowed,
                     Err(e) => panic!("{e}"),
@@ -949,7 +959,7 @@ fn quota_held_by_a_node_that_only_refuses_goes_to_one_that_needs_it() {
     );
     // Node A takes a block for one device, then stays busy refusing repeats of it: it
     // commits all the time, but allows nothing from its block.
-    a.provision(ProvisionRequest::new(&id, "A-0", "a-0"))
+    a.provision(ProvisionRequest::parse(&id, "A-0", "a-0").unwrap())
         .unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let repeats = {
@@ -959,7 +969,7 @@ fn quota_held_by_a_node_that_only_refuses_goes_to_one_that_needs_it() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 n += 1;
                 let e = a
-                    .provision(ProvisionRequest::new(&id, "A-0", format!("again-{n}")))
+                    .provision(ProvisionRequest::parse(&id, "A-0", format!("again-{n}")).unwrap())
                     .unwrap_err();
                 assert_eq!(e.code().as_str(), "device_already_provisioned");
             }
@@ -970,11 +980,11 @@ fn quota_held_by_a_node_that_only_refuses_goes_to_one_that_needs_it() {
     // most that long, well within the committer's patience).
     for d in 0..99 {
         let device = format!("B-{d}");
-        b.provision(ProvisionRequest::new(&id, &device, device.clone()))
+        b.provision(ProvisionRequest::parse(&id, &device, device.clone()).unwrap())
             .unwrap_or_else(|e| panic!("{device}: {e}"));
     }
     let refused = b
-        .provision(ProvisionRequest::new(&id, "B-x", "b-x"))
+        .provision(ProvisionRequest::parse(&id, "B-x", "b-x").unwrap())
         .unwrap_err();
     assert_eq!(refused.code().as_str(), "quota_exceeded");
     // Node A's reservation was taken back, not spent by A.

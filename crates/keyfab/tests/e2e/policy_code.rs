@@ -119,8 +119,13 @@ fn run_cases_at_site(
         if case["confirm"] == "failed" {
             for _ in 0..repeat {
                 let (device, received_by) = allowed.pop().expect("a device to report failed");
-                site.confirm(id, &device, Programming::Failed, received_by)
-                    .unwrap();
+                site.confirm(
+                    &id.parse().unwrap(),
+                    &device.parse().unwrap(),
+                    Programming::Failed,
+                    received_by.map(|s: String| s.parse().unwrap()),
+                )
+                .unwrap();
             }
             continue;
         }
@@ -129,12 +134,8 @@ fn run_cases_at_site(
             n += 1;
             let device = device_format(n);
             let got = site.provision(ProvisionRequest {
-                entitlement: id.to_owned(),
-                device_id: device.clone(),
-                station: station.clone(),
-                request_id: format!("r-{n}"),
-                csr: None,
-                transport_key: None,
+                station: station.as_deref().map(|s| s.parse().unwrap()),
+                ..ProvisionRequest::parse(id, &device, format!("r-{n}")).unwrap()
             });
             let (code, message) = match &got {
                 Ok(_) => ("allow", String::new()),

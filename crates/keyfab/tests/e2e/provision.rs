@@ -60,7 +60,7 @@ fn sixty_four_threads_never_exceed_the_daily_limit() {
     let results = from_threads(&provisioner, 64, |t| {
         (0..1000)
             .filter(|i| i % 64 == t)
-            .map(|i| ProvisionRequest::new(&id, format!("D-{i:05}"), format!("r-{i}")))
+            .map(|i| ProvisionRequest::parse(&id, format!("D-{i:05}"), format!("r-{i}")).unwrap())
             .collect()
     });
     let allowed: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
@@ -81,11 +81,9 @@ fn sixty_four_threads_never_exceed_the_daily_limit() {
     // the log now spans more rows than one page of the store scan, so reading it back
     // below also checks that the paged reader neither drops nor repeats a row.
     for i in 0..100 {
-        let denied = provisioner.provision(ProvisionRequest::new(
-            &id,
-            format!("E-{i:05}"),
-            format!("e-{i}"),
-        ));
+        let denied = provisioner.provision(
+            ProvisionRequest::parse(&id, format!("E-{i:05}"), format!("e-{i}")).unwrap(),
+        );
         assert!(denied.is_err());
     }
     // Counters agree with the audit log, and the log verifies.
@@ -423,11 +421,7 @@ fn released_private_keys_are_not_in_the_site_home() {
     let mut secrets = HashSet::new();
     for i in 0..40 {
         let p = provisioner
-            .provision(ProvisionRequest::new(
-                &id,
-                format!("S-{i}"),
-                format!("s-{i}"),
-            ))
+            .provision(ProvisionRequest::parse(&id, format!("S-{i}"), format!("s-{i}")).unwrap())
             .unwrap();
         for k in &p.keys {
             let raw = k.private.as_ref().unwrap().expose().to_vec();
@@ -480,7 +474,7 @@ fn pool_keys_made_ahead_go_to_the_slot_each_decision_takes() {
                 } else {
                     format!("S-{:03}", t * 30 + i)
                 };
-                ProvisionRequest::new(&id, &device, format!("t{t}-{i}"))
+                ProvisionRequest::parse(&id, &device, format!("t{t}-{i}")).unwrap()
             })
             .collect()
     });
