@@ -326,7 +326,7 @@ pub(crate) fn provision(
     std::fs::write(&policy, &text).map_err(|e| Failure::new(Code::Io, e.to_string()))?;
     let kfe = base.join("provision.kfe");
     let created = run::entitlement_create(&ctx, &hq, "bench-site", &policy, &kfe)?;
-    let id = created.json["id"].as_str().unwrap_or_default().to_owned();
+    let id = created.id;
     run::entitlement_import(&ctx, &site, &kfe)?;
     // The same policy with the module: every level runs without it, then with it.
     let code_id = match policy_module {
@@ -342,7 +342,7 @@ pub(crate) fn provision(
             let kfe = base.join("provision-code.kfe");
             let created = run::entitlement_create(&ctx, &hq, "bench-site", &with_code, &kfe)?;
             run::entitlement_import(&ctx, &site, &kfe)?;
-            Some(created.json["id"].as_str().unwrap_or_default().to_owned())
+            Some(created.id)
         }
         None => None,
     };
@@ -843,7 +843,7 @@ pub(crate) fn audit(records: u64, random_ids: bool, dir: Option<&Path>) -> Resul
     std::fs::write(&policy, text).map_err(|e| Failure::new(Code::Io, e.to_string()))?;
     let kfe = base.join("audit.kfe");
     let created = run::entitlement_create(&ctx, &hq, "bench-site", &policy, &kfe)?;
-    let id = created.json["id"].as_str().unwrap_or_default().to_owned();
+    let id = created.id;
     run::entitlement_import(&ctx, &site, &kfe)?;
 
     // The site's log: the import, then n-1 releases, all the policy allows.

@@ -45,7 +45,7 @@ pub(crate) fn flood(f: &Flood, dir: Option<&Path>) -> Result<Report, Failure> {
     .map_err(fail)?;
     let kfe = base.join("flood.kfe");
     let created = run::entitlement_create(&ctx, &hq, "bench-site", &policy, &kfe)?;
-    let id = created.json["id"].as_str().unwrap_or_default().to_owned();
+    let id = created.id;
     run::entitlement_import(&ctx, &site, &kfe)?;
     // Every station enrolled on its own, as on a factory floor: the site's per-station
     // bounds and its fairness see them apart.

@@ -34,7 +34,7 @@ pub(crate) fn serve(
     .map_err(fail)?;
     let kfe = base.join("serve.kfe");
     let created = run::entitlement_create(&ctx, &hq, "bench-site", &policy, &kfe)?;
-    let id = created.json["id"].as_str().unwrap_or_default().to_owned();
+    let id = created.id;
     run::entitlement_import(&ctx, &site, &kfe)?;
     let station_dir = base.join("station");
     crate::line::station_enroll(&ctx, &site, "bench-line", &station_dir, 30)?;

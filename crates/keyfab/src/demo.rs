@@ -203,12 +203,12 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
     step(
         "11. HQ issues an entitlement",
         "Keys generated at HQ, encrypted to the site's key, signed by HQ; the policy needs 2 of 3 approvers before any device.",
-        run::entitlement_create(&ctx, &hq, "shenzhen-1", &policy, &kfe)?,
+        Report::of(&run::entitlement_create(&ctx, &hq, "shenzhen-1", &policy, &kfe)?)?,
     );
     let imported = run::entitlement_import(&ctx, &site, &kfe)?;
-    let id = imported.json["id"].as_str().unwrap_or_default().to_owned();
+    let id = imported.entitlement().to_owned();
     step("12. site imports it", "Size, signature, chain and role, recipient, replay: checked before anything is decrypted or stored. It waits for its quorum.",
-        imported);
+        Report::of(&imported)?);
     let replay = run::entitlement_import(&ctx, &site, &kfe);
     let replay_text = match &replay {
         Err(f) => format!("refused as expected: error[{}] {}", f.code, f.message),

@@ -15,6 +15,22 @@ impl Report {
             json,
         }
     }
+
+    /// The report of a typed result: its text, and its serde form as the JSON, so the
+    /// two cannot say different things.
+    pub(crate) fn of(outcome: &impl Outcome) -> Result<Self, Failure> {
+        let json = serde_json::to_value(outcome)
+            .map_err(|e| Failure::new(Code::Internal, format!("rendering the result: {e}")))?;
+        Ok(Self::new(outcome.text(), json))
+    }
+}
+
+/// A command's typed result: the facts it established, which the dispatcher renders —
+/// text for people, its serde form for `--json` — and which `demo` and `bench`, calling
+/// the same commands, read as fields.
+pub(crate) trait Outcome: serde::Serialize {
+    /// The text for people.
+    fn text(&self) -> String;
 }
 
 /// A failed command: its stable code (which gives the exit code) and message.

@@ -2,7 +2,7 @@
 
 use crate::cli::{ManifestFormat, ReportFormat};
 use crate::context::{rfc3339, Context};
-use crate::output::{io_fail, read_input, Failure, Progress, Report};
+use crate::output::{io_fail, read_input, Failure, Outcome, Progress, Report};
 use keyfab_hq::entitlement::CreateRequest;
 use keyfab_node::Code;
 use keyfab_node::NodeKind;
@@ -81,7 +81,7 @@ pub(crate) fn entitlement_create(
     site: &str,
     policy: &Path,
     out: &Path,
-) -> Result<Report, Failure> {
+) -> Result<EntitlementCreated, Failure> {
     // The policy is checked before anything else is touched: an invalid one writes nothing.
     let policy = keyfab_hq::entitlement::load_policy(policy)?;
     let node = ctx.open(home, NodeKind::Hq)?;
@@ -89,19 +89,42 @@ pub(crate) fn entitlement_create(
     let mut req = CreateRequest::new(site, policy, out);
     req.progress = progress.reporter();
     let created = keyfab_hq::entitlement::create(&node, req)?;
-    Ok(Report::new(
+    Ok(EntitlementCreated {
+        id: created.id,
+        site: created.site,
+        sequence: created.sequence,
+        devices: created.devices,
+        pool_keys: created.pool_keys,
+        bytes: created.bytes,
+        out: out.to_owned(),
+    })
+}
+
+/// `hq entitlement create`: the `.kfe` written for a site.
+#[derive(serde::Serialize)]
+pub(crate) struct EntitlementCreated {
+    pub id: String,
+    pub site: String,
+    pub sequence: u64,
+    pub devices: u64,
+    pub pool_keys: u64,
+    pub bytes: u64,
+    pub out: std::path::PathBuf,
+}
+
+impl Outcome for EntitlementCreated {
+    fn text(&self) -> String {
         format!(
             "entitlement {} for site '{}' (sequence {}): {} devices, {} pool keys, {} bytes -> {}",
-            created.id,
-            created.site,
-            created.sequence,
-            created.devices,
-            created.pool_keys,
-            created.bytes,
-            out.display()
-        ),
-        json!({"id": created.id, "site": created.site, "sequence": created.sequence, "devices": created.devices, "pool_keys": created.pool_keys, "bytes": created.bytes, "out": out}),
-    ))
+            self.id,
+            self.site,
+            self.sequence,
+            self.devices,
+            self.pool_keys,
+            self.bytes,
+            self.out.display()
+        )
+    }
 }
 
 pub(crate) fn issued_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {

@@ -1,6 +1,6 @@
-//! Command implementations. Each returns a [`Report`]; `demo` and `bench` call the same
-//! functions.
-
+//! Command implementations. Each returns a [`Report`] (text and JSON), or a typed
+//! result ([`crate::output::Outcome`]) that [`dispatch`] renders to one; `demo` and
+//! `bench` call the same functions and read typed results as fields.
 //!
 //! One module per command group; [`dispatch`] maps the parsed command line to them.
 
@@ -61,7 +61,7 @@ pub(crate) fn dispatch(cli: Cli) -> Result<Report, Failure> {
             site,
             policy,
             out,
-        })) => entitlement_create(&ctx, &home.home, &site, &policy, &out),
+        })) => Report::of(&entitlement_create(&ctx, &home.home, &site, &policy, &out)?),
         Command::Hq(HqCommand::Entitlement(HqEntitlementCommand::Revoke {
             home,
             id,
@@ -79,7 +79,7 @@ pub(crate) fn dispatch(cli: Cli) -> Result<Report, Failure> {
             identity_export(&ctx, &home.home, &out)
         }
         Command::Site(SiteCommand::Entitlement(SiteEntitlementCommand::Import { home, file })) => {
-            entitlement_import(&ctx, &home.home, &file)
+            Report::of(&entitlement_import(&ctx, &home.home, &file)?)
         }
         Command::Site(SiteCommand::Entitlement(SiteEntitlementCommand::List { home })) => {
             entitlement_list(&ctx, &home.home)

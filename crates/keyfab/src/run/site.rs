@@ -1,7 +1,7 @@
 //! `keyfab site`: entitlements and revocations imported, approvals, the audit log and its exports, receipts, settings.
 
 use crate::context::{rfc3339, Context};
-use crate::output::{io_fail, read_input, Failure, Progress, Report};
+use crate::output::{io_fail, read_input, Failure, Outcome, Progress, Report};
 use keyfab_node::Code;
 use keyfab_node::NodeKind;
 use serde_json::json;
@@ -11,7 +11,7 @@ pub(crate) fn entitlement_import(
     ctx: &Context,
     home: &Path,
     file: &Path,
-) -> Result<Report, Failure> {
+) -> Result<EntitlementImport, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
     let mut head = [0u8; 8];
     let is_revocation = std::fs::File::open(file)
@@ -21,23 +21,74 @@ pub(crate) fn entitlement_import(
     if is_revocation {
         let bytes = read_input(file, keyfab_formats::revocation::MAX_LEN)?;
         let r = keyfab_site::revocation::import_revocation(&node, &bytes)?;
-        return Ok(Report::new(
-            format!(
-                "entitlement {} revoked (sequence {}); {} unused pool keys destroyed",
-                r.entitlement, r.sequence, r.destroyed_pool_keys
-            ),
-            json!({"revoked": r.entitlement, "sequence": r.sequence, "destroyed_pool_keys": r.destroyed_pool_keys}),
-        ));
+        return Ok(EntitlementImport::Revoked {
+            revoked: r.entitlement,
+            sequence: r.sequence,
+            destroyed_pool_keys: r.destroyed_pool_keys,
+        });
     }
     let progress = Progress::new("stored", "pool keys", !ctx.json);
     let imported = keyfab_site::entitlements::import(&node, file, progress.reporter())?;
-    Ok(Report::new(
-        format!(
-            "imported entitlement {} from '{}' (sequence {}): {} pool keys stored encrypted; state {}",
-            imported.id, imported.hq, imported.sequence, imported.pool_keys, imported.state
-        ),
-        json!({"id": imported.id, "hq": imported.hq, "sequence": imported.sequence, "pool_keys": imported.pool_keys, "state": imported.state}),
-    ))
+    Ok(EntitlementImport::Imported {
+        id: imported.id,
+        hq: imported.hq,
+        sequence: imported.sequence,
+        pool_keys: imported.pool_keys,
+        state: imported.state,
+    })
+}
+
+/// `site entitlement import`: an entitlement stored, or a revocation applied.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+pub(crate) enum EntitlementImport {
+    /// An entitlement, verified and stored.
+    Imported {
+        id: String,
+        hq: String,
+        sequence: u64,
+        pool_keys: u64,
+        state: &'static str,
+    },
+    /// HQ's revocation, applied.
+    Revoked {
+        revoked: String,
+        sequence: u64,
+        destroyed_pool_keys: u64,
+    },
+}
+
+impl EntitlementImport {
+    /// The entitlement the file was about.
+    pub(crate) fn entitlement(&self) -> &str {
+        match self {
+            EntitlementImport::Imported { id, .. } => id,
+            EntitlementImport::Revoked { revoked, .. } => revoked,
+        }
+    }
+}
+
+impl Outcome for EntitlementImport {
+    fn text(&self) -> String {
+        match self {
+            EntitlementImport::Imported {
+                id,
+                hq,
+                sequence,
+                pool_keys,
+                state,
+            } => format!(
+                "imported entitlement {id} from '{hq}' (sequence {sequence}): {pool_keys} pool keys stored encrypted; state {state}"
+            ),
+            EntitlementImport::Revoked {
+                revoked,
+                sequence,
+                destroyed_pool_keys,
+            } => format!(
+                "entitlement {revoked} revoked (sequence {sequence}); {destroyed_pool_keys} unused pool keys destroyed"
+            ),
+        }
+    }
 }
 
 pub(crate) fn entitlement_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {

@@ -145,3 +145,52 @@ fn usage_errors_match_their_snapshots() {
         .collect();
     assert!(differ.is_empty(), "{}", differ.join("\n"));
 }
+
+/// `text` with what differs from run to run replaced by a name for it: the run's
+/// directory, ports, times, ids, digests, serials and sizes.
+fn normalized(text: &str, dir: &Path) -> String {
+    let text = text.replace(&dir.display().to_string(), "DIR");
+    let rules = [
+        (r"127\.0\.0\.1:\d+", "127.0.0.1:PORT"),
+        (r"serial [0-9a-f]+", "serial SERIAL"),
+        // A station that reconnects under load (a kept-alive connection timed out).
+        (
+            r"stopped after \d+ connections",
+            "stopped after N connections",
+        ),
+        (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "TIME"),
+        (r"\b[0-9a-f]{64}\b", "SHA256"),
+        (r"\b[0-9a-f]{32}\b", "ID"),
+        (r"\b\d+ bytes\b", "N bytes"),
+    ];
+    rules.iter().fold(text, |t, (pattern, name)| {
+        regex::Regex::new(pattern)
+            .unwrap()
+            .replace_all(&t, *name)
+            .into_owned()
+    })
+}
+
+/// The main journey's text as an operator reads it — every step of `keyfab demo`, from
+/// the root CA to HQ's report, each printed by the command that does it — pinned, with
+/// what differs from run to run named instead.
+#[test]
+fn the_journeys_text_matches_its_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("demo");
+    let out = Command::new(env!("CARGO_BIN_EXE_keyfab"))
+        .args(["demo", "--dir", &home.display().to_string()])
+        .env_remove("KEYFAB_HOME")
+        .env_remove("KEYFAB_PASSPHRASE")
+        .output()
+        .expect("run keyfab demo");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = normalized(&String::from_utf8_lossy(&out.stdout), &home);
+    if let Some(differs) = check("output-demo", &text) {
+        panic!("{differs}");
+    }
+}
