@@ -57,11 +57,13 @@ fn temp_of(out: &Path) -> PathBuf {
 /// Creates the temporary file `tmp` for `out`, locked by this process. One left by a
 /// writer that stopped is removed first; one a running writer holds is refused.
 fn create_temp(tmp: &Path, out: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    // Private from the start: some outputs hold key material (a device's keys).
     let create = || {
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(tmp)
     };
     let f = match create() {

@@ -611,8 +611,11 @@ so a retry never takes a second key. Refusals exit 3 with the policy's code.")]
         /// The device's CSR (PEM), for keys with source `device`.
         #[arg(long, value_name = "FILE")]
         csr: Option<PathBuf>,
-        /// Write the key material and certificates (JSON, mode 0600) to FILE instead of
-        /// standard output.
+        /// Write the key material and certificates (JSON, mode 0600) to FILE, a new file,
+        /// instead of standard output: one that exists, or in a directory that does not,
+        /// is refused before the site is asked. If the answer cannot be written, or
+        /// never arrives, the error gives the request id and the command that gets the
+        /// same keys again.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
@@ -716,9 +719,9 @@ pub(crate) struct ProvisionArgs {
     )]
     pub device_id: Option<String>,
     /// Provision every device id in FILE (one per line), writing one JSON line per
-    /// device to --out as soon as its keys are released. Each request id is the device
-    /// id, so running the same file again after an interruption resumes: devices already
-    /// done get their same keys back.
+    /// device to --out as soon as its keys are released. Running the same file into the
+    /// same --out again after an interruption resumes: devices already in the file are
+    /// not written again, and one whose line was cut short is written again whole.
     #[arg(long, value_name = "FILE", requires = "out")]
     pub device_ids: Option<PathBuf>,
     /// The station asking, checked against the policy's `[stations] allowed`.
@@ -730,7 +733,10 @@ pub(crate) struct ProvisionArgs {
     /// The device's CSR (PEM or DER), for keys with source `device`.
     #[arg(long, value_name = "FILE")]
     pub csr: Option<PathBuf>,
-    /// Write the key material and certificates (JSON, mode 0600) to FILE.
+    /// Write the key material and certificates (JSON, mode 0600) to FILE, a new file:
+    /// one that exists, or in a directory that does not, is refused before any key is
+    /// released. If writing fails after the release, the error gives the request id and
+    /// the command that gets the same keys again.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
 }

@@ -2,7 +2,7 @@
 
 use crate::context::Context;
 use crate::logsink::LogSink;
-use crate::output::{io_fail, read_input_text, Failure, Report};
+use crate::output::{after_release, io_fail, read_input_text, Failure, Report};
 use keyfab_crypto::x509;
 use keyfab_node::Code;
 use keyfab_node::NodeKind;
@@ -385,6 +385,10 @@ pub(crate) fn station_provision(
     csr: Option<&Path>,
     out: Option<&Path>,
 ) -> Result<Report, Failure> {
+    // An output that cannot be written is refused before any key is released.
+    if let Some(out) = out {
+        keyfab_node::out_file::check_new(out, "nothing was asked of the site")?;
+    }
     let station = keyfab_station::StationDir::load(dir).map_err(station_failure)?;
     let client = keyfab_station::Client::new(&station, urls).map_err(station_failure)?;
     let csr = csr
@@ -398,16 +402,35 @@ pub(crate) fn station_provision(
         },
         str::to_owned,
     );
+    let again = |out: Option<&Path>| {
+        format!(
+            "keyfab station provision --url {} --station-dir {} --entitlement {entitlement} --device-id {device_id} --request-id {request_id}{}",
+            urls.join(","),
+            dir.display(),
+            out.map_or_else(String::new, |_| " --out OTHER-FILE".into())
+        )
+    };
     let req = keyfab_station::ProvisionRequest {
-        request_id,
+        request_id: request_id.clone(),
         entitlement: entitlement.to_owned(),
         device_id: device_id.to_owned(),
         csr,
         transport_key: None,
     };
-    let bundle = client.provision(&req).map_err(station_failure)?;
+    let bundle = client.provision(&req).map_err(|e| {
+        // Unanswered (the site may have released the keys): the request id gets them.
+        let answered = matches!(&e, keyfab_station::StationError::Refused { code, .. }
+            if code != Code::Unavailable.as_str());
+        let f = station_failure(e);
+        if answered {
+            f
+        } else {
+            after_release(f, &request_id, &again(out))
+        }
+    })?;
     if let Some(out) = out {
-        write_new(out, format!("{bundle:#}\n").as_bytes(), 0o600).map_err(|e| io_fail(out, e))?;
+        keyfab_node::out_file::write_new(out, format!("{bundle:#}\n").as_bytes())
+            .map_err(|e| after_release(io_fail(out, e), &request_id, &again(Some(out))))?;
     }
     let text = format!(
         "device {} provisioned under {} (audit record {}{})\n{}",

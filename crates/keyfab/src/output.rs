@@ -46,6 +46,19 @@ impl From<Error> for Failure {
     }
 }
 
+/// A failure after the site may have released a device's keys: the keys are not lost —
+/// the site answers the same request id with the same keys — so the message gives the
+/// request id and `again`, the command that fetches them.
+pub(crate) fn after_release(f: Failure, request_id: &str, again: &str) -> Failure {
+    Failure::new(
+        f.code,
+        format!(
+            "{}. The device's keys are kept for request id {request_id}: nothing is lost, and this gets the same answer again:\n  {again}",
+            f.message
+        ),
+    )
+}
+
 /// A file that could not be read or written, with its path (code `io`, exit 1).
 pub(crate) fn io_fail(path: &std::path::Path, e: std::io::Error) -> Failure {
     Failure::new(Code::Io, format!("{}: {e}", path.display()))

@@ -1,9 +1,8 @@
 //! `keyfab site provision`: one device, or a lot from a list of device ids.
 
-use super::approver::write_private;
 use crate::cli::*;
 use crate::context::Context;
-use crate::output::{io_fail, read_input, read_input_text, Failure, Report};
+use crate::output::{after_release, io_fail, read_input, read_input_text, Failure, Report};
 use keyfab_crypto::x509::{self};
 use keyfab_node::Code;
 use keyfab_node::NodeKind;
@@ -16,6 +15,10 @@ use std::path::Path;
 pub(crate) const MAX_LIST_BYTES: usize = 1_000_000 * (keyfab_policy::MAX_ID_BYTES + 1);
 
 pub(crate) fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Failure> {
+    // An output that cannot be written is refused before any key is released.
+    if let (Some(out), None) = (&a.out, &a.device_ids) {
+        keyfab_node::out_file::check_new(out, "nothing was asked of the site")?;
+    }
     let node = std::sync::Arc::new(ctx.open(&a.home.home, NodeKind::Site)?);
     let csr = match &a.csr {
         Some(path) => {
@@ -64,10 +67,18 @@ pub(crate) fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Fail
             hex::encode(b)
         }
     };
-    let p = provisioner.provision(request(device_id, request_id)?)?;
+    let p = provisioner.provision(request(device_id.clone(), request_id.clone())?)?;
     let bundle = keyfab_site::bundle::device_bundle(&p);
     if let Some(out) = &a.out {
-        write_private(out, format!("{bundle:#}\n").as_bytes()).map_err(|e| io_fail(out, e))?;
+        keyfab_node::out_file::write_new(out, format!("{bundle:#}\n").as_bytes()).map_err(|e| {
+            let again = format!(
+                "keyfab site provision --home {} --entitlement {} --device-id {device_id} --request-id {request_id}{} --out OTHER-FILE",
+                a.home.home.display(),
+                a.entitlement,
+                a.station.as_ref().map(|s| format!(" --station {s}")).unwrap_or_default(),
+            );
+            after_release(io_fail(out, e), &request_id, &again)
+        })?;
     }
     let mut text = format!(
         "device {} provisioned under {} (audit record {}{})\n",
@@ -108,14 +119,8 @@ pub(super) fn provision_many(
     ) -> Result<keyfab_site::provision::ProvisionRequest, keyfab_node::Error>,
 ) -> Result<Report, Failure> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let ids = read_input_text(list, MAX_LIST_BYTES)?;
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(out)
-        .map_err(|e| io_fail(out, e))?;
+    let (mut file, mut written) = open_lot_output(out)?;
     let (mut released, mut resumed) = (0u64, 0u64);
     let mut refused: std::collections::BTreeMap<&'static str, u64> = Default::default();
     for id in ids
@@ -127,10 +132,13 @@ pub(super) fn provision_many(
             .and_then(|r| provisioner.provision(r))
         {
             Ok(p) => {
-                let line = format!("{}\n", keyfab_site::bundle::device_bundle(&p));
-                file.write_all(line.as_bytes())
-                    .map_err(|e| io_fail(out, e))?;
-                file.flush().map_err(|e| io_fail(out, e))?;
+                // A rerun replays the devices done before; the file has them already.
+                if written.insert(p.device_id.clone()) {
+                    let line = format!("{}\n", keyfab_site::bundle::device_bundle(&p));
+                    file.write_all(line.as_bytes())
+                        .map_err(|e| io_fail(out, e))?;
+                    file.flush().map_err(|e| io_fail(out, e))?;
+                }
                 if p.replayed {
                     resumed += 1;
                 } else {
@@ -142,7 +150,10 @@ pub(super) fn provision_many(
         }
     }
     file.sync_all().map_err(|e| io_fail(out, e))?;
-    let mut text = format!("{released} devices provisioned, {resumed} already done earlier (same keys written again) -> {}\n", out.display());
+    let mut text = format!(
+        "{released} devices provisioned, {resumed} already done in an earlier run -> {}\n",
+        out.display()
+    );
     for (code, n) in &refused {
         text.push_str(&format!("  refused {code}: {n}\n"));
     }
@@ -150,4 +161,54 @@ pub(super) fn provision_many(
         text,
         json!({"provisioned": released, "resumed": resumed, "refused": refused, "out": out}),
     ))
+}
+
+/// The output of a lot, opened to append: a new file (mode 0600), or the file of an
+/// earlier run of the lot, with the devices it holds already. A last line cut short (the
+/// run was killed while writing it) is cut off; its device is written again whole when
+/// the rerun replays it. A whole line that is not a device's keys is refused.
+fn open_lot_output(
+    out: &Path,
+) -> Result<(std::fs::File, std::collections::HashSet<String>), Failure> {
+    use std::io::{BufRead, Seek};
+    use std::os::unix::fs::OpenOptionsExt;
+    #[derive(serde::Deserialize)]
+    struct Line {
+        device_id: String,
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| io_fail(out, e))?;
+    let mut written = std::collections::HashSet::new();
+    let mut whole = 0u64;
+    let mut reader = std::io::BufReader::new(&file);
+    let mut line = String::new();
+    for number in 1.. {
+        line.clear();
+        let n = reader.read_line(&mut line).map_err(|e| io_fail(out, e))?;
+        if n == 0 || !line.ends_with('\n') {
+            break;
+        }
+        let device: Line = serde_json::from_str(&line).map_err(|_| {
+            Failure::new(
+                Code::InvalidInput,
+                format!(
+                    "--out {}: line {number} is not a device's keys; name a new file, or the file of an earlier run of this lot; nothing was provisioned",
+                    out.display()
+                ),
+            )
+        })?;
+        written.insert(device.device_id);
+        whole += n as u64;
+    }
+    drop(reader);
+    file.set_len(whole).map_err(|e| io_fail(out, e))?;
+    file.seek(std::io::SeekFrom::End(0))
+        .map_err(|e| io_fail(out, e))?;
+    Ok((file, written))
 }

@@ -493,3 +493,98 @@ fn pool_keys_made_ahead_go_to_the_slot_each_decision_takes() {
     drop(provisioner);
     hq_finds_no_violations(&w, "ahead.kfa");
 }
+
+/// `site provision --out`: a file that cannot take the keys is refused before any key
+/// is released; a write that fails after the release names the request id and the
+/// command that gets the same keys; a lot run again writes no device twice, and a
+/// last line cut short by a kill is written again whole.
+#[test]
+fn a_key_released_at_the_site_is_a_key_delivered() {
+    let w = world();
+    let id = imported(
+        &w,
+        "product = \"p\"\ndevices = 100\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
+         [[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"site\"\n",
+        "delivered",
+    );
+    let existing = w.path("taken.json");
+    std::fs::write(&existing, "{}").unwrap();
+    for out in [existing, w.path("no/such/dir/keys.json")] {
+        provision(&w, &id, "S-1", &["--out", &s(&out)], None).assert_error(
+            1,
+            "invalid_input",
+            "nothing was asked of the site",
+        );
+    }
+    let first = provision(&w, &id, "S-1", &["--out", &s(&w.path("s-1.json"))], None);
+    assert_eq!(
+        (first.code, &first.json["replayed"]),
+        (0, &serde_json::json!(false)),
+        "{}",
+        first.json
+    );
+
+    std::fs::create_dir(w.path(".s-2.json.tmp")).unwrap();
+    let failed = provision(&w, &id, "S-2", &["--out", &s(&w.path("s-2.json"))], None);
+    assert_eq!(failed.json["error"]["code"], "io", "{}", failed.json);
+    let message = failed.json["error"]["message"].as_str().unwrap();
+    let request_id = message
+        .split("request id ")
+        .nth(1)
+        .and_then(|r| r.split(':').next())
+        .unwrap();
+    assert!(
+        message.contains(&format!("keyfab site provision --home {} --entitlement {id} --device-id S-2 --request-id {request_id}", s(&w.site))),
+        "{message}"
+    );
+    let again = provision(
+        &w,
+        &id,
+        "S-2",
+        &[
+            "--request-id",
+            request_id,
+            "--out",
+            &s(&w.path("s-2b.json")),
+        ],
+        None,
+    );
+    assert_eq!(again.code, 0, "{}", again.json);
+    assert_eq!(again.json["replayed"], true);
+
+    // A lot, run again: every device once in the file.
+    let ids: Vec<String> = (0..5).map(|n| format!("L-{n}")).collect();
+    let out = w.path("lot.jsonl");
+    provision_lot(&w, &id, &ids, &out, &[]);
+    let lines = |p: &std::path::Path| std::fs::read_to_string(p).unwrap().lines().count();
+    assert_eq!(lines(&out), 5);
+    let again = provision_lot(&w, &id, &ids, &out, &[]);
+    assert_eq!(
+        (again["provisioned"].as_u64(), again["resumed"].as_u64()),
+        (Some(0), Some(5)),
+        "{again}"
+    );
+    assert_eq!(lines(&out), 5, "a rerun wrote devices twice");
+    // Killed while writing its last line: the rerun cuts the partial line off and
+    // writes that device whole.
+    let text = std::fs::read_to_string(&out).unwrap();
+    std::fs::write(&out, &text[..text.len() - 40]).unwrap();
+    provision_lot(&w, &id, &ids, &out, &[]);
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(text.lines().count(), 5, "{text}");
+    for line in text.lines() {
+        let device: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(device["device_id"].as_str().unwrap().starts_with("L-"));
+    }
+    // A file that is not a lot's output is not appended to.
+    let other = w.path("notes.txt");
+    std::fs::write(&other, "my notes\n").unwrap();
+    let list = w.path("lot.txt");
+    let args = lot_args(&w.site, &id, &list, &other);
+    keyfab(&args.iter().map(String::as_str).collect::<Vec<_>>(), None).assert_error(
+        1,
+        "invalid_input",
+        "is not a device's keys",
+    );
+    assert_eq!(std::fs::read_to_string(&other).unwrap(), "my notes\n");
+}

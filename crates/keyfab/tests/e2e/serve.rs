@@ -1102,3 +1102,97 @@ fn another_stations_request_id_or_confirmation_is_refused_and_audited() {
     // request, nor for the request with the site's own id.
     assert_eq!(log["records"], 16, "{log}");
 }
+
+/// The request id and the command an error after a release names, as the operator
+/// would copy them.
+fn retry_named(error: &str) -> (String, String) {
+    let id = error
+        .split("request id ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .expect("the error names the request id")
+        .to_owned();
+    let command = error
+        .lines()
+        .last()
+        .expect("the error ends with the command")
+        .trim()
+        .to_owned();
+    (id, command)
+}
+
+/// A key released is a key delivered: an --out that cannot take the keys is refused
+/// before the site is asked; one that fails after the release names the request id and
+/// the command that gets the same keys again, and that command does.
+#[test]
+fn a_station_never_loses_keys_between_the_site_and_its_output_file() {
+    let (w, id, line1) = setup();
+    let server = Server::start(&w.site);
+    let url = server.url();
+    let existing = w.path("taken.json");
+    std::fs::write(&existing, "{}").unwrap();
+    let link = w.path("link.json");
+    std::os::unix::fs::symlink(w.path("elsewhere.json"), &link).unwrap();
+    for out in [existing, link, w.path("no/such/dir/keys.json")] {
+        let refused = station(
+            "provision",
+            &url,
+            &line1,
+            &id,
+            "OUT-1",
+            &["--out", &s(&out)],
+        );
+        refused.assert_error(1, "invalid_input", "nothing was asked of the site");
+    }
+    // Nothing was released for OUT-1: it is provisioned now, for the first time.
+    let first = station(
+        "provision",
+        &url,
+        &line1,
+        &id,
+        "OUT-1",
+        &["--out", &s(&w.path("out-1.json"))],
+    );
+    assert_eq!(first.code, 0, "{}", first.json);
+    assert_eq!(first.json["replayed"], false);
+
+    // The write fails after the release (its temporary file's name is taken by a
+    // directory): the error names the request id and the command that fetches it.
+    let out = w.path("out-2.json");
+    std::fs::create_dir(w.path(".out-2.json.tmp")).unwrap();
+    let failed = station(
+        "provision",
+        &url,
+        &line1,
+        &id,
+        "OUT-2",
+        &["--out", &s(&out)],
+    );
+    assert_eq!(failed.json["error"]["code"], "io", "{}", failed.json);
+    let message = failed.json["error"]["message"].as_str().unwrap();
+    let (request_id, command) = retry_named(message);
+    assert!(
+        command.contains(&format!("--request-id {request_id}")),
+        "{message}"
+    );
+    assert!(command.starts_with("keyfab station provision"), "{message}");
+    let again = station(
+        "provision",
+        &url,
+        &line1,
+        &id,
+        "OUT-2",
+        &[
+            "--request-id",
+            &request_id,
+            "--out",
+            &s(&w.path("out-2b.json")),
+        ],
+    );
+    assert_eq!(again.code, 0, "{}", again.json);
+    assert_eq!(again.json["replayed"], true, "the same keys, not new ones");
+    let kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(w.path("out-2b.json")).unwrap()).unwrap();
+    assert_eq!(kept["device_id"], "OUT-2");
+    assert!(kept["keys"][0]["private_key_pem"].is_string());
+}
