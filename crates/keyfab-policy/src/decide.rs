@@ -36,6 +36,23 @@ pub enum DenyCode {
 }
 
 impl DenyCode {
+    /// Whether the refusal can pass with time or state — the next day, an approval, a
+    /// receipt, a quota given back —, so a retry of its request is decided again
+    /// rather than answered from the record. The others are final for their request:
+    /// the device id, the station, the device's keys and the policy module's verdict
+    /// do not change for it.
+    pub const fn passes(self) -> bool {
+        matches!(
+            self,
+            DenyCode::QuotaExceeded
+                | DenyCode::DailyLimitExceeded
+                | DenyCode::NotYetValid
+                | DenyCode::Expired
+                | DenyCode::ApprovalRequired
+                | DenyCode::AuditOverdue
+        )
+    }
+
     /// The stable code of this refusal.
     pub const fn code(self) -> Code {
         match self {

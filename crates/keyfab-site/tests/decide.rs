@@ -96,7 +96,8 @@ fn code_of(answer: keyfab_node::Result<Provisioned>) -> String {
 
 /// `device` refused with `code` under `id`: the answer, one `provision_denied` record
 /// with that code and nothing else, no counter moved, and the same answer to a retry
-/// with the same request id (from the record, nothing added).
+/// with the same request id — from the record (nothing added) for a final refusal,
+/// decided again (one more record) for one that may pass with time or state.
 fn refused(w: &World, id: &str, device: &str, code: &str) {
     let (before, counted) = (w.events().len(), w.counters(id));
     let request = format!("refused-{device}");
@@ -117,10 +118,19 @@ fn refused(w: &World, id: &str, device: &str, code: &str) {
         (counted.total, counted.next_pool)
     );
     assert_eq!(code_of(w.provision(id, device, &request)), code, "retried");
+    let passes = matches!(
+        code,
+        "quota_exceeded"
+            | "daily_limit_exceeded"
+            | "not_yet_valid"
+            | "expired"
+            | "approval_required"
+            | "audit_overdue"
+    );
     assert_eq!(
         w.events().len(),
-        before + 1,
-        "{device}: a retry adds nothing"
+        before + 1 + usize::from(passes),
+        "{device}: a retry adds a record only when it is decided again"
     );
 }
 
@@ -515,4 +525,69 @@ fn nodes_decide_against_reservations_and_the_quota_holds_exactly_across_them() {
     let counted = w.counters(&id);
     assert_eq!((counted.total, counted.next_pool), (4, 4));
     drop(second);
+}
+
+/// A retry replays only what cannot change: a refusal that passes with time or state
+/// (`daily_limit_exceeded`, `not_yet_valid`) is decided again when the same request id
+/// comes back after it passed — and released then, once, then replayed; a permanent one
+/// (`device_id_rejected`) is answered from its record, adding nothing. HQ, replaying the
+/// whole log, finds nothing wrong with either.
+#[test]
+fn a_retry_decides_again_what_passes_and_replays_what_cannot_change() {
+    let w = world();
+    let daily = w.entitlement(
+        "daily-retry",
+        &policy(
+            5,
+            "[limits]\ndaily = 1\n[device_ids]\nid_pattern = \"^D-[0-9]+$\"\n",
+        ),
+        &[],
+    );
+    allowed(&w, &daily, "D-0");
+    assert_eq!(
+        code_of(w.provision(&daily, "D-1", "r-d1")),
+        "daily_limit_exceeded"
+    );
+    // Still today: the refusal stands (decided again, refused again).
+    assert_eq!(
+        code_of(w.provision(&daily, "D-1", "r-d1")),
+        "daily_limit_exceeded"
+    );
+    let later = w.entitlement(
+        "later-retry",
+        &policy(3, "").replace("2026-01-01T00:00:00Z", "2026-06-02T00:00:00Z"),
+        &[],
+    );
+    assert_eq!(code_of(w.provision(&later, "W-1", "r-w1")), "not_yet_valid");
+
+    // A permanent refusal: the same answer from its record, nothing recorded.
+    assert_eq!(
+        code_of(w.provision(&daily, "BAD", "r-bad")),
+        "device_id_rejected"
+    );
+    let records = w.events().len();
+    assert_eq!(
+        code_of(w.provision(&daily, "BAD", "r-bad")),
+        "device_id_rejected"
+    );
+    assert_eq!(w.events().len(), records, "a permanent refusal is replayed");
+
+    // The next day both pass: the same request ids get keys, once.
+    w.set_clock(T0 + DAY);
+    let counted = w.counters(&daily).total;
+    let released = w.provision(&daily, "D-1", "r-d1").unwrap();
+    assert!(!released.replayed, "decided again, not replayed");
+    assert_eq!(w.counters(&daily).total, counted + 1);
+    let again = w.provision(&daily, "D-1", "r-d1").unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.audit_sequence, released.audit_sequence);
+    let ids = |p: &Provisioned| p.keys.iter().map(|k| k.key_id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&again), ids(&released));
+    assert!(!w.provision(&later, "W-1", "r-w1").unwrap().replayed);
+
+    // HQ replays the whole log, refusals and second decisions alike: nothing wrong.
+    let kfa = w.kit.dir.path().join("retries.kfa");
+    keyfab_site::export::export(w.site(), &kfa, false, None).unwrap();
+    let imported = keyfab_hq::audit::import(&w.kit.hq, &kfa, None).unwrap();
+    assert!(imported.violations.is_empty(), "{:?}", imported.violations);
 }

@@ -189,9 +189,10 @@ impl Deciding<'_> {
         Ok(outcome)
     }
 
-    /// The answer to a retry, from the record its request left (a refusal, or the device
-    /// it provisioned) — to the station that made it, and refused to any other — or
-    /// `None` for a request seen the first time.
+    /// The answer to a retry, from the record its request left (a final refusal, or the
+    /// device it provisioned) — to the station that made it, and refused to any other —
+    /// or `None` for a request to decide: seen the first time, or refused for a reason
+    /// that may have passed ([`DenyCode::passes`]), which is decided again.
     fn retry(
         &mut self,
         st: &Carried,
@@ -203,8 +204,11 @@ impl Deciding<'_> {
     ) -> Result<Option<Result<Outcome>>> {
         let earlier = match st.requests.get(req_key) {
             Some(r) => Some(r.clone()),
-            None => stored_request.map(|v| decode(&v.value)).transpose()?,
-        };
+            None => stored_request
+                .map(|v| decode::<RequestRecord>(&v.value))
+                .transpose()?,
+        }
+        .filter(|rr| !rr.denied.is_some_and(DenyCode::passes));
         let answer = match earlier {
             Some(rr) => Some((rr.station.clone(), rr)),
             // A device record answers a retry of the request that created it; any
