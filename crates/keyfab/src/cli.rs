@@ -214,10 +214,12 @@ pub(crate) enum HqCommand {
     Report {
         #[command(flatten)]
         home: Home,
-        /// text (a table), json, or html (one self-contained file with charts; needs --out).
+        /// text (a table), json, or html (one self-contained file with charts; needs --out):
+        /// what is printed, or written to --out.
         #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
         format: ReportFormat,
-        /// Write to FILE instead of standard output.
+        /// Write the report to FILE instead of standard output, which then gets one line
+        /// saying where (a JSON summary under --json).
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
@@ -991,6 +993,17 @@ pub(crate) enum ReportFormat {
     Text,
     Json,
     Html,
+}
+
+impl ReportFormat {
+    /// The name `--format` takes.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ReportFormat::Text => "text",
+            ReportFormat::Json => "json",
+            ReportFormat::Html => "html",
+        }
+    }
 }
 
 /// How `hq manifest` writes the devices.

@@ -410,12 +410,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
     step(
         "27. HQ's report",
         "Per site and entitlement: today against the daily limit, total against the quota, programmed and burned, refusals, violations.",
-        run::hq_report(
-            &ctx,
-            &hq,
-            crate::cli::ReportFormat::Text,
-            Some(&base.join("report.txt")),
-        )?,
+        run::hq_report(&ctx, &hq, crate::cli::ReportFormat::Text, None)?,
     );
     step(
         "28. the same report as HTML",

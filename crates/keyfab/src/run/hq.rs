@@ -269,32 +269,41 @@ pub(crate) fn hq_report(
             ));
         }
     }
+    // --format decides what is written, to --out or else to standard output; with --out,
+    // standard output gets one line saying where (one JSON summary under --json).
     match (format, out) {
-        (ReportFormat::Html, None) => {
-            return Err(Failure::new(
-                Code::InvalidInput,
-                "--format html needs --out FILE",
-            ))
-        }
+        (ReportFormat::Html, None) => Err(Failure::new(
+            Code::InvalidInput,
+            "--format html needs --out FILE",
+        )),
+        (ReportFormat::Text, None) => Ok(Report::new(text, value)),
+        (ReportFormat::Json, None) => Ok(Report::new(format!("{value:#}"), value)),
         (_, Some(out)) => {
-            let body = match format {
-                ReportFormat::Json => format!("{value:#}\n"),
-                ReportFormat::Html => {
-                    keyfab_hq::html::render(&r, &node.name, &rfc3339(r.generated_at))
-                }
-                ReportFormat::Text => text.clone(),
+            let (body, what) = match format {
+                ReportFormat::Json => (format!("{value:#}\n"), "JSON report"),
+                ReportFormat::Html => (
+                    keyfab_hq::html::render(&r, &node.name, &rfc3339(r.generated_at)),
+                    "HTML report (self-contained, works offline)",
+                ),
+                ReportFormat::Text => (text, "report"),
             };
             std::fs::write(out, body).map_err(|e| io_fail(out, e))?;
-            if format == ReportFormat::Html {
-                text.push_str(&format!(
-                    "\nHTML report (self-contained, works offline): {}\n",
+            Ok(Report::new(
+                format!(
+                    "{what} of {} entitlement(s), {} violation(s): {}",
+                    r.entitlements.len(),
+                    r.violations.len(),
                     out.display()
-                ));
-            }
+                ),
+                json!({
+                    "format": format.as_str(),
+                    "out": out,
+                    "entitlements": r.entitlements.len(),
+                    "violations": r.violations.len(),
+                }),
+            ))
         }
-        _ => {}
     }
-    Ok(Report::new(text, value))
 }
 
 pub(crate) fn hq_manifest(

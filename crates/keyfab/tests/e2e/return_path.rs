@@ -115,6 +115,39 @@ fn report_and_manifest_match_the_provisioning() {
         !page.contains("http://") && !page.contains("https://") && !page.contains("<script"),
         "the page must need nothing else"
     );
+    // --format decides what is printed, or written: JSON to standard output is JSON;
+    // with --out, standard output only says where.
+    let plain = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyfab"))
+            .args(args)
+            .env("KEYFAB_PASSPHRASE", PASS)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let printed = plain(&["hq", "report", "--home", &s(&w.hq), "--format", "json"]);
+    let parsed: serde_json::Value = serde_json::from_str(&printed).expect("JSON on stdout");
+    assert_eq!(parsed["entitlements"], report["entitlements"]);
+    let json_file = w.path("r.json");
+    let said = plain(&[
+        "hq",
+        "report",
+        "--home",
+        &s(&w.hq),
+        "--format",
+        "json",
+        "--out",
+        &s(&json_file),
+    ]);
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert!(
+        said.contains(&s(&json_file)) && !said.contains("ENTITLEMENT"),
+        "{said}"
+    );
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_file).unwrap()).unwrap();
+    assert_eq!(written["entitlements"], report["entitlements"]);
 
     // The manifest carries exactly the certificates the devices received.
     let out = manifest(&w, &id, "json", "m.json");
