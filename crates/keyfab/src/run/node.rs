@@ -1,10 +1,11 @@
 //! What HQ and a site share: a node's home, its cluster certificate, its service keys, a site's identity file.
 
 use crate::context::Context;
-use crate::output::{io_fail, Failure, Report};
+use crate::output::{io_fail, Failure, Outcome, Report};
 use keyfab_node::{Node, NodeKind};
+use serde::Serialize;
 use serde_json::json;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub(crate) fn init_node(
     ctx: &Context,
@@ -82,14 +83,28 @@ pub(crate) fn install_cert(
     let cert_der = keyfab_hq::pki::read_pem_file(cert, "CERTIFICATE")?;
     let root_der = keyfab_hq::pki::read_pem_file(root, "CERTIFICATE")?;
     let service = node.install_cert(&cert_der, &root_der)?;
-    let fp = keyfab_crypto::hash::Fingerprint::of(&cert_der);
-    Ok(Report::new(
+    Report::of(&CertInstalled {
+        name: node.name.clone(),
+        cluster_cert_sha256: keyfab_crypto::hash::Fingerprint::of(&cert_der).to_hex(),
+        service_generation: service.generation,
+    })
+}
+
+/// `hq|site install-cert`: the cluster certificate installed, service keys issued.
+#[derive(Serialize)]
+struct CertInstalled {
+    name: String,
+    cluster_cert_sha256: String,
+    service_generation: u32,
+}
+
+impl Outcome for CertInstalled {
+    fn text(&self) -> String {
         format!(
-            "cluster certificate installed for '{}' ({fp}); service keys generation {} issued",
-            node.name, service.generation
-        ),
-        json!({"name": node.name, "cluster_cert_sha256": fp.to_hex(), "service_generation": service.generation}),
-    ))
+            "cluster certificate installed for '{}' ({}); service keys generation {} issued",
+            self.name, self.cluster_cert_sha256, self.service_generation
+        )
+    }
 }
 
 /// `site|hq rotate-keys`: the next generation of service keys.
@@ -108,24 +123,61 @@ pub(crate) fn rotate_keys(ctx: &Context, home: &Path, kind: NodeKind) -> Result<
         ),
         NodeKind::Hq => "sites learn HQ's new encryption key from the next entitlement".into(),
     };
-    Ok(Report::new(
+    Report::of(&KeysRotated {
+        name: node.name.clone(),
+        generation: next.generation,
+        signing_cert_sha256: fp(&next.signing_cert),
+        hpke_cert_sha256: fp(&next.hpke_cert),
+        next_step,
+    })
+}
+
+/// `hq|site rotate-keys`: the new generation of service keys.
+#[derive(Serialize)]
+struct KeysRotated {
+    name: String,
+    generation: u32,
+    signing_cert_sha256: String,
+    hpke_cert_sha256: String,
+    #[serde(skip)]
+    next_step: String,
+}
+
+impl Outcome for KeysRotated {
+    fn text(&self) -> String {
         format!(
-            "'{}' now uses service keys of generation {} (signing certificate {}, encryption certificate {}); the previous keys still open and verify what they sealed and signed.\nNext: {next_step}",
-            node.name,
-            next.generation,
-            fp(&next.signing_cert),
-            fp(&next.hpke_cert)
-        ),
-        json!({"name": node.name, "generation": next.generation, "signing_cert_sha256": fp(&next.signing_cert), "hpke_cert_sha256": fp(&next.hpke_cert)}),
-    ))
+            "'{}' now uses service keys of generation {} (signing certificate {}, encryption certificate {}); the previous keys still open and verify what they sealed and signed.\nNext: {}",
+            self.name, self.generation, self.signing_cert_sha256, self.hpke_cert_sha256, self.next_step
+        )
+    }
 }
 
 pub(crate) fn identity_export(ctx: &Context, home: &Path, out: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
     let bytes = keyfab_site::identity::export_identity(&node)?;
     std::fs::write(out, &bytes).map_err(|e| io_fail(out, e))?;
-    Ok(Report::new(
-        format!("site identity of '{}' written to {} ({} bytes); register it at HQ with `keyfab hq site add`", node.name, out.display(), bytes.len()),
-        json!({"site": node.name, "out": out, "bytes": bytes.len()}),
-    ))
+    Report::of(&IdentityExported {
+        site: node.name.clone(),
+        out: out.to_owned(),
+        bytes: bytes.len(),
+    })
+}
+
+/// `site identity export`: the signed identity file, written.
+#[derive(Serialize)]
+struct IdentityExported {
+    site: String,
+    out: PathBuf,
+    bytes: usize,
+}
+
+impl Outcome for IdentityExported {
+    fn text(&self) -> String {
+        format!(
+            "site identity of '{}' written to {} ({} bytes); register it at HQ with `keyfab hq site add`",
+            self.site,
+            self.out.display(),
+            self.bytes
+        )
+    }
 }

@@ -1,9 +1,9 @@
 //! `keyfab pki`: the root CA and the certificates it issues.
 
 use crate::context::{rfc3339, Context};
-use crate::output::{io_fail, read_input_text, Failure, Report};
-use serde_json::json;
-use std::path::Path;
+use crate::output::{io_fail, read_input_text, Failure, Outcome, Report};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
 
 pub(crate) fn init_root(
     ctx: &Context,
@@ -20,14 +20,30 @@ pub(crate) fn init_root(
         rng.as_ref(),
         ctx.now()?,
     )?;
-    Ok(Report::new(
+    Report::of(&RootCreated {
+        root_cert: path,
+        subject: subject.to_owned(),
+        home: home.to_owned(),
+    })
+}
+
+/// `pki init-root`: the root CA made.
+#[derive(Serialize)]
+struct RootCreated {
+    root_cert: PathBuf,
+    subject: String,
+    #[serde(skip)]
+    home: PathBuf,
+}
+
+impl Outcome for RootCreated {
+    fn text(&self) -> String {
         format!(
             "root CA created; its certificate is {} (the key stays sealed in {})",
-            path.display(),
-            home.display()
-        ),
-        json!({"root_cert": path, "subject": subject}),
-    ))
+            self.root_cert.display(),
+            self.home.display()
+        )
+    }
 }
 
 pub(crate) fn issue(
@@ -51,15 +67,34 @@ pub(crate) fn issue(
         ctx.now()?,
     )?;
     std::fs::write(out, &issued.pem).map_err(|e| io_fail(out, e))?;
-    Ok(Report::new(
+    Report::of(&CertIssued {
+        cert: out.to_owned(),
+        subject: issued.subject,
+        role: role.as_str(),
+        serial: issued.serial_hex,
+        not_after: rfc3339(issued.not_after.0),
+    })
+}
+
+/// `pki issue`: a cluster certificate, written.
+#[derive(Serialize)]
+struct CertIssued {
+    cert: PathBuf,
+    subject: String,
+    role: &'static str,
+    serial: String,
+    not_after: String,
+}
+
+impl Outcome for CertIssued {
+    fn text(&self) -> String {
         format!(
             "issued a {} cluster certificate for '{}' (serial {}, valid until {}) -> {}",
-            role.as_str(),
-            issued.subject,
-            issued.serial_hex,
-            rfc3339(issued.not_after.0),
-            out.display()
-        ),
-        json!({"cert": out, "subject": issued.subject, "role": role.as_str(), "serial": issued.serial_hex, "not_after": rfc3339(issued.not_after.0)}),
-    ))
+            self.role,
+            self.subject,
+            self.serial,
+            self.not_after,
+            self.cert.display()
+        )
+    }
 }

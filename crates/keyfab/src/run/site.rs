@@ -181,10 +181,30 @@ pub(crate) fn approval_request(
         keyfab_site::approvals::request(&node, entitlement, action, hours.saturating_mul(3600))?;
     let action = action.as_str();
     std::fs::write(out, &file).map_err(|e| io_fail(out, e))?;
-    Ok(Report::new(
-        format!("approval request for '{action}' on {entitlement} written to {}; approvers sign it with `keyfab approver sign`", out.display()),
-        json!({"entitlement": entitlement, "action": action, "out": out}),
-    ))
+    Report::of(&ApprovalRequested {
+        entitlement: entitlement.to_owned(),
+        action,
+        out: out.to_owned(),
+    })
+}
+
+/// `site approval request`: the request file for approvers, written.
+#[derive(serde::Serialize)]
+struct ApprovalRequested {
+    entitlement: String,
+    action: &'static str,
+    out: std::path::PathBuf,
+}
+
+impl Outcome for ApprovalRequested {
+    fn text(&self) -> String {
+        format!(
+            "approval request for '{}' on {} written to {}; approvers sign it with `keyfab approver sign`",
+            self.action,
+            self.entitlement,
+            self.out.display()
+        )
+    }
 }
 
 pub(crate) fn approval_submit(
@@ -237,31 +257,68 @@ pub(crate) fn audit_verify(ctx: &Context, home: &Path) -> Result<Report, Failure
         0 | 1 => "hash chain intact".to_owned(),
         n => format!("{n} hash chains (the site's and its nodes') intact"),
     };
-    Ok(Report::new(
+    Report::of(&LogVerified {
+        site: node.name.clone(),
+        records: records.len(),
+        chains: heads.len(),
+        root: hex::encode(tree.root),
+        chains_text: chains,
+    })
+}
+
+/// `site audit verify`: the log's chains verified, its size and Merkle root.
+#[derive(serde::Serialize)]
+struct LogVerified {
+    site: String,
+    records: usize,
+    chains: usize,
+    root: String,
+    #[serde(skip)]
+    chains_text: String,
+}
+
+impl Outcome for LogVerified {
+    fn text(&self) -> String {
         format!(
-            "audit log of '{}': {} records, {chains}, Merkle root {}",
-            node.name,
-            records.len(),
-            hex::encode(tree.root)
-        ),
-        json!({"site": node.name, "records": records.len(), "chains": heads.len(), "root": hex::encode(tree.root)}),
-    ))
+            "audit log of '{}': {} records, {}, Merkle root {}",
+            self.site, self.records, self.chains_text, self.root
+        )
+    }
 }
 
 pub(crate) fn audit_checkpoint(ctx: &Context, home: &Path, out: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
     let (c, bytes) = keyfab_site::checkpoints::checkpoint(&node)?;
     std::fs::write(out, &bytes).map_err(|e| io_fail(out, e))?;
-    Ok(Report::new(
+    Report::of(&CheckpointWritten {
+        site: c.site,
+        size: c.head.size,
+        root: hex::encode(c.head.root),
+        time: rfc3339(c.time),
+        out: out.to_owned(),
+    })
+}
+
+/// `site audit checkpoint`: a signed checkpoint of the log, written.
+#[derive(serde::Serialize)]
+struct CheckpointWritten {
+    site: String,
+    size: u64,
+    root: String,
+    time: String,
+    out: std::path::PathBuf,
+}
+
+impl Outcome for CheckpointWritten {
+    fn text(&self) -> String {
         format!(
             "checkpoint of '{}': {} records, root {}, signed -> {}",
-            c.site,
-            c.head.size,
-            hex::encode(c.head.root),
-            out.display()
-        ),
-        json!({"site": c.site, "size": c.head.size, "root": hex::encode(c.head.root), "time": rfc3339(c.time), "out": out}),
-    ))
+            self.site,
+            self.size,
+            self.root,
+            self.out.display()
+        )
+    }
 }
 
 pub(crate) fn receipt_import(ctx: &Context, home: &Path, file: &Path) -> Result<Report, Failure> {
@@ -306,13 +363,28 @@ pub(crate) fn site_config(
     }
     let tolerance = CLOCK_TOLERANCE.get(&node)?;
     let max_jump = CLOCK_MAX_JUMP.get(&node)?;
-    Ok(Report::new(
+    Report::of(&SiteSettings {
+        site: node.name.clone(),
+        clock_tolerance: tolerance,
+        clock_max_jump: max_jump,
+    })
+}
+
+/// `site config`: the settings that bear on security, as they are now.
+#[derive(serde::Serialize)]
+struct SiteSettings {
+    site: String,
+    clock_tolerance: i64,
+    clock_max_jump: i64,
+}
+
+impl Outcome for SiteSettings {
+    fn text(&self) -> String {
         format!(
-            "site '{}': clock tolerance {tolerance} s, largest clock jump adopted {max_jump} s",
-            node.name
-        ),
-        json!({"site": node.name, "clock_tolerance": tolerance, "clock_max_jump": max_jump}),
-    ))
+            "site '{}': clock tolerance {} s, largest clock jump adopted {} s",
+            self.site, self.clock_tolerance, self.clock_max_jump
+        )
+    }
 }
 
 pub(crate) fn audit_export(
