@@ -2,7 +2,7 @@
 
 use crate::context::Context;
 use crate::logsink::LogSink;
-use crate::output::{after_release, io_fail, read_input_text, Failure, Report};
+use crate::output::{after_release, io_fail, read_input_text, Failure, Outcome, Report};
 use keyfab_crypto::x509;
 use keyfab_node::Code;
 use keyfab_node::NodeKind;
@@ -86,16 +86,33 @@ pub(crate) fn station_enroll(
         write_new(&path, text.as_bytes(), mode).map_err(|err| io_fail(&path, err))?;
     }
     let r = &files.record;
-    Ok(Report::new(
+    Report::of(&StationEnrolled {
+        station: r.name.clone(),
+        serial: r.serial.clone(),
+        not_after: rfc3339(r.not_after),
+        dir: out.to_owned(),
+    })
+}
+
+/// `site station enroll`: a station's key, certificate and line CA, written.
+#[derive(serde::Serialize)]
+struct StationEnrolled {
+    station: String,
+    serial: String,
+    not_after: String,
+    dir: std::path::PathBuf,
+}
+
+impl Outcome for StationEnrolled {
+    fn text(&self) -> String {
         format!(
             "station {} enrolled (certificate serial {}, valid until {})\n  {}: key (keep it on the station only), certificate, line CA",
-            r.name,
-            r.serial,
-            rfc3339(r.not_after),
-            out.display()
-        ),
-        json!({"station": r.name, "serial": r.serial, "not_after": rfc3339(r.not_after), "dir": out}),
-    ))
+            self.station,
+            self.serial,
+            self.not_after,
+            self.dir.display()
+        )
+    }
 }
 
 pub(crate) fn station_revoke(ctx: &Context, home: &Path, name: &str) -> Result<Report, Failure> {
@@ -116,13 +133,28 @@ pub(crate) fn station_revoke(ctx: &Context, home: &Path, name: &str) -> Result<R
         },
         None => keyfab_site::stations::revoke(&ctx.open(home, NodeKind::Site)?, name)?,
     };
-    Ok(Report::new(
+    Report::of(&StationRevoked {
+        station: r.name,
+        serial: r.serial,
+        revoked_at: r.revoked_at.map(rfc3339),
+    })
+}
+
+/// `site station revoke`: a station refused from now on.
+#[derive(serde::Serialize)]
+struct StationRevoked {
+    station: String,
+    serial: String,
+    revoked_at: Option<String>,
+}
+
+impl Outcome for StationRevoked {
+    fn text(&self) -> String {
         format!(
             "station {} revoked (certificate serial {})",
-            r.name, r.serial
-        ),
-        json!({"station": r.name, "serial": r.serial, "revoked_at": r.revoked_at.map(rfc3339)}),
-    ))
+            self.station, self.serial
+        )
+    }
 }
 
 pub(crate) fn station_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
@@ -249,13 +281,28 @@ pub(crate) fn serve(
     // The last requests' lines, then the report.
     crate::logsink::drain();
     let summary = summary?;
-    Ok(Report::new(
+    Report::of(&ServeStopped {
+        stopped: true,
+        connections: summary.connections,
+        refused_connections: summary.refused_connections,
+    })
+}
+
+/// `site serve`, once stopped: what it served.
+#[derive(serde::Serialize)]
+struct ServeStopped {
+    stopped: bool,
+    connections: u64,
+    refused_connections: u64,
+}
+
+impl Outcome for ServeStopped {
+    fn text(&self) -> String {
         format!(
             "stopped: {} connections, {} refused before any request",
-            summary.connections, summary.refused_connections
-        ),
-        json!({"stopped": true, "connections": summary.connections, "refused_connections": summary.refused_connections}),
-    ))
+            self.connections, self.refused_connections
+        )
+    }
 }
 
 /// Structured logs on stderr: one line per request, handshake refusals, errors with their

@@ -1,12 +1,11 @@
 //! `keyfab approver`: an approver's key pair and signatures.
 
 use crate::context::{rfc3339, Context};
-use crate::output::{io_fail, read_input, Failure, Report};
+use crate::output::{io_fail, read_input, Failure, Outcome, Report};
 use keyfab_crypto::sign::SigningKey;
 use keyfab_crypto::x509::{self};
 use keyfab_node::Code;
-use serde_json::json;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub(crate) fn approver_keygen(ctx: &Context, out: &Path) -> Result<Report, Failure> {
     let key = SigningKey::generate(ctx.rng().as_ref())
@@ -25,15 +24,31 @@ pub(crate) fn approver_keygen(ctx: &Context, out: &Path) -> Result<Report, Failu
     write_private(&key_path, pem.as_bytes()).map_err(|e| io_fail(&key_path, e))?;
     let public = key.verifying_key();
     std::fs::write(&pub_path, public.to_pem()).map_err(|e| io_fail(&pub_path, e))?;
-    Ok(Report::new(
+    Report::of(&ApproverKeyMade {
+        key: key_path,
+        public: pub_path,
+        fingerprint: public.fingerprint().to_hex(),
+    })
+}
+
+/// `approver keygen`: an approver's key pair, written.
+#[derive(serde::Serialize)]
+struct ApproverKeyMade {
+    key: PathBuf,
+    #[serde(rename = "pub")]
+    public: PathBuf,
+    fingerprint: String,
+}
+
+impl Outcome for ApproverKeyMade {
+    fn text(&self) -> String {
         format!(
             "approver key written: {} (keep it private) and {} (fingerprint {})",
-            key_path.display(),
-            pub_path.display(),
-            public.fingerprint()
-        ),
-        json!({"key": key_path, "pub": pub_path, "fingerprint": public.fingerprint().to_hex()}),
-    ))
+            self.key.display(),
+            self.public.display(),
+            self.fingerprint
+        )
+    }
 }
 
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -58,11 +73,45 @@ pub(crate) fn approver_sign(key: &Path, request: &Path, out: &Path) -> Result<Re
     let approval = keyfab_formats::approval::sign_approval(&signer, &file)
         .map_err(keyfab_node::Error::from)?;
     std::fs::write(out, &approval).map_err(|e| io_fail(out, e))?;
-    Ok(Report::new(
+    Report::of(&Approved {
+        site: req.site,
+        entitlement: req.entitlement,
+        action: req.action,
+        approver: signer.verifying_key().fingerprint().to_hex(),
+        out: out.to_owned(),
+        product: req.product,
+        devices: req.devices,
+        expires_at: rfc3339(req.expires_at),
+    })
+}
+
+/// `approver sign`: an approval of a request, written.
+#[derive(serde::Serialize)]
+struct Approved {
+    site: String,
+    entitlement: String,
+    action: String,
+    approver: String,
+    out: PathBuf,
+    #[serde(skip)]
+    product: String,
+    #[serde(skip)]
+    devices: u64,
+    #[serde(skip)]
+    expires_at: String,
+}
+
+impl Outcome for Approved {
+    fn text(&self) -> String {
         format!(
             "approved '{}' of entitlement {} ({}, {} devices) at site '{}', valid until {}; approval written to {}",
-            req.action, req.entitlement, req.product, req.devices, req.site, rfc3339(req.expires_at), out.display()
-        ),
-        json!({"site": req.site, "entitlement": req.entitlement, "action": req.action, "approver": signer.verifying_key().fingerprint().to_hex(), "out": out}),
-    ))
+            self.action,
+            self.entitlement,
+            self.product,
+            self.devices,
+            self.site,
+            self.expires_at,
+            self.out.display()
+        )
+    }
 }

@@ -13,11 +13,28 @@ pub(crate) fn site_add(ctx: &Context, home: &Path, file: &Path) -> Result<Report
     let node = ctx.open(home, NodeKind::Hq)?;
     let bytes = read_input(file, keyfab_formats::identity::MAX_LEN)?;
     let rec = keyfab_hq::sites::add_site(&node, &bytes)?;
-    let fp = keyfab_crypto::hash::Fingerprint::of(&rec.cluster_cert);
-    Ok(Report::new(
-        format!("site '{}' registered (cluster certificate {fp})", rec.name),
-        json!({"site": rec.name, "cluster_cert_sha256": fp.to_hex(), "last_sequence": rec.last_sequence}),
-    ))
+    Report::of(&SiteAdded {
+        site: rec.name,
+        cluster_cert_sha256: keyfab_crypto::hash::Fingerprint::of(&rec.cluster_cert).to_hex(),
+        last_sequence: rec.last_sequence,
+    })
+}
+
+/// `hq site add`: a site registered from its identity file.
+#[derive(serde::Serialize)]
+struct SiteAdded {
+    site: String,
+    cluster_cert_sha256: String,
+    last_sequence: u64,
+}
+
+impl Outcome for SiteAdded {
+    fn text(&self) -> String {
+        format!(
+            "site '{}' registered (cluster certificate {})",
+            self.site, self.cluster_cert_sha256
+        )
+    }
 }
 
 pub(crate) fn site_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
@@ -62,17 +79,36 @@ pub(crate) fn site_reset_clock(
     let node = ctx.open(home, NodeKind::Hq)?;
     let reset = keyfab_hq::receipts::reset_clock(&node, site)?;
     keyfab_node::out_file::write_new(out, &reset.bytes).map_err(|e| io_fail(out, e))?;
-    let (r, to) = (&reset.receipt, reset.receipt.acknowledged_at);
-    Ok(Report::new(
+    let r = reset.receipt;
+    Report::of(&ClockResetIssued {
+        site: r.site,
+        trusted_time: rfc3339(r.acknowledged_at),
+        size: r.head.size,
+        root: hex::encode(r.head.root),
+        out: out.to_owned(),
+    })
+}
+
+/// `hq site reset-clock`: the receipt that resets a site's trusted time, written.
+#[derive(serde::Serialize)]
+struct ClockResetIssued {
+    site: String,
+    trusted_time: String,
+    size: u64,
+    root: String,
+    out: std::path::PathBuf,
+}
+
+impl Outcome for ClockResetIssued {
+    fn text(&self) -> String {
         format!(
             "clock reset for site '{}': trusted time {} once it imports {} (it acknowledges the {} audit records HQ accepted; refused there if a device received keys since)",
-            r.site,
-            rfc3339(to),
-            out.display(),
-            r.head.size
-        ),
-        json!({"site": r.site, "trusted_time": rfc3339(to), "size": r.head.size, "root": hex::encode(r.head.root), "out": out}),
-    ))
+            self.site,
+            self.trusted_time,
+            self.out.display(),
+            self.size
+        )
+    }
 }
 
 pub(crate) fn entitlement_create(
@@ -155,16 +191,33 @@ pub(crate) fn revoke(
 ) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Hq)?;
     let r = keyfab_hq::revoke::revoke(&node, id, reason, out)?;
-    Ok(Report::new(
+    Report::of(&RevocationWritten {
+        entitlement: r.entitlement,
+        site: r.site,
+        sequence: r.sequence,
+        out: out.to_owned(),
+    })
+}
+
+/// `hq entitlement revoke`: the revocation for the site, written.
+#[derive(serde::Serialize)]
+struct RevocationWritten {
+    entitlement: String,
+    site: String,
+    sequence: u64,
+    out: std::path::PathBuf,
+}
+
+impl Outcome for RevocationWritten {
+    fn text(&self) -> String {
         format!(
             "revocation of {} for site '{}' (sequence {}) written to {}",
-            r.entitlement,
-            r.site,
-            r.sequence,
-            out.display()
-        ),
-        json!({"entitlement": r.entitlement, "site": r.site, "sequence": r.sequence, "out": out}),
-    ))
+            self.entitlement,
+            self.site,
+            self.sequence,
+            self.out.display()
+        )
+    }
 }
 
 pub(crate) fn audit_import(
@@ -332,14 +385,34 @@ pub(crate) fn hq_manifest(
             .collect(),
     };
     std::fs::write(out, body).map_err(|e| io_fail(out, e))?;
-    Ok(Report::new(
+    Report::of(&ManifestWritten {
+        entitlement: entitlement.to_owned(),
+        site: issued.site,
+        rows: rows.len(),
+        format: format.as_str(),
+        out: out.to_owned(),
+    })
+}
+
+/// `hq manifest`: the device manifest of an entitlement, written.
+#[derive(serde::Serialize)]
+struct ManifestWritten {
+    entitlement: String,
+    site: String,
+    rows: usize,
+    format: &'static str,
+    out: std::path::PathBuf,
+}
+
+impl Outcome for ManifestWritten {
+    fn text(&self) -> String {
         format!(
-            "{} device keys of {entitlement} (site '{}') -> {} ({})",
-            rows.len(),
-            issued.site,
-            out.display(),
-            format.as_str()
-        ),
-        json!({"entitlement": entitlement, "site": issued.site, "rows": rows.len(), "format": format.as_str(), "out": out}),
-    ))
+            "{} device keys of {} (site '{}') -> {} ({})",
+            self.rows,
+            self.entitlement,
+            self.site,
+            self.out.display(),
+            self.format
+        )
+    }
 }
