@@ -218,22 +218,54 @@ pub(crate) fn approval_submit(
         bytes.push(read_input(f, keyfab_formats::approval::MAX_APPROVAL_LEN)?);
     }
     let results = keyfab_site::approvals::submit(&node, &bytes)?;
-    let mut text = String::new();
-    for r in &results {
-        text.push_str(&format!(
-            "{} '{}': {} new approval(s), {} of {} distinct approvers{}\n",
-            r.entitlement,
-            r.action,
-            r.accepted,
-            r.count,
-            r.threshold,
-            if r.activated { " - activated" } else { "" }
-        ));
+    Report::of(&ApprovalsSubmitted {
+        results: results
+            .into_iter()
+            .map(|r| ApprovalCount {
+                entitlement: r.entitlement,
+                action: r.action,
+                accepted: r.accepted,
+                count: r.count,
+                threshold: r.threshold,
+                activated: r.activated,
+            })
+            .collect(),
+    })
+}
+
+/// `site approval submit`: per entitlement and action, what the approvals counted.
+#[derive(serde::Serialize)]
+struct ApprovalsSubmitted {
+    results: Vec<ApprovalCount>,
+}
+
+#[derive(serde::Serialize)]
+struct ApprovalCount {
+    entitlement: String,
+    action: String,
+    accepted: usize,
+    count: usize,
+    threshold: u32,
+    activated: bool,
+}
+
+impl Outcome for ApprovalsSubmitted {
+    fn text(&self) -> String {
+        self.results
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} '{}': {} new approval(s), {} of {} distinct approvers{}\n",
+                    r.entitlement,
+                    r.action,
+                    r.accepted,
+                    r.count,
+                    r.threshold,
+                    if r.activated { " - activated" } else { "" }
+                )
+            })
+            .collect()
     }
-    Ok(Report::new(
-        text,
-        json!({"results": results.iter().map(|r| json!({"entitlement": r.entitlement, "action": r.action, "accepted": r.accepted, "count": r.count, "threshold": r.threshold, "activated": r.activated})).collect::<Vec<_>>()}),
-    ))
 }
 
 pub(crate) fn audit_verify(ctx: &Context, home: &Path) -> Result<Report, Failure> {
@@ -326,25 +358,46 @@ pub(crate) fn receipt_import(ctx: &Context, home: &Path, file: &Path) -> Result<
     let bytes = read_input(file, keyfab_formats::checkpoint::MAX_LEN)?;
     let imported = keyfab_site::checkpoints::import_receipt(&node, &bytes)?;
     let ack = imported.acknowledged;
-    let mut text = format!(
-        "HQ acknowledged {} audit records (at {}); the audit freshness clock restarts",
-        ack.head.size,
-        rfc3339(ack.acknowledged_at)
-    );
-    if let Some((from, to)) = imported.clock_reset {
-        text.push_str(&format!(
-            "\ntrusted time reset by HQ from {} to {}",
-            rfc3339(from),
-            rfc3339(to)
-        ));
+    Report::of(&ReceiptImported {
+        size: ack.head.size,
+        root: hex::encode(ack.head.root),
+        acknowledged_at: rfc3339(ack.acknowledged_at),
+        clock_reset: imported.clock_reset.map(|(from, to)| ClockReset {
+            from: rfc3339(from),
+            to: rfc3339(to),
+        }),
+    })
+}
+
+/// `site receipt import`: what HQ acknowledged, and the trusted time it reset, if it did.
+#[derive(serde::Serialize)]
+struct ReceiptImported {
+    size: u64,
+    root: String,
+    acknowledged_at: String,
+    clock_reset: Option<ClockReset>,
+}
+
+#[derive(serde::Serialize)]
+struct ClockReset {
+    from: String,
+    to: String,
+}
+
+impl Outcome for ReceiptImported {
+    fn text(&self) -> String {
+        let mut text = format!(
+            "HQ acknowledged {} audit records (at {}); the audit freshness clock restarts",
+            self.size, self.acknowledged_at
+        );
+        if let Some(reset) = &self.clock_reset {
+            text.push_str(&format!(
+                "\ntrusted time reset by HQ from {} to {}",
+                reset.from, reset.to
+            ));
+        }
+        text
     }
-    let reset = imported
-        .clock_reset
-        .map(|(from, to)| json!({"from": rfc3339(from), "to": rfc3339(to)}));
-    Ok(Report::new(
-        text,
-        json!({"size": ack.head.size, "root": hex::encode(ack.head.root), "acknowledged_at": rfc3339(ack.acknowledged_at), "clock_reset": reset}),
-    ))
 }
 
 pub(crate) fn site_config(
@@ -396,27 +449,55 @@ pub(crate) fn audit_export(
     let node = ctx.open(home, NodeKind::Site)?;
     let progress = Progress::new("exported", "audit records", !ctx.json);
     let e = keyfab_site::export::export(&node, out, again, progress.reporter())?;
-    let range = match e.records {
-        0 => "no new audit records".to_owned(),
-        _ => format!("audit records {}..{}", e.from.size + 1, e.to.size),
-    };
-    let mut text = String::new();
-    if e.finished_earlier {
+    Report::of(&AuditExported {
+        bundle: e.bundle,
+        from: e.from.size,
+        to: e.to.size,
+        root: hex::encode(e.to.root),
+        records: e.records,
+        bytes: e.bytes,
+        out: out.to_owned(),
+        written_again: e.finished_earlier,
+        site: node.name.clone(),
+    })
+}
+
+/// `site audit export`: the bundle for HQ, written.
+#[derive(serde::Serialize)]
+struct AuditExported {
+    bundle: String,
+    from: u64,
+    to: u64,
+    root: String,
+    records: u64,
+    bytes: u64,
+    out: std::path::PathBuf,
+    written_again: bool,
+    #[serde(skip)]
+    site: String,
+}
+
+impl Outcome for AuditExported {
+    fn text(&self) -> String {
+        let range = match self.records {
+            0 => "no new audit records".to_owned(),
+            _ => format!("audit records {}..{}", self.from + 1, self.to),
+        };
+        let mut text = String::new();
+        if self.written_again {
+            text.push_str(&format!(
+                "the last export (bundle {}) was not known to be written: its records are written again, under the same bundle id (if HQ already imported it, it answers `replayed`; export once more for the records since)\n",
+                self.bundle
+            ));
+        }
         text.push_str(&format!(
-            "the last export (bundle {}) was not known to be written: its records are written again, under the same bundle id (if HQ already imported it, it answers `replayed`; export once more for the records since)\n",
-            e.bundle
+            "{range} of '{}' exported for HQ ({} records, {} bytes, bundle {}) -> {}",
+            self.site,
+            self.records,
+            self.bytes,
+            self.bundle,
+            self.out.display()
         ));
+        text
     }
-    text.push_str(&format!(
-        "{range} of '{}' exported for HQ ({} records, {} bytes, bundle {}) -> {}",
-        node.name,
-        e.records,
-        e.bytes,
-        e.bundle,
-        out.display()
-    ));
-    Ok(Report::new(
-        text,
-        json!({"bundle": e.bundle, "from": e.from.size, "to": e.to.size, "root": hex::encode(e.to.root), "records": e.records, "bytes": e.bytes, "out": out, "written_again": e.finished_earlier}),
-    ))
 }
