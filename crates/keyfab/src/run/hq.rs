@@ -166,20 +166,52 @@ impl Outcome for EntitlementCreated {
 pub(crate) fn issued_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Hq)?;
     let issued = keyfab_hq::entitlement::list_issued(&node)?;
-    let mut text = format!(
-        "{:<34} {:<16} {:>4} {:<18} {:>10}\n",
-        "ID", "SITE", "SEQ", "PRODUCT", "DEVICES"
-    );
-    for e in &issued {
-        text.push_str(&format!(
-            "{:<34} {:<16} {:>4} {:<18} {:>10}\n",
-            e.id, e.site, e.sequence, e.policy.product, e.policy.devices
-        ));
+    Report::of(&IssuedList {
+        entitlements: issued
+            .into_iter()
+            .map(|e| IssuedRow {
+                id: e.id,
+                site: e.site,
+                sequence: e.sequence,
+                product: e.policy.product,
+                devices: e.policy.devices,
+            })
+            .collect(),
+    })
+}
+
+/// `hq entitlement list`: every entitlement HQ issued.
+#[derive(serde::Serialize)]
+struct IssuedList {
+    entitlements: Vec<IssuedRow>,
+}
+
+#[derive(serde::Serialize)]
+struct IssuedRow {
+    id: String,
+    site: String,
+    sequence: u64,
+    product: String,
+    devices: u64,
+}
+
+impl Outcome for IssuedList {
+    fn text(&self) -> String {
+        let row = |id: &str, site: &str, seq: &str, product: &str, devices: &str| {
+            format!("{id:<34} {site:<16} {seq:>4} {product:<18} {devices:>10}\n")
+        };
+        let mut text = row("ID", "SITE", "SEQ", "PRODUCT", "DEVICES");
+        for e in &self.entitlements {
+            text.push_str(&row(
+                &e.id,
+                &e.site,
+                &e.sequence.to_string(),
+                &e.product,
+                &e.devices.to_string(),
+            ));
+        }
+        text
     }
-    Ok(Report::new(
-        text,
-        json!({"entitlements": issued.iter().map(|e| json!({"id": e.id, "site": e.site, "sequence": e.sequence, "product": e.policy.product, "devices": e.policy.devices})).collect::<Vec<_>>()}),
-    ))
 }
 
 pub(crate) fn revoke(
@@ -241,31 +273,69 @@ pub(crate) fn audit_import(
     if let Some(out) = receipt_out {
         keyfab_node::out_file::write_new(out, &receipt).map_err(|e| io_fail(out, e))?;
     }
-    let mut text = format!(
-        "site '{}': {} audit records verified and reconciled (log now {} records); {} violation(s)\n",
-        i.site, i.records, head.size, i.violations.len()
-    );
-    for v in &i.violations {
-        text.push_str(&format!(
-            "  VIOLATION #{} {}: {} ({})\n",
-            v.sequence,
-            v.kind,
-            v.device_id.clone().unwrap_or_default(),
-            v.detail
-        ));
+    Report::of(&AuditImported {
+        entitlements: i
+            .per_entitlement
+            .iter()
+            .map(|(id, r)| ReconciledEntitlement {
+                id: id.clone(),
+                released: r.total,
+                refusals: r.refusals.clone(),
+                violations: r.violations,
+            })
+            .collect(),
+        site: i.site,
+        bundle: i.bundle,
+        records: i.records,
+        size: head.size,
+        violations: i.violations,
+        receipt: receipt_out.map(Path::to_owned),
+    })
+}
+
+/// `hq audit import`: a site's bundle verified and reconciled.
+#[derive(serde::Serialize)]
+struct AuditImported {
+    site: String,
+    bundle: String,
+    records: u64,
+    size: u64,
+    violations: Vec<keyfab_hq::audit::Violation>,
+    entitlements: Vec<ReconciledEntitlement>,
+    receipt: Option<std::path::PathBuf>,
+}
+
+#[derive(serde::Serialize)]
+struct ReconciledEntitlement {
+    id: String,
+    released: u64,
+    refusals: std::collections::BTreeMap<String, u64>,
+    violations: u64,
+}
+
+impl Outcome for AuditImported {
+    fn text(&self) -> String {
+        let mut text = format!(
+            "site '{}': {} audit records verified and reconciled (log now {} records); {} violation(s)\n",
+            self.site,
+            self.records,
+            self.size,
+            self.violations.len()
+        );
+        for v in &self.violations {
+            text.push_str(&format!(
+                "  VIOLATION #{} {}: {} ({})\n",
+                v.sequence,
+                v.kind,
+                v.device_id.clone().unwrap_or_default(),
+                v.detail
+            ));
+        }
+        if let Some(out) = &self.receipt {
+            text.push_str(&format!("receipt for the site -> {}\n", out.display()));
+        }
+        text
     }
-    if let Some(out) = receipt_out {
-        text.push_str(&format!("receipt for the site -> {}\n", out.display()));
-    }
-    Ok(Report::new(
-        text,
-        json!({
-            "site": i.site, "bundle": i.bundle, "records": i.records, "size": head.size,
-            "violations": i.violations,
-            "entitlements": i.per_entitlement.iter().map(|(id, r)| json!({"id": id, "released": r.total, "refusals": r.refusals, "violations": r.violations})).collect::<Vec<_>>(),
-            "receipt": receipt_out,
-        }),
-    ))
 }
 
 pub(crate) fn hq_report(
