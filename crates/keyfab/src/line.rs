@@ -170,30 +170,57 @@ pub(crate) fn station_list(ctx: &Context, home: &Path) -> Result<Report, Failure
         },
         None => keyfab_site::stations::list(&ctx.open(home, NodeKind::Site)?)?,
     };
-    let mut text = String::new();
-    for r in &list {
-        text.push_str(&format!(
-            "{:<20} {:<10} serial {}  until {}\n",
-            r.name,
-            if r.revoked_at.is_some() {
-                "revoked"
-            } else {
-                "enrolled"
-            },
-            r.serial,
-            rfc3339(r.not_after)
-        ));
+    Report::of(&StationList {
+        stations: list
+            .into_iter()
+            .map(|r| StationRow {
+                name: r.name,
+                serial: r.serial,
+                enrolled_at: rfc3339(r.enrolled_at),
+                not_after: rfc3339(r.not_after),
+                revoked_at: r.revoked_at.map(rfc3339),
+            })
+            .collect(),
+    })
+}
+
+/// `site station list`: every station enrolled, revoked ones too.
+#[derive(serde::Serialize)]
+struct StationList {
+    stations: Vec<StationRow>,
+}
+
+#[derive(serde::Serialize)]
+struct StationRow {
+    name: String,
+    serial: String,
+    enrolled_at: String,
+    not_after: String,
+    revoked_at: Option<String>,
+}
+
+impl Outcome for StationList {
+    fn text(&self) -> String {
+        if self.stations.is_empty() {
+            return "no stations enrolled yet (keyfab site station enroll)\n".into();
+        }
+        self.stations
+            .iter()
+            .map(|r| {
+                format!(
+                    "{:<20} {:<10} serial {}  until {}\n",
+                    r.name,
+                    if r.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "enrolled"
+                    },
+                    r.serial,
+                    r.not_after
+                )
+            })
+            .collect()
     }
-    if list.is_empty() {
-        text.push_str("no stations enrolled yet (keyfab site station enroll)\n");
-    }
-    Ok(Report::new(
-        text,
-        json!({"stations": list.iter().map(|r| json!({
-            "name": r.name, "serial": r.serial, "enrolled_at": rfc3339(r.enrolled_at),
-            "not_after": rfc3339(r.not_after), "revoked_at": r.revoked_at.map(rfc3339),
-        })).collect::<Vec<_>>()}),
-    ))
 }
 
 pub(crate) fn serve(

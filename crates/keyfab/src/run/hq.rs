@@ -40,33 +40,66 @@ impl Outcome for SiteAdded {
 pub(crate) fn site_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Hq)?;
     let sites = keyfab_hq::sites::list_sites(&node)?;
-    let mut text = format!(
-        "{:<24} {:>14} {:>16}  LAST CLOCK RESET\n",
-        "SITE", "ENTITLEMENTS", "AUDIT RECORDS"
-    );
-    for s in &sites {
-        let records = s.acknowledged.map_or("-".into(), |h| h.size.to_string());
-        let reset = s
-            .clock_resets
-            .last()
-            .map_or("-".into(), |r| rfc3339(r.acknowledged_at));
-        text.push_str(&format!(
-            "{:<24} {:>14} {:>16}  {reset}\n",
-            s.name, s.last_sequence, records
-        ));
+    Report::of(&SiteList {
+        sites: sites
+            .into_iter()
+            .map(|s| SiteRow {
+                site: s.name,
+                entitlements_issued: s.last_sequence,
+                audit_records_acknowledged: s.acknowledged.map(|h| h.size),
+                clock_resets: s
+                    .clock_resets
+                    .iter()
+                    .map(|r| ResetRow {
+                        issued_at: rfc3339(r.acknowledged_at),
+                        trusted_time: rfc3339(r.trusted_time),
+                        size: r.size,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    })
+}
+
+/// `hq site list`: every registered site, with what HQ holds of it.
+#[derive(serde::Serialize)]
+struct SiteList {
+    sites: Vec<SiteRow>,
+}
+
+#[derive(serde::Serialize)]
+struct SiteRow {
+    site: String,
+    entitlements_issued: u64,
+    audit_records_acknowledged: Option<u64>,
+    clock_resets: Vec<ResetRow>,
+}
+
+#[derive(serde::Serialize)]
+struct ResetRow {
+    issued_at: String,
+    trusted_time: String,
+    size: u64,
+}
+
+impl Outcome for SiteList {
+    fn text(&self) -> String {
+        let mut text = format!(
+            "{:<24} {:>14} {:>16}  LAST CLOCK RESET\n",
+            "SITE", "ENTITLEMENTS", "AUDIT RECORDS"
+        );
+        for s in &self.sites {
+            let records = s
+                .audit_records_acknowledged
+                .map_or("-".into(), |n| n.to_string());
+            let reset = s.clock_resets.last().map_or("-", |r| r.issued_at.as_str());
+            text.push_str(&format!(
+                "{:<24} {:>14} {:>16}  {reset}\n",
+                s.site, s.entitlements_issued, records
+            ));
+        }
+        text
     }
-    let json_of = |s: &keyfab_hq::sites::SiteRecord| {
-        json!({
-            "site": s.name,
-            "entitlements_issued": s.last_sequence,
-            "audit_records_acknowledged": s.acknowledged.map(|h| h.size),
-            "clock_resets": s.clock_resets.iter().map(|r| json!({"issued_at": rfc3339(r.acknowledged_at), "trusted_time": rfc3339(r.trusted_time), "size": r.size})).collect::<Vec<_>>(),
-        })
-    };
-    Ok(Report::new(
-        text,
-        json!({"sites": sites.iter().map(json_of).collect::<Vec<_>>()}),
-    ))
 }
 
 pub(crate) fn site_reset_clock(
