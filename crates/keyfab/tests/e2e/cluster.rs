@@ -682,10 +682,11 @@ fn a_site_reaches_etcd_over_tls_with_its_client_certificate() {
 
 /// A cluster node decides a batch of new requests without reading them, its commit
 /// guarded on each device's key range being empty. A refused request lives in that range,
-/// so its retry — a day later, when deciding it afresh would allow it — is caught by the
-/// guard, read, and answered with the same refusal.
+/// so its retry is caught by the guard and read: a refusal that passes with time (the
+/// daily limit) is decided again — refused again the same day, released the next day,
+/// once, then replayed — and the device is counted once.
 #[test]
-fn a_refusal_retried_on_etcd_is_answered_as_before() {
+fn a_refusal_retried_on_etcd_is_decided_again_once_it_passes() {
     let (etcd, w) = etcd_site();
     let policy = POLICY
         .replace("devices = 400", "devices = 10")
@@ -702,12 +703,18 @@ fn a_refusal_retried_on_etcd_is_answered_as_before() {
     let refused = ask("D-2", "r-2").expect_err("over the daily limit");
     assert_eq!(refused.code().as_str(), "daily_limit_exceeded");
 
+    let same_day = ask("D-2", "r-2").expect_err("still over today's limit");
+    assert_eq!(same_day.code().as_str(), "daily_limit_exceeded");
+
     clock.set(today + 86_400);
-    let again = ask("D-2", "r-2").expect_err("a retry gets the answer it got");
-    assert_eq!(again.code().as_str(), "daily_limit_exceeded");
+    let released = ask("D-2", "r-2").expect("the retry, decided again on a new day");
+    assert!(!released.replayed);
+    let replayed = ask("D-2", "r-2").expect("and then answered from its record");
+    assert!(replayed.replayed && replayed.audit_sequence == released.audit_sequence);
     let retried = ask("D-1", "r-1").expect("a retry of an allowed request");
     assert!(retried.replayed && retried.audit_sequence == first.audit_sequence);
-    ask("D-2", "r-3").expect("a new request on a new day");
+    let other = ask("D-2", "r-3").expect_err("another request for a device that has keys");
+    assert_eq!(other.code().as_str(), "device_already_provisioned");
     let counters = keyfab_site::provision::counters(site.node(), &id).unwrap();
     assert_eq!(counters.total, 2);
     drop(site);
