@@ -529,11 +529,12 @@ fn connect(config: &TokenConfig) -> Result<SessionPool> {
 }
 
 /// How many times [`find_token`] scans the slots, and the longest pause between scans:
-/// ~1.4 s in all. Many processes opening and initializing tokens of one file-backed
-/// SoftHSM2 store at once (a test suite does) left a slot unreadable for longer than the
-/// 0.2 s the scan used to wait.
-const TOKEN_SCANS: u32 = 8;
-const TOKEN_SCAN_PAUSE_MAX_MS: u64 = 400;
+/// ~5 s in all. Many processes opening and initializing tokens of one file-backed
+/// SoftHSM2 store at once (a test suite does, some of them killed mid-way) left a slot
+/// unreadable for longer than 0.2 s, and under full load for longer than 1.4 s; a token
+/// that is really missing is reported after the last scan.
+const TOKEN_SCANS: u32 = 12;
+const TOKEN_SCAN_PAUSE_MAX_MS: u64 = 800;
 
 /// The slot holding the token `token_label`. A slot that cannot describe itself is
 /// skipped (another process may be initializing a token in it right now), and the scan
