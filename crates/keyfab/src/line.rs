@@ -409,21 +409,35 @@ pub(crate) fn unseal(
             "site serve answered something else",
         ));
     };
-    let text = if p.unsealed {
-        format!(
-            "unsealed: {} of {} shares; the site now serves stations",
-            p.accepted, p.threshold
-        )
-    } else {
-        format!(
-            "still sealed: {} of {} shares given",
-            p.accepted, p.threshold
-        )
-    };
-    Ok(Report::new(
-        text,
-        json!({"unsealed": p.unsealed, "shares": p.accepted, "threshold": p.threshold}),
-    ))
+    Report::of(&UnsealProgress {
+        unsealed: p.unsealed,
+        shares: p.accepted,
+        threshold: p.threshold,
+    })
+}
+
+/// `site unseal`: how far unsealing a running `site serve` is.
+#[derive(serde::Serialize)]
+struct UnsealProgress {
+    unsealed: bool,
+    shares: u8,
+    threshold: u8,
+}
+
+impl Outcome for UnsealProgress {
+    fn text(&self) -> String {
+        if self.unsealed {
+            format!(
+                "unsealed: {} of {} shares; the site now serves stations",
+                self.shares, self.threshold
+            )
+        } else {
+            format!(
+                "still sealed: {} of {} shares given",
+                self.shares, self.threshold
+            )
+        }
+    }
 }
 
 /// A refusal the site sent back, with its code (and so its exit code). A code this

@@ -4,7 +4,6 @@ use crate::context::Context;
 use crate::output::{io_fail, Failure, Outcome, Report};
 use keyfab_node::{Node, NodeKind};
 use serde::Serialize;
-use serde_json::json;
 use std::path::{Path, PathBuf};
 
 pub(crate) fn init_node(
@@ -48,28 +47,57 @@ pub(crate) fn init_node(
     if let Some(s) = &split {
         s.config.save(home).map_err(keyfab_node::Error::from)?;
     }
-    let csr = node.dir.join(keyfab_node::CSR_FILE);
-    let what = if kind == NodeKind::Hq { "hq" } else { "site" };
-    let mut text = format!(
-        "{what} '{name}' created in {}; have the root CA sign {}:\n  keyfab pki issue --home ROOT --csr {} --role {what} --out {name}.crt",
-        home.display(), csr.display(), csr.display()
-    );
-    let mut json = json!({"name": name, "kind": what, "csr": csr});
-    if let Some(s) = &split {
-        text.push_str(&format!(
-            "\n\nThe keystore is sealed by {} shares; any {} unseal it. They are shown this once: give one to each holder, keep none together.\n",
-            s.config.shares, s.config.threshold
-        ));
-        for share in &s.shares {
-            text.push_str(&format!("  {}\n", share.as_str()));
+    Report::of(&NodeCreated {
+        name: name.to_owned(),
+        kind: if kind == NodeKind::Hq { "hq" } else { "site" },
+        csr: node.dir.join(keyfab_node::CSR_FILE),
+        unseal: split.as_ref().map(|s| UnsealShares {
+            shares: s.shares.iter().map(|x| x.as_str().to_owned()).collect(),
+            threshold: s.config.threshold,
+        }),
+        home: home.to_owned(),
+    })
+}
+
+/// `hq|site init`: the home made, its CSR for the root, and — for a home sealed by
+/// shares — the shares, shown this once.
+#[derive(Serialize)]
+struct NodeCreated {
+    name: String,
+    kind: &'static str,
+    csr: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unseal: Option<UnsealShares>,
+    #[serde(skip)]
+    home: PathBuf,
+}
+
+#[derive(Serialize)]
+struct UnsealShares {
+    shares: Vec<String>,
+    threshold: u8,
+}
+
+impl Outcome for NodeCreated {
+    fn text(&self) -> String {
+        let (what, name, csr) = (self.kind, &self.name, self.csr.display());
+        let mut text = format!(
+            "{what} '{name}' created in {}; have the root CA sign {csr}:\n  keyfab pki issue --home ROOT --csr {csr} --role {what} --out {name}.crt",
+            self.home.display()
+        );
+        if let Some(u) = &self.unseal {
+            text.push_str(&format!(
+                "\n\nThe keystore is sealed by {} shares; any {} unseal it. They are shown this once: give one to each holder, keep none together.\n",
+                u.shares.len(),
+                u.threshold
+            ));
+            for share in &u.shares {
+                text.push_str(&format!("  {share}\n"));
+            }
+            text.push_str("Unseal a running `site serve` with `keyfab site unseal`; one-shot commands take --unseal-share-file FILE once per share.");
         }
-        text.push_str("Unseal a running `site serve` with `keyfab site unseal`; one-shot commands take --unseal-share-file FILE once per share.");
-        json["unseal"] = json!({
-            "shares": s.shares.iter().map(|x| x.as_str()).collect::<Vec<_>>(),
-            "threshold": s.config.threshold,
-        });
+        text
     }
-    Ok(Report::new(text, json))
 }
 
 pub(crate) fn install_cert(

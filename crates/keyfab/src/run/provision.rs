@@ -2,12 +2,13 @@
 
 use crate::cli::*;
 use crate::context::Context;
-use crate::output::{after_release, io_fail, read_input, read_input_text, Failure, Report};
+use crate::output::{
+    after_release, io_fail, read_input, read_input_text, Failure, Outcome, Report,
+};
 use keyfab_crypto::x509::{self};
 use keyfab_node::Code;
 use keyfab_node::NodeKind;
 use keyfab_site::provision::checked;
-use serde_json::json;
 use std::path::Path;
 
 /// The size cap of a device list or a policy module's cases: a million ids of the
@@ -150,17 +151,36 @@ pub(super) fn provision_many(
         }
     }
     file.sync_all().map_err(|e| io_fail(out, e))?;
-    let mut text = format!(
-        "{released} devices provisioned, {resumed} already done in an earlier run -> {}\n",
-        out.display()
-    );
-    for (code, n) in &refused {
-        text.push_str(&format!("  refused {code}: {n}\n"));
+    Report::of(&LotDone {
+        provisioned: released,
+        resumed,
+        refused,
+        out: out.to_owned(),
+    })
+}
+
+/// `site provision --device-ids`: what a lot's run did.
+#[derive(serde::Serialize)]
+struct LotDone {
+    provisioned: u64,
+    resumed: u64,
+    refused: std::collections::BTreeMap<&'static str, u64>,
+    out: std::path::PathBuf,
+}
+
+impl Outcome for LotDone {
+    fn text(&self) -> String {
+        let mut text = format!(
+            "{} devices provisioned, {} already done in an earlier run -> {}\n",
+            self.provisioned,
+            self.resumed,
+            self.out.display()
+        );
+        for (code, n) in &self.refused {
+            text.push_str(&format!("  refused {code}: {n}\n"));
+        }
+        text
     }
-    Ok(Report::new(
-        text,
-        json!({"provisioned": released, "resumed": resumed, "refused": refused, "out": out}),
-    ))
 }
 
 /// The output of a lot, opened to append: a new file (mode 0600), or the file of an
