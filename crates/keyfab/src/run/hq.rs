@@ -378,87 +378,117 @@ pub(crate) fn hq_report(
     out: Option<&Path>,
 ) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Hq)?;
-    let r = keyfab_hq::report::report(&node, node.now())?;
-    let value =
-        serde_json::to_value(&r).map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
-    let mut text = format!(
-        "{:<16} {:<34} {:<20} {:>13} {:>17} {:>16} {:>10}  {}\n",
-        "SITE",
-        "ENTITLEMENT",
-        "PRODUCT",
-        "TODAY/LIMIT",
-        "TOTAL/QUOTA",
-        "PROGRAMMED/FAIL",
-        "VIOLATIONS",
-        "REFUSALS"
-    );
-    for e in &r.entitlements {
-        let limit = e.daily_limit.map_or("-".into(), |d| d.to_string());
-        let refusals: Vec<String> = e.refusals.iter().map(|(c, n)| format!("{c} {n}")).collect();
-        text.push_str(&format!(
-            "{:<16} {:<34} {:<20} {:>13} {:>17} {:>16} {:>10}  {}{}\n",
-            e.site,
-            e.entitlement,
-            e.product,
-            format!("{}/{}", e.today, limit),
-            format!("{}/{}", e.released, e.quota),
-            format!("{}/{}", e.confirmed, e.burned),
-            e.violations,
-            if refusals.is_empty() {
-                "-".into()
-            } else {
-                refusals.join(", ")
-            },
-            if e.revoked { "  (revoked)" } else { "" }
-        ));
-    }
-    if !r.violations.is_empty() {
-        text.push_str("\nVIOLATIONS\n");
-        for v in &r.violations {
-            text.push_str(&format!(
-                "  {} #{} {} {} {}\n",
-                v.site,
-                v.sequence,
-                v.kind,
-                v.device_id.clone().unwrap_or_default(),
-                v.detail
-            ));
-        }
-    }
-    // --format decides what is written, to --out or else to standard output; with --out,
-    // standard output gets one line saying where (one JSON summary under --json).
+    let r = ReportTable(keyfab_hq::report::report(&node, node.now())?);
+    // --format decides what is printed, or written to --out; with --out, standard output
+    // gets one line saying where (one JSON summary under --json).
     match (format, out) {
         (ReportFormat::Html, None) => Err(Failure::new(
             Code::InvalidInput,
             "--format html needs --out FILE",
         )),
-        (ReportFormat::Text, None) => Ok(Report::new(text, value)),
-        (ReportFormat::Json, None) => Ok(Report::new(format!("{value:#}"), value)),
+        (ReportFormat::Text, None) => Report::of(&r),
+        (ReportFormat::Json, None) => {
+            let mut report = Report::of(&r)?;
+            report.text = format!("{:#}", report.json);
+            Ok(report)
+        }
         (_, Some(out)) => {
             let (body, what) = match format {
-                ReportFormat::Json => (format!("{value:#}\n"), "JSON report"),
+                ReportFormat::Json => (format!("{:#}\n", Report::of(&r)?.json), "JSON report"),
                 ReportFormat::Html => (
-                    keyfab_hq::html::render(&r, &node.name, &rfc3339(r.generated_at)),
+                    keyfab_hq::html::render(&r.0, &node.name, &rfc3339(r.0.generated_at)),
                     "HTML report (self-contained, works offline)",
                 ),
-                ReportFormat::Text => (text, "report"),
+                ReportFormat::Text => (r.text(), "report"),
             };
             std::fs::write(out, body).map_err(|e| io_fail(out, e))?;
-            Ok(Report::new(
-                format!(
-                    "{what} of {} entitlement(s), {} violation(s): {}",
-                    r.entitlements.len(),
-                    r.violations.len(),
-                    out.display()
-                ),
-                json!({
-                    "format": format.as_str(),
-                    "out": out,
-                    "entitlements": r.entitlements.len(),
-                    "violations": r.violations.len(),
-                }),
-            ))
+            Report::of(&ReportWritten {
+                what,
+                format: format.as_str(),
+                out: out.to_owned(),
+                entitlements: r.0.entitlements.len(),
+                violations: r.0.violations.len(),
+            })
         }
+    }
+}
+
+/// HQ's report: its JSON is the report's own serde form, its text the table.
+#[derive(serde::Serialize)]
+#[serde(transparent)]
+struct ReportTable(keyfab_hq::report::Report);
+
+impl Outcome for ReportTable {
+    fn text(&self) -> String {
+        let mut text = format!(
+            "{:<16} {:<34} {:<20} {:>13} {:>17} {:>16} {:>10}  {}\n",
+            "SITE",
+            "ENTITLEMENT",
+            "PRODUCT",
+            "TODAY/LIMIT",
+            "TOTAL/QUOTA",
+            "PROGRAMMED/FAIL",
+            "VIOLATIONS",
+            "REFUSALS"
+        );
+        for e in &self.0.entitlements {
+            let limit = e.daily_limit.map_or("-".into(), |d| d.to_string());
+            let refusals: Vec<String> =
+                e.refusals.iter().map(|(c, n)| format!("{c} {n}")).collect();
+            text.push_str(&format!(
+                "{:<16} {:<34} {:<20} {:>13} {:>17} {:>16} {:>10}  {}{}\n",
+                e.site,
+                e.entitlement,
+                e.product,
+                format!("{}/{}", e.today, limit),
+                format!("{}/{}", e.released, e.quota),
+                format!("{}/{}", e.confirmed, e.burned),
+                e.violations,
+                if refusals.is_empty() {
+                    "-".into()
+                } else {
+                    refusals.join(", ")
+                },
+                if e.revoked { "  (revoked)" } else { "" }
+            ));
+        }
+        if !self.0.violations.is_empty() {
+            text.push_str("\nVIOLATIONS\n");
+            for v in &self.0.violations {
+                text.push_str(&format!(
+                    "  {} #{} {} {} {}\n",
+                    v.site,
+                    v.sequence,
+                    v.kind,
+                    v.device_id.clone().unwrap_or_default(),
+                    v.detail
+                ));
+            }
+        }
+        text
+    }
+}
+
+/// `hq report --out`: where the report went.
+#[derive(serde::Serialize)]
+struct ReportWritten {
+    #[serde(skip)]
+    what: &'static str,
+    format: &'static str,
+    out: std::path::PathBuf,
+    entitlements: usize,
+    violations: usize,
+}
+
+impl Outcome for ReportWritten {
+    fn text(&self) -> String {
+        format!(
+            "{} of {} entitlement(s), {} violation(s): {}",
+            self.what,
+            self.entitlements,
+            self.violations,
+            self.out.display()
+        )
     }
 }
 
