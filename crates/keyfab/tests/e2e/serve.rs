@@ -1103,24 +1103,6 @@ fn another_stations_request_id_or_confirmation_is_refused_and_audited() {
     assert_eq!(log["records"], 16, "{log}");
 }
 
-/// The request id and the command an error after a release names, as the operator
-/// would copy them.
-fn retry_named(error: &str) -> (String, String) {
-    let id = error
-        .split("request id ")
-        .nth(1)
-        .and_then(|rest| rest.split(':').next())
-        .expect("the error names the request id")
-        .to_owned();
-    let command = error
-        .lines()
-        .last()
-        .expect("the error ends with the command")
-        .trim()
-        .to_owned();
-    (id, command)
-}
-
 /// A key released is a key delivered: an --out that cannot take the keys is refused
 /// before the site is asked; one that fails after the release names the request id and
 /// the command that gets the same keys again, and that command does.

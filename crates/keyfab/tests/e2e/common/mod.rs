@@ -709,3 +709,21 @@ pub(crate) fn edit_audit_record(site: &Path, rows: &[u8]) {
     txn.put(Table::Audit, &key, &keyfab_audit::pack_row(&edited));
     assert!(node.store.commit(txn).unwrap().is_committed());
 }
+
+/// The request id and the command an error after a release names, as the operator
+/// would copy them.
+pub(crate) fn retry_named(error: &str) -> (String, String) {
+    let id = error
+        .split("request id ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .expect("the error names the request id")
+        .to_owned();
+    let command = error
+        .lines()
+        .last()
+        .expect("the error ends with the command")
+        .trim()
+        .to_owned();
+    (id, command)
+}
