@@ -480,15 +480,19 @@ fn commit_import(
     })
 }
 
-/// Every record of `site` HQ has accepted, in order.
-pub fn site_records(node: &Node, site: &str) -> Result<Vec<Record>> {
-    let accepted = node
+/// What HQ has accepted of `site`'s log (empty before its first import).
+pub fn site_log(node: &Node, site: &str) -> Result<SiteLog> {
+    Ok(node
         .store
         .get(Table::Audit, &log_key(site))?
         .map(|v| decode::<SiteLog>(&v.value))
         .transpose()?
-        .and_then(|l| l.tree)
-        .map_or(0, |t| t.size);
+        .unwrap_or_default())
+}
+
+/// Every record of `site` HQ has accepted, in order.
+pub fn site_records(node: &Node, site: &str) -> Result<Vec<Record>> {
+    let accepted = site_log(node, site)?.tree.map_or(0, |t| t.size);
     let mut prefix = record_key(site, 0);
     prefix.truncate(prefix.len() - 8);
     let mut out = Vec::new();

@@ -268,6 +268,19 @@ pub(crate) fn reserve_sequence(node: &Node, site: &str) -> Result<(SiteRecord, u
 pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
     let policy = req.policy;
     policy.validate()?;
+    // A window that has already ended would give the site a file it can only refuse
+    // with: nothing issued, nothing counted against the site's sequence.
+    if policy.valid_until <= node.now().0 {
+        return Err(keyfab_policy::PolicyError::new(
+            "valid_until",
+            format!(
+                "{} has already passed (now {}): the site could provision nothing",
+                keyfab_node::rfc3339(policy.valid_until),
+                keyfab_node::rfc3339(node.now().0)
+            ),
+        )
+        .into());
+    }
     keyfab_node::out_file::check_new(req.out, "no entitlement was created")?;
     let (site, sequence) = reserve_sequence(node, req.site)?;
     let recipient = HpkePublicKey::from_sec1(&site.hpke_key)?;

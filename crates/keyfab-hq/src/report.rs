@@ -2,13 +2,13 @@
 //! against the daily limit, total against the quota, refusals by code, violations; and
 //! device manifests built from verified audit records only.
 
-use crate::audit::{replica_key, Replica, Violation};
+use crate::audit::{replica_key, site_log, Replica, Violation};
 use crate::entitlement::{list_issued, IssuedRecord};
 use keyfab_audit::Event;
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::time::UnixTime;
 use keyfab_node::{decode, Node, Result};
-use keyfab_policy::CompiledPolicy;
+use keyfab_policy::{CompiledPolicy, EntitlementState, EntitlementStatus};
 use keyfab_store::Table;
 use serde::Serialize;
 
@@ -19,8 +19,17 @@ pub struct EntitlementReport {
     pub site: String,
     /// The entitlement id.
     pub entitlement: String,
+    /// Its per-site sequence number.
+    pub sequence: u64,
+    /// Where it stands as far as HQ knows: HQ's own revocation, and the site's log as
+    /// imported so far (the policy's rules, as the site applies them).
+    pub state: EntitlementStatus,
     /// The product.
     pub product: String,
+    /// Its window: the first second devices may be provisioned.
+    pub valid_from: i64,
+    /// The first second they no longer may.
+    pub valid_until: i64,
     /// The quota.
     pub quota: u64,
     /// The daily limit, if any.
@@ -76,9 +85,28 @@ pub fn report(node: &Node, now: UnixTime) -> Result<Report> {
             .get(&policy.day_of(now.0))
             .copied()
             .unwrap_or(0);
+        let revoked = replica.revoked || issued.revoked_at.is_some();
+        let acknowledged = site_log(node, &issued.site)?.acknowledged_at;
+        let state = policy.status(
+            &EntitlementState {
+                revoked,
+                activated: replica.activated
+                    || !issued
+                        .policy
+                        .requires_approval(keyfab_policy::Action::Activate),
+                last_acknowledged: acknowledged.max(issued.created_at),
+                total: replica.total,
+                today,
+            },
+            now.0,
+        );
         entitlements.push(EntitlementReport {
             site: issued.site.clone(),
             entitlement: issued.id.clone(),
+            sequence: issued.sequence,
+            state,
+            valid_from: issued.policy.valid_from,
+            valid_until: issued.policy.valid_until,
             product: issued.policy.product.clone(),
             quota: issued.policy.devices,
             daily_limit: issued.policy.daily_limit,
@@ -91,7 +119,7 @@ pub fn report(node: &Node, now: UnixTime) -> Result<Report> {
                 .devices
                 .saturating_sub(replica.total + replica.destroyed),
             destroyed: replica.destroyed,
-            revoked: replica.revoked || issued.revoked_at.is_some(),
+            revoked,
             refusals: replica.refusals.clone(),
             violations: replica.violations,
             days: replica.days.clone(),

@@ -238,43 +238,154 @@ impl CompiledPolicy {
     /// The decision for one request at `now` (Unix seconds). The order of the checks is
     /// part of the contract: the first rule that fails gives the code.
     pub fn decide(&self, state: &EntitlementState, req: &Request<'_>, now: i64) -> Decision {
-        use Decision::Deny;
+        if let Some(code) = self.entitlement_gate(state, now) {
+            return Decision::Deny(code);
+        }
+        if let Some(code) = self.request_gate(req) {
+            return Decision::Deny(code);
+        }
+        match self.capacity_gate(state) {
+            Some(code) => Decision::Deny(code),
+            None => Decision::Allow,
+        }
+    }
+
+    /// Where the entitlement stands at `now` for any device: the rules of
+    /// [`decide`](Self::decide) that do not look at the request, in the same order, so
+    /// every view (the station API, metrics, `entitlement list`) says what the next
+    /// decision will do.
+    pub fn status(&self, state: &EntitlementState, now: i64) -> EntitlementStatus {
+        self.entitlement_gate(state, now)
+            .or_else(|| self.capacity_gate(state))
+            .map_or(EntitlementStatus::Active, EntitlementStatus::from_refusal)
+    }
+
+    /// The rules on the entitlement itself: revocation, quorum, audit, window.
+    fn entitlement_gate(&self, state: &EntitlementState, now: i64) -> Option<DenyCode> {
         let p = &self.policy;
         if state.revoked {
-            return Deny(DenyCode::Revoked);
+            return Some(DenyCode::Revoked);
         }
         if p.requires_approval(crate::Action::Activate) && !state.activated {
-            return Deny(DenyCode::ApprovalRequired);
+            return Some(DenyCode::ApprovalRequired);
         }
         if let Some(days) = p.audit_every_days {
             if now.saturating_sub(state.last_acknowledged) > i64::from(days) * 86_400 {
-                return Deny(DenyCode::AuditOverdue);
+                return Some(DenyCode::AuditOverdue);
             }
         }
         if now < p.valid_from {
-            return Deny(DenyCode::NotYetValid);
+            return Some(DenyCode::NotYetValid);
         }
         if now >= p.valid_until {
-            return Deny(DenyCode::Expired);
+            return Some(DenyCode::Expired);
         }
-        if let Some(allowed) = &p.allowed_stations {
+        None
+    }
+
+    /// The rules on the request: station, device id, the device's earlier keys.
+    fn request_gate(&self, req: &Request<'_>) -> Option<DenyCode> {
+        if let Some(allowed) = &self.policy.allowed_stations {
             match req.station {
                 Some(s) if allowed.iter().any(|a| a == s) => {}
-                _ => return Deny(DenyCode::StationNotAllowed),
+                _ => return Some(DenyCode::StationNotAllowed),
             }
         }
         if !self.device_id_ok(req.device_id) {
-            return Deny(DenyCode::DeviceIdRejected);
+            return Some(DenyCode::DeviceIdRejected);
         }
         if req.already_provisioned {
-            return Deny(DenyCode::DeviceAlreadyProvisioned);
+            return Some(DenyCode::DeviceAlreadyProvisioned);
         }
+        None
+    }
+
+    /// The counted rules: the quota, then today's share.
+    fn capacity_gate(&self, state: &EntitlementState) -> Option<DenyCode> {
+        let p = &self.policy;
         if state.total >= p.devices {
-            return Deny(DenyCode::QuotaExceeded);
+            return Some(DenyCode::QuotaExceeded);
         }
         if p.daily_limit.is_some_and(|d| state.today >= d) {
-            return Deny(DenyCode::DailyLimitExceeded);
+            return Some(DenyCode::DailyLimitExceeded);
         }
-        Decision::Allow
+        None
+    }
+}
+
+/// Where an entitlement stands: what the next decision does for any device the policy
+/// accepts. One definition, shared by the site's views and HQ's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntitlementStatus {
+    /// Devices may be provisioned.
+    Active,
+    /// The quorum for `activate` has not approved it yet.
+    PendingApproval,
+    /// Paused: HQ has not acknowledged the site's audit within `audit_every_days`; a
+    /// receipt from HQ resumes it.
+    Paused,
+    /// Its window has not begun.
+    NotYetValid,
+    /// Its window has ended.
+    Expired,
+    /// Its quota is used up.
+    Exhausted,
+    /// Today's share is used up; the next policy day resumes it.
+    DailyLimitReached,
+    /// HQ revoked it.
+    Revoked,
+}
+
+impl EntitlementStatus {
+    /// Every status, in the order of [`CompiledPolicy::status`]'s checks.
+    pub const ALL: [EntitlementStatus; 8] = [
+        EntitlementStatus::Revoked,
+        EntitlementStatus::PendingApproval,
+        EntitlementStatus::Paused,
+        EntitlementStatus::NotYetValid,
+        EntitlementStatus::Expired,
+        EntitlementStatus::Exhausted,
+        EntitlementStatus::DailyLimitReached,
+        EntitlementStatus::Active,
+    ];
+
+    /// The status a refusal on the entitlement's own rules means.
+    const fn from_refusal(code: DenyCode) -> EntitlementStatus {
+        match code {
+            DenyCode::Revoked => EntitlementStatus::Revoked,
+            DenyCode::ApprovalRequired => EntitlementStatus::PendingApproval,
+            DenyCode::AuditOverdue => EntitlementStatus::Paused,
+            DenyCode::NotYetValid => EntitlementStatus::NotYetValid,
+            DenyCode::Expired => EntitlementStatus::Expired,
+            DenyCode::QuotaExceeded => EntitlementStatus::Exhausted,
+            DenyCode::DailyLimitExceeded => EntitlementStatus::DailyLimitReached,
+            // Request rules and modules never reach here (see `status`).
+            DenyCode::StationNotAllowed
+            | DenyCode::DeviceIdRejected
+            | DenyCode::DeviceAlreadyProvisioned
+            | DenyCode::PolicyDenied
+            | DenyCode::PolicyError => EntitlementStatus::Active,
+        }
+    }
+
+    /// Its name in the station API, metrics and JSON output.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EntitlementStatus::Active => "active",
+            EntitlementStatus::PendingApproval => "pending_approval",
+            EntitlementStatus::Paused => "paused",
+            EntitlementStatus::NotYetValid => "not_yet_valid",
+            EntitlementStatus::Expired => "expired",
+            EntitlementStatus::Exhausted => "exhausted",
+            EntitlementStatus::DailyLimitReached => "daily_limit_reached",
+            EntitlementStatus::Revoked => "revoked",
+        }
+    }
+}
+
+impl std::fmt::Display for EntitlementStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }

@@ -38,7 +38,9 @@ pub mod ids;
 mod model;
 mod toml_form;
 
-pub use decide::{CompiledPolicy, DaySpan, Decision, DenyCode, EntitlementState, Request};
+pub use decide::{
+    CompiledPolicy, DaySpan, Decision, DenyCode, EntitlementState, EntitlementStatus, Request,
+};
 pub use ids::{
     id_shape_ok, DeviceId, EntitlementId, IdError, RequestId, SiteName, StationName, MAX_ID_BYTES,
 };

@@ -285,3 +285,38 @@ fn a_code_section_names_its_module_and_needs_it_read() {
     .unwrap_err();
     assert!(unknown.to_string().contains("fuel"), "{unknown}");
 }
+
+proptest! {
+    /// The status every view shows is what the next decision does for an acceptable
+    /// device: active exactly when it allows, and otherwise named by its refusal.
+    #[test]
+    fn the_status_says_what_the_next_decision_does(
+        revoked in any::<bool>(),
+        activated in any::<bool>(),
+        acknowledged in 0i64..400_000,
+        total in 0u64..8,
+        today in 0u64..4,
+        now in 0i64..400_000,
+    ) {
+        let mut raw = policy(5, Some(2), 100_000, 300_000, "UTC").policy;
+        raw.audit_every_days = Some(1);
+        raw.approval = Some(Approval {
+            threshold: 1,
+            approver_keys: vec!["k".into()],
+            required_for: vec![Action::Activate],
+        });
+        let p = CompiledPolicy::new(raw).unwrap();
+        let state = EntitlementState { revoked, activated, last_acknowledged: acknowledged, total, today };
+        let status = p.status(&state, now);
+        let expected = match p.decide(&state, &REQ, now) {
+            Decision::Allow => "active",
+            Decision::Deny(DenyCode::AuditOverdue) => "paused",
+            Decision::Deny(DenyCode::ApprovalRequired) => "pending_approval",
+            Decision::Deny(DenyCode::QuotaExceeded) => "exhausted",
+            Decision::Deny(DenyCode::DailyLimitExceeded) => "daily_limit_reached",
+            Decision::Deny(other) => other.code().as_str(),
+        };
+        prop_assert_eq!(status.as_str(), expected);
+        prop_assert_eq!(serde_json::to_value(status).unwrap(), serde_json::json!(expected));
+    }
+}

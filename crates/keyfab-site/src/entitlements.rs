@@ -13,7 +13,7 @@ use keyfab_crypto::aead::AeadKey;
 use keyfab_crypto::secret::Secret32;
 use keyfab_formats::entitlement::{open_entitlement, verify_entitlement, PoolSpec, KEY_LEN};
 use keyfab_node::{decode, encode, Error, Node, Result};
-use keyfab_policy::Policy;
+use keyfab_policy::{CompiledPolicy, EntitlementState, EntitlementStatus, Policy};
 use keyfab_store::{Table, Txn};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -95,27 +95,99 @@ pub struct EntitlementRecord {
 
 impl EntitlementRecord {
     /// The state right after import: active, unless the policy wants a quorum first.
-    pub fn state(&self) -> &'static str {
+    pub fn state(&self) -> EntitlementStatus {
         if self
             .policy
             .requires_approval(keyfab_policy::Action::Activate)
         {
-            "pending_approval"
+            EntitlementStatus::PendingApproval
         } else {
-            "active"
+            EntitlementStatus::Active
         }
     }
 }
 
-/// The state of an imported entitlement now: `revoked`, `pending_approval` or `active`.
-pub fn status(node: &Node, record: &EntitlementRecord) -> Result<&'static str> {
+/// An imported entitlement as it stands now: the one reading `site entitlement list`,
+/// the station API and the metrics all show, so no view can tell another story.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Standing {
+    /// What the next decision does for an acceptable device (the policy's own rules,
+    /// [`CompiledPolicy::status`]).
+    pub state: EntitlementStatus,
+    /// Devices released.
+    pub provisioned: u64,
+    /// Devices the quota still allows.
+    pub left: u64,
+    /// Of those, the ones cluster nodes hold reserved and have not used yet.
+    pub reserved_by_nodes: u64,
+    /// Today, in the policy's time zone (`YYYY-MM-DD`).
+    pub day: String,
+    /// Devices released today.
+    pub today: u64,
+    /// Devices today's share still allows (none: no daily limit).
+    pub left_today: Option<u64>,
+    /// When the entitlement pauses for want of an audit receipt (Unix seconds; none:
+    /// the policy asks for no audit).
+    pub audit_due_at: Option<i64>,
+    /// Pool keys not handed out and not destroyed, by key name.
+    pub pool_keys_left: std::collections::BTreeMap<String, u64>,
+}
+
+/// Where `record` stands at the node's trusted time.
+pub fn standing(node: &Node, record: &EntitlementRecord) -> Result<Standing> {
+    let now = node.now().0;
+    let policy = CompiledPolicy::new(record.policy.clone())?;
     let c = crate::provision::counters(node, &record.id)?;
-    Ok(if c.revoked {
-        "revoked"
-    } else if c.activated {
-        "active"
-    } else {
-        record.state()
+    let reservations = crate::provision::reservations(node, &record.id)?;
+    let day = policy.day_of(now);
+    let today = c.days.get(&day).copied().unwrap_or(0);
+    let last_acknowledged = crate::checkpoints::acknowledged(node)?
+        .map_or(record.created_at, |a| {
+            a.acknowledged_at.max(record.created_at)
+        });
+    let state = EntitlementState {
+        revoked: c.revoked,
+        activated: c.activated
+            || !record
+                .policy
+                .requires_approval(keyfab_policy::Action::Activate),
+        last_acknowledged,
+        total: c.total,
+        today,
+    };
+    // Slots handed out: every slot up to `next_pool`, less those given back. A
+    // revocation destroys every slot no device took.
+    let given_back: u64 = c
+        .returned_pool
+        .iter()
+        .map(|(s, e)| e.saturating_sub(*s))
+        .sum();
+    let taken = c.next_pool.saturating_sub(given_back);
+    let pool_keys_left = record
+        .pool
+        .iter()
+        .map(|spec| {
+            let left = if c.revoked {
+                0
+            } else {
+                spec.count.saturating_sub(taken)
+            };
+            (spec.key.clone(), left)
+        })
+        .collect();
+    Ok(Standing {
+        state: policy.status(&state, now),
+        provisioned: c.total,
+        left: record.policy.devices.saturating_sub(c.total),
+        reserved_by_nodes: reservations.iter().map(|r| r.unused()).sum(),
+        today,
+        left_today: record.policy.daily_limit.map(|d| d.saturating_sub(today)),
+        day,
+        audit_due_at: record
+            .policy
+            .audit_every_days
+            .map(|d| last_acknowledged.saturating_add(i64::from(d) * 86_400)),
+        pool_keys_left,
     })
 }
 
@@ -131,7 +203,7 @@ pub struct Imported {
     /// Pool keys imported.
     pub pool_keys: u64,
     /// `active`, or `pending_approval` when it needs its quorum first.
-    pub state: &'static str,
+    pub state: EntitlementStatus,
 }
 
 fn record_key(id: &str) -> Vec<u8> {

@@ -8,6 +8,7 @@
 
 use super::metrics::Metrics;
 use crate::provision::{ProvisionRequest, Provisioner};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
@@ -208,10 +209,22 @@ async fn require_station(
         Some(c) => c.station,
         None => {
             let (node, der) = (state.node.clone(), peer.der.clone());
-            let name = tokio::task::spawn_blocking(move || crate::stations::check(&node, &der))
+            let checked = tokio::task::spawn_blocking(move || crate::stations::check(&node, &der))
                 .await
-                .map_err(|_| ApiError::new(Code::Internal, "check"))?
-                .map_err(station_refused)?;
+                .map_err(|_| ApiError::new(Code::Internal, "check"))?;
+            let name = match checked {
+                Ok(name) => name,
+                Err(e) => {
+                    // The access log names the station a refused certificate claims (its
+                    // CN, from a certificate the line CA issued): a revoked station's
+                    // attempts are traceable to it.
+                    let mut refused = station_refused(e).into_response();
+                    if let Ok(facts) = keyfab_crypto::x509::cert_facts(&peer.der) {
+                        refused.extensions_mut().insert(Station(facts.common_name));
+                    }
+                    return Ok(refused);
+                }
+            };
             *peer.checked.lock().unwrap_or_else(|p| p.into_inner()) = Some(Checked {
                 station: name.clone(),
                 generation,
@@ -337,12 +350,19 @@ pub fn parse_confirm(
     ))
 }
 
+/// A body the server would not read (over [`MAX_BODY_BYTES`], cut off): the JSON error
+/// shape, with the rejection's own status (413 for a body too large).
+fn unreadable(rejection: BytesRejection) -> ApiError {
+    ApiError::new(Code::InvalidInput, format!("request body: {rejection}"))
+        .with_status(rejection.status())
+}
+
 async fn provision(
     State(state): State<Shared>,
     Extension(Station(station)): Extension<Station>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req = parse_provision(&body, &station)?;
+    let req = parse_provision(&body.map_err(unreadable)?, &station)?;
     let started = Instant::now();
     let (device_id, request_id) = (req.device_id.clone(), req.request_id.clone());
     let outcome = state.provisioner.provision_async(req).await;
@@ -392,9 +412,9 @@ struct ConfirmBody {
 async fn confirm(
     State(state): State<Shared>,
     Extension(Station(station)): Extension<Station>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (entitlement, device_id, result) = parse_confirm(&body)?;
+    let (entitlement, device_id, result) = parse_confirm(&body.map_err(unreadable)?)?;
     let station = checked(&station)?;
     let provisioner = state.provisioner.clone();
     let c = tokio::task::spawn_blocking(move || {
@@ -425,7 +445,6 @@ async fn entitlements(
 }
 
 fn usable(node: &Node, station: &str) -> keyfab_node::Result<Vec<serde_json::Value>> {
-    let now = node.now().0;
     let mut out = Vec::new();
     for e in crate::entitlements::list(node)? {
         let p = &e.policy;
@@ -435,19 +454,19 @@ fn usable(node: &Node, station: &str) -> keyfab_node::Result<Vec<serde_json::Val
         {
             continue;
         }
-        let c = crate::provision::counters(node, &e.id)?;
-        let day = keyfab_policy::CompiledPolicy::new(p.clone())?.day_of(now);
-        let today = c.days.get(&day).copied().unwrap_or(0);
+        let standing = crate::entitlements::standing(node, &e)?;
         out.push(json!({
             "id": e.id,
             "product": p.product,
-            "state": e.state(),
+            "state": standing.state,
             "devices": p.devices,
-            "provisioned": c.total,
-            "left": p.devices.saturating_sub(c.total),
+            "provisioned": standing.provisioned,
+            "left": standing.left,
             "daily_limit": p.daily_limit,
-            "today": today,
-            "left_today": p.daily_limit.map(|d| d.saturating_sub(today)),
+            "today": standing.today,
+            "left_today": standing.left_today,
+            "valid_from": keyfab_node::rfc3339(p.valid_from),
+            "valid_until": keyfab_node::rfc3339(p.valid_until),
             "keys": p.keys.iter().map(|k| json!({"name": k.name, "type": k.key_type.as_str(), "source": k.source.as_str()})).collect::<Vec<_>>(),
         }));
     }

@@ -3,6 +3,7 @@
 
 use crate::provision::Provisioned;
 use keyfab_node::{Node, Result};
+use keyfab_policy::EntitlementStatus;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,17 +99,36 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP keyfab_quota_left Devices an entitlement may still provision.\n# TYPE keyfab_quota_left gauge"
+            "# HELP keyfab_quota_left Devices an entitlement may still provision (0 once revoked or expired).\n# TYPE keyfab_quota_left gauge"
         );
+        let mut statuses = Vec::new();
         for e in crate::entitlements::list(node)? {
-            let c = crate::provision::counters(node, &e.id)?;
-            let _ = writeln!(
-                out,
-                "keyfab_quota_left{{entitlement=\"{}\",product=\"{}\"}} {}",
+            let standing = crate::entitlements::standing(node, &e)?;
+            let labels = format!(
+                "entitlement=\"{}\",product=\"{}\"",
                 e.id,
-                e.policy.product.replace(['"', '\\', '\n'], "_"),
-                e.policy.devices.saturating_sub(c.total)
+                e.policy.product.replace(['"', '\\', '\n'], "_")
             );
+            // A revoked or ended entitlement will never provision again: nothing is left.
+            let left = match standing.state {
+                EntitlementStatus::Revoked | EntitlementStatus::Expired => 0,
+                _ => standing.left,
+            };
+            let _ = writeln!(out, "keyfab_quota_left{{{labels}}} {left}");
+            statuses.push((labels, standing.state));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP keyfab_entitlement_status 1 for an entitlement's status (see the station API's EntitlementStatus), 0 for the others.\n# TYPE keyfab_entitlement_status gauge"
+        );
+        for (labels, status) in statuses {
+            for each in EntitlementStatus::ALL {
+                let _ = writeln!(
+                    out,
+                    "keyfab_entitlement_status{{{labels},status=\"{each}\"}} {}",
+                    u8::from(each == status)
+                );
+            }
         }
         Ok(out)
     }

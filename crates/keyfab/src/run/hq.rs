@@ -40,12 +40,22 @@ impl Outcome for SiteAdded {
 pub(crate) fn site_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Hq)?;
     let sites = keyfab_hq::sites::list_sites(&node)?;
+    let issued = keyfab_hq::entitlement::list_issued(&node)?;
+    // Counted from the entitlements themselves: the site's sequence also numbers its
+    // revocations and clock resets.
+    let count = |site: &str, revoked: bool| {
+        issued
+            .iter()
+            .filter(|e| e.site == site && (!revoked || e.revoked_at.is_some()))
+            .count() as u64
+    };
     Report::of(&SiteList {
         sites: sites
             .into_iter()
             .map(|s| SiteRow {
+                entitlements_issued: count(&s.name, false),
+                entitlements_revoked: count(&s.name, true),
                 site: s.name,
-                entitlements_issued: s.last_sequence,
                 audit_records_acknowledged: s.acknowledged.map(|h| h.size),
                 clock_resets: s
                     .clock_resets
@@ -71,6 +81,7 @@ struct SiteList {
 struct SiteRow {
     site: String,
     entitlements_issued: u64,
+    entitlements_revoked: u64,
     audit_records_acknowledged: Option<u64>,
     clock_resets: Vec<ResetRow>,
 }
@@ -85,8 +96,8 @@ struct ResetRow {
 impl Outcome for SiteList {
     fn text(&self) -> String {
         let mut text = format!(
-            "{:<24} {:>14} {:>16}  LAST CLOCK RESET\n",
-            "SITE", "ENTITLEMENTS", "AUDIT RECORDS"
+            "{:<24} {:>14} {:>8} {:>16}  LAST CLOCK RESET\n",
+            "SITE", "ENTITLEMENTS", "REVOKED", "AUDIT RECORDS"
         );
         for s in &self.sites {
             let records = s
@@ -94,8 +105,8 @@ impl Outcome for SiteList {
                 .map_or("-".into(), |n| n.to_string());
             let reset = s.clock_resets.last().map_or("-", |r| r.issued_at.as_str());
             text.push_str(&format!(
-                "{:<24} {:>14} {:>16}  {reset}\n",
-                s.site, s.entitlements_issued, records
+                "{:<24} {:>14} {:>8} {:>16}  {reset}\n",
+                s.site, s.entitlements_issued, s.entitlements_revoked, records
             ));
         }
         text
@@ -198,22 +209,28 @@ impl Outcome for EntitlementCreated {
 
 pub(crate) fn issued_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Hq)?;
-    let issued = keyfab_hq::entitlement::list_issued(&node)?;
+    let report = keyfab_hq::report::report(&node, node.now())?;
     Report::of(&IssuedList {
-        entitlements: issued
+        entitlements: report
+            .entitlements
             .into_iter()
             .map(|e| IssuedRow {
-                id: e.id,
+                id: e.entitlement,
                 site: e.site,
                 sequence: e.sequence,
-                product: e.policy.product,
-                devices: e.policy.devices,
+                state: e.state,
+                product: e.product,
+                devices: e.quota,
+                released: e.released,
+                valid_from: rfc3339(e.valid_from),
+                valid_until: rfc3339(e.valid_until),
             })
             .collect(),
     })
 }
 
-/// `hq entitlement list`: every entitlement HQ issued.
+/// `hq entitlement list`: every entitlement HQ issued, where each stands as far as HQ
+/// knows (its revocations, and the sites' logs imported so far).
 #[derive(serde::Serialize)]
 struct IssuedList {
     entitlements: Vec<IssuedRow>,
@@ -224,24 +241,36 @@ struct IssuedRow {
     id: String,
     site: String,
     sequence: u64,
+    state: keyfab_policy::EntitlementStatus,
     product: String,
     devices: u64,
+    released: u64,
+    valid_from: String,
+    valid_until: String,
 }
 
 impl Outcome for IssuedList {
     fn text(&self) -> String {
-        let row = |id: &str, site: &str, seq: &str, product: &str, devices: &str| {
-            format!("{id:<34} {site:<16} {seq:>4} {product:<18} {devices:>10}\n")
-        };
-        let mut text = row("ID", "SITE", "SEQ", "PRODUCT", "DEVICES");
+        let mut text = format!(
+            "{:<34} {:<16} {:>4} {:<18} {:<19} {:>10} {:>10}  WINDOW\n",
+            "ID", "SITE", "SEQ", "PRODUCT", "STATE", "RELEASED", "DEVICES"
+        );
         for e in &self.entitlements {
-            text.push_str(&row(
-                &e.id,
-                &e.site,
-                &e.sequence.to_string(),
-                &e.product,
-                &e.devices.to_string(),
+            text.push_str(&format!(
+                "{:<34} {:<16} {:>4} {:<18} {:<19} {:>10} {:>10}  {} .. {}\n",
+                e.id,
+                e.site,
+                e.sequence,
+                e.product,
+                e.state.as_str(),
+                e.released,
+                e.devices,
+                e.valid_from,
+                e.valid_until
             ));
+        }
+        if self.entitlements.is_empty() {
+            text.push_str("no entitlements issued yet\n");
         }
         text
     }

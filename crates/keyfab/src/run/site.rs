@@ -48,7 +48,7 @@ pub(crate) enum EntitlementImport {
         hq: String,
         sequence: u64,
         pool_keys: u64,
-        state: &'static str,
+        state: keyfab_policy::EntitlementStatus,
     },
     /// HQ's revocation, applied.
     Revoked {
@@ -93,78 +93,160 @@ impl Outcome for EntitlementImport {
 
 pub(crate) fn entitlement_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
-    let list = keyfab_site::entitlements::list(&node)?;
-    let mut text = String::new();
-    let mut items = Vec::new();
-    for e in &list {
-        let p = &e.policy;
-        let state = keyfab_site::entitlements::status(&node, e)?;
-        text.push_str(&format!(
-            "{}  {}  from {} (sequence {}), {}\n  devices {}  daily {}  ({})  window {} .. {}\n",
-            e.id,
-            p.product,
-            e.hq,
-            e.sequence,
-            state,
-            p.devices,
-            p.daily_limit.map_or("none".into(), |d| d.to_string()),
-            p.timezone,
-            rfc3339(p.valid_from),
-            rfc3339(p.valid_until)
-        ));
-        // Devices allowed so far; on a cluster, also the quota nodes hold in reserve.
-        let provisioned = keyfab_site::provision::counters(&node, &e.id)?.total;
-        let held: u64 = keyfab_site::provision::reservations(&node, &e.id)?
+    let mut entitlements = Vec::new();
+    for e in keyfab_site::entitlements::list(&node)? {
+        let standing = keyfab_site::entitlements::standing(&node, &e)?;
+        let keys = e
+            .policy
+            .keys
             .iter()
-            .map(|r| r.granted.saturating_sub(r.used))
-            .sum();
-        text.push_str(&format!("  provisioned {provisioned} of {}", p.devices));
-        if held > 0 {
-            text.push_str(&format!(", {held} more reserved by cluster nodes"));
-        }
-        text.push('\n');
-        let mut keys = Vec::new();
-        for k in &p.keys {
-            let pool = e
-                .pool
-                .iter()
-                .find(|s| s.key == k.name)
-                .map_or(0, |s| s.count);
-            text.push_str(&format!(
-                "  key {:<12} {:<8} {:<8} pool keys {}\n",
-                k.name,
-                k.key_type.as_str(),
-                k.source.as_str(),
-                pool
-            ));
-            keys.push(json!({"name": k.name, "type": k.key_type.as_str(), "source": k.source.as_str(), "pool_keys": pool}));
-        }
-        let mut policy = serde_json::to_value(p).unwrap_or_default();
-        if let Some(code) = &p.code {
-            text.push_str(&format!(
-                "  policy module {} ({} bytes, sha256 {})\n",
-                code.name,
-                code.module.len(),
-                code.sha256
-            ));
+            .map(|k| KeyRow {
+                name: k.name.clone(),
+                key_type: k.key_type.as_str(),
+                source: k.source.as_str(),
+                pool_keys: e
+                    .pool
+                    .iter()
+                    .find(|s| s.key == k.name)
+                    .map_or(0, |s| s.count),
+                pool_keys_left: standing.pool_keys_left.get(&k.name).copied().unwrap_or(0),
+            })
+            .collect();
+        let mut policy = serde_json::to_value(&e.policy).unwrap_or_default();
+        if let Some(code) = &e.policy.code {
             // The module by name, size and hash; its bytes are in the entitlement.
             policy["code"] =
                 json!({"name": code.name, "sha256": code.sha256, "bytes": code.module.len()});
         }
-        items.push(json!({
-            "id": e.id, "hq": e.hq, "sequence": e.sequence, "state": state,
-            "policy": policy,
-            "keys": keys,
-            "pool_keys": e.pool.iter().map(|s| s.count).sum::<u64>(),
-            "provisioned": provisioned,
-            "reserved_by_nodes": held,
-            "imported_at": rfc3339(e.imported_at),
-        }));
+        entitlements.push(EntitlementRow {
+            pool_keys: e.pool.iter().map(|s| s.count).sum(),
+            pool_keys_left: standing.pool_keys_left.values().sum(),
+            state: standing.state,
+            product: e.policy.product.clone(),
+            devices: e.policy.devices,
+            daily_limit: e.policy.daily_limit,
+            timezone: e.policy.timezone.clone(),
+            valid_from: rfc3339(e.policy.valid_from),
+            valid_until: rfc3339(e.policy.valid_until),
+            provisioned: standing.provisioned,
+            left: standing.left,
+            reserved_by_nodes: standing.reserved_by_nodes,
+            today: standing.today,
+            left_today: standing.left_today,
+            audit_due_at: standing.audit_due_at.map(rfc3339),
+            code: e.policy.code.as_ref().map(|c| CodeRow {
+                name: c.name.clone(),
+                bytes: c.module.len(),
+                sha256: c.sha256.clone(),
+            }),
+            keys,
+            policy,
+            imported_at: rfc3339(e.imported_at),
+            id: e.id,
+            hq: e.hq,
+            sequence: e.sequence,
+        });
     }
-    if list.is_empty() {
-        text.push_str("no entitlements imported yet\n");
+    Report::of(&EntitlementList { entitlements })
+}
+
+/// `site entitlement list`: every imported entitlement, as it stands now.
+#[derive(serde::Serialize)]
+struct EntitlementList {
+    entitlements: Vec<EntitlementRow>,
+}
+
+#[derive(serde::Serialize)]
+struct EntitlementRow {
+    id: String,
+    hq: String,
+    sequence: u64,
+    state: keyfab_policy::EntitlementStatus,
+    product: String,
+    devices: u64,
+    daily_limit: Option<u64>,
+    timezone: String,
+    valid_from: String,
+    valid_until: String,
+    provisioned: u64,
+    left: u64,
+    reserved_by_nodes: u64,
+    today: u64,
+    left_today: Option<u64>,
+    audit_due_at: Option<String>,
+    pool_keys: u64,
+    pool_keys_left: u64,
+    keys: Vec<KeyRow>,
+    #[serde(skip)]
+    code: Option<CodeRow>,
+    /// The policy as imported (its module summarised by name, size and hash).
+    policy: serde_json::Value,
+    imported_at: String,
+}
+
+#[derive(serde::Serialize)]
+struct KeyRow {
+    name: String,
+    #[serde(rename = "type")]
+    key_type: &'static str,
+    source: &'static str,
+    pool_keys: u64,
+    pool_keys_left: u64,
+}
+
+struct CodeRow {
+    name: String,
+    bytes: usize,
+    sha256: String,
+}
+
+impl Outcome for EntitlementList {
+    fn text(&self) -> String {
+        let mut text = String::new();
+        for e in &self.entitlements {
+            text.push_str(&format!(
+                "{}  {}  from {} (sequence {}), {}\n  window {} .. {}  ({})\n",
+                e.id, e.product, e.hq, e.sequence, e.state, e.valid_from, e.valid_until, e.timezone
+            ));
+            text.push_str(&format!("  provisioned {} of {}", e.provisioned, e.devices));
+            if e.reserved_by_nodes > 0 {
+                text.push_str(&format!(
+                    ", {} more reserved by cluster nodes",
+                    e.reserved_by_nodes
+                ));
+            }
+            if let (Some(limit), Some(left)) = (e.daily_limit, e.left_today) {
+                text.push_str(&format!("; today {} of {limit} ({left} left)", e.today));
+            }
+            text.push('\n');
+            if let Some(due) = &e.audit_due_at {
+                text.push_str(&format!("  audit receipt due by {due}\n"));
+            }
+            for k in &e.keys {
+                text.push_str(&format!(
+                    "  key {:<12} {:<8} {:<8}",
+                    k.name, k.key_type, k.source
+                ));
+                if k.pool_keys > 0 {
+                    text.push_str(&format!(
+                        " pool keys {} of {} left",
+                        k.pool_keys_left, k.pool_keys
+                    ));
+                }
+                text.push('\n');
+            }
+            if let Some(code) = &e.code {
+                text.push_str(&format!(
+                    "  policy module {} ({} bytes, sha256 {})\n",
+                    code.name, code.bytes, code.sha256
+                ));
+            }
+        }
+        if self.entitlements.is_empty() {
+            text.push_str("no entitlements imported yet\n");
+        }
+        text
     }
-    Ok(Report::new(text, json!({"entitlements": items})))
 }
 
 pub(crate) fn approval_request(

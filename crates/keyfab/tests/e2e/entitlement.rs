@@ -158,3 +158,36 @@ fn invalid_policy_is_named_and_writes_nothing() {
     assert!(!out.exists());
     assert_eq!(before, snapshot(&w.hq));
 }
+
+#[test]
+fn hq_issues_no_entitlement_whose_window_has_ended() {
+    let w = world();
+    let policy = w.path("ended.toml");
+    std::fs::write(
+        &policy,
+        std::fs::read_to_string(crate::common::policy(w.dir.path(), 5))
+            .unwrap()
+            .replace(
+                "valid_until = \"2030-01-01T00:00:00Z\"",
+                "valid_until = \"2026-02-01T00:00:00Z\"",
+            ),
+    )
+    .unwrap();
+    assert!(std::fs::read_to_string(&policy)
+        .unwrap()
+        .contains("2026-02-01"));
+    let before = snapshot(&w.hq);
+    let out = w.path("ended.kfe");
+    let o = try_create(&w, "shenzhen-1", &policy, &out);
+    o.assert_error(1, "invalid_policy", "valid_until");
+    assert!(o.json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("2026-02-01T00:00:00Z"));
+    assert!(!out.exists());
+    assert_eq!(
+        before,
+        snapshot(&w.hq),
+        "nothing issued, no sequence number used"
+    );
+}

@@ -326,7 +326,7 @@ fn stations_are_enrolled_and_revoked_while_the_line_runs() {
     // A second site home, to try a second server on the same address.
     let other = w.path("site-copy");
     copy_home(&w.site, &other);
-    let server = Server::start(&w.site);
+    let server = Server::start_with(&w.site, &["--log-format", "json"]);
     let url = server.url();
     let taken = keyfab(
         &[
@@ -375,6 +375,13 @@ fn stations_are_enrolled_and_revoked_while_the_line_runs() {
     assert_eq!(refused.code, 4, "{}", refused.json);
     assert_eq!(refused.json["error"]["code"], "untrusted_signer");
     assert_eq!(station_provision(&url, &line2, &id, "D-0103", "c").code, 0);
+    // The access log names the revoked station its refused requests came from.
+    let named = server.logs().lines().any(|l| {
+        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|l| {
+            l["target"] == "keyfab::access" && l["status"] == 403 && l["station"] == "line-1"
+        })
+    });
+    assert!(named, "{}", server.logs());
     let list = ok(&["site", "station", "list", "--home", &s(&w.site)]);
     let states: Vec<_> = list["stations"]
         .as_array()
@@ -1177,4 +1184,128 @@ fn a_station_never_loses_keys_between_the_site_and_its_output_file() {
         serde_json::from_slice(&std::fs::read(w.path("out-2b.json")).unwrap()).unwrap();
     assert_eq!(kept["device_id"], "OUT-2");
     assert!(kept["keys"][0]["private_key_pem"].is_string());
+}
+
+/// The JSON body of `GET path`, as station `identity` sees it.
+fn api_get(addr: &str, identity: &Path, path: &str) -> serde_json::Value {
+    let answer = exchange(addr, identity, Some(identity), &get(path));
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+#[test]
+fn every_view_tells_where_an_entitlement_stands() {
+    let w = world();
+    ok(&["approver", "keygen", "--out", &s(&w.path("alice"))]);
+    let (_, id, line1) = {
+        let policy = w.path("gated.toml");
+        std::fs::write(
+            &policy,
+            "product = \"gated\"\ndevices = 10\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
+             [[keys]]\nname = \"seed\"\ntype = \"aes-256\"\nsource = \"hq-pool\"\n\
+             [approval]\nthreshold = 1\napprovers = [\"alice.pub\"]\nrequired_for = [\"activate\"]\n",
+        )
+        .unwrap();
+        let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "gated.kfe");
+        assert_eq!(import(&w.site, &kfe, None).code, 0);
+        let line1 = w.path("line-1");
+        enroll(&w.site, "line-1", &line1);
+        ((), id, line1)
+    };
+    let seen = |expect: &str, left: u64| {
+        let server = Server::start(&w.site);
+        let listed = api_get(&server.addr, &line1, "/v1/entitlements");
+        let e = &listed["entitlements"][0];
+        assert_eq!(e["state"], expect, "{listed}");
+        assert_eq!(e["valid_until"], "2030-01-01T00:00:00Z", "{listed}");
+        let metrics = exchange(&server.addr, &line1, Some(&line1), &get("/metrics"));
+        let labels = format!("entitlement=\"{id}\",product=\"gated\"");
+        assert!(
+            metrics.contains(&format!("keyfab_quota_left{{{labels}}} {left}\n")),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(&format!(
+                "keyfab_entitlement_status{{{labels},status=\"{expect}\"}} 1\n"
+            )),
+            "{metrics}"
+        );
+        drop(server);
+        let listed = ok(&["site", "entitlement", "list", "--home", &s(&w.site)]);
+        assert_eq!(listed["entitlements"][0]["state"], expect, "{listed}");
+    };
+    seen("pending_approval", 10);
+
+    // A quorum of one activates it: every view says active.
+    let req = w.path("activate.req");
+    ok(&[
+        "site",
+        "approval",
+        "request",
+        "--home",
+        &s(&w.site),
+        "--entitlement",
+        &id,
+        "--action",
+        "activate",
+        "--out",
+        &s(&req),
+    ]);
+    let approval = w.path("alice.approval");
+    ok(&[
+        "approver",
+        "sign",
+        "--key",
+        &s(&w.path("alice.key")),
+        &s(&req),
+        "--out",
+        &s(&approval),
+    ]);
+    ok(&[
+        "site",
+        "approval",
+        "submit",
+        "--home",
+        &s(&w.site),
+        &s(&approval),
+    ]);
+    seen("active", 10);
+    let server = Server::start(&w.site);
+    let first = station("provision", &server.url(), &line1, &id, "V-1", &[]);
+    assert_eq!(first.code, 0, "{}", first.json);
+    drop(server);
+    let listed = ok(&["site", "entitlement", "list", "--home", &s(&w.site)]);
+    let e = &listed["entitlements"][0];
+    assert_eq!(
+        (e["provisioned"].as_u64(), e["left"].as_u64()),
+        (Some(1), Some(9))
+    );
+    assert_eq!(
+        (e["pool_keys"].as_u64(), e["pool_keys_left"].as_u64()),
+        (Some(10), Some(9))
+    );
+
+    // Revoked at HQ and at the site: every view says revoked, nothing is left.
+    let kfr = w.path("gated.kfr");
+    revoke(&w, &id, None, &kfr);
+    assert_eq!(import(&w.site, &kfr, None).code, 0);
+    seen("revoked", 0);
+    let listed = ok(&["site", "entitlement", "list", "--home", &s(&w.site)]);
+    let e = &listed["entitlements"][0];
+    assert_eq!(e["pool_keys_left"], 0, "{listed}");
+    assert_eq!(e["keys"][0]["pool_keys_left"], 0, "{listed}");
+    let issued = ok(&["hq", "entitlement", "list", "--home", &s(&w.hq)]);
+    let e = &issued["entitlements"][0];
+    assert_eq!(e["state"], "revoked", "{issued}");
+    assert_eq!(e["valid_from"], "2026-01-01T00:00:00Z", "{issued}");
+    let sites = ok(&["hq", "site", "list", "--home", &s(&w.hq)]);
+    let site = &sites["sites"][0];
+    assert_eq!(
+        (
+            site["entitlements_issued"].as_u64(),
+            site["entitlements_revoked"].as_u64()
+        ),
+        (Some(1), Some(1)),
+        "a revocation is not an entitlement: {sites}"
+    );
 }
