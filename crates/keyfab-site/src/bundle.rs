@@ -14,6 +14,8 @@ use zeroize::Zeroizing;
 /// order of the tree it replaces, so the bytes are the same.
 #[derive(Serialize)]
 struct Bundle<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audit_chain: Option<&'a str>,
     audit_sequence: u64,
     chain_pem: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -89,6 +91,7 @@ impl<'a> BundleKey<'a> {
 impl<'a> Bundle<'a> {
     fn of(p: &'a Provisioned) -> Self {
         Bundle {
+            audit_chain: p.audit_chain.as_deref(),
             audit_sequence: p.audit_sequence,
             chain_pem: &p.chain.pem,
             // FORMATS.md §10: the chip opens the keys' `sealed_private_base64`, in order.
@@ -147,6 +150,7 @@ mod tests {
             device_id: "D-1".into(),
             request_id: "R-1".into(),
             audit_sequence: 42,
+            audit_chain: None,
             replayed: false,
             keys: vec![
                 identity,

@@ -201,6 +201,9 @@ pub struct Provisioned {
     pub request_id: String,
     /// The audit record of the decision.
     pub audit_sequence: u64,
+    /// The cluster node whose audit chain holds that record (none on a single-node
+    /// site: the site's own chain): which node decided.
+    pub audit_chain: Option<String>,
     /// This answer repeats an earlier one for the same request id.
     pub replayed: bool,
     /// The device's keys.
@@ -291,6 +294,7 @@ enum Prepared {
 enum Outcome {
     Allowed {
         audit_sequence: u64,
+        audit_chain: Option<String>,
         keys: Vec<AuditedKey>,
         privates: Vec<Option<SecretBytes>>,
     },
@@ -498,9 +502,17 @@ impl Provisioner {
             Outcome::Replay(rr) => self.answer_replay(ctx, req, rr),
             Outcome::Allowed {
                 audit_sequence,
+                audit_chain,
                 keys,
                 privates,
-            } => self.answer(ctx, req, audit_sequence, keys, privates, false),
+            } => self.answer(
+                ctx,
+                req,
+                (audit_chain, audit_sequence),
+                keys,
+                privates,
+                false,
+            ),
             Outcome::Confirmed { .. } => Err(Error::Bug("unexpected answer".into())),
         }
     }
@@ -621,6 +633,16 @@ impl Provisioner {
             .get(Table::Devices, &ent_key(&req.entitlement, &req.device_id))?
             .ok_or_else(|| Error::Corrupt("request recorded without its device".into()))?;
         let record = DeviceRecord::from_stored(&v.value)?;
+        // Confirmed: whatever the retry carries, the keys are not handed out again (a
+        // line's rerun reads this as "done before").
+        if let Some(c) = record.confirmed {
+            return Err(Error::Precondition(format!(
+                "device '{}' was confirmed {} (audit record {}): its keys are not handed out again",
+                req.device_id,
+                c.result.as_str(),
+                c.audit_sequence
+            )));
+        }
         let sealed_to = req.transport_key.as_ref().map(|k| k.fingerprint().to_hex());
         if record.transport_key != sealed_to {
             return Err(Error::InvalidInput(format!(
@@ -631,14 +653,6 @@ impl Provisioner {
                 } else {
                     "without a transport key"
                 }
-            )));
-        }
-        if let Some(c) = record.confirmed {
-            return Err(Error::Precondition(format!(
-                "device '{}' was confirmed {} (audit record {}): its keys are not handed out again",
-                req.device_id,
-                c.result.as_str(),
-                c.audit_sequence
             )));
         }
         let audit = crate::audit_log::record_in_row(
@@ -656,14 +670,21 @@ impl Provisioner {
             }
         };
         let privates = keys::replayed_privates(&self.node, ctx, &req.device_id, &record)?;
-        self.answer(ctx, req, record.audit_sequence, keys, privates, true)
+        self.answer(
+            ctx,
+            req,
+            (record.audit_chain, record.audit_sequence),
+            keys,
+            privates,
+            true,
+        )
     }
 
     fn answer(
         &self,
         ctx: &EntitlementContext,
         req: &ProvisionRequest,
-        audit_sequence: u64,
+        (audit_chain, audit_sequence): (Option<String>, u64),
         audited: Vec<AuditedKey>,
         privates: Vec<Option<SecretBytes>>,
         replayed: bool,
@@ -694,6 +715,7 @@ impl Provisioner {
             device_id: req.device_id.to_string(),
             request_id: req.request_id.to_string(),
             audit_sequence,
+            audit_chain,
             replayed,
             keys,
             chain: ctx.chain.clone(),

@@ -50,6 +50,15 @@ impl SimulatedChip {
         }
     }
 
+    /// A chip for `device_id` whose transport key is the P-256 scalar `scalar` (32
+    /// bytes, big-endian, below the group order).
+    pub fn with_transport_key(device_id: &str, scalar: &[u8]) -> Result<Self> {
+        Ok(Self {
+            device_id: device_id.to_owned(),
+            transport: HpkeSecretKey::from_bytes(scalar).map_err(|e| bad(e.to_string()))?,
+        })
+    }
+
     /// The chip's device id.
     pub fn device_id(&self) -> &str {
         &self.device_id

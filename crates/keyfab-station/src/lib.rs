@@ -16,6 +16,7 @@ pub mod device;
 pub mod http;
 
 use keyfab_crypto::secret::SecretBytes;
+use keyfab_crypto::time::Clock;
 use keyfab_crypto::x509;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
@@ -89,19 +90,38 @@ impl StationDir {
         })
     }
 
-    fn tls_config(&self) -> Result<rustls::ClientConfig> {
+    fn tls_config(&self, clock: Arc<dyn Clock>) -> Result<rustls::ClientConfig> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(CertificateDer::from(self.line_ca.clone()))
             .map_err(|e| StationError::StationDir(format!("line CA: {e}")))?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.expose().to_vec()));
-        rustls::ClientConfig::builder_with_provider(provider)
+        rustls::ClientConfig::builder_with_details(provider, Arc::new(TlsTime(clock)))
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| StationError::StationDir(e.to_string()))?
             .with_root_certificates(roots)
             .with_client_auth_cert(vec![CertificateDer::from(self.certificate.clone())], key)
             .map_err(|e| StationError::StationDir(format!("station certificate: {e}")))
+    }
+}
+
+/// The station's clock as TLS reads it, to check the site's certificate: injected, like
+/// every clock in keyfab, so drills (`KEYFAB_NOW`) see what the station would then.
+struct TlsTime(Arc<dyn Clock>);
+
+impl std::fmt::Debug for TlsTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsTime")
+    }
+}
+
+impl rustls::time_provider::TimeProvider for TlsTime {
+    fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {
+        let seconds = u64::try_from(self.0.now().0).ok()?;
+        Some(rustls::pki_types::UnixTime::since_unix_epoch(
+            Duration::from_secs(seconds),
+        ))
     }
 }
 
@@ -122,8 +142,12 @@ pub struct ProvisionRequest {
     pub transport_key: Option<String>,
 }
 
-/// Tries a dropped request this many times in all (over all URLs).
-const ATTEMPTS: usize = 6;
+/// Tries a dropped request this many times in all (over all URLs), unless the client is
+/// told otherwise ([`Client::with_attempts`]).
+pub const DEFAULT_ATTEMPTS: usize = 6;
+
+/// The most a client may be told to try: about ten minutes of waiting between tries.
+pub const MAX_ATTEMPTS: usize = 200;
 
 /// A connection unused this long is closed rather than reused: the site may have closed
 /// it meanwhile (it closes connections idle past its header timeout).
@@ -156,7 +180,14 @@ pub struct Client {
 
 struct Inner {
     tls: Arc<rustls::ClientConfig>,
+    /// The station's time.
+    clock: Arc<dyn Clock>,
     endpoints: Vec<http::Endpoint>,
+    /// How many times in all (over all URLs) a request is sent before giving up.
+    attempts: usize,
+    /// The station's secret for what a line derives per device (request ids, the
+    /// simulated chips' transport keys): the same device gets the same ones on a rerun.
+    line_secret: keyfab_crypto::secret::Secret32,
     /// Connections between requests, oldest first.
     idle: std::sync::Mutex<std::collections::VecDeque<IdleConnection>>,
     /// The URL calls start with: the last one that answered. A node that stops
@@ -185,8 +216,14 @@ pub struct Retries {
 
 impl Client {
     /// A client of the site at `urls` (`https://HOST:PORT`, tried in turn), as the
-    /// station of `dir`.
+    /// station of `dir`, on the system clock.
     pub fn new(dir: &StationDir, urls: &[String]) -> Result<Self> {
+        Self::with_clock(dir, urls, Arc::new(keyfab_crypto::time::SystemClock))
+    }
+
+    /// [`Client::new`], reading time (to check the site's certificate, and a simulated
+    /// chip's certificates) from `clock`.
+    pub fn with_clock(dir: &StationDir, urls: &[String], clock: Arc<dyn Clock>) -> Result<Self> {
         if urls.is_empty() {
             return Err(StationError::Unreachable("no URL given".into()));
         }
@@ -194,15 +231,67 @@ impl Client {
             .iter()
             .map(|u| http::Endpoint::parse(u).map_err(StationError::BadUrl))
             .collect::<Result<Vec<_>>>()?;
+        let line_secret =
+            keyfab_crypto::kdf::hkdf_sha256(dir.key.expose(), b"keyfab station line v1", b"")
+                .map_err(|e| StationError::StationDir(format!("station key: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
-                tls: Arc::new(dir.tls_config()?),
+                tls: Arc::new(dir.tls_config(clock.clone())?),
+                clock,
                 endpoints,
+                attempts: DEFAULT_ATTEMPTS,
+                line_secret,
                 idle: Default::default(),
                 preferred: Default::default(),
                 retried: Default::default(),
             }),
         })
+    }
+
+    /// This client, trying each request up to `attempts` times in all (1 to
+    /// [`MAX_ATTEMPTS`]) before it reports the last answer. Call before cloning.
+    pub fn with_attempts(mut self, attempts: usize) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.attempts = attempts.clamp(1, MAX_ATTEMPTS);
+        }
+        self
+    }
+
+    /// What this station derives for `device` of `entitlement` for `purpose`: the same
+    /// on every run, different for every station (it comes from the station's key).
+    fn derived(
+        &self,
+        purpose: &str,
+        entitlement: &str,
+        device: &str,
+    ) -> Result<keyfab_crypto::secret::Secret32> {
+        let info = [purpose, entitlement, device].join("\0");
+        keyfab_crypto::kdf::hkdf_sha256(self.inner.line_secret.expose(), b"", info.as_bytes())
+            .map_err(|e| StationError::StationDir(e.to_string()))
+    }
+
+    /// The request id a line uses for `device`: the same on a rerun, so a rerun is
+    /// answered from the record (keys released and not yet confirmed come back, sealed
+    /// to the same chip); unguessable by other stations.
+    pub fn line_request_id(&self, entitlement: &str, device: &str) -> Result<String> {
+        let secret = self.derived("request-id", entitlement, device)?;
+        Ok(format!("line-{}", hex::encode(&secret.expose()[..16])))
+    }
+
+    /// The simulated chip a line programs as `device`: its transport key derived like
+    /// the request id, so a rerun's chip opens what the site sealed to the first run's.
+    pub fn line_chip(&self, entitlement: &str, device: &str) -> Result<device::SimulatedChip> {
+        // A 32-byte string is a P-256 scalar but for about 2^-32 of them: the next one.
+        let mut last = None;
+        for round in 0..4 {
+            let secret =
+                self.derived(&format!("chip-transport-key/{round}"), entitlement, device)?;
+            match device::SimulatedChip::with_transport_key(device, secret.expose()) {
+                Ok(chip) => return Ok(chip),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| StationError::BadAnswer("no transport key".into())))
     }
 
     /// The requests this client (and its clones) sent again so far, by reason.
@@ -218,8 +307,16 @@ impl Client {
     /// before the answer is retried with the same request id, so the site answers the
     /// retry from its record instead of deciding again.
     pub fn provision(&self, req: &ProvisionRequest) -> Result<serde_json::Value> {
+        self.provision_answered(req).map(|(bundle, _)| bundle)
+    }
+
+    /// [`Client::provision`], with the URL that answered.
+    pub fn provision_answered(
+        &self,
+        req: &ProvisionRequest,
+    ) -> Result<(serde_json::Value, String)> {
         let body = serde_json::to_vec(req).map_err(|e| StationError::BadAnswer(e.to_string()))?;
-        self.call("POST", "/v1/provision", Some(&body))
+        self.call_at("POST", "/v1/provision", Some(&body))
     }
 
     /// `POST /v1/confirm`: tells the site the device was `programmed`, or `failed` (its
@@ -254,20 +351,32 @@ impl Client {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<serde_json::Value> {
+        self.call_at(method, path, body).map(|(answer, _)| answer)
+    }
+
+    /// One request, sent again as the retry rules say; the answer and the URL that gave
+    /// it.
+    fn call_at(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(serde_json::Value, String)> {
         use std::sync::atomic::Ordering;
         let inner = &self.inner;
         let count = inner.endpoints.len();
-        let mut last = String::new();
+        // The last thing each URL said, so the final error names them all.
+        let mut said: Vec<Option<String>> = vec![None; count];
+        let mut unavailable: Option<String> = None;
         let mut certificate_refusals = 0;
         let first = inner.preferred.load(Ordering::Relaxed);
-        for attempt in 0..ATTEMPTS {
+        for attempt in 0..inner.attempts {
             let which = (first + attempt) % count;
-            let url = &inner.endpoints[which].url;
             match self.exchange(which, method, path, body) {
                 // The site has this station's bound of requests in flight: wait, retry.
                 Ok(resp) if resp.status == 429 => {
                     inner.retried.busy.fetch_add(1, Ordering::Relaxed);
-                    last = format!("{url}: busy");
+                    said[which] = Some("busy".into());
                     std::thread::sleep(Duration::from_millis(20 << attempt.min(4)));
                 }
                 // The site's state store is failing over: nothing was released, and the
@@ -276,26 +385,27 @@ impl Client {
                     Err(StationError::Refused { code, message, .. })
                         if code == keyfab_formats::Code::Unavailable.as_str() =>
                     {
-                        last = format!("{url}: unavailable: {message}");
+                        said[which] = Some(format!("unavailable: {message}"));
+                        unavailable = Some(message);
                         std::thread::sleep(Duration::from_millis(200 << attempt.min(4)));
                     }
-                    other => return other,
+                    other => return other.map(|a| (a, inner.endpoints[which].url.clone())),
                 },
                 Ok(resp) => {
                     inner.preferred.store(which, Ordering::Relaxed);
-                    return answer(&resp);
+                    return answer(&resp).map(|a| (a, inner.endpoints[which].url.clone()));
                 }
                 Err(e) => {
                     if let Some(why) = certificate_refusal(&e) {
                         certificate_refusals += 1;
-                        last = format!("{url}: {why}");
+                        said[which] = Some(why);
                         if certificate_refusals >= count {
-                            return Err(StationError::Untrusted(last));
+                            return Err(StationError::Untrusted(self.each_url(&said)));
                         }
                         continue;
                     }
                     inner.retried.dropped.fetch_add(1, Ordering::Relaxed);
-                    last = format!("{url}: {e}");
+                    said[which] = Some(e.to_string());
                     // Later calls start at the next URL, unless another call moved on.
                     let _ = inner.preferred.compare_exchange(
                         which,
@@ -309,7 +419,32 @@ impl Client {
                 }
             }
         }
-        Err(StationError::Unreachable(last))
+        let tried = format!(
+            "after {} attempts: {}",
+            inner.attempts,
+            self.each_url(&said)
+        );
+        // A site that answered, but could not reach its state store, is not unreachable:
+        // it said `unavailable`, and the request is safe to send again.
+        match unavailable {
+            Some(_) => Err(StationError::Refused {
+                status: 503,
+                code: keyfab_formats::Code::Unavailable.as_str().into(),
+                message: tried,
+            }),
+            None => Err(StationError::Unreachable(tried)),
+        }
+    }
+
+    /// `url: what it said` for every URL, in the order given.
+    fn each_url(&self, said: &[Option<String>]) -> String {
+        self.inner
+            .endpoints
+            .iter()
+            .zip(said)
+            .map(|(e, s)| format!("{}: {}", e.url, s.as_deref().unwrap_or("not tried")))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     /// One request to endpoint `which`, on an idle connection to it if there is one. A
@@ -445,9 +580,13 @@ fn answer(resp: &http::Response) -> Result<serde_json::Value> {
 pub struct LineReport {
     /// Devices that got keys, opened them and confirmed them programmed.
     pub programmed: u64,
+    /// Devices an earlier run programmed (confirmed then): nothing asked again.
+    pub already_programmed: u64,
     /// Devices whose package did not check out on the chip: confirmed failed (burned).
     pub failed: u64,
-    /// Why, by reason.
+    /// Devices an earlier run confirmed failed: their keys are burned.
+    pub already_failed: u64,
+    /// Why devices failed, by reason.
     pub failures: std::collections::BTreeMap<String, u64>,
     /// Refusals by the site, by code.
     pub refused: std::collections::BTreeMap<String, u64>,
@@ -461,17 +600,68 @@ pub struct LineReport {
     pub elapsed: Duration,
 }
 
-/// A simulated production line: for every id of `devices`, a chip with its own transport
-/// key asks for its keys (request id = device id, so a rerun resumes), opens and checks
-/// them against `root_cert`, and confirms — `concurrency` programmers at a time, each on
-/// a thread of its own. `done` is called after each device with how many are done.
+/// What became of one device of a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceResult {
+    /// Keys received, opened on the chip, confirmed programmed.
+    Programmed,
+    /// An earlier run programmed it.
+    AlreadyProgrammed,
+    /// Keys received but did not check out on the chip: confirmed failed (burned).
+    Failed,
+    /// An earlier run confirmed it failed.
+    AlreadyFailed,
+    /// The site refused: see the code.
+    Refused,
+    /// No site answered: see the reason. A rerun sends the same request again.
+    Unreachable,
+}
+
+/// One device of a line, as `keyfab station run --device-log` writes it: enough to
+/// reconcile the line's own records with the site's audit log.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceLine {
+    /// The device.
+    pub device_id: String,
+    /// The request id its keys were asked with (the same on every run).
+    pub request_id: String,
+    /// What became of it.
+    pub result: DeviceResult,
+    /// The site's code, when it refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Why it failed or went unanswered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The audit record of the site's decision, when keys came.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_sequence: Option<u64>,
+    /// The cluster node whose audit chain holds it (a cluster site).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_chain: Option<String>,
+    /// The URL that answered the request for keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Time from request to confirmation, when it was programmed now.
+    #[serde(skip)]
+    pub took: Option<Duration>,
+}
+
+/// A simulated production line: for every id of `devices`, a chip asks for its keys,
+/// opens and checks them against `root_cert`, and confirms — `concurrency` programmers
+/// at a time, each on a thread of its own. Each device's request id and chip transport
+/// key are derived from the station's key, so a rerun resumes: keys released and not
+/// confirmed are answered again and programmed, devices confirmed before are counted as
+/// done, and refusals that pass with time are decided again. `done` is called with each
+/// device's line and how many are done.
 pub fn run_line(
     client: &Client,
     entitlement: &str,
     devices: Vec<String>,
     concurrency: usize,
     root_cert: &[u8],
-    done: &(dyn Fn(u64) + Sync),
+    done: &(dyn Fn(&DeviceLine, u64) + Sync),
 ) -> LineReport {
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     let started = std::time::Instant::now();
@@ -484,8 +674,9 @@ pub fn run_line(
                 scope.spawn(|| {
                     let mut report = LineReport::default();
                     while let Some(device) = devices.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        report.tally(one_device(client, entitlement, device, root_cert));
-                        done(finished.fetch_add(1, Ordering::Relaxed) + 1);
+                        let line = one_device(client, entitlement, device, root_cert);
+                        done(&line, finished.fetch_add(1, Ordering::Relaxed) + 1);
+                        report.tally(line);
                     }
                     report
                 })
@@ -496,9 +687,7 @@ pub fn run_line(
             match worker.join() {
                 Ok(part) => all.merge(part),
                 // A programmer that panicked: its device went unanswered.
-                Err(_) => all.tally(DeviceOutcome::Unreachable(
-                    "a programmer thread panicked".into(),
-                )),
+                Err(_) => all.note_unreachable("a programmer thread panicked".into(), 1),
             }
         }
         all
@@ -512,27 +701,33 @@ const MAX_REASONS: usize = 8;
 const OTHER_REASONS: &str = "other reasons";
 
 impl LineReport {
-    fn tally(&mut self, outcome: DeviceOutcome) {
-        match outcome {
-            DeviceOutcome::Programmed(t) => {
+    fn tally(&mut self, line: DeviceLine) {
+        let reason = line.reason.unwrap_or_default();
+        match line.result {
+            DeviceResult::Programmed => {
                 self.programmed += 1;
-                self.latencies.push(t);
+                self.latencies.extend(line.took);
             }
-            DeviceOutcome::Failed(why) => {
+            DeviceResult::AlreadyProgrammed => self.already_programmed += 1,
+            DeviceResult::AlreadyFailed => self.already_failed += 1,
+            DeviceResult::Failed => {
                 self.failed += 1;
-                *self.failures.entry(why).or_insert(0) += 1;
+                *self.failures.entry(reason).or_insert(0) += 1;
             }
-            DeviceOutcome::Refused(code) => *self.refused.entry(code).or_insert(0) += 1,
-            DeviceOutcome::Unreachable(why) => {
-                self.unreachable += 1;
-                self.note_unreachable(why, 1);
+            DeviceResult::Refused => {
+                *self
+                    .refused
+                    .entry(line.code.unwrap_or_default())
+                    .or_insert(0) += 1
             }
+            DeviceResult::Unreachable => self.note_unreachable(reason, 1),
         }
     }
 
     /// Counts `n` devices unanswered for `why`. Reasons can name a time or an address,
     /// so past [`MAX_REASONS`] distinct ones the rest are counted together.
     fn note_unreachable(&mut self, why: String, n: u64) {
+        self.unreachable += n;
         let why = if self.unreachable_reasons.len() >= MAX_REASONS
             && !self.unreachable_reasons.contains_key(&why)
         {
@@ -545,8 +740,9 @@ impl LineReport {
 
     fn merge(&mut self, other: LineReport) {
         self.programmed += other.programmed;
+        self.already_programmed += other.already_programmed;
         self.failed += other.failed;
-        self.unreachable += other.unreachable;
+        self.already_failed += other.already_failed;
         for (why, n) in other.unreachable_reasons {
             self.note_unreachable(why, n);
         }
@@ -560,51 +756,102 @@ impl LineReport {
     }
 }
 
-enum DeviceOutcome {
-    Programmed(Duration),
-    Failed(String),
-    Refused(String),
-    Unreachable(String),
+fn one_device(client: &Client, entitlement: &str, device: &str, root: &[u8]) -> DeviceLine {
+    let mut line = DeviceLine {
+        device_id: device.to_owned(),
+        request_id: String::new(),
+        result: DeviceResult::Unreachable,
+        code: None,
+        reason: None,
+        audit_sequence: None,
+        audit_chain: None,
+        url: None,
+        took: None,
+    };
+    let (result, code, reason) = match program(client, entitlement, device, root, &mut line) {
+        Ok(result) => (result, None, None),
+        Err((result, StationError::Refused { code, message, .. })) => {
+            (result, Some(code), Some(message))
+        }
+        Err((result, e)) => (result, None, Some(e.to_string())),
+    };
+    line.result = result;
+    line.code = code;
+    line.reason = reason;
+    line
 }
 
-fn one_device(client: &Client, entitlement: &str, device: &str, root: &[u8]) -> DeviceOutcome {
-    use keyfab_crypto::time::Clock;
+/// Programs one device; on failure, what it counts as and why.
+fn program(
+    client: &Client,
+    entitlement: &str,
+    device: &str,
+    root: &[u8],
+    line: &mut DeviceLine,
+) -> std::result::Result<DeviceResult, (DeviceResult, StationError)> {
     let started = std::time::Instant::now();
-    let chip = device::SimulatedChip::new(device, &keyfab_crypto::rng::SystemRng);
-    let transport_key = match chip.transport_key() {
-        Ok(k) => k,
-        Err(e) => return DeviceOutcome::Failed(e.to_string()),
+    let failed = |e: StationError| (DeviceResult::Failed, e);
+    let unanswered = |e: StationError| match e {
+        StationError::Refused { .. } => (DeviceResult::Refused, e),
+        e => (DeviceResult::Unreachable, e),
     };
-    // Random, so no other station can guess it from the device id (the site answers a
-    // retry only to the station that made the request, all the same).
-    let mut request_id = [0u8; 16];
-    keyfab_crypto::rng::SecureRng::fill(&keyfab_crypto::rng::SystemRng, &mut request_id);
+    line.request_id = client
+        .line_request_id(entitlement, device)
+        .map_err(failed)?;
+    let chip = client.line_chip(entitlement, device).map_err(failed)?;
     let req = ProvisionRequest {
-        request_id: hex::encode(request_id),
+        request_id: line.request_id.clone(),
         entitlement: entitlement.to_owned(),
         device_id: device.to_owned(),
         csr: None,
-        transport_key: Some(transport_key),
+        transport_key: Some(chip.transport_key().map_err(failed)?),
     };
-    let bundle = match client.provision(&req) {
-        Ok(b) => b,
-        Err(StationError::Refused { code, .. }) => return DeviceOutcome::Refused(code),
-        Err(e) => return DeviceOutcome::Unreachable(e.to_string()),
+    let bundle = match client.provision_answered(&req) {
+        Ok((bundle, url)) => {
+            line.url = Some(url);
+            bundle
+        }
+        // Our own request, confirmed by an earlier run: the site keeps its keys from
+        // everyone now. Repeating the confirmation says which way it went.
+        Err(StationError::Refused { code, .. })
+            if code == keyfab_formats::Code::InvalidState.as_str() =>
+        {
+            return match client.confirm(entitlement, device, "programmed") {
+                Ok(answer) if answer["repeated"] == true => Ok(DeviceResult::AlreadyProgrammed),
+                Err(StationError::Refused { code, .. })
+                    if code == keyfab_formats::Code::InvalidState.as_str() =>
+                {
+                    Ok(DeviceResult::AlreadyFailed)
+                }
+                Ok(_) => Err((
+                    DeviceResult::Refused,
+                    StationError::BadAnswer("a confirmation that repeated nothing".into()),
+                )),
+                Err(e) => Err(unanswered(e)),
+            };
+        }
+        Err(e) => return Err(unanswered(e)),
     };
+    line.audit_sequence = bundle["audit_sequence"].as_u64();
+    line.audit_chain = bundle["audit_chain"].as_str().map(str::to_owned);
     // The device's clock, read when it checks (a certificate issued this very second is
     // not valid a second earlier).
-    let now = keyfab_crypto::time::SystemClock.now();
-    let (result, why) = match chip.program(&bundle, root, now) {
-        Ok(_keys) => ("programmed", None),
-        Err(e) => ("failed", Some(e.to_string())),
+    let now = client.inner.clock.now();
+    let checked = chip.program(&bundle, root, now);
+    let result = if checked.is_ok() {
+        "programmed"
+    } else {
+        "failed"
     };
-    match client.confirm(entitlement, device, result) {
-        Ok(_) => match why {
-            None => DeviceOutcome::Programmed(started.elapsed()),
-            Some(why) => DeviceOutcome::Failed(why),
-        },
-        Err(StationError::Refused { code, .. }) => DeviceOutcome::Refused(code),
-        Err(e) => DeviceOutcome::Unreachable(e.to_string()),
+    client
+        .confirm(entitlement, device, result)
+        .map_err(unanswered)?;
+    match checked {
+        Ok(_keys) => {
+            line.took = Some(started.elapsed());
+            Ok(DeviceResult::Programmed)
+        }
+        Err(e) => Err(failed(e)),
     }
 }
 
@@ -617,8 +864,8 @@ mod tests {
         let mut a = LineReport::default();
         let mut b = LineReport::default();
         for i in 0..20 {
-            a.tally(DeviceOutcome::Unreachable(format!("at second {i}")));
-            b.tally(DeviceOutcome::Unreachable("connection refused".into()));
+            a.note_unreachable(format!("at second {i}"), 1);
+            b.note_unreachable("connection refused".into(), 1);
         }
         a.merge(b);
         assert_eq!(a.unreachable, 40);

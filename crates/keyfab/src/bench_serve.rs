@@ -80,7 +80,7 @@ pub(crate) fn serve(
     let client = keyfab_station::Client::new(&station, std::slice::from_ref(&url)).map_err(fail)?;
     let (latencies, elapsed, errors) = if chip {
         let ids: Vec<String> = (1..=devices).map(|i| format!("B-{i:09}")).collect();
-        let r = keyfab_station::run_line(&client, &id, ids, stations, &root, &|_| {});
+        let r = keyfab_station::run_line(&client, &id, ids, stations, &root, &|_, _| {});
         let errors = devices - r.programmed;
         (r.latencies, r.elapsed, errors)
     } else {

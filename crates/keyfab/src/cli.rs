@@ -400,7 +400,7 @@ cannot move the trusted time years on and stop the site until then.")]
     /// Provision one device locally: decide under the policy, record, then release keys.
     #[command(after_help = "Examples:
   keyfab site provision --home site --entitlement ID --device-id TSV2-00000001 --station line-1 --out dev1.json
-  keyfab site provision --home site --entitlement ID --device-ids lot-42.txt --station line-1 --out lot-42.jsonl\n  keyfab site provision --home site --entitlement ID --device-id TSV2-00000002 --csr dev2.csr --json\n\nRefusals exit 3 with the policy's code (quota_exceeded, daily_limit_exceeded, ...).\nA retry with the same --request-id returns the same keys and consumes nothing more.")]
+  keyfab site provision --home site --entitlement ID --device-ids lot-42.txt --station line-1 --out lot-42.jsonl\n  keyfab site provision --home site --entitlement ID --device-id TSV2-00000002 --csr dev2.csr --json\n\nRefusals exit 3 with the policy's code (quota_exceeded, daily_limit_exceeded, ...).\nA retry with the same --request-id returns the same keys and consumes nothing more.\nA lot (--device-ids) exits 0 only when every device has its keys; otherwise its summary\nnames each refused device with its code, and it exits with the code most of them got.\nRunning the same lot again resumes it.")]
     Provision(ProvisionArgs),
     /// The stations of the production line: enroll, revoke, list.
     #[command(subcommand)]
@@ -536,6 +536,12 @@ pub(crate) struct StationArgs {
     /// The directory `keyfab site station enroll` wrote.
     #[arg(long, value_name = "DIR")]
     pub station_dir: PathBuf,
+    /// How many times a request is sent in all, over all URLs, while no site answers or
+    /// the site's store is unavailable (with waits that grow to a few seconds), before
+    /// the command gives up (1–200). Every attempt carries the same request id.
+    #[arg(long, value_name = "N", default_value_t = keyfab_station::DEFAULT_ATTEMPTS,
+          value_parser = attempts)]
+    pub attempts: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -547,10 +553,19 @@ pub(crate) enum StationCommand {
   keyfab station run --url https://127.0.0.1:8443 --station-dir line-1 --root-cert root/root.crt \\
       --entitlement ID --devices 1000 --concurrency 16 --device-prefix TSV2-
 
-Device ids are PREFIX followed by 8 digits from --first. The request id of each device is
-its id, so running the same line again resumes where it stopped. A request answered
-`busy` (more in flight than the site allows one station) or whose connection failed is
-sent again with the same request id; the summary counts them (JSON `retried`).")]
+Device ids are PREFIX followed by 8 digits from --first. Each device's request id and its
+simulated chip's transport key are derived from the station's key, so running the same
+line again resumes where it stopped: keys released and not yet confirmed are answered
+again and programmed, devices confirmed by an earlier run are counted as done
+(`already_programmed`, `already_failed`), refusals that pass with time (the daily limit,
+the quota, the window, an approval, an audit receipt) are decided again. A request
+answered `busy` (more in flight than the site allows one station) or whose connection
+failed is sent again with the same request id; the summary counts them (JSON `retried`).
+
+Exit status: 0 when every device is done (programmed now or by an earlier run, or
+confirmed failed); otherwise the code most of the devices not done got (exit 3 for a
+refusal such as `daily_limit_exceeded`, 1 for `unreachable`), after the same summary
+(with --json: the summary with an `error` member).")]
     Run {
         #[command(flatten)]
         station: StationArgs,
@@ -572,6 +587,11 @@ sent again with the same request id; the summary counts them (JSON `retried`).")
         /// The number of the first device.
         #[arg(long, default_value_t = 1)]
         first: u64,
+        /// Append one JSON line per device to FILE (created 0600): device id, request
+        /// id, result, the site's code or the reason, the audit record and node of the
+        /// decision, the URL that answered — to reconcile the line with the site's audit.
+        #[arg(long, value_name = "FILE")]
+        device_log: Option<PathBuf>,
     },
     /// Tell the site a device was programmed, or that programming failed (its keys are
     /// then burned). Either way the keys are never handed out again.
@@ -956,6 +976,16 @@ fn programmers(text: &str) -> Result<usize, String> {
         Ok(n) if (1..=MAX_PROGRAMMERS).contains(&n) => Ok(n),
         _ => Err(format!(
             "{text:?} is not a number from 1 to {MAX_PROGRAMMERS}"
+        )),
+    }
+}
+
+fn attempts(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=keyfab_station::MAX_ATTEMPTS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{text:?} is not a number from 1 to {}",
+            keyfab_station::MAX_ATTEMPTS
         )),
     }
 }

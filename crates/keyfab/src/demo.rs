@@ -298,7 +298,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
                     format!("TSV2-{:08}", 2 * n + 2),
                 ];
                 scope.spawn(move || {
-                    keyfab_station::run_line(client, &id, devices, 2, &root, &|_| {})
+                    keyfab_station::run_line(client, &id, devices, 2, &root, &|_, _| {})
                 })
             })
             .collect();

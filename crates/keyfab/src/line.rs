@@ -452,6 +452,18 @@ fn refusal(code: &str, message: &str) -> Failure {
     }
 }
 
+/// The client of `a`'s site, as `a`'s station, with `a`'s retry budget.
+fn station_client(
+    ctx: &Context,
+    a: &crate::cli::StationArgs,
+) -> Result<keyfab_station::Client, Failure> {
+    let station = keyfab_station::StationDir::load(&a.station_dir).map_err(station_failure)?;
+    let clock = std::sync::Arc::from(ctx.clock()?);
+    Ok(keyfab_station::Client::with_clock(&station, &a.url, clock)
+        .map_err(station_failure)?
+        .with_attempts(a.attempts))
+}
+
 fn station_failure(e: keyfab_station::StationError) -> Failure {
     match e {
         keyfab_station::StationError::Refused { code, message, .. } => refusal(&code, &message),
@@ -465,8 +477,7 @@ fn station_failure(e: keyfab_station::StationError) -> Failure {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn station_provision(
     ctx: &Context,
-    urls: &[String],
-    dir: &Path,
+    a: &crate::cli::StationArgs,
     entitlement: &str,
     device_id: &str,
     request_id: Option<&str>,
@@ -477,8 +488,7 @@ pub(crate) fn station_provision(
     if let Some(out) = out {
         keyfab_node::out_file::check_new(out, "nothing was asked of the site")?;
     }
-    let station = keyfab_station::StationDir::load(dir).map_err(station_failure)?;
-    let client = keyfab_station::Client::new(&station, urls).map_err(station_failure)?;
+    let client = station_client(ctx, a)?;
     let csr = csr
         .map(|p| read_input_text(p, keyfab_formats::MAX_SMALL_INPUT))
         .transpose()?;
@@ -493,8 +503,8 @@ pub(crate) fn station_provision(
     let again = |out: Option<&Path>| {
         format!(
             "keyfab station provision --url {} --station-dir {} --entitlement {entitlement} --device-id {device_id} --request-id {request_id}{}",
-            urls.join(","),
-            dir.display(),
+            a.url.join(","),
+            a.station_dir.display(),
             out.map_or_else(String::new, |_| " --out OTHER-FILE".into())
         )
     };
@@ -539,15 +549,14 @@ pub(crate) fn station_provision(
 }
 
 pub(crate) fn station_confirm(
-    urls: &[String],
-    dir: &Path,
+    ctx: &Context,
+    a: &crate::cli::StationArgs,
     entitlement: &str,
     device_id: &str,
     result: crate::cli::Programming,
 ) -> Result<Report, Failure> {
     let result = result.as_str();
-    let station = keyfab_station::StationDir::load(dir).map_err(station_failure)?;
-    let client = keyfab_station::Client::new(&station, urls).map_err(station_failure)?;
+    let client = station_client(ctx, a)?;
     let answer = client
         .confirm(entitlement, device_id, result)
         .map_err(station_failure)?;
@@ -566,8 +575,8 @@ pub(crate) fn station_confirm(
 }
 
 pub(crate) struct LineArgs<'a> {
-    pub urls: &'a [String],
-    pub station_dir: &'a Path,
+    pub station: &'a crate::cli::StationArgs,
+    pub device_log: Option<&'a Path>,
     pub root_cert: &'a Path,
     pub entitlement: &'a str,
     pub devices: u64,
@@ -577,11 +586,11 @@ pub(crate) struct LineArgs<'a> {
 }
 
 pub(crate) fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
-    let station = keyfab_station::StationDir::load(a.station_dir).map_err(station_failure)?;
-    let client = keyfab_station::Client::new(&station, a.urls).map_err(station_failure)?;
+    let client = station_client(ctx, a.station)?;
     let root_text = read_input_text(a.root_cert, keyfab_formats::MAX_SMALL_INPUT)?;
     let root = x509::from_pem(&root_text, "CERTIFICATE")
         .map_err(|e| Failure::new(Code::InvalidInput, format!("--root-cert: {e}")))?;
+    let log = a.device_log.map(DeviceLog::open).transpose()?;
     let devices: Vec<String> = (a.first..a.first.saturating_add(a.devices))
         .map(|i| format!("{}{i:08}", a.prefix))
         .collect();
@@ -593,79 +602,197 @@ pub(crate) fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Fai
         devices,
         a.concurrency,
         &root,
-        &|n| {
+        &|line, n| {
+            if let Some(log) = &log {
+                log.write(line);
+            }
             if let Some(p) = progress.reporter() {
                 p(n, total);
             }
         },
     );
-    let mut lat = report.latencies.clone();
-    lat.sort();
-    let pct = |q: f64| {
-        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
-            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    };
-    let secs = report.elapsed.as_secs_f64().max(1e-9);
-    let rate = report.programmed as f64 / secs;
-    let refused: Vec<String> = report
+    if let Some(log) = log {
+        log.close()?;
+    }
+    let summary = LineSummary::of(&report, client.retries());
+    let not_done: std::collections::BTreeMap<String, u64> = summary
         .refused
         .iter()
-        .map(|(c, n)| format!("{c} {n}"))
+        .map(|(c, n)| (c.clone(), *n))
+        .chain(
+            (summary.unreachable > 0)
+                .then(|| (Code::Unreachable.as_str().to_owned(), summary.unreachable)),
+        )
         .collect();
-    let text = format!(
-        "{} devices programmed, {} failed (keys burned), {} refused{}, {} unreachable\n{rate:.0} devices/s over {secs:.2} s, p50 {:.1} ms, p99 {:.1} ms",
-        report.programmed,
-        report.failed,
-        report.refused.values().sum::<u64>(),
-        if refused.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", refused.join(", "))
-        },
-        report.unreachable,
-        pct(0.50),
-        pct(0.99)
-    );
-    let mut text = text;
-    for (why, n) in &report.failures {
-        text.push_str(&format!("\n  failed {n}: {why}"));
+    partial_result(&summary, a.devices, &not_done)
+}
+
+/// The exit rule of commands that do many devices (`station run`, `site provision
+/// --device-ids`): done when every device is (now or in an earlier run); otherwise the
+/// summary still goes out, with the code most of the devices not done got — a refusal's
+/// (exit 3), or `unreachable` — so scripts see both what happened and that it is not
+/// finished.
+pub(crate) fn partial_result(
+    summary: &impl Outcome,
+    devices: u64,
+    not_done: &std::collections::BTreeMap<String, u64>,
+) -> Result<Report, Failure> {
+    let report = Report::of(summary)?;
+    let left: u64 = not_done.values().sum();
+    let Some((code, _)) = not_done.iter().max_by_key(|(_, n)| **n) else {
+        return Ok(report);
+    };
+    let code = Code::parse(code).unwrap_or(Code::Internal);
+    let counts: Vec<String> = not_done.iter().map(|(c, n)| format!("{c} {n}")).collect();
+    Err(Failure::new(
+        code,
+        format!(
+            "{left} of {devices} devices not done ({}); run the same command again to resume once that passes",
+            counts.join(", ")
+        ),
+    )
+    .with_summary(report))
+}
+
+/// `station run --device-log`: one JSON line per device, appended as each is done.
+struct DeviceLog {
+    path: std::path::PathBuf,
+    file: std::sync::Mutex<(std::fs::File, Option<std::io::Error>)>,
+}
+
+impl DeviceLog {
+    fn open(path: &Path) -> Result<Self, Failure> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| io_fail(path, e))?;
+        Ok(Self {
+            path: path.to_owned(),
+            file: std::sync::Mutex::new((file, None)),
+        })
     }
-    for (why, n) in &report.unreachable_reasons {
-        text.push_str(&format!("\n  unreachable {n}: {why}"));
+
+    /// Appends `line`; the first error is kept for [`DeviceLog::close`] (the line goes
+    /// on: the site's audit log holds every decision whatever this file says).
+    fn write(&self, line: &keyfab_station::DeviceLine) {
+        use std::io::Write;
+        let mut text = serde_json::to_string(line).unwrap_or_default();
+        text.push('\n');
+        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let (file, error) = &mut *guard;
+        if error.is_none() {
+            if let Err(e) = file.write_all(text.as_bytes()) {
+                *error = Some(e);
+            }
+        }
     }
-    let retries = client.retries();
-    if retries.busy > 0 {
-        text.push_str(&format!(
-            "\n  {} requests answered busy and sent again: more in flight than the site allows one station (lower --concurrency, or raise the site's --per-station-requests)",
-            retries.busy
-        ));
+
+    fn close(self) -> Result<(), Failure> {
+        let (file, error) = self.file.into_inner().unwrap_or_else(|p| p.into_inner());
+        match error {
+            Some(e) => Err(io_fail(&self.path, e)),
+            None => file.sync_all().map_err(|e| io_fail(&self.path, e)),
+        }
     }
-    if retries.dropped > 0 {
-        text.push_str(&format!(
-            "\n  {} requests sent again after their connection failed or closed (the site's --per-station-connections, a node down, or the network)",
-            retries.dropped
-        ));
+}
+
+/// `station run`: what the line did.
+#[derive(serde::Serialize)]
+struct LineSummary {
+    programmed: u64,
+    already_programmed: u64,
+    failed: u64,
+    already_failed: u64,
+    failures: std::collections::BTreeMap<String, u64>,
+    refused: std::collections::BTreeMap<String, u64>,
+    unreachable: u64,
+    unreachable_reasons: std::collections::BTreeMap<String, u64>,
+    retried: keyfab_station::Retries,
+    seconds: f64,
+    devices_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+impl LineSummary {
+    fn of(report: &keyfab_station::LineReport, retried: keyfab_station::Retries) -> Self {
+        let mut lat = report.latencies.clone();
+        lat.sort();
+        let pct = |q: f64| {
+            lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        };
+        let seconds = report.elapsed.as_secs_f64().max(1e-9);
+        Self {
+            programmed: report.programmed,
+            already_programmed: report.already_programmed,
+            failed: report.failed,
+            already_failed: report.already_failed,
+            failures: report.failures.clone(),
+            refused: report.refused.clone(),
+            unreachable: report.unreachable,
+            unreachable_reasons: report.unreachable_reasons.clone(),
+            retried,
+            seconds,
+            devices_per_s: report.programmed as f64 / seconds,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+        }
     }
-    let json = json!({
-        "programmed": report.programmed, "failed": report.failed, "failures": report.failures, "refused": report.refused,
-        "unreachable": report.unreachable, "unreachable_reasons": report.unreachable_reasons, "retried": retries, "seconds": secs, "devices_per_s": rate,
-        "p50_ms": pct(0.50), "p99_ms": pct(0.99),
-    });
-    if report.programmed + report.failed == 0 && a.devices > 0 {
-        // Nothing programmed: unreachable if any device could not reach the site,
-        // else the refusal most devices got (its code gives the exit code, 3).
-        let most_refused = report
+}
+
+impl Outcome for LineSummary {
+    fn text(&self) -> String {
+        let refused: Vec<String> = self
             .refused
             .iter()
-            .max_by_key(|(_, n)| **n)
-            .and_then(|(code, _)| Code::parse(code));
-        let code = match most_refused {
-            Some(code) if report.unreachable == 0 => code,
-            _ => Code::Unreachable,
-        };
-        return Err(Failure::new(code, text));
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect();
+        let mut text = format!(
+            "{} devices programmed, {} failed (keys burned), {} refused{}, {} unreachable",
+            self.programmed,
+            self.failed,
+            self.refused.values().sum::<u64>(),
+            if refused.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", refused.join(", "))
+            },
+            self.unreachable,
+        );
+        if self.already_programmed + self.already_failed > 0 {
+            text.push_str(&format!(
+                "; done by an earlier run: {} programmed, {} failed",
+                self.already_programmed, self.already_failed
+            ));
+        }
+        text.push_str(&format!(
+            "\n{:.0} devices/s over {:.2} s, p50 {:.1} ms, p99 {:.1} ms",
+            self.devices_per_s, self.seconds, self.p50_ms, self.p99_ms
+        ));
+        for (why, n) in &self.failures {
+            text.push_str(&format!("\n  failed {n}: {why}"));
+        }
+        for (why, n) in &self.unreachable_reasons {
+            text.push_str(&format!("\n  unreachable {n}: {why}"));
+        }
+        if self.retried.busy > 0 {
+            text.push_str(&format!(
+                "\n  {} requests answered busy and sent again: more in flight than the site allows one station (lower --concurrency, or raise the site's --per-station-requests)",
+                self.retried.busy
+            ));
+        }
+        if self.retried.dropped > 0 {
+            text.push_str(&format!(
+                "\n  {} requests sent again after their connection failed or closed (the site's --per-station-connections, a node down, or the network)",
+                self.retried.dropped
+            ));
+        }
+        text
     }
-    Ok(Report::new(text, json))
 }
 
 /// `keyfab site serve` in a child process, for `demo` and `bench serve`: started on a

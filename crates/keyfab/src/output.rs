@@ -3,6 +3,7 @@
 use keyfab_node::{Code, Error};
 
 /// A command's result: the same facts as text and as JSON.
+#[derive(Debug)]
 pub(crate) struct Report {
     pub text: String,
     pub json: serde_json::Value,
@@ -38,6 +39,9 @@ pub(crate) trait Outcome: serde::Serialize {
 pub(crate) struct Failure {
     pub code: Code,
     pub message: String,
+    /// What was done before the command stopped short (a lot with devices not done):
+    /// printed like a result, with the error.
+    pub summary: Option<Box<Report>>,
 }
 
 impl From<Error> for Failure {
@@ -102,7 +106,15 @@ impl Failure {
         Failure {
             code,
             message: message.into(),
+            summary: None,
         }
+    }
+
+    /// This failure, with what was done before it: `--json` prints the summary's
+    /// fields with an `error` member, text prints the summary, then the error.
+    pub(crate) fn with_summary(mut self, summary: Report) -> Self {
+        self.summary = Some(Box::new(summary));
+        self
     }
 
     /// Arguments that do not go together (exit 2, code `usage`).
@@ -128,12 +140,18 @@ pub(crate) fn print_report(r: &Report, json: bool) {
 }
 
 pub(crate) fn print_error(e: &Failure, json: bool) {
+    let error = serde_json::json!({"code": e.code.as_str(), "message": e.message});
     if json {
-        print_out(
-            &serde_json::json!({"error": {"code": e.code.as_str(), "message": e.message}})
-                .to_string(),
-        );
+        let mut out = match e.summary.as_deref().map(|s| s.json.clone()) {
+            Some(serde_json::Value::Object(fields)) => fields,
+            _ => serde_json::Map::new(),
+        };
+        out.insert("error".into(), error);
+        print_out(&serde_json::Value::Object(out).to_string());
     } else {
+        if let Some(summary) = &e.summary {
+            print_report(summary, false);
+        }
         use std::io::Write;
         let _ = writeln!(std::io::stderr().lock(), "error[{}]: {}", e.code, e.message);
     }

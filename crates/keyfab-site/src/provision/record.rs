@@ -463,6 +463,7 @@ impl Deciding<'_> {
         st.requests.insert(req_key, rr);
         Ok(Outcome::Allowed {
             audit_sequence: seq,
+            audit_chain: st.chain.clone(),
             keys: keys.audited,
             privates: keys.privates,
         })

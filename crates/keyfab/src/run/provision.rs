@@ -120,18 +120,35 @@ pub(super) fn provision_many(
     ) -> Result<keyfab_site::provision::ProvisionRequest, keyfab_node::Error>,
 ) -> Result<Report, Failure> {
     use std::io::Write;
-    let ids = read_input_text(list, MAX_LIST_BYTES)?;
+    let text = read_input_text(list, MAX_LIST_BYTES)?;
+    // Every line is checked before the first device is asked for: a list with a line
+    // that is no device id is refused whole, nothing provisioned.
+    let mut requests = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let id = line.trim();
+        if id.is_empty() || id.starts_with('#') {
+            continue;
+        }
+        let req =
+            request(id.to_owned(), keyfab_site::provision::lot_request_id(id)).map_err(|e| {
+                Failure::new(
+                    e.code(),
+                    format!(
+                        "{} line {}: {e}; nothing was provisioned",
+                        list.display(),
+                        number + 1
+                    ),
+                )
+            })?;
+        requests.push(req);
+    }
     let (mut file, mut written) = open_lot_output(out)?;
     let (mut released, mut resumed) = (0u64, 0u64);
-    let mut refused: std::collections::BTreeMap<&'static str, u64> = Default::default();
-    for id in ids
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        match request(id.to_owned(), keyfab_site::provision::lot_request_id(id))
-            .and_then(|r| provisioner.provision(r))
-        {
+    let mut refused: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut refused_devices = Vec::new();
+    for req in requests {
+        let id = req.device_id.to_string();
+        match provisioner.provision(req) {
             Ok(p) => {
                 // A rerun replays the devices done before; the file has them already.
                 if written.insert(p.device_id.clone()) {
@@ -146,17 +163,33 @@ pub(super) fn provision_many(
                     released += 1;
                 }
             }
-            Err(e) if e.exit_code() == 3 => *refused.entry(e.code().as_str()).or_insert(0) += 1,
+            Err(e) if e.exit_code() == 3 => {
+                *refused.entry(e.code().as_str().to_owned()).or_insert(0) += 1;
+                refused_devices.push(RefusedDevice {
+                    device_id: id,
+                    code: e.code().as_str(),
+                });
+            }
             Err(e) => return Err(e.into()),
         }
     }
     file.sync_all().map_err(|e| io_fail(out, e))?;
-    Report::of(&LotDone {
+    let devices = released + resumed + refused_devices.len() as u64;
+    let done = LotDone {
         provisioned: released,
         resumed,
-        refused,
+        refused: refused.clone(),
+        refused_devices,
         out: out.to_owned(),
-    })
+    };
+    crate::line::partial_result(&done, devices, &refused)
+}
+
+/// A device of a lot the site refused, and why.
+#[derive(serde::Serialize)]
+struct RefusedDevice {
+    device_id: String,
+    code: &'static str,
 }
 
 /// `site provision --device-ids`: what a lot's run did.
@@ -164,9 +197,13 @@ pub(super) fn provision_many(
 struct LotDone {
     provisioned: u64,
     resumed: u64,
-    refused: std::collections::BTreeMap<&'static str, u64>,
+    refused: std::collections::BTreeMap<String, u64>,
+    refused_devices: Vec<RefusedDevice>,
     out: std::path::PathBuf,
 }
+
+/// How many refused devices the text lists by id (JSON lists them all).
+const LISTED_REFUSALS: usize = 20;
 
 impl Outcome for LotDone {
     fn text(&self) -> String {
@@ -178,6 +215,15 @@ impl Outcome for LotDone {
         );
         for (code, n) in &self.refused {
             text.push_str(&format!("  refused {code}: {n}\n"));
+        }
+        for d in self.refused_devices.iter().take(LISTED_REFUSALS) {
+            text.push_str(&format!("    {} {}\n", d.device_id, d.code));
+        }
+        if self.refused_devices.len() > LISTED_REFUSALS {
+            text.push_str(&format!(
+                "    … {} more (--json lists every one)\n",
+                self.refused_devices.len() - LISTED_REFUSALS
+            ));
         }
         text
     }

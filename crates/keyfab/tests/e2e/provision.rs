@@ -584,3 +584,74 @@ fn a_key_released_at_the_site_is_a_key_delivered() {
     );
     assert_eq!(std::fs::read_to_string(&other).unwrap(), "my notes\n");
 }
+
+/// A lot with refusals says which devices were refused and why, and does not exit 0;
+/// once the refusal passes, the same lot resumes and ends 0.
+#[test]
+fn a_lot_names_its_refused_devices_and_exits_by_the_partial_rule() {
+    let w = world();
+    let id = imported(
+        &w,
+        "product = \"p\"\ndevices = 3\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
+         device_ids = { id_pattern = \"^L-[0-9]+$\" }\n\
+         [[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"site\"\n",
+        "partial",
+    );
+    let list = w.path("lot.txt");
+    let out = w.path("lot.jsonl");
+    let args = lot_args(&w.site, &id, &list, &out);
+    // A line that is no device id at all: the whole list is refused, nothing done.
+    std::fs::write(&list, "L-1\nL-2\nbad id\n").unwrap();
+    let before = snapshot(&w.site);
+    keyfab(&args.iter().map(String::as_str).collect::<Vec<_>>(), None).assert_error(
+        1,
+        "invalid_input",
+        "line 3",
+    );
+    assert_eq!(before, snapshot(&w.site));
+    assert!(!out.exists());
+    std::fs::write(&list, "L-1\nL-2\nX-9\nL-3\nL-4\n").unwrap();
+    let lot = keyfab(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
+    assert_eq!(lot.code, 3, "{}", lot.json);
+    assert_eq!(lot.json["provisioned"], 3, "{}", lot.json);
+    let refused: Vec<(&str, &str)> = lot.json["refused_devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["device_id"].as_str().unwrap(),
+                d["code"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        [("X-9", "device_id_rejected"), ("L-4", "quota_exceeded")],
+        "{}",
+        lot.json
+    );
+    assert!(lot.json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("2 of 5 devices not done"));
+    // Text output: the summary names each refused device, then the error.
+    let text = std::process::Command::new(env!("CARGO_BIN_EXE_keyfab"))
+        .args(&args)
+        .env("KEYFAB_PASSPHRASE", PASS)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(stdout.contains("L-4 quota_exceeded"), "{stdout}");
+    assert!(String::from_utf8_lossy(&text.stderr).contains("error[quota_exceeded]"));
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 3);
+    // Only the devices that got keys: the same lot of those is done, exit 0.
+    std::fs::write(&list, "L-1\nL-2\nL-3\n").unwrap();
+    let done = keyfab(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
+    assert_eq!(
+        (done.code, done.json["resumed"].as_u64()),
+        (0, Some(3)),
+        "{}",
+        done.json
+    );
+}

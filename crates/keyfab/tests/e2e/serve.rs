@@ -1309,3 +1309,93 @@ fn every_view_tells_where_an_entitlement_stands() {
         "a revocation is not an entitlement: {sites}"
     );
 }
+
+#[test]
+fn a_line_rerun_resumes_what_is_left_and_counts_what_is_done() {
+    let policy = STATION_POLICY.replace("[stations]", "[limits]\ndaily = 2\n[stations]");
+    let (w, id, line1) = setup_with(&policy);
+    let root_crt = w.root.join("root.crt");
+    let log = w.path("line.jsonl");
+    let run = |now: &str| {
+        let server = Server::start_at(&w.site, now);
+        let out = keyfab(
+            &[
+                "station",
+                "run",
+                "--url",
+                &server.url(),
+                "--station-dir",
+                &s(&line1),
+                "--root-cert",
+                &s(&root_crt),
+                "--entitlement",
+                &id,
+                "--devices",
+                "3",
+                "--concurrency",
+                "1",
+                "--device-prefix",
+                "DAY-",
+                "--device-log",
+                &s(&log),
+            ],
+            Some(now),
+        );
+        drop(server);
+        out
+    };
+    // Day one: two devices programmed, the third refused for the day. The summary
+    // still comes, with the error that says what is left and why.
+    let at =
+        |hours: i64| (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(hours)).to_string();
+    let day1 = run(&at(0));
+    assert_eq!(day1.code, 3, "{}", day1.json);
+    assert_eq!(
+        day1.json["error"]["code"], "daily_limit_exceeded",
+        "{}",
+        day1.json
+    );
+    assert_eq!(day1.json["programmed"], 2, "{}", day1.json);
+    assert_eq!(
+        day1.json["refused"]["daily_limit_exceeded"], 1,
+        "{}",
+        day1.json
+    );
+    // Day two, the same command: the third is decided again and programmed; the first
+    // two are done already, and are counted so (not refused, not programmed twice).
+    let day2 = run(&at(24));
+    assert_eq!(day2.code, 0, "{}", day2.json);
+    assert_eq!(
+        (
+            day2.json["programmed"].as_u64(),
+            day2.json["already_programmed"].as_u64()
+        ),
+        (Some(1), Some(2)),
+        "{}",
+        day2.json
+    );
+    // The device log: one line per device per run, each naming its request id, which
+    // is the same on both runs.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    let of = |device: &str| -> Vec<&serde_json::Value> {
+        lines.iter().filter(|l| l["device_id"] == device).collect()
+    };
+    let third = of("DAY-00000003");
+    assert_eq!(third[0]["result"], "refused");
+    assert_eq!(third[0]["code"], "daily_limit_exceeded");
+    assert_eq!(third[1]["result"], "programmed");
+    assert!(third[1]["audit_sequence"].is_u64(), "{third:?}");
+    assert!(third[1]["url"]
+        .as_str()
+        .is_some_and(|u| u.starts_with("https://")));
+    assert_eq!(third[0]["request_id"], third[1]["request_id"]);
+    let first = of("DAY-00000001");
+    assert_eq!(first[1]["result"], "already_programmed");
+    assert_eq!(first[0]["request_id"], first[1]["request_id"]);
+    hq_finds_no_violations(&w, "resume.kfa");
+}

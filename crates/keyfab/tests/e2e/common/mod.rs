@@ -542,8 +542,23 @@ impl Server {
         Self::attach(child, stderr)
     }
 
+    /// [`Server::start_with`], its clock at `now` (RFC 3339, `KEYFAB_NOW`).
+    pub(crate) fn start_at(home: &Path, now: &str) -> Server {
+        let (child, stderr) = Self::spawn_env(home, &[], &[("KEYFAB_NOW", now)]);
+        Self::attach(child, stderr)
+    }
+
     pub(crate) fn spawn(home: &Path, extra: &[&str]) -> (Child, std::process::ChildStderr) {
+        Self::spawn_env(home, extra, &[])
+    }
+
+    fn spawn_env(
+        home: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Child, std::process::ChildStderr) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_keyfab"))
+            .envs(env.iter().copied())
             .args(["--json", "site", "serve", "--home", &s(home)])
             .args(["--listen", "127.0.0.1:0", "--handshake-timeout", "1"])
             .args(["--header-timeout", "1"])
