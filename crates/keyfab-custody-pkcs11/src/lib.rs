@@ -513,7 +513,7 @@ fn connect(config: &TokenConfig) -> Result<SessionPool> {
         .map_err(|_| CustodyError::Token("the PIN is not UTF-8".into()))?;
     match session.login(UserType::User, Some(&AuthPin::from(pin))) {
         Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(P11Error::Pkcs11(RvError::PinIncorrect, _)) => return Err(CustodyError::Locked),
+        Err(P11Error::Pkcs11(RvError::PinIncorrect, _)) => return Err(CustodyError::PinRefused),
         Err(e) => return Err(token_err("log in", e)),
     }
     Ok(SessionPool {
@@ -579,9 +579,7 @@ fn find_token(pkcs11: &Pkcs11, token_label: &str) -> Result<Slot> {
             break;
         }
     }
-    Err(last_error.unwrap_or_else(|| {
-        CustodyError::Token(format!("no initialized token labelled '{token_label}'"))
-    }))
+    Err(last_error.unwrap_or_else(|| CustodyError::NoToken(token_label.to_owned())))
 }
 
 impl Custody for Pkcs11Custody {

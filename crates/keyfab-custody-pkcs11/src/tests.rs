@@ -133,14 +133,23 @@ fn signatures_verify_hpke_opens_and_data_keys_round_trip_across_reopen() {
     // A wrong PIN opens nothing (once no session of this process is logged in: the
     // token's login is per process).
     drop(custody);
+    let missing = TokenConfig {
+        token_label: "no-such-token".into(),
+        module: config.module.clone(),
+        pin: SecretBytes::new(config.pin.expose().to_vec()),
+        max_sessions: config.max_sessions,
+    };
     let bad = TokenConfig {
         pin: SecretBytes::new(b"wrong".to_vec()),
         ..config
     };
-    assert!(matches!(
-        Pkcs11Custody::open(&bad),
-        Err(CustodyError::Locked)
-    ));
+    let refused = Pkcs11Custody::open(&bad).err().unwrap();
+    assert!(matches!(refused, CustodyError::PinRefused), "{refused}");
+    assert!(refused.to_string().contains("refused the login"));
+    // A token that does not exist: named, with the command that makes one.
+    let refused = Pkcs11Custody::open(&missing).err().unwrap();
+    assert!(matches!(refused, CustodyError::NoToken(_)), "{refused}");
+    assert!(refused.to_string().contains("softhsm2-util --init-token"));
 }
 
 /// The token's ECDH, then DHKEM on the host, give RFC 9180 A.3.1's shared secret.

@@ -57,6 +57,12 @@ pub enum CustodyError {
     /// The PKCS#11 module or token failed, or is not configured as keyfab needs.
     #[error("token: {0}")]
     Token(String),
+    /// No initialized token has the label asked for.
+    #[error("no initialized PKCS#11 token labelled '{0}' in this module; create one first (SoftHSM2: `softhsm2-util --init-token --free --label {0} --so-pin SO-PIN --pin PIN`), or name the right label in token=")]
+    NoToken(String),
+    /// The token refused the user PIN.
+    #[error("the token refused the login: wrong PIN (the PIN comes from KEYFAB_PASSPHRASE or --passphrase-file)")]
+    PinRefused,
     /// A file that could not be read or written.
     #[error("keystore I/O: {0}")]
     Io(#[from] std::io::Error),

@@ -151,6 +151,10 @@ impl From<CustodyError> for Error {
         match e {
             CustodyError::Locked => Error::Locked,
             CustodyError::ShareRefused(why) => Error::Sealed(why),
+            // The operator names the token: a wrong name is their input to fix.
+            e @ CustodyError::NoToken(_) => Error::InvalidInput(e.to_string()),
+            // Locked, as a wrong passphrase is, but saying which secret was refused.
+            e @ CustodyError::PinRefused => Error::Sealed(e.to_string()),
             other => Error::Custody(other),
         }
     }

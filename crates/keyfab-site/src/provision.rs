@@ -487,8 +487,11 @@ impl Provisioner {
         refuse_confirmation_id(&req)?;
         let ctx = self.context(&req.entitlement)?;
         // A retry is recognised by the committer, which answers it from the record.
-        let outcome = self.submit(&ctx, req.clone(), None)?;
+        let outcome = self
+            .submit(&ctx, req.clone(), None)
+            .map_err(|e| explained(&ctx, e))?;
         self.provisioned(&ctx, &req, outcome)
+            .map_err(|e| explained(&ctx, e))
     }
 
     /// The answer to `req` once the committer decided it.
@@ -608,8 +611,12 @@ impl Provisioner {
     pub async fn provision_async(&self, req: ProvisionRequest) -> Result<Provisioned> {
         refuse_confirmation_id(&req)?;
         let ctx = self.context(&req.entitlement)?;
-        let outcome = self.submit_async(&ctx, req.clone(), None).await?;
+        let outcome = self
+            .submit_async(&ctx, req.clone(), None)
+            .await
+            .map_err(|e| explained(&ctx, e))?;
         self.provisioned(&ctx, &req, outcome)
+            .map_err(|e| explained(&ctx, e))
     }
 
     fn answer_replay(
@@ -827,6 +834,47 @@ fn crypto_worker(
                 reply.send(Err(e));
             }
         }
+    }
+}
+
+/// A refusal with what the operator does next, where the policy says: for
+/// `approval_required`, which action needs how many approvals of which keys, and the
+/// commands that gather them.
+fn explained(ctx: &EntitlementContext, e: Error) -> Error {
+    use keyfab_node::Code;
+    match e {
+        Error::Denied {
+            code: Code::ApprovalRequired,
+            message,
+        } => {
+            let policy = &ctx.policy.policy;
+            let Some(approval) = &policy.approval else {
+                return Error::Denied {
+                    code: Code::ApprovalRequired,
+                    message,
+                };
+            };
+            let keys: Vec<String> = approval
+                .approver_keys
+                .iter()
+                .map(|pem| {
+                    keyfab_crypto::sign::VerifyingKey::from_pem(pem).map_or_else(
+                        |_| "(unreadable key)".to_owned(),
+                        |k| k.fingerprint().to_hex()[..16].to_owned(),
+                    )
+                })
+                .collect();
+            let id = &ctx.record.id;
+            Error::Denied {
+                code: Code::ApprovalRequired,
+                message: format!(
+                    "{message}: entitlement {id} needs {} approvals of `activate` from distinct keys among {} (fingerprints); at the site: `keyfab site approval request --home HOME --entitlement {id} --action activate --out activate.req`, each approver: `keyfab approver sign --key KEY activate.req --out NAME.approval`, then `keyfab site approval submit --home HOME NAME.approval …`",
+                    approval.threshold,
+                    keys.join(", ")
+                ),
+            }
+        }
+        e => e,
     }
 }
 

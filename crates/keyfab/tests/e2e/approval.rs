@@ -26,6 +26,10 @@ fn a_quorum_of_distinct_listed_keys_activates() {
         (o.code, o.json["error"]["code"].as_str()),
         (3, Some("approval_required"))
     );
+    // The refusal says what to do: how many approvals of which keys, and the commands.
+    let says = o.json["error"]["message"].as_str().unwrap();
+    assert!(says.contains("needs 2 approvals of `activate`"), "{says}");
+    assert!(says.contains("keyfab site approval request"), "{says}");
 
     let req = w.path("activate.req");
     ok(&[
