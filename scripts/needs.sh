@@ -14,6 +14,8 @@ keyfab_needs() {
       ;;
     tests)
       command -v openssl >/dev/null || need_apt+=(openssl)
+      # README.md's journey, run as written by the suite, reads an id with jq.
+      command -v jq >/dev/null || need_apt+=(jq)
       # The etcd backend is tested against a real etcd.
       command -v etcd >/dev/null || need_apt+=(etcd-server etcd-client)
       # HSM custody is tested against a real PKCS#11 token: SoftHSM2.

@@ -454,8 +454,9 @@ pub(crate) struct ServeArgs {
     /// Address and port to listen on (port 0: any free port, printed at start).
     #[arg(long, default_value = "127.0.0.1:8443")]
     pub listen: std::net::SocketAddr,
-    /// Host name or IP address stations use in their URL; repeat for several. Default:
-    /// localhost and the listen address.
+    /// Host name or IP address stations use in their URL (it must resolve to this
+    /// machine on theirs); repeat for several. The site's certificate holds these,
+    /// `localhost` and the listen address (unless it is 0.0.0.0 or ::).
     #[arg(long = "hostname", value_name = "NAME")]
     pub hostnames: Vec<String>,
     /// Connections open at once; more are closed at accept.

@@ -276,10 +276,18 @@ pub(crate) fn serve(
     // A site that stopped itself, or whose audit chain no longer verifies, does not
     // start serving (the latter latches it).
     keyfab_site::latch::check_on_start(&node)?;
+    // The names stations use, and always `localhost` and the listen address (unless it
+    // is every address): a name given for the factory network does not lock out a
+    // station on the site's own machine.
     let mut names = a.hostnames.clone();
-    if names.is_empty() {
-        names.push("localhost".into());
-        names.push(listen.ip().to_string());
+    let mut local = vec!["localhost".to_owned()];
+    if !listen.ip().is_unspecified() {
+        local.push(listen.ip().to_string());
+    }
+    for name in local {
+        if !names.contains(&name) {
+            names.push(name);
+        }
     }
     let mut config = keyfab_site::server::ServeConfig::new(listen, names.clone());
     config.max_connections = a.max_connections.max(1);

@@ -22,6 +22,7 @@ mod help;
 mod mutants;
 mod policy_code;
 mod provision;
+mod readme;
 mod return_path;
 mod revocation;
 mod rollback;
