@@ -11,28 +11,57 @@ use std::path::PathBuf;
              policy; a factory site provisions them within that policy; HQ gets proof.",
     after_help = "Secrets that unlock state come from KEYFAB_PASSPHRASE or --passphrase-file, never \
                   from an argument.\nExit codes: 0 ok, 1 error, 2 usage, 3 refused by policy, \
-                  4 verification failed.\n\nStart with:  keyfab demo"
+                  4 verification failed.\n\nEnvironment:\n  \
+                  KEYFAB_HOME           the home, for commands that take --home\n  \
+                  KEYFAB_PASSPHRASE     the secret that unlocks a home (or a PKCS#11 token's PIN)\n  \
+                  KEYFAB_UNSEAL_SHARES  unseal shares of a home sealed by shares, one per line\n  \
+                  KEYFAB_NOW            an RFC 3339 time that replaces the clock (drills, tests)\n\n\
+                  Start with:  keyfab demo"
 )]
 pub(crate) struct Cli {
     /// Print exactly one JSON document on stdout (errors too: {"error":{"code","message"}}).
     #[arg(long, global = true)]
     pub json: bool,
-    /// Read the passphrase from this file instead of KEYFAB_PASSPHRASE.
-    #[arg(long, global = true, value_name = "FILE")]
-    pub passphrase_file: Option<PathBuf>,
-    /// For a home sealed by shares: a file holding one unseal share (repeat the flag for
-    /// each share; KEYFAB_UNSEAL_SHARES may also list shares, one per line).
-    #[arg(long, global = true, value_name = "FILE")]
-    pub unseal_share_file: Vec<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// A node's home, and what unlocks it: every command that opens one takes these (and
+/// only those do).
 #[derive(Args, Debug, Clone)]
 pub(crate) struct Home {
     /// The node's state directory.
     #[arg(long, env = "KEYFAB_HOME", value_name = "DIR")]
     pub home: PathBuf,
+    /// Read the passphrase (or a PKCS#11 token's PIN) from this file instead of
+    /// KEYFAB_PASSPHRASE.
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// For a home sealed by shares: a file holding one unseal share (repeat the flag for
+    /// each share; KEYFAB_UNSEAL_SHARES may also list shares, one per line).
+    #[arg(long, value_name = "FILE")]
+    pub unseal_share_file: Vec<PathBuf>,
+}
+
+/// The unlocking flags of the command line's own command (its `Home`), read from the
+/// parsed arguments wherever that command sits.
+pub(crate) fn home_secrets(matches: &clap::ArgMatches) -> (Option<PathBuf>, Vec<PathBuf>) {
+    let mut leaf = matches;
+    while let Some((_, sub)) = leaf.subcommand() {
+        leaf = sub;
+    }
+    let file = leaf
+        .try_get_one::<PathBuf>("passphrase_file")
+        .ok()
+        .flatten()
+        .cloned();
+    let shares = leaf
+        .try_get_many::<PathBuf>("unseal_share_file")
+        .ok()
+        .flatten()
+        .map(|v| v.cloned().collect())
+        .unwrap_or_default();
+    (file, shares)
 }
 
 #[derive(Args, Debug)]
@@ -82,6 +111,8 @@ impl InitArgs {
         Self {
             home: Home {
                 home: home.to_owned(),
+                passphrase_file: None,
+                unseal_share_file: Vec::new(),
             },
             name: name.to_owned(),
             unseal_shares: None,
@@ -296,6 +327,8 @@ pub(crate) enum HqAuditCommand {
     Import {
         #[command(flatten)]
         home: Home,
+        /// The site's audit export (.kfa), as it came from the site.
+        #[arg(value_name = "FILE.kfa")]
         file: PathBuf,
         /// Write HQ's signed acknowledgment for the site (import it there with
         /// `keyfab site receipt import`).
@@ -518,6 +551,7 @@ pub(crate) enum SiteStationCommand {
     Revoke {
         #[command(flatten)]
         home: Home,
+        /// The station to revoke (see `keyfab site station list`).
         #[arg(long)]
         name: String,
     },
@@ -661,6 +695,7 @@ pub(crate) enum SiteAuditCommand {
     Export {
         #[command(flatten)]
         home: Home,
+        /// Where to write the export (a new file, 0600), for HQ.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
         /// Write the last exported range again (if the file was lost).
@@ -673,6 +708,7 @@ pub(crate) enum SiteAuditCommand {
     Checkpoint {
         #[command(flatten)]
         home: Home,
+        /// Where to write the signed checkpoint (a new file).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
@@ -688,6 +724,8 @@ pub(crate) enum SiteReceiptCommand {
     Import {
         #[command(flatten)]
         home: Home,
+        /// HQ's receipt (.kfk), from `keyfab hq audit import --receipt-out`.
+        #[arg(value_name = "FILE.kfk")]
         file: PathBuf,
     },
 }
@@ -722,7 +760,8 @@ pub(crate) enum SiteApprovalCommand {
     Submit {
         #[command(flatten)]
         home: Home,
-        #[arg(required = true)]
+        /// The approvers' signed files (`keyfab approver sign`), one or more.
+        #[arg(required = true, value_name = "FILE.approval")]
         approvals: Vec<PathBuf>,
     },
 }

@@ -17,14 +17,17 @@ mod logsink;
 mod output;
 mod run;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let cli = match cli::Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = cli::Cli::command()
+        .try_get_matches()
+        .and_then(|m| cli::Cli::from_arg_matches(&m).map(|cli| (cli, cli::home_secrets(&m))));
+    let (cli, secrets) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             // Help and version go to stdout as clap prints them; a usage error with
             // --json is still one JSON document (README.md, "Exit codes and error codes"), exit 2.
@@ -40,7 +43,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     let json = cli.json;
-    match run::dispatch(cli) {
+    match run::dispatch(cli, secrets) {
         Ok(report) => {
             output::print_report(&report, json);
             std::process::ExitCode::SUCCESS

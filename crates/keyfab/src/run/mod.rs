@@ -26,10 +26,15 @@ use crate::output::{Failure, Report};
 use keyfab_node::NodeKind;
 use serde_json::json;
 
-pub(crate) fn dispatch(cli: Cli) -> Result<Report, Failure> {
+/// Runs `cli`'s command; `secrets` are its home's unlocking flags (passphrase file,
+/// unseal share files), when it has a home.
+pub(crate) fn dispatch(
+    cli: Cli,
+    (passphrase_file, unseal_share_files): (Option<std::path::PathBuf>, Vec<std::path::PathBuf>),
+) -> Result<Report, Failure> {
     let ctx = Context {
-        passphrase_file: cli.passphrase_file,
-        unseal_share_files: cli.unseal_share_file,
+        passphrase_file,
+        unseal_share_files,
         json: cli.json,
     };
     let mut report = match cli.command {

@@ -73,6 +73,23 @@ fn check(name: &str, actual: &str) -> Option<String> {
     ))
 }
 
+/// Arguments of a help text that say nothing about themselves: an option or a
+/// positional whose line ends after its name (clap's short form puts the help there).
+fn undocumented(name: &str, help: &str) -> Vec<String> {
+    help.lines()
+        .filter(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let starts = words
+                .first()
+                .is_some_and(|w| w.starts_with("--") || w.starts_with('<') || w.starts_with("-"));
+            // `--flag`, `--flag <V>`, `-x, --flag <V>`, `<FILE>`: nothing after them, but
+            // the line is padded as if help followed.
+            starts && words.len() <= 3 && line.ends_with(' ')
+        })
+        .map(|line| format!("{name}: no help for `{}`", line.trim()))
+        .collect()
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "bench"),
@@ -88,7 +105,9 @@ fn every_help_matches_its_snapshot() {
             .join("-");
         let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
         args.push("--help");
-        differ.extend(check(&name, &run(&args)));
+        let help = run(&args);
+        differ.extend(undocumented(&name, &help));
+        differ.extend(check(&name, &help));
         seen.push(format!("{name}.txt"));
         for sub in subcommands(&path) {
             let mut next = path.clone();

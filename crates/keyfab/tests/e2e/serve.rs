@@ -780,8 +780,8 @@ fn a_site_sealed_by_shares_serves_only_once_the_threshold_is_met() {
         },
     );
     let unlocked = |args: &[&str]| {
-        let mut all: Vec<&str> = unlock.iter().map(String::as_str).collect();
-        all.extend(args);
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(unlock.iter().map(String::as_str));
         ok(&all)
     };
     let (f1, f2, f3) = (&share_files[0], &share_files[1], &share_files[2]);
@@ -799,11 +799,8 @@ fn a_site_sealed_by_shares_serves_only_once_the_threshold_is_met() {
     ];
     // One share is not enough, and a share of no keystore of this site is refused.
     for given in [vec![f2.as_str()], vec![stranger.as_str(), f2.as_str()]] {
-        let mut args: Vec<&str> = given
-            .iter()
-            .flat_map(|f| ["--unseal-share-file", f])
-            .collect();
-        args.extend(export);
+        let mut args: Vec<&str> = export.to_vec();
+        args.extend(given.iter().flat_map(|f| ["--unseal-share-file", f]));
         let refused = keyfab(&args, None);
         assert_eq!(
             (refused.code, refused.json["error"]["code"].as_str()),

@@ -153,8 +153,7 @@ pub(crate) fn node_with(
         &crt,
     ]);
     let root_crt = s(&root.join("root.crt"));
-    let mut install: Vec<&str> = unlock.iter().map(String::as_str).collect();
-    install.extend([
+    let mut install: Vec<&str> = vec![
         kind,
         "install-cert",
         "--home",
@@ -163,7 +162,8 @@ pub(crate) fn node_with(
         &crt,
         "--root-cert",
         &root_crt,
-    ]);
+    ];
+    install.extend(unlock.iter().map(String::as_str));
     ok(&install);
     (home, unlock)
 }
