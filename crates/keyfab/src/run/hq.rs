@@ -528,6 +528,9 @@ pub(crate) fn hq_manifest(
     format: ManifestFormat,
     out: &Path,
 ) -> Result<Report, Failure> {
+    // A file of the same name is not overwritten: a manifest already handed to a cloud
+    // stays what it was; the new one is written whole (temporary file, fsync, rename).
+    keyfab_node::out_file::check_new(out, "no manifest was written")?;
     let node = ctx.open(home, NodeKind::Hq)?;
     let (issued, rows) = keyfab_hq::report::manifest(&node, entitlement)?;
     let body = match format {
@@ -546,7 +549,7 @@ pub(crate) fn hq_manifest(
             .map(|r| format!("{}\n", json!({"ThingName": r.device_id, "SerialNumber": r.cert_serial, "CertificatePem": r.certificate_pem})))
             .collect(),
     };
-    std::fs::write(out, body).map_err(|e| io_fail(out, e))?;
+    keyfab_node::out_file::write_new(out, body.as_bytes()).map_err(|e| io_fail(out, e))?;
     Report::of(&ManifestWritten {
         entitlement: entitlement.to_owned(),
         site: issued.site,

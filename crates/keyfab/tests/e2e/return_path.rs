@@ -175,6 +175,25 @@ fn report_and_manifest_match_the_provisioning() {
             .contains("BEGIN PUBLIC KEY"));
     }
     let csv = manifest(&w, &id, "csv", "m.csv");
+    // A manifest already written is not overwritten.
+    let before = std::fs::read(&csv).unwrap();
+    keyfab(
+        &[
+            "hq",
+            "manifest",
+            "--home",
+            &s(&w.hq),
+            "--entitlement",
+            &id,
+            "--format",
+            "json",
+            "--out",
+            &s(&csv),
+        ],
+        None,
+    )
+    .assert_error(1, "invalid_input", "no manifest was written");
+    assert_eq!(std::fs::read(&csv).unwrap(), before);
     assert!(std::fs::read_to_string(&csv)
         .unwrap()
         .starts_with("device_id,entitlement,key,"));
