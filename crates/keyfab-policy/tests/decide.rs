@@ -33,6 +33,18 @@ fn policy(devices: u64, daily: Option<u64>, from: i64, until: i64, tz: &str) -> 
     .unwrap()
 }
 
+/// `p`, with an audit due every day and a quorum of one for `activate`.
+fn gated(p: CompiledPolicy) -> CompiledPolicy {
+    let mut raw = p.policy;
+    raw.audit_every_days = Some(1);
+    raw.approval = Some(Approval {
+        threshold: 1,
+        approver_keys: vec!["k".into()],
+        required_for: vec![Action::Activate],
+    });
+    CompiledPolicy::new(raw).unwrap()
+}
+
 const REQ: Request<'static> = Request {
     device_id: "D-1",
     station: Some("line-1"),
@@ -124,14 +136,7 @@ fn shanghai_day_starts_at_16_utc() {
 
 #[test]
 fn rule_order_gives_the_first_failing_code() {
-    let mut raw = policy(5, Some(1), 100, 200, "UTC").policy;
-    raw.audit_every_days = Some(1);
-    raw.approval = Some(Approval {
-        threshold: 1,
-        approver_keys: vec!["k".into()],
-        required_for: vec![Action::Activate],
-    });
-    let p = CompiledPolicy::new(raw).unwrap();
+    let p = gated(policy(5, Some(1), 100, 200, "UTC"));
     let fresh = EntitlementState {
         activated: true,
         last_acknowledged: 150,
@@ -298,14 +303,7 @@ proptest! {
         today in 0u64..4,
         now in 0i64..400_000,
     ) {
-        let mut raw = policy(5, Some(2), 100_000, 300_000, "UTC").policy;
-        raw.audit_every_days = Some(1);
-        raw.approval = Some(Approval {
-            threshold: 1,
-            approver_keys: vec!["k".into()],
-            required_for: vec![Action::Activate],
-        });
-        let p = CompiledPolicy::new(raw).unwrap();
+        let p = gated(policy(5, Some(2), 100_000, 300_000, "UTC"));
         let state = EntitlementState { revoked, activated, last_acknowledged: acknowledged, total, today };
         let status = p.status(&state, now);
         let expected = match p.decide(&state, &REQ, now) {

@@ -7,15 +7,18 @@
     reason = "test code: a failed step stops the test, with what broke"
 )]
 
+mod common;
+
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use common::request;
 use keyfab_crypto::rng::SystemRng;
 use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::sign::SigningKey;
 use keyfab_crypto::time::{SystemClock, UnixTime};
 use keyfab_crypto::x509::{self, Role, Validity};
 use keyfab_node::{Node, NodeKind};
-use keyfab_site::server::api::{app, AppState, PeerCertificate};
+use keyfab_site::server::api::{app, AppState};
 use keyfab_site::server::metrics::Metrics;
 use std::sync::Arc;
 use tower::ServiceExt;
@@ -69,20 +72,6 @@ fn state(node: Node) -> AppState {
         limits: Arc::default(),
         request_timeout: std::time::Duration::from_secs(30),
     }
-}
-
-fn request(method: &str, path: &str, cert: Option<&[u8]>, body: &str) -> Request<Body> {
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_owned()))
-        .unwrap();
-    if let Some(c) = cert {
-        req.extensions_mut()
-            .insert(PeerCertificate::new(c.to_vec()));
-    }
-    req
 }
 
 async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, serde_json::Value) {

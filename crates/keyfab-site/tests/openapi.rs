@@ -13,9 +13,9 @@
     reason = "test code: a failed step stops the test, with what broke"
 )]
 
-use axum::body::Body;
-use axum::http::Request;
-use keyfab_site::server::api::{app, AppState, PeerCertificate, OPENAPI};
+mod common;
+
+use keyfab_site::server::api::{app, AppState, OPENAPI};
 use keyfab_site::server::metrics::Metrics;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -150,16 +150,7 @@ impl Api {
         cert: Option<&[u8]>,
         body: &str,
     ) -> (u16, Value) {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_owned()))
-            .unwrap();
-        if let Some(c) = cert {
-            req.extensions_mut()
-                .insert(PeerCertificate::new(c.to_vec()));
-        }
+        let req = common::request(method, path, cert, body);
         let resp = app(self.state.clone()).oneshot(req).await.unwrap();
         let status = resp.status().as_u16();
         let media = resp

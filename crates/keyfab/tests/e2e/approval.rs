@@ -32,19 +32,7 @@ fn a_quorum_of_distinct_listed_keys_activates() {
     assert!(says.contains("keyfab site approval request"), "{says}");
 
     let req = w.path("activate.req");
-    ok(&[
-        "site",
-        "approval",
-        "request",
-        "--home",
-        &s(&w.site),
-        "--entitlement",
-        &id,
-        "--action",
-        "activate",
-        "--out",
-        &s(&req),
-    ]);
+    approval_request(&w, &id, "activate", &req);
     let sign = |who: &str, req: &std::path::Path| {
         let out = w.path(&format!(
             "{who}-{}.approval",

@@ -1235,19 +1235,7 @@ fn every_view_tells_where_an_entitlement_stands() {
 
     // A quorum of one activates it: every view says active.
     let req = w.path("activate.req");
-    ok(&[
-        "site",
-        "approval",
-        "request",
-        "--home",
-        &s(&w.site),
-        "--entitlement",
-        &id,
-        "--action",
-        "activate",
-        "--out",
-        &s(&req),
-    ]);
+    approval_request(&w, &id, "activate", &req);
     let approval = w.path("alice.approval");
     ok(&[
         "approver",

@@ -667,6 +667,23 @@ pub(crate) fn revoke(w: &World, id: &str, reason: Option<&str>, out: &Path) -> s
     ok(&args)
 }
 
+/// `site approval request` at `w`'s site for `action` on entitlement `id`, into `out`.
+pub(crate) fn approval_request(w: &World, id: &str, action: &str, out: &Path) -> serde_json::Value {
+    ok(&[
+        "site",
+        "approval",
+        "request",
+        "--home",
+        &s(&w.site),
+        "--entitlement",
+        id,
+        "--action",
+        action,
+        "--out",
+        &s(out),
+    ])
+}
+
 pub(crate) fn enroll(home: &Path, name: &str, dir: &Path) -> serde_json::Value {
     ok(&[
         "site",
