@@ -72,6 +72,8 @@ pub struct Report {
 /// The report as of `now`.
 pub fn report(node: &Node, now: UnixTime) -> Result<Report> {
     let mut entitlements = Vec::new();
+    // Each site's last acknowledgment, read once per site.
+    let mut acknowledged_at: std::collections::BTreeMap<String, i64> = Default::default();
     for issued in list_issued(node)? {
         let replica: Replica = node
             .store
@@ -86,7 +88,14 @@ pub fn report(node: &Node, now: UnixTime) -> Result<Report> {
             .copied()
             .unwrap_or(0);
         let revoked = replica.revoked || issued.revoked_at.is_some();
-        let acknowledged = site_log(node, &issued.site)?.acknowledged_at;
+        let acknowledged = match acknowledged_at.get(&issued.site) {
+            Some(at) => *at,
+            None => {
+                let at = site_log(node, &issued.site)?.acknowledged_at;
+                acknowledged_at.insert(issued.site.clone(), at);
+                at
+            }
+        };
         let state = policy.status(
             &EntitlementState {
                 revoked,

@@ -137,8 +137,7 @@ pub struct Standing {
 pub fn standing(node: &Node, record: &EntitlementRecord) -> Result<Standing> {
     let now = node.now().0;
     let policy = CompiledPolicy::new(record.policy.clone())?;
-    let c = crate::provision::counters(node, &record.id)?;
-    let reservations = crate::provision::reservations(node, &record.id)?;
+    let (c, reserved_by_nodes) = crate::provision::counters_and_held(node, &record.id)?;
     let day = policy.day_of(now);
     let today = c.days.get(&day).copied().unwrap_or(0);
     let last_acknowledged = crate::checkpoints::acknowledged(node)?
@@ -179,7 +178,7 @@ pub fn standing(node: &Node, record: &EntitlementRecord) -> Result<Standing> {
         state: policy.status(&state, now),
         provisioned: c.total,
         left: record.policy.devices.saturating_sub(c.total),
-        reserved_by_nodes: reservations.iter().map(|r| r.unused()).sum(),
+        reserved_by_nodes,
         today,
         left_today: record.policy.daily_limit.map(|d| d.saturating_sub(today)),
         day,

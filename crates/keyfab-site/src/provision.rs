@@ -901,13 +901,18 @@ pub fn reservations(node: &Node, entitlement: &str) -> Result<Vec<Reservation>> 
 /// the stored counters also count what nodes hold reserved and have not used yet; that
 /// is left out here.
 pub fn counters(node: &Node, entitlement: &str) -> Result<Counters> {
+    Ok(counters_and_held(node, entitlement)?.0)
+}
+
+/// [`counters`], and the devices cluster nodes hold reserved and have not used yet (0
+/// on a single node), both from one read.
+pub fn counters_and_held(node: &Node, entitlement: &str) -> Result<(Counters, u64)> {
     if !node.store.is_shared() {
-        return Ok(
-            match node.store.get(Table::Counters, entitlement.as_bytes())? {
-                Some(v) => decode(&v.value)?,
-                None => Counters::default(),
-            },
-        );
+        let counters = match node.store.get(Table::Counters, entitlement.as_bytes())? {
+            Some(v) => decode(&v.value)?,
+            None => Counters::default(),
+        };
+        return Ok((counters, 0));
     }
     // The ledger and every reservation in one read (one snapshot): a block given back
     // between two reads would be counted as allowed.
@@ -927,7 +932,7 @@ pub fn counters(node: &Node, entitlement: &str) -> Result<Counters> {
     for r in &held {
         reservations::give_back(&mut ledger, r);
     }
-    Ok(ledger)
+    Ok((ledger, held.iter().map(Reservation::unused).sum()))
 }
 
 #[cfg(test)]

@@ -19,7 +19,6 @@ use keyfab_crypto::time::{SystemClock, UnixTime};
 use keyfab_crypto::x509::{self, Role, Validity};
 use keyfab_node::{Node, NodeKind};
 use keyfab_site::server::api::{app, AppState};
-use keyfab_site::server::metrics::Metrics;
 use std::sync::Arc;
 use tower::ServiceExt;
 
@@ -63,15 +62,7 @@ fn site(dir: &std::path::Path) -> (Node, Vec<u8>) {
 }
 
 fn state(node: Node) -> AppState {
-    let node = Arc::new(node);
-    AppState {
-        provisioner: Arc::new(keyfab_site::provision::Provisioner::start(node.clone())),
-        node,
-        metrics: Arc::new(Metrics::default()),
-        revocations: Arc::default(),
-        limits: Arc::default(),
-        request_timeout: std::time::Duration::from_secs(30),
-    }
+    common::state(Arc::new(node))
 }
 
 async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, serde_json::Value) {

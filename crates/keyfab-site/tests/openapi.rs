@@ -16,7 +16,6 @@
 mod common;
 
 use keyfab_site::server::api::{app, AppState, OPENAPI};
-use keyfab_site::server::metrics::Metrics;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tower::ServiceExt;
@@ -210,16 +209,8 @@ async fn every_answer_matches_the_openapi_document() {
         &keyfab_testkit::policy(10, "[limits]\ndaily = 2\n", "site"),
         &[],
     );
-    let node = kit.site.clone();
     let api = Api {
-        state: AppState {
-            provisioner: Arc::new(keyfab_site::provision::Provisioner::start(node.clone())),
-            node,
-            metrics: Arc::new(Metrics::default()),
-            revocations: Arc::default(),
-            limits: Arc::default(),
-            request_timeout: std::time::Duration::from_secs(30),
-        },
+        state: common::state(kit.site.clone()),
         doc: serde_json::from_str(OPENAPI).unwrap(),
         station,
         seen: Default::default(),

@@ -6,7 +6,22 @@
 
 use axum::body::Body;
 use axum::http::Request;
-use keyfab_site::server::api::PeerCertificate;
+use keyfab_node::Node;
+use keyfab_site::server::api::{AppState, PeerCertificate};
+use keyfab_site::server::metrics::Metrics;
+use std::sync::Arc;
+
+/// The routes' state over `node`, as `site serve` builds it (default bounds).
+pub(crate) fn state(node: Arc<Node>) -> AppState {
+    AppState {
+        provisioner: Arc::new(keyfab_site::provision::Provisioner::start(node.clone())),
+        node,
+        metrics: Arc::new(Metrics::default()),
+        revocations: Arc::default(),
+        limits: Arc::default(),
+        request_timeout: std::time::Duration::from_secs(30),
+    }
+}
 
 /// A request as the server hands it to the routes: with the peer's certificate (DER)
 /// on it when the TLS handshake had one.

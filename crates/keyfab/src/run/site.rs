@@ -4,7 +4,6 @@ use crate::context::{rfc3339, Context};
 use crate::output::{io_fail, read_input, Failure, Outcome, Progress, Report};
 use keyfab_node::Code;
 use keyfab_node::NodeKind;
-use serde_json::json;
 use std::path::Path;
 
 pub(crate) fn entitlement_import(
@@ -112,11 +111,15 @@ pub(crate) fn entitlement_list(ctx: &Context, home: &Path) -> Result<Report, Fai
                 pool_keys_left: standing.pool_keys_left.get(&k.name).copied().unwrap_or(0),
             })
             .collect();
+        let code = e.policy.code.as_ref().map(|c| CodeRow {
+            name: c.name.clone(),
+            bytes: c.module.len(),
+            sha256: c.sha256.clone(),
+        });
         let mut policy = serde_json::to_value(&e.policy).unwrap_or_default();
-        if let Some(code) = &e.policy.code {
+        if let Some(code) = &code {
             // The module by name, size and hash; its bytes are in the entitlement.
-            policy["code"] =
-                json!({"name": code.name, "sha256": code.sha256, "bytes": code.module.len()});
+            policy["code"] = serde_json::to_value(code).unwrap_or_default();
         }
         entitlements.push(EntitlementRow {
             pool_keys: e.pool.iter().map(|s| s.count).sum(),
@@ -134,11 +137,7 @@ pub(crate) fn entitlement_list(ctx: &Context, home: &Path) -> Result<Report, Fai
             today: standing.today,
             left_today: standing.left_today,
             audit_due_at: standing.audit_due_at.map(rfc3339),
-            code: e.policy.code.as_ref().map(|c| CodeRow {
-                name: c.name.clone(),
-                bytes: c.module.len(),
-                sha256: c.sha256.clone(),
-            }),
+            code,
             keys,
             policy,
             imported_at: rfc3339(e.imported_at),
@@ -194,10 +193,11 @@ struct KeyRow {
     pool_keys_left: u64,
 }
 
+#[derive(serde::Serialize)]
 struct CodeRow {
     name: String,
-    bytes: usize,
     sha256: String,
+    bytes: usize,
 }
 
 impl Outcome for EntitlementList {
