@@ -619,10 +619,12 @@ pub(crate) fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Fai
             }
         },
     );
-    if let Some(log) = log {
-        log.close()?;
-    }
     let summary = LineSummary::of(&report, client.retries());
+    // The line ran whatever the device log did: a log that failed is an error that
+    // still carries what the line did.
+    if let Some(Err(failed)) = log.map(DeviceLog::close) {
+        return Err(failed.with_summary(Report::of(&summary)?));
+    }
     let not_done: std::collections::BTreeMap<String, u64> = summary
         .refused
         .iter()
