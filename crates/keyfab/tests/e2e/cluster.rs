@@ -1005,3 +1005,59 @@ fn quota_held_by_a_node_that_only_refuses_goes_to_one_that_needs_it() {
     hq_finds_no_violations(&w, "wanted.kfa");
     drop(etcd);
 }
+
+/// A station whose site has lost its etcd quorum is told `unavailable` (not
+/// `unreachable`: the site answered), with what each URL said, after the retries it was
+/// given; the same request id gets the keys once the quorum is back.
+#[test]
+fn a_station_is_told_unavailable_per_url_while_the_quorum_is_lost() {
+    let (mut etcd, w) = etcd_site();
+    let id = imported(&w, SITE_KEYS, "quorum-station");
+    let line = enroll_stations(&w, 1).remove(0);
+    let server = Server::start(&w.site);
+    // A second URL where nothing listens: its error is named too.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = format!("https://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let urls = format!("{},{nowhere}", server.url());
+    let provision = |attempts: &str| {
+        keyfab(
+            &[
+                "station",
+                "provision",
+                "--url",
+                &urls,
+                "--station-dir",
+                &s(&line),
+                "--attempts",
+                attempts,
+                "--entitlement",
+                &id,
+                "--device-id",
+                "UQ-1",
+                "--request-id",
+                "uq-1",
+            ],
+            None,
+        )
+    };
+    etcd.kill(0).unwrap();
+    etcd.kill(1).unwrap();
+    let lost = provision("4");
+    assert_eq!(lost.code, 1, "{}", lost.json);
+    assert_eq!(lost.json["error"]["code"], "unavailable", "{}", lost.json);
+    let says = lost.json["error"]["message"].as_str().unwrap();
+    assert!(says.contains("after 4 attempts"), "{says}");
+    assert!(
+        says.contains(&format!("{}: unavailable", server.url())),
+        "{says}"
+    );
+    assert!(says.contains(&format!("{nowhere}: ")), "{says}");
+    etcd.restart(0).unwrap();
+    etcd.restart(1).unwrap();
+    let back = provision("60");
+    assert_eq!(back.code, 0, "{}", back.json);
+    assert_eq!(back.json["request_id"], "uq-1");
+    drop(server);
+    drop(etcd);
+}
