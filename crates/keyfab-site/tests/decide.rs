@@ -591,3 +591,73 @@ fn a_retry_decides_again_what_passes_and_replays_what_cannot_change() {
     let imported = keyfab_hq::audit::import(&w.kit.hq, &kfa, None).unwrap();
     assert!(imported.violations.is_empty(), "{:?}", imported.violations);
 }
+
+/// The other refusals that pass with state or time, retried with the same request id:
+/// `approval_required` passes once the quorum approved, `audit_overdue` once HQ's receipt
+/// is imported — each then gets keys, once —; `expired` is decided again (and refused
+/// again: a window does not come back), recorded a second time rather than replayed.
+/// HQ's replay of the log agrees with every one of these decisions.
+#[test]
+fn approval_receipt_and_window_refusals_are_decided_again_on_a_retry() {
+    let w = world();
+    let approver = SigningKey::generate(&SystemRng).unwrap();
+    let gated = w.entitlement(
+        "gated-retry",
+        &policy(
+            3,
+            "[approval]\nthreshold = 1\napprovers = [\"a.pub\"]\nrequired_for = [\"activate\"]\n",
+        ),
+        &[("a.pub", approver.verifying_key().to_pem().as_bytes())],
+    );
+    assert_eq!(
+        code_of(w.provision(&gated, "G-1", "r-g1")),
+        "approval_required"
+    );
+    let request =
+        keyfab_site::approvals::request(w.site(), &gated, keyfab_policy::Action::Activate, 3600)
+            .unwrap();
+    let approval = keyfab_formats::approval::sign_approval(&approver, &request).unwrap();
+    keyfab_site::approvals::submit(w.site(), &[approval]).unwrap();
+    let released = w.provision(&gated, "G-1", "r-g1").unwrap();
+    assert!(!released.replayed, "decided again once approved");
+    assert!(w.provision(&gated, "G-1", "r-g1").unwrap().replayed);
+
+    let audited = w.entitlement("audited-retry", &policy(3, "audit_every_days = 1\n"), &[]);
+    let ending = w.entitlement(
+        "ending-retry",
+        &policy(3, "").replace("2027-01-01T00:00:00Z", "2026-06-02T00:00:00Z"),
+        &[],
+    );
+    w.set_clock(T0 + 2 * DAY);
+    assert_eq!(
+        code_of(w.provision(&audited, "A-1", "r-a1")),
+        "audit_overdue"
+    );
+    assert_eq!(code_of(w.provision(&ending, "E-1", "r-e1")), "expired");
+    let records = w.events().len();
+    assert_eq!(code_of(w.provision(&ending, "E-1", "r-e1")), "expired");
+    assert_eq!(
+        w.events().len(),
+        records + 1,
+        "decided again, recorded again"
+    );
+
+    // HQ acknowledges the audit: the same request id gets keys now.
+    let kfa = w.kit.dir.path().join("overdue.kfa");
+    keyfab_site::export::export(w.site(), &kfa, false, None).unwrap();
+    let imported = keyfab_hq::audit::import(&w.kit.hq, &kfa, None).unwrap();
+    assert!(imported.violations.is_empty(), "{:?}", imported.violations);
+    let head = imported.head.unwrap();
+    let receipt =
+        keyfab_hq::receipts::acknowledge(&w.kit.hq, &imported.site, head, imported.checkpoint_time)
+            .unwrap();
+    keyfab_site::checkpoints::import_receipt(w.site(), &receipt).unwrap();
+    let released = w.provision(&audited, "A-1", "r-a1").unwrap();
+    assert!(!released.replayed, "decided again once acknowledged");
+
+    // HQ replays the rest of the log: nothing wrong.
+    let kfa = w.kit.dir.path().join("after.kfa");
+    keyfab_site::export::export(w.site(), &kfa, false, None).unwrap();
+    let imported = keyfab_hq::audit::import(&w.kit.hq, &kfa, None).unwrap();
+    assert!(imported.violations.is_empty(), "{:?}", imported.violations);
+}
