@@ -594,8 +594,8 @@ fn a_retry_decides_again_what_passes_and_replays_what_cannot_change() {
 
 /// The other refusals that pass with state or time, retried with the same request id:
 /// `approval_required` passes once the quorum approved, `audit_overdue` once HQ's receipt
-/// is imported — each then gets keys, once —; `expired` is decided again (and refused
-/// again: a window does not come back), recorded a second time rather than replayed.
+/// is imported — each then gets keys, once —; `expired` and `quota_exceeded` are decided
+/// again (and refused again here), recorded a second time rather than replayed.
 /// HQ's replay of the log agrees with every one of these decisions.
 #[test]
 fn approval_receipt_and_window_refusals_are_decided_again_on_a_retry() {
@@ -636,6 +636,23 @@ fn approval_receipt_and_window_refusals_are_decided_again_on_a_retry() {
     assert_eq!(code_of(w.provision(&ending, "E-1", "r-e1")), "expired");
     let records = w.events().len();
     assert_eq!(code_of(w.provision(&ending, "E-1", "r-e1")), "expired");
+    assert_eq!(
+        w.events().len(),
+        records + 1,
+        "decided again, recorded again"
+    );
+    // The quota, likewise: decided again on a retry (a quota given back would pass it).
+    let small = w.entitlement("small-retry", &policy(1, ""), &[]);
+    w.provision(&small, "Q-1", "r-q1").unwrap();
+    assert_eq!(
+        code_of(w.provision(&small, "Q-2", "r-q2")),
+        "quota_exceeded"
+    );
+    let records = w.events().len();
+    assert_eq!(
+        code_of(w.provision(&small, "Q-2", "r-q2")),
+        "quota_exceeded"
+    );
     assert_eq!(
         w.events().len(),
         records + 1,
