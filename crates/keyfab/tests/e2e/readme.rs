@@ -76,3 +76,20 @@ fn the_journey_runs_as_written() {
     assert_eq!(report["entitlements"][0]["state"], "revoked", "{report}");
     assert_eq!(report["entitlements"][0]["confirmed"], 101, "{report}");
 }
+
+/// Every stable code the binary can print is listed in README.md's code section.
+#[test]
+fn every_code_is_in_the_readme() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .unwrap();
+    let start = readme.find("## Exit codes and error codes").unwrap();
+    let rest = &readme[start + 1..];
+    let section = rest.find("\n## ").map_or(rest, |end| &rest[..end]);
+    let missing: Vec<&str> = keyfab_node::Code::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .filter(|c| !section.contains(&format!("`{c}`")))
+        .collect();
+    assert!(missing.is_empty(), "not in README.md: {missing:?}");
+}
