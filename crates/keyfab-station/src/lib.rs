@@ -367,7 +367,7 @@ impl Client {
         let count = inner.endpoints.len();
         // The last thing each URL said, so the final error names them all.
         let mut said: Vec<Option<String>> = vec![None; count];
-        let mut unavailable: Option<String> = None;
+        let mut unavailable = false;
         let mut certificate_refusals = 0;
         let first = inner.preferred.load(Ordering::Relaxed);
         for attempt in 0..inner.attempts {
@@ -386,7 +386,7 @@ impl Client {
                         if code == keyfab_formats::Code::Unavailable.as_str() =>
                     {
                         said[which] = Some(format!("unavailable: {message}"));
-                        unavailable = Some(message);
+                        unavailable = true;
                         std::thread::sleep(Duration::from_millis(200 << attempt.min(4)));
                     }
                     other => return other.map(|a| (a, inner.endpoints[which].url.clone())),
@@ -426,13 +426,14 @@ impl Client {
         );
         // A site that answered, but could not reach its state store, is not unreachable:
         // it said `unavailable`, and the request is safe to send again.
-        match unavailable {
-            Some(_) => Err(StationError::Refused {
+        if unavailable {
+            Err(StationError::Refused {
                 status: 503,
                 code: keyfab_formats::Code::Unavailable.as_str().into(),
                 message: tried,
-            }),
-            None => Err(StationError::Unreachable(tried)),
+            })
+        } else {
+            Err(StationError::Unreachable(tried))
         }
     }
 
