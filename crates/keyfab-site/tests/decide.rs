@@ -240,24 +240,36 @@ fn the_window_the_audit_freshness_and_revocation_refuse_with_their_codes() {
     refused(&w, &revoked, "R-1", "revoked");
 }
 
-#[test]
-fn activation_by_quorum_and_policy_modules_decide_in_the_same_step() {
-    let w = world();
+/// An entitlement `name` of 3 devices that a quorum of one approver must activate: its
+/// id, and that approver's key.
+fn gated_entitlement(w: &World, name: &str) -> (String, SigningKey) {
     let approver = SigningKey::generate(&SystemRng).unwrap();
-    let gated = w.entitlement(
-        "gated",
+    let id = w.entitlement(
+        name,
         &policy(
             3,
             "[approval]\nthreshold = 1\napprovers = [\"a.pub\"]\nrequired_for = [\"activate\"]\n",
         ),
         &[("a.pub", approver.verifying_key().to_pem().as_bytes())],
     );
-    refused(&w, &gated, "G-1", "approval_required");
+    (id, approver)
+}
+
+/// `approver` approves activating entitlement `id`, and the site takes the approval.
+fn activate(w: &World, id: &str, approver: &SigningKey) {
     let request =
-        keyfab_site::approvals::request(w.site(), &gated, keyfab_policy::Action::Activate, 3600)
+        keyfab_site::approvals::request(w.site(), id, keyfab_policy::Action::Activate, 3600)
             .unwrap();
-    let approval = keyfab_formats::approval::sign_approval(&approver, &request).unwrap();
+    let approval = keyfab_formats::approval::sign_approval(approver, &request).unwrap();
     keyfab_site::approvals::submit(w.site(), &[approval]).unwrap();
+}
+
+#[test]
+fn activation_by_quorum_and_policy_modules_decide_in_the_same_step() {
+    let w = world();
+    let (gated, approver) = gated_entitlement(&w, "gated");
+    refused(&w, &gated, "G-1", "approval_required");
+    activate(&w, &gated, &approver);
     allowed(&w, &gated, "G-2");
 
     // A module that allows the first device of the day and refuses the rest, with its
@@ -600,24 +612,12 @@ fn a_retry_decides_again_what_passes_and_replays_what_cannot_change() {
 #[test]
 fn approval_receipt_and_window_refusals_are_decided_again_on_a_retry() {
     let w = world();
-    let approver = SigningKey::generate(&SystemRng).unwrap();
-    let gated = w.entitlement(
-        "gated-retry",
-        &policy(
-            3,
-            "[approval]\nthreshold = 1\napprovers = [\"a.pub\"]\nrequired_for = [\"activate\"]\n",
-        ),
-        &[("a.pub", approver.verifying_key().to_pem().as_bytes())],
-    );
+    let (gated, approver) = gated_entitlement(&w, "gated-retry");
     assert_eq!(
         code_of(w.provision(&gated, "G-1", "r-g1")),
         "approval_required"
     );
-    let request =
-        keyfab_site::approvals::request(w.site(), &gated, keyfab_policy::Action::Activate, 3600)
-            .unwrap();
-    let approval = keyfab_formats::approval::sign_approval(&approver, &request).unwrap();
-    keyfab_site::approvals::submit(w.site(), &[approval]).unwrap();
+    activate(&w, &gated, &approver);
     let released = w.provision(&gated, "G-1", "r-g1").unwrap();
     assert!(!released.replayed, "decided again once approved");
     assert!(w.provision(&gated, "G-1", "r-g1").unwrap().replayed);
