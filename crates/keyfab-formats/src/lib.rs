@@ -18,6 +18,7 @@ pub mod audit_bundle;
 pub mod checkpoint;
 pub mod chip;
 pub mod cose;
+pub mod device_profile;
 pub mod entitlement;
 pub mod identity;
 pub mod prefix;

@@ -264,6 +264,65 @@ pub(crate) fn reserve_sequence(node: &Node, site: &str) -> Result<(SiteRecord, u
     Ok((record, sequence))
 }
 
+/// Checks what the policy's device certificates need of the chain above them, and returns
+/// when the batch CA must end: every profile encodes, and HQ's cluster certificate and the
+/// root last as long as the longest-lived device certificate the site may issue — the
+/// window limits when the site issues, never how long what it issued verifies.
+fn check_device_chains(node: &Node, policy: &Policy, site: &str) -> Result<i64> {
+    let values = keyfab_policy::certificate::TemplateValues {
+        product: &policy.product,
+        site,
+        entitlement: "00000000000000000000000000000000",
+    };
+    for (i, key) in policy.keys.iter().enumerate() {
+        if let Some(t) = &key.certificate {
+            keyfab_formats::device_profile::device_profile(t, &values)
+                .map_err(|e| PolicyError::new(format!("keys[{i}].certificate"), e.to_string()))?;
+        }
+    }
+    let Some(end) = policy.certificates_end() else {
+        return Ok(policy.valid_until);
+    };
+    let longest = policy
+        .keys
+        .iter()
+        .enumerate()
+        .filter_map(|(i, k)| k.certificate.as_ref().map(|c| (i, c.days)))
+        .max_by_key(|(_, days)| match days {
+            keyfab_policy::Lifetime::Days(d) => i64::from(*d),
+            keyfab_policy::Lifetime::Forever => i64::MAX,
+        });
+    let (index, days) = longest.ok_or_else(|| Error::Bug("certificate lifetime".into()))?;
+    for (what, cert, fix) in [
+        (
+            "HQ's cluster certificate",
+            node.cluster_cert()?,
+            "issue HQ a cluster certificate that lasts longer (`keyfab pki issue --role hq --days forever`, then `keyfab hq install-cert`)",
+        ),
+        (
+            "the root certificate",
+            node.root_cert()?,
+            "a root that lasts longer is a new root (`keyfab pki init-root --days forever`)",
+        ),
+    ] {
+        let until = x509::cert_facts(&cert)?.not_after.0;
+        if until < end {
+            return Err(PolicyError::new(
+                format!("keys[{index}].certificate.days"),
+                format!(
+                    "device certificates issued until {} and valid for {} last until {}, but {what} ends {}: every device chain would stop verifying then; shorten the days, or {fix}",
+                    keyfab_node::rfc3339(policy.valid_until),
+                    days.describe(),
+                    keyfab_node::rfc3339(end),
+                    keyfab_node::rfc3339(until),
+                ),
+            )
+            .into());
+        }
+    }
+    Ok(end)
+}
+
 /// Creates an entitlement for a registered site and writes it to `req.out`.
 pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
     let policy = req.policy;
@@ -281,6 +340,7 @@ pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
         )
         .into());
     }
+    let certificates_end = check_device_chains(node, &policy, req.site)?;
     keyfab_node::out_file::check_new(req.out, "no entitlement was created")?;
     let (site, sequence) = reserve_sequence(node, req.site)?;
     let recipient = HpkePublicKey::from_sec1(&site.hpke_key)?;
@@ -300,7 +360,7 @@ pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
         &format!("keyfab batch {id}"),
         Validity {
             not_before: UnixTime(policy.valid_from),
-            not_after: UnixTime(policy.valid_until),
+            not_after: UnixTime(certificates_end),
         },
         rng,
     )?;

@@ -7,6 +7,7 @@ use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{self, Role, Validity};
 use keyfab_custody::{Custody, SoftwareKeystore};
 use keyfab_node::{Error, Result, KEYSTORE_FILE};
+use keyfab_policy::Lifetime;
 use std::path::{Path, PathBuf};
 
 /// The root certificate in the root's home.
@@ -17,7 +18,7 @@ const ROOT_KEY: &str = "root";
 pub fn init_root(
     home: &Path,
     subject: &str,
-    days: i64,
+    days: Lifetime,
     passphrase: &SecretBytes,
     rng: &dyn SecureRng,
     now: UnixTime,
@@ -28,9 +29,7 @@ pub fn init_root(
             home.display()
         )));
     }
-    if days < 1 {
-        return Err(Error::InvalidInput("--days must be at least 1".into()));
-    }
+    let not_after = end_of(days, now)?;
     x509::parse_dn(subject).map_err(|e| Error::InvalidInput(format!("--subject: {e}")))?;
     keyfab_node::home::create_private_dir(home)?;
     let key = SigningKey::generate(rng)?;
@@ -39,7 +38,7 @@ pub fn init_root(
         subject,
         Validity {
             not_before: now,
-            not_after: now.plus_days(days),
+            not_after,
         },
         rng,
     )?;
@@ -67,14 +66,12 @@ pub fn issue(
     home: &Path,
     csr_pem: &str,
     role: Role,
-    days: i64,
+    days: Lifetime,
     passphrase: &SecretBytes,
     rng: &dyn SecureRng,
     now: UnixTime,
 ) -> Result<Issued> {
-    if days < 1 {
-        return Err(Error::InvalidInput("--days must be at least 1".into()));
-    }
+    let not_after = end_of(days, now)?;
     keyfab_node::home::check_private(home)?;
     let ks = SoftwareKeystore::unlock(&home.join(KEYSTORE_FILE), passphrase)?;
     let root = read_pem_file(&home.join(ROOT_CERT_FILE), "CERTIFICATE")?;
@@ -85,7 +82,7 @@ pub fn issue(
     let root_facts = x509::cert_facts(&root)?;
     let validity = Validity {
         not_before: now,
-        not_after: now.plus_days(days).min(root_facts.not_after),
+        not_after: not_after.min(root_facts.not_after),
     };
     let cert =
         x509::issue_cluster_certificate(ks.signer(ROOT_KEY)?, &root, &csr, role, validity, rng)?;
@@ -96,6 +93,15 @@ pub fn issue(
         serial_hex: facts.serial_hex,
         not_after: facts.not_after,
     })
+}
+
+/// The last second of a certificate made `now` that lasts `days`.
+fn end_of(days: Lifetime, now: UnixTime) -> Result<UnixTime> {
+    match days {
+        Lifetime::Days(0) => Err(Error::InvalidInput("--days must be at least 1".into())),
+        Lifetime::Days(d) => Ok(now.plus_days(i64::from(d)).min(x509::NO_EXPIRY)),
+        Lifetime::Forever => Ok(x509::NO_EXPIRY),
+    }
 }
 
 /// Reads a PEM file holding one block with `tag`.

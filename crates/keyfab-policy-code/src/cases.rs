@@ -125,10 +125,10 @@ fn policy_of(file: &CaseFile) -> Result<CompiledPolicy, String> {
             },
             source: *source,
             certificate: (*source == KeySource::Device).then(|| {
-                keyfab_policy::CertificateTemplate {
-                    subject: "CN={device_id}".into(),
-                    days: 1,
-                }
+                keyfab_policy::CertificateTemplate::new(
+                    "CN={device_id}",
+                    keyfab_policy::Lifetime::Days(1),
+                )
             }),
         })
         .collect();

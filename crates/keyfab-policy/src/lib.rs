@@ -33,11 +33,13 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod certificate;
 mod decide;
 pub mod ids;
 mod model;
 mod toml_form;
 
+pub use certificate::{CertificateTemplate, Lifetime, MAX_CERT_DAYS};
 pub use decide::{
     CompiledPolicy, DaySpan, Decision, DenyCode, EntitlementState, EntitlementStatus, Request,
 };

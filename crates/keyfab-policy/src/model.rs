@@ -1,12 +1,11 @@
 //! The canonical policy, as signed into an entitlement.
 
+use crate::certificate::CertificateTemplate;
 use crate::PolicyError;
 use serde::{Deserialize, Serialize};
 
 /// Largest quota one entitlement may carry.
 pub const MAX_DEVICES: u64 = 100_000_000;
-/// Longest device certificate lifetime accepted, in days.
-pub const MAX_CERT_DAYS: u32 = 36_500;
 /// Bound on the compiled size of `id_pattern`, so a pattern cannot exhaust the site.
 pub const MAX_PATTERN_BYTES: usize = 1 << 20;
 
@@ -91,16 +90,6 @@ impl Action {
             Self::RaiseLimit => "raise-limit",
         }
     }
-}
-
-/// The device certificate a key gets, signed by the entitlement's batch CA.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CertificateTemplate {
-    /// Distinguished name; `{device_id}` is replaced by the device id.
-    pub subject: String,
-    /// How long the certificate is valid, in days from issue.
-    pub days: u32,
 }
 
 /// One key every device receives (a `[[keys]]` entry).
@@ -306,13 +295,7 @@ impl Policy {
                             "aes-256 keys cannot have a certificate",
                         ));
                     }
-                    validate_subject(&field("certificate.subject"), &c.subject)?;
-                    if c.days == 0 || c.days > MAX_CERT_DAYS {
-                        return Err(PolicyError::new(
-                            field("certificate.days"),
-                            format!("must be between 1 and {MAX_CERT_DAYS}"),
-                        ));
-                    }
+                    c.validate(&field("certificate"), k.key_type)?;
                 }
                 None if k.source == KeySource::Device => {
                     return Err(PolicyError::new(
@@ -339,6 +322,24 @@ impl Policy {
         self.approval
             .as_ref()
             .is_some_and(|a| a.required_for.contains(&action))
+    }
+
+    /// The last second a device certificate issued under this policy may be valid: the
+    /// last second of the window plus the longest certificate lifetime (or
+    /// [`crate::certificate::NO_EXPIRY`]); `None` when no key has a certificate. The batch
+    /// CA, and every CA above it, must be valid until then.
+    pub fn certificates_end(&self) -> Option<i64> {
+        self.keys
+            .iter()
+            .filter_map(|k| k.certificate.as_ref())
+            .map(|c| match c.days {
+                crate::Lifetime::Days(d) => self
+                    .valid_until
+                    .saturating_add(i64::from(d).saturating_mul(86_400))
+                    .min(crate::certificate::NO_EXPIRY),
+                crate::Lifetime::Forever => crate::certificate::NO_EXPIRY,
+            })
+            .max()
     }
 
     /// How many keys of `source` each device receives.
@@ -406,37 +407,4 @@ fn check_name(field: &str, name: &str) -> Result<(), PolicyError> {
             format!("'{name}' must be 1-64 characters of A-Z a-z 0-9 . _ -"),
         ))
     }
-}
-
-const SUBJECT_ATTRIBUTES: [&str; 6] = ["CN", "O", "OU", "C", "ST", "L"];
-
-fn validate_subject(field: &str, subject: &str) -> Result<(), PolicyError> {
-    for part in subject.split(',') {
-        let Some((k, v)) = part.split_once('=') else {
-            return Err(PolicyError::new(
-                field,
-                format!("'{part}' is not KEY=value"),
-            ));
-        };
-        if !SUBJECT_ATTRIBUTES.contains(&k.trim()) {
-            return Err(PolicyError::new(
-                field,
-                format!("attribute '{}' is not one of CN, O, OU, C, ST, L", k.trim()),
-            ));
-        }
-        if v.trim().is_empty() {
-            return Err(PolicyError::new(
-                field,
-                format!("'{part}' has an empty value"),
-            ));
-        }
-        let rest = v.replace("{device_id}", "");
-        if rest.contains('{') || rest.contains('}') {
-            return Err(PolicyError::new(
-                field,
-                "the only placeholder is {device_id}",
-            ));
-        }
-    }
-    Ok(())
 }

@@ -3,6 +3,7 @@
 //! TOML cannot hold both `devices = 1000` and a `[devices]` table, so the device id rule
 //! lives in `[device_ids]`: `id_pattern = "^TSV2-[0-9]{8}$"`.
 
+use crate::certificate::CertificateTemplate;
 use crate::model::*;
 use crate::PolicyError;
 use serde::Deserialize;
@@ -57,14 +58,7 @@ struct KeyToml {
     #[serde(rename = "type")]
     key_type: String,
     source: String,
-    certificate: Option<CertToml>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CertToml {
-    subject: String,
-    days: i64,
+    certificate: Option<CertificateTemplate>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,13 +141,7 @@ impl PolicyDraft {
                         ))
                     }
                 };
-                let certificate = match &k.certificate {
-                    Some(c) => Some(CertificateTemplate {
-                        subject: c.subject.clone(),
-                        days: small(&format!("keys[{i}].certificate.days"), c.days)?,
-                    }),
-                    None => None,
-                };
+                let certificate = k.certificate.clone();
                 Ok(KeySpec {
                     name: k.name.clone(),
                     key_type,

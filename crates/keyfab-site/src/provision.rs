@@ -269,6 +269,8 @@ struct EntitlementContext {
     aead: AeadKey,
     /// The entitlement's batch CA, its certificate parsed once.
     device_issuer: x509::DeviceIssuer,
+    /// Each key spec's certificate profile, encoded once (none: no certificate).
+    profiles: Vec<Option<x509::DeviceProfile>>,
     master: Secret32,
     chain: Arc<IssuerChain>,
     /// The policy module, compiled once.
@@ -454,7 +456,24 @@ impl Provisioner {
             b"master-secret",
             &record.sealed_master_secret,
         )?;
+        let values = keyfab_policy::certificate::TemplateValues {
+            product: &record.policy.product,
+            site: &self.node.name,
+            entitlement: &record.id,
+        };
+        let profiles = record
+            .policy
+            .keys
+            .iter()
+            .map(|k| {
+                k.certificate
+                    .as_ref()
+                    .map(|t| keyfab_formats::device_profile::device_profile(t, &values))
+                    .transpose()
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let ctx = Arc::new(EntitlementContext {
+            profiles,
             policy: CompiledPolicy::new(record.policy.clone())?,
             aead: AeadKey::new(&dek)?,
             device_issuer: x509::DeviceIssuer::new(

@@ -70,11 +70,12 @@ pub struct Root {
 }
 
 impl Root {
-    /// A root valid from a day before [`T0`] for ten years.
+    /// A root valid from a day before [`T0`] with no end, as `pki init-root` makes it by
+    /// default (it is in every device chain, so it outlasts every device certificate).
     pub fn new() -> Self {
         let validity = Validity {
             not_before: UnixTime(T0 - DAY),
-            not_after: UnixTime(T0 + 3650 * DAY),
+            not_after: x509::NO_EXPIRY,
         };
         let key = SigningKey::generate(&SystemRng).expect("root key");
         let cert = x509::root_certificate(&key, "CN=Testkit Root", validity, &SystemRng)

@@ -133,7 +133,12 @@ fn bench_world_with(
         json: true,
     };
     let (root, hq, site) = (base.join("root"), base.join("hq"), base.join("site"));
-    run::init_root(&ctx, &root, "CN=Bench Root", 3650)?;
+    run::init_root(
+        &ctx,
+        &root,
+        "CN=Bench Root",
+        keyfab_policy::Lifetime::Forever,
+    )?;
     for (home, kind, name, role) in [
         (&hq, NodeKind::Hq, "bench-hq", crate::cli::CertRole::Hq),
         (
@@ -153,7 +158,7 @@ fn bench_world_with(
         }
         run::init_node(&ctx, &args, kind)?;
         let crt = base.join(format!("{name}.crt"));
-        run::issue(&ctx, &root, &home.join("cluster.csr"), role, &crt, 365)?;
+        run::issue(&ctx, &root, &home.join("cluster.csr"), role, &crt, None)?;
         run::install_cert(&ctx, home, kind, &crt, &root.join("root.crt"))?;
     }
     let kfi = base.join("bench.kfi");

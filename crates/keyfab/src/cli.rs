@@ -1,6 +1,7 @@
 //! The command line, as definitions only; `run.rs` implements them.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use keyfab_policy::Lifetime;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -186,9 +187,10 @@ pub(crate) enum PkiCommand {
         /// Distinguished name of the root (CN, O, OU, C, ST, L).
         #[arg(long)]
         subject: String,
-        /// Validity in days.
-        #[arg(long, default_value_t = 7300)]
-        days: i64,
+        /// Validity: a number of days, or "forever" (notAfter 99991231235959Z). The root
+        /// is in every device chain: it must outlast every device certificate.
+        #[arg(long, default_value = "forever", value_parser = parse_lifetime)]
+        days: Lifetime,
     },
     /// Sign a cluster CSR (from `hq init` or `site init`) as an HQ or site cluster CA.
     #[command(
@@ -206,9 +208,11 @@ pub(crate) enum PkiCommand {
         /// Where to write the certificate (PEM).
         #[arg(long, value_name = "CERT")]
         out: PathBuf,
-        /// Validity in days (never beyond the root's).
-        #[arg(long, default_value_t = 1825)]
-        days: i64,
+        /// Validity: a number of days, or "forever"; never beyond the root's. Default:
+        /// forever for hq (its certificate is in every device chain, so it must outlast
+        /// every device certificate), 1825 for a site.
+        #[arg(long, value_parser = parse_lifetime)]
+        days: Option<Lifetime>,
     },
 }
 
@@ -1048,7 +1052,29 @@ pub(crate) enum CertRole {
     Site,
 }
 
+/// `--days N` or `--days forever`.
+fn parse_lifetime(text: &str) -> Result<Lifetime, String> {
+    if text == "forever" {
+        return Ok(Lifetime::Forever);
+    }
+    match text.parse::<u32>() {
+        Ok(d) if d >= 1 => Ok(Lifetime::Days(d)),
+        _ => Err(format!(
+            "'{text}' is not a number of days (1 to {}) or \"forever\"",
+            u32::MAX
+        )),
+    }
+}
+
 impl CertRole {
+    /// How long a cluster certificate of this role lasts unless `--days` says.
+    pub(crate) fn default_days(self) -> Lifetime {
+        match self {
+            CertRole::Hq => Lifetime::Forever,
+            CertRole::Site => Lifetime::Days(1825),
+        }
+    }
+
     pub(crate) fn role(self) -> keyfab_crypto::x509::Role {
         match self {
             CertRole::Hq => keyfab_crypto::x509::Role::Hq,

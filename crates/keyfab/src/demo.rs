@@ -10,6 +10,7 @@ use crate::run;
 use keyfab_crypto::x509;
 use keyfab_node::Code;
 use keyfab_node::NodeKind;
+use keyfab_policy::Lifetime;
 use serde_json::json;
 use std::path::Path;
 
@@ -113,7 +114,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
     step(
         "1. root CA",
         "The manufacturer's offline root: every key anyone relies on chains to it.",
-        run::init_root(&ctx, &root, "CN=Acme Root CA,O=Acme", 7300)?,
+        run::init_root(&ctx, &root, "CN=Acme Root CA,O=Acme", Lifetime::Forever)?,
     );
     let root_cert = root.join("root.crt");
     step(
@@ -134,7 +135,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
             &hq.join("cluster.csr"),
             crate::cli::CertRole::Hq,
             &base.join("hq.crt"),
-            1825,
+            None,
         )?,
     );
     step(
@@ -160,7 +161,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
             &site.join("cluster.csr"),
             crate::cli::CertRole::Site,
             &base.join("site.crt"),
-            1825,
+            None,
         )?,
     );
     step(

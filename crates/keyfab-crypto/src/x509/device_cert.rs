@@ -1,8 +1,9 @@
 //! Device certificates, DER-encoded directly.
 //!
 //! A site signs one device certificate per provisioned device, on the provisioning hot
-//! path. Everything in it but the subject, serial, validity and device key is the same
-//! for every device of a batch CA, so [`DeviceIssuer`] encodes those parts once and each
+//! path. Everything in it but the subject, alternative names, serial, validity and device
+//! key is the same for every device of a key's profile, so [`DeviceIssuer`] holds the
+//! batch CA's parts and [`DeviceProfile`] the profile's, each encoded once, and each
 //! certificate costs one small encoding and the ECDSA signature (a general certificate
 //! builder re-derived the constant parts and allocated per field: ~3.4 µs of ~18 µs per
 //! certificate here). The shape (FORMATS.md, "Device certificates"):
@@ -12,12 +13,18 @@
 //! tbs: [0] v3, serial (16 bytes), ecdsa-with-SHA256, issuer (the batch CA's subject,
 //!      as its certificate has it), validity (UTCTime before 2050, GeneralizedTime
 //!      from 2050), subject (one RDN per attribute, UTF8String), SubjectPublicKeyInfo,
-//!      [3] extensions: authorityKeyIdentifier (the CA's subjectKeyIdentifier),
-//!      keyUsage digitalSignature (critical), subjectKeyIdentifier (SHA-256 of the
-//!      SubjectPublicKeyInfo, first 20 bytes), basicConstraints CA:FALSE (critical)
+//!      [3] extensions, in this order:
+//!        authorityKeyIdentifier (the CA's subjectKeyIdentifier),
+//!        subjectAltName (when the profile names any),
+//!        keyUsage (critical; the profile's, digitalSignature by default),
+//!        extKeyUsage (the profile's, clientAuth by default; absent when it lists none),
+//!        cRLDistributionPoints (when the profile gives a URL),
+//!        subjectKeyIdentifier (SHA-256 of the SubjectPublicKeyInfo, first 20 bytes),
+//!        basicConstraints CA:FALSE (critical),
+//!        the profile's extra extensions, in its order
 //! ```
 
-use super::{dn_attributes, fixed_to_asn1, DevicePublicKey, Validity};
+use super::{dn_attributes, fixed_to_asn1, DevicePublicKey, NameAttribute, Validity};
 use crate::hash::sha256;
 use crate::sign::{EcdsaSigner, SigningKey};
 use crate::time::UnixTime;
@@ -31,11 +38,6 @@ const ECDSA_SHA256: [u8; 12] = [
 /// `[0] { INTEGER 2 }`: version v3.
 const VERSION_3: [u8; 5] = [0xa0, 0x03, 0x02, 0x01, 0x02];
 
-/// keyUsage (2.5.29.15), critical, digitalSignature only.
-const KEY_USAGE_DIGITAL_SIGNATURE: [u8; 16] = [
-    0x30, 0x0e, 0x06, 0x03, 0x55, 0x1d, 0x0f, 0x01, 0x01, 0xff, 0x04, 0x04, 0x03, 0x02, 0x07, 0x80,
-];
-
 /// basicConstraints (2.5.29.19), critical, CA:FALSE (an empty SEQUENCE).
 const BASIC_CONSTRAINTS_END_ENTITY: [u8; 14] = [
     0x30, 0x0c, 0x06, 0x03, 0x55, 0x1d, 0x13, 0x01, 0x01, 0xff, 0x04, 0x02, 0x30, 0x00,
@@ -43,6 +45,12 @@ const BASIC_CONSTRAINTS_END_ENTITY: [u8; 14] = [
 
 const OID_SUBJECT_KEY_IDENTIFIER: [u8; 5] = [0x06, 0x03, 0x55, 0x1d, 0x0e];
 const OID_AUTHORITY_KEY_IDENTIFIER: [u8; 5] = [0x06, 0x03, 0x55, 0x1d, 0x23];
+const OID_SUBJECT_ALT_NAME: [u8; 5] = [0x06, 0x03, 0x55, 0x1d, 0x11];
+const OID_KEY_USAGE: [u8; 5] = [0x06, 0x03, 0x55, 0x1d, 0x0f];
+const OID_EXT_KEY_USAGE: [u8; 5] = [0x06, 0x03, 0x55, 0x1d, 0x25];
+const OID_CRL_DISTRIBUTION_POINTS: [u8; 5] = [0x06, 0x03, 0x55, 0x1d, 0x1f];
+/// `BOOLEAN TRUE`: an extension's critical flag.
+const CRITICAL: [u8; 3] = [0x01, 0x01, 0xff];
 
 const SEQUENCE: u8 = 0x30;
 const SET: u8 = 0x31;
@@ -54,6 +62,9 @@ const UTC_TIME: u8 = 0x17;
 const GENERALIZED_TIME: u8 = 0x18;
 const EXTENSIONS: u8 = 0xa3;
 const KEY_ID: u8 = 0x80;
+const OBJECT_IDENTIFIER: u8 = 0x06;
+/// `[0]` constructed: DistributionPoint's distributionPoint, and its fullName.
+const CONTEXT_0: u8 = 0xa0;
 
 /// Appends one TLV.
 fn push_tlv(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
@@ -80,6 +91,227 @@ fn push_wrapped<R>(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>) -
     returned
 }
 
+/// A subject alternative name's kind (its GeneralName choice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AltNameKind {
+    /// dNSName `[2]`.
+    Dns,
+    /// uniformResourceIdentifier `[6]`.
+    Uri,
+    /// rfc822Name `[1]`.
+    Email,
+    /// iPAddress `[7]`: the text is a literal IPv4 or IPv6 address.
+    Ip,
+}
+
+impl AltNameKind {
+    fn tag(self) -> u8 {
+        match self {
+            Self::Email => 0x81,
+            Self::Dns => 0x82,
+            Self::Uri => 0x86,
+            Self::Ip => 0x87,
+        }
+    }
+}
+
+/// An extension added as it is.
+#[derive(Debug, Clone)]
+pub struct RawExtension {
+    /// Dotted OID.
+    pub oid: String,
+    /// Its critical flag.
+    pub critical: bool,
+    /// The extnValue's contents: one DER value.
+    pub value: Vec<u8>,
+}
+
+/// What a device certificate profile asks for, as the policy gives it (checked there).
+#[derive(Debug, Clone)]
+pub struct ProfileSpec {
+    /// Subject attributes (`CN`, `O`, `OU`, `C`, `ST`, `L`) and values, where `{device_id}`
+    /// stands for the device's id.
+    pub subject: Vec<(String, String)>,
+    /// KeyUsage bits by number (0 digitalSignature … 4 keyAgreement).
+    pub key_usage_bits: Vec<u8>,
+    /// Extended key usage OIDs, dotted; none: no extension.
+    pub extended_key_usage: Vec<String>,
+    /// Subject alternative names; `{device_id}` stands for the device's id.
+    pub alt_names: Vec<(AltNameKind, String)>,
+    /// The CRL's URL, when there is one.
+    pub crl_distribution_point: Option<String>,
+    /// Extensions added after the others, in order.
+    pub extensions: Vec<RawExtension>,
+}
+
+/// A profile encoded once: the parts of the extensions every device shares, and the
+/// templates of those that carry its id.
+#[derive(Debug, Clone)]
+pub struct DeviceProfile {
+    subject: Vec<(NameAttribute, String)>,
+    alt_names: Vec<(AltNameKind, String)>,
+    /// keyUsage, extKeyUsage and cRLDistributionPoints, encoded.
+    after_alt_names: Vec<u8>,
+    /// basicConstraints and the extra extensions, encoded.
+    after_key_id: Vec<u8>,
+}
+
+const DEVICE_ID: &str = "{device_id}";
+
+impl DeviceProfile {
+    /// Encodes what every certificate of `spec` shares; refuses what cannot be encoded.
+    pub fn new(spec: &ProfileSpec) -> Result<Self> {
+        let bad = |m: String| CryptoError::CertificateBuild(m);
+        let subject = spec
+            .subject
+            .iter()
+            .map(|(k, v)| {
+                NameAttribute::parse(k)
+                    .map(|a| (a, v.clone()))
+                    .ok_or_else(|| bad(format!("unsupported attribute '{k}'")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if subject.is_empty() {
+            return Err(bad("the subject names no attribute".into()));
+        }
+        for (kind, value) in &spec.alt_names {
+            if *kind == AltNameKind::Ip {
+                value
+                    .parse::<std::net::IpAddr>()
+                    .map_err(|_| bad(format!("'{value}' is not an IP address")))?;
+            } else if !value.is_ascii() {
+                return Err(bad(format!("'{value}' is not ASCII")));
+            }
+        }
+        let mut after_alt_names = Vec::with_capacity(64);
+        if spec.key_usage_bits.is_empty() || spec.key_usage_bits.iter().any(|b| *b > 7) {
+            return Err(bad("key usage bits must be 0-7, at least one".into()));
+        }
+        let bits = spec
+            .key_usage_bits
+            .iter()
+            .fold(0u8, |acc, bit| acc | (0x80 >> bit));
+        push_extension(&mut after_alt_names, &OID_KEY_USAGE, true, |v| {
+            // DER: trailing zero bits are not encoded, their count leads the BIT STRING.
+            push_tlv(v, BIT_STRING, &[bits.trailing_zeros() as u8, bits]);
+        });
+        if !spec.extended_key_usage.is_empty() {
+            let oids = spec
+                .extended_key_usage
+                .iter()
+                .map(|o| oid_der(o))
+                .collect::<Result<Vec<_>>>()?;
+            push_extension(&mut after_alt_names, &OID_EXT_KEY_USAGE, false, |v| {
+                push_wrapped(v, SEQUENCE, |seq| {
+                    for oid in &oids {
+                        seq.extend_from_slice(oid);
+                    }
+                });
+            });
+        }
+        if let Some(url) = &spec.crl_distribution_point {
+            if !url.is_ascii() {
+                return Err(bad("the CRL URL is not ASCII".into()));
+            }
+            push_extension(
+                &mut after_alt_names,
+                &OID_CRL_DISTRIBUTION_POINTS,
+                false,
+                |v| {
+                    push_wrapped(v, SEQUENCE, |points| {
+                        push_wrapped(points, SEQUENCE, |point| {
+                            push_wrapped(point, CONTEXT_0, |name| {
+                                push_wrapped(name, CONTEXT_0, |full| {
+                                    push_tlv(full, AltNameKind::Uri.tag(), url.as_bytes());
+                                });
+                            });
+                        });
+                    });
+                },
+            );
+        }
+        let mut after_key_id = BASIC_CONSTRAINTS_END_ENTITY.to_vec();
+        for x in &spec.extensions {
+            let oid = oid_der(&x.oid)?;
+            push_wrapped(&mut after_key_id, SEQUENCE, |e| {
+                e.extend_from_slice(&oid);
+                if x.critical {
+                    e.extend_from_slice(&CRITICAL);
+                }
+                push_tlv(e, OCTET_STRING, &x.value);
+            });
+        }
+        Ok(Self {
+            subject,
+            alt_names: spec.alt_names.clone(),
+            after_alt_names,
+            after_key_id,
+        })
+    }
+
+    /// A profile of only a subject (`CN=...,O=...`, `{device_id}` in its values) and the
+    /// default usages: digitalSignature, clientAuth.
+    pub fn with_subject(subject: &str) -> Result<Self> {
+        Self::new(&ProfileSpec {
+            subject: dn_attributes(subject)?
+                .into_iter()
+                .map(|(a, v)| (a.name().to_owned(), v.to_owned()))
+                .collect(),
+            key_usage_bits: vec![0],
+            extended_key_usage: vec![CLIENT_AUTH.to_owned()],
+            alt_names: Vec::new(),
+            crl_distribution_point: None,
+            extensions: Vec::new(),
+        })
+    }
+}
+
+/// id-kp-clientAuth, dotted.
+const CLIENT_AUTH: &str = "1.3.6.1.5.5.7.3.2";
+
+/// Appends one Extension: `SEQUENCE { OID, [critical], OCTET STRING { value } }`.
+fn push_extension(out: &mut Vec<u8>, oid: &[u8], critical: bool, value: impl FnOnce(&mut Vec<u8>)) {
+    push_wrapped(out, SEQUENCE, |e| {
+        e.extend_from_slice(oid);
+        if critical {
+            e.extend_from_slice(&CRITICAL);
+        }
+        push_wrapped(e, OCTET_STRING, value);
+    });
+}
+
+/// The DER OBJECT IDENTIFIER of a dotted OID (arcs up to 2^128 - 1, X.690 §8.19).
+pub(crate) fn oid_der(text: &str) -> Result<Vec<u8>> {
+    let bad = || CryptoError::CertificateBuild(format!("'{text}' is not a dotted OID"));
+    let arcs = text
+        .split('.')
+        .map(|a| a.parse::<u128>().map_err(|_| bad()))
+        .collect::<Result<Vec<_>>>()?;
+    let [first, second, rest @ ..] = arcs.as_slice() else {
+        return Err(bad());
+    };
+    if *first > 2 || (*first < 2 && *second >= 40) {
+        return Err(bad());
+    }
+    let head = first
+        .checked_mul(40)
+        .and_then(|f| f.checked_add(*second))
+        .ok_or_else(bad)?;
+    let mut content = Vec::new();
+    for arc in std::iter::once(&head).chain(rest) {
+        let mut groups = vec![(*arc & 0x7f) as u8];
+        let mut v = *arc >> 7;
+        while v > 0 {
+            groups.push((v & 0x7f) as u8 | 0x80);
+            v >>= 7;
+        }
+        content.extend(groups.iter().rev());
+    }
+    let mut out = Vec::with_capacity(content.len() + 2);
+    push_tlv(&mut out, OBJECT_IDENTIFIER, &content);
+    Ok(out)
+}
+
 /// A batch CA ready to issue device certificates: the parts every certificate shares are
 /// encoded once, from its certificate.
 pub struct DeviceIssuer {
@@ -88,32 +320,45 @@ pub struct DeviceIssuer {
     issuer_name: Vec<u8>,
     /// The whole authorityKeyIdentifier extension.
     authority_key_id: Vec<u8>,
+    /// The CA certificate's last second: no device certificate outlives it.
+    not_after: UnixTime,
 }
 
 impl DeviceIssuer {
     /// An issuer for the batch CA key and its certificate.
     pub fn new(batch_key: SigningKey, batch_cert: &[u8]) -> Result<Self> {
         let (issuer_name, authority_key_id) = issuer_parts(&batch_key, batch_cert)?;
+        let not_after = super::cert_facts(batch_cert)?.not_after;
         Ok(Self {
             key: batch_key,
             issuer_name,
             authority_key_id,
+            not_after,
         })
     }
 
-    /// [`super::issue_device_certificate`] under this CA.
+    /// The device certificate of `device_id`'s `key` under `profile`. Its validity ends
+    /// no later than the CA's, so the chain verifies for as long as the certificate does.
     pub fn issue(
         &self,
-        subject: &str,
+        profile: &DeviceProfile,
+        device_id: &str,
         key: &DevicePublicKey,
         serial: [u8; 16],
         validity: Validity,
     ) -> Result<Vec<u8>> {
+        let validity = Validity {
+            not_before: validity.not_before,
+            not_after: validity.not_after.min(self.not_after),
+        };
         sign(
             &self.key,
-            &self.issuer_name,
-            &self.authority_key_id,
-            subject,
+            &Parts {
+                issuer_name: &self.issuer_name,
+                authority_key_id: &self.authority_key_id,
+                profile,
+            },
+            device_id,
             key,
             serial,
             validity,
@@ -145,43 +390,53 @@ pub(super) fn issuer_parts(ca_key: &dyn EcdsaSigner, ca_cert: &[u8]) -> Result<(
     Ok((cert.subject().as_raw().to_vec(), aki))
 }
 
+/// What a device certificate takes from its CA and its profile.
+struct Parts<'a> {
+    issuer_name: &'a [u8],
+    authority_key_id: &'a [u8],
+    profile: &'a DeviceProfile,
+}
+
 /// Encodes the device certificate and signs it with `ca_key`.
-pub(super) fn sign(
+fn sign(
     ca_key: &dyn EcdsaSigner,
-    issuer_name: &[u8],
-    authority_key_id: &[u8],
-    subject: &str,
+    parts: &Parts<'_>,
+    device_id: &str,
     key: &DevicePublicKey,
     serial: [u8; 16],
     validity: Validity,
 ) -> Result<Vec<u8>> {
     let spki = key.spki_der();
-    let mut tbs = Vec::with_capacity(320 + subject.len() + issuer_name.len());
+    let profile = parts.profile;
+    let mut tbs = Vec::with_capacity(384 + parts.issuer_name.len() + profile.after_key_id.len());
     push_wrapped(&mut tbs, SEQUENCE, |t| -> Result<()> {
         t.extend_from_slice(&VERSION_3);
         push_serial(t, &serial);
         t.extend_from_slice(&ECDSA_SHA256);
-        t.extend_from_slice(issuer_name);
+        t.extend_from_slice(parts.issuer_name);
         push_wrapped(t, SEQUENCE, |v| {
             push_time(v, validity.not_before)?;
             push_time(v, validity.not_after)
         })?;
-        push_name(t, subject)?;
+        push_name(t, &profile.subject, device_id);
         t.extend_from_slice(&spki);
         push_wrapped(t, EXTENSIONS, |x| {
-            push_wrapped(x, SEQUENCE, |exts| {
-                exts.extend_from_slice(authority_key_id);
-                exts.extend_from_slice(&KEY_USAGE_DIGITAL_SIGNATURE);
+            push_wrapped(x, SEQUENCE, |exts| -> Result<()> {
+                exts.extend_from_slice(parts.authority_key_id);
+                if !profile.alt_names.is_empty() {
+                    push_alt_names(exts, &profile.alt_names, device_id)?;
+                }
+                exts.extend_from_slice(&profile.after_alt_names);
                 push_wrapped(exts, SEQUENCE, |e| {
                     e.extend_from_slice(&OID_SUBJECT_KEY_IDENTIFIER);
                     push_wrapped(e, OCTET_STRING, |v| {
                         push_tlv(v, OCTET_STRING, &sha256(&spki)[..20]);
                     });
                 });
-                exts.extend_from_slice(&BASIC_CONSTRAINTS_END_ENTITY);
-            });
-        });
-        Ok(())
+                exts.extend_from_slice(&profile.after_key_id);
+                Ok(())
+            })
+        })
     })?;
     let signature = fixed_to_asn1(&ca_key.sign(&tbs)?)?;
     let mut cert = Vec::with_capacity(tbs.len() + signature.len() + 24);
@@ -196,6 +451,47 @@ pub(super) fn sign(
     Ok(cert)
 }
 
+/// The subjectAltName extension with the device's id in its templates.
+fn push_alt_names(
+    out: &mut Vec<u8>,
+    names: &[(AltNameKind, String)],
+    device_id: &str,
+) -> Result<()> {
+    let mut filled = Vec::with_capacity(names.len());
+    for (kind, template) in names {
+        let value = match kind {
+            AltNameKind::Ip => match template.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(a)) => a.octets().to_vec(),
+                Ok(std::net::IpAddr::V6(a)) => a.octets().to_vec(),
+                Err(_) => {
+                    return Err(CryptoError::CertificateBuild(format!(
+                        "'{template}' is not an IP address"
+                    )))
+                }
+            },
+            _ => {
+                let value = template.replace(DEVICE_ID, device_id);
+                // IA5String: a device id that is not ASCII cannot be in a name.
+                if !value.is_ascii() {
+                    return Err(CryptoError::CertificateBuild(
+                        "an alternative name would not be ASCII".into(),
+                    ));
+                }
+                value.into_bytes()
+            }
+        };
+        filled.push((kind.tag(), value));
+    }
+    push_extension(out, &OID_SUBJECT_ALT_NAME, false, |v| {
+        push_wrapped(v, SEQUENCE, |seq| {
+            for (tag, value) in &filled {
+                push_tlv(seq, *tag, value);
+            }
+        });
+    });
+    Ok(())
+}
+
 /// A positive INTEGER of the serial's bytes (a leading zero byte if its top bit is set).
 fn push_serial(out: &mut Vec<u8>, serial: &[u8; 16]) {
     push_wrapped(out, INTEGER, |i| {
@@ -206,20 +502,23 @@ fn push_serial(out: &mut Vec<u8>, serial: &[u8; 16]) {
     });
 }
 
-/// The subject: one RDN per attribute, in the order first named, UTF8String values.
-fn push_name(out: &mut Vec<u8>, text: &str) -> Result<()> {
-    let attributes = dn_attributes(text)?;
+/// The subject: one RDN per attribute, in the profile's order, UTF8String values with the
+/// device's id in them. The id goes inside one value: it cannot add an attribute.
+fn push_name(out: &mut Vec<u8>, subject: &[(NameAttribute, String)], device_id: &str) {
     push_wrapped(out, SEQUENCE, |name| {
-        for (attribute, value) in &attributes {
+        for (attribute, template) in subject {
             push_wrapped(name, SET, |rdn| {
                 push_wrapped(rdn, SEQUENCE, |atv| {
                     atv.extend_from_slice(attribute.oid_der());
-                    push_tlv(atv, UTF8_STRING, value.as_bytes());
+                    push_tlv(
+                        atv,
+                        UTF8_STRING,
+                        template.replace(DEVICE_ID, device_id).as_bytes(),
+                    );
                 });
             });
         }
     });
-    Ok(())
 }
 
 /// RFC 5280 §4.1.2.5: UTCTime for 1950–2049, GeneralizedTime otherwise, in seconds, `Z`.
@@ -259,8 +558,11 @@ fn push_time(out: &mut Vec<u8>, t: UnixTime) -> Result<()> {
 mod tests {
     use super::*;
     use crate::rng::SeededRng;
-    use crate::x509::{issue_batch_ca, parse_dn, random_serial, root_certificate, signed_by};
-    use rcgen::{CertificateParams, IsCa, Issuer, KeyUsagePurpose, SerialNumber};
+    use crate::x509::{issue_batch_ca, random_serial, root_certificate, signed_by};
+    use rcgen::{
+        CertificateParams, CrlDistributionPoint, CustomExtension, DistinguishedName,
+        ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SanType, SerialNumber,
+    };
     use rustls_pki_types::CertificateDer;
 
     /// The general builder's device certificate for the same inputs: the reference the
@@ -269,7 +571,8 @@ mod tests {
     fn reference(
         ca_key: &SigningKey,
         ca_cert: &[u8],
-        subject: &str,
+        spec: &ProfileSpec,
+        device_id: &str,
         key: &DevicePublicKey,
         serial: [u8; 16],
         validity: Validity,
@@ -288,19 +591,67 @@ mod tests {
                 }
             }
         }
+        let arcs = |oid: &str| -> Vec<u64> { oid.split('.').map(|a| a.parse().unwrap()).collect() };
         let issuer = Issuer::from_ca_cert_der(
             &CertificateDer::from(ca_cert),
             crate::x509::Signer::new(ca_key),
         )
         .unwrap();
         let mut p = CertificateParams::default();
-        p.distinguished_name = parse_dn(subject).unwrap();
+        let mut dn = DistinguishedName::new();
+        for (k, v) in &spec.subject {
+            dn.push(
+                NameAttribute::parse(k).unwrap().dn_type(),
+                v.replace(DEVICE_ID, device_id),
+            );
+        }
+        p.distinguished_name = dn;
         p.not_before = crate::x509::odt(validity.not_before).unwrap();
         p.not_after = crate::x509::odt(validity.not_after).unwrap();
         p.serial_number = Some(SerialNumber::from_slice(&serial));
         p.use_authority_key_identifier_extension = true;
         p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.key_usages = spec
+            .key_usage_bits
+            .iter()
+            .map(|b| match b {
+                0 => KeyUsagePurpose::DigitalSignature,
+                1 => KeyUsagePurpose::ContentCommitment,
+                2 => KeyUsagePurpose::KeyEncipherment,
+                3 => KeyUsagePurpose::DataEncipherment,
+                _ => KeyUsagePurpose::KeyAgreement,
+            })
+            .collect();
+        p.extended_key_usages = spec
+            .extended_key_usage
+            .iter()
+            .map(|o| ExtendedKeyUsagePurpose::Other(arcs(o)))
+            .collect();
+        p.subject_alt_names = spec
+            .alt_names
+            .iter()
+            .map(|(kind, v)| {
+                let v = v.replace(DEVICE_ID, device_id);
+                match kind {
+                    AltNameKind::Dns => SanType::DnsName(v.try_into().unwrap()),
+                    AltNameKind::Uri => SanType::URI(v.try_into().unwrap()),
+                    AltNameKind::Email => SanType::Rfc822Name(v.try_into().unwrap()),
+                    AltNameKind::Ip => SanType::IpAddress(v.parse().unwrap()),
+                }
+            })
+            .collect();
+        p.crl_distribution_points = spec
+            .crl_distribution_point
+            .iter()
+            .map(|u| CrlDistributionPoint {
+                uris: vec![u.clone()],
+            })
+            .collect();
+        for x in &spec.extensions {
+            let mut ext = CustomExtension::from_oid_content(&arcs(&x.oid), x.value.clone());
+            ext.set_criticality(x.critical);
+            p.custom_extensions.push(ext);
+        }
         p.signed_by(&DeviceKey(key), &issuer)
             .unwrap()
             .der()
@@ -317,8 +668,8 @@ mod tests {
     fn batch_ca(rng: &SeededRng, common_name: &str) -> (SigningKey, Vec<u8>, Vec<u8>) {
         let root_key = SigningKey::generate(rng).unwrap();
         let v = Validity {
-            not_before: UnixTime(1_764_028_800),
-            not_after: UnixTime(1_764_028_800).plus_days(3650),
+            not_before: UnixTime(-2_000_000_000),
+            not_after: crate::x509::NO_EXPIRY,
         };
         let root = root_certificate(&root_key, "CN=Root,O=Acme", v, rng).unwrap();
         let key = SigningKey::generate(rng).unwrap();
@@ -327,15 +678,71 @@ mod tests {
         (key, cert, root)
     }
 
+    fn issuer_of(ca_key: &SigningKey, ca_cert: &[u8]) -> DeviceIssuer {
+        DeviceIssuer::new(
+            SigningKey::from_pkcs8(ca_key.to_pkcs8().expose()).unwrap(),
+            ca_cert,
+        )
+        .unwrap()
+    }
+
+    fn subject_spec(subject: &str) -> ProfileSpec {
+        ProfileSpec {
+            subject: dn_attributes(subject)
+                .unwrap()
+                .into_iter()
+                .map(|(a, v)| (a.name().to_owned(), v.to_owned()))
+                .collect(),
+            key_usage_bits: vec![0],
+            extended_key_usage: vec![CLIENT_AUTH.into()],
+            alt_names: Vec::new(),
+            crl_distribution_point: None,
+            extensions: Vec::new(),
+        }
+    }
+
+    /// Every part a profile can ask for at once.
+    fn full_spec() -> ProfileSpec {
+        ProfileSpec {
+            subject: vec![
+                ("CN".into(), "{device_id}".into()),
+                ("O".into(), "Acme, Inc.".into()),
+                ("OU".into(), "line {device_id}".into()),
+            ],
+            key_usage_bits: vec![0, 1, 4],
+            extended_key_usage: vec![
+                "1.3.6.1.5.5.7.3.2".into(),
+                "1.3.6.1.5.5.7.3.1".into(),
+                "1.3.6.1.4.1.99999.7.1".into(),
+            ],
+            alt_names: vec![
+                (AltNameKind::Dns, "{device_id}.devices.example.com".into()),
+                (AltNameKind::Uri, "urn:acme:device:{device_id}".into()),
+                (AltNameKind::Email, "ops+{device_id}@example.com".into()),
+                (AltNameKind::Ip, "192.0.2.7".into()),
+                (AltNameKind::Ip, "2001:db8::7".into()),
+            ],
+            crl_distribution_point: Some("http://crl.example.com/batch-1.crl".into()),
+            extensions: vec![
+                RawExtension {
+                    oid: "1.3.6.1.4.1.99999.1".into(),
+                    critical: false,
+                    value: vec![0x0c, 0x02, b'h', b'i'],
+                },
+                RawExtension {
+                    oid: "1.3.6.1.4.1.99999.2".into(),
+                    critical: true,
+                    value: vec![0x30, 0x00],
+                },
+            ],
+        }
+    }
+
     #[test]
     fn encodes_what_the_general_builder_encodes() {
         let rng = SeededRng::new(11);
         let (ca_key, ca_cert, _) = batch_ca(&rng, "batch 7 of Acme Devices GmbH");
-        let issuer = DeviceIssuer::new(
-            SigningKey::from_pkcs8(ca_key.to_pkcs8().expose()).unwrap(),
-            &ca_cert,
-        )
-        .unwrap();
+        let issuer = issuer_of(&ca_key, &ca_cert);
         let p256 = DevicePublicKey::P256(
             SigningKey::generate(&rng)
                 .unwrap()
@@ -344,22 +751,23 @@ mod tests {
                 .to_vec(),
         );
         let ed25519 = DevicePublicKey::Ed25519(vec![0x42; 32]);
-        let long = format!("CN={},O=Acme", "d".repeat(300));
-        let subjects = [
-            "CN=D-1",
-            "CN=dev-0001,O=Acme Devices,C=DE",
-            "CN= spaced ,OU=Line 3,ST=Bayern,L=München,O=Acme",
-            "CN=first,O=Acme,CN=second",
-            long.as_str(),
+        let long = format!("CN={{device_id}},O={}", "d".repeat(300));
+        let specs = [
+            subject_spec("CN={device_id}"),
+            subject_spec("CN=dev-{device_id},O=Acme Devices,C=DE"),
+            subject_spec("CN= spaced ,OU=Line 3,ST=Bayern,L=München,O=Acme"),
+            subject_spec(&long),
+            full_spec(),
         ];
         let times = [
             (1_764_028_800, 1_764_028_800 + 86_400 * 3650),
             // 2049-12-31T23:59:59 to 2050-01-01: the switch to GeneralizedTime.
             (2_524_607_999, 2_524_608_000),
-            // Before 1950, and far ahead.
-            (-631_152_001, 32_503_680_000),
+            // Before 1950, and no well-defined end.
+            (-631_152_001, crate::x509::NO_EXPIRY.0),
         ];
-        for subject in subjects {
+        for spec in &specs {
+            let profile = DeviceProfile::new(spec).unwrap();
             for key in [&p256, &ed25519] {
                 for (from, until) in times {
                     let validity = Validity {
@@ -367,18 +775,76 @@ mod tests {
                         not_after: UnixTime(until),
                     };
                     let serial = random_serial(&rng);
-                    let ours = issuer.issue(subject, key, serial, validity).unwrap();
-                    let theirs = reference(&ca_key, &ca_cert, subject, key, serial, validity);
-                    assert_eq!(tbs(&ours), tbs(&theirs), "{subject} {key:?} {from}");
+                    let ours = issuer
+                        .issue(&profile, "D-1,OU=x", key, serial, validity)
+                        .unwrap();
+                    let theirs =
+                        reference(&ca_key, &ca_cert, spec, "D-1,OU=x", key, serial, validity);
+                    assert_eq!(tbs(&ours), tbs(&theirs), "{spec:?} {key:?} {from}");
                     signed_by(&ours, &ca_cert).unwrap();
-                    let standalone = crate::x509::issue_device_certificate(
-                        &ca_key, &ca_cert, subject, key, serial, validity,
-                    )
-                    .unwrap();
-                    assert_eq!(tbs(&standalone), tbs(&ours));
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_device_id_stays_inside_its_attribute() {
+        use x509_parser::prelude::*;
+        let rng = SeededRng::new(15);
+        let (ca_key, ca_cert, _) = batch_ca(&rng, "batch");
+        let profile = DeviceProfile::with_subject("CN={device_id},O=Acme").unwrap();
+        let cert = issuer_of(&ca_key, &ca_cert)
+            .issue(
+                &profile,
+                "D-1,OU=Injected",
+                &DevicePublicKey::Ed25519(vec![1; 32]),
+                [1; 16],
+                crate::x509::Validity {
+                    not_before: UnixTime(0),
+                    not_after: UnixTime(86_400),
+                },
+            )
+            .unwrap();
+        let (_, c) = X509Certificate::from_der(&cert).unwrap();
+        assert_eq!(c.subject().iter_organizational_unit().count(), 0);
+        assert_eq!(
+            c.subject()
+                .iter_common_name()
+                .next()
+                .unwrap()
+                .as_str()
+                .unwrap(),
+            "D-1,OU=Injected"
+        );
+    }
+
+    #[test]
+    fn no_certificate_outlives_its_ca() {
+        let rng = SeededRng::new(16);
+        let root_key = SigningKey::generate(&rng).unwrap();
+        let v = Validity {
+            not_before: UnixTime(0),
+            not_after: UnixTime(86_400 * 400),
+        };
+        let root = root_certificate(&root_key, "CN=Root", v, &rng).unwrap();
+        let key = SigningKey::generate(&rng).unwrap();
+        let ca = issue_batch_ca(&root_key, &root, &key.verifying_key(), "b", v, &rng).unwrap();
+        let cert = issuer_of(&key, &ca)
+            .issue(
+                &DeviceProfile::with_subject("CN={device_id}").unwrap(),
+                "d",
+                &DevicePublicKey::Ed25519(vec![1; 32]),
+                [1; 16],
+                Validity {
+                    not_before: UnixTime(0),
+                    not_after: crate::x509::NO_EXPIRY,
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            crate::x509::cert_facts(&cert).unwrap().not_after,
+            UnixTime(86_400 * 400)
+        );
     }
 
     #[test]
@@ -386,17 +852,23 @@ mod tests {
         let rng = SeededRng::new(12);
         let (ca_key, ca_cert, _) = batch_ca(&rng, "batch");
         let subject = format!("CN={},O={}", "x".repeat(200), "y".repeat(70_000));
+        let spec = subject_spec(&subject);
         let key = DevicePublicKey::Ed25519(vec![1; 32]);
         let validity = Validity {
             not_before: UnixTime(0),
             not_after: UnixTime(86_400),
         };
         let serial = [0x7f; 16];
-        let ours = crate::x509::issue_device_certificate(
-            &ca_key, &ca_cert, &subject, &key, serial, validity,
-        )
-        .unwrap();
-        let theirs = reference(&ca_key, &ca_cert, &subject, &key, serial, validity);
+        let ours = issuer_of(&ca_key, &ca_cert)
+            .issue(
+                &DeviceProfile::new(&spec).unwrap(),
+                "d",
+                &key,
+                serial,
+                validity,
+            )
+            .unwrap();
+        let theirs = reference(&ca_key, &ca_cert, &spec, "d", &key, serial, validity);
         assert_eq!(tbs(&ours), tbs(&theirs));
         signed_by(&ours, &ca_cert).unwrap();
     }
@@ -411,21 +883,59 @@ mod tests {
             "/../../tests/vectors/device-certificate"
         );
         let read = |name: &str| std::fs::read(format!("{dir}/{name}")).unwrap();
+        let mut spec = full_spec();
+        spec.subject = vec![
+            ("CN".into(), "{device_id}".into()),
+            ("O".into(), "Acme Devices".into()),
+            ("C".into(), "DE".into()),
+        ];
+        // OpenSSL refuses a certificate with a critical extension it does not know.
+        spec.extensions[1].critical = false;
+        let profile = DeviceProfile::new(&spec).unwrap();
+        let validity = Validity {
+            not_before: UnixTime(1_767_225_600),
+            not_after: crate::x509::NO_EXPIRY,
+        };
+        let device_key = DevicePublicKey::P256(read("device-point.bin"));
+        let serial = *b"\x3akeyfab-vectors!";
+        if std::env::var_os("KEYFAB_BLESS").is_some() {
+            // A new root and batch CA (keys not kept), and the certificate under them.
+            let rng = SeededRng::new(17);
+            let root_key = SigningKey::generate(&rng).unwrap();
+            let root =
+                root_certificate(&root_key, "CN=Vector Root,O=Acme", validity, &rng).unwrap();
+            let key = SigningKey::generate(&rng).unwrap();
+            let ca = issue_batch_ca(
+                &root_key,
+                &root,
+                &key.verifying_key(),
+                "Acme batch 1",
+                validity,
+                &rng,
+            )
+            .unwrap();
+            let cert = issuer_of(&key, &ca)
+                .issue(&profile, "D-000123", &device_key, serial, validity)
+                .unwrap();
+            std::fs::write(format!("{dir}/root.der"), root).unwrap();
+            std::fs::write(format!("{dir}/batch-ca.der"), ca).unwrap();
+            std::fs::write(format!("{dir}/device.der"), cert).unwrap();
+        }
         let (batch_ca, device) = (read("batch-ca.der"), read("device.der"));
         // The to-be-signed bytes do not depend on the key that signs them.
         let any_key = SigningKey::generate(&SeededRng::new(14)).unwrap();
         let (issuer_name, authority_key_id) = issuer_parts(&any_key, &batch_ca).unwrap();
         let again = sign(
             &any_key,
-            &issuer_name,
-            &authority_key_id,
-            "CN=D-000123,O=Acme Devices,C=DE",
-            &DevicePublicKey::P256(read("device-point.bin")),
-            *b"\x3akeyfab-vectors!",
-            Validity {
-                not_before: UnixTime(1_767_225_600),
-                not_after: UnixTime(1_767_225_600).plus_days(9131),
+            &Parts {
+                issuer_name: &issuer_name,
+                authority_key_id: &authority_key_id,
+                profile: &profile,
             },
+            "D-000123",
+            &device_key,
+            serial,
+            validity,
         )
         .unwrap();
         assert_eq!(tbs(&again), tbs(&device));
@@ -434,32 +944,45 @@ mod tests {
     }
 
     #[test]
-    fn bad_subjects_and_times_are_refused() {
+    fn bad_profiles_and_times_are_refused() {
+        for subject in ["", "CN", "CN=", "X=1", "CN=a,,O=b"] {
+            assert!(DeviceProfile::with_subject(subject).is_err(), "{subject:?}");
+        }
+        let mut spec = full_spec();
+        spec.extended_key_usage = vec!["3.1".into()];
+        assert!(DeviceProfile::new(&spec).is_err());
+        let mut spec = full_spec();
+        spec.alt_names = vec![(AltNameKind::Ip, "{device_id}".into())];
+        assert!(DeviceProfile::new(&spec).is_err());
         let rng = SeededRng::new(13);
         let (ca_key, ca_cert, _) = batch_ca(&rng, "batch");
+        let issuer = issuer_of(&ca_key, &ca_cert);
+        let profile = DeviceProfile::with_subject("CN=a").unwrap();
         let key = DevicePublicKey::Ed25519(vec![1; 32]);
-        let ok = Validity {
-            not_before: UnixTime(0),
-            not_after: UnixTime(86_400),
-        };
-        for subject in ["", "CN", "CN=", "X=1", "CN=a,,O=b"] {
-            assert!(
-                crate::x509::issue_device_certificate(
-                    &ca_key, &ca_cert, subject, &key, [1; 16], ok
-                )
-                .is_err(),
-                "{subject:?}"
-            );
-        }
-        for t in [i64::MIN, i64::MAX, 253_402_300_800] {
+        for t in [i64::MIN, 253_402_300_800 - 86_400 * 366 * 10_000] {
             let v = Validity {
-                not_before: UnixTime(0),
-                not_after: UnixTime(t),
+                not_before: UnixTime(t),
+                not_after: UnixTime(0),
             };
-            assert!(crate::x509::issue_device_certificate(
-                &ca_key, &ca_cert, "CN=a", &key, [1; 16], v
-            )
-            .is_err());
+            assert!(issuer.issue(&profile, "d", &key, [1; 16], v).is_err());
+        }
+    }
+
+    #[test]
+    fn oids_encode_as_x690_says() {
+        assert_eq!(
+            oid_der("1.3.6.1.5.5.7.3.2").unwrap(),
+            [0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02]
+        );
+        // keyfab's own arc (a UUID arc, far beyond 64 bits).
+        let mut ours = vec![0x06, 19];
+        ours.extend_from_slice(&crate::x509::ARC);
+        assert_eq!(
+            oid_der("2.25.73303038137255920152163058607138772276").unwrap(),
+            ours
+        );
+        for bad in ["1", "3.1", "1.40", "x.1"] {
+            assert!(oid_der(bad).is_err(), "{bad}");
         }
     }
 }

@@ -2,16 +2,19 @@
 //!
 //! ```text
 //! root CA (offline; pathlen 2)
-//!   └─ cluster CA, role hq|site (EKU carries the role; pathlen 1)
+//!   └─ cluster CA, role hq|site (certificate policy carries the role; pathlen 1)
 //!        ├─ service signing certificate   (EKU role, keyUsage digitalSignature)
 //!        ├─ service HPKE certificate      (EKU role, keyUsage keyAgreement)
-//!        └─ batch CA of one entitlement    (HQ only; EKU device-ca; pathlen 0) ─ device certs
+//!        └─ batch CA of one entitlement    (HQ only; policy device-ca; pathlen 0) ─ device certs
 //! ```
 //!
-//! The role is an extended key usage under keyfab's OID arc, present on the cluster CA
-//! and on every certificate it issues. Validation requires it on every non-root
-//! certificate of the path, so a site certificate can never act as HQ. Paths have an
-//! exact shape (leaf, cluster CA, root): a longer chain is refused.
+//! A role is an OID under keyfab's arc. CAs carry it as a certificate policy
+//! (certificatePolicies, non-critical), service certificates as an extended key usage.
+//! CAs do not carry it as an extended key usage because HQ's cluster CA and the batch CAs
+//! sit in every device chain, and TLS stacks read an EKU on a CA as a restriction of the
+//! whole path: a device chain would fail `clientAuth` checks. Validation requires the
+//! role on every non-root certificate of the path, so a site certificate can never act as
+//! HQ. Paths have an exact shape (leaf, cluster CA, root): a longer chain is refused.
 
 use crate::sign::{EcdsaSigner, VerifyingKey};
 use crate::time::UnixTime;
@@ -24,12 +27,12 @@ use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 
 mod device_cert;
 mod line;
-pub use device_cert::DeviceIssuer;
+pub use device_cert::{AltNameKind, DeviceIssuer, DeviceProfile, ProfileSpec, RawExtension};
 pub use line::{issue_server_certificate, issue_station_certificate, line_ca_certificate};
 
 /// keyfab's OID arc: 2.25.73303038137255920152163058607138772276 (a UUID OID, X.667),
 /// followed by `.1.<n>` for roles. The constants are the DER contents of each OID.
-const ARC: [u8; 19] = [
+pub(crate) const ARC: [u8; 19] = [
     0x69, 0xee, 0xa5, 0xd3, 0xb4, 0x8a, 0xb9, 0xaa, 0xb3, 0xff, 0x88, 0xe8, 0xdd, 0xa5, 0xae, 0xeb,
     0xce, 0xaa, 0x34,
 ];
@@ -179,6 +182,17 @@ impl NameAttribute {
         })
     }
 
+    fn name(self) -> &'static str {
+        match self {
+            Self::CommonName => "CN",
+            Self::Organization => "O",
+            Self::OrganizationalUnit => "OU",
+            Self::Country => "C",
+            Self::StateOrProvince => "ST",
+            Self::Locality => "L",
+        }
+    }
+
     fn dn_type(self) -> DnType {
         match self {
             Self::CommonName => DnType::CommonName,
@@ -253,6 +267,21 @@ fn eku(roles: &[Role]) -> CustomExtension {
     let oids: Vec<&[u8]> = roles.iter().map(|r| r.oid()).collect();
     eku_oids(&oids)
 }
+
+/// A certificatePolicies extension (non-critical) naming `role`: how a CA carries its
+/// role without restricting the purposes of the paths it is in (see the module doc).
+fn role_policy(role: Role) -> CustomExtension {
+    // certificatePolicies ::= SEQUENCE OF PolicyInformation ::= SEQUENCE { OID }
+    let oid = role.oid();
+    let mut content = vec![0x30, oid.len() as u8 + 4, 0x30, oid.len() as u8 + 2, 0x06];
+    content.push(oid.len() as u8);
+    content.extend_from_slice(oid);
+    CustomExtension::from_oid_content(&[2, 5, 29, 32], content)
+}
+
+/// The date RFC 5280 §4.1.2.5 gives a certificate with no well-defined expiration:
+/// 9999-12-31T23:59:59Z (`99991231235959Z`).
+pub const NO_EXPIRY: UnixTime = UnixTime(253_402_300_799);
 
 /// An extended key usage extension of these OIDs (DER contents of each).
 fn eku_oids(oids: &[&[u8]]) -> CustomExtension {
@@ -368,7 +397,7 @@ pub fn issue_cluster_certificate(
     let mut p = base_params(dn, validity, rng)?;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    p.custom_extensions.push(eku(&[role]));
+    p.custom_extensions.push(role_policy(role));
     let signer = Signer::new(root_key);
     let issuer =
         Issuer::from_ca_cert_der(&CertificateDer::from(root_cert), &signer).map_err(build_err)?;
@@ -418,8 +447,10 @@ pub fn issue_service_certificate(
     Ok(cert.der().to_vec())
 }
 
-/// HQ's cluster CA issues an entitlement's batch CA: valid for the entitlement window
-/// only, path length 0, role device-ca (so it can never act as HQ or a site).
+/// HQ's cluster CA issues an entitlement's batch CA: path length 0, role device-ca (so it
+/// can never act as HQ or a site). Its validity must cover every device certificate it
+/// may sign — to the last day of the window plus the certificates' lifetime — or devices
+/// stop verifying when it ends; the window itself is enforced by the site, not here.
 pub fn issue_batch_ca(
     hq_cluster_key: &dyn EcdsaSigner,
     hq_cluster_cert: &[u8],
@@ -433,7 +464,7 @@ pub fn issue_batch_ca(
     let mut p = base_params(dn, validity, rng)?;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    p.custom_extensions.push(eku(&[Role::DeviceCa]));
+    p.custom_extensions.push(role_policy(Role::DeviceCa));
     let signer = Signer::new(hq_cluster_key);
     let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(hq_cluster_cert), &signer)
         .map_err(build_err)?;
@@ -486,30 +517,6 @@ pub fn read_device_csr(der: &[u8]) -> Result<DevicePublicKey> {
             "CSR key must be P-256 (ECDSA SHA-256) or Ed25519".into(),
         ))
     }
-}
-
-/// The batch CA signs a device certificate. `serial` is 16 bytes chosen by the caller
-/// (recorded in the audit before the certificate is released). The subject is the
-/// policy's template with the device id in it. For many certificates under one CA,
-/// [`DeviceIssuer`] reads the CA certificate once.
-pub fn issue_device_certificate(
-    batch_key: &dyn EcdsaSigner,
-    batch_cert: &[u8],
-    subject: &str,
-    key: &DevicePublicKey,
-    serial: [u8; 16],
-    validity: Validity,
-) -> Result<Vec<u8>> {
-    let (issuer_name, authority_key_id) = device_cert::issuer_parts(batch_key, batch_cert)?;
-    device_cert::sign(
-        batch_key,
-        &issuer_name,
-        &authority_key_id,
-        subject,
-        key,
-        serial,
-        validity,
-    )
 }
 
 /// A certificate serial: 16 random bytes, positive, no leading zero byte.
@@ -576,14 +583,21 @@ pub fn cert_facts(der: &[u8]) -> Result<CertFacts> {
         .unwrap_or_default()
         .to_owned();
     let public_point = p256_point_from_spki(cert.public_key().raw).ok();
-    let mut roles = Vec::new();
+    // A role is read where either kind of certificate carries it: the EKU of a service
+    // certificate, the certificate policies of a CA (and the EKU of CAs made before).
+    let mut role_oids: Vec<&[u8]> = Vec::new();
     if let Ok(Some(eku)) = cert.extended_key_usage() {
-        for oid in &eku.value.other {
-            for r in [Role::Hq, Role::Site, Role::Station, Role::DeviceCa] {
-                if oid.as_bytes() == r.oid() {
-                    roles.push(r);
-                }
-            }
+        role_oids.extend(eku.value.other.iter().map(|oid| oid.as_bytes()));
+    }
+    for ext in cert.iter_extensions() {
+        if let ParsedExtension::CertificatePolicies(policies) = ext.parsed_extension() {
+            role_oids.extend(policies.iter().map(|p| p.policy_id.as_bytes()));
+        }
+    }
+    let mut roles = Vec::new();
+    for r in [Role::Hq, Role::Site, Role::Station, Role::DeviceCa] {
+        if role_oids.contains(&r.oid()) {
+            roles.push(r);
         }
     }
     let is_ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
@@ -648,7 +662,9 @@ pub fn validate_chain(
         &[anchor],
         &intermediates,
         when,
-        webpki::KeyUsage::required(role.oid()),
+        // The leaf must carry the role as its EKU (checked below); a CA carries it as a
+        // certificate policy, so an EKU is only checked where present.
+        webpki::KeyUsage::required_if_present(role.oid()),
         None,
         Some(&exact_shape),
     )

@@ -12,7 +12,7 @@ use keyfab_crypto::secret::{Secret32, SecretBytes};
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{self, Validity};
 use keyfab_node::{Error, Node, Result};
-use keyfab_policy::{KeySource, KeySpec, KeyType};
+use keyfab_policy::{KeySource, KeySpec, KeyType, Lifetime};
 
 pub(super) fn device_type(t: KeyType) -> DeviceKeyType {
     match t {
@@ -160,7 +160,9 @@ pub(super) fn replayed_privates(
     Ok(privates)
 }
 
-/// The device certificate for `public` under the key spec's template, if it has one.
+/// The device certificate for `public` under the key spec's profile, if it has one. Its
+/// validity starts now and runs for the profile's lifetime (to `99991231235959Z` for
+/// `"forever"`), never beyond the batch CA's.
 pub(super) fn certify(
     ctx: &EntitlementContext,
     spec: &KeySpec,
@@ -172,14 +174,27 @@ pub(super) fn certify(
     let (Some(template), Some(public)) = (&spec.certificate, public) else {
         return Ok(None);
     };
+    let profile = ctx
+        .policy
+        .policy
+        .keys
+        .iter()
+        .position(|k| k.name == spec.name)
+        .and_then(|i| ctx.profiles.get(i)?.as_ref())
+        .ok_or_else(|| Error::Bug(format!("no certificate profile for '{}'", spec.name)))?;
+    let not_after = match template.days {
+        Lifetime::Days(d) => now.plus_days(i64::from(d)),
+        Lifetime::Forever => x509::NO_EXPIRY,
+    };
     let serial = x509::random_serial(rng);
     let cert = ctx.device_issuer.issue(
-        &template.subject.replace("{device_id}", device_id),
+        profile,
+        device_id,
         public,
         serial,
         Validity {
             not_before: now,
-            not_after: now.plus_days(i64::from(template.days)),
+            not_after,
         },
     )?;
     Ok(Some((cert, hex::encode(serial))))

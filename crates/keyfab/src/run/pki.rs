@@ -2,6 +2,7 @@
 
 use crate::context::{rfc3339, Context};
 use crate::output::{io_fail, read_input_text, Failure, Outcome, Report};
+use keyfab_policy::Lifetime;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -9,7 +10,7 @@ pub(crate) fn init_root(
     ctx: &Context,
     home: &Path,
     subject: &str,
-    days: i64,
+    days: Lifetime,
 ) -> Result<Report, Failure> {
     let rng = ctx.rng();
     let path = keyfab_hq::pki::init_root(
@@ -52,8 +53,9 @@ pub(crate) fn issue(
     csr: &Path,
     role: crate::cli::CertRole,
     out: &Path,
-    days: i64,
+    days: Option<Lifetime>,
 ) -> Result<Report, Failure> {
+    let days = days.unwrap_or(role.default_days());
     let role = role.role();
     let csr_pem = read_input_text(csr, keyfab_formats::MAX_SMALL_INPUT)?;
     let rng = ctx.rng();
