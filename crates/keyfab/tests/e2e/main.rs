@@ -13,6 +13,7 @@ mod common;
 mod approval;
 #[cfg(feature = "bench")]
 mod bench;
+mod certificates;
 mod cluster;
 mod crash;
 mod demo;

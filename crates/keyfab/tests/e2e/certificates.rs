@@ -1,0 +1,245 @@
+//! Device certificates as a cloud checks them: chains that verify with standard purpose
+//! checks for as long as the certificate lives, and profiles that say what goes in them.
+
+use crate::common::*;
+use std::path::Path;
+
+const WINDOW: &str = r#"
+product = "thermostat"
+valid_from  = "2026-01-01T00:00:00Z"
+valid_until = "2030-01-01T00:00:00Z"
+"#;
+
+/// 2031-01-01T00:00:00Z: a year after the window closed.
+const YEAR_AFTER_WINDOW: &str = "1924992000";
+/// 2100-01-01T00:00:00Z.
+const YEAR_2100: &str = "4102444800";
+
+fn openssl(args: &[&str]) -> (bool, String) {
+    let o = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl runs");
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+/// A device's CSR made by OpenSSL with a fresh key of `algorithm` (`ec` P-256 or
+/// `ed25519`): (CSR, key).
+fn device_csr(w: &World, name: &str, algorithm: &str) -> (String, String) {
+    let (csr, key) = (
+        s(&w.path(&format!("{name}.csr"))),
+        s(&w.path(&format!("{name}.key"))),
+    );
+    let mut args = vec!["req", "-new", "-newkey", algorithm];
+    if algorithm == "ec" {
+        args.extend(["-pkeyopt", "ec_paramgen_curve:P-256"]);
+    }
+    args.extend([
+        "-nodes",
+        "-subj",
+        "/CN=ignored",
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+    ]);
+    let (ok, out) = openssl(&args);
+    assert!(ok, "{out}");
+    (csr, key)
+}
+
+/// `openssl verify` of `cert` with `chain` against the world's root, for `purpose`, at
+/// `attime` (Unix seconds) or now.
+fn verify(w: &World, chain: &Path, cert: &Path, purpose: &str, attime: Option<&str>) {
+    let root = s(&w.root.join("root.crt"));
+    let (chain, cert) = (s(chain), s(cert));
+    let mut args = vec!["verify", "-purpose", purpose];
+    if let Some(t) = attime {
+        args.extend(["-attime", t]);
+    }
+    args.extend(["-CAfile", &root, "-untrusted", &chain, &cert]);
+    let (ok, out) = openssl(&args);
+    assert!(ok, "{cert} {purpose} at {attime:?}: {out}");
+}
+
+/// Writes each key's certificate (and the chain) of a provisioning answer; returns the
+/// chain file and (key name, certificate file).
+fn written(
+    w: &World,
+    answer: &serde_json::Value,
+    tag: &str,
+) -> (std::path::PathBuf, Vec<(String, std::path::PathBuf)>) {
+    let chain = w.path(&format!("{tag}-chain.pem"));
+    let pem: String = answer["chain_pem"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    std::fs::write(&chain, pem).unwrap();
+    let certs = answer["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|k| {
+            let pem = k["certificate_pem"].as_str()?;
+            let name = k["name"].as_str().unwrap().to_owned();
+            let file = w.path(&format!("{tag}-{name}.crt"));
+            std::fs::write(&file, pem).unwrap();
+            Some((name, file))
+        })
+        .collect();
+    (chain, certs)
+}
+
+#[test]
+fn every_key_type_and_source_verifies_as_a_client_for_the_devices_life() {
+    let w = world();
+    for (algorithm, csr_type) in [("ec", "ec-p256"), ("ed25519", "ed25519")] {
+        let body = format!(
+            "{WINDOW}devices = 3\n\
+             [[keys]]\nname = \"pool-ec\"\ntype = \"ec-p256\"\nsource = \"hq-pool\"\ncertificate = {{ subject = \"CN={{device_id}},O=Acme\", days = 3650 }}\n\
+             [[keys]]\nname = \"pool-ed\"\ntype = \"ed25519\"\nsource = \"hq-pool\"\ncertificate = {{ subject = \"CN={{device_id}}\", days = \"forever\" }}\n\
+             [[keys]]\nname = \"site-ec\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = {{ subject = \"CN={{device_id}}\", days = \"forever\", extended_key_usage = [\"client-auth\", \"server-auth\"], subject_alt_names = [{{ dns = \"{{device_id}}.devices.example.com\" }}] }}\n\
+             [[keys]]\nname = \"site-ed\"\ntype = \"ed25519\"\nsource = \"site\"\ncertificate = {{ subject = \"CN={{device_id}}\", days = 3650 }}\n\
+             [[keys]]\nname = \"own\"\ntype = \"{csr_type}\"\nsource = \"device\"\ncertificate = {{ subject = \"CN={{device_id}},OU={{product}}\", days = \"forever\" }}\n"
+        );
+        let id = imported(&w, &body, &format!("life-{algorithm}"));
+        let (csr, _) = device_csr(&w, &format!("dev-{algorithm}"), algorithm);
+        let answer = provision(&w, &id, "D-1", &["--csr", &csr], None);
+        assert_eq!(answer.code, 0, "{}", answer.json);
+        let (chain, certs) = written(&w, &answer.json, algorithm);
+        assert_eq!(certs.len(), 5, "{}", answer.json);
+        let forever = ["pool-ed", "site-ec", "own"];
+        for (name, cert) in &certs {
+            verify(&w, &chain, cert, "sslclient", None);
+            verify(&w, &chain, cert, "sslclient", Some(YEAR_AFTER_WINDOW));
+            if forever.contains(&name.as_str()) {
+                verify(&w, &chain, cert, "sslclient", Some(YEAR_2100));
+            } else {
+                // A ten-year certificate ends ten years after issue, and no later.
+                let (ok, out) = openssl(&[
+                    "verify",
+                    "-attime",
+                    YEAR_2100,
+                    "-CAfile",
+                    &s(&w.root.join("root.crt")),
+                    "-untrusted",
+                    &s(&chain),
+                    &s(cert),
+                ]);
+                assert!(!ok && out.contains("expired"), "{name}: {out}");
+            }
+            if name == "site-ec" {
+                verify(&w, &chain, cert, "sslserver", Some(YEAR_2100));
+            }
+        }
+        let forever = &certs.iter().find(|(n, _)| n == "own").unwrap().1;
+        let (_, text) = openssl(&["x509", "-noout", "-enddate", "-subject", "-in", &s(forever)]);
+        assert!(text.contains("notAfter=Dec 31 23:59:59 9999 GMT"), "{text}");
+        assert!(text.contains("OU = thermostat"), "{text}");
+    }
+}
+
+#[test]
+fn profile_fields_appear_as_asked() {
+    let w = world();
+    let body = format!(
+        "{WINDOW}devices = 2\n\
+         [[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"site\"\n\
+         [keys.certificate]\n\
+         subject = \"CN={{device_id}},O=Acme,OU={{site}}\"\n\
+         days = 730\n\
+         extended_key_usage = [\"client-auth\", \"1.3.6.1.4.1.99999.3\"]\n\
+         key_usage = [\"digital-signature\", \"key-agreement\"]\n\
+         subject_alt_names = [{{ uri = \"urn:acme:{{product}}:{{device_id}}\" }}, {{ email = \"{{device_id}}@devices.example.com\" }}, {{ ip = \"10.0.0.1\" }}]\n\
+         crl_distribution_point = \"http://crl.example.com/{{entitlement}}.crl\"\n\
+         extensions = [{{ oid = \"1.3.6.1.4.1.99999.1\", utf8 = \"batch-7\" }}, {{ oid = \"1.3.6.1.4.1.99999.2\", der = \"AgEq\" }}]\n"
+    );
+    let id = imported(&w, &body, "profile");
+    let answer = provision(&w, &id, "D-7", &[], None);
+    assert_eq!(answer.code, 0, "{}", answer.json);
+    let (chain, certs) = written(&w, &answer.json, "profile");
+    let cert = &certs[0].1;
+    verify(&w, &chain, cert, "sslclient", None);
+    let (_, text) = openssl(&["x509", "-noout", "-text", "-in", &s(cert)]);
+    for expected in [
+        "Subject: CN = D-7, O = Acme, OU = shenzhen-1",
+        "Digital Signature, Key Agreement",
+        "TLS Web Client Authentication, 1.3.6.1.4.1.99999.3",
+        "URI:urn:acme:thermostat:D-7, email:D-7@devices.example.com, IP Address:10.0.0.1",
+        &format!("URI:http://crl.example.com/{id}.crl"),
+        "1.3.6.1.4.1.99999.1:",
+        "batch-7",
+        "1.3.6.1.4.1.99999.2:",
+    ] {
+        assert!(text.contains(expected), "{expected} not in {text}");
+    }
+    assert!(
+        !text.contains("Key Usage: critical\n                Digital Signature, Key Encipherment")
+    );
+}
+
+#[test]
+fn an_impossible_profile_is_refused_at_create_naming_its_field() {
+    let w = world();
+    let cases = [
+        (
+            "key_usage = [\"key-encipherment\"]",
+            "keys[0].certificate.key_usage",
+        ),
+        (
+            "extended_key_usage = [\"tls-client\"]",
+            "keys[0].certificate.extended_key_usage",
+        ),
+        (
+            "subject_alt_names = [{ ip = \"{device_id}\" }]",
+            "keys[0].certificate.subject_alt_names[0]",
+        ),
+        (
+            "extensions = [{ oid = \"2.5.29.19\", utf8 = \"x\" }]",
+            "keys[0].certificate.extensions[0]",
+        ),
+        (
+            "extensions = [{ oid = \"1.2.3\", der = \"AgE=AgE=\" }]",
+            "keys[0].certificate.extensions[0]",
+        ),
+        (
+            "crl_distribution_point = \"ftp://crl\"",
+            "keys[0].certificate.crl_distribution_point",
+        ),
+    ];
+    for (i, (field, named)) in cases.iter().enumerate() {
+        let body = format!(
+            "{WINDOW}devices = 2\n[[keys]]\nname = \"k\"\ntype = \"ec-p256\"\nsource = \"site\"\n[keys.certificate]\nsubject = \"CN={{device_id}}\"\ndays = 30\n{field}\n"
+        );
+        let policy = w.path(&format!("bad-{i}.toml"));
+        std::fs::write(&policy, body).unwrap();
+        let out = w.path(&format!("bad-{i}.kfe"));
+        let o = try_create(&w, "shenzhen-1", &policy, &out);
+        assert_eq!(o.code, 1, "{field}: {}", o.json);
+        assert_eq!(o.json["error"]["code"], "invalid_policy", "{}", o.json);
+        assert!(
+            o.json["error"]["message"].as_str().unwrap().contains(named),
+            "{field}: {}",
+            o.json
+        );
+        assert!(!out.exists());
+    }
+    // `days = "always"` is neither a number nor "forever".
+    let policy = w.path("always.toml");
+    std::fs::write(
+        &policy,
+        format!("{WINDOW}devices = 2\n[[keys]]\nname = \"k\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = {{ subject = \"CN=x\", days = \"always\" }}\n"),
+    )
+    .unwrap();
+    let o = try_create(&w, "shenzhen-1", &policy, &w.path("always.kfe"));
+    assert_eq!(o.json["error"]["code"], "invalid_policy", "{}", o.json);
+}
