@@ -249,6 +249,13 @@ fn decode_event(c: &mut Cbor<'_>) -> Option<Event> {
                 destroyed_pool_keys: c.field("destroyed_pool_keys", Cbor::uint)?,
             }
         }
+        "batch_key_destroyed" => {
+            c.map(2)?;
+            Event::BatchKeyDestroyed {
+                entitlement: c.field("entitlement", Cbor::string)?,
+                cause: c.field("cause", Cbor::string)?,
+            }
+        }
         "setting_changed" => {
             c.map(2)?;
             Event::SettingChanged {
@@ -414,6 +421,10 @@ mod tests {
                 sequence: u64::from(u32::MAX) + 1,
                 reason: String::new(),
                 destroyed_pool_keys: u64::MAX,
+            },
+            Event::BatchKeyDestroyed {
+                entitlement: "e".into(),
+                cause: "window_ended".into(),
             },
             Event::SettingChanged {
                 name: "n".into(),

@@ -156,6 +156,15 @@ pub enum Event {
         /// How many unused pool keys were destroyed.
         destroyed_pool_keys: u64,
     },
+    /// The site destroyed an entitlement's batch CA key: nothing more can be issued
+    /// under that batch CA. Certificates already issued stay valid.
+    BatchKeyDestroyed {
+        /// The entitlement id.
+        entitlement: String,
+        /// `revoked` (HQ revoked the entitlement) or `window_ended` (its `valid_until`
+        /// passed).
+        cause: String,
+    },
     /// An operator changed a site setting that bears on security.
     SettingChanged {
         /// The setting (`clock_tolerance`, …).

@@ -68,6 +68,8 @@ pub fn export(
     again: bool,
     progress: Option<&(dyn Fn(u64, u64) + Sync)>,
 ) -> Result<Exported> {
+    // An export shows every key destruction that is due.
+    crate::batch_key::retire_ended(node)?;
     let hq = hq_recipient(node)?.ok_or_else(|| {
         Error::Precondition(
             "no entitlement imported yet: this site does not know HQ's encryption key".into(),

@@ -19,6 +19,7 @@
 
 pub mod approvals;
 mod audit_log;
+pub mod batch_key;
 pub mod bundle;
 pub mod checkpoints;
 pub mod entitlements;

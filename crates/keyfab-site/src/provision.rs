@@ -267,8 +267,9 @@ struct EntitlementContext {
     policy: CompiledPolicy,
     dek: Secret32,
     aead: AeadKey,
-    /// The entitlement's batch CA, its certificate parsed once.
-    device_issuer: x509::DeviceIssuer,
+    /// The entitlement's batch CA, its certificate parsed once; `None` once its key was
+    /// destroyed.
+    device_issuer: Option<x509::DeviceIssuer>,
     /// Each key spec's certificate profile, encoded once (none: no certificate).
     profiles: Vec<Option<x509::DeviceProfile>>,
     master: Secret32,
@@ -431,6 +432,32 @@ impl Provisioner {
         &self.node
     }
 
+    /// Drops the unsealed contexts of entitlements whose batch CA key is gone from the
+    /// store (destroyed by this node, another node or a command), so the key does not live
+    /// on in this process's memory.
+    pub fn forget_destroyed_batch_keys(&self) -> Result<()> {
+        let held: Vec<String> = {
+            let cache = self.contexts.lock().unwrap_or_else(|p| p.into_inner());
+            cache
+                .iter()
+                .filter(|(_, c)| c.device_issuer.is_some())
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for id in held {
+            let stored = self.node.store.get(Table::Entitlements, id.as_bytes())?;
+            let gone = match stored {
+                Some(v) => !crate::batch_key::holds_key(&decode(&v.value)?),
+                None => true,
+            };
+            if gone {
+                let mut cache = self.contexts.lock().unwrap_or_else(|p| p.into_inner());
+                cache.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
     fn context(&self, id: &str) -> Result<Arc<EntitlementContext>> {
         let mut cache = self.contexts.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = cache.get(id) {
@@ -446,11 +473,21 @@ impl Provisioner {
             .node
             .custody
             .unwrap_data_key(&record.wrapped_data_key, &dek_aad(id))?;
-        let batch_pkcs8 = keyfab_crypto::aead::open_random_nonce(
-            &dek,
-            b"batch-ca-key",
-            &record.sealed_batch_ca_key,
-        )?;
+        // Gone once the window ended or HQ revoked (crate::batch_key): the policy refuses
+        // every release then, and nothing can be issued.
+        let device_issuer = if crate::batch_key::holds_key(&record) {
+            let batch_pkcs8 = keyfab_crypto::aead::open_random_nonce(
+                &dek,
+                b"batch-ca-key",
+                &record.sealed_batch_ca_key,
+            )?;
+            Some(x509::DeviceIssuer::new(
+                SigningKey::from_pkcs8(batch_pkcs8.expose())?,
+                &record.batch_ca_cert,
+            )?)
+        } else {
+            None
+        };
         let master = keyfab_crypto::aead::open_random_nonce(
             &dek,
             b"master-secret",
@@ -476,10 +513,7 @@ impl Provisioner {
             profiles,
             policy: CompiledPolicy::new(record.policy.clone())?,
             aead: AeadKey::new(&dek)?,
-            device_issuer: x509::DeviceIssuer::new(
-                SigningKey::from_pkcs8(batch_pkcs8.expose())?,
-                &record.batch_ca_cert,
-            )?,
+            device_issuer,
             master: Secret32::from_slice(master.expose())
                 .ok_or_else(|| Error::Corrupt("master secret".into()))?,
             chain: Arc::new(IssuerChain::new(vec![

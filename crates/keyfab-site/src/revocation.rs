@@ -1,5 +1,6 @@
 //! Revocation at the site: verified like an entitlement; afterwards the entitlement
-//! refuses with `revoked`, and its pool keys that no device took are destroyed. Keys
+//! refuses with `revoked`, and its pool keys that no device took and its batch CA key are
+//! destroyed. Keys
 //! already given out stay, so retries of those requests are still answered. One
 //! transaction: the state, the destruction, the sequence mark and the audit record.
 
@@ -20,6 +21,9 @@ pub struct Revoked {
     pub sequence: u64,
     /// Pool keys destroyed.
     pub destroyed_pool_keys: u64,
+    /// Why the store could not purge what was deleted from its medium, if it could not
+    /// (the keys are deleted all the same; the next revocation or window end purges).
+    pub purge_failed: Option<String>,
 }
 
 /// Verifies HQ's `.kfr` and applies it: no more releases, unused pool keys destroyed.
@@ -40,16 +44,21 @@ pub fn import_revocation(node: &Node, bytes: &[u8]) -> Result<Revoked> {
             r.sequence
         )));
     }
-    let rec_v = node
+    if node
         .store
         .get(Table::Entitlements, r.entitlement.as_bytes())?
-        .ok_or_else(|| Error::UnknownEntitlement(r.entitlement.clone()))?;
-    let record: EntitlementRecord = decode(&rec_v.value)?;
+        .is_none()
+    {
+        return Err(Error::UnknownEntitlement(r.entitlement.clone()));
+    }
     // On a cluster, busy nodes write their reservations all the time; the revocation is
     // guarded on them (below), so it reads and tries again until it lands between two
     // of their commits.
     for _ in 0..REVOCATION_ATTEMPTS {
-        if let Some(revoked) = try_revoke(node, &r, &record, seq_seen.as_ref())? {
+        if let Some(mut revoked) = try_revoke(node, &r, seq_seen.as_ref())? {
+            // The keys are deleted; now out of the store's file too. The revocation stands
+            // whatever happens here, so a failure is reported, not returned.
+            revoked.purge_failed = node.store.purge_deleted().err().map(|e| e.to_string());
             return Ok(revoked);
         }
     }
@@ -65,9 +74,13 @@ const REVOCATION_ATTEMPTS: usize = 64;
 fn try_revoke(
     node: &Node,
     r: &keyfab_formats::revocation::Revocation,
-    record: &EntitlementRecord,
     seq_seen: Option<&keyfab_store::Versioned>,
 ) -> Result<Option<Revoked>> {
+    let record_seen = node
+        .store
+        .get(Table::Entitlements, r.entitlement.as_bytes())?
+        .ok_or_else(|| Error::UnknownEntitlement(r.entitlement.clone()))?;
+    let record: EntitlementRecord = decode(&record_seen.value)?;
     let counters_seen = node.store.get(Table::Counters, r.entitlement.as_bytes())?;
     let mut counters: Counters = match &counters_seen {
         Some(v) => decode(&v.value)?,
@@ -121,6 +134,13 @@ fn try_revoke(
             destroyed_pool_keys: destroyed,
         },
     )?;
+    crate::batch_key::destroy_in(
+        &mut txn,
+        &mut log,
+        node.now().0,
+        &record_seen,
+        crate::batch_key::Cause::Revoked,
+    )?;
     log.finish(&mut txn);
     txn.require_unchanged(Table::Meta, HQ_SEQUENCE, seq_seen)
         .require_unchanged(
@@ -141,5 +161,6 @@ fn try_revoke(
         entitlement: r.entitlement.clone(),
         sequence: r.sequence,
         destroyed_pool_keys: destroyed,
+        purge_failed: None,
     }))
 }

@@ -18,10 +18,12 @@
 //! them is refused with an error, never split (which would break atomicity).
 #![forbid(unsafe_code)]
 
-use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn as EtcdTxn, TxnOp};
+use etcd_client::{
+    CompactionOptions, Compare, CompareOp, DeleteOptions, GetOptions, Txn as EtcdTxn, TxnOp,
+};
 use keyfab_store::{
-    prefix_end, CommitLimits, Guard, Outcome, Result, Store, StoreError, Table, Txn, Versioned,
-    Write,
+    prefix_end, CommitLimits, Guard, Outcome, Purged, Result, Store, StoreError, Table, Txn,
+    Versioned, Write,
 };
 use std::sync::Mutex;
 
@@ -468,6 +470,29 @@ impl Store for EtcdStore {
 
     fn is_shared(&self) -> bool {
         true
+    }
+
+    /// Compacts etcd's history up to now (physically: the call returns once the members
+    /// have dropped the old revisions), so a deleted value is no longer readable at an
+    /// earlier revision. Each member's file keeps the freed pages until it is
+    /// defragmented (`etcdctl defrag`), which blocks that member while it runs: left to
+    /// the operator's maintenance window.
+    fn purge_deleted(&self) -> Result<Purged> {
+        let revision = i64::try_from(self.revision()?).unwrap_or(i64::MAX);
+        let compacted = self.call(true, move |mut c| async move {
+            c.compact(revision, Some(CompactionOptions::new().with_physical()))
+                .await
+        });
+        match compacted {
+            Ok(_) => Ok(Purged::Compacted {
+                revision: revision as u64,
+            }),
+            // Another node compacted to here or beyond already.
+            Err(e) if e.to_string().contains("compacted") => Ok(Purged::Compacted {
+                revision: revision as u64,
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     fn commits_sent(&self) -> u64 {

@@ -7,9 +7,12 @@
 //! each commit writes (and fsyncs) several times over. Values are stored as
 //! `revision (u64 BE) ‖ value`.
 
-use crate::{prefix_end, Guard, Outcome, Result, Store, StoreError, Table, Txn, Versioned, Write};
+use crate::{
+    prefix_end, Guard, Outcome, Purged, Result, Store, StoreError, Table, Txn, Versioned, Write,
+};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard};
 
 /// The page cache of the store file.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
@@ -27,8 +30,13 @@ fn full_key(t: Table, key: &[u8]) -> Vec<u8> {
 /// The store contract on one redb file in the node's home: one process at a time,
 /// every commit durable (`fdatasync`) before it returns.
 pub struct EmbeddedStore {
-    db: Database,
+    /// Replaced whole by [`Store::purge_deleted`]; every other use reads it.
+    db: RwLock<Database>,
+    path: PathBuf,
 }
+
+/// Rows copied per write transaction when the file is rewritten.
+const PURGE_BATCH: usize = 50_000;
 
 fn io<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Io(e.to_string())
@@ -53,45 +61,133 @@ impl EmbeddedStore {
     /// Opens (or creates) the store file. A second process opening the same file gets
     /// [`StoreError::Busy`].
     pub fn open(path: &Path) -> Result<Self> {
-        // A bounded page cache: redb's default (1 GiB) would let a large import or
-        // provisioning run grow the process that far.
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(io)?;
-        // The state is its user's alone, whatever the umask was when it was made.
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(io)?;
-        let db = crate::prefill::PrefilledFile::new(file)
-            .and_then(|backend| {
-                redb::Builder::new()
-                    .set_cache_size(CACHE_BYTES)
-                    .create_with_backend(backend)
+        Ok(Self {
+            db: RwLock::new(open_file(path)?),
+            path: path.to_owned(),
+        })
+    }
+
+    fn db(&self) -> RwLockReadGuard<'_, Database> {
+        self.db.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Copies every row of `from` into `to`, in batches; the last commit is durable.
+    fn copy_rows(from: &Database, to: &Database) -> Result<()> {
+        let r = from.begin_read().map_err(io)?;
+        let t = r.open_table(KV).map_err(io)?;
+        let mut rows = t.iter().map_err(io)?.peekable();
+        loop {
+            let mut w = to.begin_write().map_err(io)?;
+            let last = {
+                let mut out = w.open_table(KV).map_err(io)?;
+                for _ in 0..PURGE_BATCH {
+                    let Some(row) = rows.next() else { break };
+                    let (k, v) = row.map_err(io)?;
+                    out.insert(k.value(), v.value()).map_err(io)?;
+                }
+                rows.peek().is_none()
+            };
+            w.set_durability(if last {
+                redb::Durability::Immediate
+            } else {
+                redb::Durability::None
             })
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Busy,
-                other => io(other),
-            })?;
-        // Create the table only if missing: opening an existing store must not write to
-        // it, so a refused operation leaves the file byte for byte as it was.
-        let exists = db.begin_read().map_err(io)?.open_table(KV).is_ok();
-        if !exists {
-            let w = db.begin_write().map_err(io)?;
-            w.open_table(KV).map_err(io)?;
+            .map_err(io)?;
             w.commit().map_err(io)?;
+            if last {
+                return Ok(());
+            }
         }
-        Ok(Self { db })
     }
 }
 
+/// Opens (or creates) a store file, its table made if missing.
+fn open_file(path: &Path) -> Result<Database> {
+    // A bounded page cache: redb's default (1 GiB) would let a large import or
+    // provisioning run grow the process that far.
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    // The state is its user's alone, whatever the umask was when it was made.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io)?;
+    let db = crate::prefill::PrefilledFile::new(file)
+        .and_then(|backend| {
+            redb::Builder::new()
+                .set_cache_size(CACHE_BYTES)
+                .create_with_backend(backend)
+        })
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Busy,
+            other => io(other),
+        })?;
+    // Create the table only if missing: opening an existing store must not write to
+    // it, so a refused operation leaves the file byte for byte as it was.
+    let exists = db.begin_read().map_err(io)?.open_table(KV).is_ok();
+    if !exists {
+        let w = db.begin_write().map_err(io)?;
+        w.open_table(KV).map_err(io)?;
+        w.commit().map_err(io)?;
+    }
+    Ok(db)
+}
+
+/// Overwrites `file` with zeros over `len` bytes and syncs it.
+fn zero_file(file: &std::fs::File, len: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at).map_err(io)?;
+        at += n as u64;
+    }
+    file.sync_data().map_err(io)
+}
+
 impl Store for EmbeddedStore {
+    /// Copies the live rows into a new file beside the store, renames it over the store,
+    /// then overwrites the old file (still open, no longer named) with zeros before it is
+    /// closed: freed pages leave the medium with it. Every other store call waits
+    /// meanwhile. A crash midway leaves either file whole: the new one is only renamed in
+    /// once complete and durable.
+    fn purge_deleted(&self) -> Result<Purged> {
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        let fresh_path = self.path.with_extension("redb.purge");
+        let _ = std::fs::remove_file(&fresh_path);
+        let old = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map_err(io)?;
+        let fresh = open_file(&fresh_path)?;
+        if let Err(e) = Self::copy_rows(&db, &fresh) {
+            drop(fresh);
+            let _ = std::fs::remove_file(&fresh_path);
+            return Err(e);
+        }
+        std::fs::rename(&fresh_path, &self.path).map_err(io)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        // The old database is closed before its file is zeroed: closing writes to it.
+        drop(std::mem::replace(&mut *db, fresh));
+        let bytes = old.metadata().map_err(io)?.len();
+        zero_file(&old, bytes)?;
+        Ok(Purged::Rewritten { bytes })
+    }
+
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Versioned>> {
-        let r = self.db.begin_read().map_err(io)?;
+        // The guard lives to the end of the call: a purge waits for it.
+        let db = self.db();
+        let r = db.begin_read().map_err(io)?;
         let t = r.open_table(KV).map_err(io)?;
         match t.get(full_key(table, key).as_slice()).map_err(io)? {
             Some(v) => Ok(Some(decode(v.value())?)),
@@ -106,7 +202,9 @@ impl Store for EmbeddedStore {
         from: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Versioned)>> {
-        let r = self.db.begin_read().map_err(io)?;
+        // The guard lives to the end of the call: a purge waits for it.
+        let db = self.db();
+        let r = db.begin_read().map_err(io)?;
         let t = r.open_table(KV).map_err(io)?;
         let wanted = full_key(table, prefix);
         let start = full_key(table, from.max(prefix));
@@ -122,7 +220,8 @@ impl Store for EmbeddedStore {
     }
 
     fn commit(&self, txn: Txn) -> Result<Outcome> {
-        let mut w = self.db.begin_write().map_err(io)?;
+        let db = self.db();
+        let mut w = db.begin_write().map_err(io)?;
         w.set_durability(if txn.lazy {
             redb::Durability::None
         } else {
@@ -210,7 +309,9 @@ impl Store for EmbeddedStore {
     }
 
     fn get_many(&self, keys: &[(Table, &[u8])]) -> Result<Vec<Option<Versioned>>> {
-        let r = self.db.begin_read().map_err(io)?;
+        // The guard lives to the end of the call: a purge waits for it.
+        let db = self.db();
+        let r = db.begin_read().map_err(io)?;
         let t = r.open_table(KV).map_err(io)?;
         keys.iter()
             .map(
@@ -223,7 +324,9 @@ impl Store for EmbeddedStore {
     }
 
     fn revision(&self) -> Result<u64> {
-        let r = self.db.begin_read().map_err(io)?;
+        // The guard lives to the end of the call: a purge waits for it.
+        let db = self.db();
+        let r = db.begin_read().map_err(io)?;
         let t = r.open_table(KV).map_err(io)?;
         Ok(match t.get(REVISION_KEY).map_err(io)? {
             Some(v) => u64::from_be_bytes(v.value().try_into().unwrap_or([0; 8])),
@@ -246,6 +349,49 @@ mod tests {
     fn the_store_contract_holds() {
         let (_d, s) = store();
         crate::conformance::run_all(&s);
+    }
+
+    #[test]
+    fn a_purge_leaves_no_deleted_value_in_the_file_and_everything_else_as_it_was() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.redb");
+        let secret = b"a deleted secret that must not stay in the file".repeat(4);
+        let s = EmbeddedStore::open(&path).unwrap();
+        let mut t = Txn::default();
+        t.put(Table::Meta, b"kept", b"kept value")
+            .put(Table::Pool, b"gone", &secret);
+        s.commit(t).unwrap();
+        let mut t = Txn::default();
+        t.delete(Table::Pool, b"gone");
+        s.commit(t).unwrap();
+        let holds = |p: &Path| {
+            let bytes = std::fs::read(p).unwrap();
+            bytes.windows(secret.len()).any(|w| w == secret.as_slice())
+        };
+        assert!(holds(&path), "the freed page keeps the bytes until a purge");
+        let before = s.revision().unwrap();
+        assert!(matches!(
+            s.purge_deleted().unwrap(),
+            Purged::Rewritten { .. }
+        ));
+        assert!(!holds(&path));
+        assert_eq!(s.revision().unwrap(), before);
+        assert_eq!(
+            s.get(Table::Meta, b"kept").unwrap().unwrap().value,
+            b"kept value"
+        );
+        assert!(s.get(Table::Pool, b"gone").unwrap().is_none());
+        let mut t = Txn::default();
+        t.put(Table::Meta, b"after", b"v");
+        assert!(s.commit(t).unwrap().is_committed());
+        drop(s);
+        let s = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(s.get(Table::Meta, b"after").unwrap().unwrap().value, b"v");
+        assert_eq!(
+            std::fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "no file left beside it"
+        );
     }
 
     #[test]

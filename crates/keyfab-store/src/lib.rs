@@ -377,4 +377,30 @@ pub trait Store: Send + Sync {
     fn is_shared(&self) -> bool {
         false
     }
+    /// Removes from the store's medium what deleted values it can still reach, after a
+    /// commit that destroyed key material (a revocation, a batch CA key's end): a B-tree
+    /// frees a deleted value's page but leaves its bytes there until the page is reused.
+    /// Returns what the backend did, for the operator.
+    fn purge_deleted(&self) -> Result<Purged> {
+        Ok(Purged::NotNeeded)
+    }
+}
+
+/// What [`Store::purge_deleted`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purged {
+    /// The live rows were copied into a new file that replaced the old one, and the old
+    /// file was overwritten with zeros before it was let go: this many bytes.
+    Rewritten {
+        /// The size of the file overwritten.
+        bytes: u64,
+    },
+    /// The replicated store's history was compacted up to this revision: a deleted value
+    /// can no longer be read at an earlier one.
+    Compacted {
+        /// The revision compacted to.
+        revision: u64,
+    },
+    /// The backend keeps no deleted value (an in-memory store).
+    NotNeeded,
 }

@@ -298,6 +298,7 @@ impl<'a> Reconciler<'a> {
             | Event::ClockAhead { .. }
             | Event::SiteLatched { .. }
             | Event::SettingChanged { .. }
+            | Event::BatchKeyDestroyed { .. }
             | Event::AuditExported { .. } => {}
         }
         Ok(())

@@ -36,6 +36,19 @@ pub(super) fn prepare(
     if !ctx.policy.device_id_ok(&req.device_id) {
         return Ok(Vec::new());
     }
+    // Once the batch CA key is destroyed (window ended, revoked), the policy refuses
+    // every new release and a retry is answered from its record: nothing to prepare,
+    // and no certificate could be made.
+    if ctx.device_issuer.is_none()
+        && ctx
+            .policy
+            .policy
+            .keys
+            .iter()
+            .any(|k| k.certificate.is_some())
+    {
+        return Ok(Vec::new());
+    }
     let rng = node.rng.as_ref();
     let now = node.now();
     let device_key = match &req.csr {
@@ -186,8 +199,12 @@ pub(super) fn certify(
         Lifetime::Days(d) => now.plus_days(i64::from(d)),
         Lifetime::Forever => x509::NO_EXPIRY,
     };
+    let issuer = ctx
+        .device_issuer
+        .as_ref()
+        .ok_or_else(|| batch_key_gone(ctx))?;
     let serial = x509::random_serial(rng);
-    let cert = ctx.device_issuer.issue(
+    let cert = issuer.issue(
         profile,
         device_id,
         public,
@@ -198,6 +215,14 @@ pub(super) fn certify(
         },
     )?;
     Ok(Some((cert, hex::encode(serial))))
+}
+
+/// What a request meets that needs a certificate after the batch CA key was destroyed.
+pub(super) fn batch_key_gone(ctx: &EntitlementContext) -> Error {
+    Error::Precondition(format!(
+        "the batch CA key of entitlement {} was destroyed (its window ended or HQ revoked it): nothing more can be issued under it",
+        ctx.record.id
+    ))
 }
 
 impl EntitlementContext {

@@ -299,7 +299,12 @@ impl Deciding<'_> {
         pool_index: Option<u64>,
     ) -> Result<Option<Released>> {
         if prepared.len() != ctx.policy.policy.keys.len() {
-            // Only a device id the policy refuses is left unprepared.
+            // A node whose clock runs behind another's may still allow what the other
+            // already ended: the key is gone all the same, nothing is released.
+            if ctx.device_issuer.is_none() {
+                return Err(super::keys::batch_key_gone(ctx));
+            }
+            // Otherwise only a device id the policy refuses is left unprepared.
             return Err(Error::Bug(
                 "an allowed request without its prepared keys".into(),
             ));

@@ -144,6 +144,35 @@ pub fn serve(
     Ok(summary)
 }
 
+/// How often a serving site looks for batch CA keys whose window has ended.
+const RETIRE_EVERY: Duration = Duration::from_secs(60);
+
+/// Destroys the batch CA keys of entitlements whose window has ended
+/// ([`crate::batch_key::retire_ended`]) at start, then every [`RETIRE_EVERY`]; and forgets
+/// the ones destroyed in this process's memory.
+async fn retire_ended_batch_keys(provisioner: Arc<Provisioner>) {
+    loop {
+        let p = provisioner.clone();
+        let retired = tokio::task::spawn_blocking(move || {
+            let ids = crate::batch_key::retire_ended(p.node())?;
+            p.forget_destroyed_batch_keys()?;
+            Ok::<_, Error>(ids)
+        });
+        match retired.await {
+            Ok(Ok(ids)) => {
+                for id in ids {
+                    tracing::info!(target: "keyfab::entitlement", entitlement = %id, "window ended: batch CA key destroyed");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(target: "keyfab::entitlement", error = %e, "batch CA keys not retired; trying again")
+            }
+            Err(_) => return,
+        }
+        tokio::time::sleep(RETIRE_EVERY).await;
+    }
+}
+
 async fn run(
     state: AppState,
     tls: Arc<rustls::ServerConfig>,
@@ -164,6 +193,7 @@ async fn run(
         state.node.clone(),
         state.revocations.clone(),
     ));
+    let retire_task = tokio::spawn(retire_ended_batch_keys(state.provisioner.clone()));
     ready(listener.local_addr()?);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let limits = state.limits.clone();
@@ -270,6 +300,7 @@ async fn run(
     tracing::info!("stopping: no new connections; requests in flight finish");
     drop(listener);
     admin_task.abort();
+    retire_task.abort();
     let _ = std::fs::remove_file(&admin_path);
     // In-flight requests finish; idle keep-alive connections close.
     let _ = tokio::time::timeout(config.shutdown_grace, graceful.shutdown()).await;

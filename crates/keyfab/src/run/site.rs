@@ -24,6 +24,8 @@ pub(crate) fn entitlement_import(
             revoked: r.entitlement,
             sequence: r.sequence,
             destroyed_pool_keys: r.destroyed_pool_keys,
+            batch_ca_key_destroyed: true,
+            purge_failed: r.purge_failed,
         });
     }
     let progress = Progress::new("stored", "pool keys", !ctx.json);
@@ -54,6 +56,9 @@ pub(crate) enum EntitlementImport {
         revoked: String,
         sequence: u64,
         destroyed_pool_keys: u64,
+        batch_ca_key_destroyed: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        purge_failed: Option<String>,
     },
 }
 
@@ -83,9 +88,19 @@ impl Outcome for EntitlementImport {
                 revoked,
                 sequence,
                 destroyed_pool_keys,
-            } => format!(
-                "entitlement {revoked} revoked (sequence {sequence}); {destroyed_pool_keys} unused pool keys destroyed"
-            ),
+                purge_failed,
+                ..
+            } => {
+                let mut text = format!(
+                    "entitlement {revoked} revoked (sequence {sequence}); {destroyed_pool_keys} unused pool keys and the batch CA key destroyed"
+                );
+                if let Some(why) = purge_failed {
+                    text.push_str(&format!(
+                        "\nwarning: deleted, but the store could not purge them from its file: {why}"
+                    ));
+                }
+                text
+            }
         }
     }
 }

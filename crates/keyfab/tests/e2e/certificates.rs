@@ -243,3 +243,103 @@ fn an_impossible_profile_is_refused_at_create_naming_its_field() {
     let o = try_create(&w, "shenzhen-1", &policy, &w.path("always.kfe"));
     assert_eq!(o.json["error"]["code"], "invalid_policy", "{}", o.json);
 }
+
+/// The sealed batch CA key an entitlement's record at the site holds (empty once gone).
+fn sealed_batch_key(w: &World, id: &str) -> Vec<u8> {
+    let node = open_site(&w.site);
+    keyfab_site::entitlements::list(&node)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.id == id)
+        .unwrap()
+        .sealed_batch_ca_key
+}
+
+/// Whether any file under `dir` holds `needle`.
+fn home_holds(dir: &Path, needle: &[u8]) -> bool {
+    std::fs::read_dir(dir).unwrap().any(|entry| {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            home_holds(&path, needle)
+        } else {
+            std::fs::read(&path)
+                .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+        }
+    })
+}
+
+fn destroyed(w: &World, id: &str) -> Vec<String> {
+    let node = open_site(&w.site);
+    keyfab_site::entitlements::audit_records(&node)
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r.event {
+            keyfab_audit::Event::BatchKeyDestroyed { entitlement, cause } if entitlement == id => {
+                Some(cause)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_batch_ca_key_is_destroyed_when_its_entitlement_is_revoked_or_ends() {
+    let w = world();
+    let body = format!(
+        "{WINDOW}devices = 5\n[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = {{ subject = \"CN={{device_id}}\", days = \"forever\" }}\n"
+    );
+    // Revoked: the key goes in the revocation's own transaction, audited.
+    let revoked = imported(&w, &body, "revoked");
+    let first = provision(&w, &revoked, "D-1", &["--request-id", "r-1"], None);
+    assert_eq!(first.code, 0, "{}", first.json);
+    let sealed = sealed_batch_key(&w, &revoked);
+    assert!(sealed.len() > 64 && home_holds(&w.site, &sealed));
+    let kfr = w.path("revoked.kfr");
+    revoke(&w, &revoked, Some("line closed"), &kfr);
+    assert_eq!(import(&w.site, &kfr, None).code, 0);
+    assert!(sealed_batch_key(&w, &revoked).is_empty());
+    assert_eq!(destroyed(&w, &revoked), ["revoked"]);
+    assert!(
+        !home_holds(&w.site, &sealed),
+        "the sealed batch CA key is still somewhere in the site's home"
+    );
+    // The device that has its certificate still gets it on a retry; nobody else gets one.
+    let again = provision(&w, &revoked, "D-1", &["--request-id", "r-1"], None);
+    assert_eq!(again.json["keys"], first.json["keys"], "{}", again.json);
+    let o = provision(&w, &revoked, "D-2", &[], None);
+    assert_eq!(o.json["error"]["code"], "revoked", "{}", o.json);
+
+    // Ended: the first export after `valid_until` destroys it.
+    let ended = imported(&w, &body, "ended");
+    assert_eq!(provision(&w, &ended, "D-1", &[], None).code, 0);
+    let sealed = sealed_batch_key(&w, &ended);
+    ok(&[
+        "site",
+        "config",
+        "--home",
+        &s(&w.site),
+        "--clock-max-jump",
+        "315360000",
+    ]);
+    let after = "2030-01-02T00:00:00Z";
+    let o = keyfab(
+        &[
+            "site",
+            "audit",
+            "export",
+            "--home",
+            &s(&w.site),
+            "--out",
+            &s(&w.path("after.kfa")),
+        ],
+        Some(after),
+    );
+    assert_eq!(o.code, 0, "{}", o.json);
+    assert!(sealed_batch_key(&w, &ended).is_empty());
+    assert_eq!(destroyed(&w, &ended), ["window_ended"]);
+    assert_eq!(destroyed(&w, &revoked), ["revoked"], "destroyed once");
+    assert!(!home_holds(&w.site, &sealed));
+    let o = provision(&w, &ended, "D-2", &[], Some(after));
+    assert_eq!(o.json["error"]["code"], "expired", "{}", o.json);
+}
