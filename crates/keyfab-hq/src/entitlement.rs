@@ -106,6 +106,11 @@ pub struct IssuedRecord {
     /// Its batch CA's certificate (DER).
     #[serde(with = "serde_bytes")]
     pub batch_ca_cert: Vec<u8>,
+    /// HQ's cluster certificate that issued the batch CA (DER): the middle of every device
+    /// chain, even after HQ's certificate is renewed. Absent in records made before it
+    /// was kept.
+    #[serde(default)]
+    pub hq_cluster_cert: Option<serde_bytes::ByteBuf>,
     /// The pool keys it carries, per key spec.
     pub pool: Vec<PoolSpec>,
     /// Pool keys per chunk of the file.
@@ -456,6 +461,7 @@ pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
         created_at: now.0,
         policy: policy.clone(),
         batch_ca_cert,
+        hq_cluster_cert: Some(serde_bytes::ByteBuf::from(cluster_cert)),
         pool,
         keys_per_chunk: req.keys_per_chunk,
         file_bytes: summary.bytes,

@@ -148,6 +148,30 @@ pub fn report(node: &Node, now: UnixTime) -> Result<Report> {
     })
 }
 
+/// Where a manifest's device stands, from the site's verified audit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceStatus {
+    /// The station confirmed the device programmed: register it.
+    Programmed,
+    /// The station confirmed programming failed: its keys are burned, the device is
+    /// scrap. Left out of a manifest unless asked for.
+    Failed,
+    /// Keys released, no confirmation (yet): the station may not have programmed it.
+    Unconfirmed,
+}
+
+impl DeviceStatus {
+    /// The name manifests use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Programmed => "programmed",
+            Self::Failed => "failed",
+            Self::Unconfirmed => "unconfirmed",
+        }
+    }
+}
+
 /// One device key with a certificate, as the site's verified audit shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ManifestRow {
@@ -157,6 +181,17 @@ pub struct ManifestRow {
     pub entitlement: String,
     /// The key's name in the policy.
     pub key: String,
+    /// Where the device stands.
+    pub status: DeviceStatus,
+    /// The station that received the keys, when the site knew it.
+    pub station: Option<String>,
+    /// When the site released the keys (RFC 3339, the site's trusted time).
+    pub time: String,
+    /// The sequence of the release's audit record in its chain.
+    pub audit_sequence: u64,
+    /// The node chain of that record; none for the site chain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_chain: Option<String>,
     /// The key's public identity (`spki-sha256:` or `kcv:`).
     pub key_id: String,
     /// The device certificate's serial, hex.
@@ -165,12 +200,21 @@ pub struct ManifestRow {
     pub public_key_pem: String,
     /// The device certificate, PEM.
     pub certificate_pem: String,
+    /// The device certificate, DER.
+    #[serde(skip)]
+    pub certificate_der: Vec<u8>,
     /// SHA-256 of the certificate (DER), hex.
     pub certificate_sha256: String,
 }
 
-/// Every released device key of `entitlement` that has a certificate, in audit order.
-pub fn manifest(node: &Node, entitlement: &str) -> Result<(IssuedRecord, Vec<ManifestRow>)> {
+/// An entitlement's device certificates from the site's verified audit: every released
+/// key that has one, with its device's status, sorted by device id then key. Devices whose
+/// keys were burned (confirmed `failed`) are left out unless `include_failed`.
+pub fn manifest(
+    node: &Node,
+    entitlement: &str,
+    include_failed: bool,
+) -> Result<(IssuedRecord, Vec<ManifestRow>)> {
     let issued = list_issued(node)?
         .into_iter()
         .find(|e| e.id == entitlement)
@@ -178,33 +222,74 @@ pub fn manifest(node: &Node, entitlement: &str) -> Result<(IssuedRecord, Vec<Man
             keyfab_node::Error::NotFound(format!("HQ issued no entitlement '{entitlement}'"))
         })?;
     let mut rows = Vec::new();
+    let mut confirmed = std::collections::HashMap::new();
     for r in crate::audit::site_records(node, &issued.site)? {
-        let Event::ProvisionAllowed {
-            entitlement: e,
-            device_id,
-            keys,
-            ..
-        } = r.event
-        else {
-            continue;
-        };
-        if e != entitlement {
-            continue;
-        }
-        for k in keys {
-            let Some(cert) = k.certificate else { continue };
-            let spki = keyfab_crypto::x509::cert_spki(&cert)?;
-            rows.push(ManifestRow {
-                device_id: device_id.clone(),
-                entitlement: e.clone(),
-                key: k.name,
-                key_id: k.key_id,
-                cert_serial: k.cert_serial.unwrap_or_default(),
-                public_key_pem: keyfab_crypto::x509::to_pem(&spki, "PUBLIC KEY"),
-                certificate_pem: keyfab_crypto::x509::to_pem(&cert, "CERTIFICATE"),
-                certificate_sha256: Fingerprint::of(&cert).to_hex(),
-            });
+        match r.event {
+            Event::DeviceConfirmed {
+                entitlement: e,
+                device_id,
+                result,
+                ..
+            } if e == entitlement => {
+                let status = if result == "programmed" {
+                    DeviceStatus::Programmed
+                } else {
+                    DeviceStatus::Failed
+                };
+                confirmed.insert(device_id, status);
+            }
+            Event::ProvisionAllowed {
+                entitlement: e,
+                device_id,
+                station,
+                keys,
+                ..
+            } if e == entitlement => {
+                for k in keys {
+                    let Some(cert) = k.certificate else { continue };
+                    let cert = cert.into_vec();
+                    let spki = keyfab_crypto::x509::cert_spki(&cert)?;
+                    rows.push(ManifestRow {
+                        device_id: device_id.clone(),
+                        entitlement: e.clone(),
+                        key: k.name,
+                        status: DeviceStatus::Unconfirmed,
+                        station: station.clone(),
+                        time: keyfab_node::rfc3339(r.time),
+                        audit_sequence: r.sequence,
+                        audit_chain: r.chain.clone(),
+                        key_id: k.key_id,
+                        cert_serial: k.cert_serial.unwrap_or_default(),
+                        public_key_pem: keyfab_crypto::x509::to_pem(&spki, "PUBLIC KEY"),
+                        certificate_pem: keyfab_crypto::x509::to_pem(&cert, "CERTIFICATE"),
+                        certificate_sha256: Fingerprint::of(&cert).to_hex(),
+                        certificate_der: cert,
+                    });
+                }
+            }
+            _ => {}
         }
     }
+    for row in &mut rows {
+        if let Some(status) = confirmed.get(&row.device_id) {
+            row.status = *status;
+        }
+    }
+    rows.retain(|r| include_failed || r.status != DeviceStatus::Failed);
+    rows.sort_by(|a, b| (&a.device_id, &a.key).cmp(&(&b.device_id, &b.key)));
     Ok((issued, rows))
+}
+
+/// The certificates a cloud registers to trust an entitlement's devices, leaf first: its
+/// batch CA, the HQ cluster CA that issued it, and the root.
+pub fn ca_chain(node: &Node, issued: &IssuedRecord) -> Result<Vec<Vec<u8>>> {
+    let issuer = match &issued.hq_cluster_cert {
+        Some(cert) => cert.to_vec(),
+        None => node.cluster_cert()?,
+    };
+    Ok(vec![
+        issued.batch_ca_cert.clone(),
+        issuer,
+        node.root_cert()?,
+    ])
 }

@@ -258,10 +258,11 @@ pub(crate) enum HqCommand {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
-    /// Device manifest of an entitlement from verified audit data: device id, key,
-    /// public key, certificate, SHA-256 fingerprint.
+    /// Device manifest of an entitlement from verified audit data: one row per device
+    /// certificate with the device's status (programmed, failed, unconfirmed), station,
+    /// time, audit record, certificate and its SHA-256, sorted by device id.
     #[command(
-        after_help = "Examples:\n  keyfab hq manifest --home hq --entitlement ID --format csv --out devices.csv\n  keyfab hq manifest --home hq --entitlement ID --format aws-iot --out bulk.jsonl\n\naws-iot: one JSON object per line with ThingName, SerialNumber and CertificatePem,\nfor a bulk-registration template that declares those parameters."
+        after_help = "Examples:\n  keyfab hq manifest --home hq --entitlement ID --format csv --out devices.csv --ca-out batch-ca.pem\n  keyfab hq manifest --home hq --entitlement ID --format aws-iot --out bulk.jsonl --ca-out batch-ca.pem\n\nDevices whose keys were burned (confirmed failed) are left out unless --include-failed.\ncsv: one line per device certificate; the certificate is base64 DER in one field.\naws-iot: one JSON object per line with ThingName, SerialNumber, CertificatePem and\nCACertificatePem, the parameters of the bulk-registration template in docs/CLOUDS.md.\n--ca-out writes the batch CA and the chain to the root (PEM), what a cloud registers."
     )]
     Manifest {
         #[command(flatten)]
@@ -272,9 +273,20 @@ pub(crate) enum HqCommand {
         /// csv, json, or aws-iot (JSON lines for AWS IoT bulk registration).
         #[arg(long, value_enum)]
         format: ManifestFormat,
-        /// Where to write the manifest.
+        /// Where to write the manifest (a new file).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Also list devices whose keys were burned (status failed).
+        #[arg(long)]
+        include_failed: bool,
+        /// Only the certificates of this key (by its policy name). aws-iot needs one key
+        /// per device: given, or the only key the policy certifies.
+        #[arg(long, value_name = "NAME")]
+        key: Option<String>,
+        /// Also write the batch CA certificate and its chain to the root (PEM, batch CA
+        /// first) to this new file.
+        #[arg(long, value_name = "FILE")]
+        ca_out: Option<PathBuf>,
     },
     /// Entitlements.
     #[command(subcommand)]

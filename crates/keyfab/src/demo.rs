@@ -35,7 +35,7 @@ allowed = ["line-1", "line-2"]
 name = "identity"
 type = "ec-p256"
 source = "hq-pool"
-certificate = { subject = "CN={device_id},O=Acme", days = 3650 }
+certificate = { subject = "CN={device_id},O=Acme", days = "forever" }
 
 [[keys]]
 name = "firmware"
@@ -423,10 +423,70 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
             Some(&base.join("report.html")),
         )?,
     );
+    step(
+        "29. a cloud registers the devices",
+        "HQ's manifest lists the devices to register (the burned one is left out) and the batch CA to trust; a cloud checks each certificate as a TLS server checks a client: clientAuth, chain to the root, now and in 2100 (its certificates never expire).",
+        cloud_check(&ctx, &hq, &id, &root_der, &base)?,
+    );
     text.push_str(if dir.is_some() {
         "Files are kept in the directory above.\n"
     } else {
         "The temporary directory is removed now.\n"
     });
     Ok(Report::new(text, json!({"dir": base, "steps": steps})))
+}
+
+/// Step 29: the manifest, and each device certificate in it verified for TLS client
+/// authentication against the root, now and on 2100-01-01.
+fn cloud_check(
+    ctx: &Context,
+    hq: &Path,
+    id: &str,
+    root: &[u8],
+    base: &Path,
+) -> Result<Report, Failure> {
+    const YEAR_2100: i64 = 4_102_444_800;
+    let (out, ca_out) = (base.join("devices.csv"), base.join("batch-ca.pem"));
+    run::hq_manifest(
+        ctx,
+        hq,
+        &run::ManifestArgs {
+            entitlement: id,
+            format: crate::cli::ManifestFormat::Csv,
+            out: &out,
+            include_failed: false,
+            key: None,
+            ca_out: Some(&ca_out),
+        },
+    )?;
+    let node = ctx.open(hq, NodeKind::Hq)?;
+    let (issued, rows) = keyfab_hq::report::manifest(&node, id, false)?;
+    let chain = keyfab_hq::report::ca_chain(&node, &issued)?;
+    let intermediates = &chain[..2];
+    let mut verified = Vec::new();
+    for row in &rows {
+        for at in [ctx.now()?, keyfab_crypto::time::UnixTime(YEAR_2100)] {
+            x509::verify_client_certificate(root, intermediates, &row.certificate_der, at)
+                .map_err(|e| {
+                    Failure::new(
+                        Code::Internal,
+                        format!(
+                            "device {}: its certificate does not verify: {e}",
+                            row.device_id
+                        ),
+                    )
+                })?;
+        }
+        verified.push(row.device_id.clone());
+    }
+    Ok(Report::new(
+        format!(
+            "{} devices in {} (batch CA and chain in {}); each verifies as a TLS client now and in 2100: {}",
+            rows.len(),
+            out.display(),
+            ca_out.display(),
+            verified.join(", ")
+        ),
+        json!({"manifest": out, "ca": ca_out, "verified": verified}),
+    ))
 }

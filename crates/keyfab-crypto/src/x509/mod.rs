@@ -640,16 +640,6 @@ pub fn validate_chain(
             chain.len()
         )));
     };
-    let root_der = CertificateDer::from(root_cert);
-    let anchor = webpki::anchor_from_trusted_cert(&root_der)
-        .map_err(|e| CryptoError::Untrusted(format!("root certificate: {e}")))?;
-    let leaf_der = CertificateDer::from(leaf.as_slice());
-    let ee = webpki::EndEntityCert::try_from(&leaf_der)
-        .map_err(|e| CryptoError::CertificateMalformed(e.to_string()))?;
-    let intermediates = [CertificateDer::from(cluster.as_slice())];
-    let when = rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
-        u64::try_from(now.0).unwrap_or(0),
-    ));
     let exact_shape = |path: &webpki::VerifiedPath<'_>| -> std::result::Result<(), webpki::Error> {
         if path.intermediate_certificates().count() == 1 {
             Ok(())
@@ -657,22 +647,16 @@ pub fn validate_chain(
             Err(webpki::Error::MaximumPathDepthExceeded)
         }
     };
-    ee.verify_for_usage(
-        &[webpki::aws_lc_rs::ECDSA_P256_SHA256],
-        &[anchor],
-        &intermediates,
-        when,
+    webpki_path(
+        root_cert,
+        std::slice::from_ref(cluster),
+        leaf,
+        now,
         // The leaf must carry the role as its EKU (checked below); a CA carries it as a
         // certificate policy, so an EKU is only checked where present.
         webpki::KeyUsage::required_if_present(role.oid()),
-        None,
         Some(&exact_shape),
-    )
-    .map_err(|e| match e {
-        webpki::Error::CertExpired { .. } => CryptoError::Expired,
-        webpki::Error::CertNotValidYet { .. } => CryptoError::NotYetValid,
-        other => CryptoError::Untrusted(format!("{other:?}")),
-    })?;
+    )?;
 
     // Defence in depth on what webpki does not look at.
     let cluster_facts = cert_facts(cluster)?;
@@ -805,6 +789,76 @@ pub fn verify_device_certificate(
         ));
     }
     cert_facts(leaf)
+}
+
+/// Verifies `leaf` as a TLS server verifies a client's certificate (rustls-webpki, the
+/// path builder rustls uses): a path through `intermediates` to `root_cert`, signatures,
+/// validity of every certificate at `at`, basic constraints, and the clientAuth extended
+/// key usage on every certificate that has one. What a cloud checks when a device
+/// connects with its keyfab identity.
+pub fn verify_client_certificate(
+    root_cert: &[u8],
+    intermediates: &[Vec<u8>],
+    leaf: &[u8],
+    at: UnixTime,
+) -> Result<()> {
+    webpki_path(
+        root_cert,
+        intermediates,
+        leaf,
+        at,
+        webpki::KeyUsage::client_auth(),
+        None,
+    )
+}
+
+/// A check of the path webpki found, beyond its own.
+type PathCheck<'a> =
+    dyn Fn(&webpki::VerifiedPath<'_>) -> std::result::Result<(), webpki::Error> + 'a;
+
+/// A path from `leaf` through `intermediates` to `root_cert` at `at`, by rustls-webpki:
+/// signatures (ECDSA P-256/P-384, Ed25519), validity, basic constraints and path length,
+/// `usage` as an extended key usage, and `verify_path` on the path found.
+fn webpki_path(
+    root_cert: &[u8],
+    intermediates: &[Vec<u8>],
+    leaf: &[u8],
+    at: UnixTime,
+    usage: webpki::KeyUsage,
+    verify_path: Option<&PathCheck<'_>>,
+) -> Result<()> {
+    let root_der = CertificateDer::from(root_cert);
+    let anchor = webpki::anchor_from_trusted_cert(&root_der)
+        .map_err(|e| CryptoError::Untrusted(format!("root certificate: {e}")))?;
+    let leaf_der = CertificateDer::from(leaf);
+    let ee = webpki::EndEntityCert::try_from(&leaf_der)
+        .map_err(|e| CryptoError::CertificateMalformed(e.to_string()))?;
+    let intermediates: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    let when = rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+        u64::try_from(at.0).unwrap_or(0),
+    ));
+    ee.verify_for_usage(
+        &[
+            webpki::aws_lc_rs::ECDSA_P256_SHA256,
+            webpki::aws_lc_rs::ECDSA_P384_SHA384,
+            webpki::aws_lc_rs::ED25519,
+        ],
+        &[anchor],
+        &intermediates,
+        when,
+        usage,
+        None,
+        verify_path,
+    )
+    .map(|_| ())
+    .map_err(|e| match e {
+        webpki::Error::CertExpired { .. } => CryptoError::Expired,
+        webpki::Error::CertNotValidYet { .. } => CryptoError::NotYetValid,
+        other => CryptoError::Untrusted(format!("{other:?}")),
+    })
 }
 
 /// Converts an ASN.1 ECDSA-Sig-Value to fixed `r ‖ s` (32 bytes each).

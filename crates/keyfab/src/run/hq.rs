@@ -521,41 +521,132 @@ impl Outcome for ReportWritten {
     }
 }
 
+/// What `hq manifest` is asked for.
+pub(crate) struct ManifestArgs<'a> {
+    pub(crate) entitlement: &'a str,
+    pub(crate) format: ManifestFormat,
+    pub(crate) out: &'a Path,
+    pub(crate) include_failed: bool,
+    pub(crate) key: Option<&'a str>,
+    pub(crate) ca_out: Option<&'a Path>,
+}
+
+/// RFC 4180: a field with a comma, quote or line break is quoted, its quotes doubled.
+fn csv_field(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains([',', '"', '\r', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\"")).into()
+    } else {
+        text.into()
+    }
+}
+
+/// The manifest's CSV: a header, then one line per device certificate.
+fn manifest_csv(rows: &[keyfab_hq::report::ManifestRow]) -> String {
+    use base64::Engine;
+    let mut b = String::from("device_id,entitlement,key,status,station,time,audit_sequence,audit_chain,key_id,cert_serial,certificate_sha256,certificate_der_base64\n");
+    for r in rows {
+        let der = base64::engine::general_purpose::STANDARD.encode(&r.certificate_der);
+        let fields = [
+            csv_field(&r.device_id),
+            csv_field(&r.entitlement),
+            csv_field(&r.key),
+            r.status.as_str().into(),
+            csv_field(r.station.as_deref().unwrap_or("")),
+            r.time.as_str().into(),
+            r.audit_sequence.to_string().into(),
+            csv_field(r.audit_chain.as_deref().unwrap_or("")),
+            r.key_id.as_str().into(),
+            r.cert_serial.as_str().into(),
+            r.certificate_sha256.as_str().into(),
+            der.into(),
+        ];
+        b.push_str(&fields.join(","));
+        b.push('\n');
+    }
+    b
+}
+
 pub(crate) fn hq_manifest(
     ctx: &Context,
     home: &Path,
-    entitlement: &str,
-    format: ManifestFormat,
-    out: &Path,
+    args: &ManifestArgs<'_>,
 ) -> Result<Report, Failure> {
     // A file of the same name is not overwritten: a manifest already handed to a cloud
     // stays what it was; the new one is written whole (temporary file, fsync, rename).
-    keyfab_node::out_file::check_new(out, "no manifest was written")?;
+    keyfab_node::out_file::check_new(args.out, "no manifest was written")?;
+    if let Some(ca_out) = args.ca_out {
+        keyfab_node::out_file::check_new(ca_out, "no manifest was written")?;
+    }
     let node = ctx.open(home, NodeKind::Hq)?;
-    let (issued, rows) = keyfab_hq::report::manifest(&node, entitlement)?;
-    let body = match format {
-        ManifestFormat::Csv => {
-            let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
-            let mut b = String::from("device_id,entitlement,key,key_id,cert_serial,public_key_pem,certificate_pem,certificate_sha256\n");
-            for r in &rows {
-                b.push_str(&[q(&r.device_id), q(&r.entitlement), q(&r.key), q(&r.key_id), q(&r.cert_serial), q(&r.public_key_pem), q(&r.certificate_pem), q(&r.certificate_sha256)].join(","));
-                b.push('\n');
-            }
-            b
+    let (issued, mut rows) =
+        keyfab_hq::report::manifest(&node, args.entitlement, args.include_failed)?;
+    let certified: Vec<&str> = issued
+        .policy
+        .keys
+        .iter()
+        .filter(|k| k.certificate.is_some())
+        .map(|k| k.name.as_str())
+        .collect();
+    match args.key {
+        Some(key) if !certified.contains(&key) => {
+            return Err(keyfab_node::Error::InvalidInput(format!(
+                "--key {key}: the policy certifies {}",
+                if certified.is_empty() {
+                    "no key".to_owned()
+                } else {
+                    certified.join(", ")
+                }
+            ))
+            .into())
         }
-        ManifestFormat::Json => format!("{:#}\n", json!({"entitlement": entitlement, "site": issued.site, "devices": rows})),
+        Some(key) => rows.retain(|r| r.key == key),
+        None if args.format == ManifestFormat::AwsIot && certified.len() > 1 => {
+            return Err(keyfab_node::Error::InvalidInput(format!(
+                "aws-iot registers one certificate per thing, and the policy certifies {}: choose one with --key",
+                certified.join(", ")
+            ))
+            .into())
+        }
+        None => {}
+    }
+    let chain = keyfab_hq::report::ca_chain(&node, &issued)?;
+    let batch_ca_pem = keyfab_crypto::x509::to_pem(&chain[0], "CERTIFICATE");
+    let body = match args.format {
+        ManifestFormat::Csv => manifest_csv(&rows),
+        ManifestFormat::Json => format!(
+            "{:#}\n",
+            json!({"entitlement": args.entitlement, "site": issued.site, "batch_ca_pem": batch_ca_pem, "devices": rows})
+        ),
         ManifestFormat::AwsIot => rows
             .iter()
-            .map(|r| format!("{}\n", json!({"ThingName": r.device_id, "SerialNumber": r.cert_serial, "CertificatePem": r.certificate_pem})))
+            .map(|r| {
+                format!(
+                    "{}\n",
+                    json!({"ThingName": r.device_id, "SerialNumber": r.cert_serial, "CertificatePem": r.certificate_pem, "CACertificatePem": batch_ca_pem})
+                )
+            })
             .collect(),
     };
-    keyfab_node::out_file::write_new(out, body.as_bytes()).map_err(|e| io_fail(out, e))?;
+    if let Some(ca_out) = args.ca_out {
+        let pem: String = chain
+            .iter()
+            .map(|c| keyfab_crypto::x509::to_pem(c, "CERTIFICATE"))
+            .collect();
+        keyfab_node::out_file::write_new(ca_out, pem.as_bytes()).map_err(|e| io_fail(ca_out, e))?;
+    }
+    keyfab_node::out_file::write_new(args.out, body.as_bytes())
+        .map_err(|e| io_fail(args.out, e))?;
+    let count = |status| rows.iter().filter(|r| r.status == status).count();
     Report::of(&ManifestWritten {
-        entitlement: entitlement.to_owned(),
+        entitlement: args.entitlement.to_owned(),
         site: issued.site,
         rows: rows.len(),
-        format: format.as_str(),
-        out: out.to_owned(),
+        programmed: count(keyfab_hq::report::DeviceStatus::Programmed),
+        unconfirmed: count(keyfab_hq::report::DeviceStatus::Unconfirmed),
+        failed: count(keyfab_hq::report::DeviceStatus::Failed),
+        format: args.format.as_str(),
+        out: args.out.to_owned(),
+        ca_out: args.ca_out.map(Path::to_owned),
     })
 }
 
@@ -565,19 +656,38 @@ struct ManifestWritten {
     entitlement: String,
     site: String,
     rows: usize,
+    programmed: usize,
+    unconfirmed: usize,
+    failed: usize,
     format: &'static str,
     out: std::path::PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_out: Option<std::path::PathBuf>,
 }
 
 impl Outcome for ManifestWritten {
     fn text(&self) -> String {
-        format!(
-            "{} device keys of {} (site '{}') -> {} ({})",
+        let mut text = format!(
+            "{} device certificates of {} (site '{}'): {} programmed, {} unconfirmed{} -> {} ({})",
             self.rows,
             self.entitlement,
             self.site,
+            self.programmed,
+            self.unconfirmed,
+            if self.failed > 0 {
+                format!(", {} failed", self.failed)
+            } else {
+                String::new()
+            },
             self.out.display(),
             self.format
-        )
+        );
+        if let Some(ca) = &self.ca_out {
+            text.push_str(&format!(
+                "\nbatch CA and its chain to the root -> {}",
+                ca.display()
+            ));
+        }
+        text
     }
 }

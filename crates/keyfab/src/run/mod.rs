@@ -180,7 +180,21 @@ pub(crate) fn dispatch(
             entitlement,
             format,
             out,
-        }) => hq_manifest(&ctx, &home.home, &entitlement, format, &out),
+            include_failed,
+            key,
+            ca_out,
+        }) => hq_manifest(
+            &ctx,
+            &home.home,
+            &ManifestArgs {
+                entitlement: &entitlement,
+                format,
+                out: &out,
+                include_failed,
+                key: key.as_deref(),
+                ca_out: ca_out.as_deref(),
+            },
+        ),
         Command::Site(SiteCommand::Audit(SiteAuditCommand::Checkpoint { home, out })) => {
             audit_checkpoint(&ctx, &home.home, &out)
         }

@@ -343,3 +343,185 @@ fn the_batch_ca_key_is_destroyed_when_its_entitlement_is_revoked_or_ends() {
     let o = provision(&w, &ended, "D-2", &[], Some(after));
     assert_eq!(o.json["error"]["code"], "expired", "{}", o.json);
 }
+
+fn hq_manifest(w: &World, id: &str, format: &str, name: &str, extra: &[&str]) -> serde_json::Value {
+    let (home, out) = (s(&w.hq), s(&w.path(name)));
+    let mut args = vec![
+        "hq",
+        "manifest",
+        "--home",
+        &home,
+        "--entitlement",
+        id,
+        "--format",
+        format,
+        "--out",
+        &out,
+    ];
+    args.extend(extra);
+    ok(&args)
+}
+
+#[test]
+fn manifests_list_what_a_cloud_should_register_and_the_ca_to_trust() {
+    let w = world();
+    let body = format!(
+        "{WINDOW}devices = 10\n[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = {{ subject = \"CN={{device_id}}\", days = \"forever\" }}\n\
+         [[keys]]\nname = \"fw\"\ntype = \"aes-256\"\nsource = \"derived\"\n"
+    );
+    let id = imported(&w, &body, "manifest");
+    for device in ["D-3", "D-1", "D-4", "D-2", "A-5"] {
+        let o = provision(&w, &id, device, &["--station", "line-1"], None);
+        assert_eq!(o.code, 0, "{device}: {}", o.json);
+    }
+    {
+        use keyfab_site::provision::{Programming, Provisioner};
+        let site = Provisioner::start(std::sync::Arc::new(open_site(&w.site)));
+        for (device, result) in [
+            ("D-1", Programming::Programmed),
+            ("D-2", Programming::Failed),
+        ] {
+            site.confirm(
+                &id.parse().unwrap(),
+                &device.parse().unwrap(),
+                result,
+                Some("line-1".parse().unwrap()),
+            )
+            .unwrap();
+        }
+    }
+    let kfa = export(&w, "m.kfa");
+    ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&kfa)]);
+
+    // JSON: sorted by device id, with status, station, time and audit record; the
+    // burned device only when asked for.
+    let written = hq_manifest(
+        &w,
+        &id,
+        "json",
+        "m.json",
+        &["--ca-out", &s(&w.path("ca.pem"))],
+    );
+    assert_eq!(
+        (
+            &written["rows"],
+            &written["programmed"],
+            &written["unconfirmed"],
+            &written["failed"]
+        ),
+        (&4.into(), &1.into(), &3.into(), &0.into()),
+        "{written}"
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(w.path("m.json")).unwrap()).unwrap();
+    let devices: Vec<(&str, &str)> = m["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["device_id"].as_str().unwrap(),
+                d["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        devices,
+        [
+            ("A-5", "unconfirmed"),
+            ("D-1", "programmed"),
+            ("D-3", "unconfirmed"),
+            ("D-4", "unconfirmed")
+        ]
+    );
+    let first = &m["devices"][1];
+    assert_eq!(first["station"], "line-1");
+    assert!(first["audit_sequence"].as_u64().unwrap() > 0);
+    assert!(first["time"].as_str().unwrap().ends_with('Z'));
+    let all = hq_manifest(&w, &id, "json", "all.json", &["--include-failed"]);
+    assert_eq!(
+        (&all["rows"], &all["failed"]),
+        (&5.into(), &1.into()),
+        "{all}"
+    );
+
+    // CSV: one physical line per device, read back by a standard CSV reader; the
+    // certificate whole in one field, its SHA-256 in another.
+    hq_manifest(&w, &id, "csv", "m.csv", &[]);
+    let text = std::fs::read_to_string(w.path("m.csv")).unwrap();
+    assert_eq!(text.lines().count(), 5, "a header and one line per device");
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let header = reader.headers().unwrap().clone();
+    let column = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let records: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(records.len(), 4);
+    assert_eq!(&records[0][column("device_id")], "A-5");
+    let chain = w.path("ca.pem");
+    for r in &records {
+        use base64::Engine;
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(&r[column("certificate_der_base64")])
+            .unwrap();
+        assert_eq!(
+            r[column("certificate_sha256")],
+            keyfab_crypto::hash::Fingerprint::of(&der).to_hex()
+        );
+        // The exported CA file (batch CA, HQ's cluster CA, root) verifies each one.
+        let cert = w.path("one.crt");
+        std::fs::write(&cert, keyfab_crypto::x509::to_pem(&der, "CERTIFICATE")).unwrap();
+        let (ok, out) = openssl(&[
+            "verify",
+            "-purpose",
+            "sslclient",
+            "-CAfile",
+            &s(&chain),
+            &s(&cert),
+        ]);
+        assert!(ok, "{out}");
+    }
+    let ca_text = std::fs::read_to_string(&chain).unwrap();
+    assert_eq!(ca_text.matches("BEGIN CERTIFICATE").count(), 3);
+    assert!(ca_text.ends_with(&std::fs::read_to_string(w.root.join("root.crt")).unwrap()));
+
+    // aws-iot: JSON lines with the template's parameters.
+    hq_manifest(&w, &id, "aws-iot", "m.jsonl", &[]);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(w.path("m.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for line in &lines {
+        let keys: Vec<&String> = line.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            [
+                "CACertificatePem",
+                "CertificatePem",
+                "SerialNumber",
+                "ThingName"
+            ]
+        );
+        assert!(ca_text.starts_with(line["CACertificatePem"].as_str().unwrap()));
+    }
+    // A key the policy does not certify is refused by name.
+    keyfab(
+        &[
+            "hq",
+            "manifest",
+            "--home",
+            &s(&w.hq),
+            "--entitlement",
+            &id,
+            "--format",
+            "csv",
+            "--out",
+            &s(&w.path("fw.csv")),
+            "--key",
+            "fw",
+        ],
+        None,
+    )
+    .assert_error(1, "invalid_input", "the policy certifies identity");
+    assert!(!w.path("fw.csv").exists());
+}
