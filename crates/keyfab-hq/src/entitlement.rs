@@ -111,6 +111,10 @@ pub struct IssuedRecord {
     /// was kept.
     #[serde(default)]
     pub hq_cluster_cert: Option<serde_bytes::ByteBuf>,
+    /// The batch CA key, in HQ's custody: what signs the batch CA's CRLs. Absent in
+    /// records made before HQ kept it.
+    #[serde(default)]
+    pub batch_key: Option<crate::devices::KeptKey>,
     /// The pool keys it carries, per key spec.
     pub pool: Vec<PoolSpec>,
     /// Pool keys per chunk of the file.
@@ -369,6 +373,7 @@ pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
         },
         rng,
     )?;
+    let kept_key = crate::devices::keep(node, &id, &batch_key)?;
     let master = Secret32::random(rng);
     let pool: Vec<PoolSpec> = policy
         .keys_from(KeySource::HqPool)
@@ -462,6 +467,7 @@ pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
         policy: policy.clone(),
         batch_ca_cert,
         hq_cluster_cert: Some(serde_bytes::ByteBuf::from(cluster_cert)),
+        batch_key: Some(kept_key),
         pool,
         keys_per_chunk: req.keys_per_chunk,
         file_bytes: summary.bytes,

@@ -10,6 +10,7 @@
 //!   against the policy (violations);
 //! - [`receipts`]: acknowledgments for the site (`.kfk`), and resets of its clock;
 //! - [`report`], [`html`]: per site and entitlement, from verified audit data only;
+//! - [`devices`]: device certificates revoked, and each batch CA's CRL;
 //! - `device_index`: which devices each entitlement released, for reconciliation.
 //!
 //! Engines never parse bytes by hand nor call primitives directly: files go through
@@ -18,6 +19,7 @@
 
 pub mod audit;
 mod device_index;
+pub mod devices;
 pub mod entitlement;
 pub mod html;
 pub mod pki;

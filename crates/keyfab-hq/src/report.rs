@@ -48,6 +48,8 @@ pub struct EntitlementReport {
     pub destroyed: u64,
     /// Revoked.
     pub revoked: bool,
+    /// Device certificates HQ revoked under it (`hq device revoke`).
+    pub revoked_certificates: u64,
     /// Refusals by code.
     pub refusals: std::collections::BTreeMap<String, u64>,
     /// Violations found.
@@ -129,6 +131,7 @@ pub fn report(node: &Node, now: UnixTime) -> Result<Report> {
                 .saturating_sub(replica.total + replica.destroyed),
             destroyed: replica.destroyed,
             revoked,
+            revoked_certificates: crate::devices::revocations(node, &issued.id)?.len() as u64,
             refusals: replica.refusals.clone(),
             violations: replica.violations,
             days: replica.days.clone(),
@@ -159,6 +162,8 @@ pub enum DeviceStatus {
     Failed,
     /// Keys released, no confirmation (yet): the station may not have programmed it.
     Unconfirmed,
+    /// HQ revoked its certificate (`hq device revoke`): on the batch CA's CRL.
+    Revoked,
 }
 
 impl DeviceStatus {
@@ -168,6 +173,7 @@ impl DeviceStatus {
             Self::Programmed => "programmed",
             Self::Failed => "failed",
             Self::Unconfirmed => "unconfirmed",
+            Self::Revoked => "revoked",
         }
     }
 }
@@ -270,9 +276,17 @@ pub fn manifest(
             _ => {}
         }
     }
+    let revoked: std::collections::HashSet<String> =
+        crate::devices::revocations(node, entitlement)?
+            .into_iter()
+            .map(|r| r.serial)
+            .collect();
     for row in &mut rows {
         if let Some(status) = confirmed.get(&row.device_id) {
             row.status = *status;
+        }
+        if revoked.contains(&row.cert_serial) {
+            row.status = DeviceStatus::Revoked;
         }
     }
     rows.retain(|r| include_failed || r.status != DeviceStatus::Failed);

@@ -291,6 +291,84 @@ pub(crate) enum HqCommand {
     /// Entitlements.
     #[command(subcommand)]
     Entitlement(HqEntitlementCommand),
+    /// One device: its provenance, and revocation of its certificates.
+    #[command(subcommand)]
+    Device(HqDeviceCommand),
+    /// Sign a certificate revocation list (RFC 5280 CRL v2) for an entitlement's batch CA,
+    /// listing every device certificate HQ revoked under it.
+    #[command(
+        after_help = "Example:\n  keyfab hq crl --home hq --entitlement ID --out ID.crl --days 7\n\nPublish the file where the profile's crl_distribution_point says, before its next update.\nCheck it with: openssl crl -in ID.crl -CAfile batch-ca.pem -noout (\"verify OK\")."
+    )]
+    Crl {
+        #[command(flatten)]
+        home: Home,
+        /// The entitlement whose batch CA signs it.
+        #[arg(long)]
+        entitlement: String,
+        /// Where to write the CRL (PEM; a new file).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Days until its next update: relying parties treat it as stale after that.
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum HqDeviceCommand {
+    /// Revoke a device's certificates: recorded at HQ, listed by the next `hq crl` of its
+    /// entitlement, shown as `revoked` by `hq manifest` and `hq device show`.
+    #[command(
+        after_help = "Example:\n  keyfab hq device revoke --home hq --entitlement ID --device-id TSV2-00000042 --reason key-compromise\n\nThe device must be in the audit HQ verified (import the site's export first)."
+    )]
+    Revoke {
+        #[command(flatten)]
+        home: Home,
+        /// The entitlement the device's certificates came from.
+        #[arg(long)]
+        entitlement: String,
+        /// The device.
+        #[arg(long)]
+        device_id: String,
+        /// Why (RFC 5280 reason code).
+        #[arg(long, value_enum)]
+        reason: RevokeReason,
+    },
+    /// Where a device came from, from verified audit data: site, entitlement, station,
+    /// time, audit record and the checkpoint that covers it, its certificates and keys,
+    /// and its status.
+    #[command(after_help = "Example:\n  keyfab hq device show --home hq TSV2-00000042")]
+    Show {
+        #[command(flatten)]
+        home: Home,
+        /// The device id.
+        device_id: String,
+    },
+}
+
+/// `hq device revoke --reason`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RevokeReason {
+    Unspecified,
+    KeyCompromise,
+    AffiliationChanged,
+    Superseded,
+    CessationOfOperation,
+    PrivilegeWithdrawn,
+}
+
+impl RevokeReason {
+    pub(crate) fn crl_reason(self) -> keyfab_crypto::x509::CrlReason {
+        use keyfab_crypto::x509::CrlReason;
+        match self {
+            Self::Unspecified => CrlReason::Unspecified,
+            Self::KeyCompromise => CrlReason::KeyCompromise,
+            Self::AffiliationChanged => CrlReason::AffiliationChanged,
+            Self::Superseded => CrlReason::Superseded,
+            Self::CessationOfOperation => CrlReason::CessationOfOperation,
+            Self::PrivilegeWithdrawn => CrlReason::PrivilegeWithdrawn,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]

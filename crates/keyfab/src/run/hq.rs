@@ -480,6 +480,12 @@ impl Outcome for ReportTable {
                 },
                 if e.revoked { "  (revoked)" } else { "" }
             ));
+            if e.revoked_certificates > 0 {
+                text.push_str(&format!(
+                    "{:<16} {} device certificate(s) revoked by HQ (on the next `hq crl`)\n",
+                    "", e.revoked_certificates
+                ));
+            }
         }
         if !self.0.violations.is_empty() {
             text.push_str("\nVIOLATIONS\n");
@@ -617,8 +623,10 @@ pub(crate) fn hq_manifest(
             "{:#}\n",
             json!({"entitlement": args.entitlement, "site": issued.site, "batch_ca_pem": batch_ca_pem, "devices": rows})
         ),
+        // A registration list: what is revoked is not registered.
         ManifestFormat::AwsIot => rows
             .iter()
+            .filter(|r| r.status != keyfab_hq::report::DeviceStatus::Revoked)
             .map(|r| {
                 format!(
                     "{}\n",
@@ -689,5 +697,163 @@ impl Outcome for ManifestWritten {
             ));
         }
         text
+    }
+}
+
+pub(crate) fn device_revoke(
+    ctx: &Context,
+    home: &Path,
+    entitlement: &str,
+    device_id: &str,
+    reason: crate::cli::RevokeReason,
+) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let done =
+        keyfab_hq::devices::revoke_device(&node, entitlement, device_id, reason.crl_reason())?;
+    Report::of(&DeviceRevokedOut {
+        device_id: device_id.to_owned(),
+        entitlement: entitlement.to_owned(),
+        done,
+    })
+}
+
+/// `hq device revoke`: what was revoked.
+#[derive(serde::Serialize)]
+struct DeviceRevokedOut {
+    device_id: String,
+    entitlement: String,
+    #[serde(flatten)]
+    done: keyfab_hq::devices::DeviceRevoked,
+}
+
+impl Outcome for DeviceRevokedOut {
+    fn text(&self) -> String {
+        let mut lines = vec![format!(
+            "device {} of {}: {} certificate(s) revoked{}",
+            self.device_id,
+            self.entitlement,
+            self.done.revoked.len(),
+            if self.done.already.is_empty() {
+                String::new()
+            } else {
+                format!(", {} revoked before", self.done.already.len())
+            }
+        )];
+        for r in self.done.revoked.iter().chain(&self.done.already) {
+            lines.push(format!(
+                "  {} serial {} ({}, {})",
+                r.key,
+                r.serial,
+                r.reason,
+                rfc3339(r.revoked_at)
+            ));
+        }
+        lines.push(format!(
+            "publish a new CRL: keyfab hq crl --entitlement {} --out FILE",
+            self.entitlement
+        ));
+        lines.join("\n")
+    }
+}
+
+pub(crate) fn device_show(ctx: &Context, home: &Path, device_id: &str) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let releases = keyfab_hq::devices::show_device(&node, device_id)?;
+    Report::of(&DeviceShown { releases })
+}
+
+/// `hq device show`: a device's provenance.
+#[derive(serde::Serialize)]
+struct DeviceShown {
+    releases: Vec<keyfab_hq::devices::Provenance>,
+}
+
+impl Outcome for DeviceShown {
+    fn text(&self) -> String {
+        let mut lines = Vec::new();
+        for p in &self.releases {
+            lines.push(format!("device {}: {}", p.device_id, p.status.as_str()));
+            lines.push(format!(
+                "  site {}, entitlement {} ({})",
+                p.site, p.entitlement, p.product
+            ));
+            lines.push(format!(
+                "  released {} to station {}, audit record {}{}",
+                p.time,
+                p.station.as_deref().unwrap_or("(unknown)"),
+                p.audit_sequence,
+                p.audit_chain
+                    .as_deref()
+                    .map(|c| format!(" of chain {c}"))
+                    .unwrap_or_default()
+            ));
+            lines.push(format!(
+                "  covered by the checkpoint HQ accepted: {} records, root {}",
+                p.checkpoint_size, p.checkpoint_root
+            ));
+            for k in &p.keys {
+                let mut line = format!("  key {}: {}", k.name, k.key_id);
+                if let (Some(serial), Some(sha), Some(until)) =
+                    (&k.cert_serial, &k.cert_sha256, &k.cert_not_after)
+                {
+                    line.push_str(&format!(
+                        "\n    certificate serial {serial}, SHA-256 {sha}, valid until {until}"
+                    ));
+                }
+                if let Some(r) = &k.revoked {
+                    line.push_str(&format!(
+                        "\n    revoked {} ({})",
+                        rfc3339(r.revoked_at),
+                        r.reason
+                    ));
+                }
+                lines.push(line);
+            }
+        }
+        lines.join("\n")
+    }
+}
+
+pub(crate) fn hq_crl(
+    ctx: &Context,
+    home: &Path,
+    entitlement: &str,
+    out: &Path,
+    days: u32,
+) -> Result<Report, Failure> {
+    keyfab_node::out_file::check_new(out, "no CRL was written")?;
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let crl = keyfab_hq::devices::crl(&node, entitlement, days)?;
+    let pem = keyfab_crypto::x509::to_pem(&crl.der, "X509 CRL");
+    keyfab_node::out_file::write_new(out, pem.as_bytes()).map_err(|e| io_fail(out, e))?;
+    Report::of(&CrlWritten {
+        entitlement: entitlement.to_owned(),
+        number: crl.number,
+        entries: crl.entries,
+        next_update: rfc3339(crl.next_update),
+        out: out.to_owned(),
+    })
+}
+
+/// `hq crl`: the CRL written.
+#[derive(serde::Serialize)]
+struct CrlWritten {
+    entitlement: String,
+    number: u64,
+    entries: usize,
+    next_update: String,
+    out: std::path::PathBuf,
+}
+
+impl Outcome for CrlWritten {
+    fn text(&self) -> String {
+        format!(
+            "CRL {} of {}'s batch CA: {} revoked certificate(s), next update by {} -> {}",
+            self.number,
+            self.entitlement,
+            self.entries,
+            self.next_update,
+            self.out.display()
+        )
     }
 }

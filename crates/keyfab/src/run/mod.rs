@@ -76,6 +76,21 @@ pub(crate) fn dispatch(
         Command::Hq(HqCommand::Entitlement(HqEntitlementCommand::List { home })) => {
             issued_list(&ctx, &home.home)
         }
+        Command::Hq(HqCommand::Device(HqDeviceCommand::Revoke {
+            home,
+            entitlement,
+            device_id,
+            reason,
+        })) => device_revoke(&ctx, &home.home, &entitlement, &device_id, reason),
+        Command::Hq(HqCommand::Device(HqDeviceCommand::Show { home, device_id })) => {
+            device_show(&ctx, &home.home, &device_id)
+        }
+        Command::Hq(HqCommand::Crl {
+            home,
+            entitlement,
+            out,
+            days,
+        }) => hq_crl(&ctx, &home.home, &entitlement, &out, days),
         Command::Site(SiteCommand::Init(a)) => init_node(&ctx, &a, NodeKind::Site),
         Command::Site(SiteCommand::InstallCert(a)) => {
             install_cert(&ctx, &a.home.home, NodeKind::Site, &a.cert, &a.root_cert)

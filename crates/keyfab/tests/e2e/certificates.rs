@@ -525,3 +525,303 @@ fn manifests_list_what_a_cloud_should_register_and_the_ca_to_trust() {
     .assert_error(1, "invalid_input", "the policy certifies identity");
     assert!(!w.path("fw.csv").exists());
 }
+
+/// The DER of the first PEM block of `tag` in `text`.
+fn der_of(text: &str, tag: &str) -> Vec<u8> {
+    keyfab_crypto::x509::from_pem(text, tag).unwrap()
+}
+
+/// A TLS 1.3 server on loopback that trusts only `root` (and checks the leaf against
+/// `crl` when given) accepts one client presenting `chain` with `key`: whether the
+/// server completed the handshake, and what it said if not.
+fn tls_client_auth(
+    w: &World,
+    root: &[u8],
+    crl: Option<&[u8]>,
+    chain: Vec<Vec<u8>>,
+    key: Vec<u8>,
+) -> Result<(), String> {
+    use rustls::pki_types::{
+        CertificateDer, CertificateRevocationListDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName,
+    };
+    use std::sync::Arc;
+    let (srv_crt, srv_key) = (w.path("server.crt"), w.path("server.key"));
+    if !srv_crt.exists() {
+        let (ok, out) = openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-days",
+            "1",
+            "-keyout",
+            &s(&srv_key),
+            "-out",
+            &s(&srv_crt),
+        ]);
+        assert!(ok, "{out}");
+    }
+    let server_cert = der_of(&std::fs::read_to_string(&srv_crt).unwrap(), "CERTIFICATE");
+    let server_key = der_of(&std::fs::read_to_string(&srv_key).unwrap(), "PRIVATE KEY");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(root.to_vec())).unwrap();
+    let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    );
+    if let Some(crl) = crl {
+        verifier = verifier
+            .with_crls([CertificateRevocationListDer::from(crl.to_vec())])
+            .only_check_end_entity_revocation();
+    }
+    let server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier.build().unwrap())
+        .with_single_cert(
+            vec![CertificateDer::from(server_cert.clone())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key)),
+        )
+        .unwrap();
+    let mut client_roots = rustls::RootCertStore::empty();
+    client_roots.add(CertificateDer::from(server_cert)).unwrap();
+    let client_config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(client_roots)
+        .with_client_auth_cert(
+            chain.into_iter().map(CertificateDer::from).collect(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+        )
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || -> Result<(), String> {
+        let (mut tcp, _) = listener.accept().map_err(|e| e.to_string())?;
+        let mut conn = rustls::ServerConnection::new(Arc::new(server_config)).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    });
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut conn = rustls::ClientConnection::new(
+        Arc::new(client_config),
+        ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    // In TLS 1.3 the client finishes first; the server's verdict on its certificate
+    // comes after, so the server's side is what counts.
+    while conn.is_handshaking() {
+        if conn.complete_io(&mut tcp).is_err() {
+            break;
+        }
+    }
+    let _ = conn.complete_io(&mut tcp);
+    server.join().unwrap()
+}
+
+#[test]
+fn a_revoked_device_is_on_its_batch_cas_crl_and_refused_by_a_server_that_checks_it() {
+    let w = world();
+    let body = format!(
+        "{WINDOW}devices = 5\n[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = {{ subject = \"CN={{device_id}}\", days = \"forever\", crl_distribution_point = \"http://pki.example.com/{{entitlement}}.crl\" }}\n"
+    );
+    let id = imported(&w, &body, "crl");
+    let mut devices = Vec::new();
+    for device in ["D-1", "D-2"] {
+        let o = provision(&w, &id, device, &[], None);
+        assert_eq!(o.code, 0, "{}", o.json);
+        devices.push(o.json);
+    }
+    // Revocation needs the device in the audit HQ verified.
+    keyfab(
+        &[
+            "hq",
+            "device",
+            "revoke",
+            "--home",
+            &s(&w.hq),
+            "--entitlement",
+            &id,
+            "--device-id",
+            "D-2",
+            "--reason",
+            "key-compromise",
+        ],
+        None,
+    )
+    .assert_error(1, "not_found", "import the site's export first");
+    let kfa = export(&w, "crl.kfa");
+    ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&kfa)]);
+    let revoke = |device: &str| {
+        ok(&[
+            "hq",
+            "device",
+            "revoke",
+            "--home",
+            &s(&w.hq),
+            "--entitlement",
+            &id,
+            "--device-id",
+            device,
+            "--reason",
+            "key-compromise",
+        ])
+    };
+    let first = revoke("D-2");
+    assert_eq!(first["revoked"].as_array().unwrap().len(), 1, "{first}");
+    let again = revoke("D-2");
+    assert_eq!(
+        (
+            again["revoked"].as_array().unwrap().len(),
+            again["already"].as_array().unwrap().len()
+        ),
+        (0, 1),
+        "{again}"
+    );
+    let crl_file = w.path("batch.crl");
+    let made = ok(&[
+        "hq",
+        "crl",
+        "--home",
+        &s(&w.hq),
+        "--entitlement",
+        &id,
+        "--out",
+        &s(&crl_file),
+    ]);
+    assert_eq!(
+        (&made["number"], &made["entries"]),
+        (&1.into(), &1.into()),
+        "{made}"
+    );
+    let second = ok(&[
+        "hq",
+        "crl",
+        "--home",
+        &s(&w.hq),
+        "--entitlement",
+        &id,
+        "--out",
+        &s(&w.path("2.crl")),
+    ]);
+    assert_eq!(second["number"], 2, "CRL numbers only go up");
+
+    // OpenSSL: the CRL verifies under the batch CA, and -crl_check uses it.
+    let chain_pem: String = devices[0]["chain_pem"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let chain = w.path("crl-chain.pem");
+    std::fs::write(&chain, &chain_pem).unwrap();
+    let batch = w.path("crl-batch.pem");
+    std::fs::write(&batch, devices[0]["chain_pem"][0].as_str().unwrap()).unwrap();
+    let (ok_crl, out) = openssl(&[
+        "crl",
+        "-in",
+        &s(&crl_file),
+        "-CAfile",
+        &s(&batch),
+        "-noout",
+        "-text",
+    ]);
+    assert!(ok_crl && out.contains("verify OK"), "{out}");
+    assert!(
+        out.contains("Key Compromise") && out.contains("X509v3 CRL Number"),
+        "{out}"
+    );
+    let root_file = w.root.join("root.crt");
+    for (n, device) in devices.iter().enumerate() {
+        let cert = w.path(&format!("crl-{n}.crt"));
+        std::fs::write(
+            &cert,
+            device["keys"][0]["certificate_pem"].as_str().unwrap(),
+        )
+        .unwrap();
+        let (valid, out) = openssl(&[
+            "verify",
+            "-purpose",
+            "sslclient",
+            "-crl_check",
+            "-CRLfile",
+            &s(&crl_file),
+            "-CAfile",
+            &s(&root_file),
+            "-untrusted",
+            &s(&chain),
+            &s(&cert),
+        ]);
+        if n == 0 {
+            assert!(valid, "{out}");
+        } else {
+            assert!(!valid && out.contains("certificate revoked"), "{out}");
+        }
+    }
+
+    // A real TLS 1.3 handshake: a server trusting only root.crt accepts D-1 as a client,
+    // and with the CRL refuses D-2 (and still accepts D-1).
+    let root = der_of(&std::fs::read_to_string(&root_file).unwrap(), "CERTIFICATE");
+    let crl = der_of(&std::fs::read_to_string(&crl_file).unwrap(), "X509 CRL");
+    let identity = |n: usize| {
+        let d = &devices[n];
+        let mut chain = vec![der_of(
+            d["keys"][0]["certificate_pem"].as_str().unwrap(),
+            "CERTIFICATE",
+        )];
+        for c in d["chain_pem"].as_array().unwrap() {
+            chain.push(der_of(c.as_str().unwrap(), "CERTIFICATE"));
+        }
+        let key = der_of(
+            d["keys"][0]["private_key_pem"].as_str().unwrap(),
+            "PRIVATE KEY",
+        );
+        (chain, key)
+    };
+    let (chain1, key1) = identity(0);
+    let (chain2, key2) = identity(1);
+    tls_client_auth(&w, &root, None, chain1.clone(), key1.clone()).unwrap();
+    tls_client_auth(&w, &root, None, chain2.clone(), key2.clone()).unwrap();
+    tls_client_auth(&w, &root, Some(&crl), chain1, key1).unwrap();
+    let refused = tls_client_auth(&w, &root, Some(&crl), chain2, key2).unwrap_err();
+    assert!(refused.contains("Revoked"), "{refused}");
+
+    // HQ shows it: the manifest's status, the device's provenance.
+    let m = hq_manifest(&w, &id, "json", "crl.json", &[]);
+    assert_eq!(m["rows"], 2);
+    let text = std::fs::read_to_string(w.path("crl.json")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(manifest["devices"][1]["status"], "revoked");
+    let shown = ok(&["hq", "device", "show", "--home", &s(&w.hq), "D-2"]);
+    let release = &shown["releases"][0];
+    assert_eq!(release["status"], "revoked", "{shown}");
+    assert_eq!(release["site"], "shenzhen-1");
+    assert_eq!(release["entitlement"], id.as_str());
+    assert!(
+        release["checkpoint_size"].as_u64().unwrap() >= release["audit_sequence"].as_u64().unwrap()
+    );
+    assert_eq!(release["keys"][0]["revoked"]["reason"], "key-compromise");
+    assert_eq!(
+        release["keys"][0]["cert_serial"],
+        first["revoked"][0]["serial"]
+    );
+    keyfab(&["hq", "device", "show", "--home", &s(&w.hq), "NOPE"], None).assert_error(
+        1,
+        "not_found",
+        "in no audit HQ verified",
+    );
+}
