@@ -428,6 +428,28 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
         "HQ's manifest lists the devices to register (the burned one is left out) and the batch CA to trust; a cloud checks each certificate as a TLS server checks a client: clientAuth, chain to the root, now and in 2100 (its certificates never expire).",
         cloud_check(&ctx, &hq, &id, &root_der, &base)?,
     );
+    step(
+        "30. HQ revokes a device",
+        "TSV2-00000004 is reported stolen: HQ revokes its certificate (recorded at HQ) and signs a CRL with the batch CA key it keeps.",
+        run::device_revoke(
+            &ctx,
+            &hq,
+            &id,
+            "TSV2-00000004",
+            crate::cli::RevokeReason::KeyCompromise,
+        )?,
+    );
+    let crl = base.join("batch.crl");
+    step(
+        "31. the CRL",
+        "RFC 5280 CRL v2 of the entitlement's batch CA, published where the profile's CRL URL points.",
+        run::hq_crl(&ctx, &hq, &id, &crl, 7)?,
+    );
+    step(
+        "32. the cloud checks the CRL",
+        "The same TLS client check with the CRL: the stolen device is refused, the others still pass.",
+        crl_check(&ctx, &hq, &id, &root_der, &crl)?,
+    );
     text.push_str(if dir.is_some() {
         "Files are kept in the directory above.\n"
     } else {
@@ -466,7 +488,7 @@ fn cloud_check(
     let mut verified = Vec::new();
     for row in &rows {
         for at in [ctx.now()?, keyfab_crypto::time::UnixTime(YEAR_2100)] {
-            x509::verify_client_certificate(root, intermediates, &row.certificate_der, at)
+            x509::verify_client_certificate(root, intermediates, &row.certificate_der, at, None)
                 .map_err(|e| {
                     Failure::new(
                         Code::Internal,
@@ -488,5 +510,50 @@ fn cloud_check(
             verified.join(", ")
         ),
         json!({"manifest": out, "ca": ca_out, "verified": verified}),
+    ))
+}
+
+/// Step 32: each device of the manifest checked against the CRL as a TLS server would.
+fn crl_check(
+    ctx: &Context,
+    hq: &Path,
+    id: &str,
+    root: &[u8],
+    crl_file: &Path,
+) -> Result<Report, Failure> {
+    let crl = x509::from_pem(
+        &std::fs::read_to_string(crl_file).map_err(|e| Failure::new(Code::Io, e.to_string()))?,
+        "X509 CRL",
+    )
+    .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
+    let node = ctx.open(hq, NodeKind::Hq)?;
+    let (issued, rows) = keyfab_hq::report::manifest(&node, id, false)?;
+    let chain = keyfab_hq::report::ca_chain(&node, &issued)?;
+    let (mut accepted, mut refused) = (Vec::new(), Vec::new());
+    for row in &rows {
+        match x509::verify_client_certificate(
+            root,
+            &chain[..2],
+            &row.certificate_der,
+            ctx.now()?,
+            Some(&crl),
+        ) {
+            Ok(()) => accepted.push(row.device_id.clone()),
+            Err(_) => refused.push(row.device_id.clone()),
+        }
+    }
+    if refused != ["TSV2-00000004"] {
+        return Err(Failure::new(
+            Code::Internal,
+            format!("the demo's CRL check refused {refused:?}, not the revoked device"),
+        ));
+    }
+    Ok(Report::new(
+        format!(
+            "refused: {}; accepted: {}",
+            refused.join(", "),
+            accepted.join(", ")
+        ),
+        json!({"refused": refused, "accepted": accepted}),
     ))
 }

@@ -651,7 +651,7 @@ pub fn validate_chain(
         root_cert,
         std::slice::from_ref(cluster),
         leaf,
-        now,
+        (now, None),
         // The leaf must carry the role as its EKU (checked below); a CA carries it as a
         // certificate policy, so an EKU is only checked where present.
         webpki::KeyUsage::required_if_present(role.oid()),
@@ -794,19 +794,38 @@ pub fn verify_device_certificate(
 /// Verifies `leaf` as a TLS server verifies a client's certificate (rustls-webpki, the
 /// path builder rustls uses): a path through `intermediates` to `root_cert`, signatures,
 /// validity of every certificate at `at`, basic constraints, and the clientAuth extended
-/// key usage on every certificate that has one. What a cloud checks when a device
-/// connects with its keyfab identity.
+/// key usage on every certificate that has one; with `crl` (DER, the leaf issuer's), that
+/// the leaf is not on it. What a cloud checks when a device connects with its keyfab
+/// identity.
 pub fn verify_client_certificate(
     root_cert: &[u8],
     intermediates: &[Vec<u8>],
     leaf: &[u8],
     at: UnixTime,
+    crl: Option<&[u8]>,
 ) -> Result<()> {
+    let parsed = crl
+        .map(|der| {
+            webpki::BorrowedCertRevocationList::from_der(der)
+                .map(webpki::CertRevocationList::from)
+                .map_err(|e| CryptoError::CertificateMalformed(format!("CRL: {e:?}")))
+        })
+        .transpose()?;
+    let crls: Vec<&webpki::CertRevocationList<'_>> = parsed.iter().collect();
+    let revocation = match crls.is_empty() {
+        true => None,
+        false => Some(
+            webpki::RevocationOptionsBuilder::new(&crls)
+                .map_err(|_| CryptoError::Internal)?
+                .with_depth(webpki::RevocationCheckDepth::EndEntity)
+                .build(),
+        ),
+    };
     webpki_path(
         root_cert,
         intermediates,
         leaf,
-        at,
+        (at, revocation),
         webpki::KeyUsage::client_auth(),
         None,
     )
@@ -823,7 +842,7 @@ fn webpki_path(
     root_cert: &[u8],
     intermediates: &[Vec<u8>],
     leaf: &[u8],
-    at: UnixTime,
+    (at, revocation): (UnixTime, Option<webpki::RevocationOptions<'_>>),
     usage: webpki::KeyUsage,
     verify_path: Option<&PathCheck<'_>>,
 ) -> Result<()> {
@@ -850,11 +869,12 @@ fn webpki_path(
         &intermediates,
         when,
         usage,
-        None,
+        revocation,
         verify_path,
     )
     .map(|_| ())
     .map_err(|e| match e {
+        webpki::Error::CertRevoked => CryptoError::Untrusted("the certificate is revoked".into()),
         webpki::Error::CertExpired { .. } => CryptoError::Expired,
         webpki::Error::CertNotValidYet { .. } => CryptoError::NotYetValid,
         other => CryptoError::Untrusted(format!("{other:?}")),
