@@ -1,6 +1,7 @@
-//! Device key material: the keys a device receives. Every supported type is stored as a
-//! 32-byte secret (P-256 scalar, Ed25519 seed, AES-256 key), so pool files and the store
-//! use fixed-size records.
+//! Device key material: the keys a device receives. Every type but RSA is stored as a
+//! 32-byte secret (P-256 scalar, Ed25519 seed, AES-256 key, and for P-384 a seed the
+//! scalar is derived from), so pool files and the store use fixed-size records. An RSA
+//! key is stored as its PKCS#8: it is only ever made at the site, for one device.
 //!
 //! Each key also has a [`KeyId`] that is safe to print and to audit: the SHA-256
 //! fingerprint of the public key for asymmetric keys, a key check value for AES.
@@ -9,7 +10,10 @@ use crate::hash::Fingerprint;
 use crate::secret::{Secret32, SecretBytes};
 use crate::{CryptoError, Result};
 use aws_lc_rs::encoding::{AsBigEndian, Curve25519SeedBin, EcPrivateKeyBin};
-use aws_lc_rs::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+use aws_lc_rs::signature::{
+    EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_ASN1_SIGNING,
+    ECDSA_P384_SHA384_ASN1_SIGNING,
+};
 
 /// Size of every stored device key secret.
 pub const SECRET_LEN: usize = 32;
@@ -19,30 +23,64 @@ pub const SECRET_LEN: usize = 32;
 pub enum DeviceKeyType {
     /// ECDSA on P-256.
     EcP256,
+    /// ECDSA on P-384 (stored as a 32-byte seed, [`p384_pair`]).
+    EcP384,
     /// Ed25519.
     Ed25519,
+    /// RSA, 2048-bit modulus (stored as its PKCS#8).
+    Rsa2048,
+    /// RSA, 3072-bit modulus (stored as its PKCS#8).
+    Rsa3072,
     /// A 256-bit AES key.
     Aes256,
 }
 
 impl DeviceKeyType {
+    /// Every type.
+    pub const ALL: [DeviceKeyType; 6] = [
+        Self::EcP256,
+        Self::EcP384,
+        Self::Ed25519,
+        Self::Rsa2048,
+        Self::Rsa3072,
+        Self::Aes256,
+    ];
+
     /// The name policies and records use.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::EcP256 => "ec-p256",
+            Self::EcP384 => "ec-p384",
             Self::Ed25519 => "ed25519",
+            Self::Rsa2048 => "rsa-2048",
+            Self::Rsa3072 => "rsa-3072",
             Self::Aes256 => "aes-256",
         }
     }
     /// The type named `s`, if any.
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "ec-p256" => Some(Self::EcP256),
-            "ed25519" => Some(Self::Ed25519),
-            "aes-256" => Some(Self::Aes256),
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+    /// Whether its stored secret is the RSA key's PKCS#8 rather than 32 bytes.
+    pub fn is_rsa(self) -> bool {
+        matches!(self, Self::Rsa2048 | Self::Rsa3072)
+    }
+    fn rsa_size(self) -> Option<aws_lc_rs::rsa::KeySize> {
+        match self {
+            Self::Rsa2048 => Some(aws_lc_rs::rsa::KeySize::Rsa2048),
+            Self::Rsa3072 => Some(aws_lc_rs::rsa::KeySize::Rsa3072),
             _ => None,
         }
     }
+}
+
+/// What a 32-byte secret cannot hold: an RSA key.
+fn not_32_bytes(kind: DeviceKeyType) -> CryptoError {
+    CryptoError::InvalidKey(if kind.is_rsa() {
+        "an RSA key is stored as its PKCS#8, not as 32 bytes"
+    } else {
+        "key type"
+    })
 }
 
 /// The public identity of a device key: what the audit log and HQ keep.
@@ -65,9 +103,7 @@ impl KeyId {
     }
 }
 
-const ED25519_SPKI_PREFIX: [u8; 12] = [
-    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-];
+use crate::x509::ED25519_SPKI_PREFIX;
 
 /// A new P-256 key pair and its 32-byte private scalar (what a pool keeps).
 fn generate_p256() -> Result<(EcdsaKeyPair, Secret32)> {
@@ -91,6 +127,11 @@ pub fn generate(kind: DeviceKeyType, rng: &dyn crate::rng::SecureRng) -> Result<
                 pair.public_key().as_ref(),
             )));
             Ok((secret, id))
+        }
+        DeviceKeyType::EcP384 => {
+            let seed = Secret32::random(rng);
+            let id = key_id(kind, &seed)?;
+            Ok((seed, id))
         }
         _ => {
             let (secret, e) = generate_expanded(kind, rng)?;
@@ -130,12 +171,54 @@ pub fn generate_expanded(
             let secret = Secret32::from_slice(seed.as_ref()).ok_or(CryptoError::Internal)?;
             Ok((secret, expand_ed25519(&pair)?))
         }
-        DeviceKeyType::Aes256 => {
+        DeviceKeyType::Aes256 | DeviceKeyType::EcP384 => {
             let secret = Secret32::random(rng);
             let e = expand(kind, &secret)?;
             Ok((secret, e))
         }
+        DeviceKeyType::Rsa2048 | DeviceKeyType::Rsa3072 => Err(not_32_bytes(kind)),
     }
+}
+
+/// Generates an RSA key of `kind`: its PKCS#8 (what is stored) and its expansion.
+pub fn generate_rsa(kind: DeviceKeyType) -> Result<(SecretBytes, Expanded)> {
+    let size = kind
+        .rsa_size()
+        .ok_or(CryptoError::InvalidKey("not an RSA key type"))?;
+    let pair = aws_lc_rs::rsa::KeyPair::generate(size).map_err(|_| CryptoError::Internal)?;
+    let e = expand_rsa(&pair)?;
+    Ok((SecretBytes::new(e.private.expose().to_vec()), e))
+}
+
+fn expand_rsa(pair: &aws_lc_rs::rsa::KeyPair) -> Result<Expanded> {
+    use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der, PublicKeyX509Der};
+    let pkcs8: Pkcs8V1Der<'_> = pair.as_der().map_err(|_| CryptoError::Internal)?;
+    let spki: PublicKeyX509Der<'_> = pair
+        .public_key()
+        .as_der()
+        .map_err(|_| CryptoError::Internal)?;
+    let spki = spki.as_ref().to_vec();
+    Ok(Expanded {
+        key_id: KeyId::Public(Fingerprint::of(&spki)),
+        public: Some(crate::x509::DevicePublicKey::Rsa(spki)),
+        private: SecretBytes::new(pkcs8.as_ref().to_vec()),
+    })
+}
+
+/// Expands a stored secret of any type: the 32 bytes of [`expand`], or an RSA key's
+/// PKCS#8 (checked to be of `kind`'s size).
+pub fn expand_stored(kind: DeviceKeyType, stored: &[u8]) -> Result<Expanded> {
+    if !kind.is_rsa() {
+        let secret = Secret32::from_slice(stored).ok_or(CryptoError::InvalidKey("stored key"))?;
+        return expand(kind, &secret);
+    }
+    let pair = aws_lc_rs::rsa::KeyPair::from_pkcs8(stored)
+        .map_err(|_| CryptoError::InvalidKey("RSA PKCS#8"))?;
+    let bits = pair.public_modulus_len() * 8;
+    if Some(bits) != kind.rsa_size().map(|s| s.len() * 8) {
+        return Err(CryptoError::InvalidKey("RSA key of another size"));
+    }
+    expand_rsa(&pair)
 }
 
 fn expand_p256(pair: &EcdsaKeyPair) -> Result<Expanded> {
@@ -151,25 +234,115 @@ fn expand_p256(pair: &EcdsaKeyPair) -> Result<Expanded> {
     })
 }
 
-/// PKCS#8 v1 of a P-256 key, always with its public key (RFC 5915 `publicKey`), so a key
+/// An elliptic curve a device key may be on.
+#[derive(Clone, Copy)]
+enum Curve {
+    P256,
+    P384,
+}
+
+impl Curve {
+    /// The named curve's OID, DER (prime256v1, secp384r1).
+    fn oid(self) -> &'static [u8] {
+        match self {
+            Self::P256 => &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07],
+            Self::P384 => &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22],
+        }
+    }
+    /// Scalar and uncompressed point lengths.
+    fn lengths(self) -> (usize, usize) {
+        match self {
+            Self::P256 => (32, 65),
+            Self::P384 => (48, 97),
+        }
+    }
+}
+
+/// id-ecPublicKey (1.2.840.10045.2.1), DER.
+const ID_EC_PUBLIC_KEY: [u8; 9] = [0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+
+/// PKCS#8 v1 of an EC key, always with its public key (RFC 5915 `publicKey`), so a key
 /// reads the same whether it was just generated or rebuilt from its stored scalar (aws-lc
-/// leaves the public key out of a key it parsed without one).
-fn p256_pkcs8(scalar: &[u8], point: &[u8]) -> Result<SecretBytes> {
-    if scalar.len() != 32 || point.len() != 65 {
+/// leaves the public key out of a key it parsed without one). Written in place into a
+/// buffer of the exact size, so no copy of the scalar is left behind.
+fn ec_pkcs8(curve: Curve, scalar: &[u8], point: &[u8]) -> Result<SecretBytes> {
+    use crate::x509::{push_tlv, push_wrapped};
+    if (scalar.len(), point.len()) != curve.lengths() {
         return Err(CryptoError::Internal);
     }
-    let mut der = Vec::with_capacity(138);
-    // SEQUENCE { INTEGER 0, SEQUENCE { id-ecPublicKey, prime256v1 }, OCTET STRING {
+    // SEQUENCE { INTEGER 0, SEQUENCE { id-ecPublicKey, curve }, OCTET STRING {
     //   ECPrivateKey SEQUENCE { INTEGER 1, OCTET STRING scalar, [1] BIT STRING point } } }
-    der.extend_from_slice(&[
-        0x30, 0x81, 0x87, 0x02, 0x01, 0x00, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d,
-        0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x04, 0x6d, 0x30,
-        0x6b, 0x02, 0x01, 0x01, 0x04, 0x20,
-    ]);
-    der.extend_from_slice(scalar);
-    der.extend_from_slice(&[0xa1, 0x44, 0x03, 0x42, 0x00]);
-    der.extend_from_slice(point);
-    Ok(SecretBytes::new(der))
+    let mut der = SecretBytes::new(Vec::with_capacity(200));
+    push_wrapped(der.expose_mut(), 0x30, |outer| {
+        outer.extend_from_slice(&[0x02, 0x01, 0x00]);
+        push_wrapped(outer, 0x30, |alg| {
+            alg.extend_from_slice(&ID_EC_PUBLIC_KEY);
+            alg.extend_from_slice(curve.oid());
+        });
+        push_wrapped(outer, 0x04, |octets| {
+            push_wrapped(octets, 0x30, |ec| {
+                ec.extend_from_slice(&[0x02, 0x01, 0x01]);
+                push_tlv(ec, 0x04, scalar);
+                push_wrapped(ec, 0xa1, |public| {
+                    push_wrapped(public, 0x03, |bits| {
+                        bits.push(0);
+                        bits.extend_from_slice(point);
+                    });
+                });
+            });
+        });
+    });
+    Ok(der)
+}
+
+fn p256_pkcs8(scalar: &[u8], point: &[u8]) -> Result<SecretBytes> {
+    ec_pkcs8(Curve::P256, scalar, point)
+}
+
+/// The group order of P-384 (FIPS 186-5), big-endian.
+const P384_ORDER: [u8; 48] = [
+    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xc7, 0x63, 0x4d, 0x81, 0xf4, 0x37, 0x2d, 0xdf,
+    0x58, 0x1a, 0x0d, 0xb2, 0x48, 0xb0, 0xa7, 0x7a, 0xec, 0xec, 0x19, 0x6a, 0xcc, 0xc5, 0x29, 0x73,
+];
+
+/// The P-384 key a 32-byte seed stands for: the first HKDF-SHA256 output (48 bytes,
+/// info `keyfab-p384-scalar-v1 ‖ counter`) in [1, n−1], FIPS 186-5 A.4.2's "testing
+/// candidates" with HKDF as the bit source. A candidate is refused with probability
+/// about 2^-190, so the first one is the key in practice. 256 bits of seed exceed
+/// P-384's 192-bit security level.
+fn p384_pair(seed: &Secret32) -> Result<(EcdsaKeyPair, SecretBytes)> {
+    let mut candidate = SecretBytes::new(vec![0u8; 48]);
+    for counter in 0u8..=255 {
+        let info = [b"keyfab-p384-scalar-v1".as_slice(), &[counter]].concat();
+        crate::kdf::hkdf_sha256_into(seed.expose(), b"", &info, candidate.expose_mut())?;
+        let scalar = candidate.expose();
+        if scalar.iter().all(|b| *b == 0) || scalar >= P384_ORDER.as_slice() {
+            continue;
+        }
+        // RFC 5915 ECPrivateKey { version 1, privateKey, parameters secp384r1 }.
+        let mut der = SecretBytes::new(Vec::with_capacity(64));
+        crate::x509::push_wrapped(der.expose_mut(), 0x30, |ec| {
+            ec.extend_from_slice(&[0x02, 0x01, 0x01]);
+            crate::x509::push_tlv(ec, 0x04, scalar);
+            crate::x509::push_wrapped(ec, 0xa0, |p| p.extend_from_slice(Curve::P384.oid()));
+        });
+        let pair =
+            EcdsaKeyPair::from_private_key_der(&ECDSA_P384_SHA384_ASN1_SIGNING, der.expose())
+                .map_err(|_| CryptoError::InvalidKey("P-384 scalar"))?;
+        return Ok((pair, candidate));
+    }
+    Err(CryptoError::Internal)
+}
+
+fn expand_p384(seed: &Secret32) -> Result<Expanded> {
+    let (pair, scalar) = p384_pair(seed)?;
+    let point = pair.public_key().as_ref().to_vec();
+    Ok(Expanded {
+        key_id: KeyId::Public(Fingerprint::of(&crate::x509::p384_spki(&point))),
+        private: ec_pkcs8(Curve::P384, scalar.expose(), &point)?,
+        public: Some(crate::x509::DevicePublicKey::P384(point)),
+    })
 }
 
 fn expand_ed25519(pair: &Ed25519KeyPair) -> Result<Expanded> {
@@ -182,10 +355,13 @@ fn expand_ed25519(pair: &Ed25519KeyPair) -> Result<Expanded> {
     })
 }
 
-/// Expands a stored secret (one scalar multiplication for P-256, whatever is asked of it).
+/// Expands a stored 32-byte secret (one scalar multiplication for P-256, whatever is
+/// asked of it). RSA keys: [`expand_stored`].
 pub fn expand(kind: DeviceKeyType, secret: &Secret32) -> Result<Expanded> {
     match kind {
         DeviceKeyType::EcP256 => expand_p256(&p256_pair(secret)?),
+        DeviceKeyType::EcP384 => expand_p384(secret),
+        DeviceKeyType::Rsa2048 | DeviceKeyType::Rsa3072 => Err(not_32_bytes(kind)),
         DeviceKeyType::Ed25519 => expand_ed25519(
             &Ed25519KeyPair::from_seed_unchecked(secret.expose())
                 .map_err(|_| CryptoError::InvalidKey("ed25519 seed"))?,
@@ -218,6 +394,8 @@ pub fn key_id(kind: DeviceKeyType, secret: &Secret32) -> Result<KeyId> {
                 .map_err(|_| CryptoError::InvalidKey("ed25519 seed"))?;
             Ok(ed25519_id(pair.public_key().as_ref()))
         }
+        DeviceKeyType::EcP384 => Ok(expand_p384(secret)?.key_id),
+        DeviceKeyType::Rsa2048 | DeviceKeyType::Rsa3072 => Err(not_32_bytes(kind)),
         DeviceKeyType::Aes256 => {
             use aws_lc_rs::cipher::{EncryptingKey, UnboundCipherKey, AES_256};
             let key = UnboundCipherKey::new(&AES_256, secret.expose())
@@ -258,8 +436,37 @@ pub fn public_key(kind: DeviceKeyType, secret: &Secret32) -> Result<crate::x509:
                 pair.public_key().as_ref().to_vec(),
             ))
         }
+        DeviceKeyType::EcP384 => expand_p384(secret)?.public.ok_or(CryptoError::Internal),
+        DeviceKeyType::Rsa2048 | DeviceKeyType::Rsa3072 => Err(not_32_bytes(kind)),
         DeviceKeyType::Aes256 => Err(CryptoError::InvalidKey("aes-256 has no public key")),
     }
+}
+
+/// The SubjectPublicKeyInfo of a private key given as PKCS#8 (P-256, P-384, Ed25519 or
+/// RSA): what a certificate for that key must carry.
+pub fn spki_of_pkcs8(pkcs8: &[u8]) -> Result<Vec<u8>> {
+    use aws_lc_rs::encoding::{AsDer, PublicKeyX509Der};
+    if let Ok(pair) = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8) {
+        return Ok(crate::x509::p256_spki(pair.public_key().as_ref()));
+    }
+    if let Ok(pair) = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, pkcs8) {
+        return Ok(crate::x509::p384_spki(pair.public_key().as_ref()));
+    }
+    if let Ok(pair) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8) {
+        let mut spki = ED25519_SPKI_PREFIX.to_vec();
+        spki.extend_from_slice(pair.public_key().as_ref());
+        return Ok(spki);
+    }
+    if let Ok(pair) = aws_lc_rs::rsa::KeyPair::from_pkcs8(pkcs8) {
+        let der: PublicKeyX509Der<'_> = pair
+            .public_key()
+            .as_der()
+            .map_err(|_| CryptoError::Internal)?;
+        return Ok(der.as_ref().to_vec());
+    }
+    Err(CryptoError::InvalidKey(
+        "not a PKCS#8 key of a supported type",
+    ))
 }
 
 /// The identity of a device's own public key (from its CSR).
@@ -294,6 +501,8 @@ pub fn to_pkcs8(kind: DeviceKeyType, secret: &Secret32) -> Result<SecretBytes> {
                 .map_err(|_| CryptoError::Internal)?;
             Ok(SecretBytes::new(doc.as_ref().to_vec()))
         }
+        DeviceKeyType::EcP384 => Ok(expand_p384(secret)?.private),
+        DeviceKeyType::Rsa2048 | DeviceKeyType::Rsa3072 => Err(not_32_bytes(kind)),
         DeviceKeyType::Aes256 => Ok(SecretBytes::new(secret.expose().to_vec())),
     }
 }
@@ -308,6 +517,7 @@ mod tests {
         let rng = SeededRng::new(9);
         for kind in [
             DeviceKeyType::EcP256,
+            DeviceKeyType::EcP384,
             DeviceKeyType::Ed25519,
             DeviceKeyType::Aes256,
         ] {
@@ -322,7 +532,11 @@ mod tests {
     #[test]
     fn a_rebuilt_key_encodes_as_the_generated_one() {
         let rng = SeededRng::new(3);
-        for kind in [DeviceKeyType::EcP256, DeviceKeyType::Ed25519] {
+        for kind in [
+            DeviceKeyType::EcP256,
+            DeviceKeyType::EcP384,
+            DeviceKeyType::Ed25519,
+        ] {
             let (secret, first) = generate_expanded(kind, &rng).unwrap();
             let again = to_pkcs8(kind, &secret).unwrap();
             assert_eq!(again.expose(), first.private.expose(), "{kind:?}");
@@ -340,6 +554,42 @@ mod tests {
             parsed.private_key().as_be_bytes().unwrap().as_ref(),
             secret.expose()
         );
+    }
+
+    /// A P-384 key is what its seed derives, every time; its PKCS#8 is one aws-lc reads
+    /// back as the same key, with the public key the certificate carries.
+    #[test]
+    fn a_p384_key_is_its_seed() {
+        let seed = Secret32::new([0x5a; 32]);
+        let a = expand(DeviceKeyType::EcP384, &seed).unwrap();
+        let b = expand(DeviceKeyType::EcP384, &seed).unwrap();
+        assert_eq!(a.private.expose(), b.private.expose());
+        let parsed =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, a.private.expose()).unwrap();
+        let Some(crate::x509::DevicePublicKey::P384(point)) = &a.public else {
+            panic!("not a P-384 key")
+        };
+        assert_eq!(parsed.public_key().as_ref(), point.as_slice());
+        assert_eq!(
+            a.key_id,
+            KeyId::Public(Fingerprint::of(&crate::x509::p384_spki(point)))
+        );
+        let other = expand(DeviceKeyType::EcP384, &Secret32::new([0x5b; 32])).unwrap();
+        assert_ne!(other.key_id, a.key_id);
+    }
+
+    #[test]
+    fn an_rsa_key_is_stored_as_its_pkcs8_and_checked_for_its_size() {
+        let (stored, first) = generate_rsa(DeviceKeyType::Rsa2048).unwrap();
+        let again = expand_stored(DeviceKeyType::Rsa2048, stored.expose()).unwrap();
+        assert_eq!(again.key_id, first.key_id);
+        assert_eq!(again.private.expose(), first.private.expose());
+        assert!(expand_stored(DeviceKeyType::Rsa3072, stored.expose()).is_err());
+        assert!(generate(DeviceKeyType::Rsa2048, &SeededRng::new(1)).is_err());
+        let Some(crate::x509::DevicePublicKey::Rsa(spki)) = &first.public else {
+            panic!("not an RSA key")
+        };
+        assert_eq!(first.key_id, KeyId::Public(Fingerprint::of(spki)));
     }
 
     #[test]

@@ -40,23 +40,29 @@ pub fn argon2id(passphrase: &SecretBytes, salt: &[u8], params: Argon2Params) -> 
 
 /// HKDF-SHA256 expanding `ikm` to 32 bytes, bound to `salt` and `info`.
 pub fn hkdf_sha256(ikm: &[u8], salt: &[u8], info: &[u8]) -> Result<Secret32> {
+    let mut out = [0u8; 32];
+    hkdf_sha256_into(ikm, salt, info, &mut out)?;
+    let s = Secret32::new(out);
+    zeroize::Zeroize::zeroize(&mut out);
+    Ok(s)
+}
+
+/// HKDF-SHA256 expanding `ikm` to fill `out` (at most 8160 bytes), bound to `salt` and
+/// `info`.
+pub fn hkdf_sha256_into(ikm: &[u8], salt: &[u8], info: &[u8], out: &mut [u8]) -> Result<()> {
     use aws_lc_rs::hkdf::{Salt, HKDF_SHA256};
-    struct Len32;
-    impl aws_lc_rs::hkdf::KeyType for Len32 {
+    struct Len(usize);
+    impl aws_lc_rs::hkdf::KeyType for Len {
         fn len(&self) -> usize {
-            32
+            self.0
         }
     }
     let prk = Salt::new(HKDF_SHA256, salt).extract(ikm);
     let info_parts = [info];
     let okm = prk
-        .expand(&info_parts, Len32)
+        .expand(&info_parts, Len(out.len()))
         .map_err(|_| CryptoError::Internal)?;
-    let mut out = [0u8; 32];
-    okm.fill(&mut out).map_err(|_| CryptoError::Internal)?;
-    let s = Secret32::new(out);
-    zeroize::Zeroize::zeroize(&mut out);
-    Ok(s)
+    okm.fill(out).map_err(|_| CryptoError::Internal)
 }
 
 #[cfg(test)]

@@ -48,6 +48,20 @@ pub const MAX_CONTENT_CHUNK: u32 = 1024 * 1024;
 pub const MAX_FILE_LEN: u64 = 64 * 1024 * 1024 * 1024;
 /// Length of each pool key's secret.
 pub const KEY_LEN: usize = keyfab_crypto::devicekey::SECRET_LEN;
+/// The device key type a policy's key type names: one mapping for HQ's pool and the
+/// site's keys alike.
+pub fn device_key_type(t: KeyType) -> keyfab_crypto::devicekey::DeviceKeyType {
+    use keyfab_crypto::devicekey::DeviceKeyType;
+    match t {
+        KeyType::EcP256 => DeviceKeyType::EcP256,
+        KeyType::EcP384 => DeviceKeyType::EcP384,
+        KeyType::Ed25519 => DeviceKeyType::Ed25519,
+        KeyType::Rsa2048 => DeviceKeyType::Rsa2048,
+        KeyType::Rsa3072 => DeviceKeyType::Rsa3072,
+        KeyType::Aes256 => DeviceKeyType::Aes256,
+    }
+}
+
 /// Pool keys per chunk unless the writer says otherwise.
 pub const DEFAULT_KEYS_PER_CHUNK: u32 = 2048;
 const MAX_KEYS_PER_CHUNK: u32 = 65_536;

@@ -18,7 +18,7 @@ use keyfab_formats::entitlement::{
 };
 use keyfab_formats::FormatError;
 use keyfab_node::{encode, Error, Node, Result};
-use keyfab_policy::{KeySource, KeyType, Policy, PolicyDraft, PolicyError};
+use keyfab_policy::{KeySource, Policy, PolicyDraft, PolicyError};
 use keyfab_store::{Table, Txn};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -168,14 +168,6 @@ pub struct Created {
     pub pool_keys: u64,
     /// The file's size.
     pub bytes: u64,
-}
-
-fn device_key_type(t: KeyType) -> DeviceKeyType {
-    match t {
-        KeyType::EcP256 => DeviceKeyType::EcP256,
-        KeyType::Ed25519 => DeviceKeyType::Ed25519,
-        KeyType::Aes256 => DeviceKeyType::Aes256,
-    }
 }
 
 /// 32-byte record of a key's public identity (a KCV is padded with zeros).
@@ -415,7 +407,7 @@ pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
     let mut done = 0u64;
     let mut ids_txn = Txn::default();
     let mut fill = |c: ChunkRef, out: &mut SecretBytes| -> keyfab_formats::Result<()> {
-        let kind = device_key_type(pool[c.spec].key_type);
+        let kind = keyfab_formats::entitlement::device_key_type(pool[c.spec].key_type);
         let mut ids = Vec::with_capacity(c.count as usize * 32);
         generate_keys(kind, c.count as usize, rng, out, &mut ids)
             .map_err(|e| FormatError::Write(e.to_string()))?;

@@ -315,9 +315,13 @@ impl CertificateTemplate {
                 return Err(PolicyError::new(field, format!("'{u}' is listed twice")));
             }
             // RFC 8813 §3 (EC keys encipher nothing) and RFC 8410 §5 (Ed25519 signs only).
+            // RFC 4055: RSA keys sign or encipher, never agree on keys.
             let impossible = match key_type {
-                KeyType::EcP256 => matches!(u.as_str(), "key-encipherment" | "data-encipherment"),
+                KeyType::EcP256 | KeyType::EcP384 => {
+                    matches!(u.as_str(), "key-encipherment" | "data-encipherment")
+                }
                 KeyType::Ed25519 => !matches!(u.as_str(), "digital-signature" | "non-repudiation"),
+                KeyType::Rsa2048 | KeyType::Rsa3072 => u == "key-agreement",
                 KeyType::Aes256 => true,
             };
             if impossible {

@@ -15,9 +15,19 @@ pub enum KeyType {
     /// ECDSA on P-256 (`ec-p256`); may carry a device certificate.
     #[serde(rename = "ec-p256")]
     EcP256,
+    /// ECDSA on P-384 (`ec-p384`).
+    #[serde(rename = "ec-p384")]
+    EcP384,
     /// Ed25519 (`ed25519`).
     #[serde(rename = "ed25519")]
     Ed25519,
+    /// RSA with a 2048-bit modulus (`rsa-2048`): made where it is used (source `site`
+    /// or `device`), never pooled.
+    #[serde(rename = "rsa-2048")]
+    Rsa2048,
+    /// RSA with a 3072-bit modulus (`rsa-3072`).
+    #[serde(rename = "rsa-3072")]
+    Rsa3072,
     /// A 256-bit AES key (`aes-256`).
     #[serde(rename = "aes-256")]
     Aes256,
@@ -28,9 +38,32 @@ impl KeyType {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::EcP256 => "ec-p256",
+            Self::EcP384 => "ec-p384",
             Self::Ed25519 => "ed25519",
+            Self::Rsa2048 => "rsa-2048",
+            Self::Rsa3072 => "rsa-3072",
             Self::Aes256 => "aes-256",
         }
+    }
+
+    /// Every type, in the order the policy file lists them.
+    pub const ALL: [KeyType; 6] = [
+        Self::EcP256,
+        Self::EcP384,
+        Self::Ed25519,
+        Self::Rsa2048,
+        Self::Rsa3072,
+        Self::Aes256,
+    ];
+
+    /// The type a policy file names `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+
+    /// An RSA key.
+    pub fn is_rsa(self) -> bool {
+        matches!(self, Self::Rsa2048 | Self::Rsa3072)
     }
     /// A key pair (with a public key to certify), not a secret key.
     pub fn is_asymmetric(self) -> bool {
@@ -282,7 +315,16 @@ impl Policy {
                 (KeySource::Device, KeyType::Aes256) => {
                     return Err(PolicyError::new(
                         field("type"),
-                        "source 'device' needs an asymmetric key (ec-p256 or ed25519)",
+                        "source 'device' needs an asymmetric key (ec-p256, ec-p384, ed25519, rsa-2048, rsa-3072)",
+                    ))
+                }
+                (KeySource::HqPool, t) if t.is_rsa() => {
+                    return Err(PolicyError::new(
+                        field("type"),
+                        format!(
+                            "{} keys are made where they are used (source 'site' or 'device'): a pool would have HQ generate one RSA key per device, hours per 100,000 devices",
+                            t.as_str()
+                        ),
                     ))
                 }
                 _ => {}

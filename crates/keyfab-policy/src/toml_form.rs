@@ -118,17 +118,16 @@ impl PolicyDraft {
             .iter()
             .enumerate()
             .map(|(i, k)| {
-                let key_type = match k.key_type.as_str() {
-                    "ec-p256" => KeyType::EcP256,
-                    "ed25519" => KeyType::Ed25519,
-                    "aes-256" => KeyType::Aes256,
-                    other => {
-                        return Err(PolicyError::new(
-                            format!("keys[{i}].type"),
-                            format!("'{other}' is not one of ec-p256, ed25519, aes-256"),
-                        ))
-                    }
-                };
+                let key_type = KeyType::parse(&k.key_type).ok_or_else(|| {
+                    PolicyError::new(
+                        format!("keys[{i}].type"),
+                        format!(
+                            "'{}' is not one of {}",
+                            k.key_type,
+                            KeyType::ALL.map(KeyType::as_str).join(", ")
+                        ),
+                    )
+                })?;
                 let source = match k.source.as_str() {
                     "hq-pool" => KeySource::HqPool,
                     "site" => KeySource::Site,

@@ -8,7 +8,6 @@ use base64::Engine;
 use keyfab_crypto::hpke::HpkeSecretKey;
 use keyfab_crypto::rng::SecureRng;
 use keyfab_crypto::secret::SecretBytes;
-use keyfab_crypto::sign::SigningKey;
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509;
 use serde_json::Value;
@@ -136,11 +135,12 @@ impl SimulatedChip {
                         "certificate of key '{name}' names another device"
                     )));
                 }
-                // A P-256 key must be the one the certificate certifies.
-                if let (Some(secret), Some(point)) = (&secret, &facts.public_point) {
-                    let key = SigningKey::from_pkcs8(secret.expose())
-                        .map_err(|_| bad(format!("key '{name}' is not a P-256 key")))?;
-                    if key.verifying_key().sec1() != point.as_slice() {
+                // The key received must be the one the certificate certifies.
+                if let Some(secret) = &secret {
+                    let spki = keyfab_crypto::devicekey::spki_of_pkcs8(secret.expose())
+                        .map_err(|e| bad(format!("key '{name}': {e}")))?;
+                    let certified = x509::cert_spki(&cert).map_err(|e| bad(e.to_string()))?;
+                    if spki != certified {
                         return Err(bad(format!(
                             "certificate of key '{name}' is for another key"
                         )));

@@ -67,14 +67,18 @@ const OBJECT_IDENTIFIER: u8 = 0x06;
 const CONTEXT_0: u8 = 0xa0;
 
 /// Appends one TLV.
-fn push_tlv(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
+pub(crate) fn push_tlv(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
     push_wrapped(out, tag, |c| c.extend_from_slice(content));
 }
 
 /// Appends `tag` around what `body` writes, and returns what `body` returns: a one-byte
 /// length is reserved and widened in place if the content turns out longer, so nesting
 /// costs no allocation.
-fn push_wrapped<R>(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+pub(crate) fn push_wrapped<R>(
+    out: &mut Vec<u8>,
+    tag: u8,
+    body: impl FnOnce(&mut Vec<u8>) -> R,
+) -> R {
     out.push(tag);
     let len_at = out.len();
     out.push(0);
@@ -581,13 +585,18 @@ mod tests {
         impl rcgen::PublicKeyData for DeviceKey<'_> {
             fn der_bytes(&self) -> &[u8] {
                 match self.0 {
-                    DevicePublicKey::P256(p) | DevicePublicKey::Ed25519(p) => p,
+                    DevicePublicKey::P256(p)
+                    | DevicePublicKey::P384(p)
+                    | DevicePublicKey::Ed25519(p) => p,
+                    DevicePublicKey::Rsa(_) => unimplemented!("the reference takes no RSA key"),
                 }
             }
             fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
                 match self.0 {
                     DevicePublicKey::P256(_) => &rcgen::PKCS_ECDSA_P256_SHA256,
+                    DevicePublicKey::P384(_) => &rcgen::PKCS_ECDSA_P384_SHA384,
                     DevicePublicKey::Ed25519(_) => &rcgen::PKCS_ED25519,
+                    DevicePublicKey::Rsa(_) => &rcgen::PKCS_RSA_SHA256,
                 }
             }
         }
@@ -751,6 +760,13 @@ mod tests {
                 .to_vec(),
         );
         let ed25519 = DevicePublicKey::Ed25519(vec![0x42; 32]);
+        let p384 = crate::devicekey::expand(
+            crate::devicekey::DeviceKeyType::EcP384,
+            &crate::secret::Secret32::new([7; 32]),
+        )
+        .unwrap()
+        .public
+        .unwrap();
         let long = format!("CN={{device_id}},O={}", "d".repeat(300));
         let specs = [
             subject_spec("CN={device_id}"),
@@ -768,7 +784,7 @@ mod tests {
         ];
         for spec in &specs {
             let profile = DeviceProfile::new(spec).unwrap();
-            for key in [&p256, &ed25519] {
+            for key in [&p256, &ed25519, &p384] {
                 for (from, until) in times {
                     let validity = Validity {
                         not_before: UnixTime(from),

@@ -27,6 +27,7 @@ use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 
 mod device_cert;
 mod line;
+pub(crate) use device_cert::{push_tlv, push_wrapped};
 pub use device_cert::{AltNameKind, DeviceIssuer, DeviceProfile, ProfileSpec, RawExtension};
 pub use line::{issue_server_certificate, issue_station_certificate, line_ca_certificate};
 
@@ -106,6 +107,22 @@ const P256_SPKI_PREFIX: [u8; 26] = [
     0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
     0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
+
+pub(crate) const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+const P384_SPKI_PREFIX: [u8; 23] = [
+    0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b,
+    0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
+];
+
+/// DER SubjectPublicKeyInfo of an uncompressed P-384 point.
+pub fn p384_spki(point: &[u8]) -> Vec<u8> {
+    let mut v = P384_SPKI_PREFIX.to_vec();
+    v.extend_from_slice(point);
+    v
+}
 
 /// DER SubjectPublicKeyInfo of an uncompressed P-256 point.
 pub fn p256_spki(point: &[u8]) -> Vec<u8> {
@@ -479,8 +496,12 @@ pub fn issue_batch_ca(
 pub enum DevicePublicKey {
     /// Uncompressed SEC1 point.
     P256(Vec<u8>),
+    /// Uncompressed SEC1 point (97 bytes).
+    P384(Vec<u8>),
     /// 32-byte Ed25519 public key.
     Ed25519(Vec<u8>),
+    /// An RSA key: its whole SubjectPublicKeyInfo (rsaEncryption, NULL parameters).
+    Rsa(Vec<u8>),
 }
 
 impl DevicePublicKey {
@@ -488,10 +509,10 @@ impl DevicePublicKey {
     pub fn spki_der(&self) -> Vec<u8> {
         match self {
             DevicePublicKey::P256(p) => p256_spki(p),
+            DevicePublicKey::P384(p) => p384_spki(p),
+            DevicePublicKey::Rsa(spki) => spki.clone(),
             DevicePublicKey::Ed25519(k) => {
-                let mut v = vec![
-                    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-                ];
+                let mut v = ED25519_SPKI_PREFIX.to_vec();
                 v.extend_from_slice(k);
                 v
             }
@@ -500,22 +521,50 @@ impl DevicePublicKey {
 }
 
 /// Reads a device's CSR and checks its self-signature: proof that the device holds the
-/// private key. Only P-256 and Ed25519 keys are accepted.
+/// private key. P-256, P-384, Ed25519 and RSA (2048 or 3072 bits) keys are accepted.
 pub fn read_device_csr(der: &[u8]) -> Result<DevicePublicKey> {
-    let params =
-        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der))
-            .map_err(|e| CryptoError::CertificateMalformed(format!("CSR: {e}")))?;
-    let raw = rcgen::PublicKeyData::der_bytes(&params.public_key).to_vec();
-    let alg = params.public_key.algorithm();
-    if alg == &rcgen::PKCS_ECDSA_P256_SHA256 {
-        VerifyingKey::from_sec1(&raw)?;
-        Ok(DevicePublicKey::P256(raw))
-    } else if alg == &rcgen::PKCS_ED25519 && raw.len() == 32 {
-        Ok(DevicePublicKey::Ed25519(raw))
-    } else {
-        Err(CryptoError::CertificateMalformed(
-            "CSR key must be P-256 (ECDSA SHA-256) or Ed25519".into(),
-        ))
+    use x509_parser::prelude::*;
+    // rcgen checks the self-signature; the key's type is read from its
+    // SubjectPublicKeyInfo (the signature algorithm does not tell the curve: OpenSSL
+    // signs a P-384 CSR with ecdsa-with-SHA256 by default).
+    CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der))
+        .map_err(|e| CryptoError::CertificateMalformed(format!("CSR: {e}")))?;
+    let (_, req) = X509CertificationRequest::from_der(der)
+        .map_err(|e| CryptoError::CertificateMalformed(format!("CSR: {e}")))?;
+    let spki = req.certification_request_info.subject_pki.raw;
+    if let Some(point) = spki.strip_prefix(&P256_SPKI_PREFIX[..]) {
+        VerifyingKey::from_sec1(point)?;
+        return Ok(DevicePublicKey::P256(point.to_vec()));
+    }
+    if let Some(point) = spki.strip_prefix(&P384_SPKI_PREFIX[..]) {
+        // The CSR's signature verified under this point: it is on the curve.
+        if point.len() == 97 && point[0] == 0x04 {
+            return Ok(DevicePublicKey::P384(point.to_vec()));
+        }
+    }
+    if let Some(key) = spki.strip_prefix(&ED25519_SPKI_PREFIX[..]) {
+        if key.len() == 32 {
+            return Ok(DevicePublicKey::Ed25519(key.to_vec()));
+        }
+    }
+    match rsa_bits(spki) {
+        Some(2048 | 3072) => Ok(DevicePublicKey::Rsa(spki.to_vec())),
+        Some(bits) => Err(CryptoError::CertificateMalformed(format!(
+            "CSR's RSA key has {bits} bits: 2048 or 3072 are accepted"
+        ))),
+        None => Err(CryptoError::CertificateMalformed(
+            "CSR key must be P-256, P-384 (named curve, uncompressed), Ed25519 or RSA (2048 or 3072 bits)".into(),
+        )),
+    }
+}
+
+/// The modulus size in bits of an RSA SubjectPublicKeyInfo; `None` if it is not one.
+pub fn rsa_bits(spki: &[u8]) -> Option<usize> {
+    use x509_parser::prelude::*;
+    let (_, info) = SubjectPublicKeyInfo::from_der(spki).ok()?;
+    match info.parsed() {
+        Ok(x509_parser::public_key::PublicKey::RSA(rsa)) => Some(rsa.key_size()),
+        _ => None,
     }
 }
 

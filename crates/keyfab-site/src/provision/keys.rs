@@ -8,19 +8,13 @@ use super::pool_keys::read_pool_key;
 use super::records::DeviceRecord;
 use super::{EntitlementContext, Prepared, ProvisionRequest};
 use keyfab_crypto::devicekey::{self, DeviceKeyType};
-use keyfab_crypto::secret::{Secret32, SecretBytes};
+use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{self, Validity};
 use keyfab_node::{Error, Node, Result};
 use keyfab_policy::{KeySource, KeySpec, KeyType, Lifetime};
 
-pub(super) fn device_type(t: KeyType) -> DeviceKeyType {
-    match t {
-        KeyType::EcP256 => DeviceKeyType::EcP256,
-        KeyType::Ed25519 => DeviceKeyType::Ed25519,
-        KeyType::Aes256 => DeviceKeyType::Aes256,
-    }
-}
+pub(super) use keyfab_formats::entitlement::device_key_type as device_type;
 
 /// Per key spec, the work that needs no shared state.
 pub(super) fn prepare(
@@ -76,19 +70,30 @@ pub(super) fn prepare(
         out.push(match spec.source {
             KeySource::HqPool => Prepared::Pool,
             KeySource::Site => {
-                let ready = match kind {
-                    DeviceKeyType::EcP256 => reserve.take(),
-                    _ => None,
-                };
-                let (secret, e) = match ready {
-                    Some(key) => key,
-                    None => {
-                        let (secret, e) = devicekey::generate_expanded(kind, rng)?;
-                        (Box::new(secret), e)
-                    }
+                // Sealed and stored, so a retry gets the same key: 32 bytes, or an RSA
+                // key's PKCS#8.
+                let (sealed, e) = if kind.is_rsa() {
+                    let (pkcs8, e) = devicekey::generate_rsa(kind)?;
+                    let sealed =
+                        ctx.seal_site_key(&req.device_id, &spec.name, pkcs8.expose(), rng)?;
+                    (sealed, e)
+                } else {
+                    let ready = match kind {
+                        DeviceKeyType::EcP256 => reserve.take(),
+                        _ => None,
+                    };
+                    let (secret, e) = match ready {
+                        Some(key) => key,
+                        None => {
+                            let (secret, e) = devicekey::generate_expanded(kind, rng)?;
+                            (Box::new(secret), e)
+                        }
+                    };
+                    let sealed =
+                        ctx.seal_site_key(&req.device_id, &spec.name, secret.expose(), rng)?;
+                    (sealed, e)
                 };
                 let cert = certify(ctx, spec, &req.device_id, e.public.as_ref(), now, rng)?;
-                let sealed = ctx.seal_site_key(&req.device_id, &spec.name, &secret, rng)?;
                 Prepared::Ready {
                     key_id: e.key_id,
                     sealed,
@@ -111,11 +116,18 @@ pub(super) fn prepare(
                 let public = device_key
                     .clone()
                     .ok_or_else(|| Error::InvalidInput("missing CSR".into()))?;
-                let matches = matches!(
-                    (&public, spec.key_type),
+                let matches = match (&public, spec.key_type) {
                     (x509::DevicePublicKey::P256(_), KeyType::EcP256)
-                        | (x509::DevicePublicKey::Ed25519(_), KeyType::Ed25519)
-                );
+                    | (x509::DevicePublicKey::P384(_), KeyType::EcP384)
+                    | (x509::DevicePublicKey::Ed25519(_), KeyType::Ed25519) => true,
+                    (x509::DevicePublicKey::Rsa(spki), KeyType::Rsa2048) => {
+                        x509::rsa_bits(spki) == Some(2048)
+                    }
+                    (x509::DevicePublicKey::Rsa(spki), KeyType::Rsa3072) => {
+                        x509::rsa_bits(spki) == Some(3072)
+                    }
+                    _ => false,
+                };
                 if !matches {
                     return Err(Error::InvalidInput(format!(
                         "the CSR's key is not of type {} as key '{}' requires",
@@ -146,29 +158,27 @@ pub(super) fn replayed_privates(
 ) -> Result<Vec<Option<SecretBytes>>> {
     let mut privates = Vec::new();
     for (i, spec) in ctx.policy.policy.keys.iter().enumerate() {
-        let secret = match (spec.source, record.pool_index) {
-            (KeySource::HqPool, Some(index)) => Some(read_pool_key(node, ctx, i, index)?),
+        let kind = device_type(spec.key_type);
+        let expanded = match (spec.source, record.pool_index) {
+            (KeySource::HqPool, Some(index)) => Some(devicekey::expand(
+                kind,
+                &read_pool_key(node, ctx, i, index)?,
+            )?),
             (KeySource::Site, _) => {
                 let sealed = record
                     .sealed
                     .get(i)
                     .ok_or_else(|| Error::Corrupt("sealed site key".into()))?;
-                Some(unseal_site_key(ctx, device_id, &spec.name, sealed)?)
+                let stored = unseal_site_key(ctx, device_id, &spec.name, sealed)?;
+                Some(devicekey::expand_stored(kind, stored.expose())?)
             }
-            (KeySource::Derived, _) => Some(devicekey::derive(
-                &ctx.master,
-                &ctx.record.id,
-                &spec.name,
-                device_id,
+            (KeySource::Derived, _) => Some(devicekey::expand(
+                kind,
+                &devicekey::derive(&ctx.master, &ctx.record.id, &spec.name, device_id)?,
             )?),
             _ => None,
         };
-        let kind = device_type(spec.key_type);
-        privates.push(
-            secret
-                .map(|s| devicekey::expand(kind, &s).map(|e| e.private))
-                .transpose()?,
-        );
+        privates.push(expanded.map(|e| e.private));
     }
     Ok(privates)
 }
@@ -230,14 +240,14 @@ impl EntitlementContext {
         &self,
         device_id: &str,
         name: &str,
-        secret: &Secret32,
+        stored: &[u8],
         rng: &dyn keyfab_crypto::rng::SecureRng,
     ) -> Result<Vec<u8>> {
         Ok(keyfab_crypto::aead::seal_random_nonce(
             &self.dek,
             rng,
             &site_key_aad(self, device_id, name),
-            secret.expose(),
+            stored,
         )?)
     }
 }
@@ -251,11 +261,10 @@ pub(super) fn unseal_site_key(
     device_id: &str,
     name: &str,
     sealed: &[u8],
-) -> Result<Secret32> {
-    let plain = keyfab_crypto::aead::open_random_nonce(
+) -> Result<SecretBytes> {
+    Ok(keyfab_crypto::aead::open_random_nonce(
         &ctx.dek,
         &site_key_aad(ctx, device_id, name),
         sealed,
-    )?;
-    Secret32::from_slice(plain.expose()).ok_or_else(|| Error::Corrupt("site key length".into()))
+    )?)
 }

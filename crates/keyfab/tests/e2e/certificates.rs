@@ -37,9 +37,16 @@ fn device_csr(w: &World, name: &str, algorithm: &str) -> (String, String) {
         s(&w.path(&format!("{name}.csr"))),
         s(&w.path(&format!("{name}.key"))),
     );
-    let mut args = vec!["req", "-new", "-newkey", algorithm];
-    if algorithm == "ec" {
-        args.extend(["-pkeyopt", "ec_paramgen_curve:P-256"]);
+    let newkey = if algorithm == "ec384" {
+        "ec"
+    } else {
+        algorithm
+    };
+    let mut args = vec!["req", "-new", "-newkey", newkey];
+    match algorithm {
+        "ec" => args.extend(["-pkeyopt", "ec_paramgen_curve:P-256"]),
+        "ec384" => args.extend(["-pkeyopt", "ec_paramgen_curve:P-384"]),
+        _ => {}
     }
     args.extend([
         "-nodes",
@@ -102,22 +109,46 @@ fn written(
 #[test]
 fn every_key_type_and_source_verifies_as_a_client_for_the_devices_life() {
     let w = world();
-    for (algorithm, csr_type) in [("ec", "ec-p256"), ("ed25519", "ed25519")] {
+    // Every key type from every source that makes it: HQ's pool (not RSA: a pool of RSA
+    // keys is refused), the site, and the device's own key through its CSR (one CSR per
+    // request, so one device type per entitlement).
+    let fixed = "[[keys]]\nname = \"pool-ec\"\ntype = \"ec-p256\"\nsource = \"hq-pool\"\ncertificate = { subject = \"CN={device_id},O=Acme\", days = 3650 }\n\
+         [[keys]]\nname = \"pool-ed\"\ntype = \"ed25519\"\nsource = \"hq-pool\"\ncertificate = { subject = \"CN={device_id}\", days = \"forever\" }\n\
+         [[keys]]\nname = \"pool-p384\"\ntype = \"ec-p384\"\nsource = \"hq-pool\"\ncertificate = { subject = \"CN={device_id}\", days = \"forever\" }\n\
+         [[keys]]\nname = \"site-ec\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = { subject = \"CN={device_id}\", days = \"forever\", extended_key_usage = [\"client-auth\", \"server-auth\"], subject_alt_names = [{ dns = \"{device_id}.devices.example.com\" }] }\n\
+         [[keys]]\nname = \"site-ed\"\ntype = \"ed25519\"\nsource = \"site\"\ncertificate = { subject = \"CN={device_id}\", days = 3650 }\n\
+         [[keys]]\nname = \"site-p384\"\ntype = \"ec-p384\"\nsource = \"site\"\ncertificate = { subject = \"CN={device_id}\", days = \"forever\", extended_key_usage = [\"client-auth\", \"server-auth\"] }\n\
+         [[keys]]\nname = \"site-rsa2048\"\ntype = \"rsa-2048\"\nsource = \"site\"\ncertificate = { subject = \"CN={device_id}\", days = \"forever\", key_usage = [\"digital-signature\", \"key-encipherment\"] }\n\
+         [[keys]]\nname = \"site-rsa3072\"\ntype = \"rsa-3072\"\nsource = \"site\"\ncertificate = { subject = \"CN={device_id}\", days = 3650 }\n";
+    let forever = [
+        "pool-ed",
+        "pool-p384",
+        "site-ec",
+        "site-p384",
+        "site-rsa2048",
+        "own",
+    ];
+    let server_auth = ["site-ec", "site-p384"];
+    for (algorithm, csr_type) in [
+        ("ec", "ec-p256"),
+        ("ec384", "ec-p384"),
+        ("ed25519", "ed25519"),
+        ("rsa:2048", "rsa-2048"),
+        ("rsa:3072", "rsa-3072"),
+    ] {
+        let tag = algorithm.replace(':', "-");
         let body = format!(
-            "{WINDOW}devices = 3\n\
-             [[keys]]\nname = \"pool-ec\"\ntype = \"ec-p256\"\nsource = \"hq-pool\"\ncertificate = {{ subject = \"CN={{device_id}},O=Acme\", days = 3650 }}\n\
-             [[keys]]\nname = \"pool-ed\"\ntype = \"ed25519\"\nsource = \"hq-pool\"\ncertificate = {{ subject = \"CN={{device_id}}\", days = \"forever\" }}\n\
-             [[keys]]\nname = \"site-ec\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = {{ subject = \"CN={{device_id}}\", days = \"forever\", extended_key_usage = [\"client-auth\", \"server-auth\"], subject_alt_names = [{{ dns = \"{{device_id}}.devices.example.com\" }}] }}\n\
-             [[keys]]\nname = \"site-ed\"\ntype = \"ed25519\"\nsource = \"site\"\ncertificate = {{ subject = \"CN={{device_id}}\", days = 3650 }}\n\
+            "{WINDOW}devices = 3\n{fixed}\
              [[keys]]\nname = \"own\"\ntype = \"{csr_type}\"\nsource = \"device\"\ncertificate = {{ subject = \"CN={{device_id}},OU={{product}}\", days = \"forever\" }}\n"
         );
-        let id = imported(&w, &body, &format!("life-{algorithm}"));
-        let (csr, _) = device_csr(&w, &format!("dev-{algorithm}"), algorithm);
-        let answer = provision(&w, &id, "D-1", &["--csr", &csr], None);
+        let id = imported(&w, &body, &format!("life-{tag}"));
+        let (csr, _) = device_csr(&w, &format!("dev-{tag}"), algorithm);
+        let request = format!("r-{tag}");
+        let args = ["--csr", csr.as_str(), "--request-id", request.as_str()];
+        let answer = provision(&w, &id, "D-1", &args, None);
         assert_eq!(answer.code, 0, "{}", answer.json);
-        let (chain, certs) = written(&w, &answer.json, algorithm);
-        assert_eq!(certs.len(), 5, "{}", answer.json);
-        let forever = ["pool-ed", "site-ec", "own"];
+        let (chain, certs) = written(&w, &answer.json, &tag);
+        assert_eq!(certs.len(), 9, "{}", answer.json);
         for (name, cert) in &certs {
             verify(&w, &chain, cert, "sslclient", None);
             verify(&w, &chain, cert, "sslclient", Some(YEAR_AFTER_WINDOW));
@@ -137,15 +168,56 @@ fn every_key_type_and_source_verifies_as_a_client_for_the_devices_life() {
                 ]);
                 assert!(!ok && out.contains("expired"), "{name}: {out}");
             }
-            if name == "site-ec" {
+            if server_auth.contains(&name.as_str()) {
                 verify(&w, &chain, cert, "sslserver", Some(YEAR_2100));
             }
+            // The key in the certificate is the key the device received.
+            let (_, text) = openssl(&["x509", "-noout", "-text", "-in", &s(cert)]);
+            let expected = match name.as_str() {
+                "own" => match csr_type {
+                    "ec-p256" => "prime256v1",
+                    "ec-p384" => "secp384r1",
+                    "ed25519" => "ED25519",
+                    "rsa-2048" => "(2048 bit)",
+                    _ => "(3072 bit)",
+                },
+                n if n.ends_with("p384") => "secp384r1",
+                n if n.ends_with("-ec") => "prime256v1",
+                n if n.ends_with("-ed") => "ED25519",
+                "site-rsa2048" => "(2048 bit)",
+                _ => "(3072 bit)",
+            };
+            assert!(text.contains(expected), "{name}: {expected} not in {text}");
         }
-        let forever = &certs.iter().find(|(n, _)| n == "own").unwrap().1;
-        let (_, text) = openssl(&["x509", "-noout", "-enddate", "-subject", "-in", &s(forever)]);
+        let own = &certs.iter().find(|(n, _)| n == "own").unwrap().1;
+        let (_, text) = openssl(&["x509", "-noout", "-enddate", "-subject", "-in", &s(own)]);
         assert!(text.contains("notAfter=Dec 31 23:59:59 9999 GMT"), "{text}");
         assert!(text.contains("OU = thermostat"), "{text}");
+        // A retry gets the very same keys, RSA ones included (sealed at the site).
+        let again = provision(&w, &id, "D-1", &args, None);
+        assert!(
+            again.code == 0 && again.json["keys"] == answer.json["keys"],
+            "{tag}: the retry got other keys: {}",
+            again.json["error"]
+        );
     }
+    // RSA from HQ's pool is refused by name at create.
+    let policy = w.path("rsa-pool.toml");
+    std::fs::write(
+        &policy,
+        format!("{WINDOW}devices = 2\n[[keys]]\nname = \"k\"\ntype = \"rsa-2048\"\nsource = \"hq-pool\"\n"),
+    )
+    .unwrap();
+    let o = try_create(&w, "shenzhen-1", &policy, &w.path("rsa-pool.kfe"));
+    assert_eq!(o.json["error"]["code"], "invalid_policy", "{}", o.json);
+    assert!(
+        o.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("keys[0].type"),
+        "{}",
+        o.json
+    );
 }
 
 #[test]
