@@ -59,6 +59,7 @@ pub(crate) fn dispatch(ctx: &Context, command: BenchCommand) -> Result<Report, F
             store,
             nodes,
             key_source,
+            key_type,
         } => {
             let token = (custody == "pkcs11").then_some(pkcs11_module.as_path());
             crate::bench::provision(
@@ -75,6 +76,7 @@ pub(crate) fn dispatch(ctx: &Context, command: BenchCommand) -> Result<Report, F
                     spec: store,
                     nodes,
                     key_source,
+                    key_type,
                 },
             )
         }
@@ -250,6 +252,18 @@ pub(crate) fn temp_or(
 /// same machine, and so did every ratio printed against it.
 pub(crate) const RAW_SAMPLE_PER_CORE: usize = 30_000;
 
+/// Devices per core the raw limit is measured over for `kind`: about a second of work
+/// (RSA key generation takes tens of milliseconds a key).
+fn raw_sample_per_core(kind: keyfab_crypto::devicekey::DeviceKeyType) -> usize {
+    use keyfab_crypto::devicekey::DeviceKeyType;
+    match kind {
+        DeviceKeyType::EcP384 => 4_000,
+        DeviceKeyType::Rsa2048 => 30,
+        DeviceKeyType::Rsa3072 => 8,
+        _ => RAW_SAMPLE_PER_CORE,
+    }
+}
+
 pub(crate) fn all_cores<F: Fn(usize) -> Result<(), keyfab_crypto::CryptoError> + Sync>(
     per_thread: usize,
     work: F,
@@ -307,8 +321,13 @@ pub(crate) fn provision(
         .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
     let aead = keyfab_crypto::aead::AeadKey::new(&keyfab_crypto::secret::Secret32::new([7; 32]))
         .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
-    let raw = all_cores(RAW_SAMPLE_PER_CORE, |n| {
-        keyfab_harness::raw::raw_device_crypto(n, &signer, &aead)
+    let key_type = keyfab_crypto::devicekey::DeviceKeyType::parse(&store.key_type)
+        .filter(|t| *t != keyfab_crypto::devicekey::DeviceKeyType::Aes256)
+        .ok_or_else(|| {
+            Failure::usage("--key-type: ec-p256, ec-p384, ed25519, rsa-2048 or rsa-3072")
+        })?;
+    let raw = all_cores(raw_sample_per_core(key_type), |n| {
+        keyfab_harness::raw::raw_device_crypto(key_type, n, &signer, &aead)
     })?;
 
     // A level runs for its time, or until its devices are done. Timed, each has room
@@ -325,8 +344,8 @@ pub(crate) fn provision(
     let last_level = levels.last().copied().unwrap_or(64);
     let policy = base.join("provision.toml");
     let text = format!(
-        "product = \"bench\"\ndevices = {total}\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\n[[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"{}\"\ncertificate = {{ subject = \"CN={{device_id}},O=Bench\", days = 3650 }}\n",
-        store.key_source
+        "product = \"bench\"\ndevices = {total}\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\n[[keys]]\nname = \"identity\"\ntype = \"{}\"\nsource = \"{}\"\ncertificate = {{ subject = \"CN={{device_id}},O=Bench\", days = 3650 }}\n",
+        store.key_type, store.key_source
     );
     std::fs::write(&policy, &text).map_err(|e| Failure::new(Code::Io, e.to_string()))?;
     let kfe = base.join("provision.kfe");
@@ -374,7 +393,7 @@ pub(crate) fn provision(
             .sum()
     };
     let mut rows = Vec::new();
-    let mut text = format!("provisioning benchmark: {} ec-p256 key + device certificate, durable commits\nstore: {} ({} node{})\nraw per-device crypto (keygen + cert signature + HKDF + AEAD, all cores): {raw:.0} devices/s (limit)\n", if store.key_source == "hq-pool" { "HQ pool" } else { "site-generated" }, if store.spec == "embedded" { "embedded".to_owned() } else { site_store.clone() }, provisioners.len(), if provisioners.len() == 1 { "" } else { "s" });
+    let mut text = format!("provisioning benchmark: {} {} key + device certificate, durable commits\nstore: {} ({} node{})\nraw per-device crypto ({} keygen + cert signature + HKDF + AEAD, all cores): {raw:.0} devices/s (limit)\n", if store.key_source == "hq-pool" { "HQ pool" } else { "site-generated" }, store.key_type, if store.spec == "embedded" { "embedded".to_owned() } else { site_store.clone() }, provisioners.len(), if provisioners.len() == 1 { "" } else { "s" }, store.key_type);
     let mut next = 0u64;
     for c in levels {
         let start_index = next;
@@ -479,8 +498,7 @@ pub(crate) fn provision(
         }
         rows.push(row);
     }
-    let mut json =
-        json!({"raw_device_crypto_per_s": raw, "key_source": store.key_source, "levels": rows});
+    let mut json = json!({"raw_device_crypto_per_s": raw, "key_source": store.key_source, "key_type": store.key_type, "levels": rows});
     if let Some(module) = policy_module {
         let (micros, fuel) = module_cost(module, 20_000)?;
         text.push_str(&format!(
@@ -556,6 +574,8 @@ pub(crate) struct SiteOption {
     /// Where device keys come from: `site` (generated per device) or `hq-pool` (made by
     /// HQ, imported, taken slot by slot).
     pub key_source: String,
+    /// The device key's type (`ec-p256`, `ec-p384`, `ed25519`, `rsa-2048`, `rsa-3072`).
+    pub key_type: String,
 }
 
 fn io_failure(path: &Path, e: std::io::Error) -> Failure {

@@ -47,7 +47,12 @@ pub(crate) fn serve(
     let aead = keyfab_crypto::aead::AeadKey::new(&keyfab_crypto::secret::Secret32::new([7; 32]))
         .map_err(fail)?;
     let raw = all_cores(RAW_SAMPLE_PER_CORE, |n| {
-        keyfab_harness::raw::raw_device_crypto(n, &signer, &aead)
+        keyfab_harness::raw::raw_device_crypto(
+            keyfab_crypto::devicekey::DeviceKeyType::EcP256,
+            n,
+            &signer,
+            &aead,
+        )
     })?;
 
     // The site in a process of its own. The simulated stations share one enrolled

@@ -1001,13 +1001,13 @@ pub(crate) enum BenchCommand {
         dir: Option<PathBuf>,
     },
     /// Provision devices through the real decide-and-record path (durable commits), with
-    /// site-generated ec-p256 keys and a device certificate each; compare with the raw
+    /// a site-generated key (ec-p256 unless --key-type) and a device certificate each; compare with the raw
     /// per-device crypto rate of this machine. Each level also reports where the CPU went
     /// (the committer, the crypto workers, the rest, per device), how busy the cores
     /// were, and — on the embedded store — the rate those costs would allow with every
     /// core busy (below it, the level waited on commits; at it, the CPU is the limit).
     #[command(
-        after_help = "Examples:\n  keyfab bench provision                  # concurrency 1, 8 and 64, 3 s each\n  keyfab bench provision --concurrency 64 --devices 20000 --json\n  keyfab bench provision --custody pkcs11  # HQ and site keys in SoftHSM2, against an HSM-centred baseline\n  keyfab bench provision --concurrency 64 --policy-module examples/policies/failure-pause/rules.wat\n  keyfab bench provision --store etcd --nodes 2 --concurrency 64  # a 3-member etcd cluster on loopback\n  keyfab bench provision --key-source hq-pool --concurrency 64    # keys from HQ's pool"
+        after_help = "Examples:\n  keyfab bench provision                  # concurrency 1, 8 and 64, 3 s each\n  keyfab bench provision --concurrency 64 --devices 20000 --json\n  keyfab bench provision --custody pkcs11  # HQ and site keys in SoftHSM2, against an HSM-centred baseline\n  keyfab bench provision --concurrency 64 --policy-module examples/policies/failure-pause/rules.wat\n  keyfab bench provision --store etcd --nodes 2 --concurrency 64  # a 3-member etcd cluster on loopback\n  keyfab bench provision --key-source hq-pool --concurrency 64    # keys from HQ's pool\n  keyfab bench provision --key-type ec-p384 --concurrency 64       # or rsa-2048, rsa-3072, ed25519"
     )]
     Provision {
         /// Concurrent requests (default: 1, 8 and 64 in turn).
@@ -1053,6 +1053,10 @@ pub(crate) enum BenchCommand {
         /// workers) or `hq-pool` (made by HQ, imported, taken slot by slot as decided).
         #[arg(long, value_name = "SOURCE", default_value = "site", value_parser = ["site", "hq-pool"])]
         key_source: String,
+        /// The device key's type; the limit is that type's raw key generation (RSA is
+        /// slow by nature: the ratio says how close keyfab comes to it).
+        #[arg(long, value_name = "TYPE", default_value = "ec-p256", value_parser = ["ec-p256", "ec-p384", "ed25519", "rsa-2048", "rsa-3072"])]
+        key_type: String,
     },
     /// The whole production-line path: `site serve` in its own process, stations over
     /// mutual TLS, keys sealed to each chip, opened, checked and confirmed; compare with
