@@ -38,6 +38,18 @@ fn main() {
     time("P-256 keygen + PKCS#8 + fingerprint", n, || {
         generate_expanded(DeviceKeyType::EcP256, &rng).unwrap()
     });
+    time("P-384 keygen (aws-lc)", n, || {
+        aws_lc_rs::signature::EcdsaKeyPair::generate(
+            &aws_lc_rs::signature::ECDSA_P384_SHA384_ASN1_SIGNING,
+        )
+        .unwrap()
+    });
+    time("P-384 key expanded from a seed", n, || {
+        generate_expanded(DeviceKeyType::EcP384, &rng).unwrap()
+    });
+    time("P-384 key made and expanded (site)", n, || {
+        keyfab_crypto::devicekey::generate_for_site(DeviceKeyType::EcP384, &rng).unwrap()
+    });
     time("ECDSA P-256 sign (320 bytes)", n, || {
         ca.sign(&[7u8; 320]).unwrap()
     });

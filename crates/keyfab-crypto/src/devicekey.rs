@@ -180,6 +180,30 @@ pub fn generate_expanded(
     }
 }
 
+/// Generates a key the site makes for one device: what it stores (sealed) so a retry
+/// gets the same key, and its expansion. 32 bytes for the types a pool holds; the PKCS#8
+/// for RSA and P-384 (a P-384 key made directly by aws-lc costs one scalar
+/// multiplication; one derived from a seed costs an import with its key checks too,
+/// twice as much: that is for HQ's pool, where records have a fixed size).
+pub fn generate_for_site(
+    kind: DeviceKeyType,
+    rng: &dyn crate::rng::SecureRng,
+) -> Result<(SecretBytes, Expanded)> {
+    match kind {
+        DeviceKeyType::Rsa2048 | DeviceKeyType::Rsa3072 => generate_rsa(kind),
+        DeviceKeyType::EcP384 => {
+            let pair = EcdsaKeyPair::generate(&ECDSA_P384_SHA384_ASN1_SIGNING)
+                .map_err(|_| CryptoError::Internal)?;
+            let e = expand_p384_pair(&pair)?;
+            Ok((SecretBytes::new(e.private.expose().to_vec()), e))
+        }
+        _ => {
+            let (secret, e) = generate_expanded(kind, rng)?;
+            Ok((SecretBytes::new(secret.expose().to_vec()), e))
+        }
+    }
+}
+
 /// Generates an RSA key of `kind`: its PKCS#8 (what is stored) and its expansion.
 pub fn generate_rsa(kind: DeviceKeyType) -> Result<(SecretBytes, Expanded)> {
     let size = kind
@@ -205,12 +229,19 @@ fn expand_rsa(pair: &aws_lc_rs::rsa::KeyPair) -> Result<Expanded> {
     })
 }
 
-/// Expands a stored secret of any type: the 32 bytes of [`expand`], or an RSA key's
-/// PKCS#8 (checked to be of `kind`'s size).
+/// Expands a stored secret of any type: the 32 bytes of [`expand`], or the PKCS#8 of
+/// an RSA key (checked to be of `kind`'s size) or of a P-384 key the site made.
 pub fn expand_stored(kind: DeviceKeyType, stored: &[u8]) -> Result<Expanded> {
-    if !kind.is_rsa() {
-        let secret = Secret32::from_slice(stored).ok_or(CryptoError::InvalidKey("stored key"))?;
+    if let Some(secret) = Secret32::from_slice(stored).filter(|_| !kind.is_rsa()) {
         return expand(kind, &secret);
+    }
+    if kind == DeviceKeyType::EcP384 {
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, stored)
+            .map_err(|_| CryptoError::InvalidKey("P-384 PKCS#8"))?;
+        return expand_p384_pair(&pair);
+    }
+    if !kind.is_rsa() {
+        return Err(CryptoError::InvalidKey("stored key"));
     }
     let pair = aws_lc_rs::rsa::KeyPair::from_pkcs8(stored)
         .map_err(|_| CryptoError::InvalidKey("RSA PKCS#8"))?;
@@ -312,6 +343,7 @@ const P384_ORDER: [u8; 48] = [
 /// about 2^-190, so the first one is the key in practice. 256 bits of seed exceed
 /// P-384's 192-bit security level.
 fn p384_pair(seed: &Secret32) -> Result<(EcdsaKeyPair, SecretBytes)> {
+    // (The scalar is returned for tests; the expansion reads it back from the pair.)
     let mut candidate = SecretBytes::new(vec![0u8; 48]);
     for counter in 0u8..=255 {
         let info = [b"keyfab-p384-scalar-v1".as_slice(), &[counter]].concat();
@@ -336,11 +368,19 @@ fn p384_pair(seed: &Secret32) -> Result<(EcdsaKeyPair, SecretBytes)> {
 }
 
 fn expand_p384(seed: &Secret32) -> Result<Expanded> {
-    let (pair, scalar) = p384_pair(seed)?;
+    let (pair, _) = p384_pair(seed)?;
+    expand_p384_pair(&pair)
+}
+
+fn expand_p384_pair(pair: &EcdsaKeyPair) -> Result<Expanded> {
     let point = pair.public_key().as_ref().to_vec();
+    let scalar: EcPrivateKeyBin = pair
+        .private_key()
+        .as_be_bytes()
+        .map_err(|_| CryptoError::Internal)?;
     Ok(Expanded {
         key_id: KeyId::Public(Fingerprint::of(&crate::x509::p384_spki(&point))),
-        private: ec_pkcs8(Curve::P384, scalar.expose(), &point)?,
+        private: ec_pkcs8(Curve::P384, scalar.as_ref(), &point)?,
         public: Some(crate::x509::DevicePublicKey::P384(point)),
     })
 }

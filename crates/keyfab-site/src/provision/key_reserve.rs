@@ -1,4 +1,4 @@
-//! P-256 key pairs generated ahead, on cores that would otherwise sit idle.
+//! Site key pairs generated ahead, on cores that would otherwise sit idle.
 //!
 //! A `site` key needs nothing from its request, so it can exist before the request does.
 //! Under load the engine's cores idle in short gaps (while the committer waits for its
@@ -8,30 +8,59 @@
 //! with the request path for a core: the kernel runs it only when nothing else would run.
 //! When the reserve is empty a worker generates its own key, as without a reserve.
 //!
-//! Keys wait here briefly and only in memory. The scalar is boxed, so taking a key moves
-//! a pointer and the scalar is zeroized where it lies when dropped; the rest of a key
-//! (its PKCS#8 form already on the heap, zeroized on drop; its public parts) moves freely.
+//! Keys are made of each type a worker has asked for (normally one: an entitlement's
+//! `site` key type), up to [`CAPACITY`] of each, the type with the fewest ready first.
+//!
+//! Keys wait here briefly and only in memory. What is stored of a key is on the heap, so
+//! taking a key moves a pointer and the secret is zeroized where it lies when dropped;
+//! the rest of a key (its PKCS#8 form already on the heap, zeroized on drop; its public
+//! parts) moves freely.
 
 use keyfab_crypto::devicekey::{self, DeviceKeyType, Expanded};
-use keyfab_crypto::secret::Secret32;
+use keyfab_crypto::secret::SecretBytes;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-/// Keys held ready: a few commits' worth of requests at the engine's usual concurrency.
+/// Keys held ready of each type: a few commits' worth of requests at the engine's usual
+/// concurrency.
 const CAPACITY: usize = 256;
 
 /// The reserve thread, asleep on a full reserve, is woken once this many keys were taken
 /// (a wake-up is a system call; one per key taken would cost the worker that takes it).
 const WAKE_AFTER: usize = 32;
 
-/// A generated P-256 key: its 32-byte scalar and everything computed from it.
-pub(super) type ReadyKey = (Box<Secret32>, Expanded);
+/// A generated key: what the site stores of it (`devicekey::generate_for_site`) and
+/// everything computed from it.
+pub(super) type ReadyKey = (SecretBytes, Expanded);
 
 #[derive(Default)]
 struct State {
-    keys: Vec<ReadyKey>,
+    /// The types asked for, each with its ready keys.
+    kinds: Vec<(DeviceKeyType, Vec<ReadyKey>)>,
     stopped: bool,
+}
+
+impl State {
+    fn ready(&mut self, kind: DeviceKeyType) -> &mut Vec<ReadyKey> {
+        let at = match self.kinds.iter().position(|(k, _)| *k == kind) {
+            Some(at) => at,
+            None => {
+                self.kinds.push((kind, Vec::new()));
+                self.kinds.len() - 1
+            }
+        };
+        &mut self.kinds[at].1
+    }
+
+    /// The type with the fewest keys ready, if one is below capacity.
+    fn wanted(&self) -> Option<DeviceKeyType> {
+        self.kinds
+            .iter()
+            .filter(|(_, keys)| keys.len() < CAPACITY)
+            .min_by_key(|(_, keys)| keys.len())
+            .map(|(kind, _)| *kind)
+    }
 }
 
 /// What the reserve thread and the workers share.
@@ -42,8 +71,8 @@ struct Shared {
 }
 
 /// The reserve. Its thread starts with the first key asked for — a process that never
-/// needs a `site` P-256 key (an entitlement of pool keys, a one-off `site provision`
-/// of one) never makes one ahead — and [`KeyReserve::stop`] joins it.
+/// needs a `site` key (an entitlement of pool keys, a one-off `site provision` of one)
+/// never makes one ahead — and [`KeyReserve::stop`] joins it.
 ///
 /// Joined, not left to end by itself: the process must not exit while the thread is in
 /// the crypto library. aws-lc tears its entropy sources down at exit, and a key begun
@@ -88,7 +117,7 @@ impl KeyReserve {
     pub(super) fn stop(&self) {
         let mut state = self.shared.lock();
         state.stopped = true;
-        state.keys.clear();
+        state.kinds.clear();
         drop(state);
         self.shared.refill.notify_all();
         let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -97,19 +126,25 @@ impl KeyReserve {
         }
     }
 
-    /// A P-256 key pair generated ahead, if one is ready. Never waits: the lock may be
-    /// held by the reserve thread, which the kernel may leave off the cores for a long
-    /// while on a busy machine (that is its class); a worker that finds the lock taken
-    /// generates its own key.
-    pub(super) fn take(&self) -> Option<ReadyKey> {
+    /// A key of `kind` generated ahead, if one is ready; from now on the thread makes
+    /// keys of that type too. Never waits: the lock may be held by the reserve thread,
+    /// which the kernel may leave off the cores for a long while on a busy machine (that
+    /// is its class); a worker that finds the lock taken generates its own key.
+    pub(super) fn take(&self, kind: DeviceKeyType) -> Option<ReadyKey> {
         self.start_thread();
         let mut state = match self.shared.state.try_lock() {
             Ok(state) => state,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
-        let key = state.keys.pop();
-        if key.is_some() && state.keys.len() == CAPACITY - WAKE_AFTER {
+        if state.stopped {
+            return None;
+        }
+        let keys = state.ready(kind);
+        let key = keys.pop();
+        let left = keys.len();
+        // A type asked for the first time, or one run down: the thread has work.
+        if key.is_none() || left == CAPACITY - WAKE_AFTER {
             self.shared.refill.notify_one();
         }
         key
@@ -128,23 +163,26 @@ impl Shared {
             return;
         }
         loop {
-            {
+            let kind = {
                 let mut state = self.lock();
-                while state.keys.len() >= CAPACITY && !state.stopped {
+                loop {
+                    if state.stopped {
+                        return;
+                    }
+                    if let Some(kind) = state.wanted() {
+                        break kind;
+                    }
                     state = self.refill.wait(state).unwrap_or_else(|p| p.into_inner());
                 }
-                if state.stopped {
-                    return;
-                }
-            }
-            let Some(key) = generate() else { return };
+            };
+            let Some(key) = generate(kind) else { return };
             // Key generation left copies of the key in the frames below this one.
             keyfab_crypto::secret::scrub_stack();
             let mut state = self.lock();
             if state.stopped {
                 return;
             }
-            state.keys.push(key);
+            state.ready(kind).push(key);
             drop(state);
             // Yield after every key. A thread that wakes on this core should take it
             // from an idle-class thread at once, but does not always: the committer,
@@ -157,12 +195,10 @@ impl Shared {
     }
 }
 
-/// One key, boxed where it was made (its frame is scrubbed by the caller).
+/// One key of `kind` (its frame is scrubbed by the caller).
 #[inline(never)]
-fn generate() -> Option<ReadyKey> {
-    devicekey::generate_expanded(DeviceKeyType::EcP256, &keyfab_crypto::rng::SystemRng)
-        .ok()
-        .map(|(secret, expanded)| (Box::new(secret), expanded))
+fn generate(kind: DeviceKeyType) -> Option<ReadyKey> {
+    devicekey::generate_for_site(kind, &keyfab_crypto::rng::SystemRng).ok()
 }
 
 /// Puts the calling thread in the idle scheduling class; false where that fails.
@@ -184,10 +220,16 @@ mod tests {
     use super::*;
     use keyfab_crypto::x509::DevicePublicKey;
 
+    const P256: DeviceKeyType = DeviceKeyType::EcP256;
+
+    fn ready(reserve: &KeyReserve, kind: DeviceKeyType) -> usize {
+        reserve.shared.lock().ready(kind).len()
+    }
+
     /// Waits (bounded) until the reserve thread has made `n` keys.
     fn wait_for(reserve: &KeyReserve, n: usize) -> bool {
         for _ in 0..2_000 {
-            if reserve.shared.lock().keys.len() >= n {
+            if ready(reserve, P256) >= n {
                 return true;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
@@ -198,7 +240,7 @@ mod tests {
     /// A key, once the reserve thread lets go of the lock (`take` never waits for it).
     fn take_ready(reserve: &KeyReserve) -> Option<ReadyKey> {
         (0..1_000).find_map(|_| {
-            let key = reserve.take();
+            let key = reserve.take(P256);
             if key.is_none() {
                 std::thread::yield_now();
             }
@@ -210,7 +252,7 @@ mod tests {
     fn started() -> Arc<KeyReserve> {
         let reserve = KeyReserve::new();
         assert!(!reserve.started.load(Ordering::Acquire));
-        assert!(reserve.take().is_none());
+        assert!(reserve.take(P256).is_none());
         reserve
     }
 
@@ -219,7 +261,7 @@ mod tests {
         let reserve = KeyReserve::new();
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(reserve.thread.lock().unwrap().is_none(), "started unasked");
-        assert!(reserve.take().is_none());
+        assert!(reserve.take(P256).is_none());
         assert!(
             reserve.thread.lock().unwrap().is_some(),
             "not started by a take"
@@ -228,7 +270,7 @@ mod tests {
         // Stopped before any take: a late take starts nothing.
         let reserve = KeyReserve::new();
         reserve.stop();
-        assert!(reserve.take().is_none());
+        assert!(reserve.take(P256).is_none());
         assert!(
             reserve.thread.lock().unwrap().is_none(),
             "started after its stop"
@@ -254,17 +296,13 @@ mod tests {
         let reserve = started();
         assert!(wait_for(&reserve, CAPACITY), "the reserve did not fill");
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert_eq!(
-            reserve.shared.lock().keys.len(),
-            CAPACITY,
-            "filled past its capacity"
-        );
+        assert_eq!(ready(&reserve, P256), CAPACITY, "filled past its capacity");
         let mut seen = std::collections::HashSet::new();
         for _ in 0..CAPACITY {
             let (secret, expanded) = take_ready(&reserve).expect("a ready key");
             // The scalar and the rest of the key belong together: expanding the scalar
             // again gives the same public key.
-            let again = devicekey::expand(DeviceKeyType::EcP256, &secret).expect("expands");
+            let again = devicekey::expand_stored(P256, secret.expose()).expect("expands");
             let (Some(DevicePublicKey::P256(a)), Some(DevicePublicKey::P256(b))) =
                 (&expanded.public, &again.public)
             else {
@@ -292,7 +330,27 @@ mod tests {
         let reserve = started();
         assert!(wait_for(&reserve, 1));
         reserve.stop();
-        assert!(reserve.take().is_none());
-        assert!(reserve.shared.lock().keys.is_empty());
+        assert!(reserve.take(P256).is_none());
+        assert!(reserve.shared.lock().kinds.is_empty());
+    }
+
+    #[test]
+    fn each_type_asked_for_is_made_ahead_and_handed_out_as_that_type() {
+        let reserve = started();
+        assert!(reserve.take(DeviceKeyType::EcP384).is_none());
+        for _ in 0..2_000 {
+            if ready(&reserve, DeviceKeyType::EcP384) >= 4 && ready(&reserve, P256) >= 4 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let key = (0..1_000)
+            .find_map(|_| reserve.take(DeviceKeyType::EcP384))
+            .expect("a P-384 key");
+        let again =
+            devicekey::expand_stored(DeviceKeyType::EcP384, key.0.expose()).expect("expands");
+        assert!(matches!(again.public, Some(DevicePublicKey::P384(_))));
+        assert_eq!(again.key_id, key.1.key_id);
+        reserve.stop();
     }
 }

@@ -7,7 +7,7 @@ use super::key_reserve::KeyReserve;
 use super::pool_keys::read_pool_key;
 use super::records::DeviceRecord;
 use super::{EntitlementContext, Prepared, ProvisionRequest};
-use keyfab_crypto::devicekey::{self, DeviceKeyType};
+use keyfab_crypto::devicekey;
 use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{self, Validity};
@@ -70,29 +70,13 @@ pub(super) fn prepare(
         out.push(match spec.source {
             KeySource::HqPool => Prepared::Pool,
             KeySource::Site => {
-                // Sealed and stored, so a retry gets the same key: 32 bytes, or an RSA
-                // key's PKCS#8.
-                let (sealed, e) = if kind.is_rsa() {
-                    let (pkcs8, e) = devicekey::generate_rsa(kind)?;
-                    let sealed =
-                        ctx.seal_site_key(&req.device_id, &spec.name, pkcs8.expose(), rng)?;
-                    (sealed, e)
-                } else {
-                    let ready = match kind {
-                        DeviceKeyType::EcP256 => reserve.take(),
-                        _ => None,
-                    };
-                    let (secret, e) = match ready {
-                        Some(key) => key,
-                        None => {
-                            let (secret, e) = devicekey::generate_expanded(kind, rng)?;
-                            (Box::new(secret), e)
-                        }
-                    };
-                    let sealed =
-                        ctx.seal_site_key(&req.device_id, &spec.name, secret.expose(), rng)?;
-                    (sealed, e)
+                // Sealed and stored, so a retry gets the same key
+                // (devicekey::generate_for_site says what is stored of each type).
+                let (stored, e) = match reserve.take(kind) {
+                    Some(key) => key,
+                    None => devicekey::generate_for_site(kind, rng)?,
                 };
+                let sealed = ctx.seal_site_key(&req.device_id, &spec.name, stored.expose(), rng)?;
                 let cert = certify(ctx, spec, &req.device_id, e.public.as_ref(), now, rng)?;
                 Prepared::Ready {
                     key_id: e.key_id,
