@@ -23,7 +23,7 @@ pub const SECRET_LEN: usize = 32;
 pub enum DeviceKeyType {
     /// ECDSA on P-256.
     EcP256,
-    /// ECDSA on P-384 (stored as a 32-byte seed, [`p384_pair`]).
+    /// ECDSA on P-384 (pooled as a 32-byte seed; a site key is stored as its PKCS#8).
     EcP384,
     /// Ed25519.
     Ed25519,
