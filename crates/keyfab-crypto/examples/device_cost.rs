@@ -59,7 +59,7 @@ fn main() {
         keyfab_crypto::secret::scrub_stack,
     );
     let issuer = x509::DeviceIssuer::new(
-        SigningKey::from_pkcs8(ca.to_pkcs8().expose()).unwrap(),
+        x509::BatchKey::from_pkcs8(ca.to_pkcs8().expose()).unwrap(),
         &ca_cert,
     )
     .unwrap();

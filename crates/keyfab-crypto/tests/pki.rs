@@ -142,7 +142,7 @@ fn batch_ca_cannot_act_as_hq() {
     let batch = issue_batch_ca(
         &hq.key,
         &hq.cert,
-        &batch_key.verifying_key(),
+        &keyfab_crypto::x509::BatchKey::from_pkcs8(batch_key.to_pkcs8().expose()).unwrap(),
         "batch",
         validity(30),
         &rng,

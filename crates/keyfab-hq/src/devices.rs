@@ -10,9 +10,8 @@
 use crate::entitlement::{list_issued, IssuedRecord};
 use crate::report::{manifest, ManifestRow};
 use keyfab_crypto::secret::Secret32;
-use keyfab_crypto::sign::SigningKey;
 use keyfab_crypto::time::UnixTime;
-use keyfab_crypto::x509::{self, CrlReason, CrlTimes, RevokedEntry};
+use keyfab_crypto::x509::{self, BatchKey, CrlReason, CrlTimes, RevokedEntry};
 use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_store::{Table, Txn};
 use serde::{Deserialize, Serialize};
@@ -33,7 +32,7 @@ fn kept_key_aad(entitlement: &str) -> Vec<u8> {
 }
 
 /// Seals `key` (entitlement `entitlement`'s batch CA key) for HQ's keeping.
-pub(crate) fn keep(node: &Node, entitlement: &str, key: &SigningKey) -> Result<KeptKey> {
+pub(crate) fn keep(node: &Node, entitlement: &str, key: &BatchKey) -> Result<KeptKey> {
     let rng = node.rng.as_ref();
     let dek = Secret32::random(rng);
     let aad = kept_key_aad(entitlement);
@@ -46,7 +45,7 @@ pub(crate) fn keep(node: &Node, entitlement: &str, key: &SigningKey) -> Result<K
 }
 
 /// The batch CA key of `issued`, opened by HQ's custody.
-fn batch_key(node: &Node, issued: &IssuedRecord) -> Result<SigningKey> {
+fn batch_key(node: &Node, issued: &IssuedRecord) -> Result<BatchKey> {
     let kept = issued.batch_key.as_ref().ok_or_else(|| {
         Error::Precondition(format!(
             "entitlement {} was created before HQ kept batch CA keys: HQ cannot sign for its batch CA",
@@ -56,7 +55,7 @@ fn batch_key(node: &Node, issued: &IssuedRecord) -> Result<SigningKey> {
     let aad = kept_key_aad(&issued.id);
     let dek = node.custody.unwrap_data_key(&kept.wrapped_data_key, &aad)?;
     let pkcs8 = keyfab_crypto::aead::open_random_nonce(&dek, &aad, &kept.sealed)?;
-    Ok(SigningKey::from_pkcs8(pkcs8.expose())?)
+    Ok(BatchKey::from_pkcs8(pkcs8.expose())?)
 }
 
 /// One device certificate HQ revoked.

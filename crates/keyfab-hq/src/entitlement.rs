@@ -9,7 +9,7 @@ use keyfab_crypto::devicekey::{self, DeviceKeyType, KeyId};
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::hpke::HpkePublicKey;
 use keyfab_crypto::secret::{Secret32, SecretBytes};
-use keyfab_crypto::sign::{SigningKey, VerifyingKey};
+use keyfab_crypto::sign::VerifyingKey;
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{self, Validity};
 use keyfab_formats::entitlement::{
@@ -353,11 +353,14 @@ pub fn create(node: &Node, req: CreateRequest<'_>) -> Result<Created> {
     let mut id_bytes = [0u8; 16];
     rng.fill(&mut id_bytes);
     let id = hex::encode(id_bytes);
-    let batch_key = SigningKey::generate(rng)?;
+    let batch_key = x509::BatchKey::generate(match policy.batch_ca_key {
+        keyfab_policy::BatchCaKey::EcP256 => x509::BatchKeyType::EcP256,
+        keyfab_policy::BatchCaKey::EcP384 => x509::BatchKeyType::EcP384,
+    })?;
     let batch_ca_cert = x509::issue_batch_ca(
         node.cluster_signer()?,
         &cluster_cert,
-        &batch_key.verifying_key(),
+        &batch_key,
         &format!("keyfab batch {id}"),
         Validity {
             not_before: UnixTime(policy.valid_from),

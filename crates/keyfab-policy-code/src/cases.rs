@@ -143,6 +143,7 @@ fn policy_of(file: &CaseFile) -> Result<CompiledPolicy, String> {
         device_id_pattern: None,
         allowed_stations: None,
         keys,
+        batch_ca_key: Default::default(),
         approval: None,
         code: None,
     };

@@ -100,6 +100,34 @@ impl KeySource {
     }
 }
 
+/// The key of an entitlement's batch CA (`batch_ca_key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum BatchCaKey {
+    /// ECDSA P-256, device certificates signed ecdsa-with-SHA256 (the default).
+    #[default]
+    #[serde(rename = "ec-p256")]
+    EcP256,
+    /// ECDSA P-384, device certificates signed ecdsa-with-SHA384.
+    #[serde(rename = "ec-p384")]
+    EcP384,
+}
+
+impl BatchCaKey {
+    /// The name a policy file uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EcP256 => "ec-p256",
+            Self::EcP384 => "ec-p384",
+        }
+    }
+
+    /// Whether it is the default (left out of the encoding, so policies without it keep
+    /// their bytes).
+    pub fn is_default(&self) -> bool {
+        *self == Self::EcP256
+    }
+}
+
 /// What a quorum of approvers may have to approve (`required_for`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Action {
@@ -176,6 +204,9 @@ pub struct Policy {
     pub allowed_stations: Option<Vec<String>>,
     /// The keys every device receives.
     pub keys: Vec<KeySpec>,
+    /// The batch CA's key type: what signs the device certificates.
+    #[serde(default, skip_serializing_if = "BatchCaKey::is_default")]
+    pub batch_ca_key: BatchCaKey,
     /// The approval quorum, when the policy has one.
     pub approval: Option<Approval>,
     /// The policy module (`[code]`), run after the built-in rules. Absent from the

@@ -21,6 +21,7 @@ struct PolicyToml {
     stations: Option<StationsToml>,
     #[serde(default)]
     keys: Vec<KeyToml>,
+    batch_ca_key: Option<String>,
     approval: Option<ApprovalToml>,
     code: Option<CodeToml>,
 }
@@ -214,6 +215,16 @@ impl PolicyDraft {
             device_id_pattern: raw.device_ids.and_then(|d| d.id_pattern),
             allowed_stations: raw.stations.and_then(|s| s.allowed),
             keys,
+            batch_ca_key: match raw.batch_ca_key.as_deref() {
+                None | Some("ec-p256") => BatchCaKey::EcP256,
+                Some("ec-p384") => BatchCaKey::EcP384,
+                Some(other) => {
+                    return Err(PolicyError::new(
+                        "batch_ca_key",
+                        format!("'{other}' is not one of ec-p256, ec-p384"),
+                    ))
+                }
+            },
             approval,
             code: None,
         };

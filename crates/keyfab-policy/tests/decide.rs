@@ -27,6 +27,7 @@ fn policy(devices: u64, daily: Option<u64>, from: i64, until: i64, tz: &str) -> 
             source: KeySource::Site,
             certificate: None,
         }],
+        batch_ca_key: Default::default(),
         approval: None,
         code: None,
     })

@@ -47,7 +47,6 @@ use keyfab_crypto::aead::AeadKey;
 use keyfab_crypto::devicekey::{self, KeyId};
 use keyfab_crypto::hpke::HpkePublicKey;
 use keyfab_crypto::secret::{Secret32, SecretBytes};
-use keyfab_crypto::sign::SigningKey;
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509;
 use keyfab_node::{decode, encode, Error, Node, Result};
@@ -482,7 +481,7 @@ impl Provisioner {
                 &record.sealed_batch_ca_key,
             )?;
             Some(x509::DeviceIssuer::new(
-                SigningKey::from_pkcs8(batch_pkcs8.expose())?,
+                x509::BatchKey::from_pkcs8(batch_pkcs8.expose())?,
                 &record.batch_ca_cert,
             )?)
         } else {

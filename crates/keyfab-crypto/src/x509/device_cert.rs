@@ -24,16 +24,10 @@
 //!        the profile's extra extensions, in its order
 //! ```
 
-use super::{dn_attributes, fixed_to_asn1, DevicePublicKey, NameAttribute, Validity};
+use super::{dn_attributes, BatchKey, DevicePublicKey, NameAttribute, Validity};
 use crate::hash::sha256;
-use crate::sign::{EcdsaSigner, SigningKey};
 use crate::time::UnixTime;
 use crate::{CryptoError, Result};
-
-/// AlgorithmIdentifier ecdsa-with-SHA256 (1.2.840.10045.4.3.2), no parameters.
-const ECDSA_SHA256: [u8; 12] = [
-    0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
-];
 
 /// `[0] { INTEGER 2 }`: version v3.
 const VERSION_3: [u8; 5] = [0xa0, 0x03, 0x02, 0x01, 0x02];
@@ -319,7 +313,7 @@ pub(crate) fn oid_der(text: &str) -> Result<Vec<u8>> {
 /// A batch CA ready to issue device certificates: the parts every certificate shares are
 /// encoded once, from its certificate.
 pub struct DeviceIssuer {
-    key: SigningKey,
+    key: BatchKey,
     /// The CA's subject Name, exactly as in its certificate (what path building matches).
     issuer_name: Vec<u8>,
     /// The whole authorityKeyIdentifier extension.
@@ -330,7 +324,7 @@ pub struct DeviceIssuer {
 
 impl DeviceIssuer {
     /// An issuer for the batch CA key and its certificate.
-    pub fn new(batch_key: SigningKey, batch_cert: &[u8]) -> Result<Self> {
+    pub fn new(batch_key: BatchKey, batch_cert: &[u8]) -> Result<Self> {
         let (issuer_name, authority_key_id) = issuer_parts(&batch_key, batch_cert)?;
         let not_after = super::cert_facts(batch_cert)?.not_after;
         Ok(Self {
@@ -373,7 +367,7 @@ impl DeviceIssuer {
 /// The issuer Name and the authorityKeyIdentifier extension a CA's certificates carry:
 /// its subject as encoded in its certificate, and its subjectKeyIdentifier (or, if its
 /// certificate has none, the first 20 bytes of SHA-256 of its key).
-pub(super) fn issuer_parts(ca_key: &dyn EcdsaSigner, ca_cert: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+pub(super) fn issuer_parts(ca_key: &BatchKey, ca_cert: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(ca_cert)
         .map_err(|e| CryptoError::CertificateMalformed(format!("CA certificate: {e}")))?;
@@ -383,7 +377,7 @@ pub(super) fn issuer_parts(ca_key: &dyn EcdsaSigner, ca_cert: &[u8]) -> Result<(
             ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
             _ => None,
         })
-        .unwrap_or_else(|| sha256(&ca_key.verifying_key().spki_der())[..20].to_vec());
+        .unwrap_or_else(|| sha256(&ca_key.spki_der())[..20].to_vec());
     let mut aki = Vec::with_capacity(40);
     push_wrapped(&mut aki, SEQUENCE, |e| {
         e.extend_from_slice(&OID_AUTHORITY_KEY_IDENTIFIER);
@@ -403,7 +397,7 @@ struct Parts<'a> {
 
 /// Encodes the device certificate and signs it with `ca_key`.
 fn sign(
-    ca_key: &dyn EcdsaSigner,
+    ca_key: &BatchKey,
     parts: &Parts<'_>,
     device_id: &str,
     key: &DevicePublicKey,
@@ -416,7 +410,7 @@ fn sign(
     push_wrapped(&mut tbs, SEQUENCE, |t| -> Result<()> {
         t.extend_from_slice(&VERSION_3);
         push_serial(t, &serial);
-        t.extend_from_slice(&ECDSA_SHA256);
+        t.extend_from_slice(ca_key.signature_algorithm());
         t.extend_from_slice(parts.issuer_name);
         push_wrapped(t, SEQUENCE, |v| {
             push_time(v, validity.not_before)?;
@@ -442,11 +436,11 @@ fn sign(
             })
         })
     })?;
-    let signature = fixed_to_asn1(&ca_key.sign(&tbs)?)?;
+    let signature = ca_key.sign_asn1(&tbs)?;
     let mut cert = Vec::with_capacity(tbs.len() + signature.len() + 24);
     push_wrapped(&mut cert, SEQUENCE, |c| {
         c.extend_from_slice(&tbs);
-        c.extend_from_slice(&ECDSA_SHA256);
+        c.extend_from_slice(ca_key.signature_algorithm());
         push_wrapped(c, BIT_STRING, |b| {
             b.push(0);
             b.extend_from_slice(&signature);
@@ -562,7 +556,9 @@ fn push_time(out: &mut Vec<u8>, t: UnixTime) -> Result<()> {
 mod tests {
     use super::*;
     use crate::rng::SeededRng;
+    use crate::sign::SigningKey;
     use crate::x509::{issue_batch_ca, random_serial, root_certificate, signed_by};
+    use crate::x509::{BatchKey, BatchKeyType};
     use rcgen::{
         CertificateParams, CrlDistributionPoint, CustomExtension, DistinguishedName,
         ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SanType, SerialNumber,
@@ -573,7 +569,7 @@ mod tests {
     /// direct encoding must match byte for byte (up to the ECDSA signature, which is
     /// randomized).
     fn reference(
-        ca_key: &SigningKey,
+        ca_key: &BatchKey,
         ca_cert: &[u8],
         spec: &ProfileSpec,
         device_id: &str,
@@ -603,7 +599,7 @@ mod tests {
         let arcs = |oid: &str| -> Vec<u64> { oid.split('.').map(|a| a.parse().unwrap()).collect() };
         let issuer = Issuer::from_ca_cert_der(
             &CertificateDer::from(ca_cert),
-            crate::x509::Signer::new(ca_key),
+            crate::x509::batch_key::BatchSigner::new(ca_key),
         )
         .unwrap();
         let mut p = CertificateParams::default();
@@ -674,22 +670,29 @@ mod tests {
         c.tbs_certificate.as_ref().to_vec()
     }
 
-    fn batch_ca(rng: &SeededRng, common_name: &str) -> (SigningKey, Vec<u8>, Vec<u8>) {
+    fn batch_ca(rng: &SeededRng, common_name: &str) -> (BatchKey, Vec<u8>, Vec<u8>) {
+        batch_ca_of(rng, common_name, BatchKeyType::EcP256)
+    }
+
+    fn batch_ca_of(
+        rng: &SeededRng,
+        common_name: &str,
+        kind: BatchKeyType,
+    ) -> (BatchKey, Vec<u8>, Vec<u8>) {
         let root_key = SigningKey::generate(rng).unwrap();
         let v = Validity {
             not_before: UnixTime(-2_000_000_000),
             not_after: crate::x509::NO_EXPIRY,
         };
         let root = root_certificate(&root_key, "CN=Root,O=Acme", v, rng).unwrap();
-        let key = SigningKey::generate(rng).unwrap();
-        let cert =
-            issue_batch_ca(&root_key, &root, &key.verifying_key(), common_name, v, rng).unwrap();
+        let key = BatchKey::generate(kind).unwrap();
+        let cert = issue_batch_ca(&root_key, &root, &key, common_name, v, rng).unwrap();
         (key, cert, root)
     }
 
-    fn issuer_of(ca_key: &SigningKey, ca_cert: &[u8]) -> DeviceIssuer {
+    fn issuer_of(ca_key: &BatchKey, ca_cert: &[u8]) -> DeviceIssuer {
         DeviceIssuer::new(
-            SigningKey::from_pkcs8(ca_key.to_pkcs8().expose()).unwrap(),
+            BatchKey::from_pkcs8(ca_key.to_pkcs8().expose()).unwrap(),
             ca_cert,
         )
         .unwrap()
@@ -804,6 +807,36 @@ mod tests {
     }
 
     #[test]
+    fn a_p384_batch_ca_signs_with_sha384_as_the_general_builder_would() {
+        let rng = SeededRng::new(18);
+        let (ca_key, ca_cert, _) = batch_ca_of(&rng, "batch P-384", BatchKeyType::EcP384);
+        assert_eq!(ca_key.key_type(), BatchKeyType::EcP384);
+        let issuer = issuer_of(&ca_key, &ca_cert);
+        let key = DevicePublicKey::Ed25519(vec![3; 32]);
+        let validity = Validity {
+            not_before: UnixTime(1_764_028_800),
+            not_after: crate::x509::NO_EXPIRY,
+        };
+        let spec = full_spec();
+        let serial = random_serial(&rng);
+        let ours = issuer
+            .issue(
+                &DeviceProfile::new(&spec).unwrap(),
+                "D-9",
+                &key,
+                serial,
+                validity,
+            )
+            .unwrap();
+        let theirs = reference(&ca_key, &ca_cert, &spec, "D-9", &key, serial, validity);
+        assert_eq!(tbs(&ours), tbs(&theirs));
+        signed_by(&ours, &ca_cert).unwrap();
+        // ecdsa-with-SHA384 in both places it is named.
+        let alg = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03];
+        assert_eq!(ours.windows(alg.len()).filter(|w| *w == alg).count(), 2);
+    }
+
+    #[test]
     fn a_device_id_stays_inside_its_attribute() {
         use x509_parser::prelude::*;
         let rng = SeededRng::new(15);
@@ -843,8 +876,8 @@ mod tests {
             not_after: UnixTime(86_400 * 400),
         };
         let root = root_certificate(&root_key, "CN=Root", v, &rng).unwrap();
-        let key = SigningKey::generate(&rng).unwrap();
-        let ca = issue_batch_ca(&root_key, &root, &key.verifying_key(), "b", v, &rng).unwrap();
+        let key = BatchKey::generate(BatchKeyType::EcP256).unwrap();
+        let ca = issue_batch_ca(&root_key, &root, &key, "b", v, &rng).unwrap();
         let cert = issuer_of(&key, &ca)
             .issue(
                 &DeviceProfile::with_subject("CN={device_id}").unwrap(),
@@ -920,16 +953,9 @@ mod tests {
             let root_key = SigningKey::generate(&rng).unwrap();
             let root =
                 root_certificate(&root_key, "CN=Vector Root,O=Acme", validity, &rng).unwrap();
-            let key = SigningKey::generate(&rng).unwrap();
-            let ca = issue_batch_ca(
-                &root_key,
-                &root,
-                &key.verifying_key(),
-                "Acme batch 1",
-                validity,
-                &rng,
-            )
-            .unwrap();
+            let key = BatchKey::generate(BatchKeyType::EcP256).unwrap();
+            let ca =
+                issue_batch_ca(&root_key, &root, &key, "Acme batch 1", validity, &rng).unwrap();
             let cert = issuer_of(&key, &ca)
                 .issue(&profile, "D-000123", &device_key, serial, validity)
                 .unwrap();
@@ -939,7 +965,7 @@ mod tests {
         }
         let (batch_ca, device) = (read("batch-ca.der"), read("device.der"));
         // The to-be-signed bytes do not depend on the key that signs them.
-        let any_key = SigningKey::generate(&SeededRng::new(14)).unwrap();
+        let any_key = BatchKey::generate(BatchKeyType::EcP256).unwrap();
         let (issuer_name, authority_key_id) = issuer_parts(&any_key, &batch_ca).unwrap();
         let again = sign(
             &any_key,

@@ -25,8 +25,10 @@ use rcgen::{
 };
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 
+mod batch_key;
 mod device_cert;
 mod line;
+pub use batch_key::{BatchKey, BatchKeyType};
 pub(crate) use device_cert::{push_tlv, push_wrapped};
 pub use device_cert::{AltNameKind, DeviceIssuer, DeviceProfile, ProfileSpec, RawExtension};
 pub use line::{issue_server_certificate, issue_station_certificate, line_ca_certificate};
@@ -471,7 +473,7 @@ pub fn issue_service_certificate(
 pub fn issue_batch_ca(
     hq_cluster_key: &dyn EcdsaSigner,
     hq_cluster_cert: &[u8],
-    batch_key: &VerifyingKey,
+    batch_key: &BatchKey,
     common_name: &str,
     validity: Validity,
     rng: &dyn crate::rng::SecureRng,
@@ -486,7 +488,7 @@ pub fn issue_batch_ca(
     let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(hq_cluster_cert), &signer)
         .map_err(build_err)?;
     let cert = p
-        .signed_by(&P256Public(batch_key.sec1().to_vec()), &issuer)
+        .signed_by(&batch_key::BatchPublic::of(batch_key), &issuer)
         .map_err(build_err)?;
     Ok(cert.der().to_vec())
 }
@@ -774,7 +776,8 @@ pub fn validate_cluster_certificate(
     Ok(facts)
 }
 
-/// Checks that `issuer` (a P-256 CA) issued and signed `cert`: issuer name and signature.
+/// Checks that `issuer` issued and signed `cert`: issuer name and signature (ECDSA P-256
+/// or P-384, Ed25519, RSA: whatever x509-parser verifies through aws-lc).
 fn signed_by(cert: &[u8], issuer: &[u8]) -> Result<()> {
     use x509_parser::prelude::*;
     let (_, issuer) = X509Certificate::from_der(issuer)
@@ -784,10 +787,7 @@ fn signed_by(cert: &[u8], issuer: &[u8]) -> Result<()> {
     if cert.issuer() != issuer.subject() {
         return Err(CryptoError::Untrusted("issuer name does not match".into()));
     }
-    let point = p256_point_from_spki(issuer.public_key().raw)?;
-    let sig = asn1_to_fixed(cert.signature_value.data.as_ref())?;
-    VerifyingKey::from_sec1(&point)?
-        .verify(cert.tbs_certificate.as_ref(), &sig)
+    cert.verify_signature(Some(issuer.public_key()))
         .map_err(|_| CryptoError::Untrusted("signature does not verify".into()))
 }
 
@@ -928,36 +928,6 @@ fn webpki_path(
         webpki::Error::CertNotValidYet { .. } => CryptoError::NotYetValid,
         other => CryptoError::Untrusted(format!("{other:?}")),
     })
-}
-
-/// Converts an ASN.1 ECDSA-Sig-Value to fixed `r ‖ s` (32 bytes each).
-fn asn1_to_fixed(sig: &[u8]) -> Result<Vec<u8>> {
-    use x509_parser::der_parser::ber::BerObjectContent;
-    use x509_parser::der_parser::parse_der;
-    let bad = || CryptoError::BadSignature;
-    let (rest, obj) = parse_der(sig).map_err(|_| bad())?;
-    if !rest.is_empty() {
-        return Err(bad());
-    }
-    let BerObjectContent::Sequence(items) = obj.content else {
-        return Err(bad());
-    };
-    if items.len() != 2 {
-        return Err(bad());
-    }
-    let mut out = Vec::with_capacity(64);
-    for item in items {
-        let BerObjectContent::Integer(bytes) = item.content else {
-            return Err(bad());
-        };
-        let trimmed: Vec<u8> = bytes.iter().copied().skip_while(|b| *b == 0).collect();
-        if trimmed.len() > 32 {
-            return Err(bad());
-        }
-        out.extend(std::iter::repeat_n(0u8, 32 - trimmed.len()));
-        out.extend(trimmed);
-    }
-    Ok(out)
 }
 
 /// Converts fixed `r ‖ s` to an ASN.1 ECDSA-Sig-Value (SEQUENCE of two INTEGERs).
@@ -1158,7 +1128,7 @@ pub struct CrlTimes {
 /// An RFC 5280 CRL v2 signed by the CA of `ca_cert` (which must allow cRLSign):
 /// authorityKeyIdentifier and cRLNumber extensions, a reasonCode on each entry. DER.
 pub fn issue_crl(
-    ca_key: &dyn EcdsaSigner,
+    ca_key: &BatchKey,
     ca_cert: &[u8],
     times: CrlTimes,
     revoked: &[RevokedEntry],
@@ -1182,7 +1152,7 @@ pub fn issue_crl(
         revoked_certs,
         key_identifier_method: rcgen::KeyIdMethod::Sha256,
     };
-    let signer = Signer::new(ca_key);
+    let signer = batch_key::BatchSigner::new(ca_key);
     let issuer =
         Issuer::from_ca_cert_der(&CertificateDer::from(ca_cert), &signer).map_err(build_err)?;
     let crl = params.signed_by(&issuer).map_err(build_err)?;

@@ -897,3 +897,93 @@ fn a_revoked_device_is_on_its_batch_cas_crl_and_refused_by_a_server_that_checks_
         "in no audit HQ verified",
     );
 }
+
+#[test]
+fn a_p384_batch_ca_signs_certificates_and_crls_that_verify() {
+    let w = world();
+    let body = format!(
+        "{WINDOW}devices = 3\nbatch_ca_key = \"ec-p384\"\n[[keys]]\nname = \"identity\"\ntype = \"ec-p384\"\nsource = \"site\"\ncertificate = {{ subject = \"CN={{device_id}}\", days = \"forever\" }}\n"
+    );
+    let id = imported(&w, &body, "p384ca");
+    let answer = provision(&w, &id, "D-1", &[], None);
+    assert_eq!(answer.code, 0, "{}", answer.json);
+    let (chain, certs) = written(&w, &answer.json, "p384ca");
+    let cert = &certs[0].1;
+    verify(&w, &chain, cert, "sslclient", None);
+    verify(&w, &chain, cert, "sslclient", Some(YEAR_2100));
+    let (_, text) = openssl(&["x509", "-noout", "-text", "-in", &s(cert)]);
+    assert!(text.contains("ecdsa-with-SHA384"), "{text}");
+    let batch = w.path("p384-batch.pem");
+    std::fs::write(&batch, answer.json["chain_pem"][0].as_str().unwrap()).unwrap();
+    let (_, text) = openssl(&["x509", "-noout", "-text", "-in", &s(&batch)]);
+    assert!(text.contains("secp384r1"), "{text}");
+
+    let kfa = export(&w, "p384.kfa");
+    ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&kfa)]);
+    ok(&[
+        "hq",
+        "device",
+        "revoke",
+        "--home",
+        &s(&w.hq),
+        "--entitlement",
+        &id,
+        "--device-id",
+        "D-1",
+        "--reason",
+        "superseded",
+    ]);
+    let crl = w.path("p384.crl");
+    ok(&[
+        "hq",
+        "crl",
+        "--home",
+        &s(&w.hq),
+        "--entitlement",
+        &id,
+        "--out",
+        &s(&crl),
+    ]);
+    let (ok_crl, out) = openssl(&[
+        "crl",
+        "-in",
+        &s(&crl),
+        "-CAfile",
+        &s(&batch),
+        "-noout",
+        "-text",
+    ]);
+    assert!(
+        ok_crl && out.contains("verify OK") && out.contains("ecdsa-with-SHA384"),
+        "{out}"
+    );
+    let (valid, out) = openssl(&[
+        "verify",
+        "-crl_check",
+        "-CRLfile",
+        &s(&crl),
+        "-CAfile",
+        &s(&w.root.join("root.crt")),
+        "-untrusted",
+        &s(&chain),
+        &s(cert),
+    ]);
+    assert!(!valid && out.contains("certificate revoked"), "{out}");
+    // A batch CA key of another type is refused by name.
+    let policy = w.path("bad-ca.toml");
+    std::fs::write(
+        &policy,
+        body.replace("ec-p384\"\n[[keys]]", "rsa-2048\"\n[[keys]]"),
+    )
+    .unwrap();
+    let o = try_create(&w, "shenzhen-1", &policy, &w.path("bad-ca.kfe"));
+    assert_eq!(o.json["error"]["code"], "invalid_policy", "{}", o.json);
+    assert!(
+        o.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("batch_ca_key"),
+        "{}",
+        o.json
+    );
+}
