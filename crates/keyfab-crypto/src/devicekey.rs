@@ -253,15 +253,31 @@ pub fn expand_stored(kind: DeviceKeyType, stored: &[u8]) -> Result<Expanded> {
 }
 
 fn expand_p256(pair: &EcdsaKeyPair) -> Result<Expanded> {
+    expand_ec(Curve::P256, pair)
+}
+
+/// Everything of an EC key pair on `curve`: its identity, its PKCS#8 (with the public
+/// key), its public key for a certificate.
+fn expand_ec(curve: Curve, pair: &EcdsaKeyPair) -> Result<Expanded> {
     let point = pair.public_key().as_ref().to_vec();
     let scalar: EcPrivateKeyBin = pair
         .private_key()
         .as_be_bytes()
         .map_err(|_| CryptoError::Internal)?;
+    let (spki, public) = match curve {
+        Curve::P256 => (
+            crate::x509::p256_spki(&point),
+            crate::x509::DevicePublicKey::P256(point.clone()),
+        ),
+        Curve::P384 => (
+            crate::x509::p384_spki(&point),
+            crate::x509::DevicePublicKey::P384(point.clone()),
+        ),
+    };
     Ok(Expanded {
-        key_id: KeyId::Public(Fingerprint::of(&crate::x509::p256_spki(&point))),
-        private: p256_pkcs8(scalar.as_ref(), &point)?,
-        public: Some(crate::x509::DevicePublicKey::P256(point)),
+        key_id: KeyId::Public(Fingerprint::of(&spki)),
+        private: ec_pkcs8(curve, scalar.as_ref(), &point)?,
+        public: Some(public),
     })
 }
 
@@ -326,10 +342,6 @@ fn ec_pkcs8(curve: Curve, scalar: &[u8], point: &[u8]) -> Result<SecretBytes> {
     Ok(der)
 }
 
-fn p256_pkcs8(scalar: &[u8], point: &[u8]) -> Result<SecretBytes> {
-    ec_pkcs8(Curve::P256, scalar, point)
-}
-
 /// The group order of P-384 (FIPS 186-5), big-endian.
 const P384_ORDER: [u8; 48] = [
     0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
@@ -342,8 +354,7 @@ const P384_ORDER: [u8; 48] = [
 /// candidates" with HKDF as the bit source. A candidate is refused with probability
 /// about 2^-190, so the first one is the key in practice. 256 bits of seed exceed
 /// P-384's 192-bit security level.
-fn p384_pair(seed: &Secret32) -> Result<(EcdsaKeyPair, SecretBytes)> {
-    // (The scalar is returned for tests; the expansion reads it back from the pair.)
+fn p384_pair(seed: &Secret32) -> Result<EcdsaKeyPair> {
     let mut candidate = SecretBytes::new(vec![0u8; 48]);
     for counter in 0u8..=255 {
         let info = [b"keyfab-p384-scalar-v1".as_slice(), &[counter]].concat();
@@ -362,27 +373,17 @@ fn p384_pair(seed: &Secret32) -> Result<(EcdsaKeyPair, SecretBytes)> {
         let pair =
             EcdsaKeyPair::from_private_key_der(&ECDSA_P384_SHA384_ASN1_SIGNING, der.expose())
                 .map_err(|_| CryptoError::InvalidKey("P-384 scalar"))?;
-        return Ok((pair, candidate));
+        return Ok(pair);
     }
     Err(CryptoError::Internal)
 }
 
 fn expand_p384(seed: &Secret32) -> Result<Expanded> {
-    let (pair, _) = p384_pair(seed)?;
-    expand_p384_pair(&pair)
+    expand_p384_pair(&p384_pair(seed)?)
 }
 
 fn expand_p384_pair(pair: &EcdsaKeyPair) -> Result<Expanded> {
-    let point = pair.public_key().as_ref().to_vec();
-    let scalar: EcPrivateKeyBin = pair
-        .private_key()
-        .as_be_bytes()
-        .map_err(|_| CryptoError::Internal)?;
-    Ok(Expanded {
-        key_id: KeyId::Public(Fingerprint::of(&crate::x509::p384_spki(&point))),
-        private: ec_pkcs8(Curve::P384, scalar.as_ref(), &point)?,
-        public: Some(crate::x509::DevicePublicKey::P384(point)),
-    })
+    expand_ec(Curve::P384, pair)
 }
 
 fn expand_ed25519(pair: &Ed25519KeyPair) -> Result<Expanded> {
@@ -532,7 +533,7 @@ pub fn to_pkcs8(kind: DeviceKeyType, secret: &Secret32) -> Result<SecretBytes> {
     match kind {
         DeviceKeyType::EcP256 => {
             let pair = p256_pair(secret)?;
-            p256_pkcs8(secret.expose(), pair.public_key().as_ref())
+            ec_pkcs8(Curve::P256, secret.expose(), pair.public_key().as_ref())
         }
         DeviceKeyType::Ed25519 => {
             let doc = Ed25519KeyPair::from_seed_unchecked(secret.expose())

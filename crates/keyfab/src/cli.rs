@@ -330,9 +330,10 @@ pub(crate) enum HqDeviceCommand {
         /// The device.
         #[arg(long)]
         device_id: String,
-        /// Why (RFC 5280 reason code).
-        #[arg(long, value_enum)]
-        reason: RevokeReason,
+        /// Why (RFC 5280 reason code): unspecified, key-compromise, affiliation-changed,
+        /// superseded, cessation-of-operation, privilege-withdrawn.
+        #[arg(long, value_parser = parse_reason)]
+        reason: keyfab_crypto::x509::CrlReason,
     },
     /// Where a device came from, from verified audit data: site, entitlement, station,
     /// time, audit record and the checkpoint that covers it, its certificates and keys,
@@ -346,29 +347,15 @@ pub(crate) enum HqDeviceCommand {
     },
 }
 
-/// `hq device revoke --reason`.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum RevokeReason {
-    Unspecified,
-    KeyCompromise,
-    AffiliationChanged,
-    Superseded,
-    CessationOfOperation,
-    PrivilegeWithdrawn,
-}
-
-impl RevokeReason {
-    pub(crate) fn crl_reason(self) -> keyfab_crypto::x509::CrlReason {
-        use keyfab_crypto::x509::CrlReason;
-        match self {
-            Self::Unspecified => CrlReason::Unspecified,
-            Self::KeyCompromise => CrlReason::KeyCompromise,
-            Self::AffiliationChanged => CrlReason::AffiliationChanged,
-            Self::Superseded => CrlReason::Superseded,
-            Self::CessationOfOperation => CrlReason::CessationOfOperation,
-            Self::PrivilegeWithdrawn => CrlReason::PrivilegeWithdrawn,
-        }
-    }
+/// `hq device revoke --reason`: an RFC 5280 reason by its name.
+fn parse_reason(text: &str) -> Result<keyfab_crypto::x509::CrlReason, String> {
+    use keyfab_crypto::x509::CrlReason;
+    CrlReason::parse(text).ok_or_else(|| {
+        format!(
+            "'{text}' is not one of {}",
+            CrlReason::ALL.map(CrlReason::as_str).join(", ")
+        )
+    })
 }
 
 #[derive(Subcommand, Debug)]

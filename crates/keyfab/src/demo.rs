@@ -426,7 +426,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
     step(
         "29. a cloud registers the devices",
         "HQ's manifest lists the devices to register (the burned one is left out) and the batch CA to trust; a cloud checks each certificate as a TLS server checks a client: clientAuth, chain to the root, now and in 2100 (its certificates never expire).",
-        cloud_check(&ctx, &hq, &id, &root_der, &base)?,
+        cloud_check(&ctx, &hq, &id, (&root_der, &root_cert), &base)?,
     );
     step(
         "30. HQ revokes a device",
@@ -436,7 +436,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
             &hq,
             &id,
             "TSV2-00000004",
-            crate::cli::RevokeReason::KeyCompromise,
+            keyfab_crypto::x509::CrlReason::KeyCompromise,
         )?,
     );
     let crl = base.join("batch.crl");
@@ -448,7 +448,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
     step(
         "32. the cloud checks the CRL",
         "The same TLS client check with the CRL: the stolen device is refused, the others still pass.",
-        crl_check(&ctx, &hq, &id, &root_der, &crl)?,
+        crl_check(&ctx, &hq, &id, (&root_der, &root_cert), &crl)?,
     );
     text.push_str(if dir.is_some() {
         "Files are kept in the directory above.\n"
@@ -464,7 +464,7 @@ fn cloud_check(
     ctx: &Context,
     hq: &Path,
     id: &str,
-    root: &[u8],
+    (root, root_file): (&[u8], &Path),
     base: &Path,
 ) -> Result<Report, Failure> {
     const YEAR_2100: i64 = 4_102_444_800;
@@ -499,15 +499,22 @@ fn cloud_check(
                     )
                 })?;
         }
+        // Each certificate as a file too, for checking by hand with any tool.
+        let file = base.join(format!("{}.crt", row.device_id));
+        std::fs::write(&file, x509::to_pem(&row.certificate_der, "CERTIFICATE"))
+            .map_err(|e| Failure::new(Code::Io, format!("{}: {e}", file.display())))?;
         verified.push(row.device_id.clone());
     }
     Ok(Report::new(
         format!(
-            "{} devices in {} (batch CA and chain in {}); each verifies as a TLS client now and in 2100: {}",
+            "{} devices in {} (batch CA and chain in {}); each verifies as a TLS client now and in 2100: {}\nby hand: openssl verify -purpose sslclient -CAfile {} -untrusted {} {}",
             rows.len(),
             out.display(),
             ca_out.display(),
-            verified.join(", ")
+            verified.join(", "),
+            root_file.display(),
+            ca_out.display(),
+            base.join("TSV2-00000001.crt").display()
         ),
         json!({"manifest": out, "ca": ca_out, "verified": verified}),
     ))
@@ -518,7 +525,7 @@ fn crl_check(
     ctx: &Context,
     hq: &Path,
     id: &str,
-    root: &[u8],
+    (root, root_file): (&[u8], &Path),
     crl_file: &Path,
 ) -> Result<Report, Failure> {
     let crl = x509::from_pem(
@@ -550,9 +557,13 @@ fn crl_check(
     }
     Ok(Report::new(
         format!(
-            "refused: {}; accepted: {}",
+            "refused: {}; accepted: {}\nby hand (it ends in \"certificate revoked\"): openssl verify -purpose sslclient -crl_check -CRLfile {} -CAfile {} -untrusted {} {}",
             refused.join(", "),
-            accepted.join(", ")
+            accepted.join(", "),
+            crl_file.display(),
+            root_file.display(),
+            crl_file.with_file_name("batch-ca.pem").display(),
+            crl_file.with_file_name("TSV2-00000004.crt").display()
         ),
         json!({"refused": refused, "accepted": accepted}),
     ))

@@ -705,11 +705,10 @@ pub(crate) fn device_revoke(
     home: &Path,
     entitlement: &str,
     device_id: &str,
-    reason: crate::cli::RevokeReason,
+    reason: keyfab_crypto::x509::CrlReason,
 ) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Hq)?;
-    let done =
-        keyfab_hq::devices::revoke_device(&node, entitlement, device_id, reason.crl_reason())?;
+    let done = keyfab_hq::devices::revoke_device(&node, entitlement, device_id, reason)?;
     Report::of(&DeviceRevokedOut {
         device_id: device_id.to_owned(),
         entitlement: entitlement.to_owned(),

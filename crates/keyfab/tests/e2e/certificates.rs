@@ -202,22 +202,26 @@ fn every_key_type_and_source_verifies_as_a_client_for_the_devices_life() {
         );
     }
     // RSA from HQ's pool is refused by name at create.
-    let policy = w.path("rsa-pool.toml");
-    std::fs::write(
-        &policy,
-        format!("{WINDOW}devices = 2\n[[keys]]\nname = \"k\"\ntype = \"rsa-2048\"\nsource = \"hq-pool\"\n"),
-    )
-    .unwrap();
-    let o = try_create(&w, "shenzhen-1", &policy, &w.path("rsa-pool.kfe"));
-    assert_eq!(o.json["error"]["code"], "invalid_policy", "{}", o.json);
-    assert!(
-        o.json["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("keys[0].type"),
-        "{}",
-        o.json
+    refused_at_create(
+        &w,
+        "rsa-pool",
+        &format!("{WINDOW}devices = 2\n[[keys]]\nname = \"k\"\ntype = \"rsa-2048\"\nsource = \"hq-pool\"\n"),
+        "keys[0].type",
     );
+}
+
+/// `hq entitlement create` of the policy `body` is refused `invalid_policy` with a
+/// message naming `field`, and writes no file.
+fn refused_at_create(w: &World, name: &str, body: &str, field: &str) {
+    let policy = w.path(&format!("{name}.toml"));
+    std::fs::write(&policy, body).unwrap();
+    let out = w.path(&format!("{name}.kfe"));
+    let o = try_create(w, "shenzhen-1", &policy, &out);
+    assert_eq!(o.code, 1, "{name}: {}", o.json);
+    assert_eq!(o.json["error"]["code"], "invalid_policy", "{}", o.json);
+    let message = o.json["error"]["message"].as_str().unwrap();
+    assert!(message.contains(field), "{name}: {field} not in {message}");
+    assert!(!out.exists());
 }
 
 #[test]
@@ -292,28 +296,15 @@ fn an_impossible_profile_is_refused_at_create_naming_its_field() {
         let body = format!(
             "{WINDOW}devices = 2\n[[keys]]\nname = \"k\"\ntype = \"ec-p256\"\nsource = \"site\"\n[keys.certificate]\nsubject = \"CN={{device_id}}\"\ndays = 30\n{field}\n"
         );
-        let policy = w.path(&format!("bad-{i}.toml"));
-        std::fs::write(&policy, body).unwrap();
-        let out = w.path(&format!("bad-{i}.kfe"));
-        let o = try_create(&w, "shenzhen-1", &policy, &out);
-        assert_eq!(o.code, 1, "{field}: {}", o.json);
-        assert_eq!(o.json["error"]["code"], "invalid_policy", "{}", o.json);
-        assert!(
-            o.json["error"]["message"].as_str().unwrap().contains(named),
-            "{field}: {}",
-            o.json
-        );
-        assert!(!out.exists());
+        refused_at_create(&w, &format!("bad-{i}"), &body, named);
     }
     // `days = "always"` is neither a number nor "forever".
-    let policy = w.path("always.toml");
-    std::fs::write(
-        &policy,
-        format!("{WINDOW}devices = 2\n[[keys]]\nname = \"k\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = {{ subject = \"CN=x\", days = \"always\" }}\n"),
-    )
-    .unwrap();
-    let o = try_create(&w, "shenzhen-1", &policy, &w.path("always.kfe"));
-    assert_eq!(o.json["error"]["code"], "invalid_policy", "{}", o.json);
+    refused_at_create(
+        &w,
+        "always",
+        &format!("{WINDOW}devices = 2\n[[keys]]\nname = \"k\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = {{ subject = \"CN=x\", days = \"always\" }}\n"),
+        "days",
+    );
 }
 
 /// The sealed batch CA key an entitlement's record at the site holds (empty once gone).
@@ -970,20 +961,10 @@ fn a_p384_batch_ca_signs_certificates_and_crls_that_verify() {
     ]);
     assert!(!valid && out.contains("certificate revoked"), "{out}");
     // A batch CA key of another type is refused by name.
-    let policy = w.path("bad-ca.toml");
-    std::fs::write(
-        &policy,
-        body.replace("ec-p384\"\n[[keys]]", "rsa-2048\"\n[[keys]]"),
-    )
-    .unwrap();
-    let o = try_create(&w, "shenzhen-1", &policy, &w.path("bad-ca.kfe"));
-    assert_eq!(o.json["error"]["code"], "invalid_policy", "{}", o.json);
-    assert!(
-        o.json["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("batch_ca_key"),
-        "{}",
-        o.json
+    refused_at_create(
+        &w,
+        "bad-ca",
+        &body.replace("ec-p384\"\n[[keys]]", "rsa-2048\"\n[[keys]]"),
+        "batch_ca_key",
     );
 }
