@@ -357,6 +357,59 @@ impl CertificateTemplate {
     }
 }
 
+/// Where the policy's certificate profiles put a device id inside a name, and so what a
+/// device id must be for the name to stay what the policy author wrote: a station sends
+/// the id, and an id of `*` in `{device_id}.devices.example.com` would otherwise get a
+/// wildcard certificate for every device's host name. Refused ids are refused by the
+/// policy (`device_id_rejected`), before anything is made.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IdInNames {
+    /// In a DNS name: letters, digits, `-` and `.`, neither first nor last, no `..`.
+    dns: bool,
+    /// In an e-mail address: no `@`.
+    email: bool,
+    /// In a URI: none of `? # % [ ]`, which would change its structure.
+    uri: bool,
+}
+
+impl IdInNames {
+    /// What `policy`'s profiles ask.
+    pub fn of(policy: &crate::Policy) -> Self {
+        let mut out = Self::default();
+        for name in policy
+            .keys
+            .iter()
+            .filter_map(|k| k.certificate.as_ref())
+            .flat_map(|c| &c.subject_alt_names)
+        {
+            match name {
+                AltName::Dns(t) => out.dns |= t.contains("{device_id}"),
+                AltName::Email(t) => out.email |= t.contains("{device_id}"),
+                AltName::Uri(t) => out.uri |= t.contains("{device_id}"),
+                AltName::Ip(_) => {}
+            }
+        }
+        out
+    }
+
+    /// Whether `device_id` keeps every name it goes into well-formed.
+    pub fn accepts(&self, device_id: &str) -> bool {
+        let dns_ok = || {
+            device_id.split('.').all(|label| {
+                !label.is_empty()
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+        };
+        (!self.dns || dns_ok())
+            && (!self.email || !device_id.contains('@'))
+            && (!self.uri || !device_id.contains(['?', '#', '%', '[', ']']))
+    }
+}
+
 /// A profile's templates for one entitlement: only `{device_id}` is left to fill.
 #[derive(Debug, Clone)]
 pub struct FilledTemplate {
@@ -611,6 +664,23 @@ mod tests {
         let mut t = profile();
         t.days = Lifetime::Days(0);
         assert_eq!(refused(&t, KeyType::EcP256), "keys[0].certificate.days");
+    }
+
+    #[test]
+    fn a_device_id_cannot_change_a_name_it_goes_into() {
+        let rules = IdInNames {
+            dns: true,
+            email: true,
+            uri: true,
+        };
+        for ok in ["D-1", "dev.42", "TSV2-00000001"] {
+            assert!(rules.accepts(ok), "{ok}");
+        }
+        for bad in ["*", "a_b", "-a", "a-", "a..b", ".a", "a@b", "a?b", "a#b"] {
+            assert!(!rules.accepts(bad), "{bad}");
+        }
+        // Only what a profile uses restricts: a subject alone takes any id.
+        assert!(IdInNames::default().accepts("a_b@*"));
     }
 
     #[test]

@@ -141,6 +141,8 @@ pub struct CompiledPolicy {
     pub policy: Policy,
     pattern: Option<regex::Regex>,
     tz: jiff::tz::TimeZone,
+    /// What the certificate profiles need of a device id that goes into a name.
+    names: crate::certificate::IdInNames,
 }
 
 impl CompiledPolicy {
@@ -154,10 +156,12 @@ impl CompiledPolicy {
             .transpose()?;
         let tz = jiff::tz::TimeZone::get(&policy.timezone)
             .map_err(|e| PolicyError::new("limits.timezone", e.to_string()))?;
+        let names = crate::certificate::IdInNames::of(&policy);
         Ok(Self {
             policy,
             pattern,
             tz,
+            names,
         })
     }
 
@@ -223,8 +227,13 @@ impl CompiledPolicy {
     }
 
     /// Whether `device_id` is acceptable by the policy's pattern and keyfab's own limits
-    /// (1–128 printable ASCII characters, so ids are safe in file names and subjects).
+    /// (1–128 printable ASCII characters, so ids are safe in file names and subjects),
+    /// and makes well-formed names where the certificate profiles put it
+    /// ([`crate::certificate::IdInNames`]: no wildcard DNS name from a station's id).
     pub fn device_id_ok(&self, device_id: &str) -> bool {
+        if !self.names.accepts(device_id) {
+            return false;
+        }
         let shape = crate::ids::id_shape_ok(device_id)
             && device_id.bytes().all(|b| {
                 !matches!(

@@ -143,6 +143,9 @@ fn every_key_type_and_source_verifies_as_a_client_for_the_devices_life() {
         );
         let id = imported(&w, &body, &format!("life-{tag}"));
         let (csr, _) = device_csr(&w, &format!("dev-{tag}"), algorithm);
+        // `*` would make `*.devices.example.com`: a wildcard identity for every device.
+        let o = provision(&w, &id, "*", &["--csr", csr.as_str()], None);
+        assert_eq!(o.json["error"]["code"], "device_id_rejected", "{}", o.json);
         let request = format!("r-{tag}");
         let args = ["--csr", csr.as_str(), "--request-id", request.as_str()];
         let answer = provision(&w, &id, "D-1", &args, None);
@@ -257,6 +260,9 @@ fn profile_fields_appear_as_asked() {
          extensions = [{{ oid = \"1.3.6.1.4.1.99999.1\", utf8 = \"batch-7\" }}, {{ oid = \"1.3.6.1.4.1.99999.2\", der = \"AgEq\" }}]\n"
     );
     let id = imported(&w, &body, "profile");
+    // A station's device id cannot reshape a name: an e-mail address with two `@`.
+    let o = provision(&w, &id, "x@evil.example", &[], None);
+    assert_eq!(o.json["error"]["code"], "device_id_rejected", "{}", o.json);
     let answer = provision(&w, &id, "D-7", &[], None);
     assert_eq!(answer.code, 0, "{}", answer.json);
     let (chain, certs) = written(&w, &answer.json, "profile");
