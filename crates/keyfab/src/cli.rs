@@ -308,8 +308,9 @@ pub(crate) enum HqCommand {
         /// Where to write the CRL (PEM; a new file).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
-        /// Days until its next update: relying parties treat it as stale after that.
-        #[arg(long, default_value_t = 7)]
+        /// Days until its next update (1-3650): relying parties treat it as stale after
+        /// that.
+        #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=3650))]
         days: u32,
     },
 }
