@@ -581,6 +581,12 @@ pub(crate) fn hq_manifest(
     // stays what it was; the new one is written whole (temporary file, fsync, rename).
     keyfab_node::out_file::check_new(args.out, "no manifest was written")?;
     if let Some(ca_out) = args.ca_out {
+        if ca_out == args.out {
+            return Err(keyfab_node::Error::InvalidInput(
+                "--ca-out and --out name the same file: give each its own".into(),
+            )
+            .into());
+        }
         keyfab_node::out_file::check_new(ca_out, "no manifest was written")?;
     }
     let node = ctx.open(home, NodeKind::Hq)?;
