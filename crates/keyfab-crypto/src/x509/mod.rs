@@ -26,6 +26,7 @@ use rcgen::{
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 
 mod batch_key;
+pub mod chip;
 mod device_cert;
 mod line;
 pub use batch_key::{BatchKey, BatchKeyType};

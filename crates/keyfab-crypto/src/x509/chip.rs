@@ -1,0 +1,349 @@
+//! A chip's identity as its vendor certified it: the X.509 chain a secure element carries
+//! (leaf: the chip's attestation or transport key; then the vendor's intermediates), up
+//! to one of the roots an entitlement's policy names. What the site checks before it
+//! seals anything to a chip's key: the chain, then that the key is the leaf's.
+//!
+//! Vendor chains are not keyfab's: any extended key usage is accepted (vendors use their
+//! own, or none), signatures may be ECDSA P-256/P-384, Ed25519 or RSA (TPM endorsement
+//! certificates), and an expired chip certificate may be accepted when the policy says so
+//! (chip certificates often carry validity periods that end long before the chip does).
+
+use super::{cert_facts, CertificateDer};
+use crate::hash::Fingerprint;
+use crate::time::UnixTime;
+use crate::{CryptoError, Result};
+
+/// Most certificates a chip chain may have (leaf and intermediates).
+pub const MAX_CHIP_CHAIN: usize = 4;
+/// Largest certificate of a chip chain, in bytes (DER).
+pub const MAX_CHIP_CERT_BYTES: usize = 4096;
+
+/// What the chain is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct ChipTrust<'a> {
+    /// The vendor roots (DER) the policy trusts.
+    pub roots: &'a [Vec<u8>],
+    /// Accept certificates whose validity has ended (or not begun) at the time of the
+    /// check; the chain must still have a time at which all of it was valid.
+    pub accept_expired: bool,
+}
+
+/// The facts of a chip's leaf certificate, once its chain verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChipLeaf {
+    /// The leaf's SubjectPublicKeyInfo (DER): the key it certifies.
+    pub spki: Vec<u8>,
+    /// SHA-256 of the leaf certificate (DER).
+    pub fingerprint: Fingerprint,
+    /// The leaf's serial number, hex.
+    pub serial_hex: String,
+    /// The subject's commonName, if any.
+    pub subject_cn: Option<String>,
+    /// The subject's serialNumber attribute (2.5.4.5), if any.
+    pub subject_serial: Option<String>,
+    /// The subjectAltName URIs.
+    pub san_uris: Vec<String>,
+}
+
+/// Why a chain is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChipRefusal {
+    /// Too many certificates, one too large, or not DER.
+    #[error("chip chain malformed: {0}")]
+    Malformed(String),
+    /// No path to a trusted root, a bad signature, a CA as the leaf, outside validity.
+    #[error("chip chain not trusted: {0}")]
+    Untrusted(String),
+}
+
+/// Any extended key usage, or none: vendors certify chips for purposes of their own.
+struct AnyPurpose;
+
+impl webpki::ExtendedKeyUsageValidator for AnyPurpose {
+    fn validate(
+        &self,
+        _: webpki::KeyPurposeIdIter<'_, '_>,
+    ) -> std::result::Result<(), webpki::Error> {
+        Ok(())
+    }
+}
+
+/// Verifies `chain` (leaf first, then intermediates) to one of `trust.roots` at `now`:
+/// signatures, basic constraints and path lengths (a CA certificate cannot be the leaf),
+/// validity (or, with `accept_expired`, at the latest start of validity of the chain's
+/// certificates, so a chain that was never valid all at once still fails), and a leaf
+/// key usage, when present, that allows digitalSignature or keyAgreement.
+pub fn verify_chip_chain(
+    chain: &[Vec<u8>],
+    trust: &ChipTrust<'_>,
+    now: UnixTime,
+) -> std::result::Result<ChipLeaf, ChipRefusal> {
+    let malformed = |m: String| ChipRefusal::Malformed(m);
+    let untrusted = |m: String| ChipRefusal::Untrusted(m);
+    let [leaf, intermediates @ ..] = chain else {
+        return Err(malformed("no certificate".into()));
+    };
+    if chain.len() > MAX_CHIP_CHAIN {
+        return Err(malformed(format!(
+            "{} certificates, at most {MAX_CHIP_CHAIN}",
+            chain.len()
+        )));
+    }
+    if let Some(big) = chain.iter().find(|c| c.len() > MAX_CHIP_CERT_BYTES) {
+        return Err(malformed(format!(
+            "a certificate of {} bytes, at most {MAX_CHIP_CERT_BYTES}",
+            big.len()
+        )));
+    }
+    let mut facts = Vec::with_capacity(chain.len());
+    for cert in chain {
+        facts.push(cert_facts(cert).map_err(|e| malformed(e.to_string()))?);
+    }
+    let at = if trust.accept_expired {
+        facts.iter().map(|f| f.not_before).max().unwrap_or(now)
+    } else {
+        now
+    };
+    let anchors = trust
+        .roots
+        .iter()
+        .map(|r| {
+            webpki::anchor_from_trusted_cert(&CertificateDer::from(r.as_slice()))
+                .map(|a| a.to_owned())
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| untrusted(format!("a policy root: {e}")))?;
+    let leaf_der = CertificateDer::from(leaf.as_slice());
+    let ee = webpki::EndEntityCert::try_from(&leaf_der).map_err(|e| malformed(e.to_string()))?;
+    let intermediates: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    let when = rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+        u64::try_from(at.0).unwrap_or(0),
+    ));
+    ee.verify_for_usage(
+        &[
+            webpki::aws_lc_rs::ECDSA_P256_SHA256,
+            webpki::aws_lc_rs::ECDSA_P256_SHA384,
+            webpki::aws_lc_rs::ECDSA_P384_SHA256,
+            webpki::aws_lc_rs::ECDSA_P384_SHA384,
+            webpki::aws_lc_rs::ED25519,
+            webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA256,
+            webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA384,
+            webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA512,
+        ],
+        &anchors,
+        &intermediates,
+        when,
+        AnyPurpose,
+        None,
+        None,
+    )
+    .map_err(|e| untrusted(format!("{e:?}")))?;
+    leaf_facts(leaf)
+}
+
+/// What the leaf says, after its chain verified.
+fn leaf_facts(leaf: &[u8]) -> std::result::Result<ChipLeaf, ChipRefusal> {
+    use x509_parser::prelude::*;
+    let (_, cert) =
+        X509Certificate::from_der(leaf).map_err(|e| ChipRefusal::Malformed(e.to_string()))?;
+    if let Ok(Some(ku)) = cert.key_usage() {
+        if !(ku.value.digital_signature() || ku.value.key_agreement()) {
+            return Err(ChipRefusal::Untrusted(
+                "the leaf's key usage allows neither signing nor key agreement".into(),
+            ));
+        }
+    }
+    let subject = cert.subject();
+    let subject_cn = subject
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .map(str::to_owned);
+    let subject_serial = subject
+        .iter_by_oid(&x509_parser::oid_registry::OID_X509_SERIALNUMBER)
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .map(str::to_owned);
+    let mut san_uris = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                san_uris.push((*uri).to_owned());
+            }
+        }
+    }
+    Ok(ChipLeaf {
+        spki: cert.public_key().raw.to_vec(),
+        fingerprint: Fingerprint::of(leaf),
+        serial_hex: hex::encode(cert.raw_serial()),
+        subject_cn,
+        subject_serial,
+        san_uris,
+    })
+}
+
+/// A chip vendor's root for drills and the simulator: self-signed, P-256, path length 1.
+pub fn chip_vendor_root(
+    key: &dyn crate::sign::EcdsaSigner,
+    subject: &str,
+    validity: super::Validity,
+    rng: &dyn crate::rng::SecureRng,
+) -> Result<Vec<u8>> {
+    let mut p = super::base_params(super::parse_dn(subject)?, validity, rng)?;
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(1));
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    p.use_authority_key_identifier_extension = false;
+    let cert = p
+        .self_signed(&super::Signer::new(key))
+        .map_err(super::build_err)?;
+    Ok(cert.der().to_vec())
+}
+
+/// The vendor certifies a chip's P-256 key (its transport or attestation key): an end
+/// entity, keyUsage keyAgreement and digitalSignature, the chip's serial number in the
+/// subject (`CN=<serial>`, serialNumber `<serial>`) and as `urn:chip:<serial>`.
+pub fn issue_chip_certificate(
+    vendor_key: &dyn crate::sign::EcdsaSigner,
+    vendor_cert: &[u8],
+    chip_point: &[u8],
+    chip_serial: &str,
+    validity: super::Validity,
+    rng: &dyn crate::rng::SecureRng,
+) -> Result<Vec<u8>> {
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, chip_serial);
+    dn.push(
+        rcgen::DnType::CustomDnType(vec![2, 5, 4, 5]),
+        rcgen::DnValue::PrintableString(
+            chip_serial
+                .try_into()
+                .map_err(|_| CryptoError::CertificateBuild("chip serial".into()))?,
+        ),
+    );
+    let mut p = super::base_params(dn, validity, rng)?;
+    p.is_ca = rcgen::IsCa::ExplicitNoCa;
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyAgreement,
+    ];
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("urn:chip:{chip_serial}")
+            .try_into()
+            .map_err(|_| CryptoError::CertificateBuild("chip serial".into()))?,
+    )];
+    let signer = super::Signer::new(vendor_key);
+    let issuer = rcgen::Issuer::from_ca_cert_der(&CertificateDer::from(vendor_cert), &signer)
+        .map_err(super::build_err)?;
+    let cert = p
+        .signed_by(&super::P256Public(chip_point.to_vec()), &issuer)
+        .map_err(super::build_err)?;
+    Ok(cert.der().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SystemRng;
+    use crate::sign::SigningKey;
+    use crate::x509::Validity;
+
+    const NOW: UnixTime = UnixTime(1_800_000_000);
+
+    fn years(from: i64, n: i64) -> Validity {
+        Validity {
+            not_before: UnixTime(from),
+            not_after: UnixTime(from).plus_days(365 * n),
+        }
+    }
+
+    struct Vendor {
+        key: SigningKey,
+        root: Vec<u8>,
+    }
+
+    fn vendor(name: &str) -> Vendor {
+        let key = SigningKey::generate(&SystemRng).unwrap();
+        let root =
+            chip_vendor_root(&key, &format!("CN={name}"), years(0, 100), &SystemRng).unwrap();
+        Vendor { key, root }
+    }
+
+    fn chip(v: &Vendor, serial: &str, validity: Validity) -> (SigningKey, Vec<u8>) {
+        let key = SigningKey::generate(&SystemRng).unwrap();
+        let cert = issue_chip_certificate(
+            &v.key,
+            &v.root,
+            key.verifying_key().sec1(),
+            serial,
+            validity,
+            &SystemRng,
+        )
+        .unwrap();
+        (key, cert)
+    }
+
+    fn trust(roots: &[Vec<u8>], accept_expired: bool) -> ChipTrust<'_> {
+        ChipTrust {
+            roots,
+            accept_expired,
+        }
+    }
+
+    #[test]
+    fn a_chip_of_a_trusted_vendor_verifies_with_its_facts() {
+        let v = vendor("Chips Inc root");
+        let (key, cert) = chip(&v, "0123ABCD", years(0, 100));
+        let roots = [v.root.clone()];
+        let leaf = verify_chip_chain(&[cert.clone()], &trust(&roots, false), NOW).unwrap();
+        assert_eq!(leaf.spki, key.verifying_key().spki_der());
+        assert_eq!(leaf.fingerprint, Fingerprint::of(&cert));
+        assert_eq!(leaf.subject_cn.as_deref(), Some("0123ABCD"));
+        assert_eq!(leaf.subject_serial.as_deref(), Some("0123ABCD"));
+        assert_eq!(leaf.san_uris, ["urn:chip:0123ABCD"]);
+    }
+
+    #[test]
+    fn another_vendor_a_broken_signature_a_ca_leaf_and_expiry_are_refused() {
+        let v = vendor("Chips Inc root");
+        let other = vendor("Other Chips root");
+        let roots = [v.root.clone()];
+        let (_, foreign) = chip(&other, "1", years(0, 100));
+        assert!(matches!(
+            verify_chip_chain(&[foreign], &trust(&roots, false), NOW),
+            Err(ChipRefusal::Untrusted(_))
+        ));
+        let (_, mut cert) = chip(&v, "2", years(0, 100));
+        let n = cert.len();
+        cert[n - 3] ^= 1;
+        assert!(verify_chip_chain(&[cert], &trust(&roots, false), NOW).is_err());
+        // The vendor's own root is a CA: it cannot stand as a chip.
+        assert!(verify_chip_chain(&[v.root.clone()], &trust(&roots, false), NOW).is_err());
+        // Expired: refused, unless the policy accepts expired chip certificates.
+        let (_, old) = chip(&v, "3", years(0, 10));
+        assert!(verify_chip_chain(&[old.clone()], &trust(&roots, false), NOW).is_err());
+        assert!(verify_chip_chain(&[old], &trust(&roots, true), NOW).is_ok());
+    }
+
+    #[test]
+    fn bounds_are_enforced_before_parsing() {
+        let roots: [Vec<u8>; 0] = [];
+        assert!(matches!(
+            verify_chip_chain(&[], &trust(&roots, false), NOW),
+            Err(ChipRefusal::Malformed(_))
+        ));
+        assert!(matches!(
+            verify_chip_chain(&vec![vec![0x30; 10]; 5], &trust(&roots, false), NOW),
+            Err(ChipRefusal::Malformed(_))
+        ));
+        assert!(matches!(
+            verify_chip_chain(&[vec![0x30; 5000]], &trust(&roots, false), NOW),
+            Err(ChipRefusal::Malformed(_))
+        ));
+    }
+}
