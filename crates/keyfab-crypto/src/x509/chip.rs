@@ -300,7 +300,8 @@ mod tests {
         let v = vendor("Chips Inc root");
         let (key, cert) = chip(&v, "0123ABCD", years(0, 100));
         let roots = [v.root.clone()];
-        let leaf = verify_chip_chain(&[cert.clone()], &trust(&roots, false), NOW).unwrap();
+        let leaf =
+            verify_chip_chain(std::slice::from_ref(&cert), &trust(&roots, false), NOW).unwrap();
         assert_eq!(leaf.spki, key.verifying_key().spki_der());
         assert_eq!(leaf.fingerprint, Fingerprint::of(&cert));
         assert_eq!(leaf.subject_cn.as_deref(), Some("0123ABCD"));
@@ -323,10 +324,12 @@ mod tests {
         cert[n - 3] ^= 1;
         assert!(verify_chip_chain(&[cert], &trust(&roots, false), NOW).is_err());
         // The vendor's own root is a CA: it cannot stand as a chip.
-        assert!(verify_chip_chain(&[v.root.clone()], &trust(&roots, false), NOW).is_err());
+        assert!(
+            verify_chip_chain(std::slice::from_ref(&v.root), &trust(&roots, false), NOW).is_err()
+        );
         // Expired: refused, unless the policy accepts expired chip certificates.
         let (_, old) = chip(&v, "3", years(0, 10));
-        assert!(verify_chip_chain(&[old.clone()], &trust(&roots, false), NOW).is_err());
+        assert!(verify_chip_chain(std::slice::from_ref(&old), &trust(&roots, false), NOW).is_err());
         assert!(verify_chip_chain(&[old], &trust(&roots, true), NOW).is_ok());
     }
 
