@@ -104,43 +104,9 @@ pub fn verify_chip_chain(
     } else {
         now
     };
-    let anchors = trust
-        .roots
-        .iter()
-        .map(|r| {
-            webpki::anchor_from_trusted_cert(&CertificateDer::from(r.as_slice()))
-                .map(|a| a.to_owned())
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| untrusted(format!("a policy root: {e}")))?;
-    let leaf_der = CertificateDer::from(leaf.as_slice());
-    let ee = webpki::EndEntityCert::try_from(&leaf_der).map_err(|e| malformed(e.to_string()))?;
-    let intermediates: Vec<CertificateDer<'_>> = intermediates
-        .iter()
-        .map(|c| CertificateDer::from(c.as_slice()))
-        .collect();
-    let when = rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
-        u64::try_from(at.0).unwrap_or(0),
-    ));
-    ee.verify_for_usage(
-        &[
-            webpki::aws_lc_rs::ECDSA_P256_SHA256,
-            webpki::aws_lc_rs::ECDSA_P256_SHA384,
-            webpki::aws_lc_rs::ECDSA_P384_SHA256,
-            webpki::aws_lc_rs::ECDSA_P384_SHA384,
-            webpki::aws_lc_rs::ED25519,
-            webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA256,
-            webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA384,
-            webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA512,
-        ],
-        &anchors,
-        &intermediates,
-        when,
-        AnyPurpose,
-        None,
-        None,
-    )
-    .map_err(|e| untrusted(format!("{e:?}")))?;
+    let roots: Vec<&[u8]> = trust.roots.iter().map(Vec::as_slice).collect();
+    super::webpki_path(&roots, intermediates, leaf, (at, None), AnyPurpose, None)
+        .map_err(|e| untrusted(e.to_string()))?;
     leaf_facts(leaf)
 }
 

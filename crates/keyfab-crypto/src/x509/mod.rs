@@ -700,7 +700,7 @@ pub fn validate_chain(
         }
     };
     webpki_path(
-        root_cert,
+        &[root_cert],
         std::slice::from_ref(cluster),
         leaf,
         (now, None),
@@ -872,7 +872,7 @@ pub fn verify_client_certificate(
         ),
     };
     webpki_path(
-        root_cert,
+        &[root_cert],
         intermediates,
         leaf,
         (at, revocation),
@@ -885,19 +885,34 @@ pub fn verify_client_certificate(
 type PathCheck<'a> =
     dyn Fn(&webpki::VerifiedPath<'_>) -> std::result::Result<(), webpki::Error> + 'a;
 
-/// A path from `leaf` through `intermediates` to `root_cert` at `at`, by rustls-webpki:
-/// signatures (ECDSA P-256/P-384, Ed25519), validity, basic constraints and path length,
-/// `usage` as an extended key usage, and `verify_path` on the path found.
+/// The signature algorithms a path may use: keyfab's own chains are ECDSA, vendors' chip
+/// chains may also be Ed25519 or RSA.
+static PATH_ALGORITHMS: &[&dyn rustls_pki_types::SignatureVerificationAlgorithm] = &[
+    webpki::aws_lc_rs::ECDSA_P256_SHA256,
+    webpki::aws_lc_rs::ECDSA_P256_SHA384,
+    webpki::aws_lc_rs::ECDSA_P384_SHA256,
+    webpki::aws_lc_rs::ECDSA_P384_SHA384,
+    webpki::aws_lc_rs::ED25519,
+    webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA256,
+    webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA384,
+    webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA512,
+];
+
+/// A path from `leaf` through `intermediates` to one of `roots` at `at`, by
+/// rustls-webpki: signatures ([`PATH_ALGORITHMS`]), validity, basic constraints and path
+/// length, `usage` on extended key usages, and `verify_path` on the path found.
 fn webpki_path(
-    root_cert: &[u8],
+    roots: &[&[u8]],
     intermediates: &[Vec<u8>],
     leaf: &[u8],
     (at, revocation): (UnixTime, Option<webpki::RevocationOptions<'_>>),
-    usage: webpki::KeyUsage,
+    usage: impl webpki::ExtendedKeyUsageValidator,
     verify_path: Option<&PathCheck<'_>>,
 ) -> Result<()> {
-    let root_der = CertificateDer::from(root_cert);
-    let anchor = webpki::anchor_from_trusted_cert(&root_der)
+    let anchors = roots
+        .iter()
+        .map(|r| webpki::anchor_from_trusted_cert(&CertificateDer::from(*r)).map(|a| a.to_owned()))
+        .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| CryptoError::Untrusted(format!("root certificate: {e}")))?;
     let leaf_der = CertificateDer::from(leaf);
     let ee = webpki::EndEntityCert::try_from(&leaf_der)
@@ -910,12 +925,8 @@ fn webpki_path(
         u64::try_from(at.0).unwrap_or(0),
     ));
     ee.verify_for_usage(
-        &[
-            webpki::aws_lc_rs::ECDSA_P256_SHA256,
-            webpki::aws_lc_rs::ECDSA_P384_SHA384,
-            webpki::aws_lc_rs::ED25519,
-        ],
-        &[anchor],
+        PATH_ALGORITHMS,
+        &anchors,
         &intermediates,
         when,
         usage,
