@@ -344,6 +344,40 @@ fn versioned(kv: &etcd_client::KeyValue) -> Versioned {
     }
 }
 
+impl EtcdStore {
+    /// [`Store::get_many`]: one transaction of reads per 128 keys (one round trip each),
+    /// every read at the revision of the first: one snapshot, as the contract says.
+    fn get_many_at_one_revision(&self, keys: &[(Table, &[u8])]) -> Result<Vec<Option<Versioned>>> {
+        let mut at: Option<i64> = None;
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(LIMITS.max_writes) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(table, key)| {
+                    TxnOp::get(
+                        self.key(*table, key),
+                        at.map(|r| GetOptions::new().with_revision(r)),
+                    )
+                })
+                .collect();
+            let resp = self.call(true, |mut c| {
+                let request = EtcdTxn::new().and_then(ops.clone());
+                async move { c.txn(request).await }
+            })?;
+            if at.is_none() {
+                at = resp.header().map(|h| h.revision());
+            }
+            for r in resp.op_responses() {
+                match r {
+                    etcd_client::TxnOpResponse::Get(g) => out.push(g.kvs().first().map(versioned)),
+                    _ => return Err(StoreError::Io("etcd: unexpected transaction answer".into())),
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Store for EtcdStore {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Versioned>> {
         let key = self.key(table, key);
@@ -433,35 +467,12 @@ impl Store for EtcdStore {
     }
 
     fn get_many(&self, keys: &[(Table, &[u8])]) -> Result<Vec<Option<Versioned>>> {
-        // One transaction of reads per 128 keys (one round trip each), every read at the
-        // revision of the first: one snapshot, as the contract says.
-        let mut at: Option<i64> = None;
-        let mut out = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(LIMITS.max_writes) {
-            let ops: Vec<TxnOp> = chunk
-                .iter()
-                .map(|(table, key)| {
-                    TxnOp::get(
-                        self.key(*table, key),
-                        at.map(|r| GetOptions::new().with_revision(r)),
-                    )
-                })
-                .collect();
-            let resp = self.call(true, |mut c| {
-                let request = EtcdTxn::new().and_then(ops.clone());
-                async move { c.txn(request).await }
-            })?;
-            if at.is_none() {
-                at = resp.header().map(|h| h.revision());
-            }
-            for r in resp.op_responses() {
-                match r {
-                    etcd_client::TxnOpResponse::Get(g) => out.push(g.kvs().first().map(versioned)),
-                    _ => return Err(StoreError::Io("etcd: unexpected transaction answer".into())),
-                }
-            }
+        // A compaction (`purge_deleted`, after a revocation) between two chunks removes
+        // the revision the later ones read at: the snapshot is read again from the start.
+        match self.get_many_at_one_revision(keys) {
+            Err(e) if e.to_string().contains("compacted") => self.get_many_at_one_revision(keys),
+            other => other,
         }
-        Ok(out)
     }
 
     fn commit_limits(&self) -> CommitLimits {

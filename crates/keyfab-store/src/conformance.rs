@@ -18,6 +18,32 @@ pub fn run_all(store: &dyn Store) {
     scan_and_delete_prefix_and_range(store);
     revisions_are_store_wide_and_predictable(store);
     reads_of_many_keys_come_in_order(store);
+    a_purge_keeps_what_is_live(store);
+}
+
+/// After a purge every live value, its revision and the next commit are as before; what
+/// was deleted stays deleted.
+fn a_purge_keeps_what_is_live(s: &dyn Store) {
+    let mut t = Txn::default();
+    t.put(Table::Pool, b"purge/kept", b"kept")
+        .put(Table::Pool, b"purge/gone", b"gone");
+    s.commit(t).unwrap();
+    let mut t = Txn::default();
+    t.delete(Table::Pool, b"purge/gone");
+    s.commit(t).unwrap();
+    let kept = s.get(Table::Pool, b"purge/kept").unwrap();
+    let revision = s.revision().unwrap();
+    s.purge_deleted().unwrap();
+    assert_eq!(s.get(Table::Pool, b"purge/kept").unwrap(), kept);
+    assert!(s.get(Table::Pool, b"purge/gone").unwrap().is_none());
+    assert_eq!(s.revision().unwrap(), revision);
+    let many = s
+        .get_many(&[(Table::Pool, b"purge/kept"), (Table::Pool, b"purge/gone")])
+        .unwrap();
+    assert_eq!(many, vec![kept, None]);
+    let mut t = Txn::default();
+    t.put(Table::Pool, b"purge/after", b"v");
+    assert!(s.commit(t).unwrap().is_committed());
 }
 
 fn guards_make_commits_all_or_nothing(s: &dyn Store) {
