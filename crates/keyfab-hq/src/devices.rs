@@ -353,12 +353,7 @@ pub fn show_device(node: &Node, device_id: &str) -> Result<Vec<Provenance>> {
                     result,
                     ..
                 } if d == device_id => {
-                    let status = if result == "programmed" {
-                        crate::report::DeviceStatus::Programmed
-                    } else {
-                        crate::report::DeviceStatus::Failed
-                    };
-                    confirmed.insert(entitlement, status);
+                    confirmed.insert(entitlement, crate::report::DeviceStatus::confirmed(&result));
                 }
                 _ => {}
             }

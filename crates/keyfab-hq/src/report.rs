@@ -167,6 +167,15 @@ pub enum DeviceStatus {
 }
 
 impl DeviceStatus {
+    /// The status a station's confirmation gives (`programmed`, else `failed`).
+    pub fn confirmed(result: &str) -> Self {
+        if result == "programmed" {
+            Self::Programmed
+        } else {
+            Self::Failed
+        }
+    }
+
     /// The name manifests use.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -237,12 +246,7 @@ pub fn manifest(
                 result,
                 ..
             } if e == entitlement => {
-                let status = if result == "programmed" {
-                    DeviceStatus::Programmed
-                } else {
-                    DeviceStatus::Failed
-                };
-                confirmed.insert(device_id, status);
+                confirmed.insert(device_id, DeviceStatus::confirmed(&result));
             }
             Event::ProvisionAllowed {
                 entitlement: e,

@@ -12,7 +12,7 @@ use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{self, Validity};
 use keyfab_node::{Error, Node, Result};
-use keyfab_policy::{KeySource, KeySpec, KeyType, Lifetime};
+use keyfab_policy::{KeySource, KeyType, Lifetime};
 
 pub(super) use keyfab_formats::entitlement::device_key_type as device_type;
 
@@ -65,7 +65,7 @@ pub(super) fn prepare(
         ));
     }
     let mut out = Vec::with_capacity(ctx.policy.policy.keys.len());
-    for spec in &ctx.policy.policy.keys {
+    for (spec_index, spec) in ctx.policy.policy.keys.iter().enumerate() {
         let kind = device_type(spec.key_type);
         out.push(match spec.source {
             KeySource::HqPool => Prepared::Pool,
@@ -77,7 +77,7 @@ pub(super) fn prepare(
                     None => devicekey::generate_for_site(kind, rng)?,
                 };
                 let sealed = ctx.seal_site_key(&req.device_id, &spec.name, stored.expose(), rng)?;
-                let cert = certify(ctx, spec, &req.device_id, e.public.as_ref(), now, rng)?;
+                let cert = certify(ctx, spec_index, &req.device_id, e.public.as_ref(), now, rng)?;
                 Prepared::Ready {
                     key_id: e.key_id,
                     sealed,
@@ -123,7 +123,7 @@ pub(super) fn prepare(
                     key_id: devicekey::public_key_id(&public),
                     sealed: Vec::new(),
                     private: None,
-                    cert: certify(ctx, spec, &req.device_id, Some(&public), now, rng)?,
+                    cert: certify(ctx, spec_index, &req.device_id, Some(&public), now, rng)?,
                 }
             }
         });
@@ -172,22 +172,25 @@ pub(super) fn replayed_privates(
 /// `"forever"`), never beyond the batch CA's.
 pub(super) fn certify(
     ctx: &EntitlementContext,
-    spec: &KeySpec,
+    spec_index: usize,
     device_id: &str,
     public: Option<&x509::DevicePublicKey>,
     now: UnixTime,
     rng: &dyn keyfab_crypto::rng::SecureRng,
 ) -> Result<Option<(Vec<u8>, String)>> {
+    let spec = ctx
+        .policy
+        .policy
+        .keys
+        .get(spec_index)
+        .ok_or_else(|| Error::Bug("key spec index".into()))?;
     let (Some(template), Some(public)) = (&spec.certificate, public) else {
         return Ok(None);
     };
     let profile = ctx
-        .policy
-        .policy
-        .keys
-        .iter()
-        .position(|k| k.name == spec.name)
-        .and_then(|i| ctx.profiles.get(i)?.as_ref())
+        .profiles
+        .get(spec_index)
+        .and_then(Option::as_ref)
         .ok_or_else(|| Error::Bug(format!("no certificate profile for '{}'", spec.name)))?;
     let not_after = match template.days {
         Lifetime::Days(d) => now.plus_days(i64::from(d)),

@@ -131,7 +131,7 @@ pub(super) fn make_pool_keys_ahead(
                 let e = devicekey::expand(device_type(spec.key_type), &secret).ok()?;
                 let cert = certify(
                     &job.ctx,
-                    spec,
+                    i,
                     &job.req.device_id,
                     e.public.as_ref(),
                     UnixTime(now),

@@ -381,7 +381,7 @@ impl Deciding<'_> {
         let e = devicekey::expand(device_type(spec.key_type), &secret)?;
         let cert = certify(
             ctx,
-            spec,
+            i,
             &req.device_id,
             e.public.as_ref(),
             UnixTime(self.now),
