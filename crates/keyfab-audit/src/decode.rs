@@ -171,6 +171,18 @@ fn decode_event(c: &mut Cbor<'_>) -> Option<Event> {
                 keys: c.field("keys", decode_keys)?,
             }
         }
+        "chip_attested" => {
+            c.map(7)?;
+            Event::ChipAttested {
+                entitlement: c.field("entitlement", Cbor::string)?,
+                request_id: c.field("request_id", Cbor::string)?,
+                device_id: c.field("device_id", Cbor::string)?,
+                certificate: c.field("certificate", Cbor::string)?,
+                serial: c.field("serial", Cbor::string)?,
+                transport_key: c.field("transport_key", |c| c.optional(Cbor::string))?,
+                chain: c.field("chain", decode_byte_strings)?,
+            }
+        }
         "device_confirmed" => {
             c.map(4)?;
             Event::DeviceConfirmed {
@@ -301,6 +313,17 @@ fn decode_event(c: &mut Cbor<'_>) -> Option<Event> {
     })
 }
 
+fn decode_byte_strings(c: &mut Cbor<'_>) -> Option<Vec<serde_bytes::ByteBuf>> {
+    let n = c.expect(ARRAY)?;
+    // Each takes at least one byte: a count beyond what is left is a lie.
+    if n > c.rest.len() as u64 {
+        return None;
+    }
+    (0..n)
+        .map(|_| c.bytes().map(|b| serde_bytes::ByteBuf::from(b.to_vec())))
+        .collect()
+}
+
 fn decode_keys(c: &mut Cbor<'_>) -> Option<Vec<AuditedKey>> {
     let n = c.expect(ARRAY)?;
     // Each key takes at least a few bytes: a count beyond what is left is a lie, and
@@ -363,6 +386,27 @@ mod tests {
                 station: None,
                 pool_index: None,
                 keys: vec![],
+            },
+            Event::ChipAttested {
+                entitlement: "e".into(),
+                request_id: "r".into(),
+                device_id: "d".into(),
+                certificate: "ab".repeat(32),
+                serial: "01".into(),
+                transport_key: Some("spki-sha256:00".into()),
+                chain: vec![
+                    serde_bytes::ByteBuf::from(vec![0x30u8; 300]),
+                    serde_bytes::ByteBuf::from(vec![]),
+                ],
+            },
+            Event::ChipAttested {
+                entitlement: "e".into(),
+                request_id: "r".into(),
+                device_id: "d".into(),
+                certificate: "ab".into(),
+                serial: "02".into(),
+                transport_key: None,
+                chain: vec![],
             },
             Event::DeviceConfirmed {
                 entitlement: "e".into(),

@@ -56,6 +56,26 @@ pub enum Event {
         /// The keys the device received, by their public identity.
         keys: Vec<AuditedKey>,
     },
+    /// The chip a release is for proved itself: its certificate chain verified to a
+    /// vendor root of the policy and certifies the key the request presented. Recorded
+    /// just before that release's `provision_allowed`, in the same commit; the chain is
+    /// kept whole so that HQ verifies it again.
+    ChipAttested {
+        /// The entitlement id.
+        entitlement: String,
+        /// The request id of the release.
+        request_id: String,
+        /// The device id the station sent.
+        device_id: String,
+        /// SHA-256 of the chip's certificate (DER), hex.
+        certificate: String,
+        /// The chip certificate's serial number, hex.
+        serial: String,
+        /// `spki-sha256:<hex>` of the transport key the keys were sealed to, if any.
+        transport_key: Option<String>,
+        /// The chain as the chip gave it (DER), leaf first.
+        chain: Vec<serde_bytes::ByteBuf>,
+    },
     /// The station reported programming the device: `programmed`, or `failed` (its keys
     /// are burned). Either way they are never handed out again.
     DeviceConfirmed {

@@ -67,6 +67,14 @@ pub enum Code {
     DeviceIdRejected,
     /// The device has received its keys already.
     DeviceAlreadyProvisioned,
+    /// The chip's certificate chain is missing where the policy requires one, or does
+    /// not lead to a vendor root the policy names, or is outside its validity.
+    ChipUntrusted,
+    /// The chip's certified key is not the key the request presents (its transport key
+    /// or its CSR's key), or keys would leave unsealed.
+    ChipKeyMismatch,
+    /// The device id is not the one the chip's certificate names.
+    ChipBindingMismatch,
     /// The entitlement's devices are used up.
     QuotaExceeded,
     /// Today's devices are used up.
@@ -127,7 +135,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in the order of the README's table.
-    pub const ALL: [Code; 44] = [
+    pub const ALL: [Code; 47] = [
         Code::Malformed,
         Code::BadSignature,
         Code::UntrustedSigner,
@@ -148,6 +156,9 @@ impl Code {
         Code::StationNotAllowed,
         Code::DeviceIdRejected,
         Code::DeviceAlreadyProvisioned,
+        Code::ChipUntrusted,
+        Code::ChipKeyMismatch,
+        Code::ChipBindingMismatch,
         Code::QuotaExceeded,
         Code::DailyLimitExceeded,
         Code::PolicyDenied,
@@ -195,6 +206,9 @@ impl Code {
             Code::StationNotAllowed => "station_not_allowed",
             Code::DeviceIdRejected => "device_id_rejected",
             Code::DeviceAlreadyProvisioned => "device_already_provisioned",
+            Code::ChipUntrusted => "chip_untrusted",
+            Code::ChipKeyMismatch => "chip_key_mismatch",
+            Code::ChipBindingMismatch => "chip_binding_mismatch",
             Code::QuotaExceeded => "quota_exceeded",
             Code::DailyLimitExceeded => "daily_limit_exceeded",
             Code::PolicyDenied => "policy_denied",
@@ -246,6 +260,9 @@ impl Code {
             | Code::StationNotAllowed
             | Code::DeviceIdRejected
             | Code::DeviceAlreadyProvisioned
+            | Code::ChipUntrusted
+            | Code::ChipKeyMismatch
+            | Code::ChipBindingMismatch
             | Code::QuotaExceeded
             | Code::DailyLimitExceeded
             | Code::PolicyDenied

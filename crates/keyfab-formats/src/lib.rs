@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod approval;
+pub mod attestation;
 pub mod audit_bundle;
 pub mod checkpoint;
 pub mod chip;

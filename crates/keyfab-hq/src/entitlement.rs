@@ -48,6 +48,17 @@ pub fn load_policy(policy_path: &Path) -> Result<Policy> {
         }
         keys.push(key.to_pem());
     }
+    let mut roots = Vec::new();
+    for rel in draft.chip_root_paths() {
+        let path = base.join(rel);
+        let refused = |e: &dyn std::fmt::Display| {
+            PolicyError::new("chips.roots", format!("{}: {e}", path.display()))
+        };
+        let bytes = keyfab_formats::read_capped(&path, keyfab_formats::MAX_SMALL_INPUT)
+            .map_err(|e| refused(&e))?;
+        roots.push(chip_root(&bytes).map_err(|e| refused(&e))?);
+    }
+    let draft = draft.with_chip_roots(roots)?;
     let draft = match draft.code_path() {
         Some(rel) => {
             let path = base.join(rel);
@@ -64,6 +75,32 @@ pub fn load_policy(policy_path: &Path) -> Result<Policy> {
         None => draft,
     };
     Ok(draft.finish(keys)?)
+}
+
+/// A chip vendor root as a root file holds it (PEM or DER): one CA certificate.
+fn chip_root(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let certs = x509::chip::read_chip_chain(bytes).map_err(|e| e.to_string())?;
+    let [root] = certs.as_slice() else {
+        return Err(format!(
+            "{} certificates: list one root per file",
+            certs.len()
+        ));
+    };
+    let facts = x509::cert_facts(root).map_err(|e| e.to_string())?;
+    if !facts.is_ca {
+        return Err(format!(
+            "'{}' is not a CA certificate (basicConstraints cA): a root certifies chips, it is not one",
+            facts.common_name
+        ));
+    }
+    if root.len() > keyfab_policy::MAX_CHIP_ROOT_BYTES {
+        return Err(format!(
+            "{} bytes, at most {}",
+            root.len(),
+            keyfab_policy::MAX_CHIP_ROOT_BYTES
+        ));
+    }
+    Ok(root.clone())
 }
 
 /// Largest policy file: room for the largest `id_pattern` and much more.

@@ -30,13 +30,4 @@ pub use node::{
 };
 pub use store_choice::{EtcdTlsFiles, StoreChoice, STORE_FILE};
 
-/// A Unix time as RFC 3339 (UTC), as every message and report gives times; the bare
-/// number if it is outside what RFC 3339 can write.
-pub fn rfc3339(t: i64) -> String {
-    // RFC 5280's "no well-defined expiration" is past the last instant jiff represents
-    // (it keeps a day's margin for offsets), so it is written out here.
-    if t == keyfab_policy::certificate::NO_EXPIRY {
-        return "9999-12-31T23:59:59Z".into();
-    }
-    jiff::Timestamp::from_second(t).map_or_else(|_| t.to_string(), |t| t.to_string())
-}
+pub use keyfab_policy::rfc3339;

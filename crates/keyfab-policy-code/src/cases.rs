@@ -146,6 +146,7 @@ fn policy_of(file: &CaseFile) -> Result<CompiledPolicy, String> {
         batch_ca_key: Default::default(),
         approval: None,
         code: None,
+        chips: None,
     };
     CompiledPolicy::new(policy).map_err(|e| e.to_string())
 }
@@ -219,6 +220,7 @@ pub fn run_cases(module: &PolicyModule, file: &CaseFile) -> Result<CasesReport, 
                 device_id: &device_id,
                 station: case.station.as_deref(),
                 already_provisioned: seen.contains(&device_id),
+                chip: keyfab_policy::Chip::Absent,
             };
             let mut decision = policy.decide(&state, &request, now);
             let mut verdict = None;

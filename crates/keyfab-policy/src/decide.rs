@@ -25,6 +25,14 @@ pub enum DenyCode {
     DeviceIdRejected,
     /// The device already has its keys under this entitlement.
     DeviceAlreadyProvisioned,
+    /// No chip certificate chain where the policy requires one, or one that does not
+    /// verify to the policy's vendor roots or is outside its validity.
+    ChipUntrusted,
+    /// The chip's certified key is not every key the request presents as the chip's, or
+    /// the request would have keys leave unsealed.
+    ChipKeyMismatch,
+    /// The device id is not where `device_id_from` says the chip certificate names it.
+    ChipBindingMismatch,
     /// The quota (`devices`) is used up.
     QuotaExceeded,
     /// Today's share (`daily_limit`) is used up.
@@ -64,6 +72,9 @@ impl DenyCode {
             DenyCode::StationNotAllowed => Code::StationNotAllowed,
             DenyCode::DeviceIdRejected => Code::DeviceIdRejected,
             DenyCode::DeviceAlreadyProvisioned => Code::DeviceAlreadyProvisioned,
+            DenyCode::ChipUntrusted => Code::ChipUntrusted,
+            DenyCode::ChipKeyMismatch => Code::ChipKeyMismatch,
+            DenyCode::ChipBindingMismatch => Code::ChipBindingMismatch,
             DenyCode::QuotaExceeded => Code::QuotaExceeded,
             DenyCode::DailyLimitExceeded => Code::DailyLimitExceeded,
             DenyCode::PolicyDenied => Code::PolicyDenied,
@@ -131,6 +142,57 @@ pub struct Request<'a> {
     pub station: Option<&'a str>,
     /// The device already received keys under this entitlement.
     pub already_provisioned: bool,
+    /// What the request proves of its chip.
+    pub chip: Chip<'a>,
+}
+
+impl<'a> Request<'a> {
+    /// A request that sends no chip certificate chain.
+    pub fn new(device_id: &'a str, station: Option<&'a str>, already_provisioned: bool) -> Self {
+        Self {
+            device_id,
+            station,
+            already_provisioned,
+            chip: Chip::Absent,
+        }
+    }
+}
+
+/// A request's chip certificate chain, as the cryptography found it.
+#[derive(Debug, Clone, Copy)]
+pub enum Chip<'a> {
+    /// No chain sent.
+    Absent,
+    /// A chain that does not lead to one of the policy's vendor roots: malformed, a bad
+    /// signature, a CA as the leaf, another vendor.
+    Untrusted,
+    /// A chain that leads to a vendor root: what its leaf certifies.
+    Verified(&'a ChipFacts),
+    /// The chip rules are taken as passed: HQ replaying a refusal the site gave for
+    /// another reason, whose chain the log does not keep (a refusal releases nothing).
+    Assumed,
+}
+
+/// What a verified chip certificate says, and the keys its request presents as the
+/// chip's: all the rules need to decide, so that the site and HQ's replay decide alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChipFacts {
+    /// `spki-sha256:<hex>` of the key the leaf certifies.
+    pub key_id: String,
+    /// The latest start of validity of the chain's certificates (Unix seconds).
+    pub not_before: i64,
+    /// The earliest end of validity of the chain's certificates (Unix seconds).
+    pub not_after: i64,
+    /// The leaf subject's commonName.
+    pub subject_cn: Option<String>,
+    /// The leaf subject's serialNumber attribute.
+    pub subject_serial: Option<String>,
+    /// The leaf's subjectAltName URIs.
+    pub san_uris: Vec<String>,
+    /// `spki-sha256:<hex>` of the transport key the request sent, if any.
+    pub transport_key: Option<String>,
+    /// `spki-sha256:<hex>` of the key of the CSR the request sent, if any.
+    pub csr_key: Option<String>,
 }
 
 /// A policy prepared for deciding many requests: the device id pattern compiled once and
@@ -250,7 +312,7 @@ impl CompiledPolicy {
         if let Some(code) = self.entitlement_gate(state, now) {
             return Decision::Deny(code);
         }
-        if let Some(code) = self.request_gate(req) {
+        if let Some(code) = self.request_gate(req, now) {
             return Decision::Deny(code);
         }
         match self.capacity_gate(state) {
@@ -292,8 +354,8 @@ impl CompiledPolicy {
         None
     }
 
-    /// The rules on the request: station, device id, the device's earlier keys.
-    fn request_gate(&self, req: &Request<'_>) -> Option<DenyCode> {
+    /// The rules on the request: station, device id, chip, the device's earlier keys.
+    fn request_gate(&self, req: &Request<'_>, now: i64) -> Option<DenyCode> {
         if let Some(allowed) = &self.policy.allowed_stations {
             match req.station {
                 Some(s) if allowed.iter().any(|a| a == s) => {}
@@ -303,8 +365,49 @@ impl CompiledPolicy {
         if !self.device_id_ok(req.device_id) {
             return Some(DenyCode::DeviceIdRejected);
         }
+        if let Some(code) = self.chip_gate(req, now) {
+            return Some(code);
+        }
         if req.already_provisioned {
             return Some(DenyCode::DeviceAlreadyProvisioned);
+        }
+        None
+    }
+
+    /// The `[chips]` rules: a chain where required; a chain sent that leads to a vendor
+    /// root, within its validity unless `accept_expired`; its key the only key the
+    /// request presents as the chip's — the transport key, which the policy's secret
+    /// keys are sealed to, or the CSR's key; the device id where `device_id_from` says.
+    fn chip_gate(&self, req: &Request<'_>, now: i64) -> Option<DenyCode> {
+        let chips = self.policy.chips.as_ref().filter(|c| c.checks())?;
+        let facts = match req.chip {
+            Chip::Assumed => return None,
+            Chip::Absent if chips.attestation == crate::Attestation::Optional => return None,
+            Chip::Absent | Chip::Untrusted => return Some(DenyCode::ChipUntrusted),
+            Chip::Verified(facts) => facts,
+        };
+        let in_validity = facts.not_before <= now && now <= facts.not_after;
+        if !in_validity && !chips.accept_expired {
+            return Some(DenyCode::ChipUntrusted);
+        }
+        let presented = [&facts.transport_key, &facts.csr_key];
+        let any_presented = presented.iter().any(|k| k.is_some());
+        let all_certified = presented
+            .iter()
+            .all(|k| k.as_ref().is_none_or(|k| *k == facts.key_id));
+        // Keys with a private part travel sealed to the transport key: without one they
+        // would leave in clear, whatever the chip proved.
+        let secrets_sealed = facts.transport_key.is_some()
+            || self
+                .policy
+                .keys
+                .iter()
+                .all(|k| k.source == crate::KeySource::Device);
+        if !any_presented || !all_certified || !secrets_sealed {
+            return Some(DenyCode::ChipKeyMismatch);
+        }
+        if !chip_names(chips.device_id_from, facts, req.device_id) {
+            return Some(DenyCode::ChipBindingMismatch);
         }
         None
     }
@@ -319,6 +422,22 @@ impl CompiledPolicy {
             return Some(DenyCode::DailyLimitExceeded);
         }
         None
+    }
+}
+
+/// Whether the chip certificate names `device_id` where `from` says.
+fn chip_names(from: crate::ChipIdFrom, facts: &ChipFacts, device_id: &str) -> bool {
+    use crate::ChipIdFrom;
+    match from {
+        ChipIdFrom::None => true,
+        ChipIdFrom::SubjectSerial => facts.subject_serial.as_deref() == Some(device_id),
+        ChipIdFrom::SubjectCn => facts.subject_cn.as_deref() == Some(device_id),
+        ChipIdFrom::SanUri => facts.san_uris.iter().any(|uri| {
+            uri == device_id
+                || uri
+                    .strip_suffix(device_id)
+                    .is_some_and(|head| head.ends_with(':'))
+        }),
     }
 }
 
@@ -373,6 +492,9 @@ impl EntitlementStatus {
             DenyCode::StationNotAllowed
             | DenyCode::DeviceIdRejected
             | DenyCode::DeviceAlreadyProvisioned
+            | DenyCode::ChipUntrusted
+            | DenyCode::ChipKeyMismatch
+            | DenyCode::ChipBindingMismatch
             | DenyCode::PolicyDenied
             | DenyCode::PolicyError => EntitlementStatus::Active,
         }

@@ -41,7 +41,8 @@ mod toml_form;
 
 pub use certificate::{CertificateTemplate, Lifetime, MAX_CERT_DAYS};
 pub use decide::{
-    CompiledPolicy, DaySpan, Decision, DenyCode, EntitlementState, EntitlementStatus, Request,
+    Chip, ChipFacts, CompiledPolicy, DaySpan, Decision, DenyCode, EntitlementState,
+    EntitlementStatus, Request,
 };
 pub use ids::{
     id_shape_ok, DeviceId, EntitlementId, IdError, RequestId, SiteName, StationName, MAX_ID_BYTES,
@@ -49,6 +50,17 @@ pub use ids::{
 pub use keyfab_code::Code;
 pub use model::*;
 pub use toml_form::PolicyDraft;
+
+/// A Unix time as RFC 3339 (UTC), as every message and report gives times; the bare
+/// number if it is outside what RFC 3339 can write.
+pub fn rfc3339(t: i64) -> String {
+    // RFC 5280's "no well-defined expiration" is past the last instant jiff represents
+    // (it keeps a day's margin for offsets), so it is written out here.
+    if t == certificate::NO_EXPIRY {
+        return "9999-12-31T23:59:59Z".into();
+    }
+    jiff::Timestamp::from_second(t).map_or_else(|_| t.to_string(), |t| t.to_string())
+}
 
 /// A refused policy: which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

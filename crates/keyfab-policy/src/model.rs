@@ -180,6 +180,90 @@ pub struct Approval {
     pub required_for: Vec<Action>,
 }
 
+/// Whether a request must prove its chip (`[chips] attestation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Attestation {
+    /// Chip certificate chains are not looked at.
+    #[serde(rename = "off")]
+    Off,
+    /// A request without a chain is decided as before; a chain sent is checked, and a
+    /// chain that fails refuses the request.
+    #[serde(rename = "optional")]
+    Optional,
+    /// Every request needs a chain that verifies: what the docs recommend.
+    #[serde(rename = "required")]
+    Required,
+}
+
+impl Attestation {
+    /// The name a policy file uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Optional => "optional",
+            Self::Required => "required",
+        }
+    }
+}
+
+/// Where the device id must appear in the chip's certificate (`[chips] device_id_from`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ChipIdFrom {
+    /// The subject's serialNumber attribute (2.5.4.5) is the device id.
+    #[serde(rename = "subject-serial")]
+    SubjectSerial,
+    /// The subject's commonName is the device id.
+    #[serde(rename = "subject-cn")]
+    SubjectCn,
+    /// A subjectAltName URI is the device id, or ends in `:` and the device id
+    /// (`urn:chip:0123ABCD` names `0123ABCD`).
+    #[serde(rename = "san-uri")]
+    SanUri,
+    /// The device id is not bound to the chip.
+    #[serde(rename = "none")]
+    None,
+}
+
+impl ChipIdFrom {
+    /// The name a policy file uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SubjectSerial => "subject-serial",
+            Self::SubjectCn => "subject-cn",
+            Self::SanUri => "san-uri",
+            Self::None => "none",
+        }
+    }
+}
+
+/// Most vendor roots a policy may name.
+pub const MAX_CHIP_ROOTS: usize = 16;
+/// Largest vendor root certificate, in bytes (DER).
+pub const MAX_CHIP_ROOT_BYTES: usize = 4096;
+
+/// The chips a policy accepts (`[chips]`): what a request proves of the chip it
+/// provisions before any key is released to it (docs/THREAT-MODEL.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chips {
+    /// Whether a chain is required, optional or not looked at.
+    pub attestation: Attestation,
+    /// The chip vendors' root certificates (DER), embedded by HQ from the listed files.
+    pub roots: Vec<serde_bytes::ByteBuf>,
+    /// Where the device id must appear in the chip's certificate.
+    pub device_id_from: ChipIdFrom,
+    /// Whether a chip certificate outside its validity is accepted (chip certificates
+    /// often end long before the chip does).
+    pub accept_expired: bool,
+}
+
+impl Chips {
+    /// Whether chains are looked at.
+    pub fn checks(&self) -> bool {
+        self.attestation != Attestation::Off
+    }
+}
+
 /// The policy as signed into an entitlement. Times are Unix seconds (UTC).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -213,6 +297,10 @@ pub struct Policy {
     /// encoding when there is none, so entitlements without code keep their bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<PolicyCode>,
+    /// The chips it accepts (`[chips]`); absent from the encoding when the policy has
+    /// none, so entitlements without it keep their bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chips: Option<Chips>,
 }
 
 /// A WebAssembly policy module as it travels, signed, in the entitlement
@@ -302,6 +390,9 @@ impl Policy {
         self.validate_keys()?;
         if let Some(a) = &self.approval {
             validate_approval(a)?;
+        }
+        if let Some(c) = &self.chips {
+            validate_chips(c)?;
         }
         if let Some(c) = &self.code {
             let hex_ok = c.sha256.len() == 64
@@ -419,6 +510,34 @@ impl Policy {
     pub fn keys_from(&self, source: KeySource) -> impl Iterator<Item = &KeySpec> {
         self.keys.iter().filter(move |k| k.source == source)
     }
+}
+
+fn validate_chips(c: &Chips) -> Result<(), PolicyError> {
+    if c.checks() && c.roots.is_empty() {
+        return Err(PolicyError::new(
+            "chips.roots",
+            format!(
+                "attestation '{}' needs at least one chip vendor root",
+                c.attestation.as_str()
+            ),
+        ));
+    }
+    if c.roots.len() > MAX_CHIP_ROOTS {
+        return Err(PolicyError::new(
+            "chips.roots",
+            format!("{} roots, at most {MAX_CHIP_ROOTS}", c.roots.len()),
+        ));
+    }
+    if let Some(big) = c.roots.iter().find(|r| r.len() > MAX_CHIP_ROOT_BYTES) {
+        return Err(PolicyError::new(
+            "chips.roots",
+            format!(
+                "a root of {} bytes, at most {MAX_CHIP_ROOT_BYTES}",
+                big.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn validate_approval(a: &Approval) -> Result<(), PolicyError> {

@@ -24,6 +24,19 @@ struct PolicyToml {
     batch_ca_key: Option<String>,
     approval: Option<ApprovalToml>,
     code: Option<CodeToml>,
+    chips: Option<ChipsToml>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChipsToml {
+    attestation: String,
+    /// Paths of the vendor root certificates (PEM or DER), relative to the policy file.
+    #[serde(default)]
+    roots: Vec<String>,
+    device_id_from: Option<String>,
+    #[serde(default)]
+    accept_expired: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +89,7 @@ pub struct PolicyDraft {
     policy: Policy,
     approver_paths: Vec<String>,
     code_path: Option<String>,
+    chip_root_paths: Vec<String>,
 }
 
 fn timestamp(field: &str, text: &str) -> Result<i64, PolicyError> {
@@ -227,6 +241,7 @@ impl PolicyDraft {
             },
             approval,
             code: None,
+            chips: raw.chips.as_ref().map(chips_of).transpose()?,
         };
         policy.validate()?;
         let code_path = match raw.code {
@@ -236,11 +251,35 @@ impl PolicyDraft {
             Some(c) => Some(c.module),
             None => None,
         };
+        let chip_root_paths = raw.chips.map(|c| c.roots).unwrap_or_default();
         Ok(Self {
             policy,
             approver_paths,
             code_path,
+            chip_root_paths,
         })
+    }
+
+    /// The chip vendor root files `[chips] roots` lists, relative to the policy file.
+    pub fn chip_root_paths(&self) -> &[String] {
+        &self.chip_root_paths
+    }
+
+    /// Puts in the chip vendor roots (DER, in the order of [`Self::chip_root_paths`]),
+    /// which the caller read and checked to be CA certificates.
+    pub fn with_chip_roots(mut self, roots: Vec<Vec<u8>>) -> Result<Self, PolicyError> {
+        match &mut self.policy.chips {
+            None if roots.is_empty() => Ok(self),
+            Some(c) if roots.len() == self.chip_root_paths.len() => {
+                c.roots = roots.into_iter().map(serde_bytes::ByteBuf::from).collect();
+                self.chip_root_paths.clear();
+                Ok(self)
+            }
+            _ => Err(PolicyError::new(
+                "chips.roots",
+                "every listed root needs its certificate",
+            )),
+        }
     }
 
     /// The policy module file `[code] module` names, relative to the policy file.
@@ -276,6 +315,12 @@ impl PolicyDraft {
                 "keys given but no [approval] section",
             ));
         }
+        if !self.chip_root_paths.is_empty() {
+            return Err(PolicyError::new(
+                "chips.roots",
+                "the root certificate files have not been read",
+            ));
+        }
         if self.code_path.is_some() && self.policy.code.is_none() {
             return Err(PolicyError::new(
                 "code.module",
@@ -285,6 +330,53 @@ impl PolicyDraft {
         self.policy.validate()?;
         Ok(self.policy)
     }
+}
+
+/// `[chips]` as the policy carries it, with the root paths as placeholders until
+/// [`PolicyDraft::with_chip_roots`] puts the certificates in.
+fn chips_of(c: &ChipsToml) -> Result<Chips, PolicyError> {
+    let attestation = match c.attestation.as_str() {
+        "off" => Attestation::Off,
+        "optional" => Attestation::Optional,
+        "required" => Attestation::Required,
+        other => {
+            return Err(PolicyError::new(
+                "chips.attestation",
+                format!("'{other}' is not one of required, optional, off"),
+            ))
+        }
+    };
+    let device_id_from = match c.device_id_from.as_deref() {
+        None | Some("none") => ChipIdFrom::None,
+        Some("subject-serial") => ChipIdFrom::SubjectSerial,
+        Some("subject-cn") => ChipIdFrom::SubjectCn,
+        Some("san-uri") => ChipIdFrom::SanUri,
+        Some(other) => {
+            return Err(PolicyError::new(
+                "chips.device_id_from",
+                format!("'{other}' is not one of subject-serial, subject-cn, san-uri, none"),
+            ))
+        }
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for p in &c.roots {
+        if !seen.insert(p) {
+            return Err(PolicyError::new(
+                "chips.roots",
+                format!("'{p}' is listed twice"),
+            ));
+        }
+    }
+    Ok(Chips {
+        attestation,
+        roots: c
+            .roots
+            .iter()
+            .map(|p| serde_bytes::ByteBuf::from(p.as_bytes().to_vec()))
+            .collect(),
+        device_id_from,
+        accept_expired: c.accept_expired,
+    })
 }
 
 /// Best effort at naming the field a TOML error is about: the key at the error's line.

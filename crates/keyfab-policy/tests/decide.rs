@@ -30,6 +30,7 @@ fn policy(devices: u64, daily: Option<u64>, from: i64, until: i64, tz: &str) -> 
         batch_ca_key: Default::default(),
         approval: None,
         code: None,
+        chips: None,
     })
     .unwrap()
 }
@@ -50,6 +51,7 @@ const REQ: Request<'static> = Request {
     device_id: "D-1",
     station: Some("line-1"),
     already_provisioned: false,
+    chip: keyfab_policy::Chip::Absent,
 };
 
 const ZONES: [&str; 7] = [
@@ -318,4 +320,221 @@ proptest! {
         prop_assert_eq!(status.as_str(), expected);
         prop_assert_eq!(serde_json::to_value(status).unwrap(), serde_json::json!(expected));
     }
+}
+
+/// `p` with `[chips]`: one root, the device id as the chip's subject serial.
+fn with_chips(p: CompiledPolicy, attestation: Attestation, accept_expired: bool) -> CompiledPolicy {
+    let mut raw = p.policy;
+    raw.chips = Some(Chips {
+        attestation,
+        roots: vec![serde_bytes::ByteBuf::from(vec![0x30; 8])],
+        device_id_from: ChipIdFrom::SubjectSerial,
+        accept_expired,
+    });
+    CompiledPolicy::new(raw).unwrap()
+}
+
+/// A chip certificate for `D-1`, valid 100..=300, certifying `spki-sha256:aa`, presented
+/// with that key as the transport key.
+fn chip_facts() -> ChipFacts {
+    ChipFacts {
+        key_id: "spki-sha256:aa".into(),
+        not_before: 100,
+        not_after: 300,
+        subject_cn: Some("chip".into()),
+        subject_serial: Some("D-1".into()),
+        san_uris: vec!["urn:chip:D-1".into()],
+        transport_key: Some("spki-sha256:aa".into()),
+        csr_key: None,
+    }
+}
+
+#[test]
+fn chip_rules_refuse_each_failure_with_its_code_in_order() {
+    let base = policy(10, None, 0, 1_000, "UTC");
+    let required = with_chips(base.clone(), Attestation::Required, false);
+    let state = EntitlementState {
+        activated: true,
+        ..EntitlementState::default()
+    };
+    let decide = |p: &CompiledPolicy, chip: Chip<'_>, now: i64| match p.decide(
+        &state,
+        &Request { chip, ..REQ },
+        now,
+    ) {
+        Decision::Allow => "allow",
+        Decision::Deny(code) => code.code().as_str(),
+    };
+    let good = chip_facts();
+    assert_eq!(decide(&required, Chip::Verified(&good), 150), "allow");
+    assert_eq!(decide(&required, Chip::Absent, 150), "chip_untrusted");
+    assert_eq!(decide(&required, Chip::Untrusted, 150), "chip_untrusted");
+    // Outside the chain's validity: refused, unless the policy accepts it.
+    assert_eq!(
+        decide(&required, Chip::Verified(&good), 301),
+        "chip_untrusted"
+    );
+    let lenient = with_chips(base.clone(), Attestation::Required, true);
+    assert_eq!(decide(&lenient, Chip::Verified(&good), 301), "allow");
+    // A transport key the chip does not certify; no key presented at all; a CSR key
+    // the chip does not certify; secret keys without a transport key to seal them to.
+    for facts in [
+        ChipFacts {
+            transport_key: Some("spki-sha256:bb".into()),
+            ..good.clone()
+        },
+        ChipFacts {
+            transport_key: None,
+            ..good.clone()
+        },
+        ChipFacts {
+            csr_key: Some("spki-sha256:bb".into()),
+            ..good.clone()
+        },
+        ChipFacts {
+            transport_key: None,
+            csr_key: Some("spki-sha256:aa".into()),
+            ..good.clone()
+        },
+    ] {
+        assert_eq!(
+            decide(&required, Chip::Verified(&facts), 150),
+            "chip_key_mismatch",
+            "{facts:?}"
+        );
+    }
+    let other_serial = ChipFacts {
+        subject_serial: Some("D-2".into()),
+        ..good.clone()
+    };
+    assert_eq!(
+        decide(&required, Chip::Verified(&other_serial), 150),
+        "chip_binding_mismatch"
+    );
+    // The chip rules come after the device id's and before the device's earlier keys.
+    let request = |device_id, already_provisioned| Request {
+        device_id,
+        already_provisioned,
+        chip: Chip::Absent,
+        ..REQ
+    };
+    assert_eq!(
+        required.decide(&state, &request("X-1", false), 150),
+        Decision::Deny(DenyCode::DeviceIdRejected)
+    );
+    assert_eq!(
+        required.decide(&state, &request("D-1", true), 150),
+        Decision::Deny(DenyCode::ChipUntrusted)
+    );
+    // Optional: no chain is decided as before; a chain sent must hold.
+    let optional = with_chips(base.clone(), Attestation::Optional, false);
+    assert_eq!(decide(&optional, Chip::Absent, 150), "allow");
+    assert_eq!(decide(&optional, Chip::Untrusted, 150), "chip_untrusted");
+    // Off: chains are not looked at. HQ's replay of another refusal assumes they held.
+    let off = with_chips(base, Attestation::Off, false);
+    assert_eq!(decide(&off, Chip::Untrusted, 150), "allow");
+    assert_eq!(decide(&required, Chip::Assumed, 150), "allow");
+}
+
+#[test]
+fn a_chip_names_the_device_where_device_id_from_says() {
+    let state = EntitlementState {
+        activated: true,
+        ..EntitlementState::default()
+    };
+    let good = chip_facts();
+    for (from, facts, want) in [
+        (ChipIdFrom::SubjectCn, good.clone(), false),
+        (
+            ChipIdFrom::SubjectCn,
+            ChipFacts {
+                subject_cn: Some("D-1".into()),
+                ..good.clone()
+            },
+            true,
+        ),
+        (ChipIdFrom::SanUri, good.clone(), true),
+        (
+            ChipIdFrom::SanUri,
+            ChipFacts {
+                san_uris: vec!["urn:chip:XD-1".into()],
+                ..good.clone()
+            },
+            false,
+        ),
+        (
+            ChipIdFrom::SanUri,
+            ChipFacts {
+                san_uris: vec!["D-1".into()],
+                ..good.clone()
+            },
+            true,
+        ),
+        (
+            ChipIdFrom::None,
+            ChipFacts {
+                subject_serial: None,
+                ..good.clone()
+            },
+            true,
+        ),
+    ] {
+        let mut raw = policy(10, None, 0, 1_000, "UTC").policy;
+        raw.chips = Some(Chips {
+            attestation: Attestation::Required,
+            roots: vec![serde_bytes::ByteBuf::from(vec![0x30; 8])],
+            device_id_from: from,
+            accept_expired: false,
+        });
+        let p = CompiledPolicy::new(raw).unwrap();
+        let got = p.decide(
+            &state,
+            &Request {
+                chip: Chip::Verified(&facts),
+                ..REQ
+            },
+            150,
+        );
+        assert_eq!(got == Decision::Allow, want, "{from:?} {facts:?}");
+    }
+}
+
+#[test]
+fn a_chips_section_needs_roots_to_check_against_and_reads_them_from_files() {
+    let text = |chips: &str| {
+        format!(
+            "product = \"p\"\ndevices = 10\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2027-01-01T00:00:00Z\"\n[[keys]]\nname = \"k\"\ntype = \"ec-p256\"\nsource = \"site\"\n[chips]\n{chips}\n"
+        )
+    };
+    let e = PolicyDraft::parse(&text("attestation = \"required\"")).unwrap_err();
+    assert_eq!(e.field, "chips.roots");
+    let e =
+        PolicyDraft::parse(&text("attestation = \"sometimes\"\nroots = [\"v.pem\"]")).unwrap_err();
+    assert_eq!(e.field, "chips.attestation");
+    let e = PolicyDraft::parse(&text(
+        "attestation = \"required\"\nroots = [\"v.pem\"]\ndevice_id_from = \"mac\"",
+    ))
+    .unwrap_err();
+    assert_eq!(e.field, "chips.device_id_from");
+    let draft = PolicyDraft::parse(&text(
+        "attestation = \"required\"\nroots = [\"v.pem\"]\ndevice_id_from = \"san-uri\"\naccept_expired = true",
+    ))
+    .unwrap();
+    assert_eq!(draft.chip_root_paths(), ["v.pem"]);
+    // Not read yet: refused.
+    assert_eq!(
+        draft.clone().finish(vec![]).unwrap_err().field,
+        "chips.roots"
+    );
+    let policy = draft
+        .with_chip_roots(vec![vec![0x30, 0x00]])
+        .unwrap()
+        .finish(vec![])
+        .unwrap();
+    let chips = policy.chips.unwrap();
+    assert_eq!(chips.roots[0].as_slice(), [0x30, 0x00]);
+    assert_eq!(chips.device_id_from, ChipIdFrom::SanUri);
+    assert!(chips.accept_expired);
+    // Off needs no roots.
+    assert!(PolicyDraft::parse(&text("attestation = \"off\"")).is_ok());
 }

@@ -49,6 +49,7 @@ use keyfab_crypto::hpke::HpkePublicKey;
 use keyfab_crypto::secret::{Secret32, SecretBytes};
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509;
+use keyfab_formats::attestation::ChipSeen;
 use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_policy::PolicyError;
 use keyfab_policy::{CompiledPolicy, Decision, DenyCode, EntitlementState, KeySource, KeyType};
@@ -89,6 +90,9 @@ pub struct ProvisionRequest {
     /// The chip's transport key: the key material is sealed to it (HPKE, FORMATS.md
     /// §10), so whoever carries the answer never sees it in clear.
     pub transport_key: Option<HpkePublicKey>,
+    /// The chip's certificate chain (DER, leaf first), as the chip gave it: what proves,
+    /// under a policy's `[chips]`, that the transport key (or the CSR's key) is a chip's.
+    pub chip_chain: Option<Vec<Vec<u8>>>,
 }
 
 impl ProvisionRequest {
@@ -102,6 +106,7 @@ impl ProvisionRequest {
             request_id,
             csr: None,
             transport_key: None,
+            chip_chain: None,
         }
     }
 
@@ -330,6 +335,8 @@ struct Job {
     ctx: Arc<EntitlementContext>,
     req: ProvisionRequest,
     prepared: Vec<Prepared>,
+    /// The request's chip chain as judged against the policy's `[chips]`.
+    chip: Arc<ChipSeen>,
     /// A confirmation of `req.device_id` rather than a provisioning request.
     confirm: Option<Programming>,
     /// Taken by the committer, which answers after the commit.
@@ -343,6 +350,7 @@ impl Job {
             ctx: self.ctx.clone(),
             req: self.req.clone(),
             prepared: self.prepared.clone(),
+            chip: self.chip.clone(),
             confirm: self.confirm,
             reply: None,
         }
@@ -590,6 +598,7 @@ impl Provisioner {
             request_id: RequestId::confirmation(),
             csr: None,
             transport_key: None,
+            chip_chain: None,
         };
         let ctx = self.context(entitlement)?;
         match self.submit(&ctx, req, Some(result))? {
@@ -711,6 +720,25 @@ impl Provisioner {
                     "sealed to a chip's transport key"
                 } else {
                     "without a transport key"
+                }
+            )));
+        }
+        // A retry must come from the same chip: the chain's leaf the release was
+        // attested with.
+        let chip_now = req
+            .chip_chain
+            .as_ref()
+            .and_then(|c| c.first())
+            .map(|leaf| keyfab_crypto::hash::Fingerprint::of(leaf).to_hex());
+        let checks_chips = ctx.policy.policy.chips.as_ref().is_some_and(|c| c.checks());
+        if checks_chips && record.chip != chip_now {
+            return Err(Error::InvalidInput(format!(
+                "request id '{}' was answered {}; a retry must carry the same chip certificate chain",
+                req.request_id,
+                if record.chip.is_some() {
+                    "for a chip whose certificate chain verified"
+                } else {
+                    "without a chip certificate chain"
                 }
             )));
         }
@@ -858,17 +886,18 @@ fn crypto_worker(
             return;
         };
         let prepared = match confirm {
-            Some(_) => Ok(Vec::new()),
+            Some(_) => Ok((Vec::new(), ChipSeen::Absent)),
             None => keys::prepare(node, &ctx, &req, reserve),
         };
         // Key generation left copies of the new key in the frames below this one.
         keyfab_crypto::secret::scrub_stack();
         match prepared {
-            Ok(prepared) => {
+            Ok((prepared, chip)) => {
                 let job = Job {
                     ctx,
                     req,
                     prepared,
+                    chip: Arc::new(chip),
                     confirm,
                     reply: Some(reply),
                 };

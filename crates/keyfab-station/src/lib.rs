@@ -140,6 +140,9 @@ pub struct ProvisionRequest {
     /// The chip's transport key (SEC1, base64): the keys come back sealed to it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transport_key: Option<String>,
+    /// The chip's certificate chain, leaf first: each certificate's DER, base64.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chip_certificates: Option<Vec<String>>,
 }
 
 /// Tries a dropped request this many times in all (over all URLs), unless the client is
@@ -806,6 +809,7 @@ fn program(
         device_id: device.to_owned(),
         csr: None,
         transport_key: Some(chip.transport_key().map_err(failed)?),
+        chip_certificates: None,
     };
     let bundle = match client.provision_answered(&req) {
         Ok((bundle, url)) => {

@@ -189,6 +189,7 @@ fn request(device: &str) -> ProvisionRequest {
         device_id: device.into(),
         csr: None,
         transport_key: None,
+        chip_certificates: None,
     }
 }
 

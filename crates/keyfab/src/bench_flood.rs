@@ -152,6 +152,7 @@ fn request(entitlement: &str, device: String) -> keyfab_station::ProvisionReques
         device_id: device,
         csr: None,
         transport_key: None,
+        chip_certificates: None,
     }
 }
 

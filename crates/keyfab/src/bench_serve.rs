@@ -205,6 +205,7 @@ fn provision_only(
                 device_id: device,
                 csr: None,
                 transport_key: None,
+                chip_certificates: None,
             };
             let t = std::time::Instant::now();
             match client.provision(&req) {

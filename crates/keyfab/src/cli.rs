@@ -750,6 +750,8 @@ so a retry never takes a second key. Refusals exit 3 with the policy's code.")]
         /// The device's CSR (PEM), for keys with source `device`.
         #[arg(long, value_name = "FILE")]
         csr: Option<PathBuf>,
+        #[command(flatten)]
+        chip: ChipArgs,
         /// Write the key material and certificates (JSON, mode 0600) to FILE, a new file,
         /// instead of standard output: one that exists, or in a directory that does not,
         /// is refused before the site is asked. If the answer cannot be written, or
@@ -848,6 +850,20 @@ pub(crate) enum SiteApprovalCommand {
     },
 }
 
+/// What a request says of the chip it is for.
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct ChipArgs {
+    /// The chip's transport key: a P-256 public key, PEM (`PUBLIC KEY`, as `openssl ec
+    /// -pubout` writes it). The keys come back sealed to it: only the chip opens them.
+    #[arg(long, value_name = "FILE")]
+    pub transport_key: Option<PathBuf>,
+    /// The chip's certificate chain as the chip gives it, leaf first (PEM, or DER
+    /// certificates one after another): under a policy's `[chips]`, the proof that the
+    /// transport key (or the CSR's key) is a chip's. A retry must send the same.
+    #[arg(long, value_name = "FILE")]
+    pub chip_chain: Option<PathBuf>,
+}
+
 #[derive(Args, Debug)]
 pub(crate) struct ProvisionArgs {
     #[command(flatten)]
@@ -877,6 +893,8 @@ pub(crate) struct ProvisionArgs {
     /// The device's CSR (PEM or DER), for keys with source `device`.
     #[arg(long, value_name = "FILE")]
     pub csr: Option<PathBuf>,
+    #[command(flatten)]
+    pub chip: ChipArgs,
     /// Write the key material and certificates (JSON, mode 0600) to FILE, a new file:
     /// one that exists, or in a directory that does not, is refused before any key is
     /// released. If writing fails after the release, the error gives the request id and

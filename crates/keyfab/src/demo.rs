@@ -334,6 +334,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
             device_id: "TSV2-00000005".into(),
             csr: None,
             transport_key: chip.transport_key().ok(),
+            chip_certificates: None,
         };
         clients[0].provision(&req)?;
         let confirmed = clients[0].confirm(&id, "TSV2-00000005", "failed")?;
@@ -358,6 +359,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
         device_id: "TSV2-00000006".into(),
         csr: None,
         transport_key: None,
+        chip_certificates: None,
     });
     let code = match &over {
         Err(keyfab_station::StationError::Refused { code, .. }) => code.clone(),

@@ -483,23 +483,50 @@ fn station_failure(e: keyfab_station::StationError) -> Failure {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// What `station provision` asks for one device.
+pub(crate) struct StationAsk<'a> {
+    pub(crate) entitlement: &'a str,
+    pub(crate) device_id: &'a str,
+    pub(crate) request_id: Option<&'a str>,
+    pub(crate) csr: Option<&'a Path>,
+    pub(crate) chip: &'a crate::cli::ChipArgs,
+}
+
 pub(crate) fn station_provision(
     ctx: &Context,
     a: &crate::cli::StationArgs,
-    entitlement: &str,
-    device_id: &str,
-    request_id: Option<&str>,
-    csr: Option<&Path>,
+    ask: StationAsk<'_>,
     out: Option<&Path>,
 ) -> Result<Report, Failure> {
+    use base64::Engine;
+    let StationAsk {
+        entitlement,
+        device_id,
+        request_id,
+        csr: csr_path,
+        chip,
+    } = ask;
     // An output that cannot be written is refused before any key is released.
     if let Some(out) = out {
         keyfab_node::out_file::check_new(out, "nothing was asked of the site")?;
     }
     let client = station_client(ctx, a)?;
-    let csr = csr
+    let csr = csr_path
         .map(|p| read_input_text(p, keyfab_formats::MAX_SMALL_INPUT))
         .transpose()?;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let transport_key = chip
+        .transport_key
+        .as_deref()
+        .map(crate::output::read_transport_key)
+        .transpose()?
+        .map(|k| b64(k.sec1()));
+    let chip_certificates = chip
+        .chip_chain
+        .as_deref()
+        .map(crate::output::read_chip_chain)
+        .transpose()?
+        .map(|chain| chain.iter().map(|c| b64(c)).collect());
     let request_id = request_id.map_or_else(
         || {
             let mut b = [0u8; 16];
@@ -509,10 +536,16 @@ pub(crate) fn station_provision(
         str::to_owned,
     );
     let again = |out: Option<&Path>| {
+        let file = |flag: &str, p: Option<&Path>| {
+            p.map_or_else(String::new, |p| format!(" {flag} {}", p.display()))
+        };
         format!(
-            "keyfab station provision --url {} --station-dir {} --entitlement {entitlement} --device-id {device_id} --request-id {request_id}{}",
+            "keyfab station provision --url {} --station-dir {} --entitlement {entitlement} --device-id {device_id} --request-id {request_id}{}{}{}{}",
             a.url.join(","),
             a.station_dir.display(),
+            file("--csr", csr_path),
+            file("--transport-key", chip.transport_key.as_deref()),
+            file("--chip-chain", chip.chip_chain.as_deref()),
             out.map_or_else(String::new, |_| " --out OTHER-FILE".into())
         )
     };
@@ -521,7 +554,8 @@ pub(crate) fn station_provision(
         entitlement: entitlement.to_owned(),
         device_id: device_id.to_owned(),
         csr,
-        transport_key: None,
+        transport_key,
+        chip_certificates,
     };
     let bundle = client.provision(&req).map_err(|e| {
         // Unanswered (the site may have released the keys): the request id gets them.

@@ -204,3 +204,34 @@ impl Progress {
         self.report.as_deref()
     }
 }
+
+/// The chip's transport key of `--transport-key FILE`: a P-256 public key, PEM.
+pub(crate) fn read_transport_key(
+    path: &std::path::Path,
+) -> Result<keyfab_crypto::hpke::HpkePublicKey, Failure> {
+    let text = read_input_text(path, keyfab_formats::MAX_SMALL_INPUT)?;
+    let refused = |e: &dyn std::fmt::Display| {
+        Failure::new(
+            Code::InvalidInput,
+            format!("--transport-key {}: {e}", path.display()),
+        )
+    };
+    let spki = keyfab_crypto::x509::from_pem(&text, "PUBLIC KEY").map_err(|e| refused(&e))?;
+    match keyfab_crypto::x509::device_public_key(&spki).map_err(|e| refused(&e))? {
+        keyfab_crypto::x509::DevicePublicKey::P256(point) => {
+            keyfab_crypto::hpke::HpkePublicKey::from_sec1(&point).map_err(|e| refused(&e))
+        }
+        _ => Err(refused(&"a transport key is a P-256 key")),
+    }
+}
+
+/// The certificates of `--chip-chain FILE` (PEM or DER), leaf first.
+pub(crate) fn read_chip_chain(path: &std::path::Path) -> Result<Vec<Vec<u8>>, Failure> {
+    let bytes = read_input(path, keyfab_crypto::x509::chip::MAX_CHIP_CHAIN_BYTES)?;
+    keyfab_crypto::x509::chip::read_chip_chain(&bytes).map_err(|e| {
+        Failure::new(
+            Code::InvalidInput,
+            format!("--chip-chain {}: {e}", path.display()),
+        )
+    })
+}

@@ -17,26 +17,23 @@ use crate::{CryptoError, Result};
 pub const MAX_CHIP_CHAIN: usize = 4;
 /// Largest certificate of a chip chain, in bytes (DER).
 pub const MAX_CHIP_CERT_BYTES: usize = 4096;
-
-/// What the chain is checked against.
-#[derive(Debug, Clone, Copy)]
-pub struct ChipTrust<'a> {
-    /// The vendor roots (DER) the policy trusts.
-    pub roots: &'a [Vec<u8>],
-    /// Accept certificates whose validity has ended (or not begun) at the time of the
-    /// check; the chain must still have a time at which all of it was valid.
-    pub accept_expired: bool,
-}
+/// Largest chip chain as sent (PEM text or DER), in bytes.
+pub const MAX_CHIP_CHAIN_BYTES: usize = 2 * MAX_CHIP_CHAIN * MAX_CHIP_CERT_BYTES;
 
 /// The facts of a chip's leaf certificate, once its chain verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChipLeaf {
-    /// The leaf's SubjectPublicKeyInfo (DER): the key it certifies.
-    pub spki: Vec<u8>,
+    /// `spki-sha256:<hex>` of the key the leaf certifies, its SubjectPublicKeyInfo in
+    /// the form keyfab writes (so it compares with transport and CSR keys).
+    pub key_id: String,
     /// SHA-256 of the leaf certificate (DER).
     pub fingerprint: Fingerprint,
     /// The leaf's serial number, hex.
     pub serial_hex: String,
+    /// The latest start of validity of the chain's certificates.
+    pub not_before: UnixTime,
+    /// The earliest end of validity of the chain's certificates.
+    pub not_after: UnixTime,
     /// The subject's commonName, if any.
     pub subject_cn: Option<String>,
     /// The subject's serialNumber attribute (2.5.4.5), if any.
@@ -51,7 +48,8 @@ pub enum ChipRefusal {
     /// Too many certificates, one too large, or not DER.
     #[error("chip chain malformed: {0}")]
     Malformed(String),
-    /// No path to a trusted root, a bad signature, a CA as the leaf, outside validity.
+    /// No path to a trusted root, a bad signature, a CA as the leaf, certificates never
+    /// valid at the same time.
     #[error("chip chain not trusted: {0}")]
     Untrusted(String),
 }
@@ -68,15 +66,78 @@ impl webpki::ExtendedKeyUsageValidator for AnyPurpose {
     }
 }
 
-/// Verifies `chain` (leaf first, then intermediates) to one of `trust.roots` at `now`:
-/// signatures, basic constraints and path lengths (a CA certificate cannot be the leaf),
-/// validity (or, with `accept_expired`, at the latest start of validity of the chain's
-/// certificates, so a chain that was never valid all at once still fails), and a leaf
-/// key usage, when present, that allows digitalSignature or keyAgreement.
+/// The certificates of a chain as a station sends it: PEM text (`CERTIFICATE` blocks,
+/// leaf first) or DER certificates one after another. Bounded before anything is parsed.
+pub fn read_chip_chain(bytes: &[u8]) -> std::result::Result<Vec<Vec<u8>>, ChipRefusal> {
+    let malformed = |m: String| ChipRefusal::Malformed(m);
+    if bytes.len() > MAX_CHIP_CHAIN_BYTES {
+        return Err(malformed(format!(
+            "{} bytes, at most {MAX_CHIP_CHAIN_BYTES}",
+            bytes.len()
+        )));
+    }
+    let text = std::str::from_utf8(bytes).ok();
+    let chain = match text.filter(|t| t.contains("-----BEGIN")) {
+        Some(text) => {
+            let blocks = super::pem_blocks(text).map_err(|e| malformed(e.to_string()))?;
+            let mut certs = Vec::new();
+            for (tag, der) in blocks {
+                if tag != "CERTIFICATE" {
+                    return Err(malformed(format!("a {tag} block, only CERTIFICATE")));
+                }
+                certs.push(der);
+            }
+            certs
+        }
+        None => split_der(bytes).ok_or_else(|| malformed("neither PEM nor DER".into()))?,
+    };
+    if chain.is_empty() || chain.len() > MAX_CHIP_CHAIN {
+        return Err(malformed(format!(
+            "{} certificates, 1 to {MAX_CHIP_CHAIN}",
+            chain.len()
+        )));
+    }
+    Ok(chain)
+}
+
+/// DER items one after another, each a definite-length SEQUENCE.
+fn split_der(mut rest: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        if out.len() == MAX_CHIP_CHAIN {
+            return None;
+        }
+        let (&tag, after) = rest.split_first()?;
+        let (&first, after) = after.split_first()?;
+        let (len, after) = match first {
+            0..=0x7f => (usize::from(first), after),
+            0x81 => (usize::from(*after.first()?), after.get(1..)?),
+            0x82 => (
+                usize::from(u16::from_be_bytes([*after.first()?, *after.get(1)?])),
+                after.get(2..)?,
+            ),
+            _ => return None,
+        };
+        if tag != 0x30 || len > after.len() {
+            return None;
+        }
+        let whole = rest.len() - after.len() + len;
+        out.push(rest.get(..whole)?.to_vec());
+        rest = rest.get(whole..)?;
+    }
+    Some(out)
+}
+
+/// Verifies `chain` (leaf first, then intermediates) to one of `roots`: signatures,
+/// basic constraints and path lengths (a CA certificate cannot be the leaf), a leaf key
+/// usage, when present, that allows digitalSignature or keyAgreement, and a time at which
+/// every certificate of the path was valid — the latest start of validity in the chain.
+/// Whether the chain is valid *now* is the policy's to judge
+/// ([`ChipLeaf::not_before`], [`ChipLeaf::not_after`]): chip certificates often end long
+/// before the chip, and a policy may accept that.
 pub fn verify_chip_chain(
     chain: &[Vec<u8>],
-    trust: &ChipTrust<'_>,
-    now: UnixTime,
+    roots: &[&[u8]],
 ) -> std::result::Result<ChipLeaf, ChipRefusal> {
     let malformed = |m: String| ChipRefusal::Malformed(m);
     let untrusted = |m: String| ChipRefusal::Untrusted(m);
@@ -99,19 +160,34 @@ pub fn verify_chip_chain(
     for cert in chain {
         facts.push(cert_facts(cert).map_err(|e| malformed(e.to_string()))?);
     }
-    let at = if trust.accept_expired {
-        facts.iter().map(|f| f.not_before).max().unwrap_or(now)
-    } else {
-        now
-    };
-    let roots: Vec<&[u8]> = trust.roots.iter().map(Vec::as_slice).collect();
-    super::webpki_path(&roots, intermediates, leaf, (at, None), AnyPurpose, None)
-        .map_err(|e| untrusted(e.to_string()))?;
-    leaf_facts(leaf)
+    let not_before = facts
+        .iter()
+        .map(|f| f.not_before)
+        .max()
+        .unwrap_or(UnixTime(0));
+    let not_after = facts
+        .iter()
+        .map(|f| f.not_after)
+        .min()
+        .unwrap_or(UnixTime(0));
+    super::webpki_path(
+        roots,
+        intermediates,
+        leaf,
+        (not_before, None),
+        AnyPurpose,
+        None,
+    )
+    .map_err(|e| untrusted(e.to_string()))?;
+    leaf_facts(leaf, not_before, not_after)
 }
 
 /// What the leaf says, after its chain verified.
-fn leaf_facts(leaf: &[u8]) -> std::result::Result<ChipLeaf, ChipRefusal> {
+fn leaf_facts(
+    leaf: &[u8],
+    not_before: UnixTime,
+    not_after: UnixTime,
+) -> std::result::Result<ChipLeaf, ChipRefusal> {
     use x509_parser::prelude::*;
     let (_, cert) =
         X509Certificate::from_der(leaf).map_err(|e| ChipRefusal::Malformed(e.to_string()))?;
@@ -141,10 +217,19 @@ fn leaf_facts(leaf: &[u8]) -> std::result::Result<ChipLeaf, ChipRefusal> {
             }
         }
     }
+    let spki = cert.public_key().raw;
+    // A key keyfab reads compares in the form keyfab writes; any other is named by its
+    // bytes as sent, and matches nothing a request presents.
+    let key_id = match super::device_public_key(spki) {
+        Ok(key) => crate::devicekey::public_key_id(&key).to_text(),
+        Err(_) => crate::devicekey::KeyId::Public(Fingerprint::of(spki)).to_text(),
+    };
     Ok(ChipLeaf {
-        spki: cert.public_key().raw.to_vec(),
+        key_id,
         fingerprint: Fingerprint::of(leaf),
         serial_hex: hex::encode(cert.raw_serial()),
+        not_before,
+        not_after,
         subject_cn,
         subject_serial,
         san_uris,
@@ -254,11 +339,9 @@ mod tests {
         (key, cert)
     }
 
-    fn trust(roots: &[Vec<u8>], accept_expired: bool) -> ChipTrust<'_> {
-        ChipTrust {
-            roots,
-            accept_expired,
-        }
+    fn verify(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> std::result::Result<ChipLeaf, ChipRefusal> {
+        let roots: Vec<&[u8]> = roots.iter().map(Vec::as_slice).collect();
+        verify_chip_chain(chain, &roots)
     }
 
     #[test]
@@ -266,9 +349,16 @@ mod tests {
         let v = vendor("Chips Inc root");
         let (key, cert) = chip(&v, "0123ABCD", years(0, 100));
         let roots = [v.root.clone()];
-        let leaf =
-            verify_chip_chain(std::slice::from_ref(&cert), &trust(&roots, false), NOW).unwrap();
-        assert_eq!(leaf.spki, key.verifying_key().spki_der());
+        let leaf = verify(std::slice::from_ref(&cert), &roots).unwrap();
+        let spki = key.verifying_key().spki_der();
+        assert_eq!(
+            leaf.key_id,
+            format!("spki-sha256:{}", Fingerprint::of(&spki).to_hex())
+        );
+        assert_eq!(
+            (leaf.not_before, leaf.not_after),
+            (UnixTime(0), UnixTime(0).plus_days(36_500))
+        );
         assert_eq!(leaf.fingerprint, Fingerprint::of(&cert));
         assert_eq!(leaf.subject_cn.as_deref(), Some("0123ABCD"));
         assert_eq!(leaf.subject_serial.as_deref(), Some("0123ABCD"));
@@ -276,42 +366,66 @@ mod tests {
     }
 
     #[test]
-    fn another_vendor_a_broken_signature_a_ca_leaf_and_expiry_are_refused() {
+    fn another_vendor_a_broken_signature_and_a_ca_leaf_are_refused() {
         let v = vendor("Chips Inc root");
         let other = vendor("Other Chips root");
         let roots = [v.root.clone()];
         let (_, foreign) = chip(&other, "1", years(0, 100));
         assert!(matches!(
-            verify_chip_chain(&[foreign], &trust(&roots, false), NOW),
+            verify(&[foreign], &roots),
             Err(ChipRefusal::Untrusted(_))
         ));
         let (_, mut cert) = chip(&v, "2", years(0, 100));
         let n = cert.len();
         cert[n - 3] ^= 1;
-        assert!(verify_chip_chain(&[cert], &trust(&roots, false), NOW).is_err());
+        assert!(verify(&[cert], &roots).is_err());
         // The vendor's own root is a CA: it cannot stand as a chip.
-        assert!(
-            verify_chip_chain(std::slice::from_ref(&v.root), &trust(&roots, false), NOW).is_err()
-        );
-        // Expired: refused, unless the policy accepts expired chip certificates.
+        assert!(verify(std::slice::from_ref(&v.root), &roots).is_err());
+        // Expired: the chain verifies; its validity is the policy's to judge.
         let (_, old) = chip(&v, "3", years(0, 10));
-        assert!(verify_chip_chain(std::slice::from_ref(&old), &trust(&roots, false), NOW).is_err());
-        assert!(verify_chip_chain(&[old], &trust(&roots, true), NOW).is_ok());
+        let leaf = verify(&[old], &roots).unwrap();
+        assert!(leaf.not_after < NOW);
+    }
+
+    #[test]
+    fn chains_are_read_from_pem_or_der_within_bounds() {
+        let v = vendor("Chips Inc root");
+        let (_, cert) = chip(&v, "4", years(0, 100));
+        let pem = format!(
+            "{}{}",
+            crate::x509::to_pem(&cert, "CERTIFICATE"),
+            crate::x509::to_pem(&v.root, "CERTIFICATE")
+        );
+        assert_eq!(
+            read_chip_chain(pem.as_bytes()).unwrap(),
+            [cert.clone(), v.root.clone()]
+        );
+        let der = [cert.clone(), v.root.clone()].concat();
+        assert_eq!(
+            read_chip_chain(&der).unwrap(),
+            [cert.clone(), v.root.clone()]
+        );
+        let key = crate::x509::to_pem(&[0x30, 0], "PRIVATE KEY");
+        assert!(read_chip_chain(key.as_bytes()).is_err());
+        assert!(read_chip_chain(&der[..der.len() - 1]).is_err());
+        assert!(read_chip_chain(b"").is_err());
+        assert!(read_chip_chain(&cert.repeat(5)).is_err());
+        assert!(read_chip_chain(&vec![0x30; MAX_CHIP_CHAIN_BYTES + 1]).is_err());
     }
 
     #[test]
     fn bounds_are_enforced_before_parsing() {
         let roots: [Vec<u8>; 0] = [];
         assert!(matches!(
-            verify_chip_chain(&[], &trust(&roots, false), NOW),
+            verify(&[], &roots),
             Err(ChipRefusal::Malformed(_))
         ));
         assert!(matches!(
-            verify_chip_chain(&vec![vec![0x30; 10]; 5], &trust(&roots, false), NOW),
+            verify(&vec![vec![0x30; 10]; 5], &roots),
             Err(ChipRefusal::Malformed(_))
         ));
         assert!(matches!(
-            verify_chip_chain(&[vec![0x30; 5000]], &trust(&roots, false), NOW),
+            verify(&[vec![0x30; 5000]], &roots),
             Err(ChipRefusal::Malformed(_))
         ));
     }

@@ -534,13 +534,19 @@ pub fn read_device_csr(der: &[u8]) -> Result<DevicePublicKey> {
         .map_err(|e| CryptoError::CertificateMalformed(format!("CSR: {e}")))?;
     let (_, req) = X509CertificationRequest::from_der(der)
         .map_err(|e| CryptoError::CertificateMalformed(format!("CSR: {e}")))?;
-    let spki = req.certification_request_info.subject_pki.raw;
+    device_public_key(req.certification_request_info.subject_pki.raw)
+}
+
+/// The device key a SubjectPublicKeyInfo holds: P-256, P-384 (named curve,
+/// uncompressed), Ed25519 or RSA of 2048 or 3072 bits.
+pub fn device_public_key(spki: &[u8]) -> Result<DevicePublicKey> {
     if let Some(point) = spki.strip_prefix(&P256_SPKI_PREFIX[..]) {
         VerifyingKey::from_sec1(point)?;
         return Ok(DevicePublicKey::P256(point.to_vec()));
     }
     if let Some(point) = spki.strip_prefix(&P384_SPKI_PREFIX[..]) {
-        // The CSR's signature verified under this point: it is on the curve.
+        // A CSR's signature verified under this point, or a chip's certificate names
+        // it: compared, never used to verify.
         if point.len() == 97 && point[0] == 0x04 {
             return Ok(DevicePublicKey::P384(point.to_vec()));
         }
@@ -553,10 +559,10 @@ pub fn read_device_csr(der: &[u8]) -> Result<DevicePublicKey> {
     match rsa_bits(spki) {
         Some(2048 | 3072) => Ok(DevicePublicKey::Rsa(spki.to_vec())),
         Some(bits) => Err(CryptoError::CertificateMalformed(format!(
-            "CSR's RSA key has {bits} bits: 2048 or 3072 are accepted"
+            "the RSA key has {bits} bits: 2048 or 3072 are accepted"
         ))),
         None => Err(CryptoError::CertificateMalformed(
-            "CSR key must be P-256, P-384 (named curve, uncompressed), Ed25519 or RSA (2048 or 3072 bits)".into(),
+            "the key must be P-256, P-384 (named curve, uncompressed), Ed25519 or RSA (2048 or 3072 bits)".into(),
         )),
     }
 }

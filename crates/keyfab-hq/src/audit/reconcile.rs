@@ -5,7 +5,44 @@
 use super::*;
 use crate::device_index::DeviceIndex;
 use crate::entitlement::{issued_key, IssuedRecord};
+use keyfab_formats::attestation::ChipSeen;
 use keyfab_policy::{CompiledPolicy, Decision, DenyCode, EntitlementState};
+
+/// Whether `code` names a refusal of the `[chips]` rules.
+fn is_chip_code(code: &str) -> bool {
+    [
+        DenyCode::ChipUntrusted,
+        DenyCode::ChipKeyMismatch,
+        DenyCode::ChipBindingMismatch,
+    ]
+    .iter()
+    .any(|c| c.code().as_str() == code)
+}
+
+/// A release's chip as HQ judges it again: the recorded chain against the roots of the
+/// policy HQ signed, with the transport key the site recorded and the key of the CSR the
+/// device keys were certified for.
+fn chip_seen(
+    policy: &keyfab_policy::Policy,
+    attested: Option<&Attested>,
+    keys: &[keyfab_audit::AuditedKey],
+) -> ChipSeen {
+    let Some(a) = attested else {
+        return ChipSeen::Absent;
+    };
+    let csr_key = policy
+        .keys
+        .iter()
+        .zip(keys)
+        .find(|(spec, _)| spec.source == keyfab_policy::KeySource::Device)
+        .map(|(_, k)| k.key_id.clone());
+    keyfab_formats::attestation::judge(
+        policy.chips.as_ref(),
+        Some(&a.chain),
+        a.transport_key.clone(),
+        csr_key,
+    )
+}
 
 /// What reconciliation needs of one entitlement, looked up once per import.
 pub(super) struct Issued {
@@ -18,9 +55,9 @@ pub(super) struct Issued {
 }
 
 /// A decision as the site's log records it.
-#[derive(Clone, Copy)]
 pub(super) enum Recorded<'a> {
-    Allowed,
+    /// Released, with the chip attestation recorded before it, if any.
+    Allowed { chip: Option<Attested> },
     /// Refused with `code`; `reason` is the policy module's, when it refused.
     Denied {
         code: &'a String,
@@ -73,6 +110,19 @@ pub(super) struct Reconciler<'a> {
     pub(super) violations: Vec<Violation>,
     /// The clock resets HQ issued to this site, read when the log first carries one.
     pub(super) clock_resets: Option<Vec<crate::sites::ClockResetIssued>>,
+    /// A chip attestation waiting for the release it precedes, by chain, with its place
+    /// in the log.
+    pub(super) attested: HashMap<Option<String>, (u64, Attested)>,
+}
+
+/// A `chip_attested` record, until its release.
+pub(super) struct Attested {
+    entitlement: String,
+    request_id: String,
+    device_id: String,
+    certificate: String,
+    transport_key: Option<String>,
+    chain: Vec<Vec<u8>>,
 }
 
 impl<'a> Reconciler<'a> {
@@ -105,6 +155,7 @@ impl<'a> Reconciler<'a> {
             replicas: BTreeMap::new(),
             violations: Vec::new(),
             clock_resets: None,
+            attested: HashMap::new(),
         }
     }
 
@@ -217,7 +268,62 @@ impl<'a> Reconciler<'a> {
 
     pub(super) fn record(&mut self, r: &Record) -> Result<()> {
         self.check_time(r);
+        let attested = self.attested.remove(&r.chain);
         match &r.event {
+            Event::ChipAttested {
+                entitlement,
+                request_id,
+                device_id,
+                certificate,
+                transport_key,
+                chain,
+                ..
+            } => {
+                self.attested.insert(
+                    r.chain.clone(),
+                    (
+                        self.position,
+                        Attested {
+                            entitlement: entitlement.clone(),
+                            request_id: request_id.clone(),
+                            device_id: device_id.clone(),
+                            certificate: certificate.clone(),
+                            transport_key: transport_key.clone(),
+                            chain: chain.iter().map(|c| c.to_vec()).collect(),
+                        },
+                    ),
+                );
+            }
+            Event::ProvisionAllowed {
+                entitlement,
+                request_id,
+                device_id,
+                station,
+                pool_index,
+                keys,
+            } => {
+                let decided = Decided::new(entitlement, device_id, station, r.time);
+                let chip = match attested {
+                    Some((_, a))
+                        if a.entitlement == *entitlement
+                            && a.request_id == *request_id
+                            && a.device_id == *device_id =>
+                    {
+                        Some(a)
+                    }
+                    other => {
+                        self.unreleased_attestation(other);
+                        None
+                    }
+                };
+                self.decision(decided, Recorded::Allowed { chip }, *pool_index, keys)?;
+                return Ok(());
+            }
+            _ => {}
+        }
+        self.unreleased_attestation(attested);
+        match &r.event {
+            Event::ChipAttested { .. } | Event::ProvisionAllowed { .. } => {}
             Event::EntitlementImported { entitlement, .. } => self.on_imported(entitlement)?,
             Event::ReceiptImported {
                 acknowledged_at, ..
@@ -235,17 +341,6 @@ impl<'a> Reconciler<'a> {
                 destroyed_pool_keys,
                 ..
             } => self.on_revoked(entitlement, *destroyed_pool_keys)?,
-            Event::ProvisionAllowed {
-                entitlement,
-                device_id,
-                station,
-                pool_index,
-                keys,
-                ..
-            } => {
-                let decided = Decided::new(entitlement, device_id, station, r.time);
-                self.decision(decided, Recorded::Allowed, *pool_index, keys)?;
-            }
             Event::ProvisionDenied {
                 entitlement,
                 device_id,
@@ -302,6 +397,23 @@ impl<'a> Reconciler<'a> {
             | Event::AuditExported { .. } => {}
         }
         Ok(())
+    }
+
+    /// A chip attestation is recorded just before its release, in the same commit: one
+    /// that a release of its request does not follow is a record the site did not
+    /// write so.
+    fn unreleased_attestation(&mut self, attested: Option<(u64, Attested)>) {
+        if let Some((at, a)) = attested {
+            self.violation(
+                Some(&a.entitlement),
+                Some(&a.device_id),
+                ViolationKind::ChipAttestation,
+                format!(
+                    "record {at} attests chip certificate {} for request '{}', which the next record does not release",
+                    a.certificate, a.request_id
+                ),
+            );
+        }
     }
 
     /// Each chain's times never go back, except at a clock reset (whether HQ issued it
@@ -487,7 +599,7 @@ impl<'a> Reconciler<'a> {
         keys: &[keyfab_audit::AuditedKey],
     ) -> Result<()> {
         let (entitlement, device_id) = (d.entitlement, d.device_id);
-        let allowed = matches!(recorded, Recorded::Allowed);
+        let allowed = matches!(recorded, Recorded::Allowed { .. });
         let Some(entry) = self.issued(entitlement)? else {
             if allowed {
                 self.violation(
@@ -499,7 +611,26 @@ impl<'a> Reconciler<'a> {
             }
             return Ok(());
         };
-        let (decision, reason, day) = self.replay(&entry, &d)?;
+        let chip = match &recorded {
+            Recorded::Allowed { chip } => chip_seen(&entry.record.policy, chip.as_ref(), keys),
+            // A refusal releases nothing, and the log does not keep a refused request's
+            // chain: a chip refusal stands as recorded, and any other was decided after
+            // the chip rules passed.
+            Recorded::Denied { code, .. } if is_chip_code(code) => {
+                *self
+                    .replica(entitlement)?
+                    .refusals
+                    .entry(code.to_string())
+                    .or_insert(0) += 1;
+                return Ok(());
+            }
+            Recorded::Denied { .. } => ChipSeen::Absent,
+        };
+        let chip_rules = match recorded {
+            Recorded::Allowed { .. } => chip.as_request(),
+            Recorded::Denied { .. } => keyfab_policy::Chip::Assumed,
+        };
+        let (decision, reason, day) = self.replay(&entry, &d, chip_rules)?;
         if let Recorded::Denied {
             code,
             reason: recorded_reason,
@@ -508,6 +639,10 @@ impl<'a> Reconciler<'a> {
             self.check_refusal(&d, code, recorded_reason, decision, reason)?;
             return Ok(());
         }
+        let reason = match decision {
+            Decision::Deny(code) => chip.reason(code, d.time).or(reason),
+            Decision::Allow => reason,
+        };
         if let Decision::Deny(c) = decision {
             let because = reason.map(|r| format!(" ({r})")).unwrap_or_default();
             self.violation(
@@ -533,6 +668,7 @@ impl<'a> Reconciler<'a> {
         &mut self,
         entry: &Arc<Issued>,
         d: &Decided<'_>,
+        chip: keyfab_policy::Chip<'_>,
     ) -> Result<(Decision, Option<String>, String)> {
         let already = self
             .devices
@@ -556,6 +692,7 @@ impl<'a> Reconciler<'a> {
                 device_id: d.device_id,
                 station: d.station,
                 already_provisioned: already,
+                chip,
             },
             d.time,
         );

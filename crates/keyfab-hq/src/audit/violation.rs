@@ -35,10 +35,12 @@ pub enum ViolationKind {
     PoolKeyNotIssued,
     /// One pool key handed out twice.
     PoolKeyReused,
+    /// A chip attestation that no release of its request follows.
+    ChipAttestation,
 }
 
 impl ViolationKind {
-    const NAMED: [ViolationKind; 12] = [
+    const NAMED: [ViolationKind; 13] = [
         ViolationKind::UnknownEntitlement,
         ViolationKind::TimestampBackwards,
         ViolationKind::ApproverNotListed,
@@ -51,6 +53,7 @@ impl ViolationKind {
         ViolationKind::CodeReplayDiffers,
         ViolationKind::PoolKeyNotIssued,
         ViolationKind::PoolKeyReused,
+        ViolationKind::ChipAttestation,
     ];
 
     /// The kind's name, as reports and the JSON give it.
@@ -69,6 +72,7 @@ impl ViolationKind {
             ViolationKind::CodeReplayDiffers => "code_replay_differs",
             ViolationKind::PoolKeyNotIssued => "pool_key_not_issued",
             ViolationKind::PoolKeyReused => "pool_key_reused",
+            ViolationKind::ChipAttestation => "chip_attestation_unreleased",
         }
     }
 

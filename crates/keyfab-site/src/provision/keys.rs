@@ -11,24 +11,27 @@ use keyfab_crypto::devicekey;
 use keyfab_crypto::secret::SecretBytes;
 use keyfab_crypto::time::UnixTime;
 use keyfab_crypto::x509::{self, Validity};
+use keyfab_formats::attestation::ChipSeen;
 use keyfab_node::{Error, Node, Result};
 use keyfab_policy::{KeySource, KeyType, Lifetime};
 
 pub(super) use keyfab_formats::entitlement::device_key_type as device_type;
 
-/// Per key spec, the work that needs no shared state.
+/// Per key spec, the work that needs no shared state; and the request's chip chain,
+/// judged against the policy's `[chips]` (the signatures checked here, off the
+/// committer; the rules in the decision).
 pub(super) fn prepare(
     node: &Node,
     ctx: &EntitlementContext,
     req: &ProvisionRequest,
     reserve: &KeyReserve,
-) -> Result<Vec<Prepared>> {
+) -> Result<(Vec<Prepared>, ChipSeen)> {
     // A device id the policy refuses is always refused (`decide` checks it whatever
     // else holds): nothing to prepare, and no certificate subject to build from it
     // (a comma in the id would make the DN fail, an internal error instead of
     // `device_id_rejected`).
     if !ctx.policy.device_id_ok(&req.device_id) {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), ChipSeen::Absent));
     }
     // Once the batch CA key is destroyed (window ended, revoked), the policy refuses
     // every new release and a retry is answered from its record: nothing to prepare,
@@ -41,7 +44,7 @@ pub(super) fn prepare(
             .iter()
             .any(|k| k.certificate.is_some())
     {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), ChipSeen::Absent));
     }
     let rng = node.rng.as_ref();
     let now = node.now();
@@ -63,6 +66,25 @@ pub(super) fn prepare(
             "this entitlement has keys with source 'device': the request needs the device's CSR"
                 .into(),
         ));
+    }
+    let chips = ctx.policy.policy.chips.as_ref();
+    let chip = keyfab_formats::attestation::judge(
+        chips,
+        req.chip_chain.as_deref(),
+        req.transport_key
+            .as_ref()
+            .map(|k| devicekey::KeyId::Public(k.fingerprint()).to_text()),
+        device_key
+            .as_ref()
+            .map(|k| devicekey::public_key_id(k).to_text()),
+    );
+    // A chain that did not verify, or none where one is required, is refused whatever
+    // else holds: no key is made for it.
+    let required = chips.is_some_and(|c| c.attestation == keyfab_policy::Attestation::Required);
+    match chip {
+        ChipSeen::Untrusted(_) => return Ok((Vec::new(), chip)),
+        ChipSeen::Absent if required => return Ok((Vec::new(), chip)),
+        _ => {}
     }
     let mut out = Vec::with_capacity(ctx.policy.policy.keys.len());
     for (spec_index, spec) in ctx.policy.policy.keys.iter().enumerate() {
@@ -128,7 +150,7 @@ pub(super) fn prepare(
             }
         });
     }
-    Ok(out)
+    Ok((out, chip))
 }
 
 /// The private parts a retry of `record`'s request gets again, per key spec: from the

@@ -51,6 +51,7 @@ impl Deciding<'_> {
             ctx,
             req,
             prepared,
+            chip,
             confirm,
             ..
         } = job;
@@ -98,6 +99,7 @@ impl Deciding<'_> {
         let (decision, reason) = decide_policy(
             &ctx,
             &req,
+            &chip,
             c,
             held,
             already,
@@ -137,6 +139,7 @@ impl Deciding<'_> {
                 let release = Release {
                     ctx: &ctx,
                     req: &req,
+                    chip: &chip,
                     reserving,
                     pool_index,
                     day,
@@ -403,10 +406,34 @@ impl Deciding<'_> {
         let Release {
             ctx,
             req,
+            chip,
             reserving,
             pool_index,
             day,
         } = release;
+        let attested = match (chip, &req.chip_chain) {
+            (ChipSeen::Verified { leaf, facts }, Some(chain)) => {
+                let certificate = leaf.fingerprint.to_hex();
+                self.log.append(
+                    &mut self.txn,
+                    self.now,
+                    Event::ChipAttested {
+                        entitlement: req.entitlement.to_string(),
+                        request_id: req.request_id.to_string(),
+                        device_id: req.device_id.to_string(),
+                        certificate: certificate.clone(),
+                        serial: leaf.serial_hex.clone(),
+                        transport_key: facts.transport_key.clone(),
+                        chain: chain
+                            .iter()
+                            .map(|c| serde_bytes::ByteBuf::from(c.clone()))
+                            .collect(),
+                    },
+                )?;
+                Some(certificate)
+            }
+            _ => None,
+        };
         let seq = self.log.append(
             &mut self.txn,
             self.now,
@@ -455,6 +482,7 @@ impl Deciding<'_> {
             sealed: keys.sealed,
             confirmed: None,
             transport_key: req.transport_key.as_ref().map(|k| k.fingerprint().to_hex()),
+            chip: attested,
         };
         let rr = RequestRecord {
             device_id: req.device_id.to_string(),
@@ -517,6 +545,8 @@ impl Deciding<'_> {
 pub(super) struct Release<'a> {
     pub(super) ctx: &'a EntitlementContext,
     pub(super) req: &'a ProvisionRequest,
+    /// The chip the release is for, when its chain verified.
+    pub(super) chip: &'a ChipSeen,
     /// Counted in this node's reservation (a node chain), not in the counters.
     pub(super) reserving: bool,
     pub(super) pool_index: Option<u64>,

@@ -40,6 +40,11 @@ pub(super) struct DeviceRecord {
     /// to a key of their own.
     #[serde(default)]
     pub(super) transport_key: Option<String>,
+    /// Hex SHA-256 of the chip certificate the release was attested with, if any: a
+    /// retry must carry the same chain. (Absent from records written before, which
+    /// have ten fields.)
+    #[serde(default)]
+    pub(super) chip: Option<String>,
 }
 
 /// The fields of a [`DeviceRecord`] in its stored order.
@@ -56,12 +61,45 @@ type DeviceRow = (
     Option<String>,
 );
 
+/// A [`DeviceRow`] with the chip certificate's fingerprint last.
+type DeviceRowWithChip = (
+    String,
+    u64,
+    u64,
+    Option<String>,
+    i64,
+    Option<String>,
+    Option<u64>,
+    Vec<serde_bytes::ByteBuf>,
+    Option<Confirmation>,
+    Option<String>,
+    Option<String>,
+);
+
+/// The first byte of a CBOR array of ten items: a record without the chip field.
+const ROW_OF_TEN: u8 = 0x8a;
+
 impl DeviceRecord {
     /// The stored form: a CBOR array of the fields in declaration order. A device's
     /// record is written with every decision and its bytes are most of what a commit
     /// writes per device: the array is half the bytes of the map stores kept before
     /// (at concurrency 64 the committer spends ~1.3 µs less per device; BENCHMARKS.md).
     pub(super) fn to_stored(&self) -> Result<Vec<u8>> {
+        if self.chip.is_some() {
+            return encode(&(
+                &self.request_id,
+                self.audit_sequence,
+                self.audit_row,
+                &self.audit_chain,
+                self.time,
+                &self.station,
+                self.pool_index,
+                &self.sealed,
+                &self.confirmed,
+                &self.transport_key,
+                &self.chip,
+            ));
+        }
         encode(&(
             &self.request_id,
             self.audit_sequence,
@@ -82,6 +120,22 @@ impl DeviceRecord {
         if bytes.first().map(|b| b >> 5) != Some(4) {
             return decode(bytes);
         }
+        if bytes.first() != Some(&ROW_OF_TEN) {
+            let row: DeviceRowWithChip = decode(bytes)?;
+            return Ok(Self {
+                request_id: row.0,
+                audit_sequence: row.1,
+                audit_row: row.2,
+                audit_chain: row.3,
+                time: row.4,
+                station: row.5,
+                pool_index: row.6,
+                sealed: row.7,
+                confirmed: row.8,
+                transport_key: row.9,
+                chip: row.10,
+            });
+        }
         let row: DeviceRow = decode(bytes)?;
         Ok(Self {
             request_id: row.0,
@@ -94,6 +148,7 @@ impl DeviceRecord {
             sealed: row.7,
             confirmed: row.8,
             transport_key: row.9,
+            chip: None,
         })
     }
 }
@@ -220,6 +275,7 @@ mod tests {
             sealed: vec![serde_bytes::ByteBuf::from(vec![0xAB; 4])],
             confirmed: None,
             transport_key: None,
+            chip: None,
         }
     }
 
@@ -234,6 +290,15 @@ mod tests {
         assert_eq!(hex::encode(&stored), SAMPLE_STORED);
         let back = DeviceRecord::from_stored(&stored).expect("decodes");
         assert_eq!(format!("{back:?}"), format!("{:?}", sample()));
+        // Attested: an eleventh field, the chip certificate's fingerprint.
+        let attested = DeviceRecord {
+            chip: Some("ab".repeat(32)),
+            ..sample()
+        };
+        let stored = attested.to_stored().expect("encodes");
+        assert_eq!(stored[0], 0x8b);
+        let back = DeviceRecord::from_stored(&stored).expect("decodes");
+        assert_eq!(format!("{back:?}"), format!("{attested:?}"));
     }
 
     #[test]

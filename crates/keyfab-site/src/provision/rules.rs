@@ -95,11 +95,12 @@ pub(super) fn code_decision(verdict: Verdict) -> (Decision, Option<String>) {
 /// Step 6, the decision proper (pure): the built-in rules on the entitlement's state as
 /// `c` has it (less what this node `held` in reservation and has not used), then the
 /// policy module's word, which it says in this same step. Returns the decision and, when
-/// a module refused, its reason.
+/// a module or the chip rules refused, the reason.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn decide_policy(
     ctx: &EntitlementContext,
     req: &ProvisionRequest,
+    chip: &ChipSeen,
     c: &mut Counters,
     held: u64,
     already: bool,
@@ -124,9 +125,15 @@ pub(super) fn decide_policy(
             device_id: &req.device_id,
             station: req.station.as_deref(),
             already_provisioned: already,
+            chip: chip.as_request(),
         },
         now,
     );
+    if let Decision::Deny(code) = built_in {
+        if let Some(reason) = chip.reason(code, now) {
+            return (built_in, Some(reason));
+        }
+    }
     match (built_in, &ctx.code) {
         (Decision::Allow, Some(module)) => {
             let counted = Counted {

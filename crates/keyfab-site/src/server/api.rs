@@ -268,6 +268,8 @@ struct ProvisionBody {
     /// The chip's transport key (P-256, SEC1 uncompressed, base64): the key material
     /// comes back sealed to it.
     transport_key: Option<String>,
+    /// The chip's certificate chain, leaf first: each certificate's DER, base64.
+    chip_certificates: Option<Vec<String>>,
 }
 
 /// A station whose certificate does not check out is refused (403, with the check's
@@ -325,6 +327,12 @@ pub fn parse_provision(body: &[u8], station: &str) -> Result<ProvisionRequest, A
         })
         .transpose()
         .map_err(|e| malformed("transport_key", e))?;
+    let chip_chain = body
+        .chip_certificates
+        .as_deref()
+        .map(chip_certificates)
+        .transpose()
+        .map_err(|e| malformed("chip_certificates", e))?;
     Ok(ProvisionRequest {
         entitlement: checked(&body.entitlement)?,
         device_id: checked(&body.device_id)?,
@@ -332,7 +340,39 @@ pub fn parse_provision(body: &[u8], station: &str) -> Result<ProvisionRequest, A
         request_id: checked(&body.request_id)?,
         csr,
         transport_key,
+        chip_chain,
     })
+}
+
+/// A chain as the station API carries it: 1 to [`MAX_CHIP_CHAIN`] base64 DER
+/// certificates of at most [`MAX_CHIP_CERT_BYTES`] each.
+///
+/// [`MAX_CHIP_CHAIN`]: keyfab_crypto::x509::chip::MAX_CHIP_CHAIN
+/// [`MAX_CHIP_CERT_BYTES`]: keyfab_crypto::x509::chip::MAX_CHIP_CERT_BYTES
+fn chip_certificates(encoded: &[String]) -> Result<Vec<Vec<u8>>, String> {
+    use base64::Engine;
+    use keyfab_crypto::x509::chip::{MAX_CHIP_CERT_BYTES, MAX_CHIP_CHAIN};
+    if encoded.is_empty() || encoded.len() > MAX_CHIP_CHAIN {
+        return Err(format!(
+            "{} certificates, 1 to {MAX_CHIP_CHAIN}",
+            encoded.len()
+        ));
+    }
+    encoded
+        .iter()
+        .enumerate()
+        .map(|(i, b64)| {
+            // Base64 is 4/3 of the bytes: refuse before decoding what cannot fit.
+            if b64.len() > MAX_CHIP_CERT_BYTES.div_ceil(3) * 4 {
+                return Err(format!(
+                    "certificate {i}: more than {MAX_CHIP_CERT_BYTES} bytes"
+                ));
+            }
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| format!("certificate {i}: {e}"))
+        })
+        .collect()
 }
 
 /// Parses a `POST /v1/confirm` body strictly: (entitlement, device id, result).

@@ -161,14 +161,18 @@ pub(crate) fn dispatch(
             device_id,
             request_id,
             csr,
+            chip,
             out,
         }) => crate::line::station_provision(
             &ctx,
             &station,
-            &entitlement,
-            &device_id,
-            request_id.as_deref(),
-            csr.as_deref(),
+            crate::line::StationAsk {
+                entitlement: &entitlement,
+                device_id: &device_id,
+                request_id: request_id.as_deref(),
+                csr: csr.as_deref(),
+                chip: &chip,
+            },
             out.as_deref(),
         ),
         Command::Site(SiteCommand::Config {

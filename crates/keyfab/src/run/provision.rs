@@ -34,6 +34,25 @@ pub(crate) fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Fail
         }
         None => None,
     };
+    let lot = a.device_ids.is_some();
+    if lot && (a.chip.transport_key.is_some() || a.chip.chip_chain.is_some()) {
+        return Err(Failure::new(
+            Code::InvalidInput,
+            "--transport-key and --chip-chain belong to one chip: give them with --device-id, not --device-ids",
+        ));
+    }
+    let transport_key = a
+        .chip
+        .transport_key
+        .as_deref()
+        .map(crate::output::read_transport_key)
+        .transpose()?;
+    let chip_chain = a
+        .chip
+        .chip_chain
+        .as_deref()
+        .map(crate::output::read_chip_chain)
+        .transpose()?;
     // A site that stopped itself, or whose log's end or size no longer fits, decides
     // nothing (the latter latches it).
     keyfab_site::latch::check_cheaply(&node)?;
@@ -50,7 +69,8 @@ pub(crate) fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Fail
             station: station.clone(),
             request_id: checked(&request_id)?,
             csr: csr.clone(),
-            transport_key: None,
+            transport_key: transport_key.clone(),
+            chip_chain: chip_chain.clone(),
         })
     };
     if let (Some(list), Some(out)) = (&a.device_ids, &a.out) {
@@ -72,11 +92,18 @@ pub(crate) fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Fail
     let bundle = keyfab_site::bundle::device_bundle(&p);
     if let Some(out) = &a.out {
         keyfab_node::out_file::write_new(out, format!("{bundle:#}\n").as_bytes()).map_err(|e| {
+            let file = |flag: &str, p: &Option<std::path::PathBuf>| {
+                p.as_ref()
+                    .map_or_else(String::new, |p| format!(" {flag} {}", p.display()))
+            };
             let again = format!(
-                "keyfab site provision --home {} --entitlement {} --device-id {device_id} --request-id {request_id}{} --out OTHER-FILE",
+                "keyfab site provision --home {} --entitlement {} --device-id {device_id} --request-id {request_id}{}{}{}{} --out OTHER-FILE",
                 a.home.home.display(),
                 a.entitlement,
                 a.station.as_ref().map(|s| format!(" --station {s}")).unwrap_or_default(),
+                file("--csr", &a.csr),
+                file("--transport-key", &a.chip.transport_key),
+                file("--chip-chain", &a.chip.chip_chain),
             );
             after_release(io_fail(out, e), &request_id, &again)
         })?;
