@@ -25,6 +25,9 @@ pub struct ChipKey {
 pub struct SimulatedChip {
     device_id: String,
     transport: HpkeSecretKey,
+    /// The certificate chain its vendor gave it for its transport key (DER, leaf
+    /// first); empty for a chip without one.
+    certificates: Vec<Vec<u8>>,
 }
 
 fn bad(what: impl Into<String>) -> StationError {
@@ -46,6 +49,7 @@ impl SimulatedChip {
         Self {
             device_id: device_id.to_owned(),
             transport: HpkeSecretKey::generate(rng),
+            certificates: Vec::new(),
         }
     }
 
@@ -55,7 +59,35 @@ impl SimulatedChip {
         Ok(Self {
             device_id: device_id.to_owned(),
             transport: HpkeSecretKey::from_bytes(scalar).map_err(|e| bad(e.to_string()))?,
+            certificates: Vec::new(),
         })
+    }
+
+    /// This chip, holding the certificate chain its vendor gave it (DER, leaf first).
+    pub fn with_certificates(mut self, chain: Vec<Vec<u8>>) -> Self {
+        self.certificates = chain;
+        self
+    }
+
+    /// The chip's certificate chain as the station API takes it (base64 DER, leaf
+    /// first); `None` for a chip without one. All a station can send: the chip gives it.
+    pub fn certificates_base64(&self) -> Option<Vec<String>> {
+        (!self.certificates.is_empty()).then(|| {
+            self.certificates
+                .iter()
+                .map(|c| base64::engine::general_purpose::STANDARD.encode(c))
+                .collect()
+        })
+    }
+
+    /// The transport key's public point (SEC1 uncompressed).
+    pub fn transport_point(&self) -> Result<Vec<u8>> {
+        Ok(self
+            .transport
+            .public_key()
+            .map_err(|e| bad(e.to_string()))?
+            .sec1()
+            .to_vec())
     }
 
     /// The chip's device id.

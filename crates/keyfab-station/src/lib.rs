@@ -6,12 +6,14 @@
 //! - ask for a device's keys: [`Client::provision`] (retries a dropped connection with
 //!   the same request id, on the next URL if there are several);
 //! - the chip end, which opens keys sealed to it and checks its certificates:
-//!   [`device::SimulatedChip`].
+//!   [`device::SimulatedChip`]; the vendor that certified it, for drills:
+//!   [`chip_vendor::ChipVendor`].
 //!
 //! The client trusts only its site's line CA, presents its station certificate, and
 //! speaks TLS 1.3 only.
 #![forbid(unsafe_code)]
 
+pub mod chip_vendor;
 pub mod device;
 pub mod http;
 
@@ -58,6 +60,9 @@ pub enum StationError {
     /// The station directory is missing a file or holds a bad one.
     #[error("station directory: {0}")]
     StationDir(String),
+    /// A simulated chip vendor's directory is missing a file or holds a bad one.
+    #[error("chip vendor: {0}")]
+    ChipVendor(String),
     /// An answer that does not parse as the API describes.
     #[error("the site's answer is not what the API describes: {0}")]
     BadAnswer(String),
@@ -198,6 +203,8 @@ struct Inner {
     preferred: std::sync::atomic::AtomicUsize,
     /// Requests sent again so far, and why.
     retried: RetryCounters,
+    /// The vendor that certified the simulated chips of a line, if they are certified.
+    chip_vendor: Option<Arc<chip_vendor::ChipVendor>>,
 }
 
 #[derive(Default)]
@@ -247,6 +254,7 @@ impl Client {
                 idle: Default::default(),
                 preferred: Default::default(),
                 retried: Default::default(),
+                chip_vendor: None,
             }),
         })
     }
@@ -256,6 +264,15 @@ impl Client {
     pub fn with_attempts(mut self, attempts: usize) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.attempts = attempts.clamp(1, MAX_ATTEMPTS);
+        }
+        self
+    }
+
+    /// This client, its line's simulated chips certified by `vendor`: each request of a
+    /// line carries its chip's certificate chain. Call before cloning.
+    pub fn with_chip_vendor(mut self, vendor: chip_vendor::ChipVendor) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.chip_vendor = Some(Arc::new(vendor));
         }
         self
     }
@@ -290,11 +307,27 @@ impl Client {
             let secret =
                 self.derived(&format!("chip-transport-key/{round}"), entitlement, device)?;
             match device::SimulatedChip::with_transport_key(device, secret.expose()) {
-                Ok(chip) => return Ok(chip),
+                Ok(chip) => return self.certified(chip),
                 Err(e) => last = Some(e),
             }
         }
         Err(last.unwrap_or_else(|| StationError::BadAnswer("no transport key".into())))
+    }
+
+    /// `chip`, with the certificate chain its vendor gave it, when the line's chips are
+    /// certified: the chip's serial is its device id.
+    fn certified(&self, chip: device::SimulatedChip) -> Result<device::SimulatedChip> {
+        let Some(vendor) = &self.inner.chip_vendor else {
+            return Ok(chip);
+        };
+        let point = chip.transport_point()?;
+        let chain = vendor.chain_of(
+            chip.device_id(),
+            &point,
+            &keyfab_crypto::rng::SystemRng,
+            self.inner.clock.now(),
+        )?;
+        Ok(chip.with_certificates(chain))
     }
 
     /// The requests this client (and its clones) sent again so far, by reason.
@@ -809,7 +842,7 @@ fn program(
         device_id: device.to_owned(),
         csr: None,
         transport_key: Some(chip.transport_key().map_err(failed)?),
-        chip_certificates: None,
+        chip_certificates: chip.certificates_base64(),
     };
     let bundle = match client.provision_answered(&req) {
         Ok((bundle, url)) => {

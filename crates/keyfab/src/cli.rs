@@ -214,6 +214,19 @@ pub(crate) enum PkiCommand {
         #[arg(long, value_parser = parse_lifetime)]
         days: Option<Lifetime>,
     },
+    /// Create a chip vendor for drills: DIR/vendor-root.crt (the root a policy's
+    /// `[chips] roots` lists) and DIR/vendor.key, with which `station run --chip-vendor
+    /// DIR` certifies its simulated chips.
+    #[command(after_help = "Example:
+  keyfab pki init-chip-vendor --dir chip-vendor --subject \"CN=Drill Chips Root,O=Drill Semiconductors\"\n\nThe vendor key is kept in clear (mode 0600): a drill's, to stand in for the vendor\nthat certified a real secure element's key at its factory. A real policy lists the\nroot its chip vendor publishes.")]
+    InitChipVendor {
+        /// The vendor's directory (created; refused if it holds a vendor already).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Distinguished name of the vendor's root (CN, O, OU, C, ST, L).
+        #[arg(long, default_value = "CN=Drill Chip Vendor Root")]
+        subject: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -709,6 +722,12 @@ refusal such as `daily_limit_exceeded`, 1 for `unreachable`), after the same sum
         /// decision, the URL that answered — to reconcile the line with the site's audit.
         #[arg(long, value_name = "FILE")]
         device_log: Option<PathBuf>,
+        /// Simulate chips certified by the drill chip vendor in DIR (`keyfab pki
+        /// init-chip-vendor`): each chip's transport key gets the vendor's certificate
+        /// (the chip's serial is its device id), and each request carries that chain,
+        /// for a policy whose `[chips]` requires attestation.
+        #[arg(long, value_name = "DIR")]
+        chip_vendor: Option<PathBuf>,
     },
     /// Tell the site a device was programmed, or that programming failed (its keys are
     /// then burned). Either way the keys are never handed out again.

@@ -482,7 +482,6 @@ fn station_failure(e: keyfab_station::StationError) -> Failure {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 /// What `station provision` asks for one device.
 pub(crate) struct StationAsk<'a> {
     pub(crate) entitlement: &'a str,
@@ -625,10 +624,15 @@ pub(crate) struct LineArgs<'a> {
     pub concurrency: usize,
     pub prefix: &'a str,
     pub first: u64,
+    pub chip_vendor: Option<&'a Path>,
 }
 
 pub(crate) fn station_run(ctx: &Context, a: &LineArgs<'_>) -> Result<Report, Failure> {
-    let client = station_client(ctx, a.station)?;
+    let mut client = station_client(ctx, a.station)?;
+    if let Some(dir) = a.chip_vendor {
+        let vendor = keyfab_station::chip_vendor::ChipVendor::open(dir).map_err(station_failure)?;
+        client = client.with_chip_vendor(vendor);
+    }
     let root_text = read_input_text(a.root_cert, keyfab_formats::MAX_SMALL_INPUT)?;
     let root = x509::from_pem(&root_text, "CERTIFICATE")
         .map_err(|e| Failure::new(Code::InvalidInput, format!("--root-cert: {e}")))?;

@@ -50,6 +50,9 @@ pub(crate) fn dispatch(
             out,
             days,
         }) => issue(&ctx, &home.home, &csr, role, &out, days),
+        Command::Pki(PkiCommand::InitChipVendor { dir, subject }) => {
+            crate::run::pki::init_chip_vendor(&ctx, &dir, &subject)
+        }
         Command::Hq(HqCommand::Init(a)) => init_node(&ctx, &a, NodeKind::Hq),
         Command::Hq(HqCommand::InstallCert(a)) => {
             install_cert(&ctx, &a.home.home, NodeKind::Hq, &a.cert, &a.root_cert)
@@ -136,6 +139,7 @@ pub(crate) fn dispatch(
             device_prefix,
             first,
             device_log,
+            chip_vendor,
         }) => crate::line::station_run(
             &ctx,
             &crate::line::LineArgs {
@@ -147,6 +151,7 @@ pub(crate) fn dispatch(
                 concurrency,
                 prefix: &device_prefix,
                 first,
+                chip_vendor: chip_vendor.as_deref(),
             },
         ),
         Command::Station(StationCommand::Confirm {

@@ -100,3 +100,35 @@ impl Outcome for CertIssued {
         )
     }
 }
+
+pub(crate) fn init_chip_vendor(
+    ctx: &Context,
+    dir: &Path,
+    subject: &str,
+) -> Result<Report, Failure> {
+    let rng = ctx.rng();
+    let root_cert =
+        keyfab_station::chip_vendor::ChipVendor::create(dir, subject, rng.as_ref(), ctx.now()?)
+            .map_err(|e| Failure::new(keyfab_node::Code::InvalidInput, e.to_string()))?;
+    Report::of(&ChipVendorCreated {
+        root_cert,
+        subject: subject.to_owned(),
+    })
+}
+
+/// `pki init-chip-vendor`: a drill's chip vendor made.
+#[derive(Serialize)]
+struct ChipVendorCreated {
+    root_cert: PathBuf,
+    subject: String,
+}
+
+impl Outcome for ChipVendorCreated {
+    fn text(&self) -> String {
+        format!(
+            "chip vendor '{}' created; list {} in a policy's [chips] roots, and give its directory to `keyfab station run --chip-vendor`",
+            self.subject,
+            self.root_cert.display()
+        )
+    }
+}

@@ -14,6 +14,7 @@ mod approval;
 #[cfg(feature = "bench")]
 mod bench;
 mod certificates;
+mod chips;
 mod cluster;
 mod crash;
 mod demo;

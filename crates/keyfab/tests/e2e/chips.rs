@@ -1,0 +1,561 @@
+//! Chip attestation end to end: the real `keyfab site serve` over mutual TLS, real
+//! stations (`keyfab station provision`, `keyfab station run`), chips certified by a
+//! drill vendor (`keyfab pki init-chip-vendor`) — and a compromised station that sends
+//! a key of its own making, its own CSR, or chains that do not hold.
+
+use crate::common::*;
+use base64::Engine;
+use keyfab_crypto::hpke::HpkeSecretKey;
+use keyfab_crypto::rng::SystemRng;
+use keyfab_crypto::time::UnixTime;
+use keyfab_crypto::x509;
+use keyfab_station::chip_vendor::ChipVendor;
+use std::path::{Path, PathBuf};
+
+const POOL_POLICY: &str = r#"product = "line"
+devices = 20
+valid_from = "2026-01-01T00:00:00Z"
+valid_until = "2030-01-01T00:00:00Z"
+[[keys]]
+name = "identity"
+type = "ec-p256"
+source = "hq-pool"
+certificate = { subject = "CN={device_id},O=Acme", days = 365 }
+[[keys]]
+name = "firmware"
+type = "aes-256"
+source = "hq-pool"
+[chips]
+attestation = "required"
+roots = ["vendor/vendor-root.crt"]
+device_id_from = "subject-serial"
+"#;
+
+const CSR_POLICY: &str = r#"product = "line"
+devices = 20
+valid_from = "2026-01-01T00:00:00Z"
+valid_until = "2030-01-01T00:00:00Z"
+[[keys]]
+name = "identity"
+type = "ec-p256"
+source = "device"
+certificate = { subject = "CN={device_id},O=Acme", days = 365 }
+[chips]
+attestation = "required"
+roots = ["vendor/vendor-root.crt"]
+device_id_from = "subject-serial"
+"#;
+
+fn openssl(args: &[&str]) {
+    let o = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn now() -> UnixTime {
+    UnixTime(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64,
+    )
+}
+
+/// Writes a chain (PEM) to `name` in the world: its path.
+fn chain_file(w: &World, name: &str, chain: &[Vec<u8>]) -> PathBuf {
+    let path = w.path(name);
+    let pem: String = chain
+        .iter()
+        .map(|c| x509::to_pem(c, "CERTIFICATE"))
+        .collect();
+    std::fs::write(&path, pem).unwrap();
+    path
+}
+
+/// A chip as its vendor made it: its transport key, the key's PEM file, and its chain's
+/// file, certified for `serial`.
+fn genuine_chip(
+    w: &World,
+    vendor: &Path,
+    serial: &str,
+    name: &str,
+) -> (HpkeSecretKey, PathBuf, PathBuf) {
+    let key = HpkeSecretKey::generate(&SystemRng);
+    let public = key.public_key().unwrap();
+    let chain = ChipVendor::open(vendor)
+        .unwrap()
+        .chain_of(serial, public.sec1(), &SystemRng, now())
+        .unwrap();
+    let pub_file = w.path(&format!("{name}.pub"));
+    std::fs::write(&pub_file, x509::to_pem(&public.spki_der(), "PUBLIC KEY")).unwrap();
+    (
+        key,
+        pub_file,
+        chain_file(w, &format!("{name}-chain.pem"), &chain),
+    )
+}
+
+/// A P-256 key a compromised station made itself with OpenSSL: (private key file,
+/// public key file).
+fn station_key(w: &World, name: &str) -> (PathBuf, PathBuf) {
+    let (key, public) = (
+        w.path(&format!("{name}.key")),
+        w.path(&format!("{name}.pub")),
+    );
+    openssl(&[
+        "ecparam",
+        "-genkey",
+        "-name",
+        "prime256v1",
+        "-noout",
+        "-out",
+        &s(&key),
+    ]);
+    openssl(&["ec", "-in", &s(&key), "-pubout", "-out", &s(&public)]);
+    (key, public)
+}
+
+fn ask(url: &str, dir: &Path, id: &str, device: &str, request: &str, extra: &[&str]) -> Out {
+    let dir = s(dir);
+    let mut args = vec![
+        "station",
+        "provision",
+        "--url",
+        url,
+        "--station-dir",
+        &dir,
+        "--entitlement",
+        id,
+        "--device-id",
+        device,
+        "--request-id",
+        request,
+    ];
+    args.extend_from_slice(extra);
+    keyfab(&args, None)
+}
+
+/// Every way a secret could show in an answer: raw bytes as text, hex, base64, and the
+/// PEM of a PKCS#8 key.
+fn encodings(secret: &[u8]) -> Vec<String> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut out = vec![
+        hex::encode(secret),
+        hex::encode_upper(secret),
+        b64.encode(secret),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret),
+        String::from_utf8_lossy(secret).into_owned(),
+    ];
+    if secret.len() > 40 {
+        // A PEM body is base64 in lines of 64: each line on its own.
+        let pem = x509::to_pem(secret, "PRIVATE KEY");
+        out.extend(
+            pem.lines()
+                .filter(|l| !l.starts_with("-----"))
+                .map(str::to_owned),
+        );
+    }
+    out.retain(|e| e.len() >= 16);
+    out
+}
+
+#[test]
+fn a_station_that_substitutes_its_own_transport_key_gets_nothing() {
+    let w = world();
+    let vendor = w.path("vendor");
+    ok(&["pki", "init-chip-vendor", "--dir", &s(&vendor)]);
+    let id = imported(&w, POOL_POLICY, "chips");
+    let line = w.path("line-1");
+    enroll(&w.site, "line-1", &line);
+    let server = Server::start(&w.site);
+    let url = server.url();
+
+    // The genuine chip of D-0001, and the station's own key.
+    let (chip, chip_pub, chip_chain) = genuine_chip(&w, &vendor, "D-0001", "d1");
+    let (evil_key, evil_pub) = station_key(&w, "evil");
+    let chain_arg = s(&chip_chain);
+    let evil_arg = s(&evil_pub);
+    let refused_out = w.path("refused.json");
+    let mut refusals = Vec::new();
+    // Its own transport key with the chip's chain: the keys would open for it.
+    let o = ask(
+        &url,
+        &line,
+        &id,
+        "D-0001",
+        "evil-1",
+        &[
+            "--transport-key",
+            &evil_arg,
+            "--chip-chain",
+            &chain_arg,
+            "--out",
+            &s(&refused_out),
+        ],
+    );
+    o.assert_error(3, "chip_key_mismatch", "the chip certificate certifies");
+    assert!(!refused_out.exists(), "nothing is written for a refusal");
+    refusals.push(o.json.to_string());
+    // Its own key, no chain.
+    let o = ask(
+        &url,
+        &line,
+        &id,
+        "D-0001",
+        "evil-2",
+        &["--transport-key", &evil_arg],
+    );
+    o.assert_error(3, "chip_untrusted", "the policy requires one");
+    refusals.push(o.json.to_string());
+    // Its own key, certified by itself.
+    let self_made = w.path("self-made.pem");
+    openssl(&[
+        "req",
+        "-x509",
+        "-key",
+        &s(&evil_key),
+        "-subj",
+        "/CN=D-0001/serialNumber=D-0001",
+        "-days",
+        "30",
+        "-out",
+        &s(&self_made),
+    ]);
+    let o = ask(
+        &url,
+        &line,
+        &id,
+        "D-0001",
+        "evil-3",
+        &["--transport-key", &evil_arg, "--chip-chain", &s(&self_made)],
+    );
+    o.assert_error(3, "chip_untrusted", "");
+    refusals.push(o.json.to_string());
+    // No transport key at all: the keys would leave in clear.
+    let o = ask(
+        &url,
+        &line,
+        &id,
+        "D-0001",
+        "evil-4",
+        &["--chip-chain", &chain_arg],
+    );
+    o.assert_error(3, "chip_key_mismatch", "transport key none");
+    refusals.push(o.json.to_string());
+
+    // The genuine chip gets the pool slot none of those took: its keys, sealed to it.
+    let args = ["--transport-key", &s(&chip_pub), "--chip-chain", &chain_arg];
+    let good = ask(&url, &line, &id, "D-0001", "good-1", &args);
+    assert_eq!(good.code, 0, "{}", good.json);
+    assert_eq!(good.json["audit_sequence"].as_u64().is_some(), true);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let enc = b64
+        .decode(good.json["chip_enc_base64"].as_str().unwrap())
+        .unwrap();
+    let sealed: Vec<(String, Vec<u8>)> = good.json["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            assert!(k.get("private_key_pem").is_none() && k.get("secret_base64").is_none());
+            let ct = k["sealed_private_base64"].as_str().unwrap();
+            (
+                k["name"].as_str().unwrap().to_owned(),
+                b64.decode(ct).unwrap(),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &[u8])> = sealed
+        .iter()
+        .map(|(n, c)| (n.as_str(), c.as_slice()))
+        .collect();
+    let binding = keyfab_formats::chip::Binding {
+        site: "shenzhen-1",
+        entitlement: &id,
+        device_id: "D-0001",
+    };
+    let opened = keyfab_formats::chip::open_keys(&chip, &binding, &enc, &refs).unwrap();
+    assert_eq!(opened.len(), 2);
+    // What the refused requests were answered holds none of those keys, in any encoding.
+    for secret in &opened {
+        for encoding in encodings(secret.expose()) {
+            for refusal in &refusals {
+                assert!(!refusal.contains(&encoding), "{refusal}");
+            }
+        }
+    }
+    for refusal in &refusals {
+        for field in [
+            "private_key_pem",
+            "secret_base64",
+            "sealed_private_base64",
+            "chip_enc",
+        ] {
+            assert!(!refusal.contains(field), "{refusal}");
+        }
+    }
+
+    // A retry must come from the same chip: the same transport key and chain.
+    let again = ask(&url, &line, &id, "D-0001", "good-1", &args);
+    assert_eq!(again.code, 0, "{}", again.json);
+    assert_eq!(again.json["replayed"], true);
+    let (_, _, other_chain) = genuine_chip(&w, &vendor, "D-0001", "d1-other");
+    let o = ask(
+        &url,
+        &line,
+        &id,
+        "D-0001",
+        "good-1",
+        &[
+            "--transport-key",
+            &s(&chip_pub),
+            "--chip-chain",
+            &s(&other_chain),
+        ],
+    );
+    o.assert_error(1, "invalid_input", "same chip certificate chain");
+    let o = ask(
+        &url,
+        &line,
+        &id,
+        "D-0001",
+        "good-1",
+        &["--transport-key", &s(&chip_pub)],
+    );
+    assert_eq!(o.code, 1, "{}", o.json);
+    let o = ask(
+        &url,
+        &line,
+        &id,
+        "D-0001",
+        "good-1",
+        &["--transport-key", &evil_arg, "--chip-chain", &chain_arg],
+    );
+    assert_ne!(o.code, 0, "{}", o.json);
+
+    // Each chain that does not hold, refused with its code.
+    let (_, d2_pub, named_d9) = genuine_chip(&w, &vendor, "D-0009", "d2-as-d9");
+    let o = ask(
+        &url,
+        &line,
+        &id,
+        "D-0002",
+        "bind-1",
+        &[
+            "--transport-key",
+            &s(&d2_pub),
+            "--chip-chain",
+            &s(&named_d9),
+        ],
+    );
+    o.assert_error(3, "chip_binding_mismatch", "device_id_from");
+    let other_vendor = w.path("other-vendor");
+    ok(&[
+        "pki",
+        "init-chip-vendor",
+        "--dir",
+        &s(&other_vendor),
+        "--subject",
+        "CN=Other Chips Root",
+    ]);
+    let (_, d3_pub, foreign) = genuine_chip(&w, &other_vendor, "D-0003", "d3");
+    let o = ask(
+        &url,
+        &line,
+        &id,
+        "D-0003",
+        "foreign-1",
+        &["--transport-key", &s(&d3_pub), "--chip-chain", &s(&foreign)],
+    );
+    o.assert_error(3, "chip_untrusted", "");
+    let (_, d4_pub, d4_chain) = genuine_chip(&w, &vendor, "D-0004", "d4");
+    let mut der = x509::chip::read_chip_chain(&std::fs::read(&d4_chain).unwrap()).unwrap();
+    let n = der[0].len();
+    der[0][n - 3] ^= 1;
+    let broken = chain_file(&w, "broken.pem", &der);
+    let o = ask(
+        &url,
+        &line,
+        &id,
+        "D-0004",
+        "broken-1",
+        &["--transport-key", &s(&d4_pub), "--chip-chain", &s(&broken)],
+    );
+    o.assert_error(3, "chip_untrusted", "");
+    let o = ask(
+        &url,
+        &line,
+        &id,
+        "D-0004",
+        "ca-leaf-1",
+        &[
+            "--transport-key",
+            &s(&d4_pub),
+            "--chip-chain",
+            &s(&vendor.join("vendor-root.crt")),
+        ],
+    );
+    o.assert_error(3, "chip_untrusted", "");
+    let garbage = w.path("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let o = ask(
+        &url,
+        &line,
+        &id,
+        "D-0004",
+        "garbage-1",
+        &["--transport-key", &s(&d4_pub), "--chip-chain", &s(&garbage)],
+    );
+    o.assert_error(3, "chip_untrusted", "");
+
+    // A line of chips certified by the vendor programs every device.
+    let report = ok(&[
+        "station",
+        "run",
+        "--url",
+        &url,
+        "--station-dir",
+        &s(&line),
+        "--root-cert",
+        &s(&w.root.join("root.crt")),
+        "--entitlement",
+        &id,
+        "--devices",
+        "4",
+        "--concurrency",
+        "2",
+        "--device-prefix",
+        "SIM-",
+        "--chip-vendor",
+        &s(&vendor),
+    ]);
+    assert_eq!(report["programmed"], 4, "{report}");
+    // Without the vendor's chains, the same line is refused.
+    let o = keyfab(
+        &[
+            "station",
+            "run",
+            "--url",
+            &url,
+            "--station-dir",
+            &s(&line),
+            "--root-cert",
+            &s(&w.root.join("root.crt")),
+            "--entitlement",
+            &id,
+            "--devices",
+            "2",
+            "--first",
+            "100",
+            "--device-prefix",
+            "SIM-",
+        ],
+        None,
+    );
+    assert_eq!(o.code, 3, "{}", o.json);
+    assert_eq!(o.json["refused"]["chip_untrusted"], 2, "{}", o.json);
+    drop(server);
+
+    // HQ verifies every chain again and finds the log as the policy wants it.
+    let report = hq_finds_no_violations(&w, "chips");
+    let text = report.to_string();
+    assert!(
+        text.contains("chip_key_mismatch") && text.contains("chip_untrusted"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_station_that_substitutes_its_own_csr_is_refused() {
+    let w = world();
+    let vendor = w.path("vendor");
+    ok(&["pki", "init-chip-vendor", "--dir", &s(&vendor)]);
+    let id = imported(&w, CSR_POLICY, "csr-chips");
+    // The chip's own key, certified by its vendor, and a CSR of it.
+    let (chip_key, chip_pub) = station_key(&w, "chip");
+    let point = match x509::device_public_key(
+        &x509::from_pem(&std::fs::read_to_string(&chip_pub).unwrap(), "PUBLIC KEY").unwrap(),
+    )
+    .unwrap()
+    {
+        x509::DevicePublicKey::P256(p) => p,
+        other => panic!("{other:?}"),
+    };
+    let chain = ChipVendor::open(&vendor)
+        .unwrap()
+        .chain_of("D-0001", &point, &SystemRng, now())
+        .unwrap();
+    let chain = chain_file(&w, "chip-chain.pem", &chain);
+    let csr_of = |key: &Path, name: &str| {
+        let csr = w.path(name);
+        openssl(&[
+            "req",
+            "-new",
+            "-key",
+            &s(key),
+            "-subj",
+            "/CN=ignored",
+            "-out",
+            &s(&csr),
+        ]);
+        csr
+    };
+    let genuine_csr = csr_of(&chip_key, "chip.csr");
+    let (evil_key, _) = station_key(&w, "evil");
+    let evil_csr = csr_of(&evil_key, "evil.csr");
+    let o = provision(
+        &w,
+        &id,
+        "D-0001",
+        &["--csr", &s(&evil_csr), "--chip-chain", &s(&chain)],
+        None,
+    );
+    o.assert_error(3, "chip_key_mismatch", "CSR key");
+    assert!(!o.json.to_string().contains("CERTIFICATE"), "{}", o.json);
+    let o = provision(&w, &id, "D-0001", &["--csr", &s(&evil_csr)], None);
+    o.assert_error(3, "chip_untrusted", "");
+    let good = provision(
+        &w,
+        &id,
+        "D-0001",
+        &["--csr", &s(&genuine_csr), "--chip-chain", &s(&chain)],
+        None,
+    );
+    assert_eq!(good.code, 0, "{}", good.json);
+    assert!(good.json["keys"][0]["certificate_pem"]
+        .as_str()
+        .unwrap()
+        .contains("CERTIFICATE"));
+    // A chip chain with a lot is refused before anything is asked.
+    let list = w.path("lot.txt");
+    std::fs::write(&list, "D-0002\n").unwrap();
+    let o = keyfab(
+        &[
+            "site",
+            "provision",
+            "--home",
+            &s(&w.site),
+            "--entitlement",
+            &id,
+            "--device-ids",
+            &s(&list),
+            "--out",
+            &s(&w.path("lot.jsonl")),
+            "--chip-chain",
+            &s(&chain),
+        ],
+        None,
+    );
+    o.assert_error(1, "invalid_input", "--device-id");
+    hq_finds_no_violations(&w, "csr-chips");
+}
