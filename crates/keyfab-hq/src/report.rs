@@ -220,6 +220,9 @@ pub struct ManifestRow {
     pub certificate_der: Vec<u8>,
     /// SHA-256 of the certificate (DER), hex.
     pub certificate_sha256: String,
+    /// SHA-256 of the chip certificate the release was attested with (DER), hex; none
+    /// for a device released without chip attestation.
+    pub chip_certificate_sha256: Option<String>,
 }
 
 /// An entitlement's device certificates from the site's verified audit: every released
@@ -238,8 +241,19 @@ pub fn manifest(
         })?;
     let mut rows = Vec::new();
     let mut confirmed = std::collections::HashMap::new();
+    // The chip attestation a chain recorded last: the release right after it is its.
+    let mut attested: std::collections::HashMap<Option<String>, (String, String)> =
+        std::collections::HashMap::new();
     for r in crate::audit::site_records(node, &issued.site)? {
+        let chip = attested.remove(&r.chain);
         match r.event {
+            Event::ChipAttested {
+                request_id,
+                certificate,
+                ..
+            } => {
+                attested.insert(r.chain.clone(), (request_id, certificate));
+            }
             Event::DeviceConfirmed {
                 entitlement: e,
                 device_id,
@@ -250,11 +264,15 @@ pub fn manifest(
             }
             Event::ProvisionAllowed {
                 entitlement: e,
+                request_id,
                 device_id,
                 station,
                 keys,
                 ..
             } if e == entitlement => {
+                let chip_certificate = chip
+                    .filter(|(attested_request, _)| *attested_request == request_id)
+                    .map(|(_, certificate)| certificate);
                 for k in keys {
                     let Some(cert) = k.certificate else { continue };
                     let cert = cert.into_vec();
@@ -274,6 +292,7 @@ pub fn manifest(
                         certificate_pem: keyfab_crypto::x509::to_pem(&cert, "CERTIFICATE"),
                         certificate_sha256: Fingerprint::of(&cert).to_hex(),
                         certificate_der: cert,
+                        chip_certificate_sha256: chip_certificate.clone(),
                     });
                 }
             }

@@ -549,7 +549,7 @@ fn csv_field(text: &str) -> std::borrow::Cow<'_, str> {
 /// The manifest's CSV: a header, then one line per device certificate.
 fn manifest_csv(rows: &[keyfab_hq::report::ManifestRow]) -> String {
     use base64::Engine;
-    let mut b = String::from("device_id,entitlement,key,status,station,time,audit_sequence,audit_chain,key_id,cert_serial,certificate_sha256,certificate_der_base64\n");
+    let mut b = String::from("device_id,entitlement,key,status,station,time,audit_sequence,audit_chain,key_id,cert_serial,certificate_sha256,chip_certificate_sha256,certificate_der_base64\n");
     for r in rows {
         let der = base64::engine::general_purpose::STANDARD.encode(&r.certificate_der);
         let fields = [
@@ -564,6 +564,7 @@ fn manifest_csv(rows: &[keyfab_hq::report::ManifestRow]) -> String {
             r.key_id.as_str().into(),
             r.cert_serial.as_str().into(),
             r.certificate_sha256.as_str().into(),
+            r.chip_certificate_sha256.as_deref().unwrap_or("").into(),
             der.into(),
         ];
         b.push_str(&fields.join(","));

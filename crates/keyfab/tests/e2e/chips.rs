@@ -473,6 +473,35 @@ fn a_station_that_substitutes_its_own_transport_key_gets_nothing() {
         text.contains("chip_key_mismatch") && text.contains("chip_untrusted"),
         "{text}"
     );
+    // The manifest names the chip each device certificate went to.
+    let manifest = w.path("manifest.csv");
+    ok(&[
+        "hq",
+        "manifest",
+        "--home",
+        &s(&w.hq),
+        "--entitlement",
+        &id,
+        "--format",
+        "csv",
+        "--out",
+        &s(&manifest),
+    ]);
+    let csv_text = std::fs::read_to_string(&manifest).unwrap();
+    let mut reader = csv::Reader::from_reader(csv_text.as_bytes());
+    let header = reader.headers().unwrap().clone();
+    let column = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 5, "{csv_text}");
+    let leaf = &x509::chip::read_chip_chain(&std::fs::read(&chip_chain).unwrap()).unwrap()[0];
+    assert_eq!(&rows[0][column("device_id")], "D-0001");
+    assert_eq!(
+        &rows[0][column("chip_certificate_sha256")],
+        keyfab_crypto::hash::Fingerprint::of(leaf).to_hex()
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r[column("chip_certificate_sha256")].len() == 64));
 }
 
 #[test]
