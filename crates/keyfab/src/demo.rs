@@ -46,6 +46,13 @@ source = "derived"
 threshold = 2
 approvers = ["alice.pub", "bob.pub", "carol.pub"]
 required_for = ["activate"]
+
+# Every chip proves itself with the certificate its vendor gave its key: keys are
+# sealed only to a key a listed vendor certified, for the device the certificate names.
+[chips]
+attestation = "required"
+roots = ["chip-vendor/vendor-root.crt"]
+device_id_from = "subject-serial"
 "#;
 
 /// The demo's daily limit: small, so the demo can show a refusal over it.
@@ -189,12 +196,18 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
     for who in ["alice", "bob", "carol"] {
         run::approver_keygen(&ctx, &base.join(who))?;
     }
+    let vendor_dir = base.join("chip-vendor");
+    let vendor = run::init_chip_vendor(
+        &ctx,
+        &vendor_dir,
+        "CN=Drill Chips Root,O=Drill Semiconductors",
+    )?;
     step(
-        "10. three approvers make their keys",
-        "alice, bob and carol each keep a private key; HQ lists their public keys in the policy.",
+        "10. three approvers make their keys; the chip vendor publishes its root",
+        "alice, bob and carol each keep a private key; HQ lists their public keys in the policy. The chips' vendor certifies each chip's key at its factory (a drill vendor here): the policy lists its root and requires every chip to prove itself against it.",
         Report::new(
-            "alice.key/.pub, bob.key/.pub, carol.key/.pub",
-            json!({"approvers": ["alice", "bob", "carol"]}),
+            format!("alice.key/.pub, bob.key/.pub, carol.key/.pub; {}", vendor.text.trim_end()),
+            json!({"approvers": ["alice", "bob", "carol"], "chip_vendor": vendor.json}),
         ),
     );
     let policy = base.join("policy.toml");
@@ -279,14 +292,17 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
         "CERTIFICATE",
     )
     .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
+    let internal = |e: keyfab_station::StationError| Failure::new(Code::Internal, e.to_string());
     let clients = lines
         .iter()
         .map(|dir| {
+            let vendor = keyfab_station::chip_vendor::ChipVendor::open(&vendor_dir)?;
             keyfab_station::StationDir::load(dir)
                 .and_then(|d| keyfab_station::Client::new(&d, std::slice::from_ref(&server.url)))
-                .map_err(|e| Failure::new(Code::Internal, e.to_string()))
+                .map(|c| c.with_chip_vendor(vendor))
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(internal)?;
     // Two lines at once, two devices each, every chip with its own transport key.
     let reports: Vec<keyfab_station::LineReport> = std::thread::scope(|scope| {
         let handles: Vec<_> = clients
@@ -308,7 +324,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
     let programmed: u64 = reports.iter().map(|r| r.programmed).sum();
     step(
         "19. two stations provision at once",
-        "line-1 and line-2, two devices each. The site seals each device's keys to its chip's transport key (HPKE, bound to the device id): the stations carry only ciphertext. Each chip opens its keys, checks its certificate up to the root, and the station confirms it programmed.",
+        "line-1 and line-2, two devices each. Each chip sends the certificate its vendor gave its transport key; the site checks it against the policy's vendor root, then seals the device's keys to that key (HPKE, bound to the device id): the stations carry only ciphertext. Each chip opens its keys, checks its certificate up to the root, and the station confirms it programmed.",
         Report::new(
             format!(
                 "{programmed} devices programmed (line-1: {}, line-2: {})",
@@ -324,9 +340,15 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
             "the demo's stations did not program 4 devices",
         ));
     }
+    step(
+        "20. a compromised station substitutes its own key",
+        "line-2 forwards TSV2-00000007's genuine certificate chain with a transport key it made itself, to open the keys on its own: the chip's certificate does not certify that key, so the site refuses (audited) and no key leaves.",
+        substituted(&clients[1], &id)?,
+    );
     // A fifth device whose programming fails: its keys are burned.
-    let chip =
-        keyfab_station::device::SimulatedChip::new("TSV2-00000005", &keyfab_crypto::rng::SystemRng);
+    let chip = clients[0]
+        .line_chip(&id, "TSV2-00000005")
+        .map_err(internal)?;
     let failed = (|| {
         let req = keyfab_station::ProvisionRequest {
             request_id: "demo-5".into(),
@@ -334,7 +356,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
             device_id: "TSV2-00000005".into(),
             csr: None,
             transport_key: chip.transport_key().ok(),
-            chip_certificates: None,
+            chip_certificates: chip.certificates_base64(),
         };
         clients[0].provision(&req)?;
         let confirmed = clients[0].confirm(&id, "TSV2-00000005", "failed")?;
@@ -343,7 +365,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
     })()
     .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
     step(
-        "20. a device fails programming",
+        "21. a device fails programming",
         "line-1 reports TSV2-00000005 failed: the failure is audited and its keys are burned. A retry of the same request gets nothing.",
         Report::new(
             format!(
@@ -353,20 +375,23 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
             json!({"confirmed": failed.0, "retry_refused": failed.1}),
         ),
     );
+    let sixth = clients[1]
+        .line_chip(&id, "TSV2-00000006")
+        .map_err(internal)?;
     let over = clients[1].provision(&keyfab_station::ProvisionRequest {
         request_id: "demo-6".into(),
         entitlement: id.clone(),
         device_id: "TSV2-00000006".into(),
         csr: None,
-        transport_key: None,
-        chip_certificates: None,
+        transport_key: sixth.transport_key().ok(),
+        chip_certificates: sixth.certificates_base64(),
     });
     let code = match &over {
         Err(keyfab_station::StationError::Refused { code, .. }) => code.clone(),
         _ => String::new(),
     };
     step(
-        "21. one device too many today",
+        "22. one device too many today",
         "Five devices today is the policy's daily limit: the sixth is refused with its code, and the refusal is audited too.",
         Report::new(
             format!("refused as expected: {code}"),
@@ -381,7 +406,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
     }
     let stopped = server.stop()?;
     step(
-        "22. site serve stops",
+        "23. site serve stops",
         "SIGTERM: no new connections; requests in flight finish; nothing is lost.",
         Report::new(
             format!("stopped after {} connections", stopped["connections"]),
@@ -389,34 +414,34 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
         ),
     );
     step(
-        "23. site verifies its audit log",
+        "24. site verifies its audit log",
         "Every import, approval, enrollment, decision and confirmation, hash-chained; the Merkle root is what HQ will check.",
         run::audit_verify(&ctx, &site)?,
     );
     let kfa = base.join("shenzhen-1.kfa");
     step(
-        "24. site exports its audit for HQ",
+        "25. site exports its audit for HQ",
         "Records since the last export, the signed checkpoint and a consistency proof; encrypted to HQ, signed by the site.",
         run::audit_export(&ctx, &site, &kfa, false)?,
     );
     let kfk = base.join("shenzhen-1.kfk");
     step(
-        "25. HQ imports and reconciles it",
+        "26. HQ imports and reconciles it",
         "Verified, checked for gaps and forks, every decision re-run through the same policy code; HQ signs a receipt.",
         run::audit_import(&ctx, &hq, &kfa, Some(&kfk))?,
     );
     step(
-        "26. site imports HQ's receipt",
+        "27. site imports HQ's receipt",
         "The acknowledged checkpoint: a later restore of an older copy of the site is detected.",
         run::receipt_import(&ctx, &site, &kfk)?,
     );
     step(
-        "27. HQ's report",
+        "28. HQ's report",
         "Per site and entitlement: today against the daily limit, total against the quota, programmed and burned, refusals, violations.",
         run::hq_report(&ctx, &hq, crate::cli::ReportFormat::Text, None)?,
     );
     step(
-        "28. the same report as HTML",
+        "29. the same report as HTML",
         "One self-contained file with charts (devices per day against the limit, quota, refusals), for a browser, offline.",
         run::hq_report(
             &ctx,
@@ -426,12 +451,12 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
         )?,
     );
     step(
-        "29. a cloud registers the devices",
+        "30. a cloud registers the devices",
         "HQ's manifest lists the devices to register (the burned one is left out) and the batch CA to trust; a cloud checks each certificate as a TLS server checks a client: clientAuth, chain to the root, now and in 2100 (its certificates never expire).",
         cloud_check(&ctx, &hq, &id, (&root_der, &root_cert), &base)?,
     );
     step(
-        "30. HQ revokes a device",
+        "31. HQ revokes a device",
         "TSV2-00000004 is reported stolen: HQ revokes its certificate (recorded at HQ) and signs a CRL with the batch CA key it keeps.",
         run::device_revoke(
             &ctx,
@@ -443,12 +468,12 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
     );
     let crl = base.join("batch.crl");
     step(
-        "31. the CRL",
+        "32. the CRL",
         "RFC 5280 CRL v2 of the entitlement's batch CA, published where the profile's CRL URL points.",
         run::hq_crl(&ctx, &hq, &id, &crl, 7)?,
     );
     step(
-        "32. the cloud checks the CRL",
+        "33. the cloud checks the CRL",
         "The same TLS client check with the CRL: the stolen device is refused, the others still pass.",
         crl_check(&ctx, &hq, &id, (&root_der, &root_cert), &crl)?,
     );
@@ -460,7 +485,44 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
     Ok(Report::new(text, json!({"dir": base, "steps": steps})))
 }
 
-/// Step 29: the manifest, and each device certificate in it verified for TLS client
+/// Step 20: a station sends a genuine chip's chain with a transport key of its own.
+fn substituted(client: &keyfab_station::Client, id: &str) -> Result<Report, Failure> {
+    use base64::Engine;
+    let device = "TSV2-00000007";
+    let genuine = client
+        .line_chip(id, device)
+        .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
+    let own = keyfab_crypto::hpke::HpkeSecretKey::generate(&keyfab_crypto::rng::SystemRng);
+    let own_public = own
+        .public_key()
+        .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
+    let answer = client.provision(&keyfab_station::ProvisionRequest {
+        request_id: "demo-7".into(),
+        entitlement: id.to_owned(),
+        device_id: device.into(),
+        csr: None,
+        transport_key: Some(base64::engine::general_purpose::STANDARD.encode(own_public.sec1())),
+        chip_certificates: genuine.certificates_base64(),
+    });
+    let (code, message) = match &answer {
+        Err(keyfab_station::StationError::Refused { code, message, .. }) => {
+            (code.clone(), message.clone())
+        }
+        _ => (String::new(), String::new()),
+    };
+    if code != "chip_key_mismatch" {
+        return Err(Failure::new(
+            Code::Internal,
+            "the demo's substituted transport key was not refused",
+        ));
+    }
+    Ok(Report::new(
+        format!("refused as expected: {code}: {message}"),
+        json!({"refused": true, "code": code}),
+    ))
+}
+
+/// Step 30: the manifest, and each device certificate in it verified for TLS client
 /// authentication against the root, now and on 2100-01-01.
 fn cloud_check(
     ctx: &Context,
@@ -522,7 +584,7 @@ fn cloud_check(
     ))
 }
 
-/// Step 32: each device of the manifest checked against the CRL as a TLS server would.
+/// Step 33: each device of the manifest checked against the CRL as a TLS server would.
 fn crl_check(
     ctx: &Context,
     hq: &Path,

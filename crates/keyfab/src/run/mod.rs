@@ -51,7 +51,7 @@ pub(crate) fn dispatch(
             days,
         }) => issue(&ctx, &home.home, &csr, role, &out, days),
         Command::Pki(PkiCommand::InitChipVendor { dir, subject }) => {
-            crate::run::pki::init_chip_vendor(&ctx, &dir, &subject)
+            init_chip_vendor(&ctx, &dir, &subject)
         }
         Command::Hq(HqCommand::Init(a)) => init_node(&ctx, &a, NodeKind::Hq),
         Command::Hq(HqCommand::InstallCert(a)) => {

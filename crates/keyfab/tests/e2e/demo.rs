@@ -23,19 +23,20 @@ fn demo_runs_the_journey_with_its_refusals() {
     assert_eq!(find("13.")["result"]["code"], "replayed");
     assert_eq!(find("16.")["result"]["results"][0]["activated"], true);
     assert_eq!(find("19.")["result"]["programmed"], 4);
-    assert_eq!(find("20.")["result"]["confirmed"]["result"], "failed");
-    assert_eq!(find("20.")["result"]["retry_refused"], true);
-    assert_eq!(find("21.")["result"]["code"], "daily_limit_exceeded");
-    assert_eq!(find("22.")["result"]["stopped"], true);
-    assert!(find("23.")["result"]["records"].as_u64().unwrap() >= 15);
+    assert_eq!(find("20.")["result"]["code"], "chip_key_mismatch");
+    assert_eq!(find("21.")["result"]["confirmed"]["result"], "failed");
+    assert_eq!(find("21.")["result"]["retry_refused"], true);
+    assert_eq!(find("22.")["result"]["code"], "daily_limit_exceeded");
+    assert_eq!(find("23.")["result"]["stopped"], true);
+    assert!(find("24.")["result"]["records"].as_u64().unwrap() >= 15);
     assert_eq!(
-        find("25.")["result"]["violations"]
+        find("26.")["result"]["violations"]
             .as_array()
             .unwrap()
             .len(),
         0
     );
-    let main = find("27.")["result"]["entitlements"]
+    let main = find("28.")["result"]["entitlements"]
         .as_array()
         .unwrap()
         .iter()
@@ -46,6 +47,7 @@ fn demo_runs_the_journey_with_its_refusals() {
     assert_eq!(main["confirmed"], 4);
     assert_eq!(main["burned"], 1);
     assert_eq!(main["refusals"]["daily_limit_exceeded"], 1);
+    assert_eq!(main["refusals"]["chip_key_mismatch"], 1);
 }
 
 #[test]
