@@ -12,13 +12,17 @@ pub enum ChipSeen {
     Absent,
     /// A chain that does not verify to the policy's roots, and why.
     Untrusted(String),
-    /// A chain that verifies: what the rules decide on, and the leaf's own facts.
-    Verified {
-        /// What the policy's rules look at.
-        facts: ChipFacts,
-        /// The leaf's fingerprint and serial, for the audit record.
-        leaf: ChipLeaf,
-    },
+    /// A chain that verifies.
+    Verified(Box<VerifiedChip>),
+}
+
+/// A chain that verified: what the rules decide on, and the leaf's own facts.
+#[derive(Debug, Clone)]
+pub struct VerifiedChip {
+    /// What the policy's rules look at.
+    pub facts: ChipFacts,
+    /// The leaf's fingerprint and serial, for the audit record.
+    pub leaf: ChipLeaf,
 }
 
 impl ChipSeen {
@@ -27,7 +31,7 @@ impl ChipSeen {
         match self {
             ChipSeen::Absent => keyfab_policy::Chip::Absent,
             ChipSeen::Untrusted(_) => keyfab_policy::Chip::Untrusted,
-            ChipSeen::Verified { facts, .. } => keyfab_policy::Chip::Verified(facts),
+            ChipSeen::Verified(v) => keyfab_policy::Chip::Verified(&v.facts),
         }
     }
 
@@ -36,7 +40,7 @@ impl ChipSeen {
     /// the keys' ids. `None` for a code that is not a chip refusal.
     pub fn reason(&self, code: DenyCode, now: i64) -> Option<String> {
         let facts = match self {
-            ChipSeen::Verified { facts, .. } => Some(facts),
+            ChipSeen::Verified(v) => Some(&v.facts),
             _ => None,
         };
         Some(match code {
@@ -91,7 +95,7 @@ pub fn judge(
     };
     let roots: Vec<&[u8]> = chips.roots.iter().map(|r| r.as_slice()).collect();
     match verify_chip_chain(chain, &roots) {
-        Ok(leaf) => ChipSeen::Verified {
+        Ok(leaf) => ChipSeen::Verified(Box::new(VerifiedChip {
             facts: ChipFacts {
                 key_id: leaf.key_id.clone(),
                 not_before: leaf.not_before.0,
@@ -103,7 +107,7 @@ pub fn judge(
                 csr_key,
             },
             leaf,
-        },
+        })),
         Err(ChipRefusal::Malformed(m) | ChipRefusal::Untrusted(m)) => ChipSeen::Untrusted(m),
     }
 }

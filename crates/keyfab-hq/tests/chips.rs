@@ -101,7 +101,7 @@ fn a_release_without_a_chip_attestation_that_verifies_is_a_violation() {
             (
                 "clean",
                 vec![
-                    attested(id, "D-1", &[good.clone()], &good_key),
+                    attested(id, "D-1", std::slice::from_ref(&good), &good_key),
                     release(),
                     denied(id, "D-2", "chip_key_mismatch"),
                 ],
@@ -111,20 +111,23 @@ fn a_release_without_a_chip_attestation_that_verifies_is_a_violation() {
             (
                 "foreign",
                 vec![
-                    attested(id, "D-1", &[foreign.clone()], &foreign_key),
+                    attested(id, "D-1", std::slice::from_ref(&foreign), &foreign_key),
                     release(),
                 ],
                 &["chip_untrusted"],
             ),
             (
                 "broken",
-                vec![attested(id, "D-1", &[broken.clone()], &good_key), release()],
+                vec![
+                    attested(id, "D-1", std::slice::from_ref(&broken), &good_key),
+                    release(),
+                ],
                 &["chip_untrusted"],
             ),
             (
                 "root-as-chip",
                 vec![
-                    attested(id, "D-1", &[ours.root.clone()], &good_key),
+                    attested(id, "D-1", std::slice::from_ref(&ours.root), &good_key),
                     release(),
                 ],
                 &["chip_untrusted"],
@@ -132,7 +135,7 @@ fn a_release_without_a_chip_attestation_that_verifies_is_a_violation() {
             (
                 "other-key",
                 vec![
-                    attested(id, "D-1", &[good.clone()], &foreign_key),
+                    attested(id, "D-1", std::slice::from_ref(&good), &foreign_key),
                     release(),
                 ],
                 &["chip_key_mismatch"],
@@ -140,7 +143,12 @@ fn a_release_without_a_chip_attestation_that_verifies_is_a_violation() {
             (
                 "other-device",
                 vec![
-                    attested(id, "D-1", &[named_other.clone()], &named_other_key),
+                    attested(
+                        id,
+                        "D-1",
+                        std::slice::from_ref(&named_other),
+                        &named_other_key,
+                    ),
                     release(),
                 ],
                 &["chip_binding_mismatch"],
@@ -148,14 +156,17 @@ fn a_release_without_a_chip_attestation_that_verifies_is_a_violation() {
             (
                 "unreleased",
                 vec![
-                    attested(id, "D-1", &[good.clone()], &good_key),
+                    attested(id, "D-1", std::slice::from_ref(&good), &good_key),
                     denied(id, "D-1", "chip_untrusted"),
                 ],
                 &["chip_attestation_unreleased"],
             ),
             (
                 "another-request",
-                vec![attested(id, "D-2", &[good.clone()], &good_key), release()],
+                vec![
+                    attested(id, "D-2", std::slice::from_ref(&good), &good_key),
+                    release(),
+                ],
                 &["chip_attestation_unreleased", "chip_untrusted"],
             ),
         ]

@@ -44,6 +44,13 @@ pub(crate) fn dispatch(ctx: &Context, command: BenchCommand) -> Result<Report, F
         BenchCommand::Serve {
             stations,
             devices,
+            chip_attestation: true,
+            dir,
+            ..
+        } => crate::bench_serve::serve_attestation(stations, devices, dir.as_deref()),
+        BenchCommand::Serve {
+            stations,
+            devices,
             chip,
             dir,
             ..
@@ -60,6 +67,7 @@ pub(crate) fn dispatch(ctx: &Context, command: BenchCommand) -> Result<Report, F
             nodes,
             key_source,
             key_type,
+            chip_attestation,
         } => {
             let token = (custody == "pkcs11").then_some(pkcs11_module.as_path());
             crate::bench::provision(
@@ -77,6 +85,7 @@ pub(crate) fn dispatch(ctx: &Context, command: BenchCommand) -> Result<Report, F
                     nodes,
                     key_source,
                     key_type,
+                    chip_attestation,
                 },
             )
         }
@@ -352,7 +361,23 @@ pub(crate) fn provision(
     let created = run::entitlement_create(&ctx, &hq, "bench-site", &policy, &kfe)?;
     let id = created.id;
     run::entitlement_import(&ctx, &site, &kfe)?;
-    // The same policy with the module: every level runs without it, then with it.
+    // The same policy with the module, or requiring chip attestation: every level runs
+    // without it, then with it.
+    let chips_policy =
+        "\n[chips]\nattestation = \"required\"\nroots = [\"chip-vendor/vendor-root.crt\"]\n";
+    let second = match (policy_module, store.chip_attestation) {
+        (None, true) => {
+            let pool = ChipPool::certify(&ctx, &base.join("chip-vendor"), BENCH_CHIPS)?;
+            let attested = base.join("provision-chips.toml");
+            std::fs::write(&attested, format!("{text}{chips_policy}"))
+                .map_err(|e| Failure::new(Code::Io, e.to_string()))?;
+            let kfe = base.join("provision-chips.kfe");
+            let created = run::entitlement_create(&ctx, &hq, "bench-site", &attested, &kfe)?;
+            run::entitlement_import(&ctx, &site, &kfe)?;
+            Some((created.id, Second::Attestation(pool)))
+        }
+        _ => None,
+    };
     let code_id = match policy_module {
         Some(module) => {
             let name = module
@@ -369,6 +394,10 @@ pub(crate) fn provision(
             Some(created.id)
         }
         None => None,
+    };
+    let second = match code_id {
+        Some(id) => Some((id, Second::Module)),
+        None => second,
     };
 
     // More nodes of the same site: copies of its home (keys and store.json).
@@ -404,14 +433,21 @@ pub(crate) fn provision(
         // during the run weighs on both alike.
         let half = devices / 2;
         let half_time = deadline.map(|d| d / 2);
-        let (plain, coded) = match &code_id {
-            Some(code_id) => {
+        let (plain, coded) = match &second {
+            Some((second_id, kind)) => {
+                let (chips_a, chips_b) = match kind {
+                    Second::Module => (None, None),
+                    Second::Attestation(pool) => {
+                        (Some(pool.attesting(false)), Some(pool.attesting(true)))
+                    }
+                };
+                let (a, b) = (chips_a.as_ref(), chips_b.as_ref());
                 let first = Span::new(start_index, half, half_time);
-                let second = Span::new(start_index + half, devices - half, half_time);
-                let a1 = run_level(&provisioners, &id, c, first, "B")?;
-                let b1 = run_level(&provisioners, code_id, c, first, "C")?;
-                let b2 = run_level(&provisioners, code_id, c, second, "C")?;
-                let a2 = run_level(&provisioners, &id, c, second, "B")?;
+                let later = Span::new(start_index + half, devices - half, half_time);
+                let a1 = run_level(&provisioners, &id, c, first, ("B", a))?;
+                let b1 = run_level(&provisioners, second_id, c, first, ("C", b))?;
+                let b2 = run_level(&provisioners, second_id, c, later, ("C", b))?;
+                let a2 = run_level(&provisioners, &id, c, later, ("B", a))?;
                 (a1.merge(a2), Some(b1.merge(b2)))
             }
             None => (
@@ -420,7 +456,7 @@ pub(crate) fn provision(
                     &id,
                     c,
                     Span::new(start_index, devices, deadline),
-                    "B",
+                    ("B", None),
                 )?,
                 None,
             ),
@@ -486,7 +522,16 @@ pub(crate) fn provision(
             ));
             row["consensus_rounds_per_device"] = json!(per_device);
         }
-        if let Some(coded) = coded {
+        if let (Some(attested), Some((_, Second::Attestation(_)))) = (&coded, &second) {
+            text.push_str(&format!(
+                "  with chip attestation required: {:>9.0} devices/s  {:.2} of without  p99 {:.2} ms (without: p99 {:.2} ms; both sealed to chips' transport keys)\n",
+                attested.rate,
+                attested.rate / plain.rate,
+                attested.p99,
+                plain.p99
+            ));
+            row["chip_attestation"] = json!({"devices_per_s": attested.rate, "of_without": attested.rate / plain.rate, "p50_ms": attested.p50, "p99_ms": attested.p99});
+        } else if let Some(coded) = coded {
             text.push_str(&format!(
                 "  with the policy module: {:>9.0} devices/s  {:.2} of without  p99 {:.2} ms  ({} refused by the module)\n",
                 coded.rate,
@@ -527,7 +572,7 @@ pub(crate) fn provision(
                 &id,
                 last_level,
                 Span::new(next, devices, deadline),
-                "K",
+                ("K", None),
             )?;
             next += devices;
             text.push_str(&format!(
@@ -576,6 +621,78 @@ pub(crate) struct SiteOption {
     pub key_source: String,
     /// The device key's type (`ec-p256`, `ec-p384`, `ed25519`, `rsa-2048`, `rsa-3072`).
     pub key_type: String,
+    /// Also run an entitlement that requires chip attestation, in turns with one
+    /// without, both with chips' transport keys.
+    pub chip_attestation: bool,
+}
+
+/// How many simulated chips `bench provision --chip-attestation` certifies: requests
+/// take them in turn (the bench policy does not bind a device id to a chip), so the
+/// vendor's work before the run stays small whatever the number of devices.
+const BENCH_CHIPS: usize = 2048;
+
+/// The chips requests of a level carry: each a transport key and its vendor chain;
+/// the chain sent only when `attest`.
+#[derive(Clone)]
+struct ChipPool {
+    chips: std::sync::Arc<Vec<(keyfab_crypto::hpke::HpkePublicKey, Vec<Vec<u8>>)>>,
+    attest: bool,
+}
+
+impl ChipPool {
+    /// `count` chips certified by a new drill vendor in `dir`.
+    fn certify(ctx: &Context, dir: &Path, count: usize) -> Result<Self, Failure> {
+        let fail = |e: &dyn std::fmt::Display| Failure::new(Code::Internal, e.to_string());
+        run::init_chip_vendor(ctx, dir, "CN=Bench Chips Root")?;
+        let vendor = keyfab_station::chip_vendor::ChipVendor::open(dir).map_err(|e| fail(&e))?;
+        let now = ctx.now()?;
+        let chips = (0..count)
+            .map(|n| {
+                let key =
+                    keyfab_crypto::hpke::HpkeSecretKey::generate(&keyfab_crypto::rng::SystemRng)
+                        .public_key()
+                        .map_err(|e| fail(&e))?;
+                let chain = vendor
+                    .chain_of(
+                        &format!("CHIP-{n}"),
+                        key.sec1(),
+                        &keyfab_crypto::rng::SystemRng,
+                        now,
+                    )
+                    .map_err(|e| fail(&e))?;
+                Ok((key, chain))
+            })
+            .collect::<Result<Vec<_>, Failure>>()?;
+        Ok(Self {
+            chips: std::sync::Arc::new(chips),
+            attest: false,
+        })
+    }
+
+    /// The same chips, their chains sent or not.
+    fn attesting(&self, attest: bool) -> Self {
+        Self {
+            chips: self.chips.clone(),
+            attest,
+        }
+    }
+
+    /// Puts chip `i`'s transport key (and chain, when attesting) in `req`.
+    fn give(&self, i: u64, req: &mut keyfab_site::provision::ProvisionRequest) {
+        let n = self.chips.len().max(1);
+        if let Some((key, chain)) = self.chips.get((i % n as u64) as usize) {
+            req.transport_key = Some(key.clone());
+            req.chip_chain = self.attest.then(|| chain.clone());
+        }
+    }
+}
+
+/// What the second entitlement of each level adds.
+enum Second {
+    /// A policy module.
+    Module,
+    /// `[chips]` attestation required (both entitlements' requests carry chips).
+    Attestation(ChipPool),
 }
 
 fn io_failure(path: &Path, e: std::io::Error) -> Failure {
@@ -656,7 +773,7 @@ fn run_level(
     entitlement: &str,
     c: usize,
     span: Span,
-    prefix: &str,
+    (prefix, chips): (&str, Option<&ChipPool>),
 ) -> Result<Level, Failure> {
     use keyfab_site::provision::ProvisionRequest;
     let started = Instant::now();
@@ -674,6 +791,7 @@ fn run_level(
                 let p = provisioners[t % provisioners.len()].clone();
                 let id = entitlement.to_owned();
                 let prefix = prefix.to_owned();
+                let chips = chips.cloned();
                 tokio::spawn(async move {
                     let mut lat = Vec::new();
                     let mut sent = 0u64;
@@ -686,7 +804,12 @@ fn run_level(
                             format!("{prefix}-{i:09}"),
                             format!("{prefix}-{i}"),
                         ) {
-                            Ok(req) => p.provision_async(req).await,
+                            Ok(mut req) => {
+                                if let Some(chips) = &chips {
+                                    chips.give(i, &mut req);
+                                }
+                                p.provision_async(req).await
+                            }
                             Err(e) => Err(e),
                         };
                         let decided = match &r {

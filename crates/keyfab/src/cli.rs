@@ -1082,13 +1082,19 @@ pub(crate) enum BenchCommand {
         /// slow by nature: the ratio says how close keyfab comes to it).
         #[arg(long, value_name = "TYPE", default_value = "ec-p256", value_parser = ["ec-p256", "ec-p384", "ed25519", "rsa-2048", "rsa-3072"])]
         key_type: String,
+        /// Every level also runs an entitlement whose `[chips]` requires attestation, in
+        /// turns with one without: each request of both carries a simulated chip's
+        /// transport key (the keys are sealed to it), the attested one its vendor
+        /// certificate chain as well, which the site verifies and records.
+        #[arg(long, conflicts_with = "policy_module")]
+        chip_attestation: bool,
     },
     /// The whole production-line path: `site serve` in its own process, stations over
     /// mutual TLS, keys sealed to each chip, opened, checked and confirmed; compare with
     /// the raw per-device crypto rate of this machine. For reference it then times bare
     /// `GET /healthz` requests over the same connections: the cost of TLS and HTTP alone.
     #[command(
-        after_help = "Examples:\n  keyfab bench serve --stations 32 --devices 20000 --json\n  keyfab bench serve --stations 32 --devices 5000 --chip\n  keyfab bench serve --flood-station 150\n\nWith --flood-station N, paced stations (--paced-stations, each asking --paced-rate\ndevices/s, as a line does) run for --seconds alone, then again while one more station\nfloods the site from N connections: their rate and p99 with and without the flood,\nand the ratio (goal: ≥ 0.9 of the rate, p99 ≤ 3×)."
+        after_help = "Examples:\n  keyfab bench serve --stations 32 --devices 20000 --json\n  keyfab bench serve --stations 32 --devices 5000 --chip\n  keyfab bench serve --stations 64 --devices 20000 --chip-attestation\n  keyfab bench serve --flood-station 150\n\nWith --flood-station N, paced stations (--paced-stations, each asking --paced-rate\ndevices/s, as a line does) run for --seconds alone, then again while one more station\nfloods the site from N connections: their rate and p99 with and without the flood,\nand the ratio (goal: ≥ 0.9 of the rate, p99 ≤ 3×)."
     )]
     Serve {
         /// Stations (devices in flight) at once, each on a thread of its own (1–1024).
@@ -1100,9 +1106,14 @@ pub(crate) enum BenchCommand {
         /// on it, then confirmed (two requests, and the chip's work in this process).
         #[arg(long)]
         chip: bool,
+        /// Measure what chip attestation costs: the whole line (as --chip) for an
+        /// entitlement without `[chips]` and one that requires attestation, in alternating
+        /// rounds of --devices / 2 each, every chip certified by a drill vendor first.
+        #[arg(long)]
+        chip_attestation: bool,
         /// Measure fairness instead: one station floods from N connections (1–1024)
         /// while paced stations work; --stations, --devices and --chip do not apply.
-        #[arg(long, value_name = "N", value_parser = programmers, conflicts_with_all = ["chip"])]
+        #[arg(long, value_name = "N", value_parser = programmers, conflicts_with_all = ["chip", "chip_attestation"])]
         flood_station: Option<usize>,
         /// With --flood-station: how many paced stations (1–1024).
         #[arg(long, default_value_t = 8, value_parser = programmers)]

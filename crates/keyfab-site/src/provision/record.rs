@@ -412,7 +412,8 @@ impl Deciding<'_> {
             day,
         } = release;
         let attested = match (chip, &req.chip_chain) {
-            (ChipSeen::Verified { leaf, facts }, Some(chain)) => {
+            (ChipSeen::Verified(verified), Some(chain)) => {
+                let (leaf, facts) = (&verified.leaf, &verified.facts);
                 let certificate = leaf.fingerprint.to_hex();
                 self.log.append(
                     &mut self.txn,

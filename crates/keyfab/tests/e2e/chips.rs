@@ -253,7 +253,7 @@ fn a_station_that_substitutes_its_own_transport_key_gets_nothing() {
     let args = ["--transport-key", &s(&chip_pub), "--chip-chain", &chain_arg];
     let good = ask(&url, &line, &id, "D-0001", "good-1", &args);
     assert_eq!(good.code, 0, "{}", good.json);
-    assert_eq!(good.json["audit_sequence"].as_u64().is_some(), true);
+    assert!(good.json["audit_sequence"].as_u64().is_some());
     let b64 = base64::engine::general_purpose::STANDARD;
     let enc = b64
         .decode(good.json["chip_enc_base64"].as_str().unwrap())
