@@ -65,6 +65,19 @@ fn the_journey_runs_as_written() {
         .filter(|l| l.starts_with("TSV2-"))
         .count();
     assert_eq!(devices, 1 + 3 + 1 + 100, "{manifest}");
+    // The line's chips proved themselves: their certificates are in the manifest.
+    let mut reader = csv::Reader::from_reader(manifest.as_bytes());
+    let chip = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .position(|h| h == "chip_certificate_sha256")
+        .unwrap();
+    let attested = reader
+        .records()
+        .filter(|r| r.as_ref().unwrap()[chip].len() == 64)
+        .count();
+    assert_eq!(attested, 100, "{manifest}");
     let report = Command::new(env!("CARGO_BIN_EXE_keyfab"))
         .args(["--json", "hq", "report", "--home", "hq", "--format", "json"])
         .current_dir(dir.path())
