@@ -537,6 +537,20 @@ mod tests {
         assert!(record(&null).is_err());
     }
 
+    /// The `chip_attested` seed of the `audit_record` fuzz target decodes: the fuzzer
+    /// starts from a record with a real chip chain.
+    #[test]
+    fn the_chip_attested_seed_decodes() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fuzz/seeds/audit_record/chip_attested.cbor"
+        );
+        let bytes = std::fs::read(path).unwrap();
+        let r = record(&bytes).unwrap();
+        assert!(matches!(r.event, Event::ChipAttested { ref chain, .. } if chain.len() == 1));
+        assert_eq!(r.to_bytes(), bytes);
+    }
+
     #[test]
     fn every_event_round_trips_and_agrees_with_serde() {
         for r in samples() {

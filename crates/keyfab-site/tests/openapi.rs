@@ -279,6 +279,16 @@ async fn every_answer_matches_the_openapi_document() {
         (provision("r-5", "D 5", ""), 400, "invalid_input"),
         (provision("lot:1", "D-6", ""), 400, "invalid_input"),
         (provision("r-6", "D-6", r#","extra":1"#), 400, "malformed"),
+        (
+            provision("r-6", "D-6", r#","chip_certificates":[]"#),
+            400,
+            "malformed",
+        ),
+        (
+            provision("r-6", "D-6", r#","chip_certificates":["!!"]"#),
+            400,
+            "malformed",
+        ),
         ("not json".into(), 400, "malformed"),
         (
             r#"{"request_id":"r-7","entitlement":"nope","device_id":"D-7"}"#.into(),
