@@ -16,6 +16,7 @@
 //! commit. `stage`: the two threads that check and stage the records. `reconcile`: each
 //! record against what HQ issued.
 
+pub(crate) mod attested;
 mod reconcile;
 mod stage;
 mod violation;

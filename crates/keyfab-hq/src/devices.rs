@@ -275,6 +275,18 @@ pub struct Provenance {
     pub checkpoint_root: String,
     /// Every key it received.
     pub keys: Vec<ShownKey>,
+    /// The chip its keys went to, when the release was attested.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chip: Option<ShownChip>,
+}
+
+/// The chip a release was attested with.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShownChip {
+    /// SHA-256 of the chip's certificate, hex.
+    pub certificate_sha256: String,
+    /// Its serial number, hex.
+    pub serial: String,
 }
 
 /// Every release of `device_id` in the audit HQ verified, across sites and entitlements
@@ -293,7 +305,12 @@ pub fn show_device(node: &Node, device_id: &str) -> Result<Vec<Provenance>> {
         let mut mine: Vec<Provenance> = Vec::new();
         let mut confirmed: std::collections::HashMap<String, crate::report::DeviceStatus> =
             Default::default();
+        let mut attestations = crate::audit::attested::Attestations::default();
         for r in crate::audit::site_records(node, site)? {
+            let chip = attestations.next(&r).release.map(|a| ShownChip {
+                certificate_sha256: a.certificate,
+                serial: a.serial,
+            });
             match r.event {
                 Event::ProvisionAllowed {
                     entitlement,
@@ -345,6 +362,7 @@ pub fn show_device(node: &Node, device_id: &str) -> Result<Vec<Provenance>> {
                         checkpoint_size: tree.size,
                         checkpoint_root: hex::encode(tree.root),
                         keys,
+                        chip,
                     });
                 }
                 Event::DeviceConfirmed {

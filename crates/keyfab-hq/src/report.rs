@@ -241,19 +241,10 @@ pub fn manifest(
         })?;
     let mut rows = Vec::new();
     let mut confirmed = std::collections::HashMap::new();
-    // The chip attestation a chain recorded last: the release right after it is its.
-    let mut attested: std::collections::HashMap<Option<String>, (String, String)> =
-        std::collections::HashMap::new();
+    let mut attestations = crate::audit::attested::Attestations::default();
     for r in crate::audit::site_records(node, &issued.site)? {
-        let chip = attested.remove(&r.chain);
+        let chip = attestations.next(&r).release;
         match r.event {
-            Event::ChipAttested {
-                request_id,
-                certificate,
-                ..
-            } => {
-                attested.insert(r.chain.clone(), (request_id, certificate));
-            }
             Event::DeviceConfirmed {
                 entitlement: e,
                 device_id,
@@ -264,15 +255,12 @@ pub fn manifest(
             }
             Event::ProvisionAllowed {
                 entitlement: e,
-                request_id,
                 device_id,
                 station,
                 keys,
                 ..
             } if e == entitlement => {
-                let chip_certificate = chip
-                    .filter(|(attested_request, _)| *attested_request == request_id)
-                    .map(|(_, certificate)| certificate);
+                let chip_certificate = chip.map(|a| a.certificate);
                 for k in keys {
                     let Some(cert) = k.certificate else { continue };
                     let cert = cert.into_vec();

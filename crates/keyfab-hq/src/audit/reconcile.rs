@@ -24,7 +24,7 @@ fn is_chip_code(code: &str) -> bool {
 /// device keys were certified for.
 fn chip_seen(
     policy: &keyfab_policy::Policy,
-    attested: Option<&Attested>,
+    attested: Option<&super::attested::Attestation>,
     keys: &[keyfab_audit::AuditedKey],
 ) -> ChipSeen {
     let Some(a) = attested else {
@@ -57,7 +57,9 @@ pub(super) struct Issued {
 /// A decision as the site's log records it.
 pub(super) enum Recorded<'a> {
     /// Released, with the chip attestation recorded before it, if any.
-    Allowed { chip: Option<Attested> },
+    Allowed {
+        chip: Option<super::attested::Attestation>,
+    },
     /// Refused with `code`; `reason` is the policy module's, when it refused.
     Denied {
         code: &'a String,
@@ -110,19 +112,8 @@ pub(super) struct Reconciler<'a> {
     pub(super) violations: Vec<Violation>,
     /// The clock resets HQ issued to this site, read when the log first carries one.
     pub(super) clock_resets: Option<Vec<crate::sites::ClockResetIssued>>,
-    /// A chip attestation waiting for the release it precedes, by chain, with its place
-    /// in the log.
-    pub(super) attested: HashMap<Option<String>, (u64, Attested)>,
-}
-
-/// A `chip_attested` record, until its release.
-pub(super) struct Attested {
-    entitlement: String,
-    request_id: String,
-    device_id: String,
-    certificate: String,
-    transport_key: Option<String>,
-    chain: Vec<Vec<u8>>,
+    /// The chip attestations waiting for the release they precede.
+    pub(super) attested: super::attested::Attestations,
 }
 
 impl<'a> Reconciler<'a> {
@@ -155,7 +146,7 @@ impl<'a> Reconciler<'a> {
             replicas: BTreeMap::new(),
             violations: Vec::new(),
             clock_resets: None,
-            attested: HashMap::new(),
+            attested: Default::default(),
         }
     }
 
@@ -268,62 +259,24 @@ impl<'a> Reconciler<'a> {
 
     pub(super) fn record(&mut self, r: &Record) -> Result<()> {
         self.check_time(r);
-        let attested = self.attested.remove(&r.chain);
+        let paired = self.attested.next(r);
+        self.unreleased_attestation(paired.unreleased);
         match &r.event {
-            Event::ChipAttested {
-                entitlement,
-                request_id,
-                device_id,
-                certificate,
-                transport_key,
-                chain,
-                ..
-            } => {
-                self.attested.insert(
-                    r.chain.clone(),
-                    (
-                        self.position,
-                        Attested {
-                            entitlement: entitlement.clone(),
-                            request_id: request_id.clone(),
-                            device_id: device_id.clone(),
-                            certificate: certificate.clone(),
-                            transport_key: transport_key.clone(),
-                            chain: chain.iter().map(|c| c.to_vec()).collect(),
-                        },
-                    ),
-                );
-            }
+            Event::ChipAttested { .. } => {}
             Event::ProvisionAllowed {
                 entitlement,
-                request_id,
                 device_id,
                 station,
                 pool_index,
                 keys,
+                ..
             } => {
                 let decided = Decided::new(entitlement, device_id, station, r.time);
-                let chip = match attested {
-                    Some((_, a))
-                        if a.entitlement == *entitlement
-                            && a.request_id == *request_id
-                            && a.device_id == *device_id =>
-                    {
-                        Some(a)
-                    }
-                    other => {
-                        self.unreleased_attestation(other);
-                        None
-                    }
+                let recorded = Recorded::Allowed {
+                    chip: paired.release,
                 };
-                self.decision(decided, Recorded::Allowed { chip }, *pool_index, keys)?;
-                return Ok(());
+                self.decision(decided, recorded, *pool_index, keys)?;
             }
-            _ => {}
-        }
-        self.unreleased_attestation(attested);
-        match &r.event {
-            Event::ChipAttested { .. } | Event::ProvisionAllowed { .. } => {}
             Event::EntitlementImported { entitlement, .. } => self.on_imported(entitlement)?,
             Event::ReceiptImported {
                 acknowledged_at, ..
@@ -402,15 +355,15 @@ impl<'a> Reconciler<'a> {
     /// A chip attestation is recorded just before its release, in the same commit: one
     /// that a release of its request does not follow is a record the site did not
     /// write so.
-    fn unreleased_attestation(&mut self, attested: Option<(u64, Attested)>) {
-        if let Some((at, a)) = attested {
+    fn unreleased_attestation(&mut self, attested: Option<super::attested::Attestation>) {
+        if let Some(a) = attested {
             self.violation(
                 Some(&a.entitlement),
                 Some(&a.device_id),
                 ViolationKind::ChipAttestation,
                 format!(
-                    "record {at} attests chip certificate {} for request '{}', which the next record does not release",
-                    a.certificate, a.request_id
+                    "record {} of its chain attests chip certificate {} for request '{}', which the next record does not release",
+                    a.sequence, a.certificate, a.request_id
                 ),
             );
         }

@@ -797,6 +797,12 @@ impl Outcome for DeviceShown {
                 "  covered by the checkpoint HQ accepted: {} records, root {}",
                 p.checkpoint_size, p.checkpoint_root
             ));
+            if let Some(chip) = &p.chip {
+                lines.push(format!(
+                    "  attested chip: certificate SHA-256 {}, serial {}",
+                    chip.certificate_sha256, chip.serial
+                ));
+            }
             for k in &p.keys {
                 let mut line = format!("  key {}: {}", k.name, k.key_id);
                 if let (Some(serial), Some(sha), Some(until)) =

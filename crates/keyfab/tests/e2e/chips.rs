@@ -502,6 +502,11 @@ fn a_station_that_substitutes_its_own_transport_key_gets_nothing() {
     assert!(rows
         .iter()
         .all(|r| r[column("chip_certificate_sha256")].len() == 64));
+    let shown = ok(&["hq", "device", "show", "--home", &s(&w.hq), "D-0001"]);
+    assert_eq!(
+        shown["releases"][0]["chip"]["certificate_sha256"],
+        keyfab_crypto::hash::Fingerprint::of(leaf).to_hex()
+    );
 }
 
 #[test]
@@ -542,29 +547,40 @@ fn a_station_that_substitutes_its_own_csr_is_refused() {
     let genuine_csr = csr_of(&chip_key, "chip.csr");
     let (evil_key, _) = station_key(&w, "evil");
     let evil_csr = csr_of(&evil_key, "evil.csr");
-    let o = provision(
-        &w,
+    let line = w.path("line-1");
+    enroll(&w.site, "line-1", &line);
+    let server = Server::start(&w.site);
+    let url = server.url();
+    let (evil_arg, chain_arg) = (s(&evil_csr), s(&chain));
+    // The station's own CSR with the genuine chip's chain: no certificate for its key.
+    let o = ask(
+        &url,
+        &line,
         &id,
         "D-0001",
-        &["--csr", &s(&evil_csr), "--chip-chain", &s(&chain)],
-        None,
+        "evil-1",
+        &["--csr", &evil_arg, "--chip-chain", &chain_arg],
     );
     o.assert_error(3, "chip_key_mismatch", "CSR key");
     assert!(!o.json.to_string().contains("CERTIFICATE"), "{}", o.json);
-    let o = provision(&w, &id, "D-0001", &["--csr", &s(&evil_csr)], None);
+    let o = ask(&url, &line, &id, "D-0001", "evil-2", &["--csr", &evil_arg]);
     o.assert_error(3, "chip_untrusted", "");
-    let good = provision(
-        &w,
+    let good = ask(
+        &url,
+        &line,
         &id,
         "D-0001",
-        &["--csr", &s(&genuine_csr), "--chip-chain", &s(&chain)],
-        None,
+        "good-1",
+        &["--csr", &s(&genuine_csr), "--chip-chain", &chain_arg],
     );
     assert_eq!(good.code, 0, "{}", good.json);
-    assert!(good.json["keys"][0]["certificate_pem"]
-        .as_str()
-        .unwrap()
-        .contains("CERTIFICATE"));
+    let cert = good.json["keys"][0]["certificate_pem"].as_str().unwrap();
+    let certified = x509::cert_spki(&x509::from_pem(cert, "CERTIFICATE").unwrap()).unwrap();
+    assert_eq!(
+        x509::device_public_key(&certified).unwrap(),
+        x509::DevicePublicKey::P256(point)
+    );
+    drop(server);
     // A chip chain with a lot is refused before anything is asked.
     let list = w.path("lot.txt");
     std::fs::write(&list, "D-0002\n").unwrap();
