@@ -100,6 +100,49 @@ impl Latencies {
     }
 }
 
+/// A served site and what its stations need: the site in its own process, an enrolled
+/// station's files, the root devices check against, and the raw crypto rate measured
+/// before the site started.
+struct Served {
+    server: crate::line::ServeChild,
+    url: String,
+    station: keyfab_station::StationDir,
+    root: Vec<u8>,
+    raw: f64,
+}
+
+impl Served {
+    /// Enrolls a station at `site`, measures the raw rate, then starts the site for
+    /// `stations` stations.
+    fn start(
+        ctx: &crate::context::Context,
+        site: &Path,
+        base: &Path,
+        stations: usize,
+    ) -> Result<Self, Failure> {
+        let station_dir = base.join("station");
+        crate::line::station_enroll(ctx, site, "bench-line", &station_dir, 30)?;
+        let root = std::fs::read_to_string(base.join("root").join("root.crt")).map_err(fail)?;
+        let root = x509::from_pem(&root, "CERTIFICATE").map_err(fail)?;
+        let raw = raw_limit()?;
+        let server = start_site(ctx, site, stations)?;
+        let url = server.url.clone();
+        let station = keyfab_station::StationDir::load(&station_dir).map_err(fail)?;
+        Ok(Self {
+            server,
+            url,
+            station,
+            root,
+            raw,
+        })
+    }
+
+    /// A client of the site as the enrolled station.
+    fn client(&self) -> Result<keyfab_station::Client, Failure> {
+        keyfab_station::Client::new(&self.station, std::slice::from_ref(&self.url)).map_err(fail)
+    }
+}
+
 pub(crate) fn serve(
     stations: usize,
     devices: u64,
@@ -115,23 +158,17 @@ pub(crate) fn serve(
         "serve",
         &bench_policy(devices, ""),
     )?;
-    let station_dir = base.join("station");
-    crate::line::station_enroll(&ctx, &site, "bench-line", &station_dir, 30)?;
-    let root = std::fs::read_to_string(base.join("root").join("root.crt")).map_err(fail)?;
-    let root = x509::from_pem(&root, "CERTIFICATE").map_err(fail)?;
-    let raw = raw_limit()?;
-    let server = start_site(&ctx, &site, stations)?;
-    let url = server.url.clone();
+    let served = Served::start(&ctx, &site, &base, stations)?;
+    let (server, root, raw) = (&served.server, &served.root, served.raw);
     // CPU spent so far — this process's setup and raw crypto rate, the server's start
     // (unlocking its home) — is neither side's per-device cost.
     let server_stat = format!("/proc/{}/stat", server.pid());
     let server_start_cpu = cpu_seconds(&server_stat);
     let setup_cpu = cpu_seconds("/proc/self/stat");
-    let station = keyfab_station::StationDir::load(&station_dir).map_err(fail)?;
-    let client = keyfab_station::Client::new(&station, std::slice::from_ref(&url)).map_err(fail)?;
+    let client = served.client()?;
     let (latencies, elapsed, errors) = if chip {
         let ids: Vec<String> = (1..=devices).map(|i| format!("B-{i:09}")).collect();
-        let r = keyfab_station::run_line(&client, &id, ids, stations, &root, &|_, _| {});
+        let r = keyfab_station::run_line(&client, &id, ids, stations, root, &|_, _| {});
         let errors = devices - r.programmed;
         (r.latencies, r.elapsed, errors)
     } else {
@@ -140,7 +177,7 @@ pub(crate) fn serve(
     let server_cpu = cpu_seconds(&server_stat) - server_start_cpu;
     let client_cpu = cpu_seconds("/proc/self/stat") - setup_cpu;
     let alone = http_alone(&client, stations, &server_stat)?;
-    server.stop()?;
+    served.server.stop()?;
 
     let lat = Latencies::of(latencies);
     let rate = lat.0.len() as f64 / elapsed.as_secs_f64().max(1e-9);
@@ -220,20 +257,11 @@ pub(crate) fn serve_attestation(
         "attested",
         &bench_policy(devices, chips),
     )?;
-    let station_dir = base.join("station");
-    crate::line::station_enroll(&ctx, &site, "bench-line", &station_dir, 30)?;
-    let root = std::fs::read_to_string(base.join("root").join("root.crt")).map_err(fail)?;
-    let root = x509::from_pem(&root, "CERTIFICATE").map_err(fail)?;
-    let raw = raw_limit()?;
-    let server = start_site(&ctx, &site, stations)?;
-    let url = server.url.clone();
-    let station = keyfab_station::StationDir::load(&station_dir).map_err(fail)?;
-    let plain_client =
-        keyfab_station::Client::new(&station, std::slice::from_ref(&url)).map_err(fail)?;
+    let served = Served::start(&ctx, &site, &base, stations)?;
+    let (root, raw) = (&served.root, served.raw);
+    let plain_client = served.client()?;
     let vendor = keyfab_station::chip_vendor::ChipVendor::open(&vendor_dir).map_err(fail)?;
-    let attested_client = keyfab_station::Client::new(&station, std::slice::from_ref(&url))
-        .map_err(fail)?
-        .with_chip_vendor(vendor);
+    let attested_client = served.client()?.with_chip_vendor(vendor);
     let per_round = (devices / ATTESTATION_ROUNDS).max(1);
     let ids = |round: u64| -> Vec<String> {
         (round * per_round + 1..=(round + 1) * per_round)
@@ -267,14 +295,14 @@ pub(crate) fn serve_attestation(
             .into_iter()
             .enumerate()
         {
-            let r = keyfab_station::run_line(client, id, ids(round), stations, &root, &|_, _| {});
+            let r = keyfab_station::run_line(client, id, ids(round), stations, root, &|_, _| {});
             let run = &mut runs[mode];
             run.latencies.extend(r.latencies);
             run.elapsed += r.elapsed;
             run.programmed += r.programmed;
         }
     }
-    server.stop()?;
+    served.server.stop()?;
     let asked = per_round * ATTESTATION_ROUNDS;
     if let Some(short) = runs.iter().find(|r| r.programmed < asked) {
         return Err(fail(format!(

@@ -59,48 +59,26 @@ type DeviceRow = (
     Vec<serde_bytes::ByteBuf>,
     Option<Confirmation>,
     Option<String>,
-);
-
-/// A [`DeviceRow`] with the chip certificate's fingerprint last.
-type DeviceRowWithChip = (
-    String,
-    u64,
-    u64,
-    Option<String>,
-    i64,
-    Option<String>,
-    Option<u64>,
-    Vec<serde_bytes::ByteBuf>,
-    Option<Confirmation>,
-    Option<String>,
     Option<String>,
 );
 
-/// The first byte of a CBOR array of ten items: a record without the chip field.
+/// The first byte of a CBOR array of ten items, and of eleven: a record without the
+/// chip field (every record before attestation, and every release without it), and one
+/// with it.
 const ROW_OF_TEN: u8 = 0x8a;
+const ROW_OF_ELEVEN: u8 = 0x8b;
+/// CBOR `null`.
+const NULL: u8 = 0xf6;
 
 impl DeviceRecord {
-    /// The stored form: a CBOR array of the fields in declaration order. A device's
-    /// record is written with every decision and its bytes are most of what a commit
-    /// writes per device: the array is half the bytes of the map stores kept before
-    /// (at concurrency 64 the committer spends ~1.3 µs less per device; BENCHMARKS.md).
+    /// The stored form: a CBOR array of the fields in declaration order, the chip field
+    /// left out (ten items, the bytes of records before it) when there is none. A
+    /// device's record is written with every decision and its bytes are most of what a
+    /// commit writes per device: the array is half the bytes of the map stores kept
+    /// before (at concurrency 64 the committer spends ~1.3 µs less per device;
+    /// BENCHMARKS.md).
     pub(super) fn to_stored(&self) -> Result<Vec<u8>> {
-        if self.chip.is_some() {
-            return encode(&(
-                &self.request_id,
-                self.audit_sequence,
-                self.audit_row,
-                &self.audit_chain,
-                self.time,
-                &self.station,
-                self.pool_index,
-                &self.sealed,
-                &self.confirmed,
-                &self.transport_key,
-                &self.chip,
-            ));
-        }
-        encode(&(
+        let mut bytes = encode(&(
             &self.request_id,
             self.audit_sequence,
             self.audit_row,
@@ -111,32 +89,34 @@ impl DeviceRecord {
             &self.sealed,
             &self.confirmed,
             &self.transport_key,
-        ))
+            &self.chip,
+        ))?;
+        if self.chip.is_none() && bytes.first() == Some(&ROW_OF_ELEVEN) {
+            // The last item is that null: an array of ten without it.
+            bytes.pop();
+            bytes[0] = ROW_OF_TEN;
+        }
+        Ok(bytes)
     }
 
-    /// A stored record: the array form, or the map form of stores written before.
+    /// A stored record: the array form (ten items or eleven), or the map form of
+    /// stores written before.
     pub(super) fn from_stored(bytes: &[u8]) -> Result<Self> {
         // The CBOR major type, in the first byte's top three bits: 4 an array, 5 a map.
         if bytes.first().map(|b| b >> 5) != Some(4) {
             return decode(bytes);
         }
-        if bytes.first() != Some(&ROW_OF_TEN) {
-            let row: DeviceRowWithChip = decode(bytes)?;
-            return Ok(Self {
-                request_id: row.0,
-                audit_sequence: row.1,
-                audit_row: row.2,
-                audit_chain: row.3,
-                time: row.4,
-                station: row.5,
-                pool_index: row.6,
-                sealed: row.7,
-                confirmed: row.8,
-                transport_key: row.9,
-                chip: row.10,
-            });
-        }
-        let row: DeviceRow = decode(bytes)?;
+        let row: DeviceRow = match bytes.split_first() {
+            // Ten items: the eleventh, the chip, is null.
+            Some((&ROW_OF_TEN, items)) => {
+                let mut eleven = Vec::with_capacity(bytes.len() + 1);
+                eleven.push(ROW_OF_ELEVEN);
+                eleven.extend_from_slice(items);
+                eleven.push(NULL);
+                decode(&eleven)?
+            }
+            _ => decode(bytes)?,
+        };
         Ok(Self {
             request_id: row.0,
             audit_sequence: row.1,
@@ -148,7 +128,7 @@ impl DeviceRecord {
             sealed: row.7,
             confirmed: row.8,
             transport_key: row.9,
-            chip: None,
+            chip: row.10,
         })
     }
 }

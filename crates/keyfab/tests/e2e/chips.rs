@@ -182,72 +182,61 @@ fn a_station_that_substitutes_its_own_transport_key_gets_nothing() {
     let chain_arg = s(&chip_chain);
     let evil_arg = s(&evil_pub);
     let refused_out = w.path("refused.json");
-    let mut refusals = Vec::new();
-    // Its own transport key with the chip's chain: the keys would open for it.
-    let o = ask(
-        &url,
-        &line,
-        &id,
-        "D-0001",
-        "evil-1",
-        &[
-            "--transport-key",
-            &evil_arg,
-            "--chip-chain",
-            &chain_arg,
-            "--out",
-            &s(&refused_out),
-        ],
-    );
-    o.assert_error(3, "chip_key_mismatch", "the chip certificate certifies");
-    assert!(!refused_out.exists(), "nothing is written for a refusal");
-    refusals.push(o.json.to_string());
-    // Its own key, no chain.
-    let o = ask(
-        &url,
-        &line,
-        &id,
-        "D-0001",
-        "evil-2",
-        &["--transport-key", &evil_arg],
-    );
-    o.assert_error(3, "chip_untrusted", "the policy requires one");
-    refusals.push(o.json.to_string());
-    // Its own key, certified by itself.
+    // Its own key with a chain the station made itself.
     let self_made = w.path("self-made.pem");
+    let subject = "/CN=D-0001/serialNumber=D-0001";
+    let key_arg = s(&evil_key);
     openssl(&[
         "req",
         "-x509",
         "-key",
-        &s(&evil_key),
+        &key_arg,
         "-subj",
-        "/CN=D-0001/serialNumber=D-0001",
-        "-days",
-        "30",
+        subject,
         "-out",
         &s(&self_made),
     ]);
-    let o = ask(
-        &url,
-        &line,
-        &id,
-        "D-0001",
-        "evil-3",
-        &["--transport-key", &evil_arg, "--chip-chain", &s(&self_made)],
-    );
-    o.assert_error(3, "chip_untrusted", "");
-    refusals.push(o.json.to_string());
-    // No transport key at all: the keys would leave in clear.
-    let o = ask(
-        &url,
-        &line,
-        &id,
-        "D-0001",
-        "evil-4",
-        &["--chip-chain", &chain_arg],
-    );
-    o.assert_error(3, "chip_key_mismatch", "transport key none");
-    refusals.push(o.json.to_string());
+    let (out_arg, self_made_arg) = (s(&refused_out), s(&self_made));
+    let cases: [(&[&str], &str, &str); 4] = [
+        // Its own transport key with the chip's chain: the keys would open for it.
+        (
+            &[
+                "--transport-key",
+                &evil_arg,
+                "--chip-chain",
+                &chain_arg,
+                "--out",
+                &out_arg,
+            ],
+            "chip_key_mismatch",
+            "the chip certificate certifies",
+        ),
+        // Its own key, no chain.
+        (
+            &["--transport-key", &evil_arg],
+            "chip_untrusted",
+            "the policy requires one",
+        ),
+        // Its own key, certified by itself (OpenSSL makes it a CA: refused as the leaf).
+        (
+            &["--transport-key", &evil_arg, "--chip-chain", &self_made_arg],
+            "chip_untrusted",
+            "not trusted",
+        ),
+        // No transport key at all: the keys would leave in clear.
+        (
+            &["--chip-chain", &chain_arg],
+            "chip_key_mismatch",
+            "transport key none",
+        ),
+    ];
+    let mut refusals = Vec::new();
+    for (n, (args, code, says)) in cases.into_iter().enumerate() {
+        let o = ask(&url, &line, &id, "D-0001", &format!("evil-{n}"), args);
+        o.assert_error(3, code, says);
+        refusals.push(o.json.to_string());
+    }
+    assert!(!refused_out.exists(), "nothing is written for a refusal");
 
     // The genuine chip gets the pool slot none of those took: its keys, sealed to it.
     let args = ["--transport-key", &s(&chip_pub), "--chip-chain", &chain_arg];
@@ -339,22 +328,10 @@ fn a_station_that_substitutes_its_own_transport_key_gets_nothing() {
     );
     assert_ne!(o.code, 0, "{}", o.json);
 
-    // Each chain that does not hold, refused with its code.
+    // Each chain that does not hold, refused with its code: a chip certified as another
+    // device, a chip of another vendor, a broken signature, the vendor's CA as the chip,
+    // bytes that are no certificate.
     let (_, d2_pub, named_d9) = genuine_chip(&w, &vendor, "D-0009", "d2-as-d9");
-    let o = ask(
-        &url,
-        &line,
-        &id,
-        "D-0002",
-        "bind-1",
-        &[
-            "--transport-key",
-            &s(&d2_pub),
-            "--chip-chain",
-            &s(&named_d9),
-        ],
-    );
-    o.assert_error(3, "chip_binding_mismatch", "device_id_from");
     let other_vendor = w.path("other-vendor");
     ok(&[
         "pki",
@@ -362,61 +339,42 @@ fn a_station_that_substitutes_its_own_transport_key_gets_nothing() {
         "--dir",
         &s(&other_vendor),
         "--subject",
-        "CN=Other Chips Root",
+        "CN=Other",
     ]);
     let (_, d3_pub, foreign) = genuine_chip(&w, &other_vendor, "D-0003", "d3");
-    let o = ask(
-        &url,
-        &line,
-        &id,
-        "D-0003",
-        "foreign-1",
-        &["--transport-key", &s(&d3_pub), "--chip-chain", &s(&foreign)],
-    );
-    o.assert_error(3, "chip_untrusted", "");
     let (_, d4_pub, d4_chain) = genuine_chip(&w, &vendor, "D-0004", "d4");
     let mut der = x509::chip::read_chip_chain(&std::fs::read(&d4_chain).unwrap()).unwrap();
     let n = der[0].len();
     der[0][n - 3] ^= 1;
     let broken = chain_file(&w, "broken.pem", &der);
-    let o = ask(
-        &url,
-        &line,
-        &id,
-        "D-0004",
-        "broken-1",
-        &["--transport-key", &s(&d4_pub), "--chip-chain", &s(&broken)],
-    );
-    o.assert_error(3, "chip_untrusted", "");
-    let o = ask(
-        &url,
-        &line,
-        &id,
-        "D-0004",
-        "ca-leaf-1",
-        &[
-            "--transport-key",
-            &s(&d4_pub),
-            "--chip-chain",
-            &s(&vendor.join("vendor-root.crt")),
-        ],
-    );
-    o.assert_error(3, "chip_untrusted", "");
     let garbage = w.path("garbage.pem");
-    std::fs::write(
-        &garbage,
-        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
-    )
-    .unwrap();
-    let o = ask(
-        &url,
-        &line,
-        &id,
-        "D-0004",
-        "garbage-1",
-        &["--transport-key", &s(&d4_pub), "--chip-chain", &s(&garbage)],
-    );
-    o.assert_error(3, "chip_untrusted", "");
+    let garbage_pem = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+    std::fs::write(&garbage, garbage_pem).unwrap();
+    let vendor_root = vendor.join("vendor-root.crt");
+    let cases = [
+        (
+            "D-0002",
+            &d2_pub,
+            &named_d9,
+            "chip_binding_mismatch",
+            "device_id_from",
+        ),
+        ("D-0003", &d3_pub, &foreign, "chip_untrusted", "not trusted"),
+        ("D-0004", &d4_pub, &broken, "chip_untrusted", "not trusted"),
+        (
+            "D-0004",
+            &d4_pub,
+            &vendor_root,
+            "chip_untrusted",
+            "CaUsedAsEndEntity",
+        ),
+        ("D-0004", &d4_pub, &garbage, "chip_untrusted", "malformed"),
+    ];
+    for (n, (device, key, chain, code, says)) in cases.into_iter().enumerate() {
+        let request = format!("bad-chain-{n}");
+        let args = ["--transport-key", &s(key), "--chip-chain", &s(chain)];
+        ask(&url, &line, &id, device, &request, &args).assert_error(3, code, says);
+    }
 
     // A line of chips certified by the vendor programs every device.
     let report = ok(&[
