@@ -376,50 +376,38 @@ fn a_station_that_substitutes_its_own_transport_key_gets_nothing() {
         ask(&url, &line, &id, device, &request, &args).assert_error(3, code, says);
     }
 
-    // A line of chips certified by the vendor programs every device.
-    let report = ok(&[
-        "station",
-        "run",
-        "--url",
-        &url,
-        "--station-dir",
-        &s(&line),
-        "--root-cert",
-        &s(&w.root.join("root.crt")),
-        "--entitlement",
-        &id,
-        "--devices",
-        "4",
-        "--concurrency",
-        "2",
-        "--device-prefix",
-        "SIM-",
-        "--chip-vendor",
-        &s(&vendor),
-    ]);
-    assert_eq!(report["programmed"], 4, "{report}");
-    // Without the vendor's chains, the same line is refused.
-    let o = keyfab(
-        &[
+    // A line of chips certified by the vendor programs every device; without the
+    // vendor's chains, the same line is refused.
+    let root_cert = s(&w.root.join("root.crt"));
+    let line_dir = s(&line);
+    let line_run = |extra: &[&str]| {
+        let mut args = vec![
             "station",
             "run",
             "--url",
             &url,
             "--station-dir",
-            &s(&line),
+            &line_dir,
             "--root-cert",
-            &s(&w.root.join("root.crt")),
+            &root_cert,
             "--entitlement",
             &id,
-            "--devices",
-            "2",
-            "--first",
-            "100",
             "--device-prefix",
             "SIM-",
-        ],
-        None,
-    );
+        ];
+        args.extend_from_slice(extra);
+        keyfab(&args, None)
+    };
+    let report = line_run(&[
+        "--devices",
+        "4",
+        "--concurrency",
+        "2",
+        "--chip-vendor",
+        &s(&vendor),
+    ]);
+    assert_eq!(report.json["programmed"], 4, "{}", report.json);
+    let o = line_run(&["--devices", "2", "--first", "100"]);
     assert_eq!(o.code, 3, "{}", o.json);
     assert_eq!(o.json["refused"]["chip_untrusted"], 2, "{}", o.json);
     drop(server);
