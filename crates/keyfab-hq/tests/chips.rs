@@ -73,13 +73,7 @@ fn attested(id: &str, device: &str, chain: &[Vec<u8>], transport_key: &str) -> E
 }
 
 fn denied(id: &str, device: &str, code: &str) -> Event {
-    Event::ProvisionDenied {
-        entitlement: id.to_owned(),
-        request_id: format!("d-{device}"),
-        device_id: device.to_owned(),
-        station: None,
-        code: code.to_owned(),
-    }
+    keyfab_testkit::forge::forged_denial(id, device, code)
 }
 
 #[test]

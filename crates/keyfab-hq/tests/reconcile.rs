@@ -60,13 +60,7 @@ fn release_at_station(id: &str, device: &str, station: &str) -> Event {
 }
 
 fn denied(id: &str, device: &str, code: &str) -> Event {
-    Event::ProvisionDenied {
-        entitlement: id.to_owned(),
-        request_id: format!("d-{device}"),
-        device_id: device.to_owned(),
-        station: None,
-        code: code.to_owned(),
-    }
+    keyfab_testkit::forge::forged_denial(id, device, code)
 }
 
 fn confirmed(id: &str, device: &str, result: &str) -> Event {

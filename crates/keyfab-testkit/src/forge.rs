@@ -135,3 +135,14 @@ pub fn forged_release(entitlement: &str, device: &str) -> keyfab_audit::Event {
         }],
     }
 }
+
+/// A refusal of `device` under `entitlement` with `code`, as a site records it.
+pub fn forged_denial(entitlement: &str, device: &str, code: &str) -> keyfab_audit::Event {
+    keyfab_audit::Event::ProvisionDenied {
+        entitlement: entitlement.to_owned(),
+        request_id: format!("d-{device}"),
+        device_id: device.to_owned(),
+        station: None,
+        code: code.to_owned(),
+    }
+}

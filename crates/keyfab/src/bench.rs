@@ -351,16 +351,21 @@ pub(crate) fn provision(
     };
     let total = devices * (levels.len() + peer_rounds) as u64;
     let last_level = levels.last().copied().unwrap_or(64);
-    let policy = base.join("provision.toml");
     let text = format!(
         "product = \"bench\"\ndevices = {total}\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\n[[keys]]\nname = \"identity\"\ntype = \"{}\"\nsource = \"{}\"\ncertificate = {{ subject = \"CN={{device_id}},O=Bench\", days = 3650 }}\n",
         store.key_type, store.key_source
     );
-    std::fs::write(&policy, &text).map_err(|e| Failure::new(Code::Io, e.to_string()))?;
-    let kfe = base.join("provision.kfe");
-    let created = run::entitlement_create(&ctx, &hq, "bench-site", &policy, &kfe)?;
-    let id = created.id;
-    run::entitlement_import(&ctx, &site, &kfe)?;
+    // Each entitlement of the run: the policy `text` written as NAME.toml, created at
+    // HQ and imported at the site.
+    let entitlement = |name: &str, text: &str| -> Result<String, Failure> {
+        let policy = base.join(format!("{name}.toml"));
+        std::fs::write(&policy, text).map_err(|e| Failure::new(Code::Io, e.to_string()))?;
+        let kfe = base.join(format!("{name}.kfe"));
+        let created = run::entitlement_create(&ctx, &hq, "bench-site", &policy, &kfe)?;
+        run::entitlement_import(&ctx, &site, &kfe)?;
+        Ok(created.id)
+    };
+    let id = entitlement("provision", &text)?;
     // The same policy with the module, or requiring chip attestation: every level runs
     // without it, then with it.
     let chips_policy =
@@ -368,13 +373,8 @@ pub(crate) fn provision(
     let second = match (policy_module, store.chip_attestation) {
         (None, true) => {
             let pool = ChipPool::certify(&ctx, &base.join("chip-vendor"), BENCH_CHIPS)?;
-            let attested = base.join("provision-chips.toml");
-            std::fs::write(&attested, format!("{text}{chips_policy}"))
-                .map_err(|e| Failure::new(Code::Io, e.to_string()))?;
-            let kfe = base.join("provision-chips.kfe");
-            let created = run::entitlement_create(&ctx, &hq, "bench-site", &attested, &kfe)?;
-            run::entitlement_import(&ctx, &site, &kfe)?;
-            Some((created.id, Second::Attestation(pool)))
+            let id = entitlement("provision-chips", &format!("{text}{chips_policy}"))?;
+            Some((id, Second::Attestation(pool)))
         }
         _ => None,
     };
@@ -385,13 +385,8 @@ pub(crate) fn provision(
                 .and_then(|n| n.to_str())
                 .ok_or_else(|| Failure::usage("--policy-module needs a file name"))?;
             std::fs::copy(module, base.join(name)).map_err(|e| io_failure(module, e))?;
-            let with_code = base.join("provision-code.toml");
-            std::fs::write(&with_code, format!("{text}\n[code]\nmodule = \"{name}\"\n"))
-                .map_err(|e| Failure::new(Code::Io, e.to_string()))?;
-            let kfe = base.join("provision-code.kfe");
-            let created = run::entitlement_create(&ctx, &hq, "bench-site", &with_code, &kfe)?;
-            run::entitlement_import(&ctx, &site, &kfe)?;
-            Some(created.id)
+            let with_code = format!("{text}\n[code]\nmodule = \"{name}\"\n");
+            Some(entitlement("provision-code", &with_code)?)
         }
         None => None,
     };

@@ -127,3 +127,43 @@ fn bench_serve_with_a_flooding_station_reports_both_runs_and_their_ratio() {
     );
     out.assert_error(2, "usage", "--seconds");
 }
+
+/// What chip attestation costs, beside the same run without it: in the engine, and on
+/// the whole line. Every device goes through both ways.
+#[test]
+fn bench_chip_attestation_reports_with_beside_without() {
+    let report = bench(&[
+        "provision",
+        "--concurrency",
+        "8",
+        "--devices",
+        "100",
+        "--chip-attestation",
+    ]);
+    let level = &report["levels"][0];
+    let without = positive(level, "devices_per_s");
+    let attested = &level["chip_attestation"];
+    let with = positive(attested, "devices_per_s");
+    assert!(
+        (positive(attested, "of_without") - with / without).abs() < 1e-9,
+        "{report}"
+    );
+
+    let report = bench(&[
+        "serve",
+        "--stations",
+        "4",
+        "--devices",
+        "40",
+        "--chip-attestation",
+    ]);
+    assert_eq!(report["devices_per_mode"], 40, "{report}");
+    let raw = positive(&report, "raw_device_crypto_per_s");
+    let without = positive(&report["without"], "devices_per_s");
+    let with = positive(&report["with"], "devices_per_s");
+    assert!(
+        (positive(&report["with"], "ratio") - with / raw).abs() < 1e-9,
+        "{report}"
+    );
+    assert!((positive(&report, "with_over_without") - with / without).abs() < 1e-9);
+}

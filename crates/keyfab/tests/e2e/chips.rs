@@ -12,11 +12,24 @@ use keyfab_crypto::x509;
 use keyfab_station::chip_vendor::ChipVendor;
 use std::path::{Path, PathBuf};
 
-const POOL_POLICY: &str = r#"product = "line"
+/// A policy of 20 devices for 2026–2029 with the `[[keys]]` of `keys`, every chip
+/// required to prove itself against `vendor/`'s root and to name its device.
+fn chips_policy(keys: &str) -> String {
+    format!(
+        r#"product = "line"
 devices = 20
 valid_from = "2026-01-01T00:00:00Z"
 valid_until = "2030-01-01T00:00:00Z"
-[[keys]]
+{keys}
+[chips]
+attestation = "required"
+roots = ["vendor/vendor-root.crt"]
+device_id_from = "subject-serial"
+"#
+    )
+}
+
+const POOL_KEYS: &str = r#"[[keys]]
 name = "identity"
 type = "ec-p256"
 source = "hq-pool"
@@ -25,25 +38,13 @@ certificate = { subject = "CN={device_id},O=Acme", days = 365 }
 name = "firmware"
 type = "aes-256"
 source = "hq-pool"
-[chips]
-attestation = "required"
-roots = ["vendor/vendor-root.crt"]
-device_id_from = "subject-serial"
 "#;
 
-const CSR_POLICY: &str = r#"product = "line"
-devices = 20
-valid_from = "2026-01-01T00:00:00Z"
-valid_until = "2030-01-01T00:00:00Z"
-[[keys]]
+const CSR_KEYS: &str = r#"[[keys]]
 name = "identity"
 type = "ec-p256"
 source = "device"
 certificate = { subject = "CN={device_id},O=Acme", days = 365 }
-[chips]
-attestation = "required"
-roots = ["vendor/vendor-root.crt"]
-device_id_from = "subject-serial"
 "#;
 
 fn openssl(args: &[&str]) {
@@ -170,7 +171,7 @@ fn a_station_that_substitutes_its_own_transport_key_gets_nothing() {
     let w = world();
     let vendor = w.path("vendor");
     ok(&["pki", "init-chip-vendor", "--dir", &s(&vendor)]);
-    let id = imported(&w, POOL_POLICY, "chips");
+    let id = imported(&w, &chips_policy(POOL_KEYS), "chips");
     let line = w.path("line-1");
     enroll(&w.site, "line-1", &line);
     let server = Server::start(&w.site);
@@ -460,7 +461,7 @@ fn a_station_that_substitutes_its_own_csr_is_refused() {
     let w = world();
     let vendor = w.path("vendor");
     ok(&["pki", "init-chip-vendor", "--dir", &s(&vendor)]);
-    let id = imported(&w, CSR_POLICY, "csr-chips");
+    let id = imported(&w, &chips_policy(CSR_KEYS), "csr-chips");
     // The chip's own key, certified by its vendor, and a CSR of it.
     let (chip_key, chip_pub) = station_key(&w, "chip");
     let point = match x509::device_public_key(
