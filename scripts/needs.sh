@@ -20,6 +20,9 @@ keyfab_needs() {
       command -v etcd >/dev/null || need_apt+=(etcd-server etcd-client)
       # HSM custody is tested against a real PKCS#11 token: SoftHSM2.
       [ -e /usr/lib/softhsm/libsofthsm2.so ] || need_apt+=(softhsm2)
+      # The packaging check verifies the systemd unit and builds a Debian package.
+      command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+      command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
       ;;
     *)
       echo "keyfab_needs: unknown need '$what'" >&2

@@ -59,6 +59,30 @@ printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level 
 # --workspace keeps the features of the first run, so nothing is built again.
 SOFTHSM2_CONF="$hsm_dir/softhsm2.conf" KEYFAB_TEST_CUSTODY=softhsm cargo test --workspace --test e2e
 
+step "packaging: the Debian package installed in a throwaway root; its systemd unit verified"
+pkg_dir=$(mktemp -d)
+trap 'rm -rf "$hsm_dir" "$deny_log" "$pkg_dir"' EXIT
+# The debug binary the tests built: the packaging is what is checked here.
+deb=$(scripts/package-deb.sh target/debug/keyfab "$pkg_dir")
+pkg_root="$pkg_dir/root"
+mkdir -p "$pkg_root/var/lib/dpkg/updates" "$pkg_root/var/lib/dpkg/info"
+touch "$pkg_root/var/lib/dpkg/status"
+# An empty root holds no libc6 package: the binary runs on this machine's.
+dpkg --root="$pkg_root" --force-depends -i "$deb" 2>&1 | grep -v 'libc6\|dependency problems\|^ keyfab depends' || true
+"$pkg_root/usr/bin/keyfab" --version
+"$pkg_root/usr/bin/keyfab" --json demo --dir "$pkg_dir/demo" --devices 10 | jq -e '.steps | length > 30' >/dev/null
+for installed in usr/share/bash-completion/completions/keyfab usr/share/zsh/vendor-completions/_keyfab \
+  usr/share/fish/vendor_completions.d/keyfab.fish usr/share/man/man1/keyfab-site-serve.1.gz \
+  usr/lib/sysusers.d/keyfab.conf; do
+  [ -s "$pkg_root/$installed" ] || { echo "the package lacks $installed"; exit 1; }
+done
+bash -n "$pkg_root/usr/share/bash-completion/completions/keyfab"
+# As installed, ExecStart pointing at the package's binary, the manual pages it names
+# found: hardening directives and all must parse.
+sed "s#/usr/bin/keyfab#$pkg_root/usr/bin/keyfab#" "$pkg_root/usr/lib/systemd/system/keyfab-site.service" \
+  >"$pkg_dir/keyfab-site.service"
+MANPATH="$pkg_root/usr/share/man" systemd-analyze verify "$pkg_dir/keyfab-site.service"
+
 step "cargo deny check licenses bans sources (deny.toml)"
 cargo deny check licenses bans sources 2>&1 | grep -v '^warning\[duplicate\]\|^ *[│├└─]' | tail -n 5
 

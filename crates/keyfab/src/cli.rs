@@ -4,10 +4,20 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use keyfab_policy::Lifetime;
 use std::path::PathBuf;
 
+/// `keyfab --version`: the version, the commit it was built from and that commit's date.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("KEYFAB_COMMIT"),
+    ", ",
+    env!("KEYFAB_BUILD_DATE"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "keyfab",
-    version,
+    version = VERSION,
     about = "Secure-manufacturing key injection: HQ decides which keys exist and under which \
              policy; a factory site provisions them within that policy; HQ gets proof.",
     after_help = "Secrets that unlock state come from KEYFAB_PASSPHRASE or --passphrase-file, never \
@@ -173,6 +183,32 @@ pub(crate) enum Command {
     #[cfg(feature = "bench")]
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Shell completions for bash, zsh or fish, on standard output.
+    #[command(
+        after_help = "Examples:\n  keyfab completions bash > /usr/share/bash-completion/completions/keyfab\n  keyfab completions zsh > /usr/share/zsh/vendor-completions/_keyfab\n  keyfab completions fish > /usr/share/fish/vendor_completions.d/keyfab.fish"
+    )]
+    Completions {
+        /// The shell.
+        shell: CompletionShell,
+    },
+    /// Write the manual pages (roff, section 1), one per command — keyfab.1,
+    /// keyfab-site.1, keyfab-site-provision.1, … — into DIR.
+    #[command(
+        after_help = "Example:\n  keyfab man --out /usr/share/man/man1 && man keyfab-site-serve"
+    )]
+    Man {
+        /// The directory (created if missing; pages of the same names are replaced).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+/// A shell `keyfab completions` writes for.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub(crate) enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Subcommand, Debug)]

@@ -256,6 +256,10 @@ pub(crate) fn serve(
                         )
                     };
                     let _ = writeln!(LogSink::default(), "{line}");
+                    crate::sd_notify::notify(&format!(
+                        "STATUS=sealed: {} of {} unseal shares given",
+                        p.accepted, p.threshold
+                    ));
                 },
             )?;
             // Serve where stations were answered `locked` (the same port, even for port 0).
@@ -312,7 +316,11 @@ pub(crate) fn serve(
             )
         };
         let _ = writeln!(LogSink::default(), "{line}");
+        crate::sd_notify::notify(&format!(
+            "READY=1\nSTATUS=site {site} serving the station API on {addr}"
+        ));
     });
+    crate::sd_notify::notify("STOPPING=1");
     // The last requests' lines, then the report.
     crate::logsink::drain();
     let summary = summary?;

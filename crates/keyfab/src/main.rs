@@ -14,8 +14,10 @@ mod context;
 mod demo;
 mod line;
 mod logsink;
+mod manual;
 mod output;
 mod run;
+mod sd_notify;
 
 use clap::{CommandFactory, FromArgMatches};
 

@@ -248,6 +248,8 @@ pub(crate) fn dispatch(
         }
         Command::Policy(PolicyCommand::Test { module, cases }) => policy_test(&module, &cases),
         Command::Demo { dir, devices } => crate::demo::run(&ctx, dir.as_deref(), devices),
+        Command::Completions { shell } => crate::manual::completions(shell),
+        Command::Man { out } => crate::manual::man_pages(&out),
         #[cfg(feature = "bench")]
         Command::Bench(command) => crate::bench::dispatch(&ctx, command),
     }?;

@@ -22,6 +22,7 @@ mod edges;
 mod entitlement;
 mod help;
 mod mutants;
+mod packaging;
 mod policy_code;
 mod provision;
 mod readme;

@@ -548,6 +548,12 @@ impl Server {
         Self::attach(child, stderr)
     }
 
+    /// [`Server::start_with`] with `env` set for the server.
+    pub(crate) fn start_env(home: &Path, env: &[(&str, &str)]) -> Server {
+        let (child, stderr) = Self::spawn_env(home, &[], env);
+        Self::attach(child, stderr)
+    }
+
     pub(crate) fn spawn(home: &Path, extra: &[&str]) -> (Child, std::process::ChildStderr) {
         Self::spawn_env(home, extra, &[])
     }
