@@ -651,8 +651,25 @@ pub(crate) struct ServeArgs {
     pub log_format: LogFormat,
     /// warn: problems only; info: also one line per request; debug: also one line per
     /// decision (released, or refused with its code; the audit log has them all anyway).
+    /// The level of keyfab's own logs: the libraries under it (TLS, HTTP, the etcd
+    /// client's gRPC) log at info at most, unless --log-filter says otherwise.
     #[arg(long, value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
+    /// Levels per log target, instead of --log-level: `target=level` pairs and a bare
+    /// level for every other target, separated by commas (levels: off, error, warn,
+    /// info, debug, trace). keyfab's targets: keyfab::access (one line per request),
+    /// keyfab::provision (decisions), keyfab::tls, keyfab::entitlement, keyfab::unseal;
+    /// the libraries' are their crate names (rustls, h2, tonic). Default: RUST_LOG when
+    /// set.
+    #[arg(long, value_name = "SPEC", value_parser = log_filter)]
+    pub log_filter: Option<String>,
+}
+
+/// A `--log-filter` (or `RUST_LOG`) specification that parses.
+pub(crate) fn log_filter(text: &str) -> Result<String, String> {
+    text.parse::<tracing_subscriber::filter::Targets>()
+        .map(|_| text.to_owned())
+        .map_err(|e| format!("'{text}': {e} (e.g. keyfab=debug,h2=warn,info)"))
 }
 
 #[derive(Subcommand, Debug)]

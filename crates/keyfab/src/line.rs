@@ -228,7 +228,7 @@ pub(crate) fn serve(
     a: &crate::cli::ServeArgs,
     json_out: bool,
 ) -> Result<Report, Failure> {
-    install_logs(a);
+    install_logs(a)?;
     let home = &a.home.home;
     let mut listen = a.listen;
     let node = match ctx.unsealer(home)? {
@@ -350,23 +350,49 @@ impl Outcome for ServeStopped {
 
 /// Structured logs on stderr: one line per request, handshake refusals, errors with their
 /// detail (the stations get only a code and a short message).
-fn install_logs(a: &crate::cli::ServeArgs) {
+/// Logs on stderr: `--log-filter`, else `RUST_LOG`, else keyfab's targets at
+/// `--log-level` and every other at info at most — the TLS, HTTP and gRPC libraries'
+/// debug output (most of it frame traces) is asked for by name, never by default.
+fn install_logs(a: &crate::cli::ServeArgs) -> Result<(), Failure> {
     use crate::cli::{LogFormat, LogLevel};
-    let level = match a.log_level {
-        LogLevel::Warn => tracing::Level::WARN,
-        LogLevel::Info => tracing::Level::INFO,
-        LogLevel::Debug => tracing::Level::DEBUG,
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    let spec = match &a.log_filter {
+        Some(spec) => Some(spec.clone()),
+        None => std::env::var("RUST_LOG")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| {
+                crate::cli::log_filter(&v).map_err(|e| Failure::usage(format!("RUST_LOG: {e}")))
+            })
+            .transpose()?,
     };
-    let logs = tracing_subscriber::fmt()
+    let targets = match spec {
+        Some(spec) => spec
+            .parse::<Targets>()
+            .map_err(|e| Failure::usage(format!("--log-filter: {e}")))?,
+        None => {
+            let own = match a.log_level {
+                LogLevel::Warn => LevelFilter::WARN,
+                LogLevel::Info => LevelFilter::INFO,
+                LogLevel::Debug => LevelFilter::DEBUG,
+            };
+            Targets::new()
+                .with_default(own.min(LevelFilter::INFO))
+                .with_target("keyfab", own)
+        }
+    };
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(LogSink::default)
-        .with_max_level(level)
         .with_target(true);
+    let registry = tracing_subscriber::registry().with(targets);
     let installed = if a.log_format == LogFormat::Json {
-        tracing::subscriber::set_global_default(logs.json().flatten_event(true).finish())
+        tracing::subscriber::set_global_default(registry.with(logs.json().flatten_event(true)))
     } else {
-        tracing::subscriber::set_global_default(logs.with_ansi(false).finish())
+        tracing::subscriber::set_global_default(registry.with(logs.with_ansi(false)))
     };
     drop(installed);
+    Ok(())
 }
 
 /// `keyfab site unseal`: one share to the sealed `site serve` in `home`.

@@ -87,3 +87,71 @@ fn site_serve_tells_systemd_when_it_is_ready() {
     let n = systemd.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"STOPPING=1");
 }
+
+/// A connection that is not TLS: `site serve` logs the refused handshake (target
+/// `keyfab::tls`, info).
+fn refused_handshake(server: &Server) {
+    use std::io::Write;
+    let mut raw = std::net::TcpStream::connect(&server.addr).unwrap();
+    let _ = raw.write_all(b"GET / HTTP/1.1\r\n\r\n");
+    let _ = std::io::Read::read(&mut raw, &mut [0u8; 64]);
+}
+
+/// Whether `server`'s logs get a line with `needle` within a few seconds.
+fn logs_show(server: &Server, needle: &str) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        if server.logs().contains(needle) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+/// Logs are filtered per target: `--log-filter`, else `RUST_LOG`; a filter that does not
+/// parse is a usage error before anything starts.
+#[test]
+fn site_serve_filters_its_logs_by_target() {
+    let w = world();
+    let site = s(&w.site);
+    let shown = Server::start(&w.site);
+    refused_handshake(&shown);
+    assert!(logs_show(&shown, "handshake refused"), "{}", shown.logs());
+    drop(shown);
+    for (extra, env) in [
+        (vec!["--log-filter", "keyfab::tls=off,info"], vec![]),
+        (vec![], vec![("RUST_LOG", "keyfab::tls=warn,info")]),
+    ] {
+        let (child, stderr) = Server::spawn_env(&w.site, &extra, &env);
+        let quiet = Server::attach(child, stderr);
+        refused_handshake(&quiet);
+        assert!(
+            !logs_show(&quiet, "handshake refused"),
+            "{extra:?} {env:?}: {}",
+            quiet.logs()
+        );
+    }
+    for (extra, env) in [
+        (vec!["--log-filter", "keyfab=loud"], vec![]),
+        (vec![], vec![("RUST_LOG", "keyfab=verbose")]),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyfab"));
+        cmd.args([
+            "--json",
+            "site",
+            "serve",
+            "--home",
+            &site,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(&extra)
+        .envs(env.iter().copied())
+        .env("KEYFAB_PASSPHRASE", PASS);
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{extra:?} {env:?}");
+        let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(answer["error"]["code"], "usage", "{answer}");
+    }
+}

@@ -558,7 +558,7 @@ impl Server {
         Self::spawn_env(home, extra, &[])
     }
 
-    fn spawn_env(
+    pub(crate) fn spawn_env(
         home: &Path,
         extra: &[&str],
         env: &[(&str, &str)],
