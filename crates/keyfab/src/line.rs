@@ -275,7 +275,7 @@ pub(crate) fn serve(
                 &keyfab_backends::Linked,
             )?
         }
-        _ => ctx.open(home, NodeKind::Site)?,
+        _ => open_when_the_store_answers(ctx, home, json_out)?,
     };
     // A site that stopped itself, or whose audit chain no longer verifies, does not
     // start serving (the latter latches it).
@@ -350,6 +350,44 @@ impl Outcome for ServeStopped {
 
 /// Structured logs on stderr: one line per request, handshake refusals, errors with their
 /// detail (the stations get only a code and a short message).
+/// Longest wait between two tries of a state store that does not answer.
+const STORE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Opens the site's home for `site serve`, waiting for its state store: a site started
+/// while its etcd cluster has no quorum — all of a plant's machines coming back after a
+/// power cut, in any order — tries again 1, 2, 4 … up to 30 s apart, saying so on
+/// stderr (and to systemd), until the store answers or a signal stops it. Any other
+/// failure ends the command as before.
+fn open_when_the_store_answers(
+    ctx: &Context,
+    home: &Path,
+    json_out: bool,
+) -> Result<keyfab_node::Node, Failure> {
+    let mut wait = std::time::Duration::from_secs(1);
+    loop {
+        match ctx.open(home, NodeKind::Site) {
+            Err(f) if f.code == Code::Unavailable => {
+                use std::io::Write;
+                let line = if json_out {
+                    json!({"waiting_for_store": f.message, "retry_in_s": wait.as_secs()})
+                        .to_string()
+                } else {
+                    format!(
+                        "the site's state store does not answer ({}); trying again in {} s",
+                        f.message,
+                        wait.as_secs()
+                    )
+                };
+                let _ = writeln!(LogSink::default(), "{line}");
+                crate::sd_notify::notify("STATUS=waiting for the state store (etcd quorum)");
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(STORE_RETRY_MAX);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Logs on stderr: `--log-filter`, else `RUST_LOG`, else keyfab's targets at
 /// `--log-level` and every other at info at most — the TLS, HTTP and gRPC libraries'
 /// debug output (most of it frame traces) is asked for by name, never by default.

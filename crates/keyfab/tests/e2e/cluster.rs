@@ -1061,3 +1061,27 @@ fn a_station_is_told_unavailable_per_url_while_the_quorum_is_lost() {
     drop(server);
     drop(etcd);
 }
+
+/// A site started while its etcd cluster has no quorum — a whole plant coming back after
+/// a power cut — waits for it, saying so, and serves once the members are back.
+#[test]
+fn site_serve_started_without_a_quorum_waits_for_it() {
+    let (mut etcd, w) = etcd_site();
+    etcd.kill(0).unwrap();
+    etcd.kill(1).unwrap();
+    let (child, mut stderr) = Server::spawn(&w.site, &[]);
+    let waiting = Server::line(&mut stderr);
+    assert!(
+        waiting["waiting_for_store"].is_string() && waiting["retry_in_s"] == 1,
+        "{waiting}"
+    );
+    let again = Server::line(&mut stderr);
+    assert_eq!(again["retry_in_s"], 2, "{again}");
+    etcd.restart(0).unwrap();
+    etcd.restart(1).unwrap();
+    // Serving once the quorum is back: attach waits for its `listening` line.
+    let server = Server::attach(child, stderr);
+    let (code, _) = server.stop();
+    assert_eq!(code, 0);
+    drop(etcd);
+}
