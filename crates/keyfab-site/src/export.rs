@@ -61,6 +61,15 @@ pub struct Exported {
     pub finished_earlier: bool,
 }
 
+/// How many audit records no export has carried yet.
+pub fn records_unexported(node: &Node) -> Result<u64> {
+    let exported = match node.store.get(Table::Meta, EXPORTS)? {
+        Some(v) => decode::<Exports>(&v.value)?.last.size,
+        None => 0,
+    };
+    Ok(crate::audit_log::log_size(node)?.saturating_sub(exported))
+}
+
 /// Exports the log since the last export to `out`, sealed to HQ.
 pub fn export(
     node: &Node,

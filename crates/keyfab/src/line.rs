@@ -294,6 +294,10 @@ pub(crate) fn serve(
         }
     }
     let mut config = keyfab_site::server::ServeConfig::new(listen, names.clone());
+    config.build = keyfab_site::server::metrics::BuildInfo {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        commit: env!("KEYFAB_COMMIT").to_owned(),
+    };
     config.max_connections = a.max_connections.max(1);
     config.handshake_timeout = std::time::Duration::from_secs(a.handshake_timeout.max(1));
     config.header_timeout = std::time::Duration::from_secs(a.header_timeout.max(1));

@@ -234,6 +234,7 @@ async fn require_station(
         }
     };
     let Some(_slot) = state.limits.request(&name) else {
+        state.metrics.busy();
         return Err(ApiError::new(
             Code::Busy,
             format!("station '{name}' has its bound of requests in flight; retry"),
@@ -407,6 +408,9 @@ async fn provision(
     let (device_id, request_id) = (req.device_id.clone(), req.request_id.clone());
     let outcome = state.provisioner.provision_async(req).await;
     state.metrics.observe(&outcome, started.elapsed());
+    if matches!(&outcome, Ok(p) if !p.replayed) {
+        state.metrics.station_provisioned(&station);
+    }
     match &outcome {
         Ok(p) => tracing::debug!(
             target: "keyfab::provision",
@@ -462,6 +466,9 @@ async fn confirm(
     })
     .await
     .map_err(|_| ApiError::new(Code::Internal, "confirm"))??;
+    if !c.repeated {
+        state.metrics.confirmed(c.result.as_str());
+    }
     Ok(Json(json!({
         "entitlement": c.entitlement,
         "device_id": c.device_id,

@@ -1,5 +1,9 @@
-//! `GET /metrics`: Prometheus text exposition of what the line did — devices provisioned,
-//! refusals by code, request latency, and quota left per entitlement.
+//! `GET /metrics`: Prometheus text exposition of what the line did — devices provisioned
+//! (in all and per station), refusals by code, confirmations by result, request latency,
+//! `busy` answers and refused connections — of where each entitlement stands (quota and
+//! today's share left, status, seconds until its audit is overdue), of the audit records
+//! not exported yet, and of the process itself (`keyfab_build_info`, CPU, memory, open
+//! files, start time).
 
 use crate::provision::Provisioned;
 use keyfab_node::{Node, Result};
@@ -13,19 +17,91 @@ use std::time::Duration;
 /// Upper bounds (seconds) of the latency histogram's buckets.
 const BUCKETS: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
 
+/// What a binary says of itself in `keyfab_build_info`.
+#[derive(Debug, Clone, Default)]
+pub struct BuildInfo {
+    /// The version (`0.1.0`).
+    pub version: String,
+    /// The commit it was built from.
+    pub commit: String,
+}
+
 /// Counters and latencies for `/metrics` (Prometheus text).
 #[derive(Default)]
 pub struct Metrics {
+    build: BuildInfo,
+    /// When the server started (Unix seconds).
+    started: u64,
     provisioned: AtomicU64,
     replayed: AtomicU64,
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// Devices given keys, per station: bounded by the stations the site enrolled.
+    per_station: Mutex<BTreeMap<String, u64>>,
+    confirmed: Mutex<BTreeMap<&'static str, u64>>,
+    busy: AtomicU64,
+    handshakes_refused: AtomicU64,
+    connections_over_bound: AtomicU64,
     /// Requests at or under each bucket's bound (cumulative), then all of them.
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_micros: AtomicU64,
 }
 
+/// Escapes a label value (Prometheus text format: backslash, quote, newline).
+fn label(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 impl Metrics {
+    /// The metrics of a server of `build` starting now.
+    pub fn new(build: BuildInfo) -> Self {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self {
+            build,
+            started,
+            ..Self::default()
+        }
+    }
+
+    /// Counts a device given keys (not a retry's answer) for `station`.
+    pub fn station_provisioned(&self, station: &str) {
+        *self
+            .per_station
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(station.to_owned())
+            .or_insert(0) += 1;
+    }
+
+    /// Counts a confirmation recorded with `result`.
+    pub fn confirmed(&self, result: &'static str) {
+        *self
+            .confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(result)
+            .or_insert(0) += 1;
+    }
+
+    /// Counts a request answered `busy` (429): its station at its bound.
+    pub fn busy(&self) {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection whose TLS handshake was refused or timed out.
+    pub fn handshake_refused(&self) {
+        self.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection closed at once: all connections were in use.
+    pub fn connection_over_bound(&self) {
+        self.connections_over_bound.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts one answer and how long it took.
     pub fn observe(&self, outcome: &keyfab_node::Result<Provisioned>, took: Duration) {
         match outcome {
@@ -80,6 +156,51 @@ impl Metrics {
         {
             let _ = writeln!(out, "keyfab_refused_total{{code=\"{code}\"}} {n}");
         }
+        counter_family(
+            &mut out,
+            "keyfab_station_provisioned_total",
+            "Devices given keys by this server, per station.",
+            "station",
+            self.per_station
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(k, v)| (k.as_str(), *v)),
+        );
+        counter_family(
+            &mut out,
+            "keyfab_confirmed_total",
+            "Confirmations recorded, by result (failed: keys burned).",
+            "result",
+            self.confirmed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(k, v)| (*k, *v)),
+        );
+        for (name, help, n) in [
+            (
+                "keyfab_busy_total",
+                "Requests answered 429 busy: the station had its bound of requests in flight.",
+                &self.busy,
+            ),
+            (
+                "keyfab_handshakes_refused_total",
+                "Connections whose TLS handshake was refused (no or a foreign certificate) or timed out.",
+                &self.handshakes_refused,
+            ),
+            (
+                "keyfab_connections_over_bound_total",
+                "Connections closed at once: every connection slot was in use.",
+                &self.connections_over_bound,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP keyfab_provision_seconds Time to answer a provisioning request.\n# TYPE keyfab_provision_seconds histogram"
@@ -102,12 +223,15 @@ impl Metrics {
             "# HELP keyfab_quota_left Devices an entitlement may still provision (0 once revoked or expired).\n# TYPE keyfab_quota_left gauge"
         );
         let mut statuses = Vec::new();
+        let mut daily = Vec::new();
+        let mut audit_due = Vec::new();
+        let now = node.now().0;
         for e in crate::entitlements::list(node)? {
             let standing = crate::entitlements::standing(node, &e)?;
             let labels = format!(
                 "entitlement=\"{}\",product=\"{}\"",
                 e.id,
-                e.policy.product.replace(['"', '\\', '\n'], "_")
+                label(&e.policy.product)
             );
             // A revoked or ended entitlement will never provision again: nothing is left.
             let left = match standing.state {
@@ -115,8 +239,33 @@ impl Metrics {
                 _ => standing.left,
             };
             let _ = writeln!(out, "keyfab_quota_left{{{labels}}} {left}");
+            if let Some(today) = standing.left_today {
+                daily.push((labels.clone(), today));
+            }
+            if let Some(due) = standing.audit_due_at {
+                audit_due.push((labels.clone(), due.saturating_sub(now)));
+            }
             statuses.push((labels, standing.state));
         }
+        let _ = writeln!(
+            out,
+            "# HELP keyfab_daily_left Devices today's share (the policy's daily limit) still allows.\n# TYPE keyfab_daily_left gauge"
+        );
+        for (labels, n) in daily {
+            let _ = writeln!(out, "keyfab_daily_left{{{labels}}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP keyfab_audit_due_seconds Seconds until the entitlement pauses for want of HQ's receipt (audit_overdue); negative once it has.\n# TYPE keyfab_audit_due_seconds gauge"
+        );
+        for (labels, secs) in audit_due {
+            let _ = writeln!(out, "keyfab_audit_due_seconds{{{labels}}} {secs}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP keyfab_audit_records_unexported Audit records HQ has not been sent yet (site audit export).\n# TYPE keyfab_audit_records_unexported gauge\nkeyfab_audit_records_unexported {}",
+            crate::export::records_unexported(node)?
+        );
         let _ = writeln!(
             out,
             "# HELP keyfab_entitlement_status 1 for an entitlement's status (see the station API's EntitlementStatus), 0 for the others.\n# TYPE keyfab_entitlement_status gauge"
@@ -130,6 +279,118 @@ impl Metrics {
                 );
             }
         }
+        self.render_process(&mut out);
         Ok(out)
+    }
+
+    /// `keyfab_build_info` and the process's own figures, with Prometheus's usual names.
+    fn render_process(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP keyfab_build_info The version and commit of the running binary.\n# TYPE keyfab_build_info gauge\nkeyfab_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            label(&self.build.version),
+            label(&self.build.commit)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP process_start_time_seconds When the server started (Unix seconds).\n# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {}",
+            self.started
+        );
+        let process = ProcessFigures::read();
+        if let Some(cpu) = process.cpu_seconds {
+            let _ = writeln!(
+                out,
+                "# HELP process_cpu_seconds_total CPU time the process used, user and system.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {cpu}"
+            );
+        }
+        if let Some(rss) = process.resident_bytes {
+            let _ = writeln!(
+                out,
+                "# HELP process_resident_memory_bytes Resident memory.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}"
+            );
+        }
+        if let Some(fds) = process.open_fds {
+            let _ = writeln!(
+                out,
+                "# HELP process_open_fds Open file descriptors (connections, the store, logs).\n# TYPE process_open_fds gauge\nprocess_open_fds {fds}"
+            );
+        }
+    }
+}
+
+/// One counter family with one label.
+fn counter_family<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label_name: &str,
+    values: impl Iterator<Item = (&'a str, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, n) in values {
+        let _ = writeln!(out, "{name}{{{label_name}=\"{}\"}} {n}", label(value));
+    }
+}
+
+/// The process's figures from /proc (Linux); each `None` where it cannot be read.
+struct ProcessFigures {
+    cpu_seconds: Option<f64>,
+    resident_bytes: Option<u64>,
+    open_fds: Option<usize>,
+}
+
+/// Clock ticks per second of /proc's times (USER_HZ: 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+/// Bytes of a page (/proc/self/statm counts pages: 4 KiB on Linux's usual platforms).
+const PAGE_BYTES: u64 = 4096;
+
+impl ProcessFigures {
+    fn read() -> Self {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok();
+        // The fields after the command name, which is in parentheses and may hold spaces.
+        let after_name = stat
+            .as_deref()
+            .and_then(|s| s.rsplit_once(") "))
+            .map(|(_, rest)| rest.split_whitespace().collect::<Vec<_>>());
+        // utime and stime are fields 14 and 15, the 12th and 13th after the name.
+        let cpu_seconds = after_name.and_then(|f| {
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / TICKS_PER_SECOND)
+        });
+        let resident_bytes = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|pages| pages * PAGE_BYTES);
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count());
+        Self {
+            cpu_seconds,
+            resident_bytes,
+            open_fds,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped_and_process_figures_read() {
+        let m = Metrics::new(BuildInfo {
+            version: "1.0 \"beta\"\nx\\".into(),
+            commit: "abc".into(),
+        });
+        let mut out = String::new();
+        m.render_process(&mut out);
+        assert!(
+            out.contains(
+                "keyfab_build_info{version=\"1.0 \\\"beta\\\"\\nx\\\\\",commit=\"abc\"} 1"
+            ),
+            "{out}"
+        );
+        let p = ProcessFigures::read();
+        assert!(p.cpu_seconds.is_some() && p.resident_bytes.unwrap_or(0) > 0);
+        assert!(p.open_fds.unwrap_or(0) >= 3);
     }
 }

@@ -49,6 +49,8 @@ pub struct ServeConfig {
     pub per_station: fairness::Bounds,
     /// Longest a request may take, its body upload included.
     pub request_timeout: Duration,
+    /// What `/metrics` says of the binary (`keyfab_build_info`).
+    pub build: metrics::BuildInfo,
 }
 
 impl ServeConfig {
@@ -63,6 +65,10 @@ impl ServeConfig {
             shutdown_grace: Duration::from_secs(30),
             per_station: fairness::Bounds::default(),
             request_timeout: Duration::from_secs(30),
+            build: metrics::BuildInfo {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                commit: "unknown".to_owned(),
+            },
         }
     }
 }
@@ -130,7 +136,7 @@ pub fn serve(
     let state = AppState {
         provisioner: Arc::new(Provisioner::start(node.clone())),
         node,
-        metrics: Arc::new(metrics::Metrics::default()),
+        metrics: Arc::new(metrics::Metrics::new(config.build.clone())),
         revocations: Arc::default(),
         limits: Arc::new(fairness::StationLimits::new(config.per_station)),
         request_timeout: config.request_timeout,
@@ -197,6 +203,7 @@ async fn run(
     ready(listener.local_addr()?);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let limits = state.limits.clone();
+    let metrics = state.metrics.clone();
     let router = api::app(state);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -219,6 +226,7 @@ async fn run(
         // Beyond the bound, a connection is closed at once rather than queued.
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(target: "keyfab::tls", %peer, "connection bound reached");
+            metrics.connection_over_bound();
             summary.refused_connections += 1;
             drop(tcp);
             continue;
@@ -229,6 +237,7 @@ async fn run(
         let router = router.clone();
         let refused = refusals_tx.clone();
         let limits = limits.clone();
+        let metrics = metrics.clone();
         let http = {
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new())
@@ -246,11 +255,13 @@ async fn run(
                 // handshake that never finishes: closed before any handler runs.
                 Ok(Err(e)) => {
                     tracing::info!(target: "keyfab::tls", %peer, error = %e, "handshake refused");
+                    metrics.handshake_refused();
                     let _ = refused.send(());
                     return;
                 }
                 Err(_) => {
                     tracing::info!(target: "keyfab::tls", %peer, "handshake timed out");
+                    metrics.handshake_refused();
                     let _ = refused.send(());
                     return;
                 }

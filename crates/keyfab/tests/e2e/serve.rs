@@ -233,10 +233,32 @@ fn stations_provision_over_mutual_tls_and_strangers_get_nothing() {
         metrics.contains("keyfab_refused_total{code=\"device_already_provisioned\"} 1"),
         "{metrics}"
     );
+    // Per station, the binary, the process, where the entitlement stands.
+    for line in [
+        "keyfab_station_provisioned_total{station=\"line-1\"} 1\n",
+        "keyfab_busy_total 0\n",
+        "keyfab_audit_records_unexported ",
+        "process_start_time_seconds ",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_cpu_seconds_total ",
+    ] {
+        assert!(metrics.contains(line), "{line}: {metrics}");
+    }
+    let build = format!(
+        "keyfab_build_info{{version=\"{}\",commit=\"",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(metrics.contains(&build), "{metrics}");
 
     // No certificate: the handshake fails, no handler runs.
     let anonymous = exchange(&server.addr, &line1, None, &get("/v1/entitlements"));
     assert!(!anonymous.contains("HTTP/1.1"), "{anonymous}");
+    let metrics = exchange(&server.addr, &line1, Some(&line1), &get("/metrics"));
+    assert!(
+        !metrics.contains("keyfab_handshakes_refused_total 0\n"),
+        "{metrics}"
+    );
 
     // A station of another site (its own line CA) trusting our CA: refused likewise.
     let elsewhere = node(w.dir.path(), &w.root, "site", "penang-2");
