@@ -646,6 +646,13 @@ pub(crate) struct ServeArgs {
     /// under a 150-connection flood (`keyfab bench serve --flood-station 150`).
     #[arg(long, default_value_t = 16)]
     pub per_station_requests: usize,
+    /// Also serve `/metrics`, `/healthz/live` and `/healthz/ready` on plain HTTP at
+    /// ADDR, without client certificates, for Prometheus and load balancers: keep it on
+    /// loopback (127.0.0.1:9464) or a management network — it names the entitlements and
+    /// how far each is, never a key. Ready: the store answers and the site has not
+    /// stopped itself.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Logs on stderr: text, or json (one object per line, for a log collector).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -294,6 +294,7 @@ pub(crate) fn serve(
         }
     }
     let mut config = keyfab_site::server::ServeConfig::new(listen, names.clone());
+    config.metrics_listen = a.metrics_listen;
     config.build = keyfab_site::server::metrics::BuildInfo {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         commit: env!("KEYFAB_COMMIT").to_owned(),

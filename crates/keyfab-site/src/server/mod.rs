@@ -16,6 +16,7 @@ pub mod admin;
 pub mod api;
 pub mod fairness;
 pub mod metrics;
+pub mod monitor;
 pub mod sealed;
 
 use crate::provision::Provisioner;
@@ -51,6 +52,9 @@ pub struct ServeConfig {
     pub request_timeout: Duration,
     /// What `/metrics` says of the binary (`keyfab_build_info`).
     pub build: metrics::BuildInfo,
+    /// Where to serve `/metrics` and health on plain HTTP, without client certificates
+    /// ([`monitor`]); none: only the station API's `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServeConfig {
@@ -69,6 +73,7 @@ impl ServeConfig {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 commit: "unknown".to_owned(),
             },
+            metrics_listen: None,
         }
     }
 }
@@ -204,6 +209,19 @@ async fn run(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let limits = state.limits.clone();
     let metrics = state.metrics.clone();
+    let monitor_task = match config.metrics_listen {
+        Some(addr) => {
+            let monitor = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                Error::InvalidInput(format!("cannot listen on {addr} for --metrics-listen: {e}"))
+            })?;
+            tracing::info!(target: "keyfab::monitor", addr = %monitor.local_addr()?, "metrics and health on plain HTTP");
+            let app = monitor::app(Arc::new(state.clone()));
+            Some(tokio::spawn(async move {
+                let _ = axum::serve(monitor, app).await;
+            }))
+        }
+        None => None,
+    };
     let router = api::app(state);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -312,6 +330,9 @@ async fn run(
     drop(listener);
     admin_task.abort();
     retire_task.abort();
+    if let Some(task) = monitor_task {
+        task.abort();
+    }
     let _ = std::fs::remove_file(&admin_path);
     // In-flight requests finish; idle keep-alive connections close.
     let _ = tokio::time::timeout(config.shutdown_grace, graceful.shutdown()).await;

@@ -155,3 +155,39 @@ fn site_serve_filters_its_logs_by_target() {
         assert_eq!(answer["error"]["code"], "usage", "{answer}");
     }
 }
+
+/// `--metrics-listen`: `/metrics` and health on plain HTTP, no client certificate.
+#[test]
+fn metrics_and_health_on_a_listener_without_client_certificates() {
+    use std::io::{Read, Write};
+    let w = world();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let server = Server::start_with(&w.site, &["--metrics-listen", &addr]);
+    let get = |path: &str| {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    let metrics = get("/metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(metrics.contains("keyfab_build_info{"), "{metrics}");
+    assert!(get("/healthz/live").contains("live"));
+    let ready = get("/healthz/ready");
+    assert!(
+        ready.starts_with("HTTP/1.1 200") && ready.contains("ready"),
+        "{ready}"
+    );
+    assert!(get("/v1/entitlements").starts_with("HTTP/1.1 404"));
+    drop(server);
+}
