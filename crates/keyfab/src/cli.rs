@@ -56,6 +56,24 @@ pub(crate) struct Home {
 
 /// The unlocking flags of the command line's own command (its `Home`), read from the
 /// parsed arguments wherever that command sits.
+/// The arguments of `site serve` given on the command line (not defaults): a
+/// `--config` file sets only the others.
+pub(crate) fn explicit_serve_args(matches: &clap::ArgMatches) -> Vec<String> {
+    let Some(serve) = matches
+        .subcommand_matches("site")
+        .and_then(|m| m.subcommand_matches("serve"))
+    else {
+        return Vec::new();
+    };
+    serve
+        .ids()
+        .filter(|id| {
+            serve.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+        })
+        .map(|id| id.as_str().to_owned())
+        .collect()
+}
+
 pub(crate) fn home_secrets(matches: &clap::ArgMatches) -> (Option<PathBuf>, Vec<PathBuf>) {
     let mut leaf = matches;
     while let Some((_, sub)) = leaf.subcommand() {
@@ -646,6 +664,21 @@ pub(crate) struct ServeArgs {
     /// under a 150-connection flood (`keyfab bench serve --flood-station 150`).
     #[arg(long, default_value_t = 16)]
     pub per_station_requests: usize,
+    /// Settings from a TOML file — listen, hostnames, metrics_listen, log_format,
+    /// log_level, log_filter, max_connections, handshake_timeout, header_timeout,
+    /// request_timeout, per_station_connections, per_station_requests, named as these
+    /// flags are — under the flags given on the command line. (The clock tolerance is a
+    /// setting of the home, changed and audited by `site config`, not a file's to
+    /// change.)
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Check the configuration (the file and the flags) and print what `site serve`
+    /// would use, without opening the home or listening.
+    #[arg(long)]
+    pub check_config: bool,
+    /// The flags given on the command line, which a `--config` file does not override.
+    #[arg(skip)]
+    pub explicit: Vec<String>,
     /// Also serve `/metrics`, `/healthz/live` and `/healthz/ready` on plain HTTP at
     /// ADDR, without client certificates, for Prometheus and load balancers: keep it on
     /// loopback (127.0.0.1:9464) or a management network — it names the entitlements and

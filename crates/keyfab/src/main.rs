@@ -18,6 +18,7 @@ mod manual;
 mod output;
 mod run;
 mod sd_notify;
+mod serve_config;
 
 use clap::{CommandFactory, FromArgMatches};
 
@@ -25,9 +26,14 @@ use clap::{CommandFactory, FromArgMatches};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let parsed = cli::Cli::command()
-        .try_get_matches()
-        .and_then(|m| cli::Cli::from_arg_matches(&m).map(|cli| (cli, cli::home_secrets(&m))));
+    let parsed = cli::Cli::command().try_get_matches().and_then(|m| {
+        cli::Cli::from_arg_matches(&m).map(|mut cli| {
+            if let cli::Command::Site(cli::SiteCommand::Serve(serve)) = &mut cli.command {
+                serve.explicit = cli::explicit_serve_args(&m);
+            }
+            (cli, cli::home_secrets(&m))
+        })
+    });
     let (cli, secrets) = match parsed {
         Ok(parsed) => parsed,
         Err(e) => {

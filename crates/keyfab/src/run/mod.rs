@@ -129,7 +129,14 @@ pub(crate) fn dispatch(
             share_file,
             status,
         }) => crate::line::unseal(&home.home, share_file.as_deref(), status),
-        Command::Site(SiteCommand::Serve(a)) => crate::line::serve(&ctx, &a, ctx.json),
+        Command::Site(SiteCommand::Serve(a)) => {
+            let a = crate::serve_config::apply(a)?;
+            if a.check_config {
+                crate::serve_config::checked(&a)
+            } else {
+                crate::line::serve(&ctx, &a, ctx.json)
+            }
+        }
         Command::Station(StationCommand::Run {
             station,
             root_cert,

@@ -191,3 +191,56 @@ fn metrics_and_health_on_a_listener_without_client_certificates() {
     assert!(get("/v1/entitlements").starts_with("HTTP/1.1 404"));
     drop(server);
 }
+
+/// `site serve --config FILE`: the file's settings under the command line's flags;
+/// `--check-config` shows what would be used; an unknown key or a bad value is refused,
+/// named, before anything starts.
+#[test]
+fn site_serve_takes_a_config_file_under_its_flags() {
+    let w = world();
+    let config = w.path("serve.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\nhostnames = [\"keyfab.line1.factory\"]\nper_station_requests = 7\nmax_connections = 50\nlog_format = \"json\"\nlog_filter = \"keyfab=debug,warn\"\n",
+    )
+    .unwrap();
+    let site = s(&w.site);
+    let conf = s(&config);
+    let checked = ok(&[
+        "site",
+        "serve",
+        "--home",
+        &site,
+        "--config",
+        &conf,
+        "--max-connections",
+        "60",
+        "--check-config",
+    ]);
+    let effective = &checked["effective"];
+    assert_eq!(effective["per_station_requests"], 7, "{checked}");
+    assert_eq!(effective["max_connections"], 60, "the flag wins: {checked}");
+    assert_eq!(effective["log_format"], "json");
+    assert_eq!(effective["hostnames"][0], "keyfab.line1.factory");
+    for (text, key) in [
+        ("listn = \"127.0.0.1:1\"\n", "listn"),
+        ("listen = \"nowhere\"\n", "listen"),
+        ("per_station_requests = 0\n", "per_station_requests"),
+        ("log_level = \"loud\"\n", "log_level"),
+        ("log_filter = \"keyfab=loud\"\n", "log_filter"),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        let o = keyfab(&["site", "serve", "--home", &site, "--config", &conf], None);
+        o.assert_error(1, "invalid_input", key);
+    }
+    // Served with the file: its monitoring listener is up.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(&config, format!("metrics_listen = \"127.0.0.1:{port}\"\n")).unwrap();
+    let server = Server::start_with(&w.site, &["--config", &conf]);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    drop(server);
+}
