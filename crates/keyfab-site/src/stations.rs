@@ -4,6 +4,9 @@
 //! Which API for which job:
 //! - enroll a station (its key, certificate and the line CA, for its directory):
 //!   [`line_ca`] once, then [`enroll`];
+//! - a station's certificate nearing its end: [`renew`] (a new key and certificate; the
+//!   previous certificate keeps working until its own end, so the station swaps its
+//!   files when it suits the line);
 //! - stop a station: [`revoke`]; list them: [`list`];
 //! - may this presented certificate act as a station now: [`check`];
 //! - the certificate and key `keyfab site serve` presents: [`server_identity`].
@@ -45,6 +48,11 @@ pub struct StationRecord {
     pub not_after: i64,
     /// When it was revoked, if it was.
     pub revoked_at: Option<i64>,
+    /// Hex serial of the certificate a renewal replaced: accepted still, until its own
+    /// end (the TLS check refuses it after), so the station can swap its files. Revoking
+    /// the station stops both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_serial: Option<String>,
 }
 
 /// What a newly enrolled station receives. Holds its private key.
@@ -101,11 +109,6 @@ fn existing_line_ca(node: &Node) -> Result<Vec<u8>> {
 /// be revoked first.
 pub fn enroll(node: &Node, name: &str, days: i64) -> Result<Enrolled> {
     check_name(name)?;
-    if !(1..=3650).contains(&days) {
-        return Err(Error::InvalidInput(
-            "--days must be between 1 and 3650".into(),
-        ));
-    }
     let ca = existing_line_ca(node)?;
     let seen = node.store.get(Table::Meta, &station_key(name))?;
     if let Some(v) = &seen {
@@ -116,27 +119,14 @@ pub fn enroll(node: &Node, name: &str, days: i64) -> Result<Enrolled> {
             )));
         }
     }
-    let now = node.now();
-    let key = SigningKey::generate(node.rng.as_ref())?;
-    let not_after = now.plus_days(days);
-    let certificate = x509::issue_station_certificate(
-        node.custody.signer(LINE_CA_HANDLE)?,
-        &ca,
-        key.verifying_key().sec1(),
-        name,
-        Validity {
-            not_before: now,
-            not_after,
-        },
-        node.rng.as_ref(),
-    )?;
-    let serial = x509::cert_facts(&certificate)?.serial_hex;
+    let (key, certificate, serial, not_after) = issue(node, name, days, &ca)?;
     let record = StationRecord {
         name: name.to_owned(),
         serial: serial.clone(),
-        enrolled_at: now.0,
-        not_after: not_after.0,
+        enrolled_at: node.now().0,
+        not_after,
         revoked_at: None,
+        previous_serial: None,
     };
     commit_setting(
         node,
@@ -148,6 +138,71 @@ pub fn enroll(node: &Node, name: &str, days: i64) -> Result<Enrolled> {
             Ok(())
         },
     )?;
+    Ok(Enrolled {
+        record,
+        key: key.to_pkcs8(),
+        certificate,
+        line_ca: ca,
+    })
+}
+
+/// A new key for station `name` and its certificate from the line CA, valid from now for
+/// `days`: (key, certificate, its serial in hex, its end).
+fn issue(
+    node: &Node,
+    name: &str,
+    days: i64,
+    ca: &[u8],
+) -> Result<(SigningKey, Vec<u8>, String, i64)> {
+    if !(1..=3650).contains(&days) {
+        return Err(Error::InvalidInput(
+            "--days must be between 1 and 3650".into(),
+        ));
+    }
+    let now = node.now();
+    let key = SigningKey::generate(node.rng.as_ref())?;
+    let not_after = now.plus_days(days);
+    let certificate = x509::issue_station_certificate(
+        node.custody.signer(LINE_CA_HANDLE)?,
+        ca,
+        key.verifying_key().sec1(),
+        name,
+        Validity {
+            not_before: now,
+            not_after,
+        },
+        node.rng.as_ref(),
+    )?;
+    let serial = x509::cert_facts(&certificate)?.serial_hex;
+    Ok((key, certificate, serial, not_after.0))
+}
+
+/// Renews station `name` before its certificate ends, without revoking it: a new key and
+/// certificate for `days`, recorded and audited (`station.renewed`). Its current
+/// certificate keeps working until its own end; the one before it, if any, stops. A
+/// revoked station is enrolled again instead; a station whose key may have leaked is
+/// revoked, not renewed.
+pub fn renew(node: &Node, name: &str, days: i64) -> Result<Enrolled> {
+    let ca = existing_line_ca(node)?;
+    let seen = node
+        .store
+        .get(Table::Meta, &station_key(name))?
+        .ok_or_else(|| Error::NotFound(format!("no station '{name}'")))?;
+    let mut record: StationRecord = decode(&seen.value)?;
+    if record.revoked_at.is_some() {
+        return Err(Error::Precondition(format!(
+            "station '{name}' is revoked: enroll it again instead"
+        )));
+    }
+    let (key, certificate, serial, not_after) = issue(node, name, days, &ca)?;
+    let value = format!("{name} serial {serial} (was {})", record.serial);
+    record.previous_serial = Some(std::mem::replace(&mut record.serial, serial));
+    record.not_after = not_after;
+    commit_setting(node, "station.renewed", value, |txn| {
+        txn.require_unchanged(Table::Meta, &station_key(name), Some(&seen))
+            .put(Table::Meta, &station_key(name), &encode(&record)?);
+        Ok(())
+    })?;
     Ok(Enrolled {
         record,
         key: key.to_pkcs8(),
@@ -205,7 +260,9 @@ pub fn check(node: &Node, certificate: &[u8]) -> Result<String> {
         return Err(refused("not enrolled here"));
     };
     let record: StationRecord = decode(&v.value)?;
-    if record.serial != facts.serial_hex {
+    let current = record.serial == facts.serial_hex;
+    let renewed_from = record.previous_serial.as_deref() == Some(facts.serial_hex.as_str());
+    if !current && !renewed_from {
         return Err(refused("this certificate was replaced"));
     }
     if record.revoked_at.is_some() {

@@ -733,6 +733,26 @@ pub(crate) enum SiteStationCommand {
         #[arg(long, default_value_t = 365)]
         days: i64,
     },
+    /// Renew a station's certificate before it ends, without revoking the station: a
+    /// new key and certificate into DIR. The current certificate keeps working until its
+    /// own end, so the station swaps its files when the line allows. (A station whose
+    /// key may have leaked is revoked, not renewed.)
+    #[command(
+        after_help = "Example:\n  keyfab site station renew --home site --name line-1 --out line-1-renewed/ --days 365"
+    )]
+    Renew {
+        #[command(flatten)]
+        home: Home,
+        /// The station to renew (see `keyfab site station list`).
+        #[arg(long)]
+        name: String,
+        /// A new directory for the station's new files.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// How long the new certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
     /// Revoke a station: its certificate opens no new connection, and requests on open
     /// ones are refused.
     #[command(after_help = "Example:\n  keyfab site station revoke --home site --name line-1")]

@@ -32,19 +32,54 @@ pub(crate) fn station_enroll(
     out: &Path,
     days: i64,
 ) -> Result<Report, Failure> {
+    let request = AdminRequest::Enroll {
+        name: name.to_owned(),
+        days,
+    };
+    station_files(ctx, home, out, request, |node| {
+        let mut node = node;
+        keyfab_site::stations::line_ca(&mut node)?;
+        Ok(EnrolledFiles::of(&keyfab_site::stations::enroll(
+            &node, name, days,
+        )?))
+    })
+}
+
+/// `site station renew`: as enrollment, for a station enrolled already.
+pub(crate) fn station_renew(
+    ctx: &Context,
+    home: &Path,
+    name: &str,
+    out: &Path,
+    days: i64,
+) -> Result<Report, Failure> {
+    let request = AdminRequest::Renew {
+        name: name.to_owned(),
+        days,
+    };
+    station_files(ctx, home, out, request, |node| {
+        Ok(EnrolledFiles::of(&keyfab_site::stations::renew(
+            &node, name, days,
+        )?))
+    })
+}
+
+/// A station's new files into `out`, a new or empty directory: made by the running
+/// `site serve` through its socket (`request`), or by `locally` on the opened home.
+fn station_files(
+    ctx: &Context,
+    home: &Path,
+    out: &Path,
+    request: AdminRequest,
+    locally: impl FnOnce(keyfab_node::Node) -> Result<EnrolledFiles, keyfab_node::Error>,
+) -> Result<Report, Failure> {
     if out.exists() && std::fs::read_dir(out).map_or(true, |mut d| d.next().is_some()) {
         return Err(Failure::new(
             Code::InvalidState,
             format!("{} exists and is not empty", out.display()),
         ));
     }
-    let files = match admin::request(
-        home,
-        &AdminRequest::Enroll {
-            name: name.to_owned(),
-            days,
-        },
-    ) {
+    let files = match admin::request(home, &request) {
         // A `site serve` holds the store: it enrolls.
         Some(answer) => match answer? {
             AdminAnswer::Enrolled(files) => files,
@@ -55,17 +90,7 @@ pub(crate) fn station_enroll(
                 ))
             }
         },
-        None => {
-            let mut node = ctx.open(home, NodeKind::Site)?;
-            keyfab_site::stations::line_ca(&mut node)?;
-            let e = keyfab_site::stations::enroll(&node, name, days)?;
-            EnrolledFiles {
-                key_pem: x509::to_pem(e.key.expose(), "PRIVATE KEY"),
-                certificate_pem: x509::to_pem(&e.certificate, "CERTIFICATE"),
-                line_ca_pem: x509::to_pem(&e.line_ca, "CERTIFICATE"),
-                record: e.record.clone(),
-            }
-        }
+        None => locally(ctx.open(home, NodeKind::Site)?)?,
     };
     std::fs::create_dir_all(out).map_err(|err| io_fail(out, err))?;
     let written = [
@@ -91,6 +116,7 @@ pub(crate) fn station_enroll(
         serial: r.serial.clone(),
         not_after: rfc3339(r.not_after),
         dir: out.to_owned(),
+        previous_serial: r.previous_serial.clone(),
     })
 }
 
@@ -101,13 +127,22 @@ struct StationEnrolled {
     serial: String,
     not_after: String,
     dir: std::path::PathBuf,
+    /// After a renewal: the certificate that still works until its end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous_serial: Option<String>,
 }
 
 impl Outcome for StationEnrolled {
     fn text(&self) -> String {
+        let renewed = self
+            .previous_serial
+            .as_ref()
+            .map(|p| format!("; certificate {p} keeps working until its end: install the new files on the station"))
+            .unwrap_or_default();
         format!(
-            "station {} enrolled (certificate serial {}, valid until {})\n  {}: key (keep it on the station only), certificate, line CA",
+            "station {} {} (certificate serial {}, valid until {}{renewed})\n  {}: key (keep it on the station only), certificate, line CA",
             self.station,
+            if self.previous_serial.is_some() { "renewed" } else { "enrolled" },
             self.serial,
             self.not_after,
             self.dir.display()

@@ -5,7 +5,7 @@
 //!
 //! Protocol: one JSON request per connection, one JSON answer, then the connection
 //! closes. Requests: `{"op":"station.enroll","name":N,"days":D}`,
-//! `{"op":"station.revoke","name":N}`, `{"op":"station.list"}`, and, while a node sealed
+//! `{"op":"station.renew","name":N,"days":D}`, `{"op":"station.revoke","name":N}`, `{"op":"station.list"}`, and, while a node sealed
 //! by shares waits for them ([`wait_for_shares`]), `{"op":"unseal","share":S}` and
 //! `{"op":"unseal.status"}`. Answers: `{"ok":…}` or `{"error":{"code","message"}}`.
 
@@ -35,6 +35,14 @@ pub enum AdminRequest {
         /// The station's name.
         name: String,
         /// Days its certificate is valid.
+        days: i64,
+    },
+    /// Renew a station's certificate for `days`.
+    #[serde(rename = "station.renew")]
+    Renew {
+        /// The station's name.
+        name: String,
+        /// Days its new certificate is valid.
         days: i64,
     },
     /// Revoke a station.
@@ -88,6 +96,18 @@ pub struct EnrolledFiles {
     pub line_ca_pem: String,
 }
 
+impl EnrolledFiles {
+    /// The files of a station just enrolled or renewed.
+    pub fn of(e: &stations::Enrolled) -> Self {
+        Self {
+            key_pem: x509::to_pem(e.key.expose(), "PRIVATE KEY"),
+            certificate_pem: x509::to_pem(&e.certificate, "CERTIFICATE"),
+            line_ca_pem: x509::to_pem(&e.line_ca, "CERTIFICATE"),
+            record: e.record.clone(),
+        }
+    }
+}
+
 impl std::fmt::Debug for EnrolledFiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EnrolledFiles")
@@ -120,13 +140,10 @@ pub enum AdminAnswer {
 fn handle(node: &Node, req: AdminRequest) -> Result<AdminAnswer> {
     Ok(match req {
         AdminRequest::Enroll { name, days } => {
-            let e = stations::enroll(node, &name, days)?;
-            AdminAnswer::Enrolled(EnrolledFiles {
-                key_pem: x509::to_pem(e.key.expose(), "PRIVATE KEY"),
-                certificate_pem: x509::to_pem(&e.certificate, "CERTIFICATE"),
-                line_ca_pem: x509::to_pem(&e.line_ca, "CERTIFICATE"),
-                record: e.record.clone(),
-            })
+            AdminAnswer::Enrolled(EnrolledFiles::of(&stations::enroll(node, &name, days)?))
+        }
+        AdminRequest::Renew { name, days } => {
+            AdminAnswer::Enrolled(EnrolledFiles::of(&stations::renew(node, &name, days)?))
         }
         AdminRequest::Revoke { name } => AdminAnswer::Station(stations::revoke(node, &name)?),
         AdminRequest::List => AdminAnswer::Stations(stations::list(node)?),
@@ -320,6 +337,7 @@ mod tests {
                 enrolled_at: 0,
                 not_after: 0,
                 revoked_at: None,
+                previous_serial: None,
             },
             key_pem: "-----BEGIN PRIVATE KEY-----\nSECRETSECRET\n".into(),
             certificate_pem: String::new(),

@@ -114,6 +114,12 @@ pub(crate) fn dispatch(
             out,
             days,
         })) => crate::line::station_enroll(&ctx, &home.home, &name, &out, days),
+        Command::Site(SiteCommand::Station(SiteStationCommand::Renew {
+            home,
+            name,
+            out,
+            days,
+        })) => crate::line::station_renew(&ctx, &home.home, &name, &out, days),
         Command::Site(SiteCommand::Station(SiteStationCommand::Revoke { home, name })) => {
             crate::line::station_revoke(&ctx, &home.home, &name)
         }

@@ -1406,3 +1406,70 @@ fn a_line_rerun_resumes_what_is_left_and_counts_what_is_done() {
     assert_eq!(first[0]["request_id"], first[1]["request_id"]);
     hq_finds_no_violations(&w, "resume.kfa");
 }
+
+/// A station's certificate renewed while the site serves, without revoking the station:
+/// the new files work at once, the current ones until their end; a second renewal stops
+/// the first certificate; a revocation stops them all.
+#[test]
+fn a_station_is_renewed_without_stopping_it() {
+    let (w, id, line1) = setup();
+    let server = Server::start(&w.site);
+    let url = server.url();
+    let renew = |out: &Path| {
+        ok(&[
+            "site",
+            "station",
+            "renew",
+            "--home",
+            &s(&w.site),
+            "--name",
+            "line-1",
+            "--out",
+            &s(out),
+            "--days",
+            "30",
+        ])
+    };
+    let first = renew(&w.path("line-1-renewed"));
+    assert!(first["previous_serial"].is_string(), "{first}");
+    let renewed = w.path("line-1-renewed");
+    for (dir, device) in [(&line1, "D-0001"), (&renewed, "D-0002")] {
+        let o = station_provision(&url, dir, &id, device, &format!("r-{device}"));
+        assert_eq!(o.code, 0, "{}", o.json);
+    }
+    // Renewed again: the original certificate is replaced for good.
+    renew(&w.path("line-1-third"));
+    let o = station_provision(&url, &line1, &id, "D-0003", "r-D-0003");
+    o.assert_error(4, "untrusted_signer", "");
+    let o = station_provision(&url, &renewed, &id, "D-0003", "r-D-0003");
+    assert_eq!(o.code, 0, "{}", o.json);
+    ok(&[
+        "site",
+        "station",
+        "revoke",
+        "--home",
+        &s(&w.site),
+        "--name",
+        "line-1",
+    ]);
+    for dir in [renewed, w.path("line-1-third")] {
+        let o = station_provision(&url, &dir, &id, "D-0004", "r-D-0004");
+        assert_ne!(o.code, 0, "{}", o.json);
+    }
+    // A revoked station is enrolled again, not renewed.
+    let o = keyfab(
+        &[
+            "site",
+            "station",
+            "renew",
+            "--home",
+            &s(&w.site),
+            "--name",
+            "line-1",
+            "--out",
+            &s(&w.path("line-1-fourth")),
+        ],
+        None,
+    );
+    o.assert_error(1, "invalid_state", "enroll it again");
+}
