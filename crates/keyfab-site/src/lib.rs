@@ -31,3 +31,4 @@ pub mod revocation;
 pub mod server;
 pub mod settings;
 pub mod stations;
+pub mod status;

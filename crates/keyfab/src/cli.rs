@@ -587,6 +587,16 @@ cannot move the trusted time years on and stop the site until then.")]
     /// The stations of the production line: enroll, revoke, list.
     #[command(subcommand)]
     Station(SiteStationCommand),
+    /// The site on one screen: sealed or not, each entitlement (state, today against its
+    /// limit, in all against its quota, window, audit due), the audit's freshness, the
+    /// stations, the trusted time — and first, what will stop the line soon.
+    #[command(
+        after_help = "Examples:\n  keyfab site status --home site\n  keyfab --json site status --home site | jq .warnings\n\nWorks on a stopped site and on a serving one (through HOME/serve.sock)."
+    )]
+    Status {
+        #[command(flatten)]
+        home: Home,
+    },
     /// Serve the station API (docs/openapi.json) over mutual TLS until SIGTERM or Ctrl-C.
     #[command(after_help = "Examples:
   keyfab site serve --home site --listen 127.0.0.1:8443

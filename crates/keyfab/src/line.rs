@@ -1048,3 +1048,104 @@ impl Drop for ServeChild {
         }
     }
 }
+
+/// `site status`: from the serving site through its socket, or from the home.
+pub(crate) fn site_status(ctx: &Context, home: &Path) -> Result<Report, Failure> {
+    let status = match admin::request(home, &AdminRequest::Status) {
+        Some(Ok(AdminAnswer::Status(status))) => *status,
+        Some(Ok(_)) => {
+            return Err(Failure::new(
+                Code::Internal,
+                "site serve answered something else",
+            ))
+        }
+        // A serving site still waiting for its unseal shares.
+        Some(Err(e)) if e.code() == Code::Locked => {
+            return Ok(Report::new(
+                format!(
+                    "site in {}: sealed, serving nothing: {e}\n  each holder: keyfab site unseal --home {}",
+                    home.display(),
+                    home.display()
+                ),
+                json!({"sealed": true, "message": e.to_string()}),
+            ))
+        }
+        Some(Err(e)) => return Err(e.into()),
+        None => keyfab_site::status::site_status(&ctx.open(home, NodeKind::Site)?)?,
+    };
+    let json =
+        serde_json::to_value(&status).map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
+    Ok(Report::new(status_text(&status), json))
+}
+
+/// The status screen.
+fn status_text(s: &keyfab_site::status::SiteStatus) -> String {
+    let mut out = format!(
+        "site {}: {}\n",
+        s.site,
+        if s.stopped.is_some() {
+            "STOPPED (releases no key)"
+        } else {
+            "unsealed"
+        }
+    );
+    out.push_str(&format!(
+        "  clock {}, trusted time {}\n",
+        rfc3339(s.clock),
+        s.trusted_time
+            .map_or_else(|| "none yet".to_owned(), rfc3339)
+    ));
+    if s.warnings.is_empty() {
+        out.push_str("  nothing will stop the line soon\n");
+    } else {
+        out.push_str("warnings:\n");
+        for w in &s.warnings {
+            out.push_str(&format!("  ! {w}\n"));
+        }
+    }
+    out.push_str("entitlements:\n");
+    if s.entitlements.is_empty() {
+        out.push_str("  none imported\n");
+    }
+    for e in &s.entitlements {
+        let today = match e.daily_limit {
+            Some(limit) => format!("{}/{limit} today", e.today),
+            None => format!("{} today", e.today),
+        };
+        let audit = e
+            .audit_due_at
+            .map(|d| format!(", audit due {}", rfc3339(d)))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  {} {} ({}): {today}, {}/{} in all, window ends {}{audit}, chips {}\n",
+            e.id,
+            e.state,
+            e.product,
+            e.provisioned,
+            e.quota,
+            rfc3339(e.valid_until),
+            e.attestation
+        ));
+    }
+    let acknowledged = s
+        .audit
+        .acknowledged
+        .map(|(size, at)| format!("HQ acknowledged {size} at {}", rfc3339(at)))
+        .unwrap_or_else(|| "HQ acknowledged none yet".to_owned());
+    out.push_str(&format!(
+        "audit: {} records, {} not exported; {acknowledged}\n",
+        s.audit.records, s.audit.unexported
+    ));
+    out.push_str("stations:\n");
+    if s.stations.is_empty() {
+        out.push_str("  none enrolled\n");
+    }
+    for st in &s.stations {
+        let state = match st.revoked_at {
+            Some(at) => format!("revoked {}", rfc3339(at)),
+            None => format!("certificate until {}", rfc3339(st.not_after)),
+        };
+        out.push_str(&format!("  {}: {state}\n", st.name));
+    }
+    out.trim_end().to_owned()
+}

@@ -5,7 +5,8 @@
 //!
 //! Protocol: one JSON request per connection, one JSON answer, then the connection
 //! closes. Requests: `{"op":"station.enroll","name":N,"days":D}`,
-//! `{"op":"station.renew","name":N,"days":D}`, `{"op":"station.revoke","name":N}`, `{"op":"station.list"}`, and, while a node sealed
+//! `{"op":"station.renew","name":N,"days":D}`, `{"op":"station.revoke","name":N}`,
+//! `{"op":"status"}`, `{"op":"station.list"}`, and, while a node sealed
 //! by shares waits for them ([`wait_for_shares`]), `{"op":"unseal","share":S}` and
 //! `{"op":"unseal.status"}`. Answers: `{"ok":…}` or `{"error":{"code","message"}}`.
 
@@ -54,6 +55,9 @@ pub enum AdminRequest {
     /// List the stations.
     #[serde(rename = "station.list")]
     List,
+    /// The site's status (`keyfab site status`).
+    #[serde(rename = "status")]
+    Status,
     /// Submit one unseal share.
     #[serde(rename = "unseal")]
     Unseal {
@@ -135,6 +139,8 @@ pub enum AdminAnswer {
     Stations(Vec<StationRecord>),
     /// How far unsealing is.
     Unseal(UnsealProgress),
+    /// Where the site stands.
+    Status(Box<crate::status::SiteStatus>),
 }
 
 fn handle(node: &Node, req: AdminRequest) -> Result<AdminAnswer> {
@@ -147,6 +153,7 @@ fn handle(node: &Node, req: AdminRequest) -> Result<AdminAnswer> {
         }
         AdminRequest::Revoke { name } => AdminAnswer::Station(stations::revoke(node, &name)?),
         AdminRequest::List => AdminAnswer::Stations(stations::list(node)?),
+        AdminRequest::Status => AdminAnswer::Status(Box::new(crate::status::site_status(node)?)),
         AdminRequest::Unseal { .. } | AdminRequest::UnsealStatus => {
             return Err(Error::Precondition("this node is unsealed already".into()))
         }

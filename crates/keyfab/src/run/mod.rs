@@ -135,6 +135,7 @@ pub(crate) fn dispatch(
             share_file,
             status,
         }) => crate::line::unseal(&home.home, share_file.as_deref(), status),
+        Command::Site(SiteCommand::Status { home }) => crate::line::site_status(&ctx, &home.home),
         Command::Site(SiteCommand::Serve(a)) => {
             let a = crate::serve_config::apply(a)?;
             if a.check_config {

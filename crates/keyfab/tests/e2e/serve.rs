@@ -1473,3 +1473,71 @@ fn a_station_is_renewed_without_stopping_it() {
     );
     o.assert_error(1, "invalid_state", "enroll it again");
 }
+
+/// `site status`: the same screen from a stopped site and a serving one, with what will
+/// stop the line soon first.
+#[test]
+fn site_status_reads_at_a_glance_stopped_or_serving() {
+    let (w, id, _line1) = setup();
+    let site = s(&w.site);
+    let stopped = ok(&["site", "status", "--home", &site]);
+    assert_eq!(stopped["entitlements"][0]["id"], id.as_str(), "{stopped}");
+    assert_eq!(stopped["entitlements"][0]["state"], "active");
+    assert_eq!(stopped["entitlements"][0]["quota"], 20);
+    assert_eq!(stopped["stations"][0]["name"], "line-1");
+    assert_eq!(
+        stopped["warnings"].as_array().unwrap().len(),
+        0,
+        "{stopped}"
+    );
+    // A station certificate about to end is a warning.
+    enroll_for(&w.site, "line-2", &w.path("line-2"), 3);
+    let server = Server::start(&w.site);
+    let o = station_provision(&server.url(), &w.path("line-2"), &id, "D-0001", "r-1");
+    assert_eq!(o.code, 0, "{}", o.json);
+    let serving = ok(&["site", "status", "--home", &site]);
+    assert_eq!(serving["entitlements"][0]["provisioned"], 1, "{serving}");
+    assert!(serving["audit"]["unexported"].as_u64().unwrap() > 0);
+    let warnings = serving["warnings"].to_string();
+    assert!(
+        warnings.contains("station line-2") && warnings.contains("site station renew"),
+        "{warnings}"
+    );
+    let text = keyfab_text(&["site", "status", "--home", &site]);
+    assert!(
+        text.contains("warnings:") && text.contains("1/20 in all"),
+        "{text}"
+    );
+}
+
+/// `site station enroll` of `name` for `days` into `dir`.
+fn enroll_for(home: &Path, name: &str, dir: &Path, days: u32) {
+    ok(&[
+        "site",
+        "station",
+        "enroll",
+        "--home",
+        &s(home),
+        "--name",
+        name,
+        "--out",
+        &s(dir),
+        "--days",
+        &days.to_string(),
+    ]);
+}
+
+/// A command's text output (no --json).
+fn keyfab_text(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_keyfab"))
+        .args(args)
+        .env("KEYFAB_PASSPHRASE", PASS)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

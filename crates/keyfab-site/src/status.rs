@@ -1,0 +1,222 @@
+//! `keyfab site status`: the site on one screen, for an operator at a glance — each
+//! entitlement's state and how far it is (today against its limit, in all against its
+//! quota, its window's end, when its audit is due), the audit's freshness, the stations
+//! and their certificates, the trusted time against the clock — and, first, whatever will
+//! stop the line soon. The same for a stopped site (the home opened) and a serving one
+//! (through `HOME/serve.sock`).
+
+use crate::stations::StationRecord;
+use keyfab_node::{rfc3339, Node, Result};
+use keyfab_policy::EntitlementStatus;
+use keyfab_store::Table;
+use serde::{Deserialize, Serialize};
+
+/// An entitlement's quota below this share of it is a warning.
+const QUOTA_WARN_SHARE: u64 = 10;
+/// A window ending within this many days is a warning.
+const WINDOW_WARN_DAYS: i64 = 7;
+/// An audit due within this many days is a warning.
+const AUDIT_WARN_DAYS: i64 = 3;
+/// A station certificate ending within this many days is a warning.
+const STATION_WARN_DAYS: i64 = 14;
+/// The site's own certificate ending within this many days is a warning.
+const SITE_CERT_WARN_DAYS: i64 = 60;
+
+/// Where the site stands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiteStatus {
+    /// The site's name.
+    pub site: String,
+    /// The clock (Unix seconds) when the status was taken.
+    pub clock: i64,
+    /// The site's trusted time: the latest time a decision was taken at.
+    pub trusted_time: Option<i64>,
+    /// Set when the site stopped itself (`rollback_detected`, `log_broken`): why.
+    pub stopped: Option<String>,
+    /// When the site's own cluster certificate ends.
+    pub certificate_not_after: Option<i64>,
+    /// Each entitlement.
+    pub entitlements: Vec<EntitlementLine>,
+    /// The audit's freshness.
+    pub audit: AuditLine,
+    /// Each station enrolled (revoked ones too).
+    pub stations: Vec<StationRecord>,
+    /// What will stop the line soon, or needs a person.
+    pub warnings: Vec<String>,
+}
+
+/// One entitlement on the status screen.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EntitlementLine {
+    /// Its id.
+    pub id: String,
+    /// The product.
+    pub product: String,
+    /// What the next decision does for an acceptable device.
+    pub state: EntitlementStatus,
+    /// Devices released today, and the daily limit (none: no limit).
+    pub today: u64,
+    /// The policy's daily limit.
+    pub daily_limit: Option<u64>,
+    /// Devices released in all.
+    pub provisioned: u64,
+    /// The quota.
+    pub quota: u64,
+    /// The window's end (Unix seconds).
+    pub valid_until: i64,
+    /// When it pauses for want of HQ's receipt (none: no audit asked for).
+    pub audit_due_at: Option<i64>,
+    /// The `[chips]` attestation it asks for (`off` when none).
+    pub attestation: String,
+}
+
+/// The audit's freshness.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditLine {
+    /// Records in the log.
+    pub records: u64,
+    /// Of those, not exported yet.
+    pub unexported: u64,
+    /// Records HQ acknowledged, and when (HQ's clock).
+    pub acknowledged: Option<(u64, i64)>,
+}
+
+/// The status of `node` now.
+pub fn site_status(node: &Node) -> Result<SiteStatus> {
+    let now = node.now().0;
+    let trusted_time = node
+        .store
+        .get(Table::Meta, crate::provision::TIME_HWM)?
+        .and_then(|v| <[u8; 8]>::try_from(v.value.as_slice()).ok())
+        .map(i64::from_be_bytes);
+    let stopped = crate::latch::latched(node)?.map(|l| l.refusal().to_string());
+    let certificate_not_after = node
+        .cluster_cert()
+        .ok()
+        .and_then(|c| keyfab_crypto::x509::cert_facts(&c).ok())
+        .map(|f| f.not_after.0);
+    let mut entitlements = Vec::new();
+    for e in crate::entitlements::list(node)? {
+        let standing = crate::entitlements::standing(node, &e)?;
+        entitlements.push(EntitlementLine {
+            id: e.id.clone(),
+            product: e.policy.product.clone(),
+            state: standing.state,
+            today: standing.today,
+            daily_limit: e.policy.daily_limit,
+            provisioned: standing.provisioned,
+            quota: e.policy.devices,
+            valid_until: e.policy.valid_until,
+            audit_due_at: standing.audit_due_at,
+            attestation: e
+                .policy
+                .chips
+                .as_ref()
+                .map_or("off", |c| c.attestation.as_str())
+                .to_owned(),
+        });
+    }
+    let records = crate::audit_log::log_size(node)?;
+    let audit = AuditLine {
+        records,
+        unexported: crate::export::records_unexported(node)?,
+        acknowledged: crate::checkpoints::acknowledged(node)?
+            .map(|a| (a.head.size, a.acknowledged_at)),
+    };
+    let stations = crate::stations::list(node)?;
+    let mut status = SiteStatus {
+        site: node.name.clone(),
+        clock: now,
+        trusted_time,
+        stopped,
+        certificate_not_after,
+        entitlements,
+        audit,
+        stations,
+        warnings: Vec::new(),
+    };
+    status.warnings = warnings(&status, crate::settings::CLOCK_TOLERANCE.get(node)?);
+    Ok(status)
+}
+
+/// Days from `now` to `at`, rounded down.
+fn days_until(now: i64, at: i64) -> i64 {
+    at.saturating_sub(now).div_euclid(86_400)
+}
+
+/// What will stop the line soon, most urgent first.
+fn warnings(s: &SiteStatus, clock_tolerance: i64) -> Vec<String> {
+    let now = s.clock;
+    let mut out = Vec::new();
+    if let Some(why) = &s.stopped {
+        out.push(why.clone());
+    }
+    if let Some(trusted) = s.trusted_time {
+        if now < trusted.saturating_sub(clock_tolerance) {
+            out.push(format!(
+                "the clock ({}) is behind the site's trusted time ({}): provisioning is refused (clock_rollback)",
+                rfc3339(now),
+                rfc3339(trusted)
+            ));
+        }
+    }
+    for e in &s.entitlements {
+        let id = &e.id;
+        match e.state {
+            EntitlementStatus::Active => {}
+            EntitlementStatus::DailyLimitReached => out.push(format!(
+                "entitlement {id}: today's {} devices are done; the next day of its time zone resumes it",
+                e.daily_limit.unwrap_or(0)
+            )),
+            state => out.push(format!("entitlement {id}: {state}")),
+        }
+        if matches!(
+            e.state,
+            EntitlementStatus::Revoked | EntitlementStatus::Expired
+        ) {
+            continue;
+        }
+        let left = e.quota.saturating_sub(e.provisioned);
+        if left > 0 && left.saturating_mul(100) < e.quota.saturating_mul(QUOTA_WARN_SHARE) {
+            out.push(format!(
+                "entitlement {id}: {left} devices of {} left",
+                e.quota
+            ));
+        }
+        let window = days_until(now, e.valid_until);
+        if (0..WINDOW_WARN_DAYS).contains(&window) {
+            out.push(format!(
+                "entitlement {id}: its window ends {} (in {window} days)",
+                rfc3339(e.valid_until)
+            ));
+        }
+        if let Some(due) = e.audit_due_at {
+            let days = days_until(now, due);
+            if due > now && days < AUDIT_WARN_DAYS {
+                out.push(format!(
+                    "entitlement {id}: pauses {} unless HQ's receipt is imported (site audit export, then site receipt import)",
+                    rfc3339(due)
+                ));
+            }
+        }
+    }
+    for st in s.stations.iter().filter(|st| st.revoked_at.is_none()) {
+        let days = days_until(now, st.not_after);
+        if days < STATION_WARN_DAYS {
+            out.push(format!(
+                "station {}: its certificate ends {} (site station renew)",
+                st.name,
+                rfc3339(st.not_after)
+            ));
+        }
+    }
+    if let Some(end) = s.certificate_not_after {
+        if days_until(now, end) < SITE_CERT_WARN_DAYS {
+            out.push(format!(
+                "the site's cluster certificate ends {}: ask the root for a new one",
+                rfc3339(end)
+            ));
+        }
+    }
+    out
+}
