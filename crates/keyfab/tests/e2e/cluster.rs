@@ -1069,12 +1069,7 @@ fn site_serve_started_without_a_quorum_waits_for_it() {
     let (mut etcd, w) = etcd_site();
     etcd.kill(0).unwrap();
     etcd.kill(1).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let monitor = format!("127.0.0.1:{port}");
+    let monitor = format!("127.0.0.1:{}", free_port());
     let (child, mut stderr) = Server::spawn(&w.site, &["--metrics-listen", &monitor]);
     let waiting = Server::line(&mut stderr);
     assert!(
@@ -1087,18 +1082,7 @@ fn site_serve_started_without_a_quorum_waits_for_it() {
     etcd.restart(1).unwrap();
     // Serving once the quorum is back: attach waits for its `listening` line.
     let server = Server::attach(child, stderr);
-    let ready = || {
-        use std::io::{Read, Write};
-        let mut c = std::net::TcpStream::connect(&monitor).unwrap();
-        write!(
-            c,
-            "GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut answer = String::new();
-        c.read_to_string(&mut answer).unwrap();
-        answer
-    };
+    let ready = || http_get(&monitor, "/healthz/ready");
     assert!(ready().starts_with("HTTP/1.1 200"));
     // Ready says when the store stops answering, and again when it is back.
     etcd.kill(0).unwrap();

@@ -159,26 +159,10 @@ fn site_serve_filters_its_logs_by_target() {
 /// `--metrics-listen`: `/metrics` and health on plain HTTP, no client certificate.
 #[test]
 fn metrics_and_health_on_a_listener_without_client_certificates() {
-    use std::io::{Read, Write};
     let w = world();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{}", free_port());
     let server = Server::start_with(&w.site, &["--metrics-listen", &addr]);
-    let get = |path: &str| {
-        let mut c = std::net::TcpStream::connect(&addr).unwrap();
-        write!(
-            c,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut answer = String::new();
-        c.read_to_string(&mut answer).unwrap();
-        answer
-    };
+    let get = |path: &str| http_get(&addr, path);
     let metrics = get("/metrics");
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     assert!(metrics.contains("keyfab_build_info{"), "{metrics}");
@@ -234,11 +218,7 @@ fn site_serve_takes_a_config_file_under_its_flags() {
         o.assert_error(1, "invalid_input", key);
     }
     // Served with the file: its monitoring listener is up.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     std::fs::write(&config, format!("metrics_listen = \"127.0.0.1:{port}\"\n")).unwrap();
     let server = Server::start_with(&w.site, &["--config", &conf]);
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());

@@ -1491,7 +1491,7 @@ fn site_status_reads_at_a_glance_stopped_or_serving() {
         "{stopped}"
     );
     // A station certificate about to end is a warning.
-    enroll_for(&w.site, "line-2", &w.path("line-2"), 3);
+    enroll_with(&w.site, "line-2", &w.path("line-2"), &["--days", "3"]);
     let server = Server::start(&w.site);
     let o = station_provision(&server.url(), &w.path("line-2"), &id, "D-0001", "r-1");
     assert_eq!(o.code, 0, "{}", o.json);
@@ -1508,23 +1508,6 @@ fn site_status_reads_at_a_glance_stopped_or_serving() {
         text.contains("warnings:") && text.contains("1/20 in all"),
         "{text}"
     );
-}
-
-/// `site station enroll` of `name` for `days` into `dir`.
-fn enroll_for(home: &Path, name: &str, dir: &Path, days: u32) {
-    ok(&[
-        "site",
-        "station",
-        "enroll",
-        "--home",
-        &s(home),
-        "--name",
-        name,
-        "--out",
-        &s(dir),
-        "--days",
-        &days.to_string(),
-    ]);
 }
 
 /// A command's text output (no --json).

@@ -691,17 +691,45 @@ pub(crate) fn approval_request(w: &World, id: &str, action: &str, out: &Path) ->
 }
 
 pub(crate) fn enroll(home: &Path, name: &str, dir: &Path) -> serde_json::Value {
-    ok(&[
-        "site",
-        "station",
-        "enroll",
-        "--home",
-        &s(home),
-        "--name",
-        name,
-        "--out",
-        &s(dir),
-    ])
+    enroll_with(home, name, dir, &[])
+}
+
+/// [`enroll`] with `extra` arguments (`--days N`).
+pub(crate) fn enroll_with(
+    home: &Path,
+    name: &str,
+    dir: &Path,
+    extra: &[&str],
+) -> serde_json::Value {
+    let (home, dir) = (s(home), s(dir));
+    let mut args = vec![
+        "site", "station", "enroll", "--home", &home, "--name", name, "--out", &dir,
+    ];
+    args.extend_from_slice(extra);
+    ok(&args)
+}
+
+/// A loopback port free a moment ago, for a listener a test names in advance.
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on plain HTTP at `addr`: the whole answer, status line first.
+pub(crate) fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    answer
 }
 
 /// Moves the time of a record on by a second, in the site's store, as someone with
