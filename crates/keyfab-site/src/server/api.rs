@@ -110,10 +110,27 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// What a request asked for, filled in by its handler once its body parsed: the access
+/// line carries it, so a request can be followed from its access line to its decision
+/// line (both name the request id, the station and the entitlement).
+#[derive(Clone, Default)]
+pub struct Asked(Arc<std::sync::Mutex<Option<(String, String)>>>);
+
+impl Asked {
+    /// Notes the request id and entitlement of the request.
+    fn note(&self, request_id: &str, entitlement: &str) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some((request_id.to_owned(), entitlement.to_owned()));
+        }
+    }
+}
+
 /// One structured log line per request: who asked what, the answer, how long it took.
 /// The station is known once its check passed; failures say so with their status.
-async fn access_log(req: Request, next: Next) -> Response {
+async fn access_log(mut req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let asked = Asked::default();
+    req.extensions_mut().insert(asked.clone());
     let started = Instant::now();
     let resp = next.run(req).await;
     let station = resp
@@ -121,11 +138,19 @@ async fn access_log(req: Request, next: Next) -> Response {
         .get::<Station>()
         .map(|s| s.0.clone())
         .unwrap_or_default();
+    let (request_id, entitlement) = asked
+        .0
+        .lock()
+        .ok()
+        .and_then(|mut slot| slot.take())
+        .unwrap_or_default();
     tracing::info!(
         target: "keyfab::access",
         %method,
         path,
         station,
+        request_id,
+        entitlement,
         status = resp.status().as_u16(),
         micros = started.elapsed().as_micros() as u64,
         "request"
@@ -401,9 +426,12 @@ fn unreadable(rejection: BytesRejection) -> ApiError {
 async fn provision(
     State(state): State<Shared>,
     Extension(Station(station)): Extension<Station>,
+    Extension(asked): Extension<Asked>,
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req = parse_provision(&body.map_err(unreadable)?, &station)?;
+    asked.note(&req.request_id, &req.entitlement);
+    let entitlement = req.entitlement.clone();
     let started = Instant::now();
     let (device_id, request_id) = (req.device_id.clone(), req.request_id.clone());
     let outcome = state.provisioner.provision_async(req).await;
@@ -414,6 +442,8 @@ async fn provision(
     match &outcome {
         Ok(p) => tracing::debug!(
             target: "keyfab::provision",
+            station = station.as_str(),
+            entitlement = entitlement.as_str(),
             device_id = device_id.as_str(),
             request_id = request_id.as_str(),
             audit_sequence = p.audit_sequence,
@@ -423,6 +453,8 @@ async fn provision(
         ),
         Err(e) => tracing::debug!(
             target: "keyfab::provision",
+            station = station.as_str(),
+            entitlement = entitlement.as_str(),
             device_id = device_id.as_str(),
             request_id = request_id.as_str(),
             code = e.code().as_str(),

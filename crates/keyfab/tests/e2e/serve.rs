@@ -320,6 +320,20 @@ fn stations_provision_over_mutual_tls_and_strangers_get_nothing() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
         .collect();
+    // One request followed from its decision line to its access line: both name its
+    // request id, station and entitlement.
+    let follows = |target: &str| {
+        lines.iter().any(|l| {
+            l["target"] == target
+                && l["request_id"] == "r-1"
+                && l["station"] == "line-1"
+                && l["entitlement"] == id.as_str()
+        })
+    };
+    assert!(
+        follows("keyfab::provision") && follows("keyfab::access"),
+        "{logs}"
+    );
     assert!(lines.iter().any(|l| l["target"] == "keyfab::provision"
         && l["message"] == "released"
         && l["device_id"] == "D-0001"));
