@@ -55,7 +55,7 @@ pub(crate) fn flood(f: &Flood, dir: Option<&Path>) -> Result<Report, Failure> {
         .chain(["flood".to_owned()])
     {
         let dir = base.join(&name);
-        crate::line::station_enroll(&ctx, &site, &name, &dir, 30)?;
+        crate::line::station_issue(&ctx, &site, (&name, &dir, 30), false)?;
         clients.push((name, dir));
     }
     let total = (f.flooders + 8 * f.paced_stations + 64).to_string();

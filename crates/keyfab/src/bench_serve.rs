@@ -121,7 +121,7 @@ impl Served {
         stations: usize,
     ) -> Result<Self, Failure> {
         let station_dir = base.join("station");
-        crate::line::station_enroll(ctx, site, "bench-line", &station_dir, 30)?;
+        crate::line::station_issue(ctx, site, ("bench-line", &station_dir, 30), false)?;
         let root = std::fs::read_to_string(base.join("root").join("root.crt")).map_err(fail)?;
         let root = x509::from_pem(&root, "CERTIFICATE").map_err(fail)?;
         let raw = raw_limit()?;

@@ -275,7 +275,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
         step(
             &format!("17.{} site enrolls station line-{}", n + 1, n + 1),
             "A key and a certificate from the site's own line CA, for the station's directory.",
-            crate::line::station_enroll(&ctx, &site, &format!("line-{}", n + 1), dir, 30)?,
+            crate::line::station_issue(&ctx, &site, (&format!("line-{}", n + 1), dir, 30), false)?,
         );
     }
     let server = crate::line::ServeChild::start(&ctx, &site, &[])?;

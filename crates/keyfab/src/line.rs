@@ -25,42 +25,34 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     f.sync_all()
 }
 
-pub(crate) fn station_enroll(
+/// `site station enroll` (`renew` false) or `site station renew` (`renew` true): the
+/// station's new key, certificate and line CA into `out`.
+pub(crate) fn station_issue(
     ctx: &Context,
     home: &Path,
-    name: &str,
-    out: &Path,
-    days: i64,
+    (name, out, days): (&str, &Path, i64),
+    renew: bool,
 ) -> Result<Report, Failure> {
-    let request = AdminRequest::Enroll {
-        name: name.to_owned(),
-        days,
+    let name_owned = name.to_owned();
+    let request = if renew {
+        AdminRequest::Renew {
+            name: name_owned,
+            days,
+        }
+    } else {
+        AdminRequest::Enroll {
+            name: name_owned,
+            days,
+        }
     };
-    station_files(ctx, home, out, request, |node| {
-        let mut node = node;
-        keyfab_site::stations::line_ca(&mut node)?;
-        Ok(EnrolledFiles::of(&keyfab_site::stations::enroll(
-            &node, name, days,
-        )?))
-    })
-}
-
-/// `site station renew`: as enrollment, for a station enrolled already.
-pub(crate) fn station_renew(
-    ctx: &Context,
-    home: &Path,
-    name: &str,
-    out: &Path,
-    days: i64,
-) -> Result<Report, Failure> {
-    let request = AdminRequest::Renew {
-        name: name.to_owned(),
-        days,
-    };
-    station_files(ctx, home, out, request, |node| {
-        Ok(EnrolledFiles::of(&keyfab_site::stations::renew(
-            &node, name, days,
-        )?))
+    station_files(ctx, home, out, request, |mut node| {
+        let issued = if renew {
+            keyfab_site::stations::renew(&node, name, days)?
+        } else {
+            keyfab_site::stations::line_ca(&mut node)?;
+            keyfab_site::stations::enroll(&node, name, days)?
+        };
+        Ok(EnrolledFiles::of(&issued))
     })
 }
 

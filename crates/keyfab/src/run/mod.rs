@@ -113,13 +113,13 @@ pub(crate) fn dispatch(
             name,
             out,
             days,
-        })) => crate::line::station_enroll(&ctx, &home.home, &name, &out, days),
+        })) => crate::line::station_issue(&ctx, &home.home, (&name, &out, days), false),
         Command::Site(SiteCommand::Station(SiteStationCommand::Renew {
             home,
             name,
             out,
             days,
-        })) => crate::line::station_renew(&ctx, &home.home, &name, &out, days),
+        })) => crate::line::station_issue(&ctx, &home.home, (&name, &out, days), true),
         Command::Site(SiteCommand::Station(SiteStationCommand::Revoke { home, name })) => {
             crate::line::station_revoke(&ctx, &home.home, &name)
         }

@@ -29,6 +29,16 @@ device_id_from = "subject-serial"
     )
 }
 
+/// A world with a drill chip vendor in `vendor/` and an entitlement (imported as `name`)
+/// of [`chips_policy`] with `keys`: (world, vendor directory, entitlement id).
+fn chips_world(keys: &str, name: &str) -> (World, PathBuf, String) {
+    let w = world();
+    let vendor = w.path("vendor");
+    ok(&["pki", "init-chip-vendor", "--dir", &s(&vendor)]);
+    let id = imported(&w, &chips_policy(keys), name);
+    (w, vendor, id)
+}
+
 const POOL_KEYS: &str = r#"[[keys]]
 name = "identity"
 type = "ec-p256"
@@ -168,10 +178,7 @@ fn encodings(secret: &[u8]) -> Vec<String> {
 
 #[test]
 fn a_station_that_substitutes_its_own_transport_key_gets_nothing() {
-    let w = world();
-    let vendor = w.path("vendor");
-    ok(&["pki", "init-chip-vendor", "--dir", &s(&vendor)]);
-    let id = imported(&w, &chips_policy(POOL_KEYS), "chips");
+    let (w, vendor, id) = chips_world(POOL_KEYS, "chips");
     let line = w.path("line-1");
     enroll(&w.site, "line-1", &line);
     let server = Server::start(&w.site);
@@ -458,10 +465,7 @@ fn a_station_that_substitutes_its_own_transport_key_gets_nothing() {
 
 #[test]
 fn a_station_that_substitutes_its_own_csr_is_refused() {
-    let w = world();
-    let vendor = w.path("vendor");
-    ok(&["pki", "init-chip-vendor", "--dir", &s(&vendor)]);
-    let id = imported(&w, &chips_policy(CSR_KEYS), "csr-chips");
+    let (w, vendor, id) = chips_world(CSR_KEYS, "csr-chips");
     // The chip's own key, certified by its vendor, and a CSR of it.
     let (chip_key, chip_pub) = station_key(&w, "chip");
     let point = match x509::device_public_key(
