@@ -299,41 +299,20 @@ fn a_station_that_substitutes_its_own_transport_key_gets_nothing() {
     }
 
     // A retry must come from the same chip: the same transport key and chain.
-    let again = ask(&url, &line, &id, "D-0001", "good-1", &args);
+    let retry = |args: &[&str]| ask(&url, &line, &id, "D-0001", "good-1", args);
+    let again = retry(&args);
     assert_eq!(again.code, 0, "{}", again.json);
     assert_eq!(again.json["replayed"], true);
     let (_, _, other_chain) = genuine_chip(&w, &vendor, "D-0001", "d1-other");
-    let o = ask(
-        &url,
-        &line,
-        &id,
-        "D-0001",
-        "good-1",
-        &[
-            "--transport-key",
-            &s(&chip_pub),
-            "--chip-chain",
-            &s(&other_chain),
-        ],
+    let (pub_arg, other_arg) = (s(&chip_pub), s(&other_chain));
+    retry(&["--transport-key", &pub_arg, "--chip-chain", &other_arg]).assert_error(
+        1,
+        "invalid_input",
+        "same chip certificate chain",
     );
-    o.assert_error(1, "invalid_input", "same chip certificate chain");
-    let o = ask(
-        &url,
-        &line,
-        &id,
-        "D-0001",
-        "good-1",
-        &["--transport-key", &s(&chip_pub)],
-    );
+    let o = retry(&["--transport-key", &pub_arg]);
     assert_eq!(o.code, 1, "{}", o.json);
-    let o = ask(
-        &url,
-        &line,
-        &id,
-        "D-0001",
-        "good-1",
-        &["--transport-key", &evil_arg, "--chip-chain", &chain_arg],
-    );
+    let o = retry(&["--transport-key", &evil_arg, "--chip-chain", &chain_arg]);
     assert_ne!(o.code, 0, "{}", o.json);
 
     // Each chain that does not hold, refused with its code: a chip certified as another

@@ -1429,30 +1429,27 @@ fn a_station_is_renewed_without_stopping_it() {
     let (w, id, line1) = setup();
     let server = Server::start(&w.site);
     let url = server.url();
+    let home = s(&w.site);
     let renew = |out: &Path| {
-        ok(&[
-            "site",
-            "station",
-            "renew",
-            "--home",
-            &s(&w.site),
-            "--name",
-            "line-1",
-            "--out",
-            &s(out),
-            "--days",
-            "30",
-        ])
+        let out = s(out);
+        let args = [
+            "site", "station", "renew", "--home", &home, "--name", "line-1",
+        ];
+        keyfab(
+            &[&args[..], &["--out", &out, "--days", "30"]].concat(),
+            None,
+        )
     };
     let first = renew(&w.path("line-1-renewed"));
-    assert!(first["previous_serial"].is_string(), "{first}");
+    assert_eq!(first.code, 0, "{}", first.json);
+    assert!(first.json["previous_serial"].is_string(), "{}", first.json);
     let renewed = w.path("line-1-renewed");
     for (dir, device) in [(&line1, "D-0001"), (&renewed, "D-0002")] {
         let o = station_provision(&url, dir, &id, device, &format!("r-{device}"));
         assert_eq!(o.code, 0, "{}", o.json);
     }
     // Renewed again: the original certificate is replaced for good.
-    renew(&w.path("line-1-third"));
+    assert_eq!(renew(&w.path("line-1-third")).code, 0);
     let o = station_provision(&url, &line1, &id, "D-0003", "r-D-0003");
     o.assert_error(4, "untrusted_signer", "");
     let o = station_provision(&url, &renewed, &id, "D-0003", "r-D-0003");
@@ -1471,20 +1468,7 @@ fn a_station_is_renewed_without_stopping_it() {
         assert_ne!(o.code, 0, "{}", o.json);
     }
     // A revoked station is enrolled again, not renewed.
-    let o = keyfab(
-        &[
-            "site",
-            "station",
-            "renew",
-            "--home",
-            &s(&w.site),
-            "--name",
-            "line-1",
-            "--out",
-            &s(&w.path("line-1-fourth")),
-        ],
-        None,
-    );
+    let o = renew(&w.path("line-1-fourth"));
     o.assert_error(1, "invalid_state", "enroll it again");
 }
 
