@@ -123,9 +123,9 @@ pub enum Error {
     /// `unavailable` as well (retry), but never "nothing was released".
     #[error("the site's state store did not confirm whether it recorded this request ({0}); the outcome is unknown: retry with the same request id — if it was recorded, the retry gets the same answer, never a second one")]
     OutcomeUnknown(String),
-    /// The home's embedded store is open in another process: at a site, most often a
-    /// running `keyfab site serve`.
-    #[error("this home is in use by another keyfab process (a running `keyfab site serve`?); while it serves, `keyfab site station enroll|revoke|list` and `keyfab site unseal` reach it through HOME/serve.sock, other commands need it stopped")]
+    /// The home's embedded store is open in another process that does not lend it (a
+    /// command still running; a running `site serve` lends it through `HOME/serve.sock`).
+    #[error("this home's store is held by another keyfab process: a `keyfab site serve` (one serves a home at a time), or a command still running (try again when it ends)")]
     InUse,
     /// A primitive failed (code `internal`).
     #[error(transparent)]

@@ -19,6 +19,7 @@ mod error;
 pub mod home;
 mod node;
 pub mod out_file;
+pub mod socket_store;
 mod store_choice;
 
 pub use backends::{Backends, BuiltInOnly};

@@ -2,6 +2,7 @@
 
 use crate::backends::{Backends, BuiltInOnly};
 use crate::custody_choice::{CustodyChoice, CUSTODY_FILE};
+use crate::socket_store::SocketStore;
 use crate::store_choice::{StoreChoice, STORE_FILE};
 use crate::{Error, Result};
 use keyfab_crypto::hash::Fingerprint;
@@ -196,7 +197,9 @@ impl Node {
     }
 
     /// Unlocks an existing home of the given kind; a store or custody that is not built
-    /// in is reached through `backends`.
+    /// in is reached through `backends`. While a `site serve` holds the home's embedded
+    /// store, its store is reached through `HOME/serve.sock`
+    /// ([`crate::socket_store`]).
     pub fn open(
         dir: &Path,
         kind: NodeKind,
@@ -204,6 +207,30 @@ impl Node {
         rng: Box<dyn SecureRng>,
         clock: Box<dyn Clock>,
         backends: &dyn Backends,
+    ) -> Result<Node> {
+        Self::open_as(dir, kind, passphrase, (rng, clock), backends, true)
+    }
+
+    /// [`Node::open`] for the process that serves the home: the store itself, never one
+    /// lent by another process (a second `site serve` on a served home is `in_use`).
+    pub fn open_to_serve(
+        dir: &Path,
+        kind: NodeKind,
+        passphrase: &SecretBytes,
+        rng: Box<dyn SecureRng>,
+        clock: Box<dyn Clock>,
+        backends: &dyn Backends,
+    ) -> Result<Node> {
+        Self::open_as(dir, kind, passphrase, (rng, clock), backends, false)
+    }
+
+    fn open_as(
+        dir: &Path,
+        kind: NodeKind,
+        passphrase: &SecretBytes,
+        (rng, clock): (Box<dyn SecureRng>, Box<dyn Clock>),
+        backends: &dyn Backends,
+        borrow_served: bool,
     ) -> Result<Node> {
         if !dir.join(KEYSTORE_FILE).exists() && !dir.join(CUSTODY_FILE).exists() {
             return Err(Error::NotFound(format!(
@@ -216,7 +243,15 @@ impl Node {
         crate::home::check_private(dir)?;
         let custody =
             CustodyChoice::load(dir)?.open(&dir.join(KEYSTORE_FILE), passphrase, backends)?;
-        let store = StoreChoice::load(dir)?.open(dir, backends)?;
+        let store = match StoreChoice::load(dir)?.open(dir, backends) {
+            Err(Error::InUse) if borrow_served => {
+                match SocketStore::connect(dir, custody.signer(CLUSTER_KEY)?) {
+                    Some(served) => Box::new(served?),
+                    None => return Err(Error::InUse),
+                }
+            }
+            other => other?,
+        };
         let stored_kind = meta(store.as_ref(), "kind")?.unwrap_or_default();
         if stored_kind != kind.as_str().as_bytes() {
             return Err(Error::Precondition(format!(
@@ -237,6 +272,20 @@ impl Node {
             rng,
             clock,
         })
+    }
+
+    /// The node as `site serve` runs it: its embedded store lent to the site's commands
+    /// through `HOME/serve.sock` ([`crate::socket_store`]), so every writer of it knows
+    /// that others commit between its reads and its commits ([`keyfab_store::Hosted`]).
+    /// A shared store (etcd) stays as it is.
+    pub fn hosting(self) -> Node {
+        if self.store.is_shared() {
+            return self;
+        }
+        Node {
+            store: Box::new(keyfab_store::Hosted::new(self.store)),
+            ..self
+        }
     }
 
     /// The node's clock, read once.

@@ -152,88 +152,89 @@ pub fn submit(node: &Node, files: &[Vec<u8>]) -> Result<Vec<Submitted>> {
         verified.push(a);
     }
 
-    let mut txn = Txn::default();
-    let mut log = Appender::begin(node, &mut txn)?;
-    let mut results = Vec::new();
-    let groups: BTreeSet<(String, String)> = verified
-        .iter()
-        .map(|a| (a.request.entitlement.clone(), a.request.action.clone()))
-        .collect();
-    for (ent, action) in groups {
-        let rec = &records[&ent];
-        let threshold = rec.policy.approval_threshold();
-        let prefix = format!("approval/{ent}/{action}/").into_bytes();
-        let mut approvers: BTreeSet<String> = node
-            .store
-            .scan(Table::Meta, &prefix, usize::MAX)?
-            .into_iter()
-            .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
-            .collect();
-        let mut accepted = 0;
-        for a in verified
+    // Read, decided and committed again while the serving site's batches move the head.
+    let landed = crate::audit_log::until_landed(node, || {
+        let mut txn = Txn::default();
+        let mut log = Appender::begin(node, &mut txn)?;
+        let mut results = Vec::new();
+        let groups: BTreeSet<(String, String)> = verified
             .iter()
-            .filter(|a| a.request.entitlement == ent && a.request.action == action)
-        {
-            let fp = a.approver.to_hex();
-            if approvers.insert(fp.clone()) {
-                accepted += 1;
-                let key = approval_key(&ent, &action, &fp);
-                txn.require_absent(Table::Meta, &key).put(
-                    Table::Meta,
-                    &key,
-                    a.request.nonce.as_bytes(),
-                );
-                log.append(
-                    &mut txn,
-                    now,
-                    Event::ApprovalAccepted {
-                        entitlement: ent.clone(),
-                        action: action.clone(),
-                        approver: fp,
-                        nonce: a.request.nonce.clone(),
-                    },
-                )?;
+            .map(|a| (a.request.entitlement.clone(), a.request.action.clone()))
+            .collect();
+        for (ent, action) in groups {
+            let rec = &records[&ent];
+            let threshold = rec.policy.approval_threshold();
+            let prefix = format!("approval/{ent}/{action}/").into_bytes();
+            let mut approvers: BTreeSet<String> = node
+                .store
+                .scan(Table::Meta, &prefix, usize::MAX)?
+                .into_iter()
+                .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+                .collect();
+            let mut accepted = 0;
+            for a in verified
+                .iter()
+                .filter(|a| a.request.entitlement == ent && a.request.action == action)
+            {
+                let fp = a.approver.to_hex();
+                if approvers.insert(fp.clone()) {
+                    accepted += 1;
+                    let key = approval_key(&ent, &action, &fp);
+                    txn.require_absent(Table::Meta, &key).put(
+                        Table::Meta,
+                        &key,
+                        a.request.nonce.as_bytes(),
+                    );
+                    log.append(
+                        &mut txn,
+                        now,
+                        Event::ApprovalAccepted {
+                            entitlement: ent.clone(),
+                            action: action.clone(),
+                            approver: fp,
+                            nonce: a.request.nonce.clone(),
+                        },
+                    )?;
+                }
             }
+            let mut activated = false;
+            if action == "activate" && approvers.len() >= threshold as usize {
+                let seen = node.store.get(Table::Counters, ent.as_bytes())?;
+                let mut c: Counters = match &seen {
+                    Some(v) => decode(&v.value)?,
+                    None => Counters::default(),
+                };
+                if !c.activated {
+                    c.activated = true;
+                    txn.require_unchanged(Table::Counters, ent.as_bytes(), seen.as_ref())
+                        .put(Table::Counters, ent.as_bytes(), &encode(&c)?);
+                    log.append(
+                        &mut txn,
+                        now,
+                        Event::EntitlementActivated {
+                            entitlement: ent.clone(),
+                        },
+                    )?;
+                }
+                activated = true;
+                // Satisfied: its requests cannot be used again.
+                for a in verified.iter().filter(|a| a.request.entitlement == ent) {
+                    txn.delete(Table::Meta, &request_key(&a.request.nonce));
+                }
+            }
+            results.push(Submitted {
+                entitlement: ent,
+                action,
+                accepted,
+                count: approvers.len(),
+                threshold,
+                activated,
+            });
         }
-        let mut activated = false;
-        if action == "activate" && approvers.len() >= threshold as usize {
-            let seen = node.store.get(Table::Counters, ent.as_bytes())?;
-            let mut c: Counters = match &seen {
-                Some(v) => decode(&v.value)?,
-                None => Counters::default(),
-            };
-            if !c.activated {
-                c.activated = true;
-                txn.require_unchanged(Table::Counters, ent.as_bytes(), seen.as_ref())
-                    .put(Table::Counters, ent.as_bytes(), &encode(&c)?);
-                log.append(
-                    &mut txn,
-                    now,
-                    Event::EntitlementActivated {
-                        entitlement: ent.clone(),
-                    },
-                )?;
-            }
-            activated = true;
-            // Satisfied: its requests cannot be used again.
-            for a in verified.iter().filter(|a| a.request.entitlement == ent) {
-                txn.delete(Table::Meta, &request_key(&a.request.nonce));
-            }
-        }
-        results.push(Submitted {
-            entitlement: ent,
-            action,
-            accepted,
-            count: approvers.len(),
-            threshold,
-            activated,
-        });
-    }
-    log.finish(&mut txn);
-    if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::Conflict(
-            "site state changed meanwhile; submit again".into(),
-        ));
-    }
+        log.finish(&mut txn);
+        Ok(node.store.commit(txn)?.is_committed().then_some(results))
+    })?;
+    let results = landed
+        .ok_or_else(|| Error::Conflict("site state changed meanwhile; submit again".into()))?;
     Ok(results)
 }

@@ -246,15 +246,71 @@ impl Appender {
     }
 }
 
+/// How many times a command's commit is tried while other writers keep moving the log
+/// head under it ([`until_landed`]).
+const LANDING_ATTEMPTS: usize = 64;
+
+/// Longest pause between two attempts of [`until_landed`].
+const LANDING_PAUSE_MAX_MICROS: u64 = 4_000;
+
+/// Runs `attempt` until it lands. An attempt reads what it decides on, appends to the
+/// site chain from the head as it reads it ([`Appender::begin`]) and commits, guarded on
+/// both; `Ok(None)` means a guard failed and nothing was written. On a store that others
+/// write too ([`keyfab_store::Store::concurrent_writers`]) it is tried again:
+/// - through a serving site's socket, the site's batches — each appends to the chain —
+///   are held back for the next attempt ([`keyfab_store::Store::hold_writers`]), which
+///   then loses only to a real change of what it read;
+/// - elsewhere (a cluster's nodes) after a short random pause, up to
+///   [`LANDING_ATTEMPTS`] times.
+///
+/// `None`: no attempt landed.
+pub(crate) fn until_landed<T>(
+    node: &Node,
+    mut attempt: impl FnMut() -> Result<Option<T>>,
+) -> Result<Option<T>> {
+    let attempts = if node.store.concurrent_writers() {
+        LANDING_ATTEMPTS
+    } else {
+        1
+    };
+    let mut held = false;
+    let mut landed = Ok(None);
+    for i in 0..attempts {
+        if i == 1 {
+            held = match node.store.hold_writers() {
+                Ok(held) => held,
+                Err(e) => {
+                    landed = Err(e.into());
+                    break;
+                }
+            };
+        }
+        landed = attempt();
+        if !matches!(landed, Ok(None)) || (held && i >= 1) {
+            break;
+        }
+        if i + 1 < attempts {
+            let mut r = [0u8; 8];
+            node.rng.fill(&mut r);
+            let pause = u64::from_le_bytes(r) % LANDING_PAUSE_MAX_MICROS;
+            std::thread::sleep(std::time::Duration::from_micros(pause));
+        }
+    }
+    if held {
+        node.store.release_writers();
+    }
+    landed
+}
+
 /// Commits `change` (its guards and writes on the transaction) together with one
 /// `setting_changed` record `name` = `value`: a change that bears on security and its
 /// audit record land together or not at all. A concurrent writer makes it fail with
-/// `invalid_state` (try again).
+/// `conflict` (try again) unless it only moved the log head ([`until_landed`]).
 pub(crate) fn commit_setting(
     node: &Node,
     name: &str,
     value: String,
-    change: impl FnOnce(&mut Txn) -> Result<()>,
+    change: impl FnMut(&mut Txn) -> Result<()>,
 ) -> Result<()> {
     commit_setting_in(node, false, name, value, change)
 }
@@ -265,7 +321,7 @@ pub(crate) fn commit_setting_at_trusted_time(
     node: &Node,
     name: &str,
     value: String,
-    change: impl FnOnce(&mut Txn) -> Result<()>,
+    change: impl FnMut(&mut Txn) -> Result<()>,
 ) -> Result<()> {
     commit_setting_in(node, true, name, value, change)
 }
@@ -275,35 +331,33 @@ fn commit_setting_in(
     at_trusted_time: bool,
     name: &str,
     value: String,
-    change: impl FnOnce(&mut Txn) -> Result<()>,
+    mut change: impl FnMut(&mut Txn) -> Result<()>,
 ) -> Result<()> {
-    let mut txn = Txn::default();
-    let (mut log, at) = if at_trusted_time {
-        let log = Appender::begin_unbounded(node, &mut txn)?;
-        let at = match log.trusted() {
-            i64::MIN => node.now().0,
-            trusted => trusted,
+    let landed = until_landed(node, || {
+        let mut txn = Txn::default();
+        let (mut log, at) = if at_trusted_time {
+            let log = Appender::begin_unbounded(node, &mut txn)?;
+            let at = match log.trusted() {
+                i64::MIN => node.now().0,
+                trusted => trusted,
+            };
+            (log, at)
+        } else {
+            (Appender::begin(node, &mut txn)?, node.now().0)
         };
-        (log, at)
-    } else {
-        (Appender::begin(node, &mut txn)?, node.now().0)
-    };
-    log.append(
-        &mut txn,
-        at,
-        Event::SettingChanged {
-            name: name.to_owned(),
-            value,
-        },
-    )?;
-    log.finish(&mut txn);
-    change(&mut txn)?;
-    if !node.store.commit(txn)?.is_committed() {
-        return Err(Error::Conflict(
-            "site state changed meanwhile; try again".into(),
-        ));
-    }
-    Ok(())
+        log.append(
+            &mut txn,
+            at,
+            Event::SettingChanged {
+                name: name.to_owned(),
+                value: value.clone(),
+            },
+        )?;
+        log.finish(&mut txn);
+        change(&mut txn)?;
+        Ok(node.store.commit(txn)?.is_committed().then_some(()))
+    })?;
+    landed.ok_or_else(|| Error::Conflict("site state changed meanwhile; try again".into()))
 }
 
 /// The log head as stored at [`AUDIT_HEAD`] (the genesis head before the first record).

@@ -83,17 +83,21 @@ pub fn retire_ended(node: &Node) -> Result<Vec<String>> {
         } else {
             continue;
         };
-        let mut txn = Txn::default();
-        let mut log = Appender::begin(node, &mut txn)?;
-        // Recorded at the clock's time: `begin` refused a clock too far past the trusted
-        // time, so a clock set forward cannot end a window early by more than the site
-        // allows any jump.
-        if destroy_in(&mut txn, &mut log, now, &seen, cause)? {
-            log.finish(&mut txn);
-            // Changed meanwhile (an import, another node's sweep): the next sweep sees it.
-            if node.store.commit(txn)?.is_committed() {
-                retired.push(record.id);
+        // Changed meanwhile for good (another node's sweep): the next sweep sees it.
+        let landed = crate::audit_log::until_landed(node, || {
+            let mut txn = Txn::default();
+            let mut log = Appender::begin(node, &mut txn)?;
+            // Recorded at the clock's time: `begin` refused a clock too far past the
+            // trusted time, so a clock set forward cannot end a window early by more than
+            // the site allows any jump.
+            if !destroy_in(&mut txn, &mut log, now, &seen, cause)? {
+                return Ok(Some(false));
             }
+            log.finish(&mut txn);
+            Ok(node.store.commit(txn)?.is_committed().then_some(true))
+        })?;
+        if landed == Some(true) {
+            retired.push(record.id);
         }
     }
     if !retired.is_empty() {

@@ -122,32 +122,40 @@ pub fn import_receipt(node: &Node, bytes: &[u8]) -> Result<ReceiptImport> {
         head: r.head,
         acknowledged_at: r.acknowledged_at,
     };
-    let mut txn = Txn::default();
-    let clock_reset = match r.trusted_time {
-        None => {
-            let mut log = Appender::begin(node, &mut txn)?;
-            log.append(
-                &mut txn,
-                node.now().0,
-                Event::ReceiptImported {
-                    size: r.head.size,
-                    root: hex::encode(r.head.root),
-                    acknowledged_at: r.acknowledged_at,
-                },
-            )?;
-            log.finish(&mut txn);
-            None
-        }
-        // The way out of a clock check must not need to pass one.
-        Some(to) => Some(reset_clock(node, &mut txn, &r, to)?),
-    };
-    txn.require_unchanged(Table::Meta, HQ_ACK, seen.as_ref())
-        .put(Table::Meta, HQ_ACK, &encode(&ack)?);
-    if !node.store.commit(txn)?.is_committed() {
+    let ack_bytes = encode(&ack)?;
+    let landed = crate::audit_log::until_landed(node, || {
+        let mut txn = Txn::default();
+        let clock_reset = match r.trusted_time {
+            None => {
+                let mut log = Appender::begin(node, &mut txn)?;
+                log.append(
+                    &mut txn,
+                    node.now().0,
+                    Event::ReceiptImported {
+                        size: r.head.size,
+                        root: hex::encode(r.head.root),
+                        acknowledged_at: r.acknowledged_at,
+                    },
+                )?;
+                log.finish(&mut txn);
+                None
+            }
+            // The way out of a clock check must not need to pass one.
+            Some(to) => Some(reset_clock(node, &mut txn, &r, to)?),
+        };
+        txn.require_unchanged(Table::Meta, HQ_ACK, seen.as_ref())
+            .put(Table::Meta, HQ_ACK, &ack_bytes);
+        Ok(node
+            .store
+            .commit(txn)?
+            .is_committed()
+            .then_some(clock_reset))
+    })?;
+    let Some(clock_reset) = landed else {
         return Err(Error::Conflict(
             "site state changed meanwhile; import again".into(),
         ));
-    }
+    };
     Ok(ReceiptImport {
         acknowledged: ack,
         clock_reset,

@@ -329,7 +329,16 @@ pub fn import(
 
     let mut staging = Txn::default();
     staging.put(Table::Staging, content.id.as_bytes(), b"");
-    node.store.commit(staging)?;
+    // The final commit is guarded on this mark as written: an import swept away by
+    // another one's `sweep_staging` meanwhile (its pool rows deleted) does not land.
+    let staged_at = match node.store.commit(staging)? {
+        keyfab_store::Outcome::Committed(revision) => revision,
+        keyfab_store::Outcome::Conflict => {
+            return Err(Error::Conflict(
+                "the import could not begin; import again".into(),
+            ))
+        }
+    };
 
     let total: u64 = content.pool.iter().map(|p| p.count).sum();
     // Pool rows go in commits of at most 16,384, or what the store takes in one (etcd:
@@ -365,7 +374,9 @@ pub fn import(
         let mut prefix = content.id.as_bytes().to_vec();
         prefix.push(b'/');
         let mut t = Txn::default();
-        t.delete_prefix(Table::Pool, &prefix)
+        // Never the rows of an import that did land (a commit whose answer was lost).
+        t.require_absent(Table::Entitlements, &record_key(&content.id))
+            .delete_prefix(Table::Pool, &prefix)
             .delete(Table::Staging, content.id.as_bytes());
         let _ = node.store.commit(t);
     };
@@ -389,48 +400,49 @@ pub fn import(
         pool: content.pool.clone(),
     };
     // The import is audited in the same transaction that makes it visible.
-    let mut txn = Txn::default();
-    let mut log = Appender::begin(node, &mut txn)?;
-    log.append(
-        &mut txn,
-        record.imported_at,
-        Event::EntitlementImported {
-            entitlement: record.id.clone(),
-            sequence: record.sequence,
-            pool_keys: total,
-        },
-    )?;
-    log.finish(&mut txn);
-    txn.require_absent(Table::Entitlements, &record_key(&record.id))
-        .require_unchanged(Table::Meta, HQ_SEQUENCE, seq_seen.as_ref())
-        .put(
-            Table::Entitlements,
-            &record_key(&record.id),
-            &encode(&record)?,
-        )
-        .put(Table::Meta, HQ_SEQUENCE, &record.sequence.to_be_bytes())
-        .put(
-            Table::Meta,
-            HQ_RECIPIENT,
-            &encode(&HqRecipient {
-                hq: content.hq.clone(),
-                cluster_cert: serde_bytes::ByteBuf::from(envelope.chain[1].clone()),
-                hpke_cert: serde_bytes::ByteBuf::from(content.hq_hpke_cert.clone()),
-            })?,
-        )
-        .delete(Table::Staging, record.id.as_bytes());
-    let committed = node.store.commit(txn);
-    match committed {
-        Ok(o) if o.is_committed() => {}
-        Ok(_) => {
+    let record_bytes = encode(&record)?;
+    let hq_recipient = encode(&HqRecipient {
+        hq: content.hq.clone(),
+        cluster_cert: serde_bytes::ByteBuf::from(envelope.chain[1].clone()),
+        hpke_cert: serde_bytes::ByteBuf::from(content.hq_hpke_cert.clone()),
+    })?;
+    let landed = crate::audit_log::until_landed(node, || {
+        let mut txn = Txn::default();
+        let mut log = Appender::begin(node, &mut txn)?;
+        log.append(
+            &mut txn,
+            record.imported_at,
+            Event::EntitlementImported {
+                entitlement: record.id.clone(),
+                sequence: record.sequence,
+                pool_keys: total,
+            },
+        )?;
+        log.finish(&mut txn);
+        txn.require_absent(Table::Entitlements, &record_key(&record.id))
+            .require_unchanged(Table::Meta, HQ_SEQUENCE, seq_seen.as_ref())
+            .require_revision(Table::Staging, record.id.as_bytes(), Some(staged_at))
+            .put(Table::Entitlements, &record_key(&record.id), &record_bytes)
+            .put(Table::Meta, HQ_SEQUENCE, &record.sequence.to_be_bytes())
+            .put(Table::Meta, HQ_RECIPIENT, &hq_recipient)
+            .delete(Table::Staging, record.id.as_bytes());
+        Ok(node.store.commit(txn)?.is_committed().then_some(()))
+    });
+    match landed {
+        Ok(Some(())) => {}
+        Ok(None) => {
             abort(node);
-            return Err(Error::Replayed(
-                "a concurrent import changed the sequence".into(),
-            ));
+            return Err(
+                if read_hq_sequence(node)?.1.map(|v| v.revision) != seq_seen.map(|v| v.revision) {
+                    Error::Replayed("a concurrent import changed the sequence".into())
+                } else {
+                    Error::Conflict("site state changed meanwhile; import again".into())
+                },
+            );
         }
         Err(e) => {
             abort(node);
-            return Err(e.into());
+            return Err(e);
         }
     }
     Ok(Imported {

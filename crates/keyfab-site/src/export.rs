@@ -113,30 +113,34 @@ pub fn export(
             size: leaves.len() as u64,
             root: merkle::root(&leaves),
         };
-        // Record the export first (atomically with its audit record).
-        let mut txn = Txn::default();
-        let mut log = Appender::begin(node, &mut txn)?;
-        log.append(
-            &mut txn,
-            time,
-            Event::AuditExported {
-                bundle: id.clone(),
-                from_size: from.size,
-                to_size: to.size,
-                root: hex::encode(to.root),
-            },
-        )?;
-        log.finish(&mut txn);
-        let e = Exports {
+        // Record the export first (atomically with its audit record). Records the
+        // serving site appends meanwhile go to the next export.
+        let e = encode(&Exports {
             previous: from,
             last: to,
             last_id: id.clone(),
             last_time: time,
             unfinished: true,
-        };
-        txn.require_unchanged(Table::Meta, EXPORTS, seen.as_ref())
-            .put(Table::Meta, EXPORTS, &encode(&e)?);
-        if !node.store.commit(txn)?.is_committed() {
+        })?;
+        let landed = crate::audit_log::until_landed(node, || {
+            let mut txn = Txn::default();
+            let mut log = Appender::begin(node, &mut txn)?;
+            log.append(
+                &mut txn,
+                time,
+                Event::AuditExported {
+                    bundle: id.clone(),
+                    from_size: from.size,
+                    to_size: to.size,
+                    root: hex::encode(to.root),
+                },
+            )?;
+            log.finish(&mut txn);
+            txn.require_unchanged(Table::Meta, EXPORTS, seen.as_ref())
+                .put(Table::Meta, EXPORTS, &e);
+            Ok(node.store.commit(txn)?.is_committed().then_some(()))
+        })?;
+        if landed.is_none() {
             return Err(Error::Conflict(
                 "site state changed meanwhile; export again".into(),
             ));

@@ -86,10 +86,10 @@ pub fn check(node: &Node) -> Result<()> {
 /// Recorded at the trusted time: a site that found its state rolled back must not need
 /// its clock to pass a check to say so.
 pub fn latch(node: &Node, cause: Cause, reason: &str) -> Result<()> {
-    for _ in 0..8 {
+    let landed = crate::audit_log::until_landed(node, || {
         let seen = node.store.get(Table::Meta, LATCHED)?;
         if seen.is_some() {
-            return Ok(());
+            return Ok(Some(()));
         }
         let mut txn = Txn::default();
         let mut log = Appender::begin_unbounded(node, &mut txn)?;
@@ -113,13 +113,11 @@ pub fn latch(node: &Node, cause: Cause, reason: &str) -> Result<()> {
         };
         txn.require_absent(Table::Meta, LATCHED)
             .put(Table::Meta, LATCHED, &encode(&latch)?);
-        if node.store.commit(txn)?.is_committed() {
-            return Ok(());
-        }
-    }
-    Err(Error::Conflict(
-        "site state kept changing while it tried to stop itself; try again".into(),
-    ))
+        Ok(node.store.commit(txn)?.is_committed().then_some(()))
+    })?;
+    landed.ok_or_else(|| {
+        Error::Conflict("site state kept changing while it tried to stop itself; try again".into())
+    })
 }
 
 /// Latches the site for `cause` and returns the refusal it now answers.

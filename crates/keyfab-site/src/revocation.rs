@@ -51,24 +51,22 @@ pub fn import_revocation(node: &Node, bytes: &[u8]) -> Result<Revoked> {
     {
         return Err(Error::UnknownEntitlement(r.entitlement.clone()));
     }
-    // On a cluster, busy nodes write their reservations all the time; the revocation is
-    // guarded on them (below), so it reads and tries again until it lands between two
+    // Busy writers — a cluster's nodes writing their reservations, a serving site's
+    // batches moving the log head and the counters — change what the revocation is
+    // guarded on all the time, so it reads and tries again until it lands between two
     // of their commits.
-    for _ in 0..REVOCATION_ATTEMPTS {
-        if let Some(mut revoked) = try_revoke(node, &r, seq_seen.as_ref())? {
-            // The keys are deleted; now out of the store's file too. The revocation stands
-            // whatever happens here, so a failure is reported, not returned.
-            revoked.purge_failed = node.store.purge_deleted().err().map(|e| e.to_string());
-            return Ok(revoked);
-        }
-    }
-    Err(Error::Conflict(
-        "site state changed meanwhile; import again".into(),
-    ))
+    let Some(mut revoked) =
+        crate::audit_log::until_landed(node, || try_revoke(node, &r, seq_seen.as_ref()))?
+    else {
+        return Err(Error::Conflict(
+            "site state changed meanwhile; import again".into(),
+        ));
+    };
+    // The keys are deleted; now out of the store's file too. The revocation stands
+    // whatever happens here, so a failure is reported, not returned.
+    revoked.purge_failed = node.store.purge_deleted().err().map(|e| e.to_string());
+    Ok(revoked)
 }
-
-/// How many times a revocation is tried against a state that keeps changing.
-const REVOCATION_ATTEMPTS: usize = 64;
 
 /// One attempt: `None` if the state changed under it (nothing written).
 fn try_revoke(

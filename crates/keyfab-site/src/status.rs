@@ -43,6 +43,32 @@ pub struct SiteStatus {
     pub stations: Vec<StationRecord>,
     /// What will stop the line soon, or needs a person.
     pub warnings: Vec<String>,
+    /// What the running server saw; none from a stopped site's home.
+    pub serving: Option<Serving>,
+}
+
+/// What only a running `site serve` knows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Serving {
+    /// When it started (Unix seconds).
+    pub since: i64,
+    /// Each station it has seen since, or that has a connection open.
+    pub stations: Vec<StationActivity>,
+}
+
+/// A station as the running server saw it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StationActivity {
+    /// The station's name.
+    pub name: String,
+    /// Its connections open now.
+    pub connections: usize,
+    /// Its last request (Unix seconds), if any since the server started.
+    pub last_seen: Option<i64>,
+    /// Devices given keys through this server since it started.
+    pub provisioned: u64,
+    /// Devices given keys per second over the last minute.
+    pub devices_per_second: f64,
 }
 
 /// One entitlement on the status screen.
@@ -134,6 +160,7 @@ pub fn site_status(node: &Node) -> Result<SiteStatus> {
         audit,
         stations,
         warnings: Vec::new(),
+        serving: None,
     };
     status.warnings = warnings(&status, crate::settings::CLOCK_TOLERANCE.get(node)?);
     Ok(status)

@@ -377,6 +377,28 @@ pub trait Store: Send + Sync {
     fn is_shared(&self) -> bool {
         false
     }
+    /// Whether a commit this handle did not make may land between its reads and its
+    /// commit: several cluster nodes, or one node's embedded store that other processes
+    /// of the same site also write through it ([`Hosted`]). A writer that finds a guard
+    /// failed then reads again and retries, instead of taking it for damage.
+    fn concurrent_writers(&self) -> bool {
+        self.is_shared()
+    }
+    /// For a store lent by another process ([`Hosted`], reached through its socket):
+    /// asks the lending process to hold its own writers back until
+    /// [`Store::release_writers`], so a command whose commit keeps losing to a busy line
+    /// lands on its next try. `false` where nothing can be held (a cluster's nodes are
+    /// not held; they retry).
+    fn hold_writers(&self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Ends what [`Store::hold_writers`] began.
+    fn release_writers(&self) {}
+    /// The gate this process's own writers take turns at, when it lends the store
+    /// ([`Hosted`]).
+    fn writers_gate(&self) -> Option<&WritersGate> {
+        None
+    }
     /// Removes from the store's medium what deleted values it can still reach, after a
     /// commit that destroyed key material (a revocation, a batch CA key's end): a B-tree
     /// frees a deleted value's page but leaves its bytes there until the page is reused.
@@ -403,4 +425,174 @@ pub enum Purged {
     },
     /// The backend keeps no deleted value (an in-memory store).
     NotNeeded,
+}
+
+/// A store this process hosts for other processes of the same node (`site serve` lends
+/// its embedded store to the site's commands through `HOME/serve.sock`): the same store,
+/// whose users learn from [`Store::concurrent_writers`] that commits they did not make
+/// land between their reads and their commits.
+pub struct Hosted {
+    store: Box<dyn Store>,
+    gate: WritersGate,
+}
+
+impl Hosted {
+    /// `store`, lent from now on.
+    pub fn new(store: Box<dyn Store>) -> Self {
+        Self {
+            store,
+            gate: WritersGate::default(),
+        }
+    }
+}
+
+/// Where a lending process's own busy writer (the site's committer) and a borrowing
+/// command take turns: the writer takes a shared [`WritersGate::turn`] for each
+/// read-decide-commit round; a command that lost its commit to those rounds holds the
+/// gate ([`WritersGate::hold`]) for one more attempt, which then lands — the line waits
+/// for that one attempt, never longer than the holder's bound.
+#[derive(Default)]
+pub struct WritersGate {
+    state: std::sync::Mutex<GateState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// Rounds under way.
+    sharing: usize,
+    /// Holders waiting for the rounds under way to end: no new round starts.
+    waiting: usize,
+    /// Held: no round starts.
+    held: bool,
+}
+
+/// A writer's round at the gate; over when dropped.
+pub struct Turn<'a>(&'a WritersGate);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.sharing -= 1;
+        drop(s);
+        self.0.changed.notify_all();
+    }
+}
+
+impl WritersGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A round for the lending process's writer: waits while the gate is held, or
+    /// about to be.
+    pub fn turn(&self) -> Turn<'_> {
+        let mut s = self.lock();
+        while s.held || s.waiting > 0 {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.sharing += 1;
+        Turn(self)
+    }
+
+    /// Holds the gate once the rounds under way are over (and no one else holds it);
+    /// `false` if that took longer than `patience`.
+    pub fn hold(&self, patience: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + patience;
+        let mut s = self.lock();
+        s.waiting += 1;
+        while s.held || s.sharing > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                s.waiting -= 1;
+                drop(s);
+                self.changed.notify_all();
+                return false;
+            }
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .map(|(s, _)| s)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        s.waiting -= 1;
+        s.held = true;
+        true
+    }
+
+    /// Lets the writer's rounds go on.
+    pub fn release(&self) {
+        self.lock().held = false;
+        self.changed.notify_all();
+    }
+}
+
+impl Store for Hosted {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Versioned>> {
+        self.store.get(table, key)
+    }
+    fn scan_from(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Versioned)>> {
+        self.store.scan_from(table, prefix, from, limit)
+    }
+    fn commit(&self, txn: Txn) -> Result<Outcome> {
+        self.store.commit(txn)
+    }
+    fn get_many(&self, keys: &[(Table, &[u8])]) -> Result<Vec<Option<Versioned>>> {
+        self.store.get_many(keys)
+    }
+    fn revision(&self) -> Result<u64> {
+        self.store.revision()
+    }
+    fn commit_limits(&self) -> CommitLimits {
+        self.store.commit_limits()
+    }
+    fn commits_sent(&self) -> u64 {
+        self.store.commits_sent()
+    }
+    fn is_shared(&self) -> bool {
+        self.store.is_shared()
+    }
+    fn concurrent_writers(&self) -> bool {
+        true
+    }
+    fn purge_deleted(&self) -> Result<Purged> {
+        self.store.purge_deleted()
+    }
+    fn writers_gate(&self) -> Option<&WritersGate> {
+        Some(&self.gate)
+    }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    #[test]
+    fn a_hold_waits_for_the_round_under_way_and_stops_new_ones() {
+        let gate = WritersGate::default();
+        let round = gate.turn();
+        // Held only once the round under way is over.
+        assert!(!gate.hold(Duration::from_millis(20)));
+        drop(round);
+        assert!(gate.hold(Duration::from_millis(20)));
+        let started = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let _round = gate.turn();
+                started.store(true, Ordering::SeqCst);
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!started.load(Ordering::SeqCst), "a round began while held");
+            gate.release();
+        });
+        assert!(started.load(Ordering::SeqCst));
+    }
 }

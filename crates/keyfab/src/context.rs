@@ -104,6 +104,7 @@ impl Context {
         Ok(self.clock()?.now())
     }
 
+    /// Opens the home; while a `site serve` holds it, through `HOME/serve.sock`.
     pub(crate) fn open(&self, home: &Path, kind: NodeKind) -> Result<Node, Failure> {
         Ok(Node::open(
             home,
@@ -113,6 +114,20 @@ impl Context {
             self.clock()?,
             &keyfab_backends::Linked,
         )?)
+    }
+
+    /// Opens the home to serve it (`site serve`): its own store, lent to the site's
+    /// commands from now on ([`Node::hosting`]).
+    pub(crate) fn open_to_serve(&self, home: &Path, secret: &SecretBytes) -> Result<Node, Failure> {
+        Ok(Node::open_to_serve(
+            home,
+            NodeKind::Site,
+            secret,
+            self.rng(),
+            self.clock()?,
+            &keyfab_backends::Linked,
+        )?
+        .hosting())
     }
 }
 

@@ -6,7 +6,7 @@ use crate::output::{after_release, io_fail, read_input_text, Failure, Outcome, R
 use keyfab_crypto::x509;
 use keyfab_node::Code;
 use keyfab_node::NodeKind;
-use keyfab_site::server::admin::{self, AdminAnswer, AdminRequest, EnrolledFiles};
+use keyfab_site::server::admin::{self, AdminAnswer, AdminRequest};
 use serde_json::json;
 use std::path::Path;
 
@@ -26,44 +26,12 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
 }
 
 /// `site station enroll` (`renew` false) or `site station renew` (`renew` true): the
-/// station's new key, certificate and line CA into `out`.
+/// station's new key, certificate and line CA into `out`, a new or empty directory.
 pub(crate) fn station_issue(
     ctx: &Context,
     home: &Path,
     (name, out, days): (&str, &Path, i64),
     renew: bool,
-) -> Result<Report, Failure> {
-    let name_owned = name.to_owned();
-    let request = if renew {
-        AdminRequest::Renew {
-            name: name_owned,
-            days,
-        }
-    } else {
-        AdminRequest::Enroll {
-            name: name_owned,
-            days,
-        }
-    };
-    station_files(ctx, home, out, request, |mut node| {
-        let issued = if renew {
-            keyfab_site::stations::renew(&node, name, days)?
-        } else {
-            keyfab_site::stations::line_ca(&mut node)?;
-            keyfab_site::stations::enroll(&node, name, days)?
-        };
-        Ok(EnrolledFiles::of(&issued))
-    })
-}
-
-/// A station's new files into `out`, a new or empty directory: made by the running
-/// `site serve` through its socket (`request`), or by `locally` on the opened home.
-fn station_files(
-    ctx: &Context,
-    home: &Path,
-    out: &Path,
-    request: AdminRequest,
-    locally: impl FnOnce(keyfab_node::Node) -> Result<EnrolledFiles, keyfab_node::Error>,
 ) -> Result<Report, Failure> {
     if out.exists() && std::fs::read_dir(out).map_or(true, |mut d| d.next().is_some()) {
         return Err(Failure::new(
@@ -71,38 +39,34 @@ fn station_files(
             format!("{} exists and is not empty", out.display()),
         ));
     }
-    let files = match admin::request(home, &request) {
-        // A `site serve` holds the store: it enrolls.
-        Some(answer) => match answer? {
-            AdminAnswer::Enrolled(files) => files,
-            _ => {
-                return Err(Failure::new(
-                    Code::Internal,
-                    "site serve answered something else",
-                ))
-            }
-        },
-        None => locally(ctx.open(home, NodeKind::Site)?)?,
+    let mut node = ctx.open(home, NodeKind::Site)?;
+    let issued = if renew {
+        keyfab_site::stations::renew(&node, name, days)?
+    } else {
+        keyfab_site::stations::line_ca(&mut node)?;
+        keyfab_site::stations::enroll(&node, name, days)?
     };
     std::fs::create_dir_all(out).map_err(|err| io_fail(out, err))?;
+    let key_pem = zeroize::Zeroizing::new(x509::to_pem(issued.key.expose(), "PRIVATE KEY"));
     let written = [
-        (keyfab_station::KEY_FILE, files.key_pem.as_str(), 0o600),
+        (keyfab_station::KEY_FILE, key_pem.to_string(), 0o600),
         (
             keyfab_station::CERT_FILE,
-            files.certificate_pem.as_str(),
+            x509::to_pem(&issued.certificate, "CERTIFICATE"),
             0o644,
         ),
         (
             keyfab_station::LINE_CA_FILE,
-            files.line_ca_pem.as_str(),
+            x509::to_pem(&issued.line_ca, "CERTIFICATE"),
             0o644,
         ),
     ];
     for (file, text, mode) in written {
+        let text = zeroize::Zeroizing::new(text);
         let path = out.join(file);
         write_new(&path, text.as_bytes(), mode).map_err(|err| io_fail(&path, err))?;
     }
-    let r = &files.record;
+    let r = &issued.record;
     Report::of(&StationEnrolled {
         station: r.name.clone(),
         serial: r.serial.clone(),
@@ -143,23 +107,7 @@ impl Outcome for StationEnrolled {
 }
 
 pub(crate) fn station_revoke(ctx: &Context, home: &Path, name: &str) -> Result<Report, Failure> {
-    let r = match admin::request(
-        home,
-        &AdminRequest::Revoke {
-            name: name.to_owned(),
-        },
-    ) {
-        Some(answer) => match answer? {
-            AdminAnswer::Station(r) => r,
-            _ => {
-                return Err(Failure::new(
-                    Code::Internal,
-                    "site serve answered something else",
-                ))
-            }
-        },
-        None => keyfab_site::stations::revoke(&ctx.open(home, NodeKind::Site)?, name)?,
-    };
+    let r = keyfab_site::stations::revoke(&ctx.open(home, NodeKind::Site)?, name)?;
     Report::of(&StationRevoked {
         station: r.name,
         serial: r.serial,
@@ -185,18 +133,7 @@ impl Outcome for StationRevoked {
 }
 
 pub(crate) fn station_list(ctx: &Context, home: &Path) -> Result<Report, Failure> {
-    let list = match admin::request(home, &AdminRequest::List) {
-        Some(answer) => match answer? {
-            AdminAnswer::Stations(list) => list,
-            _ => {
-                return Err(Failure::new(
-                    Code::Internal,
-                    "site serve answered something else",
-                ))
-            }
-        },
-        None => keyfab_site::stations::list(&ctx.open(home, NodeKind::Site)?)?,
-    };
+    let list = keyfab_site::stations::list(&ctx.open(home, NodeKind::Site)?)?;
     Report::of(&StationList {
         stations: list
             .into_iter()
@@ -293,14 +230,7 @@ pub(crate) fn serve(
             if let Some(addr) = bound {
                 listen = addr;
             }
-            keyfab_node::Node::open(
-                home,
-                NodeKind::Site,
-                &secret,
-                ctx.rng(),
-                ctx.clock()?,
-                &keyfab_backends::Linked,
-            )?
+            ctx.open_to_serve(home, &secret)?
         }
         _ => open_when_the_store_answers(ctx, home, json_out)?,
     };
@@ -396,8 +326,9 @@ fn open_when_the_store_answers(
     json_out: bool,
 ) -> Result<keyfab_node::Node, Failure> {
     let mut wait = std::time::Duration::from_secs(1);
+    let secret = ctx.unlock_secret(home)?;
     loop {
-        match ctx.open(home, NodeKind::Site) {
+        match ctx.open_to_serve(home, &secret) {
             Err(f) if f.code == Code::Unavailable => {
                 use std::io::Write;
                 let line = if json_out {
@@ -506,7 +437,7 @@ pub(crate) fn unseal(
             share: ShareText(text.trim().to_owned()),
         }
     };
-    let answer = admin::request(home, &req).ok_or_else(|| {
+    let answer = admin::request(home, req).ok_or_else(|| {
         Failure::new(
             Code::InvalidState,
             format!(
@@ -1043,7 +974,7 @@ impl Drop for ServeChild {
 
 /// `site status`: from the serving site through its socket, or from the home.
 pub(crate) fn site_status(ctx: &Context, home: &Path) -> Result<Report, Failure> {
-    let status = match admin::request(home, &AdminRequest::Status) {
+    let status = match admin::request(home, AdminRequest::Status) {
         Some(Ok(AdminAnswer::Status(status))) => *status,
         Some(Ok(_)) => {
             return Err(Failure::new(

@@ -111,7 +111,15 @@ pub(super) fn committer(node: &Node, rx: &mpsc::Receiver<Job>, cohorts: &Cohorts
             .into_iter()
             .filter_map(|mut j| j.reply.take().map(|r| (r, j)))
             .unzip();
-        let replies = match decide_and_commit(node, batch, &mut carried, &chain) {
+        // While the site lends its store (`site serve`), a command that keeps losing
+        // its commit to these batches holds them back for one attempt.
+        let turn = node
+            .store
+            .writers_gate()
+            .map(keyfab_store::WritersGate::turn);
+        let decided = decide_and_commit(node, batch, &mut carried, &chain);
+        drop(turn);
+        let replies = match decided {
             // Only now, after the commit, may any answer leave.
             Ok(outcomes) => senders.into_iter().zip(outcomes).collect(),
             Err(e) => fail_all(senders, &e),
@@ -181,11 +189,33 @@ fn decide_and_commit(
     carried: &mut Option<Carried>,
     chain: &Option<String>,
 ) -> Result<Vec<Result<Outcome>>> {
+    // A command's engine on a serving site holds the site's own batches back after its
+    // first conflict, until its batch lands.
+    let mut held = false;
+    let outcome = decide_until_committed(node, batch, carried, chain, &mut held);
+    if held {
+        node.store.release_writers();
+    }
+    outcome
+}
+
+fn decide_until_committed(
+    node: &Node,
+    mut batch: Vec<Job>,
+    carried: &mut Option<Carried>,
+    chain: &Option<String>,
+    held: &mut bool,
+) -> Result<Vec<Result<Outcome>>> {
     let shared = node.store.is_shared();
-    let mut batch = batch;
+    // Others' commits can fail this batch's guards: a cluster's other nodes, or the
+    // site's commands through `HOME/serve.sock`.
+    let others = node.store.concurrent_writers();
     let started = std::time::Instant::now();
     for attempt in 0.. {
-        let again: Option<Vec<Job>> = shared.then(|| batch.iter().map(Job::retry_copy).collect());
+        if attempt > 0 && !*held {
+            *held = node.store.hold_writers()?;
+        }
+        let again: Option<Vec<Job>> = others.then(|| batch.iter().map(Job::retry_copy).collect());
         // Optimistic only on state carried from a commit; after a conflict, read.
         let (mut st, optimistic) = match carried.take() {
             Some(st) => (st, true),
@@ -227,7 +257,7 @@ fn decide_and_commit(
         }
     }
     Err(Error::Unavailable(
-        "the site's state kept changing under this node (other nodes' commits)".into(),
+        "the site's state kept changing under this node (other nodes' or commands' commits)".into(),
     ))
 }
 

@@ -371,9 +371,9 @@ impl Deciding<'_> {
         }
         let spec = &ctx.policy.policy.keys[i];
         let Some(secret) = read_pool_key_from(self.node, &self.pool_ahead, ctx, i, index)? else {
-            // Destroyed since the state was read (a revocation on another node's
-            // watch): decide again from a fresh read.
-            if self.node.store.is_shared() {
+            // Destroyed since the state was read (a revocation another node or a
+            // command committed meanwhile): decide again from a fresh read.
+            if self.node.store.concurrent_writers() {
                 return Ok(None);
             }
             return Err(Error::Corrupt(format!(

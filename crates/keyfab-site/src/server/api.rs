@@ -265,6 +265,7 @@ async fn require_station(
             format!("station '{name}' has its bound of requests in flight; retry"),
         ));
     };
+    state.metrics.station_seen(&name, state.node.now().0);
     req.extensions_mut().insert(Station(name.clone()));
     tokio::time::timeout(state.request_timeout, next.run(req))
         .await

@@ -70,6 +70,19 @@ impl StationLimits {
             .map(Slot)
     }
 
+    /// Each station's connections open now (stations with none left out).
+    pub fn open_connections(&self) -> std::collections::BTreeMap<String, usize> {
+        let map = self.per_station.lock().unwrap_or_else(|p| p.into_inner());
+        let bound = self.bounds.connections.max(1);
+        map.iter()
+            .map(|(name, slots)| {
+                let open = bound.saturating_sub(slots.connections.available_permits());
+                (name.clone(), open)
+            })
+            .filter(|(_, open)| *open > 0)
+            .collect()
+    }
+
     /// A request slot for `station`, or `None` if it has its bound in flight already.
     pub fn request(&self, station: &str) -> Option<Slot> {
         self.slots(station)
@@ -98,6 +111,7 @@ mod tests {
         assert!(limits.request("a").is_some());
         let _c = limits.connection("a").unwrap();
         assert!(limits.connection("a").is_none());
+        assert_eq!(limits.open_connections().get("a"), Some(&1));
         assert!(limits.connection("b").is_some());
     }
 }

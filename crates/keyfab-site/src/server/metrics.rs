@@ -37,6 +37,10 @@ pub struct Metrics {
     refused: Mutex<BTreeMap<&'static str, u64>>,
     /// Devices given keys, per station: bounded by the stations the site enrolled.
     per_station: Mutex<BTreeMap<String, u64>>,
+    /// What `site status` shows of each station: when it was last seen, its recent rate.
+    seen: Mutex<BTreeMap<String, Seen>>,
+    /// When this process's counting began: what recent rates are measured against.
+    epoch: Epoch,
     confirmed: Mutex<BTreeMap<&'static str, u64>>,
     busy: AtomicU64,
     handshakes_refused: AtomicU64,
@@ -45,6 +49,35 @@ pub struct Metrics {
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_micros: AtomicU64,
+}
+
+/// How far back a station's rate looks.
+const RATE_WINDOW_SECS: u64 = 60;
+
+/// A station as the running server saw it.
+#[derive(Default)]
+struct Seen {
+    /// Its last request (Unix seconds, the site's clock).
+    last_seen: Option<i64>,
+    /// Devices given keys per second of [`Epoch`], for the last [`RATE_WINDOW_SECS`].
+    recent: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Seen {
+    fn forget_before(&mut self, second: u64) {
+        while self.recent.front().is_some_and(|(s, _)| *s < second) {
+            self.recent.pop_front();
+        }
+    }
+}
+
+/// The instant counting began (monotonic: rates do not jump with the wall clock).
+struct Epoch(std::time::Instant);
+
+impl Default for Epoch {
+    fn default() -> Self {
+        Self(std::time::Instant::now())
+    }
 }
 
 /// Escapes a label value (Prometheus text format: backslash, quote, newline).
@@ -75,6 +108,70 @@ impl Metrics {
             .unwrap_or_else(|p| p.into_inner())
             .entry(station.to_owned())
             .or_insert(0) += 1;
+        let second = self.epoch.0.elapsed().as_secs();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let s = seen.entry(station.to_owned()).or_default();
+        match s.recent.back_mut() {
+            Some((at, n)) if *at == second => *n += 1,
+            _ => s.recent.push_back((second, 1)),
+        }
+        s.forget_before(second.saturating_sub(RATE_WINDOW_SECS - 1));
+    }
+
+    /// Notes a request of `station` (an enrolled one: its certificate was checked) at
+    /// `now` (Unix seconds).
+    pub fn station_seen(&self, station: &str, now: i64) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.get_mut(station) {
+            Some(s) => s.last_seen = Some(now),
+            None => {
+                seen.insert(
+                    station.to_owned(),
+                    Seen {
+                        last_seen: Some(now),
+                        ..Seen::default()
+                    },
+                );
+            }
+        }
+    }
+
+    /// Each station this server has seen: its open connections (from `limits`), its
+    /// last request, the devices it was given keys for, and its rate over the last
+    /// minute (or since the server started, if that is less).
+    pub fn activity(&self, limits: &super::fairness::StationLimits) -> crate::status::Serving {
+        let elapsed = self.epoch.0.elapsed().as_secs();
+        let window = elapsed.clamp(1, RATE_WINDOW_SECS);
+        let from = (elapsed + 1).saturating_sub(window);
+        let connections = limits.open_connections();
+        let provisioned = self
+            .per_station
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut names: std::collections::BTreeSet<&String> = seen.keys().collect();
+        names.extend(connections.keys());
+        let names: Vec<String> = names.into_iter().cloned().collect();
+        let stations = names
+            .into_iter()
+            .map(|name| {
+                let s = seen.entry(name.clone()).or_default();
+                s.forget_before(from);
+                let recent: u64 = s.recent.iter().map(|(_, n)| n).sum();
+                crate::status::StationActivity {
+                    connections: connections.get(&name).copied().unwrap_or(0),
+                    last_seen: s.last_seen,
+                    provisioned: provisioned.get(&name).copied().unwrap_or(0),
+                    devices_per_second: recent as f64 / window as f64,
+                    name,
+                }
+            })
+            .collect();
+        crate::status::Serving {
+            since: i64::try_from(self.started).unwrap_or(i64::MAX),
+            stations,
+        }
     }
 
     /// Counts a confirmation recorded with `result`.

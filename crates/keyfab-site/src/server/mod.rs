@@ -3,7 +3,7 @@
 //! Which API for which job:
 //! - the routes, testable in-process: [`api::app`];
 //! - run the server until SIGTERM or SIGINT: [`serve`];
-//! - enroll, revoke or list stations while it runs: [`admin::request`].
+//! - the site's commands while it runs: `HOME/serve.sock` ([`admin`]).
 //!
 //! A connection gets nothing before its TLS handshake proves a certificate of this
 //! site's line CA (`crate::stations`); the handshake has a deadline, and so does each
@@ -199,11 +199,7 @@ async fn run(
             ))
         })?;
     let (admin_listener, admin_path) = admin::bind(&state.node.dir)?;
-    let admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        state.node.clone(),
-        state.revocations.clone(),
-    ));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone()));
     let retire_task = tokio::spawn(retire_ended_batch_keys(state.provisioner.clone()));
     ready(listener.local_addr()?);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);

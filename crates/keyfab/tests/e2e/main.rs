@@ -31,5 +31,6 @@ mod revocation;
 mod rollback;
 mod rotation;
 mod serve;
+mod served;
 mod tamper;
 mod vectors;

@@ -22,26 +22,6 @@ source = "site"
 certificate = { subject = "CN={device_id},O=Acme", days = 365 }
 "#;
 
-/// `keyfab station COMMAND` as station `dir` of the site at `url`, for `device` of
-/// entitlement `id`, with `extra` arguments.
-fn station(command: &str, url: &str, dir: &Path, id: &str, device: &str, extra: &[&str]) -> Out {
-    let dir = s(dir);
-    let mut args = vec![
-        "station",
-        command,
-        "--url",
-        url,
-        "--station-dir",
-        &dir,
-        "--entitlement",
-        id,
-        "--device-id",
-        device,
-    ];
-    args.extend_from_slice(extra);
-    keyfab(&args, None)
-}
-
 /// `keyfab station run`: a simulated line of `devices` chips, `concurrency` at once.
 fn line_run(
     url: &str,
@@ -71,17 +51,6 @@ fn line_run(
         "--device-prefix",
         prefix,
     ])
-}
-
-fn station_provision(url: &str, dir: &Path, id: &str, device: &str, request: &str) -> Out {
-    station(
-        "provision",
-        url,
-        dir,
-        id,
-        device,
-        &["--request-id", request],
-    )
 }
 
 fn pem(path: &Path, tag: &str) -> Vec<u8> {
@@ -434,12 +403,22 @@ fn stations_are_enrolled_and_revoked_while_the_line_runs() {
         states,
         vec![("line-1".to_owned(), false), ("line-2".to_owned(), true)]
     );
-    // A command that needs the store itself is told the home is in use, and by what.
-    let busy = keyfab(
-        &["site", "entitlement", "list", "--home", &s(&w.site)],
+    // Every other command reaches the serving site's store too; a second server of the
+    // same home is told the home is in use, and by what.
+    let listed = ok(&["site", "entitlement", "list", "--home", &s(&w.site)]);
+    assert_eq!(listed["entitlements"][0]["provisioned"], 2);
+    let second = keyfab(
+        &[
+            "site",
+            "serve",
+            "--home",
+            &s(&w.site),
+            "--listen",
+            "127.0.0.1:0",
+        ],
         None,
     );
-    busy.assert_error(1, "in_use", "site serve");
+    second.assert_error(1, "in_use", "site serve");
     let (code, _) = server.stop();
     assert_eq!(code, 0);
     // Stopped: the CLI works on the store directly again.

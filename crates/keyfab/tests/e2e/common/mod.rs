@@ -793,3 +793,48 @@ pub(crate) fn retry_named(error: &str) -> (String, String) {
         .to_owned();
     (id, command)
 }
+
+/// `keyfab station COMMAND` as station `dir` of the site at `url`, for `device` of
+/// entitlement `id`, with `extra` arguments.
+pub(crate) fn station(
+    command: &str,
+    url: &str,
+    dir: &Path,
+    id: &str,
+    device: &str,
+    extra: &[&str],
+) -> Out {
+    let dir = s(dir);
+    let mut args = vec![
+        "station",
+        command,
+        "--url",
+        url,
+        "--station-dir",
+        &dir,
+        "--entitlement",
+        id,
+        "--device-id",
+        device,
+    ];
+    args.extend_from_slice(extra);
+    keyfab(&args, None)
+}
+
+/// `keyfab station provision` of `device` with request id `request`.
+pub(crate) fn station_provision(
+    url: &str,
+    dir: &Path,
+    id: &str,
+    device: &str,
+    request: &str,
+) -> Out {
+    station(
+        "provision",
+        url,
+        dir,
+        id,
+        device,
+        &["--request-id", request],
+    )
+}
