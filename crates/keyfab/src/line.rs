@@ -232,7 +232,15 @@ pub(crate) fn serve(
             }
             ctx.open_to_serve(home, &secret)?
         }
-        _ => open_when_the_store_answers(ctx, home, json_out)?,
+        _ => {
+            let (node, answered_on) = open_when_the_store_answers(ctx, home, listen, json_out)?;
+            // Serve where stations were answered `unavailable` (the same port, even for
+            // port 0).
+            if let Some(addr) = answered_on {
+                listen = addr;
+            }
+            node
+        }
     };
     // A site that stopped itself, or whose audit chain no longer verifies, does not
     // start serving (the latter latches it).
@@ -318,27 +326,41 @@ const STORE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 /// Opens the site's home for `site serve`, waiting for its state store: a site started
 /// while its etcd cluster has no quorum — all of a plant's machines coming back after a
 /// power cut, in any order — tries again 1, 2, 4 … up to 30 s apart, saying so on
-/// stderr (and to systemd), until the store answers or a signal stops it. Any other
+/// stderr (and to systemd), until the store answers or a signal stops it. Meanwhile,
+/// with the serving identity an earlier run kept, stations on `listen` are answered
+/// `unavailable` (503): the address they were answered on is returned. Any other
 /// failure ends the command as before.
 fn open_when_the_store_answers(
     ctx: &Context,
     home: &Path,
+    listen: std::net::SocketAddr,
     json_out: bool,
-) -> Result<keyfab_node::Node, Failure> {
+) -> Result<(keyfab_node::Node, Option<std::net::SocketAddr>), Failure> {
     let mut wait = std::time::Duration::from_secs(1);
     let secret = ctx.unlock_secret(home)?;
+    let mut answering: Option<keyfab_site::server::sealed::AnsweringMeanwhile> = None;
     loop {
         match ctx.open_to_serve(home, &secret) {
             Err(f) if f.code == Code::Unavailable => {
+                if answering.is_none() {
+                    answering = keyfab_site::server::sealed::answer_unavailable_meanwhile(
+                        home,
+                        listen,
+                        format!("the site's state store does not answer yet: {}", f.message),
+                    )?;
+                }
                 use std::io::Write;
+                let on = answering.as_ref().map(|a| a.addr);
                 let line = if json_out {
-                    json!({"waiting_for_store": f.message, "retry_in_s": wait.as_secs()})
+                    json!({"waiting_for_store": f.message, "retry_in_s": wait.as_secs(), "answering_unavailable_on": on.map(|a| a.to_string())})
                         .to_string()
                 } else {
                     format!(
-                        "the site's state store does not answer ({}); trying again in {} s",
+                        "the site's state store does not answer ({}); trying again in {} s{}",
                         f.message,
-                        wait.as_secs()
+                        wait.as_secs(),
+                        on.map(|a| format!("; stations on {a} are answered unavailable"))
+                            .unwrap_or_default()
                     )
                 };
                 let _ = writeln!(LogSink::default(), "{line}");
@@ -346,7 +368,12 @@ fn open_when_the_store_answers(
                 std::thread::sleep(wait);
                 wait = (wait * 2).min(STORE_RETRY_MAX);
             }
-            other => return other,
+            other => {
+                // The port is let go before `site serve` binds it.
+                let on = answering.as_ref().map(|a| a.addr);
+                drop(answering);
+                return other.map(|node| (node, on));
+            }
         }
     }
 }

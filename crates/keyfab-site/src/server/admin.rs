@@ -290,7 +290,7 @@ pub fn wait_for_shares(
                 let tls = Arc::new(super::tls_config(&identity)?);
                 let tcp = tokio::net::TcpListener::bind(addr).await?;
                 let bound = tcp.local_addr()?;
-                let task = tokio::spawn(super::sealed::answer_locked(tcp, tls, reason.clone()));
+                let task = tokio::spawn(super::sealed::answer_refusing(tcp, tls, "locked", reason.clone()));
                 (Some(task), Some(bound))
             }
             None => (None, None),

@@ -132,8 +132,9 @@ pub fn serve(
 ) -> Result<ServeSummary> {
     let identity = crate::stations::server_identity(&mut node, &config.names)?;
     let tls = Arc::new(tls_config(&identity)?);
-    // A home sealed by shares keeps this identity, to answer `locked` while sealed next.
-    if keyfab_custody::unseal::UnsealConfig::load(&node.dir)?.is_some() {
+    // A home sealed by shares keeps this identity, to answer `locked` while sealed next;
+    // a cluster node, to answer `unavailable` while its store has no quorum next.
+    if node.store.is_shared() || keyfab_custody::unseal::UnsealConfig::load(&node.dir)?.is_some() {
         sealed::save_serving_identity(&node.dir, &identity)?;
     }
     drop(identity);
@@ -201,7 +202,6 @@ async fn run(
     let (admin_listener, admin_path) = admin::bind(&state.node.dir)?;
     let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone()));
     let retire_task = tokio::spawn(retire_ended_batch_keys(state.provisioner.clone()));
-    ready(listener.local_addr()?);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let limits = state.limits.clone();
     let metrics = state.metrics.clone();
@@ -218,6 +218,8 @@ async fn run(
         }
         None => None,
     };
+    // Ready (and saying so) only once every listener is bound.
+    ready(listener.local_addr()?);
     let router = api::app(state);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();

@@ -1,9 +1,10 @@
-//! A site sealed by unseal shares, waiting for them: it still answers stations — every
-//! request with `locked` — so that a line sees why it is not served. That needs a TLS
-//! identity while the keystore is closed: the serving key and chain of the last unsealed
-//! run, kept in `HOME/serve-identity.pem` (mode 0600) for homes sealed by shares. The
-//! key only proves "this is the site's server" to stations; it opens nothing, and the
-//! sealed server answers nothing but `locked`.
+//! A site that cannot serve yet still answers stations, so that a line sees why it is
+//! not served: sealed by unseal shares and waiting for them, every request gets
+//! `locked`; waiting for its etcd cluster's quorum, `unavailable` (both 503). That needs
+//! a TLS identity before the keystore or the store is open: the serving key and chain of
+//! the last run, kept in `HOME/serve-identity.pem` (mode 0600) for homes sealed by shares
+//! and for cluster nodes. The key only proves "this is the site's server" to stations; it
+//! opens nothing, and the waiting server answers nothing but its refusal.
 
 use crate::stations::ServerIdentity;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -71,11 +72,13 @@ pub fn load_serving_identity(home: &Path) -> Result<Option<ServerIdentity>> {
     })
 }
 
-/// Answers every request on `listener` with `locked` (HTTP 503) over TLS with `tls`,
-/// a client certificate of the site's line CA required, until dropped.
-pub async fn answer_locked(
+/// Answers every request on `listener` with `code` (HTTP 503: `locked` while sealed,
+/// `unavailable` while the state store does not answer) over TLS with `tls`, a client
+/// certificate of the site's line CA required, until dropped.
+pub async fn answer_refusing(
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
+    code: &'static str,
     why: Arc<std::sync::Mutex<String>>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -94,7 +97,7 @@ pub async fn answer_locked(
             let service = hyper::service::service_fn(move |_req| {
                 let message = why.lock().map(|m| m.clone()).unwrap_or_default();
                 async move {
-                    let body = serde_json::json!({"error": {"code": "locked", "message": message}})
+                    let body = serde_json::json!({"error": {"code": code, "message": message}})
                         .to_string();
                     hyper::Response::builder()
                         .status(503)
@@ -108,4 +111,66 @@ pub async fn answer_locked(
             let _ = http.serve_connection(TokioIo::new(stream), service).await;
         });
     }
+}
+
+/// Stations answered with a refusal from a thread of its own while the caller waits
+/// (for the state store); stops when dropped.
+pub struct AnsweringMeanwhile {
+    /// Where stations are answered.
+    pub addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for AnsweringMeanwhile {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Answers stations on `addr` with `unavailable` and `why`, with the identity kept in
+/// `home` by an earlier run; `None` if there is none.
+pub fn answer_unavailable_meanwhile(
+    home: &Path,
+    addr: std::net::SocketAddr,
+    why: String,
+) -> Result<Option<AnsweringMeanwhile>> {
+    let Some(identity) = load_serving_identity(home)? else {
+        return Ok(None);
+    };
+    let tls = Arc::new(super::tls_config(&identity)?);
+    let tcp = std::net::TcpListener::bind(addr)?;
+    tcp.set_nonblocking(true)?;
+    let bound = tcp.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("keyfab-unavailable".into())
+        .spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(tcp) else {
+                    return;
+                };
+                let why = Arc::new(std::sync::Mutex::new(why));
+                tokio::select! {
+                    _ = answer_refusing(listener, tls, "unavailable", why) => {}
+                    _ = stopped => {}
+                }
+            });
+        })?;
+    Ok(Some(AnsweringMeanwhile {
+        addr: bound,
+        stop: Some(stop),
+        thread: Some(thread),
+    }))
 }

@@ -1067,6 +1067,11 @@ fn a_station_is_told_unavailable_per_url_while_the_quorum_is_lost() {
 #[test]
 fn site_serve_started_without_a_quorum_waits_for_it() {
     let (mut etcd, w) = etcd_site();
+    let line1 = w.path("line-1");
+    enroll(&w.site, "line-1", &line1);
+    // One run served: the node keeps its serving identity for the next start.
+    let (code, _) = Server::start(&w.site).stop();
+    assert_eq!(code, 0);
     etcd.kill(0).unwrap();
     etcd.kill(1).unwrap();
     let monitor = format!("127.0.0.1:{}", free_port());
@@ -1076,12 +1081,21 @@ fn site_serve_started_without_a_quorum_waits_for_it() {
         waiting["waiting_for_store"].is_string() && waiting["retry_in_s"] == 1,
         "{waiting}"
     );
+    // Stations are answered meanwhile, and told why.
+    let on = waiting["answering_unavailable_on"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let refused = station_provision(&format!("https://{on}"), &line1, "e", "D-1", "r-1");
+    refused.assert_error(1, "unavailable", "state store");
     let again = Server::line(&mut stderr);
     assert_eq!(again["retry_in_s"], 2, "{again}");
     etcd.restart(0).unwrap();
     etcd.restart(1).unwrap();
-    // Serving once the quorum is back: attach waits for its `listening` line.
+    // Serving once the quorum is back, where stations were answered: attach waits for
+    // its `listening` line.
     let server = Server::attach(child, stderr);
+    assert_eq!(server.addr, on);
     let ready = || http_get(&monitor, "/healthz/ready");
     assert!(ready().starts_with("HTTP/1.1 200"));
     // Ready says when the store stops answering, and again when it is back.
