@@ -27,3 +27,4 @@ pub mod receipts;
 pub mod report;
 pub mod revoke;
 pub mod sites;
+pub mod status;

@@ -609,6 +609,59 @@ mod tests {
         ));
     }
 
+    /// The committed vectors (`tests/vectors/serve-sock/`, FORMATS.md §11) are what this
+    /// code writes, byte for byte, and read back to the same messages.
+    /// `KEYFAB_BLESS=1` writes them anew.
+    #[test]
+    fn frames_match_the_committed_vectors() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/vectors/serve-sock");
+        let mut txn = Txn::default();
+        txn.require_revision(Table::Meta, b"audit_head", Some(41))
+            .put(Table::Meta, b"audit_head", b"\x01");
+        let vectors: [(&str, Vec<u8>); 6] = [
+            ("opening-store.bin", frame(&Opening::<()>::Store)),
+            (
+                "challenge.bin",
+                frame(&Answer::Ok(ByteBuf::from(vec![0xAB; 32]))),
+            ),
+            (
+                "call-get.bin",
+                frame(&StoreCall::Get(vec![(Table::Meta.byte(), bytes(b"name"))])),
+            ),
+            ("call-commit.bin", frame(&StoreCall::commit(&txn))),
+            (
+                "reply-committed.bin",
+                frame(&StoreReply::Committed(Some(42))),
+            ),
+            (
+                "answer-refused.bin",
+                frame(&Answer::<()>::Err {
+                    code: "locked".into(),
+                    message: "state is locked".into(),
+                }),
+            ),
+        ];
+        for (name, bytes) in vectors {
+            let path = dir.join(name);
+            if std::env::var_os("KEYFAB_BLESS").is_some() {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &bytes).unwrap();
+            }
+            let committed = std::fs::read(&path).unwrap();
+            assert_eq!(committed, bytes, "{name}");
+            assert_eq!(
+                u32::from_be_bytes(committed[..4].try_into().unwrap()) as usize,
+                committed.len() - 4
+            );
+        }
+        let call: StoreCall =
+            unframe(&std::fs::read(dir.join("call-commit.bin")).unwrap()[4..]).unwrap();
+        assert!(
+            matches!(call, StoreCall::Commit { ref guards, ref writes, lazy: false } if guards.len() == 1 && writes.len() == 1)
+        );
+    }
+
     #[test]
     fn frames_over_the_bound_are_refused() {
         let mut wire = std::io::Cursor::new(frame(&StoreCall::Revision));

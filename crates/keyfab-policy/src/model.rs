@@ -328,6 +328,13 @@ impl std::fmt::Debug for PolicyCode {
 }
 
 impl Policy {
+    /// When an entitlement last acknowledged at `last_acknowledged` pauses
+    /// (`audit_overdue`) without a newer receipt; none without `audit_every_days`.
+    pub fn audit_due_at(&self, last_acknowledged: i64) -> Option<i64> {
+        self.audit_every_days
+            .map(|d| last_acknowledged.saturating_add(i64::from(d) * 86_400))
+    }
+
     /// Every rule a policy must satisfy. Returns the first broken one, naming its field
     /// (as written in `policy.toml`).
     pub fn validate(&self) -> Result<(), PolicyError> {

@@ -182,10 +182,7 @@ pub fn standing(node: &Node, record: &EntitlementRecord) -> Result<Standing> {
         today,
         left_today: record.policy.daily_limit.map(|d| d.saturating_sub(today)),
         day,
-        audit_due_at: record
-            .policy
-            .audit_every_days
-            .map(|d| last_acknowledged.saturating_add(i64::from(d) * 86_400)),
+        audit_due_at: record.policy.audit_due_at(last_acknowledged),
         pool_keys_left,
     })
 }

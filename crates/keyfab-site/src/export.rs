@@ -63,11 +63,19 @@ pub struct Exported {
 
 /// How many audit records no export has carried yet.
 pub fn records_unexported(node: &Node) -> Result<u64> {
-    let exported = match node.store.get(Table::Meta, EXPORTS)? {
-        Some(v) => decode::<Exports>(&v.value)?.last.size,
-        None => 0,
-    };
+    let exported = last_export(node)?.map_or(0, |(size, _)| size);
     Ok(crate::audit_log::log_size(node)?.saturating_sub(exported))
+}
+
+/// The last export: the records it carried up to, and when it was made.
+pub fn last_export(node: &Node) -> Result<Option<(u64, i64)>> {
+    Ok(match node.store.get(Table::Meta, EXPORTS)? {
+        Some(v) => {
+            let e = decode::<Exports>(&v.value)?;
+            Some((e.last.size, e.last_time))
+        }
+        None => None,
+    })
 }
 
 /// Exports the log since the last export to `out`, sealed to HQ.

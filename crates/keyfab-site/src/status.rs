@@ -105,6 +105,8 @@ pub struct AuditLine {
     pub unexported: u64,
     /// Records HQ acknowledged, and when (HQ's clock).
     pub acknowledged: Option<(u64, i64)>,
+    /// The last export: the records it carried up to, and when it was made.
+    pub last_export: Option<(u64, i64)>,
 }
 
 /// The status of `node` now.
@@ -146,6 +148,7 @@ pub fn site_status(node: &Node) -> Result<SiteStatus> {
     let audit = AuditLine {
         records,
         unexported: crate::export::records_unexported(node)?,
+        last_export: crate::export::last_export(node)?,
         acknowledged: crate::checkpoints::acknowledged(node)?
             .map(|a| (a.head.size, a.acknowledged_at)),
     };

@@ -308,6 +308,16 @@ pub(crate) enum HqCommand {
     /// Audit bundles from sites.
     #[command(subcommand)]
     Audit(HqAuditCommand),
+    /// HQ on one screen: each site and how fresh its audit is, each entitlement (state,
+    /// released against its quota, window, when it pauses for want of an audit), the
+    /// violations — and first, what needs a person soon.
+    #[command(
+        after_help = "Examples:\n  keyfab hq status --home hq\n  keyfab --json hq status --home hq | jq .warnings\n\nWhat HQ knows comes from the audits it imported: a site's latest provisioning\nshows once it has exported it."
+    )]
+    Status {
+        #[command(flatten)]
+        home: Home,
+    },
     /// Per site and entitlement: today against the daily limit, total against the quota,
     /// refusals by code, violations.
     #[command(
@@ -591,7 +601,7 @@ cannot move the trusted time years on and stop the site until then.")]
     /// limit, in all against its quota, window, audit due), the audit's freshness, the
     /// stations, the trusted time — and first, what will stop the line soon.
     #[command(
-        after_help = "Examples:\n  keyfab site status --home site\n  keyfab --json site status --home site | jq .warnings\n\nWorks on a stopped site and on a serving one (through HOME/serve.sock)."
+        after_help = "Examples:\n  keyfab site status --home site\n  keyfab --json site status --home site | jq .warnings\n\nWorks on a stopped site and on a serving one (through HOME/serve.sock, without the\npassphrase); a serving one adds each station's open connections, last request and\ndevices per second."
     )]
     Status {
         #[command(flatten)]
@@ -604,8 +614,10 @@ cannot move the trusted time years on and stop the site until then.")]
 
 Only stations enrolled with `keyfab site station enroll` get past the TLS handshake.
 The address it listens on goes to stderr once it accepts connections. While it runs,
-`keyfab site station enroll|revoke|list` talk to it through HOME/serve.sock.
-On SIGTERM the server stops accepting, lets requests in flight finish, and exits.
+every other `keyfab site ...` command works as on a stopped site: it unlocks the
+keystore itself and reaches the server's store through HOME/serve.sock (0600), so an
+import, a revocation, an export or a station enrolled takes effect without stopping
+the line. On SIGTERM the server stops accepting, lets requests in flight finish, and exits.
 A home sealed by shares (site init --unseal-shares) starts sealed: it opens only
 HOME/serve.sock, for `keyfab site unseal`, and serves stations once enough shares are in.")]
     Serve(ServeArgs),

@@ -1033,10 +1033,10 @@ fn status_text(s: &keyfab_site::status::SiteStatus) -> String {
     let mut out = format!(
         "site {}: {}\n",
         s.site,
-        if s.stopped.is_some() {
-            "STOPPED (releases no key)"
-        } else {
-            "unsealed"
+        match (&s.stopped, &s.serving) {
+            (Some(_), _) => "STOPPED (releases no key)",
+            (None, Some(_)) => "unsealed, serving",
+            (None, None) => "unsealed, not serving",
         }
     );
     out.push_str(&format!(
@@ -1082,8 +1082,13 @@ fn status_text(s: &keyfab_site::status::SiteStatus) -> String {
         .acknowledged
         .map(|(size, at)| format!("HQ acknowledged {size} at {}", rfc3339(at)))
         .unwrap_or_else(|| "HQ acknowledged none yet".to_owned());
+    let exported = s
+        .audit
+        .last_export
+        .map(|(size, at)| format!("last export up to {size} at {}", rfc3339(at)))
+        .unwrap_or_else(|| "no export yet".to_owned());
     out.push_str(&format!(
-        "audit: {} records, {} not exported; {acknowledged}\n",
+        "audit: {} records, {} not exported; {exported}; {acknowledged}\n",
         s.audit.records, s.audit.unexported
     ));
     out.push_str("stations:\n");
@@ -1095,7 +1100,24 @@ fn status_text(s: &keyfab_site::status::SiteStatus) -> String {
             Some(at) => format!("revoked {}", rfc3339(at)),
             None => format!("certificate until {}", rfc3339(st.not_after)),
         };
-        out.push_str(&format!("  {}: {state}\n", st.name));
+        let live = s
+            .serving
+            .as_ref()
+            .and_then(|serving| serving.stations.iter().find(|a| a.name == st.name))
+            .map(|a| {
+                format!(
+                    "; {} connections, last seen {}, {} devices ({:.1}/s over the last minute)",
+                    a.connections,
+                    a.last_seen.map_or_else(|| "never".to_owned(), rfc3339),
+                    a.provisioned,
+                    a.devices_per_second
+                )
+            })
+            .unwrap_or_default();
+        out.push_str(&format!("  {}: {state}{live}\n", st.name));
+    }
+    if let Some(serving) = &s.serving {
+        out.push_str(&format!("serving since {}\n", rfc3339(serving.since)));
     }
     out.trim_end().to_owned()
 }

@@ -869,3 +869,70 @@ impl Outcome for CrlWritten {
         )
     }
 }
+
+/// `hq status`: HQ at a glance.
+pub(crate) fn hq_status(ctx: &Context, home: &Path) -> Result<Report, Failure> {
+    let node = ctx.open(home, NodeKind::Hq)?;
+    let status = keyfab_hq::status::hq_status(&node, node.now())?;
+    let json =
+        serde_json::to_value(&status).map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
+    Ok(Report::new(hq_status_text(&status), json))
+}
+
+/// The HQ status screen.
+fn hq_status_text(s: &keyfab_hq::status::HqStatus) -> String {
+    let mut out = format!("HQ {}: clock {}\n", s.hq, rfc3339(s.clock));
+    if s.warnings.is_empty() {
+        out.push_str("  nothing needs a person soon\n");
+    } else {
+        out.push_str("warnings:\n");
+        for w in &s.warnings {
+            out.push_str(&format!("  ! {w}\n"));
+        }
+    }
+    out.push_str("sites:\n");
+    if s.sites.is_empty() {
+        out.push_str("  none registered\n");
+    }
+    for site in &s.sites {
+        let last = site.last_record_at.map_or_else(
+            || "no audit yet".to_owned(),
+            |t| format!("last record {}", rfc3339(t)),
+        );
+        let acked = site
+            .acknowledged_at
+            .map(|t| format!(", receipt of {} imported", rfc3339(t)))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  {}: {} records in {} exports, {last}{acked}\n",
+            site.site, site.records, site.exports
+        ));
+    }
+    out.push_str("entitlements:\n");
+    if s.entitlements.is_empty() {
+        out.push_str("  none issued\n");
+    }
+    for e in &s.entitlements {
+        let audit = e
+            .audit_due_at
+            .map(|d| format!(", audit due {}", rfc3339(d)))
+            .unwrap_or_default();
+        let violations = if e.violations > 0 {
+            format!(", {} VIOLATIONS", e.violations)
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "  {} at {} {} ({}): {}/{} released, window ends {}{audit}{violations}\n",
+            e.id,
+            e.site,
+            e.state,
+            e.product,
+            e.released,
+            e.quota,
+            rfc3339(e.valid_until)
+        ));
+    }
+    out.push_str(&format!("violations: {}", s.violations));
+    out
+}

@@ -210,6 +210,7 @@ pub(crate) fn dispatch(
             file,
             receipt_out,
         })) => audit_import(&ctx, &home.home, &file, receipt_out.as_deref()),
+        Command::Hq(HqCommand::Status { home }) => hq::hq_status(&ctx, &home.home),
         Command::Hq(HqCommand::Report { home, format, out }) => {
             hq_report(&ctx, &home.home, format, out.as_deref())
         }

@@ -446,3 +446,48 @@ fn each_node_chain_is_checked_on_its_own() {
     write_forged_records(&site, moved, &"d".repeat(32), &out);
     refused(&w, &out, "log_fork");
 }
+
+/// `hq status --json` against a known state: before any audit, a site that has sent none
+/// and an entitlement pausing tomorrow are warnings; after one, the site's records and
+/// the entitlement's releases show, and a quota nearly spent is a warning.
+#[test]
+fn hq_status_reads_at_a_glance() {
+    let w = world();
+    let policy = w.path("status.toml");
+    let text = POLICY2
+        .replace("devices = 10\n", "devices = 20\naudit_every_days = 1\n")
+        .replace("[limits]\ndaily = 2\n", "");
+    std::fs::write(&policy, text).unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "status.kfe");
+    let hq = s(&w.hq);
+    let before = ok(&["hq", "status", "--home", &hq]);
+    assert_eq!(before["sites"][0]["site"], "shenzhen-1", "{before}");
+    assert_eq!(before["sites"][0]["records"], 0);
+    assert_eq!(before["entitlements"][0]["id"], id.as_str());
+    assert_eq!(before["entitlements"][0]["released"], 0);
+    let clock = before["clock"].as_i64().unwrap();
+    let due = before["entitlements"][0]["audit_due_at"].as_i64().unwrap();
+    assert!(due > clock && due - clock <= 86_400, "{before}");
+    let warnings = before["warnings"].to_string();
+    assert!(
+        warnings.contains("pauses") && warnings.contains("no audit imported yet"),
+        "{warnings}"
+    );
+
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    let ids: Vec<String> = (0..19).map(|i| format!("S-{i:04}")).collect();
+    provision_lot(&w, &id, &ids, &w.path("status-out"), &[]);
+    hq_finds_no_violations(&w, "status.kfa");
+    let after = ok(&["hq", "status", "--home", &hq]);
+    assert!(
+        after["sites"][0]["records"].as_u64().unwrap() > 19,
+        "{after}"
+    );
+    assert_eq!(after["sites"][0]["exports"], 1);
+    assert_eq!(after["entitlements"][0]["released"], 19);
+    assert_eq!(after["entitlements"][0]["state"], "active");
+    assert_eq!(after["violations"], 0);
+    let warnings = after["warnings"].to_string();
+    assert!(warnings.contains("1 devices of 20 left"), "{warnings}");
+    assert!(!warnings.contains("no audit imported yet"), "{warnings}");
+}

@@ -1487,6 +1487,62 @@ fn site_status_reads_at_a_glance_stopped_or_serving() {
     );
 }
 
+/// `site status --json` against a known state: a quota nearly spent and an audit due
+/// within a day are warnings, and a serving site tells what each station did.
+#[test]
+fn site_status_warns_of_a_quota_nearly_spent_and_an_audit_due_tomorrow() {
+    let (w, id, line1) = setup_with(
+        &STATION_POLICY.replace("devices = 20\n", "devices = 20\naudit_every_days = 1\n"),
+    );
+    let ids: Vec<String> = (0..18).map(|i| format!("L-{i:04}")).collect();
+    provision_lot(&w, &id, &ids, &w.path("lot-out"), &["--station", "line-1"]);
+    let server = Server::start(&w.site);
+    let o = station_provision(&server.url(), &line1, &id, "D-0001", "r-1");
+    assert_eq!(o.code, 0, "{}", o.json);
+    let status = ok(&["site", "status", "--home", &s(&w.site)]);
+    let e = &status["entitlements"][0];
+    assert_eq!(
+        (&e["state"], &e["provisioned"], &e["quota"], &e["today"]),
+        (&"active".into(), &19.into(), &20.into(), &19.into()),
+        "{status}"
+    );
+    let clock = status["clock"].as_i64().unwrap();
+    let due = e["audit_due_at"].as_i64().unwrap();
+    assert!(due > clock && due - clock <= 86_400, "{status}");
+    assert_eq!(status["audit"]["unexported"], status["audit"]["records"]);
+    assert!(status["audit"]["last_export"].is_null());
+    let warnings: Vec<&str> = status["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert_eq!(warnings.len(), 2, "{status}");
+    assert!(warnings[0].contains("1 devices of 20 left"), "{warnings:?}");
+    assert!(
+        warnings[1].contains("pauses") && warnings[1].contains("receipt"),
+        "{warnings:?}"
+    );
+    let station = &status["serving"]["stations"][0];
+    assert_eq!(
+        (&station["name"], &station["provisioned"]),
+        (&"line-1".into(), &1.into()),
+        "{status}"
+    );
+    assert!(
+        station["last_seen"].as_i64().unwrap() >= clock - 60,
+        "{status}"
+    );
+    assert!(
+        station["devices_per_second"].as_f64().unwrap() > 0.0,
+        "{status}"
+    );
+    // Exported: the status says so.
+    export(&w, "status.kfa");
+    let after = ok(&["site", "status", "--home", &s(&w.site)]);
+    assert_eq!(after["audit"]["last_export"][0], status["audit"]["records"]);
+}
+
 /// A command's text output (no --json).
 fn keyfab_text(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_keyfab"))
