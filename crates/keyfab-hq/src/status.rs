@@ -10,15 +10,10 @@ use crate::report::report;
 use crate::sites::list_sites;
 use keyfab_crypto::time::UnixTime;
 use keyfab_node::{rfc3339, Node, Result};
+use keyfab_policy::glance::days_until;
 use keyfab_policy::EntitlementStatus;
 use serde::Serialize;
 
-/// An entitlement's quota below this share of it (percent) is a warning.
-const QUOTA_WARN_PERCENT: u64 = 10;
-/// A window ending within this many days is a warning.
-const WINDOW_WARN_DAYS: i64 = 7;
-/// An entitlement pausing for want of an audit within this many days is a warning.
-const AUDIT_WARN_DAYS: i64 = 3;
 /// HQ's cluster certificate ending within this many days is a warning.
 const CERT_WARN_DAYS: i64 = 60;
 
@@ -71,6 +66,8 @@ pub struct EntitlementLine {
     pub released: u64,
     /// The quota.
     pub quota: u64,
+    /// The daily limit, if any.
+    pub daily_limit: Option<u64>,
     /// The window's end.
     pub valid_until: i64,
     /// When the site pauses it unless it imports a newer receipt (none: no audit asked).
@@ -115,6 +112,7 @@ pub fn hq_status(node: &Node, now: UnixTime) -> Result<HqStatus> {
             state: e.state,
             released: e.released,
             quota: e.quota,
+            daily_limit: e.daily_limit,
             valid_until: e.valid_until,
             audit_due_at,
             violations: e.violations,
@@ -138,11 +136,6 @@ pub fn hq_status(node: &Node, now: UnixTime) -> Result<HqStatus> {
     Ok(status)
 }
 
-/// Days from `now` to `at`, rounded down.
-fn days_until(now: i64, at: i64) -> i64 {
-    at.saturating_sub(now).div_euclid(86_400)
-}
-
 /// What needs a person soon, most urgent first.
 fn warnings(s: &HqStatus) -> Vec<String> {
     let now = s.clock;
@@ -154,39 +147,17 @@ fn warnings(s: &HqStatus) -> Vec<String> {
         ));
     }
     for e in &s.entitlements {
-        let id = &e.id;
-        let site = &e.site;
-        if matches!(
-            e.state,
-            EntitlementStatus::Revoked | EntitlementStatus::Expired
-        ) {
-            continue;
-        }
-        match e.state {
-            EntitlementStatus::Active | EntitlementStatus::DailyLimitReached => {}
-            state => out.push(format!("site {site}, entitlement {id}: {state}")),
-        }
-        let left = e.quota.saturating_sub(e.released);
-        if left > 0 && left.saturating_mul(100) < e.quota.saturating_mul(QUOTA_WARN_PERCENT) {
-            out.push(format!(
-                "site {site}, entitlement {id}: {left} devices of {} left",
-                e.quota
-            ));
-        }
-        let window = days_until(now, e.valid_until);
-        if (0..WINDOW_WARN_DAYS).contains(&window) {
-            out.push(format!(
-                "site {site}, entitlement {id}: its window ends {} (in {window} days)",
-                rfc3339(e.valid_until)
-            ));
-        }
-        if let Some(due) = e.audit_due_at {
-            if due > now && days_until(now, due) < AUDIT_WARN_DAYS {
-                out.push(format!(
-                    "site {site}, entitlement {id}: pauses {} unless the site sends its audit and imports HQ's receipt",
-                    rfc3339(due)
-                ));
-            }
+        let glance = keyfab_policy::glance::Glance {
+            state: e.state,
+            released: e.released,
+            quota: e.quota,
+            daily_limit: e.daily_limit,
+            valid_until: e.valid_until,
+            audit_due_at: e.audit_due_at,
+            audit_remedy: "the site sends its audit and imports HQ's receipt",
+        };
+        for w in glance.warnings(now) {
+            out.push(format!("site {}, entitlement {}: {w}", e.site, e.id));
         }
     }
     for site in s.sites.iter().filter(|site| site.records == 0) {

@@ -35,6 +35,7 @@
 
 pub mod certificate;
 mod decide;
+pub mod glance;
 pub mod ids;
 mod model;
 mod toml_form;

@@ -7,16 +7,11 @@
 
 use crate::stations::StationRecord;
 use keyfab_node::{rfc3339, Node, Result};
+use keyfab_policy::glance::days_until;
 use keyfab_policy::EntitlementStatus;
 use keyfab_store::Table;
 use serde::{Deserialize, Serialize};
 
-/// An entitlement's quota below this share of it is a warning.
-const QUOTA_WARN_SHARE: u64 = 10;
-/// A window ending within this many days is a warning.
-const WINDOW_WARN_DAYS: i64 = 7;
-/// An audit due within this many days is a warning.
-const AUDIT_WARN_DAYS: i64 = 3;
 /// A station certificate ending within this many days is a warning.
 const STATION_WARN_DAYS: i64 = 14;
 /// The site's own certificate ending within this many days is a warning.
@@ -169,11 +164,6 @@ pub fn site_status(node: &Node) -> Result<SiteStatus> {
     Ok(status)
 }
 
-/// Days from `now` to `at`, rounded down.
-fn days_until(now: i64, at: i64) -> i64 {
-    at.saturating_sub(now).div_euclid(86_400)
-}
-
 /// What will stop the line soon, most urgent first.
 fn warnings(s: &SiteStatus, clock_tolerance: i64) -> Vec<String> {
     let now = s.clock;
@@ -191,43 +181,17 @@ fn warnings(s: &SiteStatus, clock_tolerance: i64) -> Vec<String> {
         }
     }
     for e in &s.entitlements {
-        let id = &e.id;
-        match e.state {
-            EntitlementStatus::Active => {}
-            EntitlementStatus::DailyLimitReached => out.push(format!(
-                "entitlement {id}: today's {} devices are done; the next day of its time zone resumes it",
-                e.daily_limit.unwrap_or(0)
-            )),
-            state => out.push(format!("entitlement {id}: {state}")),
-        }
-        if matches!(
-            e.state,
-            EntitlementStatus::Revoked | EntitlementStatus::Expired
-        ) {
-            continue;
-        }
-        let left = e.quota.saturating_sub(e.provisioned);
-        if left > 0 && left.saturating_mul(100) < e.quota.saturating_mul(QUOTA_WARN_SHARE) {
-            out.push(format!(
-                "entitlement {id}: {left} devices of {} left",
-                e.quota
-            ));
-        }
-        let window = days_until(now, e.valid_until);
-        if (0..WINDOW_WARN_DAYS).contains(&window) {
-            out.push(format!(
-                "entitlement {id}: its window ends {} (in {window} days)",
-                rfc3339(e.valid_until)
-            ));
-        }
-        if let Some(due) = e.audit_due_at {
-            let days = days_until(now, due);
-            if due > now && days < AUDIT_WARN_DAYS {
-                out.push(format!(
-                    "entitlement {id}: pauses {} unless HQ's receipt is imported (site audit export, then site receipt import)",
-                    rfc3339(due)
-                ));
-            }
+        let glance = keyfab_policy::glance::Glance {
+            state: e.state,
+            released: e.provisioned,
+            quota: e.quota,
+            daily_limit: e.daily_limit,
+            valid_until: e.valid_until,
+            audit_due_at: e.audit_due_at,
+            audit_remedy: "HQ's receipt is imported (site audit export, then site receipt import)",
+        };
+        for w in glance.warnings(now) {
+            out.push(format!("entitlement {}: {w}", e.id));
         }
     }
     for st in s.stations.iter().filter(|st| st.revoked_at.is_none()) {

@@ -36,25 +36,11 @@ fn report_and_manifest_match_the_provisioning() {
     );
     let kfa = export(&w, "a.kfa");
     let kfk = w.path("a.kfk");
-    let o = keyfab(
-        &[
-            "hq",
-            "audit",
-            "import",
-            "--home",
-            &s(&w.hq),
-            &s(&kfa),
-            "--receipt-out",
-            &s(&kfk),
-        ],
-        None,
-    );
-    assert_eq!(o.code, 0, "{}", o.json);
+    let o = hq_import_with_receipt(&w, &kfa, &kfk);
     assert_eq!(
-        o.json["violations"].as_array().unwrap().len(),
+        o["violations"].as_array().unwrap().len(),
         0,
-        "an honest site has no violations: {}",
-        o.json
+        "an honest site has no violations: {o}"
     );
     assert_eq!(
         keyfab(

@@ -181,16 +181,7 @@ fn every_site_command_reaches_a_serving_site_and_the_line_loses_nothing() {
                 &s(&kfa),
             ]);
             let kfk = w.path("served.kfk");
-            let hq = ok(&[
-                "hq",
-                "audit",
-                "import",
-                "--home",
-                &s(&w.hq),
-                &s(&kfa),
-                "--receipt-out",
-                &s(&kfk),
-            ]);
+            let hq = hq_import_with_receipt(&w, &kfa, &kfk);
             assert_eq!(hq["violations"], serde_json::json!([]), "{hq}");
             ok(&["site", "receipt", "import", "--home", &site, &s(&kfk)]);
             ok(&["site", "rotate-keys", "--home", &site]);

@@ -838,3 +838,17 @@ pub(crate) fn station_provision(
         &["--request-id", request],
     )
 }
+
+/// `hq audit import` of `kfa` with its receipt written to `kfk`: HQ's answer (JSON).
+pub(crate) fn hq_import_with_receipt(w: &World, kfa: &Path, kfk: &Path) -> serde_json::Value {
+    ok(&[
+        "hq",
+        "audit",
+        "import",
+        "--home",
+        &s(&w.hq),
+        &s(kfa),
+        "--receipt-out",
+        &s(kfk),
+    ])
+}
