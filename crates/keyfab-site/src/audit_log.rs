@@ -376,11 +376,18 @@ const MAX_ROW_RECORDS: u64 = 1024;
 /// Why the site chain's stored head is not its last stored record, if it is not: a cheap
 /// look (one short scan) at whether the log was cut, extended or edited at its end.
 pub(crate) fn head_mismatch(node: &Node) -> Result<Option<String>> {
-    let head = head_from(node.store.get(Table::Meta, AUDIT_HEAD)?.as_ref())?;
+    let seen = node.store.get(Table::Meta, AUDIT_HEAD)?;
+    let head = head_from(seen.as_ref())?;
     let from = row_key_of(None, head.sequence.saturating_sub(MAX_ROW_RECORDS).max(1));
-    let rows = node
+    let mut rows = node
         .store
         .scan_from(Table::Audit, SITE_ROWS, &from, usize::MAX)?;
+    if node.store.concurrent_writers() {
+        // Rows other writers committed after the head was read came with heads of their
+        // own (a row and its head are written in one commit): they are not this head's.
+        let cut = seen.as_ref().map_or(0, |v| v.revision);
+        rows.retain(|(_, v)| v.revision <= cut);
+    }
     let last = match rows.last() {
         Some((_, v)) => row_records(&v.value)?.pop(),
         None => None,
