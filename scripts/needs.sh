@@ -23,6 +23,8 @@ keyfab_needs() {
       # The packaging check verifies the systemd unit and builds a Debian package.
       command -v systemd-analyze >/dev/null || need_apt+=(systemd)
       command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
+      # /metrics is linted by Prometheus's own promtool.
+      command -v promtool >/dev/null || need_apt+=(prometheus)
       ;;
     *)
       echo "keyfab_needs: unknown need '$what'" >&2

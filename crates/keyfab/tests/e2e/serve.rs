@@ -1492,7 +1492,8 @@ fn site_status_reads_at_a_glance_stopped_or_serving() {
 #[test]
 fn site_status_warns_of_a_quota_nearly_spent_and_an_audit_due_tomorrow() {
     let (w, id, line1) = setup_with(
-        &STATION_POLICY.replace("devices = 20\n", "devices = 20\naudit_every_days = 1\n"),
+        &(STATION_POLICY.replace("devices = 20\n", "devices = 20\naudit_every_days = 1\n")
+            + "[limits]\ndaily = 20\n"),
     );
     let ids: Vec<String> = (0..18).map(|i| format!("L-{i:04}")).collect();
     provision_lot(&w, &id, &ids, &w.path("lot-out"), &["--station", "line-1"]);
@@ -1537,10 +1538,61 @@ fn site_status_warns_of_a_quota_nearly_spent_and_an_audit_due_tomorrow() {
         station["devices_per_second"].as_f64().unwrap() > 0.0,
         "{status}"
     );
-    // Exported: the status says so.
+    // The same state in `/metrics`: every family an SRE watches, and a text promtool
+    // accepts when it is installed.
+    let confirmed = station_confirm(&server.url(), &line1, &id, "D-0001", "programmed");
+    assert_eq!(confirmed.code, 0, "{}", confirmed.json);
+    let answer = exchange(&server.addr, &line1, Some(&line1), &get("/metrics"));
+    let metrics = answer.split_once("\r\n\r\n").unwrap().1;
+    let labels = format!("entitlement=\"{id}\",product=\"line\"");
+    for line in [
+        format!("keyfab_quota_left{{{labels}}} 1\n"),
+        format!("keyfab_daily_left{{{labels}}} 1\n"),
+        format!("keyfab_entitlement_status{{{labels},status=\"active\"}} 1\n"),
+        format!("keyfab_audit_due_seconds{{{labels}}} "),
+        "keyfab_confirmed_total{result=\"programmed\"} 1\n".to_owned(),
+        "keyfab_connections_over_bound_total 0\n".to_owned(),
+        "keyfab_handshakes_refused_total ".to_owned(),
+        "keyfab_station_provisioned_total{station=\"line-1\"} 1\n".to_owned(),
+    ] {
+        assert!(metrics.contains(&line), "{line}: {metrics}");
+    }
+    promtool_accepts(metrics);
+    // Exported: the status says so (all but the export's own record).
     export(&w, "status.kfa");
     let after = ok(&["site", "status", "--home", &s(&w.site)]);
-    assert_eq!(after["audit"]["last_export"][0], status["audit"]["records"]);
+    let records = after["audit"]["records"].as_u64().unwrap();
+    assert_eq!(after["audit"]["last_export"][0], records - 1, "{after}");
+    assert_eq!(after["audit"]["unexported"], 1, "{after}");
+}
+
+/// `promtool check metrics` (Prometheus's own linter) accepts `text`, when promtool is
+/// installed (scripts/test.sh installs it).
+fn promtool_accepts(text: &str) {
+    use std::io::Write;
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("promtool is not installed: /metrics not linted");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A command's text output (no --json).

@@ -95,8 +95,8 @@ fn every_site_command_reaches_a_serving_site_and_the_line_loses_nothing() {
     let url = server.url();
     let stop = AtomicBool::new(false);
 
-    let (kept_asked, revoked_asked, revoked_at, cli_devices, programmed) =
-        std::thread::scope(|scope| {
+    let (kept_asked, revoked_asked, revoked_at, cli_devices, programmed) = std::thread::scope(
+        |scope| {
             // A simulated line at full speed throughout, besides the two stations that
             // each ask one device at a time.
             let simulated = scope.spawn(|| {
@@ -156,6 +156,44 @@ fn every_site_command_reaches_a_serving_site_and_the_line_loses_nothing() {
                 3,
                 "{listed}"
             );
+
+            // An entitlement that needs an approver's signature: requested, signed and
+            // submitted while the line runs, it serves from then on.
+            ok(&["approver", "keygen", "--out", &s(&w.path("alice"))]);
+            let gated_policy = w.path("gated.toml");
+            std::fs::write(
+            &gated_policy,
+            POLICY.replace("PRODUCT", "gated")
+                + "[approval]\nthreshold = 1\napprovers = [\"alice.pub\"]\nrequired_for = [\"activate\"]\n",
+        )
+        .unwrap();
+            let (gated_kfe, gated) = create_from(&w, "shenzhen-1", &gated_policy, "gated.kfe");
+            ok(&[
+                "site",
+                "entitlement",
+                "import",
+                "--home",
+                &site,
+                &s(&gated_kfe),
+            ]);
+            let o = station_provision(&url, &line1, &gated, "G-00001", "g-1");
+            o.assert_error(3, "approval_required", "");
+            let req = w.path("activate.req");
+            approval_request(&w, &gated, "activate", &req);
+            let signed = w.path("alice.approval");
+            ok(&[
+                "approver",
+                "sign",
+                "--key",
+                &s(&w.path("alice.key")),
+                &s(&req),
+                "--out",
+                &s(&signed),
+            ]);
+            let submitted = ok(&["site", "approval", "submit", "--home", &site, &s(&signed)]);
+            assert_eq!(submitted["results"][0]["activated"], true, "{submitted}");
+            let o = station_provision(&url, &line1, &gated, "G-00002", "g-2");
+            assert_eq!(o.code, 0, "{}", o.json);
 
             // The site's own CLI provisions too, through the same store.
             let cli = provision(&w, &kept, "C-00001", &["--request-id", "c-1"], None);
@@ -222,7 +260,8 @@ fn every_site_command_reaches_a_serving_site_and_the_line_loses_nothing() {
                 ["C-00001"],
                 line["programmed"].as_u64().unwrap(),
             )
-        });
+        },
+    );
 
     // Served and stopped answer the same.
     let commands: Vec<Vec<String>> = [
