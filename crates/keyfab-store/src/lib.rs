@@ -465,6 +465,11 @@ struct GateState {
     waiting: usize,
     /// Held: no round starts.
     held: bool,
+    /// Rounds waiting to start.
+    rounds_waiting: usize,
+    /// Whether a round started since the last release: until one has (when one waits),
+    /// no new hold is granted, so holds one after another cannot stop the line.
+    round_since_release: bool,
 }
 
 /// A writer's round at the gate; over when dropped.
@@ -488,9 +493,13 @@ impl WritersGate {
     /// about to be.
     pub fn turn(&self) -> Turn<'_> {
         let mut s = self.lock();
-        while s.held || s.waiting > 0 {
+        s.rounds_waiting += 1;
+        // A holder waiting lets one round through after each release.
+        while s.held || (s.waiting > 0 && s.round_since_release) {
             s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
+        s.rounds_waiting -= 1;
+        s.round_since_release = true;
         s.sharing += 1;
         Turn(self)
     }
@@ -501,7 +510,7 @@ impl WritersGate {
         let deadline = std::time::Instant::now() + patience;
         let mut s = self.lock();
         s.waiting += 1;
-        while s.held || s.sharing > 0 {
+        while s.held || s.sharing > 0 || (s.rounds_waiting > 0 && !s.round_since_release) {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 s.waiting -= 1;
@@ -522,7 +531,10 @@ impl WritersGate {
 
     /// Lets the writer's rounds go on.
     pub fn release(&self) {
-        self.lock().held = false;
+        let mut s = self.lock();
+        s.held = false;
+        s.round_since_release = false;
+        drop(s);
         self.changed.notify_all();
     }
 }
@@ -594,5 +606,25 @@ mod gate_tests {
             gate.release();
         });
         assert!(started.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn holds_one_after_another_let_a_waiting_round_through_between_them() {
+        let gate = WritersGate::default();
+        let rounds = std::sync::atomic::AtomicUsize::new(0);
+        assert!(gate.hold(Duration::from_millis(20)));
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let _round = gate.turn();
+                rounds.fetch_add(1, Ordering::SeqCst);
+            });
+            // The round is waiting now.
+            std::thread::sleep(Duration::from_millis(50));
+            gate.release();
+            // The next hold comes only after that round.
+            assert!(gate.hold(Duration::from_secs(5)));
+            assert_eq!(rounds.load(Ordering::SeqCst), 1);
+            gate.release();
+        });
     }
 }
