@@ -38,15 +38,7 @@ fn a_quorum_of_distinct_listed_keys_activates() {
             "{who}-{}.approval",
             req.file_name().unwrap().to_string_lossy()
         ));
-        ok(&[
-            "approver",
-            "sign",
-            "--key",
-            &s(&w.path(&format!("{who}.key"))),
-            &s(req),
-            "--out",
-            &s(&out),
-        ]);
+        sign_approval(&w, who, req, &out);
         out
     };
     let submit = |files: &[&std::path::Path], now: Option<&str>| {

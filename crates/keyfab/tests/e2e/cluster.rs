@@ -25,18 +25,6 @@ type = "aes-256"
 source = "derived"
 "#;
 
-/// Keys made by the site (no pool): the quota is the only shared thing.
-const SITE_KEYS: &str = r#"product = "busy"
-devices = 5000
-valid_from = "2026-01-01T00:00:00Z"
-valid_until = "2030-01-01T00:00:00Z"
-[[keys]]
-name = "identity"
-type = "ec-p256"
-source = "site"
-certificate = { subject = "CN={device_id},O=Acme", days = 365 }
-"#;
-
 /// Root, HQ, and site `shenzhen-1` with its state in `etcd` (`extra` init arguments),
 /// registered at HQ.
 fn etcd_world(dir: tempfile::TempDir, spec: &str, extra: &[&str]) -> World {

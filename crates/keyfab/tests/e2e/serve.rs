@@ -1252,15 +1252,7 @@ fn every_view_tells_where_an_entitlement_stands() {
     let req = w.path("activate.req");
     approval_request(&w, &id, "activate", &req);
     let approval = w.path("alice.approval");
-    ok(&[
-        "approver",
-        "sign",
-        "--key",
-        &s(&w.path("alice.key")),
-        &s(&req),
-        "--out",
-        &s(&approval),
-    ]);
+    sign_approval(&w, "alice", &req, &approval);
     ok(&[
         "site",
         "approval",

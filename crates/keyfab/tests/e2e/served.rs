@@ -8,22 +8,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-const POLICY: &str = r#"product = "PRODUCT"
-devices = 5000
-valid_from = "2026-01-01T00:00:00Z"
-valid_until = "2030-01-01T00:00:00Z"
-[[keys]]
-name = "identity"
-type = "ec-p256"
-source = "site"
-certificate = { subject = "CN={device_id},O=Acme", days = 365 }
-"#;
-
 /// An entitlement for product `product` at the world's site, created at HQ: its file
 /// and id.
 fn entitlement(w: &World, product: &str) -> (std::path::PathBuf, String) {
     let policy = w.path(&format!("{product}.toml"));
-    std::fs::write(&policy, POLICY.replace("PRODUCT", product)).unwrap();
+    std::fs::write(
+        &policy,
+        SITE_KEYS.replace("\"busy\"", &format!("\"{product}\"")),
+    )
+    .unwrap();
     create_from(w, "shenzhen-1", &policy, &format!("{product}.kfe"))
 }
 
@@ -163,7 +156,7 @@ fn every_site_command_reaches_a_serving_site_and_the_line_loses_nothing() {
             let gated_policy = w.path("gated.toml");
             std::fs::write(
             &gated_policy,
-            POLICY.replace("PRODUCT", "gated")
+            SITE_KEYS.replace("\"busy\"", "\"gated\"")
                 + "[approval]\nthreshold = 1\napprovers = [\"alice.pub\"]\nrequired_for = [\"activate\"]\n",
         )
         .unwrap();
@@ -181,15 +174,7 @@ fn every_site_command_reaches_a_serving_site_and_the_line_loses_nothing() {
             let req = w.path("activate.req");
             approval_request(&w, &gated, "activate", &req);
             let signed = w.path("alice.approval");
-            ok(&[
-                "approver",
-                "sign",
-                "--key",
-                &s(&w.path("alice.key")),
-                &s(&req),
-                "--out",
-                &s(&signed),
-            ]);
+            sign_approval(&w, "alice", &req, &signed);
             let submitted = ok(&["site", "approval", "submit", "--home", &site, &s(&signed)]);
             assert_eq!(submitted["results"][0]["activated"], true, "{submitted}");
             let o = station_provision(&url, &line1, &gated, "G-00002", "g-2");

@@ -852,3 +852,29 @@ pub(crate) fn hq_import_with_receipt(w: &World, kfa: &Path, kfk: &Path) -> serde
         &s(kfk),
     ])
 }
+
+/// A policy whose keys the site makes (no pool: the quota is the only shared thing):
+/// product `busy`, 5000 devices.
+pub(crate) const SITE_KEYS: &str = r#"product = "busy"
+devices = 5000
+valid_from = "2026-01-01T00:00:00Z"
+valid_until = "2030-01-01T00:00:00Z"
+[[keys]]
+name = "identity"
+type = "ec-p256"
+source = "site"
+certificate = { subject = "CN={device_id},O=Acme", days = 365 }
+"#;
+
+/// `approver sign` of request `req` with `who`'s key (`who.key` in the world), into `out`.
+pub(crate) fn sign_approval(w: &World, who: &str, req: &Path, out: &Path) {
+    ok(&[
+        "approver",
+        "sign",
+        "--key",
+        &s(&w.path(&format!("{who}.key"))),
+        &s(req),
+        "--out",
+        &s(out),
+    ]);
+}
