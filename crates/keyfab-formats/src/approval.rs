@@ -1,42 +1,58 @@
 //! Quorum approvals.
 //!
 //! ```text
-//! approval request   "KEYFAB" 'Q' 0x01 | CBOR map (canonical), nothing after it
+//! approval request   "KEYFAB" 'Q' 0x02 | COSE_Sign1 ES256 by the site's service key,
+//!                    x5chain [service cert, cluster cert], content type
+//!                    "application/keyfab-approval-request", external_aad
+//!                    "keyfab-approval-request-v2", payload = CBOR map (canonical)
 //! approval           "KEYFAB" 'P' 0x01 | COSE_Sign1 ES256, kid = SHA-256 of the approver's
 //!                    SubjectPublicKeyInfo, external_aad "keyfab-approval-v1",
 //!                    payload = the request file, byte for byte
 //! ```
 //!
-//! The site issues the request (bound to site, entitlement, action, nonce and expiry) and
-//! keeps it; an approver signs its exact bytes offline; the site accepts the approval only
-//! for a request it issued, before it expires, from a key its signed policy lists.
+//! The site issues the request — what is to be approved, summarised for the approver
+//! (site, entitlement, product, quota, window, stations, action, expiry) and signed by
+//! the site — and keeps it; an approver checks the site's signature up to the root,
+//! reads the summary and signs the request's exact bytes offline; the site accepts the
+//! approval only for a request it issued, before it expires, from a key its signed
+//! policy lists.
 
 use crate::prefix::{self, Kind};
+use crate::verified::Verified;
 use crate::Malformed;
 use crate::{cbor_encode, cbor_exact, FormatError, Result};
 use coset::{iana, CoseSign1Builder, HeaderBuilder, TaggedCborSerializable};
 use keyfab_crypto::hash::Fingerprint;
 use keyfab_crypto::sign::{EcdsaSigner, VerifyingKey};
+use keyfab_crypto::time::UnixTime;
+use keyfab_crypto::x509::Role;
 use serde::{Deserialize, Serialize};
 
-/// The format version this code writes and reads.
+/// The version of the approval file this code writes and reads.
 pub const VERSION: u8 = 1;
+/// The version of the request file this code writes and reads (2: signed by the site).
+pub const REQUEST_VERSION: u8 = 2;
 /// The COSE external AAD: a signature made for another format never verifies as this one.
 pub const CONTEXT: &[u8] = b"keyfab-approval-v1";
+/// The request's COSE external AAD.
+pub const REQUEST_CONTEXT: &[u8] = b"keyfab-approval-request-v2";
+/// The request's COSE content type.
+pub const REQUEST_TYPE: &str = "application/keyfab-approval-request";
 /// Largest file accepted; anything longer is `malformed` (too large).
 pub const MAX_LEN: usize = 16 * 1024;
 /// Largest approval file: the request it signs and the signature around it.
 pub const MAX_APPROVAL_LEN: usize = MAX_LEN + 1024;
 
-/// What an approver is asked to approve.
+/// What an approver is asked to approve: the request itself, and what the approver needs
+/// to see to judge it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApprovalRequest {
     /// The format's name, checked on reading.
     pub format: String,
-    /// The format's version (1).
+    /// The format's version (2).
     pub version: u32,
-    /// The site's name.
+    /// The site's name (the signer's cluster).
     pub site: String,
     /// The entitlement id.
     pub entitlement: String,
@@ -44,48 +60,84 @@ pub struct ApprovalRequest {
     pub action: String,
     /// 16 random bytes, hex: makes every request unique.
     pub nonce: String,
-    /// When it was made (Unix seconds, its maker's clock).
+    /// When it was made (Unix seconds, the site's clock).
     pub created_at: i64,
     /// After this time the request can no longer be approved.
     pub expires_at: i64,
-    /// For the approver's eyes: what the entitlement is.
+    /// What the entitlement is for.
     pub product: String,
-    /// For the approver's eyes: the entitlement's quota.
+    /// The entitlement's quota.
     pub devices: u64,
+    /// Its daily limit, if any.
+    pub daily_limit: Option<u64>,
+    /// Its window: the first second devices may be provisioned.
+    pub valid_from: i64,
+    /// The first second they no longer may.
+    pub valid_until: i64,
+    /// The stations it allows (none: every station the site enrolled).
+    pub stations: Option<Vec<String>>,
 }
 
 impl ApprovalRequest {
-    /// The request file.
-    pub fn to_file(&self) -> Result<Vec<u8>> {
-        let mut out = prefix::encode(Kind::ApprovalRequest, VERSION).to_vec();
-        out.extend(cbor_encode(self)?);
+    /// The request file, signed by the site (`signer`, with its `chain`: service
+    /// certificate, cluster certificate).
+    pub fn to_file(&self, signer: &dyn EcdsaSigner, chain: &[Vec<u8>]) -> Result<Vec<u8>> {
+        let sign1 = crate::cose::sign(
+            signer,
+            chain,
+            REQUEST_TYPE,
+            REQUEST_CONTEXT,
+            cbor_encode(self)?,
+        )?;
+        let mut out = prefix::encode(Kind::ApprovalRequest, REQUEST_VERSION).to_vec();
+        out.extend(sign1);
         Ok(out)
     }
 
-    /// Parses a request file strictly (canonical: re-encoding gives the input back).
+    /// Parses a request file strictly: its framing, its signature by the certificate it
+    /// carries, and its payload (canonical: re-encoding gives it back). Whether that
+    /// certificate is the site's, under a trusted root, is [`verify_request`]'s to say;
+    /// the site itself compares the file with the one it issued.
     pub fn from_file(bytes: &[u8]) -> Result<Self> {
+        Ok(Self::signed(bytes)?.1)
+    }
+
+    fn signed(bytes: &[u8]) -> Result<(crate::cose::SignedByChain, Self)> {
         if bytes.len() > MAX_LEN {
             return Err(FormatError::malformed(
                 Malformed::TooLarge,
                 "approval request too large",
             ));
         }
-        prefix::check(bytes, Kind::ApprovalRequest, VERSION)?;
-        let r: ApprovalRequest = cbor_exact("approval request", &bytes[prefix::LEN..])?;
-        if r.format != "keyfab-approval-request" || r.version != u32::from(VERSION) {
+        prefix::check(bytes, Kind::ApprovalRequest, REQUEST_VERSION)?;
+        let signed = crate::cose::verify(&bytes[prefix::LEN..], REQUEST_TYPE, REQUEST_CONTEXT)?;
+        let r: ApprovalRequest = cbor_exact("approval request", &signed.payload)?;
+        if r.format != "keyfab-approval-request" || r.version != u32::from(REQUEST_VERSION) {
             return Err(FormatError::malformed(
                 Malformed::Field,
                 "approval request format/version",
             ));
         }
-        if r.to_file()? != bytes {
-            return Err(FormatError::malformed(
-                Malformed::Encoding,
-                "approval request is not canonically encoded",
-            ));
-        }
-        Ok(r)
+        Ok((signed, r))
     }
+}
+
+/// Verifies a request file for an approver: signed by a site's service key under `root`
+/// (role site, valid at `now`), and naming that site.
+pub fn verify_request(
+    bytes: &[u8],
+    root: &[u8],
+    now: UnixTime,
+) -> Result<Verified<ApprovalRequest>> {
+    let (signed, r) = ApprovalRequest::signed(bytes)?;
+    let (signer, proof) = crate::verified::signer(&signed, root, Role::Site, now)?;
+    if r.site != signer.cluster_name {
+        return Err(FormatError::UntrustedSigner(format!(
+            "the request names site '{}' but site '{}' signed it",
+            r.site, signer.cluster_name
+        )));
+    }
+    Ok(Verified::new(proof, r))
 }
 
 /// An approver signs a request file; returns the approval file.

@@ -68,7 +68,7 @@ pub fn request(node: &Node, id: &str, act: Action, ttl_secs: i64) -> Result<Vec<
     let now = node.now().0;
     let req = ApprovalRequest {
         format: "keyfab-approval-request".into(),
-        version: 1,
+        version: u32::from(keyfab_formats::approval::REQUEST_VERSION),
         site: node.name.clone(),
         entitlement: id.to_owned(),
         action: act.as_str().to_owned(),
@@ -77,8 +77,13 @@ pub fn request(node: &Node, id: &str, act: Action, ttl_secs: i64) -> Result<Vec<
         expires_at: now.saturating_add(ttl_secs),
         product: record.policy.product.clone(),
         devices: record.policy.devices,
+        daily_limit: record.policy.daily_limit,
+        valid_from: record.policy.valid_from,
+        valid_until: record.policy.valid_until,
+        stations: record.policy.allowed_stations.clone(),
     };
-    let file = req.to_file()?;
+    // Signed by the site: the approver checks it up to the root before reading it.
+    let file = req.to_file(node.service_signer()?, &node.service_chain()?)?;
     let mut txn = Txn::default();
     txn.put(Table::Meta, &request_key(&req.nonce), &file);
     node.store.commit(txn)?;

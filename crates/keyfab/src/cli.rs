@@ -1095,19 +1095,27 @@ pub(crate) enum SiteEntitlementCommand {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum ApproverCommand {
-    /// Show an approval request and sign it with your key.
+    /// Check an approval request (signed by the site, up to the root), show what it
+    /// approves, and sign it with your key once you confirm.
     #[command(
-        after_help = "Example:\n  keyfab approver sign --key alice.key activate.req --out alice.approval"
+        after_help = "Examples:\n  keyfab approver sign --key alice.key --root-cert root.crt activate.req --out alice.approval\n  keyfab approver sign --key alice.key --root-cert root.crt activate.req --out alice.approval --yes\n\nThe summary (site, entitlement, product, quota, daily limit, window, stations,\naction, expiry) goes to the terminal, which is asked to confirm; without a terminal,\n--yes says you have read it (the output repeats it). A request not signed by a site\nunder the root, or expired, is refused and nothing is written."
     )]
     Sign {
         /// Your private key (NAME.key from `keyfab approver keygen`).
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
+        /// The root CA's certificate (PEM): the site that signed the request must be
+        /// certified under it.
+        #[arg(long, value_name = "FILE")]
+        root_cert: PathBuf,
         /// The request from `keyfab site approval request`.
         request: PathBuf,
         /// Where to write your approval, for the site to submit.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Sign without asking: for scripts, by someone who has read the summary.
+        #[arg(long)]
+        yes: bool,
     },
     /// Create an approver key pair: NAME.key (private, PKCS#8 PEM, mode 0600) and NAME.pub.
     #[command(

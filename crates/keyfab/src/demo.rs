@@ -245,7 +245,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
     let req = base.join("activate.req");
     step(
         "14. site asks for approval",
-        "A request bound to this site, the entitlement, the action, a nonce and an expiry.",
+        "A request bound to this site, the entitlement, the action, a nonce and an expiry, with what the approvers approve (product, quota, window, stations), signed by the site.",
         run::approval_request(
             &ctx,
             &site,
@@ -260,8 +260,14 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
         let out = base.join(format!("{who}.approval"));
         step(
             &format!("15.{} {who} signs", n + 1),
-            "Offline, with a personal key the signed policy lists.",
-            run::approver_sign(&base.join(format!("{who}.key")), &req, &out)?,
+            "Offline, with a personal key the signed policy lists, after checking the site's signature up to the root and reading what the request approves (--yes: the demo has read it).",
+            run::approver_sign(
+                &ctx,
+                &base.join(format!("{who}.key")),
+                (&root_cert, &req),
+                &out,
+                true,
+            )?,
         );
         approvals.push(out);
     }

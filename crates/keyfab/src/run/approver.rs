@@ -63,54 +63,141 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
-pub(crate) fn approver_sign(key: &Path, request: &Path, out: &Path) -> Result<Report, Failure> {
+/// `approver sign`: the request checked (the site's signature up to `root`, its expiry),
+/// its summary shown and confirmed (on a terminal, or by `yes`), then signed.
+pub(crate) fn approver_sign(
+    ctx: &Context,
+    key: &Path,
+    (root, request): (&Path, &Path),
+    out: &Path,
+    yes: bool,
+) -> Result<Report, Failure> {
+    let root_der = keyfab_hq::pki::read_pem_file(root, "CERTIFICATE")?;
+    let file = read_input(request, keyfab_formats::approval::MAX_LEN)?;
+    let now = ctx.now()?;
+    let req = keyfab_formats::approval::verify_request(&file, &root_der, now)
+        .map_err(keyfab_node::Error::from)?
+        .into_inner();
+    if now.0 >= req.expires_at {
+        return Err(Failure::new(
+            Code::ApprovalInvalid,
+            format!(
+                "this request expired at {}: ask the site for a new one (keyfab site approval request); nothing was signed",
+                rfc3339(req.expires_at)
+            ),
+        ));
+    }
+    let summary = summary_of(&req);
+    if !yes {
+        confirm(&summary)?;
+    }
     let key_der = keyfab_hq::pki::read_pem_file(key, "PRIVATE KEY")?;
     let signer = SigningKey::from_pkcs8(&key_der)
         .map_err(|e| Failure::new(Code::InvalidInput, format!("{}: {e}", key.display())))?;
-    let file = read_input(request, keyfab_formats::approval::MAX_LEN)?;
-    let req = keyfab_formats::approval::ApprovalRequest::from_file(&file)
-        .map_err(keyfab_node::Error::from)?;
     let approval = keyfab_formats::approval::sign_approval(&signer, &file)
         .map_err(keyfab_node::Error::from)?;
     std::fs::write(out, &approval).map_err(|e| io_fail(out, e))?;
     Report::of(&Approved {
-        site: req.site,
-        entitlement: req.entitlement,
-        action: req.action,
         approver: signer.verifying_key().fingerprint().to_hex(),
         out: out.to_owned(),
-        product: req.product,
-        devices: req.devices,
-        expires_at: rfc3339(req.expires_at),
+        summary,
     })
+}
+
+/// What the approver is asked to approve, in words and fields.
+#[derive(serde::Serialize)]
+struct Summary {
+    site: String,
+    entitlement: String,
+    action: String,
+    product: String,
+    devices: u64,
+    daily_limit: Option<u64>,
+    valid_from: String,
+    valid_until: String,
+    stations: Option<Vec<String>>,
+    expires_at: String,
+}
+
+fn summary_of(req: &keyfab_formats::approval::ApprovalRequest) -> Summary {
+    Summary {
+        site: req.site.clone(),
+        entitlement: req.entitlement.clone(),
+        action: req.action.clone(),
+        product: req.product.clone(),
+        devices: req.devices,
+        daily_limit: req.daily_limit,
+        valid_from: rfc3339(req.valid_from),
+        valid_until: rfc3339(req.valid_until),
+        stations: req.stations.clone(),
+        expires_at: rfc3339(req.expires_at),
+    }
+}
+
+impl Summary {
+    fn text(&self) -> String {
+        format!(
+            "site '{}' asks you to approve '{}' of entitlement {}:\n  product {}, {} devices{}, from {} to {}, stations: {}\n  this request expires {}",
+            self.site,
+            self.action,
+            self.entitlement,
+            self.product,
+            self.devices,
+            self.daily_limit
+                .map(|d| format!(" ({d} a day at most)"))
+                .unwrap_or_default(),
+            self.valid_from,
+            self.valid_until,
+            self.stations
+                .as_ref()
+                .map_or_else(|| "any the site enrolled".to_owned(), |s| s.join(", ")),
+            self.expires_at
+        )
+    }
+}
+
+/// Shows `summary` on the terminal and asks to type `yes`; without a terminal, refuses:
+/// an approval nobody confirmed is not one.
+fn confirm(summary: &Summary) -> Result<(), Failure> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let stdin = std::io::stdin();
+    let mut stderr = std::io::stderr();
+    if !stdin.is_terminal() || !stderr.is_terminal() {
+        return Err(Failure::usage(
+            "no terminal to confirm on: read what the request approves (it was signed by the site) and pass --yes; nothing was signed",
+        ));
+    }
+    let _ = write!(stderr, "{}\nSign this approval? Type yes: ", summary.text());
+    let _ = stderr.flush();
+    let mut answer = String::new();
+    stdin
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| Failure::new(Code::Io, format!("standard input: {e}")))?;
+    if answer.trim() != "yes" {
+        return Err(Failure::new(
+            Code::InvalidInput,
+            "not confirmed: nothing was signed",
+        ));
+    }
+    Ok(())
 }
 
 /// `approver sign`: an approval of a request, written.
 #[derive(serde::Serialize)]
 struct Approved {
-    site: String,
-    entitlement: String,
-    action: String,
     approver: String,
     out: PathBuf,
-    #[serde(skip)]
-    product: String,
-    #[serde(skip)]
-    devices: u64,
-    #[serde(skip)]
-    expires_at: String,
+    #[serde(flatten)]
+    summary: Summary,
 }
 
 impl Outcome for Approved {
     fn text(&self) -> String {
         format!(
-            "approved '{}' of entitlement {} ({}, {} devices) at site '{}', valid until {}; approval written to {}",
-            self.action,
-            self.entitlement,
-            self.product,
-            self.devices,
-            self.site,
-            self.expires_at,
+            "{}\napproved by {}; approval written to {}",
+            self.summary.text(),
+            self.approver,
             self.out.display()
         )
     }

@@ -241,9 +241,13 @@ pub(crate) fn dispatch(
             receipt_import(&ctx, &home.home, &file)
         }
         Command::Approver(ApproverCommand::Keygen { out }) => approver_keygen(&ctx, &out),
-        Command::Approver(ApproverCommand::Sign { key, request, out }) => {
-            approver_sign(&key, &request, &out)
-        }
+        Command::Approver(ApproverCommand::Sign {
+            key,
+            root_cert,
+            request,
+            out,
+            yes,
+        }) => approver_sign(&ctx, &key, (&root_cert, &request), &out, yes),
         Command::Site(SiteCommand::Approval(SiteApprovalCommand::Request {
             home,
             entitlement,

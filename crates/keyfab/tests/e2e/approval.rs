@@ -113,3 +113,109 @@ fn a_quorum_of_distinct_listed_keys_activates() {
         .count();
     assert_eq!((accepted, activated), (2, 1));
 }
+
+/// What an approver signs is what they saw: the request is signed by the site and
+/// checked up to the root, its summary shown; an expired request, a request no site
+/// under the root signed, a changed byte, or no terminal without `--yes` are refused, and
+/// nothing is written.
+#[test]
+fn approvers_see_what_they_sign_and_sign_only_what_holds() {
+    let w = world();
+    ok(&["approver", "keygen", "--out", &s(&w.path("alice"))]);
+    let policy = w.path("gated.toml");
+    std::fs::write(
+        &policy,
+        "product = \"thermostat\"\ndevices = 500\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
+         [limits]\ndaily = 50\n[stations]\nallowed = [\"line-1\"]\n\
+         [[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n\
+         [approval]\nthreshold = 1\napprovers = [\"alice.pub\"]\nrequired_for = [\"activate\"]\n",
+    )
+    .unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "gated.kfe");
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    let req = w.path("activate.req");
+    approval_request(&w, &id, "activate", &req);
+    let out = w.path("alice.approval");
+    let sign =
+        |request: &std::path::Path, root: &std::path::Path, extra: &[&str], now: Option<&str>| {
+            let (key, root, request, out) = (s(&w.path("alice.key")), s(root), s(request), s(&out));
+            let mut args = vec![
+                "approver",
+                "sign",
+                "--key",
+                &key,
+                "--root-cert",
+                &root,
+                &request,
+                "--out",
+                &out,
+            ];
+            args.extend_from_slice(extra);
+            keyfab(&args, now)
+        };
+    let root = w.root.join("root.crt");
+    // No terminal (the test's standard input is not one) and no --yes: refused.
+    sign(&req, &root, &[], None).assert_error(2, "usage", "no terminal to confirm on");
+    assert!(!out.exists());
+    // Expired: refused, whatever --yes says.
+    let later = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_hours(80))
+        .unwrap()
+        .to_string();
+    sign(&req, &root, &["--yes"], Some(&later)).assert_error(
+        4,
+        "approval_invalid",
+        "ask the site for a new one",
+    );
+    // Another root: the site is not certified under it.
+    let other = crate::common::root(w.dir.path(), "other-root");
+    let o = sign(&req, &other.join("root.crt"), &["--yes"], None);
+    assert_eq!(o.json["error"]["code"], "untrusted_signer", "{}", o.json);
+    // One byte of the summary changed: the site's signature no longer holds.
+    let bytes = std::fs::read(&req).unwrap();
+    let at = bytes
+        .windows(b"thermostat".len())
+        .position(|w| w == b"thermostat")
+        .unwrap();
+    let mut forged = bytes.clone();
+    forged[at] = b'T';
+    let forged_req = w.path("forged.req");
+    std::fs::write(&forged_req, &forged).unwrap();
+    let o = sign(&forged_req, &root, &["--yes"], None);
+    assert_eq!(o.json["error"]["code"], "bad_signature", "{}", o.json);
+    assert!(!out.exists());
+    // Signed: the output repeats what was approved, and the site accepts it.
+    let o = sign(&req, &root, &["--yes"], None);
+    assert_eq!(o.code, 0, "{}", o.json);
+    let seen = &o.json;
+    assert_eq!(
+        (
+            &seen["site"],
+            &seen["entitlement"],
+            &seen["action"],
+            &seen["product"]
+        ),
+        (
+            &"shenzhen-1".into(),
+            &id.as_str().into(),
+            &"activate".into(),
+            &"thermostat".into()
+        ),
+        "{seen}"
+    );
+    assert_eq!(
+        (&seen["devices"], &seen["daily_limit"]),
+        (&500.into(), &50.into())
+    );
+    assert_eq!(seen["valid_until"], "2030-01-01T00:00:00Z");
+    assert_eq!(seen["stations"], serde_json::json!(["line-1"]));
+    let submitted = ok(&[
+        "site",
+        "approval",
+        "submit",
+        "--home",
+        &s(&w.site),
+        &s(&out),
+    ]);
+    assert_eq!(submitted["results"][0]["activated"], true, "{submitted}");
+}

@@ -873,8 +873,11 @@ pub(crate) fn sign_approval(w: &World, who: &str, req: &Path, out: &Path) {
         "sign",
         "--key",
         &s(&w.path(&format!("{who}.key"))),
+        "--root-cert",
+        &s(&w.root.join("root.crt")),
         &s(req),
         "--out",
         &s(out),
+        "--yes",
     ]);
 }
