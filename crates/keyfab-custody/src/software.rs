@@ -104,7 +104,11 @@ fn parse_header(bytes: &[u8]) -> Result<(Argon2Params, [u8; 16])> {
 
 /// Writes `bytes` to `path` atomically and durably.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // A bare file name's parent is "": the current directory.
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let tmp = path.with_extension("tmp");
     {
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};

@@ -580,6 +580,20 @@ fn validate_approval(a: &Approval) -> Result<(), PolicyError> {
             "an action is listed twice",
         ));
     }
+    // A quorum for an action this version does not carry out would approve nothing.
+    if let Some(action) = a
+        .required_for
+        .iter()
+        .find(|action| **action != Action::Activate)
+    {
+        return Err(PolicyError::new(
+            "approval.required_for",
+            format!(
+                "'{}' is not carried out by this version of keyfab: only activate is",
+                action.as_str()
+            ),
+        ));
+    }
     Ok(())
 }
 

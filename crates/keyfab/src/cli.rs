@@ -1116,15 +1116,26 @@ pub(crate) enum ApproverCommand {
         /// Sign without asking: for scripts, by someone who has read the summary.
         #[arg(long)]
         yes: bool,
+        /// Read your key's passphrase from this file instead of KEYFAB_PASSPHRASE.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
     },
-    /// Create an approver key pair: NAME.key (private, PKCS#8 PEM, mode 0600) and NAME.pub.
+    /// Create an approver key pair: NAME.key (private, sealed under your passphrase,
+    /// mode 0600) and NAME.pub.
     #[command(
-        after_help = "Example:\n  keyfab approver keygen --out alice   # alice.key, alice.pub\n\nList alice.pub under [approval] approvers in policy.toml."
+        after_help = "Examples:\n  KEYFAB_PASSPHRASE=... keyfab approver keygen --out alice   # alice.key, alice.pub\n  keyfab approver keygen --out drill --no-passphrase          # a drill's key, in clear\n\nList alice.pub under [approval] approvers in policy.toml. NAME.key is sealed under\nthe passphrase (KEYFAB_PASSPHRASE or --passphrase-file) with Argon2id and AES-256-GCM,\nas a node's keystore is; `approver sign` asks for the same passphrase."
     )]
     Keygen {
         /// Path and name of the key pair, without extension: NAME.key and NAME.pub.
         #[arg(long, value_name = "NAME")]
         out: PathBuf,
+        /// Write the private key in clear (PKCS#8 PEM): for drills and tests only.
+        #[arg(long)]
+        no_passphrase: bool,
+        /// Read the passphrase that seals the key from this file instead of
+        /// KEYFAB_PASSPHRASE.
+        #[arg(long, value_name = "FILE", conflicts_with = "no_passphrase")]
+        passphrase_file: Option<PathBuf>,
     },
 }
 

@@ -194,7 +194,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
         run::site_add(&ctx, &hq, &kfi)?,
     );
     for who in ["alice", "bob", "carol"] {
-        run::approver_keygen(&ctx, &base.join(who))?;
+        run::approver_keygen(&ctx, &base.join(who), false)?;
     }
     let vendor_dir = base.join("chip-vendor");
     let vendor = run::init_chip_vendor(

@@ -2,14 +2,22 @@
 
 use crate::context::{rfc3339, Context};
 use crate::output::{io_fail, read_input, Failure, Outcome, Report};
-use keyfab_crypto::sign::SigningKey;
+use keyfab_crypto::sign::{EcdsaSigner, SigningKey};
 use keyfab_crypto::x509::{self};
+use keyfab_custody::{Custody, SoftwareKeystore};
 use keyfab_node::Code;
 use std::path::{Path, PathBuf};
 
-pub(crate) fn approver_keygen(ctx: &Context, out: &Path) -> Result<Report, Failure> {
-    let key = SigningKey::generate(ctx.rng().as_ref())
-        .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
+/// The handle of the one key an approver's sealed key file holds.
+const APPROVER_HANDLE: &str = "approver";
+
+/// `approver keygen`: a key pair; the private key sealed under the passphrase (a
+/// keystore of one key, the format a node's keystore has), or in clear for drills.
+pub(crate) fn approver_keygen(
+    ctx: &Context,
+    out: &Path,
+    no_passphrase: bool,
+) -> Result<Report, Failure> {
     let key_path = out.with_extension("key");
     let pub_path = out.with_extension("pub");
     for p in [&key_path, &pub_path] {
@@ -20,14 +28,26 @@ pub(crate) fn approver_keygen(ctx: &Context, out: &Path) -> Result<Report, Failu
             ));
         }
     }
-    let pem = x509::to_pem(key.to_pkcs8().expose(), "PRIVATE KEY");
-    write_private(&key_path, pem.as_bytes()).map_err(|e| io_fail(&key_path, e))?;
-    let public = key.verifying_key();
+    let public = if no_passphrase {
+        let key = SigningKey::generate(ctx.rng().as_ref())
+            .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
+        let pem = x509::to_pem_secret(key.to_pkcs8().expose(), "PRIVATE KEY");
+        write_private(&key_path, pem.as_bytes()).map_err(|e| io_fail(&key_path, e))?;
+        key.verifying_key()
+    } else {
+        let passphrase = ctx.passphrase()?;
+        let mut sealed = SoftwareKeystore::create(&key_path, &passphrase, ctx.rng().as_ref())
+            .map_err(keyfab_node::Error::from)?;
+        sealed
+            .generate_signing_key(APPROVER_HANDLE, ctx.rng().as_ref())
+            .map_err(keyfab_node::Error::from)?
+    };
     std::fs::write(&pub_path, public.to_pem()).map_err(|e| io_fail(&pub_path, e))?;
     Report::of(&ApproverKeyMade {
         key: key_path,
         public: pub_path,
         fingerprint: public.fingerprint().to_hex(),
+        sealed: !no_passphrase,
     })
 }
 
@@ -38,13 +58,20 @@ struct ApproverKeyMade {
     #[serde(rename = "pub")]
     public: PathBuf,
     fingerprint: String,
+    /// Sealed under the passphrase (false: in clear, `--no-passphrase`).
+    sealed: bool,
 }
 
 impl Outcome for ApproverKeyMade {
     fn text(&self) -> String {
         format!(
-            "approver key written: {} (keep it private) and {} (fingerprint {})",
+            "approver key written: {} ({}) and {} (fingerprint {})",
             self.key.display(),
+            if self.sealed {
+                "sealed under your passphrase; keep it private"
+            } else {
+                "IN CLEAR, for drills only; keep it private"
+            },
             self.public.display(),
             self.fingerprint
         )
@@ -91,11 +118,25 @@ pub(crate) fn approver_sign(
     if !yes {
         confirm(&summary)?;
     }
-    let key_der = keyfab_hq::pki::read_pem_file(key, "PRIVATE KEY")?;
-    let signer = SigningKey::from_pkcs8(&key_der)
-        .map_err(|e| Failure::new(Code::InvalidInput, format!("{}: {e}", key.display())))?;
-    let approval = keyfab_formats::approval::sign_approval(&signer, &file)
-        .map_err(keyfab_node::Error::from)?;
+    let sealed;
+    let clear;
+    let signer: &dyn EcdsaSigner = if std::fs::read(key)
+        .map_err(|e| io_fail(key, e))?
+        .starts_with(b"KFKS")
+    {
+        sealed =
+            SoftwareKeystore::unlock(key, &ctx.passphrase()?).map_err(keyfab_node::Error::from)?;
+        sealed
+            .signer(APPROVER_HANDLE)
+            .map_err(keyfab_node::Error::from)?
+    } else {
+        let key_der = keyfab_hq::pki::read_pem_file(key, "PRIVATE KEY")?;
+        clear = SigningKey::from_pkcs8(&key_der)
+            .map_err(|e| Failure::new(Code::InvalidInput, format!("{}: {e}", key.display())))?;
+        &clear
+    };
+    let approval =
+        keyfab_formats::approval::sign_approval(signer, &file).map_err(keyfab_node::Error::from)?;
     std::fs::write(out, &approval).map_err(|e| io_fail(out, e))?;
     Report::of(&Approved {
         approver: signer.verifying_key().fingerprint().to_hex(),

@@ -240,13 +240,16 @@ pub(crate) fn dispatch(
         Command::Site(SiteCommand::Receipt(SiteReceiptCommand::Import { home, file })) => {
             receipt_import(&ctx, &home.home, &file)
         }
-        Command::Approver(ApproverCommand::Keygen { out }) => approver_keygen(&ctx, &out),
+        Command::Approver(ApproverCommand::Keygen {
+            out, no_passphrase, ..
+        }) => approver_keygen(&ctx, &out, no_passphrase),
         Command::Approver(ApproverCommand::Sign {
             key,
             root_cert,
             request,
             out,
             yes,
+            ..
         }) => approver_sign(&ctx, &key, (&root_cert, &request), &out, yes),
         Command::Site(SiteCommand::Approval(SiteApprovalCommand::Request {
             home,

@@ -219,3 +219,101 @@ fn approvers_see_what_they_sign_and_sign_only_what_holds() {
     ]);
     assert_eq!(submitted["results"][0]["activated"], true, "{submitted}");
 }
+
+/// An approver's key is sealed under their passphrase unless asked otherwise: a wrong
+/// passphrase signs nothing; a drill's key in clear needs none.
+#[test]
+fn approver_keys_are_sealed_under_a_passphrase_by_default() {
+    let w = world();
+    let made = ok(&["approver", "keygen", "--out", &s(&w.path("alice"))]);
+    assert_eq!(made["sealed"], true);
+    let key = std::fs::read(w.path("alice.key")).unwrap();
+    assert!(key.starts_with(b"KFKS") && !String::from_utf8_lossy(&key).contains("PRIVATE KEY"));
+    let drill = ok(&[
+        "approver",
+        "keygen",
+        "--out",
+        &s(&w.path("drill")),
+        "--no-passphrase",
+    ]);
+    assert_eq!(drill["sealed"], false);
+    let policy = w.path("gated.toml");
+    std::fs::write(
+        &policy,
+        "product = \"p\"\ndevices = 5\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
+         [[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n\
+         [approval]\nthreshold = 2\napprovers = [\"alice.pub\", \"drill.pub\"]\nrequired_for = [\"activate\"]\n",
+    )
+    .unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "gated.kfe");
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    let req = w.path("activate.req");
+    approval_request(&w, &id, "activate", &req);
+    let wrong = w.path("wrong.pass");
+    std::fs::write(&wrong, "not alice's passphrase").unwrap();
+    let out = w.path("alice.approval");
+    let (key, root, request, out_s, wrong) = (
+        s(&w.path("alice.key")),
+        s(&w.root.join("root.crt")),
+        s(&req),
+        s(&out),
+        s(&wrong),
+    );
+    let o = keyfab(
+        &[
+            "approver",
+            "sign",
+            "--key",
+            &key,
+            "--root-cert",
+            &root,
+            &request,
+            "--out",
+            &out_s,
+            "--yes",
+            "--passphrase-file",
+            &wrong,
+        ],
+        None,
+    );
+    assert_eq!(o.json["error"]["code"], "locked", "{}", o.json);
+    assert!(!out.exists());
+    sign_approval(&w, "alice", &req, &out);
+    let drill_out = w.path("drill.approval");
+    sign_approval(&w, "drill", &req, &drill_out);
+    let submitted = ok(&[
+        "site",
+        "approval",
+        "submit",
+        "--home",
+        &s(&w.site),
+        &s(&out),
+        &s(&drill_out),
+    ]);
+    assert_eq!(submitted["results"][0]["activated"], true, "{submitted}");
+}
+
+/// A quorum for an action this version does not carry out would approve nothing: such a
+/// policy is refused at `hq entitlement create`, naming the field, and nothing is issued.
+#[test]
+fn a_quorum_for_an_action_not_carried_out_is_refused() {
+    let w = world();
+    ok(&["approver", "keygen", "--out", &s(&w.path("alice"))]);
+    for action in ["raise-limit", "reprovision"] {
+        let policy = w.path("p.toml");
+        std::fs::write(
+            &policy,
+            format!(
+                "product = \"p\"\ndevices = 5\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
+                 [limits]\ndaily = 2\n\
+                 [[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n\
+                 [approval]\nthreshold = 1\napprovers = [\"alice.pub\"]\nrequired_for = [\"activate\", \"{action}\"]\n"
+            ),
+        )
+        .unwrap();
+        let out = w.path("p.kfe");
+        let o = try_create(&w, "shenzhen-1", &policy, &out);
+        o.assert_error(1, "invalid_policy", "approval.required_for");
+        assert!(!out.exists());
+    }
+}
