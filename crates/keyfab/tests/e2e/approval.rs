@@ -122,36 +122,17 @@ fn a_quorum_of_distinct_listed_keys_activates() {
 fn approvers_see_what_they_sign_and_sign_only_what_holds() {
     let w = world();
     ok(&["approver", "keygen", "--out", &s(&w.path("alice"))]);
-    let policy = w.path("gated.toml");
-    std::fs::write(
-        &policy,
+    let (id, req) = awaiting_activation(
+        &w,
         "product = \"thermostat\"\ndevices = 500\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
          [limits]\ndaily = 50\n[stations]\nallowed = [\"line-1\"]\n\
          [[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n\
          [approval]\nthreshold = 1\napprovers = [\"alice.pub\"]\nrequired_for = [\"activate\"]\n",
-    )
-    .unwrap();
-    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "gated.kfe");
-    assert_eq!(import(&w.site, &kfe, None).code, 0);
-    let req = w.path("activate.req");
-    approval_request(&w, &id, "activate", &req);
+    );
     let out = w.path("alice.approval");
     let sign =
         |request: &std::path::Path, root: &std::path::Path, extra: &[&str], now: Option<&str>| {
-            let (key, root, request, out) = (s(&w.path("alice.key")), s(root), s(request), s(&out));
-            let mut args = vec![
-                "approver",
-                "sign",
-                "--key",
-                &key,
-                "--root-cert",
-                &root,
-                &request,
-                "--out",
-                &out,
-            ];
-            args.extend_from_slice(extra);
-            keyfab(&args, now)
+            try_sign_approval(&w, "alice", (request, root), &out, extra, now)
         };
     let root = w.root.join("root.crt");
     // No terminal (the test's standard input is not one) and no --yes: refused.
@@ -237,43 +218,23 @@ fn approver_keys_are_sealed_under_a_passphrase_by_default() {
         "--no-passphrase",
     ]);
     assert_eq!(drill["sealed"], false);
-    let policy = w.path("gated.toml");
-    std::fs::write(
-        &policy,
+    let (_, req) = awaiting_activation(
+        &w,
         "product = \"p\"\ndevices = 5\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
          [[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n\
          [approval]\nthreshold = 2\napprovers = [\"alice.pub\", \"drill.pub\"]\nrequired_for = [\"activate\"]\n",
-    )
-    .unwrap();
-    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "gated.kfe");
-    assert_eq!(import(&w.site, &kfe, None).code, 0);
-    let req = w.path("activate.req");
-    approval_request(&w, &id, "activate", &req);
+    );
     let wrong = w.path("wrong.pass");
     std::fs::write(&wrong, "not alice's passphrase").unwrap();
     let out = w.path("alice.approval");
-    let (key, root, request, out_s, wrong) = (
-        s(&w.path("alice.key")),
-        s(&w.root.join("root.crt")),
-        s(&req),
-        s(&out),
-        s(&wrong),
-    );
-    let o = keyfab(
-        &[
-            "approver",
-            "sign",
-            "--key",
-            &key,
-            "--root-cert",
-            &root,
-            &request,
-            "--out",
-            &out_s,
-            "--yes",
-            "--passphrase-file",
-            &wrong,
-        ],
+    let wrong = s(&wrong);
+    let root = w.root.join("root.crt");
+    let o = try_sign_approval(
+        &w,
+        "alice",
+        (&req, &root),
+        &out,
+        &["--yes", "--passphrase-file", &wrong],
         None,
     );
     assert_eq!(o.json["error"]["code"], "locked", "{}", o.json);
@@ -316,4 +277,16 @@ fn a_quorum_for_an_action_not_carried_out_is_refused() {
         o.assert_error(1, "invalid_policy", "approval.required_for");
         assert!(!out.exists());
     }
+}
+
+/// An entitlement of `policy_text` imported at the site, pending approval, and the site's
+/// request to activate it: its id and the request file.
+fn awaiting_activation(w: &World, policy_text: &str) -> (String, std::path::PathBuf) {
+    let policy = w.path("gated.toml");
+    std::fs::write(&policy, policy_text).unwrap();
+    let (kfe, id) = create_from(w, "shenzhen-1", &policy, "gated.kfe");
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    let req = w.path("activate.req");
+    approval_request(w, &id, "activate", &req);
+    (id, req)
 }

@@ -866,18 +866,35 @@ source = "site"
 certificate = { subject = "CN={device_id},O=Acme", days = 365 }
 "#;
 
-/// `approver sign` of request `req` with `who`'s key (`who.key` in the world), into `out`.
-pub(crate) fn sign_approval(w: &World, who: &str, req: &Path, out: &Path) {
-    ok(&[
+/// `approver sign` of request `req` with `who`'s key (`who.key` in the world) into
+/// `out`, trusting `root`, with `extra` arguments, at `now`: however it ends.
+pub(crate) fn try_sign_approval(
+    w: &World,
+    who: &str,
+    (req, root): (&Path, &Path),
+    out: &Path,
+    extra: &[&str],
+    now: Option<&str>,
+) -> Out {
+    let (key, root, req, out) = (s(&w.path(&format!("{who}.key"))), s(root), s(req), s(out));
+    let mut args = vec![
         "approver",
         "sign",
         "--key",
-        &s(&w.path(&format!("{who}.key"))),
+        &key,
         "--root-cert",
-        &s(&w.root.join("root.crt")),
-        &s(req),
+        &root,
+        &req,
         "--out",
-        &s(out),
-        "--yes",
-    ]);
+        &out,
+    ];
+    args.extend_from_slice(extra);
+    keyfab(&args, now)
+}
+
+/// [`try_sign_approval`] under the world's root, confirmed with `--yes`; it must succeed.
+pub(crate) fn sign_approval(w: &World, who: &str, req: &Path, out: &Path) {
+    let root = w.root.join("root.crt");
+    let o = try_sign_approval(w, who, (req, &root), out, &["--yes"], None);
+    assert_eq!(o.code, 0, "approver sign: {}", o.json);
 }
