@@ -133,23 +133,9 @@ fn station_key(w: &World, name: &str) -> (PathBuf, PathBuf) {
 }
 
 fn ask(url: &str, dir: &Path, id: &str, device: &str, request: &str, extra: &[&str]) -> Out {
-    let dir = s(dir);
-    let mut args = vec![
-        "station",
-        "provision",
-        "--url",
-        url,
-        "--station-dir",
-        &dir,
-        "--entitlement",
-        id,
-        "--device-id",
-        device,
-        "--request-id",
-        request,
-    ];
+    let mut args = vec!["--request-id", request];
     args.extend_from_slice(extra);
-    keyfab(&args, None)
+    station("provision", url, dir, id, device, &args)
 }
 
 /// Every way a secret could show in an answer: raw bytes as text, hex, base64, and the
