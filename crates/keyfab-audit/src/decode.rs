@@ -246,6 +246,18 @@ fn decode_event(c: &mut Cbor<'_>) -> Option<Event> {
                 nonce: c.field("nonce", Cbor::string)?,
             }
         }
+        "quorum_approved" => {
+            c.map(5)?;
+            Event::QuorumApproved {
+                entitlement: c.field("entitlement", Cbor::string)?,
+                action: c.field("action", Cbor::string)?,
+                nonce: c.field("nonce", Cbor::string)?,
+                request: c.field("request", |c| {
+                    c.bytes().map(|b| serde_bytes::ByteBuf::from(b.to_vec()))
+                })?,
+                approvals: c.field("approvals", decode_byte_strings)?,
+            }
+        }
         "entitlement_activated" => {
             c.map(1)?;
             Event::EntitlementActivated {
@@ -456,6 +468,16 @@ mod tests {
                 action: "activate".into(),
                 approver: "ab".into(),
                 nonce: "n".into(),
+            },
+            Event::QuorumApproved {
+                entitlement: "e".into(),
+                action: "raise-limit".into(),
+                nonce: "n".into(),
+                request: serde_bytes::ByteBuf::from(vec![0x4b; 40]),
+                approvals: vec![
+                    serde_bytes::ByteBuf::from(vec![1, 2]),
+                    serde_bytes::ByteBuf::new(),
+                ],
             },
             Event::EntitlementActivated {
                 entitlement: "e".into(),

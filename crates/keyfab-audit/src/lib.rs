@@ -160,6 +160,22 @@ pub enum Event {
         /// The approval's nonce (hex): each approval counts once.
         nonce: String,
     },
+    /// Enough distinct listed approvers approved one request (`raise-limit`), and the
+    /// site carried it out in this same commit: the raise is in force from this record
+    /// on. The request and each approval are kept whole (the approvals with their
+    /// payload, the request, detached), so that HQ verifies the quorum itself.
+    QuorumApproved {
+        /// The entitlement id.
+        entitlement: String,
+        /// The approved action.
+        action: String,
+        /// The request's nonce (hex).
+        nonce: String,
+        /// The request file the approvers signed.
+        request: serde_bytes::ByteBuf,
+        /// The approval files, each with its payload detached.
+        approvals: Vec<serde_bytes::ByteBuf>,
+    },
     /// Enough distinct approvers approved `activate`: the entitlement may be used.
     EntitlementActivated {
         /// The entitlement id.

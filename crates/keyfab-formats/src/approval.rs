@@ -76,12 +76,17 @@ pub struct ApprovalRequest {
     pub valid_until: i64,
     /// The stations it allows (none: every station the site enrolled).
     pub stations: Option<Vec<String>>,
+    /// For `raise-limit`, and only then: the raise approved. Absent from the encoding
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raise: Option<keyfab_policy::Raise>,
 }
 
 impl ApprovalRequest {
     /// The request file, signed by the site (`signer`, with its `chain`: service
     /// certificate, cluster certificate).
     pub fn to_file(&self, signer: &dyn EcdsaSigner, chain: &[Vec<u8>]) -> Result<Vec<u8>> {
+        self.check_parameters()?;
         let sign1 = crate::cose::sign(
             signer,
             chain,
@@ -91,7 +96,24 @@ impl ApprovalRequest {
         )?;
         let mut out = prefix::encode(Kind::ApprovalRequest, REQUEST_VERSION).to_vec();
         out.extend(sign1);
+        if out.len() > MAX_LEN {
+            return Err(FormatError::Write(format!(
+                "approval request of {} bytes, more than {MAX_LEN}",
+                out.len()
+            )));
+        }
         Ok(out)
+    }
+
+    /// The action's parameters are there exactly when the action takes them.
+    fn check_parameters(&self) -> Result<()> {
+        if (self.action == "raise-limit") != self.raise.is_some() {
+            return Err(FormatError::malformed(
+                Malformed::Field,
+                "approval request: raise-limit and its raise go together",
+            ));
+        }
+        Ok(())
     }
 
     /// Parses a request file strictly: its framing, its signature by the certificate it
@@ -118,6 +140,7 @@ impl ApprovalRequest {
                 "approval request format/version",
             ));
         }
+        r.check_parameters()?;
         Ok((signed, r))
     }
 }
@@ -162,6 +185,54 @@ pub fn sign_approval(approver: &dyn EcdsaSigner, request_file: &[u8]) -> Result<
     Ok(out)
 }
 
+/// An approval file with its payload — the request it signs — left out: what the audit
+/// log keeps of each approval, beside one copy of the request they all signed.
+/// [`attach`] gives the approval file back, byte for byte (the encoding is canonical).
+pub fn detach(approval_file: &[u8]) -> Result<Vec<u8>> {
+    let mut sign1 = approval_sign1(approval_file)?;
+    sign1.payload = None;
+    let mut out = prefix::encode(Kind::Approval, VERSION).to_vec();
+    out.extend(
+        sign1
+            .to_tagged_vec()
+            .map_err(|e| FormatError::Write(e.to_string()))?,
+    );
+    Ok(out)
+}
+
+/// The approval file `detached` ([`detach`]) was made from, given the request file it
+/// signs. What it proves is [`verify_approval`]'s to say.
+pub fn attach(detached: &[u8], request_file: &[u8]) -> Result<Vec<u8>> {
+    let mut sign1 = approval_sign1(detached)?;
+    if sign1.payload.is_some() {
+        return Err(FormatError::malformed(
+            Malformed::Field,
+            "approval: payload not detached",
+        ));
+    }
+    sign1.payload = Some(request_file.to_vec());
+    let mut out = prefix::encode(Kind::Approval, VERSION).to_vec();
+    out.extend(
+        sign1
+            .to_tagged_vec()
+            .map_err(|e| FormatError::Write(e.to_string()))?,
+    );
+    Ok(out)
+}
+
+/// An approval file's framing and COSE structure, checked for size and canonical
+/// encoding only.
+fn approval_sign1(bytes: &[u8]) -> Result<coset::CoseSign1> {
+    if bytes.len() > MAX_APPROVAL_LEN {
+        return Err(FormatError::malformed(
+            Malformed::TooLarge,
+            "approval too large",
+        ));
+    }
+    prefix::check(bytes, Kind::Approval, VERSION)?;
+    crate::cose::decode_sign1("approval", &bytes[prefix::LEN..])
+}
+
 /// A verified approval: who approved which request.
 #[derive(Debug, Clone)]
 pub struct Approval {
@@ -176,16 +247,8 @@ pub struct Approval {
 /// Verifies an approval against the approver keys a policy lists (PEM). A key that is
 /// not listed, a bad signature, or a malformed file is refused.
 pub fn verify_approval(bytes: &[u8], approvers: &[VerifyingKey]) -> Result<Approval> {
-    if bytes.len() > MAX_APPROVAL_LEN {
-        return Err(FormatError::malformed(
-            Malformed::TooLarge,
-            "approval too large",
-        ));
-    }
-    prefix::check(bytes, Kind::Approval, VERSION)?;
-    let body = &bytes[prefix::LEN..];
     let malformed = |m: &str| FormatError::malformed(Malformed::Field, format!("approval: {m}"));
-    let sign1 = crate::cose::decode_sign1("approval", body)?;
+    let sign1 = approval_sign1(bytes)?;
     let h = &sign1.protected.header;
     if h.alg
         != Some(coset::RegisteredLabelWithPrivate::Assigned(

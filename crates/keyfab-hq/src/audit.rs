@@ -138,8 +138,11 @@ pub struct Replica {
     pub activated: bool,
     /// The site applied HQ's revocation.
     pub revoked: bool,
-    /// Who approved, by key fingerprint.
+    /// Who approved `activate`, by key fingerprint.
     pub approvers: BTreeSet<String>,
+    /// The raises of the daily limit a proven quorum approved, in log order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub raises: Vec<keyfab_policy::Raise>,
     /// Devices released.
     pub total: u64,
     /// Every pool slot below this one was taken.

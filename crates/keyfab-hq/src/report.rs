@@ -84,11 +84,8 @@ pub fn report(node: &Node, now: UnixTime) -> Result<Report> {
             .transpose()?
             .unwrap_or_default();
         let policy = CompiledPolicy::new(issued.policy.clone())?;
-        let today = replica
-            .days
-            .get(&policy.day_of(now.0))
-            .copied()
-            .unwrap_or(0);
+        let day = policy.day_of(now.0);
+        let today = replica.days.get(&day).copied().unwrap_or(0);
         let revoked = replica.revoked || issued.revoked_at.is_some();
         let acknowledged = match acknowledged_at.get(&issued.site) {
             Some(at) => *at,
@@ -108,6 +105,7 @@ pub fn report(node: &Node, now: UnixTime) -> Result<Report> {
                 last_acknowledged: acknowledged.max(issued.created_at),
                 total: replica.total,
                 today,
+                raised_daily: keyfab_policy::raised_on(&replica.raises, &day),
             },
             now.0,
         );

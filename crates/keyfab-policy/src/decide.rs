@@ -113,6 +113,9 @@ pub struct EntitlementState {
     pub total: u64,
     /// Devices allowed so far on the calendar day of `now` in the policy's time zone.
     pub today: u64,
+    /// The daily limit a quorum approved for that day (`raise-limit`,
+    /// [`crate::raised_on`]), if any: in force where it is above the policy's.
+    pub raised_daily: Option<u64>,
 }
 
 /// One calendar day of a policy's time zone: its name and the Unix seconds it covers.
@@ -418,10 +421,22 @@ impl CompiledPolicy {
         if state.total >= p.devices {
             return Some(DenyCode::QuotaExceeded);
         }
-        if p.daily_limit.is_some_and(|d| state.today >= d) {
+        if self
+            .daily_limit(state.raised_daily)
+            .is_some_and(|d| state.today >= d)
+        {
             return Some(DenyCode::DailyLimitExceeded);
         }
         None
+    }
+
+    /// The daily limit on a day whose approved raise is `raised` (none: no limit): the
+    /// policy's, or the raise where it is higher. A raise never lowers the limit, and
+    /// gives none to a policy without one.
+    pub fn daily_limit(&self, raised: Option<u64>) -> Option<u64> {
+        self.policy
+            .daily_limit
+            .map(|d| raised.map_or(d, |r| r.max(d)))
     }
 }
 

@@ -38,6 +38,7 @@ mod decide;
 pub mod glance;
 pub mod ids;
 mod model;
+mod raise;
 mod toml_form;
 
 pub use certificate::{CertificateTemplate, Lifetime, MAX_CERT_DAYS};
@@ -50,6 +51,7 @@ pub use ids::{
 };
 pub use keyfab_code::Code;
 pub use model::*;
+pub use raise::{raised_on, Raise, MAX_RAISE_DAYS};
 pub use toml_form::PolicyDraft;
 
 /// A Unix time as RFC 3339 (UTC), as every message and report gives times; the bare

@@ -137,7 +137,7 @@ pub enum Action {
     /// Giving a device that already has keys new ones.
     #[serde(rename = "reprovision")]
     Reprovision,
-    /// Raising the daily limit for one day.
+    /// Raising the daily limit for a run of policy days.
     #[serde(rename = "raise-limit")]
     RaiseLimit,
 }
@@ -396,7 +396,7 @@ impl Policy {
         }
         self.validate_keys()?;
         if let Some(a) = &self.approval {
-            validate_approval(a)?;
+            validate_approval(a, self.daily_limit)?;
         }
         if let Some(c) = &self.chips {
             validate_chips(c)?;
@@ -547,7 +547,7 @@ fn validate_chips(c: &Chips) -> Result<(), PolicyError> {
     Ok(())
 }
 
-fn validate_approval(a: &Approval) -> Result<(), PolicyError> {
+fn validate_approval(a: &Approval, daily_limit: Option<u64>) -> Result<(), PolicyError> {
     if a.approver_keys.is_empty() {
         return Err(PolicyError::new(
             "approval.approvers",
@@ -580,18 +580,17 @@ fn validate_approval(a: &Approval) -> Result<(), PolicyError> {
             "an action is listed twice",
         ));
     }
-    // A quorum for an action this version does not carry out would approve nothing.
-    if let Some(action) = a
-        .required_for
-        .iter()
-        .find(|action| **action != Action::Activate)
-    {
+    // A quorum for what the policy cannot do would approve nothing.
+    if a.required_for.contains(&Action::RaiseLimit) && daily_limit.is_none() {
         return Err(PolicyError::new(
             "approval.required_for",
-            format!(
-                "'{}' is not carried out by this version of keyfab: only activate is",
-                action.as_str()
-            ),
+            "'raise-limit' needs a daily limit to raise: set limits.daily",
+        ));
+    }
+    if a.required_for.contains(&Action::Reprovision) {
+        return Err(PolicyError::new(
+            "approval.required_for",
+            "'reprovision' is not carried out by this version of keyfab: only activate and raise-limit are",
         ));
     }
     Ok(())

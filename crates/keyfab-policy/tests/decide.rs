@@ -304,10 +304,11 @@ proptest! {
         acknowledged in 0i64..400_000,
         total in 0u64..8,
         today in 0u64..4,
+        raised_daily in proptest::option::of(0u64..6),
         now in 0i64..400_000,
     ) {
         let p = gated(policy(5, Some(2), 100_000, 300_000, "UTC"));
-        let state = EntitlementState { revoked, activated, last_acknowledged: acknowledged, total, today };
+        let state = EntitlementState { revoked, activated, last_acknowledged: acknowledged, total, today, raised_daily };
         let status = p.status(&state, now);
         let expected = match p.decide(&state, &REQ, now) {
             Decision::Allow => "active",
@@ -537,4 +538,38 @@ fn a_chips_section_needs_roots_to_check_against_and_reads_them_from_files() {
     assert!(chips.accept_expired);
     // Off needs no roots.
     assert!(PolicyDraft::parse(&text("attestation = \"off\"")).is_ok());
+}
+
+/// An approved raise lifts the day's share and nothing else: it never lowers the limit,
+/// never passes the quota, and gives no limit to a policy without one.
+#[test]
+fn a_raise_lifts_the_days_share_never_the_quota() {
+    let p = policy(10, Some(2), 100, 300, "UTC");
+    let at = |total, today, raised_daily| {
+        p.decide(
+            &EntitlementState {
+                activated: true,
+                last_acknowledged: 150,
+                total,
+                today,
+                raised_daily,
+                ..EntitlementState::default()
+            },
+            &REQ,
+            150,
+        )
+    };
+    assert_eq!(at(2, 2, None), Decision::Deny(DenyCode::DailyLimitExceeded));
+    assert_eq!(at(2, 2, Some(5)), Decision::Allow);
+    assert_eq!(at(5, 4, Some(5)), Decision::Allow);
+    assert_eq!(
+        at(5, 5, Some(5)),
+        Decision::Deny(DenyCode::DailyLimitExceeded)
+    );
+    // Lower than the policy's: the policy's stands.
+    assert_eq!(at(1, 1, Some(1)), Decision::Allow);
+    assert_eq!(p.daily_limit(Some(1)), Some(2));
+    assert_eq!(at(10, 0, Some(50)), Decision::Deny(DenyCode::QuotaExceeded));
+    let unlimited = policy(10, None, 100, 300, "UTC");
+    assert_eq!(unlimited.daily_limit(Some(5)), None);
 }

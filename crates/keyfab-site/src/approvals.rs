@@ -11,16 +11,12 @@ use keyfab_audit::Event;
 use keyfab_crypto::sign::VerifyingKey;
 use keyfab_formats::approval::{verify_approval, ApprovalRequest};
 use keyfab_node::{decode, encode, Error, Node, Result};
-use keyfab_policy::Action;
+use keyfab_policy::{Action, CompiledPolicy, Raise};
 use keyfab_store::{Table, Txn};
 use std::collections::BTreeSet;
 
 fn request_key(nonce: &str) -> Vec<u8> {
     format!("approval-request/{nonce}").into_bytes()
-}
-
-fn approval_key(entitlement: &str, action: &str, approver: &str) -> Vec<u8> {
-    format!("approval/{entitlement}/{action}/{approver}").into_bytes()
 }
 
 fn entitlement(node: &Node, id: &str) -> Result<EntitlementRecord> {
@@ -45,9 +41,28 @@ fn approver_keys(record: &EntitlementRecord) -> Result<Vec<VerifyingKey>> {
         .unwrap_or_else(|| Ok(Vec::new()))
 }
 
-/// Issues an approval request for `action` on an entitlement, valid for `ttl_secs`.
-pub fn request(node: &Node, id: &str, act: Action, ttl_secs: i64) -> Result<Vec<u8>> {
+/// What a request asks approvers to approve.
+#[derive(Debug, Clone)]
+pub enum Ask {
+    /// Starting production under the entitlement.
+    Activate,
+    /// Raising its daily limit over a run of policy days.
+    RaiseLimit(Raise),
+}
+
+impl Ask {
+    fn action(&self) -> Action {
+        match self {
+            Ask::Activate => Action::Activate,
+            Ask::RaiseLimit(_) => Action::RaiseLimit,
+        }
+    }
+}
+
+/// Issues an approval request for `ask` on an entitlement, valid for `ttl_secs`.
+pub fn request(node: &Node, id: &str, ask: &Ask, ttl_secs: i64) -> Result<Vec<u8>> {
     let record = entitlement(node, id)?;
+    let act = ask.action();
     if !record.policy.requires_approval(act) {
         return Err(Error::InvalidInput(format!(
             "the policy of {id} does not ask for approval of '{}'",
@@ -59,13 +74,30 @@ pub fn request(node: &Node, id: &str, act: Action, ttl_secs: i64) -> Result<Vec<
             "an approval request must live at least a minute".into(),
         ));
     }
+    let now = node.now().0;
     let counters = crate::provision::counters(node, id)?;
-    if act == Action::Activate && counters.activated {
-        return Err(Error::Precondition(format!("{id} is already activated")));
-    }
+    let raise = match ask {
+        Ask::Activate if counters.activated => {
+            return Err(Error::Precondition(format!("{id} is already activated")));
+        }
+        Ask::Activate => None,
+        Ask::RaiseLimit(raise) => {
+            let policy = CompiledPolicy::new(record.policy.clone())?;
+            raise
+                .check(&policy)
+                .map_err(|e| Error::InvalidInput(format!("{}: {}", e.field, e.message)))?;
+            let today = policy.day_of(now);
+            if raise.to_day < today {
+                return Err(Error::InvalidInput(format!(
+                    "raise.to_day: {} has passed (today is {today} in {})",
+                    raise.to_day, record.policy.timezone
+                )));
+            }
+            Some(raise.clone())
+        }
+    };
     let mut nonce = [0u8; 16];
     node.rng.fill(&mut nonce);
-    let now = node.now().0;
     let req = ApprovalRequest {
         format: "keyfab-approval-request".into(),
         version: u32::from(keyfab_formats::approval::REQUEST_VERSION),
@@ -81,6 +113,7 @@ pub fn request(node: &Node, id: &str, act: Action, ttl_secs: i64) -> Result<Vec<
         valid_from: record.policy.valid_from,
         valid_until: record.policy.valid_until,
         stations: record.policy.allowed_stations.clone(),
+        raise,
     };
     // Signed by the site: the approver checks it up to the root before reading it.
     let file = req.to_file(node.service_signer()?, &node.service_chain()?)?;
@@ -105,6 +138,39 @@ pub struct Submitted {
     pub threshold: u32,
     /// The entitlement is activated (the quorum for `activate` is met).
     pub activated: bool,
+    /// The raise this submission put in force (the quorum for its request is met).
+    pub raised: Option<Raise>,
+}
+
+/// What approvals count towards: `activate` counts distinct approvers over any of the
+/// entitlement's requests; an action with parameters counts them per request, so that
+/// approvals of different raises never add up.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Tally {
+    entitlement: String,
+    action: String,
+    /// The request's nonce, for actions counted per request.
+    nonce: Option<String>,
+}
+
+impl Tally {
+    fn of(req: &ApprovalRequest) -> Self {
+        Tally {
+            entitlement: req.entitlement.clone(),
+            action: req.action.clone(),
+            nonce: (req.action != Action::Activate.as_str()).then(|| req.nonce.clone()),
+        }
+    }
+
+    /// Where its approvals are kept: one row per approver, under this prefix.
+    fn prefix(&self) -> Vec<u8> {
+        let mut p = format!("approval/{}/{}/", self.entitlement, self.action);
+        if let Some(nonce) = &self.nonce {
+            p.push_str(nonce);
+            p.push('/');
+        }
+        p.into_bytes()
+    }
 }
 
 /// Verifies every approval, then counts them in one transaction.
@@ -154,7 +220,9 @@ pub fn submit(node: &Node, files: &[Vec<u8>]) -> Result<Vec<Submitted>> {
                 i + 1
             )));
         }
-        verified.push(a);
+        let detached = keyfab_formats::approval::detach(file)
+            .map_err(|e| Error::ApprovalInvalid(format!("file {}: {e}", i + 1)))?;
+        verified.push((a, detached));
     }
 
     // Read, decided and committed again while the serving site's batches move the head.
@@ -162,78 +230,129 @@ pub fn submit(node: &Node, files: &[Vec<u8>]) -> Result<Vec<Submitted>> {
         let mut txn = Txn::default();
         let mut log = Appender::begin(node, &mut txn)?;
         let mut results = Vec::new();
-        let groups: BTreeSet<(String, String)> = verified
+        let tallies: BTreeSet<Tally> = verified
             .iter()
-            .map(|a| (a.request.entitlement.clone(), a.request.action.clone()))
+            .map(|(a, _)| Tally::of(&a.request))
             .collect();
-        for (ent, action) in groups {
-            let rec = &records[&ent];
+        for tally in tallies {
+            let rec = &records[&tally.entitlement];
             let threshold = rec.policy.approval_threshold();
-            let prefix = format!("approval/{ent}/{action}/").into_bytes();
-            let mut approvers: BTreeSet<String> = node
+            let prefix = tally.prefix();
+            // Approver → what is kept of the approval (per-request tallies: the
+            // approval, detached).
+            let mut approvers: std::collections::BTreeMap<String, Vec<u8>> = node
                 .store
                 .scan(Table::Meta, &prefix, usize::MAX)?
                 .into_iter()
-                .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+                .map(|(k, v)| {
+                    (
+                        String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+                        v.value,
+                    )
+                })
                 .collect();
             let mut accepted = 0;
-            for a in verified
+            for (a, detached) in verified
                 .iter()
-                .filter(|a| a.request.entitlement == ent && a.request.action == action)
+                .filter(|(a, _)| Tally::of(&a.request) == tally)
             {
                 let fp = a.approver.to_hex();
-                if approvers.insert(fp.clone()) {
-                    accepted += 1;
-                    let key = approval_key(&ent, &action, &fp);
-                    txn.require_absent(Table::Meta, &key).put(
-                        Table::Meta,
-                        &key,
-                        a.request.nonce.as_bytes(),
-                    );
-                    log.append(
-                        &mut txn,
-                        now,
-                        Event::ApprovalAccepted {
-                            entitlement: ent.clone(),
-                            action: action.clone(),
-                            approver: fp,
-                            nonce: a.request.nonce.clone(),
-                        },
-                    )?;
+                if approvers.contains_key(&fp) {
+                    continue;
                 }
+                let kept = match tally.nonce {
+                    Some(_) => detached.clone(),
+                    None => a.request.nonce.as_bytes().to_vec(),
+                };
+                accepted += 1;
+                let mut key = prefix.clone();
+                key.extend_from_slice(fp.as_bytes());
+                txn.require_absent(Table::Meta, &key)
+                    .put(Table::Meta, &key, &kept);
+                approvers.insert(fp.clone(), kept);
+                log.append(
+                    &mut txn,
+                    now,
+                    Event::ApprovalAccepted {
+                        entitlement: tally.entitlement.clone(),
+                        action: tally.action.clone(),
+                        approver: fp,
+                        nonce: a.request.nonce.clone(),
+                    },
+                )?;
             }
+            let quorum = approvers.len() >= threshold as usize;
             let mut activated = false;
-            if action == "activate" && approvers.len() >= threshold as usize {
-                let seen = node.store.get(Table::Counters, ent.as_bytes())?;
+            let mut raised = None;
+            if quorum {
+                let seen = node
+                    .store
+                    .get(Table::Counters, tally.entitlement.as_bytes())?;
                 let mut c: Counters = match &seen {
                     Some(v) => decode(&v.value)?,
                     None => Counters::default(),
                 };
-                if !c.activated {
-                    c.activated = true;
-                    txn.require_unchanged(Table::Counters, ent.as_bytes(), seen.as_ref())
-                        .put(Table::Counters, ent.as_bytes(), &encode(&c)?);
-                    log.append(
-                        &mut txn,
-                        now,
-                        Event::EntitlementActivated {
-                            entitlement: ent.clone(),
-                        },
-                    )?;
+                let request = verified
+                    .iter()
+                    .map(|(a, _)| a)
+                    .find(|a| Tally::of(&a.request) == tally);
+                match (tally.action.as_str(), request) {
+                    ("activate", _) => {
+                        activated = true;
+                        if !c.activated {
+                            c.activated = true;
+                            log.append(
+                                &mut txn,
+                                now,
+                                Event::EntitlementActivated {
+                                    entitlement: tally.entitlement.clone(),
+                                },
+                            )?;
+                        }
+                    }
+                    ("raise-limit", Some(a)) => {
+                        let raise = a.request.raise.clone().ok_or_else(|| {
+                            Error::Bug("a raise-limit request without its raise".into())
+                        })?;
+                        log.append(
+                            &mut txn,
+                            now,
+                            Event::QuorumApproved {
+                                entitlement: tally.entitlement.clone(),
+                                action: tally.action.clone(),
+                                nonce: a.request.nonce.clone(),
+                                request: serde_bytes::ByteBuf::from(a.request_file.clone()),
+                                approvals: approvers
+                                    .values()
+                                    .map(|d| serde_bytes::ByteBuf::from(d.clone()))
+                                    .collect(),
+                            },
+                        )?;
+                        c.raises.push(raise.clone());
+                        raised = Some(raise);
+                    }
+                    (other, _) => {
+                        return Err(Error::Bug(format!("no way to carry out '{other}'")));
+                    }
                 }
-                activated = true;
+                txn.require_unchanged(Table::Counters, tally.entitlement.as_bytes(), seen.as_ref())
+                    .put(Table::Counters, tally.entitlement.as_bytes(), &encode(&c)?);
                 // Satisfied: its requests cannot be used again.
-                for a in verified.iter().filter(|a| a.request.entitlement == ent) {
+                for (a, _) in verified
+                    .iter()
+                    .filter(|(a, _)| Tally::of(&a.request) == tally)
+                {
                     txn.delete(Table::Meta, &request_key(&a.request.nonce));
                 }
             }
             results.push(Submitted {
-                entitlement: ent,
-                action,
+                entitlement: tally.entitlement,
+                action: tally.action,
                 accepted,
                 count: approvers.len(),
                 threshold,
                 activated,
+                raised,
             });
         }
         log.finish(&mut txn);

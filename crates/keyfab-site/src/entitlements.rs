@@ -124,8 +124,13 @@ pub struct Standing {
     pub day: String,
     /// Devices released today.
     pub today: u64,
+    /// Today's daily limit: the policy's, or a quorum's raise in force today (none: no
+    /// daily limit).
+    pub daily_limit: Option<u64>,
     /// Devices today's share still allows (none: no daily limit).
     pub left_today: Option<u64>,
+    /// The raises of the daily limit a quorum approved, today's or not.
+    pub raises: Vec<keyfab_policy::Raise>,
     /// When the entitlement pauses for want of an audit receipt (Unix seconds; none:
     /// the policy asks for no audit).
     pub audit_due_at: Option<i64>,
@@ -153,7 +158,9 @@ pub fn standing(node: &Node, record: &EntitlementRecord) -> Result<Standing> {
         last_acknowledged,
         total: c.total,
         today,
+        raised_daily: c.raised_on(&day),
     };
+    let daily_limit = policy.daily_limit(state.raised_daily);
     // Slots handed out: every slot up to `next_pool`, less those given back. A
     // revocation destroys every slot no device took.
     let given_back: u64 = c
@@ -180,7 +187,9 @@ pub fn standing(node: &Node, record: &EntitlementRecord) -> Result<Standing> {
         left: record.policy.devices.saturating_sub(c.total),
         reserved_by_nodes,
         today,
-        left_today: record.policy.daily_limit.map(|d| d.saturating_sub(today)),
+        daily_limit,
+        left_today: daily_limit.map(|d| d.saturating_sub(today)),
+        raises: c.raises,
         day,
         audit_due_at: record.policy.audit_due_at(last_acknowledged),
         pool_keys_left,

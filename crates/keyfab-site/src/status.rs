@@ -75,9 +75,10 @@ pub struct EntitlementLine {
     pub product: String,
     /// What the next decision does for an acceptable device.
     pub state: EntitlementStatus,
-    /// Devices released today, and the daily limit (none: no limit).
+    /// Devices released today.
     pub today: u64,
-    /// The policy's daily limit.
+    /// Today's daily limit: the policy's, or a quorum's raise in force today (none: no
+    /// limit).
     pub daily_limit: Option<u64>,
     /// Devices released in all.
     pub provisioned: u64,
@@ -126,7 +127,7 @@ pub fn site_status(node: &Node) -> Result<SiteStatus> {
             product: e.policy.product.clone(),
             state: standing.state,
             today: standing.today,
-            daily_limit: e.policy.daily_limit,
+            daily_limit: standing.daily_limit,
             provisioned: standing.provisioned,
             quota: e.policy.devices,
             valid_until: e.policy.valid_until,

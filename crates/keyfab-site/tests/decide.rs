@@ -258,7 +258,7 @@ fn gated_entitlement(w: &World, name: &str) -> (String, SigningKey) {
 /// `approver` approves activating entitlement `id`, and the site takes the approval.
 fn activate(w: &World, id: &str, approver: &SigningKey) {
     let request =
-        keyfab_site::approvals::request(w.site(), id, keyfab_policy::Action::Activate, 3600)
+        keyfab_site::approvals::request(w.site(), id, &keyfab_site::approvals::Ask::Activate, 3600)
             .unwrap();
     let approval = keyfab_formats::approval::sign_approval(approver, &request).unwrap();
     keyfab_site::approvals::submit(w.site(), &[approval]).unwrap();

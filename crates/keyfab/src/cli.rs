@@ -970,19 +970,41 @@ pub(crate) enum SiteReceiptCommand {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum SiteApprovalCommand {
-    /// Write an approval request for approvers to sign (`keyfab approver sign`).
-    #[command(
-        after_help = "Example:\n  keyfab site approval request --home site --entitlement ID --action activate --out activate.req"
-    )]
+    /// Write an approval request for approvers to sign (`keyfab approver sign`). The
+    /// request is signed by the site and summarises what it approves.
+    #[command(after_help = "Examples:
+  keyfab site approval request --home site --entitlement ID --action activate --out activate.req
+  # 500 devices a day instead of the policy's limits.daily, on two policy days
+  # (dates in the policy's time zone; the quota itself stays as HQ set it):
+  keyfab site approval request --home site --entitlement ID --action raise-limit \\
+      --daily 500 --from-day 2026-12-08 --to-day 2026-12-09 --out raise.req")]
     Request {
         #[command(flatten)]
         home: Home,
         /// The entitlement the action is for (see `keyfab site entitlement list`).
         #[arg(long)]
         entitlement: String,
-        /// activate, reprovision or raise-limit (as the policy's required_for lists).
+        /// activate or raise-limit (as the policy's required_for lists).
         #[arg(long, value_enum)]
         action: ApprovalAction,
+        /// raise-limit: the daily limit on the days raised, above the policy's and at
+        /// most the quota.
+        #[arg(long, value_name = "N", required_if_eq("action", "raise-limit"))]
+        daily: Option<u64>,
+        /// raise-limit: the first policy day raised (YYYY-MM-DD, policy time zone).
+        #[arg(
+            long,
+            value_name = "YYYY-MM-DD",
+            required_if_eq("action", "raise-limit")
+        )]
+        from_day: Option<String>,
+        /// raise-limit: the last policy day raised (inclusive; at most 31 days).
+        #[arg(
+            long,
+            value_name = "YYYY-MM-DD",
+            required_if_eq("action", "raise-limit")
+        )]
+        to_day: Option<String>,
         /// Where to write the request, for the approvers to sign.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
@@ -1439,16 +1461,5 @@ impl Programming {
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ApprovalAction {
     Activate,
-    Reprovision,
     RaiseLimit,
-}
-
-impl ApprovalAction {
-    pub(crate) fn action(self) -> keyfab_policy::Action {
-        match self {
-            ApprovalAction::Activate => keyfab_policy::Action::Activate,
-            ApprovalAction::Reprovision => keyfab_policy::Action::Reprovision,
-            ApprovalAction::RaiseLimit => keyfab_policy::Action::RaiseLimit,
-        }
-    }
 }

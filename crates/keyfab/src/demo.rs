@@ -250,7 +250,7 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
             &ctx,
             &site,
             &id,
-            crate::cli::ApprovalAction::Activate,
+            keyfab_site::approvals::Ask::Activate,
             &req,
             72,
         )?,

@@ -285,9 +285,26 @@ impl<'a> Reconciler<'a> {
             }
             Event::ApprovalAccepted {
                 entitlement,
+                action,
                 approver,
                 ..
-            } => self.on_approval(entitlement, approver)?,
+            } => self.on_approval(entitlement, action, approver)?,
+            Event::QuorumApproved {
+                entitlement,
+                action,
+                nonce,
+                request,
+                approvals,
+            } => {
+                let approved = Approved {
+                    entitlement,
+                    action,
+                    nonce,
+                    request,
+                    approvals,
+                };
+                self.on_quorum(r.time, &approved)?;
+            }
             Event::EntitlementActivated { entitlement } => self.on_activated(entitlement)?,
             Event::EntitlementRevoked {
                 entitlement,
@@ -404,8 +421,10 @@ impl<'a> Reconciler<'a> {
         Ok(())
     }
 
-    /// An approval counts only from an approver the entitlement lists.
-    fn on_approval(&mut self, entitlement: &str, approver: &str) -> Result<()> {
+    /// An approval counts only from an approver the entitlement lists; approvals of
+    /// `activate` count towards its activation (the others are proven with the action,
+    /// [`Reconciler::on_quorum`]).
+    fn on_approval(&mut self, entitlement: &str, action: &str, approver: &str) -> Result<()> {
         let listed = match self.issued(entitlement)? {
             Some(entry) => entry.record.policy.approval.as_ref().is_some_and(|a| {
                 a.approver_keys.iter().any(|pem| {
@@ -416,9 +435,11 @@ impl<'a> Reconciler<'a> {
             None => false,
         };
         if listed {
-            self.replica(entitlement)?
-                .approvers
-                .insert(approver.to_owned());
+            if action == keyfab_policy::Action::Activate.as_str() {
+                self.replica(entitlement)?
+                    .approvers
+                    .insert(approver.to_owned());
+            }
         } else {
             self.violation(
                 Some(entitlement),
@@ -445,6 +466,30 @@ impl<'a> Reconciler<'a> {
             );
         }
         self.replica(entitlement)?.activated = true;
+        Ok(())
+    }
+
+    /// An action the site carried out on a quorum: in force in HQ's replay only when the
+    /// approvals the record keeps prove the quorum to HQ itself.
+    fn on_quorum(&mut self, time: i64, approved: &Approved<'_>) -> Result<()> {
+        let Some(entry) = self.issued(approved.entitlement)? else {
+            self.violation(
+                Some(approved.entitlement),
+                None,
+                ViolationKind::UnknownEntitlement,
+                "a quorum approval for an entitlement HQ never issued to this site".into(),
+            );
+            return Ok(());
+        };
+        match approved.prove(&self.site, time, &entry.policy) {
+            Ok(raise) => self.replica(approved.entitlement)?.raises.push(raise),
+            Err(detail) => self.violation(
+                Some(approved.entitlement),
+                None,
+                ViolationKind::QuorumNotProven,
+                format!("'{}' request {}: {detail}", approved.action, approved.nonce),
+            ),
+        }
         Ok(())
     }
 
@@ -637,6 +682,7 @@ impl<'a> Reconciler<'a> {
                 last_acknowledged: acknowledged,
                 total: rep.total,
                 today: rep.days.get(&day).copied().unwrap_or(0),
+                raised_daily: keyfab_policy::raised_on(&rep.raises, &day),
             }
         };
         let built_in = entry.policy.decide(
@@ -847,5 +893,68 @@ impl<'a> Reconciler<'a> {
             None
         };
         Ok(expected.as_deref() == Some(id))
+    }
+}
+
+/// A `quorum_approved` record: a request and the approvals the site counted for it.
+struct Approved<'a> {
+    entitlement: &'a str,
+    action: &'a str,
+    nonce: &'a str,
+    request: &'a [u8],
+    approvals: &'a [serde_bytes::ByteBuf],
+}
+
+impl Approved<'_> {
+    /// What the approvals prove, under `policy`, of an action `site` carried out at
+    /// `time`: the raise approved, or why they prove nothing.
+    fn prove(
+        &self,
+        site: &str,
+        time: i64,
+        policy: &CompiledPolicy,
+    ) -> std::result::Result<keyfab_policy::Raise, String> {
+        use keyfab_formats::approval::{attach, verify_approval, ApprovalRequest};
+        let p = &policy.policy;
+        if self.action != keyfab_policy::Action::RaiseLimit.as_str()
+            || !p.requires_approval(keyfab_policy::Action::RaiseLimit)
+        {
+            return Err(format!("the policy puts no '{}' to a quorum", self.action));
+        }
+        let req = ApprovalRequest::from_file(self.request).map_err(|e| e.to_string())?;
+        if req.site != site
+            || req.entitlement != self.entitlement
+            || req.action != self.action
+            || req.nonce != self.nonce
+        {
+            return Err("the request kept is for something else".into());
+        }
+        if time >= req.expires_at {
+            return Err("carried out after the request expired".into());
+        }
+        let keys = p
+            .approval
+            .iter()
+            .flat_map(|a| &a.approver_keys)
+            .filter_map(|pem| keyfab_crypto::sign::VerifyingKey::from_pem(pem).ok())
+            .collect::<Vec<_>>();
+        let mut approvers = BTreeSet::new();
+        for detached in self.approvals {
+            let file = attach(detached, self.request).map_err(|e| e.to_string())?;
+            let approval = verify_approval(&file, &keys).map_err(|e| e.to_string())?;
+            approvers.insert(approval.approver);
+        }
+        let threshold = p.approval_threshold();
+        if approvers.len() < threshold as usize {
+            return Err(format!(
+                "{} of {threshold} distinct listed approvers",
+                approvers.len()
+            ));
+        }
+        let raise = req.raise.ok_or("the request names no raise")?;
+        raise
+            .check(policy)
+            .map_err(|e| format!("{}: {}", e.field, e.message))?;
+        Ok(raise)
     }
 }

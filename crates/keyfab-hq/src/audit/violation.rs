@@ -19,6 +19,10 @@ pub enum ViolationKind {
     ApproverNotListed,
     /// An activation without the policy's quorum of approvals.
     ActivatedWithoutQuorum,
+    /// An action carried out on a quorum (`raise-limit`) that the approvals the log keeps
+    /// do not prove: too few distinct listed approvers, a bad signature, a request for
+    /// something else, or an action the policy does not put to a quorum.
+    QuorumNotProven,
     /// The site recorded a revocation HQ did not issue.
     RevokedWithoutRevocation,
     /// The site refused what the policy allows.
@@ -40,11 +44,12 @@ pub enum ViolationKind {
 }
 
 impl ViolationKind {
-    const NAMED: [ViolationKind; 13] = [
+    const NAMED: [ViolationKind; 14] = [
         ViolationKind::UnknownEntitlement,
         ViolationKind::TimestampBackwards,
         ViolationKind::ApproverNotListed,
         ViolationKind::ActivatedWithoutQuorum,
+        ViolationKind::QuorumNotProven,
         ViolationKind::RevokedWithoutRevocation,
         ViolationKind::DeniedButAllowed,
         ViolationKind::ConfirmedWithoutRelease,
@@ -64,6 +69,7 @@ impl ViolationKind {
             ViolationKind::TimestampBackwards => "timestamp_backwards",
             ViolationKind::ApproverNotListed => "approver_not_listed",
             ViolationKind::ActivatedWithoutQuorum => "activated_without_quorum",
+            ViolationKind::QuorumNotProven => "quorum_not_proven",
             ViolationKind::RevokedWithoutRevocation => "revoked_without_revocation",
             ViolationKind::DeniedButAllowed => "denied_but_allowed",
             ViolationKind::ConfirmedWithoutRelease => "confirmed_without_release",

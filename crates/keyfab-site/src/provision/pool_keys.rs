@@ -177,15 +177,11 @@ pub(super) fn room_left(ctx: &EntitlementContext, counters: &Counters, now: i64)
     if counters.revoked {
         return 0;
     }
-    let policy = &ctx.policy.policy;
-    let room = policy.devices.saturating_sub(counters.total);
-    match policy.daily_limit {
+    let room = ctx.policy.policy.devices.saturating_sub(counters.total);
+    let day = ctx.policy.day_of(now);
+    match ctx.policy.daily_limit(counters.raised_on(&day)) {
         Some(daily) => {
-            let today = counters
-                .days
-                .get(&ctx.policy.day_of(now))
-                .copied()
-                .unwrap_or(0);
+            let today = counters.days.get(&day).copied().unwrap_or(0);
             room.min(daily.saturating_sub(today))
         }
         None => room,

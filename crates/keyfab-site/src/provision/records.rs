@@ -181,6 +181,17 @@ pub struct Counters {
     /// next grants take these before slots from `next_pool` on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub returned_pool: Vec<(u64, u64)>,
+    /// Raises of the daily limit a quorum approved (`raise-limit`), in the order they
+    /// were approved: read with the counters, so a decision sees the raise in force.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub raises: Vec<keyfab_policy::Raise>,
+}
+
+impl Counters {
+    /// The daily limit a quorum raised `day` to, if any.
+    pub fn raised_on(&self, day: &str) -> Option<u64> {
+        keyfab_policy::raised_on(&self.raises, day)
+    }
 }
 
 fn is_default(c: &CodeCounters) -> bool {

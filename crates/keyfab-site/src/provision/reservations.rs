@@ -165,9 +165,8 @@ fn give_back_beyond(ledger: &mut Counters, r: &mut Reservation, keep: u64) {
 
 /// Devices the ledger can still grant on `day`.
 fn ledger_room(ctx: &EntitlementContext, ledger: &Counters, day: &str) -> u64 {
-    let policy = &ctx.policy.policy;
-    let room = policy.devices.saturating_sub(ledger.total);
-    match policy.daily_limit {
+    let room = ctx.policy.policy.devices.saturating_sub(ledger.total);
+    match ctx.policy.daily_limit(ledger.raised_on(day)) {
         Some(daily) => room.min(daily.saturating_sub(ledger.days.get(day).copied().unwrap_or(0))),
         None => room,
     }

@@ -118,6 +118,7 @@ pub(super) fn decide_policy(
         last_acknowledged: ctx.record.created_at.max(acknowledged_at),
         total: c.total.saturating_sub(held),
         today: c.days.get(day).copied().unwrap_or(0).saturating_sub(held),
+        raised_daily: c.raised_on(day),
     };
     let built_in = ctx.policy.decide(
         &state,

@@ -542,7 +542,7 @@ fn usable(node: &Node, station: &str) -> keyfab_node::Result<Vec<serde_json::Val
             "devices": p.devices,
             "provisioned": standing.provisioned,
             "left": standing.left,
-            "daily_limit": p.daily_limit,
+            "daily_limit": standing.daily_limit,
             "today": standing.today,
             "left_today": standing.left_today,
             "valid_from": keyfab_node::rfc3339(p.valid_from),

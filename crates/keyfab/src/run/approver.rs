@@ -157,6 +157,8 @@ struct Summary {
     valid_from: String,
     valid_until: String,
     stations: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raise: Option<keyfab_policy::Raise>,
     expires_at: String,
 }
 
@@ -171,14 +173,21 @@ fn summary_of(req: &keyfab_formats::approval::ApprovalRequest) -> Summary {
         valid_from: rfc3339(req.valid_from),
         valid_until: rfc3339(req.valid_until),
         stations: req.stations.clone(),
+        raise: req.raise.clone(),
         expires_at: rfc3339(req.expires_at),
     }
 }
 
 impl Summary {
     fn text(&self) -> String {
+        let raise = self.raise.as_ref().map_or_else(String::new, |r| {
+            format!(
+                "\n  it raises the daily limit to {} devices a day from {} to {} (policy days; the quota stays {})",
+                r.daily, r.from_day, r.to_day, self.devices
+            )
+        });
         format!(
-            "site '{}' asks you to approve '{}' of entitlement {}:\n  product {}, {} devices{}, from {} to {}, stations: {}\n  this request expires {}",
+            "site '{}' asks you to approve '{}' of entitlement {}:\n  product {}, {} devices{}, from {} to {}, stations: {}{raise}\n  this request expires {}",
             self.site,
             self.action,
             self.entitlement,

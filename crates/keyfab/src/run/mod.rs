@@ -255,13 +255,16 @@ pub(crate) fn dispatch(
             home,
             entitlement,
             action,
+            daily,
+            from_day,
+            to_day,
             out,
             expires_in_hours,
         })) => approval_request(
             &ctx,
             &home.home,
             &entitlement,
-            action,
+            ask(action, daily, from_day, to_day)?,
             &out,
             expires_in_hours,
         ),
@@ -281,4 +284,31 @@ pub(crate) fn dispatch(
         }
     }
     Ok(report)
+}
+
+/// What `site approval request` asks for: the action, with the parameters it takes and
+/// none it does not.
+fn ask(
+    action: crate::cli::ApprovalAction,
+    daily: Option<u64>,
+    from_day: Option<String>,
+    to_day: Option<String>,
+) -> Result<keyfab_site::approvals::Ask, Failure> {
+    use crate::cli::ApprovalAction;
+    match (action, daily, from_day, to_day) {
+        (ApprovalAction::Activate, None, None, None) => Ok(keyfab_site::approvals::Ask::Activate),
+        (ApprovalAction::Activate, ..) => Err(Failure::usage(
+            "--daily, --from-day and --to-day are for --action raise-limit",
+        )),
+        (ApprovalAction::RaiseLimit, Some(daily), Some(from_day), Some(to_day)) => Ok(
+            keyfab_site::approvals::Ask::RaiseLimit(keyfab_policy::Raise {
+                daily,
+                from_day,
+                to_day,
+            }),
+        ),
+        (ApprovalAction::RaiseLimit, ..) => Err(Failure::usage(
+            "--action raise-limit needs --daily, --from-day and --to-day",
+        )),
+    }
 }

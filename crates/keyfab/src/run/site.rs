@@ -142,7 +142,8 @@ pub(crate) fn entitlement_list(ctx: &Context, home: &Path) -> Result<Report, Fai
             state: standing.state,
             product: e.policy.product.clone(),
             devices: e.policy.devices,
-            daily_limit: e.policy.daily_limit,
+            daily_limit: standing.daily_limit,
+            raises: standing.raises,
             timezone: e.policy.timezone.clone(),
             valid_from: rfc3339(e.policy.valid_from),
             valid_until: rfc3339(e.policy.valid_until),
@@ -178,7 +179,10 @@ struct EntitlementRow {
     state: keyfab_policy::EntitlementStatus,
     product: String,
     devices: u64,
+    /// Today's: the policy's, or a quorum's raise in force today.
     daily_limit: Option<u64>,
+    /// The raises of the daily limit a quorum approved.
+    raises: Vec<keyfab_policy::Raise>,
     timezone: String,
     valid_from: String,
     valid_until: String,
@@ -234,6 +238,12 @@ impl Outcome for EntitlementList {
                 text.push_str(&format!("; today {} of {limit} ({left} left)", e.today));
             }
             text.push('\n');
+            for r in &e.raises {
+                text.push_str(&format!(
+                    "  daily limit raised to {} from {} to {} (approved by quorum)\n",
+                    r.daily, r.from_day, r.to_day
+                ));
+            }
             if let Some(due) = &e.audit_due_at {
                 text.push_str(&format!("  audit receipt due by {due}\n"));
             }
@@ -268,19 +278,22 @@ pub(crate) fn approval_request(
     ctx: &Context,
     home: &Path,
     entitlement: &str,
-    action: crate::cli::ApprovalAction,
+    ask: keyfab_site::approvals::Ask,
     out: &Path,
     hours: i64,
 ) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Site)?;
-    let action = action.action();
     let file =
-        keyfab_site::approvals::request(&node, entitlement, action, hours.saturating_mul(3600))?;
-    let action = action.as_str();
+        keyfab_site::approvals::request(&node, entitlement, &ask, hours.saturating_mul(3600))?;
     std::fs::write(out, &file).map_err(|e| io_fail(out, e))?;
+    let (action, raise) = match ask {
+        keyfab_site::approvals::Ask::Activate => ("activate", None),
+        keyfab_site::approvals::Ask::RaiseLimit(raise) => ("raise-limit", Some(raise)),
+    };
     Report::of(&ApprovalRequested {
         entitlement: entitlement.to_owned(),
         action,
+        raise,
         out: out.to_owned(),
     })
 }
@@ -290,13 +303,22 @@ pub(crate) fn approval_request(
 struct ApprovalRequested {
     entitlement: String,
     action: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raise: Option<keyfab_policy::Raise>,
     out: std::path::PathBuf,
 }
 
 impl Outcome for ApprovalRequested {
     fn text(&self) -> String {
+        let what = match &self.raise {
+            Some(r) => format!(
+                " (daily limit {} from {} to {})",
+                r.daily, r.from_day, r.to_day
+            ),
+            None => String::new(),
+        };
         format!(
-            "approval request for '{}' on {} written to {}; approvers sign it with `keyfab approver sign`",
+            "approval request for '{}'{what} on {} written to {}; approvers sign it with `keyfab approver sign`",
             self.action,
             self.entitlement,
             self.out.display()
@@ -325,6 +347,7 @@ pub(crate) fn approval_submit(
                 count: r.count,
                 threshold: r.threshold,
                 activated: r.activated,
+                raised: r.raised,
             })
             .collect(),
     })
@@ -344,6 +367,9 @@ struct ApprovalCount {
     count: usize,
     threshold: u32,
     activated: bool,
+    /// The raise the quorum put in force with this submission.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raised: Option<keyfab_policy::Raise>,
 }
 
 impl Outcome for ApprovalsSubmitted {
@@ -351,14 +377,17 @@ impl Outcome for ApprovalsSubmitted {
         self.results
             .iter()
             .map(|r| {
+                let done = match (&r.raised, r.activated) {
+                    (Some(raise), _) => format!(
+                        " - daily limit raised to {} from {} to {}",
+                        raise.daily, raise.from_day, raise.to_day
+                    ),
+                    (None, true) => " - activated".to_owned(),
+                    (None, false) => String::new(),
+                };
                 format!(
-                    "{} '{}': {} new approval(s), {} of {} distinct approvers{}\n",
-                    r.entitlement,
-                    r.action,
-                    r.accepted,
-                    r.count,
-                    r.threshold,
-                    if r.activated { " - activated" } else { "" }
+                    "{} '{}': {} new approval(s), {} of {} distinct approvers{done}\n",
+                    r.entitlement, r.action, r.accepted, r.count, r.threshold,
                 )
             })
             .collect()
