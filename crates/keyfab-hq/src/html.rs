@@ -43,7 +43,7 @@ fn days_chart(e: &EntitlementReport) -> String {
     for (i, (day, n)) in days.iter().enumerate() {
         let bh = (**n as f64 / max) * (h - pad);
         let x = pad + i as f64 * bw;
-        let over = e.daily_limit.is_some_and(|l| **n > l);
+        let over = e.daily_limit_on(day).is_some_and(|l| **n > l);
         let _ = write!(
             svg,
             "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" class=\"{}\"><title>{} : {n}</title></rect>",

@@ -32,8 +32,10 @@ pub struct EntitlementReport {
     pub valid_until: i64,
     /// The quota.
     pub quota: u64,
-    /// The daily limit, if any.
+    /// The policy's daily limit, if any.
     pub daily_limit: Option<u64>,
+    /// The raises of the daily limit a quorum approved, as the replay proved them.
+    pub raises: Vec<keyfab_policy::Raise>,
     /// Devices released.
     pub released: u64,
     /// Released devices their station reported programmed, and failed (keys burned).
@@ -58,6 +60,16 @@ pub struct EntitlementReport {
     pub days: std::collections::BTreeMap<String, u64>,
     /// The IANA time zone those days and `today` are counted in.
     pub timezone: String,
+}
+
+impl EntitlementReport {
+    /// The daily limit on `day`: the policy's, or a proven raise in force that day.
+    pub fn daily_limit_on(&self, day: &str) -> Option<u64> {
+        keyfab_policy::lifted(
+            self.daily_limit,
+            keyfab_policy::raised_on(&self.raises, day),
+        )
+    }
 }
 
 /// HQ's report over every site and entitlement.
@@ -119,6 +131,7 @@ pub fn report(node: &Node, now: UnixTime) -> Result<Report> {
             product: issued.policy.product.clone(),
             quota: issued.policy.devices,
             daily_limit: issued.policy.daily_limit,
+            raises: replica.raises.clone(),
             released: replica.total,
             confirmed: replica.confirmed,
             burned: replica.burned,

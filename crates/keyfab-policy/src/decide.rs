@@ -434,9 +434,7 @@ impl CompiledPolicy {
     /// policy's, or the raise where it is higher. A raise never lowers the limit, and
     /// gives none to a policy without one.
     pub fn daily_limit(&self, raised: Option<u64>) -> Option<u64> {
-        self.policy
-            .daily_limit
-            .map(|d| raised.map_or(d, |r| r.max(d)))
+        crate::raise::lifted(self.policy.daily_limit, raised)
     }
 }
 

@@ -51,7 +51,7 @@ pub use ids::{
 };
 pub use keyfab_code::Code;
 pub use model::*;
-pub use raise::{raised_on, Raise, MAX_RAISE_DAYS};
+pub use raise::{lifted, raised_on, Raise, MAX_RAISE_DAYS};
 pub use toml_form::PolicyDraft;
 
 /// A Unix time as RFC 3339 (UTC), as every message and report gives times; the bare

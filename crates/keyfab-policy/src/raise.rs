@@ -102,6 +102,13 @@ fn civil_day(field: &str, day: &str) -> Result<jiff::civil::Date, PolicyError> {
         .ok_or_else(|| PolicyError::new(field, format!("'{day}' is not a date YYYY-MM-DD")))
 }
 
+/// The daily limit `daily` (the policy's; none: no limit) on a day whose raise in force
+/// is `raised`: the raise where it is higher. A raise never lowers a limit, and gives
+/// none to a policy without one.
+pub fn lifted(daily: Option<u64>, raised: Option<u64>) -> Option<u64> {
+    daily.map(|d| raised.map_or(d, |r| r.max(d)))
+}
+
 /// The highest raised limit in force on `day` among `raises` (none: no raise covers it).
 pub fn raised_on(raises: &[Raise], day: &str) -> Option<u64> {
     raises

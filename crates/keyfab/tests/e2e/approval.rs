@@ -2,6 +2,8 @@
 //! changes nothing; the threshold activates the entitlement, and all of it is audited.
 
 use crate::common::*;
+use std::path::Path;
+use std::str::FromStr;
 
 #[test]
 fn a_quorum_of_distinct_listed_keys_activates() {
@@ -254,19 +256,23 @@ fn approver_keys_are_sealed_under_a_passphrase_by_default() {
     assert_eq!(submitted["results"][0]["activated"], true, "{submitted}");
 }
 
-/// A quorum for an action this version does not carry out would approve nothing: such a
-/// policy is refused at `hq entitlement create`, naming the field, and nothing is issued.
+/// A quorum for what the policy cannot do would approve nothing: `raise-limit` without a
+/// daily limit to raise, or an action this version does not carry out, is refused at
+/// `hq entitlement create`, naming the field, and nothing is issued.
 #[test]
-fn a_quorum_for_an_action_not_carried_out_is_refused() {
+fn a_quorum_for_what_the_policy_cannot_do_is_refused() {
     let w = world();
     ok(&["approver", "keygen", "--out", &s(&w.path("alice"))]);
-    for action in ["raise-limit", "reprovision"] {
+    for (action, limits, says) in [
+        ("raise-limit", "", "set limits.daily"),
+        ("reprovision", "[limits]\ndaily = 2\n", "not carried out"),
+    ] {
         let policy = w.path("p.toml");
         std::fs::write(
             &policy,
             format!(
                 "product = \"p\"\ndevices = 5\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
-                 [limits]\ndaily = 2\n\
+                 {limits}\
                  [[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n\
                  [approval]\nthreshold = 1\napprovers = [\"alice.pub\"]\nrequired_for = [\"activate\", \"{action}\"]\n"
             ),
@@ -275,8 +281,335 @@ fn a_quorum_for_an_action_not_carried_out_is_refused() {
         let out = w.path("p.kfe");
         let o = try_create(&w, "shenzhen-1", &policy, &out);
         o.assert_error(1, "invalid_policy", "approval.required_for");
+        o.assert_error(1, "invalid_policy", says);
         assert!(!out.exists());
     }
+}
+
+/// A policy of 20 devices, 2 a day (UTC), whose daily limit a quorum of 2 of alice, bob
+/// and carol may raise.
+const RAISABLE: &str = "product = \"p\"\ndevices = 20\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
+     [limits]\ndaily = 2\n\
+     [[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n\
+     [approval]\nthreshold = 2\napprovers = [\"alice.pub\", \"bob.pub\", \"carol.pub\"]\nrequired_for = [\"raise-limit\"]\n";
+
+/// A world with alice, bob, carol (listed) and mallory (not), and RAISABLE imported at
+/// its site: the world and the entitlement's id.
+fn raisable() -> (World, String) {
+    let w = world();
+    for name in ["alice", "bob", "carol", "mallory"] {
+        ok(&["approver", "keygen", "--out", &s(&w.path(name))]);
+    }
+    let policy = w.path("raisable.toml");
+    std::fs::write(&policy, RAISABLE).unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "raisable.kfe");
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    (w, id)
+}
+
+/// `site approval request --action raise-limit` for `daily` devices a day on `day` into
+/// `out`, however it ends.
+fn request_raise(w: &World, id: &str, daily: &str, (from, to): (&str, &str), out: &Path) -> Out {
+    keyfab(
+        &[
+            "site",
+            "approval",
+            "request",
+            "--home",
+            &s(&w.site),
+            "--entitlement",
+            id,
+            "--action",
+            "raise-limit",
+            "--daily",
+            daily,
+            "--from-day",
+            from,
+            "--to-day",
+            to,
+            "--out",
+            &s(out),
+        ],
+        None,
+    )
+}
+
+/// `site approval submit` of `files` at `now`.
+fn submit(w: &World, files: &[&Path], now: Option<&str>) -> Out {
+    let mut args = vec![
+        "site".to_owned(),
+        "approval".into(),
+        "submit".into(),
+        "--home".into(),
+        s(&w.site),
+    ];
+    args.extend(files.iter().map(|f| s(f)));
+    keyfab(&args.iter().map(String::as_str).collect::<Vec<_>>(), now)
+}
+
+/// The time `hours` from now (RFC 3339) and its day in UTC.
+fn hours_ahead(hours: i64) -> (String, String) {
+    let t = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_hours(hours))
+        .unwrap();
+    (t.to_string(), t.strftime("%Y-%m-%d").to_string())
+}
+
+/// A raise of the daily limit for tomorrow, approved 2 of 3, lets exactly the raised
+/// number through that day and the policy's the day after; below the threshold, or
+/// from a key the policy does not list, it changes nothing; HQ's replay, which proves
+/// the quorum from the log, finds no violation.
+#[test]
+fn a_raise_approved_by_a_quorum_lets_exactly_the_raised_number_through_that_day() {
+    let (w, id) = raisable();
+    let (_, today) = hours_ahead(0);
+    let (t1, day1) = hours_ahead(24);
+    let (t2, _) = hours_ahead(48);
+    let provision =
+        |device: &str, now: &str| crate::common::provision(&w, &id, device, &[], Some(now));
+    let (now, _) = hours_ahead(0);
+    for d in ["D-1", "D-2"] {
+        assert_eq!(provision(d, &now).code, 0);
+    }
+    provision("D-3", &now).assert_error(3, "daily_limit_exceeded", "");
+
+    // Raises that the policy cannot carry are refused, and nothing is written.
+    let req = w.path("raise.req");
+    let before = snapshot(&w.site);
+    for (daily, days, says) in [
+        (
+            "2",
+            (day1.as_str(), day1.as_str()),
+            "not above the policy's daily limit of 2",
+        ),
+        (
+            "21",
+            (day1.as_str(), day1.as_str()),
+            "quota of 20 devices, which only HQ can change",
+        ),
+        ("5", (day1.as_str(), today.as_str()), "raise.to_day"),
+        ("5", ("2026-13-01", day1.as_str()), "not a date"),
+        ("5", ("2026-01-01", "2026-01-02"), "has passed"),
+    ] {
+        request_raise(&w, &id, daily, days, &req).assert_error(1, "invalid_input", says);
+        assert!(!req.exists());
+    }
+    let o = keyfab(
+        &[
+            "site",
+            "approval",
+            "request",
+            "--home",
+            &s(&w.site),
+            "--entitlement",
+            &id,
+            "--action",
+            "raise-limit",
+            "--daily",
+            "5",
+            "--out",
+            &s(&req),
+        ],
+        None,
+    );
+    assert_eq!(o.code, 2, "{}", o.json);
+    assert_eq!(
+        before,
+        snapshot(&w.site),
+        "a refused request changed the site"
+    );
+
+    let o = request_raise(&w, &id, "5", (&day1, &day1), &req);
+    assert_eq!(o.code, 0, "{}", o.json);
+    assert_eq!(
+        o.json["raise"],
+        serde_json::json!({"daily": 5, "from_day": day1, "to_day": day1})
+    );
+    let approval = |who: &str| {
+        let out = w.path(&format!("{who}-raise.approval"));
+        let root = w.root.join("root.crt");
+        let o = try_sign_approval(&w, who, (&req, &root), &out, &["--yes"], None);
+        assert_eq!(o.code, 0, "{}", o.json);
+        // The approver saw what is raised, and that the quota stays.
+        assert_eq!(o.json["raise"]["daily"], 5, "{}", o.json);
+        out
+    };
+
+    // Under the threshold, or with a key the policy does not list: nothing raised.
+    let alice = approval("alice");
+    let o = submit(&w, &[&alice], None);
+    assert_eq!(
+        (o.code, &o.json["results"][0]["count"]),
+        (0, &1.into()),
+        "{}",
+        o.json
+    );
+    assert!(o.json["results"][0].get("raised").is_none(), "{}", o.json);
+    let mallory = approval("mallory");
+    let before = snapshot(&w.site);
+    submit(&w, &[&mallory], None).assert_error(4, "approval_invalid", "not listed");
+    assert_eq!(
+        before,
+        snapshot(&w.site),
+        "a refused submission changed the site"
+    );
+    for d in ["T1-1", "T1-2"] {
+        assert_eq!(provision(d, &t1).code, 0);
+    }
+    provision("T1-3", &t1).assert_error(3, "daily_limit_exceeded", "");
+
+    // Bob makes two: the raise is in force for that day.
+    let bob = approval("bob");
+    let o = submit(&w, &[&bob], Some(&t1));
+    assert_eq!(o.code, 0, "{}", o.json);
+    assert_eq!(o.json["results"][0]["count"], 2);
+    assert_eq!(o.json["results"][0]["raised"]["daily"], 5, "{}", o.json);
+    let listed = keyfab(
+        &["site", "entitlement", "list", "--home", &s(&w.site)],
+        Some(&t1),
+    );
+    let e = &listed.json["entitlements"][0];
+    assert_eq!(
+        (&e["daily_limit"], &e["today"], &e["left_today"]),
+        (&5.into(), &2.into(), &3.into()),
+        "{e}"
+    );
+    for d in ["T1-3", "T1-4", "T1-5"] {
+        assert_eq!(provision(d, &t1).code, 0, "{d}");
+    }
+    provision("T1-6", &t1).assert_error(3, "daily_limit_exceeded", "");
+    // A satisfied request cannot be used again.
+    let carol = approval("carol");
+    submit(&w, &[&carol], Some(&t1)).assert_error(4, "approval_invalid", "did not issue");
+
+    // The day after: the policy's limit again.
+    for d in ["T2-1", "T2-2"] {
+        assert_eq!(provision(d, &t2).code, 0);
+    }
+    provision("T2-3", &t2).assert_error(3, "daily_limit_exceeded", "");
+
+    // HQ proves the quorum from the log and finds every release within the limits.
+    let kfa = w.path("raised.kfa");
+    let o = keyfab(
+        &[
+            "site",
+            "audit",
+            "export",
+            "--home",
+            &s(&w.site),
+            "--out",
+            &s(&kfa),
+        ],
+        Some(&t2),
+    );
+    assert_eq!(o.code, 0, "{}", o.json);
+    let o = keyfab(
+        &["hq", "audit", "import", "--home", &s(&w.hq), &s(&kfa)],
+        Some(&t2),
+    );
+    assert_eq!(o.code, 0, "{}", o.json);
+    assert_eq!(o.json["violations"], serde_json::json!([]), "{}", o.json);
+    let report = keyfab(&["hq", "report", "--home", &s(&w.hq)], Some(&t2));
+    let e = &report.json["entitlements"][0];
+    assert_eq!(e["released"], 9, "{e}");
+    assert_eq!(
+        e["raises"],
+        serde_json::json!([{"daily": 5, "from_day": day1, "to_day": day1}]),
+        "{e}"
+    );
+}
+
+/// A site that records a raise its approvals do not prove — too few of them, or
+/// approvals of another request — is caught by HQ: the raise is not in force in the
+/// replay, and the releases above the policy's limit are violations.
+#[test]
+fn a_raise_the_approvals_do_not_prove_is_caught_by_hq() {
+    use keyfab_audit::Event;
+    let (w, id) = raisable();
+    let (now, day) = hours_ahead(0);
+    let now = jiff::Timestamp::from_str(&now).unwrap().as_second();
+    let (asked, other) = (w.path("asked.req"), w.path("other.req"));
+    assert_eq!(request_raise(&w, &id, "5", (&day, &day), &asked).code, 0);
+    assert_eq!(request_raise(&w, &id, "4", (&day, &day), &other).code, 0);
+    let approvals: Vec<Vec<u8>> = ["alice", "bob"]
+        .iter()
+        .map(|who| {
+            let out = w.path(&format!("{who}.approval"));
+            sign_approval(&w, who, &asked, &out);
+            keyfab_formats::approval::detach(&std::fs::read(&out).unwrap()).unwrap()
+        })
+        .collect();
+    let quorum = |request: &Path, approvals: &[Vec<u8>]| {
+        let file = std::fs::read(request).unwrap();
+        let nonce = keyfab_formats::approval::ApprovalRequest::from_file(&file)
+            .unwrap()
+            .nonce;
+        Event::QuorumApproved {
+            entitlement: id.clone(),
+            action: "raise-limit".into(),
+            nonce,
+            request: serde_bytes::ByteBuf::from(file),
+            approvals: approvals
+                .iter()
+                .cloned()
+                .map(serde_bytes::ByteBuf::from)
+                .collect(),
+        }
+    };
+    let imported = Event::EntitlementImported {
+        entitlement: id.clone(),
+        sequence: 1,
+        pool_keys: 0,
+    };
+    let allowed = |device: &str| forged_release(&id, device);
+    let site = open_site(&w.site);
+    let events = vec![
+        (now, imported),
+        // One approval of two.
+        (now, quorum(&asked, &approvals[..1])),
+        // Two approvals, of another request than the one kept.
+        (now, quorum(&other, &approvals)),
+        (now, allowed("D-1")),
+        (now, allowed("D-2")),
+        (now, allowed("D-3")),
+        (now, allowed("D-4")),
+    ];
+    let out = w.path("lies.kfa");
+    write_forged_log(&site, events, &"f".repeat(32), &out);
+    drop(site);
+    let o = ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&out)]);
+    let kinds: Vec<(&str, &str)> = o["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["kind"].as_str().unwrap(),
+                v["device_id"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("quorum_not_proven", ""),
+            ("quorum_not_proven", ""),
+            ("daily_limit_exceeded", "D-3"),
+            ("daily_limit_exceeded", "D-4"),
+        ],
+        "{o}"
+    );
+    let details: Vec<&str> = o["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["detail"].as_str().unwrap())
+        .collect();
+    assert!(
+        details[0].contains("1 of 2 distinct listed approvers"),
+        "{details:?}"
+    );
+    assert!(details[1].contains("signature"), "{details:?}");
 }
 
 /// An entitlement of `policy_text` imported at the site, pending approval, and the site's
