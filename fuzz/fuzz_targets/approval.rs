@@ -1,5 +1,6 @@
 //! Approval requests and approvals on arbitrary bytes: refuse cleanly; a request that
-//! parses carries a signature that verified, and one a root must still vouch for.
+//! parses carries a signature that verified, and one a root must still vouch for;
+//! detached approvals, as the audit log keeps them, attach to a request or are refused.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -11,5 +12,13 @@ fuzz_target!(|data: &[u8]| {
         assert!(keyfab_formats::approval::verify_request(data, root, now).is_err());
     }
     let key = keyfab_crypto::sign::VerifyingKey::from_pem(include_str!("../seeds/approver.pub")).unwrap();
-    let _ = keyfab_formats::approval::verify_approval(data, &[key]);
+    let _ = keyfab_formats::approval::verify_approval(data, &[key.clone()]);
+    // As HQ reads a log's detached approvals: put the request back, then verify.
+    let request = include_bytes!("../seeds/approval/raise.kfq");
+    if let Ok(file) = keyfab_formats::approval::attach(data, request) {
+        let _ = keyfab_formats::approval::verify_approval(&file, &[key]);
+    }
+    if let Ok(detached) = keyfab_formats::approval::detach(data) {
+        assert!(keyfab_formats::approval::detach(&detached).is_ok());
+    }
 });

@@ -464,6 +464,9 @@ fn a_raise_approved_by_a_quorum_lets_exactly_the_raised_number_through_that_day(
     assert_eq!(o.code, 0, "{}", o.json);
     assert_eq!(o.json["results"][0]["count"], 2);
     assert_eq!(o.json["results"][0]["raised"]["daily"], 5, "{}", o.json);
+    if std::env::var_os("KEYFAB_BLESS").is_some() {
+        bless_raise_seeds(&w, &req, &alice);
+    }
     let listed = keyfab(
         &["site", "entitlement", "list", "--home", &s(&w.site)],
         Some(&t1),
@@ -622,4 +625,23 @@ fn awaiting_activation(w: &World, policy_text: &str) -> (String, std::path::Path
     let req = w.path("activate.req");
     approval_request(w, &id, "activate", &req);
     (id, req)
+}
+
+/// Writes the fuzz seeds of a raise: its request, an approval of it detached as the log
+/// keeps it, and the `quorum_approved` record.
+fn bless_raise_seeds(w: &World, req: &Path, approval: &Path) {
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
+    std::fs::copy(req, seeds.join("approval/raise.kfq")).unwrap();
+    let detached = keyfab_formats::approval::detach(&std::fs::read(approval).unwrap()).unwrap();
+    std::fs::write(seeds.join("approval/raise-detached.kfp"), detached).unwrap();
+    let records = keyfab_site::entitlements::audit_records(&open_site(&w.site)).unwrap();
+    let quorum = records
+        .iter()
+        .find(|r| matches!(r.event, keyfab_audit::Event::QuorumApproved { .. }))
+        .unwrap();
+    std::fs::write(
+        seeds.join("audit_record/quorum_approved.cbor"),
+        quorum.to_bytes(),
+    )
+    .unwrap();
 }
