@@ -24,6 +24,7 @@ pub mod entitlement;
 pub mod identity;
 pub mod prefix;
 pub mod revocation;
+pub mod sealed_share;
 mod signed_file;
 mod verified;
 

@@ -28,6 +28,8 @@ pub enum Kind {
     Receipt,
     /// An audit bundle (`.kfa`).
     AuditBundle,
+    /// An unseal share sealed to its holder (`.kfs`).
+    SealedShare,
 }
 
 impl Kind {
@@ -41,6 +43,7 @@ impl Kind {
             Kind::Checkpoint => b'C',
             Kind::Receipt => b'K',
             Kind::AuditBundle => b'A',
+            Kind::SealedShare => b'S',
         }
     }
     fn name(self) -> &'static str {
@@ -53,6 +56,7 @@ impl Kind {
             Kind::Checkpoint => "audit checkpoint",
             Kind::Receipt => "receipt (.kfk)",
             Kind::AuditBundle => "audit bundle (.kfa)",
+            Kind::SealedShare => "sealed unseal share (.kfs)",
         }
     }
 }
@@ -80,6 +84,7 @@ pub fn kind_of(bytes: &[u8]) -> Option<Kind> {
         Kind::Checkpoint,
         Kind::Receipt,
         Kind::AuditBundle,
+        Kind::SealedShare,
     ]
     .into_iter()
     .find(|k| k.letter() == bytes[6])

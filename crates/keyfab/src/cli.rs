@@ -100,13 +100,31 @@ pub(crate) struct InitArgs {
     /// The cluster's name: 1-64 of a-z 0-9 . _ - (it becomes the certificate's CN).
     #[arg(long)]
     pub name: String,
-    /// Seal the keystore with an unseal key split into N shares instead of a passphrase
-    /// (printed once; hand one to each holder). Needs --unseal-threshold.
+    /// Seal the keystore with an unseal key split into N shares instead of a passphrase,
+    /// one for each holder. Needs --unseal-threshold, and --share-recipients (each share
+    /// sealed to its holder) or --print-shares (shown in clear, once).
     #[arg(long, value_name = "N", requires = "unseal_threshold")]
     pub unseal_shares: Option<u8>,
     /// How many of the shares unseal the keystore (2..=N).
     #[arg(long, value_name = "M", requires = "unseal_shares")]
     pub unseal_threshold: Option<u8>,
+    /// The holders' public keys (`keyfab holder keygen`), N of them, comma-separated:
+    /// each share is sealed to one and written as NAME.kfs beside nothing else.
+    #[arg(
+        long,
+        value_name = "A.pub,B.pub,...",
+        value_delimiter = ',',
+        requires = "unseal_shares",
+        conflicts_with = "print_shares"
+    )]
+    pub share_recipients: Vec<PathBuf>,
+    /// Where the sealed shares go (NAME.kfs for each NAME.pub; default: the current
+    /// directory). Hand each file to its holder.
+    #[arg(long, value_name = "DIR", requires = "share_recipients")]
+    pub shares_out: Option<PathBuf>,
+    /// Show the shares in clear, this once, instead of sealing them to holders.
+    #[arg(long, requires = "unseal_shares")]
+    pub print_shares: bool,
     /// Where the identity keys live: `software` (a keystore file sealed in HOME), or a
     /// PKCS#11 token, `pkcs11:module=PATH,token=LABEL[,sessions=N]`, whose user PIN is
     /// then the secret KEYFAB_PASSPHRASE or --passphrase-file gives.
@@ -146,6 +164,9 @@ impl InitArgs {
             name: name.to_owned(),
             unseal_shares: None,
             unseal_threshold: None,
+            share_recipients: Vec::new(),
+            shares_out: None,
+            print_shares: false,
             custody: "software".into(),
             store: "embedded".into(),
             etcd_ca: None,
@@ -184,6 +205,9 @@ pub(crate) enum Command {
     /// Approvers' personal keys.
     #[command(subcommand)]
     Approver(ApproverCommand),
+    /// Unseal-share holders' personal keys: shares are sealed to them.
+    #[command(subcommand)]
+    Holder(HolderCommand),
     /// Policy modules (WebAssembly rules that travel in the entitlement).
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -633,18 +657,25 @@ HOME/serve.sock, for `keyfab site unseal`, and serves stations once enough share
     },
     /// Give one unseal share to the sealed `site serve` running in HOME.
     #[command(after_help = "Examples:
-  keyfab site unseal --home site                  # type or paste the share
-  keyfab site unseal --home site --share-file /media/officer-2/share.txt
+  keyfab site unseal --home site --share-file alice.kfs --holder-key alice.key   # sealed to alice
+  keyfab site unseal --home site                  # type or paste a share given in clear
   keyfab site unseal --home site --status
 
-Each holder gives their own share; the node serves once the threshold is met.
-A share that is not one of this site's is refused and changes nothing.")]
+Each holder gives their own share; the node serves once the threshold is met. A
+sealed share (init --share-recipients) opens only with its holder's key, unlocked by
+the holder's passphrase (KEYFAB_PASSPHRASE or --passphrase-file). A share that is not
+one of this site's, or sealed to another holder, is refused and changes nothing.")]
     Unseal {
         #[command(flatten)]
         home: Home,
-        /// Read the share from this file (default: standard input).
+        /// Read the share from this file: sealed (.kfs, with --holder-key) or in clear
+        /// (default: standard input).
         #[arg(long, value_name = "FILE", conflicts_with = "status")]
         share_file: Option<PathBuf>,
+        /// The holder's key (NAME.key from `keyfab holder keygen`) that opens a sealed
+        /// share.
+        #[arg(long, value_name = "FILE", requires = "share_file")]
+        holder_key: Option<PathBuf>,
         /// Only show how many shares are in.
         #[arg(long)]
         status: bool,
@@ -1112,6 +1143,39 @@ pub(crate) enum SiteEntitlementCommand {
     List {
         #[command(flatten)]
         home: Home,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum HolderCommand {
+    /// Create a share holder's key pair: NAME.key (private, sealed under your passphrase,
+    /// mode 0600) and NAME.pub, which `init --share-recipients` seals a share to.
+    #[command(
+        after_help = "Example:\n  KEYFAB_PASSPHRASE=... keyfab holder keygen --out alice   # alice.key, alice.pub\n  keyfab site init --home site --name shenzhen-1 --unseal-shares 3 --unseal-threshold 2 \\\n      --share-recipients alice.pub,bob.pub,carol.pub --shares-out shares/\n\nNAME.key is sealed under the passphrase (KEYFAB_PASSPHRASE or --passphrase-file)\nwith Argon2id and AES-256-GCM, as a node's keystore is."
+    )]
+    Keygen {
+        /// Path and name of the key pair, without extension: NAME.key and NAME.pub.
+        #[arg(long, value_name = "NAME")]
+        out: PathBuf,
+        /// Read the passphrase that seals the key from this file instead of
+        /// KEYFAB_PASSPHRASE.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Open your sealed share and write its text where you say: for commands run while
+    /// the home is stopped (--unseal-share-file), never to a terminal.
+    #[command(
+        after_help = "Example:\n  keyfab site identity export --home site --out site.kfi \\\n      --unseal-share-file <(keyfab holder open-share --key alice.key alice.kfs) \\\n      --unseal-share-file <(keyfab holder open-share --key bob.key bob.kfs --passphrase-file bob.pass)\n\nThe share goes to standard output only when that is a pipe or a file; to show it on\na screen is refused. A running `site serve` takes the sealed file itself:\n`keyfab site unseal --share-file alice.kfs --holder-key alice.key`."
+    )]
+    OpenShare {
+        /// Your key (NAME.key from `keyfab holder keygen`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The sealed share (.kfs) from `init --share-recipients`.
+        file: PathBuf,
+        /// Read your key's passphrase from this file instead of KEYFAB_PASSPHRASE.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
     },
 }
 

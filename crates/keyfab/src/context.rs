@@ -62,13 +62,29 @@ impl Context {
         let mut unsealer = Unsealer::new(config);
         let mut shares: Vec<Zeroizing<String>> = Vec::new();
         for path in &self.unseal_share_files {
-            let text = keyfab_formats::read_capped_text(path, keyfab_formats::MAX_SMALL_INPUT)
-                .map_err(|e| {
-                    Failure::new(
-                        Code::Locked,
-                        format!("--unseal-share-file {}: {e}", path.display()),
-                    )
-                })?;
+            // Read once: the file may be a pipe (`<(keyfab holder open-share ...)`).
+            let unreadable = |e: String| {
+                Failure::new(
+                    Code::Locked,
+                    format!("--unseal-share-file {}: {e}", path.display()),
+                )
+            };
+            let bytes = Zeroizing::new(
+                keyfab_formats::read_capped(path, keyfab_formats::MAX_SMALL_INPUT)
+                    .map_err(|e| unreadable(e.to_string()))?,
+            );
+            if keyfab_formats::prefix::kind_of(&bytes)
+                == Some(keyfab_formats::prefix::Kind::SealedShare)
+            {
+                return Err(Failure::usage(format!(
+                    "--unseal-share-file {}: a share sealed to its holder; give it opened: --unseal-share-file <(keyfab holder open-share --key KEY {})",
+                    path.display(),
+                    path.display()
+                )));
+            }
+            let text = std::str::from_utf8(&bytes)
+                .map_err(|_| unreadable("not UTF-8 text".into()))?
+                .to_owned();
             shares.push(Zeroizing::new(text));
         }
         if let Some(list) = std::env::var_os("KEYFAB_UNSEAL_SHARES") {

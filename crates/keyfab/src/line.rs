@@ -425,8 +425,9 @@ fn install_logs(a: &crate::cli::ServeArgs) -> Result<(), Failure> {
 
 /// `keyfab site unseal`: one share to the sealed `site serve` in `home`.
 pub(crate) fn unseal(
+    ctx: &crate::context::Context,
     home: &Path,
-    share_file: Option<&Path>,
+    (share_file, holder_key): (Option<&Path>, Option<&Path>),
     status: bool,
 ) -> Result<Report, Failure> {
     use keyfab_site::server::admin::{self, AdminAnswer, AdminRequest, ShareText};
@@ -434,7 +435,7 @@ pub(crate) fn unseal(
         AdminRequest::UnsealStatus
     } else {
         let text = match share_file {
-            Some(p) => read_input_text(p, keyfab_formats::MAX_SMALL_INPUT)?,
+            Some(p) => share_from_file(ctx, p, holder_key)?,
             None => {
                 use std::io::{BufRead, IsTerminal, Write};
                 if std::io::stdin().is_terminal() {
@@ -457,7 +458,7 @@ pub(crate) fn unseal(
                         ),
                     )));
                 }
-                line
+                zeroize::Zeroizing::new(line)
             }
         };
         AdminRequest::Unseal {
@@ -1120,4 +1121,32 @@ fn status_text(s: &keyfab_site::status::SiteStatus) -> String {
         out.push_str(&format!("serving since {}\n", rfc3339(serving.since)));
     }
     out.trim_end().to_owned()
+}
+
+/// The share in `path`: sealed to a holder (opened with `holder_key`), or in clear.
+fn share_from_file(
+    ctx: &crate::context::Context,
+    path: &Path,
+    holder_key: Option<&Path>,
+) -> Result<zeroize::Zeroizing<String>, Failure> {
+    let bytes = zeroize::Zeroizing::new(crate::output::read_input(
+        path,
+        keyfab_formats::MAX_SMALL_INPUT,
+    )?);
+    let sealed =
+        keyfab_formats::prefix::kind_of(&bytes) == Some(keyfab_formats::prefix::Kind::SealedShare);
+    match (sealed, holder_key) {
+        (true, Some(key)) => crate::run::open_sealed_share(ctx, key, &bytes),
+        (true, None) => Err(Failure::usage(format!(
+            "{} is a share sealed to its holder: add --holder-key with the holder's key",
+            path.display()
+        ))),
+        (false, Some(_)) => Err(Failure::usage(format!(
+            "{} is not a sealed share (.kfs): --holder-key is for sealed shares",
+            path.display()
+        ))),
+        (false, None) => Ok(zeroize::Zeroizing::new(
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )),
+    }
 }

@@ -18,16 +18,7 @@ pub(crate) fn approver_keygen(
     out: &Path,
     no_passphrase: bool,
 ) -> Result<Report, Failure> {
-    let key_path = out.with_extension("key");
-    let pub_path = out.with_extension("pub");
-    for p in [&key_path, &pub_path] {
-        if p.exists() {
-            return Err(Failure::new(
-                Code::InvalidState,
-                format!("{} exists; refusing to overwrite", p.display()),
-            ));
-        }
-    }
+    let (key_path, pub_path) = key_pair_paths(out)?;
     let public = if no_passphrase {
         let key = SigningKey::generate(ctx.rng().as_ref())
             .map_err(|e| Failure::new(Code::Internal, e.to_string()))?;
@@ -49,6 +40,22 @@ pub(crate) fn approver_keygen(
         fingerprint: public.fingerprint().to_hex(),
         sealed: !no_passphrase,
     })
+}
+
+/// `NAME.key` and `NAME.pub` of a personal key pair `out` (an approver's, a holder's),
+/// neither of which may exist yet: a key is never overwritten.
+pub(crate) fn key_pair_paths(out: &Path) -> Result<(PathBuf, PathBuf), Failure> {
+    let key_path = out.with_extension("key");
+    let pub_path = out.with_extension("pub");
+    for p in [&key_path, &pub_path] {
+        if p.exists() {
+            return Err(Failure::new(
+                Code::InvalidState,
+                format!("{} exists; refusing to overwrite", p.display()),
+            ));
+        }
+    }
+    Ok((key_path, pub_path))
 }
 
 /// `approver keygen`: an approver's key pair, written.

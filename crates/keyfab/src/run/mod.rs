@@ -5,6 +5,7 @@
 //! One module per command group; [`dispatch`] maps the parsed command line to them.
 
 mod approver;
+mod holder;
 mod hq;
 mod node;
 mod pki;
@@ -13,6 +14,7 @@ mod provision;
 mod site;
 
 pub(crate) use approver::*;
+pub(crate) use holder::*;
 pub(crate) use hq::*;
 pub(crate) use node::*;
 pub(crate) use pki::*;
@@ -133,8 +135,18 @@ pub(crate) fn dispatch(
         Command::Site(SiteCommand::Unseal {
             home,
             share_file,
+            holder_key,
             status,
-        }) => crate::line::unseal(&home.home, share_file.as_deref(), status),
+        }) => crate::line::unseal(
+            &ctx,
+            &home.home,
+            (share_file.as_deref(), holder_key.as_deref()),
+            status,
+        ),
+        Command::Holder(HolderCommand::Keygen { out, .. }) => holder_keygen(&ctx, &out),
+        Command::Holder(HolderCommand::OpenShare { key, file, .. }) => {
+            holder_open_share(&ctx, &key, &file)
+        }
         Command::Site(SiteCommand::Status { home }) => crate::line::site_status(&ctx, &home.home),
         Command::Site(SiteCommand::Serve(a)) => {
             let a = crate::serve_config::apply(a)?;

@@ -20,6 +20,12 @@ pub(crate) fn init_node(
         ),
         _ => None,
     };
+    // Each share sealed to its holder, and written, before the home exists: a home
+    // whose shares did not reach their files would never open.
+    let sealed_shares = match &split {
+        Some(s) => super::holder::seal_shares(a, name, s, rng.as_ref())?,
+        None => Vec::new(),
+    };
     let custody = keyfab_node::CustodyChoice::parse(&a.custody)?;
     let tls = a.etcd_ca.clone().map(|ca| keyfab_node::EtcdTlsFiles {
         ca,
@@ -30,7 +36,7 @@ pub(crate) fn init_node(
         return Err(Failure::usage("--etcd-cert and --etcd-key need --etcd-ca"));
     }
     let store = keyfab_node::StoreChoice::parse_with(&a.store, name, tls)?;
-    let node = Node::init_with(
+    let made = Node::init_with(
         home,
         kind,
         name,
@@ -43,7 +49,16 @@ pub(crate) fn init_node(
         },
         rng,
         ctx.clock()?,
-    )?;
+    );
+    let node = match made {
+        Ok(node) => node,
+        Err(e) => {
+            for (path, _) in &sealed_shares {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e.into());
+        }
+    };
     if let Some(s) = &split {
         s.config.save(home).map_err(keyfab_node::Error::from)?;
     }
@@ -52,8 +67,22 @@ pub(crate) fn init_node(
         kind: if kind == NodeKind::Hq { "hq" } else { "site" },
         csr: node.dir.join(keyfab_node::CSR_FILE),
         unseal: split.as_ref().map(|s| UnsealShares {
-            shares: s.shares.iter().map(|x| x.as_str().to_owned()).collect(),
+            // In clear only when asked for (--print-shares); otherwise, where each
+            // holder's sealed share went.
+            shares: if sealed_shares.is_empty() {
+                s.shares.iter().map(|x| x.as_str().to_owned()).collect()
+            } else {
+                Vec::new()
+            },
+            sealed: sealed_shares
+                .iter()
+                .map(|(file, holder)| SealedShareFile {
+                    file: file.clone(),
+                    holder: holder.clone(),
+                })
+                .collect(),
             threshold: s.config.threshold,
+            of: s.config.shares,
         }),
         home: home.to_owned(),
     })
@@ -74,8 +103,21 @@ struct NodeCreated {
 
 #[derive(Serialize)]
 struct UnsealShares {
+    /// The shares in clear (`--print-shares`), else none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     shares: Vec<String>,
+    /// The shares sealed to their holders (`--share-recipients`), else none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    sealed: Vec<SealedShareFile>,
     threshold: u8,
+    of: u8,
+}
+
+#[derive(Serialize)]
+struct SealedShareFile {
+    file: PathBuf,
+    /// The holder's key fingerprint.
+    holder: String,
 }
 
 impl Outcome for NodeCreated {
@@ -86,15 +128,25 @@ impl Outcome for NodeCreated {
             self.home.display()
         );
         if let Some(u) = &self.unseal {
-            text.push_str(&format!(
-                "\n\nThe keystore is sealed by {} shares; any {} unseal it. They are shown this once: give one to each holder, keep none together.\n",
-                u.shares.len(),
-                u.threshold
-            ));
-            for share in &u.shares {
-                text.push_str(&format!("  {share}\n"));
+            if u.sealed.is_empty() {
+                text.push_str(&format!(
+                    "\n\nThe keystore is sealed by {} shares; any {} unseal it. They are shown this once: give one to each holder, keep none together.\n",
+                    u.of, u.threshold
+                ));
+                for share in &u.shares {
+                    text.push_str(&format!("  {share}\n"));
+                }
+                text.push_str("Unseal a running `site serve` with `keyfab site unseal`; one-shot commands take --unseal-share-file FILE once per share.");
+            } else {
+                text.push_str(&format!(
+                    "\n\nThe keystore is sealed by {} shares; any {} unseal it. Each is sealed to its holder's key; hand each file to its holder:\n",
+                    u.of, u.threshold
+                ));
+                for s in &u.sealed {
+                    text.push_str(&format!("  {}  (holder {})\n", s.file.display(), s.holder));
+                }
+                text.push_str("Unseal a running `site serve` with `keyfab site unseal --share-file FILE --holder-key KEY`; one-shot commands take --unseal-share-file <(keyfab holder open-share --key KEY FILE).");
             }
-            text.push_str("Unseal a running `site serve` with `keyfab site unseal`; one-shot commands take --unseal-share-file FILE once per share.");
         }
         text
     }

@@ -764,8 +764,31 @@ fn a_site_sealed_by_shares_serves_only_once_the_threshold_is_met() {
     let d = dir.path().to_owned();
     let root = crate::common::root(&d, "root");
     let hq = crate::common::node(&d, &root, "hq", "acme-hq");
-    // The site's keystore is sealed by 3 shares, any 2 of which unseal it; the holders'
-    // shares are files here.
+    // The site's keystore is sealed by 3 shares, any 2 of which unseal it, each sealed
+    // to its holder's key; bob's key is under a passphrase of his own.
+    let bob_pass = s(&d.join("bob.pass"));
+    std::fs::write(&bob_pass, "bob's own passphrase").unwrap();
+    for (holder, extra) in [
+        ("alice", vec![]),
+        ("bob", vec!["--passphrase-file", &bob_pass]),
+        ("carol", vec![]),
+    ] {
+        let mut args = vec!["holder", "keygen", "--out"];
+        let out = s(&d.join(holder));
+        args.push(&out);
+        args.extend(extra);
+        ok(&args);
+    }
+    let pubs = ["alice", "bob", "carol"]
+        .map(|h| s(&d.join(format!("{h}.pub"))))
+        .join(",");
+    let kfs: Vec<String> = ["alice", "bob", "carol"]
+        .iter()
+        .map(|h| s(&d.join(format!("{h}.kfs"))))
+        .collect();
+    let holder_key = |h: &str| s(&d.join(format!("{h}.key")));
+    // Each holder opens their share for the one-shot commands below, into a file here
+    // (as `--unseal-share-file <(keyfab holder open-share ...)` would pipe it).
     let share_files: Vec<String> = (1..=3)
         .map(|i| s(&d.join(format!("share-{i}.txt"))))
         .collect();
@@ -774,15 +797,37 @@ fn a_site_sealed_by_shares_serves_only_once_the_threshold_is_met() {
         &root,
         "site",
         "shenzhen-1",
-        &["--unseal-shares", "3", "--unseal-threshold", "2"],
+        &[
+            "--unseal-shares",
+            "3",
+            "--unseal-threshold",
+            "2",
+            "--share-recipients",
+            &pubs,
+            "--shares-out",
+            &s(&d),
+        ],
         |report| {
-            let shares = report["unseal"]["shares"].as_array().unwrap();
+            let u = &report["unseal"];
             assert_eq!(
-                (shares.len(), report["unseal"]["threshold"].as_u64()),
-                (3, Some(2))
+                (
+                    u["sealed"].as_array().map(Vec::len),
+                    u["threshold"].as_u64()
+                ),
+                (Some(3), Some(2)),
+                "{report}"
             );
-            for (f, share) in share_files.iter().zip(shares) {
-                std::fs::write(f, share.as_str().unwrap()).unwrap();
+            // No share in clear anywhere in what init said.
+            assert!(u.get("shares").is_none(), "{report}");
+            for (i, h) in ["alice", "bob", "carol"].iter().enumerate() {
+                let mut args = vec!["holder", "open-share", "--key"];
+                let key = holder_key(h);
+                args.extend([key.as_str(), kfs[i].as_str()]);
+                if *h == "bob" {
+                    args.extend(["--passphrase-file", bob_pass.as_str()]);
+                }
+                let opened = ok(&args);
+                std::fs::write(&share_files[i], opened["share"].as_str().unwrap()).unwrap();
             }
             [
                 "--unseal-share-file",
@@ -879,7 +924,41 @@ fn a_site_sealed_by_shares_serves_only_once_the_threshold_is_met() {
     assert_eq!(listed.json["error"]["code"], "locked", "{}", listed.json);
     let refused = unseal(&["--share-file", &stranger]);
     assert_eq!(refused.json["error"]["code"], "locked", "{}", refused.json);
-    let first = unseal(&["--share-file", f2]);
+    // A share sealed to alice, opened with bob's key; a sealed share without a key;
+    // one altered byte: refused, and nothing counted.
+    let (alice_key, bob_key) = (holder_key("alice"), holder_key("bob"));
+    let wrong = unseal(&[
+        "--share-file",
+        &kfs[0],
+        "--holder-key",
+        &bob_key,
+        "--passphrase-file",
+        &bob_pass,
+    ]);
+    assert_eq!(
+        (wrong.code, wrong.json["error"]["code"].as_str()),
+        (4, Some("wrong_recipient")),
+        "{}",
+        wrong.json
+    );
+    let keyless = unseal(&["--share-file", &kfs[0]]);
+    assert_eq!(keyless.code, 2, "{}", keyless.json);
+    let mut altered = std::fs::read(&kfs[0]).unwrap();
+    let last = altered.len() - 1;
+    altered[last] ^= 1;
+    let altered_file = s(&d.join("altered.kfs"));
+    std::fs::write(&altered_file, altered).unwrap();
+    let bad = unseal(&["--share-file", &altered_file, "--holder-key", &alice_key]);
+    assert_eq!(bad.json["error"]["code"], "malformed", "{}", bad.json);
+    assert_eq!(unseal(&["--status"]).json["shares"], 0);
+    let first = unseal(&[
+        "--share-file",
+        &kfs[1],
+        "--holder-key",
+        &bob_key,
+        "--passphrase-file",
+        &bob_pass,
+    ]);
     assert_eq!(
         (
             first.json["unsealed"].as_bool(),
@@ -889,14 +968,26 @@ fn a_site_sealed_by_shares_serves_only_once_the_threshold_is_met() {
         "{}",
         first.json
     );
-    let again = unseal(&["--share-file", f2]);
+    let again = unseal(&[
+        "--share-file",
+        &kfs[1],
+        "--holder-key",
+        &bob_key,
+        "--passphrase-file",
+        &bob_pass,
+    ]);
     assert_eq!(
         again.json["error"]["code"], "locked",
         "the same share twice: {}",
         again.json
     );
     assert_eq!(unseal(&["--status"]).json["shares"], 1);
-    let second = unseal(&["--share-file", f3]);
+    let second = unseal(&[
+        "--share-file",
+        &kfs[2],
+        "--holder-key",
+        &holder_key("carol"),
+    ]);
     assert_eq!(second.json["unsealed"], true, "{}", second.json);
     // Unsealed: it listens, and stations get keys.
     let server = Server::attach(child, stderr);
@@ -930,6 +1021,68 @@ fn a_site_sealed_by_shares_serves_only_once_the_threshold_is_met() {
     assert_eq!(out.code, 0, "{}", out.json);
     let (code, _) = server.stop();
     assert_eq!(code, 0);
+}
+
+/// Shares go to their holders: `init --unseal-shares` shows them in clear only when asked
+/// (`--print-shares`); a recipient list that does not match, or a file that is not a
+/// holder's key, is refused before anything is written — no home, no share file.
+#[test]
+fn unseal_shares_are_shown_in_clear_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let home = s(&d.join("site"));
+    let init = |extra: &[&str]| {
+        let mut args = vec![
+            "site",
+            "init",
+            "--home",
+            &home,
+            "--name",
+            "shenzhen-1",
+            "--unseal-shares",
+            "2",
+            "--unseal-threshold",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        keyfab(&args, None)
+    };
+    ok(&["holder", "keygen", "--out", &s(&d.join("alice"))]);
+    std::fs::write(d.join("junk.pub"), "not a key").unwrap();
+    let (alice, junk, out) = (s(&d.join("alice.pub")), s(&d.join("junk.pub")), s(d));
+    let files = || {
+        let mut names: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = files();
+    init(&[]).assert_error(2, "usage", "--print-shares");
+    init(&["--share-recipients", &alice, "--shares-out", &out]).assert_error(
+        2,
+        "usage",
+        "one holder per share",
+    );
+    init(&[
+        "--share-recipients",
+        &format!("{alice},{alice}"),
+        "--shares-out",
+        &out,
+    ])
+    .assert_error(2, "usage", "the same holder key twice");
+    init(&[
+        "--share-recipients",
+        &format!("{alice},{junk}"),
+        "--shares-out",
+        &out,
+    ])
+    .assert_error(1, "invalid_input", "not a holder's public key");
+    assert_eq!(before, files(), "a refused init wrote something");
+    let shown = init(&["--print-shares"]);
+    assert_eq!(shown.code, 0, "{}", shown.json);
+    assert_eq!(shown.json["unseal"]["shares"].as_array().unwrap().len(), 2);
 }
 
 /// Canary keys: after 1,000 devices went through a line with chip encryption, a few
