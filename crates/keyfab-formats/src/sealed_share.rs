@@ -196,4 +196,69 @@ mod tests {
         assert!(SealedShare::parse(&longer).is_err());
         assert!(SealedShare::parse(&file[..file.len() - 1]).is_err());
     }
+
+    /// The committed vectors (`tests/vectors/sealed-share/`, FORMATS.md §12): the holder's
+    /// key, a share sealed to it (what this code writes with the seeded generator, byte
+    /// for byte), the same share sealed to another key, and two altered copies; each
+    /// opens or is refused as `expected.txt` says. `KEYFAB_BLESS=1` writes them anew.
+    #[test]
+    fn the_committed_vectors_open_or_are_refused_as_expected() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/vectors/sealed-share");
+        let rng = SeededRng::new(12);
+        let holder = HpkeSecretKey::generate(&rng);
+        let other = HpkeSecretKey::generate(&rng);
+        let share = b"kfs1-01000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+        let valid = seal("shenzhen-1", &holder.public_key().unwrap(), share, &rng).unwrap();
+        let foreign = seal("shenzhen-1", &other.public_key().unwrap(), share, &rng).unwrap();
+        let mut flipped = valid.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x01;
+        let truncated = valid[..valid.len() - 1].to_vec();
+        let vectors: [(&str, Vec<u8>); 5] = [
+            ("holder.key", holder.to_bytes().expose().to_vec()),
+            ("valid.kfs", valid),
+            ("wrong_recipient.kfs", foreign),
+            ("tag_flipped.kfs", flipped),
+            ("truncated.kfs", truncated),
+        ];
+        let expected = "valid.kfs opens\nwrong_recipient.kfs wrong_recipient\ntag_flipped.kfs undecryptable\ntruncated.kfs truncated\n";
+        if std::env::var_os("KEYFAB_BLESS").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            for (name, bytes) in &vectors {
+                std::fs::write(dir.join(name), bytes).unwrap();
+            }
+            std::fs::write(dir.join("expected.txt"), expected).unwrap();
+        }
+        assert_eq!(
+            std::fs::read_to_string(dir.join("expected.txt")).unwrap(),
+            expected
+        );
+        for (name, bytes) in &vectors {
+            assert_eq!(&std::fs::read(dir.join(name)).unwrap(), bytes, "{name}");
+        }
+        let key =
+            HpkeSecretKey::from_bytes(&std::fs::read(dir.join("holder.key")).unwrap()).unwrap();
+        for line in expected.lines() {
+            let (name, outcome) = line.split_once(' ').unwrap();
+            let file = std::fs::read(dir.join(name)).unwrap();
+            let got = match SealedShare::parse(&file).and_then(|s| s.open(&key)) {
+                Ok(text) => {
+                    assert_eq!(text.expose(), share);
+                    "opens"
+                }
+                Err(FormatError::WrongRecipient(_)) => "wrong_recipient",
+                Err(FormatError::Malformed {
+                    kind: Malformed::Undecryptable,
+                    ..
+                }) => "undecryptable",
+                Err(FormatError::Malformed {
+                    kind: Malformed::Truncated,
+                    ..
+                }) => "truncated",
+                Err(e) => panic!("{name}: {e}"),
+            };
+            assert_eq!(got, outcome, "{name}");
+        }
+    }
 }
