@@ -80,7 +80,24 @@ pub struct ApprovalRequest {
     /// otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raise: Option<keyfab_policy::Raise>,
+    /// For `reprovision`, and only then: the device given keys once more. Absent from
+    /// the encoding otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reprovision: Option<Reprovision>,
 }
+
+/// A re-provisioning asked for: a device that has its keys gets new ones, once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reprovision {
+    /// The device id.
+    pub device_id: String,
+    /// Why, in the operator's words (a returned unit, a replaced chip), if given.
+    pub reason: Option<String>,
+}
+
+/// The longest reason a re-provisioning request carries.
+pub const MAX_REASON: usize = 256;
 
 impl ApprovalRequest {
     /// The request file, signed by the site (`signer`, with its `chain`: service
@@ -107,11 +124,24 @@ impl ApprovalRequest {
 
     /// The action's parameters are there exactly when the action takes them.
     fn check_parameters(&self) -> Result<()> {
+        let malformed = |m: &str| FormatError::malformed(Malformed::Field, m.to_owned());
         if (self.action == "raise-limit") != self.raise.is_some() {
-            return Err(FormatError::malformed(
-                Malformed::Field,
+            return Err(malformed(
                 "approval request: raise-limit and its raise go together",
             ));
+        }
+        if (self.action == "reprovision") != self.reprovision.is_some() {
+            return Err(malformed(
+                "approval request: reprovision and its device go together",
+            ));
+        }
+        if let Some(r) = &self.reprovision {
+            let reason_ok = r.reason.as_ref().is_none_or(|t| {
+                !t.is_empty() && t.len() <= MAX_REASON && !t.chars().any(char::is_control)
+            });
+            if !keyfab_policy::id_shape_ok(&r.device_id) || !reason_ok {
+                return Err(malformed("approval request: the device id or the reason"));
+            }
         }
         Ok(())
     }

@@ -143,6 +143,12 @@ pub struct Replica {
     /// The raises of the daily limit a proven quorum approved, in log order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub raises: Vec<keyfab_policy::Raise>,
+    /// Devices a proven quorum allowed one more provisioning that has not happened yet.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub reprovisions: BTreeSet<String>,
+    /// Devices whose keys a proven re-provisioning superseded (burned).
+    #[serde(default)]
+    pub superseded: u64,
     /// Devices released.
     pub total: u64,
     /// Every pool slot below this one was taken.

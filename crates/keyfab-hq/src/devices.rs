@@ -114,21 +114,24 @@ pub struct DeviceRevoked {
 }
 
 /// Revokes every certificate the site's verified audit shows `device_id` received under
-/// `entitlement`. A certificate revoked before keeps its first reason and time.
+/// `entitlement` (with `superseded_only`, those a re-provisioning superseded). A
+/// certificate revoked before keeps its first reason and time.
 pub fn revoke_device(
     node: &Node,
-    entitlement: &str,
-    device_id: &str,
+    (entitlement, device_id): (&str, &str),
     reason: CrlReason,
+    superseded_only: bool,
 ) -> Result<DeviceRevoked> {
     let (_, rows) = manifest(node, entitlement, true)?;
     let rows: Vec<ManifestRow> = rows
         .into_iter()
         .filter(|r| r.device_id == device_id)
+        .filter(|r| !superseded_only || r.status == crate::report::DeviceStatus::Superseded)
         .collect();
     if rows.is_empty() {
         return Err(Error::NotFound(format!(
-            "no certificate of device '{device_id}' under entitlement {entitlement} in the audit HQ verified (import the site's export first)"
+            "no {}certificate of device '{device_id}' under entitlement {entitlement} in the audit HQ verified (import the site's export first)",
+            if superseded_only { "superseded " } else { "" }
         )));
     }
     let now = node.now().0;
@@ -258,7 +261,7 @@ pub struct Provenance {
     pub entitlement: String,
     /// The product.
     pub product: String,
-    /// Its status (`programmed`, `failed`, `unconfirmed`, `revoked`).
+    /// Its status (`programmed`, `failed`, `unconfirmed`, `revoked`, `superseded`).
     pub status: crate::report::DeviceStatus,
     /// The station that received its keys, when known.
     pub station: Option<String>,
@@ -303,8 +306,9 @@ pub fn show_device(node: &Node, device_id: &str) -> Result<Vec<Provenance>> {
             continue;
         };
         let mut mine: Vec<Provenance> = Vec::new();
-        let mut confirmed: std::collections::HashMap<String, crate::report::DeviceStatus> =
-            Default::default();
+        // The latest release of the device under each entitlement: what a confirmation
+        // is of, and what a re-provisioning supersedes.
+        let mut latest: std::collections::HashMap<String, usize> = Default::default();
         let mut attestations = crate::audit::attested::Attestations::default();
         for r in crate::audit::site_records(node, site)? {
             let chip = attestations.next(&r).release.map(|a| ShownChip {
@@ -349,6 +353,7 @@ pub fn show_device(node: &Node, device_id: &str) -> Result<Vec<Provenance>> {
                             })
                         })
                         .collect::<Result<Vec<_>>>()?;
+                    latest.insert(entitlement.clone(), mine.len());
                     mine.push(Provenance {
                         device_id: d,
                         site: site.to_owned(),
@@ -371,15 +376,29 @@ pub fn show_device(node: &Node, device_id: &str) -> Result<Vec<Provenance>> {
                     result,
                     ..
                 } if d == device_id => {
-                    confirmed.insert(entitlement, crate::report::DeviceStatus::confirmed(&result));
+                    if let Some(i) = latest.get(&entitlement) {
+                        mine[*i].status = crate::report::DeviceStatus::confirmed(&result);
+                    }
+                }
+                Event::QuorumApproved {
+                    entitlement,
+                    request,
+                    ..
+                } => {
+                    let of_device = keyfab_formats::approval::ApprovalRequest::from_file(&request)
+                        .ok()
+                        .and_then(|req| req.reprovision)
+                        .is_some_and(|r| r.device_id == device_id);
+                    if of_device {
+                        if let Some(i) = latest.remove(&entitlement) {
+                            mine[i].status = crate::report::DeviceStatus::Superseded;
+                        }
+                    }
                 }
                 _ => {}
             }
         }
         for p in &mut mine {
-            if let Some(status) = confirmed.get(&p.entitlement) {
-                p.status = *status;
-            }
             if p.keys.iter().any(|k| k.revoked.is_some()) {
                 p.status = crate::report::DeviceStatus::Revoked;
             }

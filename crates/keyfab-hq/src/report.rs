@@ -42,6 +42,9 @@ pub struct EntitlementReport {
     pub confirmed: u64,
     /// Released devices whose programming failed (keys burned).
     pub burned: u64,
+    /// Releases a proven re-provisioning superseded (keys burned, the device given new
+    /// ones, counted in `released` again).
+    pub superseded: u64,
     /// Devices released today (policy time zone).
     pub today: u64,
     /// What is left of the quota.
@@ -135,6 +138,7 @@ pub fn report(node: &Node, now: UnixTime) -> Result<Report> {
             released: replica.total,
             confirmed: replica.confirmed,
             burned: replica.burned,
+            superseded: replica.superseded,
             today,
             unused: issued
                 .policy
@@ -175,6 +179,10 @@ pub enum DeviceStatus {
     Unconfirmed,
     /// HQ revoked its certificate (`hq device revoke`): on the batch CA's CRL.
     Revoked,
+    /// A quorum approved re-provisioning the device: these keys were burned and the
+    /// device got new ones (another row). Left out of a manifest unless asked for; put
+    /// it on the CRL with `hq device revoke` where relying parties must refuse it.
+    Superseded,
 }
 
 impl DeviceStatus {
@@ -194,6 +202,7 @@ impl DeviceStatus {
             Self::Failed => "failed",
             Self::Unconfirmed => "unconfirmed",
             Self::Revoked => "revoked",
+            Self::Superseded => "superseded",
         }
     }
 }
@@ -250,8 +259,10 @@ pub fn manifest(
         .ok_or_else(|| {
             keyfab_node::Error::NotFound(format!("HQ issued no entitlement '{entitlement}'"))
         })?;
-    let mut rows = Vec::new();
-    let mut confirmed = std::collections::HashMap::new();
+    let mut rows: Vec<ManifestRow> = Vec::new();
+    // Each device's rows of its latest release: a confirmation is of that release, and a
+    // re-provisioning supersedes it.
+    let mut latest: std::collections::HashMap<String, Vec<usize>> = Default::default();
     let mut attestations = crate::audit::attested::Attestations::default();
     for r in crate::audit::site_records(node, &issued.site)? {
         let chip = attestations.next(&r).release;
@@ -262,7 +273,22 @@ pub fn manifest(
                 result,
                 ..
             } if e == entitlement => {
-                confirmed.insert(device_id, DeviceStatus::confirmed(&result));
+                for i in latest.get(&device_id).into_iter().flatten() {
+                    rows[*i].status = DeviceStatus::confirmed(&result);
+                }
+            }
+            Event::QuorumApproved {
+                entitlement: e,
+                request,
+                ..
+            } if e == entitlement => {
+                let device = keyfab_formats::approval::ApprovalRequest::from_file(&request)
+                    .ok()
+                    .and_then(|req| req.reprovision)
+                    .map(|r| r.device_id);
+                for i in device.and_then(|d| latest.remove(&d)).into_iter().flatten() {
+                    rows[i].status = DeviceStatus::Superseded;
+                }
             }
             Event::ProvisionAllowed {
                 entitlement: e,
@@ -272,6 +298,7 @@ pub fn manifest(
                 ..
             } if e == entitlement => {
                 let chip_certificate = chip.map(|a| a.certificate);
+                let first = rows.len();
                 for k in keys {
                     let Some(cert) = k.certificate else { continue };
                     let cert = cert.into_vec();
@@ -294,6 +321,7 @@ pub fn manifest(
                         chip_certificate_sha256: chip_certificate.clone(),
                     });
                 }
+                latest.insert(device_id, (first..rows.len()).collect());
             }
             _ => {}
         }
@@ -304,14 +332,14 @@ pub fn manifest(
             .map(|r| r.serial)
             .collect();
     for row in &mut rows {
-        if let Some(status) = confirmed.get(&row.device_id) {
-            row.status = *status;
-        }
         if revoked.contains(&row.cert_serial) {
             row.status = DeviceStatus::Revoked;
         }
     }
-    rows.retain(|r| include_failed || r.status != DeviceStatus::Failed);
+    // Burned keys — failed, or superseded by a re-provisioning — only when asked for.
+    rows.retain(|r| {
+        include_failed || !matches!(r.status, DeviceStatus::Failed | DeviceStatus::Superseded)
+    });
     rows.sort_by(|a, b| (&a.device_id, &a.key).cmp(&(&b.device_id, &b.key)));
     Ok((issued, rows))
 }

@@ -587,12 +587,6 @@ fn validate_approval(a: &Approval, daily_limit: Option<u64>) -> Result<(), Polic
             "'raise-limit' needs a daily limit to raise: set limits.daily",
         ));
     }
-    if a.required_for.contains(&Action::Reprovision) {
-        return Err(PolicyError::new(
-            "approval.required_for",
-            "'reprovision' is not carried out by this version of keyfab: only activate and raise-limit are",
-        ));
-    }
     Ok(())
 }
 

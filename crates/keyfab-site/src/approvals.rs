@@ -9,7 +9,7 @@ use crate::entitlements::EntitlementRecord;
 use crate::provision::Counters;
 use keyfab_audit::Event;
 use keyfab_crypto::sign::VerifyingKey;
-use keyfab_formats::approval::{verify_approval, ApprovalRequest};
+use keyfab_formats::approval::{verify_approval, ApprovalRequest, Reprovision};
 use keyfab_node::{decode, encode, Error, Node, Result};
 use keyfab_policy::{Action, CompiledPolicy, Raise};
 use keyfab_store::{Table, Txn};
@@ -48,6 +48,8 @@ pub enum Ask {
     Activate,
     /// Raising its daily limit over a run of policy days.
     RaiseLimit(Raise),
+    /// Giving a device that has its keys new ones, once: its earlier keys are burned.
+    Reprovision(Reprovision),
 }
 
 impl Ask {
@@ -55,6 +57,7 @@ impl Ask {
         match self {
             Ask::Activate => Action::Activate,
             Ask::RaiseLimit(_) => Action::RaiseLimit,
+            Ask::Reprovision(_) => Action::Reprovision,
         }
     }
 }
@@ -76,11 +79,36 @@ pub fn request(node: &Node, id: &str, ask: &Ask, ttl_secs: i64) -> Result<Vec<u8
     }
     let now = node.now().0;
     let counters = crate::provision::counters(node, id)?;
+    let mut reprovision = None;
     let raise = match ask {
         Ask::Activate if counters.activated => {
             return Err(Error::Precondition(format!("{id} is already activated")));
         }
         Ask::Activate => None,
+        Ask::Reprovision(r) => {
+            let held = node.store.get(
+                Table::Devices,
+                &crate::provision::device_record_key(id, &r.device_id),
+            )?;
+            if !keyfab_policy::id_shape_ok(&r.device_id) || held.is_none() {
+                return Err(Error::InvalidInput(format!(
+                    "device '{}' holds no keys under {id}: only a provisioned device is re-provisioned",
+                    r.device_id
+                )));
+            }
+            if r.reason.as_ref().is_some_and(|t| {
+                t.is_empty()
+                    || t.len() > keyfab_formats::approval::MAX_REASON
+                    || t.chars().any(char::is_control)
+            }) {
+                return Err(Error::InvalidInput(format!(
+                    "--reason: 1 to {} characters, no control characters",
+                    keyfab_formats::approval::MAX_REASON
+                )));
+            }
+            reprovision = Some(r.clone());
+            None
+        }
         Ask::RaiseLimit(raise) => {
             let policy = CompiledPolicy::new(record.policy.clone())?;
             raise
@@ -114,6 +142,7 @@ pub fn request(node: &Node, id: &str, ask: &Ask, ttl_secs: i64) -> Result<Vec<u8
         valid_until: record.policy.valid_until,
         stations: record.policy.allowed_stations.clone(),
         raise,
+        reprovision,
     };
     // Signed by the site: the approver checks it up to the root before reading it.
     let file = req.to_file(node.service_signer()?, &node.service_chain()?)?;
@@ -140,6 +169,9 @@ pub struct Submitted {
     pub activated: bool,
     /// The raise this submission put in force (the quorum for its request is met).
     pub raised: Option<Raise>,
+    /// The device this submission allowed one more provisioning, its earlier keys
+    /// burned (the quorum for its request is met).
+    pub reprovisioned: Option<String>,
 }
 
 /// What approvals count towards: `activate` counts distinct approvers over any of the
@@ -284,6 +316,7 @@ pub fn submit(node: &Node, files: &[Vec<u8>]) -> Result<Vec<Submitted>> {
             let quorum = approvers.len() >= threshold as usize;
             let mut activated = false;
             let mut raised = None;
+            let mut reprovisioned = None;
             if quorum {
                 let seen = node
                     .store
@@ -314,22 +347,34 @@ pub fn submit(node: &Node, files: &[Vec<u8>]) -> Result<Vec<Submitted>> {
                         let raise = a.request.raise.clone().ok_or_else(|| {
                             Error::Bug("a raise-limit request without its raise".into())
                         })?;
-                        log.append(
-                            &mut txn,
-                            now,
-                            Event::QuorumApproved {
-                                entitlement: tally.entitlement.clone(),
-                                action: tally.action.clone(),
-                                nonce: a.request.nonce.clone(),
-                                request: serde_bytes::ByteBuf::from(a.request_file.clone()),
-                                approvals: approvers
-                                    .values()
-                                    .map(|d| serde_bytes::ByteBuf::from(d.clone()))
-                                    .collect(),
-                            },
-                        )?;
+                        log.append(&mut txn, now, quorum_event(&tally, a, &approvers))?;
                         c.raises.push(raise.clone());
                         raised = Some(raise);
+                    }
+                    ("reprovision", Some(a)) => {
+                        let device = a
+                            .request
+                            .reprovision
+                            .as_ref()
+                            .ok_or_else(|| {
+                                Error::Bug("a reprovision request without its device".into())
+                            })?
+                            .device_id
+                            .clone();
+                        // Its record goes, and with it the keys a retry could fetch: the
+                        // next request for the device is decided as a first one.
+                        let key = crate::provision::device_record_key(&tally.entitlement, &device);
+                        let held = node.store.get(Table::Devices, &key)?;
+                        if held.is_none() {
+                            return Err(Error::Precondition(format!(
+                                "device '{device}' holds no keys under {} any more (re-provisioned already?): nothing was changed",
+                                tally.entitlement
+                            )));
+                        }
+                        txn.require_unchanged(Table::Devices, &key, held.as_ref())
+                            .delete(Table::Devices, &key);
+                        log.append(&mut txn, now, quorum_event(&tally, a, &approvers))?;
+                        reprovisioned = Some(device);
                     }
                     (other, _) => {
                         return Err(Error::Bug(format!("no way to carry out '{other}'")));
@@ -353,6 +398,7 @@ pub fn submit(node: &Node, files: &[Vec<u8>]) -> Result<Vec<Submitted>> {
                 threshold,
                 activated,
                 raised,
+                reprovisioned,
             });
         }
         log.finish(&mut txn);
@@ -361,4 +407,23 @@ pub fn submit(node: &Node, files: &[Vec<u8>]) -> Result<Vec<Submitted>> {
     let results = landed
         .ok_or_else(|| Error::Conflict("site state changed meanwhile; submit again".into()))?;
     Ok(results)
+}
+
+/// The record of a request that reached its threshold: the request, and each approval
+/// counted for it, detached (`approvers` maps each approver to it).
+fn quorum_event(
+    tally: &Tally,
+    a: &keyfab_formats::approval::Approval,
+    approvers: &std::collections::BTreeMap<String, Vec<u8>>,
+) -> Event {
+    Event::QuorumApproved {
+        entitlement: tally.entitlement.clone(),
+        action: tally.action.clone(),
+        nonce: a.request.nonce.clone(),
+        request: serde_bytes::ByteBuf::from(a.request_file.clone()),
+        approvals: approvers
+            .values()
+            .map(|d| serde_bytes::ByteBuf::from(d.clone()))
+            .collect(),
+    }
 }

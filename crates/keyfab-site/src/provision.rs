@@ -978,6 +978,12 @@ pub fn reservations(node: &Node, entitlement: &str) -> Result<Vec<Reservation>> 
         .collect())
 }
 
+/// The key of `device_id`'s record under `entitlement` in the devices table: present
+/// exactly while the device holds keys the site released.
+pub(crate) fn device_record_key(entitlement: &str, device_id: &str) -> Vec<u8> {
+    ent_key(entitlement, device_id)
+}
+
 /// The counters of an entitlement: devices allowed in all and per day. On a cluster
 /// the stored counters also count what nodes hold reserved and have not used yet; that
 /// is left out here.

@@ -421,7 +421,7 @@ pub(crate) enum HqDeviceCommand {
     /// Revoke a device's certificates: recorded at HQ, listed by the next `hq crl` of its
     /// entitlement, shown as `revoked` by `hq manifest` and `hq device show`.
     #[command(
-        after_help = "Example:\n  keyfab hq device revoke --home hq --entitlement ID --device-id TSV2-00000042 --reason key-compromise\n\nThe device must be in the audit HQ verified (import the site's export first)."
+        after_help = "Examples:\n  keyfab hq device revoke --home hq --entitlement ID --device-id TSV2-00000042 --reason key-compromise\n  keyfab hq device revoke --home hq --entitlement ID --device-id TSV2-00000042 --reason superseded --superseded-only\n\nThe device must be in the audit HQ verified (import the site's export first)."
     )]
     Revoke {
         #[command(flatten)]
@@ -436,6 +436,10 @@ pub(crate) enum HqDeviceCommand {
         /// superseded, cessation-of-operation, privilege-withdrawn.
         #[arg(long, value_parser = parse_reason)]
         reason: keyfab_crypto::x509::CrlReason,
+        /// Only the certificates a re-provisioning superseded (a returned unit's old
+        /// identity), not the ones it holds now.
+        #[arg(long)]
+        superseded_only: bool,
     },
     /// Where a device came from, from verified audit data: site, entitlement, station,
     /// time, audit record and the checkpoint that covers it, its certificates and keys,
@@ -1008,16 +1012,27 @@ pub(crate) enum SiteApprovalCommand {
   # 500 devices a day instead of the policy's limits.daily, on two policy days
   # (dates in the policy's time zone; the quota itself stays as HQ set it):
   keyfab site approval request --home site --entitlement ID --action raise-limit \\
-      --daily 500 --from-day 2026-12-08 --to-day 2026-12-09 --out raise.req")]
+      --daily 500 --from-day 2026-12-08 --to-day 2026-12-09 --out raise.req
+  # A returned unit gets new keys and a new certificate, once; its earlier keys are
+  # burned (it counts against the quota again: new keys are a new identity):
+  keyfab site approval request --home site --entitlement ID --action reprovision \\
+      --device-id TSV2-00000042 --reason \"RMA 7781: chip replaced\" --out rma.req")]
     Request {
         #[command(flatten)]
         home: Home,
         /// The entitlement the action is for (see `keyfab site entitlement list`).
         #[arg(long)]
         entitlement: String,
-        /// activate or raise-limit (as the policy's required_for lists).
+        /// activate, raise-limit or reprovision (as the policy's required_for lists).
         #[arg(long, value_enum)]
         action: ApprovalAction,
+        /// reprovision: the device, already provisioned under the entitlement, that gets
+        /// new keys once.
+        #[arg(long, value_name = "ID", required_if_eq("action", "reprovision"))]
+        device_id: Option<String>,
+        /// reprovision: why, for the approvers and the audit (at most 256 characters).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
         /// raise-limit: the daily limit on the days raised, above the policy's and at
         /// most the quota.
         #[arg(long, value_name = "N", required_if_eq("action", "raise-limit"))]
@@ -1526,4 +1541,5 @@ impl Programming {
 pub(crate) enum ApprovalAction {
     Activate,
     RaiseLimit,
+    Reprovision,
 }

@@ -467,9 +467,9 @@ pub(crate) fn run(ctx: &Context, dir: Option<&Path>, devices: u64) -> Result<Rep
         run::device_revoke(
             &ctx,
             &hq,
-            &id,
-            "TSV2-00000004",
+            (&id, "TSV2-00000004"),
             keyfab_crypto::x509::CrlReason::KeyCompromise,
+            false,
         )?,
     );
     let crl = base.join("batch.crl");

@@ -481,8 +481,26 @@ impl<'a> Reconciler<'a> {
             );
             return Ok(());
         };
-        match approved.prove(&self.site, time, &entry.policy) {
-            Ok(raise) => self.replica(approved.entitlement)?.raises.push(raise),
+        let proven = approved.prove(&self.site, time, &entry.policy);
+        // A device is re-provisioned only after it was provisioned.
+        let proven = match proven {
+            Ok(Proven::Reprovision(device))
+                if self
+                    .devices
+                    .released(self.node.store.as_ref(), approved.entitlement, &device)?
+                    .is_none() =>
+            {
+                Err(format!("device '{device}' was never provisioned"))
+            }
+            other => other,
+        };
+        match proven {
+            Ok(Proven::Raise(raise)) => self.replica(approved.entitlement)?.raises.push(raise),
+            Ok(Proven::Reprovision(device)) => {
+                let rep = self.replica(approved.entitlement)?;
+                rep.superseded += 1;
+                rep.reprovisions.insert(device);
+            }
             Err(detail) => self.violation(
                 Some(approved.entitlement),
                 None,
@@ -668,10 +686,15 @@ impl<'a> Reconciler<'a> {
         d: &Decided<'_>,
         chip: keyfab_policy::Chip<'_>,
     ) -> Result<(Decision, Option<String>, String)> {
+        // Released before, and not since allowed once more by a proven quorum.
         let already = self
             .devices
             .released(self.node.store.as_ref(), d.entitlement, d.device_id)?
-            .is_some();
+            .is_some()
+            && !self
+                .replica(d.entitlement)?
+                .reprovisions
+                .contains(d.device_id);
         let acknowledged = entry.record.created_at.max(self.log.acknowledged_at);
         let day = self.day_of(entry, d.time);
         let state = {
@@ -832,6 +855,8 @@ impl<'a> Reconciler<'a> {
         let has_code = entry.code.is_some();
         let rep = self.replica(d.entitlement)?;
         rep.total += 1;
+        // A re-provisioning uses up its approval.
+        rep.reprovisions.remove(d.device_id);
         if has_code {
             rep.code.record_allowed(&day, d.station);
         }
@@ -907,18 +932,20 @@ struct Approved<'a> {
 
 impl Approved<'_> {
     /// What the approvals prove, under `policy`, of an action `site` carried out at
-    /// `time`: the raise approved, or why they prove nothing.
+    /// `time`: what was approved, or why they prove nothing.
     fn prove(
         &self,
         site: &str,
         time: i64,
         policy: &CompiledPolicy,
-    ) -> std::result::Result<keyfab_policy::Raise, String> {
+    ) -> std::result::Result<Proven, String> {
         use keyfab_formats::approval::{attach, verify_approval, ApprovalRequest};
+        use keyfab_policy::Action;
         let p = &policy.policy;
-        if self.action != keyfab_policy::Action::RaiseLimit.as_str()
-            || !p.requires_approval(keyfab_policy::Action::RaiseLimit)
-        {
+        let action = [Action::RaiseLimit, Action::Reprovision]
+            .into_iter()
+            .find(|a| a.as_str() == self.action);
+        if !action.is_some_and(|a| p.requires_approval(a)) {
             return Err(format!("the policy puts no '{}' to a quorum", self.action));
         }
         let req = ApprovalRequest::from_file(self.request).map_err(|e| e.to_string())?;
@@ -951,10 +978,23 @@ impl Approved<'_> {
                 approvers.len()
             ));
         }
-        let raise = req.raise.ok_or("the request names no raise")?;
-        raise
-            .check(policy)
-            .map_err(|e| format!("{}: {}", e.field, e.message))?;
-        Ok(raise)
+        match (req.raise, req.reprovision) {
+            (Some(raise), None) => {
+                raise
+                    .check(policy)
+                    .map_err(|e| format!("{}: {}", e.field, e.message))?;
+                Ok(Proven::Raise(raise))
+            }
+            (None, Some(r)) => Ok(Proven::Reprovision(r.device_id)),
+            _ => Err("the request names no parameters for its action".into()),
+        }
     }
+}
+
+/// What a proven quorum approved.
+enum Proven {
+    /// A raise of the daily limit.
+    Raise(keyfab_policy::Raise),
+    /// One more provisioning of this device, its earlier keys burned.
+    Reprovision(String),
 }

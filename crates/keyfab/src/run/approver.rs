@@ -166,6 +166,8 @@ struct Summary {
     stations: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     raise: Option<keyfab_policy::Raise>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reprovision: Option<keyfab_formats::approval::Reprovision>,
     expires_at: String,
 }
 
@@ -181,18 +183,26 @@ fn summary_of(req: &keyfab_formats::approval::ApprovalRequest) -> Summary {
         valid_until: rfc3339(req.valid_until),
         stations: req.stations.clone(),
         raise: req.raise.clone(),
+        reprovision: req.reprovision.clone(),
         expires_at: rfc3339(req.expires_at),
     }
 }
 
 impl Summary {
     fn text(&self) -> String {
-        let raise = self.raise.as_ref().map_or_else(String::new, |r| {
+        let mut raise = self.raise.as_ref().map_or_else(String::new, |r| {
             format!(
                 "\n  it raises the daily limit to {} devices a day from {} to {} (policy days; the quota stays {})",
                 r.daily, r.from_day, r.to_day, self.devices
             )
         });
+        if let Some(r) = &self.reprovision {
+            raise.push_str(&format!(
+                "\n  device {} gets new keys and a new certificate, once; its earlier keys are burned ({})",
+                r.device_id,
+                r.reason.as_deref().unwrap_or("no reason given")
+            ));
+        }
         format!(
             "site '{}' asks you to approve '{}' of entitlement {}:\n  product {}, {} devices{}, from {} to {}, stations: {}{raise}\n  this request expires {}",
             self.site,

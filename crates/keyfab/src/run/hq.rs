@@ -633,7 +633,13 @@ pub(crate) fn hq_manifest(
         // A registration list: what is revoked is not registered.
         ManifestFormat::AwsIot => rows
             .iter()
-            .filter(|r| r.status != keyfab_hq::report::DeviceStatus::Revoked)
+            .filter(|r| {
+                !matches!(
+                    r.status,
+                    keyfab_hq::report::DeviceStatus::Revoked
+                        | keyfab_hq::report::DeviceStatus::Superseded
+                )
+            })
             .map(|r| {
                 format!(
                     "{}\n",
@@ -659,6 +665,7 @@ pub(crate) fn hq_manifest(
         programmed: count(keyfab_hq::report::DeviceStatus::Programmed),
         unconfirmed: count(keyfab_hq::report::DeviceStatus::Unconfirmed),
         failed: count(keyfab_hq::report::DeviceStatus::Failed),
+        superseded: count(keyfab_hq::report::DeviceStatus::Superseded),
         format: args.format.as_str(),
         out: args.out.to_owned(),
         ca_out: args.ca_out.map(Path::to_owned),
@@ -674,6 +681,7 @@ struct ManifestWritten {
     programmed: usize,
     unconfirmed: usize,
     failed: usize,
+    superseded: usize,
     format: &'static str,
     out: std::path::PathBuf,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -689,10 +697,10 @@ impl Outcome for ManifestWritten {
             self.site,
             self.programmed,
             self.unconfirmed,
-            if self.failed > 0 {
-                format!(", {} failed", self.failed)
-            } else {
-                String::new()
+            match (self.failed, self.superseded) {
+                (0, 0) => String::new(),
+                (f, 0) => format!(", {f} failed"),
+                (f, s) => format!(", {f} failed, {s} superseded"),
             },
             self.out.display(),
             self.format
@@ -710,12 +718,17 @@ impl Outcome for ManifestWritten {
 pub(crate) fn device_revoke(
     ctx: &Context,
     home: &Path,
-    entitlement: &str,
-    device_id: &str,
+    (entitlement, device_id): (&str, &str),
     reason: keyfab_crypto::x509::CrlReason,
+    superseded_only: bool,
 ) -> Result<Report, Failure> {
     let node = ctx.open(home, NodeKind::Hq)?;
-    let done = keyfab_hq::devices::revoke_device(&node, entitlement, device_id, reason)?;
+    let done = keyfab_hq::devices::revoke_device(
+        &node,
+        (entitlement, device_id),
+        reason,
+        superseded_only,
+    )?;
     Report::of(&DeviceRevokedOut {
         device_id: device_id.to_owned(),
         entitlement: entitlement.to_owned(),

@@ -86,7 +86,14 @@ pub(crate) fn dispatch(
             entitlement,
             device_id,
             reason,
-        })) => device_revoke(&ctx, &home.home, &entitlement, &device_id, reason),
+            superseded_only,
+        })) => device_revoke(
+            &ctx,
+            &home.home,
+            (&entitlement, &device_id),
+            reason,
+            superseded_only,
+        ),
         Command::Hq(HqCommand::Device(HqDeviceCommand::Show { home, device_id })) => {
             device_show(&ctx, &home.home, &device_id)
         }
@@ -270,13 +277,15 @@ pub(crate) fn dispatch(
             daily,
             from_day,
             to_day,
+            device_id,
+            reason,
             out,
             expires_in_hours,
         })) => approval_request(
             &ctx,
             &home.home,
             &entitlement,
-            ask(action, daily, from_day, to_day)?,
+            ask(action, (daily, from_day, to_day), (device_id, reason))?,
             &out,
             expires_in_hours,
         ),
@@ -300,27 +309,40 @@ pub(crate) fn dispatch(
 
 /// What `site approval request` asks for: the action, with the parameters it takes and
 /// none it does not.
+type RaiseArgs = (Option<u64>, Option<String>, Option<String>);
+type ReprovisionArgs = (Option<String>, Option<String>);
+
 fn ask(
     action: crate::cli::ApprovalAction,
-    daily: Option<u64>,
-    from_day: Option<String>,
-    to_day: Option<String>,
+    (daily, from_day, to_day): RaiseArgs,
+    (device_id, reason): ReprovisionArgs,
 ) -> Result<keyfab_site::approvals::Ask, Failure> {
     use crate::cli::ApprovalAction;
-    match (action, daily, from_day, to_day) {
-        (ApprovalAction::Activate, None, None, None) => Ok(keyfab_site::approvals::Ask::Activate),
-        (ApprovalAction::Activate, ..) => Err(Failure::usage(
-            "--daily, --from-day and --to-day are for --action raise-limit",
-        )),
-        (ApprovalAction::RaiseLimit, Some(daily), Some(from_day), Some(to_day)) => Ok(
-            keyfab_site::approvals::Ask::RaiseLimit(keyfab_policy::Raise {
-                daily,
-                from_day,
-                to_day,
-            }),
-        ),
-        (ApprovalAction::RaiseLimit, ..) => Err(Failure::usage(
-            "--action raise-limit needs --daily, --from-day and --to-day",
+    use keyfab_site::approvals::Ask;
+    let raising = daily.is_some() || from_day.is_some() || to_day.is_some();
+    let reprovisioning = device_id.is_some() || reason.is_some();
+    match action {
+        ApprovalAction::Activate if !raising && !reprovisioning => Ok(Ask::Activate),
+        ApprovalAction::RaiseLimit if !reprovisioning => match (daily, from_day, to_day) {
+            (Some(daily), Some(from_day), Some(to_day)) => {
+                Ok(Ask::RaiseLimit(keyfab_policy::Raise {
+                    daily,
+                    from_day,
+                    to_day,
+                }))
+            }
+            _ => Err(Failure::usage(
+                "--action raise-limit needs --daily, --from-day and --to-day",
+            )),
+        },
+        ApprovalAction::Reprovision if !raising => match device_id {
+            Some(device_id) => Ok(Ask::Reprovision(
+                keyfab_formats::approval::Reprovision { device_id, reason },
+            )),
+            None => Err(Failure::usage("--action reprovision needs --device-id")),
+        },
+        _ => Err(Failure::usage(
+            "--daily, --from-day and --to-day are for --action raise-limit; --device-id and --reason for --action reprovision",
         )),
     }
 }

@@ -286,14 +286,16 @@ pub(crate) fn approval_request(
     let file =
         keyfab_site::approvals::request(&node, entitlement, &ask, hours.saturating_mul(3600))?;
     std::fs::write(out, &file).map_err(|e| io_fail(out, e))?;
-    let (action, raise) = match ask {
-        keyfab_site::approvals::Ask::Activate => ("activate", None),
-        keyfab_site::approvals::Ask::RaiseLimit(raise) => ("raise-limit", Some(raise)),
+    let (action, raise, reprovision) = match ask {
+        keyfab_site::approvals::Ask::Activate => ("activate", None, None),
+        keyfab_site::approvals::Ask::RaiseLimit(raise) => ("raise-limit", Some(raise), None),
+        keyfab_site::approvals::Ask::Reprovision(r) => ("reprovision", None, Some(r)),
     };
     Report::of(&ApprovalRequested {
         entitlement: entitlement.to_owned(),
         action,
         raise,
+        reprovision,
         out: out.to_owned(),
     })
 }
@@ -305,17 +307,20 @@ struct ApprovalRequested {
     action: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     raise: Option<keyfab_policy::Raise>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reprovision: Option<keyfab_formats::approval::Reprovision>,
     out: std::path::PathBuf,
 }
 
 impl Outcome for ApprovalRequested {
     fn text(&self) -> String {
-        let what = match &self.raise {
-            Some(r) => format!(
+        let what = match (&self.raise, &self.reprovision) {
+            (Some(r), _) => format!(
                 " (daily limit {} from {} to {})",
                 r.daily, r.from_day, r.to_day
             ),
-            None => String::new(),
+            (None, Some(r)) => format!(" of device {}", r.device_id),
+            (None, None) => String::new(),
         };
         format!(
             "approval request for '{}'{what} on {} written to {}; approvers sign it with `keyfab approver sign`",
@@ -348,6 +353,7 @@ pub(crate) fn approval_submit(
                 threshold: r.threshold,
                 activated: r.activated,
                 raised: r.raised,
+                reprovisioned: r.reprovisioned,
             })
             .collect(),
     })
@@ -370,6 +376,9 @@ struct ApprovalCount {
     /// The raise the quorum put in force with this submission.
     #[serde(skip_serializing_if = "Option::is_none")]
     raised: Option<keyfab_policy::Raise>,
+    /// The device the quorum allowed new keys with this submission.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reprovisioned: Option<String>,
 }
 
 impl Outcome for ApprovalsSubmitted {
@@ -377,13 +386,16 @@ impl Outcome for ApprovalsSubmitted {
         self.results
             .iter()
             .map(|r| {
-                let done = match (&r.raised, r.activated) {
-                    (Some(raise), _) => format!(
+                let done = match (&r.raised, &r.reprovisioned, r.activated) {
+                    (Some(raise), ..) => format!(
                         " - daily limit raised to {} from {} to {}",
                         raise.daily, raise.from_day, raise.to_day
                     ),
-                    (None, true) => " - activated".to_owned(),
-                    (None, false) => String::new(),
+                    (None, Some(device), _) => format!(
+                        " - device {device} may be provisioned once more; its earlier keys are burned"
+                    ),
+                    (None, None, true) => " - activated".to_owned(),
+                    (None, None, false) => String::new(),
                 };
                 format!(
                     "{} '{}': {} new approval(s), {} of {} distinct approvers{done}\n",

@@ -257,33 +257,25 @@ fn approver_keys_are_sealed_under_a_passphrase_by_default() {
 }
 
 /// A quorum for what the policy cannot do would approve nothing: `raise-limit` without a
-/// daily limit to raise, or an action this version does not carry out, is refused at
-/// `hq entitlement create`, naming the field, and nothing is issued.
+/// daily limit to raise is refused at `hq entitlement create`, naming the field, and
+/// nothing is issued.
 #[test]
 fn a_quorum_for_what_the_policy_cannot_do_is_refused() {
     let w = world();
     ok(&["approver", "keygen", "--out", &s(&w.path("alice"))]);
-    for (action, limits, says) in [
-        ("raise-limit", "", "set limits.daily"),
-        ("reprovision", "[limits]\ndaily = 2\n", "not carried out"),
-    ] {
-        let policy = w.path("p.toml");
-        std::fs::write(
-            &policy,
-            format!(
-                "product = \"p\"\ndevices = 5\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
-                 {limits}\
-                 [[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n\
-                 [approval]\nthreshold = 1\napprovers = [\"alice.pub\"]\nrequired_for = [\"activate\", \"{action}\"]\n"
-            ),
-        )
-        .unwrap();
-        let out = w.path("p.kfe");
-        let o = try_create(&w, "shenzhen-1", &policy, &out);
-        o.assert_error(1, "invalid_policy", "approval.required_for");
-        o.assert_error(1, "invalid_policy", says);
-        assert!(!out.exists());
-    }
+    let policy = w.path("p.toml");
+    std::fs::write(
+        &policy,
+        "product = \"p\"\ndevices = 5\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
+         [[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n\
+         [approval]\nthreshold = 1\napprovers = [\"alice.pub\"]\nrequired_for = [\"activate\", \"raise-limit\"]\n",
+    )
+    .unwrap();
+    let out = w.path("p.kfe");
+    let o = try_create(&w, "shenzhen-1", &policy, &out);
+    o.assert_error(1, "invalid_policy", "approval.required_for");
+    o.assert_error(1, "invalid_policy", "set limits.daily");
+    assert!(!out.exists());
 }
 
 /// A policy of 20 devices, 2 a day (UTC), whose daily limit a quorum of 2 of alice, bob
@@ -644,4 +636,263 @@ fn bless_raise_seeds(w: &World, req: &Path, approval: &Path) {
         quorum.to_bytes(),
     )
     .unwrap();
+}
+
+/// 5 devices, each an identity key made at the site with a certificate; re-provisioning
+/// a device needs 2 of alice, bob and carol.
+const REPROVISIONABLE: &str = "product = \"p\"\ndevices = 5\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
+     [[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = { subject = \"CN={device_id},O=Acme\", days = 365 }\n\
+     [approval]\nthreshold = 2\napprovers = [\"alice.pub\", \"bob.pub\", \"carol.pub\"]\nrequired_for = [\"reprovision\"]\n";
+
+/// A world with alice, bob, carol (listed) and mallory (not), and REPROVISIONABLE
+/// imported at its site: the world and the entitlement's id.
+fn reprovisionable() -> (World, String) {
+    let w = world();
+    for name in ["alice", "bob", "carol", "mallory"] {
+        ok(&["approver", "keygen", "--out", &s(&w.path(name))]);
+    }
+    let policy = w.path("rma.toml");
+    std::fs::write(&policy, REPROVISIONABLE).unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "rma.kfe");
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    (w, id)
+}
+
+/// `site approval request --action reprovision` of `device` (with `reason`) into `out`,
+/// however it ends.
+fn request_reprovision(w: &World, id: &str, device: &str, reason: &str, out: &Path) -> Out {
+    keyfab(
+        &[
+            "site",
+            "approval",
+            "request",
+            "--home",
+            &s(&w.site),
+            "--entitlement",
+            id,
+            "--action",
+            "reprovision",
+            "--device-id",
+            device,
+            "--reason",
+            reason,
+            "--out",
+            &s(out),
+        ],
+        None,
+    )
+}
+
+/// A returned unit, re-provisioned on a quorum's approval: new keys and a new
+/// certificate, once; its earlier keys burned and its earlier certificate superseded
+/// (in `hq device show` and the manifest, and revocable on its own); without the
+/// quorum, `device_already_provisioned`; it counts against the quota; HQ's replay finds
+/// no violation.
+#[test]
+fn a_device_reprovisioned_after_approval_gets_new_keys_once() {
+    let (w, id) = reprovisionable();
+    let provision = |device: &str| crate::common::provision(&w, &id, device, &[], None);
+    assert_eq!(provision("D-1").code, 0);
+    provision("D-1").assert_error(3, "device_already_provisioned", "");
+
+    // Only a provisioned device is re-provisioned; a bad reason is refused.
+    let req = w.path("rma.req");
+    let before = snapshot(&w.site);
+    request_reprovision(&w, &id, "D-2", "RMA 1", &req).assert_error(
+        1,
+        "invalid_input",
+        "holds no keys",
+    );
+    request_reprovision(&w, &id, "D-1", "two\nlines", &req).assert_error(
+        1,
+        "invalid_input",
+        "--reason",
+    );
+    assert!(!req.exists());
+    assert_eq!(
+        before,
+        snapshot(&w.site),
+        "a refused request changed the site"
+    );
+
+    let o = request_reprovision(&w, &id, "D-1", "RMA 7781: chip replaced", &req);
+    assert_eq!(o.code, 0, "{}", o.json);
+    assert_eq!(o.json["reprovision"]["device_id"], "D-1", "{}", o.json);
+    let approval = |who: &str| {
+        let out = w.path(&format!("{who}-rma.approval"));
+        let root = w.root.join("root.crt");
+        let o = try_sign_approval(&w, who, (&req, &root), &out, &["--yes"], None);
+        assert_eq!(o.code, 0, "{}", o.json);
+        // The approver saw which device, and why.
+        assert_eq!(
+            o.json["reprovision"]["reason"], "RMA 7781: chip replaced",
+            "{}",
+            o.json
+        );
+        out
+    };
+    // One approval of two: nothing changes.
+    let o = submit(&w, &[&approval("alice")], None);
+    assert_eq!(
+        (o.code, &o.json["results"][0]["count"]),
+        (0, &1.into()),
+        "{}",
+        o.json
+    );
+    provision("D-1").assert_error(3, "device_already_provisioned", "");
+    let o = submit(&w, &[&approval("bob")], None);
+    assert_eq!(o.json["results"][0]["reprovisioned"], "D-1", "{}", o.json);
+    // New keys, once.
+    assert_eq!(provision("D-1").code, 0);
+    provision("D-1").assert_error(3, "device_already_provisioned", "");
+    submit(&w, &[&approval("carol")], None).assert_error(4, "approval_invalid", "did not issue");
+
+    let report = hq_finds_no_violations(&w, "rma.kfa");
+    let e = &report["entitlements"][0];
+    assert_eq!(
+        (&e["released"], &e["unused"], &e["superseded"]),
+        (&2.into(), &3.into(), &1.into()),
+        "{e}"
+    );
+    let shown = ok(&["hq", "device", "show", "--home", &s(&w.hq), "D-1"]);
+    let releases = shown["releases"].as_array().unwrap();
+    assert_eq!(releases.len(), 2, "{shown}");
+    assert_eq!(
+        (
+            releases[0]["status"].as_str(),
+            releases[1]["status"].as_str()
+        ),
+        (Some("superseded"), Some("unconfirmed"))
+    );
+    let (old, new) = (&releases[0]["keys"][0], &releases[1]["keys"][0]);
+    assert_ne!(old["key_id"], new["key_id"]);
+    assert_ne!(old["cert_serial"], new["cert_serial"]);
+    // The manifest registers the new certificate; the old one only when asked for.
+    let manifest = |name: &str, extra: &[&str]| {
+        let (out, hq) = (s(&w.path(name)), s(&w.hq));
+        let mut args = vec![
+            "hq",
+            "manifest",
+            "--home",
+            &hq,
+            "--entitlement",
+            &id,
+            "--format",
+            "json",
+            "--out",
+            &out,
+        ];
+        args.extend_from_slice(extra);
+        ok(&args);
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&out).unwrap()).unwrap()
+            ["devices"]
+            .clone()
+    };
+    let current = manifest("m.json", &[]);
+    assert_eq!(current.as_array().unwrap().len(), 1, "{current}");
+    assert_eq!(current[0]["cert_serial"], new["cert_serial"]);
+    let all = manifest("all.json", &["--include-failed"]);
+    let statuses: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses.len(), 2);
+    assert!(statuses.contains(&"superseded"), "{all}");
+    // The superseded certificate goes on the CRL on its own.
+    let revoked = ok(&[
+        "hq",
+        "device",
+        "revoke",
+        "--home",
+        &s(&w.hq),
+        "--entitlement",
+        &id,
+        "--device-id",
+        "D-1",
+        "--reason",
+        "superseded",
+        "--superseded-only",
+    ]);
+    let serials: Vec<&serde_json::Value> = revoked["revoked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["serial"])
+        .collect();
+    assert_eq!(serials, [&old["cert_serial"]], "{revoked}");
+}
+
+/// A second provisioning the approvals the log keeps do not prove is caught by HQ:
+/// re-provisioned on one approval of two, or twice on one approval; one proven by the
+/// quorum passes.
+#[test]
+fn a_second_provisioning_without_a_proven_quorum_is_caught_by_hq() {
+    use keyfab_audit::Event;
+    let (w, id) = reprovisionable();
+    assert_eq!(crate::common::provision(&w, &id, "D-2", &[], None).code, 0);
+    let req = w.path("rma.req");
+    assert_eq!(request_reprovision(&w, &id, "D-2", "RMA 2", &req).code, 0);
+    let file = std::fs::read(&req).unwrap();
+    let nonce = keyfab_formats::approval::ApprovalRequest::from_file(&file)
+        .unwrap()
+        .nonce;
+    let approvals: Vec<serde_bytes::ByteBuf> = ["alice", "bob"]
+        .iter()
+        .map(|who| {
+            let out = w.path(&format!("{who}.approval"));
+            sign_approval(&w, who, &req, &out);
+            serde_bytes::ByteBuf::from(
+                keyfab_formats::approval::detach(&std::fs::read(&out).unwrap()).unwrap(),
+            )
+        })
+        .collect();
+    let quorum = |approvals: &[serde_bytes::ByteBuf]| Event::QuorumApproved {
+        entitlement: id.clone(),
+        action: "reprovision".into(),
+        nonce: nonce.clone(),
+        request: serde_bytes::ByteBuf::from(file.clone()),
+        approvals: approvals.to_vec(),
+    };
+    let now = jiff::Timestamp::now().as_second();
+    let allowed = |device: &str| forged_release(&id, device);
+    let events = vec![
+        (
+            now,
+            Event::EntitlementImported {
+                entitlement: id.clone(),
+                sequence: 1,
+                pool_keys: 0,
+            },
+        ),
+        (now, allowed("D-2")),
+        (now, quorum(&approvals[..1])),
+        (now, allowed("D-2")),
+        (now, quorum(&approvals)),
+        (now, allowed("D-2")),
+        (now, allowed("D-2")),
+    ];
+    let out = w.path("lies.kfa");
+    let site = open_site(&w.site);
+    write_forged_log(&site, events, &"f".repeat(32), &out);
+    drop(site);
+    let o = ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&out)]);
+    let kinds: Vec<(&str, u64)> = o["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["kind"].as_str().unwrap(), v["sequence"].as_u64().unwrap()))
+        .collect();
+    // Record 3: one approval proves nothing; record 4: so that release is a second one;
+    // record 6 is allowed by the quorum of record 5; record 7 is one more.
+    assert_eq!(
+        kinds,
+        [
+            ("quorum_not_proven", 3),
+            ("device_already_provisioned", 4),
+            ("device_already_provisioned", 7)
+        ],
+        "{o}"
+    );
 }
