@@ -207,11 +207,18 @@ pub fn sign_approval(approver: &dyn EcdsaSigner, request_file: &[u8]) -> Result<
         .payload(request_file.to_vec())
         .try_create_signature(CONTEXT, |data| approver.sign(data))
         .map_err(|e| FormatError::Write(e.to_string()))?
-        .build()
-        .to_tagged_vec()
-        .map_err(|e| FormatError::Write(e.to_string()))?;
+        .build();
+    to_approval_file(sign1)
+}
+
+/// The approval file of `sign1`: the prefix, then the tagged COSE_Sign1.
+fn to_approval_file(sign1: coset::CoseSign1) -> Result<Vec<u8>> {
     let mut out = prefix::encode(Kind::Approval, VERSION).to_vec();
-    out.extend(sign1);
+    out.extend(
+        sign1
+            .to_tagged_vec()
+            .map_err(|e| FormatError::Write(e.to_string()))?,
+    );
     Ok(out)
 }
 
@@ -221,13 +228,7 @@ pub fn sign_approval(approver: &dyn EcdsaSigner, request_file: &[u8]) -> Result<
 pub fn detach(approval_file: &[u8]) -> Result<Vec<u8>> {
     let mut sign1 = approval_sign1(approval_file)?;
     sign1.payload = None;
-    let mut out = prefix::encode(Kind::Approval, VERSION).to_vec();
-    out.extend(
-        sign1
-            .to_tagged_vec()
-            .map_err(|e| FormatError::Write(e.to_string()))?,
-    );
-    Ok(out)
+    to_approval_file(sign1)
 }
 
 /// The approval file `detached` ([`detach`]) was made from, given the request file it
@@ -241,13 +242,7 @@ pub fn attach(detached: &[u8], request_file: &[u8]) -> Result<Vec<u8>> {
         ));
     }
     sign1.payload = Some(request_file.to_vec());
-    let mut out = prefix::encode(Kind::Approval, VERSION).to_vec();
-    out.extend(
-        sign1
-            .to_tagged_vec()
-            .map_err(|e| FormatError::Write(e.to_string()))?,
-    );
-    Ok(out)
+    to_approval_file(sign1)
 }
 
 /// An approval file's framing and COSE structure, checked for size and canonical

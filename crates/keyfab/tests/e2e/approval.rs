@@ -43,17 +43,7 @@ fn a_quorum_of_distinct_listed_keys_activates() {
         sign_approval(&w, who, req, &out);
         out
     };
-    let submit = |files: &[&std::path::Path], now: Option<&str>| {
-        let mut args = vec![
-            "site".to_owned(),
-            "approval".into(),
-            "submit".into(),
-            "--home".into(),
-            s(&w.site),
-        ];
-        args.extend(files.iter().map(|f| s(f)));
-        keyfab(&args.iter().map(String::as_str).collect::<Vec<_>>(), now)
-    };
+    let submit = |files: &[&std::path::Path], now: Option<&str>| submit(&w, files, now);
     let refused = |files: &[&std::path::Path], now: Option<&str>| {
         let before = snapshot(&w.site);
         let o = submit(files, now);
@@ -285,16 +275,16 @@ const RAISABLE: &str = "product = \"p\"\ndevices = 20\nvalid_from = \"2026-01-01
      [[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n\
      [approval]\nthreshold = 2\napprovers = [\"alice.pub\", \"bob.pub\", \"carol.pub\"]\nrequired_for = [\"raise-limit\"]\n";
 
-/// A world with alice, bob, carol (listed) and mallory (not), and RAISABLE imported at
-/// its site: the world and the entitlement's id.
-fn raisable() -> (World, String) {
+/// A world with alice, bob, carol (listed) and mallory (not), and `policy_text`
+/// imported at its site: the world and the entitlement's id.
+fn with_approvers(policy_text: &str) -> (World, String) {
     let w = world();
     for name in ["alice", "bob", "carol", "mallory"] {
         ok(&["approver", "keygen", "--out", &s(&w.path(name))]);
     }
-    let policy = w.path("raisable.toml");
-    std::fs::write(&policy, RAISABLE).unwrap();
-    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "raisable.kfe");
+    let policy = w.path("quorum.toml");
+    std::fs::write(&policy, policy_text).unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "quorum.kfe");
     assert_eq!(import(&w.site, &kfe, None).code, 0);
     (w, id)
 }
@@ -302,28 +292,17 @@ fn raisable() -> (World, String) {
 /// `site approval request --action raise-limit` for `daily` devices a day on `day` into
 /// `out`, however it ends.
 fn request_raise(w: &World, id: &str, daily: &str, (from, to): (&str, &str), out: &Path) -> Out {
-    keyfab(
-        &[
-            "site",
-            "approval",
-            "request",
-            "--home",
-            &s(&w.site),
-            "--entitlement",
-            id,
-            "--action",
-            "raise-limit",
-            "--daily",
-            daily,
-            "--from-day",
-            from,
-            "--to-day",
-            to,
-            "--out",
-            &s(out),
-        ],
-        None,
-    )
+    let action = [
+        "--action",
+        "raise-limit",
+        "--daily",
+        daily,
+        "--from-day",
+        from,
+        "--to-day",
+        to,
+    ];
+    try_approval_request(w, id, &action, out)
 }
 
 /// `site approval submit` of `files` at `now`.
@@ -353,7 +332,7 @@ fn hours_ahead(hours: i64) -> (String, String) {
 /// the quorum from the log, finds no violation.
 #[test]
 fn a_raise_approved_by_a_quorum_lets_exactly_the_raised_number_through_that_day() {
-    let (w, id) = raisable();
+    let (w, id) = with_approvers(RAISABLE);
     let (_, today) = hours_ahead(0);
     let (t1, day1) = hours_ahead(24);
     let (t2, _) = hours_ahead(48);
@@ -418,12 +397,9 @@ fn a_raise_approved_by_a_quorum_lets_exactly_the_raised_number_through_that_day(
         serde_json::json!({"daily": 5, "from_day": day1, "to_day": day1})
     );
     let approval = |who: &str| {
-        let out = w.path(&format!("{who}-raise.approval"));
-        let root = w.root.join("root.crt");
-        let o = try_sign_approval(&w, who, (&req, &root), &out, &["--yes"], None);
-        assert_eq!(o.code, 0, "{}", o.json);
+        let (out, seen) = approve(&w, who, &req);
         // The approver saw what is raised, and that the quota stays.
-        assert_eq!(o.json["raise"]["daily"], 5, "{}", o.json);
+        assert_eq!(seen["raise"]["daily"], 5, "{seen}");
         out
     };
 
@@ -485,18 +461,7 @@ fn a_raise_approved_by_a_quorum_lets_exactly_the_raised_number_through_that_day(
 
     // HQ proves the quorum from the log and finds every release within the limits.
     let kfa = w.path("raised.kfa");
-    let o = keyfab(
-        &[
-            "site",
-            "audit",
-            "export",
-            "--home",
-            &s(&w.site),
-            "--out",
-            &s(&kfa),
-        ],
-        Some(&t2),
-    );
+    let o = try_export_at(&w.site, &kfa, Some(&t2));
     assert_eq!(o.code, 0, "{}", o.json);
     let o = keyfab(
         &["hq", "audit", "import", "--home", &s(&w.hq), &s(&kfa)],
@@ -520,36 +485,15 @@ fn a_raise_approved_by_a_quorum_lets_exactly_the_raised_number_through_that_day(
 #[test]
 fn a_raise_the_approvals_do_not_prove_is_caught_by_hq() {
     use keyfab_audit::Event;
-    let (w, id) = raisable();
+    let (w, id) = with_approvers(RAISABLE);
     let (now, day) = hours_ahead(0);
     let now = jiff::Timestamp::from_str(&now).unwrap().as_second();
     let (asked, other) = (w.path("asked.req"), w.path("other.req"));
     assert_eq!(request_raise(&w, &id, "5", (&day, &day), &asked).code, 0);
     assert_eq!(request_raise(&w, &id, "4", (&day, &day), &other).code, 0);
-    let approvals: Vec<Vec<u8>> = ["alice", "bob"]
-        .iter()
-        .map(|who| {
-            let out = w.path(&format!("{who}.approval"));
-            sign_approval(&w, who, &asked, &out);
-            keyfab_formats::approval::detach(&std::fs::read(&out).unwrap()).unwrap()
-        })
-        .collect();
-    let quorum = |request: &Path, approvals: &[Vec<u8>]| {
-        let file = std::fs::read(request).unwrap();
-        let nonce = keyfab_formats::approval::ApprovalRequest::from_file(&file)
-            .unwrap()
-            .nonce;
-        Event::QuorumApproved {
-            entitlement: id.clone(),
-            action: "raise-limit".into(),
-            nonce,
-            request: serde_bytes::ByteBuf::from(file),
-            approvals: approvals
-                .iter()
-                .cloned()
-                .map(serde_bytes::ByteBuf::from)
-                .collect(),
-        }
+    let approvals = detached_approvals(&w, &asked, &["alice", "bob"]);
+    let quorum = |request: &Path, approvals: &[serde_bytes::ByteBuf]| {
+        quorum_record(&id, "raise-limit", request, approvals)
     };
     let imported = Event::EntitlementImported {
         entitlement: id.clone(),
@@ -644,43 +588,18 @@ const REPROVISIONABLE: &str = "product = \"p\"\ndevices = 5\nvalid_from = \"2026
      [[keys]]\nname = \"identity\"\ntype = \"ec-p256\"\nsource = \"site\"\ncertificate = { subject = \"CN={device_id},O=Acme\", days = 365 }\n\
      [approval]\nthreshold = 2\napprovers = [\"alice.pub\", \"bob.pub\", \"carol.pub\"]\nrequired_for = [\"reprovision\"]\n";
 
-/// A world with alice, bob, carol (listed) and mallory (not), and REPROVISIONABLE
-/// imported at its site: the world and the entitlement's id.
-fn reprovisionable() -> (World, String) {
-    let w = world();
-    for name in ["alice", "bob", "carol", "mallory"] {
-        ok(&["approver", "keygen", "--out", &s(&w.path(name))]);
-    }
-    let policy = w.path("rma.toml");
-    std::fs::write(&policy, REPROVISIONABLE).unwrap();
-    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "rma.kfe");
-    assert_eq!(import(&w.site, &kfe, None).code, 0);
-    (w, id)
-}
-
 /// `site approval request --action reprovision` of `device` (with `reason`) into `out`,
 /// however it ends.
 fn request_reprovision(w: &World, id: &str, device: &str, reason: &str, out: &Path) -> Out {
-    keyfab(
-        &[
-            "site",
-            "approval",
-            "request",
-            "--home",
-            &s(&w.site),
-            "--entitlement",
-            id,
-            "--action",
-            "reprovision",
-            "--device-id",
-            device,
-            "--reason",
-            reason,
-            "--out",
-            &s(out),
-        ],
-        None,
-    )
+    let action = [
+        "--action",
+        "reprovision",
+        "--device-id",
+        device,
+        "--reason",
+        reason,
+    ];
+    try_approval_request(w, id, &action, out)
 }
 
 /// A returned unit, re-provisioned on a quorum's approval: new keys and a new
@@ -690,7 +609,7 @@ fn request_reprovision(w: &World, id: &str, device: &str, reason: &str, out: &Pa
 /// no violation.
 #[test]
 fn a_device_reprovisioned_after_approval_gets_new_keys_once() {
-    let (w, id) = reprovisionable();
+    let (w, id) = with_approvers(REPROVISIONABLE);
     let provision = |device: &str| crate::common::provision(&w, &id, device, &[], None);
     assert_eq!(provision("D-1").code, 0);
     provision("D-1").assert_error(3, "device_already_provisioned", "");
@@ -723,15 +642,11 @@ fn a_device_reprovisioned_after_approval_gets_new_keys_once() {
         std::fs::copy(&req, seeds.join("reprovision.kfq")).unwrap();
     }
     let approval = |who: &str| {
-        let out = w.path(&format!("{who}-rma.approval"));
-        let root = w.root.join("root.crt");
-        let o = try_sign_approval(&w, who, (&req, &root), &out, &["--yes"], None);
-        assert_eq!(o.code, 0, "{}", o.json);
+        let (out, seen) = approve(&w, who, &req);
         // The approver saw which device, and why.
         assert_eq!(
-            o.json["reprovision"]["reason"], "RMA 7781: chip replaced",
-            "{}",
-            o.json
+            seen["reprovision"]["reason"], "RMA 7781: chip replaced",
+            "{seen}"
         );
         out
     };
@@ -773,24 +688,9 @@ fn a_device_reprovisioned_after_approval_gets_new_keys_once() {
     assert_ne!(old["cert_serial"], new["cert_serial"]);
     // The manifest registers the new certificate; the old one only when asked for.
     let manifest = |name: &str, extra: &[&str]| {
-        let (out, hq) = (s(&w.path(name)), s(&w.hq));
-        let mut args = vec![
-            "hq",
-            "manifest",
-            "--home",
-            &hq,
-            "--entitlement",
-            &id,
-            "--format",
-            "json",
-            "--out",
-            &out,
-        ];
-        args.extend_from_slice(extra);
-        ok(&args);
-        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&out).unwrap()).unwrap()
-            ["devices"]
-            .clone()
+        hq_manifest(&w, &id, "json", name, extra);
+        let text = std::fs::read_to_string(w.path(name)).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["devices"].clone()
     };
     let current = manifest("m.json", &[]);
     assert_eq!(current.as_array().unwrap().len(), 1, "{current}");
@@ -805,20 +705,7 @@ fn a_device_reprovisioned_after_approval_gets_new_keys_once() {
     assert_eq!(statuses.len(), 2);
     assert!(statuses.contains(&"superseded"), "{all}");
     // The superseded certificate goes on the CRL on its own.
-    let revoked = ok(&[
-        "hq",
-        "device",
-        "revoke",
-        "--home",
-        &s(&w.hq),
-        "--entitlement",
-        &id,
-        "--device-id",
-        "D-1",
-        "--reason",
-        "superseded",
-        "--superseded-only",
-    ]);
+    let revoked = revoke_device(&w, &id, "D-1", "superseded", &["--superseded-only"]);
     let serials: Vec<&serde_json::Value> = revoked["revoked"]
         .as_array()
         .unwrap()
@@ -834,31 +721,13 @@ fn a_device_reprovisioned_after_approval_gets_new_keys_once() {
 #[test]
 fn a_second_provisioning_without_a_proven_quorum_is_caught_by_hq() {
     use keyfab_audit::Event;
-    let (w, id) = reprovisionable();
+    let (w, id) = with_approvers(REPROVISIONABLE);
     assert_eq!(crate::common::provision(&w, &id, "D-2", &[], None).code, 0);
     let req = w.path("rma.req");
     assert_eq!(request_reprovision(&w, &id, "D-2", "RMA 2", &req).code, 0);
-    let file = std::fs::read(&req).unwrap();
-    let nonce = keyfab_formats::approval::ApprovalRequest::from_file(&file)
-        .unwrap()
-        .nonce;
-    let approvals: Vec<serde_bytes::ByteBuf> = ["alice", "bob"]
-        .iter()
-        .map(|who| {
-            let out = w.path(&format!("{who}.approval"));
-            sign_approval(&w, who, &req, &out);
-            serde_bytes::ByteBuf::from(
-                keyfab_formats::approval::detach(&std::fs::read(&out).unwrap()).unwrap(),
-            )
-        })
-        .collect();
-    let quorum = |approvals: &[serde_bytes::ByteBuf]| Event::QuorumApproved {
-        entitlement: id.clone(),
-        action: "reprovision".into(),
-        nonce: nonce.clone(),
-        request: serde_bytes::ByteBuf::from(file.clone()),
-        approvals: approvals.to_vec(),
-    };
+    let approvals = detached_approvals(&w, &req, &["alice", "bob"]);
+    let quorum =
+        |approvals: &[serde_bytes::ByteBuf]| quorum_record(&id, "reprovision", &req, approvals);
     let now = jiff::Timestamp::now().as_second();
     let allowed = |device: &str| forged_release(&id, device);
     let events = vec![
@@ -899,4 +768,46 @@ fn a_second_provisioning_without_a_proven_quorum_is_caught_by_hq() {
         ],
         "{o}"
     );
+}
+
+/// `who` signs `req` (confirmed with `--yes`): the approval file, and what the approver
+/// was shown.
+fn approve(w: &World, who: &str, req: &Path) -> (std::path::PathBuf, serde_json::Value) {
+    let name = req.file_stem().unwrap().to_string_lossy();
+    let out = w.path(&format!("{who}-{name}.approval"));
+    let root = w.root.join("root.crt");
+    let o = try_sign_approval(w, who, (req, &root), &out, &["--yes"], None);
+    assert_eq!(o.code, 0, "{}", o.json);
+    (out, o.json)
+}
+
+/// `req` signed by each of `who`, each approval detached as the log keeps it.
+fn detached_approvals(w: &World, req: &Path, who: &[&str]) -> Vec<serde_bytes::ByteBuf> {
+    who.iter()
+        .map(|who| {
+            let (out, _) = approve(w, who, req);
+            let detached = keyfab_formats::approval::detach(&std::fs::read(out).unwrap());
+            serde_bytes::ByteBuf::from(detached.unwrap())
+        })
+        .collect()
+}
+
+/// The `quorum_approved` record a site would write for `request` with `approvals`.
+fn quorum_record(
+    id: &str,
+    action: &str,
+    request: &Path,
+    approvals: &[serde_bytes::ByteBuf],
+) -> keyfab_audit::Event {
+    let file = std::fs::read(request).unwrap();
+    let nonce = keyfab_formats::approval::ApprovalRequest::from_file(&file)
+        .unwrap()
+        .nonce;
+    keyfab_audit::Event::QuorumApproved {
+        entitlement: id.to_owned(),
+        action: action.to_owned(),
+        nonce,
+        request: serde_bytes::ByteBuf::from(file),
+        approvals: approvals.to_vec(),
+    }
 }

@@ -213,23 +213,6 @@ fn every_key_type_and_source_verifies_as_a_client_for_the_devices_life() {
     );
 }
 
-/// `hq device revoke` of `device`'s certificates under `id`, for `reason`: its JSON.
-fn revoke_device(w: &World, id: &str, device: &str, reason: &str) -> serde_json::Value {
-    ok(&[
-        "hq",
-        "device",
-        "revoke",
-        "--home",
-        &s(&w.hq),
-        "--entitlement",
-        id,
-        "--device-id",
-        device,
-        "--reason",
-        reason,
-    ])
-}
-
 /// `hq entitlement create` of the policy `body` is refused `invalid_policy` with a
 /// message naming `field`, and writes no file.
 fn refused_at_create(w: &World, name: &str, body: &str, field: &str) {
@@ -428,24 +411,6 @@ fn the_batch_ca_key_is_destroyed_when_its_entitlement_is_revoked_or_ends() {
     assert!(!home_holds(&w.site, &sealed));
     let o = provision(&w, &ended, "D-2", &[], Some(after));
     assert_eq!(o.json["error"]["code"], "expired", "{}", o.json);
-}
-
-fn hq_manifest(w: &World, id: &str, format: &str, name: &str, extra: &[&str]) -> serde_json::Value {
-    let (home, out) = (s(&w.hq), s(&w.path(name)));
-    let mut args = vec![
-        "hq",
-        "manifest",
-        "--home",
-        &home,
-        "--entitlement",
-        id,
-        "--format",
-        format,
-        "--out",
-        &out,
-    ];
-    args.extend(extra);
-    ok(&args)
 }
 
 #[test]
@@ -752,7 +717,7 @@ fn a_revoked_device_is_on_its_batch_cas_crl_and_refused_by_a_server_that_checks_
     .assert_error(1, "not_found", "import the site's export first");
     let kfa = export(&w, "crl.kfa");
     ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&kfa)]);
-    let revoke = |device: &str| revoke_device(&w, &id, device, "key-compromise");
+    let revoke = |device: &str| revoke_device(&w, &id, device, "key-compromise", &[]);
     let first = revoke("D-2");
     assert_eq!(first["revoked"].as_array().unwrap().len(), 1, "{first}");
     let again = revoke("D-2");
@@ -920,7 +885,7 @@ fn a_p384_batch_ca_signs_certificates_and_crls_that_verify() {
 
     let kfa = export(&w, "p384.kfa");
     ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&kfa)]);
-    revoke_device(&w, &id, "D-1", "superseded");
+    revoke_device(&w, &id, "D-1", "superseded", &[]);
     let crl = w.path("p384.crl");
     ok(&[
         "hq",

@@ -951,14 +951,15 @@ fn a_site_sealed_by_shares_serves_only_once_the_threshold_is_met() {
     let bad = unseal(&["--share-file", &altered_file, "--holder-key", &alice_key]);
     assert_eq!(bad.json["error"]["code"], "malformed", "{}", bad.json);
     assert_eq!(unseal(&["--status"]).json["shares"], 0);
-    let first = unseal(&[
+    let bobs_share = [
         "--share-file",
         &kfs[1],
         "--holder-key",
         &bob_key,
         "--passphrase-file",
         &bob_pass,
-    ]);
+    ];
+    let first = unseal(&bobs_share);
     assert_eq!(
         (
             first.json["unsealed"].as_bool(),
@@ -968,14 +969,7 @@ fn a_site_sealed_by_shares_serves_only_once_the_threshold_is_met() {
         "{}",
         first.json
     );
-    let again = unseal(&[
-        "--share-file",
-        &kfs[1],
-        "--holder-key",
-        &bob_key,
-        "--passphrase-file",
-        &bob_pass,
-    ]);
+    let again = unseal(&bobs_share);
     assert_eq!(
         again.json["error"]["code"], "locked",
         "the same share twice: {}",

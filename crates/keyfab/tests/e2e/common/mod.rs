@@ -490,6 +490,11 @@ pub(crate) fn export(w: &World, name: &str) -> PathBuf {
 
 /// `site audit export` of the site at `home` into `out`, however it ends.
 pub(crate) fn try_export(home: &Path, out: &Path) -> Out {
+    try_export_at(home, out, None)
+}
+
+/// [`try_export`] at `now` (default: the clock).
+pub(crate) fn try_export_at(home: &Path, out: &Path, now: Option<&str>) -> Out {
     keyfab(
         &[
             "site",
@@ -500,7 +505,7 @@ pub(crate) fn try_export(home: &Path, out: &Path) -> Out {
             "--out",
             &s(out),
         ],
-        None,
+        now,
     )
 }
 
@@ -675,19 +680,27 @@ pub(crate) fn revoke(w: &World, id: &str, reason: Option<&str>, out: &Path) -> s
 
 /// `site approval request` at `w`'s site for `action` on entitlement `id`, into `out`.
 pub(crate) fn approval_request(w: &World, id: &str, action: &str, out: &Path) -> serde_json::Value {
-    ok(&[
+    let o = try_approval_request(w, id, &["--action", action], out);
+    assert_eq!(o.code, 0, "site approval request: {}", o.json);
+    o.json
+}
+
+/// `site approval request` at `w`'s site on entitlement `id` with `action_args` (the
+/// action and its parameters), into `out`: however it ends.
+pub(crate) fn try_approval_request(w: &World, id: &str, action_args: &[&str], out: &Path) -> Out {
+    let (home, out) = (s(&w.site), s(out));
+    let mut args = vec![
         "site",
         "approval",
         "request",
         "--home",
-        &s(&w.site),
+        &home,
         "--entitlement",
         id,
-        "--action",
-        action,
-        "--out",
-        &s(out),
-    ])
+    ];
+    args.extend_from_slice(action_args);
+    args.extend(["--out", out.as_str()]);
+    keyfab(&args, None)
 }
 
 pub(crate) fn enroll(home: &Path, name: &str, dir: &Path) -> serde_json::Value {
@@ -897,4 +910,57 @@ pub(crate) fn sign_approval(w: &World, who: &str, req: &Path, out: &Path) {
     let root = w.root.join("root.crt");
     let o = try_sign_approval(w, who, (req, &root), out, &["--yes"], None);
     assert_eq!(o.code, 0, "approver sign: {}", o.json);
+}
+
+/// `hq device revoke` of `device`'s certificates under `id`, for `reason`, with `extra`
+/// arguments: its JSON.
+pub(crate) fn revoke_device(
+    w: &World,
+    id: &str,
+    device: &str,
+    reason: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let hq = s(&w.hq);
+    let mut args = vec![
+        "hq",
+        "device",
+        "revoke",
+        "--home",
+        &hq,
+        "--entitlement",
+        id,
+        "--device-id",
+        device,
+        "--reason",
+        reason,
+    ];
+    args.extend_from_slice(extra);
+    ok(&args)
+}
+
+/// `hq manifest` of entitlement `id` in `format` into `name` in the world, with `extra`
+/// arguments: its JSON.
+pub(crate) fn hq_manifest(
+    w: &World,
+    id: &str,
+    format: &str,
+    name: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let (home, out) = (s(&w.hq), s(&w.path(name)));
+    let mut args = vec![
+        "hq",
+        "manifest",
+        "--home",
+        &home,
+        "--entitlement",
+        id,
+        "--format",
+        format,
+        "--out",
+        &out,
+    ];
+    args.extend(extra);
+    ok(&args)
 }
