@@ -377,7 +377,8 @@ pub(crate) enum HqCommand {
         /// Where to write the manifest (a new file).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
-        /// Also list devices whose keys were burned (status failed).
+        /// Also list certificates whose keys were burned: status failed (programming
+        /// failed) or superseded (a re-provisioning replaced them).
         #[arg(long)]
         include_failed: bool,
         /// Only the certificates of this key (by its policy name). aws-iot needs one key
