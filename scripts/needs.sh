@@ -11,6 +11,9 @@ keyfab_needs() {
       command -v cc >/dev/null || need_apt+=(build-essential)
       # The etcd backend's client crate generates its gRPC code with protoc.
       command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+      # The TPM rollback counter links the TCG TSS (tpm2-tss), found with pkg-config.
+      command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+      pkg-config --exists tss2-esys 2>/dev/null || need_apt+=(libtss2-dev)
       ;;
     tests)
       command -v openssl >/dev/null || need_apt+=(openssl)
@@ -25,6 +28,9 @@ keyfab_needs() {
       command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
       # /metrics is linted by Prometheus's own promtool.
       command -v promtool >/dev/null || need_apt+=(prometheus)
+      # The TPM rollback counter is tested against a TPM 2.0 simulator.
+      command -v swtpm >/dev/null || need_apt+=(swtpm)
+      command -v tpm2_nvread >/dev/null || need_apt+=(tpm2-tools)
       ;;
     *)
       echo "keyfab_needs: unknown need '$what'" >&2

@@ -89,7 +89,7 @@ impl ClusterTls {
 
 /// A loopback port nobody listens on, and that this process has not handed out before
 /// (clusters started side by side by parallel tests must not pick the same one).
-fn free_port() -> std::io::Result<u16> {
+pub(crate) fn free_port() -> std::io::Result<u16> {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
     loop {
