@@ -50,8 +50,9 @@ Version: $version
 Architecture: $arch
 Maintainer: keyfab maintainers <keyfab@users.noreply.github.com>
 Installed-Size: $size
-Depends: libc6
-Suggests: etcd-server, softhsm2
+Depends: libc6, libtss2-esys-3.0.2-0, libtss2-tctildr0
+Recommends: libtss2-tcti-device0
+Suggests: etcd-server, softhsm2, swtpm
 Section: admin
 Priority: optional
 Homepage: https://github.com/keyfab/keyfab

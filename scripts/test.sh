@@ -67,8 +67,8 @@ deb=$(scripts/package-deb.sh target/debug/keyfab "$pkg_dir")
 pkg_root="$pkg_dir/root"
 mkdir -p "$pkg_root/var/lib/dpkg/updates" "$pkg_root/var/lib/dpkg/info"
 touch "$pkg_root/var/lib/dpkg/status"
-# An empty root holds no libc6 package: the binary runs on this machine's.
-dpkg --root="$pkg_root" --force-depends -i "$deb" 2>&1 | grep -v 'libc6\|dependency problems\|^ keyfab depends' || true
+# An empty root holds none of the packages it depends on: the binary runs on this machine's.
+dpkg --root="$pkg_root" --force-depends -i "$deb" 2>&1 | grep -v 'is not installed\|dependency problems\|^ keyfab depends' || true
 "$pkg_root/usr/bin/keyfab" --version
 "$pkg_root/usr/bin/keyfab" --json demo --dir "$pkg_dir/demo" --devices 10 | jq -e '.steps | length > 30' >/dev/null
 for installed in usr/share/bash-completion/completions/keyfab usr/share/zsh/vendor-completions/_keyfab \

@@ -131,11 +131,14 @@ pub enum Code {
     Timeout,
     /// No site answered a station.
     Unreachable,
+    /// The TPM a site's rollback counter lives in is missing, does not answer, or does
+    /// not hold the site's counter: nothing is released until it does.
+    TpmUnavailable,
 }
 
 impl Code {
     /// Every code, in the order of the README's table.
-    pub const ALL: [Code; 47] = [
+    pub const ALL: [Code; 48] = [
         Code::Malformed,
         Code::BadSignature,
         Code::UntrustedSigner,
@@ -183,6 +186,7 @@ impl Code {
         Code::Busy,
         Code::Timeout,
         Code::Unreachable,
+        Code::TpmUnavailable,
     ];
 
     /// The code's name, as JSON `error.code` and the audit log carry it.
@@ -233,6 +237,7 @@ impl Code {
             Code::Busy => "busy",
             Code::Timeout => "timeout",
             Code::Unreachable => "unreachable",
+            Code::TpmUnavailable => "tpm_unavailable",
         }
     }
 
@@ -286,7 +291,8 @@ impl Code {
             | Code::Internal
             | Code::Busy
             | Code::Timeout
-            | Code::Unreachable => 1,
+            | Code::Unreachable
+            | Code::TpmUnavailable => 1,
         }
     }
 
@@ -296,7 +302,11 @@ impl Code {
             Code::UnknownEntitlement | Code::NotFound => 404,
             Code::Usage | Code::InvalidInput | Code::InvalidPolicy => 400,
             Code::InvalidState | Code::Conflict => 409,
-            Code::Locked | Code::Unavailable | Code::InUse | Code::Unreachable => 503,
+            Code::Locked
+            | Code::Unavailable
+            | Code::InUse
+            | Code::Unreachable
+            | Code::TpmUnavailable => 503,
             Code::Busy => 429,
             Code::Timeout => 408,
             Code::Corrupt

@@ -119,6 +119,10 @@ pub enum Error {
     /// was released; the same request again is safe.
     #[error("the site's state store is unavailable, nothing was released; retry: {0}")]
     Unavailable(String),
+    /// The site's rollback counter cannot be reached or does not answer as the site's
+    /// (code `tpm_unavailable`): nothing is released until it does.
+    #[error("the site's TPM rollback counter is unavailable, nothing was released: {0}")]
+    TpmUnavailable(String),
     /// A commit was sent to the store and not confirmed: it may have been recorded. Code
     /// `unavailable` as well (retry), but never "nothing was released".
     #[error("the site's state store did not confirm whether it recorded this request ({0}); the outcome is unknown: retry with the same request id — if it was recorded, the retry gets the same answer, never a second one")]
@@ -185,6 +189,7 @@ impl Error {
             Error::InsecureHome(_) => Code::InsecureHome,
             Error::Unavailable(_) | Error::OutcomeUnknown(_) => Code::Unavailable,
             Error::InUse => Code::InUse,
+            Error::TpmUnavailable(_) => Code::TpmUnavailable,
             Error::Io(_) => Code::Io,
             Error::Bug(_) | Error::Custody(_) | Error::Store(_) | Error::Crypto(_) => {
                 Code::Internal

@@ -71,6 +71,7 @@ pub fn acknowledged(node: &Node) -> Result<Option<Acknowledged>> {
 
 /// A checkpoint of the log as it is now, signed by the site.
 pub fn checkpoint(node: &Node) -> Result<(Checkpoint, Vec<u8>)> {
+    crate::rollback_counter::advance(node)?;
     let c = Checkpoint {
         format: "keyfab-checkpoint".into(),
         version: 1,

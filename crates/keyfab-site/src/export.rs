@@ -85,6 +85,8 @@ pub fn export(
     again: bool,
     progress: Option<&(dyn Fn(u64, u64) + Sync)>,
 ) -> Result<Exported> {
+    // A copy of the home taken before this export is behind the TPM from now on.
+    crate::rollback_counter::advance(node)?;
     // An export shows every key destruction that is due.
     crate::batch_key::retire_ended(node)?;
     let hq = hq_recipient(node)?.ok_or_else(|| {

@@ -131,6 +131,8 @@ fn stop(node: &Node, cause: Cause, reason: &str) -> Result<()> {
 /// the log holds at least the records HQ acknowledged. A mismatch latches the site.
 pub fn check_cheaply(node: &Node) -> Result<()> {
     check(node)?;
+    // Tier A: the TPM's counter against the state's (a site initialised with one).
+    crate::rollback_counter::check(node)?;
     if let Some(why) = crate::audit_log::head_mismatch(node)? {
         return stop(
             node,

@@ -28,6 +28,7 @@ pub mod identity;
 pub mod latch;
 pub mod provision;
 pub mod revocation;
+pub mod rollback_counter;
 pub mod server;
 pub mod settings;
 pub mod stations;

@@ -125,6 +125,12 @@ pub(crate) struct InitArgs {
     /// Show the shares in clear, this once, instead of sealing them to holders.
     #[arg(long, requires = "unseal_shares")]
     pub print_shares: bool,
+    /// Bind the site's state to a TPM 2.0 monotonic counter, so that a copy of the home
+    /// put back is refused at once (`rollback_detected`): `tpm:device=/dev/tpmrm0` or
+    /// `tpm:swtpm=HOST:PORT`, with `,index=0x01xxxxxx` for an NV index other than
+    /// 0x01004b46. Sites only, on the embedded store.
+    #[arg(long, value_name = "SPEC")]
+    pub rollback_counter: Option<String>,
     /// Where the identity keys live: `software` (a keystore file sealed in HOME), or a
     /// PKCS#11 token, `pkcs11:module=PATH,token=LABEL[,sessions=N]`, whose user PIN is
     /// then the secret KEYFAB_PASSPHRASE or --passphrase-file gives.
@@ -167,6 +173,7 @@ impl InitArgs {
             share_recipients: Vec::new(),
             shares_out: None,
             print_shares: false,
+            rollback_counter: None,
             custody: "software".into(),
             store: "embedded".into(),
             etcd_ca: None,

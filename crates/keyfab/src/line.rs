@@ -245,6 +245,8 @@ pub(crate) fn serve(
     // A site that stopped itself, or whose audit chain no longer verifies, does not
     // start serving (the latter latches it).
     keyfab_site::latch::check_on_start(&node)?;
+    // A copy of the home taken before this start is behind the TPM from now on.
+    keyfab_site::rollback_counter::advance(&node)?;
     // The names stations use, and always `localhost` and the listen address (unless it
     // is every address): a name given for the factory network does not lock out a
     // station on the site's own machine.

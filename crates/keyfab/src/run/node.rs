@@ -26,6 +26,18 @@ pub(crate) fn init_node(
         Some(s) => super::holder::seal_shares(a, name, s, rng.as_ref())?,
         None => Vec::new(),
     };
+    let counter = match (&a.rollback_counter, kind) {
+        (None, _) => None,
+        (Some(_), NodeKind::Hq) => {
+            return Err(Failure::usage(
+                "--rollback-counter is for sites: HQ keeps no state a factory could put back",
+            ))
+        }
+        (Some(spec), NodeKind::Site) => Some(
+            spec.parse::<keyfab_tpm::CounterSpec>()
+                .map_err(|e| Failure::usage(e.to_string()))?,
+        ),
+    };
     let custody = keyfab_node::CustodyChoice::parse(&a.custody)?;
     let tls = a.etcd_ca.clone().map(|ca| keyfab_node::EtcdTlsFiles {
         ca,
@@ -50,7 +62,7 @@ pub(crate) fn init_node(
         rng,
         ctx.clock()?,
     );
-    let node = match made {
+    let mut node = match made {
         Ok(node) => node,
         Err(e) => {
             for (path, _) in &sealed_shares {
@@ -62,6 +74,21 @@ pub(crate) fn init_node(
     if let Some(s) = &split {
         s.config.save(home).map_err(keyfab_node::Error::from)?;
     }
+    let counter_value = match &counter {
+        Some(spec) => match keyfab_site::rollback_counter::init(&mut node, spec) {
+            Ok(value) => Some(value),
+            Err(e) => {
+                // The home was made by this command a moment ago: nothing else is in it.
+                drop(node);
+                let _ = std::fs::remove_dir_all(home);
+                for (path, _) in &sealed_shares {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(e.into());
+            }
+        },
+        None => None,
+    };
     Report::of(&NodeCreated {
         name: name.to_owned(),
         kind: if kind == NodeKind::Hq { "hq" } else { "site" },
@@ -84,8 +111,19 @@ pub(crate) fn init_node(
             threshold: s.config.threshold,
             of: s.config.shares,
         }),
+        rollback_counter: counter.map(|spec| RollbackCounter {
+            spec: spec.to_string(),
+            value: counter_value.unwrap_or_default(),
+        }),
         home: home.to_owned(),
     })
+}
+
+/// The TPM counter a site's state was bound to at init.
+#[derive(Serialize)]
+struct RollbackCounter {
+    spec: String,
+    value: u64,
 }
 
 /// `hq|site init`: the home made, its CSR for the root, and — for a home sealed by
@@ -97,6 +135,8 @@ struct NodeCreated {
     csr: PathBuf,
     #[serde(skip_serializing_if = "Option::is_none")]
     unseal: Option<UnsealShares>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rollback_counter: Option<RollbackCounter>,
     #[serde(skip)]
     home: PathBuf,
 }
@@ -127,6 +167,12 @@ impl Outcome for NodeCreated {
             "{what} '{name}' created in {}; have the root CA sign {csr}:\n  keyfab pki issue --home ROOT --csr {csr} --role {what} --out {name}.crt",
             self.home.display()
         );
+        if let Some(c) = &self.rollback_counter {
+            text.push_str(&format!(
+                "\nIts state is bound to the TPM counter {} (now {}): a copy of this home put back is refused.",
+                c.spec, c.value
+            ));
+        }
         if let Some(u) = &self.unseal {
             if u.sealed.is_empty() {
                 text.push_str(&format!(

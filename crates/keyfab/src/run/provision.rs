@@ -56,6 +56,11 @@ pub(crate) fn provision(ctx: &Context, a: &ProvisionArgs) -> Result<Report, Fail
     // A site that stopped itself, or whose log's end or size no longer fits, decides
     // nothing (the latter latches it).
     keyfab_site::latch::check_cheaply(&node)?;
+    if lot {
+        // A lot is a run of the line: a copy of the home taken before it is behind the
+        // TPM from now on (one step per lot, not per device).
+        keyfab_site::rollback_counter::advance(&node)?;
+    }
     let provisioner = keyfab_site::provision::Provisioner::start(node);
     let entitlement: keyfab_policy::EntitlementId = checked(&a.entitlement)?;
     let station: Option<keyfab_policy::StationName> =

@@ -33,4 +33,5 @@ mod rotation;
 mod serve;
 mod served;
 mod tamper;
+mod tpm_counter;
 mod vectors;

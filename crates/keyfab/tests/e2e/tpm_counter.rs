@@ -1,0 +1,142 @@
+//! Tier A of rollback detection: a site's state bound to a TPM 2.0 monotonic counter
+//! (`site init --rollback-counter`), against a real TPM simulator (`swtpm`) on loopback.
+
+use crate::common::*;
+use keyfab_harness::swtpm::Swtpm;
+
+const POLICY_T: &str = "product = \"p\"\ndevices = 200\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2030-01-01T00:00:00Z\"\n\
+     [[keys]]\nname = \"k\"\ntype = \"aes-256\"\nsource = \"derived\"\n";
+
+/// A site bound to a counter in `tpm`, registered at HQ, with an entitlement of
+/// POLICY_T imported: the world and the entitlement's id.
+fn bound_world(tpm: &Swtpm) -> (World, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = tpm.tcti().rsplit('=').next().unwrap().to_owned();
+    let spec = format!("tpm:swtpm=127.0.0.1:{port}");
+    let root = root(d, "root");
+    let hq = node(d, &root, "hq", "acme-hq");
+    let (site, _) = node_with(
+        d,
+        &root,
+        "site",
+        "shenzhen-1",
+        &["--rollback-counter", &spec],
+        |report| {
+            let bound = &report["rollback_counter"];
+            assert_eq!(
+                bound["spec"],
+                format!("{spec},index=0x01004b46"),
+                "{report}"
+            );
+            assert!(bound["value"].as_u64().is_some(), "{report}");
+            Vec::new()
+        },
+    );
+    register(d, &hq, &site);
+    let w = World {
+        dir,
+        root,
+        hq,
+        site,
+    };
+    let policy = w.path("p.toml");
+    std::fs::write(&policy, POLICY_T).unwrap();
+    let (kfe, id) = create_from(&w, "shenzhen-1", &policy, "p.kfe");
+    assert_eq!(import(&w.site, &kfe, None).code, 0);
+    (w, id)
+}
+
+fn lot(w: &World, id: &str, prefix: &str, n: usize) -> serde_json::Value {
+    let ids: Vec<String> = (1..=n).map(|i| format!("{prefix}-{i}")).collect();
+    provision_lot(w, id, &ids, &w.path(&format!("{prefix}.jsonl")), &[])
+}
+
+/// The site's last audit record's event.
+fn last_event(w: &World) -> keyfab_audit::Event {
+    let records = keyfab_site::entitlements::audit_records(&open_site(&w.site)).unwrap();
+    records.last().unwrap().event.clone()
+}
+
+/// A copy of the home, put back after 50 more devices: the first provisioning is refused
+/// `rollback_detected` at once — nothing released, the refusal audited — and again after
+/// a restart. The counter itself survives a restart of the TPM.
+#[test]
+fn a_home_put_back_is_refused_at_once() {
+    let tpm_dir = tempfile::tempdir().unwrap();
+    let mut tpm = Swtpm::start(tpm_dir.path()).unwrap();
+    let (w, id) = bound_world(&tpm);
+    lot(&w, &id, "A", 10);
+    let copy = w.path("copy");
+    copy_home(&w.site, &copy);
+    // The TPM restarts (its state file keeps the counter): the site goes on.
+    tpm.restart().unwrap();
+    assert_eq!(lot(&w, &id, "B", 50)["provisioned"], 50);
+
+    copy_home(&copy, &w.site);
+    for _ in 0..2 {
+        let o = provision(&w, &id, "C-1", &[], None);
+        o.assert_error(4, "rollback_detected", "older copy put back");
+        assert!(o.json.get("keys").is_none(), "{}", o.json);
+    }
+    assert!(
+        matches!(last_event(&w), keyfab_audit::Event::SiteLatched { ref code, ref reason } if code == "rollback_detected" && reason.contains("TPM")),
+        "{:?}",
+        last_event(&w)
+    );
+    // Served, it refuses to start.
+    let o = keyfab(
+        &[
+            "site",
+            "serve",
+            "--home",
+            &s(&w.site),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        None,
+    );
+    assert_eq!(o.json["error"]["code"], "rollback_detected", "{}", o.json);
+}
+
+/// A TPM that answers lower than the state recorded (its own state put back), or none at
+/// all: nothing is released.
+#[test]
+fn a_tpm_behind_the_state_or_gone_releases_nothing() {
+    let tpm_dir = tempfile::tempdir().unwrap();
+    let mut tpm = Swtpm::start(&tpm_dir.path().join("state")).unwrap();
+    let (w, id) = bound_world(&tpm);
+    let older = tpm_dir.path().join("older");
+    copy_dir(tpm.state_dir(), &older);
+    lot(&w, &id, "A", 5);
+
+    tpm.stop();
+    let o = provision(&w, &id, "D-1", &[], None);
+    o.assert_error(1, "tpm_unavailable", "no TPM answers");
+    let before = snapshot(&w.site);
+    assert_eq!(provision(&w, &id, "D-1", &[], None).code, 1);
+    assert_eq!(
+        before,
+        snapshot(&w.site),
+        "a refusal for want of the TPM changed the site"
+    );
+
+    std::fs::remove_dir_all(tpm.state_dir()).unwrap();
+    copy_dir(&older, tpm.state_dir());
+    tpm.restart().unwrap();
+    provision(&w, &id, "D-1", &[], None).assert_error(
+        4,
+        "rollback_detected",
+        "not the one this state was bound to",
+    );
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
