@@ -313,6 +313,12 @@ fn decode_event(c: &mut Cbor<'_>) -> Option<Event> {
                 acknowledged_at: c.field("acknowledged_at", Cbor::int)?,
             }
         }
+        "rollback_counter_advanced" => {
+            c.map(1)?;
+            Event::RollbackCounterAdvanced {
+                value: c.field("value", Cbor::uint)?,
+            }
+        }
         "receipt_imported" => {
             c.map(3)?;
             Event::ReceiptImported {
@@ -482,6 +488,7 @@ mod tests {
             Event::EntitlementActivated {
                 entitlement: "e".into(),
             },
+            Event::RollbackCounterAdvanced { value: u64::MAX },
             Event::EntitlementRevoked {
                 entitlement: "e".into(),
                 sequence: u64::from(u32::MAX) + 1,

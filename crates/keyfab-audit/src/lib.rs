@@ -243,6 +243,14 @@ pub enum Event {
         /// When HQ issued the reset (the receipt's `acknowledged_at`).
         acknowledged_at: i64,
     },
+    /// The site advanced its TPM rollback counter (`site init --rollback-counter`) to
+    /// `value`: the state from this record on corresponds to that value, which only goes
+    /// up. Recorded in the commit that records the value in the state, before the TPM
+    /// steps.
+    RollbackCounterAdvanced {
+        /// The counter's new value.
+        value: u64,
+    },
     /// HQ acknowledged a checkpoint of this log.
     ReceiptImported {
         /// The size of the log HQ acknowledged.

@@ -61,6 +61,10 @@ pub struct SiteLog {
     pub bundles: Vec<String>,
     /// The latest receipt time the site's own log shows it imported.
     pub acknowledged_at: i64,
+    /// The highest TPM rollback counter value the site's log recorded (sites bound to
+    /// one): every later value must be above it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_counter: Option<u64>,
 }
 
 /// The last record HQ accepted of one node chain.

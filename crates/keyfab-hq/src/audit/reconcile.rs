@@ -359,6 +359,7 @@ impl<'a> Reconciler<'a> {
                 acknowledged_at,
                 ..
             } => self.on_clock_reset(r.time, *to, *size, *acknowledged_at)?,
+            Event::RollbackCounterAdvanced { value } => self.on_counter(*value),
             Event::ClockRollback { .. }
             | Event::ClockAhead { .. }
             | Event::SiteLatched { .. }
@@ -509,6 +510,23 @@ impl<'a> Reconciler<'a> {
             ),
         }
         Ok(())
+    }
+
+    /// The site's TPM counter only goes up, across every export HQ imported.
+    fn on_counter(&mut self, value: u64) {
+        let last = self.log.rollback_counter;
+        if last.is_some_and(|last| value <= last) {
+            self.violation(
+                None,
+                None,
+                ViolationKind::RollbackCounterRegressed,
+                format!(
+                    "the site's TPM rollback counter is recorded at {value} after {}: its state was put back",
+                    last.unwrap_or_default()
+                ),
+            );
+        }
+        self.log.rollback_counter = Some(last.map_or(value, |last| last.max(value)));
     }
 
     /// A revocation the site records must be one HQ issued.

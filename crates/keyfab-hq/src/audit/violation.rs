@@ -41,10 +41,14 @@ pub enum ViolationKind {
     PoolKeyReused,
     /// A chip attestation that no release of its request follows.
     ChipAttestation,
+    /// The site's TPM rollback counter went back (or did not go up) from one record to a
+    /// later one, in one export or across exports: a state put back.
+    RollbackCounterRegressed,
 }
 
 impl ViolationKind {
-    const NAMED: [ViolationKind; 14] = [
+    const NAMED: [ViolationKind; 15] = [
+        ViolationKind::RollbackCounterRegressed,
         ViolationKind::UnknownEntitlement,
         ViolationKind::TimestampBackwards,
         ViolationKind::ApproverNotListed,
@@ -79,6 +83,7 @@ impl ViolationKind {
             ViolationKind::PoolKeyNotIssued => "pool_key_not_issued",
             ViolationKind::PoolKeyReused => "pool_key_reused",
             ViolationKind::ChipAttestation => "chip_attestation_unreleased",
+            ViolationKind::RollbackCounterRegressed => "rollback_counter_regressed",
         }
     }
 

@@ -140,3 +140,53 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// HQ reads the counter values the site's log records: an honest site's only go up (no
+/// violation); a log whose counter goes back is flagged.
+#[test]
+fn hq_flags_a_counter_that_goes_back() {
+    use keyfab_audit::Event;
+    let tpm_dir = tempfile::tempdir().unwrap();
+    let tpm = Swtpm::start(tpm_dir.path()).unwrap();
+    let (w, id) = bound_world(&tpm);
+    lot(&w, &id, "A", 3);
+    lot(&w, &id, "B", 3);
+    let records = keyfab_site::entitlements::audit_records(&open_site(&w.site)).unwrap();
+    let values: Vec<u64> = records
+        .iter()
+        .filter_map(|r| match r.event {
+            Event::RollbackCounterAdvanced { value } => Some(value),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(values.len(), 2, "one advance per lot: {values:?}");
+    assert_eq!(values[1], values[0] + 1);
+    hq_finds_no_violations(&w, "honest.kfa");
+
+    // Another site's log, signed by it, whose counter goes back.
+    let sibling = tpm_sibling(&tpm_dir);
+    let (other, _) = bound_world(&sibling);
+    let site = open_site(&other.site);
+    let now = jiff::Timestamp::now().as_second();
+    let events = vec![
+        (now, Event::RollbackCounterAdvanced { value: 7 }),
+        (now, Event::RollbackCounterAdvanced { value: 8 }),
+        (now, Event::RollbackCounterAdvanced { value: 5 }),
+    ];
+    let out = other.path("lies.kfa");
+    write_forged_log(&site, events, &"f".repeat(32), &out);
+    drop(site);
+    let o = ok(&["hq", "audit", "import", "--home", &s(&other.hq), &s(&out)]);
+    let kinds: Vec<(&str, u64)> = o["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["kind"].as_str().unwrap(), v["sequence"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(kinds, [("rollback_counter_regressed", 3)], "{o}");
+}
+
+/// A second simulator beside the first (another machine's TPM).
+fn tpm_sibling(dir: &tempfile::TempDir) -> Swtpm {
+    Swtpm::start(&dir.path().join("sibling")).unwrap()
+}
