@@ -719,6 +719,12 @@ pub(crate) struct ServeArgs {
     /// Seconds a request may take in all, its body included.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub request_timeout: u64,
+    /// For a site bound to a TPM counter (`site init --rollback-counter`): while keys
+    /// are released, advance the counter at most this often. A copy of the home taken
+    /// between two advances is caught only from the next one on; each advance is one
+    /// write to the TPM's NV memory, whose endurance is finite (docs/THREAT-MODEL.md).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub rollback_counter_every: u64,
     /// Connections one station may hold open; more are closed after the handshake.
     #[arg(long, default_value_t = 64)]
     pub per_station_connections: usize,
@@ -731,7 +737,8 @@ pub(crate) struct ServeArgs {
     pub per_station_requests: usize,
     /// Settings from a TOML file — listen, hostnames, metrics_listen, log_format,
     /// log_level, log_filter, max_connections, handshake_timeout, header_timeout,
-    /// request_timeout, per_station_connections, per_station_requests, named as these
+    /// request_timeout, rollback_counter_every, per_station_connections,
+    /// per_station_requests, named as these
     /// flags are — under the flags given on the command line. (The clock tolerance is a
     /// setting of the home, changed and audited by `site config`, not a file's to
     /// change.)

@@ -270,6 +270,7 @@ pub(crate) fn serve(
     config.handshake_timeout = std::time::Duration::from_secs(a.handshake_timeout.max(1));
     config.header_timeout = std::time::Duration::from_secs(a.header_timeout.max(1));
     config.request_timeout = std::time::Duration::from_secs(a.request_timeout.max(1));
+    config.rollback_counter_every = std::time::Duration::from_secs(a.rollback_counter_every.max(1));
     config.per_station = keyfab_site::server::fairness::Bounds {
         connections: a.per_station_connections.max(1),
         requests: a.per_station_requests.max(1),

@@ -28,6 +28,7 @@ struct ServeFile {
     handshake_timeout: Option<u64>,
     header_timeout: Option<u64>,
     request_timeout: Option<u64>,
+    rollback_counter_every: Option<u64>,
     per_station_connections: Option<usize>,
     per_station_requests: Option<usize>,
 }
@@ -114,7 +115,7 @@ pub(crate) fn apply(mut a: ServeArgs) -> Result<ServeArgs, Failure> {
         a.log_filter =
             Some(crate::cli::log_filter(v).map_err(|e| refused(&path, "log_filter", e))?);
     }
-    let numbers: [(&str, Option<u64>, &mut u64); 3] = [
+    let numbers: [(&str, Option<u64>, &mut u64); 4] = [
         (
             "handshake_timeout",
             file.handshake_timeout,
@@ -125,6 +126,11 @@ pub(crate) fn apply(mut a: ServeArgs) -> Result<ServeArgs, Failure> {
             "request_timeout",
             file.request_timeout,
             &mut a.request_timeout,
+        ),
+        (
+            "rollback_counter_every",
+            file.rollback_counter_every,
+            &mut a.rollback_counter_every,
         ),
     ];
     for (key, value, field) in numbers {
@@ -171,6 +177,7 @@ pub(crate) fn checked(a: &ServeArgs) -> Result<Report, Failure> {
         "handshake_timeout": a.handshake_timeout,
         "header_timeout": a.header_timeout,
         "request_timeout": a.request_timeout,
+        "rollback_counter_every": a.rollback_counter_every,
         "per_station_connections": a.per_station_connections,
         "per_station_requests": a.per_station_requests,
     });

@@ -55,6 +55,9 @@ pub struct ServeConfig {
     /// Where to serve `/metrics` and health on plain HTTP, without client certificates
     /// ([`monitor`]); none: only the station API's `/metrics`.
     pub metrics_listen: Option<SocketAddr>,
+    /// For a site bound to a TPM counter: the least time between two advances while
+    /// the state changes ([`crate::rollback_counter`]).
+    pub rollback_counter_every: Duration,
 }
 
 impl ServeConfig {
@@ -69,6 +72,7 @@ impl ServeConfig {
             shutdown_grace: Duration::from_secs(30),
             per_station: fairness::Bounds::default(),
             request_timeout: Duration::from_secs(30),
+            rollback_counter_every: Duration::from_secs(60),
             build: metrics::BuildInfo {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 commit: "unknown".to_owned(),
@@ -156,6 +160,37 @@ pub fn serve(
     Ok(summary)
 }
 
+/// Advances the site's TPM counter every `every` while its state changes (keys
+/// released, records appended): the window in which a copy of the home can be put back
+/// unnoticed is at most `every` of production; an idle site writes nothing to the TPM.
+async fn advance_rollback_counter(node: Arc<Node>, every: Duration) {
+    // The state as the start's advance left it.
+    let n = node.clone();
+    let mut seen = tokio::task::spawn_blocking(move || n.store.revision().ok())
+        .await
+        .ok()
+        .flatten();
+    loop {
+        tokio::time::sleep(every).await;
+        let n = node.clone();
+        let advanced = tokio::task::spawn_blocking(move || {
+            let now = n.store.revision()?;
+            if seen == Some(now) {
+                return Ok(seen);
+            }
+            crate::rollback_counter::advance(&n)?;
+            n.store.revision().map(Some).map_err(Error::from)
+        });
+        match advanced.await {
+            Ok(Ok(revision)) => seen = revision,
+            Ok(Err(e)) => {
+                tracing::error!(target: "keyfab::rollback", error = %e, "TPM rollback counter not advanced; trying again")
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 /// How often a serving site looks for batch CA keys whose window has ended.
 const RETIRE_EVERY: Duration = Duration::from_secs(60);
 
@@ -202,6 +237,13 @@ async fn run(
     let (admin_listener, admin_path) = admin::bind(&state.node.dir)?;
     let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone()));
     let retire_task = tokio::spawn(retire_ended_batch_keys(state.provisioner.clone()));
+    let counter_task = match crate::rollback_counter::recorded(&state.node)? {
+        Some(_) => Some(tokio::spawn(advance_rollback_counter(
+            state.node.clone(),
+            config.rollback_counter_every,
+        ))),
+        None => None,
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let limits = state.limits.clone();
     let metrics = state.metrics.clone();
@@ -328,6 +370,9 @@ async fn run(
     drop(listener);
     admin_task.abort();
     retire_task.abort();
+    if let Some(task) = counter_task {
+        task.abort();
+    }
     if let Some(task) = monitor_task {
         task.abort();
     }

@@ -190,3 +190,48 @@ fn hq_flags_a_counter_that_goes_back() {
 fn tpm_sibling(dir: &tempfile::TempDir) -> Swtpm {
     Swtpm::start(&dir.path().join("sibling")).unwrap()
 }
+
+/// A serving site advances its counter when it starts, then at most every
+/// `--rollback-counter-every` seconds while keys go out — and not while it is idle.
+#[test]
+fn a_serving_site_advances_while_keys_go_out_and_not_when_idle() {
+    use keyfab_audit::Event;
+    let tpm_dir = tempfile::tempdir().unwrap();
+    let tpm = Swtpm::start(tpm_dir.path()).unwrap();
+    let (w, id) = bound_world(&tpm);
+    let line1 = w.path("line-1");
+    enroll(&w.site, "line-1", &line1);
+    let advances = || {
+        keyfab_site::entitlements::audit_records(&open_site(&w.site))
+            .unwrap()
+            .iter()
+            .filter(|r| matches!(r.event, Event::RollbackCounterAdvanced { .. }))
+            .count()
+    };
+    let server = Server::start_with(&w.site, &["--rollback-counter-every", "1"]);
+    let started = std::time::Instant::now();
+    for i in 0..6 {
+        let device = format!("S-{i}");
+        let o = station_provision(&server.url(), &line1, &id, &device, &format!("r-{i}"));
+        assert_eq!(o.code, 0, "{}", o.json);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let busy_secs = started.elapsed().as_secs();
+    // Idle for a while: nothing more is written.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let (code, _) = server.stop();
+    assert_eq!(code, 0);
+    let busy = advances();
+    // One at the start, then at most one a second while releases went on (and one
+    // more for the last of them), never one per device.
+    let most = usize::try_from(busy_secs).unwrap() + 2;
+    assert!(
+        (3..=most).contains(&busy),
+        "{busy} advances in {busy_secs} s"
+    );
+    let server = Server::start_with(&w.site, &["--rollback-counter-every", "1"]);
+    std::thread::sleep(std::time::Duration::from_millis(3000));
+    server.stop();
+    // The start's, and none while idle.
+    assert_eq!(advances(), busy + 1);
+}
