@@ -68,6 +68,8 @@ pub(crate) fn dispatch(ctx: &Context, command: BenchCommand) -> Result<Report, F
             key_source,
             key_type,
             chip_attestation,
+            rollback_counter,
+            rollback_counter_every,
         } => {
             let token = (custody == "pkcs11").then_some(pkcs11_module.as_path());
             crate::bench::provision(
@@ -86,6 +88,8 @@ pub(crate) fn dispatch(ctx: &Context, command: BenchCommand) -> Result<Report, F
                     key_source,
                     key_type,
                     chip_attestation,
+                    rollback_counter_every: rollback_counter
+                        .map(|_| std::time::Duration::from_secs(rollback_counter_every.max(1))),
                 },
             )
         }
@@ -123,7 +127,7 @@ fn raw_keygen_rate(sample: usize) -> Result<f64, Failure> {
 pub(crate) fn bench_world(
     base: &Path,
 ) -> Result<(Context, std::path::PathBuf, std::path::PathBuf), Failure> {
-    bench_world_with(base, None, "embedded")
+    bench_world_with(base, None, "embedded", None)
 }
 
 const BENCH_PASSPHRASE: &str = "keyfab bench passphrase";
@@ -134,6 +138,7 @@ fn bench_world_with(
     base: &Path,
     token_module: Option<&Path>,
     site_store: &str,
+    rollback_counter: Option<&str>,
 ) -> Result<(Context, std::path::PathBuf, std::path::PathBuf), Failure> {
     std::fs::create_dir_all(base).map_err(|e| Failure::new(Code::Io, e.to_string()))?;
     let pass = base.join("bench-passphrase");
@@ -162,6 +167,7 @@ fn bench_world_with(
         let mut args = crate::cli::InitArgs::with_passphrase(home, name);
         if kind == NodeKind::Site {
             args.store = site_store.to_owned();
+            args.rollback_counter = rollback_counter.map(str::to_owned);
         }
         if let Some(module) = token_module {
             let label = bench_token(module, name)?;
@@ -314,7 +320,20 @@ pub(crate) fn provision(
         _ => None,
     };
     let site_store = etcd.as_ref().map_or(store.spec.clone(), |c| c.store_spec());
-    let (ctx, hq, site) = bench_world_with(&base, token_module, &site_store)?;
+    // `--rollback-counter swtpm`: a TPM simulator on loopback, started for the run.
+    let tpm = match store.rollback_counter_every {
+        Some(_) => Some(
+            keyfab_harness::swtpm::Swtpm::start(&base.join("tpm"))
+                .map_err(|e| Failure::new(Code::Io, e.to_string()))?,
+        ),
+        None => None,
+    };
+    let counter_spec = tpm.as_ref().map(|t| {
+        let port = t.tcti().rsplit('=').next().unwrap_or_default().to_owned();
+        format!("tpm:swtpm=127.0.0.1:{port}")
+    });
+    let (ctx, hq, site) =
+        bench_world_with(&base, token_module, &site_store, counter_spec.as_deref())?;
     let levels: Vec<usize> = match concurrency {
         Some(c) => vec![c.max(1)],
         None => vec![1, 8, 64],
@@ -390,9 +409,13 @@ pub(crate) fn provision(
         }
         None => None,
     };
-    let second = match code_id {
-        Some(id) => Some((id, Second::Module)),
-        None => second,
+    let second = match (code_id, store.rollback_counter_every) {
+        (Some(id), _) => Some((id, Second::Module)),
+        (None, Some(every)) => Some((
+            entitlement("provision-counter", &text)?,
+            Second::RollbackCounter(every),
+        )),
+        (None, None) => second,
     };
 
     // More nodes of the same site: copies of its home (keys and store.json).
@@ -405,9 +428,15 @@ pub(crate) fn provision(
     let provisioners: Vec<Arc<Provisioner>> = homes
         .iter()
         .map(|h| {
-            Ok(Arc::new(Provisioner::start(Arc::new(
-                ctx.open(h, NodeKind::Site)?,
-            ))))
+            Ok(Arc::new(Provisioner::start(Arc::new({
+                let node = ctx.open(h, NodeKind::Site)?;
+                // With a counter advancing beside the engine, its store is shared
+                // with that writer, as `site serve` shares it with commands.
+                match store.rollback_counter_every {
+                    Some(_) => node.hosting(),
+                    None => node,
+                }
+            }))))
         })
         .collect::<Result<_, Failure>>()?;
     let rounds = || -> u64 {
@@ -419,6 +448,7 @@ pub(crate) fn provision(
     let mut rows = Vec::new();
     let mut text = format!("provisioning benchmark: {} {} key + device certificate, durable commits\nstore: {} ({} node{})\nraw per-device crypto ({} keygen + cert signature + HKDF + AEAD, all cores): {raw:.0} devices/s (limit)\n", if store.key_source == "hq-pool" { "HQ pool" } else { "site-generated" }, store.key_type, if store.spec == "embedded" { "embedded".to_owned() } else { site_store.clone() }, provisioners.len(), if provisioners.len() == 1 { "" } else { "s" }, store.key_type);
     let mut next = 0u64;
+    let mut advances: Vec<Advanced> = Vec::new();
     for c in levels {
         let start_index = next;
         next += devices;
@@ -431,7 +461,7 @@ pub(crate) fn provision(
         let (plain, coded) = match &second {
             Some((second_id, kind)) => {
                 let (chips_a, chips_b) = match kind {
-                    Second::Module => (None, None),
+                    Second::Module | Second::RollbackCounter(_) => (None, None),
                     Second::Attestation(pool) => {
                         (Some(pool.attesting(false)), Some(pool.attesting(true)))
                     }
@@ -439,9 +469,21 @@ pub(crate) fn provision(
                 let (a, b) = (chips_a.as_ref(), chips_b.as_ref());
                 let first = Span::new(start_index, half, half_time);
                 let later = Span::new(start_index + half, devices - half, half_time);
+                // The second runs with the counter advancing beside them, if that is
+                // what is compared.
+                let advancing = || match kind {
+                    Second::RollbackCounter(every) => {
+                        Some(Advancer::start(provisioners[0].clone(), *every))
+                    }
+                    _ => None,
+                };
                 let a1 = run_level(&provisioners, &id, c, first, ("B", a))?;
+                let advancer = advancing();
                 let b1 = run_level(&provisioners, second_id, c, first, ("C", b))?;
                 let b2 = run_level(&provisioners, second_id, c, later, ("C", b))?;
+                if let Some(advancer) = advancer {
+                    advances.push(advancer.stop()?);
+                }
                 let a2 = run_level(&provisioners, &id, c, later, ("B", a))?;
                 (a1.merge(a2), Some(b1.merge(b2)))
             }
@@ -517,7 +559,21 @@ pub(crate) fn provision(
             ));
             row["consensus_rounds_per_device"] = json!(per_device);
         }
-        if let (Some(attested), Some((_, Second::Attestation(_)))) = (&coded, &second) {
+        if let (Some(with), Some((_, Second::RollbackCounter(every))), Some(adv)) =
+            (&coded, &second, advances.last())
+        {
+            text.push_str(&format!(
+                "  with the TPM counter advancing every {} s: {:>9.0} devices/s  {:.2} of without (goal ≥ 0.9)  p99 {:.2} ms (without: {:.2} ms); {} advances, {:.2} ms each\n",
+                every.as_secs(),
+                with.rate,
+                with.rate / plain.rate,
+                with.p99,
+                plain.p99,
+                adv.count,
+                adv.mean_ms()
+            ));
+            row["rollback_counter"] = json!({"devices_per_s": with.rate, "of_without": with.rate / plain.rate, "p50_ms": with.p50, "p99_ms": with.p99, "advances": adv.count, "advance_ms": adv.mean_ms()});
+        } else if let (Some(attested), Some((_, Second::Attestation(_)))) = (&coded, &second) {
             text.push_str(&format!(
                 "  with chip attestation required: {:>9.0} devices/s  {:.2} of without  p99 {:.2} ms (without: p99 {:.2} ms; both sealed to chips' transport keys)\n",
                 attested.rate,
@@ -539,6 +595,14 @@ pub(crate) fn provision(
         rows.push(row);
     }
     let mut json = json!({"raw_device_crypto_per_s": raw, "key_source": store.key_source, "key_type": store.key_type, "levels": rows});
+    if let Some(spec) = &counter_spec {
+        let rate = tpm_increment_rate(spec, 500)?;
+        text.push_str(&format!(
+            "TPM simulator's NV counter increments, one after another, each read back: {rate:.0}/s ({:.2} ms each)\n",
+            1000.0 / rate
+        ));
+        json["tpm_increments_per_s"] = json!(rate);
+    }
     if let Some(module) = policy_module {
         let (micros, fuel) = module_cost(module, 20_000)?;
         text.push_str(&format!(
@@ -619,6 +683,9 @@ pub(crate) struct SiteOption {
     /// Also run an entitlement that requires chip attestation, in turns with one
     /// without, both with chips' transport keys.
     pub chip_attestation: bool,
+    /// Bind the site to a counter in a TPM simulator, and run each level also with it
+    /// advancing this often, in turns with runs without.
+    pub rollback_counter_every: Option<std::time::Duration>,
 }
 
 /// How many simulated chips `bench provision --chip-attestation` certifies: requests
@@ -686,6 +753,8 @@ impl ChipPool {
 enum Second {
     /// A policy module.
     Module,
+    /// The same entitlement, with the site's TPM counter advancing this often.
+    RollbackCounter(std::time::Duration),
     /// `[chips]` attestation required (both entitlements' requests carry chips).
     Attestation(ChipPool),
 }
@@ -1116,4 +1185,74 @@ pub(crate) fn audit(records: u64, random_ids: bool, dir: Option<&Path>) -> Resul
         text,
         json!({"records": n, "device_ids": if random_ids { "random" } else { "serial" }, "seconds": secs, "records_per_s": rate, "sha256_chain_per_s": sha_rate, "ratio": rate / sha_rate, "peak_rss_bytes": imported["peak_rss_bytes"], "violations": violations}),
     ))
+}
+
+/// A thread that advances the site's TPM counter every `every` while a run goes on, as
+/// a serving site does (`site serve --rollback-counter-every`).
+struct Advancer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Advanced, keyfab_node::Error>>,
+}
+
+/// The advances one run saw, and the time they took.
+#[derive(Default)]
+struct Advanced {
+    count: u64,
+    total: std::time::Duration,
+}
+
+impl Advanced {
+    fn mean_ms(&self) -> f64 {
+        self.total.as_secs_f64() * 1000.0 / self.count.max(1) as f64
+    }
+}
+
+impl Advancer {
+    fn start(
+        provisioner: std::sync::Arc<keyfab_site::provision::Provisioner>,
+        every: std::time::Duration,
+    ) -> Advancer {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut done = Advanced::default();
+            let mut next = Instant::now() + every;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if Instant::now() < next {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
+                }
+                let t0 = Instant::now();
+                keyfab_site::rollback_counter::advance(provisioner.node())?;
+                done.total += t0.elapsed();
+                done.count += 1;
+                next = Instant::now() + every;
+            }
+            Ok(done)
+        });
+        Advancer { stop, thread }
+    }
+
+    fn stop(self) -> Result<Advanced, Failure> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match self.thread.join() {
+            Ok(done) => Ok(done?),
+            Err(_) => Err(Failure::new(Code::Internal, "the counter's thread failed")),
+        }
+    }
+}
+
+/// Increments per second of a counter of its own in the TPM at `spec`, one after
+/// another: the TPM's NV write rate, the bound on how often a site could advance.
+fn tpm_increment_rate(spec: &str, n: u32) -> Result<f64, Failure> {
+    let spec: keyfab_tpm::CounterSpec = format!("{spec},index=0x01000bbb")
+        .parse()
+        .map_err(|e: keyfab_tpm::TpmError| Failure::new(Code::Internal, e.to_string()))?;
+    let fail = |e: keyfab_tpm::TpmError| Failure::new(Code::TpmUnavailable, e.to_string());
+    let (mut counter, _) = keyfab_tpm::Counter::define(&spec, &[0x5a; 32]).map_err(fail)?;
+    let t0 = Instant::now();
+    for _ in 0..n {
+        counter.increment().map_err(fail)?;
+    }
+    Ok(f64::from(n) / t0.elapsed().as_secs_f64())
 }

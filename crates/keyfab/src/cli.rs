@@ -1358,6 +1358,20 @@ pub(crate) enum BenchCommand {
         /// certificate chain as well, which the site verifies and records.
         #[arg(long, conflicts_with = "policy_module")]
         chip_attestation: bool,
+        /// Bind the bench site to a TPM counter in a TPM simulator started for the run
+        /// (`swtpm`), and run every level also with the counter advancing every
+        /// --rollback-counter-every seconds, in turns with runs without advances.
+        #[arg(long, value_name = "TPM", value_parser = ["swtpm"], conflicts_with_all = ["policy_module", "chip_attestation", "store"])]
+        rollback_counter: Option<String>,
+        /// With --rollback-counter: seconds between advances during the runs with it
+        /// (`site serve` advances at most every 60 s by default; 1 is a harsher test).
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value_t = 1,
+            requires = "rollback_counter"
+        )]
+        rollback_counter_every: u64,
     },
     /// The whole production-line path: `site serve` in its own process, stations over
     /// mutual TLS, keys sealed to each chip, opened, checked and confirmed; compare with
