@@ -60,6 +60,10 @@ pub struct Checkpoint {
     pub head: TreeHead,
     /// The site's trusted time when it signed.
     pub time: i64,
+    /// For a site bound to a TPM counter: the counter's value at this checkpoint (the
+    /// checkpoint advanced it). Absent from the encoding otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_counter: Option<u64>,
 }
 
 /// HQ's signed acknowledgment of a site's checkpoint (`.kfk`).

@@ -71,13 +71,14 @@ pub fn acknowledged(node: &Node) -> Result<Option<Acknowledged>> {
 
 /// A checkpoint of the log as it is now, signed by the site.
 pub fn checkpoint(node: &Node) -> Result<(Checkpoint, Vec<u8>)> {
-    crate::rollback_counter::advance(node)?;
+    let rollback_counter = crate::rollback_counter::advance(node)?;
     let c = Checkpoint {
         format: "keyfab-checkpoint".into(),
         version: 1,
         site: node.name.clone(),
         head: tree_head(node)?,
         time: node.now().0,
+        rollback_counter,
     };
     let bytes = write_checkpoint(node.service_signer()?, node.service_chain()?, &c)?;
     Ok((c, bytes))

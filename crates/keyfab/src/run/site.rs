@@ -465,6 +465,7 @@ pub(crate) fn audit_checkpoint(ctx: &Context, home: &Path, out: &Path) -> Result
         size: c.head.size,
         root: hex::encode(c.head.root),
         time: rfc3339(c.time),
+        rollback_counter: c.rollback_counter,
         out: out.to_owned(),
     })
 }
@@ -476,16 +477,22 @@ struct CheckpointWritten {
     size: u64,
     root: String,
     time: String,
+    /// The TPM counter's value it carries (a site bound to one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rollback_counter: Option<u64>,
     out: std::path::PathBuf,
 }
 
 impl Outcome for CheckpointWritten {
     fn text(&self) -> String {
         format!(
-            "checkpoint of '{}': {} records, root {}, signed -> {}",
+            "checkpoint of '{}': {} records, root {}{}, signed -> {}",
             self.site,
             self.size,
             self.root,
+            self.rollback_counter
+                .map(|v| format!(", TPM counter {v}"))
+                .unwrap_or_default(),
             self.out.display()
         )
     }

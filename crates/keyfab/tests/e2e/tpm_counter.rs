@@ -235,3 +235,46 @@ fn a_serving_site_advances_while_keys_go_out_and_not_when_idle() {
     // The start's, and none while idle.
     assert_eq!(advances(), busy + 1);
 }
+
+/// A checkpoint advances the counter and carries its value, signed.
+#[test]
+fn a_checkpoint_carries_the_counter() {
+    let tpm_dir = tempfile::tempdir().unwrap();
+    let tpm = Swtpm::start(tpm_dir.path()).unwrap();
+    let (w, id) = bound_world(&tpm);
+    lot(&w, &id, "A", 2);
+    let out = w.path("c.kfc");
+    let first = ok(&[
+        "site",
+        "audit",
+        "checkpoint",
+        "--home",
+        &s(&w.site),
+        "--out",
+        &s(&out),
+    ]);
+    let second = ok(&[
+        "site",
+        "audit",
+        "checkpoint",
+        "--home",
+        &s(&w.site),
+        "--out",
+        &s(&w.path("d.kfc")),
+    ]);
+    let (a, b) = (
+        first["rollback_counter"].as_u64().unwrap(),
+        second["rollback_counter"].as_u64().unwrap(),
+    );
+    assert_eq!(b, a + 1, "{first} {second}");
+    let bytes = std::fs::read(&out).unwrap();
+    let site = open_site(&w.site);
+    let c = keyfab_formats::checkpoint::verify_checkpoint(
+        &bytes,
+        &site.root_cert().unwrap(),
+        site.now(),
+    )
+    .unwrap()
+    .into_inner();
+    assert_eq!(c.rollback_counter, Some(a));
+}
