@@ -79,6 +79,10 @@ pub struct AppState {
     /// Longest a request may take, body upload included: a station that starts a
     /// request and stalls frees its slot.
     pub request_timeout: std::time::Duration,
+    /// Set while the site's TPM rollback counter cannot be advanced: nothing is
+    /// released until it can (`tpm_unavailable`), so that keeping the TPM from answering
+    /// does not widen the window in which a copy of the home goes unnoticed.
+    pub tpm_failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The state as the routes hold it: axum clones it for every extractor of every request,
@@ -431,6 +435,12 @@ async fn provision(
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req = parse_provision(&body.map_err(unreadable)?, &station)?;
+    if state.tpm_failing.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(Error::TpmUnavailable(
+            "the site cannot advance its counter; nothing is released until the TPM answers (retry)".into(),
+        )
+        .into());
+    }
     asked.note(&req.request_id, &req.entitlement);
     let entitlement = req.entitlement.clone();
     let started = Instant::now();

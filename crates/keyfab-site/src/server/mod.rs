@@ -150,6 +150,7 @@ pub fn serve(
         revocations: Arc::default(),
         limits: Arc::new(fairness::StationLimits::new(config.per_station)),
         request_timeout: config.request_timeout,
+        tpm_failing: Arc::default(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -163,28 +164,47 @@ pub fn serve(
 /// Advances the site's TPM counter every `every` while its state changes (keys
 /// released, records appended): the window in which a copy of the home can be put back
 /// unnoticed is at most `every` of production; an idle site writes nothing to the TPM.
-async fn advance_rollback_counter(node: Arc<Node>, every: Duration) {
+/// While an advance fails, `failing` is set — stations are refused `tpm_unavailable` —
+/// and it is tried again every second.
+async fn advance_rollback_counter(
+    node: Arc<Node>,
+    every: Duration,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+) {
     // The state as the start's advance left it.
     let n = node.clone();
     let mut seen = tokio::task::spawn_blocking(move || n.store.revision().ok())
         .await
         .ok()
         .flatten();
+    use std::sync::atomic::Ordering;
     loop {
-        tokio::time::sleep(every).await;
+        let behind = failing.load(Ordering::Relaxed);
+        tokio::time::sleep(if behind {
+            Duration::from_secs(1).min(every)
+        } else {
+            every
+        })
+        .await;
         let n = node.clone();
         let advanced = tokio::task::spawn_blocking(move || {
             let now = n.store.revision()?;
-            if seen == Some(now) {
+            if seen == Some(now) && !behind {
                 return Ok(seen);
             }
             crate::rollback_counter::advance(&n)?;
             n.store.revision().map(Some).map_err(Error::from)
         });
         match advanced.await {
-            Ok(Ok(revision)) => seen = revision,
+            Ok(Ok(revision)) => {
+                seen = revision;
+                if failing.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(target: "keyfab::rollback", "TPM rollback counter advanced again: releasing keys");
+                }
+            }
             Ok(Err(e)) => {
-                tracing::error!(target: "keyfab::rollback", error = %e, "TPM rollback counter not advanced; trying again")
+                failing.store(true, Ordering::Relaxed);
+                tracing::error!(target: "keyfab::rollback", error = %e, "TPM rollback counter not advanced: releasing nothing until it is");
             }
             Err(_) => return,
         }
@@ -241,6 +261,7 @@ async fn run(
         Some(_) => Some(tokio::spawn(advance_rollback_counter(
             state.node.clone(),
             config.rollback_counter_every,
+            state.tpm_failing.clone(),
         ))),
         None => None,
     };

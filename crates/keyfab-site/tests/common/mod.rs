@@ -20,6 +20,7 @@ pub(crate) fn state(node: Arc<Node>) -> AppState {
         revocations: Arc::default(),
         limits: Arc::default(),
         request_timeout: std::time::Duration::from_secs(30),
+        tpm_failing: Arc::default(),
     }
 }
 

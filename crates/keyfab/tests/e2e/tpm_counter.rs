@@ -278,3 +278,51 @@ fn a_checkpoint_carries_the_counter() {
     .into_inner();
     assert_eq!(c.rollback_counter, Some(a));
 }
+
+/// A TPM that stops answering while the site serves stops the releases
+/// (`tpm_unavailable`, retryable) until it answers again: keeping the TPM away does not
+/// widen the window in which a copy of the home goes unnoticed.
+#[test]
+fn a_serving_site_releases_nothing_while_its_tpm_is_gone() {
+    let tpm_dir = tempfile::tempdir().unwrap();
+    let mut tpm = Swtpm::start(tpm_dir.path()).unwrap();
+    let (w, id) = bound_world(&tpm);
+    let line1 = w.path("line-1");
+    enroll(&w.site, "line-1", &line1);
+    let server = Server::start_with(&w.site, &["--rollback-counter-every", "1"]);
+    let ask = |i: usize| {
+        station_provision(
+            &server.url(),
+            &line1,
+            &id,
+            &format!("G-{i}"),
+            &format!("g-{i}"),
+        )
+    };
+    assert_eq!(ask(0).code, 0);
+    tpm.stop();
+    // Within a few advance intervals the releases stop.
+    let refused = (1..40).find_map(|i| {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let o = ask(i);
+        (o.code != 0).then_some(o)
+    });
+    let refused = refused.expect("releases went on without the TPM");
+    assert_eq!(
+        refused.json["error"]["code"], "tpm_unavailable",
+        "{}",
+        refused.json
+    );
+    tpm.restart().unwrap();
+    let again = (100..140).find_map(|i| {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let o = ask(i);
+        (o.code == 0).then_some(o)
+    });
+    assert!(
+        again.is_some(),
+        "releases did not resume once the TPM answered"
+    );
+    let (code, _) = server.stop();
+    assert_eq!(code, 0);
+}
