@@ -501,7 +501,6 @@ fn a_raise_the_approvals_do_not_prove_is_caught_by_hq() {
         pool_keys: 0,
     };
     let allowed = |device: &str| forged_release(&id, device);
-    let site = open_site(&w.site);
     let events = vec![
         (now, imported),
         // One approval of two.
@@ -513,13 +512,8 @@ fn a_raise_the_approvals_do_not_prove_is_caught_by_hq() {
         (now, allowed("D-3")),
         (now, allowed("D-4")),
     ];
-    let out = w.path("lies.kfa");
-    write_forged_log(&site, events, &"f".repeat(32), &out);
-    drop(site);
-    let o = ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&out)]);
-    let kinds: Vec<(&str, &str)> = o["violations"]
-        .as_array()
-        .unwrap()
+    let violations = hq_violations_in_forged_log(&w, events);
+    let kinds: Vec<(&str, &str)> = violations
         .iter()
         .map(|v| {
             (
@@ -536,11 +530,9 @@ fn a_raise_the_approvals_do_not_prove_is_caught_by_hq() {
             ("daily_limit_exceeded", "D-3"),
             ("daily_limit_exceeded", "D-4"),
         ],
-        "{o}"
+        "{violations:?}"
     );
-    let details: Vec<&str> = o["violations"]
-        .as_array()
-        .unwrap()
+    let details: Vec<&str> = violations
         .iter()
         .map(|v| v["detail"].as_str().unwrap())
         .collect();
@@ -746,14 +738,8 @@ fn a_second_provisioning_without_a_proven_quorum_is_caught_by_hq() {
         (now, allowed("D-2")),
         (now, allowed("D-2")),
     ];
-    let out = w.path("lies.kfa");
-    let site = open_site(&w.site);
-    write_forged_log(&site, events, &"f".repeat(32), &out);
-    drop(site);
-    let o = ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&out)]);
-    let kinds: Vec<(&str, u64)> = o["violations"]
-        .as_array()
-        .unwrap()
+    let violations = hq_violations_in_forged_log(&w, events);
+    let kinds: Vec<(&str, u64)> = violations
         .iter()
         .map(|v| (v["kind"].as_str().unwrap(), v["sequence"].as_u64().unwrap()))
         .collect();
@@ -766,7 +752,7 @@ fn a_second_provisioning_without_a_proven_quorum_is_caught_by_hq() {
             ("device_already_provisioned", 4),
             ("device_already_provisioned", 7)
         ],
-        "{o}"
+        "{violations:?}"
     );
 }
 

@@ -39,15 +39,7 @@ fn a_restored_copy_is_detected_by_receipts_and_entitlements() {
 
     assert_eq!(provision("D-2").code, 0);
     let cp = w.path("now.kfc");
-    ok(&[
-        "site",
-        "audit",
-        "checkpoint",
-        "--home",
-        &s(&w.site),
-        "--out",
-        &s(&cp),
-    ]);
+    checkpoint(&w.site, &cp);
     let now = jiff::Timestamp::now().as_second();
     let receipt =
         keyfab_hq::receipts::acknowledge_checkpoint(&hq_at(&w, now), &std::fs::read(&cp).unwrap())
@@ -93,17 +85,7 @@ fn a_restored_copy_is_detected_by_receipts_and_entitlements() {
         released += usize::from(o.json.get("keys").is_some());
     }
     assert_eq!(released, 0);
-    let serve = keyfab(
-        &[
-            "site",
-            "serve",
-            "--home",
-            &s(&w.site),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        None,
-    );
+    let serve = serve_refused(&w.site);
     serve.assert_error(4, "rollback_detected", "stopped itself");
     assert_eq!(before, snapshot(&w.site), "refusals change nothing");
     // It still exports its log, so HQ sees what happened.
@@ -129,17 +111,7 @@ fn an_edited_log_stops_the_site() {
     let o = provision(&w, &id, "E-2", &[], None);
     o.assert_error(4, "log_broken", "stopped itself");
     // The copy nobody verified: `site serve` verifies before it serves, and stops it.
-    let serve = keyfab(
-        &[
-            "site",
-            "serve",
-            "--home",
-            &s(&twin),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        None,
-    );
+    let serve = serve_refused(&twin);
     serve.assert_error(4, "log_broken", "the audit chain is broken");
     let o = keyfab(
         &[
@@ -209,17 +181,7 @@ fn a_state_that_does_not_fit_its_log_stops_the_site_at_start() {
         );
         assert!(node.store.commit(txn).unwrap().is_committed());
     }
-    let serve = keyfab(
-        &[
-            "site",
-            "serve",
-            "--home",
-            &s(&counted),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        None,
-    );
+    let serve = serve_refused(&counted);
     serve.assert_error(4, "log_broken", "counts 1 devices (2 by day)");
     provision_at(&counted, "F-3").assert_error(4, "log_broken", "stopped itself");
     // The home as it was passes both looks.

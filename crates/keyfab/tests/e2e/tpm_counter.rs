@@ -52,6 +52,15 @@ fn lot(w: &World, id: &str, prefix: &str, n: usize) -> serde_json::Value {
     provision_lot(w, id, &ids, &w.path(&format!("{prefix}.jsonl")), &[])
 }
 
+/// A TPM simulator with its state in a directory of its own, and a site bound to it
+/// (`bound_world`): the directory, the simulator, the world and the entitlement's id.
+fn tpm_and_world() -> (tempfile::TempDir, Swtpm, World, String) {
+    let tpm_dir = tempfile::tempdir().unwrap();
+    let tpm = Swtpm::start(&tpm_dir.path().join("state")).unwrap();
+    let (w, id) = bound_world(&tpm);
+    (tpm_dir, tpm, w, id)
+}
+
 /// The site's last audit record's event.
 fn last_event(w: &World) -> keyfab_audit::Event {
     let records = keyfab_site::entitlements::audit_records(&open_site(&w.site)).unwrap();
@@ -63,9 +72,7 @@ fn last_event(w: &World) -> keyfab_audit::Event {
 /// a restart. The counter itself survives a restart of the TPM.
 #[test]
 fn a_home_put_back_is_refused_at_once() {
-    let tpm_dir = tempfile::tempdir().unwrap();
-    let mut tpm = Swtpm::start(tpm_dir.path()).unwrap();
-    let (w, id) = bound_world(&tpm);
+    let (_tpm_dir, mut tpm, w, id) = tpm_and_world();
     lot(&w, &id, "A", 10);
     let copy = w.path("copy");
     copy_home(&w.site, &copy);
@@ -85,17 +92,7 @@ fn a_home_put_back_is_refused_at_once() {
         last_event(&w)
     );
     // Served, it refuses to start.
-    let o = keyfab(
-        &[
-            "site",
-            "serve",
-            "--home",
-            &s(&w.site),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        None,
-    );
+    let o = serve_refused(&w.site);
     assert_eq!(o.json["error"]["code"], "rollback_detected", "{}", o.json);
 }
 
@@ -146,9 +143,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 #[test]
 fn hq_flags_a_counter_that_goes_back() {
     use keyfab_audit::Event;
-    let tpm_dir = tempfile::tempdir().unwrap();
-    let tpm = Swtpm::start(tpm_dir.path()).unwrap();
-    let (w, id) = bound_world(&tpm);
+    let (tpm_dir, _tpm, w, id) = tpm_and_world();
     lot(&w, &id, "A", 3);
     lot(&w, &id, "B", 3);
     let records = keyfab_site::entitlements::audit_records(&open_site(&w.site)).unwrap();
@@ -166,24 +161,18 @@ fn hq_flags_a_counter_that_goes_back() {
     // Another site's log, signed by it, whose counter goes back.
     let sibling = tpm_sibling(&tpm_dir);
     let (other, _) = bound_world(&sibling);
-    let site = open_site(&other.site);
     let now = jiff::Timestamp::now().as_second();
     let events = vec![
         (now, Event::RollbackCounterAdvanced { value: 7 }),
         (now, Event::RollbackCounterAdvanced { value: 8 }),
         (now, Event::RollbackCounterAdvanced { value: 5 }),
     ];
-    let out = other.path("lies.kfa");
-    write_forged_log(&site, events, &"f".repeat(32), &out);
-    drop(site);
-    let o = ok(&["hq", "audit", "import", "--home", &s(&other.hq), &s(&out)]);
-    let kinds: Vec<(&str, u64)> = o["violations"]
-        .as_array()
-        .unwrap()
+    let violations = hq_violations_in_forged_log(&other, events);
+    let kinds: Vec<(&str, u64)> = violations
         .iter()
         .map(|v| (v["kind"].as_str().unwrap(), v["sequence"].as_u64().unwrap()))
         .collect();
-    assert_eq!(kinds, [("rollback_counter_regressed", 3)], "{o}");
+    assert_eq!(kinds, [("rollback_counter_regressed", 3)], "{violations:?}");
 }
 
 /// A second simulator beside the first (another machine's TPM).
@@ -196,9 +185,7 @@ fn tpm_sibling(dir: &tempfile::TempDir) -> Swtpm {
 #[test]
 fn a_serving_site_advances_while_keys_go_out_and_not_when_idle() {
     use keyfab_audit::Event;
-    let tpm_dir = tempfile::tempdir().unwrap();
-    let tpm = Swtpm::start(tpm_dir.path()).unwrap();
-    let (w, id) = bound_world(&tpm);
+    let (_tpm_dir, _tpm, w, id) = tpm_and_world();
     let line1 = w.path("line-1");
     enroll(&w.site, "line-1", &line1);
     let advances = || {
@@ -239,29 +226,11 @@ fn a_serving_site_advances_while_keys_go_out_and_not_when_idle() {
 /// A checkpoint advances the counter and carries its value, signed.
 #[test]
 fn a_checkpoint_carries_the_counter() {
-    let tpm_dir = tempfile::tempdir().unwrap();
-    let tpm = Swtpm::start(tpm_dir.path()).unwrap();
-    let (w, id) = bound_world(&tpm);
+    let (_tpm_dir, _tpm, w, id) = tpm_and_world();
     lot(&w, &id, "A", 2);
     let out = w.path("c.kfc");
-    let first = ok(&[
-        "site",
-        "audit",
-        "checkpoint",
-        "--home",
-        &s(&w.site),
-        "--out",
-        &s(&out),
-    ]);
-    let second = ok(&[
-        "site",
-        "audit",
-        "checkpoint",
-        "--home",
-        &s(&w.site),
-        "--out",
-        &s(&w.path("d.kfc")),
-    ]);
+    let first = checkpoint(&w.site, &out);
+    let second = checkpoint(&w.site, &w.path("d.kfc"));
     let (a, b) = (
         first["rollback_counter"].as_u64().unwrap(),
         second["rollback_counter"].as_u64().unwrap(),
@@ -284,9 +253,7 @@ fn a_checkpoint_carries_the_counter() {
 /// widen the window in which a copy of the home goes unnoticed.
 #[test]
 fn a_serving_site_releases_nothing_while_its_tpm_is_gone() {
-    let tpm_dir = tempfile::tempdir().unwrap();
-    let mut tpm = Swtpm::start(tpm_dir.path()).unwrap();
-    let (w, id) = bound_world(&tpm);
+    let (_tpm_dir, mut tpm, w, id) = tpm_and_world();
     let line1 = w.path("line-1");
     enroll(&w.site, "line-1", &line1);
     let server = Server::start_with(&w.site, &["--rollback-counter-every", "1"]);

@@ -964,3 +964,46 @@ pub(crate) fn hq_manifest(
     args.extend(extra);
     ok(&args)
 }
+
+/// `site serve` of `home` on any free port when it is expected to refuse to start: its
+/// answer.
+pub(crate) fn serve_refused(home: &Path) -> Out {
+    keyfab(
+        &[
+            "site",
+            "serve",
+            "--home",
+            &s(home),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        None,
+    )
+}
+
+/// What HQ finds in a log `w`'s site signs but did not write: `events` as the site's
+/// first export, imported at `w`'s HQ — its violations.
+pub(crate) fn hq_violations_in_forged_log(
+    w: &World,
+    events: Vec<(i64, keyfab_audit::Event)>,
+) -> Vec<serde_json::Value> {
+    let out = w.path("lies.kfa");
+    let site = open_site(&w.site);
+    write_forged_log(&site, events, &"f".repeat(32), &out);
+    drop(site);
+    let o = ok(&["hq", "audit", "import", "--home", &s(&w.hq), &s(&out)]);
+    o["violations"].as_array().unwrap().clone()
+}
+
+/// `site audit checkpoint` of the site at `home` into `out`: its JSON.
+pub(crate) fn checkpoint(home: &Path, out: &Path) -> serde_json::Value {
+    ok(&[
+        "site",
+        "audit",
+        "checkpoint",
+        "--home",
+        &s(home),
+        "--out",
+        &s(out),
+    ])
+}
