@@ -117,16 +117,23 @@ pub fn check(node: &Node) -> Result<()> {
     let Some((mut counter, bound, _)) = open(node)? else {
         return Ok(());
     };
+    compare(node, &mut counter, &bound).map(|_| ())
+}
+
+/// [`check`] on a counter and row already read; `true` when it completed an advance
+/// that had stopped between its steps (the row changed).
+fn compare(node: &Node, counter: &mut Counter, bound: &Bound) -> Result<bool> {
     let tpm = counter.read().map_err(unavailable)?;
     let state = bound.value;
     if tpm == state {
-        return Ok(());
+        return Ok(false);
     }
     if bound.pending && tpm.checked_add(1) == Some(state) {
         // The last advance recorded its value and stopped before the TPM stepped.
         let stepped = counter.increment().map_err(unavailable)?;
         if stepped == state {
-            return settle(node);
+            settle(node)?;
+            return Ok(true);
         }
     }
     let why = if tpm > state {
@@ -141,10 +148,16 @@ pub fn check(node: &Node) -> Result<()> {
 /// Advances the counter: the state records the next value, then the TPM steps to it. A
 /// site without a counter does nothing. Returns the new value.
 pub fn advance(node: &Node) -> Result<Option<u64>> {
-    check(node)?;
-    let Some((mut counter, mut bound, stored)) = open(node)? else {
+    let Some((mut counter, mut bound, mut stored)) = open(node)? else {
         return Ok(None);
     };
+    if compare(node, &mut counter, &bound)? {
+        stored = node
+            .store
+            .get(Table::Meta, ROW)?
+            .ok_or_else(|| Error::Corrupt("the rollback counter's row went".into()))?;
+        bound = decode(&stored.value)?;
+    }
     bound.value = bound
         .value
         .checked_add(1)
@@ -179,7 +192,7 @@ pub fn advance(node: &Node) -> Result<Option<u64>> {
     if tpm != bound.value {
         // Someone else stepped it (its authorization is the site's alone), or it is not
         // the TPM this state was bound to.
-        check(node)?;
+        compare(node, &mut counter, &bound)?;
     }
     settle(node)?;
     Ok(Some(bound.value))

@@ -293,3 +293,49 @@ fn a_serving_site_releases_nothing_while_its_tpm_is_gone() {
     let (code, _) = server.stop();
     assert_eq!(code, 0);
 }
+
+/// `meta/tpm_counter` as FORMATS.md §9 lays it out, for editing it as someone with the
+/// disk could.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CounterRow {
+    spec: String,
+    auth: serde_bytes::ByteBuf,
+    value: u64,
+    pending: bool,
+}
+
+/// Sets the state's counter value one ahead of the TPM's, marked pending or not.
+fn one_ahead(w: &World, pending: bool) {
+    use keyfab_store::{Table, Txn};
+    let node = open_site(&w.site);
+    let stored = node
+        .store
+        .get(Table::Meta, b"tpm_counter")
+        .unwrap()
+        .unwrap();
+    let mut row: CounterRow = keyfab_node::decode(&stored.value).unwrap();
+    row.value += 1;
+    row.pending = pending;
+    let mut txn = Txn::default();
+    txn.put(
+        Table::Meta,
+        b"tpm_counter",
+        &keyfab_node::encode(&row).unwrap(),
+    );
+    assert!(node.store.commit(txn).unwrap().is_committed());
+}
+
+/// An advance that stopped between its two steps (the state recorded the next value,
+/// the TPM had not stepped) is completed at the next check; the same gap without the
+/// mark an advance leaves is a TPM behind the state.
+#[test]
+fn an_interrupted_advance_is_completed_and_only_that() {
+    let (_tpm_dir, _tpm, w, id) = tpm_and_world();
+    lot(&w, &id, "A", 2);
+    one_ahead(&w, true);
+    assert_eq!(provision(&w, &id, "E-1", &[], None).code, 0);
+    // Completed: the TPM stepped, the next check passes as well.
+    assert_eq!(provision(&w, &id, "E-2", &[], None).code, 0);
+    one_ahead(&w, false);
+    provision(&w, &id, "E-3", &[], None).assert_error(4, "rollback_detected", "is not the one");
+}
