@@ -253,6 +253,32 @@ const LANDING_ATTEMPTS: usize = 64;
 /// Longest pause between two attempts of [`until_landed`].
 const LANDING_PAUSE_MAX_MICROS: u64 = 4_000;
 
+/// Records `event` at the trusted time (the clock's, before there is one), in one
+/// commit with what `also` adds to the transaction, [`until_landed`]: what a site
+/// records about itself — stopping, advancing its rollback counter — must not need its
+/// clock to pass a check. `also` returns `false` when the state it would change is
+/// already as wanted (nothing is committed then). `None`: no attempt landed.
+pub(crate) fn record_at_trusted_time(
+    node: &Node,
+    event: impl Fn(i64) -> keyfab_audit::Event,
+    also: impl Fn(&mut Txn, i64) -> Result<bool>,
+) -> Result<Option<()>> {
+    until_landed(node, || {
+        let mut txn = Txn::default();
+        let mut log = Appender::begin_unbounded(node, &mut txn)?;
+        let at = match log.trusted() {
+            i64::MIN => node.now().0,
+            t => t,
+        };
+        if !also(&mut txn, at)? {
+            return Ok(Some(()));
+        }
+        log.append(&mut txn, at, event(at))?;
+        log.finish(&mut txn);
+        Ok(node.store.commit(txn)?.is_committed().then_some(()))
+    })
+}
+
 /// Runs `attempt` until it lands. An attempt reads what it decides on, appends to the
 /// site chain from the head as it reads it ([`Appender::begin`]) and commits, guarded on
 /// both; `Ok(None)` means a guard failed and nothing was written. On a store that others

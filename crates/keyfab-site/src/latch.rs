@@ -9,10 +9,9 @@
 //! exports its log, so HQ sees what happened; provisioning resumes only on a home HQ
 //! provisions again (docs/OPERATIONS.md, "When the site stops itself").
 
-use crate::audit_log::Appender;
 use keyfab_audit::Event;
 use keyfab_node::{decode, encode, Error, Node, Result};
-use keyfab_store::{Table, Txn, Versioned};
+use keyfab_store::{Table, Versioned};
 use serde::{Deserialize, Serialize};
 
 /// Where the latch is kept (`meta`).
@@ -86,35 +85,26 @@ pub fn check(node: &Node) -> Result<()> {
 /// Recorded at the trusted time: a site that found its state rolled back must not need
 /// its clock to pass a check to say so.
 pub fn latch(node: &Node, cause: Cause, reason: &str) -> Result<()> {
-    let landed = crate::audit_log::until_landed(node, || {
-        let seen = node.store.get(Table::Meta, LATCHED)?;
-        if seen.is_some() {
-            return Ok(Some(()));
-        }
-        let mut txn = Txn::default();
-        let mut log = Appender::begin_unbounded(node, &mut txn)?;
-        let since = match log.trusted() {
-            i64::MIN => node.now().0,
-            t => t,
-        };
-        log.append(
-            &mut txn,
-            since,
-            Event::SiteLatched {
-                code: cause.code().to_owned(),
-                reason: reason.to_owned(),
-            },
-        )?;
-        log.finish(&mut txn);
-        let latch = Latch {
-            cause,
+    let landed = crate::audit_log::record_at_trusted_time(
+        node,
+        |_| Event::SiteLatched {
+            code: cause.code().to_owned(),
             reason: reason.to_owned(),
-            since,
-        };
-        txn.require_absent(Table::Meta, LATCHED)
-            .put(Table::Meta, LATCHED, &encode(&latch)?);
-        Ok(node.store.commit(txn)?.is_committed().then_some(()))
-    })?;
+        },
+        |txn, since| {
+            if node.store.get(Table::Meta, LATCHED)?.is_some() {
+                return Ok(false);
+            }
+            let latch = Latch {
+                cause,
+                reason: reason.to_owned(),
+                since,
+            };
+            txn.require_absent(Table::Meta, LATCHED)
+                .put(Table::Meta, LATCHED, &encode(&latch)?);
+            Ok(true)
+        },
+    )?;
     landed.ok_or_else(|| {
         Error::Conflict("site state kept changing while it tried to stop itself; try again".into())
     })

@@ -15,7 +15,6 @@
 //! next: the site advances when `site serve` or a `site provision` lot starts, and at
 //! every export and checkpoint (docs/THREAT-MODEL.md, "Rollback").
 
-use crate::audit_log::Appender;
 use keyfab_audit::Event;
 use keyfab_crypto::secret::Secret32;
 use keyfab_node::{decode, encode, Error, Node, Result};
@@ -166,23 +165,15 @@ pub fn advance(node: &Node) -> Result<Option<u64>> {
     let row = encode(&bound)?;
     // The value, in the state and in the log, in one commit (retried while a serving
     // site's batches move the log's head).
-    let landed = crate::audit_log::until_landed(node, || {
-        let mut txn = Txn::default();
-        let mut log = Appender::begin_unbounded(node, &mut txn)?;
-        let at = match log.trusted() {
-            i64::MIN => node.now().0,
-            t => t,
-        };
-        log.append(
-            &mut txn,
-            at,
-            Event::RollbackCounterAdvanced { value: bound.value },
-        )?;
-        log.finish(&mut txn);
-        txn.require_unchanged(Table::Meta, ROW, Some(&stored))
-            .put(Table::Meta, ROW, &row);
-        Ok(node.store.commit(txn)?.is_committed().then_some(()))
-    })?;
+    let landed = crate::audit_log::record_at_trusted_time(
+        node,
+        |_| Event::RollbackCounterAdvanced { value: bound.value },
+        |txn, _| {
+            txn.require_unchanged(Table::Meta, ROW, Some(&stored))
+                .put(Table::Meta, ROW, &row);
+            Ok(true)
+        },
+    )?;
     if landed.is_none() {
         return Err(Error::Conflict(
             "the rollback counter advanced meanwhile; run the command again".into(),
